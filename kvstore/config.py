@@ -1,0 +1,284 @@
+"""Configuration: frozen dataclasses, loaded once at the edge.
+
+Sources, later ones winning: built-in defaults, a TOML file (``--config`` or
+``KVSTORE_CONFIG``), environment variables ``KVSTORE_<SECTION>_<OPTION>``
+(e.g. ``KVSTORE_L1_CAPACITY=2GiB``), command-line flags
+``--<section>-<option>`` (e.g. ``--l1-capacity 2GiB``). Every option is
+declared once, below, with its help text; ``kvstore serve --help`` and the
+README's config reference are generated from these declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import InvalidConfig
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """``"64MiB"``, ``"1.5G"``, ``"4096"`` or an int → bytes (binary units)."""
+    if isinstance(value, bool):
+        raise InvalidConfig(f"size {value!r} is not a number of bytes")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidConfig(f"size {value} is negative")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise InvalidConfig(f"size {value!r} is not understood (examples: 4096, 64MiB, 2GiB)")
+    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B") or ""
+    if m.group(2) and m.group(2).upper() == "B":
+        unit = ""
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise InvalidConfig(f"{value!r} is not a boolean (use true or false)")
+
+
+def parse_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidConfig(f"{value!r} is not an integer") from None
+
+
+def parse_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InvalidConfig(f"{value!r} is not a number") from None
+
+
+def parse_str(value: Any) -> str:
+    return str(value)
+
+
+def parse_str_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+def opt(default: Any, help: str, parse: Callable[[Any], Any]) -> Any:
+    """Declare one option: its default, its help text and its parser."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = opt("127.0.0.1:50051", "TCP address host:port to listen on; empty disables TCP",
+                      parse_str)
+    unix_socket: str = opt("", "unix socket path to listen on (created with mode 0600); "
+                           "empty disables it", parse_str)
+    max_block_bytes: int = opt(64 * 1024**2, "largest block accepted by Put", parse_size)
+    chunk_bytes: int = opt(1024**2, "default size of the data field of each Get chunk",
+                           parse_size)
+    max_chunk_bytes: int = opt(3 * 1024**2, "largest Get chunk a client may ask for "
+                               "(stays under gRPC's 4 MiB default message limit)", parse_size)
+    max_message_bytes: int = opt(8 * 1024**2, "largest gRPC message accepted (Put chunks)",
+                                 parse_size)
+    max_lease_ms: int = opt(60_000, "longest lease a Lookup may take", parse_int)
+    namespaces: tuple[str, ...] = opt((), "comma-separated namespaces this server accepts; "
+                                      "empty accepts any valid name", parse_str_list)
+    grace_seconds: float = opt(10.0, "on SIGTERM, how long in-flight calls may take to finish",
+                               parse_float)
+    workers: int = opt(4, "threads for blocking LMDB reads and native work", parse_int)
+
+
+@dataclass(frozen=True)
+class L1Config:
+    capacity: int = opt(512 * 1024**2, "size of the host-RAM arena (allocated and pre-faulted "
+                        "at start)", parse_size)
+    page_bytes: int = opt(4096, "allocation granularity inside the arena", parse_size)
+    prefault: bool = opt(True, "touch every page of the arena at start so no Put pays a "
+                         "page fault", parse_bool)
+    shm_path: str = opt("", "put the arena in this shared-memory file (e.g. /dev/shm/kvstore); "
+                        "empty keeps it anonymous", parse_str)
+
+
+@dataclass(frozen=True)
+class L2Config:
+    enabled: bool = opt(True, "keep blocks in LMDB under <data-dir>/l2", parse_bool)
+    capacity: int = opt(8 * 1024**3, "most payload bytes kept in L2; beyond it the policy "
+                        "drops blocks", parse_size)
+    initial_map_size: int = opt(1024**3, "initial LMDB map size; the map doubles when full",
+                                parse_size)
+    sync: bool = opt(False, "fsync every commit (survives power loss); off still survives a "
+                     "crash or kill of the server process", parse_bool)
+    batch_bytes: int = opt(64 * 1024**2, "most bytes the writer thread commits in one "
+                           "transaction", parse_size)
+    write_queue_bytes: int = opt(256 * 1024**2, "most bytes waiting for the L2 writer; "
+                                 "further memory-level Puts wait for room", parse_size)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    name: str = opt("lru", "placement policy: lru", parse_str)
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = opt("./kvstore-data", "directory for L2 and the default unix socket",
+                        parse_str)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    l1: L1Config = field(default_factory=L1Config)
+    l2: L2Config = field(default_factory=L2Config)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+
+    @property
+    def l2_path(self) -> Path:
+        return Path(self.data_dir) / "l2"
+
+
+SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "l1": L1Config,
+    "l2": L2Config,
+    "policy": PolicyConfig,
+}
+
+
+def _options() -> list[tuple[str | None, dataclasses.Field[Any]]]:
+    out: list[tuple[str | None, dataclasses.Field[Any]]] = [
+        (None, f) for f in dataclasses.fields(Config) if f.name not in SECTIONS
+    ]
+    for section, cls in SECTIONS.items():
+        out.extend((section, f) for f in dataclasses.fields(cls))
+    return out
+
+
+def _flag(section: str | None, name: str) -> str:
+    parts = [section, name] if section else [name]
+    return "--" + "-".join(p.replace("_", "-") for p in parts if p)
+
+
+def _env(section: str | None, name: str) -> str:
+    parts = ["KVSTORE", section, name] if section else ["KVSTORE", name]
+    return "_".join(p.upper() for p in parts if p)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per option, with its help and default."""
+    parser.add_argument("--config", help="TOML config file (env KVSTORE_CONFIG)")
+    for section, f in _options():
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or "(any)"
+        parser.add_argument(
+            _flag(section, f.name),
+            dest=f"{section or ''}__{f.name}",
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [default: {default}; env {_env(section, f.name)}]",
+        )
+
+
+def _apply(values: dict[tuple[str | None, str], Any], source: str) -> Config:
+    known = {(s, f.name): f for s, f in _options()}
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for (section, name), raw in values.items():
+        f = known.get((section, name))
+        if f is None:
+            where = f"[{section}] " if section else ""
+            raise InvalidConfig(f"unknown config option {where}{name!r} in {source}")
+        try:
+            parsed = f.metadata["parse"](raw)
+        except InvalidConfig as exc:
+            raise InvalidConfig(f"{_flag(section, name)[2:]}: {exc}") from None
+        if section is None:
+            top[name] = parsed
+        else:
+            sections[section][name] = parsed
+    return Config(**top, **{s: cls(**sections[s]) for s, cls in SECTIONS.items()})
+
+
+def load(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    file: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Load the configuration once: defaults < file < env < flags."""
+    env = os.environ if env is None else env
+    values: dict[tuple[str | None, str], Any] = {}
+    path = file or (getattr(args, "config", None) if args else None) or env.get("KVSTORE_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise InvalidConfig(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidConfig(f"config file {path}: {exc}") from None
+        for key, value in doc.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for name, v in value.items():
+                    values[(key, name)] = v
+            elif key in SECTIONS:
+                raise InvalidConfig(f"config file {path}: [{key}] must be a table")
+            else:
+                values[(None, key)] = value
+    for section, f in _options():
+        name = _env(section, f.name)
+        if name in env:
+            values[(section, f.name)] = env[name]
+    if args is not None:
+        for section, f in _options():
+            v = getattr(args, f"{section or ''}__{f.name}", None)
+            if v is not None:
+                values[(section, f.name)] = v
+    config = _apply(values, str(path) if path else "the environment")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    s = config.server
+    if not s.listen and not s.unix_socket:
+        raise InvalidConfig("set server.listen or server.unix_socket: the server needs an address")
+    if s.max_block_bytes <= 0:
+        raise InvalidConfig("server.max_block_bytes must be positive")
+    if s.chunk_bytes <= 0 or s.chunk_bytes > s.max_chunk_bytes:
+        raise InvalidConfig("server.chunk_bytes must be in 1..server.max_chunk_bytes")
+    if s.max_message_bytes < s.max_chunk_bytes + 64 * 1024:
+        raise InvalidConfig("server.max_message_bytes must exceed max_chunk_bytes by 64 KiB")
+    if config.l1.page_bytes <= 0 or config.l1.page_bytes & (config.l1.page_bytes - 1):
+        raise InvalidConfig("l1.page_bytes must be a power of two")
+    if config.l1.capacity < config.l1.page_bytes:
+        raise InvalidConfig("l1.capacity must hold at least one page")
+    if config.l2.write_queue_bytes < s.max_block_bytes:
+        raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README (kept in sync by a test)."""
+    rows = ["| option | env | flag | default | meaning |", "| --- | --- | --- | --- | --- |"]
+    for section, f in _options():
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default) or "(any)"
+        name = f"{section}.{f.name}" if section else f.name
+        rows.append(
+            f"| `{name}` | `{_env(section, f.name)}` | `{_flag(section, f.name)}` | "
+            f"`{default}` | {f.metadata['help']} |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,157 @@
+"""The one kvstore error hierarchy.
+
+Every error the service raises on purpose is a :class:`KVStoreError`. Each
+class names the gRPC status code it maps to; the server's error interceptor
+(``kvstore/server/interceptor.py``) turns it into that status with the
+exception's message and the class name in the ``kvstore-error`` trailing
+metadata, and the SDK turns it back into the same class.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class KVStoreError(Exception):
+    """Base of every kvstore error. ``code`` is a ``grpc.StatusCode`` name."""
+
+    code: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# INVALID_ARGUMENT -----------------------------------------------------------
+
+
+class InvalidArgument(KVStoreError):
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidKey(InvalidArgument):
+    """A key is empty or longer than 64 bytes."""
+
+
+class InvalidNamespace(InvalidArgument):
+    """A namespace is missing or not of the allowed form."""
+
+
+class BlockTooLarge(InvalidArgument):
+    """A block is larger than the server's max_block_bytes."""
+
+
+class MalformedRequest(InvalidArgument):
+    """A request's shape is wrong: chunks out of order, sizes that disagree."""
+
+
+class InvalidBlock(InvalidArgument):
+    """A block's header (block format v1) is malformed."""
+
+
+# DATA_LOSS ------------------------------------------------------------------
+
+
+class CorruptBlock(KVStoreError):
+    """A block's bytes do not match its checksum (or its header is damaged)."""
+
+    code = "DATA_LOSS"
+
+
+# NOT_FOUND ------------------------------------------------------------------
+
+
+class UnknownNamespace(KVStoreError):
+    """The server only accepts configured namespaces, and this is not one."""
+
+    code = "NOT_FOUND"
+
+
+# RESOURCE_EXHAUSTED ---------------------------------------------------------
+
+
+class CapacityExhausted(KVStoreError):
+    """A tier is full and nothing in it can be evicted (e.g. all leased)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+# FAILED_PRECONDITION --------------------------------------------------------
+
+
+class TierNotConfigured(KVStoreError):
+    """The request needs a tier this server does not have (e.g. ack remote)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+# UNAVAILABLE ----------------------------------------------------------------
+
+
+class TierUnavailable(KVStoreError):
+    """A tier cannot be reached right now (e.g. the object store is down)."""
+
+    code = "UNAVAILABLE"
+
+
+class ServerShuttingDown(KVStoreError):
+    code = "UNAVAILABLE"
+
+
+# CANCELLED / DEADLINE -------------------------------------------------------
+
+
+class Cancelled(KVStoreError):
+    code = "CANCELLED"
+
+
+class DeadlineExceeded(KVStoreError):
+    code = "DEADLINE_EXCEEDED"
+
+
+# Client-side ----------------------------------------------------------------
+
+
+class ConnectionFailed(KVStoreError):
+    """The SDK could not reach the server."""
+
+    code = "UNAVAILABLE"
+
+
+class InvalidConfig(KVStoreError):
+    """A configuration value is wrong (raised at start, never over the wire)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+def _all_subclasses(cls: type[KVStoreError]) -> list[type[KVStoreError]]:
+    out: list[type[KVStoreError]] = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class_by_name(name: str) -> type[KVStoreError] | None:
+    """The error class called ``name`` (for the SDK's reverse mapping)."""
+    for cls in [KVStoreError, *_all_subclasses(KVStoreError)]:
+        if cls.__name__ == name:
+            return cls
+    return None
+
+
+# Reverse mapping for statuses that carry no kvstore-error name (a proxy, a
+# server of another implementation): the most general class for each code.
+ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
+    "INVALID_ARGUMENT": InvalidArgument,
+    "DATA_LOSS": CorruptBlock,
+    "NOT_FOUND": UnknownNamespace,
+    "RESOURCE_EXHAUSTED": CapacityExhausted,
+    "FAILED_PRECONDITION": TierNotConfigured,
+    "UNAVAILABLE": ConnectionFailed,
+    "CANCELLED": Cancelled,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+}

@@ -1,0 +1,68 @@
+"""The placement-policy interface.
+
+A policy is pure code: no I/O, no clock of its own (``now`` is passed in, in
+seconds), no locks. The same objects drive the live TieredStore and the trace
+simulator in ``bench/replay``, so a hit rate measured offline is the server's.
+
+Protocol, per tier the policy was built for:
+
+* ``on_insert`` — a block was placed in the tier (Put, promotion, demotion).
+* ``on_hit`` — a block was read from the tier.
+* ``on_remove`` — a block left the tier (evicted, deleted, found corrupt).
+  Called for every removal, including those that follow ``victim``.
+* ``on_session_event`` — a session hint (turn ended, session ended).
+* ``victim`` — the next block to remove from the tier to make room, and
+  whether it moves to the next tier down (DEMOTE) or leaves the store (DROP).
+  Blocks for which ``evictable`` returns False (leased, still being written)
+  are skipped and stay in place. None when nothing can be evicted.
+* ``admit`` — whether a block should be placed in the tier at all (e.g. a
+  promotion into L1 on an L2 hit).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+
+from kvstore.types import BlockId, SessionEvent, TierName
+
+Evictable = Callable[[BlockId], bool]
+
+
+class Action(enum.Enum):
+    DEMOTE = "demote"  # keep it in the next tier down
+    DROP = "drop"  # remove it from the store
+
+
+class Policy(abc.ABC):
+    #: The name used in config (``policy.name``) and reported by Stats.
+    name: str = ""
+
+    def __init__(self, tiers: Sequence[TierName]) -> None:
+        # Tiers this store has, fastest first; the last one drops, never demotes.
+        self.tiers = tuple(tiers)
+
+    def default_action(self, tier: TierName) -> Action:
+        return Action.DROP if tier == self.tiers[-1] else Action.DEMOTE
+
+    @abc.abstractmethod
+    def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
+                  session: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def on_hit(self, tier: TierName, block: BlockId, now: float,
+               session: str | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def on_remove(self, tier: TierName, block: BlockId) -> None: ...
+
+    @abc.abstractmethod
+    def victim(self, tier: TierName, now: float,
+               evictable: Evictable | None = None) -> tuple[BlockId, Action] | None: ...
+
+    def on_session_event(self, event: SessionEvent, now: float) -> None:  # noqa: B027
+        """Hints are optional: the default ignores them."""
+
+    def admit(self, tier: TierName, block: BlockId, size: int, now: float) -> bool:
+        return True

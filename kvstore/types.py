@@ -1,0 +1,114 @@
+"""Domain types shared by the store, tiers, policy, servicer and SDK.
+
+Nothing here knows about protobuf: the servicer and the SDK convert.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from kvstore.errors import InvalidKey, InvalidNamespace
+
+MAX_KEY_BYTES = 64
+MAX_NAMESPACE_CHARS = 128
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+#: A block's identity: (namespace, key). A plain tuple keeps the index and the
+#: policies cheap (hashing a tuple of str and bytes is fast in CPython).
+BlockId = tuple[str, bytes]
+
+
+class TierName(enum.IntEnum):
+    """Tiers, fastest first. Values match ``kvstore.v1.Tier``."""
+
+    L1 = 1
+    L2 = 2
+    L3 = 3
+
+
+class AckLevel(enum.IntEnum):
+    """How durable a Put is before it is acknowledged. Values match the proto."""
+
+    MEMORY = 1
+    LOCAL = 2
+    REMOTE = 3
+
+
+class TurnEndReason(enum.IntEnum):
+    UNSPECIFIED = 0
+    TOOL_CALL = 1
+    AWAITING_USER = 2
+    DONE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnd:
+    reason: TurnEndReason
+    expected_gap_ms: int = 0
+    tool_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    namespace: str
+    session_id: str
+    event: TurnEnd | SessionEnd
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    found: int
+    tiers: list[TierName | None]
+
+
+@dataclass(slots=True)
+class TierStats:
+    tier: TierName
+    blocks: int = 0
+    bytes: int = 0
+    capacity: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    corrupt: int = 0
+
+
+@dataclass(slots=True)
+class StoreStats:
+    tiers: list[TierStats]
+    puts: int = 0
+    gets: int = 0
+    get_hits: int = 0
+    session_events: int = 0
+    policy: str = ""
+
+
+def validate_namespace(namespace: str) -> str:
+    if not namespace:
+        raise InvalidNamespace("namespace is required")
+    if not _NAMESPACE_RE.fullmatch(namespace):
+        raise InvalidNamespace(
+            f"namespace {namespace[:140]!r} is invalid: use 1..{MAX_NAMESPACE_CHARS} characters "
+            "of [A-Za-z0-9._:-], starting with a letter or digit"
+        )
+    return namespace
+
+
+def validate_key(key: bytes, index: int | None = None) -> bytes:
+    where = "" if index is None else f" (key #{index})"
+    if not key:
+        raise InvalidKey(f"key is empty{where}: keys are 1..{MAX_KEY_BYTES} bytes")
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidKey(
+            f"key is {len(key)} bytes{where}: keys are at most {MAX_KEY_BYTES} bytes"
+        )
+    return key
