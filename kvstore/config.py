@@ -131,6 +131,31 @@ class L2Config:
 
 
 @dataclass(frozen=True)
+class L3Config:
+    url: str = opt("", "object store URL: s3://bucket/prefix or file:///path; empty disables L3",
+                   parse_str)
+    endpoint: str = opt("", "S3 endpoint URL (MinIO, Ceph, rclone...); plain http:// is allowed "
+                        "only for loopback endpoints", parse_str)
+    region: str = opt("us-east-1", "S3 region", parse_str)
+    access_key_id: str = opt("", "S3 access key (prefer env KVSTORE_L3_ACCESS_KEY_ID)", parse_str)
+    secret_access_key: str = opt("", "S3 secret key (prefer env KVSTORE_L3_SECRET_ACCESS_KEY)",
+                                 parse_str)
+    concurrency: int = opt(16, "most object-store requests in flight", parse_int)
+    timeout_s: float = opt(5.0, "per-request timeout; a read that takes longer is a miss",
+                           parse_float)
+    retries: int = opt(3, "retries of a failed request, with jittered exponential backoff",
+                       parse_int)
+    write_queue_bytes: int = opt(512 * 1024**2, "most bytes waiting to be written to L3 "
+                                 "(write-behind); beyond it demotions wait", parse_size)
+    breaker_failures: int = opt(5, "consecutive failures that open the circuit breaker",
+                                parse_int)
+    breaker_reset_s: float = opt(5.0, "how long the breaker stays open before one probe",
+                                 parse_float)
+    list_on_start: bool = opt(True, "rebuild the L3 part of the index by listing the bucket "
+                              "at start (in the background)", parse_bool)
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     name: str = opt("lru", "placement policy: lru", parse_str)
 
@@ -142,6 +167,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     l1: L1Config = field(default_factory=L1Config)
     l2: L2Config = field(default_factory=L2Config)
+    l3: L3Config = field(default_factory=L3Config)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     @property
@@ -153,6 +179,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "l1": L1Config,
     "l2": L2Config,
+    "l3": L3Config,
     "policy": PolicyConfig,
 }
 

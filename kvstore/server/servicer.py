@@ -1,0 +1,173 @@
+"""kvstore.v1.KVStore servicer: protobuf in, domain calls, protobuf out.
+
+The only module on the server side that touches ``_pb2`` types. Errors are
+raised as kvstore exceptions and mapped to statuses by the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from kvstore.errors import InvalidArgument, MalformedRequest
+from kvstore.store import BlockWriter, TieredStore
+from kvstore.types import (
+    AckLevel,
+    SessionEnd,
+    SessionEvent,
+    TierName,
+    TurnEnd,
+    TurnEndReason,
+    validate_key,
+)
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+_ACK = {
+    pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
+    pb.ACK_LEVEL_MEMORY: AckLevel.MEMORY,
+    pb.ACK_LEVEL_LOCAL: AckLevel.LOCAL,
+    pb.ACK_LEVEL_REMOTE: AckLevel.REMOTE,
+}
+
+
+def _tier_pb(tier: TierName | None) -> int:
+    return int(tier) if tier is not None else pb.TIER_UNSPECIFIED
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    def __init__(self, store: TieredStore) -> None:
+        self.store = store
+        cfg = store.config.server
+        self.default_chunk = cfg.chunk_bytes
+        self.max_chunk = cfg.max_chunk_bytes
+
+    async def Put(self, request_iterator: AsyncIterator[pb.PutChunk],
+                  context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        store = self.store
+        namespace = ""
+        ack = AckLevel.MEMORY
+        first = True
+        writer: BlockWriter | None = None
+        durable: list[asyncio.Future[None]] = []
+        stored = nbytes = 0
+        try:
+            async for chunk in request_iterator:
+                if first:
+                    first = False
+                    namespace = store.check_namespace(chunk.namespace)
+                    if chunk.ack not in _ACK:
+                        raise InvalidArgument(f"unknown acknowledgement level {chunk.ack}")
+                    ack = _ACK[chunk.ack]
+                    store.check_ack(ack)
+                if chunk.block_size:
+                    if writer is not None:
+                        raise MalformedRequest(
+                            f"block #{stored + 1} starts before block #{stored} is complete "
+                            f"({writer.received} of {writer.size} bytes sent)")
+                    validate_key(chunk.key, stored)
+                    writer = await store.begin_put(namespace, chunk.key, chunk.block_size,
+                                                   chunk.session_id or None)
+                elif chunk.key:
+                    raise MalformedRequest(f"block #{stored}: a key without block_size")
+                elif writer is None:
+                    if not chunk.data:
+                        continue
+                    raise MalformedRequest("data sent before any block's first chunk "
+                                           "(key and block_size)")
+                if chunk.data:
+                    writer.write(chunk.data)
+                if writer.complete:
+                    done, writer = writer, None
+                    fut = await store.finish_put(done, ack)
+                    if fut is not None and ack >= AckLevel.LOCAL:
+                        durable.append(fut)
+                    stored += 1
+                    nbytes += done.size
+            if writer is not None:
+                raise MalformedRequest(
+                    f"stream ended inside block #{stored} ({writer.received} of "
+                    f"{writer.size} bytes sent): nothing of it was stored")
+            if first:
+                store.check_namespace("")
+        finally:
+            if writer is not None:
+                writer.abort()
+        if durable:
+            await asyncio.gather(*durable)
+        return pb.PutResponse(stored=stored, bytes=nbytes)
+
+    async def Get(self, request: pb.GetRequest,
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetChunk]:
+        store = self.store
+        namespace = store.check_namespace(request.namespace)
+        keys = list(request.keys)
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        chunk_bytes = min(request.max_chunk_bytes or self.default_chunk, self.max_chunk)
+        session = request.session_id or None
+        for index, key in enumerate(keys):
+            reader = await store.open_read((namespace, key), session)
+            if reader is None:
+                yield pb.GetChunk(index=index, hit=False)
+                continue
+            try:
+                tier = int(reader.tier)
+                for offset, piece in reader.chunks(chunk_bytes):
+                    if offset == 0:
+                        msg = pb.GetChunk(index=index, hit=True, block_size=reader.size,
+                                          offset=0, data=bytes(piece), tier=tier)
+                    else:
+                        msg = pb.GetChunk(index=index, hit=True, offset=offset,
+                                          data=bytes(piece))
+                    yield msg
+            finally:
+                reader.close()
+
+    async def Lookup(self, request: pb.LookupRequest,
+                     context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        result = self.store.lookup(namespace, list(request.keys), request.lease_ms,
+                                   request.session_id or None)
+        return pb.LookupResponse(found=result.found, tiers=[_tier_pb(t) for t in result.tiers])
+
+    async def Delete(self, request: pb.DeleteRequest,
+                     context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        return pb.DeleteResponse(deleted=self.store.delete(namespace, list(request.keys)))
+
+    async def Stats(self, request: pb.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        s = self.store.stats()
+        return pb.StatsResponse(
+            tiers=[pb.TierStats(tier=int(t.tier), blocks=t.blocks, bytes=t.bytes,
+                                capacity=t.capacity, hits=t.hits, misses=t.misses,
+                                evictions=t.evictions, demotions=t.demotions,
+                                promotions=t.promotions, corrupt=t.corrupt) for t in s.tiers],
+            puts=s.puts, gets=s.gets, get_hits=s.get_hits, session_events=s.session_events,
+            policy=s.policy,
+        )
+
+    async def SessionEvent(self, request: pb.SessionEventRequest,
+                           context: grpc.aio.ServicerContext) -> pb.SessionEventResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        if not request.session_id:
+            raise InvalidArgument("session_id is required")
+        which = request.WhichOneof("event")
+        event: Any
+        if which == "turn_end":
+            te = request.turn_end
+            try:
+                reason = TurnEndReason(te.reason)
+            except ValueError:
+                raise InvalidArgument(f"unknown turn end reason {te.reason}") from None
+            event = TurnEnd(reason, te.expected_gap_ms, te.tool_name)
+        elif which == "session_end":
+            event = SessionEnd()
+        else:
+            raise InvalidArgument("SessionEvent needs one of turn_end or session_end")
+        self.store.session_event(SessionEvent(namespace, request.session_id, event))
+        return pb.SessionEventResponse()

@@ -1,0 +1,638 @@
+"""TieredStore: the one place that knows all tiers.
+
+It owns the block index (key -> where the block lives, its size, checksum,
+pins and lease), asks the policy what to evict, demote or promote, and runs the
+movers between tiers. Everything here runs on the event loop thread; blocking
+work (LMDB reads, checksums of whole blocks) goes to executors and the single
+LMDB writer thread.
+
+Life of a block:
+
+* Put: an extent is reserved in the L1 arena (evicting if needed), the chunks
+  are copied straight into it while the checksum is computed, and the block
+  becomes visible on commit. It is then queued for L2 (write-behind, bounded
+  in bytes). Acknowledgement level local waits for that L2 commit.
+* L1 eviction keeps the L2 copy (a demotion) or, when the policy says drop,
+  removes the block everywhere. A block whose L2 copy is not yet written is
+  pinned until it is, so nothing acknowledged is lost.
+* Get: L1 hits stream from the arena while the block is pinned; L2 hits are
+  read into a fresh L1 extent (a promotion) when the policy admits them, and
+  verified against the checksum before they are served. A bad copy is dropped,
+  counted and reported as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from kvstore.checksum import checksum, copy_and_checksum
+from kvstore.config import Config
+from kvstore.errors import (
+    BlockTooLarge,
+    CapacityExhausted,
+    MalformedRequest,
+    ServerShuttingDown,
+    TierNotConfigured,
+    UnknownNamespace,
+)
+from kvstore.policy import Action, Policy, make_policy
+from kvstore.tiers.base import BlockMeta, Buffer
+from kvstore.tiers.lmdb_tier import LMDBTier
+from kvstore.tiers.memory import MemoryTier
+from kvstore.types import (
+    AckLevel,
+    BlockId,
+    LookupResult,
+    SessionEvent,
+    StoreStats,
+    TierName,
+    TierStats,
+    validate_key,
+    validate_namespace,
+)
+
+log = logging.getLogger("kvstore.store")
+
+# How long a Put waits for pinned L1 blocks (being written to L2 or read) to
+# become evictable before it gives up with RESOURCE_EXHAUSTED.
+ROOM_WAIT_SECONDS = 30.0
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    size: int
+    checksum: int
+    created: float
+    session: str | None = None
+    l1: int = -1  # arena offset; -1 = not in L1
+    l2: bool = False  # committed in L2
+    l2_pending: int = 0  # L2 writes in flight that read the L1 copy (pins it)
+    readers: int = 0  # Gets streaming the L1 copy (pins it)
+    lease_until: float = 0.0
+    dead: bool = False  # no longer in the index; free L1 once unpinned
+    loading: asyncio.Future[None] | None = field(default=None)
+
+    @property
+    def pinned(self) -> bool:
+        return self.readers > 0 or self.l2_pending > 0
+
+    def meta(self) -> BlockMeta:
+        return BlockMeta(self.size, self.checksum, self.created)
+
+
+@dataclass(slots=True)
+class _Counters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    corrupt: int = 0
+
+
+class BlockReader:
+    """A found block, pinned while its bytes are streamed out."""
+
+    __slots__ = ("_release", "_view", "size", "tier")
+
+    def __init__(self, view: memoryview | bytes, tier: TierName,
+                 release: Callable[[], None] | None) -> None:
+        self._view = memoryview(view)
+        self.size = len(self._view)
+        self.tier = tier
+        self._release = release
+
+    def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+        view = self._view
+        if self.size == 0:
+            yield 0, view
+        for offset in range(0, self.size, chunk_bytes):
+            yield offset, view[offset : offset + chunk_bytes]
+
+    @property
+    def view(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        self._view.release()
+        if release is not None:
+            release()
+
+
+class BlockWriter:
+    """One block being put: bytes land in its reserved L1 extent as they come."""
+
+    __slots__ = ("_checksum", "_closed", "_dest", "_pos", "block", "offset", "session", "size",
+                 "store")
+
+    def __init__(self, store: TieredStore, block: BlockId, size: int, offset: int,
+                 session: str | None) -> None:
+        self.store = store
+        self.block = block
+        self.size = size
+        self.offset = offset
+        self.session = session
+        self._dest = store.l1.slice(offset, size)
+        self._pos = 0
+        self._checksum = 0
+        self._closed = False
+
+    @property
+    def complete(self) -> bool:
+        return self._pos == self.size
+
+    @property
+    def received(self) -> int:
+        return self._pos
+
+    def write(self, data: Buffer) -> None:
+        n = len(data)
+        if self._pos + n > self.size:
+            raise MalformedRequest(
+                f"block {self.block[1].hex()[:16]}: {self._pos + n} bytes sent for a block "
+                f"declared as {self.size} bytes"
+            )
+        self._checksum = copy_and_checksum(self._dest, self._pos, data, self._checksum)
+        self._pos += n
+
+    def commit(self) -> Entry:
+        if not self.complete:
+            raise MalformedRequest(
+                f"block {self.block[1].hex()[:16]}: stream ended after {self._pos} of "
+                f"{self.size} bytes"
+            )
+        self._closed = True
+        self._dest.release()
+        self.store._open_writers -= 1
+        return self.store._commit_put(self)
+
+    def abort(self) -> None:
+        """Drop a partial block: nothing of it becomes visible."""
+        if self._closed:
+            return
+        self._closed = True
+        self._dest.release()
+        self.store._open_writers -= 1
+        self.store.l1.release(self.offset, self.size)
+        self.store._progress()
+
+
+class TieredStore:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 executor: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.max_block_bytes = config.server.max_block_bytes
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            config.server.workers, thread_name_prefix="kvstore-io")
+        self.l1 = MemoryTier(config.l1.capacity, config.l1.page_bytes, config.l1.prefault,
+                             config.l1.shm_path)
+        self.l2: LMDBTier | None = None
+        if config.l2.enabled:
+            self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
+                               config.l2.sync, config.l2.batch_bytes, executor=self._executor)
+        tiers = [TierName.L1] + ([TierName.L2] if self.l2 else [])
+        self.policy: Policy = make_policy(config.policy.name, tiers)
+        self.index: dict[BlockId, Entry] = {}
+        self._counters = {t: _Counters() for t in TierName}
+        self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
+        self._l2_queued = 0  # bytes queued for the L2 writer
+        self._waiters: asyncio.Event | None = None
+        self._allowed = frozenset(config.server.namespaces)
+        self.puts = self.gets = self.get_hits = self.session_events = 0
+        self._closing = False
+        self._open_writers = 0  # BlockWriters holding reserved, uncommitted extents
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the index from L2 metadata (no payload is read)."""
+        self._waiters = asyncio.Event()
+        if self.l2 is None:
+            return
+        found: list[tuple[BlockId, BlockMeta]] = [item async for item in self.l2.scan()]
+        found.sort(key=lambda item: item[1].created)  # oldest first: LRU order survives
+        now = self.clock()
+        for block, meta in found:
+            self.index[block] = Entry(meta.size, meta.checksum, meta.created, l2=True)
+            self._l2_bytes += meta.size
+            self.policy.on_insert(TierName.L2, block, meta.size, now)
+        if found:
+            log.info("index rebuilt from L2: %d blocks, %d bytes", len(found), self._l2_bytes)
+
+    async def close(self) -> None:
+        """Finish queued L2 writes and release every tier."""
+        self._closing = True
+        if self.l2 is not None:
+            await self.l2.close()
+        await self.l1.close()
+        self._executor.shutdown(wait=False)
+
+    # -- validation ---------------------------------------------------------------------
+
+    def check_namespace(self, namespace: str) -> str:
+        validate_namespace(namespace)
+        if self._allowed and namespace not in self._allowed:
+            raise UnknownNamespace(f"namespace {namespace!r} is not served here")
+        return namespace
+
+    def check_ack(self, ack: AckLevel) -> None:
+        if ack == AckLevel.LOCAL and self.l2 is None:
+            raise TierNotConfigured("acknowledgement level local needs L2, which is disabled")
+        if ack == AckLevel.REMOTE:
+            raise TierNotConfigured("acknowledgement level remote needs an L3 tier; "
+                                    "none is configured")
+
+    # -- pins and progress ----------------------------------------------------------------
+
+    def _progress(self) -> None:
+        """Wake Puts waiting for L1 room or L2 queue room."""
+        if self._waiters is not None:
+            self._waiters.set()
+
+    async def _wait_progress(self, deadline: float) -> bool:
+        assert self._waiters is not None
+        self._waiters.clear()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._waiters.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
+
+    def _unpin_reader(self, block: BlockId, entry: Entry) -> None:
+        entry.readers -= 1
+        self._maybe_free_dead(entry)
+        self._progress()
+
+    def _maybe_free_dead(self, entry: Entry) -> None:
+        if entry.dead and not entry.pinned and entry.l1 >= 0:
+            self.l1.release(entry.l1, entry.size)
+            entry.l1 = -1
+
+    # -- Put --------------------------------------------------------------------------------
+
+    async def begin_put(self, namespace: str, key: bytes, size: int,
+                        session: str | None = None) -> BlockWriter:
+        """Reserve room for one block; the caller writes its bytes then commits."""
+        if self._closing:
+            raise ServerShuttingDown("server is shutting down")
+        validate_key(key)
+        if size <= 0:
+            raise MalformedRequest(f"block_size must be at least 1 (got {size})")
+        if size > self.max_block_bytes:
+            raise BlockTooLarge(
+                f"block of {size} bytes exceeds the limit of {self.max_block_bytes} bytes "
+                "(server.max_block_bytes)"
+            )
+        offset = await self._make_room_l1(size)
+        self._open_writers += 1
+        return BlockWriter(self, (namespace, key), size, offset, session)
+
+    async def _make_room_l1(self, size: int) -> int:
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while True:
+            offset = self.l1.reserve(size)
+            if offset >= 0:
+                return offset
+            now = self.clock()
+            victim = self.policy.victim(TierName.L1, now, self._l1_evictable)
+            if victim is not None:
+                self._evict_l1(victim[0], victim[1])
+                continue
+            busy = self._open_writers > 0 or any(
+                e.pinned for e in self.index.values() if e.l1 >= 0)
+            if not busy or not await self._wait_progress(deadline):
+                raise CapacityExhausted(
+                    f"L1 is full: no room for a {size}-byte block "
+                    f"({self.l1.arena.used_bytes} of {self.l1.capacity} bytes in use, "
+                    "the rest leased or in use)"
+                )
+
+    def _l1_evictable(self, block: BlockId) -> bool:
+        entry = self.index.get(block)
+        if entry is None or entry.l1 < 0:
+            return True  # stale policy entry: evicting it only cleans up
+        return not entry.pinned and entry.lease_until <= self.clock()
+
+    def _evict_l1(self, block: BlockId, action: Action) -> None:
+        entry = self.index.get(block)
+        if entry is None or entry.l1 < 0:
+            self.policy.on_remove(TierName.L1, block)
+            return
+        if action is Action.DEMOTE and self.l2 is not None and not entry.l2:
+            # Its L2 copy was dropped meanwhile: write it back before it leaves.
+            self._queue_l2_write(block, entry)
+            return
+        self.l1.release(entry.l1, entry.size)
+        entry.l1 = -1
+        self.policy.on_remove(TierName.L1, block)
+        c = self._counters[TierName.L1]
+        c.evictions += 1
+        if action is Action.DEMOTE and entry.l2:
+            c.demotions += 1
+        else:
+            self._forget(block, entry)
+
+    def _commit_put(self, writer: BlockWriter) -> Entry:
+        block = writer.block
+        old = self.index.get(block)
+        if old is not None:
+            self._forget(block, old, delete_l2=False)  # the new L2 write replaces it
+        entry = Entry(writer.size, writer._checksum, time.time(), writer.session, l1=writer.offset)
+        self.index[block] = entry
+        self.puts += 1
+        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), writer.session)
+        return entry
+
+    async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[None] | None:
+        """Commit a complete block. Returns a future that resolves once the
+        block is durable at ``ack`` (None when it already is)."""
+        entry = writer.commit()
+        if self.l2 is None:
+            return None
+        entry.readers += 1  # pinned: it must not leave L1 before its L2 write is queued
+        try:
+            await self._wait_l2_queue_room(entry.size)
+        finally:
+            entry.readers -= 1
+            self._maybe_free_dead(entry)
+        if self.index.get(writer.block) is not entry:
+            return None  # replaced or deleted meanwhile
+        return self._queue_l2_write(writer.block, entry, want_future=ack >= AckLevel.LOCAL)
+
+    async def _wait_l2_queue_room(self, size: int) -> None:
+        limit = self.config.l2.write_queue_bytes
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while self._l2_queued + size > limit and self._l2_queued > 0:
+            if not await self._wait_progress(deadline):
+                raise CapacityExhausted("the L2 write queue stays full: the disk is too slow")
+
+    def _queue_l2_write(self, block: BlockId, entry: Entry,
+                        want_future: bool = False) -> asyncio.Future[None] | None:
+        assert self.l2 is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
+        entry.l2_pending += 1
+        self._l2_queued += entry.size
+        view = self.l1.slice(entry.l1, entry.size)
+
+        def settle(error: BaseException | None) -> None:
+            view.release()
+            entry.l2_pending -= 1
+            self._l2_queued -= entry.size
+            if error is None and not entry.dead and self.index.get(block) is entry:
+                if not entry.l2:
+                    entry.l2 = True
+                    self._l2_bytes += entry.size
+                    self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
+                                          entry.session)
+                self._trim_l2()
+            elif error is not None:
+                log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
+            self._maybe_free_dead(entry)
+            self._progress()
+            if fut is not None and not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+        def done(error: BaseException | None, existed: bool) -> None:
+            loop.call_soon_threadsafe(settle, error)
+
+        self.l2.submit(block, view, entry.meta(), done)
+        return fut
+
+    def _trim_l2(self) -> None:
+        assert self.l2 is not None
+        capacity = self.config.l2.capacity
+        while self._l2_bytes > capacity:
+            victim = self.policy.victim(TierName.L2, self.clock(), self._l2_evictable)
+            if victim is None:
+                return
+            block = victim[0]
+            entry = self.index.get(block)
+            self.policy.on_remove(TierName.L2, block)
+            if entry is None or not entry.l2:
+                continue
+            self._drop_l2_copy(block, entry)
+            self._counters[TierName.L2].evictions += 1
+            if entry.l1 < 0:
+                self._forget(block, entry, delete_l2=False)
+
+    def _l2_evictable(self, block: BlockId) -> bool:
+        entry = self.index.get(block)
+        if entry is None or not entry.l2:
+            return True
+        return entry.l2_pending == 0 and entry.lease_until <= self.clock()
+
+    def _drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
+        assert self.l2 is not None
+        entry.l2 = False
+        self._l2_bytes -= entry.size
+        self.l2.submit(block, None, None, lambda e, x: None)
+
+    def _forget(self, block: BlockId, entry: Entry, delete_l2: bool = True) -> None:
+        """Remove a block from the index and every tier (respecting pins)."""
+        if self.index.get(block) is entry:
+            del self.index[block]
+        entry.dead = True
+        if entry.l1 >= 0:
+            self.policy.on_remove(TierName.L1, block)
+            if entry.pinned:
+                pass  # freed by _maybe_free_dead when the last pin goes
+            else:
+                self.l1.release(entry.l1, entry.size)
+                entry.l1 = -1
+        if entry.l2:
+            self.policy.on_remove(TierName.L2, block)
+            if delete_l2:
+                self._drop_l2_copy(block, entry)
+            else:
+                entry.l2 = False
+                self._l2_bytes -= entry.size
+
+    # -- Get ----------------------------------------------------------------------------------
+
+    async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
+        """The block, pinned for streaming, or None for a miss."""
+        self.gets += 1
+        entry = self.index.get(block)
+        c1 = self._counters[TierName.L1]
+        if entry is not None and entry.loading is not None:
+            await asyncio.shield(entry.loading)
+            entry = self.index.get(block)
+        if entry is None:
+            c1.misses += 1
+            if self.l2 is not None:
+                self._counters[TierName.L2].misses += 1
+            return None
+        now = self.clock()
+        if entry.l1 >= 0:
+            c1.hits += 1
+            self.get_hits += 1
+            self.policy.on_hit(TierName.L1, block, now, session)
+            entry.readers += 1
+            return BlockReader(self.l1.slice(entry.l1, entry.size), TierName.L1,
+                               lambda: self._unpin_reader(block, entry))
+        c1.misses += 1
+        if entry.l2 and self.l2 is not None:
+            return await self._read_l2(block, entry, session)
+        return None
+
+    async def _read_l2(self, block: BlockId, entry: Entry,
+                       session: str | None) -> BlockReader | None:
+        assert self.l2 is not None
+        c2 = self._counters[TierName.L2]
+        loop = asyncio.get_running_loop()
+        entry.loading = loop.create_future()
+        offset = -1
+        try:
+            now = self.clock()
+            if self.policy.admit(TierName.L1, block, entry.size, now):
+                with contextlib.suppress(CapacityExhausted):
+                    offset = await self._make_room_l1(entry.size)
+            dest = self.l1.slice(offset, entry.size) if offset >= 0 else None
+            result = await loop.run_in_executor(self._executor, self._read_verify_l2, block,
+                                                entry.checksum, dest)
+            if self.index.get(block) is not entry or result is None:
+                if offset >= 0:
+                    self.l1.release(offset, entry.size)
+                c2.misses += 1
+                return None
+            ok, payload = result
+            if not ok:
+                if offset >= 0:
+                    self.l1.release(offset, entry.size)
+                c2.corrupt += 1
+                c2.misses += 1
+                log.warning("dropped corrupt L2 copy of %s/%s", block[0], block[1].hex()[:16])
+                self._forget(block, entry)
+                return None
+            c2.hits += 1
+            self.get_hits += 1
+            self.policy.on_hit(TierName.L2, block, self.clock(), session)
+            if offset >= 0:
+                entry.l1 = offset
+                self._counters[TierName.L1].promotions += 1
+                self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
+                entry.readers += 1
+                return BlockReader(self.l1.slice(offset, entry.size), TierName.L2,
+                                   lambda: self._unpin_reader(block, entry))
+            return BlockReader(payload, TierName.L2, None)
+        except BaseException:
+            if offset >= 0 and entry.l1 != offset:
+                self.l1.release(offset, entry.size)
+            raise
+        finally:
+            fut, entry.loading = entry.loading, None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _read_verify_l2(self, block: BlockId, expected: int,
+                        dest: memoryview | None) -> tuple[bool, Buffer] | None:
+        assert self.l2 is not None
+        found = self.l2.read_into_sync(block, dest)
+        if found is None:
+            return None
+        meta, payload = found
+        ok = meta.checksum == expected and len(payload) == meta.size \
+            and checksum(payload) == expected
+        return ok, payload
+
+    # -- Lookup / Delete -----------------------------------------------------------------------
+
+    def lookup(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
+               session: str | None = None) -> LookupResult:
+        tiers: list[TierName | None] = []
+        found = 0
+        prefix = True
+        lease_until = self.clock() + min(lease_ms, self.config.server.max_lease_ms) / 1000.0
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+            entry = self.index.get((namespace, key))
+            tier: TierName | None = None
+            if entry is not None:
+                tier = TierName.L1 if entry.l1 >= 0 else TierName.L2 if entry.l2 else None
+            if tier is not None and lease_ms > 0 and entry is not None:
+                entry.lease_until = max(entry.lease_until, lease_until)
+            if tier is None:
+                prefix = False
+            elif prefix:
+                found += 1
+            tiers.append(tier)
+        return LookupResult(found, tiers)
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        deleted = 0
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+            block = (namespace, key)
+            entry = self.index.get(block)
+            if entry is not None:
+                self._forget(block, entry)
+                deleted += 1
+        self._progress()
+        return deleted
+
+    def session_event(self, event: SessionEvent) -> None:
+        self.session_events += 1
+        self.policy.on_session_event(event, self.clock())
+
+    # -- Stats ----------------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        tiers = []
+        l1_blocks = sum(1 for e in self.index.values() if e.l1 >= 0)
+        l1_bytes = sum(e.size for e in self.index.values() if e.l1 >= 0)
+        tiers.append(self._tier_stats(TierName.L1, l1_blocks, l1_bytes, self.l1.capacity))
+        if self.l2 is not None:
+            l2_blocks = sum(1 for e in self.index.values() if e.l2)
+            tiers.append(self._tier_stats(TierName.L2, l2_blocks, self._l2_bytes,
+                                          self.config.l2.capacity))
+        return StoreStats(tiers, self.puts, self.gets, self.get_hits, self.session_events,
+                          self.policy.name)
+
+    def _tier_stats(self, tier: TierName, blocks: int, nbytes: int, capacity: int) -> TierStats:
+        c = self._counters[tier]
+        return TierStats(tier, blocks, nbytes, capacity, c.hits, c.misses, c.evictions,
+                         c.demotions, c.promotions, c.corrupt)
+
+    async def iter_blocks(self) -> AsyncIterator[BlockId]:  # pragma: no cover - debugging aid
+        for block in list(self.index):
+            yield block
+
+    # Convenience for tests and the CLI: one whole block in, one whole block out.
+
+    async def put_bytes(self, namespace: str, key: bytes, data: Buffer,
+                        ack: AckLevel = AckLevel.MEMORY, session: str | None = None) -> None:
+        view = memoryview(data).cast("B")
+        writer = await self.begin_put(namespace, key, len(view), session)
+        try:
+            writer.write(view)
+        except BaseException:
+            writer.abort()
+            raise
+        fut = await self.finish_put(writer, ack)
+        if fut is not None:
+            await fut
+
+    async def get_bytes(self, namespace: str, key: bytes) -> bytes | None:
+        reader = await self.open_read((namespace, key))
+        if reader is None:
+            return None
+        try:
+            return bytes(reader.view)
+        finally:
+            reader.close()
+

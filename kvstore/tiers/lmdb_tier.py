@@ -1,0 +1,348 @@
+"""L2: blocks in LMDB on local NVMe.
+
+One environment per data directory with two sub-databases: ``data`` (payloads)
+and ``meta`` (BlockMeta, 24 bytes each), so a restart rebuilds the index by
+scanning ``meta`` without reading payloads.
+
+Writes go through one writer thread that drains a queue and commits each
+batch in one transaction (group commit): LMDB allows one writer at a time,
+and batching turns many small commits into one. Reads run in short read
+transactions on executor threads and copy straight into the caller's buffer.
+When the map is full the writer grows it (doubling) once no read
+transaction is open — LMDB forbids resizing under an open transaction — and
+retries the batch, so clients never see MapFullError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from kvstore.errors import KVStoreError
+from kvstore.tiers.base import BlockMeta, Buffer, Tier, TierUsage
+from kvstore.types import BlockId, TierName
+
+_SCAN_BATCH = 10_000
+
+
+def encode_key(block: BlockId) -> bytes:
+    ns = block[0].encode()
+    return bytes((len(ns),)) + ns + block[1]
+
+
+def decode_key(raw: bytes) -> BlockId:
+    n = raw[0]
+    return raw[1 : 1 + n].decode(), bytes(raw[1 + n :])
+
+
+class _ReadWriteLock:
+    """Many readers or one resizer (who waits for readers to leave)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._resizing = False
+
+    def acquire_read(self) -> None:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
+
+    def acquire_write(self) -> None:
+        with self._cond:
+            self._resizing = True
+            while self._readers:
+                self._cond.wait()
+
+    def release_write(self) -> None:
+        with self._cond:
+            self._resizing = False
+            self._cond.notify_all()
+
+
+@dataclass(slots=True)
+class _Op:
+    key: bytes
+    data: Buffer | None  # None = delete
+    meta: bytes
+    size: int
+    done: Callable[[BaseException | None, bool], None] | None = field(default=None)
+
+
+_STOP = object()
+
+
+class LMDBTier(Tier):
+    name = TierName.L2
+
+    def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
+                 sync: bool = False, batch_bytes: int = 64 << 20,
+                 executor: concurrent.futures.Executor | None = None) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.batch_bytes = batch_bytes
+        self._sync = sync
+        self._env = lmdb.open(
+            str(self.path), map_size=initial_map_size, max_dbs=4, subdir=True,
+            sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
+        )
+        self._data = self._env.open_db(b"data")
+        self._meta = self._env.open_db(b"meta")
+        self._rw = _ReadWriteLock()
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="kvstore-l2-read")
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._count_lock = threading.Lock()
+        self._blocks, self._bytes = self._count()
+        self.map_grows = 0
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="kvstore-l2-writer",
+                                        daemon=True)
+        self._writer.start()
+
+    def _count(self) -> tuple[int, int]:
+        blocks = total = 0
+        with self._env.begin(db=self._meta, buffers=True) as txn:
+            for _, raw in txn.cursor():
+                blocks += 1
+                total += BlockMeta.unpack(raw).size
+        return blocks, total
+
+    # -- the writer thread ------------------------------------------------------------
+
+    def submit(self, block: BlockId, data: Buffer | None, meta: BlockMeta | None,
+               done: Callable[[BaseException | None, bool], None]) -> None:
+        """Queue a write (data) or a delete (data None). ``done(error, existed)``
+        is called from the writer thread after the commit."""
+        if self._closed:
+            done(KVStoreError("L2 is closed"), False)
+            return
+        size = meta.size if meta else 0
+        self._queue.put(_Op(encode_key(block), data, meta.pack() if meta else b"", size, done))
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            nbytes = first.size
+            stop = False
+            while nbytes < self.batch_bytes:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+                nbytes += nxt.size
+            self._commit(batch)
+            if stop:
+                return
+
+    def _commit(self, batch: list[_Op]) -> None:
+        while True:
+            try:
+                existed = self._apply(batch)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+            except Exception as exc:  # disk error: report to every waiter
+                for op in batch:
+                    if op.done:
+                        op.done(exc, False)
+                return
+        for op, was in zip(batch, existed, strict=True):
+            if op.done:
+                op.done(None, was)
+
+    def _apply(self, batch: list[_Op]) -> list[bool]:
+        existed: list[bool] = []
+        d_blocks = d_bytes = 0
+        with self._env.begin(write=True) as txn:
+            for op in batch:
+                old = txn.get(op.key, db=self._meta)
+                old_size = BlockMeta.unpack(old).size if old is not None else 0
+                existed.append(old is not None)
+                if op.data is None:
+                    if old is not None:
+                        txn.delete(op.key, db=self._data)
+                        txn.delete(op.key, db=self._meta)
+                        d_blocks -= 1
+                        d_bytes -= old_size
+                else:
+                    txn.put(op.key, op.data, db=self._data)
+                    txn.put(op.key, op.meta, db=self._meta)
+                    d_blocks += 0 if old is not None else 1
+                    d_bytes += op.size - old_size
+        with self._count_lock:
+            self._blocks += d_blocks
+            self._bytes += d_bytes
+        return existed
+
+    def _grow(self) -> None:
+        self._rw.acquire_write()
+        try:
+            new_size = self._env.info()["map_size"] * 2
+            self._env.set_mapsize(new_size)
+            self.map_grows += 1
+        finally:
+            self._rw.release_write()
+
+    @property
+    def map_size(self) -> int:
+        return int(self._env.info()["map_size"])
+
+    # -- reads -------------------------------------------------------------------------
+
+    def read_into_sync(self, block: BlockId, dest: memoryview | None) -> tuple[BlockMeta, Any] | None:
+        """Blocking read. With ``dest`` (at least the block's size) the payload
+        is copied there and returned as a view of it; without, as bytes."""
+        key = encode_key(block)
+        self._rw.acquire_read()
+        try:
+            with self._env.begin(buffers=True) as txn:
+                raw_meta = txn.get(key, db=self._meta)
+                if raw_meta is None:
+                    return None
+                meta = BlockMeta.unpack(raw_meta)
+                value = txn.get(key, db=self._data)
+                if value is None:
+                    return None
+                n = len(value)
+                if dest is not None and len(dest) >= n:
+                    dest[:n] = value
+                    return meta, dest[:n]
+                return meta, bytes(value)
+        finally:
+            self._rw.release_read()
+
+    def meta_sync(self, block: BlockId) -> BlockMeta | None:
+        key = encode_key(block)
+        self._rw.acquire_read()
+        try:
+            with self._env.begin(buffers=True) as txn:
+                raw = txn.get(key, db=self._meta)
+                return BlockMeta.unpack(raw) if raw is not None else None
+        finally:
+            self._rw.release_read()
+
+    def corrupt_for_test(self, block: BlockId, offset: int) -> None:
+        """Flip one payload byte in place (fault injection for tests)."""
+        key = encode_key(block)
+        with self._env.begin(write=True) as txn:
+            value = bytearray(txn.get(key, db=self._data))
+            value[offset] ^= 0xFF
+            txn.put(key, bytes(value), db=self._data)
+
+    # -- Tier interface ----------------------------------------------------------------
+
+    async def _submit_async(self, block: BlockId, data: Buffer | None,
+                            meta: BlockMeta | None) -> bool:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+
+        def done(error: BaseException | None, existed: bool) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if error is not None:
+                    fut.set_exception(error)
+                else:
+                    fut.set_result(existed)
+
+            loop.call_soon_threadsafe(settle)
+
+        self.submit(block, data, meta, done)
+        return await fut
+
+    async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
+        await self._submit_async(block, data, meta)
+
+    async def get(self, block: BlockId) -> Buffer | None:
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self.read_into_sync, block, None)
+        return None if found is None else found[1]
+
+    async def delete(self, block: BlockId) -> bool:
+        return await self._submit_async(block, None, None)
+
+    async def contains(self, block: BlockId) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.meta_sync, block) is not None
+
+    def _scan_batch(self, after: bytes | None) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        self._rw.acquire_read()
+        try:
+            with self._env.begin(db=self._meta) as txn:
+                cur = txn.cursor()
+                ok = cur.set_range(after) if after is not None else cur.first()
+                if ok and after is not None and cur.key() == after:
+                    ok = cur.next()
+                while ok and len(out) < _SCAN_BATCH:
+                    out.append((cur.key(), cur.value()))
+                    ok = cur.next()
+        finally:
+            self._rw.release_read()
+        return out
+
+    async def scan(self) -> AsyncIterator[tuple[BlockId, BlockMeta]]:
+        loop = asyncio.get_running_loop()
+        after: bytes | None = None
+        while True:
+            batch = await loop.run_in_executor(self._executor, self._scan_batch, after)
+            for raw_key, raw_meta in batch:
+                yield decode_key(raw_key), BlockMeta.unpack(raw_meta)
+            if len(batch) < _SCAN_BATCH:
+                return
+            after = batch[-1][0]
+
+    def usage(self) -> TierUsage:
+        with self._count_lock:
+            return TierUsage(self._blocks, self._bytes, self.capacity)
+
+    def flush_sync(self) -> None:
+        """Wait until every queued write has committed, then sync to disk."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._queue.put(_Op(b"\x00", None, b"", 0, lambda e, x: done.set()))
+        done.wait()
+        self._env.sync(True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.close_sync)
+
+    def close_sync(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._env.sync(True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+        self._env.close()
