@@ -129,6 +129,7 @@ class InvalidConfig(KVStoreError):
 
 def _all_subclasses(cls: type[KVStoreError]) -> list[type[KVStoreError]]:
     out: list[type[KVStoreError]] = []
+    sub: type[KVStoreError]
     for sub in cls.__subclasses__():
         out.append(sub)
         out.extend(_all_subclasses(sub))
@@ -137,7 +138,8 @@ def _all_subclasses(cls: type[KVStoreError]) -> list[type[KVStoreError]]:
 
 def error_class_by_name(name: str) -> type[KVStoreError] | None:
     """The error class called ``name`` (for the SDK's reverse mapping)."""
-    for cls in [KVStoreError, *_all_subclasses(KVStoreError)]:
+    candidates: list[type[KVStoreError]] = [KVStoreError, *_all_subclasses(KVStoreError)]
+    for cls in candidates:
         if cls.__name__ == name:
             return cls
     return None

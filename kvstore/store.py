@@ -101,7 +101,7 @@ class BlockReader:
 
     __slots__ = ("_release", "_view", "size", "tier")
 
-    def __init__(self, view: memoryview | bytes, tier: TierName,
+    def __init__(self, view: Buffer, tier: TierName,
                  release: Callable[[], None] | None) -> None:
         self._view = memoryview(view)
         self.size = len(self._view)

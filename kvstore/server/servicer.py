@@ -34,7 +34,8 @@ _ACK = {
 }
 
 
-def _tier_pb(tier: TierName | None) -> int:
+def _tier_pb(tier: TierName | None) -> Any:
+    # Tier values equal kvstore.v1.Tier numbers (checked by a unit test).
     return int(tier) if tier is not None else pb.TIER_UNSPECIFIED
 
 
@@ -115,7 +116,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 yield pb.GetChunk(index=index, hit=False)
                 continue
             try:
-                tier = int(reader.tier)
+                tier = _tier_pb(reader.tier)
                 for offset, piece in reader.chunks(chunk_bytes):
                     if offset == 0:
                         msg = pb.GetChunk(index=index, hit=True, block_size=reader.size,
@@ -143,7 +144,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         s = self.store.stats()
         return pb.StatsResponse(
-            tiers=[pb.TierStats(tier=int(t.tier), blocks=t.blocks, bytes=t.bytes,
+            tiers=[pb.TierStats(tier=_tier_pb(t.tier), blocks=t.blocks, bytes=t.bytes,
                                 capacity=t.capacity, hits=t.hits, misses=t.misses,
                                 evictions=t.evictions, demotions=t.demotions,
                                 promotions=t.promotions, corrupt=t.corrupt) for t in s.tiers],

@@ -92,12 +92,10 @@ class Arena:
         if cls >= len(self._classes):
             return -1
         start = -1
-        scanned = 0
-        for s in self._classes[cls]:
+        for scanned, s in enumerate(self._classes[cls]):
             if self._free_start[s] >= need:
                 start = s
                 break
-            scanned += 1
             if scanned >= _SCAN_LIMIT:
                 break
         if start < 0:

@@ -214,7 +214,8 @@ class LMDBTier(Tier):
 
     # -- reads -------------------------------------------------------------------------
 
-    def read_into_sync(self, block: BlockId, dest: memoryview | None) -> tuple[BlockMeta, Any] | None:
+    def read_into_sync(self, block: BlockId,
+                       dest: memoryview | None) -> tuple[BlockMeta, Any] | None:
         """Blocking read. With ``dest`` (at least the block's size) the payload
         is copied there and returned as a view of it; without, as bytes."""
         key = encode_key(block)
@@ -250,7 +251,9 @@ class LMDBTier(Tier):
         """Flip one payload byte in place (fault injection for tests)."""
         key = encode_key(block)
         with self._env.begin(write=True) as txn:
-            value = bytearray(txn.get(key, db=self._data))
+            raw = txn.get(key, db=self._data)
+            assert raw is not None, "no such block"
+            value = bytearray(raw)
             value[offset] ^= 0xFF
             txn.put(key, bytes(value), db=self._data)
 

@@ -13,7 +13,7 @@ MiB = 1024**2
 
 def test_rss_stays_bounded_under_four_writers(server_factory) -> None:  # type: ignore[no-untyped-def]
     capacity = 128 * MiB
-    server = server_factory(l1_capacity="128MiB").start()
+    server = server_factory("--l1-prefault", "true", l1_capacity="128MiB").start()
     peak = [server.rss_bytes()]
     stop = threading.Event()
     errors: list[BaseException] = []

@@ -1,0 +1,562 @@
+"""L3: blocks as objects in an object store, through obstore.
+
+One code path for every store obstore offers; two are configured here:
+
+- ``s3://bucket/prefix`` — AWS S3 or any S3-compatible server (MinIO, Ceph,
+  rclone serve s3...). With a custom ``endpoint`` requests use path-style
+  addressing (``http://host:port/bucket/key``). Plain ``http://`` endpoints
+  are accepted only on loopback (127.0.0.0/8, ::1, localhost): anything else
+  must be https, or construction raises :class:`~kvstore.errors.InvalidConfig`.
+- ``file:///path`` — a directory, typically a shared filesystem (NFS, Lustre,
+  CephFS...) mounted on every node. Writes are atomic (temp file + rename).
+
+Object key: ``<prefix>/<namespace>/<hex key>``.
+
+Object layout: a 32-byte header, then the payload exactly as given::
+
+    offset  size  field
+    0       4     magic b"KVL3"
+    4       1     layout version (1)
+    5       3     zero
+    8       8     payload size (u64 LE)  — equals object size - 32
+    16      8     checksum (u64 LE)      — BlockMeta.checksum as given to put
+    24      8     created (f64 LE)       — BlockMeta.created as given to put
+
+Why a header and not S3 user metadata: user metadata is not returned by a
+listing either (it needs one request per object all the same), the local
+filesystem store cannot keep it, and ``rclone serve s3`` keeps it only in
+memory. The header works on every store. ``scan()`` lists the bucket (size
+comes from the listing) and reads only the 32 header bytes of each object with
+a ranged GET, ``concurrency`` at a time — never the payload. Servers that
+answer a ranged GET with ``200`` instead of ``206`` (rclone serve s3 up to at
+least 1.75) make obstore refuse the answer; the tier then notes it, logs it
+once, and reads headers by streaming the object and dropping the connection
+after the first chunk (bounded waste, still no full payload read).
+
+Failure behaviour (the store translates; nothing here retries forever):
+
+- every call runs under one deadline of ``timeout_s`` (waiting for a
+  concurrency slot, every attempt and every backoff included);
+- failed requests are retried up to ``retries`` times with full-jitter
+  exponential backoff (50 ms doubling, at most 1 s), within the deadline;
+  errors that retrying cannot fix (403, missing bucket) are not retried;
+- each failed request counts towards the circuit breaker; after
+  ``breaker_failures`` consecutive failures calls fail at once for
+  ``breaker_reset_s``, then one probe request decides;
+- ``get``/``put``/``delete``/``contains``/``scan`` raise
+  :class:`~kvstore.errors.TierUnavailable` when the store cannot be reached,
+  times out, refuses (credentials, missing bucket), the breaker is open or the
+  tier is closed. A genuine miss is ``None`` / ``False``, never an exception,
+  so the store can tell "not there" from "cannot tell";
+- ``get`` raises :class:`~kvstore.errors.CorruptBlock` when an object's header
+  is not a valid kvstore header or disagrees with its size.
+
+``usage()`` counts what this process has seen: puts and deletes it made and
+blocks ``scan`` listed. Other nodes sharing the bucket are not tracked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import struct
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import obstore
+from obstore.exceptions import (
+    GenericError,
+    JoinError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from obstore.store import LocalStore, S3Store
+
+from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
+from kvstore.tiers.base import BlockMeta, Buffer, Tier, TierUsage
+from kvstore.tiers.breaker import BreakerState, CircuitBreaker
+from kvstore.types import BlockId, TierName
+
+if TYPE_CHECKING:
+    from kvstore.config import L3Config
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<4sB3xQQd")
+HEADER_SIZE = HEADER.size  # 32
+MAGIC = b"KVL3"
+LAYOUT_VERSION = 1
+
+_LIST_PAGE = 1000
+_PROBE_PREFIX = "_kvstore-probe"  # never a namespace (those start with [A-Za-z0-9])
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
+_NOT_FOUND = (FileNotFoundError, NotFoundError)
+
+
+def object_path(block: BlockId) -> str:
+    """The object key of a block, relative to the tier's prefix."""
+    return f"{block[0]}/{block[1].hex()}"
+
+
+def parse_object_path(path: str) -> BlockId | None:
+    """The block an object key names, or None for a foreign object."""
+    namespace, sep, hexkey = path.rpartition("/")
+    if not sep or not namespace or "/" in namespace or not hexkey:
+        return None
+    try:
+        key = bytes.fromhex(hexkey)
+    except ValueError:
+        return None
+    if not key or len(hexkey) != 2 * len(key):
+        return None
+    return namespace, key
+
+
+def pack_header(size: int, meta: BlockMeta) -> bytes:
+    return HEADER.pack(MAGIC, LAYOUT_VERSION, size, meta.checksum, meta.created)
+
+
+def unpack_header(raw: Buffer) -> BlockMeta | None:
+    """The BlockMeta in a header, or None when it is not a kvstore header."""
+    mv = memoryview(raw).cast("B")
+    if len(mv) < HEADER_SIZE:
+        return None
+    magic, version, size, checksum, created = HEADER.unpack_from(mv, 0)
+    if magic != MAGIC or version != LAYOUT_VERSION:
+        return None
+    return BlockMeta(size, checksum, created)
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+class ObjectTier(Tier):
+    """L3 tier over an obstore store. See the module docstring."""
+
+    name = TierName.L3
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint: str = "",
+        region: str = "us-east-1",
+        access_key_id: str = "",
+        secret_access_key: str = "",
+        concurrency: int = 16,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        breaker_failures: int = 5,
+        breaker_reset_s: float = 5.0,
+        capacity: int = 0,
+        backoff_base_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if concurrency < 1:
+            raise InvalidConfig("l3.concurrency must be at least 1")
+        if timeout_s <= 0:
+            raise InvalidConfig("l3.timeout_s must be positive")
+        if retries < 0:
+            raise InvalidConfig("l3.retries must not be negative")
+        if breaker_failures < 1:
+            raise InvalidConfig("l3.breaker_failures must be at least 1")
+        if breaker_reset_s < 0:
+            raise InvalidConfig("l3.breaker_reset_s must not be negative")
+        self.timeout_s = float(timeout_s)
+        self.retries = retries
+        self.capacity = capacity
+        self._backoff_base_s = backoff_base_s
+        self._backoff_max_s = backoff_max_s
+        self._store, self.location = _open_store(
+            url,
+            endpoint=endpoint,
+            region=region,
+            access_key_id=access_key_id,
+            secret_access_key=secret_access_key,
+            timeout_s=self.timeout_s,
+        )
+        self._concurrency = concurrency
+        self._sem = asyncio.Semaphore(concurrency)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
+        self._closed = False
+        self._last_error = ""
+        self._ranged_reads = True
+        self._sizes: dict[BlockId, int] = {}
+        self._bytes = 0
+        # counters (for stats and tests)
+        self.requests = 0  # requests sent to the store
+        self.failed_requests = 0
+        self.retried = 0
+        self.scan_skipped = 0  # foreign or damaged objects seen by scan
+
+    @classmethod
+    def from_config(cls, config: L3Config, *, capacity: int = 0) -> ObjectTier:
+        return cls(
+            config.url,
+            endpoint=config.endpoint,
+            region=config.region,
+            access_key_id=config.access_key_id,
+            secret_access_key=config.secret_access_key,
+            concurrency=config.concurrency,
+            timeout_s=config.timeout_s,
+            retries=config.retries,
+            breaker_failures=config.breaker_failures,
+            breaker_reset_s=config.breaker_reset_s,
+            capacity=capacity,
+        )
+
+    def __repr__(self) -> str:
+        return f"ObjectTier({self.location!r}, breaker={self.breaker.state.value})"
+
+    # -- health -------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """True while the breaker is closed (the last request succeeded or
+        fewer than ``breaker_failures`` failed in a row). An idle tier with an
+        open breaker stays unhealthy until a call (or :meth:`check`) probes."""
+        return not self._closed and self.breaker.state is BreakerState.CLOSED
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    async def check(self) -> bool:
+        """Probe the store with one cheap request (a one-key listing) through
+        the breaker; the health loop calls this when the tier is idle."""
+
+        async def probe() -> Any:
+            stream = obstore.list(self._store, _PROBE_PREFIX, chunk_size=1)
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return []
+
+        try:
+            await self._call("probe", _PROBE_PREFIX, probe, retries=0)
+        except TierUnavailable:
+            return False
+        return True
+
+    # -- Tier interface -----------------------------------------------------------
+
+    async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        size = mv.nbytes
+        body = bytearray(HEADER_SIZE + size)
+        HEADER.pack_into(body, 0, MAGIC, LAYOUT_VERSION, size, meta.checksum, meta.created)
+        body[HEADER_SIZE:] = mv
+        path = object_path(block)
+        await self._call("put", path, lambda: obstore.put_async(self._store, path, body))
+        self._remember(block, size)
+
+    async def get(self, block: BlockId) -> Buffer | None:
+        path = object_path(block)
+
+        async def fetch() -> Any:
+            result = await obstore.get_async(self._store, path)
+            return await result.bytes_async()
+
+        raw = await self._call("get", path, fetch, missing_ok=True)
+        if raw is MISSING:
+            self._forget(block)
+            return None
+        mv = memoryview(raw)
+        meta = unpack_header(mv)
+        if meta is None or meta.size != len(mv) - HEADER_SIZE:
+            raise CorruptBlock(
+                f"L3 object {path!r} on {self.location} is not a kvstore block "
+                f"({len(mv)} bytes, header {bytes(mv[:HEADER_SIZE]).hex()})"
+            )
+        self._remember(block, meta.size)
+        return mv[HEADER_SIZE:]
+
+    async def delete(self, block: BlockId) -> bool:
+        path = object_path(block)
+        found = await self._call(
+            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
+        )
+        if found is MISSING:
+            self._forget(block)
+            return False
+        await self._call(
+            "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True
+        )
+        self._forget(block)
+        return True
+
+    async def contains(self, block: BlockId) -> bool:
+        path = object_path(block)
+        found = await self._call(
+            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
+        )
+        if found is MISSING:
+            self._forget(block)
+            return False
+        return True
+
+    async def scan(self) -> AsyncIterator[tuple[BlockId, BlockMeta]]:
+        """List every block under the prefix (all namespaces, all nodes'
+        writes) and read each object's 32-byte header, never its payload.
+        Objects that are not kvstore blocks are skipped (``scan_skipped``).
+        A failure raises TierUnavailable; listing pages are not retried
+        (the caller scans again later)."""
+        stream = obstore.list(self._store, None, chunk_size=_LIST_PAGE)
+
+        async def next_page() -> Any:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        while True:
+            page = await self._call("list", "/", next_page, retries=0)
+            if page is None:
+                return
+            wanted: list[tuple[BlockId, str, int]] = []
+            for obj in page:
+                path = str(obj["path"])
+                block = parse_object_path(path)
+                if block is None or int(obj["size"]) < HEADER_SIZE:
+                    self.scan_skipped += 1
+                    continue
+                wanted.append((block, path, int(obj["size"]) - HEADER_SIZE))
+            headers = await asyncio.gather(
+                *(self._read_header(path) for _, path, _ in wanted), return_exceptions=True
+            )
+            for (block, path, size), header in zip(wanted, headers, strict=True):
+                if isinstance(header, BaseException):
+                    raise header
+                if header is MISSING:  # deleted since the listing
+                    continue
+                meta = unpack_header(header)
+                if meta is None or meta.size != size:
+                    self.scan_skipped += 1
+                    log.warning("L3 scan: skipping %r on %s: not a kvstore block", path,
+                                self.location)
+                    continue
+                self._remember(block, size)
+                yield block, meta
+
+    def usage(self) -> TierUsage:
+        return TierUsage(len(self._sizes), self._bytes, self.capacity)
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # -- internals ----------------------------------------------------------------
+
+    def _remember(self, block: BlockId, size: int) -> None:
+        old = self._sizes.get(block)
+        self._sizes[block] = size
+        self._bytes += size - (old or 0)
+
+    def _forget(self, block: BlockId) -> None:
+        old = self._sizes.pop(block, None)
+        if old is not None:
+            self._bytes -= old
+
+    async def _read_header(self, path: str) -> Any:
+        async def fetch() -> Any:
+            if self._ranged_reads:
+                try:
+                    return await obstore.get_range_async(
+                        self._store, path, start=0, end=HEADER_SIZE
+                    )
+                except GenericError as exc:
+                    if "non-partial" not in str(exc).lower():
+                        raise
+                    self._ranged_reads = False
+                    log.warning(
+                        "L3 %s answers ranged GETs with 200 instead of 206; scan reads "
+                        "headers by streaming each object and dropping the rest",
+                        self.location,
+                    )
+            result = await obstore.get_async(self._store, path)
+            async for chunk in result.stream(min_chunk_size=HEADER_SIZE):
+                return bytes(memoryview(chunk)[:HEADER_SIZE])
+            return b""
+
+        return await self._call("header", path, fetch, missing_ok=True)
+
+    async def _call(
+        self,
+        op: str,
+        path: str,
+        fn: Callable[[], Awaitable[Any]],
+        *,
+        missing_ok: bool = False,
+        retries: int | None = None,
+    ) -> Any:
+        """Run one store request with the deadline, retries, concurrency
+        limit and breaker. Returns MISSING for a not-found when missing_ok."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        retries = self.retries if retries is None else retries
+        attempt = 0
+        while True:
+            if self._closed:
+                raise TierUnavailable(f"L3 {self.location} is closed")
+            if not self.breaker.allow():
+                raise TierUnavailable(
+                    f"L3 {self.location} unavailable: circuit breaker open after "
+                    f"{self.breaker.consecutive_failures} consecutive failures "
+                    f"(last: {self._last_error}); next probe in "
+                    f"{self.breaker.retry_after():.1f}s"
+                )
+            started = False
+
+            async def attempt_once() -> Any:
+                nonlocal started
+                async with self._sem:
+                    started = True
+                    self.requests += 1
+                    try:
+                        return await fn()
+                    except _NOT_FOUND:
+                        if missing_ok:
+                            return MISSING
+                        raise
+
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                result = await asyncio.wait_for(attempt_once(), remaining)
+            except asyncio.CancelledError:
+                self.breaker.abandon()
+                raise
+            except Exception as exc:
+                if isinstance(exc, TimeoutError) and not started:
+                    # Our own queue was full for the whole deadline: overload,
+                    # not an outage; no verdict on the server.
+                    self.breaker.abandon()
+                    raise TierUnavailable(
+                        f"L3 {op} {path!r} on {self.location}: no free request slot within "
+                        f"{self.timeout_s}s "
+                        f"({self._concurrency} in flight)"
+                    ) from None
+                self.breaker.failure()
+                self.failed_requests += 1
+                self._last_error = _describe(exc)
+                if isinstance(exc, _NOT_FOUND):
+                    self._last_error += " (does the bucket exist?)"
+                attempt += 1
+                retryable = isinstance(exc, (TimeoutError, GenericError, JoinError, OSError))
+                if isinstance(exc, (*_NOT_FOUND, PermissionDeniedError, UnauthenticatedError)):
+                    retryable = False
+                delay = random.uniform(
+                    0, min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))
+                )
+                if not retryable or attempt > retries or loop.time() + delay >= deadline:
+                    raise TierUnavailable(
+                        f"L3 {op} {path!r} on {self.location} failed after {attempt} "
+                        f"attempt(s): {self._last_error}"
+                    ) from exc
+                self.retried += 1
+                await asyncio.sleep(delay)
+                continue
+            self.breaker.success()
+            return result
+
+
+def _open_store(
+    url: str,
+    *,
+    endpoint: str,
+    region: str,
+    access_key_id: str,
+    secret_access_key: str,
+    timeout_s: float,
+) -> tuple[Any, str]:
+    """The obstore store for ``url`` and a printable location (no secrets)."""
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme == "file":
+        if endpoint:
+            raise InvalidConfig("l3.endpoint applies to s3:// URLs only, not file://")
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise InvalidConfig(f"l3.url {url!r}: use file:///absolute/path")
+        path = urllib.parse.unquote(parsed.path).rstrip("/") or "/"
+        try:
+            return LocalStore(prefix=path, mkdir=True), f"file://{path}"
+        except Exception as exc:
+            raise InvalidConfig(f"l3.url {url!r}: cannot use directory: {exc}") from None
+    if scheme not in ("s3", "s3a"):
+        raise InvalidConfig(
+            f"l3.url {url!r}: unsupported scheme {parsed.scheme!r} "
+            "(use s3://bucket/prefix or file:///path)"
+        )
+    bucket = parsed.netloc
+    if not bucket:
+        raise InvalidConfig(f"l3.url {url!r}: no bucket (use s3://bucket/prefix)")
+    prefix = parsed.path.strip("/")
+    if bool(access_key_id) != bool(secret_access_key):
+        raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or neither")
+    config: dict[str, Any] = {"region": region or "us-east-1"}
+    client: dict[str, Any] = {
+        "timeout": timedelta(seconds=timeout_s),
+        "connect_timeout": timedelta(seconds=min(timeout_s, 2.0)),
+    }
+    where = f"s3://{bucket}/{prefix}".rstrip("/")
+    if endpoint:
+        ep = urllib.parse.urlsplit(endpoint)
+        if ep.scheme not in ("http", "https") or not ep.hostname:
+            raise InvalidConfig(f"l3.endpoint {endpoint!r}: use https://host[:port]")
+        if ep.scheme == "http":
+            if not is_loopback_host(ep.hostname):
+                raise InvalidConfig(
+                    f"l3.endpoint {endpoint!r}: plain http is allowed only for loopback "
+                    "endpoints (127.0.0.1, ::1, localhost); use https"
+                )
+            client["allow_http"] = True
+        config["endpoint"] = endpoint.rstrip("/")
+        config["virtual_hosted_style_request"] = False
+        where += f" at {endpoint.rstrip('/')}"
+    if access_key_id:
+        config["access_key_id"] = access_key_id
+        config["secret_access_key"] = secret_access_key
+    try:
+        store = S3Store(
+            bucket,
+            prefix=prefix or None,
+            config=config,  # type: ignore[arg-type]
+            client_options=client,  # type: ignore[arg-type]
+            # Retries, timeouts and backoff are ours (under the breaker).
+            retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=timeout_s)},
+        )
+    except Exception as exc:
+        raise InvalidConfig(f"l3: cannot configure {where}: {exc}") from None
+    return store, where

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from kvstore import config as cfg
+from kvstore.errors import InvalidConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("4096", 4096), ("64MiB", 64 << 20), ("2GiB", 2 << 30), ("1.5G", int(1.5 * (1 << 30))),
+    ("512k", 512 << 10), (12, 12), ("7B", 7),
+])
+def test_sizes_parse(text: object, expected: int) -> None:
+    assert cfg.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1", "1PB", True])
+def test_bad_sizes_are_clear_errors(bad: object) -> None:
+    with pytest.raises(InvalidConfig):
+        cfg.parse_size(bad)
+
+
+def test_precedence_defaults_file_env_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text('data_dir = "/from/file"\n[l1]\ncapacity = "1GiB"\nprefault = false\n'
+                    '[server]\nlisten = "127.0.0.1:1"\n')
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser)
+    args = parser.parse_args(["--config", str(toml), "--server-listen", "127.0.0.1:3"])
+    c = cfg.load(args, env={"KVSTORE_L1_CAPACITY": "2GiB", "KVSTORE_SERVER_LISTEN": "x:2"})
+    assert c.data_dir == "/from/file"
+    assert c.l1.capacity == 2 << 30  # env beats file
+    assert c.l1.prefault is False
+    assert c.server.listen == "127.0.0.1:3"  # flag beats env
+    assert c.l2.capacity == cfg.L2Config().capacity  # default
+    with pytest.raises(AttributeError):
+        c.l1.capacity = 5  # type: ignore[misc]  # frozen
+
+
+def test_unknown_option_in_file_is_rejected(tmp_path: Path) -> None:
+    toml = tmp_path / "k.toml"
+    toml.write_text("[l1]\ncapacty = 5\n")
+    with pytest.raises(InvalidConfig, match="capacty"):
+        cfg.load(file=toml, env={})
+
+
+def test_invalid_values_are_rejected_with_the_option_name() -> None:
+    with pytest.raises(InvalidConfig, match="l1-capacity"):
+        cfg.load(env={"KVSTORE_L1_CAPACITY": "huge"})
+    with pytest.raises(InvalidConfig, match="address"):
+        cfg.load(env={"KVSTORE_SERVER_LISTEN": ""})
+
+
+def test_readme_config_reference_is_current() -> None:
+    text = README.read_text()
+    m = re.search(r"<!-- config-reference:start[^>]*-->\n(.*?)<!-- config-reference:end -->",
+                  text, re.S)
+    assert m, "README lacks the config reference markers"
+    assert m.group(1).strip() == cfg.reference_markdown().strip(), (
+        "README config reference is stale: regenerate it with "
+        "python -c 'import kvstore.config as c; print(c.reference_markdown())'")

@@ -1,0 +1,40 @@
+"""The domain enums and the proto agree; domain code never imports _pb2."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from kvstore.types import AckLevel, TierName, TurnEndReason
+from kvstore.v1 import kvstore_pb2 as pb
+
+PKG = Path(__file__).resolve().parents[2] / "kvstore"
+EDGE = {"server/servicer.py", "server/app.py", "client/_convert.py", "client/sync.py",
+        "client/aio.py", "client/_base.py", "client/_common.py", "client/_errors.py"}
+
+
+def test_enum_values_match_the_proto() -> None:
+    for tier in TierName:
+        assert pb.Tier.Value(f"TIER_{tier.name}") == tier.value
+    for ack in AckLevel:
+        assert pb.AckLevel.Value(f"ACK_LEVEL_{ack.name}") == ack.value
+    for reason in TurnEndReason:
+        assert pb.TurnEndReason.Value(f"TURN_END_REASON_{reason.name}") == reason.value
+
+
+def test_domain_code_never_imports_pb2() -> None:
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).as_posix()
+        if rel.startswith("v1/") or rel in EDGE:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            if any("_pb2" in n or n.startswith("kvstore.v1") for n in names):
+                offenders.append(rel)
+    assert not offenders, f"domain modules importing protobuf code: {offenders}"
