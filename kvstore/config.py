@@ -102,6 +102,10 @@ class ServerConfig:
     grace_seconds: float = opt(10.0, "on SIGTERM, how long in-flight calls may take to finish",
                                parse_float)
     workers: int = opt(4, "threads for blocking LMDB reads and native work", parse_int)
+    shm_reserve_ms: int = opt(30_000, "shared memory: how long a reserved slot waits for its "
+                              "commit", parse_int)
+    shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
+                            "crashed client's leases end after this)", parse_int)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,11 @@ class L2Config:
                            "transaction", parse_size)
     write_queue_bytes: int = opt(256 * 1024**2, "most bytes waiting for the L2 writer; "
                                  "further memory-level Puts wait for room", parse_size)
+    write_mode: str = opt("evict", "when memory-level Puts reach L2: 'evict' (write-back: "
+                          "before they leave L1, cleaned ahead of time, and at shutdown) or "
+                          "'always' (write-behind for every block)", parse_str)
+    clean_reserve: float = opt(0.25, "write-back: share of L1 kept free or already in L2, so "
+                               "eviction never waits for the disk", parse_float)
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,10 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.page_bytes must be a power of two")
     if config.l1.capacity < config.l1.page_bytes:
         raise InvalidConfig("l1.capacity must hold at least one page")
+    if config.l2.write_mode not in ("evict", "always"):
+        raise InvalidConfig("l2.write_mode must be 'evict' or 'always'")
+    if not 0.0 <= config.l2.clean_reserve < 1.0:
+        raise InvalidConfig("l2.clean_reserve must be in [0, 1)")
     if config.l2.write_queue_bytes < s.max_block_bytes:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
 
@@ -309,3 +322,21 @@ def reference_markdown() -> str:
             f"`{default}` | {f.metadata['help']} |"
         )
     return "\n".join(rows)
+
+
+def update_readme(path: str | os.PathLike[str]) -> bool:
+    """Rewrite the README's generated config reference; True if it changed."""
+    text = Path(path).read_text()
+    new = re.sub(r"(<!-- config-reference:start[^>]*-->\n).*?(<!-- config-reference:end -->)",
+                 lambda m: m.group(1) + reference_markdown() + "\n" + m.group(2), text,
+                 flags=re.S)
+    if new != text:
+        Path(path).write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m kvstore.config README.md
+    import sys
+
+    print("updated" if update_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+          else "up to date")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -76,6 +77,8 @@ class Entry:
     readers: int = 0  # Gets streaming the L1 copy (pins it)
     lease_until: float = 0.0
     dead: bool = False  # no longer in the index; free L1 once unpinned
+    dirty: bool = False  # in L1 with no L2 copy and no L2 write queued
+    generation: int = 0  # distinguishes successive uses of the same L1 extent
     loading: asyncio.Future[None] | None = field(default=None)
 
     @property
@@ -99,14 +102,16 @@ class _Counters:
 class BlockReader:
     """A found block, pinned while its bytes are streamed out."""
 
-    __slots__ = ("_release", "_view", "size", "tier")
+    __slots__ = ("_release", "_view", "entry", "size", "tier")
 
     def __init__(self, view: Buffer, tier: TierName,
-                 release: Callable[[], None] | None) -> None:
+                 release: Callable[[], None] | None, entry: Entry | None = None) -> None:
         self._view = memoryview(view)
         self.size = len(self._view)
         self.tier = tier
         self._release = release
+        # The index entry when the bytes are the block's L1 copy (pinned).
+        self.entry = entry
 
     def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
         view = self._view
@@ -171,7 +176,8 @@ class BlockWriter:
         self._closed = True
         self._dest.release()
         self.store._open_writers -= 1
-        return self.store._commit_put(self)
+        return self.store.commit_block(self.block, self.size, self._checksum, self.offset,
+                                       self.session)
 
     def abort(self) -> None:
         """Drop a partial block: nothing of it becomes visible."""
@@ -179,9 +185,7 @@ class BlockWriter:
             return
         self._closed = True
         self._dest.release()
-        self.store._open_writers -= 1
-        self.store.l1.release(self.offset, self.size)
-        self.store._progress()
+        self.store.release_reserved(self.offset, self.size)
 
 
 class TieredStore:
@@ -204,11 +208,16 @@ class TieredStore:
         self._counters = {t: _Counters() for t in TierName}
         self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
         self._l2_queued = 0  # bytes queued for the L2 writer
+        self._l1_dirty = 0  # bytes of dirty entries (see Entry.dirty)
+        self._write_always = config.l2.write_mode == "always"
+        # Write-back keeps at most this many dirty bytes in L1.
+        self._dirty_limit = int(config.l1.capacity * (1.0 - config.l2.clean_reserve))
         self._waiters: asyncio.Event | None = None
         self._allowed = frozenset(config.server.namespaces)
         self.puts = self.gets = self.get_hits = self.session_events = 0
         self._closing = False
-        self._open_writers = 0  # BlockWriters holding reserved, uncommitted extents
+        self._open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
+        self._generations = itertools.count(1)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -228,12 +237,20 @@ class TieredStore:
             log.info("index rebuilt from L2: %d blocks, %d bytes", len(found), self._l2_bytes)
 
     async def close(self) -> None:
-        """Finish queued L2 writes and release every tier."""
+        """Write every block that is only in L1 to L2, finish queued writes
+        and release every tier."""
         self._closing = True
         if self.l2 is not None:
+            for block, entry in list(self.index.items()):
+                if entry.dirty:
+                    self._queue_l2_write(block, entry)
             await self.l2.close()
         await self.l1.close()
         self._executor.shutdown(wait=False)
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        return self._executor
 
     # -- validation ---------------------------------------------------------------------
 
@@ -276,8 +293,14 @@ class TieredStore:
 
     def _maybe_free_dead(self, entry: Entry) -> None:
         if entry.dead and not entry.pinned and entry.l1 >= 0:
+            self._set_dirty(entry, False)
             self.l1.release(entry.l1, entry.size)
             entry.l1 = -1
+
+    def _set_dirty(self, entry: Entry, dirty: bool) -> None:
+        if entry.dirty != dirty:
+            entry.dirty = dirty
+            self._l1_dirty += entry.size if dirty else -entry.size
 
     # -- Put --------------------------------------------------------------------------------
 
@@ -287,6 +310,11 @@ class TieredStore:
         if self._closing:
             raise ServerShuttingDown("server is shutting down")
         validate_key(key)
+        self.check_block_size(size)
+        offset = await self.reserve_l1(size)
+        return BlockWriter(self, (namespace, key), size, offset, session)
+
+    def check_block_size(self, size: int) -> None:
         if size <= 0:
             raise MalformedRequest(f"block_size must be at least 1 (got {size})")
         if size > self.max_block_bytes:
@@ -299,9 +327,19 @@ class TieredStore:
                 f"block of {size} bytes exceeds the L1 capacity of {self.l1.capacity} bytes "
                 "(l1.capacity): every block passes through L1"
             )
+
+    async def reserve_l1(self, size: int) -> int:
+        """An L1 extent for a block about to be written (evicting if needed).
+        The caller commits it with ``commit_block`` or gives it back with
+        ``release_reserved``."""
         offset = await self._make_room_l1(size)
         self._open_writers += 1
-        return BlockWriter(self, (namespace, key), size, offset, session)
+        return offset
+
+    def release_reserved(self, offset: int, size: int) -> None:
+        self._open_writers -= 1
+        self.l1.release(offset, size)
+        self._progress()
 
     async def _make_room_l1(self, size: int) -> int:
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
@@ -335,9 +373,11 @@ class TieredStore:
             self.policy.on_remove(TierName.L1, block)
             return
         if action is Action.DEMOTE and self.l2 is not None and not entry.l2:
-            # Its L2 copy was dropped meanwhile: write it back before it leaves.
-            self._queue_l2_write(block, entry)
+            # Not in L2 yet: write it first; it stays pinned until written.
+            if entry.dirty:
+                self._queue_l2_write(block, entry)
             return
+        self._set_dirty(entry, False)
         self.l1.release(entry.l1, entry.size)
         entry.l1 = -1
         self.policy.on_remove(TierName.L1, block)
@@ -348,22 +388,34 @@ class TieredStore:
         else:
             self._forget(block, entry)
 
-    def _commit_put(self, writer: BlockWriter) -> Entry:
-        block = writer.block
+    def commit_block(self, block: BlockId, size: int, crc: int, offset: int,
+                     session: str | None) -> Entry:
+        """Make a filled L1 extent visible as ``block``."""
         old = self.index.get(block)
         if old is not None:
             self._forget(block, old, delete_l2=False)  # the new L2 write replaces it
-        entry = Entry(writer.size, writer._checksum, time.time(), writer.session, l1=writer.offset)
+        entry = Entry(size, crc, time.time(), session, l1=offset)
+        entry.generation = next(self._generations)
         self.index[block] = entry
+        if self.l2 is not None:
+            self._set_dirty(entry, True)
         self.puts += 1
-        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), writer.session)
+        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
 
     async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[None] | None:
         """Commit a complete block. Returns a future that resolves once the
         block is durable at ``ack`` (None when it already is)."""
         entry = writer.commit()
+        return await self.make_durable(writer.block, entry, ack)
+
+    async def make_durable(self, block: BlockId, entry: Entry,
+                           ack: AckLevel) -> asyncio.Future[None] | None:
+        """Start the L2 write that ``ack`` asks for (or write-back later)."""
         if self.l2 is None:
+            return None
+        if ack == AckLevel.MEMORY and not self._write_always:
+            self._clean_ahead()
             return None
         entry.readers += 1  # pinned: it must not leave L1 before its L2 write is queued
         try:
@@ -371,9 +423,27 @@ class TieredStore:
         finally:
             entry.readers -= 1
             self._maybe_free_dead(entry)
-        if self.index.get(writer.block) is not entry:
+        if self.index.get(block) is not entry:
             return None  # replaced or deleted meanwhile
-        return self._queue_l2_write(writer.block, entry, want_future=ack >= AckLevel.LOCAL)
+        return self._queue_l2_write(block, entry, want_future=ack >= AckLevel.LOCAL)
+
+    def _clean_ahead(self) -> None:
+        """Write-back: queue L2 writes for the dirty blocks next in line for
+        eviction, so that eviction rarely waits for the disk."""
+        excess = self._l1_dirty - self._dirty_limit
+        if excess <= 0:
+            return
+        queued = 0
+
+        def pick(block: BlockId) -> bool:
+            nonlocal queued
+            entry = self.index.get(block)
+            if entry is not None and entry.dirty and not entry.dead:
+                self._queue_l2_write(block, entry)
+                queued += entry.size
+            return queued >= excess  # True ends the scan
+
+        self.policy.victim(TierName.L1, self.clock(), pick)
 
     async def _wait_l2_queue_room(self, size: int) -> None:
         limit = self.config.l2.write_queue_bytes
@@ -388,6 +458,7 @@ class TieredStore:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
         entry.l2_pending += 1
+        self._set_dirty(entry, False)
         self._l2_queued += entry.size
         view = self.l1.slice(entry.l1, entry.size)
 
@@ -404,6 +475,8 @@ class TieredStore:
                 self._trim_l2()
             elif error is not None:
                 log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
+                if not entry.dead and entry.l1 >= 0 and not entry.l2:
+                    self._set_dirty(entry, True)
             self._maybe_free_dead(entry)
             self._progress()
             if fut is not None and not fut.done():
@@ -445,6 +518,8 @@ class TieredStore:
         assert self.l2 is not None
         entry.l2 = False
         self._l2_bytes -= entry.size
+        if entry.l1 >= 0 and not entry.dead and not entry.l2_pending:
+            self._set_dirty(entry, True)
         self.l2.submit(block, None, None, lambda e, x: None)
 
     def _forget(self, block: BlockId, entry: Entry, delete_l2: bool = True) -> None:
@@ -452,6 +527,7 @@ class TieredStore:
         if self.index.get(block) is entry:
             del self.index[block]
         entry.dead = True
+        self._set_dirty(entry, False)
         if entry.l1 >= 0:
             self.policy.on_remove(TierName.L1, block)
             if entry.pinned:
@@ -489,7 +565,7 @@ class TieredStore:
             self.policy.on_hit(TierName.L1, block, now, session)
             entry.readers += 1
             return BlockReader(self.l1.slice(entry.l1, entry.size), TierName.L1,
-                               lambda: self._unpin_reader(block, entry))
+                               lambda: self._unpin_reader(block, entry), entry)
         c1.misses += 1
         if entry.l2 and self.l2 is not None:
             return await self._read_l2(block, entry, session)
@@ -533,7 +609,7 @@ class TieredStore:
                 self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
                 entry.readers += 1
                 return BlockReader(self.l1.slice(offset, entry.size), TierName.L2,
-                                   lambda: self._unpin_reader(block, entry))
+                                   lambda: self._unpin_reader(block, entry), entry)
             return BlockReader(payload, TierName.L2, None)
         except BaseException:
             if offset >= 0 and entry.l1 != offset:

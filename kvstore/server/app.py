@@ -22,13 +22,11 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore.config import Config
 from kvstore.server.interceptor import ErrorInterceptor
-from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
+from kvstore.shm import SharedMemoryBroker
 from kvstore.store import TieredStore
-from kvstore.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 log = logging.getLogger("kvstore.server")
-
-SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
 def grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -46,6 +44,8 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.store = TieredStore(config)
+        self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
+                                      config.server.shm_lease_ms, config.server.max_lease_ms)
         self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()],
                                     options=grpc_options(config))
         self.health = health.aio.HealthServicer()
@@ -54,7 +54,8 @@ class Server:
 
     async def start(self) -> None:
         await self.store.start()
-        kvstore_pb2_grpc.add_KVStoreServicer_to_server(KVStoreServicer(self.store), self.grpc)
+        add_to_server(KVStoreServicer(self.store, self.shm), self.grpc)
+        self.shm.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
@@ -83,6 +84,7 @@ class Server:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
+        await self.shm.close()
         await self.store.close()
         if self.addresses["unix"]:
             Path(self.addresses["unix"]).unlink(missing_ok=True)

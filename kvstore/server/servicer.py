@@ -1,7 +1,10 @@
 """kvstore.v1.KVStore servicer: protobuf in, domain calls, protobuf out.
 
 The only module on the server side that touches ``_pb2`` types. Errors are
-raised as kvstore exceptions and mapped to statuses by the interceptor.
+raised as kvstore exceptions and mapped to statuses by the interceptor. The
+bulk messages (PutChunk in, GetChunk out) go through the hand-written codec in
+``kvstore.wire`` so block bytes are copied once; ``add_to_server`` registers
+the service with those (de)serializers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any
 
 import grpc
 
+from kvstore import wire
 from kvstore.errors import InvalidArgument, MalformedRequest
+from kvstore.shm import CommitSpec, SharedMemoryBroker
 from kvstore.store import BlockWriter, TieredStore
 from kvstore.types import (
     AckLevel,
@@ -24,7 +29,6 @@ from kvstore.types import (
     validate_key,
 )
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 _ACK = {
     pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
@@ -39,14 +43,15 @@ def _tier_pb(tier: TierName | None) -> Any:
     return int(tier) if tier is not None else pb.TIER_UNSPECIFIED
 
 
-class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, store: TieredStore) -> None:
+class KVStoreServicer:
+    def __init__(self, store: TieredStore, shm: SharedMemoryBroker) -> None:
         self.store = store
+        self.shm = shm
         cfg = store.config.server
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
 
-    async def Put(self, request_iterator: AsyncIterator[pb.PutChunk],
+    async def Put(self, request_iterator: AsyncIterator[wire.PutChunkView],
                   context: grpc.aio.ServicerContext) -> pb.PutResponse:
         store = self.store
         namespace = ""
@@ -102,7 +107,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return pb.PutResponse(stored=stored, bytes=nbytes)
 
     async def Get(self, request: pb.GetRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetChunk]:
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         store = self.store
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
@@ -113,17 +118,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         for index, key in enumerate(keys):
             reader = await store.open_read((namespace, key), session)
             if reader is None:
-                yield pb.GetChunk(index=index, hit=False)
+                yield wire.encode_get_chunk(index, False)
                 continue
             try:
-                tier = _tier_pb(reader.tier)
+                tier = int(reader.tier)
                 for offset, piece in reader.chunks(chunk_bytes):
                     if offset == 0:
-                        msg = pb.GetChunk(index=index, hit=True, block_size=reader.size,
-                                          offset=0, data=bytes(piece), tier=tier)
+                        msg = wire.encode_get_chunk(index, True, reader.size, 0, piece, tier)
                     else:
-                        msg = pb.GetChunk(index=index, hit=True, offset=offset,
-                                          data=bytes(piece))
+                        msg = wire.encode_get_chunk(index, True, 0, offset, piece)
                     yield msg
             finally:
                 reader.close()
@@ -172,3 +175,80 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             raise InvalidArgument("SessionEvent needs one of turn_end or session_end")
         self.store.session_event(SessionEvent(namespace, request.session_id, event))
         return pb.SessionEventResponse()
+
+    # -- shared memory -----------------------------------------------------------------
+
+    async def ShmAttach(self, request: pb.ShmAttachRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ShmAttachResponse:
+        self.shm._require()
+        return pb.ShmAttachResponse(path=self.shm.path, size=self.store.l1.capacity,
+                                    instance=self.shm.instance,
+                                    reserve_ms=self.shm.reserve_ms,
+                                    default_lease_ms=self.shm.default_lease_ms)
+
+    async def ShmReserve(self, request: pb.ShmReserveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        slots = await self.shm.reserve(namespace, [(b.key, b.size) for b in request.blocks],
+                                       request.session_id or None)
+        return pb.ShmReserveResponse(slots=[
+            pb.ShmSlot(slot_id=s.slot_id, offset=s.offset, size=s.size, generation=s.generation)
+            for s in slots])
+
+    async def ShmCommit(self, request: pb.ShmCommitRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ShmCommitResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        if request.ack not in _ACK:
+            raise InvalidArgument(f"unknown acknowledgement level {request.ack}")
+        specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c) for b in request.blocks]
+        stored, nbytes = await self.shm.commit(namespace, _ACK[request.ack], specs,
+                                               list(request.abandon))
+        return pb.ShmCommitResponse(stored=stored, bytes=nbytes)
+
+    async def ShmAcquire(self, request: pb.ShmAcquireRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ShmAcquireResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        leases = await self.shm.acquire(namespace, list(request.keys),
+                                        request.session_id or None, request.lease_ms)
+        return pb.ShmAcquireResponse(leases=[
+            pb.ShmLease(hit=False) if lease is None else pb.ShmLease(
+                hit=True, lease_id=lease.lease_id, offset=lease.offset, size=lease.size,
+                crc32c=lease.checksum, generation=lease.generation,
+                tier=_tier_pb(lease.tier))
+            for lease in leases])
+
+    async def ShmRelease(self, request: pb.ShmReleaseRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ShmReleaseResponse:
+        released, expired = self.shm.release(list(request.lease_ids))
+        return pb.ShmReleaseResponse(released=released, expired=expired)
+
+
+def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
+    """Register the kvstore.v1.KVStore service with the bulk-message codec."""
+    handlers = {
+        "Put": grpc.stream_unary_rpc_method_handler(
+            servicer.Put, request_deserializer=wire.decode_put_chunk,
+            response_serializer=pb.PutResponse.SerializeToString),
+        "Get": grpc.unary_stream_rpc_method_handler(
+            servicer.Get, request_deserializer=pb.GetRequest.FromString,
+            response_serializer=wire.identity),
+    }
+    for name, req, resp in (
+        ("Lookup", pb.LookupRequest, pb.LookupResponse),
+        ("Delete", pb.DeleteRequest, pb.DeleteResponse),
+        ("Stats", pb.StatsRequest, pb.StatsResponse),
+        ("SessionEvent", pb.SessionEventRequest, pb.SessionEventResponse),
+        ("ShmAttach", pb.ShmAttachRequest, pb.ShmAttachResponse),
+        ("ShmReserve", pb.ShmReserveRequest, pb.ShmReserveResponse),
+        ("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse),
+        ("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse),
+        ("ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=req.FromString,
+            response_serializer=resp.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name

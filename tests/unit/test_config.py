@@ -64,4 +64,4 @@ def test_readme_config_reference_is_current() -> None:
     assert m, "README lacks the config reference markers"
     assert m.group(1).strip() == cfg.reference_markdown().strip(), (
         "README config reference is stale: regenerate it with "
-        "python -c 'import kvstore.config as c; print(c.reference_markdown())'")
+        "python -m kvstore.config README.md")
