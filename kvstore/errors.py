@@ -101,6 +101,16 @@ class ServerShuttingDown(KVStoreError):
     code = "UNAVAILABLE"
 
 
+# ABORTED --------------------------------------------------------------------
+
+
+class StaleLease(KVStoreError):
+    """A shared-memory lease expired before it was released: bytes copied under
+    it may belong to a block that reused the slot. Read again."""
+
+    code = "ABORTED"
+
+
 # CANCELLED / DEADLINE -------------------------------------------------------
 
 
@@ -155,5 +165,6 @@ ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
     "FAILED_PRECONDITION": TierNotConfigured,
     "UNAVAILABLE": ConnectionFailed,
     "CANCELLED": Cancelled,
+    "ABORTED": StaleLease,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
 }

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.server.interceptor import ErrorInterceptor
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
@@ -101,6 +102,7 @@ def _write_ready_file(path: str, addresses: dict[str, str | None]) -> None:
 
 
 async def serve(config: Config, ready_file: str | None = None) -> None:
+    tune_malloc()
     server = Server(config)
     await server.start()
     if ready_file:

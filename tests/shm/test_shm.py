@@ -1,0 +1,183 @@
+"""The same-host shared-memory protocol, end to end against a real server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvstore import Client
+from kvstore.client.shm import ShmClient
+from kvstore.errors import (
+    CapacityExhausted,
+    CorruptBlock,
+    InvalidArgument,
+    StaleLease,
+    TierNotConfigured,
+)
+from kvstore.v1 import kvstore_pb2 as pb
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def shm_server(server_factory, tmp_path: Path) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}"
+    server = server_factory("--l1-shm-path", path, "--server-shm-lease-ms", "1000",
+                            "--server-shm-reserve-ms", "1000", l1_capacity="64MiB")
+    with server:
+        yield server
+    assert not Path(path).exists() or not server.alive()
+
+
+def block(i: int, size: int) -> bytes:
+    seed = hashlib.sha256(str(i).encode()).digest()
+    return (seed * (size // 32 + 1))[:size]
+
+
+def test_round_trip_and_misses(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="s") as c:
+        blobs = {f"k{i}".encode(): os.urandom(1000 + i * 77777) for i in range(10)}
+        assert c.put(blobs).stored == 10
+        assert c.get([b"k3", b"none", b"k9"]) == [blobs[b"k3"], None, blobs[b"k9"]]
+        bufs = [bytearray(1 * MiB) for _ in range(2)]
+        assert c.get_into([b"k1", b"k2"], bufs) == [len(blobs[b"k1"]), len(blobs[b"k2"])]
+        assert bytes(bufs[0][: len(blobs[b"k1"])]) == blobs[b"k1"]
+    # Blocks put through shared memory are ordinary blocks over gRPC too.
+    with Client(shm_server.tcp, namespace="s") as c:
+        assert c.get([b"k4"]) == [blobs[b"k4"]]
+
+
+def test_concurrent_writers_and_readers_see_nothing_torn_or_stale(shm_server) -> None:  # type: ignore[no-untyped-def]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    keys = [f"c{i}".encode() for i in range(8)]
+    versions = {k: 0 for k in keys}
+    payloads = {(k, v): block(hash((k, v)), 512 * 1024) for k in keys for v in range(6)}
+
+    def writer(n: int) -> None:
+        try:
+            with ShmClient(shm_server.unix_target, namespace="cc") as c:
+                for v in range(6):
+                    for k in keys[n::2]:
+                        c.put({k: payloads[(k, v)]})
+                        versions[k] = v
+        except BaseException as exc:
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            with ShmClient(shm_server.unix_target, namespace="cc") as c:
+                while not stop.is_set():
+                    for k, got in zip(keys, c.get(keys), strict=True):
+                        # Whatever is read is exactly one version ever written.
+                        if got is not None:
+                            assert any(got == payloads[(k, v)] for v in range(6)), k
+        except BaseException as exc:
+            errors.append(exc)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    writers = [threading.Thread(target=writer, args=(n,)) for n in range(2)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join(120)
+    stop.set()
+    for t in readers:
+        t.join(120)
+    assert not errors, errors
+    with ShmClient(shm_server.unix_target, namespace="cc") as c:
+        assert c.get(keys) == [payloads[(k, 5)] for k in keys]
+
+
+def test_killed_client_leases_expire_and_server_keeps_serving(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="kill") as c:
+        c.put({f"h{i}".encode(): os.urandom(8 * MiB) for i in range(7)})  # 56 of 64 MiB
+    script = textwrap.dedent(f"""
+        import os, sys
+        from kvstore.client.shm import ShmClient
+        c = ShmClient({shm_server.unix_target!r}, namespace="kill")
+        leases = c.acquire([f"h{{i}}".encode() for i in range(7)], lease_ms=1000)
+        assert all(leases)
+        print("leased", flush=True)
+        os.kill(os.getpid(), 9)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert "leased" in proc.stdout and proc.returncode == -9, proc.stderr
+    with ShmClient(shm_server.unix_target, namespace="kill") as c:
+        # L1 has room for this block only once the dead client's leases on the
+        # other 56 MiB expire (1 s): the Put waits for that, then succeeds.
+        started = time.monotonic()
+        c.put({b"big": os.urandom(16 * MiB)})
+        assert time.monotonic() - started < 30
+        stats = c.stats()
+        assert stats.tiers[0].evictions >= 1
+        assert c.get([b"h6"])[0] is not None
+
+
+def test_forged_lease_ids_and_wrong_offsets_are_rejected(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="forge") as c:
+        c.put({b"real": b"r" * 4096})
+        leases = c.acquire([b"real"])
+        assert leases[0] is not None
+        with grpc.insecure_channel(shm_server.unix_target) as ch:
+            release = ch.unary_unary("/kvstore.v1.KVStore/ShmRelease",
+                                     request_serializer=pb.ShmReleaseRequest.SerializeToString,
+                                     response_deserializer=pb.ShmReleaseResponse.FromString)
+            with pytest.raises(grpc.RpcError) as info:
+                release(pb.ShmReleaseRequest(lease_ids=[leases[0].lease_id ^ 0x5A5A5A]))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "never issued" in info.value.details()
+        assert c.release(leases) == []
+
+        slots = c.reserve([(b"w", 4096)])
+        slots[0].view[:] = b"w" * 4096
+        forged = type(slots[0])(b"w", slots[0].slot_id, slots[0].offset + 4096, 4096,
+                                slots[0].view)
+        with pytest.raises(InvalidArgument, match="do not match slot"):
+            c.commit([forged])
+        # The reservation named wrongly is gone: it cannot be committed later either.
+        with pytest.raises(InvalidArgument, match="unknown or its reservation expired"):
+            c.commit([slots[0]], [0])
+        out_of_range = type(slots[0])(b"x", 12345, 2**40, 4096, memoryview(bytearray(4096)))
+        with pytest.raises(InvalidArgument, match="unknown"):
+            c.commit([out_of_range], [0])
+        assert c.get([b"w"]) == [None]
+
+
+def test_bad_checksum_is_never_visible(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="crc") as c:
+        slots = c.reserve([(b"bad", 8192), (b"good", 8192)])
+        slots[0].view[:] = b"a" * 8192
+        slots[1].view[:] = b"b" * 8192
+        with pytest.raises(CorruptBlock, match="CRC-32C"):
+            c.commit(slots, [0xDEADBEEF, 0])
+        assert c.get([b"bad", b"good"]) == [None, None]
+
+
+def test_expired_lease_is_reported_stale(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="stale") as c:
+        c.put({b"s": b"s" * 4096})
+        with pytest.raises(StaleLease), c.leased([b"s"], lease_ms=50):
+            deadline = time.monotonic() + 30
+            with Client(shm_server.tcp, namespace="stale") as probe:
+                # Wait (bounded) until the server has swept the expired lease:
+                # the block can then be deleted and its slot reused.
+                while probe.delete([b"s"]) == 0 and time.monotonic() < deadline:
+                    pass
+            time.sleep(0.1)  # let the 50 ms lease run out for sure
+
+
+def test_shm_off_is_failed_precondition(shared_server) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(TierNotConfigured, match="shm_path"):
+        ShmClient(shared_server.unix_target, namespace="x")
