@@ -1,1 +1,88 @@
-"""kvstore."""
+"""kvstore: a KV-cache tiered store for LLM inference (RAM, LMDB, object store).
+
+``from kvstore import Client, AsyncClient`` gives the SDK. The client names load
+on first use, so that importing the server, the tiers or the policies (and the
+trace simulator) does not pay for importing grpc and protobuf (~0.2-0.4 s).
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from kvstore.errors import (
+    BlockTooLarge,
+    Cancelled,
+    CapacityExhausted,
+    ConnectionFailed,
+    CorruptBlock,
+    DeadlineExceeded,
+    InvalidArgument,
+    InvalidBlock,
+    InvalidConfig,
+    InvalidKey,
+    InvalidNamespace,
+    KVStoreError,
+    MalformedRequest,
+    ServerShuttingDown,
+    TierNotConfigured,
+    TierUnavailable,
+    UnknownNamespace,
+)
+from kvstore.types import (
+    AckLevel,
+    LookupResult,
+    SessionEnd,
+    StoreStats,
+    TierName,
+    TierStats,
+    TurnEnd,
+    TurnEndReason,
+)
+
+if TYPE_CHECKING:
+    from kvstore.client import AsyncClient, Client, InvalidBuffer, ProtocolError, PutResult
+
+__version__ = "0.1.0"
+
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "InvalidBuffer", "ProtocolError", "PutResult"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        import kvstore.client
+
+        value = getattr(kvstore.client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+
+__all__ = [
+    "AckLevel",
+    "AsyncClient",
+    "BlockTooLarge",
+    "Cancelled",
+    "CapacityExhausted",
+    "Client",
+    "ConnectionFailed",
+    "CorruptBlock",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "InvalidBlock",
+    "InvalidBuffer",
+    "InvalidConfig",
+    "InvalidKey",
+    "InvalidNamespace",
+    "KVStoreError",
+    "LookupResult",
+    "MalformedRequest",
+    "ProtocolError",
+    "PutResult",
+    "ServerShuttingDown",
+    "SessionEnd",
+    "StoreStats",
+    "TierName",
+    "TierNotConfigured",
+    "TierStats",
+    "TierUnavailable",
+    "TurnEnd",
+    "TurnEndReason",
+    "UnknownNamespace",
+]

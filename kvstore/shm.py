@@ -239,9 +239,9 @@ class SharedMemoryBroker:
                 self._leases[lease_id] = lease
                 out.append(lease)
         except BaseException:
-            for lease in out:
-                if lease is not None:
-                    self._end_lease(lease.lease_id)
+            for held in out:
+                if held is not None:
+                    self._end_lease(held.lease_id)
             raise
         return out
 

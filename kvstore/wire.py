@@ -180,7 +180,7 @@ def put_data_prefix(length: int) -> bytes:
 
 
 class GetChunkView(NamedTuple):
-    index: int
+    key_index: int
     hit: bool
     block_size: int
     offset: int

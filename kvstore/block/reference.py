@@ -111,7 +111,8 @@ def _parse(view: memoryview) -> BlockHeader:
             f"truncated block: {n} bytes, shorter than the {HEADER_SIZE}-byte header"
         )
     (_, version, header_size, dtype, layout, kv_count, algorithm, flags, layers, tokens,
-     kv_heads, head_dim, payload_bytes, payload_checksum, reserved) = HEADER_STRUCT.unpack_from(view)
+     kv_heads, head_dim, payload_bytes, payload_checksum,
+     reserved) = HEADER_STRUCT.unpack_from(view)
     if version != VERSION:
         raise InvalidBlock(
             f"unsupported block format version {version} (this reader knows {VERSION})"

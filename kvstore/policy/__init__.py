@@ -6,11 +6,19 @@ from collections.abc import Sequence
 
 from kvstore.errors import InvalidConfig
 from kvstore.policy.base import Action, Evictable, Policy
+from kvstore.policy.gdsf import GDSFPolicy
 from kvstore.policy.lru import LRUPolicy
+from kvstore.policy.s3fifo import S3FIFOPolicy
+from kvstore.policy.session import SessionPolicy
+from kvstore.policy.sieve import SievePolicy
 from kvstore.types import TierName
 
 POLICIES: dict[str, type[Policy]] = {
     LRUPolicy.name: LRUPolicy,
+    S3FIFOPolicy.name: S3FIFOPolicy,
+    SievePolicy.name: SievePolicy,
+    GDSFPolicy.name: GDSFPolicy,
+    SessionPolicy.name: SessionPolicy,
 }
 
 
@@ -25,4 +33,5 @@ def make_policy(name: str, tiers: Sequence[TierName]) -> Policy:
     return cls(tiers)
 
 
-__all__ = ["POLICIES", "Action", "Evictable", "LRUPolicy", "Policy", "make_policy"]
+__all__ = ["POLICIES", "Action", "Evictable", "GDSFPolicy", "LRUPolicy", "Policy",
+           "S3FIFOPolicy", "SessionPolicy", "SievePolicy", "make_policy"]

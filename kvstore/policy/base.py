@@ -17,6 +17,9 @@ Protocol, per tier the policy was built for:
   are skipped and stay in place. None when nothing can be evicted.
 * ``admit`` — whether a block should be placed in the tier at all (e.g. a
   promotion into L1 on an L2 hit).
+* ``on_request`` (optional) — the ordered block ids of one Lookup/Get of a session,
+  before its hits and inserts.
+* ``pin`` (optional) — keep blocks until a deadline (pin with TTL); a hint.
 """
 
 from __future__ import annotations
@@ -66,3 +69,14 @@ class Policy(abc.ABC):
 
     def admit(self, tier: TierName, block: BlockId, size: int, now: float) -> bool:
         return True
+
+    def on_request(self, blocks: Sequence[BlockId], now: float,  # noqa: B027
+                   session: str | None = None) -> None:
+        """Optional: the block ids one request (Lookup/Get) of ``session`` references, in
+        order, called once before that request's hits and inserts. A session's latest
+        request tells a policy which of its blocks the context still holds. Default: ignore.
+        """
+
+    def pin(self, blocks: Sequence[BlockId], until: float) -> None:  # noqa: B027
+        """Optional: keep ``blocks`` (where a tier holds them) until time ``until`` (s),
+        e.g. a client's pin with a TTL. A hint, not a lease. Default: ignore."""

@@ -30,7 +30,7 @@ from kvstore.types import (
 )
 from kvstore.v1 import kvstore_pb2 as pb
 
-_ACK = {
+_ACK: dict[int, AckLevel] = {
     pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
     pb.ACK_LEVEL_MEMORY: AckLevel.MEMORY,
     pb.ACK_LEVEL_LOCAL: AckLevel.LOCAL,

