@@ -16,7 +16,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from kvstore.errors import MalformedRequest
+
+class WireError(ValueError):
+    """Bytes that are not a well-formed message of the expected type."""
 
 # Field tags: (number << 3) | wire type.
 _PUT_NAMESPACE = b"\x0a"  # 1, length-delimited
@@ -92,9 +94,9 @@ def _fields(raw: bytes, message: str) -> dict[int, int | memoryview]:
             else:
                 raise ValueError(f"unsupported wire type {wire}")
     except ValueError as exc:
-        raise MalformedRequest(f"undecodable {message}: {exc}") from None
+        raise WireError(f"undecodable {message}: {exc}") from None
     if pos != end:
-        raise MalformedRequest(f"undecodable {message}: truncated")
+        raise WireError(f"undecodable {message}: truncated")
     return out
 
 
@@ -114,18 +116,18 @@ def _text(value: int | memoryview | None, field: str) -> str:
     if value is None:
         return ""
     if isinstance(value, int):
-        raise MalformedRequest(f"field {field} has the wrong wire type")
+        raise WireError(f"field {field} has the wrong wire type")
     try:
         return bytes(value).decode()
     except UnicodeDecodeError:
-        raise MalformedRequest(f"field {field} is not valid UTF-8") from None
+        raise WireError(f"field {field} is not valid UTF-8") from None
 
 
 def _blob(value: int | memoryview | None, field: str) -> memoryview:
     if value is None:
         return _EMPTY
     if isinstance(value, int):
-        raise MalformedRequest(f"field {field} has the wrong wire type")
+        raise WireError(f"field {field} has the wrong wire type")
     return value
 
 
@@ -133,8 +135,22 @@ def _int(value: int | memoryview | None, field: str) -> int:
     if value is None:
         return 0
     if not isinstance(value, int):
-        raise MalformedRequest(f"field {field} has the wrong wire type")
+        raise WireError(f"field {field} has the wrong wire type")
     return value
+
+
+class BadPutChunk(NamedTuple):
+    """What the server's deserializer yields for undecodable bytes, so that the
+    servicer answers INVALID_ARGUMENT instead of gRPC's generic INTERNAL."""
+
+    error: str
+
+
+def decode_put_chunk_or_error(raw: bytes) -> PutChunkView | BadPutChunk:
+    try:
+        return decode_put_chunk(raw)
+    except WireError as exc:
+        return BadPutChunk(str(exc))
 
 
 def decode_put_chunk(raw: bytes) -> PutChunkView:

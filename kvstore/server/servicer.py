@@ -51,7 +51,7 @@ class KVStoreServicer:
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
 
-    async def Put(self, request_iterator: AsyncIterator[wire.PutChunkView],
+    async def Put(self, request_iterator: AsyncIterator[wire.PutChunkView | wire.BadPutChunk],
                   context: grpc.aio.ServicerContext) -> pb.PutResponse:
         store = self.store
         namespace = ""
@@ -62,6 +62,8 @@ class KVStoreServicer:
         stored = nbytes = 0
         try:
             async for chunk in request_iterator:
+                if isinstance(chunk, wire.BadPutChunk):
+                    raise MalformedRequest(chunk.error)
                 if first:
                     first = False
                     namespace = store.check_namespace(chunk.namespace)
@@ -227,7 +229,7 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     """Register the kvstore.v1.KVStore service with the bulk-message codec."""
     handlers = {
         "Put": grpc.stream_unary_rpc_method_handler(
-            servicer.Put, request_deserializer=wire.decode_put_chunk,
+            servicer.Put, request_deserializer=wire.decode_put_chunk_or_error,
             response_serializer=pb.PutResponse.SerializeToString),
         "Get": grpc.unary_stream_rpc_method_handler(
             servicer.Get, request_deserializer=pb.GetRequest.FromString,

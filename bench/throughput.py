@@ -1,0 +1,409 @@
+"""Put/Get throughput and per-block latency of kvstore, next to raw loopback TCP.
+
+    .venv/bin/python -m bench.throughput [--quick] [--out FILE]
+
+Starts a kvstore server subprocess (L1 only unless --l2) and a raw socket
+server process, then for each block size (64 KiB, 1 MiB, 4 MiB) and client
+count (1, 4; each client its own process, multiprocessing spawn) times:
+
+* kvstore Put: one ``Client.put`` of one block per call (ack memory);
+* kvstore Get: one ``Client.get`` of one block per call (a new ``bytes``);
+* kvstore get_into: one ``Client.get_into`` of one block into a reused buffer;
+* raw put: the same bytes over a plain TCP connection, acked by one byte
+  once the server holds all of them; raw get: the server sends the bytes
+  (the client receives into a reused buffer; get_into is compared with it too).
+
+Each cell moves the same bytes for kvstore and raw, in several rounds after
+one warm-up; reported: the median GB/s (1e9 bytes/s) over rounds, p50/p99 of
+the per-block call latency over all rounds, and kvstore/raw ratios. JSON goes
+to stdout (and --out); a table goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+
+_HDR = struct.Struct("<cQ")  # op (b"P" put, b"G" get, b"Q" quit), length
+
+
+# --------------------------------------------------------------------------- raw server
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        r = sock.recv_into(view[got:], n - got)
+        if not r:
+            raise ConnectionError("peer closed")
+        got += r
+
+
+def _raw_conn(sock: socket.socket, max_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(max_bytes)
+    view = memoryview(buf)
+    payload = memoryview(os.urandom(max_bytes))
+    hdr = bytearray(_HDR.size)
+    try:
+        while True:
+            _recv_exact_into(sock, memoryview(hdr))
+            op, n = _HDR.unpack(hdr)
+            if op == b"P":
+                _recv_exact_into(sock, view[:n])
+                sock.sendall(b"\x01")
+            elif op == b"G":
+                sock.sendall(payload[:n])
+            else:
+                return
+    except (ConnectionError, OSError):
+        return
+    finally:
+        sock.close()
+
+
+def raw_server_main(conn: Connection, max_bytes: int) -> None:
+    """A process: accept connections, one thread each, until the pipe closes."""
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    conn.send(lsock.getsockname()[1])
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                s, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=_raw_conn, args=(s, max_bytes), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    try:
+        conn.recv()  # returns or raises once the parent is done
+    except EOFError:
+        pass
+    lsock.close()
+
+
+class RawClient:
+    def __init__(self, port: int, max_bytes: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = memoryview(bytearray(max_bytes))
+        self.ack = memoryview(bytearray(1))
+
+    def put(self, data: bytes) -> None:
+        self.sock.sendall(_HDR.pack(b"P", len(data)))
+        self.sock.sendall(data)
+        _recv_exact_into(self.sock, self.ack)
+
+    def get(self, n: int) -> None:
+        self.sock.sendall(_HDR.pack(b"G", n))
+        _recv_exact_into(self.sock, self.buf[:n])
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(_HDR.pack(b"Q", 0))
+        finally:
+            self.sock.close()
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def worker_main(conn: Connection, wid: int, target: str, raw_port: int, max_bytes: int,
+                chunk_bytes: int) -> None:
+    """A client process: runs the rounds it is sent, replies with timings."""
+    from kvstore import Client
+
+    client = Client(target, namespace="bench", chunk_bytes=chunk_bytes, timeout=120)
+    raw = RawClient(raw_port, max_bytes)
+    data_cache: dict[int, bytes] = {}
+    try:
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            kind, op, block, count, start_at = msg
+            data = data_cache.get(block)
+            if data is None:
+                data_cache.clear()
+                data = data_cache[block] = os.urandom(block)
+            keys = [f"w{wid}-{block}-{i}".encode() for i in range(count)]
+            if kind == "cleanup":
+                client.delete(keys)
+                conn.send(None)
+                continue
+            lat = []
+            while time.perf_counter() < start_at:
+                pass
+            t0 = time.perf_counter()
+            if kind == "kv" and op == "put":
+                for k in keys:
+                    s = time.perf_counter()
+                    client.put(((k, data),))
+                    lat.append(time.perf_counter() - s)
+            elif kind == "kv" and op == "get":
+                for k in keys:
+                    s = time.perf_counter()
+                    [got] = client.get((k,))
+                    lat.append(time.perf_counter() - s)
+                    if got is None or len(got) != block:
+                        size = None if got is None else len(got)
+                        raise RuntimeError(f"get of {k!r} returned {size}")
+            elif kind == "kv" and op == "get_into":
+                out = bytearray(block)
+                for k in keys:
+                    s = time.perf_counter()
+                    [n] = client.get_into((k,), (out,))
+                    lat.append(time.perf_counter() - s)
+                    if n != block:
+                        raise RuntimeError(f"get_into of {k!r} returned {n}")
+            elif kind == "raw" and op == "put":
+                for _ in keys:
+                    s = time.perf_counter()
+                    raw.put(data)
+                    lat.append(time.perf_counter() - s)
+            elif kind == "raw" and op == "get":
+                for _ in keys:
+                    s = time.perf_counter()
+                    raw.get(block)
+                    lat.append(time.perf_counter() - s)
+            t1 = time.perf_counter()
+            conn.send((t0, t1, lat))
+    finally:
+        raw.close()
+        client.close()
+
+
+class Pool:
+    def __init__(self, n: int, target: str, raw_port: int, max_bytes: int,
+                 chunk_bytes: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs = []
+        for wid in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main,
+                            args=(child, wid, target, raw_port, max_bytes, chunk_bytes),
+                            daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def run(self, kind: str, op: str, block: int, clients: int, count: int) -> tuple[float, list]:
+        """One round on ``clients`` workers; (seconds, latencies)."""
+        start_at = time.perf_counter() + 0.05
+        for c in self.conns[:clients]:
+            c.send((kind, op, block, count, start_at))
+        replies = [c.recv() for c in self.conns[:clients]]
+        if kind == "cleanup":
+            return 0.0, []
+        t0 = min(r[0] for r in replies)
+        t1 = max(r[1] for r in replies)
+        lat = [x for r in replies for x in r[2]]
+        return t1 - t0, lat
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    i = min(len(s) - 1, max(0, round(q * (len(s) - 1))))
+    return s[i]
+
+
+def _summary(rounds: list[tuple[float, list]], nbytes: int) -> dict[str, Any]:
+    gbps = [nbytes / secs / 1e9 for secs, _ in rounds]
+    lat = [x for _, lats in rounds for x in lats]
+    return {
+        "gbps": round(statistics.median(gbps), 4),
+        "gbps_rounds": [round(g, 4) for g in gbps],
+        "p50_ms": round(_pct(lat, 0.50) * 1e3, 4),
+        "p99_ms": round(_pct(lat, 0.99) * 1e3, 4),
+        "calls": len(lat),
+    }
+
+
+def _cell_count(block: int, clients: int, bytes_per_round: int) -> int:
+    return max(4, bytes_per_round // (block * clients))
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from bench._server import BenchServer
+
+    sizes = [int(s) for s in args.sizes]
+    clients_list = [int(c) for c in args.clients]
+    max_block = max(sizes)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    raw_proc = ctx.Process(target=raw_server_main, args=(child, max_block), daemon=True)
+    raw_proc.start()
+    child.close()
+    raw_port = parent.recv()
+
+    flags = list(args.server_flag or [])
+    server = BenchServer(*flags, l1_capacity=args.l1_capacity, l2=args.l2, unix=args.unix)
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    try:
+        server.start()
+        target = server.unix_target if args.unix else server.tcp
+        pool = Pool(max(clients_list), target, raw_port, max_block, args.chunk_bytes)
+        try:
+            for block in sizes:
+                for clients in clients_list:
+                    per_round = args.bytes_per_round[block] if isinstance(
+                        args.bytes_per_round, dict) else args.bytes_per_round
+                    count = _cell_count(block, clients, per_round)
+                    nbytes = count * clients * block
+                    for op in ("put", "get", "get_into"):
+                        cell: dict[str, Any] = {"op": op, "block_bytes": block,
+                                                "clients": clients,
+                                                "blocks_per_round": count * clients,
+                                                "bytes_per_round": nbytes}
+                        for kind in ("kv", "raw"):
+                            if kind == "raw" and op == "get_into":
+                                cell["raw"] = results[-1]["raw"]  # the same bytes as get
+                                continue
+                            # warm-up round (also writes the keys Get reads)
+                            pool.run(kind, op, block, clients, count if op == "put" and
+                                     kind == "kv" else min(count, 16))
+                            rounds = [pool.run(kind, op, block, clients, count)
+                                      for _ in range(args.rounds)]
+                            cell["kvstore" if kind == "kv" else "raw"] = _summary(rounds, nbytes)
+                        kv, raw = cell["kvstore"], cell["raw"]
+                        cell["ratio_gbps"] = round(kv["gbps"] / raw["gbps"], 4)
+                        cell["ratio_p50"] = round(kv["p50_ms"] / raw["p50_ms"], 4)
+                        results.append(cell)
+                        _print_row(cell)
+                    pool.run("cleanup", "put", block, clients, count)
+            server_rss = server.rss_bytes()
+        finally:
+            pool.close()
+    finally:
+        server.stop()
+        parent.close()
+        raw_proc.join(10)
+        if raw_proc.is_alive():
+            raw_proc.terminate()
+    import grpc
+
+    return {
+        "bench": "throughput",
+        "meta": {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "transport": "unix socket" if args.unix else "tcp 127.0.0.1",
+            "raw_transport": "tcp 127.0.0.1",
+            "server_command": " ".join(server.command),
+            "server_rss_bytes": server_rss,
+            "client_chunk_bytes": args.chunk_bytes,
+            "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0",
+            "rounds": args.rounds,
+            "quick": args.quick,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "units": "gbps = 1e9 bytes/s over the round (all clients); latency = one call "
+                     "of one block",
+        },
+        "results": results,
+    }
+
+
+def _print_row(c: dict[str, Any]) -> None:
+    kv, raw = c["kvstore"], c["raw"]
+    size = f"{c['block_bytes'] // KiB} KiB" if c["block_bytes"] < MiB else \
+        f"{c['block_bytes'] // MiB} MiB"
+    print(f"{c['op']:>8} {size:>6} x{c['clients']}  kvstore {kv['gbps']:7.3f} GB/s "
+          f"p50 {kv['p50_ms']:8.3f} ms p99 {kv['p99_ms']:8.3f} ms | raw {raw['gbps']:7.3f} GB/s "
+          f"p50 {raw['p50_ms']:8.3f} ms p99 {raw['p99_ms']:8.3f} ms | ratio {c['ratio_gbps']:.3f}",
+          file=sys.stderr, flush=True)
+
+
+def _parse_size(text: str) -> int:
+    from kvstore.config import parse_size
+
+    return parse_size(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="fewer bytes and rounds (≤ ~40 s)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--sizes", nargs="+", type=_parse_size, default=[64 * KiB, MiB, 4 * MiB],
+                   help="block sizes [default: 64KiB 1MiB 4MiB]")
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 4],
+                   help="client process counts [default: 1 4]")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per cell "
+                   "[default: 5, --quick 3]")
+    p.add_argument("--chunk-bytes", type=_parse_size, default=MiB,
+                   help="client chunk_bytes (Put chunks, and Get chunks asked for) [default: 1MiB]")
+    p.add_argument("--l1-capacity", default="1GiB", help="server L1 size [default: 1GiB]")
+    p.add_argument("--l2", action="store_true", help="keep the server's L2 (LMDB) on: Puts "
+                   "are then also written behind to disk [default: L1 only]")
+    p.add_argument("--unix", action="store_true", help="talk to kvstore over its unix socket "
+                   "(the raw baseline stays TCP)")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="turn off kvstore's glibc malloc tuning in server and clients "
+                        "(KVSTORE_MALLOC_TUNING=0; see kvstore/_malloc.py), for comparison")
+    p.add_argument("--server-flag", action="append", metavar="FLAG",
+                   help="extra flag for kvstore serve (repeat; "
+                        "e.g. --server-flag=--l1-prefault=false)")
+    args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    if args.quick:
+        args.bytes_per_round = {64 * KiB: 12 * MiB, MiB: 48 * MiB, 4 * MiB: 64 * MiB}
+    else:
+        args.bytes_per_round = {64 * KiB: 48 * MiB, MiB: 192 * MiB, 4 * MiB: 256 * MiB}
+    for s in args.sizes:
+        if isinstance(args.bytes_per_round, dict) and s not in args.bytes_per_round:
+            args.bytes_per_round[s] = max(s * 16, args.bytes_per_round.get(MiB, 64 * MiB))
+    if args.no_malloc_tuning:
+        os.environ["KVSTORE_MALLOC_TUNING"] = "0"
+    doc = run_bench(args)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The ``kvstore`` command: run the server, or talk to one.
+
+    kvstore serve [--ready-file PATH] [config flags]
+    kvstore stats [--target T] [--json]
+    kvstore put   [--target T] --namespace NS [--ack memory|local|remote] KEY [FILE|-]
+    kvstore get   [--target T] --namespace NS KEY [-o FILE|-]
+
+KEY is UTF-8 text, or ``hex:`` followed by hex digits for binary keys.
+Exit status: 0 success; 1 a miss or an error from the server; 2 a usage or
+configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+from kvstore import config as kvconfig
+from kvstore.client import Client
+from kvstore.client._common import DEFAULT_TARGET
+from kvstore.errors import InvalidConfig, KVStoreError
+from kvstore.types import StoreStats
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def parse_key(text: str) -> bytes:
+    """``hex:0a1b...`` → those bytes; anything else → its UTF-8 bytes (bytes
+    that were not valid UTF-8 on the command line come back unchanged)."""
+    if text[:4].lower() == "hex:":
+        digits = text[4:]
+        try:
+            return bytes.fromhex(digits)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"key {text!r}: after 'hex:' give an even number of hex digits"
+            ) from None
+    return text.encode("utf-8", "surrogateescape")
+
+
+def format_key(key: bytes) -> str:
+    """The text form of a key that :func:`parse_key` reads back."""
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return "hex:" + key.hex()
+    if text.isprintable() and text[:4].lower() != "hex:":
+        return text
+    return "hex:" + key.hex()
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def format_stats(stats: StoreStats) -> str:
+    header = ("tier", "blocks", "bytes", "capacity", "used", "hits", "misses", "evictions",
+              "demotions", "promotions", "corrupt")
+    rows = [header]
+    for t in stats.tiers:
+        used = f"{100.0 * t.bytes / t.capacity:.1f}%" if t.capacity else "-"
+        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _human_bytes(t.capacity),
+                     used, str(t.hits), str(t.misses), str(t.evictions), str(t.demotions),
+                     str(t.promotions), str(t.corrupt)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                      strict=True)))
+        for r in rows
+    ]
+    rate = f"{100.0 * stats.get_hits / stats.gets:.1f}%" if stats.gets else "-"
+    lines.append("")
+    lines.append(f"policy {stats.policy or '-'}   puts {stats.puts}   gets {stats.gets} "
+                 f"(hits {stats.get_hits}, {rate})   session events {stats.session_events}")
+    return "\n".join(lines)
+
+
+def stats_to_json(stats: StoreStats) -> dict[str, Any]:
+    doc = dataclasses.asdict(stats)
+    for t in doc["tiers"]:
+        t["tier"] = t["tier"].name
+    return doc
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _err(message: str) -> None:
+    print(f"kvstore: {message}", file=sys.stderr)
+
+
+def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:
+    target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
+    return Client(target, namespace=namespace, timeout=args.timeout)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = kvconfig.load(args)
+    except InvalidConfig as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    from kvstore.server import app  # the server loads only for this command
+
+    try:
+        app.run(config, ready_file=args.ready_file)
+    except InvalidConfig as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps(stats_to_json(stats), indent=2))
+    else:
+        print(format_stats(stats))
+    return EXIT_OK
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def _cmd_put(args: argparse.Namespace) -> int:
+    data = _read_input(args.file)
+    with _client(args, args.namespace) as client:
+        result = client.put([(args.key, data)], ack=args.ack)
+    print(f"stored {format_key(args.key)}: {result.bytes} bytes", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    with _client(args, args.namespace) as client:
+        [data] = client.get([args.key])
+    if data is None:
+        _err(f"not found: key {format_key(args.key)} in namespace {args.namespace}")
+        return EXIT_ERROR
+    if args.output == "-":
+        out: BinaryIO = sys.stdout.buffer
+        out.write(data)
+        out.flush()
+    else:
+        with open(args.output, "wb") as fh:
+            fh.write(data)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None,
+                   help="server address: host:port or unix:/path "
+                        f"[default: env KVSTORE_TARGET, else {DEFAULT_TARGET}]")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="deadline of the call in seconds [default: 60]")
+
+
+def _namespace_option(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get("KVSTORE_NAMESPACE")
+    p.add_argument("--namespace", "-n", default=env, required=env is None,
+                   help="namespace of the key [default: env KVSTORE_NAMESPACE]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore",
+        description="KV-cache tiered store for LLM inference: run the server or talk to one.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser(
+        "serve", help="run the server",
+        description="Run the kvstore server. Every option below can also be set in the TOML "
+                    "file given by --config and by its environment variable; flags win over "
+                    "the environment, which wins over the file.",
+    )
+    serve.add_argument("--ready-file", metavar="PATH", default=None,
+                       help="once listening, write {\"tcp\": ..., \"unix\": ..., \"pid\": ...} "
+                            "as JSON to this file (for scripts and tests) [default: none]")
+    kvconfig.add_arguments(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    stats = sub.add_parser("stats", help="show per-tier counters and occupancy",
+                           description="Show per-tier counters and occupancy.")
+    _client_options(stats)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(func=_cmd_stats)
+
+    put = sub.add_parser("put", help="store one block from a file or stdin",
+                         description="Store one block read from FILE (or stdin).")
+    _client_options(put)
+    _namespace_option(put)
+    put.add_argument("--ack", choices=("memory", "local", "remote"), default="memory",
+                     help="acknowledge once the block is in memory, committed to local disk "
+                          "(L2), or stored in the object store (L3) [default: memory]")
+    put.add_argument("key", metavar="KEY", type=parse_key,
+                     help="the key: UTF-8 text, or hex:0123abcd... for binary keys")
+    put.add_argument("file", metavar="FILE", nargs="?", default="-",
+                     help="file holding the block, - for stdin [default: -]")
+    put.set_defaults(func=_cmd_put)
+
+    get = sub.add_parser("get", help="read one block to a file or stdout",
+                         description="Read one block. A miss exits with status 1.")
+    _client_options(get)
+    _namespace_option(get)
+    get.add_argument("key", metavar="KEY", type=parse_key,
+                     help="the key: UTF-8 text, or hex:0123abcd... for binary keys")
+    get.add_argument("-o", "--output", metavar="FILE", default="-",
+                     help="write the block here, - for stdout [default: -]")
+    get.set_defaults(func=_cmd_get)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kvstore")
+    except Exception:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+        return code
+    except KVStoreError as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader went away (``kvstore get ... | head``): not an error to report.
+        # Point stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        _err(f"{type(exc).__name__}:{where} {exc.strerror or exc}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

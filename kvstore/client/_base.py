@@ -1,0 +1,158 @@
+"""What the sync and async clients share: settings and request preparation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from kvstore._malloc import tune_malloc
+from kvstore.client import _convert as conv
+from kvstore.client._common import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_TARGET,
+    Blocks,
+    channel_options,
+    check_chunk_bytes,
+    check_lease_ms,
+    check_session_id,
+    normalize_blocks,
+    normalize_buffers,
+    normalize_keys,
+    parse_ack,
+    parse_target,
+    resolve_namespace,
+)
+from kvstore.errors import InvalidArgument
+from kvstore.types import AckLevel, SessionEnd, TurnEnd, TurnEndReason, validate_namespace
+
+
+class PreparedPut:
+    __slots__ = ("ack", "blocks", "namespace", "session_id")
+
+    def __init__(
+        self, namespace: str, ack: AckLevel, blocks: list[tuple[bytes, memoryview]], session_id: str
+    ) -> None:
+        self.namespace = namespace
+        self.ack = ack
+        self.blocks = blocks
+        self.session_id = session_id
+
+    def messages(self, chunk_bytes: int) -> Iterator[bytes]:
+        return conv.iter_put_messages(
+            self.namespace, self.ack, self.blocks, self.session_id, chunk_bytes
+        )
+
+
+class ClientBase:
+    """Settings and argument checking; subclasses own the channel."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        namespace: str | None = None,
+        timeout: float | None = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        self._grpc_target = parse_target(target)
+        if namespace is not None:
+            validate_namespace(namespace)
+        self.namespace = namespace
+        if timeout is not None and not timeout > 0:
+            raise InvalidArgument(f"timeout must be positive or None, not {timeout!r}")
+        self.timeout = timeout
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self._options = channel_options(self.chunk_bytes, options)
+        # Received messages are MiB-sized: keep their buffers in the heap
+        # (kvstore/_malloc.py; KVSTORE_MALLOC_TUNING=0 opts out).
+        tune_malloc()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r}, namespace={self.namespace!r})"
+
+    # -- request preparation (raises before anything is sent) -----------------
+
+    def _prepare_put(
+        self,
+        blocks: Blocks,
+        namespace: str | None,
+        ack: str | AckLevel,
+        session_id: str | None,
+    ) -> PreparedPut:
+        ns = resolve_namespace(namespace, self.namespace)
+        level = parse_ack(ack)
+        sid = check_session_id(session_id)
+        return PreparedPut(ns, level, normalize_blocks(blocks), sid)
+
+    def _prepare_get(
+        self, keys: Iterable[bytes], namespace: str | None, session_id: str | None
+    ) -> tuple[int, bytes]:
+        ns = resolve_namespace(namespace, self.namespace)
+        ks = normalize_keys(keys)
+        sid = check_session_id(session_id)
+        max_chunk = min(self.chunk_bytes, 2**32 - 1)
+        return len(ks), conv.encode_get_request(ns, ks, sid, max_chunk)
+
+    def _prepare_get_into(
+        self, keys: Iterable[bytes], buffers: Sequence[Any], namespace: str | None
+    ) -> tuple[int, bytes, list[memoryview]]:
+        count, req = self._prepare_get(keys, namespace, None)
+        return count, req, normalize_buffers(buffers, count)
+
+    def _prepare_lookup(
+        self,
+        keys: Iterable[bytes],
+        namespace: str | None,
+        lease_ms: int,
+        session_id: str | None,
+    ) -> tuple[int, bytes]:
+        ns = resolve_namespace(namespace, self.namespace)
+        ks = normalize_keys(keys)
+        return len(ks), conv.encode_lookup_request(
+            ns, ks, check_lease_ms(lease_ms), check_session_id(session_id)
+        )
+
+    def _prepare_delete(self, keys: Iterable[bytes], namespace: str | None) -> tuple[int, bytes]:
+        ns = resolve_namespace(namespace, self.namespace)
+        ks = normalize_keys(keys)
+        return len(ks), conv.encode_delete_request(ns, ks)
+
+    def _prepare_session_event(
+        self, session_id: str, event: TurnEnd | SessionEnd, namespace: str | None
+    ) -> bytes:
+        ns = resolve_namespace(namespace, self.namespace)
+        if not isinstance(session_id, str) or not session_id:
+            raise InvalidArgument("session_id is required (a non-empty str)")
+        if isinstance(event, TurnEnd):
+            if not isinstance(event.expected_gap_ms, int) or event.expected_gap_ms < 0:
+                raise InvalidArgument(
+                    f"expected_gap_ms must be a non-negative int, not {event.expected_gap_ms!r}"
+                )
+            try:
+                TurnEndReason(event.reason)
+            except ValueError:
+                raise InvalidArgument(f"turn end reason {event.reason!r} is unknown") from None
+        elif not isinstance(event, SessionEnd):
+            raise InvalidArgument(
+                f"event must be a TurnEnd or a SessionEnd, not {type(event).__name__}"
+            )
+        return conv.encode_session_event(ns, session_id, event)
+
+
+def turn_end_event(
+    reason: TurnEndReason | str | int, expected_gap_ms: int, tool_name: str
+) -> TurnEnd:
+    if isinstance(reason, str):
+        try:
+            r = TurnEndReason[reason.strip().upper()]
+        except KeyError:
+            names = ", ".join(m.name.lower() for m in TurnEndReason)
+            raise InvalidArgument(f"turn end reason {reason!r} is not one of {names}") from None
+    else:
+        try:
+            r = TurnEndReason(reason)
+        except ValueError:
+            raise InvalidArgument(f"turn end reason {reason!r} is unknown") from None
+    return TurnEnd(reason=r, expected_gap_ms=expected_gap_ms, tool_name=tool_name)

@@ -1,0 +1,324 @@
+"""Argument checking and stream reassembly shared by the sync and async clients."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.client._convert import GetPiece
+from kvstore.client._errors import InvalidBuffer, ProtocolError
+from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
+from kvstore.types import AckLevel, validate_key, validate_namespace
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_CHUNK_BYTES = 1024 * 1024
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+_MESSAGE_HEADROOM = 64 * 1024  # key, size, session id and tags around a Put chunk's data
+_UINT32_MAX = 2**32 - 1
+
+BlockBuffer = Any  # bytes or any object exporting the buffer protocol
+Blocks = Mapping[bytes, BlockBuffer] | Iterable[tuple[bytes, BlockBuffer]]
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What a Put stored: the number of blocks and their payload bytes."""
+
+    stored: int
+    bytes: int
+
+
+# --------------------------------------------------------------------------- target
+
+_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.%\w]+\]|[^:\[\]/\s]+):(\d{1,5})$")
+
+
+def parse_target(target: str) -> str:
+    """Normalise a server address to a gRPC target string.
+
+    Accepted: ``host:port``, ``[v6]:port``, ``host`` (port 50051),
+    ``unix:/path``, ``unix:///abs/path``, ``unix:relative``, a bare absolute
+    path (taken as a unix socket) and any other ``scheme:`` target gRPC knows
+    (``dns:``, ``ipv4:``, ``unix-abstract:``), passed through.
+    """
+    if not isinstance(target, str):
+        raise InvalidArgument(f"target must be a string, not {type(target).__name__}")
+    t = target.strip()
+    if not t:
+        raise InvalidArgument("target is empty: use host:port or unix:/path")
+    if t.startswith("/"):
+        return "unix:" + t
+    if t.startswith("unix:"):
+        path = t[len("unix:") :]
+        if path.startswith("//") and not path.startswith("///"):
+            raise InvalidArgument(
+                f"target {target!r}: a unix socket path is unix:/abs/path or unix:///abs/path"
+            )
+        if not path.strip("/"):
+            raise InvalidArgument(f"target {target!r} names no socket path")
+        return t
+    m = _HOST_PORT_RE.match(t)
+    if m:
+        port = int(m.group(2))
+        if not 0 < port < 65536:
+            raise InvalidArgument(f"target {target!r}: port {port} is out of range")
+        return t
+    scheme, sep, rest = t.partition(":")
+    if sep and re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) and (rest.startswith("/") or
+                                                                 scheme in _SCHEMES):
+        return t
+    if ":" not in t and "/" not in t and " " not in t:
+        return f"{t}:{DEFAULT_PORT}"
+    raise InvalidArgument(f"target {target!r} is not host:port or unix:/path")
+
+
+_SCHEMES = {"dns", "ipv4", "ipv6", "unix-abstract", "vsock", "xds"}
+
+
+def channel_options(chunk_bytes: int, extra: Any) -> list[tuple[str, Any]]:
+    size = max(MAX_MESSAGE_BYTES, chunk_bytes + _MESSAGE_HEADROOM)
+    opts: dict[str, Any] = {
+        "grpc.max_send_message_length": size,
+        "grpc.max_receive_message_length": size,
+        # No keepalive pings: calls are short and the server may be local.
+        "grpc.keepalive_time_ms": 2**31 - 1,
+        "grpc.keepalive_permit_without_calls": 0,
+        "grpc.enable_retries": 0,
+    }
+    if extra:
+        items = extra.items() if isinstance(extra, Mapping) else extra
+        for k, v in items:
+            opts[k] = v
+    return list(opts.items())
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise InvalidArgument(f"chunk_bytes must be a positive integer, not {chunk_bytes!r}")
+    return chunk_bytes
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def resolve_namespace(namespace: str | None, default: str | None) -> str:
+    ns = namespace if namespace is not None else default
+    if ns is None or ns == "":
+        raise InvalidNamespace(
+            "namespace is required: pass namespace= to the call or to the client"
+        )
+    if not isinstance(ns, str):
+        raise InvalidNamespace(f"namespace must be a str, not {type(ns).__name__}")
+    return validate_namespace(ns)
+
+
+_ACK_NAMES = {"memory": AckLevel.MEMORY, "local": AckLevel.LOCAL, "remote": AckLevel.REMOTE}
+
+
+def parse_ack(ack: str | AckLevel | int) -> AckLevel:
+    if isinstance(ack, AckLevel):
+        return ack
+    if isinstance(ack, str):
+        level = _ACK_NAMES.get(ack.strip().lower())
+        if level is not None:
+            return level
+    elif isinstance(ack, int) and not isinstance(ack, bool) and ack in (1, 2, 3):
+        return AckLevel(ack)
+    raise InvalidArgument(f"ack {ack!r} is not one of memory, local, remote")
+
+
+def check_session_id(session_id: str | None) -> str:
+    if session_id is None:
+        return ""
+    if not isinstance(session_id, str):
+        raise InvalidArgument(f"session_id must be a str, not {type(session_id).__name__}")
+    return session_id
+
+
+def normalize_key(key: Any, index: int) -> bytes:
+    if isinstance(key, bytes):
+        return validate_key(key, index)
+    if isinstance(key, (bytearray, memoryview)):
+        return validate_key(bytes(key), index)
+    raise InvalidKey(
+        f"key #{index} is a {type(key).__name__}: keys are bytes"
+        + (" (encode the str)" if isinstance(key, str) else "")
+    )
+
+
+def normalize_keys(keys: Iterable[Any]) -> list[bytes]:
+    if isinstance(keys, (bytes, bytearray, memoryview, str)):
+        raise InvalidArgument("keys must be a sequence of keys, not a single key")
+    return [normalize_key(k, i) for i, k in enumerate(keys)]
+
+
+def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:
+    """A flat unsigned-byte view of ``buf`` (no copy)."""
+    what = "buffer" if writable else "block"
+    try:
+        view = memoryview(buf)
+    except TypeError:
+        raise InvalidBuffer(
+            f"{what} #{index} is a {type(buf).__name__}, which does not support the buffer "
+            "protocol (use bytes, bytearray, memoryview or a numpy array)"
+        ) from None
+    if writable and view.readonly:
+        raise InvalidBuffer(f"buffer #{index} is read-only")
+    if not view.c_contiguous:
+        raise InvalidBuffer(
+            f"{what} #{index} is not C-contiguous (shape {view.shape}, strides {view.strides}); "
+            "copy it first, e.g. numpy.ascontiguousarray"
+        )
+    if view.ndim == 1 and view.format == "B":
+        return view
+    return view.cast("B")
+
+
+def normalize_blocks(blocks: Blocks) -> list[tuple[bytes, memoryview]]:
+    if isinstance(blocks, Mapping):
+        items: Iterable[Any] = blocks.items()
+    elif isinstance(blocks, (bytes, bytearray, memoryview, str)):
+        raise InvalidArgument("blocks must map keys to buffers, or be (key, buffer) pairs")
+    else:
+        items = blocks
+    out: list[tuple[bytes, memoryview]] = []
+    for i, item in enumerate(items):
+        try:
+            key, buf = item
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f"block #{i} is not a (key, buffer) pair: pass a mapping or pairs"
+            ) from None
+        k = normalize_key(key, i)
+        view = block_view(buf, i)
+        if not len(view):
+            raise InvalidArgument(f"block #{i} is empty: blocks hold at least one byte")
+        out.append((k, view))
+    return out
+
+
+def normalize_buffers(buffers: Sequence[Any], count: int) -> list[memoryview]:
+    views = [block_view(b, i, writable=True) for i, b in enumerate(buffers)]
+    if len(views) != count:
+        raise InvalidArgument(f"get_into got {count} keys but {len(views)} buffers")
+    return views
+
+
+def check_lease_ms(lease_ms: int) -> int:
+    if isinstance(lease_ms, bool) or not isinstance(lease_ms, int):
+        raise InvalidArgument(f"lease_ms must be an integer, not {type(lease_ms).__name__}")
+    if not 0 <= lease_ms <= _UINT32_MAX:
+        raise InvalidArgument(f"lease_ms {lease_ms} is out of range 0..{_UINT32_MAX}")
+    return lease_ms
+
+
+# --------------------------------------------------------------------------- Get stream
+
+
+class GetAssembler:
+    """Checks a Get stream against the contract and puts blocks back together.
+
+    Without ``buffers``, each hit becomes a ``bytes`` (one copy: a single chunk
+    is sliced out of its message, several are joined once). With ``buffers``,
+    each hit is copied into its caller-owned buffer and its size is recorded.
+    """
+
+    __slots__ = ("_buffers", "_count", "_cur", "_filled", "_keys_done", "_next", "_parts",
+                 "_size", "results")
+
+    def __init__(self, count: int, buffers: list[memoryview] | None = None) -> None:
+        self._count = count
+        self._buffers = buffers
+        self.results: list[Any] = [None] * count
+        self._next = 0  # lowest index not yet answered
+        self._cur = -1  # index of the block being filled, -1 when none
+        self._size = 0
+        self._filled = 0
+        self._parts: list[memoryview] = []
+        self._keys_done = 0
+
+    def feed(self, piece: GetPiece) -> None:
+        if self._cur < 0:
+            self._start(piece)
+        else:
+            if piece.key_index != self._cur:
+                raise ProtocolError(
+                    f"Get stream switched to key #{piece.key_index} before key #{self._cur} "
+                    f"was complete ({self._filled} of {self._size} bytes)"
+                )
+            if piece.offset != self._filled:
+                raise ProtocolError(
+                    f"Get chunk for key #{self._cur} starts at offset {piece.offset}, "
+                    f"expected {self._filled}"
+                )
+        self._add(piece.data)
+
+    def _start(self, piece: GetPiece) -> None:
+        i = piece.key_index
+        if i != self._next or i >= self._count:
+            raise ProtocolError(
+                f"Get stream answered key #{i} where key #{self._next} was due "
+                f"({self._count} keys requested)"
+            )
+        self._next = i + 1
+        if not piece.hit:
+            self.results[i] = None
+            return
+        if piece.offset != 0:
+            raise ProtocolError(f"Get chunk for key #{i} starts at offset {piece.offset}, not 0")
+        size = piece.block_size
+        if size <= 0:
+            raise ProtocolError(f"Get hit for key #{i} has block_size {size}")
+        if self._buffers is not None:
+            have = len(self._buffers[i])
+            if size > have:
+                raise InvalidArgument(
+                    f"buffer #{i} is {have} bytes but key #{i} holds a block of {size} bytes"
+                )
+        self._cur = i
+        self._size = size
+        self._filled = 0
+
+    def _add(self, data: memoryview) -> None:
+        if self._cur < 0:
+            if len(data):
+                raise ProtocolError("Get miss chunk carries data")
+            return
+        n = len(data)
+        end = self._filled + n
+        if end > self._size:
+            raise ProtocolError(
+                f"Get stream sent {end} bytes for key #{self._cur}, whose block is "
+                f"{self._size} bytes"
+            )
+        if self._buffers is not None:
+            self._buffers[self._cur][self._filled : end] = data
+        elif n:
+            self._parts.append(data)
+        self._filled = end
+        if end == self._size:
+            self._finish()
+
+    def _finish(self) -> None:
+        i = self._cur
+        if self._buffers is not None:
+            self.results[i] = self._size
+        else:
+            parts = self._parts
+            self.results[i] = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+            self._parts = []
+        self._cur = -1
+
+    def done(self) -> list[Any]:
+        if self._cur >= 0:
+            raise ProtocolError(
+                f"Get stream ended inside key #{self._cur} ({self._filled} of {self._size} bytes)"
+            )
+        if self._next != self._count:
+            raise ProtocolError(
+                f"Get stream ended after {self._next} of {self._count} keys"
+            )
+        return self.results

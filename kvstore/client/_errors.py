@@ -1,0 +1,74 @@
+"""gRPC status → kvstore exception, the SDK half of the server's error mapping."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstore.errors import (
+    ERROR_FOR_CODE,
+    ConnectionFailed,
+    InvalidArgument,
+    KVStoreError,
+    error_class_by_name,
+)
+
+ERROR_METADATA_KEY = "kvstore-error"
+
+
+class InvalidBuffer(InvalidArgument, TypeError):
+    """A block buffer is not a contiguous buffer-protocol object (or not writable
+    where the SDK must write into it). Also a ``TypeError``."""
+
+
+class ProtocolError(KVStoreError):
+    """The server's reply does not follow the kvstore.v1 contract."""
+
+
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    if not metadata:
+        return None
+    for item in metadata:
+        try:
+            k, v = item
+        except (TypeError, ValueError):
+            continue
+        if k == key:
+            return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return None
+
+
+def _call(err: Any, name: str) -> Any:
+    fn = getattr(err, name, None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except Exception:  # a half-initialised RpcError must not hide the real error
+        return None
+
+
+def error_from_rpc(err: Exception, target: str) -> KVStoreError:
+    """The kvstore exception for a failed call.
+
+    The class named by the ``kvstore-error`` trailing metadata wins; else the
+    most general class for the status code; else :class:`KVStoreError`. The
+    message is the status details. An ``UNAVAILABLE`` status without a kvstore
+    class means the server could not be reached: :class:`ConnectionFailed`
+    naming ``target``.
+    """
+    code = _call(err, "code")
+    code_name = getattr(code, "name", None) or (str(code) if code is not None else "UNKNOWN")
+    details = _call(err, "details") or ""
+    name = _metadata_value(_call(err, "trailing_metadata"), ERROR_METADATA_KEY)
+    cls = error_class_by_name(name) if name else None
+    if cls is None:
+        cls = ERROR_FOR_CODE.get(code_name, KVStoreError)
+    if cls is ConnectionFailed and name is None:
+        message = f"cannot reach kvstore server at {target}: {details or code_name}"
+    elif details:
+        message = details
+    else:
+        message = f"{code_name} from kvstore server at {target}"
+    exc = cls(message)
+    exc.grpc_code = code_name  # type: ignore[attr-defined]
+    return exc

@@ -1,0 +1,220 @@
+"""The asyncio client (a grpc.aio channel), with the same API as the sync one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from kvstore.client import _convert as conv
+from kvstore.client._base import ClientBase, turn_end_event
+from kvstore.client._common import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_TARGET,
+    Blocks,
+    GetAssembler,
+    PutResult,
+)
+from kvstore.client._errors import error_from_rpc
+from kvstore.types import (
+    AckLevel,
+    LookupResult,
+    SessionEnd,
+    StoreStats,
+    TurnEnd,
+    TurnEndReason,
+)
+
+
+class AsyncClient(ClientBase):
+    """asyncio kvstore client; see :class:`kvstore.Client` for the arguments.
+
+    The channel opens on the first call, in the running event loop, and is
+    bound to that loop: use one AsyncClient per loop. ``async with`` closes it.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        namespace: str | None = None,
+        timeout: float | None = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(
+            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._rpcs: dict[str, Any] = {}
+
+    def _rpc(self, name: str) -> Any:
+        rpc = self._rpcs.get(name)
+        if rpc is None:
+            if self._channel is None:
+                self._channel = grpc.aio.insecure_channel(self._grpc_target, options=self._options)
+            ch = self._channel
+            if name == conv.PUT:
+                rpc = ch.stream_unary(name, request_serializer=conv.identity,
+                                      response_deserializer=conv.decode_put_response)
+            elif name == conv.GET:
+                rpc = ch.unary_stream(name, request_serializer=conv.identity,
+                                      response_deserializer=conv.decode_get_chunk)
+            else:
+                rpc = ch.unary_unary(name, request_serializer=conv.identity,
+                                     response_deserializer=_DECODERS[name])
+            self._rpcs[name] = rpc
+        return rpc
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        self._rpcs.clear()
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- calls -----------------------------------------------------------------
+
+    async def put(
+        self,
+        blocks: Blocks,
+        *,
+        namespace: str | None = None,
+        ack: str | AckLevel = "memory",
+        session_id: str | None = None,
+    ) -> PutResult:
+        """See :meth:`kvstore.Client.put`."""
+        prep = self._prepare_put(blocks, namespace, ack, session_id)
+        if not prep.blocks:
+            return PutResult(0, 0)
+        try:
+            stored, nbytes = await self._rpc(conv.PUT)(
+                prep.messages(self.chunk_bytes), timeout=self.timeout
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        return PutResult(stored, nbytes)
+
+    async def get(
+        self,
+        keys: Iterable[bytes],
+        *,
+        namespace: str | None = None,
+        session_id: str | None = None,
+    ) -> list[bytes | None]:
+        """See :meth:`kvstore.Client.get`."""
+        count, req = self._prepare_get(keys, namespace, session_id)
+        if not count:
+            return []
+        return await self._stream_get(req, GetAssembler(count))
+
+    async def get_into(
+        self,
+        keys: Iterable[bytes],
+        buffers: Sequence[Any],
+        *,
+        namespace: str | None = None,
+    ) -> list[int | None]:
+        """See :meth:`kvstore.Client.get_into`."""
+        count, req, views = self._prepare_get_into(keys, buffers, namespace)
+        if not count:
+            return []
+        return await self._stream_get(req, GetAssembler(count, views))
+
+    async def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
+        call = self._rpc(conv.GET)(req, timeout=self.timeout)
+        try:
+            async for piece in call:
+                asm.feed(piece)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        except BaseException:
+            call.cancel()
+            raise
+        return asm.done()
+
+    async def lookup(
+        self,
+        keys: Iterable[bytes],
+        *,
+        namespace: str | None = None,
+        lease_ms: int = 0,
+        session_id: str | None = None,
+    ) -> LookupResult:
+        """See :meth:`kvstore.Client.lookup`."""
+        count, req = self._prepare_lookup(keys, namespace, lease_ms, session_id)
+        if not count:
+            return LookupResult(found=0, tiers=[])
+        result: LookupResult = await self._unary(conv.LOOKUP, req)
+        return result
+
+    async def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
+        """See :meth:`kvstore.Client.delete`."""
+        count, req = self._prepare_delete(keys, namespace)
+        if not count:
+            return 0
+        deleted: int = await self._unary(conv.DELETE, req)
+        return deleted
+
+    async def stats(self) -> StoreStats:
+        """See :meth:`kvstore.Client.stats`."""
+        result: StoreStats = await self._unary(conv.STATS, conv.encode_stats_request())
+        return result
+
+    async def session_event(
+        self,
+        session_id: str,
+        event: TurnEnd | SessionEnd,
+        *,
+        namespace: str | None = None,
+    ) -> None:
+        """See :meth:`kvstore.Client.session_event`."""
+        req = self._prepare_session_event(session_id, event, namespace)
+        await self._unary(conv.SESSION_EVENT, req)
+
+    async def turn_end(
+        self,
+        session_id: str,
+        reason: TurnEndReason | str,
+        expected_gap_ms: int = 0,
+        tool_name: str = "",
+        *,
+        namespace: str | None = None,
+    ) -> None:
+        """See :meth:`kvstore.Client.turn_end`."""
+        await self.session_event(
+            session_id, turn_end_event(reason, expected_gap_ms, tool_name), namespace=namespace
+        )
+
+    async def session_end(self, session_id: str, *, namespace: str | None = None) -> None:
+        """See :meth:`kvstore.Client.session_end`."""
+        await self.session_event(session_id, SessionEnd(), namespace=namespace)
+
+    async def _unary(self, name: str, req: bytes) -> Any:
+        try:
+            return await self._rpc(name)(req, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+
+
+_DECODERS = {
+    conv.LOOKUP: conv.decode_lookup_response,
+    conv.DELETE: conv.decode_delete_response,
+    conv.STATS: conv.decode_stats_response,
+    conv.SESSION_EVENT: conv.decode_session_event_response,
+}

@@ -1,0 +1,225 @@
+"""The blocking client (a gRPC sync channel). Thread-safe: share one per process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from kvstore.client import _convert as conv
+from kvstore.client._base import ClientBase, turn_end_event
+from kvstore.client._common import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_TARGET,
+    Blocks,
+    GetAssembler,
+    PutResult,
+)
+from kvstore.client._errors import error_from_rpc
+from kvstore.types import (
+    AckLevel,
+    LookupResult,
+    SessionEnd,
+    StoreStats,
+    TurnEnd,
+    TurnEndReason,
+)
+
+
+class Client(ClientBase):
+    """Blocking kvstore client.
+
+    ``target`` is ``host:port``, ``unix:/path`` or ``unix:///abs/path``.
+    ``namespace`` is the default for every call; ``timeout`` the deadline of
+    each call in seconds (None: none); ``chunk_bytes`` the largest piece of a
+    block per message, both ways. ``options`` are extra gRPC channel options.
+    Errors are :mod:`kvstore.errors` classes, as the server raised them.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        namespace: str | None = None,
+        timeout: float | None = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(
+            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options
+        )
+        self._channel = grpc.insecure_channel(self._grpc_target, options=self._options)
+        ch = self._channel
+        self._put_rpc = ch.stream_unary(
+            conv.PUT, request_serializer=conv.identity,
+            response_deserializer=conv.decode_put_response,
+        )
+        self._get_rpc = ch.unary_stream(
+            conv.GET, request_serializer=conv.identity,
+            response_deserializer=conv.decode_get_chunk,
+        )
+        self._lookup_rpc = ch.unary_unary(
+            conv.LOOKUP, request_serializer=conv.identity,
+            response_deserializer=conv.decode_lookup_response,
+        )
+        self._delete_rpc = ch.unary_unary(
+            conv.DELETE, request_serializer=conv.identity,
+            response_deserializer=conv.decode_delete_response,
+        )
+        self._stats_rpc = ch.unary_unary(
+            conv.STATS, request_serializer=conv.identity,
+            response_deserializer=conv.decode_stats_response,
+        )
+        self._session_rpc = ch.unary_unary(
+            conv.SESSION_EVENT, request_serializer=conv.identity,
+            response_deserializer=conv.decode_session_event_response,
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- calls -----------------------------------------------------------------
+
+    def put(
+        self,
+        blocks: Blocks,
+        *,
+        namespace: str | None = None,
+        ack: str | AckLevel = "memory",
+        session_id: str | None = None,
+    ) -> PutResult:
+        """Store ``blocks`` (a mapping key → buffer, or (key, buffer) pairs) in
+        one stream. Buffers are bytes or any C-contiguous buffer (numpy arrays,
+        memoryviews); they are read while the call runs, so keep them unchanged
+        until it returns."""
+        prep = self._prepare_put(blocks, namespace, ack, session_id)
+        if not prep.blocks:
+            return PutResult(0, 0)
+        try:
+            stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        return PutResult(stored, nbytes)
+
+    def get(
+        self,
+        keys: Iterable[bytes],
+        *,
+        namespace: str | None = None,
+        session_id: str | None = None,
+    ) -> list[bytes | None]:
+        """The blocks stored under ``keys``, in order; None for a miss."""
+        count, req = self._prepare_get(keys, namespace, session_id)
+        if not count:
+            return []
+        return self._stream_get(req, GetAssembler(count))
+
+    def get_into(
+        self,
+        keys: Iterable[bytes],
+        buffers: Sequence[Any],
+        *,
+        namespace: str | None = None,
+    ) -> list[int | None]:
+        """Read blocks into caller-owned writable buffers (numpy arrays,
+        bytearrays, memoryviews), one per key. Returns each block's size, or
+        None for a miss (that buffer is left as it was). A buffer smaller than
+        its block raises InvalidArgument; buffers before it are filled."""
+        count, req, views = self._prepare_get_into(keys, buffers, namespace)
+        if not count:
+            return []
+        return self._stream_get(req, GetAssembler(count, views))
+
+    def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
+        try:
+            call = self._get_rpc(req, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        try:
+            for piece in call:
+                asm.feed(piece)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        except BaseException:
+            call.cancel()
+            raise
+        return asm.done()
+
+    def lookup(
+        self,
+        keys: Iterable[bytes],
+        *,
+        namespace: str | None = None,
+        lease_ms: int = 0,
+        session_id: str | None = None,
+    ) -> LookupResult:
+        """How many leading keys of a prefix chain are stored, and the fastest
+        tier holding each key (None: not stored). ``lease_ms`` > 0 keeps the
+        blocks found from eviction for that long."""
+        count, req = self._prepare_lookup(keys, namespace, lease_ms, session_id)
+        if not count:
+            return LookupResult(found=0, tiers=[])
+        result: LookupResult = self._unary(self._lookup_rpc, req)
+        return result
+
+    def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
+        """Remove blocks from every tier; returns how many were stored."""
+        count, req = self._prepare_delete(keys, namespace)
+        if not count:
+            return 0
+        deleted: int = self._unary(self._delete_rpc, req)
+        return deleted
+
+    def stats(self) -> StoreStats:
+        """Per-tier counters and occupancy."""
+        result: StoreStats = self._unary(self._stats_rpc, conv.encode_stats_request())
+        return result
+
+    def session_event(
+        self,
+        session_id: str,
+        event: TurnEnd | SessionEnd,
+        *,
+        namespace: str | None = None,
+    ) -> None:
+        """Tell the placement policy about a session (a hint: never affects data)."""
+        self._unary(self._session_rpc, self._prepare_session_event(session_id, event, namespace))
+
+    def turn_end(
+        self,
+        session_id: str,
+        reason: TurnEndReason | str,
+        expected_gap_ms: int = 0,
+        tool_name: str = "",
+        *,
+        namespace: str | None = None,
+    ) -> None:
+        """The session's turn ended (``reason``: tool_call, awaiting_user, done)."""
+        self.session_event(
+            session_id, turn_end_event(reason, expected_gap_ms, tool_name), namespace=namespace
+        )
+
+    def session_end(self, session_id: str, *, namespace: str | None = None) -> None:
+        """The session is over."""
+        self.session_event(session_id, SessionEnd(), namespace=namespace)
+
+    def _unary(self, rpc: Any, req: bytes) -> Any:
+        try:
+            return rpc(req, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
