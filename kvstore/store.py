@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvstore.checksum import checksum, copy_and_checksum
 from kvstore.config import Config
@@ -42,6 +43,7 @@ from kvstore.errors import (
     TierNotConfigured,
     UnknownNamespace,
 )
+from kvstore.l3mover import L3Mover
 from kvstore.policy import Action, Policy, make_policy
 from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
@@ -73,6 +75,8 @@ class Entry:
     session: str | None = None
     l1: int = -1  # arena offset; -1 = not in L1
     l2: bool = False  # committed in L2
+    l3: bool = False  # stored in L3 (as far as this node knows)
+    l3_pending: int = 0  # demotions to L3 in flight (they pin the L2 copy)
     l2_pending: int = 0  # L2 writes in flight that read the L1 copy (pins it)
     readers: int = 0  # Gets streaming the L1 copy (pins it)
     lease_until: float = 0.0
@@ -202,8 +206,11 @@ class TieredStore:
         if config.l2.enabled:
             self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
                                config.l2.sync, config.l2.batch_bytes, executor=self._executor)
-        tiers = [TierName.L1] + ([TierName.L2] if self.l2 else [])
+        self.l3: L3Mover | None = L3Mover(self, config.l3) if config.l3.url else None
+        tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
+            ([TierName.L3] if self.l3 else [])
         self.policy: Policy = make_policy(config.policy.name, tiers)
+        self._l3_loading: dict[BlockId, asyncio.Future[None]] = {}
         self.index: dict[BlockId, Entry] = {}
         self._counters = {t: _Counters() for t in TierName}
         self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
@@ -224,8 +231,13 @@ class TieredStore:
     async def start(self) -> None:
         """Rebuild the index from L2 metadata (no payload is read)."""
         self._waiters = asyncio.Event()
-        if self.l2 is None:
-            return
+        if self.l2 is not None:
+            await self._rebuild_from_l2()
+        if self.l3 is not None:
+            self.l3.start()  # lists the bucket in the background; serving meanwhile
+
+    async def _rebuild_from_l2(self) -> None:
+        assert self.l2 is not None
         found: list[tuple[BlockId, BlockMeta]] = [item async for item in self.l2.scan()]
         found.sort(key=lambda item: item[1].created)  # oldest first: LRU order survives
         now = self.clock()
@@ -240,6 +252,8 @@ class TieredStore:
         """Write every block that is only in L1 to L2, finish queued writes
         and release every tier."""
         self._closing = True
+        if self.l3 is not None:
+            await self.l3.close()
         if self.l2 is not None:
             for block, entry in list(self.index.items()):
                 if entry.dirty:
@@ -263,9 +277,9 @@ class TieredStore:
     def check_ack(self, ack: AckLevel) -> None:
         if ack == AckLevel.LOCAL and self.l2 is None:
             raise TierNotConfigured("acknowledgement level local needs L2, which is disabled")
-        if ack == AckLevel.REMOTE:
+        if ack == AckLevel.REMOTE and self.l3 is None:
             raise TierNotConfigured("acknowledgement level remote needs an L3 tier; "
-                                    "none is configured")
+                                    "none is configured (l3.url)")
 
     # -- pins and progress ----------------------------------------------------------------
 
@@ -286,7 +300,13 @@ class TieredStore:
             return False
         return True
 
-    def _unpin_reader(self, block: BlockId, entry: Entry) -> None:
+    def count(self, tier: TierName) -> _Counters:
+        return self._counters[tier]
+
+    def unpin_reader(self, entry: Entry) -> None:
+        self._unpin_reader(None, entry)
+
+    def _unpin_reader(self, block: BlockId | None, entry: Entry) -> None:
         entry.readers -= 1
         self._maybe_free_dead(entry)
         self._progress()
@@ -410,8 +430,19 @@ class TieredStore:
         return await self.make_durable(writer.block, entry, ack)
 
     async def make_durable(self, block: BlockId, entry: Entry,
-                           ack: AckLevel) -> asyncio.Future[None] | None:
-        """Start the L2 write that ``ack`` asks for (or write-back later)."""
+                           ack: AckLevel) -> asyncio.Future[Any] | None:
+        """Start the writes that ``ack`` asks for (L2 write-back otherwise).
+        Returns a future that resolves once they are done, or None."""
+        if ack == AckLevel.REMOTE:
+            assert self.l3 is not None
+            local = await self._make_local(block, entry, AckLevel.LOCAL)
+            remote = asyncio.get_running_loop().create_task(self.l3.write_remote(block, entry))
+            return asyncio.ensure_future(
+                asyncio.gather(remote, *([local] if local is not None else [])))
+        return await self._make_local(block, entry, ack)
+
+    async def _make_local(self, block: BlockId, entry: Entry,
+                          ack: AckLevel) -> asyncio.Future[None] | None:
         if self.l2 is None:
             return None
         if ack == AckLevel.MEMORY and not self._write_always:
@@ -498,21 +529,34 @@ class TieredStore:
             victim = self.policy.victim(TierName.L2, self.clock(), self._l2_evictable)
             if victim is None:
                 return
-            block = victim[0]
+            block, action = victim
             entry = self.index.get(block)
-            self.policy.on_remove(TierName.L2, block)
             if entry is None or not entry.l2:
+                self.policy.on_remove(TierName.L2, block)
                 continue
+            if action is Action.DEMOTE and self.l3 is not None and not entry.l3:
+                if self.l3.start_demotion(block, entry):
+                    continue  # its L2 copy goes once L3 has it (after_demotion)
+                if self.l3.healthy:
+                    return  # demotions in flight are at their bound: wait for them
+                # L3 is down: drop rather than let L2 grow without bound.
+            self.policy.on_remove(TierName.L2, block)
             self._drop_l2_copy(block, entry)
             self._counters[TierName.L2].evictions += 1
-            if entry.l1 < 0:
+            if entry.l1 < 0 and not entry.l3:
                 self._forget(block, entry, delete_l2=False)
+
+    def after_demotion(self) -> None:
+        if self.l2 is not None:
+            self._trim_l2()
+        self._progress()
 
     def _l2_evictable(self, block: BlockId) -> bool:
         entry = self.index.get(block)
         if entry is None or not entry.l2:
             return True
-        return entry.l2_pending == 0 and entry.lease_until <= self.clock()
+        return entry.l2_pending == 0 and entry.l3_pending == 0 and \
+            entry.lease_until <= self.clock()
 
     def _drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
         assert self.l2 is not None
@@ -522,8 +566,13 @@ class TieredStore:
             self._set_dirty(entry, True)
         self.l2.submit(block, None, None, lambda e, x: None)
 
-    def _forget(self, block: BlockId, entry: Entry, delete_l2: bool = True) -> None:
-        """Remove a block from the index and every tier (respecting pins)."""
+    def forget(self, block: BlockId, entry: Entry) -> None:
+        self._forget(block, entry)
+
+    def _forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
+                delete_l3: bool = False) -> None:
+        """Remove a block from the index and the local tiers (respecting pins);
+        from the shared L3 only when asked (an explicit Delete)."""
         if self.index.get(block) is entry:
             del self.index[block]
         entry.dead = True
@@ -542,6 +591,11 @@ class TieredStore:
             else:
                 entry.l2 = False
                 self._l2_bytes -= entry.size
+        if entry.l3:
+            entry.l3 = False
+            self.policy.on_remove(TierName.L3, block)
+            if delete_l3 and self.l3 is not None:
+                self.l3.delete_later(block)
 
     # -- Get ----------------------------------------------------------------------------------
 
@@ -550,13 +604,16 @@ class TieredStore:
         self.gets += 1
         entry = self.index.get(block)
         c1 = self._counters[TierName.L1]
-        if entry is not None and entry.loading is not None:
-            await asyncio.shield(entry.loading)
+        pending = entry.loading if entry is not None else self._l3_loading.get(block)
+        if pending is not None:
+            await asyncio.shield(pending)
             entry = self.index.get(block)
         if entry is None:
             c1.misses += 1
             if self.l2 is not None:
                 self._counters[TierName.L2].misses += 1
+            if self.l3 is not None:
+                return await self._read_l3(block, None, session)
             return None
         now = self.clock()
         if entry.l1 >= 0:
@@ -568,8 +625,64 @@ class TieredStore:
                                lambda: self._unpin_reader(block, entry), entry)
         c1.misses += 1
         if entry.l2 and self.l2 is not None:
-            return await self._read_l2(block, entry, session)
+            reader = await self._read_l2(block, entry, session)
+            if reader is not None or not entry.l3:
+                return reader
+        elif self.l2 is not None:
+            self._counters[TierName.L2].misses += 1
+        if entry.l3 and self.l3 is not None:
+            return await self._read_l3(block, entry, session)
         return None
+
+    async def _read_l3(self, block: BlockId, entry: Entry | None,
+                       session: str | None) -> BlockReader | None:
+        """Read from L3 (also blocks other nodes put) and promote into L1."""
+        assert self.l3 is not None
+        loop = asyncio.get_running_loop()
+        loading: asyncio.Future[None] = loop.create_future()
+        if entry is not None:
+            entry.loading = loading
+        else:
+            self._l3_loading[block] = loading
+        try:
+            found = await self.l3.read(block, entry)
+            if found is None:
+                return None
+            entry, payload = found
+            self.get_hits += 1
+            self.policy.on_hit(TierName.L3, block, self.clock(), session)
+            offset = -1
+            if entry.l1 < 0 and self.policy.admit(TierName.L1, block, entry.size, self.clock()):
+                with contextlib.suppress(CapacityExhausted):
+                    offset = await self._make_room_l1(entry.size)
+            if offset >= 0 and (entry.l1 >= 0 or entry.dead):
+                self.l1.release(offset, entry.size)
+                offset = -1
+            if offset >= 0:
+                self.l1.slice(offset, entry.size)[:] = payload
+                self._place_in_l1(block, entry, offset, session)
+            if entry.l1 >= 0 and not entry.dead:
+                entry.readers += 1
+                return BlockReader(self.l1.slice(entry.l1, entry.size), TierName.L3,
+                                   lambda: self.unpin_reader(entry), entry)
+            return BlockReader(payload, TierName.L3, None)
+        finally:
+            if self._l3_loading.get(block) is loading:
+                del self._l3_loading[block]
+            if entry is not None and entry.loading is loading:
+                entry.loading = None
+            if not loading.done():
+                loading.set_result(None)
+
+    def _place_in_l1(self, block: BlockId, entry: Entry, offset: int,
+                     session: str | None) -> None:
+        """A promoted block's bytes are in ``offset``: index them."""
+        entry.l1 = offset
+        entry.generation = next(self._generations)
+        if self.l2 is not None and not entry.l2:
+            self._set_dirty(entry, True)
+        self._counters[TierName.L1].promotions += 1
+        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
 
     async def _read_l2(self, block: BlockId, entry: Entry,
                        session: str | None) -> BlockReader | None:
@@ -598,15 +711,16 @@ class TieredStore:
                 c2.corrupt += 1
                 c2.misses += 1
                 log.warning("dropped corrupt L2 copy of %s/%s", block[0], block[1].hex()[:16])
-                self._forget(block, entry)
+                self.policy.on_remove(TierName.L2, block)
+                self._drop_l2_copy(block, entry)
+                if entry.l1 < 0 and not entry.l3:
+                    self._forget(block, entry)
                 return None
             c2.hits += 1
             self.get_hits += 1
             self.policy.on_hit(TierName.L2, block, self.clock(), session)
             if offset >= 0:
-                entry.l1 = offset
-                self._counters[TierName.L1].promotions += 1
-                self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
+                self._place_in_l1(block, entry, offset, session)
                 entry.readers += 1
                 return BlockReader(self.l1.slice(offset, entry.size), TierName.L2,
                                    lambda: self._unpin_reader(block, entry), entry)
@@ -619,6 +733,15 @@ class TieredStore:
             fut, entry.loading = entry.loading, None
             if fut is not None and not fut.done():
                 fut.set_result(None)
+
+    async def read_l2_verified(self, block: BlockId, entry: Entry) -> bytes | None:
+        """The block's L2 bytes, checked against its checksum (for demotion)."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, self._read_verify_l2, block,
+                                            entry.checksum, None)
+        if result is None or not result[0]:
+            return None
+        return bytes(result[1])
 
     def _read_verify_l2(self, block: BlockId, expected: int,
                         dest: memoryview | None) -> tuple[bool, Buffer] | None:
@@ -633,37 +756,79 @@ class TieredStore:
 
     # -- Lookup / Delete -----------------------------------------------------------------------
 
-    def lookup(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
-               session: str | None = None) -> LookupResult:
-        tiers: list[TierName | None] = []
-        found = 0
-        prefix = True
-        lease_until = self.clock() + min(lease_ms, self.config.server.max_lease_ms) / 1000.0
+    @staticmethod
+    def _tier_of(entry: Entry | None) -> TierName | None:
+        if entry is None or entry.dead:
+            return None
+        if entry.l1 >= 0:
+            return TierName.L1
+        if entry.l2:
+            return TierName.L2
+        if entry.l3:
+            return TierName.L3
+        return None
+
+    async def lookup(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
+                     session: str | None = None) -> LookupResult:
+        """How many leading keys are stored, and the fastest tier of each.
+        Keys this node does not know are looked for in the shared L3 from the
+        first local miss on, ``l3.concurrency`` at a time, up to the first
+        key L3 lacks too (later keys are then reported as not stored)."""
         for i, key in enumerate(keys):
             validate_key(key, i)
-            entry = self.index.get((namespace, key))
-            tier: TierName | None = None
-            if entry is not None:
-                tier = TierName.L1 if entry.l1 >= 0 else TierName.L2 if entry.l2 else None
-            if tier is not None and lease_ms > 0 and entry is not None:
-                entry.lease_until = max(entry.lease_until, lease_until)
+        blocks = [(namespace, key) for key in keys]
+        entries = [self.index.get(b) for b in blocks]
+        tiers = [self._tier_of(e) for e in entries]
+        if self.l3 is not None and self.l3.healthy and None in tiers:
+            await self._lookup_l3(blocks, entries, tiers)
+        found = 0
+        for tier in tiers:
             if tier is None:
-                prefix = False
-            elif prefix:
-                found += 1
-            tiers.append(tier)
+                break
+            found += 1
+        if lease_ms > 0:
+            lease_until = self.clock() + min(lease_ms, self.config.server.max_lease_ms) / 1000.0
+            for entry, tier in zip(entries, tiers, strict=True):
+                if entry is not None and tier is not None:
+                    entry.lease_until = max(entry.lease_until, lease_until)
         return LookupResult(found, tiers)
 
-    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
-        deleted = 0
+    async def _lookup_l3(self, blocks: list[BlockId], entries: list[Entry | None],
+                         tiers: list[TierName | None]) -> None:
+        assert self.l3 is not None
+        window = max(1, self.config.l3.concurrency)
+        start = tiers.index(None)
+        while start < len(blocks):
+            todo = [i for i in range(start, min(start + window, len(blocks)))
+                    if tiers[i] is None]
+            heads = await asyncio.gather(*(self.l3.head(blocks[i]) for i in todo))
+            for i, entry in zip(todo, heads, strict=True):
+                entries[i] = entry
+                tiers[i] = self._tier_of(entry)
+            if any(entry is None for entry in heads):
+                return
+            start += window
+
+    async def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove blocks from every tier, the shared L3 included."""
         for i, key in enumerate(keys):
             validate_key(key, i)
+        deleted = 0
+        unknown: list[BlockId] = []
+        for key in keys:
             block = (namespace, key)
             entry = self.index.get(block)
             if entry is not None:
-                self._forget(block, entry)
+                self._forget(block, entry, delete_l3=True)
                 deleted += 1
+            else:
+                unknown.append(block)
         self._progress()
+        if self.l3 is not None and unknown and self.l3.healthy:
+            # Blocks another node put in the shared bucket.
+            results = await asyncio.gather(*(self.l3.tier.delete(b) for b in unknown),
+                                           return_exceptions=True)
+            deleted += sum(1 for r in results if r is True)
         return deleted
 
     def session_event(self, event: SessionEvent) -> None:
@@ -681,6 +846,11 @@ class TieredStore:
             l2_blocks = sum(1 for e in self.index.values() if e.l2)
             tiers.append(self._tier_stats(TierName.L2, l2_blocks, self._l2_bytes,
                                           self.config.l2.capacity))
+        if self.l3 is not None:
+            l3 = [e.size for e in self.index.values() if e.l3]
+            stats = self._tier_stats(TierName.L3, len(l3), sum(l3), 0)
+            stats.available = self.l3.healthy
+            tiers.append(stats)
         return StoreStats(tiers, self.puts, self.gets, self.get_hits, self.session_events,
                           self.policy.name)
 

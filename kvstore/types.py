@@ -80,6 +80,7 @@ class TierStats:
     demotions: int = 0
     promotions: int = 0
     corrupt: int = 0
+    available: bool = True  # False while the tier cannot be reached (L3 breaker open)
 
 
 @dataclass(slots=True)

@@ -152,6 +152,7 @@ def decode_stats_response(raw: bytes) -> StoreStats:
                 demotions=t.demotions,
                 promotions=t.promotions,
                 corrupt=t.corrupt,
+                available=not t.unavailable,
             )
         )
     return StoreStats(

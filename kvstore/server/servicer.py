@@ -136,14 +136,15 @@ class KVStoreServicer:
     async def Lookup(self, request: pb.LookupRequest,
                      context: grpc.aio.ServicerContext) -> pb.LookupResponse:
         namespace = self.store.check_namespace(request.namespace)
-        result = self.store.lookup(namespace, list(request.keys), request.lease_ms,
+        result = await self.store.lookup(namespace, list(request.keys), request.lease_ms,
                                    request.session_id or None)
         return pb.LookupResponse(found=result.found, tiers=[_tier_pb(t) for t in result.tiers])
 
     async def Delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
         namespace = self.store.check_namespace(request.namespace)
-        return pb.DeleteResponse(deleted=self.store.delete(namespace, list(request.keys)))
+        deleted = await self.store.delete(namespace, list(request.keys))
+        return pb.DeleteResponse(deleted=deleted)
 
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
@@ -152,7 +153,8 @@ class KVStoreServicer:
             tiers=[pb.TierStats(tier=_tier_pb(t.tier), blocks=t.blocks, bytes=t.bytes,
                                 capacity=t.capacity, hits=t.hits, misses=t.misses,
                                 evictions=t.evictions, demotions=t.demotions,
-                                promotions=t.promotions, corrupt=t.corrupt) for t in s.tiers],
+                                promotions=t.promotions, corrupt=t.corrupt,
+                                unavailable=not t.available) for t in s.tiers],
             puts=s.puts, gets=s.gets, get_hits=s.get_hits, session_events=s.session_events,
             policy=s.policy,
         )

@@ -284,6 +284,11 @@ class ObjectTier(Tier):
         self._remember(block, size)
 
     async def get(self, block: BlockId) -> Buffer | None:
+        found = await self.get_with_meta(block)
+        return None if found is None else found[1]
+
+    async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
+        """The payload with the metadata its header records, or None."""
         path = object_path(block)
 
         async def fetch() -> Any:
@@ -302,7 +307,47 @@ class ObjectTier(Tier):
                 f"({len(mv)} bytes, header {bytes(mv[:HEADER_SIZE]).hex()})"
             )
         self._remember(block, meta.size)
-        return mv[HEADER_SIZE:]
+        return meta, mv[HEADER_SIZE:]
+
+    async def head_size(self, block: BlockId) -> int | None:
+        """The payload size of a stored block (one HEAD request), or None."""
+        path = object_path(block)
+        found = await self._call(
+            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
+        )
+        if found is MISSING:
+            self._forget(block)
+            return None
+        size = int(found["size"]) - HEADER_SIZE
+        if size < 0:
+            return None
+        self._remember(block, size)
+        return size
+
+    async def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
+        """Every block under the prefix with its payload size, from the
+        listing alone (no request per object): the fast way to rebuild an
+        index, whose checksums then come from each object's header on read."""
+        stream = obstore.list(self._store, None, chunk_size=_LIST_PAGE)
+
+        async def next_page() -> Any:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        while True:
+            page = await self._call("list", "/", next_page, retries=0)
+            if page is None:
+                return
+            for obj in page:
+                block = parse_object_path(str(obj["path"]))
+                size = int(obj["size"]) - HEADER_SIZE
+                if block is None or size < 0:
+                    self.scan_skipped += 1
+                    continue
+                self._remember(block, size)
+                yield block, size
 
     async def delete(self, block: BlockId) -> bool:
         path = object_path(block)

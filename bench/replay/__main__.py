@@ -1,0 +1,5 @@
+import sys
+
+from bench.replay.lab import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Replay lab: every policy x capacity x workload, plus Belady; JSON, plots, markdown.
+
+    .venv/bin/python -m bench.replay --suite agent --half b --ks 16,64 --jobs 2
+    .venv/bin/python -m bench.replay --suite mooncake --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.replay import sim
+from bench.replay.workloads import (
+    Workload,
+    agent_files,
+    agent_workload,
+    load_mooncake,
+    load_sessions,
+    split_half,
+)
+from kvstore.policy import POLICIES
+from kvstore.types import TierName
+
+BASELINES = ("lru", "s3fifo", "sieve", "gdsf")
+#: session-policy variants: (label, hint mode of the workload)
+SESSION_VARIANTS = (("session", "engine"), ("session+end", "session_end"),
+                    ("session/nohints", "none"), ("session/wrong30", "wrong"))
+CAPS = (1, 2, 5, 10, 25, 50)
+
+_cache: dict[tuple[Any, ...], Workload] = {}
+_nxt: dict[tuple[Any, ...], list[int]] = {}
+
+
+def _workload(spec: tuple[Any, ...]) -> Workload:
+    w = _cache.get(spec)
+    if w is None:
+        _cache.clear()
+        _nxt.clear()
+        if spec[0] == "mooncake":
+            w = load_mooncake(spec[1])
+        else:
+            _, half, k, seed, hints, max_sessions = spec
+            files = split_half(agent_files(), half)[:max_sessions]
+            w = agent_workload(load_sessions(files), k, seed, hints, name=f"agent-{half}")
+        _cache[spec] = w
+    return w
+
+
+def run_one(job: tuple[tuple[Any, ...], str, str, int]) -> dict[str, Any]:
+    spec, label, policy, pct = job
+    w = _workload(spec)
+    cap = max(1, int(w.n_unique * pct / 100))
+    if policy == "belady":
+        if spec not in _nxt:
+            _nxt[spec] = sim.next_uses(w)
+        r = sim.belady(w, cap, _nxt[spec])
+    else:
+        p = POLICIES[policy]([TierName.L1])
+        r = sim.simulate(w, p, cap)
+    d = r.as_dict(w.tokens_per_block)
+    d.update(label=label, pct=pct, workload=w.name.split("-K")[0] if spec[0] != "mooncake"
+             else w.name, K=spec[2] if spec[0] == "agent" else None, meta=w.meta,
+             n_unique=w.n_unique)
+    if policy == "session":
+        d["trust_end"] = p.trust  # type: ignore[attr-defined]
+        d["choices"] = dict(p.stats)  # type: ignore[attr-defined]
+    print(f"{d['workload']:>22} K={d['K']} {label:>16} {pct:>3}% hit={d['hit_rate']:.4f} "
+          f"{d['refs_per_s'] / 1e6:.2f}M refs/s", flush=True)
+    return d
+
+
+def jobs_for(args: argparse.Namespace) -> list[tuple[tuple[Any, ...], str, str, int]]:
+    caps = [int(c) for c in args.caps.split(",")]
+    jobs = []
+    if args.suite in ("mooncake", "all"):
+        for name in ("conversation", "synthetic"):
+            spec = ("mooncake", name)
+            for pct in caps:
+                for pol in (*BASELINES, "session", "belady"):
+                    jobs.append((spec, pol, pol, pct))
+    if args.suite in ("agent", "all"):
+        for k in [float(x) for x in args.ks.split(",")]:
+            for label, hints in (("", "engine"), *[(lb, h) for lb, h in SESSION_VARIANTS]):
+                spec = ("agent", args.half, k, args.seed, hints, args.max_sessions)
+                pols = [(p, p) for p in (*BASELINES, "belady")] if not label else \
+                    [(label, "session")]
+                for pct in caps:
+                    for lb, pol in pols:
+                        jobs.append((spec, lb, pol, pct))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("agent", "mooncake", "all"), default="all")
+    ap.add_argument("--half", choices=("a", "b", "all"), default="b",
+                    help="agent sessions: tuning half a, held-out half b, or all")
+    ap.add_argument("--ks", default="16,64", help="mean concurrent sessions, comma-separated")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--caps", default=",".join(map(str, CAPS)),
+                    help="capacities, %% of unique blocks")
+    ap.add_argument("--max-sessions", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="bench/replay/results")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = jobs_for(args)
+    t0 = time.time()
+    tag = args.tag or f"{args.suite}-{args.half}"
+    partial = out / f"{tag}.partial.jsonl"  # one row per finished run, as they finish
+    rows = []
+    with partial.open("w") as f:
+        if args.jobs > 1:
+            with mp.get_context("fork").Pool(args.jobs) as pool:
+                for d in pool.imap_unordered(run_one, jobs, chunksize=1):
+                    rows.append(d)
+                    f.write(json.dumps(d) + "\n")
+                    f.flush()
+        else:
+            for j in jobs:
+                rows.append(run_one(j))
+                f.write(json.dumps(rows[-1]) + "\n")
+    path = out / f"{tag}.json"
+    path.write_text(json.dumps({"args": vars(args), "rows": rows,
+                                "wall_s": time.time() - t0}, indent=1))
+    print(f"wrote {path} ({len(rows)} runs, {time.time() - t0:.0f} s)")
+    from bench.replay.report import plots, tables
+    print(tables(rows))
+    plots(rows, out, tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

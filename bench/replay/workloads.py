@@ -1,0 +1,216 @@
+"""Trace loaders: turn the shared traces into time-ordered event lists for the simulator.
+
+Events are tuples ``(time_s, kind, stream, payload)``:
+
+* ``REQ`` — payload is an ``array('q')`` of the request's block ids, in order;
+* ``HINT`` — payload is a prebuilt :class:`kvstore.types.SessionEvent`.
+
+Block ids are ints (hashable like a BlockId; the policies treat ids as opaque keys).
+Agent sessions: ``hash_ids`` are local to a file, so a block id is
+``(file_index << 20) | hash_id``; sub-agents share their parent's scope.
+
+Arrival model for agent sessions (seeded, documented in docs/replay-results.md): sessions
+start at the points of a Poisson process of rate ``lam``; ``lam`` is chosen (bisection on
+the realised offsets) so that the time-averaged number of sessions in progress over the
+arrival window [0, last arrival] equals K. A session is in progress from its start to the
+end of its last request (request time + api_time), sub-agents included.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import zlib
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvstore.types import SessionEnd, SessionEvent, TurnEnd, TurnEndReason
+
+REQ = 0
+HINT = 1
+
+TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+AGENT_DIR = TRACES / "agentic-cc" / "dev"
+MOONCAKE_DIR = TRACES / "mooncake"
+
+STOP_REASON = {
+    "tool_use": TurnEndReason.TOOL_CALL,
+    "end_turn": TurnEndReason.AWAITING_USER,
+    "stop_sequence": TurnEndReason.AWAITING_USER,
+    "max_tokens": TurnEndReason.UNSPECIFIED,
+}
+WRONG_CHOICES = (TurnEndReason.TOOL_CALL, TurnEndReason.AWAITING_USER, TurnEndReason.DONE)
+
+Event = tuple[float, int, str | None, object]
+
+
+@dataclass
+class Workload:
+    name: str
+    tokens_per_block: int
+    events: list[Event]
+    n_refs: int = 0
+    n_unique: int = 0
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def refs(self) -> Iterable[array]:
+        for _, kind, _, payload in self.events:
+            if kind == REQ:
+                yield payload  # type: ignore[misc]
+
+
+def _count(w: Workload) -> Workload:
+    seen: set[int] = set()
+    n = 0
+    for blocks in w.refs():
+        n += len(blocks)
+        seen.update(blocks)
+    w.n_refs, w.n_unique = n, len(seen)
+    return w
+
+
+# --------------------------------------------------------------------------- Mooncake
+
+def load_mooncake(name: str = "conversation", limit: int | None = None) -> Workload:
+    path = MOONCAKE_DIR / f"{name}_trace.jsonl"
+    events: list[Event] = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if limit is not None and i >= limit:
+                break
+            r = json.loads(line)
+            events.append((r["timestamp"] / 1000.0, REQ, None, array("q", r["hash_ids"])))
+    events.sort(key=lambda e: e[0])
+    return _count(Workload(f"mooncake-{name}", 512, events))
+
+
+# --------------------------------------------------------------------------- agent sessions
+
+@dataclass
+class _Req:
+    t: float
+    stream: str
+    blocks: array
+    stop: str
+    api_time: float
+
+
+@dataclass
+class Session:
+    index: int
+    name: str
+    duration: float  # start to end of last request (s)
+    reqs: list[_Req]
+    stream_end: dict[str, float]  # stream -> end of its last request (relative)
+
+
+def agent_files(directory: Path = AGENT_DIR) -> list[Path]:
+    return sorted(directory.glob("*.json.gz"))
+
+
+def split_half(files: list[Path], half: str) -> list[Path]:
+    """'a' / 'b': a fixed split by a hash of the file name (not by position); 'all'."""
+    if half == "all":
+        return files
+    want = 0 if half == "a" else 1
+    return [f for f in files if zlib.crc32(f.name.encode()) % 2 == want]
+
+
+def load_session(path: Path, index: int, max_requests: int | None = None) -> Session:
+    with gzip.open(path, "rt") as f:
+        d = json.load(f)
+    base = index << 20
+    reqs: list[_Req] = []
+    sid = f"{d.get('id', path.stem)}"
+
+    def add(rs: list[dict], stream: str, t0: float) -> None:
+        for r in rs:
+            if r.get("type") == "subagent":
+                add(r.get("requests", []), f"{sid}/{r.get('agent_id', len(reqs))}", t0 + r["t"])
+                continue
+            ids = r.get("hash_ids") or []
+            if not ids:
+                continue
+            blocks = array("q", [base | h for h in ids])
+            reqs.append(_Req(t0 + float(r["t"]), stream, blocks, r.get("stop") or "",
+                             float(r.get("api_time") or 0.0)))
+
+    add(d["requests"], sid, 0.0)
+    reqs.sort(key=lambda q: q.t)
+    if max_requests is not None:
+        reqs = reqs[:max_requests]
+    ends: dict[str, float] = {}
+    for q in reqs:
+        ends[q.stream] = max(ends.get(q.stream, 0.0), q.t + q.api_time)
+    duration = max(ends.values()) if ends else 0.0
+    return Session(index, sid, duration, reqs, ends)
+
+
+def load_sessions(files: list[Path], max_requests: int | None = None) -> list[Session]:
+    return [load_session(p, i, max_requests) for i, p in enumerate(files)]
+
+
+def poisson_offsets(sessions: list[Session], k: float, seed: int) -> tuple[list[float], float]:
+    """Start offsets (s) in a seeded random order, and the rate; see module docstring."""
+    rng = random.Random(seed)
+    order = list(range(len(sessions)))
+    rng.shuffle(order)
+    unit = []  # arrival times of a unit-rate Poisson process
+    t = 0.0
+    for _ in order:
+        unit.append(t)
+        t += rng.expovariate(1.0)
+    durs = [sessions[i].duration for i in order]
+
+    def concurrency(lam: float) -> float:
+        starts = [u / lam for u in unit]
+        window = starts[-1] if starts[-1] > 0 else 1.0
+        busy = sum(max(0.0, min(s + d, window) - s) for s, d in zip(starts, durs, strict=True))
+        return busy / window
+
+    lo, hi = 1e-9, 1e3
+    for _ in range(100):
+        mid = (lo * hi) ** 0.5
+        if concurrency(mid) < k:
+            lo = mid
+        else:
+            hi = mid
+    lam = (lo * hi) ** 0.5
+    offsets = [0.0] * len(sessions)
+    for u, i in zip(unit, order, strict=True):
+        offsets[i] = u / lam
+    return offsets, lam
+
+
+def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str = "engine",
+                   wrong_share: float = 0.3, name: str = "agent") -> Workload:
+    """hints: 'engine' (TurnEnd at each turn end), 'session_end' (plus SessionEnd per
+    stream when it finishes), 'none', or 'wrong' (engine hints, ``wrong_share`` of them
+    replaced by a different reason, seeded)."""
+    offsets, lam = poisson_offsets(sessions, k, seed)
+    rng = random.Random(seed * 7919 + 13)
+    events: list[Event] = []
+    ns = "agent"
+    for s, off in zip(sessions, offsets, strict=True):
+        for q in s.reqs:
+            events.append((off + q.t, REQ, q.stream, q.blocks))
+            if hints == "none":
+                continue
+            reason = STOP_REASON.get(q.stop, TurnEndReason.UNSPECIFIED)
+            if hints == "wrong" and rng.random() < wrong_share:
+                reason = rng.choice([r for r in WRONG_CHOICES if r != reason])
+            ev = SessionEvent(ns, q.stream, TurnEnd(reason))
+            events.append((off + q.t + q.api_time, HINT, q.stream, ev))
+        if hints == "session_end":
+            for stream, end in s.stream_end.items():
+                # just after the stream's last TurnEnd
+                events.append((off + end + 1e-6, HINT, stream, SessionEvent(ns, stream,
+                                                                             SessionEnd())))
+    events.sort(key=lambda e: (e[0], e[1]))
+    w = _count(Workload(f"{name}-K{k:g}-{hints}", 64, events))
+    w.meta = {"K": k, "seed": seed, "lambda_per_s": lam, "sessions": len(sessions),
+              "window_s": max(offsets) if offsets else 0.0, "hints": hints}
+    return w

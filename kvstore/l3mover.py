@@ -1,0 +1,272 @@
+"""The TieredStore's L3 half: demotion to the object store, reads from it,
+the background listing that rebuilds the L3 part of the index.
+
+Mechanism and bookkeeping only; what to demote is the policy's call (made in
+``TieredStore._trim_l2``). Rules:
+
+* A block demoted from L2 keeps its L2 copy until the object store has it, so
+  an outage never loses a block: the demotion retries until L3 comes back
+  (or the block is deleted). Bytes in flight to L3 are bounded by
+  ``l3.write_queue_bytes``; when that is full, L2 stays over its capacity a
+  little longer rather than drop blocks (back-pressure, never unbounded
+  memory). While L3 is down (circuit breaker open), L2 evictions drop.
+* Reads from L3 run under the tier's deadline (``l3.timeout_s``); an outage,
+  a timeout or a corrupt object is a miss, never a hang or an error.
+* Blocks other nodes put in the shared bucket are found by Lookup and Get
+  (one HEAD / GET), and by the listing at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from kvstore.checksum import checksum
+from kvstore.errors import CorruptBlock, TierUnavailable
+from kvstore.tiers.object import ObjectTier
+from kvstore.types import BlockId, TierName
+
+if TYPE_CHECKING:
+    from kvstore.config import L3Config
+    from kvstore.store import Entry, TieredStore
+
+log = logging.getLogger("kvstore.l3")
+
+UNKNOWN_CHECKSUM = -1
+# How long a key found absent from L3 is not asked for again.
+NEGATIVE_TTL_S = 2.0
+
+
+class L3Mover:
+    def __init__(self, store: TieredStore, config: L3Config) -> None:
+        self.store = store
+        self.tier = ObjectTier.from_config(config)
+        self.queue_limit = config.write_queue_bytes
+        self.list_on_start = config.list_on_start
+        self.retry_s = max(config.breaker_reset_s, 0.05)
+        self.queued = 0  # bytes being demoted or written for ack=remote
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._absent: dict[BlockId, float] = {}
+        self.scan_task: asyncio.Task[None] | None = None
+        self.listed = 0
+        self.scan_done = asyncio.Event()
+        self._closing = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.tier.healthy
+
+    def start(self) -> None:
+        if self.list_on_start:
+            self.scan_task = asyncio.get_running_loop().create_task(self._scan())
+        else:
+            self.scan_done.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._tasks) + ([self.scan_task] if self.scan_task else [])
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.tier.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- index ---------------------------------------------------------------------------
+
+    def mark(self, block: BlockId, entry: Entry) -> None:
+        if not entry.l3 and not entry.dead and self.store.index.get(block) is entry:
+            entry.l3 = True
+            self.store.policy.on_insert(TierName.L3, block, entry.size, self.store.clock(),
+                                        entry.session)
+
+    def _discovered(self, block: BlockId, size: int, meta_checksum: int,
+                    created: float) -> Entry:
+        """An index entry for a block found in L3 that this node did not know."""
+        from kvstore.store import Entry
+
+        entry = Entry(size, meta_checksum, created)
+        self.store.index[block] = entry
+        self.mark(block, entry)
+        return entry
+
+    async def _scan(self) -> None:
+        """List the bucket (no request per object) and index what it holds;
+        the server serves meanwhile. Retried while L3 is unavailable."""
+        started = time.monotonic()
+        while not self._closing:
+            try:
+                async for block, size in self.tier.list_blocks():
+                    self.listed += 1
+                    entry = self.store.index.get(block)
+                    if entry is None:
+                        self._discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+                    elif entry.size == size:
+                        self.mark(block, entry)
+                    if self.listed % 1000 == 0:
+                        await asyncio.sleep(0)  # let calls in between
+                break
+            except TierUnavailable as exc:
+                log.warning("L3 listing failed (%s); retrying in %.1f s", exc, self.retry_s)
+                await asyncio.sleep(self.retry_s)
+        self.scan_done.set()
+        log.info("L3 listing: %d blocks in %.2f s", self.listed, time.monotonic() - started)
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def write_remote(self, block: BlockId, entry: Entry) -> None:
+        """ack=remote: write the block's L1 copy to L3 now (raises
+        TierUnavailable when L3 cannot take it)."""
+        if not self.healthy:
+            raise TierUnavailable("L3 is unavailable (circuit breaker open): "
+                                  "acknowledgement level remote cannot be met now")
+        entry.readers += 1  # the L1 copy must stay while it is uploaded
+        view = self.store.l1.slice(entry.l1, entry.size)
+        self.queued += entry.size
+        try:
+            await self.tier.put(block, view, entry.meta())
+            self.mark(block, entry)
+        finally:
+            self.queued -= entry.size
+            view.release()
+            self.store.unpin_reader(entry)
+
+    def start_demotion(self, block: BlockId, entry: Entry) -> bool:
+        """Copy an L2 victim to L3 in the background; False when L3 is down
+        or the in-flight bytes are at their bound."""
+        if not self.healthy or (self.queued and self.queued + entry.size > self.queue_limit):
+            return False
+        entry.l3_pending += 1
+        self.queued += entry.size
+        self._spawn(self._demote(block, entry))
+        return True
+
+    async def _demote(self, block: BlockId, entry: Entry) -> None:
+        store = self.store
+        try:
+            while not self._closing:
+                if entry.dead or store.index.get(block) is not entry or not entry.l2:
+                    return
+                data = await store.read_l2_verified(block, entry)
+                if data is None:
+                    return
+                try:
+                    await self.tier.put(block, data, entry.meta())
+                except TierUnavailable as exc:
+                    # Keep the L2 copy and try again once the breaker may let us.
+                    log.info("demotion of %s waits for L3: %s", block[1].hex()[:16], exc)
+                    await asyncio.sleep(self.retry_s)
+                    continue
+                self.mark(block, entry)
+                store.count(TierName.L2).demotions += 1
+                return
+        finally:
+            entry.l3_pending -= 1
+            self.queued -= entry.size
+            store.after_demotion()
+
+    def delete_later(self, block: BlockId) -> None:
+        async def delete() -> None:
+            with contextlib.suppress(TierUnavailable):
+                await self.tier.delete(block)
+
+        self._spawn(delete())
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def known_absent(self, block: BlockId) -> bool:
+        until = self._absent.get(block)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._absent[block]
+            return False
+        return True
+
+    def _note_absent(self, block: BlockId) -> None:
+        if len(self._absent) > 100_000:
+            self._absent.clear()
+        self._absent[block] = time.monotonic() + NEGATIVE_TTL_S
+
+    async def head(self, block: BlockId) -> Entry | None:
+        """Is the block in L3 (put by any node)? Indexes it when found."""
+        if not self.healthy or self.known_absent(block):
+            return None
+        try:
+            size = await self.tier.head_size(block)
+        except TierUnavailable:
+            return None
+        if size is None:
+            self._note_absent(block)
+            return None
+        entry = self.store.index.get(block)
+        if entry is not None:
+            self.mark(block, entry)
+            return entry
+        return self._discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+
+    async def read(self, block: BlockId, entry: Entry | None) -> tuple[Entry, memoryview] | None:
+        """The block's verified bytes from L3, or None (a miss: absent, L3
+        unavailable or too slow, or a corrupt object, counted)."""
+        counters = self.store.count(TierName.L3)
+        if not self.healthy or (entry is None and self.known_absent(block)):
+            counters.misses += 1
+            return None
+        try:
+            found = await self.tier.get_with_meta(block)
+        except TierUnavailable as exc:
+            log.info("L3 read of %s failed: %s", block[1].hex()[:16], exc)
+            counters.misses += 1
+            return None
+        except CorruptBlock as exc:
+            log.warning("%s", exc)
+            counters.corrupt += 1
+            counters.misses += 1
+            self._lost(block, entry)
+            return None
+        if found is None:
+            counters.misses += 1
+            self._note_absent(block)
+            self._lost(block, entry)
+            return None
+        meta, payload = found
+        expected = meta.checksum
+        if entry is not None and entry.checksum != UNKNOWN_CHECKSUM:
+            expected = entry.checksum
+        loop = asyncio.get_running_loop()
+        actual = await loop.run_in_executor(self.store.executor, checksum, payload)
+        if actual != expected or meta.checksum != expected:
+            log.warning("dropped corrupt L3 copy of %s/%s", block[0], block[1].hex()[:16])
+            counters.corrupt += 1
+            counters.misses += 1
+            self._lost(block, entry)
+            return None
+        current = self.store.index.get(block)
+        if entry is None:
+            entry = current if current is not None else self._discovered(
+                block, meta.size, meta.checksum, meta.created)
+        if entry is not current:
+            counters.misses += 1
+            return None
+        entry.checksum = expected
+        self.mark(block, entry)
+        counters.hits += 1
+        return entry, payload
+
+    def _lost(self, block: BlockId, entry: Entry | None) -> None:
+        """L3 does not (validly) hold the block: forget that it did."""
+        if entry is None or not entry.l3:
+            return
+        entry.l3 = False
+        self.store.policy.on_remove(TierName.L3, block)
+        if entry.l1 < 0 and not entry.l2:
+            self.store.forget(block, entry)

@@ -1,0 +1,75 @@
+"""The implementation switch (kvstore._impl) and the kvstore.block exports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import kvstore.block as block
+from kvstore import _impl
+from kvstore.block import reference
+from tests.block.blockcases import PURE, ROOT
+
+EXPORTS = ["pack", "unpack_into", "verify", "parse_header", "block_keys", "checksum",
+           "copy_and_checksum", "BlockHeader", "DType", "IMPLEMENTATION", "block_size"]
+
+
+def test_exports() -> None:
+    for name in EXPORTS:
+        assert hasattr(block, name), name
+    assert set(block.__all__) >= set(EXPORTS)
+    from kvstore.block import pack, verify  # noqa: F401  (the lazy names import)
+
+
+def test_implementation_follows_kvstore_pure() -> None:
+    if PURE:
+        assert block.IMPLEMENTATION == _impl.IMPLEMENTATION == "pure"
+        assert block.pack is reference.pack and block.checksum is reference.checksum
+    else:
+        from kvstore import _native
+
+        assert block.IMPLEMENTATION == _impl.IMPLEMENTATION == "native"
+        assert block.pack is _native.pack and block.block_keys is _native.block_keys
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "KVSTORE_PURE"} | env
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("first", ["kvstore._impl", "kvstore.checksum", "kvstore.block",
+                                   "kvstore.block.reference", "kvstore._native"])
+def test_any_import_order_works(first: str) -> None:
+    if first == "kvstore._native" and PURE:
+        pytest.skip("native module not needed in pure mode")
+    code = (f"import {first}, kvstore.block as b, kvstore.checksum as c; "
+            "print(b.IMPLEMENTATION, b.verify(b.pack([__import__('numpy').zeros((1,1,1,1),"
+            "'float16')], None, [0])).tokens, c.checksum(b'123456789'))")
+    env = {"KVSTORE_PURE": "1"} if PURE else {}
+    res = _python(code, **env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["pure" if PURE else "native", "1", str(0xE3069283)]
+
+
+def test_pure_switch_in_a_fresh_process() -> None:
+    res = _python("import kvstore.block as b; print(b.IMPLEMENTATION)", KVSTORE_PURE="1")
+    assert res.returncode == 0 and res.stdout.strip() == "pure", res.stderr
+
+
+def test_bad_switch_value_fails_loudly() -> None:
+    res = _python("import kvstore.block as b; b.pack", KVSTORE_PURE="yes")
+    assert res.returncode != 0 and "KVSTORE_PURE must be 0 or 1" in res.stderr
+
+
+def test_missing_native_build_fails_loudly() -> None:
+    code = ("import sys; sys.modules['kvstore._native'] = None\n"
+            "import kvstore._impl")
+    res = _python(code)
+    assert res.returncode != 0
+    assert "kvstore._native cannot be imported" in res.stderr and "KVSTORE_PURE=1" in res.stderr
+    res = _python(code, KVSTORE_PURE="1")  # the reference needs no build
+    assert res.returncode == 0, res.stderr

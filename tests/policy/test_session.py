@@ -1,0 +1,142 @@
+"""Behaviour of the session policy with a fake clock (time is just the ``now`` argument)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvstore.policy.base import Action
+from kvstore.policy.session import SessionPolicy
+from kvstore.types import SessionEnd, SessionEvent, TierName, TurnEnd, TurnEndReason
+
+L1, L2 = TierName.L1, TierName.L2
+TOOL, USER = TurnEndReason.TOOL_CALL, TurnEndReason.AWAITING_USER
+
+
+class Cache:
+    """A one-tier cache of ``cap`` blocks driven like the simulator drives it."""
+
+    def __init__(self, policy: SessionPolicy, cap: int) -> None:
+        self.p, self.cap = policy, cap
+        self.res: set[Any] = set()
+        self.evicted: list[tuple[Any, Action]] = []
+
+    def request(self, session: str, blocks: list[Any], now: float) -> int:
+        self.p.on_request(blocks, now, session)
+        hits = 0
+        for b in blocks:
+            if b in self.res:
+                hits += 1
+                self.p.on_hit(L1, b, now, session)
+                continue
+            while len(self.res) >= self.cap:
+                v = self.p.victim(L1, now)
+                assert v is not None
+                self.evicted.append(v)
+                self.res.discard(v[0])
+                self.p.on_remove(L1, v[0])
+            self.res.add(b)
+            self.p.on_insert(L1, b, 1, now, session)
+        return hits
+
+    def turn_end(self, session: str, reason: TurnEndReason, now: float) -> None:
+        self.p.on_session_event(SessionEvent("ns", session, TurnEnd(reason)), now)
+
+    def end(self, session: str, now: float) -> None:
+        self.p.on_session_event(SessionEvent("ns", session, SessionEnd()), now)
+
+
+def test_tool_call_hint_keeps_blocks_lru_would_drop() -> None:
+    c = Cache(SessionPolicy([L1], learn=False), cap=4)
+    c.request("A", ["a1", "a2"], 0.0)
+    c.request("B", ["b1", "b2"], 1.0)
+    c.turn_end("A", TOOL, 2.0)  # A is back within seconds
+    c.turn_end("B", USER, 2.0)  # B waits for a person
+    c.request("C", ["c1"], 3.0)
+    # LRU would evict a1 (oldest); the session policy evicts from B, the end of its context
+    assert c.evicted == [("b2", Action.DROP)]
+    assert c.request("A", ["a1", "a2", "a3"], 4.0) == 2
+
+
+def test_compacted_blocks_go_first_and_are_dropped() -> None:
+    c = Cache(SessionPolicy([L1, L2], learn=False), cap=4)
+    c.request("A", ["p", "x", "y"], 0.0)
+    c.turn_end("A", TOOL, 1.0)
+    c.request("A", ["p", "s"], 2.0)  # context compacted: x, y fell out
+    c.request("B", ["b1", "b2"], 3.0)
+    assert sorted(c.evicted) == [("x", Action.DROP), ("y", Action.DEMOTE)] or sorted(
+        b for b, _ in c.evicted) == ["x", "y"]
+    assert all(a == Action.DROP for _, a in c.evicted)
+    p = c.p
+    # on an upper tier a live block is demoted, a dead one dropped
+    p.on_insert(L2, "q", 1, 0.0)
+    p.on_insert(L1, "q", 1, 0.0, "A")
+    v = p.victim(L1, 4.0)
+    assert v is not None and v[1] == Action.DEMOTE
+
+
+def test_session_end_drops_private_blocks_first_keeps_shared_prefix() -> None:
+    c = Cache(SessionPolicy([L1], learn=False), cap=8)
+    c.request("P", ["sys1", "sys2", "p1", "p2"], 0.0)  # parent
+    c.turn_end("P", TOOL, 1.0)  # waiting for its sub-agent
+    c.request("P/sub", ["sys1", "sys2", "s1", "s2"], 2.0)  # shares the prefix
+    c.turn_end("P/sub", TOOL, 3.0)
+    c.end("P/sub", 4.0)
+    c.request("Q", ["q1", "q2", "q3"], 5.0)  # needs 3 slots of 6 used + 2 free
+    first = c.evicted[:1]
+    assert first[0][0] in ("s1", "s2") and first[0][1] == Action.DROP
+    c.request("Q", ["q1", "q2", "q3", "q4", "q5"], 6.0)
+    evicted = [b for b, _ in c.evicted]
+    assert set(evicted[:2]) == {"s1", "s2"}
+    assert "sys1" not in evicted and "sys2" not in evicted
+    # the parent comes back: its shared prefix is still there
+    assert c.request("P", ["sys1", "sys2"], 7.0) == 2
+
+
+def test_learns_gaps_per_hint_class() -> None:
+    p = SessionPolicy([L1])
+    for i in range(50):
+        t = 100.0 * i
+        p.on_request(["a"], t, "A")
+        p.on_session_event(SessionEvent("ns", "A", TurnEnd(TOOL)), t + 1)
+    # tool-call gaps observed: ~99 s; the prior said 10 s
+    rem = p.gaps.remaining(2, 0.0)
+    assert 60.0 < rem < 140.0
+
+
+def test_ghost_lru_fallback_when_hints_are_wrong() -> None:
+    """Hints say A comes back soon and B late; the truth is the reverse. With learning off,
+    only the ghost-LRU comparison can notice: after a few rounds the policy follows LRU."""
+    p = SessionPolicy([L1], learn=False, trust_limit=8)
+    c = Cache(p, cap=8)
+    b_hits = []
+    for r in range(12):
+        t = 1000.0 * r
+        c.request("A", ["a1", "a2"], t)
+        c.turn_end("A", TOOL, t + 1)  # wrong: A returns only next round
+        c.request("B", ["b1", "b2"], t + 2)
+        c.turn_end("B", USER, t + 3)  # wrong: B returns within seconds
+        c.request("C", [f"c{r}.{i}" for i in range(6)], t + 4)  # pressure
+        b_hits.append(c.request("B", ["b1", "b2"], t + 5))
+        c.turn_end("B", USER, t + 6)
+    assert p.trust < 0
+    assert b_hits[-1] == 2 and b_hits[0] == 0  # first rounds follow the hints, then LRU
+    assert p.stats["lru_choice"] > 0
+
+
+def test_pin_with_ttl() -> None:
+    c = Cache(SessionPolicy([L1], learn=False), cap=2)
+    c.request("A", ["a1"], 0.0)
+    c.p.pin(["a1"], until=10.0)
+    c.request("B", ["b1"], 1.0)
+    c.request("B", ["b1", "b2"], 2.0)  # a1 is LRU and B is fresher, but a1 is pinned
+    assert "a1" in c.res
+    c.request("B", ["b1", "b2", "b3"], 20.0)  # pin expired
+    assert "a1" not in c.res
+
+
+def test_no_sessions_is_lru() -> None:
+    p = SessionPolicy([L1])
+    for i, b in enumerate("ABCD"):
+        p.on_insert(L1, b, 1, float(i))
+    p.on_hit(L1, "A", 5.0)
+    assert p.victim(L1, 6.0) == ("B", Action.DROP)
