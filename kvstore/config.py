@@ -104,6 +104,10 @@ class ServerConfig:
     workers: int = opt(4, "threads for blocking LMDB reads and native work", parse_int)
     shm_reserve_ms: int = opt(30_000, "shared memory: how long a reserved slot waits for its "
                               "commit", parse_int)
+    max_pin_ms: int = opt(600_000, "longest pin a SessionEvent may take (and the TTL of a pin "
+                          "that names none)", parse_int)
+    pin_quota: float = opt(0.25, "most bytes one namespace may pin in L1, as a share of "
+                           "l1.capacity", parse_float)
     shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
                             "crashed client's leases end after this)", parse_int)
 
@@ -166,7 +170,11 @@ class L3Config:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    name: str = opt("lru", "placement policy: lru", parse_str)
+    name: str = opt("lru", "placement policy: lru, s3fifo, sieve, gdsf or session "
+                    "(docs/policy.md)", parse_str)
+    clock: str = opt("wall", "time the policy sees: 'wall' (the server's monotonic clock) or "
+                     "'client' (seconds from each call's kvstore-clock metadata: for replaying "
+                     "traces through a live server, never for production)", parse_str)
 
 
 @dataclass(frozen=True)
@@ -301,6 +309,10 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.page_bytes must be a power of two")
     if config.l1.capacity < config.l1.page_bytes:
         raise InvalidConfig("l1.capacity must hold at least one page")
+    if config.policy.clock not in ("wall", "client"):
+        raise InvalidConfig("policy.clock must be 'wall' or 'client'")
+    if not 0.0 <= s.pin_quota <= 1.0:
+        raise InvalidConfig("server.pin_quota must be in [0, 1]")
     if config.l2.write_mode not in ("evict", "always"):
         raise InvalidConfig("l2.write_mode must be 'evict' or 'always'")
     if not 0.0 <= config.l2.clean_reserve < 1.0:

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,7 @@ class Entry:
     dead: bool = False  # no longer in the index; free L1 once unpinned
     dirty: bool = False  # in L1 with no L2 copy and no L2 write queued
     generation: int = 0  # distinguishes successive uses of the same L1 extent
+    pin_until: float = 0.0  # a session's pin keeps it in L1 until then
     loading: asyncio.Future[None] | None = field(default=None)
 
     @property
@@ -211,6 +213,14 @@ class TieredStore:
             ([TierName.L3] if self.l3 else [])
         self.policy: Policy = make_policy(config.policy.name, tiers)
         self._l3_loading: dict[BlockId, asyncio.Future[None]] = {}
+        self.client_clock = config.policy.clock == "client"
+        self._client_now = 0.0
+        if self.client_clock:
+            self.clock = self._client_time
+        # The keys of each session's latest Lookup (for Prefetch by session).
+        self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
+        self._pins: dict[BlockId, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.index: dict[BlockId, Entry] = {}
         self._counters = {t: _Counters() for t in TierName}
         self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
@@ -252,6 +262,11 @@ class TieredStore:
         """Write every block that is only in L1 to L2, finish queued writes
         and release every tier."""
         self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self.l3 is not None:
             await self.l3.close()
         if self.l2 is not None:
@@ -385,7 +400,8 @@ class TieredStore:
         entry = self.index.get(block)
         if entry is None or entry.l1 < 0:
             return True  # stale policy entry: evicting it only cleans up
-        return not entry.pinned and entry.lease_until <= self.clock()
+        now = self.clock()
+        return not entry.pinned and entry.lease_until <= now and entry.pin_until <= now
 
     def _evict_l1(self, block: BlockId, action: Action) -> None:
         entry = self.index.get(block)
@@ -634,8 +650,8 @@ class TieredStore:
             return await self._read_l3(block, entry, session)
         return None
 
-    async def _read_l3(self, block: BlockId, entry: Entry | None,
-                       session: str | None) -> BlockReader | None:
+    async def _read_l3(self, block: BlockId, entry: Entry | None, session: str | None,
+                       hint: bool = False) -> BlockReader | None:
         """Read from L3 (also blocks other nodes put) and promote into L1."""
         assert self.l3 is not None
         loop = asyncio.get_running_loop()
@@ -649,8 +665,9 @@ class TieredStore:
             if found is None:
                 return None
             entry, payload = found
-            self.get_hits += 1
-            self.policy.on_hit(TierName.L3, block, self.clock(), session)
+            if not hint:
+                self.get_hits += 1
+                self.policy.on_hit(TierName.L3, block, self.clock(), session)
             offset = -1
             if entry.l1 < 0 and self.policy.admit(TierName.L1, block, entry.size, self.clock()):
                 with contextlib.suppress(CapacityExhausted):
@@ -684,8 +701,10 @@ class TieredStore:
         self._counters[TierName.L1].promotions += 1
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
 
-    async def _read_l2(self, block: BlockId, entry: Entry,
-                       session: str | None) -> BlockReader | None:
+    async def _read_l2(self, block: BlockId, entry: Entry, session: str | None,
+                       hint: bool = False) -> BlockReader | None:
+        """Read from L2, verify, promote into L1 if admitted. ``hint``: a
+        prefetch, not a reference (no hit counted, the policy is not told)."""
         assert self.l2 is not None
         c2 = self._counters[TierName.L2]
         loop = asyncio.get_running_loop()
@@ -717,8 +736,9 @@ class TieredStore:
                     self._forget(block, entry)
                 return None
             c2.hits += 1
-            self.get_hits += 1
-            self.policy.on_hit(TierName.L2, block, self.clock(), session)
+            if not hint:
+                self.get_hits += 1
+                self.policy.on_hit(TierName.L2, block, self.clock(), session)
             if offset >= 0:
                 self._place_in_l1(block, entry, offset, session)
                 entry.readers += 1
@@ -777,6 +797,8 @@ class TieredStore:
         for i, key in enumerate(keys):
             validate_key(key, i)
         blocks = [(namespace, key) for key in keys]
+        if session:
+            self._note_request(namespace, session, blocks)
         entries = [self.index.get(b) for b in blocks]
         tiers = [self._tier_of(e) for e in entries]
         if self.l3 is not None and self.l3.healthy and None in tiers:
@@ -808,6 +830,110 @@ class TieredStore:
             if any(entry is None for entry in heads):
                 return
             start += window
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def set_client_time(self, now: float) -> None:
+        """policy.clock = client: the time a replay says it is (never goes back)."""
+        if now > self._client_now:
+            self._client_now = now
+
+    def _client_time(self) -> float:
+        return self._client_now
+
+    def _note_request(self, namespace: str, session: str, blocks: list[BlockId]) -> None:
+        """A session's request: tell the policy which blocks its context holds."""
+        self.policy.on_request(blocks, self.clock(), session)
+        key = (namespace, session)
+        self._session_blocks[key] = blocks
+        self._session_blocks.move_to_end(key)
+        while len(self._session_blocks) > 10_000:
+            self._session_blocks.popitem(last=False)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def prefetch(self, namespace: str, session: str, keys: Sequence[bytes]) -> tuple[int, int]:
+        """Bring blocks into L1 in the background: ``keys``, or the blocks of
+        the session's latest Lookup. Returns the blocks and bytes found."""
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        blocks = [(namespace, k) for k in keys] if keys else \
+            list(self._session_blocks.get((namespace, session), []))
+        wanted = [(b, e) for b in blocks if (e := self.index.get(b)) is not None]
+        todo = [b for b, e in wanted if e.l1 < 0]
+        if todo:
+            self._spawn(self._promote_all(todo))
+        return len(wanted), sum(e.size for _, e in wanted)
+
+    async def _promote_all(self, blocks: list[BlockId]) -> None:
+        for block in blocks:
+            entry = self.index.get(block)
+            if entry is None or entry.l1 >= 0 or self._closing:
+                continue
+            reader: BlockReader | None = None
+            with contextlib.suppress(Exception):
+                if entry.l2 and self.l2 is not None:
+                    reader = await self._read_l2(block, entry, None, hint=True)
+                elif entry.l3 and self.l3 is not None:
+                    reader = await self._read_l3(block, entry, None, hint=True)
+            if reader is not None:
+                reader.close()
+
+    async def pin(self, namespace: str, keys: Sequence[bytes], ttl_ms: int) -> tuple[int, int]:
+        """Keep blocks in L1 for ``ttl_ms`` (promoting them first), within the
+        namespace's pin quota. Returns the blocks and bytes pinned."""
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        cfg = self.config.server
+        now = self.clock()
+        until = now + min(ttl_ms or cfg.max_pin_ms, cfg.max_pin_ms) / 1000.0
+        blocks = [(namespace, k) for k in keys]
+        found = [(b, e) for b in blocks if (e := self.index.get(b)) is not None]
+        quota = int(cfg.pin_quota * self.l1.capacity)
+        wanted = {b for b, _ in found}
+        held = sum(e.size for b, until_b in self._pins.items()
+                   if b[0] == namespace and until_b > now and b not in wanted
+                   and (e := self.index.get(b)) is not None)
+        asked = sum(e.size for _, e in found)
+        if held + asked > quota:
+            raise CapacityExhausted(
+                f"pinning {asked} bytes would put namespace {namespace!r} over its pin quota "
+                f"of {quota} bytes ({held} already pinned; server.pin_quota)")
+        await self._promote_all([b for b, e in found if e.l1 < 0])
+        pinned = 0
+        nbytes = 0
+        for block, entry in found:
+            if entry.dead or entry.l1 < 0:
+                continue
+            entry.pin_until = until
+            self._pins[block] = until
+            pinned += 1
+            nbytes += entry.size
+        self.policy.pin([b for b, _ in found], until)
+        self._drop_expired_pins(now)
+        return pinned, nbytes
+
+    def unpin(self, namespace: str, keys: Sequence[bytes]) -> tuple[int, int]:
+        count = nbytes = 0
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+            block = (namespace, key)
+            if self._pins.pop(block, None) is not None:
+                entry = self.index.get(block)
+                if entry is not None:
+                    entry.pin_until = 0.0
+                    count += 1
+                    nbytes += entry.size
+        self._progress()
+        return count, nbytes
+
+    def _drop_expired_pins(self, now: float) -> None:
+        if len(self._pins) > 1024:
+            for block in [b for b, t in self._pins.items() if t <= now]:
+                del self._pins[block]
 
     async def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """Remove blocks from every tier, the shared L3 included."""

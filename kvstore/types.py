@@ -56,6 +56,39 @@ class SessionEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Bring blocks into L1 ahead of the next request; no keys = the blocks
+    of the session's latest Lookup."""
+
+    keys: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """Keep blocks in L1 for ttl_ms (0 = the server's max_pin_ms)."""
+
+    keys: tuple[bytes, ...]
+    ttl_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Unpin:
+    keys: tuple[bytes, ...]
+
+
+#: Every kind of SessionEvent a client can send.
+SessionHint = TurnEnd | SessionEnd | Prefetch | Pin | Unpin
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEventResult:
+    """Prefetch / Pin / Unpin: the blocks (and bytes) they applied to."""
+
+    blocks: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEvent:
     namespace: str
     session_id: str

@@ -23,7 +23,17 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.errors import InvalidArgument
-from kvstore.types import AckLevel, SessionEnd, TurnEnd, TurnEndReason, validate_namespace
+from kvstore.types import (
+    AckLevel,
+    Pin,
+    Prefetch,
+    SessionEnd,
+    SessionHint,
+    TurnEnd,
+    TurnEndReason,
+    Unpin,
+    validate_namespace,
+)
 
 
 class PreparedPut:
@@ -120,10 +130,21 @@ class ClientBase:
         return len(ks), conv.encode_delete_request(ns, ks)
 
     def _prepare_session_event(
-        self, session_id: str, event: TurnEnd | SessionEnd, namespace: str | None
+        self, session_id: str, event: SessionHint, namespace: str | None
     ) -> bytes:
         ns = resolve_namespace(namespace, self.namespace)
-        if not isinstance(session_id, str) or not session_id:
+        if not isinstance(session_id, str):
+            raise InvalidArgument("session_id must be a str")
+        if isinstance(event, (Prefetch, Pin, Unpin)):
+            normalize_keys(event.keys)
+            if isinstance(event, Prefetch) and not event.keys and not session_id:
+                raise InvalidArgument("prefetch needs keys or a session_id")
+            if isinstance(event, Pin) and (not isinstance(event.ttl_ms, int)
+                                           or not 0 <= event.ttl_ms < 2**32):
+                raise InvalidArgument(f"ttl_ms must be an int in [0, 2**32), not "
+                                      f"{event.ttl_ms!r}")
+            return conv.encode_session_event(ns, session_id, event)
+        if not session_id:
             raise InvalidArgument("session_id is required (a non-empty str)")
         if isinstance(event, TurnEnd):
             if not isinstance(event.expected_gap_ms, int) or event.expected_gap_ms < 0:
@@ -136,7 +157,8 @@ class ClientBase:
                 raise InvalidArgument(f"turn end reason {event.reason!r} is unknown") from None
         elif not isinstance(event, SessionEnd):
             raise InvalidArgument(
-                f"event must be a TurnEnd or a SessionEnd, not {type(event).__name__}"
+                "event must be a TurnEnd, SessionEnd, Prefetch, Pin or Unpin, not "
+                f"{type(event).__name__}"
             )
         return conv.encode_session_event(ns, session_id, event)
 

@@ -24,7 +24,11 @@ from typing import Any
 from kvstore.types import (
     AckLevel,
     LookupResult,
+    Pin,
+    Prefetch,
     SessionEnd,
+    SessionEventResult,
+    SessionHint,
     StoreStats,
     TierName,
     TierStats,
@@ -165,17 +169,25 @@ def decode_stats_response(raw: bytes) -> StoreStats:
     )
 
 
-def encode_session_event(namespace: str, session_id: str, event: TurnEnd | SessionEnd) -> bytes:
+def encode_session_event(namespace: str, session_id: str, event: SessionHint) -> bytes:
     req = pb.SessionEventRequest(namespace=namespace, session_id=session_id)
     if isinstance(event, TurnEnd):
         req.turn_end.reason = int(event.reason)  # type: ignore[assignment]
         req.turn_end.expected_gap_ms = event.expected_gap_ms
         req.turn_end.tool_name = event.tool_name
-    else:
+    elif isinstance(event, SessionEnd):
         req.session_end.SetInParent()
+    elif isinstance(event, Prefetch):
+        req.prefetch.SetInParent()
+        req.prefetch.keys.extend(event.keys)
+    elif isinstance(event, Pin):
+        req.pin.keys.extend(event.keys)
+        req.pin.ttl_ms = event.ttl_ms
+    else:
+        req.unpin.keys.extend(event.keys)
     return req.SerializeToString()
 
 
-def decode_session_event_response(raw: bytes) -> object:
-    # Not None: gRPC takes a None from a deserializer for a failure.
-    return pb.SessionEventResponse.FromString(raw)
+def decode_session_event_response(raw: bytes) -> SessionEventResult:
+    resp = pb.SessionEventResponse.FromString(raw)
+    return SessionEventResult(resp.blocks, resp.bytes)

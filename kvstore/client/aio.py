@@ -22,10 +22,14 @@ from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
     LookupResult,
+    Pin,
+    Prefetch,
     SessionEnd,
+    SessionEventResult,
+    SessionHint,
     StoreStats,
-    TurnEnd,
     TurnEndReason,
+    Unpin,
 )
 
 
@@ -179,13 +183,29 @@ class AsyncClient(ClientBase):
     async def session_event(
         self,
         session_id: str,
-        event: TurnEnd | SessionEnd,
+        event: SessionHint,
         *,
         namespace: str | None = None,
-    ) -> None:
+    ) -> SessionEventResult:
         """See :meth:`kvstore.Client.session_event`."""
         req = self._prepare_session_event(session_id, event, namespace)
-        await self._unary(conv.SESSION_EVENT, req)
+        result: SessionEventResult = await self._unary(conv.SESSION_EVENT, req)
+        return result
+
+    async def prefetch(self, session_id: str = "", keys: Iterable[bytes] = (), *,
+                       namespace: str | None = None) -> SessionEventResult:
+        """See :meth:`kvstore.Client.prefetch`."""
+        return await self.session_event(session_id, Prefetch(tuple(keys)), namespace=namespace)
+
+    async def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
+                  namespace: str | None = None) -> SessionEventResult:
+        """See :meth:`kvstore.Client.pin`."""
+        return await self.session_event(session_id, Pin(tuple(keys), ttl_ms),
+                                        namespace=namespace)
+
+    async def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
+                    namespace: str | None = None) -> SessionEventResult:
+        return await self.session_event(session_id, Unpin(tuple(keys)), namespace=namespace)
 
     async def turn_end(
         self,

@@ -21,10 +21,14 @@ from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
     LookupResult,
+    Pin,
+    Prefetch,
     SessionEnd,
+    SessionEventResult,
+    SessionHint,
     StoreStats,
-    TurnEnd,
     TurnEndReason,
+    Unpin,
 )
 
 
@@ -193,12 +197,30 @@ class Client(ClientBase):
     def session_event(
         self,
         session_id: str,
-        event: TurnEnd | SessionEnd,
+        event: SessionHint,
         *,
         namespace: str | None = None,
-    ) -> None:
-        """Tell the placement policy about a session (a hint: never affects data)."""
-        self._unary(self._session_rpc, self._prepare_session_event(session_id, event, namespace))
+    ) -> SessionEventResult:
+        """Tell the placement policy about a session: TurnEnd, SessionEnd,
+        Prefetch, Pin or Unpin (hints: they never affect stored data)."""
+        req = self._prepare_session_event(session_id, event, namespace)
+        result: SessionEventResult = self._unary(self._session_rpc, req)
+        return result
+
+    def prefetch(self, session_id: str = "", keys: Iterable[bytes] = (), *,
+                 namespace: str | None = None) -> SessionEventResult:
+        """Bring ``keys`` (or the blocks of the session's latest Lookup) into
+        L1 ahead of the next request. Returns the blocks found."""
+        return self.session_event(session_id, Prefetch(tuple(keys)), namespace=namespace)
+
+    def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
+            namespace: str | None = None) -> SessionEventResult:
+        """Keep blocks in L1 for ``ttl_ms`` (within the namespace's pin quota)."""
+        return self.session_event(session_id, Pin(tuple(keys), ttl_ms), namespace=namespace)
+
+    def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
+              namespace: str | None = None) -> SessionEventResult:
+        return self.session_event(session_id, Unpin(tuple(keys)), namespace=namespace)
 
     def turn_end(
         self,

@@ -51,8 +51,20 @@ class KVStoreServicer:
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
 
+    def _tick(self, context: grpc.aio.ServicerContext) -> None:
+        """policy.clock = client: take the policy's time from the call."""
+        if self.store.client_clock:
+            for key, value in context.invocation_metadata() or ():
+                if key == "kvstore-clock":
+                    try:
+                        self.store.set_client_time(float(value))
+                    except ValueError:
+                        raise InvalidArgument(
+                            f"kvstore-clock metadata {value!r} is not a number") from None
+
     async def Put(self, request_iterator: AsyncIterator[wire.PutChunkView | wire.BadPutChunk],
                   context: grpc.aio.ServicerContext) -> pb.PutResponse:
+        self._tick(context)
         store = self.store
         namespace = ""
         ack = AckLevel.MEMORY
@@ -110,6 +122,7 @@ class KVStoreServicer:
 
     async def Get(self, request: pb.GetRequest,
                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        self._tick(context)
         store = self.store
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
@@ -135,6 +148,7 @@ class KVStoreServicer:
 
     async def Lookup(self, request: pb.LookupRequest,
                      context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         result = await self.store.lookup(namespace, list(request.keys), request.lease_ms,
                                    request.session_id or None)
@@ -142,6 +156,7 @@ class KVStoreServicer:
 
     async def Delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         deleted = await self.store.delete(namespace, list(request.keys))
         return pb.DeleteResponse(deleted=deleted)
@@ -161,10 +176,12 @@ class KVStoreServicer:
 
     async def SessionEvent(self, request: pb.SessionEventRequest,
                            context: grpc.aio.ServicerContext) -> pb.SessionEventResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
-        if not request.session_id:
-            raise InvalidArgument("session_id is required")
         which = request.WhichOneof("event")
+        if (not request.session_id and which in ("turn_end", "session_end", None)) or \
+                (which == "prefetch" and not request.session_id and not request.prefetch.keys):
+            raise InvalidArgument("session_id is required")
         event: Any
         if which == "turn_end":
             te = request.turn_end
@@ -175,8 +192,20 @@ class KVStoreServicer:
             event = TurnEnd(reason, te.expected_gap_ms, te.tool_name)
         elif which == "session_end":
             event = SessionEnd()
+        elif which == "prefetch":
+            blocks, nbytes = self.store.prefetch(namespace, request.session_id,
+                                                 list(request.prefetch.keys))
+            return pb.SessionEventResponse(blocks=blocks, bytes=nbytes)
+        elif which == "pin":
+            blocks, nbytes = await self.store.pin(namespace, list(request.pin.keys),
+                                                  request.pin.ttl_ms)
+            return pb.SessionEventResponse(blocks=blocks, bytes=nbytes)
+        elif which == "unpin":
+            blocks, nbytes = self.store.unpin(namespace, list(request.unpin.keys))
+            return pb.SessionEventResponse(blocks=blocks, bytes=nbytes)
         else:
-            raise InvalidArgument("SessionEvent needs one of turn_end or session_end")
+            raise InvalidArgument("SessionEvent needs one of turn_end, session_end, prefetch, "
+                                  "pin or unpin")
         self.store.session_event(SessionEvent(namespace, request.session_id, event))
         return pb.SessionEventResponse()
 
@@ -192,6 +221,7 @@ class KVStoreServicer:
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         slots = await self.shm.reserve(namespace, [(b.key, b.size) for b in request.blocks],
                                        request.session_id or None)
@@ -201,6 +231,7 @@ class KVStoreServicer:
 
     async def ShmCommit(self, request: pb.ShmCommitRequest,
                         context: grpc.aio.ServicerContext) -> pb.ShmCommitResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         if request.ack not in _ACK:
             raise InvalidArgument(f"unknown acknowledgement level {request.ack}")
@@ -211,6 +242,7 @@ class KVStoreServicer:
 
     async def ShmAcquire(self, request: pb.ShmAcquireRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmAcquireResponse:
+        self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         leases = await self.shm.acquire(namespace, list(request.keys),
                                         request.session_id or None, request.lease_ms)

@@ -1,1 +1,4 @@
-"""Generated protobuf and gRPC modules for kvstore.v1 (built from proto/ by setup.py, not committed)."""
+"""Generated protobuf and gRPC modules for kvstore.v1.
+
+Built from proto/ by setup.py at install time; never committed.
+"""

@@ -1,0 +1,86 @@
+"""Session hints over the wire: prefetch, pin/unpin with a quota, the session
+policy in a live server."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from kvstore import Client
+from kvstore.errors import CapacityExhausted, InvalidArgument
+from kvstore.types import SessionEnd, TierName, TurnEnd, TurnEndReason
+
+MiB = 1024**2
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)  # bounded poll
+
+
+def test_prefetch_by_session_brings_blocks_back_into_l1(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory(l1_capacity="8MiB") as server, Client(server.tcp, namespace="p") as c:
+        chain = [f"s{i}".encode() for i in range(4)]
+        c.put({k: os.urandom(MiB) for k in chain}, ack="local")
+        assert c.lookup(chain, session_id="agent-1").found == 4
+        for i in range(12):  # push the session's blocks out of L1
+            c.put({f"x{i}".encode(): os.urandom(MiB)}, ack="local")
+        assert c.lookup(chain).tiers == [TierName.L2] * 4
+        result = c.prefetch("agent-1")
+        assert result.blocks == 4 and result.bytes == 4 * MiB
+        wait_for(lambda: c.lookup(chain).tiers == [TierName.L1] * 4)
+        hits_before = c.stats().get_hits
+        assert c.prefetch(keys=[b"x0", b"missing"]).blocks == 1
+        assert c.stats().get_hits == hits_before  # a prefetch is not a hit
+
+
+def test_pin_keeps_blocks_in_l1_within_the_quota(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-pin-quota", "0.5", l1_capacity="8MiB") as server, \
+            Client(server.tcp, namespace="pin") as c:
+        c.put({b"sys-prompt": os.urandom(MiB), b"tools": os.urandom(MiB)}, ack="local")
+        assert c.pin([b"sys-prompt", b"tools"], ttl_ms=60_000).blocks == 2
+        for i in range(16):
+            c.put({f"f{i}".encode(): os.urandom(MiB)}, ack="local")
+        assert c.lookup([b"sys-prompt", b"tools"]).tiers == [TierName.L1] * 2
+        c.put({b"more": os.urandom(3 * MiB)}, ack="local")
+        with pytest.raises(CapacityExhausted, match="pin quota"):
+            c.pin([b"more"])  # 2 + 3 MiB > half of 8 MiB
+        assert c.unpin([b"tools"]).blocks == 1
+        assert c.pin([b"more"]).blocks == 1
+        with pytest.raises(InvalidArgument):
+            c.pin([b""])
+
+
+def test_session_policy_serves_and_takes_hints(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--policy-name", "session", l1_capacity="16MiB") as server, \
+            Client(server.tcp, namespace="sp") as c:
+        assert c.stats().policy == "session"
+        for turn in range(6):
+            keys = [f"ctx{i}".encode() for i in range(turn + 2)]
+            found = c.lookup(keys, session_id="a").found
+            c.put({k: os.urandom(512 * 1024) for k in keys[found:]}, session_id="a")
+            assert c.get(keys[:found], session_id="a") == c.get(keys[:found])
+            c.session_event("a", TurnEnd(TurnEndReason.TOOL_CALL, 1200, "bash"))
+        c.session_event("a", SessionEnd())
+        assert c.lookup([b"ctx0", b"ctx1"]).found == 2
+
+
+def test_client_clock_drives_policy_time(server_factory) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    from kvstore.v1 import kvstore_pb2 as pb
+
+    with server_factory("--policy-clock", "client", l1_capacity="8MiB") as server, \
+            grpc.insecure_channel(server.tcp) as ch:
+        lookup = ch.unary_unary("/kvstore.v1.KVStore/Lookup",
+                                request_serializer=pb.LookupRequest.SerializeToString,
+                                response_deserializer=pb.LookupResponse.FromString)
+        req = pb.LookupRequest(namespace="clk", keys=[b"k"], session_id="s")
+        lookup(req, metadata=[("kvstore-clock", "1234.5")])
+        with pytest.raises(grpc.RpcError) as info:
+            lookup(req, metadata=[("kvstore-clock", "soon")])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
