@@ -46,6 +46,9 @@ cdef extern from "kv_block.h" nogil:
     int kv_crc_best
     uint32_t kv_crc32c(uint32_t crc, const void *buf, size_t n)
     uint32_t kv_crc32c_copy(uint32_t crc, void *dst, const void *src, size_t n)
+    uint32_t kv_crc32c_copy_nt(uint32_t crc, void *dst, const void *src, size_t n)
+    size_t kv_nt_min_bytes
+    int kv_prefetch_lines
     uint16_t kv_get16(const uint8_t *p)
     uint32_t kv_get32(const uint8_t *p)
     uint64_t kv_get64(const uint8_t *p)
@@ -105,6 +108,26 @@ def _use_crc32c(name=None):
     return name
 
 
+def _streaming_store_threshold(n=None):
+    """Bytes from which copies use streaming stores; set it with ``n`` (tests
+    and benchmarks only). Returns the previous value."""
+    global kv_nt_min_bytes
+    old = kv_nt_min_bytes
+    if n is not None:
+        kv_nt_min_bytes = n
+    return old
+
+
+def _prefetch_lines(n=None):
+    """Cache lines of the next page prefetched during gathers and scatters
+    (benchmarks only). Returns the previous value."""
+    global kv_prefetch_lines
+    old = kv_prefetch_lines
+    if n is not None:
+        kv_prefetch_lines = n
+    return old
+
+
 cdef int _get_buffer(object obj, Py_buffer *view, bint writable, str name) except -1:
     PyObject_GetBuffer(obj, view, PyBUF_STRIDES)
     if not PyBuffer_IsContiguous(view, b'C'):
@@ -135,7 +158,7 @@ def checksum(data, seed=0):
 def copy_and_checksum(dst, Py_ssize_t dst_offset, src, seed=0):
     """Copy ``src`` into ``dst[dst_offset:]`` and return the CRC-32C of
     ``src`` continuing from ``seed``, in one pass (the GIL is released for
-    copies of 16 KiB or more)."""
+    copies of 16 KiB or more; copies of 8 MiB or more use streaming stores)."""
     cdef uint32_t s = seed & 0xFFFFFFFF
     cdef Py_buffer d, v
     _get_buffer(dst, &d, True, "dst")
@@ -146,7 +169,10 @@ def copy_and_checksum(dst, Py_ssize_t dst_offset, src, seed=0):
                 raise ValueError(
                     f"copy of {v.len} bytes at offset {dst_offset} overflows a "
                     f"{d.len}-byte buffer")
-            if v.len >= NOGIL_BYTES:
+            if <size_t>v.len >= kv_nt_min_bytes:
+                with nogil:
+                    s = kv_crc32c_copy_nt(s, <char *>d.buf + dst_offset, v.buf, <size_t>v.len)
+            elif v.len >= NOGIL_BYTES:
                 with nogil:
                     s = kv_crc32c_copy(s, <char *>d.buf + dst_offset, v.buf, <size_t>v.len)
             else:
