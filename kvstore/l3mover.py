@@ -252,8 +252,9 @@ class L3Mover:
             return None
         current = self.store.index.get(block)
         if entry is None:
-            entry = current if current is not None else self._discovered(
-                block, meta.size, meta.checksum, meta.created)
+            if current is None:
+                current = self._discovered(block, meta.size, meta.checksum, meta.created)
+            entry = current
         if entry is not current:
             counters.misses += 1
             return None

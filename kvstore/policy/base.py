@@ -7,7 +7,7 @@ simulator in ``bench/replay``, so a hit rate measured offline is the server's.
 Protocol, per tier the policy was built for:
 
 * ``on_insert`` — a block was placed in the tier (Put, promotion, demotion).
-* ``on_hit`` — a block was read from the tier.
+* ``on_hit`` — a block was read from the tier (``on_hits``: several, in order).
 * ``on_remove`` — a block left the tier (evicted, deleted, found corrupt).
   Called for every removal, including those that follow ``victim``.
 * ``on_session_event`` — a session hint (turn ended, session ended).
@@ -69,6 +69,14 @@ class Policy(abc.ABC):
 
     def admit(self, tier: TierName, block: BlockId, size: int, now: float) -> bool:
         return True
+
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        """Several hits of one read, in order; exactly ``on_hit`` for each block (policies
+        override it only to be faster, e.g. in the trace simulator)."""
+        on_hit = self.on_hit
+        for b in blocks:
+            on_hit(tier, b, now, session)
 
     def on_request(self, blocks: Sequence[BlockId], now: float,  # noqa: B027
                    session: str | None = None) -> None:

@@ -13,6 +13,7 @@ a caller can pass ``cost_fn(block, size)`` for a position- or model-dependent co
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from kvstore.policy.base import Action, Evictable, Policy
@@ -24,15 +25,28 @@ DEFAULT_COST_PER_BYTE = (1 / 10_000 - 1 / 100_000) / 1024
 
 
 class _Heap:
-    __slots__ = ("freq", "heap", "inflation", "pri", "seq", "weight")
+    """Blocks bucketed by priority: one FIFO (OrderedDict) per distinct H, a min-heap of
+    the distinct H values. Equal H: the block updated (inserted or hit) longest ago goes
+    first. With uniform cost/size every H is an integer (L starts at 0 and becomes a
+    victim's H; H = L + freq), so there are few buckets and a hit costs O(1)."""
+
+    __slots__ = ("buckets", "freq", "inflation", "keys", "pri", "weight")
 
     def __init__(self) -> None:
         self.inflation = 0.0
         self.pri: dict[BlockId, float] = {}
         self.freq: dict[BlockId, int] = {}
         self.weight: dict[BlockId, float] = {}  # cost / size
-        self.heap: list[tuple[float, int, BlockId]] = []
-        self.seq = 0
+        self.buckets: dict[float, OrderedDict[BlockId, None]] = {}
+        self.keys: list[float] = []  # heap of the keys of ``buckets``
+
+    def place(self, block: BlockId, pri: float) -> None:
+        self.pri[block] = pri
+        b = self.buckets.get(pri)
+        if b is None:
+            b = self.buckets[pri] = OrderedDict()
+            heapq.heappush(self.keys, pri)
+        b[block] = None
 
 
 class GDSFPolicy(Policy):
@@ -54,54 +68,62 @@ class GDSFPolicy(Policy):
         h = self._h[tier]
         if block in h.pri:
             return
-        w = self._weight(block, size)
+        w = 1.0 if self.cost_fn is None else self._weight(block, size)
         h.weight[block] = w
         h.freq[block] = 1
-        pri = h.inflation + w
-        h.pri[block] = pri
-        h.seq += 1
-        heapq.heappush(h.heap, (pri, h.seq, block))
+        h.place(block, h.inflation + w)
 
     def on_hit(self, tier: TierName, block: BlockId, now: float,
                session: str | None = None) -> None:
+        self.on_hits(tier, (block,), now, session)
+
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
         h = self._h[tier]
-        f = h.freq.get(block)
-        if f is None:
-            return
-        f += 1
-        h.freq[block] = f
-        pri = h.inflation + f * h.weight[block]
-        h.pri[block] = pri
-        h.seq += 1
-        heapq.heappush(h.heap, (pri, h.seq, block))
-        if len(h.heap) > 4 * len(h.pri) + 1024:
-            h.heap = [(p, i, b) for i, (b, p) in enumerate(h.pri.items())]
-            heapq.heapify(h.heap)
+        freq, pri, weight, buckets = h.freq, h.pri, h.weight, h.buckets
+        get = freq.get
+        infl = h.inflation
+        place = h.place
+        for block in blocks:
+            f = get(block)
+            if f is None:
+                continue
+            f += 1
+            freq[block] = f
+            del buckets[pri[block]][block]
+            place(block, infl + f * weight[block])
 
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         h = self._h[tier]
-        if h.pri.pop(block, None) is not None:
+        p = h.pri.pop(block, None)
+        if p is not None:
             del h.freq[block]
             del h.weight[block]
+            del h.buckets[p][block]
 
     def victim(self, tier: TierName, now: float,
                evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
         h = self._h[tier]
-        heap, pri = h.heap, h.pri
-        skipped: list[tuple[float, int, BlockId]] = []
+        keys, buckets = h.keys, h.buckets
+        pop, push = heapq.heappop, heapq.heappush
+        skipped: list[float] = []
         found: tuple[BlockId, Action] | None = None
-        while heap:
-            entry = heap[0]
-            p, _, block = entry
-            if pri.get(block) != p:
-                heapq.heappop(heap)  # stale
+        while keys:
+            k = keys[0]
+            bucket = buckets[k]
+            if not bucket:
+                pop(keys)
+                del buckets[k]
                 continue
+            block = next(iter(bucket))
             if evictable is not None and not evictable(block):
-                skipped.append(heapq.heappop(heap))
-                continue
-            h.inflation = p
-            found = (block, self.default_action(tier))
+                block = next((b for b in bucket if evictable(b)), None)
+                if block is None:
+                    skipped.append(pop(keys))
+                    continue
+            h.inflation = k
+            found = (block, Action.DROP if tier is self.tiers[-1] else Action.DEMOTE)
             break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        for k in skipped:
+            push(keys, k)
         return found

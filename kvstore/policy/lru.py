@@ -29,6 +29,14 @@ class LRUPolicy(Policy):
         if block in order:
             order.move_to_end(block)
 
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        order = self._order[tier]
+        mte = order.move_to_end
+        for block in blocks:
+            if block in order:
+                mte(block)
+
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         self._order[tier].pop(block, None)
 

@@ -60,6 +60,15 @@ class S3FIFOPolicy(Policy):
         if f is not None and f < 3:
             freq[block] = f + 1
 
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        freq = self._q[tier].freq
+        get = freq.get
+        for block in blocks:
+            f = get(block)
+            if f is not None and f < 3:
+                freq[block] = f + 1
+
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         q = self._q[tier]
         if q.freq.pop(block, None) is not None or block in q.small or block in q.main:

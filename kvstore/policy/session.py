@@ -253,6 +253,30 @@ class SessionPolicy(Policy):
             ts.free[block] = now
             ts.free.move_to_end(block)
 
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        if session is None:
+            on_hit = self.on_hit
+            for b in blocks:
+                on_hit(tier, b, now, session)
+            return
+        ts = self._tiers[tier]
+        lru, own = ts.lru, ts.own
+        mte = lru.move_to_end
+        s = self._stream(session)
+        pairs = self._pairs
+        pk = ts.peek
+        for b in blocks:
+            if b not in lru:
+                continue
+            mte(b)
+            if pairs and b in pairs:
+                self._resolve(b)
+            if own[b] is not s:
+                self._adopt(tier, ts, b, s)
+            if b == pk:
+                ts.peek = pk = None
+
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         ts = self._tiers[tier]
         if ts.lru.pop(block, False) is False:

@@ -54,6 +54,13 @@ class SievePolicy(Policy):
         if block in visited:
             visited[block] = True
 
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        visited = self._s[tier].visited
+        for block in blocks:
+            if block in visited:
+                visited[block] = True
+
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         s = self._s[tier]
         if s.visited.pop(block, None) is None:

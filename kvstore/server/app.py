@@ -10,6 +10,7 @@ then flushes L2 and exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,11 @@ from kvstore.shm import SharedMemoryBroker
 from kvstore.store import TieredStore
 
 log = logging.getLogger("kvstore.server")
+
+#: grpc.health service name that reports whether the L3 object store is reachable.
+L3_HEALTH = "kvstore.v1.KVStore/L3"
+L3_WATCH_SECONDS = 0.2
+L3_PROBE_SECONDS = 1.0
 
 
 def grpc_options(config: Config) -> list[tuple[str, int]]:
@@ -52,6 +58,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None}
         self._stopped = asyncio.Event()
+        self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.start()
@@ -77,18 +84,51 @@ class Server:
             os.chmod(cfg.unix_socket, 0o600)  # the service's user only
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.store.l3 is not None:
+            await self.health.set(L3_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+            self._monitor = asyncio.get_running_loop().create_task(self._watch_l3())
         log.info("kvstore serving on %s", {k: v for k, v in self.addresses.items() if v})
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
         await self.shm.close()
         await self.store.close()
         if self.addresses["unix"]:
             Path(self.addresses["unix"]).unlink(missing_ok=True)
+
+    async def _watch_l3(self) -> None:
+        """Report L3's state as the health of ``kvstore.v1.KVStore/L3``: the
+        server stays SERVING (L1 and L2 work without it) while the object
+        store is down. While the breaker is open, probe it so an idle server
+        notices the store coming back."""
+        assert self.store.l3 is not None
+        l3 = self.store.l3
+        serving = True
+        loop = asyncio.get_running_loop()
+        last_probe = loop.time()
+        while True:
+            # Probe at once while the breaker is open (it lets one through
+            # when due), and now and then while healthy so that an outage is
+            # noticed without traffic.
+            if not l3.healthy or loop.time() - last_probe >= L3_PROBE_SECONDS:
+                last_probe = loop.time()
+                with contextlib.suppress(Exception):
+                    await l3.tier.check()
+            if l3.healthy != serving:
+                serving = l3.healthy
+                status = health_pb2.HealthCheckResponse.SERVING if serving else \
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(L3_HEALTH, status)
+                log.warning("L3 %s", "is back" if serving else "is unavailable")
+            await asyncio.sleep(L3_WATCH_SECONDS)  # a periodic check, not synchronisation
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

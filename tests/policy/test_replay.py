@@ -52,7 +52,7 @@ def test_belady_never_worse(seed: int) -> None:
 def test_agent_smoke() -> None:
     sessions = load_sessions(agent_files()[:3], max_requests=25)
     for hints in ("engine", "session_end", "none", "wrong"):
-        w = agent_workload(sessions, 2, seed=3, hints=hints)
+        w = agent_workload(sessions, 1, seed=3, hints=hints)
         cap = max(1, w.n_unique // 3)
         bel = sim.belady(w, cap).hits / w.n_refs
         for name in ("lru", "session"):

