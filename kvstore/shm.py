@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidArgument, TierNotConfigured
 from kvstore.store import BlockReader, TieredStore
-from kvstore.types import AckLevel, BlockId, TierName, validate_key
+from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key
 
 # Expired lease ids remembered, to tell "expired" from "never issued".
 _EXPIRED_MEMORY = 65_536
@@ -76,6 +76,7 @@ class CommitSpec:
     offset: int
     size: int
     checksum: int
+    format: BlockFormat = BlockFormat.RAW
 
 
 class SharedMemoryBroker:
@@ -199,6 +200,14 @@ class SharedMemoryBroker:
                 f"{len(bad)} block(s) failed their CRC-32C check (first: block #{bad[0]}, slot "
                 f"{spec0.slot_id}: client said {spec0.checksum:#010x}, slot holds "
                 f"{sums[bad[0]]:#010x}); nothing of this commit was stored")
+        try:
+            for spec, r in taken:
+                if spec.format == BlockFormat.KV_V1:
+                    await self.store.verify_block(r.offset, r.size)
+        except BaseException:
+            for _, r in taken:
+                self.store.release_reserved(r.offset, r.size)
+            raise
         durable = []
         nbytes = 0
         for spec, r in taken:

@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore._impl import verify as block_verify
 from kvstore.checksum import checksum, copy_and_checksum
 from kvstore.config import Config
 from kvstore.errors import (
@@ -51,6 +52,7 @@ from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import (
     AckLevel,
+    BlockFormat,
     BlockId,
     LookupResult,
     SessionEvent,
@@ -62,6 +64,10 @@ from kvstore.types import (
 )
 
 log = logging.getLogger("kvstore.store")
+
+# Blocks up to this size are verified on the event loop (a few µs); larger
+# ones in the executor (the native verify releases the GIL).
+_VERIFY_INLINE_BYTES = 256 * 1024
 
 # How long a Put waits for pinned L1 blocks (being written to L2 or read) to
 # become evictable before it gives up with RESOURCE_EXHAUSTED.
@@ -140,11 +146,12 @@ class BlockReader:
 class BlockWriter:
     """One block being put: bytes land in its reserved L1 extent as they come."""
 
-    __slots__ = ("_checksum", "_closed", "_dest", "_pos", "block", "offset", "session", "size",
-                 "store")
+    __slots__ = ("_checksum", "_closed", "_dest", "_pos", "block", "format", "offset", "session",
+                 "size", "store")
 
     def __init__(self, store: TieredStore, block: BlockId, size: int, offset: int,
-                 session: str | None) -> None:
+                 session: str | None, block_format: BlockFormat = BlockFormat.RAW) -> None:
+        self.format = block_format
         self.store = store
         self.block = block
         self.size = size
@@ -340,14 +347,28 @@ class TieredStore:
     # -- Put --------------------------------------------------------------------------------
 
     async def begin_put(self, namespace: str, key: bytes, size: int,
-                        session: str | None = None) -> BlockWriter:
+                        session: str | None = None,
+                        block_format: BlockFormat = BlockFormat.RAW) -> BlockWriter:
         """Reserve room for one block; the caller writes its bytes then commits."""
         if self._closing:
             raise ServerShuttingDown("server is shutting down")
         validate_key(key)
         self.check_block_size(size)
         offset = await self.reserve_l1(size)
-        return BlockWriter(self, (namespace, key), size, offset, session)
+        return BlockWriter(self, (namespace, key), size, offset, session, block_format)
+
+    async def verify_block(self, offset: int, size: int) -> None:
+        """Check a block-format block in L1 (header fields, header and payload
+        CRC-32C): InvalidBlock or CorruptBlock naming what is wrong."""
+        view = self.l1.slice(offset, size)
+        try:
+            if size <= _VERIFY_INLINE_BYTES:
+                block_verify(view)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, block_verify, view)
+        finally:
+            view.release()
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -439,9 +460,16 @@ class TieredStore:
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
 
-    async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[None] | None:
+    async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[Any] | None:
         """Commit a complete block. Returns a future that resolves once the
-        block is durable at ``ack`` (None when it already is)."""
+        block is durable at ``ack`` (None when it already is). A block in the
+        kvstore block format is verified first; a bad one is never stored."""
+        if writer.format == BlockFormat.KV_V1 and writer.complete:
+            try:
+                await self.verify_block(writer.offset, writer.size)
+            except BaseException:
+                writer.abort()
+                raise
         entry = writer.commit()
         return await self.make_durable(writer.block, entry, ack)
 

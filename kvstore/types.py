@@ -36,6 +36,13 @@ class AckLevel(enum.IntEnum):
     REMOTE = 3
 
 
+class BlockFormat(enum.IntEnum):
+    """What a block's bytes are. Values match ``kvstore.v1.BlockFormat``."""
+
+    RAW = 0  # opaque bytes
+    KV_V1 = 1  # kvstore block format v1 (docs/block-format.md): verified on Put
+
+
 class TurnEndReason(enum.IntEnum):
     UNSPECIFIED = 0
     TOOL_CALL = 1

@@ -27,6 +27,7 @@ _PUT_KEY = b"\x1a"  # 3, length-delimited
 _PUT_BLOCK_SIZE = b"\x20"  # 4, varint
 _PUT_SESSION_ID = b"\x2a"  # 5, length-delimited
 _PUT_DATA = b"\x32"  # 6, length-delimited
+_PUT_FORMAT = b"\x38"  # 7, varint
 
 _GET_INDEX = b"\x08"  # 1, varint
 _GET_HIT = b"\x10"  # 2, varint
@@ -110,6 +111,7 @@ class PutChunkView(NamedTuple):
     block_size: int
     session_id: str
     data: memoryview
+    format: int = 0
 
 
 def _text(value: int | memoryview | None, field: str) -> str:
@@ -162,12 +164,13 @@ def decode_put_chunk(raw: bytes) -> PutChunkView:
         _int(f.get(4), "block_size"),
         _text(f.get(5), "session_id"),
         _blob(f.get(6), "data"),
+        _int(f.get(7), "format"),
     )
 
 
 def encode_put_chunk(*, namespace: str = "", ack: int = 0, key: bytes = b"",
                      block_size: int = 0, session_id: str = "",
-                     data: bytes | memoryview = b"") -> bytes:
+                     data: bytes | memoryview = b"", format: int = 0) -> bytes:
     """One serialized ``PutChunk`` (fields in number order, defaults omitted)."""
     parts: list[bytes | memoryview] = []
     if namespace:
@@ -184,6 +187,8 @@ def encode_put_chunk(*, namespace: str = "", ack: int = 0, key: bytes = b"",
         parts += (_PUT_SESSION_ID, encode_varint(len(sid)), sid)
     if len(data):
         parts += (_PUT_DATA, encode_varint(len(data)), data)
+    if format:
+        parts += (_PUT_FORMAT, encode_varint(format))
     return b"".join(parts)
 
 

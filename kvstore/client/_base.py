@@ -25,6 +25,7 @@ from kvstore.client._common import (
 from kvstore.errors import InvalidArgument
 from kvstore.types import (
     AckLevel,
+    BlockFormat,
     Pin,
     Prefetch,
     SessionEnd,
@@ -37,19 +38,22 @@ from kvstore.types import (
 
 
 class PreparedPut:
-    __slots__ = ("ack", "blocks", "namespace", "session_id")
+    __slots__ = ("ack", "block_format", "blocks", "namespace", "session_id")
 
     def __init__(
-        self, namespace: str, ack: AckLevel, blocks: list[tuple[bytes, memoryview]], session_id: str
+        self, namespace: str, ack: AckLevel, blocks: list[tuple[bytes, memoryview]],
+        session_id: str, block_format: BlockFormat = BlockFormat.RAW,
     ) -> None:
         self.namespace = namespace
         self.ack = ack
         self.blocks = blocks
         self.session_id = session_id
+        self.block_format = block_format
 
     def messages(self, chunk_bytes: int) -> Iterator[bytes]:
         return conv.iter_put_messages(
-            self.namespace, self.ack, self.blocks, self.session_id, chunk_bytes
+            self.namespace, self.ack, self.blocks, self.session_id, chunk_bytes,
+            int(self.block_format),
         )
 
 
@@ -90,11 +94,12 @@ class ClientBase:
         namespace: str | None,
         ack: str | AckLevel,
         session_id: str | None,
+        block_format: BlockFormat = BlockFormat.RAW,
     ) -> PreparedPut:
         ns = resolve_namespace(namespace, self.namespace)
         level = parse_ack(ack)
         sid = check_session_id(session_id)
-        return PreparedPut(ns, level, normalize_blocks(blocks), sid)
+        return PreparedPut(ns, level, normalize_blocks(blocks), sid, BlockFormat(block_format))
 
     def _prepare_get(
         self, keys: Iterable[bytes], namespace: str | None, session_id: str | None

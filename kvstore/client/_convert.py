@@ -58,6 +58,7 @@ def iter_put_messages(
     blocks: Sequence[tuple[bytes, memoryview]],
     session_id: str,
     chunk_bytes: int,
+    block_format: int = 0,
 ) -> Iterator[bytes]:
     """The serialized ``PutChunk`` stream for ``blocks`` (validated already).
 
@@ -74,6 +75,7 @@ def iter_put_messages(
             key=key,
             block_size=size,
             session_id=session_id,
+            format=block_format,
         )
         first = False
         end = min(chunk_bytes, size)

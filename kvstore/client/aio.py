@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 
 from kvstore.client import _convert as conv
+from kvstore.client import kv
 from kvstore.client._base import ClientBase, turn_end_event
 from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
@@ -21,6 +22,7 @@ from kvstore.client._common import (
 from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
+    BlockFormat,
     LookupResult,
     Pin,
     Prefetch,
@@ -101,9 +103,10 @@ class AsyncClient(ClientBase):
         namespace: str | None = None,
         ack: str | AckLevel = "memory",
         session_id: str | None = None,
+        block_format: BlockFormat = BlockFormat.RAW,
     ) -> PutResult:
         """See :meth:`kvstore.Client.put`."""
-        prep = self._prepare_put(blocks, namespace, ack, session_id)
+        prep = self._prepare_put(blocks, namespace, ack, session_id, block_format)
         if not prep.blocks:
             return PutResult(0, 0)
         try:
@@ -113,6 +116,27 @@ class AsyncClient(ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return PutResult(stored, nbytes)
+
+    async def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
+                     v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]], *,
+                     dtype: Any = None, block_tokens: int | None = None,
+                     namespace: str | None = None, ack: str | AckLevel = "memory",
+                     session_id: str | None = None) -> PutResult:
+        """See :meth:`kvstore.Client.put_kv`."""
+        kv.check_lists(keys, page_lists)
+        blocks = kv.pack_blocks(k_pages, v_pages, page_lists, dtype=dtype,
+                                block_tokens=block_tokens)
+        return await self.put(list(zip(keys, blocks, strict=True)), namespace=namespace,
+                              ack=ack, session_id=session_id, block_format=BlockFormat.KV_V1)
+
+    async def get_kv_into(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
+                          v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]],
+                          *, dtype: Any = None, namespace: str | None = None,
+                          session_id: str | None = None) -> int:
+        """See :meth:`kvstore.Client.get_kv_into`."""
+        kv.check_lists(keys, page_lists)
+        found = await self.get(keys, namespace=namespace, session_id=session_id)
+        return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 
     async def get(
         self,

@@ -29,7 +29,8 @@ from typing import Any
 
 import grpc
 
-from kvstore._impl import checksum, copy_and_checksum
+from kvstore._impl import checksum, copy_and_checksum, pack
+from kvstore.client import kv
 from kvstore.client._common import (
     DEFAULT_TARGET,
     Blocks,
@@ -44,7 +45,7 @@ from kvstore.client._common import (
 from kvstore.client._errors import error_from_rpc
 from kvstore.client.sync import Client
 from kvstore.errors import CorruptBlock, InvalidArgument, StaleLease
-from kvstore.types import TierName
+from kvstore.types import BlockFormat, TierName
 from kvstore.v1 import kvstore_pb2 as pb
 
 _SERVICE = "/kvstore.v1.KVStore/"
@@ -128,7 +129,8 @@ class ShmClient(Client):
 
     def commit(self, slots: Sequence[ReservedSlot], crcs: Sequence[int] | None = None, *,
                namespace: str | None = None, ack: str | int = "memory",
-               abandon: Sequence[ReservedSlot] = ()) -> PutResult:
+               abandon: Sequence[ReservedSlot] = (),
+               block_format: BlockFormat = BlockFormat.RAW) -> PutResult:
         """Make filled slots visible. ``crcs`` are their CRC-32Cs (computed
         here, in one extra pass, when not given)."""
         ns = resolve_namespace(namespace, self.namespace)
@@ -137,7 +139,8 @@ class ShmClient(Client):
         req = pb.ShmCommitRequest(
             namespace=ns, ack=int(parse_ack(ack)),  # type: ignore[arg-type]
             blocks=[pb.ShmCommitBlock(slot_id=s.slot_id, offset=s.offset, size=s.size,
-                                      crc32c=c) for s, c in zip(slots, crcs, strict=True)],
+                                      crc32c=c, format=int(block_format))  # type: ignore[arg-type]
+                    for s, c in zip(slots, crcs, strict=True)],
             abandon=[s.slot_id for s in abandon])
         for s in (*slots, *abandon):
             s.view.release()
@@ -145,7 +148,8 @@ class ShmClient(Client):
         return PutResult(resp.stored, resp.bytes)
 
     def put(self, blocks: Blocks, *, namespace: str | None = None, ack: str | Any = "memory",
-            session_id: str | None = None) -> PutResult:
+            session_id: str | None = None,
+            block_format: BlockFormat = BlockFormat.RAW) -> PutResult:
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
@@ -157,7 +161,44 @@ class ShmClient(Client):
         except BaseException:
             self.commit([], [], namespace=namespace, abandon=slots)
             raise
-        return self.commit(slots, crcs, namespace=namespace, ack=ack)
+        return self.commit(slots, crcs, namespace=namespace, ack=ack, block_format=block_format)
+
+    def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
+               page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
+               block_tokens: int | None = None, namespace: str | None = None,
+               ack: str | Any = "memory", session_id: str | None = None) -> PutResult:
+        """Pack straight into reserved shared-memory slots (no intermediate
+        buffer, nothing through the socket), then commit."""
+        kv.check_lists(keys, page_lists)
+        if not keys:
+            return PutResult(0, 0)
+        first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
+                               block_tokens=block_tokens)[0]
+        size = len(first)  # every block of one engine cache has the same size
+        slots = self.reserve([(k, size) for k in keys], namespace=namespace,
+                             session_id=session_id)
+        try:
+            slots[0].view[:] = first
+            for slot, ids in zip(slots[1:], page_lists[1:], strict=True):
+                pack(k_pages, v_pages, ids, tokens=block_tokens, dtype=dtype, out=slot.view)
+            crcs = [checksum(s.view) for s in slots]
+        except BaseException:
+            self.commit([], [], namespace=namespace, abandon=slots)
+            raise
+        return self.commit(slots, crcs, namespace=namespace, ack=ack,
+                           block_format=BlockFormat.KV_V1)
+
+    def get_kv_into(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
+                    v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]], *,
+                    dtype: Any = None, namespace: str | None = None,
+                    session_id: str | None = None) -> int:
+        """Unpack straight from leased shared memory into the engine's pages
+        (each block verified). Returns the number of leading blocks restored."""
+        kv.check_lists(keys, page_lists)
+        with self.leased(keys, namespace=namespace, session_id=session_id) as leases:
+            return kv.unpack_prefix([lease.view if lease is not None else None
+                                     for lease in leases], k_pages, v_pages, page_lists,
+                                    dtype=dtype)
 
     # -- Get -------------------------------------------------------------------------
 

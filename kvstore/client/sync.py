@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from kvstore.client import _convert as conv
+from kvstore.client import kv
 from kvstore.client._base import ClientBase, turn_end_event
 from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
@@ -20,6 +21,7 @@ from kvstore.client._common import (
 from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
+    BlockFormat,
     LookupResult,
     Pin,
     Prefetch,
@@ -106,12 +108,13 @@ class Client(ClientBase):
         namespace: str | None = None,
         ack: str | AckLevel = "memory",
         session_id: str | None = None,
+        block_format: BlockFormat = BlockFormat.RAW,
     ) -> PutResult:
         """Store ``blocks`` (a mapping key → buffer, or (key, buffer) pairs) in
         one stream. Buffers are bytes or any C-contiguous buffer (numpy arrays,
         memoryviews); they are read while the call runs, so keep them unchanged
         until it returns."""
-        prep = self._prepare_put(blocks, namespace, ack, session_id)
+        prep = self._prepare_put(blocks, namespace, ack, session_id, block_format)
         if not prep.blocks:
             return PutResult(0, 0)
         try:
@@ -119,6 +122,30 @@ class Client(ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return PutResult(stored, nbytes)
+
+    def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
+               page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
+               block_tokens: int | None = None, namespace: str | None = None,
+               ack: str | AckLevel = "memory", session_id: str | None = None) -> PutResult:
+        """Pack one block per page list straight from an engine's per-layer
+        page arrays (``v_pages=None`` for K-only/MLA caches) and store them in
+        the block format; the server verifies each block before storing it."""
+        kv.check_lists(keys, page_lists)
+        blocks = kv.pack_blocks(k_pages, v_pages, page_lists, dtype=dtype,
+                                block_tokens=block_tokens)
+        return self.put(list(zip(keys, blocks, strict=True)), namespace=namespace, ack=ack,
+                        session_id=session_id, block_format=BlockFormat.KV_V1)
+
+    def get_kv_into(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
+                    v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]], *,
+                    dtype: Any = None, namespace: str | None = None,
+                    session_id: str | None = None) -> int:
+        """Fetch blocks and scatter each (verified) into the pages of its
+        page list. Returns the number of leading blocks restored: the usable
+        prefix, stopping at the first miss."""
+        kv.check_lists(keys, page_lists)
+        found = self.get(keys, namespace=namespace, session_id=session_id)
+        return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 
     def get(
         self,

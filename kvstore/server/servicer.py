@@ -21,6 +21,7 @@ from kvstore.shm import CommitSpec, SharedMemoryBroker
 from kvstore.store import BlockWriter, TieredStore
 from kvstore.types import (
     AckLevel,
+    BlockFormat,
     SessionEnd,
     SessionEvent,
     TierName,
@@ -29,6 +30,8 @@ from kvstore.types import (
     validate_key,
 )
 from kvstore.v1 import kvstore_pb2 as pb
+
+_FORMATS = frozenset(int(f) for f in BlockFormat)
 
 _ACK: dict[int, AckLevel] = {
     pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
@@ -89,8 +92,12 @@ class KVStoreServicer:
                             f"block #{stored + 1} starts before block #{stored} is complete "
                             f"({writer.received} of {writer.size} bytes sent)")
                     validate_key(chunk.key, stored)
+                    if chunk.format not in _FORMATS:
+                        raise InvalidArgument(f"block #{stored}: unknown block format "
+                                              f"{chunk.format}")
                     writer = await store.begin_put(namespace, chunk.key, chunk.block_size,
-                                                   chunk.session_id or None)
+                                                   chunk.session_id or None,
+                                                   BlockFormat(chunk.format))
                 elif chunk.key:
                     raise MalformedRequest(f"block #{stored}: a key without block_size")
                 elif writer is None:
@@ -235,7 +242,10 @@ class KVStoreServicer:
         namespace = self.store.check_namespace(request.namespace)
         if request.ack not in _ACK:
             raise InvalidArgument(f"unknown acknowledgement level {request.ack}")
-        specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c) for b in request.blocks]
+        if any(b.format not in _FORMATS for b in request.blocks):
+            raise InvalidArgument("unknown block format in ShmCommit")
+        specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c, BlockFormat(b.format))
+                 for b in request.blocks]
         stored, nbytes = await self.shm.commit(namespace, _ACK[request.ack], specs,
                                                list(request.abandon))
         return pb.ShmCommitResponse(stored=stored, bytes=nbytes)

@@ -1,0 +1,42 @@
+"""Engine-facing helpers: blocks packed from, and unpacked into, an engine's
+paged KV cache (per layer, K and V arrays ``[num_pages, page_tokens,
+kv_heads, head_dim]``), in the kvstore block format (docs/block-format.md).
+
+Keys come from token ids with :func:`kvstore.block.block_keys` (chained
+BLAKE2b-256, salted per namespace), one per full block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvstore.block import pack, unpack_into
+
+PageArrays = Sequence[Any]  # numpy arrays, one per layer
+
+
+def check_lists(keys: Sequence[bytes], page_lists: Sequence[Sequence[int]]) -> None:
+    if len(keys) != len(page_lists):
+        raise ValueError(f"{len(keys)} keys but {len(page_lists)} page lists: one list of "
+                         "page ids per block")
+
+
+def pack_blocks(k_pages: PageArrays, v_pages: PageArrays | None,
+                page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
+                block_tokens: int | None = None) -> list[memoryview]:
+    """One packed block per page list (gathered from every layer)."""
+    return [pack(k_pages, v_pages, ids, tokens=block_tokens, dtype=dtype) for ids in page_lists]
+
+
+def unpack_prefix(found: Sequence[Any], k_pages: PageArrays, v_pages: PageArrays | None,
+                  page_lists: Sequence[Sequence[int]], *, dtype: Any = None) -> int:
+    """Scatter the leading found blocks into their pages (each verified);
+    stops at the first miss. Returns how many blocks were restored."""
+    restored = 0
+    for data, ids in zip(found, page_lists, strict=True):
+        if data is None:
+            break
+        unpack_into(data, k_pages, v_pages, ids, dtype=dtype, verify=True)
+        restored += 1
+    return restored
