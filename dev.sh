@@ -39,12 +39,12 @@ case "$cmd" in
     exec "$VENV/bin/kvstore" serve "$@" ;;
   test)
     setup
-    # Native build first, then the pure-Python reference (KVSTORE_PURE=1) over
-    # the tests that exercise the packer and the key hashing.
-    "$VENV/bin/python" -m pytest "$@"
     if [ "$#" -eq 0 ]; then
-      KVSTORE_PURE=1 "$VENV/bin/python" -m pytest -m "not perf" tests/block
-    fi ;;
+      # The pure-Python reference (KVSTORE_PURE=1) over the block-format and
+      # key tests first, then the whole suite on the native build.
+      KVSTORE_PURE=1 "$VENV/bin/python" -m pytest -q -m "not perf" tests/block
+    fi
+    "$VENV/bin/python" -m pytest "$@" ;;
   bench)
     setup
     name=${1:-throughput}; shift || true
