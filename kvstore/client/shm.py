@@ -49,6 +49,8 @@ from kvstore.types import BlockFormat, TierName
 from kvstore.v1 import kvstore_pb2 as pb
 
 _SERVICE = "/kvstore.v1.KVStore/"
+# Bytes per ShmCommit when a Put is pipelined.
+_COMMIT_GROUP = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -133,6 +135,13 @@ class ShmClient(Client):
                block_format: BlockFormat = BlockFormat.RAW) -> PutResult:
         """Make filled slots visible. ``crcs`` are their CRC-32Cs (computed
         here, in one extra pass, when not given)."""
+        req = self._commit_request(slots, crcs, namespace, ack, abandon, block_format)
+        resp = self._call(self._commit, req)
+        return PutResult(resp.stored, resp.bytes)
+
+    def _commit_request(self, slots: Sequence[ReservedSlot], crcs: Sequence[int] | None,
+                        namespace: str | None, ack: str | int, abandon: Sequence[ReservedSlot],
+                        block_format: BlockFormat) -> pb.ShmCommitRequest:
         ns = resolve_namespace(namespace, self.namespace)
         if crcs is None:
             crcs = [checksum(s.view) for s in slots]
@@ -144,8 +153,7 @@ class ShmClient(Client):
             abandon=[s.slot_id for s in abandon])
         for s in (*slots, *abandon):
             s.view.release()
-        resp = self._call(self._commit, req)
-        return PutResult(resp.stored, resp.bytes)
+        return req
 
     def put(self, blocks: Blocks, *, namespace: str | None = None, ack: str | Any = "memory",
             session_id: str | None = None,
@@ -155,13 +163,34 @@ class ShmClient(Client):
             return PutResult(0, 0)
         slots = self.reserve([(k, len(v)) for k, v in items], namespace=namespace,
                              session_id=session_id)
+        # Pipelined: while the server verifies and commits one group, this
+        # thread copies the next (the two run on different cores).
+        pending: list[Any] = []
+        done = 0
         try:
-            crcs = [copy_and_checksum(s.view, 0, v, 0)
-                    for s, (_, v) in zip(slots, items, strict=True)]
+            while done < len(slots):
+                group: list[ReservedSlot] = []
+                nbytes = 0
+                while done + len(group) < len(slots) and (not group or nbytes < _COMMIT_GROUP):
+                    group.append(slots[done + len(group)])
+                    nbytes += group[-1].size
+                crcs = [copy_and_checksum(s.view, 0, items[done + i][1], 0)
+                        for i, s in enumerate(group)]
+                req = self._commit_request(group, crcs, namespace, ack, (), block_format)
+                pending.append(self._commit.future(req, timeout=self.timeout))
+                done += len(group)
+            stored = nbytes = 0
+            for fut in pending:
+                resp = fut.result()
+                stored += resp.stored
+                nbytes += resp.bytes
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
         except BaseException:
-            self.commit([], [], namespace=namespace, abandon=slots)
+            if done < len(slots):
+                self.commit([], [], namespace=namespace, abandon=slots[done:])
             raise
-        return self.commit(slots, crcs, namespace=namespace, ack=ack, block_format=block_format)
+        return PutResult(stored, nbytes)
 
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
                page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
