@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,16 +100,6 @@ class Entry:
 
     def meta(self) -> BlockMeta:
         return BlockMeta(self.size, self.checksum, self.created)
-
-
-@dataclass(slots=True)
-class _Counters:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    demotions: int = 0
-    promotions: int = 0
-    corrupt: int = 0
 
 
 class BlockReader:
@@ -229,7 +220,8 @@ class TieredStore:
         self._pins: dict[BlockId, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.index: dict[BlockId, Entry] = {}
-        self._counters = {t: _Counters() for t in TierName}
+        # Per-tier event counters; occupancy fields are filled in by stats().
+        self._counters = {t: TierStats(t) for t in TierName}
         self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
         self._l2_queued = 0  # bytes queued for the L2 writer
         self._l1_dirty = 0  # bytes of dirty entries (see Entry.dirty)
@@ -322,7 +314,7 @@ class TieredStore:
             return False
         return True
 
-    def count(self, tier: TierName) -> _Counters:
+    def count(self, tier: TierName) -> TierStats:
         return self._counters[tier]
 
     def unpin_reader(self, entry: Entry) -> None:
@@ -1009,13 +1001,8 @@ class TieredStore:
                           self.policy.name)
 
     def _tier_stats(self, tier: TierName, blocks: int, nbytes: int, capacity: int) -> TierStats:
-        c = self._counters[tier]
-        return TierStats(tier, blocks, nbytes, capacity, c.hits, c.misses, c.evictions,
-                         c.demotions, c.promotions, c.corrupt)
-
-    async def iter_blocks(self) -> AsyncIterator[BlockId]:  # pragma: no cover - debugging aid
-        for block in list(self.index):
-            yield block
+        return dataclasses.replace(self._counters[tier], blocks=blocks, bytes=nbytes,
+                                   capacity=capacity)
 
     # Convenience for tests and the CLI: one whole block in, one whole block out.
 

@@ -324,10 +324,9 @@ class ObjectTier(Tier):
         self._remember(block, size)
         return size
 
-    async def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
-        """Every block under the prefix with its payload size, from the
-        listing alone (no request per object): the fast way to rebuild an
-        index, whose checksums then come from each object's header on read."""
+    async def _list_pages(self) -> AsyncIterator[list[Any]]:
+        """The listing under the prefix, a page at a time, each page fetched
+        through the deadline and breaker (not retried: callers list again)."""
         stream = obstore.list(self._store, None, chunk_size=_LIST_PAGE)
 
         async def next_page() -> Any:
@@ -340,6 +339,13 @@ class ObjectTier(Tier):
             page = await self._call("list", "/", next_page, retries=0)
             if page is None:
                 return
+            yield page
+
+    async def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
+        """Every block under the prefix with its payload size, from the
+        listing alone (no request per object): the fast way to rebuild an
+        index, whose checksums then come from each object's header on read."""
+        async for page in self._list_pages():
             for obj in page:
                 block = parse_object_path(str(obj["path"]))
                 size = int(obj["size"]) - HEADER_SIZE
@@ -379,18 +385,7 @@ class ObjectTier(Tier):
         Objects that are not kvstore blocks are skipped (``scan_skipped``).
         A failure raises TierUnavailable; listing pages are not retried
         (the caller scans again later)."""
-        stream = obstore.list(self._store, None, chunk_size=_LIST_PAGE)
-
-        async def next_page() -> Any:
-            try:
-                return await stream.__anext__()
-            except StopAsyncIteration:
-                return None
-
-        while True:
-            page = await self._call("list", "/", next_page, retries=0)
-            if page is None:
-                return
+        async for page in self._list_pages():
             wanted: list[tuple[BlockId, str, int]] = []
             for obj in page:
                 path = str(obj["path"])
