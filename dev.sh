@@ -22,9 +22,16 @@ setup() {
   local inputs
   inputs=$(shopt -s nullglob; cat pyproject.toml setup.py proto/kvstore/v1/*.proto native/*.pyx native/*.pxd native/*.h native/*.c | sha1sum | cut -c1-40)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || [ ! -f kvstore/v1/kvstore_pb2.py ]; then
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q "setuptools>=69" wheel "cython>=3.0" "grpcio-tools>=1.60" "numpy>=1.26"
-    "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[dev]"
+    echo "kvstore: setting up $VENV (dependencies, protobuf modules, Cython extension)..." >&2
+    local log="$VENV/setup.log"
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+           "$VENV/bin/python" -m pip install -q "setuptools>=69" wheel "cython>=3.0" \
+             "grpcio-tools>=1.60" "numpy>=1.26" &&
+           "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[dev]"; } >"$log" 2>&1; then
+      cat "$log" >&2
+      echo "kvstore: set-up failed (log: $log)" >&2
+      exit 1
+    fi
     echo "$inputs" > "$stamp"
   fi
 }
