@@ -61,6 +61,7 @@ from kvstore.types import (
     TierName,
     TierStats,
     validate_key,
+    validate_keys,
     validate_namespace,
 )
 
@@ -814,13 +815,16 @@ class TieredStore:
         Keys this node does not know are looked for in the shared L3 from the
         first local miss on, ``l3.concurrency`` at a time, up to the first
         key L3 lacks too (later keys are then reported as not stored)."""
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         blocks = [(namespace, key) for key in keys]
         if session:
             self._note_request(namespace, session, blocks)
-        entries = [self.index.get(b) for b in blocks]
-        tiers = [self._tier_of(e) for e in entries]
+        entries = list(map(self.index.get, blocks))
+        l1, l2, l3 = TierName.L1, TierName.L2, TierName.L3
+        # _tier_of, inlined: this loop runs once per key of every Lookup.
+        tiers: list[TierName | None] = [
+            None if e is None else l1 if e.l1 >= 0 else l2 if e.l2 else l3 if e.l3 else None
+            for e in entries]
         if self.l3 is not None and self.l3.healthy and None in tiers:
             await self._lookup_l3(blocks, entries, tiers)
         found = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvstore.errors import InvalidKey, InvalidNamespace
@@ -142,6 +143,13 @@ def validate_namespace(namespace: str) -> str:
             "of [A-Za-z0-9._:-], starting with a letter or digit"
         )
     return namespace
+
+
+def validate_keys(keys: Sequence[bytes]) -> None:
+    """validate_key for every key; one pass in C for the common all-valid case."""
+    if keys and not (0 < min(map(len, keys)) and max(map(len, keys)) <= MAX_KEY_BYTES):
+        for i, key in enumerate(keys):
+            validate_key(key, i)
 
 
 def validate_key(key: bytes, index: int | None = None) -> bytes:

@@ -10,7 +10,7 @@ from typing import Any
 from kvstore.client._convert import GetPiece
 from kvstore.client._errors import InvalidBuffer, ProtocolError
 from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
-from kvstore.types import AckLevel, validate_key, validate_namespace
+from kvstore.types import AckLevel, validate_key, validate_keys, validate_namespace
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50051
@@ -152,7 +152,11 @@ def normalize_key(key: Any, index: int) -> bytes:
 def normalize_keys(keys: Iterable[Any]) -> list[bytes]:
     if isinstance(keys, (bytes, bytearray, memoryview, str)):
         raise InvalidArgument("keys must be a sequence of keys, not a single key")
-    return [normalize_key(k, i) for i, k in enumerate(keys)]
+    ks = keys if isinstance(keys, list) else list(keys)
+    if set(map(type, ks)) <= {bytes}:
+        validate_keys(ks)  # the common case, checked in one pass
+        return ks
+    return [normalize_key(k, i) for i, k in enumerate(ks)]
 
 
 def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:

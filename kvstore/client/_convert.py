@@ -110,8 +110,11 @@ def encode_get_request(
 # --------------------------------------------------------------------------- small RPCs
 
 
+_TIER_BY_VALUE: tuple[TierName | None, ...] = (None, TierName.L1, TierName.L2, TierName.L3)
+
+
 def tier_name(value: int) -> TierName | None:
-    return TierName(value) if value in (1, 2, 3) else None
+    return _TIER_BY_VALUE[value] if 0 <= value < len(_TIER_BY_VALUE) else None
 
 
 def encode_lookup_request(
@@ -124,7 +127,9 @@ def encode_lookup_request(
 
 def decode_lookup_response(raw: bytes) -> LookupResult:
     resp = pb.LookupResponse.FromString(raw)
-    return LookupResult(found=resp.found, tiers=[tier_name(int(t)) for t in resp.tiers])
+    by_value, n = _TIER_BY_VALUE, len(_TIER_BY_VALUE)
+    return LookupResult(found=resp.found,
+                        tiers=[by_value[t] if t < n else None for t in resp.tiers])
 
 
 def encode_delete_request(namespace: str, keys: Sequence[bytes]) -> bytes:

@@ -374,8 +374,20 @@ class SessionPolicy(Policy):
             if not free_done and free_key >= s.key:
                 free_done = True
                 yield from self._free_lru(ts)
+            # newest first, read live: blocks the stream gains while the ranking stands
+            # (the request being inserted) go before the next stream's — for the stream
+            # ranked worst, that is bypassing its own request's tail, as MIN would
             res = s.res[tier]
-            for b in reversed(list(res)):
+            seen: set[Any] = set()
+            while True:
+                b = None
+                for x in reversed(res):
+                    if x not in seen:
+                        b = x
+                        break
+                if b is None:
+                    break
+                seen.add(b)
                 if own.get(b) is not s:
                     continue
                 if nlive.get(b, 0) >= 2:
