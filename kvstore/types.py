@@ -147,7 +147,7 @@ def validate_namespace(namespace: str) -> str:
 
 def validate_keys(keys: Sequence[bytes]) -> None:
     """validate_key for every key; one pass in C for the common all-valid case."""
-    if keys and not (0 < min(map(len, keys)) and max(map(len, keys)) <= MAX_KEY_BYTES):
+    if keys and not (min(map(len, keys)) > 0 and max(map(len, keys)) <= MAX_KEY_BYTES):
         for i, key in enumerate(keys):
             validate_key(key, i)
 

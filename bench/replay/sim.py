@@ -1,18 +1,31 @@
 """Single-tier trace simulator driving the same Policy objects as the TieredStore.
 
-Per request: ``policy.on_request(blocks, now, stream)`` once, then for every block in
-order a hit (``on_hit``) or a miss: while the tier is full ``victim`` -> remove ->
-``on_remove``, then insert -> ``on_insert``. Session hints go to ``on_session_event``.
-Capacity is in blocks (all blocks of a trace have the same size).
+Per request, in the order a client of the live server sends it (``bench/replay/live.py``
+replays exactly this): ``Lookup(keys, session)`` -> ``policy.on_request(blocks, now,
+stream)``; the blocks resident at that moment are the hits, read in order by one
+``Get`` -> ``policy.on_hits`` (= ``on_hit`` per block); then every missing block, in order,
+is ``Put``: while the tier is full ``victim`` -> remove -> ``on_remove``, then insert ->
+``on_insert``. A block that appears twice in a missing request is inserted once and
+counted as a miss twice. Session hints go to ``on_session_event``. Capacity is in blocks
+(all blocks of a trace have the same size).
 
 ``belady`` is the offline bound (MIN: evict the block whose next use is furthest; the
 incoming block competes too, i.e. bypass allowed) on the same reference string.
+
+Speed: payloads are lists of interned ints (see ``workloads``), so a run allocates
+nothing per reference; the hit phase of a request is one ``on_hits`` call.
+
+Per-group attribution: when ``w.groups`` maps a stream to a label (e.g. the tuning /
+held-out half a session belongs to), refs and hits are also counted per label
+(``Result.extra``: ``refs:<label>``, ``hits:<label>``).
 """
 
 from __future__ import annotations
 
 import heapq
 import time
+from array import array
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from bench.replay.workloads import REQ, Workload
@@ -56,10 +69,6 @@ class Result:
         return d
 
 
-def _ttft(miss_blocks: int, hit_blocks: int, tpb: int) -> float:
-    return tpb * (miss_blocks / PREFILL_TOKENS_PER_S + hit_blocks / LOAD_TOKENS_PER_S)
-
-
 def _summarise(r: Result, ttfts: list[float]) -> None:
     if ttfts:
         ttfts.sort()
@@ -67,56 +76,95 @@ def _summarise(r: Result, ttfts: list[float]) -> None:
         r.ttft_p90_s = ttfts[int(0.9 * (len(ttfts) - 1))]
 
 
+class _Groups:
+    """refs / hits per label of ``w.groups`` (stream -> label)."""
+
+    def __init__(self, w: Workload) -> None:
+        self.of = w.groups
+        self.refs: dict[str, int] = {}
+        self.hits: dict[str, int] = {}
+
+    def add(self, stream: str | None, n: int, h: int) -> None:
+        g = self.of.get(stream) if stream is not None else None
+        if g is not None:
+            self.refs[g] = self.refs.get(g, 0) + n
+            self.hits[g] = self.hits.get(g, 0) + h
+
+    def into(self, r: Result) -> None:
+        for g, n in self.refs.items():
+            r.extra[f"refs:{g}"] = n
+            r.extra[f"hits:{g}"] = self.hits[g]
+
+
+def _payload(p: object) -> Sequence[int]:
+    return p if type(p) is list else list(p)  # type: ignore[arg-type, return-value]
+
+
 def simulate(w: Workload, policy: Policy, capacity: int) -> Result:
     res: set[object] = set()
     add, discard = res.add, res.discard
-    on_hit, on_insert = policy.on_hit, policy.on_insert
+    on_hits, on_insert = policy.on_hits, policy.on_insert
     on_remove, victim = policy.on_remove, policy.victim
     on_request, on_event = policy.on_request, policy.on_session_event
     tpb = w.tokens_per_block
+    miss_s, hit_s = tpb / PREFILL_TOKENS_PER_S, tpb / LOAD_TOKENS_PER_S
+    groups = _Groups(w) if w.groups else None
     hits = inserts = refs = 0
     ttfts: list[float] = []
+    append = ttfts.append
     t0 = time.perf_counter()
     for now, kind, stream, payload in w.events:
         if kind != REQ:
             on_event(payload, now)  # type: ignore[arg-type]
             continue
-        blocks = payload.tolist()  # type: ignore[attr-defined]
-        on_request(blocks, now, stream)
-        h = 0
-        for b in blocks:
-            if b in res:
-                h += 1
-                on_hit(L1, b, now, stream)
-                continue
-            while len(res) >= capacity:
-                v = victim(L1, now, None)
-                if v is None:
-                    break
-                discard(v[0])
-                on_remove(L1, v[0])
-            if len(res) < capacity:
-                add(b)
-                inserts += 1
-                on_insert(L1, b, tpb, now, stream)
+        blocks = _payload(payload)
         n = len(blocks)
+        on_request(blocks, now, stream)
+        if res.issuperset(blocks):  # all hits (the common case for an agent's context)
+            on_hits(L1, blocks, now, stream)
+            h = n
+        else:
+            found = [b for b in blocks if b in res]
+            h = len(found)
+            if h:
+                on_hits(L1, found, now, stream)
+            # the Puts: the blocks the Lookup did not find, in order, each once (a found
+            # block that this request's own inserts evict is not Put again: the server
+            # has already served it)
+            for b in (blocks if not h else [b for b in blocks if b not in res]):
+                if b in res:
+                    continue  # a repeat within the request
+                while len(res) >= capacity:
+                    v = victim(L1, now, None)
+                    if v is None:
+                        break
+                    discard(v[0])
+                    on_remove(L1, v[0])
+                if len(res) < capacity:
+                    add(b)
+                    inserts += 1
+                    on_insert(L1, b, tpb, now, stream)
         refs += n
         hits += h
-        ttfts.append(_ttft(n - h, h, tpb))
+        append((n - h) * miss_s + h * hit_s)
+        if groups is not None:
+            groups.add(stream, n, h)
     r = Result(policy.name, capacity, refs, hits, inserts, w.n_unique, len(ttfts))
     r.seconds = time.perf_counter() - t0
     _summarise(r, ttfts)
+    if groups is not None:
+        groups.into(r)
     return r
 
 
-def next_uses(w: Workload) -> list[int]:
+def next_uses(w: Workload) -> array:
     """For each reference (in replay order), the index of the next reference to the same
     block (a large sentinel if none)."""
-    flat: list[int] = []
+    flat = array("q")
     for blocks in w.refs():
         flat.extend(blocks)
     n = len(flat)
-    nxt = [0] * n
+    nxt = array("q", bytes(8 * n))
     last: dict[int, int] = {}
     big = 1 << 62
     for i in range(n - 1, -1, -1):
@@ -126,20 +174,25 @@ def next_uses(w: Workload) -> list[int]:
     return nxt
 
 
-def belady(w: Workload, capacity: int, nxt: list[int] | None = None) -> Result:
+def belady(w: Workload, capacity: int, nxt: Sequence[int] | None = None) -> Result:
     if nxt is None:
         nxt = next_uses(w)
     tpb = w.tokens_per_block
+    miss_s, hit_s = tpb / PREFILL_TOKENS_PER_S, tpb / LOAD_TOKENS_PER_S
     cache: dict[int, int] = {}  # block -> its next use
     heap: list[tuple[int, int]] = []  # (-next use, block)
     push, pop = heapq.heappush, heapq.heappop
+    groups = _Groups(w) if w.groups else None
     hits = inserts = 0
     i = 0
     ttfts: list[float] = []
     t0 = time.perf_counter()
-    for blocks in w.refs():
+    for _, kind, stream, payload in w.events:
+        if kind != REQ:
+            continue
+        blocks = _payload(payload)
         h = 0
-        for b in blocks.tolist():
+        for b in blocks:
             nu = nxt[i]
             i += 1
             if b in cache:
@@ -152,12 +205,17 @@ def belady(w: Workload, capacity: int, nxt: list[int] | None = None) -> Result:
                 negnu, v = pop(heap)
                 if cache.get(v) == -negnu:
                     del cache[v]
-        ttfts.append(_ttft(len(blocks) - h, h, tpb))
+        n = len(blocks)
+        ttfts.append((n - h) * miss_s + h * hit_s)
         hits += h
+        if groups is not None:
+            groups.add(stream, n, h)
         if len(heap) > 4 * capacity + 4096:
             heap = [(-nu, b) for b, nu in cache.items()]
             heapq.heapify(heap)
     r = Result("belady", capacity, i, hits, inserts, w.n_unique, len(ttfts))
     r.seconds = time.perf_counter() - t0
     _summarise(r, ttfts)
+    if groups is not None:
+        groups.into(r)
     return r

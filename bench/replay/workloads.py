@@ -2,12 +2,16 @@
 
 Events are tuples ``(time_s, kind, stream, payload)``:
 
-* ``REQ`` — payload is an ``array('q')`` of the request's block ids, in order;
+* ``REQ`` — payload is a list of the request's block ids, in order (interned: one int
+  object per unique block, dense ids 0..n_unique-1, so a replay allocates nothing per
+  reference; hand-made workloads may pass any sequence);
 * ``HINT`` — payload is a prebuilt :class:`kvstore.types.SessionEvent`.
 
 Block ids are ints (hashable like a BlockId; the policies treat ids as opaque keys).
-Agent sessions: ``hash_ids`` are local to a file, so a block id is
-``(file_index << 20) | hash_id``; sub-agents share their parent's scope.
+Agent sessions: ``hash_ids`` are local to a file, so a block is named
+``(file_index << 20) | hash_id`` before interning; sub-agents share their parent's scope.
+``Workload.groups`` maps each agent stream to the half ("a" tuning / "b" held-out) of the
+session it belongs to, so one replay of all sessions reports both halves.
 
 Arrival model for agent sessions (seeded, documented in docs/replay-results.md): sessions
 start at the points of a Poisson process of rate ``lam``; ``lam`` is chosen (bisection on
@@ -55,11 +59,29 @@ class Workload:
     n_refs: int = 0
     n_unique: int = 0
     meta: dict[str, object] = field(default_factory=dict)
+    groups: dict[str | None, str] = field(default_factory=dict)
 
-    def refs(self) -> Iterable[array]:
+    def refs(self) -> Iterable[list[int]]:
         for _, kind, _, payload in self.events:
             if kind == REQ:
                 yield payload  # type: ignore[misc]
+
+
+class Interner:
+    """Raw block name -> dense int id, one int object per block."""
+
+    def __init__(self) -> None:
+        self.ids: dict[int, int] = {}
+
+    def __call__(self, raw: Iterable[int]) -> list[int]:
+        ids = self.ids
+        out = []
+        for r in raw:
+            i = ids.get(r)
+            if i is None:
+                i = ids[r] = len(ids)
+            out.append(i)
+        return out
 
 
 def _count(w: Workload) -> Workload:
@@ -77,12 +99,13 @@ def _count(w: Workload) -> Workload:
 def load_mooncake(name: str = "conversation", limit: int | None = None) -> Workload:
     path = MOONCAKE_DIR / f"{name}_trace.jsonl"
     events: list[Event] = []
+    intern = Interner()
     with path.open() as f:
         for i, line in enumerate(f):
             if limit is not None and i >= limit:
                 break
             r = json.loads(line)
-            events.append((r["timestamp"] / 1000.0, REQ, None, array("q", r["hash_ids"])))
+            events.append((r["timestamp"] / 1000.0, REQ, None, intern(r["hash_ids"])))
     events.sort(key=lambda e: e[0])
     return _count(Workload(f"mooncake-{name}", 512, events))
 
@@ -105,6 +128,12 @@ class Session:
     duration: float  # start to end of last request (s)
     reqs: list[_Req]
     stream_end: dict[str, float]  # stream -> end of its last request (relative)
+    file: str = ""
+
+
+def half_of(file_name: str) -> str:
+    """The fixed split: 'a' (tuning) or 'b' (held-out), by CRC32 of the file name."""
+    return "a" if zlib.crc32(file_name.encode()) % 2 == 0 else "b"
 
 
 def agent_files(directory: Path = AGENT_DIR) -> list[Path]:
@@ -115,8 +144,7 @@ def split_half(files: list[Path], half: str) -> list[Path]:
     """'a' / 'b': a fixed split by a hash of the file name (not by position); 'all'."""
     if half == "all":
         return files
-    want = 0 if half == "a" else 1
-    return [f for f in files if zlib.crc32(f.name.encode()) % 2 == want]
+    return [f for f in files if half_of(f.name) == half]
 
 
 def load_session(path: Path, index: int, max_requests: int | None = None) -> Session:
@@ -146,7 +174,7 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
     for q in reqs:
         ends[q.stream] = max(ends.get(q.stream, 0.0), q.t + q.api_time)
     duration = max(ends.values()) if ends else 0.0
-    return Session(index, sid, duration, reqs, ends)
+    return Session(index, sid, duration, reqs, ends, path.name)
 
 
 def load_sessions(files: list[Path], max_requests: int | None = None) -> list[Session]:
@@ -179,6 +207,10 @@ def poisson_offsets(sessions: list[Session], k: float, seed: int) -> tuple[list[
         else:
             hi = mid
     lam = (lo * hi) ** 0.5
+    got = concurrency(lam)
+    if abs(got - k) > 0.01 * k:
+        raise ValueError(f"{len(sessions)} sessions cannot average {k:g} concurrent over "
+                         f"their arrival window (at most ~{got:.1f}): use more sessions")
     offsets = [0.0] * len(sessions)
     for u, i in zip(unit, order, strict=True):
         offsets[i] = u / lam
@@ -194,9 +226,13 @@ def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str 
     rng = random.Random(seed * 7919 + 13)
     events: list[Event] = []
     ns = "agent"
+    intern = Interner()
+    groups: dict[str | None, str] = {}
     for s, off in zip(sessions, offsets, strict=True):
+        g = half_of(s.file) if s.file else "?"
         for q in s.reqs:
-            events.append((off + q.t, REQ, q.stream, q.blocks))
+            groups[q.stream] = g
+            events.append((off + q.t, REQ, q.stream, intern(q.blocks)))
             if hints == "none":
                 continue
             reason = STOP_REASON.get(q.stop, TurnEndReason.UNSPECIFIED)
@@ -210,7 +246,7 @@ def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str 
                 events.append((off + end + 1e-6, HINT, stream, SessionEvent(ns, stream,
                                                                              SessionEnd())))
     events.sort(key=lambda e: (e[0], e[1]))
-    w = _count(Workload(f"{name}-K{k:g}-{hints}", 64, events))
+    w = _count(Workload(f"{name}-K{k:g}-{hints}", 64, events, groups=groups))
     w.meta = {"K": k, "seed": seed, "lambda_per_s": lam, "sessions": len(sessions),
               "window_s": max(offsets) if offsets else 0.0, "hints": hints}
     return w

@@ -159,8 +159,8 @@ class KVStoreServicer:
         namespace = self.store.check_namespace(request.namespace)
         result = await self.store.lookup(namespace, list(request.keys), request.lease_ms,
                                    request.session_id or None)
-        return pb.LookupResponse(found=result.found,
-                                 tiers=[0 if t is None else t.value for t in result.tiers])
+        tiers: Any = [0 if t is None else t.value for t in result.tiers]  # = kvstore.v1.Tier
+        return pb.LookupResponse(found=result.found, tiers=tiers)
 
     async def Delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> pb.DeleteResponse:

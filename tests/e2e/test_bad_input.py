@@ -120,7 +120,8 @@ def test_stream_ending_inside_a_block_stores_nothing_of_it(stub: pb_grpc.KVStore
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "4 of 8 bytes" in err.details()
     res = stub.Lookup(pb.LookupRequest(namespace="trunc", keys=[b"whole", b"half"]), timeout=30)
-    assert list(res.tiers) == [pb.TIER_L1, pb.TIER_UNSPECIFIED]  # the complete block before it was stored
+    # The complete block before the broken one was stored.
+    assert list(res.tiers) == [pb.TIER_L1, pb.TIER_UNSPECIFIED]
 
 
 def test_more_bytes_than_declared_is_rejected(stub: pb_grpc.KVStoreStub) -> None:

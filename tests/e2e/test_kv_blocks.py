@@ -42,7 +42,7 @@ def round_trip(client, namespace: str) -> None:  # type: ignore[no-untyped-def]
     k2, v2 = empty_cache()
     dst_pages = [[9, 3], [15, 0], [7, 8], [1, 2]]  # wherever the engine has room
     missing = block_keys(tokens + [7] * 64, 2 * PAGE_TOKENS, namespace.encode())[4]
-    restored = client.get_kv_into(keys[:3] + [missing], k2, v2, dst_pages, namespace=namespace)
+    restored = client.get_kv_into([*keys[:3], missing], k2, v2, dst_pages, namespace=namespace)
     assert restored == 3
     for layer in range(LAYERS):
         for src, dst in zip(src_pages[:3], dst_pages[:3], strict=True):
