@@ -54,7 +54,8 @@ class ServerProcess:
         if self.unix_enabled:
             cmd += ["--server-unix-socket", str(self.data_dir / "kvstore.sock")]
         cmd += self.flags
-        env = {**os.environ, "KVSTORE_LOG_LEVEL": os.environ.get("KVSTORE_TEST_LOG_LEVEL", "WARNING"), **self.env}
+        level = os.environ.get("KVSTORE_TEST_LOG_LEVEL", "WARNING")
+        env = {**os.environ, "KVSTORE_LOG_LEVEL": level, **self.env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()

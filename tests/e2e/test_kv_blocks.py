@@ -71,9 +71,9 @@ def test_server_rejects_bad_blocks_naming_the_field(shared_server) -> None:  # t
     bad_header[0:4] = b"NOPE"
     with Client(shared_server.tcp, namespace="kv-bad") as c:
         c.put({b"good": good}, block_format=1)
-        with pytest.raises(CorruptBlock, match="(?i)payload"):
+        with pytest.raises(CorruptBlock, match=r"(?i)payload"):
             c.put({b"flipped": bytes(bad_payload)}, block_format=1)
-        with pytest.raises(InvalidBlock, match="(?i)magic"):
+        with pytest.raises(InvalidBlock, match=r"(?i)magic"):
             c.put({b"garbage": bytes(bad_header)}, block_format=1)
         with pytest.raises(InvalidBlock):
             c.put({b"short": good[:100]}, block_format=1)
