@@ -443,7 +443,10 @@ class TieredStore:
         """Make a filled L1 extent visible as ``block``."""
         old = self.index.get(block)
         if old is not None:
-            self._forget(block, old, delete_l2=False)  # the new L2 write replaces it
+            # Its L2 copy goes too (the writer queue keeps the order: the new
+            # block's write comes after this delete), so a restart before the
+            # new block reaches L2 finds nothing rather than the old bytes.
+            self._forget(block, old)
         entry = Entry(size, crc, time.time(), session, l1=offset)
         entry.generation = next(self._generations)
         self.index[block] = entry
@@ -692,9 +695,9 @@ class TieredStore:
             offset = -1
             if entry.l1 < 0 and self.policy.admit(TierName.L1, block, entry.size, self.clock()):
                 with contextlib.suppress(CapacityExhausted):
-                    offset = await self._make_room_l1(entry.size)
+                    offset = await self.reserve_l1(entry.size)
             if offset >= 0 and (entry.l1 >= 0 or entry.dead):
-                self.l1.release(offset, entry.size)
+                self.release_reserved(offset, entry.size)
                 offset = -1
             if offset >= 0:
                 self.l1.slice(offset, entry.size)[:] = payload
@@ -714,7 +717,8 @@ class TieredStore:
 
     def _place_in_l1(self, block: BlockId, entry: Entry, offset: int,
                      session: str | None) -> None:
-        """A promoted block's bytes are in ``offset``: index them."""
+        """A promoted block's bytes are in its reserved extent: index them."""
+        self._open_writers -= 1
         entry.l1 = offset
         entry.generation = next(self._generations)
         if self.l2 is not None and not entry.l2:
@@ -735,19 +739,19 @@ class TieredStore:
             now = self.clock()
             if self.policy.admit(TierName.L1, block, entry.size, now):
                 with contextlib.suppress(CapacityExhausted):
-                    offset = await self._make_room_l1(entry.size)
+                    offset = await self.reserve_l1(entry.size)
             dest = self.l1.slice(offset, entry.size) if offset >= 0 else None
             result = await loop.run_in_executor(self._executor, self._read_verify_l2, block,
                                                 entry.checksum, dest)
             if self.index.get(block) is not entry or result is None:
                 if offset >= 0:
-                    self.l1.release(offset, entry.size)
+                    self.release_reserved(offset, entry.size)
                 c2.misses += 1
                 return None
             ok, payload = result
             if not ok:
                 if offset >= 0:
-                    self.l1.release(offset, entry.size)
+                    self.release_reserved(offset, entry.size)
                 c2.corrupt += 1
                 c2.misses += 1
                 log.warning("dropped corrupt L2 copy of %s/%s", block[0], block[1].hex()[:16])
@@ -768,7 +772,7 @@ class TieredStore:
             return BlockReader(payload, TierName.L2, None)
         except BaseException:
             if offset >= 0 and entry.l1 != offset:
-                self.l1.release(offset, entry.size)
+                self.release_reserved(offset, entry.size)
             raise
         finally:
             fut, entry.loading = entry.loading, None

@@ -362,7 +362,8 @@ class SessionPolicy(Policy):
             if dead_again:
                 ts.free.pop(b, None)
                 yield b, True
-        streams = [s for s in self._streams.values() if s.res[tier]]
+        # every stream that holds blocks or may soon (its latest request is being placed)
+        streams = [s for s in self._streams.values() if s.res[tier] or s.cur]
         for s in streams:
             s.key = self.expected_remaining(s, now)
         free_key = (now - next(iter(ts.free.values()))) if ts.free else -1.0

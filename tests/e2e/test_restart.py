@@ -44,3 +44,15 @@ def test_sigterm_flushes_memory_acked_blocks(server_factory) -> None:  # type: i
     server.start()
     with Client(server.tcp, namespace="m") as c:
         assert c.get(list(blobs)) == list(blobs.values())
+
+
+def test_overwritten_block_never_comes_back_old_after_a_kill(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory(l1_capacity="64MiB").start()
+    with Client(server.tcp, namespace="ow") as c:
+        c.put({b"k": b"old" * 1000}, ack="local")
+        c.put({b"k": b"new" * 1000})  # memory-level: not yet in L2
+        assert c.get([b"k"]) == [b"new" * 1000]
+    server.kill()
+    server.start()
+    with Client(server.tcp, namespace="ow") as c:
+        assert c.get([b"k"])[0] in (None, b"new" * 1000)
