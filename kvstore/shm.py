@@ -211,7 +211,6 @@ class SharedMemoryBroker:
         durable = []
         nbytes = 0
         for spec, r in taken:
-            self.store._open_writers -= 1
             entry = self.store.commit_block(r.block, r.size, spec.checksum, r.offset, r.session)
             fut = await self.store.make_durable(r.block, entry, ack)
             if fut is not None:

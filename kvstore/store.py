@@ -180,7 +180,6 @@ class BlockWriter:
             )
         self._closed = True
         self._dest.release()
-        self.store._open_writers -= 1
         return self.store.commit_block(self.block, self.size, self._checksum, self.offset,
                                        self.session)
 
@@ -440,7 +439,8 @@ class TieredStore:
 
     def commit_block(self, block: BlockId, size: int, crc: int, offset: int,
                      session: str | None) -> Entry:
-        """Make a filled L1 extent visible as ``block``."""
+        """Make a filled, reserved L1 extent (``reserve_l1``) visible as ``block``."""
+        self._open_writers -= 1
         old = self.index.get(block)
         if old is not None:
             # Its L2 copy goes too (the writer queue keeps the order: the new
