@@ -85,7 +85,7 @@ class L3Mover:
 
     def mark(self, block: BlockId, entry: Entry) -> None:
         if not entry.l3 and not entry.dead and self.store.index.get(block) is entry:
-            entry.l3 = True
+            self.store.set_l3(entry, True)
             self.store.policy.on_insert(TierName.L3, block, entry.size, self.store.clock(),
                                         entry.session)
 
@@ -129,7 +129,7 @@ class L3Mover:
         if not self.healthy:
             raise TierUnavailable("L3 is unavailable (circuit breaker open): "
                                   "acknowledgement level remote cannot be met now")
-        entry.readers += 1  # the L1 copy must stay while it is uploaded
+        self.store.pin_reader(entry)  # the L1 copy must stay while it is uploaded
         view = self.store.l1.slice(entry.l1, entry.size)
         self.queued += entry.size
         try:
@@ -267,7 +267,7 @@ class L3Mover:
         """L3 does not (validly) hold the block: forget that it did."""
         if entry is None or not entry.l3:
             return
-        entry.l3 = False
+        self.store.set_l3(entry, False)
         self.store.policy.on_remove(TierName.L3, block)
         if entry.l1 < 0 and not entry.l2:
             self.store.forget(block, entry)

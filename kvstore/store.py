@@ -222,7 +222,10 @@ class TieredStore:
         self.index: dict[BlockId, Entry] = {}
         # Per-tier event counters; occupancy fields are filled in by stats().
         self._counters = {t: TierStats(t) for t in TierName}
-        self._l2_bytes = 0  # payload bytes committed in L2 (as the index sees it)
+        # Blocks and payload bytes per tier, kept as entries move (Stats and
+        # L2's capacity check never scan the index).
+        self._held: dict[TierName, list[int]] = {t: [0, 0] for t in TierName}
+        self._busy_pins = 0  # readers + L2 writes in flight, over all entries
         self._l2_queued = 0  # bytes queued for the L2 writer
         self._l1_dirty = 0  # bytes of dirty entries (see Entry.dirty)
         self._write_always = config.l2.write_mode == "always"
@@ -251,8 +254,9 @@ class TieredStore:
         found.sort(key=lambda item: item[1].created)  # oldest first: LRU order survives
         now = self.clock()
         for block, meta in found:
-            self.index[block] = Entry(meta.size, meta.checksum, meta.created, l2=True)
-            self._l2_bytes += meta.size
+            entry = Entry(meta.size, meta.checksum, meta.created)
+            self._set_l2(entry, True)
+            self.index[block] = entry
             self.policy.on_insert(TierName.L2, block, meta.size, now)
         if found:
             log.info("index rebuilt from L2: %d blocks, %d bytes", len(found), self._l2_bytes)
@@ -314,6 +318,40 @@ class TieredStore:
             return False
         return True
 
+    # -- where entries are (all changes go through these) -------------------------
+
+    @property
+    def _l2_bytes(self) -> int:
+        return self._held[TierName.L2][1]
+
+    def _set_l1(self, entry: Entry, offset: int) -> None:
+        if (entry.l1 >= 0) != (offset >= 0):
+            held = self._held[TierName.L1]
+            sign = 1 if offset >= 0 else -1
+            held[0] += sign
+            held[1] += sign * entry.size
+        entry.l1 = offset
+
+    def _set_l2(self, entry: Entry, present: bool) -> None:
+        if entry.l2 != present:
+            held = self._held[TierName.L2]
+            sign = 1 if present else -1
+            held[0] += sign
+            held[1] += sign * entry.size
+        entry.l2 = present
+
+    def set_l3(self, entry: Entry, present: bool) -> None:
+        if entry.l3 != present:
+            held = self._held[TierName.L3]
+            sign = 1 if present else -1
+            held[0] += sign
+            held[1] += sign * entry.size
+        entry.l3 = present
+
+    def pin_reader(self, entry: Entry) -> None:
+        entry.readers += 1
+        self._busy_pins += 1
+
     def count(self, tier: TierName) -> TierStats:
         return self._counters[tier]
 
@@ -322,6 +360,7 @@ class TieredStore:
 
     def _unpin_reader(self, block: BlockId | None, entry: Entry) -> None:
         entry.readers -= 1
+        self._busy_pins -= 1
         self._maybe_free_dead(entry)
         self._progress()
 
@@ -329,7 +368,7 @@ class TieredStore:
         if entry.dead and not entry.pinned and entry.l1 >= 0:
             self._set_dirty(entry, False)
             self.l1.release(entry.l1, entry.size)
-            entry.l1 = -1
+            self._set_l1(entry, -1)
 
     def _set_dirty(self, entry: Entry, dirty: bool) -> None:
         if entry.dirty != dirty:
@@ -400,8 +439,7 @@ class TieredStore:
             if victim is not None:
                 self._evict_l1(victim[0], victim[1])
                 continue
-            busy = self._open_writers > 0 or any(
-                e.pinned for e in self.index.values() if e.l1 >= 0)
+            busy = self._open_writers > 0 or self._busy_pins > 0
             if not busy or not await self._wait_progress(deadline):
                 raise CapacityExhausted(
                     f"L1 is full: no room for a {size}-byte block "
@@ -428,7 +466,7 @@ class TieredStore:
             return
         self._set_dirty(entry, False)
         self.l1.release(entry.l1, entry.size)
-        entry.l1 = -1
+        self._set_l1(entry, -1)
         self.policy.on_remove(TierName.L1, block)
         c = self._counters[TierName.L1]
         c.evictions += 1
@@ -447,7 +485,8 @@ class TieredStore:
             # block's write comes after this delete), so a restart before the
             # new block reaches L2 finds nothing rather than the old bytes.
             self._forget(block, old)
-        entry = Entry(size, crc, time.time(), session, l1=offset)
+        entry = Entry(size, crc, time.time(), session)
+        self._set_l1(entry, offset)
         entry.generation = next(self._generations)
         self.index[block] = entry
         if self.l2 is not None:
@@ -488,12 +527,11 @@ class TieredStore:
         if ack == AckLevel.MEMORY and not self._write_always:
             self._clean_ahead()
             return None
-        entry.readers += 1  # pinned: it must not leave L1 before its L2 write is queued
+        self.pin_reader(entry)  # it must not leave L1 before its L2 write is queued
         try:
             await self._wait_l2_queue_room(entry.size)
         finally:
-            entry.readers -= 1
-            self._maybe_free_dead(entry)
+            self._unpin_reader(block, entry)
         if self.index.get(block) is not entry:
             return None  # replaced or deleted meanwhile
         return self._queue_l2_write(block, entry, want_future=ack >= AckLevel.LOCAL)
@@ -529,6 +567,7 @@ class TieredStore:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
         entry.l2_pending += 1
+        self._busy_pins += 1
         self._set_dirty(entry, False)
         self._l2_queued += entry.size
         view = self.l1.slice(entry.l1, entry.size)
@@ -536,11 +575,11 @@ class TieredStore:
         def settle(error: BaseException | None) -> None:
             view.release()
             entry.l2_pending -= 1
+            self._busy_pins -= 1
             self._l2_queued -= entry.size
             if error is None and not entry.dead and self.index.get(block) is entry:
                 if not entry.l2:
-                    entry.l2 = True
-                    self._l2_bytes += entry.size
+                    self._set_l2(entry, True)
                     self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
                                           entry.session)
                 self._trim_l2()
@@ -600,8 +639,7 @@ class TieredStore:
 
     def _drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
         assert self.l2 is not None
-        entry.l2 = False
-        self._l2_bytes -= entry.size
+        self._set_l2(entry, False)
         if entry.l1 >= 0 and not entry.dead and not entry.l2_pending:
             self._set_dirty(entry, True)
         self.l2.submit(block, None, None, lambda e, x: None)
@@ -623,16 +661,15 @@ class TieredStore:
                 pass  # freed by _maybe_free_dead when the last pin goes
             else:
                 self.l1.release(entry.l1, entry.size)
-                entry.l1 = -1
+                self._set_l1(entry, -1)
         if entry.l2:
             self.policy.on_remove(TierName.L2, block)
             if delete_l2:
                 self._drop_l2_copy(block, entry)
             else:
-                entry.l2 = False
-                self._l2_bytes -= entry.size
+                self._set_l2(entry, False)
         if entry.l3:
-            entry.l3 = False
+            self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
             if delete_l3 and self.l3 is not None:
                 self.l3.delete_later(block)
@@ -660,7 +697,7 @@ class TieredStore:
             c1.hits += 1
             self.get_hits += 1
             self.policy.on_hit(TierName.L1, block, now, session)
-            entry.readers += 1
+            self.pin_reader(entry)
             return BlockReader(self.l1.slice(entry.l1, entry.size), TierName.L1,
                                lambda: self._unpin_reader(block, entry), entry)
         c1.misses += 1
@@ -703,7 +740,7 @@ class TieredStore:
                 self.l1.slice(offset, entry.size)[:] = payload
                 self._place_in_l1(block, entry, offset, session)
             if entry.l1 >= 0 and not entry.dead:
-                entry.readers += 1
+                self.pin_reader(entry)
                 return BlockReader(self.l1.slice(entry.l1, entry.size), TierName.L3,
                                    lambda: self.unpin_reader(entry), entry)
             return BlockReader(payload, TierName.L3, None)
@@ -719,7 +756,7 @@ class TieredStore:
                      session: str | None) -> None:
         """A promoted block's bytes are in its reserved extent: index them."""
         self._open_writers -= 1
-        entry.l1 = offset
+        self._set_l1(entry, offset)
         entry.generation = next(self._generations)
         if self.l2 is not None and not entry.l2:
             self._set_dirty(entry, True)
@@ -766,7 +803,7 @@ class TieredStore:
                 self.policy.on_hit(TierName.L2, block, self.clock(), session)
             if offset >= 0:
                 self._place_in_l1(block, entry, offset, session)
-                entry.readers += 1
+                self.pin_reader(entry)
                 return BlockReader(self.l1.slice(offset, entry.size), TierName.L2,
                                    lambda: self._unpin_reader(block, entry), entry)
             return BlockReader(payload, TierName.L2, None)
@@ -992,23 +1029,18 @@ class TieredStore:
     # -- Stats ----------------------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
-        tiers = []
-        l1_blocks = sum(1 for e in self.index.values() if e.l1 >= 0)
-        l1_bytes = sum(e.size for e in self.index.values() if e.l1 >= 0)
-        tiers.append(self._tier_stats(TierName.L1, l1_blocks, l1_bytes, self.l1.capacity))
+        tiers = [self._tier_stats(TierName.L1, self.l1.capacity)]
         if self.l2 is not None:
-            l2_blocks = sum(1 for e in self.index.values() if e.l2)
-            tiers.append(self._tier_stats(TierName.L2, l2_blocks, self._l2_bytes,
-                                          self.config.l2.capacity))
+            tiers.append(self._tier_stats(TierName.L2, self.config.l2.capacity))
         if self.l3 is not None:
-            l3 = [e.size for e in self.index.values() if e.l3]
-            stats = self._tier_stats(TierName.L3, len(l3), sum(l3), 0)
-            stats.available = self.l3.healthy
-            tiers.append(stats)
+            l3 = self._tier_stats(TierName.L3, 0)
+            l3.available = self.l3.healthy
+            tiers.append(l3)
         return StoreStats(tiers, self.puts, self.gets, self.get_hits, self.session_events,
                           self.policy.name)
 
-    def _tier_stats(self, tier: TierName, blocks: int, nbytes: int, capacity: int) -> TierStats:
+    def _tier_stats(self, tier: TierName, capacity: int) -> TierStats:
+        blocks, nbytes = self._held[tier]
         return dataclasses.replace(self._counters[tier], blocks=blocks, bytes=nbytes,
                                    capacity=capacity)
 

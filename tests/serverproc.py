@@ -109,6 +109,15 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        """A killed server cannot remove its shared-memory arena: do it here
+        (the file would otherwise hold its size in /dev/shm)."""
+        flags = self.flags
+        for i, flag in enumerate(flags[:-1]):
+            if flag == "--l1-shm-path" and flags[i + 1].startswith("/dev/shm/"):
+                Path(flags[i + 1]).unlink(missing_ok=True)
 
     def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self

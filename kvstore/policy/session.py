@@ -371,29 +371,44 @@ class SessionPolicy(Policy):
         free_done = not ts.free
         nlive = self._nlive
         deferred: list[Any] = []
-        for s in streams:
+        def take(s: _Stream, seen: set[Any]) -> Any:
+            """The stream's newest block not offered yet (shared ones are deferred)."""
+            for x in reversed(s.res[tier]):
+                if x in seen:
+                    continue
+                seen.add(x)
+                if own.get(x) is not s:
+                    continue
+                if nlive.get(x, 0) >= 2:
+                    deferred.append(x)
+                    continue
+                return x
+            return None
+
+        # Blocks are offered newest first and read live: the stream whose request is
+        # being placed (``active``) gains blocks while this ranking stands, and those
+        # go before any better-ranked stream's. For the stream ranked worst this is
+        # bypassing its own request's tail, as MIN would.
+        active = self._last[1]
+        a_idx = len(streams)
+        for i, s in enumerate(streams):
+            if s is active:
+                a_idx = i
+        seen_a: set[Any] = set()
+        for i, s in enumerate(streams):
             if not free_done and free_key >= s.key:
                 free_done = True
                 yield from self._free_lru(ts)
-            # newest first, read live: blocks the stream gains while the ranking stands
-            # (the request being inserted) go before the next stream's — for the stream
-            # ranked worst, that is bypassing its own request's tail, as MIN would
-            res = s.res[tier]
-            seen: set[Any] = set()
+            seen = seen_a if i == a_idx else set()
             while True:
-                b = None
-                for x in reversed(res):
-                    if x not in seen:
-                        b = x
-                        break
+                if i > a_idx and active is not None:
+                    b = take(active, seen_a)
+                    if b is not None:
+                        yield b, active.ended
+                        continue
+                b = take(s, seen)
                 if b is None:
                     break
-                seen.add(b)
-                if own.get(b) is not s:
-                    continue
-                if nlive.get(b, 0) >= 2:
-                    deferred.append(b)
-                    continue
                 yield b, s.ended
         if not free_done:
             yield from self._free_lru(ts)

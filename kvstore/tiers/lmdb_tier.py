@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import queue
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ def encode_key(block: BlockId) -> bytes:
 
 def decode_key(raw: bytes) -> BlockId:
     n = raw[0]
-    return raw[1 : 1 + n].decode(), bytes(raw[1 + n :])
+    # Interned: millions of keys share a handful of namespaces.
+    return sys.intern(raw[1 : 1 + n].decode()), bytes(raw[1 + n :])
 
 
 class _ReadWriteLock:
