@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from kvstore._impl import verify as block_verify
 from kvstore.checksum import checksum, copy_and_checksum
 from kvstore.config import Config
@@ -249,17 +251,28 @@ class TieredStore:
             self.l3.start()  # lists the bucket in the background; serving meanwhile
 
     async def _rebuild_from_l2(self) -> None:
+        """Index every block L2 holds from its metadata alone, oldest first so
+        that the policy's recency order survives the restart."""
         assert self.l2 is not None
-        found: list[tuple[BlockId, BlockMeta]] = [item async for item in self.l2.scan()]
-        found.sort(key=lambda item: item[1].created)  # oldest first: LRU order survives
+        blocks: list[BlockId] = []
+        sizes: list[int] = []
+        sums: list[int] = []
+        created: list[float] = []
+        async for block, meta in self.l2.scan():
+            blocks.append(block)
+            sizes.append(meta.size)
+            sums.append(meta.checksum)
+            created.append(meta.created)
+        order = np.argsort(np.asarray(created, dtype=np.float64), kind="stable")
         now = self.clock()
-        for block, meta in found:
-            entry = Entry(meta.size, meta.checksum, meta.created)
-            self._set_l2(entry, True)
-            self.index[block] = entry
-            self.policy.on_insert(TierName.L2, block, meta.size, now)
-        if found:
-            log.info("index rebuilt from L2: %d blocks, %d bytes", len(found), self._l2_bytes)
+        index, policy, set_l2 = self.index, self.policy, self._set_l2
+        for i in order.tolist():
+            entry = Entry(sizes[i], sums[i], created[i])
+            set_l2(entry, True)
+            index[blocks[i]] = entry
+            policy.on_insert(TierName.L2, blocks[i], sizes[i], now)
+        if blocks:
+            log.info("index rebuilt from L2: %d blocks, %d bytes", len(blocks), self._l2_bytes)
 
     async def close(self) -> None:
         """Write every block that is only in L1 to L2, finish queued writes
