@@ -1,0 +1,232 @@
+"""A client process of ``bench.peers``: runs the rounds it is sent.
+
+Each worker holds one client per system (created on first use and reused),
+a pool of distinct pre-faulted source blocks (64 MiB in all, more than the
+last-level cache, so Puts read memory as an engine would) and one batch of
+pre-faulted destination buffers reused by every Get.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+SOURCE_POOL_BYTES = 64 * 1024 * 1024
+
+
+class Worker:
+    def __init__(self, wid: int, cfg: dict[str, Any]) -> None:
+        import numpy as np
+
+        self.np = np
+        self.wid = wid
+        self.cfg = cfg
+        self.clients: dict[str, Any] = {}
+        self._src: tuple[int, list[memoryview]] | None = None
+        self._dst: tuple[int, int, list[memoryview]] | None = None
+        self._store: Any = None  # memcpy baseline: this worker's "server memory"
+
+    # -- buffers --------------------------------------------------------------------
+
+    def sources(self, block: int) -> list[memoryview]:
+        if self._src is None or self._src[0] != block:
+            rng = self.np.random.default_rng(self.wid)
+            n = max(1, SOURCE_POOL_BYTES // block)
+            arrays = [rng.integers(0, 256, block, dtype=self.np.uint8) for _ in range(n)]
+            self._src = (block, [memoryview(a) for a in arrays])
+        return self._src[1]
+
+    def dests(self, block: int, batch: int) -> list[memoryview]:
+        if self._dst is None or self._dst[:2] != (block, batch):
+            self._dst = None
+            arrays = [self.np.ones(block, dtype=self.np.uint8) for _ in range(batch)]  # faulted
+            self._dst = (block, batch, [memoryview(a) for a in arrays])
+        return self._dst[2]
+
+    def memstore(self, nbytes: int) -> memoryview:
+        if self._store is None or len(self._store) < nbytes:
+            self._store = None
+            self._store = memoryview(self.np.ones(nbytes, dtype=self.np.uint8))
+        return self._store
+
+    # -- clients --------------------------------------------------------------------
+
+    def client(self, system: str) -> Any:
+        c = self.clients.get(system)
+        if c is not None:
+            return c
+        cfg = self.cfg
+        if system == "kvstore-tcp":
+            from kvstore import Client
+
+            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300)
+        elif system == "kvstore-unix":
+            from kvstore import Client
+
+            c = Client(cfg["kv_unix"], namespace="bench", timeout=300)
+        elif system == "kvstore-shm":
+            from kvstore.client.shm import ShmClient
+
+            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+        elif system == "redis-tcp":
+            import redis
+
+            c = redis.Redis(host="127.0.0.1", port=cfg["redis_port"], socket_timeout=300,
+                            socket_read_size=cfg["redis_read_size"])
+        elif system == "redis-unix":
+            import redis
+
+            c = redis.Redis(unix_socket_path=cfg["redis_unix"], socket_timeout=300,
+                            socket_read_size=cfg["redis_read_size"])
+        elif system == "raw-tcp":
+            from bench._peers.raw import RawClient
+
+            c = RawClient(("127.0.0.1", cfg["raw_port"]))
+        elif system == "raw-unix":
+            from bench._peers.raw import RawClient
+
+            c = RawClient(cfg["raw_unix"])
+        elif system == "memcpy":
+            c = True
+        else:
+            raise ValueError(f"unknown system {system}")
+        self.clients[system] = c
+        return c
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            close = getattr(c, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    pass
+
+    # -- one batch call per system ------------------------------------------------------
+
+    def call(self, system: str, op: str, block: int) -> Callable[[list[bytes], list[memoryview],
+                                                                  list[memoryview], int], None]:
+        c = self.client(system)
+        if system.startswith("kvstore"):
+            if op == "put":
+                def kv_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                           base: int) -> None:
+                    c.put(list(zip(keys, src, strict=True)))
+                return kv_put
+
+            def kv_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                       base: int) -> None:
+                sizes = c.get_into(keys, dst)
+                if any(s != block for s in sizes):
+                    raise RuntimeError(f"{system} get_into returned sizes {sizes}")
+            return kv_get
+        if system.startswith("redis"):
+            if op == "put":
+                def redis_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                              base: int) -> None:
+                    c.mset(dict(zip(keys, src, strict=True)))
+                return redis_put
+
+            def redis_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                          base: int) -> None:
+                vals = c.mget(keys)
+                if any(v is None or len(v) != block for v in vals):
+                    raise RuntimeError(f"{system} MGET returned a miss or a wrong size")
+            return redis_get
+        if system.startswith("raw"):
+            if op == "put":
+                def raw_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                            base: int) -> None:
+                    c.put(src)
+                return raw_put
+
+            def raw_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                        base: int) -> None:
+                c.get_into(block, dst)
+            return raw_get
+        # memcpy: the same bytes copied between this process's own buffers
+        store = self._store
+        if op == "put":
+            def mem_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                        base: int) -> None:
+                for i, s in enumerate(src):
+                    off = (base + i) * block
+                    store[off : off + block] = s
+            return mem_put
+
+        def mem_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                    base: int) -> None:
+            for i, d in enumerate(dst):
+                off = (base + i) * block
+                d[:] = store[off : off + block]
+        return mem_get
+
+    def run(self, system: str, op: str, block: int, batch: int, count: int,
+            start_at: float) -> tuple[float, float, list[float], float]:
+        keys = [f"{system}/w{self.wid}/{block}/{i}".encode() for i in range(count)]
+        srcs = self.sources(block)
+        dst = self.dests(block, batch)
+        if system == "memcpy":
+            self.memstore(count * block)
+        fn = self.call(system, op, block)
+        batches = []
+        for i in range(0, count, batch):
+            ks = keys[i : i + batch]
+            batches.append((i, ks, [srcs[(i + j) % len(srcs)] for j in range(len(ks))],
+                            dst[: len(ks)]))
+        lat: list[float] = []
+        delay = start_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        c0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        for base, ks, src, dd in batches:
+            s = time.perf_counter()
+            fn(ks, src, dd, base)
+            lat.append(time.perf_counter() - s)
+        t1 = time.perf_counter()
+        c1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+        return t0, t1, lat, cpu
+
+    def cleanup(self, systems: list[str], block: int, count: int) -> None:
+        for system in systems:
+            if system not in self.clients:
+                continue
+            keys = [f"{system}/w{self.wid}/{block}/{i}".encode() for i in range(count)]
+            c = self.clients[system]
+            if system.startswith("kvstore"):
+                c.delete(keys)
+            elif system.startswith("redis"):
+                for i in range(0, len(keys), 256):
+                    c.delete(*keys[i : i + 256])
+
+
+def worker_main(conn: Connection, wid: int, cfg: dict[str, Any]) -> None:
+    if cfg.get("malloc_tuning", True):
+        from kvstore._malloc import tune_malloc
+
+        tune_malloc()  # what the SDK does on import anyway
+    w = Worker(wid, cfg)
+    try:
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            try:
+                if msg[0] == "run":
+                    conn.send(("ok", w.run(*msg[1:])))
+                elif msg[0] == "cleanup":
+                    w.cleanup(*msg[1:])
+                    conn.send(("ok", None))
+                elif msg[0] == "hello":
+                    conn.send(("ok", os.getpid()))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        w.close()

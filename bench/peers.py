@@ -1,0 +1,566 @@
+"""kvstore next to Redis and a raw socket: the same Put/Get workload, side by side.
+
+    .venv/bin/python -m bench.peers [--quick] [--out results.json] [--png chart.png]
+
+In one run, against:
+
+* ``kvstore-tcp``   kvstore over gRPC on 127.0.0.1 (``kvstore.Client``);
+* ``kvstore-unix``  the same server over its unix socket;
+* ``kvstore-shm``   the same server, block bytes through its shared-memory L1
+                    arena (``ShmClient``; server started with ``--l1-shm-path``);
+* ``redis-tcp`` / ``redis-unix``  a private Redis 7 (``redis-server`` from
+                    PATH, or apt-installed when missing and running as root),
+                    ``--save "" --appendonly no``, redis-py with hiredis;
+* ``raw-tcp`` / ``raw-unix``  a plain socket moving the same bytes (the floor
+                    under any RPC over that transport);
+* ``memcpy``        the same bytes copied between two buffers in the client
+                    process (the ceiling for a same-host path).
+
+Workload: each client process puts N blocks (keys ``system/worker/size/i``),
+then gets them back, in batches of ``--batch`` blocks per call: kvstore
+``put(pairs)`` / ``get_into(keys, buffers)`` (one stream each), Redis
+``MSET`` / ``MGET`` (one command each), raw: one request moving the whole
+batch. Block sizes 1 MiB and 4 MiB, 1 and 4 client processes. Rounds of the
+systems are interleaved (round r of every system, then round r+1), after one
+warm-up round each, so noise on this shared machine hits them alike; the
+median GB/s over rounds is reported with p50/p99 latency per call and per
+block (call ÷ blocks in it), CPU seconds per GB (server process from
+/proc/PID/stat, clients from getrusage()), ratios and the issue's targets.
+JSON to stdout (and --out), progress and a table to stderr, a bar chart with
+--png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+KiB = 1024
+MiB = 1024 * KiB
+
+KV_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
+REDIS_SYSTEMS = ["redis-tcp", "redis-unix"]
+BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
+ALL_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
+
+API = {
+    "kvstore-tcp": {"put": "Client.put([(key, view)] * batch) — one Put stream, ack=memory",
+                    "get": "Client.get_into(keys, buffers) — one Get stream into reused "
+                           "pre-faulted numpy buffers"},
+    "kvstore-unix": {"put": "Client.put (as kvstore-tcp, over the unix socket)",
+                     "get": "Client.get_into (as kvstore-tcp, over the unix socket)"},
+    "kvstore-shm": {"put": "ShmClient.put: ShmReserve, copy+CRC32C into the mapped arena, "
+                           "ShmCommit (server re-verifies the CRC)",
+                    "get": "ShmClient.get_into: ShmAcquire, copy+CRC32C out of the arena into "
+                           "reused buffers, ShmRelease"},
+    "redis-tcp": {"put": "MSET of the batch (redis-py, hiredis)",
+                  "get": "MGET of the batch → new bytes objects (redis-py has no read-into "
+                         "API; not copied further, which favours Redis)"},
+    "redis-unix": {"put": "MSET (as redis-tcp, over the unix socket)",
+                   "get": "MGET (as redis-tcp, over the unix socket)"},
+    "raw-tcp": {"put": "sendall of each block, one 1-byte ack per batch",
+                "get": "recv_into the reused buffers"},
+    "raw-unix": {"put": "as raw-tcp over a unix socket", "get": "as raw-tcp over a unix socket"},
+    "memcpy": {"put": "memoryview copy source → a per-worker 'store' buffer",
+               "get": "memoryview copy store → the reused buffers"},
+}
+
+TRANSPORT_PEERS = {  # kvstore system -> (Redis on the same transport, raw baseline)
+    "kvstore-tcp": ("redis-tcp", "raw-tcp"),
+    "kvstore-unix": ("redis-unix", "raw-unix"),
+    "kvstore-shm": ("redis-unix", "memcpy"),
+}
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a whole process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def status(self, text: str) -> None:
+        if self.tty:
+            print(f"\r\x1b[K{text}", end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            print("\r\x1b[K", end="", file=sys.stderr)
+        print(text, file=sys.stderr, flush=True)
+
+
+class Pool:
+    """``n`` client processes (spawn), each running the rounds it is sent."""
+
+    def __init__(self, n: int, cfg: dict[str, Any]) -> None:
+        from bench._peers.worker import worker_main
+
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        for wid in range(n):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(child, wid, cfg), daemon=True)
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
+        self.ask(len(self.conns), ("hello",))
+
+    def ask(self, clients: int, msg: tuple[Any, ...]) -> list[Any]:
+        for c in self.conns[:clients]:
+            c.send(msg)
+        out = []
+        errors = []
+        for c in self.conns[:clients]:
+            status, value = c.recv()
+            if status != "ok":
+                errors.append(value)
+            out.append(value)
+        if errors:
+            raise RuntimeError("a client process failed:\n" + errors[0])
+        return out
+
+    def close(self) -> None:
+        for c in self.conns:
+            try:
+                c.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(15)
+            if p.is_alive():
+                p.terminate()
+
+
+def _round(pool: Pool, system: str, op: str, block: int, batch: int, clients: int, count: int,
+           server_pid: int | None) -> dict[str, Any]:
+    start_at = time.perf_counter() + 0.02
+    s0 = proc_cpu_seconds(server_pid) if server_pid else 0.0
+    replies = pool.ask(clients, ("run", system, op, block, batch, count, start_at))
+    s1 = proc_cpu_seconds(server_pid) if server_pid else 0.0
+    t0 = min(r[0] for r in replies)
+    t1 = max(r[1] for r in replies)
+    return {"secs": t1 - t0, "lat": [x for r in replies for x in r[2]],
+            "client_cpu": sum(r[3] for r in replies), "server_cpu": s1 - s0}
+
+
+def _summary(rounds: list[dict[str, Any]], nbytes: int, batch: int) -> dict[str, Any]:
+    gbps = [nbytes / r["secs"] / 1e9 for r in rounds]
+    lat = [x for r in rounds for x in r["lat"]]
+    gb = nbytes / 1e9 * len(rounds)
+    return {
+        "gbps": round(statistics.median(gbps), 4),
+        "gbps_rounds": [round(g, 4) for g in gbps],
+        "p50_ms_call": round(_pct(lat, 0.50) * 1e3, 3),
+        "p99_ms_call": round(_pct(lat, 0.99) * 1e3, 3),
+        "p50_ms_block": round(_pct(lat, 0.50) * 1e3 / batch, 4),
+        "p99_ms_block": round(_pct(lat, 0.99) * 1e3 / batch, 4),
+        "calls": len(lat),
+        "cpu_s_per_gb": {
+            "server": round(sum(r["server_cpu"] for r in rounds) / gb, 4),
+            "client": round(sum(r["client_cpu"] for r in rounds) / gb, 4),
+        },
+    }
+
+
+def _count(block: int, clients: int, batch: int, per_round: int) -> int:
+    """Blocks per client per round: a whole number of batches, at least one."""
+    n = max(1, per_round // (block * clients))
+    return max(batch, (n + batch - 1) // batch * batch)
+
+
+# --------------------------------------------------------------------------- ratios
+
+
+def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r for r in results}
+    out = []
+    for (system, op, block, clients), r in sorted(by.items()):
+        if system not in TRANSPORT_PEERS:
+            continue
+        same_redis, raw = TRANSPORT_PEERS[system]
+        row: dict[str, Any] = {"system": system, "op": op, "block_bytes": block,
+                               "clients": clients, "gbps": r["gbps"]}
+
+        def ratio(other: str | None, r: dict[str, Any] = r, op: str = op, block: int = block,
+                  clients: int = clients) -> float | None:
+            o = by.get((other, op, block, clients)) if other else None
+            return round(r["gbps"] / o["gbps"], 3) if o and o["gbps"] > 0 else None
+
+        redis_best = max((by[(s, op, block, clients)] for s in REDIS_SYSTEMS
+                          if (s, op, block, clients) in by), key=lambda x: x["gbps"],
+                         default=None)
+        row["vs_redis_same_transport"] = ratio(same_redis)
+        row["vs_best_redis"] = ratio(redis_best["system"]) if redis_best else None
+        row["best_redis"] = redis_best["system"] if redis_best else None
+        row["vs_raw"] = ratio(raw)
+        row["raw_baseline"] = raw
+        if system == "kvstore-shm":
+            peers = [by[(s, op, block, clients)] for s in
+                     ("kvstore-tcp", "kvstore-unix", *REDIS_SYSTEMS)
+                     if (s, op, block, clients) in by]
+            best = max(peers, key=lambda x: x["gbps"], default=None)
+            row["best_socket_path"] = best["system"] if best else None
+            row["vs_best_socket_path"] = ratio(best["system"]) if best else None
+        out.append(row)
+    return out
+
+
+def _targets(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rat = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r for r in ratios}
+    out = []
+    for op in ("put", "get"):
+        r = rat.get(("kvstore-tcp", op, MiB, 1))
+        if r:
+            out.append({"target": f"kvstore TCP {op}, 1 MiB, 1 client >= 1.5 GB/s",
+                        "value": r["gbps"], "ok": r["gbps"] >= 1.5})
+            v = r["vs_redis_same_transport"]
+            out.append({"target": f"kvstore TCP {op}, 1 MiB, 1 client >= 1.2x Redis (TCP)",
+                        "value": v, "ok": None if v is None else v >= 1.2})
+        s = rat.get(("kvstore-shm", op, 4 * MiB, 1))
+        if s:
+            out.append({"target": f"kvstore shm {op}, 4 MiB, 1 client >= 5 GB/s",
+                        "value": s["gbps"], "ok": s["gbps"] >= 5.0})
+            v = s["vs_best_redis"]
+            out.append({"target": f"kvstore shm {op}, 4 MiB, 1 client >= 3x the best peer "
+                                  f"(best Redis: {s['best_redis']})",
+                        "value": v, "ok": None if v is None else v >= 3.0})
+            v2 = s.get("vs_best_socket_path")
+            out.append({"target": f"(stricter) kvstore shm {op}, 4 MiB, 1 client >= 3x the "
+                                  f"best socket path incl. kvstore's own "
+                                  f"({s.get('best_socket_path')})",
+                        "value": v2, "ok": None if v2 is None else v2 >= 3.0})
+    return out
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_png(doc: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in results)]
+    groups = sorted({(r["block_bytes"], r["clients"]) for r in results})
+    colors = {"kvstore-tcp": "#1f77b4", "kvstore-unix": "#4a9fe0", "kvstore-shm": "#0b3d91",
+              "redis-tcp": "#d62728", "redis-unix": "#ff7f7f", "raw-tcp": "#7f7f7f",
+              "raw-unix": "#bdbdbd", "memcpy": "#2ca02c"}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
+    by = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r["gbps"] for r in results}
+    width = 0.8 / max(1, len(systems))
+    for ax, op in zip(axes, ("put", "get"), strict=True):
+        for i, s in enumerate(systems):
+            xs = [g + (i - (len(systems) - 1) / 2) * width for g in range(len(groups))]
+            ys = [by.get((s, op, b, c), 0.0) for b, c in groups]
+            bars = ax.bar(xs, ys, width, label=s, color=colors.get(s))
+            for bar, y in zip(bars, ys, strict=True):
+                if y:
+                    ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
+                                ha="center", va="bottom", fontsize=6, rotation=90)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{_fmt_size(b)}\n{c} client{'s' if c > 1 else ''}"
+                            for b, c in groups])
+        ax.set_title(f"{op.capitalize()} (batches of {doc['meta']['batch_blocks']} blocks)")
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3, which="both")
+    axes[0].set_ylabel("GB/s (1e9 B/s), median of rounds, log scale")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.suptitle(f"kvstore vs Redis {doc['meta'].get('redis', {}).get('version', '(skipped)')} "
+                 f"vs raw sockets — {doc['meta']['cpus']} CPUs, {doc['meta']['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main run
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from bench._peers.raw import raw_server_main
+    from bench._peers.redis_proc import (
+        RedisServer,
+        ensure_redis_py,
+        ensure_redis_server,
+        redis_version,
+    )
+    from bench._server import BenchServer
+
+    progress = Progress()
+    notes: list[str] = []
+    t_start = time.perf_counter()
+    systems = [s for s in args.systems]
+    tmp = tempfile.TemporaryDirectory(prefix="kvstore-peers-")
+    work = Path(tmp.name)
+
+    redis_srv: RedisServer | None = None
+    redis_meta: dict[str, Any] = {}
+    if any(s in REDIS_SYSTEMS for s in systems):
+        path, note = ensure_redis_server(not args.no_install)
+        notes.append(note)
+        ok_py, note_py = ensure_redis_py(not args.no_install)
+        notes.append(note_py)
+        if path and ok_py:
+            redis_srv = RedisServer(path, work / "redis", maxmemory=args.redis_maxmemory)
+            redis_srv.start()
+            redis_meta = {"version": redis_version(path), "command": " ".join(
+                a if a else '""' for a in redis_srv.command), "client": note_py,
+                "socket_read_size": args.redis_read_size}
+            notes.append(f"Redis {redis_meta['version']} started on 127.0.0.1:{redis_srv.port} "
+                         f"and {redis_srv.unix}")
+        else:
+            systems = [s for s in systems if s not in REDIS_SYSTEMS]
+            notes.append("Redis cells skipped")
+    for n in notes:
+        progress.line(f"peers: {n}")
+
+    shm_path = f"/dev/shm/kvstore-peers-{os.getpid()}-{secrets.token_hex(4)}"
+    flags = ["--l1-shm-path", shm_path, *(args.server_flag or [])]
+    server = BenchServer(*flags, l1_capacity=args.l1_capacity, l2=True, unix=True,
+                         data_dir=str(work / "kvstore"))
+    (work / "kvstore").mkdir()
+    ctx = mp.get_context("spawn")
+    raw_parent, raw_child = ctx.Pipe()
+    raw_proc = ctx.Process(target=raw_server_main,
+                           args=(raw_child, str(work / "raw.sock"), max(args.sizes)), daemon=True)
+    results: list[dict[str, Any]] = []
+    pool: Pool | None = None
+    l2_stats: dict[str, Any] = {}
+    server_rss = 0
+    try:
+        raw_proc.start()
+        raw_child.close()
+        raw_port, raw_unix = raw_parent.recv()
+        progress.status(f"peers: starting kvstore (L1 {args.l1_capacity} in {shm_path}, "
+                        "pre-faulted; L2 on) ...")
+        server.start()
+        assert server.proc is not None
+        cfg = {"kv_tcp": server.tcp, "kv_unix": server.unix_target,
+               "redis_port": redis_srv.port if redis_srv else 0,
+               "redis_unix": redis_srv.unix if redis_srv else "",
+               "redis_read_size": args.redis_read_size,
+               "raw_port": raw_port, "raw_unix": raw_unix,
+               "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0"}
+        progress.status(f"peers: starting {max(args.clients)} client processes ...")
+        pool = Pool(max(args.clients), cfg)
+        pids = {s: (server.proc.pid if s.startswith("kvstore") else
+                    redis_srv.pid if s.startswith("redis") and redis_srv else
+                    raw_proc.pid if s.startswith("raw") else None) for s in systems}
+        groups = [(b, c) for b in args.sizes for c in args.clients]
+        ncells = len(groups) * 2
+        cell_no = 0
+        for block, clients in groups:
+            count = _count(block, clients, args.batch, args.bytes_per_round)
+            nbytes = count * clients * block
+            for op in ("put", "get"):
+                cell_no += 1
+                rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+                label = f"[{cell_no}/{ncells}] {op} {_fmt_size(block)} x{clients}"
+                for rnd in range(args.rounds + 1):
+                    for system in systems:
+                        what = "warm-up" if rnd == 0 else f"round {rnd}/{args.rounds}"
+                        if progress.tty or system == systems[0]:
+                            progress.status(f"peers: {label} {what}" +
+                                            (f" {system}" if progress.tty else
+                                             f" ({len(systems)} systems)"))
+                        r = _round(pool, system, op, block, args.batch, clients, count,
+                                   pids[system])
+                        if rnd:
+                            rounds[system].append(r)
+                for system in systems:
+                    cell = {"system": system, "op": op, "block_bytes": block,
+                            "clients": clients, "batch_blocks": args.batch,
+                            "blocks_per_round": count * clients, "bytes_per_round": nbytes,
+                            "api": API[system][op],
+                            **_summary(rounds[system], nbytes, args.batch)}
+                    results.append(cell)
+                progress.line(_cell_line(label, [r for r in results
+                                                 if (r["op"], r["block_bytes"], r["clients"])
+                                                 == (op, block, clients)]))
+            pool.ask(clients, ("cleanup", systems, block, count))
+        from kvstore import Client
+
+        with Client(server.tcp) as c:
+            st = c.stats()
+            for t in st.tiers:
+                l2_stats[t.tier.name] = {"blocks": t.blocks, "bytes": t.bytes,
+                                         "evictions": t.evictions}
+        server_rss = server.rss_bytes()
+    finally:
+        progress.status("peers: stopping ...")
+        if pool is not None:
+            pool.close()
+        server.stop()
+        raw_parent.close()
+        raw_proc.join(10)
+        if raw_proc.is_alive():
+            raw_proc.terminate()
+        if redis_srv is not None:
+            redis_srv.stop()
+        if os.path.exists(shm_path):
+            os.unlink(shm_path)
+            notes.append(f"removed leftover {shm_path}")
+        tmp.cleanup()
+        progress.line("")
+    ratios = _ratios(results)
+    import grpc
+
+    return {
+        "bench": "peers",
+        "meta": {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "quick": args.quick,
+            "rounds": args.rounds,
+            "warmup_rounds": 1,
+            "batch_blocks": args.batch,
+            "bytes_per_round_target": args.bytes_per_round,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "kvstore_server": {
+                "command": " ".join(server.command),
+                "shm_path": shm_path,
+                "l1": f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
+                      "(pre-faulted at start; removed at exit)",
+                "l2": "enabled (LMDB in a temp dir), default write-back (write_mode evict): "
+                      "Puts that fit in L1 do not touch disk",
+                "tiers_at_end": l2_stats,
+                "rss_bytes_at_end": server_rss,
+            },
+            "redis": redis_meta,
+            "batching": f"{args.batch} blocks per call for every system: kvstore one Put "
+                        "stream / one Get stream per batch; Redis one MSET / MGET per batch; "
+                        "raw one request per batch",
+            "apis": {s: API[s] for s in systems},
+            "buffers": "each client puts from a pool of distinct pre-faulted 64 MiB of "
+                       "source blocks and gets into one batch of pre-faulted buffers reused "
+                       "by every call",
+            "units": "gbps = 1e9 bytes/s over a round (all clients, first start to last "
+                     "finish), median of rounds; latency per call and per block (call / "
+                     "blocks per call) over all rounds; cpu_s_per_gb = CPU seconds "
+                     "(user+sys) per 1e9 bytes moved, server process (/proc/PID/stat, all "
+                     "threads) and client processes (getrusage RUSAGE_SELF, all threads) summed",
+            "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0",
+        },
+        "notes": notes,
+        "results": results,
+        "ratios": ratios,
+        "targets": _targets(results, ratios),
+    }
+
+
+def _cell_line(label: str, cells: list[dict[str, Any]]) -> str:
+    parts = [f"{c['system']} {c['gbps']:.2f}" for c in cells]
+    return f"{label}: GB/s " + ", ".join(parts)
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    rows = doc["results"]
+    print(f"\n{'op':>4} {'block':>6} {'cl':>2} {'system':>13} {'GB/s':>7} {'p50 ms/blk':>10} "
+          f"{'p99 ms/blk':>10} {'srv s/GB':>8} {'cli s/GB':>8}", file=sys.stderr)
+    for r in rows:
+        print(f"{r['op']:>4} {_fmt_size(r['block_bytes']):>6} {r['clients']:>2} "
+              f"{r['system']:>13} {r['gbps']:7.2f} {r['p50_ms_block']:10.3f} "
+              f"{r['p99_ms_block']:10.3f} {r['cpu_s_per_gb']['server']:8.3f} "
+              f"{r['cpu_s_per_gb']['client']:8.3f}", file=sys.stderr)
+    print("\ntargets:", file=sys.stderr)
+    for t in doc["targets"]:
+        mark = {True: "PASS", False: "MISS", None: "n/a "}[t["ok"]]
+        print(f"  {mark} {t['target']}: {t['value']}", file=sys.stderr)
+
+
+def _parse_size(text: str) -> int:
+    from kvstore.config import parse_size
+
+    return parse_size(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer bytes and rounds (~1 min)")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke-test size: 1 MiB blocks, 1 client, 1 round, small L1")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--png", help="write a bar chart (PNG) here")
+    p.add_argument("--sizes", nargs="+", type=_parse_size, default=None,
+                   help="block sizes [default: 1MiB 4MiB]")
+    p.add_argument("--clients", nargs="+", type=int, default=None,
+                   help="client process counts [default: 1 4]")
+    p.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=None,
+                   help="which systems [default: all]")
+    p.add_argument("--batch", type=int, default=8, help="blocks per call [default: 8]")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timed rounds per cell [default: 5, --quick 3, --tiny 1]")
+    p.add_argument("--bytes-per-round", type=_parse_size, default=None,
+                   help="bytes per round, all clients [default: 256MiB, --quick 96MiB]")
+    p.add_argument("--l1-capacity", default=None, help="kvstore L1 [default: 2GiB]")
+    p.add_argument("--redis-maxmemory", default="4gb")
+    p.add_argument("--redis-read-size", type=_parse_size, default=MiB,
+                   help="redis-py socket_read_size [default: 1MiB; redis-py's own is 32KiB]")
+    p.add_argument("--no-install", action="store_true",
+                   help="never apt-get/pip install Redis or redis-py (skip Redis instead)")
+    p.add_argument("--server-flag", action="append", metavar="FLAG",
+                   help="extra flag for kvstore serve (repeat)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.sizes = args.sizes or [MiB]
+        args.clients = args.clients or [1]
+        args.rounds = args.rounds or 1
+        args.bytes_per_round = args.bytes_per_round or 16 * MiB
+        args.l1_capacity = args.l1_capacity or "256MiB"
+        args.redis_maxmemory = "512mb"
+    args.sizes = args.sizes or [MiB, 4 * MiB]
+    args.clients = args.clients or [1, 4]
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.bytes_per_round = args.bytes_per_round or (96 * MiB if args.quick else 256 * MiB)
+    args.l1_capacity = args.l1_capacity or "2GiB"
+    args.systems = args.systems or list(ALL_SYSTEMS)
+    doc = run_bench(args)
+    print_table(doc)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.png:
+        write_png(doc, args.png)
+        print(f"chart: {args.png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
