@@ -38,11 +38,12 @@ from kvstore.types import (
 )
 
 if TYPE_CHECKING:
-    from kvstore.client import AsyncClient, Client, InvalidBuffer, ProtocolError, PutResult
+    from kvstore.client import TLS, AsyncClient, Client, InvalidBuffer, ProtocolError, PutResult
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "InvalidBuffer", "ProtocolError", "PutResult"})
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "InvalidBuffer", "ProtocolError", "PutResult",
+                           "TLS"})
 
 
 def __getattr__(name: str) -> Any:
@@ -55,6 +56,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
 
 __all__ = [
+    "TLS",
     "AckLevel",
     "AsyncClient",
     "BlockTooLarge",

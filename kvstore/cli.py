@@ -103,7 +103,13 @@ def _err(message: str) -> None:
 
 def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:
     target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
-    return Client(target, namespace=namespace, timeout=args.timeout)
+    tls = None
+    if args.tls_ca or args.tls_cert:
+        from kvstore.client import TLS
+
+        tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                  server_name=args.tls_server_name)
+    return Client(target, namespace=namespace, timeout=args.timeout, tls=tls)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -174,6 +180,13 @@ def _client_options(p: argparse.ArgumentParser) -> None:
                         f"[default: env KVSTORE_TARGET, else {DEFAULT_TARGET}]")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="deadline of the call in seconds [default: 60]")
+    p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("KVSTORE_TLS_CA"),
+                   help="connect over TLS, trusting this CA bundle [env KVSTORE_TLS_CA]")
+    p.add_argument("--tls-cert", metavar="PEM", default=None,
+                   help="client certificate, for servers that require one (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", default=None, help="client private key")
+    p.add_argument("--tls-server-name", default=None,
+                   help="name to check the server certificate against")
 
 
 def _namespace_option(p: argparse.ArgumentParser) -> None:

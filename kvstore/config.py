@@ -89,6 +89,11 @@ class ServerConfig:
                       parse_str)
     unix_socket: str = opt("", "unix socket path to listen on (created with mode 0600); "
                            "empty disables it", parse_str)
+    tls_cert: str = opt("", "PEM certificate (chain) for TLS on the TCP listener; with "
+                        "tls_key. The unix socket stays plaintext (mode 0600)", parse_str)
+    tls_key: str = opt("", "PEM private key for tls_cert", parse_str)
+    tls_client_ca: str = opt("", "PEM CA bundle: when set, TCP clients must present a "
+                             "certificate it signed (mutual TLS)", parse_str)
     max_block_bytes: int = opt(64 * 1024**2, "largest block accepted by Put", parse_size)
     chunk_bytes: int = opt(1024**2, "default size of the data field of each Get chunk",
                            parse_size)
@@ -299,6 +304,14 @@ def validate(config: Config) -> None:
     s = config.server
     if not s.listen and not s.unix_socket:
         raise InvalidConfig("set server.listen or server.unix_socket: the server needs an address")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise InvalidConfig("server.tls_cert and server.tls_key go together")
+    if s.tls_client_ca and not s.tls_cert:
+        raise InvalidConfig("server.tls_client_ca needs server.tls_cert and server.tls_key")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(s, name)
+        if path and not Path(path).is_file():
+            raise InvalidConfig(f"server.{name}: {path} is not a readable file")
     if s.max_block_bytes <= 0:
         raise InvalidConfig("server.max_block_bytes must be positive")
     if s.chunk_bytes <= 0 or s.chunk_bytes > s.max_chunk_bytes:

@@ -6,6 +6,7 @@
 ...     [data] = kv.get([key])
 """
 
+from kvstore.client._base import TLS
 from kvstore.client._common import DEFAULT_CHUNK_BYTES, DEFAULT_TARGET, PutResult, parse_target
 from kvstore.client._errors import InvalidBuffer, ProtocolError
 from kvstore.client.aio import AsyncClient
@@ -14,6 +15,7 @@ from kvstore.client.sync import Client
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_TARGET",
+    "TLS",
     "AsyncClient",
     "Client",
     "InvalidBuffer",

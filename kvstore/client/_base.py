@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import grpc
 
 from kvstore._malloc import tune_malloc
 from kvstore.client import _convert as conv
@@ -57,6 +60,38 @@ class PreparedPut:
         )
 
 
+@dataclass(frozen=True)
+class TLS:
+    """Connect over TLS. ``ca``: PEM bundle (path or bytes) that signed the
+    server's certificate (None: the system's roots). ``cert``/``key``: this
+    client's certificate for servers that require one (mutual TLS).
+    ``server_name``: the name to check the certificate against when it is not
+    the target's host."""
+
+    ca: str | bytes | None = None
+    cert: str | bytes | None = None
+    key: str | bytes | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidArgument("TLS cert and key go together")
+        return grpc.ssl_channel_credentials(_pem(self.ca), _pem(self.key), _pem(self.cert))
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def _pem(value: str | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        with open(value, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read TLS file {value}: {exc}") from None
+
+
 class ClientBase:
     """Settings and argument checking; subclasses own the channel."""
 
@@ -68,8 +103,10 @@ class ClientBase:
         timeout: float | None = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        tls: TLS | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self._grpc_target = parse_target(target)
         if namespace is not None:
             validate_namespace(namespace)
@@ -79,6 +116,11 @@ class ClientBase:
         self.timeout = timeout
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._options = channel_options(self.chunk_bytes, options)
+        if tls is not None:
+            if self._grpc_target.startswith("unix"):
+                raise InvalidArgument("TLS applies to TCP targets; a unix socket is local and "
+                                      "protected by its file mode")
+            self._options = [*self._options, *tls.options()]
         # Received messages are MiB-sized: keep their buffers in the heap
         # (kvstore/_malloc.py; KVSTORE_MALLOC_TUNING=0 opts out).
         tune_malloc()

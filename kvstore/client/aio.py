@@ -11,7 +11,7 @@ import grpc.aio
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._base import ClientBase, turn_end_event
+from kvstore.client._base import TLS, ClientBase, turn_end_event
 from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
@@ -50,9 +50,11 @@ class AsyncClient(ClientBase):
         timeout: float | None = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        tls: TLS | None = None,
     ) -> None:
         super().__init__(
-            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options
+            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options,
+            tls=tls,
         )
         self._channel: grpc.aio.Channel | None = None
         self._rpcs: dict[str, Any] = {}
@@ -61,7 +63,12 @@ class AsyncClient(ClientBase):
         rpc = self._rpcs.get(name)
         if rpc is None:
             if self._channel is None:
-                self._channel = grpc.aio.insecure_channel(self._grpc_target, options=self._options)
+                if self.tls is not None:
+                    self._channel = grpc.aio.secure_channel(
+                        self._grpc_target, self.tls.credentials(), options=self._options)
+                else:
+                    self._channel = grpc.aio.insecure_channel(self._grpc_target,
+                                                              options=self._options)
             ch = self._channel
             if name == conv.PUT:
                 rpc = ch.stream_unary(name, request_serializer=conv.identity,

@@ -10,7 +10,7 @@ import grpc
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._base import ClientBase, turn_end_event
+from kvstore.client._base import TLS, ClientBase, turn_end_event
 from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
@@ -52,11 +52,17 @@ class Client(ClientBase):
         timeout: float | None = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
+        tls: TLS | None = None,
     ) -> None:
         super().__init__(
-            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options
+            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options,
+            tls=tls,
         )
-        self._channel = grpc.insecure_channel(self._grpc_target, options=self._options)
+        if self.tls is not None:
+            self._channel = grpc.secure_channel(self._grpc_target, self.tls.credentials(),
+                                                options=self._options)
+        else:
+            self._channel = grpc.insecure_channel(self._grpc_target, options=self._options)
         ch = self._channel
         self._put_rpc = ch.stream_unary(
             conv.PUT, request_serializer=conv.identity,

@@ -45,6 +45,16 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(config: Config) -> grpc.ServerCredentials:
+    """TLS for the TCP listener (mutual when server.tls_client_ca is set)."""
+    cfg = config.server
+    cert = Path(cfg.tls_cert).read_bytes()
+    key = Path(cfg.tls_key).read_bytes()
+    ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
 class Server:
     """A running kvstore server; ``await stop()`` shuts it down gracefully."""
 
@@ -68,7 +78,11 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         cfg = self.config.server
-        if cfg.listen:
+        if cfg.listen and cfg.tls_cert:
+            port = self.grpc.add_secure_port(cfg.listen, server_credentials(self.config))
+            host = cfg.listen.rsplit(":", 1)[0]
+            self.addresses["tcp"] = f"{host}:{port}"
+        elif cfg.listen:
             port = self.grpc.add_insecure_port(cfg.listen)
             host = cfg.listen.rsplit(":", 1)[0]
             self.addresses["tcp"] = f"{host}:{port}"

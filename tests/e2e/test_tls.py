@@ -1,0 +1,76 @@
+"""TLS on the TCP listener, and mutual TLS, with certificates made by openssl
+for the test (a CA, a server certificate for 127.0.0.1, a client one)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvstore import TLS, Client
+from kvstore.errors import ConnectionFailed, InvalidArgument, KVStoreError
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=kvstore-test-ca", cwd=d)
+    for name, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:engine-1")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+                f"{name}.ext", cwd=d)
+    return d
+
+
+def test_tls_round_trip_and_plaintext_refused(server_factory, pki: Path) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-tls-cert", str(pki / "server.pem"),
+                        "--server-tls-key", str(pki / "server.key")) as server:
+        with Client(server.tcp, namespace="tls", tls=TLS(ca=str(pki / "ca.pem"))) as c:
+            c.put({b"k": b"secret bytes"})
+            assert c.get([b"k"]) == [b"secret bytes"]
+        with Client(server.tcp, namespace="tls", timeout=5) as plain, \
+                pytest.raises(KVStoreError):
+            plain.get([b"k"])
+        # The unix socket stays local and plaintext (mode 0600).
+        with Client(server.unix_target, namespace="tls") as local:
+            assert local.get([b"k"]) == [b"secret bytes"]
+
+
+def test_mutual_tls_requires_a_client_certificate(server_factory, pki: Path) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-tls-cert", str(pki / "server.pem"),
+                        "--server-tls-key", str(pki / "server.key"),
+                        "--server-tls-client-ca", str(pki / "ca.pem")) as server:
+        with Client(server.tcp, namespace="mtls", timeout=5,
+                    tls=TLS(ca=str(pki / "ca.pem"))) as anonymous, \
+                pytest.raises(ConnectionFailed):
+            anonymous.stats()
+        tls = TLS(ca=str(pki / "ca.pem"), cert=str(pki / "client.pem"),
+                  key=str(pki / "client.key"))
+        with Client(server.tcp, namespace="mtls", tls=tls) as c:
+            c.put({b"k": b"v"})
+            assert c.get([b"k"]) == [b"v"]
+
+
+def test_tls_config_errors_are_clear(pki: Path) -> None:
+    from kvstore.config import load
+    from kvstore.errors import InvalidConfig
+
+    with pytest.raises(InvalidConfig, match="go together"):
+        load(env={"KVSTORE_SERVER_TLS_CERT": str(pki / "server.pem")})
+    with pytest.raises(InvalidConfig, match="not a readable file"):
+        load(env={"KVSTORE_SERVER_TLS_CERT": "/nonexistent.pem",
+                  "KVSTORE_SERVER_TLS_KEY": str(pki / "server.key")})
+    with pytest.raises(InvalidArgument, match="unix socket"):
+        Client("unix:/tmp/x.sock", tls=TLS())
