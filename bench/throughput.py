@@ -109,9 +109,11 @@ class RawClient:
         self.buf = memoryview(bytearray(max_bytes))
         self.ack = memoryview(bytearray(1))
 
-    def put(self, data: bytes) -> None:
-        self.sock.sendall(_HDR.pack(b"P", len(data)))
-        self.sock.sendall(data)
+    def put(self, data: bytes, times: int = 1) -> None:
+        """Send ``times`` copies of ``data`` as one request, then wait for the ack."""
+        self.sock.sendall(_HDR.pack(b"P", len(data) * times))
+        for _ in range(times):
+            self.sock.sendall(data)
         _recv_exact_into(self.sock, self.ack)
 
     def get(self, n: int) -> None:
@@ -129,7 +131,7 @@ class RawClient:
 
 
 def worker_main(conn: Connection, wid: int, target: str, raw_port: int, max_bytes: int,
-                chunk_bytes: int) -> None:
+                chunk_bytes: int, batch: int = 1) -> None:
     """A client process: runs the rounds it is sent, replies with timings."""
     from kvstore import Client
 
@@ -154,37 +156,37 @@ def worker_main(conn: Connection, wid: int, target: str, raw_port: int, max_byte
             lat = []
             while time.perf_counter() < start_at:
                 pass
+            groups = [keys[i : i + batch] for i in range(0, len(keys), batch)]
             t0 = time.perf_counter()
             if kind == "kv" and op == "put":
-                for k in keys:
+                for group in groups:
                     s = time.perf_counter()
-                    client.put(((k, data),))
+                    client.put([(k, data) for k in group])
                     lat.append(time.perf_counter() - s)
             elif kind == "kv" and op == "get":
-                for k in keys:
+                for group in groups:
                     s = time.perf_counter()
-                    [got] = client.get((k,))
+                    got = client.get(group)
                     lat.append(time.perf_counter() - s)
-                    if got is None or len(got) != block:
-                        size = None if got is None else len(got)
-                        raise RuntimeError(f"get of {k!r} returned {size}")
+                    if any(g is None or len(g) != block for g in got):
+                        raise RuntimeError(f"get of {group!r} missed")
             elif kind == "kv" and op == "get_into":
-                out = bytearray(block)
-                for k in keys:
+                outs = [bytearray(block) for _ in range(batch)]  # reused: pre-faulted
+                for group in groups:
                     s = time.perf_counter()
-                    [n] = client.get_into((k,), (out,))
+                    sizes = client.get_into(group, outs[: len(group)])
                     lat.append(time.perf_counter() - s)
-                    if n != block:
-                        raise RuntimeError(f"get_into of {k!r} returned {n}")
+                    if any(n != block for n in sizes):
+                        raise RuntimeError(f"get_into of {group!r} returned {sizes}")
             elif kind == "raw" and op == "put":
-                for _ in keys:
+                for group in groups:
                     s = time.perf_counter()
-                    raw.put(data)
+                    raw.put(data, len(group))
                     lat.append(time.perf_counter() - s)
             elif kind == "raw" and op == "get":
-                for _ in keys:
+                for group in groups:
                     s = time.perf_counter()
-                    raw.get(block)
+                    raw.get(block * len(group))
                     lat.append(time.perf_counter() - s)
             t1 = time.perf_counter()
             conn.send((t0, t1, lat))
@@ -195,14 +197,14 @@ def worker_main(conn: Connection, wid: int, target: str, raw_port: int, max_byte
 
 class Pool:
     def __init__(self, n: int, target: str, raw_port: int, max_bytes: int,
-                 chunk_bytes: int) -> None:
+                 chunk_bytes: int, batch: int = 1) -> None:
         ctx = mp.get_context("spawn")
         self.conns: list[Connection] = []
         self.procs = []
         for wid in range(n):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main,
-                            args=(child, wid, target, raw_port, max_bytes, chunk_bytes),
+                            args=(child, wid, target, raw_port, max_bytes, chunk_bytes, batch),
                             daemon=True)
             p.start()
             child.close()
@@ -269,7 +271,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     max_block = max(sizes)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    raw_proc = ctx.Process(target=raw_server_main, args=(child, max_block), daemon=True)
+    raw_proc = ctx.Process(target=raw_server_main, args=(child, max_block * args.batch),
+                           daemon=True)
     raw_proc.start()
     child.close()
     raw_port = parent.recv()
@@ -281,7 +284,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server.start()
         target = server.unix_target if args.unix else server.tcp
-        pool = Pool(max(clients_list), target, raw_port, max_block, args.chunk_bytes)
+        pool = Pool(max(clients_list), target, raw_port, max_block * args.batch,
+                    args.chunk_bytes, args.batch)
         try:
             for block in sizes:
                 for clients in clients_list:
@@ -339,7 +343,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "seconds": round(time.perf_counter() - t_start, 1),
             "units": "gbps = 1e9 bytes/s over the round (all clients); latency = one call "
-                     "of one block",
+                     f"of {args.batch} block(s) (--batch)",
+            "batch": args.batch,
         },
         "results": results,
     }
@@ -371,6 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="client process counts [default: 1 4]")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per cell "
                    "[default: 5, --quick 3]")
+    p.add_argument("--batch", type=int, default=8,
+                   help="blocks per call (one Put stream / one Get stream; the raw baseline "
+                        "sends the same bytes per request) [default: 8; 1 = latency of one "
+                        "block per call]")
     p.add_argument("--chunk-bytes", type=_parse_size, default=MiB,
                    help="client chunk_bytes (Put chunks, and Get chunks asked for) [default: 1MiB]")
     p.add_argument("--l1-capacity", default="1GiB", help="server L1 size [default: 1GiB]")
