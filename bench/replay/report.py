@@ -1,7 +1,18 @@
-"""Tables (markdown) and plots (PNG, if matplotlib is installed) from lab rows."""
+"""Tables (markdown) and plots (PNG, if matplotlib is installed) from lab rows.
+
+Merge the rows of several lab runs (later files win for the same workload, K, policy and
+capacity) into one report, plots and a small summary JSON:
+
+    .venv/bin/python -m bench.replay.report /tmp/replay/*.jsonl --out bench/replay/results \
+        --tag final
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -98,3 +109,95 @@ def plots(rows: list[dict[str, Any]], out: Path, tag: str) -> None:
         fig.savefig(name, dpi=100)
         plt.close(fig)
         print(f"wrote {name}")
+
+
+def split_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a replay of several groups (e.g. halves a and b of all sessions) -> one
+    derived row per group (workload ``<name>[<group>]``) with that group's refs and hits."""
+    out = []
+    for r in rows:
+        extra = r.get("extra") or {}
+        groups = sorted(k.split(":", 1)[1] for k in extra if k.startswith("refs:"))
+        if len(groups) < 2:
+            continue
+        for g in groups:
+            d = dict(r)
+            d["workload"] = f"{r['workload']}[{g}]"
+            d["refs"] = int(extra[f"refs:{g}"])
+            d["hits"] = int(extra[f"hits:{g}"])
+            d["misses"] = d["refs"] - d["hits"]
+            d["hit_rate"] = d["hits"] / d["refs"] if d["refs"] else 0.0
+            out.append(d)
+    return out
+
+
+def load_rows(paths: list[str]) -> list[dict[str, Any]]:
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for p in paths:
+        text = Path(p).read_text()
+        rows = json.loads(text)["rows"] if p.endswith(".json") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+        for r in rows:
+            merged[(r["workload"], r["K"], r["label"], r["pct"])] = r
+    return list(merged.values())
+
+
+def speed_table(rows: list[dict[str, Any]]) -> str:
+    """Median and best refs/s per policy over the runs (agent, Mooncake)."""
+    by: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        if r.get("refs_per_s"):
+            kind = "mooncake" if r["workload"].startswith("mooncake") else "agent"
+            by[(r["label"], kind)].append(r["refs_per_s"])
+    labels = sorted({lb for lb, _ in by}, key=lambda s: (s == "belady", s))
+    lines = ["| policy | agent median | agent best | mooncake median | mooncake best |",
+             "| --- | --- | --- | --- | --- |"]
+    for lb in labels:
+        cells = []
+        for kind in ("agent", "mooncake"):
+            v = by.get((lb, kind))
+            cells += [f"{statistics.median(v) / 1e6:.2f}M", f"{max(v) / 1e6:.2f}M"] if v \
+                else ["", ""]
+        lines.append(f"| {lb} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per workload: hit rate per policy and capacity, gap closed per session variant."""
+    out: dict[str, Any] = {}
+    for (wl, k), rs in _groups(rows).items():
+        key = wl + (f" K={k:g}" if k else "")
+        hit = {f"{r['label']}@{r['pct']}": round(r["hit_rate"], 5) for r in rs}
+        gaps = {}
+        for lb in sorted({r["label"] for r in rs if r["label"].startswith("session")}):
+            gc = gap_closed(rs, lb)
+            if gc:
+                gaps[lb] = {"cells": {str(p): round(c, 4) for p, _, c, _ in gc},
+                            "beats_best_baseline": {str(p): b for p, _, _, b in gc},
+                            "mean": round(sum(c for _, _, c, _ in gc) / len(gc), 4)}
+        out[key] = {"hit_rate": hit, "gap_closed": gaps}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replay.report")
+    ap.add_argument("files", nargs="+", help="lab .json or .partial.jsonl files")
+    ap.add_argument("--out", default="")
+    ap.add_argument("--tag", default="report")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    rows = load_rows(args.files)
+    rows += split_groups(rows)
+    print(tables(rows))
+    print("\n" + speed_table(rows))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.tag}-summary.json").write_text(json.dumps(summary(rows), indent=1))
+        if not args.no_plots:
+            plots(rows, out, args.tag)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

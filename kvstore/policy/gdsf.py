@@ -75,7 +75,14 @@ class GDSFPolicy(Policy):
 
     def on_hit(self, tier: TierName, block: BlockId, now: float,
                session: str | None = None) -> None:
-        self.on_hits(tier, (block,), now, session)
+        h = self._h[tier]
+        f = h.freq.get(block)
+        if f is None:
+            return
+        f += 1
+        h.freq[block] = f
+        del h.buckets[h.pri[block]][block]
+        h.place(block, h.inflation + f * h.weight[block])
 
     def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
                 session: str | None = None) -> None:
@@ -115,12 +122,12 @@ class GDSFPolicy(Policy):
                 pop(keys)
                 del buckets[k]
                 continue
-            block = next(iter(bucket))
-            if evictable is not None and not evictable(block):
+            block: BlockId | None = next(iter(bucket))
+            if evictable is not None and not evictable(block):  # type: ignore[arg-type]
                 block = next((b for b in bucket if evictable(b)), None)
-                if block is None:
-                    skipped.append(pop(keys))
-                    continue
+            if block is None:
+                skipped.append(pop(keys))
+                continue
             h.inflation = k
             found = (block, Action.DROP if tier is self.tiers[-1] else Action.DEMOTE)
             break

@@ -83,12 +83,29 @@ class GapModel:
             st[i] = st[i + 1] + tot[i]
         self._stale[cls] = False
 
-    def remaining(self, cls: int, age: float) -> float:
-        """Expected time still to wait for a stream of this class that waited ``age``."""
+    def remaining(self, cls: int, age: float, q: float = 0.0) -> float:
+        """Time still to wait for a stream of this class that waited ``age``: the
+        conditional mean E[G - a | G > a] (``q`` = 0), else the conditional ``q``-quantile
+        (robust to the heavy tail of user think times, which swamps the mean)."""
         if self._stale[cls]:
             self._refresh(cls)
         i = _bin(age)
         sc = self._scnt[cls]
+        if q > 0.0:
+            cnt, tot = self.cnt[cls], self.tot[cls]
+            # samples in the age's own bin count only if their mean exceeds the age
+            if cnt[i] > 0 and tot[i] / cnt[i] <= age:
+                i += 1
+            n = sc[i] if i < _NBINS else 0.0
+            if n <= 0:
+                return _NEVER + age
+            want = q * n
+            acc = 0.0
+            for j in range(i, _NBINS):
+                acc += cnt[j]
+                if acc >= want:
+                    return max(tot[j] / cnt[j] - age, 1e-3)
+            return _NEVER + age
         # samples in the age's own bin count only if some of them exceed the age
         n, s = sc[i], self._stot[cls][i]
         if n > 0 and s / n <= age:
@@ -99,8 +116,8 @@ class GapModel:
 
 
 class _Stream:
-    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "res",
-                 "t_state")
+    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "own_gap",
+                 "res", "t_state")
 
     def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
         self.name = name
@@ -110,6 +127,7 @@ class _Stream:
         self.last_req: float | None = None
         self.ended = False
         self.expected = 0.0  # hinted gap (s), 0 if none
+        self.own_gap: list[float] = [0.0] * len(CLASS_NAMES)  # this stream's EWMA gap per class
         self.key = 0.0
         # per tier: resident blocks this stream owns, prefix first
         self.res: dict[TierName, dict[Any, None]] = {t: {} for t in tiers}
@@ -133,8 +151,13 @@ class SessionPolicy(Policy):
     name = "session"
 
     def __init__(self, tiers: Sequence[TierName], trust_limit: int = 2048,
-                 rerank_s: float = 2.0, pair_limit: int = 1 << 17, learn: bool = True) -> None:
+                 rerank_s: float = 2.0, pair_limit: int = 1 << 17, learn: bool = True,
+                 quantile: float = 0.0, per_stream: bool = False, duel: bool = True,
+                 duel_decay: float = 0.995, duel_margin: float = 0.003,
+                 trust_back: int = 256, duel_retry: int = 0) -> None:
         super().__init__(tiers)
+        self.per_stream = per_stream
+        self.quantile = quantile
         self.learn = learn  # False: keep the prior gap model (tests)
         self.gaps = GapModel()
         self.trust = 0  # >= 0: follow the session ranking; < 0: follow LRU
@@ -148,7 +171,24 @@ class SessionPolicy(Policy):
         self._pairs: dict[Any, tuple[Any, int]] = {}
         self._pins: dict[Any, float] = {}
         self._dirty = True
-        self.stats = {"session_choice": 0, "lru_choice": 0, "agree": 0, "dead": 0}
+        self.stats = {"session_choice": 0, "lru_choice": 0, "agree": 0, "dead": 0,
+                      "to_lru": 0, "to_session": 0}
+        # Shadow LRU duel (first tier only): an LRU of the tier's size (learned: the number
+        # of blocks held when ``victim`` is called) replays the session requests; decayed
+        # hit counts of the shadow and of this policy decide when to fall back to LRU.
+        self.duel = duel
+        self.duel_decay = duel_decay
+        self.duel_margin = duel_margin
+        self.trust_back = trust_back
+        self.duel_retry = duel_retry  # > 0: in LRU mode, retry the ranking after this many
+        self._lru_reqs = 0  # requests (0: only when the pair votes reach trust_back)
+        self._shadow: OrderedDict[Any, None] = OrderedDict()
+        self._cap = 0  # tier size in blocks, once known
+        self._own_hits = 0  # this policy's first-tier hits since the last request
+        self._own_acc = 0.0
+        self._sh_acc = 0.0
+        self._sh_pending = 0
+        self.lru_mode = False
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -195,11 +235,18 @@ class SessionPolicy(Policy):
                    session: str | None = None) -> None:
         if session is None:
             return
+        if self.duel:
+            self._duel(blocks)
         s = self._stream(session)
         if s.last_req is not None and self.learn:
+            og = s.own_gap
             if s.cls != RUNNING:
-                self.gaps.observe(s.cls, now - s.t_state)
-            self.gaps.observe(RUNNING, now - s.last_req)  # request to request, any class
+                g = now - s.t_state
+                self.gaps.observe(s.cls, g)
+                og[s.cls] = g if og[s.cls] <= 0 else 0.5 * og[s.cls] + 0.5 * g
+            g = now - s.last_req
+            self.gaps.observe(RUNNING, g)  # request to request, any class
+            og[RUNNING] = g if og[RUNNING] <= 0 else 0.5 * og[RUNNING] + 0.5 * g
         s.last_req = s.t_state = now
         s.cls = RUNNING
         s.expected = 0.0
@@ -219,6 +266,42 @@ class SessionPolicy(Policy):
                     self._kill(b)
         s.cur = new
         self._dirty = True
+
+    def _duel(self, blocks: Sequence[BlockId]) -> None:
+        """Replay the request on the shadow LRU; update the decayed hit counts and the mode."""
+        sh = self._shadow
+        mte = sh.move_to_end
+        h = 0
+        for b in blocks:
+            if b in sh:
+                h += 1
+                mte(b)
+            else:
+                sh[b] = None
+        cap = self._cap
+        if cap:
+            pop = sh.popitem
+            while len(sh) > cap:
+                pop(last=False)
+        # this policy's hits of the previous request are known now: compare like with like
+        d = self.duel_decay
+        self._own_acc = self._own_acc * d + self._own_hits
+        self._sh_acc = self._sh_acc * d + self._sh_pending
+        self._own_hits = 0
+        self._sh_pending = h
+        if not self.lru_mode:
+            if self._sh_acc - self._own_acc > self.duel_margin * self._sh_acc + 32.0:
+                self.lru_mode = True  # LRU has been serving more hits lately
+                self.trust = 0
+                self._lru_reqs = 0
+                self.stats["to_lru"] += 1
+            return
+        self._lru_reqs += 1
+        if self.trust >= self.trust_back or 0 < self.duel_retry <= self._lru_reqs:
+            # the pairs recorded meanwhile say the session choices would have been right
+            self.lru_mode = False
+            self._own_acc = self._sh_acc
+            self.stats["to_session"] += 1
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
                   session: str | None = None) -> None:
@@ -240,6 +323,8 @@ class SessionPolicy(Policy):
         ts = self._tiers[tier]
         if block not in ts.lru:
             return
+        if session is not None and tier is self.tiers[0]:
+            self._own_hits += 1
         ts.lru.move_to_end(block)
         if self._pairs and block in self._pairs:
             self._resolve(block)
@@ -264,6 +349,8 @@ class SessionPolicy(Policy):
         lru, own = ts.lru, ts.own
         mte = lru.move_to_end
         s = self._stream(session)
+        if tier is self.tiers[0]:
+            self._own_hits += len(blocks)
         pairs = self._pairs
         pk = ts.peek
         for b in blocks:
@@ -349,7 +436,11 @@ class SessionPolicy(Policy):
         age = now - s.t_state
         if s.expected > age:
             return s.expected - age
-        return self.gaps.remaining(s.cls, age)
+        if self.per_stream:
+            own = s.own_gap[s.cls]
+            if own > age:  # this stream's own recent gaps in this state predict it best
+                return own - age
+        return self.gaps.remaining(s.cls, age, self.quantile)
 
     def _candidates(self, tier: TierName, ts: _Tier, now: float) -> Iterator[tuple[Any, bool]]:
         """Session-order victims: (block, drop?) — dead, then streams worst first."""
@@ -440,6 +531,8 @@ class SessionPolicy(Policy):
     def victim(self, tier: TierName, now: float,
                evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
         ts = self._tiers[tier]
+        if tier is self.tiers[0] and len(ts.lru) > self._cap:
+            self._cap = len(ts.lru)  # full: the tier holds this many blocks
         if self._dirty or now - ts.rank_t > self.rerank_s or ts.gen is None:
             for t in self._tiers.values():
                 t.gen = None
@@ -480,7 +573,7 @@ class SessionPolicy(Policy):
                     old = next(iter(pairs))
                     other, _d = pairs.pop(old)
                     pairs.pop(other, None)
-            if self.trust >= 0:
+            if self.trust >= 0 and not self.lru_mode:
                 self.stats["session_choice"] += 1
                 chosen = sc
             else:

@@ -70,3 +70,30 @@ def test_mooncake_smoke() -> None:
     bel = sim.belady(w, cap).hits / w.n_refs
     assert 0.0 < lru <= bel < 1.0
     assert abs(ses - lru) < 0.01  # no sessions: the session policy is LRU
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_on_hits_is_on_hit_per_block(name: str) -> None:
+    """The batched hit path (used by the simulator) changes nothing but speed."""
+    from kvstore.policy.base import Policy
+
+    rng = random.Random(7)
+    reqs = [[rng.randrange(40) for _ in range(rng.randrange(1, 12))] for _ in range(300)]
+    ev = [(float(i), REQ, f"s{i % 3}", r) for i, r in enumerate(reqs)]
+    w = _count(Workload("hand", 1, ev))  # type: ignore[arg-type]
+
+    class PerBlock(POLICIES[name]):  # type: ignore[misc, valid-type]
+        on_hits = Policy.on_hits
+
+    for cap in (5, 17):
+        fast = sim.simulate(w, POLICIES[name]([TierName.L1]), cap)
+        slow = sim.simulate(w, PerBlock([TierName.L1]), cap)
+        assert (fast.hits, fast.inserts) == (slow.hits, slow.inserts), (name, cap)
+
+
+def test_request_order_is_lookup_get_put() -> None:
+    # cap 2: request [1, 2, 3] after [1, 2]: 1 and 2 are hits (read before any insert),
+    # then 3 evicts one of them; block-by-block interleaving would have hit both as well,
+    # but [3, 1, 2] shows the difference: 3 is Put after the Get of 1 and 2
+    w = workload([[1, 2], [3, 1, 2]])
+    assert sim.simulate(w, POLICIES["lru"]([TierName.L1]), 2).hits == 2
