@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from bench._peers.raw import recv_exact_into
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -43,16 +45,6 @@ _HDR = struct.Struct("<cQ")  # op (b"P" put, b"G" get, b"Q" quit), length
 
 
 # --------------------------------------------------------------------------- raw server
-
-
-def _recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    n = len(view)
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        if not r:
-            raise ConnectionError("peer closed")
-        got += r
 
 
 def _raw_conn(sock: socket.socket, max_bytes: int) -> None:
@@ -63,10 +55,10 @@ def _raw_conn(sock: socket.socket, max_bytes: int) -> None:
     hdr = bytearray(_HDR.size)
     try:
         while True:
-            _recv_exact_into(sock, memoryview(hdr))
+            recv_exact_into(sock, memoryview(hdr))
             op, n = _HDR.unpack(hdr)
             if op == b"P":
-                _recv_exact_into(sock, view[:n])
+                recv_exact_into(sock, view[:n])
                 sock.sendall(b"\x01")
             elif op == b"G":
                 sock.sendall(payload[:n])
@@ -114,11 +106,11 @@ class RawClient:
         self.sock.sendall(_HDR.pack(b"P", len(data) * times))
         for _ in range(times):
             self.sock.sendall(data)
-        _recv_exact_into(self.sock, self.ack)
+        recv_exact_into(self.sock, self.ack)
 
     def get(self, n: int) -> None:
         self.sock.sendall(_HDR.pack(b"G", n))
-        _recv_exact_into(self.sock, self.buf[:n])
+        recv_exact_into(self.sock, self.buf[:n])
 
     def close(self) -> None:
         try:
