@@ -83,6 +83,29 @@ class GapModel:
             st[i] = st[i + 1] + tot[i]
         self._stale[cls] = False
 
+    def per_hit(self, cls: int, age: float, horizon: float) -> float:
+        """Expected seconds of residence per hit of a stream of this class that waited
+        ``age`` if it is kept at most ``horizon`` s more: E[min(G - a, T) | G > a] /
+        P(G - a <= T | G > a), the inverse of LHD's hit density (a stream unlikely to be
+        back before it would be evicted anyway is worth little, however soon its mean)."""
+        cnt, tot = self.cnt[cls], self.tot[cls]
+        hits = occ = 0.0
+        for j in range(_bin(age), _NBINS):
+            c = cnt[j]
+            if c <= 0:
+                continue
+            m = tot[j] / c - age  # the bin's samples, by their mean
+            if m <= 0:
+                continue
+            if m <= horizon:
+                hits += c
+                occ += c * m
+            else:
+                occ += c * horizon
+        if hits <= 0:
+            return _NEVER + age
+        return occ / hits
+
     def remaining(self, cls: int, age: float, q: float = 0.0) -> float:
         """Time still to wait for a stream of this class that waited ``age``: the
         conditional mean E[G - a | G > a] (``q`` = 0), else the conditional ``q``-quantile
@@ -154,7 +177,7 @@ class SessionPolicy(Policy):
                  rerank_s: float = 2.0, pair_limit: int = 1 << 17, learn: bool = True,
                  quantile: float = 0.0, per_stream: bool = False, duel: bool = True,
                  duel_decay: float = 0.995, duel_margin: float = 0.003,
-                 trust_back: int = 256, duel_retry: int = 0) -> None:
+                 trust_back: int = 256, duel_retry: int = 300, horizon: float = -1.0) -> None:
         super().__init__(tiers)
         self.per_stream = per_stream
         self.quantile = quantile
@@ -189,6 +212,12 @@ class SessionPolicy(Policy):
         self._sh_acc = 0.0
         self._sh_pending = 0
         self.lru_mode = False
+        # Ranking key: ``horizon`` > 0: seconds per hit within that many seconds (see
+        # GapModel.per_hit); < 0: the same with a horizon of -horizon x the cache's
+        # characteristic time (EWMA of how long LRU's victim's stream has been idle);
+        # 0: the conditional mean remaining wait E[G - a | G > a].
+        self.horizon = horizon
+        self._lru_age = 0.0
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -440,6 +469,11 @@ class SessionPolicy(Policy):
             own = s.own_gap[s.cls]
             if own > age:  # this stream's own recent gaps in this state predict it best
                 return own - age
+        h = self.horizon
+        if h < 0.0:
+            h = -h * self._lru_age
+        if h > 0.0:
+            return self.gaps.per_hit(s.cls, age, h)
         return self.gaps.remaining(s.cls, age, self.quantile)
 
     def _candidates(self, tier: TierName, ts: _Tier, now: float) -> Iterator[tuple[Any, bool]]:
@@ -555,6 +589,12 @@ class SessionPolicy(Policy):
                 break
             ts.peek = sc
         lc = self._lru_candidate(ts, now, evictable)
+        if self.horizon < 0.0 and lc is not None and tier is self.tiers[0]:
+            o = ts.own.get(lc)
+            if o is not None and o.last_req is not None:
+                age = now - o.last_req
+                la = self._lru_age
+                self._lru_age = age if la <= 0.0 else la + 0.001 * (age - la)
         if sc is None:
             if lc is None:
                 return None

@@ -140,3 +140,29 @@ def test_no_sessions_is_lru() -> None:
         p.on_insert(L1, b, 1, float(i))
     p.on_hit(L1, "A", 5.0)
     assert p.victim(L1, 6.0) == ("B", Action.DROP)
+
+
+def test_horizon_ranks_by_seconds_per_hit() -> None:
+    """A class that is usually back in 5 s but sometimes only after a day has a huge mean
+    remaining wait, yet within a 60 s horizon it is the better stream to keep than one that
+    always returns after 50 s; the conditional mean ranks them the other way round."""
+    p = SessionPolicy([L1], learn=False)
+    g = p.gaps
+    for _ in range(9):
+        g.observe(2, 5.0)  # tool call: mostly 5 s ...
+    g.observe(2, 86400.0)  # ... once a day
+    for _ in range(10):
+        g.observe(3, 50.0)  # awaiting user: always 50 s
+    assert g.remaining(2, 0.0) > g.remaining(3, 0.0)
+    assert g.per_hit(2, 0.0, 60.0) < g.per_hit(3, 0.0, 60.0)
+    # nothing expected within the horizon: not expected back
+    assert g.per_hit(3, 0.0, 10.0) >= 1e12
+
+
+def test_adaptive_horizon_defaults() -> None:
+    p = SessionPolicy([L1])
+    assert p.horizon < 0 and p.duel_retry == 300
+    c = Cache(p, cap=4)
+    for i in range(6):
+        c.request(f"S{i}", [f"s{i}.0", f"s{i}.1"], 10.0 * i)
+    assert p._lru_age > 0.0  # learned from LRU's victims
