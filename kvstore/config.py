@@ -169,6 +169,9 @@ class L3Config:
                                 parse_int)
     breaker_reset_s: float = opt(5.0, "how long the breaker stays open before one probe",
                                  parse_float)
+    outage_spill: float = opt(0.5, "while L3 is unavailable, L2 keeps the blocks due for L3 "
+                              "up to this fraction over its capacity (they move once L3 is "
+                              "back); beyond it they are dropped", parse_float)
     list_on_start: bool = opt(True, "rebuild the L3 part of the index by listing the bucket "
                               "at start (in the background)", parse_bool)
 
@@ -332,6 +335,8 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.clean_reserve must be in [0, 1)")
     if config.l2.write_queue_bytes < s.max_block_bytes:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
+    if config.l3.outage_spill < 0.0:
+        raise InvalidConfig("l3.outage_spill must be >= 0")
 
 
 def reference_markdown() -> str:

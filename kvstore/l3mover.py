@@ -9,7 +9,9 @@ Mechanism and bookkeeping only; what to demote is the policy's call (made in
   (or the block is deleted). Bytes in flight to L3 are bounded by
   ``l3.write_queue_bytes``; when that is full, L2 stays over its capacity a
   little longer rather than drop blocks (back-pressure, never unbounded
-  memory). While L3 is down (circuit breaker open), L2 evictions drop.
+  memory). While L3 is down (circuit breaker open), L2 keeps the blocks due
+  for L3 up to ``l3.outage_spill`` over its capacity, and they move once L3
+  is back; beyond that bound L2 evictions drop.
 * Reads from L3 run under the tier's deadline (``l3.timeout_s``); an outage,
   a timeout or a corrupt object is a miss, never a hang or an error.
 * Blocks other nodes put in the shared bucket are found by Lookup and Get

@@ -631,7 +631,10 @@ class TieredStore:
                     continue  # its L2 copy goes once L3 has it (after_demotion)
                 if self.l3.healthy:
                     return  # demotions in flight are at their bound: wait for them
-                # L3 is down: drop rather than let L2 grow without bound.
+                # L3 is down: keep its blocks in L2 a bounded amount over
+                # capacity (they move once L3 is back), then drop.
+                if self._l2_bytes <= capacity * (1 + self.config.l3.outage_spill):
+                    return
             self.policy.on_remove(TierName.L2, block)
             self._drop_l2_copy(block, entry)
             self._counters[TierName.L2].evictions += 1

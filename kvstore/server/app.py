@@ -142,6 +142,8 @@ class Server:
                     health_pb2.HealthCheckResponse.NOT_SERVING
                 await self.health.set(L3_HEALTH, status)
                 log.warning("L3 %s", "is back" if serving else "is unavailable")
+                if serving:
+                    self.store.after_demotion()  # move what L2 held during the outage
             await asyncio.sleep(L3_WATCH_SECONDS)  # a periodic check, not synchronisation
 
     async def wait_stopped(self) -> None:

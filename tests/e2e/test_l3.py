@@ -100,7 +100,9 @@ def test_ack_remote_block_is_found_through_another_node(server_factory, s3: S3Se
 
 
 def test_dead_s3_degrades_but_never_fails_local_traffic(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
-    with l3_node(server_factory, s3) as node, Client(node.tcp, namespace="f") as c:
+    # The outage spill lets L2 hold everything that cannot move to L3 meanwhile.
+    with l3_node(server_factory, s3, "--l3-outage-spill", "4") as node, \
+            Client(node.tcp, namespace="f") as c:
         old = {f"o{i:02}".encode(): os.urandom(MiB) for i in range(16)}
         for k, v in old.items():
             c.put({k: v}, ack="local")
