@@ -84,11 +84,13 @@ class BenchServer:
         except (AttributeError, FileNotFoundError):
             return ""
 
-    def rss_bytes(self) -> int:
+    def rss_bytes(self, field: str = "VmRSS") -> int:
+        """Resident memory from /proc/PID/status: VmRSS (all), RssAnon (the
+        process's own memory) or RssFile (mapped file pages, e.g. LMDB's)."""
         assert self.proc is not None
         with open(f"/proc/{self.proc.pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
 

@@ -41,12 +41,15 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 NS = "bench-index"
 CHAIN = 1000
+# The baseline (l2.compact_index off: a full Entry per block) runs up to here.
+FULL_ENTRY_MAX = 1_000_000
 PUT_BYTES = 4096
 
 
@@ -92,10 +95,11 @@ def _chains(n: int, count: int) -> list[list[bytes]]:
 # --------------------------------------------------------------------------- in process
 
 
-def _make_config(tmp: str) -> Any:
+def _make_config(tmp: str, compact: bool = True) -> Any:
     from kvstore import config as kvconfig
 
     return kvconfig.load(env={
+        "KVSTORE_L2_COMPACT_INDEX": "true" if compact else "false",
         "KVSTORE_DATA_DIR": tmp,
         "KVSTORE_L1_CAPACITY": "64MiB",
         "KVSTORE_L1_PREFAULT": "false",
@@ -104,44 +108,43 @@ def _make_config(tmp: str) -> Any:
     })
 
 
-def inproc_main(conn: Any, n: int, reps: int, trace: bool) -> None:
+def inproc_main(conn: Any, n: int, reps: int, trace: bool, compact: bool = True) -> None:
     """``trace``: only count the load with tracemalloc (its own bookkeeping
     would inflate an RSS delta taken in the same process)."""
     try:
-        conn.send(("ok", asyncio.run(_inproc(n, reps, trace))))
+        conn.send(("ok", asyncio.run(_inproc(n, reps, trace, compact))))
     except Exception as exc:
         import traceback
 
         conn.send(("error", f"{exc}\n{traceback.format_exc()}"))
 
 
-async def _inproc(n: int, reps: int, trace: bool) -> dict[str, Any]:
+async def _inproc(n: int, reps: int, trace: bool, compact: bool) -> dict[str, Any]:
     import tracemalloc
 
-    from kvstore.store import Entry, TieredStore
-    from kvstore.types import TierName
+    from kvstore.store import TieredStore
 
-    out: dict[str, Any] = {"blocks": n}
+    out: dict[str, Any] = {"blocks": n, "compact_index": compact}
     with tempfile.TemporaryDirectory(prefix="kvstore-index-") as tmp:
-        store = TieredStore(_make_config(tmp))
+        store = TieredStore(_make_config(tmp, compact))
         await store.start()
         # Keys and metadata first (what L2's scan hands the rebuild), then the
         # index itself; only the latter is counted.
-        keys = [key_of(i) for i in range(n)]
         created0 = time.time() - n * 1e-3
         gc.collect()
         rss0 = rss_bytes()
         if trace:
             tracemalloc.start()
         t0 = time.perf_counter()
-        index = store.index
-        on_insert = store.policy.on_insert
-        now = store.clock()
-        l2 = TierName.L2
-        for i, key in enumerate(keys):
-            block = (NS, key)
-            index[block] = Entry(65536, i & 0xFFFFFFFF, created0 + i * 1e-3, l2=True)
-            on_insert(l2, block, 65536, now)
+        # What L2's scan hands the rebuild (the keys are the index's own
+        # objects afterwards, so they are counted), then the rebuild's
+        # indexing itself (TieredStore.index_l2_blocks).
+        keys = [key_of(i) for i in range(n)]
+        sizes = array("Q", [65536]) * n
+        sums = array("L", range(n))
+        created = array("d", [created0]) * n
+        store.index_l2_blocks([NS] * n, keys, sizes, sums, created)
+        del sizes, sums, created
         load_s = time.perf_counter() - t0
         if trace:
             snap = tracemalloc.take_snapshot()
@@ -153,14 +156,15 @@ async def _inproc(n: int, reps: int, trace: bool) -> dict[str, Any]:
                 {"where": f"{Path(s.traceback[0].filename).name}:{s.traceback[0].lineno}",
                  "bytes_per_block": round(s.size / n, 1)} for s in stats[:4]]
             out["tracemalloc_note"] = (
-                "counted after the keys were made: add ~65 B/block for each 32-byte key "
-                "(a bytes object); index_scale.py:<n> lines are the Entry / (namespace, key) "
-                "tuple / index dict slot, lru.py the policy's OrderedDict node")
+                "the keys (a 65-byte bytes object each) are counted; with l2.compact_index "
+                "off, store.py lines are the Entry / index dict slot, lru.py the policy's "
+                "OrderedDict node; with it on, coldindex.py lines are the per-namespace dict "
+                "and columns")
             await store.close()
             return out
+        del keys  # the index holds what it needs of them (the full index: the keys)
         gc.collect()
         rss1 = rss_bytes()
-        del keys
         out["load_seconds"] = round(load_s, 3)
         out["load_us_per_block"] = round(load_s / n * 1e6, 3)
         out["rss_bytes_per_block"] = round((rss1 - rss0) / n, 1)
@@ -254,7 +258,8 @@ def _child(target: Any, *args: Any) -> Any:
     return value
 
 
-def live_server(n: int, reps: int, base_rss: int | None, timeout: float) -> dict[str, Any]:
+def live_server(n: int, reps: int, base_rss: int | None, timeout: float,
+                base_anon: int = 0) -> dict[str, Any]:
     from bench._server import BenchServer
     from kvstore import Client
 
@@ -270,9 +275,16 @@ def live_server(n: int, reps: int, base_rss: int | None, timeout: float) -> dict
         try:
             assert server.proc is not None
             rss = server.rss_bytes()
+            anon = server.rss_bytes("RssAnon")
             out["server_rss_bytes"] = rss
+            out["server_rss_anon_bytes"] = anon
+            out["server_rss_file_bytes"] = server.rss_bytes("RssFile")
             if base_rss is not None and n:
+                # VmRSS also counts the LMDB pages the rebuild read (mapped
+                # file pages: page cache the kernel can reclaim); RssAnon is
+                # the memory the server itself holds.
                 out["rss_bytes_per_block"] = round((rss - base_rss) / n, 1)
+                out["rss_anon_bytes_per_block"] = round((anon - base_anon) / n, 1)
             with Client(server.unix_target, namespace=NS, timeout=120) as c:
                 if n:
                     chains = _chains(n, 16)
@@ -346,30 +358,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _log("empty server (baseline RSS) ...")
     base = live_server(0, 20, None, 60)
     base_rss = base["server_rss_bytes"]
+    base_anon = base["server_rss_anon_bytes"]
     prev: dict[str, Any] = {}  # phase -> the last row that ran it
     for n in args.sizes:
         row: dict[str, Any] = {"blocks": n}
-        for phase in ("in_process", "server"):
+        for phase in ("in_process", "in_process_full", "server"):
+            if phase == "in_process_full" and n > FULL_ENTRY_MAX:
+                continue  # the baseline: ~450 B/block, too slow and big beyond
             why = _too_big(phase, n, prev.get(phase), args.max_seconds)
             if why:
                 _log(f"skipping {n:,} blocks ({phase}): {why}")
                 skipped.append({"blocks": n, "phase": phase, "reason": why})
                 continue
             t0 = time.perf_counter()
-            if phase == "in_process":
-                _log(f"{n:,} blocks: in process ...")
-                res = _child(inproc_main, n, args.reps, False)
+            if phase.startswith("in_process"):
+                compact = phase == "in_process"
+                _log(f"{n:,} blocks: in process ({'compact' if compact else 'full'} "
+                     "index entries) ...")
+                res = _child(inproc_main, n, args.reps, False, compact)
                 if n <= 100_000:
-                    traced = _child(inproc_main, n, args.reps, True)
+                    traced = _child(inproc_main, n, args.reps, True, compact)
                     res.update({k: v for k, v in traced.items() if k.startswith("tracemalloc")})
                 _log(f"{n:,} blocks: {res['rss_bytes_per_block']} B/block, lookup p50 "
                      f"{res['lookup']['p50_ms']} ms, put p50 {res['put_4k']['p50_ms']} ms "
                      "in process")
             else:
                 _log(f"{n:,} blocks: live server ...")
-                res = live_server(n, args.reps, base_rss, timeout=max(120.0, n / 20_000))
+                res = live_server(n, args.reps, base_rss, timeout=max(120.0, n / 20_000),
+                                  base_anon=base_anon)
                 _log(f"{n:,} blocks: server start {res['start_seconds']} s, "
-                     f"{res.get('rss_bytes_per_block')} B/block, lookup p50 "
+                     f"{res.get('rss_bytes_per_block')} B/block "
+                     f"({res.get('rss_anon_bytes_per_block')} anonymous), lookup p50 "
                      f"{res['lookup']['p50_ms']} ms, put p50 {res['put_4k']['p50_ms']} ms over "
                      "the unix socket")
             row[phase] = res
@@ -378,7 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if len(row) > 1:
             results.append(row)
     growth: dict[str, Any] = {}
-    for phase in ("in_process", "server"):
+    for phase in ("in_process", "in_process_full", "server"):
         rows = [r for r in results if phase in r]
         if len(rows) > 1:
             a, b = rows[0][phase], rows[-1][phase]
@@ -391,12 +410,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
     targets = []
     for r in results:
-        for phase in ("in_process", "server"):
-            bpb = r.get(phase, {}).get("rss_bytes_per_block")
-            if bpb is not None and r["blocks"] >= 100_000:  # smaller: RSS noise
-                targets.append({"target": f"memory per block <= 200 B at {r['blocks']:,} "
-                                          f"blocks ({phase.replace('_', '-')} RSS delta)",
-                                "value": bpb, "ok": bpb <= 200})
+        for phase in ("in_process", "in_process_full", "server"):
+            for field, what in (("rss_bytes_per_block", "RSS"),
+                                ("rss_anon_bytes_per_block", "anonymous RSS")):
+                bpb = r.get(phase, {}).get(field)
+                if bpb is not None and r["blocks"] >= 100_000:  # smaller: RSS noise
+                    targets.append({"target": f"memory per block <= 200 B at {r['blocks']:,} "
+                                              f"blocks ({phase.replace('_', '-')} {what} delta)",
+                                    "value": bpb, "ok": bpb <= 200})
         if "server" not in r:
             continue
         p50 = r["server"]["lookup"]["p50_ms"]
@@ -413,8 +434,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "key_bytes": 32, "namespace": NS,
             "policy": "lru (default)",
             "empty_server": base,
-            "method": "in process: TieredStore loaded like _rebuild_from_l2 (Entry + "
-                      "policy.on_insert(L2)), RSS delta / N; live: LMDB meta records written "
+            "method": "in process: keys made and indexed by TieredStore.index_l2_blocks "
+                      "(what the rebuild from L2 calls), RSS delta / N, keys included; "
+                      "in_process = l2.compact_index on (the default), in_process_full = off "
+                      "(a full Entry per block, the baseline); live: LMDB meta records written "
                       "directly, server rebuilds its index at start; Lookup/Put over the "
                       "unix socket with kvstore.Client",
             "seconds": round(time.perf_counter() - t_start, 1),

@@ -53,7 +53,12 @@ MiB = 1024 * KiB
 KV_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
 REDIS_SYSTEMS = ["redis-tcp", "redis-unix"]
 BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
-ALL_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
+# The previous client paths, for before/after comparisons in one run (only
+# when named with --systems): grpc's sync Put stream, and shared-memory Gets
+# with a ShmRelease per call and ordinary (cached) stores in the copies.
+OLD_SYSTEMS = ["kvstore-tcp-syncput", "kvstore-shm-2rpc"]
+DEFAULT_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
+ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS
 
 API = {
     "kvstore-tcp": {"put": "Client.put([(key, view)] * batch) — one Put stream, ack=memory",
@@ -65,6 +70,13 @@ API = {
                            "ShmCommit (server re-verifies the CRC)",
                     "get": "ShmClient.get_into: ShmAcquire, copy+CRC32C out of the arena into "
                            "reused buffers, ShmRelease"},
+    "kvstore-tcp-syncput": {"put": "Client(aio_put=False).put: grpc's sync stream call "
+                                   "(the path before the private grpc.aio loop)",
+                            "get": "Client.get_into (as kvstore-tcp)"},
+    "kvstore-shm-2rpc": {"put": "ShmClient.put with cached stores in its copies",
+                         "get": "ShmClient(release_on_acquire=False).get_into: ShmAcquire, copy "
+                                "with cached stores, ShmRelease (the path before releases "
+                                "rode on the next ShmAcquire)"},
     "redis-tcp": {"put": "MSET of the batch (redis-py, hiredis)",
                   "get": "MGET of the batch → new bytes objects (redis-py has no read-into "
                          "API; not copied further, which favours Redis)"},
@@ -81,6 +93,8 @@ TRANSPORT_PEERS = {  # kvstore system -> (Redis on the same transport, raw basel
     "kvstore-tcp": ("redis-tcp", "raw-tcp"),
     "kvstore-unix": ("redis-unix", "raw-unix"),
     "kvstore-shm": ("redis-unix", "memcpy"),
+    "kvstore-tcp-syncput": ("redis-tcp", "raw-tcp"),
+    "kvstore-shm-2rpc": ("redis-unix", "memcpy"),
 }
 
 
@@ -226,7 +240,7 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["best_redis"] = redis_best["system"] if redis_best else None
         row["vs_raw"] = ratio(raw)
         row["raw_baseline"] = raw
-        if system == "kvstore-shm":
+        if system in ("kvstore-shm", "kvstore-shm-2rpc"):
             peers = [by[(s, op, block, clients)] for s in
                      ("kvstore-tcp", "kvstore-unix", *REDIS_SYSTEMS)
                      if (s, op, block, clients) in by]
@@ -278,7 +292,8 @@ def write_png(doc: dict[str, Any], path: str) -> None:
     groups = sorted({(r["block_bytes"], r["clients"]) for r in results})
     colors = {"kvstore-tcp": "#1f77b4", "kvstore-unix": "#4a9fe0", "kvstore-shm": "#0b3d91",
               "redis-tcp": "#d62728", "redis-unix": "#ff7f7f", "raw-tcp": "#7f7f7f",
-              "raw-unix": "#bdbdbd", "memcpy": "#2ca02c"}
+              "raw-unix": "#bdbdbd", "memcpy": "#2ca02c", "kvstore-tcp-syncput": "#9ecae1",
+              "kvstore-shm-2rpc": "#6baed6"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
     by = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r["gbps"] for r in results}
     width = 0.8 / max(1, len(systems))
@@ -522,7 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", nargs="+", type=int, default=None,
                    help="client process counts [default: 1 4]")
     p.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=None,
-                   help="which systems [default: all]")
+                   help="which systems [default: all but the previous client paths "
+                        f"{', '.join(OLD_SYSTEMS)}]")
     p.add_argument("--batch", type=int, default=8, help="blocks per call [default: 8]")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per cell [default: 5, --quick 3, --tiny 1]")
@@ -549,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.bytes_per_round = args.bytes_per_round or (96 * MiB if args.quick else 256 * MiB)
     args.l1_capacity = args.l1_capacity or "2GiB"
-    args.systems = args.systems or list(ALL_SYSTEMS)
+    args.systems = args.systems or list(DEFAULT_SYSTEMS)
     doc = run_bench(args)
     print_table(doc)
     text = json.dumps(doc, indent=2)

@@ -43,3 +43,14 @@ def tune_malloc() -> bool:
     ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _done = ok
     return ok
+
+
+def trim_heap() -> bool:
+    """Give free heap memory back to the OS now (glibc ``malloc_trim``):
+    after a one-off burst such as the index rebuild at start, whose
+    transient lists would otherwise stay resident up to the trim threshold."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -146,6 +146,10 @@ class L2Config:
                           "'always' (write-behind for every block)", parse_str)
     clean_reserve: float = opt(0.25, "write-back: share of L1 kept free or already in L2, so "
                                "eviction never waits for the disk", parse_float)
+    compact_index: bool = opt(True, "index blocks that are only in L2 in the compact index "
+                              "(~100 B each instead of ~550; docs/index.md): L2 evicts them "
+                              "least recently used first (sampled), before asking the policy",
+                              parse_bool)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,9 @@ class L3Mover:
                 async for block, size in self.tier.list_blocks():
                     self.listed += 1
                     entry = self.store.index.get(block)
-                    if entry is None:
+                    if entry is None and self.store.listed_cold(block, size):
+                        pass  # in the compact index, now marked as in L3 too
+                    elif entry is None:
                         self._discovered(block, size, UNKNOWN_CHECKSUM, time.time())
                     elif entry.size == size:
                         self.mark(block, entry)
@@ -174,7 +176,7 @@ class L3Mover:
         finally:
             entry.l3_pending -= 1
             self.queued -= entry.size
-            store.after_demotion()
+            store.after_demotion(block, entry)
 
     def delete_later(self, block: BlockId) -> None:
         async def delete() -> None:

@@ -14,7 +14,10 @@ client on the same host maps. Bulk bytes then never cross the socket:
   leases; a lease not released within its time expires (a crashed client),
   and a release reports leases that had expired, since only then could the
   slot have been reused: a copy made under a lease that was still valid at
-  release time is never stale.
+  release time is never stale. A client whose copy ended within the lease's
+  time (counted from before it sent the acquire) knows that already, and may
+  instead name the lease in its next ``acquire`` (``release=``), which ends
+  it, checked exactly as ``release`` checks it, before leasing anything.
 
 The server trusts the client's process no further than that: ids are random
 64-bit numbers, not offsets; a client never names memory the server did not
@@ -227,11 +230,21 @@ class SharedMemoryBroker:
     # -- Get ---------------------------------------------------------------------------
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
-                      lease_ms: int) -> list[Lease | None]:
+                      lease_ms: int, release: Sequence[int] = ()
+                      ) -> tuple[list[Lease | None], int, list[int]]:
+        """Lease ``keys``; first end the leases in ``release`` (checked as
+        :meth:`release` checks them: a bad id fails the call before anything is
+        released or acquired). Returns the leases (None for a miss) and what
+        :meth:`release` returns for ``release``."""
         self._require()
         for i, key in enumerate(keys):
             validate_key(key, i)
-        ms = min(lease_ms or self.default_lease_ms, self.max_lease_ms)
+        released = 0
+        expired: list[int] = []
+        if release:
+            released, expired = self.release(
+                release, what="ShmAcquire.release: nothing was released or acquired")
+        ms = self.lease_ms(lease_ms)
         out: list[Lease | None] = []
         try:
             for key in keys:
@@ -255,7 +268,11 @@ class SharedMemoryBroker:
                 if held is not None:
                     self._end_lease(held.lease_id)
             raise
-        return out
+        return out, released, expired
+
+    def lease_ms(self, requested: int) -> int:
+        """The lease time granted for a request of ``requested`` ms (0: the default)."""
+        return min(requested or self.default_lease_ms, self.max_lease_ms)
 
     def _end_lease(self, lease_id: int) -> Lease | None:
         lease = self._leases.pop(lease_id, None)
@@ -263,13 +280,24 @@ class SharedMemoryBroker:
             lease.reader.close()
         return lease
 
-    def release(self, lease_ids: Sequence[int]) -> tuple[int, list[int]]:
+    def release(self, lease_ids: Sequence[int], *,
+                what: str = "nothing was released") -> tuple[int, list[int]]:
+        """End leases (ShmRelease, or ShmAcquire's ``release``): all ids are
+        checked first, and one that this server never issued, or already
+        released, fails the whole call with nothing released."""
         self._require()
         unknown = [i for i in lease_ids if i not in self._leases and i not in self._expired]
+        if not unknown and len(set(lease_ids)) != len(lease_ids):
+            seen: set[int] = set()
+            for i in lease_ids:
+                if i in seen:
+                    unknown.append(i)  # named twice: the second would be a release of a
+                    break              # lease already released
+                seen.add(i)
         if unknown:
             raise InvalidArgument(
-                f"{len(unknown)} lease id(s) were never issued by this server "
-                f"(first: {unknown[0]}); nothing was released")
+                f"{len(unknown)} lease id(s) were never issued by this server or were "
+                f"already released (first: {unknown[0]}); {what}")
         released = 0
         expired: list[int] = []
         now = time.monotonic()

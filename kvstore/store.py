@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ from typing import Any
 import numpy as np
 
 from kvstore._impl import verify as block_verify
+from kvstore._malloc import trim_heap
 from kvstore.checksum import checksum, copy_and_checksum
+from kvstore.coldindex import ColdIndex
 from kvstore.config import Config
 from kvstore.errors import (
     BlockTooLarge,
@@ -68,6 +71,12 @@ from kvstore.types import (
 )
 
 log = logging.getLogger("kvstore.store")
+
+# The rebuild indexes this many blocks at a time into the compact index.
+_REBUILD_SLICE = 65536
+_TIER_OF_CODE = (None, TierName.L1, TierName.L2, TierName.L3)
+# bytes.translate table: 1 (found in the compact index) -> 2 (kvstore.v1.TIER_L2).
+_ONE_TO_L2 = bytes([0, 2]) + bytes(range(2, 256))
 
 # Blocks up to this size are verified on the event loop (a few µs); larger
 # ones in the executor (the native verify releases the GIL).
@@ -221,7 +230,13 @@ class TieredStore:
         self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
         self._pins: dict[BlockId, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Blocks with a full entry: in L1, in use, tracked by the policy.
         self.index: dict[BlockId, Entry] = {}
+        # Blocks only in L2, idle: a compact record each (kvstore/coldindex.py).
+        self.cold: ColdIndex | None = ColdIndex() if (
+            self.l2 is not None and config.l2.compact_index) else None
+        # Cold blocks being demoted to L3 on their way out of L2.
+        self._cold_demoting: set[BlockId] = set()
         # Per-tier event counters; occupancy fields are filled in by stats().
         self._counters = {t: TierStats(t) for t in TierName}
         # Blocks and payload bytes per tier, kept as entries move (Stats and
@@ -251,28 +266,64 @@ class TieredStore:
             self.l3.start()  # lists the bucket in the background; serving meanwhile
 
     async def _rebuild_from_l2(self) -> None:
-        """Index every block L2 holds from its metadata alone, oldest first so
-        that the policy's recency order survives the restart."""
+        """Index every block L2 holds from its metadata alone."""
         assert self.l2 is not None
-        blocks: list[BlockId] = []
-        sizes: list[int] = []
-        sums: list[int] = []
-        created: list[float] = []
+        # Typed arrays rather than lists of ints and floats: no object per
+        # value. Into the compact index in slices, so that the transient
+        # lists stay small; the full index needs them all (it sorts by age).
+        slice_blocks = _REBUILD_SLICE if self.cold is not None else 2**62
+        if self.cold is not None:
+            self.cold.reserve(self.l2.usage().blocks)
+        namespaces: list[str] = []
+        keys: list[bytes] = []
+        sizes = array("Q")
+        sums = array("L")
+        created = array("d")
+        total = 0
         async for block, meta in self.l2.scan():
-            blocks.append(block)
+            namespaces.append(block[0])
+            keys.append(block[1])
             sizes.append(meta.size)
             sums.append(meta.checksum)
             created.append(meta.created)
-        order = np.argsort(np.asarray(created, dtype=np.float64), kind="stable")
+            if len(keys) >= slice_blocks:
+                self.index_l2_blocks(namespaces, keys, sizes, sums, created)
+                total += len(keys)
+                namespaces, keys = [], []
+                sizes, sums, created = array("Q"), array("L"), array("d")
+        self.index_l2_blocks(namespaces, keys, sizes, sums, created)
+        total += len(keys)
+        del namespaces, keys, sizes, sums, created
+        trim_heap()
+        if total:
+            log.info("index rebuilt from L2: %d blocks, %d bytes%s", total,
+                     self._l2_bytes, " (compact index)" if self.cold is not None else "")
+
+    def index_l2_blocks(self, namespaces: list[str], keys: list[bytes], sizes: Sequence[int],
+                        sums: Sequence[int], created: Sequence[float]) -> None:
+        """Index blocks found in L2 (not indexed yet), older ones first in
+        line for eviction, so that recency order survives a restart."""
+        size_array = np.asarray(sizes, dtype=np.uint64)
+        created_array = np.asarray(created, dtype=np.float64)
+        if self.cold is not None:
+            # All of them go to the compact index; its last-use times put
+            # older blocks first.
+            used = self.clock() - np.maximum(time.time() - created_array, 0.0)
+            self.cold.add_many(namespaces, keys, size_array,
+                               np.asarray(sums, dtype=np.uint32), created_array, used)
+            held = self._held[TierName.L2]
+            held[0] += len(keys)
+            held[1] += int(size_array.sum())
+            return
+        order = np.argsort(created_array, kind="stable")
         now = self.clock()
         index, policy, set_l2 = self.index, self.policy, self._set_l2
         for i in order.tolist():
-            entry = Entry(sizes[i], sums[i], created[i])
+            block = (namespaces[i], keys[i])
+            entry = Entry(int(sizes[i]), int(sums[i]), float(created[i]))
             set_l2(entry, True)
-            index[blocks[i]] = entry
-            policy.on_insert(TierName.L2, blocks[i], sizes[i], now)
-        if blocks:
-            log.info("index rebuilt from L2: %d blocks, %d bytes", len(blocks), self._l2_bytes)
+            index[block] = entry
+            policy.on_insert(TierName.L2, block, entry.size, now)
 
     async def close(self) -> None:
         """Write every block that is only in L1 to L2, finish queued writes
@@ -352,6 +403,21 @@ class TieredStore:
             held[0] += sign
             held[1] += sign * entry.size
         entry.l2 = present
+
+    def listed_cold(self, block: BlockId, size: int) -> bool:
+        """The L3 listing found a block the compact index holds: note that L3
+        has it too. False when the compact index does not hold it."""
+        if self.cold is None:
+            return False
+        record = self.cold.get(block[0], block[1])
+        if record is None or record.size != size:
+            return False
+        if not record.l3:
+            self.cold.set_l3(block[0], block[1], True)
+            held = self._held[TierName.L3]
+            held[0] += 1
+            held[1] += size
+        return True
 
     def set_l3(self, entry: Entry, present: bool) -> None:
         if entry.l3 != present:
@@ -485,14 +551,104 @@ class TieredStore:
         c.evictions += 1
         if action is Action.DEMOTE and entry.l2:
             c.demotions += 1
+            if self.cold is not None:
+                self._cool(block, entry)
         else:
             self._forget(block, entry)
+
+    # -- the compact index (blocks only in L2) ----------------------------------------
+
+    def _cool(self, block: BlockId, entry: Entry) -> None:
+        """An idle block that is only in L2 leaves the full index for the
+        compact one (and the policy's view)."""
+        assert self.cold is not None
+        now = self.clock()
+        if (entry.dead or entry.l1 >= 0 or not entry.l2 or entry.l2_pending or entry.l3_pending
+                or entry.readers or entry.loading is not None or entry.lease_until > now
+                or entry.pin_until > now or block in self._cold_demoting
+                or self.index.get(block) is not entry or entry.checksum < 0):
+            return
+        del self.index[block]
+        self.policy.on_remove(TierName.L2, block)
+        if entry.l3:
+            self.policy.on_remove(TierName.L3, block)
+        entry.dead = True  # any holder of the old object sees it gone
+        self.cold.add(block[0], block[1], entry.size, entry.checksum, entry.created, now,
+                      entry.l3)
+
+    def _warm(self, block: BlockId, track: bool = True) -> Entry | None:
+        """The block's full entry, moved out of the compact index (None when
+        it is not there). ``track``: tell the policy (a use is coming)."""
+        assert self.cold is not None
+        record = self.cold.take(block[0], block[1])
+        if record is None:
+            return None
+        entry = Entry(record.size, record.checksum, record.created)
+        entry.l2 = True  # occupancy already counts it
+        entry.l3 = record.l3
+        self.index[block] = entry
+        if track:
+            now = self.clock()
+            self.policy.on_insert(TierName.L2, block, entry.size, now)
+            if entry.l3:
+                self.policy.on_insert(TierName.L3, block, entry.size, now)
+        return entry
+
+    def _entry(self, block: BlockId) -> Entry | None:
+        """The block's full entry, from the compact index if need be."""
+        entry = self.index.get(block)
+        if entry is None and self.cold is not None and self.cold._count:
+            entry = self._warm(block)
+        return entry
+
+    def _evict_cold_l2(self) -> bool:
+        """Make room in L2 from the compact index: drop (or demote to L3) its
+        least recently used block. False when it has none to give."""
+        assert self.cold is not None and self.l2 is not None
+        record = self.cold.victim()
+        if record is None:
+            return False
+        block = (record.namespace, record.key)
+        if self.l3 is not None and not record.l3:
+            if not self.l3.healthy:
+                return False  # the caller's outage rule applies
+            entry = self._warm(block, track=False)
+            assert entry is not None
+            if self.l3.start_demotion(block, entry):
+                self._cold_demoting.add(block)
+                return True
+            # In-flight demotions are at their bound: back in, wait for them.
+            self._cool(block, entry)
+            return False
+        entry = self._warm(block, track=False)
+        assert entry is not None
+        self._drop_l2_copy(block, entry)
+        self._counters[TierName.L2].evictions += 1
+        if entry.l3:
+            self.policy.on_insert(TierName.L3, block, entry.size, self.clock())
+            self._counters[TierName.L2].demotions += 1
+        else:
+            self._forget(block, entry, delete_l2=False)
+        return True
+
+    def _finish_cold_demotion(self, block: BlockId, entry: Entry) -> None:
+        """A cold block's demotion ended: once L3 has it, its L2 copy goes."""
+        self._cold_demoting.discard(block)
+        if self.index.get(block) is not entry or entry.dead or not entry.l2:
+            return
+        if entry.l3:
+            self._drop_l2_copy(block, entry)
+            self._counters[TierName.L2].evictions += 1
+            if entry.l1 < 0:
+                return  # now an L3-only block (mark() told the policy)
+        elif entry.l1 < 0:
+            self._cool(block, entry)  # not demoted (L2 read failed?): back in
 
     def commit_block(self, block: BlockId, size: int, crc: int, offset: int,
                      session: str | None) -> Entry:
         """Make a filled, reserved L1 extent (``reserve_l1``) visible as ``block``."""
         self._open_writers -= 1
-        old = self.index.get(block)
+        old = self._entry(block)
         if old is not None:
             # Its L2 copy goes too (the writer queue keeps the order: the new
             # block's write comes after this delete), so a restart before the
@@ -618,6 +774,22 @@ class TieredStore:
         assert self.l2 is not None
         capacity = self.config.l2.capacity
         while self._l2_bytes > capacity:
+            if self.cold is not None and self.cold._count:
+                if self._evict_cold_l2():
+                    continue
+                if self.l3 is not None and self.l3.healthy:
+                    return  # demotions in flight are at their bound: wait for them
+                if self.l3 is not None and \
+                        self._l2_bytes <= capacity * (1 + self.config.l3.outage_spill):
+                    return  # L3 is down: hold (see below)
+                record = self.cold.victim()
+                assert record is not None
+                entry = self._warm((record.namespace, record.key), track=False)
+                assert entry is not None
+                self._drop_l2_copy((record.namespace, record.key), entry)
+                self._counters[TierName.L2].evictions += 1
+                self._forget((record.namespace, record.key), entry, delete_l2=False)
+                continue
             victim = self.policy.victim(TierName.L2, self.clock(), self._l2_evictable)
             if victim is None:
                 return
@@ -641,7 +813,9 @@ class TieredStore:
             if entry.l1 < 0 and not entry.l3:
                 self._forget(block, entry, delete_l2=False)
 
-    def after_demotion(self) -> None:
+    def after_demotion(self, block: BlockId | None = None, entry: Entry | None = None) -> None:
+        if block is not None and entry is not None and block in self._cold_demoting:
+            self._finish_cold_demotion(block, entry)
         if self.l2 is not None:
             self._trim_l2()
         self._progress()
@@ -695,12 +869,12 @@ class TieredStore:
     async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
         """The block, pinned for streaming, or None for a miss."""
         self.gets += 1
-        entry = self.index.get(block)
+        entry = self._entry(block)
         c1 = self._counters[TierName.L1]
         pending = entry.loading if entry is not None else self._l3_loading.get(block)
         if pending is not None:
             await asyncio.shield(pending)
-            entry = self.index.get(block)
+            entry = self._entry(block)
         if entry is None:
             c1.misses += 1
             if self.l2 is not None:
@@ -872,29 +1046,51 @@ class TieredStore:
         Keys this node does not know are looked for in the shared L3 from the
         first local miss on, ``l3.concurrency`` at a time, up to the first
         key L3 lacks too (later keys are then reported as not stored)."""
-        validate_keys(keys)
+        found, codes = await self.lookup_codes(namespace, keys, lease_ms, session)
+        return LookupResult(found, [_TIER_OF_CODE[c] for c in codes])
+
+    async def lookup_codes(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
+                           session: str | None = None) -> tuple[int, bytes]:
+        """:meth:`lookup` with the tiers as one ``kvstore.v1.Tier`` value per
+        key (0 = not stored) in a bytes object: what the servicer sends."""
+        lengths = validate_keys(keys)
         blocks = [(namespace, key) for key in keys]
         if session:
             self._note_request(namespace, session, blocks)
         entries = list(map(self.index.get, blocks))
-        l1, l2, l3 = TierName.L1, TierName.L2, TierName.L3
-        # _tier_of, inlined: this loop runs once per key of every Lookup.
-        tiers: list[TierName | None] = [
-            None if e is None else l1 if e.l1 >= 0 else l2 if e.l2 else l3 if e.l3 else None
-            for e in entries]
-        if self.l3 is not None and self.l3.healthy and None in tiers:
+        # _tier_of as kvstore.v1.Tier values, inlined: this runs once per key
+        # of every Lookup.
+        if entries.count(None) == len(entries):
+            codes = bytearray(len(entries))  # none has a full entry (e.g. all cold)
+        else:
+            codes = bytearray(
+                0 if e is None else 1 if e.l1 >= 0 else 2 if e.l2 else 3 if e.l3 else 0
+                for e in entries)
+        if self.cold is not None and self.cold._count and 0 in codes:
+            # Blocks in the compact index are in L2 (2); no key is in both.
+            in_cold = self.cold.contains_many(namespace, keys, lengths)
+            n = len(codes)
+            codes = bytearray((int.from_bytes(codes, "little") | int.from_bytes(
+                in_cold.translate(_ONE_TO_L2), "little")).to_bytes(n, "little"))
+            if lease_ms > 0:  # a lease needs the full entry
+                for i in [i for i, c in enumerate(in_cold) if c]:
+                    entries[i] = self._warm(blocks[i])
+        found = codes.find(0)
+        if found < 0:
+            found = len(codes)
+        elif self.l3 is not None and self.l3.healthy:
+            tiers: list[TierName | None] = [None if c == 0 else TierName(c) for c in codes]
             await self._lookup_l3(blocks, entries, tiers)
-        found = 0
-        for tier in tiers:
-            if tier is None:
-                break
-            found += 1
+            codes = bytearray(0 if t is None else t.value for t in tiers)
+            found = codes.find(0)
+            if found < 0:
+                found = len(codes)
         if lease_ms > 0:
             lease_until = self.clock() + min(lease_ms, self.config.server.max_lease_ms) / 1000.0
-            for entry, tier in zip(entries, tiers, strict=True):
-                if entry is not None and tier is not None:
+            for entry, code in zip(entries, codes, strict=True):
+                if entry is not None and code:
                     entry.lease_until = max(entry.lease_until, lease_until)
-        return LookupResult(found, tiers)
+        return found, bytes(codes)
 
     async def _lookup_l3(self, blocks: list[BlockId], entries: list[Entry | None],
                          tiers: list[TierName | None]) -> None:
@@ -943,7 +1139,7 @@ class TieredStore:
             validate_key(key, i)
         blocks = [(namespace, k) for k in keys] if keys else \
             list(self._session_blocks.get((namespace, session), []))
-        wanted = [(b, e) for b in blocks if (e := self.index.get(b)) is not None]
+        wanted = [(b, e) for b in blocks if (e := self._entry(b)) is not None]
         todo = [b for b, e in wanted if e.l1 < 0]
         if todo:
             self._spawn(self._promote_all(todo))
@@ -951,7 +1147,7 @@ class TieredStore:
 
     async def _promote_all(self, blocks: list[BlockId]) -> None:
         for block in blocks:
-            entry = self.index.get(block)
+            entry = self._entry(block)
             if entry is None or entry.l1 >= 0 or self._closing:
                 continue
             reader: BlockReader | None = None
@@ -972,7 +1168,7 @@ class TieredStore:
         now = self.clock()
         until = now + min(ttl_ms or cfg.max_pin_ms, cfg.max_pin_ms) / 1000.0
         blocks = [(namespace, k) for k in keys]
-        found = [(b, e) for b in blocks if (e := self.index.get(b)) is not None]
+        found = [(b, e) for b in blocks if (e := self._entry(b)) is not None]
         quota = int(cfg.pin_quota * self.l1.capacity)
         wanted = {b for b, _ in found}
         held = sum(e.size for b, until_b in self._pins.items()
@@ -1024,7 +1220,7 @@ class TieredStore:
         unknown: list[BlockId] = []
         for key in keys:
             block = (namespace, key)
-            entry = self.index.get(block)
+            entry = self._entry(block)
             if entry is not None:
                 self._forget(block, entry, delete_l3=True)
                 deleted += 1

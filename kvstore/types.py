@@ -145,11 +145,14 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def validate_keys(keys: Sequence[bytes]) -> None:
-    """validate_key for every key; one pass in C for the common all-valid case."""
-    if keys and not (min(map(len, keys)) > 0 and max(map(len, keys)) <= MAX_KEY_BYTES):
+def validate_keys(keys: Sequence[bytes]) -> set[int]:
+    """validate_key for every key; one pass in C for the common all-valid case.
+    Returns the set of key lengths."""
+    lengths = set(map(len, keys))  # few distinct lengths: min/max of the set are cheap
+    if lengths and not (min(lengths) > 0 and max(lengths) <= MAX_KEY_BYTES):
         for i, key in enumerate(keys):
             validate_key(key, i)
+    return lengths
 
 
 def validate_key(key: bytes, index: int | None = None) -> bytes:

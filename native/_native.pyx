@@ -155,12 +155,17 @@ def checksum(data, seed=0):
     return s
 
 
-def copy_and_checksum(dst, Py_ssize_t dst_offset, src, seed=0):
+def copy_and_checksum(dst, Py_ssize_t dst_offset, src, seed=0, streaming=None):
     """Copy ``src`` into ``dst[dst_offset:]`` and return the CRC-32C of
     ``src`` continuing from ``seed``, in one pass (the GIL is released for
-    copies of 16 KiB or more; copies of 8 MiB or more use streaming stores)."""
+    copies of 16 KiB or more; copies of 8 MiB or more use streaming stores).
+    ``streaming`` True or False overrides that choice: a caller copying many
+    blocks in a row knows better whether they will still be in cache."""
     cdef uint32_t s = seed & 0xFFFFFFFF
     cdef Py_buffer d, v
+    cdef size_t nt_min = kv_nt_min_bytes
+    if streaming is not None:
+        nt_min = 0 if streaming else <size_t>-1
     _get_buffer(dst, &d, True, "dst")
     try:
         _get_buffer(src, &v, False, "src")
@@ -169,8 +174,12 @@ def copy_and_checksum(dst, Py_ssize_t dst_offset, src, seed=0):
                 raise ValueError(
                     f"copy of {v.len} bytes at offset {dst_offset} overflows a "
                     f"{d.len}-byte buffer")
-            if <size_t>v.len >= kv_nt_min_bytes:
-                with nogil:
+            if <size_t>v.len >= nt_min:
+                if v.len >= NOGIL_BYTES:
+                    with nogil:
+                        s = kv_crc32c_copy_nt(s, <char *>d.buf + dst_offset, v.buf,
+                                              <size_t>v.len)
+                else:
                     s = kv_crc32c_copy_nt(s, <char *>d.buf + dst_offset, v.buf, <size_t>v.len)
             elif v.len >= NOGIL_BYTES:
                 with nogil:

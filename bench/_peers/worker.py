@@ -73,6 +73,16 @@ class Worker:
             from kvstore.client.shm import ShmClient
 
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+        elif system == "kvstore-tcp-syncput":
+            from kvstore import Client
+
+            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300, aio_put=False)
+        elif system == "kvstore-shm-2rpc":
+            from kvstore.client.shm import ShmClient
+
+            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300,
+                          release_on_acquire=False)
+            c.stream_batch_bytes = None  # cached stores, as before
         elif system == "redis-tcp":
             import redis
 

@@ -70,9 +70,11 @@ def checksum(data: BufferLike, seed: int = 0) -> int:
     return crc32c(_readable(data), seed)
 
 
-def copy_and_checksum(dst: BufferLike, dst_offset: int, src: BufferLike, seed: int = 0) -> int:
+def copy_and_checksum(dst: BufferLike, dst_offset: int, src: BufferLike, seed: int = 0,
+                      streaming: bool | None = None) -> int:
     """Copy ``src`` into ``dst[dst_offset:]`` and return the CRC-32C of ``src``
-    continuing from ``seed``."""
+    continuing from ``seed``. (``streaming``, the native build's choice of
+    store instructions, changes nothing here.)"""
     d = _writable(dst, "dst")
     s = _readable(src)
     n = len(s)

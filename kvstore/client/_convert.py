@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from kvstore import lookup_wire
 from kvstore.types import (
     AckLevel,
     LookupResult,
@@ -120,16 +121,12 @@ def tier_name(value: int) -> TierName | None:
 def encode_lookup_request(
     namespace: str, keys: Sequence[bytes], lease_ms: int, session_id: str
 ) -> bytes:
-    return pb.LookupRequest(
-        namespace=namespace, keys=keys, lease_ms=lease_ms, session_id=session_id
-    ).SerializeToString()
+    return lookup_wire.encode_lookup_request(namespace, keys, lease_ms, session_id)
 
 
 def decode_lookup_response(raw: bytes) -> LookupResult:
-    resp = pb.LookupResponse.FromString(raw)
-    by_value, n = _TIER_BY_VALUE, len(_TIER_BY_VALUE)
-    return LookupResult(found=resp.found,
-                        tiers=[by_value[t] if t < n else None for t in resp.tiers])
+    found, tiers = lookup_wire.decode_lookup_response(raw)
+    return LookupResult(found=found, tiers=tiers)
 
 
 def encode_delete_request(namespace: str, keys: Sequence[bytes]) -> bytes:

@@ -14,14 +14,29 @@ copy out while checksumming, compare with the lease's checksum, release; a
 lease that expired before its release means the copy may be stale, and the
 call raises :class:`StaleLease` rather than return it.
 
+One round trip per Get: when the copy ends less than the lease's time after
+the ShmAcquire was sent, the lease cannot have expired during it (the server
+starts the lease's clock only after the request arrived), so ``get``,
+``get_into`` and ``get_kv_into`` do not call ShmRelease: they hand the lease
+ids to the next ShmAcquire, which ends them before acquiring
+(``ShmAcquireRequest.release``). A copy that took longer is released at once,
+as before, and checked for expiry. Leases still held this way are released
+by :meth:`ShmClient.close` (or :meth:`ShmClient.flush_releases`), and expire
+on the server if the client dies. Until then they keep that one batch of
+blocks in L1. ``release_on_acquire=False``, or a server older than this
+protocol field, gives the two-RPC path.
+
 For packing straight into shared memory (no intermediate buffer), use
 ``reserve``/``commit`` and ``acquire``/``release`` directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,13 +59,26 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client.sync import Client
-from kvstore.errors import CorruptBlock, InvalidArgument, StaleLease
+from kvstore.errors import CorruptBlock, InvalidArgument, KVStoreError, StaleLease
 from kvstore.types import BlockFormat, TierName
 from kvstore.v1 import kvstore_pb2 as pb
 
 _SERVICE = "/kvstore.v1.KVStore/"
 # Bytes per ShmCommit when a Put is pipelined.
 _COMMIT_GROUP = 16 * 1024 * 1024
+# A Put or Get moving at least this many bytes in all copies its blocks with
+# streaming (non-temporal) stores: the batch is larger than what the cache
+# would keep for the reader anyway, and skipping the read of the destination
+# lines makes the copy 15-20 % faster (measured on the development machine:
+# 32 MiB batches of 4 MiB blocks, Get copies into reused buffers 16.4 -> 19.5
+# GB/s; ShmClient.put 6.0 -> 7.2 GB/s, Get 8.6 -> 11.4 GB/s end to end).
+_STREAM_BATCH_BYTES = 8 * 1024 * 1024
+# A lease's release is left to the next ShmAcquire only if the copy under it
+# ended this long (s) before the lease's time, counted from before the
+# ShmAcquire was sent, ran out.
+_LEASE_MARGIN = 0.005
+# Statuses of a call the server did not answer.
+_NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 
 
 @dataclass(slots=True)
@@ -77,9 +105,18 @@ class LeasedBlock:
 
 
 class ShmClient(Client):
+    """See the module's docstring. ``release_on_acquire`` (default on) lets
+    the Gets hand their leases to the next ShmAcquire instead of calling
+    ShmRelease, when the server supports it."""
+
     def __init__(self, target: str = DEFAULT_TARGET, *, namespace: str | None = None,
-                 timeout: float | None = 60.0, **kwargs: Any) -> None:
+                 timeout: float | None = 60.0, release_on_acquire: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(target, namespace=namespace, timeout=timeout, **kwargs)
+        # Lease ids whose release waits for the next ShmAcquire, with the
+        # monotonic time after which the server will have expired them anyway.
+        self._deferred: list[tuple[int, float]] = []
+        self._deferred_lock = threading.Lock()
         ch = self._channel
 
         def rpc(name: str, req: Any, resp: Any) -> Any:
@@ -89,11 +126,15 @@ class ShmClient(Client):
         self._attach = rpc("ShmAttach", pb.ShmAttachRequest, pb.ShmAttachResponse)
         self._reserve = rpc("ShmReserve", pb.ShmReserveRequest, pb.ShmReserveResponse)
         self._commit = rpc("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse)
-        self._acquire = rpc("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse)
+        self._acquire_rpc = rpc("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse)
         self._release = rpc("ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse)
         info = self._call(self._attach, pb.ShmAttachRequest())
         self.shm_path: str = info.path
         self.instance: str = info.instance
+        self.release_on_acquire: bool = release_on_acquire and info.release_on_acquire
+        #: Batches moving at least this many bytes are copied with streaming
+        #: stores (None: never).
+        self.stream_batch_bytes: int | None = _STREAM_BATCH_BYTES
         fd = os.open(info.path, os.O_RDWR)
         try:
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -102,6 +143,10 @@ class ShmClient(Client):
             os.close(fd)
         self._arena = memoryview(self._map)
 
+    def _streaming(self, nbytes: int) -> bool | None:
+        limit = self.stream_batch_bytes
+        return True if limit is not None and nbytes >= limit else None
+
     def _call(self, rpc: Any, request: Any) -> Any:
         try:
             return rpc(request, timeout=self.timeout)
@@ -109,6 +154,10 @@ class ShmClient(Client):
             raise error_from_rpc(err, self.target) from err
 
     def close(self) -> None:
+        try:
+            self.flush_releases()
+        except Exception:  # the leases expire on the server anyway
+            pass
         try:
             self._arena.release()
             self._map.close()
@@ -165,6 +214,7 @@ class ShmClient(Client):
                              session_id=session_id)
         # Pipelined: while the server verifies and commits one group, this
         # thread copies the next (the two run on different cores).
+        streaming = self._streaming(sum(s.size for s in slots))
         pending: list[Any] = []
         done = 0
         try:
@@ -174,7 +224,7 @@ class ShmClient(Client):
                 while done + len(group) < len(slots) and (not group or nbytes < _COMMIT_GROUP):
                     group.append(slots[done + len(group)])
                     nbytes += group[-1].size
-                crcs = [copy_and_checksum(s.view, 0, items[done + i][1], 0)
+                crcs = [copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming)
                         for i, s in enumerate(group)]
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
                 pending.append(self._commit.future(req, timeout=self.timeout))
@@ -224,7 +274,7 @@ class ShmClient(Client):
         """Unpack straight from leased shared memory into the engine's pages
         (each block verified). Returns the number of leading blocks restored."""
         kv.check_lists(keys, page_lists)
-        with self.leased(keys, namespace=namespace, session_id=session_id) as leases:
+        with self._reading(keys, namespace, session_id) as leases:
             return kv.unpack_prefix([lease.view if lease is not None else None
                                      for lease in leases], k_pages, v_pages, page_lists,
                                     dtype=dtype)
@@ -233,11 +283,35 @@ class ShmClient(Client):
 
     def acquire(self, keys: Iterable[bytes], *, namespace: str | None = None,
                 session_id: str | None = None, lease_ms: int = 0) -> list[LeasedBlock | None]:
+        """Lease ``keys`` (None for a miss); release the leases with :meth:`release`.
+        Leases a Get left for later are ended by the same call."""
+        return self._acquire(keys, namespace, session_id, lease_ms)[0]
+
+    def _acquire(self, keys: Iterable[bytes], namespace: str | None, session_id: str | None,
+                 lease_ms: int) -> tuple[list[LeasedBlock | None], float]:
+        """The leases and how long (s) they last on the server; 0.0 when the
+        server does not say (then none may be left for the next acquire)."""
         ns = resolve_namespace(namespace, self.namespace)
         key_list = normalize_keys(keys)
         req = pb.ShmAcquireRequest(namespace=ns, keys=key_list, lease_ms=lease_ms,
                                    session_id=check_session_id(session_id))
-        resp = self._call(self._acquire, req)
+        if self._deferred:
+            with self._deferred_lock:
+                taken, self._deferred = self._deferred, []
+            # Those past their time have expired on the server (or are about
+            # to): naming them could find them forgotten, so they are dropped.
+            now = time.monotonic()
+            req.release.extend(i for i, until in taken if until > now)
+        try:
+            resp = self._call(self._acquire_rpc, req)
+        except KVStoreError as exc:
+            if req.release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
+                # The server refused the call (e.g. a bad namespace) and may not
+                # have ended those leases: end them on their own. (If they were
+                # what it refused, this fails the same way, and they expire.)
+                with contextlib.suppress(KVStoreError):
+                    self._release_ids(list(req.release))
+            raise
         out: list[LeasedBlock | None] = []
         for key, lease in zip(key_list, resp.leases, strict=True):
             if not lease.hit:
@@ -246,7 +320,7 @@ class ShmClient(Client):
             tier = TierName(lease.tier) if lease.tier in (1, 2, 3) else None
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
                                    self._arena[lease.offset : lease.offset + lease.size]))
-        return out
+        return out, resp.lease_ms / 1000.0
 
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
         """End leases; returns the ids of those that had expired."""
@@ -255,9 +329,21 @@ class ShmClient(Client):
             lease.view.release()
         if not held:
             return []
-        resp = self._call(self._release,
-                          pb.ShmReleaseRequest(lease_ids=[lease.lease_id for lease in held]))
+        return self._release_ids([lease.lease_id for lease in held])
+
+    def _release_ids(self, ids: list[int]) -> list[int]:
+        resp = self._call(self._release, pb.ShmReleaseRequest(lease_ids=ids))
         return list(resp.expired)
+
+    def flush_releases(self) -> None:
+        """Release now the leases that Gets left for the next ShmAcquire (so
+        that their blocks may leave L1 while this client is idle)."""
+        with self._deferred_lock:
+            taken, self._deferred = self._deferred, []
+        now = time.monotonic()
+        ids = [i for i, until in taken if until > now]
+        if ids:
+            self._release_ids(ids)
 
     @contextmanager
     def leased(self, keys: Iterable[bytes], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:
@@ -271,12 +357,41 @@ class ShmClient(Client):
         if expired:
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
 
+    @contextmanager
+    def _reading(self, keys: Iterable[bytes], namespace: str | None,
+                 session_id: str | None) -> Iterator[list[LeasedBlock | None]]:
+        """``leased`` for a copy made inside the block: if the copy ended
+        within the lease's time, the release goes with the next ShmAcquire."""
+        sent = time.monotonic()
+        leases, lease_s = self._acquire(keys, namespace, session_id, 0)
+        expired: list[int] = []
+        try:
+            yield leases
+        finally:
+            ids = []
+            for lease in leases:
+                if lease is not None:
+                    lease.view.release()
+                    ids.append(lease.lease_id)
+            if ids:
+                # The server started each lease after ``sent``: before ``until``
+                # none can have expired, so a copy finished by then is good.
+                until = sent + lease_s - _LEASE_MARGIN
+                if self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
+                    with self._deferred_lock:
+                        self._deferred.extend((i, until) for i in ids)
+                else:
+                    expired = self._release_ids(ids)
+        if expired:
+            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
+
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
         key_list = normalize_keys(keys)
         views = normalize_buffers(buffers, len(key_list))
         sizes: list[int | None] = []
-        with self.leased(key_list, namespace=namespace) as leases:
+        with self._reading(key_list, namespace, None) as leases:
+            streaming = self._streaming(sum(lease.size for lease in leases if lease is not None))
             for i, (lease, dest) in enumerate(zip(leases, views, strict=True)):
                 if lease is None:
                     sizes.append(None)
@@ -285,7 +400,7 @@ class ShmClient(Client):
                     raise InvalidArgument(
                         f"buffer #{i} is {len(dest)} bytes but key #{i} holds a block of "
                         f"{lease.size} bytes")
-                crc = copy_and_checksum(dest, 0, lease.view, 0)
+                crc = copy_and_checksum(dest, 0, lease.view, 0, streaming)
                 if crc != lease.crc32c:
                     raise CorruptBlock(f"key #{i}: the copy read from shared memory fails "
                                        f"its CRC-32C ({crc:#010x} != {lease.crc32c:#010x})")
@@ -295,7 +410,7 @@ class ShmClient(Client):
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
             session_id: str | None = None) -> list[bytes | None]:
         out: list[bytes | None] = []
-        with self.leased(keys, namespace=namespace, session_id=session_id) as leases:
+        with self._reading(keys, namespace, session_id) as leases:
             for i, lease in enumerate(leases):
                 if lease is None:
                     out.append(None)

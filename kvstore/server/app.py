@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvstore._gc import tune_gc
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.server.interceptor import ErrorInterceptor
@@ -161,6 +162,7 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
     tune_malloc()
     server = Server(config)
     await server.start()
+    tune_gc()  # after the index rebuild: the collector skips what exists now
     if ready_file:
         _write_ready_file(ready_file, server.addresses)
     stop = asyncio.Event()

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from kvstore import wire
+from kvstore import lookup_wire, wire
 from kvstore.errors import InvalidArgument, MalformedRequest
 from kvstore.shm import CommitSpec, SharedMemoryBroker
 from kvstore.store import BlockWriter, TieredStore
@@ -154,13 +154,12 @@ class KVStoreServicer:
                 reader.close()
 
     async def Lookup(self, request: pb.LookupRequest,
-                     context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+                     context: grpc.aio.ServicerContext) -> bytes:
         self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
-        result = await self.store.lookup(namespace, list(request.keys), request.lease_ms,
-                                   request.session_id or None)
-        tiers: Any = [0 if t is None else t.value for t in result.tiers]  # = kvstore.v1.Tier
-        return pb.LookupResponse(found=result.found, tiers=tiers)
+        found, codes = await self.store.lookup_codes(namespace, list(request.keys),
+                                                     request.lease_ms, request.session_id or None)
+        return lookup_wire.encode_lookup_response(found, codes)  # serialized LookupResponse
 
     async def Delete(self, request: pb.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> pb.DeleteResponse:
@@ -225,7 +224,8 @@ class KVStoreServicer:
         return pb.ShmAttachResponse(path=self.shm.path, size=self.store.l1.capacity,
                                     instance=self.shm.instance,
                                     reserve_ms=self.shm.reserve_ms,
-                                    default_lease_ms=self.shm.default_lease_ms)
+                                    default_lease_ms=self.shm.default_lease_ms,
+                                    release_on_acquire=True)
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:
@@ -255,14 +255,18 @@ class KVStoreServicer:
                          context: grpc.aio.ServicerContext) -> pb.ShmAcquireResponse:
         self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
-        leases = await self.shm.acquire(namespace, list(request.keys),
-                                        request.session_id or None, request.lease_ms)
+        # request.release: the previous Get's leases, piggybacked; ended before
+        # acquiring, checked as ShmRelease checks them.
+        leases, released, expired = await self.shm.acquire(
+            namespace, list(request.keys), request.session_id or None, request.lease_ms,
+            list(request.release))
         return pb.ShmAcquireResponse(leases=[
             pb.ShmLease(hit=False) if lease is None else pb.ShmLease(
                 hit=True, lease_id=lease.lease_id, offset=lease.offset, size=lease.size,
                 crc32c=lease.checksum, generation=lease.generation,
                 tier=_tier_pb(lease.tier))
-            for lease in leases])
+            for lease in leases], released=released, expired=expired,
+            lease_ms=self.shm.lease_ms(request.lease_ms))
 
     async def ShmRelease(self, request: pb.ShmReleaseRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReleaseResponse:
@@ -280,8 +284,10 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
             servicer.Get, request_deserializer=pb.GetRequest.FromString,
             response_serializer=wire.identity),
     }
+    handlers["Lookup"] = grpc.unary_unary_rpc_method_handler(
+        servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
+        response_serializer=wire.identity)  # the handler serializes (kvstore.lookup_wire)
     for name, req, resp in (
-        ("Lookup", pb.LookupRequest, pb.LookupResponse),
         ("Delete", pb.DeleteRequest, pb.DeleteResponse),
         ("Stats", pb.StatsRequest, pb.StatsResponse),
         ("SessionEvent", pb.SessionEventRequest, pb.SessionEventResponse),

@@ -69,5 +69,5 @@ def test_index_scale_tiny(tmp_path: Path) -> None:
         assert r["in_process"]["lookup"]["p50_ms"] > 0
         assert r["server"]["lookup"]["p50_ms"] > 0 and r["server"]["put_4k"]["p50_ms"] > 0
         assert r["server"]["start_seconds"] > 0
-    assert set(doc["growth"]) == {"in_process", "server"}
+    assert set(doc["growth"]) == {"in_process", "in_process_full", "server"}
     assert any("unix socket" in t["target"] for t in doc["targets"])

@@ -87,6 +87,21 @@ def test_streaming_store_copies(crc_impl: str) -> None:
 
 
 @needs_native
+def test_streaming_forced_either_way(crc_impl: str) -> None:
+    """``streaming=`` overrides the size threshold; the bytes and CRC are the same."""
+    native = native_module()
+    data = np.random.default_rng(8).integers(0, 256, size=70000, dtype=np.uint8).tobytes()
+    for streaming in (True, False, None):
+        for n in (0, 1, 65, 16384, 70000):
+            dst = bytearray(n + 4)
+            got = native.copy_and_checksum(dst, 1, data[:n], 3, streaming=streaming)
+            assert got == crc32c(data[:n], 3), (crc_impl, streaming, n)
+            assert dst == b"\0" + data[:n] + bytes(3)
+    assert reference.copy_and_checksum(bytearray(3), 0, b"abc", streaming=True) == \
+        crc32c(b"abc")
+
+
+@needs_native
 @settings(max_examples=80, deadline=None)
 @given(data=st.binary(max_size=3000), seed=st.integers(0, 2**32 - 1),
        split=st.integers(0, 3000))

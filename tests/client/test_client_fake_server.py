@@ -224,3 +224,43 @@ def test_async_errors(fake_server: FakeServer) -> None:
                 await kv.put({b"k": b"v"})
 
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- sync Put paths
+
+
+def _put_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name == "kvstore-put-loop"]
+
+
+@pytest.mark.parametrize("aio_put", [True, False])
+def test_sync_put_paths_send_the_same_stream(fake_server: FakeServer, aio_put: bool) -> None:
+    """Client.put through the private grpc.aio loop (default) or grpc's sync
+    stream call: the same messages, results and errors."""
+    before = len(_put_threads())
+    blocks = _blocks()
+    fake_server.state.fail["big"] = (grpc.StatusCode.INVALID_ARGUMENT, "BlockTooLarge",
+                                     "block #0 is 9 bytes: max_block_bytes is 8")
+    with Client(fake_server.target, namespace="ns", aio_put=aio_put) as kv:
+        assert len(_put_threads()) == before  # nothing started before the first Put
+        res = kv.put(blocks, session_id="s1", ack="local")
+        assert res == PutResult(3, sum(len(_as_bytes(b)) for b in blocks.values()))
+        assert len(_put_threads()) == before + int(aio_put)
+        assert kv.get([b"big"]) == [_as_bytes(blocks[b"big"])]
+        with pytest.raises(BlockTooLarge, match="max_block_bytes is 8"):
+            kv.put({b"k": b"123456789"}, namespace="big")
+        # Puts from several threads share the client (and its loop).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            done = list(pool.map(lambda i: kv.put({f"t{i}".encode(): bytes(1000 + i)}),
+                                 range(16)))
+        assert all(r.stored == 1 for r in done)
+    assert len(_put_threads()) == before  # close() stopped the loop
+    msgs = fake_server.state.put_messages
+    assert msgs[0].namespace == "ns" and msgs[0].ack == pb.ACK_LEVEL_LOCAL
+    assert [len(m.data) for m in msgs[:4]] == [5, 1 << 20, 1 << 20, 2_500_000 - (2 << 20)]
+    with pytest.raises(ValueError):
+        kv.put({b"k": b"v"})

@@ -180,3 +180,136 @@ def test_expired_lease_is_reported_stale(shm_server) -> None:  # type: ignore[no
 def test_shm_off_is_failed_precondition(shared_server) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TierNotConfigured, match="shm_path"):
         ShmClient(shared_server.unix_target, namespace="x")
+
+
+# -- one round trip per Get: releases piggybacked on the next ShmAcquire ----------------
+
+
+def _raw_rpc(ch: grpc.Channel, name: str, req: type, resp: type):  # type: ignore[no-untyped-def]
+    return ch.unary_unary(f"/kvstore.v1.KVStore/{name}", request_serializer=req.SerializeToString,
+                          response_deserializer=resp.FromString)
+
+
+def test_get_leaves_its_release_to_the_next_acquire_which_frees_the_slots(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Leases of 30 s: a slot still leased could not be reused within this test.
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-pig"
+    server = server_factory("--l1-shm-path", path, "--server-shm-lease-ms", "30000",
+                            l1_capacity="64MiB")
+    with server, ShmClient(server.unix_target, namespace="pig") as c:
+        assert c.release_on_acquire
+        blobs = {f"p{i}".encode(): block(i, 8 * MiB) for i in range(7)}  # 56 of 64 MiB
+        c.put(blobs)
+        bufs = [bytearray(8 * MiB) for _ in blobs]
+        assert c.get_into(list(blobs), bufs) == [8 * MiB] * 7
+        assert [bytes(b) for b in bufs] == list(blobs.values())
+        # No ShmRelease was sent: the 7 leases wait for the next ShmAcquire ...
+        assert len(c._deferred) == 7
+        # ... which ends them (a miss, so it leases nothing new).
+        assert c.get([b"none"]) == [None]
+        assert c._deferred == []
+        # Their slots are free again: a 16 MiB Put evicts at once instead of
+        # waiting 30 s for the leases to expire.
+        with ShmClient(server.unix_target, namespace="pig", timeout=10) as w:
+            started = time.monotonic()
+            assert w.put({b"big": os.urandom(16 * MiB)}).stored == 1
+            assert time.monotonic() - started < 5
+        assert c.stats().tiers[0].evictions >= 1
+        # close() sends the releases still waiting.
+        present = [k for k, got in zip(blobs, c.get(list(blobs)), strict=True) if got]
+        assert c._deferred and present
+        c.close()
+        with ShmClient(server.unix_target, namespace="pig", timeout=10) as w:
+            started = time.monotonic()
+            assert w.put({b"big2": os.urandom(16 * MiB)}).stored == 1
+            assert time.monotonic() - started < 5
+
+
+def test_release_on_acquire_protocol(shm_server) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(shm_server.unix_target, namespace="rel") as c, \
+            grpc.insecure_channel(shm_server.unix_target) as ch:
+        c.put({b"a": b"a" * 4096, b"b": b"b" * 4096})
+        attach = _raw_rpc(ch, "ShmAttach", pb.ShmAttachRequest, pb.ShmAttachResponse)
+        acquire = _raw_rpc(ch, "ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse)
+        release = _raw_rpc(ch, "ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse)
+        assert attach(pb.ShmAttachRequest()).release_on_acquire
+        first = acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"a"]))
+        assert first.leases[0].hit and first.lease_ms == 1000 and first.released == 0
+        held = first.leases[0].lease_id
+
+        # A forged id: INVALID_ARGUMENT, and neither released nor acquired.
+        for bad in ([held ^ 0x5A5A5A], [held, held]):
+            with pytest.raises(grpc.RpcError) as info:
+                acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"b"], release=bad))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "never issued" in info.value.details()
+            assert "nothing was released or acquired" in info.value.details()
+
+        # The real one, piggybacked: released, then the new lease is taken.
+        second = acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"b"], release=[held]))
+        assert second.released == 1 and list(second.expired) == []
+        assert second.leases[0].hit and second.leases[0].lease_id != held
+        # A stale id (already released) is refused the same way, on either path.
+        with pytest.raises(grpc.RpcError) as info:
+            acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"a"], release=[held]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "already released" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            release(pb.ShmReleaseRequest(lease_ids=[held]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        # An expired lease is reported as expired, not refused.
+        late = second.leases[0].lease_id
+        time.sleep(1.2)  # the leases last 1 s on this server
+        third = acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"a"], release=[late]))
+        assert third.released == 0 and list(third.expired) == [late]
+        assert release(pb.ShmReleaseRequest(
+            lease_ids=[third.leases[0].lease_id])).released == 1
+
+
+def test_slow_copy_is_released_at_once_and_checked(shm_server) -> None:  # type: ignore[no-untyped-def]
+    """A copy that outlasts its lease never leaves its release for later: the
+    Get releases at once and raises StaleLease when the lease had expired."""
+    with ShmClient(shm_server.unix_target, namespace="slow") as c:
+        c.put({b"s": b"s" * 4096})
+        with pytest.raises(StaleLease), c._reading([b"s"], None, None) as leases:
+            assert leases[0] is not None
+            time.sleep(1.2)  # the lease lasts 1 s
+        assert c._deferred == []
+        # Within its time, the release is left for the next acquire; close sends it.
+        assert c.get([b"s"]) == [b"s" * 4096]
+        assert len(c._deferred) == 1
+
+
+def test_two_rpc_path_still_works(shm_server) -> None:  # type: ignore[no-untyped-def]
+    """release_on_acquire=False (and a server without the field) use ShmRelease."""
+    with ShmClient(shm_server.unix_target, namespace="old", release_on_acquire=False) as c:
+        c.put({b"o": b"o" * 4096})
+        bufs = [bytearray(4096)]
+        for _ in range(3):
+            assert c.get_into([b"o"], bufs) == [4096]
+            assert c._deferred == []
+        assert bytes(bufs[0]) == b"o" * 4096
+
+
+def test_refused_acquire_still_ends_the_leases_it_carried(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An acquire the server refuses (here: a namespace it does not serve)
+    must not strand the releases it carried: the client sends them alone."""
+    from kvstore.errors import UnknownNamespace
+
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-ref"
+    server = server_factory("--l1-shm-path", path, "--server-namespaces", "ok",
+                            l1_capacity="64MiB")
+    with server, ShmClient(server.unix_target, namespace="ok") as c, \
+            grpc.insecure_channel(server.unix_target) as ch:
+        c.put({b"k": b"k" * 4096})
+        assert c.get([b"k"]) == [b"k" * 4096]
+        [(held, _)] = c._deferred
+        with pytest.raises(UnknownNamespace):
+            c.get([b"k"], namespace="other")
+        assert c._deferred == []
+        release = _raw_rpc(ch, "ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse)
+        with pytest.raises(grpc.RpcError) as info:
+            release(pb.ShmReleaseRequest(lease_ids=[held]))
+        assert "already released" in info.value.details()

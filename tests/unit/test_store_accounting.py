@@ -9,6 +9,8 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from kvstore.config import load
 from kvstore.store import TieredStore
 from kvstore.types import TierName
@@ -22,11 +24,19 @@ def recount(store: TieredStore) -> dict[TierName, list[int]]:
             if present:
                 held[tier][0] += 1
                 held[tier][1] += e.size
+    for record in store.cold.records() if store.cold is not None else ():
+        # The compact index holds blocks that are in L2 (and maybe L3) only.
+        for tier, present in ((TierName.L2, True), (TierName.L3, record.l3)):
+            if present:
+                held[tier][0] += 1
+                held[tier][1] += record.size
     return held
 
 
-def test_counters_match_the_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compact", ["true", "false"])
+def test_counters_match_the_index(tmp_path: Path, compact: str) -> None:
     config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "2MiB",
+                       "KVSTORE_L2_COMPACT_INDEX": compact,
                        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_CAPACITY": "3MiB",
                        "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
 
@@ -35,6 +45,7 @@ def test_counters_match_the_index(tmp_path: Path) -> None:
         await store.start()
         rng = random.Random(7)
         keys = [f"k{i}".encode() for i in range(40)]
+        most_cold = 0
         for step in range(600):
             key = rng.choice(keys)
             op = rng.random()
@@ -45,6 +56,7 @@ def test_counters_match_the_index(tmp_path: Path) -> None:
                 await store.get_bytes("ns", key)
             else:
                 await store.delete("ns", [key])
+            most_cold = max(most_cold, len(store.cold) if store.cold is not None else 0)
             if step % 50 == 0:
                 await asyncio.sleep(0)  # let L2 commit callbacks run in between
                 assert store._held == recount(store)
@@ -53,6 +65,7 @@ def test_counters_match_the_index(tmp_path: Path) -> None:
         await asyncio.sleep(0)
         assert store._held == recount(store)
         assert store._busy_pins == 0
+        assert (most_cold > 0) == (compact == "true")  # the compact index was exercised
         stats = store.stats()
         assert stats.tiers[0].bytes <= 2 * 1024 * 1024
         await store.close()

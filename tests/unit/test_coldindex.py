@@ -1,0 +1,101 @@
+"""The compact index (kvstore/coldindex.py) against a dict model: random
+adds, replacements, removals and lookups in several namespaces, with keys of
+32 bytes and of other lengths, through table rebuilds and tombstones."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from kvstore.coldindex import ColdBlock, ColdIndex
+
+
+def _key(rng: random.Random) -> bytes:
+    if rng.random() < 0.8:
+        return rng.randbytes(32)
+    return rng.randbytes(rng.choice([1, 5, 31, 33, 64]))
+
+
+def test_matches_a_dict_model_through_churn() -> None:
+    rng = random.Random(3)
+    cold = ColdIndex(seed=1)
+    model: dict[tuple[str, bytes], ColdBlock] = {}
+    namespaces = ["a", "b", "team/c"]
+    known: list[tuple[str, bytes]] = []
+    for step in range(6000):
+        op = rng.random()
+        if op < 0.5 or not known:
+            ns = rng.choice(namespaces)
+            key = _key(rng) if rng.random() < 0.9 or not known else rng.choice(known)[1]
+            record = ColdBlock(ns, key, rng.randrange(1, 2**40), rng.randrange(2**32),
+                               rng.random() * 1e9, rng.random() < 0.3)
+            cold.add(ns, key, record.size, record.checksum, record.created, float(step),
+                     record.l3)
+            model[(ns, key)] = record
+            known.append((ns, key))
+        elif op < 0.8:
+            block = rng.choice(known)
+            assert cold.take(*block) == model.pop(block, None)
+        elif op < 0.9:
+            block = rng.choice(known)
+            assert cold.get(*block) == model.get(block)
+            assert (block in cold) == (block in model)
+        else:
+            block = rng.choice(known)
+            present = rng.random() < 0.5
+            assert cold.set_l3(block[0], block[1], present) == (block in model)
+            if block in model:
+                model[block] = model[block]._replace(l3=present)
+        assert len(cold) == len(model)
+        if step % 500 == 0:
+            for ns in namespaces:
+                keys = [*[k for n, k in known if n == ns][-300:], os.urandom(32)]
+                expected = bytes(int((ns, k) in model) for k in keys)
+                assert cold.contains_many(ns, keys) == expected
+    assert sorted(cold.records()) == sorted(model.values())
+    assert cold.contains_many("never-seen", [b"k" * 32]) == b"\x00"
+
+
+def test_bulk_load_then_lookups_and_removals() -> None:
+    n = 50_000
+    keys = [i.to_bytes(32, "little") for i in range(n)]
+    cold = ColdIndex()
+    cold.add_many(["ns"] * n, keys, np.full(n, 4096, np.uint64),
+                  np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.float64),
+                  np.arange(n, dtype=np.float64))
+    assert len(cold) == n
+    assert cold.contains_many("ns", [*keys[:1000], b"x" * 32]) == b"\x01" * 1000 + b"\x00"
+    assert cold.contains_many("other", keys[:3]) == b"\x00" * 3
+    assert cold.get("ns", keys[123]) == ColdBlock("ns", keys[123], 4096, 123, 123.0, False)
+    for key in keys[::2]:
+        assert cold.take("ns", key) is not None
+    assert cold.contains_many("ns", keys[:6]) == b"\x00\x01\x00\x01\x00\x01"
+    # Removed rows are reused, and the table stays within its load.
+    cold.add("ns", b"new" * 11 + b"!", 7, 1, 2.0, 3.0)
+    assert len(cold) == n // 2 + 1
+    assert cold.nbytes() / len(cold) < 250  # columns and table, per block held
+
+
+def test_victims_are_the_least_recently_used_of_a_sample() -> None:
+    cold = ColdIndex(seed=5)
+    for i in range(2000):
+        cold.add("ns", i.to_bytes(32, "little"), 10, 0, 0.0, used=float(i))
+    ranks = []
+    for _ in range(200):
+        victim = cold.victim()
+        assert victim is not None
+        ranks.append(int.from_bytes(victim.key, "little"))
+    # The least recent of 16 random rows: the median pick is among the oldest 5%.
+    assert sorted(ranks)[len(ranks) // 2] < 100
+    while (victim := cold.victim()) is not None:
+        cold.take(victim.namespace, victim.key)
+    assert len(cold) == 0 and cold.victim() is None
+
+
+def test_rejects_empty_blocks() -> None:
+    cold = ColdIndex()
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        cold.add("ns", b"k" * 32, 0, 0, 0.0, 0.0)
