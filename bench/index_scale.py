@@ -104,6 +104,9 @@ def _make_config(tmp: str, compact: bool = True) -> Any:
         "KVSTORE_L1_CAPACITY": "64MiB",
         "KVSTORE_L1_PREFAULT": "false",
         "KVSTORE_L2_ENABLED": "true",
+        # Room for every indexed block (10M x 64 KiB): the bench measures the
+        # index, not L2 evicting down to a capacity.
+        "KVSTORE_L2_CAPACITY": "1024TiB",
         "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
     })
 
@@ -267,7 +270,8 @@ def live_server(n: int, reps: int, base_rss: int | None, timeout: float,
     with tempfile.TemporaryDirectory(prefix="kvstore-index-live-") as tmp:
         if n:
             out["fill_lmdb_seconds"] = _child(fill_lmdb_main, str(Path(tmp) / "l2"), n)
-        server = BenchServer("--l1-prefault", "false", l1_capacity="64MiB", l2=True, unix=True,
+        server = BenchServer("--l1-prefault", "false", "--l2-capacity", "1024TiB",
+                             l1_capacity="64MiB", l2=True, unix=True,
                              data_dir=tmp)
         t0 = time.perf_counter()
         server.start(timeout=timeout)

@@ -294,11 +294,11 @@ class ColdIndex:
         while len(todo):
             at = cells[todo]
             free = np.flatnonzero(table[at] == _EMPTY)
-            taken, first = np.unique(at[free], return_index=True)
-            winners = free[first]
-            table[taken] = rows[todo[winners]]
+            # Rows aiming at the same free cell: one of the writes lands (no
+            # sort needed); the rows whose write did not land probe on.
+            table[at[free]] = rows[todo[free]]
             lost = np.ones(len(todo), np.bool_)
-            lost[winners] = False
+            lost[free] = table[at[free]] != rows[todo[free]]
             todo = todo[lost]
             cells[todo] = (cells[todo] + 1) & mask
 
@@ -390,8 +390,20 @@ class ColdIndex:
         if row < 0:
             return None
         record = self._record(row)
-        self._table[cell] = _GONE
-        self._gone += 1
+        table = self._table
+        mask = len(table) - 1
+        if table[(cell + 1) & mask] == _EMPTY:
+            # No probe run continues past here: the cell, and the tombstones
+            # just before it, can be empty again (fewer table rebuilds).
+            table[cell] = _EMPTY
+            cell = (cell - 1) & mask
+            while table[cell] == _GONE:
+                table[cell] = _EMPTY
+                self._gone -= 1
+                cell = (cell - 1) & mask
+        else:
+            table[cell] = _GONE
+            self._gone += 1
         self._size[row] = 0
         self._long_keys.pop(row, None)
         self._free.append(row)

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from kvstore.checksum import checksum
@@ -52,6 +53,16 @@ class L3Mover:
         self.retry_s = max(config.breaker_reset_s, 0.05)
         self.queued = 0  # bytes being demoted or written for ack=remote
         self._tasks: set[asyncio.Task[None]] = set()
+        # The last object-store write (upload or delete) of each block with
+        # one in flight: the next one waits for it, so that the writes of a
+        # block land in the order they were made (an old version's upload
+        # can never land over a newer one, or after the block's delete).
+        self._last_write: dict[BlockId, asyncio.Future[None]] = {}
+        self._delete_tasks: set[asyncio.Task[None]] = set()
+        # Blocks with a delete not yet done: reads, HEADs and the listing
+        # treat them as absent (a Delete is final at once for this node).
+        self._deleting: dict[BlockId, int] = {}
+        self.delete_wait_s = config.timeout_s * (config.retries + 1)
         self._absent: dict[BlockId, float] = {}
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
@@ -70,6 +81,14 @@ class L3Mover:
 
     async def close(self) -> None:
         self._closing = True
+        # Uploads in flight land (or fail) and then deletes finish, each
+        # bounded by the tier's timeout: a block deleted just before shutdown
+        # must not come back from L3 after the restart (an upload cancelled
+        # mid-request may still land, after its block's delete).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.delete_wait_s)
+        if self._delete_tasks:
+            await asyncio.wait(list(self._delete_tasks), timeout=self.delete_wait_s)
         tasks = list(self._tasks) + ([self.scan_task] if self.scan_task else [])
         for task in tasks:
             task.cancel()
@@ -109,6 +128,8 @@ class L3Mover:
             try:
                 async for block, size in self.tier.list_blocks():
                     self.listed += 1
+                    if block in self._deleting:
+                        continue
                     entry = self.store.index.get(block)
                     if entry is None and self.store.listed_cold(block, size):
                         pass  # in the compact index, now marked as in L3 too
@@ -137,7 +158,10 @@ class L3Mover:
         view = self.store.l1.slice(entry.l1, entry.size)
         self.queued += entry.size
         try:
-            await self.tier.put(block, view, entry.meta())
+            if not await self._in_order(
+                    block, functools.partial(self.tier.put, block, view, entry.meta()),
+                    lambda: not entry.dead and self.store.index.get(block) is entry):
+                return  # deleted or replaced meanwhile: nothing to make remote
             self.mark(block, entry)
         finally:
             self.queued -= entry.size
@@ -164,12 +188,16 @@ class L3Mover:
                 if data is None:
                     return
                 try:
-                    await self.tier.put(block, data, entry.meta())
+                    written = await self._in_order(
+                        block, functools.partial(self.tier.put, block, data, entry.meta()),
+                        lambda: not entry.dead and store.index.get(block) is entry)
                 except TierUnavailable as exc:
                     # Keep the L2 copy and try again once the breaker may let us.
                     log.info("demotion of %s waits for L3: %s", block[1].hex()[:16], exc)
                     await asyncio.sleep(self.retry_s)
                     continue
+                if not written:
+                    return  # deleted or replaced meanwhile
                 self.mark(block, entry)
                 store.count(TierName.L2).demotions += 1
                 return
@@ -178,16 +206,57 @@ class L3Mover:
             self.queued -= entry.size
             store.after_demotion(block, entry)
 
-    def delete_later(self, block: BlockId) -> None:
-        async def delete() -> None:
-            with contextlib.suppress(TierUnavailable):
-                await self.tier.delete(block)
+    async def _in_order(self, block: BlockId, write: Callable[[], Awaitable[Any]],
+                        wanted: Callable[[], bool] | None = None) -> bool:
+        """Run an object-store write of the block after the block's previous
+        one has finished (whether it succeeded or not). ``wanted`` is asked
+        once it is this write's turn: an upload of a block deleted or
+        replaced meanwhile is skipped (False), or it would land after the
+        delete."""
+        before = self._last_write.get(block)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_write[block] = mine
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            if wanted is not None and not wanted():
+                return False
+            await write()
+            return True
+        finally:
+            mine.set_result(None)
+            if self._last_write.get(block) is mine:
+                del self._last_write[block]
 
-        self._spawn(delete())
+    def delete_later(self, block: BlockId) -> None:
+        """Delete the block's object in the background, after the block's
+        writes already in flight (an upload that lands later would bring the
+        block back)."""
+
+        async def delete() -> None:
+            try:
+                with contextlib.suppress(TierUnavailable):
+                    await self._in_order(block, functools.partial(self.tier.delete, block))
+            finally:
+                left = self._deleting[block] - 1
+                if left:
+                    self._deleting[block] = left
+                else:
+                    del self._deleting[block]
+
+        self._deleting[block] = self._deleting.get(block, 0) + 1
+        self._spawn_delete(delete())
+
+    def _spawn_delete(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._delete_tasks.add(task)
+        task.add_done_callback(self._delete_tasks.discard)
 
     # -- reads ---------------------------------------------------------------------------
 
     def known_absent(self, block: BlockId) -> bool:
+        if block in self._deleting:
+            return True
         until = self._absent.get(block)
         if until is None:
             return False

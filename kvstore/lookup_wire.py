@@ -18,6 +18,7 @@ Used by the servicer and by the SDK; nothing here imports ``_pb2``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from kvstore.types import TierName
@@ -36,6 +37,7 @@ _RESP_FOUND_TAG = 0x08
 
 # Index = the kvstore.v1.Tier value.
 _TIER_BY_CODE: tuple[TierName | None, ...] = (None, TierName.L1, TierName.L2, TierName.L3)
+_KNOWN_CODES = bytes(range(len(_TIER_BY_CODE)))
 
 
 def _length_delimited(tag: bytes, value: bytes) -> bytes:
@@ -86,7 +88,13 @@ def decode_lookup_response(raw: bytes) -> tuple[int, list[TierName | None]]:
                 raise WireError("LookupResponse: truncated tiers")
             packed = raw[pos:pos + length]
             pos += length
-            if max(packed, default=0) < 0x80:
+            if not packed.translate(None, _KNOWN_CODES):
+                # Every value a known tier (one byte each): the common case.
+                if not codes and pos >= end and len(packed) > 1:
+                    return found, list(
+                        operator.itemgetter(*packed)(_TIER_BY_CODE))
+                codes.extend(packed)
+            elif max(packed) < 0x80:
                 codes.extend(packed)  # one byte per value
             else:
                 sub = memoryview(packed)
@@ -102,6 +110,8 @@ def decode_lookup_response(raw: bytes) -> tuple[int, list[TierName | None]]:
         else:
             pos = _skip(view, pos, tag)
     table, n = _TIER_BY_CODE, len(_TIER_BY_CODE)
+    if max(codes, default=0) < n:
+        return found, list(map(table.__getitem__, codes))
     return found, [table[c] if c < n else None for c in codes]
 
 

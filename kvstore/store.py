@@ -72,6 +72,9 @@ from kvstore.types import (
 
 log = logging.getLogger("kvstore.store")
 
+# Most L2 evictions in one go on the event loop; more continue in a later
+# iteration (a restart with a smaller l2.capacity may have millions to do).
+_TRIM_BATCH = 1024
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
 _TIER_OF_CODE = (None, TierName.L1, TierName.L2, TierName.L3)
@@ -237,6 +240,7 @@ class TieredStore:
             self.l2 is not None and config.l2.compact_index) else None
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
+        self._trim_pending = False  # a continuation of _trim_l2 is scheduled
         # Per-tier event counters; occupancy fields are filled in by stats().
         self._counters = {t: TierStats(t) for t in TierName}
         # Blocks and payload bytes per tier, kept as entries move (Stats and
@@ -403,6 +407,10 @@ class TieredStore:
             held[0] += sign
             held[1] += sign * entry.size
         entry.l2 = present
+
+    def cold_blocks(self) -> ColdIndex | tuple[()]:
+        """The compact index, for membership tests (empty when off)."""
+        return self.cold if self.cold is not None else ()
 
     def listed_cold(self, block: BlockId, size: int) -> bool:
         """The L3 listing found a block the compact index holds: note that L3
@@ -652,8 +660,11 @@ class TieredStore:
         if old is not None:
             # Its L2 copy goes too (the writer queue keeps the order: the new
             # block's write comes after this delete), so a restart before the
-            # new block reaches L2 finds nothing rather than the old bytes.
-            self._forget(block, old)
+            # new block reaches L2 finds nothing rather than the old bytes;
+            # so does its L3 copy, which a listing or another node's HEAD
+            # would find for this key (an upload of the new block waits for
+            # that delete: L3Mover keeps them in order).
+            self._forget(block, old, delete_l3=old.l3 or old.l3_pending > 0)
         entry = Entry(size, crc, time.time(), session)
         self._set_l1(entry, offset)
         entry.generation = next(self._generations)
@@ -773,7 +784,14 @@ class TieredStore:
     def _trim_l2(self) -> None:
         assert self.l2 is not None
         capacity = self.config.l2.capacity
+        budget = _TRIM_BATCH
         while self._l2_bytes > capacity:
+            budget -= 1
+            if budget < 0:
+                # Far over capacity (e.g. restarted with a smaller l2.capacity):
+                # go on in a later loop iteration, letting calls in between.
+                self._trim_later()
+                return
             if self.cold is not None and self.cold._count:
                 if self._evict_cold_l2():
                     continue
@@ -813,6 +831,22 @@ class TieredStore:
             if entry.l1 < 0 and not entry.l3:
                 self._forget(block, entry, delete_l2=False)
 
+    def _trim_later(self) -> None:
+        if self._trim_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (closing): the next write trims again
+        self._trim_pending = True
+
+        def again() -> None:
+            self._trim_pending = False
+            if self.l2 is not None and not self._closing:
+                self._trim_l2()
+
+        loop.call_soon(again)
+
     def after_demotion(self, block: BlockId | None = None, entry: Entry | None = None) -> None:
         if block is not None and entry is not None and block in self._cold_demoting:
             self._finish_cold_demotion(block, entry)
@@ -840,7 +874,8 @@ class TieredStore:
     def _forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
                 delete_l3: bool = False) -> None:
         """Remove a block from the index and the local tiers (respecting pins);
-        from the shared L3 only when asked (an explicit Delete)."""
+        from the shared L3 only when asked (an explicit Delete, whether or not
+        this node knows of an L3 copy; an overwrite of a block it has there)."""
         if self.index.get(block) is entry:
             del self.index[block]
         entry.dead = True
@@ -858,11 +893,15 @@ class TieredStore:
                 self._drop_l2_copy(block, entry)
             else:
                 self._set_l2(entry, False)
+        elif entry.l2_pending and delete_l2 and self.l2 is not None:
+            # Its L2 write is still queued: a delete queued behind it (the
+            # writer keeps the order) keeps it from coming back at a restart.
+            self.l2.submit(block, None, None, lambda e, x: None)
         if entry.l3:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
-            if delete_l3 and self.l3 is not None:
-                self.l3.delete_later(block)
+        if delete_l3 and self.l3 is not None:
+            self.l3.delete_later(block)
 
     # -- Get ----------------------------------------------------------------------------------
 

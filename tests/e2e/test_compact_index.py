@@ -7,6 +7,7 @@ compact index off the server behaves the same."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -82,3 +83,25 @@ def test_l2_evicts_the_least_recently_used_indexed_blocks(server_factory) -> Non
         held = [k for k, t in zip(old, c.lookup(list(old)).tiers, strict=True) if t is not None]
         assert c.get(held) == [old[k] for k in held]
         assert len(held) < len(old)
+
+
+def test_restart_with_a_smaller_l2_evicts_in_batches_and_keeps_serving(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory(l1_capacity="4MiB").start()
+    blobs = {i.to_bytes(32, "big"): os.urandom(4 * KiB) for i in range(3000)}  # ~12 MiB
+    with Client(server.tcp, namespace="s") as c:
+        items = list(blobs.items())
+        for i in range(0, len(items), 500):
+            c.put(dict(items[i : i + 500]), ack="local")
+    assert server.terminate() == 0
+    server.flags += ["--l2-capacity", "1MiB"]
+    server.start()
+    with Client(server.tcp, namespace="s") as c:
+        c.put({b"trigger": b"t"}, ack="local")  # the first write trims L2
+        deadline = time.monotonic() + 30
+        while _stats(c, TierName.L2).bytes > 1024 * KiB:  # calls answered meanwhile
+            assert time.monotonic() < deadline, "L2 not trimmed within 30 s"
+        l2 = _stats(c, TierName.L2)
+        assert l2.evictions >= 2500
+        held = [k for k, t in zip(blobs, c.lookup(list(blobs)).tiers, strict=True) if t]
+        assert 0 < len(held) <= 256
+        assert c.get(held) == [blobs[k] for k in held]

@@ -56,6 +56,9 @@ def test_matches_a_dict_model_through_churn() -> None:
                 expected = bytes(int((ns, k) in model) for k in keys)
                 assert cold.contains_many(ns, keys) == expected
     assert sorted(cold.records()) == sorted(model.values())
+    # The table's bookkeeping: one cell per block, tombstones counted.
+    assert int((cold._table >= 0).sum()) == len(model)
+    assert cold._gone == int((cold._table == -2).sum())
     assert cold.contains_many("never-seen", [b"k" * 32]) == b"\x00"
 
 
