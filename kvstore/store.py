@@ -117,6 +117,38 @@ class Entry:
         return BlockMeta(self.size, self.checksum, self.created)
 
 
+class BlockIndex(dict[BlockId, Entry]):
+    """The full entries, by ``(namespace, key)``, and the same entries by
+    namespace then key (``by_namespace``): a Lookup finds a chain's keys in
+    its namespace's dict without building a tuple per key. Only item
+    assignment and ``del`` may change it (the two views stay equal)."""
+
+    __slots__ = ("by_namespace",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_namespace: dict[str, dict[bytes, Entry]] = {}
+
+    def __setitem__(self, block: BlockId, entry: Entry) -> None:
+        super().__setitem__(block, entry)
+        keys = self.by_namespace.get(block[0])
+        if keys is None:
+            keys = self.by_namespace[block[0]] = {}
+        keys[block[1]] = entry
+
+    def __delitem__(self, block: BlockId) -> None:
+        super().__delitem__(block)
+        keys = self.by_namespace[block[0]]
+        del keys[block[1]]
+        if not keys:
+            del self.by_namespace[block[0]]
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("BlockIndex changes only by item assignment and del")
+
+    pop = popitem = clear = update = setdefault = _refuse
+
+
 class BlockReader:
     """A found block, pinned while its bytes are streamed out."""
 
@@ -234,7 +266,7 @@ class TieredStore:
         self._pins: dict[BlockId, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Blocks with a full entry: in L1, in use, tracked by the policy.
-        self.index: dict[BlockId, Entry] = {}
+        self.index = BlockIndex()
         # Blocks only in L2, idle: a compact record each (kvstore/coldindex.py).
         self.cold: ColdIndex | None = ColdIndex() if (
             self.l2 is not None and config.l2.compact_index) else None
@@ -1093,10 +1125,10 @@ class TieredStore:
         """:meth:`lookup` with the tiers as one ``kvstore.v1.Tier`` value per
         key (0 = not stored) in a bytes object: what the servicer sends."""
         lengths = validate_keys(keys)
-        blocks = [(namespace, key) for key in keys]
         if session:
-            self._note_request(namespace, session, blocks)
-        entries = list(map(self.index.get, blocks))
+            self._note_request(namespace, session, [(namespace, key) for key in keys])
+        hot = self.index.by_namespace.get(namespace)
+        entries: list[Entry | None] = list(map(hot.get, keys)) if hot else [None] * len(keys)
         # _tier_of as kvstore.v1.Tier values, inlined: this runs once per key
         # of every Lookup.
         if entries.count(None) == len(entries):
@@ -1113,13 +1145,13 @@ class TieredStore:
                 in_cold.translate(_ONE_TO_L2), "little")).to_bytes(n, "little"))
             if lease_ms > 0:  # a lease needs the full entry
                 for i in [i for i, c in enumerate(in_cold) if c]:
-                    entries[i] = self._warm(blocks[i])
+                    entries[i] = self._warm((namespace, keys[i]))
         found = codes.find(0)
         if found < 0:
             found = len(codes)
         elif self.l3 is not None and self.l3.healthy:
             tiers: list[TierName | None] = [None if c == 0 else TierName(c) for c in codes]
-            await self._lookup_l3(blocks, entries, tiers)
+            await self._lookup_l3([(namespace, key) for key in keys], entries, tiers)
             codes = bytearray(0 if t is None else t.value for t in tiers)
             found = codes.find(0)
             if found < 0:

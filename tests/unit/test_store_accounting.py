@@ -17,6 +17,9 @@ from kvstore.types import TierName
 
 
 def recount(store: TieredStore) -> dict[TierName, list[int]]:
+    # The index's by-namespace view holds exactly the same entries.
+    assert {(ns, k): e for ns, keys in store.index.by_namespace.items()
+            for k, e in keys.items()} == dict(store.index)
     held = {t: [0, 0] for t in TierName}
     for e in store.index.values():
         for tier, present in ((TierName.L1, e.l1 >= 0), (TierName.L2, e.l2),
