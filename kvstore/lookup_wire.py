@@ -45,14 +45,15 @@ def _length_delimited(tag: bytes, value: bytes) -> bytes:
 
 
 def encode_lookup_request(namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
-                          session_id: str = "") -> bytes:
-    """A serialized ``LookupRequest`` (keys validated already: 1..64 bytes)."""
+                          session_id: str = "", lengths: set[int] | None = None) -> bytes:
+    """A serialized ``LookupRequest`` (keys validated already: 1..64 bytes;
+    ``lengths``, the set of their lengths, if the caller has it)."""
     parts = []
     if namespace:
         parts.append(_length_delimited(_REQ_NAMESPACE, namespace.encode()))
     if keys:
         first = len(keys[0])
-        if len(set(map(len, keys))) == 1:
+        if len(lengths if lengths is not None else set(map(len, keys))) == 1:
             sep = bytes((_REQ_KEY, first))  # lengths < 128: one-byte varint
             parts.append(sep + sep.join(keys))
         else:

@@ -21,6 +21,7 @@ from kvstore.client._common import (
     normalize_blocks,
     normalize_buffers,
     normalize_keys,
+    normalize_keys_with_lengths,
     parse_ack,
     parse_target,
     resolve_namespace,
@@ -166,9 +167,9 @@ class ClientBase:
         session_id: str | None,
     ) -> tuple[int, bytes]:
         ns = resolve_namespace(namespace, self.namespace)
-        ks = normalize_keys(keys)
+        ks, lengths = normalize_keys_with_lengths(keys)
         return len(ks), conv.encode_lookup_request(
-            ns, ks, check_lease_ms(lease_ms), check_session_id(session_id)
+            ns, ks, check_lease_ms(lease_ms), check_session_id(session_id), lengths
         )
 
     def _prepare_delete(self, keys: Iterable[bytes], namespace: str | None) -> tuple[int, bytes]:

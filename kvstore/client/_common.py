@@ -150,13 +150,18 @@ def normalize_key(key: Any, index: int) -> bytes:
 
 
 def normalize_keys(keys: Iterable[Any]) -> list[bytes]:
+    return normalize_keys_with_lengths(keys)[0]
+
+
+def normalize_keys_with_lengths(keys: Iterable[Any]) -> tuple[list[bytes], set[int] | None]:
+    """The keys as a list of bytes, validated, and the set of their lengths
+    when it came for free (None otherwise)."""
     if isinstance(keys, (bytes, bytearray, memoryview, str)):
         raise InvalidArgument("keys must be a sequence of keys, not a single key")
     ks = keys if isinstance(keys, list) else list(keys)
     if set(map(type, ks)) <= {bytes}:
-        validate_keys(ks)  # the common case, checked in one pass
-        return ks
-    return [normalize_key(k, i) for i, k in enumerate(ks)]
+        return ks, validate_keys(ks)  # the common case, checked in one pass
+    return [normalize_key(k, i) for i, k in enumerate(ks)], None
 
 
 def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:

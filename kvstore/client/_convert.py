@@ -119,9 +119,10 @@ def tier_name(value: int) -> TierName | None:
 
 
 def encode_lookup_request(
-    namespace: str, keys: Sequence[bytes], lease_ms: int, session_id: str
+    namespace: str, keys: Sequence[bytes], lease_ms: int, session_id: str,
+    lengths: set[int] | None = None,
 ) -> bytes:
-    return lookup_wire.encode_lookup_request(namespace, keys, lease_ms, session_id)
+    return lookup_wire.encode_lookup_request(namespace, keys, lease_ms, session_id, lengths)
 
 
 def decode_lookup_response(raw: bytes) -> LookupResult:
