@@ -57,6 +57,10 @@ def _workload(spec: tuple[Any, ...]) -> Workload:
     return w
 
 
+#: keyword arguments for the session policy (``--session-args``), set before the runs
+SESSION_ARGS: dict[str, Any] = {}
+
+
 def run_one(job: tuple[tuple[Any, ...], str, str, int]) -> dict[str, Any]:
     spec, label, policy, pct = job
     w = _workload(spec)
@@ -66,7 +70,8 @@ def run_one(job: tuple[tuple[Any, ...], str, str, int]) -> dict[str, Any]:
             _nxt[spec] = sim.next_uses(w)
         r = sim.belady(w, cap, _nxt[spec])
     else:
-        p = POLICIES[policy]([TierName.L1])
+        kw = SESSION_ARGS if policy == "session" else {}
+        p = POLICIES[policy]([TierName.L1], **kw)
         r = sim.simulate(w, p, cap)
     d = r.as_dict(w.tokens_per_block)
     d.update(label=label, pct=pct, workload=w.name.split("-K")[0] if spec[0] != "mooncake"
@@ -123,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="bench/replay/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--session-args", default="",
+                    help='JSON keyword arguments of the session policy, e.g. \'{"duel": false}\'')
     args = ap.parse_args(argv)
+    SESSION_ARGS.clear()
+    if args.session_args:
+        SESSION_ARGS.update(json.loads(args.session_args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(args)

@@ -13,7 +13,9 @@ counted as a miss twice. Session hints go to ``on_session_event``. Capacity is i
 incoming block competes too, i.e. bypass allowed) on the same reference string.
 
 Speed: payloads are lists of interned ints (see ``workloads``), so a run allocates
-nothing per reference; the hit phase of a request is one ``on_hits`` call.
+nothing per reference; the hit phase of a request is one ``on_hits`` call and the Put
+phase one ``fill`` call (``Policy.fill`` is exactly the per-block sequence above; a
+policy may inline it, with the same decisions).
 
 Per-group attribution: when ``w.groups`` maps a stream to a label (e.g. the tuning /
 held-out half a session belongs to), refs and hits are also counted per label
@@ -27,6 +29,7 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import filterfalse
 
 from bench.replay.workloads import REQ, Workload
 from kvstore.policy.base import Policy
@@ -102,9 +105,7 @@ def _payload(p: object) -> Sequence[int]:
 
 def simulate(w: Workload, policy: Policy, capacity: int) -> Result:
     res: set[object] = set()
-    add, discard = res.add, res.discard
-    on_hits, on_insert = policy.on_hits, policy.on_insert
-    on_remove, victim = policy.on_remove, policy.victim
+    on_hits, fill = policy.on_hits, policy.fill
     on_request, on_event = policy.on_request, policy.on_session_event
     tpb = w.tokens_per_block
     miss_s, hit_s = tpb / PREFILL_TOKENS_PER_S, tpb / LOAD_TOKENS_PER_S
@@ -124,26 +125,19 @@ def simulate(w: Workload, policy: Policy, capacity: int) -> Result:
             on_hits(L1, blocks, now, stream)
             h = n
         else:
-            found = [b for b in blocks if b in res]
+            # ``on_hits`` does not change ``res``: split the request before it
+            found = list(filter(res.__contains__, blocks))
             h = len(found)
             if h:
+                missing = list(filterfalse(res.__contains__, blocks))
                 on_hits(L1, found, now, stream)
+            else:
+                missing = blocks
             # the Puts: the blocks the Lookup did not find, in order, each once (a found
             # block that this request's own inserts evict is not Put again: the server
-            # has already served it)
-            for b in (blocks if not h else [b for b in blocks if b not in res]):
-                if b in res:
-                    continue  # a repeat within the request
-                while len(res) >= capacity:
-                    v = victim(L1, now, None)
-                    if v is None:
-                        break
-                    discard(v[0])
-                    on_remove(L1, v[0])
-                if len(res) < capacity:
-                    add(b)
-                    inserts += 1
-                    on_insert(L1, b, tpb, now, stream)
+            # has already served it); ``fill`` = victim -> remove -> on_remove while
+            # full, then insert -> on_insert, per block
+            inserts += fill(L1, missing, tpb, now, stream, res, capacity)
         refs += n
         hits += h
         append((n - h) * miss_s + h * hit_s)

@@ -78,6 +78,32 @@ class Policy(abc.ABC):
         for b in blocks:
             on_hit(tier, b, now, session)
 
+    def fill(self, tier: TierName, blocks: Sequence[BlockId], size: int, now: float,
+             session: str | None, resident: set[BlockId], capacity: int) -> int:
+        """Simulator fast path: Put ``blocks`` (a request's misses, in order) into a tier
+        that holds ``resident`` (updated here) and at most ``capacity`` blocks. Exactly
+        the server's sequence per block not already resident: while the tier is full,
+        ``victim`` -> remove it -> ``on_remove``; then insert -> ``on_insert``. Returns
+        the number of blocks inserted. Policies override it only to be faster (same
+        calls, same decisions)."""
+        victim, on_remove, on_insert = self.victim, self.on_remove, self.on_insert
+        add, discard = resident.add, resident.discard
+        n = 0
+        for b in blocks:
+            if b in resident:
+                continue  # a repeat within the request
+            while len(resident) >= capacity:
+                v = victim(tier, now, None)
+                if v is None:
+                    break
+                discard(v[0])
+                on_remove(tier, v[0])
+            if len(resident) < capacity:
+                add(b)
+                n += 1
+                on_insert(tier, b, size, now, session)
+        return n
+
     def on_request(self, blocks: Sequence[BlockId], now: float,  # noqa: B027
                    session: str | None = None) -> None:
         """Optional: the block ids one request (Lookup/Get) of ``session`` references, in

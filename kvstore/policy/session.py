@@ -8,8 +8,9 @@ next request, and blocks that fell out of it are never reused. The policy theref
 1. dead blocks: referenced by no live stream's latest request (compacted out, or their
    session ended), oldest first, dropped rather than demoted;
 2. then stream by stream, the stream expected back last first; within a stream the end of
-   its context first (a prefix cache loses the least that way); blocks another live stream
-   also references (shared prefixes) are passed over and go last;
+   its context first (a prefix cache loses the least that way); a block another live stream
+   also references (a shared prefix) goes with the stream that referenced it last, its
+   owner (``defer_shared=True``: passed over, last of all, the former order);
 3. blocks with no session (e.g. Mooncake) form one pseudo-stream ranked by LRU age.
 
 The expected time to the next request is learned online, per hint class (request running,
@@ -47,6 +48,7 @@ _PRIOR = (30.0, 30.0, 10.0, 300.0, 3600.0)
 
 _NBINS = 56  # half-octave bins from 0.25 s to ~2^23.5 s
 _NEVER = 1e12  # expected remaining time of a stream not expected back
+_ABSENT: Any = object()  # dict.get default: "no entry" (None is an owner value)
 
 
 def _bin(gap: float) -> int:
@@ -138,6 +140,17 @@ class GapModel:
         return max(s / n - age, 1e-3)
 
 
+def _pop_res(res: dict[Any, None], block: Any) -> None:
+    """Remove ``block`` from a stream's resident blocks. Blocks leave mostly from the
+    newest end; ``popitem`` takes the last one *and* drops the deleted slots behind it,
+    which ``del`` leaves in place (CPython), so that ``reversed(res)`` -- how the ranking
+    finds a stream's newest block -- would otherwise skip more and more of them."""
+    if res and next(reversed(res)) == block:
+        res.popitem()
+    else:
+        res.pop(block, None)
+
+
 class _Stream:
     __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "own_gap",
                  "res", "t_state")
@@ -157,17 +170,33 @@ class _Stream:
 
 
 class _Tier:
-    __slots__ = ("dead", "free", "gen", "lru", "own", "peek", "peek_drop", "rank_t")
+    __slots__ = ("a_ended", "active", "active_first", "dead", "free", "gen", "lru", "own",
+                 "peek", "peek_drop", "rank_t", "seen_a", "walk", "walk_ended", "walk_res",
+                 "walk_seen")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[Any, None] = OrderedDict()  # all resident, LRU first
         self.own: dict[Any, _Stream | None] = {}  # resident block -> owner (None: no stream)
         self.free: OrderedDict[Any, float] = OrderedDict()  # ownerless: last use, LRU first
-        self.dead: dict[Any, None] = {}  # referenced by no live stream, oldest first
+        # referenced by no live stream, oldest first (an OrderedDict: taken from the front,
+        # which a dict does in time growing with the entries already taken)
+        self.dead: OrderedDict[Any, None] = OrderedDict()
         self.gen: Iterator[tuple[Any, bool]] | None = None
         self.peek: Any = None
         self.peek_drop = False
         self.rank_t = -math.inf
+        # Published by the ranking (``_candidates``) for ``fill``: its next candidate is
+        # the newest block of ``active`` not in ``seen_a`` and not shared, if there is one.
+        self.active_first = False
+        self.active: _Stream | None = None
+        self.seen_a: set[Any] = set()
+        self.a_ended = False
+        # ... or (``walk``) the newest block of ``walk_res`` not in ``walk_seen`` and not
+        # shared, if there is one (a stream ranked before the active one)
+        self.walk = False
+        self.walk_res: dict[Any, None] = {}
+        self.walk_seen: set[Any] = set()
+        self.walk_ended = False
 
 
 class SessionPolicy(Policy):
@@ -177,7 +206,8 @@ class SessionPolicy(Policy):
                  rerank_s: float = 2.0, pair_limit: int = 1 << 17, learn: bool = True,
                  quantile: float = 0.0, per_stream: bool = False, duel: bool = True,
                  duel_decay: float = 0.995, duel_margin: float = 0.003,
-                 trust_back: int = 256, duel_retry: int = 300, horizon: float = -1.0) -> None:
+                 trust_back: int = 256, duel_retry: int = 300, horizon: float = -1.0,
+                 defer_shared: bool = False) -> None:
         super().__init__(tiers)
         self.per_stream = per_stream
         self.quantile = quantile
@@ -188,7 +218,8 @@ class SessionPolicy(Policy):
         self.rerank_s = rerank_s
         self.pair_limit = pair_limit
         self._streams: dict[str, _Stream] = {}
-        self._last: tuple[str | None, _Stream | None] = (None, None)
+        self._last_name: str | None = None  # the stream of the latest call, cached
+        self._last_s: _Stream | None = None
         self._tiers = {t: _Tier() for t in tiers}
         self._nlive: dict[Any, int] = {}  # block -> live streams whose latest request has it
         self._pairs: dict[Any, tuple[Any, int]] = {}
@@ -218,17 +249,23 @@ class SessionPolicy(Policy):
         # 0: the conditional mean remaining wait E[G - a | G > a].
         self.horizon = horizon
         self._lru_age = 0.0
+        # True: blocks in the latest request of two or more live streams are passed over
+        # and offered after every stream's (the policy before); False: a shared block is
+        # offered with its owner's, the stream that referenced it last
+        self.defer_shared = defer_shared
+        self._tier0 = self.tiers[0]
+        self._action = {t: self.default_action(t) for t in self.tiers}
 
     # ------------------------------------------------------------------ bookkeeping
 
     def _stream(self, session: str) -> _Stream:
-        name, s = self._last
-        if name == session and s is not None:
+        s = self._last_s
+        if s is not None and self._last_name == session:
             return s
         s = self._streams.get(session)
         if s is None:
             s = self._streams[session] = _Stream(session, self.tiers)
-        self._last = (session, s)
+        self._last_name, self._last_s = session, s
         return s
 
     def _resolve(self, block: Any) -> None:
@@ -308,10 +345,10 @@ class SessionPolicy(Policy):
             else:
                 sh[b] = None
         cap = self._cap
-        if cap:
+        if cap and len(sh) > cap:
             pop = sh.popitem
-            while len(sh) > cap:
-                pop(last=False)
+            for _ in range(len(sh) - cap):
+                pop(False)  # the least recently used
         # this policy's hits of the previous request are known now: compare like with like
         d = self.duel_decay
         self._own_acc = self._own_acc * d + self._own_hits
@@ -335,17 +372,315 @@ class SessionPolicy(Policy):
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
                   session: str | None = None) -> None:
         ts = self._tiers[tier]
-        if self._pairs and block in self._pairs:
+        pairs = self._pairs
+        if pairs and block in pairs:
             self._resolve(block)
-        ts.lru[block] = None
-        ts.lru.move_to_end(block)
+        lru = ts.lru
+        if block in lru:
+            lru.move_to_end(block)
+        else:
+            lru[block] = None
+        own = ts.own
         if session is not None:
-            s = self._stream(session)
-            if ts.own.get(block, False) is not s:
-                self._adopt(tier, ts, block, s)
-        elif block not in ts.own:
-            ts.own[block] = None
+            s = self._last_s
+            if s is None or self._last_name != session:
+                s = self._stream(session)
+            o = own.get(block, _ABSENT)
+            if o is not s:
+                if o is _ABSENT:  # not resident before: in no queue, owned by nobody
+                    own[block] = s
+                    s.res[tier][block] = None
+                else:
+                    self._adopt(tier, ts, block, s)
+        elif block not in own:
+            own[block] = None
             ts.free[block] = now
+
+    def fill(self, tier: TierName, blocks: Sequence[BlockId], size: int, now: float,
+             session: str | None, resident: set[BlockId], capacity: int) -> int:
+        """``Policy.fill`` (per block: ``victim`` -> ``on_remove`` while full, then
+        ``on_insert``) inlined, for the simulator: same steps, same decisions.
+
+        State that only this loop changes while it runs (the peeked candidate, sizes,
+        stats, whether the ranking is current, the LRU head and its owner's last request)
+        is kept in locals. Three common steps skip the general one's tests, each only
+        while nothing else would happen in it (no pair made or resolved, no re-owned or
+        repeated block); the ranking (``_candidates``) publishes where it stands so that
+        its next candidate is known without resuming it:
+
+        * bypass: it walks the active stream newest first and the block just inserted is
+          its next candidate (MIN's bypass of the request's own tail);
+        * walk: it walks a stream ranked before the active one; that stream's newest
+          block is the candidate;
+        * LRU: LRU's choice is followed (``lru_mode`` / ``trust`` < 0).
+
+        Keep in step with ``victim``, ``on_remove`` and ``on_insert``: the tests compare
+        this with ``Policy.fill`` decision by decision."""
+        if session is None:
+            return super().fill(tier, blocks, size, now, session, resident, capacity)
+        ts = self._tiers[tier]
+        lru, own, pairs, pins, nlive = ts.lru, ts.own, self._pairs, self._pins, self._nlive
+        keep_shared = not self.defer_shared  # shared blocks are offered like the others
+        first = tier is self._tier0
+        ewma = first and self.horizon < 0.0
+        add, discard = resident.add, resident.discard
+        s: _Stream | None = None
+        res_s: dict[Any, None] = {}
+        n = n_lru = n_agree = n_sess = n_dead = 0  # stats, added at the end
+        ranked = False  # the ranking is current (nothing here makes it stale once checked)
+        nres = len(resident)
+        nlru = len(lru)
+        pk, pk_drop = ts.peek, ts.peek_drop
+        follow = self.trust >= 0 and not self.lru_mode  # session choices (see victim)
+        last_lc: Any = _ABSENT  # an LRU head seen, and its owner's last request
+        last_lr: float | None = None
+        head: Any = _ABSENT  # the LRU head, while the fast steps leave it in place
+        prev: Any = None  # the block inserted last, if it is the newest of s's blocks
+        # where the ranking stands (copied after every general step)
+        af = wk = aend = wend = False
+        act: _Stream | None = None
+        sa: set[Any] = set()
+        wseen: set[Any] = set()
+        wres: dict[Any, None] = {}
+        for b in blocks:
+            if b in resident:
+                continue  # a repeat within the request
+            if (nres >= capacity and ranked and s is not None and b not in lru
+                    and b not in pairs and not pins):
+                # (b not in lru: not in own either, they have the same keys)
+                if follow and pk is None:
+                    if af:
+                        if (prev is not None and act is s and prev not in sa
+                                and (keep_shared or nlive.get(prev, 0) < 2) and prev in lru
+                                and prev in resident):
+                            # ---- bypass: the candidate is prev, LRU's choice is the head
+                            lc = head if head is not _ABSENT else next(iter(lru))
+                            if lc != prev and lc in pairs:
+                                head = lc
+                                if first and nlru > self._cap:
+                                    self._cap = nlru
+                                sa.add(prev)
+                                pk_drop = aend
+                                if ewma:
+                                    if lc is not last_lc:
+                                        o = own.get(lc)
+                                        last_lc = lc
+                                        last_lr = o.last_req if o is not None else None
+                                    if last_lr is not None:
+                                        la = self._lru_age
+                                        self._lru_age = (now - last_lr if la <= 0.0
+                                                         else la + 0.001 * (now - last_lr - la))
+                                n_sess += 1
+                                if pk_drop:
+                                    n_dead += 1
+                                discard(prev)
+                                del lru[prev]
+                                del own[prev]
+                                res_s.popitem()  # prev, the newest (see _pop_res)
+                                add(b)
+                                lru[b] = None
+                                own[b] = s
+                                res_s[b] = None
+                                n += 1
+                                prev = b
+                                continue
+                    elif wk and wres:
+                        # ---- walk: the candidate is the walked stream's newest block
+                        c = next(reversed(wres))
+                        if (c not in wseen and (keep_shared or nlive.get(c, 0) < 2) and c in lru
+                                and c in resident):
+                            lc = head if head is not _ABSENT else next(iter(lru))
+                            if c != lc and (c in pairs or lc in pairs):
+                                head = lc
+                                if first and nlru > self._cap:
+                                    self._cap = nlru
+                                wseen.add(c)
+                                pk_drop = wend
+                                if ewma:
+                                    if lc is not last_lc:
+                                        o = own.get(lc)
+                                        last_lc = lc
+                                        last_lr = o.last_req if o is not None else None
+                                    if last_lr is not None:
+                                        la = self._lru_age
+                                        self._lru_age = (now - last_lr if la <= 0.0
+                                                         else la + 0.001 * (now - last_lr - la))
+                                n_sess += 1
+                                if pk_drop:
+                                    n_dead += 1
+                                discard(c)
+                                del lru[c]
+                                del own[c]  # (owned by the walked stream)
+                                wres.popitem()  # c, the newest (see _pop_res)
+                                if c is prev:
+                                    prev = None
+                                add(b)
+                                lru[b] = None
+                                own[b] = s
+                                res_s[b] = None
+                                n += 1
+                                prev = b
+                                continue
+                elif not follow and pk is not None:
+                    # ---- LRU: the head leaves, the session choice stays peeked
+                    lc = next(iter(lru))
+                    if (lc != pk and pk in lru and lc in resident
+                            and (pk in pairs or lc in pairs)):
+                        if first and nlru > self._cap:
+                            self._cap = nlru
+                        if ewma:
+                            if lc is not last_lc:
+                                o = own.get(lc)
+                                last_lr = o.last_req if o is not None else None
+                            if last_lr is not None:
+                                la = self._lru_age
+                                self._lru_age = (now - last_lr if la <= 0.0
+                                                 else la + 0.001 * (now - last_lr - la))
+                        last_lc = head = _ABSENT  # lc leaves
+                        n_lru += 1
+                        discard(lc)
+                        del lru[lc]
+                        o = own.pop(lc, None)
+                        if o is not None:
+                            _pop_res(o.res[tier], lc)
+                        else:
+                            ts.free.pop(lc, None)
+                            ts.dead.pop(lc, None)
+                        if lc is prev:
+                            prev = None
+                        add(b)
+                        lru[b] = None
+                        own[b] = s
+                        res_s[b] = None
+                        n += 1
+                        prev = b
+                        continue
+            # ---- the general step
+            head = _ABSENT
+            while nres >= capacity:
+                if pins:
+                    ts.peek, ts.peek_drop = pk, pk_drop
+                    v = self.victim(tier, now, None)
+                    pk, pk_drop = ts.peek, ts.peek_drop
+                    follow = self.trust >= 0 and not self.lru_mode
+                    ranked = False
+                    last_lc = _ABSENT
+                    if v is None:
+                        break
+                    x = v[0]
+                else:
+                    # -- victim(tier, now, None) without pins
+                    if first and nlru > self._cap:
+                        self._cap = nlru
+                    if not ranked:
+                        if self._dirty or ts.gen is None or now - ts.rank_t > self.rerank_s:
+                            self._rerank(ts, now)
+                            pk = None
+                        ranked = True
+                    sc = pk
+                    if sc is not None and sc not in lru:
+                        sc = None
+                    if sc is None:
+                        gen = ts.gen
+                        if gen is None:
+                            gen = ts.gen = self._candidates(tier, ts, now)
+                        for c, drop in gen:
+                            if c in lru:
+                                sc, pk_drop = c, drop
+                                break
+                        pk = sc
+                    lc = next(iter(lru)) if lru else None
+                    if ewma and lc is not None:
+                        if lc is not last_lc:
+                            o = own.get(lc)
+                            last_lc, last_lr = lc, o.last_req if o is not None else None
+                        if last_lr is not None:  # (the ranking reads it when it resumes)
+                            la = self._lru_age
+                            self._lru_age = (now - last_lr if la <= 0.0
+                                             else la + 0.001 * (now - last_lr - la))
+                    if sc is None:
+                        if lc is None:
+                            break
+                        n_lru += 1
+                        x = lc
+                    elif lc is None or sc == lc:
+                        n_agree += 1
+                        x = sc
+                        pk = None
+                        if pk_drop:
+                            n_dead += 1
+                    else:
+                        if sc not in pairs and lc not in pairs:
+                            pairs[sc] = (lc, -1)
+                            pairs[lc] = (sc, +1)
+                            if len(pairs) > self.pair_limit:
+                                self._trim_pairs()
+                        if follow:
+                            n_sess += 1
+                            x = sc
+                            pk = None
+                            if pk_drop:
+                                n_dead += 1
+                        else:
+                            n_lru += 1
+                            x = lc
+                # -- remove x; on_remove(tier, x)
+                if x in resident:
+                    discard(x)
+                    nres -= 1
+                if x in lru:
+                    del lru[x]
+                    nlru -= 1
+                    o = own.pop(x, None)
+                    if o is not None:
+                        _pop_res(o.res[tier], x)
+                    else:
+                        ts.free.pop(x, None)
+                        ts.dead.pop(x, None)
+                    if x == pk:
+                        pk = None
+                    if x is last_lc:  # (it may come back with another owner)
+                        last_lc = _ABSENT
+                    if x is prev:
+                        prev = None
+            af, wk, act, sa, aend = (ts.active_first, ts.walk, ts.active, ts.seen_a,
+                                     ts.a_ended)
+            wres, wseen, wend = ts.walk_res, ts.walk_seen, ts.walk_ended
+            if nres < capacity:
+                # -- insert b; on_insert(tier, b, size, now, session)
+                add(b)
+                nres += 1
+                n += 1
+                if pairs and b in pairs:
+                    self._resolve(b)
+                    follow = self.trust >= 0 and not self.lru_mode
+                if b in lru:
+                    lru.move_to_end(b)
+                else:
+                    lru[b] = None
+                    nlru += 1
+                if s is None:  # nothing in this loop changes the cached stream after this
+                    s = self._stream(session)
+                    res_s = s.res[tier]
+                o = own.get(b, _ABSENT)
+                prev = b  # now the newest of s's blocks (unless it was s's already)
+                if o is not s:
+                    if o is _ABSENT:
+                        own[b] = s
+                        res_s[b] = None
+                    else:
+                        self._adopt(tier, ts, b, s)
+                        last_lc = _ABSENT
+                else:
+                    prev = None
+        ts.peek, ts.peek_drop = pk, pk_drop
+        if n_lru or n_agree or n_sess or n_dead:
+            stats = self.stats
+            stats["lru_choice"] += n_lru
+            stats["agree"] += n_agree
+            stats["session_choice"] += n_sess
+            stats["dead"] += n_dead
+        return n
 
     def on_hit(self, tier: TierName, block: BlockId, now: float,
                session: str | None = None) -> None:
@@ -382,6 +717,17 @@ class SessionPolicy(Policy):
             self._own_hits += len(blocks)
         pairs = self._pairs
         pk = ts.peek
+        if pk is None:  # the common case, without the peek test
+            for b in blocks:
+                try:
+                    mte(b)
+                except KeyError:
+                    continue  # not in this tier
+                if b in pairs:
+                    self._resolve(b)
+                if own[b] is not s:
+                    self._adopt(tier, ts, b, s)
+            return
         for b in blocks:
             if b not in lru:
                 continue
@@ -399,7 +745,7 @@ class SessionPolicy(Policy):
             return
         old = ts.own.pop(block, None)
         if old is not None:
-            old.res[tier].pop(block, None)
+            _pop_res(old.res[tier], block)
         else:
             ts.free.pop(block, None)
             ts.dead.pop(block, None)
@@ -481,8 +827,7 @@ class SessionPolicy(Policy):
         own = ts.own
         dead = ts.dead
         while dead:
-            b = next(iter(dead))
-            del dead[b]  # leaves the queue; it stays resident and ownerless
+            b = dead.popitem(last=False)[0]  # leaves the queue; stays resident, ownerless
             dead_again = b in own and own[b] is None
             if dead_again:
                 ts.free.pop(b, None)
@@ -496,15 +841,17 @@ class SessionPolicy(Policy):
         free_done = not ts.free
         nlive = self._nlive
         deferred: list[Any] = []
+        defer = self.defer_shared
         def take(s: _Stream, seen: set[Any]) -> Any:
-            """The stream's newest block not offered yet (shared ones are deferred)."""
+            """The stream's newest block not offered yet (shared ones are deferred if
+            ``defer_shared``)."""
             for x in reversed(s.res[tier]):
                 if x in seen:
                     continue
                 seen.add(x)
                 if own.get(x) is not s:
                     continue
-                if nlive.get(x, 0) >= 2:
+                if defer and nlive.get(x, 0) >= 2:
                     deferred.append(x)
                     continue
                 return x
@@ -514,27 +861,47 @@ class SessionPolicy(Policy):
         # being placed (``active``) gains blocks while this ranking stands, and those
         # go before any better-ranked stream's. For the stream ranked worst this is
         # bypassing its own request's tail, as MIN would.
-        active = self._last[1]
+        active = self._last_s
         a_idx = len(streams)
         for i, s in enumerate(streams):
             if s is active:
                 a_idx = i
         seen_a: set[Any] = set()
+        a_ended = active.ended if active is not None else False
+        ts.active, ts.seen_a, ts.a_ended = active, seen_a, a_ended
         for i, s in enumerate(streams):
             if not free_done and free_key >= s.key:
                 free_done = True
+                ts.active_first = ts.walk = False
                 yield from self._free_lru(ts)
             seen = seen_a if i == a_idx else set()
+            ended = s.ended  # fixed while this ranking stands (an event resets it)
+            res_s = s.res[tier]
+            check_active = i > a_idx and active is not None
+            # every resume from here on starts with the active stream's newest blocks,
+            # or (before the active stream) with this stream's
+            ts.active_first = i >= a_idx and active is not None
+            ts.walk = not ts.active_first
+            ts.walk_res, ts.walk_seen, ts.walk_ended = res_s, seen, ended
             while True:
-                if i > a_idx and active is not None:
-                    b = take(active, seen_a)
+                if check_active:
+                    b = take(active, seen_a)  # type: ignore[arg-type]
                     if b is not None:
-                        yield b, active.ended
+                        yield b, a_ended
                         continue
-                b = take(s, seen)
-                if b is None:
+                # take(s, seen), inlined
+                for b in reversed(res_s):  # (every block in res_s is owned by s)
+                    if b in seen:
+                        continue
+                    seen.add(b)
+                    if defer and nlive.get(b, 0) >= 2:
+                        deferred.append(b)
+                        continue
                     break
-                yield b, s.ended
+                else:
+                    break
+                yield b, ended
+        ts.active_first = ts.walk = False
         if not free_done:
             yield from self._free_lru(ts)
         for b in deferred:
@@ -562,65 +929,81 @@ class SessionPolicy(Policy):
                 return b
         return None
 
+    def _rerank(self, ts: _Tier, now: float) -> None:
+        """Drop every tier's ranking (rebuilt on demand); ``ts``'s is rebuilt at ``now``."""
+        for t in self._tiers.values():
+            t.gen = None
+            t.peek = None
+            t.active_first = t.walk = False
+        self._dirty = False
+        ts.rank_t = now
+
+    def _trim_pairs(self) -> None:
+        pairs = self._pairs
+        for _ in range(2):
+            old = next(iter(pairs))
+            other, _d = pairs.pop(old)
+            pairs.pop(other, None)
+
     def victim(self, tier: TierName, now: float,
                evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
         ts = self._tiers[tier]
-        if tier is self.tiers[0] and len(ts.lru) > self._cap:
-            self._cap = len(ts.lru)  # full: the tier holds this many blocks
-        if self._dirty or now - ts.rank_t > self.rerank_s or ts.gen is None:
-            for t in self._tiers.values():
-                t.gen = None
-                t.peek = None
-            self._dirty = False
-            ts.rank_t = now
+        lru = ts.lru
+        first = tier is self._tier0
+        if first and len(lru) > self._cap:
+            self._cap = len(lru)  # full: the tier holds this many blocks
+        if self._dirty or ts.gen is None or now - ts.rank_t > self.rerank_s:
+            self._rerank(ts, now)
         sc = ts.peek
-        if sc is not None and (sc not in ts.lru or (evictable is not None and not evictable(sc))):
+        if sc is not None and (sc not in lru or (evictable is not None and not evictable(sc))):
             sc = ts.peek = None
+        pins = self._pins
         if sc is None:
-            if ts.gen is None:
-                ts.gen = self._candidates(tier, ts, now)
-            pins = self._pins
-            for b, drop in ts.gen:
-                if b not in ts.lru or (pins and self._pinned(b, now)):
+            gen = ts.gen
+            if gen is None:
+                gen = ts.gen = self._candidates(tier, ts, now)
+            for b, drop in gen:
+                if b not in lru or (pins and self._pinned(b, now)):
                     continue
                 if evictable is not None and not evictable(b):
                     continue
                 sc, ts.peek_drop = b, drop
                 break
             ts.peek = sc
-        lc = self._lru_candidate(ts, now, evictable)
-        if self.horizon < 0.0 and lc is not None and tier is self.tiers[0]:
+        if pins or evictable is not None:
+            lc = self._lru_candidate(ts, now, evictable)
+        else:
+            lc = next(iter(lru)) if lru else None
+        if lc is not None and first and self.horizon < 0.0:
             o = ts.own.get(lc)
             if o is not None and o.last_req is not None:
                 age = now - o.last_req
                 la = self._lru_age
                 self._lru_age = age if la <= 0.0 else la + 0.001 * (age - la)
+        stats = self.stats
         if sc is None:
             if lc is None:
                 return None
-            self.stats["lru_choice"] += 1
-            return lc, self.default_action(tier)
+            stats["lru_choice"] += 1
+            return lc, self._action[tier]
         if lc is None or sc == lc:
-            self.stats["agree"] += 1
+            stats["agree"] += 1
             chosen = sc
         else:
             pairs = self._pairs
             if sc not in pairs and lc not in pairs:  # each block in one pair at most
                 pairs[sc] = (lc, -1)  # sc referenced first: the session choice was wrong
                 pairs[lc] = (sc, +1)  # lc referenced first: LRU's choice was
-            if len(pairs) > self.pair_limit:
-                for _ in range(2):
-                    old = next(iter(pairs))
-                    other, _d = pairs.pop(old)
-                    pairs.pop(other, None)
+                if len(pairs) > self.pair_limit:
+                    self._trim_pairs()
             if self.trust >= 0 and not self.lru_mode:
-                self.stats["session_choice"] += 1
+                stats["session_choice"] += 1
                 chosen = sc
             else:
-                self.stats["lru_choice"] += 1
-                return lc, self.default_action(tier)
+                stats["lru_choice"] += 1
+                return lc, self._action[tier]
         ts.peek = None
         if ts.peek_drop:
-            self.stats["dead"] += 1
+            stats["dead"] += 1
             return chosen, Action.DROP
-        return chosen, self.default_action(tier)
+        return chosen, self._action[tier]

@@ -166,3 +166,109 @@ def test_adaptive_horizon_defaults() -> None:
     for i in range(6):
         c.request(f"S{i}", [f"s{i}.0", f"s{i}.1"], 10.0 * i)
     assert p._lru_age > 0.0  # learned from LRU's victims
+
+
+def _agent_trace(seed: int, n_streams: int = 6, steps: int = 400) -> list[tuple[Any, ...]]:
+    """A random agent-like trace: streams resend their context plus a few new blocks,
+    sometimes compact it, sub-agents share their parent's prefix, hints and ends come
+    and go; a few pins. Events: ("req", stream, blocks, t), ("hint", event, t),
+    ("pin", blocks, until)."""
+    import random
+
+    rng = random.Random(seed)
+    ctx: dict[str, list[str]] = {}
+    nxt = 0
+    t = 0.0
+    out: list[tuple[Any, ...]] = []
+    reasons = [TOOL, USER, TurnEndReason.DONE, TurnEndReason.UNSPECIFIED]
+    for _ in range(steps):
+        t += rng.expovariate(1.0)
+        sid = f"S{rng.randrange(n_streams)}"
+        if rng.random() < 0.15:  # a sub-agent: its parent's prefix, then its own blocks
+            sid = f"{sid}/sub{rng.randrange(2)}"
+            base = ctx.get(sid) or ctx.get(sid.split("/")[0], [])[:rng.randrange(1, 6)]
+        else:
+            base = ctx.get(sid, [])
+        if base and rng.random() < 0.1:  # compaction: a middle part falls out
+            k = rng.randrange(len(base))
+            base = base[:k // 2] + base[k:]
+        new = [f"b{nxt + i}" for i in range(rng.randrange(0, 8))]
+        nxt += len(new)
+        blocks = base + new
+        if rng.random() < 0.05 and blocks:
+            blocks = [*blocks, blocks[0]]  # a repeat within the request
+        if not blocks:
+            continue
+        ctx[sid] = blocks
+        out.append(("req", sid, blocks, t))
+        r = rng.random()
+        if r < 0.7:
+            out.append(("hint", SessionEvent("ns", sid, TurnEnd(rng.choice(reasons))), t + 0.5))
+        elif r < 0.8:
+            out.append(("hint", SessionEvent("ns", sid, SessionEnd()), t + 0.5))
+            ctx.pop(sid, None)
+        if rng.random() < 0.03:
+            out.append(("pin", blocks[:3], t + rng.choice([0.5, 5.0, 50.0])))
+    return out
+
+
+def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool) -> list[Any]:
+    from kvstore.policy.base import Policy
+
+    res: set[Any] = set()
+    fill = p.fill if fast else (lambda *a: Policy.fill(p, *a))
+    states = []
+    for ev in trace:
+        if ev[0] == "hint":
+            p.on_session_event(ev[1], ev[2])
+            continue
+        if ev[0] == "pin":
+            p.pin(ev[1], ev[2])
+            continue
+        _, sid, blocks, now = ev
+        p.on_request(blocks, now, sid)
+        found = [b for b in blocks if b in res]
+        if found:
+            p.on_hits(L1, found, now, sid)
+        fill(L1, [b for b in blocks if b not in res], 1, now, sid, res, cap)
+        states.append((frozenset(res), p.trust, p.lru_mode, p._lru_age, dict(p.stats)))
+    return states
+
+
+def test_fill_fast_path_makes_the_same_decisions() -> None:
+    """SessionPolicy.fill (the simulator's inlined path) against Policy.fill (victim ->
+    on_remove -> on_insert per block): the same resident set, trust, mode, learned
+    horizon and stats after every request, on random agent-like traces, with and without
+    the duel and shared-block deferral, at capacities from a few blocks to most of the
+    working set."""
+    for seed in range(6):
+        trace = _agent_trace(seed)
+        for cap in (3, 12, 40):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
+                       {"defer_shared": True}):
+                a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
+                b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
+                assert a == b, (seed, cap, kw)
+
+
+def _shared_prefix_run(defer: bool) -> set[Any]:
+    c = Cache(SessionPolicy([L1], learn=False, defer_shared=defer), cap=6)
+    c.request("P", ["sys1", "sys2", "p1"], 0.0)
+    c.turn_end("P", USER, 1.0)
+    c.request("P/sub", ["sys1", "sys2", "s1"], 2.0)  # a sub-agent: the parent's prefix
+    c.turn_end("P/sub", USER, 3.0)  # engine hints only: neither ever says it is done
+    c.request("Q", ["q1", "q2"], 4.0)
+    c.turn_end("Q", TOOL, 5.0)  # Q is back within seconds
+    c.request("R", ["r1", "r2", "r3"], 6.0)  # 3 evictions
+    return {b for b, _ in c.evicted}
+
+
+def test_shared_prefix_goes_with_its_owner() -> None:
+    """A prefix shared by two streams that both wait for a person is worth no more than
+    either's private blocks: it leaves with the worst-ranked stream that referenced it
+    last (P/sub: s1, then the prefix), before the better-ranked Q or the arriving R lose
+    anything. The former order (``defer_shared``) kept it until every stream's private
+    blocks were gone -- with engine hints, streams that never return keep their shared
+    prefixes forever -- and bypassed R's own tail instead."""
+    assert _shared_prefix_run(False) == {"s1", "sys2", "sys1"}
+    assert _shared_prefix_run(True) == {"s1", "p1", "r2"}

@@ -1,0 +1,112 @@
+"""Simulator speed on a fixed slice: block references per second per policy.
+
+    .venv/bin/python -m bench.replay.speed --rounds 5 --policies lru,session
+
+The slice (docs/replay-results.md, "Simulator speed"): the first 30 sessions of half b at
+K=16, capacity 5% of the unique blocks, engine hints (3.32 M references, ~50% hits for
+the session policy: miss-heavy, the slow case). The policies run one after the other,
+``--rounds`` times, in one process on one loaded workload, so that a policy's figures
+can be compared with LRU's from the same moment; the medians (wall clock, as the lab
+reports them, and process CPU time, less sensitive to other load) are printed with every
+run's figure and the hit count (identical across rounds: the runs are deterministic).
+
+Before/after: ``--before DIR`` adds ``lru@before`` and ``session@before`` rows, run with
+``DIR/sim.py`` and ``DIR/session.py`` (e.g. the committed versions)::
+
+    mkdir -p /tmp/before
+    git show HEAD:bench/replay/sim.py > /tmp/before/sim.py
+    git show HEAD:kvstore/policy/session.py > /tmp/before/session.py
+    .venv/bin/python -m bench.replay.speed --rounds 5 --before /tmp/before
+
+``--session-args '{"defer_shared": true}'`` runs the session policy with the decisions of
+the committed version (shared blocks last), so both session rows must show the same hits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bench.replay import sim
+from bench.replay.workloads import agent_files, agent_workload, load_sessions, split_half
+from kvstore.policy import POLICIES
+from kvstore.types import TierName
+
+
+def _load(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # (dataclasses look their module up)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replay.speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", default="lru,session",
+                    help="comma-separated, the first is the reference (belady allowed)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--half", default="b")
+    ap.add_argument("--sessions", type=int, default=30)
+    ap.add_argument("--k", type=float, default=16.0)
+    ap.add_argument("--pct", type=float, default=5.0)
+    ap.add_argument("--hints", default="engine")
+    ap.add_argument("--session-args", default="",
+                    help='JSON keyword arguments of the session policy, e.g. \'{"duel": false}\'')
+    ap.add_argument("--before", default="",
+                    help="a folder with an earlier sim.py and session.py to compare with")
+    args = ap.parse_args(argv)
+    files = split_half(agent_files(), args.half)[:args.sessions]
+    w = agent_workload(load_sessions(files), args.k, 1, args.hints, name=f"agent-{args.half}")
+    cap = max(1, int(w.n_unique * args.pct / 100))
+    names = args.policies.split(",")
+    # name -> (simulate function, policy class)
+    runs: dict[str, tuple[Any, Any]] = {p: (sim.simulate, POLICIES.get(p)) for p in names}
+    if args.session_args and "session" in runs:
+        kw = json.loads(args.session_args)
+        runs["session"] = (sim.simulate, functools.partial(POLICIES["session"], **kw))
+    if args.before:
+        old_sim = _load(Path(args.before) / "sim.py", "_before_sim")
+        old_ses = _load(Path(args.before) / "session.py", "_before_session")
+        runs["lru@before"] = (old_sim.simulate, POLICIES["lru"])
+        runs["session@before"] = (old_sim.simulate, old_ses.SessionPolicy)
+        names += ["lru@before", "session@before"]
+    print(f"{w.name}: {len(files)} sessions, {w.n_refs:,} refs, {w.n_unique:,} unique, "
+          f"capacity {cap:,} ({args.pct:g}%)", flush=True)
+    wall: dict[str, list[float]] = {p: [] for p in names}
+    cpu: dict[str, list[float]] = {p: [] for p in names}
+    hits: dict[str, set[int]] = {p: set() for p in names}
+    nxt = sim.next_uses(w) if "belady" in names else None
+    for _ in range(args.rounds):
+        for name in names:
+            c0 = time.process_time()
+            if name == "belady":
+                r = sim.belady(w, cap, nxt)
+            else:
+                simulate, cls = runs[name]
+                r = simulate(w, cls([TierName.L1]), cap)
+            c = time.process_time() - c0
+            wall[name].append(r.refs / r.seconds / 1e6)
+            cpu[name].append(r.refs / c / 1e6 if c > 0 else 0.0)
+            hits[name].add(r.hits)
+    base = statistics.median(wall[names[0]])
+    for name in names:
+        mw = statistics.median(wall[name])
+        print(f"{name:>14}: {mw:.2f}M refs/s (median wall, {mw / base:.2f}x {names[0]}), "
+              f"{statistics.median(cpu[name]):.2f}M (median CPU); runs "
+              f"{', '.join(f'{x:.2f}' for x in wall[name])}; hits {sorted(hits[name])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
