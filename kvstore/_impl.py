@@ -62,3 +62,9 @@ parse_header: Any = _module.parse_header
 block_keys: Any = _module.block_keys
 checksum: Any = _module.checksum
 copy_and_checksum: Any = _module.copy_and_checksum
+
+#: The compact index's batch probe (kvstore.coldindex), native only: with
+#: KVSTORE_PURE=1 it is None and the index uses its numpy version (the
+#: specification, which the tests compare it with).
+cold_contains: Any = getattr(_module, "cold_contains", None) if IMPLEMENTATION == "native" \
+    else None

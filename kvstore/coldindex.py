@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvstore import _impl
+
 # Rows sampled per eviction: the approximation of LRU gets closer with more
 # (Redis' maxmemory-samples defaults to 5); 16 costs a few µs.
 SAMPLE = 16
@@ -103,6 +105,8 @@ class ColdIndex:
         self._ns = np.zeros(0, np.uint16)
         self._l3 = np.zeros(0, np.bool_)
         # The hash table: cell -> row, or _EMPTY / _GONE.
+        #: Probe batches with the native loop when it is built (see _impl).
+        self.native = True
         self._table = np.full(_MIN_TABLE, _EMPTY, np.int32)
         self._shift = 64 - (_MIN_TABLE.bit_length() - 1)  # cell = hash >> shift
         self._gone = 0
@@ -178,6 +182,12 @@ class ColdIndex:
         if lengths is None:
             lengths = set(map(len, keys))
         joined = b"".join(keys) if lengths == {KEY_BYTES} else b"".join(map(_key_id, keys))
+        if self.native and _impl.cold_contains is not None:
+            # The same probe in C (kvstore/_impl.py chooses; numpy below is the spec).
+            found_bytes: bytes = _impl.cold_contains(
+                self._key, self._hash, self._table, self._shift, self._mult,
+                self._ns_salt[ns], joined)
+            return found_bytes
         words = np.frombuffer(joined, np.uint64).reshape(n, _WORDS)
         hashes = self._hash_words(words, np.uint64(self._ns_salt[ns]))
         table = self._table

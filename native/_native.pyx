@@ -19,7 +19,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 import hashlib
@@ -653,3 +653,47 @@ def block_keys(tokens, block_tokens, namespace_salt, extra=b""):
         parent = _blake2b(msg, digest_size=32).digest()
         keys.append(parent)
     return keys
+
+
+# --------------------------------------------------------------------------- compact index
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def cold_contains(const uint64_t[:, ::1] key_col not None, const uint64_t[::1] hash_col not None,
+                  const int32_t[::1] table not None, int shift, const uint64_t[::1] mult not None,
+                  uint64_t salt, const uint8_t[::1] joined not None):
+    """kvstore.coldindex.ColdIndex.contains_many's probe, for 32-byte keys
+    joined into ``joined``: one byte per key, 1 when the key's row is in the
+    table. Same hash (multiply-shift over the four words, plus the salt),
+    same linear probing, same match rule (hash and all four words equal) as
+    the numpy version, which is the specification; the tests compare them."""
+    cdef Py_ssize_t n = joined.shape[0] // 32
+    cdef Py_ssize_t i, mask = table.shape[0] - 1, cell
+    cdef uint64_t w[4]
+    cdef uint64_t h
+    cdef int32_t row
+    cdef bytearray out = bytearray(n)
+    cdef uint8_t *o = <uint8_t *>PyByteArray_AS_STRING(out)
+    if joined.shape[0] != n * 32:
+        raise ValueError("joined keys must be 32 bytes each")
+    if mult.shape[0] != 4 or key_col.shape[1] != 4 or table.shape[0] & mask:
+        raise ValueError("bad compact-index arrays")
+    if shift < 1 or shift > 63 or table.shape[0] != (<Py_ssize_t>1) << (64 - shift):
+        raise ValueError("the table must have 2**(64 - shift) cells")
+    cdef Py_ssize_t rows = min(key_col.shape[0], hash_col.shape[0])
+    with nogil:
+        for i in range(n):
+            memcpy(w, &joined[i * 32], 32)
+            h = w[0] * mult[0] + w[1] * mult[1] + w[2] * mult[2] + w[3] * mult[3] + salt
+            cell = <Py_ssize_t>(h >> shift)
+            while True:
+                row = table[cell]
+                if row == -1:
+                    break
+                if 0 <= row < rows and hash_col[row] == h and key_col[row, 0] == w[0] \
+                        and key_col[row, 1] == w[1] and key_col[row, 2] == w[2] \
+                        and key_col[row, 3] == w[3]:
+                    o[i] = 1
+                    break
+                cell = (cell + 1) & mask
+    return bytes(out)

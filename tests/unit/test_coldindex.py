@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 
+from kvstore import _impl
 from kvstore.coldindex import ColdBlock, ColdIndex
 
 
@@ -17,6 +18,17 @@ def _key(rng: random.Random) -> bytes:
     if rng.random() < 0.8:
         return rng.randbytes(32)
     return rng.randbytes(rng.choice([1, 5, 31, 33, 64]))
+
+
+def contains_both_ways(cold: ColdIndex, namespace: str, keys: list[bytes]) -> bytes:
+    """contains_many with the numpy probe (the specification) and, where it
+    is built, the native one: they must agree."""
+    cold.native = False
+    spec = cold.contains_many(namespace, keys)
+    cold.native = True
+    if _impl.cold_contains is not None:
+        assert cold.contains_many(namespace, keys) == spec
+    return spec
 
 
 def test_matches_a_dict_model_through_churn() -> None:
@@ -54,7 +66,7 @@ def test_matches_a_dict_model_through_churn() -> None:
             for ns in namespaces:
                 keys = [*[k for n, k in known if n == ns][-300:], os.urandom(32)]
                 expected = bytes(int((ns, k) in model) for k in keys)
-                assert cold.contains_many(ns, keys) == expected
+                assert contains_both_ways(cold, ns, keys) == expected
     assert sorted(cold.records()) == sorted(model.values())
     # The table's bookkeeping: one cell per block, tombstones counted.
     assert int((cold._table >= 0).sum()) == len(model)
@@ -70,12 +82,13 @@ def test_bulk_load_then_lookups_and_removals() -> None:
                   np.arange(n, dtype=np.uint32), np.arange(n, dtype=np.float64),
                   np.arange(n, dtype=np.float64))
     assert len(cold) == n
-    assert cold.contains_many("ns", [*keys[:1000], b"x" * 32]) == b"\x01" * 1000 + b"\x00"
-    assert cold.contains_many("other", keys[:3]) == b"\x00" * 3
+    assert contains_both_ways(cold, "ns", [*keys[:1000], b"x" * 32]) == \
+        b"\x01" * 1000 + b"\x00"
+    assert contains_both_ways(cold, "other", keys[:3]) == b"\x00" * 3
     assert cold.get("ns", keys[123]) == ColdBlock("ns", keys[123], 4096, 123, 123.0, False)
     for key in keys[::2]:
         assert cold.take("ns", key) is not None
-    assert cold.contains_many("ns", keys[:6]) == b"\x00\x01\x00\x01\x00\x01"
+    assert contains_both_ways(cold, "ns", keys[:6]) == b"\x00\x01\x00\x01\x00\x01"
     # Removed rows are reused, and the table stays within its load.
     cold.add("ns", b"new" * 11 + b"!", 7, 1, 2.0, 3.0)
     assert len(cold) == n // 2 + 1
@@ -102,3 +115,16 @@ def test_rejects_empty_blocks() -> None:
     cold = ColdIndex()
     with pytest.raises(ValueError, match="at least 1 byte"):
         cold.add("ns", b"k" * 32, 0, 0, 0.0, 0.0)
+
+
+@pytest.mark.skipif(_impl.cold_contains is None, reason="native extension not in use")
+def test_native_probe_rejects_inconsistent_arrays() -> None:
+    cold = ColdIndex()
+    cold.add("ns", b"k" * 32, 10, 0, 0.0, 0.0)
+    args = (cold._key, cold._hash, cold._table, cold._shift, cold._mult, cold._ns_salt[0])
+    assert _impl.cold_contains(*args, b"k" * 32) == b"\x01"
+    with pytest.raises(ValueError, match="32 bytes each"):
+        _impl.cold_contains(*args, b"k" * 31)
+    with pytest.raises(ValueError, match="2\\*\\*\\(64 - shift\\)"):
+        _impl.cold_contains(cold._key, cold._hash, cold._table, cold._shift + 1, cold._mult,
+                            cold._ns_salt[0], b"k" * 32)
