@@ -11,15 +11,16 @@ reports them, and process CPU time, less sensitive to other load) are printed wi
 run's figure and the hit count (identical across rounds: the runs are deterministic).
 
 Before/after: ``--before DIR`` adds ``lru@before`` and ``session@before`` rows, run with
-``DIR/sim.py`` and ``DIR/session.py`` (e.g. the committed versions)::
+``DIR/sim.py`` and ``DIR/session.py`` (e.g. the versions before the speed work, commit
+d4238a0)::
 
     mkdir -p /tmp/before
-    git show HEAD:bench/replay/sim.py > /tmp/before/sim.py
-    git show HEAD:kvstore/policy/session.py > /tmp/before/session.py
+    git show d4238a0:bench/replay/sim.py > /tmp/before/sim.py
+    git show d4238a0:kvstore/policy/session.py > /tmp/before/session.py
     .venv/bin/python -m bench.replay.speed --rounds 5 --before /tmp/before
 
 ``--session-args '{"defer_shared": true}'`` runs the session policy with the decisions of
-the committed version (shared blocks last), so both session rows must show the same hits.
+that version (shared blocks last), so both session rows must show the same hits.
 """
 
 from __future__ import annotations
