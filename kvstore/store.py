@@ -440,10 +440,6 @@ class TieredStore:
             held[1] += sign * entry.size
         entry.l2 = present
 
-    def cold_blocks(self) -> ColdIndex | tuple[()]:
-        """The compact index, for membership tests (empty when off)."""
-        return self.cold if self.cold is not None else ()
-
     def listed_cold(self, block: BlockId, size: int) -> bool:
         """The L3 listing found a block the compact index holds: note that L3
         has it too. False when the compact index does not hold it."""
@@ -637,7 +633,7 @@ class TieredStore:
     def _entry(self, block: BlockId) -> Entry | None:
         """The block's full entry, from the compact index if need be."""
         entry = self.index.get(block)
-        if entry is None and self.cold is not None and self.cold._count:
+        if entry is None and self.cold is not None and len(self.cold):
             entry = self._warm(block)
         return entry
 
@@ -824,7 +820,7 @@ class TieredStore:
                 # go on in a later loop iteration, letting calls in between.
                 self._trim_later()
                 return
-            if self.cold is not None and self.cold._count:
+            if self.cold is not None and len(self.cold):
                 if self._evict_cold_l2():
                     continue
                 if self.l3 is not None and self.l3.healthy:
@@ -1137,7 +1133,7 @@ class TieredStore:
             codes = bytearray(
                 0 if e is None else 1 if e.l1 >= 0 else 2 if e.l2 else 3 if e.l3 else 0
                 for e in entries)
-        if self.cold is not None and self.cold._count and 0 in codes:
+        if self.cold is not None and len(self.cold) and 0 in codes:
             # Blocks in the compact index are in L2 (2); no key is in both.
             in_cold = self.cold.contains_many(namespace, keys, lengths)
             n = len(codes)
