@@ -27,6 +27,10 @@ TRIM_THRESHOLD = 128 * 1024 * 1024
 _done = False
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune_malloc() -> bool:
     """Apply the thresholds once per process; True if they are in force."""
     global _done
@@ -35,8 +39,7 @@ def tune_malloc() -> bool:
     if os.environ.get("KVSTORE_MALLOC_TUNING", "1") == "0":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
@@ -50,7 +53,6 @@ def trim_heap() -> bool:
     after a one-off burst such as the index rebuild at start, whose
     transient lists would otherwise stay resident up to the trim threshold."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False

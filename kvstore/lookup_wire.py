@@ -21,23 +21,19 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 
-from kvstore.types import TierName
-from kvstore.wire import WireError, encode_varint, read_varint
+from kvstore.types import TIER_BY_CODE, TierName
+from kvstore.wire import encode_varint, iter_fields, read_varint
 
 _REQ_NAMESPACE = b"\x0a"  # 1, length-delimited
 _REQ_KEY = 0x12  # 2, length-delimited
 _REQ_LEASE_MS = b"\x18"  # 3, varint
 _REQ_SESSION_ID = b"\x22"  # 4, length-delimited
 
-_RESP_FOUND = b"\x08"  # 1, varint
-_RESP_TIERS_PACKED = b"\x12"  # 2, length-delimited (packed)
-_RESP_TIERS_TAG_PACKED = 0x12
-_RESP_TIERS_TAG_UNPACKED = 0x10  # 2, varint: a sender may also write them one by one
-_RESP_FOUND_TAG = 0x08
+_RESP_FOUND = 1  # varint
+_RESP_TIERS = 2  # packed repeated enum (a sender may also write them one by one)
 
 # Index = the kvstore.v1.Tier value.
-_TIER_BY_CODE: tuple[TierName | None, ...] = (None, TierName.L1, TierName.L2, TierName.L3)
-_KNOWN_CODES = bytes(range(len(_TIER_BY_CODE)))
+_KNOWN_CODES = bytes(range(len(TIER_BY_CODE)))
 
 
 def _length_delimited(tag: bytes, value: bytes) -> bytes:
@@ -68,9 +64,9 @@ def encode_lookup_request(namespace: str, keys: Sequence[bytes], lease_ms: int =
 def encode_lookup_response(found: int, codes: bytes) -> bytes:
     """A serialized ``LookupResponse``: ``codes`` holds one ``kvstore.v1.Tier``
     value (0-3) per key."""
-    out = _RESP_FOUND + encode_varint(found) if found else b""
+    out = b"\x08" + encode_varint(found) if found else b""  # field 1, varint
     if codes:
-        out += _RESP_TIERS_PACKED + encode_varint(len(codes)) + codes
+        out += b"\x12" + encode_varint(len(codes)) + codes  # field 2, length-delimited
     return out
 
 
@@ -79,56 +75,28 @@ def decode_lookup_response(raw: bytes) -> tuple[int, list[TierName | None]]:
     this SDK does not know read as None (not stored here)."""
     found = 0
     codes: list[int] = []
-    pos, end = 0, len(raw)
-    view = memoryview(raw)
-    while pos < end:
-        tag, pos = read_varint(view, pos)
-        if tag == _RESP_TIERS_TAG_PACKED:
-            length, pos = read_varint(view, pos)
-            if pos + length > end:
-                raise WireError("LookupResponse: truncated tiers")
-            packed = raw[pos:pos + length]
-            pos += length
+    known = True  # every value is a tier this SDK knows
+    for number, value in iter_fields(raw, "LookupResponse"):
+        if number == _RESP_FOUND and isinstance(value, int):
+            found = value
+        elif number == _RESP_TIERS and isinstance(value, int):
+            codes.append(value)  # written one by one (legal for a packed field)
+            known = known and value < len(TIER_BY_CODE)
+        elif number == _RESP_TIERS:
+            packed = bytes(value)
             if not packed.translate(None, _KNOWN_CODES):
-                # Every value a known tier (one byte each): the common case.
-                if not codes and pos >= end and len(packed) > 1:
-                    return found, list(
-                        operator.itemgetter(*packed)(_TIER_BY_CODE))
-                codes.extend(packed)
+                codes.extend(packed)  # the common case: one known tier per byte
             elif max(packed) < 0x80:
-                codes.extend(packed)  # one byte per value
+                codes.extend(packed)
+                known = False
             else:
                 sub = memoryview(packed)
                 p = 0
                 while p < len(packed):
-                    value, p = read_varint(sub, p)
-                    codes.append(value)
-        elif tag == _RESP_TIERS_TAG_UNPACKED:
-            value, pos = read_varint(view, pos)
-            codes.append(value)
-        elif tag == _RESP_FOUND_TAG:
-            found, pos = read_varint(view, pos)
-        else:
-            pos = _skip(view, pos, tag)
-    table, n = _TIER_BY_CODE, len(_TIER_BY_CODE)
-    if max(codes, default=0) < n:
-        return found, list(map(table.__getitem__, codes))
+                    code, p = read_varint(sub, p)
+                    codes.append(code)
+                known = False
+    table, n = TIER_BY_CODE, len(TIER_BY_CODE)
+    if known and len(codes) > 1:
+        return found, list(operator.itemgetter(*codes)(table))
     return found, [table[c] if c < n else None for c in codes]
-
-
-def _skip(view: memoryview, pos: int, tag: int) -> int:
-    wire_type = tag & 7
-    if wire_type == 0:
-        return read_varint(view, pos)[1]
-    if wire_type == 1:
-        pos += 8
-    elif wire_type == 2:
-        length, pos = read_varint(view, pos)
-        pos += length
-    elif wire_type == 5:
-        pos += 4
-    else:
-        raise WireError(f"LookupResponse: unsupported wire type {wire_type}")
-    if pos > len(view):
-        raise WireError("LookupResponse: truncated field")
-    return pos

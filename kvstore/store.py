@@ -57,6 +57,7 @@ from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import (
+    TIER_BY_CODE,
     AckLevel,
     BlockFormat,
     BlockId,
@@ -77,7 +78,6 @@ log = logging.getLogger("kvstore.store")
 _TRIM_BATCH = 1024
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
-_TIER_OF_CODE = (None, TierName.L1, TierName.L2, TierName.L3)
 # bytes.translate table: 1 (found in the compact index) -> 2 (kvstore.v1.TIER_L2).
 _ONE_TO_L2 = bytes([0, 2]) + bytes(range(2, 256))
 
@@ -347,9 +347,7 @@ class TieredStore:
             used = self.clock() - np.maximum(time.time() - created_array, 0.0)
             self.cold.add_many(namespaces, keys, size_array,
                                np.asarray(sums, dtype=np.uint32), created_array, used)
-            held = self._held[TierName.L2]
-            held[0] += len(keys)
-            held[1] += int(size_array.sum())
+            self._count_held(TierName.L2, len(keys), int(size_array.sum()))
             return
         order = np.argsort(created_array, kind="stable")
         now = self.clock()
@@ -424,20 +422,21 @@ class TieredStore:
     def _l2_bytes(self) -> int:
         return self._held[TierName.L2][1]
 
+    def _count_held(self, tier: TierName, blocks: int, nbytes: int) -> None:
+        held = self._held[tier]
+        held[0] += blocks
+        held[1] += nbytes
+
     def _set_l1(self, entry: Entry, offset: int) -> None:
         if (entry.l1 >= 0) != (offset >= 0):
-            held = self._held[TierName.L1]
             sign = 1 if offset >= 0 else -1
-            held[0] += sign
-            held[1] += sign * entry.size
+            self._count_held(TierName.L1, sign, sign * entry.size)
         entry.l1 = offset
 
     def _set_l2(self, entry: Entry, present: bool) -> None:
         if entry.l2 != present:
-            held = self._held[TierName.L2]
             sign = 1 if present else -1
-            held[0] += sign
-            held[1] += sign * entry.size
+            self._count_held(TierName.L2, sign, sign * entry.size)
         entry.l2 = present
 
     def listed_cold(self, block: BlockId, size: int) -> bool:
@@ -450,17 +449,13 @@ class TieredStore:
             return False
         if not record.l3:
             self.cold.set_l3(block[0], block[1], True)
-            held = self._held[TierName.L3]
-            held[0] += 1
-            held[1] += size
+            self._count_held(TierName.L3, 1, size)
         return True
 
     def set_l3(self, entry: Entry, present: bool) -> None:
         if entry.l3 != present:
-            held = self._held[TierName.L3]
             sign = 1 if present else -1
-            held[0] += sign
-            held[1] += sign * entry.size
+            self._count_held(TierName.L3, sign, sign * entry.size)
         entry.l3 = present
 
     def pin_reader(self, entry: Entry) -> None:
@@ -637,15 +632,16 @@ class TieredStore:
             entry = self._warm(block)
         return entry
 
-    def _evict_cold_l2(self) -> bool:
-        """Make room in L2 from the compact index: drop (or demote to L3) its
-        least recently used block. False when it has none to give."""
+    def _evict_cold_l2(self, drop: bool = False) -> bool:
+        """Make room in L2 from the compact index: demote its least recently
+        used block to L3 (or drop it when L3 has it or there is no L3; and,
+        with ``drop``, when L3 is down). False when it gave none."""
         assert self.cold is not None and self.l2 is not None
         record = self.cold.victim()
         if record is None:
             return False
         block = (record.namespace, record.key)
-        if self.l3 is not None and not record.l3:
+        if self.l3 is not None and not record.l3 and not (drop and not self.l3.healthy):
             if not self.l3.healthy:
                 return False  # the caller's outage rule applies
             entry = self._warm(block, track=False)
@@ -828,13 +824,7 @@ class TieredStore:
                 if self.l3 is not None and \
                         self._l2_bytes <= capacity * (1 + self.config.l3.outage_spill):
                     return  # L3 is down: hold (see below)
-                record = self.cold.victim()
-                assert record is not None
-                entry = self._warm((record.namespace, record.key), track=False)
-                assert entry is not None
-                self._drop_l2_copy((record.namespace, record.key), entry)
-                self._counters[TierName.L2].evictions += 1
-                self._forget((record.namespace, record.key), entry, delete_l2=False)
+                self._evict_cold_l2(drop=True)
                 continue
             victim = self.policy.victim(TierName.L2, self.clock(), self._l2_evictable)
             if victim is None:
@@ -1114,7 +1104,7 @@ class TieredStore:
         first local miss on, ``l3.concurrency`` at a time, up to the first
         key L3 lacks too (later keys are then reported as not stored)."""
         found, codes = await self.lookup_codes(namespace, keys, lease_ms, session)
-        return LookupResult(found, [_TIER_OF_CODE[c] for c in codes])
+        return LookupResult(found, [TIER_BY_CODE[c] for c in codes])
 
     async def lookup_codes(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
                            session: str | None = None) -> tuple[int, bytes]:
@@ -1146,7 +1136,7 @@ class TieredStore:
         if found < 0:
             found = len(codes)
         elif self.l3 is not None and self.l3.healthy:
-            tiers: list[TierName | None] = [None if c == 0 else TierName(c) for c in codes]
+            tiers = [TIER_BY_CODE[c] for c in codes]
             await self._lookup_l3([(namespace, key) for key in keys], entries, tiers)
             codes = bytearray(0 if t is None else t.value for t in tiers)
             found = codes.find(0)

@@ -29,6 +29,10 @@ class TierName(enum.IntEnum):
     L3 = 3
 
 
+#: The tier for each ``kvstore.v1.Tier`` value (0: not stored).
+TIER_BY_CODE: tuple[TierName | None, ...] = (None, TierName.L1, TierName.L2, TierName.L3)
+
+
 class AckLevel(enum.IntEnum):
     """How durable a Put is before it is acknowledged. Values match the proto."""
 

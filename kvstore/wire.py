@@ -14,6 +14,7 @@ Used by the servicer and by the SDK; nothing here imports ``_pb2``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 
@@ -69,10 +70,11 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(raw: bytes, message: str) -> dict[int, int | memoryview]:
-    """Parse one flat message: field number -> last value (varints as int,
-    length-delimited as a memoryview into ``raw``)."""
-    out: dict[int, int | memoryview] = {}
+def iter_fields(raw: bytes, message: str) -> Iterator[tuple[int, int | memoryview]]:
+    """The fields of one flat message in order, repeated ones included:
+    (field number, value), varints as int and length-delimited fields as a
+    memoryview into ``raw``; fixed-width fields are skipped. WireError when
+    the bytes are not a well-formed message."""
     pos = 0
     end = len(raw)
     view = memoryview(raw)
@@ -81,12 +83,13 @@ def _fields(raw: bytes, message: str) -> dict[int, int | memoryview]:
             tag, pos = read_varint(raw, pos)
             number, wire = tag >> 3, tag & 7
             if wire == 0:
-                out[number], pos = read_varint(raw, pos)
+                value, pos = read_varint(raw, pos)
+                yield number, value
             elif wire == 2:
                 length, pos = read_varint(raw, pos)
                 if pos + length > end:
                     raise ValueError("truncated length-delimited field")
-                out[number] = view[pos : pos + length]
+                yield number, view[pos : pos + length]
                 pos += length
             elif wire == 1:
                 pos += 8
@@ -98,7 +101,11 @@ def _fields(raw: bytes, message: str) -> dict[int, int | memoryview]:
         raise WireError(f"undecodable {message}: {exc}") from None
     if pos != end:
         raise WireError(f"undecodable {message}: truncated")
-    return out
+
+
+def _fields(raw: bytes, message: str) -> dict[int, int | memoryview]:
+    """Parse one flat message: field number -> last value (see iter_fields)."""
+    return dict(iter_fields(raw, message))
 
 
 # --------------------------------------------------------------------------- PutChunk

@@ -23,6 +23,7 @@ from typing import Any
 
 from kvstore import lookup_wire
 from kvstore.types import (
+    TIER_BY_CODE,
     AckLevel,
     LookupResult,
     Pin,
@@ -111,11 +112,10 @@ def encode_get_request(
 # --------------------------------------------------------------------------- small RPCs
 
 
-_TIER_BY_VALUE: tuple[TierName | None, ...] = (None, TierName.L1, TierName.L2, TierName.L3)
 
 
 def tier_name(value: int) -> TierName | None:
-    return _TIER_BY_VALUE[value] if 0 <= value < len(_TIER_BY_VALUE) else None
+    return TIER_BY_CODE[value] if 0 <= value < len(TIER_BY_CODE) else None
 
 
 def encode_lookup_request(
