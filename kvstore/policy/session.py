@@ -14,7 +14,8 @@ next request, and blocks that fell out of it are never reused. The policy theref
 3. blocks with no session (e.g. Mooncake) form one pseudo-stream ranked by LRU age.
 
 The expected time to the next request is learned online, per hint class (request running,
-tool call, awaiting user, done, unspecified), as a log-binned histogram of the gaps already
+tool call, awaiting user, done, unspecified; a tool call also per tool name, once that tool
+has been seen a few times), as a log-binned histogram of the gaps already
 observed (turn end -> next request of the same stream), conditioned on the time already
 waited: ``E[G - a | G > a]``. A stream that waited longer than any gap seen is not expected
 back. An ``expected_gap_ms`` hint is used while it has not elapsed.
@@ -67,10 +68,23 @@ class GapModel:
         self._scnt = [[0.0] * (_NBINS + 1) for _ in CLASS_NAMES]
         self._stot = [[0.0] * (_NBINS + 1) for _ in CLASS_NAMES]
         self._stale = [True] * len(CLASS_NAMES)
+        self.n = [0] * len(CLASS_NAMES)  # observations per class, the prior's included
         for c, g in enumerate(_PRIOR):
             self.observe(c, g)
 
+    def add_class(self, prior: float) -> int:
+        """A new class (e.g. one tool's calls), seeded with one observation ``prior``."""
+        for rows, n in ((self.cnt, _NBINS), (self.tot, _NBINS), (self._scnt, _NBINS + 1),
+                        (self._stot, _NBINS + 1)):
+            rows.append([0.0] * n)
+        self._stale.append(True)
+        self.n.append(0)
+        cls = len(self.cnt) - 1
+        self.observe(cls, prior)
+        return cls
+
     def observe(self, cls: int, gap: float) -> None:
+        self.n[cls] += 1
         i = _bin(gap)
         self.cnt[cls][i] += 1.0
         self.tot[cls][i] += gap
@@ -153,12 +167,13 @@ def _pop_res(res: dict[Any, None], block: Any) -> None:
 
 class _Stream:
     __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "own_gap",
-                 "res", "t_state")
+                 "res", "t_state", "tool")
 
     def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
         self.name = name
         self.cur: set[Any] = set()  # block ids of the latest request
         self.cls = RUNNING
+        self.tool = -1  # the gap model's class of the tool of a TOOL turn end (-1: none)
         self.t_state = 0.0  # when cls was set
         self.last_req: float | None = None
         self.ended = False
@@ -207,7 +222,8 @@ class SessionPolicy(Policy):
                  quantile: float = 0.0, per_stream: bool = False, duel: bool = True,
                  duel_decay: float = 0.995, duel_margin: float = 0.003,
                  trust_back: int = 256, duel_retry: int = 300, horizon: float = -1.0,
-                 defer_shared: bool = False) -> None:
+                 defer_shared: bool = False, max_tools: int = 256, tool_min: int = 8,
+                 duel_warmup: int = 1000) -> None:
         super().__init__(tiers)
         self.per_stream = per_stream
         self.quantile = quantile
@@ -236,6 +252,14 @@ class SessionPolicy(Policy):
         self.trust_back = trust_back
         self.duel_retry = duel_retry  # > 0: in LRU mode, retry the ranking after this many
         self._lru_reqs = 0  # requests (0: only when the pair votes reach trust_back)
+        # Requests seen since the tier first filled; the duel may switch to LRU only after
+        # ``duel_warmup`` of them. While the tier fills and the gap model is still mostly
+        # its prior, short stretches where LRU leads are noise, and an LRU episode then
+        # costs far more than it saves (agent traces, half b, K=16, 1%, session-end hints:
+        # four episodes in the first 1,000 requests cost 10 of the 53 points of the gap to
+        # Belady that the policy closes without them).
+        self.duel_warmup = duel_warmup
+        self._duel_reqs = 0
         self._shadow: OrderedDict[Any, None] = OrderedDict()
         self._cap = 0  # tier size in blocks, once known
         self._own_hits = 0  # this policy's first-tier hits since the last request
@@ -255,6 +279,14 @@ class SessionPolicy(Policy):
         self.defer_shared = defer_shared
         self._tier0 = self.tiers[0]
         self._action = {t: self.default_action(t) for t in self.tiers}
+        # Gaps after a tool call, per tool name (TurnEnd.tool_name): how long a tool runs,
+        # or waits for a person's approval, depends on the tool far more than on anything
+        # else an engine knows. A tool's own distribution ranks its streams once it has
+        # ``tool_min`` observations; until then (and beyond ``max_tools`` names) the
+        # tool-call class does. Both learn from every gap.
+        self.max_tools = max_tools
+        self.tool_min = tool_min
+        self._tool_cls: dict[str, int] = {}
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -309,12 +341,15 @@ class SessionPolicy(Policy):
             if s.cls != RUNNING:
                 g = now - s.t_state
                 self.gaps.observe(s.cls, g)
+                if s.tool >= 0:
+                    self.gaps.observe(s.tool, g)
                 og[s.cls] = g if og[s.cls] <= 0 else 0.5 * og[s.cls] + 0.5 * g
             g = now - s.last_req
             self.gaps.observe(RUNNING, g)  # request to request, any class
             og[RUNNING] = g if og[RUNNING] <= 0 else 0.5 * og[RUNNING] + 0.5 * g
         s.last_req = s.t_state = now
         s.cls = RUNNING
+        s.tool = -1
         s.expected = 0.0
         s.ended = False
         new = set(blocks)
@@ -356,6 +391,10 @@ class SessionPolicy(Policy):
         self._own_hits = 0
         self._sh_pending = h
         if not self.lru_mode:
+            if cap:
+                self._duel_reqs += 1
+            if self._duel_reqs <= self.duel_warmup:
+                return
             if self._sh_acc - self._own_acc > self.duel_margin * self._sh_acc + 32.0:
                 self.lru_mode = True  # LRU has been serving more hits lately
                 self.trust = 0
@@ -573,7 +612,7 @@ class SessionPolicy(Policy):
                     if first and nlru > self._cap:
                         self._cap = nlru
                     if not ranked:
-                        if self._dirty or ts.gen is None or now - ts.rank_t > self.rerank_s:
+                        if self._dirty or now - ts.rank_t > self.rerank_s:
                             self._rerank(ts, now)
                             pk = None
                         ranked = True
@@ -759,6 +798,7 @@ class SessionPolicy(Policy):
             s.cls = _REASON_CLASS.get(ev.reason, UNSPEC)
             s.t_state = now
             s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0
+            s.tool = self._tool_class(ev.tool_name) if ev.tool_name and s.cls == TOOL else -1
         elif isinstance(ev, SessionEnd):
             self._end(s)
         self._dirty = True
@@ -815,12 +855,24 @@ class SessionPolicy(Policy):
             own = s.own_gap[s.cls]
             if own > age:  # this stream's own recent gaps in this state predict it best
                 return own - age
+        cls = s.cls
+        if s.tool >= 0 and self.gaps.n[s.tool] > self.tool_min:  # (the prior is one)
+            cls = s.tool
         h = self.horizon
         if h < 0.0:
             h = -h * self._lru_age
         if h > 0.0:
-            return self.gaps.per_hit(s.cls, age, h)
-        return self.gaps.remaining(s.cls, age, self.quantile)
+            return self.gaps.per_hit(cls, age, h)
+        return self.gaps.remaining(cls, age, self.quantile)
+
+    def _tool_class(self, name: str) -> int:
+        """The gap model's class for calls of tool ``name`` (-1: over ``max_tools``)."""
+        cls = self._tool_cls.get(name)
+        if cls is None:
+            if len(self._tool_cls) >= self.max_tools:
+                return -1
+            cls = self._tool_cls[name] = self.gaps.add_class(_PRIOR[TOOL])
+        return cls
 
     def _candidates(self, tier: TierName, ts: _Tier, now: float) -> Iterator[tuple[Any, bool]]:
         """Session-order victims: (block, drop?) — dead, then streams worst first."""
@@ -930,13 +982,16 @@ class SessionPolicy(Policy):
         return None
 
     def _rerank(self, ts: _Tier, now: float) -> None:
-        """Drop every tier's ranking (rebuilt on demand); ``ts``'s is rebuilt at ``now``."""
+        """Drop every tier's ranking; each is rebuilt on demand, from the state at ``now``.
+        (Every tier counts as ranked at ``now``: a victim in another tier must not drop
+        this one's ranking again, which a store evicting from L1 and L2 in turn would do
+        at every call.)"""
         for t in self._tiers.values():
             t.gen = None
             t.peek = None
             t.active_first = t.walk = False
+            t.rank_t = now
         self._dirty = False
-        ts.rank_t = now
 
     def _trim_pairs(self) -> None:
         pairs = self._pairs
@@ -952,7 +1007,7 @@ class SessionPolicy(Policy):
         first = tier is self._tier0
         if first and len(lru) > self._cap:
             self._cap = len(lru)  # full: the tier holds this many blocks
-        if self._dirty or ts.gen is None or now - ts.rank_t > self.rerank_s:
+        if self._dirty or now - ts.rank_t > self.rerank_s:
             self._rerank(ts, now)
         sc = ts.peek
         if sc is not None and (sc not in lru or (evictable is not None and not evictable(sc))):

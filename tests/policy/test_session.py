@@ -272,3 +272,61 @@ def test_shared_prefix_goes_with_its_owner() -> None:
     prefixes forever -- and bypassed R's own tail instead."""
     assert _shared_prefix_run(False) == {"s1", "sys2", "sys1"}
     assert _shared_prefix_run(True) == {"s1", "p1", "r2"}
+
+
+def test_gaps_are_learned_per_tool_name() -> None:
+    """A tool whose calls come back in seconds (a file read) and one whose calls wait
+    minutes (a person's approval, a long build) are told apart by TurnEnd.tool_name."""
+    p = SessionPolicy([L1], horizon=0.0, tool_min=8)
+    t = 0.0
+    for i in range(12):  # learn: "read" comes back in 2 s, "approve" in 600 s
+        for tool, gap in (("read", 2.0), ("approve", 600.0)):
+            s = f"{tool}{i}"
+            p.on_request([f"{s}-b"], t, s)
+            p.on_session_event(SessionEvent("ns", s, TurnEnd(TOOL, tool_name=tool)), t + 1.0)
+            p.on_request([f"{s}-b"], t + 1.0 + gap, s)
+        t += 1000.0
+    c = Cache(p, cap=4)
+    c.request("R", ["r1", "r2"], t)
+    c.request("A", ["a1", "a2"], t)
+    c.p.on_session_event(SessionEvent("ns", "A", TurnEnd(TOOL, tool_name="approve")), t + 1)
+    c.p.on_session_event(SessionEvent("ns", "R", TurnEnd(TOOL, tool_name="read")), t + 1)
+    a, r = p._streams["A"], p._streams["R"]
+    assert p.expected_remaining(a, t + 2) > 100 * p.expected_remaining(r, t + 2)
+    c.request("N", ["n1"], t + 2)
+    assert c.evicted[0][0] == "a2"  # the stream waiting on the slow tool goes first
+    # without a tool name both are plain tool calls, ranked alike
+    q = SessionPolicy([L1], horizon=0.0)
+    for s in ("X", "Y"):
+        q.on_request([s], t, s)
+        q.on_session_event(SessionEvent("ns", s, TurnEnd(TOOL)), t + 1)
+    x, y = q._streams["X"], q._streams["Y"]
+    assert q.expected_remaining(x, t + 2) == q.expected_remaining(y, t + 2)
+
+
+def test_tool_names_are_bounded() -> None:
+    p = SessionPolicy([L1], max_tools=2)
+    for i in range(5):
+        s = f"s{i}"
+        p.on_request([s], float(i), s)
+        p.on_session_event(SessionEvent("ns", s, TurnEnd(TOOL, tool_name=f"t{i}")), i + 0.5)
+    assert len(p._tool_cls) == 2
+    assert p._streams["s4"].tool == -1  # falls back to the tool-call class
+
+
+def test_duel_waits_out_the_warm_up() -> None:
+    """The shadow-LRU duel judges only once the tier has been full for ``duel_warmup``
+    requests: early on both caches are filling and the gap model is mostly its prior."""
+    p = SessionPolicy([L1], duel_warmup=50)
+    c = Cache(p, cap=2)
+    c.request("s", ["x", "y"], 0.0)
+    c.request("t", ["z"], 1.0)  # the tier is full: its size is known from here on
+    assert p._cap == 2
+    # From now on the shadow LRU hits "x" at every request and this policy serves nothing
+    # (no Get follows the Lookup): LRU leads from the first request on.
+    for i in range(50):
+        p.on_request(["x"], 2.0 + i, "s")
+    assert not p.lru_mode and p.stats["to_lru"] == 0
+    for i in range(10):
+        p.on_request(["x"], 60.0 + i, "s")
+    assert p.lru_mode and p.stats["to_lru"] == 1
