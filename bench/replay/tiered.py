@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     rates = {**RATES, **(json.loads(args.rates) if args.rates else {})}
+    if args.l1 <= 0 or args.l2 <= 0:
+        ap.error("--l1 and --l2 must be > 0 (percent of the unique blocks)")
     labels = args.policies.split(",")
     bad = [lb for lb in labels if lb not in VARIANTS]
     if bad:
