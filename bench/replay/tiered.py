@@ -48,7 +48,7 @@ from kvstore.policy.base import Action, Policy
 from kvstore.types import TierName
 
 L1, L2, L3 = TierName.L1, TierName.L2, TierName.L3
-KEY = {L1: "l1", L2: "l2", L3: "l3"}
+KEY = {t: t.name.lower() for t in TierName}  # result keys: "l1", "l2", "l3"
 
 #: TTFT model, tokens per second: recompute by prefill, or load from each tier.
 RATES = {"prefill": 10_000.0, "l1": 100_000.0, "l2": 50_000.0, "l3": 20_000.0}
@@ -178,9 +178,7 @@ def simulate_tiers(w: Workload, policy: Policy, caps: dict[TierName, int],
         n2 = n3 = 0
         seen: set[Any] = set()
         for b, t in zip(blocks, where, strict=True):
-            if t is L1 or b in seen:
-                if t is None:
-                    pass  # a repeat of a recomputed block: a miss again, Put once
+            if t is L1 or b in seen:  # (a repeated missing block: a miss again, Put once)
                 continue
             seen.add(b)
             if t is None:

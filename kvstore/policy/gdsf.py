@@ -40,6 +40,17 @@ class _Heap:
         self.buckets: dict[float, OrderedDict[BlockId, None]] = {}
         self.keys: list[float] = []  # heap of the keys of ``buckets``
 
+    def lowest(self) -> OrderedDict[BlockId, None] | None:
+        """The non-empty bucket of the lowest priority (its key is ``keys[0]``), dropping
+        the empty ones before it; None if no block is left."""
+        keys, buckets = self.keys, self.buckets
+        while keys:
+            bucket = buckets[keys[0]]
+            if bucket:
+                return bucket
+            del buckets[heapq.heappop(keys)]
+        return None
+
     def place(self, block: BlockId, pri: float) -> None:
         self.pri[block] = pri
         b = self.buckets.get(pri)
@@ -109,7 +120,8 @@ class GDSFPolicy(Policy):
             return super().fill(tier, blocks, size, now, session, resident, capacity)
         h = self._h[tier]
         keys, buckets, pri, freq, weight = h.keys, h.buckets, h.pri, h.freq, h.weight
-        heappop, heappush = heapq.heappop, heapq.heappush
+        heappush = heapq.heappush
+        lowest = h.lowest
         add, discard = resident.add, resident.discard
         nres = len(resident)
         n = 0
@@ -118,15 +130,10 @@ class GDSFPolicy(Policy):
                 continue  # a repeat within the request
             while nres >= capacity:
                 # victim: the oldest block of the lowest non-empty bucket
-                while keys:
-                    k = keys[0]
-                    bucket = buckets[k]
-                    if bucket:
-                        break
-                    heappop(keys)
-                    del buckets[k]
-                else:
+                bucket = lowest()
+                if bucket is None:
                     break  # nothing left to evict
+                k = keys[0]
                 v = next(iter(bucket))
                 h.inflation = k
                 if v in resident:
@@ -164,26 +171,19 @@ class GDSFPolicy(Policy):
     def victim(self, tier: TierName, now: float,
                evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
         h = self._h[tier]
-        keys, buckets = h.keys, h.buckets
-        pop, push = heapq.heappop, heapq.heappush
+        keys = h.keys
         skipped: list[float] = []
         found: tuple[BlockId, Action] | None = None
-        while keys:
-            k = keys[0]
-            bucket = buckets[k]
-            if not bucket:
-                pop(keys)
-                del buckets[k]
-                continue
+        while (bucket := h.lowest()) is not None:
             block: BlockId | None = next(iter(bucket))
             if evictable is not None and not evictable(block):  # type: ignore[arg-type]
                 block = next((b for b in bucket if evictable(b)), None)
             if block is None:
-                skipped.append(pop(keys))
+                skipped.append(heapq.heappop(keys))  # none evictable: set aside
                 continue
-            h.inflation = k
+            h.inflation = keys[0]
             found = (block, Action.DROP if tier is self.tiers[-1] else Action.DEMOTE)
             break
         for k in skipped:
-            push(keys, k)
+            heapq.heappush(keys, k)
         return found

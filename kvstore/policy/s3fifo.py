@@ -72,11 +72,11 @@ class S3FIFOPolicy(Policy):
     def fill(self, tier: TierName, blocks: Sequence[BlockId], size: int, now: float,
              session: str | None, resident: set[BlockId], capacity: int) -> int:
         """``Policy.fill`` (per block: ``victim`` -> ``on_remove`` while full, then
-        ``on_insert``) inlined for the simulator; same steps, same decisions (a test
-        compares them)."""
+        ``on_insert``) with the calls inlined for the simulator; same steps, same
+        decisions (a test compares them)."""
         q = self._q[tier]
         small, main, ghost, freq = q.small, q.main, q.ghost, q.freq
-        ratio, threshold = self.small_ratio, self.move_threshold
+        next_victim = self._next_victim
         add, discard = resident.add, resident.discard
         nres = len(resident)
         n = 0
@@ -84,33 +84,7 @@ class S3FIFOPolicy(Policy):
             if b in resident:
                 continue  # a repeat within the request
             while nres >= capacity:
-                # -- victim(tier, now, None)
-                target = max(1, int(len(freq) * ratio))
-                budget = 4 * len(freq) + 8
-                v = None
-                while budget > 0 and (small or main):
-                    budget -= 1
-                    if small and (len(small) >= target or not main):
-                        x = next(iter(small))
-                        if freq[x] >= threshold:
-                            del small[x]
-                            main[x] = None
-                            freq[x] = 0
-                            continue
-                        ghost[x] = None
-                        limit = max(len(main), 1)
-                        while len(ghost) > limit:
-                            ghost.popitem(last=False)
-                        v = x
-                        break
-                    x = next(iter(main))
-                    f = freq[x]
-                    if f > 0:
-                        freq[x] = f - 1
-                        main.move_to_end(x)
-                        continue
-                    v = x
-                    break
+                v = next_victim(q, None)
                 if v is None:
                     break
                 if v in resident:
@@ -143,9 +117,12 @@ class S3FIFOPolicy(Policy):
 
     def victim(self, tier: TierName, now: float,
                evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
-        q = self._q[tier]
+        block = self._next_victim(self._q[tier], evictable)
+        return None if block is None else (block, self.default_action(tier))
+
+    def _next_victim(self, q: _Queues, evictable: Evictable | None) -> BlockId | None:
+        """The block to evict (moving blocks between the queues on the way), or None."""
         small, main, freq = q.small, q.main, q.freq
-        action = self.default_action(tier)
         target = max(1, int(len(freq) * self.small_ratio))
         budget = 4 * len(freq) + 8  # bounds the loop when blocks are not evictable
         while budget > 0 and (small or main):
@@ -163,7 +140,7 @@ class S3FIFOPolicy(Policy):
                 q.ghost[block] = None
                 while len(q.ghost) > max(len(main), 1):
                     q.ghost.popitem(last=False)
-                return block, action
+                return block
             block = next(iter(main))
             f = freq[block]
             if f > 0:
@@ -173,5 +150,5 @@ class S3FIFOPolicy(Policy):
             if evictable is not None and not evictable(block):
                 main.move_to_end(block)
                 continue
-            return block, action
+            return block
         return None

@@ -154,6 +154,12 @@ class GapModel:
         return max(s / n - age, 1e-3)
 
 
+def _lru_age_step(avg: float, age: float) -> float:
+    """One step of the EWMA (weight 0.001 per victim) of how long the stream owning LRU's
+    choice has been idle: the cache's characteristic time, the ranking's horizon."""
+    return age if avg <= 0.0 else avg + 0.001 * (age - avg)
+
+
 def _pop_res(res: dict[Any, None], block: Any) -> None:
     """Remove ``block`` from a stream's resident blocks. Blocks leave mostly from the
     newest end; ``popitem`` takes the last one *and* drops the deleted slots behind it,
@@ -506,9 +512,7 @@ class SessionPolicy(Policy):
                                         last_lc = lc
                                         last_lr = o.last_req if o is not None else None
                                     if last_lr is not None:
-                                        la = self._lru_age
-                                        self._lru_age = (now - last_lr if la <= 0.0
-                                                         else la + 0.001 * (now - last_lr - la))
+                                        self._lru_age = _lru_age_step(self._lru_age, now - last_lr)
                                 n_sess += 1
                                 if pk_drop:
                                     n_dead += 1
@@ -541,9 +545,7 @@ class SessionPolicy(Policy):
                                         last_lc = lc
                                         last_lr = o.last_req if o is not None else None
                                     if last_lr is not None:
-                                        la = self._lru_age
-                                        self._lru_age = (now - last_lr if la <= 0.0
-                                                         else la + 0.001 * (now - last_lr - la))
+                                        self._lru_age = _lru_age_step(self._lru_age, now - last_lr)
                                 n_sess += 1
                                 if pk_drop:
                                     n_dead += 1
@@ -572,9 +574,7 @@ class SessionPolicy(Policy):
                                 o = own.get(lc)
                                 last_lr = o.last_req if o is not None else None
                             if last_lr is not None:
-                                la = self._lru_age
-                                self._lru_age = (now - last_lr if la <= 0.0
-                                                 else la + 0.001 * (now - last_lr - la))
+                                self._lru_age = _lru_age_step(self._lru_age, now - last_lr)
                         last_lc = head = _ABSENT  # lc leaves
                         n_lru += 1
                         discard(lc)
@@ -634,9 +634,7 @@ class SessionPolicy(Policy):
                             o = own.get(lc)
                             last_lc, last_lr = lc, o.last_req if o is not None else None
                         if last_lr is not None:  # (the ranking reads it when it resumes)
-                            la = self._lru_age
-                            self._lru_age = (now - last_lr if la <= 0.0
-                                             else la + 0.001 * (now - last_lr - la))
+                            self._lru_age = _lru_age_step(self._lru_age, now - last_lr)
                     if sc is None:
                         if lc is None:
                             break
@@ -1033,8 +1031,7 @@ class SessionPolicy(Policy):
             o = ts.own.get(lc)
             if o is not None and o.last_req is not None:
                 age = now - o.last_req
-                la = self._lru_age
-                self._lru_age = age if la <= 0.0 else la + 0.001 * (age - la)
+                self._lru_age = _lru_age_step(self._lru_age, age)
         stats = self.stats
         if sc is None:
             if lc is None:
