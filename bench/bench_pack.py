@@ -6,14 +6,15 @@ For each block shape it times, interleaved round by round (medians reported):
 
 * ``copy``: ``np.copyto`` of the block's payload bytes (one contiguous source)
   into a preallocated, pre-faulted buffer: the memory-bandwidth yardstick;
-* ``native`` (kvstore._native) and ``pure`` (kvstore.block.reference):
+* ``native`` (kvstore._native, from kvstore._impl) and ``pure`` (kvstore.block.reference):
   ``pack`` into a pre-faulted ``out`` buffer (gather + CRC-32C), ``unpack_into``
   pre-faulted pages (scatter + CRC-32C check), ``verify`` (CRC-32C over the block);
 * ``block_keys`` over a long prompt, native and pure.
 
 GB/s are payload bytes (1 GB = 1e9 B) per second. JSON goes to stdout (and to
 ``--out`` when given). Targets (issue 3): native pack and unpack each at least
-60% of the copy's bandwidth and 3x the reference.
+60% of the copy's bandwidth and 3x the reference. With ``KVSTORE_PURE=1`` the
+native build is not used: only the copy and the reference are timed.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from kvstore import _native as native
+from kvstore import _impl
 from kvstore.block import reference as pure
+
+#: The extension, through the one door that chooses it (None with KVSTORE_PURE=1).
+native = _impl.native
 
 SHAPES: dict[str, dict[str, int]] = {
     # Llama-3-8B: 32 layers, 8 KV heads, head dim 128; 256 tokens in fp16 = 32 MiB
@@ -67,20 +71,21 @@ def bench_shape(name: str, shape: dict[str, int], reps: int, pure_reps: int) -> 
     k, v = pages(), pages()
     n_ids = -(-tokens // pt)
     ids = [int(x) for x in rng.permutation(num_pages)[:n_ids]]  # scattered pages
-    block = bytes(native.pack(k, v, ids, tokens=tokens))
+    block = bytes((native or pure).pack(k, v, ids, tokens=tokens))
     payload = len(block) - 64
     out = np.ones(len(block), dtype=np.uint8)  # pre-faulted
     k2, v2 = pages(), pages()  # pre-faulted destinations
     src = np.frombuffer(block, dtype=np.uint8)[64:].copy()
     dst = np.ones(payload, dtype=np.uint8)
 
-    ops: dict[str, Callable[[], Any]] = {
-        "copy": lambda: np.copyto(dst, src),
-        "native_pack": lambda: native.pack(k, v, ids, tokens=tokens, out=out),
-        "native_unpack": lambda: native.unpack_into(block, k2, v2, ids),
-        "native_verify": lambda: native.verify(block),
-    }
-    assert bytes(native.pack(k, v, ids, tokens=tokens, out=out)) == block
+    ops: dict[str, Callable[[], Any]] = {"copy": lambda: np.copyto(dst, src)}
+    if native is not None:
+        ops |= {
+            "native_pack": lambda: native.pack(k, v, ids, tokens=tokens, out=out),
+            "native_unpack": lambda: native.unpack_into(block, k2, v2, ids),
+            "native_verify": lambda: native.verify(block),
+        }
+        assert bytes(native.pack(k, v, ids, tokens=tokens, out=out)) == block
     samples: dict[str, list[int]] = {op: [] for op in ops}
     for fn in ops.values():  # warm up
         fn()
@@ -109,6 +114,8 @@ def bench_shape(name: str, shape: dict[str, int], reps: int, pure_reps: int) -> 
         "median_us": {op: round(_median_s(s) * 1e6, 1) for op, s in samples.items()},
         "ratios": {},
     }
+    if native is None:
+        return result
     for op in ("pack", "unpack", "verify"):
         nat = gbps[f"native_{op}"]
         result["ratios"][op] = {
@@ -129,6 +136,8 @@ def bench_checksum(reps: int) -> dict[str, Any]:
     big = rng.integers(0, 256, size=64 << 20, dtype=np.uint8)
     small = big[: 256 << 10]
     out: dict[str, Any] = {}
+    if native is None:
+        return out
     try:
         for impl in native.crc32c_implementations():
             native._use_crc32c(impl)
@@ -151,20 +160,24 @@ def bench_keys(reps: int, pure_reps: int) -> dict[str, Any]:
     n_tokens, block_tokens = 32768, 16
     tokens = [int(t) for t in rng.integers(0, 128256, size=n_tokens)]
     salt = b"tenant-a/llama3-8b/tp0/f16"
-    want = pure.block_keys(tokens, block_tokens, salt)
-    assert native.block_keys(tokens, block_tokens, salt) == want
     res: dict[str, Any] = {"tokens": n_tokens, "block_tokens": block_tokens}
     arr = np.array(tokens, dtype=np.int64)
-    for label, fn, n in (
-        ("native_list", lambda: native.block_keys(tokens, block_tokens, salt), reps),
-        ("native_ndarray", lambda: native.block_keys(arr, block_tokens, salt), reps),
-        ("pure_list", lambda: pure.block_keys(tokens, block_tokens, salt), pure_reps),
-    ):
+    runs: list[tuple[str, Callable[[], Any], int]] = [
+        ("pure_list", lambda: pure.block_keys(tokens, block_tokens, salt), pure_reps)]
+    if native is not None:
+        assert native.block_keys(tokens, block_tokens, salt) == \
+            pure.block_keys(tokens, block_tokens, salt)
+        runs += [
+            ("native_list", lambda: native.block_keys(tokens, block_tokens, salt), reps),
+            ("native_ndarray", lambda: native.block_keys(arr, block_tokens, salt), reps),
+        ]
+    for label, fn, n in runs:
         fn()
         t = _median_s([_time_ns(fn) for _ in range(n)])
         res[label] = {"ms": round(t * 1e3, 3), "mtokens_per_s": round(n_tokens / t / 1e6, 2),
                       "token_mb_per_s": round(4 * n_tokens / t / 1e6, 1)}
-    res["native_vs_pure"] = round(res["pure_list"]["ms"] / res["native_list"]["ms"], 2)
+    if native is not None:
+        res["native_vs_pure"] = round(res["pure_list"]["ms"] / res["native_list"]["ms"], 2)
     return res
 
 
@@ -182,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
         },
-        "crc32c_implementation": native.crc32c_implementation(),
+        "implementation": _impl.IMPLEMENTATION,
+        "crc32c_implementation": native.crc32c_implementation() if native else "pure",
         "reps": args.reps,
         "pure_reps": args.pure_reps,
         "blocks": {name: bench_shape(name, shape, args.reps, args.pure_reps)

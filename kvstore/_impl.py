@@ -1,14 +1,20 @@
-"""The one place that chooses the implementation of the hot path.
+"""The one door to the native code: it chooses the hot path's implementation, once.
 
 ``KVSTORE_PURE=1`` (read once, at first import) selects the pure-Python
 reference (:mod:`kvstore.block.reference`); unset, empty or ``0`` selects the
-Cython extension :mod:`kvstore._native`. Any other value is an error.
+Cython extension :mod:`kvstore._native`. Any other value is an error. No
+other module imports the extension: everything native (the store, the
+checksums, the SDK's shared-memory client, the benchmarks, the tests that
+compare the two implementations) comes from here.
 
 There is no silent fallback: if the extension is missing, stale or fails to
 import and ``KVSTORE_PURE`` is not ``1``, importing this module raises
 ImportError. A missing build is a bug (the reference is 10-100x slower and
 would quietly turn a latency target into a miss); build it with
 ``python setup.py build_ext --inplace`` or opt in to the reference.
+
+The extension's signatures are in ``kvstore/_native.pyi``; mypy checks the
+reference against them through the two imports below.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Any
 
 #: The names every implementation exports (kvstore.block re-exports them).
 API = (
@@ -30,12 +35,13 @@ API = (
 )
 
 
-def _choose() -> tuple[str, ModuleType]:
+def _choose() -> tuple[str, ModuleType | None]:
+    """("pure", None) or ("native", the extension module)."""
     flag = os.environ.get("KVSTORE_PURE", "")
     if flag not in ("", "0", "1"):
         raise ImportError(f"KVSTORE_PURE must be 0 or 1, not {flag!r}")
     if flag == "1":
-        return "pure", importlib.import_module("kvstore.block.reference")
+        return "pure", None
     try:
         module = importlib.import_module("kvstore._native")
     except ImportError as exc:
@@ -53,18 +59,48 @@ def _choose() -> tuple[str, ModuleType]:
     return "native", module
 
 
-IMPLEMENTATION, _module = _choose()
+IMPLEMENTATION, native = _choose()
+"""``native``: the extension module, for the tests and benchmarks that compare
+it with the reference or use its tuning switches; None with KVSTORE_PURE=1."""
 
-pack: Any = _module.pack
-unpack_into: Any = _module.unpack_into
-verify: Any = _module.verify
-parse_header: Any = _module.parse_header
-block_keys: Any = _module.block_keys
-checksum: Any = _module.checksum
-copy_and_checksum: Any = _module.copy_and_checksum
+if native is not None:
+    from kvstore._native import (
+        block_keys,
+        checksum,
+        copy_and_checksum,
+        pack,
+        parse_header,
+        unpack_into,
+        verify,
+    )
+    from kvstore._native import cold_contains as _native_cold_contains
+else:
+    # mypy checks that each reference function fits the native signature.
+    from kvstore.block.reference import (
+        block_keys,
+        checksum,
+        copy_and_checksum,
+        pack,
+        parse_header,
+        unpack_into,
+        verify,
+    )
 
 #: The compact index's batch probe (kvstore.coldindex), native only: with
 #: KVSTORE_PURE=1 it is None and the index uses its numpy version (the
 #: specification, which the tests compare it with).
-cold_contains: Any = getattr(_module, "cold_contains", None) if IMPLEMENTATION == "native" \
-    else None
+cold_contains = _native_cold_contains if native is not None else None
+
+__all__ = [
+    "API",
+    "IMPLEMENTATION",
+    "block_keys",
+    "checksum",
+    "cold_contains",
+    "copy_and_checksum",
+    "native",
+    "pack",
+    "parse_header",
+    "unpack_into",
+    "verify",
+]

@@ -16,6 +16,9 @@ MAX_KEY_BYTES = 64
 MAX_NAMESPACE_CHARS = 128
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
+#: Block bytes as the store, the tiers and the checksums take them.
+Buffer = bytes | bytearray | memoryview
+
 #: A block's identity: (namespace, key). A plain tuple keeps the index and the
 #: policies cheap (hashing a tuple of str and bytes is fast in CPython).
 BlockId = tuple[str, bytes]

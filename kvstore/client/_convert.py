@@ -1,4 +1,4 @@
-"""Wire conversion for the SDK: the only client module that imports ``_pb2``.
+"""Wire conversion for the SDK's calls over generated messages (kvstore.wire.pb).
 
 Small messages (Lookup, Delete, Stats, SessionEvent) go through the generated
 protobuf classes. The two bulk messages are encoded and decoded by hand,
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from kvstore import lookup_wire
 from kvstore.types import (
     TIER_BY_CODE,
     AckLevel,
@@ -36,13 +35,13 @@ from kvstore.types import (
     TierStats,
     TurnEnd,
 )
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import lookup as lookup_wire
 
 # Re-exported: the bulk-message codec is shared with the servicer.
-from kvstore.wire import GetChunkView, encode_put_chunk, encode_varint
-from kvstore.wire import decode_get_chunk as decode_get_chunk
-from kvstore.wire import identity as identity
-from kvstore.wire import read_varint as _read_varint  # noqa: F401 - tests use it
+from kvstore.wire.codec import GetChunkView, encode_put_chunk, encode_varint
+from kvstore.wire.codec import decode_get_chunk as decode_get_chunk
+from kvstore.wire.codec import identity as identity
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 SERVICE = "/kvstore.v1.KVStore/"
 PUT = SERVICE + "Put"

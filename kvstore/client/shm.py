@@ -61,7 +61,7 @@ from kvstore.client._errors import error_from_rpc
 from kvstore.client.sync import Client
 from kvstore.errors import CorruptBlock, InvalidArgument, KVStoreError, StaleLease
 from kvstore.types import BlockFormat, TierName
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 _SERVICE = "/kvstore.v1.KVStore/"
 # Bytes per ShmCommit when a Put is pipelined.

@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 
-from kvstore import lookup_wire, wire
 from kvstore.errors import InvalidArgument, MalformedRequest
 from kvstore.shm import CommitSpec, SharedMemoryBroker
 from kvstore.store import BlockWriter, TieredStore
@@ -29,7 +28,9 @@ from kvstore.types import (
     TurnEndReason,
     validate_key,
 )
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import codec as wire
+from kvstore.wire import lookup as lookup_wire
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 _FORMATS = frozenset(int(f) for f in BlockFormat)
 

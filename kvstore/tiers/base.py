@@ -13,9 +13,7 @@ import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kvstore.types import BlockId, TierName
-
-Buffer = bytes | bytearray | memoryview
+from kvstore.types import BlockId, Buffer, TierName
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,9 +32,11 @@ needs_native = pytest.mark.skipif(PURE, reason="KVSTORE_PURE=1: native compariso
 
 
 def native_module() -> ModuleType:
-    from kvstore import _native
+    """The extension, through kvstore._impl (the one module that imports it)."""
+    from kvstore import _impl
 
-    return _native
+    assert _impl.native is not None, "KVSTORE_PURE=1: no native module"
+    return _impl.native
 
 
 @contextmanager

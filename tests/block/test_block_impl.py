@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -29,10 +30,10 @@ def test_implementation_follows_kvstore_pure() -> None:
         assert block.IMPLEMENTATION == _impl.IMPLEMENTATION == "pure"
         assert block.pack is reference.pack and block.checksum is reference.checksum
     else:
-        from kvstore import _native
-
-        assert block.IMPLEMENTATION == _impl.IMPLEMENTATION == "native"
-        assert block.pack is _native.pack and block.block_keys is _native.block_keys
+        native = _impl.native
+        assert native is not None
+        assert block.IMPLEMENTATION == _impl.IMPLEMENTATION == native.IMPLEMENTATION == "native"
+        assert block.pack is native.pack and block.block_keys is native.block_keys
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -63,6 +64,26 @@ def test_pure_switch_in_a_fresh_process() -> None:
 def test_bad_switch_value_fails_loudly() -> None:
     res = _python("import kvstore.block as b; b.pack", KVSTORE_PURE="yes")
     assert res.returncode != 0 and "KVSTORE_PURE must be 0 or 1" in res.stderr
+
+
+def test_the_door_is_the_only_importer_of_the_extension() -> None:
+    importers = []
+    for path in sorted([*(ROOT / "kvstore").rglob("*.py"), *(ROOT / "bench").rglob("*.py")]):
+        if path.name != "_impl.py" and "_native" in _imported_names(path.read_text()):
+            importers.append(path.relative_to(ROOT).as_posix())
+    assert not importers, f"modules importing kvstore._native besides kvstore/_impl.py: " \
+        f"{importers}"
+
+
+def _imported_names(source: str) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(part for a in node.names for part in a.name.split("."))
+        elif isinstance(node, ast.ImportFrom):
+            names.update((node.module or "").split("."))
+            names.update(a.name for a in node.names)
+    return names
 
 
 def test_missing_native_build_fails_loudly() -> None:

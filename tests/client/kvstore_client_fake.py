@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.pb import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
 
 
 @dataclass

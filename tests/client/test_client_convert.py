@@ -6,13 +6,14 @@ import pytest
 
 from kvstore.client import _convert as conv
 from kvstore.types import AckLevel, SessionEnd, TierName, TurnEnd, TurnEndReason
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.codec import read_varint
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 
 @pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32 - 1, 2**63, 2**64 - 1])
 def test_varint_roundtrip(value: int) -> None:
     raw = conv.encode_varint(value)
-    assert conv._read_varint(raw, 0) == (value, len(raw))
+    assert read_varint(raw, 0) == (value, len(raw))
     # protobuf agrees
     assert pb.PutChunk.FromString(b"\x20" + raw).block_size == value
 

@@ -21,7 +21,7 @@ from kvstore.errors import (
     TierNotConfigured,
 )
 from kvstore.types import SessionEnd, TierName, TurnEnd, TurnEndReason
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 
 def _blocks() -> dict[bytes, Any]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore import lookup_wire
 from kvstore.types import TierName
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire import WireError
+from kvstore.wire import lookup as lookup_wire
+from kvstore.wire.codec import WireError
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 
 @pytest.mark.parametrize("keys", [

@@ -22,8 +22,8 @@ from kvstore.errors import (
     TierNotConfigured,
     UnknownNamespace,
 )
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.pb import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
 
 MiB = 1024**2
 

@@ -14,7 +14,7 @@ from kvstore import Client
 from kvstore.block import block_keys, pack
 from kvstore.client.shm import ShmClient
 from kvstore.errors import CorruptBlock, InvalidBlock
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 LAYERS, PAGES, PAGE_TOKENS, HEADS, DIM = 4, 16, 16, 2, 64
 

@@ -72,7 +72,7 @@ def test_session_policy_serves_and_takes_hints(server_factory) -> None:  # type:
 def test_client_clock_drives_policy_time(server_factory) -> None:  # type: ignore[no-untyped-def]
     import grpc
 
-    from kvstore.v1 import kvstore_pb2 as pb
+    from kvstore.wire.pb import kvstore_pb2 as pb
 
     with server_factory("--policy-clock", "client", l1_capacity="8MiB") as server, \
             grpc.insecure_channel(server.tcp) as ch:

@@ -23,7 +23,7 @@ from kvstore.errors import (
     StaleLease,
     TierNotConfigured,
 )
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 MiB = 1024**2
 

@@ -6,12 +6,12 @@ import ast
 from pathlib import Path
 
 from kvstore.types import AckLevel, TierName, TurnEndReason
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2 as pb
 
 PKG = Path(__file__).resolve().parents[2] / "kvstore"
 EDGE = {"server/servicer.py", "server/app.py", "client/_convert.py", "client/sync.py",
         "client/aio.py", "client/_base.py", "client/_common.py", "client/_errors.py",
-        "client/shm.py"}
+        "client/shm.py", "wire/pb.py"}
 
 
 def test_enum_values_match_the_proto() -> None:

@@ -13,7 +13,7 @@ as a repeated enum that costs one Python int per key on both sides. Here:
 
 The bytes are plain protobuf (tests compare them with the generated classes),
 so peers in any language read and write them; unknown fields are skipped.
-Used by the servicer and by the SDK; nothing here imports ``_pb2``.
+Used by the servicer and by the SDK; nothing here imports generated code.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import operator
 from collections.abc import Sequence
 
 from kvstore.types import TIER_BY_CODE, TierName
-from kvstore.wire import encode_varint, iter_fields, read_varint
+from kvstore.wire.codec import encode_varint, iter_fields, read_varint
 
 _REQ_NAMESPACE = b"\x0a"  # 1, length-delimited
 _REQ_KEY = 0x12  # 2, length-delimited

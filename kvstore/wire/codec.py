@@ -9,7 +9,7 @@ copy: encoding joins a small header with a memoryview of the payload, decoding
 returns a memoryview into the received message. Unknown fields are skipped,
 as protobuf requires, so newer peers stay compatible within v1.
 
-Used by the servicer and by the SDK; nothing here imports ``_pb2``.
+Used by the servicer and by the SDK; nothing here imports generated code.
 """
 
 from __future__ import annotations
