@@ -17,8 +17,8 @@ the keys the Lookup did not find, each once, with the session id. Hints (TurnEnd
 SessionEnd) are SessionEvent calls at their trace time. The live hit rate is counted on
 the client (blocks the Get served) and cross-checked with the server's Stats.
 
-Raw gRPC stubs are used (not ``kvstore.Client``) because every call needs the clock
-metadata.
+The SDK's ``kvstore.Client`` sends the calls; its ``metadata=`` function gives each call
+the current trace time.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import grpc
-
 from bench.replay import sim
 from bench.replay.workloads import (
     REQ,
@@ -46,21 +44,13 @@ from bench.replay.workloads import (
     load_sessions,
     split_half,
 )
+from kvstore.client import Client
 from kvstore.policy import POLICIES
-from kvstore.types import SessionEnd, SessionEvent, TierName, TurnEnd, TurnEndReason
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pbg
+from kvstore.types import SessionEnd, SessionEvent, TierName, TurnEnd
 
 BLOCK_BYTES = 4096
 NAMESPACE = "replay"
 ROOT = Path(__file__).resolve().parents[2]
-
-_REASON = {
-    TurnEndReason.UNSPECIFIED: pb.TURN_END_REASON_UNSPECIFIED,
-    TurnEndReason.TOOL_CALL: pb.TURN_END_REASON_TOOL_CALL,
-    TurnEndReason.AWAITING_USER: pb.TURN_END_REASON_AWAITING_USER,
-    TurnEndReason.DONE: pb.TURN_END_REASON_DONE,
-}
 
 
 def server_has_client_clock() -> bool:
@@ -156,37 +146,26 @@ def replay_live(w: Workload, target: str) -> dict[str, Any]:
     payload = bytes(BLOCK_BYTES)
     refs = hits = puts = 0
     t0 = time.perf_counter()
-    with grpc.insecure_channel(target) as ch:
-        stub = pbg.KVStoreStub(ch)
+    clock = [("kvstore-clock", "0.0")]  # the trace time of the call being sent
+    with Client(target, namespace=NAMESPACE, metadata=lambda: clock) as kv:
         for now, kind, stream, ev in w.events:
-            md = (("kvstore-clock", repr(float(now))),)
+            clock[0] = ("kvstore-clock", repr(float(now)))
             if kind != REQ:
                 assert isinstance(ev, SessionEvent)
                 e = ev.event
                 if isinstance(e, TurnEnd):
-                    req = pb.SessionEventRequest(
-                        namespace=NAMESPACE, session_id=ev.session_id,
-                        turn_end=pb.TurnEnd(reason=_REASON[e.reason],
-                                            expected_gap_ms=e.expected_gap_ms))
+                    # as before the SDK: reason and gap, no tool name
+                    kv.session_event(ev.session_id, TurnEnd(e.reason, e.expected_gap_ms))
                 elif isinstance(e, SessionEnd):
-                    req = pb.SessionEventRequest(namespace=NAMESPACE, session_id=ev.session_id,
-                                                 session_end=pb.SessionEnd())
-                else:
-                    continue
-                stub.SessionEvent(req, metadata=md)
+                    kv.session_end(ev.session_id)
                 continue
             blocks = list(ev)  # type: ignore[call-overload]
             keys = [_key(b) for b in blocks]
             sid = stream or ""
-            lk = stub.Lookup(pb.LookupRequest(namespace=NAMESPACE, keys=keys, session_id=sid),
-                             metadata=md)
-            found = [k for k, t in zip(keys, lk.tiers, strict=True)
-                     if t != pb.TIER_UNSPECIFIED]
+            lk = kv.lookup(keys, session_id=sid)
+            found = [k for k, t in zip(keys, lk.tiers, strict=True) if t is not None]
             if found:
-                for chunk in stub.Get(pb.GetRequest(namespace=NAMESPACE, keys=found,
-                                                    session_id=sid), metadata=md):
-                    if chunk.hit and chunk.offset == 0:
-                        hits += 1
+                hits += sum(b is not None for b in kv.get(found, session_id=sid))
             fset = set(found)
             missing: list[bytes] = []
             seen: set[bytes] = set()
@@ -195,21 +174,11 @@ def replay_live(w: Workload, target: str) -> dict[str, Any]:
                     seen.add(k)
                     missing.append(k)
             if missing:
-                def chunks(ks: list[bytes] = missing, s: str = sid) -> Any:
-                    first = True
-                    for k in ks:
-                        c = pb.PutChunk(key=k, block_size=BLOCK_BYTES, session_id=s,
-                                        data=payload)
-                        if first:
-                            c.namespace = NAMESPACE
-                            c.ack = pb.ACK_LEVEL_MEMORY
-                            first = False
-                        yield c
-                stub.Put(chunks(), metadata=md)
+                kv.put([(k, payload) for k in missing], session_id=sid, ack="memory")
                 puts += len(missing)
             refs += len(blocks)
-        stats = stub.Stats(pb.StatsRequest())
-    l1 = next((t for t in stats.tiers if t.tier == pb.TIER_L1), None)
+        stats = kv.stats()
+    l1 = next((t for t in stats.tiers if t.tier == TierName.L1), None)
     return {"refs": refs, "hits": hits, "puts": puts, "seconds": time.perf_counter() - t0,
             "server_l1_hits": l1.hits if l1 else None,
             "server_l1_blocks": l1.blocks if l1 else None,

@@ -25,6 +25,8 @@ import grpc
 import grpc.aio
 
 from kvstore.client import _convert as conv
+from kvstore.client._base import open_channel
+from kvstore.client._common import MetadataPairs
 
 
 class AioPutter:
@@ -56,10 +58,11 @@ class AioPutter:
                 self._channel = self._rpc = None
             return self._loop
 
-    def put(self, messages: Iterator[bytes], timeout: float | None) -> tuple[int, int]:
+    def put(self, messages: Iterator[bytes], timeout: float | None,
+            metadata: MetadataPairs | None = None) -> tuple[int, int]:
         """Send one Put stream; raises grpc.RpcError as the sync call would."""
         loop = self._running_loop()
-        fut = asyncio.run_coroutine_threadsafe(self._put(messages, timeout), loop)
+        fut = asyncio.run_coroutine_threadsafe(self._put(messages, timeout, metadata), loop)
         try:
             result: tuple[int, int] = fut.result()
         except BaseException:
@@ -67,17 +70,15 @@ class AioPutter:
             raise
         return result
 
-    async def _put(self, messages: Iterator[bytes], timeout: float | None) -> tuple[int, int]:
+    async def _put(self, messages: Iterator[bytes], timeout: float | None,
+                   metadata: MetadataPairs | None) -> tuple[int, int]:
         if self._rpc is None:
-            if self._credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._target, self._credentials,
-                                                        options=self._options)
-            else:
-                self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
+            self._channel = open_channel(grpc.aio, self._target, self._options,
+                                         self._credentials)
             self._rpc = self._channel.stream_unary(
                 conv.PUT, request_serializer=conv.identity,
                 response_deserializer=conv.decode_put_response)
-        call = self._rpc(timeout=timeout)
+        call = self._rpc(timeout=timeout, metadata=metadata)
         try:
             for message in messages:
                 await call.write(message)

@@ -1,10 +1,10 @@
-"""What the sync and async clients share: settings and request preparation."""
+"""What the clients share: the constructor, settings and request preparation."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 
@@ -14,10 +14,12 @@ from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
     Blocks,
+    MetadataOption,
     channel_options,
     check_chunk_bytes,
     check_lease_ms,
     check_session_id,
+    metadata_source,
     normalize_blocks,
     normalize_buffers,
     normalize_keys,
@@ -93,8 +95,20 @@ def _pem(value: str | bytes | None) -> bytes | None:
         raise InvalidArgument(f"cannot read TLS file {value}: {exc}") from None
 
 
+class ClientSettings(TypedDict, total=False):
+    """The keyword arguments every client takes (see :class:`kvstore.Client`)."""
+
+    namespace: str | None
+    timeout: float | None
+    chunk_bytes: int
+    options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
+    tls: TLS | None
+    metadata: MetadataOption
+
+
 class ClientBase:
-    """Settings and argument checking; subclasses own the channel."""
+    """The clients' one constructor (arguments: see :class:`kvstore.Client`),
+    settings and argument checking; subclasses open the channel in :meth:`_connect`."""
 
     def __init__(
         self,
@@ -105,6 +119,7 @@ class ClientBase:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
         tls: TLS | None = None,
+        metadata: MetadataOption = None,
     ) -> None:
         self.target = target
         self.tls = tls
@@ -122,9 +137,19 @@ class ClientBase:
                 raise InvalidArgument("TLS applies to TCP targets; a unix socket is local and "
                                       "protected by its file mode")
             self._options = [*self._options, *tls.options()]
+        #: The metadata of the next call (called once per call).
+        self._metadata = metadata_source(metadata)
         # Received messages are MiB-sized: keep their buffers in the heap
         # (kvstore/_malloc.py; KVSTORE_MALLOC_TUNING=0 opts out).
         tune_malloc()
+        self._connect()
+
+    def _connect(self) -> None:
+        """Set up the channel (or what opens it on first use)."""
+        raise NotImplementedError
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        return self.tls.credentials() if self.tls is not None else None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, namespace={self.namespace!r})"
@@ -226,3 +251,11 @@ def turn_end_event(
         except ValueError:
             raise InvalidArgument(f"turn end reason {reason!r} is unknown") from None
     return TurnEnd(reason=r, expected_gap_ms=expected_gap_ms, tool_name=tool_name)
+
+
+def open_channel(grpc_module: Any, target: str, options: list[tuple[str, Any]],
+                 credentials: grpc.ChannelCredentials | None) -> Any:
+    """A channel from ``grpc`` or ``grpc.aio``: secure when there are credentials."""
+    if credentials is not None:
+        return grpc_module.secure_channel(target, credentials, options=options)
+    return grpc_module.insecure_channel(target, options=options)

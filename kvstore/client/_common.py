@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,39 @@ def channel_options(chunk_bytes: int, extra: Any) -> list[tuple[str, Any]]:
         for k, v in items:
             opts[k] = v
     return list(opts.items())
+
+
+#: gRPC metadata: (key, value) pairs; keys are lowercase ASCII, values str
+#: (or bytes for keys ending in ``-bin``).
+MetadataPairs = tuple[tuple[str, str | bytes], ...]
+Metadata = Mapping[str, str | bytes] | Iterable[tuple[str, str | bytes]]
+#: A client's ``metadata=``: fixed pairs, or a function called at every call
+#: for the pairs that call sends (values that change from call to call).
+MetadataOption = Metadata | Callable[[], Metadata | None] | None
+
+
+def metadata_pairs(metadata: Metadata | None) -> MetadataPairs | None:
+    if metadata is None:
+        return None
+    items = metadata.items() if isinstance(metadata, Mapping) else metadata
+    try:
+        pairs = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise InvalidArgument("metadata must be a mapping or (key, value) pairs") from None
+    for key, value in pairs:
+        if not isinstance(key, str) or not isinstance(value, (str, bytes)):
+            raise InvalidArgument(f"metadata ({key!r}, {value!r}): keys are str, values str "
+                                  "or bytes")
+    return pairs or None
+
+
+def metadata_source(metadata: MetadataOption) -> Callable[[], MetadataPairs | None]:
+    """What each call sends: the pairs checked once, or the function's result."""
+    if callable(metadata):
+        produce = metadata
+        return lambda: metadata_pairs(produce())
+    pairs = metadata_pairs(metadata)
+    return lambda: pairs
 
 
 def check_chunk_bytes(chunk_bytes: int) -> int:

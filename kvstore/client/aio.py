@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -11,10 +11,8 @@ import grpc.aio
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._base import TLS, ClientBase, turn_end_event
+from kvstore.client._base import ClientBase, open_channel, turn_end_event
 from kvstore.client._common import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_TARGET,
     Blocks,
     GetAssembler,
     PutResult,
@@ -36,26 +34,14 @@ from kvstore.types import (
 
 
 class AsyncClient(ClientBase):
-    """asyncio kvstore client; see :class:`kvstore.Client` for the arguments.
+    """asyncio kvstore client; see :class:`kvstore.Client` for the arguments
+    (all but ``aio_put``).
 
     The channel opens on the first call, in the running event loop, and is
     bound to that loop: use one AsyncClient per loop. ``async with`` closes it.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        namespace: str | None = None,
-        timeout: float | None = 60.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
-        tls: TLS | None = None,
-    ) -> None:
-        super().__init__(
-            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options,
-            tls=tls,
-        )
+    def _connect(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._rpcs: dict[str, Any] = {}
 
@@ -63,12 +49,8 @@ class AsyncClient(ClientBase):
         rpc = self._rpcs.get(name)
         if rpc is None:
             if self._channel is None:
-                if self.tls is not None:
-                    self._channel = grpc.aio.secure_channel(
-                        self._grpc_target, self.tls.credentials(), options=self._options)
-                else:
-                    self._channel = grpc.aio.insecure_channel(self._grpc_target,
-                                                              options=self._options)
+                self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
+                                             self._credentials())
             ch = self._channel
             if name == conv.PUT:
                 rpc = ch.stream_unary(name, request_serializer=conv.identity,
@@ -118,7 +100,7 @@ class AsyncClient(ClientBase):
             return PutResult(0, 0)
         try:
             stored, nbytes = await self._rpc(conv.PUT)(
-                prep.messages(self.chunk_bytes), timeout=self.timeout
+                prep.messages(self.chunk_bytes), timeout=self.timeout, metadata=self._metadata()
             )
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
@@ -172,7 +154,7 @@ class AsyncClient(ClientBase):
         return await self._stream_get(req, GetAssembler(count, views))
 
     async def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
-        call = self._rpc(conv.GET)(req, timeout=self.timeout)
+        call = self._rpc(conv.GET)(req, timeout=self.timeout, metadata=self._metadata())
         try:
             async for piece in call:
                 asm.feed(piece)
@@ -258,7 +240,8 @@ class AsyncClient(ClientBase):
 
     async def _unary(self, name: str, req: bytes) -> Any:
         try:
-            return await self._rpc(name)(req, timeout=self.timeout)
+            return await self._rpc(name)(req, timeout=self.timeout,
+                                             metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
 

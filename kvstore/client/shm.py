@@ -40,7 +40,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -58,10 +58,13 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
-from kvstore.client.sync import Client
+from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.errors import CorruptBlock, InvalidArgument, KVStoreError, StaleLease
 from kvstore.types import BlockFormat, TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _SERVICE = "/kvstore.v1.KVStore/"
 # Bytes per ShmCommit when a Put is pipelined.
@@ -109,10 +112,13 @@ class ShmClient(Client):
     the Gets hand their leases to the next ShmAcquire instead of calling
     ShmRelease, when the server supports it."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, namespace: str | None = None,
-                 timeout: float | None = 60.0, release_on_acquire: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(target, namespace=namespace, timeout=timeout, **kwargs)
+    def __init__(self, target: str = DEFAULT_TARGET, *, release_on_acquire: bool = True,
+                 **settings: Unpack[SyncClientSettings]) -> None:
+        self._want_release_on_acquire = release_on_acquire
+        super().__init__(target, **settings)
+
+    def _connect(self) -> None:
+        super()._connect()
         # Lease ids whose release waits for the next ShmAcquire, with the
         # monotonic time after which the server will have expired them anyway.
         self._deferred: list[tuple[int, float]] = []
@@ -131,7 +137,7 @@ class ShmClient(Client):
         info = self._call(self._attach, pb.ShmAttachRequest())
         self.shm_path: str = info.path
         self.instance: str = info.instance
-        self.release_on_acquire: bool = release_on_acquire and info.release_on_acquire
+        self.release_on_acquire: bool = self._want_release_on_acquire and info.release_on_acquire
         #: Batches moving at least this many bytes are copied with streaming
         #: stores (None: never).
         self.stream_batch_bytes: int | None = _STREAM_BATCH_BYTES
@@ -149,7 +155,7 @@ class ShmClient(Client):
 
     def _call(self, rpc: Any, request: Any) -> Any:
         try:
-            return rpc(request, timeout=self.timeout)
+            return rpc(request, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
 
@@ -227,7 +233,8 @@ class ShmClient(Client):
                 crcs = [copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming)
                         for i, s in enumerate(group)]
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
-                pending.append(self._commit.future(req, timeout=self.timeout))
+                pending.append(self._commit.future(req, timeout=self.timeout,
+                                                   metadata=self._metadata()))
                 done += len(group)
             stored = nbytes = 0
             for fut in pending:

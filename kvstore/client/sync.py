@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
 from kvstore.client._aioput import AioPutter
-from kvstore.client._base import TLS, ClientBase, turn_end_event
+from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
-    DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
     Blocks,
     GetAssembler,
@@ -35,6 +34,15 @@ from kvstore.types import (
     Unpin,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class SyncClientSettings(ClientSettings, total=False):
+    """The keyword arguments of :class:`Client` (its subclasses pass them on)."""
+
+    aio_put: bool
+
 
 class Client(ClientBase):
     """Blocking kvstore client.
@@ -42,36 +50,27 @@ class Client(ClientBase):
     ``target`` is ``host:port``, ``unix:/path`` or ``unix:///abs/path``.
     ``namespace`` is the default for every call; ``timeout`` the deadline of
     each call in seconds (None: none); ``chunk_bytes`` the largest piece of a
-    block per message, both ways. ``options`` are extra gRPC channel options.
-    ``aio_put`` (default on) sends Put streams from a private grpc.aio event
-    loop thread with its own connection, started at the first Put (faster than
-    grpc's sync stream calls); off, Puts use the sync channel like every other
-    call. Errors are :mod:`kvstore.errors` classes, as the server raised them.
+    block per message, both ways. ``options`` are extra gRPC channel options;
+    ``tls`` (a :class:`TLS`) connects over TLS. ``metadata`` is gRPC metadata
+    sent with every call: a mapping or (key, value) pairs, or a function
+    called at each call that returns them (for values that change from call
+    to call). ``aio_put`` (default on) sends Put streams from a private
+    grpc.aio event loop thread with its own connection, started at the first
+    Put (faster than grpc's sync stream calls); off, Puts use the sync
+    channel like every other call. Errors are :mod:`kvstore.errors` classes,
+    as the server raised them.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        namespace: str | None = None,
-        timeout: float | None = 60.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
-        tls: TLS | None = None,
-        aio_put: bool = True,
-    ) -> None:
-        super().__init__(
-            target, namespace=namespace, timeout=timeout, chunk_bytes=chunk_bytes, options=options,
-            tls=tls,
-        )
-        credentials = self.tls.credentials() if self.tls is not None else None
-        if credentials is not None:
-            self._channel = grpc.secure_channel(self._grpc_target, credentials,
-                                                options=self._options)
-        else:
-            self._channel = grpc.insecure_channel(self._grpc_target, options=self._options)
+    def __init__(self, target: str = DEFAULT_TARGET, *, aio_put: bool = True,
+                 **settings: Unpack[ClientSettings]) -> None:
+        self._want_aio_put = aio_put
+        super().__init__(target, **settings)
+
+    def _connect(self) -> None:
+        credentials = self._credentials()
+        self._channel = open_channel(grpc, self._grpc_target, self._options, credentials)
         self._aio_put: AioPutter | None = None
-        if aio_put:
+        if self._want_aio_put:
             self._aio_put = AioPutter(self._grpc_target, self._options, credentials)
             # An unclosed client's loop thread is stopped when the client goes.
             weakref.finalize(self, self._aio_put.close)
@@ -139,10 +138,11 @@ class Client(ClientBase):
             return PutResult(0, 0)
         try:
             if self._aio_put is not None:
-                stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes), self.timeout)
+                stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes), self.timeout,
+                                                    self._metadata())
             else:
                 stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
-                                               timeout=self.timeout)
+                                               timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         return PutResult(stored, nbytes)
@@ -202,7 +202,7 @@ class Client(ClientBase):
 
     def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
         try:
-            call = self._get_rpc(req, timeout=self.timeout)
+            call = self._get_rpc(req, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         try:
@@ -293,6 +293,6 @@ class Client(ClientBase):
 
     def _unary(self, rpc: Any, req: bytes) -> Any:
         try:
-            return rpc(req, timeout=self.timeout)
+            return rpc(req, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
