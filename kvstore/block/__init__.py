@@ -27,7 +27,8 @@ from kvstore.block.format import (
 )
 
 if TYPE_CHECKING:
-    from kvstore.block.reference import (
+    from kvstore._impl import (
+        IMPLEMENTATION,
         block_keys,
         checksum,
         copy_and_checksum,
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
         unpack_into,
         verify,
     )
-
-    IMPLEMENTATION: str
 
 _FROM_IMPL = frozenset(
     {"pack", "unpack_into", "verify", "parse_header", "block_keys", "checksum",

@@ -21,10 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore._gc import tune_gc
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.server.interceptor import ErrorInterceptor
+from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
 from kvstore.shm import SharedMemoryBroker
 from kvstore.store import TieredStore

@@ -1,4 +1,5 @@
-"""Garbage-collector settings for the server process.
+"""Garbage-collector settings for the server process (the SDK and the store leave
+the collector alone; the glibc tuning they share is in :mod:`kvstore._malloc`).
 
 The index holds one long-lived object or more per block (millions at scale),
 and the cyclic collector's older generations scan all of them: a collection
