@@ -83,8 +83,11 @@ class AioPutter:
             for message in messages:
                 await call.write(message)
             await call.done_writing()
-        except asyncio.InvalidStateError:
-            pass  # the call ended early (an error from the server): its status says why
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            # The call ended early (an error from the server, possibly before
+            # it read a message: a write then fails with a local "Internal
+            # error from Core"): the call's own status, awaited below, says why.
+            pass
         except BaseException:
             call.cancel()
             raise
