@@ -80,12 +80,13 @@ from obstore.exceptions import (
 from obstore.store import LocalStore, S3Store
 
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
-from kvstore.tiers.base import BlockMeta, Buffer, Tier, TierUsage
+from kvstore.tiers.base import BlockMeta, Buffer, TierUsage
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
-from kvstore.types import BlockId, TierName
+from kvstore.types import BlockId
 
 if TYPE_CHECKING:
     from kvstore.config import L3Config
+    from kvstore.tiers.base import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-class ObjectTier(Tier):
-    """L3 tier over an obstore store. See the module docstring."""
-
-    name = TierName.L3
+class ObjectTier:
+    """L3 tier over an obstore store, in the :class:`~kvstore.tiers.base.ObjectStore`
+    role (plus ``get``/``contains``/``scan``/``usage``, which the store does not
+    call). See the module docstring."""
 
     def __init__(
         self,
@@ -269,7 +270,7 @@ class ObjectTier(Tier):
             return False
         return True
 
-    # -- Tier interface -----------------------------------------------------------
+    # -- blocks -----------------------------------------------------------
 
     async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
         mv = memoryview(data)
@@ -602,3 +603,7 @@ def _open_store(
     except Exception as exc:
         raise InvalidConfig(f"l3: cannot configure {where}: {exc}") from None
     return store, where
+
+
+if TYPE_CHECKING:  # mypy checks that the class plays its role
+    _plays_role: type[ObjectStore] = ObjectTier
