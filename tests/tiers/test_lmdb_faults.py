@@ -1,5 +1,5 @@
 """LMDB failures leave the L2 tier as StorageError, and reach clients as
-UNAVAILABLE (never INTERNAL).
+UNAVAILABLE (never INTERNAL); a full map is not a failure (it grows).
 
 Faults are injected from here (a test subclass, monkeypatching), never by
 hooks in the production class.
@@ -89,6 +89,20 @@ def test_scan_failure_is_a_storage_error(broken_tier: BrokenLMDBTier) -> None:
                 pass
 
     asyncio.run(go())
+
+
+def test_a_full_map_grows_and_no_write_fails(tmp_path: Path) -> None:
+    tier = LMDBTier(tmp_path / "l2", capacity=1 << 30, initial_map_size=1 << 20)
+    try:
+        start = tier.map_size
+        blobs = {i.to_bytes(2, "big"): os.urandom(100_000) for i in range(40)}  # 4x the map
+        for k, v in blobs.items():
+            assert write(tier, ("ns", k), v) is None
+        assert tier.map_grows >= 2 and tier.map_size >= 4 * start
+        found = [tier.read_into_sync(("ns", k), None) for k in blobs]
+        assert [bytes(f[1]) if f else None for f in found] == list(blobs.values())
+    finally:
+        tier.close_sync()
 
 
 def test_opening_an_unusable_directory_is_a_storage_error(tmp_path: Path) -> None:
