@@ -286,6 +286,11 @@ class ObjectTier:
             )
         return meta, mv[HEADER_SIZE:]
 
+    async def get(self, block: BlockId) -> memoryview | None:
+        """The payload alone (bench/bench_l3.py; the store uses get_with_meta)."""
+        found = await self.get_with_meta(block)
+        return None if found is None else found[1]
+
     async def head_size(self, block: BlockId) -> int | None:
         """The payload size of a stored block (one HEAD request), or None."""
         path = object_path(block)

@@ -86,6 +86,7 @@ def test_round_trip(open_tier: Callable[..., ObjectTier], size: int) -> None:
         data = os.urandom(size)
         await tier.put(("ns", b"\x00\xffkey"), data, meta_for(data))
         assert await payload(tier, ("ns", b"\x00\xffkey")) == data
+        assert bytes(await tier.get(("ns", b"\x00\xffkey")) or b"") == data
         assert await tier.head_size(("ns", b"\x00\xffkey")) == size
         await tier.close()
 
