@@ -101,6 +101,13 @@ class ServerShuttingDown(KVStoreError):
     code = "UNAVAILABLE"
 
 
+class StorageError(KVStoreError):
+    """A local storage tier failed (a disk or LMDB error): the request could
+    not be served or made durable now; the server keeps serving."""
+
+    code = "UNAVAILABLE"
+
+
 # ABORTED --------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """Storage tiers: mechanism only. Placement decisions live in kvstore.policy."""
 
-from kvstore.tiers.base import BlockMeta, Tier, TierUsage
+from kvstore.tiers.base import BlockArena, BlockMeta, KeyValueTier, ObjectStore, TierUsage
 
-__all__ = ["BlockMeta", "Tier", "TierUsage"]
+__all__ = ["BlockArena", "BlockMeta", "KeyValueTier", "ObjectStore", "TierUsage"]

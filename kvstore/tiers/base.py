@@ -1,19 +1,32 @@
-"""The tier interface every tier implements and the conformance suite tests.
+"""The roles a storage tier plays for the TieredStore, and their contracts.
 
-A tier stores blocks (bytes) with their metadata under ``(namespace, key)``.
-It never decides what to keep: the TieredStore asks the policy and tells the
-tier. Checksums are verified by the store, not by tiers, so that every tier
-treats payloads as opaque bytes.
+Three roles, one per tier, each exactly the calls the store (and its shared-
+memory broker and L3 mover) makes on that tier:
+
+- :class:`BlockArena` (L1, host memory): extents the store reserves, fills in
+  place and releases; the store's index knows which block lives where.
+- :class:`KeyValueTier` (L2, local disk): a queue of ordered writes with a
+  completion callback, blocking reads straight into a caller's buffer, and a
+  metadata scan to rebuild the index at start.
+- :class:`ObjectStore` (L3, shared object store): whole-block puts, gets,
+  HEADs, deletes and a listing, under a deadline and a circuit breaker.
+
+Tiers are mechanism: they never decide what to keep (the TieredStore asks the
+policy and tells the tier) and treat payloads as opaque bytes (the store
+verifies checksums). Every failure a tier reports is a
+:class:`kvstore.errors.KVStoreError`; a storage library's own exceptions never
+leave a tier. The conformance suite (``tests/tiers/test_conformance.py``) runs
+one set of tests per role against every backend of that role.
 """
 
 from __future__ import annotations
 
-import abc
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from kvstore.types import BlockId, Buffer, TierName
+from kvstore.types import BlockId, Buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,37 +55,162 @@ class TierUsage:
     capacity: int
 
 
-class Tier(abc.ABC):
-    """One storage tier. All methods are safe to call from the event loop."""
+class BlockArena(Protocol):
+    """L1: a fixed region of host memory carved into extents.
 
-    name: TierName
+    Not thread-safe: every method is called from the event loop thread. The
+    bytes behind a view from :meth:`slice` may be read and written from any
+    thread (the store copies into them on executors) while the extent stays
+    reserved.
+    """
 
-    @abc.abstractmethod
+    @property
+    def capacity(self) -> int:
+        """Usable bytes (the configured capacity rounded down to whole pages)."""
+        ...
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes in reserved extents, each rounded up to whole pages."""
+        ...
+
+    def reserve(self, nbytes: int) -> int:
+        """The byte offset of a free extent of at least ``nbytes`` bytes, now
+        reserved, or -1 when no free extent is large enough (a full arena is
+        not an error: the store evicts and asks again). Reserved extents never
+        overlap. The extent's previous contents are unspecified."""
+        ...
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Give back an extent: ``offset`` and ``nbytes`` are exactly what was
+        passed to and returned by one :meth:`reserve`, released once."""
+        ...
+
+    def slice(self, offset: int, nbytes: int) -> memoryview:
+        """A writable view of ``nbytes`` bytes at ``offset``. Writes through it
+        are seen by every other view of the same bytes (and, for an arena in a
+        shared-memory file, by every process mapping that file)."""
+        ...
+
+    async def close(self) -> None:
+        """Release the memory (and remove the shared-memory file, if any).
+        Idempotent. Views still held keep the mapping alive until dropped."""
+        ...
+
+
+WriteDone = Callable[[BaseException | None, bool], None]
+"""``done(error, existed)``: a queued write finished. ``error`` is None when it
+committed, else a KVStoreError; ``existed`` tells whether the block was stored
+before the write."""
+
+
+class KeyValueTier(Protocol):
+    """L2: blocks with their metadata under ``(namespace, key)`` on local disk.
+
+    Writes are queued and committed in order by one writer; reads are blocking
+    calls the store runs on its executor threads. Every method may be called
+    from any thread unless it says otherwise.
+    """
+
+    def submit(self, block: BlockId, data: Buffer | None, meta: BlockMeta | None,
+               done: WriteDone) -> None:
+        """Queue a write of ``data`` with ``meta`` (replacing any stored copy)
+        or, with ``data`` and ``meta`` None, a delete; never blocks.
+
+        Ordering: writes commit in the order they were submitted, so a delete
+        submitted after a put of the same block removes it. ``done`` is called
+        exactly once, from the writer thread, after the write has committed or
+        failed: a committed write survives a crash of the process (and of the
+        machine once :meth:`flush` or :meth:`close` has returned, or always
+        when the tier syncs every commit). A failed write raises nothing here;
+        ``done`` gets a :class:`~kvstore.errors.StorageError`. On a closed
+        tier ``done`` is called at once, in the caller's thread, with one.
+        ``data`` must stay valid and unchanged until ``done`` is called."""
+        ...
+
+    def read_into_sync(self, block: BlockId,
+                       dest: memoryview | None) -> tuple[BlockMeta, Any] | None:
+        """The block's metadata and payload, or None when it is not stored.
+        Blocking (run it on an executor). Sees every write whose ``done`` has
+        been called. With ``dest`` at least the payload's size, the payload is
+        copied into ``dest`` and returned as a view of it; otherwise it is
+        returned as bytes. Raises :class:`~kvstore.errors.StorageError` when
+        the storage fails."""
+        ...
+
+    def scan(self) -> AsyncIterator[tuple[BlockId, BlockMeta]]:
+        """Every stored block with its metadata, without reading payloads (to
+        rebuild the index at start). Raises StorageError when storage fails."""
+        ...
+
+    def usage(self) -> TierUsage:
+        """Blocks and payload bytes committed, and the configured capacity
+        (which the store enforces, not the tier)."""
+        ...
+
+    def flush_sync(self) -> None:
+        """A barrier: return once every write submitted before the call has
+        committed (its ``done`` called) and the data is on disk. Blocking; a
+        no-op on a closed tier."""
+        ...
+
+    async def flush(self) -> None:
+        """:meth:`flush_sync` without blocking the event loop."""
+        ...
+
+    async def close(self) -> None:
+        """Commit every queued write, sync to disk and release the storage.
+        Idempotent."""
+        ...
+
+
+class ObjectStore(Protocol):
+    """L3: blocks as objects in a store shared by many nodes.
+
+    Called from the event loop. Every call runs under one deadline (retries
+    included) and a circuit breaker; a call that cannot be served — the store
+    is unreachable, too slow, refuses, the breaker is open or the tier is
+    closed — raises :class:`~kvstore.errors.TierUnavailable`. A genuine miss
+    is None / False, never an exception, so the store can tell "not there"
+    from "cannot tell". Calls on one block are not ordered against each other
+    (the L3 mover orders the writes of a block itself).
+    """
+
+    @property
+    def healthy(self) -> bool:
+        """False while the circuit breaker is not closed or after close."""
+        ...
+
+    async def check(self) -> bool:
+        """Probe the store with one cheap request through the breaker; True
+        when it answered. Never raises TierUnavailable."""
+        ...
+
     async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
-        """Store ``data`` under ``block``, replacing any previous copy."""
+        """Store the payload with ``meta``'s checksum and creation time,
+        replacing any stored copy; when it returns, every node can read it."""
+        ...
 
-    @abc.abstractmethod
-    async def get(self, block: BlockId) -> Buffer | None:
-        """The stored bytes, or None. The result stays valid until the next
-        call that changes this block (callers copy before awaiting others)."""
+    async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
+        """The payload with the metadata stored with it, or None. Raises
+        :class:`~kvstore.errors.CorruptBlock` when the object is not a valid
+        block (the payload's checksum is the caller's to verify)."""
+        ...
 
-    @abc.abstractmethod
+    async def head_size(self, block: BlockId) -> int | None:
+        """The payload size of a stored block (no payload read), or None."""
+        ...
+
     async def delete(self, block: BlockId) -> bool:
         """Remove the block; True when it was there."""
+        ...
 
-    @abc.abstractmethod
-    async def contains(self, block: BlockId) -> bool:
-        """Whether the block is stored."""
+    def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
+        """Every block stored (by any node) with its payload size, from the
+        listing alone (no request per object). Objects that are not blocks
+        are skipped."""
+        ...
 
-    @abc.abstractmethod
-    def scan(self) -> AsyncIterator[tuple[BlockId, BlockMeta]]:
-        """Every stored block with its metadata, for rebuilding the index at
-        start. Never reads payloads."""
-
-    @abc.abstractmethod
-    def usage(self) -> TierUsage:
-        """Blocks and payload bytes held, and the configured capacity."""
-
-    @abc.abstractmethod
     async def close(self) -> None:
-        """Flush pending writes and release resources. Idempotent."""
+        """Refuse further calls (they raise TierUnavailable). Idempotent."""
+        ...

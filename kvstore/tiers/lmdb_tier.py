@@ -1,4 +1,4 @@
-"""L2: blocks in LMDB on local NVMe.
+"""L2: blocks in LMDB on local NVMe, in the :class:`~kvstore.tiers.base.KeyValueTier` role.
 
 One environment per data directory with two sub-databases: ``data`` (payloads)
 and ``meta`` (BlockMeta, 24 bytes each), so a restart rebuilds the index by
@@ -6,30 +6,39 @@ scanning ``meta`` without reading payloads.
 
 Writes go through one writer thread that drains a queue and commits each
 batch in one transaction (group commit): LMDB allows one writer at a time,
-and batching turns many small commits into one. Reads run in short read
-transactions on executor threads and copy straight into the caller's buffer.
-When the map is full the writer grows it (doubling) once no read
-transaction is open — LMDB forbids resizing under an open transaction — and
-retries the batch, so clients never see MapFullError.
+and batching turns many small commits into one. A flush puts a barrier in the
+same queue: the writer commits what came before it, syncs and releases the
+waiter. Reads run in short read transactions on executor threads and copy
+straight into the caller's buffer. When the map is full the writer grows it
+(doubling) once no read transaction is open — LMDB forbids resizing under an
+open transaction — and retries the batch, so clients never see MapFullError.
+Every other ``lmdb.Error`` leaves this module as a
+:class:`~kvstore.errors.StorageError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 
-from kvstore.errors import KVStoreError
-from kvstore.tiers.base import BlockMeta, Buffer, Tier, TierUsage
-from kvstore.types import BlockId, TierName
+from kvstore.errors import StorageError
+from kvstore.tiers.base import BlockMeta, Buffer, TierUsage, WriteDone
+from kvstore.types import BlockId
+
+if TYPE_CHECKING:
+    from kvstore.tiers.base import KeyValueTier
+
+log = logging.getLogger(__name__)
 
 _SCAN_BATCH = 10_000
 
@@ -83,41 +92,58 @@ class _Op:
     data: Buffer | None  # None = delete
     meta: bytes
     size: int
-    done: Callable[[BaseException | None, bool], None] | None = field(default=None)
+    done: WriteDone
+
+
+@dataclass(slots=True)
+class _Barrier:
+    """Queued by flush: set once everything queued before it is committed and synced."""
+
+    reached: threading.Event
+    error: BaseException | None = None
 
 
 _STOP = object()
 
 
-class LMDBTier(Tier):
-    name = TierName.L2
-
+class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
                  executor: concurrent.futures.Executor | None = None) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity
         self.batch_bytes = batch_bytes
-        self._sync = sync
-        self._env = lmdb.open(
-            str(self.path), map_size=initial_map_size, max_dbs=4, subdir=True,
-            sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
-        )
-        self._data = self._env.open_db(b"data")
-        self._meta = self._env.open_db(b"meta")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path), map_size=initial_map_size, max_dbs=4, subdir=True,
+                sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise self._storage_error("open", exc) from exc
+        try:
+            self._data = self._env.open_db(b"data")
+            self._meta = self._env.open_db(b"meta")
+            self._blocks, self._bytes = self._count()
+        except lmdb.Error as exc:
+            self._env.close()
+            raise self._storage_error("open", exc) from exc
         self._rw = _ReadWriteLock()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             4, thread_name_prefix="kvstore-l2-read")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._count_lock = threading.Lock()
-        self._blocks, self._bytes = self._count()
+        # Orders "closed?" against queueing: nothing is queued behind the stop.
+        self._gate = threading.Lock()
         self.map_grows = 0
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="kvstore-l2-writer",
                                         daemon=True)
         self._writer.start()
+
+    def _storage_error(self, what: str, exc: BaseException) -> StorageError:
+        return StorageError(f"L2 {what} failed at {self.path}: {type(exc).__name__}: {exc}")
 
     def _count(self) -> tuple[int, int]:
         blocks = total = 0
@@ -130,52 +156,71 @@ class LMDBTier(Tier):
     # -- the writer thread ------------------------------------------------------------
 
     def submit(self, block: BlockId, data: Buffer | None, meta: BlockMeta | None,
-               done: Callable[[BaseException | None, bool], None]) -> None:
-        """Queue a write (data) or a delete (data None). ``done(error, existed)``
-        is called from the writer thread after the commit."""
-        if self._closed:
-            done(KVStoreError("L2 is closed"), False)
-            return
-        size = meta.size if meta else 0
-        self._queue.put(_Op(encode_key(block), data, meta.pack() if meta else b"", size, done))
+               done: WriteDone) -> None:
+        """Queue a write (data) or a delete (data None); see KeyValueTier.submit."""
+        op = _Op(encode_key(block), data, meta.pack() if meta else b"", meta.size if meta else 0,
+                 done)
+        with self._gate:
+            if not self._closed:
+                self._queue.put(op)
+                return
+        done(StorageError(f"L2 at {self.path} is closed"), False)
 
     def _write_loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
+            if isinstance(first, _Barrier):
+                self._pass_barrier(first)
+                continue
             batch = [first]
             nbytes = first.size
-            stop = False
+            after: Any = None  # a barrier or _STOP that ends the batch
             while nbytes < self.batch_bytes:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is _STOP:
-                    stop = True
+                if nxt is _STOP or isinstance(nxt, _Barrier):
+                    after = nxt
                     break
                 batch.append(nxt)
                 nbytes += nxt.size
             self._commit(batch)
-            if stop:
+            if after is _STOP:
                 return
+            if after is not None:
+                self._pass_barrier(after)
+
+    def _pass_barrier(self, barrier: _Barrier) -> None:
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            barrier.error = self._storage_error("sync", exc)
+        barrier.reached.set()
 
     def _commit(self, batch: list[_Op]) -> None:
+        error: BaseException | None = None
+        existed: list[bool] = [False] * len(batch)
+        try:
+            existed = self._apply_growing(batch)
+        except lmdb.Error as exc:  # a disk error: every waiter hears of it
+            error = self._storage_error("write", exc)
+        except Exception as exc:  # a bug: reported as it is
+            error = exc
+        for op, was in zip(batch, existed, strict=True):
+            try:
+                op.done(error, was)
+            except Exception:  # a callback must not stop the writer
+                log.exception("L2 write callback failed")
+
+    def _apply_growing(self, batch: list[_Op]) -> list[bool]:
         while True:
             try:
-                existed = self._apply(batch)
-                break
+                return self._apply(batch)
             except lmdb.MapFullError:
                 self._grow()
-            except Exception as exc:  # disk error: report to every waiter
-                for op in batch:
-                    if op.done:
-                        op.done(exc, False)
-                return
-        for op, was in zip(batch, existed, strict=True):
-            if op.done:
-                op.done(None, was)
 
     def _apply(self, batch: list[_Op]) -> list[bool]:
         existed: list[bool] = []
@@ -236,64 +281,10 @@ class LMDBTier(Tier):
                     dest[:n] = value
                     return meta, dest[:n]
                 return meta, bytes(value)
+        except lmdb.Error as exc:
+            raise self._storage_error("read", exc) from exc
         finally:
             self._rw.release_read()
-
-    def meta_sync(self, block: BlockId) -> BlockMeta | None:
-        key = encode_key(block)
-        self._rw.acquire_read()
-        try:
-            with self._env.begin(buffers=True) as txn:
-                raw = txn.get(key, db=self._meta)
-                return BlockMeta.unpack(raw) if raw is not None else None
-        finally:
-            self._rw.release_read()
-
-    def corrupt_for_test(self, block: BlockId, offset: int) -> None:
-        """Flip one payload byte in place (fault injection for tests)."""
-        key = encode_key(block)
-        with self._env.begin(write=True) as txn:
-            raw = txn.get(key, db=self._data)
-            assert raw is not None, "no such block"
-            value = bytearray(raw)
-            value[offset] ^= 0xFF
-            txn.put(key, bytes(value), db=self._data)
-
-    # -- Tier interface ----------------------------------------------------------------
-
-    async def _submit_async(self, block: BlockId, data: Buffer | None,
-                            meta: BlockMeta | None) -> bool:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-
-        def done(error: BaseException | None, existed: bool) -> None:
-            def settle() -> None:
-                if fut.done():
-                    return
-                if error is not None:
-                    fut.set_exception(error)
-                else:
-                    fut.set_result(existed)
-
-            loop.call_soon_threadsafe(settle)
-
-        self.submit(block, data, meta, done)
-        return await fut
-
-    async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
-        await self._submit_async(block, data, meta)
-
-    async def get(self, block: BlockId) -> Buffer | None:
-        loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._executor, self.read_into_sync, block, None)
-        return None if found is None else found[1]
-
-    async def delete(self, block: BlockId) -> bool:
-        return await self._submit_async(block, None, None)
-
-    async def contains(self, block: BlockId) -> bool:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.meta_sync, block) is not None
 
     def _scan_batch(self, after: bytes | None) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
@@ -307,6 +298,8 @@ class LMDBTier(Tier):
                 while ok and len(out) < _SCAN_BATCH:
                     out.append((cur.key(), cur.value()))
                     ok = cur.next()
+        except lmdb.Error as exc:
+            raise self._storage_error("scan", exc) from exc
         finally:
             self._rw.release_read()
         return out
@@ -326,14 +319,22 @@ class LMDBTier(Tier):
         with self._count_lock:
             return TierUsage(self._blocks, self._bytes, self.capacity)
 
+    # -- barrier and shutdown ------------------------------------------------------------
+
     def flush_sync(self) -> None:
-        """Wait until every queued write has committed, then sync to disk."""
-        if self._closed:
-            return
-        done = threading.Event()
-        self._queue.put(_Op(b"\x00", None, b"", 0, lambda e, x: done.set()))
-        done.wait()
-        self._env.sync(True)
+        """Wait until every write queued before the call has committed and
+        the data is synced to disk (a barrier through the writer's queue)."""
+        barrier = _Barrier(threading.Event())
+        with self._gate:
+            if self._closed:
+                return
+            self._queue.put(barrier)
+        barrier.reached.wait()
+        if barrier.error is not None:
+            raise barrier.error
+
+    async def flush(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.flush_sync)
 
     async def close(self) -> None:
         if self._closed:
@@ -342,12 +343,21 @@ class LMDBTier(Tier):
         await loop.run_in_executor(None, self.close_sync)
 
     def close_sync(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
+        with self._gate:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
         self._writer.join()
-        self._env.sync(True)
-        if self._own_executor:
-            self._executor.shutdown(wait=True)
-        self._env.close()
+        try:
+            self._env.sync(True)
+        except lmdb.Error as exc:
+            raise self._storage_error("sync", exc) from exc
+        finally:
+            if self._own_executor:
+                self._executor.shutdown(wait=True)
+            self._env.close()
+
+
+if TYPE_CHECKING:  # mypy checks that the class plays its role
+    _plays_role: type[KeyValueTier] = LMDBTier

@@ -25,13 +25,9 @@ Object layout: a 32-byte header, then the payload exactly as given::
 Why a header and not S3 user metadata: user metadata is not returned by a
 listing either (it needs one request per object all the same), the local
 filesystem store cannot keep it, and ``rclone serve s3`` keeps it only in
-memory. The header works on every store. ``scan()`` lists the bucket (size
-comes from the listing) and reads only the 32 header bytes of each object with
-a ranged GET, ``concurrency`` at a time — never the payload. Servers that
-answer a ranged GET with ``200`` instead of ``206`` (rclone serve s3 up to at
-least 1.75) make obstore refuse the answer; the tier then notes it, logs it
-once, and reads headers by streaming the object and dropping the connection
-after the first chunk (bounded waste, still no full payload read).
+memory. The header works on every store. ``list_blocks()`` rebuilds an index
+from the listing alone (sizes come from it); the checksum and creation time
+come from the header on each read.
 
 Failure behaviour (the store translates; nothing here retries forever):
 
@@ -44,23 +40,19 @@ Failure behaviour (the store translates; nothing here retries forever):
   breaker; after ``breaker_failures`` consecutive failed calls, calls fail at
   once, without a request, for ``breaker_reset_s``; then one call goes out as
   a single-request probe and decides (success closes, failure re-opens);
-- ``get``/``put``/``delete``/``contains``/``scan`` raise
-  :class:`~kvstore.errors.TierUnavailable` when the store cannot be reached,
-  times out, refuses (credentials, missing bucket), the breaker is open or the
-  tier is closed. A genuine miss is ``None`` / ``False``, never an exception,
-  so the store can tell "not there" from "cannot tell";
-- ``get`` raises :class:`~kvstore.errors.CorruptBlock` when an object's header
-  is not a valid kvstore header or disagrees with its size.
-
-``usage()`` counts what this process has seen: puts and deletes it made and
-blocks ``scan`` listed. Other nodes sharing the bucket are not tracked.
+- every call raises :class:`~kvstore.errors.TierUnavailable` when the store
+  cannot be reached, times out, refuses (credentials, missing bucket), the
+  breaker is open or the tier is closed. A genuine miss is ``None`` /
+  ``False``, never an exception, so the store can tell "not there" from
+  "cannot tell";
+- ``get_with_meta`` raises :class:`~kvstore.errors.CorruptBlock` when an
+  object's header is not a valid kvstore header or disagrees with its size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import random
 import struct
 import time
@@ -80,14 +72,13 @@ from obstore.exceptions import (
 from obstore.store import LocalStore, S3Store
 
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
-from kvstore.tiers.base import BlockMeta, Buffer, Tier, TierUsage
+from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
-from kvstore.types import BlockId, TierName
+from kvstore.types import BlockId
 
 if TYPE_CHECKING:
     from kvstore.config import L3Config
-
-log = logging.getLogger(__name__)
+    from kvstore.tiers.base import ObjectStore
 
 HEADER = struct.Struct("<4sB3xQQd")
 HEADER_SIZE = HEADER.size  # 32
@@ -160,10 +151,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:300]}"
 
 
-class ObjectTier(Tier):
-    """L3 tier over an obstore store. See the module docstring."""
-
-    name = TierName.L3
+class ObjectTier:
+    """L3 tier over an obstore store, in the :class:`~kvstore.tiers.base.ObjectStore`
+    role. See the module docstring."""
 
     def __init__(
         self,
@@ -178,7 +168,6 @@ class ObjectTier(Tier):
         retries: int = 3,
         breaker_failures: int = 5,
         breaker_reset_s: float = 5.0,
-        capacity: int = 0,
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -195,7 +184,6 @@ class ObjectTier(Tier):
             raise InvalidConfig("l3.breaker_reset_s must not be negative")
         self.timeout_s = float(timeout_s)
         self.retries = retries
-        self.capacity = capacity
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._store, self.location = _open_store(
@@ -211,17 +199,14 @@ class ObjectTier(Tier):
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._closed = False
         self._last_error = ""
-        self._ranged_reads = True
-        self._sizes: dict[BlockId, int] = {}
-        self._bytes = 0
         # counters (for stats and tests)
         self.requests = 0  # requests sent to the store
         self.failed_requests = 0
         self.retried = 0
-        self.scan_skipped = 0  # foreign or damaged objects seen by scan
+        self.scan_skipped = 0  # foreign or damaged objects seen by list_blocks
 
     @classmethod
-    def from_config(cls, config: L3Config, *, capacity: int = 0) -> ObjectTier:
+    def from_config(cls, config: L3Config) -> ObjectTier:
         return cls(
             config.url,
             endpoint=config.endpoint,
@@ -233,7 +218,6 @@ class ObjectTier(Tier):
             retries=config.retries,
             breaker_failures=config.breaker_failures,
             breaker_reset_s=config.breaker_reset_s,
-            capacity=capacity,
         )
 
     def __repr__(self) -> str:
@@ -269,7 +253,7 @@ class ObjectTier(Tier):
             return False
         return True
 
-    # -- Tier interface -----------------------------------------------------------
+    # -- blocks -----------------------------------------------------------
 
     async def put(self, block: BlockId, data: Buffer, meta: BlockMeta) -> None:
         mv = memoryview(data)
@@ -281,11 +265,6 @@ class ObjectTier(Tier):
         body[HEADER_SIZE:] = mv
         path = object_path(block)
         await self._call("put", path, lambda: obstore.put_async(self._store, path, body))
-        self._remember(block, size)
-
-    async def get(self, block: BlockId) -> Buffer | None:
-        found = await self.get_with_meta(block)
-        return None if found is None else found[1]
 
     async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
         """The payload with the metadata its header records, or None."""
@@ -297,7 +276,6 @@ class ObjectTier(Tier):
 
         raw = await self._call("get", path, fetch, missing_ok=True)
         if raw is MISSING:
-            self._forget(block)
             return None
         mv = memoryview(raw)
         meta = unpack_header(mv)
@@ -306,8 +284,12 @@ class ObjectTier(Tier):
                 f"L3 object {path!r} on {self.location} is not a kvstore block "
                 f"({len(mv)} bytes, header {bytes(mv[:HEADER_SIZE]).hex()})"
             )
-        self._remember(block, meta.size)
         return meta, mv[HEADER_SIZE:]
+
+    async def get(self, block: BlockId) -> memoryview | None:
+        """The payload alone (bench/bench_l3.py; the store uses get_with_meta)."""
+        found = await self.get_with_meta(block)
+        return None if found is None else found[1]
 
     async def head_size(self, block: BlockId) -> int | None:
         """The payload size of a stored block (one HEAD request), or None."""
@@ -316,13 +298,9 @@ class ObjectTier(Tier):
             "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
         )
         if found is MISSING:
-            self._forget(block)
             return None
         size = int(found["size"]) - HEADER_SIZE
-        if size < 0:
-            return None
-        self._remember(block, size)
-        return size
+        return size if size >= 0 else None
 
     async def _list_pages(self) -> AsyncIterator[list[Any]]:
         """The listing under the prefix, a page at a time, each page fetched
@@ -352,7 +330,6 @@ class ObjectTier(Tier):
                 if block is None or size < 0:
                     self.scan_skipped += 1
                     continue
-                self._remember(block, size)
                 yield block, size
 
     async def delete(self, block: BlockId) -> bool:
@@ -361,96 +338,16 @@ class ObjectTier(Tier):
             "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
         )
         if found is MISSING:
-            self._forget(block)
             return False
         await self._call(
             "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True
         )
-        self._forget(block)
         return True
-
-    async def contains(self, block: BlockId) -> bool:
-        path = object_path(block)
-        found = await self._call(
-            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
-        )
-        if found is MISSING:
-            self._forget(block)
-            return False
-        return True
-
-    async def scan(self) -> AsyncIterator[tuple[BlockId, BlockMeta]]:
-        """List every block under the prefix (all namespaces, all nodes'
-        writes) and read each object's 32-byte header, never its payload.
-        Objects that are not kvstore blocks are skipped (``scan_skipped``).
-        A failure raises TierUnavailable; listing pages are not retried
-        (the caller scans again later)."""
-        async for page in self._list_pages():
-            wanted: list[tuple[BlockId, str, int]] = []
-            for obj in page:
-                path = str(obj["path"])
-                block = parse_object_path(path)
-                if block is None or int(obj["size"]) < HEADER_SIZE:
-                    self.scan_skipped += 1
-                    continue
-                wanted.append((block, path, int(obj["size"]) - HEADER_SIZE))
-            headers = await asyncio.gather(
-                *(self._read_header(path) for _, path, _ in wanted), return_exceptions=True
-            )
-            for (block, path, size), header in zip(wanted, headers, strict=True):
-                if isinstance(header, BaseException):
-                    raise header
-                if header is MISSING:  # deleted since the listing
-                    continue
-                meta = unpack_header(header)
-                if meta is None or meta.size != size:
-                    self.scan_skipped += 1
-                    log.warning("L3 scan: skipping %r on %s: not a kvstore block", path,
-                                self.location)
-                    continue
-                self._remember(block, size)
-                yield block, meta
-
-    def usage(self) -> TierUsage:
-        return TierUsage(len(self._sizes), self._bytes, self.capacity)
 
     async def close(self) -> None:
         self._closed = True
 
     # -- internals ----------------------------------------------------------------
-
-    def _remember(self, block: BlockId, size: int) -> None:
-        old = self._sizes.get(block)
-        self._sizes[block] = size
-        self._bytes += size - (old or 0)
-
-    def _forget(self, block: BlockId) -> None:
-        old = self._sizes.pop(block, None)
-        if old is not None:
-            self._bytes -= old
-
-    async def _read_header(self, path: str) -> Any:
-        async def fetch() -> Any:
-            if self._ranged_reads:
-                try:
-                    return await obstore.get_range_async(
-                        self._store, path, start=0, end=HEADER_SIZE
-                    )
-                except GenericError as exc:
-                    if "non-partial" not in str(exc).lower():
-                        raise
-                    self._ranged_reads = False
-                    log.warning(
-                        "L3 %s answers ranged GETs with 200 instead of 206; scan reads "
-                        "headers by streaming each object and dropping the rest",
-                        self.location,
-                    )
-            result = await obstore.get_async(self._store, path)
-            async for chunk in result.stream(min_chunk_size=HEADER_SIZE):
-                return bytes(memoryview(chunk)[:HEADER_SIZE])
-            return b""
-
-        return await self._call("header", path, fetch, missing_ok=True)
 
     async def _call(
         self,
@@ -602,3 +499,7 @@ def _open_store(
     except Exception as exc:
         raise InvalidConfig(f"l3: cannot configure {where}: {exc}") from None
     return store, where
+
+
+if TYPE_CHECKING:  # mypy checks that the class plays its role
+    _plays_role: type[ObjectStore] = ObjectTier

@@ -37,6 +37,11 @@ def meta_for(data: bytes, created: float | None = None) -> BlockMeta:
     return BlockMeta(len(data), checksum(data), time.time() if created is None else created)
 
 
+async def payload(tier: ObjectTier, block: tuple[str, bytes]) -> bytes | None:
+    found = await tier.get_with_meta(block)
+    return None if found is None else bytes(found[1])
+
+
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
     with S3Server() as server:
@@ -80,42 +85,41 @@ def test_round_trip(open_tier: Callable[..., ObjectTier], size: int) -> None:
         tier = open_tier()
         data = os.urandom(size)
         await tier.put(("ns", b"\x00\xffkey"), data, meta_for(data))
-        got = await tier.get(("ns", b"\x00\xffkey"))
-        assert got is not None and bytes(got) == data
-        assert tier.usage().bytes == size
+        assert await payload(tier, ("ns", b"\x00\xffkey")) == data
+        assert bytes(await tier.get(("ns", b"\x00\xffkey")) or b"") == data
+        assert await tier.head_size(("ns", b"\x00\xffkey")) == size
         await tier.close()
 
     run(go())
 
 
-def test_miss_contains_delete_overwrite(open_tier: Callable[..., ObjectTier]) -> None:
+def test_miss_head_delete_overwrite(open_tier: Callable[..., ObjectTier]) -> None:
     async def go() -> None:
         tier = open_tier()
         block = ("ns", b"k1")
-        assert await tier.get(block) is None
-        assert not await tier.contains(block)
+        assert await payload(tier, block) is None
+        assert await tier.head_size(block) is None
         assert not await tier.delete(block)
         a, b = os.urandom(3000), os.urandom(7000)
         await tier.put(block, a, meta_for(a))
-        assert await tier.contains(block)
+        assert await tier.head_size(block) == 3000
         await tier.put(block, b, meta_for(b))
-        got = await tier.get(block)
-        assert got is not None and bytes(got) == b
-        assert (tier.usage().blocks, tier.usage().bytes) == (1, 7000)
+        assert await payload(tier, block) == b
+        assert await tier.head_size(block) == 7000
         assert await tier.delete(block)
-        assert not await tier.contains(block)
-        assert await tier.get(block) is None
-        assert (tier.usage().blocks, tier.usage().bytes) == (0, 0)
+        assert await tier.head_size(block) is None
+        assert await payload(tier, block) is None
         assert tier.healthy  # misses are answers, not failures
         await tier.close()
         await tier.close()  # idempotent
         with pytest.raises(TierUnavailable, match="closed"):
-            await tier.get(block)
+            await tier.get_with_meta(block)
 
     run(go())
 
 
-def test_scan_after_reopen_has_exact_metadata(open_tier: Callable[..., ObjectTier]) -> None:
+def test_reopen_lists_every_block_and_reads_exact_metadata(
+        open_tier: Callable[..., ObjectTier]) -> None:
     async def go() -> None:
         tier = open_tier()
         stored: dict[tuple[str, bytes], BlockMeta] = {}
@@ -128,51 +132,31 @@ def test_scan_after_reopen_has_exact_metadata(open_tier: Callable[..., ObjectTie
         await tier.close()
 
         tier = open_tier()
-        assert tier.usage().blocks == 0  # a new process knows nothing yet
-        scanned = {block: meta async for block, meta in tier.scan()}
-        assert scanned == stored  # size, checksum and created, exactly
-        assert (tier.usage().blocks, tier.usage().bytes) == (
-            len(stored), sum(m.size for m in stored.values()))
+        listed = {block: size async for block, size in tier.list_blocks()}
+        assert listed == {block: meta.size for block, meta in stored.items()}
+        for block, meta in stored.items():
+            found = await tier.get_with_meta(block)
+            assert found is not None and found[0] == meta  # checksum and created, exactly
         await tier.close()
 
     run(go())
 
 
-def test_scan_does_not_read_payloads(open_tier: Callable[..., ObjectTier],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_listing_reads_no_object(open_tier: Callable[..., ObjectTier],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         tier = open_tier()
-        data = os.urandom(4 * 1024**2)
+        data = os.urandom(1024**2)
         for i in range(3):
             await tier.put(("ns", bytes([i])), data, meta_for(data))
-        fetched = 0
-        real_get_async, real_range = obstore.get_async, obstore.get_range_async
 
-        async def counting_get(*args: Any, **kw: Any) -> Any:
-            result = await real_get_async(*args, **kw)
+        async def no_request_per_object(*args: Any, **kw: Any) -> Any:
+            raise AssertionError("the listing read an object")
 
-            class Counted:
-                def stream(self, min_chunk_size: int) -> Any:
-                    async def chunks() -> Any:
-                        nonlocal fetched
-                        async for chunk in result.stream(min_chunk_size=min_chunk_size):
-                            fetched += len(chunk)
-                            yield chunk
-                    return chunks()
-
-            return Counted()
-
-        async def counting_range(*args: Any, **kw: Any) -> Any:
-            nonlocal fetched
-            out = await real_range(*args, **kw)
-            fetched += len(out)
-            return out
-
-        monkeypatch.setattr(obstore, "get_async", counting_get)
-        monkeypatch.setattr(obstore, "get_range_async", counting_range)
-        assert len([b async for b, _ in tier.scan()]) == 3
-        # Headers only (a streamed fallback may read one network chunk each).
-        assert fetched <= 3 * 256 * 1024, fetched
+        for name in ("get_async", "get_range_async", "head_async"):
+            monkeypatch.setattr(obstore, name, no_request_per_object)
+        listed = [item async for item in tier.list_blocks()]
+        assert sorted(listed) == [(("ns", bytes([i])), len(data)) for i in range(3)]
         await tier.close()
 
     run(go())
@@ -185,12 +169,12 @@ def test_namespaces_and_prefixes_are_disjoint(s3: S3Server, tmp_path: Path) -> N
         await one.put(("a", b"same"), a, meta_for(a))
         await one.put(("b", b"same"), b, meta_for(b))
         await two.put(("a", b"same"), c, meta_for(c))
-        assert bytes(await one.get(("a", b"same")) or b"") == a
-        assert bytes(await one.get(("b", b"same")) or b"") == b
-        assert bytes(await two.get(("a", b"same")) or b"") == c
-        assert await two.get(("b", b"same")) is None
-        assert {blk async for blk, _ in one.scan()} == {("a", b"same"), ("b", b"same")}
-        assert {blk async for blk, _ in two.scan()} == {("a", b"same")}
+        assert await payload(one, ("a", b"same")) == a
+        assert await payload(one, ("b", b"same")) == b
+        assert await payload(two, ("a", b"same")) == c
+        assert await payload(two, ("b", b"same")) is None
+        assert {blk async for blk, _ in one.list_blocks()} == {("a", b"same"), ("b", b"same")}
+        assert {blk async for blk, _ in two.list_blocks()} == {("a", b"same")}
 
     run(go())
 
@@ -229,11 +213,11 @@ def test_foreign_objects_are_skipped_and_bad_blocks_are_corrupt(s3: S3Server,
         await obstore.put_async(raw, "README.txt", b"not a block")
         await obstore.put_async(raw, "ns/zz", b"x" * 64)  # not hex
         await obstore.put_async(raw, "ns/02", b"y" * 64)  # hex name, no header
-        scanned = [blk async for blk, _ in tier.scan()]
-        assert scanned == [("ns", b"\x01")]
-        assert tier.scan_skipped == 3
+        listed = sorted([blk async for blk, _ in tier.list_blocks()])
+        assert listed == [("ns", b"\x01"), ("ns", b"\x02")]  # a block's name and size
+        assert tier.scan_skipped == 2  # README.txt, ns/zz
         with pytest.raises(CorruptBlock):
-            await tier.get(("ns", b"\x02"))
+            await tier.get_with_meta(("ns", b"\x02"))
 
     run(go())
 
@@ -335,8 +319,8 @@ def test_dead_server_fails_fast_with_tier_unavailable(fresh_s3: S3Server) -> Non
         data = os.urandom(1000)
         await tier.put(("ns", b"k"), data, meta_for(data))
         fresh_s3.stop()
-        for op in (lambda: tier.get(("ns", b"k")), lambda: tier.put(("ns", b"k"), data,
-                   meta_for(data)), lambda: tier.contains(("ns", b"k")),
+        for op in (lambda: payload(tier, ("ns", b"k")), lambda: tier.put(("ns", b"k"), data,
+                   meta_for(data)), lambda: tier.head_size(("ns", b"k")),
                    lambda: tier.delete(("ns", b"k"))):
             t0 = time.monotonic()
             with pytest.raises(TierUnavailable, match="attempt"):
@@ -346,7 +330,7 @@ def test_dead_server_fails_fast_with_tier_unavailable(fresh_s3: S3Server) -> Non
         assert tier.failed_requests >= 8 and tier.breaker.consecutive_failures == 4
 
         async def listing() -> None:
-            async for _ in tier.scan():
+            async for _ in tier.list_blocks():
                 pass
 
         with pytest.raises(TierUnavailable):
@@ -364,7 +348,7 @@ def test_unresponsive_server_times_out(tmp_path: Path) -> None:
                               retries=5)
             t0 = time.monotonic()
             with pytest.raises(TierUnavailable, match="timed out"):
-                await tier.get(("ns", b"k"))
+                await payload(tier, ("ns", b"k"))
             elapsed = time.monotonic() - t0
             assert 0.4 <= elapsed < 0.5 + 1.0, elapsed  # one deadline for all retries
 
@@ -384,14 +368,14 @@ def test_breaker_opens_and_stops_requests_reaching_the_server() -> None:
             for _ in range(4):  # 4 failed calls (2 requests each) open it
                 assert tier.breaker.state is BreakerState.CLOSED
                 with pytest.raises(TierUnavailable, match="2 attempt"):
-                    await tier.get(("ns", b"k"))
+                    await payload(tier, ("ns", b"k"))
             assert tier.breaker.state is BreakerState.OPEN and not tier.healthy
             reached = server.connections
             assert reached >= 8 and tier.requests == 8
             t0 = time.monotonic()
             for _ in range(200):
                 with pytest.raises(TierUnavailable, match="circuit breaker open"):
-                    await tier.get(("ns", b"k"))
+                    await payload(tier, ("ns", b"k"))
             assert time.monotonic() - t0 < 1.0  # fail fast: no network, no backoff
             assert server.connections == reached and tier.requests == 8
             assert not await tier.check()
@@ -413,7 +397,7 @@ def test_recovers_after_restart_on_the_same_port(fresh_s3: S3Server) -> None:
         fresh_s3.stop()
         while tier.breaker.state is not BreakerState.OPEN:
             with pytest.raises(TierUnavailable):
-                await tier.get(("ns", b"k"))
+                await payload(tier, ("ns", b"k"))
         opened_at = time.monotonic()
         assert not tier.healthy
 
@@ -425,7 +409,7 @@ def test_recovers_after_restart_on_the_same_port(fresh_s3: S3Server) -> None:
         while got is None:
             assert time.monotonic() < deadline, tier.last_error
             try:
-                got = await tier.get(("ns", b"k"))
+                got = await payload(tier, ("ns", b"k"))
             except TierUnavailable:
                 await asyncio.sleep(0.02)
         assert time.monotonic() - opened_at >= reset_s * 0.9
@@ -459,7 +443,7 @@ def test_wrong_credentials_are_not_retried(s3: S3Server) -> None:
         tier = ObjectTier(s3.url("creds"), endpoint=s3.endpoint, access_key_id=s3.access_key,
                           secret_access_key="wrong-secret", retries=3)
         with pytest.raises(TierUnavailable, match="PermissionDenied"):
-            await tier.get(("ns", b"k"))
+            await payload(tier, ("ns", b"k"))
         assert tier.requests == 1
 
     run(go())
@@ -491,7 +475,7 @@ def test_transient_errors_are_retried(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setattr(obstore, "put_async", flaky_put)
         await tier.put(("ns", b"k"), b"data", meta_for(b"data"))
         assert calls == 3 and tier.retried == 2 and tier.healthy
-        assert bytes(await tier.get(("ns", b"k")) or b"") == b"data"
+        assert bytes(await payload(tier, ("ns", b"k")) or b"") == b"data"
 
     run(go())
 
@@ -539,7 +523,7 @@ def test_concurrency_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                 in_flight -= 1
 
         monkeypatch.setattr(obstore, "get_async", slow_get)
-        got = await asyncio.gather(*(tier.get(("ns", bytes([i]))) for i in range(12)))
+        got = await asyncio.gather(*(payload(tier, ("ns", bytes([i]))) for i in range(12)))
         assert all(g is not None for g in got)
         assert peak == 3
 

@@ -1,0 +1,145 @@
+"""LMDB failures leave the L2 tier as StorageError, and reach clients as
+UNAVAILABLE (never INTERNAL); a full map is not a failure (it grows).
+
+Faults are injected from here (a test subclass, monkeypatching), never by
+hooks in the production class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import lmdb
+import pytest
+
+from kvstore.checksum import checksum
+from kvstore.client.aio import AsyncClient
+from kvstore.config import load
+from kvstore.errors import StorageError
+from kvstore.server.app import Server
+from kvstore.tiers.base import BlockMeta
+from kvstore.tiers.lmdb_tier import LMDBTier
+from kvstore.types import BlockId
+
+
+def meta_for(data: bytes) -> BlockMeta:
+    return BlockMeta(len(data), checksum(data), time.time())
+
+
+class BrokenLMDBTier(LMDBTier):
+    """An L2 whose storage can be taken away under it."""
+
+    def lose_storage(self) -> None:
+        # Every later LMDB call fails with a real lmdb.Error (closed environment).
+        self._env.close()
+
+
+@pytest.fixture
+def broken_tier(tmp_path: Path) -> Iterator[BrokenLMDBTier]:
+    tier = BrokenLMDBTier(tmp_path / "l2", capacity=1 << 30, initial_map_size=4 << 20)
+    yield tier
+    # The environment is gone: closing reports that, as a StorageError too.
+    with pytest.raises(StorageError):
+        tier.close_sync()
+
+
+def write(tier: LMDBTier, block: BlockId, data: bytes) -> BaseException | None:
+    """Submit one write and wait (bounded) for its outcome."""
+    outcome: list[BaseException | None] = []
+    settled = threading.Event()
+
+    def done(error: BaseException | None, existed: bool) -> None:
+        outcome.append(error)
+        settled.set()
+
+    tier.submit(block, data, meta_for(data), done)
+    assert settled.wait(10), "the write was never settled"
+    return outcome[0]
+
+
+def test_read_failure_is_a_storage_error(broken_tier: BrokenLMDBTier) -> None:
+    assert write(broken_tier, ("ns", b"k"), b"payload") is None
+    broken_tier.lose_storage()
+    with pytest.raises(StorageError, match="L2 read failed"):
+        broken_tier.read_into_sync(("ns", b"k"), None)
+
+
+def test_write_failure_is_a_storage_error_and_the_writer_survives(
+        broken_tier: BrokenLMDBTier) -> None:
+    broken_tier.lose_storage()
+    first = write(broken_tier, ("ns", b"a"), b"one")
+    second = write(broken_tier, ("ns", b"b"), b"two")  # the writer thread still runs
+    assert isinstance(first, StorageError) and "L2 write failed" in str(first)
+    assert isinstance(second, StorageError)
+
+
+def test_scan_failure_is_a_storage_error(broken_tier: BrokenLMDBTier) -> None:
+    broken_tier.lose_storage()
+
+    async def go() -> None:
+        with pytest.raises(StorageError, match="L2 scan failed"):
+            async for _ in broken_tier.scan():
+                pass
+
+    asyncio.run(go())
+
+
+def test_a_full_map_grows_and_no_write_fails(tmp_path: Path) -> None:
+    tier = LMDBTier(tmp_path / "l2", capacity=1 << 30, initial_map_size=1 << 20)
+    try:
+        start = tier.map_size
+        blobs = {i.to_bytes(2, "big"): os.urandom(100_000) for i in range(40)}  # 4x the map
+        for k, v in blobs.items():
+            assert write(tier, ("ns", k), v) is None
+        assert tier.map_grows >= 2 and tier.map_size >= 4 * start
+        found = [tier.read_into_sync(("ns", k), None) for k in blobs]
+        assert [bytes(f[1]) if f else None for f in found] == list(blobs.values())
+    finally:
+        tier.close_sync()
+
+
+def test_opening_an_unusable_directory_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_bytes(b"x")
+    with pytest.raises(StorageError, match="L2 open failed"):
+        LMDBTier(tmp_path / "not-a-dir", capacity=1 << 20)
+
+
+def test_a_failing_l2_write_reaches_the_client_as_unavailable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+
+    def disk_fails(batch: Any) -> list[bool]:
+        raise lmdb.DiskError("mdb_txn_commit: Input/output error")
+
+    async def go() -> None:
+        server = Server(config)
+        await server.start()
+        try:
+            assert server.store.l2 is not None
+            async with AsyncClient(str(server.addresses["tcp"]), namespace="ns",
+                                   timeout=30) as client:
+                before, after = os.urandom(1000), os.urandom(1000)
+                await client.put({b"before": before}, ack="local")
+                monkeypatch.setattr(server.store.l2, "_apply", disk_fails)
+                with pytest.raises(StorageError) as raised:
+                    await client.put({b"during": os.urandom(1000)}, ack="local")
+                assert raised.value.grpc_code == grpc.StatusCode.UNAVAILABLE.name  # type: ignore[attr-defined]
+                assert "Input/output error" in str(raised.value)
+                monkeypatch.undo()
+                # The server kept serving, and L2 takes writes again.
+                await client.put({b"after": after}, ack="local")
+                assert await client.get([b"before", b"after"]) == [before, after]
+        finally:
+            await server.stop(0)
+
+    asyncio.run(go())
