@@ -49,6 +49,14 @@ VPY=$WORK/venv/bin/python
 "$VPY" -m pip wheel -q --no-deps -w "$WORK/wheel" "$SDIST" >"$WORK/wheel.log" 2>&1 ||
   { cat "$WORK/wheel.log" >&2; fail "wheel build from the sdist"; }
 WHEEL=$(ls "$WORK"/wheel/kvstore-*.whl)
+"$VPY" - "$WHEEL" <<'PYEOF' || fail "wheel contents"
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+for want in ("kvstore/_native", "kvstore/v1/kvstore_pb2.py", "kvstore/v1/kvstore_pb2_grpc.py",
+             "kvstore/py.typed", "licenses/LICENSE"):
+    if not any(want in n for n in names):
+        sys.exit(f"package-smoke: the wheel lacks {want}")
+PYEOF
 "$VPY" -m pip install -q "$WHEEL" >"$WORK/install.log" 2>&1 ||
   { cat "$WORK/install.log" >&2; fail "wheel install"; }
 cd "$WORK"  # from here on nothing may import the checkout's sources
