@@ -1,51 +1,89 @@
 #!/usr/bin/env bash
-# kvstore developer entry point. Every command sets itself up: it creates
-# .venv (if missing), installs kvstore with its test tools and builds the
-# Cython extension and the protobuf modules, then does its job.
+# kvstore developer entry point. Every command sets itself up in .venv (created
+# if missing), then does its job. `serve` needs only the runtime: kvstore and its
+# dependencies (the build tools stay in pip's throw-away build environment).
+# The other commands need the dev tools: the build tools from pyproject.toml's
+# [build-system] requires, then kvstore[dev] (test tools, ruff, mypy), editable.
+# Either install builds the Cython extension and the protobuf modules; it is
+# redone only when a build input (pyproject.toml, setup.py, proto/, native/)
+# changed.
 #
 #   ./dev.sh serve [kvstore serve flags]   start the service on embedded defaults
 #   ./dev.sh test  [pytest args]           run the whole test suite (native and pure)
 #   ./dev.sh bench [name]                  run a benchmark from bench/
 #   ./dev.sh lint                          ruff + mypy
+#   ./dev.sh setup                         only set up (the dev tools)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV=${KVSTORE_VENV:-$ROOT/.venv}
 PY=${PYTHON:-python3}
 
+# A digest of the build inputs: the sources only, never what a build writes
+# (native/_native.c is Cython's output).
+build_inputs_digest() {
+  (
+    shopt -s nullglob
+    local c sources=()
+    for c in native/*.c; do [ "$c" = native/_native.c ] || sources+=("$c"); done
+    cat pyproject.toml setup.py proto/kvstore/v1/*.proto native/*.pyx native/*.pxd \
+      native/*.h "${sources[@]}" | sha1sum | cut -c1-40
+  )
+}
+
+# setup runtime|dev: make $VENV hold at least that level. The stamp file records
+# "<level> <digest>"; a dev venv also serves, so it is never downgraded.
 setup() {
+  local want=$1 stamp="$VENV/.kvstore-installed" have="" digest level have_digest
+  digest=$(build_inputs_digest)
+  if [ -f "$stamp" ] && [ -f kvstore/v1/kvstore_pb2.py ]; then
+    read -r level have_digest < "$stamp" || true
+    if [ "${have_digest:-}" = "$digest" ]; then have=$level; fi
+  fi
+  case "$want:$have" in
+    runtime:runtime|runtime:dev|dev:dev) return 0 ;;
+  esac
+  # Rebuilding a dev venv keeps it dev.
+  if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = dev ]; then want=dev; fi
   if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
-  local stamp="$VENV/.kvstore-installed"
-  # Reinstall when the build inputs changed since the last install.
-  local inputs
-  inputs=$(shopt -s nullglob; cat pyproject.toml setup.py proto/kvstore/v1/*.proto native/*.pyx native/*.pxd native/*.h native/*.c | sha1sum | cut -c1-40)
-  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$inputs" ] || [ ! -f kvstore/v1/kvstore_pb2.py ]; then
-    echo "kvstore: setting up $VENV (dependencies, protobuf modules, Cython extension)..." >&2
-    local log="$VENV/setup.log"
-    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
-           "$VENV/bin/python" -m pip install -q "setuptools>=69" wheel "cython>=3.0" \
-             "grpcio-tools>=1.60" "numpy>=1.26" &&
-           "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[dev]"; } >"$log" 2>&1; then
-      cat "$log" >&2
-      echo "kvstore: set-up failed (log: $log)" >&2
-      exit 1
-    fi
-    echo "$inputs" > "$stamp"
+  echo "kvstore: setting up $VENV ($want: dependencies, protobuf modules, Cython extension)..." >&2
+  local log="$VENV/setup.log" ok=0
+  if [ "$want" = runtime ]; then
+    { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+      "$VENV/bin/python" -m pip install -q -e .; } >"$log" 2>&1 || ok=$?
+  else
+    local build_requires
+    build_requires=$("$VENV/bin/python" -c 'import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+    { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+      # shellcheck disable=SC2086  # one requirement per line, none with spaces
+      "$VENV/bin/python" -m pip install -q $build_requires &&
+      # The build requirements again, so that the resolver keeps to their pins
+      # (grpcio-tools caps protobuf) while it picks the dev tools.
+      # shellcheck disable=SC2086
+      "$VENV/bin/python" -m pip install -q --no-build-isolation -e ".[dev]" $build_requires &&
+      "$VENV/bin/python" -m pip check; } >"$log" 2>&1 || ok=$?
   fi
+  if [ "$ok" -ne 0 ]; then
+    cat "$log" >&2
+    echo "kvstore: set-up failed (log: $log)" >&2
+    exit 1
+  fi
+  echo "$want $digest" > "$stamp"
 }
 
 cmd=${1:-help}
 shift || true
 case "$cmd" in
   setup)
-    setup ;;
+    setup dev ;;
   serve)
-    setup
+    setup runtime
     exec "$VENV/bin/kvstore" serve "$@" ;;
   test)
-    setup
+    setup dev
     if [ "$#" -eq 0 ]; then
       # The pure-Python reference (KVSTORE_PURE=1) over the block-format and
       # key tests first, then the whole suite on the native build.
@@ -53,13 +91,13 @@ case "$cmd" in
     fi
     "$VENV/bin/python" -m pytest "$@" ;;
   bench)
-    setup
+    setup dev
     name=${1:-throughput}; shift || true
     exec "$VENV/bin/python" -m "bench.$name" "$@" ;;
   lint)
-    setup
+    setup dev
     "$VENV/bin/ruff" check kvstore tests bench
     "$VENV/bin/mypy" kvstore ;;
   *)
-    sed -n '2,11p' "$0"; exit 2 ;;
+    sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -61,20 +61,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import obstore
-from obstore.exceptions import (
-    GenericError,
-    JoinError,
-    NotFoundError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-)
-from obstore.store import LocalStore, S3Store
-
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
 from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
 from kvstore.types import BlockId
+
+try:  # obstore is the optional `l3` extra: without it the server runs with L3 off
+    import obstore
+    from obstore.exceptions import (
+        GenericError,
+        JoinError,
+        NotFoundError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+    )
+    from obstore.store import LocalStore, S3Store
+except ModuleNotFoundError as _missing:
+    if _missing.name != "obstore":
+        raise
+
+    class _ObstoreAbsent(Exception):
+        """Stands in for obstore's exception classes; never raised."""
+
+    obstore = None  # type: ignore[assignment]
+    GenericError = JoinError = NotFoundError = _ObstoreAbsent  # type: ignore[assignment,misc]
+    PermissionDeniedError = UnauthenticatedError = _ObstoreAbsent  # type: ignore[assignment,misc]
+    LocalStore = S3Store = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from kvstore.config import L3Config
@@ -441,6 +453,11 @@ def _open_store(
     timeout_s: float,
 ) -> tuple[Any, str]:
     """The obstore store for ``url`` and a printable location (no secrets)."""
+    if obstore is None:
+        raise InvalidConfig(
+            f"L3 is configured (l3.url={url}) but obstore is not installed: "
+            "pip install 'kvstore[l3]'"
+        )
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
     if scheme == "file":
