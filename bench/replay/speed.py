@@ -19,6 +19,10 @@ d4238a0)::
     git show d4238a0:kvstore/policy/session.py > /tmp/before/session.py
     .venv/bin/python -m bench.replay.speed --rounds 5 --before /tmp/before
 
+Since the session policy became a package (commit after 41b62fd), ``--before`` takes
+``kvstore/policy/session.py`` and ``bench/replay/sim.py`` of 41b62fd (or earlier): the old
+single-module policy still loads on its own.
+
 ``--session-args '{"defer_shared": true}'`` runs the session policy with the decisions of
 that version (shared blocks last), so both session rows must show the same hits;
 ``--config FILE`` runs it with the ``[policy.session]`` options of a server config file
