@@ -44,7 +44,7 @@ def test_session_options_from_file_env_and_flags_reach_the_policy(tmp_path: Path
 
 
 def test_bad_session_options_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(InvalidConfig, match="policy.session.quantile"):
+    with pytest.raises(InvalidConfig, match=r"policy\.session\.quantile"):
         _load(["--policy-session-quantile", "1.5"])
     with pytest.raises(InvalidConfig, match="policy-session-duel"):
         _load([], env={"KVSTORE_POLICY_SESSION_DUEL": "maybe"})
