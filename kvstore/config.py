@@ -181,12 +181,53 @@ class L3Config:
 
 
 @dataclass(frozen=True)
+class SessionPolicyConfig:
+    """The session policy's knobs (docs/policy.md); the replay lab tunes the same ones."""
+
+    horizon: float = opt(-1.0, "ranking key: > 0, seconds of residence per expected hit "
+                         "within this many seconds; < 0, the same within -horizon x the "
+                         "cache's characteristic time (how long LRU's victim's stream has "
+                         "been idle, EWMA); 0, the mean remaining wait", parse_float)
+    quantile: float = opt(0.0, "with horizon 0: rank by this quantile of the remaining wait "
+                          "instead of its mean (0: the mean)", parse_float)
+    per_stream: bool = opt(False, "predict a stream's next request from its own recent gaps "
+                           "first, the class's histogram second", parse_bool)
+    learn: bool = opt(True, "learn the gap model from the traffic (false: keep the prior "
+                      "guesses, for tests)", parse_bool)
+    rerank_s: float = opt(2.0, "longest a ranking of the streams stands without a request or "
+                          "hint (s)", parse_float)
+    defer_shared: bool = opt(False, "offer blocks that two or more live streams reference "
+                             "after every stream's blocks (false: with their owner's, the "
+                             "stream that referenced them last)", parse_bool)
+    max_tools: int = opt(256, "most tool names (TurnEnd.tool_name) with a gap model of their "
+                         "own", parse_int)
+    tool_min: int = opt(8, "gaps observed after a tool's calls before its own model ranks "
+                        "its streams", parse_int)
+    trust_limit: int = opt(2048, "bound of the trust counter (pair votes session vs LRU)",
+                           parse_int)
+    pair_limit: int = opt(1 << 17, "most block pairs (session choice vs LRU choice) waiting "
+                          "for a vote", parse_int)
+    duel: bool = opt(True, "replay requests on a shadow LRU of the first tier's size and "
+                     "fall back to LRU while it serves more hits", parse_bool)
+    duel_decay: float = opt(0.995, "per-request decay of the duel's hit counts", parse_float)
+    duel_margin: float = opt(0.003, "share of the shadow's hits by which it must lead (plus "
+                             "32 hits) before the policy falls back to LRU", parse_float)
+    duel_warmup: int = opt(1000, "requests after the first tier fills before the duel may "
+                           "fall back to LRU", parse_int)
+    trust_back: int = opt(256, "in LRU fallback: the trust (pair votes) that returns to the "
+                          "session ranking", parse_int)
+    duel_retry: int = opt(300, "in LRU fallback: retry the session ranking after this many "
+                          "requests (0: only on trust_back)", parse_int)
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
-    name: str = opt("lru", "placement policy: lru, s3fifo, sieve, gdsf or session "
+    name: str = opt("session", "placement policy: session, lru, s3fifo, sieve or gdsf "
                     "(docs/policy.md)", parse_str)
     clock: str = opt("wall", "time the policy sees: 'wall' (the server's monotonic clock) or "
                      "'client' (seconds from each call's kvstore-clock metadata: for replaying "
                      "traces through a live server, never for production)", parse_str)
+    session: SessionPolicyConfig = field(default_factory=SessionPolicyConfig)
 
 
 @dataclass(frozen=True)
@@ -210,6 +251,7 @@ SECTIONS: dict[str, type] = {
     "l2": L2Config,
     "l3": L3Config,
     "policy": PolicyConfig,
+    "policy.session": SessionPolicyConfig,  # a table within a section: [policy.session]
 }
 
 
@@ -217,19 +259,19 @@ def _options() -> list[tuple[str | None, dataclasses.Field[Any]]]:
     out: list[tuple[str | None, dataclasses.Field[Any]]] = [
         (None, f) for f in dataclasses.fields(Config) if f.name not in SECTIONS
     ]
-    for section, cls in SECTIONS.items():
-        out.extend((section, f) for f in dataclasses.fields(cls))
+    for section, cls in SECTIONS.items():  # (a nested section's field has no help)
+        out.extend((section, f) for f in dataclasses.fields(cls) if "help" in f.metadata)
     return out
 
 
 def _flag(section: str | None, name: str) -> str:
     parts = [section, name] if section else [name]
-    return "--" + "-".join(p.replace("_", "-") for p in parts if p)
+    return "--" + "-".join(p.replace("_", "-").replace(".", "-") for p in parts if p)
 
 
 def _env(section: str | None, name: str) -> str:
     parts = ["KVSTORE", section, name] if section else ["KVSTORE", name]
-    return "_".join(p.upper() for p in parts if p)
+    return "_".join(p.upper().replace(".", "_") for p in parts if p)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,7 +307,25 @@ def _apply(values: dict[tuple[str | None, str], Any], source: str) -> Config:
             top[name] = parsed
         else:
             sections[section][name] = parsed
-    return Config(**top, **{s: cls(**sections[s]) for s, cls in SECTIONS.items()})
+    built: dict[str, Any] = {}
+    for s in sorted(SECTIONS, key=lambda s: -s.count(".")):  # nested sections first
+        kwargs = dict(sections[s])
+        for child in SECTIONS:
+            if child.rpartition(".")[0] == s:
+                kwargs[child.rpartition(".")[2]] = built[child]
+        built[s] = SECTIONS[s](**kwargs)
+    return Config(**top, **{s: built[s] for s in SECTIONS if "." not in s})
+
+
+def _table(section: str, table: dict[str, Any],
+           values: dict[tuple[str | None, str], Any]) -> None:
+    """A TOML section's options into ``values``; a table within it (``[policy.session]``)
+    is the nested section of that name."""
+    for name, v in table.items():
+        if f"{section}.{name}" in SECTIONS and isinstance(v, dict):
+            _table(f"{section}.{name}", v, values)
+        else:
+            values[(section, name)] = v
 
 
 def load(
@@ -287,8 +347,7 @@ def load(
             raise InvalidConfig(f"config file {path}: {exc}") from None
         for key, value in doc.items():
             if key in SECTIONS and isinstance(value, dict):
-                for name, v in value.items():
-                    values[(key, name)] = v
+                _table(key, value, values)
             elif key in SECTIONS:
                 raise InvalidConfig(f"config file {path}: [{key}] must be a table")
             else:
@@ -331,6 +390,7 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.capacity must hold at least one page")
     if config.policy.clock not in ("wall", "client"):
         raise InvalidConfig("policy.clock must be 'wall' or 'client'")
+    validate_session_policy(config.policy.session)
     if not 0.0 <= s.pin_quota <= 1.0:
         raise InvalidConfig("server.pin_quota must be in [0, 1]")
     if config.l2.write_mode not in ("evict", "always"):
@@ -341,6 +401,20 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
     if config.l3.outage_spill < 0.0:
         raise InvalidConfig("l3.outage_spill must be >= 0")
+
+
+def validate_session_policy(sp: SessionPolicyConfig) -> None:
+    if not 0.0 <= sp.quantile < 1.0:
+        raise InvalidConfig("policy.session.quantile must be in [0, 1)")
+    if not 0.0 < sp.duel_decay <= 1.0:
+        raise InvalidConfig("policy.session.duel_decay must be in (0, 1]")
+    for name in ("rerank_s", "duel_margin"):
+        if getattr(sp, name) < 0.0:
+            raise InvalidConfig(f"policy.session.{name} must be >= 0")
+    for name in ("max_tools", "tool_min", "trust_limit", "pair_limit", "duel_warmup",
+                 "trust_back", "duel_retry"):
+        if getattr(sp, name) < 0:
+            raise InvalidConfig(f"policy.session.{name} must be >= 0")
 
 
 def reference_markdown() -> str:

@@ -8,11 +8,18 @@
 A half (~100 sessions) cannot average 64 concurrent sessions over its arrival window (the
 window shrinks to nothing before it does: at most ~n/2), so K=64 replays all 202 and
 reports each half's references separately (``Workload.groups``).
+
+The session policy runs with the server's own options: ``--config FILE`` reads its
+``[policy.session]`` table (the server's TOML file), ``--session-args JSON`` overrides
+options by name (e.g. ``'{"duel": false}'``); both become one ``SessionPolicyConfig``,
+recorded with the results, so a tuned policy deploys as is (the same TOML table, or
+``--policy-session-<option>`` flags, ``KVSTORE_POLICY_SESSION_<OPTION>`` variables).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import sys
@@ -29,7 +36,10 @@ from bench.replay.workloads import (
     load_sessions,
     split_half,
 )
-from kvstore.policy import POLICIES
+from kvstore import config as kvconfig
+from kvstore.config import SessionPolicyConfig
+from kvstore.errors import InvalidConfig
+from kvstore.policy import POLICIES, SessionPolicy
 from kvstore.types import TierName
 
 BASELINES = ("lru", "s3fifo", "sieve", "gdsf")
@@ -57,8 +67,30 @@ def _workload(spec: tuple[Any, ...]) -> Workload:
     return w
 
 
-#: keyword arguments for the session policy (``--session-args``), set before the runs
-SESSION_ARGS: dict[str, Any] = {}
+def session_config(config_file: str = "", session_args: str = "") -> SessionPolicyConfig:
+    """The session policy's options: ``[policy.session]`` of the TOML ``config_file``
+    (defaults if none), then ``session_args`` (a JSON object: option -> value, parsed as
+    the server parses that option). Unknown options and bad values are InvalidConfig."""
+    cfg = (kvconfig.load(env={}, file=config_file).policy.session if config_file
+           else SessionPolicyConfig())
+    if session_args:
+        overrides = json.loads(session_args)
+        if not isinstance(overrides, dict):
+            raise InvalidConfig("--session-args must be a JSON object: option -> value")
+        fields = {f.name: f for f in dataclasses.fields(SessionPolicyConfig)}
+        values = {}
+        for name, raw in overrides.items():
+            if name not in fields:
+                raise InvalidConfig(f"unknown session policy option {name!r}; options: "
+                                    f"{', '.join(fields)}")
+            values[name] = fields[name].metadata["parse"](raw)
+        cfg = dataclasses.replace(cfg, **values)
+    kvconfig.validate_session_policy(cfg)
+    return cfg
+
+
+#: the session policy's options (``--config``, ``--session-args``), set before the runs
+SESSION_CONFIG = SessionPolicyConfig()
 
 
 def run_one(job: tuple[tuple[Any, ...], str, str, int]) -> dict[str, Any]:
@@ -70,8 +102,8 @@ def run_one(job: tuple[tuple[Any, ...], str, str, int]) -> dict[str, Any]:
             _nxt[spec] = sim.next_uses(w)
         r = sim.belady(w, cap, _nxt[spec])
     else:
-        kw = SESSION_ARGS if policy == "session" else {}
-        p = POLICIES[policy]([TierName.L1], **kw)
+        p = (SessionPolicy([TierName.L1], SESSION_CONFIG) if policy == "session"
+             else POLICIES[policy]([TierName.L1]))
         r = sim.simulate(w, p, cap)
     d = r.as_dict(w.tokens_per_block)
     d.update(label=label, pct=pct, workload=w.name.split("-K")[0] if spec[0] != "mooncake"
@@ -128,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="bench/replay/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--config", default="",
+                    help="the server's TOML config file: the session policy runs with its "
+                         "[policy.session] options")
     ap.add_argument("--session-args", default="",
-                    help='JSON keyword arguments of the session policy, e.g. \'{"duel": false}\'')
+                    help='session policy options (JSON, override --config), e.g. '
+                         '\'{"duel": false}\'')
     args = ap.parse_args(argv)
-    SESSION_ARGS.clear()
-    if args.session_args:
-        SESSION_ARGS.update(json.loads(args.session_args))
+    global SESSION_CONFIG
+    SESSION_CONFIG = session_config(args.config, args.session_args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = jobs_for(args)
@@ -154,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(rows[-1]) + "\n")
     path = out / f"{tag}.json"
     path.write_text(json.dumps({"args": vars(args), "rows": rows,
+                                "session_config": dataclasses.asdict(SESSION_CONFIG),
                                 "wall_s": time.time() - t0}, indent=1))
     print(f"wrote {path} ({len(rows)} runs, {time.time() - t0:.0f} s)")
     from bench.replay.report import plots, tables

@@ -14,8 +14,8 @@ incoming block competes too, i.e. bypass allowed) on the same reference string.
 
 Speed: payloads are lists of interned ints (see ``workloads``), so a run allocates
 nothing per reference; the hit phase of a request is one ``on_hits`` call and the Put
-phase one ``fill`` call (``Policy.fill`` is exactly the per-block sequence above; a
-policy may inline it, with the same decisions).
+phase one ``fill`` call (``Policy.fill`` is exactly the per-block sequence above;
+``kvstore.policy.fast`` inlines it for some policies, with the same decisions).
 
 Per-group attribution: when ``w.groups`` maps a stream to a label (e.g. the tuning /
 held-out half a session belongs to), refs and hits are also counted per label
@@ -33,6 +33,7 @@ from itertools import filterfalse
 
 from bench.replay.workloads import REQ, Workload
 from kvstore.policy.base import Policy
+from kvstore.policy.fast import fill_for
 from kvstore.types import TierName
 
 L1 = TierName.L1
@@ -105,7 +106,7 @@ def _payload(p: object) -> Sequence[int]:
 
 def simulate(w: Workload, policy: Policy, capacity: int) -> Result:
     res: set[object] = set()
-    on_hits, fill = policy.on_hits, policy.fill
+    on_hits, fill = policy.on_hits, fill_for(policy)
     on_request, on_event = policy.on_request, policy.on_session_event
     tpb = w.tokens_per_block
     miss_s, hit_s = tpb / PREFILL_TOKENS_PER_S, tpb / LOAD_TOKENS_PER_S

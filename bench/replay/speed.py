@@ -19,8 +19,14 @@ d4238a0)::
     git show d4238a0:kvstore/policy/session.py > /tmp/before/session.py
     .venv/bin/python -m bench.replay.speed --rounds 5 --before /tmp/before
 
+Since the session policy became a package (commit after 41b62fd), ``--before`` takes
+``kvstore/policy/session.py`` and ``bench/replay/sim.py`` of 41b62fd (or earlier): the old
+single-module policy still loads on its own.
+
 ``--session-args '{"defer_shared": true}'`` runs the session policy with the decisions of
-that version (shared blocks last), so both session rows must show the same hits.
+that version (shared blocks last), so both session rows must show the same hits;
+``--config FILE`` runs it with the ``[policy.session]`` options of a server config file
+(as the lab does).
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -37,8 +42,9 @@ from types import ModuleType
 from typing import Any
 
 from bench.replay import sim
+from bench.replay.lab import session_config
 from bench.replay.workloads import agent_files, agent_workload, load_sessions, split_half
-from kvstore.policy import POLICIES
+from kvstore.policy import POLICIES, SessionPolicy
 from kvstore.types import TierName
 
 
@@ -62,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=float, default=16.0)
     ap.add_argument("--pct", type=float, default=5.0)
     ap.add_argument("--hints", default="engine")
+    ap.add_argument("--config", default="",
+                    help="the server's TOML config file: its [policy.session] options")
     ap.add_argument("--session-args", default="",
-                    help='JSON keyword arguments of the session policy, e.g. \'{"duel": false}\'')
+                    help='session policy options (JSON, override --config), e.g. '
+                         '\'{"duel": false}\'')
     ap.add_argument("--before", default="",
                     help="a folder with an earlier sim.py and session.py to compare with")
     args = ap.parse_args(argv)
@@ -73,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     names = args.policies.split(",")
     # name -> (simulate function, policy class)
     runs: dict[str, tuple[Any, Any]] = {p: (sim.simulate, POLICIES.get(p)) for p in names}
-    if args.session_args and "session" in runs:
-        kw = json.loads(args.session_args)
-        runs["session"] = (sim.simulate, functools.partial(POLICIES["session"], **kw))
+    if (args.config or args.session_args) and "session" in runs:
+        cfg = session_config(args.config, args.session_args)
+        runs["session"] = (sim.simulate, functools.partial(SessionPolicy, config=cfg))
     if args.before:
         old_sim = _load(Path(args.before) / "sim.py", "_before_sim")
         old_ses = _load(Path(args.before) / "session.py", "_before_session")

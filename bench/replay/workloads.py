@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import zlib
 from array import array
@@ -36,7 +37,9 @@ from kvstore.types import SessionEnd, SessionEvent, TurnEnd, TurnEndReason
 REQ = 0
 HINT = 1
 
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+#: the shared traces: ``KVSTORE_TRACES``, else ``shared/traces`` beside the checkout
+TRACES = Path(os.environ.get("KVSTORE_TRACES")
+              or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
 AGENT_DIR = TRACES / "agentic-cc" / "dev"
 MOONCAKE_DIR = TRACES / "mooncake"
 

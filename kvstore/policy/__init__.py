@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvstore.config import PolicyConfig
 from kvstore.errors import InvalidConfig
 from kvstore.policy.base import Action, Evictable, Policy
 from kvstore.policy.gdsf import GDSFPolicy
@@ -22,14 +23,19 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, tiers: Sequence[TierName]) -> Policy:
-    """The policy called ``name`` (config ``policy.name``) for these tiers."""
+def make_policy(config: PolicyConfig | str, tiers: Sequence[TierName]) -> Policy:
+    """The policy ``config`` names (``policy.name``) for these tiers, with its options
+    (``[policy.session]``). A bare name means that policy with the default options."""
+    if isinstance(config, str):
+        config = PolicyConfig(name=config)
     try:
-        cls = POLICIES[name]
+        cls = POLICIES[config.name]
     except KeyError:
         raise InvalidConfig(
-            f"unknown policy {name!r}; choose one of {', '.join(sorted(POLICIES))}"
+            f"unknown policy {config.name!r}; choose one of {', '.join(sorted(POLICIES))}"
         ) from None
+    if cls is SessionPolicy:
+        return SessionPolicy(tiers, config.session)
     return cls(tiers)
 
 

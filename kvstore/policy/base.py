@@ -84,8 +84,9 @@ class Policy(abc.ABC):
         that holds ``resident`` (updated here) and at most ``capacity`` blocks. Exactly
         the server's sequence per block not already resident: while the tier is full,
         ``victim`` -> remove it -> ``on_remove``; then insert -> ``on_insert``. Returns
-        the number of blocks inserted. Policies override it only to be faster (same
-        calls, same decisions)."""
+        the number of blocks inserted. The simulator's accelerator
+        (``kvstore.policy.fast``) inlines it for some policies, with the same decisions;
+        the decisions themselves live in the methods above."""
         victim, on_remove, on_insert = self.victim, self.on_remove, self.on_insert
         add, discard = resident.add, resident.discard
         n = 0

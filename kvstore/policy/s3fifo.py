@@ -69,46 +69,6 @@ class S3FIFOPolicy(Policy):
             if f is not None and f < 3:
                 freq[block] = f + 1
 
-    def fill(self, tier: TierName, blocks: Sequence[BlockId], size: int, now: float,
-             session: str | None, resident: set[BlockId], capacity: int) -> int:
-        """``Policy.fill`` (per block: ``victim`` -> ``on_remove`` while full, then
-        ``on_insert``) with the calls inlined for the simulator; same steps, same
-        decisions (a test compares them)."""
-        q = self._q[tier]
-        small, main, ghost, freq = q.small, q.main, q.ghost, q.freq
-        next_victim = self._next_victim
-        add, discard = resident.add, resident.discard
-        nres = len(resident)
-        n = 0
-        for b in blocks:
-            if b in resident:
-                continue  # a repeat within the request
-            while nres >= capacity:
-                v = next_victim(q, None)
-                if v is None:
-                    break
-                if v in resident:
-                    discard(v)
-                    nres -= 1
-                # -- on_remove(tier, v)
-                if freq.pop(v, None) is not None or v in small or v in main:
-                    small.pop(v, None)
-                    main.pop(v, None)
-            if nres < capacity:
-                add(b)
-                nres += 1
-                n += 1
-                # -- on_insert(tier, b, ...)
-                if b in freq:
-                    continue
-                freq[b] = 0
-                if b in ghost:
-                    del ghost[b]
-                    main[b] = None
-                else:
-                    small[b] = None
-        return n
-
     def on_remove(self, tier: TierName, block: BlockId) -> None:
         q = self._q[tier]
         if q.freq.pop(block, None) is not None or block in q.small or block in q.main:

@@ -93,7 +93,7 @@ def test_stats_count_puts_hits_and_misses(target: str, request: pytest.FixtureRe
         assert after.get_hits == before.get_hits + 1
         l1 = next(t for t in after.tiers if t.tier == TierName.L1)
         assert l1.capacity == 256 * 1024**2 and l1.blocks >= 1
-        assert after.policy == "lru"
+        assert after.policy == "session"  # the default
 
 
 def test_session_events_are_recorded(target: str, request: pytest.FixtureRequest) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from bench.replay.workloads import (
     load_mooncake,
     load_sessions,
 )
+from kvstore import config as kvconfig
 from kvstore.policy import POLICIES
 from kvstore.types import TierName
 
@@ -119,22 +121,36 @@ def test_fill_is_victim_remove_insert_per_block(name: str) -> None:
         assert (fast.hits, fast.inserts) == (slow.hits, slow.inserts), (name, cap)
 
 
-def test_lab_session_args_reach_the_policy() -> None:
+def test_lab_session_options_are_the_servers(tmp_path: Path) -> None:
+    """The lab's session policy reads the server's [policy.session] table, and
+    --session-args overrides it option by option, parsed as the server parses them."""
     from bench.replay import lab
+    from kvstore.config import SessionPolicyConfig
+    from kvstore.errors import InvalidConfig
+
+    toml = tmp_path / "kvstore.toml"
+    toml.write_text('[policy]\nname = "session"\n\n[policy.session]\nhorizon = 0.0\n'
+                    'duel = false\n')
+    cfg = lab.session_config(str(toml), '{"tool_min": "12"}')
+    assert cfg == SessionPolicyConfig(horizon=0.0, duel=False, tool_min=12)
+    served = kvconfig.load(env={}, file=toml).policy.session  # what the server runs
+    assert lab.session_config(str(toml)) == served and not served.duel
+    with pytest.raises(InvalidConfig, match="no_such_option"):
+        lab.session_config("", '{"no_such_option": 1}')
+    with pytest.raises(InvalidConfig, match="quantile"):
+        lab.session_config("", '{"quantile": 2}')
 
     w = workload([[1, 2, 3], [1, 2, 4], [5, 6], [1, 2, 3, 4]])
     spec = ("mooncake", "hand-made")
     lab._cache.clear()
     lab._cache[spec] = w
     try:
-        lab.SESSION_ARGS.update({"horizon": 0.0})
-        assert lab.run_one((spec, "session", "session", 50))["hits"] >= 0
-        lab.SESSION_ARGS.update({"no_such_option": 1})
-        with pytest.raises(TypeError):
-            lab.run_one((spec, "session", "session", 50))
+        lab.SESSION_CONFIG = cfg
+        d = lab.run_one((spec, "session", "session", 50))
+        assert d["hits"] >= 0
         assert lab.run_one((spec, "lru", "lru", 50))["hits"] >= 0  # only the session policy
     finally:
-        lab.SESSION_ARGS.clear()
+        lab.SESSION_CONFIG = SessionPolicyConfig()
         lab._cache.clear()
 
 

@@ -214,9 +214,10 @@ def _agent_trace(seed: int, n_streams: int = 6, steps: int = 400) -> list[tuple[
 
 def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool) -> list[Any]:
     from kvstore.policy.base import Policy
+    from kvstore.policy.fast import fill_for
 
     res: set[Any] = set()
-    fill = p.fill if fast else (lambda *a: Policy.fill(p, *a))
+    fill = fill_for(p) if fast else (lambda *a: Policy.fill(p, *a))
     states = []
     for ev in trace:
         if ev[0] == "hint":
@@ -236,7 +237,8 @@ def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool
 
 
 def test_fill_fast_path_makes_the_same_decisions() -> None:
-    """SessionPolicy.fill (the simulator's inlined path) against Policy.fill (victim ->
+    """The session policy's accelerated Put phase (kvstore.policy.fast, the simulator's
+    inlined path) against Policy.fill (victim ->
     on_remove -> on_insert per block): the same resident set, trust, mode, learned
     horizon and stats after every request, on random agent-like traces, with and without
     the duel and shared-block deferral, at capacities from a few blocks to most of the

@@ -91,13 +91,13 @@ def test_session_ranks_once_per_change_when_tiers_take_turns() -> None:
         p.on_insert(L1, b, 1, 0.0, "s")
         p.on_insert(L2, b, 1, 0.0, "s")
     built = []
-    real = p._candidates
+    real = p._ranking
 
     def counted(tier: TierName, ts: Any, now: float) -> Any:
         built.append(tier)
         return real(tier, ts, now)
 
-    p._candidates = counted  # type: ignore[method-assign]
+    p._ranking = counted  # type: ignore[method-assign]
     for i in range(6):
         tier = (L1, L2)[i % 2]
         v = p.victim(tier, 0.5, None)

@@ -1,0 +1,128 @@
+"""The session policy's gap model: how long until a stream's next request.
+
+Gaps (turn end -> the same stream's next request) are learned online per hint class, and
+per tool name for tool calls, as log-binned histograms; a stream that has already waited
+``a`` seconds is expected back after E[G - a | G > a] (or a per-hit cost, see ``per_hit``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from kvstore.types import TurnEndReason
+
+RUNNING, UNSPEC, TOOL, USER, DONE = range(5)
+CLASS_NAMES = ("running", "unspecified", "tool_call", "awaiting_user", "done")
+REASON_CLASS = {
+    TurnEndReason.UNSPECIFIED: UNSPEC,
+    TurnEndReason.TOOL_CALL: TOOL,
+    TurnEndReason.AWAITING_USER: USER,
+    TurnEndReason.DONE: DONE,
+}
+#: Prior guess of the gap (s) per class, worth one observation each.
+PRIOR = (30.0, 30.0, 10.0, 300.0, 3600.0)
+
+_NBINS = 56  # half-octave bins from 0.25 s to ~2^23.5 s
+NEVER = 1e12  # expected remaining time of a stream not expected back
+
+
+def _bin(gap: float) -> int:
+    if gap <= 0.25:
+        return 0
+    i = int(2.0 * math.log2(gap)) + 4
+    return i if i < _NBINS else _NBINS - 1
+
+
+class GapModel:
+    """Per-class histogram of observed gaps with suffix sums for E[G - a | G > a]."""
+
+    def __init__(self) -> None:
+        self.cnt = [[0.0] * _NBINS for _ in CLASS_NAMES]
+        self.tot = [[0.0] * _NBINS for _ in CLASS_NAMES]
+        self._scnt = [[0.0] * (_NBINS + 1) for _ in CLASS_NAMES]
+        self._stot = [[0.0] * (_NBINS + 1) for _ in CLASS_NAMES]
+        self._stale = [True] * len(CLASS_NAMES)
+        self.n = [0] * len(CLASS_NAMES)  # observations per class, the prior's included
+        for c, g in enumerate(PRIOR):
+            self.observe(c, g)
+
+    def add_class(self, prior: float) -> int:
+        """A new class (e.g. one tool's calls), seeded with one observation ``prior``."""
+        for rows, n in ((self.cnt, _NBINS), (self.tot, _NBINS), (self._scnt, _NBINS + 1),
+                        (self._stot, _NBINS + 1)):
+            rows.append([0.0] * n)
+        self._stale.append(True)
+        self.n.append(0)
+        cls = len(self.cnt) - 1
+        self.observe(cls, prior)
+        return cls
+
+    def observe(self, cls: int, gap: float) -> None:
+        self.n[cls] += 1
+        i = _bin(gap)
+        self.cnt[cls][i] += 1.0
+        self.tot[cls][i] += gap
+        self._stale[cls] = True
+
+    def _refresh(self, cls: int) -> None:
+        sc, st = self._scnt[cls], self._stot[cls]
+        cnt, tot = self.cnt[cls], self.tot[cls]
+        sc[_NBINS] = st[_NBINS] = 0.0
+        for i in range(_NBINS - 1, -1, -1):
+            sc[i] = sc[i + 1] + cnt[i]
+            st[i] = st[i + 1] + tot[i]
+        self._stale[cls] = False
+
+    def per_hit(self, cls: int, age: float, horizon: float) -> float:
+        """Expected seconds of residence per hit of a stream of this class that waited
+        ``age`` if it is kept at most ``horizon`` s more: E[min(G - a, T) | G > a] /
+        P(G - a <= T | G > a), the inverse of LHD's hit density (a stream unlikely to be
+        back before it would be evicted anyway is worth little, however soon its mean)."""
+        cnt, tot = self.cnt[cls], self.tot[cls]
+        hits = occ = 0.0
+        for j in range(_bin(age), _NBINS):
+            c = cnt[j]
+            if c <= 0:
+                continue
+            m = tot[j] / c - age  # the bin's samples, by their mean
+            if m <= 0:
+                continue
+            if m <= horizon:
+                hits += c
+                occ += c * m
+            else:
+                occ += c * horizon
+        if hits <= 0:
+            return NEVER + age
+        return occ / hits
+
+    def remaining(self, cls: int, age: float, q: float = 0.0) -> float:
+        """Time still to wait for a stream of this class that waited ``age``: the
+        conditional mean E[G - a | G > a] (``q`` = 0), else the conditional ``q``-quantile
+        (robust to the heavy tail of user think times, which swamps the mean)."""
+        if self._stale[cls]:
+            self._refresh(cls)
+        i = _bin(age)
+        sc = self._scnt[cls]
+        if q > 0.0:
+            cnt, tot = self.cnt[cls], self.tot[cls]
+            # samples in the age's own bin count only if their mean exceeds the age
+            if cnt[i] > 0 and tot[i] / cnt[i] <= age:
+                i += 1
+            n = sc[i] if i < _NBINS else 0.0
+            if n <= 0:
+                return NEVER + age
+            want = q * n
+            acc = 0.0
+            for j in range(i, _NBINS):
+                acc += cnt[j]
+                if acc >= want:
+                    return max(tot[j] / cnt[j] - age, 1e-3)
+            return NEVER + age
+        # samples in the age's own bin count only if some of them exceed the age
+        n, s = sc[i], self._stot[cls][i]
+        if n > 0 and s / n <= age:
+            n, s = sc[i + 1], self._stot[cls][i + 1]
+        if n <= 0:
+            return NEVER + age
+        return max(s / n - age, 1e-3)

@@ -1,0 +1,442 @@
+"""Session-aware placement (the policy class; gaps.py, streams.py, ranking.py and duel.py
+hold its parts): rank streams by when they are expected to come back.
+
+See docs/policy.md for the reasoning. In short, an agent's next request resends its whole
+context, so every block of a stream's latest request is reused together, at the stream's
+next request, and blocks that fell out of it are never reused. The policy therefore ranks
+*streams* (sessions or sub-agents) by the expected time until their next request and evicts:
+
+1. dead blocks: referenced by no live stream's latest request (compacted out, or their
+   session ended), oldest first, dropped rather than demoted;
+2. then stream by stream, the stream expected back last first; within a stream the end of
+   its context first (a prefix cache loses the least that way); a block another live stream
+   also references (a shared prefix) goes with the stream that referenced it last, its
+   owner (``defer_shared=True``: passed over, last of all, the former order);
+3. blocks with no session (e.g. Mooncake) form one pseudo-stream ranked by LRU age.
+
+The expected time to the next request is learned online, per hint class (request running,
+tool call, awaiting user, done, unspecified; a tool call also per tool name, once that tool
+has been seen a few times), as a log-binned histogram of the gaps already
+observed (turn end -> next request of the same stream), conditioned on the time already
+waited: ``E[G - a | G > a]``. A stream that waited longer than any gap seen is not expected
+back. An ``expected_gap_ms`` hint is used while it has not elapsed.
+
+Fallback towards LRU: whenever the session choice differs from LRU's, the pair is remembered;
+whichever of the two blocks is referenced first shows which choice was wrong. A clamped
+counter (``trust``) moves by one per resolved pair; below zero the policy evicts LRU's
+choice. This is a ghost-LRU comparison limited to the decisions where the two differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from kvstore.config import SessionPolicyConfig
+from kvstore.policy.base import Action, Evictable, Policy
+from kvstore.policy.session.duel import Duel
+from kvstore.policy.session.gaps import (
+    DONE,
+    NEVER,
+    PRIOR,
+    REASON_CLASS,
+    RUNNING,
+    TOOL,
+    UNSPEC,
+    GapModel,
+)
+from kvstore.policy.session.ranking import Ranking
+from kvstore.policy.session.streams import ABSENT, Stream, TierState, pop_res
+from kvstore.types import BlockId, SessionEnd, SessionEvent, TierName, TurnEnd
+
+
+def lru_age_step(avg: float, age: float) -> float:
+    """One step of the EWMA (weight 0.001 per victim) of how long the stream owning LRU's
+    choice has been idle: the cache's characteristic time, the ranking's horizon."""
+    return age if avg <= 0.0 else avg + 0.001 * (age - avg)
+
+
+class SessionPolicy(Duel, Policy):
+    name = "session"
+
+    def __init__(self, tiers: Sequence[TierName], config: SessionPolicyConfig | None = None,
+                 **knobs: Any) -> None:
+        """``knobs``: options of ``config`` (default: ``SessionPolicyConfig()``) to
+        override, by name (an unknown name is a TypeError)."""
+        super().__init__(tiers)
+        cfg = config or SessionPolicyConfig()
+        if knobs:
+            cfg = dataclasses.replace(cfg, **knobs)
+        self.config = cfg
+        self.per_stream = cfg.per_stream
+        self.quantile = cfg.quantile
+        self.learn = cfg.learn  # False: keep the prior gap model (tests)
+        self.gaps = GapModel()
+        self.rerank_s = cfg.rerank_s
+        self._streams: dict[str, Stream] = {}
+        self._last_name: str | None = None  # the stream of the latest call, cached
+        self._last_s: Stream | None = None
+        self._tiers = {t: TierState() for t in tiers}
+        self._nlive: dict[Any, int] = {}  # block -> live streams whose latest request has it
+        self._pins: dict[Any, float] = {}
+        self._dirty = True
+        self.stats = {"session_choice": 0, "lru_choice": 0, "agree": 0, "dead": 0,
+                      "to_lru": 0, "to_session": 0}
+        self._init_duel(cfg)
+        # Ranking key: ``horizon`` > 0: seconds per hit within that many seconds (see
+        # GapModel.per_hit); < 0: the same with a horizon of -horizon x the cache's
+        # characteristic time (EWMA of how long LRU's victim's stream has been idle);
+        # 0: the conditional mean remaining wait E[G - a | G > a].
+        self.horizon = cfg.horizon
+        self._lru_age = 0.0
+        # True: blocks in the latest request of two or more live streams are passed over
+        # and offered after every stream's (the policy before); False: a shared block is
+        # offered with its owner's, the stream that referenced it last
+        self.defer_shared = cfg.defer_shared
+        self._tier0 = self.tiers[0]
+        self._action = {t: self.default_action(t) for t in self.tiers}
+        # Gaps after a tool call, per tool name (TurnEnd.tool_name): how long a tool runs,
+        # or waits for a person's approval, depends on the tool far more than on anything
+        # else an engine knows. A tool's own distribution ranks its streams once it has
+        # ``tool_min`` observations; until then (and beyond ``max_tools`` names) the
+        # tool-call class does. Both learn from every gap.
+        self.max_tools = cfg.max_tools
+        self.tool_min = cfg.tool_min
+        self._tool_cls: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _stream(self, session: str) -> Stream:
+        s = self._last_s
+        if s is not None and self._last_name == session:
+            return s
+        s = self._streams.get(session)
+        if s is None:
+            s = self._streams[session] = Stream(session, self.tiers)
+        self._last_name, self._last_s = session, s
+        return s
+
+    def _adopt(self, tier: TierName, ts: TierState, block: Any, s: Stream | None) -> None:
+        """Make ``s`` (None: nobody) the owner of a resident block."""
+        old = ts.own.get(block)
+        if old is not None:
+            old.res[tier].pop(block, None)
+        else:
+            ts.free.pop(block, None)
+            ts.dead.pop(block, None)
+        ts.own[block] = s
+        if s is not None:
+            s.res[tier][block] = None
+
+    def _kill(self, block: Any) -> None:
+        """No live stream references the block any more: it goes to the dead queues."""
+        for tier, ts in self._tiers.items():
+            if block in ts.own:
+                self._adopt(tier, ts, block, None)
+                ts.free.pop(block, None)
+                ts.dead[block] = None
+
+    # ------------------------------------------------------------------ Policy interface
+
+    def on_request(self, blocks: Sequence[BlockId], now: float,
+                   session: str | None = None) -> None:
+        if session is None:
+            return
+        if self.duel:
+            self._duel(blocks)
+        s = self._stream(session)
+        if s.last_req is not None and self.learn:
+            og = s.own_gap
+            if s.cls != RUNNING:
+                g = now - s.t_state
+                self.gaps.observe(s.cls, g)
+                if s.tool >= 0:
+                    self.gaps.observe(s.tool, g)
+                og[s.cls] = g if og[s.cls] <= 0 else 0.5 * og[s.cls] + 0.5 * g
+            g = now - s.last_req
+            self.gaps.observe(RUNNING, g)  # request to request, any class
+            og[RUNNING] = g if og[RUNNING] <= 0 else 0.5 * og[RUNNING] + 0.5 * g
+        s.last_req = s.t_state = now
+        s.cls = RUNNING
+        s.tool = -1
+        s.expected = 0.0
+        s.ended = False
+        new = set(blocks)
+        old = s.cur
+        nlive = self._nlive
+        for b in (new - old) if old else new:
+            nlive[b] = nlive.get(b, 0) + 1
+        if old:
+            for b in old - new:
+                c = nlive.get(b, 0) - 1
+                if c > 0:
+                    nlive[b] = c
+                else:
+                    nlive.pop(b, None)
+                    self._kill(b)
+        s.cur = new
+        self._dirty = True
+
+    def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
+                  session: str | None = None) -> None:
+        ts = self._tiers[tier]
+        pairs = self._pairs
+        if pairs and block in pairs:
+            self._resolve(block)
+        lru = ts.lru
+        if block in lru:
+            lru.move_to_end(block)
+        else:
+            lru[block] = None
+        own = ts.own
+        if session is not None:
+            s = self._last_s
+            if s is None or self._last_name != session:
+                s = self._stream(session)
+            o = own.get(block, ABSENT)
+            if o is not s:
+                if o is ABSENT:  # not resident before: in no queue, owned by nobody
+                    own[block] = s
+                    s.res[tier][block] = None
+                else:
+                    self._adopt(tier, ts, block, s)
+        elif block not in own:
+            own[block] = None
+            ts.free[block] = now
+
+    def on_hit(self, tier: TierName, block: BlockId, now: float,
+               session: str | None = None) -> None:
+        ts = self._tiers[tier]
+        if block not in ts.lru:
+            return
+        if session is not None and tier is self.tiers[0]:
+            self._own_hits += 1
+        ts.lru.move_to_end(block)
+        if self._pairs and block in self._pairs:
+            self._resolve(block)
+        if block == ts.peek:
+            ts.peek = None
+        if session is not None:
+            s = self._stream(session)
+            if ts.own[block] is not s:
+                self._adopt(tier, ts, block, s)
+        elif ts.own[block] is None and block in ts.free:
+            ts.free[block] = now
+            ts.free.move_to_end(block)
+
+    def on_hits(self, tier: TierName, blocks: Sequence[BlockId], now: float,
+                session: str | None = None) -> None:
+        if session is None:
+            on_hit = self.on_hit
+            for b in blocks:
+                on_hit(tier, b, now, session)
+            return
+        ts = self._tiers[tier]
+        lru, own = ts.lru, ts.own
+        mte = lru.move_to_end
+        s = self._stream(session)
+        if tier is self.tiers[0]:
+            self._own_hits += len(blocks)
+        pairs = self._pairs
+        pk = ts.peek
+        if pk is None:  # the common case, without the peek test
+            for b in blocks:
+                try:
+                    mte(b)
+                except KeyError:
+                    continue  # not in this tier
+                if b in pairs:
+                    self._resolve(b)
+                if own[b] is not s:
+                    self._adopt(tier, ts, b, s)
+            return
+        for b in blocks:
+            if b not in lru:
+                continue
+            mte(b)
+            if pairs and b in pairs:
+                self._resolve(b)
+            if own[b] is not s:
+                self._adopt(tier, ts, b, s)
+            if b == pk:
+                ts.peek = pk = None
+
+    def on_remove(self, tier: TierName, block: BlockId) -> None:
+        ts = self._tiers[tier]
+        if ts.lru.pop(block, False) is False:
+            return
+        old = ts.own.pop(block, None)
+        if old is not None:
+            pop_res(old.res[tier], block)
+        else:
+            ts.free.pop(block, None)
+            ts.dead.pop(block, None)
+        if block == ts.peek:
+            ts.peek = None
+
+    def on_session_event(self, event: SessionEvent, now: float) -> None:
+        s = self._stream(event.session_id)
+        ev = event.event
+        if isinstance(ev, TurnEnd):
+            s.cls = REASON_CLASS.get(ev.reason, UNSPEC)
+            s.t_state = now
+            s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0
+            s.tool = self._tool_class(ev.tool_name) if ev.tool_name and s.cls == TOOL else -1
+        elif isinstance(ev, SessionEnd):
+            self._end(s)
+        self._dirty = True
+
+    def _end(self, s: Stream) -> None:
+        s.ended = True
+        s.cls = DONE
+        nlive = self._nlive
+        survivors = []
+        for b in s.cur:
+            c = nlive.get(b, 0) - 1
+            if c > 0:
+                nlive[b] = c
+                survivors.append(b)
+            else:
+                nlive.pop(b, None)
+                self._kill(b)
+        s.cur = set()
+        if survivors:  # shared with live streams: hand them to the latest active one
+            for tier, ts in self._tiers.items():
+                for b in survivors:
+                    if ts.own.get(b, False) is s:
+                        heir = max((t for t in self._streams.values()
+                                    if not t.ended and b in t.cur),
+                                   key=lambda t: t.last_req or 0.0, default=None)
+                        self._adopt(tier, ts, b, heir)
+        for tier, ts in self._tiers.items():  # whatever is left is private and dead
+            for b in list(s.res[tier]):
+                self._adopt(tier, ts, b, None)
+                ts.dead[b] = None
+
+    def pin(self, blocks: Sequence[BlockId], until: float) -> None:
+        for b in blocks:
+            self._pins[b] = until
+
+    # ------------------------------------------------------------------ victims
+
+    def _pinned(self, block: Any, now: float) -> bool:
+        until = self._pins.get(block)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._pins[block]
+        return False
+
+    def expected_remaining(self, s: Stream, now: float) -> float:
+        if s.ended:
+            return 2 * NEVER
+        age = now - s.t_state
+        if s.expected > age:
+            return s.expected - age
+        if self.per_stream:
+            own = s.own_gap[s.cls]
+            if own > age:  # this stream's own recent gaps in this state predict it best
+                return own - age
+        cls = s.cls
+        if s.tool >= 0 and self.gaps.n[s.tool] > self.tool_min:  # (the prior is one)
+            cls = s.tool
+        h = self.horizon
+        if h < 0.0:
+            h = -h * self._lru_age
+        if h > 0.0:
+            return self.gaps.per_hit(cls, age, h)
+        return self.gaps.remaining(cls, age, self.quantile)
+
+    def _tool_class(self, name: str) -> int:
+        """The gap model's class for calls of tool ``name`` (-1: over ``max_tools``)."""
+        cls = self._tool_cls.get(name)
+        if cls is None:
+            if len(self._tool_cls) >= self.max_tools:
+                return -1
+            cls = self._tool_cls[name] = self.gaps.add_class(PRIOR[TOOL])
+        return cls
+
+
+    def _ranking(self, tier: TierName, ts: TierState, now: float) -> Ranking:
+        """Session-order victims: (block, drop?) — dead, then streams worst first."""
+        return Ranking(tier, ts, self._streams.values(), self.expected_remaining,
+                       self._nlive, self.defer_shared, lambda: self._last_s, now)
+
+    def _lru_candidate(self, ts: TierState, now: float, evictable: Evictable | None) -> Any:
+        pins = self._pins
+        for b in ts.lru:
+            if pins and self._pinned(b, now):
+                continue
+            if evictable is None or evictable(b):
+                return b
+        return None
+
+    def _rerank(self, ts: TierState, now: float) -> None:
+        """Drop every tier's ranking; each is rebuilt on demand, from the state at ``now``.
+        (Every tier counts as ranked at ``now``: a victim in another tier must not drop
+        this one's ranking again, which a store evicting from L1 and L2 in turn would do
+        at every call.)"""
+        for t in self._tiers.values():
+            t.gen = None
+            t.peek = None
+            t.rank_t = now
+        self._dirty = False
+
+    def victim(self, tier: TierName, now: float,
+               evictable: Evictable | None = None) -> tuple[BlockId, Action] | None:
+        ts = self._tiers[tier]
+        lru = ts.lru
+        first = tier is self._tier0
+        if first and len(lru) > self._cap:
+            self._cap = len(lru)  # full: the tier holds this many blocks
+        if self._dirty or now - ts.rank_t > self.rerank_s:
+            self._rerank(ts, now)
+        sc = ts.peek
+        if sc is not None and (sc not in lru or (evictable is not None and not evictable(sc))):
+            sc = ts.peek = None
+        pins = self._pins
+        if sc is None:
+            gen = ts.gen
+            if gen is None:
+                gen = ts.gen = self._ranking(tier, ts, now)
+            for b, drop in gen:
+                if b not in lru or (pins and self._pinned(b, now)):
+                    continue
+                if evictable is not None and not evictable(b):
+                    continue
+                sc, ts.peek_drop = b, drop
+                break
+            ts.peek = sc
+        if pins or evictable is not None:
+            lc = self._lru_candidate(ts, now, evictable)
+        else:
+            lc = next(iter(lru)) if lru else None
+        if lc is not None and first and self.horizon < 0.0:
+            o = ts.own.get(lc)
+            if o is not None and o.last_req is not None:
+                age = now - o.last_req
+                self._lru_age = lru_age_step(self._lru_age, age)
+        stats = self.stats
+        if sc is None:
+            if lc is None:
+                return None
+            stats["lru_choice"] += 1
+            return lc, self._action[tier]
+        if lc is None or sc == lc:
+            stats["agree"] += 1
+            chosen = sc
+        else:
+            self._record_pair(sc, lc)
+            if self.trust >= 0 and not self.lru_mode:
+                stats["session_choice"] += 1
+                chosen = sc
+            else:
+                stats["lru_choice"] += 1
+                return lc, self._action[tier]
+        ts.peek = None
+        if ts.peek_drop:
+            stats["dead"] += 1
+            return chosen, Action.DROP
+        return chosen, self._action[tier]

@@ -1,0 +1,68 @@
+"""Stream tracking: who owns which resident block, per tier.
+
+A stream (a session or sub-agent) remembers its latest request (``cur``), its hint state
+and, per tier, the resident blocks it owns in reference order. A tier (``TierState``)
+keeps every resident block in LRU order, its owner, the ownerless blocks (``free``), the
+blocks no live stream references (``dead``) and where its ranking stands.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvstore.policy.session.gaps import CLASS_NAMES, RUNNING
+from kvstore.types import TierName
+
+if TYPE_CHECKING:
+    from kvstore.policy.session.ranking import Ranking
+
+ABSENT: Any = object()  # dict.get default: "no entry" (None is an owner value)
+
+
+def pop_res(res: dict[Any, None], block: Any) -> None:
+    """Remove ``block`` from a stream's resident blocks. Blocks leave mostly from the
+    newest end; ``popitem`` takes the last one *and* drops the deleted slots behind it,
+    which ``del`` leaves in place (CPython), so that ``reversed(res)`` -- how the ranking
+    finds a stream's newest block -- would otherwise skip more and more of them."""
+    if res and next(reversed(res)) == block:
+        res.popitem()
+    else:
+        res.pop(block, None)
+
+
+class Stream:
+    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "own_gap",
+                 "res", "t_state", "tool")
+
+    def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
+        self.name = name
+        self.cur: set[Any] = set()  # block ids of the latest request
+        self.cls = RUNNING
+        self.tool = -1  # the gap model's class of the tool of a TOOL turn end (-1: none)
+        self.t_state = 0.0  # when cls was set
+        self.last_req: float | None = None
+        self.ended = False
+        self.expected = 0.0  # hinted gap (s), 0 if none
+        self.own_gap: list[float] = [0.0] * len(CLASS_NAMES)  # this stream's EWMA gap per class
+        self.key = 0.0
+        # per tier: resident blocks this stream owns, prefix first
+        self.res: dict[TierName, dict[Any, None]] = {t: {} for t in tiers}
+
+
+class TierState:
+    __slots__ = ("dead", "free", "gen", "lru", "own", "peek", "peek_drop", "rank_t")
+
+    def __init__(self) -> None:
+        self.lru: OrderedDict[Any, None] = OrderedDict()  # all resident, LRU first
+        self.own: dict[Any, Stream | None] = {}  # resident block -> owner (None: no stream)
+        self.free: OrderedDict[Any, float] = OrderedDict()  # ownerless: last use, LRU first
+        # referenced by no live stream, oldest first (an OrderedDict: taken from the front,
+        # which a dict does in time growing with the entries already taken)
+        self.dead: OrderedDict[Any, None] = OrderedDict()
+        self.gen: Ranking | None = None  # the current ranking, resumed victim by victim
+        self.peek: Any = None  # the ranking's candidate not evicted yet
+        self.peek_drop = False
+        self.rank_t = -math.inf
