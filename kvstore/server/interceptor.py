@@ -10,10 +10,12 @@ Two things happen outside a handler in grpc.aio, so they are wrapped too:
 
 * Request bodies are deserialised before the handler runs, and a body that
   protobuf cannot parse (garbage, invalid UTF-8 in a string field) would end
-  as UNKNOWN with an ERROR traceback per call. The wrapped deserialiser hands
-  the handler an :class:`Undecodable` marker instead, which the handler turns
-  into :class:`~kvstore.errors.MalformedRequest` (INVALID_ARGUMENT), logged as
-  at most one WARNING line per :data:`UNDECODABLE_LOG_SECONDS`.
+  as UNKNOWN with an ERROR traceback per call. For every unary request the
+  wrapped deserialiser hands the handler an :class:`Undecodable` marker
+  instead, which the handler turns into
+  :class:`~kvstore.errors.MalformedRequest` (INVALID_ARGUMENT), logged as at
+  most one WARNING line per :data:`UNDECODABLE_LOG_SECONDS`. (Put's chunks
+  decode in ``kvstore.wire``, which reports bad bytes the same way.)
 * Streamed responses are written by the wrapper (grpc's reader-writer API),
   not by grpc iterating the handler: a write that fails because the client
   cancelled or went away ends the call as a cancellation (logged at DEBUG),
@@ -145,8 +147,10 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                     # The write batch failed: the client cancelled or is gone
                     # (grpc may not have seen the cancel yet). Nobody is left
                     # to answer; end as the cancellation it is.
-                    log.debug("%s: client went away mid-stream", method)
                     raise asyncio.CancelledError from None
+        except asyncio.CancelledError:
+            log.debug("%s: cancelled by the client mid-stream", method)
+            raise
         except Exception as exc:
             if _is_grpc_own(exc):
                 raise
