@@ -141,8 +141,8 @@ class Server:
                     path.unlink()
                 self.grpc.add_insecure_port(f"unix:{path}")
             except (RuntimeError, OSError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else \
-                    "grpc cannot bind it (a unix socket path holds at most 107 bytes)"
+                reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else \
+                    "grpc cannot bind it (is its directory writable?)"
                 raise InvalidConfig(f"server.unix_socket {path}: cannot listen there: "
                                     f"{reason}") from None
             self.addresses["unix"] = str(path)

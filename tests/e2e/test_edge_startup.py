@@ -63,6 +63,13 @@ def test_unix_socket_path_too_long(tmp_path: Path) -> None:
     assert_one_clear_line(result, "server.unix_socket", "107 bytes")
 
 
+def test_unix_socket_in_a_path_that_cannot_be_a_directory(tmp_path: Path) -> None:
+    # Found only when binding, after the store opened: it is closed again.
+    (tmp_path / "a-file").write_text("")
+    result = serve(tmp_path, "--server-unix-socket", str(tmp_path / "a-file" / "kvstore.sock"))
+    assert_one_clear_line(result, "server.unix_socket", "a-file")
+
+
 def test_unknown_log_format(tmp_path: Path) -> None:
     assert_one_clear_line(serve(tmp_path, "--log-format", "yaml"), "log_format")
 
