@@ -113,17 +113,17 @@ def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    """Configuration and environment problems (a bad value, a port in use, a
+    certificate that does not load, a data directory that cannot be written)
+    are InvalidConfig, raised by config.load or the server's start-up checks
+    and reported here as one line."""
     try:
         config = kvconfig.load(args)
-    except InvalidConfig as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    from kvstore.server import app  # the server loads only for this command
+        from kvstore.server import app  # the server loads only for this command
 
-    try:
         app.run(config, ready_file=args.ready_file)
     except InvalidConfig as exc:
-        _err(str(exc))
+        _err(f"cannot start: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -234,6 +234,8 @@ class PolicyConfig:
 class Config:
     data_dir: str = opt("./kvstore-data", "directory for L2 and the default unix socket",
                         parse_str)
+    log_format: str = opt("text", "server log lines: 'text' (one line per event) or 'json' "
+                          "(one JSON object per line, for log collectors)", parse_str)
     server: ServerConfig = field(default_factory=ServerConfig)
     l1: L1Config = field(default_factory=L1Config)
     l2: L2Config = field(default_factory=L2Config)
@@ -401,6 +403,8 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
     if config.l3.outage_spill < 0.0:
         raise InvalidConfig("l3.outage_spill must be >= 0")
+    if config.log_format not in ("text", "json"):
+        raise InvalidConfig("log_format must be 'text' or 'json'")
 
 
 def validate_session_policy(sp: SessionPolicyConfig) -> None:

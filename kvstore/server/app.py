@@ -19,10 +19,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
+from kvstore.errors import InvalidConfig
+from kvstore.server import logs, preflight
 from kvstore.server.interceptor import ErrorInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
@@ -31,8 +33,12 @@ from kvstore.store import TieredStore
 
 log = logging.getLogger("kvstore.server")
 
-#: grpc.health service name that reports whether the L3 object store is reachable.
+#: grpc.health service name that reports whether the L3 object store is reachable
+#: (NOT_SERVING also when no L3 is configured: docs/protocol.md).
 L3_HEALTH = "kvstore.v1.KVStore/L3"
+#: grpcio-reflection (1.85) ships only v1alpha; v1 is the same protocol under
+#: another service name, so the same servicer answers both (docs/protocol.md).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 L3_WATCH_SECONDS = 0.2
 L3_PROBE_SECONDS = 1.0
 
@@ -44,6 +50,19 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Serve grpc.reflection v1alpha and v1 (its wire-identical successor)."""
+    servicer = reflection.aio.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME), pool=None)
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(
+        grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": method})
+        for name in (reflection.SERVICE_NAME, REFLECTION_V1)))
 
 
 def server_credentials(config: Config) -> grpc.ServerCredentials:
@@ -73,28 +92,18 @@ class Server:
 
     async def start(self) -> None:
         await self.store.start()
+        try:
+            self._listen()
+        except BaseException:
+            await self.shm.close()
+            await self.store.close()
+            raise
         add_to_server(KVStoreServicer(self.store, self.shm), self.grpc)
         self.shm.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        cfg = self.config.server
-        if cfg.listen and cfg.tls_cert:
-            port = self.grpc.add_secure_port(cfg.listen, server_credentials(self.config))
-            host = cfg.listen.rsplit(":", 1)[0]
-            self.addresses["tcp"] = f"{host}:{port}"
-        elif cfg.listen:
-            port = self.grpc.add_insecure_port(cfg.listen)
-            host = cfg.listen.rsplit(":", 1)[0]
-            self.addresses["tcp"] = f"{host}:{port}"
-        if cfg.unix_socket:
-            path = Path(cfg.unix_socket)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() or path.is_symlink():
-                path.unlink()
-            self.grpc.add_insecure_port(f"unix:{path}")
-            self.addresses["unix"] = str(path)
+        enable_reflection(self.grpc, (SERVICE_NAME, health.SERVICE_NAME))
         await self.grpc.start()
+        cfg = self.config.server
         if cfg.unix_socket:
             os.chmod(cfg.unix_socket, 0o600)  # the service's user only
         for name in ("", SERVICE_NAME):
@@ -102,7 +111,41 @@ class Server:
         if self.store.l3 is not None:
             await self.health.set(L3_HEALTH, health_pb2.HealthCheckResponse.SERVING)
             self._monitor = asyncio.get_running_loop().create_task(self._watch_l3())
-        log.info("kvstore serving on %s", {k: v for k, v in self.addresses.items() if v})
+        else:
+            # A known name with a definite answer: L3 cannot serve (ack
+            # remote fails), and a Watch on it does not wait forever.
+            await self.health.set(L3_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+        summary, fields = startup_summary(self.config, self.addresses)
+        log.info("%s", summary, extra=fields)
+
+    def _listen(self) -> None:
+        """Bind the TCP listener and the unix socket; a failure is an
+        InvalidConfig naming the option (preflight catches most before)."""
+        cfg = self.config.server
+        if cfg.listen:
+            try:
+                if cfg.tls_cert:
+                    port = self.grpc.add_secure_port(cfg.listen, server_credentials(self.config))
+                else:
+                    port = self.grpc.add_insecure_port(cfg.listen)
+            except (RuntimeError, OSError) as exc:
+                raise InvalidConfig(f"server.listen {cfg.listen}: cannot listen there "
+                                    f"({exc})") from None
+            host = cfg.listen.rsplit(":", 1)[0]
+            self.addresses["tcp"] = f"{host}:{port}"
+        if cfg.unix_socket:
+            path = Path(cfg.unix_socket)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if path.exists() or path.is_symlink():
+                    path.unlink()
+                self.grpc.add_insecure_port(f"unix:{path}")
+            except (RuntimeError, OSError) as exc:
+                reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else \
+                    "grpc cannot bind it (is its directory writable?)"
+                raise InvalidConfig(f"server.unix_socket {path}: cannot listen there: "
+                                    f"{reason}") from None
+            self.addresses["unix"] = str(path)
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -158,17 +201,65 @@ def _write_ready_file(path: str, addresses: dict[str, str | None]) -> None:
     os.replace(tmp, path)  # readers never see a half-written file
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kvstore")
+    except Exception:
+        return "unknown"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or n % 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} TiB"
+
+
+def startup_summary(config: Config, addresses: dict[str, str | None]) \
+        -> tuple[str, dict[str, object]]:
+    """The one line that says what this server is: version, listeners, tiers,
+    policy, data directory; and the same as fields for JSON logs."""
+    s = config.server
+    listeners = [f"tcp {addresses['tcp']}" + (" (mutual TLS)" if s.tls_client_ca else
+                                              " (TLS)" if s.tls_cert else "")
+                 if addresses["tcp"] else "", f"unix {addresses['unix']}"
+                 if addresses["unix"] else ""]
+    l1 = f"L1 {_size(config.l1.capacity)}" + (f" in {config.l1.shm_path}"
+                                               if config.l1.shm_path else "")
+    write = "write-back" if config.l2.write_mode == "evict" else "write-behind"
+    l2 = (f"L2 {_size(config.l2.capacity)} in {config.l2_path} ({write}"
+          f"{', fsync' if config.l2.sync else ''})") if config.l2.enabled else "L2 off"
+    l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
+    policy = f"policy {config.policy.name}" + (" (client clock)"
+                                               if config.policy.clock == "client" else "")
+    line = (f"kvstore {_version()} serving on {', '.join(x for x in listeners if x)}; "
+            f"{l1}; {l2}; {l3}; {policy}; data dir {config.data_dir}")
+    fields: dict[str, object] = {
+        "version": _version(), "tcp": addresses["tcp"], "unix": addresses["unix"],
+        "tls": "mutual" if s.tls_client_ca else "on" if s.tls_cert else "off",
+        "l1_capacity": config.l1.capacity,
+        "l2_capacity": config.l2.capacity if config.l2.enabled else None,
+        "l3_url": config.l3.url or None, "policy": config.policy.name,
+        "data_dir": config.data_dir,
+    }
+    return line, fields
+
+
 async def serve(config: Config, ready_file: str | None = None) -> None:
     tune_malloc()
+    preflight.check(config)
     server = Server(config)
     await server.start()
     tune_gc()  # after the index rebuild: the collector skips what exists now
-    if ready_file:
-        _write_ready_file(ready_file, server.addresses)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
+        _write_ready_file(ready_file, server.addresses)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls, flushing L2")
     await server.stop()
@@ -176,6 +267,5 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
 
 
 def run(config: Config, ready_file: str | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("KVSTORE_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_format, os.environ.get("KVSTORE_LOG_LEVEL", "INFO"))
     asyncio.run(serve(config, ready_file))

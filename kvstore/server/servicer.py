@@ -100,7 +100,12 @@ class KVStoreServicer:
                                                    chunk.session_id or None,
                                                    BlockFormat(chunk.format))
                 elif chunk.key:
-                    raise MalformedRequest(f"block #{stored}: a key without block_size")
+                    # block_size 0 is the field's default: an empty block
+                    # cannot be told from a missing size, so none is stored.
+                    raise MalformedRequest(
+                        f"block #{stored}: block_size is 0 (or missing); a block holds 1 to "
+                        f"{store.max_block_bytes} bytes (server.max_block_bytes), so empty "
+                        "blocks cannot be stored")
                 elif writer is None:
                     if not chunk.data:
                         continue

@@ -1,0 +1,57 @@
+"""The server's log output: plain text lines, or one JSON object per line.
+
+``log_format = "json"`` is for log collectors: every record is one line with
+``time`` (UTC, ISO 8601), ``level``, ``logger`` and ``message``, the
+traceback as ``exception`` when there is one, and any fields a call passes
+with ``extra=`` (the start-up summary sends its listeners and tiers that way).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import Any
+
+from kvstore.errors import InvalidConfig
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Attributes every LogRecord has; anything else on a record came from extra=.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",
+                                                                             "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            doc["exception"] = record.exc_text
+        return json.dumps(doc, default=str)
+
+
+def configure(log_format: str, level: str) -> None:
+    """Send every logger's records to stderr in ``log_format`` at ``level``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json"
+                         else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    try:
+        root.setLevel(level.upper())
+    except ValueError:
+        raise InvalidConfig(f"log level {level!r} is not one of DEBUG, INFO, WARNING, "
+                            "ERROR, CRITICAL (env KVSTORE_LOG_LEVEL)") from None
+    root.addHandler(handler)

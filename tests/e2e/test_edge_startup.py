@@ -1,0 +1,153 @@
+"""``kvstore serve`` says in one line what it is, and in one line why it
+cannot start: each configuration or environment failure exits non-zero with a
+single line on stderr naming the option and the problem, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore import Client
+
+
+def serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``kvstore serve`` that is expected to refuse to start."""
+    cmd = [sys.executable, "-m", "kvstore", "serve", "--data-dir", str(tmp_path / "data"),
+           "--server-listen", "127.0.0.1:0", "--server-unix-socket", "",
+           "--l1-capacity", "8MiB", "--l1-prefault", "false", *flags]
+    env = {**os.environ, "KVSTORE_LOG_LEVEL": "INFO"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    result = serve(tmp_path, "--server-listen", f"127.0.0.1:{busy_port}")
+    assert_one_clear_line(result, "server.listen", str(busy_port), "in use")
+
+
+def test_unwritable_data_dir(tmp_path: Path) -> None:
+    # A path under a regular file cannot be created, by root either.
+    (tmp_path / "a-file").write_text("")
+    data_dir = tmp_path / "a-file" / "data"
+    result = serve(tmp_path, "--data-dir", str(data_dir))
+    assert_one_clear_line(result, f"data_dir {data_dir}: cannot create or write")
+
+
+def test_unix_socket_path_too_long(tmp_path: Path) -> None:
+    path = tmp_path / ("s" * 120) / "kvstore.sock"
+    result = serve(tmp_path, "--server-unix-socket", str(path))
+    assert_one_clear_line(result, "server.unix_socket", "107 bytes")
+
+
+def test_unix_socket_in_a_path_that_cannot_be_a_directory(tmp_path: Path) -> None:
+    # Found only when binding, after the store opened: it is closed again.
+    (tmp_path / "a-file").write_text("")
+    result = serve(tmp_path, "--server-unix-socket", str(tmp_path / "a-file" / "kvstore.sock"))
+    assert_one_clear_line(result, "server.unix_socket", "a-file")
+
+
+def test_unknown_log_format(tmp_path: Path) -> None:
+    assert_one_clear_line(serve(tmp_path, "--log-format", "yaml"), "log_format")
+
+
+# ---------------------------------------------------------------------------- TLS
+
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
+                                   reason="openssl is not installed")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two self-signed certificates with their keys: a.pem/a.key, b.pem/b.key."""
+    d = tmp_path_factory.mktemp("pairs")
+    for name in ("a", "b"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj",
+                        f"/CN={name}"], cwd=d, check=True, capture_output=True, timeout=60)
+    (d / "garbage.pem").write_text("this is not a certificate\n")
+    return d
+
+
+@needs_openssl
+def test_unreadable_certificate(tmp_path: Path, pairs: Path) -> None:
+    result = serve(tmp_path, "--server-tls-cert", str(pairs / "garbage.pem"),
+                   "--server-tls-key", str(pairs / "a.key"))
+    assert_one_clear_line(result, "server.tls_cert", "garbage.pem", "no PEM certificate")
+
+
+@needs_openssl
+def test_unreadable_key(tmp_path: Path, pairs: Path) -> None:
+    result = serve(tmp_path, "--server-tls-cert", str(pairs / "a.pem"),
+                   "--server-tls-key", str(pairs / "garbage.pem"))
+    assert_one_clear_line(result, "server.tls_key", "garbage.pem", "private key")
+
+
+@needs_openssl
+def test_key_not_matching_its_certificate(tmp_path: Path, pairs: Path) -> None:
+    result = serve(tmp_path, "--server-tls-cert", str(pairs / "a.pem"),
+                   "--server-tls-key", str(pairs / "b.key"))
+    assert_one_clear_line(result, "server.tls_key", "b.key", "does not belong", "a.pem")
+
+
+@needs_openssl
+def test_unreadable_client_ca(tmp_path: Path, pairs: Path) -> None:
+    result = serve(tmp_path, "--server-tls-cert", str(pairs / "a.pem"),
+                   "--server-tls-key", str(pairs / "a.key"),
+                   "--server-tls-client-ca", str(pairs / "garbage.pem"))
+    assert_one_clear_line(result, "server.tls_client_ca", "garbage.pem")
+
+
+# ------------------------------------------------------------------ start-up summary
+
+
+def test_one_start_up_summary_line(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory(env={"KVSTORE_LOG_LEVEL": "INFO"}).start()
+    with Client(server.tcp, namespace="sum") as c:
+        c.stats()  # serving
+    lines = [line for line in server.log().splitlines() if " serving on " in line]
+    assert len(lines) == 1, server.log()
+    line = lines[0]
+    for part in (f"tcp {server.tcp}", f"unix {server.unix}", "L1 128 MiB",
+                 f"L2 8 GiB in {server.data_dir / 'l2'}", "L3 none", "policy lru",
+                 f"data dir {server.data_dir}"):
+        assert part in line, (part, line)
+    assert line.split(" serving on ")[0].split()[-1] not in ("", "kvstore")  # the version
+
+
+def test_json_log_lines(server_factory) -> None:  # type: ignore[no-untyped-def]
+    server = server_factory("--log-format", "json", "--policy-name", "sieve",
+                            env={"KVSTORE_LOG_LEVEL": "INFO"}).start()
+    assert server.terminate() == 0
+    records = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    [summary] = [r for r in records if " serving on " in r["message"]]
+    assert summary["level"] == "INFO"
+    assert summary["tcp"] == server.tcp and summary["unix"] == server.unix
+    assert summary["policy"] == "sieve" and summary["l3_url"] is None
+    assert summary["l1_capacity"] == 128 * 1024**2
+    assert any(r["message"] == "stopped" for r in records)
