@@ -26,8 +26,7 @@ from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.server.interceptor import ErrorInterceptor
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
-from kvstore.shm import SharedMemoryBroker
-from kvstore.store import TieredStore
+from kvstore.store import SharedMemoryBroker, TieredStore
 
 log = logging.getLogger("kvstore.server")
 

@@ -17,8 +17,7 @@ import grpc
 
 from kvstore import lookup_wire, wire
 from kvstore.errors import InvalidArgument, MalformedRequest
-from kvstore.shm import CommitSpec, SharedMemoryBroker
-from kvstore.store import BlockWriter, TieredStore
+from kvstore.store import BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.types import (
     AckLevel,
     BlockFormat,
