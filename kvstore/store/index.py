@@ -118,7 +118,7 @@ class Index:
     def __init__(self, stats: Stats, policy: Policy, clock: Callable[[], float],
                  l1: MemoryTier, l2: LMDBTier | None, wake: Callable[[], None],
                  compact: bool) -> None:
-        self.stats = stats
+        self._held = stats.held
         self.policy = policy
         self.clock = clock
         self.l1 = l1
@@ -128,7 +128,6 @@ class Index:
         self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
         self.loading: dict[BlockId, asyncio.Future[None]] = {}
         self.delete_l3: Callable[[BlockId], None] | None = None
-        self._held = stats.held
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -140,24 +139,27 @@ class Index:
     def l2_bytes(self) -> int:
         return self._held[TierName.L2][1]
 
-    def _count(self, tier: TierName, sign: int, size: int) -> None:
+    def _count(self, tier: TierName, blocks: int, nbytes: int) -> None:
         held = self._held[tier]
-        held[0] += sign
-        held[1] += sign * size
+        held[0] += blocks
+        held[1] += nbytes
 
     def set_l1(self, entry: Entry, offset: int) -> None:
         if (entry.l1_offset >= 0) != (offset >= 0):
-            self._count(TierName.L1, 1 if offset >= 0 else -1, entry.size)
+            sign = 1 if offset >= 0 else -1
+            self._count(TierName.L1, sign, sign * entry.size)
         entry.l1_offset = offset
 
     def set_l2(self, entry: Entry, present: bool) -> None:
         if entry.l2 != present:
-            self._count(TierName.L2, 1 if present else -1, entry.size)
+            sign = 1 if present else -1
+            self._count(TierName.L2, sign, sign * entry.size)
         entry.l2 = present
 
     def set_l3(self, entry: Entry, present: bool) -> None:
         if entry.l3 != present:
-            self._count(TierName.L3, 1 if present else -1, entry.size)
+            sign = 1 if present else -1
+            self._count(TierName.L3, sign, sign * entry.size)
         entry.l3 = present
 
     def set_dirty(self, entry: Entry, dirty: bool) -> None:
@@ -315,7 +317,7 @@ class Index:
             used = self.clock() - np.maximum(time.time() - created_array, 0.0)
             self.cold.add_many(namespaces, keys, size_array,
                                np.asarray(sums, dtype=np.uint32), created_array, used)
-            self.stats.count_held(TierName.L2, len(keys), int(size_array.sum()))
+            self._count(TierName.L2, len(keys), int(size_array.sum()))
             return
         order = np.argsort(created_array, kind="stable")
         now = self.clock()

@@ -22,20 +22,18 @@ index goes through :class:`kvstore.store.index.Index`'s methods. Rules:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore.checksum import checksum
 from kvstore.config import L3Config
 from kvstore.errors import CorruptBlock, TierUnavailable
-from kvstore.store.index import UNKNOWN_CHECKSUM, Entry, Index
-from kvstore.store.stats import Stats
-from kvstore.tiers.memory import MemoryTier
+from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
+from kvstore.store.parts import Part, Shared, spawn
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
 
@@ -45,18 +43,15 @@ log = logging.getLogger("kvstore.l3")
 NEGATIVE_TTL_S = 2.0
 
 
-class L3Mover:
+class L3Mover(Part):
     """Moves blocks to and from L3. ``read_l2``: a block's verified L2 bytes
     (for a demotion); ``after_demotion``: called when one ends (L2 goes on
     trimming). Both are set once by the store, before :meth:`start`."""
 
-    def __init__(self, index: Index, stats: Stats, l1: MemoryTier,
-                 executor: concurrent.futures.ThreadPoolExecutor, config: L3Config) -> None:
-        self.index = index
-        self.l1 = l1
-        self.executor = executor
-        self._l2_counters = stats.counters[TierName.L2]
-        self._counters = stats.counters[TierName.L3]
+    def __init__(self, shared: Shared, config: L3Config) -> None:
+        super().__init__(shared)
+        self._l2_counters = self.stats.counters[TierName.L2]
+        self._counters = self.stats.counters[TierName.L3]
         self.read_l2: Callable[[BlockId, Entry], Awaitable[bytes | None]] | None = None
         self.after_demotion: Callable[[BlockId, Entry], None] | None = None
         self.tier = ObjectTier.from_config(config)
@@ -108,11 +103,6 @@ class L3Mover:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.tier.close()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- index ---------------------------------------------------------------------------
 
@@ -171,7 +161,7 @@ class L3Mover:
             return False
         self.index.begin_l3_copy(entry)
         self.queued += entry.size
-        self._spawn(self._demote(block, entry))
+        spawn(self._tasks, self._demote(block, entry))
         return True
 
     async def _demote(self, block: BlockId, entry: Entry) -> None:
@@ -242,12 +232,7 @@ class L3Mover:
                     del self._deleting[block]
 
         self._deleting[block] = self._deleting.get(block, 0) + 1
-        self._spawn_delete(delete())
-
-    def _spawn_delete(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._delete_tasks.add(task)
-        task.add_done_callback(self._delete_tasks.discard)
+        spawn(self._delete_tasks, delete())
 
     # -- reads ---------------------------------------------------------------------------
 

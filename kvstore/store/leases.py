@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
 
 from kvstore.config import ServerConfig
 from kvstore.errors import CapacityExhausted
-from kvstore.policy import Policy
-from kvstore.store.index import Entry, Index
+from kvstore.store.index import Entry
+from kvstore.store.parts import Part, Shared, spawn
 from kvstore.store.reads import BlockReader, Reads
 from kvstore.types import BlockId, validate_key
 
@@ -23,19 +22,15 @@ _SESSIONS_KEPT = 10_000
 _PINS_KEPT = 1024
 
 
-class Leases:
-    """Leases, pins and prefetch. ``l1_capacity`` sizes the pin quota."""
+class Leases(Part):
+    """Leases, pins and prefetch."""
 
-    def __init__(self, index: Index, policy: Policy, clock: Callable[[], float], reads: Reads,
-                 config: ServerConfig, l1_capacity: int, wake: Callable[[], None]) -> None:
-        self.index = index
-        self.policy = policy
-        self.clock = clock
+    def __init__(self, shared: Shared, reads: Reads, config: ServerConfig) -> None:
+        super().__init__(shared)
         self.reads = reads
         self.max_lease_ms = config.max_lease_ms
         self.max_pin_ms = config.max_pin_ms
-        self.pin_quota = int(config.pin_quota * l1_capacity)
-        self._wake = wake
+        self.pin_quota = int(config.pin_quota * self.l1.capacity)
         # The keys of each session's latest Lookup (for Prefetch by session).
         self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
         self._pins: dict[BlockId, float] = {}
@@ -71,11 +66,6 @@ class Leases:
 
     # -- prefetch -------------------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     def prefetch(self, namespace: str, session: str, keys: Sequence[bytes]) -> tuple[int, int]:
         """Bring blocks into L1 in the background: ``keys``, or the blocks of
         the session's latest Lookup. Returns the blocks and bytes found."""
@@ -87,7 +77,7 @@ class Leases:
         wanted = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
         todo = [b for b, e in wanted if e.l1_offset < 0]
         if todo:
-            self._spawn(self._promote_all(todo))
+            spawn(self._tasks, self._promote_all(todo))
         return len(wanted), sum(e.size for _, e in wanted)
 
     async def _promote_all(self, blocks: list[BlockId]) -> None:
@@ -152,7 +142,7 @@ class Leases:
                     entry.pin_until = 0.0
                     count += 1
                     nbytes += entry.size
-        self._wake()
+        self.progress.wake()
         return count, nbytes
 
     def _drop_expired_pins(self, now: float) -> None:

@@ -10,7 +10,6 @@ reservation not committed goes back with :meth:`Placement.release`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import time
 from collections.abc import Callable
@@ -18,11 +17,10 @@ from collections.abc import Callable
 from kvstore._impl import verify as block_verify
 from kvstore.checksum import copy_and_checksum
 from kvstore.errors import BlockTooLarge, CapacityExhausted, MalformedRequest
-from kvstore.policy import Action, Policy
-from kvstore.store.index import Entry, Index
-from kvstore.store.stats import Stats
+from kvstore.policy import Action
+from kvstore.store.index import Entry
+from kvstore.store.parts import Part, Shared
 from kvstore.tiers.base import Buffer
-from kvstore.tiers.memory import MemoryTier
 from kvstore.types import BlockFormat, BlockId, TierName
 
 # How long a Put waits for pinned L1 blocks (being written to L2 or read) to
@@ -34,57 +32,20 @@ ROOM_WAIT_SECONDS = 30.0
 _VERIFY_INLINE_BYTES = 256 * 1024
 
 
-class Progress:
-    """Wakes Puts waiting for L1 room or L2 write-queue room whenever a pin,
-    a reservation or a queued write goes."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event: asyncio.Event | None = None
-
-    def start(self) -> None:
-        self._event = asyncio.Event()
-
-    def wake(self) -> None:
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self, deadline: float) -> bool:
-        """False once ``deadline`` (time.monotonic) passed with no progress."""
-        assert self._event is not None
-        self._event.clear()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        try:
-            await asyncio.wait_for(self._event.wait(), remaining)
-        except TimeoutError:
-            return False
-        return True
-
-
-class Placement:
+class Placement(Part):
     """Reserves, fills in and evicts L1 extents. ``queue_l2_write``: how an
     eviction that must keep the block writes its dirty L1 copy to L2 first."""
 
-    def __init__(self, index: Index, stats: Stats, policy: Policy, clock: Callable[[], float],
-                 l1: MemoryTier, has_l2: bool, progress: Progress,
+    def __init__(self, shared: Shared, has_l2: bool,
                  queue_l2_write: Callable[[BlockId, Entry], object],
-                 executor: concurrent.futures.ThreadPoolExecutor, max_block_bytes: int) -> None:
-        self.index = index
-        self.stats = stats
-        self.policy = policy
-        self.clock = clock
-        self.l1 = l1
+                 max_block_bytes: int) -> None:
+        super().__init__(shared)
         self.has_l2 = has_l2
-        self.progress = progress
         self.queue_l2_write = queue_l2_write
-        self.executor = executor
         self.max_block_bytes = max_block_bytes
         self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
         self._generations = itertools.count(1)
-        self._l1_counters = stats.counters[TierName.L1]
+        self._l1_counters = self.stats.counters[TierName.L1]
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -220,11 +181,11 @@ class BlockWriter:
                  session: str | None, block_format: BlockFormat = BlockFormat.RAW) -> None:
         self.format = block_format
         self.placement = placement
+        self._dest = placement.l1.slice(offset, size)
         self.block = block
         self.size = size
         self.offset = offset
         self.session = session
-        self._dest = placement.l1.slice(offset, size)
         self._pos = 0
         self._checksum = 0
         self._closed = False

@@ -11,20 +11,17 @@ the block waits for that read instead of starting its own.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
 
 from kvstore.errors import CapacityExhausted
-from kvstore.policy import Policy
-from kvstore.store.index import Entry, Index
+from kvstore.store.index import Entry
 from kvstore.store.l3 import L3Mover
+from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import Placement
-from kvstore.store.stats import Stats
 from kvstore.tiers.base import Buffer
-from kvstore.tiers.memory import MemoryTier
 from kvstore.types import BlockId, TierName
 
 log = logging.getLogger("kvstore.store")
@@ -66,27 +63,22 @@ class BlockReader:
             release()
 
 
-class Reads:
+class Reads(Part):
     """Serves Gets and promotes into L1. ``read_verify_l2``: None without L2;
     ``l3``: None without L3."""
 
-    def __init__(self, index: Index, stats: Stats, policy: Policy, clock: Callable[[], float],
-                 l1: MemoryTier, placement: Placement, read_verify_l2: ReadVerifyL2 | None,
-                 l3: L3Mover | None, executor: concurrent.futures.ThreadPoolExecutor) -> None:
-        self.index = index
-        self.stats = stats
-        self.policy = policy
-        self.clock = clock
-        self.l1 = l1
+    def __init__(self, shared: Shared, placement: Placement,
+                 read_verify_l2: ReadVerifyL2 | None, l3: L3Mover | None) -> None:
+        super().__init__(shared)
         self.placement = placement
         self.read_verify_l2 = read_verify_l2
         self.l3 = l3
-        self.executor = executor
+        index = self.index
         self._entry = index.entry
         self._loading = index.loading
         self._unpin = index.unpin_reader
-        self._c1 = stats.counters[TierName.L1]
-        self._c2 = stats.counters[TierName.L2]
+        self._c1 = self.stats.counters[TierName.L1]
+        self._c2 = self.stats.counters[TierName.L2]
 
     async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
         """The block, pinned for streaming, or None for a miss."""

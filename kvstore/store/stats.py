@@ -22,11 +22,6 @@ class Stats:
         self.held: dict[TierName, list[int]] = {t: [0, 0] for t in TierName}
         self.puts = self.gets = self.get_hits = self.session_events = 0
 
-    def count_held(self, tier: TierName, blocks: int, nbytes: int) -> None:
-        held = self.held[tier]
-        held[0] += blocks
-        held[1] += nbytes
-
     def tier(self, tier: TierName, capacity: int) -> TierStats:
         """The tier's counters with its occupancy and ``capacity``."""
         blocks, nbytes = self.held[tier]

@@ -27,7 +27,8 @@ from kvstore.store.index import Entry, Index
 from kvstore.store.l3 import L3Mover
 from kvstore.store.leases import Leases
 from kvstore.store.lookup import Lookup
-from kvstore.store.placement import BlockWriter, Placement, Progress
+from kvstore.store.parts import Progress, Shared
+from kvstore.store.placement import BlockWriter, Placement
 from kvstore.store.reads import Reads
 from kvstore.store.stats import Stats
 from kvstore.store.writeback import WriteBack
@@ -83,29 +84,27 @@ class TieredStore:
         self.progress = Progress()
         self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
                            self.progress.wake, config.l2.compact_index)
+        shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
+                        self.progress)
         self.l3: L3Mover | None = None
         if has_l3:
-            self.l3 = L3Mover(self.index, self.counts, self.l1, self.executor, config.l3)
+            self.l3 = L3Mover(shared, config.l3)
             self.index.delete_l3 = self.l3.delete_later
         self.writeback: WriteBack | None = None
         if self.l2 is not None:
-            self.writeback = WriteBack(self.index, self.counts, self.policy, clock, self.l1,
-                                       self.l2, self.progress, config, self.executor)
+            self.writeback = WriteBack(shared, self.l2, config)
             self.writeback.l3 = self.l3
             if self.l3 is not None:
                 self.l3.read_l2 = self.writeback.read_verified
                 self.l3.after_demotion = self.writeback.after_demotion
         self.placement = Placement(
-            self.index, self.counts, self.policy, clock, self.l1, self.l2 is not None,
-            self.progress,
+            shared, self.l2 is not None,
             self.writeback.queue_write if self.writeback is not None else _ignore_queued,
-            self.executor, config.server.max_block_bytes)
+            config.server.max_block_bytes)
         self.reads = Reads(
-            self.index, self.counts, self.policy, clock, self.l1, self.placement,
-            self.writeback.read_verify_sync if self.writeback is not None else None,
-            self.l3, self.executor)
-        self.leases = Leases(self.index, self.policy, clock, self.reads, config.server,
-                             self.l1.capacity, self.progress.wake)
+            shared, self.placement,
+            self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
+        self.leases = Leases(shared, self.reads, config.server)
         self.lookups = Lookup(self.index, self.leases, self.l3, config.l3.concurrency)
 
         # The parts' calls the server makes, bound once.

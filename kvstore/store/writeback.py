@@ -11,22 +11,19 @@ block whose L2 copy is not written yet stays pinned in L1 until it is.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
-from collections.abc import Callable
 
 from kvstore.checksum import checksum
 from kvstore.config import Config
 from kvstore.errors import CapacityExhausted
-from kvstore.policy import Action, Policy
-from kvstore.store.index import Entry, Index
+from kvstore.policy import Action
+from kvstore.store.index import Entry
 from kvstore.store.l3 import L3Mover
-from kvstore.store.placement import ROOM_WAIT_SECONDS, Progress
-from kvstore.store.stats import Stats
+from kvstore.store.parts import Part, Shared
+from kvstore.store.placement import ROOM_WAIT_SECONDS
 from kvstore.tiers.base import Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
-from kvstore.tiers.memory import MemoryTier
 from kvstore.types import AckLevel, BlockId, TierName
 
 log = logging.getLogger("kvstore.store")
@@ -36,21 +33,13 @@ log = logging.getLogger("kvstore.store")
 _TRIM_BATCH = 1024
 
 
-class WriteBack:
+class WriteBack(Part):
     """Writes L1 copies to L2 and keeps L2 within its capacity. ``l3``: the
     mover L2 victims are demoted to (set once by the store; None: no L3)."""
 
-    def __init__(self, index: Index, stats: Stats, policy: Policy, clock: Callable[[], float],
-                 l1: MemoryTier, l2: LMDBTier, progress: Progress, config: Config,
-                 executor: concurrent.futures.ThreadPoolExecutor) -> None:
-        self.index = index
-        self.stats = stats
-        self.policy = policy
-        self.clock = clock
-        self.l1 = l1
+    def __init__(self, shared: Shared, l2: LMDBTier, config: Config) -> None:
+        super().__init__(shared)
         self.l2 = l2
-        self.progress = progress
-        self.executor = executor
         self.l3: L3Mover | None = None
         self.capacity = config.l2.capacity
         self.queue_limit = config.l2.write_queue_bytes
@@ -61,7 +50,7 @@ class WriteBack:
         self.queued = 0  # bytes queued for the L2 writer
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
-        self._l2_counters = stats.counters[TierName.L2]
+        self._l2_counters = self.stats.counters[TierName.L2]
 
     # -- reads for demotion and promotion -------------------------------------------------
 
