@@ -50,6 +50,15 @@ tiered          ``TieredStore``: builds and wires the parts,        all of the a
                 validates, joins them for Put, Delete, Stats
 ==============  ==================================================  ======================
 
+Set once after construction (the only late bindings): ``Index.delete_l3``,
+``WriteBack.l3``, ``L3Mover.read_l2`` and ``L3Mover.after_demotion``.
+
+Who writes what: an entry's place (``l1_offset``, ``l2``, ``l3``, ``dirty``,
+the pin counts) changes only through :class:`~kvstore.store.index.Index`'s
+methods; the full index gains entries through them too, except a committed
+Put (placement inserts it directly: the hot path) and its ``generation``;
+``lease_until`` and ``pin_until`` are the leases part's.
+
 Tier presence speaks :class:`kvstore.types.TierName` (Lookup returns one
 ``TierName`` value per key); the wire's codes are the servicer's business.
 """
