@@ -28,8 +28,7 @@ from kvstore.server import logs, preflight
 from kvstore.server.interceptor import ErrorInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
-from kvstore.shm import SharedMemoryBroker
-from kvstore.store import TieredStore
+from kvstore.store import SharedMemoryBroker, TieredStore
 
 log = logging.getLogger("kvstore.server")
 

@@ -16,8 +16,7 @@ from typing import Any
 import grpc
 
 from kvstore.errors import InvalidArgument, MalformedRequest
-from kvstore.shm import CommitSpec, SharedMemoryBroker
-from kvstore.store import BlockWriter, TieredStore
+from kvstore.store import BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.types import (
     AckLevel,
     BlockFormat,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kvstore import _impl
-from kvstore.coldindex import ColdBlock, ColdIndex
+from kvstore.store.coldindex import ColdBlock, ColdIndex
 
 
 def _key(rng: random.Random) -> bytes:

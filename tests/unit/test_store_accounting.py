@@ -18,16 +18,16 @@ from kvstore.types import TierName
 
 def recount(store: TieredStore) -> dict[TierName, list[int]]:
     # The index's by-namespace view holds exactly the same entries.
-    assert {(ns, k): e for ns, keys in store.index.by_namespace.items()
-            for k, e in keys.items()} == dict(store.index)
+    assert {(ns, k): e for ns, keys in store.index.blocks.by_namespace.items()
+            for k, e in keys.items()} == dict(store.index.blocks)
     held = {t: [0, 0] for t in TierName}
-    for e in store.index.values():
-        for tier, present in ((TierName.L1, e.l1 >= 0), (TierName.L2, e.l2),
+    for e in store.index.blocks.values():
+        for tier, present in ((TierName.L1, e.l1_offset >= 0), (TierName.L2, e.l2),
                               (TierName.L3, e.l3)):
             if present:
                 held[tier][0] += 1
                 held[tier][1] += e.size
-    for record in store.cold.records() if store.cold is not None else ():
+    for record in store.index.cold.records() if store.index.cold is not None else ():
         # The compact index holds blocks that are in L2 (and maybe L3) only.
         for tier, present in ((TierName.L2, True), (TierName.L3, record.l3)):
             if present:
@@ -59,15 +59,16 @@ def test_counters_match_the_index(tmp_path: Path, compact: str) -> None:
                 await store.get_bytes("ns", key)
             else:
                 await store.delete("ns", [key])
-            most_cold = max(most_cold, len(store.cold) if store.cold is not None else 0)
+            most_cold = max(most_cold,
+                            len(store.index.cold) if store.index.cold is not None else 0)
             if step % 50 == 0:
                 await asyncio.sleep(0)  # let L2 commit callbacks run in between
-                assert store._held == recount(store)
+                assert store.counts.held == recount(store)
         assert store.l2 is not None
         await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
         await asyncio.sleep(0)
-        assert store._held == recount(store)
-        assert store._busy_pins == 0
+        assert store.counts.held == recount(store)
+        assert store.index.busy_pins == 0
         assert (most_cold > 0) == (compact == "true")  # the compact index was exercised
         stats = store.stats()
         assert stats.tiers[0].bytes <= 2 * 1024 * 1024

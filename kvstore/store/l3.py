@@ -1,8 +1,9 @@
-"""The TieredStore's L3 half: demotion to the object store, reads from it,
-the background listing that rebuilds the L3 part of the index.
+"""L3: demotion to the object store, reads from it, the background listing
+that rebuilds the L3 part of the index.
 
-Mechanism and bookkeeping only; what to demote is the policy's call (made in
-``TieredStore._trim_l2``). Rules:
+Mechanism only; what to demote is the policy's call (made in
+:meth:`kvstore.store.writeback.WriteBack.trim`), and every change to the
+index goes through :class:`kvstore.store.index.Index`'s methods. Rules:
 
 * A block demoted from L2 keeps its L2 copy until the object store has it, so
   an outage never loses a block: the demotion retries until L3 comes back
@@ -25,28 +26,34 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kvstore.checksum import checksum
+from kvstore.config import L3Config
 from kvstore.errors import CorruptBlock, TierUnavailable
+from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
+from kvstore.store.parts import Part, Shared, spawn
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
 
-if TYPE_CHECKING:
-    from kvstore.config import L3Config
-    from kvstore.store import Entry, TieredStore
-
 log = logging.getLogger("kvstore.l3")
 
-UNKNOWN_CHECKSUM = -1
 # How long a key found absent from L3 is not asked for again.
 NEGATIVE_TTL_S = 2.0
 
 
-class L3Mover:
-    def __init__(self, store: TieredStore, config: L3Config) -> None:
-        self.store = store
+class L3Mover(Part):
+    """Moves blocks to and from L3. ``read_l2``: a block's verified L2 bytes
+    (for a demotion); ``after_demotion``: called when one ends (L2 goes on
+    trimming). Both are set once by the store, before :meth:`start`."""
+
+    def __init__(self, shared: Shared, config: L3Config) -> None:
+        super().__init__(shared)
+        self._l2_counters = self.stats.counters[TierName.L2]
+        self._counters = self.stats.counters[TierName.L3]
+        self.read_l2: Callable[[BlockId, Entry], Awaitable[bytes | None]] | None = None
+        self.after_demotion: Callable[[BlockId, Entry], None] | None = None
         self.tier = ObjectTier.from_config(config)
         self.queue_limit = config.write_queue_bytes
         self.list_on_start = config.list_on_start
@@ -97,28 +104,7 @@ class L3Mover:
                 await task
         await self.tier.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- index ---------------------------------------------------------------------------
-
-    def mark(self, block: BlockId, entry: Entry) -> None:
-        if not entry.l3 and not entry.dead and self.store.index.get(block) is entry:
-            self.store.set_l3(entry, True)
-            self.store.policy.on_insert(TierName.L3, block, entry.size, self.store.clock(),
-                                        entry.session)
-
-    def _discovered(self, block: BlockId, size: int, meta_checksum: int,
-                    created: float) -> Entry:
-        """An index entry for a block found in L3 that this node did not know."""
-        from kvstore.store import Entry
-
-        entry = Entry(size, meta_checksum, created)
-        self.store.index[block] = entry
-        self.mark(block, entry)
-        return entry
 
     async def _scan(self) -> None:
         """List the bucket (no request per object) and index what it holds;
@@ -130,13 +116,13 @@ class L3Mover:
                     self.listed += 1
                     if block in self._deleting:
                         continue
-                    entry = self.store.index.get(block)
-                    if entry is None and self.store.listed_cold(block, size):
+                    entry = self.index.blocks.get(block)
+                    if entry is None and self.index.listed_cold(block, size):
                         pass  # in the compact index, now marked as in L3 too
                     elif entry is None:
-                        self._discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+                        self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
                     elif entry.size == size:
-                        self.mark(block, entry)
+                        self.index.mark_l3(block, entry)
                     if self.listed % 1000 == 0:
                         await asyncio.sleep(0)  # let calls in between
                 break
@@ -154,43 +140,44 @@ class L3Mover:
         if not self.healthy:
             raise TierUnavailable("L3 is unavailable (circuit breaker open): "
                                   "acknowledgement level remote cannot be met now")
-        self.store.pin_reader(entry)  # the L1 copy must stay while it is uploaded
-        view = self.store.l1.slice(entry.l1, entry.size)
+        self.index.pin_reader(entry)  # the L1 copy must stay while it is uploaded
+        view = self.l1.slice(entry.l1_offset, entry.size)
         self.queued += entry.size
         try:
             if not await self._in_order(
                     block, functools.partial(self.tier.put, block, view, entry.meta()),
-                    lambda: not entry.dead and self.store.index.get(block) is entry):
+                    functools.partial(self.index.is_current, block, entry)):
                 return  # deleted or replaced meanwhile: nothing to make remote
-            self.mark(block, entry)
+            self.index.mark_l3(block, entry)
         finally:
             self.queued -= entry.size
             view.release()
-            self.store.unpin_reader(entry)
+            self.index.unpin_reader(entry)
 
     def start_demotion(self, block: BlockId, entry: Entry) -> bool:
         """Copy an L2 victim to L3 in the background; False when L3 is down
         or the in-flight bytes are at their bound."""
         if not self.healthy or (self.queued and self.queued + entry.size > self.queue_limit):
             return False
-        entry.l3_pending += 1
+        self.index.begin_l3_copy(entry)
         self.queued += entry.size
-        self._spawn(self._demote(block, entry))
+        spawn(self._tasks, self._demote(block, entry))
         return True
 
     async def _demote(self, block: BlockId, entry: Entry) -> None:
-        store = self.store
+        index = self.index
+        assert self.read_l2 is not None and self.after_demotion is not None
         try:
             while not self._closing:
-                if entry.dead or store.index.get(block) is not entry or not entry.l2:
+                if not index.is_current(block, entry) or not entry.l2:
                     return
-                data = await store.read_l2_verified(block, entry)
+                data = await self.read_l2(block, entry)
                 if data is None:
                     return
                 try:
                     written = await self._in_order(
                         block, functools.partial(self.tier.put, block, data, entry.meta()),
-                        lambda: not entry.dead and store.index.get(block) is entry)
+                        functools.partial(index.is_current, block, entry))
                 except TierUnavailable as exc:
                     # Keep the L2 copy and try again once the breaker may let us.
                     log.info("demotion of %s waits for L3: %s", block[1].hex()[:16], exc)
@@ -198,13 +185,13 @@ class L3Mover:
                     continue
                 if not written:
                     return  # deleted or replaced meanwhile
-                self.mark(block, entry)
-                store.count(TierName.L2).demotions += 1
+                self.index.mark_l3(block, entry)
+                self._l2_counters.demotions += 1
                 return
         finally:
-            entry.l3_pending -= 1
+            index.end_l3_copy(entry)
             self.queued -= entry.size
-            store.after_demotion(block, entry)
+            self.after_demotion(block, entry)
 
     async def _in_order(self, block: BlockId, write: Callable[[], Awaitable[Any]],
                         wanted: Callable[[], bool] | None = None) -> bool:
@@ -245,12 +232,7 @@ class L3Mover:
                     del self._deleting[block]
 
         self._deleting[block] = self._deleting.get(block, 0) + 1
-        self._spawn_delete(delete())
-
-    def _spawn_delete(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._delete_tasks.add(task)
-        task.add_done_callback(self._delete_tasks.discard)
+        spawn(self._delete_tasks, delete())
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -281,16 +263,16 @@ class L3Mover:
         if size is None:
             self._note_absent(block)
             return None
-        entry = self.store.index.get(block)
+        entry = self.index.blocks.get(block)
         if entry is not None:
-            self.mark(block, entry)
+            self.index.mark_l3(block, entry)
             return entry
-        return self._discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+        return self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
 
     async def read(self, block: BlockId, entry: Entry | None) -> tuple[Entry, memoryview] | None:
         """The block's verified bytes from L3, or None (a miss: absent, L3
         unavailable or too slow, or a corrupt object, counted)."""
-        counters = self.store.count(TierName.L3)
+        counters = self._counters
         if not self.healthy or (entry is None and self.known_absent(block)):
             counters.misses += 1
             return None
@@ -304,43 +286,34 @@ class L3Mover:
             log.warning("%s", exc)
             counters.corrupt += 1
             counters.misses += 1
-            self._lost(block, entry)
+            self.index.lost_l3(block, entry)
             return None
         if found is None:
             counters.misses += 1
             self._note_absent(block)
-            self._lost(block, entry)
+            self.index.lost_l3(block, entry)
             return None
         meta, payload = found
         expected = meta.checksum
         if entry is not None and entry.checksum != UNKNOWN_CHECKSUM:
             expected = entry.checksum
         loop = asyncio.get_running_loop()
-        actual = await loop.run_in_executor(self.store.executor, checksum, payload)
+        actual = await loop.run_in_executor(self.executor, checksum, payload)
         if actual != expected or meta.checksum != expected:
             log.warning("dropped corrupt L3 copy of %s/%s", block[0], block[1].hex()[:16])
             counters.corrupt += 1
             counters.misses += 1
-            self._lost(block, entry)
+            self.index.lost_l3(block, entry)
             return None
-        current = self.store.index.get(block)
+        current = self.index.blocks.get(block)
         if entry is None:
             if current is None:
-                current = self._discovered(block, meta.size, meta.checksum, meta.created)
+                current = self.index.discovered(block, meta.size, meta.checksum, meta.created)
             entry = current
         if entry is not current:
             counters.misses += 1
             return None
-        entry.checksum = expected
-        self.mark(block, entry)
+        self.index.learn_checksum(entry, expected)
+        self.index.mark_l3(block, entry)
         counters.hits += 1
         return entry, payload
-
-    def _lost(self, block: BlockId, entry: Entry | None) -> None:
-        """L3 does not (validly) hold the block: forget that it did."""
-        if entry is None or not entry.l3:
-            return
-        self.store.set_l3(entry, False)
-        self.store.policy.on_remove(TierName.L3, block)
-        if entry.l1 < 0 and not entry.l2:
-            self.store.forget(block, entry)

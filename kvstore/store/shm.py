@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidArgument, TierNotConfigured
-from kvstore.store import BlockReader, TieredStore
+from kvstore.store.reads import BlockReader
+from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key
 
@@ -87,6 +88,7 @@ class SharedMemoryBroker:
     def __init__(self, store: TieredStore, reserve_ms: int, lease_ms: int,
                  max_lease_ms: int) -> None:
         self.store = store
+        self.placement = store.placement
         self.reserve_ms = reserve_ms
         self.default_lease_ms = lease_ms
         self.max_lease_ms = max_lease_ms
@@ -121,7 +123,7 @@ class SharedMemoryBroker:
             lease.reader.close()
         self._leases.clear()
         for r in self._reservations.values():
-            self.store.release_reserved(r.offset, r.size)
+            self.placement.release(r.offset, r.size)
         self._reservations.clear()
 
     def _new_id(self, taken: dict[int, object]) -> int:
@@ -137,12 +139,12 @@ class SharedMemoryBroker:
         self._require()
         for i, (key, size) in enumerate(specs):
             validate_key(key, i)
-            self.store.check_block_size(size)
+            self.placement.check_block_size(size)
         slots: list[Slot] = []
         expires = time.monotonic() + self.reserve_ms / 1000.0
         try:
             for key, size in specs:
-                offset = await self.store.reserve_l1(size)
+                offset = await self.placement.reserve(size)
                 self._generation += 1
                 slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
                 self._reservations[slot_id] = Reservation(
@@ -157,7 +159,7 @@ class SharedMemoryBroker:
     def _drop_reservation(self, slot_id: int) -> None:
         r = self._reservations.pop(slot_id, None)
         if r is not None:
-            self.store.release_reserved(r.offset, r.size)
+            self.placement.release(r.offset, r.size)
 
     async def commit(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
                      abandon: Sequence[int]) -> tuple[int, int]:
@@ -201,7 +203,7 @@ class SharedMemoryBroker:
                if got != spec.checksum]
         if bad:
             for _, r in taken:
-                self.store.release_reserved(r.offset, r.size)
+                self.placement.release(r.offset, r.size)
             spec0 = taken[bad[0]][0]
             raise CorruptBlock(
                 f"{len(bad)} block(s) failed their CRC-32C check (first: block #{bad[0]}, slot "
@@ -210,15 +212,15 @@ class SharedMemoryBroker:
         try:
             for spec, r in taken:
                 if spec.format == BlockFormat.KV_V1:
-                    await self.store.verify_block(r.offset, r.size)
+                    await self.placement.verify_block(r.offset, r.size)
         except BaseException:
             for _, r in taken:
-                self.store.release_reserved(r.offset, r.size)
+                self.placement.release(r.offset, r.size)
             raise
         durable = []
         nbytes = 0
         for spec, r in taken:
-            entry = self.store.commit_block(r.block, r.size, spec.checksum, r.offset, r.session)
+            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
             fut = await self.store.make_durable(r.block, entry, ack)
             if fut is not None:
                 durable.append(fut)
@@ -253,14 +255,15 @@ class SharedMemoryBroker:
                     out.append(None)
                     continue
                 entry = reader.entry
-                if entry is None or entry.l1 < 0:
+                if entry is None or entry.l1_offset < 0:
                     # Served from a copy outside the arena (no L1 room): not shareable.
                     reader.close()
                     out.append(None)
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
-                lease = Lease(lease_id, entry.l1, entry.size, entry.checksum, entry.generation,
-                              reader.tier, time.monotonic() + ms / 1000.0, reader)
+                lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
+                              entry.generation, reader.tier, time.monotonic() + ms / 1000.0,
+                              reader)
                 self._leases[lease_id] = lease
                 out.append(lease)
         except BaseException:

@@ -1,0 +1,369 @@
+"""Where every block is: its entry (size, checksum, L1 offset, L2/L3
+presence, pins) in the full index, or its compact record (blocks only in
+L2, idle: :mod:`kvstore.store.coldindex`).
+
+Every change of where a block is goes through :class:`Index`'s methods, so
+that the per-tier occupancy counts, the dirty bytes, the busy pins and the
+policy's view stay equal to the entries (tests recount them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvstore.policy import Policy
+from kvstore.store.coldindex import ColdIndex
+from kvstore.store.stats import Stats
+from kvstore.tiers.base import BlockMeta
+from kvstore.tiers.lmdb_tier import LMDBTier
+from kvstore.tiers.memory import MemoryTier
+from kvstore.types import BlockId, TierName
+
+#: The checksum of a block found in L3 by a listing or HEAD (not known yet).
+UNKNOWN_CHECKSUM = -1
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    size: int
+    checksum: int
+    created: float
+    session: str | None = None
+    l1_offset: int = -1  # arena offset of the L1 copy; -1 = not in L1
+    l2: bool = False  # committed in L2
+    l3: bool = False  # stored in L3 (as far as this node knows)
+    l3_pending: int = 0  # demotions to L3 in flight (they pin the L2 copy)
+    l2_pending: int = 0  # L2 writes in flight that read the L1 copy (pins it)
+    readers: int = 0  # Gets streaming the L1 copy (pins it)
+    lease_until: float = 0.0
+    dead: bool = False  # no longer in the index; free L1 once unpinned
+    dirty: bool = False  # in L1 with no L2 copy and no L2 write queued
+    generation: int = 0  # distinguishes successive uses of the same L1 extent
+    pin_until: float = 0.0  # a session's pin keeps it in L1 until then
+
+    @property
+    def pinned(self) -> bool:
+        return self.readers > 0 or self.l2_pending > 0
+
+    def meta(self) -> BlockMeta:
+        return BlockMeta(self.size, self.checksum, self.created)
+
+
+def tier_of(entry: Entry | None) -> TierName | None:
+    """The fastest tier holding the block (None: not stored)."""
+    if entry is None or entry.dead:
+        return None
+    if entry.l1_offset >= 0:
+        return TierName.L1
+    if entry.l2:
+        return TierName.L2
+    if entry.l3:
+        return TierName.L3
+    return None
+
+
+class BlockIndex(dict[BlockId, Entry]):
+    """The full entries, by ``(namespace, key)``, and the same entries by
+    namespace then key (``by_namespace``): a Lookup finds a chain's keys in
+    its namespace's dict without building a tuple per key. Only item
+    assignment and ``del`` may change it (the two views stay equal)."""
+
+    __slots__ = ("by_namespace",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_namespace: dict[str, dict[bytes, Entry]] = {}
+
+    def __setitem__(self, block: BlockId, entry: Entry) -> None:
+        super().__setitem__(block, entry)
+        keys = self.by_namespace.get(block[0])
+        if keys is None:
+            keys = self.by_namespace[block[0]] = {}
+        keys[block[1]] = entry
+
+    def __delitem__(self, block: BlockId) -> None:
+        super().__delitem__(block)
+        keys = self.by_namespace[block[0]]
+        del keys[block[1]]
+        if not keys:
+            del self.by_namespace[block[0]]
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("BlockIndex changes only by item assignment and del")
+
+    pop = popitem = clear = update = setdefault = _refuse
+
+
+def _drop_done(error: BaseException | None, existed: bool) -> None:
+    """The L2 writer's callback for a delete: nothing waits for it."""
+
+
+class Index:
+    """The full index, the compact index and the counts kept with them.
+
+    ``blocks``: the full entries. ``cold``: the compact index (None when
+    ``l2.compact_index`` is off or there is no L2). ``loading``: the blocks
+    being read from L2 or L3 into L1, each with the future a concurrent Get
+    waits on (:mod:`kvstore.store.reads` adds and removes them; a loading
+    block stays in the full index). ``delete_l3``: how :meth:`forget` deletes
+    a block's L3 copy (set once by the store when an L3 is configured).
+    """
+
+    def __init__(self, stats: Stats, policy: Policy, clock: Callable[[], float],
+                 l1: MemoryTier, l2: LMDBTier | None, wake: Callable[[], None],
+                 compact: bool) -> None:
+        self._held = stats.held
+        self.policy = policy
+        self.clock = clock
+        self.l1 = l1
+        self.l2 = l2
+        self._wake = wake
+        self.blocks = BlockIndex()
+        self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
+        self.loading: dict[BlockId, asyncio.Future[None]] = {}
+        self.delete_l3: Callable[[BlockId], None] | None = None
+        # Cold blocks being demoted to L3 on their way out of L2.
+        self._cold_demoting: set[BlockId] = set()
+        self.busy_pins = 0  # readers + L2 writes in flight, over all entries
+        self.dirty_bytes = 0  # bytes of dirty entries (see Entry.dirty)
+
+    # -- counts kept with the entries -------------------------------------------------
+
+    @property
+    def l2_bytes(self) -> int:
+        return self._held[TierName.L2][1]
+
+    def _count(self, tier: TierName, blocks: int, nbytes: int) -> None:
+        held = self._held[tier]
+        held[0] += blocks
+        held[1] += nbytes
+
+    def set_l1(self, entry: Entry, offset: int) -> None:
+        if (entry.l1_offset >= 0) != (offset >= 0):
+            sign = 1 if offset >= 0 else -1
+            self._count(TierName.L1, sign, sign * entry.size)
+        entry.l1_offset = offset
+
+    def set_l2(self, entry: Entry, present: bool) -> None:
+        if entry.l2 != present:
+            sign = 1 if present else -1
+            self._count(TierName.L2, sign, sign * entry.size)
+        entry.l2 = present
+
+    def set_l3(self, entry: Entry, present: bool) -> None:
+        if entry.l3 != present:
+            sign = 1 if present else -1
+            self._count(TierName.L3, sign, sign * entry.size)
+        entry.l3 = present
+
+    def set_dirty(self, entry: Entry, dirty: bool) -> None:
+        if entry.dirty != dirty:
+            entry.dirty = dirty
+            self.dirty_bytes += entry.size if dirty else -entry.size
+
+    def pin_reader(self, entry: Entry) -> None:
+        entry.readers += 1
+        self.busy_pins += 1
+
+    def unpin_reader(self, entry: Entry) -> None:
+        entry.readers -= 1
+        self.busy_pins -= 1
+        self.free_if_dead(entry)
+        self._wake()
+
+    def begin_l2_write(self, entry: Entry) -> None:
+        """An L2 write of the entry's L1 copy is queued (it pins that copy)."""
+        entry.l2_pending += 1
+        self.busy_pins += 1
+        self.set_dirty(entry, False)
+
+    def end_l2_write(self, entry: Entry) -> None:
+        entry.l2_pending -= 1
+        self.busy_pins -= 1
+
+    def free_if_dead(self, entry: Entry) -> None:
+        """Free a forgotten entry's L1 extent once its last pin is gone."""
+        if entry.dead and not entry.pinned and entry.l1_offset >= 0:
+            self.set_dirty(entry, False)
+            self.l1.release(entry.l1_offset, entry.size)
+            self.set_l1(entry, -1)
+
+    # -- L3 presence (the L3 mover's view) ----------------------------------------------
+
+    def is_current(self, block: BlockId, entry: Entry) -> bool:
+        """The entry is still the block's (not deleted, replaced or cooled)."""
+        return not entry.dead and self.blocks.get(block) is entry
+
+    def mark_l3(self, block: BlockId, entry: Entry) -> None:
+        """L3 holds the block's current bytes."""
+        if not entry.l3 and not entry.dead and self.blocks.get(block) is entry:
+            self.set_l3(entry, True)
+            self.policy.on_insert(TierName.L3, block, entry.size, self.clock(), entry.session)
+
+    def lost_l3(self, block: BlockId, entry: Entry | None) -> None:
+        """L3 does not (validly) hold the block: forget that it did."""
+        if entry is None or not entry.l3:
+            return
+        self.set_l3(entry, False)
+        self.policy.on_remove(TierName.L3, block)
+        if entry.l1_offset < 0 and not entry.l2:
+            self.forget(block, entry)
+
+    def discovered(self, block: BlockId, size: int, checksum: int, created: float) -> Entry:
+        """An entry for a block found in L3 that this node did not know."""
+        entry = Entry(size, checksum, created)
+        self.blocks[block] = entry
+        self.mark_l3(block, entry)
+        return entry
+
+    def learn_checksum(self, entry: Entry, checksum: int) -> None:
+        """A discovered block's checksum, once its verified bytes told it."""
+        entry.checksum = checksum
+
+    def begin_l3_copy(self, entry: Entry) -> None:
+        """A demotion to L3 started (it pins the L2 copy)."""
+        entry.l3_pending += 1
+
+    def end_l3_copy(self, entry: Entry) -> None:
+        entry.l3_pending -= 1
+
+    def listed_cold(self, block: BlockId, size: int) -> bool:
+        """The L3 listing found a block the compact index holds: note that L3
+        has it too. False when the compact index does not hold it."""
+        if self.cold is None:
+            return False
+        record = self.cold.get(block[0], block[1])
+        if record is None or record.size != size:
+            return False
+        if not record.l3:
+            self.cold.set_l3(block[0], block[1], True)
+            self._count(TierName.L3, 1, size)
+        return True
+
+    # -- the compact index (blocks only in L2) ----------------------------------------
+
+    def entry(self, block: BlockId) -> Entry | None:
+        """The block's full entry, from the compact index if need be."""
+        entry = self.blocks.get(block)
+        if entry is None and self.cold is not None and len(self.cold):
+            entry = self.warm(block)
+        return entry
+
+    def cool(self, block: BlockId, entry: Entry) -> None:
+        """An idle block that is only in L2 leaves the full index for the
+        compact one (and the policy's view)."""
+        assert self.cold is not None
+        now = self.clock()
+        if (entry.dead or entry.l1_offset >= 0 or not entry.l2 or entry.l2_pending
+                or entry.l3_pending or entry.readers or block in self.loading
+                or entry.lease_until > now or entry.pin_until > now
+                or block in self._cold_demoting
+                or self.blocks.get(block) is not entry or entry.checksum < 0):
+            return
+        del self.blocks[block]
+        self.policy.on_remove(TierName.L2, block)
+        if entry.l3:
+            self.policy.on_remove(TierName.L3, block)
+        entry.dead = True  # any holder of the old object sees it gone
+        self.cold.add(block[0], block[1], entry.size, entry.checksum, entry.created, now,
+                      entry.l3)
+
+    def warm(self, block: BlockId, track: bool = True) -> Entry | None:
+        """The block's full entry, moved out of the compact index (None when
+        it is not there). ``track``: tell the policy (a use is coming)."""
+        assert self.cold is not None
+        record = self.cold.take(block[0], block[1])
+        if record is None:
+            return None
+        entry = Entry(record.size, record.checksum, record.created)
+        entry.l2 = True  # occupancy already counts it
+        entry.l3 = record.l3
+        self.blocks[block] = entry
+        if track:
+            now = self.clock()
+            self.policy.on_insert(TierName.L2, block, entry.size, now)
+            if entry.l3:
+                self.policy.on_insert(TierName.L3, block, entry.size, now)
+        return entry
+
+    def cold_demotion_started(self, block: BlockId) -> None:
+        """A cold block's demotion to L3 began (it stays warm until it ends)."""
+        self._cold_demoting.add(block)
+
+    def cold_demotion_ended(self, block: BlockId) -> bool:
+        """Whether the block's demotion was a cold block's (now ended)."""
+        if block in self._cold_demoting:
+            self._cold_demoting.discard(block)
+            return True
+        return False
+
+    # -- the index rebuilt from L2 ------------------------------------------------------
+
+    def add_l2_blocks(self, namespaces: list[str], keys: list[bytes], sizes: Sequence[int],
+                      sums: Sequence[int], created: Sequence[float]) -> None:
+        """Index blocks found in L2 (not indexed yet), older ones first in
+        line for eviction, so that recency order survives a restart."""
+        size_array = np.asarray(sizes, dtype=np.uint64)
+        created_array = np.asarray(created, dtype=np.float64)
+        if self.cold is not None:
+            # All of them go to the compact index; its last-use times put
+            # older blocks first.
+            used = self.clock() - np.maximum(time.time() - created_array, 0.0)
+            self.cold.add_many(namespaces, keys, size_array,
+                               np.asarray(sums, dtype=np.uint32), created_array, used)
+            self._count(TierName.L2, len(keys), int(size_array.sum()))
+            return
+        order = np.argsort(created_array, kind="stable")
+        now = self.clock()
+        blocks, policy, set_l2 = self.blocks, self.policy, self.set_l2
+        for i in order.tolist():
+            block = (namespaces[i], keys[i])
+            entry = Entry(int(sizes[i]), int(sums[i]), float(created[i]))
+            set_l2(entry, True)
+            blocks[block] = entry
+            policy.on_insert(TierName.L2, block, entry.size, now)
+
+    # -- removal ----------------------------------------------------------------------
+
+    def drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
+        assert self.l2 is not None
+        self.set_l2(entry, False)
+        if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
+            self.set_dirty(entry, True)
+        self.l2.submit(block, None, None, _drop_done)
+
+    def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
+               delete_l3: bool = False) -> None:
+        """Remove a block from the index and the local tiers (respecting pins);
+        from the shared L3 only when asked (an explicit Delete, whether or not
+        this node knows of an L3 copy; an overwrite of a block it has there)."""
+        if self.blocks.get(block) is entry:
+            del self.blocks[block]
+        entry.dead = True
+        self.set_dirty(entry, False)
+        if entry.l1_offset >= 0:
+            self.policy.on_remove(TierName.L1, block)
+            if not entry.pinned:  # else freed by free_if_dead when the last pin goes
+                self.l1.release(entry.l1_offset, entry.size)
+                self.set_l1(entry, -1)
+        if entry.l2:
+            self.policy.on_remove(TierName.L2, block)
+            if delete_l2:
+                self.drop_l2_copy(block, entry)
+            else:
+                self.set_l2(entry, False)
+        elif entry.l2_pending and delete_l2 and self.l2 is not None:
+            # Its L2 write is still queued: a delete queued behind it (the
+            # writer keeps the order) keeps it from coming back at a restart.
+            self.l2.submit(block, None, None, _drop_done)
+        if entry.l3:
+            self.set_l3(entry, False)
+            self.policy.on_remove(TierName.L3, block)
+        if delete_l3 and self.delete_l3 is not None:
+            self.delete_l3(block)

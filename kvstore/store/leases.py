@@ -1,0 +1,151 @@
+"""What keeps blocks in L1 or brings them there ahead of a Get: leases
+(granted by Lookup), a session's pins, and prefetch (of given keys, or of
+a session's latest Lookup)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from kvstore.config import ServerConfig
+from kvstore.errors import CapacityExhausted
+from kvstore.store.index import Entry
+from kvstore.store.parts import Part, Shared, spawn
+from kvstore.store.reads import BlockReader, Reads
+from kvstore.types import BlockId, validate_key
+
+# Sessions whose latest Lookup is remembered (for Prefetch by session).
+_SESSIONS_KEPT = 10_000
+# Pins remembered before expired ones are dropped.
+_PINS_KEPT = 1024
+
+
+class Leases(Part):
+    """Leases, pins and prefetch."""
+
+    def __init__(self, shared: Shared, reads: Reads, config: ServerConfig) -> None:
+        super().__init__(shared)
+        self.reads = reads
+        self.max_lease_ms = config.max_lease_ms
+        self.max_pin_ms = config.max_pin_ms
+        self.pin_quota = int(config.pin_quota * self.l1.capacity)
+        # The keys of each session's latest Lookup (for Prefetch by session).
+        self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
+        self._pins: dict[BlockId, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+
+    async def close(self) -> None:
+        """Stop the prefetches in flight."""
+        self.closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # -- Lookup's leases and session notes ------------------------------------------------
+
+    def lease(self, entries: Iterable[Entry | None], tiers: Iterable[int], lease_ms: int) -> None:
+        """Keep the found blocks (non-zero ``tiers``) for ``lease_ms`` (capped)."""
+        lease_until = self.clock() + min(lease_ms, self.max_lease_ms) / 1000.0
+        for entry, tier in zip(entries, tiers, strict=True):
+            if entry is not None and tier:
+                entry.lease_until = max(entry.lease_until, lease_until)
+
+    def note_request(self, namespace: str, session: str, blocks: list[BlockId]) -> None:
+        """A session's request: tell the policy which blocks its context holds."""
+        self.policy.on_request(blocks, self.clock(), session)
+        key = (namespace, session)
+        self._session_blocks[key] = blocks
+        self._session_blocks.move_to_end(key)
+        while len(self._session_blocks) > _SESSIONS_KEPT:
+            self._session_blocks.popitem(last=False)
+
+    # -- prefetch -------------------------------------------------------------------------
+
+    def prefetch(self, namespace: str, session: str, keys: Sequence[bytes]) -> tuple[int, int]:
+        """Bring blocks into L1 in the background: ``keys``, or the blocks of
+        the session's latest Lookup. Returns the blocks and bytes found."""
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        blocks = [(namespace, k) for k in keys] if keys else \
+            list(self._session_blocks.get((namespace, session), []))
+        entry_of = self.index.entry
+        wanted = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
+        todo = [b for b, e in wanted if e.l1_offset < 0]
+        if todo:
+            spawn(self._tasks, self._promote_all(todo))
+        return len(wanted), sum(e.size for _, e in wanted)
+
+    async def _promote_all(self, blocks: list[BlockId]) -> None:
+        reads = self.reads
+        for block in blocks:
+            entry = self.index.entry(block)
+            if entry is None or entry.l1_offset >= 0 or self.closing:
+                continue
+            reader: BlockReader | None = None
+            with contextlib.suppress(Exception):
+                if entry.l2 and reads.read_verify_l2 is not None:
+                    reader = await reads.read_l2(block, entry, None, hint=True)
+                elif entry.l3 and reads.l3 is not None:
+                    reader = await reads.read_l3(block, entry, None, hint=True)
+            if reader is not None:
+                reader.close()
+
+    # -- pins -----------------------------------------------------------------------------
+
+    async def pin(self, namespace: str, keys: Sequence[bytes], ttl_ms: int) -> tuple[int, int]:
+        """Keep blocks in L1 for ``ttl_ms`` (promoting them first), within the
+        namespace's pin quota. Returns the blocks and bytes pinned."""
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        now = self.clock()
+        until = now + min(ttl_ms or self.max_pin_ms, self.max_pin_ms) / 1000.0
+        blocks = [(namespace, k) for k in keys]
+        entry_of = self.index.entry
+        found = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
+        quota = self.pin_quota
+        wanted = {b for b, _ in found}
+        held = sum(e.size for b, until_b in self._pins.items()
+                   if b[0] == namespace and until_b > now and b not in wanted
+                   and (e := self.index.blocks.get(b)) is not None)
+        asked = sum(e.size for _, e in found)
+        if held + asked > quota:
+            raise CapacityExhausted(
+                f"pinning {asked} bytes would put namespace {namespace!r} over its pin quota "
+                f"of {quota} bytes ({held} already pinned; server.pin_quota)")
+        await self._promote_all([b for b, e in found if e.l1_offset < 0])
+        pinned = 0
+        nbytes = 0
+        for block, entry in found:
+            if entry.dead or entry.l1_offset < 0:
+                continue
+            entry.pin_until = until
+            self._pins[block] = until
+            pinned += 1
+            nbytes += entry.size
+        self.policy.pin([b for b, _ in found], until)
+        self._drop_expired_pins(now)
+        return pinned, nbytes
+
+    def unpin(self, namespace: str, keys: Sequence[bytes]) -> tuple[int, int]:
+        count = nbytes = 0
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+            block = (namespace, key)
+            if self._pins.pop(block, None) is not None:
+                entry = self.index.blocks.get(block)
+                if entry is not None:
+                    entry.pin_until = 0.0
+                    count += 1
+                    nbytes += entry.size
+        self.progress.wake()
+        return count, nbytes
+
+    def _drop_expired_pins(self, now: float) -> None:
+        if len(self._pins) > _PINS_KEPT:
+            for block in [b for b, t in self._pins.items() if t <= now]:
+                del self._pins[block]

@@ -1,0 +1,82 @@
+"""What the store's parts share: the objects every part calls, handed to
+each once when :class:`kvstore.store.tiered.TieredStore` builds them (see
+:mod:`kvstore.store` for who calls what), and two small helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.policy import Policy
+from kvstore.store.index import Index
+from kvstore.store.stats import Stats
+from kvstore.tiers.memory import MemoryTier
+
+
+class Progress:
+    """Wakes Puts waiting for L1 room or L2 write-queue room whenever a pin,
+    a reservation or a queued write goes."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    def start(self) -> None:
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self, deadline: float) -> bool:
+        """False once ``deadline`` (time.monotonic) passed with no progress."""
+        assert self._event is not None
+        self._event.clear()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._event.wait(), remaining)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """The index and counters, the policy and its clock, the L1 arena, the
+    executor for blocking work, and the wake-up for waiting Puts."""
+
+    index: Index
+    stats: Stats
+    policy: Policy
+    clock: Callable[[], float]
+    l1: MemoryTier
+    executor: concurrent.futures.ThreadPoolExecutor
+    progress: Progress
+
+
+class Part:
+    """A part of the store: the shared objects as its own attributes (one
+    attribute load each on the hot paths, not two)."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.index = shared.index
+        self.stats = shared.stats
+        self.policy = shared.policy
+        self.clock = shared.clock
+        self.l1 = shared.l1
+        self.executor = shared.executor
+        self.progress = shared.progress
+
+
+def spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` in the background, held in ``tasks`` until it ends."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

@@ -1,0 +1,228 @@
+"""L1 placement: extents for blocks being put or promoted, eviction when
+L1 is full, and the wait for room while every block is pinned.
+
+A Put reserves an extent (:meth:`Placement.reserve`, evicting as needed),
+its bytes are copied in (:class:`BlockWriter`, or a same-host client through
+the shared-memory broker) and :meth:`Placement.commit` makes it visible. A
+reservation not committed goes back with :meth:`Placement.release`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+
+from kvstore._impl import verify as block_verify
+from kvstore.checksum import copy_and_checksum
+from kvstore.errors import BlockTooLarge, CapacityExhausted, MalformedRequest
+from kvstore.policy import Action
+from kvstore.store.index import Entry
+from kvstore.store.parts import Part, Shared
+from kvstore.tiers.base import Buffer
+from kvstore.types import BlockFormat, BlockId, TierName
+
+# How long a Put waits for pinned L1 blocks (being written to L2 or read) to
+# become evictable before it gives up with RESOURCE_EXHAUSTED.
+ROOM_WAIT_SECONDS = 30.0
+
+# Blocks up to this size are verified on the event loop (a few µs); larger
+# ones in the executor (the native verify releases the GIL).
+_VERIFY_INLINE_BYTES = 256 * 1024
+
+
+class Placement(Part):
+    """Reserves, fills in and evicts L1 extents. ``queue_l2_write``: how an
+    eviction that must keep the block writes its dirty L1 copy to L2 first."""
+
+    def __init__(self, shared: Shared, has_l2: bool,
+                 queue_l2_write: Callable[[BlockId, Entry], object],
+                 max_block_bytes: int) -> None:
+        super().__init__(shared)
+        self.has_l2 = has_l2
+        self.queue_l2_write = queue_l2_write
+        self.max_block_bytes = max_block_bytes
+        self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
+        self._generations = itertools.count(1)
+        self._l1_counters = self.stats.counters[TierName.L1]
+
+    def check_block_size(self, size: int) -> None:
+        if size <= 0:
+            raise MalformedRequest(f"block_size must be at least 1 (got {size})")
+        if size > self.max_block_bytes:
+            raise BlockTooLarge(
+                f"block of {size} bytes exceeds the limit of {self.max_block_bytes} bytes "
+                "(server.max_block_bytes)"
+            )
+        if size > self.l1.capacity:
+            raise BlockTooLarge(
+                f"block of {size} bytes exceeds the L1 capacity of {self.l1.capacity} bytes "
+                "(l1.capacity): every block passes through L1"
+            )
+
+    async def verify_block(self, offset: int, size: int) -> None:
+        """Check a block-format block in L1 (header fields, header and payload
+        CRC-32C): InvalidBlock or CorruptBlock naming what is wrong."""
+        view = self.l1.slice(offset, size)
+        try:
+            if size <= _VERIFY_INLINE_BYTES:
+                block_verify(view)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.executor, block_verify, view)
+        finally:
+            view.release()
+
+    # -- extents ------------------------------------------------------------------------
+
+    async def reserve(self, size: int) -> int:
+        """An L1 extent for a block about to be written (evicting if needed).
+        The caller commits it (:meth:`commit`, :meth:`place`) or gives it
+        back (:meth:`release`)."""
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while True:
+            offset = self.l1.reserve(size)
+            if offset >= 0:
+                self.open_writers += 1
+                return offset
+            victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
+            if victim is not None:
+                self._evict(victim[0], victim[1])
+                continue
+            busy = self.open_writers > 0 or self.index.busy_pins > 0
+            if not busy or not await self.progress.wait(deadline):
+                raise CapacityExhausted(
+                    f"L1 is full: no room for a {size}-byte block "
+                    f"({self.l1.arena.used_bytes} of {self.l1.capacity} bytes in use, "
+                    "the rest leased or in use)"
+                )
+
+    def release(self, offset: int, size: int) -> None:
+        self.open_writers -= 1
+        self.l1.release(offset, size)
+        self.progress.wake()
+
+    def commit(self, block: BlockId, size: int, crc: int, offset: int,
+               session: str | None) -> Entry:
+        """Make a filled, reserved L1 extent visible as ``block``."""
+        self.open_writers -= 1
+        index = self.index
+        old = index.entry(block)
+        if old is not None:
+            # Its L2 copy goes too (the writer queue keeps the order: the new
+            # block's write comes after this delete), so a restart before the
+            # new block reaches L2 finds nothing rather than the old bytes;
+            # so does its L3 copy, which a listing or another node's HEAD
+            # would find for this key (an upload of the new block waits for
+            # that delete: the L3 mover keeps them in order).
+            index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0)
+        entry = Entry(size, crc, time.time(), session)
+        index.set_l1(entry, offset)
+        entry.generation = next(self._generations)
+        index.blocks[block] = entry
+        if self.has_l2:
+            index.set_dirty(entry, True)
+        self.stats.puts += 1
+        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
+        return entry
+
+    def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:
+        """A promoted block's bytes are in its reserved extent: index them."""
+        self.open_writers -= 1
+        self.index.set_l1(entry, offset)
+        entry.generation = next(self._generations)
+        if self.has_l2 and not entry.l2:
+            self.index.set_dirty(entry, True)
+        self._l1_counters.promotions += 1
+        self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
+
+    # -- eviction -----------------------------------------------------------------------
+
+    def _evictable(self, block: BlockId) -> bool:
+        entry = self.index.blocks.get(block)
+        if entry is None or entry.l1_offset < 0:
+            return True  # stale policy entry: evicting it only cleans up
+        now = self.clock()
+        return not entry.pinned and entry.lease_until <= now and entry.pin_until <= now
+
+    def _evict(self, block: BlockId, action: Action) -> None:
+        index = self.index
+        entry = index.blocks.get(block)
+        if entry is None or entry.l1_offset < 0:
+            self.policy.on_remove(TierName.L1, block)
+            return
+        if action is Action.DEMOTE and self.has_l2 and not entry.l2:
+            # Not in L2 yet: write it first; it stays pinned until written.
+            if entry.dirty:
+                self.queue_l2_write(block, entry)
+            return
+        index.set_dirty(entry, False)
+        self.l1.release(entry.l1_offset, entry.size)
+        index.set_l1(entry, -1)
+        self.policy.on_remove(TierName.L1, block)
+        c = self._l1_counters
+        c.evictions += 1
+        if action is Action.DEMOTE and entry.l2:
+            c.demotions += 1
+            if index.cold is not None:
+                index.cool(block, entry)
+        else:
+            index.forget(block, entry)
+
+
+class BlockWriter:
+    """One block being put: bytes land in its reserved L1 extent as they come."""
+
+    __slots__ = ("_checksum", "_closed", "_dest", "_pos", "block", "format", "offset",
+                 "placement", "session", "size")
+
+    def __init__(self, placement: Placement, block: BlockId, size: int, offset: int,
+                 session: str | None, block_format: BlockFormat = BlockFormat.RAW) -> None:
+        self.format = block_format
+        self.placement = placement
+        self._dest = placement.l1.slice(offset, size)
+        self.block = block
+        self.size = size
+        self.offset = offset
+        self.session = session
+        self._pos = 0
+        self._checksum = 0
+        self._closed = False
+
+    @property
+    def complete(self) -> bool:
+        return self._pos == self.size
+
+    @property
+    def received(self) -> int:
+        return self._pos
+
+    def write(self, data: Buffer) -> None:
+        n = len(data)
+        if self._pos + n > self.size:
+            raise MalformedRequest(
+                f"block {self.block[1].hex()[:16]}: {self._pos + n} bytes sent for a block "
+                f"declared as {self.size} bytes"
+            )
+        self._checksum = copy_and_checksum(self._dest, self._pos, data, self._checksum)
+        self._pos += n
+
+    def commit(self) -> Entry:
+        if not self.complete:
+            raise MalformedRequest(
+                f"block {self.block[1].hex()[:16]}: stream ended after {self._pos} of "
+                f"{self.size} bytes"
+            )
+        self._closed = True
+        self._dest.release()
+        return self.placement.commit(self.block, self.size, self._checksum, self.offset,
+                                     self.session)
+
+    def abort(self) -> None:
+        """Drop a partial block: nothing of it becomes visible."""
+        if self._closed:
+            return
+        self._closed = True
+        self._dest.release()
+        self.placement.release(self.offset, self.size)

@@ -1,0 +1,216 @@
+"""Get: an L1 hit streams from the arena while the block is pinned; an L2 or
+L3 hit is read into a fresh L1 extent (a promotion) when the policy admits
+it, verified against the checksum before it is served. A bad copy is
+dropped, counted and reported as a miss.
+
+One loading mechanism for both lower tiers: while a block is being read
+into L1, ``Index.loading`` holds a future for it, and a concurrent Get of
+the block waits for that read instead of starting its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator
+
+from kvstore.errors import CapacityExhausted
+from kvstore.store.index import Entry
+from kvstore.store.l3 import L3Mover
+from kvstore.store.parts import Part, Shared
+from kvstore.store.placement import Placement
+from kvstore.tiers.base import Buffer
+from kvstore.types import BlockId, TierName
+
+log = logging.getLogger("kvstore.store")
+
+#: Reads a block's L2 bytes on an executor thread (into a given L1 extent)
+#: and checks them: (matches the checksum, bytes), or None when L2 lacks it.
+ReadVerifyL2 = Callable[[BlockId, int, memoryview | None], tuple[bool, Buffer] | None]
+
+
+class BlockReader:
+    """A found block, pinned while its bytes are streamed out."""
+
+    __slots__ = ("_release", "_view", "entry", "size", "tier")
+
+    def __init__(self, view: Buffer, tier: TierName,
+                 release: Callable[[], None] | None, entry: Entry | None = None) -> None:
+        self._view = memoryview(view)
+        self.size = len(self._view)
+        self.tier = tier
+        self._release = release
+        # The index entry when the bytes are the block's L1 copy (pinned).
+        self.entry = entry
+
+    def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
+        view = self._view
+        if self.size == 0:
+            yield 0, view
+        for offset in range(0, self.size, chunk_bytes):
+            yield offset, view[offset : offset + chunk_bytes]
+
+    @property
+    def view(self) -> memoryview:
+        return self._view
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        self._view.release()
+        if release is not None:
+            release()
+
+
+class Reads(Part):
+    """Serves Gets and promotes into L1. ``read_verify_l2``: None without L2;
+    ``l3``: None without L3."""
+
+    def __init__(self, shared: Shared, placement: Placement,
+                 read_verify_l2: ReadVerifyL2 | None, l3: L3Mover | None) -> None:
+        super().__init__(shared)
+        self.placement = placement
+        self.read_verify_l2 = read_verify_l2
+        self.l3 = l3
+        index = self.index
+        self._entry = index.entry
+        self._loading = index.loading
+        self._unpin = index.unpin_reader
+        self._c1 = self.stats.counters[TierName.L1]
+        self._c2 = self.stats.counters[TierName.L2]
+
+    async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
+        """The block, pinned for streaming, or None for a miss."""
+        self.stats.gets += 1
+        entry = self._entry(block)
+        c1 = self._c1
+        if self._loading:
+            pending = self._loading.get(block)
+            if pending is not None:
+                await asyncio.shield(pending)
+                entry = self._entry(block)
+        if entry is None:
+            c1.misses += 1
+            if self.read_verify_l2 is not None:
+                self._c2.misses += 1
+            if self.l3 is not None:
+                return await self.read_l3(block, None, session)
+            return None
+        if entry.l1_offset >= 0:
+            c1.hits += 1
+            self.stats.get_hits += 1
+            self.policy.on_hit(TierName.L1, block, self.clock(), session)
+            self.index.pin_reader(entry)
+            return BlockReader(self.l1.slice(entry.l1_offset, entry.size), TierName.L1,
+                               functools.partial(self._unpin, entry), entry)
+        c1.misses += 1
+        if entry.l2 and self.read_verify_l2 is not None:
+            reader = await self.read_l2(block, entry, session)
+            if reader is not None or not entry.l3:
+                return reader
+        elif self.read_verify_l2 is not None:
+            self._c2.misses += 1
+        if entry.l3 and self.l3 is not None:
+            return await self.read_l3(block, entry, session)
+        return None
+
+    def _begin_load(self, block: BlockId) -> asyncio.Future[None]:
+        loading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loading[block] = loading
+        return loading
+
+    def _end_load(self, block: BlockId, loading: asyncio.Future[None]) -> None:
+        if self._loading.get(block) is loading:
+            del self._loading[block]
+        if not loading.done():
+            loading.set_result(None)
+
+    async def _reserve_if_admitted(self, block: BlockId, size: int) -> int:
+        """An L1 extent for a promotion the policy admits, or -1."""
+        if self.policy.admit(TierName.L1, block, size, self.clock()):
+            with contextlib.suppress(CapacityExhausted):
+                return await self.placement.reserve(size)
+        return -1
+
+    def _promoted(self, block: BlockId, entry: Entry, offset: int, tier: TierName,
+                  session: str | None) -> BlockReader:
+        """Index the promoted copy in ``offset`` and serve it from there."""
+        self.placement.place(block, entry, offset, session)
+        self.index.pin_reader(entry)
+        return BlockReader(self.l1.slice(offset, entry.size), tier,
+                           functools.partial(self._unpin, entry), entry)
+
+    async def read_l2(self, block: BlockId, entry: Entry, session: str | None,
+                      hint: bool = False) -> BlockReader | None:
+        """Read from L2, verify, promote into L1 if admitted. ``hint``: a
+        prefetch, not a reference (no hit counted, the policy is not told)."""
+        assert self.read_verify_l2 is not None
+        c2 = self._c2
+        loading = self._begin_load(block)
+        offset = -1
+        try:
+            offset = await self._reserve_if_admitted(block, entry.size)
+            dest = self.l1.slice(offset, entry.size) if offset >= 0 else None
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.read_verify_l2, block, entry.checksum, dest)
+            if self.index.blocks.get(block) is not entry or result is None:
+                if offset >= 0:
+                    self.placement.release(offset, entry.size)
+                c2.misses += 1
+                return None
+            ok, payload = result
+            if not ok:
+                if offset >= 0:
+                    self.placement.release(offset, entry.size)
+                c2.corrupt += 1
+                c2.misses += 1
+                log.warning("dropped corrupt L2 copy of %s/%s", block[0], block[1].hex()[:16])
+                self.policy.on_remove(TierName.L2, block)
+                self.index.drop_l2_copy(block, entry)
+                if entry.l1_offset < 0 and not entry.l3:
+                    self.index.forget(block, entry)
+                return None
+            c2.hits += 1
+            if not hint:
+                self.stats.get_hits += 1
+                self.policy.on_hit(TierName.L2, block, self.clock(), session)
+            if offset >= 0:
+                return self._promoted(block, entry, offset, TierName.L2, session)
+            return BlockReader(payload, TierName.L2, None)
+        except BaseException:
+            if offset >= 0 and entry.l1_offset != offset:
+                self.placement.release(offset, entry.size)
+            raise
+        finally:
+            self._end_load(block, loading)
+
+    async def read_l3(self, block: BlockId, entry: Entry | None, session: str | None,
+                      hint: bool = False) -> BlockReader | None:
+        """Read from L3 (also blocks other nodes put) and promote into L1."""
+        assert self.l3 is not None
+        loading = self._begin_load(block)
+        try:
+            found = await self.l3.read(block, entry)
+            if found is None:
+                return None
+            entry, payload = found
+            if not hint:
+                self.stats.get_hits += 1
+                self.policy.on_hit(TierName.L3, block, self.clock(), session)
+            offset = -1
+            if entry.l1_offset < 0:
+                offset = await self._reserve_if_admitted(block, entry.size)
+            if offset >= 0 and (entry.l1_offset >= 0 or entry.dead):
+                self.placement.release(offset, entry.size)
+                offset = -1
+            if offset >= 0:
+                self.l1.slice(offset, entry.size)[:] = payload
+                return self._promoted(block, entry, offset, TierName.L3, session)
+            if entry.l1_offset >= 0 and not entry.dead:
+                self.index.pin_reader(entry)
+                return BlockReader(self.l1.slice(entry.l1_offset, entry.size), TierName.L3,
+                                   functools.partial(self._unpin, entry), entry)
+            return BlockReader(payload, TierName.L3, None)
+        finally:
+            self._end_load(block, loading)

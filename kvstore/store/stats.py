@@ -1,0 +1,33 @@
+"""The store's counters: events per tier, blocks and bytes held per tier,
+and the request counts Stats reports."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvstore.types import StoreStats, TierName, TierStats
+
+
+class Stats:
+    """Counters only; the parts that see an event bump them directly (a
+    plain attribute or list update on the hot path, no call)."""
+
+    __slots__ = ("counters", "get_hits", "gets", "held", "puts", "session_events")
+
+    def __init__(self) -> None:
+        # Per-tier event counters; occupancy fields are filled in by snapshot().
+        self.counters = {t: TierStats(t) for t in TierName}
+        # Blocks and payload bytes per tier, kept as entries move (Stats and
+        # L2's capacity check never scan the index).
+        self.held: dict[TierName, list[int]] = {t: [0, 0] for t in TierName}
+        self.puts = self.gets = self.get_hits = self.session_events = 0
+
+    def tier(self, tier: TierName, capacity: int) -> TierStats:
+        """The tier's counters with its occupancy and ``capacity``."""
+        blocks, nbytes = self.held[tier]
+        return dataclasses.replace(self.counters[tier], blocks=blocks, bytes=nbytes,
+                                   capacity=capacity)
+
+    def snapshot(self, tiers: list[TierStats], policy: str) -> StoreStats:
+        return StoreStats(tiers, self.puts, self.gets, self.get_hits, self.session_events,
+                          policy)

@@ -1,0 +1,317 @@
+"""TieredStore: the one place that knows all tiers, a thin façade over the
+store's parts (see :mod:`kvstore.store` for who does what).
+
+It builds the parts and wires them once, validates requests, and joins
+the parts where one call needs several (a Put: placement, then write-back
+and the L3 upload; a Delete: the index, then the shared L3). The hot calls
+(Get, Lookup, prefetch, pins) are the parts' own bound methods, set as
+attributes here: no extra call per request. Everything here runs on the
+event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kvstore._malloc import trim_heap
+from kvstore.config import Config
+from kvstore.errors import ServerShuttingDown, TierNotConfigured, UnknownNamespace
+from kvstore.policy import Policy, make_policy
+from kvstore.store.index import Entry, Index
+from kvstore.store.l3 import L3Mover
+from kvstore.store.leases import Leases
+from kvstore.store.lookup import Lookup
+from kvstore.store.parts import Progress, Shared
+from kvstore.store.placement import BlockWriter, Placement
+from kvstore.store.reads import Reads
+from kvstore.store.stats import Stats
+from kvstore.store.writeback import WriteBack
+from kvstore.tiers.base import Buffer
+from kvstore.tiers.lmdb_tier import LMDBTier
+from kvstore.tiers.memory import MemoryTier
+from kvstore.types import (
+    AckLevel,
+    BlockFormat,
+    BlockId,
+    SessionEvent,
+    StoreStats,
+    TierName,
+    validate_key,
+    validate_namespace,
+)
+
+log = logging.getLogger("kvstore.store")
+
+# The rebuild indexes this many blocks at a time into the compact index.
+_REBUILD_SLICE = 65536
+
+
+def _ignore_queued(block: BlockId, entry: Entry) -> None:
+    """Without L2 an eviction never has an L2 write to queue."""
+
+
+class TieredStore:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 executor: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
+        self.config = config
+        self.client_clock = config.policy.clock == "client"
+        self._client_now = 0.0
+        self.clock = self._client_time if self.client_clock else clock
+        clock = self.clock
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            config.server.workers, thread_name_prefix="kvstore-io")
+        self.l1 = MemoryTier(config.l1.capacity, config.l1.page_bytes, config.l1.prefault,
+                             config.l1.shm_path)
+        self.l2: LMDBTier | None = None
+        if config.l2.enabled:
+            self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
+                               config.l2.sync, config.l2.batch_bytes, executor=self.executor)
+        has_l3 = bool(config.l3.url)
+        tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
+            ([TierName.L3] if has_l3 else [])
+        self.policy: Policy = make_policy(config.policy.name, tiers)
+        self._allowed = frozenset(config.server.namespaces)
+        self._closing = False
+
+        # The parts, wired once (kvstore/store/__init__.py says who calls what).
+        self.counts = Stats()
+        self.progress = Progress()
+        self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
+                           self.progress.wake, config.l2.compact_index)
+        shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
+                        self.progress)
+        self.l3: L3Mover | None = None
+        if has_l3:
+            self.l3 = L3Mover(shared, config.l3)
+            self.index.delete_l3 = self.l3.delete_later
+        self.writeback: WriteBack | None = None
+        if self.l2 is not None:
+            self.writeback = WriteBack(shared, self.l2, config)
+            self.writeback.l3 = self.l3
+            if self.l3 is not None:
+                self.l3.read_l2 = self.writeback.read_verified
+                self.l3.after_demotion = self.writeback.after_demotion
+        self.placement = Placement(
+            shared, self.l2 is not None,
+            self.writeback.queue_write if self.writeback is not None else _ignore_queued,
+            config.server.max_block_bytes)
+        self.reads = Reads(
+            shared, self.placement,
+            self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
+        self.leases = Leases(shared, self.reads, config.server)
+        self.lookups = Lookup(self.index, self.leases, self.l3, config.l3.concurrency)
+
+        # The parts' calls the server makes, bound once.
+        self.open_read = self.reads.open_read
+        self.lookup = self.lookups.lookup
+        #: Lookup with one TierName value per key (0: not stored) in bytes.
+        self.lookup_codes = self.lookups.lookup_tiers
+        self.prefetch = self.leases.prefetch
+        self.pin = self.leases.pin
+        self.unpin = self.leases.unpin
+        self.check_block_size = self.placement.check_block_size
+        self.index_l2_blocks = self.index.add_l2_blocks
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the index from L2 metadata (no payload is read)."""
+        self.progress.start()
+        if self.l2 is not None:
+            await self._rebuild_from_l2()
+        if self.l3 is not None:
+            self.l3.start()  # lists the bucket in the background; serving meanwhile
+
+    async def _rebuild_from_l2(self) -> None:
+        """Index every block L2 holds from its metadata alone."""
+        assert self.l2 is not None
+        # Typed arrays rather than lists of ints and floats: no object per
+        # value. Into the compact index in slices, so that the transient
+        # lists stay small; the full index needs them all (it sorts by age).
+        cold = self.index.cold
+        slice_blocks = _REBUILD_SLICE if cold is not None else 2**62
+        if cold is not None:
+            cold.reserve(self.l2.usage().blocks)
+        namespaces: list[str] = []
+        keys: list[bytes] = []
+        sizes = array("Q")
+        sums = array("L")
+        created = array("d")
+        total = 0
+        async for block, meta in self.l2.scan():
+            namespaces.append(block[0])
+            keys.append(block[1])
+            sizes.append(meta.size)
+            sums.append(meta.checksum)
+            created.append(meta.created)
+            if len(keys) >= slice_blocks:
+                self.index.add_l2_blocks(namespaces, keys, sizes, sums, created)
+                total += len(keys)
+                namespaces, keys = [], []
+                sizes, sums, created = array("Q"), array("L"), array("d")
+        self.index.add_l2_blocks(namespaces, keys, sizes, sums, created)
+        total += len(keys)
+        del namespaces, keys, sizes, sums, created
+        trim_heap()
+        if total:
+            log.info("index rebuilt from L2: %d blocks, %d bytes%s", total,
+                     self.index.l2_bytes, " (compact index)" if cold is not None else "")
+
+    async def close(self) -> None:
+        """Write every block that is only in L1 to L2, finish queued writes
+        and release every tier."""
+        self._closing = True
+        if self.writeback is not None:
+            self.writeback.closing = True
+        await self.leases.close()
+        if self.l3 is not None:
+            await self.l3.close()
+        if self.l2 is not None:
+            assert self.writeback is not None
+            self.writeback.flush_dirty()
+            await self.l2.close()
+        await self.l1.close()
+        self.executor.shutdown(wait=False)
+
+    def after_demotion(self) -> None:
+        """L3 is back: move what L2 held during the outage."""
+        if self.writeback is not None:
+            self.writeback.after_demotion()
+        else:
+            self.progress.wake()
+
+    # -- validation ---------------------------------------------------------------------
+
+    def check_namespace(self, namespace: str) -> str:
+        validate_namespace(namespace)
+        if self._allowed and namespace not in self._allowed:
+            raise UnknownNamespace(f"namespace {namespace!r} is not served here")
+        return namespace
+
+    def check_ack(self, ack: AckLevel) -> None:
+        if ack == AckLevel.LOCAL and self.l2 is None:
+            raise TierNotConfigured("acknowledgement level local needs L2, which is disabled")
+        if ack == AckLevel.REMOTE and self.l3 is None:
+            raise TierNotConfigured("acknowledgement level remote needs an L3 tier; "
+                                    "none is configured (l3.url)")
+
+    # -- Put ----------------------------------------------------------------------------
+
+    async def begin_put(self, namespace: str, key: bytes, size: int,
+                        session: str | None = None,
+                        block_format: BlockFormat = BlockFormat.RAW) -> BlockWriter:
+        """Reserve room for one block; the caller writes its bytes then commits."""
+        if self._closing:
+            raise ServerShuttingDown("server is shutting down")
+        validate_key(key)
+        self.placement.check_block_size(size)
+        offset = await self.placement.reserve(size)
+        return BlockWriter(self.placement, (namespace, key), size, offset, session, block_format)
+
+    async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[Any] | None:
+        """Commit a complete block. Returns a future that resolves once the
+        block is durable at ``ack`` (None when it already is). A block in the
+        kvstore block format is verified first; a bad one is never stored."""
+        if writer.format == BlockFormat.KV_V1 and writer.complete:
+            try:
+                await self.placement.verify_block(writer.offset, writer.size)
+            except BaseException:
+                writer.abort()
+                raise
+        entry = writer.commit()
+        return await self.make_durable(writer.block, entry, ack)
+
+    async def make_durable(self, block: BlockId, entry: Entry,
+                           ack: AckLevel) -> asyncio.Future[Any] | None:
+        """Start the writes that ``ack`` asks for (L2 write-back otherwise).
+        Returns a future that resolves once they are done, or None."""
+        if ack == AckLevel.REMOTE:
+            assert self.l3 is not None
+            local = await self._make_local(block, entry, AckLevel.LOCAL)
+            remote = asyncio.get_running_loop().create_task(self.l3.write_remote(block, entry))
+            return asyncio.ensure_future(
+                asyncio.gather(remote, *([local] if local is not None else [])))
+        return await self._make_local(block, entry, ack)
+
+    async def _make_local(self, block: BlockId, entry: Entry,
+                          ack: AckLevel) -> asyncio.Future[None] | None:
+        if self.writeback is None:
+            return None
+        return await self.writeback.make_local(block, entry, ack)
+
+    # -- Delete, sessions, Stats ----------------------------------------------------------
+
+    async def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Remove blocks from every tier, the shared L3 included."""
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        deleted = 0
+        unknown: list[BlockId] = []
+        for key in keys:
+            block = (namespace, key)
+            entry = self.index.entry(block)
+            if entry is not None:
+                self.index.forget(block, entry, delete_l3=True)
+                deleted += 1
+            else:
+                unknown.append(block)
+        self.progress.wake()
+        if self.l3 is not None and unknown and self.l3.healthy:
+            # Blocks another node put in the shared bucket.
+            results = await asyncio.gather(*(self.l3.tier.delete(b) for b in unknown),
+                                           return_exceptions=True)
+            deleted += sum(1 for r in results if r is True)
+        return deleted
+
+    def set_client_time(self, now: float) -> None:
+        """policy.clock = client: the time a replay says it is (never goes back)."""
+        if now > self._client_now:
+            self._client_now = now
+
+    def _client_time(self) -> float:
+        return self._client_now
+
+    def session_event(self, event: SessionEvent) -> None:
+        self.counts.session_events += 1
+        self.policy.on_session_event(event, self.clock())
+
+    def stats(self) -> StoreStats:
+        counts = self.counts
+        tiers = [counts.tier(TierName.L1, self.l1.capacity)]
+        if self.l2 is not None:
+            tiers.append(counts.tier(TierName.L2, self.config.l2.capacity))
+        if self.l3 is not None:
+            l3 = counts.tier(TierName.L3, 0)
+            l3.available = self.l3.healthy
+            tiers.append(l3)
+        return counts.snapshot(tiers, self.policy.name)
+
+    # Convenience for tests and the CLI: one whole block in, one whole block out.
+
+    async def put_bytes(self, namespace: str, key: bytes, data: Buffer,
+                        ack: AckLevel = AckLevel.MEMORY, session: str | None = None) -> None:
+        view = memoryview(data).cast("B")
+        writer = await self.begin_put(namespace, key, len(view), session)
+        try:
+            writer.write(view)
+        except BaseException:
+            writer.abort()
+            raise
+        fut = await self.finish_put(writer, ack)
+        if fut is not None:
+            await fut
+
+    async def get_bytes(self, namespace: str, key: bytes) -> bytes | None:
+        reader = await self.open_read((namespace, key))
+        if reader is None:
+            return None
+        try:
+            return bytes(reader.view)
+        finally:
+            reader.close()

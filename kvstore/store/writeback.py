@@ -1,0 +1,291 @@
+"""L2: the write-back queue from L1, and trimming L2 back to its capacity
+(demoting to L3 or dropping what the policy picks, cold blocks first).
+
+Every Put is written behind to L2 (bounded in queued bytes); with
+acknowledgement level local the Put waits for that write. With
+``l2.write_mode = back`` a memory-acknowledged block stays dirty in L1 until
+it nears eviction (:meth:`WriteBack.clean_ahead`), and is written then. A
+block whose L2 copy is not written yet stays pinned in L1 until it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kvstore.checksum import checksum
+from kvstore.config import Config
+from kvstore.errors import CapacityExhausted
+from kvstore.policy import Action
+from kvstore.store.index import Entry
+from kvstore.store.l3 import L3Mover
+from kvstore.store.parts import Part, Shared
+from kvstore.store.placement import ROOM_WAIT_SECONDS
+from kvstore.tiers.base import Buffer
+from kvstore.tiers.lmdb_tier import LMDBTier
+from kvstore.types import AckLevel, BlockId, TierName
+
+log = logging.getLogger("kvstore.store")
+
+# Most L2 evictions in one go on the event loop; more continue in a later
+# iteration (a restart with a smaller l2.capacity may have millions to do).
+_TRIM_BATCH = 1024
+
+
+class WriteBack(Part):
+    """Writes L1 copies to L2 and keeps L2 within its capacity. ``l3``: the
+    mover L2 victims are demoted to (set once by the store; None: no L3)."""
+
+    def __init__(self, shared: Shared, l2: LMDBTier, config: Config) -> None:
+        super().__init__(shared)
+        self.l2 = l2
+        self.l3: L3Mover | None = None
+        self.capacity = config.l2.capacity
+        self.queue_limit = config.l2.write_queue_bytes
+        self.outage_spill = config.l3.outage_spill
+        self.write_always = config.l2.write_mode == "always"
+        # Write-back keeps at most this many dirty bytes in L1.
+        self.dirty_limit = int(config.l1.capacity * (1.0 - config.l2.clean_reserve))
+        self.queued = 0  # bytes queued for the L2 writer
+        self.closing = False
+        self._trim_pending = False  # a continuation of trim is scheduled
+        self._l2_counters = self.stats.counters[TierName.L2]
+
+    # -- reads for demotion and promotion -------------------------------------------------
+
+    def read_verify_sync(self, block: BlockId, expected: int,
+                         dest: memoryview | None) -> tuple[bool, Buffer] | None:
+        """(On an executor thread.) The block's L2 bytes (into ``dest`` when
+        given) and whether they match ``expected``; None when L2 lacks it."""
+        found = self.l2.read_into_sync(block, dest)
+        if found is None:
+            return None
+        meta, payload = found
+        ok = meta.checksum == expected and len(payload) == meta.size \
+            and checksum(payload) == expected
+        return ok, payload
+
+    async def read_verified(self, block: BlockId, entry: Entry) -> bytes | None:
+        """The block's L2 bytes, checked against its checksum (for demotion)."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self.read_verify_sync, block,
+                                            entry.checksum, None)
+        if result is None or not result[0]:
+            return None
+        return bytes(result[1])
+
+    # -- the write queue ------------------------------------------------------------------
+
+    async def make_local(self, block: BlockId, entry: Entry,
+                         ack: AckLevel) -> asyncio.Future[None] | None:
+        """Queue the block's L2 write as ``ack`` asks; a future for it when
+        the caller waits for it (acknowledgement level local)."""
+        if ack == AckLevel.MEMORY and not self.write_always:
+            self.clean_ahead()
+            return None
+        index = self.index
+        index.pin_reader(entry)  # it must not leave L1 before its L2 write is queued
+        try:
+            await self._wait_queue_room(entry.size)
+        finally:
+            index.unpin_reader(entry)
+        if index.blocks.get(block) is not entry:
+            return None  # replaced or deleted meanwhile
+        return self.queue_write(block, entry, want_future=ack >= AckLevel.LOCAL)
+
+    def clean_ahead(self) -> None:
+        """Write-back: queue L2 writes for the dirty blocks next in line for
+        eviction, so that eviction rarely waits for the disk."""
+        excess = self.index.dirty_bytes - self.dirty_limit
+        if excess <= 0:
+            return
+        queued = 0
+        blocks = self.index.blocks
+
+        def pick(block: BlockId) -> bool:
+            nonlocal queued
+            entry = blocks.get(block)
+            if entry is not None and entry.dirty and not entry.dead:
+                self.queue_write(block, entry)
+                queued += entry.size
+            return queued >= excess  # True ends the scan
+
+        self.policy.victim(TierName.L1, self.clock(), pick)
+
+    async def _wait_queue_room(self, size: int) -> None:
+        deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        while self.queued + size > self.queue_limit and self.queued > 0:
+            if not await self.progress.wait(deadline):
+                raise CapacityExhausted("the L2 write queue stays full: the disk is too slow")
+
+    def queue_write(self, block: BlockId, entry: Entry,
+                    want_future: bool = False) -> asyncio.Future[None] | None:
+        """Write the block's L1 copy to L2 (it stays pinned until written)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
+        index = self.index
+        index.begin_l2_write(entry)
+        self.queued += entry.size
+        view = self.l1.slice(entry.l1_offset, entry.size)
+
+        def settle(error: BaseException | None) -> None:
+            view.release()
+            index.end_l2_write(entry)
+            self.queued -= entry.size
+            if error is None and not entry.dead and index.blocks.get(block) is entry:
+                if not entry.l2:
+                    index.set_l2(entry, True)
+                    self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
+                                          entry.session)
+                self.trim()
+            elif error is not None:
+                log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
+                if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
+                    index.set_dirty(entry, True)
+            index.free_if_dead(entry)
+            self.progress.wake()
+            if fut is not None and not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+        def done(error: BaseException | None, existed: bool) -> None:
+            loop.call_soon_threadsafe(settle, error)
+
+        self.l2.submit(block, view, entry.meta(), done)
+        return fut
+
+    def flush_dirty(self) -> None:
+        """At close: queue every block that is only in L1."""
+        for block, entry in list(self.index.blocks.items()):
+            if entry.dirty:
+                self.queue_write(block, entry)
+
+    # -- trimming -------------------------------------------------------------------------
+
+    def _within_outage_spill(self) -> bool:
+        """L3 is down: its blocks stay in L2 up to l3.outage_spill over
+        capacity (they move once L3 is back)."""
+        return self.index.l2_bytes <= self.capacity * (1 + self.outage_spill)
+
+    def trim(self) -> None:
+        """Evict from L2 until it is within its capacity."""
+        index, l3 = self.index, self.l3
+        capacity = self.capacity
+        budget = _TRIM_BATCH
+        while index.l2_bytes > capacity:
+            budget -= 1
+            if budget < 0:
+                # Far over capacity (e.g. restarted with a smaller l2.capacity):
+                # go on in a later loop iteration, letting calls in between.
+                self._trim_later()
+                return
+            if index.cold is not None and len(index.cold):
+                if self._evict_cold():
+                    continue
+                if l3 is not None and l3.healthy:
+                    return  # demotions in flight are at their bound: wait for them
+                if l3 is not None and self._within_outage_spill():
+                    return  # L3 is down: hold (see below)
+                self._evict_cold(drop=True)
+                continue
+            victim = self.policy.victim(TierName.L2, self.clock(), self._evictable)
+            if victim is None:
+                return
+            block, action = victim
+            entry = index.blocks.get(block)
+            if entry is None or not entry.l2:
+                self.policy.on_remove(TierName.L2, block)
+                continue
+            if action is Action.DEMOTE and l3 is not None and not entry.l3:
+                if l3.start_demotion(block, entry):
+                    continue  # its L2 copy goes once L3 has it (after_demotion)
+                if l3.healthy:
+                    return  # demotions in flight are at their bound: wait for them
+                # L3 is down: keep its blocks in L2 a bounded amount over
+                # capacity (they move once L3 is back), then drop.
+                if self._within_outage_spill():
+                    return
+            self.policy.on_remove(TierName.L2, block)
+            index.drop_l2_copy(block, entry)
+            self._l2_counters.evictions += 1
+            if entry.l1_offset < 0 and not entry.l3:
+                index.forget(block, entry, delete_l2=False)
+
+    def _trim_later(self) -> None:
+        if self._trim_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (closing): the next write trims again
+        self._trim_pending = True
+
+        def again() -> None:
+            self._trim_pending = False
+            if not self.closing:
+                self.trim()
+
+        loop.call_soon(again)
+
+    def _evictable(self, block: BlockId) -> bool:
+        entry = self.index.blocks.get(block)
+        if entry is None or not entry.l2:
+            return True
+        return entry.l2_pending == 0 and entry.l3_pending == 0 and \
+            entry.lease_until <= self.clock()
+
+    def _evict_cold(self, drop: bool = False) -> bool:
+        """Make room in L2 from the compact index: demote its least recently
+        used block to L3 (or drop it when L3 has it or there is no L3; and,
+        with ``drop``, when L3 is down). False when it gave none."""
+        index, l3 = self.index, self.l3
+        assert index.cold is not None
+        record = index.cold.victim()
+        if record is None:
+            return False
+        block = (record.namespace, record.key)
+        if l3 is not None and not record.l3 and not (drop and not l3.healthy):
+            if not l3.healthy:
+                return False  # the caller's outage rule applies
+            entry = index.warm(block, track=False)
+            assert entry is not None
+            if l3.start_demotion(block, entry):
+                index.cold_demotion_started(block)
+                return True
+            # In-flight demotions are at their bound: back in, wait for them.
+            index.cool(block, entry)
+            return False
+        entry = index.warm(block, track=False)
+        assert entry is not None
+        index.drop_l2_copy(block, entry)
+        c2 = self._l2_counters
+        c2.evictions += 1
+        if entry.l3:
+            self.policy.on_insert(TierName.L3, block, entry.size, self.clock())
+            c2.demotions += 1
+        else:
+            index.forget(block, entry, delete_l2=False)
+        return True
+
+    def after_demotion(self, block: BlockId | None = None, entry: Entry | None = None) -> None:
+        """A demotion to L3 ended (or L3 came back: no block): go on trimming."""
+        if block is not None and entry is not None and self.index.cold_demotion_ended(block):
+            self._finish_cold_demotion(block, entry)
+        self.trim()
+        self.progress.wake()
+
+    def _finish_cold_demotion(self, block: BlockId, entry: Entry) -> None:
+        """A cold block's demotion ended: once L3 has it, its L2 copy goes."""
+        index = self.index
+        if index.blocks.get(block) is not entry or entry.dead or not entry.l2:
+            return
+        if entry.l3:
+            index.drop_l2_copy(block, entry)
+            self._l2_counters.evictions += 1
+            if entry.l1_offset < 0:
+                return  # now an L3-only block (mark_l3 told the policy)
+        elif entry.l1_offset < 0:
+            index.cool(block, entry)  # not demoted (L2 read failed?): back in
