@@ -94,7 +94,7 @@ class Placement(Part):
             if not busy or not await self.progress.wait(deadline):
                 raise CapacityExhausted(
                     f"L1 is full: no room for a {size}-byte block "
-                    f"({self.l1.arena.used_bytes} of {self.l1.capacity} bytes in use, "
+                    f"({self.l1.used_bytes} of {self.l1.capacity} bytes in use, "
                     "the rest leased or in use)"
                 )
 

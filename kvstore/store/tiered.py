@@ -75,7 +75,7 @@ class TieredStore:
         has_l3 = bool(config.l3.url)
         tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
             ([TierName.L3] if has_l3 else [])
-        self.policy: Policy = make_policy(config.policy.name, tiers)
+        self.policy: Policy = make_policy(config.policy, tiers)
         self._allowed = frozenset(config.server.namespaces)
         self._closing = False
 
