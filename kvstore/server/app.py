@@ -21,10 +21,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvstore import __version__
 from kvstore._gc import tune_gc
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
+from kvstore.server import metrics
 from kvstore.server.interceptor import ErrorInterceptor
+from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
 from kvstore.shm import SharedMemoryBroker
 from kvstore.store import TieredStore
@@ -61,10 +64,15 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Before the store allocates L1: a missing extra or a bad address fails at once.
+        self.metrics = metrics.MetricsExporter(config.server.metrics_listen) \
+            if config.server.metrics_listen else None
         self.store = TieredStore(config)
         self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                       config.server.shm_lease_ms, config.server.max_lease_ms)
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()],
+        self.calls = CallRecorder()
+        timing = [MetricsInterceptor(self.calls)] if self.metrics else []
+        self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor()],
                                     options=grpc_options(config))
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None}
@@ -72,6 +80,9 @@ class Server:
         self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.metrics is not None:  # first: a taken port fails before the store opens
+            self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
+                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__))
         await self.store.start()
         add_to_server(KVStoreServicer(self.store, self.shm), self.grpc)
         self.shm.start()
@@ -114,6 +125,8 @@ class Server:
                 await self._monitor
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await self.shm.close()
         await self.store.close()
         if self.addresses["unix"]:
