@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -136,3 +137,23 @@ def test_a_taken_metrics_port_is_a_clear_error(server_factory: type, tmp_path: P
         env={**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"})
     assert out.returncode == 2, out.stderr
     assert "server.metrics_listen" in out.stderr and taken in out.stderr
+
+
+def documented_series() -> set[str]:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", doc, re.M))
+
+
+def test_docs_list_exactly_the_exported_series(server_factory: type, tmp_path: Path) -> None:
+    """With every optional part on (L2, L3, shared memory), the families the
+    server exports are the ones docs/metrics.md lists."""
+    shm = f"/dev/shm/kvstore-test-{uuid.uuid4().hex[:12]}"
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0", "--l1-shm-path", shm,
+                         "--l3-url", f"file://{tmp_path}/l3").start()
+    with Client(srv.tcp, namespace="docs") as c:
+        c.put({b"k": b"v" * 100})
+    text, _ = scrape(metrics_address(srv))
+    exported = {f.name + ("_total" if f.type == "counter" else "")
+                for f in parser.text_string_to_metric_families(text)}
+    assert exported == documented_series()
+    srv.terminate()
