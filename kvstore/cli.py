@@ -181,15 +181,19 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     from kvstore.client._common import parse_target
 
-    target = parse_target(args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET)
-    if args.tls_ca or args.tls_cert:
-        from kvstore.client import TLS
+    try:  # a bad target or TLS file: no answer, like an unreachable server
+        target = parse_target(args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET)
+        if args.tls_ca or args.tls_cert:
+            from kvstore.client import TLS
 
-        tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
-                  server_name=args.tls_server_name)
-        channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
-    else:
-        channel = grpc.insecure_channel(target)
+            tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                      server_name=args.tls_server_name)
+            channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
+        else:
+            channel = grpc.insecure_channel(target)
+    except KVStoreError as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_USAGE
     serving = health_pb2.HealthCheckResponse.SERVING
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     with channel:

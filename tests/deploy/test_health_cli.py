@@ -67,3 +67,9 @@ def test_unreachable_server_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith("kvstore: health of the server at unix:")
     assert "UNAVAILABLE" in out.stderr or "DEADLINE_EXCEEDED" in out.stderr
+
+
+def test_a_bad_target_exits_2() -> None:
+    out = kvstore("health", "--target", "unix://relative/path")
+    assert out.returncode == 2
+    assert "InvalidArgument" in out.stderr
