@@ -174,10 +174,31 @@ def _cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: grpc.health.v1.HealthCheckResponse.ServingStatus, by value.
+HEALTH_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def encode_health_request(service: str) -> bytes:
+    """HealthCheckRequest{service} by hand: the CLI stays off generated code."""
+    from kvstore.wire import encode_varint
+
+    name = service.encode()
+    return b"\x0a" + encode_varint(len(name)) + name if name else b""
+
+
+def decode_health_status(raw: bytes) -> str:
+    """HealthCheckResponse → the name of its status (field 1)."""
+    from kvstore.wire import iter_fields
+
+    status = next((v for n, v in iter_fields(raw, "HealthCheckResponse") if n == 1), 0)
+    code = status if isinstance(status, int) else 0
+    return HEALTH_STATUS[code] if code < len(HEALTH_STATUS) else "UNKNOWN"
+
+
 def _cmd_health(args: argparse.Namespace) -> int:
     """grpc.health.v1 Check, for probes: the exit status is the answer."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from kvstore.client._common import parse_target
 
@@ -194,20 +215,19 @@ def _cmd_health(args: argparse.Namespace) -> int:
     except KVStoreError as exc:
         _err(f"{type(exc).__name__}: {exc}")
         return EXIT_USAGE
-    serving = health_pb2.HealthCheckResponse.SERVING
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     with channel:
+        check = channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            reply = check(encode_health_request(args.service), timeout=args.timeout)
         except grpc.RpcError as exc:
             what = f"service {args.service!r}" if args.service else "the server"
             _err(f"health of {what} at {target}: {exc.code().name}: {exc.details()}")
             return EXIT_USAGE
-    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    if reply.status == serving:
+    status = decode_health_status(reply)
+    print(status)
+    if status == "SERVING":
         return EXIT_OK
-    return EXIT_ERROR if reply.status == not_serving else EXIT_USAGE
+    return EXIT_ERROR if status == "NOT_SERVING" else EXIT_USAGE
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

@@ -73,3 +73,15 @@ def test_a_bad_target_exits_2() -> None:
     out = kvstore("health", "--target", "unix://relative/path")
     assert out.returncode == 2
     assert "InvalidArgument" in out.stderr
+
+
+@pytest.mark.parametrize("service", ["", "kvstore.v1.KVStore/L3", "é" * 200])
+def test_hand_coded_health_messages_match_the_proto(service: str) -> None:
+    from kvstore.cli import decode_health_status, encode_health_request
+
+    assert encode_health_request(service) == health_pb2.HealthCheckRequest(
+        service=service).SerializeToString()
+    for status in health_pb2.HealthCheckResponse.ServingStatus.values():
+        raw = health_pb2.HealthCheckResponse(status=status).SerializeToString()
+        assert decode_health_status(raw) == \
+            health_pb2.HealthCheckResponse.ServingStatus.Name(status)
