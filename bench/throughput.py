@@ -17,6 +17,11 @@ Each cell moves the same bytes for kvstore and raw, in several rounds after
 one warm-up; reported: the median GB/s (1e9 bytes/s) over rounds, p50/p99 of
 the per-block call latency over all rounds, and kvstore/raw ratios. JSON goes
 to stdout (and --out); a table goes to stderr.
+
+``--metrics on`` serves Prometheus metrics from the server (scraped every
+``--scrape-interval`` s meanwhile); ``--metrics ab`` is the cost of metrics in
+one run: two servers, metrics on and off, the same kvstore cells timed
+alternately (ABBA rounds), reported as the on/off ratio of median GB/s.
 """
 
 from __future__ import annotations
@@ -270,11 +275,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     raw_port = parent.recv()
 
     flags = list(args.server_flag or [])
+    if args.metrics == "on":
+        flags += METRICS_FLAGS
     server = BenchServer(*flags, l1_capacity=args.l1_capacity, l2=args.l2, unix=args.unix)
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    scraper: Scraper | None = None
     try:
         server.start()
+        if args.metrics == "on":
+            scraper = Scraper(_metrics_address(server), args.scrape_interval)
         target = server.unix_target if args.unix else server.tcp
         pool = Pool(max(clients_list), target, raw_port, max_block * args.batch,
                     args.chunk_bytes, args.batch)
@@ -310,6 +320,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             pool.close()
     finally:
+        if scraper is not None:
+            scraper.stop()
         server.stop()
         parent.close()
         raw_proc.join(10)
@@ -337,7 +349,136 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "units": "gbps = 1e9 bytes/s over the round (all clients); latency = one call "
                      f"of {args.batch} block(s) (--batch)",
             "batch": args.batch,
+            "metrics": args.metrics,
+            "scrapes": scraper.scrapes if scraper is not None else 0,
         },
+        "results": results,
+    }
+
+
+# --------------------------------------------------------------------------- metrics A/B
+
+METRICS_FLAGS = ["--server-metrics-listen", "127.0.0.1:0"]
+
+
+def _metrics_address(server: Any) -> str:
+    """The bound metrics address, from the server's ready file."""
+    with open(os.path.join(server.data_dir, "ready.json")) as fh:
+        return str(json.load(fh)["metrics"])
+
+
+class Scraper:
+    """Scrapes /metrics every ``interval`` s on a thread, like Prometheus would."""
+
+    def __init__(self, address: str, interval: float) -> None:
+        self.url = f"http://{address}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+
+        while not self._stop.wait(self.interval):
+            with urllib.request.urlopen(self.url, timeout=10) as reply:
+                self.bytes = len(reply.read())
+            self.scrapes += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def run_metrics_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The same kvstore cells on a server with metrics on and one with them
+    off, rounds interleaved ABBA; the on/off ratio of median GB/s per cell."""
+    from bench._server import BenchServer
+
+    sizes = [int(s) for s in args.sizes]
+    clients_list = [int(c) for c in args.clients]
+    max_bytes = max(sizes) * args.batch
+    flags = list(args.server_flag or [])
+    servers = {
+        "on": BenchServer(*flags, *METRICS_FLAGS, l1_capacity=args.l1_capacity, l2=args.l2,
+                          unix=args.unix),
+        "off": BenchServer(*flags, l1_capacity=args.l1_capacity, l2=args.l2, unix=args.unix),
+    }
+    pools: dict[str, Pool] = {}
+    scraper: Scraper | None = None
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    # Workers connect to a raw server too; the raw baseline is not timed here.
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    raw_proc = ctx.Process(target=raw_server_main, args=(child, max_bytes), daemon=True)
+    raw_proc.start()
+    child.close()
+    raw_port = parent.recv()
+    try:
+        for name, server in servers.items():
+            server.start()
+            target = server.unix_target if args.unix else server.tcp
+            pools[name] = Pool(max(clients_list), target, raw_port, max_bytes,
+                               args.chunk_bytes, args.batch)
+        scraper = Scraper(_metrics_address(servers["on"]), args.scrape_interval)
+        for block in sizes:
+            for clients in clients_list:
+                per_round = args.bytes_per_round[block]
+                count = _cell_count(block, clients, per_round)
+                nbytes = count * clients * block
+                for op in ("put", "get", "get_into"):
+                    rounds: dict[str, list[tuple[float, list]]] = {"on": [], "off": []}
+                    for name in ("on", "off"):  # warm-up (Put also writes what Get reads)
+                        pools[name].run("kv", op, block, clients,
+                                        count if op == "put" else min(count, 16))
+                    for r in range(args.rounds):
+                        order = ("on", "off") if r % 2 == 0 else ("off", "on")
+                        for name in order:
+                            rounds[name].append(pools[name].run("kv", op, block, clients, count))
+                    on, off = _summary(rounds["on"], nbytes), _summary(rounds["off"], nbytes)
+                    cell = {"op": op, "block_bytes": block, "clients": clients,
+                            "bytes_per_round": nbytes, "metrics_on": on, "metrics_off": off,
+                            "ratio_gbps": round(on["gbps"] / off["gbps"], 4),
+                            "ratio_p50": round(on["p50_ms"] / off["p50_ms"], 4)}
+                    results.append(cell)
+                    print(f"{op:>8} {block // KiB:>5} KiB x{clients}  metrics on "
+                          f"{on['gbps']:7.3f} GB/s p50 {on['p50_ms']:8.3f} ms | off "
+                          f"{off['gbps']:7.3f} GB/s p50 {off['p50_ms']:8.3f} ms | on/off "
+                          f"{cell['ratio_gbps']:.3f}", file=sys.stderr, flush=True)
+                for pool in pools.values():
+                    pool.run("cleanup", "put", block, clients, count)
+    finally:
+        if scraper is not None:
+            scraper.stop()
+        for pool in pools.values():
+            pool.close()
+        for server in servers.values():
+            server.stop()
+        parent.close()
+        raw_proc.join(10)
+        if raw_proc.is_alive():
+            raw_proc.terminate()
+    ratios = [c["ratio_gbps"] for c in results]
+    return {
+        "bench": "throughput-metrics-ab",
+        "meta": {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "transport": "unix socket" if args.unix else "tcp 127.0.0.1",
+            "rounds": args.rounds,
+            "batch": args.batch,
+            "scrape_interval_s": args.scrape_interval,
+            "scrapes": scraper.scrapes if scraper is not None else 0,
+            "scrape_bytes": scraper.bytes if scraper is not None else 0,
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "units": "gbps: median over rounds; ratio_gbps = metrics on / metrics off",
+        },
+        "median_ratio_gbps": round(statistics.median(ratios), 4),
+        "geomean_ratio_gbps": round(statistics.geometric_mean(ratios), 4),
         "results": results,
     }
 
@@ -382,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="turn off kvstore's glibc malloc tuning in server and clients "
                         "(KVSTORE_MALLOC_TUNING=0; see kvstore/_malloc.py), for comparison")
+    p.add_argument("--metrics", choices=("off", "on", "ab"), default="off",
+                   help="Prometheus metrics on the server: off, on (scraped meanwhile), or ab "
+                        "(servers with and without, rounds interleaved; the on/off ratio) "
+                        "[default: off]")
+    p.add_argument("--scrape-interval", type=float, default=1.0,
+                   help="with --metrics on/ab: seconds between scrapes [default: 1]")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
                    help="extra flag for kvstore serve (repeat; "
                         "e.g. --server-flag=--l1-prefault=false)")
@@ -397,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.bytes_per_round[s] = max(s * 16, args.bytes_per_round.get(MiB, 64 * MiB))
     if args.no_malloc_tuning:
         os.environ["KVSTORE_MALLOC_TUNING"] = "0"
-    doc = run_bench(args)
+    doc = run_metrics_ab(args) if args.metrics == "ab" else run_bench(args)
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

@@ -4,10 +4,13 @@
     kvstore stats [--target T] [--json]
     kvstore put   [--target T] --namespace NS [--ack memory|local|remote] KEY [FILE|-]
     kvstore get   [--target T] --namespace NS KEY [-o FILE|-]
+    kvstore health [--target T] [--service S]
+    kvstore config --effective [config flags] | --example [-o FILE]
 
 KEY is UTF-8 text, or ``hex:`` followed by hex digits for binary keys.
 Exit status: 0 success; 1 a miss or an error from the server; 2 a usage or
-configuration error.
+configuration error. ``health`` (for probes): 0 SERVING, 1 NOT_SERVING, 2 the
+server or the service could not be reached or is unknown.
 """
 
 from __future__ import annotations
@@ -171,15 +174,90 @@ def _cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: grpc.health.v1.HealthCheckResponse.ServingStatus, by value.
+HEALTH_STATUS = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def encode_health_request(service: str) -> bytes:
+    """HealthCheckRequest{service} by hand: the CLI stays off generated code."""
+    from kvstore.wire import encode_varint
+
+    name = service.encode()
+    return b"\x0a" + encode_varint(len(name)) + name if name else b""
+
+
+def decode_health_status(raw: bytes) -> str:
+    """HealthCheckResponse → the name of its status (field 1)."""
+    from kvstore.wire import iter_fields
+
+    status = next((v for n, v in iter_fields(raw, "HealthCheckResponse") if n == 1), 0)
+    code = status if isinstance(status, int) else 0
+    return HEALTH_STATUS[code] if code < len(HEALTH_STATUS) else "UNKNOWN"
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """grpc.health.v1 Check, for probes: the exit status is the answer."""
+    import grpc
+
+    from kvstore.client._common import parse_target
+
+    try:  # a bad target or TLS file: no answer, like an unreachable server
+        target = parse_target(args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET)
+        if args.tls_ca or args.tls_cert:
+            from kvstore.client import TLS
+
+            tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                      server_name=args.tls_server_name)
+            channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
+        else:
+            channel = grpc.insecure_channel(target)
+    except KVStoreError as exc:
+        _err(f"{type(exc).__name__}: {exc}")
+        return EXIT_USAGE
+    with channel:
+        check = channel.unary_unary(HEALTH_CHECK)  # bytes in, bytes out
+        try:
+            reply = check(encode_health_request(args.service), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            what = f"service {args.service!r}" if args.service else "the server"
+            _err(f"health of {what} at {target}: {exc.code().name}: {exc.details()}")
+            return EXIT_USAGE
+    status = decode_health_status(reply)
+    print(status)
+    if status == "SERVING":
+        return EXIT_OK
+    return EXIT_ERROR if status == "NOT_SERVING" else EXIT_USAGE
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from kvstore import config_toml
+
+    if args.example:
+        text = config_toml.example()
+    else:
+        try:
+            text = config_toml.effective(kvconfig.load(args))
+        except InvalidConfig as exc:
+            _err(str(exc))
+            return EXIT_USAGE
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
-def _client_options(p: argparse.ArgumentParser) -> None:
+def _client_options(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
     p.add_argument("--target", default=None,
                    help="server address: host:port or unix:/path "
                         f"[default: env KVSTORE_TARGET, else {DEFAULT_TARGET}]")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="deadline of the call in seconds [default: 60]")
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help=f"deadline of the call in seconds [default: {timeout:g}]")
     p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("KVSTORE_TLS_CA"),
                    help="connect over TLS, trusting this CA bundle [env KVSTORE_TLS_CA]")
     p.add_argument("--tls-cert", metavar="PEM", default=None,
@@ -243,6 +321,32 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("-o", "--output", metavar="FILE", default="-",
                      help="write the block here, - for stdout [default: -]")
     get.set_defaults(func=_cmd_get)
+
+    health = sub.add_parser(
+        "health", help="check the server's gRPC health (for probes)",
+        description="Ask the server's grpc.health.v1 service whether it is serving and print "
+                    "the answer. Exit status: 0 SERVING, 1 NOT_SERVING, 2 unreachable or "
+                    "unknown service.")
+    _client_options(health, timeout=5.0)
+    health.add_argument("--service", default="",
+                        help="health service name: '' is the whole server, kvstore.v1.KVStore "
+                             "the API, kvstore.v1.KVStore/L3 the object store [default: '']")
+    health.set_defaults(func=_cmd_health)
+
+    cfg = sub.add_parser(
+        "config", help="print the effective configuration or the example file",
+        description="--effective: load the configuration exactly as `serve` would (the "
+                    "flags below, env, --config file) and print it as TOML, credentials "
+                    "left out. --example: every option, commented out at its default.")
+    which = cfg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--effective", action="store_true",
+                       help="print the merged configuration serve would run with")
+    which.add_argument("--example", action="store_true",
+                       help="print the commented example file (deploy/kvstore.example.toml)")
+    cfg.add_argument("-o", "--output", metavar="FILE", default="-",
+                     help="write here, - for stdout [default: -]")
+    kvconfig.add_arguments(cfg)
+    cfg.set_defaults(func=_cmd_config)
     return parser
 
 

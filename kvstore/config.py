@@ -115,6 +115,9 @@ class ServerConfig:
                            "l1.capacity", parse_float)
     shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
                             "crashed client's leases end after this)", parse_int)
+    metrics_listen: str = opt("", "serve Prometheus metrics at http://host:port/metrics (e.g. "
+                              "127.0.0.1:9400; needs the kvstore[metrics] extra); empty "
+                              "disables it", parse_str)
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from kvstore import __version__
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.errors import InvalidConfig
-from kvstore.server import logs, preflight
+from kvstore.server import logs, metrics, preflight
 from kvstore.server.interceptor import ErrorInterceptor
+from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
 from kvstore.store import SharedMemoryBroker, TieredStore
@@ -79,10 +81,15 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Before the store allocates L1: a missing extra or a bad address fails at once.
+        self.metrics = metrics.MetricsExporter(config.server.metrics_listen) \
+            if config.server.metrics_listen else None
         self.store = TieredStore(config)
         self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                       config.server.shm_lease_ms, config.server.max_lease_ms)
-        self.grpc = grpc.aio.server(interceptors=[ErrorInterceptor()],
+        self.calls = CallRecorder()
+        timing = [MetricsInterceptor(self.calls)] if self.metrics else []
+        self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor()],
                                     options=grpc_options(config))
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None}
@@ -90,6 +97,9 @@ class Server:
         self._monitor: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.metrics is not None:  # first: a taken port fails before the store opens
+            self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
+                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__))
         await self.store.start()
         try:
             self._listen()
@@ -156,6 +166,8 @@ class Server:
                 await self._monitor
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         await self.shm.close()
         await self.store.close()
         if self.addresses["unix"]:
@@ -201,12 +213,7 @@ def _write_ready_file(path: str, addresses: dict[str, str | None]) -> None:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kvstore")
-    except Exception:
-        return "unknown"
+    return __version__
 
 
 def _size(n: int) -> str:

@@ -219,7 +219,7 @@ def test_daemonset_reads_the_configmap_and_the_secret(pod: Any) -> None:
 def test_daemonset_probes_use_grpc_health_on_the_served_port(pod: Any) -> None:
     _, container, cfg = pod
     port = int(cfg.server.listen.rsplit(":", 1)[1])
-    assert [p["containerPort"] for p in container["ports"]] == [port]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
     # Liveness must be more patient than readiness.
@@ -288,8 +288,22 @@ def test_dockerfile_is_multi_stage_non_root_with_kvstore_serve_entrypoint() -> N
     envs = " ".join(line for line in final if line.upper().startswith("ENV "))
     for name in re.findall(r"\b(KVSTORE_[A-Z0-9_]+)=", envs):
         assert name in config_env_names()
-    exposed = [line.split()[1] for line in final if line.upper().startswith("EXPOSE ")]
-    assert exposed == ["50051"]
+    exposed = [line.split()[1:] for line in final if line.upper().startswith("EXPOSE ")]
+    assert exposed == [["50051", "9400"]]
+    assert "KVSTORE_SERVER_METRICS_LISTEN=0.0.0.0:9400" in envs
+    assert any('"kvstore[l3,metrics]"' in line for line in final)
+
+
+def test_dockerfile_healthcheck_runs_kvstore_health() -> None:
+    final = dockerfile_stages()[-1]
+    checks = [line for line in final if line.upper().startswith("HEALTHCHECK ")]
+    assert len(checks) == 1
+    cmd = json.loads(checks[0].split(" CMD ", 1)[1])
+    script = cmd[-1]
+    assert "kvstore health --target 127.0.0.1:50051" in script
+    # Docker reserves exit status 2 (kvstore health: unreachable): map to 1.
+    assert script.endswith("|| exit 1")
+    assert "--start-period=" in checks[0]
 
 
 def kvstore_command() -> str:
@@ -328,6 +342,8 @@ def test_entrypoint_serves_the_configmap_config(tmp_path: Path) -> None:
         "KVSTORE_L2_INITIAL_MAP_SIZE": "16MiB",
         "KVSTORE_L3_URL": f"file://{tmp_path}/l3",
         "KVSTORE_L3_ENDPOINT": "",
+        "KVSTORE_SERVER_METRICS_LISTEN": "127.0.0.1:0",
+        "KVSTORE_L1_SHM_PATH": f"/dev/shm/kvstore-test-{os.getpid()}-{time.time_ns()}",
         "KVSTORE_LOG_LEVEL": "WARNING",
     }
     log = tmp_path / "server.log"
@@ -340,14 +356,190 @@ def test_entrypoint_serves_the_configmap_config(tmp_path: Path) -> None:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.02)
-        tcp = json.loads(ready.read_text())["tcp"]
+        info = json.loads(ready.read_text())
+        tcp = info["tcp"]
+        assert info["metrics"].startswith("127.0.0.1:")  # the ConfigMap turns metrics on
+        assert Path(env["KVSTORE_L1_SHM_PATH"]).exists()  # and the shared-memory arena
         with grpc.insecure_channel(tcp) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
+        assert not Path(env["KVSTORE_L1_SHM_PATH"]).exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        Path(env["KVSTORE_L1_SHM_PATH"]).unlink(missing_ok=True)
+
+
+# -- shared memory, metrics, monitoring, systemd, example config -------------------------
+
+
+def test_daemonset_shares_the_socket_and_shm_dirs_with_engine_pods(pod: Any) -> None:
+    spec, container, cfg = pod
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    shm_dir = str(Path(cfg.l1.shm_path).parent)
+    assert shm_dir == "/dev/shm/kvstore"
+    # Same path on the node and in the pod: the server hands clients its arena path.
+    assert volumes[mounts[shm_dir]]["hostPath"]["path"] == shm_dir
+    socket_dir = str(Path(cfg.server.unix_socket).parent)
+    assert volumes[mounts[socket_dir]]["hostPath"]["path"] == socket_dir
+    init = spec["initContainers"][0]
+    init_mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    assert {shm_dir, socket_dir, cfg.data_dir} <= init_mounts
+    assert shm_dir in init["command"][-1] and socket_dir in init["command"][-1]
+
+
+def test_metrics_port_service_and_servicemonitor_agree(pod: Any) -> None:
+    _, container, cfg = pod
+    port = int(cfg.server.metrics_listen.rsplit(":", 1)[1])
+    assert cfg.server.metrics_listen.startswith("0.0.0.0:")  # scraped from other pods
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == port
+    svc = k8s("Service", "kvstore-metrics")
+    assert svc["spec"]["clusterIP"] == "None"  # every pod its own target
+    [svc_port] = svc["spec"]["ports"]
+    assert svc_port["targetPort"] == "metrics" and svc_port["port"] == port
+    ds_labels = k8s("DaemonSet", "kvstore")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= ds_labels.items()
+
+    monitoring = K8S / "monitoring"
+    kust = yaml.safe_load((monitoring / "kustomization.yaml").read_text())
+    assert set(kust["resources"]) == {"..", "servicemonitor.yaml"}
+    sm = yaml.safe_load((monitoring / "servicemonitor.yaml").read_text())
+    assert sm["kind"] == "ServiceMonitor" and sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [svc["metadata"]["namespace"]]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [svc_port["name"]]
+    # The pod's native probes stay on gRPC health; the metrics port is not a probe.
+    assert container["readinessProbe"]["grpc"]["port"] != port
+
+
+def test_compose_healthcheck_shm_and_engine_example() -> None:
+    services = compose()["services"]
+    kv = services["kvstore"]
+    check = kv["healthcheck"]["test"]
+    assert check[0] == "CMD-SHELL" and check[1].startswith("kvstore health ")
+    assert check[1].endswith("|| exit 1")
+    env = compose_env("kvstore")
+    shm_dir = str(Path(env["KVSTORE_L1_SHM_PATH"]).parent)
+    socket_dir = str(Path(env["KVSTORE_SERVER_UNIX_SOCKET"]).parent)
+    shared = {f"{d}:{d}" for d in (shm_dir, socket_dir)}
+    assert shared <= set(kv["volumes"])
+    assert shared <= set(services["engine-example"]["volumes"])
+    assert services["engine-example"]["user"].split(":")[0] == "10001"  # the files are 0600
+    host_dirs = services["host-dirs"]
+    assert shared <= set(host_dirs["volumes"])
+    assert shm_dir in host_dirs["entrypoint"][-1] and socket_dir in host_dirs["entrypoint"][-1]
+    assert kv["depends_on"]["host-dirs"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_prometheus_scrapes_kvstore_and_grafana_reads_prometheus() -> None:
+    services = compose()["services"]
+    metrics = compose_env("kvstore")["KVSTORE_SERVER_METRICS_LISTEN"]
+    assert metrics.startswith("127.0.0.1:")  # only inside the shared network namespace
+    for name in ("prometheus", "grafana"):
+        assert services[name]["network_mode"] == "service:minio"
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [t for job in prom["scrape_configs"] for sc in job["static_configs"]
+               for t in sc["targets"]]
+    assert targets == [metrics]
+    prom_listen = next(a.split("=", 1)[1] for a in services["prometheus"]["command"]
+                       if a.startswith("--web.listen-address="))
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    [ds] = datasource["datasources"]
+    assert ds["url"] == f"http://{prom_listen}" and ds["type"] == "prometheus"
+    # Every bind-mounted file exists.
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (DEPLOY / source).exists(), volume
+    published = " ".join(services["minio"]["ports"])
+    assert "127.0.0.1:9090:9090" in published and "127.0.0.1:3000:3000" in published
+
+
+def documented_metrics() -> set[str]:
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", doc, re.M))
+
+
+def test_grafana_dashboard_uses_only_documented_metrics() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "kvstore.json").read_text())
+    documented = documented_metrics()
+    series = set()
+    for name in documented:
+        series.add(name)
+        if not name.endswith("_total"):  # histogram parts
+            series.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    assert len(panels) >= 10
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b((?:kvstore|process)_[a-z0-9_]+)\b", target["expr"]))
+            assert names, target["expr"]
+            assert names <= series, (panel["title"], names - series)
+            used |= names
+    for must in ("kvstore_tier_bytes", "kvstore_grpc_request_duration_seconds_bucket",
+                 "kvstore_tier_hits_total", "kvstore_tier_available"):
+        assert must in used
+    provider = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "kvstore.yaml").read_text())
+    mount = next(v for v in compose()["services"]["grafana"]["volumes"]
+                 if v.startswith("./grafana/kvstore.json:"))
+    assert mount.split(":")[1].startswith(provider["providers"][0]["options"]["path"] + "/")
+
+
+def systemd_unit() -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / "kvstore.service").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_systemd_unit_runs_kvstore_serve_as_a_user_with_a_health_gate() -> None:
+    unit = systemd_unit()
+    service = unit["Service"]
+    assert service["ExecStart"][0].split()[-2:] == ["kvstore", "serve"] or \
+        service["ExecStart"][0].endswith("/kvstore serve")
+    assert service["User"] != ["root"] and service["User"]
+    env = dict(e.split("=", 1) for e in service["Environment"])
+    assert env["KVSTORE_CONFIG"] == "/etc/kvstore/kvstore.toml"
+    # The unit's header installs the example file there.
+    cfg = load(env={**env, "KVSTORE_CONFIG": str(DEPLOY / "kvstore.example.toml")})
+    assert float(service["TimeoutStopSec"][0]) > cfg.server.grace_seconds
+    assert "kvstore health" in service["ExecStartPost"][0]
+    assert f"unix:{cfg.server.unix_socket}" in service["ExecStartPost"][0]
+    assert cfg.server.unix_socket.startswith("/run/" + service["RuntimeDirectory"][0] + "/")
+    assert cfg.data_dir == "/var/lib/" + service["StateDirectory"][0]
+    assert str(Path(cfg.l1.shm_path).parent) in service["ExecStartPre"][0]
+    assert cfg.server.metrics_listen.startswith("127.0.0.1:")
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_systemd_unit_passes_systemd_analyze(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    text = (DEPLOY / "systemd" / "kvstore.service").read_text()
+    unit = tmp_path / "kvstore.service"
+    unit.write_text(text.replace("/opt/kvstore/bin/kvstore", kvstore_command()))
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Unknown" not in out.stderr and "ignoring" not in out.stderr, out.stderr

@@ -1,0 +1,226 @@
+"""Prometheus metrics: an HTTP endpoint on ``server.metrics_listen``.
+
+The exporter is off unless ``server.metrics_listen`` is set, and
+``prometheus-client`` (the ``kvstore[metrics]`` extra) is imported only then.
+Nothing is counted twice: a collector reads the store's own counters
+(``TieredStore.stats()``), the shared-memory broker and the per-method call
+counters (kvstore/server/metrics_calls.py) when Prometheus scrapes, so the
+store pays nothing between scrapes. The snapshot is taken on the event loop
+(the store is single-threaded); the HTTP server runs on its own thread and
+binds only the configured address. docs/metrics.md lists every series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvstore.errors import InvalidConfig
+from kvstore.server.metrics_calls import LATENCY_BUCKETS, CallRecorder, MethodSnapshot
+from kvstore.types import StoreStats
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from kvstore.store import SharedMemoryBroker
+    from kvstore.store import TieredStore
+
+#: How long a scrape waits for the event loop to take the snapshot.
+SNAPSHOT_TIMEOUT_S = 5.0
+
+INSTALL_HINT = "pip install 'kvstore[metrics]'"
+
+
+def require_prometheus_client() -> None:
+    """Fail with one clear line when metrics are asked for but the extra is missing."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise InvalidConfig(
+            f"server.metrics_listen is set but prometheus-client is not installed "
+            f"({INSTALL_HINT}), or leave server.metrics_listen empty") from None
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise InvalidConfig(
+            f"server.metrics_listen {address!r}: use host:port, e.g. 127.0.0.1:9400")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one scrape reports, copied on the event loop."""
+
+    stats: StoreStats
+    calls: list[MethodSnapshot]
+    shm_reservations: int | None  # None: shared memory is off
+    shm_leases: int | None
+    l3_queued_bytes: int | None  # None: no L3
+
+
+class KVStoreCollector:
+    """A prometheus_client collector over the running server's counters."""
+
+    def __init__(self, store: TieredStore, shm: SharedMemoryBroker, calls: CallRecorder,
+                 loop: asyncio.AbstractEventLoop, version: str) -> None:
+        self.store = store
+        self.shm = shm
+        self.calls = calls
+        self.loop = loop
+        self.version = version
+
+    def take_snapshot(self) -> Snapshot:
+        """On the event loop: copy every counter at one instant."""
+        shm_on = self.shm.enabled
+        l3 = self.store.l3
+        return Snapshot(
+            stats=self.store.stats(),
+            calls=self.calls.snapshot(),
+            shm_reservations=self.shm.reservations if shm_on else None,
+            shm_leases=self.shm.leases if shm_on else None,
+            l3_queued_bytes=l3.queued if l3 is not None else None,
+        )
+
+    def _snapshot_from_thread(self) -> Snapshot:
+        result: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+
+        def take() -> None:
+            try:
+                result.set_result(self.take_snapshot())
+            except BaseException as exc:
+                result.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(take)
+        return result.result(timeout=SNAPSHOT_TIMEOUT_S)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._snapshot_from_thread(), self.version)
+
+
+def families(snap: Snapshot, version: str) -> Iterator[Metric]:
+    """The metric families of one snapshot (names and units: docs/metrics.md)."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    stats = snap.stats
+    info = GaugeMetricFamily("kvstore_info", "Always 1: the server's version and policy",
+                             labels=["version", "policy"])
+    info.add_metric([version, stats.policy], 1)
+    yield info
+
+    def per_tier(kind: Any, name: str, doc: str, field: str,
+                 tiers: Any = stats.tiers) -> Any:
+        family = kind(name, doc, labels=["tier"])
+        for t in tiers:
+            family.add_metric([t.tier.name], float(getattr(t, field)))
+        return family
+
+    sized = [t for t in stats.tiers if t.capacity]
+    yield per_tier(GaugeMetricFamily, "kvstore_tier_blocks", "Blocks held in the tier", "blocks")
+    yield per_tier(GaugeMetricFamily, "kvstore_tier_bytes", "Payload bytes held in the tier",
+                   "bytes")
+    yield per_tier(GaugeMetricFamily, "kvstore_tier_capacity_bytes",
+                   "Configured capacity of the tier (L3 has none)", "capacity", sized)
+    yield per_tier(GaugeMetricFamily, "kvstore_tier_available",
+                   "1 while the tier can be reached, 0 while it cannot (L3 breaker open)",
+                   "available")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_hits",
+                   "Block reads served from the tier", "hits")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_misses",
+                   "Block reads the tier could not serve", "misses")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_evictions",
+                   "Blocks that left the tier to make room", "evictions")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_demotions",
+                   "Evictions that kept a copy in the next tier down", "demotions")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_promotions",
+                   "Blocks copied up into the tier on a read", "promotions")
+    yield per_tier(CounterMetricFamily, "kvstore_tier_corrupt_blocks",
+                   "Copies that failed their checksum when read (dropped, read as a miss)",
+                   "corrupt")
+
+    for name, doc, value in (
+        ("kvstore_block_puts", "Blocks stored (Put and shared-memory commits)", stats.puts),
+        ("kvstore_block_gets", "Block reads (Get and shared-memory acquires)", stats.gets),
+        ("kvstore_block_get_hits", "Block reads that found the block in some tier",
+         stats.get_hits),
+        ("kvstore_session_events", "SessionEvent calls handled", stats.session_events),
+    ):
+        counter = CounterMetricFamily(name, doc)
+        counter.add_metric([], float(value))
+        yield counter
+
+    if snap.l3_queued_bytes is not None:
+        yield GaugeMetricFamily("kvstore_l3_write_queue_bytes",
+                                "Bytes being written to L3 (demotions and ack=remote Puts)",
+                                value=float(snap.l3_queued_bytes))
+    if snap.shm_reservations is not None and snap.shm_leases is not None:
+        yield GaugeMetricFamily("kvstore_shm_reservations",
+                                "Shared-memory slots reserved and not yet committed",
+                                value=float(snap.shm_reservations))
+        yield GaugeMetricFamily("kvstore_shm_leases",
+                                "Shared-memory read leases held by clients",
+                                value=float(snap.shm_leases))
+
+    requests = CounterMetricFamily("kvstore_grpc_requests", "gRPC calls by method and status",
+                                   labels=["service", "method", "code"])
+    latency = HistogramMetricFamily("kvstore_grpc_request_duration_seconds",
+                                    "gRPC call duration on the server, handler start to end",
+                                    labels=["service", "method"])
+    for m in snap.calls:
+        for code, count in sorted(m.codes.items()):
+            requests.add_metric([m.service, m.method, code], float(count))
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), m.buckets, strict=True):
+            cumulative += count
+            buckets.append((_bound_text(bound), float(cumulative)))
+        latency.add_metric([m.service, m.method], buckets, m.sum)
+    yield requests
+    yield latency
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class MetricsExporter:
+    """The HTTP endpoint: ``start`` binds it, ``stop`` closes it."""
+
+    def __init__(self, listen: str) -> None:
+        require_prometheus_client()
+        self.host, self.port = parse_listen(listen)
+        self._httpd: Any = None
+        self._thread: Any = None
+
+    def start(self, collector: KVStoreCollector) -> str:
+        """Serve /metrics; returns the bound address (port 0 becomes a real port)."""
+        from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        ProcessCollector(registry=registry)
+        try:
+            self._httpd, self._thread = start_http_server(self.port, self.host, registry)
+        except OSError as exc:
+            raise InvalidConfig(f"server.metrics_listen {self.host}:{self.port}: "
+                                f"{exc.strerror or exc}") from None
+        port = self._httpd.server_port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{port}"
+
+    def stop(self) -> None:
+        """Close the listener; blocks up to the server's poll interval (0.5 s)."""
+        if self._httpd is None:
+            return
+        httpd, self._httpd = self._httpd, None
+        httpd.shutdown()
+        httpd.server_close()
+        self._thread.join()

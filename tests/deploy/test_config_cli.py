@@ -1,0 +1,104 @@
+"""`kvstore config --example` (the committed deploy/kvstore.example.toml) and
+`kvstore config --effective` (the merged configuration, credentials left out)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvstore import cli, config_toml
+from kvstore.config import Config, _options, load
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "kvstore.example.toml"
+
+
+def test_committed_example_is_current() -> None:
+    assert EXAMPLE.read_text() == config_toml.example(), (
+        "deploy/kvstore.example.toml is out of date with kvstore/config.py: regenerate it "
+        "with `kvstore config --example -o deploy/kvstore.example.toml`")
+
+
+def test_example_names_every_option_with_env_and_flag() -> None:
+    text = EXAMPLE.read_text()
+    for section, f in _options():
+        header = f"[{section}]" if section else None
+        assert header is None or f"\n{header}\n" in text
+        assert re.search(rf"^#{f.name} = ", text, re.M), f"{section}.{f.name}"
+    assert "KVSTORE_L3_SECRET_ACCESS_KEY" in text and "--l1-capacity" in text
+
+
+def test_example_loads_as_the_defaults_commented_and_uncommented(tmp_path: Path) -> None:
+    assert load(file=EXAMPLE, env={}) == Config()
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text(re.sub(r"^#(\w+ = )", r"\1", EXAMPLE.read_text(), flags=re.M))
+    assert uncommented.read_text().count("\n#") < EXAMPLE.read_text().count("\n#")
+    assert load(file=uncommented, env={}) == Config()  # every default reads back as itself
+
+
+def test_example_command_writes_the_file(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "example.toml"
+    assert cli.main(["config", "--example", "-o", str(out)]) == 0
+    assert out.read_text() == EXAMPLE.read_text()
+    assert cli.main(["config", "--example"]) == 0
+    assert capsys.readouterr().out == EXAMPLE.read_text()
+
+
+def run_effective(*flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return subprocess.run([sys.executable, "-m", "kvstore", "config", "--effective", *flags],
+                          capture_output=True, text=True, timeout=60, env={**base, **env})
+
+
+def test_effective_merges_file_env_and_flags_and_hides_credentials(tmp_path: Path) -> None:
+    file = tmp_path / "kvstore.toml"
+    file.write_text('data_dir = "/srv/kv"\n[l1]\ncapacity = "2GiB"\n[l2]\nsync = true\n'
+                    '[server]\nnamespaces = ["a", "b"]\n')
+    secret, key_id = "s3cr3t-Value-xyz", "AKIA-visible-nowhere"
+    out = run_effective(
+        "--l1-capacity", "3GiB", "--server-metrics-listen", "127.0.0.1:9400",
+        env={"KVSTORE_CONFIG": str(file), "KVSTORE_L2_CAPACITY": "100GiB",
+             "KVSTORE_L3_URL": "s3://bucket/p",
+             "KVSTORE_L3_ENDPOINT": "https://user:pw-in-url@s3.example.internal",
+             "KVSTORE_L3_ACCESS_KEY_ID": key_id, "KVSTORE_L3_SECRET_ACCESS_KEY": secret})
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for hidden in (secret, key_id, "pw-in-url"):
+        assert hidden not in text
+    assert "# secret_access_key: set, redacted" in text
+    assert 'capacity = "3GiB"' in text  # flag beats file
+    assert 'capacity = "100GiB"' in text  # env
+    assert 'data_dir = "/srv/kv"' in text and "sync = true" in text  # file
+    assert 'namespaces = ["a", "b"]' in text
+    assert 'metrics_listen = "127.0.0.1:9400"' in text
+
+    # The output is a config file: it loads back to the same configuration,
+    # less the credentials.
+    echo = tmp_path / "effective.toml"
+    echo.write_text(text)
+    back = load(file=echo, env={})
+    expected = load(file=file, env={
+        "KVSTORE_L1_CAPACITY": "3GiB", "KVSTORE_SERVER_METRICS_LISTEN": "127.0.0.1:9400",
+        "KVSTORE_L2_CAPACITY": "100GiB", "KVSTORE_L3_URL": "s3://bucket/p",
+        "KVSTORE_L3_ENDPOINT": "https://<redacted>@s3.example.internal"})
+    assert back == expected
+
+
+def test_effective_reports_a_bad_option_as_a_usage_error() -> None:
+    out = run_effective("--l1-capacity", "lots", env={})
+    assert out.returncode == 2
+    assert out.stderr.startswith("kvstore: ") and "lots" in out.stderr
+
+
+def test_effective_of_the_defaults_is_the_defaults(tmp_path: Path) -> None:
+    out = run_effective(env={})
+    assert out.returncode == 0, out.stderr
+    path = tmp_path / "defaults.toml"
+    path.write_text(out.stdout)
+    assert load(file=path, env={}) == Config()

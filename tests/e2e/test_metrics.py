@@ -1,0 +1,159 @@
+"""The Prometheus endpoint (server.metrics_listen) of a real server, scraped
+with urllib: series exist, move with traffic, and the endpoint binds only the
+configured address. docs/metrics.md lists the series."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvstore import Client
+from kvstore.errors import UnknownNamespace
+
+parser = pytest.importorskip("prometheus_client.parser",
+                             reason="prometheus-client is the kvstore[metrics] extra")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_address(server: object) -> str:
+    """The bound metrics address from the server's latest ready file."""
+    data_dir: Path = server.data_dir  # type: ignore[attr-defined]
+    ready = max(data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(ready.read_text())["metrics"]
+
+
+def scrape(address: str) -> tuple[str, Samples]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    samples: Samples = {}
+    for family in parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0",
+                         "--server-namespaces", "metrics").start()
+    address = metrics_address(srv)
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    text, before = scrape(address)
+    for name in ("kvstore_tier_bytes", "kvstore_tier_hits_total", "kvstore_block_puts_total",
+                 "process_resident_memory_bytes", "kvstore_info"):
+        assert name in text, name
+    assert value(before, "kvstore_tier_capacity_bytes", tier="L1") == 128 * 1024**2
+    assert value(before, "kvstore_block_puts_total") == 0
+
+    put = {"service": "kvstore.v1.KVStore", "method": "Put"}
+    get = {"service": "kvstore.v1.KVStore", "method": "Get"}
+    with Client(srv.tcp, namespace="metrics") as c:
+        c.put({b"a": b"x" * 1000, b"b": b"y" * 3000})
+        assert c.get([b"a", b"missing"]) == [b"x" * 1000, None]
+        with pytest.raises(UnknownNamespace):  # refused by the server
+            c.get([b"a"], namespace="other")
+    _, after = scrape(address)
+
+    assert value(after, "kvstore_block_puts_total") == 2
+    assert value(after, "kvstore_block_gets_total") == 2
+    assert value(after, "kvstore_block_get_hits_total") == 1
+    assert value(after, "kvstore_tier_blocks", tier="L1") == 2
+    assert value(after, "kvstore_tier_bytes", tier="L1") == 4000
+    assert value(after, "kvstore_tier_hits_total", tier="L1") == 1
+    assert value(after, "kvstore_tier_misses_total", tier="L1") >= 1
+    assert value(after, "kvstore_grpc_requests_total", code="OK", **put) == 1
+    assert value(after, "kvstore_grpc_requests_total", code="OK", **get) == 1
+    assert value(after, "kvstore_grpc_requests_total", code="NOT_FOUND", **get) == 1
+    # One histogram observation per call, whatever its status.
+    assert value(after, "kvstore_grpc_request_duration_seconds_count", **get) == 2
+    assert value(after, "kvstore_grpc_request_duration_seconds_bucket", le="+Inf", **get) == 2
+    assert 0 < value(after, "kvstore_grpc_request_duration_seconds_sum", **put) < 10
+    assert value(after, "kvstore_tier_available", tier="L1") == 1
+
+
+def test_metrics_endpoint_binds_only_the_configured_address(server_factory: type) -> None:
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0").start()
+    port = metrics_address(srv).rsplit(":", 1)[1]
+    # 127.0.0.2 is loopback too: a listener on 0.0.0.0 would answer there.
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=5)
+    scrape(f"127.0.0.1:{port}")  # the configured one answers
+
+
+def test_shared_memory_gauges_appear_when_shm_is_on(server_factory: type) -> None:
+    shm = f"/dev/shm/kvstore-test-{uuid.uuid4().hex[:12]}"
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0", "--l1-shm-path", shm).start()
+    _, samples = scrape(metrics_address(srv))
+    assert value(samples, "kvstore_shm_reservations") == 0
+    assert ("kvstore_shm_leases", frozenset()) in samples
+    srv.terminate()
+
+
+def test_metrics_are_off_by_default(shared_server: object) -> None:
+    ready = max(shared_server.data_dir.glob("ready-*.json"),  # type: ignore[attr-defined]
+                key=lambda p: p.stat().st_mtime)
+    assert "metrics" not in json.loads(ready.read_text())
+
+
+def test_missing_prometheus_client_is_one_clear_error(tmp_path: Path) -> None:
+    """Without the extra, asking for metrics fails at once with one line."""
+    code = ("import sys; sys.modules['prometheus_client'] = None; "
+            "from kvstore.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--data-dir", str(tmp_path),
+         "--server-listen", "127.0.0.1:0", "--l1-capacity", "16MiB", "--l1-prefault", "false",
+         "--server-metrics-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "prometheus-client" in lines[0] and "kvstore[metrics]" in lines[0]
+
+
+def test_a_taken_metrics_port_is_a_clear_error(server_factory: type, tmp_path: Path) -> None:
+    first = server_factory("--server-metrics-listen", "127.0.0.1:0").start()
+    taken = metrics_address(first)
+    out = subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve", "--data-dir", str(tmp_path / "second"),
+         "--server-listen", "127.0.0.1:0", "--l1-capacity", "16MiB", "--l1-prefault", "false",
+         "--server-metrics-listen", taken],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"})
+    assert out.returncode == 2, out.stderr
+    assert "server.metrics_listen" in out.stderr and taken in out.stderr
+
+
+def documented_series() -> set[str]:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    return set(re.findall(r"^\| `([a-z0-9_]+)` \|", doc, re.M))
+
+
+def test_docs_list_exactly_the_exported_series(server_factory: type, tmp_path: Path) -> None:
+    """With every optional part on (L2, L3, shared memory), the families the
+    server exports are the ones docs/metrics.md lists."""
+    shm = f"/dev/shm/kvstore-test-{uuid.uuid4().hex[:12]}"
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0", "--l1-shm-path", shm,
+                         "--l3-url", f"file://{tmp_path}/l3").start()
+    with Client(srv.tcp, namespace="docs") as c:
+        c.put({b"k": b"v" * 100})
+    text, _ = scrape(metrics_address(srv))
+    exported = {f.name + ("_total" if f.type == "counter" else "")
+                for f in parser.text_string_to_metric_families(text)}
+    assert exported == documented_series()
+    srv.terminate()
