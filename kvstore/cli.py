@@ -181,7 +181,7 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 def encode_health_request(service: str) -> bytes:
     """HealthCheckRequest{service} by hand: the CLI stays off generated code."""
-    from kvstore.wire import encode_varint
+    from kvstore.wire.codec import encode_varint
 
     name = service.encode()
     return b"\x0a" + encode_varint(len(name)) + name if name else b""
@@ -189,7 +189,7 @@ def encode_health_request(service: str) -> bytes:
 
 def decode_health_status(raw: bytes) -> str:
     """HealthCheckResponse → the name of its status (field 1)."""
-    from kvstore.wire import iter_fields
+    from kvstore.wire.codec import iter_fields
 
     status = next((v for n, v in iter_fields(raw, "HealthCheckResponse") if n == 1), 0)
     code = status if isinstance(status, int) else 0

@@ -25,8 +25,7 @@ from kvstore.types import StoreStats
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from kvstore.store import SharedMemoryBroker
-    from kvstore.store import TieredStore
+    from kvstore.store import SharedMemoryBroker, TieredStore
 
 #: How long a scrape waits for the event loop to take the snapshot.
 SNAPSHOT_TIMEOUT_S = 5.0

@@ -103,8 +103,8 @@ class KVStoreServicer:
                     # cannot be told from a missing size, so none is stored.
                     raise MalformedRequest(
                         f"block #{stored}: block_size is 0 (or missing); a block holds 1 to "
-                        f"{store.max_block_bytes} bytes (server.max_block_bytes), so empty "
-                        "blocks cannot be stored")
+                        f"{store.config.server.max_block_bytes} bytes "
+                        "(server.max_block_bytes), so empty blocks cannot be stored")
                 elif writer is None:
                     if not chunk.data:
                         continue
