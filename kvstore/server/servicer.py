@@ -26,6 +26,7 @@ from kvstore.types import (
     TurnEnd,
     TurnEndReason,
     validate_key,
+    validate_keys,
 )
 from kvstore.wire import codec as wire
 from kvstore.wire import lookup as lookup_wire
@@ -138,8 +139,7 @@ class KVStoreServicer:
         store = self.store
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         chunk_bytes = min(request.max_chunk_bytes or self.default_chunk, self.max_chunk)
         session = request.session_id or None
         for index, key in enumerate(keys):

@@ -14,7 +14,7 @@ from kvstore.errors import CapacityExhausted
 from kvstore.store.index import Entry
 from kvstore.store.parts import Part, Shared, spawn
 from kvstore.store.reads import BlockReader, Reads
-from kvstore.types import BlockId, validate_key
+from kvstore.types import BlockId, validate_key, validate_keys
 
 # Sessions whose latest Lookup is remembered (for Prefetch by session).
 _SESSIONS_KEPT = 10_000
@@ -69,8 +69,7 @@ class Leases(Part):
     def prefetch(self, namespace: str, session: str, keys: Sequence[bytes]) -> tuple[int, int]:
         """Bring blocks into L1 in the background: ``keys``, or the blocks of
         the session's latest Lookup. Returns the blocks and bytes found."""
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         blocks = [(namespace, k) for k in keys] if keys else \
             list(self._session_blocks.get((namespace, session), []))
         entry_of = self.index.entry
@@ -100,8 +99,7 @@ class Leases(Part):
     async def pin(self, namespace: str, keys: Sequence[bytes], ttl_ms: int) -> tuple[int, int]:
         """Keep blocks in L1 for ``ttl_ms`` (promoting them first), within the
         namespace's pin quota. Returns the blocks and bytes pinned."""
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         now = self.clock()
         until = now + min(ttl_ms or self.max_pin_ms, self.max_pin_ms) / 1000.0
         blocks = [(namespace, k) for k in keys]

@@ -43,6 +43,7 @@ from kvstore.types import (
     StoreStats,
     TierName,
     validate_key,
+    validate_keys,
     validate_namespace,
 )
 
@@ -249,8 +250,7 @@ class TieredStore:
 
     async def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """Remove blocks from every tier, the shared L3 included."""
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         deleted = 0
         unknown: list[BlockId] = []
         for key in keys:
