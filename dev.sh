@@ -9,7 +9,8 @@
 # changed.
 #
 #   ./dev.sh serve [kvstore serve flags]   start the service on embedded defaults
-#   ./dev.sh test  [pytest args]           run the whole test suite (native and pure)
+#   ./dev.sh test  [pytest args]           run the whole test suite (native and pure);
+#                                          -m "not slow": the fast lane
 #   ./dev.sh bench [name]                  run a benchmark from bench/
 #   ./dev.sh lint                          ruff + mypy
 #   ./dev.sh setup                         only set up (the dev tools)
@@ -84,10 +85,19 @@ case "$cmd" in
     exec "$VENV/bin/kvstore" serve "$@" ;;
   test)
     setup dev
-    if [ "$#" -eq 0 ]; then
-      # The pure-Python reference (KVSTORE_PURE=1) over the block-format and
-      # key tests first, then the whole suite on the native build.
-      KVSTORE_PURE=1 "$VENV/bin/python" -m pytest -q -m "not perf" tests/block
+    # The pure-Python reference (KVSTORE_PURE=1) over the block-format and key
+    # tests first, then the suite on the native build. Options alone (-x, -q,
+    # -m "not slow", -k ...) apply to both passes; arguments that name what to
+    # run (a path, or path::test) run only that, on the native build.
+    pure=1
+    for arg in "$@"; do
+      if [ -e "${arg%%::*}" ]; then pure=0; fi
+    done
+    if [ "$pure" -eq 1 ]; then
+      rc=0
+      KVSTORE_PURE=1 "$VENV/bin/python" -m pytest -q "$@" tests/block || rc=$?
+      # 5: the options selected no block test (e.g. -k restart): nothing to run.
+      if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then exit "$rc"; fi
     fi
     "$VENV/bin/python" -m pytest "$@" ;;
   bench)
@@ -99,5 +109,5 @@ case "$cmd" in
     "$VENV/bin/ruff" check kvstore tests bench
     "$VENV/bin/mypy" kvstore ;;
   *)
-    sed -n '2,15p' "$0"; exit 2 ;;
+    sed -n '2,16p' "$0"; exit 2 ;;
 esac

@@ -95,6 +95,12 @@ def _chains(n: int, count: int) -> list[list[bytes]]:
 # --------------------------------------------------------------------------- in process
 
 
+# LRU, pinned: the bench measures the index, with the lightest policy's
+# per-block node (figures comparable with docs/index.md, measured before the
+# session policy became the default; the session policy adds its own state).
+POLICY = "lru"
+
+
 def _make_config(tmp: str, compact: bool = True) -> Any:
     from kvstore import config as kvconfig
 
@@ -108,6 +114,7 @@ def _make_config(tmp: str, compact: bool = True) -> Any:
         # index, not L2 evicting down to a capacity.
         "KVSTORE_L2_CAPACITY": "1024TiB",
         "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+        "KVSTORE_POLICY_NAME": POLICY,
     })
 
 
@@ -160,9 +167,9 @@ async def _inproc(n: int, reps: int, trace: bool, compact: bool) -> dict[str, An
                  "bytes_per_block": round(s.size / n, 1)} for s in stats[:4]]
             out["tracemalloc_note"] = (
                 "the keys (a 65-byte bytes object each) are counted; with l2.compact_index "
-                "off, store.py lines are the Entry / index dict slot, lru.py the policy's "
-                "OrderedDict node; with it on, coldindex.py lines are the per-namespace dict "
-                "and columns")
+                "off, placement.py and index.py (kvstore/store/) lines are the Entry / index "
+                "dict slot, lru.py the policy's OrderedDict node; with it on, coldindex.py "
+                "lines are the per-namespace dict and columns")
             await store.close()
             return out
         del keys  # the index holds what it needs of them (the full index: the keys)
@@ -271,7 +278,7 @@ def live_server(n: int, reps: int, base_rss: int | None, timeout: float,
         if n:
             out["fill_lmdb_seconds"] = _child(fill_lmdb_main, str(Path(tmp) / "l2"), n)
         server = BenchServer("--l1-prefault", "false", "--l2-capacity", "1024TiB",
-                             l1_capacity="64MiB", l2=True, unix=True,
+                             "--policy-name", POLICY, l1_capacity="64MiB", l2=True, unix=True,
                              data_dir=tmp)
         t0 = time.perf_counter()
         server.start(timeout=timeout)
@@ -436,7 +443,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "reps": args.reps, "chain_keys": CHAIN, "put_block_bytes": PUT_BYTES,
             "key_bytes": 32, "namespace": NS,
-            "policy": "lru (default)",
+            "policy": POLICY,
             "empty_server": base,
             "method": "in process: keys made and indexed by TieredStore.index_l2_blocks "
                       "(what the rebuild from L2 calls), RSS delta / N, keys included; "

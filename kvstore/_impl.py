@@ -86,7 +86,7 @@ else:
         verify,
     )
 
-#: The compact index's batch probe (kvstore.coldindex), native only: with
+#: The compact index's batch probe (kvstore.store.coldindex), native only: with
 #: KVSTORE_PURE=1 it is None and the index uses its numpy version (the
 #: specification, which the tests compare it with).
 cold_contains = _native_cold_contains if native is not None else None

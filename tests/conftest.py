@@ -39,3 +39,15 @@ def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
     yield Factory
     for s in started:
         s.kill()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``perf`` tests (timed soaks behind documented figures) run only when
+    ``-m`` names them: not in the default run, not in the fast lane
+    (``-m "not slow"``, which would otherwise let them in)."""
+    if "perf" in (config.option.markexpr or ""):
+        return
+    perf = [item for item in items if item.get_closest_marker("perf") is not None]
+    if perf:
+        config.hook.pytest_deselected(items=perf)
+        items[:] = [item for item in items if item.get_closest_marker("perf") is None]

@@ -5,7 +5,7 @@ serve"; this one answers what the whole store does with a policy: which tier ser
 hit, how many blocks each tier has to write for it, and what that does to time to first
 token. It drives the same Policy objects, through their general per-block calls
 (``victim`` / ``on_remove`` / ``on_insert`` / ``on_hit``), and follows the life of a block
-in ``kvstore/store.py``:
+in ``kvstore/store/``:
 
 * **Put** (a block no tier holds): into L1, and written behind to L2 (the store queues
   every Put for L2, whatever the acknowledgement level), so L2 holds a superset of L1
