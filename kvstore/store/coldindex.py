@@ -438,3 +438,50 @@ class ColdIndex:
                 sample = self._rng.choice(sample, SAMPLE, replace=False)
         row = int(sample[int(np.argmin(self._used[sample]))])
         return self._record(row)
+
+    # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------
+
+    def _namespace_rows(self, namespace: str) -> np.ndarray:
+        ns = self._ns_id(namespace, create=False)
+        if ns is None or not self._count:
+            return np.zeros(0, np.int64)
+        top = self._top
+        return np.flatnonzero((self._size[:top] != 0) & (self._ns[:top] == ns))
+
+    def namespace_usage(self, namespace: str) -> tuple[int, int, int, int]:
+        """(blocks, bytes, blocks also in L3, their bytes) of the namespace."""
+        rows = self._namespace_rows(namespace)
+        sizes = self._size[rows]
+        l3 = self._l3[rows]
+        return len(rows), int(sizes.sum()), int(l3.sum()), int(sizes[l3].sum())
+
+    def namespace_blocks(self, namespace: str, prefix: bytes = b"",
+                         limit: int | None = None) -> tuple[list[ColdBlock], int]:
+        """The namespace's blocks whose key starts with ``prefix``, in key
+        order, at most ``limit`` of them, and how many matched in all
+        (vectorised over the columns: no object per unlisted block)."""
+        rows = self._namespace_rows(namespace)
+        long_rows = [r for r in rows.tolist() if r in self._long_keys] if self._long_keys else []
+        if long_rows:
+            rows = rows[~np.isin(rows, long_rows)]
+        keys = self._key[rows].view(np.uint8).reshape(len(rows), KEY_BYTES)
+        if prefix:
+            if len(prefix) > KEY_BYTES:
+                rows, keys = rows[:0], keys[:0]
+            else:
+                want = np.frombuffer(prefix, np.uint8)
+                match = (keys[:, :len(prefix)] == want).all(axis=1)
+                rows, keys = rows[match], keys[match]
+        long_match = [r for r in long_rows if self._long_keys[r].startswith(prefix)]
+        total = len(rows) + len(long_match)
+        # Fixed-length byte strings sort as memcmp does (all are 32 bytes).
+        order = np.argsort(keys.view(f"S{KEY_BYTES}").ravel(), kind="stable")
+        if limit is not None:
+            order = order[:limit]
+        found = [self._record(int(r)) for r in rows[order]]
+        if long_match:
+            found.extend(self._record(r) for r in long_match)
+            found.sort(key=lambda b: b.key)
+            if limit is not None:
+                del found[limit:]
+        return found, total
