@@ -19,7 +19,6 @@ classes); unknown fields in a ``GetChunk`` are skipped, as protobuf requires.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from kvstore.types import (
     TIER_BY_CODE,

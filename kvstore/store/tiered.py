@@ -41,9 +41,9 @@ from kvstore.tiers.base import Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import (
+    MAX_KEY_BYTES,
     AckLevel,
     BlockFormat,
-    MAX_KEY_BYTES,
     BlockId,
     ListedBlock,
     SessionEvent,
