@@ -10,6 +10,7 @@ policy's view stay equal to the entries (tests recount them).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -397,7 +398,7 @@ class Index:
         matched = [key for key in entries if key.startswith(prefix)] if prefix else list(entries)
         total = len(matched)
         found: list[ListedBlock] = []
-        for key in sorted(matched)[:limit]:
+        for key in heapq.nsmallest(limit, matched):  # O(n log limit), not a full sort
             entry = entries[key]
             tiers = tuple(t for t, present in ((TierName.L1, entry.l1_offset >= 0),
                                                (TierName.L2, entry.l2),
