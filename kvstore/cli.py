@@ -202,9 +202,15 @@ def _confirm_flush(namespace: str) -> bool:
         _err(f"flush: refusing to remove every block of namespace {namespace!r} without "
              "confirmation (stdin is not a terminal): pass --yes")
         return False
-    answer = input(f"Remove every block of namespace {namespace!r} from L1, L2 and L3? "
-                   "This cannot be undone. [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    try:
+        answer = input(f"Remove every block of namespace {namespace!r} from L1, L2 and L3? "
+                       "This cannot be undone. [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    _err("flush cancelled: nothing removed")
+    return False
 
 
 def _cmd_flush(args: argparse.Namespace) -> int:

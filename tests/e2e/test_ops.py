@@ -234,3 +234,31 @@ def test_flush_removes_the_namespaces_l3_objects_put_by_another_node(server_fact
             assert c.get([b"x0"], namespace="ops-l3x") == [None]
     finally:
         s3.close()
+
+
+@pytest.mark.parametrize("answer", ["n", "y"])
+def test_cli_flush_asks_on_a_terminal(shared_server, answer: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import pty
+
+    namespace = f"ops-tty-{answer}"
+    with Client(shared_server.tcp, namespace=namespace) as c:
+        c.put({b"k": b"v"})
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, f"{answer}\n".encode())  # typed ahead; the prompt reads it
+        proc = subprocess.run([sys.executable, "-m", "kvstore", "flush", namespace,
+                               "--target", shared_server.tcp], stdin=terminal,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    with Client(shared_server.tcp, namespace=namespace) as c:
+        left = len(c.list_blocks().blocks)
+    if answer == "y":
+        assert proc.returncode == 0, proc.stderr
+        assert "flushed 1 blocks" in proc.stdout and left == 0
+    else:
+        assert proc.returncode == 2 and left == 1
+        assert "Remove every block of namespace" in proc.stdout
+        assert "nothing removed" in proc.stderr
