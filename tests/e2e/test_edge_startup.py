@@ -133,7 +133,7 @@ def test_one_start_up_summary_line(server_factory) -> None:  # type: ignore[no-u
     assert len(lines) == 1, server.log()
     line = lines[0]
     for part in (f"tcp {server.tcp}", f"unix {server.unix}", "L1 128 MiB",
-                 f"L2 8 GiB in {server.data_dir / 'l2'}", "L3 none", "policy lru",
+                 f"L2 8 GiB in {server.data_dir / 'l2'}", "L3 none", "policy session",
                  f"data dir {server.data_dir}"):
         assert part in line, (part, line)
     assert line.split(" serving on ")[0].split()[-1] not in ("", "kvstore")  # the version

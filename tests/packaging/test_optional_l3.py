@@ -51,6 +51,6 @@ def test_l3_configured_without_obstore_is_one_clear_error(tmp_path: Path,
     )
     assert proc.returncode == 2
     assert proc.stderr == (
-        f"kvstore: L3 is configured (l3.url={url}) but obstore is not installed: "
+        f"kvstore: cannot start: L3 is configured (l3.url={url}) but obstore is not installed: "
         "pip install 'kvstore[l3]'\n"
     )
