@@ -418,5 +418,5 @@ class Index:
         """Every key of the namespace the index knows (full and compact)."""
         keys = list(self.blocks.by_namespace.get(namespace, ()))
         if self.cold is not None:
-            keys.extend(r.key for r in self.cold.namespace_blocks(namespace)[0])
+            keys.extend(self.cold.namespace_keys(namespace))
         return keys
