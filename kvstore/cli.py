@@ -1,13 +1,16 @@
 """The ``kvstore`` command: run the server, or talk to one.
 
     kvstore serve [--ready-file PATH] [config flags]
-    kvstore stats [--target T] [--json]
+    kvstore stats [--target T] [--namespace NS] [--json]
+    kvstore ls    [--target T] NS [--prefix P] [--limit N] [--json]
+    kvstore flush [--target T] NS [--yes]
     kvstore put   [--target T] --namespace NS [--ack memory|local|remote] KEY [FILE|-]
     kvstore get   [--target T] --namespace NS KEY [-o FILE|-]
     kvstore health [--target T] [--service S]
     kvstore config --effective [config flags] | --example [-o FILE]
 
-KEY is UTF-8 text, or ``hex:`` followed by hex digits for binary keys.
+KEY (and ``ls --prefix``) is UTF-8 text, or ``hex:`` followed by hex digits
+for binary keys; ``ls`` prints keys the same way.
 Exit status: 0 success; 1 a miss or an error from the server; 2 a usage or
 configuration error. ``health`` (for probes): 0 SERVING, 1 NOT_SERVING, 2 the
 server or the service could not be reached or is unknown.
@@ -27,7 +30,7 @@ from kvstore import config as kvconfig
 from kvstore.client import Client
 from kvstore.client._common import DEFAULT_TARGET
 from kvstore.errors import InvalidConfig, KVStoreError
-from kvstore.types import StoreStats
+from kvstore.types import BlockListing, StoreStats
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -68,7 +71,40 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    """Rows as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+            for r in rows]
+
+
+def format_namespace_stats(stats: StoreStats) -> str:
+    rows = [("tier", "blocks", "bytes")]
+    for t in stats.tiers:
+        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes)))
+    return "\n".join([*_table(rows), "", f"namespace {stats.namespace}   (blocks and bytes "
+                      "held; a block in several tiers counts in each)"])
+
+
+def format_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def format_listing(listing: BlockListing) -> str:
+    rows = [("key", "size", "tiers", "age")]
+    for b in listing.blocks:
+        rows.append((format_key(b.key), str(b.size), ",".join(t.name for t in b.tiers),
+                     format_age(b.age_s)))
+    return "\n".join(_table(rows))
+
+
 def format_stats(stats: StoreStats) -> str:
+    if stats.namespace:
+        return format_namespace_stats(stats)
     header = ("tier", "blocks", "bytes", "capacity", "used", "hits", "misses", "evictions",
               "demotions", "promotions", "corrupt")
     rows = [header]
@@ -135,11 +171,57 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        stats = client.stats()
+        stats = client.stats(namespace=args.namespace)
     if args.json:
         print(json.dumps(stats_to_json(stats), indent=2))
     else:
         print(format_stats(stats))
+    return EXIT_OK
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    with _client(args, args.namespace) as client:
+        listing = client.list_blocks(prefix=args.prefix, limit=args.limit)
+    if args.json:
+        print(json.dumps({"namespace": args.namespace, "truncated": listing.truncated,
+                          "blocks": [{"key": format_key(b.key), "size": b.size,
+                                      "tiers": [t.name for t in b.tiers],
+                                      "age_s": round(b.age_s, 3)} for b in listing.blocks]},
+                         indent=2))
+    else:
+        print(format_listing(listing))
+    if listing.truncated:
+        _err(f"more blocks match than the {len(listing.blocks)} shown; narrow --prefix or "
+             "raise --limit")
+    return EXIT_OK
+
+
+def _confirm_flush(namespace: str) -> bool:
+    """Ask on the terminal; without one, refuse (never wait on a pipe)."""
+    if not sys.stdin.isatty():
+        _err(f"flush: refusing to remove every block of namespace {namespace!r} without "
+             "confirmation (stdin is not a terminal): pass --yes")
+        return False
+    try:
+        answer = input(f"Remove every block of namespace {namespace!r} from L1, L2 and L3? "
+                       "This cannot be undone. [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    _err("flush cancelled: nothing removed")
+    return False
+
+
+def _cmd_flush(args: argparse.Namespace) -> int:
+    from kvstore.types import validate_namespace
+
+    validate_namespace(args.namespace)
+    if not args.yes and not _confirm_flush(args.namespace):
+        return EXIT_USAGE
+    with _client(args, args.namespace) as client:
+        flushed = client.flush()
+    print(f"flushed {flushed} blocks from namespace {args.namespace}")
     return EXIT_OK
 
 
@@ -296,8 +378,35 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="show per-tier counters and occupancy",
                            description="Show per-tier counters and occupancy.")
     _client_options(stats)
+    stats.add_argument("--namespace", "-n", default=None,
+                       help="only this namespace: its blocks and bytes per tier")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(func=_cmd_stats)
+
+    ls = sub.add_parser(
+        "ls", help="list a namespace's blocks (key, size, tiers, age)",
+        description="List the blocks of a namespace that the server's index knows, in key "
+                    "order: key, size in bytes, the tiers holding it, age. Bounded by "
+                    "--limit (the server caps it at 100000).")
+    _client_options(ls)
+    ls.add_argument("namespace", metavar="NS", help="the namespace")
+    ls.add_argument("--prefix", type=parse_key, default=b"",
+                    help="only keys starting with this (text, or hex:0123...)")
+    ls.add_argument("--limit", type=int, default=1000,
+                    help="list at most this many blocks [default: 1000]")
+    ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ls.set_defaults(func=_cmd_ls)
+
+    flush = sub.add_parser(
+        "flush", help="remove every block of a namespace (asks first)",
+        description="Remove every block of a namespace from L1, L2 and the object store (L3), "
+                    "as delete does per key, and print how many were removed. Asks for "
+                    "confirmation on a terminal; elsewhere --yes is required.")
+    _client_options(flush)
+    flush.add_argument("namespace", metavar="NS", help="the namespace to empty")
+    flush.add_argument("--yes", "-y", action="store_true",
+                       help="do not ask for confirmation")
+    flush.set_defaults(func=_cmd_flush)
 
     put = sub.add_parser("put", help="store one block from a file or stdin",
                          description="Store one block read from FILE (or stdin).")

@@ -139,6 +139,27 @@ class StoreStats:
     get_hits: int = 0
     session_events: int = 0
     policy: str = ""
+    #: Set when these are one namespace's stats (blocks and bytes per tier only).
+    namespace: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ListedBlock:
+    """One block of a namespace listing (``kvstore ls``)."""
+
+    key: bytes
+    size: int
+    tiers: tuple[TierName, ...]  # every tier holding it, fastest first
+    age_s: float  # since it was put
+
+
+@dataclass(frozen=True, slots=True)
+class BlockListing:
+    """A bounded namespace listing: the blocks, in key order, and whether
+    more matched than the limit allowed."""
+
+    blocks: list[ListedBlock]
+    truncated: bool
 
 
 def validate_namespace(namespace: str) -> str:

@@ -202,6 +202,18 @@ class ClientBase:
         ks = normalize_keys(keys)
         return len(ks), conv.encode_delete_request(ns, ks)
 
+    def _prepare_list_blocks(self, namespace: str | None, prefix: bytes | str,
+                             limit: int) -> bytes:
+        ns = resolve_namespace(namespace, self.namespace)
+        if isinstance(prefix, str):
+            prefix = prefix.encode()
+        if not 0 <= limit <= 2**32 - 1:
+            raise InvalidArgument(f"limit {limit} is out of range (0 = the server's default)")
+        return conv.encode_list_blocks_request(ns, bytes(prefix), limit)
+
+    def _prepare_stats(self, namespace: str | None) -> bytes:
+        return conv.encode_stats_request(validate_namespace(namespace) if namespace else "")
+
     def _prepare_session_event(
         self, session_id: str, event: SessionHint, namespace: str | None
     ) -> bytes:

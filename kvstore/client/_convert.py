@@ -19,11 +19,11 @@ classes); unknown fields in a ``GetChunk`` are skipped, as protobuf requires.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 from kvstore.types import (
     TIER_BY_CODE,
     AckLevel,
+    ListedBlock,
     LookupResult,
     Pin,
     Prefetch,
@@ -50,6 +50,8 @@ LOOKUP = SERVICE + "Lookup"
 DELETE = SERVICE + "Delete"
 STATS = SERVICE + "Stats"
 SESSION_EVENT = SERVICE + "SessionEvent"
+LIST_BLOCKS = SERVICE + "ListBlocks"
+FLUSH = SERVICE + "Flush"
 
 _TAG_DATA = b"\x32"  # PutChunk.data: field 6, length-delimited
 
@@ -137,8 +139,8 @@ def decode_delete_response(raw: bytes) -> int:
     return int(pb.DeleteResponse.FromString(raw).deleted)
 
 
-def encode_stats_request(_: Any = None) -> bytes:
-    return pb.StatsRequest().SerializeToString()
+def encode_stats_request(namespace: str = "") -> bytes:
+    return pb.StatsRequest(namespace=namespace).SerializeToString()
 
 
 def decode_stats_response(raw: bytes) -> StoreStats:
@@ -170,7 +172,40 @@ def decode_stats_response(raw: bytes) -> StoreStats:
         get_hits=resp.get_hits,
         session_events=resp.session_events,
         policy=resp.policy,
+        namespace=resp.namespace,
     )
+
+
+def encode_list_blocks_request(namespace: str, prefix: bytes, limit: int) -> bytes:
+    return pb.ListBlocksRequest(namespace=namespace, prefix=prefix,
+                                limit=limit).SerializeToString()
+
+
+class ListBlocksPage:
+    """One ListBlocksResponse: its blocks and whether the listing was cut."""
+
+    __slots__ = ("blocks", "truncated")
+
+    def __init__(self, blocks: list[ListedBlock], truncated: bool) -> None:
+        self.blocks = blocks
+        self.truncated = truncated
+
+
+def decode_list_blocks_response(raw: bytes) -> ListBlocksPage:
+    resp = pb.ListBlocksResponse.FromString(raw)
+    blocks = []
+    for b in resp.blocks:
+        tiers = tuple(t for t in (tier_name(int(code)) for code in b.tiers) if t is not None)
+        blocks.append(ListedBlock(b.key, b.size, tiers, b.age_ms / 1000.0))
+    return ListBlocksPage(blocks, resp.truncated)
+
+
+def encode_flush_request(namespace: str) -> bytes:
+    return pb.FlushRequest(namespace=namespace).SerializeToString()
+
+
+def decode_flush_response(raw: bytes) -> int:
+    return int(pb.FlushResponse.FromString(raw).flushed)
 
 
 def encode_session_event(namespace: str, session_id: str, event: SessionHint) -> bytes:

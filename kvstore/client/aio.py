@@ -16,11 +16,14 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
+    resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
     BlockFormat,
+    BlockListing,
+    ListedBlock,
     LookupResult,
     Pin,
     Prefetch,
@@ -58,6 +61,9 @@ class AsyncClient(ClientBase):
             elif name == conv.GET:
                 rpc = ch.unary_stream(name, request_serializer=conv.identity,
                                       response_deserializer=conv.decode_get_chunk)
+            elif name == conv.LIST_BLOCKS:
+                rpc = ch.unary_stream(name, request_serializer=conv.identity,
+                                      response_deserializer=conv.decode_list_blocks_response)
             else:
                 rpc = ch.unary_unary(name, request_serializer=conv.identity,
                                      response_deserializer=_DECODERS[name])
@@ -188,10 +194,32 @@ class AsyncClient(ClientBase):
         deleted: int = await self._unary(conv.DELETE, req)
         return deleted
 
-    async def stats(self) -> StoreStats:
+    async def stats(self, namespace: str | None = None) -> StoreStats:
         """See :meth:`kvstore.Client.stats`."""
-        result: StoreStats = await self._unary(conv.STATS, conv.encode_stats_request())
+        result: StoreStats = await self._unary(conv.STATS, self._prepare_stats(namespace))
         return result
+
+    async def list_blocks(self, namespace: str | None = None, *, prefix: bytes | str = b"",
+                          limit: int = 0) -> BlockListing:
+        """See :meth:`kvstore.Client.list_blocks`."""
+        req = self._prepare_list_blocks(namespace, prefix, limit)
+        blocks: list[ListedBlock] = []
+        truncated = False
+        try:
+            call = self._rpc(conv.LIST_BLOCKS)(req, timeout=self.timeout,
+                                               metadata=self._metadata())
+            async for page in call:
+                blocks.extend(page.blocks)
+                truncated = truncated or page.truncated
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        return BlockListing(blocks, truncated)
+
+    async def flush(self, namespace: str | None = None) -> int:
+        """See :meth:`kvstore.Client.flush`."""
+        ns = resolve_namespace(namespace, self.namespace)
+        flushed: int = await self._unary(conv.FLUSH, conv.encode_flush_request(ns))
+        return flushed
 
     async def session_event(
         self,
@@ -251,4 +279,5 @@ _DECODERS = {
     conv.DELETE: conv.decode_delete_response,
     conv.STATS: conv.decode_stats_response,
     conv.SESSION_EVENT: conv.decode_session_event_response,
+    conv.FLUSH: conv.decode_flush_response,
 }

@@ -18,11 +18,14 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
+    resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
     AckLevel,
     BlockFormat,
+    BlockListing,
+    ListedBlock,
     LookupResult,
     Pin,
     Prefetch,
@@ -94,6 +97,14 @@ class Client(ClientBase):
         self._stats_rpc = ch.unary_unary(
             conv.STATS, request_serializer=conv.identity,
             response_deserializer=conv.decode_stats_response,
+        )
+        self._list_blocks_rpc = ch.unary_stream(
+            conv.LIST_BLOCKS, request_serializer=conv.identity,
+            response_deserializer=conv.decode_list_blocks_response,
+        )
+        self._flush_rpc = ch.unary_unary(
+            conv.FLUSH, request_serializer=conv.identity,
+            response_deserializer=conv.decode_flush_response,
         )
         self._session_rpc = ch.unary_unary(
             conv.SESSION_EVENT, request_serializer=conv.identity,
@@ -240,10 +251,37 @@ class Client(ClientBase):
         deleted: int = self._unary(self._delete_rpc, req)
         return deleted
 
-    def stats(self) -> StoreStats:
-        """Per-tier counters and occupancy."""
-        result: StoreStats = self._unary(self._stats_rpc, conv.encode_stats_request())
+    def stats(self, namespace: str | None = None) -> StoreStats:
+        """Per-tier counters and occupancy. With ``namespace``: that
+        namespace's blocks and bytes per tier (the event counters, such as
+        hits and misses, are server-wide and left 0)."""
+        result: StoreStats = self._unary(self._stats_rpc, self._prepare_stats(namespace))
         return result
+
+    def list_blocks(self, namespace: str | None = None, *, prefix: bytes | str = b"",
+                    limit: int = 0) -> BlockListing:
+        """The namespace's blocks (key, size, tiers, age) in key order, only
+        those whose key starts with ``prefix``: at most ``limit`` (0: the
+        server's default, 1000; the server caps it). ``truncated`` tells
+        whether more matched."""
+        req = self._prepare_list_blocks(namespace, prefix, limit)
+        blocks: list[ListedBlock] = []
+        truncated = False
+        try:
+            call = self._list_blocks_rpc(req, timeout=self.timeout, metadata=self._metadata())
+            for page in call:
+                blocks.extend(page.blocks)
+                truncated = truncated or page.truncated
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        return BlockListing(blocks, truncated)
+
+    def flush(self, namespace: str | None = None) -> int:
+        """Remove every block of the namespace from every tier (L3 objects
+        included); returns how many were removed. An admin operation."""
+        ns = resolve_namespace(namespace, self.namespace)
+        flushed: int = self._unary(self._flush_rpc, conv.encode_flush_request(ns))
+        return flushed
 
     def session_event(
         self,

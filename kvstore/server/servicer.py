@@ -175,7 +175,8 @@ class KVStoreServicer:
 
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        s = self.store.stats()
+        namespace = self.store.check_namespace(request.namespace) if request.namespace else None
+        s = self.store.stats(namespace)
         return pb.StatsResponse(
             tiers=[pb.TierStats(tier=_tier_pb(t.tier), blocks=t.blocks, bytes=t.bytes,
                                 capacity=t.capacity, hits=t.hits, misses=t.misses,
@@ -183,7 +184,7 @@ class KVStoreServicer:
                                 promotions=t.promotions, corrupt=t.corrupt,
                                 unavailable=not t.available) for t in s.tiers],
             puts=s.puts, gets=s.gets, get_hits=s.get_hits, session_events=s.session_events,
-            policy=s.policy,
+            policy=s.policy, namespace=s.namespace,
         )
 
     async def SessionEvent(self, request: pb.SessionEventRequest,
@@ -279,6 +280,32 @@ class KVStoreServicer:
         return pb.ShmReleaseResponse(released=released, expired=expired)
 
 
+    # -- ops commands ------------------------------------------------------------------
+
+    async def ListBlocks(self, request: pb.ListBlocksRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.ListBlocksResponse]:
+        namespace = self.store.check_namespace(request.namespace)
+        blocks, truncated = self.store.list_blocks(namespace, request.prefix, request.limit)
+        for start in range(0, max(len(blocks), 1), _LIST_BATCH):
+            batch = blocks[start:start + _LIST_BATCH]
+            yield pb.ListBlocksResponse(
+                blocks=[pb.ListedBlock(key=b.key, size=b.size,
+                                       tiers=[_tier_pb(t) for t in b.tiers],
+                                       age_ms=int(b.age_s * 1000)) for b in batch],
+                truncated=truncated and start + _LIST_BATCH >= len(blocks))
+
+    async def Flush(self, request: pb.FlushRequest,
+                    context: grpc.aio.ServicerContext) -> pb.FlushResponse:
+        namespace = self.store.check_namespace(request.namespace)
+        return pb.FlushResponse(flushed=await self.store.flush(namespace))
+
+
+#: Blocks per ListBlocksResponse (a few hundred bytes each: well under any
+#: message limit).
+_LIST_BATCH = 256
+
+
 def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     """Register the kvstore.v1.KVStore service with the bulk-message codec."""
     handlers = {
@@ -289,6 +316,9 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
             servicer.Get, request_deserializer=pb.GetRequest.FromString,
             response_serializer=wire.identity),
     }
+    handlers["ListBlocks"] = grpc.unary_stream_rpc_method_handler(
+        servicer.ListBlocks, request_deserializer=pb.ListBlocksRequest.FromString,
+        response_serializer=pb.ListBlocksResponse.SerializeToString)
     handlers["Lookup"] = grpc.unary_unary_rpc_method_handler(
         servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
         response_serializer=wire.identity)  # the handler serializes (kvstore.lookup_wire)
@@ -301,6 +331,7 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
         ("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse),
         ("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse),
         ("ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse),
+        ("Flush", pb.FlushRequest, pb.FlushResponse),
     ):
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=req.FromString,

@@ -438,3 +438,88 @@ class ColdIndex:
                 sample = self._rng.choice(sample, SAMPLE, replace=False)
         row = int(sample[int(np.argmin(self._used[sample]))])
         return self._record(row)
+
+    # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------
+
+    def _namespace_rows(self, namespace: str) -> np.ndarray:
+        ns = self._ns_id(namespace, create=False)
+        if ns is None or not self._count:
+            return np.zeros(0, np.int64)
+        top = self._top
+        return np.flatnonzero((self._size[:top] != 0) & (self._ns[:top] == ns))
+
+    def namespace_usage(self, namespace: str) -> tuple[int, int, int, int]:
+        """(blocks, bytes, blocks also in L3, their bytes) of the namespace."""
+        rows = self._namespace_rows(namespace)
+        sizes = self._size[rows]
+        l3 = self._l3[rows]
+        return len(rows), int(sizes.sum()), int(l3.sum()), int(sizes[l3].sum())
+
+    def _split_rows(self, namespace: str, prefix: bytes) -> tuple[np.ndarray, list[int]]:
+        """The namespace's rows whose key starts with ``prefix``: those with
+        a 32-byte key (an array) and those with another (a list)."""
+        rows = self._namespace_rows(namespace)
+        long_rows: list[int] = []
+        if self._long_keys:
+            is_long = np.isin(rows, np.fromiter(self._long_keys, np.int64, len(self._long_keys)))
+            long_rows = [r for r in rows[is_long].tolist()
+                         if self._long_keys[r].startswith(prefix)]
+            rows = rows[~is_long]
+        if prefix:
+            if len(prefix) > KEY_BYTES:
+                rows = rows[:0]
+            else:
+                keys = self._key[rows].view(np.uint8).reshape(len(rows), KEY_BYTES)
+                rows = rows[(keys[:, :len(prefix)] == np.frombuffer(prefix, np.uint8)).all(axis=1)]
+        return rows, long_rows
+
+    def _in_key_order(self, rows: np.ndarray, limit: int | None) -> np.ndarray:
+        """The first ``limit`` of ``rows`` in key order (bytewise)."""
+        # Bytewise order is the order of the key's words read big-endian.
+        def big_endian(words: np.ndarray) -> np.ndarray:
+            return words.byteswap() if np.little_endian else words
+
+        if limit is not None and limit < len(rows):
+            # Only rows whose first word is among the `limit` smallest can
+            # be first: sort those alone (O(n), not a sort of the namespace).
+            first = big_endian(self._key[rows, 0])
+            cut = np.partition(first, limit - 1)[limit - 1]
+            rows = rows[first <= cut]
+        words = big_endian(self._key[rows])
+        order = np.lexsort(words.T[::-1])
+        return rows[order[:limit] if limit is not None else order]
+
+    def _records(self, rows: np.ndarray) -> list[ColdBlock]:
+        """_record for many rows, a column at a time."""
+        raw = self._key[rows].tobytes()
+        long_keys = self._long_keys
+        names = self._ns_names
+        return [ColdBlock(names[ns], long_keys.get(row) or raw[i * KEY_BYTES:(i + 1) * KEY_BYTES],
+                          size, checksum, created, l3)
+                for i, (row, ns, size, checksum, created, l3) in enumerate(zip(
+                    rows.tolist(), self._ns[rows].tolist(), self._size[rows].tolist(),
+                    self._checksum[rows].tolist(), self._created[rows].tolist(),
+                    self._l3[rows].tolist(), strict=True))]
+
+    def namespace_blocks(self, namespace: str, prefix: bytes = b"",
+                         limit: int | None = None) -> tuple[list[ColdBlock], int]:
+        """The namespace's blocks whose key starts with ``prefix``, in key
+        order, at most ``limit`` of them, and how many matched in all
+        (vectorised over the columns: no object per unlisted block)."""
+        rows, long_rows = self._split_rows(namespace, prefix)
+        total = len(rows) + len(long_rows)
+        found = self._records(self._in_key_order(rows, limit))
+        if long_rows:
+            found.extend(self._records(np.array(long_rows, np.int64)))
+            found.sort(key=lambda b: b.key)
+            if limit is not None:
+                del found[limit:]
+        return found, total
+
+    def namespace_keys(self, namespace: str) -> list[bytes]:
+        """Every key of the namespace (in no particular order)."""
+        rows, long_rows = self._split_rows(namespace, b"")
+        raw = self._key[rows].tobytes()
+        keys = [raw[i:i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+        keys.extend(self._long_keys[r] for r in long_rows)
+        return keys

@@ -10,6 +10,7 @@ policy's view stay equal to the entries (tests recount them).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from kvstore.store.stats import Stats
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
-from kvstore.types import BlockId, TierName
+from kvstore.types import BlockId, ListedBlock, TierName
 
 #: The checksum of a block found in L3 by a listing or HEAD (not known yet).
 UNKNOWN_CHECKSUM = -1
@@ -367,3 +368,55 @@ class Index:
             self.policy.on_remove(TierName.L3, block)
         if delete_l3 and self.delete_l3 is not None:
             self.delete_l3(block)
+
+    # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------
+
+    def namespace_held(self, namespace: str) -> dict[TierName, tuple[int, int]]:
+        """Blocks and bytes per tier of one namespace (a scan of its entries,
+        vectorised over its compact records)."""
+        held = {t: [0, 0] for t in (TierName.L1, TierName.L2, TierName.L3)}
+        for entry in self.blocks.by_namespace.get(namespace, {}).values():
+            for tier, present in ((TierName.L1, entry.l1_offset >= 0),
+                                  (TierName.L2, entry.l2), (TierName.L3, entry.l3)):
+                if present:
+                    held[tier][0] += 1
+                    held[tier][1] += entry.size
+        if self.cold is not None:
+            blocks, nbytes, l3_blocks, l3_bytes = self.cold.namespace_usage(namespace)
+            held[TierName.L2][0] += blocks
+            held[TierName.L2][1] += nbytes
+            held[TierName.L3][0] += l3_blocks
+            held[TierName.L3][1] += l3_bytes
+        return {tier: (blocks, nbytes) for tier, (blocks, nbytes) in held.items()}
+
+    def listing(self, namespace: str, prefix: bytes, limit: int,
+                now: float) -> tuple[list[ListedBlock], bool]:
+        """The first ``limit`` blocks of the namespace whose key starts with
+        ``prefix``, in key order, and whether more matched. ``now``: wall
+        time (blocks' creation times are wall times)."""
+        entries = self.blocks.by_namespace.get(namespace, {})
+        matched = [key for key in entries if key.startswith(prefix)] if prefix else list(entries)
+        total = len(matched)
+        found: list[ListedBlock] = []
+        for key in heapq.nsmallest(limit, matched):  # O(n log limit), not a full sort
+            entry = entries[key]
+            tiers = tuple(t for t, present in ((TierName.L1, entry.l1_offset >= 0),
+                                               (TierName.L2, entry.l2),
+                                               (TierName.L3, entry.l3)) if present)
+            if tiers:  # not a block being removed
+                found.append(ListedBlock(key, entry.size, tiers, max(now - entry.created, 0.0)))
+        if self.cold is not None:
+            records, cold_total = self.cold.namespace_blocks(namespace, prefix, limit)
+            total += cold_total
+            found.extend(ListedBlock(r.key, r.size,
+                                     (TierName.L2, TierName.L3) if r.l3 else (TierName.L2,),
+                                     max(now - r.created, 0.0)) for r in records)
+            found.sort(key=lambda b: b.key)
+        return found[:limit], total > limit
+
+    def namespace_keys(self, namespace: str) -> list[bytes]:
+        """Every key of the namespace the index knows (full and compact)."""
+        keys = list(self.blocks.by_namespace.get(namespace, ()))
+        if self.cold is not None:
+            keys.extend(self.cold.namespace_keys(namespace))
+        return keys

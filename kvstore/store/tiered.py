@@ -21,7 +21,12 @@ from typing import Any
 
 from kvstore._malloc import trim_heap
 from kvstore.config import Config
-from kvstore.errors import ServerShuttingDown, TierNotConfigured, UnknownNamespace
+from kvstore.errors import (
+    InvalidArgument,
+    ServerShuttingDown,
+    TierNotConfigured,
+    UnknownNamespace,
+)
 from kvstore.policy import Policy, make_policy
 from kvstore.store.index import Entry, Index
 from kvstore.store.l3 import L3Mover
@@ -36,12 +41,15 @@ from kvstore.tiers.base import Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import (
+    MAX_KEY_BYTES,
     AckLevel,
     BlockFormat,
     BlockId,
+    ListedBlock,
     SessionEvent,
     StoreStats,
     TierName,
+    TierStats,
     validate_key,
     validate_keys,
     validate_namespace,
@@ -51,6 +59,11 @@ log = logging.getLogger("kvstore.store")
 
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
+#: A namespace listing's length when the caller gives none, and its cap.
+LIST_DEFAULT_LIMIT = 1000
+LIST_MAX_LIMIT = 100_000
+# Flush lets other calls run after removing this many blocks (or L3 objects).
+_FLUSH_SLICE = 4096
 
 
 def _ignore_queued(block: BlockId, entry: Entry) -> None:
@@ -281,7 +294,11 @@ class TieredStore:
         self.counts.session_events += 1
         self.policy.on_session_event(event, self.clock())
 
-    def stats(self) -> StoreStats:
+    def stats(self, namespace: str | None = None) -> StoreStats:
+        """Per-tier counters and occupancy; for ``namespace``, its blocks and
+        bytes per tier only (the event counters are server-wide)."""
+        if namespace:
+            return self._namespace_stats(namespace)
         counts = self.counts
         tiers = [counts.tier(TierName.L1, self.l1.capacity)]
         if self.l2 is not None:
@@ -291,6 +308,65 @@ class TieredStore:
             l3.available = self.l3.healthy
             tiers.append(l3)
         return counts.snapshot(tiers, self.policy.name)
+
+    def _namespace_stats(self, namespace: str) -> StoreStats:
+        held = self.index.namespace_held(namespace)
+        capacity = {TierName.L1: self.l1.capacity, TierName.L2: self.config.l2.capacity,
+                    TierName.L3: 0}
+        configured = [TierName.L1] + ([TierName.L2] if self.l2 is not None else []) + \
+            ([TierName.L3] if self.l3 is not None else [])
+        tiers = [TierStats(t, blocks=held[t][0], bytes=held[t][1], capacity=capacity[t])
+                 for t in configured]
+        if self.l3 is not None:
+            tiers[-1].available = self.l3.healthy
+        return StoreStats(tiers, policy=self.policy.name, namespace=namespace)
+
+    # -- ops commands: listing and flushing a namespace ----------------------------------
+
+    def list_blocks(self, namespace: str, prefix: bytes = b"",
+                    limit: int = 0) -> tuple[list[ListedBlock], bool]:
+        """The namespace's blocks this node's index knows whose key starts
+        with ``prefix``, in key order: at most ``limit`` (0: the default;
+        capped), and whether more matched."""
+        if len(prefix) > MAX_KEY_BYTES:
+            raise InvalidArgument(f"prefix is {len(prefix)} bytes; keys are at most "
+                                  f"{MAX_KEY_BYTES}")
+        if limit < 0:
+            raise InvalidArgument(f"limit {limit} is negative")
+        limit = min(limit or LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT)
+        return self.index.listing(namespace, prefix, limit, time.time())
+
+    async def flush(self, namespace: str) -> int:
+        """Remove every block of the namespace from every tier, as
+        :meth:`delete` does per key: the blocks the index knows, then the
+        namespace's other objects in the shared L3 (put by other nodes).
+        Returns the number of blocks removed. Blocks put while it runs may
+        stay. Raises TierUnavailable when L3 cannot be listed or cleared
+        (the local tiers are flushed by then; flushing again finishes)."""
+        flushed = 0
+        known = self.index.namespace_keys(namespace)
+        for i, key in enumerate(known, 1):
+            block = (namespace, key)
+            entry = self.index.entry(block)
+            if entry is not None:
+                self.index.forget(block, entry, delete_l3=True)
+                flushed += 1
+            if i % _FLUSH_SLICE == 0:
+                await asyncio.sleep(0)  # let requests in between slices
+        self.progress.wake()
+        if self.l3 is None:
+            return flushed
+        # The mover deletes the L3 copies of the blocks just forgotten; the
+        # listing finds the rest.
+        gone = set(known)
+        others = [block async for block, _ in self.l3.tier.list_blocks(namespace)
+                  if block[0] == namespace and block[1] not in gone]
+        step = max(1, self.config.l3.concurrency)
+        for start in range(0, len(others), step):
+            results = await asyncio.gather(
+                *(self.l3.tier.delete(b) for b in others[start:start + step]))
+            flushed += sum(results)
+        return flushed
 
     # Convenience for tests and the CLI: one whole block in, one whole block out.
 

@@ -205,10 +205,10 @@ class ObjectStore(Protocol):
         """Remove the block; True when it was there."""
         ...
 
-    def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
+    def list_blocks(self, namespace: str | None = None) -> AsyncIterator[tuple[BlockId, int]]:
         """Every block stored (by any node) with its payload size, from the
-        listing alone (no request per object). Objects that are not blocks
-        are skipped."""
+        listing alone (no request per object); only ``namespace``'s when given.
+        Objects that are not blocks are skipped."""
         ...
 
     async def close(self) -> None:

@@ -314,10 +314,11 @@ class ObjectTier:
         size = int(found["size"]) - HEADER_SIZE
         return size if size >= 0 else None
 
-    async def _list_pages(self) -> AsyncIterator[list[Any]]:
-        """The listing under the prefix, a page at a time, each page fetched
-        through the deadline and breaker (not retried: callers list again)."""
-        stream = obstore.list(self._store, None, chunk_size=_LIST_PAGE)
+    async def _list_pages(self, under: str | None = None) -> AsyncIterator[list[Any]]:
+        """The listing under the prefix (and ``under`` within it), a page at a
+        time, each page fetched through the deadline and breaker (not retried:
+        callers list again)."""
+        stream = obstore.list(self._store, under, chunk_size=_LIST_PAGE)
 
         async def next_page() -> Any:
             try:
@@ -331,11 +332,13 @@ class ObjectTier:
                 return
             yield page
 
-    async def list_blocks(self) -> AsyncIterator[tuple[BlockId, int]]:
-        """Every block under the prefix with its payload size, from the
-        listing alone (no request per object): the fast way to rebuild an
-        index, whose checksums then come from each object's header on read."""
-        async for page in self._list_pages():
+    async def list_blocks(self, namespace: str | None = None
+                          ) -> AsyncIterator[tuple[BlockId, int]]:
+        """Every block under the prefix (of ``namespace`` only, when given)
+        with its payload size, from the listing alone (no request per object):
+        the fast way to rebuild an index, whose checksums then come from each
+        object's header on read."""
+        async for page in self._list_pages(None if namespace is None else namespace + "/"):
             for obj in page:
                 block = parse_object_path(str(obj["path"]))
                 size = int(obj["size"]) - HEADER_SIZE

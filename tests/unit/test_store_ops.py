@@ -1,0 +1,117 @@
+"""The store's ops calls over a real store (L1 arena, LMDB): a namespace's
+stats, listing and flush agree with a recount of the index, full entries and
+compact records alike, and leave the other namespaces and the counters right."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import pytest
+from test_store_accounting import recount
+
+from kvstore.config import load
+from kvstore.store import TieredStore
+from kvstore.store.coldindex import ColdIndex
+from kvstore.types import TierName
+
+
+def namespace_recount(store: TieredStore, namespace: str) -> dict[TierName, tuple[int, int]]:
+    held = {t: [0, 0] for t in (TierName.L1, TierName.L2, TierName.L3)}
+    for e in store.index.blocks.by_namespace.get(namespace, {}).values():
+        for tier, present in ((TierName.L1, e.l1_offset >= 0), (TierName.L2, e.l2),
+                              (TierName.L3, e.l3)):
+            if present:
+                held[tier][0] += 1
+                held[tier][1] += e.size
+    for r in store.index.cold.records() if store.index.cold is not None else ():
+        if r.namespace == namespace:
+            held[TierName.L2][0] += 1
+            held[TierName.L2][1] += r.size
+    return {t: (b, n) for t, (b, n) in held.items()}
+
+
+def mixed_keys(tag: str, n: int) -> list[bytes]:
+    """32-byte keys (the compact index's own) and others (kept aside there)."""
+    return [hashlib.sha256(f"{tag}{i}".encode()).digest() if i % 3 else f"{tag}-{i}".encode()
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("compact", ["true", "false"])
+def test_namespace_stats_listing_and_flush_match_the_index(tmp_path: Path, compact: str) -> None:
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "1MiB",
+                       "KVSTORE_L2_COMPACT_INDEX": compact, "KVSTORE_L1_PREFAULT": "false",
+                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    a_keys, b_keys = mixed_keys("a", 60), mixed_keys("b", 30)
+
+    async def go() -> None:
+        store = TieredStore(config)
+        await store.start()
+        for key in a_keys:
+            await store.put_bytes("a", key, key * (2000 // len(key)), ack=2)  # type: ignore[arg-type]
+        for key in b_keys:
+            await store.put_bytes("b", key, b"b" * 3000, ack=2)  # type: ignore[arg-type]
+        await store.close()
+        store = TieredStore(config)  # restarted: every block only in L2
+        await store.start()
+        for key in a_keys[:5]:
+            assert await store.get_bytes("a", key) is not None  # some back in L1
+        if compact == "true":
+            assert store.index.cold is not None and len(store.index.cold) > 0
+
+        for ns in ("a", "b", "none"):
+            stats = store.stats(ns)
+            assert stats.namespace == ns
+            got = {t.tier: (t.blocks, t.bytes) for t in stats.tiers}
+            want = namespace_recount(store, ns)
+            assert got == {t: want[t] for t in got}
+        listing, more = store.list_blocks("a")
+        assert [b.key for b in listing] == sorted(a_keys) and not more
+        assert all(TierName.L2 in b.tiers for b in listing)
+        sizes = {b.key: b.size for b in listing}
+        assert sizes == {k: len(k * (2000 // len(k))) for k in a_keys}
+        first, more = store.list_blocks("a", limit=7)
+        assert [b.key for b in first] == sorted(a_keys)[:7] and more
+        prefix = a_keys[1][:1]
+        matched, _ = store.list_blocks("a", prefix=prefix)
+        assert [b.key for b in matched] == sorted(k for k in a_keys if k.startswith(prefix))
+        named, _ = store.list_blocks("a", prefix=b"a-")
+        assert [b.key for b in named] == sorted(k for k in a_keys if k.startswith(b"a-"))
+
+        assert await store.flush("a") == 60
+        assert store.list_blocks("a") == ([], False)
+        assert store.counts.held == recount(store)
+        assert namespace_recount(store, "a") == {t: (0, 0) for t in
+                                                 (TierName.L1, TierName.L2, TierName.L3)}
+        assert [b.key for b in store.list_blocks("b")[0]] == sorted(b_keys)
+        for key in a_keys[:3]:
+            assert await store.get_bytes("a", key) is None
+        assert await store.get_bytes("b", b_keys[0]) == b"b" * 3000
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_compact_index_namespace_blocks_in_key_order_with_prefix_and_limit() -> None:
+    cold = ColdIndex(seed=3)
+    keys = mixed_keys("k", 50)
+    for i, key in enumerate(keys):
+        cold.add("n", key, 100 + i, i, 1000.0 + i, 0.0, i % 2 == 0)
+    cold.add("other", keys[0], 5, 0, 0.0, 0.0, False)
+    cold.take("n", keys[4])  # a freed row is not listed
+    want = sorted(k for k in keys if k != keys[4])
+    records, total = cold.namespace_blocks("n")
+    assert [r.key for r in records] == want and total == 49
+    assert {r.key: r.size for r in records} == {k: 100 + i for i, k in enumerate(keys)
+                                                if i != 4}
+    records, total = cold.namespace_blocks("n", limit=5)
+    assert [r.key for r in records] == want[:5] and total == 49
+    records, total = cold.namespace_blocks("n", prefix=b"k-")
+    assert [r.key for r in records] == [k for k in want if k.startswith(b"k-")]
+    assert total == len(records)
+    assert cold.namespace_blocks("n", prefix=b"x" * 40) == ([], 0)
+    assert cold.namespace_blocks("missing") == ([], 0)
+    blocks, nbytes, l3_blocks, l3_bytes = cold.namespace_usage("n")
+    assert (blocks, nbytes) == (49, sum(100 + i for i in range(50) if i != 4))
+    assert (l3_blocks, l3_bytes) == (24, sum(100 + i for i in range(0, 50, 2) if i != 4))
