@@ -237,10 +237,10 @@ class PolicyConfig:
 class AuthConfig:
     """Per-tenant credentials (docs/security.md); off while tokens_file is empty."""
 
-    tokens_file: str = opt("", "grants file: lines 'SHA256-OF-TOKEN|cert:NAME IDENTITY "
-                           "NS1,NS2|* [admin]'; when set every call needs a bearer token or a "
-                           "mapped client certificate (reread on SIGHUP; docs/security.md)",
-                           parse_str)
+    tokens_file: str = opt("", "grants file, lines 'CREDENTIAL IDENTITY NAMESPACES [admin]' "
+                           "(credential: a token's SHA-256 hex, or cert:NAME); when set every "
+                           "call needs a bearer token or a mapped client certificate (reread "
+                           "on SIGHUP; docs/security.md)", parse_str)
 
 
 @dataclass(frozen=True)
@@ -276,14 +276,18 @@ def parse_namespace_sizes(value: Any) -> NamespaceSizes:
     return NamespaceSizes(tuple((str(n), parse_size(s)) for n, s in pairs))
 
 
+NO_NAMESPACE_LIMITS = NamespaceSizes()
+
+
 @dataclass(frozen=True)
 class QuotaConfig:
     """Per-namespace limits on L1 bytes (docs/security.md): a namespace over its
     limit gives up its own blocks first when L1 needs room."""
 
-    l1: NamespaceSizes = opt(NamespaceSizes(), "L1 bytes per namespace, e.g. "
-                             "{chat = \"1GiB\"} (a TOML table) or chat=1GiB,code=512MiB",
-                             parse_namespace_sizes)
+    # (field, not opt: ruff cannot tell this default is immutable)
+    l1: NamespaceSizes = field(default=NO_NAMESPACE_LIMITS, metadata={
+        "help": "L1 bytes per namespace, e.g. {chat = \"1GiB\"} (a TOML table) or "
+                "chat=1GiB,code=512MiB", "parse": parse_namespace_sizes})
     l1_per_namespace: int = opt(0, "L1 bytes of each namespace not named in quota.l1 "
                                 "(0: no limit)", parse_size)
 
@@ -476,7 +480,8 @@ def validate(config: Config) -> None:
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")
     if config.auth.tokens_file and not Path(config.auth.tokens_file).is_file():
-        raise InvalidConfig(f"auth.tokens_file: {config.auth.tokens_file} is not a readable file")
+        raise InvalidConfig(f"auth.tokens_file: {config.auth.tokens_file} is not a readable "
+                            "file")
 
 
 def validate_session_policy(sp: SessionPolicyConfig) -> None:

@@ -4,10 +4,10 @@ Off unless ``auth.tokens_file`` is set (then every kvstore.v1 call must
 carry a credential). The file maps credentials to identities and the
 namespaces each may use, one grant a line::
 
-    # credential                                                        identity  namespaces  [admin]
-    9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08    alice     chat,code
-    cert:engine-7.example.net                                           engine-7  chat
-    2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae    ops       *           admin
+    # credential                                                      identity namespaces
+    9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  alice    chat,code
+    cert:engine-7.example.net                                         engine-7 chat
+    2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae  ops      *  admin
 
 * a 64-hex-digit credential is the SHA-256 of a bearer token (tokens are
   hashed at rest; ``python -m kvstore.server.auth hash`` prints the hash of a

@@ -119,8 +119,8 @@ def test_namespaces_are_bound_to_identity(server_factory, tokens_file: Path) -> 
         for method, body in (("ShmReserve", pb.ShmReserveRequest(namespace="team-b")),
                              ("ShmCommit", pb.ShmCommitRequest(namespace="team-b")),
                              ("ShmAcquire", pb.ShmAcquireRequest(namespace="team-b"))):
-            assert _raw(server.tcp, method, body.SerializeToString(), ALICE) == grpc.StatusCode.PERMISSION_DENIED, \
-                method
+            code = _raw(server.tcp, method, body.SerializeToString(), ALICE)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, method
         assert _raw(server.tcp, "ShmAttach", b"", ALICE) != grpc.StatusCode.UNAUTHENTICATED
         with Client(server.tcp, namespace="team-b", token=BOB) as bob:
             assert bob.get([b"secret"]) == [b"bob's bytes"]  # alice's Put stored nothing

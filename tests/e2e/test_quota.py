@@ -12,7 +12,7 @@ from kvstore.config import load
 
 BLOCK = 32 * 1024          # 4 MiB of L1 holds 128 blocks
 QUIET_BLOCKS = 48          # the quiet tenant's working set: 1.5 MiB
-NOISY_PER_ROUND = 96       # the noisy tenant's flood per round: 3 MiB, never read again
+NOISY_PER_ROUND = 128      # the noisy tenant's flood per round: all of L1, never read again
 ROUNDS = 12
 
 
