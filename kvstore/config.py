@@ -257,7 +257,7 @@ class NamespaceSizes:
         return default
 
     def __str__(self) -> str:
-        return ",".join(f"{n}={s}" for n, s in self.limits) or "(none)"
+        return ",".join(f"{n}={s}" for n, s in self.limits)
 
 
 def parse_namespace_sizes(value: Any) -> NamespaceSizes:
