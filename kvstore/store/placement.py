@@ -31,6 +31,10 @@ ROOM_WAIT_SECONDS = 30.0
 # ones in the executor (the native verify releases the GIL).
 _VERIFY_INLINE_BYTES = 256 * 1024
 
+# quota.l1: how long a Put waits for an over-quota namespace's blocks to
+# become evictable (their L2 write-back) before evicting by the policy's choice.
+QUOTA_WAIT_SECONDS = 1.0
+
 
 class Placement(Part):
     """Reserves, fills in and evicts L1 extents. ``queue_l2_write``: how an
@@ -84,12 +88,20 @@ class Placement(Part):
         The caller commits it (:meth:`commit`, :meth:`place`) or gives it
         back (:meth:`release`)."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
         while True:
             offset = self.l1.reserve(size)
             if offset >= 0:
                 self.open_writers += 1
                 return offset
-            victim = self._quota_victim() if self._l1_limit is not None else None
+            victim = None
+            if self._l1_limit is not None:
+                victim, blocked = self._quota_victim()
+                if blocked and self.index.busy_pins > 0 and \
+                        await self.progress.wait(quota_deadline):
+                    # Over-quota blocks are being written to L2 (write-back):
+                    # wait for them rather than evict a namespace within quota.
+                    continue
             if victim is None:
                 victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
             if victim is not None:
@@ -169,7 +181,9 @@ class Placement(Part):
             owned = self._l1_owned[block[0]] = NamespaceL1()
         owned.add(block[1], entry)
 
-    def _quota_victim(self) -> tuple[BlockId, Action] | None:
+    def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, bool]:
+        """A victim among the namespaces at or over their quota; and whether
+        there are such namespaces but none of their blocks is evictable now."""
         assert self._l1_limit is not None
         limit = self._l1_limit
         over = set()
@@ -180,14 +194,14 @@ class Placement(Part):
             if quota and owned.bytes >= quota:
                 over.add(namespace)
         if not over:
-            return None
+            return None, False
         evictable = self._evictable
         victim = self.policy.victim(TierName.L1, self.clock(),
                                     lambda b: b[0] in over and evictable(b))
         if victim is None:
             for namespace in over:
                 self._l1_owned[namespace].reconcile()
-        return victim
+        return victim, victim is None
 
     # -- eviction -----------------------------------------------------------------------
 

@@ -55,6 +55,28 @@ def test_quiet_tenant_keeps_its_hit_rate_under_a_flood(server_factory, policy: s
     assert abs(alone - flooded) <= 1.0, (alone, flooded)
 
 
+def quiet_l1_hit_rate(server, noisy: bool) -> float:  # type: ignore[no-untyped-def]
+    """With L2 on, misses in L1 are hits in L2: count L1's hits (only the
+    quiet tenant reads)."""
+    quiet_hit_rate(server.tcp, noisy)
+    with Client(server.tcp) as c:
+        l1 = next(t for t in c.stats().tiers if t.tier.name == "L1")
+    return 100.0 * l1.hits / (QUIET_BLOCKS * ROUNDS)
+
+
+def test_quota_holds_with_write_back_to_l2(server_factory) -> None:  # type: ignore[no-untyped-def]
+    # The flood's blocks must be written to L2 before they leave L1: a Put
+    # waits for that rather than evicting the quiet tenant's clean blocks.
+    flags = ("--quota-l1", "noisy=2MiB", "--policy-name", "lru")
+    with server_factory(*flags, l1_capacity="4MiB") as server:
+        alone = quiet_l1_hit_rate(server, noisy=False)
+    with server_factory(*flags, l1_capacity="4MiB") as server:
+        flooded = quiet_l1_hit_rate(server, noisy=True)
+    assert abs(alone - flooded) <= 1.0, (alone, flooded)
+    with server_factory("--policy-name", "lru", l1_capacity="4MiB") as server:
+        assert quiet_l1_hit_rate(server, noisy=True) < 50.0  # the control
+
+
 def test_default_share_applies_to_every_namespace(server_factory) -> None:  # type: ignore[no-untyped-def]
     with serve(server_factory, "--quota-l1-per-namespace", "2MiB", "--policy-name",
                "lru") as server:
