@@ -167,14 +167,6 @@ class Placement(Part):
         another's working set. Below its quota a namespace may use free room."""
         self._l1_limit = limit
 
-    def l1_usage(self, namespace: str) -> int:
-        """L1 bytes held by ``namespace`` (counted only while quotas are set)."""
-        owned = self._l1_owned.get(namespace)
-        if owned is None:
-            return 0
-        owned.reconcile()
-        return owned.bytes
-
     def _own(self, block: BlockId, entry: Entry) -> None:
         owned = self._l1_owned.get(block[0])
         if owned is None:
