@@ -148,7 +148,8 @@ def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:
 
         tls = TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
                   server_name=args.tls_server_name)
-    return Client(target, namespace=namespace, timeout=args.timeout, tls=tls)
+    return Client(target, namespace=namespace, timeout=args.timeout, tls=tls,
+                  token=args.token or None)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -347,6 +348,9 @@ def _client_options(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
     p.add_argument("--tls-key", metavar="PEM", default=None, help="client private key")
     p.add_argument("--tls-server-name", default=None,
                    help="name to check the server certificate against")
+    p.add_argument("--token", default=os.environ.get("KVSTORE_TOKEN"),
+                   help="bearer token, for servers with auth.tokens_file (prefer the env "
+                        "variable: a flag shows in the process list) [env KVSTORE_TOKEN]")
 
 
 def _namespace_option(p: argparse.ArgumentParser) -> None:

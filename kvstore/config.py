@@ -234,6 +234,73 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Per-tenant credentials (docs/security.md); off while tokens_file is empty."""
+
+    tokens_file: str = opt("", "grants file, lines 'CREDENTIAL IDENTITY NAMESPACES [admin]' "
+                           "(credential: a token's SHA-256 hex, or cert:NAME); when set every "
+                           "call needs a bearer token or a mapped client certificate (reread "
+                           "on SIGHUP; docs/security.md)", parse_str)
+
+
+@dataclass(frozen=True)
+class NamespaceSizes:
+    """Per-namespace byte limits (``{ns = "1GiB"}`` in TOML, ``ns=1GiB,ns2=2GiB`` in an
+    env variable or flag)."""
+
+    limits: tuple[tuple[str, int], ...] = ()
+
+    def get(self, namespace: str, default: int = 0) -> int:
+        for name, size in self.limits:
+            if name == namespace:
+                return size
+        return default
+
+    def __str__(self) -> str:
+        return ",".join(f"{n}={s}" for n, s in self.limits)
+
+
+def parse_namespace_sizes(value: Any) -> NamespaceSizes:
+    if isinstance(value, NamespaceSizes):
+        return value
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            if item.strip():
+                name, sep, size = item.partition("=")
+                if not sep:
+                    raise InvalidConfig(f"{item.strip()!r} is not NAMESPACE=SIZE")
+                pairs.append((name.strip(), size))
+    return NamespaceSizes(tuple((str(n), parse_size(s)) for n, s in pairs))
+
+
+NO_NAMESPACE_LIMITS = NamespaceSizes()
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """Per-namespace limits on L1 bytes (docs/security.md): a namespace over its
+    limit gives up its own blocks first when L1 needs room."""
+
+    # (field, not opt: ruff cannot tell this default is immutable)
+    l1: NamespaceSizes = field(default=NO_NAMESPACE_LIMITS, metadata={
+        "help": "L1 bytes per namespace, e.g. {chat = \"1GiB\"} (a TOML table) or "
+                "chat=1GiB,code=512MiB", "parse": parse_namespace_sizes})
+    l1_per_namespace: int = opt(0, "L1 bytes of each namespace not named in quota.l1 "
+                                "(0: no limit)", parse_size)
+
+    def l1_limit(self, namespace: str) -> int:
+        """The namespace's L1 limit in bytes (0: none)."""
+        return self.l1.get(namespace, self.l1_per_namespace)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.l1.limits) or self.l1_per_namespace > 0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = opt("./kvstore-data", "directory for L2 and the default unix socket",
                         parse_str)
@@ -244,6 +311,8 @@ class Config:
     l2: L2Config = field(default_factory=L2Config)
     l3: L3Config = field(default_factory=L3Config)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
     @property
     def l2_path(self) -> Path:
@@ -257,6 +326,8 @@ SECTIONS: dict[str, type] = {
     "l3": L3Config,
     "policy": PolicyConfig,
     "policy.session": SessionPolicyConfig,  # a table within a section: [policy.session]
+    "auth": AuthConfig,
+    "quota": QuotaConfig,
 }
 
 
@@ -408,6 +479,9 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l3.outage_spill must be >= 0")
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")
+    if config.auth.tokens_file and not Path(config.auth.tokens_file).is_file():
+        raise InvalidConfig(f"auth.tokens_file: {config.auth.tokens_file} is not a readable "
+                            "file")
 
 
 def validate_session_policy(sp: SessionPolicyConfig) -> None:

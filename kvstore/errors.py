@@ -118,6 +118,21 @@ class StaleLease(KVStoreError):
     code = "ABORTED"
 
 
+# UNAUTHENTICATED / PERMISSION_DENIED (auth.tokens_file: kvstore/server/auth.py) ---------
+
+
+class Unauthenticated(KVStoreError):
+    """The server requires a credential and the call carries none it knows."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(KVStoreError):
+    """The caller's identity may not use this namespace (or node-wide method)."""
+
+    code = "PERMISSION_DENIED"
+
+
 # CANCELLED / DEADLINE -------------------------------------------------------
 
 
@@ -174,4 +189,6 @@ ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
     "CANCELLED": Cancelled,
     "ABORTED": StaleLease,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "UNAUTHENTICATED": Unauthenticated,
+    "PERMISSION_DENIED": PermissionDenied,
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -15,6 +15,7 @@ from kvstore.client._common import (
     DEFAULT_TARGET,
     Blocks,
     MetadataOption,
+    MetadataPairs,
     channel_options,
     check_chunk_bytes,
     check_lease_ms,
@@ -104,6 +105,7 @@ class ClientSettings(TypedDict, total=False):
     options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
     tls: TLS | None
     metadata: MetadataOption
+    token: str | None
 
 
 class ClientBase:
@@ -120,6 +122,7 @@ class ClientBase:
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
         tls: TLS | None = None,
         metadata: MetadataOption = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.tls = tls
@@ -138,7 +141,7 @@ class ClientBase:
                                       "protected by its file mode")
             self._options = [*self._options, *tls.options()]
         #: The metadata of the next call (called once per call).
-        self._metadata = metadata_source(metadata)
+        self._metadata = with_bearer_token(metadata_source(metadata), token)
         # Received messages are MiB-sized: keep their buffers in the heap
         # (kvstore/_malloc.py; KVSTORE_MALLOC_TUNING=0 opts out).
         tune_malloc()
@@ -263,6 +266,24 @@ def turn_end_event(
         except ValueError:
             raise InvalidArgument(f"turn end reason {reason!r} is unknown") from None
     return TurnEnd(reason=r, expected_gap_ms=expected_gap_ms, tool_name=tool_name)
+
+
+def with_bearer_token(source: Callable[[], MetadataPairs | None],
+                      token: str | None) -> Callable[[], MetadataPairs | None]:
+    """``token=``: every call also sends ``authorization: Bearer <token>`` (servers
+    with auth.tokens_file; docs/security.md)."""
+    if token is None:
+        return source
+    if not isinstance(token, str) or not token.strip() or token != token.strip() \
+            or not token.isprintable():
+        raise InvalidArgument("token must be a non-empty printable str without surrounding "
+                              "spaces")
+    bearer = (("authorization", f"Bearer {token}"),)
+
+    def pairs() -> MetadataPairs:
+        return bearer + (source() or ())
+
+    return pairs
 
 
 def open_channel(grpc_module: Any, target: str, options: list[tuple[str, Any]],

@@ -26,6 +26,7 @@ from kvstore._malloc import tune_malloc
 from kvstore.config import Config
 from kvstore.errors import InvalidConfig
 from kvstore.server import logs, metrics, preflight
+from kvstore.server.auth import Authorizer
 from kvstore.server.interceptor import ErrorInterceptor
 from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.runtime import tune_gc
@@ -82,14 +83,18 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         # Before the store allocates L1: a missing extra or a bad address fails at once.
+        #: auth.tokens_file: the grants every call is checked against (None: off).
+        self.auth = Authorizer(config.auth.tokens_file) if config.auth.tokens_file else None
         self.metrics = metrics.MetricsExporter(config.server.metrics_listen) \
             if config.server.metrics_listen else None
         self.store = TieredStore(config)
+        if config.quota.enabled:
+            self.store.placement.limit_l1(config.quota.l1_limit)
         self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                       config.server.shm_lease_ms, config.server.max_lease_ms)
         self.calls = CallRecorder()
         timing = [MetricsInterceptor(self.calls)] if self.metrics else []
-        self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor()],
+        self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
                                     options=grpc_options(config))
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None}
@@ -264,6 +269,8 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.auth is not None:  # rotate credentials without a restart
+        loop.add_signal_handler(signal.SIGHUP, server.auth.reload)
     if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
         _write_ready_file(ready_file, server.addresses)
     await stop.wait()

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from kvstore.errors import KVStoreError, MalformedRequest
+from kvstore.server.auth import Authorizer
 
 log = logging.getLogger("kvstore.server")
 
@@ -117,12 +118,39 @@ def _is_grpc_own(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.BaseError)
 
 
+def _authorize(auth: Authorizer | None, method: str, request: Any,
+               context: grpc.aio.ServicerContext) -> Any:
+    """auth.tokens_file: check the caller before the handler sees the request.
+    A unary request names its namespace; Put's does in its first chunk, so
+    its request stream is checked as it is read. Returns the request (stream)."""
+    if auth is None:
+        return request
+    grant = auth.identify(context.invocation_metadata(), context.auth_context())
+    name = method.rpartition("/")[2]
+    if not hasattr(request, "__aiter__"):
+        auth.authorize(grant, name, getattr(request, "namespace", "") or None)
+        return request
+
+    async def checked(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        first = True
+        async for chunk in chunks:
+            if first:
+                first = False
+                auth.authorize(grant, name, getattr(chunk, "namespace", "") or None)
+            yield chunk
+
+    auth.authorize(grant, name, None)
+    return checked(request)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
-                request_streaming: bool) -> Callable[..., Awaitable[Any]]:
+                request_streaming: bool,
+                auth: Authorizer | None = None) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             if not request_streaming:
                 _check_decoded(request, method, context)
+            request = _authorize(auth, method, request, context)
             return await behavior(request, context)
         except Exception as exc:
             if _is_grpc_own(exc):
@@ -133,12 +161,14 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
 
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
-                 request_streaming: bool) -> Callable[..., Awaitable[None]]:
+                 request_streaming: bool,
+                 auth: Authorizer | None = None) -> Callable[..., Awaitable[None]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> None:
         responses: AsyncIterator[Any] | None = None
         try:
             if not request_streaming:
                 _check_decoded(request, method, context)
+            request = _authorize(auth, method, request, context)
             responses = behavior(request, context)
             async for item in responses:
                 try:
@@ -165,7 +195,11 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
+    """``auth``: when set (auth.tokens_file), every kvstore.v1 call is checked
+    against it (kvstore/server/auth.py) inside the error mapping."""
+
+    def __init__(self, auth: Authorizer | None = None) -> None:
+        self.auth = auth
         # Wrapped handlers by method: wrapping costs more than a small call's
         # own work (a Lookup is ~0.5 ms end to end), so it is done once.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -182,12 +216,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not method.startswith("/kvstore.v1."):
             return handler
-        wrapped = self._wrap(handler, method)
+        wrapped = self._wrap(handler, method, self.auth)
         self._wrapped[method] = wrapped
         return wrapped
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(handler: grpc.RpcMethodHandler, method: str,
+              auth: Authorizer | None = None) -> grpc.RpcMethodHandler:
         # Put's chunks decode in kvstore.wire, which reports bad bytes itself
         # (wire.BadPutChunk); unary requests are protobuf messages.
         deserializer = handler.request_deserializer
@@ -198,14 +233,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, False), **kwargs)
+                _wrap_unary(handler.unary_unary, method, False, auth), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, True), **kwargs)
+                _wrap_unary(handler.stream_unary, method, True, auth), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, False), **kwargs)
+                _wrap_stream(handler.unary_stream, method, False, auth), **kwargs)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, True), **kwargs)
+                _wrap_stream(handler.stream_stream, method, True, auth), **kwargs)
         return handler

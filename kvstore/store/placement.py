@@ -31,6 +31,10 @@ ROOM_WAIT_SECONDS = 30.0
 # ones in the executor (the native verify releases the GIL).
 _VERIFY_INLINE_BYTES = 256 * 1024
 
+# quota.l1: how long a Put waits for an over-quota namespace's blocks to
+# become evictable (their L2 write-back) before evicting by the policy's choice.
+QUOTA_WAIT_SECONDS = 1.0
+
 
 class Placement(Part):
     """Reserves, fills in and evicts L1 extents. ``queue_l2_write``: how an
@@ -46,6 +50,9 @@ class Placement(Part):
         self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
         self._generations = itertools.count(1)
         self._l1_counters = self.stats.counters[TierName.L1]
+        #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
+        self._l1_limit: Callable[[str], int] | None = None
+        self._l1_owned: dict[str, NamespaceL1] = {}
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -81,12 +88,22 @@ class Placement(Part):
         The caller commits it (:meth:`commit`, :meth:`place`) or gives it
         back (:meth:`release`)."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
+        quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
         while True:
             offset = self.l1.reserve(size)
             if offset >= 0:
                 self.open_writers += 1
                 return offset
-            victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
+            victim = None
+            if self._l1_limit is not None:
+                victim, blocked = self._quota_victim()
+                if blocked and self.index.busy_pins > 0 and \
+                        await self.progress.wait(quota_deadline):
+                    # Over-quota blocks are being written to L2 (write-back):
+                    # wait for them rather than evict a namespace within quota.
+                    continue
+            if victim is None:
+                victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
             if victim is not None:
                 self._evict(victim[0], victim[1])
                 continue
@@ -124,6 +141,8 @@ class Placement(Part):
         if self.has_l2:
             index.set_dirty(entry, True)
         self.stats.puts += 1
+        if self._l1_limit is not None:
+            self._own(block, entry)
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
 
@@ -135,7 +154,46 @@ class Placement(Part):
         if self.has_l2 and not entry.l2:
             self.index.set_dirty(entry, True)
         self._l1_counters.promotions += 1
+        if self._l1_limit is not None:
+            self._own(block, entry)
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
+
+    # -- per-namespace L1 quotas (quota.l1) ----------------------------------------------
+
+    def limit_l1(self, limit: Callable[[str], int]) -> None:
+        """Give each namespace an L1 quota (``limit(ns)`` bytes, 0: none). When
+        L1 needs room, blocks of namespaces at or over their quota are the
+        victims first, so a tenant that floods L1 evicts its own blocks, not
+        another's working set. Below its quota a namespace may use free room."""
+        self._l1_limit = limit
+
+    def _own(self, block: BlockId, entry: Entry) -> None:
+        owned = self._l1_owned.get(block[0])
+        if owned is None:
+            owned = self._l1_owned[block[0]] = NamespaceL1()
+        owned.add(block[1], entry)
+
+    def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, bool]:
+        """A victim among the namespaces at or over their quota; and whether
+        there are such namespaces but none of their blocks is evictable now."""
+        assert self._l1_limit is not None
+        limit = self._l1_limit
+        over = set()
+        for namespace, owned in self._l1_owned.items():
+            quota = limit(namespace)
+            if quota and owned.bytes >= quota and owned.due_reconcile():
+                owned.reconcile()  # Deletes free L1 behind placement's back
+            if quota and owned.bytes >= quota:
+                over.add(namespace)
+        if not over:
+            return None, False
+        evictable = self._evictable
+        victim = self.policy.victim(TierName.L1, self.clock(),
+                                    lambda b: b[0] in over and evictable(b))
+        if victim is None:
+            for namespace in over:
+                self._l1_owned[namespace].reconcile()
+        return victim, victim is None
 
     # -- eviction -----------------------------------------------------------------------
 
@@ -161,6 +219,10 @@ class Placement(Part):
         self.l1.release(entry.l1_offset, entry.size)
         index.set_l1(entry, -1)
         self.policy.on_remove(TierName.L1, block)
+        if self._l1_limit is not None:
+            owned = self._l1_owned.get(block[0])
+            if owned is not None:
+                owned.discard(block[1], entry)
         c = self._l1_counters
         c.evictions += 1
         if action is Action.DEMOTE and entry.l2:
@@ -169,6 +231,42 @@ class Placement(Part):
                 index.cool(block, entry)
         else:
             index.forget(block, entry)
+
+
+class NamespaceL1:
+    """The L1 blocks of one namespace and their bytes. Placement sees every
+    block enter L1 and every eviction; a Delete or an overwrite frees L1 in
+    the index, so entries no longer in L1 are dropped by :meth:`reconcile`
+    (amortised: at most once per quarter of the blocks added)."""
+
+    __slots__ = ("_added", "blocks", "bytes")
+
+    def __init__(self) -> None:
+        self.blocks: dict[bytes, Entry] = {}
+        self.bytes = 0
+        self._added = 0
+
+    def add(self, key: bytes, entry: Entry) -> None:
+        old = self.blocks.get(key)
+        if old is not None:
+            self.bytes -= old.size
+        self.blocks[key] = entry
+        self.bytes += entry.size
+        self._added += 1
+
+    def discard(self, key: bytes, entry: Entry) -> None:
+        if self.blocks.get(key) is entry:
+            del self.blocks[key]
+            self.bytes -= entry.size
+
+    def due_reconcile(self) -> bool:
+        return self._added > 16 + len(self.blocks) // 4
+
+    def reconcile(self) -> None:
+        gone = [k for k, e in self.blocks.items() if e.l1_offset < 0]
+        for key in gone:
+            self.bytes -= self.blocks.pop(key).size
+        self._added = 0
 
 
 class BlockWriter:
