@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import math
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence

@@ -128,7 +128,7 @@ async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-a
             await _apply(broker, world, op)
             # Never two live reservations on one byte of L1.
             live = sorted((r.offset, r.offset + r.size) for r in broker._reservations.values())
-            assert all(a[1] <= b[0] for a, b in zip(live, live[1:], strict=False)), live
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(live)), live
         # Every client is gone: its reservations, quarantined slots and leases run out.
         world.now[0] += 3600.0
         broker.reap()

@@ -3,6 +3,7 @@ the tenancy section), end to end against a real server."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -92,7 +93,7 @@ def test_slots_of_one_reserve_never_overlap_while_it_waits_for_room(shm_server) 
         assert all(leases)
         slots = c.reserve([(f"w{i}".encode(), 20 * MiB) for i in range(3)])
         extents = sorted((s.offset, s.offset + s.size) for s in slots)
-        for (_, end), (start, _) in zip(extents, extents[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(extents):
             assert end <= start, extents
         # And they are all still the client's: the whole batch commits.
         for i, s in enumerate(slots):
