@@ -115,6 +115,13 @@ class ServerConfig:
                            "l1.capacity", parse_float)
     shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
                             "crashed client's leases end after this)", parse_int)
+    shm_quarantine_ms: int = opt(60_000, "shared memory: how long the slot of an expired "
+                                 "reservation stays unused (its writer may be slow, not gone) "
+                                 "before it returns to L1", parse_int)
+    shm_namespaces: tuple[str, ...] = opt((), "comma-separated namespaces that may use shared "
+                                          "memory (every attached client can read the whole "
+                                          "arena); empty lets every namespace use it: one "
+                                          "trust domain", parse_str_list)
     metrics_listen: str = opt("", "serve Prometheus metrics at http://host:port/metrics (e.g. "
                               "127.0.0.1:9400; needs the kvstore[metrics] extra); empty "
                               "disables it", parse_str)

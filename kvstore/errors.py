@@ -70,6 +70,16 @@ class UnknownNamespace(KVStoreError):
     code = "NOT_FOUND"
 
 
+# PERMISSION_DENIED ----------------------------------------------------------
+
+
+class PermissionDenied(KVStoreError):
+    """The caller may not do this: e.g. a namespace not allowed to use shared
+    memory, or a lease or reservation taken by another client."""
+
+    code = "PERMISSION_DENIED"
+
+
 # RESOURCE_EXHAUSTED ---------------------------------------------------------
 
 
@@ -144,6 +154,11 @@ class DeadlineExceeded(KVStoreError):
     code = "DEADLINE_EXCEEDED"
 
 
+class ReservationExpired(DeadlineExceeded):
+    """A shared-memory reservation's time ran out before the client wrote or
+    committed its slot: the slot is no longer the client's to write."""
+
+
 # Client-side ----------------------------------------------------------------
 
 
@@ -183,6 +198,7 @@ ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
     "INVALID_ARGUMENT": InvalidArgument,
     "DATA_LOSS": CorruptBlock,
     "NOT_FOUND": UnknownNamespace,
+    "PERMISSION_DENIED": PermissionDenied,
     "RESOURCE_EXHAUSTED": CapacityExhausted,
     "FAILED_PRECONDITION": TierNotConfigured,
     "UNAVAILABLE": ConnectionFailed,

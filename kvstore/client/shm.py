@@ -28,6 +28,13 @@ protocol field, gives the two-RPC path.
 
 For packing straight into shared memory (no intermediate buffer), use
 ``reserve``/``commit`` and ``acquire``/``release`` directly.
+
+Reservations and leases are bound to the namespace and to this client's
+attach (the owner secret from ShmAttach): no other client can commit, abandon
+or release them. A reserved slot is the client's to write only until its
+reservation's deadline (``ReservedSlot.deadline``); past it the client refuses
+to write or commit it (:class:`~kvstore.errors.ReservationExpired`), since the
+server may have taken the slot back.
 """
 
 from __future__ import annotations
@@ -59,7 +66,13 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client.sync import Client, SyncClientSettings
-from kvstore.errors import CorruptBlock, InvalidArgument, KVStoreError, StaleLease
+from kvstore.errors import (
+    CorruptBlock,
+    InvalidArgument,
+    KVStoreError,
+    ReservationExpired,
+    StaleLease,
+)
 from kvstore.types import BlockFormat, TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 
@@ -80,6 +93,9 @@ _STREAM_BATCH_BYTES = 8 * 1024 * 1024
 # ended this long (s) before the lease's time, counted from before the
 # ShmAcquire was sent, ran out.
 _LEASE_MARGIN = 0.005
+# A slot is written or committed only if this much (s) of its reservation's
+# time, counted from before the ShmReserve was sent, is left.
+_RESERVE_MARGIN = 0.005
 # Statuses of a call the server did not answer.
 _NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 
@@ -93,6 +109,17 @@ class ReservedSlot:
     offset: int
     size: int
     view: memoryview
+    #: time.monotonic() after which the slot may be the server's again: the
+    #: client neither writes nor commits it then.
+    deadline: float = float("inf")
+
+    def check_writable(self) -> None:
+        """Raise ReservationExpired if the reservation's time is (nearly) up."""
+        if time.monotonic() >= self.deadline:
+            raise ReservationExpired(
+                f"the reservation of slot {self.slot_id} (key {self.key.hex()[:16]}) ran out "
+                "before its block was written and committed: the server may reuse the slot, "
+                "so it is not written; reserve again")
 
 
 @dataclass(slots=True)
@@ -105,6 +132,7 @@ class LeasedBlock:
     crc32c: int
     tier: TierName | None
     view: memoryview
+    namespace: str = ""
 
 
 class ShmClient(Client):
@@ -120,8 +148,9 @@ class ShmClient(Client):
     def _connect(self) -> None:
         super()._connect()
         # Lease ids whose release waits for the next ShmAcquire, with the
-        # monotonic time after which the server will have expired them anyway.
-        self._deferred: list[tuple[int, float]] = []
+        # monotonic time after which the server will have expired them anyway
+        # and their namespace (an acquire ends only its own namespace's).
+        self._deferred: list[tuple[int, float, str]] = []
         self._deferred_lock = threading.Lock()
         ch = self._channel
 
@@ -134,9 +163,12 @@ class ShmClient(Client):
         self._commit = rpc("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse)
         self._acquire_rpc = rpc("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse)
         self._release = rpc("ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse)
-        info = self._call(self._attach, pb.ShmAttachRequest())
+        info = self._call(self._attach, pb.ShmAttachRequest(namespace=self.namespace or ""))
         self.shm_path: str = info.path
         self.instance: str = info.instance
+        # This attach's secret: every reservation and lease is bound to it.
+        self._owner: str = info.owner
+        self._reserve_s: float = info.reserve_ms / 1000.0 if info.reserve_ms else float("inf")
         self.release_on_acquire: bool = self._want_release_on_acquire and info.release_on_acquire
         #: Batches moving at least this many bytes are copied with streaming
         #: stores (None: never).
@@ -177,11 +209,15 @@ class ShmClient(Client):
                 session_id: str | None = None) -> list[ReservedSlot]:
         ns = resolve_namespace(namespace, self.namespace)
         req = pb.ShmReserveRequest(
-            namespace=ns, session_id=check_session_id(session_id),
+            namespace=ns, session_id=check_session_id(session_id), owner=self._owner,
             blocks=[pb.ShmBlockSpec(key=k, size=n) for k, n in sizes])
+        # The server starts the reservations' clock open_ms after the request
+        # arrived (when it had them all), so never before this deadline.
+        sent = time.monotonic()
         resp = self._call(self._reserve, req)
+        deadline = sent + resp.open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN
         return [ReservedSlot(k, s.slot_id, s.offset, s.size,
-                             self._arena[s.offset : s.offset + s.size])
+                             self._arena[s.offset : s.offset + s.size], deadline)
                 for (k, _), s in zip(sizes, resp.slots, strict=True)]
 
     def commit(self, slots: Sequence[ReservedSlot], crcs: Sequence[int] | None = None, *,
@@ -198,10 +234,12 @@ class ShmClient(Client):
                         namespace: str | None, ack: str | int, abandon: Sequence[ReservedSlot],
                         block_format: BlockFormat) -> pb.ShmCommitRequest:
         ns = resolve_namespace(namespace, self.namespace)
+        for s in slots:
+            s.check_writable()
         if crcs is None:
             crcs = [checksum(s.view) for s in slots]
         req = pb.ShmCommitRequest(
-            namespace=ns, ack=int(parse_ack(ack)),  # type: ignore[arg-type]
+            namespace=ns, ack=int(parse_ack(ack)), owner=self._owner,  # type: ignore[arg-type]
             blocks=[pb.ShmCommitBlock(slot_id=s.slot_id, offset=s.offset, size=s.size,
                                       crc32c=c, format=int(block_format))  # type: ignore[arg-type]
                     for s, c in zip(slots, crcs, strict=True)],
@@ -230,8 +268,10 @@ class ShmClient(Client):
                 while done + len(group) < len(slots) and (not group or nbytes < _COMMIT_GROUP):
                     group.append(slots[done + len(group)])
                     nbytes += group[-1].size
-                crcs = [copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming)
-                        for i, s in enumerate(group)]
+                crcs = []
+                for i, s in enumerate(group):
+                    s.check_writable()  # never write a slot the server may have taken back
+                    crcs.append(copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming))
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
                 pending.append(self._commit.future(req, timeout=self.timeout,
                                                    metadata=self._metadata()))
@@ -264,8 +304,10 @@ class ShmClient(Client):
         slots = self.reserve([(k, size) for k in keys], namespace=namespace,
                              session_id=session_id)
         try:
+            slots[0].check_writable()
             slots[0].view[:] = first
             for slot, ids in zip(slots[1:], page_lists[1:], strict=True):
+                slot.check_writable()
                 pack(k_pages, v_pages, ids, tokens=block_tokens, dtype=dtype, out=slot.view)
             crcs = [checksum(s.view) for s in slots]
         except BaseException:
@@ -301,14 +343,15 @@ class ShmClient(Client):
         ns = resolve_namespace(namespace, self.namespace)
         key_list = normalize_keys(keys)
         req = pb.ShmAcquireRequest(namespace=ns, keys=key_list, lease_ms=lease_ms,
-                                   session_id=check_session_id(session_id))
+                                   session_id=check_session_id(session_id), owner=self._owner)
         if self._deferred:
             with self._deferred_lock:
-                taken, self._deferred = self._deferred, []
+                taken = [d for d in self._deferred if d[2] == ns]
+                self._deferred = [d for d in self._deferred if d[2] != ns]
             # Those past their time have expired on the server (or are about
             # to): naming them could find them forgotten, so they are dropped.
             now = time.monotonic()
-            req.release.extend(i for i, until in taken if until > now)
+            req.release.extend(i for i, until, _ in taken if until > now)
         try:
             resp = self._call(self._acquire_rpc, req)
         except KVStoreError as exc:
@@ -317,7 +360,7 @@ class ShmClient(Client):
                 # have ended those leases: end them on their own. (If they were
                 # what it refused, this fails the same way, and they expire.)
                 with contextlib.suppress(KVStoreError):
-                    self._release_ids(list(req.release))
+                    self._release_ids(list(req.release), ns)
             raise
         out: list[LeasedBlock | None] = []
         for key, lease in zip(key_list, resp.leases, strict=True):
@@ -326,7 +369,7 @@ class ShmClient(Client):
                 continue
             tier = TierName(lease.tier) if lease.tier in (1, 2, 3) else None
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
-                                   self._arena[lease.offset : lease.offset + lease.size]))
+                                   self._arena[lease.offset : lease.offset + lease.size], ns))
         return out, resp.lease_ms / 1000.0
 
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
@@ -336,10 +379,15 @@ class ShmClient(Client):
             lease.view.release()
         if not held:
             return []
-        return self._release_ids([lease.lease_id for lease in held])
+        expired: list[int] = []
+        for ns in dict.fromkeys(lease.namespace for lease in held):
+            expired += self._release_ids([lease.lease_id for lease in held
+                                          if lease.namespace == ns], ns)
+        return expired
 
-    def _release_ids(self, ids: list[int]) -> list[int]:
-        resp = self._call(self._release, pb.ShmReleaseRequest(lease_ids=ids))
+    def _release_ids(self, ids: list[int], namespace: str) -> list[int]:
+        resp = self._call(self._release, pb.ShmReleaseRequest(
+            lease_ids=ids, namespace=namespace, owner=self._owner))
         return list(resp.expired)
 
     def flush_releases(self) -> None:
@@ -348,9 +396,12 @@ class ShmClient(Client):
         with self._deferred_lock:
             taken, self._deferred = self._deferred, []
         now = time.monotonic()
-        ids = [i for i, until in taken if until > now]
-        if ids:
-            self._release_ids(ids)
+        by_namespace: dict[str, list[int]] = {}
+        for i, until, ns in taken:
+            if until > now:
+                by_namespace.setdefault(ns, []).append(i)
+        for ns, ids in by_namespace.items():
+            self._release_ids(ids, ns)
 
     @contextmanager
     def leased(self, keys: Iterable[bytes], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:
@@ -370,7 +421,8 @@ class ShmClient(Client):
         """``leased`` for a copy made inside the block: if the copy ended
         within the lease's time, the release goes with the next ShmAcquire."""
         sent = time.monotonic()
-        leases, lease_s = self._acquire(keys, namespace, session_id, 0)
+        ns = resolve_namespace(namespace, self.namespace)
+        leases, lease_s = self._acquire(keys, ns, session_id, 0)
         expired: list[int] = []
         try:
             yield leases
@@ -386,9 +438,9 @@ class ShmClient(Client):
                 until = sent + lease_s - _LEASE_MARGIN
                 if self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
                     with self._deferred_lock:
-                        self._deferred.extend((i, until) for i in ids)
+                        self._deferred.extend((i, until, ns) for i in ids)
                 else:
-                    expired = self._release_ids(ids)
+                    expired = self._release_ids(ids, ns)
         if expired:
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
 

@@ -227,21 +227,24 @@ class KVStoreServicer:
     async def ShmAttach(self, request: pb.ShmAttachRequest,
                         context: grpc.aio.ServicerContext) -> pb.ShmAttachResponse:
         self.shm._require()
+        if request.namespace:
+            self.shm.check_namespace(self.store.check_namespace(request.namespace))
         return pb.ShmAttachResponse(path=self.shm.path, size=self.store.l1.capacity,
                                     instance=self.shm.instance,
                                     reserve_ms=self.shm.reserve_ms,
                                     default_lease_ms=self.shm.default_lease_ms,
-                                    release_on_acquire=True)
+                                    release_on_acquire=True, owner=self.shm.new_owner())
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:
         self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
-        slots = await self.shm.reserve(namespace, [(b.key, b.size) for b in request.blocks],
-                                       request.session_id or None)
+        slots, open_ms = await self.shm.reserve(
+            namespace, [(b.key, b.size) for b in request.blocks], request.session_id or None,
+            request.owner)
         return pb.ShmReserveResponse(slots=[
             pb.ShmSlot(slot_id=s.slot_id, offset=s.offset, size=s.size, generation=s.generation)
-            for s in slots])
+            for s in slots], open_ms=open_ms)
 
     async def ShmCommit(self, request: pb.ShmCommitRequest,
                         context: grpc.aio.ServicerContext) -> pb.ShmCommitResponse:
@@ -254,7 +257,7 @@ class KVStoreServicer:
         specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c, BlockFormat(b.format))
                  for b in request.blocks]
         stored, nbytes = await self.shm.commit(namespace, _ACK[request.ack], specs,
-                                               list(request.abandon))
+                                               list(request.abandon), request.owner)
         return pb.ShmCommitResponse(stored=stored, bytes=nbytes)
 
     async def ShmAcquire(self, request: pb.ShmAcquireRequest,
@@ -265,7 +268,7 @@ class KVStoreServicer:
         # acquiring, checked as ShmRelease checks them.
         leases, released, expired = await self.shm.acquire(
             namespace, list(request.keys), request.session_id or None, request.lease_ms,
-            list(request.release))
+            list(request.release), request.owner)
         return pb.ShmAcquireResponse(leases=[
             pb.ShmLease(hit=False) if lease is None else pb.ShmLease(
                 hit=True, lease_id=lease.lease_id, offset=lease.offset, size=lease.size,
@@ -276,7 +279,10 @@ class KVStoreServicer:
 
     async def ShmRelease(self, request: pb.ShmReleaseRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReleaseResponse:
-        released, expired = self.shm.release(list(request.lease_ids))
+        self._tick(context)
+        # Leases are bound to the namespace and owner that took them.
+        namespace = self.store.check_namespace(request.namespace) if request.namespace else ""
+        released, expired = self.shm.release(list(request.lease_ids), namespace, request.owner)
         return pb.ShmReleaseResponse(released=released, expired=expired)
 
 

@@ -21,21 +21,45 @@ client on the same host maps. Bulk bytes then never cross the socket:
 
 The server trusts the client's process no further than that: ids are random
 64-bit numbers, not offsets; a client never names memory the server did not
-hand it.
+hand it. Every reservation and lease belongs to the namespace and the owner
+token (a per-attach secret, ``ShmAttachResponse.owner``) that took it: only
+a call naming both may commit, abandon or release it (PERMISSION_DENIED
+otherwise, and nothing changes).
+
+Extents handed to a writer are never reused while it may still write:
+
+* a reservation cannot expire while the ShmReserve call that made it is open
+  (its clock starts when the call returns), so one call never gets
+  overlapping slots;
+* an expired reservation's extent is quarantined, not freed: a slow writer
+  may still be copying into it. It returns to the arena after
+  ``server.shm_quarantine_ms`` (the client refuses to write past its
+  reservation's deadline, so only a writer stalled that long could still
+  touch it).
+
+Shared memory is for one trust domain: every attached client maps the whole
+arena. ``server.shm_namespaces`` limits which namespaces may use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.checksum import checksum
-from kvstore.errors import CorruptBlock, InvalidArgument, TierNotConfigured
+from kvstore.errors import (
+    CapacityExhausted,
+    CorruptBlock,
+    InvalidArgument,
+    PermissionDenied,
+    TierNotConfigured,
+)
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
@@ -52,7 +76,8 @@ class Reservation:
     size: int
     generation: int
     session: str | None
-    expires: float
+    expires: float  # inf while the ShmReserve call that made it is open
+    owner: str
 
 
 @dataclass(slots=True)
@@ -73,6 +98,8 @@ class Lease:
     tier: TierName
     expires: float
     reader: BlockReader
+    namespace: str = ""
+    owner: str = ""
 
 
 @dataclass(slots=True)
@@ -85,18 +112,32 @@ class CommitSpec:
 
 
 class SharedMemoryBroker:
+    """``clock``: monotonic seconds for reservation and lease deadlines (a
+    test passes a fake one). The quarantine time and the namespaces allowed
+    come from ``store.config.server`` unless given."""
+
     def __init__(self, store: TieredStore, reserve_ms: int, lease_ms: int,
-                 max_lease_ms: int) -> None:
+                 max_lease_ms: int, *, clock: Callable[[], float] = time.monotonic,
+                 quarantine_ms: int | None = None,
+                 namespaces: Sequence[str] | None = None) -> None:
         self.store = store
         self.placement = store.placement
         self.reserve_ms = reserve_ms
         self.default_lease_ms = lease_ms
         self.max_lease_ms = max_lease_ms
+        server = store.config.server
+        self.quarantine_ms = server.shm_quarantine_ms if quarantine_ms is None else quarantine_ms
+        self.namespaces = frozenset(server.shm_namespaces if namespaces is None else namespaces)
+        self.clock = clock
         self.path = store.config.l1.shm_path
         self.instance = secrets.token_hex(8)
         self._reservations: dict[int, Reservation] = {}
         self._leases: dict[int, Lease] = {}
-        self._expired: OrderedDict[int, None] = OrderedDict()
+        # Expired lease ids (with the namespace and owner that took them), to
+        # tell "expired" from "never issued" and from "someone else's".
+        self._expired: OrderedDict[int, tuple[str, str]] = OrderedDict()
+        # Extents of expired reservations: (free after, offset, size), in order.
+        self._quarantine: deque[tuple[float, int, int]] = deque()
         self._reaper: asyncio.Task[None] | None = None
         self._generation = 0
 
@@ -109,6 +150,18 @@ class SharedMemoryBroker:
             raise TierNotConfigured(
                 "shared memory is off: start the server with l1.shm_path "
                 "(e.g. --l1-shm-path /dev/shm/kvstore) to use the Shm* calls")
+
+    def check_namespace(self, namespace: str) -> None:
+        """Shared memory on, and ``namespace`` one that may use it."""
+        self._require()
+        if self.namespaces and namespace not in self.namespaces:
+            raise PermissionDenied(
+                f"namespace {namespace!r} may not use shared memory here (server.shm_namespaces"
+                " lists those that may: every attached client can read the whole arena)")
+
+    def new_owner(self) -> str:
+        """A per-attach secret: reservations and leases are bound to it."""
+        return secrets.token_hex(16)
 
     def start(self) -> None:
         if self.enabled:
@@ -125,6 +178,9 @@ class SharedMemoryBroker:
         for r in self._reservations.values():
             self.placement.release(r.offset, r.size)
         self._reservations.clear()
+        while self._quarantine:
+            _, offset, size = self._quarantine.popleft()
+            self.placement.release(offset, size)
 
     def _new_id(self, taken: dict[int, object]) -> int:
         while True:
@@ -135,36 +191,72 @@ class SharedMemoryBroker:
     # -- Put ---------------------------------------------------------------------------
 
     async def reserve(self, namespace: str, specs: Sequence[tuple[bytes, int]],
-                      session: str | None) -> list[Slot]:
-        self._require()
+                      session: str | None, owner: str = "") -> tuple[list[Slot], int]:
+        """Slots for ``specs`` and how long (ms, rounded down) the call was
+        open before their reservations' clock started."""
+        self.check_namespace(namespace)
+        started = self.clock()
+        page = max(1, self.store.config.l1.page_bytes)
+        total = 0
         for i, (key, size) in enumerate(specs):
             validate_key(key, i)
             self.placement.check_block_size(size)
+            total += -(-size // page) * page
+        capacity = self.store.l1.capacity
+        if total > capacity:
+            raise CapacityExhausted(
+                f"one ShmReserve for {len(specs)} blocks needs {total} bytes of L1, more than "
+                f"its capacity of {capacity} bytes (l1.capacity): reserve fewer at a time")
         slots: list[Slot] = []
-        expires = time.monotonic() + self.reserve_ms / 1000.0
+        taken: list[Reservation] = []
         try:
             for key, size in specs:
                 offset = await self.placement.reserve(size)
                 self._generation += 1
                 slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
-                self._reservations[slot_id] = Reservation(
-                    (namespace, key), offset, size, self._generation, session, expires)
+                # No deadline while this call is open (it may wait for room):
+                # a slot granted earlier in it must not expire and be reused.
+                r = Reservation((namespace, key), offset, size, self._generation, session,
+                                math.inf, owner)
+                self._reservations[slot_id] = r
+                taken.append(r)
                 slots.append(Slot(slot_id, offset, size, self._generation))
         except BaseException:
             for slot in slots:
                 self._drop_reservation(slot.slot_id)
             raise
-        return slots
+        now = self.clock()
+        for r in taken:
+            r.expires = now + self.reserve_ms / 1000.0
+        return slots, int((now - started) * 1000.0)
 
     def _drop_reservation(self, slot_id: int) -> None:
         r = self._reservations.pop(slot_id, None)
         if r is not None:
             self.placement.release(r.offset, r.size)
 
+    def _check_owner(self, slot_ids: Sequence[int], namespace: str, owner: str) -> None:
+        foreign = [i for i in slot_ids if (r := self._reservations.get(i)) is not None
+                   and (r.block[0] != namespace or r.owner != owner)]
+        if foreign:
+            raise PermissionDenied(
+                f"{len(foreign)} slot id(s) were reserved by another client or namespace "
+                f"(first: {foreign[0]}); nothing was committed or abandoned")
+
     async def commit(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
-                     abandon: Sequence[int]) -> tuple[int, int]:
-        self._require()
+                     abandon: Sequence[int], owner: str = "") -> tuple[int, int]:
+        self.check_namespace(namespace)
         self.store.check_ack(ack)
+        named = [spec.slot_id for spec in specs] + list(abandon)
+        # Someone else's slots: refused before anything changes (theirs stay valid).
+        self._check_owner(named, namespace, owner)
+        if len(set(named)) != len(named):
+            twice = next(i for n, i in enumerate(named) if i in named[:n])
+            for slot_id in set(named):
+                self._drop_reservation(slot_id)
+            raise InvalidArgument(
+                f"slot id {twice} is named twice in one ShmCommit (blocks and abandon): "
+                "nothing was committed and the slots named were given up")
         for slot_id in abandon:
             self._drop_reservation(slot_id)
         taken: list[tuple[CommitSpec, Reservation]] = []
@@ -175,10 +267,6 @@ class SharedMemoryBroker:
                     raise InvalidArgument(
                         f"block #{i}: slot id {spec.slot_id} is unknown or its reservation "
                         f"expired (reservations live {self.reserve_ms} ms)")
-                if r.block[0] != namespace:
-                    raise InvalidArgument(
-                        f"block #{i}: slot {spec.slot_id} was reserved in namespace "
-                        f"{r.block[0]!r}, not {namespace!r}")
                 if spec.offset != r.offset or spec.size != r.size:
                     raise InvalidArgument(
                         f"block #{i}: offset {spec.offset} and size {spec.size} do not match "
@@ -196,9 +284,14 @@ class SharedMemoryBroker:
         # blocks are verified in parallel on the executor's threads.
         loop = asyncio.get_running_loop()
         arena = self.store.l1
-        sums = await asyncio.gather(*(
-            loop.run_in_executor(self.store.executor, _checksum_of, arena, r.offset, r.size)
-            for _, r in taken))
+        try:
+            sums = await asyncio.gather(*(
+                loop.run_in_executor(self.store.executor, _checksum_of, arena, r.offset, r.size)
+                for _, r in taken))
+        except BaseException:
+            for _, r in taken:
+                self.placement.release(r.offset, r.size)
+            raise
         bad = [i for i, ((spec, _), got) in enumerate(zip(taken, sums, strict=True))
                if got != spec.checksum]
         if bad:
@@ -232,20 +325,21 @@ class SharedMemoryBroker:
     # -- Get ---------------------------------------------------------------------------
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
-                      lease_ms: int, release: Sequence[int] = ()
+                      lease_ms: int, release: Sequence[int] = (), owner: str = ""
                       ) -> tuple[list[Lease | None], int, list[int]]:
         """Lease ``keys``; first end the leases in ``release`` (checked as
         :meth:`release` checks them: a bad id fails the call before anything is
         released or acquired). Returns the leases (None for a miss) and what
         :meth:`release` returns for ``release``."""
-        self._require()
+        self.check_namespace(namespace)
         for i, key in enumerate(keys):
             validate_key(key, i)
         released = 0
         expired: list[int] = []
         if release:
             released, expired = self.release(
-                release, what="ShmAcquire.release: nothing was released or acquired")
+                release, namespace, owner,
+                what="ShmAcquire.release: nothing was released or acquired")
         ms = self.lease_ms(lease_ms)
         out: list[Lease | None] = []
         try:
@@ -262,8 +356,8 @@ class SharedMemoryBroker:
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
                 lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
-                              entry.generation, reader.tier, time.monotonic() + ms / 1000.0,
-                              reader)
+                              entry.generation, reader.tier, self.clock() + ms / 1000.0,
+                              reader, namespace, owner)
                 self._leases[lease_id] = lease
                 out.append(lease)
         except BaseException:
@@ -283,13 +377,21 @@ class SharedMemoryBroker:
             lease.reader.close()
         return lease
 
-    def release(self, lease_ids: Sequence[int], *,
+    def _holder(self, lease_id: int) -> tuple[str, str] | None:
+        lease = self._leases.get(lease_id)
+        if lease is not None:
+            return lease.namespace, lease.owner
+        return self._expired.get(lease_id)
+
+    def release(self, lease_ids: Sequence[int], namespace: str = "", owner: str = "", *,
                 what: str = "nothing was released") -> tuple[int, list[int]]:
         """End leases (ShmRelease, or ShmAcquire's ``release``): all ids are
         checked first, and one that this server never issued, or already
-        released, fails the whole call with nothing released."""
+        released, fails the whole call with nothing released; so does one
+        taken by another namespace or owner (PERMISSION_DENIED)."""
         self._require()
-        unknown = [i for i in lease_ids if i not in self._leases and i not in self._expired]
+        holders = [self._holder(i) for i in lease_ids]
+        unknown = [i for i, h in zip(lease_ids, holders, strict=True) if h is None]
         if not unknown and len(set(lease_ids)) != len(lease_ids):
             seen: set[int] = set()
             for i in lease_ids:
@@ -301,13 +403,19 @@ class SharedMemoryBroker:
             raise InvalidArgument(
                 f"{len(unknown)} lease id(s) were never issued by this server or were "
                 f"already released (first: {unknown[0]}); {what}")
+        foreign = [i for i, h in zip(lease_ids, holders, strict=True)
+                   if h != (namespace, owner)]
+        if foreign:
+            raise PermissionDenied(
+                f"{len(foreign)} lease id(s) were taken by another client or namespace "
+                f"(first: {foreign[0]}); {what}")
         released = 0
         expired: list[int] = []
-        now = time.monotonic()
+        now = self.clock()
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id)
             if lease is None or lease.expires < now:
-                self._expire(lease_id)
+                self._expire(lease_id, namespace, owner)
                 expired.append(lease_id)
             else:
                 self._end_lease(lease_id)
@@ -316,18 +424,25 @@ class SharedMemoryBroker:
 
     # -- expiry ------------------------------------------------------------------------
 
-    def _expire(self, lease_id: int) -> None:
+    def _expire(self, lease_id: int, namespace: str, owner: str) -> None:
         self._end_lease(lease_id)
-        self._expired[lease_id] = None
+        self._expired[lease_id] = (namespace, owner)
         while len(self._expired) > _EXPIRED_MEMORY:
             self._expired.popitem(last=False)
 
     def reap(self) -> None:
-        now = time.monotonic()
-        for lease_id in [i for i, lease in self._leases.items() if lease.expires < now]:
-            self._expire(lease_id)
+        now = self.clock()
+        for lease_id, lease in [(i, lease) for i, lease in self._leases.items()
+                                if lease.expires < now]:
+            self._expire(lease_id, lease.namespace, lease.owner)
         for slot_id in [i for i, r in self._reservations.items() if r.expires < now]:
-            self._drop_reservation(slot_id)
+            # Its writer may still be copying (slow, not gone): the extent
+            # waits in quarantine before anything else may use it.
+            r = self._reservations.pop(slot_id)
+            self._quarantine.append((now + self.quarantine_ms / 1000.0, r.offset, r.size))
+        while self._quarantine and self._quarantine[0][0] <= now:
+            _, offset, size = self._quarantine.popleft()
+            self.placement.release(offset, size)
 
     async def _reap_forever(self) -> None:
         period = max(0.01, min(self.reserve_ms, self.default_lease_ms) / 4000.0)
@@ -342,6 +457,11 @@ class SharedMemoryBroker:
     @property
     def reservations(self) -> int:
         return len(self._reservations)
+
+    @property
+    def quarantined(self) -> int:
+        """Extents of expired reservations not yet back in the arena."""
+        return len(self._quarantine)
 
 
 def _checksum_of(arena: MemoryTier, offset: int, size: int) -> int:

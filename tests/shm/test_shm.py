@@ -264,7 +264,7 @@ def test_release_on_acquire_protocol(shm_server) -> None:  # type: ignore[no-unt
         third = acquire(pb.ShmAcquireRequest(namespace="rel", keys=[b"a"], release=[late]))
         assert third.released == 0 and list(third.expired) == [late]
         assert release(pb.ShmReleaseRequest(
-            lease_ids=[third.leases[0].lease_id])).released == 1
+            lease_ids=[third.leases[0].lease_id], namespace="rel")).released == 1
 
 
 def test_slow_copy_is_released_at_once_and_checked(shm_server) -> None:  # type: ignore[no-untyped-def]
@@ -295,7 +295,9 @@ def test_two_rpc_path_still_works(shm_server) -> None:  # type: ignore[no-untype
 def test_refused_acquire_still_ends_the_leases_it_carried(
         server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """An acquire the server refuses (here: a namespace it does not serve)
-    must not strand the releases it carried: the client sends them alone."""
+    must not strand releases: an acquire carries only its own namespace's
+    (leases are bound to the namespace that took them), so those of another
+    stay waiting and ``close`` sends them."""
     from kvstore.errors import UnknownNamespace
 
     path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-ref"
@@ -305,11 +307,13 @@ def test_refused_acquire_still_ends_the_leases_it_carried(
             grpc.insecure_channel(server.unix_target) as ch:
         c.put({b"k": b"k" * 4096})
         assert c.get([b"k"]) == [b"k" * 4096]
-        [(held, _)] = c._deferred
+        [(held, _, ns)] = c._deferred
+        assert ns == "ok"
         with pytest.raises(UnknownNamespace):
             c.get([b"k"], namespace="other")
-        assert c._deferred == []
+        assert [d[0] for d in c._deferred] == [held]
+        c.close()
         release = _raw_rpc(ch, "ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse)
         with pytest.raises(grpc.RpcError) as info:
-            release(pb.ShmReleaseRequest(lease_ids=[held]))
+            release(pb.ShmReleaseRequest(lease_ids=[held], namespace="ok"))
         assert "already released" in info.value.details()

@@ -1,0 +1,155 @@
+"""Random sequences of shared-memory calls (valid, duplicated, forged,
+foreign, expired) against the broker over a real store: every call either
+succeeds or fails with a client error (never INTERNAL), and once every client
+is gone (its reservations and leases expired) L1 holds nothing but committed
+blocks: no extent, writer count or pin leaks.
+
+The broker runs on a fake clock, so expiry takes no time. ~10 s in the
+default run; set KVSTORE_FUZZ_EXAMPLES for a longer one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore.checksum import checksum
+from kvstore.config import load
+from kvstore.errors import KVStoreError
+from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.types import AckLevel
+
+# (namespace, owner) of each client: two share a namespace, one does not.
+CLIENTS = [("a", "owner-0"), ("a", "owner-1"), ("b", "owner-2")]
+KEYS = [b"k0", b"k1", b"k2", b"k3"]
+SIZES = [1, 4096, 5000, 20_000]
+EXAMPLES = int(os.environ.get("KVSTORE_FUZZ_EXAMPLES", "60"))
+_paths = itertools.count()
+
+# Indices counted from the most recent slot or lease (so most name live ones).
+picks = st.lists(st.integers(0, 5), max_size=4)
+rarely = st.integers(0, 7).map(lambda n: n == 0)
+# Client 0 most of the time: the others are mostly refused (not their slots).
+client = st.sampled_from([0, 0, 0, 1, 2])
+reserve = st.tuples(st.just("reserve"), client,
+                    st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(SIZES)),
+                             min_size=1, max_size=3))
+# commit: slots (indices into those issued, repeats allowed), abandon, a
+# forged id, a bad checksum, a wrong offset
+commit = st.tuples(st.just("commit"), client, picks, st.lists(st.integers(0, 5), max_size=1),
+                   rarely, rarely, rarely)
+ops = st.one_of(
+    reserve, reserve, commit, commit,
+    st.tuples(st.just("acquire"), client, st.lists(st.sampled_from(KEYS), max_size=3), picks),
+    st.tuples(st.just("release"), client, picks, rarely),
+    st.tuples(st.just("advance"), st.sampled_from([0.01, 0.6, 1.5, 6.0])),
+    st.tuples(st.just("delete"), st.sampled_from(KEYS)),
+)
+
+
+@dataclass
+class World:
+    now: list[float] = field(default_factory=lambda: [1000.0])
+    slots: list[tuple[int, int, int]] = field(default_factory=list)  # id, offset, size
+    leases: list[int] = field(default_factory=list)
+    calls: int = 0
+    refused: int = 0
+
+
+def _recent(issued: list, i: int):  # type: ignore[no-untyped-def,type-arg]
+    return issued[-1 - i % len(issued)]
+
+
+async def _apply(broker: SharedMemoryBroker, world: World, op: tuple) -> None:  # type: ignore[type-arg]
+    kind = op[0]
+    if kind == "advance":
+        world.now[0] += op[1]
+        broker.reap()
+        return
+    if kind == "delete":
+        for ns in {"a", "b"}:
+            await broker.store.delete(ns, [op[1]])
+        return
+    ns, owner = CLIENTS[op[1]]
+    world.calls += 1
+    try:
+        if kind == "reserve":
+            for s in (await broker.reserve(ns, op[2], None, owner))[0]:
+                world.slots.append((s.slot_id, s.offset, s.size))
+        elif kind == "commit":
+            _, _, chosen, abandon, forge, bad_crc, wrong_offset = op
+            named = [_recent(world.slots, i) for i in chosen] if world.slots else []
+            specs = []
+            for slot_id, offset, size in named:
+                view = broker.store.l1.slice(offset, size)
+                view[:] = bytes([slot_id & 0xFF]) * size
+                crc = checksum(view) ^ (1 if bad_crc else 0)
+                view.release()
+                specs.append(CommitSpec(slot_id, offset + (4096 if wrong_offset else 0), size,
+                                        crc))
+            if forge:
+                specs.append(CommitSpec(12345, 0, 1, 0))
+            dropped = [_recent(world.slots, i)[0] for i in abandon] \
+                if world.slots else []
+            await broker.commit(ns, AckLevel.MEMORY, specs, dropped, owner)
+        elif kind == "acquire":
+            _, _, keys, release = op
+            ids = [_recent(world.leases, i) for i in release] if world.leases else []
+            leases, _, _ = await broker.acquire(ns, keys, None, 0, ids, owner)
+            world.leases.extend(lease.lease_id for lease in leases if lease is not None)
+        elif kind == "release":
+            _, _, chosen, forge = op
+            ids = [_recent(world.leases, i) for i in chosen] if world.leases else []
+            broker.release(ids + ([987654321] if forge else []), ns, owner)
+    except KVStoreError as exc:
+        # A refusal is fine; an internal error (the base class) is not.
+        assert type(exc) is not KVStoreError and exc.code != "INTERNAL", repr(exc)
+        world.refused += 1
+
+
+async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-arg]
+    shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp.name}-prop{next(_paths)}"
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp), "KVSTORE_L1_CAPACITY": "4MiB",
+                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
+                       "KVSTORE_L1_SHM_PATH": shm_path,
+                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    store = TieredStore(config)
+    await store.start()
+    world = World()
+    broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=1000,
+                                clock=lambda: world.now[0], quarantine_ms=5000)
+    try:
+        for op in sequence:
+            await _apply(broker, world, op)
+            # Never two live reservations on one byte of L1.
+            live = sorted((r.offset, r.offset + r.size) for r in broker._reservations.values())
+            assert all(a[1] <= b[0] for a, b in itertools.pairwise(live)), live
+        # Every client is gone: its reservations, quarantined slots and leases run out.
+        world.now[0] += 3600.0
+        broker.reap()
+        world.now[0] += 3600.0
+        broker.reap()
+        assert (broker.reservations, broker.leases, broker.quarantined) == (0, 0, 0)
+        assert store.placement.open_writers == 0
+        assert store.index.busy_pins == 0
+        for ns in ("a", "b"):
+            await store.delete(ns, KEYS)
+        assert store.l1.used_bytes == 0
+    finally:
+        await broker.close()
+        await store.close()
+        if os.path.exists(shm_path):
+            os.unlink(shm_path)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(sequence=st.lists(ops, min_size=10, max_size=60))
+def test_l1_accounting_returns_to_zero_after_any_sequence(tmp_path: Path,
+                                                          sequence: list[tuple]) -> None:  # type: ignore[type-arg]
+    asyncio.run(_run(tmp_path, sequence))
