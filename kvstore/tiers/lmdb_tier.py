@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _SCAN_BATCH = 10_000
 _DATA_FILE = "data.mdb"
+_PROBE_KEY = b"\x00"  # no block's key: a namespace is never empty
 
 
 def encode_key(block: BlockId) -> bytes:
@@ -261,6 +262,12 @@ class LMDBTier:
                 total += BlockMeta.unpack(raw).size
             for _ in txn.cursor(db=self._data).iternext(keys=True, values=False):
                 pass
+        # A write reads the free-page list and copies a path of each tree:
+        # one probe commit meets damage there now, not at the first Put.
+        with self._env.begin(write=True) as txn:
+            for db in (self._data, self._meta):
+                txn.put(_PROBE_KEY, b"", db=db)
+                txn.delete(_PROBE_KEY, db=db)
         return blocks, total
 
     # -- the writer thread ------------------------------------------------------------
