@@ -16,10 +16,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from serverproc import ServerFailed, ServerProcess
 
 from kvstore import Client
 from kvstore.errors import StorageError
-from serverproc import ServerFailed, ServerProcess
 
 KiB = 1024
 PAGE = 4 * KiB
