@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -191,7 +192,7 @@ class LMDBTier:
     def _damaged(self, exc: BaseException) -> StorageError:
         return StorageError(
             f"L2 data file {self.path / _DATA_FILE} is damaged ({type(exc).__name__}: {exc}); "
-            f"start with --l2-recover true to move {self.path} aside to "
+            f"set l2.recover (--l2-recover true) to move {self.path} aside to "
             f"{self.path}.damaged-<time> and start with an empty L2")
 
     def _move_aside(self) -> Path:
@@ -224,12 +225,16 @@ class LMDBTier:
         (harmless); after damage (the file cut short) the lost pages read
         as zeros, which the checksums and LMDB's page checks catch. A file
         that shrank below a size seen before is damage, and is logged."""
-        need = (int(self._env.info()["last_pgno"]) + 1) * self._psize
+        info = self._env.info()
+        need = (int(info["last_pgno"]) + 1) * self._psize
         size = os.fstat(self._fd).st_size
         if size >= need:
             if size > self._seen_size:
                 self._seen_size = size
             return
+        if need > int(info["map_size"]):  # a damaged meta page: never extend to it
+            raise lmdb.CorruptedError(f"the meta page records {need} bytes, more than the "
+                                      f"map's {info['map_size']}")
         with self._write_lock:
             size = os.fstat(self._fd).st_size
             if size >= need:
@@ -263,8 +268,9 @@ class LMDBTier:
             for _ in txn.cursor(db=self._data).iternext(keys=True, values=False):
                 pass
         # A write reads the free-page list and copies a path of each tree:
-        # one probe commit meets damage there now, not at the first Put.
-        with self._env.begin(write=True) as txn:
+        # one probe commit meets damage there now, not at the first Put. (A
+        # full map is no damage: the writer grows it when it meets it.)
+        with contextlib.suppress(lmdb.MapFullError), self._env.begin(write=True) as txn:
             for db in (self._data, self._meta):
                 txn.put(_PROBE_KEY, b"", db=db)
                 txn.delete(_PROBE_KEY, db=db)
