@@ -160,6 +160,9 @@ class L2Config:
                               "(~100 B each instead of ~550; docs/index.md): L2 evicts them "
                               "least recently used first (sampled), before asking the policy",
                               parse_bool)
+    recover: bool = opt(False, "at start, when the L2 environment is damaged (LMDB cannot "
+                        "open or read it), move it aside to <dir>.damaged-<time> and start "
+                        "with an empty L2 instead of refusing to start", parse_bool)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Get: an L1 hit streams from the arena while the block is pinned; an L2 or
 L3 hit is read into a fresh L1 extent (a promotion) when the policy admits
 it, verified against the checksum before it is served. A bad copy is
-dropped, counted and reported as a miss.
+dropped, counted and reported as a miss; so is one L2 cannot read (a
+StorageError: a damaged LMDB page), the block then comes from L3 if it is
+there.
 
 One loading mechanism for both lower tiers: while a block is being read
 into L1, ``Index.loading`` holds a future for it, and a concurrent Get of
@@ -16,7 +18,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 
-from kvstore.errors import CapacityExhausted
+from kvstore.errors import CapacityExhausted, StorageError
 from kvstore.store.index import Entry
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
@@ -152,8 +154,12 @@ class Reads(Part):
         try:
             offset = await self._reserve_if_admitted(block, entry.size)
             dest = self.l1.slice(offset, entry.size) if offset >= 0 else None
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.read_verify_l2, block, entry.checksum, dest)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, self.read_verify_l2, block, entry.checksum, dest)
+            except StorageError as exc:
+                log.warning("L2 read of %s/%s failed: %s", block[0], block[1].hex()[:16], exc)
+                result = (False, b"")  # dropped like a corrupt copy: a miss
             if self.index.blocks.get(block) is not entry or result is None:
                 if offset >= 0:
                     self.placement.release(offset, entry.size)
@@ -165,7 +171,7 @@ class Reads(Part):
                     self.placement.release(offset, entry.size)
                 c2.corrupt += 1
                 c2.misses += 1
-                log.warning("dropped corrupt L2 copy of %s/%s", block[0], block[1].hex()[:16])
+                log.warning("dropped bad L2 copy of %s/%s", block[0], block[1].hex()[:16])
                 self.policy.on_remove(TierName.L2, block)
                 self.index.drop_l2_copy(block, entry)
                 if entry.l1_offset < 0 and not entry.l3:

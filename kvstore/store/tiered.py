@@ -85,7 +85,8 @@ class TieredStore:
         self.l2: LMDBTier | None = None
         if config.l2.enabled:
             self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
-                               config.l2.sync, config.l2.batch_bytes, executor=self.executor)
+                               config.l2.sync, config.l2.batch_bytes, executor=self.executor,
+                               recover=config.l2.recover)
         has_l3 = bool(config.l3.url)
         tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
             ([TierName.L3] if has_l3 else [])

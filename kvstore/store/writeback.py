@@ -16,7 +16,7 @@ import time
 
 from kvstore.checksum import checksum
 from kvstore.config import Config
-from kvstore.errors import CapacityExhausted
+from kvstore.errors import CapacityExhausted, StorageError
 from kvstore.policy import Action
 from kvstore.store.index import Entry
 from kvstore.store.l3 import L3Mover
@@ -67,10 +67,15 @@ class WriteBack(Part):
         return ok, payload
 
     async def read_verified(self, block: BlockId, entry: Entry) -> bytes | None:
-        """The block's L2 bytes, checked against its checksum (for demotion)."""
+        """The block's L2 bytes, checked against its checksum (for demotion);
+        None when they are missing, bad, or L2 cannot read them (damage)."""
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, self.read_verify_sync, block,
-                                            entry.checksum, None)
+        try:
+            result = await loop.run_in_executor(self.executor, self.read_verify_sync, block,
+                                                entry.checksum, None)
+        except StorageError as exc:
+            log.warning("L2 read of %s for demotion failed: %s", block[1].hex()[:16], exc)
+            return None
         if result is None or not result[0]:
             return None
         return bytes(result[1])

@@ -14,16 +14,31 @@ straight into the caller's buffer. When the map is full the writer grows it
 open transaction — and retries the batch, so clients never see MapFullError.
 Every other ``lmdb.Error`` leaves this module as a
 :class:`~kvstore.errors.StorageError`.
+
+LMDB reads through a memory map of ``data.mdb``: touching a page past the
+end of the file (one cut short on disk) is a SIGBUS that kills the process.
+So before each transaction the file is checked against the size LMDB's
+meta page records ((last page + 1) x page size); when it is shorter it is
+extended with zeros first (:meth:`LMDBTier._ensure_pages_exist`). A crash
+right after a commit can leave the top free pages unwritten, which is
+harmless; after damage, the lost pages read as zeros: a payload then fails
+its checksum (the caller drops the copy) and a B-tree page makes LMDB
+report corruption (a StorageError), never a signal. An environment LMDB
+cannot open or scan is refused at start with one line naming the recovery
+(``l2.recover``: move it aside to ``<dir>.damaged-<time>`` and start empty).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SCAN_BATCH = 10_000
+_DATA_FILE = "data.mdb"
+_PROBE_KEY = b"\x00"  # no block's key: a namespace is never empty
 
 
 def encode_key(block: BlockId) -> bytes:
@@ -109,25 +126,26 @@ _STOP = object()
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
-                 executor: concurrent.futures.Executor | None = None) -> None:
+                 executor: concurrent.futures.Executor | None = None,
+                 recover: bool = False) -> None:
         self.path = Path(path)
         self.capacity = capacity
         self.batch_bytes = batch_bytes
+        # Held by the writer around each transaction, and while a short
+        # data file is extended (extending never races a commit's writes).
+        self._write_lock = threading.Lock()
+        self.extensions = 0  # times the data file was found short and extended
+        self._seen_size = 0  # the largest size of data.mdb seen (LMDB never shrinks it)
+        self._fd = -1
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(
-                str(self.path), map_size=initial_map_size, max_dbs=4, subdir=True,
-                sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
-            )
-        except (OSError, lmdb.Error) as exc:
-            raise self._storage_error("open", exc) from exc
-        try:
-            self._data = self._env.open_db(b"data")
-            self._meta = self._env.open_db(b"meta")
-            self._blocks, self._bytes = self._count()
-        except lmdb.Error as exc:
-            self._env.close()
-            raise self._storage_error("open", exc) from exc
+            self._open_checked(initial_map_size, sync)
+        except StorageError as exc:
+            if not recover or not (self.path / _DATA_FILE).exists():
+                raise
+            moved = self._move_aside()
+            log.warning("L2 at %s is damaged (%s): moved it aside to %s and started empty "
+                        "(l2.recover)", self.path, exc, moved)
+            self._open_checked(initial_map_size, sync)
         self._rw = _ReadWriteLock()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -142,15 +160,120 @@ class LMDBTier:
                                         daemon=True)
         self._writer.start()
 
+    def _open_checked(self, map_size: int, sync: bool) -> None:
+        """Open the environment, make sure no recorded page lies past the end
+        of the data file, and count what it holds (a scan of ``meta``, which
+        also proves that B-tree readable). A damaged environment is one
+        StorageError naming the file and the recovery."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(
+                str(self.path), map_size=map_size, max_dbs=4, subdir=True,
+                sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
+            )
+        except lmdb.Error as exc:
+            raise self._damaged(exc) from None
+        except OSError as exc:
+            raise self._storage_error("open", exc) from exc
+        try:
+            self._fd = os.open(self.path / _DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
+            self._psize = int(self._env.stat()["psize"])
+            self._ensure_pages_exist()
+            self._data = self._env.open_db(b"data")
+            self._meta = self._env.open_db(b"meta")
+            self._blocks, self._bytes = self._count()
+        except lmdb.Error as exc:
+            self._close_files()
+            raise self._damaged(exc) from None
+        except OSError as exc:
+            self._close_files()
+            raise self._storage_error("open", exc) from exc
+
+    def _damaged(self, exc: BaseException) -> StorageError:
+        return StorageError(
+            f"L2 data file {self.path / _DATA_FILE} is damaged ({type(exc).__name__}: {exc}); "
+            f"set l2.recover (--l2-recover true) to move {self.path} aside to "
+            f"{self.path}.damaged-<time> and start with an empty L2")
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+        try:
+            self.path.rename(target)
+        except OSError as exc:
+            raise self._storage_error("recovery (moving the damaged environment aside)",
+                                      exc) from exc
+        return target
+
+    def _close_files(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._env.close()
+
+    def _ensure_pages_exist(self) -> None:
+        """Make sure every page LMDB may touch lies inside ``data.mdb``, so
+        the map can never fault past the end of the file (SIGBUS).
+
+        LMDB records its last page number in the meta page; every page it
+        reads or copies is at most that one. A shorter file is extended with
+        zeros: after a crash the top pages may be free and never written
+        (harmless); after damage (the file cut short) the lost pages read
+        as zeros, which the checksums and LMDB's page checks catch. A file
+        that shrank below a size seen before is damage, and is logged."""
+        info = self._env.info()
+        need = (int(info["last_pgno"]) + 1) * self._psize
+        size = os.fstat(self._fd).st_size
+        if size >= need:
+            if size > self._seen_size:
+                self._seen_size = size
+            return
+        if need > int(info["map_size"]):  # a damaged meta page: never extend to it
+            raise lmdb.CorruptedError(f"the meta page records {need} bytes, more than the "
+                                      f"map's {info['map_size']}")
+        with self._write_lock:
+            size = os.fstat(self._fd).st_size
+            if size >= need:
+                return
+            if size < self._seen_size:
+                log.error("L2 data file %s shrank to %d bytes under the server (it was %d, "
+                          "LMDB needs %d): extended with zeros; blocks in the lost pages "
+                          "read as misses", self.path / _DATA_FILE, size, self._seen_size,
+                          need)
+            else:  # at open after damage or a crash; later, after a commit (harmless)
+                log.log(logging.WARNING if self._seen_size == 0 else logging.DEBUG,
+                        "L2 data file %s is %d bytes, shorter than the %d LMDB recorded: "
+                        "extended with zeros (blocks in missing pages, if any, read as "
+                        "misses)", self.path / _DATA_FILE, size, need)
+            os.ftruncate(self._fd, need)
+            self.extensions += 1
+            self._seen_size = need
+
     def _storage_error(self, what: str, exc: BaseException) -> StorageError:
         return StorageError(f"L2 {what} failed at {self.path}: {type(exc).__name__}: {exc}")
 
     def _count(self) -> tuple[int, int]:
+        """Blocks and bytes (from ``meta``). Walking the keys of ``data`` too
+        reads every B-tree page of both (not the payloads), so a damaged
+        tree shows up here, at start, rather than as failing writes later."""
         blocks = total = 0
         with self._env.begin(db=self._meta, buffers=True) as txn:
             for _, raw in txn.cursor():
                 blocks += 1
                 total += BlockMeta.unpack(raw).size
+            for _ in txn.cursor(db=self._data).iternext(keys=True, values=False):
+                pass
+        # A write reads the free-page list and copies a path of each tree:
+        # one probe commit meets damage there now, not at the first Put. (A
+        # full map is no damage: the writer grows it when it meets it.)
+        with contextlib.suppress(lmdb.MapFullError), self._env.begin(write=True) as txn:
+            for db in (self._data, self._meta):
+                txn.put(_PROBE_KEY, b"", db=db)
+                txn.delete(_PROBE_KEY, db=db)
         return blocks, total
 
     # -- the writer thread ------------------------------------------------------------
@@ -223,6 +346,14 @@ class LMDBTier:
                 self._grow()
 
     def _apply(self, batch: list[_Op]) -> list[bool]:
+        try:
+            self._ensure_pages_exist()
+        except OSError as exc:
+            raise lmdb.Error(f"cannot check or extend the data file: {exc}") from exc
+        with self._write_lock:
+            return self._apply_locked(batch)
+
+    def _apply_locked(self, batch: list[_Op]) -> list[bool]:
         existed: list[bool] = []
         d_blocks = d_bytes = 0
         with self._env.begin(write=True) as txn:
@@ -266,6 +397,7 @@ class LMDBTier:
         """Blocking read. With ``dest`` (at least the block's size) the payload
         is copied there and returned as a view of it; without, as bytes."""
         key = encode_key(block)
+        self._guard_read("read")
         self._rw.acquire_read()
         try:
             with self._env.begin(buffers=True) as txn:
@@ -286,8 +418,15 @@ class LMDBTier:
         finally:
             self._rw.release_read()
 
+    def _guard_read(self, what: str) -> None:
+        try:
+            self._ensure_pages_exist()
+        except (OSError, lmdb.Error) as exc:
+            raise self._storage_error(what, exc) from exc
+
     def _scan_batch(self, after: bytes | None) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
+        self._guard_read("scan")
         self._rw.acquire_read()
         try:
             with self._env.begin(db=self._meta) as txn:
@@ -356,7 +495,7 @@ class LMDBTier:
         finally:
             if self._own_executor:
                 self._executor.shutdown(wait=True)
-            self._env.close()
+            self._close_files()
 
 
 if TYPE_CHECKING:  # mypy checks that the class plays its role
