@@ -88,7 +88,7 @@ class TieredStore:
                         self.progress)
         self.l3: L3Mover | None = None
         if has_l3:
-            self.l3 = L3Mover(shared, config.l3)
+            self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
             self.index.delete_l3 = self.l3.delete_later
         self.writeback: WriteBack | None = None
         if self.l2 is not None:
