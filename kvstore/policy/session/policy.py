@@ -442,6 +442,8 @@ class SessionPolicy(Duel, Policy):
             if lc is None:
                 return None
             stats["lru_choice"] += 1
+            if self._discard and lc in self._discard:
+                return lc, Action.DROP  # (SessionEnd(discard), whoever chose it)
             return lc, self._action[tier]
         if lc is None or sc == lc:
             stats["agree"] += 1
@@ -453,11 +455,13 @@ class SessionPolicy(Duel, Policy):
                 chosen = sc
             else:
                 stats["lru_choice"] += 1
+                if self._discard and lc in self._discard:
+                    return lc, Action.DROP
                 return lc, self._action[tier]
         ts.peek = None
+        if self._discard and chosen in self._discard:
+            return chosen, Action.DROP
         if ts.peek_drop:
             stats["dead"] += 1
-            if self._discard and chosen in self._discard:
-                return chosen, Action.DROP
             return chosen, self._dead_action[tier]
         return chosen, self._action[tier]
