@@ -179,7 +179,7 @@ class ObjectTier:
         access_key_id: str = "",
         secret_access_key: str = "",
         concurrency: int = 16,
-        read_concurrency: int = 8,
+        read_concurrency: int | None = None,
         timeout_s: float = 5.0,
         retries: int = 3,
         breaker_failures: int = 5,
@@ -190,6 +190,8 @@ class ObjectTier:
     ) -> None:
         if concurrency < 1:
             raise InvalidConfig("l3.concurrency must be at least 1")
+        if read_concurrency is None:  # (as many as writes)
+            read_concurrency = concurrency
         if read_concurrency < 1:
             raise InvalidConfig("l3.read_concurrency must be at least 1")
         if timeout_s <= 0:
