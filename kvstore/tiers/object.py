@@ -350,8 +350,8 @@ class ObjectTier:
         listing alone (no request per object): the fast way to rebuild an
         index, whose checksums then come from each object's header on read.
         ``namespaces``: only theirs (one listing under each); empty: all."""
-        wanted = sorted(set(namespaces))
-        for prefix in wanted or [None]:
+        wanted: list[str | None] = [*sorted(set(namespaces))] or [None]
+        for prefix in wanted:
             async for page in self._list_pages(prefix):
                 for obj in page:
                     block = parse_object_path(str(obj["path"]))
@@ -389,9 +389,10 @@ class ObjectTier:
         lane: str = "write",
     ) -> Any:
         """Run one call (one or more requests) with the deadline, retries,
-        concurrency limit of its ``lane`` ("read" or "write") and breaker. Returns MISSING for a not-found when
-        missing_ok. The breaker judges calls, not requests: a burst of
-        transient errors that retries absorb does not open it."""
+        concurrency limit of its ``lane`` ("read" or "write") and breaker.
+        Returns MISSING for a not-found when missing_ok. The breaker judges
+        calls, not requests: a burst of transient errors that retries absorb
+        does not open it."""
         if self._closed:
             raise TierUnavailable(f"L3 {self.location} is closed")
         if not self.breaker.allow():
