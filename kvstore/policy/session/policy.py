@@ -315,8 +315,8 @@ class SessionPolicy(Duel, Policy):
             else:
                 nlive.pop(b, None)
                 self._kill(b)
-                if discard:
-                    self._discard.add(b)
+                if discard and any(b in ts.lru for ts in self._tiers.values()):
+                    self._discard.add(b)  # (resident only: on_remove forgets it)
         s.cur = set()
         if survivors:  # shared with live streams: hand them to the latest active one
             for tier, ts in self._tiers.items():
