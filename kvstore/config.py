@@ -175,7 +175,9 @@ class L3Config:
     access_key_id: str = opt("", "S3 access key (prefer env KVSTORE_L3_ACCESS_KEY_ID)", parse_str)
     secret_access_key: str = opt("", "S3 secret key (prefer env KVSTORE_L3_SECRET_ACCESS_KEY)",
                                  parse_str)
-    concurrency: int = opt(16, "most object-store requests in flight", parse_int)
+    concurrency: int = opt(16, "most object-store write requests in flight (uploads, deletes, "
+                           "the listing); reads have their own share, read_concurrency",
+                           parse_int)
     timeout_s: float = opt(5.0, "per-request timeout; a read that takes longer is a miss",
                            parse_float)
     retries: int = opt(3, "retries of a failed request, with jittered exponential backoff",
@@ -191,6 +193,14 @@ class L3Config:
                               "back); beyond it they are dropped", parse_float)
     list_on_start: bool = opt(True, "rebuild the L3 part of the index by listing the bucket "
                               "at start (in the background)", parse_bool)
+    # Reads beside the drain (hardening item 9): their own request slots, and a paced drain.
+    read_concurrency: int = opt(8, "most object-store read requests (Get, HEAD, health probe) "
+                                "in flight, on top of concurrency: a demotion backlog never "
+                                "holds a read's slot", parse_int)
+    drain_concurrency: int = opt(4, "most background demotions uploading at once (at most "
+                                 "concurrency; the rest of the write slots stay free for "
+                                 "ack=remote Puts and deletes); the others wait their turn "
+                                 "before their deadline starts", parse_int)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,10 @@ class TurnEnd:
 
 @dataclass(frozen=True, slots=True)
 class SessionEnd:
-    pass
+    """The session is over: its blocks are the first to leave L1 (to L2, as
+    every Put's) and skip L3. ``discard``: they leave the store instead."""
+
+    discard: bool = False
 
 
 @dataclass(frozen=True, slots=True)

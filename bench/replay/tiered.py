@@ -11,8 +11,9 @@ in ``kvstore/store/``:
   every Put for L2, whatever the acknowledgement level), so L2 holds a superset of L1
   unless L2 itself evicted the copy.
 * **L1 eviction**: the policy's action. ``DEMOTE`` keeps the L2 copy (and writes one if
-  L2 lost it); ``DROP`` removes the block from every tier (the session policy drops
-  blocks no live stream references).
+  L2 lost it); ``DROP`` removes the block from every tier (the session policy's
+  choice for the blocks of a ``SessionEnd(discard=True)``; dead blocks otherwise leave
+  L1 with ``DEMOTE``, as in the server, and L2 with ``DROP``, never uploaded to L3).
 * **L2 eviction**: ``DEMOTE`` uploads the block to L3 (if it is not there yet) when L3 is
   configured; otherwise, or on ``DROP``, the L2 copy goes (an L1 copy stays).
 * **L3 eviction** (only with an L3 capacity): the copy goes.

@@ -216,6 +216,7 @@ def encode_session_event(namespace: str, session_id: str, event: SessionHint) ->
         req.turn_end.tool_name = event.tool_name
     elif isinstance(event, SessionEnd):
         req.session_end.SetInParent()
+        req.session_end.discard = event.discard
     elif isinstance(event, Prefetch):
         req.prefetch.SetInParent()
         req.prefetch.keys.extend(event.keys)

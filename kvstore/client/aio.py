@@ -262,9 +262,10 @@ class AsyncClient(ClientBase):
             session_id, turn_end_event(reason, expected_gap_ms, tool_name), namespace=namespace
         )
 
-    async def session_end(self, session_id: str, *, namespace: str | None = None) -> None:
+    async def session_end(self, session_id: str, *, namespace: str | None = None,
+                          discard: bool = False) -> None:
         """See :meth:`kvstore.Client.session_end`."""
-        await self.session_event(session_id, SessionEnd(), namespace=namespace)
+        await self.session_event(session_id, SessionEnd(discard), namespace=namespace)
 
     async def _unary(self, name: str, req: bytes) -> Any:
         try:

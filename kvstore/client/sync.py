@@ -325,9 +325,11 @@ class Client(ClientBase):
             session_id, turn_end_event(reason, expected_gap_ms, tool_name), namespace=namespace
         )
 
-    def session_end(self, session_id: str, *, namespace: str | None = None) -> None:
-        """The session is over."""
-        self.session_event(session_id, SessionEnd(), namespace=namespace)
+    def session_end(self, session_id: str, *, namespace: str | None = None,
+                    discard: bool = False) -> None:
+        """The session is over: its blocks leave L1 first (to L2, never to L3);
+        ``discard``: they leave the store."""
+        self.session_event(session_id, SessionEnd(discard), namespace=namespace)
 
     def _unary(self, rpc: Any, req: bytes) -> Any:
         try:

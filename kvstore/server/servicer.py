@@ -204,7 +204,7 @@ class KVStoreServicer:
                 raise InvalidArgument(f"unknown turn end reason {te.reason}") from None
             event = TurnEnd(reason, te.expected_gap_ms, te.tool_name)
         elif which == "session_end":
-            event = SessionEnd()
+            event = SessionEnd(discard=request.session_end.discard)
         elif which == "prefetch":
             blocks, nbytes = self.store.prefetch(namespace, request.session_id,
                                                  list(request.prefetch.keys))

@@ -14,7 +14,10 @@ index goes through :class:`kvstore.store.index.Index`'s methods. Rules:
   for L3 up to ``l3.outage_spill`` over its capacity, and they move once L3
   is back; beyond that bound L2 evictions drop.
 * Reads from L3 run under the tier's deadline (``l3.timeout_s``); an outage,
-  a timeout or a corrupt object is a miss, never a hang or an error.
+  a timeout or a corrupt object is a miss, never a hang or an error. Reads
+  have request slots of their own (``l3.read_concurrency``): the drain of a
+  demotion backlog after an outage, paced to ``l3.drain_concurrency``
+  uploads at once, never holds them.
 * Blocks other nodes put in the shared bucket are found by Lookup and Get
   (one HEAD / GET), and by the listing at start.
 """
@@ -25,8 +28,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from kvstore.checksum import checksum
@@ -48,8 +52,12 @@ class L3Mover(Part):
     (for a demotion); ``after_demotion``: called when one ends (L2 goes on
     trimming). Both are set once by the store, before :meth:`start`."""
 
-    def __init__(self, shared: Shared, config: L3Config) -> None:
+    def __init__(self, shared: Shared, config: L3Config,
+                 namespaces: Iterable[str] = ()) -> None:
+        """``namespaces``: the only ones this node serves (``server.namespaces``;
+        empty: all): the listing indexes no other namespace's objects."""
         super().__init__(shared)
+        self.namespaces = frozenset(namespaces)
         self._l2_counters = self.stats.counters[TierName.L2]
         self._counters = self.stats.counters[TierName.L3]
         self.read_l2: Callable[[BlockId, Entry], Awaitable[bytes | None]] | None = None
@@ -58,6 +66,12 @@ class L3Mover(Part):
         self.queue_limit = config.write_queue_bytes
         self.list_on_start = config.list_on_start
         self.retry_s = max(config.breaker_reset_s, 0.05)
+        # The drain is paced: at most this many demotions upload at once, the
+        # others wait here, before their request deadline starts (a backlog
+        # never times out in the tier's queue, nor opens the breaker), and
+        # some write slots stay free for ack=remote Puts and deletes.
+        self._drain = asyncio.Semaphore(max(1, min(config.drain_concurrency,
+                                                   config.concurrency)))
         self.queued = 0  # bytes being demoted or written for ack=remote
         self._tasks: set[asyncio.Task[None]] = set()
         # The last object-store write (upload or delete) of each block with
@@ -112,9 +126,10 @@ class L3Mover(Part):
         started = time.monotonic()
         while not self._closing:
             try:
-                async for block, size in self.tier.list_blocks():
+                async for block, size in self.tier.list_blocks(self.namespaces):
                     self.listed += 1
-                    if block in self._deleting:
+                    if block in self._deleting or (
+                            self.namespaces and block[0] not in self.namespaces):
                         continue
                     entry = self.index.blocks.get(block)
                     if entry is None and self.index.listed_cold(block, size):
@@ -175,13 +190,16 @@ class L3Mover(Part):
                 if data is None:
                     return
                 try:
-                    written = await self._in_order(
-                        block, functools.partial(self.tier.put, block, data, entry.meta()),
-                        functools.partial(index.is_current, block, entry))
+                    async with self._drain:
+                        written = await self._in_order(
+                            block, functools.partial(self.tier.put, block, data, entry.meta()),
+                            functools.partial(index.is_current, block, entry))
                 except TierUnavailable as exc:
-                    # Keep the L2 copy and try again once the breaker may let us.
+                    # Keep the L2 copy and try again once the breaker may let us;
+                    # jittered, so that a backlog does not come back as one burst.
                     log.info("demotion of %s waits for L3: %s", block[1].hex()[:16], exc)
-                    await asyncio.sleep(self.retry_s)
+                    del data
+                    await asyncio.sleep(self.retry_s * random.uniform(1.0, 2.0))
                     continue
                 if not written:
                     return  # deleted or replaced meanwhile

@@ -103,7 +103,7 @@ class TieredStore:
                         self.progress)
         self.l3: L3Mover | None = None
         if has_l3:
-            self.l3 = L3Mover(shared, config.l3)
+            self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
             self.index.delete_l3 = self.l3.delete_later
         self.writeback: WriteBack | None = None
         if self.l2 is not None:
@@ -360,7 +360,7 @@ class TieredStore:
         # The mover deletes the L3 copies of the blocks just forgotten; the
         # listing finds the rest.
         gone = set(known)
-        others = [block async for block, _ in self.l3.tier.list_blocks(namespace)
+        others = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
         step = max(1, self.config.l3.concurrency)
         for start in range(0, len(others), step):

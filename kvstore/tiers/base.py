@@ -22,7 +22,7 @@ one set of tests per role against every backend of that role.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -205,9 +205,10 @@ class ObjectStore(Protocol):
         """Remove the block; True when it was there."""
         ...
 
-    def list_blocks(self, namespace: str | None = None) -> AsyncIterator[tuple[BlockId, int]]:
+    def list_blocks(self, namespaces: Iterable[str] = ()) -> AsyncIterator[tuple[BlockId, int]]:
         """Every block stored (by any node) with its payload size, from the
-        listing alone (no request per object); only ``namespace``'s when given.
+        listing alone (no request per object); only those of ``namespaces``
+        when any are given.
         Objects that are not blocks are skipped."""
         ...
 

@@ -33,6 +33,9 @@ Failure behaviour (the store translates; nothing here retries forever):
 
 - every call runs under one deadline of ``timeout_s`` (waiting for a
   concurrency slot, every attempt and every backoff included);
+- reads (GET, HEAD, the health probe) and writes (PUT, DELETE, the listing)
+  have separate request slots (``read_concurrency``, ``concurrency``): a
+  write backlog (the demotions waiting out an outage) never delays a read;
 - failed requests are retried up to ``retries`` times with full-jitter
   exponential backoff (50 ms doubling, at most 1 s), within the deadline;
   errors that retrying cannot fix (403, missing bucket) are not retried;
@@ -57,7 +60,7 @@ import random
 import struct
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +179,7 @@ class ObjectTier:
         access_key_id: str = "",
         secret_access_key: str = "",
         concurrency: int = 16,
+        read_concurrency: int | None = None,
         timeout_s: float = 5.0,
         retries: int = 3,
         breaker_failures: int = 5,
@@ -186,6 +190,10 @@ class ObjectTier:
     ) -> None:
         if concurrency < 1:
             raise InvalidConfig("l3.concurrency must be at least 1")
+        if read_concurrency is None:  # (as many as writes)
+            read_concurrency = concurrency
+        if read_concurrency < 1:
+            raise InvalidConfig("l3.read_concurrency must be at least 1")
         if timeout_s <= 0:
             raise InvalidConfig("l3.timeout_s must be positive")
         if retries < 0:
@@ -206,8 +214,10 @@ class ObjectTier:
             secret_access_key=secret_access_key,
             timeout_s=self.timeout_s,
         )
-        self._concurrency = concurrency
-        self._sem = asyncio.Semaphore(concurrency)
+        # Two lanes: reads (GET, HEAD, the health probe) never queue behind
+        # writes (a demotion backlog after an outage), nor writes behind reads.
+        self._concurrency = {"read": read_concurrency, "write": concurrency}
+        self._lanes = {lane: asyncio.Semaphore(n) for lane, n in self._concurrency.items()}
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._closed = False
         self._last_error = ""
@@ -226,6 +236,7 @@ class ObjectTier:
             access_key_id=config.access_key_id,
             secret_access_key=config.secret_access_key,
             concurrency=config.concurrency,
+            read_concurrency=config.read_concurrency,
             timeout_s=config.timeout_s,
             retries=config.retries,
             breaker_failures=config.breaker_failures,
@@ -260,7 +271,7 @@ class ObjectTier:
                 return []
 
         try:
-            await self._call("probe", _PROBE_PREFIX, probe, retries=0)
+            await self._call("probe", _PROBE_PREFIX, probe, retries=0, lane="read")
         except TierUnavailable:
             return False
         return True
@@ -286,7 +297,7 @@ class ObjectTier:
             result = await obstore.get_async(self._store, path)
             return await result.bytes_async()
 
-        raw = await self._call("get", path, fetch, missing_ok=True)
+        raw = await self._call("get", path, fetch, missing_ok=True, lane="read")
         if raw is MISSING:
             return None
         mv = memoryview(raw)
@@ -307,18 +318,19 @@ class ObjectTier:
         """The payload size of a stored block (one HEAD request), or None."""
         path = object_path(block)
         found = await self._call(
-            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
+            "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True,
+            lane="read",
         )
         if found is MISSING:
             return None
         size = int(found["size"]) - HEADER_SIZE
         return size if size >= 0 else None
 
-    async def _list_pages(self, under: str | None = None) -> AsyncIterator[list[Any]]:
-        """The listing under the prefix (and ``under`` within it), a page at a
-        time, each page fetched through the deadline and breaker (not retried:
-        callers list again)."""
-        stream = obstore.list(self._store, under, chunk_size=_LIST_PAGE)
+    async def _list_pages(self, prefix: str | None = None) -> AsyncIterator[list[Any]]:
+        """The listing under the tier's prefix (and ``prefix`` within it), a
+        page at a time, each page fetched through the deadline and breaker
+        (not retried: callers list again)."""
+        stream = obstore.list(self._store, prefix, chunk_size=_LIST_PAGE)
 
         async def next_page() -> Any:
             try:
@@ -332,20 +344,22 @@ class ObjectTier:
                 return
             yield page
 
-    async def list_blocks(self, namespace: str | None = None
-                          ) -> AsyncIterator[tuple[BlockId, int]]:
-        """Every block under the prefix (of ``namespace`` only, when given)
-        with its payload size, from the listing alone (no request per object):
-        the fast way to rebuild an index, whose checksums then come from each
-        object's header on read."""
-        async for page in self._list_pages(None if namespace is None else namespace + "/"):
-            for obj in page:
-                block = parse_object_path(str(obj["path"]))
-                size = int(obj["size"]) - HEADER_SIZE
-                if block is None or size < 0:
-                    self.scan_skipped += 1
-                    continue
-                yield block, size
+    async def list_blocks(
+            self, namespaces: Iterable[str] = ()) -> AsyncIterator[tuple[BlockId, int]]:
+        """Every block under the prefix with its payload size, from the
+        listing alone (no request per object): the fast way to rebuild an
+        index, whose checksums then come from each object's header on read.
+        ``namespaces``: only theirs (one listing under each); empty: all."""
+        wanted: list[str | None] = [*sorted(set(namespaces))] or [None]
+        for prefix in wanted:
+            async for page in self._list_pages(prefix):
+                for obj in page:
+                    block = parse_object_path(str(obj["path"]))
+                    size = int(obj["size"]) - HEADER_SIZE
+                    if block is None or size < 0 or (prefix is not None and block[0] != prefix):
+                        self.scan_skipped += 1
+                        continue
+                    yield block, size
 
     async def delete(self, block: BlockId) -> bool:
         path = object_path(block)
@@ -372,11 +386,13 @@ class ObjectTier:
         *,
         missing_ok: bool = False,
         retries: int | None = None,
+        lane: str = "write",
     ) -> Any:
         """Run one call (one or more requests) with the deadline, retries,
-        concurrency limit and breaker. Returns MISSING for a not-found when
-        missing_ok. The breaker judges calls, not requests: a burst of
-        transient errors that retries absorb does not open it."""
+        concurrency limit of its ``lane`` ("read" or "write") and breaker.
+        Returns MISSING for a not-found when missing_ok. The breaker judges
+        calls, not requests: a burst of transient errors that retries absorb
+        does not open it."""
         if self._closed:
             raise TierUnavailable(f"L3 {self.location} is closed")
         if not self.breaker.allow():
@@ -398,7 +414,7 @@ class ObjectTier:
                 if loop.time() >= deadline:
                     raise TimeoutError
                 async with asyncio.timeout_at(deadline):
-                    async with self._sem:
+                    async with self._lanes[lane]:
                         started = True
                         self.requests += 1
                         try:
@@ -417,7 +433,7 @@ class ObjectTier:
                     self.breaker.abandon()
                     raise TierUnavailable(
                         f"L3 {op} {path!r} on {self.location}: no free request slot within "
-                        f"{self.timeout_s}s ({self._concurrency} in flight)"
+                        f"{self.timeout_s}s ({self._concurrency[lane]} {lane}s in flight)"
                     ) from None
                 self.failed_requests += 1
                 self._last_error = _describe(exc)

