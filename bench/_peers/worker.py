@@ -73,6 +73,19 @@ class Worker:
             from kvstore.client.shm import ShmClient
 
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+        elif system in ("kvstore-tcp-stream", "kvstore-unix-stream"):
+            from kvstore import Client
+
+            target = cfg["kv_tcp"] if system == "kvstore-tcp-stream" else cfg["kv_unix"]
+            c = Client(target, namespace="bench", timeout=300, unary_get=False)
+        elif system == "kvstore-tcp-threaded":
+            from kvstore import Client
+
+            class ThreadedGetClient(Client):
+                single_threaded_get = False
+
+            c = ThreadedGetClient(cfg["kv_tcp"], namespace="bench", timeout=300,
+                                  unary_get=False)
         elif system == "kvstore-tcp-syncput":
             from kvstore import Client
 
