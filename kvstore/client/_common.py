@@ -111,6 +111,8 @@ def max_response_bytes(options: Sequence[tuple[str, Any]]) -> int:
     return max(0, limit - _MESSAGE_HEADROOM)
 
 
+#: The unary Get (per-call cost), beside kvstore.v1.KVStore/Get.
+GET_SMALL = "/kvstore.v1.KVStore/GetSmall"
 _MAX_RESPONSE_TAG = b"\x28"  # GetRequest.max_response_bytes: 5, varint
 
 

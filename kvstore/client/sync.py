@@ -15,8 +15,9 @@ from kvstore.client._aioput import AioPutter
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
     DEFAULT_TARGET,
-    Blocks,
+    GET_SMALL,
     SINGLE_THREADED_UNARY_STREAM,
+    Blocks,
     GetAssembler,
     PutResult,
     feed_small_response,
@@ -106,7 +107,7 @@ class Client(ClientBase):
             response_deserializer=conv.decode_get_chunk,
         )
         self._get_small_rpc = ch.unary_unary(
-            conv.SERVICE + "GetSmall", request_serializer=conv.identity,
+            GET_SMALL, request_serializer=conv.identity,
             response_deserializer=conv.identity,
         )
         self._lookup_rpc = ch.unary_unary(
