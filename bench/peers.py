@@ -52,6 +52,8 @@ MiB = 1024 * KiB
 
 KV_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
 REDIS_SYSTEMS = ["redis-tcp", "redis-unix"]
+# Only with --mooncake-venv (bench/_peers/mooncake_proc.py says how to make one).
+MOONCAKE_SYSTEMS = ["mooncake-tcp"]
 BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
 # The previous client paths, for before/after comparisons in one run (only
 # when named with --systems): grpc's sync Put stream, and shared-memory Gets
@@ -59,7 +61,7 @@ BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
 OLD_SYSTEMS = ["kvstore-tcp-syncput", "kvstore-shm-2rpc", "kvstore-tcp-stream",
                "kvstore-unix-stream", "kvstore-tcp-threaded"]
 DEFAULT_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
-ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS
+ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS + MOONCAKE_SYSTEMS
 
 API = {
     "kvstore-tcp": {"put": "Client.put([(key, view)] * batch) — one Put stream, ack=memory",
@@ -91,6 +93,10 @@ API = {
                          "API; not copied further, which favours Redis)"},
     "redis-unix": {"put": "MSET (as redis-tcp, over the unix socket)",
                    "get": "MGET (as redis-tcp, over the unix socket)"},
+    "mooncake-tcp": {"put": "MooncakeDistributedStore.batch_upsert_from (registered source "
+                            "buffers; TCP transport to a separate process holding the "
+                            "segment)",
+                     "get": "batch_get_into registered, reused buffers"},
     "raw-tcp": {"put": "sendall of each block, one 1-byte ack per batch",
                 "get": "recv_into the reused buffers"},
     "raw-unix": {"put": "as raw-tcp over a unix socket", "get": "as raw-tcp over a unix socket"},
@@ -253,6 +259,8 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["vs_best_redis"] = ratio(redis_best["system"]) if redis_best else None
         row["best_redis"] = redis_best["system"] if redis_best else None
         row["vs_raw"] = ratio(raw)
+        if ("mooncake-tcp", op, block, clients, batch) in by:
+            row["vs_mooncake_tcp"] = ratio("mooncake-tcp")
         row["raw_baseline"] = raw
         if system in ("kvstore-shm", "kvstore-shm-2rpc"):
             peers = [by[(s, op, block, clients, batch)] for s in
@@ -387,6 +395,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             systems = [s for s in systems if s not in REDIS_SYSTEMS]
             notes.append("Redis cells skipped")
+    mooncake = None
+    if any(s in MOONCAKE_SYSTEMS for s in systems):
+        from bench._peers.mooncake_proc import MooncakeCluster, find_mooncake
+
+        site, note = find_mooncake(args.mooncake_venv)
+        notes.append(note)
+        if site:
+            mooncake = MooncakeCluster(args.mooncake_venv, site, work / "mooncake",
+                                       segment_bytes=2 * 1024**3)
+            mooncake.start()
+            notes.append(f"Mooncake master {mooncake.master_addr}, holder pid {mooncake.pid}")
+        else:
+            systems = [s for s in systems if s not in MOONCAKE_SYSTEMS]
     for n in notes:
         progress.line(f"peers: {n}")
 
@@ -416,12 +437,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                "redis_unix": redis_srv.unix if redis_srv else "",
                "redis_read_size": args.redis_read_size,
                "raw_port": raw_port, "raw_unix": raw_unix,
+               "mooncake_site": mooncake.site if mooncake else "",
+               "mooncake_master": mooncake.master_addr if mooncake else "",
                "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0"}
         progress.status(f"peers: starting {max(args.clients)} client processes ...")
         pool = Pool(max(args.clients), cfg)
         pids = {s: (server.proc.pid if s.startswith("kvstore") else
                     redis_srv.pid if s.startswith("redis") and redis_srv else
-                    raw_proc.pid if s.startswith("raw") else None) for s in systems}
+                    raw_proc.pid if s.startswith("raw") else
+                    mooncake.pid if s.startswith("mooncake") and mooncake else None)
+                for s in systems}
         groups = [(b, c, n) for n in args.per_call for b in args.sizes for c in args.clients]
         ncells = len(groups) * 2
         cell_no = 0
@@ -468,6 +493,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if pool is not None:
             pool.close()
         server.stop()
+        if mooncake is not None:
+            mooncake.stop()
         raw_parent.close()
         raw_proc.join(10)
         if raw_proc.is_alive():
@@ -588,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--redis-maxmemory", default="4gb")
     p.add_argument("--redis-read-size", type=_parse_size, default=MiB,
                    help="redis-py socket_read_size [default: 1MiB; redis-py's own is 32KiB]")
+    p.add_argument("--mooncake-venv", default="",
+                   help="a venv with mooncake-transfer-engine-non-cuda: adds the "
+                        "mooncake-tcp peer when named in --systems")
     p.add_argument("--no-install", action="store_true",
                    help="never apt-get/pip install Redis or redis-py (skip Redis instead)")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
