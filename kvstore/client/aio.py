@@ -15,6 +15,7 @@ from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_
 from kvstore.client._common import (
     DEFAULT_TARGET,
     GET_SMALL,
+    SMALL_GET_BYTES,
     Blocks,
     GetAssembler,
     PutResult,
@@ -176,9 +177,9 @@ class AsyncClient(ClientBase):
 
     async def _get(self, keys: list[bytes], req: bytes, views: list[memoryview] | None,
                    namespace: str | None, session_id: str | None) -> list[Any]:
-        """As :meth:`kvstore.Client._get`: GetSmall when the batch should fit."""
+        """As :meth:`kvstore.Client._get`: GetSmall for up to SMALL_GET_BYTES."""
         count = len(keys)
-        if not self._unary_get or count * self._block_hint > self._small_limit:
+        if not self._unary_get or count * self._block_hint > SMALL_GET_BYTES:
             return await self._stream_get(req, GetAssembler(count, views))
         try:
             raw = await self._rpc(GET_SMALL)(req + small_request_suffix(self._small_limit),

@@ -17,6 +17,7 @@ from kvstore.client._common import (
     DEFAULT_TARGET,
     GET_SMALL,
     SINGLE_THREADED_UNARY_STREAM,
+    SMALL_GET_BYTES,
     Blocks,
     GetAssembler,
     PutResult,
@@ -60,10 +61,12 @@ class Client(ClientBase):
     ``tls`` (a :class:`TLS`) connects over TLS. ``metadata`` is gRPC metadata
     sent with every call: a mapping or (key, value) pairs, or a function
     called at each call that returns them (for values that change from call
-    to call). ``unary_get`` (default on) reads a batch whose blocks fit one
-    message (judged from the largest block of the previous Get) with one
-    unary GetSmall call instead of a Get stream; what does not fit goes by
-    the stream. ``aio_put`` (default on) sends Put streams from a private
+    to call). ``unary_get`` (default on) reads a batch expected to move at
+    most 2 MiB (judged from the largest block of the previous Get) with one
+    unary GetSmall call instead of a Get stream (what does not fit one
+    message goes by the stream); larger Gets stream on a second channel whose
+    streams grpc drives from its own thread (receiving while this thread
+    copies). ``aio_put`` (default on) sends Put streams from a private
     grpc.aio event loop thread with its own connection, started at the first
     Put (faster than grpc's sync stream calls); off, Puts use the sync
     channel like every other call. Errors are :mod:`kvstore.errors` classes,
@@ -88,6 +91,11 @@ class Client(ClientBase):
         if self.single_threaded_get:
             options = [*options, (SINGLE_THREADED_UNARY_STREAM, 1)]
         self._channel = open_channel(grpc, self._grpc_target, options, credentials)
+        # Gets expected to move more than SMALL_GET_BYTES: streams driven by
+        # grpc's own thread, which receives the next chunk while this thread
+        # copies the last (a thread per call, worth it at that size).
+        self._bulk_credentials = credentials
+        self._bulk_get_rpc: Any = None
         self._small_limit = max_response_bytes(self._options)
         # Largest block the last Get returned (0: none yet): a batch whose
         # keys times this fits one message goes by GetSmall.
@@ -132,6 +140,8 @@ class Client(ClientBase):
     def close(self) -> None:
         if self._aio_put is not None:
             self._aio_put.close()
+        if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc:
+            self._bulk_channel.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -238,7 +248,10 @@ class Client(ClientBase):
         """One GetSmall when the batch should fit one message (the rest, if
         it did not, by a Get stream), else a Get stream."""
         count = len(keys)
-        if not self._unary_get or count * self._block_hint > self._small_limit:
+        expected = count * self._block_hint
+        if expected > SMALL_GET_BYTES:
+            return self._stream_get(req, GetAssembler(count, views), self._bulk_rpc())
+        if not self._unary_get:
             return self._stream_get(req, GetAssembler(count, views))
         try:
             raw = self._get_small_rpc(req + small_request_suffix(self._small_limit),
@@ -256,12 +269,24 @@ class Client(ClientBase):
         rest = keys[answered:]
         _, rest_req = self._prepare_get(rest, namespace, session_id)
         tail = self._stream_get(rest_req, GetAssembler(
-            len(rest), None if views is None else views[answered:]))
+            len(rest), None if views is None else views[answered:]), self._bulk_rpc())
         return asm.results[:answered] + tail
 
-    def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
+    def _bulk_rpc(self) -> Any:
+        if self._bulk_get_rpc is None:
+            if not self.single_threaded_get:
+                self._bulk_get_rpc = self._get_rpc
+            else:
+                self._bulk_channel = open_channel(grpc, self._grpc_target, self._options,
+                                                  self._bulk_credentials)
+                self._bulk_get_rpc = self._bulk_channel.unary_stream(
+                    conv.GET, request_serializer=conv.identity,
+                    response_deserializer=conv.decode_get_chunk)
+        return self._bulk_get_rpc
+
+    def _stream_get(self, req: bytes, asm: GetAssembler, rpc: Any = None) -> list[Any]:
         try:
-            call = self._get_rpc(req, timeout=self.timeout, metadata=self._metadata())
+            call = (rpc or self._get_rpc)(req, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
         try:

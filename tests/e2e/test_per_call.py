@@ -44,7 +44,7 @@ def test_get_answers_what_fits_one_message_and_streams_the_rest(
     with Client(target, namespace=ns(request), options=SMALL_LIMIT) as c:
         c.put(blocks)
         assert c.get(keys) == want  # k0 by GetSmall, k1 on by the stream
-        assert c.get(keys[2:]) == want[2:]  # all fit: one GetSmall
+        assert c.get(keys[2:]) == want[2:]  # more than 2 MiB expected: a stream
         assert c.get([b"k1"]) == [blocks[b"k1"]]  # larger than one response
         outs = [np.zeros(3 * MiB, dtype=np.uint8) for _ in keys]
         sizes = c.get_into(keys, outs)
