@@ -167,7 +167,9 @@ class KVStoreServicer:
     async def GetSmall(self, request: pb.GetRequest,
                        context: grpc.aio.ServicerContext) -> bytes:
         """Unary Get: the leading blocks that fit one response (a serialized
-        GetSmallResponse, built with one copy of each block's bytes)."""
+        GetSmallResponse). One reader is open at a time, as in Get: a reader
+        may hold L1 space (a promotion), and holding several could wait on
+        each other for space in a small L1."""
         self._tick(context)
         store = self.store
         namespace = store.check_namespace(request.namespace)
@@ -178,32 +180,31 @@ class KVStoreServicer:
         if request.max_response_bytes:
             budget = min(budget, request.max_response_bytes)
         session = request.session_id or None
-        parts: list[bytes | memoryview] = []
-        readers = []
+        chunks: list[bytes] = []
         answered = 0
-        try:
-            for index, key in enumerate(keys):
-                reader = await store.open_read((namespace, key), session)
-                if reader is None:
-                    chunk = wire.encode_get_chunk(index, False)
-                    parts += (_SMALL_CHUNK, wire.encode_varint(len(chunk)), chunk)
-                    answered += 1
-                    continue
-                readers.append(reader)
+        for index, key in enumerate(keys):
+            reader = await store.open_read((namespace, key), session)
+            if reader is None:
+                chunk = wire.encode_get_chunk(index, False)
+                chunks.append(_SMALL_CHUNK + wire.encode_varint(len(chunk)) + chunk)
+                answered += 1
+                continue
+            try:
                 head = wire.encode_get_chunk(index, True, reader.size, 0, b"", int(reader.tier))
                 data_head = _GET_DATA + wire.encode_varint(reader.size)
                 length = len(head) + len(data_head) + reader.size
                 budget -= 12 + length  # the chunk's tag and length, and headroom
                 if budget < 0:
                     break  # this block and the rest go by the Get stream
-                parts += (_SMALL_CHUNK, wire.encode_varint(length), head, data_head,
-                          reader.view)
                 answered += 1
-            parts += (_SMALL_ANSWERED, wire.encode_varint(answered))
-            return b"".join(parts)
-        finally:
-            for reader in readers:
+                framed = (_SMALL_CHUNK, wire.encode_varint(length), head, data_head, reader.view)
+                if len(keys) == 1:  # the whole response, with one copy of the block
+                    return b"".join((*framed, _SMALL_ANSWERED, b"\x01"))
+                chunks.append(b"".join(framed))
+            finally:
                 reader.close()
+        chunks.append(_SMALL_ANSWERED + wire.encode_varint(answered))
+        return b"".join(chunks)
 
     async def Lookup(self, request: pb.LookupRequest,
                      context: grpc.aio.ServicerContext) -> bytes:
