@@ -52,13 +52,16 @@ MiB = 1024 * KiB
 
 KV_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
 REDIS_SYSTEMS = ["redis-tcp", "redis-unix"]
+# Only with --mooncake-venv (bench/_peers/mooncake_proc.py says how to make one).
+MOONCAKE_SYSTEMS = ["mooncake-tcp"]
 BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
 # The previous client paths, for before/after comparisons in one run (only
 # when named with --systems): grpc's sync Put stream, and shared-memory Gets
 # with a ShmRelease per call and ordinary (cached) stores in the copies.
-OLD_SYSTEMS = ["kvstore-tcp-syncput", "kvstore-shm-2rpc"]
+OLD_SYSTEMS = ["kvstore-tcp-syncput", "kvstore-shm-2rpc", "kvstore-tcp-stream",
+               "kvstore-unix-stream", "kvstore-tcp-threaded"]
 DEFAULT_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
-ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS
+ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS + MOONCAKE_SYSTEMS
 
 API = {
     "kvstore-tcp": {"put": "Client.put([(key, view)] * batch) — one Put stream, ack=memory",
@@ -77,11 +80,23 @@ API = {
                          "get": "ShmClient(release_on_acquire=False).get_into: ShmAcquire, copy "
                                 "with cached stores, ShmRelease (the path before releases "
                                 "rode on the next ShmAcquire)"},
+    "kvstore-tcp-stream": {"put": "Client.put (as kvstore-tcp)",
+                           "get": "Client(unary_get=False).get_into: always a Get stream "
+                                  "(the path before GetSmall)"},
+    "kvstore-unix-stream": {"put": "Client.put (as kvstore-unix)",
+                            "get": "Client(unary_get=False).get_into over the unix socket"},
+    "kvstore-tcp-threaded": {"put": "Client.put (as kvstore-tcp)",
+                             "get": "Client(unary_get=False) with grpc's thread per Get "
+                                    "stream (the path at 41b62fd)"},
     "redis-tcp": {"put": "MSET of the batch (redis-py, hiredis)",
                   "get": "MGET of the batch → new bytes objects (redis-py has no read-into "
                          "API; not copied further, which favours Redis)"},
     "redis-unix": {"put": "MSET (as redis-tcp, over the unix socket)",
                    "get": "MGET (as redis-tcp, over the unix socket)"},
+    "mooncake-tcp": {"put": "MooncakeDistributedStore.batch_upsert_from (registered source "
+                            "buffers; TCP transport to a separate process holding the "
+                            "segment)",
+                     "get": "batch_get_into registered, reused buffers"},
     "raw-tcp": {"put": "sendall of each block, one 1-byte ack per batch",
                 "get": "recv_into the reused buffers"},
     "raw-unix": {"put": "as raw-tcp over a unix socket", "get": "as raw-tcp over a unix socket"},
@@ -95,6 +110,9 @@ TRANSPORT_PEERS = {  # kvstore system -> (Redis on the same transport, raw basel
     "kvstore-shm": ("redis-unix", "memcpy"),
     "kvstore-tcp-syncput": ("redis-tcp", "raw-tcp"),
     "kvstore-shm-2rpc": ("redis-unix", "memcpy"),
+    "kvstore-tcp-stream": ("redis-tcp", "raw-tcp"),
+    "kvstore-unix-stream": ("redis-unix", "raw-unix"),
+    "kvstore-tcp-threaded": ("redis-tcp", "raw-tcp"),
 }
 
 
@@ -208,9 +226,10 @@ def _summary(rounds: list[dict[str, Any]], nbytes: int, batch: int) -> dict[str,
     }
 
 
-def _count(block: int, clients: int, batch: int, per_round: int) -> int:
-    """Blocks per client per round: a whole number of batches, at least one."""
-    n = max(1, per_round // (block * clients))
+def _count(block: int, clients: int, batch: int, per_round: int, max_calls: int) -> int:
+    """Blocks per client per round: a whole number of batches, at least one,
+    at most ``max_calls`` calls (small blocks: a latency cell, not a flood)."""
+    n = min(max(1, per_round // (block * clients)), max_calls * batch)
     return max(batch, (n + batch - 1) // batch * batch)
 
 
@@ -218,32 +237,35 @@ def _count(block: int, clients: int, batch: int, per_round: int) -> int:
 
 
 def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    by = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r for r in results}
+    by = {(r["system"], r["op"], r["block_bytes"], r["clients"], r["batch_blocks"]): r
+          for r in results}
     out = []
-    for (system, op, block, clients), r in sorted(by.items()):
+    for (system, op, block, clients, batch), r in sorted(by.items()):
         if system not in TRANSPORT_PEERS:
             continue
         same_redis, raw = TRANSPORT_PEERS[system]
         row: dict[str, Any] = {"system": system, "op": op, "block_bytes": block,
-                               "clients": clients, "gbps": r["gbps"]}
+                               "clients": clients, "per_call": batch, "gbps": r["gbps"]}
 
         def ratio(other: str | None, r: dict[str, Any] = r, op: str = op, block: int = block,
-                  clients: int = clients) -> float | None:
-            o = by.get((other, op, block, clients)) if other else None
+                  clients: int = clients, batch: int = batch) -> float | None:
+            o = by.get((other, op, block, clients, batch)) if other else None
             return round(r["gbps"] / o["gbps"], 3) if o and o["gbps"] > 0 else None
 
-        redis_best = max((by[(s, op, block, clients)] for s in REDIS_SYSTEMS
-                          if (s, op, block, clients) in by), key=lambda x: x["gbps"],
+        redis_best = max((by[(s, op, block, clients, batch)] for s in REDIS_SYSTEMS
+                          if (s, op, block, clients, batch) in by), key=lambda x: x["gbps"],
                          default=None)
         row["vs_redis_same_transport"] = ratio(same_redis)
         row["vs_best_redis"] = ratio(redis_best["system"]) if redis_best else None
         row["best_redis"] = redis_best["system"] if redis_best else None
         row["vs_raw"] = ratio(raw)
+        if ("mooncake-tcp", op, block, clients, batch) in by:
+            row["vs_mooncake_tcp"] = ratio("mooncake-tcp")
         row["raw_baseline"] = raw
         if system in ("kvstore-shm", "kvstore-shm-2rpc"):
-            peers = [by[(s, op, block, clients)] for s in
+            peers = [by[(s, op, block, clients, batch)] for s in
                      ("kvstore-tcp", "kvstore-unix", *REDIS_SYSTEMS)
-                     if (s, op, block, clients) in by]
+                     if (s, op, block, clients, batch) in by]
             best = max(peers, key=lambda x: x["gbps"], default=None)
             row["best_socket_path"] = best["system"] if best else None
             row["vs_best_socket_path"] = ratio(best["system"]) if best else None
@@ -252,29 +274,42 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _targets(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rat = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r for r in ratios}
+    """The per-call targets (issue 14): ratios to the peer on the same kind of
+    socket, 1 client, at 1 and 8 blocks per call, and 4 KiB Get latency."""
+    rat = {(r["system"], r["op"], r["block_bytes"], r["clients"], r["per_call"]): r
+           for r in ratios}
+    res = {(r["system"], r["op"], r["block_bytes"], r["clients"], r["batch_blocks"]): r
+           for r in results}
     out = []
-    for op in ("put", "get"):
-        r = rat.get(("kvstore-tcp", op, MiB, 1))
-        if r:
-            out.append({"target": f"kvstore TCP {op}, 1 MiB, 1 client >= 1.5 GB/s",
-                        "value": r["gbps"], "ok": r["gbps"] >= 1.5})
-            v = r["vs_redis_same_transport"]
-            out.append({"target": f"kvstore TCP {op}, 1 MiB, 1 client >= 1.2x Redis (TCP)",
-                        "value": v, "ok": None if v is None else v >= 1.2})
-        s = rat.get(("kvstore-shm", op, 4 * MiB, 1))
-        if s:
-            out.append({"target": f"kvstore shm {op}, 4 MiB, 1 client >= 5 GB/s",
-                        "value": s["gbps"], "ok": s["gbps"] >= 5.0})
-            v = s["vs_best_redis"]
-            out.append({"target": f"kvstore shm {op}, 4 MiB, 1 client >= 3x the best peer "
-                                  f"(best Redis: {s['best_redis']})",
-                        "value": v, "ok": None if v is None else v >= 3.0})
-            v2 = s.get("vs_best_socket_path")
-            out.append({"target": f"(stricter) kvstore shm {op}, 4 MiB, 1 client >= 3x the "
-                                  f"best socket path incl. kvstore's own "
-                                  f"({s.get('best_socket_path')})",
-                        "value": v2, "ok": None if v2 is None else v2 >= 3.0})
+
+    def ratio_target(system: str, op: str, block: int, per_call: int, key: str,
+                     floor: float, peer: str) -> None:
+        r = rat.get((system, op, block, 1, per_call))
+        if r is None:
+            return
+        v = r.get(key)
+        what = f"Redis ({peer})" if "redis" in peer.lower() else peer
+        out.append({"target": f"{system} {op} {_fmt_size(block)}, {per_call}/call, 1 client "
+                              f">= {floor}x {what}",
+                    "value": v, "ok": None if v is None else v >= floor})
+
+    for op, floor in (("get", 2.0), ("put", 1.5)):
+        ratio_target("kvstore-shm", op, MiB, 1, "vs_redis_same_transport", floor, "redis-unix")
+    for op in ("get", "put"):
+        ratio_target("kvstore-tcp", op, MiB, 1, "vs_redis_same_transport", 1.2, "redis-tcp")
+    ratio_target("kvstore-shm", "get", 4 * MiB, 8, "vs_best_redis", 3.0, "the best redis")
+    ratio_target("kvstore-tcp", "get", MiB, 8, "vs_redis_same_transport", 1.2, "redis-tcp")
+    ratio_target("kvstore-tcp", "get", MiB, 8, "vs_raw", 0.7, "raw-tcp")
+    for system, peer in (("kvstore-tcp", "redis-tcp"), ("kvstore-unix", "redis-unix"),
+                         ("kvstore-shm", "redis-unix")):
+        mine = res.get((system, "get", 4 * KiB, 1, 1))
+        theirs = res.get((peer, "get", 4 * KiB, 1, 1))
+        if mine is None or theirs is None:
+            continue
+        for q in ("p50", "p99"):
+            a, b = mine[f"{q}_ms_call"], theirs[f"{q}_ms_call"]
+            out.append({"target": f"{system} get 4 KiB, 1/call: {q} latency <= {peer}'s "
+                                  f"({b} ms)", "value": a, "ok": a <= b})
     return out
 
 
@@ -289,27 +324,28 @@ def write_png(doc: dict[str, Any], path: str) -> None:
 
     results = doc["results"]
     systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in results)]
-    groups = sorted({(r["block_bytes"], r["clients"]) for r in results})
+    groups = sorted({(r["block_bytes"], r["clients"], r["batch_blocks"]) for r in results})
     colors = {"kvstore-tcp": "#1f77b4", "kvstore-unix": "#4a9fe0", "kvstore-shm": "#0b3d91",
               "redis-tcp": "#d62728", "redis-unix": "#ff7f7f", "raw-tcp": "#7f7f7f",
               "raw-unix": "#bdbdbd", "memcpy": "#2ca02c", "kvstore-tcp-syncput": "#9ecae1",
               "kvstore-shm-2rpc": "#6baed6"}
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), sharey=True)
-    by = {(r["system"], r["op"], r["block_bytes"], r["clients"]): r["gbps"] for r in results}
+    by = {(r["system"], r["op"], r["block_bytes"], r["clients"], r["batch_blocks"]): r["gbps"]
+          for r in results}
     width = 0.8 / max(1, len(systems))
     for ax, op in zip(axes, ("put", "get"), strict=True):
         for i, s in enumerate(systems):
             xs = [g + (i - (len(systems) - 1) / 2) * width for g in range(len(groups))]
-            ys = [by.get((s, op, b, c), 0.0) for b, c in groups]
+            ys = [by.get((s, op, b, c, n), 0.0) for b, c, n in groups]
             bars = ax.bar(xs, ys, width, label=s, color=colors.get(s))
             for bar, y in zip(bars, ys, strict=True):
                 if y:
                     ax.annotate(f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, y),
                                 ha="center", va="bottom", fontsize=6, rotation=90)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{_fmt_size(b)}\n{c} client{'s' if c > 1 else ''}"
-                            for b, c in groups])
-        ax.set_title(f"{op.capitalize()} (batches of {doc['meta']['batch_blocks']} blocks)")
+        ax.set_xticklabels([f"{_fmt_size(b)}\n{c} client{'s' if c > 1 else ''}\n{n}/call"
+                            for b, c, n in groups])
+        ax.set_title(f"{op.capitalize()}")
         ax.set_yscale("log")
         ax.grid(axis="y", alpha=0.3, which="both")
     axes[0].set_ylabel("GB/s (1e9 B/s), median of rounds, log scale")
@@ -359,6 +395,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         else:
             systems = [s for s in systems if s not in REDIS_SYSTEMS]
             notes.append("Redis cells skipped")
+    mooncake = None
+    if any(s in MOONCAKE_SYSTEMS for s in systems):
+        from bench._peers.mooncake_proc import MooncakeCluster, find_mooncake
+
+        site, note = find_mooncake(args.mooncake_venv)
+        notes.append(note)
+        if site:
+            mooncake = MooncakeCluster(args.mooncake_venv, site, work / "mooncake",
+                                       segment_bytes=2 * 1024**3)
+            mooncake.start()
+            notes.append(f"Mooncake master {mooncake.master_addr}, holder pid {mooncake.pid}")
+        else:
+            systems = [s for s in systems if s not in MOONCAKE_SYSTEMS]
     for n in notes:
         progress.line(f"peers: {n}")
 
@@ -388,22 +437,26 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                "redis_unix": redis_srv.unix if redis_srv else "",
                "redis_read_size": args.redis_read_size,
                "raw_port": raw_port, "raw_unix": raw_unix,
+               "mooncake_site": mooncake.site if mooncake else "",
+               "mooncake_master": mooncake.master_addr if mooncake else "",
                "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0"}
         progress.status(f"peers: starting {max(args.clients)} client processes ...")
         pool = Pool(max(args.clients), cfg)
         pids = {s: (server.proc.pid if s.startswith("kvstore") else
                     redis_srv.pid if s.startswith("redis") and redis_srv else
-                    raw_proc.pid if s.startswith("raw") else None) for s in systems}
-        groups = [(b, c) for b in args.sizes for c in args.clients]
+                    raw_proc.pid if s.startswith("raw") else
+                    mooncake.pid if s.startswith("mooncake") and mooncake else None)
+                for s in systems}
+        groups = [(b, c, n) for n in args.per_call for b in args.sizes for c in args.clients]
         ncells = len(groups) * 2
         cell_no = 0
-        for block, clients in groups:
-            count = _count(block, clients, args.batch, args.bytes_per_round)
+        for block, clients, batch in groups:
+            count = _count(block, clients, batch, args.bytes_per_round, args.max_calls)
             nbytes = count * clients * block
             for op in ("put", "get"):
                 cell_no += 1
                 rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-                label = f"[{cell_no}/{ncells}] {op} {_fmt_size(block)} x{clients}"
+                label = f"[{cell_no}/{ncells}] {op} {_fmt_size(block)} x{clients} {batch}/call"
                 for rnd in range(args.rounds + 1):
                     for system in systems:
                         what = "warm-up" if rnd == 0 else f"round {rnd}/{args.rounds}"
@@ -411,20 +464,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                             progress.status(f"peers: {label} {what}" +
                                             (f" {system}" if progress.tty else
                                              f" ({len(systems)} systems)"))
-                        r = _round(pool, system, op, block, args.batch, clients, count,
+                        r = _round(pool, system, op, block, batch, clients, count,
                                    pids[system])
                         if rnd:
                             rounds[system].append(r)
                 for system in systems:
                     cell = {"system": system, "op": op, "block_bytes": block,
-                            "clients": clients, "batch_blocks": args.batch,
+                            "clients": clients, "batch_blocks": batch,
                             "blocks_per_round": count * clients, "bytes_per_round": nbytes,
                             "api": API[system][op],
-                            **_summary(rounds[system], nbytes, args.batch)}
+                            **_summary(rounds[system], nbytes, batch)}
                     results.append(cell)
                 progress.line(_cell_line(label, [r for r in results
-                                                 if (r["op"], r["block_bytes"], r["clients"])
-                                                 == (op, block, clients)]))
+                                                 if (r["op"], r["block_bytes"], r["clients"],
+                                                     r["batch_blocks"])
+                                                 == (op, block, clients, batch)]))
             pool.ask(clients, ("cleanup", systems, block, count))
         from kvstore import Client
 
@@ -439,6 +493,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if pool is not None:
             pool.close()
         server.stop()
+        if mooncake is not None:
+            mooncake.stop()
         raw_parent.close()
         raw_proc.join(10)
         if raw_proc.is_alive():
@@ -478,9 +534,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_bytes_at_end": server_rss,
             },
             "redis": redis_meta,
-            "batching": f"{args.batch} blocks per call for every system: kvstore one Put "
-                        "stream / one Get stream per batch; Redis one MSET / MGET per batch; "
-                        "raw one request per batch",
+            "per_call": args.per_call,
+            "batching": f"{' and '.join(map(str, args.per_call))} blocks per call for every "
+                        "system: kvstore one Put (stream, or ShmReserve+ShmCommit) / one Get "
+                        "(GetSmall when the batch fits one message, else a stream; "
+                        "ShmAcquire) per batch; Redis one MSET / MGET per batch; raw one "
+                        "request per batch",
             "apis": {s: API[s] for s in systems},
             "buffers": "each client puts from a pool of distinct pre-faulted 64 MiB of "
                        "source blocks and gets into one batch of pre-faulted buffers reused "
@@ -506,11 +565,13 @@ def _cell_line(label: str, cells: list[dict[str, Any]]) -> str:
 
 def print_table(doc: dict[str, Any]) -> None:
     rows = doc["results"]
-    print(f"\n{'op':>4} {'block':>6} {'cl':>2} {'system':>13} {'GB/s':>7} {'p50 ms/blk':>10} "
-          f"{'p99 ms/blk':>10} {'srv s/GB':>8} {'cli s/GB':>8}", file=sys.stderr)
+    print(f"\n{'op':>4} {'block':>6} {'cl':>2} {'/call':>5} {'system':>20} {'GB/s':>7} "
+          f"{'p50 ms/blk':>10} {'p99 ms/blk':>10} {'srv s/GB':>8} {'cli s/GB':>8}",
+          file=sys.stderr)
     for r in rows:
         print(f"{r['op']:>4} {_fmt_size(r['block_bytes']):>6} {r['clients']:>2} "
-              f"{r['system']:>13} {r['gbps']:7.2f} {r['p50_ms_block']:10.3f} "
+              f"{r['batch_blocks']:>5} {r['system']:>20} {r['gbps']:7.2f} "
+              f"{r['p50_ms_block']:10.3f} "
               f"{r['p99_ms_block']:10.3f} {r['cpu_s_per_gb']['server']:8.3f} "
               f"{r['cpu_s_per_gb']['client']:8.3f}", file=sys.stderr)
     print("\ntargets:", file=sys.stderr)
@@ -539,7 +600,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=None,
                    help="which systems [default: all but the previous client paths "
                         f"{', '.join(OLD_SYSTEMS)}]")
-    p.add_argument("--batch", type=int, default=8, help="blocks per call [default: 8]")
+    p.add_argument("--batch", type=int, default=8,
+                   help="blocks per call when --per-call is not given [default: 8]")
+    p.add_argument("--per-call", nargs="+", type=int, default=None,
+                   help="blocks per call, a dimension of the run (e.g. 1 8) "
+                        "[default: --batch]")
+    p.add_argument("--max-calls", type=int, default=2000,
+                   help="calls per client per round at most (small blocks) [default: 2000]")
     p.add_argument("--rounds", type=int, default=None,
                    help="timed rounds per cell [default: 5, --quick 3, --tiny 1]")
     p.add_argument("--bytes-per-round", type=_parse_size, default=None,
@@ -548,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--redis-maxmemory", default="4gb")
     p.add_argument("--redis-read-size", type=_parse_size, default=MiB,
                    help="redis-py socket_read_size [default: 1MiB; redis-py's own is 32KiB]")
+    p.add_argument("--mooncake-venv", default="",
+                   help="a venv with mooncake-transfer-engine-non-cuda: adds the "
+                        "mooncake-tcp peer when named in --systems")
     p.add_argument("--no-install", action="store_true",
                    help="never apt-get/pip install Redis or redis-py (skip Redis instead)")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
@@ -566,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.bytes_per_round = args.bytes_per_round or (96 * MiB if args.quick else 256 * MiB)
     args.l1_capacity = args.l1_capacity or "2GiB"
     args.systems = args.systems or list(DEFAULT_SYSTEMS)
+    args.per_call = args.per_call or [args.batch]
     doc = run_bench(args)
     print_table(doc)
     text = json.dumps(doc, indent=2)

@@ -73,6 +73,19 @@ class Worker:
             from kvstore.client.shm import ShmClient
 
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+        elif system in ("kvstore-tcp-stream", "kvstore-unix-stream"):
+            from kvstore import Client
+
+            target = cfg["kv_tcp"] if system == "kvstore-tcp-stream" else cfg["kv_unix"]
+            c = Client(target, namespace="bench", timeout=300, unary_get=False)
+        elif system == "kvstore-tcp-threaded":
+            from kvstore import Client
+
+            class ThreadedGetClient(Client):
+                single_threaded_get = False
+
+            c = ThreadedGetClient(cfg["kv_tcp"], namespace="bench", timeout=300,
+                                  unary_get=False)
         elif system == "kvstore-tcp-syncput":
             from kvstore import Client
 
@@ -101,6 +114,8 @@ class Worker:
             from bench._peers.raw import RawClient
 
             c = RawClient(cfg["raw_unix"])
+        elif system == "mooncake-tcp":
+            c = MooncakeClient(cfg["mooncake_site"], cfg["mooncake_master"], self.np)
         elif system == "memcpy":
             c = True
         else:
@@ -148,6 +163,19 @@ class Worker:
                 if any(v is None or len(v) != block for v in vals):
                     raise RuntimeError(f"{system} MGET returned a miss or a wrong size")
             return redis_get
+        if system.startswith("mooncake"):
+            if op == "put":
+                def mc_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                           base: int) -> None:
+                    c.put(keys, src)
+                return mc_put
+
+            def mc_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
+                       base: int) -> None:
+                sizes = c.get_into(keys, dst)
+                if any(n != block for n in sizes):
+                    raise RuntimeError(f"{system} batch_get_into returned {sizes}")
+            return mc_get
         if system.startswith("raw"):
             if op == "put":
                 def raw_put(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
@@ -215,6 +243,57 @@ class Worker:
             elif system.startswith("redis"):
                 for i in range(0, len(keys), 256):
                     c.delete(*keys[i : i + 256])
+            elif system.startswith("mooncake"):
+                c.delete(keys)
+
+
+class MooncakeClient:
+    """Mooncake Store's Python client with its zero-copy calls: sources and
+    destinations registered once (``register_buffer``), then
+    ``batch_upsert_from`` / ``batch_get_into`` per batch (upsert: the rounds
+    put the same keys again, as with the other systems)."""
+
+    def __init__(self, site: str, master: str, np: Any) -> None:
+        import sys
+
+        if site not in sys.path:
+            sys.path.append(site)
+        from mooncake.store import MooncakeDistributedStore
+
+        self.np = np
+        self.store = MooncakeDistributedStore()
+        # No memory segment of its own: every byte goes to the holder by TCP.
+        rc = self.store.setup("127.0.0.1", "P2PHANDSHAKE", 0, 64 * 1024 * 1024, "tcp", "",
+                              master)
+        if rc:
+            raise RuntimeError(f"Mooncake setup failed: {rc}")
+        self._registered: dict[int, int] = {}
+
+    def _ptr(self, view: memoryview) -> int:
+        ptr = int(self.np.frombuffer(view, dtype=self.np.uint8).ctypes.data)
+        if ptr not in self._registered:
+            rc = self.store.register_buffer(ptr, len(view))
+            if rc:
+                raise RuntimeError(f"Mooncake register_buffer failed: {rc}")
+            self._registered[ptr] = len(view)
+        return ptr
+
+    def put(self, keys: list[bytes], src: list[memoryview]) -> None:
+        rcs = self.store.batch_upsert_from([k.decode() for k in keys],
+                                           [self._ptr(v) for v in src], [len(v) for v in src])
+        if any(rcs):
+            raise RuntimeError(f"Mooncake batch_upsert_from returned {rcs}")
+
+    def get_into(self, keys: list[bytes], dst: list[memoryview]) -> list[int]:
+        return list(self.store.batch_get_into([k.decode() for k in keys],
+                                              [self._ptr(v) for v in dst],
+                                              [len(v) for v in dst]))
+
+    def delete(self, keys: list[bytes]) -> None:
+        self.store.batch_remove([k.decode() for k in keys])
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def worker_main(conn: Connection, wid: int, cfg: dict[str, Any]) -> None:

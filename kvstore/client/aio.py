@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._base import ClientBase, open_channel, turn_end_event
+from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
+    DEFAULT_TARGET,
+    GET_SMALL,
+    SMALL_GET_BYTES,
     Blocks,
     GetAssembler,
     PutResult,
     resolve_namespace,
+    feed_small_response,
+    max_response_bytes,
+    small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.types import (
@@ -35,6 +41,9 @@ from kvstore.types import (
     Unpin,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 
 class AsyncClient(ClientBase):
     """asyncio kvstore client; see :class:`kvstore.Client` for the arguments
@@ -44,9 +53,16 @@ class AsyncClient(ClientBase):
     bound to that loop: use one AsyncClient per loop. ``async with`` closes it.
     """
 
+    def __init__(self, target: str = DEFAULT_TARGET, *, unary_get: bool = True,
+                 **settings: Unpack[ClientSettings]) -> None:
+        self._unary_get = unary_get
+        super().__init__(target, **settings)
+
     def _connect(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._rpcs: dict[str, Any] = {}
+        self._small_limit = max_response_bytes(self._options)
+        self._block_hint = 0  # largest block of the last Get (see Client)
 
     def _rpc(self, name: str) -> Any:
         rpc = self._rpcs.get(name)
@@ -141,10 +157,13 @@ class AsyncClient(ClientBase):
         session_id: str | None = None,
     ) -> list[bytes | None]:
         """See :meth:`kvstore.Client.get`."""
-        count, req = self._prepare_get(keys, namespace, session_id)
+        ks = keys if isinstance(keys, list) else list(keys)
+        count, req = self._prepare_get(ks, namespace, session_id)
         if not count:
             return []
-        return await self._stream_get(req, GetAssembler(count))
+        found: list[bytes | None] = await self._get(ks, req, None, namespace, session_id)
+        self._block_hint = max((len(b) for b in found if b is not None), default=0)
+        return found
 
     async def get_into(
         self,
@@ -154,10 +173,37 @@ class AsyncClient(ClientBase):
         namespace: str | None = None,
     ) -> list[int | None]:
         """See :meth:`kvstore.Client.get_into`."""
-        count, req, views = self._prepare_get_into(keys, buffers, namespace)
+        ks = keys if isinstance(keys, list) else list(keys)
+        count, req, views = self._prepare_get_into(ks, buffers, namespace)
         if not count:
             return []
-        return await self._stream_get(req, GetAssembler(count, views))
+        sizes: list[int | None] = await self._get(ks, req, views, namespace, None)
+        self._block_hint = max((n for n in sizes if n is not None), default=0)
+        return sizes
+
+    async def _get(self, keys: list[bytes], req: bytes, views: list[memoryview] | None,
+                   namespace: str | None, session_id: str | None) -> list[Any]:
+        """As :meth:`kvstore.Client._get`: GetSmall for up to SMALL_GET_BYTES."""
+        count = len(keys)
+        if not self._unary_get or count * self._block_hint > SMALL_GET_BYTES:
+            return await self._stream_get(req, GetAssembler(count, views))
+        try:
+            raw = await self._rpc(GET_SMALL)(req + small_request_suffix(self._small_limit),
+                                             timeout=self.timeout, metadata=self._metadata())
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server without GetSmall
+                self._unary_get = False
+                return await self._stream_get(req, GetAssembler(count, views))
+            raise error_from_rpc(err, self.target) from err
+        asm = GetAssembler(count, views)
+        answered = feed_small_response(asm, raw)
+        if answered == count:
+            return asm.done()
+        rest = keys[answered:]
+        _, rest_req = self._prepare_get(rest, namespace, session_id)
+        tail = await self._stream_get(rest_req, GetAssembler(
+            len(rest), None if views is None else views[answered:]))
+        return asm.results[:answered] + tail
 
     async def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
         call = self._rpc(conv.GET)(req, timeout=self.timeout, metadata=self._metadata())
@@ -276,6 +322,7 @@ class AsyncClient(ClientBase):
 
 
 _DECODERS = {
+    GET_SMALL: conv.identity,
     conv.LOOKUP: conv.decode_lookup_response,
     conv.DELETE: conv.decode_delete_response,
     conv.STATS: conv.decode_stats_response,

@@ -260,6 +260,7 @@ class ShmClient(Client):
         # thread copies the next (the two run on different cores).
         streaming = self._streaming(sum(s.size for s in slots))
         pending: list[Any] = []
+        last: Any = None
         done = 0
         try:
             while done < len(slots):
@@ -273,10 +274,15 @@ class ShmClient(Client):
                     s.check_writable()  # never write a slot the server may have taken back
                     crcs.append(copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming))
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
-                pending.append(self._commit.future(req, timeout=self.timeout,
-                                                   metadata=self._metadata()))
                 done += len(group)
-            stored = nbytes = 0
+                if done < len(slots):
+                    pending.append(self._commit.future(req, timeout=self.timeout,
+                                                       metadata=self._metadata()))
+                else:
+                    # The last (often the only) group: a blocking call, which
+                    # runs on this thread (a future starts a thread to drive it).
+                    last = self._commit(req, timeout=self.timeout, metadata=self._metadata())
+            stored, nbytes = last.stored, last.bytes
             for fut in pending:
                 resp = fut.result()
                 stored += resp.stored

@@ -68,6 +68,7 @@ class Scope(Enum):
 METHOD_SCOPES: Mapping[str, Scope] = {
     "Put": Scope.NAMESPACE,
     "Get": Scope.NAMESPACE,
+    "GetSmall": Scope.NAMESPACE,
     "Lookup": Scope.NAMESPACE,
     "Delete": Scope.NAMESPACE,
     "SessionEvent": Scope.NAMESPACE,

@@ -33,6 +33,10 @@ from kvstore.wire import lookup as lookup_wire
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 _FORMATS = frozenset(int(f) for f in BlockFormat)
+# GetSmallResponse fields (tags), and GetChunk.data's.
+_SMALL_CHUNK = b"\x0a"  # 1, length-delimited
+_SMALL_ANSWERED = b"\x10"  # 2, varint
+_GET_DATA = b"\x2a"  # GetChunk.data: 5, length-delimited
 
 _ACK: dict[int, AckLevel] = {
     pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
@@ -54,6 +58,8 @@ class KVStoreServicer:
         cfg = store.config.server
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
+        # GetSmall's largest response: the message limit less room for framing.
+        self.max_response = cfg.max_message_bytes - 64 * 1024
 
     def _tick(self, context: grpc.aio.ServicerContext) -> None:
         """policy.clock = client: take the policy's time from the call."""
@@ -157,6 +163,48 @@ class KVStoreServicer:
                     yield msg
             finally:
                 reader.close()
+
+    async def GetSmall(self, request: pb.GetRequest,
+                       context: grpc.aio.ServicerContext) -> bytes:
+        """Unary Get: the leading blocks that fit one response (a serialized
+        GetSmallResponse). One reader is open at a time, as in Get: a reader
+        may hold L1 space (a promotion), and holding several could wait on
+        each other for space in a small L1."""
+        self._tick(context)
+        store = self.store
+        namespace = store.check_namespace(request.namespace)
+        keys = list(request.keys)
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        budget = self.max_response
+        if request.max_response_bytes:
+            budget = min(budget, request.max_response_bytes)
+        session = request.session_id or None
+        chunks: list[bytes] = []
+        answered = 0
+        for index, key in enumerate(keys):
+            reader = await store.open_read((namespace, key), session)
+            if reader is None:
+                chunk = wire.encode_get_chunk(index, False)
+                chunks.append(_SMALL_CHUNK + wire.encode_varint(len(chunk)) + chunk)
+                answered += 1
+                continue
+            try:
+                head = wire.encode_get_chunk(index, True, reader.size, 0, b"", int(reader.tier))
+                data_head = _GET_DATA + wire.encode_varint(reader.size)
+                length = len(head) + len(data_head) + reader.size
+                budget -= 12 + length  # the chunk's tag and length, and headroom
+                if budget < 0:
+                    break  # this block and the rest go by the Get stream
+                answered += 1
+                framed = (_SMALL_CHUNK, wire.encode_varint(length), head, data_head, reader.view)
+                if len(keys) == 1:  # the whole response, with one copy of the block
+                    return b"".join((*framed, _SMALL_ANSWERED, b"\x01"))
+                chunks.append(b"".join(framed))
+            finally:
+                reader.close()
+        chunks.append(_SMALL_ANSWERED + wire.encode_varint(answered))
+        return b"".join(chunks)
 
     async def Lookup(self, request: pb.LookupRequest,
                      context: grpc.aio.ServicerContext) -> bytes:
@@ -325,6 +373,9 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
     handlers["ListBlocks"] = grpc.unary_stream_rpc_method_handler(
         servicer.ListBlocks, request_deserializer=pb.ListBlocksRequest.FromString,
         response_serializer=pb.ListBlocksResponse.SerializeToString)
+    handlers["GetSmall"] = grpc.unary_unary_rpc_method_handler(
+        servicer.GetSmall, request_deserializer=pb.GetRequest.FromString,
+        response_serializer=wire.identity)  # the handler serializes GetSmallResponse
     handlers["Lookup"] = grpc.unary_unary_rpc_method_handler(
         servicer.Lookup, request_deserializer=pb.LookupRequest.FromString,
         response_serializer=wire.identity)  # the handler serializes (kvstore.lookup_wire)

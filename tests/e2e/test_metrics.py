@@ -61,7 +61,8 @@ def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
     assert value(before, "kvstore_block_puts_total") == 0
 
     put = {"service": "kvstore.v1.KVStore", "method": "Put"}
-    get = {"service": "kvstore.v1.KVStore", "method": "Get"}
+    # Small Gets are one unary GetSmall call (per-call cost, issue 14).
+    get = {"service": "kvstore.v1.KVStore", "method": "GetSmall"}
     with Client(srv.tcp, namespace="metrics") as c:
         c.put({b"a": b"x" * 1000, b"b": b"y" * 3000})
         assert c.get([b"a", b"missing"]) == [b"x" * 1000, None]

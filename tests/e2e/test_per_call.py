@@ -1,0 +1,131 @@
+"""Per-call cost: the unary GetSmall, and no thread started per call by the
+sync client, against a real server (127.0.0.1 and a unix socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from kvstore import AsyncClient, Client
+from kvstore.client.shm import ShmClient
+from kvstore.wire.pb import kvstore_pb2 as pb
+
+MiB = 1024**2
+
+
+def ns(request: pytest.FixtureRequest) -> str:
+    return "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:100]
+
+
+def block(i: int, size: int) -> bytes:
+    seed = hashlib.sha256(str(i).encode()).digest()
+    return (seed * (size // 32 + 1))[:size]
+
+
+# A client that accepts messages of 3 MiB at most: GetSmall answers up to
+# 3 MiB - 64 KiB of blocks per response, and the rest goes by the stream.
+SMALL_LIMIT = {"grpc.max_receive_message_length": 3 * MiB}
+SIZES = [MiB, 2 * MiB + 5, 1000, 700 * 1024]
+
+
+def test_get_answers_what_fits_one_message_and_streams_the_rest(
+        target: str, request: pytest.FixtureRequest) -> None:
+    blocks = {f"k{i}".encode(): block(i, n) for i, n in enumerate(SIZES)}
+    keys = [b"k0", b"k1", b"missing", b"k2", b"k3"]
+    want = [blocks[b"k0"], blocks[b"k1"], None, blocks[b"k2"], blocks[b"k3"]]
+    with Client(target, namespace=ns(request), options=SMALL_LIMIT) as c:
+        c.put(blocks)
+        assert c.get(keys) == want  # k0 by GetSmall, k1 on by the stream
+        assert c.get(keys[2:]) == want[2:]  # more than 2 MiB expected: a stream
+        assert c.get([b"k1"]) == [blocks[b"k1"]]  # larger than one response
+        outs = [np.zeros(3 * MiB, dtype=np.uint8) for _ in keys]
+        sizes = c.get_into(keys, outs)
+        assert sizes == [None if w is None else len(w) for w in want]
+        for w, out in zip(want, outs, strict=True):
+            if w is not None:
+                assert out[: len(w)].tobytes() == w
+
+
+def test_async_client_get_small_and_the_rest(target: str, request: pytest.FixtureRequest) -> None:
+    blocks = {f"k{i}".encode(): block(i, n) for i, n in enumerate(SIZES)}
+    keys = [b"k3", b"k1", b"nope", b"k0"]
+
+    async def run() -> list[bytes | None]:
+        async with AsyncClient(target, namespace=ns(request), options=SMALL_LIMIT) as c:
+            await c.put(blocks)
+            first = await c.get(keys)
+            assert first == await c.get(keys)
+            return first
+
+    assert asyncio.run(run()) == [blocks[b"k3"], blocks[b"k1"], None, blocks[b"k0"]]
+
+
+def test_get_small_response_is_a_get_small_response(
+        shared_server, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
+    namespace = ns(request)
+    with Client(shared_server.tcp, namespace=namespace) as c:
+        c.put({b"a": block(1, 3000), b"b": block(2, 5000)})
+    with grpc.insecure_channel(shared_server.tcp) as ch:
+        rpc = ch.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                             request_serializer=pb.GetRequest.SerializeToString,
+                             response_deserializer=pb.GetSmallResponse.FromString)
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[b"a", b"x", b"b"]))
+        assert resp.answered == 3
+        assert [(ch.index, ch.hit, ch.block_size, ch.offset) for ch in resp.chunks] == [
+            (0, True, 3000, 0), (1, False, 0, 0), (2, True, 5000, 0)]
+        assert resp.chunks[0].data == block(1, 3000) and resp.chunks[2].data == block(2, 5000)
+        # Room for the first block only: the rest is left to a Get stream.
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[b"a", b"b"],
+                                 max_response_bytes=4000))
+        assert resp.answered == 1 and len(resp.chunks) == 1
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[b"b"], max_response_bytes=4000))
+        assert resp.answered == 0 and not resp.chunks
+
+
+@pytest.fixture
+def shm_server(server_factory, tmp_path: Path) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}"
+    with server_factory("--l1-shm-path", path, l1_capacity="64MiB") as server:
+        yield server
+
+
+class _ThreadStarts:
+    """Counts threads started while it is installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        start = threading.Thread.start
+
+        def counting_start(thread: threading.Thread) -> None:
+            self.count += 1
+            start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+
+
+def test_sync_calls_start_no_thread_per_call(shm_server, monkeypatch: pytest.MonkeyPatch,
+                                             request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
+    namespace = ns(request)
+    data = block(7, MiB)
+    out = [np.zeros(MiB, dtype=np.uint8)]
+    with Client(shm_server.tcp, namespace=namespace) as small, \
+            Client(shm_server.tcp, namespace=namespace, unary_get=False) as streamed, \
+            ShmClient(shm_server.unix_target, namespace=namespace) as shm:
+        small.put({b"k": data})  # starts the client's one Put loop thread
+        shm.put({b"s": data})
+        threads = _ThreadStarts(monkeypatch)
+        for _ in range(10):
+            assert small.get([b"k"]) == [data]  # GetSmall
+            assert streamed.get([b"k", b"nope"]) == [data, None]  # a Get stream
+            assert streamed.get_into([b"k"], out) == [MiB]
+            assert shm.put({b"s": data}).stored == 1  # ShmReserve + ShmCommit
+            assert shm.get([b"s"]) == [data]
+        assert threads.count == 0
