@@ -37,7 +37,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # The engines warn at import and at run time about things that are theirs (no
 # CUDA build here, deprecated torch calls): not kvstore's failures.
 ENGINE_WARNINGS = ("ignore::UserWarning", "ignore::DeprecationWarning",
-                   "ignore::FutureWarning", "ignore::RuntimeWarning",
+                   "ignore::FutureWarning", "ignore::RuntimeWarning", "ignore::ResourceWarning",
                    "ignore::pytest.PytestUnraisableExceptionWarning")
 
 
