@@ -37,6 +37,14 @@ from kvstore.errors import InvalidArgument, KVStoreError, StaleLease
 log = logging.getLogger("kvstore.integrations")
 
 Pieces = Sequence[memoryview]
+# Each connection attempt gets its own subchannel (grpc otherwise shares one per
+# target process-wide, and a shared one in reconnect backoff answers every new
+# channel with the old failure for up to two minutes after the server is back),
+# and grpc's own reconnects stay within a second.
+_CHANNEL_OPTIONS = {"grpc.use_local_subchannel_pool": 1,
+                    "grpc.initial_reconnect_backoff_ms": 100,
+                    "grpc.min_reconnect_backoff_ms": 100,
+                    "grpc.max_reconnect_backoff_ms": 1000}
 _T = TypeVar("_T")
 
 
@@ -83,8 +91,9 @@ class StoreLink:
         self._client: Client | None = None
         self._retry_at = 0.0
         self._warned = False
-        #: Calls that failed (answered as misses) since the link was made.
+        #: Calls that failed (answered as misses) since the link was made, and the last error.
         self.failures = 0
+        self.last_error: BaseException | None = None
 
     # -- connection --------------------------------------------------------------------
 
@@ -119,18 +128,21 @@ class StoreLink:
         use_shm = cfg.shm == "on" or (cfg.shm == "auto" and cfg.target.startswith("unix:"))
         if use_shm:
             try:
-                return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
+                return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
+                                 options=_CHANNEL_OPTIONS)
             except KVStoreError as exc:
                 # A server without an arena says so (FAILED_PRECONDITION / UNIMPLEMENTED);
                 # an unreachable one is a failure either way.
                 if cfg.shm == "on" or exc.code == "UNAVAILABLE":
                     raise
-        client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
+        client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
+                        options=_CHANNEL_OPTIONS)
         client.stats()  # fail now, not in the middle of the first batch
         return client
 
     def _note_failure(self, exc: BaseException) -> None:
         self.failures += 1
+        self.last_error = exc
         self._retry_at = time.monotonic() + self.config.retry_s
         if not self._warned:
             log.warning("kvstore at %s unavailable (%s: %s); answering misses, retrying every "
