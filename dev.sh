@@ -68,6 +68,10 @@ engines_venv() {
     (cd "$src" && "$py" -m pip install -q --no-build-isolation ".[test]")
     echo "$inputs" > "$ev/.kvstore-installed"
   fi
+  # Commands run from here, outside the tree, so that the venv's kvstore is the one
+  # imported; bench/ comes along for `python -m bench.engines`.
+  ENGINES_RUN="$ev/run"
+  rm -rf "$ENGINES_RUN" && mkdir -p "$ENGINES_RUN" && cp -r bench "$ENGINES_RUN/"
   ENGINES_PY=$py
 }
 
@@ -97,10 +101,12 @@ case "$cmd" in
     "$VENV/bin/mypy" kvstore ;;
   test-engines)
     engines_venv
-    # From outside the tree, so that the venv's own kvstore build is the one imported.
-    cd "$(dirname "$ENGINES_PY")" && exec "$ENGINES_PY" -m pytest -c "$ROOT/pyproject.toml" \
+    cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m pytest -c "$ROOT/pyproject.toml" \
       --rootdir "$ROOT" -p no:cacheprovider -W ignore::ResourceWarning \
       -W ignore::pytest.PytestUnraisableExceptionWarning "$ROOT/tests/engines" "$@" ;;
+  bench-engines)
+    engines_venv
+    cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m bench.engines --out "$ROOT/bench/results" "$@" ;;
   *)
     sed -n '2,11p' "$0"; exit 2 ;;
 esac

@@ -99,7 +99,7 @@ def test_kvstore_down_at_start_then_restart_midway(tmp_path: Path, managers: Any
         server.start()
         # The first store after an unnoticed restart may fail (the tier then
         # reconnects); the engine stores again on its next pass.
-        assert _stored_eventually(m, keys, payloads)
+        assert _stored_eventually(m, keys, payloads, target)
         late = managers(target)
         r = late.request()
         assert late.lookup(keys[2], r) == HIT
@@ -119,18 +119,21 @@ def _hit_eventually(m: Any, key: bytes) -> bool:
     return False
 
 
-def _stored_eventually(m: Any, keys: list[bytes], payloads: list[bytes]) -> bool:
+def _stored_eventually(m: Any, keys: list[bytes], payloads: list[bytes], target: str) -> bool:
+    """Store through the engine until kvstore holds every key (checked with the SDK)."""
     import time
 
+    from kvstore import Client
+
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        m.manager.reset_cache()
-        m.manager.on_reset_flushed()
-        req = m.request()
-        failures = m.tier.link.failures
-        m.store(req, keys, payloads)
-        m.finish(req)
-        if m.tier.link.failures == failures:
-            return True
-        time.sleep(0.02)  # bounded retry, as the engine's next store pass would
+    with Client(target, namespace=m.tier.link.config.namespace) as kv:
+        while time.monotonic() < deadline:
+            m.manager.reset_cache()
+            m.manager.on_reset_flushed()
+            req = m.request()
+            m.store(req, keys, payloads)
+            m.finish(req)
+            if kv.lookup([bytes(k) for k in keys]).found == len(keys):
+                return True
+            time.sleep(0.02)  # bounded retry, as the engine's next store pass would
     return False
