@@ -340,7 +340,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(f"LMCache {size}", results["lmcache"][size]) for size in results["lmcache"]]
-    panels.append(("SGLang HiCache (8 MiB pages)", results["sglang"]))
+    if results.get("sglang"):
+        panels.append(("SGLang HiCache (8 MiB pages)", results["sglang"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (title, rows) in zip(axes, panels, strict=True):
         names = list(rows)
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-tokens", type=int, default=16384)
     ap.add_argument("--sglang-pages", type=int, default=32)
     ap.add_argument("--only", default="", help="comma list of connectors (default: all)")
+    ap.add_argument("--skip-sglang", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     kinds = ["kvstore-shm", "kvstore-tcp", "dict", "lm", "redis"]
@@ -402,17 +404,23 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     side.close()
                 salt += 1
-        say("  sglang: kvstore v1 vs HiCacheFile ...")
-        results["sglang"] = sglang_side(args, workdir, peers.kv.unix_target)
+                save(results, args.out)  # a later peer that dies must not lose these rows
+        if not args.skip_sglang:
+            say("  sglang: kvstore v1 vs HiCacheFile ...")
+            results["sglang"] = sglang_side(args, workdir, peers.kv.unix_target)
     finally:
         peers.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engines.json").write_text(json.dumps(results, indent=2))
+    save(results, args.out)
     plot(results, args.out / "engines.png")
     say(f"wrote {args.out / 'engines.json'} and {args.out / 'engines.png'}")
     return 0
+
+
+def save(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").write_text(json.dumps(results, indent=2))
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -260,14 +260,22 @@ class StoreLink:
 
     def turn_end(self, session_id: str, reason: str, expected_gap_ms: int = 0,
                  tool_name: str = "") -> bool:
-        return self._call(False, lambda c: (
-            c.turn_end(session_id, reason, expected_gap_ms, tool_name), True)[1])
+        def send(c: Client) -> bool:
+            c.turn_end(session_id, reason, expected_gap_ms, tool_name)
+            return True
+        return self._call(False, send)
 
     def session_end(self, session_id: str) -> bool:
-        return self._call(False, lambda c: (c.session_end(session_id), True)[1])
+        def send(c: Client) -> bool:
+            c.session_end(session_id)
+            return True
+        return self._call(False, send)
 
     def prefetch(self, session_id: str, keys: Sequence[bytes] = ()) -> bool:
-        return self._call(False, lambda c: (c.prefetch(session_id, list(keys)), True)[1])
+        def send(c: Client) -> bool:
+            c.prefetch(session_id, list(keys))
+            return True
+        return self._call(False, send)
 
 
 def _scatter(src: memoryview, crc32c: int | None, pieces: Pieces) -> int | None:

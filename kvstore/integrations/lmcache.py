@@ -33,9 +33,9 @@ import re
 import threading
 from typing import Any
 
-from lmcache.utils import CacheEngineKey
-from lmcache.v1.memory_management import MemoryObj
-from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
+from lmcache.utils import CacheEngineKey  # type: ignore[import-not-found, unused-ignore]
+from lmcache.v1.memory_management import MemoryObj  # type: ignore[import-not-found, unused-ignore]
+from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector  # type: ignore[import-not-found, unused-ignore]
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

@@ -31,8 +31,8 @@ import hashlib
 import re
 from typing import Any
 
-import torch
-from sglang.srt.mem_cache.hicache_storage import (
+import torch  # type: ignore[import-not-found, unused-ignore]
+from sglang.srt.mem_cache.hicache_storage import (  # type: ignore[import-not-found, unused-ignore]
     HiCacheStorage,
     HiCacheStorageConfig,
     HiCacheStorageExtraInfo,

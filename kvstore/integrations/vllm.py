@@ -38,14 +38,14 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vllm.v1.kv_offload.base import (
+from vllm.v1.kv_offload.base import (  # type: ignore[import-not-found, unused-ignore]
     LookupResult,
     Medium,
     OffloadKey,
     ReqContext,
     RequestOffloadingContext,
 )
-from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob  # type: ignore[import-not-found, unused-ignore]
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from serverproc import ServerProcess
 
 ENGINES = ("vllm", "lmcache", "sglang")

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from conftest import quiet_import
-
 from serverproc import ServerProcess
 
 lm: Any = quiet_import("engines.lmcache_engine")

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from conftest import quiet_import
-
 from serverproc import ServerProcess
 
 torch: Any = quiet_import("torch")
