@@ -52,7 +52,7 @@ engines_venv() {
     "$py" -m pip install -q vllm==0.33.0
     "$py" -m pip install -q lmcache==0.5.6
     "$py" -m pip install -q --no-deps sglang==0.5.23
-    "$py" -m pip install -q IPython gguf
+    "$py" -m pip install -q IPython gguf matplotlib
     "$py" -m pip install -q "cython>=3.0" wheel \
       "grpcio-tools==$("$py" -c 'import grpc; print(grpc.__version__)')"
     echo "$ENGINE_PINS" > "$ev/.engines-installed"
