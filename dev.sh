@@ -75,6 +75,45 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requ
   echo "$want $digest" > "$stamp"
 }
 
+# -- ./dev.sh test-engines [pytest args]: the engine integrations against the real engines --
+# One cached venv outside the repo (KVSTORE_ENGINES_VENV) with the pinned engines,
+# in this order: vLLM (it pins torch), LMCache, SGLang without its dependencies plus
+# the few small packages its imports need; kvstore is built into it from a copy of
+# the tree (its protobuf modules must match that venv's protobuf, not .venv's).
+ENGINE_PINS="vllm==0.33.0 lmcache==0.5.6 sglang==0.5.23"
+engines_venv() {
+  local ev=${KVSTORE_ENGINES_VENV:-$HOME/.cache/kvstore/engines-venv} py
+  py="$ev/bin/python"
+  if [ "$(cat "$ev/.engines-installed" 2>/dev/null)" != "$ENGINE_PINS" ]; then
+    echo "kvstore: building the engines venv at $ev ($ENGINE_PINS; ~10 GB)..." >&2
+    rm -rf "$ev" && "$PY" -m venv "$ev"
+    "$py" -m pip install -q --upgrade pip
+    "$py" -m pip install -q vllm==0.33.0
+    "$py" -m pip install -q lmcache==0.5.6
+    "$py" -m pip install -q --no-deps sglang==0.5.23
+    "$py" -m pip install -q IPython gguf matplotlib
+    "$py" -m pip install -q "cython>=3.0" wheel \
+      "grpcio-tools==$("$py" -c 'import grpc; print(grpc.__version__)')"
+    echo "$ENGINE_PINS" > "$ev/.engines-installed"
+  fi
+  local src="$ev/kvstore-src" inputs
+  inputs=$(git ls-files -co --exclude-standard kvstore native proto setup.py pyproject.toml \
+           README.md | grep -v '_pb2' | sort | xargs cat | sha1sum | cut -c1-40)
+  if [ "$(cat "$ev/.kvstore-installed" 2>/dev/null)" != "$inputs" ]; then
+    echo "kvstore: installing kvstore into the engines venv..." >&2
+    rm -rf "$src" && mkdir -p "$src"
+    git ls-files -co --exclude-standard kvstore native proto setup.py pyproject.toml \
+      README.md | grep -v '_pb2' | tar -cf - -T - | tar -xf - -C "$src"
+    (cd "$src" && "$py" -m pip install -q --no-build-isolation ".[test]")
+    echo "$inputs" > "$ev/.kvstore-installed"
+  fi
+  # Commands run from here, outside the tree, so that the venv's kvstore is the one
+  # imported; bench/ comes along for `python -m bench.engines`.
+  ENGINES_RUN="$ev/run"
+  rm -rf "$ENGINES_RUN" && mkdir -p "$ENGINES_RUN" && cp -r bench "$ENGINES_RUN/"
+  ENGINES_PY=$py
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -108,6 +147,14 @@ case "$cmd" in
     setup dev
     "$VENV/bin/ruff" check kvstore tests bench
     "$VENV/bin/mypy" kvstore ;;
+  test-engines)
+    engines_venv
+    cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m pytest -c "$ROOT/pyproject.toml" \
+      --rootdir "$ROOT" -p no:cacheprovider -W ignore::ResourceWarning \
+      -W ignore::pytest.PytestUnraisableExceptionWarning "$ROOT/tests/engines" "$@" ;;
+  bench-engines)
+    engines_venv
+    cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m bench.engines --out "$ROOT/bench/results" "$@" ;;
   *)
     sed -n '2,16p' "$0"; exit 2 ;;
 esac

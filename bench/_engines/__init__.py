@@ -1,0 +1,1 @@
+"""Helpers for ``python -m bench.engines`` (run in the engines venv)."""

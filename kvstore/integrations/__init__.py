@@ -1,0 +1,14 @@
+"""Adapters that plug kvstore into inference engines through their own plugin slots.
+
+- :mod:`kvstore.integrations.lmcache`: an LMCache ``RemoteConnector`` (``remote_storage_plugins``);
+  vLLM reaches it too, through vLLM's ``LMCacheConnectorV1``.
+- :mod:`kvstore.integrations.sglang`: an SGLang HiCache storage backend
+  (``--hicache-storage-backend dynamic``).
+- :mod:`kvstore.integrations.vllm`: a secondary tier under vLLM's ``TieringOffloadingSpec``.
+
+Each module imports its engine, so each is importable only where that engine is
+installed (``pip install kvstore[lmcache]`` / ``[sglang]`` / ``[vllm]``). The
+shared part, :mod:`kvstore.integrations.link`, uses the public SDK only: the
+same-host shared-memory client when the server is on this host, gRPC otherwise.
+See docs/engines.md.
+"""

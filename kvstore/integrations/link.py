@@ -1,0 +1,299 @@
+"""The engine adapters' connection to kvstore: batched, failure-tolerant, copy-lean.
+
+An engine calls its storage backend from its own threads and treats every
+answer as a hint: a miss costs a recompute, an exception can kill a scheduler.
+So :class:`StoreLink` never raises into the engine. While the server cannot be
+reached every call answers at once with misses (or "not stored"), and the link
+tries to connect again at most every ``retry_s`` seconds; after a restart the
+first calls miss and the next ones hit again.
+
+Each batch is one RPC of its kind: ``lookup`` is one Lookup, ``put`` one Put
+(or one ShmReserve + pipelined ShmCommits), ``get`` one Get (or one
+ShmAcquire + ShmRelease). On the same host (a ``unix:`` target whose server
+has a shared-memory arena) the bytes are copied once, between the engine's own
+buffers and the arena, with the CRC-32C computed in the same pass; otherwise
+the gRPC client streams them.
+
+A block is handed over as *pieces*: the byte views of the engine memory that
+make up one block, in order (a page of a layer-first SGLang pool is 2 x layers
+pieces). Pieces are copied straight into and out of the block's slot; nothing
+joins them first on the shared-memory path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kvstore.block import copy_and_checksum
+from kvstore.client import Client
+from kvstore.client.shm import ShmClient
+from kvstore.errors import InvalidArgument, KVStoreError, StaleLease
+
+log = logging.getLogger("kvstore.integrations")
+
+Pieces = Sequence[memoryview]
+# Each connection attempt gets its own subchannel (grpc otherwise shares one per
+# target process-wide, and a shared one in reconnect backoff answers every new
+# channel with the old failure for up to two minutes after the server is back),
+# and grpc's own reconnects stay within a second.
+_CHANNEL_OPTIONS = {"grpc.use_local_subchannel_pool": 1,
+                    "grpc.initial_reconnect_backoff_ms": 100,
+                    "grpc.min_reconnect_backoff_ms": 100,
+                    "grpc.max_reconnect_backoff_ms": 1000}
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """Where the server is and how to reach it.
+
+    ``target``: ``unix:/path`` (same host) or ``host:port``. ``shm``: ``auto``
+    uses the shared-memory arena when the target is a unix socket and the
+    server has one; ``on`` requires it; ``off`` never uses it. ``timeout``:
+    each call's deadline (s). ``retry_s``: how long the link waits after a
+    failure before it tries to connect again. ``ack``: the Put ack level.
+    """
+
+    target: str = "127.0.0.1:50051"
+    namespace: str = "default"
+    shm: str = "auto"
+    timeout: float = 10.0
+    retry_s: float = 1.0
+    ack: str = "memory"
+
+    @classmethod
+    def from_mapping(cls, values: Any, *, prefix: str = "", namespace: str) -> LinkConfig:
+        """Read ``target``, ``shm``, ``timeout``, ``retry_s``, ``ack`` (each
+        under ``prefix``) from an engine's config mapping."""
+        def pick(name: str, default: Any) -> Any:
+            value = values.get(prefix + name) if values else None
+            return default if value is None else value
+
+        base = cls()
+        return cls(target=str(pick("target", base.target)), namespace=namespace,
+                   shm=str(pick("shm", base.shm)).lower(),
+                   timeout=float(pick("timeout", base.timeout)),
+                   retry_s=float(pick("retry_s", base.retry_s)),
+                   ack=str(pick("ack", base.ack)))
+
+
+class StoreLink:
+    """One engine worker's connection to kvstore (thread-safe)."""
+
+    def __init__(self, config: LinkConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._client: Client | None = None
+        self._retry_at = 0.0
+        self._warned = False
+        #: Calls that failed (answered as misses) since the link was made, and the last error.
+        self.failures = 0
+        self.last_error: BaseException | None = None
+
+    # -- connection --------------------------------------------------------------------
+
+    @property
+    def same_host(self) -> bool:
+        """Whether the current connection moves bytes through shared memory."""
+        return isinstance(self._client, ShmClient)
+
+    def client(self) -> Client | None:
+        """The connected client, connecting if it is time to try; None while
+        the server cannot be reached."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is not None:
+                return self._client
+            if time.monotonic() < self._retry_at:
+                return None
+            try:
+                self._client = self._connect()
+            except Exception as exc:  # any failure to connect is a miss, not an engine error
+                self._note_failure(exc)
+                return None
+            if self._warned:
+                log.warning("kvstore at %s reachable again", self.config.target)
+                self._warned = False
+            return self._client
+
+    def _connect(self) -> Client:
+        cfg = self.config
+        use_shm = cfg.shm == "on" or (cfg.shm == "auto" and cfg.target.startswith("unix:"))
+        if use_shm:
+            try:
+                return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
+                                 options=_CHANNEL_OPTIONS)
+            except KVStoreError as exc:
+                # A server without an arena says so (FAILED_PRECONDITION / UNIMPLEMENTED);
+                # an unreachable one is a failure either way.
+                if cfg.shm == "on" or exc.code == "UNAVAILABLE":
+                    raise
+        client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
+                        options=_CHANNEL_OPTIONS)
+        client.stats()  # fail now, not in the middle of the first batch
+        return client
+
+    def _note_failure(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_error = exc
+        self._retry_at = time.monotonic() + self.config.retry_s
+        if not self._warned:
+            log.warning("kvstore at %s unavailable (%s: %s); answering misses, retrying every "
+                        "%.1f s", self.config.target, type(exc).__name__, exc,
+                        self.config.retry_s)
+            self._warned = True
+
+    def _drop(self, client: Client, exc: BaseException) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+            self._note_failure(exc)
+        try:
+            client.close()
+        except Exception:
+            pass
+
+    def _call(self, fallback: _T, fn: Callable[[Client], _T]) -> _T:
+        client = self.client()
+        if client is None:
+            return fallback
+        try:
+            return fn(client)
+        except (StaleLease, InvalidArgument) as exc:
+            # A stale copy, or a block larger than the engine's buffer: a miss,
+            # the connection is fine.
+            log.debug("kvstore call answered as a miss: %s", exc)
+            return fallback
+        except Exception as exc:  # the engine must never see a kvstore failure
+            self._drop(client, exc)
+            return fallback
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # -- batched calls -----------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[bytes], session_id: str | None = None) -> int:
+        """How many leading keys are stored (one Lookup)."""
+        if not keys:
+            return 0
+        return self._call(0, lambda c: c.lookup(list(keys), session_id=session_id).found)
+
+    def exists(self, keys: Sequence[bytes], session_id: str | None = None) -> list[bool]:
+        """Which keys are stored (one Lookup)."""
+        if not keys:
+            return []
+        return self._call([False] * len(keys), lambda c: [
+            t is not None for t in c.lookup(list(keys), session_id=session_id).tiers])
+
+    def put(self, keys: Sequence[bytes], blocks: Sequence[Pieces],
+            session_id: str | None = None) -> bool:
+        """Store one block per key, each given as its pieces (one Put)."""
+        if not keys:
+            return True
+        return self._call(False, lambda c: self._put(c, keys, blocks, session_id))
+
+    def _put(self, client: Client, keys: Sequence[bytes], blocks: Sequence[Pieces],
+             session_id: str | None) -> bool:
+        ack = self.config.ack
+        if isinstance(client, ShmClient):
+            if all(len(p) == 1 for p in blocks):
+                # ShmClient.put copies and checksums in one pass, commits pipelined.
+                client.put(list(zip(keys, (p[0] for p in blocks), strict=True)), ack=ack,
+                           session_id=session_id)
+                return True
+            slots = client.reserve([(k, sum(len(v) for v in p)) for k, p in zip(
+                keys, blocks, strict=True)], session_id=session_id)
+            try:
+                crcs = []
+                for slot, pieces in zip(slots, blocks, strict=True):
+                    crc = offset = 0
+                    for piece in pieces:
+                        crc = copy_and_checksum(slot.view, offset, piece, crc)
+                        offset += len(piece)
+                    crcs.append(crc)
+            except BaseException:
+                client.commit([], [], abandon=slots)
+                raise
+            client.commit(slots, crcs, ack=ack)
+            return True
+        joined = [p[0] if len(p) == 1 else b"".join(p) for p in blocks]
+        client.put(list(zip(keys, joined, strict=True)), ack=ack, session_id=session_id)
+        return True
+
+    def get(self, keys: Sequence[bytes], blocks: Sequence[Pieces],
+            session_id: str | None = None) -> list[int | None]:
+        """Fill each key's pieces with its block (one Get). Returns each
+        block's size (None: a miss, or a block larger than its pieces); a
+        block smaller than its pieces fills their leading bytes."""
+        if not keys:
+            return []
+        return self._call([None] * len(keys),
+                          lambda c: self._get(c, keys, blocks, session_id))
+
+    def _get(self, client: Client, keys: Sequence[bytes], blocks: Sequence[Pieces],
+             session_id: str | None) -> list[int | None]:
+        if all(len(p) == 1 for p in blocks) and session_id is None:
+            return client.get_into(list(keys), [p[0] for p in blocks])
+        if isinstance(client, ShmClient):
+            out: list[int | None] = []
+            with client.leased(list(keys), session_id=session_id) as leases:
+                for lease, pieces in zip(leases, blocks, strict=True):
+                    out.append(None if lease is None else _scatter(lease.view, lease.crc32c,
+                                                                   pieces))
+            return out
+        found = client.get(list(keys), session_id=session_id)
+        return [None if data is None else _scatter(memoryview(data), None, pieces)
+                for data, pieces in zip(found, blocks, strict=True)]
+
+    # -- session hints ------------------------------------------------------------------
+
+    def turn_end(self, session_id: str, reason: str, expected_gap_ms: int = 0,
+                 tool_name: str = "") -> bool:
+        def send(c: Client) -> bool:
+            c.turn_end(session_id, reason, expected_gap_ms, tool_name)
+            return True
+        return self._call(False, send)
+
+    def session_end(self, session_id: str) -> bool:
+        def send(c: Client) -> bool:
+            c.session_end(session_id)
+            return True
+        return self._call(False, send)
+
+    def prefetch(self, session_id: str, keys: Sequence[bytes] = ()) -> bool:
+        def send(c: Client) -> bool:
+            c.prefetch(session_id, list(keys))
+            return True
+        return self._call(False, send)
+
+
+def _scatter(src: memoryview, crc32c: int | None, pieces: Pieces) -> int | None:
+    """Copy one stored block into its pieces; None if it does not fit or its
+    copy fails the checksum the lease carries."""
+    room = sum(len(p) for p in pieces)
+    if len(src) > room:
+        return None
+    crc = offset = 0
+    for piece in pieces:
+        n = min(len(piece), len(src) - offset)
+        if n <= 0:
+            break
+        crc = copy_and_checksum(piece[:n], 0, src[offset:offset + n], crc)
+        offset += n
+    if crc32c is not None and crc != crc32c:
+        return None
+    return len(src)
+
+
+__all__ = ["LinkConfig", "Pieces", "StoreLink"]
