@@ -74,8 +74,9 @@ class UnknownNamespace(KVStoreError):
 
 
 class PermissionDenied(KVStoreError):
-    """The caller may not do this: e.g. a namespace not allowed to use shared
-    memory, or a lease or reservation taken by another client."""
+    """The caller may not do this: its identity may not use this namespace
+    (or node-wide method), a namespace not allowed to use shared memory, or a
+    lease or reservation taken by another client."""
 
     code = "PERMISSION_DENIED"
 
@@ -135,12 +136,6 @@ class Unauthenticated(KVStoreError):
     """The server requires a credential and the call carries none it knows."""
 
     code = "UNAUTHENTICATED"
-
-
-class PermissionDenied(KVStoreError):
-    """The caller's identity may not use this namespace (or node-wide method)."""
-
-    code = "PERMISSION_DENIED"
 
 
 # CANCELLED / DEADLINE -------------------------------------------------------
@@ -206,5 +201,4 @@ ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
     "ABORTED": StaleLease,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "UNAUTHENTICATED": Unauthenticated,
-    "PERMISSION_DENIED": PermissionDenied,
 }

@@ -19,9 +19,9 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
-    resolve_namespace,
     feed_small_response,
     max_response_bytes,
+    resolve_namespace,
     small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
