@@ -86,14 +86,17 @@ engines_venv() {
   py="$ev/bin/python"
   if [ "$(cat "$ev/.engines-installed" 2>/dev/null)" != "$ENGINE_PINS" ]; then
     echo "kvstore: building the engines venv at $ev ($ENGINE_PINS; ~10 GB)..." >&2
-    rm -rf "$ev" && "$PY" -m venv "$ev"
-    "$py" -m pip install -q --upgrade pip
-    "$py" -m pip install -q vllm==0.33.0
-    "$py" -m pip install -q lmcache==0.5.6
-    "$py" -m pip install -q --no-deps sglang==0.5.23
-    "$py" -m pip install -q IPython gguf matplotlib
-    "$py" -m pip install -q "cython>=3.0" wheel \
-      "grpcio-tools==$("$py" -c 'import grpc; print(grpc.__version__)')"
+    # Each step must succeed (also when called as an `if` condition, where
+    # set -e is off): a half-built venv is never stamped.
+    { rm -rf "$ev" && "$PY" -m venv "$ev" &&
+      "$py" -m pip install -q --upgrade pip &&
+      "$py" -m pip install -q vllm==0.33.0 &&
+      "$py" -m pip install -q lmcache==0.5.6 &&
+      "$py" -m pip install -q --no-deps sglang==0.5.23 &&
+      "$py" -m pip install -q IPython gguf matplotlib &&
+      "$py" -m pip install -q "cython>=3.0" wheel \
+        "grpcio-tools==$("$py" -c 'import grpc; print(grpc.__version__)')"; } ||
+      { echo "kvstore: building the engines venv failed" >&2; return 1; }
     echo "$ENGINE_PINS" > "$ev/.engines-installed"
   fi
   local src="$ev/kvstore-src" inputs
@@ -104,7 +107,7 @@ engines_venv() {
     rm -rf "$src" && mkdir -p "$src"
     git ls-files -co --exclude-standard kvstore native proto setup.py pyproject.toml \
       README.md | grep -v '_pb2' | tar -cf - -T - | tar -xf - -C "$src"
-    (cd "$src" && "$py" -m pip install -q --no-build-isolation ".[test]")
+    (cd "$src" && "$py" -m pip install -q --no-build-isolation ".[test]") || return 1
     echo "$inputs" > "$ev/.kvstore-installed"
   fi
   # Commands run from here, outside the tree, so that the venv's kvstore is the one
@@ -147,6 +150,8 @@ case "$cmd" in
     setup dev
     "$VENV/bin/ruff" check kvstore tests bench
     "$VENV/bin/mypy" kvstore ;;
+  engines-setup)
+    engines_venv ;;
   test-engines)
     engines_venv
     cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m pytest -c "$ROOT/pyproject.toml" \
