@@ -301,8 +301,8 @@ NO_NAMESPACE_LIMITS = NamespaceSizes()
 
 @dataclass(frozen=True)
 class QuotaConfig:
-    """Per-namespace limits on L1 bytes (docs/security.md): a namespace over its
-    limit gives up its own blocks first when L1 needs room."""
+    """Per-namespace limits on L1 and L2 bytes (docs/security.md): a namespace
+    over its limit gives up its own blocks first when the tier needs room."""
 
     # (field, not opt: ruff cannot tell this default is immutable)
     l1: NamespaceSizes = field(default=NO_NAMESPACE_LIMITS, metadata={
@@ -311,13 +311,29 @@ class QuotaConfig:
     l1_per_namespace: int = opt(0, "L1 bytes of each namespace not named in quota.l1 "
                                 "(0: no limit)", parse_size)
 
+    l2: NamespaceSizes = field(default=NO_NAMESPACE_LIMITS, metadata={
+        "help": "L2 bytes per namespace, e.g. {chat = \"20GiB\"} (a TOML table) or "
+                "chat=20GiB,code=5GiB", "parse": parse_namespace_sizes})
+    l2_per_namespace: int = opt(0, "L2 bytes of each namespace not named in quota.l2 "
+                                "(0: no limit)", parse_size)
+
     def l1_limit(self, namespace: str) -> int:
         """The namespace's L1 limit in bytes (0: none)."""
         return self.l1.get(namespace, self.l1_per_namespace)
 
+    def l2_limit(self, namespace: str) -> int:
+        """The namespace's L2 limit in bytes (0: none)."""
+        return self.l2.get(namespace, self.l2_per_namespace)
+
     @property
     def enabled(self) -> bool:
+        """L1 quotas are set."""
         return bool(self.l1.limits) or self.l1_per_namespace > 0
+
+    @property
+    def l2_enabled(self) -> bool:
+        """L2 quotas are set."""
+        return bool(self.l2.limits) or self.l2_per_namespace > 0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,15 @@ namespaces each may use, one grant a line::
   whose subject alternative names is NAME (grpc checked the chain against
   ``server.tls_client_ca``; this says what the holder may do).
 * namespaces: comma-separated, or ``*`` for every namespace.
-* ``admin``: may also call the node-wide methods (Stats, Flush).
+* ``admin``: may also call the node-wide methods (Flush, Stats of the whole
+  node) and read any namespace's Stats figures.
+
+Stats: an admin sees the node's figures, or any namespace's; any other
+identity must name one of its namespaces (``StatsRequest.namespace``) and gets
+that namespace's blocks and bytes per tier, nothing node-wide (a Stats naming
+no namespace is refused: the node's counters describe every tenant's traffic).
+A ``*`` grant without ``admin`` may read any namespace's figures (it may use
+every namespace), still not the node's.
 
 A bearer token, when sent, decides (a wrong one is refused even over a
 mapped certificate). The server rereads the file on SIGHUP; a file that does
@@ -60,6 +68,7 @@ class Scope(Enum):
     NAMESPACE = "namespace"          # the request's namespace must be granted
     AUTHENTICATED = "authenticated"  # any known identity (the request names no namespace)
     ADMIN = "admin"                  # node-wide: admin identities only
+    FIGURES = "figures"              # admins: node-wide or any namespace; others: a granted one
 
 
 #: Method → what it needs. A kvstore.v1 method not named here is node-wide
@@ -79,8 +88,9 @@ METHOD_SCOPES: Mapping[str, Scope] = {
     # lease ids' owners are the shared-memory broker's to check.
     "ShmAttach": Scope.AUTHENTICATED,
     "ShmRelease": Scope.AUTHENTICATED,
-    # Node-wide figures and actions (Stats has no per-namespace figures).
-    "Stats": Scope.ADMIN,
+    # The node's figures (admins), or one namespace's (its grantees too).
+    "Stats": Scope.FIGURES,
+    # Node-wide actions.
     "Flush": Scope.ADMIN,
 }
 
@@ -217,6 +227,14 @@ class Authorizer:
         """PermissionDenied unless ``grant`` may call ``method`` (e.g. "Get")
         on ``namespace`` (None: the request names none)."""
         scope = method_scope(method)
+        if scope is Scope.FIGURES:
+            if grant.admin:
+                return
+            if namespace is None:
+                raise PermissionDenied(f"{method} without a namespace shows the whole node: "
+                                       f"identity {grant.identity!r} is not an admin (name "
+                                       "one of its namespaces in the request)")
+            scope = Scope.NAMESPACE
         if scope is Scope.ADMIN:
             if not grant.admin:
                 raise PermissionDenied(f"{method} is node-wide: identity {grant.identity!r} "

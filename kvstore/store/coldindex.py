@@ -41,7 +41,7 @@ import hashlib
 import random
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -436,6 +436,35 @@ class ColdIndex:
             sample = np.flatnonzero(size[:self._top])
             if len(sample) > SAMPLE:
                 sample = self._rng.choice(sample, SAMPLE, replace=False)
+        row = int(sample[int(np.argmin(self._used[sample]))])
+        return self._record(row)
+
+    def victim_of(self, namespaces: Iterable[str]) -> ColdBlock | None:
+        """:meth:`victim` among the blocks of ``namespaces`` (L2 quotas: the
+        namespaces over theirs go first). None when they have none here."""
+        ids = [ns for ns in (self._ns_id(n, create=False) for n in namespaces)
+               if ns is not None]
+        if not self._count or not ids:
+            return None
+        wanted = np.zeros(len(self._ns_names), np.bool_)
+        wanted[ids] = True
+        size, ns_column = self._size, self._ns
+        # A namespace over its quota usually holds much of L2: a few wide
+        # random samples find its rows without a scan.
+        for _ in range(4):
+            sample = self._rng.integers(0, self._top, SAMPLE * 4)
+            sample = sample[(size[sample] != 0) & wanted[ns_column[sample]]]
+            if len(sample):
+                break
+        else:
+            # A small share of L2 (a tight quota): look at its rows (vectorised).
+            top = self._top
+            sample = np.flatnonzero((size[:top] != 0) & wanted[ns_column[:top]])
+            if not len(sample):
+                return None
+            if len(sample) > SAMPLE:
+                sample = self._rng.choice(sample, SAMPLE, replace=False)
+        sample = sample[:SAMPLE]
         row = int(sample[int(np.argmin(self._used[sample]))])
         return self._record(row)
 

@@ -132,6 +132,9 @@ class Index:
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
+        #: L2 bytes per namespace, full and compact entries together, kept as
+        #: copies come and go (L2 quotas check them on every trim, no scan).
+        self.l2_namespace_bytes: dict[str, int] = {}
         self.dirty_bytes = 0  # bytes of dirty entries (see Entry.dirty)
 
     # -- counts kept with the entries -------------------------------------------------
@@ -151,11 +154,20 @@ class Index:
             self._count(TierName.L1, sign, sign * entry.size)
         entry.l1_offset = offset
 
-    def set_l2(self, entry: Entry, present: bool) -> None:
+    def set_l2(self, block: BlockId, entry: Entry, present: bool) -> None:
         if entry.l2 != present:
             sign = 1 if present else -1
             self._count(TierName.L2, sign, sign * entry.size)
+            self._count_l2_namespace(block[0], sign * entry.size)
         entry.l2 = present
+
+    def _count_l2_namespace(self, namespace: str, nbytes: int) -> None:
+        counts = self.l2_namespace_bytes
+        left = counts.get(namespace, 0) + nbytes
+        if left:
+            counts[namespace] = left
+        else:
+            counts.pop(namespace, None)  # a namespace gone from L2 leaves no trace
 
     def set_l3(self, entry: Entry, present: bool) -> None:
         if entry.l3 != present:
@@ -319,6 +331,7 @@ class Index:
             self.cold.add_many(namespaces, keys, size_array,
                                np.asarray(sums, dtype=np.uint32), created_array, used)
             self._count(TierName.L2, len(keys), int(size_array.sum()))
+            self._count_l2_namespaces(namespaces, size_array)
             return
         order = np.argsort(created_array, kind="stable")
         now = self.clock()
@@ -326,15 +339,28 @@ class Index:
         for i in order.tolist():
             block = (namespaces[i], keys[i])
             entry = Entry(int(sizes[i]), int(sums[i]), float(created[i]))
-            set_l2(entry, True)
+            set_l2(block, entry, True)
             blocks[block] = entry
             policy.on_insert(TierName.L2, block, entry.size, now)
+
+    def _count_l2_namespaces(self, namespaces: list[str], sizes: np.ndarray) -> None:
+        """Add blocks found in L2 to the per-namespace L2 bytes (a batch is
+        usually one namespace: one sum)."""
+        names = sorted(set(namespaces))
+        if len(names) == 1:
+            self._count_l2_namespace(names[0], int(sizes.sum()))
+            return
+        ids = {name: i for i, name in enumerate(names)}
+        column = np.fromiter((ids[name] for name in namespaces), np.int64, len(namespaces))
+        totals = np.bincount(column, weights=sizes.astype(np.float64), minlength=len(names))
+        for name, total in zip(names, totals.tolist(), strict=True):
+            self._count_l2_namespace(name, int(total))
 
     # -- removal ----------------------------------------------------------------------
 
     def drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
         assert self.l2 is not None
-        self.set_l2(entry, False)
+        self.set_l2(block, entry, False)
         if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
             self.set_dirty(entry, True)
         self.l2.submit(block, None, None, _drop_done)
@@ -358,7 +384,7 @@ class Index:
             if delete_l2:
                 self.drop_l2_copy(block, entry)
             else:
-                self.set_l2(entry, False)
+                self.set_l2(block, entry, False)
         elif entry.l2_pending and delete_l2 and self.l2 is not None:
             # Its L2 write is still queued: a delete queued behind it (the
             # writer keeps the order) keeps it from coming back at a restart.

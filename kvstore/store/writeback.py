@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from kvstore.checksum import checksum
 from kvstore.config import Config
 from kvstore.errors import CapacityExhausted, StorageError
 from kvstore.policy import Action
+from kvstore.store.coldindex import ColdBlock
 from kvstore.store.index import Entry
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
@@ -51,6 +53,9 @@ class WriteBack(Part):
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
         self._l2_counters = self.stats.counters[TierName.L2]
+        #: quota.l2: namespace → L2 bytes allowed (0: none); None: no L2 quotas.
+        self.l2_limit: Callable[[str], int] | None = \
+            config.quota.l2_limit if config.quota.l2_enabled else None
 
     # -- reads for demotion and promotion -------------------------------------------------
 
@@ -140,7 +145,7 @@ class WriteBack(Part):
             self.queued -= entry.size
             if error is None and not entry.dead and index.blocks.get(block) is entry:
                 if not entry.l2:
-                    index.set_l2(entry, True)
+                    index.set_l2(block, entry, True)
                     self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
                                           entry.session)
                 self.trim()
@@ -176,8 +181,9 @@ class WriteBack(Part):
         return self.index.l2_bytes <= self.capacity * (1 + self.outage_spill)
 
     def trim(self) -> None:
-        """Evict from L2 until it is within its capacity."""
-        index, l3 = self.index, self.l3
+        """Evict from L2 until it is within its capacity: first from the
+        namespaces at or over their L2 quota (quota.l2), then any."""
+        index = self.index
         capacity = self.capacity
         budget = _TRIM_BATCH
         while index.l2_bytes > capacity:
@@ -187,37 +193,72 @@ class WriteBack(Part):
                 # go on in a later loop iteration, letting calls in between.
                 self._trim_later()
                 return
-            if index.cold is not None and len(index.cold):
-                if self._evict_cold():
-                    continue
-                if l3 is not None and l3.healthy:
-                    return  # demotions in flight are at their bound: wait for them
-                if l3 is not None and self._within_outage_spill():
-                    return  # L3 is down: hold (see below)
-                self._evict_cold(drop=True)
-                continue
-            victim = self.policy.victim(TierName.L2, self.clock(), self._evictable)
-            if victim is None:
-                return
-            block, action = victim
-            entry = index.blocks.get(block)
-            if entry is None or not entry.l2:
-                self.policy.on_remove(TierName.L2, block)
-                continue
-            if action is Action.DEMOTE and l3 is not None and not entry.l3:
-                if l3.start_demotion(block, entry):
-                    continue  # its L2 copy goes once L3 has it (after_demotion)
-                if l3.healthy:
-                    return  # demotions in flight are at their bound: wait for them
-                # L3 is down: keep its blocks in L2 a bounded amount over
-                # capacity (they move once L3 is back), then drop.
-                if self._within_outage_spill():
+            over = self._over_quota()
+            if over:
+                step = self._trim_step(over)
+                if step is not None:
+                    if step:
+                        continue
                     return
+                # None of their blocks can go now: any namespace's may.
+            if not self._trim_step(None):
+                return
+
+    def _over_quota(self) -> set[str] | None:
+        """The namespaces at or over their L2 quota (None: no L2 quotas)."""
+        limit = self.l2_limit
+        if limit is None:
+            return None
+        over = set()
+        for namespace, nbytes in self.index.l2_namespace_bytes.items():
+            quota = limit(namespace)
+            if quota and nbytes >= quota:
+                over.add(namespace)
+        return over
+
+    def _trim_step(self, among: set[str] | None) -> bool | None:
+        """Evict (or start demoting) one L2 block, of a namespace in ``among``
+        when given. True: one went, go on; False: stop for now (demotions in
+        flight are at their bound, or L3 is down within the outage spill, or
+        nothing is evictable); None: ``among`` has no block to give."""
+        index, l3 = self.index, self.l3
+        if index.cold is not None and len(index.cold):
+            record = index.cold.victim() if among is None else index.cold.victim_of(among)
+            if record is not None:
+                if self._evict_cold(record):
+                    return True
+                if l3 is not None and l3.healthy:
+                    return False  # demotions in flight are at their bound: wait for them
+                if l3 is not None and self._within_outage_spill():
+                    return False  # L3 is down: hold (see below)
+                self._evict_cold(record, drop=True)
+                return True
+        evictable = self._evictable
+        victim = self.policy.victim(
+            TierName.L2, self.clock(),
+            evictable if among is None else lambda b: b[0] in among and evictable(b))
+        if victim is None:
+            return None if among is not None else False
+        block, action = victim
+        entry = index.blocks.get(block)
+        if entry is None or not entry.l2:
             self.policy.on_remove(TierName.L2, block)
-            index.drop_l2_copy(block, entry)
-            self._l2_counters.evictions += 1
-            if entry.l1_offset < 0 and not entry.l3:
-                index.forget(block, entry, delete_l2=False)
+            return True
+        if action is Action.DEMOTE and l3 is not None and not entry.l3:
+            if l3.start_demotion(block, entry):
+                return True  # its L2 copy goes once L3 has it (after_demotion)
+            if l3.healthy:
+                return False  # demotions in flight are at their bound: wait for them
+            # L3 is down: keep its blocks in L2 a bounded amount over
+            # capacity (they move once L3 is back), then drop.
+            if self._within_outage_spill():
+                return False
+        self.policy.on_remove(TierName.L2, block)
+        index.drop_l2_copy(block, entry)
+        self._l2_counters.evictions += 1
+        if entry.l1_offset < 0 and not entry.l3:
+            index.forget(block, entry, delete_l2=False)
+        return True
 
     def _trim_later(self) -> None:
         if self._trim_pending:
@@ -242,15 +283,13 @@ class WriteBack(Part):
         return entry.l2_pending == 0 and entry.l3_pending == 0 and \
             entry.lease_until <= self.clock()
 
-    def _evict_cold(self, drop: bool = False) -> bool:
-        """Make room in L2 from the compact index: demote its least recently
-        used block to L3 (or drop it when L3 has it or there is no L3; and,
-        with ``drop``, when L3 is down). False when it gave none."""
+    def _evict_cold(self, record: ColdBlock, drop: bool = False) -> bool:
+        """Make room in L2 from the compact index: demote ``record``'s block
+        (its least recently used, as sampled) to L3 (or drop it when L3 has it
+        or there is no L3; and, with ``drop``, when L3 is down). False when it
+        gave none."""
         index, l3 = self.index, self.l3
         assert index.cold is not None
-        record = index.cold.victim()
-        if record is None:
-            return False
         block = (record.namespace, record.key)
         if l3 is not None and not record.l3 and not (drop and not l3.healthy):
             if not l3.healthy:

@@ -115,7 +115,14 @@ def test_namespaces_are_bound_to_identity(server_factory, tokens_file: Path) -> 
             with pytest.raises(PermissionDenied):
                 alice.session_event("s", SessionEnd(), namespace="team-b")
             with pytest.raises(PermissionDenied, match="admin"):
-                alice.stats()
+                alice.stats()  # the node's figures: admins only
+            # Her own namespace's figures: its blocks and bytes, nothing node-wide.
+            mine = alice.stats("team-a")
+            assert mine.namespace == "team-a"
+            assert (mine.tiers[0].blocks, mine.tiers[0].bytes) == (1, len(b"alice's bytes"))
+            assert mine.puts == mine.gets == 0 and mine.tiers[0].hits == 0
+            with pytest.raises(PermissionDenied, match="team-b"):
+                alice.stats("team-b")
         for method, body in (("ShmReserve", pb.ShmReserveRequest(namespace="team-b")),
                              ("ShmCommit", pb.ShmCommitRequest(namespace="team-b")),
                              ("ShmAcquire", pb.ShmAcquireRequest(namespace="team-b"))):
@@ -129,6 +136,7 @@ def test_namespaces_are_bound_to_identity(server_factory, tokens_file: Path) -> 
             assert ops.get([b"secret"]) == [b"bob's bytes"]  # * grants every namespace
             stats = ops.stats()  # admins see the node's figures
             assert stats.puts >= 3
+            assert ops.stats("team-b").tiers[0].blocks == 1  # and any namespace's
 
 
 def test_tokens_rotate_on_sighup(server_factory, tokens_file: Path) -> None:  # type: ignore[no-untyped-def]
@@ -213,7 +221,7 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
 def test_node_wide_and_listing_methods() -> None:
     grants = parse_grants(f"{hash_token('a')} alice team-a\n{hash_token('o')} ops x admin\n", "f")
     alice, ops = grants.tokens[hash_token("a")], grants.tokens[hash_token("o")]
-    for method in ("Flush", "Stats", "SomeFutureMethod"):  # closed unless named otherwise
+    for method in ("Flush", "SomeFutureMethod"):  # closed unless named otherwise
         with pytest.raises(PermissionDenied):
             Authorizer.authorize(alice, method, None)
         Authorizer.authorize(ops, method, None)
@@ -222,6 +230,20 @@ def test_node_wide_and_listing_methods() -> None:
         Authorizer.authorize(alice, "ListKeys", "team-b")
     with pytest.raises(PermissionDenied):  # admin is node-wide, not every namespace
         Authorizer.authorize(ops, "Get", "team-a")
+
+
+def test_stats_shows_a_non_admin_only_its_namespaces() -> None:
+    grants = parse_grants(f"{hash_token('a')} alice team-a,team-c\n"
+                          f"{hash_token('w')} wide *\n{hash_token('o')} ops x admin\n", "f")
+    alice, wide, ops = (grants.tokens[hash_token(t)] for t in "awo")
+    for namespace in ("team-a", "team-c"):
+        Authorizer.authorize(alice, "Stats", namespace)
+    for grant, namespace in ((alice, None), (alice, "team-b"), (wide, None)):
+        with pytest.raises(PermissionDenied):  # the node's figures, or another tenant's
+            Authorizer.authorize(grant, "Stats", namespace)
+    Authorizer.authorize(wide, "Stats", "anything")  # '*': every namespace, not the node
+    for namespace in (None, "team-a"):  # admins: the node's figures and any namespace's
+        Authorizer.authorize(ops, "Stats", namespace)
 
 
 def test_grants_file_errors_name_the_line(tmp_path: Path) -> None:
