@@ -111,16 +111,21 @@ class WriteBack(Part):
             return
         queued = 0
         blocks = self.index.blocks
+        picked: list[tuple[BlockId, Entry]] = []
 
         def pick(block: BlockId) -> bool:
             nonlocal queued
             entry = blocks.get(block)
             if entry is not None and entry.dirty and not entry.dead:
-                self.queue_write(block, entry)
+                picked.append((block, entry))
                 queued += entry.size
             return queued >= excess  # True ends the scan
 
         self.policy.victim(TierName.L1, self.clock(), pick)
+        # Queued after the scan: a write may drop a corrupt block, which
+        # changes the policy's order the scan walks.
+        for block, entry in picked:
+            self.queue_write(block, entry)
 
     async def _wait_queue_room(self, size: int) -> None:
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
