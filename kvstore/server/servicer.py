@@ -16,10 +16,12 @@ from typing import Any
 import grpc
 
 from kvstore.errors import InvalidArgument, MalformedRequest
-from kvstore.store import BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.store.reads import WHOLE_CHECK_BYTES
 from kvstore.types import (
     AckLevel,
     BlockFormat,
+    BlockId,
     SessionEnd,
     SessionEvent,
     TierName,
@@ -149,7 +151,8 @@ class KVStoreServicer:
         chunk_bytes = min(request.max_chunk_bytes or self.default_chunk, self.max_chunk)
         session = request.session_id or None
         for index, key in enumerate(keys):
-            reader = await store.open_read((namespace, key), session)
+            reader = await _open_intact(store, (namespace, key), session,
+                                        max(chunk_bytes, WHOLE_CHECK_BYTES))
             if reader is None:
                 yield wire.encode_get_chunk(index, False)
                 continue
@@ -183,7 +186,7 @@ class KVStoreServicer:
         chunks: list[bytes] = []
         answered = 0
         for index, key in enumerate(keys):
-            reader = await store.open_read((namespace, key), session)
+            reader = await _open_intact(store, (namespace, key), session, budget)
             if reader is None:
                 chunk = wire.encode_get_chunk(index, False)
                 chunks.append(_SMALL_CHUNK + wire.encode_varint(len(chunk)) + chunk)
@@ -358,6 +361,19 @@ class KVStoreServicer:
 #: Blocks per ListBlocksResponse (a few hundred bytes each: well under any
 #: message limit).
 _LIST_BATCH = 256
+
+
+async def _open_intact(store: TieredStore, block: BlockId, session: str | None,
+                       whole_limit: int) -> BlockReader | None:
+    """The block's reader, its L1 copy checked whole first when it is at
+    most ``whole_limit`` bytes: a corrupt copy is dropped and the block read
+    again (its L2 or L3 copy, or a miss), so no wrong byte is ever sent."""
+    for _ in range(2):
+        reader = await store.open_read(block, session)
+        if reader is None or reader.intact(whole_limit):
+            return reader
+        reader.close()  # drops the corrupt copy
+    return None
 
 
 def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:

@@ -37,6 +37,7 @@ from kvstore.checksum import checksum
 from kvstore.config import L3Config
 from kvstore.errors import CorruptBlock, TierUnavailable
 from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
+from kvstore.store.l1check import L1Check, l1_intact
 from kvstore.store.parts import Part, Shared, spawn
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
@@ -60,6 +61,7 @@ class L3Mover(Part):
         self.namespaces = frozenset(namespaces)
         self._l2_counters = self.stats.counters[TierName.L2]
         self._counters = self.stats.counters[TierName.L3]
+        self.check = L1Check(shared)
         self.read_l2: Callable[[BlockId, Entry], Awaitable[bytes | None]] | None = None
         self.after_demotion: Callable[[BlockId, Entry], None] | None = None
         self.tier = ObjectTier.from_config(config)
@@ -155,8 +157,13 @@ class L3Mover(Part):
         if not self.healthy:
             raise TierUnavailable("L3 is unavailable (circuit breaker open): "
                                   "acknowledgement level remote cannot be met now")
-        self.index.pin_reader(entry)  # the L1 copy must stay while it is uploaded
         view = self.l1.slice(entry.l1_offset, entry.size)
+        if not l1_intact(view, entry):  # a corrupt L1 copy is never uploaded
+            view.release()
+            self.check.drop_corrupt(block, entry, "its L3 upload")
+            raise CorruptBlock(f"block {block[1].hex()} failed its checksum in L1 before it "
+                               "reached L3 (dropped)")
+        self.index.pin_reader(entry)  # the L1 copy must stay while it is uploaded
         self.queued += entry.size
         try:
             if not await self._in_order(

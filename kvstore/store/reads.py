@@ -5,6 +5,11 @@ dropped, counted and reported as a miss; so is one L2 cannot read (a
 StorageError: a damaged LMDB page), the block then comes from L3 if it is
 there.
 
+An L1 hit's bytes are checked against the block's checksum as they leave
+(:meth:`BlockReader.intact` before the first byte for a block small enough,
+else chunk by chunk, the last chunk withheld on a mismatch): a copy that
+fails is dropped from L1 when the reader closes (:mod:`kvstore.store.l1check`).
+
 One loading mechanism for both lower tiers: while a block is being read
 into L1, ``Index.loading`` holds a future for it, and a concurrent Get of
 the block waits for that read instead of starting its own.
@@ -18,8 +23,10 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 
-from kvstore.errors import CapacityExhausted, StorageError
+from kvstore.checksum import checksum
+from kvstore.errors import CapacityExhausted, CorruptBlock, StorageError
 from kvstore.store.index import Entry
+from kvstore.store.l1check import L1Check
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import Placement
@@ -33,26 +40,73 @@ log = logging.getLogger("kvstore.store")
 ReadVerifyL2 = Callable[[BlockId, int, memoryview | None], tuple[bool, Buffer] | None]
 
 
-class BlockReader:
-    """A found block, pinned while its bytes are streamed out."""
+#: A block of at most this many bytes is checked whole before its first
+#: chunk is sent (a mismatch is then a miss, or the next tier's copy); a
+#: larger one is checked as its chunks go and its last chunk is withheld on
+#: a mismatch (the stream ends with DATA_LOSS naming the block).
+WHOLE_CHECK_BYTES = 4 * 1024**2
 
-    __slots__ = ("_release", "_view", "entry", "size", "tier")
+#: A corrupt L1 copy found: drop it (called once the reader's pin is gone).
+OnCorrupt = Callable[[str], None]
+
+
+class BlockReader:
+    """A found block, pinned while its bytes are streamed out. An L1 copy
+    (``expected`` set) is checked against its checksum on the way out."""
+
+    __slots__ = ("_corrupt", "_expected", "_on_corrupt", "_release", "_view", "block",
+                 "entry", "size", "tier")
 
     def __init__(self, view: Buffer, tier: TierName,
-                 release: Callable[[], None] | None, entry: Entry | None = None) -> None:
+                 release: Callable[[], None] | None, entry: Entry | None = None,
+                 block: BlockId | None = None, on_corrupt: OnCorrupt | None = None) -> None:
         self._view = memoryview(view)
         self.size = len(self._view)
         self.tier = tier
         self._release = release
         # The index entry when the bytes are the block's L1 copy (pinned).
         self.entry = entry
+        self.block = block
+        # The checksum the bytes must match (-1: checked on their way in).
+        self._expected = entry.checksum if on_corrupt is not None and entry is not None else -1
+        self._on_corrupt = on_corrupt
+        self._corrupt = ""  # who found the bytes bad ("": not found bad)
+
+    def intact(self, whole_limit: int = WHOLE_CHECK_BYTES) -> bool:
+        """Check the whole block now when it is at most ``whole_limit`` bytes
+        (False: corrupt; close this reader, it is dropped); a larger one is
+        checked by :meth:`chunks`. True when nothing needs checking."""
+        expected = self._expected
+        if expected < 0 or self.size > whole_limit:
+            return True
+        self._expected = -1  # checked: chunks() need not check it again
+        if checksum(self._view) == expected:
+            return True
+        self._corrupt = "a Get"
+        return False
 
     def chunks(self, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:
         view = self._view
-        if self.size == 0:
+        size = self.size
+        if size == 0:
             yield 0, view
-        for offset in range(0, self.size, chunk_bytes):
-            yield offset, view[offset : offset + chunk_bytes]
+        expected = self._expected
+        if expected < 0:
+            for offset in range(0, size, chunk_bytes):
+                yield offset, view[offset : offset + chunk_bytes]
+            return
+        crc = 0
+        last = (size - 1) // chunk_bytes * chunk_bytes
+        for offset in range(0, size, chunk_bytes):
+            piece = view[offset : offset + chunk_bytes]
+            crc = checksum(piece, crc)
+            if offset == last and crc != expected:
+                self._corrupt = "a Get"
+                name = self.block
+                raise CorruptBlock(
+                    f"block {name[1].hex() if name else '?'} failed its checksum in L1 "
+                    "while it was sent (dropped; ask again for the next tier's copy)")
+            yield offset, piece
 
     @property
     def view(self) -> memoryview:
@@ -63,6 +117,9 @@ class BlockReader:
         self._view.release()
         if release is not None:
             release()
+        corrupt, self._corrupt = self._corrupt, ""
+        if corrupt and self._on_corrupt is not None:
+            self._on_corrupt(corrupt)
 
 
 class Reads(Part):
@@ -81,6 +138,14 @@ class Reads(Part):
         self._unpin = index.unpin_reader
         self._c1 = self.stats.counters[TierName.L1]
         self._c2 = self.stats.counters[TierName.L2]
+        self.check = L1Check(shared)
+
+    def _l1_reader(self, block: BlockId, entry: Entry, tier: TierName) -> BlockReader:
+        """A reader of the entry's L1 copy (pinned), checked on its way out."""
+        self.index.pin_reader(entry)
+        return BlockReader(self.l1.slice(entry.l1_offset, entry.size), tier,
+                           functools.partial(self._unpin, entry), entry, block,
+                           functools.partial(self.check.drop_corrupt, block, entry))
 
     async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
         """The block, pinned for streaming, or None for a miss."""
@@ -103,9 +168,7 @@ class Reads(Part):
             c1.hits += 1
             self.stats.get_hits += 1
             self.policy.on_hit(TierName.L1, block, self.clock(), session)
-            self.index.pin_reader(entry)
-            return BlockReader(self.l1.slice(entry.l1_offset, entry.size), TierName.L1,
-                               functools.partial(self._unpin, entry), entry)
+            return self._l1_reader(block, entry, TierName.L1)
         c1.misses += 1
         if entry.l2 and self.read_verify_l2 is not None:
             reader = await self.read_l2(block, entry, session)
@@ -214,9 +277,7 @@ class Reads(Part):
                 self.l1.slice(offset, entry.size)[:] = payload
                 return self._promoted(block, entry, offset, TierName.L3, session)
             if entry.l1_offset >= 0 and not entry.dead:
-                self.index.pin_reader(entry)
-                return BlockReader(self.l1.slice(entry.l1_offset, entry.size), TierName.L3,
-                                   functools.partial(self._unpin, entry), entry)
+                return self._l1_reader(block, entry, TierName.L3)
             return BlockReader(payload, TierName.L3, None)
         finally:
             self._end_load(block, loading)

@@ -6,6 +6,8 @@ acknowledgement level local the Put waits for that write. With
 ``l2.write_mode = back`` a memory-acknowledged block stays dirty in L1 until
 it nears eviction (:meth:`WriteBack.clean_ahead`), and is written then. A
 block whose L2 copy is not written yet stays pinned in L1 until it is.
+The L1 bytes are checked against the block's checksum before they are
+queued: a corrupt copy is dropped, never written down.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from collections.abc import Callable
 
 from kvstore.checksum import checksum
 from kvstore.config import Config
-from kvstore.errors import CapacityExhausted, StorageError
+from kvstore.errors import CapacityExhausted, CorruptBlock, StorageError
 from kvstore.policy import Action
 from kvstore.store.coldindex import ColdBlock
 from kvstore.store.index import Entry
+from kvstore.store.l1check import L1Check, l1_intact
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import ROOM_WAIT_SECONDS
@@ -56,6 +59,7 @@ class WriteBack(Part):
         #: quota.l2: namespace → L2 bytes allowed (0: none); None: no L2 quotas.
         self.l2_limit: Callable[[str], int] | None = \
             config.quota.l2_limit if config.quota.l2_enabled else None
+        self.check = L1Check(shared)
 
     # -- reads for demotion and promotion -------------------------------------------------
 
@@ -112,16 +116,21 @@ class WriteBack(Part):
             return
         queued = 0
         blocks = self.index.blocks
+        picked: list[tuple[BlockId, Entry]] = []
 
         def pick(block: BlockId) -> bool:
             nonlocal queued
             entry = blocks.get(block)
             if entry is not None and entry.dirty and not entry.dead:
-                self.queue_write(block, entry)
+                picked.append((block, entry))
                 queued += entry.size
             return queued >= excess  # True ends the scan
 
         self.policy.victim(TierName.L1, self.clock(), pick)
+        # Queued after the scan: a write may drop a corrupt block, which
+        # changes the policy's order the scan walks.
+        for block, entry in picked:
+            self.queue_write(block, entry)
 
     async def _wait_queue_room(self, size: int) -> None:
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
@@ -131,13 +140,24 @@ class WriteBack(Part):
 
     def queue_write(self, block: BlockId, entry: Entry,
                     want_future: bool = False) -> asyncio.Future[None] | None:
-        """Write the block's L1 copy to L2 (it stays pinned until written)."""
+        """Write the block's L1 copy to L2 (it stays pinned until written).
+        A copy that fails its checksum is dropped instead (the future, if
+        any, fails with CorruptBlock)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
         index = self.index
+        view = self.l1.slice(entry.l1_offset, entry.size)
+        if not l1_intact(view, entry):
+            view.release()
+            self.check.drop_corrupt(block, entry, "its L2 write")
+            self.progress.wake()
+            if fut is not None:
+                fut.set_exception(CorruptBlock(
+                    f"block {block[1].hex()} failed its checksum in L1 before it reached L2 "
+                    "(dropped)"))
+            return fut
         index.begin_l2_write(entry)
         self.queued += entry.size
-        view = self.l1.slice(entry.l1_offset, entry.size)
 
         def settle(error: BaseException | None) -> None:
             view.release()

@@ -1,0 +1,53 @@
+"""Checks of L1 bytes on their way out of the process (a Get, an L2 write,
+an L3 upload) against the checksum the block was stored with, and what
+happens to a copy that fails: it is dropped from L1, counted in L1's
+``corrupt``, and never written down.
+
+L1 is shared memory: a same-host client maps the arena, so a bug or a late
+writer there could change a block's bytes behind the index's back. The
+checks use the native CRC-32C (the GIL is released for large buffers); one
+extra pass over bytes already in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvstore.checksum import checksum
+from kvstore.store.index import Entry
+from kvstore.store.parts import Part
+from kvstore.tiers.base import Buffer
+from kvstore.types import BlockId, TierName
+
+log = logging.getLogger("kvstore.store")
+
+
+def l1_intact(view: Buffer, entry: Entry) -> bool:
+    """Whether the L1 bytes ``view`` still match the entry's checksum."""
+    return checksum(view) == entry.checksum
+
+
+class L1Check(Part):
+    """Drops L1 copies found corrupt."""
+
+    def drop_corrupt(self, block: BlockId, entry: Entry, where: str) -> None:
+        """The entry's L1 copy failed its checksum (found by ``where``): count
+        it and drop it. A good L2 or L3 copy stays and is served next time;
+        with none, the block is gone (a miss beats wrong bytes). Call it with
+        no pin of the caller's own left on the entry."""
+        index = self.index
+        self.stats.counters[TierName.L1].corrupt += 1
+        log.warning("dropped corrupt L1 copy of %s/%s (found by %s)", block[0],
+                    block[1].hex()[:16], where)
+        if entry.dead or index.blocks.get(block) is not entry or entry.l1_offset < 0:
+            return  # replaced, deleted or evicted meanwhile
+        if (entry.l2 or entry.l3) and not entry.pinned:
+            index.set_dirty(entry, False)
+            self.l1.release(entry.l1_offset, entry.size)
+            index.set_l1(entry, -1)
+            self.policy.on_remove(TierName.L1, block)
+            return
+        # No other copy, or other readers still hold this one (its extent
+        # cannot be freed under them): forget the block here; the L3 copy,
+        # if any, stays and is found again by the next Get.
+        index.forget(block, entry)
