@@ -21,6 +21,7 @@ in all; a longer run: ``KVSTORE_FUZZ_EXAMPLES=5000 pytest tests/fuzz``.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import mmap
 import os
@@ -355,3 +356,27 @@ def test_mutated_put_streams_get_a_precise_status_and_leave_nothing_behind(
         fuzz.send_put(fuzz.put_stream())
     assert SEEN["Put"]["OK"] > 0  # some streams stayed valid: blocks were stored
     fuzz.assert_back_to_zero()
+
+
+def test_mutated_bodies_from_concurrent_clients_leave_nothing_behind(
+        server: ServerProcess, channel: grpc.Channel) -> None:
+    """Writers, readers, shm commits and releases, deletes and flushes at
+    once: the races a sequential run cannot reach."""
+    methods = ["Put", "ShmCommit", "ShmAcquire", "ShmRelease", "Get", "Delete", "Flush",
+               "SessionEvent"]
+    fuzzes = [Fuzz(server, channel, method) for method in methods]
+    fuzzes[0].store_blocks()
+
+    def run(fuzz: Fuzz) -> None:
+        for _ in range(max(EXAMPLES // 3, 1)):
+            if fuzz.method == "Put":
+                fuzz.send_put(fuzz.put_stream())
+            else:
+                fuzz.send(fuzz.body())
+
+    with concurrent.futures.ThreadPoolExecutor(len(fuzzes)) as pool:
+        for done in [pool.submit(run, fuzz) for fuzz in fuzzes]:
+            done.result()  # re-raises a thread's failed assertion
+    for fuzz in fuzzes[1:]:
+        fuzzes[0].namespaces |= fuzz.namespaces
+    fuzzes[0].assert_back_to_zero()
