@@ -59,8 +59,9 @@ def node_modules() -> Path:
         pytest.skip(f"npm install of @grpc/grpc-js and @grpc/proto-loader took over "
                     f"{INSTALL_TIMEOUT_S} s (no registry?)")
     if done.returncode != 0:
-        pytest.skip("npm install of @grpc/grpc-js and @grpc/proto-loader failed "
-                    f"(no registry?): {done.stderr.strip()[-300:]}")
+        reason = next((line for line in done.stderr.splitlines() if "Error" in line),
+                      done.stderr.strip()[:300])
+        pytest.skip(f"npm install of @grpc/grpc-js and @grpc/proto-loader failed: {reason}")
     return modules
 
 
