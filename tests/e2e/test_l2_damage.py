@@ -67,9 +67,20 @@ def test_data_file_one_page_short_at_start_is_served_as_misses(server_factory) -
     put_blocks(server, blobs)
     assert server.terminate() == 0
     truncate_by(data_file(server), PAGE)
-    server.start()
+    try:
+        server.start()
+    except ServerFailed as failed:
+        # Which page is last depends on how the group commits fell: when it
+        # held part of the B-tree, the start-up check finds the environment
+        # unreadable and refuses in one line (never a SIGBUS); recovery is
+        # then the operator's one flag.
+        assert "exited with 1" in str(failed), failed
+        assert "--l2-recover true" in server.log_path.read_text()
+        server.flags += ["--l2-recover", "true"]
+        server.start()
+    else:
+        assert "shorter than the" in server.log_path.read_text()
     assert_exact_or_miss(server, blobs)
-    assert "shorter than the" in server.log_path.read_text()
     # ...and again at the next restart: no crash loop.
     assert server.terminate() == 0
     server.start()
