@@ -4,7 +4,6 @@ restart from the listing, a slow object store."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import threading
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from delayproxy import DelayProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import Client
@@ -150,67 +150,6 @@ def test_restart_rebuilds_the_index_from_the_bucket_listing(server_factory, s3: 
         assert c.get(list(blobs)[:10]) == list(blobs.values())[:10]
 
 
-class DelayProxy:
-    """A TCP proxy on 127.0.0.1 that delays every chunk from the server."""
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.upstream_port = upstream_port
-        self.delay_s = delay_s
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       delay: float) -> None:
-            try:
-                while data := await reader.read(65536):
-                    if delay:
-                        await asyncio.sleep(delay)
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-
-        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            try:
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            except OSError:
-                cw.close()
-                return
-            try:
-                await asyncio.gather(pipe(cr, uw, 0), pipe(ur, cw, self.delay_s))
-            except asyncio.CancelledError:
-                pass
-
-        async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            self._stop = asyncio.Event()
-            ready.set()
-            await self._stop.wait()
-            server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
-
-
 def test_slow_l3_does_not_slow_l1_traffic(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
     port = int(s3.endpoint.rsplit(":", 1)[1])
     with l3_node(server_factory, s3, "--l3-timeout-s", "10") as fast, \
@@ -222,7 +161,7 @@ def test_slow_l3_does_not_slow_l1_traffic(server_factory, s3: S3Server) -> None:
             c.put({k: v}, ack="local")
         wait_for(lambda: c.lookup([b"cold"]).tiers == [TierName.L3], what="demotion")
         cold = b"cold"
-    proxy = DelayProxy(port, delay_s=1.5)
+    proxy = DelayProxy(port, down_delay_s=1.5)
     try:
         with l3_node(server_factory, s3, "--l3-timeout-s", "10",
                      endpoint=f"http://127.0.0.1:{proxy.port}", data_dir=fast.data_dir) as slow, \

@@ -5,13 +5,12 @@ sends is held back a little: a 1 MiB upload takes ~1 s, a GET request ~0.05 s)."
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from delayproxy import DelayProxy
 
 from kvstore import Client
 from kvstore.types import TierName
@@ -36,69 +35,6 @@ def s3() -> Iterator[S3Server]:
         server.close()
 
 
-class UploadDelayProxy:
-    """A TCP proxy on 127.0.0.1 that holds back every chunk the client sends by
-    ``up_delay_s`` (settable while it runs): uploads slow down in proportion to
-    their size, small requests hardly."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.up_delay_s = 0.0
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       upstream: bool) -> None:
-            try:
-                while data := await reader.read(65536):
-                    if upstream and self.up_delay_s:
-                        await asyncio.sleep(self.up_delay_s)
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-
-        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            try:
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            except OSError:
-                cw.close()
-                return
-            try:
-                await asyncio.gather(pipe(cr, uw, True), pipe(ur, cw, False))
-            except asyncio.CancelledError:
-                pass
-
-        async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            self._stop = asyncio.Event()
-            ready.set()
-            await self._stop.wait()
-            server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
-
-
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -120,7 +56,7 @@ def test_reads_are_served_while_the_backlog_drains(server_factory, s3: S3Server)
             Client(writer.tcp, namespace="d") as cw:
         remote = {f"r{i:02}".encode(): os.urandom(100_000) for i in range(12)}
         assert cw.put(remote, ack="remote").stored == len(remote)
-    proxy = UploadDelayProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]))
     try:
         node = server_factory(*common, "--l3-endpoint", f"http://127.0.0.1:{proxy.port}",
                               "--l2-capacity", "4MiB", "--l3-outage-spill", "8",

@@ -1,0 +1,74 @@
+"""A TCP proxy on 127.0.0.1 that holds back each chunk by a settable delay,
+per direction: slow uploads (client → server) or slow answers (server →
+client) for the L3 tests, against a real S3 server behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class DelayProxy:
+    """Forwards 127.0.0.1:``port`` to 127.0.0.1:``upstream_port``, sleeping
+    ``up_delay_s`` before each chunk the client sends and ``down_delay_s``
+    before each chunk the server sends (both may be changed while it runs)."""
+
+    def __init__(self, upstream_port: int, *, up_delay_s: float = 0.0,
+                 down_delay_s: float = 0.0) -> None:
+        self.upstream_port = upstream_port
+        self.up_delay_s = up_delay_s
+        self.down_delay_s = down_delay_s
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       upstream: bool) -> None:
+            try:
+                while data := await reader.read(65536):
+                    delay = self.up_delay_s if upstream else self.down_delay_s
+                    if delay:
+                        await asyncio.sleep(delay)
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            try:
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            except OSError:
+                cw.close()
+                return
+            try:
+                await asyncio.gather(pipe(cr, uw, True), pipe(ur, cw, False))
+            except asyncio.CancelledError:
+                pass
+
+        async def main() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._stop = asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
