@@ -35,6 +35,7 @@ import grpc
 
 from kvstore.errors import KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
+from kvstore.server.handler_cache import HandlerWrappingInterceptor
 
 log = logging.getLogger("kvstore.server")
 
@@ -194,31 +195,18 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
     return handler
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(HandlerWrappingInterceptor):
     """``auth``: when set (auth.tokens_file), every kvstore.v1 call is checked
     against it (kvstore/server/auth.py) inside the error mapping."""
 
     def __init__(self, auth: Authorizer | None = None) -> None:
+        super().__init__()
         self.auth = auth
-        # Wrapped handlers by method: wrapping costs more than a small call's
-        # own work (a Lookup is ~0.5 ms end to end), so it is done once.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith("/kvstore.v1."):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if not method.startswith("/kvstore.v1."):
             return handler
-        wrapped = self._wrap(handler, method, self.auth)
-        self._wrapped[method] = wrapped
-        return wrapped
+        return self._wrap(handler, method, self.auth)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str,

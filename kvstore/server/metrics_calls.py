@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from kvstore.server.handler_cache import HandlerWrappingInterceptor
+
 #: Upper bounds (seconds) of the latency histogram buckets: from a fast
 #: Lookup (~100 µs) to a multi-MiB Get or Put over a slow link.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -128,34 +130,23 @@ def _timed(behavior: Callable[..., Any], calls: MethodCalls) -> Callable[..., An
     return None
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(HandlerWrappingInterceptor):
     """Times every call of a registered method and counts it by status code.
 
     Put it first in the server's interceptor list so it sees the status the
     error interceptor (kvstore.server.interceptor) turned an exception into.
+    Unknown methods are not recorded, so labels stay bounded.
     """
 
     def __init__(self, recorder: CallRecorder) -> None:
+        super().__init__()
         self.recorder = recorder
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # wrapping once per method
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: not recorded, so labels stay bounded
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         calls = MethodCalls(method)
         wrapped = self._wrap(handler, calls)
         if wrapped is not handler:
             self.recorder.add(calls)
-        self._wrapped[method] = wrapped
         return wrapped
 
     @staticmethod
