@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tenants
 
 from kvstore import Client
 from kvstore.config import load
@@ -17,25 +18,8 @@ ROUNDS = 12
 
 
 def quiet_hit_rate(target: str, noisy: bool) -> float:
-    """The quiet tenant reads its working set each round (putting back what
-    it misses); between rounds the noisy tenant puts new blocks."""
-    keys = [b"q%03d" % i for i in range(QUIET_BLOCKS)]
-    value = {k: bytes([i]) * BLOCK for i, k in enumerate(keys)}
-    hits = reads = 0
-    with Client(target, namespace="quiet") as quiet, Client(target, namespace="noisy") as flood:
-        quiet.put(value)
-        for r in range(ROUNDS):
-            got = quiet.get(keys)
-            assert all(g is None or g == value[k] for k, g in zip(keys, got, strict=True))
-            hits += sum(g is not None for g in got)
-            reads += len(keys)
-            missed = {k: value[k] for k, g in zip(keys, got, strict=True) if g is None}
-            if missed:
-                quiet.put(missed)
-            if noisy:
-                flood.put({b"n%02d-%03d" % (r, i): b"\xee" * BLOCK
-                           for i in range(NOISY_PER_ROUND)})
-    return 100.0 * hits / reads
+    return tenants.quiet_hit_rate(target, noisy, block=BLOCK, quiet_blocks=QUIET_BLOCKS,
+                                  noisy_per_round=NOISY_PER_ROUND, rounds=ROUNDS)
 
 
 def serve(server_factory, *flags: str):  # type: ignore[no-untyped-def]
