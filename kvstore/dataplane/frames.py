@@ -315,7 +315,8 @@ class GetRequest:
 _GET_BLOCK = struct.Struct("<IBB")
 
 
-class GetBlock(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class GetBlock:
     """One GET response frame's metadata: the key's index, hit, tier. The
     block's bytes are the frame's payload (payload_len = its size)."""
 
