@@ -4,10 +4,15 @@
 
 In one run, against:
 
-* ``kvstore-tcp``   kvstore over gRPC on 127.0.0.1 (``kvstore.Client``);
-* ``kvstore-unix``  the same server over its unix socket;
-* ``kvstore-shm``   the same server, block bytes through its shared-memory L1
-                    arena (``ShmClient``; server started with ``--l1-shm-path``);
+* ``kvstore-dp-tcp``   kvstore's framed data plane over TCP on 127.0.0.1
+                    (``kvstore.Client``, its default path: the session opened
+                    through gRPC, blocks inline in frames);
+* ``kvstore-dp-unix``  the same over the data plane's unix socket;
+* ``kvstore-dp-shm``   the data plane's unix socket for the control frames,
+                    block bytes through the server's shared-memory L1 arena
+                    (``ShmClient``; server started with ``--l1-shm-path``);
+* ``kvstore-tcp`` / ``kvstore-unix`` / ``kvstore-shm``  the same clients with
+                    ``data_plane=False``: every call over gRPC;
 * ``redis-tcp`` / ``redis-unix``  a private Redis 7 (``redis-server`` from
                     PATH, or apt-installed when missing and running as root),
                     ``--save "" --appendonly no``, redis-py with hiredis;
@@ -50,7 +55,11 @@ from typing import Any
 KiB = 1024
 MiB = 1024 * KiB
 
-KV_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
+# The SDK's default path (the framed data plane, docs/dataplane.md), then the
+# same clients with data_plane=False (every call over gRPC).
+DP_SYSTEMS = ["kvstore-dp-tcp", "kvstore-dp-unix", "kvstore-dp-shm"]
+GRPC_SYSTEMS = ["kvstore-tcp", "kvstore-unix", "kvstore-shm"]
+KV_SYSTEMS = DP_SYSTEMS + GRPC_SYSTEMS
 REDIS_SYSTEMS = ["redis-tcp", "redis-unix"]
 # Only with --mooncake-venv (bench/_peers/mooncake_proc.py says how to make one).
 MOONCAKE_SYSTEMS = ["mooncake-tcp"]
@@ -64,15 +73,32 @@ DEFAULT_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
 ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS + MOONCAKE_SYSTEMS
 
 API = {
-    "kvstore-tcp": {"put": "Client.put([(key, view)] * batch) — one Put stream, ack=memory",
-                    "get": "Client.get_into(keys, buffers) — one Get stream into reused "
-                           "pre-faulted numpy buffers"},
-    "kvstore-unix": {"put": "Client.put (as kvstore-tcp, over the unix socket)",
-                     "get": "Client.get_into (as kvstore-tcp, over the unix socket)"},
-    "kvstore-shm": {"put": "ShmClient.put: ShmReserve, copy+CRC32C into the mapped arena, "
-                           "ShmCommit (server re-verifies the CRC)",
-                    "get": "ShmClient.get_into: ShmAcquire, copy+CRC32C out of the arena into "
-                           "reused buffers, ShmRelease"},
+    "kvstore-dp-tcp": {"put": "Client.put([(key, view)] * batch) — one PUT frame exchange "
+                              "on the data plane's TCP connection (header + block views sent "
+                              "with sendmsg, no join), ack=memory",
+                       "get": "Client.get_into(keys, buffers) — one GET frame exchange, "
+                              "each block received with recv_into straight into the reused "
+                              "pre-faulted numpy buffers"},
+    "kvstore-dp-unix": {"put": "Client.put (as kvstore-dp-tcp, over the data plane's unix "
+                               "socket)",
+                        "get": "Client.get_into (as kvstore-dp-tcp, over the data plane's "
+                               "unix socket)"},
+    "kvstore-dp-shm": {"put": "ShmClient.put: reserve and commit frames on the data plane's "
+                              "unix socket, copy+CRC32C into the mapped arena between them",
+                       "get": "ShmClient.get_into: acquire frame, copy+CRC32C out of the "
+                              "arena into reused buffers, release frame"},
+    "kvstore-tcp": {"put": "Client(data_plane=False).put([(key, view)] * batch) — one Put "
+                           "stream, ack=memory",
+                    "get": "Client(data_plane=False).get_into(keys, buffers) — GetSmall or "
+                           "one Get stream into reused pre-faulted numpy buffers"},
+    "kvstore-unix": {"put": "Client(data_plane=False).put (as kvstore-tcp, over the unix "
+                            "socket)",
+                     "get": "Client(data_plane=False).get_into (as kvstore-tcp, over the unix "
+                            "socket)"},
+    "kvstore-shm": {"put": "ShmClient(data_plane=False).put: ShmReserve, copy+CRC32C into the "
+                           "mapped arena, ShmCommit (server re-verifies the CRC)",
+                    "get": "ShmClient(data_plane=False).get_into: ShmAcquire, copy+CRC32C out "
+                           "of the arena into reused buffers, release on the next acquire"},
     "kvstore-tcp-syncput": {"put": "Client(aio_put=False).put: grpc's sync stream call "
                                    "(the path before the private grpc.aio loop)",
                             "get": "Client.get_into (as kvstore-tcp)"},
@@ -105,6 +131,9 @@ API = {
 }
 
 TRANSPORT_PEERS = {  # kvstore system -> (Redis on the same transport, raw baseline)
+    "kvstore-dp-tcp": ("redis-tcp", "raw-tcp"),
+    "kvstore-dp-unix": ("redis-unix", "raw-unix"),
+    "kvstore-dp-shm": ("redis-unix", "memcpy"),
     "kvstore-tcp": ("redis-tcp", "raw-tcp"),
     "kvstore-unix": ("redis-unix", "raw-unix"),
     "kvstore-shm": ("redis-unix", "memcpy"),
@@ -262,15 +291,21 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ("mooncake-tcp", op, block, clients, batch) in by:
             row["vs_mooncake_tcp"] = ratio("mooncake-tcp")
         row["raw_baseline"] = raw
-        if system in ("kvstore-shm", "kvstore-shm-2rpc"):
+        if system in ("kvstore-shm", "kvstore-shm-2rpc", "kvstore-dp-shm"):
             peers = [by[(s, op, block, clients, batch)] for s in
-                     ("kvstore-tcp", "kvstore-unix", *REDIS_SYSTEMS)
+                     ("kvstore-tcp", "kvstore-unix", "kvstore-dp-tcp", "kvstore-dp-unix",
+                      *REDIS_SYSTEMS)
                      if (s, op, block, clients, batch) in by]
             best = max(peers, key=lambda x: x["gbps"], default=None)
             row["best_socket_path"] = best["system"] if best else None
             row["vs_best_socket_path"] = ratio(best["system"]) if best else None
         out.append(row)
     return out
+
+
+def _cpu_total(cell: dict[str, Any]) -> float:
+    cpu = cell["cpu_s_per_gb"]
+    return round(cpu["server"] + cpu["client"], 4)
 
 
 def _targets(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -293,23 +328,35 @@ def _targets(results: list[dict[str, Any]], ratios: list[dict[str, Any]]) -> lis
                               f">= {floor}x {what}",
                     "value": v, "ok": None if v is None else v >= floor})
 
-    for op, floor in (("get", 2.0), ("put", 1.5)):
-        ratio_target("kvstore-shm", op, MiB, 1, "vs_redis_same_transport", floor, "redis-unix")
-    for op in ("get", "put"):
-        ratio_target("kvstore-tcp", op, MiB, 1, "vs_redis_same_transport", 1.2, "redis-tcp")
-    ratio_target("kvstore-shm", "get", 4 * MiB, 8, "vs_best_redis", 3.0, "the best redis")
-    ratio_target("kvstore-tcp", "get", MiB, 8, "vs_redis_same_transport", 1.2, "redis-tcp")
-    ratio_target("kvstore-tcp", "get", MiB, 8, "vs_raw", 0.7, "raw-tcp")
-    for system, peer in (("kvstore-tcp", "redis-tcp"), ("kvstore-unix", "redis-unix"),
-                         ("kvstore-shm", "redis-unix")):
-        mine = res.get((system, "get", 4 * KiB, 1, 1))
-        theirs = res.get((peer, "get", 4 * KiB, 1, 1))
-        if mine is None or theirs is None:
-            continue
-        for q in ("p50", "p99"):
-            a, b = mine[f"{q}_ms_call"], theirs[f"{q}_ms_call"]
-            out.append({"target": f"{system} get 4 KiB, 1/call: {q} latency <= {peer}'s "
-                                  f"({b} ms)", "value": a, "ok": a <= b})
+    # The SDK's default path (the data plane) first, then the gRPC path.
+    for tcp, unix, shm in (("kvstore-dp-tcp", "kvstore-dp-unix", "kvstore-dp-shm"),
+                           ("kvstore-tcp", "kvstore-unix", "kvstore-shm")):
+        for op, floor in (("get", 2.0), ("put", 1.5)):
+            ratio_target(shm, op, MiB, 1, "vs_redis_same_transport", floor, "redis-unix")
+        for op in ("get", "put"):
+            ratio_target(tcp, op, MiB, 1, "vs_redis_same_transport", 1.2, "redis-tcp")
+        ratio_target(shm, "get", 4 * MiB, 8, "vs_best_redis", 3.0, "the best redis")
+        ratio_target(tcp, "get", MiB, 8, "vs_redis_same_transport", 1.2, "redis-tcp")
+        ratio_target(tcp, "get", MiB, 8, "vs_raw", 0.7, "raw-tcp")
+        for system, peer in ((tcp, "redis-tcp"), (unix, "redis-unix"), (shm, "redis-unix")):
+            mine = res.get((system, "get", 4 * KiB, 1, 1))
+            theirs = res.get((peer, "get", 4 * KiB, 1, 1))
+            if mine is None or theirs is None:
+                continue
+            for q in ("p50", "p99"):
+                a, b = mine[f"{q}_ms_call"], theirs[f"{q}_ms_call"]
+                out.append({"target": f"{system} get 4 KiB, 1/call: {q} latency <= {peer}'s "
+                                      f"({b} ms)", "value": a, "ok": a <= b})
+        for per_call in (1, 8):
+            mine = res.get((tcp, "get", MiB, 1, per_call))
+            raw = res.get(("raw-tcp", "get", MiB, 1, per_call))
+            if mine is None or raw is None:
+                continue
+            a, b = _cpu_total(mine), _cpu_total(raw)
+            value = round(a / b, 3) if b > 0 else None
+            out.append({"target": f"{tcp} get 1 MiB, {per_call}/call: CPU s/GB (server + "
+                                  f"client) <= 1.5x raw-tcp's ({a} vs {b})",
+                        "value": value, "ok": None if value is None else value <= 1.5})
     return out
 
 
@@ -325,7 +372,9 @@ def write_png(doc: dict[str, Any], path: str) -> None:
     results = doc["results"]
     systems = [s for s in ALL_SYSTEMS if any(r["system"] == s for r in results)]
     groups = sorted({(r["block_bytes"], r["clients"], r["batch_blocks"]) for r in results})
-    colors = {"kvstore-tcp": "#1f77b4", "kvstore-unix": "#4a9fe0", "kvstore-shm": "#0b3d91",
+    colors = {"kvstore-dp-tcp": "#9467bd", "kvstore-dp-unix": "#c5b0d5",
+              "kvstore-dp-shm": "#5b2c83", "kvstore-tcp": "#1f77b4", "kvstore-unix": "#4a9fe0",
+              "kvstore-shm": "#0b3d91",
               "redis-tcp": "#d62728", "redis-unix": "#ff7f7f", "raw-tcp": "#7f7f7f",
               "raw-unix": "#bdbdbd", "memcpy": "#2ca02c", "kvstore-tcp-syncput": "#9ecae1",
               "kvstore-shm-2rpc": "#6baed6"}

@@ -61,23 +61,35 @@ class Worker:
         if c is not None:
             return c
         cfg = self.cfg
-        if system == "kvstore-tcp":
+        if system in ("kvstore-dp-tcp", "kvstore-dp-unix"):
             from kvstore import Client
 
-            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300)
-        elif system == "kvstore-unix":
-            from kvstore import Client
-
-            c = Client(cfg["kv_unix"], namespace="bench", timeout=300)
-        elif system == "kvstore-shm":
+            target = cfg["kv_tcp"] if system == "kvstore-dp-tcp" else cfg["kv_unix"]
+            c = Client(target, namespace="bench", timeout=300)
+            _require_data_plane(c, system)
+        elif system == "kvstore-dp-shm":
             from kvstore.client.shm import ShmClient
 
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+            _require_data_plane(c, system)
+        elif system == "kvstore-tcp":
+            from kvstore import Client
+
+            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300, data_plane=False)
+        elif system == "kvstore-unix":
+            from kvstore import Client
+
+            c = Client(cfg["kv_unix"], namespace="bench", timeout=300, data_plane=False)
+        elif system == "kvstore-shm":
+            from kvstore.client.shm import ShmClient
+
+            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300, data_plane=False)
         elif system in ("kvstore-tcp-stream", "kvstore-unix-stream"):
             from kvstore import Client
 
             target = cfg["kv_tcp"] if system == "kvstore-tcp-stream" else cfg["kv_unix"]
-            c = Client(target, namespace="bench", timeout=300, unary_get=False)
+            c = Client(target, namespace="bench", timeout=300, unary_get=False,
+                       data_plane=False)
         elif system == "kvstore-tcp-threaded":
             from kvstore import Client
 
@@ -85,16 +97,17 @@ class Worker:
                 single_threaded_get = False
 
             c = ThreadedGetClient(cfg["kv_tcp"], namespace="bench", timeout=300,
-                                  unary_get=False)
+                                  unary_get=False, data_plane=False)
         elif system == "kvstore-tcp-syncput":
             from kvstore import Client
 
-            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300, aio_put=False)
+            c = Client(cfg["kv_tcp"], namespace="bench", timeout=300, aio_put=False,
+                       data_plane=False)
         elif system == "kvstore-shm-2rpc":
             from kvstore.client.shm import ShmClient
 
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300,
-                          release_on_acquire=False)
+                          release_on_acquire=False, data_plane=False)
             c.stream_batch_bytes = None  # cached stores, as before
         elif system == "redis-tcp":
             import redis
@@ -245,6 +258,13 @@ class Worker:
                     c.delete(*keys[i : i + 256])
             elif system.startswith("mooncake"):
                 c.delete(keys)
+
+
+def _require_data_plane(client: Any, system: str) -> None:
+    """A data-plane system must measure the data plane, not a silent fallback."""
+    if not client.data_plane_active():
+        raise RuntimeError(f"{system}: the server offers no data plane (the client fell back "
+                           "to gRPC)")
 
 
 class MooncakeClient:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
+
 from kvstore.errors import (
     ERROR_FOR_CODE,
     ConnectionFailed,
@@ -70,5 +72,21 @@ def error_from_rpc(err: Exception, target: str) -> KVStoreError:
     else:
         message = f"{code_name} from kvstore server at {target}"
     exc = cls(message)
+    exc.grpc_code = code_name  # type: ignore[attr-defined]
+    return exc
+
+
+#: gRPC status code names by number (the data plane's ERROR frames carry the number).
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def error_from_frame(code: int, name: str, message: str, target: str) -> KVStoreError:
+    """The kvstore exception for a data plane ERROR frame (docs/dataplane.md):
+    the same class a gRPC call failing the same way raises."""
+    code_name = _CODE_NAMES.get(code, "UNKNOWN")
+    cls = error_class_by_name(name) if name else None
+    if cls is None:
+        cls = ERROR_FOR_CODE.get(code_name, KVStoreError)
+    exc = cls(message or f"{code_name} from kvstore server at {target}")
     exc.grpc_code = code_name  # type: ignore[attr-defined]
     return exc

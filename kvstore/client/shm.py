@@ -65,6 +65,7 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
+from kvstore.client.shm_dataplane import route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.errors import (
     CorruptBlock,
@@ -170,6 +171,10 @@ class ShmClient(Client):
         self._owner: str = info.owner
         self._reserve_s: float = info.reserve_ms / 1000.0 if info.reserve_ms else float("inf")
         self.release_on_acquire: bool = self._want_release_on_acquire and info.release_on_acquire
+        if self._data_plane is not None:  # the four calls as data-plane frames, when offered
+            self._reserve, self._commit, self._acquire_rpc, self._release = route_shm_calls(
+                self._data_plane, self._owner, self._reserve, self._commit, self._acquire_rpc,
+                self._release)
         #: Batches moving at least this many bytes are copied with streaming
         #: stores (None: never).
         self.stream_batch_bytes: int | None = _STREAM_BATCH_BYTES

@@ -21,12 +21,18 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
+    check_lease_ms,
+    check_session_id,
     feed_small_response,
     max_response_bytes,
+    normalize_buffers,
+    normalize_keys,
+    normalize_keys_with_lengths,
     resolve_namespace,
     small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
+from kvstore.client.dataplane import DataPlane, data_plane_mode
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -52,6 +58,7 @@ class SyncClientSettings(ClientSettings, total=False):
 
     aio_put: bool
     unary_get: bool
+    data_plane: bool | str | None
 
 
 class Client(ClientBase):
@@ -74,6 +81,17 @@ class Client(ClientBase):
     Put (faster than grpc's sync stream calls); off, Puts use the sync
     channel like every other call. Errors are :mod:`kvstore.errors` classes,
     as the server raised them.
+
+    ``data_plane`` (default on) sends Lookup, Get and Put as frames on the
+    server's data plane (docs/dataplane.md) when it offers one: a session
+    opened through gRPC, then a unix socket when this client is on the
+    server's host, else TCP (TLS when ``tls`` is set). A server without one,
+    or ``data_plane=False``, keeps every call on gRPC; ``"tcp"`` or
+    ``"unix"`` picks the transport. None (the default) reads
+    ``KVSTORE_DATA_PLANE`` (``0`` turns it off for the process). After a
+    dropped connection the next call opens a new session; the call in flight
+    is retried once when it is idempotent (Lookup, Get), while a Put raises
+    ConnectionFailed (blocks whose bytes all arrived may be stored).
     """
 
     #: Get streams read on the calling thread; False gives grpc's default, a
@@ -81,9 +99,11 @@ class Client(ClientBase):
     single_threaded_get = True
 
     def __init__(self, target: str = DEFAULT_TARGET, *, aio_put: bool = True,
-                 unary_get: bool = True, **settings: Unpack[ClientSettings]) -> None:
+                 unary_get: bool = True, data_plane: bool | str | None = None,
+                 **settings: Unpack[ClientSettings]) -> None:
         self._want_aio_put = aio_put
         self._unary_get = unary_get
+        self._data_plane_mode = data_plane_mode(data_plane)
         super().__init__(target, **settings)
 
     def _connect(self) -> None:
@@ -109,6 +129,10 @@ class Client(ClientBase):
             # An unclosed client's loop thread is stopped when the client goes.
             weakref.finalize(self, self._aio_put.close)
         ch = self._channel
+        self._data_plane: DataPlane | None = None
+        if self._data_plane_mode != "off":
+            self._data_plane = DataPlane(self._data_plane_mode, ch, self._grpc_target,
+                                         self.target, self._metadata, self.timeout, self.tls)
         self._put_rpc = ch.stream_unary(
             conv.PUT, request_serializer=conv.identity,
             response_deserializer=conv.decode_put_response,
@@ -149,6 +173,8 @@ class Client(ClientBase):
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
+        if self._data_plane is not None:
+            self._data_plane.close()
         if self._aio_put is not None:
             self._aio_put.close()
         if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc:
@@ -165,6 +191,22 @@ class Client(ClientBase):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+    # -- the data plane ----------------------------------------------------------
+
+    def data_plane_active(self) -> bool:
+        """Whether Lookup, Get and Put go by the data plane (opens its session
+        if none is open yet): False when it is off or the server offers none."""
+        return self._data_plane is not None and self._data_plane.active()
+
+    @property
+    def data_plane_calls(self) -> int:
+        """How many calls the data plane has answered."""
+        return self._data_plane.calls if self._data_plane is not None else 0
+
+    def _dp(self) -> DataPlane | None:
+        dp = self._data_plane
+        return dp if dp is not None and dp.available else None
 
     # -- calls -----------------------------------------------------------------
 
@@ -184,6 +226,14 @@ class Client(ClientBase):
         prep = self._prepare_put(blocks, namespace, ack, session_id, block_format)
         if not prep.blocks:
             return PutResult(0, 0)
+        dp = self._dp()
+        if dp is not None and dp.fits(sum(len(k) + 20 for k, _ in prep.blocks) + 600,
+                                      sum(len(v) for _, v in prep.blocks)):
+            counted = dp.run(lambda conn: conn.put(prep.namespace, int(prep.ack),
+                                                   prep.session_id, prep.blocks,
+                                                   int(prep.block_format)), idempotent=False)
+            if counted is not None:
+                return PutResult(counted.stored, counted.nbytes)
         try:
             if self._aio_put is not None:
                 stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes), self.timeout,
@@ -228,6 +278,17 @@ class Client(ClientBase):
     ) -> list[bytes | None]:
         """The blocks stored under ``keys``, in order; None for a miss."""
         ks = keys if isinstance(keys, list) else list(keys)
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl = normalize_keys(ks)
+            sid = check_session_id(session_id)
+            if not kl:
+                return []
+            if dp.fits(sum(len(k) + 2 for k in kl) + 300):
+                blocks = dp.run(lambda conn: conn.get(ns, kl, sid, None), idempotent=True)
+                if blocks is not None:
+                    return blocks
         count, req = self._prepare_get(ks, namespace, session_id)
         if not count:
             return []
@@ -247,6 +308,17 @@ class Client(ClientBase):
         None for a miss (that buffer is left as it was). A buffer smaller than
         its block raises InvalidArgument; buffers before it are filled."""
         ks = keys if isinstance(keys, list) else list(keys)
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl = normalize_keys(ks)
+            dests = normalize_buffers(buffers, len(kl))
+            if not kl:
+                return []
+            if dp.fits(sum(len(k) + 2 for k in kl) + 300):
+                got = dp.run(lambda conn: conn.get(ns, kl, "", dests), idempotent=True)
+                if got is not None:
+                    return got
         count, req, views = self._prepare_get_into(ks, buffers, namespace)
         if not count:
             return []
@@ -321,6 +393,19 @@ class Client(ClientBase):
         """How many leading keys of a prefix chain are stored, and the fastest
         tier holding each key (None: not stored). ``lease_ms`` > 0 keeps the
         blocks found from eviction for that long."""
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl, _ = normalize_keys_with_lengths(keys)
+            lease = check_lease_ms(lease_ms)
+            sid = check_session_id(session_id)
+            if not kl:
+                return LookupResult(found=0, tiers=[])
+            if dp.fits(sum(len(k) + 2 for k in kl) + 300):
+                r = dp.run(lambda conn: conn.lookup(ns, kl, lease, sid), idempotent=True)
+                if r is not None:
+                    return LookupResult(found=r.found, tiers=[conv.tier_name(t) for t in r.tiers])
+            keys = kl
         count, req = self._prepare_lookup(keys, namespace, lease_ms, session_id)
         if not count:
             return LookupResult(found=0, tiers=[])

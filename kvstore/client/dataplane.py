@@ -1,0 +1,631 @@
+"""The SDK's side of the data plane (docs/dataplane.md): Lookup, Get and Put
+as frames on a plain socket beside the gRPC channel.
+
+:class:`DataPlane` belongs to one sync client. On the first hot call it opens
+a session through gRPC (``OpenDataPlane``, authenticated like every call),
+connects to the unix socket when the client is on the server's host (it
+reached gRPC over a unix socket or loopback, and the path exists) or to the
+TCP listener otherwise (TLS when the gRPC channel uses TLS), and presents the
+ticket in HELLO. A server without a data plane (UNIMPLEMENTED), or one whose
+listener cannot be reached, is remembered and the client keeps to gRPC (a
+debug log line says why; a listener that could not be reached is tried again
+after ``RETRY_S``).
+
+:class:`Connection` is one session's socket: a preallocated receive buffer
+for headers and metadata, block bytes received with ``recv_into`` straight
+into the caller's buffer, requests sent with one ``sendmsg`` of the header and
+the caller's block views (no join). Connections are pooled (one per thread in
+flight), so a client stays thread-safe with no lock on the hot path and no
+thread per call.
+
+Faults: an idle pooled connection the server has closed (a restart) is seen
+before use and replaced. A connection that breaks during a call is dropped;
+the next call opens a new session. The call that was in flight is retried
+once on a new session only when it is idempotent (Lookup, Get); a Put raises
+:class:`~kvstore.errors.ConnectionFailed` (whether its blocks were stored is
+unknown: blocks whose bytes all arrived may be). A call whose socket wait
+runs past the client's ``timeout`` raises
+:class:`~kvstore.errors.DeadlineExceeded` (the timeout applies to each wait
+on the socket, not to the call as a whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from kvstore.client._errors import error_from_frame, error_from_rpc
+from kvstore.dataplane import frames
+from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
+from kvstore.errors import ConnectionFailed, DeadlineExceeded, InvalidArgument
+
+log = logging.getLogger("kvstore.client")
+
+#: A listener that could not be reached is tried again after this (s).
+RETRY_S = 5.0
+#: The receive buffer of a connection: headers, metadata and small payloads.
+_RECV_BUFFER = 256 * 1024
+#: Buffers one sendmsg takes at most (Linux IOV_MAX is 1024).
+_IOV_MAX = 512
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+_RESPONSE = frames.RESPONSE
+_ERROR = int(Op.ERROR)
+_GET_META = struct.Struct("<IBB")
+_ENV = "KVSTORE_DATA_PLANE"
+
+T = TypeVar("T")
+
+
+def data_plane_mode(value: bool | str | None) -> str:
+    """``data_plane=`` as one of "off", "auto", "tcp", "unix". None reads the
+    environment variable KVSTORE_DATA_PLANE (0/off/false, 1/on/auto, tcp,
+    unix; unset: auto)."""
+    if value is None:
+        value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if value in ("0", "off", "false", "no"):
+            return "off"
+        if value in ("1", "on", "true", "yes"):
+            return "auto"
+    if value is True:
+        return "auto"
+    if value is False:
+        return "off"
+    if isinstance(value, str) and value in ("auto", "tcp", "unix"):
+        return value
+    raise InvalidArgument(f"data_plane must be True, False, 'tcp' or 'unix', not {value!r}"
+                          + (f" (from ${_ENV})" if isinstance(value, str) else ""))
+
+
+class Dropped(Exception):
+    """The connection broke (closed, reset) during a call."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What OpenDataPlane answered."""
+
+    ticket: bytes
+    tcp_address: str
+    unix_path: str
+    tls: bool
+    max_meta_bytes: int
+    max_payload_bytes: int
+
+
+class Connection:
+    """One data-plane session's socket (used by one thread at a time)."""
+
+    def __init__(self, sock: socket.socket, target: str, timeout: float | None) -> None:
+        self.sock = sock
+        self.target = target
+        self.timeout = timeout
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.broken = False
+        self.max_meta_bytes = 1 << 20
+        self.max_payload_bytes = 1 << 30
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # buffered bytes: self._buf[self._start:self._end]
+        self._end = 0
+        self._next_id = 0
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+
+    # -- life --------------------------------------------------------------------------
+
+    def hello(self, ticket: bytes) -> frames.HelloOk:
+        rid = self.send(Op.HELLO, frames.Hello(ticket).encode())
+        ok = frames.HelloOk.decode(self.response(rid, Op.HELLO))
+        self.max_meta_bytes = ok.max_meta_bytes
+        self.max_payload_bytes = ok.max_payload_bytes
+        return ok
+
+    def idle_and_open(self) -> bool:
+        """An idle connection has nothing to read: if it has, the server
+        closed it (or is closing it) and it is not reused."""
+        return not self.broken and not self._poll.poll(0) and self._start == self._end
+
+    def close(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    # -- sending -----------------------------------------------------------------------
+
+    def send(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
+             payload_len: int = 0) -> int:
+        """Send one request frame; returns its request id."""
+        self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        head = frames.encode_header(opcode, rid, len(meta), payload_len) + meta
+        try:
+            if not payload:
+                self.sock.sendall(head)
+            elif self.tls:
+                self.sock.sendall(head)
+                for part in payload:
+                    self.sock.sendall(part)
+            else:
+                self._sendmsg_all([memoryview(head), *payload])
+        except (BlockingIOError, TimeoutError) as exc:
+            self.broken = True
+            raise self._deadline("sending") from exc
+        except OSError as exc:
+            self.broken = True
+            raise Dropped(f"sending: {exc}") from exc
+        return rid
+
+    def _sendmsg_all(self, parts: list[memoryview]) -> None:
+        i = 0
+        while i < len(parts):
+            sent = self.sock.sendmsg(parts[i : i + _IOV_MAX])
+            while sent and i < len(parts):
+                n = len(parts[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    parts[i] = parts[i][sent:]
+                    sent = 0
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _fill(self, n: int) -> None:
+        """At least ``n`` bytes buffered (from self._start)."""
+        have = self._end - self._start
+        if have >= n:
+            return
+        if self._start + n > len(self._buf):
+            if n > len(self._buf):  # a large metadata section
+                self._buf = bytearray(max(n, 2 * len(self._buf)))
+                self._buf[:have] = self._view[self._start : self._end]
+                self._view = memoryview(self._buf)
+            else:
+                self._view[:have] = self._view[self._start : self._end]
+            self._start, self._end = 0, have
+        while self._end - self._start < n:
+            got = self._recv_into(self._view[self._end :])
+            self._end += got
+
+    def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        try:
+            got = self.sock.recv_into(view, len(view), 0 if self.tls else flags)
+        except (BlockingIOError, TimeoutError, ssl.SSLWantReadError) as exc:
+            self.broken = True
+            raise self._deadline("waiting for the server's answer") from exc
+        except OSError as exc:
+            self.broken = True
+            raise Dropped(f"receiving: {exc}") from exc
+        if not got:
+            self.broken = True
+            raise Dropped("the server closed the connection")
+        return got
+
+    def _deadline(self, what: str) -> DeadlineExceeded:
+        exc = DeadlineExceeded(f"data plane to {self.target}: no progress for {self.timeout} s "
+                               f"{what}")
+        exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+        return exc
+
+    def head(self) -> tuple[int, int, int, int, bytes]:
+        """The next frame's header and metadata: (opcode, flags, request id,
+        payload_len, meta). Its payload, if any, is read next."""
+        self._fill(HEADER_SIZE)
+        magic, version, opcode, flags, rid, meta_len, payload_len = HEADER.unpack_from(
+            self._buf, self._start)
+        if magic != MAGIC or version != frames.VERSION:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: the server sent a frame with "
+                                   f"magic {bytes(magic)!r}, version {version}")
+        self._start += HEADER_SIZE
+        self._fill(meta_len)
+        start = self._start
+        self._start += meta_len
+        return opcode, flags, rid, payload_len, bytes(self._view[start : self._start])
+
+    def payload_into(self, dest: memoryview) -> None:
+        """Read the next len(dest) payload bytes into ``dest``."""
+        n = len(dest)
+        have = min(self._end - self._start, n)
+        if have:
+            dest[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        while have < n:
+            have += self._recv_into(dest[have:], socket.MSG_WAITALL)
+
+    def payload_bytes(self, n: int) -> bytes:
+        if self._end - self._start >= n:
+            start = self._start
+            self._start += n
+            return bytes(self._view[start : self._start])
+        out = bytearray(n)
+        self.payload_into(memoryview(out))
+        return bytes(out)
+
+    def skip_payload(self, n: int) -> None:
+        while n:
+            self._fill(1)
+            k = min(n, self._end - self._start)
+            self._start += k
+            n -= k
+
+    def response(self, rid: int, opcode: int) -> bytes:
+        """The metadata of the (single-frame, payload-free) answer to ``rid``;
+        an ERROR frame raises its kvstore error."""
+        op, flags, got_rid, payload_len, meta = self.head()
+        self._check(op, flags, got_rid, rid, opcode, payload_len, meta)
+        if payload_len:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: a {Op(opcode).name} answer "
+                                   "carries a payload")
+        return meta
+
+    def _check(self, op: int, flags: int, got_rid: int, rid: int, opcode: int,
+               payload_len: int, meta: bytes) -> None:
+        if got_rid != rid:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: answer to request {got_rid} "
+                                   f"where {rid} was due")
+        if op == _ERROR:
+            if flags & FLAG_CLOSING:
+                self.broken = True
+            if payload_len:
+                self.skip_payload(payload_len)
+            try:
+                info = frames.ErrorInfo.decode(meta)
+            except frames.FrameError as exc:
+                self.broken = True
+                raise ConnectionFailed(f"data plane to {self.target}: bad ERROR frame: "
+                                       f"{exc}") from None
+            raise error_from_frame(info.code, info.name, info.message, self.target)
+        if op != opcode | _RESPONSE:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: answer opcode {op:#x} to "
+                                   f"a {Op(opcode).name}")
+
+    # -- operations --------------------------------------------------------------------
+
+    def lookup(self, namespace: str, keys: list[bytes], lease_ms: int,
+               session_id: str) -> frames.LookupResult:
+        rid = self.send(Op.LOOKUP, frames.LookupRequest(namespace, keys, lease_ms,
+                                                        session_id).encode())
+        return frames.LookupResult.decode(self.response(rid, Op.LOOKUP))
+
+    def get(self, namespace: str, keys: list[bytes], session_id: str,
+            views: list[memoryview] | None) -> list[Any]:
+        """Blocks as bytes (``views`` None) or sizes, read into ``views``; None
+        for a miss. A block larger than its buffer raises InvalidArgument once
+        the whole answer has been read (earlier buffers are filled)."""
+        rid = self.send(Op.GET, frames.GetRequest(namespace, keys, session_id).encode())
+        count = len(keys)
+        out: list[Any] = [None] * count
+        too_small: InvalidArgument | None = None
+        index = 0
+        while True:
+            op, flags, got_rid, payload_len, meta = self.head()
+            self._check(op, flags, got_rid, rid, Op.GET, payload_len, meta)
+            if len(meta) != _GET_META.size:
+                self.broken = True
+                raise ConnectionFailed(f"data plane to {self.target}: GET answer metadata of "
+                                       f"{len(meta)} bytes")
+            i, hit, _tier = _GET_META.unpack(meta)
+            if i != index or (count and i >= count):
+                self.broken = True
+                raise ConnectionFailed(f"data plane to {self.target}: GET answered key #{i} "
+                                       f"where #{index} was due ({count} keys)")
+            index += 1
+            if hit and count:
+                if views is None:
+                    out[i] = self.payload_bytes(payload_len)
+                elif too_small is not None or payload_len > len(views[i]):
+                    self.skip_payload(payload_len)
+                    too_small = too_small or InvalidArgument(
+                        f"buffer #{i} is {len(views[i])} bytes but key #{i} holds a block "
+                        f"of {payload_len} bytes")
+                else:
+                    self.payload_into(views[i][:payload_len])
+                    out[i] = payload_len
+            elif payload_len:
+                self.skip_payload(payload_len)
+            if not flags & FLAG_MORE:
+                break
+        if index != max(count, 1):
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: GET answer ended after "
+                                   f"{index} of {count} keys")
+        if too_small is not None:
+            raise too_small
+        return out
+
+    def put(self, namespace: str, ack: int, session_id: str,
+            blocks: Sequence[tuple[bytes, memoryview]], block_format: int) -> frames.Counted:
+        req = frames.PutRequest(namespace, [frames.PutBlock(k, len(v), block_format)
+                                            for k, v in blocks], ack, session_id)
+        total = sum(len(v) for _, v in blocks)
+        rid = self.send(Op.PUT, req.encode(), [v for _, v in blocks], total)
+        return frames.Counted.decode(self.response(rid, Op.PUT))
+
+    def call(self, opcode: int, meta: bytes) -> bytes:
+        """One request without payload; the answer's metadata."""
+        return self.response(self.send(opcode, meta), opcode)
+
+
+class DataPlane:
+    """One client's data-plane sessions: opened on demand, pooled, replaced
+    when they break. :meth:`run` returns :data:`UNAVAILABLE` when the server
+    offers no data plane (the caller uses gRPC)."""
+
+    def __init__(self, mode: str, channel: grpc.Channel, grpc_target: str, target: str,
+                 metadata: Callable[[], Any], timeout: float | None, tls: Any) -> None:
+        self.mode = mode
+        self.target = target
+        self._grpc_target = grpc_target
+        self._metadata = metadata
+        self._timeout = timeout
+        self._tls = tls
+        self._open_rpc = channel.unary_unary(
+            "/kvstore.v1.KVStore/OpenDataPlane",
+            request_serializer=_serialize_open, response_deserializer=_deserialize_open)
+        #: The ShmAttach owner the sessions act as (ShmClient sets it).
+        self.shm_owner = ""
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        self._refused = False  # the server has no data plane
+        self._retry_at = 0.0  # a listener could not be reached: gRPC until then
+        self._closed = False
+        # The largest request metadata and payload (the last HELLO's).
+        self._limits = (1 << 20, 1 << 30)
+        #: Calls answered by the data plane, and sessions opened (for tests
+        #: and benchmarks: proof that the data plane was used).
+        self.calls = 0
+        self.sessions = 0
+
+    @property
+    def available(self) -> bool:
+        return not self._refused and not self._closed and time.monotonic() >= self._retry_at
+
+    def active(self) -> bool:
+        """Whether calls go by the data plane (opens a session to find out)."""
+        if not self.available:
+            return False
+        conn = self._take()
+        if conn is None:
+            return False
+        self._give(conn)
+        return True
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def run(self, fn: Callable[[Connection], T], idempotent: bool) -> T | None:
+        """``fn`` on a pooled connection; None when the data plane is not
+        available (use gRPC). A dropped connection is retried once on a new
+        session when ``idempotent``, else raises ConnectionFailed."""
+        for attempt in (0, 1):
+            conn = self._take()
+            if conn is None:
+                return None
+            try:
+                result = fn(conn)
+            except Dropped as exc:
+                conn.close()
+                if idempotent and attempt == 0:
+                    log.debug("data plane to %s dropped (%s); retrying on a new session",
+                              self.target, exc)
+                    continue
+                err = ConnectionFailed(
+                    f"data plane connection to {self.target} dropped during the call ({exc})"
+                    + ("" if idempotent else ": whether it took effect is unknown (blocks "
+                       "whose bytes all arrived may be stored); retry it"))
+                err.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
+                raise err from None
+            except BaseException:
+                if conn.broken:
+                    conn.close()
+                else:
+                    self._give(conn)
+                raise
+            self._give(conn)
+            self.calls += 1
+            return result
+        return None  # not reached: the second attempt returns or raises
+
+    def fits(self, meta_bytes: int, payload_bytes: int = 0) -> bool:
+        """Whether a request this size fits one frame (else: gRPC)."""
+        return meta_bytes <= self._limits[0] and payload_bytes <= self._limits[1]
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _take(self) -> Connection | None:
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
+            if conn.idle_and_open():
+                return conn
+            conn.close()  # the server closed it while it was idle (a restart)
+        if not self.available:
+            return None
+        return self._open()
+
+    def _give(self, conn: Connection) -> None:
+        if self._closed or conn.broken:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def _open(self) -> Connection | None:
+        try:
+            offer = self._open_rpc(
+                _OpenRequest(self.shm_owner), timeout=self._timeout, metadata=self._metadata())
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.debug("kvstore server at %s offers no data plane (%s): using gRPC",
+                          self.target, err.details())
+                self._refused = True
+                return None
+            raise error_from_rpc(err, self.target) from err
+        try:
+            sock, where = self._connect(offer)
+        except _NoRoute as exc:
+            log.debug("kvstore data plane at %s not used: %s", self.target, exc)
+            self._refused = True
+            return None
+        except OSError as exc:
+            log.debug("kvstore data plane at %s unreachable (%s): gRPC for %.0f s",
+                      self.target, exc, RETRY_S)
+            self._retry_at = time.monotonic() + RETRY_S
+            return None
+        conn = Connection(sock, where, self._timeout)
+        try:
+            hello = conn.hello(offer.ticket)
+        except Dropped as exc:
+            conn.close()
+            failed = ConnectionFailed(f"data plane at {where} closed the connection at HELLO "
+                                      f"({exc})")
+            failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
+            raise failed from None
+        except BaseException:
+            conn.close()
+            raise
+        self._limits = (min(offer.max_meta_bytes or conn.max_meta_bytes, conn.max_meta_bytes),
+                        min(offer.max_payload_bytes or conn.max_payload_bytes,
+                            conn.max_payload_bytes))
+        self.sessions += 1
+        log.debug("kvstore data plane session %d to %s", hello.session_id, where)
+        return conn
+
+    def _connect(self, offer: Offer) -> tuple[socket.socket, str]:
+        local = self._grpc_target.startswith("unix") or _host(self._grpc_target) in _LOCAL_HOSTS \
+            or _host(self._grpc_target).startswith("127.")
+        use_unix = bool(offer.unix_path) and (
+            self.mode == "unix" or (self.mode == "auto" and local
+                                    and os.path.exists(offer.unix_path)))
+        if use_unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                _set_timeouts(sock, self._timeout)
+                sock.connect(offer.unix_path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock, f"unix:{offer.unix_path}"
+        if self.mode == "unix":
+            raise _NoRoute("data_plane='unix' but the server offers no unix socket")
+        if not offer.tcp_address:
+            raise _NoRoute("the server's data plane has no TCP listener"
+                           + (" and its unix socket is not on this host" if offer.unix_path
+                              else ""))
+        if self._tls is not None and not offer.tls:
+            raise _NoRoute("the gRPC channel uses TLS but the data plane's TCP listener does "
+                           "not")
+        if self._tls is None and offer.tls:
+            raise _NoRoute("the data plane's TCP listener speaks TLS but this client has no "
+                           "TLS settings")
+        host, port = _split_host_port(offer.tcp_address)
+        if host in _WILDCARD_HOSTS:
+            host = _host(self._grpc_target)
+        raw = socket.create_connection((host.strip("[]"), port), timeout=self._timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(None)
+            _set_timeouts(raw, self._timeout)
+            if self._tls is not None:
+                ctx = _tls_context(self._tls)
+                raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
+                                      or host.strip("[]"))
+        except BaseException:
+            raw.close()
+            raise
+        return raw, f"{host}:{port}"
+
+
+class _NoRoute(Exception):
+    """The data plane exists but this client cannot use it (for good)."""
+
+
+class _OpenRequest:
+    __slots__ = ("shm_owner",)
+
+    def __init__(self, shm_owner: str) -> None:
+        self.shm_owner = shm_owner
+
+
+def _serialize_open(req: _OpenRequest) -> bytes:
+    from kvstore.wire.pb import kvstore_pb2 as pb
+
+    return pb.OpenDataPlaneRequest(shm_owner=req.shm_owner).SerializeToString()
+
+
+def _deserialize_open(raw: bytes) -> Offer:
+    from kvstore.wire.pb import kvstore_pb2 as pb
+
+    m = pb.OpenDataPlaneResponse.FromString(raw)
+    return Offer(m.ticket, m.tcp_address, m.unix_path, m.tls, m.max_meta_bytes,
+                 m.max_payload_bytes)
+
+
+def _host(grpc_target: str) -> str:
+    t = grpc_target
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme) :]
+            break
+    host, _, _ = t.rpartition(":") if ":" in t else (t, "", "")
+    return host.lower()
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise _NoRoute(f"the data plane's TCP address {address!r} is not host:port")
+    return host, int(port)
+
+
+def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
+    """The socket stays blocking (no poll before each recv); the kernel ends a
+    wait longer than ``timeout`` with EAGAIN."""
+    if timeout is None:
+        return
+    secs = int(timeout)
+    tv = struct.pack("ll", secs, int((timeout - secs) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _tls_context(tls: Any) -> ssl.SSLContext:
+    from kvstore.client._base import _pem
+
+    ca = _pem(tls.ca)
+    ctx = ssl.create_default_context(cadata=ca.decode() if ca is not None else None)
+    cert, key = _pem(tls.cert), _pem(tls.key)
+    if cert is not None and key is not None:
+        # ssl loads a certificate chain from files only: a private temporary one.
+        with tempfile.TemporaryDirectory(prefix="kvstore-tls-") as tmp:
+            cert_path, key_path = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((cert_path, cert), (key_path, key)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
