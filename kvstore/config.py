@@ -125,6 +125,25 @@ class ServerConfig:
     metrics_listen: str = opt("", "serve Prometheus metrics at http://host:port/metrics (e.g. "
                               "127.0.0.1:9400; needs the kvstore[metrics] extra); empty "
                               "disables it", parse_str)
+    # issue 14 data plane (docs/dataplane.md)
+    data_plane: bool = opt(True, "serve the data plane (a framed binary protocol beside gRPC "
+                           "for Lookup, Get, Put and the Shm calls; sessions open with the "
+                           "OpenDataPlane call); false: gRPC only", parse_bool)
+    data_plane_listen: str = opt("", "data plane TCP address host:port; empty: server.listen's "
+                                 "host on an ephemeral port (none when server.listen is "
+                                 "empty); 'off' disables it", parse_str)
+    data_plane_unix: str = opt("", "data plane unix socket path; empty: server.unix_socket "
+                               "with '.dp' appended (none when server.unix_socket is empty); "
+                               "'off' disables it", parse_str)
+    data_plane_timeout_ms: int = opt(30_000, "data plane: how long one frame's payload may "
+                                     "take to arrive or be sent (a Get's block stays pinned "
+                                     "meanwhile); a slower peer is disconnected", parse_int)
+    data_plane_ticket_ms: int = opt(10_000, "data plane: how long an OpenDataPlane ticket "
+                                    "stays valid (each is good for one connection)", parse_int)
+    data_plane_max_meta: int = opt(1024**2, "data plane: largest metadata of one request "
+                                   "frame", parse_size)
+    data_plane_max_payload: int = opt(1024**3, "data plane: largest payload (a Put's blocks) "
+                                      "of one request frame", parse_size)
 
 
 @dataclass(frozen=True)
@@ -492,6 +511,14 @@ def validate(config: Config) -> None:
             raise InvalidConfig(f"server.{name}: {path} is not a readable file")
     if s.max_block_bytes <= 0:
         raise InvalidConfig("server.max_block_bytes must be positive")
+    if s.data_plane_timeout_ms <= 0 or s.data_plane_ticket_ms <= 0:
+        raise InvalidConfig("server.data_plane_timeout_ms and server.data_plane_ticket_ms "
+                            "must be positive")
+    if s.data_plane_max_meta < 4096 or s.data_plane_max_meta >= 2**32:
+        raise InvalidConfig("server.data_plane_max_meta must be in 4 KiB .. 4 GiB")
+    if s.data_plane_max_payload < s.max_block_bytes:
+        raise InvalidConfig("server.data_plane_max_payload must hold one block of "
+                            "server.max_block_bytes")
     if s.chunk_bytes <= 0 or s.chunk_bytes > s.max_chunk_bytes:
         raise InvalidConfig("server.chunk_bytes must be in 1..server.max_chunk_bytes")
     if s.max_message_bytes < s.max_chunk_bytes + 64 * 1024:

@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from kvstore import __version__
 from kvstore._malloc import tune_malloc
 from kvstore.config import Config
+from kvstore.dataplane.server import DataPlaneServer
 from kvstore.errors import InvalidConfig
 from kvstore.server import logs, metrics, preflight
 from kvstore.server.auth import Authorizer
@@ -92,12 +93,17 @@ class Server:
             self.store.placement.limit_l1(config.quota.l1_limit)
         self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                       config.server.shm_lease_ms, config.server.max_lease_ms)
+        #: issue 14: the data plane beside gRPC (None: server.data_plane off).
+        self.dataplane = DataPlaneServer(config, self.store, self.shm) \
+            if config.server.data_plane else None
         self.calls = CallRecorder()
         timing = [MetricsInterceptor(self.calls)] if self.metrics else []
         self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
                                     options=grpc_options(config))
         self.health = health.aio.HealthServicer()
-        self.addresses: dict[str, str | None] = {"tcp": None, "unix": None}
+        self.addresses: dict[str, str | None] = {"tcp": None, "unix": None,
+                                                 "data_plane_tcp": None,
+                                                 "data_plane_unix": None}
         self._stopped = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
 
@@ -108,11 +114,16 @@ class Server:
         await self.store.start()
         try:
             self._listen()
+            if self.dataplane is not None:
+                await self.dataplane.start()
+                self.addresses["data_plane_tcp"] = self.dataplane.tcp_address or None
+                self.addresses["data_plane_unix"] = self.dataplane.unix_path or None
         except BaseException:
             await self.shm.close()
             await self.store.close()
             raise
-        add_to_server(KVStoreServicer(self.store, self.shm), self.grpc)
+        add_to_server(KVStoreServicer(self.store, self.shm, self.dataplane, self.auth),
+                      self.grpc)
         self.shm.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         enable_reflection(self.grpc, (SERVICE_NAME, health.SERVICE_NAME))
@@ -171,6 +182,8 @@ class Server:
                 await self._monitor
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
+        if self.dataplane is not None:  # before the broker: its sessions give back leases
+            await self.dataplane.close()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         await self.shm.close()

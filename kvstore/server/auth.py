@@ -88,6 +88,10 @@ METHOD_SCOPES: Mapping[str, Scope] = {
     # lease ids' owners are the shared-memory broker's to check.
     "ShmAttach": Scope.AUTHENTICATED,
     "ShmRelease": Scope.AUTHENTICATED,
+    # issue 14 data plane: any known identity; the ticket carries its grant
+    # and each data-plane request is checked against it (the optional
+    # namespace in the request is checked by the servicer).
+    "OpenDataPlane": Scope.AUTHENTICATED,
     # The node's figures (admins), or one namespace's (its grantees too).
     "Stats": Scope.FIGURES,
     # Node-wide actions.

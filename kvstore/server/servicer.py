@@ -15,7 +15,11 @@ from typing import Any
 
 import grpc
 
+from kvstore.dataplane.frames import VERSION
+from kvstore.dataplane.server import DataPlaneServer
+from kvstore.dataplane.tickets import Binding
 from kvstore.errors import InvalidArgument, MalformedRequest
+from kvstore.server.auth import Authorizer
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
 from kvstore.types import (
@@ -54,9 +58,17 @@ def _tier_pb(tier: TierName | None) -> Any:
 
 
 class KVStoreServicer:
-    def __init__(self, store: TieredStore, shm: SharedMemoryBroker) -> None:
+    """``dataplane``: the data plane OpenDataPlane opens sessions on (None:
+    off, the call answers UNIMPLEMENTED); ``auth``: the grants a session is
+    bound to (None: auth off)."""
+
+    def __init__(self, store: TieredStore, shm: SharedMemoryBroker,
+                 dataplane: DataPlaneServer | None = None,
+                 auth: Authorizer | None = None) -> None:
         self.store = store
         self.shm = shm
+        self.dataplane = dataplane
+        self.auth = auth
         cfg = store.config.server
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
@@ -337,6 +349,33 @@ class KVStoreServicer:
         return pb.ShmReleaseResponse(released=released, expired=expired)
 
 
+    # -- issue 14 data plane -------------------------------------------------------------
+
+    async def OpenDataPlane(self, request: pb.OpenDataPlaneRequest,
+                            context: grpc.aio.ServicerContext) -> pb.OpenDataPlaneResponse:
+        dp = self.dataplane
+        if dp is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "this server has no data plane (server.data_plane = false): "
+                                "use the gRPC calls")
+            raise AssertionError("unreachable")  # abort raises
+        identity, namespaces = "", None
+        if self.auth is not None:
+            # The interceptor has checked the credential; the ticket carries its grant.
+            grant = self.auth.identify(context.invocation_metadata(), context.auth_context())
+            identity, namespaces = grant.identity, grant.namespaces
+            if request.namespace:
+                self.auth.authorize(grant, "Get", request.namespace)
+        if request.namespace:
+            self.store.check_namespace(request.namespace)
+        owner = request.shm_owner or self.shm.new_owner()
+        ticket = dp.issue_ticket(Binding(identity, namespaces, owner))
+        return pb.OpenDataPlaneResponse(
+            ticket=ticket, tcp_address=dp.tcp_address, unix_path=dp.unix_path,
+            ticket_ms=dp.tickets.ticket_ms, max_meta_bytes=dp.max_meta,
+            max_payload_bytes=dp.max_payload, timeout_ms=int(dp.timeout * 1000),
+            version=VERSION, tls=dp.tls is not None and bool(dp.tcp_address))
+
     # -- ops commands ------------------------------------------------------------------
 
     async def ListBlocks(self, request: pb.ListBlocksRequest,
@@ -405,6 +444,7 @@ def add_to_server(servicer: KVStoreServicer, server: grpc.aio.Server) -> None:
         ("ShmAcquire", pb.ShmAcquireRequest, pb.ShmAcquireResponse),
         ("ShmRelease", pb.ShmReleaseRequest, pb.ShmReleaseResponse),
         ("Flush", pb.FlushRequest, pb.FlushResponse),
+        ("OpenDataPlane", pb.OpenDataPlaneRequest, pb.OpenDataPlaneResponse),
     ):
         handlers[name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, name), request_deserializer=req.FromString,

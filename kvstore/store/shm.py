@@ -422,6 +422,28 @@ class SharedMemoryBroker:
                 released += 1
         return released, expired
 
+    def end_session(self, slot_ids: Sequence[int], lease_ids: Sequence[int],
+                    owner: str) -> tuple[int, int]:
+        """A data-plane session closed (issue 14): give up its reservations
+        still open (quarantined, as expired ones are: its writer may still be
+        copying) and release its leases still held. Ids already committed,
+        released, expired or held by another owner are skipped. Returns
+        (reservations given up, leases released)."""
+        now = self.clock()
+        dropped = released = 0
+        for slot_id in slot_ids:
+            r = self._reservations.get(slot_id)
+            if r is not None and r.owner == owner:
+                del self._reservations[slot_id]
+                self._quarantine.append((now + self.quarantine_ms / 1000.0, r.offset, r.size))
+                dropped += 1
+        for lease_id in lease_ids:
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.owner == owner:
+                self._end_lease(lease_id)
+                released += 1
+        return dropped, released
+
     # -- expiry ------------------------------------------------------------------------
 
     def _expire(self, lease_id: int, namespace: str, owner: str) -> None:

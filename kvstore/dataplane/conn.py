@@ -1,0 +1,245 @@
+"""A data-plane connection's byte I/O: frames in, frames out.
+
+Two kinds with one interface. :class:`SocketIO` (plain TCP, unix socket)
+works on the non-blocking socket with the event loop's ``sock_*`` calls: a
+request's header and metadata come through one 64 KiB buffer (one ``recv``
+usually brings a small request whole), a PUT's block bytes are received
+straight into their L1 extent (``recv_into``), and a response's payload is
+sent straight from the arena (``sendmsg`` of header and block view). A call
+that completes at once never waits on the loop. :class:`StreamIO` (TLS) goes
+through asyncio streams: one more copy each way (the TLS layer's buffers).
+
+A payload must move within ``timeout`` seconds; a peer slower than that is
+:class:`PeerTooSlow` (the server then drops the connection and whatever it
+held). Waiting for the next frame has no limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+from kvstore.checksum import checksum, copy_and_checksum
+from kvstore.dataplane.frames import HEADER_SIZE
+from kvstore.tiers.base import Buffer
+
+BUFFER_BYTES = 64 * 1024
+#: TLS: the most bytes read from the stream in one go.
+_TLS_READ = 1024 * 1024
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection in the middle of a frame."""
+
+
+class PeerTooSlow(ConnectionClosed):
+    """A payload did not move within the connection's timeout."""
+
+
+class SocketIO:
+    __slots__ = ("_end", "_start", "buf", "bytes_in", "bytes_out", "loop", "mv", "sock",
+                 "timeout")
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.buf = bytearray(BUFFER_BYTES)
+        self.mv = memoryview(self.buf)
+        self._start = self._end = 0
+        self.bytes_in = self.bytes_out = 0
+
+    async def _fill(self, need: int) -> bool:
+        """At least ``need`` bytes buffered (False: EOF with none buffered)."""
+        if self._end - self._start >= need:
+            return True
+        if self._start:
+            avail = self._end - self._start
+            self.buf[:avail] = self.mv[self._start:self._end]
+            self._start, self._end = 0, avail
+        while self._end < need:
+            n = await self.loop.sock_recv_into(self.sock, self.mv[self._end:])
+            if n == 0:
+                if self._end == 0:
+                    return False
+                raise ConnectionClosed(f"peer closed after {self._end} of {need} bytes")
+            self._end += n
+            self.bytes_in += n
+        return True
+
+    async def next_header(self) -> memoryview | None:
+        """The next frame's header bytes (valid until the next read), or None
+        when the peer closed cleanly between frames."""
+        if not await self._fill(HEADER_SIZE):
+            return None
+        start = self._start
+        self._start = start + HEADER_SIZE
+        return self.mv[start:start + HEADER_SIZE]
+
+    async def read_exact(self, n: int) -> Buffer:
+        """``n`` bytes (metadata; valid until the next read)."""
+        if n > BUFFER_BYTES:
+            out = bytearray(n)
+            await self.read_into(memoryview(out), None)
+            return out
+        if not await self._fill(n):
+            raise ConnectionClosed(f"peer closed before {n} bytes of metadata")
+        start = self._start
+        self._start = start + n
+        return self.mv[start:start + n]
+
+    async def read_into(self, dest: memoryview, crc: int | None) -> int:
+        """Fill ``dest`` (a payload: straight into it, no copy beyond what
+        was already buffered); returns the CRC-32C continued from ``crc``
+        over its bytes (0 when ``crc`` is None)."""
+        size = len(dest)
+        pos = min(self._end - self._start, size)
+        if pos:
+            piece = self.mv[self._start:self._start + pos]
+            if crc is None:
+                dest[:pos] = piece
+            else:
+                crc = copy_and_checksum(dest, 0, piece, crc)
+            self._start += pos
+        if pos == size:
+            return crc or 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while pos < size:
+                    n = await self.loop.sock_recv_into(self.sock, dest[pos:])
+                    if n == 0:
+                        raise ConnectionClosed(f"peer closed after {pos} of {size} payload "
+                                               "bytes")
+                    if crc is not None:
+                        crc = checksum(dest[pos:pos + n], crc)
+                    pos += n
+                    self.bytes_in += n
+        except TimeoutError:
+            raise PeerTooSlow(f"payload not received within {self.timeout:g} s ({pos} of "
+                              f"{size} bytes)") from None
+        return crc or 0
+
+    async def discard(self, n: int) -> None:
+        """Read and drop ``n`` payload bytes (a refused PUT's)."""
+        while n > 0:
+            avail = self._end - self._start
+            if avail:
+                k = min(avail, n)
+                self._start += k
+                n -= k
+                continue
+            self._start = self._end = 0
+            k = min(n, BUFFER_BYTES)
+            await self.read_into(self.mv[:k], None)
+            self._start = self._end = 0
+            n -= k
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        """Send ``parts`` in order; block views go out without a copy. The
+        caller keeps them valid (the block pinned) until this returns."""
+        total = sum(map(len, parts))
+        try:
+            sent = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from None
+        self.bytes_out += sent
+        if sent == total:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                for part in parts:
+                    n = len(part)
+                    if sent >= n:
+                        sent -= n
+                        continue
+                    view = memoryview(part)[sent:]
+                    sent = 0
+                    await self.loop.sock_sendall(self.sock, view)
+                    self.bytes_out += len(view)
+        except TimeoutError:
+            raise PeerTooSlow(f"the peer did not read a {total}-byte response within "
+                              f"{self.timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionClosed(f"send failed: {exc}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class StreamIO:
+    """TLS: the same interface over asyncio streams (one more copy)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 timeout: float) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.bytes_in = self.bytes_out = 0
+
+    async def next_header(self) -> Buffer | None:
+        try:
+            data = await self.reader.readexactly(HEADER_SIZE)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise ConnectionClosed("peer closed mid-header") from None
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        self.bytes_in += HEADER_SIZE
+        return data
+
+    async def read_exact(self, n: int) -> Buffer:
+        try:
+            data = await self.reader.readexactly(n)
+        except (asyncio.IncompleteReadError, OSError):
+            raise ConnectionClosed(f"peer closed before {n} bytes of metadata") from None
+        self.bytes_in += n
+        return data
+
+    async def read_into(self, dest: memoryview, crc: int | None) -> int:
+        size = len(dest)
+        pos = 0
+        seed = crc or 0
+        try:
+            async with asyncio.timeout(self.timeout):
+                while pos < size:
+                    chunk = await self.reader.read(min(size - pos, _TLS_READ))
+                    if not chunk:
+                        raise ConnectionClosed(f"peer closed after {pos} of {size} payload "
+                                               "bytes")
+                    seed = copy_and_checksum(dest, pos, chunk, seed)
+                    pos += len(chunk)
+                    self.bytes_in += len(chunk)
+        except TimeoutError:
+            raise PeerTooSlow(f"payload not received within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        return seed if crc is not None else 0
+
+    async def discard(self, n: int) -> None:
+        scratch = memoryview(bytearray(min(n, _TLS_READ)))
+        while n > 0:
+            k = min(n, len(scratch))
+            await self.read_into(scratch[:k], None)
+            n -= k
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        # Copied: the TLS transport may keep a reference to what it is given
+        # after drain() returns, and a block's pin ends when this returns.
+        self.writer.write(b"".join(parts))
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise PeerTooSlow(f"the peer did not read a response within {self.timeout:g} "
+                              "s") from None
+        except OSError as exc:
+            raise ConnectionClosed(str(exc)) from None
+        self.bytes_out += sum(map(len, parts))
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,297 @@
+"""One data-plane session's operations: a request frame in, store or broker
+calls with domain values, response frames out (docs/dataplane.md).
+
+The same checks, in the same order, as the gRPC servicer and its
+interceptor: the namespace against the session's grant (PermissionDenied,
+before the store is touched), then the store's own checks (unknown
+namespace, malformed key, block size, ack level). Reservations and leases go
+through the one shared-memory broker; blocks go into and out of the L1 arena
+as over gRPC (checksummed on the way in, verified on the way out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from kvstore.dataplane import frames as f
+from kvstore.dataplane.conn import SocketIO, StreamIO
+from kvstore.dataplane.tickets import Binding
+from kvstore.errors import (
+    BlockTooLarge,
+    CorruptBlock,
+    InvalidArgument,
+    MalformedRequest,
+    PermissionDenied,
+)
+from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.store.reads import BlockReader
+from kvstore.types import (
+    AckLevel,
+    BlockFormat,
+    BlockId,
+    SessionEnd,
+    SessionEvent,
+    TurnEnd,
+    TurnEndReason,
+    validate_key,
+    validate_keys,
+)
+
+_ACK = {0: AckLevel.MEMORY, 1: AckLevel.MEMORY, 2: AckLevel.LOCAL, 3: AckLevel.REMOTE}
+_FORMATS = frozenset(int(x) for x in BlockFormat)
+#: Blocks up to this size are verified on the event loop before they are
+#: sent (tens of µs); larger ones on the store's executor.
+_VERIFY_INLINE_BYTES = 1024 * 1024
+_GET_RESPONSE = f.Op.GET | f.RESPONSE
+
+Handler = Callable[[f.Header, Any], Awaitable[None]]
+
+
+class Session:
+    """One authenticated connection's state: what it may use (``binding``)
+    and the reservations and leases it took (released when it closes)."""
+
+    def __init__(self, store: TieredStore, shm: SharedMemoryBroker, binding: Binding,
+                 io: SocketIO | StreamIO) -> None:
+        self.store = store
+        self.shm = shm
+        self.binding = binding
+        self.owner = binding.owner
+        self.io = io
+        self.slots: set[int] = set()
+        self.leases: set[int] = set()
+        self.receiving = 0  # PUT extents being filled now (0 or 1)
+        self.handlers: dict[int, Handler] = {
+            f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
+            f.Op.PUT: self.put, f.Op.SHM_RESERVE: self.shm_reserve,
+            f.Op.SHM_COMMIT: self.shm_commit, f.Op.SHM_ACQUIRE: self.shm_acquire,
+            f.Op.SHM_RELEASE: self.shm_release, f.Op.SESSION_EVENT: self.session_event,
+        }
+
+    def close(self) -> tuple[int, int]:
+        """Give up what the session still holds: (reservations, leases)."""
+        held = self.shm.end_session(list(self.slots), list(self.leases), self.owner)
+        self.slots.clear()
+        self.leases.clear()
+        return held
+
+    def namespace(self, namespace: str) -> str:
+        binding = self.binding
+        if namespace and not binding.allows(namespace):
+            raise PermissionDenied(f"identity {binding.identity!r} may not use namespace "
+                                   f"{namespace!r}")
+        return self.store.check_namespace(namespace)
+
+    async def reply(self, header: f.Header, meta: bytes, flags: int = 0) -> None:
+        await self.io.send((f.encode_header(header.opcode | f.RESPONSE, header.request_id,
+                                            len(meta), 0, flags) + meta,))
+
+    # -- small operations ---------------------------------------------------------------
+
+    async def ping(self, header: f.Header, meta: Any) -> None:
+        if len(meta):
+            raise f.FrameError("PING takes no metadata")
+        await self.reply(header, b"")
+
+    async def lookup(self, header: f.Header, meta: Any) -> None:
+        req = f.LookupRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        found, tiers = await self.store.lookup_codes(namespace, req.keys, req.lease_ms,
+                                                     req.session_id or None)
+        await self.reply(header, f.LookupResult(found, list(tiers)).encode())
+
+    async def session_event(self, header: f.Header, meta: Any) -> None:
+        req = f.SessionEventRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        if not req.session_id:
+            raise InvalidArgument("session_id is required")
+        event: TurnEnd | SessionEnd
+        if req.kind == f.EVENT_TURN_END:
+            try:
+                reason = TurnEndReason(req.reason)
+            except ValueError:
+                raise InvalidArgument(f"unknown turn end reason {req.reason}") from None
+            event = TurnEnd(reason, req.expected_gap_ms, req.tool_name)
+        elif req.kind == f.EVENT_SESSION_END:
+            event = SessionEnd(discard=req.discard)
+        else:
+            raise InvalidArgument(f"unknown session event kind {req.kind} (1 turn end, "
+                                  "2 session end)")
+        self.store.session_event(SessionEvent(namespace, req.session_id, event))
+        await self.reply(header, b"")
+
+    # -- GET: one frame per key, the block sent straight from where it is -----------------
+
+    async def get(self, header: f.Header, meta: Any) -> None:
+        req = f.GetRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        keys = req.keys
+        validate_keys(keys)
+        session = req.session_id or None
+        rid = header.request_id
+        send = self.io.send
+        if not keys:
+            await send((f.encode_header(_GET_RESPONSE, rid, 6) + f.encode_get_block(0, False, 0),))
+            return
+        last = len(keys) - 1
+        for index, key in enumerate(keys):
+            flags = f.FLAG_MORE if index < last else 0
+            reader = await self._open_intact((namespace, key), session)
+            if reader is None:
+                await send((f.encode_header(_GET_RESPONSE, rid, 6, 0, flags)
+                            + f.encode_get_block(index, False, 0),))
+                continue
+            try:
+                head = f.encode_header(_GET_RESPONSE, rid, 6, reader.size, flags) + \
+                    f.encode_get_block(index, True, int(reader.tier))
+                # A slice, not the reader's own view: the reader releases its
+                # view when it closes, whatever the socket layer still holds.
+                await send((head, reader.view[0:]))
+            finally:
+                reader.close()
+
+    async def _open_intact(self, block: BlockId, session: str | None) -> BlockReader | None:
+        """As the gRPC Get: the block's L1 copy is checked whole before its
+        first byte goes out; a corrupt copy is dropped and the block read
+        again (its L2 or L3 copy, or a miss)."""
+        store = self.store
+        for _ in range(2):
+            reader = await store.open_read(block, session)
+            if reader is None:
+                return None
+            size = reader.size
+            if size <= _VERIFY_INLINE_BYTES:
+                ok = reader.intact(size)
+            else:
+                ok = await asyncio.get_running_loop().run_in_executor(
+                    store.executor, reader.intact, size)
+            if ok:
+                return reader
+            reader.close()  # drops the corrupt copy
+        return None
+
+    # -- PUT: blocks received straight into their L1 extents ------------------------------
+
+    async def put(self, header: f.Header, meta: Any) -> None:
+        io = self.io
+        remaining = header.payload_len
+        try:
+            req = f.PutRequest.decode(meta)
+            namespace, ack, total = self._check_put(req)
+            if total != remaining:
+                raise MalformedRequest(f"PUT payload is {remaining} bytes but its blocks' sizes "
+                                       f"add up to {total}")
+            store = self.store
+            placement = store.placement
+            durable: list[asyncio.Future[Any]] = []
+            stored = nbytes = 0
+            session = req.session_id or None
+            for i, b in enumerate(req.blocks):
+                offset = await placement.reserve(b.size)
+                committed = False
+                self.receiving += 1
+                dest = store.l1.slice(offset, b.size)
+                try:
+                    crc = await io.read_into(dest, 0)
+                    remaining -= b.size
+                    if b.crc32c is not None and crc != b.crc32c:
+                        raise CorruptBlock(
+                            f"block #{i} failed its CRC-32C check (client said "
+                            f"{b.crc32c:#010x}, bytes received {crc:#010x}): it was not stored")
+                    if b.format == BlockFormat.KV_V1:
+                        await placement.verify_block(offset, b.size)
+                    block = (namespace, b.key)
+                    entry = placement.commit(block, b.size, crc, offset, session)
+                    committed = True
+                finally:
+                    self.receiving -= 1
+                    dest.release()
+                    if not committed:
+                        placement.release(offset, b.size)
+                fut = await store.make_durable(block, entry, ack)
+                if fut is not None and ack >= AckLevel.LOCAL:
+                    durable.append(fut)
+                stored += 1
+                nbytes += b.size
+            if durable:
+                await asyncio.gather(*durable)
+        except (f.FrameError, asyncio.CancelledError):
+            raise
+        except Exception:
+            if remaining > 0:
+                await io.discard(remaining)  # keep the stream in step; the connection lives
+            raise
+        await self.reply(header, f.Counted(stored, nbytes).encode())
+
+    def _check_put(self, req: f.PutRequest) -> tuple[str, AckLevel, int]:
+        """Everything about a PUT that can be checked before its bytes come."""
+        namespace = self.namespace(req.namespace)
+        if req.ack not in _ACK:
+            raise InvalidArgument(f"unknown acknowledgement level {req.ack}")
+        ack = _ACK[req.ack]
+        self.store.check_ack(ack)
+        placement = self.store.placement
+        total = 0
+        for i, b in enumerate(req.blocks):
+            validate_key(b.key, i)
+            if b.format not in _FORMATS:
+                raise InvalidArgument(f"block #{i}: unknown block format {b.format}")
+            try:
+                placement.check_block_size(b.size)
+            except (BlockTooLarge, MalformedRequest) as exc:
+                raise type(exc)(f"block #{i}: {exc.message}") from None
+            total += b.size
+        return namespace, ack, total
+
+    # -- shared memory: the broker, as the session's owner --------------------------------
+
+    async def shm_reserve(self, header: f.Header, meta: Any) -> None:
+        req = f.ShmReserveRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        slots, open_ms = await self.shm.reserve(namespace, req.blocks, req.session_id or None,
+                                                self.owner)
+        self.slots.update(s.slot_id for s in slots)
+        await self.reply(header, f.ShmReserveResult(open_ms, [
+            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode())
+
+    async def shm_commit(self, header: f.Header, meta: Any) -> None:
+        req = f.ShmCommitRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        if req.ack not in _ACK:
+            raise InvalidArgument(f"unknown acknowledgement level {req.ack}")
+        if any(b[4] not in _FORMATS for b in req.blocks):
+            raise InvalidArgument("unknown block format in SHM_COMMIT")
+        specs = [CommitSpec(slot, offset, size, crc, BlockFormat(fmt))
+                 for slot, offset, size, crc, fmt in req.blocks]
+        try:
+            stored, nbytes = await self.shm.commit(namespace, _ACK[req.ack], specs, req.abandon,
+                                                   self.owner)
+        finally:
+            # Committed, abandoned or dropped by a failed commit: no longer ours
+            # to give up (a foreign id was refused and never ours).
+            self.slots.difference_update(s.slot_id for s in specs)
+            self.slots.difference_update(req.abandon)
+        await self.reply(header, f.Counted(stored, nbytes).encode())
+
+    async def shm_acquire(self, header: f.Header, meta: Any) -> None:
+        req = f.ShmAcquireRequest.decode(meta)
+        namespace = self.namespace(req.namespace)
+        leases, released, expired = await self.shm.acquire(
+            namespace, req.keys, req.session_id or None, req.lease_ms, req.release, self.owner)
+        self.leases.difference_update(req.release)
+        self.leases.update(lease.lease_id for lease in leases if lease is not None)
+        await self.reply(header, f.ShmAcquireResult(
+            self.shm.lease_ms(req.lease_ms), released, expired,
+            [None if lease is None else f.ShmLease(lease.lease_id, lease.offset, lease.size,
+                                                   lease.checksum, lease.generation,
+                                                   int(lease.tier))
+             for lease in leases]).encode())
+
+    async def shm_release(self, header: f.Header, meta: Any) -> None:
+        req = f.ShmReleaseRequest.decode(meta)
+        namespace = self.namespace(req.namespace) if req.namespace else ""
+        released, expired = self.shm.release(req.lease_ids, namespace, self.owner)
+        self.leases.difference_update(req.lease_ids)
+        await self.reply(header, f.ShmReleaseResult(released, expired).encode())

@@ -1,0 +1,344 @@
+"""The data plane's listeners and connections (docs/dataplane.md).
+
+Runs on the gRPC server's event loop: one task per connection, reading one
+frame at a time and answering it before reading the next (requests may be
+pipelined: they wait in the socket). A connection's failure is its own: a
+malformed frame gets an ERROR frame with CLOSING and the connection closes;
+a peer too slow to take a response or send a payload is dropped; in every
+case what its session held (reservations, leases, a PUT's half-filled
+extent) is given back, and nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import ssl
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.config import Config
+from kvstore.dataplane import frames as f
+from kvstore.dataplane.conn import ConnectionClosed, PeerTooSlow, SocketIO, StreamIO
+from kvstore.dataplane.ops import Session
+from kvstore.dataplane.tickets import Binding, TicketBook
+from kvstore.errors import InvalidConfig, KVStoreError, MalformedRequest, Unauthenticated
+from kvstore.store import SharedMemoryBroker, TieredStore
+
+log = logging.getLogger("kvstore.server")
+
+_OFF = "off"
+_UNIX_PATH_MAX = 107
+
+
+@dataclass
+class DataPlaneStats:
+    """Counters for the metrics endpoint."""
+
+    connections: int = 0  # open now
+    connections_total: int = 0
+    frames: int = 0  # requests answered (an ERROR answer included)
+    errors: int = 0  # ERROR frames sent
+    bytes_in: int = 0
+    bytes_out: int = 0
+    receiving: int = 0  # PUT extents being filled now
+
+
+def listen_addresses(config: Config) -> tuple[str, str]:
+    """The TCP address and unix path the data plane binds ("" for none)."""
+    s = config.server
+    tcp = s.data_plane_listen
+    if tcp == _OFF:
+        tcp = ""
+    elif not tcp and s.listen:
+        tcp = f"{s.listen.rsplit(':', 1)[0]}:0"
+    unix = s.data_plane_unix
+    if unix == _OFF:
+        unix = ""
+    elif not unix and s.unix_socket:
+        unix = f"{s.unix_socket}.dp"
+    return tcp, unix
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    s = config.server
+    if not s.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(s.tls_cert, s.tls_key)
+    if s.tls_client_ca:
+        ctx.load_verify_locations(s.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class DataPlaneServer:
+    def __init__(self, config: Config, store: TieredStore, shm: SharedMemoryBroker) -> None:
+        s = config.server
+        self.config = config
+        self.store = store
+        self.shm = shm
+        self.tickets = TicketBook(s.data_plane_ticket_ms)
+        self.timeout = s.data_plane_timeout_ms / 1000.0
+        self.max_meta = s.data_plane_max_meta
+        self.max_payload = s.data_plane_max_payload
+        self.stats = DataPlaneStats()
+        self.tcp_address = ""
+        self.unix_path = ""
+        self.tls = _tls_context(config)
+        self._sockets: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._next_session = 0
+
+    # -- listeners ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        tcp, unix = listen_addresses(self.config)
+        loop = asyncio.get_running_loop()
+        try:
+            if tcp:
+                self.tcp_address = await self._listen_tcp(loop, tcp)
+            if unix:
+                self.unix_path = self._listen_unix(loop, unix)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _listen_tcp(self, loop: asyncio.AbstractEventLoop, address: str) -> str:
+        host, _, port = address.rpartition(":")
+        bare = host.strip("[]")
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bare, int(port)))
+            sock.listen(128)
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise InvalidConfig(f"server.data_plane_listen {address}: cannot listen there "
+                                f"({exc})") from None
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        bound = sock.getsockname()[1]
+        if self.tls is not None:
+            server = await asyncio.start_server(self._serve_tls, sock=sock, ssl=self.tls,
+                                                ssl_handshake_timeout=self.timeout)
+            self._servers.append(server)
+        else:
+            self._spawn(self._accept(loop, sock, tcp=True))
+        return f"{host}:{bound}"
+
+    def _listen_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> str:
+        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+            raise InvalidConfig(f"server.data_plane_unix {path}: longer than {_UNIX_PATH_MAX} "
+                                "bytes, the most a unix socket path may have")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if p.exists() or p.is_symlink():
+                p.unlink()
+            sock.bind(path)
+            os.chmod(path, 0o600)  # the service's user only, as the gRPC socket
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise InvalidConfig(f"server.data_plane_unix {path}: cannot listen there "
+                                f"({exc.strerror})") from None
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self._spawn(self._accept(loop, sock, tcp=False))
+        return path
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, loop: asyncio.AbstractEventLoop, listener: socket.socket,
+                      tcp: bool) -> None:
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: keep accepting
+                log.warning("data plane: accept failed: %s", exc)
+                await asyncio.sleep(0.1)  # back off, not synchronisation
+                continue
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._serve(SocketIO(sock, self.timeout)))
+
+    async def _serve_tls(self, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await self._serve(StreamIO(reader, writer, self.timeout))
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for sock in self._sockets:
+            sock.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self.unix_path:
+            Path(self.unix_path).unlink(missing_ok=True)
+
+    def issue_ticket(self, binding: Binding) -> bytes:
+        return self.tickets.issue(binding)
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _serve(self, io: SocketIO | StreamIO) -> None:
+        stats = self.stats
+        stats.connections += 1
+        stats.connections_total += 1
+        session: Session | None = None
+        try:
+            session = await self._hello(io)
+            if session is not None:
+                await self._requests(io, session)
+        except PeerTooSlow as exc:
+            log.info("data plane: dropping a slow peer: %s", exc)
+        except (ConnectionClosed, ConnectionError):
+            pass  # the peer went away; what it held is given back below
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("data plane: internal error; connection closed")
+        finally:
+            stats.connections -= 1
+            stats.bytes_in += io.bytes_in
+            stats.bytes_out += io.bytes_out
+            if session is not None:
+                session.close()
+            io.close()
+
+    async def _read_head(self, io: SocketIO | StreamIO) -> tuple[f.Header, object] | None:
+        """The next request's header and metadata (None: clean EOF); a
+        FrameError (with the request id when the header was read) when the
+        frame breaks the rules that keep the stream in step."""
+        raw = await io.next_header()
+        if raw is None:
+            return None
+        header = f.decode_header(raw)
+        if header.opcode not in f.REQUESTS:
+            raise _Fatal(header.request_id, f"unknown opcode {header.opcode:#04x}")
+        if header.meta_len > self.max_meta:
+            raise _Fatal(header.request_id, f"metadata of {header.meta_len} bytes exceeds the "
+                         f"limit of {self.max_meta} (server.data_plane_max_meta)")
+        if header.payload_len > self.max_payload:
+            raise _Fatal(header.request_id, f"payload of {header.payload_len} bytes exceeds "
+                         f"the limit of {self.max_payload} (server.data_plane_max_payload)")
+        if header.payload_len and header.opcode != f.Op.PUT:
+            raise _Fatal(header.request_id, f"opcode {header.opcode:#04x} takes no payload "
+                         f"(got {header.payload_len} bytes)")
+        meta = await io.read_exact(header.meta_len)
+        return header, meta
+
+    async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
+        try:
+            head = await self._read_head(io)
+            if head is None:
+                return None
+            header, meta = head
+            if header.opcode != f.Op.HELLO:
+                raise _Fatal(header.request_id, "the first frame must be HELLO with a ticket "
+                             "from OpenDataPlane", Unauthenticated)
+            hello = f.Hello.decode(meta)  # type: ignore[arg-type]
+            try:
+                binding = self.tickets.redeem(hello.ticket)
+            except Unauthenticated as exc:
+                raise _Fatal(header.request_id, exc.message, Unauthenticated) from None
+        except (f.FrameError, _Fatal) as exc:
+            await self._fatal(io, exc)
+            return None
+        self._next_session += 1
+        session = Session(self.store, self.shm, binding, io)
+        ok = f.HelloOk(secrets.randbits(63), self.max_meta, self.max_payload,
+                       int(self.timeout * 1000))
+        await io.send((f.frame(f.Op.HELLO | f.RESPONSE, header.request_id, ok.encode()),))
+        return session
+
+    async def _requests(self, io: SocketIO | StreamIO, session: Session) -> None:
+        stats = self.stats
+        handlers = session.handlers
+        while True:
+            rid = 0
+            try:
+                head = await self._read_head(io)
+                if head is None:
+                    return
+                header, meta = head
+                rid = header.request_id
+                handler = handlers.get(header.opcode)
+                if handler is None:  # HELLO again
+                    raise _Fatal(header.request_id, "HELLO was already sent on this "
+                                 "connection")
+                stats.frames += 1
+                if header.payload_len:
+                    stats.receiving += 1
+                    try:
+                        await handler(header, meta)
+                    finally:
+                        stats.receiving -= 1
+                else:
+                    await handler(header, meta)
+            except _Fatal as exc:
+                await self._fatal(io, exc)
+                return
+            except f.FrameError as exc:
+                await self._fatal(io, _Fatal(rid, f"malformed frame: {exc}"))
+                return
+            except KVStoreError as exc:
+                stats.errors += 1
+                await io.send((_error_frame(rid, exc),))
+            except (ConnectionClosed, ConnectionError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # A bug: the connection's state is unknown (a payload half
+                # read); say so and close it. The server keeps serving.
+                log.exception("data plane: internal error; connection closed")
+                await self._fatal(io, _Fatal(rid, f"internal error: {type(exc).__name__}: "
+                                             f"{exc}", KVStoreError))
+                return
+
+    async def _fatal(self, io: SocketIO | StreamIO, exc: Exception) -> None:
+        self.stats.errors += 1
+        if isinstance(exc, _Fatal):
+            rid, error = exc.request_id, exc.error
+        else:
+            rid, error = 0, MalformedRequest(f"malformed frame: {exc}")
+        with contextlib.suppress(ConnectionClosed, OSError):
+            await io.send((_error_frame(rid, error, f.FLAG_CLOSING),))
+
+
+class _Fatal(Exception):
+    """A frame the connection cannot continue after."""
+
+    def __init__(self, request_id: int, message: str,
+                 kind: type[KVStoreError] = MalformedRequest) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.error = kind(message)
+
+
+def _error_frame(request_id: int, exc: KVStoreError, flags: int = 0) -> bytes:
+    info = f.ErrorInfo(f.STATUS_CODES.get(exc.code, 13), type(exc).__name__, exc.message)
+    return f.frame(f.Op.ERROR, request_id, info.encode(), 0, flags)
