@@ -33,6 +33,7 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client.dataplane import DataPlane, data_plane_mode
+from kvstore.errors import InvalidArgument
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -104,6 +105,13 @@ class Client(ClientBase):
         self._want_aio_put = aio_put
         self._unary_get = unary_get
         self._data_plane_mode = data_plane_mode(data_plane)
+        if settings.get("metadata") is not None and self._data_plane_mode != "off":
+            # Frames carry no per-call metadata (the server's interceptors and
+            # policy read it on gRPC calls): such a client keeps to gRPC.
+            if data_plane not in (None, True):
+                raise InvalidArgument("metadata= goes with gRPC calls only: pass "
+                                      "data_plane=False (or no metadata)")
+            self._data_plane_mode = "off"
         super().__init__(target, **settings)
 
     def _connect(self) -> None:

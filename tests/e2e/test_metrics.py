@@ -63,7 +63,8 @@ def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
     put = {"service": "kvstore.v1.KVStore", "method": "Put"}
     # Small Gets are one unary GetSmall call (per-call cost, issue 14).
     get = {"service": "kvstore.v1.KVStore", "method": "GetSmall"}
-    with Client(srv.tcp, namespace="metrics") as c:
+    # data_plane=False: the calls this test counts are gRPC calls.
+    with Client(srv.tcp, namespace="metrics", data_plane=False) as c:
         c.put({b"a": b"x" * 1000, b"b": b"y" * 3000})
         assert c.get([b"a", b"missing"]) == [b"x" * 1000, None]
         with pytest.raises(UnknownNamespace):  # refused by the server
