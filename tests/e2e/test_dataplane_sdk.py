@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,9 @@ from test_roundtrip import (  # noqa: F401 - collected again here, over gRPC
     test_numpy_in_and_get_into_caller_buffers,
     test_overwrite_returns_latest,
 )
+from test_tls import pki  # noqa: F401 - the CA, server and client certificates fixture
 
-from kvstore import Client
+from kvstore import TLS, Client
 from kvstore.client.shm import ShmClient
 from kvstore.errors import (
     BlockTooLarge,
@@ -257,3 +259,23 @@ def test_a_client_with_per_call_metadata_keeps_to_grpc(dp_server: ServerProcess)
         assert c.get([b"md"]) == [b"1"] and not c.data_plane_active()
     with pytest.raises(InvalidArgument, match="metadata"):
         Client(dp_server.tcp, metadata={"x-tenant": "a"}, data_plane="tcp")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_data_plane_with_the_grpc_credentials(server_factory: type[ServerProcess],
+                                                  pki: Path,  # noqa: F811
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="kvstore.client")
+    srv = server_factory("--server-tls-cert", str(pki / "server.pem"),
+                         "--server-tls-key", str(pki / "server.key"),
+                         "--server-tls-client-ca", str(pki / "ca.pem")).start()
+    tls = TLS(ca=str(pki / "ca.pem"), cert=(pki / "client.pem").read_bytes(),
+              key=str(pki / "client.key"))
+    big = os.urandom(6 * MiB + 1)
+    with Client(srv.tcp, namespace="tls", tls=tls, data_plane="tcp") as c:
+        c.put({b"small": b"s" * 100, b"big": big})
+        assert c.get([b"big", b"small", b"none"]) == [big, b"s" * 100, None]
+        assert c.lookup([b"small", b"big"]).found == 2
+        assert c.data_plane_calls == 3
+    [where] = sessions_opened(caplog)
+    assert where.startswith("127.0.0.1:")  # TCP (TLS), not the unix socket
