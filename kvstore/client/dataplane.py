@@ -386,6 +386,7 @@ class DataPlane:
         self._refused = False  # the server has no data plane
         self._retry_at = 0.0  # a listener could not be reached: gRPC until then
         self._closed = False
+        self._pid = os.getpid()
         # The largest request metadata and payload (the last HELLO's).
         self._limits = (1 << 20, 1 << 30)
         #: Calls answered by the data plane, and sessions opened (for tests
@@ -454,6 +455,10 @@ class DataPlane:
     # -- the pool ------------------------------------------------------------------------
 
     def _take(self) -> Connection | None:
+        if self._pid != os.getpid():
+            # A forked child: the parent's sockets are its sessions, not ours.
+            self._pid = os.getpid()
+            self._idle = []
         while True:
             try:
                 conn = self._idle.pop()
