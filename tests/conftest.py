@@ -49,6 +49,7 @@ def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
 #: that no longer names a test fails the collection.
 SLOW = (
     "tests/bench/test_bench_smoke.py",
+    "tests/bench/test_bench_peers_dataplane.py",
     "tests/policy/test_live.py",
     "tests/policy/test_replay.py",
     "tests/policy/test_tiered.py",

@@ -51,6 +51,8 @@ class AsyncClient(ClientBase):
 
     The channel opens on the first call, in the running event loop, and is
     bound to that loop: use one AsyncClient per loop. ``async with`` closes it.
+    Every call goes over gRPC: the data plane (docs/dataplane.md) is the sync
+    clients' for now.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, unary_get: bool = True,

@@ -1,0 +1,40 @@
+"""Smoke test of bench.peers' data-plane systems (issue 14): a tiny run, the
+JSON shape, and proof that the kvstore-dp-* cells measured the data plane
+(the worker refuses to run them on a client that fell back to gRPC)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(120)
+def test_peers_tiny_with_the_data_plane(tmp_path: Path) -> None:
+    systems = ["kvstore-dp-tcp", "kvstore-dp-unix", "kvstore-dp-shm", "kvstore-tcp", "raw-tcp",
+               "memcpy"]
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
+                           "--bytes-per-round", "8MiB", "--sizes", "4KiB", "1MiB",
+                           "--per-call", "1", "8", "--systems", *systems, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    cells = {(r["system"], r["op"], r["block_bytes"], r["batch_blocks"]) for r in doc["results"]}
+    assert cells == {(s, op, size, n) for s in systems for op in ("put", "get")
+                     for size in (4096, 1024**2) for n in (1, 8)}
+    for r in doc["results"]:
+        assert r["gbps"] > 0 and set(r["cpu_s_per_gb"]) == {"server", "client"}
+    assert "data_plane=False" in doc["meta"]["apis"]["kvstore-tcp"]["get"]
+    ratios = {(r["system"], r["op"], r["per_call"]): r for r in doc["ratios"]}
+    assert ratios[("kvstore-dp-tcp", "get", 8)]["raw_baseline"] == "raw-tcp"
+    assert ratios[("kvstore-dp-shm", "get", 1)]["raw_baseline"] == "memcpy"
+    targets = [t["target"] for t in doc["targets"]]
+    assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call: CPU s/GB") for t in targets)
+    assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call, 1 client >= 0.7x raw-tcp")
+               for t in targets)
