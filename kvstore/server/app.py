@@ -110,7 +110,8 @@ class Server:
     async def start(self) -> None:
         if self.metrics is not None:  # first: a taken port fails before the store opens
             self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
-                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__))
+                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__,
+                self.dataplane.stats if self.dataplane is not None else None))
         await self.store.start()
         try:
             self._listen()
