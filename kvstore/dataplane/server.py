@@ -215,7 +215,7 @@ class DataPlaneServer:
             if session is not None:
                 await self._requests(io, session)
         except PeerTooSlow as exc:
-            log.info("data plane: dropping a slow peer: %s", exc)
+            log.warning("data plane: dropping a slow peer: %s", exc)
         except (ConnectionClosed, ConnectionError):
             pass  # the peer went away; what it held is given back below
         except asyncio.CancelledError:
