@@ -38,18 +38,61 @@ class PeerTooSlow(ConnectionClosed):
 
 
 class SocketIO:
-    __slots__ = ("_end", "_start", "buf", "bytes_in", "bytes_out", "loop", "mv", "sock",
-                 "timeout")
+    """The socket stays registered with the loop's selector while the
+    connection waits for requests (registering and unregistering it around
+    every wait would cost two ``epoll_ctl`` calls and the selector's Python
+    bookkeeping per request). While a request is being handled the socket is
+    not read; if the selector reports it readable then, twice in a row, it is
+    unregistered until the next wait, so a busy connection never spins."""
+
+    __slots__ = ("_end", "_fd", "_idle_fires", "_start", "_waiter", "_watching", "buf",
+                 "bytes_in", "bytes_out", "loop", "mv", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._fd = sock.fileno()
         self.loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.buf = bytearray(BUFFER_BYTES)
         self.mv = memoryview(self.buf)
         self._start = self._end = 0
         self.bytes_in = self.bytes_out = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._watching = False
+        self._idle_fires = 0
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        self._idle_fires += 1
+        if self._idle_fires > 1:  # nobody is reading: stop watching until someone does
+            self.loop.remove_reader(self._fd)
+            self._watching = False
+
+    async def _recv_into(self, view: memoryview) -> int:
+        """One ``recv_into`` (0: EOF), waiting for the socket as needed."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise ConnectionClosed(f"receive failed: {exc}") from None
+            self._idle_fires = 0
+            if not self._watching:
+                self.loop.add_reader(self._fd, self._readable)
+                self._watching = True
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def _fill(self, need: int) -> bool:
         """At least ``need`` bytes buffered (False: EOF with none buffered)."""
@@ -60,7 +103,7 @@ class SocketIO:
             self.buf[:avail] = self.mv[self._start:self._end]
             self._start, self._end = 0, avail
         while self._end < need:
-            n = await self.loop.sock_recv_into(self.sock, self.mv[self._end:])
+            n = await self._recv_into(self.mv[self._end:])
             if n == 0:
                 if self._end == 0:
                     return False
@@ -108,7 +151,7 @@ class SocketIO:
         try:
             async with asyncio.timeout(self.timeout):
                 while pos < size:
-                    n = await self.loop.sock_recv_into(self.sock, dest[pos:])
+                    n = await self._recv_into(dest[pos:])
                     if n == 0:
                         raise ConnectionClosed(f"peer closed after {pos} of {size} payload "
                                                "bytes")
@@ -167,6 +210,9 @@ class SocketIO:
             raise ConnectionClosed(f"send failed: {exc}") from None
 
     def close(self) -> None:
+        if self._watching:
+            self.loop.remove_reader(self._fd)
+            self._watching = False
         self.sock.close()
 
 

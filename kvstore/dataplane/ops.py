@@ -45,6 +45,8 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 #: sent (tens of µs); larger ones on the store's executor.
 _VERIFY_INLINE_BYTES = 1024 * 1024
 _GET_RESPONSE = f.Op.GET | f.RESPONSE
+#: Namespaces remembered as checked, per session.
+_CHECKED_NAMESPACES = 64
 
 Handler = Callable[[f.Header, Any], Awaitable[None]]
 
@@ -63,6 +65,7 @@ class Session:
         self.slots: set[int] = set()
         self.leases: set[int] = set()
         self.receiving = 0  # PUT extents being filled now (0 or 1)
+        self._checked: set[str] = set()  # namespaces this session may use
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
             f.Op.PUT: self.put, f.Op.SHM_RESERVE: self.shm_reserve,
@@ -78,11 +81,19 @@ class Session:
         return held
 
     def namespace(self, namespace: str) -> str:
+        """The namespace, checked against the grant, then by the store (each
+        name once per session: neither answer changes while it lives)."""
+        checked = self._checked
+        if namespace in checked:
+            return namespace
         binding = self.binding
         if namespace and not binding.allows(namespace):
             raise PermissionDenied(f"identity {binding.identity!r} may not use namespace "
                                    f"{namespace!r}")
-        return self.store.check_namespace(namespace)
+        self.store.check_namespace(namespace)
+        if len(checked) < _CHECKED_NAMESPACES:
+            checked.add(namespace)
+        return namespace
 
     async def reply(self, header: f.Header, meta: bytes, flags: int = 0) -> None:
         await self.io.send((f.encode_header(header.opcode | f.RESPONSE, header.request_id,

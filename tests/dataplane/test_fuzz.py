@@ -186,3 +186,27 @@ def test_a_live_server_survives_mutated_frames(dp_server: ServerProcess) -> None
     assert closed > 0 and answered > closed  # both kinds of outcome were exercised
     assert [block_of(x) for x in get(keeper, 2, "ns", [b"kept"])] == [b"K" * 5000]
     assert "internal error" not in dp_server.log()
+
+
+def _get_request_by_the_general_reader(data: bytes) -> f.GetRequest:
+    r = f.MetaReader(data)
+    namespace, session_id = r.str_(), r.str_()
+    v = f.GetRequest(namespace, r.keys(), session_id)
+    r.end()
+    return v
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=120),
+                 st.builds(lambda ns, ks, sid, cut: f.GetRequest(ns, ks, sid).encode()[cut:],
+                           names, keys_st, names, st.integers(0, 3))))
+def test_the_unrolled_get_decoder_agrees_with_the_general_one(data: bytes) -> None:
+    try:
+        expected: f.GetRequest | None = _get_request_by_the_general_reader(data)
+    except f.FrameError:
+        expected = None
+    try:
+        got: f.GetRequest | None = f.GetRequest.decode(data)
+    except f.FrameError:
+        got = None
+    assert got == expected
