@@ -93,7 +93,8 @@ class DataPlaneServer:
         self.unix_path = ""
         self.tls = _tls_context(config)
         self._sockets: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
+        self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         self._next_session = 0
 
@@ -157,10 +158,24 @@ class DataPlaneServer:
         self._spawn(self._accept(loop, sock, tcp=False))
         return path
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], connection: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coro)
+        self._track(task, connection)
+
+    def _track(self, task: asyncio.Task[None], connection: bool) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if connection:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def drop_sessions(self) -> int:
+        """Close every connection (the grants changed: auth.tokens_file was
+        reloaded); clients open new sessions, authenticated afresh."""
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _accept(self, loop: asyncio.AbstractEventLoop, listener: socket.socket,
                       tcp: bool) -> None:
@@ -173,7 +188,7 @@ class DataPlaneServer:
                 continue
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._serve(SocketIO(sock, self.timeout)))
+            self._spawn(self._serve(SocketIO(sock, self.timeout)), connection=True)
 
     async def _serve_tls(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -182,8 +197,7 @@ class DataPlaneServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(task, connection=True)
         await self._serve(StreamIO(reader, writer, self.timeout))
 
     async def close(self) -> None:

@@ -173,6 +173,16 @@ class Server:
                                     f"{reason}") from None
             self.addresses["unix"] = str(path)
 
+    def reload_auth(self) -> None:
+        """SIGHUP: reread auth.tokens_file. Data plane sessions were bound to
+        the old grants when they opened: they are closed, and clients open
+        new ones (authenticated afresh) as they need them."""
+        if self.auth is not None and self.auth.reload() and self.dataplane is not None:
+            dropped = self.dataplane.drop_sessions()
+            if dropped:
+                log.info("auth: closed %d data plane sessions opened under the old grants",
+                         dropped)
+
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
             return
@@ -284,7 +294,7 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if server.auth is not None:  # rotate credentials without a restart
-        loop.add_signal_handler(signal.SIGHUP, server.auth.reload)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
         _write_ready_file(ready_file, server.addresses)
     await stop.wait()

@@ -5,8 +5,11 @@ frames, pipelining, tickets and auth."""
 from __future__ import annotations
 
 import mmap
+import os
+import signal
 import struct
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -45,6 +48,7 @@ from dataplane.raw import (
     u64s,
 )
 from kvstore.checksum import checksum
+from kvstore.server.auth import hash_token
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 MiB = 1024**2
@@ -322,3 +326,20 @@ def test_without_the_data_plane_open_data_plane_is_unimplemented(
         open_dp(srv.tcp)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "server.data_plane" in (err.value.details() or "")
+
+
+def test_reloaded_grants_close_the_sessions_opened_under_the_old_ones(
+        server_factory: type[ServerProcess], tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{hash_token(ALICE)} alice chat\n{hash_token(BOB)} bob other\n")
+    srv = server_factory("--auth-tokens-file", str(tokens)).start()
+    alice = session(srv.tcp, ALICE, "tcp")
+    assert put(alice, 1, "chat", {b"k": b"v"}).op == 0x85
+    tokens.write_text(f"{hash_token(BOB)} bob other\n")  # alice's token is revoked
+    os.kill(srv.pid, signal.SIGHUP)
+    assert alice.closed()  # bounded by the socket's timeout
+    with pytest.raises(grpc.RpcError) as err:
+        open_dp(srv.tcp, ALICE)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    bob = session(srv.tcp, BOB)  # a new session under the new grants
+    assert [block_of(f) for f in get(bob, 2, "other", [b"k"])] == [None]
