@@ -268,7 +268,12 @@ class DataPlaneServer:
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
         try:
-            head = await self._read_head(io)
+            try:
+                # An unauthenticated peer may not hold a connection for long.
+                async with asyncio.timeout(self.timeout):
+                    head = await self._read_head(io)
+            except TimeoutError:
+                raise PeerTooSlow(f"no HELLO within {self.timeout:g} s") from None
             if head is None:
                 return None
             header, meta = head

@@ -270,6 +270,10 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
     policy = f"policy {config.policy.name}" + (" (client clock)"
                                                if config.policy.clock == "client" else "")
+    dp = [f"tcp {addresses['data_plane_tcp']}" if addresses.get("data_plane_tcp") else "",
+          f"unix {addresses['data_plane_unix']}" if addresses.get("data_plane_unix") else ""]
+    if any(dp):
+        listeners.append(f"data plane {', '.join(x for x in dp if x)}")
     line = (f"kvstore {_version()} serving on {', '.join(x for x in listeners if x)}; "
             f"{l1}; {l2}; {l3}; {policy}; data dir {config.data_dir}")
     fields: dict[str, object] = {
@@ -279,6 +283,8 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
         "l2_capacity": config.l2.capacity if config.l2.enabled else None,
         "l3_url": config.l3.url or None, "policy": config.policy.name,
         "data_dir": config.data_dir,
+        "data_plane_tcp": addresses.get("data_plane_tcp"),
+        "data_plane_unix": addresses.get("data_plane_unix"),
     }
     return line, fields
 

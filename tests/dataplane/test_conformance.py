@@ -319,9 +319,12 @@ def test_session_events(dp_server: ServerProcess) -> None:
     raw.close()
 
 
+@pytest.mark.parametrize("flags", [("--server-data-plane", "false"),
+                                   ("--server-data-plane-listen", "off",
+                                    "--server-data-plane-unix", "off")])
 def test_without_the_data_plane_open_data_plane_is_unimplemented(
-        server_factory: type[ServerProcess]) -> None:
-    srv = server_factory("--server-data-plane", "false").start()
+        server_factory: type[ServerProcess], flags: tuple[str, ...]) -> None:
+    srv = server_factory(*flags).start()
     with pytest.raises(grpc.RpcError) as err:
         open_dp(srv.tcp)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -343,3 +346,44 @@ def test_reloaded_grants_close_the_sessions_opened_under_the_old_ones(
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     bob = session(srv.tcp, BOB)  # a new session under the new grants
     assert [block_of(f) for f in get(bob, 2, "other", [b"k"])] == [None]
+
+
+def test_a_failed_block_leaves_the_blocks_before_it_stored(dp_server: ServerProcess) -> None:
+    raw = session(dp_server.tcp, ALICE, "tcp")
+    one, two, three = b"1" * 7000, b"2" * 7000, b"3" * 7000
+    meta = put_meta("chat", [(b"multi-1", len(one), 0, checksum(one)),
+                             (b"multi-2", len(two), 0, checksum(two) ^ 0xFF),
+                             (b"multi-3", len(three), 0, None)])
+    raw.send(request(PUT, 1, meta, one + two + three))
+    assert raw.frame().error()[1] == "CorruptBlock"
+    assert [block_of(f) for f in get(raw, 2, "chat", [b"multi-1", b"multi-2", b"multi-3"])] \
+        == [one, None, None]
+
+
+def test_a_session_may_act_as_an_attached_shared_memory_owner(dp_server: ServerProcess) -> None:
+    attach = _shm_attach(dp_server.tcp, ALICE)
+    with grpc.insecure_channel(dp_server.tcp) as channel:
+        reserve = channel.unary_unary(
+            "/kvstore.v1.KVStore/ShmReserve",
+            request_serializer=pb.ShmReserveRequest.SerializeToString,
+            response_deserializer=pb.ShmReserveResponse.FromString)
+        slot = reserve(pb.ShmReserveRequest(namespace="chat", owner=attach.owner,
+                                            blocks=[pb.ShmBlockSpec(key=b"owned", size=100)]),
+                       timeout=10, metadata=(("authorization", f"Bearer {ALICE}"),)).slots[0]
+    data = b"o" * 100
+    with open(attach.path, "r+b") as fh:
+        arena = mmap.mmap(fh.fileno(), attach.size)
+        arena[slot.offset:slot.offset + 100] = data
+        arena.close()
+    commit = s("chat") + u8(0) + u32(1) + struct.pack(
+        "<QQQIB", slot.slot_id, slot.offset, 100, checksum(data), 0) + u64s([])
+    stranger = session(dp_server.tcp, ALICE)  # an owner of its own: not its slot
+    stranger.send(request(SHM_COMMIT, 1, commit))
+    assert stranger.frame().error()[:2] == (7, "PermissionDenied")
+    resp = open_dp(dp_server.tcp, ALICE, shm_owner=attach.owner)
+    raw = connect(resp)
+    raw.send(request(HELLO, 1, s(resp.ticket)))
+    assert raw.frame().op == 0x81
+    raw.send(request(SHM_COMMIT, 2, commit))
+    assert raw.frame().meta == u32(1) + u64(100)
+    assert [block_of(f) for f in get(raw, 3, "chat", [b"owned"])] == [data]

@@ -173,3 +173,12 @@ def test_a_malformed_frame_closes_only_its_connection(fault_server: ServerProces
     assert bad.closed()
     assert [block_of(f) for f in get(bystander, 2, "ns", [b"kept"])] == [b"k" * 3000]
     assert wait_until(lambda: _gauge(srv, "kvstore_dataplane_connections") == 1)
+
+
+def test_a_peer_that_never_says_hello_is_dropped(fault_server: ServerProcess) -> None:
+    resp = open_dp(fault_server.tcp)
+    host, _, port = resp.tcp_address.rpartition(":")
+    idle = Raw(socket.create_connection((host, int(port)), timeout=20))
+    started = time.monotonic()
+    assert idle.closed()  # after server.data_plane_timeout_ms (1 s here)
+    assert time.monotonic() - started < 10
