@@ -17,6 +17,7 @@ held). Waiting for the next frame has no limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 
@@ -25,6 +26,8 @@ from kvstore.dataplane.frames import HEADER_SIZE
 from kvstore.tiers.base import Buffer
 
 BUFFER_BYTES = 64 * 1024
+#: TCP payloads: wake for at least this many bytes (SO_RCVLOWAT).
+_LOWAT = 256 * 1024
 #: TLS: the most bytes read from the stream in one go.
 _TLS_READ = 1024 * 1024
 
@@ -45,13 +48,14 @@ class SocketIO:
     not read; if the selector reports it readable then, twice in a row, it is
     unregistered until the next wait, so a busy connection never spins."""
 
-    __slots__ = ("_end", "_fd", "_idle_fires", "_start", "_waiter", "_watching", "buf",
+    __slots__ = ("_end", "_fd", "_idle_fires", "_start", "_tcp", "_waiter", "_watching", "buf",
                  "bytes_in", "bytes_out", "loop", "mv", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.buf = bytearray(BUFFER_BYTES)
@@ -148,9 +152,17 @@ class SocketIO:
             self._start += pos
         if pos == size:
             return crc or 0
+        # TCP: while much is still to come, the selector wakes this task only
+        # once _LOWAT bytes are waiting (not at every segment).
+        lowat = self._tcp and size - pos > _LOWAT
+        if lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _LOWAT)
         try:
             async with asyncio.timeout(self.timeout):
                 while pos < size:
+                    if lowat and size - pos <= _LOWAT:
+                        lowat = False
+                        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                     n = await self._recv_into(dest[pos:])
                     if n == 0:
                         raise ConnectionClosed(f"peer closed after {pos} of {size} payload "
@@ -162,6 +174,10 @@ class SocketIO:
         except TimeoutError:
             raise PeerTooSlow(f"payload not received within {self.timeout:g} s ({pos} of "
                               f"{size} bytes)") from None
+        finally:
+            if lowat:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return crc or 0
 
     async def discard(self, n: int) -> None:
