@@ -96,7 +96,6 @@ class DataPlaneServer:
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
-        self._next_session = 0
 
     # -- listeners ------------------------------------------------------------------------
 
@@ -288,7 +287,6 @@ class DataPlaneServer:
         except (f.FrameError, _Fatal) as exc:
             await self._fatal(io, exc)
             return None
-        self._next_session += 1
         session = Session(self.store, self.shm, binding, io)
         ok = f.HelloOk(secrets.randbits(63), self.max_meta, self.max_payload,
                        int(self.timeout * 1000))

@@ -182,3 +182,39 @@ def test_a_peer_that_never_says_hello_is_dropped(fault_server: ServerProcess) ->
     started = time.monotonic()
     assert idle.closed()  # after server.data_plane_timeout_ms (1 s here)
     assert time.monotonic() - started < 10
+
+
+def _arena(srv: ServerProcess) -> str:
+    flags = srv.flags
+    return flags[flags.index("--l1-shm-path") + 1]
+
+
+def test_a_corrupt_l1_copy_is_never_served(fault_server: ServerProcess) -> None:
+    srv = fault_server
+    raw = session(srv.tcp)
+    good = os.urandom(64 * 1024)
+    meta = put_meta("ns", [(b"scribbled", len(good), 0, None)], ack=2)  # in L2 too
+    raw.send(request(PUT, 1, meta, good))
+    assert raw.frame().op == 0x85
+    raw.send(request(SHM_ACQUIRE, 2, s("ns") + s("") + u32(0) + keys([b"scribbled"])
+                     + u64s([])))
+    lease = raw.frame().meta
+    _, _, lease_id, offset, *_ = struct.unpack_from("<BBQQQIQ", lease, 16)
+    raw.send(request(0x09, 9, s("ns") + u64s([lease_id])))  # SHM_RELEASE
+    assert raw.frame().op == 0x89
+    with open(_arena(srv), "r+b") as fh:
+        fh.seek(offset + 1000)
+        fh.write(b"\xff" * 16)  # a stray write into the block's L1 bytes
+    frames = get(raw, 3, "ns", [b"scribbled"])
+    assert block_of(frames[0]) == good  # L2's copy, never the damaged one
+    assert frames[0].meta[5] == 2
+
+
+def test_a_block_only_in_l2_is_served(fault_server: ServerProcess) -> None:
+    raw = session(fault_server.tcp, kind="tcp")
+    blocks = {f"l2-{i}".encode(): os.urandom(5 * MiB) for i in range(4)}  # > the 16 MiB L1
+    for rid, (key, value) in enumerate(blocks.items()):
+        assert put(raw, rid, "ns", {key: value}).op == 0x85
+    frames = get(raw, 9, "ns", list(blocks))
+    assert [block_of(f) for f in frames] == list(blocks.values())
+    assert frames[0].meta[5] == 2  # the first one had left L1
