@@ -17,6 +17,7 @@ held). Waiting for the next frame has no limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Sequence
 
@@ -25,6 +26,8 @@ from kvstore.dataplane.frames import HEADER_SIZE
 from kvstore.tiers.base import Buffer
 
 BUFFER_BYTES = 64 * 1024
+#: TCP payloads: wake for at least this many bytes (SO_RCVLOWAT).
+_LOWAT = 256 * 1024
 #: TLS: the most bytes read from the stream in one go.
 _TLS_READ = 1024 * 1024
 
@@ -38,18 +41,62 @@ class PeerTooSlow(ConnectionClosed):
 
 
 class SocketIO:
-    __slots__ = ("_end", "_start", "buf", "bytes_in", "bytes_out", "loop", "mv", "sock",
-                 "timeout")
+    """The socket stays registered with the loop's selector while the
+    connection waits for requests (registering and unregistering it around
+    every wait would cost two ``epoll_ctl`` calls and the selector's Python
+    bookkeeping per request). While a request is being handled the socket is
+    not read; if the selector reports it readable then, twice in a row, it is
+    unregistered until the next wait, so a busy connection never spins."""
+
+    __slots__ = ("_end", "_fd", "_idle_fires", "_start", "_tcp", "_waiter", "_watching", "buf",
+                 "bytes_in", "bytes_out", "loop", "mv", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._fd = sock.fileno()
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.buf = bytearray(BUFFER_BYTES)
         self.mv = memoryview(self.buf)
         self._start = self._end = 0
         self.bytes_in = self.bytes_out = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._watching = False
+        self._idle_fires = 0
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        self._idle_fires += 1
+        if self._idle_fires > 1:  # nobody is reading: stop watching until someone does
+            self.loop.remove_reader(self._fd)
+            self._watching = False
+
+    async def _recv_into(self, view: memoryview) -> int:
+        """One ``recv_into`` (0: EOF), waiting for the socket as needed."""
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise ConnectionClosed(f"receive failed: {exc}") from None
+            self._idle_fires = 0
+            if not self._watching:
+                self.loop.add_reader(self._fd, self._readable)
+                self._watching = True
+            waiter = self._waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def _fill(self, need: int) -> bool:
         """At least ``need`` bytes buffered (False: EOF with none buffered)."""
@@ -60,7 +107,7 @@ class SocketIO:
             self.buf[:avail] = self.mv[self._start:self._end]
             self._start, self._end = 0, avail
         while self._end < need:
-            n = await self.loop.sock_recv_into(self.sock, self.mv[self._end:])
+            n = await self._recv_into(self.mv[self._end:])
             if n == 0:
                 if self._end == 0:
                     return False
@@ -105,10 +152,18 @@ class SocketIO:
             self._start += pos
         if pos == size:
             return crc or 0
+        # TCP: while much is still to come, the selector wakes this task only
+        # once _LOWAT bytes are waiting (not at every segment).
+        lowat = self._tcp and size - pos > _LOWAT
+        if lowat:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, _LOWAT)
         try:
             async with asyncio.timeout(self.timeout):
                 while pos < size:
-                    n = await self.loop.sock_recv_into(self.sock, dest[pos:])
+                    if lowat and size - pos <= _LOWAT:
+                        lowat = False
+                        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                    n = await self._recv_into(dest[pos:])
                     if n == 0:
                         raise ConnectionClosed(f"peer closed after {pos} of {size} payload "
                                                "bytes")
@@ -119,6 +174,10 @@ class SocketIO:
         except TimeoutError:
             raise PeerTooSlow(f"payload not received within {self.timeout:g} s ({pos} of "
                               f"{size} bytes)") from None
+        finally:
+            if lowat:
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         return crc or 0
 
     async def discard(self, n: int) -> None:
@@ -167,6 +226,9 @@ class SocketIO:
             raise ConnectionClosed(f"send failed: {exc}") from None
 
     def close(self) -> None:
+        if self._watching:
+            self.loop.remove_reader(self._fd)
+            self._watching = False
         self.sock.close()
 
 

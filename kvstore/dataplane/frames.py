@@ -305,7 +305,29 @@ class GetRequest:
 
     @classmethod
     def decode(cls, meta: bytes | memoryview) -> GetRequest:
-        r = MetaReader(meta)
+        # The hot path (every GET), unrolled; anything odd is parsed again
+        # by the general reader, whose FrameError names what is wrong.
+        buf = bytes(meta)
+        u16 = _U16.unpack_from
+        try:
+            end = 2 + u16(buf, 0)[0]
+            namespace = buf[2:end].decode("utf-8")
+            pos = end + 2
+            end = pos + u16(buf, end)[0]
+            session = buf[pos:end].decode("utf-8")
+            pos = end + 4
+            count = _U32.unpack_from(buf, end)[0]
+            if count * 2 <= len(buf) - pos:
+                keys = []
+                for _ in range(count):
+                    end = pos + 2 + u16(buf, pos)[0]
+                    keys.append(buf[pos + 2:end])
+                    pos = end
+                if pos == len(buf):
+                    return cls(namespace, keys, session)
+        except (struct.error, UnicodeDecodeError):
+            pass
+        r = MetaReader(buf)
         namespace, session = r.str_("namespace"), r.str_("session_id")
         v = cls(namespace, r.keys(), session)
         r.end()

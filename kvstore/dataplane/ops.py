@@ -16,17 +16,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvstore.dataplane import frames as f
-from kvstore.dataplane.conn import SocketIO, StreamIO
+from kvstore.dataplane.conn import ConnectionClosed, SocketIO, StreamIO
 from kvstore.dataplane.tickets import Binding
 from kvstore.errors import (
     BlockTooLarge,
     CorruptBlock,
     InvalidArgument,
+    KVStoreError,
     MalformedRequest,
     PermissionDenied,
 )
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import BlockReader
+from kvstore.tiers.base import Buffer
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -45,6 +47,12 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 #: sent (tens of µs); larger ones on the store's executor.
 _VERIFY_INLINE_BYTES = 1024 * 1024
 _GET_RESPONSE = f.Op.GET | f.RESPONSE
+#: A GET's answers are sent together up to this many block bytes, or parts
+#: (each answer is one or two parts; IOV_MAX is 1024).
+_BATCH_BYTES = 8 * 1024 * 1024
+_BATCH_PARTS = 512
+#: Namespaces remembered as checked, per session.
+_CHECKED_NAMESPACES = 64
 
 Handler = Callable[[f.Header, Any], Awaitable[None]]
 
@@ -63,6 +71,7 @@ class Session:
         self.slots: set[int] = set()
         self.leases: set[int] = set()
         self.receiving = 0  # PUT extents being filled now (0 or 1)
+        self._checked: set[str] = set()  # namespaces this session may use
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
             f.Op.PUT: self.put, f.Op.SHM_RESERVE: self.shm_reserve,
@@ -78,11 +87,19 @@ class Session:
         return held
 
     def namespace(self, namespace: str) -> str:
+        """The namespace, checked against the grant, then by the store (each
+        name once per session: neither answer changes while it lives)."""
+        checked = self._checked
+        if namespace in checked:
+            return namespace
         binding = self.binding
         if namespace and not binding.allows(namespace):
             raise PermissionDenied(f"identity {binding.identity!r} may not use namespace "
                                    f"{namespace!r}")
-        return self.store.check_namespace(namespace)
+        self.store.check_namespace(namespace)
+        if len(checked) < _CHECKED_NAMESPACES:
+            checked.add(namespace)
+        return namespace
 
     async def reply(self, header: f.Header, meta: bytes, flags: int = 0) -> None:
         await self.io.send((f.encode_header(header.opcode | f.RESPONSE, header.request_id,
@@ -135,22 +152,54 @@ class Session:
         if not keys:
             await send((f.encode_header(_GET_RESPONSE, rid, 6) + f.encode_get_block(0, False, 0),))
             return
+        # Consecutive answers go out in one sendmsg: L1 hits stay pinned until
+        # their batch is sent. Before a key that is not in L1 the batch is sent
+        # first, so a promotion (which needs L1 room) never waits on this
+        # request's own pins.
+        in_l1 = self.store.index.blocks.get
+        parts: list[Buffer] = []
+        readers: list[BlockReader] = []
+        pending = 0
         last = len(keys) - 1
-        for index, key in enumerate(keys):
-            flags = f.FLAG_MORE if index < last else 0
-            reader = await self._open_intact((namespace, key), session)
-            if reader is None:
-                await send((f.encode_header(_GET_RESPONSE, rid, 6, 0, flags)
-                            + f.encode_get_block(index, False, 0),))
-                continue
-            try:
-                head = f.encode_header(_GET_RESPONSE, rid, 6, reader.size, flags) + \
-                    f.encode_get_block(index, True, int(reader.tier))
-                # A slice, not the reader's own view: the reader releases its
-                # view when it closes, whatever the socket layer still holds.
-                await send((head, reader.view[0:]))
-            finally:
+        try:
+            for index, key in enumerate(keys):
+                block = (namespace, key)
+                if readers and ((entry := in_l1(block)) is None or entry.l1_offset < 0):
+                    await self._flush(parts, readers)
+                    pending = 0
+                flags = f.FLAG_MORE if index < last else 0
+                try:
+                    reader = await self._open_intact(block, session)
+                except KVStoreError:
+                    await self._flush(parts, readers)  # the answers before the error
+                    raise
+                if reader is None:
+                    parts.append(f.encode_header(_GET_RESPONSE, rid, 6, 0, flags)
+                                 + f.encode_get_block(index, False, 0))
+                else:
+                    readers.append(reader)
+                    parts.append(f.encode_header(_GET_RESPONSE, rid, 6, reader.size, flags)
+                                 + f.encode_get_block(index, True, int(reader.tier)))
+                    # A slice, not the reader's own view: the reader releases
+                    # its view when it closes, whatever the socket layer holds.
+                    parts.append(reader.view[0:])
+                    pending += reader.size
+                if pending >= _BATCH_BYTES or len(parts) >= _BATCH_PARTS:
+                    await self._flush(parts, readers)
+                    pending = 0
+            await self._flush(parts, readers)
+        finally:
+            for reader in readers:
                 reader.close()
+
+    async def _flush(self, parts: list[Buffer], readers: list[BlockReader]) -> None:
+        """Send the answers batched so far, then unpin their blocks."""
+        if parts:
+            await self.io.send(parts)
+            parts.clear()
+        for reader in readers:
+            reader.close()
+        readers.clear()
 
     async def _open_intact(self, block: BlockId, session: str | None) -> BlockReader | None:
         """As the gRPC Get: the block's L1 copy is checked whole before its
@@ -217,8 +266,8 @@ class Session:
                 nbytes += b.size
             if durable:
                 await asyncio.gather(*durable)
-        except (f.FrameError, asyncio.CancelledError):
-            raise
+        except (f.FrameError, ConnectionClosed, asyncio.CancelledError):
+            raise  # the connection ends: nothing to keep in step
         except Exception:
             if remaining > 0:
                 await io.discard(remaining)  # keep the stream in step; the connection lives

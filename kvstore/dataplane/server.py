@@ -93,9 +93,9 @@ class DataPlaneServer:
         self.unix_path = ""
         self.tls = _tls_context(config)
         self._sockets: list[socket.socket] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
+        self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
-        self._next_session = 0
 
     # -- listeners ------------------------------------------------------------------------
 
@@ -157,10 +157,24 @@ class DataPlaneServer:
         self._spawn(self._accept(loop, sock, tcp=False))
         return path
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], connection: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coro)
+        self._track(task, connection)
+
+    def _track(self, task: asyncio.Task[None], connection: bool) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if connection:
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def drop_sessions(self) -> int:
+        """Close every connection (the grants changed: auth.tokens_file was
+        reloaded); clients open new sessions, authenticated afresh."""
+        tasks = list(self._connections)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
     async def _accept(self, loop: asyncio.AbstractEventLoop, listener: socket.socket,
                       tcp: bool) -> None:
@@ -173,7 +187,7 @@ class DataPlaneServer:
                 continue
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._serve(SocketIO(sock, self.timeout)))
+            self._spawn(self._serve(SocketIO(sock, self.timeout)), connection=True)
 
     async def _serve_tls(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -182,8 +196,7 @@ class DataPlaneServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(task, connection=True)
         await self._serve(StreamIO(reader, writer, self.timeout))
 
     async def close(self) -> None:
@@ -215,7 +228,7 @@ class DataPlaneServer:
             if session is not None:
                 await self._requests(io, session)
         except PeerTooSlow as exc:
-            log.info("data plane: dropping a slow peer: %s", exc)
+            log.warning("data plane: dropping a slow peer: %s", exc)
         except (ConnectionClosed, ConnectionError):
             pass  # the peer went away; what it held is given back below
         except asyncio.CancelledError:
@@ -254,7 +267,12 @@ class DataPlaneServer:
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
         try:
-            head = await self._read_head(io)
+            try:
+                # An unauthenticated peer may not hold a connection for long.
+                async with asyncio.timeout(self.timeout):
+                    head = await self._read_head(io)
+            except TimeoutError:
+                raise PeerTooSlow(f"no HELLO within {self.timeout:g} s") from None
             if head is None:
                 return None
             header, meta = head
@@ -269,7 +287,6 @@ class DataPlaneServer:
         except (f.FrameError, _Fatal) as exc:
             await self._fatal(io, exc)
             return None
-        self._next_session += 1
         session = Session(self.store, self.shm, binding, io)
         ok = f.HelloOk(secrets.randbits(63), self.max_meta, self.max_payload,
                        int(self.timeout * 1000))

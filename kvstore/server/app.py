@@ -110,7 +110,8 @@ class Server:
     async def start(self) -> None:
         if self.metrics is not None:  # first: a taken port fails before the store opens
             self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
-                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__))
+                self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__,
+                self.dataplane.stats if self.dataplane is not None else None))
         await self.store.start()
         try:
             self._listen()
@@ -171,6 +172,16 @@ class Server:
                 raise InvalidConfig(f"server.unix_socket {path}: cannot listen there: "
                                     f"{reason}") from None
             self.addresses["unix"] = str(path)
+
+    def reload_auth(self) -> None:
+        """SIGHUP: reread auth.tokens_file. Data plane sessions were bound to
+        the old grants when they opened: they are closed, and clients open
+        new ones (authenticated afresh) as they need them."""
+        if self.auth is not None and self.auth.reload() and self.dataplane is not None:
+            dropped = self.dataplane.drop_sessions()
+            if dropped:
+                log.info("auth: closed %d data plane sessions opened under the old grants",
+                         dropped)
 
     async def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -259,6 +270,10 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
     policy = f"policy {config.policy.name}" + (" (client clock)"
                                                if config.policy.clock == "client" else "")
+    dp = [f"tcp {addresses['data_plane_tcp']}" if addresses.get("data_plane_tcp") else "",
+          f"unix {addresses['data_plane_unix']}" if addresses.get("data_plane_unix") else ""]
+    if any(dp):
+        listeners.append(f"data plane {', '.join(x for x in dp if x)}")
     line = (f"kvstore {_version()} serving on {', '.join(x for x in listeners if x)}; "
             f"{l1}; {l2}; {l3}; {policy}; data dir {config.data_dir}")
     fields: dict[str, object] = {
@@ -268,6 +283,8 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
         "l2_capacity": config.l2.capacity if config.l2.enabled else None,
         "l3_url": config.l3.url or None, "policy": config.policy.name,
         "data_dir": config.data_dir,
+        "data_plane_tcp": addresses.get("data_plane_tcp"),
+        "data_plane_unix": addresses.get("data_plane_unix"),
     }
     return line, fields
 
@@ -283,7 +300,7 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if server.auth is not None:  # rotate credentials without a restart
-        loop.add_signal_handler(signal.SIGHUP, server.auth.reload)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
         _write_ready_file(ready_file, server.addresses)
     await stop.wait()

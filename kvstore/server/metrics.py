@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvstore.dataplane.server import DataPlaneStats
 from kvstore.errors import InvalidConfig
 from kvstore.server.metrics_calls import LATENCY_BUCKETS, CallRecorder, MethodSnapshot
 from kvstore.types import StoreStats
@@ -61,13 +63,17 @@ class Snapshot:
     shm_reservations: int | None  # None: shared memory is off
     shm_leases: int | None
     l3_queued_bytes: int | None  # None: no L3
+    #: issue 14 data plane (None: off).
+    dataplane: DataPlaneStats | None = None
 
 
 class KVStoreCollector:
     """A prometheus_client collector over the running server's counters."""
 
     def __init__(self, store: TieredStore, shm: SharedMemoryBroker, calls: CallRecorder,
-                 loop: asyncio.AbstractEventLoop, version: str) -> None:
+                 loop: asyncio.AbstractEventLoop, version: str,
+                 dataplane: DataPlaneStats | None = None) -> None:
+        self.dataplane = dataplane
         self.store = store
         self.shm = shm
         self.calls = calls
@@ -84,6 +90,7 @@ class KVStoreCollector:
             shm_reservations=self.shm.reservations if shm_on else None,
             shm_leases=self.shm.leases if shm_on else None,
             l3_queued_bytes=l3.queued if l3 is not None else None,
+            dataplane=dataclasses.replace(self.dataplane) if self.dataplane else None,
         )
 
     def _snapshot_from_thread(self) -> Snapshot:
@@ -168,6 +175,27 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
         yield GaugeMetricFamily("kvstore_shm_leases",
                                 "Shared-memory read leases held by clients",
                                 value=float(snap.shm_leases))
+
+    if snap.dataplane is not None:
+        dp = snap.dataplane
+        yield GaugeMetricFamily("kvstore_dataplane_connections",
+                                "Data plane connections open", value=float(dp.connections))
+        yield GaugeMetricFamily("kvstore_dataplane_put_receiving",
+                                "Data plane PUT payloads being received now",
+                                value=float(dp.receiving))
+        for name, doc, value in (
+            ("kvstore_dataplane_connections_accepted", "Data plane connections accepted",
+             dp.connections_total),
+            ("kvstore_dataplane_requests", "Data plane requests answered", dp.frames),
+            ("kvstore_dataplane_errors", "Data plane ERROR frames sent", dp.errors),
+            ("kvstore_dataplane_received_bytes",
+             "Bytes received on data plane connections (counted as each closes)", dp.bytes_in),
+            ("kvstore_dataplane_sent_bytes",
+             "Bytes sent on data plane connections (counted as each closes)", dp.bytes_out),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
 
     requests = CounterMetricFamily("kvstore_grpc_requests", "gRPC calls by method and status",
                                    labels=["service", "method", "code"])

@@ -354,10 +354,10 @@ class KVStoreServicer:
     async def OpenDataPlane(self, request: pb.OpenDataPlaneRequest,
                             context: grpc.aio.ServicerContext) -> pb.OpenDataPlaneResponse:
         dp = self.dataplane
-        if dp is None:
+        if dp is None or not (dp.tcp_address or dp.unix_path):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                "this server has no data plane (server.data_plane = false): "
-                                "use the gRPC calls")
+                                "this server has no data plane (server.data_plane = false, "
+                                "or both its listeners off): use the gRPC calls")
             raise AssertionError("unreachable")  # abort raises
         identity, namespaces = "", None
         if self.auth is not None:

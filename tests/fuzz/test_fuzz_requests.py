@@ -69,6 +69,7 @@ METHODS: dict[str, tuple[Any, str]] = {
     "ShmRelease": (pb.ShmReleaseRequest, "unary"),
     "ListBlocks": (pb.ListBlocksRequest, "unary_stream"),
     "Flush": (pb.FlushRequest, "unary"),
+    "OpenDataPlane": (pb.OpenDataPlaneRequest, "unary"),
 }
 #: Every rpc of the service is fuzzed: Put here, the others above.
 assert set(pb.DESCRIPTOR.services_by_name["KVStore"].methods_by_name) == {*METHODS, "Put"}
@@ -226,6 +227,8 @@ class Fuzz:
             "ListBlocks": lambda: pb.ListBlocksRequest(
                 namespace=ns, prefix=rng.choice([b"", b"k", b"k1"]), limit=rng.choice([0, 2])),
             "Flush": lambda: pb.FlushRequest(namespace=ns),
+            "OpenDataPlane": lambda: pb.OpenDataPlaneRequest(
+                namespace=rng.choice(["", ns]), shm_owner=rng.choice(["", self.owner])),
         }
         return make[self.method]()
 

@@ -126,7 +126,8 @@ def test_the_reader_sees_every_part() -> None:
     # A guard for the rules below: an empty or partial graph would pass them all.
     importers = {e.importer for e in edges()}
     for part in ("kvstore.tiers.lmdb_tier", "kvstore.policy.session.policy", "kvstore.store.tiered",
-                 "kvstore.server.servicer", "kvstore.client._convert", "kvstore.wire.pb"):
+                 "kvstore.server.servicer", "kvstore.client._convert", "kvstore.wire.pb",
+                 "kvstore.dataplane.ops"):
         assert part in importers, part
     block_to_door = {e.type_only for e in edges()
                      if e.importer == "kvstore.block" and e.imported == "kvstore._impl"}
@@ -137,7 +138,13 @@ def test_the_reader_sees_every_part() -> None:
 
 # --- who may import whom ------------------------------------------------------------------------
 
-EDGE_PARTS = ("kvstore.server", "kvstore.client", "kvstore.wire", "kvstore.cli", "kvstore.__main__")
+#: The edges: they speak to the outside (gRPC, the data plane's frames, the
+#: command line) and call the store with domain values.
+EDGE_PARTS = ("kvstore.server", "kvstore.client", "kvstore.wire", "kvstore.cli", "kvstore.__main__",
+              "kvstore.dataplane")
+#: The edges that may import generated protobuf code: the data plane speaks
+#: its own frames (the servicer converts OpenDataPlane's messages).
+PROTOBUF_EDGES = tuple(p for p in EDGE_PARTS if p != "kvstore.dataplane")
 
 
 def test_tiers_are_mechanism() -> None:
@@ -166,9 +173,18 @@ def _is_generated(name: str) -> bool:
 
 def test_only_the_edges_import_generated_code() -> None:
     offenders = [str(e) for e in edges()
-                 if _is_generated(e.imported) and not _within(e.importer, EDGE_PARTS)]
+                 if _is_generated(e.imported) and not _within(e.importer, PROTOBUF_EDGES)]
     assert not offenders, "generated protobuf code stays at the edges (server, client, wire, " \
-        "cli):\n" + "\n".join(offenders)
+        "cli; not the data plane):\n" + "\n".join(offenders)
+
+
+def test_the_data_plane_serves_the_store_and_no_other_edge() -> None:
+    # The server starts the data plane; the data plane never reaches back
+    # into the server, the SDK or the wire codecs.
+    offenders = _offenders(["kvstore.dataplane"],
+                           [p for p in EDGE_PARTS if p != "kvstore.dataplane"])
+    assert not offenders, "the data plane is called by the server, not the other way " \
+        "round:\n" + "\n".join(offenders)
 
 
 def test_only_the_native_door_imports_the_extension() -> None:

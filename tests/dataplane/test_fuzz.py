@@ -1,0 +1,212 @@
+"""Fuzzing the data plane's frames: the decoders on arbitrary and mutated
+bytes (hypothesis), and a live server fed mutated frames."""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from serverproc import ServerProcess
+
+from dataplane.raw import (
+    CLOSING,
+    ERROR,
+    GET,
+    LOOKUP,
+    PING,
+    PUT,
+    SESSION_EVENT,
+    SHM_RELEASE,
+    block_of,
+    get,
+    get_meta,
+    header,
+    keys,
+    put,
+    put_meta,
+    request,
+    s,
+    session,
+    u8,
+    u32,
+    u64,
+    u64s,
+)
+from kvstore.dataplane import frames as f
+from kvstore.errors import error_class_by_name
+
+DECODERS: list[Callable[[bytes], Any]] = [
+    f.Hello.decode, f.HelloOk.decode, f.LookupRequest.decode, f.LookupResult.decode,
+    f.GetRequest.decode, f.GetBlock.decode, f.PutRequest.decode, f.Counted.decode,
+    f.ShmReserveRequest.decode, f.ShmReserveResult.decode, f.ShmCommitRequest.decode,
+    f.ShmAcquireRequest.decode, f.ShmAcquireResult.decode, f.ShmReleaseRequest.decode,
+    f.ShmReleaseResult.decode, f.SessionEventRequest.decode, f.ErrorInfo.decode,
+]
+
+VALID = [
+    f.PutRequest("ns", [f.PutBlock(b"k" * 32, 4096, 1, 7), f.PutBlock(b"x", 1)], 2, "s").encode(),
+    f.LookupRequest("ns", [b"a", b"bb"], 10, "sess").encode(),
+    f.ShmAcquireRequest("ns", [b"a"], 5, [1, 2], "s").encode(),
+    f.ShmCommitRequest("ns", [(1, 2, 3, 4, 0)], [9], 1).encode(),
+    f.ShmAcquireResult(5, 1, [3], [None, f.ShmLease(1, 2, 3, 4, 5, 1)]).encode(),
+    f.ErrorInfo(3, "InvalidKey", "key is empty").encode(),
+]
+
+
+def _decodes_or_refuses(decode: Callable[[bytes], Any], data: bytes) -> None:
+    try:
+        decode(data)
+    except f.FrameError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoders_take_any_bytes(data: bytes) -> None:
+    for decode in DECODERS:
+        _decodes_or_refuses(decode, data)
+    try:
+        f.decode_header(data)
+    except f.FrameError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(VALID), st.integers(0, 10_000), st.integers(0, 255),
+       st.integers(0, 300))
+def test_decoders_take_mutated_frames(valid: bytes, where: int, value: int, cut: int) -> None:
+    mutated = bytearray(valid)
+    mutated[where % len(mutated)] = value
+    for data in (bytes(mutated), valid[:cut % (len(valid) + 1)]):
+        for decode in DECODERS:
+            _decodes_or_refuses(decode, data)
+
+
+keys_st = st.lists(st.binary(min_size=1, max_size=64), max_size=8)
+names = st.text(max_size=40)
+
+
+@settings(max_examples=100, deadline=None)
+@given(names, st.lists(st.tuples(st.binary(min_size=1, max_size=64), st.integers(1, 2**40),
+                                 st.integers(0, 1), st.none() | st.integers(0, 2**32 - 1)),
+                       max_size=6), st.integers(0, 3), names)
+def test_put_request_round_trips(namespace: str, blocks: list[Any], ack: int,
+                                 session_id: str) -> None:
+    req = f.PutRequest(namespace, [f.PutBlock(*b) for b in blocks], ack, session_id)
+    assert f.PutRequest.decode(req.encode()) == req
+
+
+@settings(max_examples=200, deadline=None)
+@given(names, keys_st, st.integers(0, 2**32 - 1),
+       st.lists(st.integers(0, 2**64 - 1), max_size=5), names)
+def test_acquire_and_lookup_round_trip(namespace: str, ks: list[bytes], lease: int,
+                                       release: list[int], session_id: str) -> None:
+    acquire = f.ShmAcquireRequest(namespace, ks, lease, release, session_id)
+    assert f.ShmAcquireRequest.decode(acquire.encode()) == acquire
+    lookup = f.LookupRequest(namespace, ks, lease, session_id)
+    assert f.LookupRequest.decode(lookup.encode()) == lookup
+
+
+# -- a live server --------------------------------------------------------------------------
+
+CORPUS = [
+    request(PING, 1),
+    request(GET, 2, get_meta("ns", [b"kept", b"miss"])),
+    request(LOOKUP, 3, s("ns") + s("") + u32(0) + keys([b"kept"])),
+    request(PUT, 4, put_meta("ns", [(b"fz", 8, 0, None)]), b"fuzzfuzz"),
+    request(SHM_RELEASE, 5, s("ns") + u64s([1])),
+    request(SESSION_EVENT, 6, s("ns") + s("x") + u8(1) + u8(1) + u64(0) + s("") + u8(0)),
+    header(GET, 7, 0),
+]
+
+
+def _mutate(rng: random.Random, frame: bytes) -> bytes:
+    data = bytearray(frame)
+    for _ in range(rng.randint(1, 4)):
+        if not data:
+            data.append(rng.randrange(256))
+        how = rng.randrange(4)
+        if how == 0:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif how == 1 and len(data) > 1:
+            del data[rng.randrange(len(data)):]
+        elif how == 2:
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 16)))
+    return bytes(data)
+
+
+def _read_until_closed(raw: Any) -> list[tuple[int, int]]:
+    """Every frame the server sends until it closes: (opcode, flags)."""
+    seen = []
+    while True:
+        head = b""
+        while len(head) < 24:
+            try:
+                chunk = raw.sock.recv(24 - len(head))
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                assert not head, "the server closed mid-header"
+                return seen
+            head += chunk
+        assert head[:4] == b"KVDP" and head[4] == 1
+        op, flags, _, meta_len, payload_len = head[5], *struct.unpack_from("<HIIQ", head, 6)
+        body = raw.recv_exact(meta_len + payload_len)
+        if op == ERROR:
+            name_len = struct.unpack_from("<H", body, 2)[0]
+            assert error_class_by_name(body[4:4 + name_len].decode()) is not None
+        else:
+            assert op & 0x80
+        seen.append((op, flags))
+
+
+def test_a_live_server_survives_mutated_frames(dp_server: ServerProcess) -> None:
+    from dataplane.conftest import OPS
+
+    rng = random.Random(14)
+    keeper = session(dp_server.tcp, OPS, "tcp")
+    assert put(keeper, 1, "ns", {b"kept": b"K" * 5000}).op == 0x85
+    closed = answered = 0
+    for _ in range(400):
+        raw = session(dp_server.tcp, OPS)
+        raw.send(b"".join(_mutate(rng, frame) if rng.random() < 0.7 else frame
+                          for frame in rng.sample(CORPUS, 3)))
+        raw.sock.shutdown(socket.SHUT_WR)  # the server sees the end: nothing waits for ever
+        seen = _read_until_closed(raw)
+        answered += len(seen)
+        closed += any(flags & CLOSING for _, flags in seen)
+        raw.close()
+    assert closed > 0 and answered > closed  # both kinds of outcome were exercised
+    assert [block_of(x) for x in get(keeper, 2, "ns", [b"kept"])] == [b"K" * 5000]
+    assert "internal error" not in dp_server.log()
+
+
+def _get_request_by_the_general_reader(data: bytes) -> f.GetRequest:
+    r = f.MetaReader(data)
+    namespace, session_id = r.str_(), r.str_()
+    v = f.GetRequest(namespace, r.keys(), session_id)
+    r.end()
+    return v
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=120),
+                 st.builds(lambda ns, ks, sid, cut: f.GetRequest(ns, ks, sid).encode()[cut:],
+                           names, keys_st, names, st.integers(0, 3))))
+def test_the_unrolled_get_decoder_agrees_with_the_general_one(data: bytes) -> None:
+    try:
+        expected: f.GetRequest | None = _get_request_by_the_general_reader(data)
+    except f.FrameError:
+        expected = None
+    try:
+        got: f.GetRequest | None = f.GetRequest.decode(data)
+    except f.FrameError:
+        got = None
+    assert got == expected

@@ -1,0 +1,81 @@
+"""The data plane's TCP listener under (mutual) TLS: the gRPC listener's
+certificate, key and client CA; the unix socket stays plaintext."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+from serverproc import ServerProcess
+
+from dataplane.raw import HELLO, Raw, block_of, get, put, request, s
+from kvstore.wire.pb import kvstore_pb2 as pb
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+
+
+def _openssl(cwd: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An EC CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("dp-pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(d, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=dp-test-ca")
+    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:dp-engine")):
+        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+                 f"{name}.ext")
+    return d
+
+
+def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path) -> None:
+    srv = server_factory("--server-tls-cert", str(certs / "server.pem"),
+                         "--server-tls-key", str(certs / "server.key"),
+                         "--server-tls-client-ca", str(certs / "ca.pem")).start()
+    creds = grpc.ssl_channel_credentials(
+        (certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(),
+        (certs / "client.pem").read_bytes())
+    with grpc.secure_channel(srv.tcp, creds) as channel:
+        resp = channel.unary_unary(
+            "/kvstore.v1.KVStore/OpenDataPlane",
+            request_serializer=pb.OpenDataPlaneRequest.SerializeToString,
+            response_deserializer=pb.OpenDataPlaneResponse.FromString)(
+                pb.OpenDataPlaneRequest(), timeout=10)
+    assert resp.tls
+    host, _, port = resp.tcp_address.rpartition(":")
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    ctx.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    plain = socket.create_connection((host, int(port)), timeout=20)
+    raw = Raw(ctx.wrap_socket(plain, server_hostname="127.0.0.1"))
+    raw.send(request(HELLO, 1, s(resp.ticket)))
+    assert raw.frame().op == 0x81
+    block = bytes(range(256)) * 4096  # 1 MiB
+    assert put(raw, 2, "tls", {b"k": block}).op == 0x85
+    assert [block_of(f) for f in get(raw, 3, "tls", [b"k", b"miss"])] == [block, None]
+
+    # No client certificate: the handshake is refused (TLS 1.3 may report it
+    # only at the first read).
+    anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, EOFError)):
+        bare = Raw(anonymous.wrap_socket(sock, server_hostname="127.0.0.1"))
+        bare.send(request(HELLO, 1, s(b"\0" * 32)))
+        bare.frame()
+    sock.close()
+    # Plaintext on the TLS port gets no frame back.
+    cleartext = Raw(socket.create_connection((host, int(port)), timeout=20))
+    cleartext.send(request(HELLO, 1, s(b"\0" * 32)))
+    with pytest.raises((EOFError, ConnectionResetError, AssertionError)):
+        cleartext.frame()
