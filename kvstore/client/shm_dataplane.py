@@ -121,6 +121,21 @@ def _release(conn: Connection, req: Any) -> _Released:
     return _Released(frames.ShmReleaseResult.decode(meta).expired)
 
 
+def _keyed_reserve(req: Any) -> bool:
+    return all(b.key for b in req.blocks)
+
+
+def _plain_commit(req: Any) -> bool:
+    """A commit a SHM_COMMIT frame can say: no anonymous slot bound to a key,
+    no restock (fields of later ShmCommitRequests; such a commit goes by gRPC)."""
+    return not (getattr(req, "reserve_next", None) or getattr(req, "session_id", "")
+                or any(getattr(b, "key", b"") for b in req.blocks))
+
+
+def _always(req: Any) -> bool:
+    return True
+
+
 class _Done:
     """A finished call in the shape of a grpc future."""
 
@@ -136,17 +151,18 @@ class _Done:
 class _Routed:
     """A gRPC unary callable's stand-in: the data plane first, else ``rpc``."""
 
-    __slots__ = ("_dp", "_fn", "_idempotent", "_rpc")
+    __slots__ = ("_dp", "_fits", "_fn", "_idempotent", "_rpc")
 
     def __init__(self, dp: DataPlane, fn: Callable[[Connection, Any], Any], rpc: Any,
-                 idempotent: bool) -> None:
+                 idempotent: bool, fits: Callable[[Any], bool] = _always) -> None:
         self._dp = dp
         self._fn = fn
         self._rpc = rpc
         self._idempotent = idempotent
+        self._fits = fits  # whether a frame can carry this request
 
     def __call__(self, request: Any, **kwargs: Any) -> Any:
-        if self._dp.available:
+        if self._dp.available and self._fits(request):
             fn = self._fn
             out = self._dp.run(lambda conn: fn(conn, request), self._idempotent)
             if out is not None:
@@ -156,7 +172,7 @@ class _Routed:
     def future(self, request: Any, **kwargs: Any) -> Any:
         # The data plane answers at once (a commit group of a large Put; the
         # next group is copied after it). gRPC keeps its real future.
-        if self._dp.available:
+        if self._dp.available and self._fits(request):
             fn = self._fn
             out = self._dp.run(lambda conn: fn(conn, request), self._idempotent)
             if out is not None:
@@ -168,5 +184,6 @@ def route_shm_calls(dp: DataPlane, owner: str, reserve: Any, commit: Any, acquir
                     release: Any) -> tuple[_Routed, _Routed, _Routed, _Routed]:
     """The four callables, routed through ``dp``, whose sessions act as ``owner``."""
     dp.shm_owner = owner
-    return (_Routed(dp, _reserve, reserve, False), _Routed(dp, _commit, commit, False),
+    return (_Routed(dp, _reserve, reserve, False, _keyed_reserve),
+            _Routed(dp, _commit, commit, False, _plain_commit),
             _Routed(dp, _acquire, acquire, True), _Routed(dp, _release, release, True))
