@@ -64,8 +64,11 @@ class Worker:
         if system in ("kvstore-dp-tcp", "kvstore-dp-unix"):
             from kvstore import Client
 
-            target = cfg["kv_tcp"] if system == "kvstore-dp-tcp" else cfg["kv_unix"]
-            c = Client(target, namespace="bench", timeout=300)
+            # The transport named, not the one the client would pick (on this
+            # host, the unix socket).
+            transport = "tcp" if system == "kvstore-dp-tcp" else "unix"
+            target = cfg["kv_tcp"] if transport == "tcp" else cfg["kv_unix"]
+            c = Client(target, namespace="bench", timeout=300, data_plane=transport)
             _require_data_plane(c, system)
         elif system == "kvstore-dp-shm":
             from kvstore.client.shm import ShmClient
