@@ -10,11 +10,16 @@ covered without running the whole suite twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import platform
 import shutil
+import signal
+import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ from kvstore import TLS, Client
 from kvstore.client.shm import ShmClient
 from kvstore.errors import (
     BlockTooLarge,
+    ConnectionFailed,
     InvalidArgument,
     InvalidKey,
     KVStoreError,
@@ -288,3 +294,69 @@ def test_tls_data_plane_with_the_grpc_credentials(server_factory: type[ServerPro
         assert c.data_plane_calls == 3
     [where] = sessions_opened(caplog)
     assert where.startswith("127.0.0.1:")  # TCP (TLS), not the unix socket
+
+
+_SYSCALL = {"recvfrom": 45, "sendmsg": 46}  # x86_64 numbers
+
+
+def wait_in_syscall(tid: int, name: str, timeout: float = 30.0) -> None:
+    """Bounded poll until thread ``tid`` of this process blocks in ``name``."""
+    deadline = time.monotonic() + timeout
+    path = f"/proc/self/task/{tid}/syscall"
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if Path(path).read_text().split()[0] == str(_SYSCALL[name]):
+                return
+        time.sleep(0.005)  # polling /proc with a deadline, not synchronisation by sleep
+    raise AssertionError(f"thread {tid} never blocked in {name}")
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, object]]:
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        out["tid"] = threading.get_native_id()
+        try:
+            out["result"] = fn()
+        except BaseException as exc:  # handed to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    while "tid" not in out:
+        time.sleep(0.001)
+    return t, out
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86_64 syscall numbers")
+def test_a_call_in_flight_when_the_server_dies_gets_a_clear_error(
+        server_factory: type[ServerProcess]) -> None:
+    srv = server_factory().start()
+    port = srv.tcp.rsplit(":", 1)[1]
+    big = os.urandom(48 * MiB)
+    with Client(srv.unix_target, namespace="gone", data_plane="unix", timeout=30) as c:
+        c.put({b"a": b"1" * 1000})
+        assert srv.proc is not None
+        # A Put whose bytes the (stopped) server is not reading, then the server dies.
+        os.kill(srv.pid, signal.SIGSTOP)
+        t, out = in_thread(lambda: c.put({b"big": big}))
+        wait_in_syscall(int(out["tid"]), "sendmsg")  # type: ignore[call-overload]
+        srv.kill()
+        t.join(30)
+        err = out.get("error")
+        assert isinstance(err, ConnectionFailed), out
+        assert "dropped during the call" in str(err) and "unknown" in str(err)
+        # The server is back (same addresses): the client opens a new session.
+        srv.flags += ["--server-listen", f"127.0.0.1:{port}"]
+        srv.start()
+        c.put({b"b": b"2" * 1000})
+        # A Get waiting for its answer when the server dies: retried once on a
+        # new session, which finds no server: ConnectionFailed, not a hang.
+        os.kill(srv.pid, signal.SIGSTOP)
+        t, out = in_thread(lambda: c.get([b"b"]))
+        wait_in_syscall(int(out["tid"]), "recvfrom")  # type: ignore[call-overload]
+        srv.kill()
+        t.join(30)
+        assert isinstance(out.get("error"), ConnectionFailed), out
+        srv.start()
+        assert c.get([b"b"]) == [None]  # the restarted server has an empty L1

@@ -73,7 +73,9 @@ def test_get_of_a_large_corrupt_l1_copy_withholds_its_last_chunk(server) -> None
     the copy is dropped, and the next Get serves the L2 copy."""
     size = 6 * MiB
     blob = os.urandom(size)
-    with Client(server.unix_target, namespace="v", timeout=30) as c:
+    # data_plane=False: the gRPC Get stream (the data plane checks the whole
+    # block before sending it and serves the L2 copy at once).
+    with Client(server.unix_target, namespace="v", timeout=30, data_plane=False) as c:
         c.put({b"big": blob, b"big2": blob}, ack="local")
         assert c.get([b"big2"]) == [blob]  # the client streams the next Get of this size
         flip_byte_in_l1(server, b"big", size - 1)
