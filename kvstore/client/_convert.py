@@ -19,6 +19,7 @@ classes); unknown fields in a ``GetChunk`` are skipped, as protobuf requires.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from kvstore.types import (
     TIER_BY_CODE,
@@ -231,3 +232,25 @@ def encode_session_event(namespace: str, session_id: str, event: SessionHint) ->
 def decode_session_event_response(raw: bytes) -> SessionEventResult:
     resp = pb.SessionEventResponse.FromString(raw)
     return SessionEventResult(resp.blocks, resp.bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class DataPlaneOffer:
+    """What OpenDataPlane answered (docs/dataplane.md)."""
+
+    ticket: bytes
+    tcp_address: str
+    unix_path: str
+    tls: bool
+    max_meta_bytes: int
+    max_payload_bytes: int
+
+
+def encode_open_data_plane(shm_owner: str) -> bytes:
+    return pb.OpenDataPlaneRequest(shm_owner=shm_owner).SerializeToString()
+
+
+def decode_open_data_plane(raw: bytes) -> DataPlaneOffer:
+    m = pb.OpenDataPlaneResponse.FromString(raw)
+    return DataPlaneOffer(m.ticket, m.tcp_address, m.unix_path, m.tls, m.max_meta_bytes,
+                          m.max_payload_bytes)

@@ -42,11 +42,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
+from kvstore.client import _convert as conv
+from kvstore.client._convert import DataPlaneOffer as Offer
 from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
@@ -92,18 +93,6 @@ def data_plane_mode(value: bool | str | None) -> str:
 
 class Dropped(Exception):
     """The connection broke (closed, reset) during a call."""
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """What OpenDataPlane answered."""
-
-    ticket: bytes
-    tcp_address: str
-    unix_path: str
-    tls: bool
-    max_meta_bytes: int
-    max_payload_bytes: int
 
 
 class Connection:
@@ -378,7 +367,8 @@ class DataPlane:
         self._tls = tls
         self._open_rpc = channel.unary_unary(
             "/kvstore.v1.KVStore/OpenDataPlane",
-            request_serializer=_serialize_open, response_deserializer=_deserialize_open)
+            request_serializer=conv.encode_open_data_plane,
+            response_deserializer=conv.decode_open_data_plane)
         #: The ShmAttach owner the sessions act as (ShmClient sets it).
         self.shm_owner = ""
         self._idle: list[Connection] = []
@@ -480,7 +470,7 @@ class DataPlane:
     def _open(self) -> Connection | None:
         try:
             offer = self._open_rpc(
-                _OpenRequest(self.shm_owner), timeout=self._timeout, metadata=self._metadata())
+                self.shm_owner, timeout=self._timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.debug("kvstore server at %s offers no data plane (%s): using gRPC",
@@ -565,27 +555,6 @@ class DataPlane:
 
 class _NoRoute(Exception):
     """The data plane exists but this client cannot use it (for good)."""
-
-
-class _OpenRequest:
-    __slots__ = ("shm_owner",)
-
-    def __init__(self, shm_owner: str) -> None:
-        self.shm_owner = shm_owner
-
-
-def _serialize_open(req: _OpenRequest) -> bytes:
-    from kvstore.wire.pb import kvstore_pb2 as pb
-
-    return pb.OpenDataPlaneRequest(shm_owner=req.shm_owner).SerializeToString()
-
-
-def _deserialize_open(raw: bytes) -> Offer:
-    from kvstore.wire.pb import kvstore_pb2 as pb
-
-    m = pb.OpenDataPlaneResponse.FromString(raw)
-    return Offer(m.ticket, m.tcp_address, m.unix_path, m.tls, m.max_meta_bytes,
-                 m.max_payload_bytes)
 
 
 def _host(grpc_target: str) -> str:

@@ -65,7 +65,7 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
-from kvstore.client.shm_dataplane import puts_inline, route_shm_calls
+from kvstore.client.shm_dataplane import route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.errors import (
     CorruptBlock,
@@ -141,8 +141,7 @@ class ShmClient(Client):
     the Gets hand their leases to the next ShmAcquire instead of calling
     ShmRelease, when the server supports it. When the server offers the
     data plane (and ``data_plane`` is not False), the control calls are
-    frames on its unix socket and a Put of at most 4 MiB in all goes inline
-    as one PUT frame (kvstore/client/shm_dataplane.py)."""
+    frames on its unix socket (kvstore/client/shm_dataplane.py)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, release_on_acquire: bool = True,
                  **settings: Unpack[SyncClientSettings]) -> None:
@@ -262,9 +261,6 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
-        if puts_inline(self._data_plane, items):  # a small batch: one data-plane PUT
-            return Client.put(self, items, namespace=namespace, ack=ack, session_id=session_id,
-                              block_format=block_format)
         slots = self.reserve([(k, len(v)) for k, v in items], namespace=namespace,
                              session_id=session_id)
         # Pipelined: while the server verifies and commits one group, this

@@ -9,9 +9,6 @@ reads). When the server offers no data plane the gRPC callable answers, as
 before. The sessions act as the client's ShmAttach owner (OpenDataPlane's
 ``shm_owner``), so a lease taken one way can be released the other.
 
-A small Put (at most :data:`INLINE_PUT_BYTES`) goes as one inline PUT frame
-instead (:func:`puts_inline`): one round trip beats two at that size.
-
 Retried on a new session after a dropped connection: acquire and release
 (an acquire's leases on the dropped session are released by the server when
 it closes). Not retried: reserve and commit (ConnectionFailed).
@@ -19,33 +16,12 @@ it closes). Not retried: reserve and commit (ConnectionFailed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from kvstore.client.dataplane import Connection, DataPlane
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import Op
-
-#: A ShmClient Put moving at most this many bytes in all goes as one inline
-#: data-plane PUT on the unix socket (one round trip, the kernel copies)
-#: instead of reserve + copy + commit (two round trips). Measured with
-#: bench.peers on the development machine (one run, 1 client, GB/s):
-#: inline 2.13 vs shared memory 0.98 for 1 MiB x 1, 1.93 vs 1.23 for 4 MiB
-#: x 1, but 1.91 vs 3.16 for 1 MiB x 8 (the commit's fixed cost on the
-#: server, about 1 ms, weighs less as the batch grows).
-INLINE_PUT_BYTES = 4 * 1024 * 1024
-
-
-def puts_inline(dp: DataPlane | None, blocks: Sequence[tuple[bytes, memoryview]]) -> bool:
-    """Whether ShmClient.put sends ``blocks`` inline on the data plane."""
-    if dp is None or not dp.available:
-        return False
-    total = 0
-    for _, view in blocks:
-        total += len(view)
-        if total > INLINE_PUT_BYTES:
-            return False
-    return True
 
 
 class _Slot(NamedTuple):

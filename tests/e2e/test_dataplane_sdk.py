@@ -202,15 +202,6 @@ def test_shm_client_through_the_data_plane(dp_server: ServerProcess, mode: str) 
         assert g.get([b"s4"]) == [blobs[b"s4"]]
 
 
-def test_shm_client_puts_a_small_batch_inline(dp_server: ServerProcess) -> None:
-    small = {b"i1": os.urandom(100_000), b"i2": os.urandom(3 * MiB)}
-    with ShmClient(dp_server.unix_target, namespace="shm") as c:
-        assert c.put(small).stored == 2 and c.data_plane_calls == 1  # one PUT frame
-        assert c.get([b"i2", b"i1"]) == [small[b"i2"], small[b"i1"]]  # read from the arena
-        assert c.put({b"i3": os.urandom(4 * MiB + 1)}).stored == 1
-        assert c.data_plane_calls == 4  # acquire, then reserve + commit
-
-
 def test_a_server_without_data_plane_is_served_over_grpc(
         server_factory: type[ServerProcess], dp_server: ServerProcess,
         caplog: pytest.LogCaptureFixture) -> None:
