@@ -362,6 +362,15 @@ def encode_get_block(index: int, hit: bool, tier: int) -> bytes:
     return _GET_BLOCK.pack(index, 1 if hit else 0, tier)
 
 
+_GET_FRAME = struct.Struct("<4sBBHIIQIBB")  # a GET answer's header and metadata
+
+
+def encode_get_frame(request_id: int, index: int, tier: int, size: int, flags: int) -> bytes:
+    """A GET answer's header and metadata in one go (tier 0: a miss, size 0)."""
+    return _GET_FRAME.pack(MAGIC, VERSION, Op.GET | RESPONSE, flags, request_id,
+                           _GET_BLOCK.size, size, index, 1 if tier else 0, tier)
+
+
 PUT_HAS_CRC = 0x01  # PutBlock.flags: crc32c is set; the server checks the bytes against it
 
 
