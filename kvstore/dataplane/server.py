@@ -30,6 +30,7 @@ from kvstore.dataplane.ops import Session
 from kvstore.dataplane.tickets import Binding, TicketBook
 from kvstore.errors import InvalidConfig, KVStoreError, MalformedRequest, Unauthenticated
 from kvstore.store import SharedMemoryBroker, TieredStore
+from kvstore.tiers.base import Buffer
 
 log = logging.getLogger("kvstore.server")
 
@@ -247,9 +248,11 @@ class DataPlaneServer:
         """The next request's header and metadata (None: clean EOF); a
         FrameError (with the request id when the header was read) when the
         frame breaks the rules that keep the stream in step."""
-        raw = await io.next_header()
+        raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
-            return None
+            raw = await io.next_header()
+            if raw is None:
+                return None
         header = f.decode_header(raw)
         if header.opcode not in f.REQUESTS:
             raise _Fatal(header.request_id, f"unknown opcode {header.opcode:#04x}")
@@ -262,7 +265,9 @@ class DataPlaneServer:
         if header.payload_len and header.opcode != f.Op.PUT:
             raise _Fatal(header.request_id, f"opcode {header.opcode:#04x} takes no payload "
                          f"(got {header.payload_len} bytes)")
-        meta = await io.read_exact(header.meta_len)
+        meta: Buffer | None = io.take(header.meta_len)
+        if meta is None:
+            meta = await io.read_exact(header.meta_len)
         return header, meta
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
