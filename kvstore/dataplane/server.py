@@ -203,14 +203,16 @@ class DataPlaneServer:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
-        for sock in self._sockets:
-            sock.close()
+        # Accept loops and connections first (they unregister their sockets
+        # from the selector), then the listening sockets.
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        for sock in self._sockets:
+            sock.close()
         if self.unix_path:
             Path(self.unix_path).unlink(missing_ok=True)
 
