@@ -294,6 +294,11 @@ class LookupResult:
         return cls(found, tiers)
 
 
+def encode_lookup_result(found: int, tiers: bytes | bytearray) -> bytes:
+    """LookupResult(found, list(tiers)).encode() without the list."""
+    return _U32.pack(found) + _U32.pack(len(tiers)) + bytes(tiers)
+
+
 @dataclass(slots=True)
 class GetRequest:
     namespace: str

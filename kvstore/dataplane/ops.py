@@ -117,7 +117,7 @@ class Session:
         namespace = self.namespace(req.namespace)
         found, tiers = await self.store.lookup_codes(namespace, req.keys, req.lease_ms,
                                                      req.session_id or None)
-        await self.reply(header, f.LookupResult(found, list(tiers)).encode())
+        await self.reply(header, f.encode_lookup_result(found, tiers))
 
     async def session_event(self, header: f.Header, meta: Any) -> None:
         req = f.SessionEventRequest.decode(meta)
