@@ -70,7 +70,6 @@ class Session:
         self.io = io
         self.slots: set[int] = set()
         self.leases: set[int] = set()
-        self.receiving = 0  # PUT extents being filled now (0 or 1)
         self._checked: set[str] = set()  # namespaces this session may use
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
@@ -247,7 +246,6 @@ class Session:
             for i, b in enumerate(req.blocks):
                 offset = await placement.reserve(b.size)
                 committed = False
-                self.receiving += 1
                 dest = store.l1.slice(offset, b.size)
                 try:
                     crc = await io.read_into(dest, 0)
@@ -262,7 +260,6 @@ class Session:
                     entry = placement.commit(block, b.size, crc, offset, session)
                     committed = True
                 finally:
-                    self.receiving -= 1
                     dest.release()
                     if not committed:
                         placement.release(offset, b.size)
