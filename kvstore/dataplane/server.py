@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,7 @@ class DataPlaneServer:
         self.max_meta = s.data_plane_max_meta
         self.max_payload = s.data_plane_max_payload
         self.stats = DataPlaneStats()
+        self._slow_log = _RateLimitedWarning("data plane: dropping a slow peer", 10.0)
         self.tcp_address = ""
         self.unix_path = ""
         self.tls = _tls_context(config)
@@ -231,7 +233,7 @@ class DataPlaneServer:
             if session is not None:
                 await self._requests(io, session)
         except PeerTooSlow as exc:
-            log.warning("data plane: dropping a slow peer: %s", exc)
+            self._slow_log.note(str(exc))
         except (ConnectionClosed, ConnectionError):
             pass  # the peer went away; what it held is given back below
         except asyncio.CancelledError:
@@ -351,6 +353,27 @@ class DataPlaneServer:
             rid, error = 0, MalformedRequest(f"malformed frame: {exc}")
         with contextlib.suppress(ConnectionClosed, OSError):
             await io.send((_error_frame(rid, error, f.FLAG_CLOSING),))
+
+
+class _RateLimitedWarning:
+    """One WARNING line per ``interval`` seconds, counting those held back
+    (a misbehaving client can cause thousands a second)."""
+
+    def __init__(self, what: str, interval: float) -> None:
+        self.what = what
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def note(self, detail: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        more = f" (and {self._held} more since the last report)" if self._held else ""
+        log.warning("%s: %s%s", self.what, detail, more)
+        self._next = now + self.interval
+        self._held = 0
 
 
 class _Fatal(Exception):
