@@ -116,6 +116,15 @@ class SocketIO:
             self.bytes_in += n
         return True
 
+    def take(self, n: int) -> memoryview | None:
+        """``n`` bytes if they are buffered already (valid until the next
+        read), else None: the common case needs no coroutine."""
+        start = self._start
+        if self._end - start < n:
+            return None
+        self._start = start + n
+        return self.mv[start:start + n]
+
     async def next_header(self) -> memoryview | None:
         """The next frame's header bytes (valid until the next read), or None
         when the peer closed cleanly between frames."""
@@ -241,6 +250,9 @@ class StreamIO:
         self.writer = writer
         self.timeout = timeout
         self.bytes_in = self.bytes_out = 0
+
+    def take(self, n: int) -> None:
+        return None  # nothing is read ahead: always through the stream
 
     async def next_header(self) -> Buffer | None:
         try:

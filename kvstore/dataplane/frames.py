@@ -294,6 +294,11 @@ class LookupResult:
         return cls(found, tiers)
 
 
+def encode_lookup_result(found: int, tiers: bytes | bytearray) -> bytes:
+    """LookupResult(found, list(tiers)).encode() without the list."""
+    return _U32.pack(found) + _U32.pack(len(tiers)) + bytes(tiers)
+
+
 @dataclass(slots=True)
 class GetRequest:
     namespace: str
@@ -360,6 +365,15 @@ class GetBlock:
 
 def encode_get_block(index: int, hit: bool, tier: int) -> bytes:
     return _GET_BLOCK.pack(index, 1 if hit else 0, tier)
+
+
+_GET_FRAME = struct.Struct("<4sBBHIIQIBB")  # a GET answer's header and metadata
+
+
+def encode_get_frame(request_id: int, index: int, tier: int, size: int, flags: int) -> bytes:
+    """A GET answer's header and metadata in one go (tier 0: a miss, size 0)."""
+    return _GET_FRAME.pack(MAGIC, VERSION, Op.GET | RESPONSE, flags, request_id,
+                           _GET_BLOCK.size, size, index, 1 if tier else 0, tier)
 
 
 PUT_HAS_CRC = 0x01  # PutBlock.flags: crc32c is set; the server checks the bytes against it

@@ -70,7 +70,6 @@ class Session:
         self.io = io
         self.slots: set[int] = set()
         self.leases: set[int] = set()
-        self.receiving = 0  # PUT extents being filled now (0 or 1)
         self._checked: set[str] = set()  # namespaces this session may use
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
@@ -117,7 +116,7 @@ class Session:
         namespace = self.namespace(req.namespace)
         found, tiers = await self.store.lookup_codes(namespace, req.keys, req.lease_ms,
                                                      req.session_id or None)
-        await self.reply(header, f.LookupResult(found, list(tiers)).encode())
+        await self.reply(header, f.encode_lookup_result(found, tiers))
 
     async def session_event(self, header: f.Header, meta: Any) -> None:
         req = f.SessionEventRequest.decode(meta)
@@ -157,6 +156,8 @@ class Session:
         # first, so a promotion (which needs L1 room) never waits on this
         # request's own pins.
         in_l1 = self.store.index.blocks.get
+        open_read = self.store.open_read
+        encode = f.encode_get_frame
         parts: list[Buffer] = []
         readers: list[BlockReader] = []
         pending = 0
@@ -169,17 +170,21 @@ class Session:
                     pending = 0
                 flags = f.FLAG_MORE if index < last else 0
                 try:
-                    reader = await self._open_intact(block, session)
+                    reader = await open_read(block, session)
+                    # As the gRPC Get: an L1 copy is checked whole before its
+                    # first byte goes out (a small one right here).
+                    if reader is not None:
+                        small = reader.size <= _VERIFY_INLINE_BYTES
+                        if not small or not reader.intact(reader.size):
+                            reader = await self._verified(reader, block, session, small)
                 except KVStoreError:
                     await self._flush(parts, readers)  # the answers before the error
                     raise
                 if reader is None:
-                    parts.append(f.encode_header(_GET_RESPONSE, rid, 6, 0, flags)
-                                 + f.encode_get_block(index, False, 0))
+                    parts.append(encode(rid, index, 0, 0, flags))
                 else:
                     readers.append(reader)
-                    parts.append(f.encode_header(_GET_RESPONSE, rid, 6, reader.size, flags)
-                                 + f.encode_get_block(index, True, int(reader.tier)))
+                    parts.append(encode(rid, index, int(reader.tier), reader.size, flags))
                     # A slice, not the reader's own view: the reader releases
                     # its view when it closes, whatever the socket layer holds.
                     parts.append(reader.view[0:])
@@ -201,25 +206,26 @@ class Session:
             reader.close()
         readers.clear()
 
-    async def _open_intact(self, block: BlockId, session: str | None) -> BlockReader | None:
-        """As the gRPC Get: the block's L1 copy is checked whole before its
-        first byte goes out; a corrupt copy is dropped and the block read
-        again (its L2 or L3 copy, or a miss)."""
-        store = self.store
-        for _ in range(2):
-            reader = await store.open_read(block, session)
-            if reader is None:
-                return None
-            size = reader.size
-            if size <= _VERIFY_INLINE_BYTES:
-                ok = reader.intact(size)
-            else:
-                ok = await asyncio.get_running_loop().run_in_executor(
-                    store.executor, reader.intact, size)
-            if ok:
-                return reader
-            reader.close()  # drops the corrupt copy
+    async def _verified(self, reader: BlockReader, block: BlockId, session: str | None,
+                        failed: bool) -> BlockReader | None:
+        """``reader`` once its copy is checked whole (``failed``: it already
+        failed the check). A corrupt copy is dropped and the block read once
+        more (its L2 or L3 copy, or a miss), as the gRPC Get does."""
+        if not failed and await self._intact(reader):
+            return reader
+        reader.close()  # drops the corrupt copy
+        again = await self.store.open_read(block, session)
+        if again is None or await self._intact(again):
+            return again
+        again.close()
         return None
+
+    async def _intact(self, reader: BlockReader) -> bool:
+        size = reader.size
+        if size <= _VERIFY_INLINE_BYTES:
+            return reader.intact(size)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, reader.intact, size)
 
     # -- PUT: blocks received straight into their L1 extents ------------------------------
 
@@ -240,7 +246,6 @@ class Session:
             for i, b in enumerate(req.blocks):
                 offset = await placement.reserve(b.size)
                 committed = False
-                self.receiving += 1
                 dest = store.l1.slice(offset, b.size)
                 try:
                     crc = await io.read_into(dest, 0)
@@ -255,7 +260,6 @@ class Session:
                     entry = placement.commit(block, b.size, crc, offset, session)
                     committed = True
                 finally:
-                    self.receiving -= 1
                     dest.release()
                     if not committed:
                         placement.release(offset, b.size)

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from kvstore.dataplane.ops import Session
 from kvstore.dataplane.tickets import Binding, TicketBook
 from kvstore.errors import InvalidConfig, KVStoreError, MalformedRequest, Unauthenticated
 from kvstore.store import SharedMemoryBroker, TieredStore
+from kvstore.tiers.base import Buffer
 
 log = logging.getLogger("kvstore.server")
 
@@ -89,6 +91,7 @@ class DataPlaneServer:
         self.max_meta = s.data_plane_max_meta
         self.max_payload = s.data_plane_max_payload
         self.stats = DataPlaneStats()
+        self._slow_log = _RateLimitedWarning("data plane: dropping a slow peer", 10.0)
         self.tcp_address = ""
         self.unix_path = ""
         self.tls = _tls_context(config)
@@ -202,14 +205,16 @@ class DataPlaneServer:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
-        for sock in self._sockets:
-            sock.close()
+        # Accept loops and connections first (they unregister their sockets
+        # from the selector), then the listening sockets.
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        for sock in self._sockets:
+            sock.close()
         if self.unix_path:
             Path(self.unix_path).unlink(missing_ok=True)
 
@@ -228,7 +233,7 @@ class DataPlaneServer:
             if session is not None:
                 await self._requests(io, session)
         except PeerTooSlow as exc:
-            log.warning("data plane: dropping a slow peer: %s", exc)
+            self._slow_log.note(str(exc))
         except (ConnectionClosed, ConnectionError):
             pass  # the peer went away; what it held is given back below
         except asyncio.CancelledError:
@@ -247,9 +252,11 @@ class DataPlaneServer:
         """The next request's header and metadata (None: clean EOF); a
         FrameError (with the request id when the header was read) when the
         frame breaks the rules that keep the stream in step."""
-        raw = await io.next_header()
+        raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
-            return None
+            raw = await io.next_header()
+            if raw is None:
+                return None
         header = f.decode_header(raw)
         if header.opcode not in f.REQUESTS:
             raise _Fatal(header.request_id, f"unknown opcode {header.opcode:#04x}")
@@ -262,7 +269,9 @@ class DataPlaneServer:
         if header.payload_len and header.opcode != f.Op.PUT:
             raise _Fatal(header.request_id, f"opcode {header.opcode:#04x} takes no payload "
                          f"(got {header.payload_len} bytes)")
-        meta = await io.read_exact(header.meta_len)
+        meta: Buffer | None = io.take(header.meta_len)
+        if meta is None:
+            meta = await io.read_exact(header.meta_len)
         return header, meta
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
@@ -344,6 +353,27 @@ class DataPlaneServer:
             rid, error = 0, MalformedRequest(f"malformed frame: {exc}")
         with contextlib.suppress(ConnectionClosed, OSError):
             await io.send((_error_frame(rid, error, f.FLAG_CLOSING),))
+
+
+class _RateLimitedWarning:
+    """One WARNING line per ``interval`` seconds, counting those held back
+    (a misbehaving client can cause thousands a second)."""
+
+    def __init__(self, what: str, interval: float) -> None:
+        self.what = what
+        self.interval = interval
+        self._next = 0.0
+        self._held = 0
+
+    def note(self, detail: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        more = f" (and {self._held} more since the last report)" if self._held else ""
+        log.warning("%s: %s%s", self.what, detail, more)
+        self._next = now + self.interval
+        self._held = 0
 
 
 class _Fatal(Exception):

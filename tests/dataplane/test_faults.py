@@ -218,3 +218,17 @@ def test_a_block_only_in_l2_is_served(fault_server: ServerProcess) -> None:
     frames = get(raw, 9, "ns", list(blocks))
     assert [block_of(f) for f in frames] == list(blocks.values())
     assert frames[0].meta[5] == 2  # the first one had left L1
+
+
+def test_sigterm_with_sessions_open_stops_cleanly(server_factory: type[ServerProcess]) -> None:
+    shm = f"/dev/shm/kvstore-test-dpt-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    srv = server_factory("--l1-shm-path", shm).start()
+    raw = session(srv.tcp, kind="tcp")
+    assert put(raw, 1, "ns", {b"k": b"v" * 1000}).op == 0x85
+    raw.send(request(SHM_ACQUIRE, 2, s("ns") + s("") + u32(0) + keys([b"k"]) + u64s([])))
+    assert raw.frame().op == 0x88
+    half = session(srv.tcp)  # a PUT whose payload never comes
+    half.send(header(PUT, 1, len(meta := put_meta("ns", [(b"h", MiB, 0, None)])), MiB) + meta)
+    assert srv.terminate() == 0
+    assert "Traceback" not in srv.log() and "ERROR" not in srv.log()
+    assert raw.closed() and half.closed()
