@@ -10,10 +10,12 @@ whose round-trip time it raises by ``set_delay(ms)``, half in each direction:
 * ``tun``: otherwise, a TUN device in each namespace (point to point, MTU
   65,000, so one packet carries up to 64 KB as a GSO segment would) and one
   forwarding process per direction that holds each packet for the delay
-  before writing it to the other side (``python -m bench._netns
-  delay-line``). The TCP stacks on both sides see a real delay; what it adds
-  besides is the forwarder's own cost, which the raw-socket baseline of the
-  bench shows (at delay 0 too, since the link is the same at every delay).
+  before writing it to the other side: ``bench/_delayline.c``, compiled
+  with ``cc`` on first use, or the same loop in Python (``python -m
+  bench._netns delay-line``) where there is no compiler. The TCP stacks on
+  both sides see a real delay; what it adds besides is the forwarder's own
+  cost, which the raw-socket baseline of the bench shows (at delay 0 too,
+  since the link is the same at every delay).
 
 ``close`` deletes the namespaces (and with them the link and every process's
 view of it); the forwarders exit when their devices go. Needs root (or
@@ -26,6 +28,7 @@ import argparse
 import collections
 import ctypes
 import fcntl
+import hashlib
 import os
 import select
 import struct
@@ -35,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 SERVER_IP = "10.200.0.1"
 CLIENT_IP = "10.200.0.2"
@@ -48,6 +52,27 @@ def _ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+def _compiled_delay_line() -> str | None:
+    """The C delay line's executable (built once per source version), or None
+    without a C compiler."""
+    source = Path(__file__).with_name("_delayline.c")
+    digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvstore"
+    exe = cache / f"delayline-{digest}"
+    if exe.exists():
+        return str(exe)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_suffix(f".{os.getpid()}")
+    try:
+        done = subprocess.run(["cc", "-O2", "-o", str(tmp), str(source)], capture_output=True)
+    except FileNotFoundError:
+        return None
+    if done.returncode != 0:
+        return None
+    os.replace(tmp, exe)
+    return str(exe)
 
 
 def netns_unavailable() -> str | None:
@@ -74,6 +99,7 @@ class NetnsPair:
         self._links = (f"kvxh{tag}s", f"kvxh{tag}c")  # at most 15 characters
         self.want = method
         self.method = ""
+        self.line = ""  # tun: which delay line forwards ("C" or "Python")
         self.delay_ms = 0.0
         self._forwarders: list[subprocess.Popen[bytes]] = []
         self._made: list[str] = []
@@ -130,11 +156,13 @@ class NetnsPair:
                 _ip("-n", ns, "link", "set", link, "mtu", str(_TUN_MTU), "txqueuelen", "10000")
                 _ip("-n", ns, "addr", "add", addr, "peer", peer, "dev", link)
                 _ip("-n", ns, "link", "set", link, "up")
+            exe = _compiled_delay_line()
+            self.line = "C" if exe else "Python"
+            line = [exe] if exe else [sys.executable, "-m", "bench._netns", "delay-line"]
             for src, dst in ((s, c), (c, s)):
                 self._forwarders.append(subprocess.Popen(
-                    [sys.executable, "-m", "bench._netns", "delay-line", str(fds[src]),
-                     str(fds[dst])], stdin=subprocess.PIPE, pass_fds=(fds[src], fds[dst]),
-                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                    [*line, str(fds[src]), str(fds[dst])], stdin=subprocess.PIPE,
+                    pass_fds=(fds[src], fds[dst]), cwd=Path(__file__).resolve().parent.parent))
         finally:
             for fd in fds.values():
                 os.close(fd)  # the forwarders hold them now
@@ -158,6 +186,10 @@ class NetnsPair:
                 proc.stdin.write(f"{half / 1000.0!r}\n".encode())
                 proc.stdin.flush()
         self.delay_ms = rtt_ms
+
+    def describe(self) -> str:
+        return f"tun link, {self.line} delay line" if self.method == "tun" else \
+            "veth pair, tc netem"
 
     def argv(self, ns: str, command: Sequence[str]) -> list[str]:
         """``command`` run inside namespace ``ns``."""

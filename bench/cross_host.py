@@ -168,6 +168,23 @@ def _rtt_ms(host: str, port: int, samples: int = 21) -> float:
     return statistics.median(times) * 1000.0
 
 
+def _ping_ms(host: str, port: int, samples: int = 51) -> float:
+    """Median time of a 1-byte request and answer on the raw socket server."""
+    from bench._peers.raw import RawClient
+
+    client = RawClient((host, port))
+    buf = [memoryview(bytearray(1))]
+    times = []
+    try:
+        for _ in range(samples):
+            started = time.perf_counter()
+            client.get_into(1, buf)
+            times.append(time.perf_counter() - started)
+    finally:
+        client.close()
+    return statistics.median(times) * 1000.0
+
+
 def _stripe_workers(system: str, stripes: int, cfg: dict[str, Any]) -> list[Any]:
     from bench._peers.worker import Worker
 
@@ -228,6 +245,8 @@ def run_client(spec: dict[str, Any]) -> dict[str, Any]:
     port = int(cfg["kv_tcp"].rsplit(":", 1)[1]) if "kv_tcp" in cfg else cfg.get(
         "raw_port", cfg.get("redis_port"))
     out: dict[str, Any] = {"rtt_ms": _rtt_ms(host, port), "cells": []}
+    if "raw_port" in cfg:
+        out["ping_ms"] = _ping_ms(host, cfg["raw_port"])
     per_calls = spec["per_call"]
     for block in spec["sizes"]:
         count = max(per_calls) * max(1, min(spec["max_calls"],
@@ -284,8 +303,9 @@ def tables(runs: list[dict[str, Any]]) -> str:
     for run in runs:
         cells = run["cells"]
         sizes = sorted({c["block_bytes"] for c in cells})
-        lines.append(f"\n**Added RTT {run['delay_ms']:g} ms** (measured TCP connect "
-                     f"{run['rtt_ms']:.3f} ms; {run['method']})\n")
+        ping = f", 1-byte ping {run['ping_ms']:.3f} ms" if "ping_ms" in run else ""
+        lines.append(f"\n**Added RTT {run['delay_ms']:g} ms** (measured: TCP connect "
+                     f"{run['rtt_ms']:.3f} ms{ping}; {run['method']})\n")
         lines.append("| system | op | blocks/call | connections | "
                      + " | ".join(f"{_fmt_size(s)}: GB/s (p50 ms)" for s in sizes) + " |")
         lines.append("|---|---|---:|---:|" + "---:|" * len(sizes))
@@ -366,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "bytes_per_round": args.bytes_per_round, "max_calls": args.max_calls}
             for delay in args.delays:
                 pair.set_delay(delay)
-                print(f"cross_host: added RTT {delay:g} ms ({pair.method}) ...", file=sys.stderr,
-                      flush=True)
+                print(f"cross_host: added RTT {delay:g} ms ({pair.describe()}) ...",
+                      file=sys.stderr, flush=True)
                 done = subprocess.run(
                     pair.argv(pair.client_ns, [sys.executable, "-m", "bench.cross_host",
                                                "client"]),
@@ -375,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if done.returncode != 0:
                     raise RuntimeError(f"client failed:\n{done.stderr[-4000:]}")
                 run = json.loads(done.stdout)
-                run.update(delay_ms=delay, method=pair.method)
+                run.update(delay_ms=delay, method=pair.describe())
                 runs.append(run)
         finally:
             servers.stop()
