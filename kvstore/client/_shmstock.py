@@ -10,8 +10,8 @@ keeps those: a Put whose block sizes the stock covers takes its slots from
 here, copies, and sends one ShmCommit, which also restocks what it used.
 The first Put of a size still reserves (and asks for stock).
 
-The stock is small and bounded (``max_per_size`` slots of one size and
-``max_bytes`` in all, per namespace): it holds L1 room that no one else can
+The stock is small and bounded (``max_per_size`` slots of one size per
+namespace, and ``max_bytes`` in all): it holds L1 room that no one else can
 use. Each slot carries the deadline of its reservation as the client counts
 it (never later than the server's): a slot past it is no longer used but
 abandoned by the next commit in its namespace (a no-op if the server has
@@ -76,8 +76,7 @@ class SlotStock:
         for another Put like this one, within the bounds."""
         asked: list[int] = []
         with self._lock:
-            held_bytes = sum(s.size for (ns, _), slots in self._slots.items() if ns == namespace
-                             for s in slots)
+            held_bytes = self._held_bytes()
             for size, count in Counter(sizes).items():
                 have = len(self._slots.get((namespace, size), ()))
                 for _ in range(min(count, self.max_per_size) - have):
@@ -91,8 +90,7 @@ class SlotStock:
         """Put slots (id, offset, size) in stock; any over the bounds (several
         threads restocking at once) wait to be abandoned."""
         with self._lock:
-            held_bytes = sum(s.size for (ns, _), held in self._slots.items() if ns == namespace
-                             for s in held)
+            held_bytes = self._held_bytes()
             for slot_id, offset, size in slots:
                 held = self._slots.setdefault((namespace, size), [])
                 if len(held) >= self.max_per_size or held_bytes + size > self.max_bytes:
@@ -122,6 +120,9 @@ class SlotStock:
                 out.setdefault(ns, []).extend(s.slot_id for s in held)
             self._slots.clear()
         return {ns: ids for ns, ids in out.items() if ids}
+
+    def _held_bytes(self) -> int:
+        return sum(s.size for held in self._slots.values() for s in held)
 
     def held(self) -> int:
         """Slots in stock (a test's and a metric's view)."""
