@@ -356,6 +356,7 @@ class ShmClient(Client):
         if self.slot_stock is None:
             return self.reserve(sizes, namespace=namespace, session_id=session_id)
         ns = resolve_namespace(namespace, self.namespace)
+        check_session_id(session_id)  # before any slot is taken: a bad one leaks none
         stocked = self.slot_stock.take(ns, [n for _, n in sizes], time.monotonic())
         missing = [spec for spec, s in zip(sizes, stocked, strict=True) if s is None]
         try:
