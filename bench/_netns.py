@@ -84,8 +84,24 @@ def netns_unavailable() -> str | None:
         return "the `ip` command (iproute2) is not installed"
     if done.returncode != 0:
         return f"`ip netns add` is not permitted here: {done.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    try:
+        if not _has_netem(name) and not os.path.exists("/dev/net/tun"):
+            return "this kernel has neither sch_netem (tc netem) nor /dev/net/tun to delay a link"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
     return None
+
+
+def _has_netem(ns: str) -> bool:
+    """Whether ``tc netem`` works (tried on the loopback of namespace ``ns``)."""
+    try:
+        probe = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo",
+                                "root", "netem", "delay", "1ms"], capture_output=True)
+    except FileNotFoundError:
+        return False
+    subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "lo", "root"],
+                   capture_output=True)
+    return probe.returncode == 0
 
 
 class NetnsPair:
@@ -114,7 +130,7 @@ class NetnsPair:
                 _ip("-n", ns, "link", "set", "lo", "up")
             method = self.want
             if method == "auto":
-                method = "netem" if self._has_netem() else "tun"
+                method = "netem" if _has_netem(self.server_ns) else "tun"
             if method == "netem":
                 self._veth()
             else:
@@ -124,14 +140,6 @@ class NetnsPair:
             self.close()
             raise
         return self
-
-    def _has_netem(self) -> bool:
-        probe = subprocess.run(["ip", "netns", "exec", self.server_ns, "tc", "qdisc", "add",
-                                "dev", "lo", "root", "netem", "delay", "1ms"],
-                               capture_output=True)
-        subprocess.run(["ip", "netns", "exec", self.server_ns, "tc", "qdisc", "del", "dev", "lo",
-                        "root"], capture_output=True)
-        return probe.returncode == 0
 
     def _veth(self) -> None:
         s, c = self._links
