@@ -115,7 +115,10 @@ class Worker:
         elif system == "redis-tcp":
             import redis
 
-            c = redis.Redis(host="127.0.0.1", port=cfg["redis_port"], socket_timeout=300,
+            # peer_host: the servers' address when they run on another
+            # (simulated) host, bench.cross_host.
+            c = redis.Redis(host=cfg.get("peer_host", "127.0.0.1"), port=cfg["redis_port"],
+                            socket_timeout=300,
                             socket_read_size=cfg["redis_read_size"])
         elif system == "redis-unix":
             import redis
@@ -125,7 +128,7 @@ class Worker:
         elif system == "raw-tcp":
             from bench._peers.raw import RawClient
 
-            c = RawClient(("127.0.0.1", cfg["raw_port"]))
+            c = RawClient((cfg.get("peer_host", "127.0.0.1"), cfg["raw_port"]))
         elif system == "raw-unix":
             from bench._peers.raw import RawClient
 

@@ -26,6 +26,14 @@ on the server if the client dies. Until then they keep that one batch of
 blocks in L1. ``release_on_acquire=False``, or a server older than this
 protocol field, gives the two-RPC path.
 
+One round trip per Put (issue 14): against a server that offers anonymous
+slots (``ShmAttachResponse.anonymous_slots``), ``put`` and ``put_kv`` keep a
+small stock of slots reserved without a key (:mod:`kvstore.client._shmstock`),
+refilled by each ShmCommit (``reserve_next``). A Put whose sizes the stock
+covers is a copy and one ShmCommit; the first Put of a size reserves as
+before. ``slot_stock=False``, or an older server, gives ShmReserve +
+ShmCommit every time. ``close`` abandons the slots still in stock.
+
 For packing straight into shared memory (no intermediate buffer), use
 ``reserve``/``commit`` and ``acquire``/``release`` directly.
 
@@ -65,6 +73,7 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.client._errors import error_from_rpc
+from kvstore.client._shmstock import SlotStock
 from kvstore.client.shm_dataplane import route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.errors import (
@@ -113,6 +122,8 @@ class ReservedSlot:
     #: time.monotonic() after which the slot may be the server's again: the
     #: client neither writes nor commits it then.
     deadline: float = float("inf")
+    #: Reserved without a key (from the stock): its commit names ``key``.
+    anonymous: bool = False
 
     def check_writable(self) -> None:
         """Raise ReservationExpired if the reservation's time is (nearly) up."""
@@ -141,11 +152,15 @@ class ShmClient(Client):
     the Gets hand their leases to the next ShmAcquire instead of calling
     ShmRelease, when the server supports it. When the server offers the
     data plane (and ``data_plane`` is not False), the control calls are
-    frames on its unix socket (kvstore/client/shm_dataplane.py)."""
+    frames on its unix socket (kvstore/client/shm_dataplane.py). Otherwise
+    ``slot_stock`` (default on) keeps anonymous slots for the next Puts (one
+    gRPC round trip per Put), when the server supports them; over the data
+    plane a reserve and a commit are two frames, cheaper than one gRPC call."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, release_on_acquire: bool = True,
-                 **settings: Unpack[SyncClientSettings]) -> None:
+                 slot_stock: bool = True, **settings: Unpack[SyncClientSettings]) -> None:
         self._want_release_on_acquire = release_on_acquire
+        self._want_slot_stock = slot_stock
         super().__init__(target, **settings)
 
     def _connect(self) -> None:
@@ -177,6 +192,9 @@ class ShmClient(Client):
             self._reserve, self._commit, self._acquire_rpc, self._release = route_shm_calls(
                 self._data_plane, self._owner, self._reserve, self._commit, self._acquire_rpc,
                 self._release)
+        #: Anonymous slots for the next Puts (None: each Put reserves).
+        self.slot_stock: SlotStock | None = \
+            SlotStock() if self._want_slot_stock and info.anonymous_slots else None
         #: Batches moving at least this many bytes are copied with streaming
         #: stores (None: never).
         self.stream_batch_bytes: int | None = _STREAM_BATCH_BYTES
@@ -203,6 +221,11 @@ class ShmClient(Client):
             self.flush_releases()
         except Exception:  # the leases expire on the server anyway
             pass
+        if self.slot_stock is not None:
+            for ns, ids in self.slot_stock.drain().items():
+                with contextlib.suppress(Exception):  # they expire on the server anyway
+                    self._call(self._commit, pb.ShmCommitRequest(
+                        namespace=ns, owner=self._owner, abandon=ids))
         try:
             self._arena.release()
             self._map.close()
@@ -248,7 +271,8 @@ class ShmClient(Client):
         req = pb.ShmCommitRequest(
             namespace=ns, ack=int(parse_ack(ack)), owner=self._owner,  # type: ignore[arg-type]
             blocks=[pb.ShmCommitBlock(slot_id=s.slot_id, offset=s.offset, size=s.size,
-                                      crc32c=c, format=int(block_format))  # type: ignore[arg-type]
+                                      crc32c=c, format=int(block_format),  # type: ignore[arg-type]
+                                      key=s.key if s.anonymous else b"")
                     for s, c in zip(slots, crcs, strict=True)],
             abandon=[s.slot_id for s in abandon])
         for s in (*slots, *abandon):
@@ -261,8 +285,7 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
-        slots = self.reserve([(k, len(v)) for k, v in items], namespace=namespace,
-                             session_id=session_id)
+        slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
         # Pipelined: while the server verifies and commits one group, this
         # thread copies the next (the two run on different cores).
         streaming = self._streaming(sum(s.size for s in slots))
@@ -288,7 +311,7 @@ class ShmClient(Client):
                 else:
                     # The last (often the only) group: a blocking call, which
                     # runs on this thread (a future starts a thread to drive it).
-                    last = self._commit(req, timeout=self.timeout, metadata=self._metadata())
+                    last = self._commit_restocking(req, slots, session_id)
             stored, nbytes = last.stored, last.bytes
             for fut in pending:
                 resp = fut.result()
@@ -314,8 +337,7 @@ class ShmClient(Client):
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
                                block_tokens=block_tokens)[0]
         size = len(first)  # every block of one engine cache has the same size
-        slots = self.reserve([(k, size) for k in keys], namespace=namespace,
-                             session_id=session_id)
+        slots = self._put_slots([(k, size) for k in keys], namespace, session_id)
         try:
             slots[0].check_writable()
             slots[0].view[:] = first
@@ -326,8 +348,62 @@ class ShmClient(Client):
         except BaseException:
             self.commit([], [], namespace=namespace, abandon=slots)
             raise
-        return self.commit(slots, crcs, namespace=namespace, ack=ack,
-                           block_format=BlockFormat.KV_V1)
+        req = self._commit_request(slots, crcs, namespace, ack, (), BlockFormat.KV_V1)
+        try:
+            resp = self._commit_restocking(req, slots, session_id)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.target) from err
+        return PutResult(resp.stored, resp.bytes)
+
+    # -- the stock of anonymous slots (one round trip per Put) ----------------------
+
+    def _stock(self) -> SlotStock | None:
+        """The stock, when Puts use it: not while the data plane carries the
+        shm calls (a reserve and a commit as two frames cost less than one
+        gRPC ShmCommit)."""
+        if self.slot_stock is None or self.data_plane_active():
+            return None
+        return self.slot_stock
+
+    def _put_slots(self, sizes: Sequence[tuple[bytes, int]], namespace: str | None,
+                   session_id: str | None) -> list[ReservedSlot]:
+        """Slots for a Put: from the stock where it has them, the rest by
+        one ShmReserve."""
+        if self._stock() is None:
+            return self.reserve(sizes, namespace=namespace, session_id=session_id)
+        ns = resolve_namespace(namespace, self.namespace)
+        check_session_id(session_id)  # before any slot is taken: a bad one leaks none
+        stocked = self.slot_stock.take(ns, [n for _, n in sizes], time.monotonic())
+        missing = [spec for spec, s in zip(sizes, stocked, strict=True) if s is None]
+        try:
+            reserved = iter(self.reserve(missing, namespace=ns, session_id=session_id)
+                            if missing else ())
+        except BaseException:
+            self.slot_stock.put_back(ns, [s for s in stocked if s is not None])
+            raise
+        return [next(reserved) if s is None else
+                ReservedSlot(key, s.slot_id, s.offset, s.size,
+                             self._arena[s.offset : s.offset + s.size], s.deadline, True)
+                for (key, _), s in zip(sizes, stocked, strict=True)]
+
+    def _commit_restocking(self, req: pb.ShmCommitRequest, slots: Sequence[ReservedSlot],
+                           session_id: str | None) -> Any:
+        """Send a Put's (last) ShmCommit, asking it to restock what the Put
+        used and to abandon stale stock; keep the slots it reserved."""
+        stock = self._stock()
+        if stock is None:
+            return self._commit(req, timeout=self.timeout, metadata=self._metadata())
+        ns = req.namespace
+        req.reserve_next.extend(stock.wanted(ns, [s.size for s in slots]))
+        req.abandon.extend(stock.to_abandon(ns))
+        req.session_id = check_session_id(session_id)
+        sent = time.monotonic()
+        resp = self._commit(req, timeout=self.timeout, metadata=self._metadata())
+        if resp.next_slots:
+            # As ShmReserve's: their clock started next_open_ms after arrival.
+            deadline = sent + resp.next_open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN
+            stock.add(ns, ((s.slot_id, s.offset, s.size) for s in resp.next_slots), deadline)
+        return resp
 
     def get_kv_into(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
                     v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]], *,

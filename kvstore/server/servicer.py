@@ -22,6 +22,7 @@ from kvstore.errors import InvalidArgument, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
+from kvstore.store.shm import Slot
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -296,7 +297,8 @@ class KVStoreServicer:
                                     instance=self.shm.instance,
                                     reserve_ms=self.shm.reserve_ms,
                                     default_lease_ms=self.shm.default_lease_ms,
-                                    release_on_acquire=True, owner=self.shm.new_owner())
+                                    release_on_acquire=True, owner=self.shm.new_owner(),
+                                    anonymous_slots=True)
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:
@@ -305,9 +307,7 @@ class KVStoreServicer:
         slots, open_ms = await self.shm.reserve(
             namespace, [(b.key, b.size) for b in request.blocks], request.session_id or None,
             request.owner)
-        return pb.ShmReserveResponse(slots=[
-            pb.ShmSlot(slot_id=s.slot_id, offset=s.offset, size=s.size, generation=s.generation)
-            for s in slots], open_ms=open_ms)
+        return pb.ShmReserveResponse(slots=[_slot_pb(s) for s in slots], open_ms=open_ms)
 
     async def ShmCommit(self, request: pb.ShmCommitRequest,
                         context: grpc.aio.ServicerContext) -> pb.ShmCommitResponse:
@@ -317,11 +317,22 @@ class KVStoreServicer:
             raise InvalidArgument(f"unknown acknowledgement level {request.ack}")
         if any(b.format not in _FORMATS for b in request.blocks):
             raise InvalidArgument("unknown block format in ShmCommit")
-        specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c, BlockFormat(b.format))
+        specs = [CommitSpec(b.slot_id, b.offset, b.size, b.crc32c, BlockFormat(b.format), b.key)
                  for b in request.blocks]
+        started = self.shm.clock()
+        # reserve_next (issue 14, one round trip per shm Put): anonymous slots
+        # for the client's next Puts, reserved once this commit is done.
+        restock = list(request.reserve_next)
+        self.shm.check_restock(restock)
         stored, nbytes = await self.shm.commit(namespace, _ACK[request.ack], specs,
-                                               list(request.abandon), request.owner)
-        return pb.ShmCommitResponse(stored=stored, bytes=nbytes)
+                                               list(request.abandon), request.owner,
+                                               session=request.session_id or None)
+        response = pb.ShmCommitResponse(stored=stored, bytes=nbytes)
+        if restock:
+            slots, _ = await self.shm.restock(namespace, restock, request.owner)
+            response.next_slots.extend(_slot_pb(s) for s in slots)
+            response.next_open_ms = int((self.shm.clock() - started) * 1000.0)
+        return response
 
     async def ShmAcquire(self, request: pb.ShmAcquireRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmAcquireResponse:
@@ -400,6 +411,11 @@ class KVStoreServicer:
 #: Blocks per ListBlocksResponse (a few hundred bytes each: well under any
 #: message limit).
 _LIST_BATCH = 256
+
+
+def _slot_pb(slot: Slot) -> pb.ShmSlot:
+    return pb.ShmSlot(slot_id=slot.slot_id, offset=slot.offset, size=slot.size,
+                      generation=slot.generation)
 
 
 async def _open_intact(store: TieredStore, block: BlockId, session: str | None,

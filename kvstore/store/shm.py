@@ -18,6 +18,13 @@ client on the same host maps. Bulk bytes then never cross the socket:
   time (counted from before it sent the acquire) knows that already, and may
   instead name the lease in its next ``acquire`` (``release=``), which ends
   it, checked exactly as ``release`` checks it, before leasing anything.
+* One round trip per Put (issue 14): a slot may be reserved without a key
+  (an *anonymous* slot, key ``b""``), and ``commit`` binds it to the key its
+  ``CommitSpec`` names. :meth:`restock` reserves such slots for a client's
+  next Puts, best effort, after a commit (``ShmCommitRequest.reserve_next``):
+  a Put whose sizes the client has in stock is a copy and one ShmCommit. An
+  anonymous slot is a reservation like any other (same L1 room, same
+  namespace and owner binding, same expiry and quarantine).
 
 The server trusts the client's process no further than that: ids are random
 64-bit numbers, not offsets; a client never names memory the server did not
@@ -67,11 +74,17 @@ from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key
 
 # Expired lease ids remembered, to tell "expired" from "never issued".
 _EXPIRED_MEMORY = 65_536
+# restock (anonymous slots for a client's next Puts): at most this many slots,
+# and this share of L1, per call; and how long it may wait for L1 room (s)
+# before giving up (a restock must not hold back the commit it rides on).
+RESTOCK_MAX_SLOTS = 16
+RESTOCK_MAX_L1_SHARE = 8
+RESTOCK_WAIT_SECONDS = 0.05
 
 
 @dataclass(slots=True)
 class Reservation:
-    block: BlockId
+    block: BlockId  # key b"": an anonymous slot, bound to a key at commit
     offset: int
     size: int
     generation: int
@@ -109,6 +122,9 @@ class CommitSpec:
     size: int
     checksum: int
     format: BlockFormat = BlockFormat.RAW
+    #: The key an anonymous slot is stored under (b"" for a keyed reservation,
+    #: or its own key).
+    key: bytes = b""
 
 
 class SharedMemoryBroker:
@@ -193,13 +209,15 @@ class SharedMemoryBroker:
     async def reserve(self, namespace: str, specs: Sequence[tuple[bytes, int]],
                       session: str | None, owner: str = "") -> tuple[list[Slot], int]:
         """Slots for ``specs`` and how long (ms, rounded down) the call was
-        open before their reservations' clock started."""
+        open before their reservations' clock started. A spec whose key is
+        ``b""`` reserves an anonymous slot (its key is named at commit)."""
         self.check_namespace(namespace)
         started = self.clock()
         page = max(1, self.store.config.l1.page_bytes)
         total = 0
         for i, (key, size) in enumerate(specs):
-            validate_key(key, i)
+            if key:
+                validate_key(key, i)
             self.placement.check_block_size(size)
             total += -(-size // page) * page
         capacity = self.store.l1.capacity
@@ -244,7 +262,11 @@ class SharedMemoryBroker:
                 f"(first: {foreign[0]}); nothing was committed or abandoned")
 
     async def commit(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
-                     abandon: Sequence[int], owner: str = "") -> tuple[int, int]:
+                     abandon: Sequence[int], owner: str = "", *,
+                     session: str | None = None) -> tuple[int, int]:
+        """Store the blocks written into reserved slots. ``session``: the
+        session of the anonymous slots committed (a keyed reservation keeps
+        the one it was reserved with)."""
         self.check_namespace(namespace)
         self.store.check_ack(ack)
         named = [spec.slot_id for spec in specs] + list(abandon)
@@ -271,6 +293,7 @@ class SharedMemoryBroker:
                     raise InvalidArgument(
                         f"block #{i}: offset {spec.offset} and size {spec.size} do not match "
                         f"slot {spec.slot_id} (offset {r.offset}, size {r.size})")
+                _bind_key(r, spec, i, session)
                 taken.append((spec, r))
         except InvalidArgument:
             # A client naming memory it was not given is broken: drop what it named.
@@ -321,6 +344,33 @@ class SharedMemoryBroker:
         if durable:
             await asyncio.gather(*durable)
         return len(taken), nbytes
+
+    async def restock(self, namespace: str, sizes: Sequence[int], owner: str = ""
+                      ) -> tuple[list[Slot], int]:
+        """Anonymous slots of ``sizes`` for the owner's next Puts, and how
+        long (ms) their reservation was open (as :meth:`reserve`). Best effort:
+        at most RESTOCK_MAX_SLOTS slots and 1/RESTOCK_MAX_L1_SHARE of L1 (a
+        leading part of ``sizes``), and none when L1 has no room within
+        RESTOCK_WAIT_SECONDS. Call :meth:`check_restock` first."""
+        budget = self.store.l1.capacity // RESTOCK_MAX_L1_SHARE
+        granted: list[int] = []
+        for size in sizes[:RESTOCK_MAX_SLOTS]:
+            if size > budget:
+                break
+            budget -= size
+            granted.append(size)
+        if not granted:
+            return [], 0
+        try:
+            async with asyncio.timeout(RESTOCK_WAIT_SECONDS):
+                return await self.reserve(namespace, [(b"", n) for n in granted], None, owner)
+        except (TimeoutError, CapacityExhausted):
+            return [], 0
+
+    def check_restock(self, sizes: Sequence[int]) -> None:
+        """Each of ``sizes`` a valid block size (before a commit that restocks)."""
+        for size in sizes:
+            self.placement.check_block_size(size)
 
     # -- Get ---------------------------------------------------------------------------
 
@@ -484,6 +534,24 @@ class SharedMemoryBroker:
     def quarantined(self) -> int:
         """Extents of expired reservations not yet back in the arena."""
         return len(self._quarantine)
+
+
+def _bind_key(r: Reservation, spec: CommitSpec, index: int, session: str | None) -> None:
+    """Bind an anonymous slot to the key (and session) its commit names; a
+    keyed reservation may only be named with its own key."""
+    namespace, key = r.block
+    if not key:
+        if not spec.key:
+            raise InvalidArgument(
+                f"block #{index}: slot {spec.slot_id} was reserved without a key, so its "
+                "ShmCommitBlock must name one (key)")
+        validate_key(spec.key, index)
+        r.block = (namespace, spec.key)
+        r.session = session
+    elif spec.key and spec.key != key:
+        raise InvalidArgument(
+            f"block #{index}: slot {spec.slot_id} was reserved for another key than the "
+            "one its ShmCommitBlock names")
 
 
 def _checksum_of(arena: MemoryTier, offset: int, size: int) -> int:

@@ -1,8 +1,9 @@
 """Random sequences of shared-memory calls (valid, duplicated, forged,
-foreign, expired) against the broker over a real store: every call either
-succeeds or fails with a client error (never INTERNAL), and once every client
-is gone (its reservations and leases expired) L1 holds nothing but committed
-blocks: no extent, writer count or pin leaks.
+foreign, expired; keyed and anonymous slots, restocks) against the broker
+over a real store: every call either succeeds or fails with a client error
+(never INTERNAL), and once every client is gone (its reservations and leases
+expired) L1 holds nothing but committed blocks: no extent, writer count or
+pin leaks.
 
 The broker runs on a fake clock, so expiry takes no time. ~10 s in the
 default run; set KVSTORE_FUZZ_EXAMPLES for a longer one."""
@@ -36,13 +37,16 @@ picks = st.lists(st.integers(0, 5), max_size=4)
 rarely = st.integers(0, 7).map(lambda n: n == 0)
 # Client 0 most of the time: the others are mostly refused (not their slots).
 client = st.sampled_from([0, 0, 0, 1, 2])
+# b"": an anonymous slot (issue 14), bound to a key at commit.
 reserve = st.tuples(st.just("reserve"), client,
-                    st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from(SIZES)),
+                    st.lists(st.tuples(st.sampled_from([*KEYS, b""]), st.sampled_from(SIZES)),
                              min_size=1, max_size=3))
 # commit: slots (indices into those issued, repeats allowed), abandon, a
-# forged id, a bad checksum, a wrong offset
+# forged id, a bad checksum, a wrong offset, the key each block names (b"":
+# none) and the sizes to restock
 commit = st.tuples(st.just("commit"), client, picks, st.lists(st.integers(0, 5), max_size=1),
-                   rarely, rarely, rarely)
+                   rarely, rarely, rarely, st.sampled_from([b"", *KEYS]),
+                   st.lists(st.sampled_from(SIZES), max_size=2))
 ops = st.one_of(
     reserve, reserve, commit, commit,
     st.tuples(st.just("acquire"), client, st.lists(st.sampled_from(KEYS), max_size=3), picks),
@@ -82,7 +86,7 @@ async def _apply(broker: SharedMemoryBroker, world: World, op: tuple) -> None:  
             for s in (await broker.reserve(ns, op[2], None, owner))[0]:
                 world.slots.append((s.slot_id, s.offset, s.size))
         elif kind == "commit":
-            _, _, chosen, abandon, forge, bad_crc, wrong_offset = op
+            _, _, chosen, abandon, forge, bad_crc, wrong_offset, key, restock = op
             named = [_recent(world.slots, i) for i in chosen] if world.slots else []
             specs = []
             for slot_id, offset, size in named:
@@ -91,12 +95,15 @@ async def _apply(broker: SharedMemoryBroker, world: World, op: tuple) -> None:  
                 crc = checksum(view) ^ (1 if bad_crc else 0)
                 view.release()
                 specs.append(CommitSpec(slot_id, offset + (4096 if wrong_offset else 0), size,
-                                        crc))
+                                        crc, key=key))
             if forge:
                 specs.append(CommitSpec(12345, 0, 1, 0))
             dropped = [_recent(world.slots, i)[0] for i in abandon] \
                 if world.slots else []
-            await broker.commit(ns, AckLevel.MEMORY, specs, dropped, owner)
+            broker.check_restock(restock)
+            await broker.commit(ns, AckLevel.MEMORY, specs, dropped, owner, session="s")
+            for s in (await broker.restock(ns, restock, owner))[0]:
+                world.slots.append((s.slot_id, s.offset, s.size))
         elif kind == "acquire":
             _, _, keys, release = op
             ids = [_recent(world.leases, i) for i in release] if world.leases else []
