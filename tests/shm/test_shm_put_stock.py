@@ -31,6 +31,13 @@ pytest.importorskip("prometheus_client", reason="prometheus-client is the kvstor
 MiB = 1024**2
 
 
+def grpc_shm_client(target: str, **settings: Any) -> ShmClient:
+    """A ShmClient kept on gRPC: the stock serves the gRPC path only (over the
+    data plane a reserve and a commit are two frames, cheaper than one gRPC
+    commit; the last test checks that path)."""
+    return ShmClient(target, data_plane=False, **settings)
+
+
 def block(i: int, size: int) -> bytes:
     seed = hashlib.sha256(str(i).encode()).digest()
     return (seed * (size // 32 + 1))[:size]
@@ -100,7 +107,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> Callable[..., CountCalls]:
 
 def test_later_puts_of_a_size_are_one_shm_commit_each(stock_server, counted) -> None:  # type: ignore[no-untyped-def]
     counter = counted()
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=30) as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", timeout=30) as c:
         assert c.slot_stock is not None
         counter.take()
         blobs = {f"m{i}".encode(): block(i, MiB) for i in range(6)}
@@ -131,7 +138,7 @@ def test_later_puts_of_a_size_are_one_shm_commit_each(stock_server, counted) -> 
         out = [np.zeros((4, 2, 1, 16), np.float16) for _ in range(2)]
         assert c.get_kv_into([b"kv2"], out, out, [[0, 1]]) == 1
         assert (out[0][:2] == pages[0][2:4]).all()
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", slot_stock=False) as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", slot_stock=False) as c:
         assert c.slot_stock is None
         counter.take()
         for i in range(3):
@@ -145,7 +152,7 @@ def test_a_server_without_anonymous_slots_gets_two_calls_per_put(stock_server, c
             response.anonymous_slots = False  # what a server before issue 14 sends
 
     counter = counted(older)
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a") as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a") as c:
         assert c.slot_stock is None
         counter.take()
         for i in range(3):
@@ -156,7 +163,7 @@ def test_a_server_without_anonymous_slots_gets_two_calls_per_put(stock_server, c
 
 
 def test_stock_is_abandoned_at_close_and_l1_is_whole_again(stock_server) -> None:  # type: ignore[no-untyped-def]
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=30) as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", timeout=30) as c:
         c.put({b"x": block(1, 4 * MiB), b"y": block(2, 4 * MiB)})
         held = c.slot_stock.held()  # type: ignore[union-attr]
         assert held == 2  # 8 MiB: the stock's bound
@@ -168,7 +175,8 @@ def test_stock_is_abandoned_at_close_and_l1_is_whole_again(stock_server) -> None
         assert c.delete([b"x", b"y", b"z"]) == 3
     assert reservations(stock_server) == 0
     # Nothing held: all of L1 can be reserved at once, without waiting.
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="b", timeout=30, slot_stock=False) as w:
+    with grpc_shm_client(stock_server.unix_target, namespace="b", timeout=30,
+                         slot_stock=False) as w:
         started = time.monotonic()
         slots = w.reserve([(f"f{i}".encode(), 16 * MiB) for i in range(4)])
         assert time.monotonic() - started < 5
@@ -181,7 +189,7 @@ def test_stock_expires_and_is_taken_back(server_factory, tmp_path: Path, counted
                             "--server-metrics-listen", "127.0.0.1:0", l1_capacity="32MiB")
     counter = counted()
     with server:
-        c = ShmClient(server.unix_target, data_plane=False, namespace="e", timeout=30)
+        c = grpc_shm_client(server.unix_target, namespace="e", timeout=30)
         c.put({b"k0": block(0, MiB)})
         assert reservations(server) == c.slot_stock.held() == 1  # type: ignore[union-attr]
         # The client holds its stock but does not use it: the server takes it back.
@@ -197,7 +205,7 @@ def test_stock_expires_and_is_taken_back(server_factory, tmp_path: Path, counted
         # Its expired extent comes back from quarantine: all of L1 can be reserved.
         assert c.delete([b"k0", b"k1"]) == 2
         c.close()
-        with ShmClient(server.unix_target, data_plane=False, namespace="f", timeout=30, slot_stock=False) as w:
+        with grpc_shm_client(server.unix_target, namespace="f", timeout=30, slot_stock=False) as w:
             # One slot of all of L1 (a reserve waits for room while an extent
             # is in quarantine: bounded, 30 s).
             slots = w.reserve([(b"all", 32 * MiB)])
@@ -225,7 +233,7 @@ def _commit(c: ShmClient, namespace: str, slot: pb.ShmSlot, key: bytes, data: by
 
 def test_anonymous_slot_bound_in_a_namespace_its_owner_may_not_use(stock_server) -> None:  # type: ignore[no-untyped-def]
     data = block(7, 4096)
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=10) as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", timeout=10) as c:
         slot = _anonymous(c, "a", 4096)
         # Another namespace the client may use, and one barred from shared memory.
         with pytest.raises(PermissionDenied, match="another client or namespace"):
@@ -240,8 +248,8 @@ def test_anonymous_slot_bound_in_a_namespace_its_owner_may_not_use(stock_server)
 
 def test_forged_and_foreign_slot_ids_are_refused(stock_server) -> None:  # type: ignore[no-untyped-def]
     data = block(8, 4096)
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=10) as c, \
-            ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=10) as thief:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", timeout=10) as c, \
+            grpc_shm_client(stock_server.unix_target, namespace="a", timeout=10) as thief:
         slot = _anonymous(c, "a", 4096)
         forged = pb.ShmSlot(slot_id=slot.slot_id ^ 0x5A5A5A, offset=slot.offset, size=4096)
         with pytest.raises(InvalidArgument, match="unknown"):
@@ -258,7 +266,7 @@ def test_forged_and_foreign_slot_ids_are_refused(stock_server) -> None:  # type:
 
 def test_mismatched_or_missing_fields_are_invalid_argument(stock_server) -> None:  # type: ignore[no-untyped-def]
     data = block(9, 4096)
-    with ShmClient(stock_server.unix_target, data_plane=False, namespace="a", timeout=10) as c:
+    with grpc_shm_client(stock_server.unix_target, namespace="a", timeout=10) as c:
         before = reservations(stock_server)
         slot = _anonymous(c, "a", 4096)
         with pytest.raises(InvalidArgument, match="do not match"):
