@@ -369,17 +369,18 @@ class ShmClient(Client):
                    session_id: str | None) -> list[ReservedSlot]:
         """Slots for a Put: from the stock where it has them, the rest by
         one ShmReserve."""
-        if self._stock() is None:
+        stock = self._stock()
+        if stock is None:
             return self.reserve(sizes, namespace=namespace, session_id=session_id)
         ns = resolve_namespace(namespace, self.namespace)
         check_session_id(session_id)  # before any slot is taken: a bad one leaks none
-        stocked = self.slot_stock.take(ns, [n for _, n in sizes], time.monotonic())
+        stocked = stock.take(ns, [n for _, n in sizes], time.monotonic())
         missing = [spec for spec, s in zip(sizes, stocked, strict=True) if s is None]
         try:
             reserved = iter(self.reserve(missing, namespace=ns, session_id=session_id)
                             if missing else ())
         except BaseException:
-            self.slot_stock.put_back(ns, [s for s in stocked if s is not None])
+            stock.put_back(ns, [s for s in stocked if s is not None])
             raise
         return [next(reserved) if s is None else
                 ReservedSlot(key, s.slot_id, s.offset, s.size,
