@@ -246,15 +246,14 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
     for seed in range(6):
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
-            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
-                       {"defer_shared": True}):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
                 assert a == b, (seed, cap, kw)
 
 
-def _shared_prefix_run(defer: bool) -> set[Any]:
-    c = Cache(SessionPolicy([L1], learn=False, defer_shared=defer), cap=6)
+def _shared_prefix_run() -> set[Any]:
+    c = Cache(SessionPolicy([L1], learn=False), cap=6)
     c.request("P", ["sys1", "sys2", "p1"], 0.0)
     c.turn_end("P", USER, 1.0)
     c.request("P/sub", ["sys1", "sys2", "s1"], 2.0)  # a sub-agent: the parent's prefix
@@ -269,11 +268,10 @@ def test_shared_prefix_goes_with_its_owner() -> None:
     """A prefix shared by two streams that both wait for a person is worth no more than
     either's private blocks: it leaves with the worst-ranked stream that referenced it
     last (P/sub: s1, then the prefix), before the better-ranked Q or the arriving R lose
-    anything. The former order (``defer_shared``) kept it until every stream's private
-    blocks were gone -- with engine hints, streams that never return keep their shared
-    prefixes forever -- and bypassed R's own tail instead."""
-    assert _shared_prefix_run(False) == {"s1", "sys2", "sys1"}
-    assert _shared_prefix_run(True) == {"s1", "p1", "r2"}
+    anything. (A former order kept it until every stream's private blocks were gone --
+    with engine hints, streams that never return keep their shared prefixes forever --
+    and bypassed R's own tail instead: {"s1", "p1", "r2"}.)"""
+    assert _shared_prefix_run() == {"s1", "sys2", "sys1"}
 
 
 def test_gaps_are_learned_per_tool_name() -> None:
@@ -377,3 +375,23 @@ def test_discarded_block_wanted_again_is_demoted_once_dead_again() -> None:
     p.on_request(["c"], 3.0, "B")  # and drops it from its context (dead, not discarded)
     v = p.victim(L1, 4.0)
     assert v == ("a", Action.DEMOTE)
+
+
+def test_a_session_ended_after_an_idle_timeout_that_returns_teaches_its_class() -> None:
+    """An engine ends an idle main session after a timeout of its choosing; if the user
+    comes back after all, the wait since the last turn end is a gap of that turn's class
+    (awaiting the user) -- the long tail the timeout would otherwise hide from it -- and
+    not of the "done" class."""
+    from kvstore.policy.session.gaps import DONE
+    from kvstore.policy.session.gaps import USER as USER_CLS
+
+    p = SessionPolicy([L1])
+    c = Cache(p, cap=8)
+    c.request("A", ["a1", "a2"], 0.0)
+    c.turn_end("A", USER, 1.0)
+    c.end("A", 901.0)  # the engine's idle timeout: 900 s
+    n_user, n_done = p.gaps.n[USER_CLS], p.gaps.n[DONE]
+    c.request("A", ["a1", "a2", "a3"], 5001.0)  # the user is back after all
+    assert p.gaps.n[USER_CLS] == n_user + 1 and p.gaps.n[DONE] == n_done
+    assert p.gaps.remaining(USER_CLS, 4000.0) < 1e6  # a 5000 s wait is now in its range
+    assert not p._streams["A"].ended

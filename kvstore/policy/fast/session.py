@@ -41,8 +41,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
     if session is None:
         return Policy.fill(self, tier, blocks, size, now, session, resident, capacity)
     ts = self._tiers[tier]
-    lru, own, pairs, pins, nlive = ts.lru, ts.own, self._pairs, self._pins, self._nlive
-    keep_shared = not self.defer_shared  # shared blocks are offered like the others
+    lru, own, pairs, pins = ts.lru, ts.own, self._pairs, self._pins
     first = tier is self._tier0
     ewma = first and self.horizon < 0.0
     add, discard = resident.add, resident.discard
@@ -72,8 +71,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
             # (b not in lru: not in own either, they have the same keys)
             if follow and pk is None:
                 if af:
-                    if (prev is not None and act is s and prev not in sa
-                            and (keep_shared or nlive.get(prev, 0) < 2) and prev in lru
+                    if (prev is not None and act is s and prev not in sa and prev in lru
                             and prev in resident):
                         # ---- bypass: the candidate is prev, LRU's choice is the head
                         lc = head if head is not ABSENT else next(iter(lru))
@@ -107,8 +105,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                 elif wk and wres:
                     # ---- walk: the candidate is the walked stream's newest block
                     c = next(reversed(wres))
-                    if (c not in wseen and (keep_shared or nlive.get(c, 0) < 2) and c in lru
-                            and c in resident):
+                    if c not in wseen and c in lru and c in resident:
                         lc = head if head is not ABSENT else next(iter(lru))
                         if c != lc and (c in pairs or lc in pairs):
                             head = lc

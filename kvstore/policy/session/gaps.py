@@ -96,33 +96,16 @@ class GapModel:
             return NEVER + age
         return occ / hits
 
-    def remaining(self, cls: int, age: float, q: float = 0.0) -> float:
+    def remaining(self, cls: int, age: float) -> float:
         """Time still to wait for a stream of this class that waited ``age``: the
-        conditional mean E[G - a | G > a] (``q`` = 0), else the conditional ``q``-quantile
-        (robust to the heavy tail of user think times, which swamps the mean)."""
+        conditional mean E[G - a | G > a] (the ranking key with ``horizon`` 0)."""
         if self._stale[cls]:
             self._refresh(cls)
         i = _bin(age)
-        sc = self._scnt[cls]
-        if q > 0.0:
-            cnt, tot = self.cnt[cls], self.tot[cls]
-            # samples in the age's own bin count only if their mean exceeds the age
-            if cnt[i] > 0 and tot[i] / cnt[i] <= age:
-                i += 1
-            n = sc[i] if i < _NBINS else 0.0
-            if n <= 0:
-                return NEVER + age
-            want = q * n
-            acc = 0.0
-            for j in range(i, _NBINS):
-                acc += cnt[j]
-                if acc >= want:
-                    return max(tot[j] / cnt[j] - age, 1e-3)
-            return NEVER + age
         # samples in the age's own bin count only if some of them exceed the age
-        n, s = sc[i], self._stot[cls][i]
+        n, s = self._scnt[cls][i], self._stot[cls][i]
         if n > 0 and s / n <= age:
-            n, s = sc[i + 1], self._stot[cls][i + 1]
+            n, s = self._scnt[cls][i + 1], self._stot[cls][i + 1]
         if n <= 0:
             return NEVER + age
         return max(s / n - age, 1e-3)
