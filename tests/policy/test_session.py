@@ -232,7 +232,8 @@ def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool
         if found:
             p.on_hits(L1, found, now, sid)
         fill(L1, [b for b in blocks if b not in res], 1, now, sid, res, cap)
-        states.append((frozenset(res), p.trust, p.lru_mode, p._lru_age, dict(p.stats)))
+        states.append((frozenset(res), p.trust, p.lru_mode, p._lru_age, p._turn_T,
+                       dict(p.stats)))
     return states
 
 
@@ -246,7 +247,8 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
     for seed in range(6):
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
-            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0}):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
+                       {"turnover": True}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
                 assert a == b, (seed, cap, kw)
@@ -395,3 +397,33 @@ def test_a_session_ended_after_an_idle_timeout_that_returns_teaches_its_class() 
     assert p.gaps.n[USER_CLS] == n_user + 1 and p.gaps.n[DONE] == n_done
     assert p.gaps.remaining(USER_CLS, 4000.0) < 1e6  # a 5000 s wait is now in its range
     assert not p._streams["A"].ended
+
+
+def test_per_hit_key_is_the_bin_by_bin_definition() -> None:
+    """The ranking key (GapModel.per_hit) takes constant time from suffix sums; it is
+    the bin-by-bin definition E[min(G - a, T) | G > a] / P(G - a <= T | G > a), each
+    bin's samples counted at their mean, on random histograms, ages and horizons."""
+    import random
+
+    from kvstore.policy.session.gaps import _NBINS, NEVER, GapModel, _bin
+
+    def by_bins(g: GapModel, cls: int, age: float, horizon: float) -> float:
+        hits = occ = 0.0
+        for j in range(_bin(age), _NBINS):
+            c = g.cnt[cls][j]
+            m = g.tot[cls][j] / c - age if c > 0 else 0.0
+            if c > 0 and m > 0:
+                hits += c if m <= horizon else 0.0
+                occ += c * min(m, horizon)
+        return occ / hits if hits > 0 else NEVER + age
+
+    rng = random.Random(7)
+    for _ in range(300):
+        g = GapModel()
+        for _ in range(rng.randrange(0, 120)):
+            g.observe(rng.randrange(5), rng.lognormvariate(2.0, 3.0))
+        for _ in range(10):
+            cls, age = rng.randrange(5), rng.choice([0.0, rng.lognormvariate(2.0, 3.0)])
+            horizon = rng.choice([0.1, rng.lognormvariate(4.0, 3.0), 1e9])
+            want = by_bins(g, cls, age, horizon)
+            assert abs(g.per_hit(cls, age, horizon) - want) <= 1e-9 * abs(want)

@@ -82,6 +82,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                             sa.add(prev)
                             pk_drop = aend
                             if ewma:
+                                self._turnover(now)
                                 if lc is not last_lc:
                                     o = own.get(lc)
                                     last_lc = lc
@@ -114,6 +115,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                             wseen.add(c)
                             pk_drop = wend
                             if ewma:
+                                self._turnover(now)
                                 if lc is not last_lc:
                                     o = own.get(lc)
                                     last_lc = lc
@@ -144,6 +146,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                     if first and nlru > self._cap:
                         self._cap = nlru
                     if ewma:
+                        self._turnover(now)
                         if lc is not last_lc:
                             o = own.get(lc)
                             last_lr = o.last_req if o is not None else None
@@ -204,6 +207,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                     pk = sc
                 lc = next(iter(lru)) if lru else None
                 if ewma and lc is not None:
+                    self._turnover(now)
                     if lc is not last_lc:
                         o = own.get(lc)
                         last_lc, last_lr = lc, o.last_req if o is not None else None

@@ -90,6 +90,10 @@ class SessionPolicy(Duel, Policy):
         # 0: the conditional mean remaining wait E[G - a | G > a].
         self.horizon = cfg.horizon
         self._lru_age = 0.0
+        self.turnover = cfg.turnover
+        self._turn_n = 0  # first-tier victims since the turnover clock last started
+        self._turn_t = -1.0  # when it started (< 0: not yet)
+        self._turn_T = 0.0  # seconds the first tier took to evict as many blocks as it holds
         self._tier0 = self.tiers[0]
         self._action = {t: self.default_action(t) for t in self.tiers}
         # A dead block leaves the first tier for the next (never lost on the way) and
@@ -352,10 +356,21 @@ class SessionPolicy(Duel, Policy):
             cls = s.tool
         h = self.horizon
         if h < 0.0:
-            h = -h * self._lru_age
+            h = -h * (self._turn_T if self.turnover else self._lru_age)
         if h > 0.0:
             return self.gaps.per_hit(cls, age, h)
         return self.gaps.remaining(cls, age)
+
+    def _turnover(self, now: float) -> None:
+        """One first-tier victim: the tier's turnover time is measured victim-count by
+        victim-count (as many victims as the tier holds blocks)."""
+        n = self._turn_n + 1
+        if n >= self._cap:
+            if self._turn_t >= 0.0:
+                self._turn_T = now - self._turn_t
+            self._turn_t = now
+            n = 0
+        self._turn_n = n
 
     def _tool_class(self, name: str) -> int:
         """The gap model's class for calls of tool ``name`` (-1: over ``max_tools``)."""
@@ -422,6 +437,7 @@ class SessionPolicy(Duel, Policy):
         else:
             lc = next(iter(lru)) if lru else None
         if lc is not None and first and self.horizon < 0.0:
+            self._turnover(now)
             o = ts.own.get(lc)
             if o is not None and o.last_req is not None:
                 age = now - o.last_req
