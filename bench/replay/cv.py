@@ -15,7 +15,8 @@ Protocol (fixed; docs/replay-results.md, "Cross-validation (issue 16)"):
   window (at most ~n/2), hence one replay for all folds, as the lab's ``all:64`` did for
   the halves. K in {16, 32, 64, 96}, arrival seeds {1, 2}.
 * **Capacities** (% of the replay's unique blocks), chosen from LRU alone, before any
-  session result: per (K, seed), LRU runs up the ladder ``LADDER`` until it passes 85 %;
+  session result: per (K, seed), LRU runs on the ladder ``LADDER`` (from 1 % down and up
+  until it leaves the range);
   the rungs where the whole replay's LRU hit rate is in [40 %, 85 %] are kept (at most
   ``MAX_CAPS``: the lowest and the highest; with 3, the middle one too).
 * **Cells**: (fold, K, seed, capacity) where that fold's own LRU hit rate is in
@@ -217,14 +218,23 @@ def _run_task(task: tuple[Spec, str, float]) -> None:
 
 
 def _ladder_task(spec: Spec) -> None:
-    """LRU up the ladder until it passes the range (cached rungs are not replayed)."""
-    for pct in LADDER:
+    """LRU on the ladder from 1 % down until it falls below the range and up until it passes
+    it (LRU's hit rate grows with the capacity): every in-range rung, and no more than one
+    rung either side (cached rungs are not replayed)."""
+    def rate(pct: float) -> float:
         d = RESULTS.get(key(spec, "lru", pct))
         if d is None:
             d = replay(spec, "lru", pct)
             store(spec, "lru", pct, d)
             _log(spec, "ladder lru", pct, d)
-        if d["hits"] / d["refs"] > IN_RANGE[1]:
+        return float(d["hits"]) / d["refs"]
+
+    start = LADDER.index(1.0)
+    for pct in LADDER[start::-1]:
+        if rate(pct) < IN_RANGE[0]:
+            break
+    for pct in LADDER[start + 1:]:
+        if rate(pct) > IN_RANGE[1]:
             break
 
 
@@ -318,7 +328,7 @@ def cells_for(base: dict[tuple[int, int, float, str], dict[str, Any]],
             if p is None:
                 continue
             lru, bel = base[(k, seed, pct, "lru")], base[(k, seed, pct, "belady")]
-            for fold in sorted(lru["by_fold"]):
+            for fold in [*sorted(lru["by_fold"]), None]:  # None: the whole replay
                 lr = _rate(lru, fold)
                 if not lo <= lr <= hi:
                     continue
@@ -327,8 +337,8 @@ def cells_for(base: dict[tuple[int, int, float, str], dict[str, Any]],
                          if (k, seed, pct, b) in base}
                 best = max(bests, key=lambda b: bests[b]) if bests else ""
                 out.append({
-                    "fold": int(fold), "K": k, "seed": seed, "pct": pct, "lru": lr,
-                    "belady": br, "policy": pr,
+                    "fold": int(fold) if fold is not None else "all", "K": k,
+                    "seed": seed, "pct": pct, "lru": lr, "belady": br, "policy": pr,
                     "gap_closed": (pr - lr) / (br - lr) if br > lr else 0.0,
                     "vs_lru_points": 100 * (pr - lr), "best_baseline": best,
                     "best_baseline_hit": bests.get(best, 0.0),
@@ -338,10 +348,12 @@ def cells_for(base: dict[tuple[int, int, float, str], dict[str, Any]],
     return out
 
 
-def summarise(cells: list[dict[str, Any]], folds: tuple[int, ...] | None = None
+def summarise(cells: list[dict[str, Any]], folds: tuple[int | str, ...] | None = None
               ) -> dict[str, Any]:
-    """Mean and worst gap closed per K and over all cells (of ``folds``, default all)."""
-    cs = [c for c in cells if folds is None or c["fold"] in folds]
+    """Mean and worst gap closed per K and over the cells of ``folds`` (default: every fold;
+    ``("all",)``: the whole-replay cells)."""
+    cs = [c for c in cells if (folds is None and c["fold"] != "all")
+          or (folds is not None and c["fold"] in folds)]
     if not cs:
         return {"cells": 0}
     per_k = {}
@@ -408,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the first N sessions of each fold: a smoke test, not a result")
     ap.add_argument("--baseline-seeds", type=int, nargs="+", default=[1],
                     help="seeds whose cells S3-FIFO, SIEVE and GDSF replay (LRU and Belady: all)")
+    ap.add_argument("--baselines", default=",".join(BEST_OF),
+                    help="the baselines a candidate must beat, replayed on --baseline-seeds")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tag", default="dev")
     ap.add_argument("--out", default="bench/replay/results")
@@ -457,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for (k, seed), pcts in caps.items():
         spec = plain[(k, seed)]
-        pols = ["belady"] + ([b for b in BEST_OF] if seed in args.baseline_seeds else [])
+        pols = ["belady"] + (args.baselines.split(",") if seed in args.baseline_seeds else [])
         tasks += [(spec, b, pct) for pct in pcts for b in pols
                   if key(spec, b, pct) not in RESULTS]
     tasks.sort(key=lambda t: (t[1] != "belady", t[0]))
@@ -508,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         cs = cells_for(base, res, caps)
         out["cells"][label] = cs
         out["summary"][label] = summarise(cs, dev_folds)
+        out.setdefault("summary_whole_replay", {})[label] = summarise(cs, ("all",))
         if args.final:
             out["summary_held_out"][label] = summarise(cs, (HELD_OUT,))
     out["wall_s"] = time.time() - t0
@@ -516,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(out, indent=1))
     print(f"\nfolds {dev_folds} (gap closed %, per K mean / worst over cells):")
     print(table(out["summary"], args.ks))
+    print("\nthe whole replay (all folds in play together, one cell per K, seed, capacity):")
+    print(table(out["summary_whole_replay"], args.ks))
     print("\nbaselines:")
     print(table({f"{b}": s for b, s in out["baselines"].items()}, args.ks))
     if args.final:
