@@ -65,8 +65,9 @@ def test_cells_keep_only_folds_where_lru_is_in_range() -> None:
             (16, 1, 1.0, "s3fifo"): _result({"0": 0.55, "1": 0.91})}
     cand = {(16, 1, 1.0): _result({"0": 0.60, "1": 0.93})}
     cells = cv.cells_for(base, cand, {(16, 1): [1.0]})
-    assert [c["fold"] for c in cells] == [0]  # fold 1's LRU (90 %) is out of range
-    (c,) = cells
+    # fold 1's LRU (90 %) is out of range; the whole replay's (70 %) is in
+    assert [c["fold"] for c in cells] == [0, "all"]
+    c = cells[0]
     assert c["gap_closed"] == pytest.approx(0.5)
     assert c["ahead_of_best"] and c["best_baseline"] == "s3fifo"
     s = cv.summarise(cells)
