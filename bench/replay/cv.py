@@ -76,7 +76,7 @@ FOLDS = 5
 HELD_OUT = 4
 KS = (16, 32, 64, 96)
 SEEDS = (1, 2)
-LADDER = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
+LADDER = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)
 IN_RANGE = (0.40, 0.85)
 MAX_CAPS = 2
 BASELINES = ("lru", "belady", "s3fifo", "sieve", "gdsf")
@@ -386,6 +386,20 @@ def table(results: dict[str, dict[str, Any]], ks: list[int]) -> str:
     return "\n".join(lines)
 
 
+def compare(paths: list[str], held_out: bool = False) -> str:
+    """One markdown table of several runs' summaries (e.g. before and after): per candidate
+    and variant, mean / worst gap closed per K and overall."""
+    rows: dict[str, dict[str, Any]] = {}
+    ks: list[int] = []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        part = d["summary_held_out"] if held_out else d["summary"]
+        ks = sorted(set(ks) | set(d["protocol"]["ks"]))
+        for label, s in part.items():
+            rows[f"{Path(p).stem.removeprefix('cv-')}: {label}"] = s
+    return table(rows, ks)
+
+
 def parse_variant(v: str, idle: float) -> tuple[str, float]:
     """``ends@300`` -> ("ends", 300.0); ``engine`` -> ("engine", idle)."""
     name, _, at = v.partition("@")
@@ -425,7 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tag", default="dev")
     ap.add_argument("--out", default="bench/replay/results")
+    ap.add_argument("--compare", nargs="+", default=[], metavar="CV.json",
+                    help="only print the summaries of earlier runs side by side")
+    ap.add_argument("--held-out", action="store_true",
+                    help="with --compare: the held-out fold's summaries (final runs)")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare, args.held_out))
+        return 0
     folds = folds_in_play(args.folds, args.final)
     t0 = time.time()
 

@@ -3,21 +3,21 @@
     .venv/bin/python -m bench.replay.streammem                      # ~2 min
     .venv/bin/python -m bench.replay.streammem --config FILE.toml
 
-Replays the first N sessions of the development folds (0-3; sessions in name order, fold 4
-never) at K=8, capacity ``--cap`` blocks (the same for every N, so the per-block state is
-the same), for two values of N, with engine hints and with engine-knowable session ends.
-After each replay the policy is deep-copied under ``tracemalloc``: the bytes that copy
-allocates are the policy's state (block ids are ints shared with the workload, not copied:
-the figure leaves out the keys themselves, which the store's index holds anyway). The
-difference between the two N, divided by the difference in streams the policy tracks, is
-the cost of one more stream.
+Replays the first N sessions of the development folds (0-3, in name order; fold 4 never)
+at K=8, capacity ``--cap`` blocks, with engine hints and with engine-knowable session ends.
+Each replay runs under ``tracemalloc``, started after the workload is built: what is still
+allocated when it returns is the policy's whole state (block ids are ints shared with the
+workload: the keys themselves are left out, the store's index holds them anyway). Per
+stream, what a stream holds directly (``stream_bytes``): a live stream keeps the block set
+of its latest request (its whole context: ~1,500 blocks at 100k tokens), an ended one only
+its record.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
+import statistics
 import sys
 import tracemalloc
 
@@ -29,20 +29,41 @@ from kvstore.policy import SessionPolicy
 from kvstore.types import TierName
 
 
-def measured(sessions: list, hints: str, cap: int, cfg: object) -> tuple[int, int, int]:
-    """(bytes of the policy's state, streams tracked, streams holding a latest request)."""
+def stream_bytes(p: SessionPolicy) -> tuple[float, float, float]:
+    """Bytes each stream holds directly (``sys.getsizeof`` of the Stream, its latest
+    request's block set, its per-tier dicts and gap list; the block ids are the store's),
+    plus its share of the policy's block -> live-stream count map (``_nlive``, one entry per
+    block of a live stream's latest request): (mean over live streams, mean over ended or
+    emptied streams, max)."""
+    nlive = p._nlive  # (a measurement of the policy's own state)
+    refs = sum(len(s.cur) for s in p._streams.values()) or 1
+    per_ref = sys.getsizeof(nlive) / refs
+    live, idle = [], []
+    for st in p._streams.values():
+        b = (sys.getsizeof(st) + sys.getsizeof(st.cur) + sys.getsizeof(st.own_gap)
+             + sys.getsizeof(st.res) + sum(sys.getsizeof(d) for d in st.res.values())
+             + len(st.cur) * per_ref)
+        (live if st.cur else idle).append(b)
+    mean = statistics.fmean
+    return (mean(live) if live else 0.0, mean(idle) if idle else 0.0,
+            max(live + idle, default=0.0))
+
+
+def measured(sessions: list, hints: str, cap: int, cfg: object
+             ) -> tuple[int, int, int, tuple[float, float, float]]:
+    """(bytes of the policy's state, streams tracked, streams holding a latest request,
+    ``stream_bytes``)."""
     w = agent_workload(sessions, 8, 1, hints)
-    p = SessionPolicy([TierName.L1], cfg)  # type: ignore[arg-type]
-    sim.simulate(w, p, cap)
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    twin = copy.deepcopy(p)
+    p = SessionPolicy([TierName.L1], cfg)  # type: ignore[arg-type]
+    sim.simulate(w, p, cap)
     gc.collect()
-    size = tracemalloc.get_traced_memory()[0] - before
+    size = tracemalloc.get_traced_memory()[0] - before  # what the replay left: the policy
     tracemalloc.stop()
-    streams = twin._streams  # (a measurement of the policy's own state)
-    return size, len(streams), sum(1 for s in streams.values() if s.cur)
+    streams = p._streams  # (a measurement of the policy's own state)
+    return size, len(streams), sum(1 for s in streams.values() if s.cur), stream_bytes(p)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,14 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = session_config(args.config)
     pool = [s for s in load_folds((0, 1, 2, 3)) if fold_of(s.file) != HELD_OUT]
     for hints in ("engine", "ends"):
-        rows = [measured(pool[:n], hints, args.cap, cfg) for n in args.sessions]
-        (b1, s1, l1), (b2, s2, l2) = rows
-        for n, (b, s, live) in zip(args.sessions, rows, strict=True):
-            print(f"{hints:>6}: {n} sessions: {b / 1e6:.2f} MB, {s} streams tracked "
-                  f"({live} holding their latest request's blocks)")
-        print(f"{hints:>6}: {(b2 - b1) / (s2 - s1):,.0f} bytes per tracked stream; "
-              f"{(b2 - b1) / max(l2 - l1, 1):,.0f} per stream holding its latest request",
-              flush=True)
+        for n in args.sessions:
+            b, s, live, (per_live, per_idle, top) = measured(pool[:n], hints, args.cap, cfg)
+            print(f"{hints:>6}: {n} sessions: policy {b / 1e6:.2f} MB (tracemalloc), {s} "
+                  f"streams tracked, {live} holding their latest request's blocks; per "
+                  f"stream: {per_live:,.0f} B live, {per_idle:,.0f} B ended, max "
+                  f"{top:,.0f} B", flush=True)
     return 0
 
 
