@@ -15,10 +15,10 @@ Protocol (fixed; docs/replay-results.md, "Cross-validation (issue 16)"):
   window (at most ~n/2), hence one replay for all folds, as the lab's ``all:64`` did for
   the halves. K in {16, 32, 64, 96}, arrival seeds {1, 2}.
 * **Capacities** (% of the replay's unique blocks), chosen from LRU alone, before any
-  session result: per (K, seed), LRU runs on the ladder ``LADDER`` (from 1 % down and up
-  until it leaves the range);
+  session result: per (K, seed), LRU runs on the ladder ``LADDER`` around both ends of the
+  range (``_ladder_task``);
   the rungs where the whole replay's LRU hit rate is in [40 %, 85 %] are kept (at most
-  ``MAX_CAPS``: the lowest and the highest; with 3, the middle one too).
+  ``MAX_CAPS``: the lowest and the highest; with 3, the middle one of the rungs replayed).
 * **Cells**: (fold, K, seed, capacity) where that fold's own LRU hit rate is in
   [40 %, 85 %]. Metric per cell: **gap closed** = (policy - LRU) / (Belady - LRU) in hit
   rate (Belady: MIN with bypass over the whole replay, its hits attributed per fold).
@@ -217,11 +217,19 @@ def _run_task(task: tuple[Spec, str, float]) -> None:
     _log(spec, policy, pct, d)
 
 
-def _ladder_task(spec: Spec) -> None:
-    """LRU on the ladder from 1 % down until it falls below the range and up until it passes
-    it (LRU's hit rate grows with the capacity): every in-range rung, and no more than one
-    rung either side (cached rungs are not replayed)."""
-    def rate(pct: float) -> float:
+def _ladder_task(task: tuple[Spec, tuple[int, int]]) -> None:
+    """LRU on the ladder around each end of the range (LRU's hit rate grows with the
+    capacity): from ``start`` (the rungs of the lowest and the highest capacity in range
+    found before, e.g. on the development folds; else 1 %), walk down while the rung is in
+    range or up while it is below, and the same for the top end, so that the lowest and the
+    highest in-range rungs are known with one rung either side (cached rungs are not
+    replayed). ``pick_capacities`` then sees the same rungs at the ends as with the whole
+    ladder."""
+    spec, (lo_i, hi_i) = task
+    lo, hi = IN_RANGE
+
+    def rate(i: int) -> float:
+        pct = LADDER[i]
         d = RESULTS.get(key(spec, "lru", pct))
         if d is None:
             d = replay(spec, "lru", pct)
@@ -229,13 +237,37 @@ def _ladder_task(spec: Spec) -> None:
             _log(spec, "ladder lru", pct, d)
         return float(d["hits"]) / d["refs"]
 
-    start = LADDER.index(1.0)
-    for pct in LADDER[start::-1]:
-        if rate(pct) < IN_RANGE[0]:
-            break
-    for pct in LADDER[start + 1:]:
-        if rate(pct) > IN_RANGE[1]:
-            break
+    i = lo_i  # the lowest rung in range: rate(i) >= lo > rate(i - 1)
+    if rate(i) >= lo:
+        while i > 0 and rate(i - 1) >= lo:
+            i -= 1
+    else:
+        while i < len(LADDER) - 1 and rate(i) < lo:
+            i += 1
+    j = max(hi_i, i)  # the highest rung in range: rate(j) <= hi < rate(j + 1)
+    if rate(j) <= hi:
+        while j < len(LADDER) - 1 and rate(j + 1) <= hi:
+            j += 1
+    else:
+        while j > 0 and rate(j) > hi:
+            j -= 1
+
+
+def ladder_start(spec: Spec) -> tuple[int, int]:
+    """Where the ladder starts: the ends of the range found for the same K and seed on any
+    other set of folds already replayed (from the cache), else 1 %."""
+    _, k, seed, _, _ = spec
+    found: dict[float, float] = {}
+    for key_s, d in RESULTS.items():
+        parts = key_s.split("|")
+        if (len(parts) == 6 and parts[-1] == "lru" and parts[2] == f"K{k}"
+                and parts[3] == f"s{seed}"):
+            found[float(parts[4])] = float(d["hits"]) / d["refs"]
+    ok = pick_capacities(found, 2)
+    if not ok:
+        one = LADDER.index(1.0)
+        return one, one
+    return LADDER.index(ok[0]), LADDER.index(ok[-1])
 
 
 # --------------------------------------------------------------------------- result cache
@@ -477,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. capacities, from LRU alone
     plain = {(k, seed): (folds, k, seed, "none", 0.0) for k in args.ks for seed in args.seeds}
-    _pool_run(_ladder_task, list(plain.values()), args.jobs)
+    _pool_run(_ladder_task, [(spec, ladder_start(spec)) for spec in plain.values()], args.jobs)
     caps: dict[tuple[int, int], list[float]] = {}
     for (k, seed), spec in plain.items():
         rates = {pct: _rate(RESULTS[key(spec, "lru", pct)], None) for pct in LADDER
@@ -492,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for (k, seed), pcts in caps.items():
         spec = plain[(k, seed)]
-        pols = ["belady"] + (args.baselines.split(",") if seed in args.baseline_seeds else [])
+        pols = ["lru", "belady"] + (args.baselines.split(",") if seed in args.baseline_seeds
+                                    else [])
         tasks += [(spec, b, pct) for pct in pcts for b in pols
                   if key(spec, b, pct) not in RESULTS]
     tasks.sort(key=lambda t: (t[1] != "belady", t[0]))
