@@ -155,3 +155,27 @@ def test_every_sub_agent_of_the_traces_ends_once_with_its_last_turn() -> None:
         sub_ends = [(t, st) for t, st in engine_ends(s, 1e12) if st in subs]
         assert sorted(st for _, st in sub_ends) == sorted(subs)
         assert all(t == s.stream_end[st] for t, st in sub_ends)
+
+
+@pytest.mark.parametrize("start", [(0, 0), (2, 2), (1, 5), (8, 8), (4, 3), (2, 6)])
+def test_ladder_walk_finds_the_same_ends_as_the_whole_ladder(
+        start: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # LRU's hit rate per rung (grows with the capacity); in range: rungs 2..6
+    rates = dict(zip(cv.LADDER, [0.2, 0.35, 0.41, 0.5, 0.6, 0.7, 0.84, 0.9, 0.95], strict=True))
+    replayed: list[float] = []
+
+    def fake_replay(spec: object, policy: str, pct: float) -> dict[str, object]:
+        replayed.append(pct)
+        return {"refs": 100, "hits": round(rates[pct] * 100), "seconds": 1.0}
+
+    monkeypatch.setattr(cv, "replay", fake_replay)
+    monkeypatch.setattr(cv, "store", lambda spec, policy, pct, d:
+                        cv.RESULTS.__setitem__(cv.key(spec, policy, pct), d))
+    monkeypatch.setattr(cv, "RESULTS", {})
+    spec = ((0,), 16, 1, "none", 0.0)
+    cv._ladder_task((spec, start))
+    seen = {pct: rates[pct] for pct in replayed}
+    assert cv.pick_capacities(seen, 2) == cv.pick_capacities(rates, 2) == [1.0, 6.0]
+    assert len(replayed) == len(set(replayed))  # none twice
+    if start == (2, 6):  # started at the ends: each end and its neighbour outside, no more
+        assert sorted(replayed) == [0.5, 1.0, 6.0, 8.0]
