@@ -212,12 +212,8 @@ class SessionPolicyConfig:
 
     horizon: float = opt(-1.0, "ranking key: > 0, seconds of residence per expected hit "
                          "within this many seconds; < 0, the same within -horizon x the "
-                         "cache's characteristic time (how long LRU's victim's stream has "
-                         "been idle, EWMA); 0, the mean remaining wait", parse_float)
-    turnover: bool = opt(False, "with horizon < 0: the characteristic time is the first "
-                         "tier's turnover time (seconds to evict as many blocks as it "
-                         "holds) instead of the idle time of LRU's victim's stream",
-                         parse_bool)
+                         "first tier's turnover time (seconds to evict as many blocks as it "
+                         "holds); 0, the mean remaining wait", parse_float)
     learn: bool = opt(True, "learn the gap model from the traffic (false: keep the prior "
                       "guesses, for tests)", parse_bool)
     rerank_s: float = opt(2.0, "longest a ranking of the streams stands without a request or "

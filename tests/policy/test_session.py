@@ -165,7 +165,7 @@ def test_adaptive_horizon_defaults() -> None:
     c = Cache(p, cap=4)
     for i in range(6):
         c.request(f"S{i}", [f"s{i}.0", f"s{i}.1"], 10.0 * i)
-    assert p._lru_age > 0.0  # learned from LRU's victims
+    assert p.horizon_s() > 0.0  # the tier's turnover time, learned from its victims
 
 
 def _agent_trace(seed: int, n_streams: int = 6, steps: int = 400) -> list[tuple[Any, ...]]:
@@ -232,8 +232,7 @@ def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool
         if found:
             p.on_hits(L1, found, now, sid)
         fill(L1, [b for b in blocks if b not in res], 1, now, sid, res, cap)
-        states.append((frozenset(res), p.trust, p.lru_mode, p._lru_age, p._turn_T,
-                       dict(p.stats)))
+        states.append((frozenset(res), p.trust, p.lru_mode, p._turn_T, dict(p.stats)))
     return states
 
 
@@ -247,8 +246,7 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
     for seed in range(6):
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
-            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
-                       {"turnover": True}):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
                 assert a == b, (seed, cap, kw)
@@ -427,3 +425,23 @@ def test_per_hit_key_is_the_bin_by_bin_definition() -> None:
             horizon = rng.choice([0.1, rng.lognormvariate(4.0, 3.0), 1e9])
             want = by_bins(g, cls, age, horizon)
             assert abs(g.per_hit(cls, age, horizon) - want) <= 1e-9 * abs(want)
+
+
+def test_horizon_is_the_first_tiers_turnover_time() -> None:
+    """The ranking's horizon (horizon < 0) is the first tier's turnover time: the seconds
+    it takes to evict as many blocks as the tier holds. A block that stays at the LRU
+    head for hours (here: the ranking always finds something worse to evict) does not
+    stretch it; the former estimate, the idle time of the stream owning LRU's choice,
+    became that block's age, which is how it ran away to ~20 h at the upper in-range
+    capacities."""
+    p = SessionPolicy([L1])
+    c = Cache(p, cap=9)
+    c.request("old", ["o1"], 0.0)
+    c.turn_end("old", TOOL, 0.5)
+    t = 10_000.0  # hours later: sub-agents that end at once, 2 new blocks a second
+    for i in range(40):
+        s = f"old/sub{i}"
+        c.request(s, [f"{s}.a", f"{s}.b"], t + i)
+        c.end(s, t + i + 0.5)
+    assert "o1" in c.res  # dead blocks went first: o1 held the LRU head all along
+    assert 4.0 <= p.horizon_s() <= 5.0  # 9 evictions at 2 a second

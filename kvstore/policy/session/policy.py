@@ -53,12 +53,6 @@ from kvstore.policy.session.streams import ABSENT, Stream, TierState, pop_res
 from kvstore.types import BlockId, SessionEnd, SessionEvent, TierName, TurnEnd
 
 
-def lru_age_step(avg: float, age: float) -> float:
-    """One step of the EWMA (weight 0.001 per victim) of how long the stream owning LRU's
-    choice has been idle: the cache's characteristic time, the ranking's horizon."""
-    return age if avg <= 0.0 else avg + 0.001 * (age - avg)
-
-
 class SessionPolicy(Duel, Policy):
     name = "session"
 
@@ -86,11 +80,13 @@ class SessionPolicy(Duel, Policy):
         self._init_duel(cfg)
         # Ranking key: ``horizon`` > 0: seconds per hit within that many seconds (see
         # GapModel.per_hit); < 0: the same with a horizon of -horizon x the cache's
-        # characteristic time (EWMA of how long LRU's victim's stream has been idle);
-        # 0: the conditional mean remaining wait E[G - a | G > a].
+        # characteristic time, the first tier's turnover time (how long it takes to evict
+        # as many blocks as it holds: about how long a block not used again stays); 0: the
+        # conditional mean remaining wait E[G - a | G > a]. (Until issue 16 the
+        # characteristic time was an EWMA of how long LRU's choice's stream had been
+        # idle: at the upper capacities LRU's head is a stream idle for hours that the
+        # ranking keeps for lack of anything worse, so the horizon ran away to ~20 h.)
         self.horizon = cfg.horizon
-        self._lru_age = 0.0
-        self.turnover = cfg.turnover
         self._turn_n = 0  # first-tier victims since the turnover clock last started
         self._turn_t = -1.0  # when it started (< 0: not yet)
         self._turn_T = 0.0  # seconds the first tier took to evict as many blocks as it holds
@@ -356,10 +352,15 @@ class SessionPolicy(Duel, Policy):
             cls = s.tool
         h = self.horizon
         if h < 0.0:
-            h = -h * (self._turn_T if self.turnover else self._lru_age)
+            h = -h * self._turn_T  # (horizon_s(), inlined)
         if h > 0.0:
             return self.gaps.per_hit(cls, age, h)
         return self.gaps.remaining(cls, age)
+
+    def horizon_s(self) -> float:
+        """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
+        h = self.horizon
+        return -h * self._turn_T if h < 0.0 else h
 
     def _turnover(self, now: float) -> None:
         """One first-tier victim: the tier's turnover time is measured victim-count by
@@ -438,10 +439,6 @@ class SessionPolicy(Duel, Policy):
             lc = next(iter(lru)) if lru else None
         if lc is not None and first and self.horizon < 0.0:
             self._turnover(now)
-            o = ts.own.get(lc)
-            if o is not None and o.last_req is not None:
-                age = now - o.last_req
-                self._lru_age = lru_age_step(self._lru_age, age)
         stats = self.stats
         if sc is None:
             if lc is None:
