@@ -42,6 +42,7 @@ from types import ModuleType
 from typing import Any
 
 from bench.replay import sim
+from bench.replay.cv import cv_files
 from bench.replay.lab import session_config
 from bench.replay.workloads import agent_files, agent_workload, load_sessions, split_half
 from kvstore.policy import POLICIES, SessionPolicy
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=float, default=16.0)
     ap.add_argument("--pct", type=float, default=5.0)
     ap.add_argument("--hints", default="engine")
+    ap.add_argument("--all-sessions", action="store_true",
+                    help="all 274 shared sessions (dev and dev-extra, the held-out fold "
+                         "included: run it with the final evaluation) instead of --half "
+                         "and --sessions")
     ap.add_argument("--config", default="",
                     help="the server's TOML config file: its [policy.session] options")
     ap.add_argument("--session-args", default="",
@@ -76,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", default="",
                     help="a folder with an earlier sim.py and session.py to compare with")
     args = ap.parse_args(argv)
-    files = split_half(agent_files(), args.half)[:args.sessions]
-    w = agent_workload(load_sessions(files), args.k, 1, args.hints, name=f"agent-{args.half}")
+    if args.all_sessions:
+        files = cv_files()
+        w = agent_workload(load_sessions(files), args.k, 1, args.hints, name="agent-274")
+    else:
+        files = split_half(agent_files(), args.half)[:args.sessions]
+        w = agent_workload(load_sessions(files), args.k, 1, args.hints,
+                           name=f"agent-{args.half}")
     cap = max(1, int(w.n_unique * args.pct / 100))
     names = args.policies.split(",")
     # name -> (simulate function, policy class)

@@ -28,7 +28,7 @@ import os
 import random
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,7 @@ HINT = 1
 TRACES = Path(os.environ.get("KVSTORE_TRACES")
               or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
 AGENT_DIR = TRACES / "agentic-cc" / "dev"
+AGENT_EXTRA_DIR = TRACES / "agentic-cc" / "dev-extra"
 MOONCAKE_DIR = TRACES / "mooncake"
 
 STOP_REASON = {
@@ -122,6 +123,7 @@ class _Req:
     blocks: array
     stop: str
     api_time: float
+    sub: bool = False  # a sub-agent's request (its own stream)
 
 
 @dataclass
@@ -157,19 +159,20 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
     reqs: list[_Req] = []
     sid = f"{d.get('id', path.stem)}"
 
-    def add(rs: list[dict], stream: str, t0: float) -> None:
+    def add(rs: list[dict], stream: str, t0: float, sub: bool) -> None:
         for r in rs:
             if r.get("type") == "subagent":
-                add(r.get("requests", []), f"{sid}/{r.get('agent_id', len(reqs))}", t0 + r["t"])
+                add(r.get("requests", []), f"{sid}/{r.get('agent_id', len(reqs))}", t0 + r["t"],
+                    True)
                 continue
             ids = r.get("hash_ids") or []
             if not ids:
                 continue
             blocks = array("q", [base | h for h in ids])
             reqs.append(_Req(t0 + float(r["t"]), stream, blocks, r.get("stop") or "",
-                             float(r.get("api_time") or 0.0)))
+                             float(r.get("api_time") or 0.0), sub))
 
-    add(d["requests"], sid, 0.0)
+    add(d["requests"], sid, 0.0, False)
     reqs.sort(key=lambda q: q.t)
     if max_requests is not None:
         reqs = reqs[:max_requests]
@@ -180,8 +183,80 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
     return Session(index, sid, duration, reqs, ends, path.name)
 
 
-def load_sessions(files: list[Path], max_requests: int | None = None) -> list[Session]:
-    return [load_session(p, i, max_requests) for i, p in enumerate(files)]
+def load_sessions(files: list[Path], max_requests: int | None = None,
+                  indices: list[int] | None = None) -> list[Session]:
+    """``indices``: each file's block namespace (default its position in ``files``); two
+    sessions replayed together need different ones."""
+    idx = indices if indices is not None else list(range(len(files)))
+    return [load_session(p, i, max_requests) for i, p in zip(idx, files, strict=True)]
+
+
+#: engine-knowable session ends: a main session that made no request for this long (s of
+#: trace time) after its last turn ended is ended by the engine (``hints="ends"``)
+IDLE_END_S = 900.0
+
+#: the synthetic tool labelling (``hints="tools"``): a tool call is named by the order of
+#: magnitude of the real wait that follows it (upper bounds in s, last = the rest) ...
+SYNTHETIC_TOOLS = ((5.0, "Read"), (20.0, "Edit"), (60.0, "Bash"), (300.0, "Build"),
+                   (float("inf"), "AskUser"))
+#: ... except this share of calls, which get another name at random (seeded)
+SYNTHETIC_TOOL_NOISE = 0.3
+
+
+def engine_ends(s: Session, idle_s: float = IDLE_END_S) -> list[tuple[float, str]]:
+    """The SessionEnds an engine can send without seeing the future: (time relative to the
+    session's start, stream), in time order.
+
+    * A sub-agent is finished when one of its turns ends with ``end_turn`` (a sub-agent
+      does not wait for a person: its answer goes back to the parent; in these traces
+      every sub-agent's last turn, and only that one, ends so): SessionEnd at that turn end.
+    * A main session that has made no request (itself or a sub-agent) for ``idle_s`` after
+      its latest turn ended: SessionEnd for each stream of it that made a request since the
+      previous such end, ``idle_s`` after that turn end. Whether it is sent depends only on
+      requests before that moment; the session may come back later (a new request makes
+      the stream live again).
+
+    The traces carry no explicit client calls that would end a session.
+    """
+    out: list[tuple[float, str]] = []
+    busy_until: float | None = None  # latest turn end of the session so far
+    active: dict[str, None] = {}  # streams with a request since the last idle end
+    for q in s.reqs:  # in start order
+        if busy_until is not None and q.t > busy_until + idle_s:
+            out.extend((busy_until + idle_s, st) for st in active)
+            active.clear()
+        active[q.stream] = None
+        end = q.t + q.api_time
+        busy_until = end if busy_until is None else max(busy_until, end)
+        if q.sub and q.stop == "end_turn":
+            out.append((end, q.stream))
+            active.pop(q.stream, None)
+    if busy_until is not None:
+        out.extend((busy_until + idle_s, st) for st in active)
+    out.sort(key=lambda e: e[0])
+    return out
+
+
+def synthetic_tool_names(s: Session, rng: random.Random) -> dict[int, str]:
+    """SYNTHETIC labelling (the traces carry no tool names): request index in ``s.reqs``
+    -> a tool name for each turn that ended in a tool call, from the real wait until its
+    stream's next request (``SYNTHETIC_TOOLS``), ``SYNTHETIC_TOOL_NOISE`` of them replaced
+    by another name. It stands for what an engine adapter passing the called tool's name
+    could give, if tools differed in wait as much as these classes do: an optimistic
+    labelling, for what tool names could be worth, not a measurement of real tools."""
+    names = [n for _, n in SYNTHETIC_TOOLS]
+    nxt: dict[str, float] = {}
+    out: dict[int, str] = {}
+    for i in range(len(s.reqs) - 1, -1, -1):
+        q = s.reqs[i]
+        if q.stop == "tool_use":
+            gap = nxt[q.stream] - (q.t + q.api_time) if q.stream in nxt else float("inf")
+            name = next((n for bound, n in SYNTHETIC_TOOLS if gap < bound), names[-1])
+            if rng.random() < SYNTHETIC_TOOL_NOISE:
+                name = rng.choice([n for n in names if n != name])
+            out[i] = name
+        nxt[q.stream] = q.t
+    return out
 
 
 def poisson_offsets(sessions: list[Session], k: float, seed: int) -> tuple[list[float], float]:
@@ -220,20 +295,32 @@ def poisson_offsets(sessions: list[Session], k: float, seed: int) -> tuple[list[
     return offsets, lam
 
 
+HINT_MODES = ("engine", "session_end", "none", "wrong", "ends", "tools", "ends+tools")
+
+
 def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str = "engine",
-                   wrong_share: float = 0.3, name: str = "agent") -> Workload:
-    """hints: 'engine' (TurnEnd at each turn end), 'session_end' (plus SessionEnd per
-    stream when it finishes), 'none', or 'wrong' (engine hints, ``wrong_share`` of them
-    replaced by a different reason, seeded)."""
+                   wrong_share: float = 0.3, name: str = "agent",
+                   group_of: Callable[[str], str] = half_of,
+                   idle_end_s: float = IDLE_END_S) -> Workload:
+    """hints: 'engine' (TurnEnd at each turn end), 'session_end' (the oracle: plus
+    SessionEnd per stream right after its last turn), 'ends' (engine hints plus the
+    SessionEnds an engine knows: ``engine_ends`` with ``idle_end_s``), 'tools' (engine
+    hints with the synthetic tool names of ``synthetic_tool_names``), 'ends+tools',
+    'none', or 'wrong' (engine hints, ``wrong_share`` of them replaced by a different
+    reason, seeded). ``group_of``: a session's file name -> its label in ``groups``."""
+    if hints not in HINT_MODES:
+        raise ValueError(f"hints {hints!r}: one of {', '.join(HINT_MODES)}")
     offsets, lam = poisson_offsets(sessions, k, seed)
     rng = random.Random(seed * 7919 + 13)
+    tool_rng = random.Random(seed * 104729 + 7)
     events: list[Event] = []
     ns = "agent"
     intern = Interner()
     groups: dict[str | None, str] = {}
     for s, off in zip(sessions, offsets, strict=True):
-        g = half_of(s.file) if s.file else "?"
-        for q in s.reqs:
+        g = group_of(s.file) if s.file else "?"
+        tools = synthetic_tool_names(s, tool_rng) if "tools" in hints else {}
+        for i, q in enumerate(s.reqs):
             groups[q.stream] = g
             events.append((off + q.t, REQ, q.stream, intern(q.blocks)))
             if hints == "none":
@@ -241,8 +328,13 @@ def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str 
             reason = STOP_REASON.get(q.stop, TurnEndReason.UNSPECIFIED)
             if hints == "wrong" and rng.random() < wrong_share:
                 reason = rng.choice([r for r in WRONG_CHOICES if r != reason])
-            ev = SessionEvent(ns, q.stream, TurnEnd(reason))
+            ev = SessionEvent(ns, q.stream, TurnEnd(reason, tool_name=tools.get(i, "")))
             events.append((off + q.t + q.api_time, HINT, q.stream, ev))
+        if hints.startswith("ends"):
+            for t, stream in engine_ends(s, idle_end_s):
+                # just after the TurnEnd of the same moment (a finished sub-agent)
+                events.append((off + t + 1e-6, HINT, stream, SessionEvent(ns, stream,
+                                                                         SessionEnd())))
         if hints == "session_end":
             for stream, end in s.stream_end.items():
                 # just after the stream's last TurnEnd
@@ -252,4 +344,6 @@ def agent_workload(sessions: list[Session], k: float, seed: int = 1, hints: str 
     w = _count(Workload(f"{name}-K{k:g}-{hints}", 64, events, groups=groups))
     w.meta = {"K": k, "seed": seed, "lambda_per_s": lam, "sessions": len(sessions),
               "window_s": max(offsets) if offsets else 0.0, "hints": hints}
+    if hints.startswith("ends"):
+        w.meta["idle_end_s"] = idle_end_s
     return w
