@@ -152,7 +152,7 @@ class SessionPolicy(Duel, Policy):
                 nlive[b] = c
             else:
                 nlive.pop(b, None)
-        s.cur = set()
+        s.cur = ()
         t = s.last_req if s.last_req is not None else s.t_state
         for tier, ts in self._tiers.items():
             own, free = ts.own, ts.free
@@ -204,23 +204,25 @@ class SessionPolicy(Duel, Policy):
         s.tool = -1
         s.expected = 0.0
         s.ended = False
-        new = set(blocks)
+        new = dict.fromkeys(blocks)  # (a dict: the request's order, for s.cur)
         old = s.cur
         nlive = self._nlive
         discard = self._discard
-        for b in (new - old) if old else new:
+        added = (new.keys() - old) if old else new
+        for b in added:
             nlive[b] = nlive.get(b, 0) + 1
             if discard:
                 discard.discard(b)  # wanted again: no longer to be discarded
-        if old:
-            for b in old - new:
-                c = nlive.get(b, 0) - 1
-                if c > 0:
-                    nlive[b] = c
-                else:
-                    nlive.pop(b, None)
-                    self._kill(b)
-        s.cur = new
+        if len(old) + len(added) > len(new):  # some of the previous request's blocks left
+            for b in old:  # (in that request's order: the dead queues' order)
+                if b not in new:
+                    c = nlive.get(b, 0) - 1
+                    if c > 0:
+                        nlive[b] = c
+                    else:
+                        nlive.pop(b, None)
+                        self._kill(b)
+        s.cur = tuple(new)
         self._dirty = True
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
@@ -354,15 +356,22 @@ class SessionPolicy(Duel, Policy):
                 self._kill(b)
                 if discard and any(b in ts.lru for ts in self._tiers.values()):
                     self._discard.add(b)  # (resident only: on_remove forgets it)
-        s.cur = set()
+        s.cur = ()
         if survivors:  # shared with live streams: hand them to the latest active one
+            heirs: dict[Any, Stream] = {}  # survivor -> the latest active live stream with it
+            shared = set(survivors)
+            for t in self._streams.values():
+                if t.ended or not t.cur:
+                    continue
+                last = t.last_req or 0.0
+                for b in shared.intersection(t.cur):
+                    h = heirs.get(b)
+                    if h is None or last > (h.last_req or 0.0):
+                        heirs[b] = t  # (the first of equals, as max() would choose)
             for tier, ts in self._tiers.items():
                 for b in survivors:
                     if ts.own.get(b, False) is s:
-                        heir = max((t for t in self._streams.values()
-                                    if not t.ended and b in t.cur),
-                                   key=lambda t: t.last_req or 0.0, default=None)
-                        self._adopt(tier, ts, b, heir)
+                        self._adopt(tier, ts, b, heirs.get(b))
         for tier, ts in self._tiers.items():  # whatever is left is private and dead
             for b in list(s.res[tier]):
                 self._adopt(tier, ts, b, None)
