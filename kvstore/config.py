@@ -256,6 +256,10 @@ class SessionPolicyConfig:
                           "session ranking", parse_int)
     duel_retry: int = opt(300, "in LRU fallback: retry the session ranking after this many "
                           "requests (0: only on trust_back)", parse_int)
+    max_streams: int = opt(4096, "most streams (sessions, sub-agents) whose state the policy "
+                           "keeps; over it the least recently active one is forgotten (it "
+                           "starts afresh if it returns, its blocks ranked by LRU age)",
+                           parse_int)
 
 
 #: Options that no longer exist. A config file that still sets one loads, with a warning
@@ -568,6 +572,8 @@ def validate_session_policy(sp: SessionPolicyConfig) -> None:
                  "trust_back", "duel_retry"):
         if getattr(sp, name) < 0:
             raise InvalidConfig(f"policy.session.{name} must be >= 0")
+    if sp.max_streams < 1:
+        raise InvalidConfig("policy.session.max_streams must be >= 1")
 
 
 def reference_markdown() -> str:

@@ -6,6 +6,8 @@ from typing import Any
 
 from kvstore.policy.base import Action
 from kvstore.policy.session import SessionPolicy
+from kvstore.policy.session.gaps import TOOL as TOOL_CLASS
+from kvstore.policy.session.gaps import USER as USER_CLASS
 from kvstore.types import SessionEnd, SessionEvent, TierName, TurnEnd, TurnEndReason
 
 L1, L2 = TierName.L1, TierName.L2
@@ -241,12 +243,14 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
     inlined path) against Policy.fill (victim ->
     on_remove -> on_insert per block): the same resident set, trust, mode, learned
     horizon and stats after every request, on random agent-like traces, with and without
-    the duel and shared-block deferral, at capacities from a few blocks to most of the
-    working set."""
+    the duel and shared-block deferral, with a stream bound the traces exceed (streams
+    forgotten while their blocks are resident), at capacities from a few blocks to most
+    of the working set."""
     for seed in range(6):
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
-            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0}):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
+                       {"max_streams": 3}, {"max_streams": 1, "duel": False}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
                 assert a == b, (seed, cap, kw)
@@ -445,3 +449,36 @@ def test_horizon_is_the_first_tiers_turnover_time() -> None:
         c.end(s, t + i + 0.5)
     assert "o1" in c.res  # dead blocks went first: o1 held the LRU head all along
     assert 4.0 <= p.horizon_s() <= 5.0  # 9 evictions at 2 a second
+
+
+def test_tracked_streams_are_bounded() -> None:
+    """Without SessionEnd a stream's state would stay for good: past ``max_streams`` the
+    least recently active stream is forgotten, however many streams come and go."""
+    c = Cache(SessionPolicy([L1], max_streams=8), cap=20)
+    for i in range(200):
+        c.request(f"S{i}", [f"s{i}.0", f"s{i}.1", "sys"], float(i))
+        c.turn_end(f"S{i}", USER, i + 0.5)
+        c.request("main", ["sys", f"m{i}"], i + 0.7)  # active all along: never forgotten
+        assert c.p.tracked_streams() <= 8
+    assert c.request("main", ["sys", "m199"], 300.0) == 2  # its blocks kept their owner
+
+
+def test_a_forgotten_stream_that_returns_starts_afresh() -> None:
+    """A forgotten stream's blocks stay resident, ranked by LRU age with the blocks of no
+    session; when it returns it finds them (hits) and is tracked again, as a new stream:
+    its gap is not learned (nothing remembers when it left)."""
+    p = SessionPolicy([L1], max_streams=2)
+    c = Cache(p, cap=6)
+    c.request("A", ["a1", "a2"], 0.0)
+    c.turn_end("A", USER, 1.0)
+    c.request("B", ["b1", "b2"], 2.0)
+    c.turn_end("B", TOOL, 3.0)
+    c.request("C", ["c1"], 4.0)  # A, the least recently active, is forgotten
+    assert p.tracked_streams() == 2 and c.evicted == []
+    seen = int(p.gaps.n[TOOL_CLASS]), int(p.gaps.n[USER_CLASS])
+    assert c.request("A", ["a1", "a2", "a3"], 5.0) == 2  # B forgotten now; A afresh
+    assert (int(p.gaps.n[TOOL_CLASS]), int(p.gaps.n[USER_CLASS])) == seen
+    assert p.tracked_streams() == 2
+    c.turn_end("A", TOOL, 6.0)
+    assert c.request("A", ["a1", "a2", "a3", "a4"], 7.0) == 3  # tracked again: learns
+    assert int(p.gaps.n[TOOL_CLASS]) == seen[0] + 1

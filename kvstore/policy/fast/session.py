@@ -253,6 +253,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
             if s is None:  # nothing in this loop changes the cached stream after this
                 s = self._stream(session)
                 res_s = s.res[tier]
+                if self._dirty:  # a new stream made another one forgotten (max_streams)
+                    ranked = False
             o = own.get(b, ABSENT)
             prev = b  # now the newest of s's blocks (unless it was s's already)
             if o is not s:

@@ -33,6 +33,7 @@ choice. This is a ghost-LRU comparison limited to the decisions where the two di
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +70,10 @@ class SessionPolicy(Duel, Policy):
         self.gaps = GapModel()
         self.rerank_s = cfg.rerank_s
         self._streams: dict[str, Stream] = {}
+        # The same streams, least recently active first (``max_streams``: the first is
+        # forgotten). Apart from ``_streams``, whose order is the ranking's tie-break.
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self.max_streams = cfg.max_streams
         self._last_name: str | None = None  # the stream of the latest call, cached
         self._last_s: Stream | None = None
         self._tiers = {t: TierState() for t in tiers}
@@ -112,12 +117,51 @@ class SessionPolicy(Duel, Policy):
     def _stream(self, session: str) -> Stream:
         s = self._last_s
         if s is not None and self._last_name == session:
-            return s
+            return s  # (the most recently active already)
+        recent = self._recent
         s = self._streams.get(session)
         if s is None:
+            if len(recent) >= self.max_streams:
+                self._forget(self._streams[next(iter(recent))])
             s = self._streams[session] = Stream(session, self.tiers)
+            recent[session] = None
+        else:
+            recent.move_to_end(session)
         self._last_name, self._last_s = session, s
         return s
+
+    def tracked_streams(self) -> int:
+        """Streams whose state the policy keeps (at most ``max_streams``)."""
+        return len(self._streams)
+
+    def _forget(self, s: Stream) -> None:
+        """Drop a stream's state (``max_streams``): it no longer keeps its latest
+        request's blocks live, and the blocks it owns become ownerless, ranked by LRU age
+        with the blocks of no session, as last used at its latest request, its newest
+        blocks first (as its own ranking would offer them). They join that queue's end:
+        with sessions only, the queue stays in LRU order (streams are forgotten least
+        recently active first). If it returns it starts afresh, as a new stream."""
+        del self._streams[s.name]
+        del self._recent[s.name]
+        if self._last_s is s:
+            self._last_name = self._last_s = None
+        nlive = self._nlive
+        for b in s.cur:
+            c = nlive.get(b, 0) - 1
+            if c > 0:
+                nlive[b] = c
+            else:
+                nlive.pop(b, None)
+        s.cur = ()
+        t = s.last_req if s.last_req is not None else s.t_state
+        for tier, ts in self._tiers.items():
+            own, free = ts.own, ts.free
+            res = s.res[tier]
+            for b in reversed(res):
+                own[b] = None
+                free[b] = t
+            res.clear()  # (a ranking that still holds it finds it empty)
+        self._dirty = True
 
     def _adopt(self, tier: TierName, ts: TierState, block: Any, s: Stream | None) -> None:
         """Make ``s`` (None: nobody) the owner of a resident block."""
@@ -160,23 +204,25 @@ class SessionPolicy(Duel, Policy):
         s.tool = -1
         s.expected = 0.0
         s.ended = False
-        new = set(blocks)
+        new = dict.fromkeys(blocks)  # (a dict: the request's order, for s.cur)
         old = s.cur
         nlive = self._nlive
         discard = self._discard
-        for b in (new - old) if old else new:
+        added = (new.keys() - old) if old else new
+        for b in added:
             nlive[b] = nlive.get(b, 0) + 1
             if discard:
                 discard.discard(b)  # wanted again: no longer to be discarded
-        if old:
-            for b in old - new:
-                c = nlive.get(b, 0) - 1
-                if c > 0:
-                    nlive[b] = c
-                else:
-                    nlive.pop(b, None)
-                    self._kill(b)
-        s.cur = new
+        if len(old) + len(added) > len(new):  # some of the previous request's blocks left
+            for b in old:  # (in that request's order: the dead queues' order)
+                if b not in new:
+                    c = nlive.get(b, 0) - 1
+                    if c > 0:
+                        nlive[b] = c
+                    else:
+                        nlive.pop(b, None)
+                        self._kill(b)
+        s.cur = tuple(new)
         self._dirty = True
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
@@ -310,15 +356,22 @@ class SessionPolicy(Duel, Policy):
                 self._kill(b)
                 if discard and any(b in ts.lru for ts in self._tiers.values()):
                     self._discard.add(b)  # (resident only: on_remove forgets it)
-        s.cur = set()
+        s.cur = ()
         if survivors:  # shared with live streams: hand them to the latest active one
+            heirs: dict[Any, Stream] = {}  # survivor -> the latest active live stream with it
+            shared = set(survivors)
+            for t in self._streams.values():
+                if t.ended or not t.cur:
+                    continue
+                last = t.last_req or 0.0
+                for b in shared.intersection(t.cur):
+                    h = heirs.get(b)
+                    if h is None or last > (h.last_req or 0.0):
+                        heirs[b] = t  # (the first of equals, as max() would choose)
             for tier, ts in self._tiers.items():
                 for b in survivors:
                     if ts.own.get(b, False) is s:
-                        heir = max((t for t in self._streams.values()
-                                    if not t.ended and b in t.cur),
-                                   key=lambda t: t.last_req or 0.0, default=None)
-                        self._adopt(tier, ts, b, heir)
+                        self._adopt(tier, ts, b, heirs.get(b))
         for tier, ts in self._tiers.items():  # whatever is left is private and dead
             for b in list(s.res[tier]):
                 self._adopt(tier, ts, b, None)
