@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for (k, seed), pcts in caps.items():
         spec = plain[(k, seed)]
-        pols = ["lru", "belady"] + (args.baselines.split(",") if seed in args.baseline_seeds
+        pols = ["lru", "belady"] + ([b for b in args.baselines.split(",") if b] if seed in args.baseline_seeds
                                     else [])
         tasks += [(spec, b, pct) for pct in pcts for b in pols
                   if key(spec, b, pct) not in RESULTS]
