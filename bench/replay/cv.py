@@ -528,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for (k, seed), pcts in caps.items():
         spec = plain[(k, seed)]
-        pols = ["lru", "belady"] + ([b for b in args.baselines.split(",") if b] if seed in args.baseline_seeds
-                                    else [])
+        others = [b for b in args.baselines.split(",") if b]
+        pols = ["lru", "belady"] + (others if seed in args.baseline_seeds else [])
         tasks += [(spec, b, pct) for pct in pcts for b in pols
                   if key(spec, b, pct) not in RESULTS]
     tasks.sort(key=lambda t: (t[1] != "belady", t[0]))
