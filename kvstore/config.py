@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstore.errors import InvalidConfig
+
+_log = logging.getLogger(__name__)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -209,19 +212,12 @@ class SessionPolicyConfig:
 
     horizon: float = opt(-1.0, "ranking key: > 0, seconds of residence per expected hit "
                          "within this many seconds; < 0, the same within -horizon x the "
-                         "cache's characteristic time (how long LRU's victim's stream has "
-                         "been idle, EWMA); 0, the mean remaining wait", parse_float)
-    quantile: float = opt(0.0, "with horizon 0: rank by this quantile of the remaining wait "
-                          "instead of its mean (0: the mean)", parse_float)
-    per_stream: bool = opt(False, "predict a stream's next request from its own recent gaps "
-                           "first, the class's histogram second", parse_bool)
+                         "first tier's turnover time (seconds to evict as many blocks as it "
+                         "holds); 0, the mean remaining wait", parse_float)
     learn: bool = opt(True, "learn the gap model from the traffic (false: keep the prior "
                       "guesses, for tests)", parse_bool)
     rerank_s: float = opt(2.0, "longest a ranking of the streams stands without a request or "
                           "hint (s)", parse_float)
-    defer_shared: bool = opt(False, "offer blocks that two or more live streams reference "
-                             "after every stream's blocks (false: with their owner's, the "
-                             "stream that referenced them last)", parse_bool)
     max_tools: int = opt(256, "most tool names (TurnEnd.tool_name) with a gap model of their "
                          "own", parse_int)
     tool_min: int = opt(8, "gaps observed after a tool's calls before its own model ranks "
@@ -241,6 +237,16 @@ class SessionPolicyConfig:
                           "session ranking", parse_int)
     duel_retry: int = opt(300, "in LRU fallback: retry the session ranking after this many "
                           "requests (0: only on trust_back)", parse_int)
+
+
+#: Options that no longer exist. A config file that still sets one loads, with a warning
+#: naming what became of it (flags and variables of these names are gone).
+RETIRED_OPTIONS: dict[tuple[str | None, str], str] = {
+    ("policy.session", "quantile"): "the ranking key with horizon 0 is the conditional mean",
+    ("policy.session", "per_stream"): "per-stream gap estimates lost to the class model",
+    ("policy.session", "defer_shared"): "a shared block is always offered with the stream "
+                                        "that referenced it last",
+}
 
 
 @dataclass(frozen=True)
@@ -408,6 +414,11 @@ def _apply(values: dict[tuple[str | None, str], Any], source: str) -> Config:
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for (section, name), raw in values.items():
         f = known.get((section, name))
+        if f is None and (section, name) in RETIRED_OPTIONS:
+            _log.warning("config option %s%s in %s is retired and ignored: %s",
+                         f"{section}." if section else "", name, source,
+                         RETIRED_OPTIONS[(section, name)])
+            continue
         if f is None:
             where = f"[{section}] " if section else ""
             raise InvalidConfig(f"unknown config option {where}{name!r} in {source}")
@@ -521,8 +532,6 @@ def validate(config: Config) -> None:
 
 
 def validate_session_policy(sp: SessionPolicyConfig) -> None:
-    if not 0.0 <= sp.quantile < 1.0:
-        raise InvalidConfig("policy.session.quantile must be in [0, 1)")
     if not 0.0 < sp.duel_decay <= 1.0:
         raise InvalidConfig("policy.session.duel_decay must be in (0, 1]")
     for name in ("rerank_s", "duel_margin"):

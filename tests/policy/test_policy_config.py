@@ -35,17 +35,32 @@ def test_session_options_from_file_env_and_flags_reach_the_policy(tmp_path: Path
                     'tool_min = 3\nhorizon = 60.0\n')
     c = _load(["--config", str(toml), "--policy-session-horizon", "0"],
               env={"KVSTORE_POLICY_SESSION_TOOL_MIN": "5",
-                   "KVSTORE_POLICY_SESSION_DEFER_SHARED": "true"})
+                   "KVSTORE_POLICY_SESSION_DUEL_RETRY": "7"})
     sp = c.policy.session
-    assert (sp.duel, sp.tool_min, sp.horizon, sp.defer_shared) == (False, 5, 0.0, True)
+    assert (sp.duel, sp.tool_min, sp.horizon, sp.duel_retry) == (False, 5, 0.0, 7)
     p = make_policy(c.policy, [L1])
     assert isinstance(p, SessionPolicy)
-    assert (p.duel, p.tool_min, p.horizon, p.defer_shared) == (False, 5, 0.0, True)
+    assert (p.duel, p.tool_min, p.horizon, p.duel_retry) == (False, 5, 0.0, 7)
+
+
+def test_a_config_file_with_retired_session_options_still_loads(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Options removed from [policy.session] (quantile, per_stream, defer_shared) are
+    accepted in a config file, ignored, and named in one warning each."""
+    toml = tmp_path / "old.toml"
+    toml.write_text("[policy.session]\nquantile = 0.5\nper_stream = true\n"
+                    "defer_shared = true\ntool_min = 4\n")
+    with caplog.at_level("WARNING", logger="kvstore.config"):
+        c = _load(["--config", str(toml)])
+    assert c.policy.session == kvconfig.SessionPolicyConfig(tool_min=4)
+    text = caplog.text
+    for name in ("quantile", "per_stream", "defer_shared"):
+        assert f"policy.session.{name}" in text and "retired" in text
 
 
 def test_bad_session_options_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(InvalidConfig, match=r"policy\.session\.quantile"):
-        _load(["--policy-session-quantile", "1.5"])
+    with pytest.raises(InvalidConfig, match=r"policy\.session\.duel_decay"):
+        _load(["--policy-session-duel-decay", "1.5"])
     with pytest.raises(InvalidConfig, match="policy-session-duel"):
         _load([], env={"KVSTORE_POLICY_SESSION_DUEL": "maybe"})
     toml = tmp_path / "k.toml"

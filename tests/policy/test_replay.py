@@ -137,8 +137,8 @@ def test_lab_session_options_are_the_servers(tmp_path: Path) -> None:
     assert lab.session_config(str(toml)) == served and not served.duel
     with pytest.raises(InvalidConfig, match="no_such_option"):
         lab.session_config("", '{"no_such_option": 1}')
-    with pytest.raises(InvalidConfig, match="quantile"):
-        lab.session_config("", '{"quantile": 2}')
+    with pytest.raises(InvalidConfig, match="duel_decay"):
+        lab.session_config("", '{"duel_decay": 2}')
 
     w = workload([[1, 2, 3], [1, 2, 4], [5, 6], [1, 2, 3, 4]])
     spec = ("mooncake", "hand-made")

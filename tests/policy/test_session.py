@@ -165,7 +165,7 @@ def test_adaptive_horizon_defaults() -> None:
     c = Cache(p, cap=4)
     for i in range(6):
         c.request(f"S{i}", [f"s{i}.0", f"s{i}.1"], 10.0 * i)
-    assert p._lru_age > 0.0  # learned from LRU's victims
+    assert p.horizon_s() > 0.0  # the tier's turnover time, learned from its victims
 
 
 def _agent_trace(seed: int, n_streams: int = 6, steps: int = 400) -> list[tuple[Any, ...]]:
@@ -232,7 +232,7 @@ def _replay(p: SessionPolicy, trace: list[tuple[Any, ...]], cap: int, fast: bool
         if found:
             p.on_hits(L1, found, now, sid)
         fill(L1, [b for b in blocks if b not in res], 1, now, sid, res, cap)
-        states.append((frozenset(res), p.trust, p.lru_mode, p._lru_age, dict(p.stats)))
+        states.append((frozenset(res), p.trust, p.lru_mode, p._turn_T, dict(p.stats)))
     return states
 
 
@@ -246,15 +246,14 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
     for seed in range(6):
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
-            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
-                       {"defer_shared": True}):
+            for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
                 assert a == b, (seed, cap, kw)
 
 
-def _shared_prefix_run(defer: bool) -> set[Any]:
-    c = Cache(SessionPolicy([L1], learn=False, defer_shared=defer), cap=6)
+def _shared_prefix_run() -> set[Any]:
+    c = Cache(SessionPolicy([L1], learn=False), cap=6)
     c.request("P", ["sys1", "sys2", "p1"], 0.0)
     c.turn_end("P", USER, 1.0)
     c.request("P/sub", ["sys1", "sys2", "s1"], 2.0)  # a sub-agent: the parent's prefix
@@ -269,11 +268,10 @@ def test_shared_prefix_goes_with_its_owner() -> None:
     """A prefix shared by two streams that both wait for a person is worth no more than
     either's private blocks: it leaves with the worst-ranked stream that referenced it
     last (P/sub: s1, then the prefix), before the better-ranked Q or the arriving R lose
-    anything. The former order (``defer_shared``) kept it until every stream's private
-    blocks were gone -- with engine hints, streams that never return keep their shared
-    prefixes forever -- and bypassed R's own tail instead."""
-    assert _shared_prefix_run(False) == {"s1", "sys2", "sys1"}
-    assert _shared_prefix_run(True) == {"s1", "p1", "r2"}
+    anything. (A former order kept it until every stream's private blocks were gone --
+    with engine hints, streams that never return keep their shared prefixes forever --
+    and bypassed R's own tail instead: {"s1", "p1", "r2"}.)"""
+    assert _shared_prefix_run() == {"s1", "sys2", "sys1"}
 
 
 def test_gaps_are_learned_per_tool_name() -> None:
@@ -377,3 +375,73 @@ def test_discarded_block_wanted_again_is_demoted_once_dead_again() -> None:
     p.on_request(["c"], 3.0, "B")  # and drops it from its context (dead, not discarded)
     v = p.victim(L1, 4.0)
     assert v == ("a", Action.DEMOTE)
+
+
+def test_a_session_ended_after_an_idle_timeout_that_returns_teaches_its_class() -> None:
+    """An engine ends an idle main session after a timeout of its choosing; if the user
+    comes back after all, the wait since the last turn end is a gap of that turn's class
+    (awaiting the user) -- the long tail the timeout would otherwise hide from it -- and
+    not of the "done" class."""
+    from kvstore.policy.session.gaps import DONE
+    from kvstore.policy.session.gaps import USER as USER_CLS
+
+    p = SessionPolicy([L1])
+    c = Cache(p, cap=8)
+    c.request("A", ["a1", "a2"], 0.0)
+    c.turn_end("A", USER, 1.0)
+    c.end("A", 901.0)  # the engine's idle timeout: 900 s
+    n_user, n_done = p.gaps.n[USER_CLS], p.gaps.n[DONE]
+    c.request("A", ["a1", "a2", "a3"], 5001.0)  # the user is back after all
+    assert p.gaps.n[USER_CLS] == n_user + 1 and p.gaps.n[DONE] == n_done
+    assert p.gaps.remaining(USER_CLS, 4000.0) < 1e6  # a 5000 s wait is now in its range
+    assert not p._streams["A"].ended
+
+
+def test_per_hit_key_is_the_bin_by_bin_definition() -> None:
+    """The ranking key (GapModel.per_hit) takes constant time from suffix sums; it is
+    the bin-by-bin definition E[min(G - a, T) | G > a] / P(G - a <= T | G > a), each
+    bin's samples counted at their mean, on random histograms, ages and horizons."""
+    import random
+
+    from kvstore.policy.session.gaps import _NBINS, NEVER, GapModel, _bin
+
+    def by_bins(g: GapModel, cls: int, age: float, horizon: float) -> float:
+        hits = occ = 0.0
+        for j in range(_bin(age), _NBINS):
+            c = g.cnt[cls][j]
+            m = g.tot[cls][j] / c - age if c > 0 else 0.0
+            if c > 0 and m > 0:
+                hits += c if m <= horizon else 0.0
+                occ += c * min(m, horizon)
+        return occ / hits if hits > 0 else NEVER + age
+
+    rng = random.Random(7)
+    for _ in range(300):
+        g = GapModel()
+        for _ in range(rng.randrange(0, 120)):
+            g.observe(rng.randrange(5), rng.lognormvariate(2.0, 3.0))
+        for _ in range(10):
+            cls, age = rng.randrange(5), rng.choice([0.0, rng.lognormvariate(2.0, 3.0)])
+            horizon = rng.choice([0.1, rng.lognormvariate(4.0, 3.0), 1e9])
+            want = by_bins(g, cls, age, horizon)
+            assert abs(g.per_hit(cls, age, horizon) - want) <= 1e-9 * abs(want)
+
+
+def test_horizon_is_the_first_tiers_turnover_time() -> None:
+    """The ranking's horizon (horizon < 0) is the first tier's turnover time: the seconds
+    it takes to evict as many blocks as the tier holds. A block that stays at the LRU
+    head for hours (here: the ranking always finds something worse to evict) does not
+    stretch it; the former estimate, the idle time of the stream owning LRU's choice,
+    became that block's age, which is how it ran away to ~20 h at the upper in-range
+    capacities."""
+    p = SessionPolicy([L1])
+    c = Cache(p, cap=9)
+    c.request("old", ["o1"], 0.0)
+    c.turn_end("old", TOOL, 0.5)
+    t = 10_000.0  # hours later: sub-agents that end at once, 2 new blocks a second
+    for i in range(40):
+        s = f"old/sub{i}"
+        c.request(s, [f"{s}.a", f"{s}.b"], t + i)
+        c.end(s, t + i + 0.5)
+    assert "o1" in c.res  # dead blocks went first: o1 held the LRU head all along
+    assert 4.0 <= p.horizon_s() <= 5.0  # 9 evictions at 2 a second

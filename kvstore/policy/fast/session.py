@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvstore.policy.base import Policy
-from kvstore.policy.session.policy import SessionPolicy, lru_age_step
+from kvstore.policy.session.policy import SessionPolicy
 from kvstore.policy.session.streams import ABSENT, Stream, pop_res
 from kvstore.types import BlockId, TierName
 
@@ -41,10 +41,9 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
     if session is None:
         return Policy.fill(self, tier, blocks, size, now, session, resident, capacity)
     ts = self._tiers[tier]
-    lru, own, pairs, pins, nlive = ts.lru, ts.own, self._pairs, self._pins, self._nlive
-    keep_shared = not self.defer_shared  # shared blocks are offered like the others
+    lru, own, pairs, pins = ts.lru, ts.own, self._pairs, self._pins
     first = tier is self._tier0
-    ewma = first and self.horizon < 0.0
+    turn = first and self.horizon < 0.0  # (the turnover clock runs)
     add, discard = resident.add, resident.discard
     s: Stream | None = None
     res_s: dict[Any, None] = {}
@@ -54,8 +53,6 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
     nlru = len(lru)
     pk, pk_drop = ts.peek, ts.peek_drop
     follow = self.trust >= 0 and not self.lru_mode  # session choices (see victim)
-    last_lc: Any = ABSENT  # an LRU head seen, and its owner's last request
-    last_lr: float | None = None
     head: Any = ABSENT  # the LRU head, while the fast steps leave it in place
     prev: Any = None  # the block inserted last, if it is the newest of s's blocks
     # where the ranking stands (copied after every general step)
@@ -72,8 +69,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
             # (b not in lru: not in own either, they have the same keys)
             if follow and pk is None:
                 if af:
-                    if (prev is not None and act is s and prev not in sa
-                            and (keep_shared or nlive.get(prev, 0) < 2) and prev in lru
+                    if (prev is not None and act is s and prev not in sa and prev in lru
                             and prev in resident):
                         # ---- bypass: the candidate is prev, LRU's choice is the head
                         lc = head if head is not ABSENT else next(iter(lru))
@@ -83,13 +79,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                                 self._cap = nlru
                             sa.add(prev)
                             pk_drop = aend
-                            if ewma:
-                                if lc is not last_lc:
-                                    o = own.get(lc)
-                                    last_lc = lc
-                                    last_lr = o.last_req if o is not None else None
-                                if last_lr is not None:
-                                    self._lru_age = lru_age_step(self._lru_age, now - last_lr)
+                            if turn:
+                                self._turnover(now)
                             n_sess += 1
                             if pk_drop:
                                 n_dead += 1
@@ -107,8 +98,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                 elif wk and wres:
                     # ---- walk: the candidate is the walked stream's newest block
                     c = next(reversed(wres))
-                    if (c not in wseen and (keep_shared or nlive.get(c, 0) < 2) and c in lru
-                            and c in resident):
+                    if c not in wseen and c in lru and c in resident:
                         lc = head if head is not ABSENT else next(iter(lru))
                         if c != lc and (c in pairs or lc in pairs):
                             head = lc
@@ -116,13 +106,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                                 self._cap = nlru
                             wseen.add(c)
                             pk_drop = wend
-                            if ewma:
-                                if lc is not last_lc:
-                                    o = own.get(lc)
-                                    last_lc = lc
-                                    last_lr = o.last_req if o is not None else None
-                                if last_lr is not None:
-                                    self._lru_age = lru_age_step(self._lru_age, now - last_lr)
+                            if turn:
+                                self._turnover(now)
                             n_sess += 1
                             if pk_drop:
                                 n_dead += 1
@@ -146,13 +131,9 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                         and (pk in pairs or lc in pairs)):
                     if first and nlru > self._cap:
                         self._cap = nlru
-                    if ewma:
-                        if lc is not last_lc:
-                            o = own.get(lc)
-                            last_lr = o.last_req if o is not None else None
-                        if last_lr is not None:
-                            self._lru_age = lru_age_step(self._lru_age, now - last_lr)
-                    last_lc = head = ABSENT  # lc leaves
+                    if turn:
+                        self._turnover(now)
+                    head = ABSENT  # lc leaves
                     n_lru += 1
                     discard(lc)
                     del lru[lc]
@@ -180,7 +161,6 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                 pk, pk_drop = ts.peek, ts.peek_drop
                 follow = self.trust >= 0 and not self.lru_mode
                 ranked = False
-                last_lc = ABSENT
                 if v is None:
                     break
                 x = v[0]
@@ -206,12 +186,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                             break
                     pk = sc
                 lc = next(iter(lru)) if lru else None
-                if ewma and lc is not None:
-                    if lc is not last_lc:
-                        o = own.get(lc)
-                        last_lc, last_lr = lc, o.last_req if o is not None else None
-                    if last_lr is not None:  # (the ranking reads it when it resumes)
-                        self._lru_age = lru_age_step(self._lru_age, now - last_lr)
+                if turn and lc is not None:
+                    self._turnover(now)
                 if sc is None:
                     if lc is None:
                         break
@@ -253,8 +229,6 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                     ts.dead.pop(x, None)
                 if x == pk:
                     pk = None
-                if x is last_lc:  # (it may come back with another owner)
-                    last_lc = ABSENT
                 if x is prev:
                     prev = None
         rk = ts.gen  # where the ranking stands (None: dropped, not rebuilt yet)
@@ -287,7 +261,6 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                     res_s[b] = None
                 else:
                     self._adopt(tier, ts, b, s)
-                    last_lc = ABSENT
             else:
                 prev = None
     ts.peek, ts.peek_drop = pk, pk_drop

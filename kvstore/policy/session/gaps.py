@@ -77,52 +77,57 @@ class GapModel:
         """Expected seconds of residence per hit of a stream of this class that waited
         ``age`` if it is kept at most ``horizon`` s more: E[min(G - a, T) | G > a] /
         P(G - a <= T | G > a), the inverse of LHD's hit density (a stream unlikely to be
-        back before it would be evicted anyway is worth little, however soon its mean)."""
+        back before it would be evicted anyway is worth little, however soon its mean).
+
+        Each bin's samples count by their mean. Bins are ordered, so only two bins need
+        a look of their own: the age's (some of its samples may not exceed the age) and
+        that of age + T (some may come within T, some after); every bin between them is
+        back within T, every bin after it beyond T -- constant time, from the suffix sums
+        (the ranking computes this for every stream holding blocks, at every request)."""
+        if self._stale[cls]:
+            self._refresh(cls)
         cnt, tot = self.cnt[cls], self.tot[cls]
+        sc, st = self._scnt[cls], self._stot[cls]
+        i = _bin(age)
+        b = _bin(age + horizon)
         hits = occ = 0.0
-        for j in range(_bin(age), _NBINS):
-            c = cnt[j]
-            if c <= 0:
-                continue
-            m = tot[j] / c - age  # the bin's samples, by their mean
-            if m <= 0:
-                continue
-            if m <= horizon:
+        c = cnt[i]
+        if c > 0:
+            m = tot[i] / c - age
+            if m > 0:
+                if m <= horizon:
+                    hits += c
+                    occ += c * m
+                else:
+                    occ += c * horizon
+        if b > i:
+            c = sc[i + 1] - sc[b]  # back within T, all of them
+            if c > 0:
                 hits += c
-                occ += c * m
-            else:
-                occ += c * horizon
+                occ += (st[i + 1] - st[b]) - age * c
+            c = cnt[b]
+            if c > 0:
+                m = tot[b] / c - age
+                if m <= horizon:
+                    hits += c
+                    occ += c * m
+                else:
+                    occ += c * horizon
+        occ += horizon * sc[b + 1]  # beyond T
         if hits <= 0:
             return NEVER + age
         return occ / hits
 
-    def remaining(self, cls: int, age: float, q: float = 0.0) -> float:
+    def remaining(self, cls: int, age: float) -> float:
         """Time still to wait for a stream of this class that waited ``age``: the
-        conditional mean E[G - a | G > a] (``q`` = 0), else the conditional ``q``-quantile
-        (robust to the heavy tail of user think times, which swamps the mean)."""
+        conditional mean E[G - a | G > a] (the ranking key with ``horizon`` 0)."""
         if self._stale[cls]:
             self._refresh(cls)
         i = _bin(age)
-        sc = self._scnt[cls]
-        if q > 0.0:
-            cnt, tot = self.cnt[cls], self.tot[cls]
-            # samples in the age's own bin count only if their mean exceeds the age
-            if cnt[i] > 0 and tot[i] / cnt[i] <= age:
-                i += 1
-            n = sc[i] if i < _NBINS else 0.0
-            if n <= 0:
-                return NEVER + age
-            want = q * n
-            acc = 0.0
-            for j in range(i, _NBINS):
-                acc += cnt[j]
-                if acc >= want:
-                    return max(tot[j] / cnt[j] - age, 1e-3)
-            return NEVER + age
         # samples in the age's own bin count only if some of them exceed the age
-        n, s = sc[i], self._stot[cls][i]
+        n, s = self._scnt[cls][i], self._stot[cls][i]
         if n > 0 and s / n <= age:
-            n, s = sc[i + 1], self._stot[cls][i + 1]
+            n, s = self._scnt[cls][i + 1], self._stot[cls][i + 1]
         if n <= 0:
             return NEVER + age
         return max(s / n - age, 1e-3)

@@ -14,7 +14,7 @@ next request, and blocks that fell out of it are never reused. The policy theref
 2. then stream by stream, the stream expected back last first; within a stream the end of
    its context first (a prefix cache loses the least that way); a block another live stream
    also references (a shared prefix) goes with the stream that referenced it last, its
-   owner (``defer_shared=True``: passed over, last of all, the former order);
+   owner;
 3. blocks with no session (e.g. Mooncake) form one pseudo-stream ranked by LRU age.
 
 The expected time to the next request is learned online, per hint class (request running,
@@ -40,7 +40,6 @@ from kvstore.config import SessionPolicyConfig
 from kvstore.policy.base import Action, Evictable, Policy
 from kvstore.policy.session.duel import Duel
 from kvstore.policy.session.gaps import (
-    DONE,
     NEVER,
     PRIOR,
     REASON_CLASS,
@@ -52,12 +51,6 @@ from kvstore.policy.session.gaps import (
 from kvstore.policy.session.ranking import Ranking
 from kvstore.policy.session.streams import ABSENT, Stream, TierState, pop_res
 from kvstore.types import BlockId, SessionEnd, SessionEvent, TierName, TurnEnd
-
-
-def lru_age_step(avg: float, age: float) -> float:
-    """One step of the EWMA (weight 0.001 per victim) of how long the stream owning LRU's
-    choice has been idle: the cache's characteristic time, the ranking's horizon."""
-    return age if avg <= 0.0 else avg + 0.001 * (age - avg)
 
 
 class SessionPolicy(Duel, Policy):
@@ -72,8 +65,6 @@ class SessionPolicy(Duel, Policy):
         if knobs:
             cfg = dataclasses.replace(cfg, **knobs)
         self.config = cfg
-        self.per_stream = cfg.per_stream
-        self.quantile = cfg.quantile
         self.learn = cfg.learn  # False: keep the prior gap model (tests)
         self.gaps = GapModel()
         self.rerank_s = cfg.rerank_s
@@ -89,14 +80,16 @@ class SessionPolicy(Duel, Policy):
         self._init_duel(cfg)
         # Ranking key: ``horizon`` > 0: seconds per hit within that many seconds (see
         # GapModel.per_hit); < 0: the same with a horizon of -horizon x the cache's
-        # characteristic time (EWMA of how long LRU's victim's stream has been idle);
-        # 0: the conditional mean remaining wait E[G - a | G > a].
+        # characteristic time, the first tier's turnover time (how long it takes to evict
+        # as many blocks as it holds: about how long a block not used again stays); 0: the
+        # conditional mean remaining wait E[G - a | G > a]. (Until issue 16 the
+        # characteristic time was an EWMA of how long LRU's choice's stream had been
+        # idle: at the upper capacities LRU's head is a stream idle for hours that the
+        # ranking keeps for lack of anything worse, so the horizon ran away to ~20 h.)
         self.horizon = cfg.horizon
-        self._lru_age = 0.0
-        # True: blocks in the latest request of two or more live streams are passed over
-        # and offered after every stream's (the policy before); False: a shared block is
-        # offered with its owner's, the stream that referenced it last
-        self.defer_shared = cfg.defer_shared
+        self._turn_n = 0  # first-tier victims since the turnover clock last started
+        self._turn_t = -1.0  # when it started (< 0: not yet)
+        self._turn_T = 0.0  # seconds the first tier took to evict as many blocks as it holds
         self._tier0 = self.tiers[0]
         self._action = {t: self.default_action(t) for t in self.tiers}
         # A dead block leaves the first tier for the next (never lost on the way) and
@@ -156,16 +149,12 @@ class SessionPolicy(Duel, Policy):
             self._duel(blocks)
         s = self._stream(session)
         if s.last_req is not None and self.learn:
-            og = s.own_gap
             if s.cls != RUNNING:
                 g = now - s.t_state
                 self.gaps.observe(s.cls, g)
                 if s.tool >= 0:
                     self.gaps.observe(s.tool, g)
-                og[s.cls] = g if og[s.cls] <= 0 else 0.5 * og[s.cls] + 0.5 * g
-            g = now - s.last_req
-            self.gaps.observe(RUNNING, g)  # request to request, any class
-            og[RUNNING] = g if og[RUNNING] <= 0 else 0.5 * og[RUNNING] + 0.5 * g
+            self.gaps.observe(RUNNING, now - s.last_req)  # request to request, any class
         s.last_req = s.t_state = now
         s.cls = RUNNING
         s.tool = -1
@@ -303,8 +292,12 @@ class SessionPolicy(Duel, Policy):
         self._dirty = True
 
     def _end(self, s: Stream, discard: bool = False) -> None:
+        # The class and time of its last turn end stay: an engine may end a session after
+        # an idle timeout it chooses, and a session ended so may still come back. Its gap
+        # is then one of its last class's (an idle main session's: awaiting the user), and
+        # a long one -- exactly the tail that the timeout would otherwise hide from that
+        # class's histogram, making every stream of the class look more likely back soon.
         s.ended = True
-        s.cls = DONE
         nlive = self._nlive
         survivors = []
         for b in s.cur:
@@ -354,19 +347,31 @@ class SessionPolicy(Duel, Policy):
         age = now - s.t_state
         if s.expected > age:
             return s.expected - age
-        if self.per_stream:
-            own = s.own_gap[s.cls]
-            if own > age:  # this stream's own recent gaps in this state predict it best
-                return own - age
         cls = s.cls
         if s.tool >= 0 and self.gaps.n[s.tool] > self.tool_min:  # (the prior is one)
             cls = s.tool
         h = self.horizon
         if h < 0.0:
-            h = -h * self._lru_age
+            h = -h * self._turn_T  # (horizon_s(), inlined)
         if h > 0.0:
             return self.gaps.per_hit(cls, age, h)
-        return self.gaps.remaining(cls, age, self.quantile)
+        return self.gaps.remaining(cls, age)
+
+    def horizon_s(self) -> float:
+        """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
+        h = self.horizon
+        return -h * self._turn_T if h < 0.0 else h
+
+    def _turnover(self, now: float) -> None:
+        """One first-tier victim: the tier's turnover time is measured victim-count by
+        victim-count (as many victims as the tier holds blocks)."""
+        n = self._turn_n + 1
+        if n >= self._cap:
+            if self._turn_t >= 0.0:
+                self._turn_T = now - self._turn_t
+            self._turn_t = now
+            n = 0
+        self._turn_n = n
 
     def _tool_class(self, name: str) -> int:
         """The gap model's class for calls of tool ``name`` (-1: over ``max_tools``)."""
@@ -381,7 +386,7 @@ class SessionPolicy(Duel, Policy):
     def _ranking(self, tier: TierName, ts: TierState, now: float) -> Ranking:
         """Session-order victims: (block, drop?) — dead, then streams worst first."""
         return Ranking(tier, ts, self._streams.values(), self.expected_remaining,
-                       self._nlive, self.defer_shared, lambda: self._last_s, now)
+                       lambda: self._last_s, now)
 
     def _lru_candidate(self, ts: TierState, now: float, evictable: Evictable | None) -> Any:
         pins = self._pins
@@ -433,10 +438,7 @@ class SessionPolicy(Duel, Policy):
         else:
             lc = next(iter(lru)) if lru else None
         if lc is not None and first and self.horizon < 0.0:
-            o = ts.own.get(lc)
-            if o is not None and o.last_req is not None:
-                age = now - o.last_req
-                self._lru_age = lru_age_step(self._lru_age, age)
+            self._turnover(now)
         stats = self.stats
         if sc is None:
             if lc is None:

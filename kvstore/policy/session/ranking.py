@@ -24,29 +24,29 @@ class Ranking:
                  "walk_res", "walk_seen")
 
     def __init__(self, tier: TierName, ts: TierState, streams: Iterable[Stream],
-                 key: Callable[[Stream, float], float], nlive: dict[Any, int],
-                 defer_shared: bool, current: Callable[[], Stream | None], now: float) -> None:
-        # Its next candidate is the newest block of ``active`` not in ``seen_a`` and not
-        # shared, if there is one ...
+                 key: Callable[[Stream, float], float], current: Callable[[], Stream | None],
+                 now: float) -> None:
+        # Its next candidate is the newest block of ``active`` not in ``seen_a``, if
+        # there is one ...
         self.active_first = False
         self.active: Stream | None = None
         self.seen_a: set[Any] = set()
         self.a_ended = False
-        # ... or (``walk``) the newest block of ``walk_res`` not in ``walk_seen`` and not
-        # shared, if there is one (a stream ranked before the active one)
+        # ... or (``walk``) the newest block of ``walk_res`` not in ``walk_seen``, if there
+        # is one (a stream ranked before the active one)
         self.walk = False
         self.walk_res: dict[Any, None] = {}
         self.walk_seen: set[Any] = set()
         self.walk_ended = False
-        self._it = self._run(tier, ts, streams, key, nlive, defer_shared, current, now)
+        self._it = self._run(tier, ts, streams, key, current, now)
 
     def __iter__(self) -> Iterator[tuple[Any, bool]]:
         """(block, drop?) pairs; iterating again resumes where the last loop stopped."""
         return self._it
 
     def _run(self, tier: TierName, ts: TierState, all_streams: Iterable[Stream],
-             key: Callable[[Stream, float], float], nlive: dict[Any, int], defer: bool,
-             current: Callable[[], Stream | None], now: float) -> Iterator[tuple[Any, bool]]:
+             key: Callable[[Stream, float], float], current: Callable[[], Stream | None],
+             now: float) -> Iterator[tuple[Any, bool]]:
         own = ts.own
         dead = ts.dead
         while dead:
@@ -62,19 +62,14 @@ class Ranking:
         free_key = (now - next(iter(ts.free.values()))) if ts.free else -1.0
         streams.sort(key=lambda s: s.key, reverse=True)
         free_done = not ts.free
-        deferred: list[Any] = []
 
         def take(s: Stream, seen: set[Any]) -> Any:
-            """The stream's newest block not offered yet (shared ones are deferred if
-            ``defer``)."""
+            """The stream's newest block not offered yet."""
             for x in reversed(s.res[tier]):
                 if x in seen:
                     continue
                 seen.add(x)
                 if own.get(x) is not s:
-                    continue
-                if defer and nlive.get(x, 0) >= 2:
-                    deferred.append(x)
                     continue
                 return x
             return None
@@ -116,9 +111,6 @@ class Ranking:
                     if b in seen:
                         continue
                     seen.add(b)
-                    if defer and nlive.get(b, 0) >= 2:
-                        deferred.append(b)
-                        continue
                     break
                 else:
                     break
@@ -126,9 +118,6 @@ class Ranking:
         self.active_first = self.walk = False
         if not free_done:
             yield from _free_lru(ts)
-        for b in deferred:
-            if b in own:
-                yield b, False
 
 
 def _free_lru(ts: TierState) -> Iterator[tuple[Any, bool]]:

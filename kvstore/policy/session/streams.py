@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvstore.policy.session.gaps import CLASS_NAMES, RUNNING
+from kvstore.policy.session.gaps import RUNNING
 from kvstore.types import TierName
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ def pop_res(res: dict[Any, None], block: Any) -> None:
 
 
 class Stream:
-    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "own_gap",
-                 "res", "t_state", "tool")
+    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "res",
+                 "t_state", "tool")
 
     def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
         self.name = name
@@ -46,7 +46,6 @@ class Stream:
         self.last_req: float | None = None
         self.ended = False
         self.expected = 0.0  # hinted gap (s), 0 if none
-        self.own_gap: list[float] = [0.0] * len(CLASS_NAMES)  # this stream's EWMA gap per class
         self.key = 0.0
         # per tier: resident blocks this stream owns, prefix first
         self.res: dict[TierName, dict[Any, None]] = {t: {} for t in tiers}
