@@ -357,9 +357,9 @@ def cells_for(base: dict[tuple[int, int, float, str], dict[str, Any]],
     for (k, seed), pcts in sorted(caps.items()):
         for pct in pcts:
             p = cand.get((k, seed, pct))
-            if p is None:
-                continue
-            lru, bel = base[(k, seed, pct, "lru")], base[(k, seed, pct, "belady")]
+            lru, bel = base.get((k, seed, pct, "lru")), base.get((k, seed, pct, "belady"))
+            if p is None or lru is None or bel is None:
+                continue  # (not replayed: --report-only on a partial cache)
             for fold in [*sorted(lru["by_fold"]), None]:  # None: the whole replay
                 lr = _rate(lru, fold)
                 if not lo <= lr <= hi:
@@ -471,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tag", default="dev")
     ap.add_argument("--out", default="bench/replay/results")
+    ap.add_argument("--report-only", action="store_true",
+                    help="replay nothing: the tables from the cached results (cells missing "
+                         "from the cache are left out and listed)")
     ap.add_argument("--compare", nargs="+", default=[], metavar="CV.json",
                     help="only print the summaries of earlier runs side by side")
     ap.add_argument("--held-out", action="store_true",
@@ -509,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. capacities, from LRU alone
     plain = {(k, seed): (folds, k, seed, "none", 0.0) for k in args.ks for seed in args.seeds}
-    _pool_run(_ladder_task, [(spec, ladder_start(spec)) for spec in plain.values()], args.jobs)
+    run = (lambda fn, tasks, jobs: None) if args.report_only else _pool_run
+    run(_ladder_task, [(spec, ladder_start(spec)) for spec in plain.values()], args.jobs)
     caps: dict[tuple[int, int], list[float]] = {}
     for (k, seed), spec in plain.items():
         rates = {pct: _rate(RESULTS[key(spec, "lru", pct)], None) for pct in LADDER
@@ -524,12 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for (k, seed), pcts in caps.items():
         spec = plain[(k, seed)]
-        pols = ["lru", "belady"] + (args.baselines.split(",") if seed in args.baseline_seeds
-                                    else [])
+        others = [b for b in args.baselines.split(",") if b]
+        pols = ["lru", "belady"] + (others if seed in args.baseline_seeds else [])
         tasks += [(spec, b, pct) for pct in pcts for b in pols
                   if key(spec, b, pct) not in RESULTS]
     tasks.sort(key=lambda t: (t[1] != "belady", t[0]))
-    _pool_run(_run_task, tasks, args.jobs)
+    run(_run_task, tasks, args.jobs)
     base = {(k, seed, pct, b): RESULTS[key(plain[(k, seed)], b, pct)]
             for (k, seed), pcts in caps.items() for pct in pcts for b in BASELINES
             if key(plain[(k, seed)], b, pct) in RESULTS}
@@ -551,10 +555,15 @@ def main(argv: list[str] | None = None) -> int:
                     if key(*job) not in RESULTS and key(*job) not in queued:
                         queued.add(key(*job))
                         tasks.append(job)
-    _pool_run(_run_task, tasks, args.jobs)
+    run(_run_task, tasks, args.jobs)
     cand: dict[tuple[str, str], dict[tuple[int, int, float], dict[str, Any]]] = defaultdict(dict)
+    missing = []
     for c, v, spec, pct in wanted:
-        cand[(c, v)][(spec[1], spec[2], pct)] = RESULTS[key(spec, f"session:{c}", pct)]
+        d = RESULTS.get(key(spec, f"session:{c}", pct))
+        if d is None:
+            missing.append(f"{c}/{v} K={spec[1]} seed={spec[2]} {pct:g}%")
+        else:
+            cand[(c, v)][(spec[1], spec[2], pct)] = d
 
     # 4. cells and tables
     dev_folds = tuple(f for f in folds if f != HELD_OUT)
@@ -565,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                in caps.items()},
                      "idle_end_s": args.idle},
         "candidates": {c: dataclasses.asdict(cfg) for c, cfg in CANDIDATES.items()},
-        "summary": {}, "summary_held_out": {}, "baselines": {}, "cells": {}}
+        "summary": {}, "summary_held_out": {}, "summary_whole_replay": {}, "baselines": {},
+        "cells": {}}
     base_cells = {}
     for b in BEST_OF:
         bc = cells_for(base, {key[:3]: d for key, d in base.items() if key[3] == b}, caps)
@@ -576,10 +586,15 @@ def main(argv: list[str] | None = None) -> int:
         cs = cells_for(base, res, caps)
         out["cells"][label] = cs
         out["summary"][label] = summarise(cs, dev_folds)
-        out.setdefault("summary_whole_replay", {})[label] = summarise(cs, ("all",))
+        out["summary_whole_replay"][label] = summarise(cs, ("all",))
         if args.final:
             out["summary_held_out"][label] = summarise(cs, (HELD_OUT,))
     out["wall_s"] = time.time() - t0
+    out["not_replayed"] = missing + [f"{b} K={k} seed={sd} {p:g}%" for (k, sd), ps in caps.items()
+                                     for p in ps for b in ("lru", "belady")
+                                     if (k, sd, p, b) not in base]
+    if out["not_replayed"]:
+        print(f"NOT REPLAYED (--report-only on a partial cache): {out['not_replayed']}")
     path = Path(args.out) / f"cv-{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
