@@ -23,10 +23,9 @@ Since the session policy became a package (commit after 41b62fd), ``--before`` t
 ``kvstore/policy/session.py`` and ``bench/replay/sim.py`` of 41b62fd (or earlier): the old
 single-module policy still loads on its own.
 
-``--session-args '{"defer_shared": true}'`` runs the session policy with the decisions of
-that version (shared blocks last), so both session rows must show the same hits;
-``--config FILE`` runs it with the ``[policy.session]`` options of a server config file
-(as the lab does).
+(``defer_shared``, which once reproduced that version's order of shared blocks, is
+retired: see docs/policy.md, issue 16.) ``--config FILE`` runs it with the
+``[policy.session]`` options of a server config file (as the lab does).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from kvstore.types import TierName
 
 def stream_bytes(p: SessionPolicy) -> tuple[float, float, float]:
     """Bytes each stream holds directly (``sys.getsizeof`` of the Stream, its latest
-    request's block set, its per-tier dicts and gap list; the block ids are the store's),
+    request's block tuple, its per-tier dicts; the block ids are the store's),
     plus its share of the policy's block -> live-stream count map (``_nlive``, one entry per
     block of a live stream's latest request): (mean over live streams, mean over ended or
     emptied streams, max)."""
@@ -40,7 +40,7 @@ def stream_bytes(p: SessionPolicy) -> tuple[float, float, float]:
     per_ref = sys.getsizeof(nlive) / refs
     live, idle = [], []
     for st in p._streams.values():
-        b = (sys.getsizeof(st) + sys.getsizeof(st.cur) + sys.getsizeof(st.own_gap)
+        b = (sys.getsizeof(st) + sys.getsizeof(st.cur)
              + sys.getsizeof(st.res) + sum(sys.getsizeof(d) for d in st.res.values())
              + len(st.cur) * per_ref)
         (live if st.cur else idle).append(b)
