@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -69,7 +70,16 @@ def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
         assert c.get([b"a", b"missing"]) == [b"x" * 1000, None]
         with pytest.raises(UnknownNamespace):  # refused by the server
             c.get([b"a"], namespace="other")
-    _, after = scrape(address)
+    # A refused call's status reaches the client before the server's
+    # interceptor has recorded it (microseconds later): scrape until the last
+    # call is counted, within a bound.
+    deadline = time.monotonic() + 10
+    while True:
+        _, after = scrape(address)
+        if (value(after, "kvstore_grpc_request_duration_seconds_count", **get) >= 2
+                or time.monotonic() > deadline):
+            break
+        time.sleep(0.02)  # polling a bounded wait, not synchronisation
 
     assert value(after, "kvstore_block_puts_total") == 2
     assert value(after, "kvstore_block_gets_total") == 2
