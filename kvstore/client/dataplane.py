@@ -67,6 +67,7 @@ _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
 _ENV = "KVSTORE_DATA_PLANE"
+_Received = TypeVar("_Received", int, bytes)
 
 T = TypeVar("T")
 
@@ -190,8 +191,12 @@ class Connection:
             self._end += got
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        return self._recv(lambda: self.sock.recv_into(view, len(view), 0 if self.tls else flags))
+
+    def _recv(self, receive: Callable[[], _Received]) -> _Received:
+        """One receive call, its failures said in the data plane's words."""
         try:
-            got = self.sock.recv_into(view, len(view), 0 if self.tls else flags)
+            got = receive()
         except (BlockingIOError, TimeoutError, ssl.SSLWantReadError) as exc:
             self.broken = True
             raise self._deadline("waiting for the server's answer") from exc
@@ -240,8 +245,17 @@ class Connection:
             start = self._start
             self._start += n
             return bytes(self._view[start : self._start])
+        if self._end == self._start and not self.tls:
+            # Nothing buffered: the kernel copies straight into the bytes
+            # returned (a bytearray then bytes() would copy the block twice).
+            first = self._recv(lambda: self.sock.recv(n, socket.MSG_WAITALL))
+            if len(first) == n:
+                return first
+        else:
+            first = b""
         out = bytearray(n)
-        self.payload_into(memoryview(out))
+        out[:len(first)] = first
+        self.payload_into(memoryview(out)[len(first):])
         return bytes(out)
 
     def skip_payload(self, n: int) -> None:
