@@ -19,12 +19,22 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
+    check_lease_ms,
+    check_session_id,
     feed_small_response,
     max_response_bytes,
+    normalize_buffers,
+    normalize_keys,
+    normalize_keys_with_lengths,
     resolve_namespace,
     small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
+from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane
+from kvstore.client.dataplane import data_plane_mode
+from kvstore.dataplane import frames
+from kvstore.dataplane.frames import Op
+from kvstore.errors import InvalidArgument
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -37,6 +47,7 @@ from kvstore.types import (
     SessionEventResult,
     SessionHint,
     StoreStats,
+    TurnEnd,
     TurnEndReason,
     Unpin,
 )
@@ -51,13 +62,26 @@ class AsyncClient(ClientBase):
 
     The channel opens on the first call, in the running event loop, and is
     bound to that loop: use one AsyncClient per loop. ``async with`` closes it.
-    Every call goes over gRPC: the data plane (docs/dataplane.md) is the sync
-    clients' for now.
+
+    ``data_plane`` as for :class:`kvstore.Client`: Lookup, Get, Put and the
+    turn-end and session-end events go as frames on the server's data plane
+    (docs/dataplane.md) when it offers one, on up to four sessions whose
+    requests are pipelined (kvstore/client/aio_dataplane.py); the rest, and
+    every call of a client with ``metadata``, go over gRPC. A call cancelled
+    while it waits leaves its session usable (its answer is read and dropped).
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, unary_get: bool = True,
+                 data_plane: bool | str | None = None,
                  **settings: Unpack[ClientSettings]) -> None:
         self._unary_get = unary_get
+        self._data_plane_mode = data_plane_mode(data_plane)
+        if settings.get("metadata") is not None and self._data_plane_mode != "off":
+            # Frames carry no per-call metadata: such a client keeps to gRPC.
+            if data_plane not in (None, True):
+                raise InvalidArgument("metadata= goes with gRPC calls only: pass "
+                                      "data_plane=False (or no metadata)")
+            self._data_plane_mode = "off"
         super().__init__(target, **settings)
 
     def _connect(self) -> None:
@@ -65,6 +89,16 @@ class AsyncClient(ClientBase):
         self._rpcs: dict[str, Any] = {}
         self._small_limit = max_response_bytes(self._options)
         self._block_hint = 0  # largest block of the last Get (see Client)
+        self._data_plane: AsyncDataPlane | None = None
+        if self._data_plane_mode != "off":
+            self._data_plane = AsyncDataPlane(
+                self._data_plane_mode, self._open_data_plane, self._grpc_target, self.target,
+                self.timeout, self.tls)
+
+    async def _open_data_plane(self) -> conv.DataPlaneOffer:
+        offer: conv.DataPlaneOffer = await self._rpc(_OPEN_DATA_PLANE)(
+            "", timeout=self.timeout, metadata=self._metadata())
+        return offer
 
     def _rpc(self, name: str) -> Any:
         rpc = self._rpcs.get(name)
@@ -79,6 +113,9 @@ class AsyncClient(ClientBase):
             elif name == conv.GET:
                 rpc = ch.unary_stream(name, request_serializer=conv.identity,
                                       response_deserializer=conv.decode_get_chunk)
+            elif name == _OPEN_DATA_PLANE:
+                rpc = ch.unary_unary(name, request_serializer=conv.encode_open_data_plane,
+                                     response_deserializer=conv.decode_open_data_plane)
             elif name == conv.LIST_BLOCKS:
                 rpc = ch.unary_stream(name, request_serializer=conv.identity,
                                       response_deserializer=conv.decode_list_blocks_response)
@@ -91,6 +128,8 @@ class AsyncClient(ClientBase):
     # -- lifecycle -------------------------------------------------------------
 
     async def close(self) -> None:
+        if self._data_plane is not None:
+            self._data_plane.close()
         channel, self._channel = self._channel, None
         self._rpcs.clear()
         if channel is not None:
@@ -107,6 +146,22 @@ class AsyncClient(ClientBase):
     ) -> None:
         await self.close()
 
+    # -- the data plane ----------------------------------------------------------
+
+    async def data_plane_active(self) -> bool:
+        """Whether Lookup, Get and Put go by the data plane (opens its session
+        if none is open yet): False when it is off or the server offers none."""
+        return self._data_plane is not None and await self._data_plane.active()
+
+    @property
+    def data_plane_calls(self) -> int:
+        """How many calls the data plane has answered."""
+        return self._data_plane.calls if self._data_plane is not None else 0
+
+    def _dp(self) -> AsyncDataPlane | None:
+        dp = self._data_plane
+        return dp if dp is not None and dp.available else None
+
     # -- calls -----------------------------------------------------------------
 
     async def put(
@@ -122,6 +177,20 @@ class AsyncClient(ClientBase):
         prep = self._prepare_put(blocks, namespace, ack, session_id, block_format)
         if not prep.blocks:
             return PutResult(0, 0)
+        dp = self._dp()
+        payload = sum(len(v) for _, v in prep.blocks)
+        if dp is not None and dp.fits(sum(len(k) + 20 for k, _ in prep.blocks) + 600, payload):
+            meta = frames.PutRequest(prep.namespace, [
+                frames.PutBlock(k, len(v), int(prep.block_format)) for k, v in prep.blocks],
+                int(prep.ack), prep.session_id).encode()
+
+            def put(conn: AioConnection) -> Any:
+                return conn.request(Op.PUT, meta, [v for _, v in prep.blocks], payload)
+
+            answer = await dp.run(put, idempotent=False)
+            if answer is not None:
+                counted = frames.Counted.decode(answer)
+                return PutResult(counted.stored, counted.nbytes)
         try:
             stored, nbytes = await self._rpc(conv.PUT)(
                 prep.messages(self.chunk_bytes), timeout=self.timeout, metadata=self._metadata()
@@ -160,6 +229,16 @@ class AsyncClient(ClientBase):
     ) -> list[bytes | None]:
         """See :meth:`kvstore.Client.get`."""
         ks = keys if isinstance(keys, list) else list(keys)
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl = normalize_keys(ks)
+            sid = check_session_id(session_id)
+            if not kl:
+                return []
+            blocks = await self._dp_get(dp, ns, kl, sid, None)
+            if blocks is not None:
+                return [bytes(b) if isinstance(b, bytearray) else b for b in blocks]
         count, req = self._prepare_get(ks, namespace, session_id)
         if not count:
             return []
@@ -176,12 +255,36 @@ class AsyncClient(ClientBase):
     ) -> list[int | None]:
         """See :meth:`kvstore.Client.get_into`."""
         ks = keys if isinstance(keys, list) else list(keys)
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl = normalize_keys(ks)
+            dests = normalize_buffers(buffers, len(kl))
+            if not kl:
+                return []
+            got = await self._dp_get(dp, ns, kl, "", dests)
+            if got is not None:
+                return got
         count, req, views = self._prepare_get_into(ks, buffers, namespace)
         if not count:
             return []
         sizes: list[int | None] = await self._get(ks, req, views, namespace, None)
         self._block_hint = max((n for n in sizes if n is not None), default=0)
         return sizes
+
+    @staticmethod
+    async def _dp_get(dp: AsyncDataPlane, namespace: str, keys: list[bytes], session_id: str,
+                      views: list[memoryview] | None) -> list[Any] | None:
+        """A Get by the data plane; None when it is not available."""
+        if not dp.fits(sum(len(k) + 2 for k in keys) + 300):
+            return None
+        meta = frames.GetRequest(namespace, keys, session_id).encode()
+
+        def get(conn: AioConnection) -> Any:
+            return conn.request(Op.GET, meta, count=len(keys), views=views)
+
+        found: list[Any] | None = await dp.run(get, idempotent=True)
+        return found
 
     async def _get(self, keys: list[bytes], req: bytes, views: list[memoryview] | None,
                    namespace: str | None, session_id: str | None) -> list[Any]:
@@ -228,6 +331,25 @@ class AsyncClient(ClientBase):
         session_id: str | None = None,
     ) -> LookupResult:
         """See :meth:`kvstore.Client.lookup`."""
+        dp = self._dp()
+        if dp is not None:
+            ns = resolve_namespace(namespace, self.namespace)
+            kl, _ = normalize_keys_with_lengths(keys)
+            lease = check_lease_ms(lease_ms)
+            sid = check_session_id(session_id)
+            if not kl:
+                return LookupResult(found=0, tiers=[])
+            if dp.fits(sum(len(k) + 2 for k in kl) + 300):
+                meta = frames.LookupRequest(ns, kl, lease, sid).encode()
+
+                def lookup(conn: AioConnection) -> Any:
+                    return conn.request(Op.LOOKUP, meta)
+
+                answer = await dp.run(lookup, idempotent=True)
+                if answer is not None:
+                    r = frames.LookupResult.decode(answer)
+                    return LookupResult(found=r.found, tiers=[conv.tier_name(t) for t in r.tiers])
+            keys = kl
         count, req = self._prepare_lookup(keys, namespace, lease_ms, session_id)
         if not count:
             return LookupResult(found=0, tiers=[])
@@ -278,6 +400,24 @@ class AsyncClient(ClientBase):
     ) -> SessionEventResult:
         """See :meth:`kvstore.Client.session_event`."""
         req = self._prepare_session_event(session_id, event, namespace)
+        dp = self._dp()
+        if dp is not None and isinstance(event, (TurnEnd, SessionEnd)):
+            ns = resolve_namespace(namespace, self.namespace)
+            if isinstance(event, TurnEnd):
+                meta = frames.SessionEventRequest(
+                    ns, session_id, frames.EVENT_TURN_END, int(event.reason),
+                    event.expected_gap_ms, event.tool_name).encode()
+            else:
+                meta = frames.SessionEventRequest(ns, session_id, frames.EVENT_SESSION_END,
+                                                  discard=event.discard).encode()
+            if dp.fits(len(meta)):
+
+                def send_event(conn: AioConnection) -> Any:
+                    return conn.request(Op.SESSION_EVENT, meta)
+
+                # Not idempotent: a turn end counted twice would skew the policy.
+                if await dp.run(send_event, idempotent=False) is not None:
+                    return SessionEventResult()
         result: SessionEventResult = await self._unary(conv.SESSION_EVENT, req)
         return result
 
@@ -322,6 +462,8 @@ class AsyncClient(ClientBase):
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target) from err
 
+
+_OPEN_DATA_PLANE = "/kvstore.v1.KVStore/OpenDataPlane"
 
 _DECODERS = {
     GET_SMALL: conv.identity,

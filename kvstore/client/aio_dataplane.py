@@ -1,0 +1,648 @@
+"""The asyncio SDK's side of the data plane (docs/dataplane.md): Lookup, Get,
+Put and the turn-end / session-end events as frames on non-blocking sockets
+beside the grpc.aio channel. The sync client's twin is
+kvstore/client/dataplane.py; the two behave the same.
+
+:class:`AsyncDataPlane` belongs to one :class:`~kvstore.AsyncClient` (and so
+to one event loop). On the first hot call it opens a session through gRPC
+(``OpenDataPlane``), connects to the unix socket when the client is on the
+server's host or to the TCP listener otherwise (TLS when the gRPC channel uses
+TLS; kvstore/client/_dproute.py chooses), and presents the ticket in HELLO. A
+server without a data plane (UNIMPLEMENTED), or one whose listener cannot be
+reached, is remembered and the client keeps to gRPC.
+
+:class:`AioConnection` is one session's socket. Its frames are read by a
+reader callback of the event loop (not by the coroutines waiting for them):
+headers and metadata into a preallocated buffer, a large block straight into
+the caller's buffer (``get_into``). Requests are sent with one ``sendmsg`` of
+header, metadata and the caller's block views, and may be pipelined: the
+server answers in order, so each answer belongs to the oldest request
+waiting (its request id is checked). Up to ``MAX_CONNECTIONS`` sessions are
+pooled; a call takes an idle one, or opens another, or queues behind the
+least loaded.
+
+Faults, as in the sync client: an idle connection the server closed is
+replaced before use; a connection that breaks fails every call waiting on it,
+and each is retried once on a new session when it is idempotent (Lookup,
+Get), while a Put raises :class:`~kvstore.errors.ConnectionFailed` (whether
+its blocks were stored is unknown). No progress on a connection for the
+client's ``timeout`` raises :class:`~kvstore.errors.DeadlineExceeded` in the
+calls waiting on it and closes it.
+
+Cancellation: a cancelled call's answer is still read and thrown away (its
+caller's buffers are not written after the cancellation), so the connection
+and the calls pipelined behind it go on; a cancelled Put whose bytes are not
+all sent yet has what is left copied first (its caller may reuse the
+buffers at once), so the server receives the block whole: a cancelled Put
+may still be stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from kvstore.client._convert import DataPlaneOffer
+from kvstore.client._dproute import NoRoute, Route, choose_route
+from kvstore.client._errors import error_from_frame, error_from_rpc
+from kvstore.client.dataplane import RETRY_S, Dropped, _tls_context
+from kvstore.dataplane import frames
+from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
+from kvstore.errors import ConnectionFailed, DeadlineExceeded, InvalidArgument
+
+log = logging.getLogger("kvstore.client")
+
+#: Sessions one client keeps open at most (calls beyond are pipelined).
+MAX_CONNECTIONS = 4
+#: The receive buffer of a connection: headers, metadata and small payloads.
+_RECV_BUFFER = 256 * 1024
+#: A payload at least this large (still to come) is received straight into
+#: its destination; a smaller one through the receive buffer (fewer calls).
+_DIRECT = 64 * 1024
+#: Buffers one sendmsg takes at most (Linux IOV_MAX is 1024).
+_IOV_MAX = 512
+#: A TLS socket is written in pieces of at most this (one SSL_write each).
+_TLS_PIECE = 256 * 1024
+_RESPONSE = frames.RESPONSE
+_ERROR = int(Op.ERROR)
+_GET_META = struct.Struct("<IBB")
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+T = TypeVar("T")
+
+
+class _Request:
+    """One request waiting for its answer (in its connection's queue)."""
+
+    __slots__ = ("count", "error", "future", "index", "opcode", "out", "rid", "views")
+
+    def __init__(self, rid: int, opcode: int, future: asyncio.Future[Any],
+                 count: int = 0, views: list[memoryview] | None = None) -> None:
+        self.rid = rid
+        self.opcode = opcode
+        self.future = future
+        self.count = count  # GET: keys asked
+        self.index = 0  # GET: the key whose frame is due
+        self.views = views  # GET: the caller's buffers (None: blocks returned as bytes)
+        self.out: Any = [None] * count if opcode == Op.GET else None
+        self.error: BaseException | None = None
+
+
+class AioConnection:
+    """One data-plane session's socket, driven by the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, target: str,
+                 timeout: float | None, on_close: Callable[[AioConnection], None]) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.target = target
+        self.timeout = timeout
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.broken = False
+        #: An ERROR frame said CLOSING: the server closes it next (no new requests).
+        self.broken_soon = False
+        self._on_close = on_close
+        self._fd = sock.fileno()
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # buffered bytes: self._buf[self._start:self._end]
+        self._end = 0
+        self._next_id = 0
+        self._waiting: collections.deque[_Request] = collections.deque()
+        # The payload being received: where to (None: thrown away), how much.
+        self._dest: memoryview | None = None
+        self._dest_at = 0
+        self._payload_left = 0
+        self._last = False  # the payload is the request's answer's last
+        self._outq: collections.deque[memoryview] = collections.deque()  # unsent bytes
+        self._progress = 0.0  # loop.time() of the last byte moved or request queued
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        loop.add_reader(self._fd, self._on_readable)
+
+    @property
+    def load(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._waiting)
+
+    def idle_and_open(self) -> bool:
+        """An idle connection with something to read has been closed by the
+        server (a restart): read it now, so that it is not reused."""
+        if self.broken:
+            return False
+        if not self._waiting and self._poll.poll(0):
+            self._on_readable()
+        return not self.broken
+
+    def close(self, reason: str = "the client closed the connection",
+              error: Callable[[str], Exception] = Dropped) -> None:
+        """Close the socket; every call waiting on it fails with ``error``."""
+        if self.broken:
+            return
+        self.broken = True
+        self.loop.remove_reader(self._fd)
+        if self._outq:
+            self.loop.remove_writer(self._fd)
+            self._outq.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self.sock.close()
+        waiting, self._waiting = self._waiting, collections.deque()
+        for req in waiting:
+            if not req.future.done():
+                req.future.set_exception(error(reason))
+        self._on_close(self)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def request(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
+                      payload_len: int = 0, *, count: int = 0,
+                      views: list[memoryview] | None = None) -> Any:
+        """Send one request and wait for its answer: the answer's metadata
+        (GET: the blocks). An ERROR frame raises its kvstore error."""
+        if self.broken:
+            raise Dropped("the connection is closed")
+        self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        req = _Request(rid, opcode, self.loop.create_future(), count, views)
+        if not self._waiting:
+            self._progress = self.loop.time()
+            if self._watchdog is None and self.timeout is not None:
+                self._watchdog = self.loop.call_at(self._progress + self.timeout,
+                                                   self._check_progress)
+        self._waiting.append(req)
+        self._send([memoryview(frames.encode_header(opcode, rid, len(meta), payload_len)
+                               + meta), *payload])
+        try:
+            return await req.future
+        except asyncio.CancelledError:
+            self._forget(req, bool(payload))
+            raise
+
+    def _forget(self, req: _Request, sent_payload: bool) -> None:
+        """A cancelled call: its answer is still read, into nothing; bytes of
+        it not yet sent are copied (the caller may reuse its buffers now)."""
+        req.views = None
+        if self._waiting and self._waiting[0] is req and req.opcode == Op.GET:
+            self._dest = None  # the block being received: the rest is thrown away
+        if sent_payload and self._outq:
+            self._outq = collections.deque(memoryview(bytes(v)) for v in self._outq)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _send(self, parts: list[memoryview]) -> None:
+        if self._outq:  # a backlog: after it, in order
+            self._outq.extend(parts)
+            return
+        self._outq.extend(parts)
+        self._flush()
+        if self._outq and not self.broken:
+            self.loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        self._flush()
+        if not self._outq and not self.broken:
+            self.loop.remove_writer(self._fd)
+
+    def _flush(self) -> None:
+        """Send what the socket takes now."""
+        q = self._outq
+        try:
+            while q:
+                if self.tls:
+                    sent = self.sock.send(q[0][:_TLS_PIECE])
+                else:
+                    sent = self.sock.sendmsg(list(q)[:_IOV_MAX] if len(q) > 1 else [q[0]])
+                self._progress = self.loop.time()
+                while sent:
+                    n = len(q[0])
+                    if sent >= n:
+                        sent -= n
+                        q.popleft()
+                    else:
+                        q[0] = q[0][sent:]
+                        sent = 0
+        except _WOULD_BLOCK:
+            return
+        except OSError as exc:
+            self.close(f"sending: {exc}")
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        try:
+            while not self.broken:
+                if self._payload_left >= _DIRECT and self._dest is not None \
+                        and self._start == self._end:
+                    target = self._dest[self._dest_at : self._dest_at + self._payload_left]
+                    got = self.sock.recv_into(target)
+                    if not got:
+                        break
+                    self._dest_at += got
+                    self._payload_left -= got
+                    if not self._payload_left:
+                        self._payload_done()
+                else:
+                    if self._start == self._end:
+                        self._start = self._end = 0
+                    elif self._start and len(self._buf) - self._end < _DIRECT:
+                        self._compact()
+                    target = self._view[self._end :]
+                    got = self.sock.recv_into(target)
+                    if not got:
+                        break
+                    self._end += got
+                    self._process()
+                self._progress = self.loop.time()
+                if got < len(target) and not self.tls:
+                    return  # the socket is (most likely) drained
+            else:
+                return
+        except _WOULD_BLOCK:
+            return
+        except ProtocolViolation as exc:
+            self._violation(str(exc))
+            return
+        except OSError as exc:
+            self.close(f"receiving: {exc}")
+            return
+        self.close("the server closed the connection")
+
+    def _compact(self, need: int = 0) -> None:
+        """Move the buffered bytes to the buffer's start (a larger buffer
+        when ``need`` bytes would not fit)."""
+        have = self._end - self._start
+        if need > len(self._buf):
+            buf = bytearray(max(need, 2 * len(self._buf)))
+            buf[:have] = self._view[self._start : self._end]
+            self._buf, self._view = buf, memoryview(buf)
+        else:
+            self._view[:have] = self._view[self._start : self._end]
+        self._start, self._end = 0, have
+
+    def _process(self) -> None:
+        """Consume every whole frame (and payload bytes) buffered."""
+        view = self._view
+        while True:
+            if self._payload_left:
+                k = min(self._payload_left, self._end - self._start)
+                if not k:
+                    return
+                if self._dest is not None:
+                    self._dest[self._dest_at : self._dest_at + k] = \
+                        view[self._start : self._start + k]
+                    self._dest_at += k
+                self._start += k
+                self._payload_left -= k
+                if self._payload_left:
+                    return
+                self._payload_done()
+                continue
+            have = self._end - self._start
+            if have < HEADER_SIZE:
+                return
+            magic, version, opcode, flags, rid, meta_len, payload_len = HEADER.unpack_from(
+                view, self._start)
+            if magic != MAGIC or version != frames.VERSION:
+                raise ProtocolViolation(f"the server sent a frame with magic "
+                                        f"{bytes(magic)!r}, version {version}")
+            if have < HEADER_SIZE + meta_len:
+                if self._start + HEADER_SIZE + meta_len > len(self._buf):
+                    self._compact(HEADER_SIZE + meta_len)
+                    view = self._view
+                return
+            at = self._start + HEADER_SIZE
+            meta = bytes(view[at : at + meta_len])
+            self._start = at + meta_len
+            self._frame(opcode, flags, rid, meta, payload_len)
+
+    def _frame(self, op: int, flags: int, rid: int, meta: bytes, payload_len: int) -> None:
+        if not self._waiting:
+            raise ProtocolViolation(f"an answer to request {rid}, which nothing waits for")
+        req = self._waiting[0]
+        if rid != req.rid:
+            raise ProtocolViolation(f"answer to request {rid} where {req.rid} was due")
+        if op == _ERROR:
+            try:
+                info = frames.ErrorInfo.decode(meta)
+            except frames.FrameError as exc:
+                raise ProtocolViolation(f"bad ERROR frame: {exc}") from None
+            req.error = error_from_frame(info.code, info.name, info.message, self.target)
+            if flags & FLAG_CLOSING:
+                self.broken_soon = True
+            self._expect_payload(None, payload_len, last=True)
+            return
+        if op != req.opcode | _RESPONSE:
+            raise ProtocolViolation(f"answer opcode {op:#x} to a {Op(req.opcode).name}")
+        if req.opcode != Op.GET:
+            if payload_len:
+                raise ProtocolViolation(f"a {Op(req.opcode).name} answer carries a payload")
+            req.out = meta
+            self._finish()
+            return
+        if len(meta) != _GET_META.size:
+            raise ProtocolViolation(f"GET answer metadata of {len(meta)} bytes")
+        i, hit, _tier = _GET_META.unpack(meta)
+        count = req.count
+        if i != req.index or (count and i >= count):
+            raise ProtocolViolation(f"GET answered key #{i} where #{req.index} was due "
+                                    f"({count} keys)")
+        req.index += 1
+        last = not flags & FLAG_MORE
+        if last and req.index != max(count, 1):
+            raise ProtocolViolation(f"GET answer ended after {req.index} of {count} keys")
+        dest: memoryview | None = None
+        if hit and count and not req.future.done():
+            views = req.views
+            if views is None:
+                if self._end - self._start >= payload_len:  # all here: one copy
+                    req.out[i] = bytes(self._view[self._start : self._start + payload_len])
+                    self._start += payload_len
+                    payload_len = 0
+                else:
+                    block = bytearray(payload_len)
+                    req.out[i] = block
+                    dest = memoryview(block)
+            elif req.error is not None or payload_len > len(views[i]):
+                req.error = req.error or InvalidArgument(
+                    f"buffer #{i} is {len(views[i])} bytes but key #{i} holds a block of "
+                    f"{payload_len} bytes")
+            else:
+                dest = views[i][:payload_len]
+                req.out[i] = payload_len
+        self._expect_payload(dest, payload_len, last)
+
+    def _expect_payload(self, dest: memoryview | None, n: int, last: bool) -> None:
+        self._dest, self._dest_at, self._payload_left = dest, 0, n
+        self._last = last
+        if not n:
+            self._payload_done()
+
+    def _payload_done(self) -> None:
+        self._dest = None
+        if self._last:
+            self._finish()
+
+    def _finish(self) -> None:
+        req = self._waiting.popleft()
+        if not req.future.done():
+            if req.error is not None:
+                req.future.set_exception(req.error)
+            else:
+                req.future.set_result(req.out)
+
+    def _violation(self, what: str) -> None:
+        """The server broke the protocol: the call it was answering fails
+        (not retried), the rest as for a dropped connection."""
+        message = f"data plane to {self.target}: {what}"
+        if self._waiting:
+            req = self._waiting.popleft()
+            if not req.future.done():
+                req.future.set_exception(ConnectionFailed(message))
+        self.close(message)
+
+    def _check_progress(self) -> None:
+        self._watchdog = None
+        if self.broken or not self._waiting or self.timeout is None:
+            return
+        quiet_until = self._progress + self.timeout
+        if self.loop.time() < quiet_until:
+            self._watchdog = self.loop.call_at(quiet_until, self._check_progress)
+            return
+        self.close(f"data plane to {self.target}: no progress for {self.timeout} s waiting "
+                   "for the server's answer", _deadline)
+
+
+class ProtocolViolation(Exception):
+    """A frame the protocol does not allow here."""
+
+
+def _deadline(message: str) -> DeadlineExceeded:
+    exc = DeadlineExceeded(message)
+    exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+    return exc
+
+
+class AsyncDataPlane:
+    """One AsyncClient's data-plane sessions: opened on demand, pooled,
+    replaced when they break. :meth:`run` returns None when the data plane
+    is not available (the caller uses gRPC)."""
+
+    def __init__(self, mode: str, open_session: Callable[[], Awaitable[DataPlaneOffer]],
+                 grpc_target: str, target: str, timeout: float | None, tls: Any,
+                 max_connections: int | None = None) -> None:
+        self.mode = mode
+        self.target = target
+        self._open_session = open_session
+        self._grpc_target = grpc_target
+        self._timeout = timeout
+        self._tls = tls
+        self._max = max_connections or MAX_CONNECTIONS
+        self._conns: list[AioConnection] = []
+        self._opening: asyncio.Lock | None = None
+        self._refused = False  # the server has no data plane
+        self._retry_at = 0.0  # a listener could not be reached: gRPC until then
+        self._closed = False
+        self._limits = (1 << 20, 1 << 30)
+        #: Calls answered by the data plane, and sessions opened (for tests
+        #: and benchmarks: proof that the data plane was used).
+        self.calls = 0
+        self.sessions = 0
+
+    @property
+    def available(self) -> bool:
+        return not self._refused and not self._closed and time.monotonic() >= self._retry_at
+
+    async def active(self) -> bool:
+        """Whether calls go by the data plane (opens a session to find out)."""
+        return self.available and await self._take() is not None
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in list(self._conns):
+            conn.close("the client was closed", ConnectionFailed)
+
+    def fits(self, meta_bytes: int, payload_bytes: int = 0) -> bool:
+        """Whether a request this size fits one frame (else: gRPC)."""
+        return meta_bytes <= self._limits[0] and payload_bytes <= self._limits[1]
+
+    async def run(self, fn: Callable[[AioConnection], Awaitable[T]],
+                  idempotent: bool) -> T | None:
+        """``fn`` on a pooled connection; None when the data plane is not
+        available (use gRPC). A dropped connection is retried once on a new
+        session when ``idempotent``, else raises ConnectionFailed."""
+        for attempt in (0, 1):
+            conn = await self._take()
+            if conn is None:
+                return None
+            try:
+                result = await fn(conn)
+            except Dropped as exc:
+                conn.close()
+                if idempotent and attempt == 0:
+                    log.debug("data plane to %s dropped (%s); retrying on a new session",
+                              self.target, exc)
+                    continue
+                err = ConnectionFailed(
+                    f"data plane connection to {self.target} dropped during the call ({exc})"
+                    + ("" if idempotent else ": whether it took effect is unknown (blocks "
+                       "whose bytes all arrived may be stored); retry it"))
+                err.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
+                raise err from None
+            self.calls += 1
+            return result
+        return None  # not reached: the second attempt returns or raises
+
+    # -- the pool ------------------------------------------------------------------------
+
+    def _pick(self) -> AioConnection | None:
+        best: AioConnection | None = None
+        for conn in self._conns:
+            if conn.broken or conn.broken_soon:
+                continue
+            if best is None or conn.load < best.load:
+                best = conn
+        return best
+
+    async def _take(self) -> AioConnection | None:
+        while True:
+            conn = self._pick()
+            if conn is not None and conn.load == 0 and not conn.idle_and_open():
+                continue  # it was closed while idle: look again
+            lock = self._opening
+            if conn is not None and (conn.load == 0 or len(self._conns) >= self._max
+                                     or (lock is not None and lock.locked())):
+                return conn
+            if not self.available:
+                return None
+            if lock is None:
+                lock = self._opening = asyncio.Lock()
+            async with lock:
+                conn = self._pick()
+                if conn is not None and (conn.load == 0 or len(self._conns) >= self._max):
+                    continue
+                if not self.available:
+                    return None
+                return await self._open()
+
+    def _forget(self, conn: AioConnection) -> None:
+        if conn in self._conns:
+            self._conns.remove(conn)
+
+    async def _open(self) -> AioConnection | None:
+        try:
+            offer = await self._open_session()
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.debug("kvstore server at %s offers no data plane (%s): using gRPC",
+                          self.target, err.details())
+                self._refused = True
+                return None
+            raise error_from_rpc(err, self.target) from err
+        try:
+            route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)
+        except NoRoute as exc:
+            log.debug("kvstore data plane at %s not used: %s", self.target, exc)
+            self._refused = True
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await asyncio.wait_for(self._connect(loop, route), self._timeout)
+        except OSError as exc:  # refused, timed out, TLS handshake failed
+            log.debug("kvstore data plane at %s unreachable (%s): gRPC for %.0f s",
+                      self.target, exc, RETRY_S)
+            self._retry_at = time.monotonic() + RETRY_S
+            return None
+        conn = AioConnection(loop, sock, route.where, self._timeout, self._forget)
+        try:
+            meta = await conn.request(Op.HELLO, frames.Hello(offer.ticket).encode())
+            hello = frames.HelloOk.decode(meta)
+        except Dropped as exc:
+            conn.close()
+            failed = ConnectionFailed(f"data plane at {route.where} closed the connection at "
+                                      f"HELLO ({exc})")
+            failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
+            raise failed from None
+        except BaseException:
+            conn.close()
+            raise
+        self._limits = (min(offer.max_meta_bytes or hello.max_meta_bytes, hello.max_meta_bytes),
+                        min(offer.max_payload_bytes or hello.max_payload_bytes,
+                            hello.max_payload_bytes))
+        self._conns.append(conn)
+        self.sessions += 1
+        log.debug("kvstore data plane session %d to %s", hello.session_id, route.where)
+        return conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, route: Route) -> socket.socket:
+        if route.unix_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, route.unix_path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        infos = await loop.getaddrinfo(route.host, route.port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {route.host}")
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+                if self._tls is not None:
+                    sock = await _handshake(loop, sock, self._tls, route.host)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+
+async def _handshake(loop: asyncio.AbstractEventLoop, sock: socket.socket, tls: Any,
+                     host: str) -> ssl.SSLSocket:
+    """TLS over a connected non-blocking socket, with the gRPC channel's settings."""
+    wrapped = _tls_context(tls).wrap_socket(sock, server_hostname=tls.server_name or host,
+                                            do_handshake_on_connect=False)
+    fd = wrapped.fileno()
+    try:
+        while True:
+            try:
+                wrapped.do_handshake()
+                return wrapped
+            except ssl.SSLWantReadError:
+                await _ready(loop, fd, write=False)
+            except ssl.SSLWantWriteError:
+                await _ready(loop, fd, write=True)
+    except BaseException:
+        wrapped.close()
+        raise
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, write: bool) -> None:
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await done
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
