@@ -73,6 +73,10 @@ _DIRECT = 64 * 1024
 _IOV_MAX = 512
 #: A TLS socket is written in pieces of at most this (one SSL_write each).
 _TLS_PIECE = 256 * 1024
+#: A unix socket's send buffer: what a Put queues before waiting for the
+#: server to read (the kernel doubles it, up to net.core.wmem_max). The
+#: default (208 KiB) makes a 1 MiB Put wait five times: 0.49 -> 0.37 ms.
+_UNIX_SEND_BUFFER = 2 * 1024 * 1024
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
@@ -588,6 +592,8 @@ class AsyncDataPlane:
         if route.unix_path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
+            if _UNIX_SEND_BUFFER:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UNIX_SEND_BUFFER)
             try:
                 await loop.sock_connect(sock, route.unix_path)
             except BaseException:
