@@ -21,7 +21,7 @@ import pytest
 from dataplane.test_tls import certs  # noqa: F401 - the CA, server and client certificates
 from serverproc import ServerProcess
 
-from kvstore import TLS, AsyncClient
+from kvstore import TLS, AsyncClient, PutResult
 from kvstore.client import aio_dataplane
 from kvstore.errors import (
     BlockTooLarge,
@@ -131,6 +131,23 @@ def test_every_call_round_trips(dp_server: ServerProcess, mode: str) -> None:
     # put, get x3, lookup, get_into, turn end, session end, get (delete is gRPC)
     assert used == (0 if mode == "grpc" else 9)
     assert after == before if mode == "grpc" else after >= before + 9
+
+
+def test_many_blocks_in_one_call(dp_server: ServerProcess, mode: str) -> None:
+    """More block buffers than one sendmsg takes, and a Get answered in 700 frames."""
+    blocks = [(f"{mode}-m{i}".encode(), os.urandom(100 + i)) for i in range(700)]
+
+    async def body() -> None:
+        async with client(dp_server, mode) as c:
+            assert await c.put(blocks) == PutResult(700, sum(len(v) for _, v in blocks))
+            keys = [k for k, _ in blocks]
+            assert await c.get(keys) == [v for _, v in blocks]
+            bufs = [bytearray(1000) for _ in keys]
+            assert await c.get_into(keys, bufs) == [len(v) for _, v in blocks]
+            assert all(b[: len(v)] == v for b, (_, v) in zip(bufs, blocks, strict=True))
+            assert c.data_plane_calls == (0 if mode == "grpc" else 3)
+
+    run(body)
 
 
 def test_errors_are_the_grpc_classes_and_the_session_survives(
