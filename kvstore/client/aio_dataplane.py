@@ -164,7 +164,7 @@ class AioConnection:
         self.sock.close()
         waiting, self._waiting = self._waiting, collections.deque()
         for req in waiting:
-            if not req.future.done():
+            if not req.future.done() and not self.loop.is_closed():
                 req.future.set_exception(error(reason))
         self._on_close(self)
 
@@ -519,6 +519,12 @@ class AsyncDataPlane:
         return best
 
     async def _take(self) -> AioConnection | None:
+        if self._conns and self._conns[0].loop is not asyncio.get_running_loop():
+            # Sessions of an earlier (closed) event loop: its reader callbacks
+            # are gone with it.
+            for old in list(self._conns):
+                old.close("the client moved to another event loop")
+            self._opening = None
         while True:
             conn = self._pick()
             if conn is not None and conn.load == 0 and not conn.idle_and_open():
