@@ -150,6 +150,33 @@ def test_many_blocks_in_one_call(dp_server: ServerProcess, mode: str) -> None:
     run(body)
 
 
+def test_gets_larger_than_one_grpc_message(dp_server: ServerProcess, mode: str) -> None:
+    """Over gRPC (the suite's other AsyncClient tests now take the data plane):
+    GetSmall answers the blocks that fit one message and a stream the rest;
+    the data plane gives the same answers."""
+    small_messages = {"grpc.max_receive_message_length": 3 * MiB}
+    blocks = {f"{mode}-s{i}".encode(): os.urandom(n)
+              for i, n in enumerate([MiB, 2 * MiB + 5, 1000, 700 * 1024])}
+    k0, k1, k2, k3 = blocks
+    keys = [k3, k1, b"nope", k0, k2]
+    want = [blocks[k3], blocks[k1], None, blocks[k0], blocks[k2]]
+
+    async def body() -> None:
+        async with client(dp_server, mode, options=small_messages) as c:
+            await c.put(blocks)
+            assert await c.get(keys) == want  # k3 by GetSmall, k1 on by a stream
+            assert await c.get(keys) == want  # > 2 MiB expected: a stream
+            assert await c.get([k2]) == [blocks[k2]]
+            outs = [bytearray(3 * MiB) for _ in keys]
+            assert await c.get_into(keys, outs) == [None if w is None else len(w)
+                                                    for w in want]
+            assert all(w is None or out[: len(w)] == w for w, out in zip(want, outs,
+                                                                           strict=True))
+            assert c.data_plane_calls == (0 if mode == "grpc" else 5)
+
+    run(body)
+
+
 def test_errors_are_the_grpc_classes_and_the_session_survives(
         dp_server: ServerProcess, mode: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kvstore.client")
