@@ -27,7 +27,7 @@ from bench._server import BenchServer
 from kvstore import AsyncClient
 from kvstore.config import parse_size
 
-SYSTEMS = {
+SYSTEMS: dict[str, tuple[str, bool | str]] = {
     "grpc-tcp": ("tcp", False),
     "dp-tcp": ("tcp", "tcp"),
     "grpc-unix": ("unix", False),

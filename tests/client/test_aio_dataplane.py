@@ -111,7 +111,7 @@ def test_every_call_round_trips(dp_server: ServerProcess, mode: str) -> None:
             hit = await c.lookup([keys[0], keys[1], b"missing", keys[2]])
             assert hit.found == 2 and hit.tiers == [TierName.L1, TierName.L1, None,
                                                      TierName.L1]
-            outs = [np.zeros(40_000, dtype=np.uint8), np.zeros(10, dtype=np.uint8),
+            outs: list[Any] = [np.zeros(40_000, dtype=np.uint8), np.zeros(10, dtype=np.uint8),
                     bytearray(6 * MiB)]
             assert await c.get_into([keys[5], b"nope", big], outs) == [26000, None,
                                                                        5 * MiB + 3]
@@ -260,7 +260,7 @@ def test_a_server_without_data_plane_is_served_over_grpc(
     with pytest.raises(InvalidArgument, match="metadata"):
         AsyncClient(dp_server.tcp, metadata={"x-tenant": "a"}, data_plane="tcp")
     with pytest.raises(InvalidArgument, match="data_plane"):
-        AsyncClient(dp_server.tcp, data_plane="quic")  # type: ignore[arg-type]
+        AsyncClient(dp_server.tcp, data_plane="quic")
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
@@ -286,7 +286,7 @@ def test_concurrent_calls_share_a_few_pipelined_sessions(
             assert all(bytes(b[: len(blocks[k])]) == blocks[k]
                        for k, b in zip(keys, bufs, strict=True))
             # Gets, lookups and puts interleaved on the same sessions.
-            mixed = await asyncio.gather(*(c.lookup([k]) if i % 3 == 0 else c.get([k])
+            mixed: list[Any] = await asyncio.gather(*(c.lookup([k]) if i % 3 == 0 else c.get([k])
                                            for i, k in enumerate(keys)),
                                          c.put({b"late": b"l" * 5000}))
             assert mixed[1] == [blocks[keys[1]]] and mixed[3].found == 1
