@@ -206,9 +206,9 @@ class AioConnection:
 
     def _send(self, parts: list[memoryview]) -> None:
         if self._outq:  # a backlog: after it, in order
-            self._outq.extend(parts)
+            self._outq.extend(p for p in parts if p.nbytes)
             return
-        self._outq.extend(parts)
+        self._outq.extend(p for p in parts if p.nbytes)  # (an empty one would never go)
         self._flush()
         if self._outq and not self.broken:
             self.loop.add_writer(self._fd, self._on_writable)
