@@ -80,6 +80,7 @@ _UNIX_SEND_BUFFER = 2 * 1024 * 1024
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
+_GET_FRAME_HEAD = HEADER_SIZE + _GET_META.size
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 T = TypeVar("T")
@@ -128,6 +129,7 @@ class AioConnection:
         self._dest_at = 0
         self._payload_left = 0
         self._last = False  # the payload is the request's answer's last
+        self._last_block = 0  # the size of the last block a GET answer carried
         self._outq: collections.deque[memoryview] = collections.deque()  # unsent bytes
         self._progress = 0.0  # loop.time() of the last byte moved or request queued
         self._watchdog: asyncio.TimerHandle | None = None
@@ -261,7 +263,13 @@ class AioConnection:
                         self._start = self._end = 0
                     elif self._start and len(self._buf) - self._end < _DIRECT:
                         self._compact()
-                    target = self._view[self._end :]
+                    if self._start == self._end and not self._payload_left \
+                            and self._large_block_next():
+                        # The next frame's header alone: its block then goes
+                        # straight into its buffer, none of it through this one.
+                        target = self._view[self._end : self._end + _GET_FRAME_HEAD]
+                    else:
+                        target = self._view[self._end :]
                     got = self.sock.recv_into(target)
                     if not got:
                         break
@@ -281,6 +289,18 @@ class AioConnection:
             self.close(f"receiving: {exc}")
             return
         self.close("the server closed the connection")
+
+    def _large_block_next(self) -> bool:
+        """Whether the next frame is (likely) a GET answer with a large block:
+        its buffer is large, or (blocks returned as bytes) the last was."""
+        if not self._waiting:
+            return False
+        req = self._waiting[0]
+        if req.opcode != Op.GET or req.index >= req.count:
+            return False
+        if req.views is not None:
+            return len(req.views[req.index]) >= _DIRECT
+        return self._last_block >= _DIRECT and not req.future.done()
 
     def _compact(self, need: int = 0) -> None:
         """Move the buffered bytes to the buffer's start (a larger buffer
@@ -357,6 +377,8 @@ class AioConnection:
         if len(meta) != _GET_META.size:
             raise ProtocolViolation(f"GET answer metadata of {len(meta)} bytes")
         i, hit, _tier = _GET_META.unpack(meta)
+        if hit:
+            self._last_block = payload_len
         count = req.count
         if i != req.index or (count and i >= count):
             raise ProtocolViolation(f"GET answered key #{i} where #{req.index} was due "
