@@ -51,6 +51,7 @@ SLOW = (
     "tests/bench/test_bench_smoke.py",
     "tests/bench/test_bench_peers_dataplane.py",
     "tests/e2e/test_dataplane_sdk.py::test_a_call_in_flight_when_the_server_dies_gets_a_clear_error",
+    "tests/client/test_aio_dataplane.py::test_a_call_in_flight_when_the_server_dies",
     "tests/policy/test_live.py",
     "tests/policy/test_replay.py",
     "tests/policy/test_tiered.py",
