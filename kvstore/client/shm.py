@@ -74,8 +74,9 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client._shmstock import SlotStock
-from kvstore.client.shm_dataplane import route_shm_calls
+from kvstore.client.shm_dataplane import ShmFrames, route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
+from kvstore.dataplane import frames
 from kvstore.errors import (
     CorruptBlock,
     InvalidArgument,
@@ -106,6 +107,11 @@ _LEASE_MARGIN = 0.005
 # A slot is written or committed only if this much (s) of its reservation's
 # time, counted from before the ShmReserve was sent, is left.
 _RESERVE_MARGIN = 0.005
+# get_into reads blocks inline over the data plane (GET frames) when every
+# buffer is at most this large (ShmClient.inline_get_bytes; measured in
+# docs/dataplane.md, "Shared memory or inline").
+INLINE_GET_BYTES = 64 * 1024
+_TIERS = {1: TierName.L1, 2: TierName.L2, 3: TierName.L3}
 # Statuses of a call the server did not answer.
 _NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 
@@ -205,6 +211,17 @@ class ShmClient(Client):
         finally:
             os.close(fd)
         self._arena = memoryview(self._map)
+        #: The lean data-plane path of put, get and the leases (None: gRPC).
+        self._frames: ShmFrames | None = None
+        if self._data_plane is not None:
+            self._frames = ShmFrames(self._data_plane, self._arena, self._reserve_s,
+                                     self._want_slot_stock and info.anonymous_slots,
+                                     _RESERVE_MARGIN)
+        #: get_into into buffers all at most this large reads the blocks inline
+        #: over the data plane's socket (GET frames) instead of lease + copy +
+        #: release: for small blocks one GET costs less than an SHM_ACQUIRE
+        #: (docs/dataplane.md, "Shared memory or inline"). 0: never.
+        self.inline_get_bytes: int = INLINE_GET_BYTES
 
     def _streaming(self, nbytes: int) -> bool | None:
         limit = self.stream_batch_bytes
@@ -221,6 +238,8 @@ class ShmClient(Client):
             self.flush_releases()
         except Exception:  # the leases expire on the server anyway
             pass
+        if self._frames is not None:
+            self._frames.drain()
         if self.slot_stock is not None:
             for ns, ids in self.slot_stock.drain().items():
                 with contextlib.suppress(Exception):  # they expire on the server anyway
@@ -285,6 +304,14 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            ns = resolve_namespace(namespace, self.namespace)
+            counted = lean.put(ns, int(parse_ack(ack)), check_session_id(session_id), items,
+                            int(block_format),
+                            self._streaming(sum(len(v) for _, v in items)))
+            if counted is not None:
+                return PutResult(*counted)
         slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
         # Pipelined: while the server verifies and commits one group, this
         # thread copies the next (the two run on different cores).
@@ -356,6 +383,12 @@ class ShmClient(Client):
         return PutResult(resp.stored, resp.bytes)
 
     # -- the stock of anonymous slots (one round trip per Put) ----------------------
+
+    def stocked_slots(self) -> int:
+        """Anonymous slots this client holds for its next Puts (the gRPC
+        stock and the data plane sessions' together)."""
+        held = self.slot_stock.held() if self.slot_stock is not None else 0
+        return held + (self._frames.stocked() if self._frames is not None else 0)
 
     def _stock(self) -> SlotStock | None:
         """The stock, when Puts use it: not while the data plane carries the
@@ -432,8 +465,8 @@ class ShmClient(Client):
         server does not say (then none may be left for the next acquire)."""
         ns = resolve_namespace(namespace, self.namespace)
         key_list = normalize_keys(keys)
-        req = pb.ShmAcquireRequest(namespace=ns, keys=key_list, lease_ms=lease_ms,
-                                   session_id=check_session_id(session_id), owner=self._owner)
+        session = check_session_id(session_id)
+        release: list[int] = []
         if self._deferred:
             with self._deferred_lock:
                 taken = [d for d in self._deferred if d[2] == ns]
@@ -441,26 +474,37 @@ class ShmClient(Client):
             # Those past their time have expired on the server (or are about
             # to): naming them could find them forgotten, so they are dropped.
             now = time.monotonic()
-            req.release.extend(i for i, until, _ in taken if until > now)
+            release = [i for i, until, _ in taken if until > now]
         try:
-            resp = self._call(self._acquire_rpc, req)
+            got = None
+            lean = self._frames
+            if lean is not None and lean.dp.available:
+                got = lean.acquire(ns, key_list, session, lease_ms, release)
+            if got is None:
+                resp = self._call(self._acquire_rpc, pb.ShmAcquireRequest(
+                    namespace=ns, keys=key_list, lease_ms=lease_ms, session_id=session,
+                    owner=self._owner, release=release))
+                got = frames.ShmAcquireResult(resp.lease_ms, 0, [], [
+                    frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
+                                    x.tier) if x.hit else None for x in resp.leases])
         except KVStoreError as exc:
-            if req.release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
+            if release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
                 # The server refused the call (e.g. a bad namespace) and may not
                 # have ended those leases: end them on their own. (If they were
                 # what it refused, this fails the same way, and they expire.)
                 with contextlib.suppress(KVStoreError):
-                    self._release_ids(list(req.release), ns)
+                    self._release_ids(release, ns)
             raise
         out: list[LeasedBlock | None] = []
-        for key, lease in zip(key_list, resp.leases, strict=True):
-            if not lease.hit:
+        arena = self._arena
+        for key, lease in zip(key_list, got.leases, strict=True):
+            if lease is None:
                 out.append(None)
                 continue
-            tier = TierName(lease.tier) if lease.tier in (1, 2, 3) else None
+            tier = _TIERS.get(lease.tier)
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
-                                   self._arena[lease.offset : lease.offset + lease.size], ns))
-        return out, resp.lease_ms / 1000.0
+                                   arena[lease.offset : lease.offset + lease.size], ns))
+        return out, got.lease_ms / 1000.0
 
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
         """End leases; returns the ids of those that had expired."""
@@ -476,6 +520,11 @@ class ShmClient(Client):
         return expired
 
     def _release_ids(self, ids: list[int], namespace: str) -> list[int]:
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            expired = lean.release(namespace, ids)
+            if expired is not None:
+                return expired
         resp = self._call(self._release, pb.ShmReleaseRequest(
             lease_ids=ids, namespace=namespace, owner=self._owner))
         return list(resp.expired)
@@ -538,6 +587,11 @@ class ShmClient(Client):
                  namespace: str | None = None) -> list[int | None]:
         key_list = normalize_keys(keys)
         views = normalize_buffers(buffers, len(key_list))
+        lean = self._frames
+        if (lean is not None and views and max(len(v) for v in views) <= self.inline_get_bytes
+                and lean.dp.available):
+            # Small blocks: inline GET frames cost less than lease + copy.
+            return super().get_into(key_list, views, namespace=namespace)
         sizes: list[int | None] = []
         with self._reading(key_list, namespace, None) as leases:
             streaming = self._streaming(sum(lease.size for lease in leases if lease is not None))
