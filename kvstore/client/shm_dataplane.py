@@ -261,7 +261,10 @@ class ShmFrames:
                     stock.put_back(ns, [StockSlot(s[0], s[1], s[2], s[3])
                                         for s in slots if s[4]])
                 raise
+            # The server's answer says whether it takes the extended commit
+            # (the first Put on a session learns it here).
             state.next = bool(flags & FLAG_SHM_NEXT)
+            stock = state.stock if state.next else None
             # The server started their clock open_ms after the request arrived.
             deadline = sent + res.open_ms / 1000.0 + self.reserve_s - self.margin
             for i, (slot_id, offset, size, _gen) in zip(missing, res.slots, strict=True):
