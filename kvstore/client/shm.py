@@ -34,6 +34,18 @@ covers is a copy and one ShmCommit; the first Put of a size reserves as
 before. ``slot_stock=False``, or an older server, gives ShmReserve +
 ShmCommit every time. ``close`` abandons the slots still in stock.
 
+Over the data plane (the default when the server offers it), ``put``,
+``get``, ``get_into`` and the leases take a lean path
+(:class:`kvstore.client.shm_dataplane.ShmFrames`): frames built straight
+from the arguments, and the same one round trip per Put with the stock kept
+per data-plane session (the extended SHM_COMMIT, docs/dataplane.md; a server
+without it gets SHM_RESERVE + SHM_COMMIT). ``get_into`` into buffers of at
+most ``inline_get_bytes`` (64 KiB) reads the blocks inline as GET frames
+instead (for small blocks one GET costs less than lease + copy + release;
+the server verifies them before sending), and ``get`` does the same when the
+previous ``get``'s largest block was that small. Leases a Get left for the
+next acquire stay held until then (or ``close``), or expire on the server.
+
 For packing straight into shared memory (no intermediate buffer), use
 ``reserve``/``commit`` and ``acquire``/``release`` directly.
 
@@ -158,10 +170,9 @@ class ShmClient(Client):
     the Gets hand their leases to the next ShmAcquire instead of calling
     ShmRelease, when the server supports it. When the server offers the
     data plane (and ``data_plane`` is not False), the control calls are
-    frames on its unix socket (kvstore/client/shm_dataplane.py). Otherwise
+    frames on its unix socket (kvstore/client/shm_dataplane.py). Either way
     ``slot_stock`` (default on) keeps anonymous slots for the next Puts (one
-    gRPC round trip per Put), when the server supports them; over the data
-    plane a reserve and a commit are two frames, cheaper than one gRPC call."""
+    round trip per Put), when the server supports them."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, release_on_acquire: bool = True,
                  slot_stock: bool = True, **settings: Unpack[SyncClientSettings]) -> None:
@@ -222,6 +233,7 @@ class ShmClient(Client):
         #: release: for small blocks one GET costs less than an SHM_ACQUIRE
         #: (docs/dataplane.md, "Shared memory or inline"). 0: never.
         self.inline_get_bytes: int = INLINE_GET_BYTES
+        self._get_hint = 0  # get's largest block last time (0: none yet)
 
     def _streaming(self, nbytes: int) -> bool | None:
         limit = self.stream_batch_bytes
@@ -391,9 +403,8 @@ class ShmClient(Client):
         return held + (self._frames.stocked() if self._frames is not None else 0)
 
     def _stock(self) -> SlotStock | None:
-        """The stock, when Puts use it: not while the data plane carries the
-        shm calls (a reserve and a commit as two frames cost less than one
-        gRPC ShmCommit)."""
+        """The gRPC path's stock, when Puts use it: not while the data plane
+        carries the shm calls (its sessions keep their own, ShmFrames)."""
         if self.slot_stock is None or self.data_plane_active():
             return None
         return self.slot_stock
@@ -612,8 +623,18 @@ class ShmClient(Client):
 
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
             session_id: str | None = None) -> list[bytes | None]:
+        # The sizes are known only once the blocks are found: the last Get's
+        # largest block stands for this one's (as get_into's buffers do).
+        lean = self._frames
+        if (lean is not None and 0 < self._get_hint <= self.inline_get_bytes
+                and lean.dp.available):
+            found = super().get(keys, namespace=namespace, session_id=session_id)
+            self._get_hint = max((len(b) for b in found if b is not None), default=0)
+            return found
         out: list[bytes | None] = []
         with self._reading(keys, namespace, session_id) as leases:
+            self._get_hint = max((lease.size for lease in leases if lease is not None),
+                                 default=0)
             for i, lease in enumerate(leases):
                 if lease is None:
                     out.append(None)

@@ -519,7 +519,11 @@ class ShmCommitRequest:
 
     @classmethod
     def decode(cls, meta: bytes | memoryview, extended: bool = False) -> ShmCommitRequest:
-        r = MetaReader(meta)
+        buf = bytes(meta)
+        fast = _decode_shm_commit(buf, extended)
+        if fast is not None:
+            return fast
+        r = MetaReader(buf)  # anything odd: the general reader says what is wrong
         namespace, ack = r.str_("namespace"), r.u8()
         blocks = []
         for _ in range(r.count("blocks", _COMMIT.size)):
@@ -534,6 +538,45 @@ class ShmCommitRequest:
         reserve_next = r.u64s("reserve_next")
         r.end()
         return cls(namespace, blocks, abandon, ack, True, session, keys, reserve_next)
+
+
+def _decode_shm_commit(buf: bytes, extended: bool) -> ShmCommitRequest | None:
+    """The hot path of ShmCommitRequest.decode (every shared-memory Put),
+    unrolled; None for anything the general reader must look at."""
+    u16, u32 = _U16.unpack_from, _U32.unpack_from
+    size = len(buf)
+    try:
+        pos = 2 + u16(buf, 0)[0]
+        namespace = buf[2:pos].decode("utf-8")
+        ack = buf[pos]
+        count = u32(buf, pos + 1)[0]
+        pos += 5
+        end = pos + _COMMIT.size * count
+        if end + 4 > size:
+            return None
+        blocks = list(_COMMIT.iter_unpack(buf[pos:end]))
+        n = u32(buf, end)[0]
+        pos = end + 4 + 8 * n
+        if pos > size:
+            return None
+        abandon = list(struct.unpack_from(f"<{n}Q", buf, end + 4)) if n else []
+        if not extended:
+            return ShmCommitRequest(namespace, blocks, abandon, ack) if pos == size else None
+        end = pos + 2 + u16(buf, pos)[0]
+        session = buf[pos + 2:end].decode("utf-8")
+        pos = end
+        keys = []
+        for _ in range(count):
+            end = pos + 2 + u16(buf, pos)[0]
+            keys.append(buf[pos + 2:end])
+            pos = end
+        n = u32(buf, pos)[0]
+        if pos + 4 + 8 * n != size:
+            return None
+        reserve_next = list(struct.unpack_from(f"<{n}Q", buf, pos + 4)) if n else []
+        return ShmCommitRequest(namespace, blocks, abandon, ack, True, session, keys, reserve_next)
+    except (struct.error, UnicodeDecodeError, IndexError):
+        return None
 
 
 def encode_shm_commit(namespace: str, ack: int, blocks: Sequence[tuple[int, int, int, int, int]],
@@ -558,7 +601,6 @@ def encode_shm_commit(namespace: str, ack: int, blocks: Sequence[tuple[int, int,
     return b"".join(parts)
 
 
-_COUNTED = struct.Struct("<IQ")
 _COMMIT_NEXT = struct.Struct("<IQII")  # stored, bytes, next_open_ms, slot count
 
 

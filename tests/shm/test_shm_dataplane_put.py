@@ -220,3 +220,11 @@ def test_small_gets_come_inline_and_large_ones_through_shared_memory(
         c.inline_get_bytes = 0  # always shared memory
         assert c.get_into([b"s"], [small]) == [4096]
         assert frames_sent[-1] == (Op.SHM_ACQUIRE, 0)
+        # get (bytes): the last Get's block size decides; the first one leases.
+        c.inline_get_bytes = 64 * 1024
+        frames_sent.clear()
+        assert c.get([b"s"]) == [block(3, 4096)]
+        assert frames_sent == [(Op.SHM_ACQUIRE, 0)]
+        assert c.get([b"s"]) == [block(3, 4096)] and len(frames_sent) == 1  # inline
+        assert c.get([b"l"]) == [block(4, MiB)] and len(frames_sent) == 1  # inline: hint small
+        assert c.get([b"l"]) == [block(4, MiB)] and len(frames_sent) == 2  # leased again
