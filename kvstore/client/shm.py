@@ -234,6 +234,9 @@ class ShmClient(Client):
         #: (docs/dataplane.md, "Shared memory or inline"). 0: never.
         self.inline_get_bytes: int = INLINE_GET_BYTES
         self._get_hint = 0  # get's largest block last time (0: none yet)
+        # Namespaces an acquire has succeeded in: only those are read inline
+        # (a namespace that may not use shared memory still says so, as ever).
+        self._shm_namespaces: set[str] = set()
 
     def _streaming(self, nbytes: int) -> bool | None:
         limit = self.stream_batch_bytes
@@ -376,6 +379,28 @@ class ShmClient(Client):
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
                                block_tokens=block_tokens)[0]
         size = len(first)  # every block of one engine cache has the same size
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            arena = self._arena
+
+            def write(index: int, offset: int) -> int:
+                out = arena[offset : offset + size]
+                try:
+                    if index == 0:
+                        out[:] = first
+                    else:
+                        pack(k_pages, v_pages, page_lists[index], tokens=block_tokens,
+                             dtype=dtype, out=out)
+                    return checksum(out)
+                finally:
+                    out.release()
+
+            counted = lean.put_with(resolve_namespace(namespace, self.namespace),
+                                    int(parse_ack(ack)), check_session_id(session_id),
+                                    [bytes(k) for k in keys], [size] * len(keys), write,
+                                    int(BlockFormat.KV_V1))
+            if counted is not None:
+                return PutResult(*counted)
         slots = self._put_slots([(k, size) for k in keys], namespace, session_id)
         try:
             slots[0].check_writable()
@@ -506,6 +531,8 @@ class ShmClient(Client):
                 with contextlib.suppress(KVStoreError):
                     self._release_ids(release, ns)
             raise
+        if len(self._shm_namespaces) < 64:
+            self._shm_namespaces.add(ns)
         out: list[LeasedBlock | None] = []
         arena = self._arena
         for key, lease in zip(key_list, got.leases, strict=True):
@@ -594,13 +621,18 @@ class ShmClient(Client):
         if expired:
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
 
+    def _inline(self, namespace: str | None) -> bool:
+        """Whether a small Get may come inline (GET frames) instead."""
+        lean = self._frames
+        return lean is not None and lean.dp.available and \
+            resolve_namespace(namespace, self.namespace) in self._shm_namespaces
+
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
         key_list = normalize_keys(keys)
         views = normalize_buffers(buffers, len(key_list))
-        lean = self._frames
-        if (lean is not None and views and max(len(v) for v in views) <= self.inline_get_bytes
-                and lean.dp.available):
+        if views and max(len(v) for v in views) <= self.inline_get_bytes and \
+                self._inline(namespace):
             # Small blocks: inline GET frames cost less than lease + copy.
             return super().get_into(key_list, views, namespace=namespace)
         sizes: list[int | None] = []
@@ -625,9 +657,7 @@ class ShmClient(Client):
             session_id: str | None = None) -> list[bytes | None]:
         # The sizes are known only once the blocks are found: the last Get's
         # largest block stands for this one's (as get_into's buffers do).
-        lean = self._frames
-        if (lean is not None and 0 < self._get_hint <= self.inline_get_bytes
-                and lean.dp.available):
+        if 0 < self._get_hint <= self.inline_get_bytes and self._inline(namespace):
             found = super().get(keys, namespace=namespace, session_id=session_id)
             self._get_hint = max((len(b) for b in found if b is not None), default=0)
             return found

@@ -227,15 +227,29 @@ class ShmFrames:
             items: Sequence[tuple[bytes, memoryview]], block_format: int,
             streaming: bool | None) -> tuple[int, int] | None:
         """Store ``items`` through shared memory: (stored, bytes)."""
-        return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, items,
-                                                  block_format, streaming), idempotent=False)
+        arena = self.arena
 
-    def _put(self, conn: Connection, ns: str, ack: int, sid: str,
-             items: Sequence[tuple[bytes, memoryview]], block_format: int,
-             streaming: bool | None) -> tuple[int, int]:
+        def write(index: int, offset: int) -> int:
+            return copy_and_checksum(arena, offset, items[index][1], 0, streaming)
+
+        return self.put_with(namespace, ack, session_id, [k for k, _ in items],
+                             [len(v) for _, v in items], write, block_format)
+
+    def put_with(self, namespace: str, ack: int, session_id: str, keys: Sequence[bytes],
+                 sizes: Sequence[int], write: Callable[[int, int], int],
+                 block_format: int) -> tuple[int, int] | None:
+        """Store blocks of ``sizes`` under ``keys``: ``write(index, offset)``
+        fills block ``index``'s slot at ``offset`` in the arena and returns
+        its CRC-32C. (stored, bytes)."""
+        return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
+                                                  sizes, write, block_format),
+                           idempotent=False)
+
+    def _put(self, conn: Connection, ns: str, ack: int, sid: str, keys: Sequence[bytes],
+             sizes: Sequence[int], write: Callable[[int, int], int],
+             block_format: int) -> tuple[int, int]:
         state = self._session(conn)
         stock = state.stock if state.next else None
-        sizes = [len(v) for _, v in items]
         # Per block: (slot id, offset, size, deadline, anonymous).
         slots: list[tuple[int, int, int, float, bool]] = []
         missing: list[int] = []
@@ -247,11 +261,11 @@ class ShmFrames:
                 else:
                     slots.append((got.slot_id, got.offset, got.size, got.deadline, True))
         else:
-            missing = list(range(len(items)))
-            slots = [(0, 0, 0, 0.0, False)] * len(items)
+            missing = list(range(len(keys)))
+            slots = [(0, 0, 0, 0.0, False)] * len(keys)
         if missing:
             try:
-                meta = frames.ShmReserveRequest(ns, [(items[i][0], sizes[i]) for i in missing],
+                meta = frames.ShmReserveRequest(ns, [(keys[i], sizes[i]) for i in missing],
                                                 sid).encode()
                 sent = time.monotonic()
                 flags, answer = conn.call_flags(Op.SHM_RESERVE, meta)
@@ -271,13 +285,10 @@ class ShmFrames:
                 slots[i] = (slot_id, offset, size, deadline, False)
         committing = False
         try:
-            arena = self.arena
             blocks = []
-            for i, ((_, data), (slot_id, offset, size, deadline, _)) in enumerate(
-                    zip(items, slots, strict=True)):
+            for i, (slot_id, offset, size, deadline, _) in enumerate(slots):
                 _check_deadline(deadline, slot_id, i)  # never write a slot taken back
-                crc = copy_and_checksum(arena, offset, data, 0, streaming)
-                blocks.append((slot_id, offset, size, crc, block_format))
+                blocks.append((slot_id, offset, size, write(i, offset), block_format))
             for i, slot in enumerate(slots):
                 _check_deadline(slot[3], slot[0], i)  # nor commit one
             committing = True
@@ -287,7 +298,7 @@ class ShmFrames:
                 return counted.stored, counted.nbytes
             meta = frames.encode_shm_commit(
                 ns, ack, blocks, stock.to_abandon(ns),
-                [key if slot[4] else b"" for (key, _), slot in zip(items, slots, strict=True)],
+                [key if slot[4] else b"" for key, slot in zip(keys, slots, strict=True)],
                 sid, stock.wanted(ns, sizes))
             sent = time.monotonic()
             _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT)

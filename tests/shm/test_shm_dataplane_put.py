@@ -117,6 +117,28 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
     assert metric(server, "kvstore_shm_reservations") == 0
 
 
+def test_put_kv_packs_into_stocked_slots_in_one_frame(server, frames_sent) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    shape = (8, 16, 2, 64)  # pages, page tokens, heads, head dim
+    k = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
+    v = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
+    with ShmClient(server.unix_target, namespace="a", timeout=30) as c:
+        frames_sent.clear()
+        assert c.put_kv([b"kv0", b"kv1"], k, v, [[0, 1], [2, 3]]).stored == 2
+        assert frames_sent == [(Op.SHM_RESERVE, 0), (Op.SHM_COMMIT, FLAG_SHM_NEXT)]
+        frames_sent.clear()
+        assert c.put_kv([b"kv2", b"kv3"], k, v, [[4, 5], [6, 7]]).stored == 2
+        assert frames_sent == [(Op.SHM_COMMIT, FLAG_SHM_NEXT)]
+        k2 = [np.zeros_like(x) for x in k]
+        v2 = [np.zeros_like(x) for x in v]
+        pages = [[0, 1], [2, 3], [4, 5], [6, 7]]
+        assert c.get_kv_into([b"kv0", b"kv1", b"kv2", b"kv3"], k2, v2, pages) == 4
+        for a, b in zip(k + v, k2 + v2, strict=True):
+            assert np.array_equal(a, b)
+
+
 def test_a_server_that_does_not_offer_it_gets_reserve_and_commit(
         server, frames_sent, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # An older server never sets FLAG_SHM_NEXT on its answers.
@@ -212,6 +234,11 @@ def test_small_gets_come_inline_and_large_ones_through_shared_memory(
         c.put({b"s": block(3, 4096), b"l": block(4, MiB)})
         frames_sent.clear()
         small, large = bytearray(4096), bytearray(MiB)
+        # The first Get in a namespace leases (so a namespace that may not use
+        # shared memory is refused as ever); then small blocks come inline.
+        assert c.get_into([b"s"], [small]) == [4096]
+        assert frames_sent == [(Op.SHM_ACQUIRE, 0)]
+        frames_sent.clear()
         assert c.get_into([b"s"], [small]) == [4096]
         assert frames_sent == []  # a GET frame (Connection.get), no lease
         assert c.get_into([b"l"], [large]) == [MiB]
