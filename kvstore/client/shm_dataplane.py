@@ -214,7 +214,8 @@ class ShmFrames:
     def _session(self, conn: Connection) -> _SessionShm:
         state = self._sessions.get(conn)
         if state is None:
-            state = self._sessions[conn] = _SessionShm(SlotStock() if self.use_stock else None)
+            state = self._sessions[conn] = _SessionShm(
+                SlotStock(max_per_size=8) if self.use_stock else None)
         return state
 
     def stocked(self) -> int:
