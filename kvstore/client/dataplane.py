@@ -365,6 +365,28 @@ class Connection:
         """One request without payload; the answer's metadata."""
         return self.response(self.send(opcode, meta), opcode)
 
+    # Added by dp-shm (issue 14, one round trip per shared-memory Put): the
+    # shared-memory frames read and send header flags (FLAG_SHM_NEXT).
+    def call_flags(self, opcode: int, meta: bytes, flags: int = 0) -> tuple[int, bytes]:
+        """One request without payload, sent with header ``flags``; the
+        answer's flags and metadata."""
+        self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        try:
+            self.sock.sendall(frames.encode_header(opcode, rid, len(meta), 0, flags) + meta)
+        except (BlockingIOError, TimeoutError) as exc:
+            self.broken = True
+            raise self._deadline("sending") from exc
+        except OSError as exc:
+            self.broken = True
+            raise Dropped(f"sending: {exc}") from exc
+        op, got_flags, got_rid, payload_len, answer = self.head()
+        self._check(op, got_flags, got_rid, rid, opcode, payload_len, answer)
+        if payload_len:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: a {Op(opcode).name} answer "
+                                   "carries a payload")
+        return got_flags, answer
+
 
 class DataPlane:
     """One client's data-plane sessions: opened on demand, pooled, replaced

@@ -34,6 +34,18 @@ covers is a copy and one ShmCommit; the first Put of a size reserves as
 before. ``slot_stock=False``, or an older server, gives ShmReserve +
 ShmCommit every time. ``close`` abandons the slots still in stock.
 
+Over the data plane (the default when the server offers it), ``put``,
+``get``, ``get_into`` and the leases take a lean path
+(:class:`kvstore.client.shm_dataplane.ShmFrames`): frames built straight
+from the arguments, and the same one round trip per Put with the stock kept
+per data-plane session (the extended SHM_COMMIT, docs/dataplane.md; a server
+without it gets SHM_RESERVE + SHM_COMMIT). ``get_into`` into buffers of at
+most ``inline_get_bytes`` (64 KiB) reads the blocks inline as GET frames
+instead (for small blocks one GET costs less than lease + copy + release;
+the server verifies them before sending), and ``get`` does the same when the
+previous ``get``'s largest block was that small. Leases a Get left for the
+next acquire stay held until then (or ``close``), or expire on the server.
+
 For packing straight into shared memory (no intermediate buffer), use
 ``reserve``/``commit`` and ``acquire``/``release`` directly.
 
@@ -74,8 +86,9 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client._shmstock import SlotStock
-from kvstore.client.shm_dataplane import route_shm_calls
+from kvstore.client.shm_dataplane import ShmFrames, route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
+from kvstore.dataplane import frames
 from kvstore.errors import (
     CorruptBlock,
     InvalidArgument,
@@ -106,6 +119,11 @@ _LEASE_MARGIN = 0.005
 # A slot is written or committed only if this much (s) of its reservation's
 # time, counted from before the ShmReserve was sent, is left.
 _RESERVE_MARGIN = 0.005
+# get_into reads blocks inline over the data plane (GET frames) when every
+# buffer is at most this large (ShmClient.inline_get_bytes; measured in
+# docs/dataplane.md, "Shared memory or inline").
+INLINE_GET_BYTES = 64 * 1024
+_TIERS = {1: TierName.L1, 2: TierName.L2, 3: TierName.L3}
 # Statuses of a call the server did not answer.
 _NO_ANSWER = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 
@@ -152,10 +170,9 @@ class ShmClient(Client):
     the Gets hand their leases to the next ShmAcquire instead of calling
     ShmRelease, when the server supports it. When the server offers the
     data plane (and ``data_plane`` is not False), the control calls are
-    frames on its unix socket (kvstore/client/shm_dataplane.py). Otherwise
+    frames on its unix socket (kvstore/client/shm_dataplane.py). Either way
     ``slot_stock`` (default on) keeps anonymous slots for the next Puts (one
-    gRPC round trip per Put), when the server supports them; over the data
-    plane a reserve and a commit are two frames, cheaper than one gRPC call."""
+    round trip per Put), when the server supports them."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, release_on_acquire: bool = True,
                  slot_stock: bool = True, **settings: Unpack[SyncClientSettings]) -> None:
@@ -205,6 +222,21 @@ class ShmClient(Client):
         finally:
             os.close(fd)
         self._arena = memoryview(self._map)
+        #: The lean data-plane path of put, get and the leases (None: gRPC).
+        self._frames: ShmFrames | None = None
+        if self._data_plane is not None:
+            self._frames = ShmFrames(self._data_plane, self._arena, self._reserve_s,
+                                     self._want_slot_stock and info.anonymous_slots,
+                                     _RESERVE_MARGIN)
+        #: get_into into buffers all at most this large reads the blocks inline
+        #: over the data plane's socket (GET frames) instead of lease + copy +
+        #: release: for small blocks one GET costs less than an SHM_ACQUIRE
+        #: (docs/dataplane.md, "Shared memory or inline"). 0: never.
+        self.inline_get_bytes: int = INLINE_GET_BYTES
+        self._get_hint = 0  # get's largest block last time (0: none yet)
+        # Namespaces an acquire has succeeded in: only those are read inline
+        # (a namespace that may not use shared memory still says so, as ever).
+        self._shm_namespaces: set[str] = set()
 
     def _streaming(self, nbytes: int) -> bool | None:
         limit = self.stream_batch_bytes
@@ -221,6 +253,8 @@ class ShmClient(Client):
             self.flush_releases()
         except Exception:  # the leases expire on the server anyway
             pass
+        if self._frames is not None:
+            self._frames.drain()
         if self.slot_stock is not None:
             for ns, ids in self.slot_stock.drain().items():
                 with contextlib.suppress(Exception):  # they expire on the server anyway
@@ -285,6 +319,14 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            ns = resolve_namespace(namespace, self.namespace)
+            counted = lean.put(ns, int(parse_ack(ack)), check_session_id(session_id), items,
+                            int(block_format),
+                            self._streaming(sum(len(v) for _, v in items)))
+            if counted is not None:
+                return PutResult(*counted)
         slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
         # Pipelined: while the server verifies and commits one group, this
         # thread copies the next (the two run on different cores).
@@ -337,6 +379,28 @@ class ShmClient(Client):
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
                                block_tokens=block_tokens)[0]
         size = len(first)  # every block of one engine cache has the same size
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            arena = self._arena
+
+            def write(index: int, offset: int) -> int:
+                out = arena[offset : offset + size]
+                try:
+                    if index == 0:
+                        out[:] = first
+                    else:
+                        pack(k_pages, v_pages, page_lists[index], tokens=block_tokens,
+                             dtype=dtype, out=out)
+                    return checksum(out)
+                finally:
+                    out.release()
+
+            counted = lean.put_with(resolve_namespace(namespace, self.namespace),
+                                    int(parse_ack(ack)), check_session_id(session_id),
+                                    [bytes(k) for k in keys], [size] * len(keys), write,
+                                    int(BlockFormat.KV_V1))
+            if counted is not None:
+                return PutResult(*counted)
         slots = self._put_slots([(k, size) for k in keys], namespace, session_id)
         try:
             slots[0].check_writable()
@@ -357,10 +421,15 @@ class ShmClient(Client):
 
     # -- the stock of anonymous slots (one round trip per Put) ----------------------
 
+    def stocked_slots(self) -> int:
+        """Anonymous slots this client holds for its next Puts (the gRPC
+        stock and the data plane sessions' together)."""
+        held = self.slot_stock.held() if self.slot_stock is not None else 0
+        return held + (self._frames.stocked() if self._frames is not None else 0)
+
     def _stock(self) -> SlotStock | None:
-        """The stock, when Puts use it: not while the data plane carries the
-        shm calls (a reserve and a commit as two frames cost less than one
-        gRPC ShmCommit)."""
+        """The gRPC path's stock, when Puts use it: not while the data plane
+        carries the shm calls (its sessions keep their own, ShmFrames)."""
         if self.slot_stock is None or self.data_plane_active():
             return None
         return self.slot_stock
@@ -432,8 +501,8 @@ class ShmClient(Client):
         server does not say (then none may be left for the next acquire)."""
         ns = resolve_namespace(namespace, self.namespace)
         key_list = normalize_keys(keys)
-        req = pb.ShmAcquireRequest(namespace=ns, keys=key_list, lease_ms=lease_ms,
-                                   session_id=check_session_id(session_id), owner=self._owner)
+        session = check_session_id(session_id)
+        release: list[int] = []
         if self._deferred:
             with self._deferred_lock:
                 taken = [d for d in self._deferred if d[2] == ns]
@@ -441,26 +510,39 @@ class ShmClient(Client):
             # Those past their time have expired on the server (or are about
             # to): naming them could find them forgotten, so they are dropped.
             now = time.monotonic()
-            req.release.extend(i for i, until, _ in taken if until > now)
+            release = [i for i, until, _ in taken if until > now]
         try:
-            resp = self._call(self._acquire_rpc, req)
+            got = None
+            lean = self._frames
+            if lean is not None and lean.dp.available:
+                got = lean.acquire(ns, key_list, session, lease_ms, release)
+            if got is None:
+                resp = self._call(self._acquire_rpc, pb.ShmAcquireRequest(
+                    namespace=ns, keys=key_list, lease_ms=lease_ms, session_id=session,
+                    owner=self._owner, release=release))
+                got = frames.ShmAcquireResult(resp.lease_ms, 0, [], [
+                    frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
+                                    x.tier) if x.hit else None for x in resp.leases])
         except KVStoreError as exc:
-            if req.release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
+            if release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
                 # The server refused the call (e.g. a bad namespace) and may not
                 # have ended those leases: end them on their own. (If they were
                 # what it refused, this fails the same way, and they expire.)
                 with contextlib.suppress(KVStoreError):
-                    self._release_ids(list(req.release), ns)
+                    self._release_ids(release, ns)
             raise
+        if len(self._shm_namespaces) < 64:
+            self._shm_namespaces.add(ns)
         out: list[LeasedBlock | None] = []
-        for key, lease in zip(key_list, resp.leases, strict=True):
-            if not lease.hit:
+        arena = self._arena
+        for key, lease in zip(key_list, got.leases, strict=True):
+            if lease is None:
                 out.append(None)
                 continue
-            tier = TierName(lease.tier) if lease.tier in (1, 2, 3) else None
+            tier = _TIERS.get(lease.tier)
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
-                                   self._arena[lease.offset : lease.offset + lease.size], ns))
-        return out, resp.lease_ms / 1000.0
+                                   arena[lease.offset : lease.offset + lease.size], ns))
+        return out, got.lease_ms / 1000.0
 
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
         """End leases; returns the ids of those that had expired."""
@@ -476,6 +558,11 @@ class ShmClient(Client):
         return expired
 
     def _release_ids(self, ids: list[int], namespace: str) -> list[int]:
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            expired = lean.release(namespace, ids)
+            if expired is not None:
+                return expired
         resp = self._call(self._release, pb.ShmReleaseRequest(
             lease_ids=ids, namespace=namespace, owner=self._owner))
         return list(resp.expired)
@@ -534,10 +621,20 @@ class ShmClient(Client):
         if expired:
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
 
+    def _inline(self, namespace: str | None) -> bool:
+        """Whether a small Get may come inline (GET frames) instead."""
+        lean = self._frames
+        return lean is not None and lean.dp.available and \
+            resolve_namespace(namespace, self.namespace) in self._shm_namespaces
+
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
         key_list = normalize_keys(keys)
         views = normalize_buffers(buffers, len(key_list))
+        if views and max(len(v) for v in views) <= self.inline_get_bytes and \
+                self._inline(namespace):
+            # Small blocks: inline GET frames cost less than lease + copy.
+            return super().get_into(key_list, views, namespace=namespace)
         sizes: list[int | None] = []
         with self._reading(key_list, namespace, None) as leases:
             streaming = self._streaming(sum(lease.size for lease in leases if lease is not None))
@@ -558,8 +655,16 @@ class ShmClient(Client):
 
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
             session_id: str | None = None) -> list[bytes | None]:
+        # The sizes are known only once the blocks are found: the last Get's
+        # largest block stands for this one's (as get_into's buffers do).
+        if 0 < self._get_hint <= self.inline_get_bytes and self._inline(namespace):
+            found = super().get(keys, namespace=namespace, session_id=session_id)
+            self._get_hint = max((len(b) for b in found if b is not None), default=0)
+            return found
         out: list[bytes | None] = []
         with self._reading(keys, namespace, session_id) as leases:
+            self._get_hint = max((lease.size for lease in leases if lease is not None),
+                                 default=0)
             for i, lease in enumerate(leases):
                 if lease is None:
                     out.append(None)

@@ -1,5 +1,19 @@
-"""ShmClient's four control calls (reserve, commit, acquire, release) as
-data-plane frames (docs/dataplane.md) instead of gRPC calls.
+"""ShmClient's control calls as data-plane frames (docs/dataplane.md)
+instead of gRPC calls.
+
+:class:`ShmFrames` is the lean path of ``put``, ``get_into``, ``get`` and
+the leases: frames built and parsed straight from the arguments (no protobuf
+objects), and one round trip per Put. Each data-plane session keeps its own
+stock of anonymous slots (:mod:`kvstore.client._shmstock`): a Put whose
+sizes the stock of the connection it runs on covers is a copy and one
+SHM_COMMIT (the extended form, header flag FLAG_SHM_NEXT), which binds the
+keys to the slots and asks for the next slots. The first Put of a size on a
+session reserves (SHM_RESERVE, whose answer says whether the server takes
+the extended commit: an older server gets the version-1 commit, two round
+trips, as before). The stock lives and dies with its session: slots are
+only ever committed on the connection that reserved them, and a session
+that closes (a dropped connection, a crashed client) gives them up on the
+server.
 
 :func:`route_shm_calls` wraps each of ShmClient's gRPC callables in a
 :class:`_Routed` with the same call signature: it takes the protobuf request
@@ -16,12 +30,18 @@ it closes). Not retried: reserve and commit (ConnectionFailed).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from kvstore._impl import copy_and_checksum
+from kvstore.client._shmstock import SlotStock, StockSlot
 from kvstore.client.dataplane import Connection, DataPlane
 from kvstore.dataplane import frames
-from kvstore.dataplane.frames import Op
+from kvstore.dataplane.frames import FLAG_SHM_NEXT, Op
+from kvstore.errors import ReservationExpired
 
 
 class _Slot(NamedTuple):
@@ -163,3 +183,168 @@ def route_shm_calls(dp: DataPlane, owner: str, reserve: Any, commit: Any, acquir
     return (_Routed(dp, _reserve, reserve, False, _keyed_reserve),
             _Routed(dp, _commit, commit, False, _plain_commit),
             _Routed(dp, _acquire, acquire, True), _Routed(dp, _release, release, True))
+
+
+class _SessionShm:
+    """What one data-plane session knows for shared-memory Puts."""
+
+    __slots__ = ("next", "stock")
+
+    def __init__(self, stock: SlotStock | None) -> None:
+        #: The server takes the extended SHM_COMMIT (its SHM_RESERVE answer said so).
+        self.next = False
+        #: Anonymous slots reserved on this session (None: the stock is off).
+        self.stock = stock
+
+
+class ShmFrames:
+    """ShmClient's lean data-plane path (see the module's docstring).
+    Methods return None when the data plane is not available (use gRPC)."""
+
+    def __init__(self, dp: DataPlane, arena: memoryview, reserve_s: float, stock: bool,
+                 margin: float) -> None:
+        self.dp = dp
+        self.arena = arena
+        self.reserve_s = reserve_s
+        self.use_stock = stock
+        self.margin = margin  # seconds of a reservation kept in hand (as ShmClient's)
+        self._sessions: weakref.WeakKeyDictionary[Connection, _SessionShm] = \
+            weakref.WeakKeyDictionary()
+
+    def _session(self, conn: Connection) -> _SessionShm:
+        state = self._sessions.get(conn)
+        if state is None:
+            state = self._sessions[conn] = _SessionShm(
+                SlotStock(max_per_size=8) if self.use_stock else None)
+        return state
+
+    def stocked(self) -> int:
+        """Anonymous slots held in stock, all sessions together."""
+        return sum(s.stock.held() for s in list(self._sessions.values()) if s.stock is not None)
+
+    # -- Put -----------------------------------------------------------------------------
+
+    def put(self, namespace: str, ack: int, session_id: str,
+            items: Sequence[tuple[bytes, memoryview]], block_format: int,
+            streaming: bool | None) -> tuple[int, int] | None:
+        """Store ``items`` through shared memory: (stored, bytes)."""
+        arena = self.arena
+
+        def write(index: int, offset: int) -> int:
+            return copy_and_checksum(arena, offset, items[index][1], 0, streaming)
+
+        return self.put_with(namespace, ack, session_id, [k for k, _ in items],
+                             [len(v) for _, v in items], write, block_format)
+
+    def put_with(self, namespace: str, ack: int, session_id: str, keys: Sequence[bytes],
+                 sizes: Sequence[int], write: Callable[[int, int], int],
+                 block_format: int) -> tuple[int, int] | None:
+        """Store blocks of ``sizes`` under ``keys``: ``write(index, offset)``
+        fills block ``index``'s slot at ``offset`` in the arena and returns
+        its CRC-32C. (stored, bytes)."""
+        return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
+                                                  sizes, write, block_format),
+                           idempotent=False)
+
+    def _put(self, conn: Connection, ns: str, ack: int, sid: str, keys: Sequence[bytes],
+             sizes: Sequence[int], write: Callable[[int, int], int],
+             block_format: int) -> tuple[int, int]:
+        state = self._session(conn)
+        stock = state.stock if state.next else None
+        # Per block: (slot id, offset, size, deadline, anonymous).
+        slots: list[tuple[int, int, int, float, bool]] = []
+        missing: list[int] = []
+        if stock is not None:
+            for i, got in enumerate(stock.take(ns, sizes, time.monotonic())):
+                if got is None:
+                    missing.append(i)
+                    slots.append((0, 0, 0, 0.0, False))
+                else:
+                    slots.append((got.slot_id, got.offset, got.size, got.deadline, True))
+        else:
+            missing = list(range(len(keys)))
+            slots = [(0, 0, 0, 0.0, False)] * len(keys)
+        if missing:
+            try:
+                meta = frames.ShmReserveRequest(ns, [(keys[i], sizes[i]) for i in missing],
+                                                sid).encode()
+                sent = time.monotonic()
+                flags, answer = conn.call_flags(Op.SHM_RESERVE, meta)
+                res = frames.ShmReserveResult.decode(answer)
+            except BaseException:
+                if stock is not None:
+                    stock.put_back(ns, [StockSlot(s[0], s[1], s[2], s[3])
+                                        for s in slots if s[4]])
+                raise
+            # The server's answer says whether it takes the extended commit
+            # (the first Put on a session learns it here).
+            state.next = bool(flags & FLAG_SHM_NEXT)
+            stock = state.stock if state.next else None
+            # The server started their clock open_ms after the request arrived.
+            deadline = sent + res.open_ms / 1000.0 + self.reserve_s - self.margin
+            for i, (slot_id, offset, size, _gen) in zip(missing, res.slots, strict=True):
+                slots[i] = (slot_id, offset, size, deadline, False)
+        committing = False
+        try:
+            blocks = []
+            for i, (slot_id, offset, size, deadline, _) in enumerate(slots):
+                _check_deadline(deadline, slot_id, i)  # never write a slot taken back
+                blocks.append((slot_id, offset, size, write(i, offset), block_format))
+            for i, slot in enumerate(slots):
+                _check_deadline(slot[3], slot[0], i)  # nor commit one
+            committing = True
+            if stock is None:
+                counted = frames.Counted.decode(conn.call(
+                    Op.SHM_COMMIT, frames.encode_shm_commit(ns, ack, blocks, [])))
+                return counted.stored, counted.nbytes
+            meta = frames.encode_shm_commit(
+                ns, ack, blocks, stock.to_abandon(ns),
+                [key if slot[4] else b"" for key, slot in zip(keys, slots, strict=True)],
+                sid, stock.wanted(ns, sizes))
+            sent = time.monotonic()
+            _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT)
+            done = frames.ShmCommitResult.decode(answer)
+            if done.next_slots:
+                stock.add(ns, ((s[0], s[1], s[2]) for s in done.next_slots),
+                          sent + done.next_open_ms / 1000.0 + self.reserve_s - self.margin)
+            return done.stored, done.nbytes
+        except BaseException:
+            if not committing and not conn.broken:
+                # Nothing was committed: give the slots back now (best effort;
+                # they expire on the server anyway).
+                with contextlib.suppress(Exception):
+                    conn.call(Op.SHM_COMMIT, frames.encode_shm_commit(
+                        ns, 0, [], [s[0] for s in slots]))
+            raise
+
+    def drain(self) -> None:
+        """Abandon the slots in stock (ShmClient.close)."""
+        for conn, state in list(self._sessions.items()):
+            if state.stock is None:
+                continue
+            for ns, ids in state.stock.drain().items():
+                if conn.idle_and_open():
+                    with contextlib.suppress(Exception):  # they expire on the server anyway
+                        conn.call(Op.SHM_COMMIT, frames.encode_shm_commit(ns, 0, [], ids))
+
+    # -- Get -----------------------------------------------------------------------------
+
+    def acquire(self, namespace: str, keys: list[bytes], session_id: str, lease_ms: int,
+                release: list[int]) -> frames.ShmAcquireResult | None:
+        meta = frames.encode_shm_acquire(namespace, session_id, lease_ms, keys, release)
+        return self.dp.run(lambda conn: frames.ShmAcquireResult.decode(
+            conn.call(Op.SHM_ACQUIRE, meta)), idempotent=True)
+
+    def release(self, namespace: str, lease_ids: list[int]) -> list[int] | None:
+        """End leases; the ids of those that had expired."""
+        meta = frames.ShmReleaseRequest(namespace, lease_ids).encode()
+        return self.dp.run(lambda conn: frames.ShmReleaseResult.decode(
+            conn.call(Op.SHM_RELEASE, meta)).expired, idempotent=True)
+
+
+def _check_deadline(deadline: float, slot_id: int, index: int) -> None:
+    if time.monotonic() >= deadline:
+        raise ReservationExpired(
+            f"the reservation of slot {slot_id} (block #{index}) ran out before its block "
+            "was written and committed: the server may reuse the slot, so it is not "
+            "written; put again")

@@ -28,6 +28,13 @@ HEADER_SIZE = HEADER.size  # 24
 #: this frame (a fatal ERROR).
 FLAG_MORE = 0x0001
 FLAG_CLOSING = 0x0002
+#: SHM_NEXT (issue 14, one round trip per shared-memory Put): on a
+#: SHM_RESERVE or SHM_COMMIT answer, the server accepts the extended
+#: SHM_COMMIT; on a SHM_COMMIT request, its metadata carries the extension
+#: (:class:`ShmCommitRequest` with ``extended``) and the answer is a
+#: :class:`ShmCommitResult`. Older servers never set it (and a client sends it
+#: only after a server did); older clients ignore it, as any unknown bit.
+FLAG_SHM_NEXT = 0x0004
 
 RESPONSE = 0x80  # a response's opcode: the request's | RESPONSE
 
@@ -490,27 +497,141 @@ _COMMIT = struct.Struct("<QQQIB")
 
 @dataclass(slots=True)
 class ShmCommitRequest:
+    """SHM_COMMIT's metadata. ``extended`` (header flag FLAG_SHM_NEXT) adds,
+    after the version-1 fields: the session of the anonymous slots committed,
+    one key per block (b"" for a slot reserved with its key; an anonymous
+    slot's key is bound here) and the sizes of anonymous slots to reserve for
+    the next Puts (``reserve_next``, answered in ShmCommitResult)."""
+
     namespace: str
     blocks: list[tuple[int, int, int, int, int]]  # (slot_id, offset, size, crc32c, format)
     abandon: list[int] = field(default_factory=list)
     ack: int = 0
+    extended: bool = False
+    session_id: str = ""
+    keys: list[bytes] = field(default_factory=list)  # extended: one per block
+    reserve_next: list[int] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        w = MetaWriter().str_(self.namespace).u8(self.ack).u32(len(self.blocks))
-        w.parts.extend(_COMMIT.pack(*b) for b in self.blocks)
-        return w.u64s(self.abandon).getvalue()
+        return encode_shm_commit(self.namespace, self.ack, self.blocks, self.abandon,
+                                 self.keys if self.extended else None, self.session_id,
+                                 self.reserve_next)
 
     @classmethod
-    def decode(cls, meta: bytes | memoryview) -> ShmCommitRequest:
-        r = MetaReader(meta)
+    def decode(cls, meta: bytes | memoryview, extended: bool = False) -> ShmCommitRequest:
+        buf = bytes(meta)
+        fast = _decode_shm_commit(buf, extended)
+        if fast is not None:
+            return fast
+        r = MetaReader(buf)  # anything odd: the general reader says what is wrong
         namespace, ack = r.str_("namespace"), r.u8()
         blocks = []
         for _ in range(r.count("blocks", _COMMIT.size)):
             blocks.append(_COMMIT.unpack_from(r.buf, r.pos))
             r.pos += _COMMIT.size
         abandon = r.u64s("abandon")
+        if not extended:
+            r.end()
+            return cls(namespace, blocks, abandon, ack)
+        session = r.str_("session_id")
+        keys = [r.bytes_(f"keys[{i}]") for i in range(len(blocks))]
+        reserve_next = r.u64s("reserve_next")
         r.end()
-        return cls(namespace, blocks, abandon, ack)
+        return cls(namespace, blocks, abandon, ack, True, session, keys, reserve_next)
+
+
+def _decode_shm_commit(buf: bytes, extended: bool) -> ShmCommitRequest | None:
+    """The hot path of ShmCommitRequest.decode (every shared-memory Put),
+    unrolled; None for anything the general reader must look at."""
+    u16, u32 = _U16.unpack_from, _U32.unpack_from
+    size = len(buf)
+    try:
+        pos = 2 + u16(buf, 0)[0]
+        namespace = buf[2:pos].decode("utf-8")
+        ack = buf[pos]
+        count = u32(buf, pos + 1)[0]
+        pos += 5
+        end = pos + _COMMIT.size * count
+        if end + 4 > size:
+            return None
+        blocks = list(_COMMIT.iter_unpack(buf[pos:end]))
+        n = u32(buf, end)[0]
+        pos = end + 4 + 8 * n
+        if pos > size:
+            return None
+        abandon = list(struct.unpack_from(f"<{n}Q", buf, end + 4)) if n else []
+        if not extended:
+            return ShmCommitRequest(namespace, blocks, abandon, ack) if pos == size else None
+        end = pos + 2 + u16(buf, pos)[0]
+        session = buf[pos + 2:end].decode("utf-8")
+        pos = end
+        keys = []
+        for _ in range(count):
+            end = pos + 2 + u16(buf, pos)[0]
+            keys.append(buf[pos + 2:end])
+            pos = end
+        n = u32(buf, pos)[0]
+        if pos + 4 + 8 * n != size:
+            return None
+        reserve_next = list(struct.unpack_from(f"<{n}Q", buf, pos + 4)) if n else []
+        return ShmCommitRequest(namespace, blocks, abandon, ack, True, session, keys, reserve_next)
+    except (struct.error, UnicodeDecodeError, IndexError):
+        return None
+
+
+def encode_shm_commit(namespace: str, ack: int, blocks: Sequence[tuple[int, int, int, int, int]],
+                      abandon: Sequence[int], keys: Sequence[bytes] | None = None,
+                      session_id: str = "", reserve_next: Sequence[int] = ()) -> bytes:
+    """SHM_COMMIT's metadata; with ``keys`` (one per block) the extended form
+    (send it with FLAG_SHM_NEXT)."""
+    ns = namespace.encode("utf-8")
+    parts = [_U16.pack(len(ns)), ns, _U8.pack(ack), _U32.pack(len(blocks))]
+    parts += [_COMMIT.pack(*b) for b in blocks]
+    parts += [_U32.pack(len(abandon)), struct.pack(f"<{len(abandon)}Q", *abandon)]
+    if keys is not None:
+        if len(keys) != len(blocks):
+            raise ValueError(f"an extended SHM_COMMIT names one key per block: {len(blocks)} "
+                             f"blocks, {len(keys)} keys")
+        sid = session_id.encode("utf-8")
+        parts += [_U16.pack(len(sid)), sid]
+        for key in keys:
+            parts += [_U16.pack(len(key)), key]
+        parts += [_U32.pack(len(reserve_next)),
+                  struct.pack(f"<{len(reserve_next)}Q", *reserve_next)]
+    return b"".join(parts)
+
+
+_COMMIT_NEXT = struct.Struct("<IQII")  # stored, bytes, next_open_ms, slot count
+
+
+@dataclass(slots=True)
+class ShmCommitResult:
+    """The answer to an extended SHM_COMMIT: what was stored, and the
+    anonymous slots reserved for the next Puts, their clock started
+    ``next_open_ms`` after the request arrived (as ShmReserveResult's)."""
+
+    stored: int
+    nbytes: int
+    next_open_ms: int = 0
+    next_slots: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return _COMMIT_NEXT.pack(self.stored, self.nbytes, self.next_open_ms,
+                                 len(self.next_slots)) + \
+            b"".join(_SLOT.pack(*s) for s in self.next_slots)
+
+    @classmethod
+    def decode(cls, meta: bytes | memoryview) -> ShmCommitResult:
+        if len(meta) < _COMMIT_NEXT.size:
+            raise FrameError(f"an extended SHM_COMMIT answer is at least {_COMMIT_NEXT.size} "
+                             f"bytes, got {len(meta)}")
+        stored, nbytes, open_ms, count = _COMMIT_NEXT.unpack_from(meta)
+        if len(meta) != _COMMIT_NEXT.size + count * _SLOT.size:
+            raise FrameError(f"an extended SHM_COMMIT answer with {count} slots is "
+                             f"{_COMMIT_NEXT.size + count * _SLOT.size} bytes, got {len(meta)}")
+        slots = [_SLOT.unpack_from(meta, _COMMIT_NEXT.size + i * _SLOT.size)
+                 for i in range(count)]
+        return cls(stored, nbytes, open_ms, slots)
 
 
 @dataclass(slots=True)
@@ -522,12 +643,38 @@ class ShmAcquireRequest:
     session_id: str = ""
 
     def encode(self) -> bytes:
-        return (MetaWriter().str_(self.namespace).str_(self.session_id).u32(self.lease_ms)
-                .keys(self.keys).u64s(self.release).getvalue())
+        return encode_shm_acquire(self.namespace, self.session_id, self.lease_ms, self.keys,
+                                  self.release)
 
     @classmethod
     def decode(cls, meta: bytes | memoryview) -> ShmAcquireRequest:
-        r = MetaReader(meta)
+        # The hot path (every shared-memory Get), unrolled as GetRequest's;
+        # anything odd is parsed again by the general reader.
+        buf = bytes(meta)
+        u16 = _U16.unpack_from
+        u32 = _U32.unpack_from
+        try:
+            end = 2 + u16(buf, 0)[0]
+            namespace = buf[2:end].decode("utf-8")
+            pos = end + 2
+            end = pos + u16(buf, end)[0]
+            session = buf[pos:end].decode("utf-8")
+            lease = u32(buf, end)[0]
+            pos = end + 8
+            count = u32(buf, end + 4)[0]
+            if count * 2 <= len(buf) - pos:
+                keys = []
+                for _ in range(count):
+                    end = pos + 2 + u16(buf, pos)[0]
+                    keys.append(buf[pos + 2:end])
+                    pos = end
+                n = u32(buf, pos)[0]
+                if pos + 4 + 8 * n == len(buf):
+                    release = list(struct.unpack_from(f"<{n}Q", buf, pos + 4)) if n else []
+                    return cls(namespace, keys, lease, release, session)
+        except (struct.error, UnicodeDecodeError):
+            pass
+        r = MetaReader(buf)
         namespace, session, lease = r.str_("namespace"), r.str_("session_id"), r.u32()
         keys = r.keys()
         release = r.u64s("release")
@@ -535,7 +682,23 @@ class ShmAcquireRequest:
         return cls(namespace, keys, lease, release, session)
 
 
+def encode_shm_acquire(namespace: str, session_id: str, lease_ms: int, keys: Sequence[bytes],
+                       release: Sequence[int]) -> bytes:
+    """SHM_ACQUIRE's metadata (ShmAcquireRequest(...).encode() without the object)."""
+    ns = namespace.encode("utf-8")
+    sid = session_id.encode("utf-8")
+    parts = [_U16.pack(len(ns)), ns, _U16.pack(len(sid)), sid, _U32.pack(lease_ms),
+             _U32.pack(len(keys))]
+    for key in keys:
+        if len(key) > _MAX_STR:
+            raise ValueError(f"a string field holds at most {_MAX_STR} bytes, got {len(key)}")
+        parts += [_U16.pack(len(key)), key]
+    parts += [_U32.pack(len(release)), struct.pack(f"<{len(release)}Q", *release)]
+    return b"".join(parts)
+
+
 _LEASE = struct.Struct("<BBQQQIQ")  # hit, tier, lease id, offset, size, crc32c, generation
+_MISS = _LEASE.pack(0, 0, 0, 0, 0, 0, 0)
 
 
 class ShmLease(NamedTuple):
@@ -555,26 +718,47 @@ class ShmAcquireResult:
     leases: list[ShmLease | None]  # None: a miss
 
     def encode(self) -> bytes:
-        w = MetaWriter().u32(self.lease_ms).u32(self.released).u64s(self.expired)
-        w.u32(len(self.leases))
-        for lease in self.leases:
-            w.parts.append(_LEASE.pack(0, 0, 0, 0, 0, 0, 0) if lease is None else _LEASE.pack(
-                1, lease.tier, lease.lease_id, lease.offset, lease.size, lease.crc32c,
-                lease.generation))
-        return w.getvalue()
+        return encode_shm_acquire_result(self.lease_ms, self.released, self.expired,
+                                         self.leases)
 
     @classmethod
     def decode(cls, meta: bytes | memoryview) -> ShmAcquireResult:
-        r = MetaReader(meta)
-        lease_ms, released = r.u32(), r.u32()
-        expired = r.u64s("expired")
-        leases: list[ShmLease | None] = []
+        buf = bytes(meta)
+        try:
+            lease_ms, released, n = _ACQUIRED.unpack_from(buf)
+            pos = _ACQUIRED.size + 8 * n
+            count = _U32.unpack_from(buf, pos)[0]
+            pos += 4
+            if pos + count * _LEASE.size == len(buf):
+                expired = list(struct.unpack_from(f"<{n}Q", buf, _ACQUIRED.size)) if n else []
+                leases: list[ShmLease | None] = []
+                for i in range(count):
+                    hit, tier, lease_id, offset, size, crc, gen = _LEASE.unpack_from(
+                        buf, pos + i * _LEASE.size)
+                    leases.append(ShmLease(lease_id, offset, size, crc, gen, tier) if hit
+                                  else None)
+                return cls(lease_ms, released, expired, leases)
+        except struct.error:
+            pass
+        r = MetaReader(buf)  # says what is wrong
+        r.u32(), r.u32(), r.u64s("expired")
         for _ in range(r.count("leases", _LEASE.size)):
-            hit, tier, lease_id, offset, size, crc, gen = _LEASE.unpack_from(r.buf, r.pos)
             r.pos += _LEASE.size
-            leases.append(ShmLease(lease_id, offset, size, crc, gen, tier) if hit else None)
         r.end()
-        return cls(lease_ms, released, expired, leases)
+        raise FrameError("malformed SHM_ACQUIRE answer")  # not reached: the reader raised
+
+
+_ACQUIRED = struct.Struct("<III")  # lease_ms, released, expired count
+
+
+def encode_shm_acquire_result(lease_ms: int, released: int, expired: Sequence[int],
+                              leases: Sequence[ShmLease | None]) -> bytes:
+    parts = [_ACQUIRED.pack(lease_ms, released, len(expired)),
+             struct.pack(f"<{len(expired)}Q", *expired), _U32.pack(len(leases))]
+    parts += [_MISS if lease is None else _LEASE.pack(
+        1, lease.tier, lease.lease_id, lease.offset, lease.size, lease.crc32c, lease.generation)
+        for lease in leases]
+    return b"".join(parts)
 
 
 @dataclass(slots=True)

@@ -306,41 +306,67 @@ class Session:
         slots, open_ms = await self.shm.reserve(namespace, req.blocks, req.session_id or None,
                                                 self.owner)
         self.slots.update(s.slot_id for s in slots)
+        # FLAG_SHM_NEXT: this server takes the extended SHM_COMMIT (a client's
+        # first Put learns it here, before its commit).
         await self.reply(header, f.ShmReserveResult(open_ms, [
-            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode())
+            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode(),
+            f.FLAG_SHM_NEXT)
 
     async def shm_commit(self, header: f.Header, meta: Any) -> None:
-        req = f.ShmCommitRequest.decode(meta)
+        extended = bool(header.flags & f.FLAG_SHM_NEXT)
+        req = f.ShmCommitRequest.decode(meta, extended)
         namespace = self.namespace(req.namespace)
         if req.ack not in _ACK:
             raise InvalidArgument(f"unknown acknowledgement level {req.ack}")
         if any(b[4] not in _FORMATS for b in req.blocks):
             raise InvalidArgument("unknown block format in SHM_COMMIT")
-        specs = [CommitSpec(slot, offset, size, crc, BlockFormat(fmt))
-                 for slot, offset, size, crc, fmt in req.blocks]
+        keys = req.keys if extended else [b""] * len(req.blocks)
+        specs = [CommitSpec(slot, offset, size, crc, BlockFormat(fmt), key)
+                 for (slot, offset, size, crc, fmt), key in zip(req.blocks, keys, strict=True)]
+        # reserve_next (extended): anonymous slots for the client's next Puts,
+        # reserved once this commit is done, as the gRPC ShmCommit does.
+        restock = req.reserve_next
+        self.shm.check_restock(restock)
+        started = self.shm.clock()
         try:
             stored, nbytes = await self.shm.commit(namespace, _ACK[req.ack], specs, req.abandon,
-                                                   self.owner)
+                                                   self.owner, session=req.session_id or None)
         finally:
             # Committed, abandoned or dropped by a failed commit: no longer ours
             # to give up (a foreign id was refused and never ours).
             self.slots.difference_update(s.slot_id for s in specs)
             self.slots.difference_update(req.abandon)
-        await self.reply(header, f.Counted(stored, nbytes).encode())
+        if not extended:
+            await self.reply(header, f.Counted(stored, nbytes).encode())
+            return
+        slots: list[Any] = []
+        open_ms = 0
+        if restock:
+            slots, _ = await self.shm.restock(namespace, restock, self.owner)
+            open_ms = int((self.shm.clock() - started) * 1000.0)
+            # The session's, like any reservation: given up if it closes first.
+            self.slots.update(s.slot_id for s in slots)
+        await self.reply(header, f.ShmCommitResult(stored, nbytes, open_ms, [
+            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode(),
+            f.FLAG_SHM_NEXT)
 
     async def shm_acquire(self, header: f.Header, meta: Any) -> None:
         req = f.ShmAcquireRequest.decode(meta)
         namespace = self.namespace(req.namespace)
         leases, released, expired = await self.shm.acquire(
             namespace, req.keys, req.session_id or None, req.lease_ms, req.release, self.owner)
-        self.leases.difference_update(req.release)
-        self.leases.update(lease.lease_id for lease in leases if lease is not None)
-        await self.reply(header, f.ShmAcquireResult(
+        held = self.leases
+        if req.release:
+            held.difference_update(req.release)
+        for lease in leases:
+            if lease is not None:
+                held.add(lease.lease_id)
+        await self.reply(header, f.encode_shm_acquire_result(
             self.shm.lease_ms(req.lease_ms), released, expired,
             [None if lease is None else f.ShmLease(lease.lease_id, lease.offset, lease.size,
                                                    lease.checksum, lease.generation,
                                                    int(lease.tier))
-             for lease in leases]).encode())
+             for lease in leases]))
 
     async def shm_release(self, header: f.Header, meta: Any) -> None:
         req = f.ShmReleaseRequest.decode(meta)

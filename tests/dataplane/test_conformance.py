@@ -260,6 +260,56 @@ def _shm_attach(target: str, token: str) -> pb.ShmAttachResponse:
                     metadata=(("authorization", f"Bearer {token}"),))
 
 
+SHM_NEXT = 0x0004  # header flag: the extended SHM_COMMIT (docs/dataplane.md)
+
+
+def test_shared_memory_put_in_one_round_trip(dp_server: ServerProcess) -> None:
+    """The extended SHM_COMMIT: an anonymous slot bound to its key at commit,
+    and the commit reserving the next Put's slot; then a Put is one frame."""
+    attach = _shm_attach(dp_server.tcp, ALICE)
+    raw = session(dp_server.tcp, ALICE)
+    first, second = b"anonymous slot " * 300, b"next slot, same size " * 214 + b"xxxxxx"
+    assert len(first) == len(second) == 4500
+    # An empty key reserves an anonymous slot; the answer's flag SHM_NEXT says
+    # the server takes the extended commit.
+    raw.send(request(SHM_RESERVE, 1, s("chat") + s("") + u32(1) + s(b"") + u64(4500)))
+    f = raw.frame()
+    assert (f.op, f.flags, len(f.meta)) == (0x86, SHM_NEXT, 8 + 32)
+    slot, offset, size, _ = struct.unpack_from("<QQQQ", f.meta, 8)
+    with open(attach.path, "r+b") as fh:
+        arena = mmap.mmap(fh.fileno(), attach.size)
+        arena[offset:offset + size] = first
+        commit = (s("chat") + u8(0) + u32(1)
+                  + struct.pack("<QQQIB", slot, offset, size, checksum(first), 0) + u64s([])
+                  + s("turn-1")             # session of the anonymous slots
+                  + s(b"bound-1")           # block 0's key (its slot had none)
+                  + u64s([4500]))           # reserve_next: one 4500-byte slot
+        raw.send(header(SHM_COMMIT, 2, len(commit), flags=SHM_NEXT) + commit)
+        f = raw.frame()
+        assert (f.op, f.flags, f.rid, len(f.meta)) == (0x87, SHM_NEXT, 2, 20 + 32)
+        stored, nbytes, _open_ms, count = struct.unpack_from("<IQII", f.meta)
+        assert (stored, nbytes, count) == (1, 4500, 1)
+        slot, offset, size, _ = struct.unpack_from("<QQQQ", f.meta, 20)
+        assert size == 4500
+        # The next Put: a copy into that slot and one frame.
+        arena[offset:offset + size] = second
+        commit = (s("chat") + u8(0) + u32(1)
+                  + struct.pack("<QQQIB", slot, offset, size, checksum(second), 0) + u64s([])
+                  + s("") + s(b"bound-2") + u64s([]))
+        raw.send(header(SHM_COMMIT, 3, len(commit), flags=SHM_NEXT) + commit)
+        assert raw.frame()[:4] == (0x87, SHM_NEXT, 3, struct.pack("<IQII", 1, 4500, 0, 0))
+        arena.close()
+    assert [block_of(x) for x in get(raw, 4, "chat", [b"bound-1", b"bound-2"])] == [first,
+                                                                                   second]
+    # A version-1 SHM_COMMIT naming an anonymous slot (no key to bind) is refused.
+    raw.send(request(SHM_RESERVE, 5, s("chat") + s("") + u32(1) + s(b"") + u64(10)))
+    slot, offset, size, _ = struct.unpack_from("<QQQQ", raw.frame().meta, 8)
+    raw.send(request(SHM_COMMIT, 6, s("chat") + u8(0) + u32(1)
+                     + struct.pack("<QQQIB", slot, offset, size, 0, 0) + u64s([])))
+    f = raw.frame()
+    assert f.error()[1] == "InvalidArgument" and "must name one" in f.error()[2]
+
+
 def test_shared_memory_reserve_commit_acquire_release(dp_server: ServerProcess) -> None:
     attach = _shm_attach(dp_server.tcp, ALICE)
     raw = session(dp_server.tcp, ALICE)

@@ -10,9 +10,9 @@ from kvstore.dataplane import frames as f
 DOC = Path(__file__).resolve().parents[2] / "docs" / "dataplane.md"
 
 
-def example_frames() -> list[bytes]:
-    """Each frame of the worked example: the leading hex pairs of its lines."""
-    block = DOC.read_text().split("## Worked example")[1].split("```")[1]
+def example_frames(heading: str = "## Worked example\n") -> list[bytes]:
+    """Each frame of a worked example: the leading hex pairs of its lines."""
+    block = DOC.read_text().split(heading)[1].split("```")[1]
     frames: list[bytes] = []
     for line in block.splitlines():
         if line.startswith(("→", "←")):
@@ -43,3 +43,17 @@ def test_the_worked_example_is_what_the_codec_sends() -> None:
                                            "namespace 'x' is not served here").encode()),
     ]
     assert example_frames() == expected
+
+
+def test_the_shared_memory_put_example_is_what_the_codec_sends() -> None:
+    crc = 0x9A71BB4C  # CRC-32C of b"hello"
+    expected = [
+        f.frame(f.Op.SHM_COMMIT, 4, f.ShmCommitRequest(
+            "chat", [(0x11, 0x1000, 5, crc, 0)], [], 0, True, "", [b"\xaa\xbb"], [5]).encode(),
+            0, f.FLAG_SHM_NEXT),
+        f.frame(f.Op.SHM_COMMIT | f.RESPONSE, 4, f.ShmCommitResult(
+            1, 5, 0, [(0x12, 0x2000, 5, 7)]).encode(), 0, f.FLAG_SHM_NEXT),
+    ]
+    assert example_frames("## Worked example: a shared-memory Put in one round trip\n") == \
+        expected
+    assert f.ShmCommitRequest.decode(expected[0][24:], True).keys == [b"\xaa\xbb"]

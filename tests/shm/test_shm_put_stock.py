@@ -289,11 +289,12 @@ def test_mismatched_or_missing_fields_are_invalid_argument(stock_server) -> None
         assert c.get([b"z"]) == [data]
 
 
-def test_over_the_data_plane_puts_reserve_and_commit_as_frames_and_stock_nothing(
+def test_over_the_data_plane_the_stock_lives_on_the_session(
         stock_server, counted) -> None:  # type: ignore[no-untyped-def]
-    # With the data plane, reserve + commit are two frames (far cheaper than
-    # one gRPC ShmCommit), so the client keeps no stock: no gRPC Shm call at
-    # all after the attach, and nothing held back in the server's L1.
+    # With the data plane the stock is the data plane session's (reserve and
+    # commit are frames, tests/shm/test_shm_dataplane_put.py): no gRPC Shm call
+    # at all after the attach, the gRPC stock stays empty, and close gives back
+    # the session's slot.
     counter = counted()
     with ShmClient(stock_server.unix_target, namespace="a", timeout=30) as c:
         counter.take()
@@ -303,5 +304,6 @@ def test_over_the_data_plane_puts_reserve_and_commit_as_frames_and_stock_nothing
         assert c.data_plane_active()
         assert not any(name.startswith("Shm") for name in counter.take())
         assert c.slot_stock is not None and c.slot_stock.drain() == {}
-        assert reservations(stock_server) == 0
+        assert c.stocked_slots() == 1 and reservations(stock_server) == 1
         assert c.get(list(blobs)) == list(blobs.values())
+    assert reservations(stock_server) == 0
