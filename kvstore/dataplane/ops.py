@@ -12,6 +12,7 @@ as over gRPC (checksummed on the way in, verified on the way out).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from kvstore.errors import (
     PermissionDenied,
 )
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
@@ -35,6 +37,7 @@ from kvstore.types import (
     BlockId,
     SessionEnd,
     SessionEvent,
+    TierName,
     TurnEnd,
     TurnEndReason,
     validate_key,
@@ -47,6 +50,9 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 #: sent (tens of µs); larger ones on the store's executor.
 _VERIFY_INLINE_BYTES = 1024 * 1024
 _GET_RESPONSE = f.Op.GET | f.RESPONSE
+_PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
+_L1 = int(TierName.L1)
+_GET_FRAME_BYTES = f.HEADER_SIZE + 6  # a GET answer's header and metadata
 #: A GET's answers are sent together up to this many block bytes, or parts
 #: (each answer is one or two parts; IOV_MAX is 1024).
 _BATCH_BYTES = 8 * 1024 * 1024
@@ -55,6 +61,10 @@ _BATCH_PARTS = 512
 _CHECKED_NAMESPACES = 64
 
 Handler = Callable[[f.Header, Any], Awaitable[None]]
+
+
+def _nothing() -> None:
+    pass
 
 
 class Session:
@@ -196,6 +206,78 @@ class Session:
         finally:
             for reader in readers:
                 reader.close()
+
+    # -- answered on the spot (from the socket's readable callback) ----------------------
+
+    def answer_now(self, opcode: int, request_id: int, meta: memoryview) -> bool:
+        """Answer a request that needs no waiting (a PING; a GET whose blocks
+        are all L1 hits small enough to check here) with one ``sendmsg``:
+        True when answered (what the socket did not take is sent by the
+        connection's task), False when nothing was done (the task answers
+        it, errors included)."""
+        if opcode == f.Op.GET:
+            return self._get_now(request_id, meta)
+        if opcode == f.Op.PING and not len(meta):
+            answer = _PING_ANSWER if not request_id else f.encode_header(
+                f.Op.PING | f.RESPONSE, request_id, 0)
+            io = self.io
+            assert isinstance(io, SocketIO)
+            sent = io.send_now((answer,))
+            if sent < len(answer):
+                io.defer((answer,), sent, _nothing)
+            return True
+        return False
+
+    def _get_now(self, rid: int, meta: memoryview) -> bool:
+        try:
+            req = f.GetRequest.decode(meta)
+            namespace = self.namespace(req.namespace)
+            keys = req.keys
+            validate_keys(keys)
+        except (f.FrameError, KVStoreError):
+            return False
+        count = len(keys)
+        if not count or count * 2 > _BATCH_PARTS:
+            return False
+        # Every block first (no side effect): one not served at once sends the
+        # whole request the ordinary way.
+        reads = self.store.reads
+        ready = reads.l1_ready
+        entries: list[Entry] = []
+        total = 0
+        for key in keys:
+            entry = ready((namespace, key), _VERIFY_INLINE_BYTES)
+            if entry is None:
+                return False
+            total += entry.size
+            entries.append(entry)
+        if total > _BATCH_BYTES:
+            return False
+        session = req.session_id or None
+        hit = reads.count_l1_hit
+        view = self.store.l1.slice
+        encode = f.encode_get_frame
+        parts: list[Buffer] = []
+        last = count - 1
+        for index, entry in enumerate(entries):
+            hit((namespace, keys[index]), session)
+            parts.append(encode(rid, index, _L1, entry.size, f.FLAG_MORE if index < last else 0))
+            parts.append(view(entry.l1_offset, entry.size))
+        io = self.io
+        assert isinstance(io, SocketIO)
+        sent = io.send_now(parts)
+        if sent < total + count * _GET_FRAME_BYTES:
+            # The rest is sent by the task: the blocks stay pinned until then.
+            pin = self.store.index.pin_reader
+            for entry in entries:
+                pin(entry)
+            io.defer(parts, sent, functools.partial(self._unpin_all, entries))
+        return True
+
+    def _unpin_all(self, entries: list[Entry]) -> None:
+        unpin = self.store.index.unpin_reader
+        for entry in entries:
+            unpin(entry)
 
     async def _flush(self, parts: list[Buffer], readers: list[BlockReader]) -> None:
         """Send the answers batched so far, then unpin their blocks."""
