@@ -135,6 +135,7 @@ class Reads(Part):
         index = self.index
         self._entry = index.entry
         self._hot = index.blocks.get
+        self._arena = self.l1.arena.view
         self._loading = index.loading
         self._unpin = index.unpin_reader
         self._c1 = self.stats.counters[TierName.L1]
@@ -184,20 +185,22 @@ class Reads(Part):
         self.stats.get_hits += 1
         self.policy.on_hit(TierName.L1, block, self.clock(), session)
 
-    def l1_ready(self, block: BlockId, whole_limit: int) -> Entry | None:
-        """The block's entry when a Get of it is an L1 hit that can be served
-        at once: its L1 copy is at most ``whole_limit`` bytes, no load of it
-        is in flight, and its bytes match its checksum now. None otherwise
-        (a miss, a block in a lower tier, a large or a corrupt copy: the
-        caller takes :meth:`open_read`, which also drops a corrupt copy).
-        Changes nothing: no counter, no policy call."""
+    def l1_ready(self, block: BlockId, whole_limit: int) -> memoryview | None:
+        """The block's L1 bytes when a Get of it is an L1 hit that can be
+        served at once: its L1 copy is at most ``whole_limit`` bytes, no
+        load of it is in flight, and its bytes match its checksum now. None
+        otherwise (a miss, a block in a lower tier, a large or a corrupt
+        copy: the caller takes :meth:`open_read`, which also drops a corrupt
+        copy). Changes nothing: no counter, no policy call, no pin (pin the
+        entry with ``index.pin_reader`` to keep the bytes past an await)."""
         entry = self._hot(block)  # an L1 copy is always in the full index
         if entry is None or entry.l1_offset < 0 or entry.size > whole_limit or (
                 self._loading and block in self._loading):
             return None
-        if checksum(self.l1.slice(entry.l1_offset, entry.size)) != entry.checksum:
+        view = self._arena[entry.l1_offset:entry.l1_offset + entry.size]
+        if checksum(view) != entry.checksum:
             return None
-        return entry
+        return view
 
     def count_l1_hit(self, block: BlockId, session: str | None) -> None:
         """What :meth:`open_read` counts and tells the policy for an L1 hit,
