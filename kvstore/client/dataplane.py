@@ -73,6 +73,9 @@ _GET_ANSWER = int(Op.GET) | frames.RESPONSE
 _VERSION = frames.VERSION
 _U16 = struct.Struct("<H")
 _COUNT_AND_KEY = struct.Struct("<IH")  # a one-key request's key count and key length
+#: A GET answer expected this large or larger: its header is received alone,
+#: so that its block goes from the socket straight into its destination.
+_DIRECT_BYTES = 64 * 1024
 #: Namespace and session id pairs whose encoded metadata prefix is kept.
 _PREFIXES = 64
 _ENV = "KVSTORE_DATA_PLANE"
@@ -132,6 +135,8 @@ class Connection:
         self._start = 0  # buffered bytes: self._buf[self._start:self._end]
         self._end = 0
         self._next_id = 0
+        # The last GET answer's block was large (_DIRECT_BYTES or more).
+        self._large = False
         # (namespace, session id) -> their encoded GET/LOOKUP metadata fields.
         self._prefixes: dict[tuple[str, str], bytes] = {}
         self._poll = select.poll()
@@ -211,6 +216,17 @@ class Connection:
         while self._end - self._start < n:
             got = self._recv_into(self._view[self._end :])
             self._end += got
+
+    def _fill_exactly(self, n: int) -> None:
+        """At least ``n`` bytes buffered, receiving no more than that: what
+        follows (a large payload) is received straight into its destination,
+        not copied through the buffer."""
+        if self._start + n > len(self._buf):
+            have = self._end - self._start
+            self._view[:have] = self._view[self._start : self._end]
+            self._start, self._end = 0, have
+        while self._end - self._start < n:
+            self._end += self._recv_into(self._view[self._end : self._start + n])
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:
@@ -397,8 +413,13 @@ class Connection:
         answer = self._get_answer
         while True:
             if self._end - self._start < _GET_FRAME_SIZE:
-                self._fill(HEADER_SIZE)
+                if (self._large if views is None or index >= count
+                        else len(views[index]) >= _DIRECT_BYTES):
+                    self._fill_exactly(_GET_FRAME_SIZE)
+                else:
+                    self._fill(HEADER_SIZE)
             flags, hit, payload_len = answer(rid, index, count)
+            self._large = payload_len >= _DIRECT_BYTES
             i = index
             index += 1
             if hit and count:
