@@ -53,6 +53,7 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 _VERIFY_INLINE_BYTES = 1024 * 1024
 _GET_RESPONSE = int(f.Op.GET | f.RESPONSE)
 _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
+_LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
 _L1 = int(TierName.L1)
 _MORE = f.FLAG_MORE
 _MAGIC, _VERSION = f.MAGIC, f.VERSION
@@ -222,22 +223,40 @@ class Session:
 
     def answer_now(self, opcode: int, request_id: int, meta: memoryview) -> bool:
         """Answer a request that needs no waiting (a PING; a GET whose blocks
-        are all L1 hits small enough to check here) with one ``sendmsg``:
-        True when answered (what the socket did not take is sent by the
-        connection's task), False when nothing was done (the task answers
-        it, errors included)."""
+        are all L1 hits small enough to check here; a LOOKUP that needs no
+        L3 query) with one ``sendmsg``: True when answered (what the socket
+        did not take is sent by the connection's task), False when nothing
+        was done (the task answers it, errors included)."""
         if opcode == f.Op.GET:
             return self._get_now(request_id, meta)
+        if opcode == f.Op.LOOKUP:
+            return self._lookup_now(request_id, meta)
         if opcode == f.Op.PING and not len(meta):
-            answer = _PING_ANSWER if not request_id else f.encode_header(
-                f.Op.PING | f.RESPONSE, request_id, 0)
-            io = self.io
-            assert isinstance(io, SocketIO)
-            sent = io.send_now((answer,))
-            if sent < len(answer):
-                io.defer((answer,), sent, _nothing)
+            self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
+                f.Op.PING | f.RESPONSE, request_id, 0))
             return True
         return False
+
+    def _reply_now(self, answer: bytes) -> None:
+        io = self.io
+        assert isinstance(io, SocketIO)
+        sent = io.send_now((answer,))
+        if sent < len(answer):
+            io.defer((answer,), sent, _nothing)
+
+    def _lookup_now(self, rid: int, meta: memoryview) -> bool:
+        try:
+            req = f.LookupRequest.decode(meta)
+            namespace = self.namespace(req.namespace)
+            found = self.store.lookups.lookup_tiers_now(namespace, req.keys, req.lease_ms,
+                                                        req.session_id or None)
+        except (f.FrameError, KVStoreError):
+            return False
+        if found is None:
+            return False
+        result = f.encode_lookup_result(*found)
+        self._reply_now(f.encode_header(_LOOKUP_RESPONSE, rid, len(result)) + result)
+        return True
 
     def _get_now(self, rid: int, meta: memoryview) -> bool:
         # GetRequest.decode, unrolled for this path: anything it would not
