@@ -161,8 +161,9 @@ class SocketIO:
     # -- answers given from the readable callback ---------------------------------------
 
     def _answer_ready(self) -> bool:
-        """Answer what ``fast`` can of the buffered requests, receiving more
-        while all were answered. True when the task has to act: a frame
+        """Answer what ``fast`` can of the buffered requests and of what one
+        receive brings (when those were all answered). True when the task has
+        to act: a frame
         ``fast`` left is at the buffer's start, an answer is partly sent, the
         peer closed or the receive failed (the task's own receive finds out
         which); False when all that came is answered (or half a frame waits
@@ -170,7 +171,7 @@ class SocketIO:
         fast = self.fast
         assert fast is not None
         buf = self.buf
-        drained = False
+        received = False
         while True:
             start = self._start
             while self._end - start >= HEADER_SIZE:
@@ -188,15 +189,16 @@ class SocketIO:
                 self._start = start = end
                 if self._pending is not None or self._failed is not None:
                     return True
-            if drained:
-                return False  # the selector says when more comes
+            if received:
+                # One receive per call: a peer that keeps sending cannot keep
+                # the loop from the others (the selector says when more came).
+                return False
             if start == self._end:
                 self._start = self._end = 0
-            elif self._end == BUFFER_BYTES:  # half a frame at the end: move it to the front
+            elif start:  # half a frame left: move it to the front
                 avail = self._end - start
                 self.buf[:avail] = self.mv[start:self._end]
                 self._start, self._end = 0, avail
-            room = BUFFER_BYTES - self._end
             try:
                 n = self.sock.recv_into(self.mv[self._end:])
             except (BlockingIOError, InterruptedError):
@@ -207,7 +209,7 @@ class SocketIO:
                 return True
             self._end += n
             self.bytes_in += n
-            drained = n < room
+            received = True
 
     def send_now(self, parts: Sequence[Buffer]) -> int:
         """One ``sendmsg`` of ``parts`` from the fast path; the bytes it took
