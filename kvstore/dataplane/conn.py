@@ -361,23 +361,43 @@ class SocketIO:
             await self._send_rest(parts, sent, total)
 
     async def _send_rest(self, parts: Sequence[Buffer], sent: int, total: int) -> None:
-        """Send what is left of ``parts`` once ``sent`` bytes went out."""
+        """Send what is left of ``parts`` once ``sent`` bytes went out: one
+        ``sendmsg`` of all that is left each time the socket is writable
+        (a GET answer's small headers do not go out as packets of their own;
+        the socket stays registered for writing until all is sent)."""
+        left = [memoryview(part) for part in parts]
+        sock = self.sock
+        loop = self.loop
+        waiter: asyncio.Future[None] | None = None
+
+        def writable() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_writer(self._fd, writable)
         try:
             async with asyncio.timeout(self.timeout):
-                for part in parts:
-                    n = len(part)
-                    if sent >= n:
-                        sent -= n
-                        continue
-                    view = memoryview(part)[sent:]
-                    sent = 0
-                    await self.loop.sock_sendall(self.sock, view)
-                    self.bytes_out += len(view)
+                while True:
+                    while left and sent >= len(left[0]):
+                        sent -= len(left.pop(0))
+                    if not left:
+                        return
+                    if sent:
+                        left[0] = left[0][sent:]
+                    waiter = loop.create_future()
+                    await waiter
+                    try:
+                        sent = sock.sendmsg(left)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    self.bytes_out += sent
         except TimeoutError:
             raise PeerTooSlow(f"the peer did not read a {total}-byte response within "
                               f"{self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionClosed(f"send failed: {exc}") from None
+        finally:
+            loop.remove_writer(self._fd)
 
     def close(self) -> None:
         if self._watching:
