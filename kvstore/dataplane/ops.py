@@ -52,6 +52,7 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 #: sent (tens of µs); larger ones on the store's executor.
 _VERIFY_INLINE_BYTES = 1024 * 1024
 _GET_RESPONSE = int(f.Op.GET | f.RESPONSE)
+_GET, _LOOKUP, _PING = int(f.Op.GET), int(f.Op.LOOKUP), int(f.Op.PING)
 _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
 _LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
 _L1 = int(TierName.L1)
@@ -227,11 +228,11 @@ class Session:
         L3 query) with one ``sendmsg``: True when answered (what the socket
         did not take is sent by the connection's task), False when nothing
         was done (the task answers it, errors included)."""
-        if opcode == f.Op.GET:
+        if opcode == _GET:
             return self._get_now(request_id, meta)
-        if opcode == f.Op.LOOKUP:
+        if opcode == _LOOKUP:
             return self._lookup_now(request_id, meta)
-        if opcode == f.Op.PING and not len(meta):
+        if opcode == _PING and not len(meta):
             self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
                 f.Op.PING | f.RESPONSE, request_id, 0))
             return True
