@@ -73,8 +73,6 @@ _GET_ANSWER = int(Op.GET) | frames.RESPONSE
 _VERSION = frames.VERSION
 _U16 = struct.Struct("<H")
 _COUNT_AND_KEY = struct.Struct("<IH")  # a one-key request's key count and key length
-#: A pooled connection idle for less than this is reused without a poll.
-_FRESH_S = 0.001
 #: A GET answer expected this large or larger: its header is received alone,
 #: so that its block goes from the socket straight into its destination.
 _DIRECT_BYTES = 64 * 1024
@@ -137,7 +135,6 @@ class Connection:
         self._start = 0  # buffered bytes: self._buf[self._start:self._end]
         self._end = 0
         self._next_id = 0
-        self.idle_since = 0.0  # when the pool got it back (time.monotonic)
         # The last GET answer's block was large (_DIRECT_BYTES or more).
         self._large = False
         # (namespace, session id) -> their encoded GET/LOOKUP metadata fields.
@@ -156,13 +153,8 @@ class Connection:
 
     def idle_and_open(self) -> bool:
         """An idle connection has nothing to read: if it has, the server
-        closed it (or is closing it) and it is not reused. One idle for less
-        than ``_FRESH_S`` is not polled (a call back to back with the last
-        one saves a system call; a server that closed it within that moment
-        is found by the call, as one closing it during the call is)."""
-        if self.broken or self._start != self._end:
-            return False
-        return time.monotonic() - self.idle_since < _FRESH_S or not self._poll.poll(0)
+        closed it (or is closing it) and it is not reused."""
+        return not self.broken and not self._poll.poll(0) and self._start == self._end
 
     def close(self) -> None:
         self.broken = True
@@ -579,7 +571,6 @@ class DataPlane:
         if self._closed or conn.broken:
             conn.close()
         else:
-            conn.idle_since = time.monotonic()
             self._idle.append(conn)
 
     def _open(self) -> Connection | None:
