@@ -66,6 +66,18 @@ _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
+#: A GET answer's header and metadata, read in one go on the common path.
+_GET_FRAME = struct.Struct("<4sBBHIIQIBB")
+_GET_FRAME_SIZE = _GET_FRAME.size
+_GET_ANSWER = int(Op.GET) | frames.RESPONSE
+_VERSION = frames.VERSION
+_U16 = struct.Struct("<H")
+_COUNT_AND_KEY = struct.Struct("<IH")  # a one-key request's key count and key length
+#: A GET answer expected this large or larger: its header is received alone,
+#: so that its block goes from the socket straight into its destination.
+_DIRECT_BYTES = 64 * 1024
+#: Namespace and session id pairs whose encoded metadata prefix is kept.
+_PREFIXES = 64
 _ENV = "KVSTORE_DATA_PLANE"
 _Received = TypeVar("_Received", int, bytes)
 
@@ -92,6 +104,17 @@ def data_plane_mode(value: bool | str | None) -> str:
                           + (f" (from ${_ENV})" if isinstance(value, str) else ""))
 
 
+_forks = 0  # how many times this process was forked from (see DataPlane._take)
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Dropped(Exception):
     """The connection broke (closed, reset) during a call."""
 
@@ -112,6 +135,10 @@ class Connection:
         self._start = 0  # buffered bytes: self._buf[self._start:self._end]
         self._end = 0
         self._next_id = 0
+        # The last GET answer's block was large (_DIRECT_BYTES or more).
+        self._large = False
+        # (namespace, session id) -> their encoded GET/LOOKUP metadata fields.
+        self._prefixes: dict[tuple[str, str], bytes] = {}
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
 
@@ -140,7 +167,7 @@ class Connection:
              payload_len: int = 0) -> int:
         """Send one request frame; returns its request id."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
-        head = frames.encode_header(opcode, rid, len(meta), payload_len) + meta
+        head = HEADER.pack(MAGIC, _VERSION, opcode, 0, rid, len(meta), payload_len) + meta
         try:
             if not payload:
                 self.sock.sendall(head)
@@ -190,23 +217,44 @@ class Connection:
             got = self._recv_into(self._view[self._end :])
             self._end += got
 
+    def _fill_exactly(self, n: int) -> None:
+        """At least ``n`` bytes buffered, receiving no more than that: what
+        follows (a large payload) is received straight into its destination,
+        not copied through the buffer."""
+        if self._start + n > len(self._buf):
+            have = self._end - self._start
+            self._view[:have] = self._view[self._start : self._end]
+            self._start, self._end = 0, have
+        while self._end - self._start < n:
+            self._end += self._recv_into(self._view[self._end : self._start + n])
+
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
-        return self._recv(lambda: self.sock.recv_into(view, len(view), 0 if self.tls else flags))
+        try:
+            got = self.sock.recv_into(view, len(view), 0 if self.tls else flags)
+        except OSError as exc:
+            raise self._receive_failed(exc) from exc
+        if not got:
+            raise self._receive_failed(None)
+        return got
 
     def _recv(self, receive: Callable[[], _Received]) -> _Received:
         """One receive call, its failures said in the data plane's words."""
         try:
             got = receive()
-        except (BlockingIOError, TimeoutError, ssl.SSLWantReadError) as exc:
-            self.broken = True
-            raise self._deadline("waiting for the server's answer") from exc
         except OSError as exc:
-            self.broken = True
-            raise Dropped(f"receiving: {exc}") from exc
+            raise self._receive_failed(exc) from exc
         if not got:
-            self.broken = True
-            raise Dropped("the server closed the connection")
+            raise self._receive_failed(None)
         return got
+
+    def _receive_failed(self, exc: OSError | None) -> Exception:
+        """What a failed receive raises (``exc`` None: the peer closed)."""
+        self.broken = True
+        if exc is None:
+            return Dropped("the server closed the connection")
+        if isinstance(exc, (BlockingIOError, TimeoutError, ssl.SSLWantReadError)):
+            return self._deadline("waiting for the server's answer")
+        return Dropped(f"receiving: {exc}")
 
     def _deadline(self, what: str) -> DeadlineExceeded:
         exc = DeadlineExceeded(f"data plane to {self.target}: no progress for {self.timeout} s "
@@ -307,28 +355,72 @@ class Connection:
                                                         session_id).encode())
         return frames.LookupResult.decode(self.response(rid, Op.LOOKUP))
 
+    def _get_meta(self, namespace: str, keys: list[bytes], session_id: str) -> bytes:
+        """GetRequest(namespace, keys, session_id).encode(), its namespace and
+        session fields encoded once per connection."""
+        prefix = self._prefixes.get((namespace, session_id))
+        if prefix is None:
+            ns, sid = namespace.encode(), session_id.encode()
+            if len(ns) > 0xFFFF or len(sid) > 0xFFFF:
+                return frames.GetRequest(namespace, keys, session_id).encode()
+            prefix = _U16.pack(len(ns)) + ns + _U16.pack(len(sid)) + sid
+            if len(self._prefixes) < _PREFIXES:
+                self._prefixes[(namespace, session_id)] = prefix
+        if len(keys) == 1:
+            key = keys[0]
+            if len(key) <= 0xFFFF:
+                return prefix + _COUNT_AND_KEY.pack(1, len(key)) + key
+        return prefix + frames.MetaWriter().keys(keys).getvalue()
+
+    def _get_answer(self, rid: int, index: int, count: int) -> tuple[int, int, int]:
+        """The next GET answer frame's (flags, hit, payload_len): straight
+        from the buffer when its header and metadata are there and as
+        expected, else through the general checks (which raise)."""
+        start = self._start
+        if self._end - start >= _GET_FRAME_SIZE:
+            magic, version, op, flags, got_rid, meta_len, payload_len, i, hit, _tier = \
+                _GET_FRAME.unpack_from(self._buf, start)
+            if (op == _GET_ANSWER and got_rid == rid and meta_len == _GET_META.size
+                    and i == index and (i < count or not count) and magic == MAGIC
+                    and version == _VERSION):
+                self._start = start + _GET_FRAME_SIZE
+                return flags, hit, payload_len
+        op, flags, got_rid, payload_len, meta = self.head()
+        self._check(op, flags, got_rid, rid, Op.GET, payload_len, meta)
+        if len(meta) != _GET_META.size:
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: GET answer metadata of "
+                                   f"{len(meta)} bytes")
+        i, hit, _tier = _GET_META.unpack(meta)
+        if i != index or (count and i >= count):
+            self.broken = True
+            raise ConnectionFailed(f"data plane to {self.target}: GET answered key #{i} "
+                                   f"where #{index} was due ({count} keys)")
+        return flags, hit, payload_len
+
     def get(self, namespace: str, keys: list[bytes], session_id: str,
             views: list[memoryview] | None) -> list[Any]:
         """Blocks as bytes (``views`` None) or sizes, read into ``views``; None
         for a miss. A block larger than its buffer raises InvalidArgument once
         the whole answer has been read (earlier buffers are filled)."""
-        rid = self.send(Op.GET, frames.GetRequest(namespace, keys, session_id).encode())
+        if self._start == self._end:
+            self._start = self._end = 0  # nothing buffered: receive from the start
+        rid = self.send(Op.GET, self._get_meta(namespace, keys, session_id))
         count = len(keys)
         out: list[Any] = [None] * count
         too_small: InvalidArgument | None = None
         index = 0
+        answer = self._get_answer
         while True:
-            op, flags, got_rid, payload_len, meta = self.head()
-            self._check(op, flags, got_rid, rid, Op.GET, payload_len, meta)
-            if len(meta) != _GET_META.size:
-                self.broken = True
-                raise ConnectionFailed(f"data plane to {self.target}: GET answer metadata of "
-                                       f"{len(meta)} bytes")
-            i, hit, _tier = _GET_META.unpack(meta)
-            if i != index or (count and i >= count):
-                self.broken = True
-                raise ConnectionFailed(f"data plane to {self.target}: GET answered key #{i} "
-                                       f"where #{index} was due ({count} keys)")
+            if self._end - self._start < _GET_FRAME_SIZE:
+                if (self._large if views is None or index >= count
+                        else len(views[index]) >= _DIRECT_BYTES):
+                    self._fill_exactly(_GET_FRAME_SIZE)
+                else:
+                    self._fill(HEADER_SIZE)
+            flags, hit, payload_len = answer(rid, index, count)
+            self._large = payload_len >= _DIRECT_BYTES
+            i = index
             index += 1
             if hit and count:
                 if views is None:
@@ -412,7 +504,7 @@ class DataPlane:
         self._refused = False  # the server has no data plane
         self._retry_at = 0.0  # a listener could not be reached: gRPC until then
         self._closed = False
-        self._pid = os.getpid()
+        self._forks = _forks
         # The largest request metadata and payload (the last HELLO's).
         self._limits = (1 << 20, 1 << 30)
         #: Calls answered by the data plane, and sessions opened (for tests
@@ -481,9 +573,9 @@ class DataPlane:
     # -- the pool ------------------------------------------------------------------------
 
     def _take(self) -> Connection | None:
-        if self._pid != os.getpid():
+        if self._forks != _forks:
             # A forked child: the parent's sockets are its sessions, not ours.
-            self._pid = os.getpid()
+            self._forks = _forks
             self._idle = []
         while True:
             try:

@@ -9,6 +9,16 @@ sent straight from the arena (``sendmsg`` of header and block view). A call
 that completes at once never waits on the loop. :class:`StreamIO` (TLS) goes
 through asyncio streams: one more copy each way (the TLS layer's buffers).
 
+A request that can be answered without waiting (a PING, a GET whose blocks
+are all small L1 hits) is answered by :class:`SocketIO` from the socket's
+readable callback, when the connection's task is idle between frames: no
+task is woken and no coroutine runs (``fast``; the event loop's per-task
+cost is most of a small GET's). Everything else, and everything after it,
+is the task's: the callback stops at the first frame it does not answer and
+wakes the task, so answers leave in request order. A fast answer the socket
+did not take whole is finished by the task (under the same timeout) before
+it reads the next frame.
+
 A payload must move within ``timeout`` seconds; a peer slower than that is
 :class:`PeerTooSlow` (the server then drops the connection and whatever it
 held). Waiting for the next frame has no limit.
@@ -19,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvstore.checksum import checksum, copy_and_checksum
-from kvstore.dataplane.frames import HEADER_SIZE
+from kvstore.dataplane.frames import HEADER, HEADER_SIZE, MAGIC, VERSION
 from kvstore.tiers.base import Buffer
 
 BUFFER_BYTES = 64 * 1024
@@ -30,6 +40,11 @@ BUFFER_BYTES = 64 * 1024
 _LOWAT = 256 * 1024
 #: TLS: the most bytes read from the stream in one go.
 _TLS_READ = 1024 * 1024
+
+
+#: ``fast(opcode, request_id, meta)``: answer a payload-free request now
+#: (True), or leave it, untouched, to the connection's task (False).
+FastAnswer = Callable[[int, int, memoryview], bool]
 
 
 class ConnectionClosed(Exception):
@@ -48,8 +63,9 @@ class SocketIO:
     not read; if the selector reports it readable then, twice in a row, it is
     unregistered until the next wait, so a busy connection never spins."""
 
-    __slots__ = ("_end", "_fd", "_idle_fires", "_start", "_tcp", "_waiter", "_watching", "buf",
-                 "bytes_in", "bytes_out", "loop", "mv", "sock", "timeout")
+    __slots__ = ("_end", "_failed", "_fd", "_idle", "_idle_fires", "_pending", "_start", "_tcp",
+                 "_waiter", "_watching", "buf", "bytes_in", "bytes_out", "fast", "loop", "mv",
+                 "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         sock.setblocking(False)
@@ -65,8 +81,25 @@ class SocketIO:
         self._waiter: asyncio.Future[None] | None = None
         self._watching = False
         self._idle_fires = 0
+        #: Answers requests from the readable callback (set after HELLO).
+        self.fast: FastAnswer | None = None
+        self._idle = False  # the task waits for the next frame (fast may answer)
+        # A fast answer not sent whole: (parts, bytes sent, called once it is).
+        self._pending: tuple[Sequence[Buffer], int, Callable[[], None]] | None = None
+        self._failed: BaseException | None = None  # the fast path's, for the task
 
     def _readable(self) -> None:
+        if self._idle:
+            try:
+                handover = self._answer_ready()
+            except BaseException as exc:  # a bug: the task raises it
+                self._failed = exc
+                handover = True
+            if handover:
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -125,9 +158,118 @@ class SocketIO:
         self._start = start + n
         return self.mv[start:start + n]
 
+    # -- answers given from the readable callback ---------------------------------------
+
+    def _answer_ready(self) -> bool:
+        """Answer what ``fast`` can of the buffered requests and of what one
+        receive brings (when those were all answered). True when the task has
+        to act: a frame
+        ``fast`` left is at the buffer's start, an answer is partly sent, the
+        peer closed or the receive failed (the task's own receive finds out
+        which); False when all that came is answered (or half a frame waits
+        for the rest)."""
+        fast = self.fast
+        assert fast is not None
+        buf = self.buf
+        received = False
+        while True:
+            start = self._start
+            while self._end - start >= HEADER_SIZE:
+                magic, version, opcode, _, rid, meta_len, payload_len = HEADER.unpack_from(
+                    buf, start)
+                if payload_len or magic != MAGIC or version != VERSION:
+                    return True  # a PUT, or a bad frame: the task's
+                end = start + HEADER_SIZE + meta_len
+                if end > self._end:
+                    if end - start > BUFFER_BYTES:
+                        return True  # more metadata than the buffer holds
+                    break  # the rest of the frame is still to come
+                if not fast(opcode, rid, self.mv[start + HEADER_SIZE:end]):
+                    return True
+                self._start = start = end
+                if self._pending is not None or self._failed is not None:
+                    return True
+            if received:
+                # One receive per call: a peer that keeps sending cannot keep
+                # the loop from the others (the selector says when more came).
+                return False
+            if start == self._end:
+                self._start = self._end = 0
+            elif start:  # half a frame left: move it to the front
+                avail = self._end - start
+                self.buf[:avail] = self.mv[start:self._end]
+                self._start, self._end = 0, avail
+            try:
+                n = self.sock.recv_into(self.mv[self._end:])
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return True
+            if n == 0:
+                return True
+            self._end += n
+            self.bytes_in += n
+            received = True
+
+    def send_now(self, parts: Sequence[Buffer]) -> int:
+        """One ``sendmsg`` of ``parts`` from the fast path; the bytes it took
+        (the rest goes through :meth:`defer`). A failed send ends the
+        connection: the task raises ConnectionClosed at its next frame."""
+        try:
+            sent = self.sock.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._failed = ConnectionClosed(f"send failed: {exc}")
+            sent = sum(map(len, parts))  # nothing more goes out on this connection
+        self.bytes_out += sent
+        return sent
+
+    def defer(self, parts: Sequence[Buffer], sent: int, done: Callable[[], None]) -> None:
+        """The rest of a fast answer (``sent`` bytes of ``parts`` went out):
+        the task sends it, under the timeout, before its next frame, then
+        calls ``done`` (also when the connection fails or closes first)."""
+        self._pending = (parts, sent, done)
+
+    async def _finish_pending(self) -> None:
+        assert self._pending is not None
+        parts, sent, done = self._pending
+        self._pending = None
+        try:
+            await self._send_rest(parts, sent, sum(map(len, parts)))
+        finally:
+            done()
+
+    async def _next_unanswered(self) -> None:
+        """Wait, answering what ``fast`` can, until a frame is buffered that
+        it left (or the peer closed, or a receive failed)."""
+        while True:
+            if self._pending is not None:
+                await self._finish_pending()
+            failed, self._failed = self._failed, None
+            if failed is not None:
+                raise failed
+            if self._answer_ready():
+                if self._pending is None and self._failed is None:
+                    return
+                continue
+            self._idle_fires = 0
+            if not self._watching:
+                self.loop.add_reader(self._fd, self._readable)
+                self._watching = True
+            waiter = self._waiter = self.loop.create_future()
+            self._idle = True
+            try:
+                await waiter
+            finally:
+                self._idle = False
+                self._waiter = None
+
     async def next_header(self) -> memoryview | None:
         """The next frame's header bytes (valid until the next read), or None
         when the peer closed cleanly between frames."""
+        if self.fast is not None:
+            await self._next_unanswered()
         if not await self._fill(HEADER_SIZE):
             return None
         start = self._start
@@ -215,29 +357,55 @@ class SocketIO:
         except OSError as exc:
             raise ConnectionClosed(f"send failed: {exc}") from None
         self.bytes_out += sent
-        if sent == total:
-            return
+        if sent != total:
+            await self._send_rest(parts, sent, total)
+
+    async def _send_rest(self, parts: Sequence[Buffer], sent: int, total: int) -> None:
+        """Send what is left of ``parts`` once ``sent`` bytes went out: one
+        ``sendmsg`` of all that is left each time the socket is writable
+        (a GET answer's small headers do not go out as packets of their own;
+        the socket stays registered for writing until all is sent)."""
+        left = [memoryview(part) for part in parts]
+        sock = self.sock
+        loop = self.loop
+        waiter: asyncio.Future[None] | None = None
+
+        def writable() -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        loop.add_writer(self._fd, writable)
         try:
             async with asyncio.timeout(self.timeout):
-                for part in parts:
-                    n = len(part)
-                    if sent >= n:
-                        sent -= n
-                        continue
-                    view = memoryview(part)[sent:]
-                    sent = 0
-                    await self.loop.sock_sendall(self.sock, view)
-                    self.bytes_out += len(view)
+                while True:
+                    while left and sent >= len(left[0]):
+                        sent -= len(left.pop(0))
+                    if not left:
+                        return
+                    if sent:
+                        left[0] = left[0][sent:]
+                    waiter = loop.create_future()
+                    await waiter
+                    try:
+                        sent = sock.sendmsg(left)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    self.bytes_out += sent
         except TimeoutError:
             raise PeerTooSlow(f"the peer did not read a {total}-byte response within "
                               f"{self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionClosed(f"send failed: {exc}") from None
+        finally:
+            loop.remove_writer(self._fd)
 
     def close(self) -> None:
         if self._watching:
             self.loop.remove_reader(self._fd)
             self._watching = False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[2]()
         self.sock.close()
 
 

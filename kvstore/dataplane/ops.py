@@ -12,6 +12,8 @@ as over gRPC (checksummed on the way in, verified on the way out).
 from __future__ import annotations
 
 import asyncio
+import functools
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,14 +29,17 @@ from kvstore.errors import (
     PermissionDenied,
 )
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
+from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
+    MAX_KEY_BYTES,
     AckLevel,
     BlockFormat,
     BlockId,
     SessionEnd,
     SessionEvent,
+    TierName,
     TurnEnd,
     TurnEndReason,
     validate_key,
@@ -46,7 +51,17 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 #: Blocks up to this size are verified on the event loop before they are
 #: sent (tens of µs); larger ones on the store's executor.
 _VERIFY_INLINE_BYTES = 1024 * 1024
-_GET_RESPONSE = f.Op.GET | f.RESPONSE
+_GET_RESPONSE = int(f.Op.GET | f.RESPONSE)
+_GET, _LOOKUP, _PING = int(f.Op.GET), int(f.Op.LOOKUP), int(f.Op.PING)
+_PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
+_LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
+_L1 = int(TierName.L1)
+_MORE = f.FLAG_MORE
+_MAGIC, _VERSION = f.MAGIC, f.VERSION
+#: A GET answer's header and metadata (docs/dataplane.md), packed in one go.
+_HIT_FRAME = struct.Struct("<4sBBHIIQIBB")
+_u16 = struct.Struct("<H").unpack_from
+_u32 = struct.Struct("<I").unpack_from
 #: A GET's answers are sent together up to this many block bytes, or parts
 #: (each answer is one or two parts; IOV_MAX is 1024).
 _BATCH_BYTES = 8 * 1024 * 1024
@@ -55,6 +70,10 @@ _BATCH_PARTS = 512
 _CHECKED_NAMESPACES = 64
 
 Handler = Callable[[f.Header, Any], Awaitable[None]]
+
+
+def _nothing() -> None:
+    pass
 
 
 class Session:
@@ -77,6 +96,10 @@ class Session:
             f.Op.SHM_COMMIT: self.shm_commit, f.Op.SHM_ACQUIRE: self.shm_acquire,
             f.Op.SHM_RELEASE: self.shm_release, f.Op.SESSION_EVENT: self.session_event,
         }
+
+    #: Namespaces as sent (UTF-8) -> checked, for :meth:`_get_now` (made
+    #: on first use).
+    _fast_namespaces: dict[bytes, str] | None = None
 
     def close(self) -> tuple[int, int]:
         """Give up what the session still holds: (reservations, leases)."""
@@ -196,6 +219,123 @@ class Session:
         finally:
             for reader in readers:
                 reader.close()
+
+    # -- answered on the spot (from the socket's readable callback) ----------------------
+
+    def answer_now(self, opcode: int, request_id: int, meta: memoryview) -> bool:
+        """Answer a request that needs no waiting (a PING; a GET whose blocks
+        are all L1 hits small enough to check here; a LOOKUP that needs no
+        L3 query) with one ``sendmsg``: True when answered (what the socket
+        did not take is sent by the connection's task), False when nothing
+        was done (the task answers it, errors included)."""
+        if opcode == _GET:
+            return self._get_now(request_id, meta)
+        if opcode == _LOOKUP:
+            return self._lookup_now(request_id, meta)
+        if opcode == _PING and not len(meta):
+            self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
+                f.Op.PING | f.RESPONSE, request_id, 0))
+            return True
+        return False
+
+    def _reply_now(self, answer: bytes) -> None:
+        io = self.io
+        assert isinstance(io, SocketIO)
+        sent = io.send_now((answer,))
+        if sent < len(answer):
+            io.defer((answer,), sent, _nothing)
+
+    def _lookup_now(self, rid: int, meta: memoryview) -> bool:
+        try:
+            req = f.LookupRequest.decode(meta)
+            namespace = self.namespace(req.namespace)
+            found = self.store.lookups.lookup_tiers_now(namespace, req.keys, req.lease_ms,
+                                                        req.session_id or None)
+        except (f.FrameError, KVStoreError):
+            return False
+        if found is None:
+            return False
+        result = f.encode_lookup_result(*found)
+        self._reply_now(f.encode_header(_LOOKUP_RESPONSE, rid, len(result)) + result)
+        return True
+
+    def _get_now(self, rid: int, meta: memoryview) -> bool:
+        # GetRequest.decode, unrolled for this path: anything it would not
+        # take as a GET of 1..N valid keys goes to the task (which says why).
+        buf = bytes(meta)
+        try:
+            end = 2 + _u16(buf, 0)[0]
+            raw_namespace = buf[2:end]
+            pos = end + 2
+            end = pos + _u16(buf, end)[0]
+            raw_session = buf[pos:end]
+            count = _u32(buf, end)[0]
+            pos = end + 4
+            if not 0 < count <= _BATCH_PARTS // 2:
+                return False
+            keys = []
+            for _ in range(count):
+                end = pos + 2 + _u16(buf, pos)[0]
+                key = buf[pos + 2:end]
+                if not 0 < len(key) <= MAX_KEY_BYTES:
+                    return False
+                keys.append(key)
+                pos = end
+            if pos != len(buf):
+                return False
+            session = raw_session.decode() if raw_session else None
+        except (struct.error, UnicodeDecodeError):
+            return False
+        namespaces = self._fast_namespaces
+        if namespaces is None:
+            namespaces = self._fast_namespaces = {}
+        namespace = namespaces.get(raw_namespace)
+        if namespace is None:
+            try:
+                namespace = self.namespace(raw_namespace.decode())
+            except (UnicodeDecodeError, KVStoreError):
+                return False
+            if len(namespaces) < _CHECKED_NAMESPACES:
+                namespaces[raw_namespace] = namespace
+        # Every block first (no side effect): one not served at once sends the
+        # whole request the ordinary way.
+        reads = self.store.reads
+        ready = reads.l1_ready
+        views: list[memoryview] = []
+        total = 0
+        for key in keys:
+            view = ready((namespace, key), _VERIFY_INLINE_BYTES)
+            if view is None:
+                return False
+            total += len(view)
+            views.append(view)
+        if total > _BATCH_BYTES:
+            return False
+        hit = reads.count_l1_hit
+        last = count - 1
+        parts: list[Buffer] = []
+        for index, view in enumerate(views):
+            hit((namespace, keys[index]), session)
+            parts.append(_HIT_FRAME.pack(_MAGIC, _VERSION, _GET_RESPONSE, _MORE if index < last
+                                         else 0, rid, 6, len(view), index, 1, _L1))
+            parts.append(view)
+        io = self.io
+        assert isinstance(io, SocketIO)
+        sent = io.send_now(parts)
+        if sent < total + count * _HIT_FRAME.size:
+            # The rest is sent by the task: the blocks stay pinned until then.
+            entry = self.store.index.blocks.__getitem__
+            entries = [entry((namespace, key)) for key in keys]
+            pin = self.store.index.pin_reader
+            for e in entries:
+                pin(e)
+            io.defer(parts, sent, functools.partial(self._unpin_all, entries))
+        return True
+
+    def _unpin_all(self, entries: list[Entry]) -> None:
+        unpin = self.store.index.unpin_reader
+        for entry in entries:
+            unpin(entry)
 
     async def _flush(self, parts: list[Buffer], readers: list[BlockReader]) -> None:
         """Send the answers batched so far, then unpin their blocks."""

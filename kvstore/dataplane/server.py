@@ -26,7 +26,13 @@ from typing import Any
 
 from kvstore.config import Config
 from kvstore.dataplane import frames as f
-from kvstore.dataplane.conn import ConnectionClosed, PeerTooSlow, SocketIO, StreamIO
+from kvstore.dataplane.conn import (
+    ConnectionClosed,
+    FastAnswer,
+    PeerTooSlow,
+    SocketIO,
+    StreamIO,
+)
 from kvstore.dataplane.ops import Session
 from kvstore.dataplane.tickets import Binding, TicketBook
 from kvstore.errors import InvalidConfig, KVStoreError, MalformedRequest, Unauthenticated
@@ -231,6 +237,8 @@ class DataPlaneServer:
         try:
             session = await self._hello(io)
             if session is not None:
+                if isinstance(io, SocketIO):
+                    io.fast = self._fast_answers(session)
                 await self._requests(io, session)
         except PeerTooSlow as exc:
             self._slow_log.note(str(exc))
@@ -247,6 +255,18 @@ class DataPlaneServer:
             if session is not None:
                 session.close()
             io.close()
+
+    def _fast_answers(self, session: Session) -> FastAnswer:
+        """What the connection answers from its readable callback."""
+        stats = self.stats
+        answer = session.answer_now
+
+        def fast(opcode: int, request_id: int, meta: memoryview) -> bool:
+            if answer(opcode, request_id, meta):
+                stats.frames += 1
+                return True
+            return False
+        return fast
 
     async def _read_head(self, io: SocketIO | StreamIO) -> tuple[f.Header, object] | None:
         """The next request's header and metadata (None: clean EOF); a

@@ -44,28 +44,7 @@ class Lookup:
         lengths = validate_keys(keys)
         if session:
             self.leases.note_request(namespace, session, [(namespace, key) for key in keys])
-        hot = self._by_namespace.get(namespace)
-        entries: list[Entry | None] = list(map(hot.get, keys)) if hot else [None] * len(keys)
-        # tier_of, inlined, with TierName's values as literals (checked at
-        # import, above): this runs once per key of every Lookup, and a name
-        # per value costs ~3 % of a 1,000-key Lookup.
-        if entries.count(None) == len(entries):
-            tiers = bytearray(len(entries))  # none has a full entry (e.g. all cold)
-        else:
-            tiers = bytearray(
-                0 if e is None else 1 if e.l1_offset >= 0 else 2 if e.l2 else
-                3 if e.l3 else 0 for e in entries)
-        cold = self.index.cold
-        if cold is not None and len(cold) and 0 in tiers:
-            # Blocks in the compact index are in L2; no key is in both.
-            in_cold = cold.contains_many(namespace, keys, lengths)
-            n = len(tiers)
-            tiers = bytearray((int.from_bytes(tiers, "little") | int.from_bytes(
-                in_cold.translate(_ONE_TO_L2), "little")).to_bytes(n, "little"))
-            if lease_ms > 0:  # a lease needs the full entry
-                warm = self.index.warm
-                for i in [i for i, c in enumerate(in_cold) if c]:
-                    entries[i] = warm((namespace, keys[i]))
+        entries, tiers, _ = self._local_tiers(namespace, keys, lengths, lease_ms > 0)
         found = tiers.find(0)
         if found < 0:
             found = len(tiers)
@@ -79,6 +58,56 @@ class Lookup:
         if lease_ms > 0:
             self.leases.lease(entries, tiers, lease_ms)
         return found, bytes(tiers)
+
+    def lookup_tiers_now(self, namespace: str, keys: Sequence[bytes], lease_ms: int = 0,
+                         session: str | None = None) -> tuple[int, bytes] | None:
+        """:meth:`lookup_tiers` when it needs no waiting: None, with nothing
+        done, when it would ask the shared L3 (a key not found here) or
+        would lease a block only the compact index holds."""
+        lengths = validate_keys(keys)
+        entries, tiers, cold_hits = self._local_tiers(namespace, keys, lengths, False)
+        found = tiers.find(0)
+        if (found >= 0 and self.l3 is not None and self.l3.healthy) or (
+                cold_hits and lease_ms > 0):
+            return None
+        if found < 0:
+            found = len(tiers)
+        if session:
+            self.leases.note_request(namespace, session, [(namespace, key) for key in keys])
+        if lease_ms > 0:
+            self.leases.lease(entries, tiers, lease_ms)
+        return found, bytes(tiers)
+
+    def _local_tiers(self, namespace: str, keys: Sequence[bytes], lengths: set[int],
+                     warm: bool) -> tuple[list[Entry | None], bytearray, bool]:
+        """Each key's entry (None: no full entry) and fastest tier here, from
+        the full and the compact index, and whether the compact index held
+        any. ``warm``: give those their full entry (a lease needs it)."""
+        hot = self._by_namespace.get(namespace)
+        entries: list[Entry | None] = list(map(hot.get, keys)) if hot else [None] * len(keys)
+        # tier_of, inlined, with TierName's values as literals (checked at
+        # import, above): this runs once per key of every Lookup, and a name
+        # per value costs ~3 % of a 1,000-key Lookup.
+        if entries.count(None) == len(entries):
+            tiers = bytearray(len(entries))  # none has a full entry (e.g. all cold)
+        else:
+            tiers = bytearray(
+                0 if e is None else 1 if e.l1_offset >= 0 else 2 if e.l2 else
+                3 if e.l3 else 0 for e in entries)
+        cold = self.index.cold
+        cold_hits = False
+        if cold is not None and len(cold) and 0 in tiers:
+            # Blocks in the compact index are in L2; no key is in both.
+            in_cold = cold.contains_many(namespace, keys, lengths)
+            cold_hits = in_cold.count(0) != len(in_cold)
+            n = len(tiers)
+            tiers = bytearray((int.from_bytes(tiers, "little") | int.from_bytes(
+                in_cold.translate(_ONE_TO_L2), "little")).to_bytes(n, "little"))
+            if warm:  # a lease needs the full entry
+                warm_entry = self.index.warm
+                for i in [i for i, c in enumerate(in_cold) if c]:
+                    entries[i] = warm_entry((namespace, keys[i]))
+        return entries, tiers, cold_hits
 
     async def _lookup_l3(self, blocks: list[BlockId], entries: list[Entry | None],
                          tiers: list[TierName | None]) -> None:

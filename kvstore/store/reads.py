@@ -134,6 +134,8 @@ class Reads(Part):
         self.l3 = l3
         index = self.index
         self._entry = index.entry
+        self._hot = index.blocks.get
+        self._arena = self.l1.arena.view
         self._loading = index.loading
         self._unpin = index.unpin_reader
         self._c1 = self.stats.counters[TierName.L1]
@@ -165,9 +167,7 @@ class Reads(Part):
                 return await self.read_l3(block, None, session)
             return None
         if entry.l1_offset >= 0:
-            c1.hits += 1
-            self.stats.get_hits += 1
-            self.policy.on_hit(TierName.L1, block, self.clock(), session)
+            self._count_l1_hit(block, session)
             return self._l1_reader(block, entry, TierName.L1)
         c1.misses += 1
         if entry.l2 and self.read_verify_l2 is not None:
@@ -179,6 +179,34 @@ class Reads(Part):
         if entry.l3 and self.l3 is not None:
             return await self.read_l3(block, entry, session)
         return None
+
+    def _count_l1_hit(self, block: BlockId, session: str | None) -> None:
+        self._c1.hits += 1
+        self.stats.get_hits += 1
+        self.policy.on_hit(TierName.L1, block, self.clock(), session)
+
+    def l1_ready(self, block: BlockId, whole_limit: int) -> memoryview | None:
+        """The block's L1 bytes when a Get of it is an L1 hit that can be
+        served at once: its L1 copy is at most ``whole_limit`` bytes, no
+        load of it is in flight, and its bytes match its checksum now. None
+        otherwise (a miss, a block in a lower tier, a large or a corrupt
+        copy: the caller takes :meth:`open_read`, which also drops a corrupt
+        copy). Changes nothing: no counter, no policy call, no pin (pin the
+        entry with ``index.pin_reader`` to keep the bytes past an await)."""
+        entry = self._hot(block)  # an L1 copy is always in the full index
+        if entry is None or entry.l1_offset < 0 or entry.size > whole_limit or (
+                self._loading and block in self._loading):
+            return None
+        view = self._arena[entry.l1_offset:entry.l1_offset + entry.size]
+        if checksum(view) != entry.checksum:
+            return None
+        return view
+
+    def count_l1_hit(self, block: BlockId, session: str | None) -> None:
+        """What :meth:`open_read` counts and tells the policy for an L1 hit,
+        for a hit served from :meth:`l1_ready`'s entry (no reader)."""
+        self.stats.gets += 1
+        self._count_l1_hit(block, session)
 
     def _begin_load(self, block: BlockId) -> asyncio.Future[None]:
         loading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
