@@ -147,6 +147,9 @@ class ServerConfig:
                                    "frame", parse_size)
     data_plane_max_payload: int = opt(1024**3, "data plane: largest payload (a Put's blocks) "
                                       "of one request frame", parse_size)
+    data_plane_max_connections: int = opt(1024, "data plane: connections open at once; beyond "
+                                          "it a new session is refused at HELLO "
+                                          "(RESOURCE_EXHAUSTED) and the SDK uses gRPC", parse_int)
 
 
 @dataclass(frozen=True)
@@ -531,6 +534,8 @@ def validate(config: Config) -> None:
                             "must be positive")
     if s.data_plane_max_meta < 4096 or s.data_plane_max_meta >= 2**32:
         raise InvalidConfig("server.data_plane_max_meta must be in 4 KiB .. 4 GiB")
+    if s.data_plane_max_connections < 1:
+        raise InvalidConfig("server.data_plane_max_connections must be at least 1")
     if s.data_plane_max_payload < s.max_block_bytes:
         raise InvalidConfig("server.data_plane_max_payload must hold one block of "
                             "server.max_block_bytes")

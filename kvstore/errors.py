@@ -90,6 +90,11 @@ class CapacityExhausted(KVStoreError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class TooManyConnections(CapacityExhausted):
+    """The data plane refused a session: ``server.data_plane_max_connections``
+    connections are open. The SDK goes by gRPC for a while instead."""
+
+
 # FAILED_PRECONDITION --------------------------------------------------------
 
 

@@ -58,7 +58,12 @@ from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.client.dataplane import RETRY_S, Dropped, _tls_context
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
-from kvstore.errors import ConnectionFailed, DeadlineExceeded, InvalidArgument
+from kvstore.errors import (
+    ConnectionFailed,
+    DeadlineExceeded,
+    InvalidArgument,
+    TooManyConnections,
+)
 
 log = logging.getLogger("kvstore.client")
 
@@ -599,6 +604,12 @@ class AsyncDataPlane:
         try:
             meta = await conn.request(Op.HELLO, frames.Hello(offer.ticket).encode())
             hello = frames.HelloOk.decode(meta)
+        except TooManyConnections as exc:
+            conn.close()
+            log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", route.where,
+                      exc.message, RETRY_S)
+            self._retry_at = time.monotonic() + RETRY_S
+            return None
         except Dropped as exc:
             conn.close()
             failed = ConnectionFailed(f"data plane at {route.where} closed the connection at "

@@ -51,7 +51,12 @@ from kvstore.client._convert import DataPlaneOffer as Offer
 from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
-from kvstore.errors import ConnectionFailed, DeadlineExceeded, InvalidArgument
+from kvstore.errors import (
+    ConnectionFailed,
+    DeadlineExceeded,
+    InvalidArgument,
+    TooManyConnections,
+)
 
 log = logging.getLogger("kvstore.client")
 
@@ -620,6 +625,12 @@ class DataPlane:
         conn = Connection(sock, where, self._timeout)
         try:
             hello = conn.hello(offer.ticket)
+        except TooManyConnections as exc:
+            conn.close()
+            log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", where,
+                      exc.message, RETRY_S)
+            self._retry_at = time.monotonic() + RETRY_S
+            return None
         except Dropped as exc:
             conn.close()
             failed = ConnectionFailed(f"data plane at {where} closed the connection at HELLO "

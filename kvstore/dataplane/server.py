@@ -35,7 +35,13 @@ from kvstore.dataplane.conn import (
 )
 from kvstore.dataplane.ops import Session
 from kvstore.dataplane.tickets import Binding, TicketBook
-from kvstore.errors import InvalidConfig, KVStoreError, MalformedRequest, Unauthenticated
+from kvstore.errors import (
+    InvalidConfig,
+    KVStoreError,
+    MalformedRequest,
+    TooManyConnections,
+    Unauthenticated,
+)
 from kvstore.store import SharedMemoryBroker, TieredStore
 from kvstore.tiers.base import Buffer
 
@@ -56,6 +62,7 @@ class DataPlaneStats:
     bytes_in: int = 0
     bytes_out: int = 0
     receiving: int = 0  # PUT extents being filled now
+    refused: int = 0  # sessions refused: data_plane_max_connections were open
 
 
 def listen_addresses(config: Config) -> tuple[str, str]:
@@ -96,6 +103,7 @@ class DataPlaneServer:
         self.timeout = s.data_plane_timeout_ms / 1000.0
         self.max_meta = s.data_plane_max_meta
         self.max_payload = s.data_plane_max_payload
+        self.max_connections = s.data_plane_max_connections
         self.stats = DataPlaneStats()
         self._slow_log = _RateLimitedWarning("data plane: dropping a slow peer", 10.0)
         self.tcp_address = ""
@@ -309,6 +317,13 @@ class DataPlaneServer:
                 raise _Fatal(header.request_id, "the first frame must be HELLO with a ticket "
                              "from OpenDataPlane", Unauthenticated)
             hello = f.Hello.decode(meta)  # type: ignore[arg-type]
+            open_now = self.stats.connections  # this one included
+            if open_now > self.max_connections:
+                # Refused before the ticket is redeemed: nothing was granted.
+                self.stats.refused += 1
+                raise _Fatal(header.request_id, f"the data plane has {open_now - 1} connections "
+                             f"open, its limit (server.data_plane_max_connections = "
+                             f"{self.max_connections}): use gRPC", TooManyConnections)
             try:
                 binding = self.tickets.redeem(hello.ticket)
             except Unauthenticated as exc:

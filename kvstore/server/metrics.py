@@ -186,6 +186,9 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
         for name, doc, value in (
             ("kvstore_dataplane_connections_accepted", "Data plane connections accepted",
              dp.connections_total),
+            ("kvstore_dataplane_sessions_refused",
+             "Data plane sessions refused at HELLO: server.data_plane_max_connections open",
+             dp.refused),
             ("kvstore_dataplane_requests", "Data plane requests answered", dp.frames),
             ("kvstore_dataplane_errors", "Data plane ERROR frames sent", dp.errors),
             ("kvstore_dataplane_received_bytes",

@@ -1,0 +1,96 @@
+"""server.data_plane_max_connections: a client opening connections without end
+(or a fleet larger than planned) cannot exhaust the server's descriptors. A
+session beyond the limit is refused at HELLO with RESOURCE_EXHAUSTED, the
+sessions already open keep working, and the SDK goes by gRPC instead."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from serverproc import ServerProcess
+
+from dataplane.raw import (
+    CLOSING,
+    ERROR,
+    HELLO,
+    block_of,
+    connect,
+    get,
+    metric,
+    open_dp,
+    put,
+    request,
+    s,
+    session,
+    wait_until,
+)
+from kvstore.client import AsyncClient, Client
+
+
+def _hello(srv: ServerProcess, kind: str = "unix") -> tuple[int, int, str, str]:
+    """(answer opcode, flags, error class, message) of a fresh connection's HELLO."""
+    resp = open_dp(srv.tcp)
+    raw = connect(resp, kind)
+    raw.send(request(HELLO, 7, s(resp.ticket)))
+    answer = raw.frame()
+    if answer.op != ERROR:
+        raw.close()
+        return answer.op, answer.flags, "", ""
+    _, name, message = answer.error()
+    assert answer.rid == 7
+    assert raw.closed()
+    return answer.op, answer.flags, name, message
+
+
+def test_sessions_beyond_the_limit_are_refused_and_the_sdk_uses_grpc(
+        server_factory: type[ServerProcess]) -> None:
+    srv = server_factory("--server-data-plane-max-connections", "2",
+                         "--server-metrics-listen", "127.0.0.1:0").start()
+    first = session(srv.tcp, kind="tcp")
+    second = session(srv.tcp)
+    assert put(first, 1, "ns", {b"a": b"x" * 5000}).op == 0x85
+
+    op, flags, name, message = _hello(srv, "tcp")
+    assert op == ERROR and flags & CLOSING
+    assert name == "TooManyConnections"
+    assert "server.data_plane_max_connections = 2" in message
+    assert metric(srv.data_dir, "kvstore_dataplane_sessions_refused_total") >= 1
+
+    # The sessions open keep working.
+    assert [block_of(f) for f in get(second, 2, "ns", [b"a"])] == [b"x" * 5000]
+
+    # The SDK is refused too, and its calls go by gRPC (same answers).
+    with Client(srv.tcp, namespace="ns") as client:
+        assert client.get([b"a"]) == [b"x" * 5000]
+        client.put({b"b": b"y" * 100})
+        assert client.get([b"b"]) == [b"y" * 100]
+        assert not client.data_plane_active()
+
+    # A freed place is taken again.
+    first.close()
+    assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_connections") <= 1)
+    op, _, name, _ = _hello(srv)
+    assert op == 0x81, name
+    second.close()
+
+
+def test_the_async_client_falls_back_to_grpc_when_the_data_plane_is_full(
+        server_factory: type[ServerProcess]) -> None:
+    srv = server_factory("--server-data-plane-max-connections", "1").start()
+    held = session(srv.tcp)
+
+    async def use() -> None:
+        async with AsyncClient(srv.tcp, namespace="ns") as client:
+            await client.put({b"k": b"z" * 2048})
+            assert await client.get([b"k"]) == [b"z" * 2048]
+            assert not await client.data_plane_active()
+
+    asyncio.run(use())
+    held.close()
+
+
+def test_the_limit_must_be_positive(server_factory: type[ServerProcess]) -> None:
+    srv = server_factory("--server-data-plane-max-connections", "0")
+    with pytest.raises(Exception, match="data_plane_max_connections"):
+        srv.start()
