@@ -1,8 +1,7 @@
 """Where a data-plane session connects (docs/dataplane.md, "Opening a
 session"): the server's unix socket when the client is on its host, else its
 TCP listener, TLS on both sides or on neither. No I/O but one ``exists``
-check; the asyncio SDK (kvstore/client/aio_dataplane.py) uses it, and the
-sync one (kvstore/client/dataplane.py) makes the same choice.
+check; both SDKs (kvstore/client/dataplane.py, aio_dataplane.py) use it.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kvstore.client._convert import DataPlaneOffer
-from kvstore.client.dataplane import _host, _NoRoute, _split_host_port
 
-#: The data plane exists but this client cannot use it (for good).
-NoRoute = _NoRoute
+
+class NoRoute(Exception):
+    """The data plane exists but this client cannot use it (for good)."""
 
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
@@ -61,3 +60,20 @@ def choose_route(mode: str, grpc_target: str, offer: DataPlaneOffer, tls: bool,
     if host in _WILDCARD_HOSTS:
         host = _host(grpc_target)
     return Route("", host.strip("[]"), port)
+
+
+def _host(grpc_target: str) -> str:
+    t = grpc_target
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme) :]
+            break
+    host, _, _ = t.rpartition(":") if ":" in t else (t, "", "")
+    return host.lower()
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise NoRoute(f"the data plane's TCP address {address!r} is not host:port")
+    return host, int(port)

@@ -48,6 +48,7 @@ import grpc
 
 from kvstore.client import _convert as conv
 from kvstore.client._convert import DataPlaneOffer as Offer
+from kvstore.client._dproute import NoRoute, choose_route
 from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
@@ -66,8 +67,6 @@ RETRY_S = 5.0
 _RECV_BUFFER = 256 * 1024
 #: Buffers one sendmsg takes at most (Linux IOV_MAX is 1024).
 _IOV_MAX = 512
-_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
@@ -613,7 +612,7 @@ class DataPlane:
             raise error_from_rpc(err, self.target) from err
         try:
             sock, where = self._connect(offer)
-        except _NoRoute as exc:
+        except NoRoute as exc:
             log.debug("kvstore data plane at %s not used: %s", self.target, exc)
             self._refused = True
             return None
@@ -648,69 +647,28 @@ class DataPlane:
         return conn
 
     def _connect(self, offer: Offer) -> tuple[socket.socket, str]:
-        local = self._grpc_target.startswith("unix") or _host(self._grpc_target) in _LOCAL_HOSTS \
-            or _host(self._grpc_target).startswith("127.")
-        use_unix = bool(offer.unix_path) and (
-            self.mode == "unix" or (self.mode == "auto" and local
-                                    and os.path.exists(offer.unix_path)))
-        if use_unix:
+        route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)
+        if route.unix_path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 _set_timeouts(sock, self._timeout)
-                sock.connect(offer.unix_path)
+                sock.connect(route.unix_path)
             except BaseException:
                 sock.close()
                 raise
-            return sock, f"unix:{offer.unix_path}"
-        if self.mode == "unix":
-            raise _NoRoute("data_plane='unix' but the server offers no unix socket")
-        if not offer.tcp_address:
-            raise _NoRoute("the server's data plane has no TCP listener"
-                           + (" and its unix socket is not on this host" if offer.unix_path
-                              else ""))
-        if self._tls is not None and not offer.tls:
-            raise _NoRoute("the gRPC channel uses TLS but the data plane's TCP listener does "
-                           "not")
-        if self._tls is None and offer.tls:
-            raise _NoRoute("the data plane's TCP listener speaks TLS but this client has no "
-                           "TLS settings")
-        host, port = _split_host_port(offer.tcp_address)
-        if host in _WILDCARD_HOSTS:
-            host = _host(self._grpc_target)
-        raw = socket.create_connection((host.strip("[]"), port), timeout=self._timeout)
+            return sock, route.where
+        raw = socket.create_connection((route.host, route.port), timeout=self._timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(None)
             _set_timeouts(raw, self._timeout)
             if self._tls is not None:
                 ctx = _tls_context(self._tls)
-                raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
-                                      or host.strip("[]"))
+                raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name or route.host)
         except BaseException:
             raw.close()
             raise
-        return raw, f"{host}:{port}"
-
-
-class _NoRoute(Exception):
-    """The data plane exists but this client cannot use it (for good)."""
-
-
-def _host(grpc_target: str) -> str:
-    t = grpc_target
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if t.startswith(scheme):
-            t = t[len(scheme) :]
-            break
-    host, _, _ = t.rpartition(":") if ":" in t else (t, "", "")
-    return host.lower()
-
-
-def _split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise _NoRoute(f"the data plane's TCP address {address!r} is not host:port")
-    return host, int(port)
+        return raw, route.where
 
 
 def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
