@@ -496,12 +496,19 @@ class ShmClient(Client):
         return self._acquire(keys, namespace, session_id, lease_ms)[0]
 
     def _acquire(self, keys: Iterable[bytes], namespace: str | None, session_id: str | None,
-                 lease_ms: int) -> tuple[list[LeasedBlock | None], float]:
+                 lease_ms: int, checked: bool = False) -> tuple[list[LeasedBlock | None], float]:
         """The leases and how long (s) they last on the server; 0.0 when the
-        server does not say (then none may be left for the next acquire)."""
-        ns = resolve_namespace(namespace, self.namespace)
-        key_list = normalize_keys(keys)
-        session = check_session_id(session_id)
+        server does not say (then none may be left for the next acquire).
+        ``checked``: ``keys`` is a list already normalised and ``namespace``
+        already resolved (a Get's own path)."""
+        if checked and namespace is not None and isinstance(keys, list):
+            ns = namespace
+            key_list = keys
+            session = check_session_id(session_id) if session_id else ""
+        else:
+            ns = resolve_namespace(namespace, self.namespace)
+            key_list = normalize_keys(keys)
+            session = check_session_id(session_id)
         release: list[int] = []
         if self._deferred:
             with self._deferred_lock:
@@ -600,26 +607,32 @@ class ShmClient(Client):
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
         leases, lease_s = self._acquire(keys, ns, session_id, 0)
-        expired: list[int] = []
         try:
             yield leases
         finally:
-            ids = []
-            for lease in leases:
-                if lease is not None:
-                    lease.view.release()
-                    ids.append(lease.lease_id)
-            if ids:
-                # The server started each lease after ``sent``: before ``until``
-                # none can have expired, so a copy finished by then is good.
-                until = sent + lease_s - _LEASE_MARGIN
-                if self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
-                    with self._deferred_lock:
-                        self._deferred.extend((i, until, ns) for i in ids)
-                else:
-                    expired = self._release_ids(ids, ns)
+            expired = self._done_reading(leases, sent, lease_s, ns)
         if expired:
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
+
+    def _done_reading(self, leases: list[LeasedBlock | None], sent: float, lease_s: float,
+                      ns: str) -> list[int]:
+        """End a read's leases (see :meth:`_reading`): the ids of those that
+        had expired (only when released now)."""
+        ids = []
+        for lease in leases:
+            if lease is not None:
+                lease.view.release()
+                ids.append(lease.lease_id)
+        if not ids:
+            return []
+        # The server started each lease after ``sent``: before ``until``
+        # none can have expired, so a copy finished by then is good.
+        until = sent + lease_s - _LEASE_MARGIN
+        if self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
+            with self._deferred_lock:
+                self._deferred.extend((i, until, ns) for i in ids)
+            return []
+        return self._release_ids(ids, ns)
 
     def _inline(self, namespace: str | None) -> bool:
         """Whether a small Get may come inline (GET frames) instead."""
@@ -635,8 +648,13 @@ class ShmClient(Client):
                 self._inline(namespace):
             # Small blocks: inline GET frames cost less than lease + copy.
             return super().get_into(key_list, views, namespace=namespace)
+        # _reading, unrolled (no generator per call): the keys are checked
+        # and the namespace resolved once.
+        sent = time.monotonic()
+        ns = resolve_namespace(namespace, self.namespace)
+        leases, lease_s = self._acquire(key_list, ns, None, 0, checked=True)
         sizes: list[int | None] = []
-        with self._reading(key_list, namespace, None) as leases:
+        try:
             streaming = self._streaming(sum(lease.size for lease in leases if lease is not None))
             for i, (lease, dest) in enumerate(zip(leases, views, strict=True)):
                 if lease is None:
@@ -651,6 +669,10 @@ class ShmClient(Client):
                     raise CorruptBlock(f"key #{i}: the copy read from shared memory fails "
                                        f"its CRC-32C ({crc:#010x} != {lease.crc32c:#010x})")
                 sizes.append(lease.size)
+        finally:
+            expired = self._done_reading(leases, sent, lease_s, ns)
+        if expired:
+            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
         return sizes
 
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,

@@ -55,6 +55,9 @@ _GET_RESPONSE = int(f.Op.GET | f.RESPONSE)
 _GET, _LOOKUP, _PING = int(f.Op.GET), int(f.Op.LOOKUP), int(f.Op.PING)
 _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
 _LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
+_SHM_ACQUIRE, _SHM_RELEASE = int(f.Op.SHM_ACQUIRE), int(f.Op.SHM_RELEASE)
+_SHM_ACQUIRE_RESPONSE = int(f.Op.SHM_ACQUIRE | f.RESPONSE)
+_SHM_RELEASE_RESPONSE = int(f.Op.SHM_RELEASE | f.RESPONSE)
 _L1 = int(TierName.L1)
 _MORE = f.FLAG_MORE
 _MAGIC, _VERSION = f.MAGIC, f.VERSION
@@ -225,11 +228,16 @@ class Session:
     def answer_now(self, opcode: int, request_id: int, meta: memoryview) -> bool:
         """Answer a request that needs no waiting (a PING; a GET whose blocks
         are all L1 hits small enough to check here; a LOOKUP that needs no
-        L3 query) with one ``sendmsg``: True when answered (what the socket
-        did not take is sent by the connection's task), False when nothing
-        was done (the task answers it, errors included)."""
+        L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE) with one
+        ``sendmsg``: True when answered (what the socket did not take is sent
+        by the connection's task), False when nothing was done (the task
+        answers it, errors included)."""
         if opcode == _GET:
             return self._get_now(request_id, meta)
+        if opcode == _SHM_ACQUIRE:
+            return self._shm_acquire_now(request_id, meta)
+        if opcode == _SHM_RELEASE:
+            return self._shm_release_now(request_id, meta)
         if opcode == _LOOKUP:
             return self._lookup_now(request_id, meta)
         if opcode == _PING and not len(meta):
@@ -258,6 +266,49 @@ class Session:
         result = f.encode_lookup_result(*found)
         self._reply_now(f.encode_header(_LOOKUP_RESPONSE, rid, len(result)) + result)
         return True
+
+    def _shm_acquire_now(self, rid: int, meta: memoryview) -> bool:
+        # The broker grants every lease as acquire() would, or declines
+        # having changed nothing (a key to promote or wait for); an error
+        # is raised before anything changes, and the task raises it again.
+        try:
+            req = f.ShmAcquireRequest.decode(meta)
+            namespace = self.namespace(req.namespace)
+            granted = self.shm.acquire_now(namespace, req.keys, req.session_id or None,
+                                           req.lease_ms, req.release, self.owner)
+        except (f.FrameError, KVStoreError):
+            return False
+        if granted is None:
+            return False
+        leases, released, expired = granted
+        self._took_leases(req.release, leases)
+        result = f.encode_shm_acquire_result(
+            self.shm.lease_ms(req.lease_ms), released, expired,
+            [f.ShmLease(lease.lease_id, lease.offset, lease.size, lease.checksum,
+                        lease.generation, _L1) for lease in leases])
+        self._reply_now(f.encode_header(_SHM_ACQUIRE_RESPONSE, rid, len(result)) + result)
+        return True
+
+    def _shm_release_now(self, rid: int, meta: memoryview) -> bool:
+        try:  # release() checks every id before it ends any
+            req = f.ShmReleaseRequest.decode(meta)
+            namespace = self.namespace(req.namespace) if req.namespace else ""
+            released, expired = self.shm.release(req.lease_ids, namespace, self.owner)
+        except (f.FrameError, KVStoreError):
+            return False
+        self.leases.difference_update(req.lease_ids)
+        result = f.ShmReleaseResult(released, expired).encode()
+        self._reply_now(f.encode_header(_SHM_RELEASE_RESPONSE, rid, len(result)) + result)
+        return True
+
+    def _took_leases(self, release: list[int], leases: list[Any]) -> None:
+        """The session's leases after an acquire that ended ``release``."""
+        held = self.leases
+        if release:
+            held.difference_update(release)
+        for lease in leases:
+            if lease is not None:
+                held.add(lease.lease_id)
 
     def _get_now(self, rid: int, meta: memoryview) -> bool:
         # GetRequest.decode, unrolled for this path: anything it would not
@@ -495,12 +546,7 @@ class Session:
         namespace = self.namespace(req.namespace)
         leases, released, expired = await self.shm.acquire(
             namespace, req.keys, req.session_id or None, req.lease_ms, req.release, self.owner)
-        held = self.leases
-        if req.release:
-            held.difference_update(req.release)
-        for lease in leases:
-            if lease is not None:
-                held.add(lease.lease_id)
+        self._took_leases(req.release, leases)
         await self.reply(header, f.encode_shm_acquire_result(
             self.shm.lease_ms(req.lease_ms), released, expired,
             [None if lease is None else f.ShmLease(lease.lease_id, lease.offset, lease.size,

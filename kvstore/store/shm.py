@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import secrets
 import time
@@ -424,6 +425,60 @@ class SharedMemoryBroker:
                 if held is not None:
                     self._end_lease(held.lease_id)
             raise
+        return out, released, expired
+
+    def acquire_now(self, namespace: str, keys: Sequence[bytes], session: str | None,
+                    lease_ms: int, release: Sequence[int] = (), owner: str = ""
+                    ) -> tuple[list[Lease], int, list[int]] | None:
+        """:meth:`acquire` without waiting (the data plane's answer from the
+        readable callback): when every key is an L1 hit with no load of it in
+        flight, the same leases (ids, expiry, pins), the same counters and
+        policy calls as :meth:`acquire`, and the same release of ``release``
+        first. None otherwise, having changed nothing (the caller then takes
+        :meth:`acquire`). Raises what :meth:`acquire` raises for a bad
+        namespace, key or release id, also before anything changes."""
+        self.check_namespace(namespace)
+        for i, key in enumerate(keys):
+            validate_key(key, i)
+        store = self.store
+        index = store.index
+        hot = index.blocks.get  # an L1 copy is always in the full index
+        loading = index.loading
+        entries = []
+        for key in keys:
+            entry = hot((namespace, key))
+            if entry is None or entry.l1_offset < 0 or (loading and (namespace, key) in loading):
+                return None
+            entries.append(entry)
+        released = 0
+        expired: list[int] = []
+        if release:
+            # Checks every id before it ends any (raises with nothing changed).
+            released, expired = self.release(
+                release, namespace, owner,
+                what="ShmAcquire.release: nothing was released or acquired")
+        # Ending those leases unpinned blocks but evicted none (eviction is a
+        # placement's, on the loop): the entries found above are still in L1.
+        expires = self.clock() + self.lease_ms(lease_ms) / 1000.0
+        count_hit = store.reads.count_l1_hit
+        drop_corrupt = store.reads.check.drop_corrupt
+        pin, unpin = index.pin_reader, index.unpin_reader
+        arena = store.l1
+        leases = self._leases
+        out: list[Lease] = []
+        for key, entry in zip(keys, entries, strict=True):
+            block = (namespace, key)
+            # As open_read's L1 hit: counted, told to the policy, pinned.
+            count_hit(block, session)
+            pin(entry)
+            reader = BlockReader(arena.slice(entry.l1_offset, entry.size), TierName.L1,
+                                 functools.partial(unpin, entry), entry, block,
+                                 functools.partial(drop_corrupt, block, entry))
+            lease_id = self._new_id(leases)  # type: ignore[arg-type]
+            lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
+                          entry.generation, TierName.L1, expires, reader, namespace, owner)
+            leases[lease_id] = lease
+            out.append(lease)
         return out, released, expired
 
     def lease_ms(self, requested: int) -> int:

@@ -1,0 +1,365 @@
+"""SHM_ACQUIRE of L1 hits (and SHM_RELEASE) answered from the readable
+callback: the broker's ``acquire_now`` grants the same leases with the same
+bookkeeping as ``acquire``, or declines having changed nothing; on a real
+in-process data plane (store, broker, sockets) such answers keep request
+order among those the connection's task gives, their leases go when the
+connection drops, an expired lease is still reported expired, and a lease on
+a damaged L1 copy names the checksum the bytes fail (so the client's copy
+check refuses it). A spy on ``Session.answer_now`` tells which requests the
+callback answered."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataplane.raw import (
+    PING,
+    PUT,
+    SHM_ACQUIRE,
+    SHM_RELEASE,
+    Frame,
+    Raw,
+    keys,
+    put_meta,
+    request,
+    s,
+    u32,
+    u64s,
+)
+from dataplane.raw import get as raw_get
+from dataplane.raw import put as raw_put
+from kvstore.checksum import checksum
+from kvstore.config import load
+from kvstore.dataplane import frames as f
+from kvstore.dataplane.ops import Session
+from kvstore.dataplane.server import DataPlaneServer
+from kvstore.dataplane.tickets import Binding
+from kvstore.errors import InvalidArgument, InvalidKey, PermissionDenied
+from kvstore.store import SharedMemoryBroker, TieredStore
+from kvstore.types import AckLevel, TierName
+
+KiB, MiB = 1024, 1024**2
+
+
+def _config(tmp_path: Path, l1: str, shm: str, unix: str = "") -> Any:
+    return load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": l1,
+                     "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "",
+                     "KVSTORE_SERVER_UNIX_SOCKET": "/tmp/kvstore-test-acqnow-unused.sock",
+                     "KVSTORE_L1_SHM_PATH": shm, "KVSTORE_SERVER_DATA_PLANE_UNIX": unix,
+                     "KVSTORE_L2_ENABLED": "true"})
+
+
+def _shm_path() -> str:
+    return f"/dev/shm/kvstore-test-acqnow-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# -- the broker -----------------------------------------------------------------------------
+
+
+def _with_broker(tmp_path: Path, body: Callable[[TieredStore, SharedMemoryBroker],
+                                                 Awaitable[None]]) -> None:
+    shm = _shm_path()
+    config = _config(tmp_path, "1MiB", shm)
+
+    async def go() -> None:
+        store = TieredStore(config)
+        await store.start()
+        broker = SharedMemoryBroker(store, 60_000, 60_000, 60_000, clock=lambda: 1000.0)
+        try:
+            await body(store, broker)
+        finally:
+            await broker.close()
+            await store.close()
+    try:
+        asyncio.run(go())
+    finally:
+        if os.path.exists(shm):
+            os.unlink(shm)
+
+
+def _in_l1(store: TieredStore, keys_: list[bytes]) -> list[bytes]:
+    blocks = store.index.blocks
+    return [k for k in keys_ if (e := blocks.get(("ns", k))) is not None and e.l1_offset >= 0]
+
+
+def test_acquire_now_grants_and_counts_as_acquire(tmp_path: Path) -> None:
+    names = [f"k{i}".encode() for i in range(12)]
+    reads = [[b"k3"], [b"k0", b"k7"], [b"k3", b"k5"], [b"k0"], [b"k9", b"k9"]]
+    outcomes = []
+    for way in ("acquire", "now"):
+        async def body(store: TieredStore, broker: SharedMemoryBroker, way: str = way) -> None:
+            for key in names:  # 12 x 64 KiB in the 1 MiB L1 (+ L2 copies)
+                await store.put_bytes("ns", key, key * (64 * KiB // len(key)), AckLevel.LOCAL)
+            held: list[int] = []
+            grants = []
+            for ks in reads:  # each acquire ends the leases of the one before
+                if way == "acquire":
+                    leases, released, expired = await broker.acquire(
+                        "ns", ks, "s1", 0, held, "me")
+                else:
+                    got = broker.acquire_now("ns", ks, "s1", 0, held, "me")
+                    assert got is not None
+                    leases, released, expired = got
+                held = [lease.lease_id for lease in leases if lease is not None]
+                assert released == (len(grants[-1]) if grants else 0) and expired == []
+                grants.append([(lease.offset, lease.size, lease.checksum, lease.generation,
+                                lease.tier, lease.expires) for lease in leases
+                               if lease is not None])
+            pins = [store.index.blocks[("ns", k)].readers for k in names]
+            broker.release(held, "ns", "me")
+            stats = store.stats()
+            # The policy was told the same: it evicts the same blocks.
+            for i in range(12, 20):
+                await store.put_bytes("ns", f"k{i}".encode(), b"x" * 64 * KiB, AckLevel.LOCAL)
+            outcomes.append((grants, pins, stats, _in_l1(store, names), broker.leases))
+        (tmp_path / way).mkdir()
+        _with_broker(tmp_path / way, body)
+    assert outcomes[0] == outcomes[1]
+    grants, pins, stats, _, leases = outcomes[1]
+    assert stats.gets == stats.get_hits == 8
+    assert pins[9] == 2 and sum(pins) == 2  # the last acquire's leases still pinned
+    assert all(g[4] == TierName.L1 for gs in grants for g in gs) and leases == 0
+
+
+def test_acquire_now_declines_or_refuses_having_changed_nothing(tmp_path: Path) -> None:
+    async def body(store: TieredStore, broker: SharedMemoryBroker) -> None:
+        for i in range(20):  # more than L1 holds: the first ones only in L2
+            await store.put_bytes("ns", f"k{i}".encode(), b"v" * 64 * KiB, AckLevel.LOCAL)
+        in_l1 = _in_l1(store, [f"k{i}".encode() for i in range(20)])
+        cold = next(f"k{i}".encode() for i in range(20) if f"k{i}".encode() not in in_l1)
+        hot = in_l1[-1]
+        (kept,), _, _ = await broker.acquire("ns", [hot], None, 0, (), "me")
+        assert kept is not None
+        before = (store.stats(), broker.leases, store.index.blocks[("ns", hot)].readers)
+        # A block to promote from L2, a miss: declined.
+        assert broker.acquire_now("ns", [hot, cold], None, 0, [kept.lease_id], "me") is None
+        assert broker.acquire_now("ns", [b"missing"], None, 0, (), "me") is None
+        # A bad release id, someone else's lease, a bad key: refused.
+        with pytest.raises(InvalidArgument):
+            broker.acquire_now("ns", [hot], None, 0, [12345], "me")
+        with pytest.raises(PermissionDenied):
+            broker.acquire_now("ns", [hot], None, 0, [kept.lease_id], "you")
+        with pytest.raises(InvalidKey):
+            broker.acquire_now("ns", [b""], None, 0, (), "me")
+        assert (store.stats(), broker.leases, store.index.blocks[("ns", hot)].readers) == before
+        # The lease named in a declined call is still there to end.
+        assert broker.release([kept.lease_id], "ns", "me") == (1, [])
+    _with_broker(tmp_path, body)
+
+
+# -- a real data plane, in process ------------------------------------------------------------
+
+
+@dataclass
+class World:
+    store: TieredStore
+    broker: SharedMemoryBroker
+    server: DataPlaneServer
+    now: list[float]
+    answered: list[tuple[int, int, bool]]  # (opcode, request id, answered by the callback)
+
+    async def connect(self) -> Raw:
+        ticket = self.server.issue_ticket(Binding("", None, "owner-t"))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(20)
+        sock.connect(self.server.unix_path)
+        raw = Raw(sock)
+        await _send(raw, request(0x01, 1, s(ticket)))
+        assert (await _frames(raw, 1))[0].op == 0x81
+        return raw
+
+    def fast(self, opcode: int, rid: int) -> bool | None:
+        """Whether the callback answered that request (None: never offered)."""
+        return next((ok for op, r, ok in self.answered if (op, r) == (opcode, rid)), None)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, bool]]]:
+    answered: list[tuple[int, int, bool]] = []
+    real = Session.answer_now
+
+    def answer_now(self: Session, opcode: int, rid: int, meta: memoryview) -> bool:
+        ok = real(self, opcode, rid, meta)
+        answered.append((opcode, rid, ok))
+        return ok
+    monkeypatch.setattr(Session, "answer_now", answer_now)
+    yield answered
+
+
+def _with_server(tmp_path: Path, answered: list[tuple[int, int, bool]],
+                 body: Callable[[World], Awaitable[None]]) -> None:
+    shm = _shm_path()
+    unix = f"/tmp/kvstore-test-acqnow-{uuid.uuid4().hex[:8]}.dp"
+    config = _config(tmp_path, "4MiB", shm, unix)
+
+    async def go() -> None:
+        store = TieredStore(config)
+        await store.start()
+        now = [1000.0]
+        broker = SharedMemoryBroker(store, 60_000, 1000, 60_000, clock=lambda: now[0])
+        server = DataPlaneServer(config, store, broker)
+        await server.start()
+        try:
+            await body(World(store, broker, server, now, answered))
+        finally:
+            await server.close()
+            await broker.close()
+            await store.close()
+    try:
+        asyncio.run(go())
+    finally:
+        for path in (shm, unix):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _acquire(rid: int, ks: list[bytes], release: list[int] | None = None,
+             lease_ms: int = 0) -> bytes:
+    return request(SHM_ACQUIRE, rid, s("ns") + s("") + u32(lease_ms) + keys(ks)
+                   + u64s(release or []))
+
+
+async def _send(raw: Raw, data: bytes) -> None:
+    """Sent off the loop (the server's loop must run meanwhile)."""
+    await asyncio.to_thread(raw.send, data)
+
+
+async def _frames(raw: Raw, count: int) -> list[Frame]:
+    return await asyncio.to_thread(lambda: [raw.frame() for _ in range(count)])
+
+
+async def _bounded(check: Callable[[], bool]) -> bool:
+    for _ in range(1000):  # up to ~10 s
+        if check():
+            return True
+        await asyncio.sleep(0.01)  # polling the server's state, bounded
+    return check()
+
+
+def _bytes(world: World, lease: f.ShmLease) -> bytes:
+    return bytes(world.store.l1.slice(lease.offset, lease.size))
+
+
+def test_a_pipelined_mix_is_answered_in_order(tmp_path: Path, spy: Any) -> None:
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        values = {f"b{i}".encode(): os.urandom(MiB) for i in range(6)}  # > the 4 MiB L1
+        for i, (key, value) in enumerate(values.items()):
+            # ack=2 (local): in L2 too, so the first ones may leave L1.
+            await _send(raw, request(PUT, 100 + i, put_meta("ns", [(key, MiB, 0, None)], 2), value))
+            assert (await _frames(raw, 1))[0].op == PUT | 0x80
+        in_l1 = _in_l1(w.store, list(values))
+        cold = next(k for k in values if k not in in_l1)
+        hot = in_l1[-1]
+        fresh = os.urandom(5000)
+        await _send(raw, b"".join([
+            _acquire(2, [hot]),               # an L1 hit: the callback's
+            _acquire(3, [cold]),              # promoted from L2: the task's
+            request(PUT, 4, put_meta("ns", [(b"fresh", len(fresh), 0, None)]), fresh),
+            request(0x04, 5, s("ns") + s("") + keys([b"fresh"])),
+            _acquire(6, [hot, b"fresh"]),
+            request(PING, 7),
+        ]))
+        got = await _frames(raw, 6)
+        assert [(fr.op, fr.rid) for fr in got] == [
+            (SHM_ACQUIRE | 0x80, 2), (SHM_ACQUIRE | 0x80, 3), (PUT | 0x80, 4),
+            (0x84, 5), (SHM_ACQUIRE | 0x80, 6), (PING | 0x80, 7)]
+        first, promoted, both = (f.ShmAcquireResult.decode(got[i].meta) for i in (0, 1, 4))
+        assert [lease.tier for lease in first.leases + promoted.leases + both.leases
+                if lease is not None] == [TierName.L1, TierName.L2, TierName.L1, TierName.L1]
+        assert _bytes(w, first.leases[0]) == values[hot]  # type: ignore[arg-type]
+        assert _bytes(w, promoted.leases[0]) == values[cold]  # type: ignore[arg-type]
+        assert [_bytes(w, x) for x in both.leases] == [values[hot], fresh]  # type: ignore[arg-type]
+        assert got[3].payload == fresh
+        assert w.fast(SHM_ACQUIRE, 2) is True and w.fast(SHM_ACQUIRE, 3) is False
+        # Once the task has caught up, the callback answers again.
+        await _send(raw, _acquire(8, [b"fresh", cold]))
+        again = f.ShmAcquireResult.decode((await _frames(raw, 1))[0].meta)
+        assert [_bytes(w, x) for x in again.leases] == [fresh, values[cold]]  # type: ignore[arg-type]
+        assert w.fast(SHM_ACQUIRE, 8) is True
+        assert w.broker.leases == 6
+        raw.close()
+        # The connection's leases, both ways granted, go with it.
+        assert await _bounded(lambda: w.broker.leases == 0 and w.store.index.busy_pins == 0)
+    _with_server(tmp_path, spy, body)
+
+
+def test_leases_granted_by_the_callback_go_when_the_connection_drops(
+        tmp_path: Path, spy: Any) -> None:
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        await asyncio.to_thread(raw_put, raw, 2, "ns", {b"k": b"k" * 64 * KiB})
+        await _send(raw, _acquire(3, [b"k", b"k"], lease_ms=60_000))
+        (answer,) = await _frames(raw, 1)
+        assert w.fast(SHM_ACQUIRE, 3) is True
+        assert len(f.ShmAcquireResult.decode(answer.meta).leases) == 2
+        entry = w.store.index.blocks[("ns", b"k")]
+        assert w.broker.leases == 2 and entry.readers == 2
+        raw.close()
+        assert await _bounded(lambda: w.broker.leases == 0 and entry.readers == 0)
+        # The block is intact and may be evicted again.
+        other = await w.connect()
+        frames = await asyncio.to_thread(raw_get, other, 4, "ns", [b"k"])
+        assert frames[0].payload == b"k" * 64 * KiB
+    _with_server(tmp_path, spy, body)
+
+
+def test_an_expired_lease_is_still_reported_expired(tmp_path: Path, spy: Any) -> None:
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        await asyncio.to_thread(raw_put, raw, 2, "ns", {b"k": b"k" * 4 * KiB})
+        await _send(raw, _acquire(3, [b"k"], lease_ms=1000))
+        (answer,) = await _frames(raw, 1)
+        first = f.ShmAcquireResult.decode(answer.meta).leases[0]
+        assert first is not None and w.fast(SHM_ACQUIRE, 3) is True
+        w.now[0] += 5.0  # past the lease's time (the copy was too slow)
+        # SHM_RELEASE says it expired (the client raises StaleLease), from
+        # the callback too.
+        await _send(raw, request(SHM_RELEASE, 4, s("ns") + u64s([first.lease_id])))
+        (released,) = await _frames(raw, 1)
+        assert f.ShmReleaseResult.decode(released.meta) == f.ShmReleaseResult(0, [first.lease_id])
+        assert w.fast(SHM_RELEASE, 4) is True
+        # So does an acquire that names an expired lease to end.
+        await _send(raw, _acquire(5, [b"k"], lease_ms=1000))
+        second = f.ShmAcquireResult.decode((await _frames(raw, 1))[0].meta).leases[0]
+        assert second is not None
+        w.now[0] += 5.0
+        await _send(raw, _acquire(6, [b"k"], [second.lease_id]))
+        result = f.ShmAcquireResult.decode((await _frames(raw, 1))[0].meta)
+        assert result.released == 0 and result.expired == [second.lease_id]
+        assert w.fast(SHM_ACQUIRE, 6) is True
+        # An id never issued: refused (by the task, as ever), the connection lives.
+        await _send(raw, request(SHM_RELEASE, 7, s("ns") + u64s([12345]))
+                    + _acquire(8, [b"k"], [12345]) + request(PING, 9))
+        got = await _frames(raw, 3)
+        assert [fr.error()[1] for fr in got[:2]] == ["InvalidArgument", "InvalidArgument"]
+        assert w.fast(SHM_RELEASE, 7) is False and not w.fast(SHM_ACQUIRE, 8)
+        assert got[2].op == PING | 0x80
+        assert w.broker.leases == 1  # rid 6's
+    _with_server(tmp_path, spy, body)
+
+
+def test_a_lease_on_a_damaged_copy_names_the_checksum_it_fails(tmp_path: Path,
+                                                                spy: Any) -> None:
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        good = os.urandom(MiB)
+        await asyncio.to_thread(raw_put, raw, 2, "ns", {b"k": good})
+        entry = w.store.index.blocks[("ns", b"k")]
+        w.store.l1.slice(entry.l1_offset + 100, 8)[:] = b"corrupt!"  # a stray write
+        await _send(raw, _acquire(3, [b"k"]))
+        lease = f.ShmAcquireResult.decode((await _frames(raw, 1))[0].meta).leases[0]
+        assert lease is not None and w.fast(SHM_ACQUIRE, 3) is True
+        # The lease carries the block's own checksum: the client's copy of
+        # the damaged bytes fails it (ShmClient raises CorruptBlock).
+        assert lease.crc32c == checksum(good) != checksum(_bytes(w, lease))
+    _with_server(tmp_path, spy, body)
