@@ -86,9 +86,12 @@ class GapModel:
         (the ranking computes this for every stream holding blocks, at every request)."""
         if self._stale[cls]:
             self._refresh(cls)
-        cnt, tot = self.cnt[cls], self.tot[cls]
-        sc, st = self._scnt[cls], self._stot[cls]
+        sc = self._scnt[cls]
         i = _bin(age)
+        if sc[i] <= 0.0:  # no gap as long as the age seen: no hit below (the long-idle)
+            return NEVER + age
+        cnt, tot = self.cnt[cls], self.tot[cls]
+        st = self._stot[cls]
         b = _bin(age + horizon)
         hits = occ = 0.0
         c = cnt[i]

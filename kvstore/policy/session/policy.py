@@ -33,8 +33,10 @@ choice. This is a ghost-LRU comparison limited to the decisions where the two di
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any
 
 from kvstore.config import SessionPolicyConfig
@@ -288,15 +290,24 @@ class SessionPolicy(Duel, Policy):
         pairs = self._pairs
         pk = ts.peek
         if pk is None:  # the common case, without the peek test
-            for b in blocks:
-                try:
-                    mte(b)
-                except KeyError:
-                    continue  # not in this tier
-                if b in pairs:
+            try:  # every block in this tier (the simulator's hits): each step in C
+                deque(map(mte, blocks), 0)
+            except KeyError:  # (block by block; moving again keeps the same LRU order)
+                for b in blocks:
+                    try:
+                        mte(b)
+                    except KeyError:
+                        continue  # not in this tier
+                    if b in pairs:
+                        self._resolve(b)
+                    if own[b] is not s:
+                        self._adopt(tier, ts, b, s)
+                return
+            if pairs:  # (each test made when the loop above would make it: lazily)
+                for b in filter(pairs.__contains__, blocks):
                     self._resolve(b)
-                if own[b] is not s:
-                    self._adopt(tier, ts, b, s)
+            for b in compress(blocks, map(is_not, map(own.__getitem__, blocks), repeat(s))):
+                self._adopt(tier, ts, b, s)
             return
         for b in blocks:
             if b not in lru:
@@ -410,6 +421,31 @@ class SessionPolicy(Duel, Policy):
             return self.gaps.per_hit(cls, age, h)
         return self.gaps.remaining(cls, age)
 
+    def _set_keys(self, streams: list[Stream], now: float) -> None:
+        """``s.key = expected_remaining(s, now)`` for each stream, the calls inlined (the
+        ranking keys every stream holding blocks or live at every rebuild: with hundreds of
+        streams this loop is a good part of a replay)."""
+        h = self.horizon
+        if h < 0.0:
+            h = -h * self._turn_T
+        gaps = self.gaps
+        key = gaps.per_hit if h > 0.0 else None
+        remaining = gaps.remaining
+        n, tool_min = gaps.n, self.tool_min
+        never2 = 2 * NEVER
+        for s in streams:
+            if s.ended:
+                s.key = never2
+                continue
+            age = now - s.t_state
+            if s.expected > age:
+                s.key = s.expected - age
+                continue
+            cls = s.cls
+            if s.tool >= 0 and n[s.tool] > tool_min:
+                cls = s.tool
+            s.key = key(cls, age, h) if key is not None else remaining(cls, age)
+
     def horizon_s(self) -> float:
         """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
         h = self.horizon
@@ -438,7 +474,7 @@ class SessionPolicy(Duel, Policy):
 
     def _ranking(self, tier: TierName, ts: TierState, now: float) -> Ranking:
         """Session-order victims: (block, drop?) — dead, then streams worst first."""
-        return Ranking(tier, ts, self._streams.values(), self.expected_remaining,
+        return Ranking(tier, ts, self._streams.values(), self._set_keys,
                        lambda: self._last_s, now)
 
     def _lru_candidate(self, ts: TierState, now: float, evictable: Evictable | None) -> Any:
