@@ -22,7 +22,6 @@ from kvstore.config import SessionPolicyConfig
 from kvstore.types import BlockId
 
 
-
 class Duel:
     """Mixed into the session policy: the state and steps of its fallback to LRU."""
 

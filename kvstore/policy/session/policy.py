@@ -429,10 +429,12 @@ class SessionPolicy(Duel, Policy):
         if h < 0.0:
             h = -h * self._turn_T
         gaps = self.gaps
-        key = gaps.per_hit if h > 0.0 else None
         remaining = gaps.remaining
         n, tool_min = gaps.n, self.tool_min
         never2 = 2 * NEVER
+        learned: list[Stream] = []  # keyed by the gap model, in one call if per hit
+        classes: list[int] = []
+        ages: list[float] = []
         for s in streams:
             if s.ended:
                 s.key = never2
@@ -444,7 +446,15 @@ class SessionPolicy(Duel, Policy):
             cls = s.cls
             if s.tool >= 0 and n[s.tool] > tool_min:
                 cls = s.tool
-            s.key = key(cls, age, h) if key is not None else remaining(cls, age)
+            if h > 0.0:
+                learned.append(s)
+                classes.append(cls)
+                ages.append(age)
+            else:
+                s.key = remaining(cls, age)
+        if learned:
+            for s, k in zip(learned, gaps.per_hit_many(classes, ages, h), strict=True):
+                s.key = k
 
     def horizon_s(self) -> float:
         """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
