@@ -537,3 +537,26 @@ def test_shadow_lru_moves_as_block_by_block() -> None:
             want.popitem(last=False)
         p._duel(blocks)
         assert list(p._shadow) == list(want) and p._sh_pending == h
+
+
+def test_ranking_decides_as_before_the_speed_work() -> None:
+    """The ranking keys its streams in one call and skips, without a look, the streams
+    holding nothing that rank before the active one; it evicts exactly as the ranking
+    before that work (``ranking_before``, commit 1a2d51d): the same resident set, trust,
+    mode, horizon and stats after every request, through both Put paths, with ownerless
+    blocks (forgotten streams) and without, on random traces with many streams."""
+    from ranking_before import Ranking as RankingBefore
+
+    class Before(SessionPolicy):
+        def _ranking(self, tier: TierName, ts: Any, now: float) -> Any:
+            return RankingBefore(tier, ts, self._streams.values(), self.expected_remaining,
+                                 lambda: self._last_s, now)
+
+    for seed in range(4):
+        trace = _agent_trace(seed, n_streams=14, steps=500)
+        for cap in (4, 15, 60):
+            for kw in ({}, {"duel": False}, {"max_streams": 5}, {"horizon": 0.0}):
+                want = _replay(Before([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
+                for fast in (False, True):
+                    got = _replay(SessionPolicy([L1], **kw), trace, cap, fast)  # type: ignore[arg-type]
+                    assert got == want, (seed, cap, kw, fast)
