@@ -207,10 +207,15 @@ class SessionPolicy(Duel, Policy):
         s.expected = 0.0
         s.ended = False
         new = dict.fromkeys(blocks)  # (a dict: the request's order, for s.cur)
+        cur = tuple(new)
         old = s.cur
         nlive = self._nlive
         discard = self._discard
-        added = (new.keys() - old) if old else new
+        n_old = len(old)
+        if cur[:n_old] == old:  # the common case: the previous request, then new blocks
+            added: Any = cur[n_old:]  # (in no particular order below: nlive is a map)
+        else:
+            added = new.keys() - old
         for b in added:
             nlive[b] = nlive.get(b, 0) + 1
             if discard:
@@ -224,7 +229,7 @@ class SessionPolicy(Duel, Policy):
                     else:
                         nlive.pop(b, None)
                         self._kill(b)
-        s.cur = tuple(new)
+        s.cur = cur
         self._dirty = True
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
