@@ -24,7 +24,18 @@ Since the session policy became a package (commit after 41b62fd), ``--before`` t
 single-module policy still loads on its own.
 
 (``defer_shared``, which once reproduced that version's order of shared blocks, is
-retired: see docs/policy.md, issue 16.) ``--config FILE`` runs it with the
+retired: see docs/policy.md, issue 16.)
+
+``--before-tree DIR`` compares with an earlier checkout of the whole package instead
+(e.g. ``git archive 1a2d51d kvstore bench | tar -x -C DIR``, plus the built
+``kvstore/_native*.so`` and ``kvstore/v1/``): every round first runs this script, in a
+child process, on that tree's modules (same workload, same policies, named ``NAME@tree``),
+then here, so that both see the same load::
+
+    .venv/bin/python -m bench.replay.speed --all-sessions --k 32 --pct 2 --rounds 3 \\
+        --policies session --before-tree /tmp/before
+
+``--config FILE`` runs it with the
 ``[policy.session]`` options of a server config file (as the lab does).
 """
 
@@ -33,7 +44,10 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +55,7 @@ from types import ModuleType
 from typing import Any
 
 from bench.replay import sim
-from bench.replay.cv import cv_files
+from bench.replay.cv import FOLDS, cv_files, load_folds
 from bench.replay.lab import session_config
 from bench.replay.workloads import agent_files, agent_workload, load_sessions, split_half
 from kvstore.policy import POLICIES, SessionPolicy
@@ -79,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
                          '\'{"duel": false}\'')
     ap.add_argument("--before", default="",
                     help="a folder with an earlier sim.py and session.py to compare with")
+    ap.add_argument("--before-tree", default="",
+                    help="an earlier checkout's root (its kvstore/ and bench/, e.g. a git "
+                         "archive): each round also runs this script's --policies there, "
+                         "in a child process on the same workload, as NAME@tree")
     args = ap.parse_args(argv)
     if args.all_sessions:
         files = cv_files()
-        w = agent_workload(load_sessions(files), args.k, 1, args.hints, name="agent-274")
+        sessions = load_folds(tuple(range(FOLDS)))  # (parsed once, cached by cv.py)
+        w = agent_workload(sessions, args.k, 1, args.hints, name="agent-274")
     else:
         files = split_half(agent_files(), args.half)[:args.sessions]
         w = agent_workload(load_sessions(files), args.k, 1, args.hints,
@@ -106,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu: dict[str, list[float]] = {p: [] for p in names}
     hits: dict[str, set[int]] = {p: set() for p in names}
     nxt = sim.next_uses(w) if "belady" in names else None
+    tree: dict[str, list[tuple[float, float, int]]] = {}
     for _ in range(args.rounds):
+        if args.before_tree:  # (alternating with this tree's runs: the same load)
+            for name, run in _run_tree(args.before_tree, argv).items():
+                tree.setdefault(f"{name}@tree", []).append(run)
         for name in names:
             c0 = time.process_time()
             if name == "belady":
@@ -118,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             wall[name].append(r.refs / r.seconds / 1e6)
             cpu[name].append(r.refs / c / 1e6 if c > 0 else 0.0)
             hits[name].add(r.hits)
+    for name, runs in tree.items():
+        names.append(name)
+        wall[name] = [r[0] for r in runs]
+        cpu[name] = [r[1] for r in runs]
+        hits[name] = {r[2] for r in runs}
     base = statistics.median(wall[names[0]])
     for name in names:
         mw = statistics.median(wall[name])
@@ -125,6 +153,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(cpu[name]):.2f}M (median CPU); runs "
               f"{', '.join(f'{x:.2f}' for x in wall[name])}; hits {sorted(hits[name])}")
     return 0
+
+
+def _run_tree(root: str, argv: list[str] | None) -> dict[str, tuple[float, float, int]]:
+    """One round of this script's policies run from an earlier checkout ``root``:
+    name -> (wall M refs/s, CPU M refs/s, hits), read from its output."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    i = args.index("--before-tree")
+    del args[i:i + 2]
+    env = dict(os.environ, PYTHONPATH=str(Path(root).resolve()))
+    out = subprocess.run([sys.executable, __file__, *args, "--rounds", "1"], cwd=root, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    runs = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+): ([\d.]+)M refs/s .*?, ([\d.]+)M \(median CPU\).*hits \[(\d+)\]",
+                     line)
+        if m:
+            runs[m[1]] = (float(m[2]), float(m[3]), int(m[4]))
+    return runs
 
 
 if __name__ == "__main__":

@@ -164,3 +164,20 @@ def test_speed_script_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("lru", "session", "belady"):
         line = next(x for x in out.splitlines() if x.strip().startswith(f"{name}:"))
         assert "refs/s" in line and line.count("hits [") == 1  # one hit count: deterministic
+
+
+@pytest.mark.skipif(not AGENT_DIR.is_dir(), reason=f"agent traces absent at {AGENT_DIR}")
+def test_speed_script_runs_an_earlier_tree_beside(capsys: pytest.CaptureFixture[str]) -> None:
+    """--before-tree: each round also runs the policies from another checkout (here this
+    one) in a child process on the same workload; its rows carry the same hit counts."""
+    from pathlib import Path
+
+    from bench.replay import speed
+
+    root = str(Path(speed.__file__).resolve().parents[2])
+    assert speed.main(["--sessions", "2", "--k", "1", "--rounds", "1", "--pct", "20",
+                       "--policies", "lru", "--before-tree", root]) == 0
+    rows = {x.split(":")[0].strip(): x for x in capsys.readouterr().out.splitlines()
+            if "refs/s" in x}
+    assert set(rows) == {"lru", "lru@tree"}
+    assert rows["lru"].split("hits ")[1] == rows["lru@tree"].split("hits ")[1]

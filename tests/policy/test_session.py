@@ -482,3 +482,81 @@ def test_a_forgotten_stream_that_returns_starts_afresh() -> None:
     c.turn_end("A", TOOL, 6.0)
     assert c.request("A", ["a1", "a2", "a3", "a4"], 7.0) == 3  # tracked again: learns
     assert int(p.gaps.n[TOOL_CLASS]) == seen[0] + 1
+
+
+def test_batched_ranking_keys_are_expected_remaining() -> None:
+    """The ranking keys every stream in one call (``_set_keys``, with ``per_hit_many``):
+    the same floats as ``expected_remaining`` stream by stream, at any moment of random
+    agent-like traces (tool names, hinted gaps, ended streams, both key kinds)."""
+    for seed in range(3):
+        for kw in ({}, {"horizon": 0.0}, {"horizon": 600.0}):
+            p = SessionPolicy([L1], **kw)  # type: ignore[arg-type]
+            for i, ev in enumerate(_agent_trace(seed)):
+                if ev[0] == "hint":
+                    e = ev[1]
+                    if isinstance(e.event, TurnEnd) and i % 3 == 0:
+                        tool = f"t{i % 4}" if e.event.reason == TOOL else ""
+                        gap = 5000 if i % 7 == 0 else 0
+                        e = SessionEvent("ns", e.session_id,
+                                         TurnEnd(e.event.reason, tool_name=tool,
+                                                 expected_gap_ms=gap))
+                    p.on_session_event(e, ev[2])
+                elif ev[0] == "req":
+                    p.on_request(ev[2], ev[3], ev[1])
+                    p._turn_T = 10.0 * (i % 50)  # (a horizon that moves)
+                    now = ev[3] + (i % 11) * 37.0
+                    streams = list(p._streams.values())
+                    p._set_keys(streams, now)
+                    assert [s.key for s in streams] == \
+                        [p.expected_remaining(s, now) for s in streams]
+
+
+def test_shadow_lru_moves_as_block_by_block() -> None:
+    """The duel's shadow LRU moves a request's leading run of held blocks in one C call:
+    the same order and hit count as moving them block by block (repeats included)."""
+    import random
+    from collections import OrderedDict
+
+    rng = random.Random(5)
+    p = SessionPolicy([L1])
+    want: OrderedDict[Any, None] = OrderedDict()
+    for _ in range(400):
+        base = list(want)[-rng.randrange(0, 30):] if want and rng.random() < 0.8 else []
+        blocks = base + [rng.randrange(200) for _ in range(rng.randrange(0, 6))]
+        if blocks and rng.random() < 0.2:
+            blocks.insert(rng.randrange(len(blocks)), rng.choice(blocks))  # a repeat
+        p._cap = rng.choice([0, 20, 60])
+        h = 0
+        for b in blocks:
+            if b in want:
+                h += 1
+                want.move_to_end(b)
+            else:
+                want[b] = None
+        while p._cap and len(want) > p._cap:
+            want.popitem(last=False)
+        p._duel(blocks)
+        assert list(p._shadow) == list(want) and p._sh_pending == h
+
+
+def test_ranking_decides_as_before_the_speed_work() -> None:
+    """The ranking keys its streams in one call and skips, without a look, the streams
+    holding nothing that rank before the active one; it evicts exactly as the ranking
+    before that work (``ranking_before``, commit 1a2d51d): the same resident set, trust,
+    mode, horizon and stats after every request, through both Put paths, with ownerless
+    blocks (forgotten streams) and without, on random traces with many streams."""
+    from ranking_before import Ranking as RankingBefore
+
+    class Before(SessionPolicy):
+        def _ranking(self, tier: TierName, ts: Any, now: float) -> Any:
+            return RankingBefore(tier, ts, self._streams.values(), self.expected_remaining,
+                                 lambda: self._last_s, now)
+
+    for seed in range(4):
+        trace = _agent_trace(seed, n_streams=14, steps=500)
+        for cap in (4, 15, 60):
+            for kw in ({}, {"duel": False}, {"max_streams": 5}, {"horizon": 0.0}):
+                want = _replay(Before([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
+                for fast in (False, True):
+                    got = _replay(SessionPolicy([L1], **kw), trace, cap, fast)  # type: ignore[arg-type]
+                    assert got == want, (seed, cap, kw, fast)

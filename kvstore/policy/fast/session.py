@@ -79,8 +79,14 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                                 self._cap = nlru
                             sa.add(prev)
                             pk_drop = aend
-                            if turn:
-                                self._turnover(now)
+                            if turn:  # self._turnover(now), inlined
+                                tn = self._turn_n + 1
+                                if tn >= self._cap:
+                                    if self._turn_t >= 0.0:
+                                        self._turn_T = now - self._turn_t
+                                    self._turn_t = now
+                                    tn = 0
+                                self._turn_n = tn
                             n_sess += 1
                             if pk_drop:
                                 n_dead += 1
@@ -106,8 +112,14 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                                 self._cap = nlru
                             wseen.add(c)
                             pk_drop = wend
-                            if turn:
-                                self._turnover(now)
+                            if turn:  # self._turnover(now), inlined
+                                tn = self._turn_n + 1
+                                if tn >= self._cap:
+                                    if self._turn_t >= 0.0:
+                                        self._turn_T = now - self._turn_t
+                                    self._turn_t = now
+                                    tn = 0
+                                self._turn_n = tn
                             n_sess += 1
                             if pk_drop:
                                 n_dead += 1
@@ -131,8 +143,14 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                         and (pk in pairs or lc in pairs)):
                     if first and nlru > self._cap:
                         self._cap = nlru
-                    if turn:
-                        self._turnover(now)
+                    if turn:  # self._turnover(now), inlined
+                        tn = self._turn_n + 1
+                        if tn >= self._cap:
+                            if self._turn_t >= 0.0:
+                                self._turn_T = now - self._turn_t
+                            self._turn_t = now
+                            tn = 0
+                        self._turn_n = tn
                     head = ABSENT  # lc leaves
                     n_lru += 1
                     discard(lc)

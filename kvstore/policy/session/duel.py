@@ -12,8 +12,10 @@ the policy decide when to fall back to LRU (``lru_mode``) and when to retry the 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import compress, count, islice
+from operator import not_
 from typing import Any
 
 from kvstore.config import SessionPolicyConfig
@@ -79,8 +81,11 @@ class Duel:
         """Replay the request on the shadow LRU; update the decayed hit counts and the mode."""
         sh = self._shadow
         mte = sh.move_to_end
-        h = 0
-        for b in blocks:
+        # the leading run of blocks the shadow holds (most of an agent's request: its
+        # context) moves to the end in C; the rest block by block, in the same order
+        h = next(compress(count(), map(not_, map(sh.__contains__, blocks))), len(blocks))
+        deque(map(mte, islice(blocks, h)), 0)
+        for b in islice(blocks, h, None):
             if b in sh:
                 h += 1
                 mte(b)

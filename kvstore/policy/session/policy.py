@@ -33,8 +33,10 @@ choice. This is a ghost-LRU comparison limited to the decisions where the two di
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any
 
 from kvstore.config import SessionPolicyConfig
@@ -205,10 +207,15 @@ class SessionPolicy(Duel, Policy):
         s.expected = 0.0
         s.ended = False
         new = dict.fromkeys(blocks)  # (a dict: the request's order, for s.cur)
+        cur = tuple(new)
         old = s.cur
         nlive = self._nlive
         discard = self._discard
-        added = (new.keys() - old) if old else new
+        n_old = len(old)
+        if cur[:n_old] == old:  # the common case: the previous request, then new blocks
+            added: Any = cur[n_old:]  # (in no particular order below: nlive is a map)
+        else:
+            added = new.keys() - old
         for b in added:
             nlive[b] = nlive.get(b, 0) + 1
             if discard:
@@ -222,7 +229,7 @@ class SessionPolicy(Duel, Policy):
                     else:
                         nlive.pop(b, None)
                         self._kill(b)
-        s.cur = tuple(new)
+        s.cur = cur
         self._dirty = True
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
@@ -288,15 +295,24 @@ class SessionPolicy(Duel, Policy):
         pairs = self._pairs
         pk = ts.peek
         if pk is None:  # the common case, without the peek test
-            for b in blocks:
-                try:
-                    mte(b)
-                except KeyError:
-                    continue  # not in this tier
-                if b in pairs:
+            try:  # every block in this tier (the simulator's hits): each step in C
+                deque(map(mte, blocks), 0)
+            except KeyError:  # (block by block; moving again keeps the same LRU order)
+                for b in blocks:
+                    try:
+                        mte(b)
+                    except KeyError:
+                        continue  # not in this tier
+                    if b in pairs:
+                        self._resolve(b)
+                    if own[b] is not s:
+                        self._adopt(tier, ts, b, s)
+                return
+            if pairs:  # (each test made when the loop above would make it: lazily)
+                for b in filter(pairs.__contains__, blocks):
                     self._resolve(b)
-                if own[b] is not s:
-                    self._adopt(tier, ts, b, s)
+            for b in compress(blocks, map(is_not, map(own.__getitem__, blocks), repeat(s))):
+                self._adopt(tier, ts, b, s)
             return
         for b in blocks:
             if b not in lru:
@@ -410,6 +426,41 @@ class SessionPolicy(Duel, Policy):
             return self.gaps.per_hit(cls, age, h)
         return self.gaps.remaining(cls, age)
 
+    def _set_keys(self, streams: list[Stream], now: float) -> None:
+        """``s.key = expected_remaining(s, now)`` for each stream, the calls inlined (the
+        ranking keys every stream holding blocks or live at every rebuild: with hundreds of
+        streams this loop is a good part of a replay)."""
+        h = self.horizon
+        if h < 0.0:
+            h = -h * self._turn_T
+        gaps = self.gaps
+        remaining = gaps.remaining
+        n, tool_min = gaps.n, self.tool_min
+        never2 = 2 * NEVER
+        learned: list[Stream] = []  # keyed by the gap model, in one call if per hit
+        classes: list[int] = []
+        ages: list[float] = []
+        for s in streams:
+            if s.ended:
+                s.key = never2
+                continue
+            age = now - s.t_state
+            if s.expected > age:
+                s.key = s.expected - age
+                continue
+            cls = s.cls
+            if s.tool >= 0 and n[s.tool] > tool_min:
+                cls = s.tool
+            if h > 0.0:
+                learned.append(s)
+                classes.append(cls)
+                ages.append(age)
+            else:
+                s.key = remaining(cls, age)
+        if learned:
+            for s, k in zip(learned, gaps.per_hit_many(classes, ages, h), strict=True):
+                s.key = k
+
     def horizon_s(self) -> float:
         """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
         h = self.horizon
@@ -438,7 +489,7 @@ class SessionPolicy(Duel, Policy):
 
     def _ranking(self, tier: TierName, ts: TierState, now: float) -> Ranking:
         """Session-order victims: (block, drop?) — dead, then streams worst first."""
-        return Ranking(tier, ts, self._streams.values(), self.expected_remaining,
+        return Ranking(tier, ts, self._streams.values(), self._set_keys,
                        lambda: self._last_s, now)
 
     def _lru_candidate(self, ts: TierState, now: float, evictable: Evictable | None) -> Any:

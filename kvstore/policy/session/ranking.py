@@ -13,10 +13,13 @@ accelerator, ``kvstore.policy.fast``, does; the policy itself never reads them).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from operator import attrgetter
 from typing import Any
 
 from kvstore.policy.session.streams import Stream, TierState
 from kvstore.types import TierName
+
+_KEY = attrgetter("key")
 
 
 class Ranking:
@@ -24,8 +27,10 @@ class Ranking:
                  "walk_res", "walk_seen")
 
     def __init__(self, tier: TierName, ts: TierState, streams: Iterable[Stream],
-                 key: Callable[[Stream, float], float], current: Callable[[], Stream | None],
-                 now: float) -> None:
+                 set_keys: Callable[[list[Stream], float], None],
+                 current: Callable[[], Stream | None], now: float) -> None:
+        """``set_keys(streams, now)`` sets each stream's ``key``: its expected time to
+        its next request (larger: evicted first)."""
         # Its next candidate is the newest block of ``active`` not in ``seen_a``, if
         # there is one ...
         self.active_first = False
@@ -38,15 +43,15 @@ class Ranking:
         self.walk_res: dict[Any, None] = {}
         self.walk_seen: set[Any] = set()
         self.walk_ended = False
-        self._it = self._run(tier, ts, streams, key, current, now)
+        self._it = self._run(tier, ts, streams, set_keys, current, now)
 
     def __iter__(self) -> Iterator[tuple[Any, bool]]:
         """(block, drop?) pairs; iterating again resumes where the last loop stopped."""
         return self._it
 
     def _run(self, tier: TierName, ts: TierState, all_streams: Iterable[Stream],
-             key: Callable[[Stream, float], float], current: Callable[[], Stream | None],
-             now: float) -> Iterator[tuple[Any, bool]]:
+             set_keys: Callable[[list[Stream], float], None],
+             current: Callable[[], Stream | None], now: float) -> Iterator[tuple[Any, bool]]:
         own = ts.own
         dead = ts.dead
         while dead:
@@ -56,11 +61,10 @@ class Ranking:
                 ts.free.pop(b, None)
                 yield b, True
         # every stream that holds blocks or may soon (its latest request is being placed)
-        streams = [s for s in all_streams if s.res[tier] or s.cur]
-        for s in streams:
-            s.key = key(s, now)
+        streams = [s for s in all_streams if s.cur or s.res[tier]]
+        set_keys(streams, now)
         free_key = (now - next(iter(ts.free.values()))) if ts.free else -1.0
-        streams.sort(key=lambda s: s.key, reverse=True)
+        streams.sort(key=_KEY, reverse=True)
         free_done = not ts.free
 
         def take(s: Stream, seen: set[Any]) -> Any:
@@ -79,10 +83,10 @@ class Ranking:
         # go before any better-ranked stream's. For the stream ranked worst this is
         # bypassing its own request's tail, as MIN would.
         active = current()  # (the stream of the latest call, read when the walk starts)
-        a_idx = len(streams)
-        for i, s in enumerate(streams):
-            if s is active:
-                a_idx = i
+        try:
+            a_idx = streams.index(active)  # type: ignore[arg-type]  # (by identity)
+        except ValueError:
+            a_idx = len(streams)
         seen_a: set[Any] = set()
         a_ended = active.ended if active is not None else False
         self.active, self.seen_a, self.a_ended = active, seen_a, a_ended
@@ -91,9 +95,11 @@ class Ranking:
                 free_done = True
                 self.active_first = self.walk = False
                 yield from _free_lru(ts)
+            res_s = s.res[tier]
+            if not res_s and i < a_idx:
+                continue  # offers nothing (and nothing is read of where it stands)
             seen = seen_a if i == a_idx else set()
             ended = s.ended  # fixed while this ranking stands (an event resets it)
-            res_s = s.res[tier]
             check_active = i > a_idx and active is not None
             # every resume from here on starts with the active stream's newest blocks,
             # or (before the active stream) with this stream's
