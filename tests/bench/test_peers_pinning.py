@@ -35,21 +35,20 @@ def test_pin_process_moves_every_thread_and_threads_started_later() -> None:
             "t = threading.Thread(target=lambda: out.append(os.sched_getaffinity(0)))\n"
             "t.start(); t.join()\n"
             "print(sorted(out[0]), flush=True)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        assert proc.stdout.readline().strip() == "ready"
-        pin_process(proc.pid, {cpu})
-        tids = os.listdir(f"/proc/{proc.pid}/task")
-        assert len(tids) >= 2
-        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        deadline = time.monotonic() + 20
-        line = proc.stdout.readline().strip()
-        assert time.monotonic() < deadline
-        assert line == str([cpu])
-    finally:
-        proc.kill()
-        proc.wait(10)
+    with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == "ready"
+            pin_process(proc.pid, {cpu})
+            tids = os.listdir(f"/proc/{proc.pid}/task")
+            assert len(tids) >= 2
+            assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            started = time.monotonic()
+            line = proc.stdout.readline().strip()
+            assert time.monotonic() - started < 20
+            assert line == str([cpu])
+        finally:
+            proc.kill()
