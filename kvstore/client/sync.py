@@ -21,6 +21,7 @@ from kvstore.client._common import (
     Blocks,
     GetAssembler,
     PutResult,
+    block_view,
     check_lease_ms,
     check_session_id,
     feed_small_response,
@@ -35,6 +36,7 @@ from kvstore.client._errors import error_from_rpc
 from kvstore.client.dataplane import DataPlane, data_plane_mode
 from kvstore.errors import InvalidArgument
 from kvstore.types import (
+    MAX_KEY_BYTES,
     AckLevel,
     BlockFormat,
     BlockListing,
@@ -319,11 +321,18 @@ class Client(ClientBase):
         dp = self._dp()
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)
-            kl = normalize_keys(ks)
-            dests = normalize_buffers(buffers, len(kl))
-            if not kl:
-                return []
-            if dp.fits(sum(len(k) + 2 for k in kl) + 300):
+            if len(ks) == 1 and type(key := ks[0]) is bytes and 0 < len(key) <= MAX_KEY_BYTES \
+                    and len(buffers) == 1:
+                # One chunk per call (how engines ask): the general checks
+                # below, without their per-call lists and generators.
+                kl, dests, meta = ks, [block_view(buffers[0], 0, writable=True)], len(key) + 302
+            else:
+                kl = normalize_keys(ks)
+                dests = normalize_buffers(buffers, len(kl))
+                if not kl:
+                    return []
+                meta = sum(len(k) + 2 for k in kl) + 300
+            if dp.fits(meta):
                 got = dp.run(lambda conn: conn.get(ns, kl, "", dests), idempotent=True)
                 if got is not None:
                     return got
