@@ -102,7 +102,11 @@ class BlockIndex(dict[BlockId, Entry]):
 
 
 def _drop_done(error: BaseException | None, existed: bool) -> None:
-    """The L2 writer's callback for a delete: nothing waits for it."""
+    """The L2 writer's callback for a delete nobody waits for."""
+
+
+#: The L2 writer's callback for a delete: (error, whether the block existed).
+DropDone = Callable[[BaseException | None, bool], None]
 
 
 class Index:
@@ -358,15 +362,15 @@ class Index:
 
     # -- removal ----------------------------------------------------------------------
 
-    def drop_l2_copy(self, block: BlockId, entry: Entry) -> None:
+    def drop_l2_copy(self, block: BlockId, entry: Entry, done: DropDone = _drop_done) -> None:
         assert self.l2 is not None
         self.set_l2(block, entry, False)
         if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
             self.set_dirty(entry, True)
-        self.l2.submit(block, None, None, _drop_done)
+        self.l2.submit(block, None, None, done)
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
-               delete_l3: bool = False) -> None:
+               delete_l3: bool = False, l2_done: DropDone = _drop_done) -> None:
         """Remove a block from the index and the local tiers (respecting pins);
         from the shared L3 only when asked (an explicit Delete, whether or not
         this node knows of an L3 copy; an overwrite of a block it has there)."""
@@ -382,13 +386,13 @@ class Index:
         if entry.l2:
             self.policy.on_remove(TierName.L2, block)
             if delete_l2:
-                self.drop_l2_copy(block, entry)
+                self.drop_l2_copy(block, entry, l2_done)
             else:
                 self.set_l2(block, entry, False)
         elif entry.l2_pending and delete_l2 and self.l2 is not None:
             # Its L2 write is still queued: a delete queued behind it (the
             # writer keeps the order) keeps it from coming back at a restart.
-            self.l2.submit(block, None, None, _drop_done)
+            self.l2.submit(block, None, None, l2_done)
         if entry.l3:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)

@@ -18,7 +18,7 @@ from kvstore._impl import verify as block_verify
 from kvstore.checksum import copy_and_checksum
 from kvstore.errors import BlockTooLarge, CapacityExhausted, MalformedRequest
 from kvstore.policy import Action
-from kvstore.store.index import Entry
+from kvstore.store.index import DropDone, Entry
 from kvstore.store.parts import Part, Shared
 from kvstore.tiers.base import Buffer
 from kvstore.types import BlockFormat, BlockId, TierName
@@ -53,6 +53,8 @@ class Placement(Part):
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
         self._l1_limit: Callable[[str], int] | None = None
         self._l1_owned: dict[str, NamespaceL1] = {}
+        #: Overwritten blocks whose old L2 copy's delete is queued (see commit).
+        self.replacing: dict[BlockId, asyncio.Future[None]] = {}
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -127,13 +129,18 @@ class Placement(Part):
         index = self.index
         old = index.entry(block)
         if old is not None:
+            done = self._old_copy_deleted(block) if self.has_l2 and (
+                old.l2 or old.l2_pending > 0) else None
             # Its L2 copy goes too (the writer queue keeps the order: the new
             # block's write comes after this delete), so a restart before the
             # new block reaches L2 finds nothing rather than the old bytes;
             # so does its L3 copy, which a listing or another node's HEAD
             # would find for this key (an upload of the new block waits for
             # that delete: the L3 mover keeps them in order).
-            index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0)
+            if done is None:
+                index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0)
+            else:
+                index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0, l2_done=done)
         entry = Entry(size, crc, time.time(), session)
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)
@@ -145,6 +152,23 @@ class Placement(Part):
             self._own(block, entry)
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
+
+    def _old_copy_deleted(self, block: BlockId) -> DropDone | None:
+        """The writer's callback for the delete of an overwritten block's L2
+        copy; it settles a future in ``replacing`` that the Put awaits before
+        it is acknowledged (store.make_durable). Without it an ack=memory
+        overwrite could be answered, the process killed before the writer
+        reached that delete, and the restart serve the old bytes."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # not on a loop (a unit test's direct call): nobody waits
+        gone: asyncio.Future[None] = loop.create_future()
+        self.replacing[block] = gone
+
+        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
+            loop.call_soon_threadsafe(_settle, gone)
+        return done
 
     def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:
         """A promoted block's bytes are in its reserved extent: index them."""
@@ -324,3 +348,8 @@ class BlockWriter:
         self._closed = True
         self._dest.release()
         self.placement.release(self.offset, self.size)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -245,7 +245,12 @@ class TieredStore:
     async def make_durable(self, block: BlockId, entry: Entry,
                            ack: AckLevel) -> asyncio.Future[Any] | None:
         """Start the writes that ``ack`` asks for (L2 write-back otherwise).
-        Returns a future that resolves once they are done, or None."""
+        Returns a future that resolves once they are done, or None. An
+        overwrite returns only once the old L2 copy's delete has committed,
+        whatever ``ack`` (a crash after the answer must not bring it back)."""
+        gone = self.placement.replacing.pop(block, None)
+        if gone is not None:
+            await gone
         if ack == AckLevel.REMOTE:
             assert self.l3 is not None
             local = await self._make_local(block, entry, AckLevel.LOCAL)
