@@ -55,7 +55,14 @@ import grpc
 from kvstore.client._convert import DataPlaneOffer
 from kvstore.client._dproute import NoRoute, Route, choose_route
 from kvstore.client._errors import error_from_frame, error_from_rpc
-from kvstore.client.dataplane import RETRY_S, Dropped, _tls_context
+from kvstore.client.dataplane import (
+    RETRY_S,
+    Dropped,
+    _tls_context,
+    dropped_at_hello,
+    server_full,
+    session_limits,
+)
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
 from kvstore.errors import (
@@ -606,22 +613,15 @@ class AsyncDataPlane:
             hello = frames.HelloOk.decode(meta)
         except TooManyConnections as exc:
             conn.close()
-            log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", route.where,
-                      exc.message, RETRY_S)
-            self._retry_at = time.monotonic() + RETRY_S
+            self._retry_at = server_full(route.where, exc)
             return None
         except Dropped as exc:
             conn.close()
-            failed = ConnectionFailed(f"data plane at {route.where} closed the connection at "
-                                      f"HELLO ({exc})")
-            failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
-            raise failed from None
+            raise dropped_at_hello(route.where, exc) from None
         except BaseException:
             conn.close()
             raise
-        self._limits = (min(offer.max_meta_bytes or hello.max_meta_bytes, hello.max_meta_bytes),
-                        min(offer.max_payload_bytes or hello.max_payload_bytes,
-                            hello.max_payload_bytes))
+        self._limits = session_limits(offer, hello)
         self._conns.append(conn)
         self.sessions += 1
         log.debug("kvstore data plane session %d to %s", hello.session_id, route.where)

@@ -626,22 +626,15 @@ class DataPlane:
             hello = conn.hello(offer.ticket)
         except TooManyConnections as exc:
             conn.close()
-            log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", where,
-                      exc.message, RETRY_S)
-            self._retry_at = time.monotonic() + RETRY_S
+            self._retry_at = server_full(where, exc)
             return None
         except Dropped as exc:
             conn.close()
-            failed = ConnectionFailed(f"data plane at {where} closed the connection at HELLO "
-                                      f"({exc})")
-            failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
-            raise failed from None
+            raise dropped_at_hello(where, exc) from None
         except BaseException:
             conn.close()
             raise
-        self._limits = (min(offer.max_meta_bytes or conn.max_meta_bytes, conn.max_meta_bytes),
-                        min(offer.max_payload_bytes or conn.max_payload_bytes,
-                            conn.max_payload_bytes))
+        self._limits = session_limits(offer, hello)
         self.sessions += 1
         log.debug("kvstore data plane session %d to %s", hello.session_id, where)
         return conn
@@ -669,6 +662,27 @@ class DataPlane:
             raw.close()
             raise
         return raw, route.where
+
+
+def server_full(where: str, exc: TooManyConnections) -> float:
+    """A HELLO refused for too many connections: when to try the data plane
+    again (gRPC until then)."""
+    log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", where, exc.message,
+              RETRY_S)
+    return time.monotonic() + RETRY_S
+
+
+def dropped_at_hello(where: str, exc: Exception) -> ConnectionFailed:
+    failed = ConnectionFailed(f"data plane at {where} closed the connection at HELLO ({exc})")
+    failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
+    return failed
+
+
+def session_limits(offer: Offer, hello: frames.HelloOk) -> tuple[int, int]:
+    """The largest request metadata and payload: the smaller of what the
+    offer and the HELLO answer say (the offer's 0: not said)."""
+    return (min(offer.max_meta_bytes or hello.max_meta_bytes, hello.max_meta_bytes),
+            min(offer.max_payload_bytes or hello.max_payload_bytes, hello.max_payload_bytes))
 
 
 def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
