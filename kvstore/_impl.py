@@ -34,6 +34,9 @@ API = (
     "copy_and_checksum",
 )
 
+#: Native functions outside the block API, each with its own fallback below.
+NATIVE_EXTRAS = ("cold_contains", "wait_readable")
+
 
 def _choose() -> tuple[str, ModuleType | None]:
     """("pure", None) or ("native", the extension module)."""
@@ -50,7 +53,7 @@ def _choose() -> tuple[str, ModuleType | None]:
             "`python setup.py build_ext --inplace` (or ./dev.sh setup), or set KVSTORE_PURE=1 "
             "to run on the pure-Python reference"
         ) from exc
-    missing = [name for name in API if not hasattr(module, name)]
+    missing = [name for name in (*API, *NATIVE_EXTRAS) if not hasattr(module, name)]
     if missing:
         raise ImportError(
             f"kvstore._native ({module.__file__}) is a stale build without {', '.join(missing)}; "
@@ -91,6 +94,13 @@ else:
 #: specification, which the tests compare it with).
 cold_contains = _native_cold_contains if native is not None else None
 
+#: Busy poll of a socket for the SDK's data plane (GIL released in the native
+#: one); kvstore._spin.wait_readable is the specification.
+if native is not None:
+    from kvstore._native import wait_readable
+else:
+    from kvstore._spin import wait_readable
+
 __all__ = [
     "API",
     "IMPLEMENTATION",
@@ -103,4 +113,5 @@ __all__ = [
     "parse_header",
     "unpack_into",
     "verify",
+    "wait_readable",
 ]

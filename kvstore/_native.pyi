@@ -44,3 +44,7 @@ def block_keys(tokens: Sequence[int] | np.ndarray, block_tokens: int,
 def cold_contains(key_col: npt.NDArray[np.uint64], hash_col: npt.NDArray[np.uint64],
                   table: npt.NDArray[np.int32], shift: int, mult: npt.NDArray[np.uint64],
                   salt: int, joined: Buffer) -> bytes: ...
+
+# -- busy poll (kvstore._spin is the specification) ------------------------------------
+
+def wait_readable(fd: int, spin_ns: int) -> bool: ...

@@ -697,3 +697,52 @@ def cold_contains(const uint64_t[:, ::1] key_col not None, const uint64_t[::1] h
                     break
                 cell = (cell + 1) & mask
     return bytes(out)
+
+
+# --------------------------------------------------------------------------- busy poll
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    enum: CLOCK_MONOTONIC
+
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+def wait_readable(int fd, long long spin_ns):
+    """kvstore._spin.wait_readable (the specification): poll ``fd`` with a
+    zero timeout, the GIL released, until it is readable (or has an error or
+    hang-up, which the caller's receive then reports) or ``spin_ns``
+    nanoseconds have passed. True when it became ready, False when the time
+    ran out (the caller then waits in the kernel as usual)."""
+    cdef pollfd p
+    cdef int ready = 0
+    cdef long long deadline
+    if fd < 0:
+        raise ValueError(f"not an open file descriptor: {fd}")
+    if spin_ns <= 0:
+        return False
+    p.fd = fd
+    p.events = POLLIN
+    with nogil:
+        deadline = _now_ns() + spin_ns
+        while True:
+            p.revents = 0
+            ready = poll(&p, 1, 0)
+            if ready != 0 or _now_ns() >= deadline:
+                break
+    return ready != 0

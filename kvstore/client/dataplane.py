@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from kvstore._impl import wait_readable
 from kvstore.client import _convert as conv
 from kvstore.client._convert import DataPlaneOffer as Offer
 from kvstore.client._dproute import NoRoute, choose_route
@@ -83,6 +84,20 @@ _DIRECT_BYTES = 64 * 1024
 #: Namespace and session id pairs whose encoded metadata prefix is kept.
 _PREFIXES = 64
 _ENV = "KVSTORE_DATA_PLANE"
+_BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
+#: Requests whose answer is polled for (busy_poll_us): those the server
+#: answers in microseconds, often from the socket's readable callback. Not a
+#: PUT or SHM_COMMIT (the server checks the bytes' checksum first: measured,
+#: polling saved nothing there and cost its CPU), nor a GET of a large block
+#: (see Connection._fill_exactly).
+_POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
+                     int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE)})
+#: How long a call polls for its answer unless told otherwise (µs): more than
+#: a small answer's round trip on loopback (20-40 µs), little CPU per call.
+DEFAULT_BUSY_POLL_US = 50
+#: The most a client may ask for (µs): past a few milliseconds a poll only
+#: burns the CPU a sleep would give back.
+MAX_BUSY_POLL_US = 10_000
 _Received = TypeVar("_Received", int, bytes)
 
 T = TypeVar("T")
@@ -108,6 +123,27 @@ def data_plane_mode(value: bool | str | None) -> str:
                           + (f" (from ${_ENV})" if isinstance(value, str) else ""))
 
 
+def busy_poll_setting(value: int | None) -> int:
+    """``busy_poll_us=`` checked; None reads KVSTORE_BUSY_POLL_US (unset or
+    empty: DEFAULT_BUSY_POLL_US)."""
+    where = ""
+    if value is None:
+        raw = os.environ.get(_BUSY_POLL_ENV, "").strip()
+        if not raw:
+            return DEFAULT_BUSY_POLL_US
+        where = f" (from ${_BUSY_POLL_ENV})"
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidArgument(f"busy_poll_us must be a whole number of microseconds "
+                                  f"from 0 to {MAX_BUSY_POLL_US}, not {raw!r}{where}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 0 <= value <= MAX_BUSY_POLL_US:
+        raise InvalidArgument(f"busy_poll_us must be a whole number of microseconds from 0 "
+                              f"to {MAX_BUSY_POLL_US}, not {value!r}{where}")
+    return value
+
+
 _forks = 0  # how many times this process was forked from (see DataPlane._take)
 
 
@@ -126,8 +162,17 @@ class Dropped(Exception):
 class Connection:
     """One data-plane session's socket (used by one thread at a time)."""
 
-    def __init__(self, sock: socket.socket, target: str, timeout: float | None) -> None:
+    def __init__(self, sock: socket.socket, target: str, timeout: float | None,
+                 busy_poll_us: int = 0) -> None:
         self.sock = sock
+        self._fd = sock.fileno()
+        #: Nanoseconds an answer is polled for before the receive sleeps.
+        self.busy_poll_ns = busy_poll_us * 1000
+        # The request just sent has a quick answer: poll for it (see _POLLED).
+        self._poll_next = False
+        #: Answers that arrived while polled for (proof the poll ran, for
+        #: tests and benchmarks; see DataPlane.polled).
+        self.polled = 0
         self.target = target
         self.timeout = timeout
         self.tls = isinstance(sock, ssl.SSLSocket)
@@ -171,6 +216,7 @@ class Connection:
              payload_len: int = 0) -> int:
         """Send one request frame; returns its request id."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        self._poll_next = self.busy_poll_ns > 0 and opcode in _POLLED
         head = HEADER.pack(MAGIC, _VERSION, opcode, 0, rid, len(meta), payload_len) + meta
         try:
             if not payload:
@@ -217,6 +263,10 @@ class Connection:
             else:
                 self._view[:have] = self._view[self._start : self._end]
             self._start, self._end = 0, have
+        if self._poll_next:
+            self._poll_next = False
+            if self._end == self._start:
+                self._poll_answer()
         while self._end - self._start < n:
             got = self._recv_into(self._view[self._end :])
             self._end += got
@@ -229,8 +279,19 @@ class Connection:
             have = self._end - self._start
             self._view[:have] = self._view[self._start : self._end]
             self._start, self._end = 0, have
+        # No busy poll: a large block's answer is not due for a while (the
+        # receive of its bytes sleeps anyway; a poll there only costs CPU).
+        self._poll_next = False
         while self._end - self._start < n:
             self._end += self._recv_into(self._view[self._end : self._start + n])
+
+    def _poll_answer(self) -> None:
+        """Nothing buffered and an answer due: poll the socket for up to
+        ``busy_poll_ns`` before the receive sleeps (see kvstore/_spin.py)."""
+        if self.tls and self.sock.pending():  # type: ignore[attr-defined]
+            return  # bytes already decrypted: the receive returns at once
+        if wait_readable(self._fd, self.busy_poll_ns):
+            self.polled += 1
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:
@@ -467,6 +528,7 @@ class Connection:
         """One request without payload, sent with header ``flags``; the
         answer's flags and metadata."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        self._poll_next = self.busy_poll_ns > 0 and opcode in _POLLED
         try:
             self.sock.sendall(frames.encode_header(opcode, rid, len(meta), 0, flags) + meta)
         except (BlockingIOError, TimeoutError) as exc:
@@ -490,8 +552,10 @@ class DataPlane:
     offers no data plane (the caller uses gRPC)."""
 
     def __init__(self, mode: str, channel: grpc.Channel, grpc_target: str, target: str,
-                 metadata: Callable[[], Any], timeout: float | None, tls: Any) -> None:
+                 metadata: Callable[[], Any], timeout: float | None, tls: Any,
+                 busy_poll_us: int = 0) -> None:
         self.mode = mode
+        self.busy_poll_us = busy_poll_us
         self.target = target
         self._grpc_target = grpc_target
         self._metadata = metadata
@@ -515,6 +579,13 @@ class DataPlane:
         #: and benchmarks: proof that the data plane was used).
         self.calls = 0
         self.sessions = 0
+
+    @property
+    def polled(self) -> int:
+        """Answers that arrived while their call polled for them, over the
+        idle pooled connections (busy_poll_us; for tests and benchmarks)."""
+        with self._lock:
+            return sum(conn.polled for conn in self._idle)
 
     @property
     def available(self) -> bool:
@@ -621,7 +692,7 @@ class DataPlane:
                       self.target, exc, RETRY_S)
             self._retry_at = time.monotonic() + RETRY_S
             return None
-        conn = Connection(sock, where, self._timeout)
+        conn = Connection(sock, where, self._timeout, self.busy_poll_us)
         try:
             hello = conn.hello(offer.ticket)
         except TooManyConnections as exc:

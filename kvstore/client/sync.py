@@ -33,7 +33,7 @@ from kvstore.client._common import (
     small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
-from kvstore.client.dataplane import DataPlane, data_plane_mode
+from kvstore.client.dataplane import DataPlane, busy_poll_setting, data_plane_mode
 from kvstore.errors import InvalidArgument
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -62,6 +62,7 @@ class SyncClientSettings(ClientSettings, total=False):
     aio_put: bool
     unary_get: bool
     data_plane: bool | str | None
+    busy_poll_us: int | None
 
 
 class Client(ClientBase):
@@ -95,6 +96,14 @@ class Client(ClientBase):
     dropped connection the next call opens a new session; the call in flight
     is retried once when it is idempotent (Lookup, Get), while a Put raises
     ConnectionFailed (blocks whose bytes all arrived may be stored).
+
+    ``busy_poll_us`` (data plane only): how long, in microseconds, a call
+    polls its socket for the answer before sleeping in the kernel (the GIL
+    released while it polls). An answer that lands within it needs no
+    wake-up of this thread, which on a virtual machine saves tens of
+    microseconds per call (docs/performance.md, "Busy polling") for at most
+    that much CPU per call. None (the default) reads ``KVSTORE_BUSY_POLL_US``
+    (unset: 50); 0 turns it off.
     """
 
     #: Get streams read on the calling thread; False gives grpc's default, a
@@ -103,10 +112,12 @@ class Client(ClientBase):
 
     def __init__(self, target: str = DEFAULT_TARGET, *, aio_put: bool = True,
                  unary_get: bool = True, data_plane: bool | str | None = None,
+                 busy_poll_us: int | None = None,
                  **settings: Unpack[ClientSettings]) -> None:
         self._want_aio_put = aio_put
         self._unary_get = unary_get
         self._data_plane_mode = data_plane_mode(data_plane)
+        self.busy_poll_us = busy_poll_setting(busy_poll_us)
         if settings.get("metadata") is not None and self._data_plane_mode != "off":
             # Frames carry no per-call metadata (the server's interceptors and
             # policy read it on gRPC calls): such a client keeps to gRPC.
@@ -142,7 +153,8 @@ class Client(ClientBase):
         self._data_plane: DataPlane | None = None
         if self._data_plane_mode != "off":
             self._data_plane = DataPlane(self._data_plane_mode, ch, self._grpc_target,
-                                         self.target, self._metadata, self.timeout, self.tls)
+                                         self.target, self._metadata, self.timeout, self.tls,
+                                         self.busy_poll_us)
         self._put_rpc = ch.stream_unary(
             conv.PUT, request_serializer=conv.identity,
             response_deserializer=conv.decode_put_response,

@@ -1,0 +1,37 @@
+"""Busy polling a socket for an answer that is about to arrive: the
+pure-Python specification of the native ``wait_readable`` (kvstore/_impl.py
+chooses one).
+
+Why spin at all: a thread that sleeps in ``recv`` while its answer is tens
+of microseconds away is woken by the kernel when the answer lands, and on a
+virtual machine waking a halted vCPU costs an inter-processor interrupt and
+a VM exit each way, ~40 µs measured here (docs/performance.md, "Busy
+polling"): a fifth of a 1 MiB shared-memory Get. A thread that polls instead
+keeps its vCPU running, so the answer needs no wake-up. The SDK spins only
+for a bounded time per answer (``busy_poll_us``), then sleeps as before: the
+cost is at most that much client CPU per call.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+
+
+def wait_readable(fd: int, spin_ns: int) -> bool:
+    """Poll ``fd`` with a zero timeout until it is readable (or has an error
+    or hang-up, which the caller's receive then reports) or ``spin_ns``
+    nanoseconds have passed. True when it became ready, False when the time
+    ran out (the caller then waits in the kernel as usual)."""
+    if fd < 0:
+        raise ValueError(f"not an open file descriptor: {fd}")
+    if spin_ns <= 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic_ns() + spin_ns
+    while True:
+        if poller.poll(0):
+            return True
+        if time.monotonic_ns() >= deadline:
+            return False

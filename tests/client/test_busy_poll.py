@@ -1,0 +1,174 @@
+"""The data plane's busy poll (``busy_poll_us``): the native
+``wait_readable`` against its specification (kvstore/_spin.py), the client
+option and its environment variable, and calls answered while polled for,
+against a real server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from serverproc import ServerProcess
+
+from kvstore import Client, _impl, _spin
+from kvstore.client.shm import ShmClient
+from kvstore.errors import InvalidArgument
+
+WaitReadable = Callable[[int, int], bool]
+
+IMPLEMENTATIONS: dict[str, WaitReadable | None] = {
+    "spec": _spin.wait_readable,
+    "native": _impl.native.wait_readable if _impl.native is not None else None,
+}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def wait_readable(request: pytest.FixtureRequest) -> WaitReadable:
+    fn = IMPLEMENTATIONS[request.param]
+    if fn is None:
+        pytest.skip("KVSTORE_PURE=1: no native module")
+    return fn
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_ready_at_once_when_bytes_are_waiting(wait_readable: WaitReadable,
+                                              pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    b.send(b"x")
+    assert wait_readable(a.fileno(), 10**9) is True
+    assert a.recv(1) == b"x"  # the poll consumed nothing
+
+
+def test_gives_up_after_its_time(wait_readable: WaitReadable,
+                                 pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _ = pair
+    start = time.monotonic_ns()
+    assert wait_readable(a.fileno(), 2_000_000) is False
+    assert time.monotonic_ns() - start >= 2_000_000
+
+
+def test_no_time_no_poll(wait_readable: WaitReadable,
+                         pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    b.send(b"x")
+    assert wait_readable(a.fileno(), 0) is False  # 0: off, even with bytes waiting
+
+
+def test_a_closed_peer_ends_the_poll(wait_readable: WaitReadable,
+                                     pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    b.close()
+    assert wait_readable(a.fileno(), 10**9) is True  # the receive then reports it
+    assert a.recv(1) == b""
+
+
+def test_a_bad_descriptor_is_refused(wait_readable: WaitReadable) -> None:
+    with pytest.raises(ValueError, match="file descriptor"):
+        wait_readable(-1, 1000)
+
+
+def test_native_poll_lets_other_threads_run(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The native poll releases the GIL: the thread that answers is Python
+    code, and the poll (20 s at most) sees its answer."""
+    native = IMPLEMENTATIONS["native"]
+    if native is None:
+        pytest.skip("KVSTORE_PURE=1: no native module")
+    a, b = pair
+    got: list[bool] = []
+    poller = threading.Thread(target=lambda: got.append(native(a.fileno(), 20 * 10**9)))
+    start = time.monotonic()
+    poller.start()
+    total = sum(i * i for i in range(200_000))  # Python work while it polls
+    b.send(total.to_bytes(16, "little"))
+    poller.join(30)
+    assert got == [True]
+    assert time.monotonic() - start < 15
+
+
+# -- the client option -----------------------------------------------------------------
+
+
+def test_default_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVSTORE_BUSY_POLL_US", raising=False)
+    assert Client("127.0.0.1:1", data_plane=False).busy_poll_us == 50
+    monkeypatch.setenv("KVSTORE_BUSY_POLL_US", "0")
+    assert Client("127.0.0.1:1", data_plane=False).busy_poll_us == 0
+    monkeypatch.setenv("KVSTORE_BUSY_POLL_US", " 200 ")
+    assert Client("127.0.0.1:1", data_plane=False).busy_poll_us == 200
+    # The argument wins over the environment.
+    assert Client("127.0.0.1:1", data_plane=False, busy_poll_us=7).busy_poll_us == 7
+
+
+@pytest.mark.parametrize("value", [-1, 10_001, 1.5, True, "50"])
+def test_bad_values_are_refused(value: object) -> None:
+    with pytest.raises(InvalidArgument, match=r"busy_poll_us must be a whole number of "
+                                               r"microseconds from 0 to 10000"):
+        Client("127.0.0.1:1", busy_poll_us=value)  # type: ignore[arg-type]
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSTORE_BUSY_POLL_US", "fast")
+    with pytest.raises(InvalidArgument, match=r"not 'fast' \(from \$KVSTORE_BUSY_POLL_US\)"):
+        Client("127.0.0.1:1")
+
+
+# -- against a server ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp: Path = tmp_path_factory.mktemp("busy-poll")
+    server = ServerProcess(tmp, "--l1-shm-path", f"/dev/shm/kvstore-busy-poll-{os.getpid()}",
+                           l1_capacity="64MiB")
+    with server:
+        yield server
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_answers_arrive_while_polled_for(shm_server: ServerProcess, transport: str) -> None:
+    """With a poll long enough for a loaded machine (10 ms), small Gets and
+    Lookups are answered while the call polls; with 0 no call polls. Either
+    way the answers are the same."""
+    blocks = {f"k{i}".encode(): os.urandom(4096 + i) for i in range(8)}
+    polled = {}
+    for busy in (0, 10_000):
+        with Client(shm_server.tcp, namespace="default", data_plane=transport,
+                    busy_poll_us=busy) as c:
+            c.put(blocks)
+            for _ in range(5):
+                assert c.get(list(blocks)) == list(blocks.values())
+                assert c.lookup([*blocks, b"none"]).found == 8
+            bufs = [bytearray(8192)]
+            assert c.get_into([b"k3"], bufs) == [4099]
+            assert bytes(bufs[0][:4099]) == blocks[b"k3"]
+            assert c.data_plane_calls > 0
+            dp = c._data_plane
+            assert dp is not None
+            polled[busy] = dp.polled
+    assert polled[0] == 0
+    assert polled[10_000] >= 1
+
+
+def test_shm_client_polls_for_its_leases(shm_server: ServerProcess) -> None:
+    blob = os.urandom(1 << 20)
+    with ShmClient(shm_server.unix_target, namespace="default", busy_poll_us=10_000) as c:
+        c.put({b"big": blob})
+        buf = bytearray(1 << 20)
+        for _ in range(5):
+            assert c.get_into([b"big"], [buf]) == [1 << 20]
+        assert bytes(buf) == blob
+        dp = c._data_plane
+        assert dp is not None
+        assert dp.polled >= 1
