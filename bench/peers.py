@@ -69,7 +69,8 @@ BASE_SYSTEMS = ["raw-tcp", "raw-unix", "memcpy"]
 # when named with --systems): grpc's sync Put stream, and shared-memory Gets
 # with a ShmRelease per call and ordinary (cached) stores in the copies.
 OLD_SYSTEMS = ["kvstore-tcp-syncput", "kvstore-shm-2rpc", "kvstore-tcp-stream",
-               "kvstore-unix-stream", "kvstore-tcp-threaded"]
+               "kvstore-unix-stream", "kvstore-tcp-threaded", "kvstore-dp-tcp-nopoll",
+               "kvstore-dp-unix-nopoll", "kvstore-dp-shm-nopoll"]
 DEFAULT_SYSTEMS = KV_SYSTEMS + REDIS_SYSTEMS + BASE_SYSTEMS
 ALL_SYSTEMS = DEFAULT_SYSTEMS + OLD_SYSTEMS + MOONCAKE_SYSTEMS
 
@@ -79,15 +80,17 @@ API = {
                               "with sendmsg, no join), ack=memory",
                        "get": "Client.get_into(keys, buffers) — one GET frame exchange, "
                               "each block received with recv_into straight into the reused "
-                              "pre-faulted numpy buffers"},
+                              "pre-faulted numpy buffers; an answer to a small-block Get is "
+                              "busy-polled for (busy_poll_us, 50 µs by default)"},
     "kvstore-dp-unix": {"put": "Client.put (as kvstore-dp-tcp, over the data plane's unix "
                                "socket)",
                         "get": "Client.get_into (as kvstore-dp-tcp, over the data plane's "
                                "unix socket)"},
     "kvstore-dp-shm": {"put": "ShmClient.put: reserve and commit frames on the data plane's "
                               "unix socket, copy+CRC32C into the mapped arena between them",
-                       "get": "ShmClient.get_into: acquire frame, copy+CRC32C out of the "
-                              "arena into reused buffers, release frame"},
+                       "get": "ShmClient.get_into: acquire frame (its answer busy-polled "
+                              "for, busy_poll_us), copy+CRC32C out of the arena into reused "
+                              "buffers, release on the next acquire"},
     "kvstore-tcp": {"put": "Client(data_plane=False).put([(key, view)] * batch) — one Put "
                            "stream, ack=memory",
                     "get": "Client(data_plane=False).get_into(keys, buffers) — GetSmall or "
@@ -115,6 +118,13 @@ API = {
     "kvstore-tcp-threaded": {"put": "Client.put (as kvstore-tcp)",
                              "get": "Client(unary_get=False) with grpc's thread per Get "
                                     "stream (the path at 41b62fd)"},
+    "kvstore-dp-tcp-nopoll": {"put": "Client(busy_poll_us=0).put (as kvstore-dp-tcp, no busy "
+                                     "poll: the path before it)",
+                              "get": "Client(busy_poll_us=0).get_into (as kvstore-dp-tcp)"},
+    "kvstore-dp-unix-nopoll": {"put": "Client(busy_poll_us=0).put (as kvstore-dp-unix)",
+                               "get": "Client(busy_poll_us=0).get_into (as kvstore-dp-unix)"},
+    "kvstore-dp-shm-nopoll": {"put": "ShmClient(busy_poll_us=0).put (as kvstore-dp-shm)",
+                              "get": "ShmClient(busy_poll_us=0).get_into (as kvstore-dp-shm)"},
     "redis-tcp": {"put": "MSET of the batch (redis-py, hiredis)",
                   "get": "MGET of the batch → new bytes objects (redis-py has no read-into "
                          "API; not copied further, which favours Redis)"},
@@ -143,7 +153,18 @@ TRANSPORT_PEERS = {  # kvstore system -> (Redis on the same transport, raw basel
     "kvstore-tcp-stream": ("redis-tcp", "raw-tcp"),
     "kvstore-unix-stream": ("redis-unix", "raw-unix"),
     "kvstore-tcp-threaded": ("redis-tcp", "raw-tcp"),
+    "kvstore-dp-tcp-nopoll": ("redis-tcp", "raw-tcp"),
+    "kvstore-dp-unix-nopoll": ("redis-unix", "raw-unix"),
+    "kvstore-dp-shm-nopoll": ("redis-unix", "memcpy"),
 }
+
+
+def _busy_poll_us() -> int:
+    """The SDK's busy poll for the data-plane systems (KVSTORE_BUSY_POLL_US
+    or its default; the -nopoll systems use 0)."""
+    from kvstore.client.dataplane import busy_poll_setting
+
+    return busy_poll_setting(None)
 
 
 def _fmt_size(n: int) -> str:
@@ -333,7 +354,8 @@ def _ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if ("mooncake-tcp", op, block, clients, batch) in by:
             row["vs_mooncake_tcp"] = ratio("mooncake-tcp")
         row["raw_baseline"] = raw
-        if system in ("kvstore-shm", "kvstore-shm-2rpc", "kvstore-dp-shm"):
+        if system in ("kvstore-shm", "kvstore-shm-2rpc", "kvstore-dp-shm",
+                      "kvstore-dp-shm-nopoll"):
             peers = [by[(s, op, block, clients, batch)] for s in
                      ("kvstore-tcp", "kvstore-unix", "kvstore-dp-tcp", "kvstore-dp-unix",
                       *REDIS_SYSTEMS)
@@ -654,6 +676,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                      "all threads, ns) and client processes (getrusage RUSAGE_SELF, all "
                      "threads) summed",
             "malloc_tuning": os.environ.get("KVSTORE_MALLOC_TUNING", "1") != "0",
+            "busy_poll_us": _busy_poll_us(),
         },
         "notes": notes,
         "results": results,

@@ -61,19 +61,22 @@ class Worker:
         if c is not None:
             return c
         cfg = self.cfg
-        if system in ("kvstore-dp-tcp", "kvstore-dp-unix"):
+        # The -nopoll variants: the same clients without the busy poll (the
+        # path before it), for same-run comparisons.
+        busy = {"busy_poll_us": 0} if system.endswith("-nopoll") else {}
+        if system.removesuffix("-nopoll") in ("kvstore-dp-tcp", "kvstore-dp-unix"):
             from kvstore import Client
 
             # The transport named, not the one the client would pick (on this
             # host, the unix socket).
-            transport = "tcp" if system == "kvstore-dp-tcp" else "unix"
+            transport = "tcp" if system.startswith("kvstore-dp-tcp") else "unix"
             target = cfg["kv_tcp"] if transport == "tcp" else cfg["kv_unix"]
-            c = Client(target, namespace="bench", timeout=300, data_plane=transport)
+            c = Client(target, namespace="bench", timeout=300, data_plane=transport, **busy)
             _require_data_plane(c, system)
-        elif system == "kvstore-dp-shm":
+        elif system.removesuffix("-nopoll") == "kvstore-dp-shm":
             from kvstore.client.shm import ShmClient
 
-            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300)
+            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300, **busy)
             _require_data_plane(c, system)
         elif system == "kvstore-tcp":
             from kvstore import Client

@@ -5,6 +5,7 @@ JSON shape, and proof that the kvstore-dp-* cells measured the data plane
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(120)
 def test_peers_tiny_with_the_data_plane(tmp_path: Path) -> None:
     systems = ["kvstore-dp-tcp", "kvstore-dp-unix", "kvstore-dp-shm", "kvstore-tcp", "raw-tcp",
-               "memcpy"]
+               "memcpy", "kvstore-dp-shm-nopoll"]
     out = tmp_path / "peers.json"
     proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
                            "--bytes-per-round", "8MiB", "--sizes", "4KiB", "1MiB",
                            "--per-call", "1", "8", "--systems", *systems, "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+                          cwd=ROOT, capture_output=True, text=True, timeout=110,
+                          env={k: v for k, v in os.environ.items()
+                               if k != "KVSTORE_BUSY_POLL_US"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     cells = {(r["system"], r["op"], r["block_bytes"], r["batch_blocks"]) for r in doc["results"]}
@@ -31,9 +34,13 @@ def test_peers_tiny_with_the_data_plane(tmp_path: Path) -> None:
     for r in doc["results"]:
         assert r["gbps"] > 0 and set(r["cpu_s_per_gb"]) == {"server", "client"}
     assert "data_plane=False" in doc["meta"]["apis"]["kvstore-tcp"]["get"]
+    # The busy poll the data-plane systems ran with; the -nopoll one without.
+    assert doc["meta"]["busy_poll_us"] == 50
+    assert "busy_poll_us=0" in doc["meta"]["apis"]["kvstore-dp-shm-nopoll"]["get"]
     ratios = {(r["system"], r["op"], r["per_call"]): r for r in doc["ratios"]}
     assert ratios[("kvstore-dp-tcp", "get", 8)]["raw_baseline"] == "raw-tcp"
     assert ratios[("kvstore-dp-shm", "get", 1)]["raw_baseline"] == "memcpy"
+    assert ratios[("kvstore-dp-shm-nopoll", "get", 1)]["raw_baseline"] == "memcpy"
     targets = [t["target"] for t in doc["targets"]]
     assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call: CPU s/GB") for t in targets)
     assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call, 1 client >= 0.7x raw-tcp")
