@@ -146,7 +146,7 @@ class Placement(Part):
         entry.generation = next(self._generations)
         index.blocks[block] = entry
         if self.has_l2:
-            index.set_dirty(entry, True)
+            index.set_dirty(entry, True, block)
         self.stats.puts += 1
         if self._l1_limit is not None:
             self._own(block, entry)
@@ -176,7 +176,7 @@ class Placement(Part):
         self.index.set_l1(entry, offset)
         entry.generation = next(self._generations)
         if self.has_l2 and not entry.l2:
-            self.index.set_dirty(entry, True)
+            self.index.set_dirty(entry, True, block)
         self._l1_counters.promotions += 1
         if self._l1_limit is not None:
             self._own(block, entry)

@@ -109,26 +109,28 @@ class WriteBack(Part):
         return self.queue_write(block, entry, want_future=ack >= AckLevel.LOCAL)
 
     def clean_ahead(self) -> None:
-        """Write-back: queue L2 writes for the dirty blocks next in line for
-        eviction, so that eviction rarely waits for the disk."""
-        excess = self.index.dirty_bytes - self.dirty_limit
+        """Write-back: queue L2 writes for the oldest dirty blocks, so that
+        eviction rarely waits for the disk: dirty bytes are kept at most
+        ``dirty_limit`` (the rest of L1 is free or already in L2).
+
+        Oldest first, not the policy's victim order: finding the dirty blocks
+        in that order meant walking past every clean block at its head on
+        every Put (O(L1 blocks) per Put, measured: 105 M steps for 40 k Puts
+        of 4 KiB into 64 MiB), while a block's age is what makes it likely
+        to be a victim soon. A victim still dirty is written when evicted."""
+        index = self.index
+        excess = index.dirty_bytes - self.dirty_limit
         if excess <= 0:
             return
-        queued = 0
-        blocks = self.index.blocks
         picked: list[tuple[BlockId, Entry]] = []
-
-        def pick(block: BlockId) -> bool:
-            nonlocal queued
-            entry = blocks.get(block)
-            if entry is not None and entry.dirty and not entry.dead:
-                picked.append((block, entry))
-                queued += entry.size
-            return queued >= excess  # True ends the scan
-
-        self.policy.victim(TierName.L1, self.clock(), pick)
-        # Queued after the scan: a write may drop a corrupt block, which
-        # changes the policy's order the scan walks.
+        queued = 0
+        for block, entry in index.dirty_order.values():
+            if queued >= excess:
+                break
+            picked.append((block, entry))
+            queued += entry.size
+        # Queued after the walk: a write clears the entry's dirty mark (and may
+        # drop a corrupt copy), which changes the order walked.
         for block, entry in picked:
             self.queue_write(block, entry)
 
@@ -172,7 +174,7 @@ class WriteBack(Part):
             elif error is not None:
                 log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
                 if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
-                    index.set_dirty(entry, True)
+                    index.set_dirty(entry, True, block)
             index.free_if_dead(entry)
             self.progress.wake()
             if fut is not None and not fut.done():
