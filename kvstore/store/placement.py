@@ -34,6 +34,9 @@ _VERIFY_INLINE_BYTES = 256 * 1024
 # quota.l1: how long a Put waits for an over-quota namespace's blocks to
 # become evictable (their L2 write-back) before evicting by the policy's choice.
 QUOTA_WAIT_SECONDS = 1.0
+#: Victims one reservation sends to L2 before it waits for their writes
+#: (write-back: a dirty victim is written before it leaves L1).
+DEMOTE_BATCH = 32
 
 
 class Placement(Part):
@@ -91,11 +94,21 @@ class Placement(Part):
         back (:meth:`release`)."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
+        writing = 0  # victims this call queued for their L2 write (write-back)
         while True:
             offset = self.l1.reserve(size)
             if offset >= 0:
                 self.open_writers += 1
                 return offset
+            if writing >= DEMOTE_BATCH:
+                # Enough victims are on their way to L2: wait for their writes
+                # rather than queue the whole of L1 (each further victim search
+                # walks past every block being written, holding the GIL the
+                # writer needs: quadratic, measured 30 s and a failed Put).
+                writing = 0
+                if not await self.progress.wait(deadline):
+                    raise self._full(size)
+                continue
             victim = None
             if self._l1_limit is not None:
                 victim, blocked = self._quota_victim()
@@ -107,15 +120,19 @@ class Placement(Part):
             if victim is None:
                 victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
             if victim is not None:
-                self._evict(victim[0], victim[1])
+                if not self._evict(victim[0], victim[1]):
+                    writing += 1
                 continue
             busy = self.open_writers > 0 or self.index.busy_pins > 0
             if not busy or not await self.progress.wait(deadline):
-                raise CapacityExhausted(
-                    f"L1 is full: no room for a {size}-byte block "
-                    f"({self.l1.used_bytes} of {self.l1.capacity} bytes in use, "
-                    "the rest leased or in use)"
-                )
+                raise self._full(size)
+
+    def _full(self, size: int) -> CapacityExhausted:
+        return CapacityExhausted(
+            f"L1 is full: no room for a {size}-byte block "
+            f"({self.l1.used_bytes} of {self.l1.capacity} bytes in use, "
+            "the rest leased or in use)"
+        )
 
     def release(self, offset: int, size: int) -> None:
         self.open_writers -= 1
@@ -228,17 +245,19 @@ class Placement(Part):
         now = self.clock()
         return not entry.pinned and entry.lease_until <= now and entry.pin_until <= now
 
-    def _evict(self, block: BlockId, action: Action) -> None:
+    def _evict(self, block: BlockId, action: Action) -> bool:
+        """Evict ``block`` from L1: False when it must first be written to L2
+        (its write is queued; it leaves at a later eviction), else True."""
         index = self.index
         entry = index.blocks.get(block)
         if entry is None or entry.l1_offset < 0:
             self.policy.on_remove(TierName.L1, block)
-            return
+            return True
         if action is Action.DEMOTE and self.has_l2 and not entry.l2:
             # Not in L2 yet: write it first; it stays pinned until written.
             if entry.dirty:
                 self.queue_l2_write(block, entry)
-            return
+            return False
         index.set_dirty(entry, False)
         self.l1.release(entry.l1_offset, entry.size)
         index.set_l1(entry, -1)
@@ -255,6 +274,7 @@ class Placement(Part):
                 index.cool(block, entry)
         else:
             index.forget(block, entry)
+        return True
 
 
 class NamespaceL1:

@@ -50,7 +50,7 @@ async def drained(store: TieredStore, timeout: float = 30.0) -> None:
 
 
 def key(i: int) -> bytes:
-    return f"block-{i:04d}".encode()
+    return f"block-{i:05d}".encode()
 
 
 def test_the_oldest_dirty_blocks_are_written_each_once(tmp_path: Path) -> None:
@@ -113,6 +113,37 @@ def test_past_l1_every_block_is_written_once_and_none_is_lost(tmp_path: Path) ->
         await store.start()
         for i in range(0, n, 7):
             assert await store.get_bytes("ns", key(i)) == bytes([i % 251]) * BLOCK, i
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_puts_faster_than_the_writer_wait_for_it_and_never_fail(tmp_path: Path) -> None:
+    """Memory-acknowledged Puts with no pause for the writer (no await that
+    yields between them), three times L1: each Put that finds L1 full of
+    blocks not yet in L2 sends a batch of victims to L2 and waits for their
+    writes. It used to send the whole of L1, walking past every block being
+    written at each further victim search (quadratic, holding the GIL the
+    writer needs): with 16 MiB of 4 KiB blocks, 8 M checks and Puts failing
+    with "L1 is full" once the 30 s wait ran out."""
+    async def go() -> None:
+        store = TieredStore(config(tmp_path, KVSTORE_L1_CAPACITY="16MiB"))
+        await store.start()
+        checks = 0
+        evictable = store.placement._evictable
+
+        def counting(block: Any) -> bool:
+            nonlocal checks
+            checks += 1
+            return evictable(block)
+
+        store.placement._evictable = counting  # type: ignore[method-assign]
+        n = 3 * 4096
+        for i in range(n):
+            await store.put_bytes("ns", key(i), i.to_bytes(4, "little") * 1024, AckLevel.MEMORY)
+        assert checks < 40 * n, checks
+        for i in range(0, n, 97):
+            assert await store.get_bytes("ns", key(i)) == i.to_bytes(4, "little") * 1024
         await store.close()
 
     asyncio.run(go())
