@@ -77,6 +77,7 @@ from kvstore.client._common import (
     DEFAULT_TARGET,
     Blocks,
     PutResult,
+    block_view,
     check_session_id,
     normalize_blocks,
     normalize_buffers,
@@ -642,6 +643,12 @@ class ShmClient(Client):
 
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
+        if type(keys) is list and len(keys) == 1 and len(buffers) == 1:
+            # One small chunk per call (how engines ask): inline, by the
+            # sync client's one-key path, which checks the key and buffer.
+            view = block_view(buffers[0], 0, writable=True)
+            if len(view) <= self.inline_get_bytes and self._inline(namespace):
+                return super().get_into(keys, [view], namespace=namespace)
         key_list = normalize_keys(keys)
         views = normalize_buffers(buffers, len(key_list))
         if views and max(len(v) for v in views) <= self.inline_get_bytes and \

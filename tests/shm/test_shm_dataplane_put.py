@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import kvstore.client.shm as shm_module
@@ -26,7 +27,7 @@ from kvstore import Client
 from kvstore.client.dataplane import Connection
 from kvstore.client.shm import ShmClient
 from kvstore.dataplane.frames import FLAG_SHM_NEXT, Op
-from kvstore.errors import CorruptBlock, StaleLease
+from kvstore.errors import CorruptBlock, InvalidArgument, InvalidKey, StaleLease
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is the kvstore[metrics] extra")
 
@@ -255,3 +256,27 @@ def test_small_gets_come_inline_and_large_ones_through_shared_memory(
         assert c.get([b"s"]) == [block(3, 4096)] and len(frames_sent) == 1  # inline
         assert c.get([b"l"]) == [block(4, MiB)] and len(frames_sent) == 1  # inline: hint small
         assert c.get([b"l"]) == [block(4, MiB)] and len(frames_sent) == 2  # leased again
+
+
+def test_one_small_key_inline_answers_like_the_general_path(
+        server, frames_sent) -> None:  # type: ignore[no-untyped-def]
+    """get_into of one key into one small buffer (the engines' call) takes
+    the inline one-key path: a miss, a buffer too small for its block and a
+    bad key answer as for several keys, and the buffer kinds all work."""
+    with ShmClient(server.unix_target, namespace="a", timeout=30) as c:
+        c.put({b"one": block(5, 3000)})
+        assert c.get_into([b"one"], [bytearray(4096)]) == [3000]  # the first one leases
+        frames_sent.clear()
+        for buf in (bytearray(4096), memoryview(bytearray(4096)), np.zeros(4096, np.uint8)):
+            assert c.get_into([b"one"], [buf]) == [3000]
+            assert bytes(memoryview(buf)[:3000]) == block(5, 3000)
+        assert c.get_into([b"none"], [bytearray(10)]) == [None]
+        assert frames_sent == []  # all inline
+        with pytest.raises(InvalidArgument, match="buffer #0 is 100 bytes but key #0 holds a "
+                                                  "block of 3000 bytes"):
+            c.get_into([b"one"], [bytearray(100)])
+        with pytest.raises(InvalidKey):
+            c.get_into([b""], [bytearray(10)])
+        with pytest.raises(InvalidArgument, match="buffer #0 is read-only"):
+            c.get_into([b"one"], [bytes(4096)])
+        assert c.get_into([b"one", b"none"], [bytearray(4096), bytearray(4096)]) == [3000, None]
