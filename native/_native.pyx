@@ -709,12 +709,28 @@ cdef extern from "<poll.h>" nogil:
     int poll(pollfd *fds, unsigned long nfds, int timeout)
     enum: POLLIN
 
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
 cdef extern from "<time.h>" nogil:
     cdef struct timespec:
         long tv_sec
         long tv_nsec
     int clock_gettime(int clk_id, timespec *tp)
     enum: CLOCK_MONOTONIC
+
+
+cdef int kv_spin_yield = 1
+
+
+def _spin_yield(on=None):
+    """Whether the busy poll yields the CPU between polls (tests and
+    benchmarks only); set it with ``on``. Returns the previous setting."""
+    global kv_spin_yield
+    old = bool(kv_spin_yield)
+    if on is not None:
+        kv_spin_yield = 1 if on else 0
+    return old
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -727,8 +743,9 @@ def wait_readable(int fd, long long spin_ns):
     """kvstore._spin.wait_readable (the specification): poll ``fd`` with a
     zero timeout, the GIL released, until it is readable (or has an error or
     hang-up, which the caller's receive then reports) or ``spin_ns``
-    nanoseconds have passed. True when it became ready, False when the time
-    ran out (the caller then waits in the kernel as usual)."""
+    nanoseconds have passed, yielding the CPU between polls. True when it
+    became ready, False when the time ran out (the caller then waits in the
+    kernel as usual)."""
     cdef pollfd p
     cdef int ready = 0
     cdef long long deadline
@@ -745,4 +762,6 @@ def wait_readable(int fd, long long spin_ns):
             ready = poll(&p, 1, 0)
             if ready != 0 or _now_ns() >= deadline:
                 break
+            if kv_spin_yield:
+                sched_yield()
     return ready != 0

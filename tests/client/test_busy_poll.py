@@ -172,3 +172,20 @@ def test_shm_client_polls_for_its_leases(shm_server: ServerProcess) -> None:
         dp = c._data_plane
         assert dp is not None
         assert dp.polled >= 1
+
+
+def test_native_poll_without_yielding(pair: tuple[socket.socket, socket.socket]) -> None:
+    """The benchmarks' switch: polls back to back, same answers."""
+    native = _impl.native
+    if native is None:
+        pytest.skip("KVSTORE_PURE=1: no native module")
+    a, b = pair
+    old = native._spin_yield(False)
+    try:
+        assert old is True  # yielding is the default
+        assert native.wait_readable(a.fileno(), 1_000_000) is False
+        b.send(b"x")
+        assert native.wait_readable(a.fileno(), 10**9) is True
+    finally:
+        native._spin_yield(old)
+    assert native._spin_yield() is True
