@@ -90,6 +90,11 @@ _BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
 #: PUT or SHM_COMMIT (the server checks the bytes' checksum first: measured,
 #: polling saved nothing there and cost its CPU), nor a GET of a large block
 #: (see Connection._fill_exactly).
+#: Polls in a row that ran out before their answer after which a connection
+#: stops polling (its server is too far or too slow for the poll to pay), and
+#: how often it then tries one again.
+_POLL_GIVE_UP = 8
+_POLL_RETRY_EVERY = 64
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
                      int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE)})
 #: How long a call polls for its answer unless told otherwise (µs): more than
@@ -170,8 +175,10 @@ class Connection:
         self.busy_poll_ns = busy_poll_us * 1000
         # The request just sent has a quick answer: poll for it (see _POLLED).
         self._poll_next = False
-        #: Answers that arrived while polled for (proof the poll ran, for
-        #: tests and benchmarks; see DataPlane.polled).
+        self._poll_misses = 0  # polls in a row that ran out before the answer
+        #: Polls made, and answers that arrived while polled for (proof the
+        #: poll ran, for tests and benchmarks; see DataPlane.polled).
+        self.polls = 0
         self.polled = 0
         self.target = target
         self.timeout = timeout
@@ -290,8 +297,19 @@ class Connection:
         ``busy_poll_ns`` before the receive sleeps (see kvstore/_spin.py)."""
         if self.tls and self.sock.pending():  # type: ignore[attr-defined]
             return  # bytes already decrypted: the receive returns at once
+        misses = self._poll_misses
+        if misses >= _POLL_GIVE_UP:
+            # Answers keep coming later than the poll lasts (a remote server,
+            # a slow link): sleep at once, and try a poll again now and then.
+            self._poll_misses = misses + 1
+            if (misses - _POLL_GIVE_UP) % _POLL_RETRY_EVERY:
+                return
+        self.polls += 1
         if wait_readable(self._fd, self.busy_poll_ns):
             self.polled += 1
+            self._poll_misses = 0
+        elif misses < _POLL_GIVE_UP:
+            self._poll_misses = misses + 1
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:

@@ -16,7 +16,9 @@ import pytest
 from serverproc import ServerProcess
 
 from kvstore import Client, _impl, _spin
+from kvstore.client.dataplane import Connection
 from kvstore.client.shm import ShmClient
+from kvstore.dataplane.frames import HEADER_SIZE, RESPONSE, Op, decode_header, encode_header
 from kvstore.errors import InvalidArgument
 
 WaitReadable = Callable[[int, int], bool]
@@ -189,3 +191,44 @@ def test_native_poll_without_yielding(pair: tuple[socket.socket, socket.socket])
     finally:
         native._spin_yield(old)
     assert native._spin_yield() is True
+
+
+def _slow_ping_peer(sock: socket.socket, delays: list[float]) -> None:
+    """A peer that answers one PING per entry of ``delays``, each after that
+    many seconds (its think time: a far or slow server)."""
+    for delay in delays:
+        head = b""
+        while len(head) < HEADER_SIZE:
+            chunk = sock.recv(HEADER_SIZE - len(head))
+            if not chunk:
+                return
+            head += chunk
+        rid = decode_header(head).request_id
+        if delay:
+            time.sleep(delay)
+        sock.sendall(encode_header(Op.PING | RESPONSE, rid, 0))
+
+
+def test_a_connection_stops_polling_a_slow_server_and_tries_again(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Answers later than the poll: after 8 polls that ran out (and one more
+    try) the calls sleep at once; every 64th call polls again, and once an
+    answer comes within the poll, every call polls again."""
+    a, b = pair
+    slow, fast = 30, 100
+    peer = threading.Thread(target=_slow_ping_peer, args=(b, [0.015] * slow + [0.0] * fast))
+    peer.start()
+    try:
+        conn = Connection(a, "test-peer", 10.0, busy_poll_us=10_000)
+        for _ in range(slow):
+            assert conn.call(Op.PING, b"") == b""
+        assert conn.polled == 0
+        assert conn.polls == 9  # 8 in a row ran out, then one more try; then none
+        for _ in range(fast):
+            assert conn.call(Op.PING, b"") == b""
+        # Call 73 (the first after 64 calls without) polled, caught its answer
+        # and every later call polls again: 58 polls, all answered in time.
+        assert conn.polls == 9 + fast - (72 - slow)
+        assert conn.polled == conn.polls - 9
+    finally:
+        peer.join(30)
