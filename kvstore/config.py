@@ -253,6 +253,9 @@ class SessionPolicyConfig:
     duel_decay: float = opt(0.995, "per-request decay of the duel's hit counts", parse_float)
     duel_margin: float = opt(0.003, "share of the shadow's hits by which it must lead (plus "
                              "32 hits) before the policy falls back to LRU", parse_float)
+    duel_z: float = opt(2.0, "standard deviations of its decayed lead by which the shadow "
+                        "must lead too before the policy falls back to LRU (0: the margin "
+                        "alone)", parse_float)
     duel_warmup: int = opt(1000, "requests after the first tier fills before the duel may "
                            "fall back to LRU", parse_int)
     trust_back: int = opt(256, "in LRU fallback: the trust (pair votes) that returns to the "
@@ -570,7 +573,7 @@ def validate(config: Config) -> None:
 def validate_session_policy(sp: SessionPolicyConfig) -> None:
     if not 0.0 < sp.duel_decay <= 1.0:
         raise InvalidConfig("policy.session.duel_decay must be in (0, 1]")
-    for name in ("rerank_s", "duel_margin"):
+    for name in ("rerank_s", "duel_margin", "duel_z"):
         if getattr(sp, name) < 0.0:
             raise InvalidConfig(f"policy.session.{name} must be >= 0")
     for name in ("max_tools", "tool_min", "trust_limit", "pair_limit", "duel_warmup",

@@ -250,6 +250,7 @@ def test_fill_fast_path_makes_the_same_decisions() -> None:
         trace = _agent_trace(seed)
         for cap in (3, 12, 40):
             for kw in ({}, {"duel": False}, {"trust_limit": 4, "duel_margin": 0.0},
+                       {"duel_warmup": 0, "duel_z": 1.0},
                        {"max_streams": 3}, {"max_streams": 1, "duel": False}):
                 a = _replay(SessionPolicy([L1], **kw), trace, cap, fast=False)  # type: ignore[arg-type]
                 b = _replay(SessionPolicy([L1], **kw), trace, cap, fast=True)  # type: ignore[arg-type]
@@ -333,6 +334,43 @@ def test_duel_waits_out_the_warm_up() -> None:
     assert not p.lru_mode and p.stats["to_lru"] == 0
     for i in range(10):
         p.on_request(["x"], 60.0 + i, "s")
+    assert p.lru_mode and p.stats["to_lru"] == 1
+
+
+def _duel_run(duel_z: float, policy_hits: int, requests: int) -> SessionPolicy:
+    """A tier of 2 blocks, full from the start; then ``requests`` requests alternate: one
+    where only the shadow LRU hits (300 references of a block it holds, no Get follows) and
+    one where only this policy hits (``policy_hits`` Gets of a block it holds, on a request
+    the shadow misses). ``policy_hits`` = 300: a tie; 0: LRU serves every hit."""
+    p = SessionPolicy([L1], duel_warmup=0, duel_z=duel_z)
+    c = Cache(p, cap=2)
+    c.request("s", ["x", "y"], 0.0)
+    c.request("t", ["z"], 1.0)  # the tier is full: its size is known from here on
+    held = next(iter(c.res))
+    now = 2.0
+    for i in range(requests // 2):
+        p.on_request(["z"] * 300, now, "t")  # the shadow holds z (refreshed every time)
+        p.on_request([f"new{i}"], now + 0.5, "u")  # the shadow misses
+        if policy_hits:
+            p.on_hits(L1, [held] * policy_hits, now + 0.5, "s")
+        now += 1.0
+    return p
+
+
+def test_duel_ignores_a_near_tie() -> None:
+    """Requests where LRU serves more alternate with requests where this policy does, as
+    many hits either way: the shadow leads after every second request by more than the
+    margin, but never by more than ``duel_z`` standard deviations of its lead, so the
+    policy keeps its ranking (at high capacities such ties are the rule, and each LRU
+    episode cost hits). Without the significance test (``duel_z=0``) it falls back."""
+    assert _duel_run(3.0, 300, 400).stats["to_lru"] == 0
+    assert _duel_run(0.0, 300, 400).stats["to_lru"] >= 1
+
+
+def test_duel_still_falls_back_from_a_clearly_losing_ranking() -> None:
+    """When only the shadow LRU serves hits, request after request (hints that mislead),
+    the lead is many standard deviations within a few requests: LRU takes over."""
+    p = _duel_run(3.0, 0, 20)
     assert p.lru_mode and p.stats["to_lru"] == 1
 
 

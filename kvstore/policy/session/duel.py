@@ -8,6 +8,11 @@ LRU's choice. This is a ghost-LRU comparison limited to the decisions where the 
 Duel (first tier only): an LRU of the tier's size (learned: the number of blocks held when
 ``victim`` is called) replays the session requests; decayed hit counts of the shadow and of
 the policy decide when to fall back to LRU (``lru_mode``) and when to retry the ranking.
+The fallback needs a lead that is significant, not only above the margin: ``duel_z``
+standard deviations of the decayed lead, estimated from the decayed squares of the
+per-request differences. At high capacities the two are near a tie, the lead swings by a
+context's worth of blocks either way, and each LRU episode cost hits; a ranking that
+loses request after request (hints that mislead) gets there within a few requests.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class Duel:
         self.duel = cfg.duel
         self.duel_decay = cfg.duel_decay
         self.duel_margin = cfg.duel_margin
+        self._z2 = cfg.duel_z * cfg.duel_z
         self.trust_back = cfg.trust_back
         self.duel_retry = cfg.duel_retry  # > 0: in LRU mode, retry the ranking after this many
         self._lru_reqs = 0  # requests (0: only when the pair votes reach trust_back)
@@ -51,6 +57,7 @@ class Duel:
         self._own_hits = 0  # this policy's first-tier hits since the last request
         self._own_acc = 0.0
         self._sh_acc = 0.0
+        self._sq_acc = 0.0  # decayed sum of the squared per-request differences
         self._sh_pending = 0
         self.lru_mode = False
 
@@ -77,6 +84,17 @@ class Duel:
             other, _d = pairs.pop(old)
             pairs.pop(other, None)
 
+    def _significant(self, lead: float, d: float) -> bool:
+        """Whether the shadow's decayed lead exceeds ``duel_z`` standard deviations of it.
+
+        The per-request differences (shadow hits - own hits) are heavy-tailed: most are 0,
+        a few are a whole context. With weights d**age their variance is estimated as
+        (1 - d) * (sq - (1 - d) * lead**2), and the lead's as that / (1 - d**2), i.e.
+        (sq - (1 - d) * lead**2) / (1 + d); the test below is lead**2 > z**2 * that,
+        rearranged (no square root, no division)."""
+        z2 = self._z2
+        return lead * lead * (1.0 + d + z2 * (1.0 - d)) > z2 * self._sq_acc
+
     def _duel(self, blocks: Sequence[BlockId]) -> None:
         """Replay the request on the shadow LRU; update the decayed hit counts and the mode."""
         sh = self._shadow
@@ -98,8 +116,10 @@ class Duel:
                 pop(False)  # the least recently used
         # this policy's hits of the previous request are known now: compare like with like
         d = self.duel_decay
+        diff = self._sh_pending - self._own_hits
         self._own_acc = self._own_acc * d + self._own_hits
         self._sh_acc = self._sh_acc * d + self._sh_pending
+        self._sq_acc = self._sq_acc * d + diff * diff
         self._own_hits = 0
         self._sh_pending = h
         if not self.lru_mode:
@@ -107,7 +127,8 @@ class Duel:
                 self._duel_reqs += 1
             if self._duel_reqs <= self.duel_warmup:
                 return
-            if self._sh_acc - self._own_acc > self.duel_margin * self._sh_acc + 32.0:
+            lead = self._sh_acc - self._own_acc
+            if lead > self.duel_margin * self._sh_acc + 32.0 and self._significant(lead, d):
                 self.lru_mode = True  # LRU has been serving more hits lately
                 self.trust = 0
                 self._lru_reqs = 0

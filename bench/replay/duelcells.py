@@ -1,0 +1,117 @@
+"""Quick look at session-policy candidates on chosen cross-validation cells (issue 16/17).
+
+Replays only the session policy, on the cells of ``bench.replay.cv`` (folds 0-3, same
+workloads and capacities), and scores each fold against the LRU and Belady hit rates of an
+earlier ``cv-*.json`` (those do not depend on the policy), so a candidate costs one replay
+per cell instead of a full cross-validation run. A screening tool: the figures that count
+come from ``bench.replay.cv``.
+
+    .venv/bin/python -m bench.replay.duelcells --k 16 --pct 1 --hints engine \\
+        --cand base='{}' --cand z3='{"duel_z": 3}'
+    # the duel's per-request hit difference (shadow - policy), to study a switching rule
+    .venv/bin/python -m bench.replay.duelcells --k 16 --pct 1 --hints none \\
+        --cand never='{"duel_warmup": 1000000000}' --trace /tmp/d.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.replay import cv, sim
+from bench.replay.lab import session_config
+from bench.replay.workloads import agent_workload
+from kvstore.policy import SessionPolicy
+from kvstore.policy.session.duel import Duel
+from kvstore.types import TierName
+
+REF = "bench/replay/results/cv-c16-seed1.json"
+ROBUST_REF = "bench/replay/results/cv-after-dev-robust-allk.json"
+
+
+def reference_rates(path: str, k: int, seed: int, pct: float) -> dict[str, tuple[float, float]]:
+    """fold -> (LRU, Belady) hit rate of the cell in an earlier cv JSON."""
+    d = json.loads(Path(path).read_text())
+    out: dict[str, tuple[float, float]] = {}
+    for cells in d["cells"].values():
+        for c in cells:
+            if c["K"] == k and c["seed"] == seed and c["pct"] == pct:
+                out[str(c["fold"])] = (c["lru"], c["belady"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.replay.duelcells", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--pct", type=float, nargs="+", required=True)
+    ap.add_argument("--hints", default="engine", help="cv variant: engine, none, wrong30, ...")
+    ap.add_argument("--cand", action="append", default=[], help="LABEL=JSON session args")
+    ap.add_argument("--ref", default=REF, help="cv JSON with the cells' LRU/Belady rates")
+    ap.add_argument("--wrong-share", type=float, default=0.0,
+                    help="> 0: hints 'wrong' with this share replaced (a stress test; the "
+                         "cells' LRU/Belady do not depend on hints)")
+    ap.add_argument("--trace", default="", help="save the duel's per-request hits (numpy)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    cv.SESSIONS = cv.load_folds((0, 1, 2, 3))
+    hints, idle = cv.parse_variant(args.hints, cv.IDLE_END_S)
+    spec: cv.Spec = ((0, 1, 2, 3), args.k, args.seed, hints,
+                     idle if hints.startswith("ends") else 0.0)
+    if args.wrong_share:
+        sessions = [s for s in cv.SESSIONS if cv.fold_of(s.file) in spec[0]]
+        w = agent_workload(sessions, args.k, args.seed, "wrong", wrong_share=args.wrong_share,
+                           name="cv", group_of=lambda f: str(cv.fold_of(f)))
+    else:
+        w = cv.workload(spec)
+    print(f"workload K={args.k} seed={args.seed} {args.hints}: {w.n_unique} unique "
+          f"({time.time() - t0:.0f} s)", flush=True)
+    trace: list[tuple[int, int]] = []
+    if args.trace:
+        orig = Duel._duel
+
+        def traced(self: Any, blocks: Any) -> None:
+            trace.append((self._sh_pending, self._own_hits))
+            orig(self, blocks)
+        Duel._duel = traced  # type: ignore[method-assign]
+    for c in args.cand or ["defaults={}"]:
+        label, _, js = c.partition("=")
+        cfg = session_config("", js)
+        for pct in args.pct:
+            rates = reference_rates(args.ref, args.k, args.seed, pct)
+            pol = SessionPolicy([TierName.L1], cfg)
+            r = sim.simulate(w, pol, cv.capacity(w, pct))
+            parts = []
+            gaps = []
+            for g in sorted(k[5:] for k in r.extra if k.startswith("refs:")):
+                n, h = r.extra[f"refs:{g}"], r.extra[f"hits:{g}"]
+                if g not in rates:
+                    continue
+                lr, br = rates[g]
+                pr = h / n
+                gap = (pr - lr) / (br - lr)
+                gaps.append(gap)
+                parts.append(f"f{g} {gap * 100:5.1f} ({100 * (pr - lr):+.2f})")
+            whole = r.hits / r.refs
+            lr, br = rates.get("all", (0.0, 1.0))
+            stats = {k: v for k, v in pol.stats.items() if k in ("to_lru", "to_session")}
+            print(f"{label:>12} {pct:g}% hits={r.hits} whole {whole * 100:.2f} "
+                  f"gap {100 * (whole - lr) / (br - lr):5.1f} ({100 * (whole - lr):+.2f}) | "
+                  + " ".join(parts)
+                  + (f" | mean {100 * sum(gaps) / len(gaps):.1f} worst {100 * min(gaps):.1f}"
+                     if gaps else "")
+                  + f" | {stats} {r.refs / max(r.seconds, 1e-9) / 1e6:.2f}M/s", flush=True)
+            if args.trace:
+                import numpy as np
+                np.save(f"{args.trace}-{label}-{pct:g}.npy", np.array(trace, dtype=np.int64))
+                trace.clear()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
