@@ -100,15 +100,6 @@ class Placement(Part):
             if offset >= 0:
                 self.open_writers += 1
                 return offset
-            if writing >= DEMOTE_BATCH:
-                # Enough victims are on their way to L2: wait for their writes
-                # rather than queue the whole of L1 (each further victim search
-                # walks past every block being written, holding the GIL the
-                # writer needs: quadratic, measured 30 s and a failed Put).
-                writing = 0
-                if not await self.progress.wait(deadline):
-                    raise self._full(size)
-                continue
             victim = None
             if self._l1_limit is not None:
                 victim, blocked = self._quota_victim()
@@ -120,8 +111,16 @@ class Placement(Part):
             if victim is None:
                 victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
             if victim is not None:
-                if not self._evict(victim[0], victim[1]):
-                    writing += 1
+                if self._evict(victim[0], victim[1]):
+                    continue
+                writing += 1
+                if writing >= DEMOTE_BATCH and not await self.progress.wait(deadline):
+                    # Enough victims are on their way to L2: each further one
+                    # waits for a write to end, rather than queue the whole of
+                    # L1 (each victim search walks past every block being
+                    # written, holding the GIL the writer needs: quadratic,
+                    # measured 30 s and a failed Put).
+                    raise self._full(size)
                 continue
             busy = self.open_writers > 0 or self.index.busy_pins > 0
             if not busy or not await self.progress.wait(deadline):

@@ -52,6 +52,12 @@ class WriteBack(Part):
         self.write_always = config.l2.write_mode == "always"
         # Write-back keeps at most this many dirty bytes in L1.
         self.dirty_limit = int(config.l1.capacity * (1.0 - config.l2.clean_reserve))
+        # ... and cleans ahead at most this many bytes at a time: blocks being
+        # written are pinned, and an eviction that finds them at the head of
+        # the policy's order walks past each of them (so a writer slower than
+        # the Puts must not leave a quarter of L1 pinned there).
+        # (A block larger than that is still cleaned, alone.)
+        self.ahead_limit = max(1, (config.l1.capacity - self.dirty_limit) // 8)
         self.queued = 0  # bytes queued for the L2 writer
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
@@ -111,7 +117,8 @@ class WriteBack(Part):
     def clean_ahead(self) -> None:
         """Write-back: queue L2 writes for the oldest dirty blocks, so that
         eviction rarely waits for the disk: dirty bytes are kept at most
-        ``dirty_limit`` (the rest of L1 is free or already in L2).
+        ``dirty_limit`` (the rest of L1 is free or already in L2), with at
+        most ``ahead_limit`` bytes queued at a time.
 
         Oldest first, not the policy's victim order: finding the dirty blocks
         in that order meant walking past every clean block at its head on
@@ -119,7 +126,7 @@ class WriteBack(Part):
         of 4 KiB into 64 MiB), while a block's age is what makes it likely
         to be a victim soon. A victim still dirty is written when evicted."""
         index = self.index
-        excess = index.dirty_bytes - self.dirty_limit
+        excess = min(index.dirty_bytes - self.dirty_limit, self.ahead_limit - self.queued)
         if excess <= 0:
             return
         picked: list[tuple[BlockId, Entry]] = []

@@ -16,6 +16,7 @@ from kvstore.store import TieredStore
 from kvstore.types import AckLevel
 
 BLOCK = 8 * 1024
+BLOCK_4K = 4 * 1024
 
 
 def config(tmp_path: Path, **extra: str) -> Any:
@@ -80,7 +81,7 @@ def test_the_oldest_dirty_blocks_are_written_each_once(tmp_path: Path) -> None:
         store.policy.victim = counting_victim  # type: ignore[method-assign]
         for i in range(n_under, n_under + 16):
             await store.put_bytes("ns", key(i), bytes([i % 251]) * BLOCK, AckLevel.MEMORY)
-        await drained(store)
+            await drained(store)  # the writes settle between Puts (a server's loop turns)
         assert asked == 0
         assert writes == Counter({key(i): 1 for i in range(16)})
         assert store.index.dirty_bytes <= limit
@@ -120,28 +121,54 @@ def test_past_l1_every_block_is_written_once_and_none_is_lost(tmp_path: Path) ->
 
 def test_puts_faster_than_the_writer_wait_for_it_and_never_fail(tmp_path: Path) -> None:
     """Memory-acknowledged Puts with no pause for the writer (no await that
-    yields between them), three times L1: each Put that finds L1 full of
-    blocks not yet in L2 sends a batch of victims to L2 and waits for their
-    writes. It used to send the whole of L1, walking past every block being
-    written at each further victim search (quadratic, holding the GIL the
-    writer needs): with 16 MiB of 4 KiB blocks, 8 M checks and Puts failing
-    with "L1 is full" once the 30 s wait ran out."""
+    yields between them) and a slow disk, three times L1: a Put that finds L1
+    full of blocks not yet in L2 sends a few victims to L2 and waits for their
+    writes, and no victim search walks past more blocks than are being
+    written (clean-ahead's share plus one batch of victims). It used to send
+    the whole of L1, each further search walking past every block being
+    written (quadratic, holding the GIL the writer needs): with 16 MiB of 4 KiB
+    blocks, searches of 4,000 blocks and Puts failing with "L1 is full" once
+    the 30 s wait ran out."""
     async def go() -> None:
         store = TieredStore(config(tmp_path, KVSTORE_L1_CAPACITY="16MiB"))
         await store.start()
-        checks = 0
-        evictable = store.placement._evictable
+        assert store.writeback is not None and store.l2 is not None
+        walked = longest = 0
+        evictable, victim = store.placement._evictable, store.policy.victim
 
-        def counting(block: Any) -> bool:
-            nonlocal checks
-            checks += 1
+        def counting_evictable(block: Any) -> bool:
+            nonlocal walked
+            walked += 1
             return evictable(block)
 
-        store.placement._evictable = counting  # type: ignore[method-assign]
+        def measured_victim(*args: Any, **kwargs: Any) -> Any:
+            nonlocal walked, longest
+            walked = 0
+            try:
+                return victim(*args, **kwargs)
+            finally:
+                longest = max(longest, walked)
+
+        store.placement._evictable = counting_evictable  # type: ignore[method-assign]
+        store.policy.victim = measured_victim  # type: ignore[method-assign]
+        commit = store.l2._commit
+
+        def slow_commit(batch: Any) -> None:  # a slow disk: 2 ms more per commit
+            time.sleep(0.002)
+            commit(batch)
+
+        store.l2._commit = slow_commit  # type: ignore[method-assign]
         n = 3 * 4096
         for i in range(n):
             await store.put_bytes("ns", key(i), i.to_bytes(4, "little") * 1024, AckLevel.MEMORY)
-        assert checks < 40 * n, checks
+        ahead_blocks = getattr(store.writeback, "ahead_limit", 0) // BLOCK_4K
+        # Blocks being written: clean-ahead's at most ahead_limit (128 here),
+        # and the waiting reservation's victims (a batch, then one more per
+        # wake-up): measured 200-310, against all 4,096 blocks of L1 before
+        # and 2,119 with clean-ahead unbounded. A quarter of L1 leaves room
+        # for timing without letting the quadratic walk back in.
+        assert ahead_blocks == 128
+        assert longest <= 4096 // 4, longest
         for i in range(0, n, 97):
             assert await store.get_bytes("ns", key(i)) == i.to_bytes(4, "little") * 1024
         await store.close()
