@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _before(rate: float | None, lru: float, belady: float, now: float, refs: int) -> str:
+def _before(rate: float | None, lru: float, belady: float, now: float, refs: float) -> str:
     """"<before's gap closed> -> " ("==" instead of "->": the same hit rate; else the
     difference in hits, from the rates), or ""."""
     if rate is None:
