@@ -220,11 +220,11 @@ class Connection:
     # -- sending -----------------------------------------------------------------------
 
     def send(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
-             payload_len: int = 0) -> int:
-        """Send one request frame; returns its request id."""
+             payload_len: int = 0, flags: int = 0) -> int:
+        """Send one request frame (header ``flags``); returns its request id."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
         self._poll_next = self.busy_poll_ns > 0 and opcode in _POLLED
-        head = HEADER.pack(MAGIC, _VERSION, opcode, 0, rid, len(meta), payload_len) + meta
+        head = HEADER.pack(MAGIC, _VERSION, opcode, flags, rid, len(meta), payload_len) + meta
         try:
             if not payload:
                 self.sock.sendall(head)
@@ -545,16 +545,7 @@ class Connection:
     def call_flags(self, opcode: int, meta: bytes, flags: int = 0) -> tuple[int, bytes]:
         """One request without payload, sent with header ``flags``; the
         answer's flags and metadata."""
-        self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
-        self._poll_next = self.busy_poll_ns > 0 and opcode in _POLLED
-        try:
-            self.sock.sendall(frames.encode_header(opcode, rid, len(meta), 0, flags) + meta)
-        except (BlockingIOError, TimeoutError) as exc:
-            self.broken = True
-            raise self._deadline("sending") from exc
-        except OSError as exc:
-            self.broken = True
-            raise Dropped(f"sending: {exc}") from exc
+        rid = self.send(opcode, meta, flags=flags)
         op, got_flags, got_rid, payload_len, answer = self.head()
         self._check(op, got_flags, got_rid, rid, opcode, payload_len, answer)
         if payload_len:
