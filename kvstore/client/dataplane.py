@@ -87,16 +87,22 @@ _ENV = "KVSTORE_DATA_PLANE"
 _BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
 #: Requests whose answer is polled for (busy_poll_us): those the server
 #: answers in microseconds, often from the socket's readable callback. Not a
-#: PUT or SHM_COMMIT (the server checks the bytes' checksum first: measured,
-#: polling saved nothing there and cost its CPU), nor a GET of a large block
-#: (see Connection._fill_exactly).
+#: PUT (its bytes are still on their way to the server when the poll would
+#: start), nor a GET of a large block (see Connection._fill_exactly). An
+#: SHM_COMMIT is polled for longer (_COMMIT_POLL_NS_PER_BYTE).
 #: Polls in a row that ran out before their answer after which a connection
 #: stops polling (its server is too far or too slow for the poll to pay), and
 #: how often it then tries one again.
 _POLL_GIVE_UP = 8
 _POLL_RETRY_EVERY = 64
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
-                     int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE)})
+                     int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT)})
+#: An SHM_COMMIT's answer comes after the server has checked the CRC-32C of
+#: the committed bytes (~10 GB/s, so 0.1 ns a byte): its poll lasts
+#: busy_poll_us plus that. Measured (1 MiB shm Puts, server busy-polling):
+#: the commit's round trip 180-190 -> 135 µs; polling busy_poll_us alone
+#: ran out before the answer.
+_COMMIT_POLL_NS_PER_BYTE = 0.1
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
 DEFAULT_BUSY_POLL_US = 50
@@ -173,8 +179,9 @@ class Connection:
         self._fd = sock.fileno()
         #: Nanoseconds an answer is polled for before the receive sleeps.
         self.busy_poll_ns = busy_poll_us * 1000
-        # The request just sent has a quick answer: poll for it (see _POLLED).
-        self._poll_next = False
+        # The request just sent has a quick answer: poll for it this many ns
+        # (see _POLLED; 0: no poll).
+        self._poll_ns = 0
         self._poll_misses = 0  # polls in a row that ran out before the answer
         #: Polls made, and answers that arrived while polled for (proof the
         #: poll ran, for tests and benchmarks; see DataPlane.polled).
@@ -220,10 +227,16 @@ class Connection:
     # -- sending -----------------------------------------------------------------------
 
     def send(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
-             payload_len: int = 0, flags: int = 0) -> int:
-        """Send one request frame (header ``flags``); returns its request id."""
+             payload_len: int = 0, flags: int = 0, checked_bytes: int = 0) -> int:
+        """Send one request frame (header ``flags``); returns its request id.
+        ``checked_bytes``: bytes the server checksums before it answers (an
+        SHM_COMMIT's blocks), which lengthen the poll for the answer."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
-        self._poll_next = self.busy_poll_ns > 0 and opcode in _POLLED
+        poll = self.busy_poll_ns if opcode in _POLLED else 0
+        if poll and checked_bytes:
+            poll = min(poll + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
+                       MAX_BUSY_POLL_US * 1000)
+        self._poll_ns = poll
         head = HEADER.pack(MAGIC, _VERSION, opcode, flags, rid, len(meta), payload_len) + meta
         try:
             if not payload:
@@ -270,10 +283,10 @@ class Connection:
             else:
                 self._view[:have] = self._view[self._start : self._end]
             self._start, self._end = 0, have
-        if self._poll_next:
-            self._poll_next = False
+        if self._poll_ns:
             if self._end == self._start:
-                self._poll_answer()
+                self._poll_answer(self._poll_ns)
+            self._poll_ns = 0
         while self._end - self._start < n:
             got = self._recv_into(self._view[self._end :])
             self._end += got
@@ -288,13 +301,13 @@ class Connection:
             self._start, self._end = 0, have
         # No busy poll: a large block's answer is not due for a while (the
         # receive of its bytes sleeps anyway; a poll there only costs CPU).
-        self._poll_next = False
+        self._poll_ns = 0
         while self._end - self._start < n:
             self._end += self._recv_into(self._view[self._end : self._start + n])
 
-    def _poll_answer(self) -> None:
+    def _poll_answer(self, poll_ns: int) -> None:
         """Nothing buffered and an answer due: poll the socket for up to
-        ``busy_poll_ns`` before the receive sleeps (see kvstore/_spin.py)."""
+        ``poll_ns`` before the receive sleeps (see kvstore/_spin.py)."""
         if self.tls and self.sock.pending():  # type: ignore[attr-defined]
             return  # bytes already decrypted: the receive returns at once
         misses = self._poll_misses
@@ -305,7 +318,7 @@ class Connection:
             if (misses - _POLL_GIVE_UP) % _POLL_RETRY_EVERY:
                 return
         self.polls += 1
-        if wait_readable(self._fd, self.busy_poll_ns):
+        if wait_readable(self._fd, poll_ns):
             self.polled += 1
             self._poll_misses = 0
         elif misses < _POLL_GIVE_UP:
@@ -542,10 +555,11 @@ class Connection:
 
     # Added by dp-shm (issue 14, one round trip per shared-memory Put): the
     # shared-memory frames read and send header flags (FLAG_SHM_NEXT).
-    def call_flags(self, opcode: int, meta: bytes, flags: int = 0) -> tuple[int, bytes]:
+    def call_flags(self, opcode: int, meta: bytes, flags: int = 0,
+                   checked_bytes: int = 0) -> tuple[int, bytes]:
         """One request without payload, sent with header ``flags``; the
-        answer's flags and metadata."""
-        rid = self.send(opcode, meta, flags=flags)
+        answer's flags and metadata (``checked_bytes``: see :meth:`send`)."""
+        rid = self.send(opcode, meta, flags=flags, checked_bytes=checked_bytes)
         op, got_flags, got_rid, payload_len, answer = self.head()
         self._check(op, got_flags, got_rid, rid, opcode, payload_len, answer)
         if payload_len:

@@ -302,7 +302,8 @@ class ShmFrames:
                 [key if slot[4] else b"" for key, slot in zip(keys, slots, strict=True)],
                 sid, stock.wanted(ns, sizes))
             sent = time.monotonic()
-            _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT)
+            _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT,
+                                        checked_bytes=sum(sizes))
             done = frames.ShmCommitResult.decode(answer)
             if done.next_slots:
                 stock.add(ns, ((s[0], s[1], s[2]) for s in done.next_slots),

@@ -29,6 +29,7 @@ from kvstore.errors import InvalidConfig
 from kvstore.server import logs, metrics, preflight
 from kvstore.server.auth import Authorizer
 from kvstore.server.interceptor import ErrorInterceptor
+from kvstore.server.loop import loop_factory
 from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
@@ -311,4 +312,5 @@ async def serve(config: Config, ready_file: str | None = None) -> None:
 
 def run(config: Config, ready_file: str | None = None) -> None:
     logs.configure(config.log_format, os.environ.get("KVSTORE_LOG_LEVEL", "INFO"))
-    asyncio.run(serve(config, ready_file))
+    with asyncio.Runner(loop_factory=loop_factory(config.server.busy_poll_us)) as runner:
+        runner.run(serve(config, ready_file))

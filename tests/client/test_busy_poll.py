@@ -232,3 +232,19 @@ def test_a_connection_stops_polling_a_slow_server_and_tries_again(
         assert conn.polled == conn.polls - 9
     finally:
         peer.join(30)
+
+
+def test_shm_client_polls_for_its_commits(shm_server: ServerProcess) -> None:
+    """A shared-memory Put's commit (one frame, answered once the server has
+    checked the block's CRC-32C) is polled for too, longer by the block's
+    size; a Put on a stocked slot makes that its only frame."""
+    blob = os.urandom(1 << 20)
+    with ShmClient(shm_server.unix_target, namespace="default", busy_poll_us=10_000) as c:
+        c.put({b"c0": blob})  # reserve (or a stocked slot) and commit
+        dp = c._data_plane
+        assert dp is not None
+        before = dp.polled
+        for i in range(1, 4):
+            c.put({f"c{i}".encode(): blob})
+        assert dp.polled - before >= 3
+        assert c.get([b"c3"]) == [blob]
