@@ -85,9 +85,9 @@ def frames_sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
         return real_call(self, opcode, meta)
 
     def call_flags(self: Connection, opcode: int, meta: bytes,
-                   flags: int = 0) -> tuple[int, bytes]:
+                   flags: int = 0, checked_bytes: int = 0) -> tuple[int, bytes]:
         sent.append((int(opcode), flags))
-        return real_flags(self, opcode, meta, flags)
+        return real_flags(self, opcode, meta, flags, checked_bytes)
 
     monkeypatch.setattr(Connection, "call", call)
     monkeypatch.setattr(Connection, "call_flags", call_flags)
