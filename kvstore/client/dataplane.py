@@ -98,11 +98,14 @@ _POLL_RETRY_EVERY = 64
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
                      int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT)})
 #: An SHM_COMMIT's answer comes after the server has checked the CRC-32C of
-#: the committed bytes (~10 GB/s, so 0.1 ns a byte): its poll lasts
-#: busy_poll_us plus that. Measured (1 MiB shm Puts, server busy-polling):
-#: the commit's round trip 180-190 -> 135 µs; polling busy_poll_us alone
-#: ran out before the answer.
-_COMMIT_POLL_NS_PER_BYTE = 0.1
+#: the committed bytes and reserved the slots for the next Puts: for 1 MiB,
+#: 100-150 µs of server work measured here (checksum 30-55, commit 45-55,
+#: restock 28-34, decode ~20), so its poll lasts busy_poll_us plus 0.3 ns a
+#: byte (1 MiB: 365 µs). Measured (1 MiB shm Puts, server busy-polling): the
+#: commit's round trip 180-190 -> 135 µs with 0.1 ns a byte; with 0.3 the
+#: server's send of the answer 27 -> 14 µs (the client is still polling, so
+#: the kernel wakes no one); polling busy_poll_us alone ran out first.
+_COMMIT_POLL_NS_PER_BYTE = 0.3
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
 DEFAULT_BUSY_POLL_US = 50
