@@ -72,14 +72,21 @@ class SlotStock:
         return out
 
     def wanted(self, namespace: str, sizes: Sequence[int]) -> list[int]:
-        """Sizes to ask the next commit to reserve (``reserve_next``): enough
-        for another Put like this one, within the bounds."""
+        """Sizes to ask the next commit to reserve (``reserve_next``): none of
+        a size whose stock still covers another Put like this one; else
+        enough to fill it up to ``max_per_size``, within the bounds. Why fill
+        rather than top up by one: the server reserves the slots before it
+        answers the commit (~30 µs of its 100-150 µs on a 1 MiB commit), so
+        one commit in several pays for it instead of every one (1 MiB Puts
+        of one key, same run: p50 357 -> 313 and 312 -> 291 µs)."""
         asked: list[int] = []
         with self._lock:
             held_bytes = self._held_bytes()
             for size, count in Counter(sizes).items():
                 have = len(self._slots.get((namespace, size), ()))
-                for _ in range(min(count, self.max_per_size) - have):
+                if have >= min(count, self.max_per_size):
+                    continue
+                for _ in range(self.max_per_size - have):
                     if held_bytes + size > self.max_bytes:
                         break
                     held_bytes += size

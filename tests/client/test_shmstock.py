@@ -30,14 +30,18 @@ def test_stale_slots_are_never_taken_but_abandoned_once() -> None:
     assert stock.to_abandon("a") == [] and stock.held() == 0
 
 
-def test_wanted_refills_for_another_put_like_the_last_within_the_bounds() -> None:
+def test_wanted_fills_up_when_another_put_like_the_last_is_not_covered() -> None:
     stock = SlotStock(max_per_size=4, max_bytes=8 * MiB)
-    assert stock.wanted("a", [MiB]) == [MiB]
+    assert stock.wanted("a", [MiB]) == [MiB] * 4  # empty: filled up to 4 of a size
     assert stock.wanted("a", [MiB] * 8) == [MiB] * 4  # at most 4 of a size
     assert stock.wanted("a", [4 * MiB] * 3) == [4 * MiB] * 2  # at most 8 MiB in all
     stock.add("a", [(1, 0, MiB)], deadline=10.0)
-    assert stock.wanted("a", [MiB, MiB]) == [MiB]  # one is there already
-    assert stock.wanted("b", [MiB, MiB]) == [MiB, MiB]  # per namespace
+    assert stock.wanted("a", [MiB]) == []  # the one there covers another such Put
+    assert stock.wanted("a", [MiB, MiB]) == [MiB] * 3  # it does not cover two: fill up
+    assert stock.wanted("b", [MiB, MiB]) == [MiB] * 4  # per namespace
+    stock.add("a", [(2, MiB, MiB), (3, 2 * MiB, MiB), (4, 3 * MiB, MiB)], deadline=10.0)
+    assert stock.wanted("a", [MiB] * 8) == []  # a full stock covers what it can
+    assert stock.wanted("a", [2 * MiB]) == [2 * MiB] * 2  # 4 MiB held: 4 more at most
 
 
 def test_slots_over_the_bounds_and_the_rest_at_close_are_handed_back() -> None:

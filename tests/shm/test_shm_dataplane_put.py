@@ -101,9 +101,10 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
         frames_sent.clear()
         items = iter(blobs.items())
         assert c.put([next(items)]).stored == 1
-        # The first Put of a size reserves; its commit asks for the next slot.
+        # The first Put of a size reserves; its commit fills the stock for the
+        # next Puts (8 of a size on a data plane session, 8 MiB at most).
         assert frames_sent == [(Op.SHM_RESERVE, 0), (Op.SHM_COMMIT, FLAG_SHM_NEXT)]
-        assert c.stocked_slots() == 1
+        assert c.stocked_slots() == 8
         frames_sent.clear()
         answered = metric(server, "kvstore_dataplane_requests_total")
         for item in items:
@@ -113,7 +114,10 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
         bufs = [bytearray(MiB) for _ in blobs]
         assert c.get_into(list(blobs), bufs) == [MiB] * 6
         assert [bytes(b) for b in bufs] == list(blobs.values())
-        assert metric(server, "kvstore_shm_reservations") == 1  # the stocked slot
+        # Five Puts took five stocked slots and asked for none (the stock still
+        # covered the next Put): three left.
+        assert c.stocked_slots() == 3
+        assert metric(server, "kvstore_shm_reservations") == 3  # the stocked slots
     # close abandoned it
     assert metric(server, "kvstore_shm_reservations") == 0
 
@@ -175,7 +179,7 @@ def test_a_client_that_dies_mid_put_leaves_no_slot_behind(server) -> None:  # ty
         c = ShmClient({server.unix_target!r}, namespace="a", timeout=30)
         for i in range(3):
             c.put({{b"whole-%d" % i: bytes([i]) * 65536}})
-        assert c.stocked_slots() == 1
+        assert c.stocked_slots() == 6  # 8 after the first Put, then 2 taken
         real = lean.copy_and_checksum
         def crash(dst, offset, data, seed=0, streaming=None):
             dst[offset:offset + 100] = b"x" * 100
