@@ -87,16 +87,17 @@ _ENV = "KVSTORE_DATA_PLANE"
 _BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
 #: Requests whose answer is polled for (busy_poll_us): those the server
 #: answers in microseconds, often from the socket's readable callback. Not a
-#: PUT (its bytes are still on their way to the server when the poll would
-#: start), nor a GET of a large block (see Connection._fill_exactly). An
-#: SHM_COMMIT is polled for longer (_COMMIT_POLL_NS_PER_BYTE).
+#: GET of a large block (see Connection._fill_exactly). An SHM_COMMIT, and a
+#: PUT of at most _PUT_POLL_MAX_BYTES, are polled for longer by their bytes
+#: (_COMMIT_POLL_NS_PER_BYTE).
 #: Polls in a row that ran out before their answer after which a connection
 #: stops polling (its server is too far or too slow for the poll to pay), and
 #: how often it then tries one again.
 _POLL_GIVE_UP = 8
 _POLL_RETRY_EVERY = 64
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
-                     int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT)})
+                     int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT),
+                     int(Op.PUT)})
 #: An SHM_COMMIT's answer comes after the server has checked the CRC-32C of
 #: the committed bytes and reserved the slots for the next Puts: for 1 MiB,
 #: 100-150 µs of server work measured here (checksum 30-55, commit 45-55,
@@ -106,6 +107,14 @@ _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESER
 #: server's send of the answer 27 -> 14 µs (the client is still polling, so
 #: the kernel wakes no one); polling busy_poll_us alone ran out first.
 _COMMIT_POLL_NS_PER_BYTE = 0.3
+#: A PUT's answer follows the receipt of its bytes, most of which are still
+#: in the socket when ``sendmsg`` returns: polled for as an SHM_COMMIT (the
+#: same 0.3 ns a byte) when it carries at most 1 MiB (one chunk, how engines
+#: Put), not when larger (the poll would mostly run out). Measured (1 MiB
+#: Puts over TCP, two clients on one server, rounds alternated, quiet
+#: machine): p50 471 -> 401 and 421 -> 382 µs, 764 of 768 answers caught.
+_PUT_POLL_MAX_BYTES = 1024 * 1024 + 4096
+_PUT = int(Op.PUT)
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
 DEFAULT_BUSY_POLL_US = 50
@@ -233,9 +242,14 @@ class Connection:
              payload_len: int = 0, flags: int = 0, checked_bytes: int = 0) -> int:
         """Send one request frame (header ``flags``); returns its request id.
         ``checked_bytes``: bytes the server checksums before it answers (an
-        SHM_COMMIT's blocks), which lengthen the poll for the answer."""
+        SHM_COMMIT's blocks; a PUT's payload counts itself), which lengthen
+        the poll for the answer."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
         poll = self.busy_poll_ns if opcode in _POLLED else 0
+        if opcode == _PUT:
+            if payload_len > _PUT_POLL_MAX_BYTES:
+                poll = 0
+            checked_bytes = payload_len
         if poll and checked_bytes:
             poll = min(poll + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
                        MAX_BUSY_POLL_US * 1000)

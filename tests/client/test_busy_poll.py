@@ -248,3 +248,25 @@ def test_shm_client_polls_for_its_commits(shm_server: ServerProcess) -> None:
             c.put({f"c{i}".encode(): blob})
         assert dp.polled - before >= 3
         assert c.get([b"c3"]) == [blob]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_puts_of_one_chunk_are_polled_for_larger_ones_not(shm_server: ServerProcess,
+                                                          transport: str) -> None:
+    """A Put of up to 1 MiB (one chunk per call, as engines Put) polls for its
+    answer; a larger one does not (its poll would mostly run out)."""
+    with Client(shm_server.tcp, namespace="default", data_plane=transport,
+                busy_poll_us=10_000) as c:
+        c.put({b"p-warm": b"w" * 4096})
+        dp = c._data_plane
+        assert dp is not None
+        before = dp.polled
+        for i in range(3):
+            c.put({f"p{i}".encode(): os.urandom(1 << 20)})
+        assert dp.polled - before >= 3
+        before = dp.polled
+        big = os.urandom(2 << 20)
+        for i in range(2):
+            c.put({f"big{i}".encode(): big})
+        assert dp.polled == before
+        assert c.get([b"big1"]) == [big]
