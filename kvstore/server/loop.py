@@ -88,6 +88,16 @@ class BusyPollSelector(selectors.EpollSelector):
         return (misses - GIVE_UP_AFTER) % RETRY_EVERY == RETRY_EVERY - 1
 
 
+def busy_poll_counts(loop: asyncio.AbstractEventLoop) -> tuple[int, int] | None:
+    """(spins, spins that found a request) of ``loop``'s selector; None when
+    the loop does not busy-poll. The one place that reads the loop's
+    selector (asyncio keeps it in a private attribute)."""
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, BusyPollSelector):
+        return selector.spins, selector.caught
+    return None
+
+
 def loop_factory(busy_poll_us: int) -> Callable[[], asyncio.AbstractEventLoop]:
     """What ``asyncio.Runner`` builds the server's loop with."""
     if busy_poll_us == 0:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.dataplane.server import DataPlaneStats
 from kvstore.errors import InvalidConfig
+from kvstore.server.loop import busy_poll_counts
 from kvstore.server.metrics_calls import LATENCY_BUCKETS, CallRecorder, MethodSnapshot
 from kvstore.types import StoreStats
 
@@ -65,6 +66,8 @@ class Snapshot:
     l3_queued_bytes: int | None  # None: no L3
     #: issue 14 data plane (None: off).
     dataplane: DataPlaneStats | None = None
+    #: The event loop's busy poll: (spins, spins that found a request); None: off.
+    busy_poll: tuple[int, int] | None = None
 
 
 class KVStoreCollector:
@@ -91,6 +94,7 @@ class KVStoreCollector:
             shm_leases=self.shm.leases if shm_on else None,
             l3_queued_bytes=l3.queued if l3 is not None else None,
             dataplane=dataclasses.replace(self.dataplane) if self.dataplane else None,
+            busy_poll=busy_poll_counts(self.loop),
         )
 
     def _snapshot_from_thread(self) -> Snapshot:
@@ -195,6 +199,19 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
              "Bytes received on data plane connections (counted as each closes)", dp.bytes_in),
             ("kvstore_dataplane_sent_bytes",
              "Bytes sent on data plane connections (counted as each closes)", dp.bytes_out),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
+
+    if snap.busy_poll is not None:
+        for name, doc, value in (
+            ("kvstore_loop_busy_polls",
+             "Event loop busy polls started (server.busy_poll_us, after activity)",
+             snap.busy_poll[0]),
+            ("kvstore_loop_busy_poll_hits",
+             "Event loop busy polls that found a request before they ran out",
+             snap.busy_poll[1]),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(value))

@@ -5,9 +5,11 @@ loop's timers, and that a real server with it answers and then goes quiet."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,6 +173,17 @@ def test_the_busy_loop_runs_asyncio() -> None:
         loop.close()
 
 
+def test_no_busy_poll_metrics_when_it_is_off(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client", reason="the metrics need kvstore[metrics]")
+    with ServerProcess(tmp_path, "--server-busy-poll-us", "0",
+                       "--server-metrics-listen", "127.0.0.1:0") as server:
+        with Client(server.tcp, namespace="default", data_plane="tcp") as c:
+            c.put({b"k": b"v" * 4096})
+            assert c.get([b"k"]) == [b"v" * 4096]
+        assert _metric(server, "kvstore_loop_busy_polls_total") is None
+        assert _metric(server, "kvstore_dataplane_requests_total")
+
+
 @pytest.mark.parametrize("value", ["-1", "10001"])
 def test_config_refuses_out_of_range(value: str) -> None:
     with pytest.raises(InvalidConfig, match=r"server\.busy_poll_us"):
@@ -186,17 +199,35 @@ def _cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def _metric(server: ServerProcess, name: str) -> float | None:
+    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
+    address = json.loads(ready.read_text())["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
 def test_a_busy_polling_server_answers_and_then_goes_quiet(tmp_path: Path) -> None:
     """The default server (busy_poll_us 200) answers Gets over the data
-    plane; once its client stops, it spends next to no CPU: the spin is per
-    burst, not a spinning loop."""
+    plane, its polls finding requests (its metrics say so); once its client
+    stops, it spends next to no CPU: the spin is per burst, not a spinning
+    loop."""
+    pytest.importorskip("prometheus_client", reason="the metrics need kvstore[metrics]")
     blocks = {f"k{i}".encode(): os.urandom(4096) for i in range(16)}
-    with ServerProcess(tmp_path, "--server-busy-poll-us", "200") as server:
-        with Client(server.tcp, namespace="default", data_plane="tcp") as c:
+    with ServerProcess(tmp_path, "--server-busy-poll-us", "200",
+                       "--server-metrics-listen", "127.0.0.1:0") as server:
+        with Client(server.tcp, namespace="default", data_plane="tcp",
+                    busy_poll_us=10_000) as c:
             c.put(blocks)
             for _ in range(50):
                 assert c.get(list(blocks)[:4]) == list(blocks.values())[:4]
             assert c.data_plane_calls > 0
+            polls = _metric(server, "kvstore_loop_busy_polls_total")
+            hits = _metric(server, "kvstore_loop_busy_poll_hits_total")
+            assert polls is not None and hits is not None
+            assert 1 <= hits <= polls
             start = _cpu_seconds(server.pid)
             window = time.monotonic() + 1.0
             while time.monotonic() < window:  # a measuring window, not a wait for an event
