@@ -43,16 +43,20 @@ GIVE_UP_AFTER = 8
 RETRY_EVERY = 64
 
 
-class BusyPollSelector(selectors.EpollSelector):
-    """An epoll selector whose blocking ``select`` first polls the epoll
-    descriptor (readable when any registered one has events) for up to
-    ``busy_poll_us``, when the previous ``select`` found something."""
+class BusyPollSelector(selectors.DefaultSelector):
+    """The platform's selector (epoll on Linux) whose blocking ``select``
+    first polls the selector's own descriptor (readable when any registered
+    one has events) for up to ``busy_poll_us``, when the previous ``select``
+    found something. A selector without a descriptor of its own (``poll``
+    or ``select`` based) never spins."""
 
     def __init__(self, busy_poll_us: int) -> None:
         if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
             raise ValueError(f"busy_poll_us must be in 0..{MAX_BUSY_POLL_US}, not {busy_poll_us}")
         super().__init__()
-        self.busy_poll_ns = busy_poll_us * 1000
+        own_fd = getattr(self, "fileno", None)
+        self._fd: int = own_fd() if own_fd is not None else -1
+        self.busy_poll_ns = busy_poll_us * 1000 if self._fd >= 0 else 0
         self._active = False
         self._misses = 0  # spins in a row that ran out
         #: Spins started, and those that found an event before their time ran out.
@@ -67,7 +71,7 @@ class BusyPollSelector(selectors.EpollSelector):
                 budget = min(budget, int(timeout * 1e9))
             self.spins += 1
             started = time.monotonic()
-            if wait_readable(self.fileno(), budget):
+            if wait_readable(self._fd, budget):
                 self.caught += 1
                 self._misses = 0
                 timeout = 0
