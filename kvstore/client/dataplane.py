@@ -194,7 +194,12 @@ class Connection:
         # The request just sent has a quick answer: poll for it this many ns
         # (see _POLLED; 0: no poll).
         self._poll_ns = 0
-        self._poll_misses = 0  # polls in a row that ran out before the answer
+        # Polls in a row that ran out before the answer, per kind of request:
+        # [0] quick answers, [1] answers after the request's bytes are checked
+        # (a Put of one chunk, a shm commit). Apart, so that Puts whose answers
+        # come late (a loaded or remote server) do not stop the quick polls.
+        self._poll_misses = [0, 0]
+        self._poll_kind = 0
         #: Polls made, and answers that arrived while polled for (proof the
         #: poll ran, for tests and benchmarks; see DataPlane.polled).
         self.polls = 0
@@ -254,6 +259,7 @@ class Connection:
             poll = min(poll + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
                        MAX_BUSY_POLL_US * 1000)
         self._poll_ns = poll
+        self._poll_kind = 1 if checked_bytes else 0
         head = HEADER.pack(MAGIC, _VERSION, opcode, flags, rid, len(meta), payload_len) + meta
         try:
             if not payload:
@@ -327,19 +333,20 @@ class Connection:
         ``poll_ns`` before the receive sleeps (see kvstore/_spin.py)."""
         if self.tls and self.sock.pending():  # type: ignore[attr-defined]
             return  # bytes already decrypted: the receive returns at once
-        misses = self._poll_misses
+        kind = self._poll_kind
+        misses = self._poll_misses[kind]
         if misses >= _POLL_GIVE_UP:
             # Answers keep coming later than the poll lasts (a remote server,
             # a slow link): sleep at once, and try a poll again now and then.
-            self._poll_misses = misses + 1
+            self._poll_misses[kind] = misses + 1
             if (misses - _POLL_GIVE_UP) % _POLL_RETRY_EVERY:
                 return
         self.polls += 1
         if wait_readable(self._fd, poll_ns):
             self.polled += 1
-            self._poll_misses = 0
+            self._poll_misses[kind] = 0
         elif misses < _POLL_GIVE_UP:
-            self._poll_misses = misses + 1
+            self._poll_misses[kind] = misses + 1
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         try:

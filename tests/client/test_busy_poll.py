@@ -234,6 +234,49 @@ def test_a_connection_stops_polling_a_slow_server_and_tries_again(
         peer.join(30)
 
 
+def _mixed_peer(sock: socket.socket, delays: dict[int, float], count: int) -> None:
+    """A peer that answers ``count`` frames (any opcode, payload read and
+    dropped), each after ``delays[opcode]`` seconds, with an empty answer."""
+    for _ in range(count):
+        head = b""
+        while len(head) < HEADER_SIZE:
+            chunk = sock.recv(HEADER_SIZE - len(head))
+            if not chunk:
+                return
+            head += chunk
+        h = decode_header(head)
+        left = h.meta_len + h.payload_len
+        while left:
+            left -= len(sock.recv(min(left, 1 << 16)))
+        if delays.get(h.opcode):
+            time.sleep(delays[h.opcode])
+        sock.sendall(encode_header(h.opcode | RESPONSE, h.request_id, 0))
+
+
+def test_late_put_answers_do_not_stop_the_quick_polls(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """PUTs whose answers keep coming after their poll (a loaded server) stop
+    polling for PUTs, not for the quick answers: a PING after 12 late PUTs is
+    still polled for and caught."""
+    a, b = pair
+    puts, pings = 12, 5
+    peer = threading.Thread(target=_mixed_peer,
+                            args=(b, {int(Op.PUT): 0.02, int(Op.PING): 0.0}, puts + pings))
+    peer.start()
+    try:
+        conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~1.4 ms
+        body = memoryview(b"p" * 4096)
+        for _ in range(puts):
+            rid = conn.send(Op.PUT, b"", [body], len(body))
+            assert conn.head()[2] == rid
+        assert (conn.polls, conn.polled) == (9, 0)  # 8 ran out, one more try, then none
+        for _ in range(pings):
+            assert conn.call(Op.PING, b"") == b""
+        assert conn.polled == pings  # polled for, and caught, every one
+    finally:
+        peer.join(30)
+
+
 def test_shm_client_polls_for_its_commits(shm_server: ServerProcess) -> None:
     """A shared-memory Put's commit (one frame, answered once the server has
     checked the block's CRC-32C) is polled for too, longer by the block's
