@@ -1,5 +1,6 @@
-"""The server's event loop: asyncio's epoll loop, busy-polling for a moment
-after each burst of activity (``server.busy_poll_us``).
+"""The server's event loop: asyncio's selector loop (epoll on Linux),
+busy-polling for a moment after each burst of activity
+(``server.busy_poll_us``).
 
 Why: between two requests of one client the loop sleeps in ``epoll_wait``
 and its thread's vCPU halts; the next request then pays for waking it (an
