@@ -114,6 +114,13 @@ _COMMIT_POLL_NS_PER_BYTE = 0.3
 #: Puts over TCP, two clients on one server, rounds alternated, quiet
 #: machine): p50 471 -> 401 and 421 -> 382 µs, 764 of 768 answers caught.
 _PUT_POLL_MAX_BYTES = 1024 * 1024 + 4096
+#: Those polls start from three times busy_poll_us, not once: a Put's answer comes from
+#: the connection's task, not the readable callback (server handler ~33 µs,
+#: answer ~20, plus the task's wake-up), and with busy_poll_us alone a 4 KiB
+#: Put's poll ran out every time (55 polls, 0 caught, then given up). 4 KiB
+#: Puts, same machine, alternated runs: p50 250 -> 175 µs (shm), 215 -> 137
+#: (unix data plane), 85-98 % of the answers caught.
+_CHECKED_POLL_BASE = 3
 _PUT = int(Op.PUT)
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
@@ -256,7 +263,7 @@ class Connection:
                 poll = 0
             checked_bytes = payload_len
         if poll and checked_bytes:
-            poll = min(poll + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
+            poll = min(poll * _CHECKED_POLL_BASE + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
                        MAX_BUSY_POLL_US * 1000)
         self._poll_ns = poll
         self._poll_kind = 1 if checked_bytes else 0
