@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -89,6 +90,17 @@ class ServerProcess:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
         raise ServerFailed("no VmRSS")
+
+    def metric(self, name: str) -> float | None:
+        """One unlabelled sample of the server's Prometheus endpoint (started
+        with ``--server-metrics-listen``); None when it does not export it."""
+        ready = max(self.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
+        address = json.loads(ready.read_text())["metrics"]
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -89,7 +89,7 @@ _BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
 #: answers in microseconds, often from the socket's readable callback. Not a
 #: GET of a large block (see Connection._fill_exactly). An SHM_COMMIT, and a
 #: PUT of at most _PUT_POLL_MAX_BYTES, are polled for longer by their bytes
-#: (_COMMIT_POLL_NS_PER_BYTE).
+#: (_POLL_NS_PER_CHECKED_BYTE).
 #: Polls in a row that ran out before their answer after which a connection
 #: stops polling (its server is too far or too slow for the poll to pay), and
 #: how often it then tries one again.
@@ -106,7 +106,7 @@ _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESER
 #: commit's round trip 180-190 -> 135 µs with 0.1 ns a byte; with 0.3 the
 #: server's send of the answer 27 -> 14 µs (the client is still polling, so
 #: the kernel wakes no one); polling busy_poll_us alone ran out first.
-_COMMIT_POLL_NS_PER_BYTE = 0.3
+_POLL_NS_PER_CHECKED_BYTE = 0.3
 #: A PUT's answer follows the receipt of its bytes, most of which are still
 #: in the socket when ``sendmsg`` returns: polled for as an SHM_COMMIT (the
 #: same 0.3 ns a byte) when it carries at most 1 MiB (one chunk, how engines
@@ -263,7 +263,7 @@ class Connection:
                 poll = 0
             checked_bytes = payload_len
         if poll and checked_bytes:
-            poll = min(poll * _CHECKED_POLL_BASE + int(checked_bytes * _COMMIT_POLL_NS_PER_BYTE),
+            poll = min(poll * _CHECKED_POLL_BASE + int(checked_bytes * _POLL_NS_PER_CHECKED_BYTE),
                        MAX_BUSY_POLL_US * 1000)
         self._poll_ns = poll
         self._poll_kind = 1 if checked_bytes else 0

@@ -7,11 +7,9 @@ under a call."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,13 +58,10 @@ def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
 
 def metric(server: ServerProcess, name: str) -> float:
     """One unlabelled sample of the server's Prometheus endpoint."""
-    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
-    address = json.loads(ready.read_text())["metrics"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"the server exports no {name}")
+    value = server.metric(name)
+    if value is None:
+        raise AssertionError(f"the server exports no {name}")
+    return value
 
 
 def sessions_opened(caplog: pytest.LogCaptureFixture) -> list[str]:

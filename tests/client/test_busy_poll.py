@@ -193,16 +193,24 @@ def test_native_poll_without_yielding(pair: tuple[socket.socket, socket.socket])
     assert native._spin_yield() is True
 
 
+def _read_header(sock: socket.socket) -> bytes | None:
+    """The next frame header from ``sock``; None once the client is gone."""
+    head = b""
+    while len(head) < HEADER_SIZE:
+        chunk = sock.recv(HEADER_SIZE - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    return head
+
+
 def _slow_ping_peer(sock: socket.socket, delays: list[float]) -> None:
     """A peer that answers one PING per entry of ``delays``, each after that
     many seconds (its think time: a far or slow server)."""
     for delay in delays:
-        head = b""
-        while len(head) < HEADER_SIZE:
-            chunk = sock.recv(HEADER_SIZE - len(head))
-            if not chunk:
-                return
-            head += chunk
+        head = _read_header(sock)
+        if head is None:
+            return
         rid = decode_header(head).request_id
         if delay:
             time.sleep(delay)
@@ -238,12 +246,9 @@ def _mixed_peer(sock: socket.socket, delays: dict[int, float], count: int) -> No
     """A peer that answers ``count`` frames (any opcode, payload read and
     dropped), each after ``delays[opcode]`` seconds, with an empty answer."""
     for _ in range(count):
-        head = b""
-        while len(head) < HEADER_SIZE:
-            chunk = sock.recv(HEADER_SIZE - len(head))
-            if not chunk:
-                return
-            head += chunk
+        head = _read_header(sock)
+        if head is None:
+            return
         h = decode_header(head)
         left = h.meta_len + h.payload_len
         while left:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -72,15 +71,7 @@ def dp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
 def metric(server: ServerProcess, name: str) -> float | None:
     """One sample of the server's Prometheus endpoint (no labels); None when
     the server does not export it."""
-    import json
-
-    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
-    address = json.loads(ready.read_text())["metrics"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+    return server.metric(name)
 
 
 def sessions_opened(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -52,16 +52,11 @@ def server(server_factory, tmp_path: Path) -> Iterator[Any]:  # type: ignore[no-
 
 
 def metric(server: Any, name: str) -> float:
-    import json
-    import urllib.request
-
-    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
-    address = json.loads(ready.read_text())["metrics"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
+    """One unlabelled sample of the server's Prometheus endpoint."""
+    value = server.metric(name)
+    if value is None:
+        raise AssertionError(f"the server exports no {name}")
+    return value
 
 
 def wait_for(what: Callable[[], bool], timeout: float = 20.0) -> bool:

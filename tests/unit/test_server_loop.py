@@ -5,11 +5,9 @@ loop's timers, and that a real server with it answers and then goes quiet."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,8 +178,8 @@ def test_no_busy_poll_metrics_when_it_is_off(tmp_path: Path) -> None:
         with Client(server.tcp, namespace="default", data_plane="tcp") as c:
             c.put({b"k": b"v" * 4096})
             assert c.get([b"k"]) == [b"v" * 4096]
-        assert _metric(server, "kvstore_loop_busy_polls_total") is None
-        assert _metric(server, "kvstore_dataplane_requests_total")
+        assert server.metric("kvstore_loop_busy_polls_total") is None
+        assert server.metric("kvstore_dataplane_requests_total")
 
 
 @pytest.mark.parametrize("value", ["-1", "10001"])
@@ -199,16 +197,6 @@ def _cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
-def _metric(server: ServerProcess, name: str) -> float | None:
-    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
-    address = json.loads(ready.read_text())["metrics"]
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
-
-
 def test_a_busy_polling_server_answers_and_then_goes_quiet(tmp_path: Path) -> None:
     """The default server (busy_poll_us 200) answers Gets over the data
     plane, its polls finding requests (its metrics say so); once its client
@@ -224,8 +212,8 @@ def test_a_busy_polling_server_answers_and_then_goes_quiet(tmp_path: Path) -> No
             for _ in range(50):
                 assert c.get(list(blocks)[:4]) == list(blocks.values())[:4]
             assert c.data_plane_calls > 0
-            polls = _metric(server, "kvstore_loop_busy_polls_total")
-            hits = _metric(server, "kvstore_loop_busy_poll_hits_total")
+            polls = server.metric("kvstore_loop_busy_polls_total")
+            hits = server.metric("kvstore_loop_busy_poll_hits_total")
             assert polls is not None and hits is not None
             assert 1 <= hits <= polls
             start = _cpu_seconds(server.pid)
