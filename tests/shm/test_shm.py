@@ -317,3 +317,37 @@ def test_refused_acquire_still_ends_the_leases_it_carried(
         with pytest.raises(grpc.RpcError) as info:
             release(pb.ShmReleaseRequest(lease_ids=[held], namespace="ok"))
         assert "already released" in info.value.details()
+
+
+def test_gets_of_large_blocks_copy_with_streaming_stores(
+        shm_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """One block of 256 KiB or more is copied out of shared memory with
+    streaming stores (a 1 MiB Get per call is ~1/3 faster so); smaller copies
+    and Puts below 8 MiB keep ordinary stores; ``stream_get_bytes = None``
+    brings back the batch rule. The bytes read are the same either way."""
+    import kvstore.client.shm as shm_module
+
+    seen: list[tuple[int, object]] = []
+    real = shm_module.copy_and_checksum
+
+    def recording(dst, offset, src, seed=0, streaming=None):  # type: ignore[no-untyped-def]
+        seen.append((len(memoryview(src)), streaming))
+        return real(dst, offset, src, seed, streaming)
+
+    monkeypatch.setattr(shm_module, "copy_and_checksum", recording)
+    with ShmClient(shm_server.unix_target, namespace="nt") as c:
+        blobs = {b"big": block(1, MiB), b"mid": block(2, 128 * 1024)}
+        c.put(blobs)
+        got = bytearray(MiB)
+        seen.clear()
+        assert c.get_into([b"big"], [got]) == [MiB]
+        assert bytes(got) == blobs[b"big"]
+        assert seen == [(MiB, True)]
+        seen.clear()
+        assert c.get_into([b"mid"], [got]) == [128 * 1024]
+        assert bytes(got[:128 * 1024]) == blobs[b"mid"]
+        assert seen == [(128 * 1024, None)]
+        c.stream_get_bytes = None
+        seen.clear()
+        assert c.get_into([b"big"], [got]) == [MiB]
+        assert seen == [(MiB, None)]
