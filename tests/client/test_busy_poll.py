@@ -242,6 +242,27 @@ def test_a_connection_stops_polling_a_slow_server_and_tries_again(
         peer.join(30)
 
 
+def test_answers_a_little_later_than_the_poll_widen_it_instead_of_stopping_it(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Answers that come after the poll ran out but within 4 times its budget
+    (a busy host's slower hops, not a far server) double the connection's
+    window, up to 4 times the budget, and are caught from then on: the
+    connection never stops polling (the former rule gave up after 8)."""
+    a, b = pair
+    calls = 20
+    peer = threading.Thread(target=_slow_ping_peer, args=(b, [0.005] * calls))
+    peer.start()
+    try:
+        conn = Connection(a, "test-peer", 10.0, busy_poll_us=2_000)  # answers at 2.5x
+        for _ in range(calls):
+            assert conn.call(Op.PING, b"") == b""
+        assert conn.polls == calls  # never gave up
+        assert conn.polled >= calls - 5  # the first two widen it (2 ms -> 4 -> 8)
+        assert conn._poll_scale[0] == 4
+    finally:
+        peer.join(30)
+
+
 def _mixed_peer(sock: socket.socket, delays: dict[int, float], count: int) -> None:
     """A peer that answers ``count`` frames (any opcode, payload read and
     dropped), each after ``delays[opcode]`` seconds, with an empty answer."""
