@@ -95,9 +95,10 @@ _BUSY_POLL_ENV = "KVSTORE_BUSY_POLL_US"
 #: how often it then tries one again.
 _POLL_GIVE_UP = 8
 _POLL_RETRY_EVERY = 64
-#: A poll that ran out with its answer arriving within this many times its
-#: budget doubles the connection's window for that kind of request (up to
-#: this many times the budget) instead of counting towards giving up: the
+#: A poll for a quick answer that ran out with its answer arriving within
+#: this many times its budget doubles the connection's window for quick
+#: answers (up to this many times the budget) instead of counting towards
+#: giving up (not the longer polls of Puts and commits): the
 #: answer was late by a hop's wake-up, not by a remote server. Why: the round
 #: trip of an SHM_ACQUIRE is ~40-45 µs on this VM when its vCPUs run and
 #: 60-130 µs in phases when the host is busy; a 50 µs poll then ran out 8
@@ -218,8 +219,8 @@ class Connection:
         # come late (a loaded or remote server) do not stop the quick polls.
         self._poll_misses = [0, 0]
         self._poll_kind = 0
-        # Per kind: the poll window in multiples of its budget (1, 2 or 4;
-        # see _POLL_MAX_SCALE).
+        # Per kind: the poll window in multiples of its budget (quick
+        # answers: 1, 2 or 4, see _POLL_MAX_SCALE; Puts and commits: 1).
         self._poll_scale = [1, 1]
         #: Polls made, and answers that arrived while polled for (proof the
         #: poll ran, for tests and benchmarks; see DataPlane.polled).
@@ -385,7 +386,9 @@ class Connection:
         kind = self._poll_kind
         scale = self._poll_scale[kind]
         most = MAX_BUSY_POLL_US * 1000
-        if scale < _POLL_MAX_SCALE and poll_ns * scale < most and \
+        # Quick answers only: a Put's poll is long already (its bytes), and
+        # 4 times it would spin for milliseconds on a remote server's answers.
+        if not kind and scale < _POLL_MAX_SCALE and poll_ns * scale < most and \
                 waited_ns <= min(poll_ns * _POLL_MAX_SCALE, most):
             self._poll_scale[kind] = scale * 2
             return

@@ -290,7 +290,7 @@ def test_late_put_answers_do_not_stop_the_quick_polls(
                             args=(b, {int(Op.PUT): 0.02, int(Op.PING): 0.0}, puts + pings))
     peer.start()
     try:
-        conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~1.4 ms
+        conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~3 ms
         body = memoryview(b"p" * 4096)
         for _ in range(puts):
             rid = conn.send(Op.PUT, b"", [body], len(body))
@@ -299,6 +299,27 @@ def test_late_put_answers_do_not_stop_the_quick_polls(
         for _ in range(pings):
             assert conn.call(Op.PING, b"") == b""
         assert conn.polled == pings  # polled for, and caught, every one
+    finally:
+        peer.join(30)
+
+
+def test_puts_answered_a_little_late_do_not_widen_their_poll(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Only quick answers widen the window: a Put's poll is long already, and
+    4 times it would spin for milliseconds per Put on a remote server. PUTs
+    answered at twice their poll give up after 8, as before."""
+    a, b = pair
+    puts = 12
+    peer = threading.Thread(target=_mixed_peer, args=(b, {int(Op.PUT): 0.006}, puts))
+    peer.start()
+    try:
+        conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~3 ms
+        body = memoryview(b"p" * 4096)
+        for _ in range(puts):
+            rid = conn.send(Op.PUT, b"", [body], len(body))
+            assert conn.head()[2] == rid
+        assert (conn.polls, conn.polled) == (9, 0)
+        assert conn._poll_scale == [1, 1]
     finally:
         peer.join(30)
 
