@@ -279,15 +279,19 @@ def _mixed_peer(sock: socket.socket, delays: dict[int, float], count: int) -> No
         sock.sendall(encode_header(h.opcode | RESPONSE, h.request_id, 0))
 
 
+@pytest.mark.parametrize("put_delay", [0.02, 0.006])  # far past the poll; within 4x it
 def test_late_put_answers_do_not_stop_the_quick_polls(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], put_delay: float) -> None:
     """PUTs whose answers keep coming after their poll (a loaded server) stop
-    polling for PUTs, not for the quick answers: a PING after 12 late PUTs is
-    still polled for and caught."""
+    polling for PUTs after 8, also when they come within 4 times the poll
+    (only quick answers widen the window: a Put's poll is long already, and 4
+    times it would spin for milliseconds per Put on a remote server), and not
+    for the quick answers: a PING after 12 late PUTs is still polled for and
+    caught."""
     a, b = pair
     puts, pings = 12, 5
     peer = threading.Thread(target=_mixed_peer,
-                            args=(b, {int(Op.PUT): 0.02, int(Op.PING): 0.0}, puts + pings))
+                            args=(b, {int(Op.PUT): put_delay, int(Op.PING): 0.0}, puts + pings))
     peer.start()
     try:
         conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~3 ms
@@ -296,30 +300,10 @@ def test_late_put_answers_do_not_stop_the_quick_polls(
             rid = conn.send(Op.PUT, b"", [body], len(body))
             assert conn.head()[2] == rid
         assert (conn.polls, conn.polled) == (9, 0)  # 8 ran out, one more try, then none
+        assert conn._poll_scale == [1, 1]
         for _ in range(pings):
             assert conn.call(Op.PING, b"") == b""
         assert conn.polled == pings  # polled for, and caught, every one
-    finally:
-        peer.join(30)
-
-
-def test_puts_answered_a_little_late_do_not_widen_their_poll(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    """Only quick answers widen the window: a Put's poll is long already, and
-    4 times it would spin for milliseconds per Put on a remote server. PUTs
-    answered at twice their poll give up after 8, as before."""
-    a, b = pair
-    puts = 12
-    peer = threading.Thread(target=_mixed_peer, args=(b, {int(Op.PUT): 0.006}, puts))
-    peer.start()
-    try:
-        conn = Connection(a, "test-peer", 10.0, busy_poll_us=1_000)  # PUT poll ~3 ms
-        body = memoryview(b"p" * 4096)
-        for _ in range(puts):
-            rid = conn.send(Op.PUT, b"", [body], len(body))
-            assert conn.head()[2] == rid
-        assert (conn.polls, conn.polled) == (9, 0)
-        assert conn._poll_scale == [1, 1]
     finally:
         peer.join(30)
 
