@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,13 @@ from serverproc import ServerProcess
 from kvstore import Client
 from kvstore.config import load
 from kvstore.errors import InvalidConfig
-from kvstore.server.loop import GIVE_UP_AFTER, RETRY_EVERY, BusyPollSelector, loop_factory
+from kvstore.server.loop import (
+    GIVE_UP_AFTER,
+    MAX_SCALE,
+    RETRY_EVERY,
+    BusyPollSelector,
+    loop_factory,
+)
 
 
 @pytest.fixture
@@ -122,6 +129,50 @@ def test_spinning_stops_after_misses_and_is_retried(
         _activate(sel, a, b)  # spinning again at every burst
         assert sel.select(0.002) == []
         assert sel.spins == 11  # _activate's select spun too (after the catch)
+
+
+def _event_after(sel: BusyPollSelector, a: socket.socket, b: socket.socket,
+                 delay: float) -> float:
+    """An active ``sel``, then one select whose event is sent ``delay`` s
+    later (from a timer thread): the seconds that select took."""
+    _activate(sel, a, b)
+    timer = threading.Timer(delay, b.send, (b"d",))
+    start = time.monotonic()
+    timer.start()
+    try:
+        assert len(sel.select(5.0)) == 1
+    finally:
+        timer.join(10)
+    took = time.monotonic() - start
+    assert a.recv(1) == b"d"
+    return took
+
+
+def test_a_request_a_little_later_than_the_spin_widens_it(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A request that arrives after the spin ran out but within twice its
+    time doubles the spin (no miss counted), and the wider spin catches the
+    next one as late; the spin never grows past twice its budget."""
+    a, b = pair
+    with BusyPollSelector(10_000) as sel:  # 10 ms; requests come at 14 ms
+        sel.register(a, 1)
+        assert _event_after(sel, a, b, 0.014) < 5.0
+        assert (sel.spins, sel.caught, sel._misses, sel._scale) == (1, 0, 0, 2)
+        _event_after(sel, a, b, 0.014)  # the 20 ms spin finds it
+        # 3 spins: the first request's, _activate's (its byte is already
+        # there) and the 20 ms one, the last two caught.
+        assert (sel.spins, sel.caught, sel._scale) == (3, 2, MAX_SCALE)
+
+
+def test_a_request_far_later_than_the_spin_is_a_miss(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A request later than twice the spin counts as a miss, as before, and
+    the spin keeps its time."""
+    a, b = pair
+    with BusyPollSelector(2_000) as sel:  # 2 ms; the request comes at 50 ms
+        sel.register(a, 1)
+        _event_after(sel, a, b, 0.05)
+        assert (sel.spins, sel.caught, sel._misses, sel._scale) == (1, 0, 1, 1)
 
 
 def test_bad_budget_is_refused() -> None:
