@@ -258,7 +258,7 @@ def test_answers_a_little_later_than_the_poll_widen_it_instead_of_stopping_it(
             assert conn.call(Op.PING, b"") == b""
         assert conn.polls == calls  # never gave up
         assert conn.polled >= calls - 5  # the first two widen it (2 ms -> 4 -> 8)
-        assert conn._poll_scale[0] == 4
+        assert conn._poll_scale[0] >= 2  # 4 unless a loaded machine delayed an answer past 8 ms
     finally:
         peer.join(30)
 
@@ -299,11 +299,13 @@ def test_late_put_answers_do_not_stop_the_quick_polls(
         for _ in range(puts):
             rid = conn.send(Op.PUT, b"", [body], len(body))
             assert conn.head()[2] == rid
-        assert (conn.polls, conn.polled) == (9, 0)  # 8 ran out, one more try, then none
-        assert conn._poll_scale == [1, 1]
+        assert conn._poll_scale[1] == 1  # a Put's poll never widens
+        if put_delay > 0.012:  # past 4x the poll: every poll ran out, whatever the load
+            assert (conn.polls, conn.polled) == (9, 0)  # 8 ran out, one more try, then none
+        before = conn.polled
         for _ in range(pings):
             assert conn.call(Op.PING, b"") == b""
-        assert conn.polled == pings  # polled for, and caught, every one
+        assert conn.polled - before == pings  # polled for, and caught, every one
     finally:
         peer.join(30)
 
