@@ -19,6 +19,12 @@ import os
 import select
 import time
 
+#: The longest a busy poll may be asked to last (µs), by a client
+#: (``busy_poll_us``) or the server (``server.busy_poll_us``): past a few
+#: milliseconds a poll only burns the CPU a sleep would give back. Here, a
+#: module with no native import, so that config loading can read it.
+MAX_BUSY_POLL_US = 10_000
+
 
 def wait_readable(fd: int, spin_ns: int) -> bool:
     """Poll ``fd`` with a zero timeout until it is readable (or has an error

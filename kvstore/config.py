@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.errors import InvalidConfig
 
 _log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class ServerConfig:
                                           "(RESOURCE_EXHAUSTED) and the SDK uses gRPC", parse_int)
     busy_poll_us: int = opt(200, "after answering, how long (µs) the event loop keeps polling "
                             "for the next request before it sleeps (a sleeping vCPU costs "
-                            "~40 µs to wake); 0 turns it off; at most 10000. Costs up to this "
+                            f"~40 µs to wake); 0 turns it off; at most {MAX_BUSY_POLL_US}. "
+                            "Costs up to this "
                             "much CPU per request that arrives later", parse_int)
 
 
@@ -541,8 +543,9 @@ def validate(config: Config) -> None:
                             "must be positive")
     if s.data_plane_max_meta < 4096 or s.data_plane_max_meta >= 2**32:
         raise InvalidConfig("server.data_plane_max_meta must be in 4 KiB .. 4 GiB")
-    if not 0 <= s.busy_poll_us <= 10_000:
-        raise InvalidConfig(f"server.busy_poll_us must be in 0..10000 (µs), not {s.busy_poll_us}")
+    if not 0 <= s.busy_poll_us <= MAX_BUSY_POLL_US:
+        raise InvalidConfig(f"server.busy_poll_us must be in 0..{MAX_BUSY_POLL_US} (µs), "
+                            f"not {s.busy_poll_us}")
     if s.data_plane_max_connections < 1:
         raise InvalidConfig("server.data_plane_max_connections must be at least 1")
     if s.data_plane_max_payload < s.max_block_bytes:

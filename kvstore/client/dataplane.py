@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 import grpc
 
 from kvstore._impl import wait_readable
+from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.client import _convert as conv
 from kvstore.client._convert import DataPlaneOffer as Offer
 from kvstore.client._dproute import NoRoute, choose_route
@@ -137,9 +138,6 @@ _PUT = int(Op.PUT)
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
 DEFAULT_BUSY_POLL_US = 50
-#: The most a client may ask for (µs): past a few milliseconds a poll only
-#: burns the CPU a sleep would give back.
-MAX_BUSY_POLL_US = 10_000
 _Received = TypeVar("_Received", int, bytes)
 
 T = TypeVar("T")

@@ -33,10 +33,8 @@ import time
 from collections.abc import Callable
 
 from kvstore._impl import wait_readable
+from kvstore._spin import MAX_BUSY_POLL_US
 
-#: Upper bound of ``server.busy_poll_us`` (10 ms): past it a spin costs more
-#: than any wake-up it could save.
-MAX_BUSY_POLL_US = 10_000
 #: Spins in a row that ran out with nothing after which the loop stops
 #: spinning (its clients' requests come later than the spin lasts: large
 #: blocks being received, a remote client), and how often it then tries one
