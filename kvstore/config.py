@@ -242,6 +242,11 @@ class SessionPolicyConfig:
                          "within this many seconds; < 0, the same within -horizon x the "
                          "first tier's turnover time (seconds to evict as many blocks as it "
                          "holds); 0, the mean remaining wait", parse_float)
+    placing_scale: float = opt(1.7, "ranking key of the stream whose request is being "
+                               "placed (request running, latest caller) times this: its own "
+                               "new blocks give way before other streams' sooner (1: its "
+                               "class's key as is; tuned by cross-validation, "
+                               "docs/policy.md)", parse_float)
     learn: bool = opt(True, "learn the gap model from the traffic (false: keep the prior "
                       "guesses, for tests)", parse_bool)
     rerank_s: float = opt(2.0, "longest a ranking of the streams stands without a request or "
@@ -589,6 +594,8 @@ def validate_session_policy(sp: SessionPolicyConfig) -> None:
                  "trust_back", "duel_retry"):
         if getattr(sp, name) < 0:
             raise InvalidConfig(f"policy.session.{name} must be >= 0")
+    if not 0.0 < sp.placing_scale <= 100.0:
+        raise InvalidConfig("policy.session.placing_scale must be in (0, 100]")
     if sp.max_streams < 1:
         raise InvalidConfig("policy.session.max_streams must be >= 1")
 

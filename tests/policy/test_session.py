@@ -598,3 +598,22 @@ def test_ranking_decides_as_before_the_speed_work() -> None:
                 for fast in (False, True):
                     got = _replay(SessionPolicy([L1], **kw), trace, cap, fast)  # type: ignore[arg-type]
                     assert got == want, (seed, cap, kw, fast)
+
+
+def test_the_stream_being_placed_gives_way_by_placing_scale() -> None:
+    """The stream whose request is being placed is keyed ``placing_scale`` times its
+    class's key: at 1 it keeps its new blocks against a stream expected back later
+    than its class says; at 2 it gives up its own newest block instead."""
+    evicted = {}
+    for scale in (1.0, 2.0):
+        c = Cache(SessionPolicy([L1], learn=False, horizon=0.0, placing_scale=scale), cap=4)
+        c.request("A", ["a1", "a2"], 0.0)
+        # A is expected back 46 s after its turn end: 45.5 s at t=1
+        c.p.on_session_event(SessionEvent("ns", "A", TurnEnd(TOOL, expected_gap_ms=46_000)),
+                             0.5)
+        c.request("B", ["b1", "b2", "b3"], 1.0)  # running, age 0: the prior's 30 s x scale
+        evicted[scale] = c.evicted
+        b = c.p._streams["B"]
+        assert c.p.expected_remaining(b, 1.0) == 30.0 * scale
+    assert evicted[1.0] == [("a2", Action.DROP)]
+    assert evicted[2.0] == [("b2", Action.DROP)]

@@ -94,6 +94,13 @@ class SessionPolicy(Duel, Policy):
         # idle: at the upper capacities LRU's head is a stream idle for hours that the
         # ranking keeps for lack of anything worse, so the horizon ran away to ~20 h.)
         self.horizon = cfg.horizon
+        # The stream whose request is being placed (the latest caller, its request
+        # running) is keyed as if back ``placing_scale`` times later than its class
+        # says. Its new blocks are the misses being placed, and the streams that bring
+        # misses are selected: at the upper capacities mostly streams back after their
+        # blocks aged out, whose next gap is longer than the class's (cross-validation:
+        # docs/policy.md, "The stream being placed").
+        self.placing_scale = cfg.placing_scale
         self._turn_n = 0  # first-tier victims since the turnover clock last started
         self._turn_t = -1.0  # when it started (< 0: not yet)
         self._turn_T = 0.0  # seconds the first tier took to evict as many blocks as it holds
@@ -422,9 +429,10 @@ class SessionPolicy(Duel, Policy):
         h = self.horizon
         if h < 0.0:
             h = -h * self._turn_T  # (horizon_s(), inlined)
-        if h > 0.0:
-            return self.gaps.per_hit(cls, age, h)
-        return self.gaps.remaining(cls, age)
+        key = self.gaps.per_hit(cls, age, h) if h > 0.0 else self.gaps.remaining(cls, age)
+        if s is self._last_s and s.cls == RUNNING:
+            key *= self.placing_scale
+        return key
 
     def _set_keys(self, streams: list[Stream], now: float) -> None:
         """``s.key = expected_remaining(s, now)`` for each stream, the calls inlined (the
@@ -460,6 +468,10 @@ class SessionPolicy(Duel, Policy):
         if learned:
             for s, k in zip(learned, gaps.per_hit_many(classes, ages, h), strict=True):
                 s.key = k
+        placing = self._last_s
+        if placing is not None and placing.cls == RUNNING and not placing.ended \
+                and placing.expected <= now - placing.t_state and placing in streams:
+            placing.key *= self.placing_scale
 
     def horizon_s(self) -> float:
         """The ranking key's horizon in seconds now (0: none yet, or ``horizon`` 0)."""
