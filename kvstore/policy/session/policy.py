@@ -96,10 +96,10 @@ class SessionPolicy(Duel, Policy):
         self.horizon = cfg.horizon
         # The stream whose request is being placed (the latest caller, its request
         # running) is keyed as if back ``placing_scale`` times later than its class
-        # says. Its new blocks are the misses being placed, and the streams that bring
-        # misses are selected: at the upper capacities mostly streams back after their
-        # blocks aged out, whose next gap is longer than the class's (cross-validation:
-        # docs/policy.md, "The stream being placed").
+        # says: its misses are placed with its class's key at age 0, and the replays
+        # find that key too good against the streams already resident (measured, on
+        # the cross-validation cells, with and without hints: docs/policy.md, "The
+        # stream being placed").
         self.placing_scale = cfg.placing_scale
         self._turn_n = 0  # first-tier victims since the turnover clock last started
         self._turn_t = -1.0  # when it started (< 0: not yet)
