@@ -154,8 +154,8 @@ class ServerConfig:
     busy_poll_us: int = opt(200, "after answering, how long (µs) the event loop keeps polling "
                             "for the next request before it sleeps (a sleeping vCPU costs "
                             f"~40 µs to wake); 0 turns it off; at most {MAX_BUSY_POLL_US}. "
-                            "Costs up to this "
-                            "much CPU per request that arrives later", parse_int)
+                            "Costs up to this much CPU per request that arrives later",
+                            parse_int)
 
 
 @dataclass(frozen=True)

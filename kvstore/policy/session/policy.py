@@ -468,9 +468,10 @@ class SessionPolicy(Duel, Policy):
         if learned:
             for s, k in zip(learned, gaps.per_hit_many(classes, ages, h), strict=True):
                 s.key = k
+        # (a running stream has no hinted gap: a request clears it, only a turn end sets it)
         placing = self._last_s
         if placing is not None and placing.cls == RUNNING and not placing.ended \
-                and placing.expected <= now - placing.t_state and placing in streams:
+                and placing in streams:
             placing.key *= self.placing_scale
 
     def horizon_s(self) -> float:
