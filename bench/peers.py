@@ -487,6 +487,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     notes: list[str] = []
     t_start = time.perf_counter()
     systems = [s for s in args.systems]
+    if args.arena == "private":
+        shm_systems = [s for s in systems if "shm" in s]
+        systems = [s for s in systems if s not in shm_systems]
+        if shm_systems:
+            notes.append(f"--arena private: {', '.join(shm_systems)} skipped (no shared "
+                         "memory on a server whose L1 arena is anonymous)")
     tmp = tempfile.TemporaryDirectory(prefix="kvstore-peers-")
     work = Path(tmp.name)
 
@@ -524,8 +530,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     for n in notes:
         progress.line(f"peers: {n}")
 
-    shm_path = f"/dev/shm/kvstore-peers-{os.getpid()}-{secrets.token_hex(4)}"
-    flags = ["--l1-shm-path", shm_path, *(args.server_flag or [])]
+    # A shared-memory file (the shm systems need it; L1 bytes are checked on
+    # every Get, l1.verify_reads) or, with --arena private, anonymous memory
+    # (a TCP/unix-only server, as one serving engines on other hosts runs).
+    shm_path = (f"/dev/shm/kvstore-peers-{os.getpid()}-{secrets.token_hex(4)}"
+                if args.arena == "shared" else "")
+    flags = [*(["--l1-shm-path", shm_path] if shm_path else []), *(args.server_flag or [])]
     server = BenchServer(*flags, l1_capacity=args.l1_capacity, l2=True, unix=True,
                          data_dir=str(work / "kvstore"))
     (work / "kvstore").mkdir()
@@ -541,7 +551,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raw_proc.start()
         raw_child.close()
         raw_port, raw_unix = raw_parent.recv()
-        progress.status(f"peers: starting kvstore (L1 {args.l1_capacity} in {shm_path}, "
+        progress.status(f"peers: starting kvstore (L1 {args.l1_capacity} in "
+                        f"{shm_path or 'anonymous memory'}, "
                         "pre-faulted; L2 on) ...")
         server.start()
         assert server.proc is not None
@@ -625,7 +636,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             raw_proc.terminate()
         if redis_srv is not None:
             redis_srv.stop()
-        if os.path.exists(shm_path):
+        if shm_path and os.path.exists(shm_path):
             os.unlink(shm_path)
             notes.append(f"removed leftover {shm_path}")
         tmp.cleanup()
@@ -651,8 +662,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "kvstore_server": {
                 "command": " ".join(server.command),
                 "shm_path": shm_path,
-                "l1": f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
-                      "(pre-faulted at start; removed at exit)",
+                "arena": args.arena,
+                "l1": (f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
+                       "(pre-faulted at start; removed at exit; L1 bytes checked on every Get)"
+                       if shm_path else f"{args.l1_capacity} anonymous arena (pre-faulted at "
+                       "start; only the server writes it: L1 bytes not checked again on Gets, "
+                       "l1.verify_reads)"),
                 "l2": "enabled (LMDB in a temp dir), default write-back (write_mode evict): "
                       "Puts that fit in L1 do not touch disk",
                 "tiers_at_end": l2_stats,
@@ -751,6 +766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="CPU placement: every server and client process on one CPU (same), "
                         "servers on one and clients on another (apart), or the scheduler's "
                         "choice (none) [default: none]; see placement()")
+    p.add_argument("--arena", choices=("shared", "private"), default="shared",
+                   help="kvstore's L1 arena: a shared-memory file (the shm systems run; L1 "
+                        "bytes are checked on every Get) or anonymous memory (a TCP/unix-only "
+                        "server, as for engines on other hosts; the shm systems are skipped) "
+                        "[default: shared]")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
                    help="extra flag for kvstore serve (repeat)")
     args = p.parse_args(argv)

@@ -167,6 +167,11 @@ class L1Config:
                          "page fault", parse_bool)
     shm_path: str = opt("", "put the arena in this shared-memory file (e.g. /dev/shm/kvstore); "
                         "empty keeps it anonymous", parse_str)
+    verify_reads: str = opt("shared", "check L1 bytes against their checksum each time they "
+                            "leave the process (a Get, an L2 write, an L3 upload): 'shared', "
+                            "when the arena is a shared-memory file (attached clients can "
+                            "write it); 'always', also for an anonymous arena, which only the "
+                            "server writes", parse_str)
 
 
 @dataclass(frozen=True)
@@ -564,6 +569,8 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.page_bytes must be a power of two")
     if config.l1.capacity < config.l1.page_bytes:
         raise InvalidConfig("l1.capacity must hold at least one page")
+    if config.l1.verify_reads not in ("shared", "always"):
+        raise InvalidConfig("l1.verify_reads must be 'shared' or 'always'")
     if config.policy.clock not in ("wall", "client"):
         raise InvalidConfig("policy.clock must be 'wall' or 'client'")
     validate_session_policy(config.policy.session)

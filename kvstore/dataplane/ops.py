@@ -199,7 +199,7 @@ class Session:
                     reader = await open_read(block, session)
                     # As the gRPC Get: an L1 copy is checked whole before its
                     # first byte goes out (a small one right here).
-                    if reader is not None:
+                    if reader is not None and reader.needs_check:
                         small = reader.size <= _VERIFY_INLINE_BYTES
                         if not small or not reader.intact(reader.size):
                             reader = await self._verified(reader, block, session, small)
@@ -352,10 +352,13 @@ class Session:
         # whole request the ordinary way.
         reads = self.store.reads
         ready = reads.l1_ready
+        # (a block is checked here, on the loop, only up to 1 MiB; unchecked
+        # bytes can go at once whatever their size)
+        whole = _VERIFY_INLINE_BYTES if reads.check.enabled else _BATCH_BYTES
         views: list[memoryview] = []
         total = 0
         for key in keys:
-            view = ready((namespace, key), _VERIFY_INLINE_BYTES)
+            view = ready((namespace, key), whole)
             if view is None:
                 return False
             total += len(view)

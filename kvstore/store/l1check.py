@@ -3,10 +3,13 @@ an L3 upload) against the checksum the block was stored with, and what
 happens to a copy that fails: it is dropped from L1, counted in L1's
 ``corrupt``, and never written down.
 
-L1 is shared memory: a same-host client maps the arena, so a bug or a late
-writer there could change a block's bytes behind the index's back. The
-checks use the native CRC-32C (the GIL is released for large buffers); one
-extra pass over bytes already in memory.
+L1 in a shared-memory file (``l1.shm_path``) is mapped read-write by every
+attached client, so a bug or a late writer there could change a block's
+bytes behind the index's back. An anonymous arena is written by this
+process only, which checked every block as it came in: its bytes are not
+checked again unless ``l1.verify_reads`` is ``always`` (the check costs a
+pass over the bytes, ~20 % of a TCP Get's server CPU: docs/performance.md).
+The checks use the native CRC-32C (the GIL is released for large buffers).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 
 from kvstore.checksum import checksum
 from kvstore.store.index import Entry
-from kvstore.store.parts import Part
+from kvstore.store.parts import Part, Shared
 from kvstore.tiers.base import Buffer
 from kvstore.types import BlockId, TierName
 
@@ -28,7 +31,17 @@ def l1_intact(view: Buffer, entry: Entry) -> bool:
 
 
 class L1Check(Part):
-    """Drops L1 copies found corrupt."""
+    """Checks L1 bytes on their way out (when the arena needs it) and drops
+    copies found corrupt."""
+
+    def __init__(self, shared: Shared) -> None:
+        super().__init__(shared)
+        self.enabled = shared.verify_l1
+
+    def intact(self, view: Buffer, entry: Entry) -> bool:
+        """Whether the L1 bytes ``view`` may leave the process: they match the
+        entry's checksum, or the arena is not checked (``enabled`` False)."""
+        return not self.enabled or l1_intact(view, entry)
 
     def drop_corrupt(self, block: BlockId, entry: Entry, where: str) -> None:
         """The entry's L1 copy failed its checksum (found by ``where``): count

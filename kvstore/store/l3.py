@@ -37,7 +37,7 @@ from kvstore.checksum import checksum
 from kvstore.config import L3Config
 from kvstore.errors import CorruptBlock, TierUnavailable
 from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
-from kvstore.store.l1check import L1Check, l1_intact
+from kvstore.store.l1check import L1Check
 from kvstore.store.parts import Part, Shared, spawn
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
@@ -158,7 +158,7 @@ class L3Mover(Part):
             raise TierUnavailable("L3 is unavailable (circuit breaker open): "
                                   "acknowledgement level remote cannot be met now")
         view = self.l1.slice(entry.l1_offset, entry.size)
-        if not l1_intact(view, entry):  # a corrupt L1 copy is never uploaded
+        if not self.check.intact(view, entry):  # a corrupt L1 copy is never uploaded
             view.release()
             self.check.drop_corrupt(block, entry, "its L3 upload")
             raise CorruptBlock(f"block {block[1].hex()} failed its checksum in L1 before it "

@@ -50,7 +50,8 @@ class Progress:
 @dataclass(frozen=True, slots=True)
 class Shared:
     """The index and counters, the policy and its clock, the L1 arena, the
-    executor for blocking work, and the wake-up for waiting Puts."""
+    executor for blocking work, the wake-up for waiting Puts, and whether L1
+    bytes are checked on their way out (``l1.verify_reads``)."""
 
     index: Index
     stats: Stats
@@ -59,6 +60,7 @@ class Shared:
     l1: MemoryTier
     executor: concurrent.futures.ThreadPoolExecutor
     progress: Progress
+    verify_l1: bool = True
 
 
 class Part:

@@ -67,10 +67,16 @@ class BlockReader:
         # The index entry when the bytes are the block's L1 copy (pinned).
         self.entry = entry
         self.block = block
-        # The checksum the bytes must match (-1: checked on their way in).
+        # The checksum the bytes must match (-1: checked on their way in, or
+        # an L1 copy in an arena that is not checked: l1.verify_reads).
         self._expected = entry.checksum if on_corrupt is not None and entry is not None else -1
         self._on_corrupt = on_corrupt
         self._corrupt = ""  # who found the bytes bad ("": not found bad)
+
+    @property
+    def needs_check(self) -> bool:
+        """Whether the bytes are still to be checked before they leave."""
+        return self._expected >= 0
 
     def intact(self, whole_limit: int = WHOLE_CHECK_BYTES) -> bool:
         """Check the whole block now when it is at most ``whole_limit`` bytes
@@ -141,13 +147,16 @@ class Reads(Part):
         self._c1 = self.stats.counters[TierName.L1]
         self._c2 = self.stats.counters[TierName.L2]
         self.check = L1Check(shared)
+        self._verify = self.check.enabled
 
     def _l1_reader(self, block: BlockId, entry: Entry, tier: TierName) -> BlockReader:
-        """A reader of the entry's L1 copy (pinned), checked on its way out."""
+        """A reader of the entry's L1 copy (pinned), checked on its way out
+        when the arena is checked."""
         self.index.pin_reader(entry)
         return BlockReader(self.l1.slice(entry.l1_offset, entry.size), tier,
                            functools.partial(self._unpin, entry), entry, block,
-                           functools.partial(self.check.drop_corrupt, block, entry))
+                           functools.partial(self.check.drop_corrupt, block, entry)
+                           if self._verify else None)
 
     async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
         """The block, pinned for streaming, or None for a miss."""
@@ -191,14 +200,15 @@ class Reads(Part):
         load of it is in flight, and its bytes match its checksum now. None
         otherwise (a miss, a block in a lower tier, a large or a corrupt
         copy: the caller takes :meth:`open_read`, which also drops a corrupt
-        copy). Changes nothing: no counter, no policy call, no pin (pin the
+        copy). The checksum is checked only when the arena is (``l1.verify_reads``).
+        Changes nothing: no counter, no policy call, no pin (pin the
         entry with ``index.pin_reader`` to keep the bytes past an await)."""
         entry = self._hot(block)  # an L1 copy is always in the full index
         if entry is None or entry.l1_offset < 0 or entry.size > whole_limit or (
                 self._loading and block in self._loading):
             return None
         view = self._arena[entry.l1_offset:entry.l1_offset + entry.size]
-        if checksum(view) != entry.checksum:
+        if self._verify and checksum(view) != entry.checksum:
             return None
         return view
 

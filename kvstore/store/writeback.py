@@ -23,7 +23,7 @@ from kvstore.errors import CapacityExhausted, CorruptBlock, StorageError
 from kvstore.policy import Action
 from kvstore.store.coldindex import ColdBlock
 from kvstore.store.index import Entry
-from kvstore.store.l1check import L1Check, l1_intact
+from kvstore.store.l1check import L1Check
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import ROOM_WAIT_SECONDS
@@ -156,7 +156,7 @@ class WriteBack(Part):
         fut: asyncio.Future[None] | None = loop.create_future() if want_future else None
         index = self.index
         view = self.l1.slice(entry.l1_offset, entry.size)
-        if not l1_intact(view, entry):
+        if not self.check.intact(view, entry):
             view.release()
             self.check.drop_corrupt(block, entry, "its L2 write")
             self.progress.wake()

@@ -45,3 +45,22 @@ def test_peers_tiny_with_the_data_plane(tmp_path: Path) -> None:
     assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call: CPU s/GB") for t in targets)
     assert any(t.startswith("kvstore-dp-tcp get 1 MiB, 8/call, 1 client >= 0.7x raw-tcp")
                for t in targets)
+
+
+@pytest.mark.timeout(120)
+def test_peers_private_arena_runs_without_shared_memory(tmp_path: Path) -> None:
+    """``--arena private``: a server without a shared-memory file (its L1
+    reads are not checked again); the shm systems are skipped, with a note."""
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
+                           "--bytes-per-round", "4MiB", "--sizes", "1MiB", "--per-call", "1",
+                           "--systems", "kvstore-dp-tcp", "kvstore-dp-shm", "raw-tcp",
+                           "--arena", "private", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {r["system"] for r in doc["results"]} == {"kvstore-dp-tcp", "raw-tcp"}
+    server = doc["meta"]["kvstore_server"]
+    assert server["arena"] == "private" and server["shm_path"] == ""
+    assert "--l1-shm-path" not in server["command"]
+    assert any("kvstore-dp-shm skipped" in n for n in doc["notes"])

@@ -19,10 +19,11 @@ from kvstore.types import AckLevel, TierName
 KiB = 1024
 
 
-def _run(tmp_path: Path, body: Callable[[TieredStore], Awaitable[None]], l2: bool = True) -> None:
+def _run(tmp_path: Path, body: Callable[[TieredStore], Awaitable[None]], l2: bool = True,
+         **env: str) -> None:
     config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "1MiB",
                        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-                       "KVSTORE_L2_ENABLED": "true" if l2 else "false"})
+                       "KVSTORE_L2_ENABLED": "true" if l2 else "false", **env})
 
     async def go() -> None:
         store = TieredStore(config)
@@ -88,7 +89,34 @@ def test_l1_ready_declines_without_touching_anything(tmp_path: Path) -> None:
         assert reader is not None and not reader.intact(1 << 20)
         reader.close()
         assert ("ns", b"scratched") not in store.index.blocks
-    _run(tmp_path, body, l2=False)  # no L2 write to find the damage first
+    # no L2 write to find the damage first; an anonymous arena is checked on request
+    _run(tmp_path, body, l2=False, KVSTORE_L1_VERIFY_READS="always")
+
+
+def test_an_anonymous_arena_is_not_checked_again_unless_asked(tmp_path: Path) -> None:
+    """Only this process writes an anonymous arena (it checked each block on
+    the way in): by default its bytes leave without a second pass, damage
+    made here in-process included; ``always`` checks them, as a shared
+    arena's always are."""
+    served = {}
+    for mode in ("shared", "always"):
+        async def body(store: TieredStore, mode: str = mode) -> None:
+            await store.put_bytes("ns", b"small", b"s" * 4 * KiB)
+            await store.put_bytes("ns", b"large", b"l" * 300 * KiB)
+            for key in (b"small", b"large"):
+                entry = store.index.blocks[("ns", key)]
+                store.l1.slice(entry.l1_offset, 1)[0] ^= 0xFF
+            assert store.reads.check.enabled is (mode == "always")
+            now = store.reads.l1_ready(("ns", b"small"), 1 << 20)
+            reader = await store.open_read(("ns", b"large"))
+            assert reader is not None
+            served[mode] = (None if now is None else bytes(now[:2]),
+                            reader.needs_check, reader.intact(1 << 20))
+            reader.close()
+        (tmp_path / mode).mkdir()
+        _run(tmp_path / mode, body, l2=False, KVSTORE_L1_VERIFY_READS=mode)
+    assert served["shared"] == (bytes([ord("s") ^ 0xFF]) + b"s", False, True)
+    assert served["always"] == (None, True, False)
 
 
 def test_lookup_now_answers_as_lookup_or_declines(tmp_path: Path) -> None:

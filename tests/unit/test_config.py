@@ -55,6 +55,8 @@ def test_invalid_values_are_rejected_with_the_option_name() -> None:
         cfg.load(env={"KVSTORE_L1_CAPACITY": "huge"})
     with pytest.raises(InvalidConfig, match="address"):
         cfg.load(env={"KVSTORE_SERVER_LISTEN": ""})
+    with pytest.raises(InvalidConfig, match=r"l1\.verify_reads must be 'shared' or 'always'"):
+        cfg.load(env={"KVSTORE_L1_VERIFY_READS": "never"})
 
 
 def test_readme_config_reference_is_current() -> None:
