@@ -263,8 +263,10 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
                                               " (TLS)" if s.tls_cert else "")
                  if addresses["tcp"] else "", f"unix {addresses['unix']}"
                  if addresses["unix"] else ""]
-    l1 = f"L1 {_size(config.l1.capacity)}" + (f" in {config.l1.shm_path}"
-                                               if config.l1.shm_path else "")
+    verified = bool(config.l1.shm_path) or config.l1.verify_reads == "always"
+    l1 = (f"L1 {_size(config.l1.capacity)}"
+          + (f" in {config.l1.shm_path}" if config.l1.shm_path else "")
+          + (" (reads checked)" if verified else " (anonymous: reads not checked again)"))
     write = "write-back" if config.l2.write_mode == "evict" else "write-behind"
     l2 = (f"L2 {_size(config.l2.capacity)} in {config.l2_path} ({write}"
           f"{', fsync' if config.l2.sync else ''})") if config.l2.enabled else "L2 off"
@@ -280,7 +282,7 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     fields: dict[str, object] = {
         "version": _version(), "tcp": addresses["tcp"], "unix": addresses["unix"],
         "tls": "mutual" if s.tls_client_ca else "on" if s.tls_cert else "off",
-        "l1_capacity": config.l1.capacity,
+        "l1_capacity": config.l1.capacity, "l1_reads_checked": verified,
         "l2_capacity": config.l2.capacity if config.l2.enabled else None,
         "l3_url": config.l3.url or None, "policy": config.policy.name,
         "data_dir": config.data_dir,

@@ -132,7 +132,8 @@ def test_one_start_up_summary_line(server_factory) -> None:  # type: ignore[no-u
     lines = [line for line in server.log().splitlines() if " serving on " in line]
     assert len(lines) == 1, server.log()
     line = lines[0]
-    for part in (f"tcp {server.tcp}", f"unix {server.unix}", "L1 128 MiB",
+    for part in (f"tcp {server.tcp}", f"unix {server.unix}",
+                 "L1 128 MiB (anonymous: reads not checked again)",
                  f"L2 8 GiB in {server.data_dir / 'l2'}", "L3 none", "policy session",
                  f"data dir {server.data_dir}"):
         assert part in line, (part, line)
@@ -150,4 +151,5 @@ def test_json_log_lines(server_factory) -> None:  # type: ignore[no-untyped-def]
     assert summary["tcp"] == server.tcp and summary["unix"] == server.unix
     assert summary["policy"] == "sieve" and summary["l3_url"] is None
     assert summary["l1_capacity"] == 128 * 1024**2
+    assert summary["l1_reads_checked"] is False  # an anonymous arena (l1.verify_reads)
     assert any(r["message"] == "stopped" for r in records)
