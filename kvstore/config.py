@@ -173,6 +173,13 @@ class L1Config:
                             "write it); 'always', also for an anonymous arena, which only the "
                             "server writes", parse_str)
 
+    @property
+    def reads_checked(self) -> bool:
+        """Whether L1 bytes are checked on their way out: always in a shared-memory
+        file (attached clients map it read-write); in an anonymous arena, which
+        only the server writes (checking each block as it arrives), on request."""
+        return bool(self.shm_path) or self.verify_reads == "always"
+
 
 @dataclass(frozen=True)
 class L2Config:

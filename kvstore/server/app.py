@@ -263,7 +263,7 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
                                               " (TLS)" if s.tls_cert else "")
                  if addresses["tcp"] else "", f"unix {addresses['unix']}"
                  if addresses["unix"] else ""]
-    verified = bool(config.l1.shm_path) or config.l1.verify_reads == "always"
+    verified = config.l1.reads_checked
     l1 = (f"L1 {_size(config.l1.capacity)}"
           + (f" in {config.l1.shm_path}" if config.l1.shm_path else "")
           + (" (reads checked)" if verified else " (anonymous: reads not checked again)"))

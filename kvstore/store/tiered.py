@@ -99,12 +99,9 @@ class TieredStore:
         self.progress = Progress()
         self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
                            self.progress.wake, config.l2.compact_index)
-        # An anonymous arena is written by this process only, which checked each
-        # block as it came in; a shared-memory file is mapped read-write by every
-        # attached client (docs/reliability.md, "L1 checks").
-        verify_l1 = config.l1.verify_reads == "always" or bool(config.l1.shm_path)
+        # (docs/reliability.md, "L1 checks")
         shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
-                        self.progress, verify_l1)
+                        self.progress, config.l1.reads_checked)
         self.l3: L3Mover | None = None
         if has_l3:
             self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
