@@ -115,6 +115,7 @@ class Worker:
             c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300,
                           release_on_acquire=False, data_plane=False)
             c.stream_batch_bytes = None  # cached stores, as before
+            c.stream_get_bytes = c.stream_put_bytes = None
         elif system == "redis-tcp":
             import redis
 

@@ -120,9 +120,15 @@ _STREAM_BATCH_BYTES = 8 * 1024 * 1024
 # 1 MiB block per call over 64 destination buffers, alternating rounds in one
 # process: p50 356 -> 224 us and 433 -> 296 us; 256 KiB 115 -> 103 us; a
 # single reused (cache-hot) destination 128 -> 120 us; 4 MiB 589 -> 498 us.
-# Puts keep the 8 MiB rule: the server reads the slot right after (its CRC
-# check) and the two choices measured the same (339 vs 343 us at 1 MiB).
 _STREAM_GET_BYTES = 256 * 1024
+# A Put copying at least this many bytes into shared memory uses streaming
+# stores too. The server reads the slot right after (its CRC check), so the
+# bytes it reads come from memory instead of this core's cache; on the first
+# development machine the two choices measured the same (1 MiB: 339 vs 343
+# us), on the second (memcpy 6-9 GB/s) streaming won, alternating rounds in
+# one process, 8 each: 1 MiB 2.46 -> 2.72 GB/s, 4 MiB 2.89 -> 3.42, 256 KiB
+# 1.25 both (docs/performance.md).
+_STREAM_PUT_BYTES = 256 * 1024
 # A lease's release is left to the next ShmAcquire only if the copy under it
 # ended this long (s) before the lease's time, counted from before the
 # ShmAcquire was sent, ran out.
@@ -229,6 +235,9 @@ class ShmClient(Client):
         #: Gets copying at least this many bytes out of shared memory use
         #: streaming stores (None: the ``stream_batch_bytes`` rule).
         self.stream_get_bytes: int | None = _STREAM_GET_BYTES
+        #: Puts copying at least this many bytes into shared memory use
+        #: streaming stores (None: the ``stream_batch_bytes`` rule).
+        self.stream_put_bytes: int | None = _STREAM_PUT_BYTES
         fd = os.open(info.path, os.O_RDWR)
         try:
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -257,7 +266,12 @@ class ShmClient(Client):
         return True if limit is not None and nbytes >= limit else None
 
     def _streaming_get(self, nbytes: int) -> bool | None:
-        limit = self.stream_get_bytes
+        return self._streaming_from(self.stream_get_bytes, nbytes)
+
+    def _streaming_put(self, nbytes: int) -> bool | None:
+        return self._streaming_from(self.stream_put_bytes, nbytes)
+
+    def _streaming_from(self, limit: int | None, nbytes: int) -> bool | None:
         if limit is None:
             return self._streaming(nbytes)
         return True if nbytes >= limit else None
@@ -344,13 +358,13 @@ class ShmClient(Client):
             ns = resolve_namespace(namespace, self.namespace)
             counted = lean.put(ns, int(parse_ack(ack)), check_session_id(session_id), items,
                             int(block_format),
-                            self._streaming(sum(len(v) for _, v in items)))
+                            self._streaming_put(sum(len(v) for _, v in items)))
             if counted is not None:
                 return PutResult(*counted)
         slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
         # Pipelined: while the server verifies and commits one group, this
         # thread copies the next (the two run on different cores).
-        streaming = self._streaming(sum(s.size for s in slots))
+        streaming = self._streaming_put(sum(s.size for s in slots))
         pending: list[Any] = []
         last: Any = None
         done = 0

@@ -323,8 +323,8 @@ def test_gets_of_large_blocks_copy_with_streaming_stores(
         shm_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """One block of 256 KiB or more is copied out of shared memory with
     streaming stores (a 1 MiB Get per call is ~1/3 faster so); smaller copies
-    and Puts below 8 MiB keep ordinary stores; ``stream_get_bytes = None``
-    brings back the batch rule. The bytes read are the same either way."""
+    keep ordinary stores; ``stream_get_bytes = None`` brings back the batch
+    rule. The bytes read are the same either way."""
     import kvstore.client.shm as shm_module
 
     seen: list[tuple[int, object]] = []
@@ -351,3 +351,36 @@ def test_gets_of_large_blocks_copy_with_streaming_stores(
         seen.clear()
         assert c.get_into([b"big"], [got]) == [MiB]
         assert seen == [(MiB, None)]
+
+
+def test_puts_of_large_blocks_copy_with_streaming_stores(
+        shm_server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A Put copying 256 KiB or more into shared memory uses streaming stores
+    (1 MiB per call ~10 % faster on the second development machine); a
+    smaller one keeps ordinary stores, and ``stream_put_bytes = None`` brings
+    back the 8 MiB batch rule. What is stored is the same either way."""
+    import kvstore.client.shm as shm_module
+    import kvstore.client.shm_dataplane as shm_dp_module
+
+    seen: list[tuple[int, object]] = []
+
+    def recorder(real):  # type: ignore[no-untyped-def]
+        def recording(dst, offset, src, seed=0, streaming=None):  # type: ignore[no-untyped-def]
+            seen.append((len(memoryview(src)), streaming))
+            return real(dst, offset, src, seed, streaming)
+        return recording
+
+    for module in (shm_module, shm_dp_module):  # (either path may carry the Put)
+        monkeypatch.setattr(module, "copy_and_checksum", recorder(module.copy_and_checksum))
+    with ShmClient(shm_server.unix_target, namespace="ntp") as c:
+        blobs = {b"big": block(3, MiB), b"mid": block(4, 128 * 1024), b"again": block(5, MiB)}
+        c.put({b"big": blobs[b"big"]})
+        assert seen == [(MiB, True)]
+        seen.clear()
+        c.put({b"mid": blobs[b"mid"]})
+        assert seen == [(128 * 1024, None)]
+        c.stream_put_bytes = None
+        seen.clear()
+        c.put({b"again": blobs[b"again"]})
+        assert seen == [(MiB, None)]
+        assert c.get(list(blobs)) == list(blobs.values())
