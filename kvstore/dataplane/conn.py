@@ -42,9 +42,9 @@ _LOWAT = 256 * 1024
 _TLS_READ = 1024 * 1024
 
 
-#: ``fast(opcode, request_id, meta)``: answer a payload-free request now
-#: (True), or leave it, untouched, to the connection's task (False).
-FastAnswer = Callable[[int, int, memoryview], bool]
+#: ``fast(opcode, flags, request_id, meta)``: answer a payload-free request
+#: now (True), or leave it, untouched, to the connection's task (False).
+FastAnswer = Callable[[int, int, int, memoryview], bool]
 
 
 class ConnectionClosed(Exception):
@@ -175,7 +175,7 @@ class SocketIO:
         while True:
             start = self._start
             while self._end - start >= HEADER_SIZE:
-                magic, version, opcode, _, rid, meta_len, payload_len = HEADER.unpack_from(
+                magic, version, opcode, flags, rid, meta_len, payload_len = HEADER.unpack_from(
                     buf, start)
                 if payload_len or magic != MAGIC or version != VERSION:
                     return True  # a PUT, or a bad frame: the task's
@@ -184,7 +184,7 @@ class SocketIO:
                     if end - start > BUFFER_BYTES:
                         return True  # more metadata than the buffer holds
                     break  # the rest of the frame is still to come
-                if not fast(opcode, rid, self.mv[start + HEADER_SIZE:end]):
+                if not fast(opcode, flags, rid, self.mv[start + HEADER_SIZE:end]):
                     return True
                 self._start = start = end
                 if self._pending is not None or self._failed is not None:

@@ -12,6 +12,7 @@ as over gRPC (checksummed on the way in, verified on the way out).
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import struct
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,8 @@ _GET, _LOOKUP, _PING = int(f.Op.GET), int(f.Op.LOOKUP), int(f.Op.PING)
 _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
 _LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
 _SHM_ACQUIRE, _SHM_RELEASE = int(f.Op.SHM_ACQUIRE), int(f.Op.SHM_RELEASE)
+_SHM_COMMIT = int(f.Op.SHM_COMMIT)
+_SHM_COMMIT_RESPONSE = int(f.Op.SHM_COMMIT | f.RESPONSE)
 _SHM_ACQUIRE_RESPONSE = int(f.Op.SHM_ACQUIRE | f.RESPONSE)
 _SHM_RELEASE_RESPONSE = int(f.Op.SHM_RELEASE | f.RESPONSE)
 _L1 = int(TierName.L1)
@@ -77,6 +80,20 @@ Handler = Callable[[f.Header, Any], Awaitable[None]]
 
 def _nothing() -> None:
     pass
+
+
+class Answered(enum.IntEnum):
+    """What :meth:`Session.answer_now` did (true when it answered)."""
+
+    NO = 0  # nothing: the connection's task answers it
+    YES = 1
+    ERROR = 2  # answered with an ERROR frame
+
+
+def error_frame(request_id: int, exc: KVStoreError, flags: int = 0) -> bytes:
+    """The ERROR frame that answers a request ``exc`` failed."""
+    info = f.ErrorInfo(f.STATUS_CODES.get(exc.code, 13), type(exc).__name__, exc.message)
+    return f.frame(f.Op.ERROR, request_id, info.encode(), 0, flags)
 
 
 class Session:
@@ -225,26 +242,32 @@ class Session:
 
     # -- answered on the spot (from the socket's readable callback) ----------------------
 
-    def answer_now(self, opcode: int, request_id: int, meta: memoryview) -> bool:
+    def answer_now(self, opcode: int, flags: int, request_id: int,
+                   meta: memoryview) -> Answered:
         """Answer a request that needs no waiting (a PING; a GET whose blocks
         are all L1 hits small enough to check here; a LOOKUP that needs no
-        L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE) with one
-        ``sendmsg``: True when answered (what the socket did not take is sent
-        by the connection's task), False when nothing was done (the task
-        answers it, errors included)."""
+        L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE; an SHM_COMMIT
+        that needs no waiting) with one ``sendmsg``: YES when answered (what
+        the socket did not take is sent by the connection's task), ERROR when
+        answered with an error, NO when nothing was done (the task answers
+        it, errors included)."""
         if opcode == _GET:
-            return self._get_now(request_id, meta)
-        if opcode == _SHM_ACQUIRE:
-            return self._shm_acquire_now(request_id, meta)
-        if opcode == _SHM_RELEASE:
-            return self._shm_release_now(request_id, meta)
-        if opcode == _LOOKUP:
-            return self._lookup_now(request_id, meta)
-        if opcode == _PING and not len(meta):
+            done = self._get_now(request_id, meta)
+        elif opcode == _SHM_COMMIT:
+            return self._shm_commit_now(flags, request_id, meta)
+        elif opcode == _SHM_ACQUIRE:
+            done = self._shm_acquire_now(request_id, meta)
+        elif opcode == _SHM_RELEASE:
+            done = self._shm_release_now(request_id, meta)
+        elif opcode == _LOOKUP:
+            done = self._lookup_now(request_id, meta)
+        elif opcode == _PING and not len(meta):
             self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
                 f.Op.PING | f.RESPONSE, request_id, 0))
-            return True
-        return False
+            done = True
+        else:
+            done = False
+        return Answered.YES if done else Answered.NO
 
     def _reply_now(self, answer: bytes) -> None:
         io = self.io
@@ -508,6 +531,58 @@ class Session:
 
     async def shm_commit(self, header: f.Header, meta: Any) -> None:
         extended = bool(header.flags & f.FLAG_SHM_NEXT)
+        req, namespace, specs = self._commit_request(meta, extended)
+        started = self.shm.clock()
+        try:
+            stored, nbytes = await self.shm.commit(namespace, _ACK[req.ack], specs, req.abandon,
+                                                   self.owner, session=req.session_id or None)
+        finally:
+            self._committed(specs, req.abandon)
+        if not extended:
+            await self.reply(header, f.Counted(stored, nbytes).encode())
+            return
+        slots: list[Any] = []
+        if req.reserve_next:
+            slots, _ = await self.shm.restock(namespace, req.reserve_next, self.owner)
+        await self.reply(header, self._commit_result(stored, nbytes, started, slots),
+                         f.FLAG_SHM_NEXT)
+
+    def _shm_commit_now(self, flags: int, rid: int, meta: memoryview) -> Answered:
+        # The broker commits on the spot or declines having changed nothing
+        # (a commit that would wait: larger than it checks here, acknowledged
+        # beyond memory, an overwrite waiting for its L2 delete); the slots
+        # for the client's next Puts are those L1 has room for now.
+        extended = bool(flags & f.FLAG_SHM_NEXT)
+        try:
+            req, namespace, specs = self._commit_request(meta, extended)
+        except (f.FrameError, KVStoreError):
+            return Answered.NO
+        started = self.shm.clock()
+        try:
+            done = self.shm.commit_now(namespace, _ACK[req.ack], specs, req.abandon,
+                                       self.owner, session=req.session_id or None)
+        except KVStoreError as exc:
+            self._committed(specs, req.abandon)
+            self._reply_now(error_frame(rid, exc))
+            return Answered.ERROR
+        if done is None:
+            return Answered.NO
+        self._committed(specs, req.abandon)
+        stored, nbytes = done
+        if not extended:
+            result = f.Counted(stored, nbytes).encode()
+            self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result)) + result)
+            return Answered.YES
+        slots = self.shm.restock_now(namespace, req.reserve_next, self.owner) \
+            if req.reserve_next else []
+        result = self._commit_result(stored, nbytes, started, slots)
+        self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result), 0,
+                                        f.FLAG_SHM_NEXT) + result)
+        return Answered.YES
+
+    def _commit_request(self, meta: Any, extended: bool
+                        ) -> tuple[f.ShmCommitRequest, str, list[CommitSpec]]:
+        """An SHM_COMMIT's request, its namespace checked, and its blocks."""
         req = f.ShmCommitRequest.decode(meta, extended)
         namespace = self.namespace(req.namespace)
         if req.ack not in _ACK:
@@ -515,34 +590,26 @@ class Session:
         if any(b[4] not in _FORMATS for b in req.blocks):
             raise InvalidArgument("unknown block format in SHM_COMMIT")
         keys = req.keys if extended else [b""] * len(req.blocks)
-        specs = [CommitSpec(slot, offset, size, crc, BlockFormat(fmt), key)
-                 for (slot, offset, size, crc, fmt), key in zip(req.blocks, keys, strict=True)]
         # reserve_next (extended): anonymous slots for the client's next Puts,
         # reserved once this commit is done, as the gRPC ShmCommit does.
-        restock = req.reserve_next
-        self.shm.check_restock(restock)
-        started = self.shm.clock()
-        try:
-            stored, nbytes = await self.shm.commit(namespace, _ACK[req.ack], specs, req.abandon,
-                                                   self.owner, session=req.session_id or None)
-        finally:
-            # Committed, abandoned or dropped by a failed commit: no longer ours
-            # to give up (a foreign id was refused and never ours).
-            self.slots.difference_update(s.slot_id for s in specs)
-            self.slots.difference_update(req.abandon)
-        if not extended:
-            await self.reply(header, f.Counted(stored, nbytes).encode())
-            return
-        slots: list[Any] = []
-        open_ms = 0
-        if restock:
-            slots, _ = await self.shm.restock(namespace, restock, self.owner)
-            open_ms = int((self.shm.clock() - started) * 1000.0)
-            # The session's, like any reservation: given up if it closes first.
-            self.slots.update(s.slot_id for s in slots)
-        await self.reply(header, f.ShmCommitResult(stored, nbytes, open_ms, [
-            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode(),
-            f.FLAG_SHM_NEXT)
+        self.shm.check_restock(req.reserve_next)
+        return req, namespace, [
+            CommitSpec(slot, offset, size, crc, BlockFormat(fmt), key)
+            for (slot, offset, size, crc, fmt), key in zip(req.blocks, keys, strict=True)]
+
+    def _committed(self, specs: list[CommitSpec], abandon: list[int]) -> None:
+        # Committed, abandoned or dropped by a failed commit: no longer ours
+        # to give up (a foreign id was refused and never ours).
+        self.slots.difference_update(s.slot_id for s in specs)
+        self.slots.difference_update(abandon)
+
+    def _commit_result(self, stored: int, nbytes: int, started: float, slots: list[Any]) -> bytes:
+        """An extended SHM_COMMIT's answer; ``slots``: the restock, the
+        session's like any reservation (given up if it closes first)."""
+        open_ms = int((self.shm.clock() - started) * 1000.0) if slots else 0
+        self.slots.update(s.slot_id for s in slots)
+        return f.ShmCommitResult(stored, nbytes, open_ms, [
+            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode()
 
     async def shm_acquire(self, header: f.Header, meta: Any) -> None:
         req = f.ShmAcquireRequest.decode(meta)

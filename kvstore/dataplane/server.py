@@ -33,7 +33,7 @@ from kvstore.dataplane.conn import (
     SocketIO,
     StreamIO,
 )
-from kvstore.dataplane.ops import Session
+from kvstore.dataplane.ops import Answered, Session, error_frame
 from kvstore.dataplane.tickets import Binding, TicketBook
 from kvstore.errors import (
     InvalidConfig,
@@ -269,9 +269,12 @@ class DataPlaneServer:
         stats = self.stats
         answer = session.answer_now
 
-        def fast(opcode: int, request_id: int, meta: memoryview) -> bool:
-            if answer(opcode, request_id, meta):
+        def fast(opcode: int, flags: int, request_id: int, meta: memoryview) -> bool:
+            answered = answer(opcode, flags, request_id, meta)
+            if answered:
                 stats.frames += 1
+                if answered is Answered.ERROR:
+                    stats.errors += 1
                 return True
             return False
         return fast
@@ -369,7 +372,7 @@ class DataPlaneServer:
                 return
             except KVStoreError as exc:
                 stats.errors += 1
-                await io.send((_error_frame(rid, exc),))
+                await io.send((error_frame(rid, exc),))
             except (ConnectionClosed, ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -387,7 +390,7 @@ class DataPlaneServer:
         else:
             rid, error = 0, MalformedRequest(f"malformed frame: {exc}")
         with contextlib.suppress(ConnectionClosed, OSError):
-            await io.send((_error_frame(rid, error, f.FLAG_CLOSING),))
+            await io.send((error_frame(rid, error, f.FLAG_CLOSING),))
 
 
 class _RateLimitedWarning:
@@ -419,8 +422,3 @@ class _Fatal(Exception):
         super().__init__(message)
         self.request_id = request_id
         self.error = kind(message)
-
-
-def _error_frame(request_id: int, exc: KVStoreError, flags: int = 0) -> bytes:
-    info = f.ErrorInfo(f.STATUS_CODES.get(exc.code, 13), type(exc).__name__, exc.message)
-    return f.frame(f.Op.ERROR, request_id, info.encode(), 0, flags)

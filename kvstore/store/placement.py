@@ -29,7 +29,7 @@ ROOM_WAIT_SECONDS = 30.0
 
 # Blocks up to this size are verified on the event loop (a few µs); larger
 # ones in the executor (the native verify releases the GIL).
-_VERIFY_INLINE_BYTES = 256 * 1024
+VERIFY_BLOCK_INLINE_BYTES = 256 * 1024
 
 # quota.l1: how long a Put waits for an over-quota namespace's blocks to
 # become evictable (their L2 write-back) before evicting by the policy's choice.
@@ -37,6 +37,20 @@ QUOTA_WAIT_SECONDS = 1.0
 #: Victims one reservation sends to L2 before it waits for their writes
 #: (write-back: a dirty victim is written before it leaves L1).
 DEMOTE_BATCH = 32
+
+
+#: What :meth:`Placement._reserve_step` returns when it has no extent.
+_WAIT_QUOTA, _WAIT_WRITES, _WAIT_ROOM, _NO_ROOM = -1, -2, -3, -4
+
+
+class _Attempt:
+    """One reservation's progress across its waits."""
+
+    __slots__ = ("quota_waited", "writing")
+
+    def __init__(self) -> None:
+        self.quota_waited = False  # waited out QUOTA_WAIT_SECONDS: evict by the policy
+        self.writing = 0  # victims this call queued for their L2 write (write-back)
 
 
 class Placement(Part):
@@ -76,13 +90,22 @@ class Placement(Part):
     async def verify_block(self, offset: int, size: int) -> None:
         """Check a block-format block in L1 (header fields, header and payload
         CRC-32C): InvalidBlock or CorruptBlock naming what is wrong."""
+        if size <= VERIFY_BLOCK_INLINE_BYTES:
+            self.verify_block_now(offset, size)
+            return
         view = self.l1.slice(offset, size)
         try:
-            if size <= _VERIFY_INLINE_BYTES:
-                block_verify(view)
-            else:
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self.executor, block_verify, view)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.executor, block_verify, view)
+        finally:
+            view.release()
+
+    def verify_block_now(self, offset: int, size: int) -> None:
+        """:meth:`verify_block` on this thread (blocks of at most
+        VERIFY_BLOCK_INLINE_BYTES)."""
+        view = self.l1.slice(offset, size)
+        try:
+            block_verify(view)
         finally:
             view.release()
 
@@ -94,7 +117,40 @@ class Placement(Part):
         back (:meth:`release`)."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
-        writing = 0  # victims this call queued for their L2 write (write-back)
+        attempt = _Attempt()
+        while True:
+            got = self._reserve_step(size, attempt)
+            if got >= 0:
+                return got
+            if got == _WAIT_QUOTA:
+                # Over-quota blocks are being written to L2 (write-back):
+                # wait for them rather than evict a namespace within quota.
+                if not await self.progress.wait(quota_deadline):
+                    attempt.quota_waited = True
+            elif got == _WAIT_WRITES:
+                # Enough victims are on their way to L2: each further one
+                # waits for a write to end, rather than queue the whole of
+                # L1 (each victim search walks past every block being
+                # written, holding the GIL the writer needs: quadratic,
+                # measured 30 s and a failed Put).
+                if not await self.progress.wait(deadline):
+                    raise self._full(size)
+            elif got == _WAIT_ROOM:
+                if not await self.progress.wait(deadline):
+                    raise self._full(size)
+            else:
+                raise self._full(size)
+
+    def reserve_now(self, size: int) -> int:
+        """:meth:`reserve` without waiting: the extent's offset, or -1 where
+        :meth:`reserve` would wait for room (or fail). Victims it evicted or
+        queued for their L2 write stay so (as :meth:`reserve`'s would)."""
+        got = self._reserve_step(size, _Attempt())
+        return got if got >= 0 else -1
+
+    def _reserve_step(self, size: int, attempt: _Attempt) -> int:
+        """Reserve, evicting what can leave at once: an offset, or what to
+        wait for (_WAIT_QUOTA, _WAIT_WRITES, _WAIT_ROOM) or _NO_ROOM."""
         while True:
             offset = self.l1.reserve(size)
             if offset >= 0:
@@ -103,28 +159,19 @@ class Placement(Part):
             victim = None
             if self._l1_limit is not None:
                 victim, blocked = self._quota_victim()
-                if blocked and self.index.busy_pins > 0 and \
-                        await self.progress.wait(quota_deadline):
-                    # Over-quota blocks are being written to L2 (write-back):
-                    # wait for them rather than evict a namespace within quota.
-                    continue
+                if blocked and not attempt.quota_waited and self.index.busy_pins > 0:
+                    return _WAIT_QUOTA
             if victim is None:
                 victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
             if victim is not None:
                 if self._evict(victim[0], victim[1]):
                     continue
-                writing += 1
-                if writing >= DEMOTE_BATCH and not await self.progress.wait(deadline):
-                    # Enough victims are on their way to L2: each further one
-                    # waits for a write to end, rather than queue the whole of
-                    # L1 (each victim search walks past every block being
-                    # written, holding the GIL the writer needs: quadratic,
-                    # measured 30 s and a failed Put).
-                    raise self._full(size)
+                attempt.writing += 1
+                if attempt.writing >= DEMOTE_BATCH:
+                    return _WAIT_WRITES
                 continue
             busy = self.open_writers > 0 or self.index.busy_pins > 0
-            if not busy or not await self.progress.wait(deadline):
-                raise self._full(size)
+            return _WAIT_ROOM if busy else _NO_ROOM
 
     def _full(self, size: int) -> CapacityExhausted:
         return CapacityExhausted(
@@ -145,8 +192,7 @@ class Placement(Part):
         index = self.index
         old = index.entry(block)
         if old is not None:
-            done = self._old_copy_deleted(block) if self.has_l2 and (
-                old.l2 or old.l2_pending > 0) else None
+            done = self._old_copy_deleted(block) if self._has_l2_copy(old) else None
             # Its L2 copy goes too (the writer queue keeps the order: the new
             # block's write comes after this delete), so a restart before the
             # new block reaches L2 finds nothing rather than the old bytes;
@@ -168,6 +214,20 @@ class Placement(Part):
             self._own(block, entry)
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
+
+    def _has_l2_copy(self, entry: Entry) -> bool:
+        """Whether ``entry`` has an L2 copy (or one on its way) that its
+        overwrite must delete first."""
+        return self.has_l2 and (entry.l2 or entry.l2_pending > 0)
+
+    def replace_waits(self, block: BlockId) -> bool:
+        """Whether a Put of ``block`` now would be answered only after an L2
+        delete (store.make_durable): it overwrites a block with an L2 copy, or
+        one whose delete is still pending."""
+        if block in self.replacing:
+            return True
+        old = self.index.entry(block)
+        return old is not None and self._has_l2_copy(old)
 
     def _old_copy_deleted(self, block: BlockId) -> DropDone | None:
         """The writer's callback for the delete of an overwritten block's L2

@@ -68,6 +68,7 @@ from kvstore.errors import (
     PermissionDenied,
     TierNotConfigured,
 )
+from kvstore.store.placement import VERIFY_BLOCK_INLINE_BYTES
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
@@ -231,27 +232,30 @@ class SharedMemoryBroker:
                 f"one ShmReserve for {len(specs)} blocks needs {total} bytes of L1, more than "
                 f"its capacity of {capacity} bytes (l1.capacity): reserve fewer at a time")
         slots: list[Slot] = []
-        taken: list[Reservation] = []
         try:
             for key, size in specs:
                 offset = await self.placement.reserve(size)
-                self._generation += 1
-                slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
                 # No deadline while this call is open (it may wait for room):
                 # a slot granted earlier in it must not expire and be reused.
-                r = Reservation((namespace, key), offset, size, self._generation, session,
-                                math.inf, owner)
-                self._reservations[slot_id] = r
-                taken.append(r)
-                slots.append(Slot(slot_id, offset, size, self._generation))
+                slots.append(self._grant((namespace, key), offset, size, session, owner))
         except BaseException:
             for slot in slots:
                 self._drop_reservation(slot.slot_id)
             raise
         now = self.clock()
-        for r in taken:
-            r.expires = now + self.reserve_ms / 1000.0
+        expires = now + self.reserve_ms / 1000.0
+        for slot in slots:
+            self._reservations[slot.slot_id].expires = expires
         return slots, int((now - started) * 1000.0)
+
+    def _grant(self, block: BlockId, offset: int, size: int, session: str | None,
+               owner: str, expires: float = math.inf) -> Slot:
+        """A reservation of the extent at ``offset`` (reserved in placement)."""
+        self._generation += 1
+        slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
+        self._reservations[slot_id] = Reservation(block, offset, size, self._generation,
+                                                  session, expires, owner)
+        return Slot(slot_id, offset, size, self._generation)
 
     def _drop_reservation(self, slot_id: int) -> None:
         r = self._reservations.pop(slot_id, None)
@@ -272,6 +276,82 @@ class SharedMemoryBroker:
         """Store the blocks written into reserved slots. ``session``: the
         session of the anonymous slots committed (a keyed reservation keeps
         the one it was reserved with)."""
+        taken = self._take(namespace, ack, specs, abandon, owner, session)
+        # Verify every block's checksum before any is visible. A small commit
+        # right here (tens of µs: less than the hop to a thread and back); a
+        # larger one off the event loop, one executor task per block (the
+        # native CRC releases the GIL, so blocks are verified in parallel).
+        try:
+            if sum(r.size for _, r in taken) <= VERIFY_INLINE_BYTES:
+                sums = [_checksum_of(self.store.l1, r.offset, r.size) for _, r in taken]
+            else:
+                loop = asyncio.get_running_loop()
+                sums = await asyncio.gather(*(
+                    loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
+                                         r.offset, r.size)
+                    for _, r in taken))
+            self._check_sums(taken, sums)
+            for spec, r in taken:
+                if spec.format == BlockFormat.KV_V1:
+                    await self.placement.verify_block(r.offset, r.size)
+        except BaseException:
+            self._release_taken(taken)
+            raise
+        durable = []
+        nbytes = 0
+        for spec, r in taken:
+            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
+            fut = await self.store.make_durable(r.block, entry, ack)
+            if fut is not None:
+                durable.append(fut)
+            nbytes += r.size
+        if durable:
+            await asyncio.gather(*durable)
+        return len(taken), nbytes
+
+    def commit_now(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
+                   abandon: Sequence[int], owner: str = "", *,
+                   session: str | None = None) -> tuple[int, int] | None:
+        """:meth:`commit` on the spot, for a commit that needs no waiting: at
+        most VERIFY_INLINE_BYTES in all, acknowledged at ``memory``, no block
+        format check run off the loop, no overwrite that waits for its old L2
+        copy's delete, no write-back that waits for the writer. Otherwise
+        None, having changed nothing. Errors are :meth:`commit`'s, with the
+        same effects."""
+        if ack != AckLevel.MEMORY or not self.store.acked_now() or \
+                sum(spec.size for spec in specs) > VERIFY_INLINE_BYTES:
+            return None
+        reservations = self._reservations
+        for spec in specs:
+            if spec.format == BlockFormat.KV_V1 and spec.size > VERIFY_BLOCK_INLINE_BYTES:
+                return None
+            r = reservations.get(spec.slot_id)
+            if r is not None and self.placement.replace_waits(
+                    r.block if r.block[1] else (r.block[0], spec.key)):
+                return None
+        taken = self._take(namespace, ack, specs, abandon, owner, session)
+        try:
+            self._check_sums(taken, [_checksum_of(self.store.l1, r.offset, r.size)
+                                     for _, r in taken])
+            for spec, r in taken:
+                if spec.format == BlockFormat.KV_V1:
+                    self.placement.verify_block_now(r.offset, r.size)
+        except BaseException:
+            self._release_taken(taken)
+            raise
+        nbytes = 0
+        for spec, r in taken:
+            self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
+            self.store.make_durable_now()
+            nbytes += r.size
+        return len(taken), nbytes
+
+    def _take(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
+              abandon: Sequence[int], owner: str, session: str | None
+              ) -> list[tuple[CommitSpec, Reservation]]:
+        """A commit's checks; the reservations it takes (no longer open), the
+        slots in ``abandon`` given up. A client naming memory it was not given
+        loses what it named."""
         self.check_namespace(namespace)
         self.store.check_ack(ack)
         named = [spec.slot_id for spec in specs] + list(abandon)
@@ -301,59 +381,27 @@ class SharedMemoryBroker:
                 _bind_key(r, spec, i, session)
                 taken.append((spec, r))
         except InvalidArgument:
-            # A client naming memory it was not given is broken: drop what it named.
             for spec in specs:
                 self._drop_reservation(spec.slot_id)
             raise
         for spec, _ in taken:
             del self._reservations[spec.slot_id]
-        # Verify every block's checksum before any is visible. A small commit
-        # right here (tens of µs: less than the hop to a thread and back); a
-        # larger one off the event loop, one executor task per block (the
-        # native CRC releases the GIL, so blocks are verified in parallel).
-        arena = self.store.l1
-        try:
-            if sum(r.size for _, r in taken) <= VERIFY_INLINE_BYTES:
-                sums = [_checksum_of(arena, r.offset, r.size) for _, r in taken]
-            else:
-                loop = asyncio.get_running_loop()
-                sums = await asyncio.gather(*(
-                    loop.run_in_executor(self.store.executor, _checksum_of, arena, r.offset,
-                                         r.size)
-                    for _, r in taken))
-        except BaseException:
-            for _, r in taken:
-                self.placement.release(r.offset, r.size)
-            raise
+        return taken
+
+    def _check_sums(self, taken: Sequence[tuple[CommitSpec, Reservation]],
+                    sums: Sequence[int]) -> None:
         bad = [i for i, ((spec, _), got) in enumerate(zip(taken, sums, strict=True))
                if got != spec.checksum]
         if bad:
-            for _, r in taken:
-                self.placement.release(r.offset, r.size)
             spec0 = taken[bad[0]][0]
             raise CorruptBlock(
                 f"{len(bad)} block(s) failed their CRC-32C check (first: block #{bad[0]}, slot "
                 f"{spec0.slot_id}: client said {spec0.checksum:#010x}, slot holds "
                 f"{sums[bad[0]]:#010x}); nothing of this commit was stored")
-        try:
-            for spec, r in taken:
-                if spec.format == BlockFormat.KV_V1:
-                    await self.placement.verify_block(r.offset, r.size)
-        except BaseException:
-            for _, r in taken:
-                self.placement.release(r.offset, r.size)
-            raise
-        durable = []
-        nbytes = 0
-        for spec, r in taken:
-            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
-            fut = await self.store.make_durable(r.block, entry, ack)
-            if fut is not None:
-                durable.append(fut)
-            nbytes += r.size
-        if durable:
-            await asyncio.gather(*durable)
-        return len(taken), nbytes
+
+    def _release_taken(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> None:
+        for _, r in taken:
+            self.placement.release(r.offset, r.size)
 
     async def restock(self, namespace: str, sizes: Sequence[int], owner: str = ""
                       ) -> tuple[list[Slot], int]:
@@ -362,13 +410,7 @@ class SharedMemoryBroker:
         at most RESTOCK_MAX_SLOTS slots and 1/RESTOCK_MAX_L1_SHARE of L1 (a
         leading part of ``sizes``), and none when L1 has no room within
         RESTOCK_WAIT_SECONDS. Call :meth:`check_restock` first."""
-        budget = self.store.l1.capacity // RESTOCK_MAX_L1_SHARE
-        granted: list[int] = []
-        for size in sizes[:RESTOCK_MAX_SLOTS]:
-            if size > budget:
-                break
-            budget -= size
-            granted.append(size)
+        granted = self._restock_sizes(sizes)
         if not granted:
             return [], 0
         try:
@@ -376,6 +418,29 @@ class SharedMemoryBroker:
                 return await self.reserve(namespace, [(b"", n) for n in granted], None, owner)
         except (TimeoutError, CapacityExhausted):
             return [], 0
+
+    def restock_now(self, namespace: str, sizes: Sequence[int], owner: str = "") -> list[Slot]:
+        """:meth:`restock` without waiting: the slots L1 has room for now
+        (evicting what can leave at once), a leading part of those asked."""
+        slots: list[Slot] = []
+        expires = self.clock() + self.reserve_ms / 1000.0
+        for size in self._restock_sizes(sizes):
+            offset = self.placement.reserve_now(size)
+            if offset < 0:
+                break
+            slots.append(self._grant((namespace, b""), offset, size, None, owner, expires))
+        return slots
+
+    def _restock_sizes(self, sizes: Sequence[int]) -> list[int]:
+        """The leading part of ``sizes`` a restock grants at most."""
+        budget = self.store.l1.capacity // RESTOCK_MAX_L1_SHARE
+        granted: list[int] = []
+        for size in sizes[:RESTOCK_MAX_SLOTS]:
+            if size > budget:
+                break
+            budget -= size
+            granted.append(size)
+        return granted
 
     def check_restock(self, sizes: Sequence[int]) -> None:
         """Each of ``sizes`` a valid block size (before a commit that restocks)."""

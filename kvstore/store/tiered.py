@@ -260,6 +260,19 @@ class TieredStore:
                 asyncio.gather(remote, *([local] if local is not None else [])))
         return await self._make_local(block, entry, ack)
 
+    def acked_now(self) -> bool:
+        """Whether a Put acknowledged at ``memory`` may be answered without
+        waiting (:meth:`make_durable_now`), unless it overwrites a block with
+        an L2 copy (``placement.replace_waits``): no write-back that writes
+        every block before the answer."""
+        return self.writeback is None or self.writeback.memory_ack_now
+
+    def make_durable_now(self) -> None:
+        """:meth:`make_durable` of a block acknowledged at ``memory``, where
+        :meth:`acked_now` and ``placement.replace_waits`` allow it."""
+        if self.writeback is not None:
+            self.writeback.clean_ahead()
+
     async def _make_local(self, block: BlockId, entry: Entry,
                           ack: AckLevel) -> asyncio.Future[None] | None:
         if self.writeback is None:

@@ -49,7 +49,10 @@ class WriteBack(Part):
         self.capacity = config.l2.capacity
         self.queue_limit = config.l2.write_queue_bytes
         self.outage_spill = config.l3.outage_spill
-        self.write_always = config.l2.write_mode == "always"
+        #: A Put acknowledged at ``memory`` is answered without waiting for
+        #: the writer (write-back; l2.write_mode ``always`` queues every block
+        #: first).
+        self.memory_ack_now = config.l2.write_mode != "always"
         # Write-back keeps at most this many dirty bytes in L1.
         self.dirty_limit = int(config.l1.capacity * (1.0 - config.l2.clean_reserve))
         # ... and cleans ahead at most this many bytes at a time: blocks being
@@ -101,7 +104,7 @@ class WriteBack(Part):
                          ack: AckLevel) -> asyncio.Future[None] | None:
         """Queue the block's L2 write as ``ack`` asks; a future for it when
         the caller waits for it (acknowledgement level local)."""
-        if ack == AckLevel.MEMORY and not self.write_always:
+        if ack == AckLevel.MEMORY and self.memory_ack_now:
             self.clean_ahead()
             return None
         index = self.index

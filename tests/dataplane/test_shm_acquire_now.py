@@ -25,9 +25,13 @@ from dataplane.raw import (
     PING,
     PUT,
     SHM_ACQUIRE,
+    SHM_COMMIT,
     SHM_RELEASE,
+    SHM_RESERVE,
     Frame,
     Raw,
+    block_of,
+    header,
     keys,
     put_meta,
     request,
@@ -40,11 +44,11 @@ from dataplane.raw import put as raw_put
 from kvstore.checksum import checksum
 from kvstore.config import load
 from kvstore.dataplane import frames as f
-from kvstore.dataplane.ops import Session
+from kvstore.dataplane.ops import Answered, Session
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
 from kvstore.errors import InvalidArgument, InvalidKey, PermissionDenied
-from kvstore.store import SharedMemoryBroker, TieredStore
+from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.types import AckLevel, TierName
 
 KiB, MiB = 1024, 1024**2
@@ -187,10 +191,11 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int, bool]]
     answered: list[tuple[int, int, bool]] = []
     real = Session.answer_now
 
-    def answer_now(self: Session, opcode: int, rid: int, meta: memoryview) -> bool:
-        ok = real(self, opcode, rid, meta)
-        answered.append((opcode, rid, ok))
-        return ok
+    def answer_now(self: Session, opcode: int, flags: int, rid: int,
+                   meta: memoryview) -> Answered:
+        done = real(self, opcode, flags, rid, meta)
+        answered.append((opcode, rid, bool(done)))
+        return done
     monkeypatch.setattr(Session, "answer_now", answer_now)
     yield answered
 
@@ -363,3 +368,173 @@ def test_a_lease_on_a_damaged_copy_names_the_checksum_it_fails(tmp_path: Path,
         # the damaged bytes fails it (ShmClient raises CorruptBlock).
         assert lease.crc32c == checksum(good) != checksum(_bytes(w, lease))
     _with_server(tmp_path, spy, body)
+
+
+# -- SHM_COMMIT answered on the spot ----------------------------------------------------------
+
+
+def _reserve(rid: int, sizes: list[int], key: bytes = b"") -> bytes:
+    return request(SHM_RESERVE, rid, f.ShmReserveRequest("ns", [(key, n) for n in sizes]).encode())
+
+
+def _commit(rid: int, slots: list[tuple[int, int, int]], data: list[bytes], ack: int = 0,
+            keys_: list[bytes] | None = None, reserve_next: list[int] | None = None,
+            crcs: list[int] | None = None) -> bytes:
+    """An SHM_COMMIT of ``data`` written into ``slots`` (id, offset, size):
+    extended (FLAG_SHM_NEXT) when ``keys_`` are given."""
+    sums = crcs if crcs is not None else [checksum(d) for d in data]
+    blocks = [(slot, offset, size, crc, 0)
+              for (slot, offset, size), crc in zip(slots, sums, strict=True)]
+    meta = f.encode_shm_commit("ns", ack, blocks, [], keys_, "", reserve_next or [])
+    flags = f.FLAG_SHM_NEXT if keys_ is not None else 0
+    return header(SHM_COMMIT, rid, len(meta), 0, flags) + meta
+
+
+def _write(world: World, slots: list[tuple[int, int, int]], data: list[bytes]) -> None:
+    for (_, offset, size), value in zip(slots, data, strict=True):
+        view = world.store.l1.slice(offset, size)
+        view[:] = value
+        view.release()
+
+
+async def _slots(world: World, raw: Raw, rid: int, sizes: list[int],
+                 key: bytes = b"") -> list[tuple[int, int, int]]:
+    await _send(raw, _reserve(rid, sizes, key))
+    answer = (await _frames(raw, 1))[0]
+    assert answer.op == SHM_RESERVE | 0x80, answer
+    return [(slot, offset, size) for slot, offset, size, _ in
+            f.ShmReserveResult.decode(answer.meta).slots]
+
+
+async def _get_one(raw: Raw, rid: int, key: bytes) -> bytes | None:
+    await _send(raw, request(0x04, rid, s("ns") + s("") + keys([key])))
+    return block_of((await _frames(raw, 1))[0])
+
+
+def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
+    """A shared-memory Put's commit that needs no waiting is answered from
+    the readable callback: stored, its next slots granted, readable at once;
+    a commit whose bytes fail their checksum is answered DATA_LOSS from there
+    too, stores nothing and leaves the key's earlier bytes served."""
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        first = await _slots(w, raw, 2, [64 * KiB])
+        old = os.urandom(64 * KiB)
+        _write(w, first, [old])
+        await _send(raw, _commit(3, first, [old], keys_=[b"a"], reserve_next=[64 * KiB] * 2))
+        answer = (await _frames(raw, 1))[0]
+        assert (answer.op, answer.flags & f.FLAG_SHM_NEXT) == (SHM_COMMIT | 0x80, f.FLAG_SHM_NEXT)
+        done = f.ShmCommitResult.decode(answer.meta)
+        assert (done.stored, done.nbytes, len(done.next_slots)) == (1, 64 * KiB, 2)
+        assert w.fast(SHM_COMMIT, 3) is True
+        assert await _get_one(raw, 4, b"a") == old
+        # The granted slots are the session's: one takes a damaged block
+        # under the same key, the other a good one.
+        stock = [(slot, offset, size) for slot, offset, size, _ in done.next_slots]
+        new = os.urandom(64 * KiB)
+        _write(w, stock, [new, new])
+        errors = w.server.stats.errors
+        await _send(raw, _commit(5, stock[:1], [new], keys_=[b"a"], crcs=[checksum(new) ^ 1]))
+        code, name, message = (await _frames(raw, 1))[0].error()
+        assert (code, name) == (15, "CorruptBlock") and "CRC-32C" in message
+        assert w.fast(SHM_COMMIT, 5) is True and w.server.stats.errors == errors + 1
+        assert await _get_one(raw, 6, b"a") == old  # nothing of it was stored
+        # Its slot went with it; the other one commits; then the plain form.
+        await _send(raw, _commit(7, stock[:1], [new], keys_=[b"b"]))
+        code, _, message = (await _frames(raw, 1))[0].error()
+        assert code == 3 and "unknown or its reservation expired" in message
+        await _send(raw, _commit(8, stock[1:], [new], keys_=[b"b"]))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        keyed = await _slots(w, raw, 9, [1000], key=b"d")
+        _write(w, keyed, [b"d" * 1000])
+        await _send(raw, _commit(10, keyed, [b"d" * 1000]))
+        assert f.Counted.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert [w.fast(SHM_COMMIT, rid) for rid in (7, 8, 10)] == [True, True, True]
+        assert [await _get_one(raw, 11, b"b"), await _get_one(raw, 12, b"d")] == \
+            [new, b"d" * 1000]
+        raw.close()
+        assert await _bounded(lambda: w.broker.reservations == 0)
+    _with_server(tmp_path, spy, body)
+
+
+def test_commits_that_would_wait_are_the_tasks(tmp_path: Path, spy: Any) -> None:
+    """Acknowledged beyond memory, larger than the callback checks, or an
+    overwrite of a block with an L2 copy (answered once that copy's delete
+    is done): the callback leaves the commit to the connection's task, which
+    stores it as before."""
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        local = await _slots(w, raw, 2, [64 * KiB])
+        value = os.urandom(64 * KiB)
+        _write(w, local, [value])
+        await _send(raw, _commit(3, local, [value], ack=2, keys_=[b"local"]))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert w.store.index.blocks[("ns", b"local")].l2  # written before the answer
+        large = await _slots(w, raw, 4, [768 * KiB, 768 * KiB])
+        values = [os.urandom(768 * KiB) for _ in large]
+        _write(w, large, values)
+        await _send(raw, _commit(5, large, values, keys_=[b"x", b"y"]))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 2
+        again = await _slots(w, raw, 6, [64 * KiB])
+        newer = os.urandom(64 * KiB)
+        _write(w, again, [newer])
+        await _send(raw, _commit(7, again, [newer], keys_=[b"local"]))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert [w.fast(SHM_COMMIT, rid) for rid in (3, 5, 7)] == [False, False, False]
+        assert [await _get_one(raw, 8, b"local"), await _get_one(raw, 9, b"y")] == \
+            [newer, values[1]]
+        raw.close()
+    _with_server(tmp_path, spy, body)
+
+
+def test_commit_now_stores_as_commit_does(tmp_path: Path) -> None:
+    """The broker's ``commit_now`` and ``restock_now`` leave the store as
+    ``commit`` and ``restock`` do (index, statistics, the policy's victims);
+    ``restock_now`` evicts what can leave at once when L1 is full;
+    ``reserve_now`` declines where ``reserve`` would wait."""
+    outcomes = []
+    for way in ("commit", "now"):
+        async def body(store: TieredStore, broker: SharedMemoryBroker, way: str = way) -> None:
+            for i in range(4):  # 4 x 128 KiB of the 1 MiB L1, with L2 copies (evictable)
+                await store.put_bytes("ns", f"old{i}".encode(), b"o" * 128 * KiB, AckLevel.LOCAL)
+            granted = []
+            for i in range(6):
+                (slot,), _ = await broker.reserve("ns", [(b"", 128 * KiB)], None, "me")
+                data = bytes([i]) * 128 * KiB
+                view = store.l1.slice(slot.offset, slot.size)
+                view[:] = data
+                view.release()
+                spec = CommitSpec(slot.slot_id, slot.offset, slot.size, checksum(data),
+                                  key=f"new{i}".encode())
+                if way == "commit":
+                    done = await broker.commit("ns", AckLevel.MEMORY, [spec], [], "me")
+                    more, _ = await broker.restock("ns", [128 * KiB] * 2, "me")
+                else:
+                    got = broker.commit_now("ns", AckLevel.MEMORY, [spec], [], "me")
+                    assert got is not None
+                    done = got
+                    more = broker.restock_now("ns", [128 * KiB] * 2, "me")
+                assert done == (1, 128 * KiB)
+                granted.append(len(more))
+                for s_ in more:  # give them back at once
+                    await broker.commit("ns", AckLevel.MEMORY, [], [s_.slot_id], "me")
+            outcomes.append((granted, store.stats(), _in_l1(store, [
+                f"{p}{i}".encode() for p in ("old", "new") for i in range(6)])))
+            # A restock grants at most an eighth of L1 (RESTOCK_MAX_L1_SHARE).
+            assert len(broker.restock_now("ns", [128 * KiB] * 16, "me")) == 1
+            # Extents while L1 has clean blocks to evict, then -1 where reserve
+            # waits: the others' L2 writes are queued, not done.
+            taken = []
+            while (offset := store.placement.reserve_now(128 * KiB)) >= 0:
+                taken.append(offset)
+                assert len(taken) < 8
+            assert store.index.busy_pins > 0
+            taken.append(await store.placement.reserve(128 * KiB))  # after a write
+            for offset in taken:
+                store.placement.release(offset, 128 * KiB)
+        (tmp_path / way).mkdir()
+        _with_broker(tmp_path / way, body)
+    assert outcomes[0] == outcomes[1]
+    granted, stats, in_l1 = outcomes[1]
+    assert granted == [1] * 6 and stats.puts == 10  # an eighth of L1 a restock
+    assert len(in_l1) < 8  # L1 holds 8: commits and restocks evicted

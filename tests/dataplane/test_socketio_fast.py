@@ -34,7 +34,7 @@ def _run(body: Callable[[SocketIO, socket.socket], Awaitable[None]]) -> None:
 
 def _pings(io: SocketIO, answered: list[int], answer_bytes: int = 0) -> None:
     """``io.fast`` answers PINGs (an answer of ``answer_bytes`` payload bytes)."""
-    def fast(opcode: int, rid: int, meta: memoryview) -> bool:
+    def fast(opcode: int, flags: int, rid: int, meta: memoryview) -> bool:
         if opcode != PING:
             return False
         answered.append(rid)
