@@ -29,7 +29,7 @@ ROOM_WAIT_SECONDS = 30.0
 
 # Blocks up to this size are verified on the event loop (a few µs); larger
 # ones in the executor (the native verify releases the GIL).
-VERIFY_BLOCK_INLINE_BYTES = 256 * 1024
+_VERIFY_INLINE_BYTES = 256 * 1024
 
 # quota.l1: how long a Put waits for an over-quota namespace's blocks to
 # become evictable (their L2 write-back) before evicting by the policy's choice.
@@ -90,7 +90,7 @@ class Placement(Part):
     async def verify_block(self, offset: int, size: int) -> None:
         """Check a block-format block in L1 (header fields, header and payload
         CRC-32C): InvalidBlock or CorruptBlock naming what is wrong."""
-        if size <= VERIFY_BLOCK_INLINE_BYTES:
+        if size <= _VERIFY_INLINE_BYTES:
             self.verify_block_now(offset, size)
             return
         view = self.l1.slice(offset, size)
@@ -101,8 +101,8 @@ class Placement(Part):
             view.release()
 
     def verify_block_now(self, offset: int, size: int) -> None:
-        """:meth:`verify_block` on this thread (blocks of at most
-        VERIFY_BLOCK_INLINE_BYTES)."""
+        """:meth:`verify_block` on this thread (a small block, or one whose
+        bytes were just read and are in cache)."""
         view = self.l1.slice(offset, size)
         try:
             block_verify(view)

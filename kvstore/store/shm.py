@@ -68,7 +68,6 @@ from kvstore.errors import (
     PermissionDenied,
     TierNotConfigured,
 )
-from kvstore.store.placement import VERIFY_BLOCK_INLINE_BYTES
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
@@ -278,22 +277,22 @@ class SharedMemoryBroker:
         the one it was reserved with)."""
         taken = self._take(namespace, ack, specs, abandon, owner, session)
         # Verify every block's checksum before any is visible. A small commit
-        # right here (tens of µs: less than the hop to a thread and back); a
+        # right here (tens of µs: less than the hop to a thread and back),
+        # its block-format checks too (the bytes are in cache by then); a
         # larger one off the event loop, one executor task per block (the
         # native CRC releases the GIL, so blocks are verified in parallel).
         try:
             if sum(r.size for _, r in taken) <= VERIFY_INLINE_BYTES:
-                sums = [_checksum_of(self.store.l1, r.offset, r.size) for _, r in taken]
+                self._verify_now(taken)
             else:
                 loop = asyncio.get_running_loop()
-                sums = await asyncio.gather(*(
+                self._check_sums(taken, await asyncio.gather(*(
                     loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
                                          r.offset, r.size)
-                    for _, r in taken))
-            self._check_sums(taken, sums)
-            for spec, r in taken:
-                if spec.format == BlockFormat.KV_V1:
-                    await self.placement.verify_block(r.offset, r.size)
+                    for _, r in taken)))
+                for spec, r in taken:
+                    if spec.format == BlockFormat.KV_V1:
+                        await self.placement.verify_block(r.offset, r.size)
         except BaseException:
             self._release_taken(taken)
             raise
@@ -313,9 +312,9 @@ class SharedMemoryBroker:
                    abandon: Sequence[int], owner: str = "", *,
                    session: str | None = None) -> tuple[int, int] | None:
         """:meth:`commit` on the spot, for a commit that needs no waiting: at
-        most VERIFY_INLINE_BYTES in all, acknowledged at ``memory``, no block
-        format check run off the loop, no overwrite that waits for its old L2
-        copy's delete, no write-back that waits for the writer. Otherwise
+        most VERIFY_INLINE_BYTES in all (checked here, as :meth:`commit` checks
+        it), acknowledged at ``memory``, no overwrite that waits for its old
+        L2 copy's delete, no write-back that waits for the writer. Otherwise
         None, having changed nothing. Errors are :meth:`commit`'s, with the
         same effects."""
         if ack != AckLevel.MEMORY or not self.store.acked_now() or \
@@ -323,19 +322,13 @@ class SharedMemoryBroker:
             return None
         reservations = self._reservations
         for spec in specs:
-            if spec.format == BlockFormat.KV_V1 and spec.size > VERIFY_BLOCK_INLINE_BYTES:
-                return None
             r = reservations.get(spec.slot_id)
             if r is not None and self.placement.replace_waits(
                     r.block if r.block[1] else (r.block[0], spec.key)):
                 return None
         taken = self._take(namespace, ack, specs, abandon, owner, session)
         try:
-            self._check_sums(taken, [_checksum_of(self.store.l1, r.offset, r.size)
-                                     for _, r in taken])
-            for spec, r in taken:
-                if spec.format == BlockFormat.KV_V1:
-                    self.placement.verify_block_now(r.offset, r.size)
+            self._verify_now(taken)
         except BaseException:
             self._release_taken(taken)
             raise
@@ -387,6 +380,15 @@ class SharedMemoryBroker:
         for spec, _ in taken:
             del self._reservations[spec.slot_id]
         return taken
+
+    def _verify_now(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> None:
+        """A small commit's checks, on this thread: every block's checksum,
+        then the format of its block-format blocks."""
+        self._check_sums(taken, [_checksum_of(self.store.l1, r.offset, r.size)
+                                 for _, r in taken])
+        for spec, r in taken:
+            if spec.format == BlockFormat.KV_V1:
+                self.placement.verify_block_now(r.offset, r.size)
 
     def _check_sums(self, taken: Sequence[tuple[CommitSpec, Reservation]],
                     sums: Sequence[int]) -> None:

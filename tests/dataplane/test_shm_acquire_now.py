@@ -379,11 +379,11 @@ def _reserve(rid: int, sizes: list[int], key: bytes = b"") -> bytes:
 
 def _commit(rid: int, slots: list[tuple[int, int, int]], data: list[bytes], ack: int = 0,
             keys_: list[bytes] | None = None, reserve_next: list[int] | None = None,
-            crcs: list[int] | None = None) -> bytes:
+            crcs: list[int] | None = None, fmt: int = 0) -> bytes:
     """An SHM_COMMIT of ``data`` written into ``slots`` (id, offset, size):
-    extended (FLAG_SHM_NEXT) when ``keys_`` are given."""
+    extended (FLAG_SHM_NEXT) when ``keys_`` are given; ``fmt`` 1: KV_V1 blocks."""
     sums = crcs if crcs is not None else [checksum(d) for d in data]
-    blocks = [(slot, offset, size, crc, 0)
+    blocks = [(slot, offset, size, crc, fmt)
               for (slot, offset, size), crc in zip(slots, sums, strict=True)]
     meta = f.encode_shm_commit("ns", ack, blocks, [], keys_, "", reserve_next or [])
     flags = f.FLAG_SHM_NEXT if keys_ is not None else 0
@@ -409,6 +409,19 @@ async def _slots(world: World, raw: Raw, rid: int, sizes: list[int],
 async def _get_one(raw: Raw, rid: int, key: bytes) -> bytes | None:
     await _send(raw, request(0x04, rid, s("ns") + s("") + keys([key])))
     return block_of((await _frames(raw, 1))[0])
+
+
+def _kv_block(payload: int) -> bytes:
+    """A valid block-format (KV_V1) block of ``payload`` bytes of K and V."""
+    import numpy as np
+
+    from kvstore._impl import pack
+
+    layers = payload // (64 * KiB)
+    rng = np.random.default_rng(7)
+    pages = [[rng.integers(0, 2**15, (2, 16, 8, 64), dtype=np.int16).view(np.float16)
+              for _ in range(layers)] for _ in range(2)]
+    return bytes(pack(pages[0], pages[1], [0, 1]))
 
 
 def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
@@ -452,6 +465,21 @@ def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
         assert [w.fast(SHM_COMMIT, rid) for rid in (7, 8, 10)] == [True, True, True]
         assert [await _get_one(raw, 11, b"b"), await _get_one(raw, 12, b"d")] == \
             [new, b"d" * 1000]
+        # Block-format blocks up to 1 MiB are checked there too: a good one
+        # is stored, a bad one refused naming its field.
+        kv = _kv_block(512 * KiB)
+        slot = await _slots(w, raw, 13, [len(kv)])
+        _write(w, slot, [kv])
+        await _send(raw, _commit(14, slot, [kv], keys_=[b"kv"], fmt=1))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        bad = b"XXXX" + kv[4:]
+        slot = await _slots(w, raw, 15, [len(bad)])
+        _write(w, slot, [bad])
+        await _send(raw, _commit(16, slot, [bad], keys_=[b"kv2"], fmt=1))
+        code, name, _ = (await _frames(raw, 1))[0].error()
+        assert (code, name) == (3, "InvalidBlock")
+        assert [w.fast(SHM_COMMIT, rid) for rid in (14, 16)] == [True, True]
+        assert [await _get_one(raw, 17, b"kv"), await _get_one(raw, 18, b"kv2")] == [kv, None]
         raw.close()
         assert await _bounded(lambda: w.broker.reservations == 0)
     _with_server(tmp_path, spy, body)
