@@ -29,6 +29,7 @@ from kvstore.client._common import (
     parse_target,
     resolve_namespace,
 )
+from kvstore.dataplane import frames
 from kvstore.errors import InvalidArgument
 from kvstore.types import (
     AckLevel,
@@ -249,6 +250,21 @@ class ClientBase:
                 f"{type(event).__name__}"
             )
         return conv.encode_session_event(ns, session_id, event)
+
+    def _session_event_frame(self, session_id: str, event: SessionHint,
+                             namespace: str | None) -> bytes | None:
+        """A checked TurnEnd's or SessionEnd's SESSION_EVENT metadata for the
+        data plane (call :meth:`_prepare_session_event` first); None for the
+        other hints, which go over gRPC."""
+        ns = resolve_namespace(namespace, self.namespace)
+        if isinstance(event, TurnEnd):
+            return frames.SessionEventRequest(
+                ns, session_id, frames.EVENT_TURN_END, int(event.reason),
+                event.expected_gap_ms, event.tool_name).encode()
+        if isinstance(event, SessionEnd):
+            return frames.SessionEventRequest(ns, session_id, frames.EVENT_SESSION_END,
+                                              discard=event.discard).encode()
+        return None
 
 
 def turn_end_event(

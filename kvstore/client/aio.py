@@ -47,7 +47,6 @@ from kvstore.types import (
     SessionEventResult,
     SessionHint,
     StoreStats,
-    TurnEnd,
     TurnEndReason,
     Unpin,
 )
@@ -401,23 +400,15 @@ class AsyncClient(ClientBase):
         """See :meth:`kvstore.Client.session_event`."""
         req = self._prepare_session_event(session_id, event, namespace)
         dp = self._dp()
-        if dp is not None and isinstance(event, (TurnEnd, SessionEnd)):
-            ns = resolve_namespace(namespace, self.namespace)
-            if isinstance(event, TurnEnd):
-                meta = frames.SessionEventRequest(
-                    ns, session_id, frames.EVENT_TURN_END, int(event.reason),
-                    event.expected_gap_ms, event.tool_name).encode()
-            else:
-                meta = frames.SessionEventRequest(ns, session_id, frames.EVENT_SESSION_END,
-                                                  discard=event.discard).encode()
-            if dp.fits(len(meta)):
+        meta = self._session_event_frame(session_id, event, namespace) if dp else None
+        if dp is not None and meta is not None and dp.fits(len(meta)):
 
-                def send_event(conn: AioConnection) -> Any:
-                    return conn.request(Op.SESSION_EVENT, meta)
+            def send_event(conn: AioConnection) -> Any:
+                return conn.request(Op.SESSION_EVENT, meta)
 
-                # Not idempotent: a turn end counted twice would skew the policy.
-                if await dp.run(send_event, idempotent=False) is not None:
-                    return SessionEventResult()
+            # Not idempotent: a turn end counted twice would skew the policy.
+            if await dp.run(send_event, idempotent=False) is not None:
+                return SessionEventResult()
         result: SessionEventResult = await self._unary(conv.SESSION_EVENT, req)
         return result
 

@@ -110,7 +110,7 @@ _POLL_RETRY_EVERY = 64
 _POLL_MAX_SCALE = 4
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
                      int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT),
-                     int(Op.PUT)})
+                     int(Op.PUT), int(Op.SESSION_EVENT)})
 #: An SHM_COMMIT's answer comes after the server has checked the CRC-32C of
 #: the committed bytes and reserved the slots for the next Puts: for 1 MiB,
 #: 100-150 µs of server work measured here (checksum 30-55, commit 45-55,

@@ -34,6 +34,7 @@ from kvstore.client._common import (
 )
 from kvstore.client._errors import error_from_rpc
 from kvstore.client.dataplane import DataPlane, busy_poll_setting, data_plane_mode
+from kvstore.dataplane.frames import Op
 from kvstore.errors import InvalidArgument
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -86,7 +87,8 @@ class Client(ClientBase):
     channel like every other call. Errors are :mod:`kvstore.errors` classes,
     as the server raised them.
 
-    ``data_plane`` (default on) sends Lookup, Get and Put as frames on the
+    ``data_plane`` (default on) sends Lookup, Get, Put and the turn and
+    session ends as frames on the
     server's data plane (docs/dataplane.md) when it offers one: a session
     opened through gRPC, then a unix socket when this client is on the
     server's host, else TCP (TLS when ``tls`` is set). A server without one,
@@ -491,6 +493,12 @@ class Client(ClientBase):
         """Tell the placement policy about a session: TurnEnd, SessionEnd,
         Prefetch, Pin or Unpin (hints: they never affect stored data)."""
         req = self._prepare_session_event(session_id, event, namespace)
+        dp = self._dp()
+        meta = self._session_event_frame(session_id, event, namespace) if dp else None
+        # Not idempotent: a turn end counted twice would skew the policy.
+        if dp is not None and meta is not None and dp.fits(len(meta)) and dp.run(
+                lambda conn: conn.call(Op.SESSION_EVENT, meta), idempotent=False) is not None:
+            return SessionEventResult()
         result: SessionEventResult = self._unary(self._session_rpc, req)
         return result
 

@@ -58,6 +58,8 @@ _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
 _LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
 _SHM_ACQUIRE, _SHM_RELEASE = int(f.Op.SHM_ACQUIRE), int(f.Op.SHM_RELEASE)
 _SHM_COMMIT = int(f.Op.SHM_COMMIT)
+_SESSION_EVENT = int(f.Op.SESSION_EVENT)
+_SESSION_EVENT_RESPONSE = int(f.Op.SESSION_EVENT | f.RESPONSE)
 _SHM_COMMIT_RESPONSE = int(f.Op.SHM_COMMIT | f.RESPONSE)
 _SHM_ACQUIRE_RESPONSE = int(f.Op.SHM_ACQUIRE | f.RESPONSE)
 _SHM_RELEASE_RESPONSE = int(f.Op.SHM_RELEASE | f.RESPONSE)
@@ -162,6 +164,20 @@ class Session:
         await self.reply(header, f.encode_lookup_result(found, tiers))
 
     async def session_event(self, header: f.Header, meta: Any) -> None:
+        self.store.session_event(self._session_event(meta))
+        await self.reply(header, b"")
+
+    def _session_event_now(self, rid: int, meta: memoryview) -> bool:
+        try:
+            event = self._session_event(meta)
+        except (f.FrameError, KVStoreError):
+            return False
+        self.store.session_event(event)
+        self._reply_now(f.encode_header(_SESSION_EVENT_RESPONSE, rid, 0))
+        return True
+
+    def _session_event(self, meta: Any) -> SessionEvent:
+        """A SESSION_EVENT's event, checked."""
         req = f.SessionEventRequest.decode(meta)
         namespace = self.namespace(req.namespace)
         if not req.session_id:
@@ -178,8 +194,7 @@ class Session:
         else:
             raise InvalidArgument(f"unknown session event kind {req.kind} (1 turn end, "
                                   "2 session end)")
-        self.store.session_event(SessionEvent(namespace, req.session_id, event))
-        await self.reply(header, b"")
+        return SessionEvent(namespace, req.session_id, event)
 
     # -- GET: one frame per key, the block sent straight from where it is -----------------
 
@@ -247,7 +262,7 @@ class Session:
         """Answer a request that needs no waiting (a PING; a GET whose blocks
         are all L1 hits small enough to check here; a LOOKUP that needs no
         L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE; an SHM_COMMIT
-        that needs no waiting) with one ``sendmsg``: YES when answered (what
+        that needs no waiting; a SESSION_EVENT) with one ``sendmsg``: YES when answered (what
         the socket did not take is sent by the connection's task), ERROR when
         answered with an error, NO when nothing was done (the task answers
         it, errors included)."""
@@ -261,6 +276,8 @@ class Session:
             done = self._shm_release_now(request_id, meta)
         elif opcode == _LOOKUP:
             done = self._lookup_now(request_id, meta)
+        elif opcode == _SESSION_EVENT:
+            done = self._session_event_now(request_id, meta)
         elif opcode == _PING and not len(meta):
             self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
                 f.Op.PING | f.RESPONSE, request_id, 0))

@@ -1,6 +1,7 @@
-"""SHM_ACQUIRE of L1 hits (and SHM_RELEASE) answered from the readable
-callback: the broker's ``acquire_now`` grants the same leases with the same
-bookkeeping as ``acquire``, or declines having changed nothing; on a real
+"""SHM_ACQUIRE of L1 hits (and SHM_RELEASE; at the end, SHM_COMMITs that
+need no waiting and SESSION_EVENTs) answered from the readable callback: the
+broker's ``acquire_now`` grants the same leases with the same bookkeeping as
+``acquire``, or declines having changed nothing; on a real
 in-process data plane (store, broker, sockets) such answers keep request
 order among those the connection's task gives, their leases go when the
 connection drops, an expired lease is still reported expired, and a lease on
@@ -24,6 +25,7 @@ import pytest
 from dataplane.raw import (
     PING,
     PUT,
+    SESSION_EVENT,
     SHM_ACQUIRE,
     SHM_COMMIT,
     SHM_RELEASE,
@@ -36,7 +38,9 @@ from dataplane.raw import (
     put_meta,
     request,
     s,
+    u8,
     u32,
+    u64,
     u64s,
 )
 from dataplane.raw import get as raw_get
@@ -566,3 +570,29 @@ def test_commit_now_stores_as_commit_does(tmp_path: Path) -> None:
     granted, stats, in_l1 = outcomes[1]
     assert granted == [1] * 6 and stats.puts == 10  # an eighth of L1 a restock
     assert len(in_l1) < 8  # L1 holds 8: commits and restocks evicted
+
+
+def test_session_events_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
+    """A turn end or session end (what an engine sends every request) is
+    told to the policy and answered from the readable callback; a malformed
+    one is left to the task, which refuses it as before."""
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        before = w.store.stats().session_events
+        await _send(raw, b"".join([
+            request(SESSION_EVENT, 2, s("ns") + s("s1") + u8(1) + u8(1) + u64(5000) + s("bash")
+                    + u8(0)),
+            request(SESSION_EVENT, 3, s("ns") + s("s1") + u8(2) + u8(0) + u64(0) + s("")
+                    + u8(1)),
+            request(SESSION_EVENT, 4, s("ns") + s("s1") + u8(9) + u8(0) + u64(0) + s("")
+                    + u8(0)),
+        ]))
+        got = await _frames(raw, 3)
+        assert [(fr.op, fr.rid) for fr in got[:2]] == [(SESSION_EVENT | 0x80, 2),
+                                                       (SESSION_EVENT | 0x80, 3)]
+        code, _, message = got[2].error()
+        assert code == 3 and "unknown session event kind 9" in message
+        assert [w.fast(SESSION_EVENT, rid) for rid in (2, 3, 4)] == [True, True, False]
+        assert w.store.stats().session_events == before + 2
+        raw.close()
+    _with_server(tmp_path, spy, body)

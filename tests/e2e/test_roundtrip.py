@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kvstore import Client
-from kvstore.types import SessionEnd, TierName, TurnEnd, TurnEndReason
+from kvstore.types import TierName, TurnEnd, TurnEndReason
 
 
 def ns(request: pytest.FixtureRequest) -> str:
@@ -96,12 +96,20 @@ def test_stats_count_puts_hits_and_misses(target: str, request: pytest.FixtureRe
         assert after.policy == "session"  # the default
 
 
-def test_session_events_are_recorded(target: str, request: pytest.FixtureRequest) -> None:
-    with Client(target, namespace=ns(request)) as c:
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_session_events_are_recorded(target: str, data_plane: bool,
+                                     request: pytest.FixtureRequest) -> None:
+    """Turn and session ends reach the policy: as frames on the data plane
+    (one each, the default) or over gRPC."""
+    with Client(target, namespace=ns(request), data_plane=data_plane) as c:
         before = c.stats().session_events
+        c.get([b"warm-up"])  # opens the data-plane session
+        frames_before = c.data_plane_calls
         c.session_event("s1", TurnEnd(TurnEndReason.TOOL_CALL, 1500, "bash"))
-        c.session_event("s1", SessionEnd())
-        assert c.stats().session_events == before + 2
+        c.turn_end("s1", "awaiting_user")
+        c.session_end("s1")
+        assert c.stats().session_events == before + 3
+        assert c.data_plane_calls - frames_before == (3 if data_plane else 0)
 
 
 def test_ack_local_put_is_in_l2_when_acknowledged(target: str,
