@@ -58,6 +58,8 @@ _PING_ANSWER = f.encode_header(f.Op.PING | f.RESPONSE, 0, 0)
 _LOOKUP_RESPONSE = int(f.Op.LOOKUP | f.RESPONSE)
 _SHM_ACQUIRE, _SHM_RELEASE = int(f.Op.SHM_ACQUIRE), int(f.Op.SHM_RELEASE)
 _SHM_COMMIT = int(f.Op.SHM_COMMIT)
+_SHM_RESERVE = int(f.Op.SHM_RESERVE)
+_SHM_RESERVE_RESPONSE = int(f.Op.SHM_RESERVE | f.RESPONSE)
 _SESSION_EVENT = int(f.Op.SESSION_EVENT)
 _SESSION_EVENT_RESPONSE = int(f.Op.SESSION_EVENT | f.RESPONSE)
 _SHM_COMMIT_RESPONSE = int(f.Op.SHM_COMMIT | f.RESPONSE)
@@ -261,8 +263,9 @@ class Session:
                    meta: memoryview) -> Answered:
         """Answer a request that needs no waiting (a PING; a GET whose blocks
         are all L1 hits small enough to check here; a LOOKUP that needs no
-        L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE; an SHM_COMMIT
-        that needs no waiting; a SESSION_EVENT) with one ``sendmsg``: YES when answered (what
+        L3 query; an SHM_ACQUIRE of L1 hits; an SHM_RELEASE; an SHM_RESERVE
+        or SHM_COMMIT that needs no waiting; a SESSION_EVENT) with one
+        ``sendmsg``: YES when answered (what
         the socket did not take is sent by the connection's task), ERROR when
         answered with an error, NO when nothing was done (the task answers
         it, errors included)."""
@@ -270,6 +273,8 @@ class Session:
             done = self._get_now(request_id, meta)
         elif opcode == _SHM_COMMIT:
             return self._shm_commit_now(flags, request_id, meta)
+        elif opcode == _SHM_RESERVE:
+            done = self._shm_reserve_now(request_id, meta)
         elif opcode == _SHM_ACQUIRE:
             done = self._shm_acquire_now(request_id, meta)
         elif opcode == _SHM_RELEASE:
@@ -539,12 +544,33 @@ class Session:
         namespace = self.namespace(req.namespace)
         slots, open_ms = await self.shm.reserve(namespace, req.blocks, req.session_id or None,
                                                 self.owner)
-        self.slots.update(s.slot_id for s in slots)
         # FLAG_SHM_NEXT: this server takes the extended SHM_COMMIT (a client's
         # first Put learns it here, before its commit).
-        await self.reply(header, f.ShmReserveResult(open_ms, [
-            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode(),
-            f.FLAG_SHM_NEXT)
+        await self.reply(header, self._reserved(slots, open_ms), f.FLAG_SHM_NEXT)
+
+    def _shm_reserve_now(self, rid: int, meta: memoryview) -> bool:
+        # The broker reserves every slot at once or none (where one would
+        # wait for room); an error is raised before anything is reserved,
+        # and the task raises it again.
+        try:
+            req = f.ShmReserveRequest.decode(meta)
+            namespace = self.namespace(req.namespace)
+            slots = self.shm.reserve_now(namespace, req.blocks, req.session_id or None,
+                                         self.owner)
+        except (f.FrameError, KVStoreError):
+            return False
+        if slots is None:
+            return False
+        result = self._reserved(slots, 0)
+        self._reply_now(f.encode_header(_SHM_RESERVE_RESPONSE, rid, len(result), 0,
+                                        f.FLAG_SHM_NEXT) + result)
+        return True
+
+    def _reserved(self, slots: list[Any], open_ms: int) -> bytes:
+        """A SHM_RESERVE's answer; the slots are the session's until committed."""
+        self.slots.update(s.slot_id for s in slots)
+        return f.ShmReserveResult(open_ms, [
+            (s.slot_id, s.offset, s.size, s.generation) for s in slots]).encode()
 
     async def shm_commit(self, header: f.Header, meta: Any) -> None:
         extended = bool(header.flags & f.FLAG_SHM_NEXT)

@@ -216,20 +216,8 @@ class SharedMemoryBroker:
         """Slots for ``specs`` and how long (ms, rounded down) the call was
         open before their reservations' clock started. A spec whose key is
         ``b""`` reserves an anonymous slot (its key is named at commit)."""
-        self.check_namespace(namespace)
+        self._check_reserve(namespace, specs)
         started = self.clock()
-        page = max(1, self.store.config.l1.page_bytes)
-        total = 0
-        for i, (key, size) in enumerate(specs):
-            if key:
-                validate_key(key, i)
-            self.placement.check_block_size(size)
-            total += -(-size // page) * page
-        capacity = self.store.l1.capacity
-        if total > capacity:
-            raise CapacityExhausted(
-                f"one ShmReserve for {len(specs)} blocks needs {total} bytes of L1, more than "
-                f"its capacity of {capacity} bytes (l1.capacity): reserve fewer at a time")
         slots: list[Slot] = []
         try:
             for key, size in specs:
@@ -246,6 +234,39 @@ class SharedMemoryBroker:
         for slot in slots:
             self._reservations[slot.slot_id].expires = expires
         return slots, int((now - started) * 1000.0)
+
+    def reserve_now(self, namespace: str, specs: Sequence[tuple[bytes, int]],
+                    session: str | None, owner: str = "") -> list[Slot] | None:
+        """:meth:`reserve` on the spot: the slots, or None, having reserved
+        nothing, where it would wait for room. Errors are :meth:`reserve`'s,
+        raised before anything is reserved."""
+        self._check_reserve(namespace, specs)
+        expires = self.clock() + self.reserve_ms / 1000.0
+        slots: list[Slot] = []
+        for key, size in specs:
+            offset = self.placement.reserve_now(size)
+            if offset < 0:
+                for slot in slots:
+                    self._drop_reservation(slot.slot_id)
+                return None
+            slots.append(self._grant((namespace, key), offset, size, session, owner, expires))
+        return slots
+
+    def _check_reserve(self, namespace: str, specs: Sequence[tuple[bytes, int]]) -> None:
+        """A reservation's checks: namespace, keys, sizes, L1's capacity."""
+        self.check_namespace(namespace)
+        page = max(1, self.store.config.l1.page_bytes)
+        total = 0
+        for i, (key, size) in enumerate(specs):
+            if key:
+                validate_key(key, i)
+            self.placement.check_block_size(size)
+            total += -(-size // page) * page
+        capacity = self.store.l1.capacity
+        if total > capacity:
+            raise CapacityExhausted(
+                f"one ShmReserve for {len(specs)} blocks needs {total} bytes of L1, more than "
+                f"its capacity of {capacity} bytes (l1.capacity): reserve fewer at a time")
 
     def _grant(self, block: BlockId, offset: int, size: int, session: str | None,
                owner: str, expires: float = math.inf) -> Slot:

@@ -436,6 +436,11 @@ def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
     async def body(w: World) -> None:
         raw = await w.connect()
         first = await _slots(w, raw, 2, [64 * KiB])
+        assert w.fast(SHM_RESERVE, 2) is True
+        # More than L1 holds: refused by the task, as before.
+        await _send(raw, _reserve(20, [2 * MiB, 2 * MiB, MiB]))
+        code, _, message = (await _frames(raw, 1))[0].error()
+        assert code == 8 and "capacity" in message and w.fast(SHM_RESERVE, 20) is False
         old = os.urandom(64 * KiB)
         _write(w, first, [old])
         await _send(raw, _commit(3, first, [old], keys_=[b"a"], reserve_next=[64 * KiB] * 2))
@@ -561,6 +566,11 @@ def test_commit_now_stores_as_commit_does(tmp_path: Path) -> None:
                 taken.append(offset)
                 assert len(taken) < 8
             assert store.index.busy_pins > 0
+            # The broker's reserve_now then reserves nothing (all or none).
+            held = broker.reservations
+            assert broker.reserve_now("ns", [(b"", 4 * KiB), (b"", 128 * KiB)], None,
+                                      "me") is None
+            assert broker.reservations == held
             taken.append(await store.placement.reserve(128 * KiB))  # after a write
             for offset in taken:
                 store.placement.release(offset, 128 * KiB)
