@@ -22,7 +22,9 @@ from dataplane.raw import (
     PING,
     PUT,
     SESSION_EVENT,
+    SHM_COMMIT,
     SHM_RELEASE,
+    SHM_RESERVE,
     block_of,
     get,
     get_meta,
@@ -149,6 +151,11 @@ CORPUS = [
     request(SHM_RELEASE, 5, s("ns") + u64s([1])),
     request(SESSION_EVENT, 6, s("ns") + s("x") + u8(1) + u8(1) + u64(0) + s("") + u8(0)),
     header(GET, 7, 0),
+    # Answered from the server's readable callback when they need no waiting.
+    request(SHM_RESERVE, 8, f.ShmReserveRequest("ns", [(b"", 4096), (b"fz2", 8192)]).encode()),
+    request(SHM_COMMIT, 9, f.encode_shm_commit("ns", 0, [(1, 0, 4096, 0, 0)], [])),
+    (lambda meta: header(SHM_COMMIT, 10, len(meta), 0, f.FLAG_SHM_NEXT) + meta)(
+        f.encode_shm_commit("ns", 0, [(1, 0, 4096, 0, 1)], [2], [b"fz3"], "s", [4096])),
 ]
 
 
