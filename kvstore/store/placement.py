@@ -127,15 +127,12 @@ class Placement(Part):
                 # wait for them rather than evict a namespace within quota.
                 if not await self.progress.wait(quota_deadline):
                     attempt.quota_waited = True
-            elif got == _WAIT_WRITES:
-                # Enough victims are on their way to L2: each further one
-                # waits for a write to end, rather than queue the whole of
-                # L1 (each victim search walks past every block being
-                # written, holding the GIL the writer needs: quadratic,
-                # measured 30 s and a failed Put).
-                if not await self.progress.wait(deadline):
-                    raise self._full(size)
-            elif got == _WAIT_ROOM:
+            elif got in (_WAIT_WRITES, _WAIT_ROOM):
+                # Every block pinned (being written or read), or enough victims
+                # on their way to L2: each further one waits for a write to end,
+                # rather than queue the whole of L1 (each victim search walks
+                # past every block being written, holding the GIL the writer
+                # needs: quadratic, measured 30 s and a failed Put).
                 if not await self.progress.wait(deadline):
                     raise self._full(size)
             else:
