@@ -14,6 +14,9 @@
 #   ./dev.sh bench [name]                  run a benchmark from bench/
 #   ./dev.sh lint                          ruff + mypy
 #   ./dev.sh setup                         only set up (the dev tools)
+#   ./dev.sh engines-setup                 set up the engine venv ($KVSTORE_ENGINES_VENV)
+#   ./dev.sh test-engines [pytest args]    the engine lane (tests/engines) in that venv
+#   ./dev.sh bench-engines [args]          the engine benchmark (bench/engines.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -161,5 +164,5 @@ case "$cmd" in
     engines_venv
     cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m bench.engines --out "$ROOT/bench/results" "$@" ;;
   *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,19p' "$0"; exit 2 ;;
 esac

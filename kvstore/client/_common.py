@@ -204,13 +204,17 @@ def check_session_id(session_id: str | None) -> str:
     return session_id
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def normalize_key(key: Any, index: int) -> bytes:
     if isinstance(key, bytes):
         return validate_key(key, index)
     if isinstance(key, (bytearray, memoryview)):
         return validate_key(bytes(key), index)
     raise InvalidKey(
-        f"key #{index} is a {type(key).__name__}: keys are bytes"
+        f"key #{index} is {_a(type(key).__name__)}: keys are bytes"
         + (" (encode the str)" if isinstance(key, str) else "")
     )
 
@@ -219,12 +223,18 @@ def normalize_keys(keys: Iterable[Any]) -> list[bytes]:
     return normalize_keys_with_lengths(keys)[0]
 
 
+def key_list(keys: Iterable[Any]) -> list[Any]:
+    """``keys`` as a list (not validated); a single key is refused here, before
+    ``list()`` would turn its bytes into ints or its str into characters."""
+    if isinstance(keys, (bytes, bytearray, memoryview, str)):
+        raise InvalidArgument("keys must be a sequence of keys, not a single key")
+    return keys if isinstance(keys, list) else list(keys)
+
+
 def normalize_keys_with_lengths(keys: Iterable[Any]) -> tuple[list[bytes], set[int] | None]:
     """The keys as a list of bytes, validated, and the set of their lengths
     when it came for free (None otherwise)."""
-    if isinstance(keys, (bytes, bytearray, memoryview, str)):
-        raise InvalidArgument("keys must be a sequence of keys, not a single key")
-    ks = keys if isinstance(keys, list) else list(keys)
+    ks = key_list(keys)
     if set(map(type, ks)) <= {bytes}:
         return ks, validate_keys(ks)  # the common case, checked in one pass
     return [normalize_key(k, i) for i, k in enumerate(ks)], None

@@ -22,6 +22,7 @@ from kvstore.client._common import (
     check_lease_ms,
     check_session_id,
     feed_small_response,
+    key_list,
     max_response_bytes,
     normalize_buffers,
     normalize_keys,
@@ -227,7 +228,7 @@ class AsyncClient(ClientBase):
         session_id: str | None = None,
     ) -> list[bytes | None]:
         """See :meth:`kvstore.Client.get`."""
-        ks = keys if isinstance(keys, list) else list(keys)
+        ks = key_list(keys)
         dp = self._dp()
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)
@@ -253,7 +254,7 @@ class AsyncClient(ClientBase):
         namespace: str | None = None,
     ) -> list[int | None]:
         """See :meth:`kvstore.Client.get_into`."""
-        ks = keys if isinstance(keys, list) else list(keys)
+        ks = key_list(keys)
         dp = self._dp()
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)

@@ -150,19 +150,23 @@ def data_plane_mode(value: bool | str | None) -> str:
     environment variable KVSTORE_DATA_PLANE (0/off/false, 1/on/auto, tcp,
     unix; unset: auto)."""
     if value is None:
-        value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-        if value in ("0", "off", "false", "no"):
+        env = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if env in ("0", "off", "false", "no"):
             return "off"
-        if value in ("1", "on", "true", "yes"):
+        if env in ("1", "on", "true", "yes", "auto"):
             return "auto"
+        if env in ("tcp", "unix"):
+            return env
+        raise InvalidArgument(f"${_ENV} must be 0/off/false, 1/on/auto, tcp or unix, "
+                              f"not {env!r}")
     if value is True:
         return "auto"
     if value is False:
         return "off"
     if isinstance(value, str) and value in ("auto", "tcp", "unix"):
         return value
-    raise InvalidArgument(f"data_plane must be True, False, 'tcp' or 'unix', not {value!r}"
-                          + (f" (from ${_ENV})" if isinstance(value, str) else ""))
+    raise InvalidArgument(f"data_plane must be True, False, 'auto', 'tcp' or 'unix', "
+                          f"not {value!r}")
 
 
 def busy_poll_setting(value: int | None) -> int:

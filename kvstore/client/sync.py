@@ -25,6 +25,7 @@ from kvstore.client._common import (
     check_lease_ms,
     check_session_id,
     feed_small_response,
+    key_list,
     max_response_bytes,
     normalize_buffers,
     normalize_keys,
@@ -301,7 +302,7 @@ class Client(ClientBase):
         session_id: str | None = None,
     ) -> list[bytes | None]:
         """The blocks stored under ``keys``, in order; None for a miss."""
-        ks = keys if isinstance(keys, list) else list(keys)
+        ks = key_list(keys)
         dp = self._dp()
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)
@@ -331,7 +332,7 @@ class Client(ClientBase):
         bytearrays, memoryviews), one per key. Returns each block's size, or
         None for a miss (that buffer is left as it was). A buffer smaller than
         its block raises InvalidArgument; buffers before it are filled."""
-        ks = keys if isinstance(keys, list) else list(keys)
+        ks = key_list(keys)
         dp = self._dp()
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)

@@ -12,3 +12,11 @@ shared part, :mod:`kvstore.integrations.link`, uses the public SDK only: the
 same-host shared-memory client when the server is on this host, gRPC otherwise.
 See docs/engines.md.
 """
+
+
+def engine_missing(module: str, needs: str, install: str) -> ModuleNotFoundError:
+    """The error an adapter raises when its engine is not installed: which adapter,
+    what it needs and the command that installs it (the bare ``No module named ...``
+    names neither the adapter nor the extra)."""
+    return ModuleNotFoundError(f"kvstore.integrations.{module} needs {needs}: "
+                               f"pip install {install}", name=f"kvstore.integrations.{module}")

@@ -20,10 +20,15 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch  # type: ignore[import-not-found, unused-ignore]
-
 from kvstore.block import checksum
 from kvstore.client.shm import ShmClient
+from kvstore.integrations import engine_missing
+
+try:
+    import torch  # type: ignore[import-not-found, unused-ignore]
+except ImportError as exc:
+    raise engine_missing("gpu", "PyTorch", "torch (or an engine extra: 'kvstore[vllm]', "
+                         "'kvstore[sglang]', 'kvstore[lmcache]')") from exc
 
 _CUDA_HOST_REGISTER_PORTABLE = 1
 

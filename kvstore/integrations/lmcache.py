@@ -33,9 +33,14 @@ import re
 import threading
 from typing import Any
 
-from lmcache.utils import CacheEngineKey  # type: ignore[import-not-found, unused-ignore]
-from lmcache.v1.memory_management import MemoryObj  # type: ignore[import-not-found, unused-ignore]
-from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector  # type: ignore[import-not-found, unused-ignore]
+from kvstore.integrations import engine_missing
+
+try:
+    from lmcache.utils import CacheEngineKey  # type: ignore[import-not-found, unused-ignore]
+    from lmcache.v1.memory_management import MemoryObj  # type: ignore[import-not-found, unused-ignore]
+    from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector  # type: ignore[import-not-found, unused-ignore]
+except ImportError as exc:
+    raise engine_missing("lmcache", "LMCache", "'kvstore[lmcache]'") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

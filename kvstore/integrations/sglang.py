@@ -31,12 +31,17 @@ import hashlib
 import re
 from typing import Any
 
-import torch  # type: ignore[import-not-found, unused-ignore]
-from sglang.srt.mem_cache.hicache_storage import (  # type: ignore[import-not-found, unused-ignore]
-    HiCacheStorage,
-    HiCacheStorageConfig,
-    HiCacheStorageExtraInfo,
-)
+from kvstore.integrations import engine_missing
+
+try:
+    import torch  # type: ignore[import-not-found, unused-ignore]
+    from sglang.srt.mem_cache.hicache_storage import (  # type: ignore[import-not-found, unused-ignore]
+        HiCacheStorage,
+        HiCacheStorageConfig,
+        HiCacheStorageExtraInfo,
+    )
+except ImportError as exc:
+    raise engine_missing("sglang", "SGLang (and PyTorch)", "'kvstore[sglang]'") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

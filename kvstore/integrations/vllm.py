@@ -38,14 +38,19 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vllm.v1.kv_offload.base import (  # type: ignore[import-not-found, unused-ignore]
-    LookupResult,
-    Medium,
-    OffloadKey,
-    ReqContext,
-    RequestOffloadingContext,
-)
-from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob  # type: ignore[import-not-found, unused-ignore]
+from kvstore.integrations import engine_missing
+
+try:
+    from vllm.v1.kv_offload.base import (  # type: ignore[import-not-found, unused-ignore]
+        LookupResult,
+        Medium,
+        OffloadKey,
+        ReqContext,
+        RequestOffloadingContext,
+    )
+    from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob  # type: ignore[import-not-found, unused-ignore]
+except ImportError as exc:
+    raise engine_missing("vllm", "vLLM", "'kvstore[vllm]'") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

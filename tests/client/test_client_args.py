@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,44 @@ def test_keys() -> None:
         normalize_keys(["text"])
     with pytest.raises(InvalidArgument, match="not a single key"):
         normalize_keys(b"abc")
+    with pytest.raises(InvalidKey, match="key #0 is an int"):
+        normalize_keys([1])
+
+
+@pytest.mark.parametrize("single", [b"abc", "abc", bytearray(b"abc")])
+def test_get_with_a_single_key_says_so(single: object) -> None:
+    """``get(b"k")`` instead of ``get([b"k"])``: refused before ``list()`` turns the
+    key into ints (or characters), with no server needed."""
+    from kvstore.client import AsyncClient, Client
+
+    with Client("127.0.0.1:1", data_plane=False) as client:
+        for call in (lambda: client.get(single), lambda: client.get_into(single, [])):  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument, match="not a single key"):
+                call()
+
+    async def aio() -> None:
+        async with AsyncClient("127.0.0.1:1", data_plane=False) as client:
+            with pytest.raises(InvalidArgument, match="not a single key"):
+                await client.get(single)  # type: ignore[arg-type]
+            with pytest.raises(InvalidArgument, match="not a single key"):
+                await client.get_into(single, [])  # type: ignore[arg-type]
+
+    asyncio.run(aio())
+
+
+def test_data_plane_setting_errors_name_their_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvstore.client.dataplane import data_plane_mode
+
+    monkeypatch.delenv("KVSTORE_DATA_PLANE", raising=False)
+    with pytest.raises(InvalidArgument) as info:
+        data_plane_mode("bogus")
+    assert "KVSTORE_DATA_PLANE" not in str(info.value) and "'bogus'" in str(info.value)
+    assert data_plane_mode("auto") == "auto" and data_plane_mode(None) == "auto"
+    monkeypatch.setenv("KVSTORE_DATA_PLANE", "bogus")
+    with pytest.raises(InvalidArgument, match=r"\$KVSTORE_DATA_PLANE must be .* not 'bogus'"):
+        data_plane_mode(None)
+    monkeypatch.setenv("KVSTORE_DATA_PLANE", "tcp")
+    assert data_plane_mode(None) == "tcp"
 
 
 def test_blocks_accept_buffers_without_copy() -> None:
