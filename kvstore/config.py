@@ -142,6 +142,9 @@ class ServerConfig:
     data_plane_timeout_ms: int = opt(30_000, "data plane: how long one frame's payload may "
                                      "take to arrive or be sent (a Get's block stays pinned "
                                      "meanwhile); a slower peer is disconnected", parse_int)
+    put_idle_ms: int = opt(30_000, "gRPC Put: longest wait for the next chunk of a block "
+                           "half sent (its L1 room is held meanwhile); then the stream fails "
+                           "DEADLINE_EXCEEDED and nothing of that block is stored", parse_int)
     data_plane_ticket_ms: int = opt(10_000, "data plane: how long an OpenDataPlane ticket "
                                     "stays valid (each is good for one connection)", parse_int)
     data_plane_max_meta: int = opt(1024**2, "data plane: largest metadata of one request "
@@ -289,6 +292,10 @@ class SessionPolicyConfig:
                            "keeps; over it the least recently active one is forgotten (it "
                            "starts afresh if it returns, its blocks ranked by LRU age)",
                            parse_int)
+    max_tracked_blocks: int = opt(1 << 22, "most blocks of the streams' latest requests "
+                                  "the policy keeps, all streams together (~41 bytes each); "
+                                  "over it the least recently active streams are forgotten "
+                                  "as over max_streams", parse_int)
 
 
 #: Options that no longer exist. A config file that still sets one loads, with a warning
@@ -555,6 +562,8 @@ def validate(config: Config) -> None:
             raise InvalidConfig(f"server.{name}: {path} is not a readable file")
     if s.max_block_bytes <= 0:
         raise InvalidConfig("server.max_block_bytes must be positive")
+    if s.put_idle_ms <= 0:
+        raise InvalidConfig("server.put_idle_ms must be positive")
     if s.data_plane_timeout_ms <= 0 or s.data_plane_ticket_ms <= 0:
         raise InvalidConfig("server.data_plane_timeout_ms and server.data_plane_ticket_ms "
                             "must be positive")
@@ -612,6 +621,8 @@ def validate_session_policy(sp: SessionPolicyConfig) -> None:
         raise InvalidConfig("policy.session.placing_scale must be in (0, 100]")
     if sp.max_streams < 1:
         raise InvalidConfig("policy.session.max_streams must be >= 1")
+    if sp.max_tracked_blocks < 1:
+        raise InvalidConfig("policy.session.max_tracked_blocks must be >= 1")
 
 
 def reference_markdown() -> str:

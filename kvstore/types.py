@@ -10,9 +10,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvstore.errors import InvalidKey, InvalidNamespace
+from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
 
 MAX_KEY_BYTES = 64
+#: Keys one request may name (Lookup, Get, Delete, Prefetch, shared-memory
+#: acquires): a 1M-token context in 16-token blocks is 62,500. The bound keeps
+#: what one request costs the server -- its time on the event loop, the key list
+#: the policy and Prefetch remember per session -- small.
+MAX_KEYS_PER_REQUEST = 65_536
 MAX_NAMESPACE_CHARS = 128
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -179,6 +184,9 @@ def validate_namespace(namespace: str) -> str:
 def validate_keys(keys: Sequence[bytes]) -> set[int]:
     """validate_key for every key; one pass in C for the common all-valid case.
     Returns the set of key lengths."""
+    if len(keys) > MAX_KEYS_PER_REQUEST:
+        raise InvalidArgument(f"a request names {len(keys)} keys; at most "
+                              f"{MAX_KEYS_PER_REQUEST} (split it)")
     lengths = set(map(len, keys))  # few distinct lengths: min/max of the set are cheap
     if lengths and not (min(lengths) > 0 and max(lengths) <= MAX_KEY_BYTES):
         for i, key in enumerate(keys):

@@ -36,6 +36,9 @@ from kvstore.dataplane.frames import HEADER, HEADER_SIZE, MAGIC, VERSION
 from kvstore.tiers.base import Buffer
 
 BUFFER_BYTES = 64 * 1024
+#: A connection's buffer until its HELLO is accepted (HEADER + a HELLO's
+#: metadata): an unauthenticated peer costs the server this much, no more.
+HELLO_BUFFER_BYTES = 2048
 #: TCP payloads: wake for at least this many bytes (SO_RCVLOWAT).
 _LOWAT = 256 * 1024
 #: TLS: the most bytes read from the stream in one go.
@@ -67,14 +70,15 @@ class SocketIO:
                  "_waiter", "_watching", "buf", "bytes_in", "bytes_out", "fast", "loop", "mv",
                  "sock", "timeout")
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, timeout: float,
+                 buffer_bytes: int = BUFFER_BYTES) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._fd = sock.fileno()
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.loop = asyncio.get_running_loop()
         self.timeout = timeout
-        self.buf = bytearray(BUFFER_BYTES)
+        self.buf = bytearray(buffer_bytes)
         self.mv = memoryview(self.buf)
         self._start = self._end = 0
         self.bytes_in = self.bytes_out = 0
@@ -148,6 +152,17 @@ class SocketIO:
             self._end += n
             self.bytes_in += n
         return True
+
+    def grow(self) -> None:
+        """The full buffer (after HELLO), keeping what is buffered; views of the
+        old one stay valid (it is replaced, not resized)."""
+        if len(self.buf) >= BUFFER_BYTES:
+            return
+        avail = self._end - self._start
+        buf = bytearray(BUFFER_BYTES)
+        buf[:avail] = self.mv[self._start:self._end]
+        self.buf, self.mv = buf, memoryview(buf)
+        self._start, self._end = 0, avail
 
     def take(self, n: int) -> memoryview | None:
         """``n`` bytes if they are buffered already (valid until the next
@@ -278,7 +293,7 @@ class SocketIO:
 
     async def read_exact(self, n: int) -> Buffer:
         """``n`` bytes (metadata; valid until the next read)."""
-        if n > BUFFER_BYTES:
+        if n > len(self.buf):
             out = bytearray(n)
             await self.read_into(memoryview(out), None)
             return out
@@ -418,6 +433,9 @@ class StreamIO:
         self.writer = writer
         self.timeout = timeout
         self.bytes_in = self.bytes_out = 0
+
+    def grow(self) -> None:
+        """(SocketIO's: a stream's buffer is asyncio's.)"""
 
     def take(self, n: int) -> None:
         return None  # nothing is read ahead: always through the stream

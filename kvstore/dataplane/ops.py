@@ -252,6 +252,10 @@ class Session:
                 if pending >= _BATCH_BYTES or len(parts) >= _BATCH_PARTS:
                     await self._flush(parts, readers)
                     pending = 0
+                if index & 4095 == 4095:
+                    # Misses and hits in L1 never wait: a GET of many keys
+                    # lets the other connections in now and then.
+                    await asyncio.sleep(0)
             await self._flush(parts, readers)
         finally:
             for reader in readers:

@@ -27,6 +27,7 @@ from typing import Any
 from kvstore.config import Config
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import (
+    HELLO_BUFFER_BYTES,
     ConnectionClosed,
     FastAnswer,
     PeerTooSlow,
@@ -48,6 +49,9 @@ from kvstore.tiers.base import Buffer
 log = logging.getLogger("kvstore.server")
 
 _OFF = "off"
+#: The most metadata a frame may carry before HELLO is accepted (a HELLO's is
+#: a ticket: 2 + TICKET_BYTES).
+HELLO_MAX_META = 1024
 _UNIX_PATH_MAX = 107
 
 
@@ -202,9 +206,17 @@ class DataPlaneServer:
                 log.warning("data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)  # back off, not synchronisation
                 continue
+            if self.stats.connections >= 2 * self.max_connections:
+                # Twice the limit, counting from accept: closed unread (a flood of
+                # connections that send no HELLO would otherwise hold a buffer
+                # each until their timeout). Below that, HELLO refuses them.
+                self.stats.refused += 1
+                sock.close()
+                continue
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._serve(SocketIO(sock, self.timeout)), connection=True)
+            self._spawn(self._serve(SocketIO(sock, self.timeout, HELLO_BUFFER_BYTES)),
+                        connection=True)
 
     async def _serve_tls(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
@@ -279,10 +291,12 @@ class DataPlaneServer:
             return False
         return fast
 
-    async def _read_head(self, io: SocketIO | StreamIO) -> tuple[f.Header, object] | None:
+    async def _read_head(self, io: SocketIO | StreamIO, max_meta: int | None = None
+                         ) -> tuple[f.Header, object] | None:
         """The next request's header and metadata (None: clean EOF); a
         FrameError (with the request id when the header was read) when the
-        frame breaks the rules that keep the stream in step."""
+        frame breaks the rules that keep the stream in step. ``max_meta``:
+        the metadata limit (default ``server.data_plane_max_meta``)."""
         raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
             raw = await io.next_header()
@@ -291,6 +305,9 @@ class DataPlaneServer:
         header = f.decode_header(raw)
         if header.opcode not in f.REQUESTS:
             raise _Fatal(header.request_id, f"unknown opcode {header.opcode:#04x}")
+        if max_meta is not None and header.meta_len > max_meta:
+            raise _Fatal(header.request_id, f"metadata of {header.meta_len} bytes before "
+                         f"HELLO was accepted: a HELLO's is at most {max_meta}")
         if header.meta_len > self.max_meta:
             raise _Fatal(header.request_id, f"metadata of {header.meta_len} bytes exceeds the "
                          f"limit of {self.max_meta} (server.data_plane_max_meta)")
@@ -306,16 +323,19 @@ class DataPlaneServer:
         return header, meta
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
+        rid = 0
         try:
             try:
-                # An unauthenticated peer may not hold a connection for long.
+                # An unauthenticated peer may not hold a connection for long,
+                # nor make the server buffer more than a HELLO.
                 async with asyncio.timeout(self.timeout):
-                    head = await self._read_head(io)
+                    head = await self._read_head(io, HELLO_MAX_META)
             except TimeoutError:
                 raise PeerTooSlow(f"no HELLO within {self.timeout:g} s") from None
             if head is None:
                 return None
             header, meta = head
+            rid = header.request_id
             if header.opcode != f.Op.HELLO:
                 raise _Fatal(header.request_id, "the first frame must be HELLO with a ticket "
                              "from OpenDataPlane", Unauthenticated)
@@ -331,9 +351,13 @@ class DataPlaneServer:
                 binding = self.tickets.redeem(hello.ticket)
             except Unauthenticated as exc:
                 raise _Fatal(header.request_id, exc.message, Unauthenticated) from None
-        except (f.FrameError, _Fatal) as exc:
+        except f.FrameError as exc:
+            await self._fatal(io, _Fatal(rid, f"malformed frame: {exc}"))
+            return None
+        except _Fatal as exc:
             await self._fatal(io, exc)
             return None
+        io.grow()
         session = Session(self.store, self.shm, binding, io)
         ok = f.HelloOk(secrets.randbits(63), self.max_meta, self.max_payload,
                        int(self.timeout * 1000))

@@ -18,7 +18,7 @@ import grpc
 from kvstore.dataplane.frames import VERSION
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
-from kvstore.errors import InvalidArgument, MalformedRequest
+from kvstore.errors import DeadlineExceeded, InvalidArgument, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
@@ -73,6 +73,7 @@ class KVStoreServicer:
         cfg = store.config.server
         self.default_chunk = cfg.chunk_bytes
         self.max_chunk = cfg.max_chunk_bytes
+        self.put_idle = cfg.put_idle_ms / 1000.0
         # GetSmall's largest response: the message limit less room for framing.
         self.max_response = cfg.max_message_bytes - 64 * 1024
 
@@ -97,8 +98,24 @@ class KVStoreServicer:
         writer: BlockWriter | None = None
         durable: list[asyncio.Future[None]] = []
         stored = nbytes = 0
+        chunks = aiter(request_iterator)
         try:
-            async for chunk in request_iterator:
+            while True:
+                if writer is None:
+                    chunk = await anext(chunks, None)
+                else:
+                    # A block half sent holds its L1 room: a client that stops
+                    # sending may not keep it from everyone else for long.
+                    try:
+                        async with asyncio.timeout(self.put_idle):
+                            chunk = await anext(chunks, None)
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"block #{stored}: no chunk for {self.put_idle:g} s with "
+                            f"{writer.received} of {writer.size} bytes sent "
+                            "(server.put_idle_ms): nothing of it was stored") from None
+                if chunk is None:
+                    break
                 if isinstance(chunk, wire.BadPutChunk):
                     raise MalformedRequest(chunk.error)
                 if first:
@@ -190,8 +207,7 @@ class KVStoreServicer:
         store = self.store
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        validate_keys(keys)
         budget = self.max_response
         if request.max_response_bytes:
             budget = min(budget, request.max_response_bytes)

@@ -14,10 +14,13 @@ from kvstore.errors import CapacityExhausted
 from kvstore.store.index import Entry
 from kvstore.store.parts import Part, Shared, spawn
 from kvstore.store.reads import BlockReader, Reads
-from kvstore.types import BlockId, validate_key, validate_keys
+from kvstore.types import BlockId, validate_keys
 
-# Sessions whose latest Lookup is remembered (for Prefetch by session).
+# Sessions whose latest Lookup is remembered (for Prefetch by session), and the
+# most keys remembered over all of them (~100 bytes each): the least recently
+# active sessions' lists go first.
 _SESSIONS_KEPT = 10_000
+_SESSION_KEYS_KEPT = 1 << 20
 # Pins remembered before expired ones are dropped.
 _PINS_KEPT = 1024
 
@@ -33,6 +36,7 @@ class Leases(Part):
         self.pin_quota = int(config.pin_quota * self.l1.capacity)
         # The keys of each session's latest Lookup (for Prefetch by session).
         self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
+        self._session_keys = 0  # keys in _session_blocks, all sessions together
         self._pins: dict[BlockId, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.closing = False
@@ -59,10 +63,14 @@ class Leases(Part):
         """A session's request: tell the policy which blocks its context holds."""
         self.policy.on_request(blocks, self.clock(), session)
         key = (namespace, session)
-        self._session_blocks[key] = blocks
-        self._session_blocks.move_to_end(key)
-        while len(self._session_blocks) > _SESSIONS_KEPT:
-            self._session_blocks.popitem(last=False)
+        kept = self._session_blocks
+        before = kept.get(key)
+        kept[key] = blocks
+        kept.move_to_end(key)
+        self._session_keys += len(blocks) - (len(before) if before is not None else 0)
+        while len(kept) > 1 and (len(kept) > _SESSIONS_KEPT
+                                 or self._session_keys > _SESSION_KEYS_KEPT):
+            self._session_keys -= len(kept.popitem(last=False)[1])
 
     # -- prefetch -------------------------------------------------------------------------
 
@@ -130,9 +138,9 @@ class Leases(Part):
         return pinned, nbytes
 
     def unpin(self, namespace: str, keys: Sequence[bytes]) -> tuple[int, int]:
+        validate_keys(keys)
         count = nbytes = 0
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        for key in keys:
             block = (namespace, key)
             if self._pins.pop(block, None) is not None:
                 entry = self.index.blocks.get(block)

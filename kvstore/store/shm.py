@@ -71,10 +71,13 @@ from kvstore.errors import (
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
-from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key
+from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key, validate_keys
 
 # Expired lease ids remembered, to tell "expired" from "never issued".
 _EXPIRED_MEMORY = 65_536
+#: Leases held at once, all clients together: each costs the server ~1 KB and
+#: pins its block, and a client may keep one for up to server.max_lease_ms.
+MAX_LEASES = 65_536
 # restock (anonymous slots for a client's next Puts): at most this many slots,
 # and this share of L1, per call; and how long it may wait for L1 room (s)
 # before giving up (a restock must not hold back the commit it rides on).
@@ -472,6 +475,19 @@ class SharedMemoryBroker:
 
     # -- Get ---------------------------------------------------------------------------
 
+    def _check_acquire(self, namespace: str, keys: Sequence[bytes],
+                       release: Sequence[int]) -> None:
+        """What :meth:`acquire` and :meth:`acquire_now` check before anything
+        changes: the namespace, the keys, and room for their leases."""
+        self.check_namespace(namespace)
+        validate_keys(keys)
+        held = len(self._leases) - len(release)
+        if held + len(keys) > MAX_LEASES:
+            raise CapacityExhausted(
+                f"{len(self._leases)} shared-memory leases are held, {len(keys)} more asked "
+                f"for: at most {MAX_LEASES} at once, all clients together; release leases "
+                "(ShmRelease) or read by Get")
+
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
                       lease_ms: int, release: Sequence[int] = (), owner: str = ""
                       ) -> tuple[list[Lease | None], int, list[int]]:
@@ -479,9 +495,7 @@ class SharedMemoryBroker:
         :meth:`release` checks them: a bad id fails the call before anything is
         released or acquired). Returns the leases (None for a miss) and what
         :meth:`release` returns for ``release``."""
-        self.check_namespace(namespace)
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        self._check_acquire(namespace, keys, release)
         released = 0
         expired: list[int] = []
         if release:
@@ -525,9 +539,7 @@ class SharedMemoryBroker:
         first. None otherwise, having changed nothing (the caller then takes
         :meth:`acquire`). Raises what :meth:`acquire` raises for a bad
         namespace, key or release id, also before anything changes."""
-        self.check_namespace(namespace)
-        for i, key in enumerate(keys):
-            validate_key(key, i)
+        self._check_acquire(namespace, keys, release)
         store = self.store
         index = store.index
         hot = index.blocks.get  # an L1 copy is always in the full index

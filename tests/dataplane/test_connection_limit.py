@@ -17,6 +17,7 @@ from dataplane.raw import (
     block_of,
     connect,
     get,
+    header,
     metric,
     open_dp,
     put,
@@ -94,3 +95,39 @@ def test_the_limit_must_be_positive(server_factory: type[ServerProcess]) -> None
     srv = server_factory("--server-data-plane-max-connections", "0")
     with pytest.raises(Exception, match="data_plane_max_connections"):
         srv.start()
+
+
+def test_before_hello_a_peer_costs_a_small_buffer_and_twice_the_limit_is_closed_unread(
+        server_factory: type[ServerProcess]) -> None:
+    """An unauthenticated peer may not make the server buffer more than a HELLO
+    (a 1 MiB metadata length is refused at the header, echoing its request id),
+    and connections beyond twice the limit, counting from accept, are closed
+    before anything is read."""
+    srv = server_factory("--server-data-plane-max-connections", "2",
+                         "--server-metrics-listen", "127.0.0.1:0").start()
+    resp = open_dp(srv.tcp)
+
+    big = connect(resp, "tcp")
+    big.send(header(HELLO, 9, 1 << 20))  # a HELLO announcing 1 MiB of metadata
+    answer = big.frame()
+    assert answer.op == ERROR and answer.rid == 9 and answer.flags & CLOSING
+    _, name, message = answer.error()
+    assert name == "MalformedRequest" and "a HELLO's is at most 1024" in message
+    assert big.closed()
+
+    empty = connect(resp, "tcp")  # a malformed HELLO: its request id is echoed
+    empty.send(request(HELLO, 5))
+    answer = empty.frame()
+    assert answer.op == ERROR and answer.rid == 5
+    assert "ticket" in answer.error()[2]
+
+    silent = [connect(resp, "tcp") for _ in range(4)]  # 2 x the limit, no HELLO
+    assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_connections") >= 4)
+    extra = connect(resp, "tcp")
+    assert extra.closed()  # closed at accept, unread
+    assert metric(srv.data_dir, "kvstore_dataplane_sessions_refused_total") >= 1
+    for raw in silent:
+        raw.close()
+    assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_connections") == 0)
+    good = session(srv.tcp, kind="tcp")  # places free again
+    assert put(good, 2, "ns", {b"k": b"v" * 100}).op == 0x85

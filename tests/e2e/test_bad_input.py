@@ -169,6 +169,34 @@ def test_client_disconnect_mid_block_leaves_nothing_visible(shared_server) -> No
     assert_still_serving(shared_server.tcp)
 
 
+def test_a_put_stalled_mid_block_gives_its_l1_room_back(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A client that sends a block's first chunk and then nothing holds that block's L1
+    room only for server.put_idle_ms: then its stream fails DEADLINE_EXCEEDED, nothing
+    of the block is visible, and another client's Put that needs the room succeeds."""
+    with server_factory("--server-put-idle-ms", "500", l1_capacity="8MiB") as server, \
+            grpc.insecure_channel(server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        release = threading.Event()
+
+        def chunks() -> Iterator[pb.PutChunk]:
+            yield pb.PutChunk(namespace="stall", key=b"stalled", block_size=6 * MiB,
+                              data=b"s" * 1024)
+            release.wait(60)  # silence, far longer than put_idle_ms
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Put(chunks(), timeout=60)
+        release.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "server.put_idle_ms" in (info.value.details() or "")
+        assert time.monotonic() - started < 30
+        with Client(server.tcp, namespace="stall") as c:
+            c.put({b"other": os.urandom(6 * MiB)})  # the room came back
+            assert c.lookup([b"stalled", b"other"]).found == 0
+            assert c.get([b"stalled"]) == [None]
+            assert len(c.get([b"other"])[0] or b"") == 6 * MiB
+
+
 def test_l1_full_of_leased_blocks_is_resource_exhausted(server_factory) -> None:  # type: ignore[no-untyped-def]
     with server_factory(l1_capacity="8MiB") as server, Client(server.tcp, namespace="full") as c:
         keys = [f"b{i}".encode() for i in range(8)]

@@ -65,6 +65,8 @@ def test_bad_session_options_are_clear_errors(tmp_path: Path) -> None:
         _load([], env={"KVSTORE_POLICY_SESSION_DUEL": "maybe"})
     with pytest.raises(InvalidConfig, match=r"policy\.session\.max_streams must be >= 1"):
         _load(["--policy-session-max-streams", "0"])
+    with pytest.raises(InvalidConfig, match=r"policy\.session\.max_tracked_blocks must be >= 1"):
+        _load(["--policy-session-max-tracked-blocks", "0"])
     with pytest.raises(InvalidConfig, match=r"policy\.session\.placing_scale must be in"):
         _load(["--policy-session-placing-scale", "0"])
     toml = tmp_path / "k.toml"

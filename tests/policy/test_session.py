@@ -501,6 +501,26 @@ def test_tracked_streams_are_bounded() -> None:
     assert c.request("main", ["sys", "m199"], 300.0) == 2  # its blocks kept their owner
 
 
+def test_tracked_blocks_are_bounded_over_all_streams() -> None:
+    """``max_streams`` alone would let 4,096 streams keep a huge request each: past
+    ``max_tracked_blocks`` (the blocks of the latest requests, all streams together) the
+    least recently active streams are forgotten, never the one just seen, whose
+    blocks keep their owner."""
+    p = SessionPolicy([L1], max_tracked_blocks=10)
+    c = Cache(p, cap=100)  # (no eviction here)
+    c.request("A", [f"a{i}" for i in range(4)], 0.0)
+    c.request("B", [f"b{i}" for i in range(4)], 1.0)
+    assert p.tracked_streams() == 2 and p._tracked_blocks == 8
+    c.request("C", [f"c{i}" for i in range(4)], 2.0)  # 12 > 10: A is forgotten
+    assert p.tracked_streams() == 2 and p._tracked_blocks == 8
+    assert "A" not in p._streams and "C" in p._streams
+    c.request("D", [f"d{i}" for i in range(30)], 3.0)  # alone over the bound: kept
+    assert list(p._streams) == ["D"] and p._tracked_blocks == 30
+    assert c.request("D", [f"d{i}" for i in range(31)], 4.0) == 30
+    c.end("D", 5.0)
+    assert p._tracked_blocks == 0
+
+
 def test_a_forgotten_stream_that_returns_starts_afresh() -> None:
     """A forgotten stream's blocks stay resident, ranked by LRU age with the blocks of no
     session; when it returns it finds them (hits) and is tracked again, as a new stream:

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +161,44 @@ async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-a
 def test_l1_accounting_returns_to_zero_after_any_sequence(tmp_path: Path,
                                                           sequence: list[tuple]) -> None:  # type: ignore[type-arg]
     asyncio.run(_run(tmp_path, sequence))
+
+
+def test_leases_held_at_once_are_bounded(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lease costs the server ~1 KB and pins a block: past MAX_LEASES held at
+    once (all clients together) an acquire is refused whole, on both paths, with
+    nothing acquired or released; a release in the same call makes room."""
+    from kvstore.errors import CapacityExhausted
+    from kvstore.store import shm
+
+    monkeypatch.setattr(shm, "MAX_LEASES", 4)
+
+    async def go() -> None:
+        shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-leases"
+        config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "4MiB",
+                           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
+                           "KVSTORE_L1_SHM_PATH": shm_path,
+                           "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+        store = TieredStore(config)
+        await store.start()
+        broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=1000)
+        try:
+            for key in KEYS[:3]:
+                await store.put_bytes("a", key, key * 100)
+            held, _, _ = await broker.acquire("a", KEYS[:3], None, 0)
+            assert broker.leases == 3
+            with pytest.raises(CapacityExhausted, match="at most 4 at once"):
+                await broker.acquire("a", KEYS[:2], None, 0)
+            with pytest.raises(CapacityExhausted, match="at most 4 at once"):
+                broker.acquire_now("a", KEYS[:2], None, 0)
+            assert broker.leases == 3
+            ids = [lease.lease_id for lease in held if lease is not None]
+            more = broker.acquire_now("a", KEYS[:3], None, 0, release=ids[:2])
+            assert more is not None and broker.leases == 4
+        finally:
+            await broker.close()
+            await store.close()
+            if os.path.exists(shm_path):
+                os.unlink(shm_path)
+
+    asyncio.run(go())

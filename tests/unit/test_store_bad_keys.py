@@ -44,3 +44,62 @@ def test_a_bad_key_is_named_by_position(tmp_path: Path, call: str, bad: bytes, s
             await store.close()
 
     asyncio.run(go())
+
+
+def _config(tmp_path: Path) -> Any:
+    return load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "1MiB",
+                     "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+
+
+@pytest.mark.parametrize("call", sorted([*CALLS, "lookup"]))
+def test_a_request_of_too_many_keys_is_refused_before_acting(tmp_path: Path, call: str) -> None:
+    """One request names at most MAX_KEYS_PER_REQUEST keys: what it costs the event
+    loop, and the key list the policy and Prefetch remember per session, stay small."""
+    from kvstore.errors import InvalidArgument
+    from kvstore.types import MAX_KEYS_PER_REQUEST
+
+    calls = {**CALLS, "lookup": lambda s, keys: s.lookup("ns", keys, 0, "session")}
+
+    async def go() -> None:
+        store = TieredStore(_config(tmp_path))
+        await store.start()
+        try:
+            await store.put_bytes("ns", b"kept", b"value")
+            keys = [b"kept"] + [i.to_bytes(4, "little") for i in range(MAX_KEYS_PER_REQUEST)]
+            with pytest.raises(InvalidArgument, match=f"names {MAX_KEYS_PER_REQUEST + 1} keys"):
+                result = calls[call](store, keys)
+                if isinstance(result, Awaitable):
+                    await result
+            assert await store.get_bytes("ns", b"kept") == b"value"
+            result = calls[call](store, keys[:MAX_KEYS_PER_REQUEST])  # at the bound: fine
+            if isinstance(result, Awaitable):
+                await result
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_session_key_lists_kept_for_prefetch_are_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keys of each session's latest Lookup (Prefetch by session) are bounded over
+    all sessions: the least recently active sessions' lists go first."""
+    from kvstore.store import leases
+
+    monkeypatch.setattr(leases, "_SESSION_KEYS_KEPT", 10)
+
+    async def go() -> None:
+        store = TieredStore(_config(tmp_path))
+        await store.start()
+        try:
+            for name in ("a", "b", "c"):
+                await store.put_bytes("ns", name.encode(), b"v" * 10)
+                keys = [name.encode()] + [f"{name}{i}".encode() for i in range(3)]
+                await store.lookup("ns", keys, 0, name)
+            assert store.prefetch("ns", "a", []) == (0, 0)  # a's list went first
+            assert store.prefetch("ns", "c", []) == (1, 10)
+            assert store.prefetch("ns", "b", []) == (1, 10)
+        finally:
+            await store.close()
+
+    asyncio.run(go())

@@ -76,6 +76,8 @@ class SessionPolicy(Duel, Policy):
         # forgotten). Apart from ``_streams``, whose order is the ranking's tie-break.
         self._recent: OrderedDict[str, None] = OrderedDict()
         self.max_streams = cfg.max_streams
+        self.max_tracked_blocks = cfg.max_tracked_blocks
+        self._tracked_blocks = 0  # len(s.cur) over every stream
         self._last_name: str | None = None  # the stream of the latest call, cached
         self._last_s: Stream | None = None
         self._tiers = {t: TierState() for t in tiers}
@@ -161,6 +163,7 @@ class SessionPolicy(Duel, Policy):
                 nlive[b] = c
             else:
                 nlive.pop(b, None)
+        self._tracked_blocks -= len(s.cur)
         s.cur = ()
         t = s.last_req if s.last_req is not None else s.t_state
         for tier, ts in self._tiers.items():
@@ -237,7 +240,17 @@ class SessionPolicy(Duel, Policy):
                         nlive.pop(b, None)
                         self._kill(b)
         s.cur = cur
+        self._tracked_blocks += len(cur) - n_old
+        if self._tracked_blocks > self.max_tracked_blocks:
+            self._shed()
         self._dirty = True
+
+    def _shed(self) -> None:
+        """Forget the least recently active streams (never the latest) until the
+        blocks of the latest requests kept are within ``max_tracked_blocks``."""
+        recent = self._recent
+        while self._tracked_blocks > self.max_tracked_blocks and len(recent) > 1:
+            self._forget(self._streams[next(iter(recent))])
 
     def on_insert(self, tier: TierName, block: BlockId, size: int, now: float,
                   session: str | None = None) -> None:
@@ -379,6 +392,7 @@ class SessionPolicy(Duel, Policy):
                 self._kill(b)
                 if discard and any(b in ts.lru for ts in self._tiers.values()):
                     self._discard.add(b)  # (resident only: on_remove forgets it)
+        self._tracked_blocks -= len(s.cur)
         s.cur = ()
         if survivors:  # shared with live streams: hand them to the latest active one
             heirs: dict[Any, Stream] = {}  # survivor -> the latest active live stream with it
