@@ -467,7 +467,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _apply(values: dict[tuple[str | None, str], Any], source: str) -> Config:
+def _apply(values: dict[tuple[str | None, str], Any], source: str,
+           origins: Mapping[tuple[str | None, str], str] | None = None) -> Config:
+    """``origins``: where each value came from (a flag, a variable, the file), for
+    the error that names it."""
     known = {(s, f.name): f for s, f in _options()}
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
@@ -484,7 +487,9 @@ def _apply(values: dict[tuple[str | None, str], Any], source: str) -> Config:
         try:
             parsed = f.metadata["parse"](raw)
         except InvalidConfig as exc:
-            raise InvalidConfig(f"{_flag(section, name)[2:]}: {exc}") from None
+            dotted = f"{section}.{name}" if section else name
+            origin = (origins or {}).get((section, name), source)
+            raise InvalidConfig(f"{dotted} (from {origin}): {exc}") from None
         if section is None:
             top[name] = parsed
         else:
@@ -534,16 +539,19 @@ def load(
                 raise InvalidConfig(f"config file {path}: [{key}] must be a table")
             else:
                 values[(None, key)] = value
+    origins = dict.fromkeys(values, f"config file {path}")
     for section, f in _options():
         name = _env(section, f.name)
         if name in env:
             values[(section, f.name)] = env[name]
+            origins[(section, f.name)] = f"${name}"
     if args is not None:
         for section, f in _options():
             v = getattr(args, f"{section or ''}__{f.name}", None)
             if v is not None:
                 values[(section, f.name)] = v
-    config = _apply(values, str(path) if path else "the environment")
+                origins[(section, f.name)] = _flag(section, f.name)
+    config = _apply(values, str(path) if path else "the environment", origins)
     validate(config)
     return config
 

@@ -61,11 +61,13 @@ def test_a_config_file_with_retired_session_options_still_loads(
 def test_bad_session_options_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidConfig, match=r"policy\.session\.duel_decay"):
         _load(["--policy-session-duel-decay", "1.5"])
-    with pytest.raises(InvalidConfig, match="policy-session-duel"):
+    with pytest.raises(InvalidConfig,
+                       match=r"policy\.session\.duel \(from \$KVSTORE_POLICY_SESSION_DUEL\)"):
         _load([], env={"KVSTORE_POLICY_SESSION_DUEL": "maybe"})
     with pytest.raises(InvalidConfig, match=r"policy\.session\.max_streams must be >= 1"):
         _load(["--policy-session-max-streams", "0"])
-    with pytest.raises(InvalidConfig, match=r"policy\.session\.max_tracked_blocks must be >= 1"):
+    with pytest.raises(InvalidConfig,
+                       match=r"policy\.session\.max_tracked_blocks must be >= 1"):
         _load(["--policy-session-max-tracked-blocks", "0"])
     with pytest.raises(InvalidConfig, match=r"policy\.session\.placing_scale must be in"):
         _load(["--policy-session-placing-scale", "0"])

@@ -51,7 +51,7 @@ def test_unknown_option_in_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_invalid_values_are_rejected_with_the_option_name() -> None:
-    with pytest.raises(InvalidConfig, match="l1-capacity"):
+    with pytest.raises(InvalidConfig, match=r"l1\.capacity \(from \$KVSTORE_L1_CAPACITY\)"):
         cfg.load(env={"KVSTORE_L1_CAPACITY": "huge"})
     with pytest.raises(InvalidConfig, match="address"):
         cfg.load(env={"KVSTORE_SERVER_LISTEN": ""})
