@@ -206,11 +206,7 @@ class DataPlaneServer:
                 log.warning("data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)  # back off, not synchronisation
                 continue
-            if self.stats.connections >= 2 * self.max_connections:
-                # Twice the limit, counting from accept: closed unread (a flood of
-                # connections that send no HELLO would otherwise hold a buffer
-                # each until their timeout). Below that, HELLO refuses them.
-                self.stats.refused += 1
+            if self._flooded():
                 sock.close()
                 continue
             if tcp:
@@ -218,8 +214,20 @@ class DataPlaneServer:
             self._spawn(self._serve(SocketIO(sock, self.timeout, HELLO_BUFFER_BYTES)),
                         connection=True)
 
+    def _flooded(self) -> bool:
+        """Twice the limit open, counting from accept: the new connection is to be
+        closed unread (a flood of connections that send no HELLO would otherwise
+        hold a buffer each until their timeout). Below that, HELLO refuses them."""
+        if self.stats.connections < 2 * self.max_connections:
+            return False
+        self.stats.refused += 1
+        return True
+
     async def _serve_tls(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
+        if self._flooded():
+            writer.close()
+            return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
