@@ -115,7 +115,7 @@ class ServerConfig:
                               "commit", parse_int)
     max_pin_ms: int = opt(600_000, "longest pin a SessionEvent may take (and the TTL of a pin "
                           "that names none)", parse_int)
-    pin_quota: float = opt(0.25, "most bytes one namespace may pin in L1, as a share of "
+    pin_quota: float = opt(0.25, "most L1 one namespace may pin (whole pages), as a share of "
                            "l1.capacity", parse_float)
     shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
                             "crashed client's leases end after this)", parse_int)
@@ -292,10 +292,11 @@ class SessionPolicyConfig:
                            "keeps; over it the least recently active one is forgotten (it "
                            "starts afresh if it returns, its blocks ranked by LRU age)",
                            parse_int)
-    max_tracked_blocks: int = opt(1 << 22, "most blocks of the streams' latest requests "
-                                  "the policy keeps, all streams together (~41 bytes each); "
-                                  "over it the least recently active streams are forgotten "
-                                  "as over max_streams", parse_int)
+    max_tracked_blocks: int = opt(1 << 20, "most blocks of the streams' latest requests "
+                                  "the policy keeps, all streams together (up to ~260 bytes "
+                                  "each, with the duel's shadow LRU); over it the least "
+                                  "recently active streams are forgotten as over "
+                                  "max_streams", parse_int)
 
 
 #: Options that no longer exist. A config file that still sets one loads, with a warning

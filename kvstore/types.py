@@ -18,6 +18,22 @@ MAX_KEY_BYTES = 64
 #: what one request costs the server -- its time on the event loop, the key list
 #: the policy and Prefetch remember per session -- small.
 MAX_KEYS_PER_REQUEST = 65_536
+#: Session ids, shared-memory owners and tool names: the server keeps them (per
+#: session, lease, tool), so a client may not make them megabytes long.
+MAX_NAME_BYTES = 1024
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is at most MAX_NAME_BYTES bytes of UTF-8, else InvalidArgument."""
+    if len(value) > MAX_NAME_BYTES // 4 and len(value.encode()) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"{what} is {len(value.encode())} bytes; at most "
+                              f"{MAX_NAME_BYTES}")
+    return value
+
+
+def session_or_none(session_id: str) -> str | None:
+    """A request's session id (checked), None when it names none."""
+    return check_name(session_id, "session_id") or None
 MAX_NAMESPACE_CHARS = 128
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 

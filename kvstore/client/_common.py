@@ -10,7 +10,7 @@ from typing import Any
 from kvstore.client._convert import GetPiece, decode_get_chunk
 from kvstore.client._errors import InvalidBuffer, ProtocolError
 from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
-from kvstore.types import AckLevel, validate_key, validate_keys, validate_namespace
+from kvstore.types import AckLevel, check_name, validate_key, validate_keys, validate_namespace
 from kvstore.wire.codec import WireError, encode_varint, iter_fields
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -201,7 +201,7 @@ def check_session_id(session_id: str | None) -> str:
         return ""
     if not isinstance(session_id, str):
         raise InvalidArgument(f"session_id must be a str, not {type(session_id).__name__}")
-    return session_id
+    return check_name(session_id, "session_id")
 
 
 def _a(noun: str) -> str:

@@ -43,6 +43,8 @@ from kvstore.types import (
     TierName,
     TurnEnd,
     TurnEndReason,
+    check_name,
+    session_or_none,
     validate_key,
     validate_keys,
 )
@@ -162,7 +164,7 @@ class Session:
         req = f.LookupRequest.decode(meta)
         namespace = self.namespace(req.namespace)
         found, tiers = await self.store.lookup_codes(namespace, req.keys, req.lease_ms,
-                                                     req.session_id or None)
+                                                     session_or_none(req.session_id))
         await self.reply(header, f.encode_lookup_result(found, tiers))
 
     async def session_event(self, header: f.Header, meta: Any) -> None:
@@ -184,13 +186,14 @@ class Session:
         namespace = self.namespace(req.namespace)
         if not req.session_id:
             raise InvalidArgument("session_id is required")
+        check_name(req.session_id, "session_id")
         event: TurnEnd | SessionEnd
         if req.kind == f.EVENT_TURN_END:
             try:
                 reason = TurnEndReason(req.reason)
             except ValueError:
                 raise InvalidArgument(f"unknown turn end reason {req.reason}") from None
-            event = TurnEnd(reason, req.expected_gap_ms, req.tool_name)
+            event = TurnEnd(reason, req.expected_gap_ms, check_name(req.tool_name, "tool_name"))
         elif req.kind == f.EVENT_SESSION_END:
             event = SessionEnd(discard=req.discard)
         else:
@@ -205,7 +208,7 @@ class Session:
         namespace = self.namespace(req.namespace)
         keys = req.keys
         validate_keys(keys)
-        session = req.session_id or None
+        session = session_or_none(req.session_id)
         rid = header.request_id
         send = self.io.send
         if not keys:
@@ -307,7 +310,7 @@ class Session:
             req = f.LookupRequest.decode(meta)
             namespace = self.namespace(req.namespace)
             found = self.store.lookups.lookup_tiers_now(namespace, req.keys, req.lease_ms,
-                                                        req.session_id or None)
+                                                        session_or_none(req.session_id))
         except (f.FrameError, KVStoreError):
             return False
         if found is None:
@@ -323,7 +326,7 @@ class Session:
         try:
             req = f.ShmAcquireRequest.decode(meta)
             namespace = self.namespace(req.namespace)
-            granted = self.shm.acquire_now(namespace, req.keys, req.session_id or None,
+            granted = self.shm.acquire_now(namespace, req.keys, session_or_none(req.session_id),
                                            req.lease_ms, req.release, self.owner)
         except (f.FrameError, KVStoreError):
             return False
@@ -485,7 +488,7 @@ class Session:
             placement = store.placement
             durable: list[asyncio.Future[Any]] = []
             stored = nbytes = 0
-            session = req.session_id or None
+            session = session_or_none(req.session_id)
             for i, b in enumerate(req.blocks):
                 offset = await placement.reserve(b.size)
                 committed = False
@@ -546,8 +549,8 @@ class Session:
     async def shm_reserve(self, header: f.Header, meta: Any) -> None:
         req = f.ShmReserveRequest.decode(meta)
         namespace = self.namespace(req.namespace)
-        slots, open_ms = await self.shm.reserve(namespace, req.blocks, req.session_id or None,
-                                                self.owner)
+        slots, open_ms = await self.shm.reserve(namespace, req.blocks,
+                                                session_or_none(req.session_id), self.owner)
         # FLAG_SHM_NEXT: this server takes the extended SHM_COMMIT (a client's
         # first Put learns it here, before its commit).
         await self.reply(header, self._reserved(slots, open_ms), f.FLAG_SHM_NEXT)
@@ -559,7 +562,7 @@ class Session:
         try:
             req = f.ShmReserveRequest.decode(meta)
             namespace = self.namespace(req.namespace)
-            slots = self.shm.reserve_now(namespace, req.blocks, req.session_id or None,
+            slots = self.shm.reserve_now(namespace, req.blocks, session_or_none(req.session_id),
                                          self.owner)
         except (f.FrameError, KVStoreError):
             return False
@@ -581,8 +584,9 @@ class Session:
         req, namespace, specs = self._commit_request(meta, extended)
         started = self.shm.clock()
         try:
-            stored, nbytes = await self.shm.commit(namespace, _ACK[req.ack], specs, req.abandon,
-                                                   self.owner, session=req.session_id or None)
+            stored, nbytes = await self.shm.commit(
+                namespace, _ACK[req.ack], specs, req.abandon, self.owner,
+                session=session_or_none(req.session_id))
         finally:
             self._committed(specs, req.abandon)
         if not extended:
@@ -607,7 +611,7 @@ class Session:
         started = self.shm.clock()
         try:
             done = self.shm.commit_now(namespace, _ACK[req.ack], specs, req.abandon,
-                                       self.owner, session=req.session_id or None)
+                                       self.owner, session=session_or_none(req.session_id))
         except KVStoreError as exc:
             self._committed(specs, req.abandon)
             self._reply_now(error_frame(rid, exc))
@@ -662,7 +666,8 @@ class Session:
         req = f.ShmAcquireRequest.decode(meta)
         namespace = self.namespace(req.namespace)
         leases, released, expired = await self.shm.acquire(
-            namespace, req.keys, req.session_id or None, req.lease_ms, req.release, self.owner)
+            namespace, req.keys, session_or_none(req.session_id), req.lease_ms, req.release,
+            self.owner)
         self._took_leases(req.release, leases)
         await self.reply(header, f.encode_shm_acquire_result(
             self.shm.lease_ms(req.lease_ms), released, expired,

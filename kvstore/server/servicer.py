@@ -32,6 +32,8 @@ from kvstore.types import (
     TierName,
     TurnEnd,
     TurnEndReason,
+    check_name,
+    session_or_none,
     validate_key,
     validate_keys,
 )
@@ -40,6 +42,9 @@ from kvstore.wire import lookup as lookup_wire
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 _FORMATS = frozenset(int(f) for f in BlockFormat)
+#: The smallest Get chunk the server sends (a smaller max_chunk_bytes is raised
+#: to it; docs/protocol.md).
+MIN_CHUNK_BYTES = 64 * 1024
 # GetSmallResponse fields (tags), and GetChunk.data's.
 _SMALL_CHUNK = b"\x0a"  # 1, length-delimited
 _SMALL_ANSWERED = b"\x10"  # 2, varint
@@ -135,7 +140,7 @@ class KVStoreServicer:
                         raise InvalidArgument(f"block #{stored}: unknown block format "
                                               f"{chunk.format}")
                     writer = await store.begin_put(namespace, chunk.key, chunk.block_size,
-                                                   chunk.session_id or None,
+                                                   session_or_none(chunk.session_id),
                                                    BlockFormat(chunk.format))
                 elif chunk.key:
                     # block_size 0 is the field's default: an empty block
@@ -178,8 +183,11 @@ class KVStoreServicer:
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
         validate_keys(keys)
-        chunk_bytes = min(request.max_chunk_bytes or self.default_chunk, self.max_chunk)
-        session = request.session_id or None
+        # At least MIN_CHUNK_BYTES: a chunk costs the server a message's work, and a
+        # 1-byte chunk would make one Get of a 4 MiB block minutes of CPU.
+        chunk_bytes = min(max(request.max_chunk_bytes or self.default_chunk, MIN_CHUNK_BYTES),
+                          self.max_chunk)
+        session = session_or_none(request.session_id)
         for index, key in enumerate(keys):
             reader = await _open_intact(store, (namespace, key), session,
                                         max(chunk_bytes, WHOLE_CHECK_BYTES))
@@ -211,7 +219,7 @@ class KVStoreServicer:
         budget = self.max_response
         if request.max_response_bytes:
             budget = min(budget, request.max_response_bytes)
-        session = request.session_id or None
+        session = session_or_none(request.session_id)
         chunks: list[bytes] = []
         answered = 0
         for index, key in enumerate(keys):
@@ -243,7 +251,8 @@ class KVStoreServicer:
         self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         found, codes = await self.store.lookup_codes(namespace, list(request.keys),
-                                                     request.lease_ms, request.session_id or None)
+                                                     request.lease_ms,
+                                                     session_or_none(request.session_id))
         return lookup_wire.encode_lookup_response(found, codes)  # serialized LookupResponse
 
     async def Delete(self, request: pb.DeleteRequest,
@@ -275,6 +284,7 @@ class KVStoreServicer:
         if (not request.session_id and which in ("turn_end", "session_end", None)) or \
                 (which == "prefetch" and not request.session_id and not request.prefetch.keys):
             raise InvalidArgument("session_id is required")
+        check_name(request.session_id, "session_id")
         event: Any
         if which == "turn_end":
             te = request.turn_end
@@ -282,7 +292,7 @@ class KVStoreServicer:
                 reason = TurnEndReason(te.reason)
             except ValueError:
                 raise InvalidArgument(f"unknown turn end reason {te.reason}") from None
-            event = TurnEnd(reason, te.expected_gap_ms, te.tool_name)
+            event = TurnEnd(reason, te.expected_gap_ms, check_name(te.tool_name, "tool_name"))
         elif which == "session_end":
             event = SessionEnd(discard=request.session_end.discard)
         elif which == "prefetch":
@@ -321,8 +331,8 @@ class KVStoreServicer:
         self._tick(context)
         namespace = self.store.check_namespace(request.namespace)
         slots, open_ms = await self.shm.reserve(
-            namespace, [(b.key, b.size) for b in request.blocks], request.session_id or None,
-            request.owner)
+            namespace, [(b.key, b.size) for b in request.blocks],
+            session_or_none(request.session_id), check_name(request.owner, "owner"))
         return pb.ShmReserveResponse(slots=[_slot_pb(s) for s in slots], open_ms=open_ms)
 
     async def ShmCommit(self, request: pb.ShmCommitRequest,
@@ -341,11 +351,13 @@ class KVStoreServicer:
         restock = list(request.reserve_next)
         self.shm.check_restock(restock)
         stored, nbytes = await self.shm.commit(namespace, _ACK[request.ack], specs,
-                                               list(request.abandon), request.owner,
-                                               session=request.session_id or None)
+                                               list(request.abandon),
+                                               check_name(request.owner, "owner"),
+                                               session=session_or_none(request.session_id))
         response = pb.ShmCommitResponse(stored=stored, bytes=nbytes)
         if restock:
-            slots, _ = await self.shm.restock(namespace, restock, request.owner)
+            slots, _ = await self.shm.restock(namespace, restock,
+                                              check_name(request.owner, "owner"))
             response.next_slots.extend(_slot_pb(s) for s in slots)
             response.next_open_ms = int((self.shm.clock() - started) * 1000.0)
         return response
@@ -357,8 +369,8 @@ class KVStoreServicer:
         # request.release: the previous Get's leases, piggybacked; ended before
         # acquiring, checked as ShmRelease checks them.
         leases, released, expired = await self.shm.acquire(
-            namespace, list(request.keys), request.session_id or None, request.lease_ms,
-            list(request.release), request.owner)
+            namespace, list(request.keys), session_or_none(request.session_id), request.lease_ms,
+            list(request.release), check_name(request.owner, "owner"))
         return pb.ShmAcquireResponse(leases=[
             pb.ShmLease(hit=False) if lease is None else pb.ShmLease(
                 hit=True, lease_id=lease.lease_id, offset=lease.offset, size=lease.size,
@@ -372,7 +384,8 @@ class KVStoreServicer:
         self._tick(context)
         # Leases are bound to the namespace and owner that took them.
         namespace = self.store.check_namespace(request.namespace) if request.namespace else ""
-        released, expired = self.shm.release(list(request.lease_ids), namespace, request.owner)
+        released, expired = self.shm.release(list(request.lease_ids), namespace,
+                                             check_name(request.owner, "owner"))
         return pb.ShmReleaseResponse(released=released, expired=expired)
 
 
@@ -395,7 +408,7 @@ class KVStoreServicer:
                 self.auth.authorize(grant, "Get", request.namespace)
         if request.namespace:
             self.store.check_namespace(request.namespace)
-        owner = request.shm_owner or self.shm.new_owner()
+        owner = check_name(request.shm_owner, "shm_owner") or self.shm.new_owner()
         ticket = dp.issue_ticket(Binding(identity, namespaces, owner))
         return pb.OpenDataPlaneResponse(
             ticket=ticket, tcp_address=dp.tcp_address, unix_path=dp.unix_path,

@@ -21,6 +21,8 @@ from kvstore.types import BlockId, validate_keys
 # active sessions' lists go first.
 _SESSIONS_KEPT = 10_000
 _SESSION_KEYS_KEPT = 1 << 20
+# Blocks queued for Prefetch at once (a hint: past it, more are not queued).
+_PREFETCH_QUEUED = 1 << 16
 # Pins remembered before expired ones are dropped.
 _PINS_KEPT = 1024
 
@@ -37,8 +39,14 @@ class Leases(Part):
         # The keys of each session's latest Lookup (for Prefetch by session).
         self._session_blocks: OrderedDict[tuple[str, str], list[BlockId]] = OrderedDict()
         self._session_keys = 0  # keys in _session_blocks, all sessions together
-        self._pins: dict[BlockId, float] = {}
+        # Pins per namespace: block -> until. Those of blocks expired, deleted or
+        # gone from L1 are dropped whenever their namespace pins again, and all
+        # namespaces are swept once the table doubles since the last sweep.
+        self._pins: dict[str, dict[BlockId, float]] = {}
+        self._pin_count = 0
+        self._pins_swept = _PINS_KEPT
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prefetching: set[BlockId] = set()  # blocks queued by Prefetch
         self.closing = False
 
     async def close(self) -> None:
@@ -82,10 +90,19 @@ class Leases(Part):
             list(self._session_blocks.get((namespace, session), []))
         entry_of = self.index.entry
         wanted = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
-        todo = [b for b, e in wanted if e.l1_offset < 0]
+        queued = self._prefetching
+        room = _PREFETCH_QUEUED - len(queued)
+        todo = [b for b, e in wanted if e.l1_offset < 0 and b not in queued][:max(room, 0)]
         if todo:
-            spawn(self._tasks, self._promote_all(todo))
+            queued.update(todo)
+            spawn(self._tasks, self._prefetch(todo))
         return len(wanted), sum(e.size for _, e in wanted)
+
+    async def _prefetch(self, blocks: list[BlockId]) -> None:
+        try:
+            await self._promote_all(blocks)
+        finally:
+            self._prefetching.difference_update(blocks)
 
     async def _promote_all(self, blocks: list[BlockId]) -> None:
         reads = self.reads
@@ -115,34 +132,51 @@ class Leases(Part):
         found = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
         quota = self.pin_quota
         wanted = {b for b, _ in found}
-        held = sum(e.size for b, until_b in self._pins.items()
-                   if b[0] == namespace and until_b > now and b not in wanted
-                   and (e := self.index.blocks.get(b)) is not None)
-        asked = sum(e.size for _, e in found)
+        page = self.l1.arena.page_bytes
+        pins = self._pins.setdefault(namespace, {})
+        held = 0
+        hot = self.index.blocks.get
+        for b, until_b in list(pins.items()):
+            e = hot(b)
+            if until_b <= now or e is None or e.l1_offset < 0:
+                del pins[b]  # expired, deleted or gone from L1: no longer held
+                self._pin_count -= 1
+            elif b not in wanted:
+                held += -(-e.size // page) * page
+        # The quota counts the L1 a block takes: whole pages.
+        asked = sum(-(-e.size // page) * page for _, e in found)
         if held + asked > quota:
             raise CapacityExhausted(
                 f"pinning {asked} bytes would put namespace {namespace!r} over its pin quota "
                 f"of {quota} bytes ({held} already pinned; server.pin_quota)")
         await self._promote_all([b for b, e in found if e.l1_offset < 0])
+        pins = self._pins.setdefault(namespace, {})  # (again: others ran meanwhile)
         pinned = 0
         nbytes = 0
         for block, entry in found:
             if entry.dead or entry.l1_offset < 0:
                 continue
             entry.pin_until = until
-            self._pins[block] = until
+            if block not in pins:
+                self._pin_count += 1
+            pins[block] = until
             pinned += 1
             nbytes += entry.size
+        if not pins:
+            self._pins.pop(namespace, None)
         self.policy.pin([b for b, _ in found], until)
-        self._drop_expired_pins(now)
+        if self._pin_count > 2 * self._pins_swept:
+            self._sweep_pins(now)
         return pinned, nbytes
 
     def unpin(self, namespace: str, keys: Sequence[bytes]) -> tuple[int, int]:
         validate_keys(keys)
         count = nbytes = 0
+        pins = self._pins.get(namespace, {})
         for key in keys:
             block = (namespace, key)
-            if self._pins.pop(block, None) is not None:
+            if pins.pop(block, None) is not None:
+                self._pin_count -= 1
                 entry = self.index.blocks.get(block)
                 if entry is not None:
                     entry.pin_until = 0.0
@@ -151,7 +185,15 @@ class Leases(Part):
         self.progress.wake()
         return count, nbytes
 
-    def _drop_expired_pins(self, now: float) -> None:
-        if len(self._pins) > _PINS_KEPT:
-            for block in [b for b, t in self._pins.items() if t <= now]:
-                del self._pins[block]
+    def _sweep_pins(self, now: float) -> None:
+        """Drop every pin no longer held, in every namespace."""
+        hot = self.index.blocks.get
+        for namespace, pins in list(self._pins.items()):
+            for b, until_b in list(pins.items()):
+                e = hot(b)
+                if until_b <= now or e is None or e.l1_offset < 0:
+                    del pins[b]
+            if not pins:
+                del self._pins[namespace]
+        self._pin_count = sum(map(len, self._pins.values()))
+        self._pins_swept = max(self._pin_count, _PINS_KEPT)

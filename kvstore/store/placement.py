@@ -267,7 +267,7 @@ class Placement(Part):
     def _own(self, block: BlockId, entry: Entry) -> None:
         owned = self._l1_owned.get(block[0])
         if owned is None:
-            owned = self._l1_owned[block[0]] = NamespaceL1()
+            owned = self._l1_owned[block[0]] = NamespaceL1(self.l1.arena.page_bytes)
         owned.add(block[1], entry)
 
     def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, bool]:
@@ -276,12 +276,17 @@ class Placement(Part):
         assert self._l1_limit is not None
         limit = self._l1_limit
         over = set()
+        empty = []
         for namespace, owned in self._l1_owned.items():
             quota = limit(namespace)
             if quota and owned.bytes >= quota and owned.due_reconcile():
                 owned.reconcile()  # Deletes free L1 behind placement's back
             if quota and owned.bytes >= quota:
                 over.add(namespace)
+            elif not owned.blocks:
+                empty.append(namespace)
+        for namespace in empty:  # (a namespace with nothing in L1 costs nothing)
+            del self._l1_owned[namespace]
         if not over:
             return None, False
         evictable = self._evictable
@@ -322,6 +327,8 @@ class Placement(Part):
             owned = self._l1_owned.get(block[0])
             if owned is not None:
                 owned.discard(block[1], entry)
+                if not owned.blocks:
+                    del self._l1_owned[block[0]]
         c = self._l1_counters
         c.evictions += 1
         if action is Action.DEMOTE and entry.l2:
@@ -334,30 +341,36 @@ class Placement(Part):
 
 
 class NamespaceL1:
-    """The L1 blocks of one namespace and their bytes. Placement sees every
-    block enter L1 and every eviction; a Delete or an overwrite frees L1 in
-    the index, so entries no longer in L1 are dropped by :meth:`reconcile`
-    (amortised: at most once per quarter of the blocks added)."""
+    """The L1 blocks of one namespace and the L1 bytes they take (whole pages:
+    a 1-byte block takes a page of L1, and a quota counts what L1 gives).
+    Placement sees every block enter L1 and every eviction; a Delete or an
+    overwrite frees L1 in the index, so entries no longer in L1 are dropped by
+    :meth:`reconcile` (amortised: at most once per quarter of the blocks added)."""
 
-    __slots__ = ("_added", "blocks", "bytes")
+    __slots__ = ("_added", "_page", "blocks", "bytes")
 
-    def __init__(self) -> None:
+    def __init__(self, page_bytes: int) -> None:
         self.blocks: dict[bytes, Entry] = {}
         self.bytes = 0
         self._added = 0
+        self._page = page_bytes
+
+    def extent(self, entry: Entry) -> int:
+        page = self._page
+        return -(-entry.size // page) * page
 
     def add(self, key: bytes, entry: Entry) -> None:
         old = self.blocks.get(key)
         if old is not None:
-            self.bytes -= old.size
+            self.bytes -= self.extent(old)
         self.blocks[key] = entry
-        self.bytes += entry.size
+        self.bytes += self.extent(entry)
         self._added += 1
 
     def discard(self, key: bytes, entry: Entry) -> None:
         if self.blocks.get(key) is entry:
             del self.blocks[key]
-            self.bytes -= entry.size
+            self.bytes -= self.extent(entry)
 
     def due_reconcile(self) -> bool:
         return self._added > 16 + len(self.blocks) // 4
@@ -365,7 +378,7 @@ class NamespaceL1:
     def reconcile(self) -> None:
         gone = [k for k, e in self.blocks.items() if e.l1_offset < 0]
         for key in gone:
-            self.bytes -= self.blocks.pop(key).size
+            self.bytes -= self.extent(self.blocks.pop(key))
         self._added = 0
 
 

@@ -259,8 +259,11 @@ class Reads(Part):
                 result = await asyncio.get_running_loop().run_in_executor(
                     self.executor, self.read_verify_l2, block, entry.checksum, dest)
             except StorageError as exc:
+                # A miss, the copy kept: a failed read (an I/O error, the
+                # environment closing at shutdown) is not a wrong checksum, and
+                # dropping a block that may be sound would lose it.
                 log.warning("L2 read of %s/%s failed: %s", block[0], block[1].hex()[:16], exc)
-                result = (False, b"")  # dropped like a corrupt copy: a miss
+                result = None
             if self.index.blocks.get(block) is not entry or result is None:
                 if offset >= 0:
                     self.placement.release(offset, entry.size)

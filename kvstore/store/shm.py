@@ -504,8 +504,19 @@ class SharedMemoryBroker:
                 what="ShmAcquire.release: nothing was released or acquired")
         ms = self.lease_ms(lease_ms)
         out: list[Lease | None] = []
+        held = 0  # L1 bytes (whole pages) this call's leases pin
+        limit = self.store.l1.capacity
+        page = self.store.l1.arena.page_bytes
         try:
             for key in keys:
+                entry_now = self.store.index.entry((namespace, key))
+                if entry_now is not None and entry_now.l1_offset < 0 and \
+                        held + -(-entry_now.size // page) * page > limit:
+                    # Bringing it into L1 would wait for room that only this call's
+                    # own leases hold: refuse the call now rather than after the waits.
+                    raise CapacityExhausted(
+                        f"ShmAcquire of {len(keys)} blocks would lease more than all of "
+                        f"L1 ({limit} bytes) at once: ask for fewer blocks per call")
                 reader = await self.store.open_read((namespace, key), session)
                 if reader is None:
                     out.append(None)
@@ -517,16 +528,23 @@ class SharedMemoryBroker:
                     out.append(None)
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
+                # Not reaped while the call still waits for later keys: the
+                # lease runs from when the client gets it (set below).
                 lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
-                              entry.generation, reader.tier, self.clock() + ms / 1000.0,
+                              entry.generation, reader.tier, math.inf,
                               reader, namespace, owner)
                 self._leases[lease_id] = lease
+                held += -(-entry.size // page) * page
                 out.append(lease)
         except BaseException:
-            for held in out:
-                if held is not None:
-                    self._end_lease(held.lease_id)
+            for taken in out:
+                if taken is not None:
+                    self._end_lease(taken.lease_id)
             raise
+        expires = self.clock() + ms / 1000.0
+        for taken in out:
+            if taken is not None:
+                taken.expires = expires
         return out, released, expired
 
     def acquire_now(self, namespace: str, keys: Sequence[bytes], session: str | None,

@@ -17,6 +17,7 @@ from kvstore import Client
 from kvstore.errors import (
     BlockTooLarge,
     CapacityExhausted,
+    InvalidArgument,
     InvalidKey,
     InvalidNamespace,
     TierNotConfigured,
@@ -218,3 +219,46 @@ def test_lmdb_map_full_grows_silently(server_factory, tmp_path: Path) -> None:  
         assert c.get(list(blobs)) == list(blobs.values())
         mdb = server.data_dir / "l2" / "data.mdb"
         assert mdb.stat().st_size > 20 * MiB
+
+
+def test_names_the_server_keeps_are_bounded(shared_server) -> None:  # type: ignore[no-untyped-def]
+    """Session ids, owners and tool names are kept by the server (per session,
+    lease, tool): over 1,024 bytes they are INVALID_ARGUMENT, on gRPC and in the SDK."""
+    long = "s" * 1025
+    with grpc.insecure_channel(shared_server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        calls = [
+            lambda: stub.Lookup(pb.LookupRequest(namespace="n", keys=[b"k"], session_id=long)),
+            lambda: stub.GetSmall(pb.GetRequest(namespace="n", keys=[b"k"], session_id=long)),
+            lambda: stub.Put(iter([pb.PutChunk(namespace="n", key=b"k", block_size=1,
+                                               data=b"x", session_id=long)])),
+            lambda: stub.SessionEvent(pb.SessionEventRequest(
+                namespace="n", session_id=long, session_end=pb.SessionEnd())),
+            lambda: stub.SessionEvent(pb.SessionEventRequest(
+                namespace="n", session_id="s", turn_end=pb.TurnEnd(reason=1, tool_name=long))),
+            lambda: stub.OpenDataPlane(pb.OpenDataPlaneRequest(namespace="n", shm_owner=long)),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert "at most 1024" in (info.value.details() or "")
+        ok = stub.Lookup(pb.LookupRequest(namespace="n", keys=[b"k"], session_id="s" * 1024))
+        assert ok.found == 0
+    with Client(shared_server.tcp, namespace="n") as c, \
+            pytest.raises(InvalidArgument, match="at most 1024"):
+        c.lookup([b"k"], session_id=long)
+    assert_still_serving(shared_server.tcp)
+
+
+def test_a_get_chunk_is_at_least_64_kib(shared_server) -> None:  # type: ignore[no-untyped-def]
+    """max_chunk_bytes below 64 KiB is raised to it: a 1-byte chunk size would make
+    one Get of a large block minutes of server CPU."""
+    with Client(shared_server.tcp, namespace="chunks") as c:
+        c.put({b"big": os.urandom(MiB)})
+    with grpc.insecure_channel(shared_server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        chunks = list(stub.Get(pb.GetRequest(namespace="chunks", keys=[b"big"],
+                                             max_chunk_bytes=1), timeout=30))
+    assert len(chunks) == MiB // (64 * 1024)
+    assert b"".join(ch.data for ch in chunks) and sum(len(ch.data) for ch in chunks) == MiB

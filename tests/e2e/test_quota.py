@@ -84,3 +84,17 @@ def test_quota_tables_in_toml_and_env(tmp_path: Path) -> None:
     assert (cfg.quota.l1_limit("a"), cfg.quota.l1_limit("b"), cfg.quota.l1_limit("c")) == \
         (1024**2, 2 * 1024**2, 0)
     assert not load(env={}).quota.enabled
+
+
+def test_a_quota_counts_the_l1_pages_of_tiny_blocks(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A 1-byte block takes a 4 KiB page of L1, and the quota counts the page: a flood
+    of tiny blocks stays within its quota instead of evicting the quiet tenant."""
+    with serve(server_factory, "--quota-l1", "noisy=1MiB", "--policy-name", "lru") as server:
+        quiet_keys = [f"q{i}".encode() for i in range(128)]
+        with Client(server.tcp, namespace="quiet") as quiet:
+            quiet.put({k: b"q" * 16384 for k in quiet_keys})  # 2 MiB of 4
+        with Client(server.tcp, namespace="noisy") as noisy:
+            for start in range(0, 3000, 500):
+                noisy.put({f"n{i}".encode(): b"n" for i in range(start, start + 500)})
+        with Client(server.tcp, namespace="quiet") as quiet:
+            assert quiet.lookup(quiet_keys).found == len(quiet_keys)

@@ -84,3 +84,29 @@ def test_client_clock_drives_policy_time(server_factory) -> None:  # type: ignor
         with pytest.raises(grpc.RpcError) as info:
             lookup(req, metadata=[("kvstore-clock", "soon")])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_pin_quota_counts_the_l1_pages_a_block_takes(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A 16-byte block takes a 4 KiB page of L1: the quota counts pages, so tiny
+    blocks cannot pin all of L1 and lock every other namespace out of it."""
+    with server_factory("--server-pin-quota", "0.25", l1_capacity="4MiB") as server, \
+            Client(server.tcp, namespace="tiny") as c:
+        keys = [f"t{i}".encode() for i in range(300)]
+        c.put({k: b"x" * 16 for k in keys})
+        assert c.pin(keys[:256], ttl_ms=600_000).blocks == 256  # 256 pages: 1 MiB, the quota
+        with pytest.raises(CapacityExhausted, match="pin quota"):
+            c.pin(keys[256:257])
+        with Client(server.tcp, namespace="other") as other:
+            other.put({b"big": os.urandom(2 * MiB)})  # three quarters of L1 are not pinned
+            assert other.lookup([b"big"]).tiers == [TierName.L1]
+
+
+def test_pins_of_deleted_blocks_are_dropped(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Pins of blocks deleted since do not count against the quota, nor pile up."""
+    with server_factory("--server-pin-quota", "0.25", l1_capacity="4MiB") as server, \
+            Client(server.tcp, namespace="churn") as c:
+        for round_ in range(5):
+            keys = [f"r{round_}-{i}".encode() for i in range(200)]
+            c.put({k: b"y" * 100 for k in keys})
+            assert c.pin(keys, ttl_ms=600_000).blocks == 200  # 200 pages < 256
+            c.delete(keys)

@@ -521,6 +521,16 @@ def test_tracked_blocks_are_bounded_over_all_streams() -> None:
     assert p._tracked_blocks == 0
 
 
+def test_the_duel_shadow_is_bounded_before_the_tier_fills() -> None:
+    """Lookups of blocks never stored reach the duel's shadow LRU before the first tier
+    has filled (its size in blocks unknown): ``max_tracked_blocks`` bounds it meanwhile."""
+    p = SessionPolicy([L1], max_tracked_blocks=100)
+    for j in range(10):
+        p.on_request([f"s{j}.{i}" for i in range(50)], float(j), f"s{j}")
+    assert len(p._shadow) == 100
+    assert p._tracked_blocks <= 100
+
+
 def test_a_forgotten_stream_that_returns_starts_afresh() -> None:
     """A forgotten stream's blocks stay resident, ranked by LRU age with the blocks of no
     session; when it returns it finds them (hits) and is tracked again, as a new stream:

@@ -202,3 +202,38 @@ def test_leases_held_at_once_are_bounded(tmp_path: Path,
                 os.unlink(shm_path)
 
     asyncio.run(go())
+
+
+def test_an_acquire_larger_than_l1_fails_fast_and_leases_run_from_the_answer(
+        tmp_path: Path) -> None:
+    """An acquire whose blocks must come into an L1 its own leases fill would wait for
+    room only they hold: it fails at once, whole. Leases of a call that waited run from its
+    answer, so none it returns has expired already."""
+    from kvstore.errors import CapacityExhausted
+
+    async def go() -> None:
+        shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-half"
+        config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "1MiB",
+                           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L1_SHM_PATH": shm_path,
+                           "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+        store = TieredStore(config)
+        await store.start()
+        now = [1000.0]
+        broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=5000,
+                                    clock=lambda: now[0])
+        try:
+            keys = [f"k{i}".encode() for i in range(300)]  # 300 pages > L1's 256
+            for key in keys:
+                await store.put_bytes("a", key, key * 4, ack=AckLevel.LOCAL)
+            with pytest.raises(CapacityExhausted, match="more than all of L1"):
+                await asyncio.wait_for(broker.acquire("a", keys, None, 0), 10)
+            assert broker.leases == 0
+            few, _, _ = await broker.acquire("a", keys[:20], None, 2000)
+            assert all(lease is not None and lease.expires == now[0] + 2.0 for lease in few)
+        finally:
+            await broker.close()
+            await store.close()
+            if os.path.exists(shm_path):
+                os.unlink(shm_path)
+
+    asyncio.run(go())

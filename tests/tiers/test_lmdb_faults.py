@@ -26,7 +26,7 @@ from kvstore.errors import StorageError
 from kvstore.server.app import Server
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
-from kvstore.types import BlockId
+from kvstore.types import AckLevel, BlockId
 
 
 def meta_for(data: bytes) -> BlockMeta:
@@ -141,5 +141,43 @@ def test_a_failing_l2_write_reaches_the_client_as_unavailable(
                 assert await client.get([b"before", b"after"]) == [before, after]
         finally:
             await server.stop(0)
+
+    asyncio.run(go())
+
+
+def test_a_failing_l2_read_is_a_miss_that_keeps_the_copy(tmp_path: Path) -> None:
+    """An L2 read that fails (an I/O error, or the environment closing at shutdown)
+    is a miss, not a corrupt copy: the block stays in L2 and is served once reads work."""
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "1MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+
+    async def go() -> None:
+        from kvstore.store import TieredStore
+
+        store = TieredStore(config)
+        await store.start()
+        try:
+            data = os.urandom(256 * 1024)
+            await store.put_bytes("ns", b"kept", data, ack=AckLevel.LOCAL)
+            for i in range(8):  # push it out of L1 (into L2 only)
+                await store.put_bytes("ns", f"f{i}".encode(), os.urandom(256 * 1024),
+                                      ack=AckLevel.LOCAL)
+            entry = store.index.entry(("ns", b"kept"))
+            assert entry is not None and entry.l1_offset < 0 and entry.l2
+            reads = store.reads
+            working = reads.read_verify_l2
+
+            def failing(*args: Any) -> Any:
+                raise StorageError("L2 read failed: mdb_get: Input/output error")
+
+            reads.read_verify_l2 = failing
+            assert await store.get_bytes("ns", b"kept") is None  # a miss ...
+            reads.read_verify_l2 = working
+            assert await store.get_bytes("ns", b"kept") == data  # ... the copy kept
+            assert reads._c2.corrupt == 0
+        finally:
+            await store.close()
 
     asyncio.run(go())

@@ -31,6 +31,7 @@ class Duel:
     """Mixed into the session policy: the state and steps of its fallback to LRU."""
 
     stats: dict[str, int]
+    max_tracked_blocks: int
 
     def _init_duel(self, cfg: SessionPolicyConfig) -> None:
         self.trust = 0  # >= 0: follow the session ranking; < 0: follow LRU
@@ -110,9 +111,12 @@ class Duel:
             else:
                 sh[b] = None
         cap = self._cap
-        if cap and len(sh) > cap:
+        # (until the tier's size is known, the policy's bound on blocks it tracks:
+        # lookups of blocks never stored must not grow the shadow without end)
+        bound = cap or self.max_tracked_blocks
+        if len(sh) > bound:
             pop = sh.popitem
-            for _ in range(len(sh) - cap):
+            for _ in range(len(sh) - bound):
                 pop(False)  # the least recently used
         # this policy's hits of the previous request are known now: compare like with like
         d = self.duel_decay

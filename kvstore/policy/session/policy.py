@@ -357,6 +357,8 @@ class SessionPolicy(Duel, Policy):
             ts.dead.pop(block, None)
         if block == ts.peek:
             ts.peek = None
+        if self._pins and tier is self._tier0:
+            self._pins.pop(block, None)  # (a pin is on the first tier; deleted or gone)
         if self._discard and block in self._discard and \
                 not any(block in t.lru for t in self._tiers.values()):
             self._discard.discard(block)
