@@ -11,10 +11,13 @@ default run; set KVSTORE_FUZZ_EXAMPLES for a longer one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -120,18 +123,33 @@ async def _apply(broker: SharedMemoryBroker, world: World, op: tuple) -> None:  
         world.refused += 1
 
 
-async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-arg]
-    shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp.name}-prop{next(_paths)}"
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp), "KVSTORE_L1_CAPACITY": "4MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
+@contextlib.asynccontextmanager
+async def _broker(tmp: Path, tag: str, l1: str = "4MiB", l2: bool = False,
+                  **kw: Any) -> AsyncIterator[tuple[TieredStore, SharedMemoryBroker]]:
+    """A started store on a shared-memory L1 and a broker over it, closed (and the
+    arena file removed) on the way out."""
+    shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp.name}-{tag}"
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp), "KVSTORE_L1_CAPACITY": l1,
+                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": str(l2).lower(),
                        "KVSTORE_L1_SHM_PATH": shm_path,
                        "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
     store = TieredStore(config)
     await store.start()
-    world = World()
-    broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=1000,
-                                clock=lambda: world.now[0], quarantine_ms=5000)
+    broker = SharedMemoryBroker(store, **{"reserve_ms": 1000, "lease_ms": 1000,
+                                          "max_lease_ms": 1000, **kw})
     try:
+        yield store, broker
+    finally:
+        await broker.close()
+        await store.close()
+        if os.path.exists(shm_path):
+            os.unlink(shm_path)
+
+
+async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-arg]
+    world = World()
+    async with _broker(tmp, f"prop{next(_paths)}", clock=lambda: world.now[0],
+                       quarantine_ms=5000) as (store, broker):
         for op in sequence:
             await _apply(broker, world, op)
             # Never two live reservations on one byte of L1.
@@ -148,11 +166,6 @@ async def _run(tmp: Path, sequence: list[tuple]) -> None:  # type: ignore[type-a
         for ns in ("a", "b"):
             await store.delete(ns, KEYS)
         assert store.l1.used_bytes == 0
-    finally:
-        await broker.close()
-        await store.close()
-        if os.path.exists(shm_path):
-            os.unlink(shm_path)
 
 
 @settings(max_examples=EXAMPLES, deadline=None,
@@ -174,15 +187,7 @@ def test_leases_held_at_once_are_bounded(tmp_path: Path,
     monkeypatch.setattr(shm, "MAX_LEASES", 4)
 
     async def go() -> None:
-        shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-leases"
-        config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "4MiB",
-                           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
-                           "KVSTORE_L1_SHM_PATH": shm_path,
-                           "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
-        store = TieredStore(config)
-        await store.start()
-        broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=1000)
-        try:
+        async with _broker(tmp_path, "leases") as (store, broker):
             for key in KEYS[:3]:
                 await store.put_bytes("a", key, key * 100)
             held, _, _ = await broker.acquire("a", KEYS[:3], None, 0)
@@ -195,11 +200,6 @@ def test_leases_held_at_once_are_bounded(tmp_path: Path,
             ids = [lease.lease_id for lease in held if lease is not None]
             more = broker.acquire_now("a", KEYS[:3], None, 0, release=ids[:2])
             assert more is not None and broker.leases == 4
-        finally:
-            await broker.close()
-            await store.close()
-            if os.path.exists(shm_path):
-                os.unlink(shm_path)
 
     asyncio.run(go())
 
@@ -212,16 +212,9 @@ def test_an_acquire_larger_than_l1_fails_fast_and_leases_run_from_the_answer(
     from kvstore.errors import CapacityExhausted
 
     async def go() -> None:
-        shm_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-half"
-        config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "1MiB",
-                           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L1_SHM_PATH": shm_path,
-                           "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
-        store = TieredStore(config)
-        await store.start()
         now = [1000.0]
-        broker = SharedMemoryBroker(store, reserve_ms=1000, lease_ms=1000, max_lease_ms=5000,
-                                    clock=lambda: now[0])
-        try:
+        async with _broker(tmp_path, "half", l1="1MiB", l2=True, max_lease_ms=5000,
+                           clock=lambda: now[0]) as (store, broker):
             keys = [f"k{i}".encode() for i in range(300)]  # 300 pages > L1's 256
             for key in keys:
                 await store.put_bytes("a", key, key * 4, ack=AckLevel.LOCAL)
@@ -230,10 +223,5 @@ def test_an_acquire_larger_than_l1_fails_fast_and_leases_run_from_the_answer(
             assert broker.leases == 0
             few, _, _ = await broker.acquire("a", keys[:20], None, 2000)
             assert all(lease is not None and lease.expires == now[0] + 2.0 for lease in few)
-        finally:
-            await broker.close()
-            await store.close()
-            if os.path.exists(shm_path):
-                os.unlink(shm_path)
 
     asyncio.run(go())
