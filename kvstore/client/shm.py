@@ -91,6 +91,7 @@ from kvstore.client.shm_dataplane import ShmFrames, route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.dataplane import frames
 from kvstore.errors import (
+    CapacityExhausted,
     CorruptBlock,
     InvalidArgument,
     KVStoreError,
@@ -692,7 +693,12 @@ class ShmClient(Client):
         # and the namespace resolved once.
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
-        leases, lease_s = self._acquire(key_list, ns, None, 0, checked=True)
+        try:
+            leases, lease_s = self._acquire(key_list, ns, None, 0, checked=True)
+        except CapacityExhausted:
+            # More at once than L1 can lease (or the server's lease limit):
+            # read them the way that holds none.
+            return super().get_into(key_list, views, namespace=ns)
         sizes: list[int | None] = []
         try:
             streaming = self._streaming_get(
@@ -725,7 +731,14 @@ class ShmClient(Client):
             self._get_hint = max((len(b) for b in found if b is not None), default=0)
             return found
         out: list[bytes | None] = []
-        with self._reading(keys, namespace, session_id) as leases:
+        ks = normalize_keys(keys)
+        sent = time.monotonic()
+        ns = resolve_namespace(namespace, self.namespace)
+        try:
+            leases, lease_s = self._acquire(ks, ns, session_id, 0)
+        except CapacityExhausted:  # (as get_into)
+            return super().get(ks, namespace=ns, session_id=session_id)
+        try:
             self._get_hint = max((lease.size for lease in leases if lease is not None),
                                  default=0)
             for i, lease in enumerate(leases):
@@ -737,4 +750,8 @@ class ShmClient(Client):
                     raise CorruptBlock(f"key #{i}: the copy read from shared memory fails "
                                        "its CRC-32C")
                 out.append(data)
+        finally:
+            expired = self._done_reading(leases, sent, lease_s, ns)
+        if expired:
+            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
         return out

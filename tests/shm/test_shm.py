@@ -384,3 +384,22 @@ def test_puts_of_large_blocks_copy_with_streaming_stores(
         c.put({b"again": blobs[b"again"]})
         assert seen == [(MiB, None)]
         assert c.get(list(blobs)) == list(blobs.values())
+
+
+def test_a_get_of_more_than_l1_holds_reads_without_leases(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Blocks that together exceed L1 cannot all be leased at once (the server refuses
+    such an acquire at once): ShmClient reads them the way that holds no lease."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-over"
+    server = server_factory("--l1-shm-path", path, l1_capacity="4MiB")
+    with server, ShmClient(server.unix_target, namespace="over", timeout=20) as c:
+        blobs = {f"o{i}".encode(): block(i, MiB) for i in range(6)}  # 6 MiB > 4 MiB of L1
+        items = list(blobs.items())
+        c.put(dict(items[:3]), ack="local")
+        c.put(dict(items[3:]), ack="local")
+        started = time.monotonic()
+        assert c.get(list(blobs)) == list(blobs.values())
+        bufs = [bytearray(MiB) for _ in blobs]
+        assert c.get_into(list(blobs), bufs) == [MiB] * 6
+        assert [bytes(b) for b in bufs] == list(blobs.values())
+        assert time.monotonic() - started < 15
