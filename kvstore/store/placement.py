@@ -26,6 +26,10 @@ from kvstore.types import BlockFormat, BlockId, TierName
 # How long a Put waits for pinned L1 blocks (being written to L2 or read) to
 # become evictable before it gives up with RESOURCE_EXHAUSTED.
 ROOM_WAIT_SECONDS = 30.0
+#: A promotion (a read from L2 or L3 copied into L1) waits at most this long for
+#: room that other requests hold; then the block is served without promotion
+#: (another client's L1-sized reservation must not stall every L2 read 30 s).
+PROMOTE_ROOM_WAIT_SECONDS = 1.0
 
 # Blocks up to this size are verified on the event loop (a few µs); larger
 # ones in the executor (the native verify releases the GIL).
@@ -111,12 +115,14 @@ class Placement(Part):
 
     # -- extents ------------------------------------------------------------------------
 
-    async def reserve(self, size: int) -> int:
+    async def reserve(self, size: int, room_wait: float = ROOM_WAIT_SECONDS) -> int:
         """An L1 extent for a block about to be written (evicting if needed).
         The caller commits it (:meth:`commit`, :meth:`place`) or gives it
-        back (:meth:`release`)."""
+        back (:meth:`release`). ``room_wait``: how long to wait when every
+        block is held (read, leased, reserved) rather than on its way to L2."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
+        room_deadline = min(deadline, time.monotonic() + room_wait)
         attempt = _Attempt()
         while True:
             got = self._reserve_step(size, attempt)
@@ -133,7 +139,8 @@ class Placement(Part):
                 # rather than queue the whole of L1 (each victim search walks
                 # past every block being written, holding the GIL the writer
                 # needs: quadratic, measured 30 s and a failed Put).
-                if not await self.progress.wait(deadline):
+                if not await self.progress.wait(room_deadline if got == _WAIT_ROOM
+                                                else deadline):
                     raise self._full(size)
             else:
                 raise self._full(size)

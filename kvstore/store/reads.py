@@ -29,7 +29,7 @@ from kvstore.store.index import Entry
 from kvstore.store.l1check import L1Check
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
-from kvstore.store.placement import Placement
+from kvstore.store.placement import PROMOTE_ROOM_WAIT_SECONDS, Placement
 from kvstore.tiers.base import Buffer
 from kvstore.types import BlockId, TierName
 
@@ -233,7 +233,7 @@ class Reads(Part):
         """An L1 extent for a promotion the policy admits, or -1."""
         if self.policy.admit(TierName.L1, block, size, self.clock()):
             with contextlib.suppress(CapacityExhausted):
-                return await self.placement.reserve(size)
+                return await self.placement.reserve(size, PROMOTE_ROOM_WAIT_SECONDS)
         return -1
 
     def _promoted(self, block: BlockId, entry: Entry, offset: int, tier: TierName,

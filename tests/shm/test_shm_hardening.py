@@ -20,6 +20,7 @@ from kvstore.errors import (
     PermissionDenied,
     ReservationExpired,
 )
+from kvstore.types import TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 MiB = 1024**2
@@ -185,3 +186,24 @@ def test_shm_namespaces_limits_who_may_map_the_arena(server_factory, tmp_path: P
         with Client(server.unix_target, namespace="tenant") as plain:
             assert plain.put({b"x": b"x" * 4096}).stored == 1
             assert plain.get([b"x"]) == [b"x" * 4096]
+
+
+def test_a_reservation_of_all_of_l1_does_not_stall_another_clients_l2_reads(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One client's reservation of the whole of L1 leaves no room to promote into: a
+    read of a block in L2 waits about a second for room, then is served from L2
+    without promotion (it waited 30 s, server.shm_reserve_ms)."""
+    server = server_factory("--l1-shm-path", _shm_path(tmp_path, "fair"),
+                            l1_capacity="8MiB")
+    with server, Client(server.tcp, namespace="reader", data_plane=False) as reader, \
+            ShmClient(server.unix_target, namespace="hog", timeout=60) as hog:
+        data = os.urandom(MiB)
+        reader.put({b"cold": data}, ack="local")
+        for i in range(8):  # push it out of L1: it is in L2 only
+            reader.put({f"f{i}".encode(): os.urandom(MiB)}, ack="local")
+        assert reader.lookup([b"cold"]).tiers == [TierName.L2]
+        slots = hog.reserve([(b"all", 8 * MiB)])  # every page of L1
+        started = time.monotonic()
+        assert reader.get([b"cold"]) == [data]
+        assert time.monotonic() - started < 10
+        hog.commit([], abandon=slots)
