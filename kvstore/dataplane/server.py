@@ -190,8 +190,11 @@ class DataPlaneServer:
             task.add_done_callback(self._connections.discard)
 
     def drop_sessions(self) -> int:
-        """Close every connection (the grants changed: auth.tokens_file was
-        reloaded); clients open new sessions, authenticated afresh."""
+        """Close every connection and forget every ticket not yet redeemed (the
+        grants changed: auth.tokens_file was reloaded; a ticket carries the
+        grants it was issued under); clients open new sessions, authenticated
+        afresh."""
+        self.tickets.clear()
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()

@@ -42,6 +42,12 @@ class TicketBook:
         self.clock = clock
         self._tickets: OrderedDict[bytes, tuple[float, Binding]] = OrderedDict()
 
+    def clear(self) -> int:
+        """Forget every ticket not yet redeemed (the grants changed); how many."""
+        n = len(self._tickets)
+        self._tickets.clear()
+        return n
+
     def issue(self, binding: Binding) -> bytes:
         now = self.clock()
         tickets = self._tickets

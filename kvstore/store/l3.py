@@ -46,6 +46,9 @@ log = logging.getLogger("kvstore.l3")
 
 # How long a key found absent from L3 is not asked for again.
 NEGATIVE_TTL_S = 2.0
+#: An object found corrupt counts as absent this long (it stays corrupt until a
+#: node overwrites it; each look would download and drop it again).
+CORRUPT_TTL_S = 60.0
 
 
 class L3Mover(Part):
@@ -171,6 +174,7 @@ class L3Mover(Part):
                     functools.partial(self.index.is_current, block, entry)):
                 return  # deleted or replaced meanwhile: nothing to make remote
             self.index.mark_l3(block, entry)
+            self._absent.pop(block, None)  # (a good copy is there now)
         finally:
             self.queued -= entry.size
             view.release()
@@ -211,6 +215,7 @@ class L3Mover(Part):
                 if not written:
                     return  # deleted or replaced meanwhile
                 self.index.mark_l3(block, entry)
+                self._absent.pop(block, None)
                 self._l2_counters.demotions += 1
                 return
         finally:
@@ -272,10 +277,10 @@ class L3Mover(Part):
             return False
         return True
 
-    def _note_absent(self, block: BlockId) -> None:
+    def _note_absent(self, block: BlockId, ttl: float = NEGATIVE_TTL_S) -> None:
         if len(self._absent) > 100_000:
             self._absent.clear()
-        self._absent[block] = time.monotonic() + NEGATIVE_TTL_S
+        self._absent[block] = time.monotonic() + ttl
 
     async def head(self, block: BlockId) -> Entry | None:
         """Is the block in L3 (put by any node)? Indexes it when found."""
@@ -312,6 +317,7 @@ class L3Mover(Part):
             counters.corrupt += 1
             counters.misses += 1
             self.index.lost_l3(block, entry)
+            self._note_absent(block, CORRUPT_TTL_S)  # not found again by the next probe
             return None
         if found is None:
             counters.misses += 1
@@ -327,6 +333,15 @@ class L3Mover(Part):
         if actual != expected or meta.checksum != expected:
             log.warning("dropped corrupt L3 copy of %s/%s", block[0], block[1].hex()[:16])
             counters.corrupt += 1
+            counters.misses += 1
+            self.index.lost_l3(block, entry)
+            self._note_absent(block, CORRUPT_TTL_S)  # not found again by the next probe
+            return None
+        if entry is not None and meta.size != entry.size:
+            # Another node replaced the object with one of another size since it
+            # was indexed here: a miss now; the next look finds the new one.
+            log.info("L3 object of %s/%s changed size (%d -> %d bytes): indexed again",
+                     block[0], block[1].hex()[:16], entry.size, meta.size)
             counters.misses += 1
             self.index.lost_l3(block, entry)
             return None

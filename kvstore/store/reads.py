@@ -309,14 +309,19 @@ class Reads(Part):
                 self.stats.get_hits += 1
                 self.policy.on_hit(TierName.L3, block, self.clock(), session)
             offset = -1
-            if entry.l1_offset < 0:
-                offset = await self._reserve_if_admitted(block, entry.size)
-            if offset >= 0 and (entry.l1_offset >= 0 or entry.dead):
-                self.placement.release(offset, entry.size)
-                offset = -1
-            if offset >= 0:
-                self.l1.slice(offset, entry.size)[:] = payload
-                return self._promoted(block, entry, offset, TierName.L3, session)
+            try:
+                if entry.l1_offset < 0:
+                    offset = await self._reserve_if_admitted(block, entry.size)
+                if offset >= 0 and (entry.l1_offset >= 0 or entry.dead):
+                    self.placement.release(offset, entry.size)
+                    offset = -1
+                if offset >= 0:
+                    self.l1.slice(offset, entry.size)[:] = payload
+                    return self._promoted(block, entry, offset, TierName.L3, session)
+            except BaseException:
+                if offset >= 0 and entry.l1_offset != offset:
+                    self.placement.release(offset, entry.size)  # (never lost to L1)
+                raise
             if entry.l1_offset >= 0 and not entry.dead:
                 return self._l1_reader(block, entry, TierName.L3)
             return BlockReader(payload, TierName.L3, None)

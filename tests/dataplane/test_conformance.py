@@ -388,9 +388,17 @@ def test_reloaded_grants_close_the_sessions_opened_under_the_old_ones(
     srv = server_factory("--auth-tokens-file", str(tokens)).start()
     alice = session(srv.tcp, ALICE, "tcp")
     assert put(alice, 1, "chat", {b"k": b"v"}).op == 0x85
+    unused = open_dp(srv.tcp, ALICE)  # a ticket issued, not yet redeemed
     tokens.write_text(f"{hash_token(BOB)} bob other\n")  # alice's token is revoked
     os.kill(srv.pid, signal.SIGHUP)
     assert alice.closed()  # bounded by the socket's timeout
+    # The ticket carried the old grants: it is void too (it opened a session that
+    # kept them, renewable every ticket_ms).
+    late = connect(unused, "tcp")
+    late.send(request(HELLO, 4, s(unused.ticket)))
+    answer = late.frame()
+    assert answer.op == ERROR and answer.rid == 4
+    assert answer.error()[1] == "Unauthenticated"
     with pytest.raises(grpc.RpcError) as err:
         open_dp(srv.tcp, ALICE)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

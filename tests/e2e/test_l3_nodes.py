@@ -91,3 +91,26 @@ def test_delete_is_node_local_plus_l3(server_factory, s3: S3Server, tmp_path) ->
         assert c1.get([b"k"]) == [value]
         assert c1.delete([b"k"]) == 1  # a Delete there removes it there
         assert c1.get([b"k"]) == [None]
+
+
+def test_an_object_replaced_with_another_size_by_another_node_is_served_new(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """A node indexes an object from the listing at its size then; another node
+    replaces it with one of another size. A Get is the new bytes or a miss (it was
+    INTERNAL, and each one leaked its L1 reservation until no 64 KiB Put fit)."""
+    first = {b"shrinks": os.urandom(65_541), b"grows": os.urandom(65_542)}
+    with l3_node(server_factory, s3) as a, Client(a.tcp, namespace="sz") as ca:
+        assert ca.put(first, ack="remote").stored == 2
+        with l3_node(server_factory, s3) as d, Client(d.tcp, namespace="sz") as cd:
+            wait_for(lambda: "L3 listing:" in d.log(), what="the listing at start")
+            assert cd.lookup(list(first)).tiers == [TierName.L3] * 2
+            new = {b"shrinks": b"x" * 1000, b"grows": os.urandom(200_000)}
+            assert ca.put(new, ack="remote").stored == 2
+            for _ in range(40):
+                for key, value in new.items():
+                    assert cd.get([key])[0] in (value, None)
+            got = cd.get(list(new))  # indexed again: the new objects
+            assert got == list(new.values())
+            # No L1 room was lost: a Put of a large block still fits at once.
+            cd.put({b"after": os.urandom(4 * 1024 * 1024)})
+            assert cd.get([b"after"])[0] is not None
