@@ -114,3 +114,34 @@ def test_an_object_replaced_with_another_size_by_another_node_is_served_new(  # 
             # No L1 room was lost: a Put of a large block still fits at once.
             cd.put({b"after": os.urandom(4 * 1024 * 1024)})
             assert cd.get([b"after"])[0] is not None
+
+
+def test_an_l3_object_found_corrupt_stays_dropped(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    """An object damaged behind the servers' backs is a miss, and then absent: Lookup no
+    longer reports it (an engine would be told it hits, then miss) and further Gets do
+    not download and drop it again, until a node uploads the block again."""
+    import obstore
+
+    value = os.urandom(70_000)
+    with l3_node(server_factory, s3) as a, Client(a.tcp, namespace="bad") as ca:
+        assert ca.put({b"k": value}, ack="remote").stored == 1
+        raw = obstore.store.S3Store(
+            s3.bucket, prefix="nodes", endpoint=s3.endpoint, access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key, virtual_hosted_style_request=False,
+            client_options={"allow_http": True})
+        names = [m["path"] for page in obstore.list(raw, prefix="bad") for m in page]
+        assert len(names) == 1
+        obstore.put(raw, names[0], b"\0" * 70_100)  # the object, damaged
+        with l3_node(server_factory, s3) as d, Client(d.tcp, namespace="bad") as cd:
+            wait_for(lambda: "L3 listing:" in d.log(), what="the listing at start")
+            assert cd.lookup([b"k"]).tiers == [TierName.L3]
+            assert cd.get([b"k"]) == [None]
+            for _ in range(3):
+                assert cd.lookup([b"k"]).found == 0
+                assert cd.get([b"k"]) == [None]
+            l3 = next(t for t in cd.stats().tiers if t.tier == TierName.L3)
+            assert l3.corrupt == 1
+        assert ca.put({b"k": value}, ack="remote").stored == 1  # uploaded again
+        with l3_node(server_factory, s3) as e, Client(e.tcp, namespace="bad") as ce:
+            wait_for(lambda: "L3 listing:" in e.log(), what="the listing at start")
+            assert ce.get([b"k"]) == [value]
