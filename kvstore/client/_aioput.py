@@ -43,13 +43,18 @@ class AioPutter:
         self._rpc: Any = None
         self._closed = False
 
+    def forked(self) -> bool:
+        """Whether its loop was started in another process (this one was forked
+        since): grpc.aio does not survive a fork once used (the child crashed
+        or hung), so a child puts through the sync channel instead."""
+        return self._pid != 0 and self._pid != os.getpid()
+
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._closed:
                 raise ValueError("the client is closed")
-            if self._loop is None or self._pid != os.getpid():
-                # First Put (or first in a forked child, where the parent's
-                # loop thread does not exist): start the loop.
+            if self._loop is None:
+                # First Put: start the loop.
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=_run, args=(loop,), daemon=True,
                                           name="kvstore-put-loop")

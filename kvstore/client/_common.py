@@ -88,6 +88,13 @@ def channel_options(chunk_bytes: int, extra: Any) -> list[tuple[str, Any]]:
         "grpc.keepalive_time_ms": 2**31 - 1,
         "grpc.keepalive_permit_without_calls": 0,
         "grpc.enable_retries": 0,
+        # Back within a second of a server's restart: gRPC's default reconnect
+        # backoff grows to 120 s, and its process-wide subchannel pool made even
+        # a new Client wait out the old one's backoff.
+        "grpc.use_local_subchannel_pool": 1,
+        "grpc.initial_reconnect_backoff_ms": 100,
+        "grpc.min_reconnect_backoff_ms": 100,
+        "grpc.max_reconnect_backoff_ms": 1000,
     }
     if extra:
         items = extra.items() if isinstance(extra, Mapping) else extra

@@ -92,6 +92,7 @@ from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.dataplane import frames
 from kvstore.errors import (
     CapacityExhausted,
+    ConnectionFailed,
     CorruptBlock,
     InvalidArgument,
     KVStoreError,
@@ -243,6 +244,9 @@ class ShmClient(Client):
         try:
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self._map = mmap.mmap(fd, info.size, flags=flags)
+            st = os.fstat(fd)
+            #: The arena file mapped (a restarted server makes a new one).
+            self._arena_file = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
         self._arena = memoryview(self._map)
@@ -306,6 +310,7 @@ class ShmClient(Client):
 
     def reserve(self, sizes: Sequence[tuple[bytes, int]], *, namespace: str | None = None,
                 session_id: str | None = None) -> list[ReservedSlot]:
+        self._check_arena()
         ns = resolve_namespace(namespace, self.namespace)
         req = pb.ShmReserveRequest(
             namespace=ns, session_id=check_session_id(session_id), owner=self._owner,
@@ -354,6 +359,7 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
+        self._check_arena()
         lean = self._frames
         if lean is not None and lean.dp.available:
             ns = resolve_namespace(namespace, self.namespace)
@@ -553,6 +559,8 @@ class ShmClient(Client):
             # to): naming them could find them forgotten, so they are dropped.
             now = time.monotonic()
             release = [i for i, until, _ in taken if until > now]
+            if release:
+                self._check_arena()  # (ids from an earlier server mean nothing to a new one)
         try:
             got = None
             lean = self._frames
@@ -575,6 +583,7 @@ class ShmClient(Client):
             raise
         if len(self._shm_namespaces) < 64:
             self._shm_namespaces.add(ns)
+        self._check_arena()  # (after the answer: the leases are into the mapped file)
         out: list[LeasedBlock | None] = []
         arena = self._arena
         for key, lease in zip(key_list, got.leases, strict=True):
@@ -585,6 +594,20 @@ class ShmClient(Client):
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
                                    arena[lease.offset : lease.offset + lease.size], ns))
         return out, got.lease_ms / 1000.0
+
+    def _check_arena(self) -> None:
+        """ConnectionFailed unless the server's arena is still the file mapped here:
+        a server that restarted gracefully made a new one, and offsets it gives
+        point into that, not into this mapping (stale bytes, or another block's)."""
+        try:
+            st = os.stat(self.shm_path)
+            same = (st.st_dev, st.st_ino) == self._arena_file
+        except OSError:
+            same = False
+        if not same:
+            raise ConnectionFailed(
+                f"the server's shared-memory arena {self.shm_path} is no longer the file "
+                "this ShmClient mapped (the server restarted): create a new ShmClient")
 
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
         """End leases; returns the ids of those that had expired."""

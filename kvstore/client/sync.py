@@ -260,7 +260,7 @@ class Client(ClientBase):
             if counted is not None:
                 return PutResult(counted.stored, counted.nbytes)
         try:
-            if self._aio_put is not None:
+            if self._aio_put is not None and not self._aio_put.forked():
                 stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes), self.timeout,
                                                     self._metadata())
             else:

@@ -37,14 +37,8 @@ from kvstore.errors import InvalidArgument, KVStoreError, StaleLease
 log = logging.getLogger("kvstore.integrations")
 
 Pieces = Sequence[memoryview]
-# Each connection attempt gets its own subchannel (grpc otherwise shares one per
-# target process-wide, and a shared one in reconnect backoff answers every new
-# channel with the old failure for up to two minutes after the server is back),
-# and grpc's own reconnects stay within a second.
-_CHANNEL_OPTIONS = {"grpc.use_local_subchannel_pool": 1,
-                    "grpc.initial_reconnect_backoff_ms": 100,
-                    "grpc.min_reconnect_backoff_ms": 100,
-                    "grpc.max_reconnect_backoff_ms": 1000}
+# (Each client's channel has its own subchannel and reconnects within a second:
+# the SDK's channel options, kvstore.client._common.channel_options.)
 _T = TypeVar("_T")
 
 
@@ -128,15 +122,13 @@ class StoreLink:
         use_shm = cfg.shm == "on" or (cfg.shm == "auto" and cfg.target.startswith("unix:"))
         if use_shm:
             try:
-                return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
-                                 options=_CHANNEL_OPTIONS)
+                return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
             except KVStoreError as exc:
                 # A server without an arena says so (FAILED_PRECONDITION / UNIMPLEMENTED);
                 # an unreachable one is a failure either way.
                 if cfg.shm == "on" or exc.code == "UNAVAILABLE":
                     raise
-        client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout,
-                        options=_CHANNEL_OPTIONS)
+        client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
         client.stats()  # fail now, not in the middle of the first batch
         return client
 

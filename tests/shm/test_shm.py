@@ -18,6 +18,7 @@ import pytest
 from kvstore import Client
 from kvstore.client.shm import ShmClient
 from kvstore.errors import (
+    ConnectionFailed,
     CorruptBlock,
     InvalidArgument,
     StaleLease,
@@ -403,3 +404,29 @@ def test_a_get_of_more_than_l1_holds_reads_without_leases(
         assert c.get_into(list(blobs), bufs) == [MiB] * 6
         assert [bytes(b) for b in bufs] == list(blobs.values())
         assert time.monotonic() - started < 15
+
+
+def test_after_a_graceful_restart_a_client_never_reads_the_old_arena(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A server stopped gracefully removes its arena file and the next one makes a new
+    file: offsets it hands out point into that, not into the old mapping. The client
+    says so (ConnectionFailed), never serving the old file's bytes; a new one works."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-restart"
+    server = server_factory("--l1-shm-path", path, l1_capacity="16MiB").start()
+    c = ShmClient(server.unix_target, namespace="rs", timeout=10)
+    try:
+        c.put({b"k": b"a" * 300_000})
+        assert c.get([b"k"]) == [b"a" * 300_000]
+        assert server.terminate() == 0
+        server.start()
+        with Client(server.tcp, namespace="rs") as plain:
+            plain.put({b"k": b"z" * 300_000})
+        for call in (lambda: c.get([b"k"]), lambda: c.acquire([b"k"]),
+                     lambda: c.put({b"j": b"j" * 300_000})):
+            with pytest.raises(ConnectionFailed, match="create a new ShmClient"):
+                call()
+        with ShmClient(server.unix_target, namespace="rs", timeout=10) as fresh:
+            assert fresh.get([b"k"]) == [b"z" * 300_000]
+    finally:
+        c.close()
+        server.kill()

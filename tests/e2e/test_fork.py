@@ -1,0 +1,47 @@
+"""Engines fork workers: a Client made before fork() keeps working in the child, over
+the data plane and over gRPC (a child's Put over gRPC crashed or hung: grpc.aio does
+not survive a fork once used)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from kvstore import Client
+    signal.alarm(40)  # a hang fails the test instead of blocking it
+    target, data_plane = sys.argv[1], sys.argv[2] == "dp"
+    c = Client(target, namespace="fork", data_plane=data_plane, timeout=10)
+    c.put({b"parent": b"p" * 5000})
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # (alarms are not inherited)
+        try:
+            for attempt in range(2):  # (the child's first call may find the parent's socket)
+                try:
+                    c.put({b"child": b"c" * 5000})
+                    break
+                except Exception:
+                    if attempt:
+                        raise
+            ok = c.get([b"parent", b"child"]) == [b"p" * 5000, b"c" * 5000]
+            os._exit(0 if ok else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert c.get([b"child"]) == [b"c" * 5000]
+    c.put({b"after": b"a"})
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+@pytest.mark.parametrize("path", ["grpc", "dp"])
+def test_a_client_made_before_fork_works_in_the_child(shared_server, path: str) -> None:  # type: ignore[no-untyped-def]
+    done = subprocess.run([sys.executable, "-c", CHILD, shared_server.tcp, path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
