@@ -206,6 +206,7 @@ class ShmClient(Client):
         # and their namespace (an acquire ends only its own namespace's).
         self._deferred: list[tuple[int, float, str]] = []
         self._deferred_lock = threading.Lock()
+        self._deferred_pid = os.getpid()  # the process whose leases those are
         ch = self._channel
 
         def rpc(name: str, req: Any, resp: Any) -> Any:
@@ -553,6 +554,9 @@ class ShmClient(Client):
         release: list[int] = []
         if self._deferred:
             with self._deferred_lock:
+                if self._deferred_pid != os.getpid():
+                    # A forked child: those are the parent's leases, to end there.
+                    self._deferred, self._deferred_pid = [], os.getpid()
                 taken = [d for d in self._deferred if d[2] == ns]
                 self._deferred = [d for d in self._deferred if d[2] != ns]
             # Those past their time have expired on the server (or are about
@@ -637,6 +641,8 @@ class ShmClient(Client):
         that their blocks may leave L1 while this client is idle)."""
         with self._deferred_lock:
             taken, self._deferred = self._deferred, []
+            if self._deferred_pid != os.getpid():  # (a forked child: the parent's)
+                taken, self._deferred_pid = [], os.getpid()
         now = time.monotonic()
         by_namespace: dict[str, list[int]] = {}
         for i, until, ns in taken:

@@ -45,3 +45,41 @@ def test_a_client_made_before_fork_works_in_the_child(shared_server, path: str) 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
 
+
+
+SHM_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from kvstore.client.shm import ShmClient
+    signal.alarm(40)
+    c = ShmClient(sys.argv[1], namespace="forkshm", timeout=10)
+    value = b"s" * 300_000
+    c.put({b"k": value})
+    assert c.get([b"k"]) == [value]  # leaves its lease for the next acquire to end
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        for attempt in range(2):  # (the child's first call may find the parent's socket)
+            try:
+                ok = c.get([b"k"]) == [value]
+                break
+            except Exception:
+                if attempt:
+                    os._exit(4)
+        os._exit(0 if ok else 3)
+    _, status = os.waitpid(pid, 0)
+    assert c.get([b"k"]) == [value]  # its own lease was not ended by the child
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_a_shared_memory_client_made_before_fork_keeps_its_leases(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path) -> None:
+    """The leases a Get leaves for the next acquire to end are the parent's: the child
+    does not end them (the parent's next Get failed "never issued")."""
+    import os
+
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-fork"
+    with server_factory("--l1-shm-path", path, l1_capacity="16MiB") as server:
+        done = subprocess.run([sys.executable, "-c", SHM_CHILD, server.unix_target],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
