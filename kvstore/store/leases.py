@@ -132,19 +132,12 @@ class Leases(Part):
         found = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
         quota = self.pin_quota
         wanted = {b for b, _ in found}
-        page = self.l1.arena.page_bytes
+        extent = self.l1.extent
         pins = self._pins.setdefault(namespace, {})
-        held = 0
-        hot = self.index.blocks.get
-        for b, until_b in list(pins.items()):
-            e = hot(b)
-            if until_b <= now or e is None or e.l1_offset < 0:
-                del pins[b]  # expired, deleted or gone from L1: no longer held
-                self._pin_count -= 1
-            elif b not in wanted:
-                held += -(-e.size // page) * page
+        held = sum(extent(e.size) for b, e in self._held(pins, now).items()
+                   if b not in wanted)
         # The quota counts the L1 a block takes: whole pages.
-        asked = sum(-(-e.size // page) * page for _, e in found)
+        asked = sum(extent(e.size) for _, e in found)
         if held + asked > quota:
             raise CapacityExhausted(
                 f"pinning {asked} bytes would put namespace {namespace!r} over its pin quota "
@@ -185,15 +178,24 @@ class Leases(Part):
         self.progress.wake()
         return count, nbytes
 
+    def _held(self, pins: dict[BlockId, float], now: float) -> dict[BlockId, Entry]:
+        """The entries of one namespace's pins still held; drops from ``pins`` those
+        expired, deleted or gone from L1."""
+        hot = self.index.blocks.get
+        held: dict[BlockId, Entry] = {}
+        for b, until in list(pins.items()):
+            e = hot(b)
+            if until <= now or e is None or e.l1_offset < 0:
+                del pins[b]
+                self._pin_count -= 1
+            else:
+                held[b] = e
+        return held
+
     def _sweep_pins(self, now: float) -> None:
         """Drop every pin no longer held, in every namespace."""
-        hot = self.index.blocks.get
         for namespace, pins in list(self._pins.items()):
-            for b, until_b in list(pins.items()):
-                e = hot(b)
-                if until_b <= now or e is None or e.l1_offset < 0:
-                    del pins[b]
+            self._held(pins, now)
             if not pins:
                 del self._pins[namespace]
-        self._pin_count = sum(map(len, self._pins.values()))
         self._pins_swept = max(self._pin_count, _PINS_KEPT)

@@ -274,7 +274,7 @@ class Placement(Part):
     def _own(self, block: BlockId, entry: Entry) -> None:
         owned = self._l1_owned.get(block[0])
         if owned is None:
-            owned = self._l1_owned[block[0]] = NamespaceL1(self.l1.arena.page_bytes)
+            owned = self._l1_owned[block[0]] = NamespaceL1(self.l1.extent)
         owned.add(block[1], entry)
 
     def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, bool]:
@@ -354,17 +354,16 @@ class NamespaceL1:
     overwrite frees L1 in the index, so entries no longer in L1 are dropped by
     :meth:`reconcile` (amortised: at most once per quarter of the blocks added)."""
 
-    __slots__ = ("_added", "_page", "blocks", "bytes")
+    __slots__ = ("_added", "_extent", "blocks", "bytes")
 
-    def __init__(self, page_bytes: int) -> None:
+    def __init__(self, extent: Callable[[int], int]) -> None:
         self.blocks: dict[bytes, Entry] = {}
         self.bytes = 0
         self._added = 0
-        self._page = page_bytes
+        self._extent = extent  # MemoryTier.extent
 
     def extent(self, entry: Entry) -> int:
-        page = self._page
-        return -(-entry.size // page) * page
+        return self._extent(entry.size)
 
     def add(self, key: bytes, entry: Entry) -> None:
         old = self.blocks.get(key)

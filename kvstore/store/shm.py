@@ -258,13 +258,13 @@ class SharedMemoryBroker:
     def _check_reserve(self, namespace: str, specs: Sequence[tuple[bytes, int]]) -> None:
         """A reservation's checks: namespace, keys, sizes, L1's capacity."""
         self.check_namespace(namespace)
-        page = max(1, self.store.config.l1.page_bytes)
+        extent = self.store.l1.extent
         total = 0
         for i, (key, size) in enumerate(specs):
             if key:
                 validate_key(key, i)
             self.placement.check_block_size(size)
-            total += -(-size // page) * page
+            total += extent(size)
         capacity = self.store.l1.capacity
         if total > capacity:
             raise CapacityExhausted(
@@ -506,12 +506,12 @@ class SharedMemoryBroker:
         out: list[Lease | None] = []
         held = 0  # L1 bytes (whole pages) this call's leases pin
         limit = self.store.l1.capacity
-        page = self.store.l1.arena.page_bytes
+        extent = self.store.l1.extent
         try:
             for key in keys:
                 entry_now = self.store.index.entry((namespace, key))
                 if entry_now is not None and entry_now.l1_offset < 0 and \
-                        held + -(-entry_now.size // page) * page > limit:
+                        held + extent(entry_now.size) > limit:
                     # Bringing it into L1 would wait for room that only this call's
                     # own leases hold: refuse the call now rather than after the waits.
                     raise CapacityExhausted(
@@ -534,7 +534,7 @@ class SharedMemoryBroker:
                               entry.generation, reader.tier, math.inf,
                               reader, namespace, owner)
                 self._leases[lease_id] = lease
-                held += -(-entry.size // page) * page
+                held += extent(entry.size)
                 out.append(lease)
         except BaseException:
             for taken in out:

@@ -24,6 +24,11 @@ class MemoryTier:
     def reserve(self, nbytes: int) -> int:
         return self.arena.alloc(nbytes)
 
+    def extent(self, nbytes: int) -> int:
+        """The L1 bytes a block of ``nbytes`` takes: whole pages."""
+        arena = self.arena
+        return arena.pages_for(nbytes) * arena.page_bytes
+
     def release(self, offset: int, nbytes: int) -> None:
         self.arena.free(offset, nbytes)
 
