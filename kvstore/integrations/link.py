@@ -85,6 +85,7 @@ class StoreLink:
         self._client: Client | None = None
         self._retry_at = 0.0
         self._warned = False
+        self._refusals: set[str] = set()  # the kinds of refusal already logged
         #: Calls that failed (answered as misses) since the link was made, and the last error.
         self.failures = 0
         self.last_error: BaseException | None = None
@@ -142,6 +143,15 @@ class StoreLink:
                         self.config.retry_s)
             self._warned = True
 
+    def _refused(self, exc: InvalidArgument) -> None:
+        self.failures += 1
+        self.last_error = exc
+        kind = type(exc).__name__
+        if kind not in self._refusals:
+            self._refusals.add(kind)
+            log.warning("kvstore at %s refused a request (%s: %s); such requests are answered "
+                        "as misses", self.config.target, kind, exc)
+
     def _drop(self, client: Client, exc: BaseException) -> None:
         with self._lock:
             if self._client is client:
@@ -158,10 +168,20 @@ class StoreLink:
             return fallback
         try:
             return fn(client)
-        except (StaleLease, InvalidArgument) as exc:
-            # A stale copy, or a block larger than the engine's buffer: a miss,
-            # the connection is fine.
+        except StaleLease as exc:
+            # A copy that changed while it was read: a miss, the connection is fine.
             log.debug("kvstore call answered as a miss: %s", exc)
+            return fallback
+        except InvalidArgument as exc:
+            if type(exc) is InvalidArgument:
+                # A block larger than the engine's buffer: a miss, the connection is fine.
+                log.debug("kvstore call answered as a miss: %s", exc)
+            else:
+                # The server refused the request itself (a chunk over its
+                # max_block_bytes, a key or namespace it does not accept): the
+                # connection is fine, but nothing is ever stored until the
+                # deployment changes, so it is counted and said, once per kind.
+                self._refused(exc)
             return fallback
         except Exception as exc:  # the engine must never see a kvstore failure
             self._drop(client, exc)

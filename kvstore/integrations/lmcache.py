@@ -21,8 +21,12 @@ Keys: ``CacheEngineKey.to_string()`` can exceed kvstore's 64-byte key limit,
 so the model / world size / worker / dtype become the namespace
 (``lmcache.<model>.w<world>.<worker>.<dtype>``) and the chunk hash (with any
 ``lmcache.tag.*`` tags but the session) the key. Session: a request config
-``lmcache.tag.session_id`` (or ``kvstore.session_id``) reaches kvstore with
-every Lookup / Get / Put of that request's chunks.
+``lmcache.kvstore.session_id`` (in vLLM, an entry of the request's
+``kv_transfer_params``; vLLM's connector forwards only ``lmcache.*`` entries)
+reaches kvstore with every Lookup / Get / Put of that request's chunks.
+``lmcache.tag.session_id`` is read too, but LMCache makes every tag part of the
+chunk key, so it splits LMCache's own caches per session. Not supported, and
+refused at start: ``use_layerwise`` and a ``remote_serde`` other than ``naive``.
 """
 
 from __future__ import annotations
@@ -44,9 +48,14 @@ except ImportError as exc:
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 
-PLUGIN_PREFIX = "remote_storage_plugin.kvstore."
 _NS_BAD = re.compile(r"[^A-Za-z0-9._:-]")
-_SESSION_CONFIGS = ("lmcache.tag.session_id", "kvstore.session_id")
+# Where a request's session id may be, first found wins. vLLM's LMCache
+# connector forwards only the ``lmcache.*`` entries of a request's
+# kv_transfer_params, and makes every ``lmcache.tag.*`` entry part of the chunk
+# key (which splits LMCache's own CPU and disk caches per session), so
+# ``lmcache.kvstore.session_id`` is the one to use; the others are read too.
+_SESSION_CONFIGS = ("lmcache.kvstore.session_id", "lmcache.tag.session_id",
+                    "kvstore.session_id")
 
 
 def namespace_of(key: CacheEngineKey) -> str:
@@ -81,15 +90,15 @@ class KVStoreConnector(RemoteConnector):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, local_cpu_backend: Any,
-                 config: Any, plugin_name: str = "kvstore") -> None:
+                 config: Any, plugin_name: str | None = None) -> None:
+        _check_supported(config)
+        name = plugin_name or _plugin_name(config)
         super().__init__(config, local_cpu_backend.metadata)
         self.loop = loop
         self.local_cpu_backend = local_cpu_backend
         extra = config.extra_config or {}
-        prefix = f"remote_storage_plugin.{plugin_name}."
-        if not any(k.startswith(prefix) for k in extra):
-            prefix = PLUGIN_PREFIX
-        self._base = LinkConfig.from_mapping(extra, prefix=prefix, namespace="lmcache")
+        self._base = LinkConfig.from_mapping(extra, prefix=f"remote_storage_plugin.{name}.",
+                                             namespace="lmcache")
         self._links: dict[str, StoreLink] = {}
         self._links_lock = threading.Lock()
 
@@ -156,8 +165,20 @@ class KVStoreConnector(RemoteConnector):
     def exists_sync(self, key: CacheEngineKey) -> bool:
         return self._contains([key]) == 1
 
+    async def _get_off_loop(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
+        """``_get`` on a thread. LMCache gives up on a slow get by cancelling
+        the coroutine (its get timeout), which cannot stop the thread: the
+        memory objects that thread then returns are handed back to LMCache's
+        CPU buffer instead of being lost with the answer nobody reads."""
+        work = asyncio.ensure_future(asyncio.to_thread(self._get, keys))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(_release_unread)
+            raise
+
     async def get(self, key: CacheEngineKey) -> MemoryObj | None:
-        return (await asyncio.to_thread(self._get, [key]))[0]
+        return (await self._get_off_loop([key]))[0]
 
     async def put(self, key: CacheEngineKey, memory_obj: MemoryObj) -> None:
         await asyncio.to_thread(self._put, [key], [memory_obj])
@@ -172,7 +193,7 @@ class KVStoreConnector(RemoteConnector):
         return True
 
     async def batched_get(self, keys: list[CacheEngineKey]) -> list[MemoryObj | None]:
-        return await asyncio.to_thread(self._get, list(keys))
+        return await self._get_off_loop(list(keys))
 
     def support_batched_contains(self) -> bool:
         return True
@@ -193,7 +214,7 @@ class KVStoreConnector(RemoteConnector):
     async def batched_get_non_blocking(self, lookup_id: str,
                                        keys: list[CacheEngineKey]) -> list[MemoryObj]:
         """The leading chunks found (LMCache's prefix contract), in one Get."""
-        got = await asyncio.to_thread(self._get, list(keys))
+        got = await self._get_off_loop(list(keys))
         out: list[MemoryObj] = []
         for obj in got:
             if obj is None:
@@ -213,6 +234,45 @@ class KVStoreConnector(RemoteConnector):
 
     def remove_sync(self, key: CacheEngineKey) -> bool:
         return False  # eviction is kvstore's policy, not the engine's
+
+
+def _release_unread(work: asyncio.Future[list[MemoryObj | None]]) -> None:
+    if work.cancelled() or work.exception() is not None:
+        return
+    for obj in work.result():
+        if obj is not None:
+            obj.ref_count_down()
+
+
+def _check_supported(config: Any) -> None:
+    """Refuse, in one line, the LMCache settings whose objects this connector
+    would store under the wrong key or read back in the wrong shape."""
+    if getattr(config, "use_layerwise", False):
+        # One object per layer under keys that differ only in their layer:
+        # the connector keys a whole chunk.
+        raise ValueError("kvstore's LMCache connector stores whole chunks: "
+                         "use_layerwise: true is not supported")
+    serde = getattr(config, "remote_serde", "naive")
+    if serde not in (None, "naive"):
+        # cachegen / kivi objects are compressed, of any size: the connector
+        # reads a chunk back into a full chunk's memory object.
+        raise ValueError(f"kvstore's LMCache connector stores raw chunks: remote_serde "
+                         f"{serde!r} is not supported (use 'naive')")
+
+
+def _plugin_name(config: Any) -> str:
+    """The plugin name this connector was configured under. LMCache's
+    ``DynamicConnectorAdapter`` does not pass it, so it is the one entry of
+    ``remote_storage_plugins`` whose ``module_path`` is this module ("kvstore"
+    if none is); two such entries cannot be told apart and are refused."""
+    extra = config.extra_config or {}
+    ours = sorted(name for name in (getattr(config, "remote_storage_plugins", None) or ())
+                  if extra.get(f"remote_storage_plugin.{name}.module_path") == __name__)
+    if len(ours) > 1:
+        raise ValueError(f"remote_storage_plugins names kvstore's connector {len(ours)} times "
+                         f"({', '.join(ours)}): LMCache does not tell a plugin its own name, "
+                         "so their settings cannot be told apart; configure one")
+    return ours[0] if ours else "kvstore"
 
 
 def _bytes(obj: MemoryObj) -> memoryview:

@@ -20,8 +20,9 @@ paths read each other's pages.
 
 Keys: SGLang's page keys are 32-byte hashes in hex; each becomes its 32 raw
 bytes. Namespace: ``sglang.<model>.tp<rank>of<size>`` (one per MLA model:
-its KV is the same on every TP rank), plus the pipeline and context-parallel
-shard, like HiCacheFile's file suffix.
+its KV is the same on every TP rank), plus the pipeline, context-parallel and
+decode-context-parallel shard, like HiCacheFile's file suffix. Hybrid models
+(sidecar pools moved by ``batch_*_v2``) are refused at attach.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def namespace_for(cfg: HiCacheStorageConfig) -> str:
         ns += f".pp{cfg.pp_rank}of{cfg.pp_size}"
     if cfg.attn_cp_size > 1:
         ns += f".cp{cfg.attn_cp_rank}of{cfg.attn_cp_size}"
+    dcp_size = getattr(cfg, "dcp_size", 1) or 1
+    if dcp_size > 1:
+        # Decode context parallel: each DCP rank writes its own shard of an MLA
+        # page, and the shard depends on TP size and the logical page size too
+        # (HiCacheFile's key suffix names the same four).
+        ns += (f".tp{cfg.tp_size}.dcp{getattr(cfg, 'dcp_rank', 0)}of{dcp_size}"
+               f".page{getattr(cfg, 'logical_page_size', None)}")
     return ns[:128]
 
 
@@ -102,6 +110,18 @@ class KVStoreHiCache(HiCacheStorage):
         self.link = StoreLink(LinkConfig.from_mapping(extra, prefix="kvstore_",
                                                       namespace=namespace))
         self.mem_pool_host: Any = None
+        # An MHA pool's layer_first pieces are K and V of each layer in turn;
+        # an MLA pool's are one per layer, already the legacy flat page's order.
+        self._kv_pairs = not storage_config.is_mla_model
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        # Hybrid models (Mamba, SWA, DSA and other sidecar pools) move their
+        # pools through batch_*_v2, which this backend does not implement:
+        # refuse at attach, in one line, rather than fail on the first batch.
+        raise NotImplementedError(
+            f"kvstore's SGLang backend stores KV pages only (interface_v1 or legacy); "
+            f"the hybrid host pool {host_pool_name!s} needs batch_*_v2, which it does not "
+            f"implement: use another HiCache backend for hybrid models")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -113,7 +133,7 @@ class KVStoreHiCache(HiCacheStorage):
         out = []
         for p in range(pages):
             views = [_bytes_at(ptrs[i], sizes[i]) for i in range(p * per_page, (p + 1) * per_page)]
-            if getattr(pool, "layout", "") == "layer_first" and per_page > 2:
+            if self._kv_pairs and getattr(pool, "layout", "") == "layer_first" and per_page > 2:
                 views = views[0::2] + views[1::2]  # [K0 V0 K1 V1 ...] -> [K0 K1 ... V0 V1 ...]
             out.append(views)
         return out

@@ -18,7 +18,9 @@ primary CPU tier's chunks (``primary_kv_view[chunk_id]``) and kvstore, and
 reports through ``get_finished_jobs()``.
 
 Keys: vLLM's 36-byte offload keys (block hash + group) are kvstore keys as
-they are. Namespace: ``vllm.<model>.<dtype>.r<rank>of<world>`` unless given.
+they are. Namespace: ``vllm.<model>.<dtype>.tp<T>pp<P>.<digest>`` unless given,
+the digest of everything that decides a chunk's bytes (the parallel layout,
+KV cache groups, canonical or direct layout; see :func:`_namespace`).
 Session: ``kv_transfer_params`` of a request may carry ``session_id`` (sent
 with its Lookups, Puts and Gets) and, for the end of the turn,
 ``turn_end`` (tool_call / awaiting_user / done), ``expected_gap_ms``,
@@ -29,6 +31,8 @@ type ``kvstore.session``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import re
@@ -57,6 +61,10 @@ from kvstore.integrations.link import LinkConfig, StoreLink
 log = logging.getLogger("kvstore.integrations.vllm")
 _NS_BAD = re.compile(r"[^A-Za-z0-9._:-]")
 _HINT_TYPE = "kvstore.session"
+#: The lookup answers kept before the first sweep of those past their time.
+_KNOWN_SWEEP_MIN = 4096
+#: How long an answer no lookup has asked for yet is kept through a sweep.
+_UNTOLD_KEEP_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,9 @@ class KVStoreTier(SecondaryTierManager):
         self._flat = primary_kv_view.cast("B") if primary_kv_view.ndim != 1 else primary_kv_view
         self._hit_ttl_s = hit_ttl_s
         self._state = threading.Lock()
-        self._known: dict[OffloadKey, tuple[bool, float]] = {}  # key -> (stored, when)
+        # key -> (stored, when answered, told to the scheduler yet)
+        self._known: dict[OffloadKey, tuple[bool, float, bool]] = {}
+        self._sweep_at = _KNOWN_SWEEP_MIN
         self._asked: dict[OffloadKey, str | None] = {}  # lookups waiting, with their session
         self._done: list[JobResult] = []
         self._work: queue.Queue[Any] = queue.Queue()
@@ -126,9 +136,15 @@ class KVStoreTier(SecondaryTierManager):
         now = time.monotonic()
         with self._state:
             known = self._known.get(key)
-            if known is not None and (not known[0] or now - known[1] < self._hit_ttl_s):
-                if not known[0]:
-                    del self._known[key]  # a MISS is told once; the next lookup asks again
+            # An answer (HIT or MISS) is reused for hit_ttl_s: vLLM's scheduler
+            # may look a key up more than once in one call (a sliding-window
+            # group that tightens the hit re-runs every group's lookup), and an
+            # answer told only once would turn the second lookup into RETRY,
+            # deferring the request again at every step.
+            # A fresh answer is told at least once, however short hit_ttl_s.
+            if known is not None and (now - known[1] < self._hit_ttl_s or not known[2]):
+                if not known[2]:
+                    self._known[key] = (known[0], known[1], True)
                 return LookupResult.HIT if known[0] else LookupResult.MISS
             first = not self._asked
             self._asked.setdefault(key, _session(req_context).session_id)
@@ -204,6 +220,22 @@ class KVStoreTier(SecondaryTierManager):
         size = self.block_size_bytes
         return self._flat[chunk_id * size : (chunk_id + 1) * size]
 
+    def _remember(self, keys: Iterable[OffloadKey], answers: Iterable[bool]) -> None:
+        """Record lookup answers (under ``_state``); answers past their
+        time are dropped once the table has doubled since the last sweep, so
+        it holds about what the last ``hit_ttl_s`` seconds asked or stored,
+        not every block ever seen."""
+        now = time.monotonic()
+        for key, stored in zip(keys, answers, strict=True):
+            self._known[key] = (stored, now, False)
+        if len(self._known) > self._sweep_at:
+            # Answers not yet told are kept a while longer (their request may
+            # still ask), not forever (it may have been aborted).
+            told_by, untold_by = now - self._hit_ttl_s, now - _UNTOLD_KEEP_S
+            self._known = {k: v for k, v in self._known.items()
+                           if v[1] >= told_by or (not v[2] and v[1] >= untold_by)}
+            self._sweep_at = max(_KNOWN_SWEEP_MIN, 2 * len(self._known))
+
     def _finish(self, result: JobResult) -> None:
         with self._state:
             self._done.append(result)
@@ -216,10 +248,8 @@ class KVStoreTier(SecondaryTierManager):
             by_session.setdefault(sid, []).append(key)
         for sid, keys in by_session.items():
             found = self.link.exists([bytes(k) for k in keys], sid)  # one Lookup
-            now = time.monotonic()
             with self._state:
-                for key, hit in zip(keys, found, strict=True):
-                    self._known[key] = (hit, now)
+                self._remember(keys, found)
 
     def _do_store(self, job: TransferJob) -> JobResult:
         keys = [bytes(k) for k in job.keys]
@@ -227,10 +257,8 @@ class KVStoreTier(SecondaryTierManager):
         start = time.monotonic()
         ok = self.link.put(keys, blocks, _session(job.req_context).session_id)  # one Put
         if ok:
-            now = time.monotonic()
             with self._state:
-                for key in job.keys:
-                    self._known[key] = (True, now)
+                self._remember(job.keys, [True] * len(keys))
         return JobResult(job_id=job.job_id, success=ok, transfer_time=time.monotonic() - start,
                          transfer_bytes=self.block_size_bytes * len(keys) if ok else 0)
 
@@ -263,11 +291,32 @@ class KVStoreTier(SecondaryTierManager):
 
 
 def _namespace(spec: Any) -> str:
+    """``vllm.<model>.<dtype>.tp<T>pp<P>.<layout digest>``.
+
+    A chunk of the primary tier is every worker's bytes of the block in rank
+    order, so its bytes depend on the whole parallel layout (TP 4 and TP 2 x
+    PP 2 give chunks of the same size and other contents), on the KV cache
+    groups and on the canonical or direct layout: all of it is in the digest,
+    as vLLM's own file tier keys its folders on it. Data-parallel replicas of
+    one layout share a namespace (their chunks are the same bytes)."""
     config = getattr(spec, "config", None)
-    model = getattr(getattr(config, "model", None), "name", "") or "model"
-    dtype = getattr(getattr(config, "model", None), "dtype", "") or "kv"
+    model = getattr(config, "model", None)
+    name = getattr(model, "name", "") or "model"
+    dtype = getattr(model, "dtype", "") or "kv"
     parallel = getattr(config, "parallel", None)
-    rank = getattr(parallel, "rank", 0)
-    world = getattr(parallel, "world_size", 1)
-    name = _NS_BAD.sub("-", f"vllm.{model.replace('/', '-')}.{dtype}.r{rank}of{world}")
-    return name[:128]
+    layout = {
+        "world": getattr(parallel, "world_size", 1),
+        **{f: getattr(parallel, f, 1) for f in ("tp_size", "pp_size", "pcp_size", "dcp_size")},
+        "tokens_per_hash": getattr(getattr(config, "cache", None), "tokens_per_hash", 0),
+        "blocks_per_chunk": getattr(getattr(config, "cache", None), "blocks_per_chunk", 0),
+        "worker_bytes": getattr(config, "worker_kv_bytes_per_block", 0),
+        "groups": [[getattr(g, "tokens_per_block", 0), list(getattr(g, "layer_names", ()))]
+                   for g in getattr(config, "groups", ()) or ()],
+        "canonical": bool(getattr(config, "canonical_layout", False)),
+        "kv_cache_layout": getattr(config, "kv_cache_layout", None),
+        "replicated": bool(getattr(config, "replicated_layout", False)),
+    }
+    digest = hashlib.sha256(json.dumps(layout, sort_keys=True, default=str).encode())
+    head = _NS_BAD.sub("-", f"vllm.{name.replace('/', '-')}.{dtype}"
+                            f".tp{layout['tp_size']}pp{layout['pp_size']}")
+    return f"{head[:128 - 13]}.{digest.hexdigest()[:12]}"

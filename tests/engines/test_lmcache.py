@@ -101,3 +101,91 @@ def _eventually(check: Any, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.02)  # bounded poll on a user-visible answer
     return False
+
+
+def test_a_plugin_of_another_name_reads_its_own_settings(shm_server: ServerProcess) -> None:
+    """LMCache does not tell a plugin class its name: settings under
+    ``remote_storage_plugin.mykv.*`` must still be the ones used."""
+    cfg = lm.plugin_config("mykv", "kvstore.integrations.lmcache", "KVStoreConnector",
+                           CHUNK, 0.05, target=shm_server.tcp, retry_s=0.05)
+    made = [lm.Engine(cfg, layers=LAYERS, hidden=HIDDEN, tokens=TOKENS) for _ in range(2)]
+    try:
+        writer, reader = made
+        gen = torch.Generator().manual_seed(11)
+        writer.kv.copy_(torch.randn(writer.kv.shape, generator=gen).to(writer.kv.dtype))
+        assert ours(writer)._base.target == shm_server.tcp
+        tokens = torch.arange(2000, 2064)
+        writer.store(tokens)
+        assert _eventually(lambda: reader.lookup(tokens) == 64)
+        assert reader.retrieve(tokens) == 64
+        assert torch.equal(reader.kv[:, :, :64], writer.kv[:, :, :64])
+    finally:
+        for e in made:
+            e.close()
+
+
+def test_settings_it_cannot_serve_are_refused_at_start(shm_server: ServerProcess) -> None:
+    adapter: Any = quiet_import("kvstore.integrations.lmcache")
+    lmconfig: Any = quiet_import("lmcache.v1.config")
+
+    def connector(**changes: Any) -> Any:
+        raw = {**config(shm_server.tcp), **changes}
+        cfg = lmconfig.LMCacheEngineConfig.from_dict(raw)
+        return adapter.KVStoreConnector(loop=None, local_cpu_backend=None, config=cfg)
+
+    with pytest.raises(ValueError, match="use_layerwise"):
+        connector(use_layerwise=True)
+    with pytest.raises(ValueError, match="remote_serde 'cachegen'"):
+        connector(remote_serde="cachegen")
+    two = lm.plugin_config("kvstore.a", "kvstore.integrations.lmcache", "KVStoreConnector",
+                           CHUNK, 0.05)
+    two["remote_storage_plugins"].append("kvstore.b")
+    two["extra_config"]["remote_storage_plugin.kvstore.b.module_path"] = (
+        "kvstore.integrations.lmcache")
+    with pytest.raises(ValueError, match=r"kvstore\.a, kvstore\.b"):
+        adapter.KVStoreConnector(loop=None, local_cpu_backend=None,
+                                 config=lmconfig.LMCacheEngineConfig.from_dict(two))
+
+
+def test_the_session_id_a_request_can_carry() -> None:
+    adapter: Any = quiet_import("kvstore.integrations.lmcache")
+    utils: Any = quiet_import("lmcache.utils")
+    key = utils.CacheEngineKey("m", 1, 0, 123, torch.bfloat16,
+                               request_configs={"lmcache.kvstore.session_id": "agent-1"})
+    assert adapter.session_of([key]) == "agent-1"
+    assert key.tags is None  # not part of LMCache's own chunk key: its caches stay shared
+
+
+def test_a_get_lmcache_gave_up_on_hands_its_buffers_back(shm_server: ServerProcess,
+                                                          engines: Any) -> None:
+    """LMCache cancels a get that outlasts its timeout; the thread doing the
+    read still finishes, and the memory objects it took go back to LMCache's
+    CPU buffer instead of leaking."""
+    import asyncio
+    import threading
+
+    conn = ours(engines(shm_server.unix_target))
+    release = threading.Event()
+    taken: list[Any] = []
+
+    def slow_get(keys: list[Any]) -> list[Any]:
+        objs = [conn.local_cpu_backend.allocate(conn.meta_shapes, conn.meta_dtypes,
+                                                conn.meta_fmt) for _ in keys]
+        taken.extend(objs)
+        release.wait(10)
+        return objs
+
+    conn._get = slow_get
+
+    async def give_up() -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(conn.batched_get([object(), object()]), 0.05)
+        release.set()
+        for _ in range(500):  # the thread ends, then the loop runs the release
+            if taken and all(o.get_ref_count() == 0 for o in taken):
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(give_up())
+    assert len(taken) == 2
+    assert [o.get_ref_count() for o in taken] == [0, 0]

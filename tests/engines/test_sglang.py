@@ -179,3 +179,33 @@ def _eventually(check: Any, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.02)  # bounded poll on a user-visible answer
     return False
+
+
+def test_dcp_shards_of_an_mla_page_get_their_own_namespace() -> None:
+    """Under decode context parallelism each DCP rank writes its own shard of
+    an MLA page under the same page key: the shards must not overwrite each other."""
+    adapter: Any = quiet_import("kvstore.integrations.sglang")
+
+    def config(tp_rank: int, dcp_rank: int, dcp_size: int, tp_size: int = 4) -> Any:
+        return hicache.HiCacheStorageConfig(
+            tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
+            attn_cp_size=1, is_mla_model=True, enable_storage_metrics=False,
+            is_page_first_layout=True, model_name="deepseek-ai/DeepSeek-V3",
+            dcp_size=dcp_size, dcp_rank=dcp_rank,
+            logical_page_size=64 if dcp_size > 1 else None)
+
+    shards = {adapter.namespace_for(config(r, r, 2)) for r in range(2)}
+    assert len(shards) == 2
+    # The same shard in another DCP group is the same bytes: one namespace.
+    assert adapter.namespace_for(config(2, 0, 2)) == adapter.namespace_for(config(0, 0, 2))
+    # Without DCP an MLA model keeps one namespace for every rank, as before.
+    assert adapter.namespace_for(config(0, 0, 1)) == adapter.namespace_for(config(3, 0, 1))
+    assert adapter.namespace_for(config(0, 0, 1)) == "sglang.deepseek-ai-DeepSeek-V3"
+    assert all(ns not in shards for ns in [adapter.namespace_for(config(0, 0, 1))])
+
+
+def test_a_hybrid_models_sidecar_pool_is_refused_at_attach(shm_server: ServerProcess) -> None:
+    store = backend(shm_server.unix_target, v1=True)
+    store.register_mem_pool_host(host_pool("page_first"))
+    with pytest.raises(NotImplementedError, match=r"mamba.*batch_\*_v2"):
+        store.register_mem_host_pool_v2(host_pool("page_first"), "mamba")

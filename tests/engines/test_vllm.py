@@ -136,3 +136,77 @@ def _stored_eventually(m: Any, keys: list[bytes], payloads: list[bytes], target:
                 return True
             time.sleep(0.02)  # bounded retry, as the engine's next store pass would
     return False
+
+
+def test_the_namespace_follows_every_layout_that_changes_a_chunks_bytes() -> None:
+    """A primary-tier chunk is every worker's bytes in rank order: TP 4 and
+    TP 2 x PP 2 make chunks of one size and other contents, so they must not
+    share keys; data-parallel replicas of one layout should."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    tier: Any = quiet_import("kvstore.integrations.vllm")
+    oc: Any = vm.oc
+    group = oc.OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0)
+
+    def parallel(tp: int, pp: int, *, dp_index: int = 0, dcp: int = 1) -> Any:
+        return oc.OffloadingParallelConfig(
+            rank=0, world_size=tp * pp, tp_size=tp, pp_size=pp, pcp_size=1, dcp_size=dcp,
+            data_parallel_index=dp_index, data_parallel_size=2, data_parallel_rank_local=None,
+            is_parallelism_agnostic=False)
+
+    base_config = oc.OffloadingConfig(
+        groups=(group,), worker_kv_bytes_per_block=1 << 16, enable_kv_cache_events=False,
+        extra_config={}, engine_id="e0",
+        model=oc.OffloadingModelConfig(name="meta-llama/Llama-3-8B", dtype="bfloat16"),
+        cache=oc.OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
+        parallel=parallel(4, 1))
+
+    def ns(**changes: Any) -> str:
+        name: str = tier._namespace(SimpleNamespace(config=dataclasses.replace(base_config,
+                                                                                **changes)))
+        assert len(name) <= 128 and name.startswith("vllm.meta-llama-Llama-3-8B.bfloat16.")
+        return name
+
+    tp4 = ns()
+    assert ns(parallel=parallel(2, 2)) != tp4
+    assert ns(parallel=parallel(4, 1, dcp=2)) != tp4
+    assert ns(canonical_layout=True, kv_cache_layout="NHD") != tp4
+    assert ns(groups=(dataclasses.replace(group, layer_names=("l0",)),)) != tp4
+    assert ns(cache=oc.OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=2)) != tp4
+    assert ns(parallel=parallel(4, 1, dp_index=1), engine_id="e1") == tp4
+
+
+def test_a_key_looked_up_again_gets_the_same_answer(shm_server: ServerProcess,
+                                                     managers: Any) -> None:
+    """vLLM's scheduler looks a key up again in the same call when a
+    sliding-window group tightens the hit: the second lookup must answer
+    as the first did, not RETRY (which would defer the request at every step)."""
+    m = managers(shm_server.unix_target)
+    stored, absent = vm.offload_key(1, "again"), vm.offload_key(2, "again")
+    req = m.request()
+    m.store(req, [stored], [os.urandom(m.chunk_bytes)])
+    m.finish(req)
+    r = m.request()
+    assert m.lookup(absent, r) == MISS
+    assert m.manager.lookup(absent, r) == MISS  # no step in between: the same call
+    assert m.lookup(stored, r) == HIT
+    assert m.manager.lookup(stored, r) == HIT
+
+
+def test_the_tier_forgets_old_answers(shm_server: ServerProcess, managers: Any) -> None:
+    """The answers the tier keeps are those of the last hit_ttl_s, not every
+    chunk it ever stored (a long-running scheduler's memory)."""
+    m = managers(shm_server.unix_target, hit_ttl_s=0.0)
+    payload = os.urandom(m.chunk_bytes)
+    r = m.request()
+    for batch in range(6):
+        keys = [vm.offload_key(i, f"forget{batch}") for i in range(2000)]
+        with m.tier._state:
+            m.tier._remember(keys, [True] * len(keys))
+        assert all(m.tier.lookup(k, r) == HIT for k in keys)  # told once, then past their time
+    assert len(m.tier._known) <= 4096
+    req = m.request()
+    m.store(req, [vm.offload_key(0, "forget-real")], [payload])
+    m.finish(req)
+    assert len(m.tier._known) <= 4096
