@@ -22,7 +22,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -157,17 +159,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     certificate that does not load, a data directory that cannot be written)
     are InvalidConfig, raised by config.load or the server's start-up checks
     and reported here as one line."""
+    # SIGHUP is handled by the server (kvstore/server/app.py serve); until its
+    # handler is in, its default action would kill a starting server.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN) if main_thread else None
     try:
         config = kvconfig.load(args)
         from kvstore.server import app  # the server loads only for this command
 
-        app.run(config, ready_file=args.ready_file)
+        status = app.run(config, ready_file=args.ready_file)
     except InvalidConfig as exc:
         _err(f"cannot start: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
-    return EXIT_OK
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
+    return status
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from kvstore._spin import MAX_BUSY_POLL_US
-from kvstore.errors import InvalidConfig
+from kvstore.errors import InvalidConfig, InvalidNamespace
+from kvstore.types import validate_namespace
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ def parse_bool(value: Any) -> bool:
 
 
 def parse_int(value: Any) -> int:
+    # int() would take TOML's 2.7 as 2 and true as 1: a typo, not a count.
+    if isinstance(value, (bool, float)):
+        raise InvalidConfig(f"{value!r} is not an integer")
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -581,6 +585,20 @@ def validate(config: Config) -> None:
     if not 0 <= s.busy_poll_us <= MAX_BUSY_POLL_US:
         raise InvalidConfig(f"server.busy_poll_us must be in 0..{MAX_BUSY_POLL_US} (µs), "
                             f"not {s.busy_poll_us}")
+    if s.workers < 1:
+        raise InvalidConfig(f"server.workers must be at least 1, not {s.workers}")
+    if s.grace_seconds < 0:
+        raise InvalidConfig(f"server.grace_seconds must be >= 0, not {s.grace_seconds}")
+    for name in ("max_lease_ms", "max_pin_ms", "shm_lease_ms", "shm_reserve_ms",
+                 "shm_quarantine_ms"):
+        if getattr(s, name) < 0:
+            raise InvalidConfig(f"server.{name} must be >= 0, not {getattr(s, name)}")
+    for name in ("namespaces", "shm_namespaces"):
+        for ns in getattr(s, name):
+            try:  # the check a request's namespace gets: a name no request can use is a typo
+                validate_namespace(ns)
+            except InvalidNamespace as exc:
+                raise InvalidConfig(f"server.{name}: {exc}") from None
     if s.data_plane_max_connections < 1:
         raise InvalidConfig("server.data_plane_max_connections must be at least 1")
     if s.data_plane_max_payload < s.max_block_bytes:
@@ -607,6 +625,14 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.clean_reserve must be in [0, 1)")
     if config.l2.write_queue_bytes < s.max_block_bytes:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
+    for name in ("batch_bytes", "initial_map_size"):
+        if getattr(config.l2, name) < 1:
+            raise InvalidConfig(f"l2.{name} must be positive, not {getattr(config.l2, name)}")
+    if config.l3.drain_concurrency < 1:
+        raise InvalidConfig(f"l3.drain_concurrency must be at least 1, not "
+                            f"{config.l3.drain_concurrency}")
+    if config.l3.write_queue_bytes < 1:
+        raise InvalidConfig("l3.write_queue_bytes must be positive, not 0")
     if config.l3.outage_spill < 0.0:
         raise InvalidConfig("l3.outage_spill must be >= 0")
     if config.log_format not in ("text", "json"):

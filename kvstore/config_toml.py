@@ -21,6 +21,9 @@ from kvstore import config as kvconfig
 #: whether they are set. Option names that contain these words count too.
 SECRET_OPTIONS = frozenset({"l3.access_key_id", "l3.secret_access_key"})
 _SECRET_WORDS = ("secret", "password", "token", "credential")
+#: Paths to files that hold credentials, not credentials: printed like
+#: server.tls_key, or the TOML read back would start a server with auth off.
+PATH_OPTIONS = frozenset({"auth.tokens_file"})
 _URL_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
 
 _SIZE_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
@@ -29,6 +32,8 @@ _WIDTH = 92
 
 def is_secret(section: str | None, name: str) -> bool:
     dotted = f"{section}.{name}" if section else name
+    if dotted in PATH_OPTIONS:
+        return False
     return dotted in SECRET_OPTIONS or any(w in name for w in _SECRET_WORDS)
 
 

@@ -160,12 +160,29 @@ class DataPlaneServer:
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise InvalidConfig(f"server.data_plane_unix {path}: longer than {_UNIX_PATH_MAX} "
                                 "bytes, the most a unix socket path may have")
+        p = Path(path)
+        # Only a stale socket is removed: a file at the path (a typo) is kept and a
+        # live server's socket is not taken over (the same rule as
+        # server.unix_socket: kvstore/server/preflight.py check_socket_path).
+        if p.is_symlink() or (p.exists() and not p.is_socket()):
+            raise InvalidConfig(f"server.data_plane_unix {path} exists and is not a socket: "
+                                "remove it or choose another path")
+        if p.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(2.0)
+                try:
+                    probe.connect(path)
+                except ConnectionRefusedError:
+                    p.unlink()  # nobody listens: left by a server that died
+                except OSError as exc:
+                    raise InvalidConfig(f"server.data_plane_unix {path}: cannot tell whether "
+                                        f"a server is listening there ({exc.strerror})") from None
+                else:
+                    raise InvalidConfig(f"server.data_plane_unix {path}: another server is "
+                                        "listening there")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
-            if p.exists() or p.is_symlink():
-                p.unlink()
             sock.bind(path)
             os.chmod(path, 0o600)  # the service's user only, as the gRPC socket
             sock.listen(128)

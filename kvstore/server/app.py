@@ -164,7 +164,8 @@ class Server:
             path = Path(cfg.unix_socket)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if path.exists() or path.is_symlink():
+                # Only a stale socket goes: never a file, never a live server's.
+                if preflight.check_socket_path("server.unix_socket", str(path)):
                     path.unlink()
                 self.grpc.add_insecure_port(f"unix:{path}")
             except (RuntimeError, OSError) as exc:
@@ -292,27 +293,49 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     return line, fields
 
 
-async def serve(config: Config, ready_file: str | None = None) -> None:
+async def serve(config: Config, ready_file: str | None = None) -> int:
+    """Run until SIGTERM / SIGINT; the exit status: 0, or 1 when blocks only
+    in memory could not be written to L2 at the stop (a supervisor sees it)."""
+    loop = asyncio.get_running_loop()
+    started: list[Server] = []
+
+    def on_sighup() -> None:
+        """Reread auth.tokens_file; without one, say so and carry on (SIGHUP's
+        default action would kill the server without the SIGTERM flush)."""
+        if not started:  # the tokens file is read as the server is made, after this
+            log.info("SIGHUP during start-up: auth.tokens_file is read as the server starts")
+        elif started[0].auth is None:
+            log.warning("SIGHUP: no auth.tokens_file, nothing to reload")
+        else:  # rotate credentials without a restart
+            started[0].reload_auth()
+
+    # First, before the (long) start-up: a SIGHUP then must not kill the server either.
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     tune_malloc()
     preflight.check(config)
     server = Server(config)
+    started.append(server)
     await server.start()
     tune_gc()  # after the index rebuild: the collector skips what exists now
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if server.auth is not None:  # rotate credentials without a restart
-        loop.add_signal_handler(signal.SIGHUP, server.reload_auth)
     if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
         _write_ready_file(ready_file, server.addresses)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls, flushing L2")
     await server.stop()
+    lost = server.store.lost_at_close
+    if lost:
+        log.error("stopped: %d blocks acknowledged at memory could not be written to L2 "
+                  "(see the errors above) and are lost", lost)
+        return 1
     log.info("stopped")
+    return 0
 
 
-def run(config: Config, ready_file: str | None = None) -> None:
+def run(config: Config, ready_file: str | None = None) -> int:
+    """Serve (see :func:`serve`); returns the exit status."""
     logs.configure(config.log_format, os.environ.get("KVSTORE_LOG_LEVEL", "INFO"))
     with asyncio.Runner(loop_factory=loop_factory(config.server.busy_poll_us)) as runner:
-        runner.run(serve(config, ready_file))
+        return runner.run(serve(config, ready_file))

@@ -9,39 +9,103 @@ before the store opens, so a mistake costs no index rebuild.
 The listen check binds the port and lets it go again: another process could
 take it in between, and then grpc's own bind fails, which the server reports
 the same way (kvstore/server/app.py).
+
+:func:`lock_data_dir` is not a check but a claim: the data directory's lock,
+held until the process exits, so that a second server on the same directory
+is refused instead of sharing (and corrupting) the first one's L2.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import socket
 import ssl
+import stat
 import tempfile
 from pathlib import Path
 
 from kvstore.config import Config
 from kvstore.errors import InvalidConfig
 
+log = logging.getLogger("kvstore.server")
+
+#: The data directory's lock file (it holds the pid of the server holding it).
+LOCK_FILE = "kvstore.lock"
+#: Descriptors of the locks this process holds: open until it exits.
+_held_locks: list[int] = []
+
 
 def check(config: Config) -> None:
     check_data_dir(config)
+    lock_data_dir(config)
     check_tls(config)
     check_listen(config.server.listen)
     check_unix_socket(config.server.unix_socket)
 
 
 def check_data_dir(config: Config) -> None:
-    """L2 lives in ``<data_dir>/l2``: it must be a directory we can write."""
+    """L2 lives in ``<data_dir>/l2``: it must be a directory we can write.
+    It holds every namespace's blocks: the directories kvstore creates are
+    0700 (LMDB's files are 0600); one the operator made is left as it is
+    (:func:`warn_if_open`)."""
     if not config.l2.enabled:
         return
     path = config.l2_path
+    data_dir = Path(config.data_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
         with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as exc:
         raise InvalidConfig(f"data_dir {config.data_dir}: cannot create or write {path}: "
                             f"{exc.strerror or exc}") from None
+
+
+def lock_data_dir(config: Config) -> None:
+    """Take ``<data_dir>/kvstore.lock`` for the life of the process: two servers
+    on one L2 would each index it alone, and one's Delete would remove the
+    other's acknowledged blocks. The lock is an flock, so a killed server's
+    lock goes with it; the file stays (removing it would race a new holder)."""
+    if not config.l2.enabled:
+        return
+    path = Path(config.data_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise InvalidConfig(f"data_dir {config.data_dir}: cannot create {path}: "
+                            f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if exc.errno != errno.EWOULDBLOCK:
+            raise InvalidConfig(f"data_dir {config.data_dir}: cannot lock {path}: "
+                                f"{exc.strerror or exc}") from None
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise InvalidConfig(f"data_dir {config.data_dir} is in use by another kvstore "
+                            f"server{who}: give each server its own data_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks.append(fd)
+    warn_if_open(Path(config.data_dir))
+
+
+def warn_if_open(data_dir: Path) -> None:
+    """One line when other users may enter the data directory: L2 files made
+    before they were 0600 (or copied in) are theirs to read. Not chmod-ed
+    here: the operator made it so, maybe on purpose (a shared group is not
+    "other users", so the 0750 of deploy/ passes; nor is a directory inside
+    one they cannot enter, such as a home directory of mode 0700)."""
+    path = data_dir.resolve()
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o007 and all(p.stat().st_mode & 0o001 for p in path.parents):
+        log.warning("data_dir %s is mode %04o: other users may read L2 (every namespace's "
+                    "blocks) there; chmod o-rwx it", data_dir, mode)
 
 
 def check_tls(config: Config) -> None:
@@ -122,3 +186,31 @@ def check_unix_socket(path: str) -> None:
     if path and len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise InvalidConfig(f"server.unix_socket {path}: the path is longer than "
                             f"{UNIX_PATH_MAX} bytes, the most a unix socket address holds")
+    if path:
+        check_socket_path("server.unix_socket", path)
+
+
+def check_socket_path(option: str, path: str) -> bool:
+    """Whether a unix socket may be bound at ``path`` after removing what is
+    there (True: a stale socket to unlink). Anything but a socket is refused
+    (a typo must not cost a file), and so is a socket that a live server
+    accepts on (binding over it would silently take its address)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise InvalidConfig(f"{option} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidConfig(f"{option} {path} exists and is not a socket: remove it or "
+                            "choose another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            return True  # nobody listens: left by a server that died
+        except OSError as exc:
+            raise InvalidConfig(f"{option} {path}: cannot tell whether a server is "
+                                f"listening there: {exc.strerror or exc}") from None
+    raise InvalidConfig(f"{option} {path}: another server is listening there")

@@ -132,7 +132,7 @@ class Index:
         self.blocks = BlockIndex()
         self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
         self.loading: dict[BlockId, asyncio.Future[None]] = {}
-        self.delete_l3: Callable[[BlockId], None] | None = None
+        self.delete_l3: Callable[[BlockId], asyncio.Future[None] | None] | None = None
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -383,10 +383,13 @@ class Index:
         self.l2.submit(block, None, None, done)
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
-               delete_l3: bool = False, l2_done: DropDone = _drop_done) -> None:
+               delete_l3: bool = False,
+               l2_done: DropDone = _drop_done) -> asyncio.Future[None] | None:
         """Remove a block from the index and the local tiers (respecting pins);
         from the shared L3 only when asked (an explicit Delete, whether or not
-        this node knows of an L3 copy; an overwrite of a block it has there)."""
+        this node knows of an L3 copy; an overwrite of a block it has there).
+        With ``delete_l3``, returns a future that settles once that delete is
+        recorded in L2 (None without L2, or without L3)."""
         if self.blocks.get(block) is entry:
             del self.blocks[block]
         entry.dead = True
@@ -410,7 +413,8 @@ class Index:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
         if delete_l3 and self.delete_l3 is not None:
-            self.delete_l3(block)
+            return self.delete_l3(block)
+        return None
 
     # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import time
@@ -39,6 +40,7 @@ from kvstore.errors import CorruptBlock, TierUnavailable
 from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
 from kvstore.store.l1check import L1Check
 from kvstore.store.parts import Part, Shared, spawn
+from kvstore.tiers.base import KeyValueTier
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
 
@@ -49,6 +51,15 @@ NEGATIVE_TTL_S = 2.0
 #: An object found corrupt counts as absent this long (it stays corrupt until a
 #: node overwrites it; each look would download and drop it again).
 CORRUPT_TTL_S = 60.0
+
+
+def _ignore_done(error: BaseException | None, existed: bool) -> None:
+    """A tombstone's removal: if it fails, the delete is done again after a
+    restart (harmless)."""
+
+
+async def _nothing() -> None:
+    """The write of a retried delete: _in_order does the delete first."""
 
 
 class L3Mover(Part):
@@ -88,7 +99,18 @@ class L3Mover(Part):
         # Blocks with a delete not yet done: reads, HEADs and the listing
         # treat them as absent (a Delete is final at once for this node).
         self._deleting: dict[BlockId, int] = {}
+        # Deletes that failed (L3 down or too slow), with how many: retried by
+        # _redo_loop, and before any later write of the block (an upload must
+        # not land first and then be deleted, nor the old object outlive it).
+        self._redo: dict[BlockId, int] = {}
+        self._redo_wake = asyncio.Event()
+        self._redo_task: asyncio.Task[None] | None = None
+        #: L2, where a delete not yet done is recorded (a tombstone) so that it
+        #: survives a restart; None without L2 (then it is retried while the
+        #: process lives). Set once by the store, before :meth:`start`.
+        self.tombs: KeyValueTier | None = None
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
+        self._redo_width = max(1, config.concurrency)
         self._absent: dict[BlockId, float] = {}
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
@@ -100,6 +122,19 @@ class L3Mover(Part):
         return self.tier.healthy
 
     def start(self) -> None:
+        if self.tombs is not None:
+            # Deletes recorded before a restart are done first: the listing
+            # below skips their objects, and an upload of such a block waits
+            # for its delete (_in_order).
+            for block in self.tombs.tombstones_sync():
+                self._deleting[block] = self._deleting.get(block, 0) + 1
+                self._redo[block] = self._redo.get(block, 0) + 1
+            if self._redo:
+                log.info("L3: %d deletes recorded before the restart to finish",
+                         len(self._redo))
+        self._redo_task = asyncio.get_running_loop().create_task(self._redo_loop())
+        if self._redo:
+            self._redo_wake.set()
         if self.list_on_start:
             self.scan_task = asyncio.get_running_loop().create_task(self._scan())
         else:
@@ -115,7 +150,12 @@ class L3Mover(Part):
             await asyncio.wait(list(self._tasks), timeout=self.delete_wait_s)
         if self._delete_tasks:
             await asyncio.wait(list(self._delete_tasks), timeout=self.delete_wait_s)
-        tasks = list(self._tasks) + ([self.scan_task] if self.scan_task else [])
+        tasks = list(self._tasks) + list(self._delete_tasks) + [
+            t for t in (self.scan_task, self._redo_task) if t is not None]
+        if self._redo:
+            log.warning("L3: %d deletes not done at shutdown (L3 unavailable)%s", len(self._redo),
+                        "; recorded in L2, done after the restart" if self.tombs is not None
+                        else "; without L2 they are lost: the objects may be served again")
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -236,6 +276,10 @@ class L3Mover(Part):
         try:
             if before is not None:
                 await asyncio.wait([before])
+            if block in self._redo:
+                # A delete of this block failed earlier: it goes first.
+                await self.tier.delete(block)
+                self._deleted(block, 0)
             if wanted is not None and not wanted():
                 return False
             await write()
@@ -245,24 +289,76 @@ class L3Mover(Part):
             if self._last_write.get(block) is mine:
                 del self._last_write[block]
 
-    def delete_later(self, block: BlockId) -> None:
+    def delete_later(self, block: BlockId) -> asyncio.Future[None] | None:
         """Delete the block's object in the background, after the block's
         writes already in flight (an upload that lands later would bring the
-        block back)."""
-
-        async def delete() -> None:
-            try:
-                with contextlib.suppress(TierUnavailable):
-                    await self._in_order(block, functools.partial(self.tier.delete, block))
-            finally:
-                left = self._deleting[block] - 1
-                if left:
-                    self._deleting[block] = left
-                else:
-                    del self._deleting[block]
-
+        block back); retried until it is done, across restarts. Returns a
+        future that settles once the delete is recorded in L2 (the caller
+        answers after it: a kill right after the answer must not bring the
+        object back), or None without L2."""
+        recorded: asyncio.Future[None] | None = None
+        if block not in self._deleting and self.tombs is not None:
+            recorded = self._record(block)
         self._deleting[block] = self._deleting.get(block, 0) + 1
-        spawn(self._delete_tasks, delete())
+        spawn(self._delete_tasks, self._delete(block))
+        return recorded
+
+    def _record(self, block: BlockId) -> asyncio.Future[None]:
+        assert self.tombs is not None
+        loop = asyncio.get_running_loop()
+        recorded: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if error is not None:
+                log.error("L3 delete of %s/%s could not be recorded in L2 (%s): a restart "
+                          "before it is done may serve the object again", block[0],
+                          block[1].hex()[:16], error)
+            if not recorded.done():
+                recorded.set_result(None)
+
+        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
+            loop.call_soon_threadsafe(settle, error)
+
+        self.tombs.submit_tombstone(block, True, done)
+        return recorded
+
+    async def _delete(self, block: BlockId) -> None:
+        try:
+            await self._in_order(block, functools.partial(self.tier.delete, block))
+        except TierUnavailable as exc:
+            log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
+            self._redo[block] = self._redo.get(block, 0) + 1
+            self._redo_wake.set()
+            return
+        self._deleted(block, 1)
+
+    def _deleted(self, block: BlockId, done: int) -> None:
+        """The block's object is gone: ``done`` deletes finished, and every
+        earlier one that had failed is settled by it."""
+        left = self._deleting.get(block, 0) - done - self._redo.pop(block, 0)
+        if left > 0:
+            self._deleting[block] = left
+            return
+        self._deleting.pop(block, None)
+        if self.tombs is not None:
+            self.tombs.submit_tombstone(block, False, _ignore_done)
+
+    async def _redo_loop(self) -> None:
+        """Retry the deletes that failed, a few at a time, once L3 may take them."""
+        while not self._closing:
+            await self._redo_wake.wait()
+            self._redo_wake.clear()
+            while self._redo and not self._closing:
+                batch = list(itertools.islice(self._redo, self._redo_width))
+                results = await asyncio.gather(
+                    *(self._in_order(block, _nothing) for block in batch),
+                    return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException) and not isinstance(
+                            result, TierUnavailable):
+                        log.error("L3 delete retry failed: %r", result)
+                if any(isinstance(r, BaseException) for r in results):
+                    await asyncio.sleep(self.retry_s * random.uniform(1.0, 2.0))
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -203,10 +203,15 @@ class Placement(Part):
             # so does its L3 copy, which a listing or another node's HEAD
             # would find for this key (an upload of the new block waits for
             # that delete: the L3 mover keeps them in order).
+            delete_l3 = old.l3 or old.l3_pending > 0
             if done is None:
-                index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0)
+                recorded = index.forget(block, old, delete_l3=delete_l3)
             else:
-                index.forget(block, old, delete_l3=old.l3 or old.l3_pending > 0, l2_done=done)
+                recorded = index.forget(block, old, delete_l3=delete_l3, l2_done=done)
+            if recorded is not None:
+                # The L3 delete's record is queued behind the L2 delete: once it
+                # has committed, both have; the Put waits for it instead.
+                self.replacing[block] = recorded
         entry = Entry(size, crc, time.time(), session)
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)
@@ -226,12 +231,14 @@ class Placement(Part):
 
     def replace_waits(self, block: BlockId) -> bool:
         """Whether a Put of ``block`` now would be answered only after an L2
-        delete (store.make_durable): it overwrites a block with an L2 copy, or
-        one whose delete is still pending."""
+        write (store.make_durable): it overwrites a block with an L2 copy, or
+        one whose delete is still pending, or one with an L3 copy (whose
+        delete is recorded in L2 first)."""
         if block in self.replacing:
             return True
         old = self.index.entry(block)
-        return old is not None and self._has_l2_copy(old)
+        return old is not None and (self._has_l2_copy(old) or (
+            self.has_l2 and self.index.delete_l3 is not None and (old.l3 or old.l3_pending > 0)))
 
     def _old_copy_deleted(self, block: BlockId) -> DropDone | None:
         """The writer's callback for the delete of an overwritten block's L2

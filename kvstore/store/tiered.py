@@ -93,6 +93,8 @@ class TieredStore:
         self.policy: Policy = make_policy(config.policy, tiers)
         self._allowed = frozenset(config.server.namespaces)
         self._closing = False
+        #: Blocks only in L1 whose L2 write failed at :meth:`close` (lost).
+        self.lost_at_close = 0
 
         # The parts, wired once (kvstore/store/__init__.py says who calls what).
         self.counts = Stats()
@@ -113,6 +115,7 @@ class TieredStore:
             if self.l3 is not None:
                 self.l3.read_l2 = self.writeback.read_verified
                 self.l3.after_demotion = self.writeback.after_demotion
+                self.l3.tombs = self.l2
         self.placement = Placement(
             shared, self.l2 is not None,
             self.writeback.queue_write if self.writeback is not None else _ignore_queued,
@@ -190,8 +193,11 @@ class TieredStore:
             await self.l3.close()
         if self.l2 is not None:
             assert self.writeback is not None
+            failed = self.writeback.failed_writes
             self.writeback.flush_dirty()
             await self.l2.close()
+            # (the writes' callbacks ran before close's own answer did)
+            self.lost_at_close = self.writeback.failed_writes - failed
         await self.l1.close()
         self.executor.shutdown(wait=False)
 
@@ -295,12 +301,33 @@ class TieredStore:
             else:
                 unknown.append(block)
         self.progress.wake()
+        if deleted:
+            await self._l2_caught_up()
         if self.l3 is not None and unknown and self.l3.healthy:
             # Blocks another node put in the shared bucket.
             results = await asyncio.gather(*(self.l3.tier.delete(b) for b in unknown),
                                            return_exceptions=True)
             deleted += sum(1 for r in results if r is True)
         return deleted
+
+    async def _l2_caught_up(self) -> None:
+        """Wait until L2 has committed what was queued so far: a Delete's L2
+        deletes and the records of its L3 deletes. Answered before that, a
+        kill right after the answer brought the blocks back at the restart."""
+        if self.l2 is None:
+            return
+        loop = asyncio.get_running_loop()
+        caught_up: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not caught_up.done():
+                caught_up.set_result(None)
+
+        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
+            loop.call_soon_threadsafe(settle)
+
+        self.l2.after_queued(done)
+        await caught_up
 
     def set_client_time(self, now: float) -> None:
         """policy.clock = client: the time a replay says it is (never goes back)."""
@@ -374,6 +401,8 @@ class TieredStore:
             if i % _FLUSH_SLICE == 0:
                 await asyncio.sleep(0)  # let requests in between slices
         self.progress.wake()
+        if flushed:
+            await self._l2_caught_up()
         if self.l3 is None:
             return flushed
         # The mover deletes the L3 copies of the blocks just forgotten; the

@@ -62,6 +62,7 @@ class WriteBack(Part):
         # (A block larger than that is still cleaned, alone.)
         self.ahead_limit = max(1, (config.l1.capacity - self.dirty_limit) // 8)
         self.queued = 0  # bytes queued for the L2 writer
+        self.failed_writes = 0  # L2 writes of L1 blocks that failed (each logged)
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
         self._l2_counters = self.stats.counters[TierName.L2]
@@ -182,6 +183,7 @@ class WriteBack(Part):
                                           entry.session)
                 self.trim()
             elif error is not None:
+                self.failed_writes += 1
                 log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
                 if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
                     index.set_dirty(entry, True, block)

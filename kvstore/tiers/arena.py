@@ -13,6 +13,7 @@ Pure mechanism, not thread-safe: the TieredStore calls it from the event loop.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -34,6 +35,9 @@ class Arena:
             raise InvalidConfig(f"arena capacity {capacity} holds no {page_bytes}-byte page")
         self.capacity = self.pages * page_bytes
         self.shm_path = shm_path
+        #: The open arena file (-1: anonymous); its flock says the file is ours.
+        self._fd = -1
+        self._file_id: tuple[int, int] | None = None
         self._mmap = self._map(shm_path, prefault)
         self.view = memoryview(self._mmap)
         self.used_pages = 0
@@ -46,16 +50,15 @@ class Arena:
 
     def _map(self, shm_path: str, prefault: bool) -> mmap.mmap:
         if shm_path:
-            fd = os.open(shm_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, self.capacity)
-                mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
-            finally:
-                os.close(fd)
+            mm = self._map_file(shm_path)
         else:
             flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0) if prefault else \
                 mmap.MAP_PRIVATE
-            mm = mmap.mmap(-1, self.capacity, flags=flags)
+            try:
+                mm = mmap.mmap(-1, self.capacity, flags=flags)
+            except OSError as exc:  # ENOMEM: more than the host's memory and swap
+                raise InvalidConfig(f"l1.capacity {_size(self.capacity)}: cannot map that "
+                                    f"much memory ({exc.strerror or exc})") from None
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 mm.madvise(mmap.MADV_HUGEPAGE)
@@ -68,6 +71,60 @@ class Arena:
 
             np.frombuffer(mm, dtype=np.uint8)[:: self.page_bytes] = 0
         return mm
+
+    def _map_file(self, path: str) -> mmap.mmap:
+        """Map the arena file, locked for this server's lifetime and with all its
+        space reserved: on a tmpfs smaller than the arena a sparse file maps
+        fine and then kills the server with SIGBUS at the first page it cannot
+        back (at start with prefault, else at some later Put)."""
+        fd = self._open_locked(path)
+        try:
+            # Only now, holding the lock: drop a previous (stopped or killed)
+            # server's bytes, so no client reads them in the new arena.
+            os.ftruncate(fd, 0)
+            os.posix_fallocate(fd, 0, self.capacity)
+            mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
+        except OSError as exc:
+            os.unlink(path)  # ours (we hold the lock): leave no half-made arena behind
+            os.close(fd)
+            free = _free_space(os.path.dirname(os.path.abspath(path)))
+            raise InvalidConfig(f"l1.capacity {_size(self.capacity)} does not fit in "
+                                f"l1.shm_path {path}: {exc.strerror or exc} ({free} free "
+                                "there)") from None
+        self._fd = fd
+        return mm
+
+    def _open_locked(self, path: str) -> int:
+        """Open (creating) the arena file and take its exclusive lock, or refuse:
+        a second server on the same path must not truncate the first's arena."""
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise InvalidConfig(f"l1.shm_path {path}: cannot create the arena file "
+                                    f"there: {exc.strerror or exc}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = os.fstat(fd)
+                there: os.stat_result | None
+                try:
+                    there = os.stat(path)
+                except FileNotFoundError:
+                    there = None
+            except BlockingIOError:
+                os.close(fd)
+                raise InvalidConfig(f"l1.shm_path {path} is the arena of another running "
+                                    "kvstore server: give each server its own path") from None
+            except OSError as exc:
+                os.close(fd)
+                raise InvalidConfig(f"l1.shm_path {path}: cannot lock the arena file: "
+                                    f"{exc.strerror or exc}") from None
+            if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                self._file_id = (mine.st_dev, mine.st_ino)
+                return fd
+            # The previous holder unlinked the file between our open and our
+            # lock: this inode is no longer the path's; open the path again.
+            os.close(fd)
 
     # -- extents ---------------------------------------------------------------
 
@@ -141,8 +198,30 @@ class Arena:
         except BufferError:
             # A Get still holds a slice; the mapping goes when it is dropped.
             pass
-        if self.shm_path:
+        if self._fd >= 0:
+            # Unlink only the file we hold: an operator may have removed ours and
+            # another server made a new one at the same path.
             try:
-                os.unlink(self.shm_path)
+                st = os.stat(self.shm_path)
+                if (st.st_dev, st.st_ino) == self._file_id:
+                    os.unlink(self.shm_path)
             except FileNotFoundError:
                 pass
+            os.close(self._fd)  # the lock goes with the mapping's own descriptor
+            self._fd = -1
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or n % 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} TiB"
+
+
+def _free_space(directory: str) -> str:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return "unknown space"
+    return f"{st.f_bavail * st.f_frsize / 1024**2:.1f} MiB"

@@ -143,6 +143,22 @@ class KeyValueTier(Protocol):
         rebuild the index at start). Raises StorageError when storage fails."""
         ...
 
+    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone) -> None:
+        """Queue, in order with the block writes, a record (``present``) or
+        its removal that the block's object in the shared L3 is still to be
+        deleted: a delete or overwrite made while L3 is down or slow survives a
+        restart and is retried. ``done`` as for :meth:`submit`."""
+        ...
+
+    def after_queued(self, done: WriteDone) -> None:
+        """Call ``done`` once every write submitted before has committed (or
+        failed), without a sync to disk: what a Delete waits for."""
+        ...
+
+    def tombstones_sync(self) -> list[BlockId]:
+        """The blocks recorded by :meth:`submit_tombstone` (blocking)."""
+        ...
+
     def usage(self) -> TierUsage:
         """Blocks and payload bytes committed, and the configured capacity
         (which the store enforces, not the tier)."""

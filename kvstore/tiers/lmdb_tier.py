@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -110,6 +111,10 @@ class _Op:
     meta: bytes
     size: int
     done: WriteDone
+    kind: int = 0  # _BLOCK, _TOMBSTONE or _MARKER
+
+
+_BLOCK, _TOMBSTONE, _MARKER = 0, 1, 2
 
 
 @dataclass(slots=True)
@@ -166,10 +171,11 @@ class LMDBTier:
         also proves that B-tree readable). A damaged environment is one
         StorageError naming the file and the recovery."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # every tenant's blocks
             self._env = lmdb.open(
                 str(self.path), map_size=map_size, max_dbs=4, subdir=True,
                 sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
+                mode=0o600,  # data.mdb holds every namespace's blocks: ours alone
             )
         except lmdb.Error as exc:
             raise self._damaged(exc) from None
@@ -181,6 +187,7 @@ class LMDBTier:
             self._ensure_pages_exist()
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
+            self._tombs = self._env.open_db(b"l3gone")
             self._blocks, self._bytes = self._count()
         except lmdb.Error as exc:
             self._close_files()
@@ -253,6 +260,15 @@ class LMDBTier:
             self.extensions += 1
             self._seen_size = need
 
+    def _write_error(self, exc: BaseException) -> StorageError:
+        """A failed commit, with the disk's free space: LMDB reports a full
+        disk as an I/O error."""
+        try:
+            free = f"; {shutil.disk_usage(self.path).free} bytes free on its disk"
+        except OSError:
+            free = ""
+        return StorageError(f"L2 write failed at {self.path}: {type(exc).__name__}: {exc}{free}")
+
     def _storage_error(self, what: str, exc: BaseException) -> StorageError:
         return StorageError(f"L2 {what} failed at {self.path}: {type(exc).__name__}: {exc}")
 
@@ -288,6 +304,36 @@ class LMDBTier:
                 self._queue.put(op)
                 return
         done(StorageError(f"L2 at {self.path} is closed"), False)
+
+    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone) -> None:
+        """Queue a record (``present``) or the removal of the record that
+        the block's L3 object is to be deleted; ordered with the block writes.
+        ``done(error, existed)``: ``existed`` tells whether a record was there."""
+        self._enqueue(_Op(encode_key(block), b"" if present else None, b"", 0, done, _TOMBSTONE))
+
+    def after_queued(self, done: WriteDone) -> None:
+        """Call ``done`` once every write queued before this call has
+        committed (or failed); no sync to disk, unlike :meth:`flush`."""
+        self._enqueue(_Op(b"", None, b"", 0, done, _MARKER))
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._gate:
+            if not self._closed:
+                self._queue.put(op)
+                return
+        op.done(StorageError(f"L2 at {self.path} is closed"), False)
+
+    def tombstones_sync(self) -> list[BlockId]:
+        """The blocks whose L3 object is still to be deleted (blocking)."""
+        self._guard_read("scan")
+        self._rw.acquire_read()
+        try:
+            with self._env.begin(db=self._tombs) as txn:
+                return [decode_key(k) for k in txn.cursor().iternext(keys=True, values=False)]
+        except lmdb.Error as exc:
+            raise self._storage_error("scan", exc) from exc
+        finally:
+            self._rw.release_read()
 
     def _write_loop(self) -> None:
         while True:
@@ -329,7 +375,15 @@ class LMDBTier:
         try:
             existed = self._apply_growing(batch)
         except lmdb.Error as exc:  # a disk error: every waiter hears of it
-            error = self._storage_error("write", exc)
+            if len(batch) > 1:
+                # A batch that fails (a disk that filled up) is committed again
+                # in halves, in order: the writes that fit are kept, and each
+                # one that does not is reported on its own.
+                half = len(batch) // 2
+                self._commit(batch[:half])
+                self._commit(batch[half:])
+                return
+            error = self._write_error(exc)
         except Exception as exc:  # a bug: reported as it is
             error = exc
         for op, was in zip(batch, existed, strict=True):
@@ -358,6 +412,9 @@ class LMDBTier:
         d_blocks = d_bytes = 0
         with self._env.begin(write=True) as txn:
             for op in batch:
+                if op.kind != _BLOCK:
+                    existed.append(op.kind == _TOMBSTONE and self._apply_tombstone(txn, op))
+                    continue
                 old = txn.get(op.key, db=self._meta)
                 old_size = BlockMeta.unpack(old).size if old is not None else 0
                 existed.append(old is not None)
@@ -376,6 +433,11 @@ class LMDBTier:
             self._blocks += d_blocks
             self._bytes += d_bytes
         return existed
+
+    def _apply_tombstone(self, txn: Any, op: _Op) -> bool:
+        if op.data is None:
+            return bool(txn.delete(op.key, db=self._tombs))
+        return not txn.put(op.key, b"", db=self._tombs, overwrite=False)
 
     def _grow(self) -> None:
         self._rw.acquire_write()

@@ -73,6 +73,17 @@ def configmap_toml(tmp_path: Path) -> Path:
     return path
 
 
+def image_env() -> dict[str, str]:
+    """The KVSTORE_* variables the image's final stage sets (they override
+    the ConfigMap's file, so the ConfigMap leaves those keys to the image)."""
+    env: dict[str, str] = {}
+    for line in dockerfile_stages()[-1]:
+        if line.upper().startswith("ENV "):
+            for name, value in re.findall(r"(KVSTORE_[A-Z0-9_]+)=(\S+)", line):
+                env[name] = value
+    return env
+
+
 def config_env_names() -> set[str]:
     return {_env(section, f.name) for section, f in _options()}
 
@@ -128,12 +139,27 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_configmap_toml_loads_through_kvstore_config(tmp_path: Path) -> None:
-    cfg = load(file=configmap_toml(tmp_path), env={})  # unknown keys would raise
+    cfg = load(file=configmap_toml(tmp_path), env=image_env())  # unknown keys would raise
     assert cfg.server.listen == "0.0.0.0:50051"
     assert cfg.data_dir == "/data"
     assert cfg.l3.url.startswith("s3://")
     assert not cfg.l3.access_key_id and not cfg.l3.secret_access_key  # from the Secret
     ObjectTier.from_config(cfg.l3)  # the L3 settings are accepted (https endpoint)
+
+
+def test_the_configmap_sets_no_key_the_image_env_overrides(tmp_path: Path) -> None:
+    """An edit of such a key in the ConfigMap would do nothing (env wins)."""
+    env = image_env()
+    assert {"KVSTORE_DATA_DIR", "KVSTORE_SERVER_LISTEN"} <= env.keys()
+    from_file = load(file=configmap_toml(tmp_path), env={})
+    defaults = load(env={})
+    overridden = {
+        name for name, getter in (
+            ("KVSTORE_DATA_DIR", lambda c: c.data_dir),
+            ("KVSTORE_SERVER_LISTEN", lambda c: c.server.listen),
+            ("KVSTORE_SERVER_METRICS_LISTEN", lambda c: c.server.metrics_listen))
+        if name in env and getter(from_file) != getter(defaults)}
+    assert not overridden, f"the ConfigMap sets keys the image's env overrides: {overridden}"
 
 
 def test_every_kvstore_env_var_named_anywhere_exists() -> None:
@@ -183,7 +209,7 @@ def test_compose_creates_the_bucket_before_kvstore_starts() -> None:
 def pod(tmp_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any], Config]]:
     spec = k8s("DaemonSet", "kvstore")["spec"]["template"]["spec"]
     container = next(c for c in spec["containers"] if c["name"] == "kvstore")
-    yield spec, container, load(file=configmap_toml(tmp_path), env={})
+    yield spec, container, load(file=configmap_toml(tmp_path), env=image_env())
 
 
 def test_daemonset_runs_on_gpu_nodes_with_nvme_for_l2(pod: Any) -> None:

@@ -383,6 +383,64 @@ def test_kv_reopen_keeps_blocks(kv_backend: KVBackend, tmp_path: Path) -> None:
     run(go())
 
 
+def test_kv_tombstones_survive_a_reopen_and_stay_out_of_the_blocks(kv_backend: KVBackend,
+                                                                    tmp_path: Path) -> None:
+    """The record of an L3 delete still to be done: kept across a restart,
+    removed when done, never counted or scanned as a block."""
+    async def go() -> None:
+        tier = kv_backend.open(tmp_path)
+        loop = asyncio.get_running_loop()
+        answers: list[bool] = []
+        settled = asyncio.Event()
+
+        def done(error: BaseException | None, existed: bool) -> None:
+            assert error is None
+            answers.append(existed)
+            if len(answers) == 4:
+                loop.call_soon_threadsafe(settled.set)
+
+        await kv_write(tier, ("ns", b"block"), b"payload")
+        tier.submit_tombstone(("ns", b"gone"), True, done)
+        tier.submit_tombstone(("ns", b"gone"), True, done)  # recorded twice: one record
+        tier.submit_tombstone(("other", b"gone2"), True, done)
+        tier.submit_tombstone(("ns", b"never"), False, done)  # removing none: no error
+        await asyncio.wait_for(settled.wait(), 30)
+        assert answers == [False, True, False, False]
+        assert sorted(tier.tombstones_sync()) == [("ns", b"gone"), ("other", b"gone2")]
+        assert [b async for b, _ in tier.scan()] == [("ns", b"block")]
+        assert tier.usage().blocks == 1
+        await tier.close()
+        tier = kv_backend.open(tmp_path)
+        assert sorted(tier.tombstones_sync()) == [("ns", b"gone"), ("other", b"gone2")]
+        tier.submit_tombstone(("ns", b"gone"), False, lambda e, x: None)
+        await tier.flush()
+        assert tier.tombstones_sync() == [("other", b"gone2")]
+        await tier.close()
+
+    run(go())
+
+
+def test_kv_after_queued_answers_once_earlier_writes_committed(kv_backend: KVBackend,
+                                                             tmp_path: Path) -> None:
+    async def go() -> None:
+        tier = kv_backend.open(tmp_path)
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        caught_up = asyncio.Event()
+        blobs = {i.to_bytes(2, "big"): os.urandom(50_000) for i in range(100)}
+        for k, v in blobs.items():
+            tier.submit(("ns", k), v, meta_for(v), lambda e, x: order.append("write"))
+        tier.after_queued(lambda e, x: (order.append("marker"),
+                                        loop.call_soon_threadsafe(caught_up.set)))
+        await asyncio.wait_for(caught_up.wait(), 30)
+        assert order == ["write"] * len(blobs) + ["marker"]
+        assert all(kv_read(tier, ("ns", k)) == v for k, v in blobs.items())
+        assert tier.usage().blocks == len(blobs)
+        await tier.close()
+
+    run(go())
+
+
 def test_kv_many_concurrent_writes_all_land(kv_backend: KVBackend, tmp_path: Path) -> None:
     async def go() -> None:
         tier = kv_backend.open(tmp_path)

@@ -181,3 +181,43 @@ def test_a_failing_l2_read_is_a_miss_that_keeps_the_copy(tmp_path: Path) -> None
             await store.close()
 
     asyncio.run(go())
+
+
+class FullDiskLMDBTier(LMDBTier):
+    """An L2 whose disk takes no more than one poisoned write: a transaction
+    holding that write fails, as a commit on a full disk does."""
+
+    def _apply_locked(self, batch: list[Any]) -> list[bool]:
+        if any(op.key.endswith(b"poison") for op in batch):
+            raise lmdb.DiskError("mdb_txn_commit: Input/output error")
+        return super()._apply_locked(batch)
+
+
+def test_a_failed_batch_keeps_the_writes_that_fit(tmp_path: Path) -> None:
+    """One write the disk cannot take must not fail the whole batch it was
+    committed in (at shutdown, every block only in memory goes in a few big
+    batches): the others are committed, the failure reported on its own."""
+    tier = FullDiskLMDBTier(tmp_path / "l2", capacity=1 << 30, initial_map_size=4 << 20)
+    outcomes: dict[bytes, BaseException | None] = {}
+    all_done = threading.Event()
+    keys = [f"k{i}".encode() for i in range(7)] + [b"poison"] + [b"k8", b"k9"]
+
+    def done_for(key: bytes) -> Any:
+        def done(error: BaseException | None, existed: bool) -> None:
+            outcomes[key] = error
+            if len(outcomes) == len(keys):
+                all_done.set()
+        return done
+
+    # Hold the writer (it takes the first write, then waits for the lock) so
+    # that the rest queue up and are committed as one batch.
+    with tier._write_lock:
+        for key in keys:
+            data = key * 100
+            tier.submit(("ns", key), data, meta_for(data), done_for(key))
+    assert all_done.wait(30)
+    assert isinstance(outcomes[b"poison"], StorageError)
+    assert "bytes free on its disk" in str(outcomes[b"poison"])
+    assert [k for k in keys if outcomes[k] is not None] == [b"poison"]
+    assert all(tier.read_into_sync(("ns", k), None) is not None for k in keys if k != b"poison")
+    tier.close_sync()
