@@ -25,6 +25,7 @@ import socket
 import ssl
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from kvstore.config import Config
@@ -133,6 +134,30 @@ def check_tls(config: Config) -> None:
     except OSError as exc:
         raise InvalidConfig(f"server.tls_key {s.tls_key}: cannot read it: "
                             f"{exc.strerror or exc}") from None
+    check_validity(s.tls_cert)
+
+
+def check_validity(path: str, now: float | None = None) -> None:
+    """A server certificate past its end date is refused: every client's
+    handshake would fail (CERTIFICATE_VERIFY_FAILED, said on the client side
+    only) while the server reported itself healthy. One not valid yet is
+    logged (a clock set wrong, or a certificate made for later)."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
+    if decode is None:  # CPython's own; without it the dates are not checked
+        return
+    try:
+        info = decode(path)
+        not_before = ssl.cert_time_to_seconds(info["notBefore"])
+        not_after = ssl.cert_time_to_seconds(info["notAfter"])
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return  # (the loads above have said what is wrong with the file)
+    now = time.time() if now is None else now
+    if now > not_after:
+        raise InvalidConfig(f"server.tls_cert {path} expired on {info['notAfter']}: TLS "
+                            "clients would refuse every connection; renew it")
+    if now < not_before:
+        log.warning("server.tls_cert %s is not valid before %s: TLS clients refuse it until "
+                    "then (is the clock right?)", path, info["notBefore"])
 
 
 def _load_certificates(context: ssl.SSLContext, option: str, path: str) -> None:

@@ -28,6 +28,7 @@ from kvstore.errors import (
     UnknownNamespace,
 )
 from kvstore.policy import Policy, make_policy
+from kvstore.policy.namespaced import NamespacedSessions
 from kvstore.store.index import Entry, Index
 from kvstore.store.l3 import L3Mover
 from kvstore.store.leases import Leases
@@ -90,7 +91,8 @@ class TieredStore:
         has_l3 = bool(config.l3.url)
         tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
             ([TierName.L3] if has_l3 else [])
-        self.policy: Policy = make_policy(config.policy, tiers)
+        # (session ids qualified by their namespace: tenants' ids never meet)
+        self.policy: Policy = NamespacedSessions(make_policy(config.policy, tiers))
         self._allowed = frozenset(config.server.namespaces)
         self._closing = False
         #: Blocks only in L1 whose L2 write failed at :meth:`close` (lost).

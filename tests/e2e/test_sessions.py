@@ -110,3 +110,23 @@ def test_pins_of_deleted_blocks_are_dropped(server_factory) -> None:  # type: ig
             c.put({k: b"y" * 100 for k in keys})
             assert c.pin(keys, ttl_ms=600_000).blocks == 200  # 200 pages < 256
             c.delete(keys)
+
+
+def test_another_tenants_session_of_the_same_name_is_not_ours(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Session ids are each tenant's own names: a SessionEnd with discard from
+    one namespace must not drop the blocks another namespace put under a
+    session of the same name (before, they shared one stream in the policy)."""
+    with server_factory("--policy-name", "session", l1_capacity="8MiB") as server, \
+            Client(server.tcp, namespace="tenant-a") as a, \
+            Client(server.tcp, namespace="tenant-b") as b:
+        theirs = {f"b{i}".encode(): os.urandom(MiB) for i in range(2)}
+        assert b.lookup(list(theirs), session_id="main").found == 0
+        b.put(theirs, session_id="main")
+        mine = {f"a{i}".encode(): os.urandom(MiB) for i in range(3)}
+        assert a.lookup(list(mine), session_id="main").found == 0  # A's latest request
+        a.put(mine, session_id="main")
+        b.session_end("main", discard=True)  # tenant B's session "main" is over
+        for i in range(12):  # push everything out of L1
+            b.put({f"x{i}".encode(): os.urandom(MiB)})
+        assert a.get(list(mine)) == list(mine.values())  # kept (in L2), byte for byte
+        assert b.get(list(theirs)) == [None, None]  # B's own: discarded, as asked

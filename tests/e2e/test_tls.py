@@ -74,3 +74,21 @@ def test_tls_config_errors_are_clear(pki: Path) -> None:
                   "KVSTORE_SERVER_TLS_KEY": str(pki / "server.key")})
     with pytest.raises(InvalidArgument, match="unix socket"):
         Client("unix:/tmp/x.sock", tls=TLS())
+
+
+def test_an_expired_server_certificate_is_refused_at_start(
+        pki: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A server whose certificate expired started and said it was healthy
+    while every TLS client failed its handshake; now it says so at start."""
+    import time
+
+    from kvstore.errors import InvalidConfig
+    from kvstore.server.preflight import check_validity
+
+    cert = str(pki / "server.pem")
+    check_validity(cert)  # valid now (2 days)
+    with pytest.raises(InvalidConfig, match=r"server\.tls_cert .* expired on .*renew it"):
+        check_validity(cert, now=time.time() + 10 * 86400)
+    with caplog.at_level("WARNING", logger="kvstore.server"):
+        check_validity(cert, now=time.time() - 10 * 86400)
+    assert any("not valid before" in r.getMessage() for r in caplog.records)
