@@ -15,6 +15,7 @@ hicache: Any = quiet_import("sglang.srt.mem_cache.hicache_storage")
 factory: Any = quiet_import("sglang.srt.mem_cache.storage.backend_factory")
 pool_info: Any = quiet_import("sglang.srt.mem_cache.device_pool_info")
 pool_mha: Any = quiet_import("sglang.srt.mem_cache.pool_host.mha")
+pool_mla: Any = quiet_import("sglang.srt.mem_cache.pool_host.mla")
 
 LAYERS, HEADS, DIM, PAGE = 4, 2, 16, 8
 LAYOUTS = ["layer_first", "page_first", "page_first_direct", "page_head"]
@@ -36,12 +37,30 @@ def host_pool(layout: str) -> Any:
                                          start_layer=0, end_layer=LAYERS)
 
 
-def backend(target: str, *, v1: bool, layout: str = "page_first", **extra: Any) -> Any:
+def mla_host_pool(layout: str) -> Any:
+    """SGLang's own MLA host pool on the CPU: one row of kv_lora_rank +
+    qk_rope_head_dim per token and layer (no K/V pair)."""
+    tokens, rank, rope = 64, 16, 8
+    bufs = tuple(torch.zeros(tokens, 1, rank + rope, dtype=torch.bfloat16)
+                 for _ in range(LAYERS))
+    info = pool_info.MLABufferInfo(
+        buffers=bufs, data_ptrs=torch.tensor([b.data_ptr() for b in bufs], dtype=torch.uint64),
+        layer_indices=tuple(range(LAYERS)), device_layer_num=LAYERS, page_size=PAGE,
+        kv_lora_rank=rank, qk_rope_head_dim=rope, kv_cache_dim=rank + rope,
+        dtype=torch.bfloat16, device=torch.device("cpu"))
+    return pool_mla.MLATokenToKVPoolHost(info, 4.0, 0, PAGE, layout, pin_memory=False,
+                                         device="cpu", device_capacity_tokens=tokens,
+                                         start_layer=0, end_layer=LAYERS,
+                                         target_layer_num=LAYERS)
+
+
+def backend(target: str, *, v1: bool, layout: str = "page_first", mla: bool = False,
+            **extra: Any) -> Any:
     """The backend as SGLang makes it: from --hicache-storage-backend dynamic and its
     extra config, through the engine's own factory."""
     config = hicache.HiCacheStorageConfig(
         tp_rank=0, tp_size=1, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-        is_mla_model=False, enable_storage_metrics=False,
+        is_mla_model=mla, enable_storage_metrics=False,
         is_page_first_layout=layout != "layer_first", model_name="meta-llama/Llama-3-8B",
         extra_config={"backend_name": "kvstore", "module_path": "kvstore.integrations.sglang",
                       "class_name": "KVStoreHiCache", "interface_v1": int(v1),
@@ -209,3 +228,34 @@ def test_a_hybrid_models_sidecar_pool_is_refused_at_attach(shm_server: ServerPro
     store.register_mem_pool_host(host_pool("page_first"))
     with pytest.raises(NotImplementedError, match=r"mamba.*batch_\*_v2"):
         store.register_mem_host_pool_v2(host_pool("page_first"), "mamba")
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_mla_pages_v1_and_legacy_store_the_same_bytes(shm_server: ServerProcess,
+                                                      layout: str) -> None:
+    """An MLA pool's layer_first page is one piece per layer, already the
+    legacy flat page's order: v1 must store it as it is (it used to reorder
+    it as if its pieces were K/V pairs)."""
+    src, dst = mla_host_pool(layout), mla_host_pool(layout)
+    writer = backend(shm_server.unix_target, v1=True, layout=layout, mla=True)
+    writer.register_mem_pool_host(src)
+    keys = page_hashes(3, "mla" + layout)
+    idx = src.alloc(3 * PAGE)
+    fill(src, idx, seed=5)
+    assert all(writer.batch_set_v1(keys, idx))
+    reader = backend(shm_server.unix_target, v1=False, layout=layout, mla=True)
+    reader.register_mem_pool_host(dst)
+    got = reader.batch_get(keys, [dst.get_dummy_flat_data_page() for _ in keys])
+    want = [src.get_data_page(int(idx[i * PAGE])) for i in range(3)]
+    assert all(torch.equal(g.view(torch.uint8), w.contiguous().view(torch.uint8))
+               for g, w in zip(got, want, strict=True))
+    # And back: legacy pages read by v1 into a fresh pool.
+    legacy_keys = page_hashes(2, "mla-legacy" + layout)
+    legacy = backend(shm_server.unix_target, v1=False, layout=layout, mla=True)
+    legacy.register_mem_pool_host(src)
+    assert legacy.batch_set(legacy_keys, want[:2])
+    out = dst.alloc(2 * PAGE)
+    v1_reader = backend(shm_server.unix_target, v1=True, layout=layout, mla=True)
+    v1_reader.register_mem_pool_host(dst)
+    assert v1_reader.batch_get_v1(legacy_keys, out) == [True, True]
+    assert pages(dst, out) == pages(src, idx)[:2]
