@@ -25,7 +25,7 @@ from kvstore.store.coldindex import ColdBlock
 from kvstore.store.index import Entry
 from kvstore.store.l1check import L1Check
 from kvstore.store.l3 import L3Mover
-from kvstore.store.parts import Part, Shared
+from kvstore.store.parts import LoopHandoff, Part, Shared
 from kvstore.store.placement import ROOM_WAIT_SECONDS
 from kvstore.tiers.base import Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
@@ -63,6 +63,7 @@ class WriteBack(Part):
         self.ahead_limit = max(1, (config.l1.capacity - self.dirty_limit) // 8)
         self.queued = 0  # bytes queued for the L2 writer
         self.failed_writes = 0  # L2 writes of L1 blocks that failed (each logged)
+        self._handoff: LoopHandoff | None = None  # the writer's completions to the loop
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
         self._l2_counters = self.stats.counters[TierName.L2]
@@ -195,8 +196,12 @@ class WriteBack(Part):
                 else:
                     fut.set_exception(error)
 
-        def done(error: BaseException | None, existed: bool) -> None:
-            loop.call_soon_threadsafe(settle, error)
+        handoff = self._handoff
+        if handoff is None or handoff.loop is not loop:
+            handoff = self._handoff = LoopHandoff(loop)
+
+        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
+            handoff.call(settle, error)
 
         self.l2.submit(block, view, entry.meta(), done)
         return fut
