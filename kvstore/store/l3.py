@@ -48,6 +48,8 @@ log = logging.getLogger("kvstore.l3")
 
 # How long a key found absent from L3 is not asked for again.
 NEGATIVE_TTL_S = 2.0
+#: Deletes of objects this node never had (best effort) waiting at once.
+BEST_EFFORT_MAX = 4096
 #: An object found corrupt counts as absent this long (it stays corrupt until a
 #: node overwrites it; each look would download and drop it again).
 CORRUPT_TTL_S = 60.0
@@ -111,6 +113,12 @@ class L3Mover(Part):
         self.tombs: KeyValueTier | None = None
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
         self._redo_width = max(1, config.concurrency)
+        # Deletes of objects this node never had (a Delete's other keys):
+        # paced through their own few slots, and at most BEST_EFFORT_MAX waiting.
+        self._bulk_width = max(1, config.concurrency // 4)
+        self._bulk = asyncio.Semaphore(self._bulk_width)
+        self._best_effort: set[BlockId] = set()
+        self.best_effort_skipped = 0
         self._absent: dict[BlockId, float] = {}
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
@@ -289,19 +297,71 @@ class L3Mover(Part):
             if self._last_write.get(block) is mine:
                 del self._last_write[block]
 
-    def delete_later(self, block: BlockId) -> asyncio.Future[None] | None:
+    def delete_later(self, block: BlockId, in_l3: bool = True) -> asyncio.Future[None] | None:
         """Delete the block's object in the background, after the block's
         writes already in flight (an upload that lands later would bring the
-        block back); retried until it is done, across restarts. Returns a
-        future that settles once the delete is recorded in L2 (the caller
-        answers after it: a kill right after the answer must not bring the
-        object back), or None without L2."""
+        block back).
+
+        ``in_l3``: this node put the object there (or found it): the delete
+        is retried until it is done, across restarts, and the returned future
+        settles once it is recorded in L2 (the caller answers after it: a
+        kill right after the answer must not bring the object back; None
+        without L2). Otherwise the object, if any, is another node's: one
+        paced attempt, dropped when L3 cannot take it or too many are
+        waiting (so a Delete of many blocks while L3 is down or slow costs
+        no memory, tombstones or L3 slots beyond a bound)."""
+        # An upload of the block in flight (ack=remote) may land first: durable too.
+        if not in_l3 and block not in self._last_write:
+            if block in self._deleting or len(self._best_effort) >= BEST_EFFORT_MAX:
+                self.best_effort_skipped += 1
+                return None
+            self._best_effort.add(block)
+            self._deleting[block] = self._deleting.get(block, 0) + 1
+            spawn(self._delete_tasks, self._delete_once(block))
+            return None
         recorded: asyncio.Future[None] | None = None
         if block not in self._deleting and self.tombs is not None:
             recorded = self._record(block)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         spawn(self._delete_tasks, self._delete(block))
         return recorded
+
+    async def _delete_once(self, block: BlockId) -> None:
+        try:
+            async with self._bulk:  # waits here, before its request's deadline starts
+                await self._in_order(block, functools.partial(self.tier.delete, block))
+        except TierUnavailable:
+            pass  # another node's object, if any: not this node's to keep trying
+        finally:
+            self._best_effort.discard(block)
+            left = self._deleting.get(block, 0) - 1
+            if left > 0:
+                self._deleting[block] = left
+            else:
+                self._deleting.pop(block, None)
+
+    async def delete_unknown(self, blocks: list[BlockId]) -> int:
+        """Delete objects of blocks this node does not index (another node's),
+        a few at a time (``l3.concurrency`` / 4 requests), so that a Delete
+        naming many keys neither floods the object store's request slots
+        (other tenants' ``ack=remote`` Puts and reads need them) nor times
+        out requests that waited for a slot. Stops at the first that L3
+        cannot take. Returns how many existed."""
+        async def one(block: BlockId) -> bool:
+            async with self._bulk:  # waits here, before its request's deadline starts
+                return await self.tier.delete(block)
+
+        deleted = 0
+        width = self._bulk_width
+        for start in range(0, len(blocks), width):
+            if not self.healthy:
+                break
+            results = await asyncio.gather(*(one(b) for b in blocks[start:start + width]),
+                                           return_exceptions=True)
+            deleted += sum(1 for r in results if r is True)
+            if any(isinstance(r, BaseException) for r in results):
+                break
+        return deleted
 
     def _record(self, block: BlockId) -> asyncio.Future[None]:
         assert self.tombs is not None

@@ -306,10 +306,8 @@ class TieredStore:
         if deleted:
             await self._l2_caught_up()
         if self.l3 is not None and unknown and self.l3.healthy:
-            # Blocks another node put in the shared bucket.
-            results = await asyncio.gather(*(self.l3.tier.delete(b) for b in unknown),
-                                           return_exceptions=True)
-            deleted += sum(1 for r in results if r is True)
+            # Blocks another node put in the shared bucket (paced).
+            deleted += await self.l3.delete_unknown(unknown)
         return deleted
 
     async def _l2_caught_up(self) -> None:
