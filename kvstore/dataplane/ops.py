@@ -490,7 +490,7 @@ class Session:
             stored = nbytes = 0
             session = session_or_none(req.session_id)
             for i, b in enumerate(req.blocks):
-                offset = await placement.reserve(b.size)
+                offset = await placement.reserve(b.size, namespace=namespace)
                 committed = False
                 dest = store.l1.slice(offset, b.size)
                 try:

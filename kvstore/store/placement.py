@@ -50,9 +50,10 @@ _WAIT_QUOTA, _WAIT_WRITES, _WAIT_ROOM, _NO_ROOM = -1, -2, -3, -4
 class _Attempt:
     """One reservation's progress across its waits."""
 
-    __slots__ = ("quota_waited", "writing")
+    __slots__ = ("namespace", "quota_waited", "writing")
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace  # whose block the room is for (quota.l1)
         self.quota_waited = False  # waited out QUOTA_WAIT_SECONDS: evict by the policy
         self.writing = 0  # victims this call queued for their L2 write (write-back)
 
@@ -74,6 +75,9 @@ class Placement(Part):
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
         self._l1_limit: Callable[[str], int] | None = None
         self._l1_owned: dict[str, NamespaceL1] = {}
+        # Until then a reservation does not wait for over-quota blocks (one
+        # waited out QUOTA_WAIT_SECONDS: they are held by leases, not writes).
+        self._quota_wait_off_until = 0.0
         #: Overwritten blocks whose old L2 copy's delete is queued (see commit).
         self.replacing: dict[BlockId, asyncio.Future[None]] = {}
 
@@ -115,15 +119,17 @@ class Placement(Part):
 
     # -- extents ------------------------------------------------------------------------
 
-    async def reserve(self, size: int, room_wait: float = ROOM_WAIT_SECONDS) -> int:
-        """An L1 extent for a block about to be written (evicting if needed).
-        The caller commits it (:meth:`commit`, :meth:`place`) or gives it
-        back (:meth:`release`). ``room_wait``: how long to wait when every
-        block is held (read, leased, reserved) rather than on its way to L2."""
+    async def reserve(self, size: int, room_wait: float = ROOM_WAIT_SECONDS,
+                      namespace: str = "") -> int:
+        """An L1 extent for a block of ``namespace`` about to be written
+        (evicting if needed). The caller commits it (:meth:`commit`,
+        :meth:`place`) or gives it back (:meth:`release`). ``room_wait``: how
+        long to wait when every block is held (read, leased, reserved) rather
+        than on its way to L2."""
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         quota_deadline = min(deadline, time.monotonic() + QUOTA_WAIT_SECONDS)
         room_deadline = min(deadline, time.monotonic() + room_wait)
-        attempt = _Attempt()
+        attempt = _Attempt(namespace)
         while True:
             got = self._reserve_step(size, attempt)
             if got >= 0:
@@ -133,6 +139,9 @@ class Placement(Part):
                 # wait for them rather than evict a namespace within quota.
                 if not await self.progress.wait(quota_deadline):
                     attempt.quota_waited = True
+                    # Held by something else (leases): the next reservations
+                    # do not wait for them again for a while.
+                    self._quota_wait_off_until = time.monotonic() + QUOTA_WAIT_SECONDS
             elif got in (_WAIT_WRITES, _WAIT_ROOM):
                 # Every block pinned (being written or read), or enough victims
                 # on their way to L2: each further one waits for a write to end,
@@ -145,11 +154,11 @@ class Placement(Part):
             else:
                 raise self._full(size)
 
-    def reserve_now(self, size: int) -> int:
+    def reserve_now(self, size: int, namespace: str = "") -> int:
         """:meth:`reserve` without waiting: the extent's offset, or -1 where
         :meth:`reserve` would wait for room (or fail). Victims it evicted or
         queued for their L2 write stay so (as :meth:`reserve`'s would)."""
-        got = self._reserve_step(size, _Attempt())
+        got = self._reserve_step(size, _Attempt(namespace))
         return got if got >= 0 else -1
 
     def _reserve_step(self, size: int, attempt: _Attempt) -> int:
@@ -161,12 +170,22 @@ class Placement(Part):
                 self.open_writers += 1
                 return offset
             victim = None
+            evictable: Callable[[BlockId], bool] = self._evictable
             if self._l1_limit is not None:
-                victim, blocked = self._quota_victim()
-                if blocked and not attempt.quota_waited and self.index.busy_pins > 0:
-                    return _WAIT_QUOTA
+                victim, over = self._quota_victim()
+                if over and victim is None:
+                    if (not attempt.quota_waited and self.index.busy_pins > 0
+                            and time.monotonic() >= self._quota_wait_off_until):
+                        return _WAIT_QUOTA
+                    # The namespaces over their quota hold only blocks that
+                    # cannot leave now (leased, being read): room comes from
+                    # them, from the requester's own blocks, or from namespaces
+                    # without a quota -- never from another namespace within
+                    # its quota (leases would otherwise let a tenant hold L1
+                    # past its quota and evict another's working set).
+                    evictable = self._fallback_evictable(over, attempt.namespace)
             if victim is None:
-                victim = self.policy.victim(TierName.L1, self.clock(), self._evictable)
+                victim = self.policy.victim(TierName.L1, self.clock(), evictable)
             if victim is not None:
                 if self._evict(victim[0], victim[1]):
                     continue
@@ -178,10 +197,10 @@ class Placement(Part):
             return _WAIT_ROOM if busy else _NO_ROOM
 
     def _full(self, size: int) -> CapacityExhausted:
+        # (no node-wide figures: any tenant may read this; Stats has them for admins)
         return CapacityExhausted(
-            f"L1 is full: no room for a {size}-byte block "
-            f"({self.l1.used_bytes} of {self.l1.capacity} bytes in use, "
-            "the rest leased or in use)"
+            f"L1 is full: no room for a {size}-byte block (every block that could "
+            "leave is leased, read or being written)"
         )
 
     def release(self, offset: int, size: int) -> None:
@@ -284,9 +303,18 @@ class Placement(Part):
             owned = self._l1_owned[block[0]] = NamespaceL1(self.l1.extent)
         owned.add(block[1], entry)
 
-    def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, bool]:
-        """A victim among the namespaces at or over their quota; and whether
-        there are such namespaces but none of their blocks is evictable now."""
+    def _fallback_evictable(self, over: set[str], namespace: str) -> Callable[[BlockId], bool]:
+        assert self._l1_limit is not None
+        limit, evictable = self._l1_limit, self._evictable
+
+        def allowed(block: BlockId) -> bool:
+            ns = block[0]
+            return (ns == namespace or ns in over or not limit(ns)) and evictable(block)
+        return allowed
+
+    def _quota_victim(self) -> tuple[tuple[BlockId, Action] | None, set[str]]:
+        """A victim among the namespaces at or over their quota, and those
+        namespaces (empty: none is)."""
         assert self._l1_limit is not None
         limit = self._l1_limit
         over = set()
@@ -302,14 +330,14 @@ class Placement(Part):
         for namespace in empty:  # (a namespace with nothing in L1 costs nothing)
             del self._l1_owned[namespace]
         if not over:
-            return None, False
+            return None, over
         evictable = self._evictable
         victim = self.policy.victim(TierName.L1, self.clock(),
                                     lambda b: b[0] in over and evictable(b))
         if victim is None:
             for namespace in over:
                 self._l1_owned[namespace].reconcile()
-        return victim, victim is None
+        return victim, over
 
     # -- eviction -----------------------------------------------------------------------
 

@@ -233,7 +233,7 @@ class Reads(Part):
         """An L1 extent for a promotion the policy admits, or -1."""
         if self.policy.admit(TierName.L1, block, size, self.clock()):
             with contextlib.suppress(CapacityExhausted):
-                return await self.placement.reserve(size, PROMOTE_ROOM_WAIT_SECONDS)
+                return await self.placement.reserve(size, PROMOTE_ROOM_WAIT_SECONDS, block[0])
         return -1
 
     def _promoted(self, block: BlockId, entry: Entry, offset: int, tier: TierName,

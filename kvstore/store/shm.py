@@ -224,7 +224,7 @@ class SharedMemoryBroker:
         slots: list[Slot] = []
         try:
             for key, size in specs:
-                offset = await self.placement.reserve(size)
+                offset = await self.placement.reserve(size, namespace=namespace)
                 # No deadline while this call is open (it may wait for room):
                 # a slot granted earlier in it must not expire and be reused.
                 slots.append(self._grant((namespace, key), offset, size, session, owner))
@@ -247,7 +247,7 @@ class SharedMemoryBroker:
         expires = self.clock() + self.reserve_ms / 1000.0
         slots: list[Slot] = []
         for key, size in specs:
-            offset = self.placement.reserve_now(size)
+            offset = self.placement.reserve_now(size, namespace)
             if offset < 0:
                 for slot in slots:
                     self._drop_reservation(slot.slot_id)
@@ -451,7 +451,7 @@ class SharedMemoryBroker:
         slots: list[Slot] = []
         expires = self.clock() + self.reserve_ms / 1000.0
         for size in self._restock_sizes(sizes):
-            offset = self.placement.reserve_now(size)
+            offset = self.placement.reserve_now(size, namespace)
             if offset < 0:
                 break
             slots.append(self._grant((namespace, b""), offset, size, None, owner, expires))

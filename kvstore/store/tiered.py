@@ -235,7 +235,7 @@ class TieredStore:
             raise ServerShuttingDown("server is shutting down")
         validate_key(key)
         self.placement.check_block_size(size)
-        offset = await self.placement.reserve(size)
+        offset = await self.placement.reserve(size, namespace=namespace)
         return BlockWriter(self.placement, (namespace, key), size, offset, session, block_format)
 
     async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[Any] | None:

@@ -10,6 +10,7 @@ import tenants
 
 from kvstore import Client
 from kvstore.config import load
+from kvstore.errors import CapacityExhausted
 
 BLOCK = 32 * 1024          # 4 MiB of L1 holds 128 blocks
 QUIET_BLOCKS = 48          # the quiet tenant's working set: 1.5 MiB
@@ -98,3 +99,38 @@ def test_a_quota_counts_the_l1_pages_of_tiny_blocks(server_factory) -> None:  # 
                 noisy.put({f"n{i}".encode(): b"n" for i in range(start, start + 500)})
         with Client(server.tcp, namespace="quiet") as quiet:
             assert quiet.lookup(quiet_keys).found == len(quiet_keys)
+
+
+def test_leases_do_not_let_a_tenant_hold_l1_past_its_quota(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A tenant that keeps leasing (Lookup with lease_ms) every block it holds
+    cannot make its Puts evict another tenant within its quota once its own
+    blocks cannot leave: it used to fall back to the policy's choice over
+    every namespace, ending with all of L1 and the quiet tenant at 40 %."""
+    with serve(server_factory, "--quota-l1-per-namespace", "2MiB") as server, \
+            Client(server.tcp, namespace="quiet") as quiet, \
+            Client(server.tcp, namespace="noisy") as noisy:
+        keys = [f"q{i:03}".encode() for i in range(QUIET_BLOCKS)]
+        values = {k: bytes([i]) * BLOCK for i, k in enumerate(keys)}
+        quiet.put(values)
+        hits = reads = refused = 0
+        held: list[bytes] = []
+        for r in range(6):
+            got = quiet.get(keys)
+            hits += sum(g is not None for g in got)
+            reads += len(keys)
+            quiet.put({k: values[k] for k, g in zip(keys, got, strict=True) if g is None})
+            for step in range(16):  # 4 new blocks at a time, then (re)lease all it holds
+                new = [f"n{r:02}-{step * 4 + i:03}".encode() for i in range(4)]
+                try:
+                    noisy.put({k: b"\xee" * BLOCK for k in new})
+                except CapacityExhausted:
+                    refused += 1  # its own blocks are leased: no room for it
+                    break
+                held += new
+                found = noisy.lookup(held, lease_ms=60_000)
+                held = [k for k, t in zip(held, found.tiers, strict=True) if t is not None]
+        assert hits == reads, f"the quiet tenant lost {reads - hits} of {reads} reads"
+        # (a quota ranks victims when L1 is full; free room may be used past it)
+        noisy_l1 = noisy.stats(namespace="noisy").tiers[0]
+        assert noisy_l1.bytes <= 4 * 1024**2 - QUIET_BLOCKS * BLOCK, noisy_l1.bytes
+        assert refused > 0
