@@ -318,6 +318,7 @@ class KVStoreServicer:
                         context: grpc.aio.ServicerContext) -> pb.ShmAttachResponse:
         self.shm._require()
         if request.namespace:
+            self._granted(context, request.namespace)
             self.shm.check_namespace(self.store.check_namespace(request.namespace))
         return pb.ShmAttachResponse(path=self.shm.path, size=self.store.l1.capacity,
                                     instance=self.shm.instance,
@@ -382,12 +383,23 @@ class KVStoreServicer:
     async def ShmRelease(self, request: pb.ShmReleaseRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReleaseResponse:
         self._tick(context)
-        # Leases are bound to the namespace and owner that took them.
+        # Leases are bound to the namespace and owner that took them; a
+        # namespace named here is checked against the grant as elsewhere.
+        if request.namespace:
+            self._granted(context, request.namespace)
         namespace = self.store.check_namespace(request.namespace) if request.namespace else ""
         released, expired = self.shm.release(list(request.lease_ids), namespace,
                                              check_name(request.owner, "owner"))
         return pb.ShmReleaseResponse(released=released, expired=expired)
 
+
+    def _granted(self, context: grpc.aio.ServicerContext, namespace: str) -> None:
+        """The optional namespace of a method open to any identity (ShmAttach,
+        ShmRelease): the caller's grant must name it (PERMISSION_DENIED, as
+        for the methods whose namespace the interceptor checks)."""
+        if self.auth is not None:
+            grant = self.auth.identify(context.invocation_metadata(), context.auth_context())
+            self.auth.authorize(grant, "Get", namespace)
 
     # -- issue 14 data plane -------------------------------------------------------------
 

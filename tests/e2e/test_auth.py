@@ -139,6 +139,23 @@ def test_namespaces_are_bound_to_identity(server_factory, tokens_file: Path) -> 
             assert ops.stats("team-b").tiers[0].blocks == 1  # and any namespace's
 
 
+def test_shared_memory_calls_naming_a_namespace_check_the_grant(server_factory,  # type: ignore[no-untyped-def]
+                                                                 tokens_file: Path,
+                                                                 tmp_path: Path) -> None:
+    """ShmAttach and ShmRelease are open to any identity (no namespace is
+    required), but one they name must be granted, as everywhere else:
+    ShmRelease answered another tenant's namespace "never issued"."""
+    arena = f"/dev/shm/kvstore-test-auth-{tmp_path.name}"
+    with server_factory("--auth-tokens-file", str(tokens_file), "--l1-shm-path", arena) as server:
+        for method, body in (
+                ("ShmAttach", pb.ShmAttachRequest(namespace="team-b")),
+                ("ShmRelease", pb.ShmReleaseRequest(namespace="team-b", lease_ids=[12345]))):
+            code = _raw(server.tcp, method, body.SerializeToString(), ALICE)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, method
+        assert _raw(server.tcp, "ShmAttach", pb.ShmAttachRequest(
+            namespace="team-a").SerializeToString(), ALICE) == grpc.StatusCode.OK
+
+
 def test_tokens_rotate_on_sighup(server_factory, tokens_file: Path) -> None:  # type: ignore[no-untyped-def]
     with server_factory("--auth-tokens-file", str(tokens_file)) as server:
         with Client(server.tcp, namespace="team-a", token=ALICE) as old:
