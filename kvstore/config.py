@@ -48,6 +48,15 @@ def parse_size(value: Any) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def format_size(n: int) -> str:
+    """Bytes in the largest binary unit that divides them: ``"64 MiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or n % 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} TiB"
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvstore import __version__
 from kvstore._malloc import tune_malloc
-from kvstore.config import Config
+from kvstore.config import Config, format_size
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.errors import InvalidConfig
 from kvstore.server import logs, metrics, preflight
@@ -247,14 +247,6 @@ def _version() -> str:
     return __version__
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or n % 1024:
-            return f"{n} {unit}"
-        n //= 1024
-    return f"{n} TiB"
-
-
 def startup_summary(config: Config, addresses: dict[str, str | None]) \
         -> tuple[str, dict[str, object]]:
     """The one line that says what this server is: version, listeners, tiers,
@@ -265,11 +257,11 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
                  if addresses["tcp"] else "", f"unix {addresses['unix']}"
                  if addresses["unix"] else ""]
     verified = config.l1.reads_checked
-    l1 = (f"L1 {_size(config.l1.capacity)}"
+    l1 = (f"L1 {format_size(config.l1.capacity)}"
           + (f" in {config.l1.shm_path}" if config.l1.shm_path else "")
           + (" (reads checked)" if verified else " (anonymous: reads not checked again)"))
     write = "write-back" if config.l2.write_mode == "evict" else "write-behind"
-    l2 = (f"L2 {_size(config.l2.capacity)} in {config.l2_path} ({write}"
+    l2 = (f"L2 {format_size(config.l2.capacity)} in {config.l2_path} ({write}"
           f"{', fsync' if config.l2.sync else ''})") if config.l2.enabled else "L2 off"
     l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
     policy = f"policy {config.policy.name}" + (" (client clock)"

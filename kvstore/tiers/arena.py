@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 
+from kvstore.config import format_size
 from kvstore.errors import InvalidConfig
 
 # How many extents of the exact size class to inspect before taking one from a
@@ -57,7 +58,7 @@ class Arena:
             try:
                 mm = mmap.mmap(-1, self.capacity, flags=flags)
             except OSError as exc:  # ENOMEM: more than the host's memory and swap
-                raise InvalidConfig(f"l1.capacity {_size(self.capacity)}: cannot map that "
+                raise InvalidConfig(f"l1.capacity {format_size(self.capacity)}: cannot map that "
                                     f"much memory ({exc.strerror or exc})") from None
         if hasattr(mmap, "MADV_HUGEPAGE"):
             try:
@@ -88,7 +89,7 @@ class Arena:
             os.unlink(path)  # ours (we hold the lock): leave no half-made arena behind
             os.close(fd)
             free = _free_space(os.path.dirname(os.path.abspath(path)))
-            raise InvalidConfig(f"l1.capacity {_size(self.capacity)} does not fit in "
+            raise InvalidConfig(f"l1.capacity {format_size(self.capacity)} does not fit in "
                                 f"l1.shm_path {path}: {exc.strerror or exc} ({free} free "
                                 "there)") from None
         self._fd = fd
@@ -209,14 +210,6 @@ class Arena:
                 pass
             os.close(self._fd)  # the lock goes with the mapping's own descriptor
             self._fd = -1
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or n % 1024:
-            return f"{n} {unit}"
-        n //= 1024
-    return f"{n} TiB"
 
 
 def _free_space(directory: str) -> str:
