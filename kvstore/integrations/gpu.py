@@ -52,6 +52,9 @@ class GpuArena:
         self.stream = torch.cuda.Stream(self.device)
         self._base = 0
         self.size = os.path.getsize(client.shm_path)
+        # The whole arena, once, now: a get before any put copied from
+        # pageable memory (the pin used to come with the first put's slot).
+        self._pin(client._arena, 0)
 
     def _pin(self, view: memoryview, offset: int) -> None:
         if self._base:

@@ -32,6 +32,7 @@ type ``kvstore.session``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -65,6 +66,8 @@ _HINT_TYPE = "kvstore.session"
 _KNOWN_SWEEP_MIN = 4096
 #: How long an answer no lookup has asked for yet is kept through a sweep.
 _UNTOLD_KEEP_S = 60.0
+#: The I/O thread's priorities: reads and hints, then stores, then the stop.
+_FIRST, _LATER, _LAST = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,11 @@ class KVStoreTier(SecondaryTierManager):
         self._sweep_at = _KNOWN_SWEEP_MIN
         self._asked: dict[OffloadKey, str | None] = {}  # lookups waiting, with their session
         self._done: list[JobResult] = []
-        self._work: queue.Queue[Any] = queue.Queue()
+        # (priority, order, item): lookups, loads and session hints go before
+        # queued stores -- a new request's lookup must not wait behind a burst
+        # of stores (its time to first token does); stores keep their order.
+        self._work: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
         self._idle = threading.Condition(self._state)
         self._busy = 0
         self._thread = threading.Thread(target=self._run, name="kvstore-tier", daemon=True)
@@ -181,7 +188,7 @@ class KVStoreTier(SecondaryTierManager):
             self._idle.wait_for(lambda: self._busy == 0)
 
     def shutdown(self) -> None:
-        self._work.put(None)
+        self._work.put((_LAST, next(self._order), None))  # after the work queued
         self._thread.join(timeout=30)
         self.link.close()
 
@@ -190,11 +197,11 @@ class KVStoreTier(SecondaryTierManager):
     def _submit(self, item: Any) -> None:
         with self._state:
             self._busy += 1
-        self._work.put(item)
+        self._work.put((_LATER if item[0] == "store" else _FIRST, next(self._order), item))
 
     def _run(self) -> None:
         while True:
-            item = self._work.get()
+            _, _, item = self._work.get()
             if item is None:
                 return
             try:

@@ -210,3 +210,30 @@ def test_the_tier_forgets_old_answers(shm_server: ServerProcess, managers: Any) 
     m.store(req, [vm.offload_key(0, "forget-real")], [payload])
     m.finish(req)
     assert len(m.tier._known) <= 4096
+
+
+def test_lookups_go_before_queued_stores(shm_server: ServerProcess, managers: Any) -> None:
+    """The tier's one I/O thread takes a new request's lookups before the
+    stores queued ahead of them (a burst of stores must not hold back a time
+    to first token); stores keep their order."""
+    import threading
+
+    m = managers(shm_server.unix_target)
+    tier = m.tier
+    order: list[str] = []
+    gate = threading.Event()
+    tier._do_session = lambda info: gate.wait(10)  # holds the thread while work queues
+    tier._do_store = lambda job: (order.append(f"store{job}"), _result(job))[1]
+    tier._do_lookups = lambda: order.append("lookup")
+    tier._submit(("session", None))
+    for i in range(3):
+        tier._submit(("store", i))
+    tier._submit(("lookup",))
+    gate.set()
+    tier.drain_jobs()
+    assert order == ["lookup", "store0", "store1", "store2"]
+
+
+def _result(job: int) -> Any:
+    tiering: Any = quiet_import("vllm.v1.kv_offload.tiering.base")
+    return tiering.JobResult(job_id=job, success=True)
