@@ -111,6 +111,8 @@ class L3Mover(Part):
         #: survives a restart; None without L2 (then it is retried while the
         #: process lives). Set once by the store, before :meth:`start`.
         self.tombs: KeyValueTier | None = None
+        self._tombstoned: set[BlockId] = set()  # blocks with a record in L2
+        self._recording: dict[BlockId, asyncio.Future[None]] = {}  # records not committed
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
         self._redo_width = max(1, config.concurrency)
         # Deletes of objects this node never had (a Delete's other keys):
@@ -137,6 +139,7 @@ class L3Mover(Part):
             for block in self.tombs.tombstones_sync():
                 self._deleting[block] = self._deleting.get(block, 0) + 1
                 self._redo[block] = self._redo.get(block, 0) + 1
+                self._tombstoned.add(block)
             if self._redo:
                 log.info("L3: %d deletes recorded before the restart to finish",
                          len(self._redo))
@@ -320,8 +323,11 @@ class L3Mover(Part):
             spawn(self._delete_tasks, self._delete_once(block))
             return None
         recorded: asyncio.Future[None] | None = None
-        if block not in self._deleting and self.tombs is not None:
-            recorded = self._record(block)
+        if self.tombs is not None:
+            # (an earlier record still on its way to L2 is waited for too)
+            recorded = self._recording.get(block)
+            if recorded is None and block not in self._tombstoned:
+                recorded = self._record(block)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         spawn(self._delete_tasks, self._delete(block))
         return recorded
@@ -339,6 +345,7 @@ class L3Mover(Part):
                 self._deleting[block] = left
             else:
                 self._deleting.pop(block, None)
+                self._untombstone(block)
 
     async def delete_unknown(self, blocks: list[BlockId]) -> int:
         """Delete objects of blocks this node does not index (another node's),
@@ -369,6 +376,8 @@ class L3Mover(Part):
         recorded: asyncio.Future[None] = loop.create_future()
 
         def settle(error: BaseException | None) -> None:
+            if self._recording.get(block) is recorded:
+                del self._recording[block]
             if error is not None:
                 log.error("L3 delete of %s/%s could not be recorded in L2 (%s): a restart "
                           "before it is done may serve the object again", block[0],
@@ -379,6 +388,8 @@ class L3Mover(Part):
         def done(error: BaseException | None, existed: bool) -> None:  # writer thread
             loop.call_soon_threadsafe(settle, error)
 
+        self._tombstoned.add(block)
+        self._recording[block] = recorded
         self.tombs.submit_tombstone(block, True, done)
         return recorded
 
@@ -400,7 +411,14 @@ class L3Mover(Part):
             self._deleting[block] = left
             return
         self._deleting.pop(block, None)
-        if self.tombs is not None:
+        self._untombstone(block)
+
+    def _untombstone(self, block: BlockId) -> None:
+        """No delete of the block is left: its record goes (a record left
+        behind would delete whatever object the key has after a restart)."""
+        if block in self._tombstoned:
+            self._tombstoned.discard(block)
+            assert self.tombs is not None
             self.tombs.submit_tombstone(block, False, _ignore_done)
 
     async def _redo_loop(self) -> None:

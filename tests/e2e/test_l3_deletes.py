@@ -231,3 +231,48 @@ def test_deletes_of_blocks_never_in_l3_cost_nothing_while_it_is_down(tmp_path: P
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
+                                                             tmp_path: Path) -> None:
+    """The record of a delete goes once the delete is done: one left behind
+    would, at the next start, delete whatever object the key has by then."""
+    import asyncio
+
+    from kvstore.config import load
+    from kvstore.store import TieredStore
+    from kvstore.types import AckLevel
+
+    env = _store_env(tmp_path, s3) | {"KVSTORE_L3_BREAKER_RESET_S": "0.2",
+                                      "KVSTORE_L3_LIST_ON_START": "false"}
+
+    async def wait_for_it(check, what: str) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(1500):
+            if check():
+                return
+            await asyncio.sleep(0.02)  # bounded poll
+        raise AssertionError(f"{what} not met in 30 s")
+
+    async def go() -> None:
+        store = TieredStore(load(env=env))
+        await store.start()
+        assert store.l3 is not None and store.l2 is not None
+        await store.put_bytes("ns", b"k", b"old" * 100, AckLevel.REMOTE)
+        s3.stop()
+        assert await store.delete("ns", [b"k"]) == 1
+        assert store.l2.tombstones_sync() == [("ns", b"k")]
+        s3.start()
+        await wait_for_it(lambda: not store.l3._deleting, "the delete done")
+        await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
+        assert store.l2.tombstones_sync() == []
+        await store.put_bytes("ns", b"k", b"new" * 100, AckLevel.REMOTE)
+        await store.close()
+        again = TieredStore(load(env=env))
+        await again.start()
+        assert again.l3 is not None
+        await wait_for_it(lambda: not again.l3._deleting, "nothing left to delete")
+        assert objects(s3), "the new object was deleted by a record left behind"
+        assert await again.get_bytes("ns", b"k") == b"new" * 100
+        await again.close()
+
+    asyncio.run(go())
