@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvstore._impl import verify as block_verify
 from kvstore.checksum import copy_and_checksum
@@ -79,7 +80,7 @@ class Placement(Part):
         # waited out QUOTA_WAIT_SECONDS: they are held by leases, not writes).
         self._quota_wait_off_until = 0.0
         #: Overwritten blocks whose old L2 copy's delete is queued (see commit).
-        self.replacing: dict[BlockId, asyncio.Future[None]] = {}
+        self.replacing: dict[BlockId, asyncio.Future[Any]] = {}
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -228,9 +229,11 @@ class Placement(Part):
             else:
                 recorded = index.forget(block, old, delete_l3=delete_l3, l2_done=done)
             if recorded is not None:
-                # The L3 delete's record is queued behind the L2 delete: once it
-                # has committed, both have; the Put waits for it instead.
-                self.replacing[block] = recorded
+                # The Put waits for the L3 delete's record too (it may be an
+                # earlier delete's record, queued before this L2 delete).
+                earlier = self.replacing.get(block)
+                self.replacing[block] = recorded if earlier is None else \
+                    asyncio.ensure_future(asyncio.gather(earlier, recorded))
         entry = Entry(size, crc, time.time(), session)
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)
