@@ -417,7 +417,8 @@ class QuotaConfig:
 
 @dataclass(frozen=True)
 class Config:
-    data_dir: str = opt("./kvstore-data", "directory for L2 and the default unix socket",
+    data_dir: str = opt("./kvstore-data",
+                        "directory for L2 and its lock file (one server per data dir)",
                         parse_str)
     log_format: str = opt("text", "server log lines: 'text' (one line per event) or 'json' "
                           "(one JSON object per line, for log collectors)", parse_str)

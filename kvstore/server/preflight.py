@@ -40,11 +40,12 @@ _held_locks: list[int] = []
 
 
 def check(config: Config) -> None:
-    check_data_dir(config)
-    lock_data_dir(config)
+    # The checks that touch nothing first: a refused start creates no data dir.
     check_tls(config)
     check_listen(config.server.listen)
     check_unix_socket(config.server.unix_socket)
+    check_data_dir(config)
+    lock_data_dir(config)
 
 
 def check_data_dir(config: Config) -> None:

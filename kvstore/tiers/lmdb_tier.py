@@ -148,8 +148,8 @@ class LMDBTier:
             if not recover or not (self.path / _DATA_FILE).exists():
                 raise
             moved = self._move_aside()
-            log.warning("L2 at %s is damaged (%s): moved it aside to %s and started empty "
-                        "(l2.recover)", self.path, exc, moved)
+            what = str(exc).split("; set l2.recover", 1)[0]  # (the hint is what was done)
+            log.warning("%s: moved it aside to %s and started empty (l2.recover)", what, moved)
             self._open_checked(initial_map_size, sync)
         self._rw = _ReadWriteLock()
         self._own_executor = executor is None
