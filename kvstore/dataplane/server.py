@@ -43,6 +43,7 @@ from kvstore.errors import (
     TooManyConnections,
     Unauthenticated,
 )
+from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 from kvstore.tiers.base import Buffer
 
@@ -52,7 +53,6 @@ _OFF = "off"
 #: The most metadata a frame may carry before HELLO is accepted (a HELLO's is
 #: a ticket: 2 + TICKET_BYTES).
 HELLO_MAX_META = 1024
-_UNIX_PATH_MAX = 107
 
 
 @dataclass
@@ -157,29 +157,13 @@ class DataPlaneServer:
         return f"{host}:{bound}"
 
     def _listen_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> str:
-        if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-            raise InvalidConfig(f"server.data_plane_unix {path}: longer than {_UNIX_PATH_MAX} "
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise InvalidConfig(f"server.data_plane_unix {path}: longer than {UNIX_PATH_MAX} "
                                 "bytes, the most a unix socket path may have")
         p = Path(path)
-        # Only a stale socket is removed: a file at the path (a typo) is kept and a
-        # live server's socket is not taken over (the same rule as
-        # server.unix_socket: kvstore/server/preflight.py check_socket_path).
-        if p.is_symlink() or (p.exists() and not p.is_socket()):
-            raise InvalidConfig(f"server.data_plane_unix {path} exists and is not a socket: "
-                                "remove it or choose another path")
-        if p.exists():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(2.0)
-                try:
-                    probe.connect(path)
-                except ConnectionRefusedError:
-                    p.unlink()  # nobody listens: left by a server that died
-                except OSError as exc:
-                    raise InvalidConfig(f"server.data_plane_unix {path}: cannot tell whether "
-                                        f"a server is listening there ({exc.strerror})") from None
-                else:
-                    raise InvalidConfig(f"server.data_plane_unix {path}: another server is "
-                                        "listening there")
+        # Only a stale socket is removed: never a file, never a live server's.
+        if check_socket_path("server.data_plane_unix", path):
+            p.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             p.parent.mkdir(parents=True, exist_ok=True)

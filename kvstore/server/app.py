@@ -33,6 +33,7 @@ from kvstore.server.loop import loop_factory
 from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
+from kvstore.sockpath import check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 
 log = logging.getLogger("kvstore.server")
@@ -165,7 +166,7 @@ class Server:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Only a stale socket goes: never a file, never a live server's.
-                if preflight.check_socket_path("server.unix_socket", str(path)):
+                if check_socket_path("server.unix_socket", str(path)):
                     path.unlink()
                 self.grpc.add_insecure_port(f"unix:{path}")
             except (RuntimeError, OSError) as exc:

@@ -23,13 +23,13 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import tempfile
 import time
 from pathlib import Path
 
 from kvstore.config import Config
 from kvstore.errors import InvalidConfig
+from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 
 log = logging.getLogger("kvstore.server")
 
@@ -204,39 +204,9 @@ def check_listen(listen: str) -> None:
                         f"{'; '.join(dict.fromkeys(errors))}")
 
 
-#: sockaddr_un holds 108 bytes, the last one the terminating NUL.
-UNIX_PATH_MAX = 107
-
-
 def check_unix_socket(path: str) -> None:
     if path and len(os.fsencode(path)) > UNIX_PATH_MAX:
         raise InvalidConfig(f"server.unix_socket {path}: the path is longer than "
                             f"{UNIX_PATH_MAX} bytes, the most a unix socket address holds")
     if path:
         check_socket_path("server.unix_socket", path)
-
-
-def check_socket_path(option: str, path: str) -> bool:
-    """Whether a unix socket may be bound at ``path`` after removing what is
-    there (True: a stale socket to unlink). Anything but a socket is refused
-    (a typo must not cost a file), and so is a socket that a live server
-    accepts on (binding over it would silently take its address)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise InvalidConfig(f"{option} {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise InvalidConfig(f"{option} {path} exists and is not a socket: remove it or "
-                            "choose another path")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            return True  # nobody listens: left by a server that died
-        except OSError as exc:
-            raise InvalidConfig(f"{option} {path}: cannot tell whether a server is "
-                                f"listening there: {exc.strerror or exc}") from None
-    raise InvalidConfig(f"{option} {path}: another server is listening there")

@@ -39,7 +39,7 @@ from kvstore.config import L3Config
 from kvstore.errors import CorruptBlock, TierUnavailable
 from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
 from kvstore.store.l1check import L1Check
-from kvstore.store.parts import Part, Shared, spawn
+from kvstore.store.parts import Part, Shared, spawn, writer_settled
 from kvstore.tiers.base import KeyValueTier
 from kvstore.tiers.object import ObjectTier
 from kvstore.types import BlockId, TierName
@@ -112,7 +112,8 @@ class L3Mover(Part):
         #: process lives). Set once by the store, before :meth:`start`.
         self.tombs: KeyValueTier | None = None
         self._tombstoned: set[BlockId] = set()  # blocks with a record in L2
-        self._recording: dict[BlockId, asyncio.Future[None]] = {}  # records not committed
+        # Records on their way to L2 (a second delete of the block waits for them).
+        self._recording: dict[BlockId, asyncio.Future[BaseException | None]] = {}
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
         self._redo_width = max(1, config.concurrency)
         # Deletes of objects this node never had (a Delete's other keys):
@@ -300,7 +301,7 @@ class L3Mover(Part):
             if self._last_write.get(block) is mine:
                 del self._last_write[block]
 
-    def delete_later(self, block: BlockId, in_l3: bool = True) -> asyncio.Future[None] | None:
+    def delete_later(self, block: BlockId, in_l3: bool = True) -> asyncio.Future[Any] | None:
         """Delete the block's object in the background, after the block's
         writes already in flight (an upload that lands later would bring the
         block back).
@@ -322,7 +323,7 @@ class L3Mover(Part):
             self._deleting[block] = self._deleting.get(block, 0) + 1
             spawn(self._delete_tasks, self._delete_once(block))
             return None
-        recorded: asyncio.Future[None] | None = None
+        recorded: asyncio.Future[Any] | None = None
         if self.tombs is not None:
             # (an earlier record still on its way to L2 is waited for too)
             recorded = self._recording.get(block)
@@ -370,24 +371,20 @@ class L3Mover(Part):
                 break
         return deleted
 
-    def _record(self, block: BlockId) -> asyncio.Future[None]:
+    def _record(self, block: BlockId) -> asyncio.Future[BaseException | None]:
         assert self.tombs is not None
-        loop = asyncio.get_running_loop()
-        recorded: asyncio.Future[None] = loop.create_future()
+        recorded, done = writer_settled(asyncio.get_running_loop())
 
-        def settle(error: BaseException | None) -> None:
+        def settled(_: asyncio.Future[BaseException | None]) -> None:
             if self._recording.get(block) is recorded:
                 del self._recording[block]
+            error = recorded.result()
             if error is not None:
                 log.error("L3 delete of %s/%s could not be recorded in L2 (%s): a restart "
                           "before it is done may serve the object again", block[0],
                           block[1].hex()[:16], error)
-            if not recorded.done():
-                recorded.set_result(None)
 
-        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
-            loop.call_soon_threadsafe(settle, error)
-
+        recorded.add_done_callback(settled)
         self._tombstoned.add(block)
         self._recording[block] = recorded
         self.tombs.submit_tombstone(block, True, done)

@@ -17,6 +17,7 @@ from typing import Any
 from kvstore.policy import Policy
 from kvstore.store.index import Index
 from kvstore.store.stats import Stats
+from kvstore.tiers.base import WriteDone
 from kvstore.tiers.memory import MemoryTier
 
 log = logging.getLogger("kvstore.store")
@@ -125,6 +126,21 @@ class Part:
         self.l1 = shared.l1
         self.executor = shared.executor
         self.progress = shared.progress
+
+
+def writer_settled(loop: asyncio.AbstractEventLoop) \
+        -> tuple[asyncio.Future[BaseException | None], WriteDone]:
+    """A future on ``loop`` and the L2 writer's ``done`` callback that settles
+    it, from the writer thread, with the write's error (None: committed)."""
+    settled: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not settled.done():
+            settled.set_result(error)
+
+    def done(error: BaseException | None, existed: bool) -> None:  # writer thread
+        loop.call_soon_threadsafe(settle, error)
+    return settled, done
 
 
 def spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:

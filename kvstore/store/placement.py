@@ -20,7 +20,7 @@ from kvstore.checksum import copy_and_checksum
 from kvstore.errors import BlockTooLarge, CapacityExhausted, MalformedRequest
 from kvstore.policy import Action
 from kvstore.store.index import DropDone, Entry
-from kvstore.store.parts import Part, Shared
+from kvstore.store.parts import Part, Shared, writer_settled
 from kvstore.tiers.base import Buffer
 from kvstore.types import BlockFormat, BlockId, TierName
 
@@ -272,11 +272,7 @@ class Placement(Part):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None  # not on a loop (a unit test's direct call): nobody waits
-        gone: asyncio.Future[None] = loop.create_future()
-        self.replacing[block] = gone
-
-        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
-            loop.call_soon_threadsafe(_settle, gone)
+        self.replacing[block], done = writer_settled(loop)
         return done
 
     def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:
@@ -482,7 +478,3 @@ class BlockWriter:
         self._dest.release()
         self.placement.release(self.offset, self.size)
 
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

@@ -33,7 +33,7 @@ from kvstore.store.index import Entry, Index
 from kvstore.store.l3 import L3Mover
 from kvstore.store.leases import Leases
 from kvstore.store.lookup import Lookup
-from kvstore.store.parts import Progress, Shared
+from kvstore.store.parts import Progress, Shared, writer_settled
 from kvstore.store.placement import BlockWriter, Placement
 from kvstore.store.reads import Reads
 from kvstore.store.stats import Stats
@@ -316,16 +316,7 @@ class TieredStore:
         kill right after the answer brought the blocks back at the restart."""
         if self.l2 is None:
             return
-        loop = asyncio.get_running_loop()
-        caught_up: asyncio.Future[None] = loop.create_future()
-
-        def settle() -> None:
-            if not caught_up.done():
-                caught_up.set_result(None)
-
-        def done(error: BaseException | None, existed: bool) -> None:  # writer thread
-            loop.call_soon_threadsafe(settle)
-
+        caught_up, done = writer_settled(asyncio.get_running_loop())
         self.l2.after_queued(done)
         await caught_up
 

@@ -297,13 +297,8 @@ class LMDBTier:
     def submit(self, block: BlockId, data: Buffer | None, meta: BlockMeta | None,
                done: WriteDone) -> None:
         """Queue a write (data) or a delete (data None); see KeyValueTier.submit."""
-        op = _Op(encode_key(block), data, meta.pack() if meta else b"", meta.size if meta else 0,
-                 done)
-        with self._gate:
-            if not self._closed:
-                self._queue.put(op)
-                return
-        done(StorageError(f"L2 at {self.path} is closed"), False)
+        self._enqueue(_Op(encode_key(block), data, meta.pack() if meta else b"",
+                          meta.size if meta else 0, done))
 
     def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone) -> None:
         """Queue a record (``present``) or the removal of the record that
