@@ -40,7 +40,7 @@ from kvstore._impl import copy_and_checksum
 from kvstore.client._shmstock import SlotStock, StockSlot
 from kvstore.client.dataplane import Connection, DataPlane
 from kvstore.dataplane import frames
-from kvstore.dataplane.frames import FLAG_SHM_NEXT, Op
+from kvstore.dataplane.frames import FLAG_SHM_NEXT, FLAG_SHM_VOUCHED, Op
 from kvstore.errors import ReservationExpired
 
 
@@ -241,7 +241,9 @@ class ShmFrames:
                  block_format: int) -> tuple[int, int] | None:
         """Store blocks of ``sizes`` under ``keys``: ``write(index, offset)``
         fills block ``index``'s slot at ``offset`` in the arena and returns
-        its CRC-32C. (stored, bytes)."""
+        the CRC-32C of the bytes it left there (the commit vouches for it:
+        the server may answer before its own check, FLAG_SHM_VOUCHED; a
+        wrong one loses the block, unreported). (stored, bytes)."""
         return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
                                                   sizes, write, block_format),
                            idempotent=False)
@@ -293,16 +295,20 @@ class ShmFrames:
             for i, slot in enumerate(slots):
                 _check_deadline(slot[3], slot[0], i)  # nor commit one
             committing = True
+            # Vouched: each CRC-32C came from ``write``, from the bytes it left
+            # in the slot, so the server may answer before its own check.
             if stock is None:
-                counted = frames.Counted.decode(conn.call(
-                    Op.SHM_COMMIT, frames.encode_shm_commit(ns, ack, blocks, [])))
+                _, answer = conn.call_flags(Op.SHM_COMMIT,
+                                            frames.encode_shm_commit(ns, ack, blocks, []),
+                                            FLAG_SHM_VOUCHED, checked_bytes=sum(sizes))
+                counted = frames.Counted.decode(answer)
                 return counted.stored, counted.nbytes
             meta = frames.encode_shm_commit(
                 ns, ack, blocks, stock.to_abandon(ns),
                 [key if slot[4] else b"" for key, slot in zip(keys, slots, strict=True)],
                 sid, stock.wanted(ns, sizes))
             sent = time.monotonic()
-            _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT,
+            _, answer = conn.call_flags(Op.SHM_COMMIT, meta, FLAG_SHM_NEXT | FLAG_SHM_VOUCHED,
                                         checked_bytes=sum(sizes))
             done = frames.ShmCommitResult.decode(answer)
             if done.next_slots:

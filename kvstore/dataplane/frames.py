@@ -35,6 +35,14 @@ FLAG_CLOSING = 0x0002
 #: :class:`ShmCommitResult`. Older servers never set it (and a client sends it
 #: only after a server did); older clients ignore it, as any unknown bit.
 FLAG_SHM_NEXT = 0x0004
+#: SHM_VOUCHED (on a SHM_COMMIT request): the client computed each block's
+#: CRC-32C from the bytes it left in the slot, and takes an answer before the
+#: server's check of them. A server may then answer a commit it stores on the
+#: spot first and check after: a commit failing that check is not stored, the
+#: keys it named lose their earlier blocks, and it is counted and logged, but
+#: its client is not told. Without the flag every commit is checked before
+#: its answer (DATA_LOSS on a bad checksum). Older servers ignore it.
+FLAG_SHM_VOUCHED = 0x0008
 
 RESPONSE = 0x80  # a response's opcode: the request's | RESPONSE
 

@@ -609,27 +609,38 @@ class Session:
         except (f.FrameError, KVStoreError):
             return Answered.NO
         started = self.shm.clock()
+        # A vouched commit is answered before its check (the check and the
+        # client's copy of its next block then run at once); nothing else
+        # runs on the loop before it is stored, so no reader sees the gap.
+        vouched = bool(flags & f.FLAG_SHM_VOUCHED)
         try:
-            done = self.shm.commit_now(namespace, _ACK[req.ack], specs, req.abandon,
-                                       self.owner, session=session_or_none(req.session_id))
+            taken = self.shm.take_now(namespace, _ACK[req.ack], specs, req.abandon,
+                                      self.owner, session=session_or_none(req.session_id))
+            if taken is None:
+                return Answered.NO
+            if vouched:
+                stored, nbytes = len(taken), sum(r.size for _, r in taken)
+            else:
+                stored, nbytes = self.shm.store_taken(taken)
         except KVStoreError as exc:
             self._committed(specs, req.abandon)
             self._reply_now(error_frame(rid, exc))
             return Answered.ERROR
-        if done is None:
-            return Answered.NO
         self._committed(specs, req.abandon)
-        stored, nbytes = done
-        if not extended:
-            result = f.Counted(stored, nbytes).encode()
-            self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result)) + result)
+        try:
+            if not extended:
+                result = f.Counted(stored, nbytes).encode()
+                self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result)) + result)
+                return Answered.YES
+            slots = self.shm.restock_now(namespace, req.reserve_next, self.owner) \
+                if req.reserve_next else []
+            result = self._commit_result(stored, nbytes, started, slots)
+            self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result), 0,
+                                            f.FLAG_SHM_NEXT) + result)
             return Answered.YES
-        slots = self.shm.restock_now(namespace, req.reserve_next, self.owner) \
-            if req.reserve_next else []
-        result = self._commit_result(stored, nbytes, started, slots)
-        self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result), 0,
-                                        f.FLAG_SHM_NEXT) + result)
-        return Answered.YES
+        finally:
+            if vouched:
+                self.shm.store_vouched(taken)
 
     def _commit_request(self, meta: Any, extended: bool
                         ) -> tuple[f.ShmCommitRequest, str, list[CommitSpec]]:

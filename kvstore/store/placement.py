@@ -216,24 +216,7 @@ class Placement(Part):
         index = self.index
         old = index.entry(block)
         if old is not None:
-            done = self._old_copy_deleted(block) if self._has_l2_copy(old) else None
-            # Its L2 copy goes too (the writer queue keeps the order: the new
-            # block's write comes after this delete), so a restart before the
-            # new block reaches L2 finds nothing rather than the old bytes;
-            # so does its L3 copy, which a listing or another node's HEAD
-            # would find for this key (an upload of the new block waits for
-            # that delete: the L3 mover keeps them in order).
-            delete_l3 = old.l3 or old.l3_pending > 0
-            if done is None:
-                recorded = index.forget(block, old, delete_l3=delete_l3)
-            else:
-                recorded = index.forget(block, old, delete_l3=delete_l3, l2_done=done)
-            if recorded is not None:
-                # The Put waits for the L3 delete's record too (it may be an
-                # earlier delete's record, queued before this L2 delete).
-                earlier = self.replacing.get(block)
-                self.replacing[block] = recorded if earlier is None else \
-                    asyncio.ensure_future(asyncio.gather(earlier, recorded))
+            self._retire(block, old)
         entry = Entry(size, crc, time.time(), session)
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)
@@ -245,6 +228,35 @@ class Placement(Part):
             self._own(block, entry)
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
+
+    def _retire(self, block: BlockId, old: Entry) -> None:
+        """Remove the block an overwrite replaces, from every tier."""
+        done = self._old_copy_deleted(block) if self._has_l2_copy(old) else None
+        # Its L2 copy goes too (the writer queue keeps the order: the new
+        # block's write comes after this delete), so a restart before the
+        # new block reaches L2 finds nothing rather than the old bytes; so
+        # does its L3 copy, which a listing or another node's HEAD would find
+        # for this key (an upload of the new block waits for that delete: the
+        # L3 mover keeps them in order).
+        delete_l3 = old.l3 or old.l3_pending > 0
+        if done is None:
+            recorded = self.index.forget(block, old, delete_l3=delete_l3)
+        else:
+            recorded = self.index.forget(block, old, delete_l3=delete_l3, l2_done=done)
+        if recorded is not None:
+            # The Put waits for the L3 delete's record too (it may be an
+            # earlier delete's record, queued before this L2 delete).
+            earlier = self.replacing.get(block)
+            self.replacing[block] = recorded if earlier is None else \
+                asyncio.ensure_future(asyncio.gather(earlier, recorded))
+
+    def drop_replaced(self, block: BlockId) -> None:
+        """An overwrite already answered as stored whose new bytes failed
+        their check: the key's earlier block goes as the overwrite would have
+        taken it (a miss, never the bytes the client was told were replaced)."""
+        old = self.index.entry(block)
+        if old is not None:
+            self._retire(block, old)
 
     def _has_l2_copy(self, entry: Entry) -> bool:
         """Whether ``entry`` has an L2 copy (or one on its way) that its

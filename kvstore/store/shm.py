@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import math
 import secrets
 import time
@@ -65,6 +66,7 @@ from kvstore.errors import (
     CapacityExhausted,
     CorruptBlock,
     InvalidArgument,
+    KVStoreError,
     PermissionDenied,
     TierNotConfigured,
 )
@@ -72,6 +74,8 @@ from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key, validate_keys
+
+log = logging.getLogger("kvstore.store")
 
 # Expired lease ids remembered, to tell "expired" from "never issued".
 _EXPIRED_MEMORY = 65_536
@@ -341,6 +345,17 @@ class SharedMemoryBroker:
         L2 copy's delete, no write-back that waits for the writer. Otherwise
         None, having changed nothing. Errors are :meth:`commit`'s, with the
         same effects."""
+        taken = self.take_now(namespace, ack, specs, abandon, owner, session=session)
+        return None if taken is None else self.store_taken(taken)
+
+    def take_now(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
+                 abandon: Sequence[int], owner: str = "", *,
+                 session: str | None = None) -> list[tuple[CommitSpec, Reservation]] | None:
+        """The first half of :meth:`commit_now`: its conditions and
+        :meth:`commit`'s checks of the slots named (errors as there); the
+        reservations taken, or None having changed nothing. The caller
+        finishes with :meth:`store_taken`, or, for a commit it answered
+        first, :meth:`store_vouched`, before anything else runs on the loop."""
         if ack != AckLevel.MEMORY or not self.store.acked_now() or \
                 sum(spec.size for spec in specs) > VERIFY_INLINE_BYTES:
             return None
@@ -350,7 +365,12 @@ class SharedMemoryBroker:
             if r is not None and self.placement.replace_waits(
                     r.block if r.block[1] else (r.block[0], spec.key)):
                 return None
-        taken = self._take(namespace, ack, specs, abandon, owner, session)
+        return self._take(namespace, ack, specs, abandon, owner, session)
+
+    def store_taken(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> tuple[int, int]:
+        """Check the blocks :meth:`take_now` took and make them visible:
+        (stored, bytes). A block failing its checksum or format: nothing of
+        the commit is stored, its slots are released, and the error raised."""
         try:
             self._verify_now(taken)
         except BaseException:
@@ -362,6 +382,26 @@ class SharedMemoryBroker:
             self.store.make_durable_now()
             nbytes += r.size
         return len(taken), nbytes
+
+    def store_vouched(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> bool:
+        """:meth:`store_taken` for a commit already answered as stored (its
+        client vouched for its checksums, header flag SHM_VOUCHED). A commit
+        that fails its checks stores nothing, and each key it named loses its
+        earlier block too: the client was told those were replaced, so the
+        next Get misses instead of serving the old bytes. Counted as corrupt
+        L1 copies and logged; whether it was stored."""
+        try:
+            self.store_taken(taken)
+            return True
+        except KVStoreError as exc:
+            for _, r in taken:
+                self.placement.drop_replaced(r.block)
+            self.placement.stats.counters[TierName.L1].corrupt += len(taken)
+            log.warning("an answered shared-memory commit of %d block(s) failed its check "
+                        "(first key %s/%s): not stored, and no earlier bytes of its keys "
+                        "served: %s", len(taken), taken[0][1].block[0],
+                        taken[0][1].block[1].hex()[:16], exc.message)
+            return False
 
     def _take(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
               abandon: Sequence[int], owner: str, session: str | None

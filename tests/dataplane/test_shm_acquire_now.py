@@ -383,14 +383,16 @@ def _reserve(rid: int, sizes: list[int], key: bytes = b"") -> bytes:
 
 def _commit(rid: int, slots: list[tuple[int, int, int]], data: list[bytes], ack: int = 0,
             keys_: list[bytes] | None = None, reserve_next: list[int] | None = None,
-            crcs: list[int] | None = None, fmt: int = 0) -> bytes:
+            crcs: list[int] | None = None, fmt: int = 0, vouched: bool = False) -> bytes:
     """An SHM_COMMIT of ``data`` written into ``slots`` (id, offset, size):
-    extended (FLAG_SHM_NEXT) when ``keys_`` are given; ``fmt`` 1: KV_V1 blocks."""
+    extended (FLAG_SHM_NEXT) when ``keys_`` are given; ``fmt`` 1: KV_V1 blocks;
+    ``vouched``: header flag SHM_VOUCHED."""
     sums = crcs if crcs is not None else [checksum(d) for d in data]
     blocks = [(slot, offset, size, crc, fmt)
               for (slot, offset, size), crc in zip(slots, sums, strict=True)]
     meta = f.encode_shm_commit("ns", ack, blocks, [], keys_, "", reserve_next or [])
-    flags = f.FLAG_SHM_NEXT if keys_ is not None else 0
+    flags = (f.FLAG_SHM_NEXT if keys_ is not None else 0) | \
+        (f.FLAG_SHM_VOUCHED if vouched else 0)
     return header(SHM_COMMIT, rid, len(meta), 0, flags) + meta
 
 
@@ -489,6 +491,80 @@ def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
         assert (code, name) == (3, "InvalidBlock")
         assert [w.fast(SHM_COMMIT, rid) for rid in (14, 16)] == [True, True]
         assert [await _get_one(raw, 17, b"kv"), await _get_one(raw, 18, b"kv2")] == [kv, None]
+        raw.close()
+        assert await _bounded(lambda: w.broker.reservations == 0)
+    _with_server(tmp_path, spy, body)
+
+
+def test_vouched_commits_are_answered_before_their_check(tmp_path: Path, spy: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit that vouches for its checksums (SHM_VOUCHED, what the SDK
+    sends) is answered before the server checks its bytes, and stored before
+    anything else runs: readable at once. One whose bytes then fail the check
+    was answered "stored" but is never served: a miss, not the key's earlier
+    bytes, its slot back in L1, counted as a corrupt L1 copy. Without the
+    flag the check comes first and answers DATA_LOSS (the test above)."""
+    events: list[str] = []
+    real_reply, real_verify = Session._reply_now, SharedMemoryBroker._verify_now
+
+    def reply(self: Session, answer: bytes) -> None:
+        events.append("answer")
+        real_reply(self, answer)
+
+    def verify(self: SharedMemoryBroker, taken: Any) -> None:
+        events.append("check")
+        real_verify(self, taken)
+
+    monkeypatch.setattr(Session, "_reply_now", reply)
+    monkeypatch.setattr(SharedMemoryBroker, "_verify_now", verify)
+
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        stock = await _slots(w, raw, 2, [64 * KiB])
+        old = os.urandom(64 * KiB)
+        _write(w, stock, [old])
+        events.clear()
+        await _send(raw, _commit(3, stock, [old], keys_=[b"a"], reserve_next=[64 * KiB] * 4))
+        done = f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta)
+        assert (done.stored, events) == (1, ["check", "answer"])  # not vouched: checked first
+        stock = [(slot, offset, size) for slot, offset, size, _ in done.next_slots]
+        new = os.urandom(64 * KiB)
+        _write(w, stock[:1], [new])
+        events.clear()
+        await _send(raw, _commit(4, stock[:1], [new], keys_=[b"b"], vouched=True))
+        done = f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta)
+        assert (done.stored, done.nbytes, events) == (1, 64 * KiB, ["answer", "check"])
+        assert w.fast(SHM_COMMIT, 4) is True
+        assert await _get_one(raw, 5, b"b") == new
+        # Bytes that fail the check: answered as stored, never served, and
+        # the key's earlier block is gone too (a miss, not the old bytes).
+        corrupt = w.store.placement.stats.counters[TierName.L1].corrupt
+        used = w.store.l1.used_bytes
+        _write(w, stock[1:3], [new, new])
+        await _send(raw, _commit(6, stock[1:2], [new], keys_=[b"a"], crcs=[checksum(new) ^ 1],
+                                 vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        await _send(raw, _commit(7, stock[2:3], [new], keys_=[b"c"], crcs=[0], vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert [await _get_one(raw, 8, b"a"), await _get_one(raw, 9, b"c")] == [None, None]
+        assert w.store.placement.stats.counters[TierName.L1].corrupt == corrupt + 2
+        assert w.store.l1.used_bytes == used - 3 * 64 * KiB  # the two slots, "a"'s block
+        # A block-format block failing its format check: the same.
+        kv = _kv_block(512 * KiB)
+        slot = await _slots(w, raw, 10, [len(kv)])
+        _write(w, slot, [b"XXXX" + kv[4:]])
+        await _send(raw, _commit(11, slot, [b"XXXX" + kv[4:]], keys_=[b"kv"], fmt=1,
+                                 vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert await _get_one(raw, 12, b"kv") is None
+        assert [w.fast(SHM_COMMIT, rid) for rid in (6, 7, 11)] == [True, True, True]
+        # A vouched commit the callback cannot store on the spot (acknowledged
+        # beyond memory) is the task's: checked first, DATA_LOSS as before.
+        slot = await _slots(w, raw, 13, [64 * KiB])
+        _write(w, slot, [new])
+        await _send(raw, _commit(14, slot, [new], ack=2, keys_=[b"d"], crcs=[0], vouched=True))
+        code, name, _ = (await _frames(raw, 1))[0].error()
+        assert (code, name, w.fast(SHM_COMMIT, 14)) == (15, "CorruptBlock", False)
         raw.close()
         assert await _bounded(lambda: w.broker.reservations == 0)
     _with_server(tmp_path, spy, body)

@@ -26,7 +26,7 @@ import kvstore.client.shm as shm_module
 from kvstore import Client
 from kvstore.client.dataplane import Connection
 from kvstore.client.shm import ShmClient
-from kvstore.dataplane.frames import FLAG_SHM_NEXT, Op
+from kvstore.dataplane.frames import FLAG_SHM_NEXT, FLAG_SHM_VOUCHED, Op
 from kvstore.errors import CorruptBlock, InvalidArgument, InvalidKey, StaleLease
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is the kvstore[metrics] extra")
@@ -91,6 +91,9 @@ def frames_sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
 
 def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> None:  # type: ignore[no-untyped-def]
     blobs = {f"p{i}".encode(): block(i, MiB) for i in range(6)}
+    # Every commit vouches for its checksums (the SDK computed them from the
+    # bytes it wrote): the server may answer before its own check.
+    commit = (Op.SHM_COMMIT, FLAG_SHM_NEXT | FLAG_SHM_VOUCHED)
     with ShmClient(server.unix_target, namespace="a", timeout=30) as c:
         assert c.data_plane_active()
         frames_sent.clear()
@@ -98,13 +101,13 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
         assert c.put([next(items)]).stored == 1
         # The first Put of a size reserves; its commit fills the stock for the
         # next Puts (8 of a size on a data plane session, 8 MiB at most).
-        assert frames_sent == [(Op.SHM_RESERVE, 0), (Op.SHM_COMMIT, FLAG_SHM_NEXT)]
+        assert frames_sent == [(Op.SHM_RESERVE, 0), commit]
         assert c.stocked_slots() == 8
         frames_sent.clear()
         answered = metric(server, "kvstore_dataplane_requests_total")
         for item in items:
             assert c.put([item]).stored == 1
-        assert frames_sent == [(Op.SHM_COMMIT, FLAG_SHM_NEXT)] * 5
+        assert frames_sent == [commit] * 5
         assert metric(server, "kvstore_dataplane_requests_total") - answered == 5
         bufs = [bytearray(MiB) for _ in blobs]
         assert c.get_into(list(blobs), bufs) == [MiB] * 6
@@ -117,6 +120,38 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
     assert metric(server, "kvstore_shm_reservations") == 0
 
 
+def test_a_vouched_put_is_readable_at_once_and_a_wrong_checksum_never_served(
+        server, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The SDK's commits vouch for their checksums, so the server answers
+    before it checks the bytes: another client reads each block the moment
+    its Put returns. A Put whose checksum is wrong (an SDK bug, simulated)
+    returns as stored but is never served: the key's earlier bytes are gone
+    too (a miss), the server counts a corrupt L1 copy and stays up."""
+    from kvstore.client import shm_dataplane
+    from kvstore.types import TierName
+
+    with ShmClient(server.unix_target, namespace="a", timeout=30) as writer, \
+            Client(server.tcp, namespace="a", timeout=30, data_plane=False) as reader:
+        for i in range(20):
+            value = block(1000 + i, MiB if i % 2 else 64 * 1024)
+            assert writer.put([(b"v%d" % i, value)]).stored == 1
+            assert reader.get([b"v%d" % i]) == [value]
+
+        def corrupt_l1() -> int:
+            return next(t.corrupt for t in reader.stats().tiers if t.tier == TierName.L1)
+
+        before = corrupt_l1()
+        real = shm_dataplane.copy_and_checksum
+        monkeypatch.setattr(shm_dataplane, "copy_and_checksum",
+                            lambda *a: real(*a) ^ 1)  # the wrong CRC-32C for the bytes
+        assert writer.put([(b"v1", block(5, MiB))]).stored == 1
+        monkeypatch.setattr(shm_dataplane, "copy_and_checksum", real)
+        assert reader.get([b"v1"]) == [None]  # neither the new bytes nor the old
+        assert corrupt_l1() == before + 1
+        assert writer.put([(b"v1", block(6, MiB))]).stored == 1
+        assert reader.get([b"v1", b"v2"]) == [block(6, MiB), block(1002, 64 * 1024)]
+
+
 def test_put_kv_packs_into_stocked_slots_in_one_frame(server, frames_sent) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
@@ -124,13 +159,14 @@ def test_put_kv_packs_into_stocked_slots_in_one_frame(server, frames_sent) -> No
     shape = (8, 16, 2, 64)  # pages, page tokens, heads, head dim
     k = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
     v = [rng.standard_normal(shape).astype(np.float16) for _ in range(2)]
+    commit = (Op.SHM_COMMIT, FLAG_SHM_NEXT | FLAG_SHM_VOUCHED)
     with ShmClient(server.unix_target, namespace="a", timeout=30) as c:
         frames_sent.clear()
         assert c.put_kv([b"kv0", b"kv1"], k, v, [[0, 1], [2, 3]]).stored == 2
-        assert frames_sent == [(Op.SHM_RESERVE, 0), (Op.SHM_COMMIT, FLAG_SHM_NEXT)]
+        assert frames_sent == [(Op.SHM_RESERVE, 0), commit]
         frames_sent.clear()
         assert c.put_kv([b"kv2", b"kv3"], k, v, [[4, 5], [6, 7]]).stored == 2
-        assert frames_sent == [(Op.SHM_COMMIT, FLAG_SHM_NEXT)]
+        assert frames_sent == [commit]
         k2 = [np.zeros_like(x) for x in k]
         v2 = [np.zeros_like(x) for x in v]
         pages = [[0, 1], [2, 3], [4, 5], [6, 7]]
@@ -144,8 +180,9 @@ def test_a_server_that_does_not_offer_it_gets_reserve_and_commit(
     # An older server never sets FLAG_SHM_NEXT on its answers.
     real = Connection.call_flags
 
-    def older(self: Connection, opcode: int, meta: bytes, flags: int = 0) -> tuple[int, bytes]:
-        got, answer = real(self, opcode, meta, flags)
+    def older(self: Connection, opcode: int, meta: bytes, flags: int = 0,
+              checked_bytes: int = 0) -> tuple[int, bytes]:
+        got, answer = real(self, opcode, meta, flags, checked_bytes)
         return got & ~FLAG_SHM_NEXT, answer
 
     monkeypatch.setattr(Connection, "call_flags", older)
@@ -154,8 +191,10 @@ def test_a_server_that_does_not_offer_it_gets_reserve_and_commit(
     with ShmClient(server.unix_target, namespace="a", timeout=30) as c:
         for item in blobs.items():
             assert c.put([item]).stored == 1
-        # Version-1 frames only: no commit carries the flag.
-        assert [op for op, flags in frames_sent if flags] == []
+        # Version-1 frames only: no commit carries SHM_NEXT (they vouch for
+        # their checksums, a bit an older server ignores).
+        assert [op for op, flags in frames_sent if flags & FLAG_SHM_NEXT] == []
+        assert {flags for op, flags in frames_sent if op == Op.SHM_COMMIT} == {FLAG_SHM_VOUCHED}
         assert [op for op, _ in frames_sent].count(Op.SHM_RESERVE) == 3
         assert [op for op, _ in frames_sent].count(Op.SHM_COMMIT) == 3
         assert c.stocked_slots() == 0
