@@ -18,7 +18,6 @@ import os
 import secrets
 import socket
 import ssl
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from kvstore.errors import (
     TooManyConnections,
     Unauthenticated,
 )
+from kvstore.ratelimit import RateLimitedWarning
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 from kvstore.tiers.base import Buffer
@@ -109,7 +109,7 @@ class DataPlaneServer:
         self.max_payload = s.data_plane_max_payload
         self.max_connections = s.data_plane_max_connections
         self.stats = DataPlaneStats()
-        self._slow_log = _RateLimitedWarning("data plane: dropping a slow peer", 10.0)
+        self._slow_log = RateLimitedWarning(log, "data plane: dropping a slow peer", 10.0)
         self.tcp_address = ""
         self.unix_path = ""
         self.tls = _tls_context(config)
@@ -427,27 +427,6 @@ class DataPlaneServer:
             rid, error = 0, MalformedRequest(f"malformed frame: {exc}")
         with contextlib.suppress(ConnectionClosed, OSError):
             await io.send((error_frame(rid, error, f.FLAG_CLOSING),))
-
-
-class _RateLimitedWarning:
-    """One WARNING line per ``interval`` seconds, counting those held back
-    (a misbehaving client can cause thousands a second)."""
-
-    def __init__(self, what: str, interval: float) -> None:
-        self.what = what
-        self.interval = interval
-        self._next = 0.0
-        self._held = 0
-
-    def note(self, detail: str) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        more = f" (and {self._held} more since the last report)" if self._held else ""
-        log.warning("%s: %s%s", self.what, detail, more)
-        self._next = now + self.interval
-        self._held = 0
 
 
 class _Fatal(Exception):

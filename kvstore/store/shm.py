@@ -70,6 +70,7 @@ from kvstore.errors import (
     PermissionDenied,
     TierNotConfigured,
 )
+from kvstore.ratelimit import RateLimitedWarning
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
@@ -150,6 +151,9 @@ class SharedMemoryBroker:
                  namespaces: Sequence[str] | None = None) -> None:
         self.store = store
         self.placement = store.placement
+        # A client that vouches falsely can fail a commit per request.
+        self._vouched_log = RateLimitedWarning(
+            log, "an answered shared-memory commit failed its check", 10.0)
         self.reserve_ms = reserve_ms
         self.default_lease_ms = lease_ms
         self.max_lease_ms = max_lease_ms
@@ -397,10 +401,10 @@ class SharedMemoryBroker:
             for _, r in taken:
                 self.placement.drop_replaced(r.block)
             self.placement.stats.counters[TierName.L1].corrupt += len(taken)
-            log.warning("an answered shared-memory commit of %d block(s) failed its check "
-                        "(first key %s/%s): not stored, and no earlier bytes of its keys "
-                        "served: %s", len(taken), taken[0][1].block[0],
-                        taken[0][1].block[1].hex()[:16], exc.message)
+            self._vouched_log.note(
+                f"{len(taken)} block(s), first key {taken[0][1].block[0]}/"
+                f"{taken[0][1].block[1].hex()[:16]}: not stored, and no earlier bytes of "
+                f"their keys served ({exc.message})")
             return False
 
     def _take(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],

@@ -496,8 +496,9 @@ def test_commits_are_answered_on_the_spot(tmp_path: Path, spy: Any) -> None:
     _with_server(tmp_path, spy, body)
 
 
-def test_vouched_commits_are_answered_before_their_check(tmp_path: Path, spy: Any,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vouched_commits_are_answered_before_their_check(
+        tmp_path: Path, spy: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     """A commit that vouches for its checksums (SHM_VOUCHED, what the SDK
     sends) is answered before the server checks its bytes, and stored before
     anything else runs: readable at once. One whose bytes then fail the check
@@ -558,6 +559,14 @@ def test_vouched_commits_are_answered_before_their_check(tmp_path: Path, spy: An
         assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
         assert await _get_one(raw, 12, b"kv") is None
         assert [w.fast(SHM_COMMIT, rid) for rid in (6, 7, 11)] == [True, True, True]
+        # Logged once per 10 s however often a client vouches falsely.
+        assert [r.getMessage() for r in caplog.records
+                if "answered shared-memory commit failed" in r.getMessage()] == [
+            "an answered shared-memory commit failed its check: 1 block(s), first key "
+            "ns/61: not stored, and no earlier bytes of their keys served (1 block(s) failed "
+            f"their CRC-32C check (first: block #0, slot {stock[1][0]}: client said "
+            f"{checksum(new) ^ 1:#010x}, slot holds {checksum(new):#010x}); nothing of this "
+            "commit was stored)"]
         # A vouched commit the callback cannot store on the spot (acknowledged
         # beyond memory) is the task's: checked first, DATA_LOSS as before.
         slot = await _slots(w, raw, 13, [64 * KiB])
