@@ -612,7 +612,7 @@ class Session:
         # A vouched commit is answered before its check (the check and the
         # client's copy of its next block then run at once); nothing else
         # runs on the loop before it is stored, so no reader sees the gap.
-        vouched = bool(flags & f.FLAG_SHM_VOUCHED)
+        vouched = bool(flags & f.FLAG_SHM_VOUCHED) and self.shm.may_answer_first(req.reserve_next)
         try:
             taken = self.shm.take_now(namespace, _ACK[req.ack], specs, req.abandon,
                                       self.owner, session=session_or_none(req.session_id))

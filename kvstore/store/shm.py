@@ -383,9 +383,21 @@ class SharedMemoryBroker:
         nbytes = 0
         for spec, r in taken:
             self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
-            self.store.make_durable_now()
             nbytes += r.size
+        # After every block is in: the write-back it may start could
+        # otherwise take the old copy of a key committed later in the same
+        # call, whose overwrite take_now found needed no L2 delete.
+        self.store.make_durable_now()
         return len(taken), nbytes
+
+    def may_answer_first(self, reserve_next: Sequence[int]) -> bool:
+        """Whether a vouched commit :meth:`take_now` took may be answered
+        before :meth:`store_vouched`. Not when it restocks: the restock,
+        which the answer carries, may evict, and an eviction can start the L2
+        write of a block this commit replaces (take_now found it needed no
+        wait). Not with an L3 tier: a key this node does not index may have
+        older bytes there, which a failed commit could not remove on the spot."""
+        return not reserve_next and self.store.l3 is None
 
     def store_vouched(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> bool:
         """:meth:`store_taken` for a commit already answered as stored (its

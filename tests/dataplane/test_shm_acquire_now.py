@@ -164,6 +164,32 @@ def test_acquire_now_declines_or_refuses_having_changed_nothing(tmp_path: Path) 
     _with_broker(tmp_path, body)
 
 
+def test_a_commit_now_overwrite_is_never_left_waiting_for_an_old_l2_write(
+        tmp_path: Path) -> None:
+    """A commit on the spot of several blocks, one an overwrite of a dirty
+    L1-only block: the write-back started by the blocks before it must not
+    send that old copy to L2 first, or the commit (answered without waiting)
+    leaves the old copy's L2 delete unawaited, and a kill before it lands
+    serves the old bytes after the restart."""
+    async def body(store: TieredStore, broker: SharedMemoryBroker) -> None:
+        def spec(slot: Any) -> CommitSpec:
+            data = os.urandom(slot.size)
+            view = store.l1.slice(slot.offset, slot.size)
+            view[:] = data
+            view.release()
+            return CommitSpec(slot.slot_id, slot.offset, slot.size, checksum(data))
+
+        for i in range(12):  # 768 KiB of dirty blocks in the 1 MiB L1
+            slot = broker.reserve_now("ns", [(b"k%d" % i, 64 * KiB)], None)[0]
+            assert broker.commit_now("ns", AckLevel.MEMORY, [spec(slot)], []) is not None
+        assert not store.placement.replace_waits(("ns", b"k0"))
+        new, old = broker.reserve_now("ns", [(b"x", 64 * KiB), (b"k0", 64 * KiB)], None)
+        assert broker.commit_now("ns", AckLevel.MEMORY, [spec(new), spec(old)], []) == \
+            (2, 128 * KiB)
+        assert ("ns", b"k0") not in store.placement.replacing
+    _with_broker(tmp_path, body)
+
+
 # -- a real data plane, in process ------------------------------------------------------------
 
 
@@ -537,6 +563,23 @@ def test_vouched_commits_are_answered_before_their_check(
         assert (done.stored, done.nbytes, events) == (1, 64 * KiB, ["answer", "check"])
         assert w.fast(SHM_COMMIT, 4) is True
         assert await _get_one(raw, 5, b"b") == new
+        # Checked first all the same: a commit that restocks (the restock
+        # may evict, which must not come between the checks and the store),
+        # and any commit on a store with an L3 tier (a failed one could not
+        # remove a key's older bytes there on the spot).
+        extra = await _slots(w, raw, 20, [64 * KiB, 64 * KiB])
+        _write(w, extra, [new, new])
+        events.clear()
+        await _send(raw, _commit(21, extra[:1], [new], keys_=[b"e"], vouched=True,
+                                 reserve_next=[64 * KiB]))
+        done = f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta)
+        assert (done.stored, len(done.next_slots), events) == (1, 1, ["check", "answer"])
+        events.clear()
+        monkeypatch.setattr(w.store, "l3", object())  # only its presence is looked at
+        await _send(raw, _commit(22, extra[1:], [new], keys_=[b"f"], vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert events == ["check", "answer"]
+        monkeypatch.setattr(w.store, "l3", None)
         # Bytes that fail the check: answered as stored, never served, and
         # the key's earlier block is gone too (a miss, not the old bytes).
         corrupt = w.store.placement.stats.counters[TierName.L1].corrupt
