@@ -81,11 +81,14 @@ class SlotStock:
         of one key, same run: p50 357 -> 313 and 312 -> 291 µs)."""
         asked: list[int] = []
         with self._lock:
-            held_bytes = self._held_bytes()
-            for size, count in Counter(sizes).items():
+            held_bytes = -1  # counted only when something is asked (most Puts ask nothing)
+            counts = ((sizes[0], 1),) if len(sizes) == 1 else Counter(sizes).items()
+            for size, count in counts:
                 have = len(self._slots.get((namespace, size), ()))
                 if have >= min(count, self.max_per_size):
                     continue
+                if held_bytes < 0:
+                    held_bytes = self._held_bytes()
                 for _ in range(self.max_per_size - have):
                     if held_bytes + size > self.max_bytes:
                         break
