@@ -610,6 +610,17 @@ def test_vouched_commits_are_answered_before_their_check(
             f"their CRC-32C check (first: block #0, slot {stock[1][0]}: client said "
             f"{checksum(new) ^ 1:#010x}, slot holds {checksum(new):#010x}); nothing of this "
             "commit was stored)"]
+        # Up to 4 MiB a commit is stored on the spot (beyond, the executor's
+        # hop and the task cost more than the check): a 2 MiB block too.
+        big = os.urandom(2 * MiB)
+        slot = await _slots(w, raw, 23, [len(big)])
+        _write(w, slot, [big])
+        events.clear()
+        await _send(raw, _commit(24, slot, [big], keys_=[b"big"], vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert (w.fast(SHM_COMMIT, 24), events) == (True, ["answer", "check"])
+        assert await _get_one(raw, 25, b"big") == big
+        assert w.fast(0x04, 25) is True  # a GET of it too: checked and sent from there
         # A vouched commit the callback cannot store on the spot (acknowledged
         # beyond memory) is the task's: checked first, DATA_LOSS as before.
         slot = await _slots(w, raw, 13, [64 * KiB])
@@ -622,11 +633,15 @@ def test_vouched_commits_are_answered_before_their_check(
     _with_server(tmp_path, spy, body)
 
 
-def test_commits_that_would_wait_are_the_tasks(tmp_path: Path, spy: Any) -> None:
+def test_commits_that_would_wait_are_the_tasks(tmp_path: Path, spy: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Acknowledged beyond memory, larger than the callback checks, or an
     overwrite of a block with an L2 copy (answered once that copy's delete
     is done): the callback leaves the commit to the connection's task, which
     stores it as before."""
+    import kvstore.store.shm as shm_module
+
+    monkeypatch.setattr(shm_module, "VERIFY_INLINE_BYTES", MiB)  # this L1 holds 4 MiB
     async def body(w: World) -> None:
         raw = await w.connect()
         local = await _slots(w, raw, 2, [64 * KiB])
