@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import logging
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -49,6 +50,8 @@ from kvstore.types import (
     validate_key,
     validate_keys,
 )
+
+log = logging.getLogger("kvstore.server")
 
 _ACK = {0: AckLevel.MEMORY, 1: AckLevel.MEMORY, 2: AckLevel.LOCAL, 3: AckLevel.REMOTE}
 _FORMATS = frozenset(int(x) for x in BlockFormat)
@@ -120,6 +123,9 @@ class Session:
         self.slots: set[int] = set()
         self.leases: set[int] = set()
         self._checked: set[str] = set()  # namespaces this session may use
+        # The check of the last vouched commit answered before it (at most
+        # one at a time: each pins its blocks until done).
+        self._answered_check: asyncio.Task[None] | None = None
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
             f.Op.PUT: self.put, f.Op.SHM_RESERVE: self.shm_reserve,
@@ -133,6 +139,8 @@ class Session:
 
     def close(self) -> tuple[int, int]:
         """Give up what the session still holds: (reservations, leases)."""
+        if self._answered_check is not None:
+            self._answered_check.cancel()  # unpins; the blocks stay, reads check them
         held = self.shm.end_session(list(self.slots), list(self.leases), self.owner)
         self.slots.clear()
         self.leases.clear()
@@ -587,20 +595,43 @@ class Session:
         extended = bool(header.flags & f.FLAG_SHM_NEXT)
         req, namespace, specs = self._commit_request(meta, extended)
         started = self.shm.clock()
+        # A vouched commit this large is stored at once and checked after
+        # its answer, off the loop (SharedMemoryBroker.commit_unchecked), by
+        # a task of its own: the connection goes on to its next request (the
+        # client's next reserve), one check in flight at a time.
+        left: list[Any] = []
         try:
-            stored, nbytes = await self.shm.commit(
-                namespace, _ACK[req.ack], specs, req.abandon, self.owner,
-                session=session_or_none(req.session_id))
+            if header.flags & f.FLAG_SHM_VOUCHED and self.shm.answers_vouched():
+                if self._answered_check is not None:
+                    await asyncio.wait((self._answered_check,))
+                stored, nbytes, left = await self.shm.commit_unchecked(
+                    namespace, _ACK[req.ack], specs, req.abandon, self.owner,
+                    session=session_or_none(req.session_id))
+            else:
+                stored, nbytes = await self.shm.commit(
+                    namespace, _ACK[req.ack], specs, req.abandon, self.owner,
+                    session=session_or_none(req.session_id))
         finally:
             self._committed(specs, req.abandon)
-        if not extended:
-            await self.reply(header, f.Counted(stored, nbytes).encode())
-            return
-        slots: list[Any] = []
-        if req.reserve_next:
-            slots, _ = await self.shm.restock(namespace, req.reserve_next, self.owner)
-        await self.reply(header, self._commit_result(stored, nbytes, started, slots),
-                         f.FLAG_SHM_NEXT)
+        try:
+            if not extended:
+                await self.reply(header, f.Counted(stored, nbytes).encode())
+                return
+            slots: list[Any] = []
+            if req.reserve_next:
+                slots, _ = await self.shm.restock(namespace, req.reserve_next, self.owner)
+            await self.reply(header, self._commit_result(stored, nbytes, started, slots),
+                             f.FLAG_SHM_NEXT)
+        finally:
+            if left:
+                self._answered_check = asyncio.ensure_future(self._check_answered(left))
+
+    async def _check_answered(self, left: list[Any]) -> None:
+        try:
+            await self.shm.check_answered(left)
+        except Exception:  # the executor gone at shutdown: the blocks stay, reads check them
+            log.warning("data plane: the check of an answered shared-memory commit did not "
+                        "run", exc_info=True)
 
     def _shm_commit_now(self, flags: int, rid: int, meta: memoryview) -> Answered:
         # The broker commits on the spot or declines having changed nothing
@@ -616,7 +647,11 @@ class Session:
         # A vouched commit is answered before its check (the check and the
         # client's copy of its next block then run at once); nothing else
         # runs on the loop before it is stored, so no reader sees the gap.
-        vouched = bool(flags & f.FLAG_SHM_VOUCHED) and self.shm.may_answer_first(req.reserve_next)
+        # Not one that restocks: the restock, which the answer carries, may
+        # evict, and an eviction can start the L2 write of a block this
+        # commit replaces (take_now found its overwrite needed no wait).
+        vouched = bool(flags & f.FLAG_SHM_VOUCHED) and not req.reserve_next and \
+            self.shm.answers_vouched()
         try:
             taken = self.shm.take_now(namespace, _ACK[req.ack], specs, req.abandon,
                                       self.owner, session=session_or_none(req.session_id))

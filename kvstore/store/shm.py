@@ -71,6 +71,7 @@ from kvstore.errors import (
     TierNotConfigured,
 )
 from kvstore.ratelimit import RateLimitedWarning
+from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
@@ -345,6 +346,72 @@ class SharedMemoryBroker:
             await asyncio.gather(*durable)
         return len(taken), nbytes
 
+    async def commit_unchecked(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
+                               abandon: Sequence[int], owner: str = "", *,
+                               session: str | None = None
+                               ) -> tuple[int, int, list[tuple[BlockId, Entry, CommitSpec]]]:
+        """:meth:`commit` for a vouched commit too large to check on the loop
+        (more than VERIFY_INLINE_BYTES): its blocks are stored at once, pinned,
+        and the check is left for after the answer (:meth:`check_answered`,
+        which the caller must await whatever happens). Safe because a shared
+        arena's bytes are checked on every way out (a Get, an L2 write, an L3
+        upload; a shared-memory reader checks its copy): until the check, a
+        bad block can be found, never served. Where that does not hold for
+        the answer (acknowledged beyond ``memory``, or every write to L2
+        first), the commit is checked first, as :meth:`commit`; the list of
+        checks left is then empty."""
+        if ack != AckLevel.MEMORY or not self.store.acked_now():
+            return (*await self.commit(namespace, ack, specs, abandon, owner, session=session),
+                    [])
+        taken = self._take(namespace, ack, specs, abandon, owner, session)
+        left: list[tuple[BlockId, Entry, CommitSpec]] = []
+        nbytes = 0
+        pin = self.store.index.pin_reader
+        try:
+            for spec, r in taken:
+                entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
+                pin(entry)  # its extent stays this block's until checked
+                left.append((r.block, entry, spec))
+                nbytes += r.size
+                await self.store.make_durable(r.block, entry, ack)
+        except BaseException:
+            for _, entry, _ in left:  # stored, unchecked: reads check them
+                self.store.index.unpin_reader(entry)
+            self._release_taken(taken[len(left):])
+            raise
+        return len(taken), nbytes, left
+
+    async def check_answered(self, left: Sequence[tuple[BlockId, Entry, CommitSpec]]) -> None:
+        """The checks :meth:`commit_unchecked` left: each block's checksum and
+        block format, off the loop. A block that fails is dropped as a corrupt
+        L1 copy (counted and logged, as one a read finds). Cancelled, it only
+        unpins: the blocks stay, and reads check them."""
+        index = self.store.index
+        loop = asyncio.get_running_loop()
+        try:
+            sums = await asyncio.gather(*(
+                loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
+                                     entry.l1_offset, entry.size)
+                for _, entry, _ in left))
+            bad: list[tuple[BlockId, Entry, str]] = []
+            for (block, entry, spec), got in zip(left, sums, strict=True):
+                if got != spec.checksum:
+                    bad.append((block, entry, f"client said {spec.checksum:#010x}, slot holds "
+                                              f"{got:#010x}"))
+                elif spec.format == BlockFormat.KV_V1:
+                    try:
+                        await self.placement.verify_block(entry.l1_offset, entry.size)
+                    except KVStoreError as exc:
+                        bad.append((block, entry, exc.message))
+        finally:
+            for _, entry, _ in left:
+                index.unpin_reader(entry)
+        for block, entry, why in bad:
+            if entry.dead or index.blocks.get(block) is not entry:
+                continue  # deleted or replaced meanwhile: nothing of it is left to drop
+            self.store.reads.check.drop_corrupt(block, entry,
+                                                f"the check of an answered commit: {why}")
+
     def commit_now(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
                    abandon: Sequence[int], owner: str = "", *,
                    session: str | None = None) -> tuple[int, int] | None:
@@ -395,14 +462,11 @@ class SharedMemoryBroker:
         self.store.make_durable_now()
         return len(taken), nbytes
 
-    def may_answer_first(self, reserve_next: Sequence[int]) -> bool:
-        """Whether a vouched commit :meth:`take_now` took may be answered
-        before :meth:`store_vouched`. Not when it restocks: the restock,
-        which the answer carries, may evict, and an eviction can start the L2
-        write of a block this commit replaces (take_now found it needed no
-        wait). Not with an L3 tier: a key this node does not index may have
-        older bytes there, which a failed commit could not remove on the spot."""
-        return not reserve_next and self.store.l3 is None
+    def answers_vouched(self) -> bool:
+        """Whether a vouched commit may be answered before its check: not
+        with an L3 tier, where a key this node does not index may have older
+        bytes, which a commit failing its check could not remove on the spot."""
+        return self.store.l3 is None
 
     def store_vouched(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> bool:
         """:meth:`store_taken` for a commit already answered as stored (its

@@ -633,6 +633,62 @@ def test_vouched_commits_are_answered_before_their_check(
     _with_server(tmp_path, spy, body)
 
 
+def test_larger_vouched_commits_are_stored_then_checked(
+        tmp_path: Path, spy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A vouched commit too large to check on the loop is the task's: its
+    blocks are stored at once (readable as soon as it is answered) and
+    checked after the answer, off the loop. One that fails is dropped then
+    (its key's earlier block went when it was stored), counted, its L1
+    extent freed. Unvouched, it is checked first: DATA_LOSS, nothing stored."""
+    import kvstore.store.shm as shm_module
+
+    monkeypatch.setattr(shm_module, "VERIFY_INLINE_BYTES", 256 * KiB)  # this L1: 4 MiB
+    events: list[str] = []
+    real_reply, real_check = Session.reply, SharedMemoryBroker.check_answered
+
+    async def reply(self: Session, *args: Any) -> None:
+        events.append("answer")
+        await real_reply(self, *args)
+
+    async def check(self: SharedMemoryBroker, left: Any) -> None:
+        events.append("check")
+        await real_check(self, left)
+
+    monkeypatch.setattr(Session, "reply", reply)
+    monkeypatch.setattr(SharedMemoryBroker, "check_answered", check)
+
+    async def body(w: World) -> None:
+        raw = await w.connect()
+        values = [os.urandom(MiB) for _ in range(4)]
+        slots = await _slots(w, raw, 2, [MiB] * 3)
+        _write(w, slots, values[:3])
+        events.clear()
+        await _send(raw, _commit(3, slots[:1], values[:1], keys_=[b"g"], vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert w.fast(SHM_COMMIT, 3) is False
+        assert await _bounded(lambda: events == ["answer", "check"])
+        assert await _get_one(raw, 4, b"g") == values[0]
+        counters = w.store.placement.stats.counters[TierName.L1]
+        corrupt, used = counters.corrupt, w.store.l1.used_bytes
+        # Answered as stored, then found bad: gone, and so is the key's
+        # earlier block (a miss, never the bytes it was told were replaced).
+        await _send(raw, _commit(5, slots[1:2], values[1:2], keys_=[b"g"], crcs=[0],
+                                 vouched=True))
+        assert f.ShmCommitResult.decode((await _frames(raw, 1))[0].meta).stored == 1
+        assert await _bounded(lambda: counters.corrupt == corrupt + 1)
+        assert await _get_one(raw, 6, b"g") is None
+        assert await _bounded(lambda: w.store.l1.used_bytes == used - 2 * MiB)
+        # Unvouched: checked before the answer, nothing stored.
+        await _send(raw, _commit(7, slots[2:3], values[2:3], keys_=[b"h"], crcs=[0]))
+        code, name, _ = (await _frames(raw, 1))[0].error()
+        assert (code, name) == (15, "CorruptBlock")
+        assert await _get_one(raw, 8, b"h") is None
+        raw.close()
+        assert await _bounded(lambda: w.broker.reservations == 0)
+        assert await _bounded(lambda: w.store.index.busy_pins == 0)
+    _with_server(tmp_path, spy, body)
+
+
 def test_commits_that_would_wait_are_the_tasks(tmp_path: Path, spy: Any,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Acknowledged beyond memory, larger than the callback checks, or an
