@@ -124,7 +124,8 @@ class Session:
         self.leases: set[int] = set()
         self._checked: set[str] = set()  # namespaces this session may use
         # The check of the last vouched commit answered before it (at most
-        # one at a time: each pins its blocks until done).
+        # one at a time: each pins its blocks until done; never cancelled, so
+        # it always unpins: a task cancelled before it starts runs nothing).
         self._answered_check: asyncio.Task[None] | None = None
         self.handlers: dict[int, Handler] = {
             f.Op.PING: self.ping, f.Op.LOOKUP: self.lookup, f.Op.GET: self.get,
@@ -139,8 +140,6 @@ class Session:
 
     def close(self) -> tuple[int, int]:
         """Give up what the session still holds: (reservations, leases)."""
-        if self._answered_check is not None:
-            self._answered_check.cancel()  # unpins; the blocks stay, reads check them
         held = self.shm.end_session(list(self.slots), list(self.leases), self.owner)
         self.slots.clear()
         self.leases.clear()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from kvstore.checksum import checksum
+from kvstore.ratelimit import RateLimitedWarning
 from kvstore.store.index import Entry
 from kvstore.store.parts import Part, Shared
 from kvstore.tiers.base import Buffer
@@ -37,6 +38,8 @@ class L1Check(Part):
     def __init__(self, shared: Shared) -> None:
         super().__init__(shared)
         self.enabled = shared.verify_l1
+        # A client writing bad bytes into a shared arena can cause one a block.
+        self._dropped_log = RateLimitedWarning(log, "dropped corrupt L1 copies", 10.0)
 
     def intact(self, view: Buffer, entry: Entry) -> bool:
         """Whether the L1 bytes ``view`` may leave the process: they match the
@@ -50,8 +53,7 @@ class L1Check(Part):
         no pin of the caller's own left on the entry."""
         index = self.index
         self.stats.counters[TierName.L1].corrupt += 1
-        log.warning("dropped corrupt L1 copy of %s/%s (found by %s)", block[0],
-                    block[1].hex()[:16], where)
+        self._dropped_log.note(f"{block[0]}/{block[1].hex()[:16]}, found by {where}")
         if entry.dead or index.blocks.get(block) is not entry or entry.l1_offset < 0:
             return  # replaced, deleted or evicted meanwhile
         if (entry.l2 or entry.l3) and not entry.pinned:

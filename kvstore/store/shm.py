@@ -358,9 +358,13 @@ class SharedMemoryBroker:
         upload; a shared-memory reader checks its copy): until the check, a
         bad block can be found, never served. Where that does not hold for
         the answer (acknowledged beyond ``memory``, or every write to L2
-        first), the commit is checked first, as :meth:`commit`; the list of
-        checks left is then empty."""
-        if ack != AckLevel.MEMORY or not self.store.acked_now():
+        first), and for block-format blocks (reads check their checksum, not
+        their format), the commit is checked first, as :meth:`commit`; so is
+        one small enough to check on the loop. The list of checks left is
+        then empty."""
+        if ack != AckLevel.MEMORY or not self.store.acked_now() or \
+                sum(spec.size for spec in specs) <= VERIFY_INLINE_BYTES or \
+                any(spec.format != BlockFormat.RAW for spec in specs):
             return (*await self.commit(namespace, ack, specs, abandon, owner, session=session),
                     [])
         taken = self._take(namespace, ack, specs, abandon, owner, session)
@@ -382,10 +386,10 @@ class SharedMemoryBroker:
         return len(taken), nbytes, left
 
     async def check_answered(self, left: Sequence[tuple[BlockId, Entry, CommitSpec]]) -> None:
-        """The checks :meth:`commit_unchecked` left: each block's checksum and
-        block format, off the loop. A block that fails is dropped as a corrupt
-        L1 copy (counted and logged, as one a read finds). Cancelled, it only
-        unpins: the blocks stay, and reads check them."""
+        """The checks :meth:`commit_unchecked` left: each block's checksum,
+        off the loop. A block that fails is dropped as a corrupt L1 copy
+        (counted and logged, as one a read finds). Cancelled or failing, it
+        only unpins: the blocks stay, and reads check them."""
         index = self.store.index
         loop = asyncio.get_running_loop()
         try:
@@ -393,16 +397,9 @@ class SharedMemoryBroker:
                 loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
                                      entry.l1_offset, entry.size)
                 for _, entry, _ in left))
-            bad: list[tuple[BlockId, Entry, str]] = []
-            for (block, entry, spec), got in zip(left, sums, strict=True):
-                if got != spec.checksum:
-                    bad.append((block, entry, f"client said {spec.checksum:#010x}, slot holds "
-                                              f"{got:#010x}"))
-                elif spec.format == BlockFormat.KV_V1:
-                    try:
-                        await self.placement.verify_block(entry.l1_offset, entry.size)
-                    except KVStoreError as exc:
-                        bad.append((block, entry, exc.message))
+            bad = [(block, entry, f"client said {spec.checksum:#010x}, slot holds {got:#010x}")
+                   for (block, entry, spec), got in zip(left, sums, strict=True)
+                   if got != spec.checksum]
         finally:
             for _, entry, _ in left:
                 index.unpin_reader(entry)

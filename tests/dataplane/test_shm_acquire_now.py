@@ -683,6 +683,15 @@ def test_larger_vouched_commits_are_stored_then_checked(
         code, name, _ = (await _frames(raw, 1))[0].error()
         assert (code, name) == (15, "CorruptBlock")
         assert await _get_one(raw, 8, b"h") is None
+        # Block-format blocks are checked first, vouched or not: reads check
+        # a block's checksum, not its format.
+        bad_kv = b"XXXX" + _kv_block(512 * KiB)[4:]
+        slot = await _slots(w, raw, 9, [len(bad_kv)])
+        _write(w, slot, [bad_kv])
+        await _send(raw, _commit(10, slot, [bad_kv], keys_=[b"kv"], fmt=1, vouched=True))
+        code, name, _ = (await _frames(raw, 1))[0].error()
+        assert (code, name) == (3, "InvalidBlock")
+        assert await _get_one(raw, 11, b"kv") is None
         raw.close()
         assert await _bounded(lambda: w.broker.reservations == 0)
         assert await _bounded(lambda: w.store.index.busy_pins == 0)
