@@ -353,7 +353,7 @@ class SharedMemoryBroker:
         """:meth:`commit` for a vouched commit too large to check on the loop
         (more than VERIFY_INLINE_BYTES): its blocks are stored at once, pinned,
         and the check is left for after the answer (:meth:`check_answered`,
-        which the caller must await whatever happens). Safe because a shared
+        which the caller must run whatever happens: it unpins). Safe because a shared
         arena's bytes are checked on every way out (a Get, an L2 write, an L3
         upload; a shared-memory reader checks its copy): until the check, a
         bad block can be found, never served. Where that does not hold for
