@@ -111,3 +111,22 @@ class BenchServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_from_tree(tree: str, *flags: str, **kwargs: Any) -> BenchServer:
+    """A started BenchServer whose code comes from ``tree``, an older checkout
+    ("" = this one): the same-run baseline of ``--before-tree`` benchmarks."""
+    env_before, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+    if tree:
+        # `python -m kvstore` imports from its working directory first.
+        os.environ["PYTHONPATH"] = str(Path(tree).resolve())
+        os.chdir(tree)
+    try:
+        return BenchServer(*flags, **kwargs).start()
+    finally:
+        if tree:
+            os.chdir(cwd)
+            if env_before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = env_before

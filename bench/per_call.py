@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._server import BenchServer
+from bench._server import BenchServer, start_from_tree
 
 KiB, MiB = 1024, 1024 * 1024
 DEFAULT_SIZES = ["256KiB", "1MiB", "1028KiB", "2MiB", "4MiB", "8MiB", "32MiB"]
@@ -39,25 +39,6 @@ def _size(text: str) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * mult)
     return int(text)
-
-
-def _start(tree: str, shm_path: str) -> BenchServer:
-    """A server from ``tree`` ("" = this checkout)."""
-    env_before, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
-    if tree:
-        # `python -m kvstore` imports from its working directory first.
-        os.environ["PYTHONPATH"] = str(Path(tree).resolve())
-        os.chdir(tree)
-    try:
-        return BenchServer("--l1-shm-path", shm_path, l1_capacity="2GiB", l2=True,
-                           unix=True).start()
-    finally:
-        if tree:
-            os.chdir(cwd)
-            if env_before is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = env_before
 
 
 def _keys_for(size: int) -> int:
@@ -109,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{os.getpid()}-{os.urandom(3).hex()}"
     try:
         for name, tree in trees:
-            server = _start(tree, f"/dev/shm/kvstore-per-call-{tag}-{name}")
+            server = start_from_tree(tree, "--l1-shm-path",
+                                     f"/dev/shm/kvstore-per-call-{tag}-{name}",
+                                     l1_capacity="2GiB", l2=True, unix=True)
             servers.append((name, server))
             if args.pin == "apart" and server.proc is not None:
                 os.sched_setaffinity(server.proc.pid, {0})

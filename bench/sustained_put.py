@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench._server import BenchServer
+from bench._server import start_from_tree
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -45,20 +45,7 @@ def one_round(tree: str, l1: str, block: int, per_call: int, times: float) -> di
     """One fresh server from ``tree`` ("" = this checkout) and one client."""
     from kvstore import Client
 
-    env_before, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
-    if tree:
-        # `python -m kvstore` imports from its working directory first.
-        os.environ["PYTHONPATH"] = str(Path(tree).resolve())
-        os.chdir(tree)
-    try:
-        server = BenchServer(l1_capacity=l1, l2=True, unix=True).start()
-    finally:
-        if tree:
-            os.chdir(cwd)
-            if env_before is None:
-                del os.environ["PYTHONPATH"]
-            else:
-                os.environ["PYTHONPATH"] = env_before
+    server = start_from_tree(tree, l1_capacity=l1, l2=True, unix=True)
     try:
         capacity = _size(l1)
         calls = int(times * capacity / block / per_call)
