@@ -323,11 +323,8 @@ class SharedMemoryBroker:
             if sum(r.size for _, r in taken) <= VERIFY_INLINE_BYTES:
                 self._verify_now(taken)
             else:
-                loop = asyncio.get_running_loop()
-                self._check_sums(taken, await asyncio.gather(*(
-                    loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
-                                         r.offset, r.size)
-                    for _, r in taken)))
+                self._check_sums(taken, await self._sums_off_loop(
+                    [(r.offset, r.size) for _, r in taken]))
                 for spec, r in taken:
                     if spec.format == BlockFormat.KV_V1:
                         await self.placement.verify_block(r.offset, r.size)
@@ -391,12 +388,9 @@ class SharedMemoryBroker:
         (counted and logged, as one a read finds). Cancelled or failing, it
         only unpins: the blocks stay, and reads check them."""
         index = self.store.index
-        loop = asyncio.get_running_loop()
         try:
-            sums = await asyncio.gather(*(
-                loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1,
-                                     entry.l1_offset, entry.size)
-                for _, entry, _ in left))
+            sums = await self._sums_off_loop([(entry.l1_offset, entry.size)
+                                              for _, entry, _ in left])
             bad = [(block, entry, f"client said {spec.checksum:#010x}, slot holds {got:#010x}")
                    for (block, entry, spec), got in zip(left, sums, strict=True)
                    if got != spec.checksum]
@@ -408,6 +402,14 @@ class SharedMemoryBroker:
                 continue  # deleted or replaced meanwhile: nothing of it is left to drop
             self.store.reads.check.drop_corrupt(block, entry,
                                                 f"the check of an answered commit: {why}")
+
+    async def _sums_off_loop(self, extents: Sequence[tuple[int, int]]) -> list[int]:
+        """The CRC-32C of each L1 extent (offset, size), one executor task
+        each (the native CRC releases the GIL: they run in parallel)."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(
+            loop.run_in_executor(self.store.executor, _checksum_of, self.store.l1, offset, size)
+            for offset, size in extents)))
 
     def commit_now(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
                    abandon: Sequence[int], owner: str = "", *,
