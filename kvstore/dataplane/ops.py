@@ -511,7 +511,7 @@ class Session:
                             f"block #{i} failed its CRC-32C check (client said "
                             f"{b.crc32c:#010x}, bytes received {crc:#010x}): it was not stored")
                     if b.format == BlockFormat.KV_V1:
-                        await placement.verify_block(offset, b.size)
+                        await placement.verify_block(offset, b.size, i)
                     block = (namespace, b.key)
                     entry = placement.commit(block, b.size, crc, offset, session)
                     committed = True

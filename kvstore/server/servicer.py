@@ -49,6 +49,8 @@ MIN_CHUNK_BYTES = 64 * 1024
 _SMALL_CHUNK = b"\x0a"  # 1, length-delimited
 _SMALL_ANSWERED = b"\x10"  # 2, varint
 _GET_DATA = b"\x2a"  # GetChunk.data: 5, length-delimited
+#: gRPC's default receive limit (grpc.max_receive_message_length, 4 MiB).
+_STOCK_RECEIVE_LIMIT = 4 * 1024 * 1024
 
 _ACK: dict[int, AckLevel] = {
     pb.ACK_LEVEL_UNSPECIFIED: AckLevel.MEMORY,
@@ -81,6 +83,10 @@ class KVStoreServicer:
         self.put_idle = cfg.put_idle_ms / 1000.0
         # GetSmall's largest response: the message limit less room for framing.
         self.max_response = cfg.max_message_bytes - 64 * 1024
+        # ... and when the request names none, what a stock gRPC client
+        # receives (4 MiB by default in every gRPC implementation): a client
+        # written from the proto alone must not get a response it refuses.
+        self.default_response = min(self.max_response, _STOCK_RECEIVE_LIMIT - 64 * 1024)
 
     def _tick(self, context: grpc.aio.ServicerContext) -> None:
         """policy.clock = client: take the policy's time from the call."""
@@ -158,7 +164,7 @@ class KVStoreServicer:
                     writer.write(chunk.data)
                 if writer.complete:
                     done, writer = writer, None
-                    fut = await store.finish_put(done, ack)
+                    fut = await store.finish_put(done, ack, stored)
                     if fut is not None and ack >= AckLevel.LOCAL:
                         durable.append(fut)
                     stored += 1
@@ -216,9 +222,9 @@ class KVStoreServicer:
         namespace = store.check_namespace(request.namespace)
         keys = list(request.keys)
         validate_keys(keys)
-        budget = self.max_response
+        budget = self.default_response
         if request.max_response_bytes:
-            budget = min(budget, request.max_response_bytes)
+            budget = min(self.max_response, request.max_response_bytes)
         session = session_or_none(request.session_id)
         chunks: list[bytes] = []
         answered = 0

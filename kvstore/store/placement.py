@@ -17,7 +17,14 @@ from typing import Any
 
 from kvstore._impl import verify as block_verify
 from kvstore.checksum import copy_and_checksum
-from kvstore.errors import BlockTooLarge, CapacityExhausted, MalformedRequest
+from kvstore.errors import (
+    BlockTooLarge,
+    CapacityExhausted,
+    CorruptBlock,
+    InvalidBlock,
+    KVStoreError,
+    MalformedRequest,
+)
 from kvstore.policy import Action
 from kvstore.store.index import DropDone, Entry
 from kvstore.store.parts import Part, Shared, writer_settled
@@ -46,6 +53,11 @@ DEMOTE_BATCH = 32
 
 #: What :meth:`Placement._reserve_step` returns when it has no extent.
 _WAIT_QUOTA, _WAIT_WRITES, _WAIT_ROOM, _NO_ROOM = -1, -2, -3, -4
+
+
+def _in_block(exc: InvalidBlock | CorruptBlock, index: int) -> KVStoreError:
+    """``exc`` again, its message naming the request's block it is about."""
+    return type(exc)(f"block #{index}: {exc.message}")
 
 
 class _Attempt:
@@ -96,25 +108,30 @@ class Placement(Part):
                 "(l1.capacity): every block passes through L1"
             )
 
-    async def verify_block(self, offset: int, size: int) -> None:
+    async def verify_block(self, offset: int, size: int, index: int) -> None:
         """Check a block-format block in L1 (header fields, header and payload
-        CRC-32C): InvalidBlock or CorruptBlock naming what is wrong."""
+        CRC-32C): InvalidBlock or CorruptBlock naming what is wrong, and
+        which block of the request (``index``) it is."""
         if size <= _VERIFY_INLINE_BYTES:
-            self.verify_block_now(offset, size)
+            self.verify_block_now(offset, size, index)
             return
         view = self.l1.slice(offset, size)
         try:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.executor, block_verify, view)
+        except (InvalidBlock, CorruptBlock) as exc:
+            raise _in_block(exc, index) from None
         finally:
             view.release()
 
-    def verify_block_now(self, offset: int, size: int) -> None:
+    def verify_block_now(self, offset: int, size: int, index: int) -> None:
         """:meth:`verify_block` on this thread (a small block, or one whose
         bytes were just read and are in cache)."""
         view = self.l1.slice(offset, size)
         try:
             block_verify(view)
+        except (InvalidBlock, CorruptBlock) as exc:
+            raise _in_block(exc, index) from None
         finally:
             view.release()
 

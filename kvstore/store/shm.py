@@ -277,7 +277,10 @@ class SharedMemoryBroker:
         for i, (key, size) in enumerate(specs):
             if key:
                 validate_key(key, i)
-            self.placement.check_block_size(size)
+            try:
+                self.placement.check_block_size(size)
+            except InvalidArgument as exc:
+                raise type(exc)(f"block #{i}: {exc.message}") from None
             total += extent(size)
         capacity = self.store.l1.capacity
         if total > capacity:
@@ -325,9 +328,9 @@ class SharedMemoryBroker:
             else:
                 self._check_sums(taken, await self._sums_off_loop(
                     [(r.offset, r.size) for _, r in taken]))
-                for spec, r in taken:
+                for i, (spec, r) in enumerate(taken):
                     if spec.format == BlockFormat.KV_V1:
-                        await self.placement.verify_block(r.offset, r.size)
+                        await self.placement.verify_block(r.offset, r.size, i)
         except BaseException:
             self._release_taken(taken)
             raise
@@ -513,8 +516,10 @@ class SharedMemoryBroker:
                 r = self._reservations.get(spec.slot_id)
                 if r is None:
                     raise InvalidArgument(
-                        f"block #{i}: slot id {spec.slot_id} is unknown or its reservation "
-                        f"expired (reservations live {self.reserve_ms} ms)")
+                        f"block #{i}: slot id {spec.slot_id} is not reserved: unknown, "
+                        f"expired (reservations live {self.reserve_ms} ms), or given up "
+                        "(abandoned, or named by a commit that failed: a failed commit gives "
+                        "up every slot it names; reserve again)")
                 if spec.offset != r.offset or spec.size != r.size:
                     raise InvalidArgument(
                         f"block #{i}: offset {spec.offset} and size {spec.size} do not match "
@@ -534,9 +539,9 @@ class SharedMemoryBroker:
         then the format of its block-format blocks."""
         self._check_sums(taken, [_checksum_of(self.store.l1, r.offset, r.size)
                                  for _, r in taken])
-        for spec, r in taken:
+        for i, (spec, r) in enumerate(taken):
             if spec.format == BlockFormat.KV_V1:
-                self.placement.verify_block_now(r.offset, r.size)
+                self.placement.verify_block_now(r.offset, r.size, i)
 
     def _check_sums(self, taken: Sequence[tuple[CommitSpec, Reservation]],
                     sums: Sequence[int]) -> None:
@@ -594,8 +599,11 @@ class SharedMemoryBroker:
 
     def check_restock(self, sizes: Sequence[int]) -> None:
         """Each of ``sizes`` a valid block size (before a commit that restocks)."""
-        for size in sizes:
-            self.placement.check_block_size(size)
+        for i, size in enumerate(sizes):
+            try:
+                self.placement.check_block_size(size)
+            except InvalidArgument as exc:
+                raise type(exc)(f"reserve_next #{i}: {exc.message}") from None
 
     # -- Get ---------------------------------------------------------------------------
 

@@ -238,13 +238,15 @@ class TieredStore:
         offset = await self.placement.reserve(size, namespace=namespace)
         return BlockWriter(self.placement, (namespace, key), size, offset, session, block_format)
 
-    async def finish_put(self, writer: BlockWriter, ack: AckLevel) -> asyncio.Future[Any] | None:
-        """Commit a complete block. Returns a future that resolves once the
-        block is durable at ``ack`` (None when it already is). A block in the
-        kvstore block format is verified first; a bad one is never stored."""
+    async def finish_put(self, writer: BlockWriter, ack: AckLevel,
+                         index: int = 0) -> asyncio.Future[Any] | None:
+        """Commit a complete block, the request's ``index``-th. Returns a
+        future that resolves once the block is durable at ``ack`` (None when
+        it already is). A block in the kvstore block format is verified
+        first; a bad one is never stored."""
         if writer.format == BlockFormat.KV_V1 and writer.complete:
             try:
-                await self.placement.verify_block(writer.offset, writer.size)
+                await self.placement.verify_block(writer.offset, writer.size, index)
             except BaseException:
                 writer.abort()
                 raise

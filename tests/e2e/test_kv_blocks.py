@@ -77,6 +77,18 @@ def test_server_rejects_bad_blocks_naming_the_field(shared_server) -> None:  # t
             c.put({b"garbage": bytes(bad_header)}, block_format=1)
         with pytest.raises(InvalidBlock):
             c.put({b"short": good[:100]}, block_format=1)
+        # A batch's error says which of its blocks is bad (the gRPC stream and
+        # the data plane alike); the blocks before it are stored.
+        for data_plane in (True, False):
+            with Client(shared_server.tcp, namespace=f"kv-bad-{data_plane}",
+                        data_plane=data_plane) as batch:
+                with pytest.raises(InvalidBlock, match=r"^block #1: .*(?i:magic)"):
+                    batch.put({b"first": good, b"second": bytes(bad_header)}, block_format=1)
+                with pytest.raises(CorruptBlock, match=r"^block #2: .*(?i:payload)"):
+                    batch.put({b"a": good, b"b": good, b"c": bytes(bad_payload)},
+                              block_format=1)
+                hits = batch.lookup([b"first", b"second", b"a", b"b", b"c"]).tiers
+                assert [t is not None for t in hits] == [True, False, True, True, False]
         # As raw bytes the same data is accepted: the format is the caller's claim.
         c.put({b"raw": bytes(bad_header)})
         assert c.lookup([b"good", b"flipped", b"garbage", b"short"]).found == 1

@@ -129,3 +129,29 @@ def test_sync_calls_start_no_thread_per_call(shm_server, monkeypatch: pytest.Mon
             assert shm.put({b"s": data}).stored == 1  # ShmReserve + ShmCommit
             assert shm.get([b"s"]) == [data]
         assert threads.count == 0
+
+
+def test_get_small_without_a_limit_fits_a_stock_grpc_client(
+        shared_server, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
+    """A client written from the proto alone, on a channel with gRPC's
+    default 4 MiB receive limit, sends no max_response_bytes: the answer
+    fits that limit (the rest is left to a Get stream), it is not refused."""
+    namespace = ns(request)
+    blocks = {b"a": block(1, 3 << 20), b"b": block(2, 3 << 20)}
+    with Client(shared_server.tcp, namespace=namespace) as c:
+        c.put(blocks)
+    with grpc.insecure_channel(shared_server.tcp) as ch:  # stock options
+        rpc = ch.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                             request_serializer=pb.GetRequest.SerializeToString,
+                             response_deserializer=pb.GetSmallResponse.FromString)
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[b"a", b"b"]))
+        assert resp.answered == 1 and resp.chunks[0].data == blocks[b"a"]
+    # A client that says it takes more gets more, up to the server's limit.
+    with grpc.insecure_channel(shared_server.tcp, options=[
+            ("grpc.max_receive_message_length", 16 << 20)]) as ch:
+        big = ch.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                             request_serializer=pb.GetRequest.SerializeToString,
+                             response_deserializer=pb.GetSmallResponse.FromString)
+        resp = big(pb.GetRequest(namespace=namespace, keys=[b"a", b"b"],
+                                 max_response_bytes=16 << 20))
+        assert resp.answered == 2 and [c.data for c in resp.chunks] == list(blocks.values())

@@ -23,7 +23,7 @@ import pytest
 import kvstore.client.sync as sync_client
 from kvstore._impl import checksum
 from kvstore.client.shm import ShmClient
-from kvstore.errors import InvalidArgument, PermissionDenied
+from kvstore.errors import BlockTooLarge, InvalidArgument, PermissionDenied
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is the kvstore[metrics] extra")
@@ -283,8 +283,10 @@ def test_mismatched_or_missing_fields_are_invalid_argument(stock_server) -> None
                     b"other", data)
         # A restock of an impossible size fails the call before anything is stored.
         slot = _anonymous(c, "a", 4096)
-        with pytest.raises(InvalidArgument, match="block_size"):
+        with pytest.raises(InvalidArgument, match=r"^reserve_next #0: block_size"):
             _commit(c, "a", slot, b"z", data, reserve_next=[0])
+        with pytest.raises(BlockTooLarge, match=r"^reserve_next #1: "):
+            _commit(c, "a", slot, b"z", data, reserve_next=[4096, 1 << 40])
         assert c.get([b"k", b"kk", b"z"]) == [None, None, None]
         assert _commit(c, "a", slot, b"z", data, reserve_next=[4096, 100]).next_slots
         assert c.get([b"z"]) == [data]
