@@ -78,6 +78,7 @@ SLOW = (
     "tests/e2e/test_l3_drain.py",
     "tests/e2e/test_l3_nodes.py",
     "tests/e2e/test_l3_session_end.py",
+    "tests/e2e/test_l3_races.py",
     "tests/e2e/test_metrics_prometheus.py",
     "tests/e2e/test_quota.py",
     "tests/e2e/test_quota_l2.py",

@@ -18,6 +18,10 @@ class DelayProxy:
         self.upstream_port = upstream_port
         self.up_delay_s = up_delay_s
         self.down_delay_s = down_delay_s
+        #: Bytes forwarded so far, per direction (a test waits on them to
+        #: know that a request is on its way).
+        self.up_bytes = 0
+        self.down_bytes = 0
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -36,6 +40,10 @@ class DelayProxy:
                     if delay:
                         await asyncio.sleep(delay)
                     writer.write(data)
+                    if upstream:
+                        self.up_bytes += len(data)
+                    else:
+                        self.down_bytes += len(data)
                     await writer.drain()
             except (ConnectionError, asyncio.CancelledError):
                 pass

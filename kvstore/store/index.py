@@ -265,12 +265,16 @@ class Index:
 
     def listed_cold(self, block: BlockId, size: int) -> bool:
         """The L3 listing found a block the compact index holds: note that L3
-        has it too. False when the compact index does not hold it."""
+        has it too (when the sizes agree; an object of another size is other
+        bytes, and this node's L2 copy stays the one it serves, as a full
+        entry's would). False when the compact index does not hold it."""
         if self.cold is None:
             return False
         record = self.cold.get(block[0], block[1])
-        if record is None or record.size != size:
+        if record is None:
             return False
+        if record.size != size:
+            return True
         if not record.l3:
             self.cold.set_l3(block[0], block[1], True)
             self._count(TierName.L3, 1, size)

@@ -46,17 +46,19 @@ class L1Check(Part):
         entry's checksum, or the arena is not checked (``enabled`` False)."""
         return not self.enabled or l1_intact(view, entry)
 
-    def drop_corrupt(self, block: BlockId, entry: Entry, where: str) -> None:
+    def drop_corrupt(self, block: BlockId, entry: Entry, where: str,
+                     own_pins: int = 0) -> None:
         """The entry's L1 copy failed its checksum (found by ``where``): count
         it and drop it. A good L2 or L3 copy stays and is served next time;
         with none, the block is gone (a miss beats wrong bytes). Call it with
-        no pin of the caller's own left on the entry."""
+        no view of the caller's own left on the copy; ``own_pins``: reader
+        pins of the caller's still on the entry (given back later)."""
         index = self.index
+        if entry.dead or index.blocks.get(block) is not entry or entry.l1_offset < 0:
+            return  # replaced, deleted or evicted meanwhile: not a copy anyone serves
         self.stats.counters[TierName.L1].corrupt += 1
         self._dropped_log.note(f"{block[0]}/{block[1].hex()[:16]}, found by {where}")
-        if entry.dead or index.blocks.get(block) is not entry or entry.l1_offset < 0:
-            return  # replaced, deleted or evicted meanwhile
-        if (entry.l2 or entry.l3) and not entry.pinned:
+        if (entry.l2 or entry.l3) and entry.readers <= own_pins and not entry.l2_pending:
             index.set_dirty(entry, False)
             self.l1.release(entry.l1_offset, entry.size)
             index.set_l1(entry, -1)

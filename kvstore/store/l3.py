@@ -123,6 +123,12 @@ class L3Mover(Part):
         self._best_effort: set[BlockId] = set()
         self.best_effort_skipped = 0
         self._absent: dict[BlockId, float] = {}
+        # Reads and HEADs in flight of blocks this node had no entry for, and
+        # those of them a Delete named meanwhile: what such a probe finds is
+        # not indexed (it would bring the deleted object back into L1 after
+        # the Delete was answered). Bounded by the probes in flight.
+        self._probing: dict[BlockId, int] = {}
+        self._voided: set[BlockId] = set()
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
         self.scan_done = asyncio.Event()
@@ -206,31 +212,50 @@ class L3Mover(Part):
 
     # -- writes --------------------------------------------------------------------------
 
+    def hold_for_upload(self, entry: Entry) -> None:
+        """ack=remote, called as the Put commits the block (before anything is
+        awaited): until its :meth:`write_remote` task ends (the caller then
+        calls :meth:`end_upload`), the block's L1 copy stays
+        (pinned: its local write and its upload read it) and counts as on its
+        way to L3, so that an overwrite or a Delete meanwhile deletes the
+        object after the upload lands (else the upload left the replaced
+        bytes in the bucket, served again after a restart or an eviction)."""
+        self.index.pin_reader(entry)
+        self.index.begin_l3_copy(entry)
+
+    def end_upload(self, entry: Entry) -> None:
+        """What :meth:`hold_for_upload` took, given back."""
+        self.index.end_l3_copy(entry)
+        self.index.unpin_reader(entry)
+
     async def write_remote(self, block: BlockId, entry: Entry) -> None:
         """ack=remote: write the block's L1 copy to L3 now (raises
-        TierUnavailable when L3 cannot take it)."""
+        TierUnavailable when L3 cannot take it), under the Put's
+        :meth:`hold_for_upload`."""
+        if not self.index.is_current(block, entry):
+            return  # replaced or deleted before its turn: nothing to make remote
         if not self.healthy:
             raise TierUnavailable("L3 is unavailable (circuit breaker open): "
                                   "acknowledgement level remote cannot be met now")
         view = self.l1.slice(entry.l1_offset, entry.size)
-        if not self.check.intact(view, entry):  # a corrupt L1 copy is never uploaded
-            view.release()
-            self.check.drop_corrupt(block, entry, "its L3 upload")
-            raise CorruptBlock(f"block {block[1].hex()} failed its checksum in L1 before it "
-                               "reached L3 (dropped)")
-        self.index.pin_reader(entry)  # the L1 copy must stay while it is uploaded
-        self.queued += entry.size
         try:
-            if not await self._in_order(
-                    block, functools.partial(self.tier.put, block, view, entry.meta()),
-                    functools.partial(self.index.is_current, block, entry)):
-                return  # deleted or replaced meanwhile: nothing to make remote
-            self.index.mark_l3(block, entry)
-            self._absent.pop(block, None)  # (a good copy is there now)
+            if not self.check.intact(view, entry):  # a corrupt L1 copy is never uploaded
+                view.release()
+                self.check.drop_corrupt(block, entry, "its L3 upload", own_pins=1)
+                raise CorruptBlock(f"block {block[1].hex()} failed its checksum in L1 "
+                                   "before it reached L3 (dropped)")
+            self.queued += entry.size
+            try:
+                if not await self._in_order(
+                        block, functools.partial(self.tier.put, block, view, entry.meta()),
+                        functools.partial(self.index.is_current, block, entry)):
+                    return  # deleted or replaced meanwhile: nothing to make remote
+            finally:
+                self.queued -= entry.size
         finally:
-            self.queued -= entry.size
             view.release()
-            self.index.unpin_reader(entry)
+        self.index.mark_l3(block, entry)
+        self._absent.pop(block, None)  # (a good copy is there now)
 
     def start_demotion(self, block: BlockId, entry: Entry) -> bool:
         """Copy an L2 victim to L3 in the background; False when L3 is down
@@ -453,21 +478,48 @@ class L3Mover(Part):
             self._absent.clear()
         self._absent[block] = time.monotonic() + ttl
 
+    def void_probes(self, blocks: Iterable[BlockId]) -> None:
+        """A Delete of ``blocks``: reads and HEADs of them in flight that
+        started with no entry must not index what they find."""
+        probing = self._probing
+        for block in blocks:
+            if block in probing:
+                self._voided.add(block)
+
+    def _begin_probe(self, block: BlockId) -> None:
+        self._probing[block] = self._probing.get(block, 0) + 1
+
+    def _end_probe(self, block: BlockId) -> bool:
+        """A probe ended; whether a Delete voided it meanwhile."""
+        left = self._probing[block] - 1
+        voided = block in self._voided
+        if left:
+            self._probing[block] = left
+        else:
+            del self._probing[block]
+            self._voided.discard(block)
+        return voided
+
     async def head(self, block: BlockId) -> Entry | None:
         """Is the block in L3 (put by any node)? Indexes it when found."""
         if not self.healthy or self.known_absent(block):
             return None
+        self._begin_probe(block)
         try:
             size = await self.tier.head_size(block)
         except TierUnavailable:
             return None
+        finally:
+            voided = self._end_probe(block)
         if size is None:
             self._note_absent(block)
             return None
-        entry = self.index.blocks.get(block)
+        entry = self.index.entry(block)  # (an L2 copy counts: never hidden by L3's)
         if entry is not None:
             self.index.mark_l3(block, entry)
             return entry
+        if voided:
+            return None  # deleted while it was asked for: never indexed again
         return self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
 
     async def read(self, block: BlockId, entry: Entry | None) -> tuple[Entry, memoryview] | None:
@@ -477,6 +529,17 @@ class L3Mover(Part):
         if not self.healthy or (entry is None and self.known_absent(block)):
             counters.misses += 1
             return None
+        if entry is not None:
+            return await self._read(block, entry)
+        self._begin_probe(block)
+        try:
+            return await self._read(block, None)
+        finally:
+            self._end_probe(block)
+
+    async def _read(self, block: BlockId, entry: Entry | None
+                    ) -> tuple[Entry, memoryview] | None:
+        counters = self._counters
         try:
             found = await self.tier.get_with_meta(block)
         except TierUnavailable as exc:
@@ -516,12 +579,21 @@ class L3Mover(Part):
             counters.misses += 1
             self.index.lost_l3(block, entry)
             return None
-        current = self.index.blocks.get(block)
         if entry is None:
+            # Nothing was known of the block when the read began. What is now:
+            current = self.index.entry(block)
             if current is None:
+                if block in self._voided:
+                    counters.misses += 1
+                    return None  # deleted while it was read: never indexed again
                 current = self.index.discovered(block, meta.size, meta.checksum, meta.created)
+            elif current.size != meta.size or \
+                    current.checksum not in (meta.checksum, UNKNOWN_CHECKSUM):
+                # Put here meanwhile: the object is not its bytes.
+                counters.misses += 1
+                return None
             entry = current
-        if entry is not current:
+        elif self.index.blocks.get(block) is not entry:
             counters.misses += 1
             return None
         self.index.learn_checksum(entry, expected)

@@ -260,14 +260,24 @@ class TieredStore:
         overwrite returns only once the old L2 copy's delete has committed,
         whatever ``ack`` (a crash after the answer must not bring it back)."""
         gone = self.placement.replacing.pop(block, None)
-        if gone is not None:
-            await gone
         if ack == AckLevel.REMOTE:
-            assert self.l3 is not None
-            local = await self._make_local(block, entry, AckLevel.LOCAL)
-            remote = asyncio.get_running_loop().create_task(self.l3.write_remote(block, entry))
+            l3 = self.l3
+            assert l3 is not None
+            l3.hold_for_upload(entry)  # before anything is awaited; the upload's end ends it
+            try:
+                if gone is not None:
+                    await gone
+                local = await self._make_local(block, entry, AckLevel.LOCAL)
+            except BaseException:
+                l3.end_upload(entry)
+                raise
+            remote = asyncio.get_running_loop().create_task(l3.write_remote(block, entry))
+            # (a callback: it runs even if the task is cancelled before it starts)
+            remote.add_done_callback(lambda _: l3.end_upload(entry))
             return asyncio.ensure_future(
                 asyncio.gather(remote, *([local] if local is not None else [])))
+        if gone is not None:
+            await gone
         return await self._make_local(block, entry, ack)
 
     def acked_now(self) -> bool:
@@ -294,6 +304,8 @@ class TieredStore:
     async def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         """Remove blocks from every tier, the shared L3 included."""
         validate_keys(keys)
+        if self.l3 is not None:
+            self.l3.void_probes((namespace, key) for key in keys)
         deleted = 0
         unknown: list[BlockId] = []
         for key in keys:
@@ -385,6 +397,8 @@ class TieredStore:
         (the local tiers are flushed by then; flushing again finishes)."""
         flushed = 0
         known = self.index.namespace_keys(namespace)
+        if self.l3 is not None:
+            self.l3.void_probes((namespace, key) for key in known)
         for i, key in enumerate(known, 1):
             block = (namespace, key)
             entry = self.index.entry(block)
@@ -403,6 +417,7 @@ class TieredStore:
         gone = set(known)
         others = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
+        self.l3.void_probes(others)
         step = max(1, self.config.l3.concurrency)
         for start in range(0, len(others), step):
             results = await asyncio.gather(
