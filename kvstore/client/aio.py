@@ -87,6 +87,7 @@ class AsyncClient(ClientBase):
     def _connect(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._rpcs: dict[str, Any] = {}
+        self._closed = False
         self._small_limit = max_response_bytes(self._options)
         self._block_hint = 0  # largest block of the last Get (see Client)
         self._data_plane: AsyncDataPlane | None = None
@@ -103,6 +104,10 @@ class AsyncClient(ClientBase):
     def _rpc(self, name: str) -> Any:
         rpc = self._rpcs.get(name)
         if rpc is None:
+            if self._closed:
+                # As the sync Client's closed channel does (a call after
+                # close quietly opened a channel nothing would close).
+                raise ValueError("the client is closed")
             if self._channel is None:
                 self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
                                              self._credentials())
@@ -128,6 +133,7 @@ class AsyncClient(ClientBase):
     # -- lifecycle -------------------------------------------------------------
 
     async def close(self) -> None:
+        self._closed = True
         if self._data_plane is not None:
             self._data_plane.close()
         channel, self._channel = self._channel, None

@@ -58,6 +58,7 @@ from kvstore.errors import (
     ConnectionFailed,
     DeadlineExceeded,
     InvalidArgument,
+    KVStoreError,
     TooManyConnections,
 )
 
@@ -704,10 +705,19 @@ class DataPlane:
 
     def close(self) -> None:
         self._closed = True
+        for conn in self.take_idle():
+            conn.close()
+
+    def take_idle(self) -> list[Connection]:
+        """The pooled connections no call is using, taken out of the pool
+        (a call on another thread may be using the others: their answers are
+        theirs to read). Give each back with :meth:`give_back`."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        return idle
+
+    def give_back(self, conn: Connection) -> None:
+        self._give(conn)
 
     def run(self, fn: Callable[[Connection], T], idempotent: bool) -> T | None:
         """``fn`` on a pooled connection; None when the data plane is not
@@ -731,11 +741,20 @@ class DataPlane:
                        "whose bytes all arrived may be stored); retry it"))
                 err.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
                 raise err from None
-            except BaseException:
+            except KVStoreError:
+                # The server's answer (an ERROR frame, read whole) or a check
+                # of ours that marks the connection broken when it must.
                 if conn.broken:
                     conn.close()
                 else:
                     self._give(conn)
+                raise
+            except BaseException:
+                # Anything else (KeyboardInterrupt, an exception a signal
+                # handler raised, a bug) may have stopped the call between
+                # its request and the end of its answer: the rest of that
+                # answer would be read by the next call. Never pooled again.
+                conn.close()
                 raise
             self._give(conn)
             self.calls += 1

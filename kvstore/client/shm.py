@@ -232,6 +232,7 @@ class ShmClient(Client):
         #: Anonymous slots for the next Puts (None: each Put reserves).
         self.slot_stock: SlotStock | None = \
             SlotStock() if self._want_slot_stock and info.anonymous_slots else None
+        self._stock_pid = os.getpid()
         #: Batches moving at least this many bytes are copied with streaming
         #: stores (None: never).
         self.stream_batch_bytes: int | None = _STREAM_BATCH_BYTES
@@ -295,8 +296,9 @@ class ShmClient(Client):
             pass
         if self._frames is not None:
             self._frames.drain()
-        if self.slot_stock is not None:
-            for ns, ids in self.slot_stock.drain().items():
+        stock = self._own_stock()
+        if stock is not None:
+            for ns, ids in stock.drain().items():
                 with contextlib.suppress(Exception):  # they expire on the server anyway
                     self._call(self._commit, pb.ShmCommitRequest(
                         namespace=ns, owner=self._owner, abandon=ids))
@@ -474,6 +476,15 @@ class ShmClient(Client):
         carries the shm calls (its sessions keep their own, ShmFrames)."""
         if self.slot_stock is None or self.data_plane_active():
             return None
+        return self._own_stock()
+
+    def _own_stock(self) -> SlotStock | None:
+        """The gRPC path's stock, emptied in a forked child: its slots are the
+        parent's (a child writing into them overwrote blocks the parent
+        stored there next; one abandoning them took them from the parent)."""
+        if self._stock_pid != os.getpid() and self.slot_stock is not None:
+            self.slot_stock.drain()
+            self._stock_pid = os.getpid()
         return self.slot_stock
 
     def _put_slots(self, sizes: Sequence[tuple[bytes, int]], namespace: str | None,
@@ -578,7 +589,14 @@ class ShmClient(Client):
                     frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
                                     x.tier) if x.hit else None for x in resp.leases])
         except KVStoreError as exc:
-            if release and getattr(exc, "grpc_code", "") not in _NO_ANSWER:
+            if release and getattr(exc, "grpc_code", "") in _NO_ANSWER:
+                # No answer: the server may or may not have ended them. They
+                # go with the next acquire again (one that names a lease no
+                # longer held skips it), else they were held until expiry.
+                with self._deferred_lock:
+                    if self._deferred_pid == os.getpid():
+                        self._deferred += [d for d in taken if d[0] in release]
+            elif release:
                 # The server refused the call (e.g. a bad namespace) and may not
                 # have ended those leases: end them on their own. (If they were
                 # what it refused, this fails the same way, and they expire.)
@@ -649,7 +667,15 @@ class ShmClient(Client):
             if until > now:
                 by_namespace.setdefault(ns, []).append(i)
         for ns, ids in by_namespace.items():
-            self._release_ids(ids, ns)
+            # As the next Get would have: an acquire of no keys whose
+            # ``release`` skips ids no longer held (a plain release refuses
+            # the batch for one of them, and the others stay held).
+            lean = self._frames
+            if lean is not None and lean.dp.available and \
+                    lean.acquire(ns, [], "", 0, ids) is not None:
+                continue
+            self._call(self._acquire_rpc, pb.ShmAcquireRequest(
+                namespace=ns, owner=self._owner, release=ids))
 
     @contextmanager
     def leased(self, keys: Iterable[bytes], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:

@@ -325,14 +325,25 @@ class ShmFrames:
             raise
 
     def drain(self) -> None:
-        """Abandon the slots in stock (ShmClient.close)."""
-        for conn, state in list(self._sessions.items()):
-            if state.stock is None:
-                continue
-            for ns, ids in state.stock.drain().items():
-                if conn.idle_and_open():
-                    with contextlib.suppress(Exception):  # they expire on the server anyway
-                        conn.call(Op.SHM_COMMIT, frames.encode_shm_commit(ns, 0, [], ids))
+        """Abandon the slots in stock (ShmClient.close), on the connections
+        no call is using: a call in flight on another thread owns its
+        connection until its answer is read (the slots of those sessions go
+        when their connections close, or expire)."""
+        idle = self.dp.take_idle()
+        try:
+            for conn in idle:
+                state = self._sessions.get(conn)
+                if state is None or state.stock is None:
+                    continue
+                for ns, ids in state.stock.drain().items():
+                    if conn.idle_and_open():
+                        try:
+                            conn.call(Op.SHM_COMMIT, frames.encode_shm_commit(ns, 0, [], ids))
+                        except Exception:  # they expire on the server anyway
+                            conn.close()
+        finally:
+            for conn in idle:
+                self.dp.give_back(conn)
 
     # -- Get -----------------------------------------------------------------------------
 

@@ -633,7 +633,8 @@ class SharedMemoryBroker:
         if release:
             released, expired = self.release(
                 release, namespace, owner,
-                what="ShmAcquire.release: nothing was released or acquired")
+                what="ShmAcquire.release: nothing was released or acquired",
+                skip_unknown=True)
         ms = self.lease_ms(lease_ms)
         out: list[Lease | None] = []
         held = 0  # L1 bytes (whole pages) this call's leases pin
@@ -706,7 +707,8 @@ class SharedMemoryBroker:
             # Checks every id before it ends any (raises with nothing changed).
             released, expired = self.release(
                 release, namespace, owner,
-                what="ShmAcquire.release: nothing was released or acquired")
+                what="ShmAcquire.release: nothing was released or acquired",
+                skip_unknown=True)
         # Ending those leases unpinned blocks but evicted none (eviction is a
         # placement's, on the loop): the entries found above are still in L1.
         expires = self.clock() + self.lease_ms(lease_ms) / 1000.0
@@ -748,12 +750,22 @@ class SharedMemoryBroker:
         return self._expired.get(lease_id)
 
     def release(self, lease_ids: Sequence[int], namespace: str = "", owner: str = "", *,
-                what: str = "nothing was released") -> tuple[int, list[int]]:
+                what: str = "nothing was released",
+                skip_unknown: bool = False) -> tuple[int, list[int]]:
         """End leases (ShmRelease, or ShmAcquire's ``release``): all ids are
         checked first, and one that this server never issued, or already
         released, fails the whole call with nothing released; so does one
-        taken by another namespace or owner (PERMISSION_DENIED)."""
+        taken by another namespace or owner (PERMISSION_DENIED).
+
+        ``skip_unknown`` (ShmAcquire's ``release``: leases whose copies the
+        client already found good, handed on to the next acquire): ids not
+        held are skipped instead. Such an id may have been released by an
+        earlier acquire whose answer never came (a timeout), or with its
+        data-plane session; failing the client's next Get for it helps no
+        one. Foreign ids still fail the call."""
         self._require()
+        if skip_unknown:
+            lease_ids = list(dict.fromkeys(i for i in lease_ids if self._holder(i) is not None))
         holders = [self._holder(i) for i in lease_ids]
         unknown = [i for i, h in zip(lease_ids, holders, strict=True) if h is None]
         if not unknown and len(set(lease_ids)) != len(lease_ids):
@@ -804,7 +816,10 @@ class SharedMemoryBroker:
         for lease_id in lease_ids:
             lease = self._leases.get(lease_id)
             if lease is not None and lease.owner == owner:
-                self._end_lease(lease_id)
+                # Recorded as expired: a copy still being made under it may be
+                # stale now, which its release (over gRPC or another session)
+                # then says (StaleLease in the SDK), rather than "unknown id".
+                self._expire(lease_id, lease.namespace, owner)
                 released += 1
         return dropped, released
 

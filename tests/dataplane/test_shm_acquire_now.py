@@ -51,7 +51,7 @@ from kvstore.dataplane import frames as f
 from kvstore.dataplane.ops import Answered, Session
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
-from kvstore.errors import InvalidArgument, InvalidKey, PermissionDenied
+from kvstore.errors import InvalidKey, PermissionDenied
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.types import AckLevel, TierName
 
@@ -151,9 +151,7 @@ def test_acquire_now_declines_or_refuses_having_changed_nothing(tmp_path: Path) 
         # A block to promote from L2, a miss: declined.
         assert broker.acquire_now("ns", [hot, cold], None, 0, [kept.lease_id], "me") is None
         assert broker.acquire_now("ns", [b"missing"], None, 0, (), "me") is None
-        # A bad release id, someone else's lease, a bad key: refused.
-        with pytest.raises(InvalidArgument):
-            broker.acquire_now("ns", [hot], None, 0, [12345], "me")
+        # Someone else's lease, a bad key: refused.
         with pytest.raises(PermissionDenied):
             broker.acquire_now("ns", [hot], None, 0, [kept.lease_id], "you")
         with pytest.raises(InvalidKey):
@@ -161,6 +159,11 @@ def test_acquire_now_declines_or_refuses_having_changed_nothing(tmp_path: Path) 
         assert (store.stats(), broker.leases, store.index.blocks[("ns", hot)].readers) == before
         # The lease named in a declined call is still there to end.
         assert broker.release([kept.lease_id], "ns", "me") == (1, [])
+        # A release id not held (a lost answer's, a closed session's) is
+        # skipped: the acquire goes on.
+        got = broker.acquire_now("ns", [hot], None, 0, [12345, kept.lease_id], "me")
+        assert got is not None and got[0][0] is not None
+        assert broker.release([got[0][0].lease_id], "ns", "me") == (1, [])
     _with_broker(tmp_path, body)
 
 
@@ -372,14 +375,16 @@ def test_an_expired_lease_is_still_reported_expired(tmp_path: Path, spy: Any) ->
         result = f.ShmAcquireResult.decode((await _frames(raw, 1))[0].meta)
         assert result.released == 0 and result.expired == [second.lease_id]
         assert w.fast(SHM_ACQUIRE, 6) is True
-        # An id never issued: refused (by the task, as ever), the connection lives.
+        # An id never issued: SHM_RELEASE refuses it (by the task, as ever),
+        # the connection lives; an acquire skips it.
         await _send(raw, request(SHM_RELEASE, 7, s("ns") + u64s([12345]))
                     + _acquire(8, [b"k"], [12345]) + request(PING, 9))
         got = await _frames(raw, 3)
-        assert [fr.error()[1] for fr in got[:2]] == ["InvalidArgument", "InvalidArgument"]
-        assert w.fast(SHM_RELEASE, 7) is False and not w.fast(SHM_ACQUIRE, 8)
+        assert got[0].error()[1] == "InvalidArgument" and w.fast(SHM_RELEASE, 7) is False
+        skipped = f.ShmAcquireResult.decode(got[1].meta)
+        assert skipped.released == 0 and skipped.expired == [] and skipped.leases[0] is not None
         assert got[2].op == PING | 0x80
-        assert w.broker.leases == 1  # rid 6's
+        assert w.broker.leases == 2  # rid 6's and rid 8's
     _with_server(tmp_path, spy, body)
 
 

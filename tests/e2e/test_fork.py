@@ -83,3 +83,46 @@ def test_a_shared_memory_client_made_before_fork_keeps_its_leases(  # type: igno
         done = subprocess.run([sys.executable, "-c", SHM_CHILD, server.unix_target],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+SHM_STOCK_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from kvstore.client.shm import ShmClient
+    signal.alarm(40)
+    c = ShmClient(sys.argv[1], namespace="forkstock", timeout=10,
+                  data_plane=sys.argv[2] == "dp")
+    one = b"a" * 300_000
+    c.put({b"a": one})  # stocks anonymous slots for the next Puts
+    assert c.stocked_slots() > 0
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)
+        for attempt in range(2):  # (the child's first call may find the parent's socket)
+            try:
+                c.put({b"child": b"c" * 300_000})
+                break
+            except Exception:
+                if attempt:
+                    os._exit(4)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    c.put({b"parent": b"p" * 300_000})  # must not write into the child's slot
+    got = c.get([b"child", b"parent", b"a"])
+    sys.exit(0 if got == [b"c" * 300_000, b"p" * 300_000, one] else 3)
+""")
+
+
+@pytest.mark.parametrize("path", ["grpc", "dp"])
+def test_a_forked_shared_memory_client_never_shares_its_slot_stock(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path, path: str) -> None:
+    """Slots reserved ahead for the next Puts are the parent's: a child that
+    Put into one committed its block there, and the parent's next Put wrote
+    over it (the child's acknowledged block then failed its checksum: lost)."""
+    import os
+
+    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-stock"
+    with server_factory("--l1-shm-path", shm, l1_capacity="16MiB") as server:
+        done = subprocess.run([sys.executable, "-c", SHM_STOCK_CHILD, server.unix_target, path],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -1,0 +1,153 @@
+"""The SDK when a call does not end the way it was meant to: interrupted
+between its request and the end of its answer, timed out with leases to
+hand on, left with a lease whose data-plane session closed, a client closed
+while another thread holds a connection, an AsyncClient used after close.
+Real servers (found by an outside-style review of the SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from serverproc import ServerProcess
+
+from kvstore import AsyncClient, Client
+from kvstore.client.shm import ShmClient
+from kvstore.dataplane.frames import Op
+from kvstore.errors import DeadlineExceeded
+
+KiB = 1024
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout} s"
+        time.sleep(0.02)  # bounded poll on what the server exports
+
+
+@pytest.fixture
+def shm_server(server_factory, tmp_path: Path) -> Iterator[ServerProcess]:  # type: ignore[no-untyped-def]
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-sdk"
+    with server_factory("--l1-shm-path", path, "--server-metrics-listen", "127.0.0.1:0",
+                        l1_capacity="32MiB") as server:
+        yield server
+
+
+def test_a_call_interrupted_mid_answer_never_pools_its_connection(  # type: ignore[no-untyped-def]
+        shared_server, request: pytest.FixtureRequest) -> None:
+    """An exception other than the server's answer (KeyboardInterrupt, one a
+    signal handler raised) between a request and the end of its answer left
+    the answer in the socket, and the pooled connection gave it to the next
+    call ("answer to request 3 where 4 was due", a ConnectionFailed) whenever
+    the rest of the answer had not yet arrived when that call took it."""
+    value = os.urandom(64 * KiB)
+    with Client(shared_server.tcp, namespace=request.node.name[:60]) as c:
+        c.put({b"k": value})
+        dp = c._data_plane
+        assert dp is not None
+        used: list[Any] = []
+
+        def interrupted(conn: Any) -> None:
+            used.append(conn)
+            conn.send(Op.PING, b"")  # its answer is on its way
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            dp.run(interrupted, idempotent=True)
+        assert used[0] not in dp._idle and used[0].broken  # closed, not pooled
+        for _ in range(3):
+            assert c.get([b"k"]) == [value]
+            assert c.lookup([b"k"]).found == 1
+
+
+def test_an_async_client_refuses_calls_after_close(shared_server) -> None:  # type: ignore[no-untyped-def]
+    """As the sync Client does: a call after close() quietly opened a new
+    channel that nothing would ever close."""
+    async def run() -> None:
+        c = AsyncClient(shared_server.tcp, namespace="closed-aio")
+        await c.put({b"k": b"v"})
+        await c.close()
+        with pytest.raises(ValueError, match="closed"):
+            await c.get([b"k"])
+        with pytest.raises(ValueError, match="closed"):
+            await c.put({b"k": b"w"})
+        await c.close()  # twice: harmless
+
+    asyncio.run(run())
+
+
+def test_a_lease_left_for_the_next_get_outlives_its_session(  # type: ignore[no-untyped-def]
+        shm_server: ServerProcess) -> None:
+    """A Get leaves its lease for the next acquire to end. When the
+    data-plane session it was taken on closes, the server ends the lease;
+    naming it in the next acquire failed that Get ("never issued or already
+    released")."""
+    value = os.urandom(256 * KiB)
+    with ShmClient(shm_server.unix_target, namespace="lease-session", timeout=10) as c:
+        c.put({b"k": value})
+        assert c.get([b"k"]) == [value]
+        assert c._deferred  # handed on to the next acquire
+        lean = c._frames
+        assert lean is not None
+        for conn in lean.dp.take_idle():
+            conn.close()  # the session ends: the server releases what it held
+        wait_for(lambda: shm_server.metric("kvstore_dataplane_connections") == 0,
+                 what="the session closed on the server")
+        assert c.get([b"k"]) == [value]
+        assert c.get([b"k"]) == [value]
+
+
+def test_a_timed_out_acquire_keeps_the_leases_it_was_to_end(  # type: ignore[no-untyped-def]
+        shm_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An acquire that gets no answer (a timeout) dropped the lease ids it
+    carried: they stayed held on the server until they expired. They ride
+    with the next acquire instead (which skips them if the lost one ended
+    them after all)."""
+    value = os.urandom(128 * KiB)
+    with ShmClient(shm_server.unix_target, namespace="lease-timeout", timeout=10,
+                   data_plane=False) as c:
+        c.put({b"k": value})
+        assert c.get([b"k"]) == [value]
+        handed_on = [d[0] for d in c._deferred]
+        assert handed_on
+        real_call = c._call
+
+        def timed_out(rpc: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+            real_call(rpc, req, *args, **kwargs)  # the server ends them ...
+            err = DeadlineExceeded("deadline exceeded")  # ... the answer is lost
+            err.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+            raise err
+
+        monkeypatch.setattr(c, "_call", timed_out)
+        with pytest.raises(DeadlineExceeded):
+            c.get([b"k"])
+        monkeypatch.undo()
+        assert handed_on == [d[0] for d in c._deferred][:len(handed_on)]
+        assert c.get([b"k"]) == [value]  # names them again: skipped, not refused
+
+
+def test_close_never_sends_on_a_connection_a_call_holds(  # type: ignore[no-untyped-def]
+        shm_server: ServerProcess) -> None:
+    """ShmClient.close gives back its stocked slots. It sent that frame on
+    every session's connection, one another thread's call was using too: the
+    two read each other's answers (a hang until the timeout, or a bad
+    magic). It uses the idle ones only."""
+    c = ShmClient(shm_server.unix_target, namespace="close-race", timeout=10)
+    try:
+        c.put({b"k": b"x" * (64 * KiB)})
+        lean = c._frames
+        assert lean is not None and c.stocked_slots() > 0
+        held = lean.dp._take()  # as a call on another thread holds it
+        assert held is not None
+        sent_before = held._next_id
+    finally:
+        c.close()
+    assert held._next_id == sent_before
+    held.close()
