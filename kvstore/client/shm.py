@@ -577,17 +577,16 @@ class ShmClient(Client):
             if release:
                 self._check_arena()  # (ids from an earlier server mean nothing to a new one)
         try:
-            got = None
-            lean = self._frames
-            if lean is not None and lean.dp.available:
-                got = lean.acquire(ns, key_list, session, lease_ms, release)
-            if got is None:
-                resp = self._call(self._acquire_rpc, pb.ShmAcquireRequest(
-                    namespace=ns, keys=key_list, lease_ms=lease_ms, session_id=session,
-                    owner=self._owner, release=release))
-                got = frames.ShmAcquireResult(resp.lease_ms, 0, [], [
-                    frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
-                                    x.tier) if x.hit else None for x in resp.leases])
+            try:
+                got = self._acquire_call(ns, key_list, session, lease_ms, release)
+            except InvalidArgument as exc:
+                if not release or type(exc) is not InvalidArgument:  # (not a bad key)
+                    raise
+                # A server before ShmAcquire's release skipped ids no longer
+                # held refuses the call for one (ended by a lost answer's
+                # acquire, or with its session): the Get goes on without
+                # them (those still held expire).
+                got = self._acquire_call(ns, key_list, session, lease_ms, [])
         except KVStoreError as exc:
             if release and getattr(exc, "grpc_code", "") in _NO_ANSWER:
                 # No answer: the server may or may not have ended them. They
@@ -653,6 +652,20 @@ class ShmClient(Client):
         resp = self._call(self._release, pb.ShmReleaseRequest(
             lease_ids=ids, namespace=namespace, owner=self._owner))
         return list(resp.expired)
+
+    def _acquire_call(self, ns: str, keys: list[bytes], session: str, lease_ms: int,
+                      release: list[int]) -> frames.ShmAcquireResult:
+        lean = self._frames
+        if lean is not None and lean.dp.available:
+            got = lean.acquire(ns, keys, session, lease_ms, release)
+            if got is not None:
+                return got
+        resp = self._call(self._acquire_rpc, pb.ShmAcquireRequest(
+            namespace=ns, keys=keys, lease_ms=lease_ms, session_id=session,
+            owner=self._owner, release=release))
+        return frames.ShmAcquireResult(resp.lease_ms, 0, [], [
+            frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
+                            x.tier) if x.hit else None for x in resp.leases])
 
     def flush_releases(self) -> None:
         """Release now the leases that Gets left for the next ShmAcquire (so

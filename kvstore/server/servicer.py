@@ -49,6 +49,8 @@ MIN_CHUNK_BYTES = 64 * 1024
 _SMALL_CHUNK = b"\x0a"  # 1, length-delimited
 _SMALL_ANSWERED = b"\x10"  # 2, varint
 _GET_DATA = b"\x2a"  # GetChunk.data: 5, length-delimited
+#: The largest kvstore-clock accepted (s; ~year 5000 as a Unix time).
+_MAX_CLIENT_CLOCK = float(1 << 37)
 #: gRPC's default receive limit (grpc.max_receive_message_length, 4 MiB).
 _STOCK_RECEIVE_LIMIT = 4 * 1024 * 1024
 
@@ -94,10 +96,17 @@ class KVStoreServicer:
             for key, value in context.invocation_metadata() or ():
                 if key == "kvstore-clock":
                     try:
-                        self.store.set_client_time(float(value))
+                        now = float(value)
                     except ValueError:
                         raise InvalidArgument(
                             f"kvstore-clock metadata {value!r} is not a number") from None
+                    # The clock never goes back: one absurd value (inf, 1e300)
+                    # would stop it for good, or break the policy's arithmetic.
+                    if not 0.0 <= now < _MAX_CLIENT_CLOCK:
+                        raise InvalidArgument(
+                            f"kvstore-clock metadata {value!r} is not a time in seconds "
+                            f"from 0 to {_MAX_CLIENT_CLOCK:.0f}")
+                    self.store.set_client_time(now)
 
     async def Put(self, request_iterator: AsyncIterator[wire.PutChunkView | wire.BadPutChunk],
                   context: grpc.aio.ServicerContext) -> pb.PutResponse:

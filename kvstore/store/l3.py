@@ -31,7 +31,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from kvstore.checksum import checksum
@@ -250,6 +250,14 @@ class L3Mover(Part):
                         block, functools.partial(self.tier.put, block, view, entry.meta()),
                         functools.partial(self.index.is_current, block, entry)):
                     return  # deleted or replaced meanwhile: nothing to make remote
+            except Exception:
+                # The PUT failed, perhaps after the object store took it (a
+                # timeout): an object may be there that nothing here counts
+                # on, and that an overwrite or Delete would then leave behind.
+                # It is deleted behind the attempt (recorded, retried); the
+                # block stays in L1/L2.
+                self.delete_later(block, in_l3=True)
+                raise
             finally:
                 self.queued -= entry.size
         finally:
@@ -374,7 +382,8 @@ class L3Mover(Part):
                 self._untombstone(block)
 
     async def delete_unknown(self, blocks: list[BlockId]) -> int:
-        """Delete objects of blocks this node does not index (another node's),
+        """Delete objects of blocks this node does not index (another node's;
+        the caller holds :meth:`deleting` for them),
         a few at a time (``l3.concurrency`` / 4 requests), so that a Delete
         naming many keys neither floods the object store's request slots
         (other tenants' ``ack=remote`` Puts and reads need them) nor times
@@ -395,6 +404,27 @@ class L3Mover(Part):
             if any(isinstance(r, BaseException) for r in results):
                 break
         return deleted
+
+    @contextlib.contextmanager
+    def deleting(self, blocks: Sequence[BlockId]) -> Iterator[None]:
+        """While a Delete (or Flush) removes objects this node has no entry
+        for: the blocks count as absent (a Get or Lookup that starts now does
+        not find, and index, an object about to go), and the probes of them
+        already in flight find nothing to index."""
+        self.void_probes(blocks)
+        deleting = self._deleting
+        for block in blocks:
+            deleting[block] = deleting.get(block, 0) + 1
+        try:
+            yield
+        finally:
+            for block in blocks:
+                left = deleting.get(block, 0) - 1
+                if left > 0:
+                    deleting[block] = left
+                else:
+                    deleting.pop(block, None)
+                    self._untombstone(block)  # (an earlier recorded delete ended meanwhile)
 
     def _record(self, block: BlockId) -> asyncio.Future[BaseException | None]:
         assert self.tombs is not None
@@ -516,7 +546,12 @@ class L3Mover(Part):
             return None
         entry = self.index.entry(block)  # (an L2 copy counts: never hidden by L3's)
         if entry is not None:
-            self.index.mark_l3(block, entry)
+            # Known here meanwhile (a Put, or another probe's find). A HEAD
+            # tells the object's size, not its bytes: only an entry that came
+            # from the bucket itself is marked as in it (one Put here with
+            # other bytes, marked, would be dropped from L2 as "in L3").
+            if entry.checksum == UNKNOWN_CHECKSUM and entry.size == size:
+                self.index.mark_l3(block, entry)
             return entry
         if voided:
             return None  # deleted while it was asked for: never indexed again

@@ -272,10 +272,20 @@ class TieredStore:
                 l3.end_upload(entry)
                 raise
             remote = asyncio.get_running_loop().create_task(l3.write_remote(block, entry))
-            # (a callback: it runs even if the task is cancelled before it starts)
-            remote.add_done_callback(lambda _: l3.end_upload(entry))
-            return asyncio.ensure_future(
-                asyncio.gather(remote, *([local] if local is not None else [])))
+
+            def uploaded(task: asyncio.Task[None]) -> None:
+                # (a callback: it runs even if the task is cancelled before it
+                # starts, e.g. at shutdown)
+                if not task.cancelled():
+                    task.exception()  # retrieved (the Put reports it, if still waiting)
+                l3.end_upload(entry)
+
+            remote.add_done_callback(uploaded)
+            # Shielded: a Put cancelled by its client (a deadline, a
+            # disconnect) does not cut its upload short, which could land
+            # after the hold ended and be counted on by nothing.
+            return asyncio.ensure_future(asyncio.gather(
+                asyncio.shield(remote), *([local] if local is not None else [])))
         if gone is not None:
             await gone
         return await self._make_local(block, entry, ack)
@@ -317,11 +327,18 @@ class TieredStore:
             else:
                 unknown.append(block)
         self.progress.wake()
-        if deleted:
-            await self._l2_caught_up()
-        if self.l3 is not None and unknown and self.l3.healthy:
-            # Blocks another node put in the shared bucket (paced).
-            deleted += await self.l3.delete_unknown(unknown)
+        l3 = self.l3
+        if l3 is None or not unknown:
+            if deleted:
+                await self._l2_caught_up()
+            return deleted
+        # Blocks another node put in the shared bucket (deleted paced): absent
+        # here from now on, so that a Get meanwhile does not index one.
+        with l3.deleting(unknown):
+            if deleted:
+                await self._l2_caught_up()
+            if l3.healthy:
+                deleted += await l3.delete_unknown(unknown)
         return deleted
 
     async def _l2_caught_up(self) -> None:
@@ -417,12 +434,12 @@ class TieredStore:
         gone = set(known)
         others = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
-        self.l3.void_probes(others)
         step = max(1, self.config.l3.concurrency)
-        for start in range(0, len(others), step):
-            results = await asyncio.gather(
-                *(self.l3.tier.delete(b) for b in others[start:start + step]))
-            flushed += sum(results)
+        with self.l3.deleting(others):
+            for start in range(0, len(others), step):
+                results = await asyncio.gather(
+                    *(self.l3.tier.delete(b) for b in others[start:start + step]))
+                flushed += sum(results)
         return flushed
 
     # Convenience for tests and the CLI: one whole block in, one whole block out.

@@ -43,7 +43,15 @@ def test_sync_client_sends_the_metadata_of_each_call(clock_server: Any, aio_put:
                      lambda: kv.lookup([b"k"]), lambda: kv.delete([b"k"])):
             with pytest.raises(InvalidArgument, match="kvstore-clock metadata 'soon'"):
                 call()
+        # Numbers that are no time: refused, and the clock is not stopped by
+        # them (inf or 1e300 once taken, every later Lookup of a session
+        # failed with an internal error, for the server's life).
+        for absurd in ("inf", "nan", "1e300", "-5"):
+            clock["kvstore-clock"] = absurd
+            with pytest.raises(InvalidArgument, match="not a time in seconds"):
+                kv.lookup([b"k"], session_id="s1")
         clock["kvstore-clock"] = "101.5"
+        assert kv.lookup([b"k"], session_id="s1").found == 1
         assert kv.delete([b"k"]) == 1
 
 

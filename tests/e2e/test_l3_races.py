@@ -18,6 +18,7 @@ import pytest
 from delayproxy import DelayProxy
 
 from kvstore import Client
+from kvstore.errors import KVStoreError
 from kvstore.types import TierName
 
 try:
@@ -182,4 +183,78 @@ def test_the_listing_at_start_never_hides_this_nodes_l2_copy(  # type: ignore[no
             Client(a.tcp, namespace="r") as c:
         wait_for(lambda: "L3 listing:" in a.log(), what="the listing at start")
         assert c.lookup([b"k"]).tiers == [TierName.L2]
+        assert c.get([b"k"]) == [mine]
+
+
+def test_a_get_started_during_a_delete_of_unknown_keys_misses_after_it(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
+    """A Delete of keys this node has no entry for deletes their objects a
+    few at a time; a Get of one of them that began meanwhile indexed the
+    object (still there) and served it after the Delete's answer."""
+    keys = [b"k%02d" % i for i in range(12)]
+    values = {k: os.urandom(64 * KiB) for k in keys}
+    with node(server_factory, s3, s3.endpoint, tmp_path / "writer") as writer, \
+            Client(writer.tcp, namespace="r") as w:
+        assert w.put(values, ack="remote").stored == len(keys)
+    with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}",
+              tmp_path / "reader") as reader, \
+            Client(reader.tcp, namespace="r", data_plane=False) as deleter, \
+            Client(reader.tcp, namespace="r", data_plane=False) as getter:
+        proxy.up_delay_s = 0.3
+        answered: list[int] = []
+        delete = threading.Thread(target=lambda: answered.append(deleter.delete(keys)))
+        delete.start()
+        wait_for(lambda: proxy.up_bytes > 0, what="the Delete's first L3 delete sent")
+        assert getter.get([keys[-1]]) in ([values[keys[-1]]], [None])  # during: either
+        delete.join(60)
+        assert answered == [len(keys)]
+        proxy.up_delay_s = 0.0
+        assert getter.get([keys[-1]]) == [None]
+        assert getter.lookup([keys[-1]]).tiers == [None]
+        assert not objects(s3)
+
+
+def test_a_remote_put_cut_short_by_its_client_leaves_no_old_object(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
+    """An ``ack=remote`` Put whose client gives up (its deadline) while the
+    upload waits for the object store's answer: the upload lands anyway. An
+    overwrite after that left the old object in the bucket, served by any
+    node that reads the key from L3."""
+    old, new = os.urandom(64 * KiB), b"n" * (4 * KiB)
+    with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}", tmp_path / "a") as a, \
+            Client(a.tcp, namespace="r", data_plane=False, timeout=1.0) as hasty, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        proxy.down_delay_s = 3.0  # the store's answer to the PUT comes late
+        with pytest.raises(KVStoreError):
+            hasty.put({b"k": old}, ack="remote")
+        wait_for(lambda: bool(objects(s3)), what="the old object landed")
+        assert c.put({b"k": new}, ack="local").stored == 1
+        proxy.down_delay_s = 0.0
+        wait_for(lambda: not objects(s3), what="the replaced object deleted from L3")
+        assert c.get([b"k"]) == [new]
+
+
+def test_a_lookup_never_marks_a_block_put_meanwhile_as_in_l3(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
+    """A Lookup of a key unknown here asks the bucket (HEAD). A Put of other
+    bytes here meanwhile was then marked as in L3 (the HEAD found another
+    node's object), so L2 dropped its only copy as "in L3": the acknowledged
+    block lost."""
+    theirs, mine = b"t" * (12 * KiB), b"m" * (8 * KiB)
+    with node(server_factory, s3, s3.endpoint, tmp_path / "b") as b, \
+            Client(b.tcp, namespace="r") as other:
+        assert other.put({b"k": theirs}, ack="remote").stored == 1
+    with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}", tmp_path / "a") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as looker, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        proxy.down_delay_s = 0.5
+        looked: list[object] = []
+        lookup = threading.Thread(target=lambda: looked.append(looker.lookup([b"k"]).tiers))
+        lookup.start()
+        wait_for(lambda: proxy.up_bytes > 0, what="the Lookup's HEAD sent")
+        assert c.put({b"k": mine}, ack="local").stored == 1
+        lookup.join(30)
+        proxy.down_delay_s = 0.0
+        l3 = next(t for t in c.stats("r").tiers if t.tier == TierName.L3)
+        assert l3.blocks == 0  # the block here is not the bucket's
         assert c.get([b"k"]) == [mine]

@@ -19,7 +19,7 @@ from serverproc import ServerProcess
 from kvstore import AsyncClient, Client
 from kvstore.client.shm import ShmClient
 from kvstore.dataplane.frames import Op
-from kvstore.errors import DeadlineExceeded
+from kvstore.errors import DeadlineExceeded, InvalidArgument
 
 KiB = 1024
 
@@ -151,3 +151,30 @@ def test_close_never_sends_on_a_connection_a_call_holds(  # type: ignore[no-unty
         c.close()
     assert held._next_id == sent_before
     held.close()
+
+
+def test_a_get_goes_on_when_an_older_server_refuses_its_handed_on_leases(  # type: ignore[no-untyped-def]
+        shm_server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers before ShmAcquire's ``release`` skipped ids no longer held
+    refused the acquire for one (INVALID_ARGUMENT): the SDK then acquires
+    without them instead of failing the Get. (The refusal is played by the
+    client here; the server this suite runs skips such ids.)"""
+    value = os.urandom(256 * KiB)
+    with ShmClient(shm_server.unix_target, namespace="older", timeout=10,
+                   data_plane=False) as c:
+        c.put({b"k": value})
+        assert c.get([b"k"]) == [value] and c._deferred
+        real = c._acquire_call
+        asked: list[list[int]] = []
+
+        def older(ns: str, keys: list[bytes], session: str, lease_ms: int,
+                  release: list[int]) -> Any:
+            asked.append(list(release))
+            if release:
+                raise InvalidArgument("1 lease id(s) were never issued by this server or "
+                                      "were already released")
+            return real(ns, keys, session, lease_ms, release)
+
+        monkeypatch.setattr(c, "_acquire_call", older)
+        assert c.get([b"k"]) == [value]
+        assert len(asked) == 2 and asked[0] and asked[1] == []
