@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -260,9 +261,9 @@ def ladder_start(spec: Spec) -> tuple[int, int]:
     found: dict[float, float] = {}
     for key_s, d in RESULTS.items():
         parts = key_s.split("|")
-        if (len(parts) == 6 and parts[-1] == "lru" and parts[2] == f"K{k}"
-                and parts[3] == f"s{seed}"):
-            found[float(parts[4])] = float(d["hits"]) / d["refs"]
+        if (len(parts) == 7 and parts[-1] == "lru" and parts[1] == f"t{trace_set_id()}"
+                and parts[3] == f"K{k}" and parts[4] == f"s{seed}"):
+            found[float(parts[5])] = float(d["hits"]) / d["refs"]
     ok = pick_capacities(found, 2)
     if not ok:
         one = LADDER.index(1.0)
@@ -290,10 +291,20 @@ def code_hash() -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache
+def trace_set_id() -> str:
+    """Of the trace files replayed (names and sizes): a result is only ever
+    reused for the sessions it was computed on (a replay of other sessions
+    with the same cache printed the earlier sessions' figures)."""
+    files = [(p.name, p.stat().st_size) for p in cv_files()]
+    return hashlib.sha1(json.dumps(files).encode()).hexdigest()[:12]
+
+
 def key(spec: Spec, policy: str, pct: float) -> str:
     folds, k, seed, hints, idle = spec
     subset = f"|first{PER_FOLD}" if PER_FOLD else ""
-    head = f"v{CACHE_VERSION}|{''.join(map(str, folds))}{subset}|K{k}|s{seed}|{pct:g}"
+    head = (f"v{CACHE_VERSION}|t{trace_set_id()}|{''.join(map(str, folds))}{subset}|K{k}|"
+            f"s{seed}|{pct:g}")
     if not policy.startswith("session:"):
         return f"{head}|{policy}"
     cfg = json.dumps(dataclasses.asdict(CANDIDATES[policy[8:]]), sort_keys=True)

@@ -137,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"f{g} {_before(before.get(g), lr, br, pr, n)}{gap * 100:5.1f} "
                              f"({100 * (pr - lr):+.2f})")
             whole = r.hits / r.refs
-            lr, br = rates.get("all", (0.0, 1.0))
+            if "all" not in rates:
+                # No LRU and Belady of this cell in the reference: a "gap closed"
+                # would be against 0 and 1, which means nothing.
+                print(f"{label:>12} {pct:g}% hits={r.hits} whole {whole * 100:.2f} | no "
+                      f"LRU/Belady for K={args.k} seed {args.seed} {pct:g}% in {args.ref}: "
+                      "run bench.replay.cv for this cell first (gap closed not shown)",
+                      flush=True)
+                continue
+            lr, br = rates["all"]
             if before:
                 parts.insert(0, f"whole {_before(before.get('all'), lr, br, whole, r.refs)}|")
             stats = {k: v for k, v in pol.stats.items() if k in ("to_lru", "to_session")}

@@ -9,7 +9,8 @@ Events are tuples ``(time_s, kind, stream, payload)``:
 
 Block ids are ints (hashable like a BlockId; the policies treat ids as opaque keys).
 Agent sessions: ``hash_ids`` are local to a file, so a block is named
-``(file_index << 20) | hash_id`` before interning; sub-agents share their parent's scope.
+``(file_index << 20) | hash_id`` before interning (a file whose ids do not all fit in 20
+bits has them renumbered by rank first); sub-agents share their parent's scope.
 ``Workload.groups`` maps each agent stream to the half ("a" tuning / "b" held-out) of the
 session it belongs to, so one replay of all sessions reports both halves.
 
@@ -31,6 +32,7 @@ from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvstore.types import SessionEnd, SessionEvent, TurnEnd, TurnEndReason
 
@@ -152,12 +154,39 @@ def split_half(files: list[Path], half: str) -> list[Path]:
     return [f for f in files if half_of(f.name) == half]
 
 
+#: Block numbers per session file (see load_session).
+_ID_BITS = 20
+
+
+def _hash_ids(requests: list[dict[str, Any]]) -> set[int]:
+    """Every hash id of a session's requests, its sub-agents' included."""
+    out: set[int] = set()
+    for r in requests:
+        if r.get("type") == "subagent":
+            out |= _hash_ids(r.get("requests", []))
+        else:
+            out.update(r.get("hash_ids") or ())
+    return out
+
+
 def load_session(path: Path, index: int, max_requests: int | None = None) -> Session:
     with gzip.open(path, "rt") as f:
         d = json.load(f)
-    base = index << 20
+    base = index << _ID_BITS
     reqs: list[_Req] = []
     sid = f"{d.get('id', path.stem)}"
+    # A block is (file, hash id): ids are unique within a file only, so each
+    # file has its own range of 2^20 block numbers. Ids past it (the schema
+    # does not bound them: a raw 64-bit hash, say) are renumbered by rank
+    # within the file (they would otherwise fall into another file's range,
+    # inventing hits across sessions, or overflow a 64-bit int).
+    seen = _hash_ids(d["requests"])
+    rank: dict[int, int] | None = None
+    if seen and (min(seen) < 0 or max(seen) >= 1 << _ID_BITS):
+        if len(seen) > 1 << _ID_BITS:
+            raise ValueError(f"{path.name}: {len(seen)} distinct hash ids; a session may "
+                             f"have at most {1 << _ID_BITS}")
+        rank = {h: i for i, h in enumerate(sorted(seen))}
 
     def add(rs: list[dict], stream: str, t0: float, sub: bool) -> None:
         for r in rs:
@@ -168,7 +197,8 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
             ids = r.get("hash_ids") or []
             if not ids:
                 continue
-            blocks = array("q", [base | h for h in ids])
+            blocks = array("q", [base | h for h in ids] if rank is None
+                           else [base | rank[h] for h in ids])
             reqs.append(_Req(t0 + float(r["t"]), stream, blocks, r.get("stop") or "",
                              float(r.get("api_time") or 0.0), sub))
 

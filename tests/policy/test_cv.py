@@ -179,3 +179,56 @@ def test_ladder_walk_finds_the_same_ends_as_the_whole_ladder(
     assert len(replayed) == len(set(replayed))  # none twice
     if start == (2, 6):  # started at the ends: each end and its neighbour outside, no more
         assert sorted(replayed) == [0.5, 1.0, 6.0, 8.0]
+
+
+def test_a_cached_result_is_only_reused_for_the_same_sessions(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay of other sessions (an outside review's) with the same cache
+    printed the earlier sessions' figures: the trace set is in the key."""
+    from pathlib import Path
+
+    def traces(name: str, sizes: list[int]) -> Path:
+        d = Path(str(tmp_path)) / name
+        d.mkdir()
+        for i, n in enumerate(sizes):
+            (d / f"trace_{i:04}.json.gz").write_bytes(b"x" * n)
+        return d
+
+    spec = ((0,), 16, 1, "engine", 0.0)
+    keys = []
+    for name, sizes in (("a", [10, 20]), ("b", [10, 21]), ("c", [10, 20, 30])):
+        monkeypatch.setattr(cv, "AGENT_DIR", traces(name, sizes))
+        monkeypatch.setattr(cv, "AGENT_EXTRA_DIR", Path(str(tmp_path)) / "none")
+        cv.trace_set_id.cache_clear()
+        keys.append(cv.key(spec, "lru", 1.0))
+    cv.trace_set_id.cache_clear()
+    assert len(set(keys)) == 3
+
+
+def test_hash_ids_of_any_size_never_name_another_sessions_blocks(tmp_path: object) -> None:
+    """Blocks are (file, hash id). Ids of 2^20 and more fell into the next
+    file's range (renaming one session's ids invented hits across sessions)
+    and ids of 2^63 crashed the loader."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    def write(name: str, ids: list[list[int]]) -> Path:
+        p = Path(str(tmp_path)) / name
+        reqs = [{"t": float(i), "hash_ids": h, "type": "request"} for i, h in enumerate(ids)]
+        with gzip.open(p, "wt") as f:
+            json.dump({"id": name, "requests": reqs}, f)
+        return p
+
+    small = [[1, 2, 3], [1, 2, 3, 4]]
+    shifted = [[h + (1 << 20) for h in r] for r in small]
+    huge = [[(1 << 63) + h for h in r] for r in small]
+    sessions = load_sessions([write("a.json.gz", small), write("b.json.gz", shifted),
+                              write("c.json.gz", huge)])
+    per_file = [{b for q in s.reqs for b in q.blocks} for s in sessions]
+    assert [len(blocks) for blocks in per_file] == [4, 4, 4]
+    assert not (per_file[0] & per_file[1]) and not (per_file[1] & per_file[2])
+    assert not (per_file[0] & per_file[2])
+    # Within a file, the same id is the same block, whatever its size.
+    for s in sessions:
+        assert list(s.reqs[0].blocks) == list(s.reqs[1].blocks)[:3]
