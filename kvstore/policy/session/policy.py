@@ -558,14 +558,28 @@ class SessionPolicy(Duel, Policy):
             gen = ts.gen
             if gen is None:
                 gen = ts.gen = self._ranking(tier, ts, now)
+            passed: list[Any] = []  # dead blocks that may not go now
             for b, drop in gen:
-                if b not in lru or (pins and self._pinned(b, now)):
+                if b not in lru:
                     continue
-                if evictable is not None and not evictable(b):
+                if (pins and self._pinned(b, now)) or (evictable is not None
+                                                        and not evictable(b)):
+                    if drop:
+                        passed.append(b)
                     continue
                 sc, ts.peek_drop = b, drop
                 break
             ts.peek = sc
+            if passed:
+                # The ranking took them off the dead queue; passed over (pinned,
+                # or not evictable yet), they go back to its head, offered first
+                # by the next ranking (else they stayed resident, ownerless and
+                # in no queue, while live blocks went before them).
+                dead = ts.dead
+                for b in reversed(passed):
+                    if ts.own.get(b, False) is None:
+                        dead[b] = None
+                        dead.move_to_end(b, last=False)
         if pins or evictable is not None:
             lc = self._lru_candidate(ts, now, evictable)
         else:
