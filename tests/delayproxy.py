@@ -22,6 +22,9 @@ class DelayProxy:
         #: know that a request is on its way).
         self.up_bytes = 0
         self.down_bytes = 0
+        #: Chunks read from the server, counted before their delay (a test
+        #: waits on it to know that an answer is being held back).
+        self.down_chunks_read = 0
         self.loop = asyncio.new_event_loop()
         self.port = 0
         ready = threading.Event()
@@ -36,6 +39,8 @@ class DelayProxy:
                        upstream: bool) -> None:
             try:
                 while data := await reader.read(65536):
+                    if not upstream:
+                        self.down_chunks_read += 1
                     delay = self.up_delay_s if upstream else self.down_delay_s
                     if delay:
                         await asyncio.sleep(delay)

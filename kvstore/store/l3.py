@@ -129,6 +129,9 @@ class L3Mover(Part):
         # the Delete was answered). Bounded by the probes in flight.
         self._probing: dict[BlockId, int] = {}
         self._voided: set[BlockId] = set()
+        # Blocks a Delete (or Flush) of keys unknown here is removing from the
+        # bucket now: absent until it answers (see :meth:`deleting`).
+        self._hidden: dict[BlockId, int] = {}
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
         self.scan_done = asyncio.Event()
@@ -191,7 +194,7 @@ class L3Mover(Part):
             try:
                 async for block, size in self.tier.list_blocks(self.namespaces):
                     self.listed += 1
-                    if block in self._deleting or (
+                    if block in self._deleting or block in self._hidden or (
                             self.namespaces and block[0] not in self.namespaces):
                         continue
                     entry = self.index.blocks.get(block)
@@ -255,8 +258,12 @@ class L3Mover(Part):
                 # timeout): an object may be there that nothing here counts
                 # on, and that an overwrite or Delete would then leave behind.
                 # It is deleted behind the attempt (recorded, retried); the
-                # block stays in L1/L2.
-                self.delete_later(block, in_l3=True)
+                # block stays in L1/L2. Not when the block was replaced or
+                # deleted meanwhile: that queued a delete behind the attempt
+                # already, and one queued now would come after the newer
+                # block's own upload.
+                if self.index.is_current(block, entry):
+                    self.delete_later(block, in_l3=True)
                 raise
             finally:
                 self.queued -= entry.size
@@ -412,19 +419,20 @@ class L3Mover(Part):
         not find, and index, an object about to go), and the probes of them
         already in flight find nothing to index."""
         self.void_probes(blocks)
-        deleting = self._deleting
+        # (not ``_deleting``: that says a delete of this node's is still to be
+        # done, which would make a later Delete skip its own)
+        hidden = self._hidden
         for block in blocks:
-            deleting[block] = deleting.get(block, 0) + 1
+            hidden[block] = hidden.get(block, 0) + 1
         try:
             yield
         finally:
             for block in blocks:
-                left = deleting.get(block, 0) - 1
+                left = hidden.get(block, 0) - 1
                 if left > 0:
-                    deleting[block] = left
+                    hidden[block] = left
                 else:
-                    deleting.pop(block, None)
-                    self._untombstone(block)  # (an earlier recorded delete ended meanwhile)
+                    hidden.pop(block, None)
 
     def _record(self, block: BlockId) -> asyncio.Future[BaseException | None]:
         assert self.tombs is not None
@@ -493,7 +501,7 @@ class L3Mover(Part):
     # -- reads ---------------------------------------------------------------------------
 
     def known_absent(self, block: BlockId) -> bool:
-        if block in self._deleting:
+        if block in self._deleting or block in self._hidden:
             return True
         until = self._absent.get(block)
         if until is None:

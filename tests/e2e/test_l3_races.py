@@ -258,3 +258,70 @@ def test_a_lookup_never_marks_a_block_put_meanwhile_as_in_l3(  # type: ignore[no
         l3 = next(t for t in c.stats("r").tiers if t.tier == TierName.L3)
         assert l3.blocks == 0  # the block here is not the bucket's
         assert c.get([b"k"]) == [mine]
+
+
+def test_a_failed_remote_upload_never_deletes_the_newer_block_behind_it(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
+    """An ``ack=remote`` upload that fails (here: its answer comes after the
+    L3 timeout) has its object, if it landed, deleted behind it -- unless the
+    block was overwritten meanwhile: the overwrite queued that delete already,
+    and one queued at the failure came after the newer block's upload and
+    deleted it (acknowledged at ``remote``, gone from the bucket)."""
+    old, new = b"o" * (8 * KiB), b"n" * (4 * KiB)
+    with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}", tmp_path / "a",
+              "--l3-timeout-s", "2", "--l3-retries", "0") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as first, \
+            Client(a.tcp, namespace="r", data_plane=False) as second:
+        proxy.down_delay_s = 3.0  # the first PUT's answer: after its 2 s timeout
+        failed: list[BaseException] = []
+
+        def put_old() -> None:
+            try:
+                first.put({b"k": old}, ack="remote")
+            except KVStoreError as exc:
+                failed.append(exc)
+
+        uploader = threading.Thread(target=put_old)
+        uploader.start()
+        wait_for(lambda: proxy.down_chunks_read > 0, what="the first PUT's answer held back")
+        proxy.down_delay_s = 0.0
+        assert second.put({b"k": new}, ack="remote").stored == 1  # queued behind it
+        uploader.join(30)
+        assert len(failed) == 1
+        # (an object is a small header, then the block's bytes)
+        wait_for(lambda: len(objects(s3)) == 1 and objects(s3)[0].read_bytes().endswith(new),
+                 what="the newer object in the bucket")
+    with node(server_factory, s3, s3.endpoint, tmp_path / "b") as b, \
+            Client(b.tcp, namespace="r") as other:
+        assert other.get([b"k"]) == [new]
+
+
+def test_a_delete_during_another_deletes_paced_removals_still_deletes(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
+    """While a Delete of keys unknown here removes their objects (paced),
+    those keys count as absent. A second Delete of one of them, Put here
+    meanwhile (and again by another node into the bucket), must still delete
+    the bucket's object: it was skipped as "a delete already under way"."""
+    keys = [b"k"] + [b"z%02d" % i for i in range(10)]
+    with node(server_factory, s3, s3.endpoint, tmp_path / "b") as b, \
+            node(server_factory, s3, f"http://127.0.0.1:{proxy.port}", tmp_path / "a",
+                 "--l3-concurrency", "4") as a, \
+            Client(b.tcp, namespace="r", data_plane=False) as other, \
+            Client(a.tcp, namespace="r", data_plane=False) as first, \
+            Client(a.tcp, namespace="r", data_plane=False) as second:
+        assert other.put({k: b"t" * (4 * KiB) for k in keys}, ack="remote").stored == len(keys)
+        proxy.up_delay_s = 0.4
+        answered: list[int] = []
+        slow = threading.Thread(target=lambda: answered.append(first.delete(keys)))
+        slow.start()
+        wait_for(lambda: len(objects(s3)) < len(keys), what="the slow Delete's first removal")
+        k_object = [p for p in objects(s3) if p.name.endswith("6b")]  # (b"k".hex())
+        if k_object:  # (k not removed first: wait for it)
+            wait_for(lambda: not k_object[0].exists(), what="k's object removed")
+        assert other.put({b"k": b"T" * (4 * KiB)}, ack="remote").stored == 1
+        assert second.put({b"k": b"m" * (4 * KiB)}, ack="local").stored == 1
+        assert second.delete([b"k"]) == 1
+        slow.join(60)
+        proxy.up_delay_s = 0.0
+        wait_for(lambda: not objects(s3), what="every object deleted, k's new one too")
+        assert second.get([b"k"]) == [None]

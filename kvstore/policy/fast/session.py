@@ -197,6 +197,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                 if sc is None:
                     gen = ts.gen
                     if gen is None:
+                        if ts.passed and now - ts.passed_t >= self.rerank_s:
+                            self._dead_again(ts, now)  # (as victim does)
                         gen = ts.gen = self._ranking(tier, ts, now)
                     for c, drop in gen:
                         if c in lru:

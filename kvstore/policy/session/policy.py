@@ -521,6 +521,21 @@ class SessionPolicy(Duel, Policy):
         return Ranking(tier, ts, self._streams.values(), self._set_keys,
                        lambda: self._last_s, now)
 
+    @staticmethod
+    def _dead_again(ts: TierState, now: float) -> None:
+        """Dead blocks passed over by earlier victim calls back at the head of
+        the dead queue (those still resident and ownerless), before a ranking
+        is built: offered first again, at most once per rerank_s (a quota's
+        victim passing over many of another namespace's would otherwise have
+        every call take them off and back)."""
+        dead = ts.dead
+        for b in reversed(list(ts.passed)):
+            if ts.own.get(b, False) is None:
+                dead[b] = None
+                dead.move_to_end(b, last=False)
+        ts.passed.clear()
+        ts.passed_t = now
+
     def _lru_candidate(self, ts: TierState, now: float, evictable: Evictable | None) -> Any:
         pins = self._pins
         for b in ts.lru:
@@ -557,29 +572,23 @@ class SessionPolicy(Duel, Policy):
         if sc is None:
             gen = ts.gen
             if gen is None:
+                if ts.passed and now - ts.passed_t >= self.rerank_s:
+                    self._dead_again(ts, now)
                 gen = ts.gen = self._ranking(tier, ts, now)
-            passed: list[Any] = []  # dead blocks that may not go now
             for b, drop in gen:
                 if b not in lru:
                     continue
                 if (pins and self._pinned(b, now)) or (evictable is not None
                                                         and not evictable(b)):
                     if drop:
-                        passed.append(b)
+                        # Off the dead queue (the ranking took it); kept aside
+                        # rather than lost (it stayed resident, ownerless and
+                        # in no queue, while live blocks went before it).
+                        ts.passed[b] = None
                     continue
                 sc, ts.peek_drop = b, drop
                 break
             ts.peek = sc
-            if passed:
-                # The ranking took them off the dead queue; passed over (pinned,
-                # or not evictable yet), they go back to its head, offered first
-                # by the next ranking (else they stayed resident, ownerless and
-                # in no queue, while live blocks went before them).
-                dead = ts.dead
-                for b in reversed(passed):
-                    if ts.own.get(b, False) is None:
-                        dead[b] = None
-                        dead.move_to_end(b, last=False)
         if pins or evictable is not None:
             lc = self._lru_candidate(ts, now, evictable)
         else:

@@ -54,7 +54,8 @@ class Stream:
 
 
 class TierState:
-    __slots__ = ("dead", "free", "gen", "lru", "own", "peek", "peek_drop", "rank_t")
+    __slots__ = ("dead", "free", "gen", "lru", "own", "passed", "passed_t", "peek",
+                 "peek_drop", "rank_t")
 
     def __init__(self) -> None:
         self.lru: OrderedDict[Any, None] = OrderedDict()  # all resident, LRU first
@@ -63,6 +64,11 @@ class TierState:
         # referenced by no live stream, oldest first (an OrderedDict: taken from the front,
         # which a dict does in time growing with the entries already taken)
         self.dead: OrderedDict[Any, None] = OrderedDict()
+        # dead blocks a ranking took off that queue but a victim call passed over
+        # (pinned, not evictable then), back at its head when a ranking is next
+        # built, at most once per rerank_s (passed_t: when they last went back)
+        self.passed: dict[Any, None] = {}
+        self.passed_t = -math.inf
         self.gen: Ranking | None = None  # the current ranking, resumed victim by victim
         self.peek: Any = None  # the ranking's candidate not evicted yet
         self.peek_drop = False
