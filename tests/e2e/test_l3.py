@@ -8,7 +8,6 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.skipif(rclone_binary() is None,
 
 MiB = 1024**2
 L3_HEALTH = "kvstore.v1.KVStore/L3"
-
-
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def l3_node(factory, s3: S3Server, *flags: str, endpoint: str | None = None,  # type: ignore[no-untyped-def]

