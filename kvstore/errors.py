@@ -24,6 +24,11 @@ class KVStoreError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def about(self, where: str) -> KVStoreError:
+        """The same error, its message naming which part of the request it
+        is about (``where``: "block #2", "reserve_next #0")."""
+        return type(self)(f"{where}: {self.message}")
+
 
 # INVALID_ARGUMENT -----------------------------------------------------------
 

@@ -683,12 +683,7 @@ class ShmClient(Client):
             # As the next Get would have: an acquire of no keys whose
             # ``release`` skips ids no longer held (a plain release refuses
             # the batch for one of them, and the others stay held).
-            lean = self._frames
-            if lean is not None and lean.dp.available and \
-                    lean.acquire(ns, [], "", 0, ids) is not None:
-                continue
-            self._call(self._acquire_rpc, pb.ShmAcquireRequest(
-                namespace=ns, owner=self._owner, release=ids))
+            self._acquire_call(ns, [], "", 0, ids)
 
     @contextmanager
     def leased(self, keys: Iterable[bytes], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:

@@ -550,7 +550,7 @@ class Session:
             try:
                 placement.check_block_size(b.size)
             except (BlockTooLarge, MalformedRequest) as exc:
-                raise type(exc)(f"block #{i}: {exc.message}") from None
+                raise exc.about(f"block #{i}") from None
             total += b.size
         return namespace, ack, total
 

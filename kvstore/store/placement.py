@@ -22,7 +22,6 @@ from kvstore.errors import (
     CapacityExhausted,
     CorruptBlock,
     InvalidBlock,
-    KVStoreError,
     MalformedRequest,
 )
 from kvstore.policy import Action
@@ -53,11 +52,6 @@ DEMOTE_BATCH = 32
 
 #: What :meth:`Placement._reserve_step` returns when it has no extent.
 _WAIT_QUOTA, _WAIT_WRITES, _WAIT_ROOM, _NO_ROOM = -1, -2, -3, -4
-
-
-def _in_block(exc: InvalidBlock | CorruptBlock, index: int) -> KVStoreError:
-    """``exc`` again, its message naming the request's block it is about."""
-    return type(exc)(f"block #{index}: {exc.message}")
 
 
 class _Attempt:
@@ -120,7 +114,7 @@ class Placement(Part):
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self.executor, block_verify, view)
         except (InvalidBlock, CorruptBlock) as exc:
-            raise _in_block(exc, index) from None
+            raise exc.about(f"block #{index}") from None
         finally:
             view.release()
 
@@ -131,7 +125,7 @@ class Placement(Part):
         try:
             block_verify(view)
         except (InvalidBlock, CorruptBlock) as exc:
-            raise _in_block(exc, index) from None
+            raise exc.about(f"block #{index}") from None
         finally:
             view.release()
 

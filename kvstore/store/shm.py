@@ -280,7 +280,7 @@ class SharedMemoryBroker:
             try:
                 self.placement.check_block_size(size)
             except InvalidArgument as exc:
-                raise type(exc)(f"block #{i}: {exc.message}") from None
+                raise exc.about(f"block #{i}") from None
             total += extent(size)
         capacity = self.store.l1.capacity
         if total > capacity:
@@ -603,7 +603,7 @@ class SharedMemoryBroker:
             try:
                 self.placement.check_block_size(size)
             except InvalidArgument as exc:
-                raise type(exc)(f"reserve_next #{i}: {exc.message}") from None
+                raise exc.about(f"reserve_next #{i}") from None
 
     # -- Get ---------------------------------------------------------------------------
 
