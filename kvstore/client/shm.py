@@ -67,7 +67,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 
@@ -173,7 +173,11 @@ class ReservedSlot:
 
 @dataclass(slots=True)
 class LeasedBlock:
-    """A leased block: ``view`` is valid until the lease is released."""
+    """A leased block: ``view`` is valid until the lease is released. A
+    ``lease_id`` of 0 is no lease: ``view`` is then a private copy, read by a
+    plain Get, of a block the server holds outside L1 and had no L1 room to
+    bring in for a lease (every page leased or reserved); releasing it ends
+    nothing on the server."""
 
     key: bytes
     lease_id: int
@@ -182,6 +186,13 @@ class LeasedBlock:
     tier: TierName | None
     view: memoryview
     namespace: str = ""
+
+
+class _Unleased(NamedTuple):
+    """A key ShmAcquire found (in ``tier``) but could not lease."""
+    pos: int
+    key: bytes
+    tier: TierName | None
 
 
 class ShmClient(Client):
@@ -544,16 +555,26 @@ class ShmClient(Client):
 
     def acquire(self, keys: Iterable[bytes], *, namespace: str | None = None,
                 session_id: str | None = None, lease_ms: int = 0) -> list[LeasedBlock | None]:
-        """Lease ``keys`` (None for a miss); release the leases with :meth:`release`.
-        Leases a Get left for later are ended by the same call."""
-        return self._acquire(keys, namespace, session_id, lease_ms)[0]
+        """Lease ``keys`` (None for a miss); release the leases with
+        :meth:`release`. A block the server holds outside L1 with no L1 room
+        to bring it in now (every page leased or reserved) comes as a private
+        copy read by a plain Get (``lease_id`` 0). Leases a Get left for later
+        are ended by the same call."""
+        ns = resolve_namespace(namespace, self.namespace)
+        leases, _, unleased = self._acquire(keys, ns, session_id, lease_ms)
+        if unleased:
+            self._copy_unleased(leases, unleased, ns, session_id)
+        return leases
 
     def _acquire(self, keys: Iterable[bytes], namespace: str | None, session_id: str | None,
-                 lease_ms: int, checked: bool = False) -> tuple[list[LeasedBlock | None], float]:
-        """The leases and how long (s) they last on the server; 0.0 when the
-        server does not say (then none may be left for the next acquire).
-        ``checked``: ``keys`` is a list already normalised and ``namespace``
-        already resolved (a Get's own path)."""
+                 lease_ms: int, checked: bool = False
+                 ) -> tuple[list[LeasedBlock | None], float, list[_Unleased]]:
+        """The leases, how long (s) they last on the server (0.0 when the
+        server does not say: then none may be left for the next acquire), and
+        the keys found but not leased (None in the leases: no L1 room for
+        them now; a plain Get reads them). ``checked``: ``keys`` is a list
+        already normalised and ``namespace`` already resolved (a Get's own
+        path)."""
         if checked and namespace is not None and isinstance(keys, list):
             ns = namespace
             key_list = keys
@@ -606,15 +627,28 @@ class ShmClient(Client):
             self._shm_namespaces.add(ns)
         self._check_arena()  # (after the answer: the leases are into the mapped file)
         out: list[LeasedBlock | None] = []
+        unleased: list[_Unleased] = []
         arena = self._arena
-        for key, lease in zip(key_list, got.leases, strict=True):
-            if lease is None:
+        for i, (key, lease) in enumerate(zip(key_list, got.leases, strict=True)):
+            if not isinstance(lease, frames.ShmLease):
+                if lease is not None:
+                    unleased.append(_Unleased(i, key, _TIERS.get(lease.tier)))
                 out.append(None)
                 continue
             tier = _TIERS.get(lease.tier)
             out.append(LeasedBlock(key, lease.lease_id, lease.size, lease.crc32c, tier,
                                    arena[lease.offset : lease.offset + lease.size], ns))
-        return out, got.lease_ms / 1000.0
+        return out, got.lease_ms / 1000.0, unleased
+
+    def _copy_unleased(self, leases: list[LeasedBlock | None], unleased: list[_Unleased],
+                       ns: str, session_id: str | None) -> None:
+        """Fill the places of blocks found but not leased with private copies
+        read by a plain Get (a miss if deleted since)."""
+        read = super().get([u.key for u in unleased], namespace=ns, session_id=session_id)
+        for u, data in zip(unleased, read, strict=True):
+            if data is not None:
+                leases[u.pos] = LeasedBlock(u.key, 0, len(data), checksum(data), u.tier,
+                                              memoryview(data), ns)
 
     def _check_arena(self) -> None:
         """ConnectionFailed unless the server's arena is still the file mapped here:
@@ -635,6 +669,7 @@ class ShmClient(Client):
         held = [lease for lease in leases if lease is not None]
         for lease in held:
             lease.view.release()
+        held = [lease for lease in held if lease.lease_id]  # (0: a private copy)
         if not held:
             return []
         expired: list[int] = []
@@ -664,8 +699,9 @@ class ShmClient(Client):
             namespace=ns, keys=keys, lease_ms=lease_ms, session_id=session,
             owner=self._owner, release=release))
         return frames.ShmAcquireResult(resp.lease_ms, 0, [], [
-            frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation,
-                            x.tier) if x.hit else None for x in resp.leases])
+            frames.ShmLease(x.lease_id, x.offset, x.size, x.crc32c, x.generation, x.tier)
+            if x.hit else frames.ShmUnleased(x.tier) if x.tier else None
+            for x in resp.leases])
 
     def flush_releases(self) -> None:
         """Release now the leases that Gets left for the next ShmAcquire (so
@@ -704,8 +740,10 @@ class ShmClient(Client):
         within the lease's time, the release goes with the next ShmAcquire."""
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
-        leases, lease_s = self._acquire(keys, ns, session_id, 0)
+        leases, lease_s, unleased = self._acquire(keys, ns, session_id, 0)
         try:
+            if unleased:
+                self._copy_unleased(leases, unleased, ns, session_id)
             yield leases
         finally:
             expired = self._done_reading(leases, sent, lease_s, ns)
@@ -720,7 +758,8 @@ class ShmClient(Client):
         for lease in leases:
             if lease is not None:
                 lease.view.release()
-                ids.append(lease.lease_id)
+                if lease.lease_id:  # (0: a private copy)
+                    ids.append(lease.lease_id)
         if not ids:
             return []
         # The server started each lease after ``sent``: before ``until``
@@ -757,18 +796,24 @@ class ShmClient(Client):
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
         try:
-            leases, lease_s = self._acquire(key_list, ns, None, 0, checked=True)
+            leases, lease_s, unleased = self._acquire(key_list, ns, None, 0, checked=True)
         except CapacityExhausted:
             # More at once than L1 can lease (or the server's lease limit):
             # read them the way that holds none.
             return super().get_into(key_list, views, namespace=ns)
         sizes: list[int | None] = []
         try:
+            plain: dict[int, int | None] = {}
+            if unleased:
+                # Found where no lease reaches (no L1 room now): a plain Get.
+                plain = dict(zip((u.pos for u in unleased), super().get_into(
+                    [u.key for u in unleased], [views[u.pos] for u in unleased],
+                    namespace=ns), strict=True))
             streaming = self._streaming_get(
                 sum(lease.size for lease in leases if lease is not None))
             for i, (lease, dest) in enumerate(zip(leases, views, strict=True)):
                 if lease is None:
-                    sizes.append(None)
+                    sizes.append(plain.get(i))
                     continue
                 if lease.size > len(dest):
                     raise InvalidArgument(
@@ -798,15 +843,20 @@ class ShmClient(Client):
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
         try:
-            leases, lease_s = self._acquire(ks, ns, session_id, 0)
+            leases, lease_s, unleased = self._acquire(ks, ns, session_id, 0)
         except CapacityExhausted:  # (as get_into)
             return super().get(ks, namespace=ns, session_id=session_id)
         try:
             self._get_hint = max((lease.size for lease in leases if lease is not None),
                                  default=0)
+            plain: dict[int, bytes | None] = {}
+            if unleased:  # (as get_into)
+                plain = dict(zip((u.pos for u in unleased), super().get(
+                    [u.key for u in unleased], namespace=ns, session_id=session_id),
+                    strict=True))
             for i, lease in enumerate(leases):
                 if lease is None:
-                    out.append(None)
+                    out.append(plain.get(i))
                     continue
                 data = bytes(lease.view)
                 if checksum(data) != lease.crc32c:

@@ -105,10 +105,11 @@ def _acquire(conn: Connection, req: Any) -> _Acquired:
         req.namespace, list(req.keys), req.lease_ms, list(req.release),
         req.session_id).encode())
     res = frames.ShmAcquireResult.decode(meta)
-    return _Acquired([_MISS if lease is None else _Lease(True, lease.tier, lease.lease_id,
-                                                         lease.offset, lease.size,
-                                                         lease.crc32c)
-                      for lease in res.leases], res.lease_ms, res.expired)
+    return _Acquired([
+        _MISS if lease is None else
+        _Lease(False, lease.tier, 0, 0, 0, 0) if isinstance(lease, frames.ShmUnleased) else
+        _Lease(True, lease.tier, lease.lease_id, lease.offset, lease.size, lease.crc32c)
+        for lease in res.leases], res.lease_ms, res.expired)
 
 
 def _release(conn: Connection, req: Any) -> _Released:

@@ -718,12 +718,19 @@ class ShmLease(NamedTuple):
     tier: int
 
 
+class ShmUnleased(NamedTuple):
+    """Not a lease: the block is held (in ``tier``) outside L1 and there was
+    no L1 room to bring it in for one; a GET reads it. Sent as a miss (hit 0)
+    with its tier set, so a client that ignores the tier sees a miss."""
+    tier: int
+
+
 @dataclass(slots=True)
 class ShmAcquireResult:
     lease_ms: int
     released: int
     expired: list[int]
-    leases: list[ShmLease | None]  # None: a miss
+    leases: list[ShmLease | ShmUnleased | None]  # None: a miss
 
     def encode(self) -> bytes:
         return encode_shm_acquire_result(self.lease_ms, self.released, self.expired,
@@ -739,12 +746,12 @@ class ShmAcquireResult:
             pos += 4
             if pos + count * _LEASE.size == len(buf):
                 expired = list(struct.unpack_from(f"<{n}Q", buf, _ACQUIRED.size)) if n else []
-                leases: list[ShmLease | None] = []
+                leases: list[ShmLease | ShmUnleased | None] = []
                 for i in range(count):
                     hit, tier, lease_id, offset, size, crc, gen = _LEASE.unpack_from(
                         buf, pos + i * _LEASE.size)
                     leases.append(ShmLease(lease_id, offset, size, crc, gen, tier) if hit
-                                  else None)
+                                  else ShmUnleased(tier) if tier else None)
                 return cls(lease_ms, released, expired, leases)
         except struct.error:
             pass
@@ -760,12 +767,14 @@ _ACQUIRED = struct.Struct("<III")  # lease_ms, released, expired count
 
 
 def encode_shm_acquire_result(lease_ms: int, released: int, expired: Sequence[int],
-                              leases: Sequence[ShmLease | None]) -> bytes:
+                              leases: Sequence[ShmLease | ShmUnleased | None]) -> bytes:
     parts = [_ACQUIRED.pack(lease_ms, released, len(expired)),
              struct.pack(f"<{len(expired)}Q", *expired), _U32.pack(len(leases))]
-    parts += [_MISS if lease is None else _LEASE.pack(
-        1, lease.tier, lease.lease_id, lease.offset, lease.size, lease.crc32c, lease.generation)
-        for lease in leases]
+    parts += [_MISS if lease is None else
+              _LEASE.pack(0, lease.tier, 0, 0, 0, 0, 0) if isinstance(lease, ShmUnleased) else
+              _LEASE.pack(1, lease.tier, lease.lease_id, lease.offset, lease.size,
+                          lease.crc32c, lease.generation)
+              for lease in leases]
     return b"".join(parts)
 
 

@@ -33,7 +33,7 @@ from kvstore.errors import (
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
-from kvstore.store.shm import VERIFY_INLINE_BYTES
+from kvstore.store.shm import VERIFY_INLINE_BYTES, Lease, Unleased
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -369,7 +369,7 @@ class Session:
         if release:
             held.difference_update(release)
         for lease in leases:
-            if lease is not None:
+            if isinstance(lease, Lease):
                 held.add(lease.lease_id)
 
     def _get_now(self, rid: int, meta: memoryview) -> bool:
@@ -719,9 +719,10 @@ class Session:
         self._took_leases(req.release, leases)
         await self.reply(header, f.encode_shm_acquire_result(
             self.shm.lease_ms(req.lease_ms), released, expired,
-            [None if lease is None else f.ShmLease(lease.lease_id, lease.offset, lease.size,
-                                                   lease.checksum, lease.generation,
-                                                   int(lease.tier))
+            [None if lease is None else
+             f.ShmUnleased(int(lease.tier)) if isinstance(lease, Unleased) else
+             f.ShmLease(lease.lease_id, lease.offset, lease.size, lease.checksum,
+                        lease.generation, int(lease.tier))
              for lease in leases]))
 
     async def shm_release(self, header: f.Header, meta: Any) -> None:

@@ -22,7 +22,7 @@ from kvstore.errors import DeadlineExceeded, InvalidArgument, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
-from kvstore.store.shm import Slot
+from kvstore.store.shm import Slot, Unleased
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -388,7 +388,9 @@ class KVStoreServicer:
             namespace, list(request.keys), session_or_none(request.session_id), request.lease_ms,
             list(request.release), check_name(request.owner, "owner"))
         return pb.ShmAcquireResponse(leases=[
-            pb.ShmLease(hit=False) if lease is None else pb.ShmLease(
+            pb.ShmLease(hit=False) if lease is None else
+            pb.ShmLease(hit=False, tier=_tier_pb(lease.tier)) if isinstance(lease, Unleased)
+            else pb.ShmLease(
                 hit=True, lease_id=lease.lease_id, offset=lease.offset, size=lease.size,
                 crc32c=lease.checksum, generation=lease.generation,
                 tier=_tier_pb(lease.tier))

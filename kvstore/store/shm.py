@@ -120,6 +120,14 @@ class Slot:
     generation: int
 
 
+@dataclass(frozen=True, slots=True)
+class Unleased:
+    """A block ShmAcquire found (in ``tier``) but could not lease: it is held
+    outside L1 and there was no L1 room to bring it in (every page leased or
+    reserved). Not a miss: the client reads it the way that holds no lease."""
+    tier: TierName
+
+
 @dataclass(slots=True)
 class Lease:
     lease_id: int
@@ -622,10 +630,11 @@ class SharedMemoryBroker:
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
                       lease_ms: int, release: Sequence[int] = (), owner: str = ""
-                      ) -> tuple[list[Lease | None], int, list[int]]:
+                      ) -> tuple[list[Lease | Unleased | None], int, list[int]]:
         """Lease ``keys``; first end the leases in ``release`` (checked as
         :meth:`release` checks them: a bad id fails the call before anything is
-        released or acquired). Returns the leases (None for a miss) and what
+        released or acquired). Returns the leases (None for a miss, Unleased
+        for a block found where no lease can reach it now) and what
         :meth:`release` returns for ``release``."""
         self._check_acquire(namespace, keys, release)
         released = 0
@@ -636,7 +645,7 @@ class SharedMemoryBroker:
                 what="ShmAcquire.release: nothing was released or acquired",
                 skip_unknown=True)
         ms = self.lease_ms(lease_ms)
-        out: list[Lease | None] = []
+        out: list[Lease | Unleased | None] = []
         held = 0  # L1 bytes (whole pages) this call's leases pin
         limit = self.store.l1.capacity
         extent = self.store.l1.extent
@@ -656,9 +665,10 @@ class SharedMemoryBroker:
                     continue
                 entry = reader.entry
                 if entry is None or entry.l1_offset < 0:
-                    # Served from a copy outside the arena (no L1 room): not shareable.
+                    # Served from a copy outside the arena (no L1 room): not
+                    # shareable, but there (a miss made engines recompute it).
+                    out.append(Unleased(reader.tier))
                     reader.close()
-                    out.append(None)
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
                 # Not reaped while the call still waits for later keys: the
@@ -671,12 +681,12 @@ class SharedMemoryBroker:
                 out.append(lease)
         except BaseException:
             for taken in out:
-                if taken is not None:
+                if isinstance(taken, Lease):
                     self._end_lease(taken.lease_id)
             raise
         expires = self.clock() + ms / 1000.0
         for taken in out:
-            if taken is not None:
+            if isinstance(taken, Lease):
                 taken.expires = expires
         return out, released, expired
 

@@ -61,7 +61,8 @@ VALID = [
     f.ShmCommitRequest("ns", [(1, 2, 3, 4, 0), (5, 6, 7, 8, 1)], [9], 1, True, "s",
                        [b"key", b""], [4096]).encode(),
     f.ShmCommitResult(1, 4096, 3, [(1, 2, 4096, 7)]).encode(),
-    f.ShmAcquireResult(5, 1, [3], [None, f.ShmLease(1, 2, 3, 4, 5, 1)]).encode(),
+    f.ShmAcquireResult(5, 1, [3], [None, f.ShmLease(1, 2, 3, 4, 5, 1),
+                                   f.ShmUnleased(2)]).encode(),
     f.ErrorInfo(3, "InvalidKey", "key is empty").encode(),
 ]
 
@@ -118,6 +119,23 @@ def test_acquire_and_lookup_round_trip(namespace: str, ks: list[bytes], lease: i
     assert f.ShmAcquireRequest.decode(acquire.encode()) == acquire
     lookup = f.LookupRequest(namespace, ks, lease, session_id)
     assert f.LookupRequest.decode(lookup.encode()) == lookup
+
+
+lease_st = st.builds(f.ShmLease, *[st.integers(0, 2**64 - 1)] * 3, st.integers(0, 2**32 - 1),
+                     st.integers(0, 2**64 - 1), st.integers(0, 255))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+       st.lists(st.integers(0, 2**64 - 1), max_size=4),
+       st.lists(st.none() | lease_st | st.builds(f.ShmUnleased, st.integers(1, 255)),
+                max_size=6))
+def test_acquire_answer_round_trips(lease_ms: int, released: int, expired: list[int],
+                                    leases: list[Any]) -> None:
+    """A lease, a miss, and a block found but not leased (hit 0, its tier set)
+    each come back as they went."""
+    answer = f.ShmAcquireResult(lease_ms, released, expired, leases)
+    assert f.ShmAcquireResult.decode(answer.encode()) == answer
 
 
 @settings(max_examples=200, deadline=None)

@@ -436,3 +436,48 @@ def test_after_a_graceful_restart_a_client_never_reads_the_old_arena(
     finally:
         c.close()
         server.kill()
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_a_block_held_only_in_l2_is_read_while_l1_is_full_of_leases(
+        server_factory, tmp_path: Path, data_plane: bool) -> None:  # type: ignore[no-untyped-def]
+    """When every L1 page is leased by another reader, a block held only in L2
+    cannot be brought into L1 for a lease: ShmAcquire says it was found
+    (hit false, its tier set) and ShmClient's reads (get, get_into,
+    get_kv_into, acquire, leased) read it the way that holds no lease instead
+    of reporting a miss (they reported one: the engine recomputed a block the
+    store had)."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-leasedfull{data_plane:d}"
+    server = server_factory("--l1-shm-path", path, l1_capacity="4MiB")
+    with server, Client(server.tcp, namespace="lf", timeout=20) as writer, \
+            ShmClient(server.unix_target, namespace="lf", timeout=20) as holder, \
+            ShmClient(server.unix_target, namespace="lf", timeout=20,
+                      data_plane=data_plane) as reader:
+        cold = block(99, 256 * 1024)
+        writer.put({b"cold": cold}, ack="local")
+        np = pytest.importorskip("numpy")
+        pages = [np.arange(4 * 2 * 16, dtype=np.float16).reshape(4, 2, 1, 16)] * 2
+        assert writer.put_kv([b"coldkv"], pages, pages, [[1, 2]], ack="local").stored == 1
+        hot = {f"h{i}".encode(): block(i, MiB) for i in range(4)}
+        for key, value in hot.items():  # pushes "cold" out of L1 (it stays in L2)
+            writer.put({key: value}, ack="local")
+        leases = holder.acquire(list(hot))  # L1 is now all leased
+        try:
+            assert all(lease is not None for lease in leases)
+            assert reader.get([b"cold", b"absent"]) == [cold, None]
+            buf = bytearray(len(cold))
+            assert reader.get_into([b"cold"], [buf]) == [len(cold)]
+            assert bytes(buf) == cold
+            out = [np.zeros((4, 2, 1, 16), np.float16) for _ in range(2)]
+            assert reader.get_kv_into([b"coldkv", b"absent"], out, out, [[0, 1], [2, 3]]) == 1
+            assert (out[0][:2] == pages[0][1:3]).all()
+            found = reader.acquire([b"cold", b"absent"])
+            assert found[1] is None
+            assert found[0] is not None and found[0].lease_id == 0  # a copy, no lease
+            assert bytes(found[0].view) == cold and found[0].size == len(cold)
+            assert reader.release(found) == []
+            with reader.leased([b"cold"]) as copies:
+                assert copies[0] is not None and bytes(copies[0].view) == cold
+        finally:
+            holder.release(leases)
+        assert reader.get([b"cold"]) == [cold]
