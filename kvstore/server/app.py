@@ -102,6 +102,7 @@ class Server:
         timing = [MetricsInterceptor(self.calls)] if self.metrics else []
         self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
                                     options=grpc_options(config))
+        logs.quiet_undelivered_answers()
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None,
                                                  "data_plane_tcp": None,

@@ -55,3 +55,31 @@ def configure(log_format: str, level: str) -> None:
         raise InvalidConfig(f"log level {level!r} is not one of DEBUG, INFO, WARNING, "
                             "ERROR, CRITICAL (env KVSTORE_LOG_LEVEL)") from None
     root.addHandler(handler)
+
+
+class AnswerNotDelivered(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when a unary answer cannot be
+    sent because the client went first (cancelled, past its deadline, or it
+    refused an answer over its receive limit): something any client can
+    cause at will, not a server fault. Such a record becomes one DEBUG line
+    of ``kvstore.server`` (as a Get cancelled mid-stream is)."""
+
+    _MARK = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self._MARK not in message:
+            return True
+        _quiet.debug("an answer was not delivered (the client went first): %s",
+                     message.rsplit(" ", 1)[-1])
+        return False
+
+
+_quiet = logging.getLogger("kvstore.server")
+
+
+def quiet_undelivered_answers() -> None:
+    """Install :class:`AnswerNotDelivered` on grpc's logger (once)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, AnswerNotDelivered) for f in grpc_log.filters):
+        grpc_log.addFilter(AnswerNotDelivered())

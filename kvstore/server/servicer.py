@@ -48,6 +48,7 @@ MIN_CHUNK_BYTES = 64 * 1024
 # GetSmallResponse fields (tags), and GetChunk.data's.
 _SMALL_CHUNK = b"\x0a"  # 1, length-delimited
 _SMALL_ANSWERED = b"\x10"  # 2, varint
+_SMALL_ANSWERED_BYTES = 1 + 10  # its tag and the longest varint
 _GET_DATA = b"\x2a"  # GetChunk.data: 5, length-delimited
 #: The largest kvstore-clock accepted (s; ~year 5000 as a Unix time).
 _MAX_CLIENT_CLOCK = float(1 << 37)
@@ -158,6 +159,11 @@ class KVStoreServicer:
                                                    session_or_none(chunk.session_id),
                                                    BlockFormat(chunk.format))
                 elif chunk.key:
+                    if writer is not None:
+                        raise MalformedRequest(
+                            f"block #{stored}: a chunk names a key before the block is "
+                            f"complete ({writer.received} of {writer.size} bytes sent); "
+                            "only a block's first chunk carries its key and block_size")
                     # block_size 0 is the field's default: an empty block
                     # cannot be told from a missing size, so none is stored.
                     raise MalformedRequest(
@@ -170,7 +176,10 @@ class KVStoreServicer:
                     raise MalformedRequest("data sent before any block's first chunk "
                                            "(key and block_size)")
                 if chunk.data:
-                    writer.write(chunk.data)
+                    try:
+                        writer.write(chunk.data)
+                    except MalformedRequest as exc:
+                        raise exc.about(f"block #{stored}") from None
                 if writer.complete:
                     done, writer = writer, None
                     fut = await store.finish_put(done, ack, stored)
@@ -235,13 +244,20 @@ class KVStoreServicer:
         if request.max_response_bytes:
             budget = min(self.max_response, request.max_response_bytes)
         session = session_or_none(request.session_id)
+        budget -= _SMALL_ANSWERED_BYTES  # the answered count, always sent
         chunks: list[bytes] = []
         answered = 0
         for index, key in enumerate(keys):
             reader = await _open_intact(store, (namespace, key), session, budget)
             if reader is None:
+                # A miss costs its few bytes too: 65,535 of them took a
+                # response past a stock client's 4 MiB.
                 chunk = wire.encode_get_chunk(index, False)
-                chunks.append(_SMALL_CHUNK + wire.encode_varint(len(chunk)) + chunk)
+                miss = _SMALL_CHUNK + wire.encode_varint(len(chunk)) + chunk
+                budget -= len(miss)
+                if budget < 0:
+                    break
+                chunks.append(miss)
                 answered += 1
                 continue
             try:

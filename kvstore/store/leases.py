@@ -127,7 +127,8 @@ class Leases(Part):
         validate_keys(keys)
         now = self.clock()
         until = now + min(ttl_ms or self.max_pin_ms, self.max_pin_ms) / 1000.0
-        blocks = [(namespace, k) for k in keys]
+        # A key named twice is one pin (it counted twice against the quota).
+        blocks = list(dict.fromkeys((namespace, k) for k in keys))
         entry_of = self.index.entry
         found = [(b, e) for b in blocks if (e := entry_of(b)) is not None]
         quota = self.pin_quota

@@ -476,9 +476,7 @@ class BlockWriter:
         n = len(data)
         if self._pos + n > self.size:
             raise MalformedRequest(
-                f"block {self.block[1].hex()[:16]}: {self._pos + n} bytes sent for a block "
-                f"declared as {self.size} bytes"
-            )
+                f"{self._pos + n} bytes sent for a block declared as {self.size} bytes")
         self._checksum = copy_and_checksum(self._dest, self._pos, data, self._checksum)
         self._pos += n
 

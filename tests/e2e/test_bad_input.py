@@ -131,9 +131,25 @@ def test_more_bytes_than_declared_is_rejected(stub: pb_grpc.KVStoreStub) -> None
         pb.PutChunk(data=b"de"),
     ])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "declared as 4 bytes" in err.details()
+    assert "block #0: 5 bytes sent for a block declared as 4 bytes" in err.details()
     res = stub.Lookup(pb.LookupRequest(namespace="over", keys=[b"k"]), timeout=30)
     assert res.found == 0
+
+
+def test_a_key_repeated_inside_a_block_says_so(stub: pb_grpc.KVStoreStub) -> None:
+    """Only a block's first chunk carries its key and size: a later chunk of
+    the same block that repeats the key is refused with what is wrong (it
+    was told "block_size is 0"), and the block before it stays stored."""
+    err = put_status(stub, [
+        pb.PutChunk(namespace="rep", key=b"done", block_size=2, data=b"ok"),
+        pb.PutChunk(key=b"k", block_size=4, data=b"ab"),
+        pb.PutChunk(key=b"k", data=b"cd"),
+    ])
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "block #1: a chunk names a key before the block is complete (2 of 4" \
+        in err.details()
+    res = stub.Lookup(pb.LookupRequest(namespace="rep", keys=[b"done", b"k"]), timeout=30)
+    assert list(res.tiers) == [pb.TIER_L1, pb.TIER_UNSPECIFIED]
 
 
 def test_data_before_key_is_rejected(stub: pb_grpc.KVStoreStub) -> None:

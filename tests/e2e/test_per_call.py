@@ -155,3 +155,74 @@ def test_get_small_without_a_limit_fits_a_stock_grpc_client(
         resp = big(pb.GetRequest(namespace=namespace, keys=[b"a", b"b"],
                                  max_response_bytes=16 << 20))
         assert resp.answered == 2 and [c.data for c in resp.chunks] == list(blocks.values())
+
+
+def test_get_small_counts_misses_against_the_response_limit(
+        shared_server, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
+    """Each miss takes a few bytes of the answer too: 65,535 misses before a
+    block that nearly fills the default limit still fit a stock client (the
+    answer was 4.5 MB, refused), and an explicit max_response_bytes is never
+    exceeded; what did not fit is left to a Get stream (answered says where)."""
+    namespace = ns(request)
+    near = (4 << 20) - (64 << 10) - 4096
+    blob = block(3, near)
+    with Client(shared_server.tcp, namespace=namespace) as c:
+        c.put({b"hit": blob, b"small": block(4, 1 << 20)})
+    misses = [b"m%d" % i for i in range(65_535)]
+    with grpc.insecure_channel(shared_server.tcp) as ch:  # stock options
+        rpc = ch.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                             request_serializer=pb.GetRequest.SerializeToString,
+                             response_deserializer=pb.GetSmallResponse.FromString)
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[*misses, b"hit"]))
+        assert resp.answered == len(misses)  # every miss, not the block that no longer fits
+        assert not any(chunk.hit for chunk in resp.chunks)
+        limit = 1 << 20
+        resp = rpc(pb.GetRequest(namespace=namespace, keys=[*misses[:20_000], b"small"],
+                                 max_response_bytes=limit))
+        assert resp.ByteSize() <= limit
+        assert resp.answered == 20_000
+        only_misses = rpc(pb.GetRequest(namespace=namespace, keys=misses[:20_000],
+                                        max_response_bytes=64 << 10))
+        assert only_misses.ByteSize() <= 64 << 10
+        assert 0 < only_misses.answered < 20_000
+
+
+def test_a_client_gone_before_its_get_small_answer_logs_no_error(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A unary answer the client no longer takes (cancelled, past its
+    deadline, refused as over its receive limit) is the client's doing: the
+    server logs no ERROR and no traceback for it (grpc.aio logged both, once
+    per call: any client could flood the log), and stays up."""
+    server = server_factory().start()
+    blocks = {f"b{i}".encode(): block(i, 1 << 20) for i in range(3)}
+    with Client(server.tcp, namespace="default") as c:
+        c.put(blocks)
+    keys = list(blocks)
+    with grpc.insecure_channel(server.tcp) as ch:
+        rpc = ch.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                             request_serializer=pb.GetRequest.SerializeToString,
+                             response_deserializer=pb.GetSmallResponse.FromString)
+        gone = 0
+        for i in range(30):
+            try:
+                rpc(pb.GetRequest(namespace="default", keys=keys), timeout=0.001 * (1 + i % 10))
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                gone += 1
+            future = rpc.future(pb.GetRequest(namespace="default", keys=keys))
+            future.cancel()
+        with grpc.insecure_channel(server.tcp, options=[
+                ("grpc.max_receive_message_length", 1 << 20)]) as small:
+            refuse = small.unary_unary("/kvstore.v1.KVStore/GetSmall",
+                                       request_serializer=pb.GetRequest.SerializeToString,
+                                       response_deserializer=pb.GetSmallResponse.FromString)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as refused:
+                    refuse(pb.GetRequest(namespace="default", keys=keys,
+                                         max_response_bytes=4 << 20))
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert gone > 0
+        answer = rpc(pb.GetRequest(namespace="default", keys=keys[:1]))
+        assert answer.answered == 1 and answer.chunks[0].data == blocks[b"b0"]
+    assert server.terminate() == 0
+    log = server.log()
+    assert "Traceback" not in log and " ERROR " not in log, log

@@ -53,6 +53,11 @@ def test_pin_keeps_blocks_in_l1_within_the_quota(server_factory) -> None:  # typ
         assert c.pin([b"more"]).blocks == 1
         with pytest.raises(InvalidArgument):
             c.pin([b""])
+        # A key named twice is one pin: counted once against the quota and in
+        # the answer (it counted twice: 2 x 3 MiB was refused, 1 + 3 allowed).
+        assert c.unpin([b"sys-prompt"]).blocks == 1
+        pinned = c.pin([b"more", b"more"])
+        assert (pinned.blocks, pinned.bytes) == (1, 3 * MiB)
 
 
 def test_session_policy_serves_and_takes_hints(server_factory) -> None:  # type: ignore[no-untyped-def]
