@@ -280,6 +280,10 @@ class SocketIO:
                 self._idle = False
                 self._waiter = None
 
+    def quiet(self) -> bool:
+        """No request under way: nothing of one read ahead, no answer half sent."""
+        return self._start == self._end and self._pending is None
+
     async def next_header(self) -> memoryview | None:
         """The next frame's header bytes (valid until the next read), or None
         when the peer closed cleanly between frames."""
@@ -439,6 +443,11 @@ class StreamIO:
 
     def take(self, n: int) -> None:
         return None  # nothing is read ahead: always through the stream
+
+    def quiet(self) -> bool:
+        """No request under way (between frames): nothing read ahead here;
+        what asyncio's stream holds is not visible, so count it as quiet."""
+        return True
 
     async def next_header(self) -> Buffer | None:
         try:

@@ -117,6 +117,10 @@ class DataPlaneServer:
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
+        #: Connections waiting for their next request (none under way):
+        #: what a graceful stop closes at once.
+        self._waiting: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
+        self._draining = False
 
     # -- listeners ------------------------------------------------------------------------
 
@@ -240,7 +244,32 @@ class DataPlaneServer:
             self._track(task, connection=True)
         await self._serve(StreamIO(reader, writer, self.timeout))
 
+    async def drain(self, grace: float) -> None:
+        """A graceful stop's first half: accept no more connections, close
+        those waiting for a request, and give the requests under way up to
+        ``grace`` seconds to be answered (each connection closes after its
+        answer). :meth:`close` then ends whatever is left. (Closing every
+        connection at once cut in-flight Puts and Gets: a rolling restart
+        turned them into client errors, while gRPC's calls had their grace.)"""
+        self._draining = True
+        for server in self._servers:
+            server.close()
+        accepting = [t for t in self._tasks if t not in self._connections]
+        for task in accepting:
+            task.cancel()
+        for task in accepting:
+            with contextlib.suppress(BaseException):
+                await task
+        for sock in self._sockets:
+            sock.close()
+        for task, io in list(self._waiting.items()):
+            if io.quiet():
+                task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=grace)
+
     async def close(self) -> None:
+        self._draining = True
         for server in self._servers:
             server.close()
         # Accept loops and connections first (they unregister their sockets
@@ -311,7 +340,15 @@ class DataPlaneServer:
         the metadata limit (default ``server.data_plane_max_meta``)."""
         raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
-            raw = await io.next_header()
+            if self._draining and io.quiet():
+                return None  # stopping, and no request under way: close
+            task = asyncio.current_task()
+            assert task is not None
+            self._waiting[task] = io
+            try:
+                raw = await io.next_header()
+            finally:
+                del self._waiting[task]
             if raw is None:
                 return None
         header = f.decode_header(raw)

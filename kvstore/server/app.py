@@ -196,7 +196,12 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._monitor
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(self.config.server.grace_seconds if grace is None else grace)
+        grace = self.config.server.grace_seconds if grace is None else grace
+        # Both transports' calls under way get the grace, side by side.
+        stopping = [self.grpc.stop(grace)]
+        if self.dataplane is not None:
+            stopping.append(self.dataplane.drain(grace))
+        await asyncio.gather(*stopping)
         if self.dataplane is not None:  # before the broker: its sessions give back leases
             await self.dataplane.close()
         if self.metrics is not None:

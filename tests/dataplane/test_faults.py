@@ -5,6 +5,7 @@ stops reading, malformed frames. Each hurts only its own connection."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import time
@@ -41,6 +42,7 @@ from dataplane.raw import (
     u64s,
     wait_until,
 )
+from kvstore import Client
 
 MiB = 1024**2
 
@@ -232,3 +234,33 @@ def test_sigterm_with_sessions_open_stops_cleanly(server_factory: type[ServerPro
     assert srv.terminate() == 0
     assert "Traceback" not in srv.log() and "ERROR" not in srv.log()
     assert raw.closed() and half.closed()
+
+
+def test_a_graceful_stop_lets_data_plane_calls_under_way_finish(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM gives the data plane's calls under way the same grace as
+    gRPC's: a PUT half sent when the signal comes is answered once the rest
+    arrives, and kept across the restart; a connection with no request under
+    way is closed at once, and new ones are refused. (Every connection was
+    closed at once: the PUT failed, its block lost, in every rolling restart.)"""
+    server = server_factory("--server-grace-seconds", "30").start()
+    addr = open_dp(server.tcp).tcp_address
+    busy = session(server.tcp, kind="tcp")
+    idle = session(server.tcp, kind="tcp")
+    block = os.urandom(4 * 1024 * 1024)
+    frame = request(PUT, 2, put_meta("grace", [(b"inflight", len(block), 0, None)]), block)
+    half = len(frame) - len(block) // 2
+    busy.send(frame[:half])
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert idle.closed()  # (bounded by the socket's timeout)
+    host, _, port = addr.rpartition(":")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=10).close()
+    busy.send(frame[half:])
+    answer = busy.frame()
+    assert (answer.op, answer.rid, answer.meta) == (0x85, 2, u32(1) + u64(len(block)))
+    assert busy.closed()  # closed after its answer
+    assert server.proc.wait(60) == 0
+    server.start()
+    with Client(server.tcp, namespace="grace", data_plane=False) as c:
+        assert c.get([b"inflight"]) == [block]
