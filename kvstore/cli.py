@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--ready-file", metavar="PATH", default=None,
                        help="once listening, write {\"tcp\": ..., \"unix\": ..., \"pid\": ...} "
-                            "as JSON to this file (for scripts and tests) [default: none]")
+                            "as JSON to this file (for scripts and tests); removed when the "
+                            "server stops [default: none]")
     kvconfig.add_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import tomllib
@@ -80,9 +81,12 @@ def parse_int(value: Any) -> int:
 
 def parse_float(value: Any) -> float:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise InvalidConfig(f"{value!r} is not a number") from None
+    if not math.isfinite(number):  # nan passes every "must be positive" check
+        raise InvalidConfig(f"{value!r} is not a finite number")
+    return number
 
 
 def parse_str(value: Any) -> str:
@@ -575,6 +579,13 @@ def validate(config: Config) -> None:
     s = config.server
     if not s.listen and not s.unix_socket:
         raise InvalidConfig("set server.listen or server.unix_socket: the server needs an address")
+    for option, address in (("server.listen", s.listen),
+                            ("server.metrics_listen", s.metrics_listen),
+                            ("server.data_plane_listen", s.data_plane_listen)):
+        _, sep, port = address.rpartition(":")
+        if address and address != "off" and (not sep or not port.isdigit()
+                                             or int(port) > 65535):
+            raise InvalidConfig(f"{option} {address!r} is not host:port")
     if bool(s.tls_cert) != bool(s.tls_key):
         raise InvalidConfig("server.tls_cert and server.tls_key go together")
     if s.tls_client_ca and not s.tls_cert:
@@ -626,6 +637,11 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.verify_reads must be 'shared' or 'always'")
     if config.policy.clock not in ("wall", "client"):
         raise InvalidConfig("policy.clock must be 'wall' or 'client'")
+    from kvstore.policy import POLICIES  # (the policies import this module)
+
+    if config.policy.name not in POLICIES:
+        raise InvalidConfig(f"policy.name {config.policy.name!r} is not a policy; choose one "
+                            f"of {', '.join(sorted(POLICIES))}")
     validate_session_policy(config.policy.session)
     if not 0.0 <= s.pin_quota <= 1.0:
         raise InvalidConfig("server.pin_quota must be in [0, 1]")
@@ -645,6 +661,12 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l3.write_queue_bytes must be positive, not 0")
     if config.l3.outage_spill < 0.0:
         raise InvalidConfig("l3.outage_spill must be >= 0")
+    if config.l3.timeout_s <= 0.0:
+        raise InvalidConfig(f"l3.timeout_s must be positive, not {config.l3.timeout_s}")
+    if config.l3.url:
+        from kvstore.tiers.object import check_location  # (obstore: only with an L3)
+
+        check_location(config.l3.url, config.l3.endpoint)
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")
     if config.auth.tokens_file and not Path(config.auth.tokens_file).is_file():

@@ -88,8 +88,13 @@ def example() -> str:
     return "\n".join(lines) + "\n"
 
 
+def redact_urls(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced."""
+    return _URL_USERINFO_RE.sub("<redacted>@", text)
+
+
 def _redact_url(value: Any) -> Any:
-    return _URL_USERINFO_RE.sub("<redacted>@", value) if isinstance(value, str) else value
+    return redact_urls(value) if isinstance(value, str) else value
 
 
 def effective(config: kvconfig.Config) -> str:

@@ -277,6 +277,8 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
           f"unix {addresses['data_plane_unix']}" if addresses.get("data_plane_unix") else ""]
     if any(dp):
         listeners.append(f"data plane {', '.join(x for x in dp if x)}")
+    if addresses.get("metrics"):
+        listeners.append(f"metrics http://{addresses['metrics']}/metrics")
     line = (f"kvstore {_version()} serving on {', '.join(x for x in listeners if x)}; "
             f"{l1}; {l2}; {l3}; {policy}; data dir {config.data_dir}")
     fields: dict[str, object] = {
@@ -288,6 +290,7 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
         "data_dir": config.data_dir,
         "data_plane_tcp": addresses.get("data_plane_tcp"),
         "data_plane_unix": addresses.get("data_plane_unix"),
+        "metrics": addresses.get("metrics"),
     }
     return line, fields
 
@@ -324,6 +327,8 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     await stop.wait()
     log.info("shutting down: finishing in-flight calls, flushing L2")
     await server.stop()
+    if ready_file:  # a stopped server is not ready: scripts waiting on the file see so
+        Path(ready_file).unlink(missing_ok=True)
     lost = server.store.lost_at_close
     if lost:
         log.error("stopped: %d blocks acknowledged at memory could not be written to L2 "

@@ -13,6 +13,7 @@ import json
 import logging
 from typing import Any
 
+from kvstore.config_toml import redact_urls
 from kvstore.errors import InvalidConfig
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -22,8 +23,18 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"m
                                                                              "asctime"}
 
 
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # A password written into a URL (l3.url, l3.endpoint) never reaches
+        # the log, whichever message carries it: ours, a library's, a traceback.
+        return redact_urls(super().format(record))
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        return redact_urls(self._document(record))
+
+    def _document(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
             .isoformat(timespec="milliseconds"),
@@ -45,7 +56,7 @@ def configure(log_format: str, level: str) -> None:
     """Send every logger's records to stderr in ``log_format`` at ``level``."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json"
-                         else logging.Formatter(TEXT_FORMAT))
+                         else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

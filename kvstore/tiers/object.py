@@ -462,6 +462,40 @@ class ObjectTier:
             return result
 
 
+def check_location(url: str, endpoint: str) -> None:
+    """What :func:`_open_store` refuses in ``l3.url`` and ``l3.endpoint``,
+    checked without obstore or any I/O (for the configuration's checks, so
+    that ``kvstore config --effective`` refuses what ``serve`` would)."""
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if "@" in parsed.netloc:  # (an s3:// one would be read as part of the bucket's name)
+        raise InvalidConfig(
+            "l3.url must not carry credentials (user:password@): set l3.access_key_id and "
+            "l3.secret_access_key (env KVSTORE_L3_ACCESS_KEY_ID, KVSTORE_L3_SECRET_ACCESS_KEY)")
+    if scheme == "file":
+        if endpoint:
+            raise InvalidConfig("l3.endpoint applies to s3:// URLs only, not file://")
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise InvalidConfig(f"l3.url {url!r}: use file:///absolute/path")
+        return
+    if scheme not in ("s3", "s3a"):
+        raise InvalidConfig(
+            f"l3.url {url!r}: unsupported scheme {parsed.scheme!r} "
+            "(use s3://bucket/prefix or file:///path)"
+        )
+    if not parsed.netloc:
+        raise InvalidConfig(f"l3.url {url!r}: no bucket (use s3://bucket/prefix)")
+    if endpoint:
+        ep = urllib.parse.urlsplit(endpoint)
+        if ep.scheme not in ("http", "https") or not ep.hostname:
+            raise InvalidConfig(f"l3.endpoint {endpoint!r}: use https://host[:port]")
+        if ep.scheme == "http" and not is_loopback_host(ep.hostname):
+            raise InvalidConfig(
+                f"l3.endpoint {endpoint!r}: plain http is allowed only for loopback "
+                "endpoints (127.0.0.1, ::1, localhost); use https"
+            )
+
+
 def _open_store(
     url: str,
     *,
@@ -477,26 +511,16 @@ def _open_store(
             f"L3 is configured (l3.url={url}) but obstore is not installed: "
             "pip install 'kvstore[l3]'"
         )
+    check_location(url, endpoint)
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()
     if scheme == "file":
-        if endpoint:
-            raise InvalidConfig("l3.endpoint applies to s3:// URLs only, not file://")
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise InvalidConfig(f"l3.url {url!r}: use file:///absolute/path")
         path = urllib.parse.unquote(parsed.path).rstrip("/") or "/"
         try:
             return LocalStore(prefix=path, mkdir=True), f"file://{path}"
         except Exception as exc:
             raise InvalidConfig(f"l3.url {url!r}: cannot use directory: {exc}") from None
-    if scheme not in ("s3", "s3a"):
-        raise InvalidConfig(
-            f"l3.url {url!r}: unsupported scheme {parsed.scheme!r} "
-            "(use s3://bucket/prefix or file:///path)"
-        )
     bucket = parsed.netloc
-    if not bucket:
-        raise InvalidConfig(f"l3.url {url!r}: no bucket (use s3://bucket/prefix)")
     prefix = parsed.path.strip("/")
     if bool(access_key_id) != bool(secret_access_key):
         raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or neither")
@@ -507,15 +531,7 @@ def _open_store(
     }
     where = f"s3://{bucket}/{prefix}".rstrip("/")
     if endpoint:
-        ep = urllib.parse.urlsplit(endpoint)
-        if ep.scheme not in ("http", "https") or not ep.hostname:
-            raise InvalidConfig(f"l3.endpoint {endpoint!r}: use https://host[:port]")
-        if ep.scheme == "http":
-            if not is_loopback_host(ep.hostname):
-                raise InvalidConfig(
-                    f"l3.endpoint {endpoint!r}: plain http is allowed only for loopback "
-                    "endpoints (127.0.0.1, ::1, localhost); use https"
-                )
+        if urllib.parse.urlsplit(endpoint).scheme == "http":  # (loopback: checked above)
             client["allow_http"] = True
         config["endpoint"] = endpoint.rstrip("/")
         config["virtual_hosted_style_request"] = False

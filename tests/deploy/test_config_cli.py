@@ -102,3 +102,32 @@ def test_effective_of_the_defaults_is_the_defaults(tmp_path: Path) -> None:
     path = tmp_path / "defaults.toml"
     path.write_text(out.stdout)
     assert load(file=path, env={}) == Config()
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (("--policy-name", "foo"), "policy.name 'foo'"),
+    (("--server-listen", "nohostport"), "server.listen 'nohostport'"),
+    (("--server-metrics-listen", "127.0.0.1"), "server.metrics_listen"),
+    (("--l3-url", "ftp://x/y"), "l3.url 'ftp://x/y'"),
+    (("--l3-url", "s3://b/p", "--l3-endpoint", "http://10.1.2.3:9000"), "l3.endpoint"),
+    (("--l3-url", "s3://user:pw@b/p"), "l3.url must not carry credentials"),
+    (("--l3-timeout-s", "-1"), "l3.timeout_s"),
+    (("--l3-timeout-s", "nan"), "not a finite number"),
+    (("--server-grace-seconds", "inf"), "not a finite number"),
+    (("--policy-session-horizon", "nan"), "not a finite number"),
+])
+def test_effective_refuses_what_serve_refuses(flags: tuple[str, ...], named: str,
+                                              tmp_path: Path) -> None:
+    """`config --effective` loads "exactly as serve would": a value serve
+    refuses at start is refused here too, in one line naming the option, exit 2
+    (each passed here, rc 0, and serve refused it; nan and inf passed both, nan
+    making every L3 request time out)."""
+    out = run_effective(*flags, env={})
+    assert out.returncode == 2, out.stdout
+    assert out.stderr.startswith("kvstore: ") and named in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
+    serve = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--data-dir",
+                            str(tmp_path / "data"), *flags], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "KVSTORE_CONFIG": ""}, check=False)
+    assert serve.returncode == 2 and named in serve.stderr, serve.stderr
+    assert not (tmp_path / "data").exists()  # refused before it touched anything

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,31 @@ def test_json_log_lines(server_factory) -> None:  # type: ignore[no-untyped-def]
     assert summary["l1_capacity"] == 128 * 1024**2
     assert summary["l1_reads_checked"] is False  # an anonymous arena (l1.verify_reads)
     assert any(r["message"] == "stopped" for r in records)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_passwords_in_urls_never_reach_the_log(server_factory, log_format: str) -> None:  # type: ignore[no-untyped-def]
+    """A user:password@ written into l3.endpoint is redacted in every log line
+    (the L3 listing's warning printed it, through the object store's own
+    error text), as `config --effective` redacts it; one in l3.url is refused
+    (test_config_cli). The start-up line names the metrics address, and
+    the ready file is removed when the server stops (it outlived it)."""
+    pytest.importorskip("obstore")
+    server = server_factory(
+        "--log-format", log_format, "--l3-url", "s3://bucket/pre",
+        "--l3-endpoint", "http://epuser:EndPw777@127.0.0.1:9", "--l3-timeout-s", "1",
+        "--l3-retries", "0", "--server-metrics-listen", "127.0.0.1:0",
+        env={"KVSTORE_LOG_LEVEL": "INFO", "KVSTORE_L3_ACCESS_KEY_ID": "test",
+             "KVSTORE_L3_SECRET_ACCESS_KEY": "test"}).start()  # (keys: no metadata service)
+    ready = max(server.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
+    metrics = json.loads(ready.read_text())["metrics"]
+    deadline = time.monotonic() + 30
+    while "L3 listing failed" not in server.log():  # the warning that carried the endpoint's
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)  # polling the log, bounded
+    assert server.terminate() == 0
+    log = server.log()
+    assert "EndPw777" not in log, log
+    assert "http://<redacted>@127.0.0.1:9" in log
+    assert f"metrics http://{metrics}/metrics" in log
+    assert not ready.exists()
