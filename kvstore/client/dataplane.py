@@ -54,6 +54,7 @@ from kvstore.client._dproute import NoRoute, choose_route
 from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
+from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.errors import (
     ConnectionFailed,
     DeadlineExceeded,
@@ -892,6 +893,7 @@ def _tls_context(tls: Any) -> ssl.SSLContext:
 
     ca = _pem(tls.ca)
     ctx = ssl.create_default_context(cadata=ca.decode() if ca is not None else None)
+    same_checks_as_grpc(ctx)
     cert, key = _pem(tls.cert), _pem(tls.key)
     if cert is not None and key is not None:
         # ssl loads a certificate chain from files only: a private temporary one.

@@ -35,6 +35,7 @@ from kvstore.dataplane.conn import (
 )
 from kvstore.dataplane.ops import Answered, Session, error_frame
 from kvstore.dataplane.tickets import Binding, TicketBook
+from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.errors import (
     InvalidConfig,
     KVStoreError,
@@ -90,6 +91,7 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     if not s.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    same_checks_as_grpc(ctx)  # (client certificates: as the gRPC listener checks them)
     ctx.load_cert_chain(s.tls_cert, s.tls_key)
     if s.tls_client_ca:
         ctx.load_verify_locations(s.tls_client_ca)

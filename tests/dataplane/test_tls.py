@@ -14,6 +14,7 @@ import pytest
 from serverproc import ServerProcess
 
 from dataplane.raw import HELLO, Raw, block_of, get, put, request, s
+from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
@@ -56,6 +57,9 @@ def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path)
     assert resp.tls
     host, _, port = resp.tcp_address.rpartition(":")
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    # The fixture's CA has no key usage extension, which Python 3.13's strict
+    # default refuses and gRPC accepts (kvstore.dataplane.tls).
+    same_checks_as_grpc(ctx)
     ctx.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
     plain = socket.create_connection((host, int(port)), timeout=20)
     raw = Raw(ctx.wrap_socket(plain, server_hostname="127.0.0.1"))
@@ -68,6 +72,7 @@ def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path)
     # No client certificate: the handshake is refused (TLS 1.3 may report it
     # only at the first read).
     anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    same_checks_as_grpc(anonymous)
     sock = socket.create_connection((host, int(port)), timeout=20)
     with pytest.raises((ssl.SSLError, ConnectionResetError, EOFError)):
         bare = Raw(anonymous.wrap_socket(sock, server_hostname="127.0.0.1"))
