@@ -67,8 +67,8 @@ class SocketIO:
     unregistered until the next wait, so a busy connection never spins."""
 
     __slots__ = ("_end", "_failed", "_fd", "_idle", "_idle_fires", "_pending", "_start", "_tcp",
-                 "_waiter", "_watching", "buf", "bytes_in", "bytes_out", "fast", "loop", "mv",
-                 "sock", "timeout")
+                 "_waiter", "_watching", "buf", "bytes_in", "bytes_out", "closing", "fast", "loop",
+                 "mv", "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float,
                  buffer_bytes: int = BUFFER_BYTES) -> None:
@@ -91,11 +91,22 @@ class SocketIO:
         # A fast answer not sent whole: (parts, bytes sent, called once it is).
         self._pending: tuple[Sequence[Buffer], int, Callable[[], None]] | None = None
         self._failed: BaseException | None = None  # the fast path's, for the task
+        #: A graceful stop: answer what is under way, then close (next_header: None).
+        self.closing = False
+
+    def begin_closing(self) -> None:
+        """A graceful stop: nothing more is answered from the readable
+        callback; the task finishes what is under way (an answer half sent,
+        a frame half received or buffered), then its next header is None."""
+        self.closing = True
+        waiter = self._waiter
+        if self._idle and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _readable(self) -> None:
         if self._idle:
             try:
-                handover = self._answer_ready()
+                handover = self.closing or self._answer_ready()
             except BaseException as exc:  # a bug: the task raises it
                 self._failed = exc
                 handover = True
@@ -264,6 +275,8 @@ class SocketIO:
             failed, self._failed = self._failed, None
             if failed is not None:
                 raise failed
+            if self.closing:
+                return  # the task reads what is left; nothing more answered here
             if self._answer_ready():
                 if self._pending is None and self._failed is None:
                     return
@@ -280,15 +293,25 @@ class SocketIO:
                 self._idle = False
                 self._waiter = None
 
-    def quiet(self) -> bool:
-        """No request under way: nothing of one read ahead, no answer half sent."""
-        return self._start == self._end and self._pending is None
+    def _received_now(self) -> bool:
+        """One receive without waiting (a request sent before the stop began
+        may be in the socket still): whether it brought anything."""
+        self._start = self._end = 0
+        try:
+            n = self.sock.recv_into(self.mv)
+        except OSError:  # (BlockingIOError: nothing came)
+            return False
+        self._end = n
+        self.bytes_in += n
+        return n > 0
 
     async def next_header(self) -> memoryview | None:
         """The next frame's header bytes (valid until the next read), or None
         when the peer closed cleanly between frames."""
         if self.fast is not None:
             await self._next_unanswered()
+        if self.closing and self._start == self._end and not self._received_now():
+            return None  # stopping, and nothing of another request came: close
         if not await self._fill(HEADER_SIZE):
             return None
         start = self._start
@@ -437,6 +460,16 @@ class StreamIO:
         self.writer = writer
         self.timeout = timeout
         self.bytes_in = self.bytes_out = 0
+        self.closing = False
+        self._between_frames = False
+
+    def begin_closing(self) -> None:
+        """A graceful stop (as SocketIO's): a task waiting for its next frame
+        reads what the stream holds, then its end; one busy with a request
+        finishes it, then does the same."""
+        self.closing = True
+        if self._between_frames:
+            self.reader.feed_eof()
 
     def grow(self) -> None:
         """(SocketIO's: a stream's buffer is asyncio's.)"""
@@ -444,12 +477,10 @@ class StreamIO:
     def take(self, n: int) -> None:
         return None  # nothing is read ahead: always through the stream
 
-    def quiet(self) -> bool:
-        """No request under way (between frames): nothing read ahead here;
-        what asyncio's stream holds is not visible, so count it as quiet."""
-        return True
-
     async def next_header(self) -> Buffer | None:
+        if self.closing:
+            self.reader.feed_eof()  # (at a frame's boundary: what came is still read)
+        self._between_frames = True
         try:
             data = await self.reader.readexactly(HEADER_SIZE)
         except asyncio.IncompleteReadError as exc:
@@ -458,6 +489,8 @@ class StreamIO:
             raise ConnectionClosed("peer closed mid-header") from None
         except OSError as exc:
             raise ConnectionClosed(str(exc)) from None
+        finally:
+            self._between_frames = False
         self.bytes_in += HEADER_SIZE
         return data
 
@@ -512,3 +545,22 @@ class StreamIO:
 
     def close(self) -> None:
         self.writer.close()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` s) until the TLS transport holds nothing
+        more of the last answer (``send`` returns once it holds less than its
+        high-water mark): a stopping server may exit right after the close.
+        Not until the peer's close_notify: a peer that no longer reads would
+        hold the stop for its whole grace."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                transport = self.writer.transport
+                # drain() then waits until it holds nothing (high=0 would
+                # pause an empty transport for good: it pauses at >= high).
+                transport.set_write_buffer_limits(high=1)
+                await self.writer.drain()
+                # What TLS has encrypted may still wait in the socket's own
+                # transport, of which asyncio gives no public handle.
+                inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+                while inner is not None and inner.get_write_buffer_size():
+                    await asyncio.sleep(0.005)  # (a stop's last answer: bounded above)

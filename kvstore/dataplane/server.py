@@ -119,9 +119,8 @@ class DataPlaneServer:
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
-        #: Connections waiting for their next request (none under way):
-        #: what a graceful stop closes at once.
-        self._waiting: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
+        #: Each open connection's I/O (a graceful stop tells each to close).
+        self._open: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
         self._draining = False
 
     # -- listeners ------------------------------------------------------------------------
@@ -244,7 +243,13 @@ class DataPlaneServer:
         task = asyncio.current_task()
         if task is not None:
             self._track(task, connection=True)
-        await self._serve(StreamIO(reader, writer, self.timeout))
+        try:
+            await self._serve(StreamIO(reader, writer, self.timeout))
+        except asyncio.CancelledError:
+            # Only this server cancels (a stop past its grace, a SIGHUP's
+            # reload): ended quietly, since asyncio's start_server callback
+            # logs a cancelled connection task as an ERROR with a traceback.
+            pass
 
     async def drain(self, grace: float) -> None:
         """A graceful stop's first half: accept no more connections, close
@@ -253,30 +258,24 @@ class DataPlaneServer:
         answer). :meth:`close` then ends whatever is left. (Closing every
         connection at once cut in-flight Puts and Gets: a rolling restart
         turned them into client errors, while gRPC's calls had their grace.)"""
-        self._draining = True
-        for server in self._servers:
-            server.close()
-        accepting = [t for t in self._tasks if t not in self._connections]
-        for task in accepting:
-            task.cancel()
-        for task in accepting:
-            with contextlib.suppress(BaseException):
-                await task
-        for sock in self._sockets:
-            sock.close()
-        for task, io in list(self._waiting.items()):
-            if io.quiet():
-                task.cancel()
+        await self._end([t for t in self._tasks if t not in self._connections])
+        for io in self._open.values():
+            io.begin_closing()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=grace)
 
     async def close(self) -> None:
+        await self._end(list(self._tasks))
+        if self.unix_path:
+            Path(self.unix_path).unlink(missing_ok=True)
+
+    async def _end(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Accept nothing more: ``tasks`` (accept loops, connections) ended
+        first (they unregister their sockets from the selector), then the
+        listening sockets closed."""
         self._draining = True
         for server in self._servers:
             server.close()
-        # Accept loops and connections first (they unregister their sockets
-        # from the selector), then the listening sockets.
-        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -284,8 +283,6 @@ class DataPlaneServer:
                 await task
         for sock in self._sockets:
             sock.close()
-        if self.unix_path:
-            Path(self.unix_path).unlink(missing_ok=True)
 
     def issue_ticket(self, binding: Binding) -> bytes:
         return self.tickets.issue(binding)
@@ -297,12 +294,19 @@ class DataPlaneServer:
         stats.connections += 1
         stats.connections_total += 1
         session: Session | None = None
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[task] = io
+        if self._draining:  # (accepted just before the listeners closed)
+            io.begin_closing()
         try:
             session = await self._hello(io)
             if session is not None:
                 if isinstance(io, SocketIO):
                     io.fast = self._fast_answers(session)
                 await self._requests(io, session)
+            if isinstance(io, StreamIO):  # the TLS transport may still hold an answer
+                await io.flush(self.timeout)
         except PeerTooSlow as exc:
             self._slow_log.note(str(exc))
         except (ConnectionClosed, ConnectionError):
@@ -312,6 +316,7 @@ class DataPlaneServer:
         except Exception:
             log.exception("data plane: internal error; connection closed")
         finally:
+            del self._open[task]
             stats.connections -= 1
             stats.bytes_in += io.bytes_in
             stats.bytes_out += io.bytes_out
@@ -342,15 +347,7 @@ class DataPlaneServer:
         the metadata limit (default ``server.data_plane_max_meta``)."""
         raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
-            if self._draining and io.quiet():
-                return None  # stopping, and no request under way: close
-            task = asyncio.current_task()
-            assert task is not None
-            self._waiting[task] = io
-            try:
-                raw = await io.next_header()
-            finally:
-                del self._waiting[task]
+            raw = await io.next_header()
             if raw is None:
                 return None
         header = f.decode_header(raw)

@@ -246,11 +246,22 @@ def test_a_graceful_stop_lets_data_plane_calls_under_way_finish(server_factory) 
     addr = open_dp(server.tcp).tcp_address
     busy = session(server.tcp, kind="tcp")
     idle = session(server.tcp, kind="tcp")
+    reader = session(server.tcp, kind="tcp")
+    halfway = session(server.tcp, kind="tcp")
+    stored = os.urandom(4 * 1024 * 1024)
+    assert put(reader, 1, "grace", {b"stored": stored}).op == 0x85
     block = os.urandom(4 * 1024 * 1024)
     frame = request(PUT, 2, put_meta("grace", [(b"inflight", len(block), 0, None)]), block)
     half = len(frame) - len(block) // 2
     busy.send(frame[:half])
+    # A GET of an L1 block answered from the socket's callback, read only
+    # after the signal (the answer waits, half sent, for the reader), and a
+    # request of which only part of the header came before it.
+    reader.send(request(GET, 3, get_meta("grace", [b"stored"])))
+    small = request(GET, 4, get_meta("grace", [b"absent"]))
+    halfway.send(small[:10])
     assert server.proc is not None
+    started = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     assert idle.closed()  # (bounded by the socket's timeout)
     host, _, port = addr.rpartition(":")
@@ -260,7 +271,13 @@ def test_a_graceful_stop_lets_data_plane_calls_under_way_finish(server_factory) 
     answer = busy.frame()
     assert (answer.op, answer.rid, answer.meta) == (0x85, 2, u32(1) + u64(len(block)))
     assert busy.closed()  # closed after its answer
+    assert [block_of(f) for f in [reader.frame()]] == [stored]
+    assert reader.closed()
+    halfway.send(small[10:])
+    assert block_of(halfway.frame()) is None
+    assert halfway.closed()  # closed after its answer, not serving on (it did, for the grace)
     assert server.proc.wait(60) == 0
+    assert time.monotonic() - started < 20  # well before the grace: nothing was left
     server.start()
     with Client(server.tcp, namespace="grace", data_plane=False) as c:
         assert c.get([b"inflight"]) == [block]

@@ -3,17 +3,20 @@ certificate, key and client CA; the unix socket stays plaintext."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 from serverproc import ServerProcess
 
-from dataplane.raw import HELLO, Raw, block_of, get, put, request, s
+from dataplane.raw import GET, HELLO, Raw, block_of, get, get_meta, put, request, s
 from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.wire.pb import kvstore_pb2 as pb
 
@@ -84,3 +87,46 @@ def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path)
     cleartext.send(request(HELLO, 1, s(b"\0" * 32)))
     with pytest.raises((EOFError, ConnectionResetError, AssertionError)):
         cleartext.frame()
+
+
+def test_a_graceful_stop_finishes_tls_answers_and_logs_no_error(
+        server_factory: type[ServerProcess], certs: Path) -> None:
+    """SIGTERM with a TLS data-plane connection idle (as pooled ones are) and
+    a GET read only after the signal: the idle one is closed at once, the
+    GET's answer arrives whole (TLS holds it in asyncio's buffers, and the
+    connection was cut with it unsent), and the log has no ERROR (asyncio
+    logged the cancelled connection task with a traceback, every restart)."""
+    srv = server_factory("--server-tls-cert", str(certs / "server.pem"),
+                         "--server-tls-key", str(certs / "server.key"),
+                         "--server-grace-seconds", "30").start()
+    creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    same_checks_as_grpc(ctx)
+
+    def connect() -> Raw:
+        with grpc.secure_channel(srv.tcp, creds) as channel:
+            resp = channel.unary_unary(
+                "/kvstore.v1.KVStore/OpenDataPlane",
+                request_serializer=pb.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=pb.OpenDataPlaneResponse.FromString)(
+                    pb.OpenDataPlaneRequest(), timeout=10)
+        host, _, port = resp.tcp_address.rpartition(":")
+        raw = Raw(ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=20),
+                                  server_hostname="127.0.0.1"))
+        raw.send(request(HELLO, 1, s(resp.ticket)))
+        assert raw.frame().op == 0x81
+        return raw
+
+    idle, reader = connect(), connect()
+    block = os.urandom(8 * 1024 * 1024)
+    assert put(reader, 2, "tls", {b"big": block}).op == 0x85
+    reader.send(request(GET, 3, get_meta("tls", [b"big"])))
+    assert srv.proc is not None
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert idle.closed()
+    assert block_of(reader.frame()) == block
+    assert srv.proc.wait(60) == 0
+    assert time.monotonic() - started < 20  # not the grace: nothing was left
+    log = srv.log()
+    assert " ERROR " not in log and "Traceback" not in log, log
