@@ -139,7 +139,9 @@ def stats_to_json(stats: StoreStats) -> dict[str, Any]:
 
 
 def _err(message: str) -> None:
-    print(f"kvstore: {message}", file=sys.stderr)
+    from kvstore.config_toml import redact_urls  # (a refused l3.endpoint names its URL)
+
+    print(f"kvstore: {redact_urls(message)}", file=sys.stderr)
 
 
 def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:

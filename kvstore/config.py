@@ -24,6 +24,7 @@ from typing import Any
 
 from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.errors import InvalidConfig, InvalidNamespace
+from kvstore.l3url import check_location
 from kvstore.types import validate_namespace
 
 _log = logging.getLogger(__name__)
@@ -31,6 +32,21 @@ _log = logging.getLogger(__name__)
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
+
+#: The names policy.name takes: kvstore.policy.POLICIES registers exactly
+#: these (it imports this module, so this cannot import it; a test checks).
+POLICY_NAMES = frozenset({"lru", "s3fifo", "sieve", "gdsf", "session"})
+
+
+def split_host_port(option: str, address: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 in brackets) of a listen address, or InvalidConfig
+    naming ``option``: a host is required (":0" binds nothing the server can
+    name), a port is 0..65535 in ASCII digits."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()) \
+            or int(port) > 65535:
+        raise InvalidConfig(f"{option} {address!r} is not host:port")
+    return host, int(port)
 
 def parse_size(value: Any) -> int:
     """``"64MiB"``, ``"1.5G"``, ``"4096"`` or an int → bytes (binary units)."""
@@ -582,10 +598,8 @@ def validate(config: Config) -> None:
     for option, address in (("server.listen", s.listen),
                             ("server.metrics_listen", s.metrics_listen),
                             ("server.data_plane_listen", s.data_plane_listen)):
-        _, sep, port = address.rpartition(":")
-        if address and address != "off" and (not sep or not port.isdigit()
-                                             or int(port) > 65535):
-            raise InvalidConfig(f"{option} {address!r} is not host:port")
+        if address and not (option == "server.data_plane_listen" and address == "off"):
+            split_host_port(option, address)
     if bool(s.tls_cert) != bool(s.tls_key):
         raise InvalidConfig("server.tls_cert and server.tls_key go together")
     if s.tls_client_ca and not s.tls_cert:
@@ -637,11 +651,9 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l1.verify_reads must be 'shared' or 'always'")
     if config.policy.clock not in ("wall", "client"):
         raise InvalidConfig("policy.clock must be 'wall' or 'client'")
-    from kvstore.policy import POLICIES  # (the policies import this module)
-
-    if config.policy.name not in POLICIES:
+    if config.policy.name not in POLICY_NAMES:
         raise InvalidConfig(f"policy.name {config.policy.name!r} is not a policy; choose one "
-                            f"of {', '.join(sorted(POLICIES))}")
+                            f"of {', '.join(sorted(POLICY_NAMES))}")
     validate_session_policy(config.policy.session)
     if not 0.0 <= s.pin_quota <= 1.0:
         raise InvalidConfig("server.pin_quota must be in [0, 1]")
@@ -664,8 +676,6 @@ def validate(config: Config) -> None:
     if config.l3.timeout_s <= 0.0:
         raise InvalidConfig(f"l3.timeout_s must be positive, not {config.l3.timeout_s}")
     if config.l3.url:
-        from kvstore.tiers.object import check_location  # (obstore: only with an L3)
-
         check_location(config.l3.url, config.l3.endpoint)
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")

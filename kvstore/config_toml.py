@@ -24,7 +24,10 @@ _SECRET_WORDS = ("secret", "password", "token", "credential")
 #: Paths to files that hold credentials, not credentials: printed like
 #: server.tls_key, or the TOML read back would start a server with auth off.
 PATH_OPTIONS = frozenset({"auth.tokens_file"})
-_URL_USERINFO_RE = re.compile(r"(?<=://)[^/@\s]+@")
+#: A URL's ``user:password@``; the password may hold "/" (AWS secret keys
+#: do). Text with "://", a ":" and an "@" in one word is redacted, even where
+#: it was no password (host:port/path@x): better too much than a secret.
+_URL_USERINFO_RE = re.compile(r"(?<=://)[^\s/@]*:[^\s@]*@|(?<=://)[^\s/@:]+@")
 
 _SIZE_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
 _WIDTH = 92

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvstore.config_toml import redact_urls
 from kvstore.errors import InvalidConfig
+from kvstore.ratelimit import RateLimitedWarning
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -69,24 +70,28 @@ def configure(log_format: str, level: str) -> None:
 
 
 class AnswerNotDelivered(logging.Filter):
-    """grpc.aio logs an ERROR with a traceback when a unary answer cannot be
-    sent because the client went first (cancelled, past its deadline, or it
-    refused an answer over its receive limit): something any client can
-    cause at will, not a server fault. Such a record becomes one DEBUG line
-    of ``kvstore.server`` (as a Get cancelled mid-stream is)."""
+    """grpc.aio logs an ERROR with a traceback, per call, when a unary
+    answer cannot be sent: the client went first (cancelled, past its
+    deadline, refusing an answer over its receive limit), which any client
+    can cause at will, or the answer was over the server's own message limit.
+    Such records become one WARNING line at most per minute, naming the
+    method and counting the others (a flood of tracebacks, before)."""
 
     _MARK = "ExecuteBatchError raised in core by servicer method"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._warning = RateLimitedWarning(
+            logging.getLogger("kvstore.server"),
+            "an answer could not be sent (the client went first, or it was over a message "
+            "size limit)", 60.0)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if self._MARK not in message:
             return True
-        _quiet.debug("an answer was not delivered (the client went first): %s",
-                     message.rsplit(" ", 1)[-1])
+        self._warning.note(message.rsplit(" ", 1)[-1].strip("[]"))
         return False
-
-
-_quiet = logging.getLogger("kvstore.server")
 
 
 def quiet_undelivered_answers() -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvstore.config import Config
+from kvstore.config import Config, split_host_port
 from kvstore.errors import InvalidConfig
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 
@@ -176,10 +176,7 @@ def check_listen(listen: str) -> None:
     """The TCP address resolves and its port is free (port 0 always is)."""
     if not listen:
         return
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise InvalidConfig(f"server.listen {listen!r} is not host:port")
-    port = int(port_text)
+    host, port = split_host_port("server.listen", listen)
     host = host.strip("[]")
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,

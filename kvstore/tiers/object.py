@@ -55,7 +55,6 @@ Failure behaviour (the store translates; nothing here retries forever):
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import struct
 import time
@@ -65,6 +64,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
+from kvstore.l3url import check_location
 from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
 from kvstore.types import BlockId
@@ -147,16 +147,6 @@ def unpack_header(raw: Buffer) -> BlockMeta | None:
     if magic != MAGIC or version != LAYOUT_VERSION:
         return None
     return BlockMeta(size, checksum, created)
-
-
-def is_loopback_host(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _describe(exc: BaseException) -> str:
@@ -460,40 +450,6 @@ class ObjectTier:
                 continue
             self.breaker.success()
             return result
-
-
-def check_location(url: str, endpoint: str) -> None:
-    """What :func:`_open_store` refuses in ``l3.url`` and ``l3.endpoint``,
-    checked without obstore or any I/O (for the configuration's checks, so
-    that ``kvstore config --effective`` refuses what ``serve`` would)."""
-    parsed = urllib.parse.urlsplit(url)
-    scheme = parsed.scheme.lower()
-    if "@" in parsed.netloc:  # (an s3:// one would be read as part of the bucket's name)
-        raise InvalidConfig(
-            "l3.url must not carry credentials (user:password@): set l3.access_key_id and "
-            "l3.secret_access_key (env KVSTORE_L3_ACCESS_KEY_ID, KVSTORE_L3_SECRET_ACCESS_KEY)")
-    if scheme == "file":
-        if endpoint:
-            raise InvalidConfig("l3.endpoint applies to s3:// URLs only, not file://")
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise InvalidConfig(f"l3.url {url!r}: use file:///absolute/path")
-        return
-    if scheme not in ("s3", "s3a"):
-        raise InvalidConfig(
-            f"l3.url {url!r}: unsupported scheme {parsed.scheme!r} "
-            "(use s3://bucket/prefix or file:///path)"
-        )
-    if not parsed.netloc:
-        raise InvalidConfig(f"l3.url {url!r}: no bucket (use s3://bucket/prefix)")
-    if endpoint:
-        ep = urllib.parse.urlsplit(endpoint)
-        if ep.scheme not in ("http", "https") or not ep.hostname:
-            raise InvalidConfig(f"l3.endpoint {endpoint!r}: use https://host[:port]")
-        if ep.scheme == "http" and not is_loopback_host(ep.hostname):
-            raise InvalidConfig(
-                f"l3.endpoint {endpoint!r}: plain http is allowed only for loopback "
-                "endpoints (127.0.0.1, ::1, localhost); use https"
-            )
 
 
 def _open_store(

@@ -115,6 +115,13 @@ def test_effective_of_the_defaults_is_the_defaults(tmp_path: Path) -> None:
     (("--l3-timeout-s", "nan"), "not a finite number"),
     (("--server-grace-seconds", "inf"), "not a finite number"),
     (("--policy-session-horizon", "nan"), "not a finite number"),
+    (("--server-metrics-listen", "off"), "server.metrics_listen 'off'"),
+    (("--server-listen", ":0"), "server.listen ':0'"),
+    (("--server-listen", "127.0.0.1:\u0660"), "is not host:port"),
+    (("--server-listen", "127.0.0.1:\u00b2"), "is not host:port"),
+    # An AWS secret key holds "/": urlsplit then ends the host before the "@".
+    (("--l3-url", "s3://AKIAX:wJal/K7MD/bPxR@kvstore-cache/blocks"),
+     "l3.url must not carry credentials"),
 ])
 def test_effective_refuses_what_serve_refuses(flags: tuple[str, ...], named: str,
                                               tmp_path: Path) -> None:
@@ -125,9 +132,22 @@ def test_effective_refuses_what_serve_refuses(flags: tuple[str, ...], named: str
     out = run_effective(*flags, env={})
     assert out.returncode == 2, out.stdout
     assert out.stderr.startswith("kvstore: ") and named in out.stderr, out.stderr
+    assert "wJal" not in out.stderr and "K7MD" not in out.stderr
     assert out.stderr.count("\n") == 1
     serve = subprocess.run([sys.executable, "-m", "kvstore", "serve", "--data-dir",
                             str(tmp_path / "data"), *flags], capture_output=True, text=True,
                            timeout=60, env={**os.environ, "KVSTORE_CONFIG": ""}, check=False)
     assert serve.returncode == 2 and named in serve.stderr, serve.stderr
     assert not (tmp_path / "data").exists()  # refused before it touched anything
+
+
+def test_a_refused_endpoint_is_named_without_its_password(tmp_path: Path) -> None:
+    """serve's one-line refusal of an l3.endpoint quotes it: its password is
+    redacted there too (it went to stderr as written, past the log's redaction)."""
+    flags = ("--l3-url", "s3://b/p", "--l3-endpoint", "http://minio:SECRETPW@10.0.0.1:9000")
+    for cmd in (["config", "--effective"], ["serve", "--data-dir", str(tmp_path / "d")]):
+        out = subprocess.run([sys.executable, "-m", "kvstore", *cmd, *flags],
+                             capture_output=True, text=True, timeout=60, check=False,
+                             env={**os.environ, "KVSTORE_CONFIG": ""})
+        assert out.returncode == 2 and "l3.endpoint" in out.stderr, out.stderr
+        assert "SECRETPW" not in out.stderr and "<redacted>@10.0.0.1" in out.stderr

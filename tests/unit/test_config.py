@@ -67,3 +67,10 @@ def test_readme_config_reference_is_current() -> None:
     assert m.group(1).strip() == cfg.reference_markdown().strip(), (
         "README config reference is stale: regenerate it with "
         "python -m kvstore.config README.md")
+
+
+def test_the_policy_names_the_configuration_accepts_are_the_policies() -> None:
+    from kvstore.config import POLICY_NAMES
+    from kvstore.policy import POLICIES
+
+    assert set(POLICIES) == POLICY_NAMES
