@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 class AsyncClient(ClientBase):
     """asyncio kvstore client; see :class:`kvstore.Client` for the arguments
-    (all but ``aio_put``).
+    (all but ``aio_put`` and ``busy_poll_us``: the event loop waits).
 
     The channel opens on the first call, in the running event loop, and is
     bound to that loop: use one AsyncClient per loop. ``async with`` closes it.

@@ -2,9 +2,10 @@
 
 ``ShmClient`` is a :class:`kvstore.Client` whose ``put``, ``get`` and
 ``get_into`` move bytes through the L1 arena the server keeps in a
-shared-memory file, so they never cross the socket; every other call (and the
-control messages of these three) is ordinary gRPC, normally over the unix
-socket. It needs a server started with ``l1.shm_path`` on the same host, and
+shared-memory file, so they never cross the socket; their control messages
+go as data-plane frames on the server's unix socket when it offers the data
+plane (below), else as gRPC calls, and every other call as :class:`Client`
+makes it. It needs a server started with ``l1.shm_path`` on the same host, and
 the permission to open that file (the service's own user).
 
 Put: reserve slots, copy each block into its slot while computing its

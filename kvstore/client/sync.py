@@ -11,7 +11,7 @@ import grpc
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._aioput import AioPutter
+from kvstore.client._aioput import AioPutter, status_lost
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
     DEFAULT_TARGET,
@@ -261,8 +261,21 @@ class Client(ClientBase):
                 return PutResult(counted.stored, counted.nbytes)
         try:
             if self._aio_put is not None and not self._aio_put.forked():
-                stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes), self.timeout,
-                                                    self._metadata())
+                try:
+                    stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes),
+                                                        self.timeout, self._metadata())
+                except grpc.RpcError as err:
+                    if not status_lost(err):
+                        raise
+                    # The server refused the stream while a message was being
+                    # written, and grpc.aio replaced its status with that write's
+                    # local failure: sent again through the sync channel, the
+                    # same refusal comes with its class (BlockTooLarge,
+                    # PermissionDenied, ...; the blocks before it are stored
+                    # again, the same bytes).
+                    stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
+                                                   timeout=self.timeout,
+                                                   metadata=self._metadata())
             else:
                 stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
                                                timeout=self.timeout, metadata=self._metadata())
@@ -535,7 +548,8 @@ class Client(ClientBase):
     def session_end(self, session_id: str, *, namespace: str | None = None,
                     discard: bool = False) -> None:
         """The session is over: its blocks leave L1 first (to L2, never to L3);
-        ``discard``: they leave the store."""
+        ``discard``: they are the first victims of every tier and are dropped,
+        not moved, when room is needed (served until then)."""
         self.session_event(session_id, SessionEnd(discard), namespace=namespace)
 
     def _unary(self, rpc: Any, req: bytes) -> Any:

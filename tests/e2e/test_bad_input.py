@@ -20,6 +20,7 @@ from kvstore.errors import (
     InvalidArgument,
     InvalidKey,
     InvalidNamespace,
+    KVStoreError,
     TierNotConfigured,
     UnknownNamespace,
 )
@@ -62,6 +63,23 @@ def test_sdk_raises_block_too_large(server_factory) -> None:  # type: ignore[no-
             c.put({b"big": os.urandom(MiB + 1)})
         c.put({b"ok": os.urandom(MiB)})
         assert c.lookup([b"ok", b"big"]).found == 1
+
+
+def test_a_put_refused_mid_stream_over_grpc_raises_its_class(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Over gRPC the server refuses a block while the client is still writing
+    it: the SDK raises the server's class every time. (grpc.aio replaced the
+    server's status with "Internal error from Core", INTERNAL, in about 1
+    Put in 5: a KVStoreError no caller could act on.)"""
+    with server_factory("--server-max-block-bytes", "1MiB") as server, \
+            Client(server.tcp, namespace="bad", data_plane=False) as c:
+        seen = []
+        for _ in range(15):
+            for size in (2 * MiB, 9 * MiB):
+                with pytest.raises(KVStoreError) as refused:
+                    c.put({b"ok": b"o" * 1000, b"big": bytes(size)})
+                seen.append(type(refused.value).__name__)
+        assert set(seen) == {"BlockTooLarge"}, seen
+        assert c.get([b"ok"]) == [b"o" * 1000]  # the block before it was stored
 
 
 @pytest.mark.parametrize("key", [b"", b"k" * 65])
