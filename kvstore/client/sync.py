@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from types import TracebackType
@@ -261,11 +262,14 @@ class Client(ClientBase):
                 return PutResult(counted.stored, counted.nbytes)
         try:
             if self._aio_put is not None and not self._aio_put.forked():
+                started = time.monotonic()
                 try:
                     stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes),
                                                         self.timeout, self._metadata())
                 except grpc.RpcError as err:
-                    if not status_lost(err):
+                    left = None if self.timeout is None else \
+                        self.timeout - (time.monotonic() - started)
+                    if not status_lost(err) or (left is not None and left <= 0):
                         raise
                     # The server refused the stream while a message was being
                     # written, and grpc.aio replaced its status with that write's
@@ -274,8 +278,7 @@ class Client(ClientBase):
                     # PermissionDenied, ...; the blocks before it are stored
                     # again, the same bytes).
                     stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
-                                                   timeout=self.timeout,
-                                                   metadata=self._metadata())
+                                                   timeout=left, metadata=self._metadata())
             else:
                 stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
                                                timeout=self.timeout, metadata=self._metadata())
