@@ -513,7 +513,8 @@ class Session:
                     if b.format == BlockFormat.KV_V1:
                         await placement.verify_block(offset, b.size, i)
                     block = (namespace, b.key)
-                    entry = placement.commit(block, b.size, crc, offset, session)
+                    entry = placement.commit(block, b.size, crc, offset, session,
+                                             written_next=ack >= AckLevel.LOCAL)
                     committed = True
                 finally:
                     dest.release()

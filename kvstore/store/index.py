@@ -47,6 +47,10 @@ class Entry:
     dirty: bool = False  # in L1 with no L2 copy and no L2 write queued
     generation: int = 0  # distinguishes successive uses of the same L1 extent
     pin_until: float = 0.0  # a session's pin keeps it in L1 until then
+    #: L2 still holds the bytes of the block this one overwrote, left for
+    #: this block's own L2 write to replace in one transaction (an overwrite
+    #: acknowledged at local or remote); deleted if this block goes first.
+    replaces_l2: bool = False
 
     @property
     def pinned(self) -> bool:
@@ -409,9 +413,10 @@ class Index:
                 self.drop_l2_copy(block, entry, l2_done)
             else:
                 self.set_l2(block, entry, False)
-        elif entry.l2_pending and delete_l2 and self.l2 is not None:
-            # Its L2 write is still queued: a delete queued behind it (the
-            # writer keeps the order) keeps it from coming back at a restart.
+        elif (entry.l2_pending or entry.replaces_l2) and delete_l2 and self.l2 is not None:
+            # Its L2 write is still queued (or the bytes it overwrote are
+            # still there): a delete queued behind it (the writer keeps the
+            # order) keeps it from coming back at a restart.
             self.l2.submit(block, None, None, l2_done)
         in_l3 = entry.l3 or entry.l3_pending > 0
         if entry.l3:

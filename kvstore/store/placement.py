@@ -221,14 +221,18 @@ class Placement(Part):
         self.progress.wake()
 
     def commit(self, block: BlockId, size: int, crc: int, offset: int,
-               session: str | None) -> Entry:
-        """Make a filled, reserved L1 extent visible as ``block``."""
+               session: str | None, written_next: bool = False) -> Entry:
+        """Make a filled, reserved L1 extent visible as ``block``.
+        ``written_next``: the Put is acknowledged only once this block is in
+        L2 (ack local or remote), its write queued before anything else is
+        awaited: the L2 copy of the block it overwrites is left for that
+        write to replace (see :meth:`_retire`)."""
         self.open_writers -= 1
         index = self.index
         old = index.entry(block)
-        if old is not None:
-            self._retire(block, old)
+        left_in_l2 = old is not None and self._retire(block, old, written_next)
         entry = Entry(size, crc, time.time(), session)
+        entry.replaces_l2 = left_in_l2
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)
         index.blocks[block] = entry
@@ -240,18 +244,24 @@ class Placement(Part):
         self.policy.on_insert(TierName.L1, block, entry.size, self.clock(), session)
         return entry
 
-    def _retire(self, block: BlockId, old: Entry) -> None:
-        """Remove the block an overwrite replaces, from every tier."""
-        done = self._old_copy_deleted(block) if self._has_l2_copy(old) else None
+    def _retire(self, block: BlockId, old: Entry, written_next: bool = False) -> bool:
+        """Remove the block an overwrite replaces, from every tier. Returns
+        whether its L2 copy was left for the new block's write to replace."""
         # Its L2 copy goes too (the writer queue keeps the order: the new
         # block's write comes after this delete), so a restart before the
         # new block reaches L2 finds nothing rather than the old bytes; so
         # does its L3 copy, which a listing or another node's HEAD would find
         # for this key (an upload of the new block waits for that delete: the
-        # L3 mover keeps them in order).
+        # L3 mover keeps them in order). But when the new block's own L2
+        # write is what acknowledges the Put, that write replaces the old
+        # copy in one transaction: deleted first, a kill between the delete
+        # and the write lost the old block, acknowledged at local, for an
+        # overwrite never acknowledged.
+        keep = written_next and self._has_l2_copy(old)
+        done = self._old_copy_deleted(block) if self._has_l2_copy(old) and not keep else None
         delete_l3 = old.l3 or old.l3_pending > 0
         if done is None:
-            recorded = self.index.forget(block, old, delete_l3=delete_l3)
+            recorded = self.index.forget(block, old, delete_l2=not keep, delete_l3=delete_l3)
         else:
             recorded = self.index.forget(block, old, delete_l3=delete_l3, l2_done=done)
         if recorded is not None:
@@ -260,6 +270,7 @@ class Placement(Part):
             earlier = self.replacing.get(block)
             self.replacing[block] = recorded if earlier is None else \
                 asyncio.ensure_future(asyncio.gather(earlier, recorded))
+        return keep
 
     def drop_replaced(self, block: BlockId) -> None:
         """An overwrite already answered as stored whose new bytes failed
@@ -272,7 +283,7 @@ class Placement(Part):
     def _has_l2_copy(self, entry: Entry) -> bool:
         """Whether ``entry`` has an L2 copy (or one on its way) that its
         overwrite must delete first."""
-        return self.has_l2 and (entry.l2 or entry.l2_pending > 0)
+        return self.has_l2 and (entry.l2 or entry.l2_pending > 0 or entry.replaces_l2)
 
     def replace_waits(self, block: BlockId) -> bool:
         """Whether a Put of ``block`` now would be answered only after an L2
@@ -480,7 +491,8 @@ class BlockWriter:
         self._checksum = copy_and_checksum(self._dest, self._pos, data, self._checksum)
         self._pos += n
 
-    def commit(self) -> Entry:
+    def commit(self, written_next: bool = False) -> Entry:
+        """See :meth:`Placement.commit` for ``written_next``."""
         if not self.complete:
             raise MalformedRequest(
                 f"block {self.block[1].hex()[:16]}: stream ended after {self._pos} of "
@@ -489,7 +501,7 @@ class BlockWriter:
         self._closed = True
         self._dest.release()
         return self.placement.commit(self.block, self.size, self._checksum, self.offset,
-                                     self.session)
+                                     self.session, written_next)
 
     def abort(self) -> None:
         """Drop a partial block: nothing of it becomes visible."""

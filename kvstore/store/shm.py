@@ -345,7 +345,8 @@ class SharedMemoryBroker:
         durable = []
         nbytes = 0
         for spec, r in taken:
-            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
+            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session,
+                                          written_next=ack >= AckLevel.LOCAL)
             fut = await self.store.make_durable(r.block, entry, ack)
             if fut is not None:
                 durable.append(fut)

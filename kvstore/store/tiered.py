@@ -250,7 +250,7 @@ class TieredStore:
             except BaseException:
                 writer.abort()
                 raise
-        entry = writer.commit()
+        entry = writer.commit(written_next=ack >= AckLevel.LOCAL)
         return await self.make_durable(writer.block, entry, ack)
 
     async def make_durable(self, block: BlockId, entry: Entry,

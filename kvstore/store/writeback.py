@@ -178,6 +178,7 @@ class WriteBack(Part):
             index.end_l2_write(entry)
             self.queued -= entry.size
             if error is None and not entry.dead and index.blocks.get(block) is entry:
+                entry.replaces_l2 = False  # (replaced in the same transaction)
                 if not entry.l2:
                     index.set_l2(block, entry, True)
                     self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
