@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import (
     BlockTooLarge,
+    CallCut,
     Cancelled,
     CapacityExhausted,
     ConnectionFailed,
@@ -61,6 +62,7 @@ __all__ = [
     "AckLevel",
     "AsyncClient",
     "BlockTooLarge",
+    "CallCut",
     "Cancelled",
     "CapacityExhausted",
     "Client",

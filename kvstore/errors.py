@@ -173,6 +173,16 @@ class ConnectionFailed(KVStoreError):
     code = "UNAVAILABLE"
 
 
+class CallCut(Cancelled, ConnectionFailed):
+    """The call ended CANCELLED with no kvstore error: not by this client but
+    by the server or the connection (a server stopping cancels calls it had
+    received but not started). A ConnectionFailed too, so code that retries
+    those on another node or after a restart retries this; a Put may have
+    stored the blocks whose bytes all arrived (put again)."""
+
+    code = "CANCELLED"
+
+
 class InvalidConfig(KVStoreError):
     """A configuration value is wrong (raised at start, never over the wire)."""
 
@@ -207,7 +217,7 @@ ERROR_FOR_CODE: dict[str, type[KVStoreError]] = {
     "RESOURCE_EXHAUSTED": CapacityExhausted,
     "FAILED_PRECONDITION": TierNotConfigured,
     "UNAVAILABLE": ConnectionFailed,
-    "CANCELLED": Cancelled,
+    "CANCELLED": CallCut,
     "ABORTED": StaleLease,
     "DEADLINE_EXCEEDED": DeadlineExceeded,
     "UNAUTHENTICATED": Unauthenticated,

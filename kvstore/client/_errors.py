@@ -8,6 +8,7 @@ import grpc
 
 from kvstore.errors import (
     ERROR_FOR_CODE,
+    CallCut,
     ConnectionFailed,
     InvalidArgument,
     KVStoreError,
@@ -67,6 +68,9 @@ def error_from_rpc(err: Exception, target: str) -> KVStoreError:
         cls = ERROR_FOR_CODE.get(code_name, KVStoreError)
     if cls is ConnectionFailed and name is None:
         message = f"cannot reach kvstore server at {target}: {details or code_name}"
+    elif cls is CallCut:
+        message = (f"the call was cut before its answer ({details or code_name}): the kvstore "
+                   f"server at {target} may be stopping")
     elif details:
         message = details
     else:

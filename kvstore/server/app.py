@@ -311,18 +311,21 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
         else:  # rotate credentials without a restart
             started[0].reload_auth()
 
-    # First, before the (long) start-up: a SIGHUP then must not kill the server either.
+    # First, before the (long) start-up: a SIGHUP then must not kill the server
+    # either, nor a SIGTERM or SIGINT leave the arena file in /dev/shm (the
+    # default action ended the process there, exit 143, no log line): one
+    # that comes during start-up stops the server as soon as it has started.
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     tune_malloc()
     preflight.check(config)
     server = Server(config)
     started.append(server)
     await server.start()
     tune_gc()  # after the index rebuild: the collector skips what exists now
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if ready_file:  # after the handlers: a SIGTERM right after "ready" still shuts down cleanly
+    if ready_file and not stop.is_set():
         _write_ready_file(ready_file, server.addresses)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls, flushing L2")

@@ -78,3 +78,18 @@ def test_empty_details() -> None:
 def test_error_without_status_methods() -> None:
     exc = error_from_rpc(grpc.RpcError(), "h:1")
     assert type(exc) is KVStoreError
+
+
+def test_cancelled_without_a_kvstore_error_is_a_cut_call() -> None:
+    """A stopping server cancels calls it had received but not started: the
+    status is CANCELLED with no kvstore class. That is a ConnectionFailed
+    (retried elsewhere or after the restart, as UNAVAILABLE is), and still a
+    Cancelled for code that caught those."""
+    from kvstore.errors import CallCut, Cancelled
+
+    exc = error_from_rpc(FakeRpcError(grpc.StatusCode.CANCELLED, "Cancelled", ()), "h:1")
+    assert type(exc) is CallCut
+    assert isinstance(exc, ConnectionFailed) and isinstance(exc, Cancelled)
+    assert "may be stopping" in str(exc) and exc.grpc_code == "CANCELLED"  # type: ignore[attr-defined]
+    named = FakeRpcError(grpc.StatusCode.CANCELLED, "x", (("kvstore-error", "Cancelled"),))
+    assert type(error_from_rpc(named, "h:1")) is Cancelled

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -182,3 +183,35 @@ def test_passwords_in_urls_never_reach_the_log(server_factory, log_format: str) 
     assert "http://<redacted>@127.0.0.1:9" in log
     assert f"metrics http://{metrics}/metrics" in log
     assert not ready.exists()
+
+
+def test_a_sigterm_during_start_up_stops_it_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM that comes while the server is still starting (here: while
+    it pre-faults a 512 MiB arena in /dev/shm) stops it as soon as it has
+    started: exit 0, the arena file removed, no ready file. (The default
+    action ended it there: exit 143, no log line, and the arena's RAM left
+    held in /dev/shm.)"""
+    arena = Path(f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-early")
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "serve", "--data-dir", str(tmp_path / "data"),
+         "--server-listen", "127.0.0.1:0", "--l1-shm-path", str(arena),
+         "--l1-capacity", "512MiB", "--l1-prefault", "true", "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ,
+                                                             "KVSTORE_LOG_LEVEL": "INFO"})
+    try:
+        deadline = time.monotonic() + 60
+        while not arena.exists():  # made as the server is built, after its signal handlers
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)  # polling a file with a deadline
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        left = arena.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        arena.unlink(missing_ok=True)
+    assert proc.returncode == 0, out.decode()
+    assert b"stopped" in out
+    assert not ready.exists()
+    assert not left
