@@ -293,6 +293,19 @@ class SocketIO:
                 self._idle = False
                 self._waiter = None
 
+    async def linger(self, timeout: float) -> None:
+        """A stop's close, after the last answer: FIN first, then what the
+        peer still sends (a request pipelined after the stop began) is read
+        and dropped until it closes, for at most ``timeout`` s. Closed with
+        unread bytes, the socket would answer with a RST, and the peer's
+        kernel would drop the answers it had not read yet."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(Exception):  # (the peer gone, or the time up)
+            async with asyncio.timeout(timeout):
+                while await self._recv_into(self.mv):
+                    pass
+
     def _received_now(self) -> bool:
         """One receive without waiting (a request sent before the stop began
         may be in the socket still): whether it brought anything."""
@@ -468,7 +481,9 @@ class StreamIO:
         reads what the stream holds, then its end; one busy with a request
         finishes it, then does the same."""
         self.closing = True
-        if self._between_frames:
+        # Not when part of a header has come (asyncio keeps it in the
+        # reader's buffer): that request is answered, then next_header ends.
+        if self._between_frames and not getattr(self.reader, "_buffer", b""):
             self.reader.feed_eof()
 
     def grow(self) -> None:

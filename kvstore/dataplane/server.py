@@ -70,6 +70,10 @@ class DataPlaneStats:
     refused: int = 0  # sessions refused: data_plane_max_connections were open
 
 
+#: A stopping server's wait, after a connection's last answer, for its peer
+#: to close (SocketIO.linger): what it sends meanwhile is read and dropped.
+LINGER_SECONDS = 1.0
+
 def listen_addresses(config: Config) -> tuple[str, str]:
     """The TCP address and unix path the data plane binds ("" for none)."""
     s = config.server
@@ -119,8 +123,10 @@ class DataPlaneServer:
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
-        #: Each open connection's I/O (a graceful stop tells each to close).
+        #: Each open connection's I/O (a graceful stop tells each to close),
+        #: and those whose HELLO was answered (the others it just closes).
         self._open: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
+        self._greeted: set[asyncio.Task[Any]] = set()
         self._draining = False
 
     # -- listeners ------------------------------------------------------------------------
@@ -259,8 +265,11 @@ class DataPlaneServer:
         connection at once cut in-flight Puts and Gets: a rolling restart
         turned them into client errors, while gRPC's calls had their grace.)"""
         await self._end([t for t in self._tasks if t not in self._connections])
-        for io in self._open.values():
-            io.begin_closing()
+        for task, io in self._open.items():
+            if task in self._greeted:
+                io.begin_closing()
+            else:  # no session yet (its HELLO not in): nothing under way
+                task.cancel()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=grace)
 
@@ -302,11 +311,16 @@ class DataPlaneServer:
         try:
             session = await self._hello(io)
             if session is not None:
+                self._greeted.add(task)
+                if self._draining:  # (answered while the stop began)
+                    io.begin_closing()
                 if isinstance(io, SocketIO):
                     io.fast = self._fast_answers(session)
                 await self._requests(io, session)
             if isinstance(io, StreamIO):  # the TLS transport may still hold an answer
                 await io.flush(self.timeout)
+            elif io.closing:  # (answers may wait unread in the peer's socket)
+                await io.linger(LINGER_SECONDS)
         except PeerTooSlow as exc:
             self._slow_log.note(str(exc))
         except (ConnectionClosed, ConnectionError):
@@ -317,6 +331,7 @@ class DataPlaneServer:
             log.exception("data plane: internal error; connection closed")
         finally:
             del self._open[task]
+            self._greeted.discard(task)
             stats.connections -= 1
             stats.bytes_in += io.bytes_in
             stats.bytes_out += io.bytes_out

@@ -4,6 +4,7 @@ stops reading, malformed frames. Each hurts only its own connection."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -281,3 +282,42 @@ def test_a_graceful_stop_lets_data_plane_calls_under_way_finish(server_factory) 
     server.start()
     with Client(server.tcp, namespace="grace", data_plane=False) as c:
         assert c.get([b"inflight"]) == [block]
+
+
+def test_a_graceful_stop_closes_without_losing_answers_not_yet_read(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Two GETs answered before the stop and not yet read, then one more
+    request sent after it: the client still reads both answers (the server
+    closed at once, the late request drew a RST, and the client's kernel
+    dropped the unread answers). A connection that has not said HELLO does
+    not hold the stop for the grace (it did: 30 s here)."""
+    server = server_factory("--server-grace-seconds", "30").start()
+    addr = open_dp(server.tcp).tcp_address
+    host, _, port = addr.rpartition(":")
+    silent = Raw(socket.create_connection((host, int(port)), timeout=20))  # no HELLO
+    piped = session(server.tcp, kind="tcp")
+    blob = os.urandom(16 * 1024)
+    assert put(piped, 2, "linger", {b"b": blob}).op == 0x85
+    piped.send(request(GET, 3, get_meta("linger", [b"b"])) +
+               request(GET, 4, get_meta("linger", [b"b"])))
+    deadline = time.monotonic() + 20
+    while _unread(piped) < 2 * (24 + 6 + len(blob)):  # both answers in the client's socket
+        assert time.monotonic() < deadline
+        time.sleep(0.002)  # polling the kernel's count, bounded
+    assert server.proc is not None
+    started = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    assert silent.closed()
+    with contextlib.suppress(OSError):  # (the server may have shut its side already)
+        piped.send(request(GET, 5, get_meta("linger", [b"b"])))
+    assert [block_of(piped.frame()) for _ in range(2)] == [blob, blob]
+    assert server.proc.wait(60) == 0
+    assert time.monotonic() - started < 20
+
+
+def _unread(raw: Raw) -> int:
+    """Bytes waiting in the client's socket (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(raw.sock.fileno(), termios.FIONREAD,
+                                          b"\0\0\0\0"))[0]
