@@ -561,6 +561,18 @@ class StreamIO:
     def close(self) -> None:
         self.writer.close()
 
+    async def close_now(self, timeout: float) -> None:
+        """A stop's close: TLS's close_notify, a wait of at most ``timeout``
+        s for the peer's, then the socket closed whatever came. (Left to
+        asyncio's own timeout, 30 s, the transport outlived the loop, and
+        Python 3.13 printed a traceback as it was collected.)"""
+        self.writer.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writer.wait_closed()
+        except Exception:  # (the time up, or the peer gone)
+            self.writer.transport.abort()
+
     async def flush(self, timeout: float) -> None:
         """Wait (at most ``timeout`` s) until the TLS transport holds nothing
         more of the last answer (``send`` returns once it holds less than its

@@ -319,6 +319,8 @@ class DataPlaneServer:
                 await self._requests(io, session)
             if isinstance(io, StreamIO):  # the TLS transport may still hold an answer
                 await io.flush(self.timeout)
+                if io.closing:
+                    await io.close_now(LINGER_SECONDS)
             elif io.closing:  # (answers may wait unread in the peer's socket)
                 await io.linger(LINGER_SECONDS)
         except PeerTooSlow as exc:
