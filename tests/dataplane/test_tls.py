@@ -44,6 +44,15 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def _open_data_plane(target: str, creds: grpc.ChannelCredentials) -> pb.OpenDataPlaneResponse:
+    with grpc.secure_channel(target, creds) as channel:
+        return channel.unary_unary(  # type: ignore[no-any-return]
+            "/kvstore.v1.KVStore/OpenDataPlane",
+            request_serializer=pb.OpenDataPlaneRequest.SerializeToString,
+            response_deserializer=pb.OpenDataPlaneResponse.FromString)(
+                pb.OpenDataPlaneRequest(), timeout=10)
+
+
 def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path) -> None:
     srv = server_factory("--server-tls-cert", str(certs / "server.pem"),
                          "--server-tls-key", str(certs / "server.key"),
@@ -51,12 +60,7 @@ def test_mutual_tls_data_plane(server_factory: type[ServerProcess], certs: Path)
     creds = grpc.ssl_channel_credentials(
         (certs / "ca.pem").read_bytes(), (certs / "client.key").read_bytes(),
         (certs / "client.pem").read_bytes())
-    with grpc.secure_channel(srv.tcp, creds) as channel:
-        resp = channel.unary_unary(
-            "/kvstore.v1.KVStore/OpenDataPlane",
-            request_serializer=pb.OpenDataPlaneRequest.SerializeToString,
-            response_deserializer=pb.OpenDataPlaneResponse.FromString)(
-                pb.OpenDataPlaneRequest(), timeout=10)
+    resp = _open_data_plane(srv.tcp, creds)
     assert resp.tls
     host, _, port = resp.tcp_address.rpartition(":")
     ctx = ssl.create_default_context(cafile=str(certs / "ca.pem"))
@@ -104,12 +108,7 @@ def test_a_graceful_stop_finishes_tls_answers_and_logs_no_error(
     same_checks_as_grpc(ctx)
 
     def connect() -> Raw:
-        with grpc.secure_channel(srv.tcp, creds) as channel:
-            resp = channel.unary_unary(
-                "/kvstore.v1.KVStore/OpenDataPlane",
-                request_serializer=pb.OpenDataPlaneRequest.SerializeToString,
-                response_deserializer=pb.OpenDataPlaneResponse.FromString)(
-                    pb.OpenDataPlaneRequest(), timeout=10)
+        resp = _open_data_plane(srv.tcp, creds)
         host, _, port = resp.tcp_address.rpartition(":")
         raw = Raw(ctx.wrap_socket(socket.create_connection((host, int(port)), timeout=20),
                                   server_hostname="127.0.0.1"))
