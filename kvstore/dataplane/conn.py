@@ -481,9 +481,13 @@ class StreamIO:
         reads what the stream holds, then its end; one busy with a request
         finishes it, then does the same."""
         self.closing = True
-        # Not when part of a header has come (asyncio keeps it in the
-        # reader's buffer): that request is answered, then next_header ends.
-        if self._between_frames and not getattr(self.reader, "_buffer", b""):
+        if self._between_frames:
+            self._end_if_nothing_came()
+
+    def _end_if_nothing_came(self) -> None:
+        """EOF for the stream, unless part of a request has come (asyncio
+        keeps it in the reader's buffer): that request is answered first."""
+        if not getattr(self.reader, "_buffer", b""):
             self.reader.feed_eof()
 
     def grow(self) -> None:
@@ -494,7 +498,7 @@ class StreamIO:
 
     async def next_header(self) -> Buffer | None:
         if self.closing:
-            self.reader.feed_eof()  # (at a frame's boundary: what came is still read)
+            self._end_if_nothing_came()  # (at a frame's boundary)
         self._between_frames = True
         try:
             data = await self.reader.readexactly(HEADER_SIZE)

@@ -74,6 +74,7 @@ class DataPlaneStats:
 #: to close (SocketIO.linger): what it sends meanwhile is read and dropped.
 LINGER_SECONDS = 1.0
 
+
 def listen_addresses(config: Config) -> tuple[str, str]:
     """The TCP address and unix path the data plane binds ("" for none)."""
     s = config.server

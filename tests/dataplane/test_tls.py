@@ -116,15 +116,19 @@ def test_a_graceful_stop_finishes_tls_answers_and_logs_no_error(
         assert raw.frame().op == 0x81
         return raw
 
-    idle, reader = connect(), connect()
+    idle, reader, halfway = connect(), connect(), connect()
     block = os.urandom(8 * 1024 * 1024)
     assert put(reader, 2, "tls", {b"big": block}).op == 0x85
     reader.send(request(GET, 3, get_meta("tls", [b"big"])))
+    late = request(GET, 4, get_meta("tls", [b"big"]))
+    halfway.send(late[:10])  # a request of which part of the header came first
     assert srv.proc is not None
     started = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
     assert idle.closed()
     assert block_of(reader.frame()) == block
+    halfway.send(late[10:])
+    assert block_of(halfway.frame()) == block  # (it was dropped: "peer closed mid-header")
     assert srv.proc.wait(60) == 0
     assert time.monotonic() - started < 20  # not the grace: nothing was left
     log = srv.log()
