@@ -513,8 +513,9 @@ class Session:
                     if b.format == BlockFormat.KV_V1:
                         await placement.verify_block(offset, b.size, i)
                     block = (namespace, b.key)
+                    await store.wait_write_room(ack, b.size)
                     entry = placement.commit(block, b.size, crc, offset, session,
-                                             written_next=ack >= AckLevel.LOCAL)
+                                             store.writes_at_once(ack, b.size))
                     committed = True
                 finally:
                     dest.release()

@@ -87,6 +87,10 @@ class Placement(Part):
         self._quota_wait_off_until = 0.0
         #: Overwritten blocks whose old L2 copy's delete is queued (see commit).
         self.replacing: dict[BlockId, asyncio.Future[Any]] = {}
+        #: Overwrites' L2 deletes not committed yet, by key: a later Put of
+        #: the key is answered after them too (a second memory overwrite was
+        #: answered at once, the first one's delete still queued).
+        self._deleting_l2: dict[BlockId, asyncio.Future[Any]] = {}
 
     def check_block_size(self, size: int) -> None:
         if size <= 0:
@@ -224,9 +228,9 @@ class Placement(Part):
                session: str | None, written_next: bool = False) -> Entry:
         """Make a filled, reserved L1 extent visible as ``block``.
         ``written_next``: the Put is acknowledged only once this block is in
-        L2 (ack local or remote), its write queued before anything else is
-        awaited: the L2 copy of the block it overwrites is left for that
-        write to replace (see :meth:`_retire`)."""
+        L2 (ack local or remote) and its write is queued before anything is
+        awaited (store.writes_at_once): the L2 copy of the block it
+        overwrites may be left for that write to replace (see :meth:`_retire`)."""
         self.open_writers -= 1
         index = self.index
         old = index.entry(block)
@@ -257,9 +261,21 @@ class Placement(Part):
         # copy in one transaction: deleted first, a kill between the delete
         # and the write lost the old block, acknowledged at local, for an
         # overwrite never acknowledged.
-        keep = written_next and self._has_l2_copy(old)
-        done = self._old_copy_deleted(block) if self._has_l2_copy(old) and not keep else None
+        # ``written_next`` promises that nothing comes between this commit
+        # and that write (it is queued before anything is awaited: a Delete
+        # or another overwrite in between found the old bytes left for a
+        # write never queued, and the Put was answered over them).
+        has_copy = self._has_l2_copy(old)
         delete_l3 = old.l3 or old.l3_pending > 0
+        earlier_delete = self._deleting_l2.get(block)
+        keep = written_next and has_copy
+        done = self._old_copy_deleted(block) if has_copy and not keep else None
+        if earlier_delete is not None and done is None:
+            # An earlier overwrite's delete is still on its way: this Put is
+            # answered after it too.
+            earlier = self.replacing.get(block)
+            self.replacing[block] = earlier_delete if earlier is None else \
+                asyncio.ensure_future(asyncio.gather(earlier, earlier_delete))
         if done is None:
             recorded = self.index.forget(block, old, delete_l2=not keep, delete_l3=delete_l3)
         else:
@@ -290,7 +306,7 @@ class Placement(Part):
         write (store.make_durable): it overwrites a block with an L2 copy, or
         one whose delete is still pending, or one with an L3 copy (whose
         delete is recorded in L2 first)."""
-        if block in self.replacing:
+        if block in self.replacing or block in self._deleting_l2:
             return True
         old = self.index.entry(block)
         return old is not None and (self._has_l2_copy(old) or (
@@ -306,7 +322,17 @@ class Placement(Part):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return None  # not on a loop (a unit test's direct call): nobody waits
-        self.replacing[block], done = writer_settled(loop)
+        settled, done = writer_settled(loop)
+        earlier = self._deleting_l2.get(block)
+        self.replacing[block] = self._deleting_l2[block] = settled if earlier is None else \
+            asyncio.ensure_future(asyncio.gather(earlier, settled))
+        waited = self._deleting_l2[block]
+
+        def committed(_: asyncio.Future[Any]) -> None:
+            if self._deleting_l2.get(block) is waited:
+                del self._deleting_l2[block]
+
+        waited.add_done_callback(committed)
         return done
 
     def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:

@@ -345,8 +345,9 @@ class SharedMemoryBroker:
         durable = []
         nbytes = 0
         for spec, r in taken:
+            await self.store.wait_write_room(ack, r.size)
             entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session,
-                                          written_next=ack >= AckLevel.LOCAL)
+                                          self.store.writes_at_once(ack, r.size))
             fut = await self.store.make_durable(r.block, entry, ack)
             if fut is not None:
                 durable.append(fut)

@@ -250,8 +250,29 @@ class TieredStore:
             except BaseException:
                 writer.abort()
                 raise
-        entry = writer.commit(written_next=ack >= AckLevel.LOCAL)
+        try:
+            await self.wait_write_room(ack, writer.size)
+        except BaseException:
+            writer.abort()
+            raise
+        entry = writer.commit(written_next=self.writes_at_once(ack, writer.size))
         return await self.make_durable(writer.block, entry, ack)
+
+    async def wait_write_room(self, ack: AckLevel, size: int) -> None:
+        """Before the commit of a Put acknowledged at local or remote: room
+        in the L2 write queue, so that its write is queued as it commits
+        (:meth:`writes_at_once`); CapacityExhausted if the queue stays full."""
+        if ack >= AckLevel.LOCAL and self.writeback is not None:
+            await self.writeback.wait_room(size)
+
+    def writes_at_once(self, ack: AckLevel, size: int) -> bool:
+        """Whether a Put acknowledged at ``ack`` of a block of ``size``
+        bytes has its L2 write queued by :meth:`make_durable` before
+        anything is awaited (ack local or remote, room in the L2 write
+        queue), so that the L2 copy of a block it overwrites may be left for
+        that write to replace (Placement.commit's ``written_next``)."""
+        return ack >= AckLevel.LOCAL and self.writeback is not None and \
+            self.writeback.room_now(size)
 
     async def make_durable(self, block: BlockId, entry: Entry,
                            ack: AckLevel) -> asyncio.Future[Any] | None:
@@ -265,9 +286,11 @@ class TieredStore:
             assert l3 is not None
             l3.hold_for_upload(entry)  # before anything is awaited; the upload's end ends it
             try:
+                # Queued first (it may replace the old L2 copy: Placement._retire),
+                # then the deletes queued before it are waited for.
+                local = await self._make_local(block, entry, AckLevel.LOCAL)
                 if gone is not None:
                     await gone
-                local = await self._make_local(block, entry, AckLevel.LOCAL)
             except BaseException:
                 l3.end_upload(entry)
                 raise
@@ -286,6 +309,11 @@ class TieredStore:
             # after the hold ended and be counted on by nothing.
             return asyncio.ensure_future(asyncio.gather(
                 asyncio.shield(remote), *([local] if local is not None else [])))
+        if ack == AckLevel.LOCAL:
+            local = await self._make_local(block, entry, ack)  # (queued first: as above)
+            if gone is not None:
+                await gone
+            return local
         if gone is not None:
             await gone
         return await self._make_local(block, entry, ack)

@@ -146,6 +146,15 @@ class WriteBack(Part):
         for block, entry in picked:
             self.queue_write(block, entry)
 
+    def room_now(self, size: int) -> bool:
+        """Whether :meth:`wait_room` would return without waiting."""
+        return self.queued + size <= self.queue_limit or self.queued == 0
+
+    async def wait_room(self, size: int) -> None:
+        """Room for ``size`` bytes in the L2 write queue (CapacityExhausted
+        when it stays full: the disk is too slow)."""
+        await self._wait_queue_room(size)
+
     async def _wait_queue_room(self, size: int) -> None:
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         while self.queued + size > self.queue_limit and self.queued > 0:

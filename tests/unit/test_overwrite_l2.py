@@ -5,6 +5,7 @@ order is what decides what a restart finds."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,101 @@ def test_an_overwrite_never_leaves_l2_without_either_block(tmp_path: Path,
             await reopened.close()
 
     asyncio.run(go())
+
+
+V1, V2, V3 = b"1" * 100_000, b"2" * 100_000, b"3" * 100_000
+
+
+@pytest.mark.parametrize("meanwhile", ["delete", "local", "memory", "memory-chain"])
+def test_an_answered_overwrite_never_leaves_the_older_block_in_l2(
+        tmp_path: Path, meanwhile: str) -> None:
+    """The L2 writer is held (each transaction waits for a permit) while v2
+    overwrites v1 and something else happens to the key; at the moment v2's
+    Put is answered (and v3's, for memory-chain), L2 must not hold v1: a kill
+    then would serve it. A review found v2 (ack local) answered over v1 when a
+    Delete or another overwrite came while it waited for room in the L2
+    queue (its write was never queued, and the old bytes had been left for
+    it), and, already before, a second memory overwrite answered while the
+    first one's delete of v1 was still queued."""
+
+    async def go() -> None:
+        store = TieredStore(load(env={
+            "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "64MiB",
+            "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+            "KVSTORE_SERVER_MAX_BLOCK_BYTES": "4MiB", "KVSTORE_L2_WRITE_QUEUE_BYTES": "4MiB"}))
+        await store.start()
+        l2 = store.l2
+        assert l2 is not None
+        loop = asyncio.get_running_loop()
+
+        def l2_holds() -> bytes | None:
+            found = l2.read_into_sync(("ns", b"k"), None)
+            return None if found is None else bytes(found[1])
+
+        permits = threading.Semaphore(0)
+        apply = l2._apply  # type: ignore[attr-defined]
+
+        def gated(batch: Any) -> Any:  # the writer thread: one transaction per permit
+            permits.acquire()
+            return apply(batch)
+
+        try:
+            await store.put_bytes("ns", b"k", V1, ack=AckLevel.LOCAL)
+            await loop.run_in_executor(None, l2.flush_sync)
+            l2._apply = gated  # type: ignore[attr-defined]
+            answered: dict[str, bytes | None] = {}
+
+            def watch(name: str, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+                task.add_done_callback(lambda t: answered.setdefault(name, l2_holds()))
+                return task
+
+            tasks = []
+            if meanwhile == "memory-chain":
+                tasks.append(watch("v2", asyncio.create_task(
+                    store.put_bytes("ns", b"k", V2, ack=AckLevel.MEMORY))))
+                await _until(lambda: store.placement.replace_waits(("ns", b"k")))
+                tasks.append(watch("v3", asyncio.create_task(
+                    store.put_bytes("ns", b"k", V3, ack=AckLevel.MEMORY))))
+            else:
+                # A 4 MiB block fills the L2 queue: v2 cannot queue its write at once.
+                tasks.append(asyncio.create_task(
+                    store.put_bytes("ns", b"f", b"f" * (4 << 20), ack=AckLevel.LOCAL)))
+                await _until(lambda: store.writeback is not None and store.writeback.queued > 0)
+                tasks.append(watch("v2", asyncio.create_task(
+                    store.put_bytes("ns", b"k", V2, ack=AckLevel.LOCAL))))
+                await _until(lambda: store.index.entry(("ns", b"k")) is not None and
+                             store.index.entry(("ns", b"k")).size == len(V2))  # committed
+                if meanwhile == "delete":
+                    tasks.append(asyncio.create_task(store.delete("ns", [b"k"])))
+                else:
+                    tasks.append(watch("v3", asyncio.create_task(store.put_bytes(
+                        "ns", b"k", V3,
+                        ack=AckLevel.LOCAL if meanwhile == "local" else AckLevel.MEMORY))))
+            for _ in range(40):  # the writer goes on, one transaction at a time
+                permits.release()
+                if all(t.done() for t in tasks):
+                    break
+                await _until(lambda: False, 0.05)
+            for _ in range(100):
+                permits.release()
+            await asyncio.gather(*tasks)
+            assert answered, "no overwrite was answered"
+            for name, held in answered.items():
+                assert held != V1, f"{name} was answered while L2 still held v1"
+        finally:
+            for _ in range(100):
+                permits.release()
+            await store.close()
+
+    asyncio.run(go())
+
+
+async def _until(check: Any, timeout: float = 10.0) -> bool:
+    """Poll ``check`` (bounded): True once it holds, False after ``timeout``
+    when the caller only wanted the time to pass (check always False)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.005)  # polling the store's state, bounded
+    return True
