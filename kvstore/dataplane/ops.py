@@ -513,9 +513,8 @@ class Session:
                     if b.format == BlockFormat.KV_V1:
                         await placement.verify_block(offset, b.size, i)
                     block = (namespace, b.key)
-                    await store.wait_write_room(ack, b.size)
-                    entry = placement.commit(block, b.size, crc, offset, session,
-                                             store.writes_at_once(ack, b.size))
+                    written_next = await store.room_for_write(ack, b.size)
+                    entry = placement.commit(block, b.size, crc, offset, session, written_next)
                     committed = True
                 finally:
                     dest.release()

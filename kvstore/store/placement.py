@@ -229,7 +229,7 @@ class Placement(Part):
         """Make a filled, reserved L1 extent visible as ``block``.
         ``written_next``: the Put is acknowledged only once this block is in
         L2 (ack local or remote) and its write is queued before anything is
-        awaited (store.writes_at_once): the L2 copy of the block it
+        awaited (store.room_for_write): the L2 copy of the block it
         overwrites may be left for that write to replace (see :meth:`_retire`)."""
         self.open_writers -= 1
         index = self.index

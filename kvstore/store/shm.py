@@ -345,9 +345,9 @@ class SharedMemoryBroker:
         durable = []
         nbytes = 0
         for spec, r in taken:
-            await self.store.wait_write_room(ack, r.size)
+            written_next = await self.store.room_for_write(ack, r.size)
             entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session,
-                                          self.store.writes_at_once(ack, r.size))
+                                          written_next)
             fut = await self.store.make_durable(r.block, entry, ack)
             if fut is not None:
                 durable.append(fut)

@@ -251,28 +251,23 @@ class TieredStore:
                 writer.abort()
                 raise
         try:
-            await self.wait_write_room(ack, writer.size)
+            written_next = await self.room_for_write(ack, writer.size)
         except BaseException:
             writer.abort()
             raise
-        entry = writer.commit(written_next=self.writes_at_once(ack, writer.size))
+        entry = writer.commit(written_next)
         return await self.make_durable(writer.block, entry, ack)
 
-    async def wait_write_room(self, ack: AckLevel, size: int) -> None:
-        """Before the commit of a Put acknowledged at local or remote: room
-        in the L2 write queue, so that its write is queued as it commits
-        (:meth:`writes_at_once`); CapacityExhausted if the queue stays full."""
-        if ack >= AckLevel.LOCAL and self.writeback is not None:
-            await self.writeback.wait_room(size)
-
-    def writes_at_once(self, ack: AckLevel, size: int) -> bool:
-        """Whether a Put acknowledged at ``ack`` of a block of ``size``
-        bytes has its L2 write queued by :meth:`make_durable` before
-        anything is awaited (ack local or remote, room in the L2 write
-        queue), so that the L2 copy of a block it overwrites may be left for
-        that write to replace (Placement.commit's ``written_next``)."""
-        return ack >= AckLevel.LOCAL and self.writeback is not None and \
-            self.writeback.room_now(size)
+    async def room_for_write(self, ack: AckLevel, size: int) -> bool:
+        """Before the commit of a Put: for one acknowledged at local or
+        remote, room in the L2 write queue (CapacityExhausted if it stays
+        full), so that :meth:`make_durable` queues its write as it commits,
+        before anything is awaited. Whether it does: the commit's
+        ``written_next`` (Placement.commit)."""
+        if ack < AckLevel.LOCAL or self.writeback is None:
+            return False
+        await self.writeback.wait_room(size)
+        return True
 
     async def make_durable(self, block: BlockId, entry: Entry,
                            ack: AckLevel) -> asyncio.Future[Any] | None:

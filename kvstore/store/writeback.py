@@ -112,7 +112,7 @@ class WriteBack(Part):
         index = self.index
         index.pin_reader(entry)  # it must not leave L1 before its L2 write is queued
         try:
-            await self._wait_queue_room(entry.size)
+            await self.wait_room(entry.size)
         finally:
             index.unpin_reader(entry)
         if index.blocks.get(block) is not entry:
@@ -146,16 +146,9 @@ class WriteBack(Part):
         for block, entry in picked:
             self.queue_write(block, entry)
 
-    def room_now(self, size: int) -> bool:
-        """Whether :meth:`wait_room` would return without waiting."""
-        return self.queued + size <= self.queue_limit or self.queued == 0
-
     async def wait_room(self, size: int) -> None:
         """Room for ``size`` bytes in the L2 write queue (CapacityExhausted
         when it stays full: the disk is too slow)."""
-        await self._wait_queue_room(size)
-
-    async def _wait_queue_room(self, size: int) -> None:
         deadline = time.monotonic() + ROOM_WAIT_SECONDS
         while self.queued + size > self.queue_limit and self.queued > 0:
             if not await self.progress.wait(deadline):

@@ -47,6 +47,15 @@ def node(factory, s3: S3Server, endpoint: str, data_dir: Path, *flags: str,  # t
                    data_dir=data_dir, l1_capacity=l1, env=env)
 
 
+def put_from_another_node(factory, s3: S3Server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                          blocks: dict[bytes, bytes]) -> None:
+    """``blocks`` put at ack=remote through a writer node of their own: the
+    bucket holds them, a node started afterwards has no entry for them."""
+    with node(factory, s3, s3.endpoint, tmp_path / "writer") as writer, \
+            Client(writer.tcp, namespace="r") as w:
+        assert w.put(blocks, ack="remote").stored == len(blocks)
+
+
 def objects(s3: S3Server) -> list[Path]:
     return [p for p in s3.data_dir.rglob("*") if p.is_file()]
 
@@ -93,9 +102,7 @@ def test_an_overwrite_during_a_remote_upload_leaves_no_old_object(  # type: igno
 def test_a_get_reading_l3_does_not_bring_back_a_key_deleted_meanwhile(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server, proxy: DelayProxy, tmp_path: Path) -> None:
     value = os.urandom(256 * KiB)
-    with node(server_factory, s3, s3.endpoint, tmp_path / "writer") as writer, \
-            Client(writer.tcp, namespace="r") as w:
-        assert w.put({b"k": value}, ack="remote").stored == 1
+    put_from_another_node(server_factory, s3, tmp_path, {b"k": value})
     # Another node, with no entry for the key: its Get reads the object, slowly.
     with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}",
               tmp_path / "reader") as reader, \
@@ -182,9 +189,7 @@ def test_a_get_started_during_a_delete_of_unknown_keys_misses_after_it(  # type:
     object (still there) and served it after the Delete's answer."""
     keys = [b"k%02d" % i for i in range(12)]
     values = {k: os.urandom(64 * KiB) for k in keys}
-    with node(server_factory, s3, s3.endpoint, tmp_path / "writer") as writer, \
-            Client(writer.tcp, namespace="r") as w:
-        assert w.put(values, ack="remote").stored == len(keys)
+    put_from_another_node(server_factory, s3, tmp_path, values)
     with node(server_factory, s3, f"http://127.0.0.1:{proxy.port}",
               tmp_path / "reader") as reader, \
             Client(reader.tcp, namespace="r", data_plane=False) as deleter, \
