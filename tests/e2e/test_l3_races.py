@@ -57,7 +57,9 @@ def put_from_another_node(factory, s3: S3Server, tmp_path: Path,  # type: ignore
 
 
 def objects(s3: S3Server) -> list[Path]:
-    return [p for p in s3.data_dir.rglob("*") if p.is_file()]
+    # os.walk, not rglob: rclone removes a directory emptied by a delete
+    # while it is walked (rglob raised FileNotFoundError for it, os.walk skips it).
+    return [Path(root) / name for root, _, names in os.walk(s3.data_dir) for name in names]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0,
