@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +95,38 @@ def lock_data_dir(config: Config) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held_locks.append(fd)
+    holder = lmdb_holder(config.l2_path)
+    if holder is not None:
+        raise InvalidConfig(
+            f"data_dir {config.data_dir}: its L2 ({config.l2_path}) is open in another "
+            f"process (pid {holder}), a kvstore server from before kvstore.lock or "
+            "another LMDB program: stop it, or give this server its own data_dir")
     warn_if_open(Path(config.data_dir))
+
+
+#: ``struct flock`` as Linux lays it out (short, short, off_t, off_t, pid_t).
+_FLOCK = struct.Struct("@hhqqi4x")
+
+
+def lmdb_holder(env_dir: Path) -> int | None:
+    """The pid of another process that has the LMDB environment in
+    ``env_dir`` open, or None. Every process with an LMDB environment open
+    holds a shared fcntl lock on the first byte of its ``lock.mdb`` (LMDB's
+    own check of whether it is alone), whatever its version: a release of
+    kvstore from before ``kvstore.lock`` holds it too. (A lock of this
+    process is not reported: fcntl locks are per process.)"""
+    try:
+        fd = os.open(env_dir / "lock.mdb", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # no environment yet (or unreadable: LMDB's open will say)
+    try:
+        asked = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        kind, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, asked))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None if kind == fcntl.F_UNLCK else pid
 
 
 def warn_if_open(data_dir: Path) -> None:

@@ -134,6 +134,31 @@ def test_a_second_server_on_the_same_data_dir_is_refused(
         assert client.get([b"k"]) == [b"v" * 4096]
 
 
+def test_a_data_dir_whose_l2_another_process_has_open_is_refused(
+        tmp_path: Path, server_factory: type[ServerProcess]) -> None:
+    """A release from before kvstore.lock (or any LMDB program) serving the
+    same L2 takes no kvstore.lock; LMDB's own lock on lock.mdb shows it.
+    Two servers on one L2 each serve their own bytes for the same key."""
+    data = tmp_path / "data"
+    first = server_factory(data_dir=data, unix=False).start()
+    with Client(first.tcp, namespace="ns") as client:
+        client.put({b"k": b"v" * 4096}, ack="local")
+    assert first.terminate() == 0
+    holder = subprocess.Popen(  # holds the environment open as an older server would
+        [sys.executable, "-c", "import lmdb, sys; e = lmdb.open(sys.argv[1], max_dbs=4); "
+         "print('open', flush=True); sys.stdin.read()", str(data / "l2")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        assert_refused(start(tmp_path, data_dir=data), f"data_dir {data}",
+                       "is open in another process", f"pid {holder.pid}")
+    finally:
+        holder.communicate(input="", timeout=60)  # stdin closed: it exits
+    again = server_factory(data_dir=data, unix=False).start()  # alone again: it starts
+    with Client(again.tcp, namespace="ns") as client:
+        assert client.get([b"k"]) == [b"v" * 4096]
+
+
 # --------------------------------------------------------------------- unix sockets
 
 
