@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -83,28 +83,7 @@ class AioPutter:
             self._rpc = self._channel.stream_unary(
                 conv.PUT, request_serializer=conv.identity,
                 response_deserializer=conv.decode_put_response)
-        call = self._rpc(timeout=timeout, metadata=metadata)
-        first: list[grpc.aio.AioRpcError | None] = []
-        call.add_done_callback(lambda done: first.append(_first_status(done)))
-        try:
-            for message in messages:
-                await call.write(message)
-            await call.done_writing()
-        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-            # The call ended early (an error from the server, possibly before
-            # it read a message: a write then fails with a local "Internal
-            # error from Core"): the call's own status, awaited below, says why.
-            pass
-        except BaseException:
-            call.cancel()
-            raise
-        try:
-            result: tuple[int, int] = await call
-        except grpc.aio.AioRpcError as err:
-            if status_lost(err) and first and first[0] is not None:
-                raise first[0] from None  # the server's, which grpc.aio overwrote
-            raise
-        return result
+        return await put_stream(self._rpc, messages, timeout, metadata)
 
     def close(self) -> None:
         with self._lock:
@@ -125,6 +104,56 @@ class AioPutter:
         thread.join(timeout=10)
         if not thread.is_alive():
             loop.close()
+
+
+async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
+                     metadata: MetadataPairs | None) -> tuple[int, int]:
+    """One Put stream on a grpc.aio ``rpc``, message by message, with the
+    server's status when the server ends it early (the sync client's loop
+    and AsyncClient both put through here). Raises grpc.RpcError. A
+    CancelledError that grpc.aio raises for a call it ended itself (the
+    task was not cancelled) becomes the call's status, or CANCELLED."""
+    call = rpc(timeout=timeout, metadata=metadata)
+    first: list[grpc.aio.AioRpcError | None] = []
+    call.add_done_callback(lambda done: first.append(_first_status(done)))
+    try:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        # The call ended early (an error from the server, possibly before
+        # it read a message: a write then fails with a local "Internal
+        # error from Core"): the call's own status, awaited below, says why.
+        pass
+    except asyncio.CancelledError:
+        if task_cancelled():
+            call.cancel()
+            raise
+    except BaseException:
+        call.cancel()
+        raise
+    try:
+        result: tuple[int, int] = await call
+    except grpc.aio.AioRpcError as err:
+        if status_lost(err) and first and first[0] is not None:
+            raise first[0] from None  # the server's, which grpc.aio overwrote
+        raise
+    except asyncio.CancelledError:
+        if task_cancelled():
+            raise
+        if first and first[0] is not None:
+            raise first[0] from None
+        raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "the call was cancelled") from None
+    return result
+
+
+def task_cancelled() -> bool:
+    """Whether the running task is being cancelled (by its caller), rather
+    than grpc.aio raising CancelledError for a call it ended itself (a
+    deadline, the channel closed)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import asyncio
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +13,7 @@ import grpc.aio
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
+from kvstore.client._aioput import put_stream, task_cancelled
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
     DEFAULT_TARGET,
@@ -35,7 +38,7 @@ from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane
 from kvstore.client.dataplane import data_plane_mode
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import Op
-from kvstore.errors import InvalidArgument
+from kvstore.errors import ConnectionFailed, InvalidArgument
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -69,6 +72,10 @@ class AsyncClient(ClientBase):
     requests are pipelined (kvstore/client/aio_dataplane.py); the rest, and
     every call of a client with ``metadata``, go over gRPC. A call cancelled
     while it waits leaves its session usable (its answer is read and dropped).
+    On a data-plane session ``timeout`` bounds the time without progress (a
+    call queued behind others' bytes waits for them), not each call's total
+    time as over gRPC: use ``asyncio.wait_for`` for a per-call bound.
+    :meth:`close` fails the calls in flight with ConnectionFailed.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, unary_get: bool = True,
@@ -86,6 +93,7 @@ class AsyncClient(ClientBase):
 
     def _connect(self) -> None:
         self._channel: grpc.aio.Channel | None = None
+        self._channel_loop: asyncio.AbstractEventLoop | None = None
         self._rpcs: dict[str, Any] = {}
         self._closed = False
         self._small_limit = max_response_bytes(self._options)
@@ -97,11 +105,38 @@ class AsyncClient(ClientBase):
                 self.timeout, self.tls)
 
     async def _open_data_plane(self) -> conv.DataPlaneOffer:
-        offer: conv.DataPlaneOffer = await self._rpc(_OPEN_DATA_PLANE)(
-            "", timeout=self.timeout, metadata=self._metadata())
+        with self._closing_cuts():  # (grpc.RpcError: the data plane's own handling)
+            offer: conv.DataPlaneOffer = await self._rpc(_OPEN_DATA_PLANE)(
+                "", timeout=self.timeout, metadata=self._metadata())
         return offer
 
+    @contextlib.contextmanager
+    def _closing_cuts(self) -> Iterator[None]:
+        """A gRPC call that :meth:`close` cut (closing the channel cancels its
+        calls: grpc.aio raises CancelledError in a task nobody cancelled)
+        raises ConnectionFailed instead; the task's own cancellation passes."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self._closed and not task_cancelled():
+                raise ConnectionFailed(f"kvstore client for {self.target} was closed while "
+                                       "the call was in flight") from None
+            raise
+
+    @contextlib.contextmanager
+    def _grpc_edge(self) -> Iterator[None]:
+        """grpc's errors as kvstore's (and a call cut by close())."""
+        with self._closing_cuts():
+            try:
+                yield
+            except grpc.RpcError as err:
+                if self._closed and err.code() == grpc.StatusCode.CANCELLED:
+                    raise asyncio.CancelledError from None  # cut by close(): as above
+                raise error_from_rpc(err, self.target) from err
+
     def _rpc(self, name: str) -> Any:
+        if self._channel_loop is not asyncio.get_running_loop() and self._channel is not None:
+            self._new_loop()
         rpc = self._rpcs.get(name)
         if rpc is None:
             if self._closed:
@@ -109,6 +144,7 @@ class AsyncClient(ClientBase):
                 # close quietly opened a channel nothing would close).
                 raise ValueError("the client is closed")
             if self._channel is None:
+                self._channel_loop = asyncio.get_running_loop()
                 self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
                                              self._credentials())
             ch = self._channel
@@ -129,6 +165,17 @@ class AsyncClient(ClientBase):
                                      response_deserializer=_DECODERS[name])
             self._rpcs[name] = rpc
         return rpc
+
+    def _new_loop(self) -> None:
+        """A call from another event loop than the channel's: after that loop
+        closed (one ``asyncio.run`` after another), a new channel; while it
+        runs, a clear error (grpc.aio's channel works in its own loop only)."""
+        old = self._channel_loop
+        if old is not None and not old.is_closed():
+            raise InvalidArgument("this AsyncClient is in use in another running event loop: "
+                                  "use one AsyncClient per event loop")
+        self._channel = None  # (its loop is gone: nothing can close it any more)
+        self._rpcs.clear()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -197,12 +244,12 @@ class AsyncClient(ClientBase):
             if answer is not None:
                 counted = frames.Counted.decode(answer)
                 return PutResult(counted.stored, counted.nbytes)
-        try:
-            stored, nbytes = await self._rpc(conv.PUT)(
-                prep.messages(self.chunk_bytes), timeout=self.timeout, metadata=self._metadata()
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+        with self._grpc_edge():
+            # Message by message (grpc.aio's request iterator lost the server's
+            # status when it refused the Put mid-stream: "Internal error from Core").
+            stored, nbytes = await put_stream(self._rpc(conv.PUT),
+                                              prep.messages(self.chunk_bytes), self.timeout,
+                                              self._metadata())
         return PutResult(stored, nbytes)
 
     async def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
@@ -299,8 +346,9 @@ class AsyncClient(ClientBase):
         if not self._unary_get or count * self._block_hint > SMALL_GET_BYTES:
             return await self._stream_get(req, GetAssembler(count, views))
         try:
-            raw = await self._rpc(GET_SMALL)(req + small_request_suffix(self._small_limit),
-                                             timeout=self.timeout, metadata=self._metadata())
+            with self._closing_cuts():
+                raw = await self._rpc(GET_SMALL)(req + small_request_suffix(self._small_limit),
+                                                 timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server without GetSmall
                 self._unary_get = False
@@ -318,14 +366,15 @@ class AsyncClient(ClientBase):
 
     async def _stream_get(self, req: bytes, asm: GetAssembler) -> list[Any]:
         call = self._rpc(conv.GET)(req, timeout=self.timeout, metadata=self._metadata())
-        try:
-            async for piece in call:
-                asm.feed(piece)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
-        except BaseException:
-            call.cancel()
-            raise
+        with self._grpc_edge():
+            try:
+                async for piece in call:
+                    asm.feed(piece)
+            except grpc.RpcError:
+                raise
+            except BaseException:
+                call.cancel()
+                raise
         return asm.done()
 
     async def lookup(
@@ -381,14 +430,12 @@ class AsyncClient(ClientBase):
         req = self._prepare_list_blocks(namespace, prefix, limit)
         blocks: list[ListedBlock] = []
         truncated = False
-        try:
+        with self._grpc_edge():
             call = self._rpc(conv.LIST_BLOCKS)(req, timeout=self.timeout,
                                                metadata=self._metadata())
             async for page in call:
                 blocks.extend(page.blocks)
                 truncated = truncated or page.truncated
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
         return BlockListing(blocks, truncated)
 
     async def flush(self, namespace: str | None = None) -> int:
@@ -454,11 +501,9 @@ class AsyncClient(ClientBase):
         await self.session_event(session_id, SessionEnd(discard), namespace=namespace)
 
     async def _unary(self, name: str, req: bytes) -> Any:
-        try:
+        with self._grpc_edge():
             return await self._rpc(name)(req, timeout=self.timeout,
                                              metadata=self._metadata())
-        except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
 
 
 _OPEN_DATA_PLANE = "/kvstore.v1.KVStore/OpenDataPlane"

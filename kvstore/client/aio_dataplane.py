@@ -204,17 +204,23 @@ class AioConnection:
         try:
             return await req.future
         except asyncio.CancelledError:
-            self._forget(req, bool(payload))
+            self._forget(req, payload)
             raise
 
-    def _forget(self, req: _Request, sent_payload: bool) -> None:
+    def _forget(self, req: _Request, payload: Sequence[memoryview]) -> None:
         """A cancelled call: its answer is still read, into nothing; bytes of
-        it not yet sent are copied (the caller may reuse its buffers now)."""
+        its payload not yet sent are copied (the caller may reuse its buffers
+        now). Only its own: copying the whole backlog at every cancel made
+        cancelling n queued Puts cost n times the backlog (seconds of a
+        blocked loop for a few hundred)."""
         req.views = None
         if self._waiting and self._waiting[0] is req and req.opcode == Op.GET:
             self._dest = None  # the block being received: the rest is thrown away
-        if sent_payload and self._outq:
-            self._outq = collections.deque(memoryview(bytes(v)) for v in self._outq)
+        if payload and self._outq:
+            # A part still queued is the payload's, or a slice of it (same base).
+            owners = {id(p.obj) for p in payload}
+            self._outq = collections.deque(
+                memoryview(bytes(v)) if id(v.obj) in owners else v for v in self._outq)
 
     # -- sending -----------------------------------------------------------------------
 
@@ -621,6 +627,10 @@ class AsyncDataPlane:
         except BaseException:
             conn.close()
             raise
+        if self._closed:  # close() came while the session opened: nothing would close it
+            conn.close("the client was closed", ConnectionFailed)
+            raise ConnectionFailed(f"kvstore client for {self.target} was closed while the "
+                                   "call was in flight")
         self._limits = session_limits(offer, hello)
         self._conns.append(conn)
         self.sessions += 1

@@ -95,11 +95,11 @@ def lock_data_dir(config: Config) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held_locks.append(fd)
-    holder = lmdb_holder(config.l2_path)
-    if holder is not None:
+    other = lmdb_holder(config.l2_path)
+    if other is not None:
         raise InvalidConfig(
             f"data_dir {config.data_dir}: its L2 ({config.l2_path}) is open in another "
-            f"process (pid {holder}), a kvstore server from before kvstore.lock or "
+            f"process (pid {other}), a kvstore server from before kvstore.lock or "
             "another LMDB program: stop it, or give this server its own data_dir")
     warn_if_open(Path(config.data_dir))
 

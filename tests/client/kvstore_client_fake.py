@@ -27,6 +27,15 @@ class FakeState:
     get_cancelled: threading.Event = field(default_factory=threading.Event)
     # namespace → (status code, kvstore-error name or None, details)
     fail: dict[str, tuple[grpc.StatusCode, str | None, str]] = field(default_factory=dict)
+    # Set: Put (at its first message) and Lookup set ``arrived``, then wait for it.
+    hold: threading.Event | None = None
+    arrived: threading.Event = field(default_factory=threading.Event)
+
+
+def _maybe_hold(state: FakeState) -> None:
+    if state.hold is not None:
+        state.arrived.set()
+        state.hold.wait(60)
 
 
 def _maybe_fail(state: FakeState, namespace: str, context: grpc.ServicerContext) -> None:
@@ -52,6 +61,7 @@ class FakeKVStore(pb_grpc.KVStoreServicer):
             if ns is None:
                 ns = m.namespace
                 _maybe_fail(self.state, ns, context)
+                _maybe_hold(self.state)
             if m.key:
                 if key is not None:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "new block before end")
@@ -81,6 +91,7 @@ class FakeKVStore(pb_grpc.KVStoreServicer):
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> Any:
         _maybe_fail(self.state, request.namespace, context)
+        _maybe_hold(self.state)
         tiers = [pb.TIER_L1 if (request.namespace, k) in self.state.blocks else pb.TIER_UNSPECIFIED
                  for k in request.keys]
         found = 0

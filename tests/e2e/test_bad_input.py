@@ -4,6 +4,7 @@ engines do), the SDK must raise the matching kvstore exception."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kvstore import Client
+from kvstore import AsyncClient, Client
 from kvstore.errors import (
     BlockTooLarge,
     CapacityExhausted,
@@ -84,6 +85,26 @@ def test_a_put_refused_mid_stream_over_grpc_raises_its_class(server_factory) -> 
         # it first (sending the Put again stored its first block twice, and
         # the server counted 65 Puts for 40).
         assert c.stats().puts == len(seen)
+
+
+def test_an_async_put_refused_mid_stream_over_grpc_raises_its_class(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The same through AsyncClient (its own grpc.aio call: it raised a bare
+    "Internal error from Core" for 2 to 16 Puts in 50)."""
+
+    async def main(target: str) -> list[str]:
+        seen = []
+        async with AsyncClient(target, namespace="bad", data_plane=False) as c:
+            for _ in range(15):
+                for size in (2 * MiB, 9 * MiB):
+                    with pytest.raises(KVStoreError) as refused:
+                        await c.put({b"ok": b"o" * 1000, b"big": bytes(size)})
+                    seen.append(type(refused.value).__name__)
+            assert await c.get([b"ok"]) == [b"o" * 1000]
+        return seen
+
+    with server_factory("--server-max-block-bytes", "1MiB") as server:
+        seen = asyncio.run(main(server.tcp))
+    assert set(seen) == {"BlockTooLarge"}, seen
 
 
 @pytest.mark.parametrize("key", [b"", b"k" * 65])

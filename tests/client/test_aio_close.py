@@ -1,0 +1,110 @@
+"""AsyncClient.close() while calls are in flight: each call fails with a
+kvstore error (ConnectionFailed), not a CancelledError that no one asked
+for (closing the channel cancels grpc.aio's calls), and a data-plane
+session still opening when close() came is closed, not pooled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from kvstore_client_fake import FakeServer
+
+from kvstore import AsyncClient
+from kvstore.errors import ConnectionFailed
+
+
+@pytest.mark.parametrize("call", ["put", "lookup"])
+def test_a_grpc_call_in_flight_at_close_raises_connection_failed(
+        fake_server: FakeServer, call: str) -> None:
+    fake_server.state.hold = threading.Event()
+
+    async def main() -> None:
+        client = AsyncClient(fake_server.target, namespace="ns", data_plane=False)
+        if call == "put":
+            task = asyncio.create_task(client.put({b"k": b"v" * 1000}))
+        else:
+            task = asyncio.create_task(client.lookup([b"k"]))
+        assert await asyncio.to_thread(fake_server.state.arrived.wait, 30)  # in flight
+        await client.close()
+        with pytest.raises(ConnectionFailed, match="closed while the call was in flight"):
+            await asyncio.wait_for(task, 30)
+        assert not task.cancelled()
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake_server.state.hold.set()
+
+
+def test_a_task_cancelled_during_a_grpc_put_stays_cancelled(fake_server: FakeServer) -> None:
+    """The caller's own cancellation is not turned into an error."""
+    fake_server.state.hold = threading.Event()
+
+    async def main() -> None:
+        async with AsyncClient(fake_server.target, namespace="ns", data_plane=False) as client:
+            task = asyncio.create_task(client.put({b"k": b"v" * 1000}))
+            assert await asyncio.to_thread(fake_server.state.arrived.wait, 30)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert task.cancelled()
+
+    try:
+        asyncio.run(main())
+    finally:
+        fake_server.state.hold.set()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _then_close(client: AsyncClient,
+                real: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+    async def offer_then_close() -> Any:
+        got = await real()
+        await client.close()  # the session is not open yet: HELLO comes next
+        return got
+    return offer_then_close
+
+
+def test_close_while_a_data_plane_session_opens_leaves_no_session(shared_server: Any) -> None:
+    """close() between the session's offer (gRPC) and its HELLO: the call
+    fails, the connection is closed, nothing stays pooled or open."""
+
+    async def main() -> None:
+        # a first client opens and closes everything once (imports, caches)
+        async with AsyncClient(shared_server.tcp, namespace="ns") as warm:
+            await warm.put({b"k": b"v" * 4096})
+        before = _open_fds()
+        for _ in range(3):
+            client = AsyncClient(shared_server.tcp, namespace="ns")
+            dp = client._data_plane
+            assert dp is not None
+            dp._open_session = _then_close(client, dp._open_session)  # type: ignore[method-assign]
+            with pytest.raises(ConnectionFailed, match="closed while the call was in flight"):
+                await client.lookup([b"k"])
+            assert dp._conns == []
+        assert _open_fds() <= before  # (a leaked session would add one per round)
+
+    asyncio.run(main())
+
+
+def test_one_client_in_one_event_loop_after_another(shared_server: Any) -> None:
+    """``asyncio.run`` twice with the same client: the second loop gets a new
+    channel (it raised "Event loop is closed" and left a coroutine never
+    awaited)."""
+    client = AsyncClient(shared_server.tcp, namespace="loops", data_plane=False)
+
+    async def put_get(value: bytes) -> list[bytes | None]:
+        await client.put({b"k": value})
+        return await client.get([b"k"])
+
+    assert asyncio.run(put_get(b"a" * 5000)) == [b"a" * 5000]
+    assert asyncio.run(put_get(b"b" * 5000)) == [b"b" * 5000]
+    asyncio.run(client.close())
