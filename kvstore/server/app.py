@@ -234,7 +234,10 @@ class Server:
                 status = health_pb2.HealthCheckResponse.SERVING if serving else \
                     health_pb2.HealthCheckResponse.NOT_SERVING
                 await self.health.set(L3_HEALTH, status)
-                log.warning("L3 %s", "is back" if serving else "is unavailable")
+                if serving:
+                    log.warning("L3 is back")
+                else:
+                    log.warning("L3 is unavailable: %s", l3.tier.last_error or "no answer")
                 if serving:
                     self.store.after_demotion()  # move what L2 held during the outage
             await asyncio.sleep(L3_WATCH_SECONDS)  # a periodic check, not synchronisation

@@ -64,6 +64,8 @@ class Snapshot:
     shm_reservations: int | None  # None: shared memory is off
     shm_leases: int | None
     l3_queued_bytes: int | None  # None: no L3
+    #: L3 requests: (sent, failed, retried, breaker openings); None: no L3.
+    l3_requests: tuple[int, int, int, int] | None = None
     #: issue 14 data plane (None: off).
     dataplane: DataPlaneStats | None = None
     #: The event loop's busy poll: (spins, spins that found a request); None: off.
@@ -93,6 +95,9 @@ class KVStoreCollector:
             shm_reservations=self.shm.reservations if shm_on else None,
             shm_leases=self.shm.leases if shm_on else None,
             l3_queued_bytes=l3.queued if l3 is not None else None,
+            l3_requests=None if l3 is None else (
+                l3.tier.requests, l3.tier.failed_requests, l3.tier.retried,
+                l3.tier.breaker.opened),
             dataplane=dataclasses.replace(self.dataplane) if self.dataplane else None,
             busy_poll=busy_poll_counts(self.loop),
         )
@@ -172,6 +177,22 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
         yield GaugeMetricFamily("kvstore_l3_write_queue_bytes",
                                 "Bytes being written to L3 (demotions and ack=remote Puts)",
                                 value=float(snap.l3_queued_bytes))
+    if snap.l3_requests is not None:
+        sent, failed, retried, opened = snap.l3_requests
+        for name, doc, value in (
+            ("kvstore_l3_requests", "Requests sent to the object store (L3)", sent),
+            ("kvstore_l3_request_failures",
+             "L3 requests that failed (an error answer, a timeout, a dropped connection), "
+             "retried or not", failed),
+            ("kvstore_l3_request_retries",
+             "L3 requests sent again after a failure (throttling that retries absorb shows "
+             "here)", retried),
+            ("kvstore_l3_breaker_openings",
+             "Times the L3 circuit breaker opened (L3 then counted unavailable)", opened),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
     if snap.shm_reservations is not None and snap.shm_leases is not None:
         yield GaugeMetricFamily("kvstore_shm_reservations",
                                 "Shared-memory slots reserved and not yet committed",

@@ -250,15 +250,18 @@ class ObjectTier:
         return self._last_error
 
     async def check(self) -> bool:
-        """Probe the store with one cheap request (a one-key listing) through
-        the breaker; the health loop calls this when the tier is idle."""
+        """Probe the store with one cheap request through the breaker; the
+        health loop calls this when the tier is idle. A HEAD of a key never
+        written, as a Get's: any answer of the store counts (a 404, or the 403
+        S3 gives for a missing key without s3:ListBucket). Not a listing: a
+        store that refuses only listings (a policy without s3:ListBucket,
+        LIST throttled) serves Gets and Puts, and was reported down."""
 
         async def probe() -> Any:
-            stream = obstore.list(self._store, _PROBE_PREFIX, chunk_size=1)
             try:
-                return await stream.__anext__()
-            except StopAsyncIteration:
-                return []
+                return await obstore.head_async(self._store, _PROBE_PREFIX)
+            except (*_NOT_FOUND, PermissionDeniedError):
+                return None  # the store answered
 
         try:
             await self._call("probe", _PROBE_PREFIX, probe, retries=0, lane="read")
@@ -329,7 +332,10 @@ class ObjectTier:
                 return None
 
         while True:
-            page = await self._call("list", "/", next_page, retries=0)
+            # No verdict on the store from a failed listing (its callers list
+            # again later): Gets and Puts may well work (a policy without
+            # s3:ListBucket), and an open breaker would refuse them.
+            page = await self._call("list", "/", next_page, retries=0, judge=False)
             if page is None:
                 return
             yield page
@@ -377,12 +383,14 @@ class ObjectTier:
         missing_ok: bool = False,
         retries: int | None = None,
         lane: str = "write",
+        judge: bool = True,
     ) -> Any:
         """Run one call (one or more requests) with the deadline, retries,
         concurrency limit of its ``lane`` ("read" or "write") and breaker.
         Returns MISSING for a not-found when missing_ok. The breaker judges
         calls, not requests: a burst of transient errors that retries absorb
-        does not open it."""
+        does not open it; a call with ``judge`` False gives no verdict when
+        it fails (it closes the breaker when it succeeds)."""
         if self._closed:
             raise TierUnavailable(f"L3 {self.location} is closed")
         if not self.breaker.allow():
@@ -440,7 +448,10 @@ class ObjectTier:
                         or self.breaker.state is BreakerState.OPEN):
                     # Out of retries or time, or other calls have opened the
                     # breaker meanwhile: this call fails.
-                    self.breaker.failure()
+                    if judge:
+                        self.breaker.failure()
+                    else:
+                        self.breaker.abandon()
                     raise TierUnavailable(
                         f"L3 {op} {path!r} on {self.location} failed after {attempt} "
                         f"attempt(s): {self._last_error}"

@@ -4,14 +4,18 @@ restart from the listing, a slow object store."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 from delayproxy import DelayProxy
+from faultproxy import FaultProxy, is_listing
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore import Client
@@ -193,3 +197,64 @@ def test_blocks_indexed_from_l2_are_demoted_to_l3_when_l2_shrinks(server_factory
         assert tier_stats(c, TierName.L3).blocks >= 14
         assert c.lookup(list(blobs)).found == len(blobs)
         assert c.get(list(blobs)) == list(blobs.values())
+
+
+# ------------------------------------------------------------- a store that refuses some requests
+
+
+def scrape_counters(server) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    ready = max(server.data_dir.glob("ready-*.json"), key=os.path.getmtime)
+    address = json.loads(ready.read_text())["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines() if line.startswith("kvstore_l3_"))}
+
+
+def test_a_store_that_refuses_only_listings_stays_available(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    """Listings answered 503 (a policy without s3:ListBucket looks alike):
+    Gets and Puts work, so L3 is not reported down. (The idle health probe
+    was a listing: the breaker opened, health went NOT_SERVING, and every
+    ack=remote Put and every Get of a block held only in L3 failed.)"""
+    proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    proxy.fail = is_listing
+    try:
+        node = l3_node(server_factory, s3, endpoint=f"http://127.0.0.1:{proxy.port}",
+                       l1="4MiB", l2="4MiB").start()  # (the start-up listing fails too)
+        blocks = {b"b%d" % i: os.urandom(MiB) for i in range(12)}
+        with Client(node.tcp, namespace="ns") as c:
+            assert c.put(blocks, ack="remote").stored == len(blocks)
+            probes = lambda: sum("_kvstore-probe" in t  # noqa: E731
+                                 for _, t in proxy.forwarded + proxy.failed)
+            wait_for(lambda: probes() >= 3, what="three health probes")
+            assert any(is_listing(m, t) for m, t in proxy.failed)  # listings were refused
+            assert l3_health(node.tcp) == health_pb2.HealthCheckResponse.SERVING
+            assert tier_stats(c, TierName.L3).available
+            assert c.get(list(blocks)) == list(blocks.values())  # some only in L3 now
+            assert c.put({b"later": b"x" * 5000}, ack="remote").stored == 1
+    finally:
+        proxy.close()
+
+
+def test_throttling_that_retries_absorb_shows_in_the_metrics(server_factory, s3: S3Server) -> None:  # type: ignore[no-untyped-def]
+    """Every other PUT answered 503 SlowDown: each Put is acknowledged (one
+    retry each), and the metrics say how often the store refused."""
+    pytest.importorskip("prometheus_client")
+    proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    turn = itertools.count()
+    proxy.fail = lambda method, target: method == "PUT" and next(turn) % 2 == 0
+    try:
+        node = l3_node(server_factory, s3, "--server-metrics-listen", "127.0.0.1:0",
+                       "--l3-retries", "3", endpoint=f"http://127.0.0.1:{proxy.port}").start()
+        with Client(node.tcp, namespace="ns") as c:
+            for i in range(6):
+                assert c.put({b"t%d" % i: os.urandom(64 * 1024)}, ack="remote").stored == 1
+        refused = sum(m == "PUT" for m, _ in proxy.failed)
+        assert refused >= 6
+        counters = scrape_counters(node)
+        assert counters["kvstore_l3_request_failures_total"] >= refused
+        assert counters["kvstore_l3_request_retries_total"] >= refused
+        assert counters["kvstore_l3_requests_total"] >= 2 * refused
+        assert counters["kvstore_l3_breaker_openings_total"] == 0
+    finally:
+        proxy.close()

@@ -1,0 +1,115 @@
+"""An HTTP proxy on 127.0.0.1 in front of a real S3 server that answers
+chosen requests itself with an S3 error (503 SlowDown by default), for the
+L3 fault tests: a store that refuses only listings, or throttles every
+other request.
+
+Each request gets a connection of its own upstream (``Connection: close``
+is sent on), so that every request passes through :attr:`fail` and none
+rides an earlier one's connection unseen. ``fail(method, target)`` decides
+per request (``target``: the request line's path and query); the counts of
+what went where are kept for the test's asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+_ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+               b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+def is_listing(method: str, target: str) -> bool:
+    """ListObjects(V2): a GET of the bucket with a query and no object key."""
+    path, _, query = target.partition("?")
+    return method == "GET" and path.strip("/").count("/") == 0 and bool(query)
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        #: (method, target) -> answer this request with a 503 instead.
+        self.fail: Callable[[str, str], bool] = lambda method, target: False
+        self.forwarded: list[tuple[str, str]] = []
+        self.failed: list[tuple[str, str]] = []
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await cr.readuntil(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    method, target, _ = lines[0].split(" ", 2)
+                    headers = [h for h in lines[1:] if h]
+                    length = 0
+                    for h in headers:
+                        name, _, value = h.partition(":")
+                        if name.strip().lower() == "content-length":
+                            length = int(value)
+                    body = await cr.readexactly(length) if length else b""
+                    if self.fail(method, target):
+                        self.failed.append((method, target))
+                        cw.write(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(_ERROR_BODY),
+                                                                    _ERROR_BODY))
+                        await cw.drain()
+                        continue  # the client's connection lives on
+                    self.forwarded.append((method, target))
+                    kept = [h for h in headers if h.partition(":")[0].strip().lower()
+                            not in ("connection", "keep-alive")]
+                    request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""])
+                    ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                    try:
+                        uw.write(request.encode("latin-1") + body)
+                        await uw.drain()
+                        answer = await ur.read()  # until the server closes: one request
+                    finally:
+                        uw.close()
+                    cw.write(_keep_alive(answer))
+                    await cw.drain()
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                cw.close()
+
+        async def main() -> None:
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = server.sockets[0].getsockname()[1]
+            self._stop = asyncio.Event()
+            ready.set()
+            await self._stop.wait()
+            server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.wait_closed()
+
+        self.loop.run_until_complete(main())
+        self.loop.close()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
+
+
+def _keep_alive(answer: bytes) -> bytes:
+    """The upstream's answer with its ``Connection: close`` dropped (the
+    client's own connection stays open); a body sent until the close (no
+    Content-Length, not chunked) gets its length."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    kept = [h for h in lines[1:] if h.partition(b":")[0].strip().lower() != b"connection"]
+    names = {h.partition(b":")[0].strip().lower() for h in kept}
+    if b"content-length" not in names and b"transfer-encoding" not in names:
+        kept.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join([lines[0], *kept]) + sep + body
