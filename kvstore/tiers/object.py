@@ -251,17 +251,22 @@ class ObjectTier:
 
     async def check(self) -> bool:
         """Probe the store with one cheap request through the breaker; the
-        health loop calls this when the tier is idle. A HEAD of a key never
-        written, as a Get's: any answer of the store counts (a 404, or the 403
-        S3 gives for a missing key without s3:ListBucket). Not a listing: a
-        store that refuses only listings (a policy without s3:ListBucket,
-        LIST throttled) serves Gets and Puts, and was reported down."""
+        health loop calls this when the tier is idle. A GET of a key never
+        written, as a Get's: the store's answer counts (a 404 NoSuchKey, or
+        the 403 S3 gives for a missing key without s3:ListBucket), but not
+        NoSuchBucket (nothing can be stored). Not a listing: a store that
+        refuses only listings (a policy without s3:ListBucket, LIST
+        throttled) serves Gets and Puts, and was reported down."""
 
         async def probe() -> Any:
             try:
-                return await obstore.head_async(self._store, _PROBE_PREFIX)
-            except (*_NOT_FOUND, PermissionDeniedError):
+                return await obstore.get_async(self._store, _PROBE_PREFIX)
+            except _NOT_FOUND as exc:
+                if "NoSuchBucket" in str(exc):
+                    raise
                 return None  # the store answered
+            except PermissionDeniedError:
+                return None
 
         try:
             await self._call("probe", _PROBE_PREFIX, probe, retries=0, lane="read")
