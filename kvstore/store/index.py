@@ -136,7 +136,8 @@ class Index:
         self.blocks = BlockIndex()
         self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
         self.loading: dict[BlockId, asyncio.Future[None]] = {}
-        self.delete_l3: Callable[[BlockId, bool], asyncio.Future[None] | None] | None = None
+        self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[None] | None] | None = \
+            None
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -423,7 +424,7 @@ class Index:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
         if delete_l3 and self.delete_l3 is not None:
-            return self.delete_l3(block, in_l3)
+            return self.delete_l3(block, in_l3, entry.checksum)
         return None
 
     # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------

@@ -112,6 +112,10 @@ class L3Mover(Part):
         #: process lives). Set once by the store, before :meth:`start`.
         self.tombs: KeyValueTier | None = None
         self._tombstoned: set[BlockId] = set()  # blocks with a record in L2
+        # The checksum of the object a record found at start is to delete:
+        # only that object goes (another may have been written under the key
+        # since: by another node, or by a release that did not read records).
+        self._recorded: dict[BlockId, int] = {}
         # Records on their way to L2 (a second delete of the block waits for them).
         self._recording: dict[BlockId, asyncio.Future[BaseException | None]] = {}
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
@@ -146,10 +150,12 @@ class L3Mover(Part):
             # Deletes recorded before a restart are done first: the listing
             # below skips their objects, and an upload of such a block waits
             # for its delete (_in_order).
-            for block in self.tombs.tombstones_sync():
+            for block, checksum in self.tombs.tombstones_sync():
                 self._deleting[block] = self._deleting.get(block, 0) + 1
                 self._redo[block] = self._redo.get(block, 0) + 1
                 self._tombstoned.add(block)
+                if checksum is not None:
+                    self._recorded[block] = checksum
             if self._redo:
                 log.info("L3: %d deletes recorded before the restart to finish",
                          len(self._redo))
@@ -263,7 +269,7 @@ class L3Mover(Part):
                 # already, and one queued now would come after the newer
                 # block's own upload.
                 if self.index.is_current(block, entry):
-                    self.delete_later(block, in_l3=True)
+                    self.delete_later(block, in_l3=True, checksum=entry.checksum)
                 raise
             finally:
                 self.queued -= entry.size
@@ -330,7 +336,12 @@ class L3Mover(Part):
                 await asyncio.wait([before])
             if block in self._redo:
                 # A delete of this block failed earlier: it goes first.
-                await self.tier.delete(block)
+                checksum = self._recorded.get(block)
+                if checksum is None:
+                    await self.tier.delete(block)
+                else:
+                    await self.tier.delete_if(block, checksum)
+                    self._recorded.pop(block, None)
                 self._deleted(block, 0)
             if wanted is not None and not wanted():
                 return False
@@ -341,7 +352,8 @@ class L3Mover(Part):
             if self._last_write.get(block) is mine:
                 del self._last_write[block]
 
-    def delete_later(self, block: BlockId, in_l3: bool = True) -> asyncio.Future[Any] | None:
+    def delete_later(self, block: BlockId, in_l3: bool = True,
+                     checksum: int | None = None) -> asyncio.Future[Any] | None:
         """Delete the block's object in the background, after the block's
         writes already in flight (an upload that lands later would bring the
         block back).
@@ -353,7 +365,8 @@ class L3Mover(Part):
         without L2). Otherwise the object, if any, is another node's: one
         paced attempt, dropped when L3 cannot take it or too many are
         waiting (so a Delete of many blocks while L3 is down or slow costs
-        no memory, tombstones or L3 slots beyond a bound)."""
+        no memory, tombstones or L3 slots beyond a bound). ``checksum``:
+        that of the object to delete, kept in its record."""
         # An upload of the block in flight (ack=remote) may land first: durable too.
         if not in_l3 and block not in self._last_write:
             if block in self._deleting or len(self._best_effort) >= BEST_EFFORT_MAX:
@@ -368,7 +381,7 @@ class L3Mover(Part):
             # (an earlier record still on its way to L2 is waited for too)
             recorded = self._recording.get(block)
             if recorded is None and block not in self._tombstoned:
-                recorded = self._record(block)
+                recorded = self._record(block, checksum)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         spawn(self._delete_tasks, self._delete(block))
         return recorded
@@ -434,7 +447,8 @@ class L3Mover(Part):
                 else:
                     hidden.pop(block, None)
 
-    def _record(self, block: BlockId) -> asyncio.Future[BaseException | None]:
+    def _record(self, block: BlockId,
+                checksum: int | None) -> asyncio.Future[BaseException | None]:
         assert self.tombs is not None
         recorded, done = writer_settled(asyncio.get_running_loop())
 
@@ -450,7 +464,7 @@ class L3Mover(Part):
         recorded.add_done_callback(settled)
         self._tombstoned.add(block)
         self._recording[block] = recorded
-        self.tombs.submit_tombstone(block, True, done)
+        self.tombs.submit_tombstone(block, True, done, checksum)
         return recorded
 
     async def _delete(self, block: BlockId) -> None:

@@ -143,11 +143,14 @@ class KeyValueTier(Protocol):
         rebuild the index at start). Raises StorageError when storage fails."""
         ...
 
-    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone) -> None:
+    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone,
+                         checksum: int | None = None) -> None:
         """Queue, in order with the block writes, a record (``present``) or
         its removal that the block's object in the shared L3 is still to be
         deleted: a delete or overwrite made while L3 is down or slow survives a
-        restart and is retried. ``done`` as for :meth:`submit`."""
+        restart and is retried. ``checksum``: that of the object to delete
+        (after a restart only that object is deleted: the key may hold
+        another's since). ``done`` as for :meth:`submit`."""
         ...
 
     def after_queued(self, done: WriteDone) -> None:
@@ -155,8 +158,9 @@ class KeyValueTier(Protocol):
         failed), without a sync to disk: what a Delete waits for."""
         ...
 
-    def tombstones_sync(self) -> list[BlockId]:
-        """The blocks recorded by :meth:`submit_tombstone` (blocking)."""
+    def tombstones_sync(self) -> list[tuple[BlockId, int | None]]:
+        """The blocks recorded by :meth:`submit_tombstone`, each with the
+        checksum recorded (None: a record without one) (blocking)."""
         ...
 
     def usage(self) -> TierUsage:

@@ -37,6 +37,7 @@ import logging
 import os
 import queue
 import shutil
+import struct
 import sys
 import threading
 import time
@@ -115,6 +116,8 @@ class _Op:
 
 
 _BLOCK, _TOMBSTONE, _MARKER = 0, 1, 2
+#: A tombstone's value: the checksum of the L3 object it is to delete.
+_TOMB_CHECKSUM = struct.Struct("<Q")
 
 
 @dataclass(slots=True)
@@ -300,11 +303,16 @@ class LMDBTier:
         self._enqueue(_Op(encode_key(block), data, meta.pack() if meta else b"",
                           meta.size if meta else 0, done))
 
-    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone) -> None:
+    def submit_tombstone(self, block: BlockId, present: bool, done: WriteDone,
+                         checksum: int | None = None) -> None:
         """Queue a record (``present``) or the removal of the record that
         the block's L3 object is to be deleted; ordered with the block writes.
-        ``done(error, existed)``: ``existed`` tells whether a record was there."""
-        self._enqueue(_Op(encode_key(block), b"" if present else None, b"", 0, done, _TOMBSTONE))
+        The record's value is the object's checksum (8 bytes, little-endian;
+        empty: none, as releases before it wrote). ``done(error, existed)``:
+        ``existed`` tells whether a record was there."""
+        value = (b"" if checksum is None else _TOMB_CHECKSUM.pack(checksum)) if present \
+            else None
+        self._enqueue(_Op(encode_key(block), value, b"", 0, done, _TOMBSTONE))
 
     def after_queued(self, done: WriteDone) -> None:
         """Call ``done`` once every write queued before this call has
@@ -318,13 +326,16 @@ class LMDBTier:
                 return
         op.done(StorageError(f"L2 at {self.path} is closed"), False)
 
-    def tombstones_sync(self) -> list[BlockId]:
-        """The blocks whose L3 object is still to be deleted (blocking)."""
+    def tombstones_sync(self) -> list[tuple[BlockId, int | None]]:
+        """The blocks whose L3 object is still to be deleted, with the
+        checksum of that object when recorded (blocking)."""
         self._guard_read("scan")
         self._rw.acquire_read()
         try:
             with self._env.begin(db=self._tombs) as txn:
-                return [decode_key(k) for k in txn.cursor().iternext(keys=True, values=False)]
+                return [(decode_key(k), _TOMB_CHECKSUM.unpack(v)[0]
+                         if len(v) == _TOMB_CHECKSUM.size else None)
+                        for k, v in txn.cursor().iternext(keys=True, values=True)]
         except lmdb.Error as exc:
             raise self._storage_error("scan", exc) from exc
         finally:
@@ -432,7 +443,9 @@ class LMDBTier:
     def _apply_tombstone(self, txn: Any, op: _Op) -> bool:
         if op.data is None:
             return bool(txn.delete(op.key, db=self._tombs))
-        return not txn.put(op.key, b"", db=self._tombs, overwrite=False)
+        # The first record stays (the object a restart is to delete is the
+        # one in L3 when the first delete failed: later ones wait behind it).
+        return not txn.put(op.key, op.data, db=self._tombs, overwrite=False)
 
     def _grow(self) -> None:
         self._rw.acquire_write()

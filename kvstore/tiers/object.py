@@ -55,6 +55,7 @@ Failure behaviour (the store translates; nothing here retries forever):
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import struct
 import time
@@ -101,6 +102,7 @@ MAGIC = b"KVL3"
 LAYOUT_VERSION = 1
 
 _LIST_PAGE = 1000
+log = logging.getLogger("kvstore.l3")
 _PROBE_PREFIX = "_kvstore-probe"  # never a namespace (those start with [A-Za-z0-9])
 
 
@@ -368,6 +370,38 @@ class ObjectTier:
             "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
         )
         if found is MISSING:
+            return False
+        await self._call(
+            "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True
+        )
+        return True
+
+    async def delete_if(self, block: BlockId, checksum: int) -> bool:
+        """Delete the block's object if it is the one with ``checksum`` (its
+        header says): a delete recorded before a restart
+        removes the object it was for, not one written under the key since
+        (by another node, or a release that did not know the record).
+        Whether it deleted."""
+        path = object_path(block)
+
+        async def header() -> Any:
+            # The object's first bytes only (not a ranged GET: some S3
+            # servers, rclone's among them, answer one with the whole object).
+            result = await obstore.get_async(self._store, path)
+            got = bytearray()
+            async for chunk in result.stream(min_chunk_size=HEADER_SIZE):
+                got += chunk
+                if len(got) >= HEADER_SIZE:
+                    break
+            return bytes(got)
+
+        raw = await self._call("head", path, header, missing_ok=True)
+        if raw is MISSING:
+            return False
+        meta = unpack_header(memoryview(raw))
+        if meta is not None and meta.checksum != checksum:
+            log.info("L3 object %r was written again since its delete was recorded "
+                     "(checksum %#x, not %#x): kept", path, meta.checksum, checksum)
             return False
         await self._call(
             "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True

@@ -248,7 +248,7 @@ def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
         await store.put_bytes("ns", b"k", b"old" * 100, AckLevel.REMOTE)
         s3.stop()
         assert await store.delete("ns", [b"k"]) == 1
-        assert store.l2.tombstones_sync() == [("ns", b"k")]
+        assert [b for b, _ in store.l2.tombstones_sync()] == [("ns", b"k")]
         s3.start()
         await wait_for_it(lambda: not store.l3._deleting, "the delete done")
         await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
@@ -262,5 +262,59 @@ def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
         assert objects(s3), "the new object was deleted by a record left behind"
         assert await again.get_bytes("ns", b"k") == b"new" * 100
         await again.close()
+
+    asyncio.run(go())
+
+
+def test_a_delete_recorded_before_a_restart_keeps_an_object_written_since(
+        s3: S3Server, tmp_path: Path) -> None:
+    """A delete recorded while L3 was down, finished at the next start, removes
+    the object it was for, not one another writer put under the key while
+    this node was stopped (another node; or an older release run on this data
+    dir, which did not read the records): that one was acknowledged at
+    ack=remote, and a node without it found nothing."""
+    import asyncio
+
+    from kvstore.config import load
+    from kvstore.store import TieredStore
+    from kvstore.types import AckLevel
+
+    env = _store_env(tmp_path, s3) | {"KVSTORE_L3_BREAKER_RESET_S": "0.2",
+                                      "KVSTORE_L3_LIST_ON_START": "false"}
+    other = env | {"KVSTORE_DATA_DIR": str(tmp_path / "other")}
+    fresh = env | {"KVSTORE_DATA_DIR": str(tmp_path / "fresh")}
+
+    async def wait_for_it(check, what: str) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(1500):
+            if check():
+                return
+            await asyncio.sleep(0.02)  # bounded poll
+        raise AssertionError(f"{what} not met in 30 s")
+
+    async def go() -> None:
+        store = TieredStore(load(env=env))
+        await store.start()
+        assert store.l2 is not None
+        await store.put_bytes("ns", b"k", b"old" * 100, AckLevel.REMOTE)
+        s3.stop()
+        assert await store.delete("ns", [b"k"]) == 1
+        await store.close()  # the delete is still to be done: recorded in L2
+        s3.start()
+        writer = TieredStore(load(env=other))
+        await writer.start()
+        await writer.put_bytes("ns", b"k", b"new" * 100, AckLevel.REMOTE)
+        await writer.close()
+        again = TieredStore(load(env=env))
+        await again.start()
+        assert again.l3 is not None and again.l2 is not None
+        await wait_for_it(lambda: not again.l3._deleting, "the recorded delete finished")
+        await asyncio.get_running_loop().run_in_executor(None, again.l2.flush_sync)
+        assert again.l2.tombstones_sync() == []  # settled: nothing left to redo
+        assert await again.get_bytes("ns", b"k") == b"new" * 100
+        await again.close()
+        reader = TieredStore(load(env=fresh))
+        await reader.start()
+        assert await reader.get_bytes("ns", b"k") == b"new" * 100
+        await reader.close()
 
     asyncio.run(go())

@@ -400,21 +400,22 @@ def test_kv_tombstones_survive_a_reopen_and_stay_out_of_the_blocks(kv_backend: K
                 loop.call_soon_threadsafe(settled.set)
 
         await kv_write(tier, ("ns", b"block"), b"payload")
-        tier.submit_tombstone(("ns", b"gone"), True, done)
-        tier.submit_tombstone(("ns", b"gone"), True, done)  # recorded twice: one record
-        tier.submit_tombstone(("other", b"gone2"), True, done)
+        tier.submit_tombstone(("ns", b"gone"), True, done, 0xDEADBEEF12345678)
+        tier.submit_tombstone(("ns", b"gone"), True, done, 7)  # twice: the first record
+        tier.submit_tombstone(("other", b"gone2"), True, done)  # no checksum (older ones)
         tier.submit_tombstone(("ns", b"never"), False, done)  # removing none: no error
         await asyncio.wait_for(settled.wait(), 30)
         assert answers == [False, True, False, False]
-        assert sorted(tier.tombstones_sync()) == [("ns", b"gone"), ("other", b"gone2")]
+        recorded = [(("ns", b"gone"), 0xDEADBEEF12345678), (("other", b"gone2"), None)]
+        assert sorted(tier.tombstones_sync()) == recorded
         assert [b async for b, _ in tier.scan()] == [("ns", b"block")]
         assert tier.usage().blocks == 1
         await tier.close()
         tier = kv_backend.open(tmp_path)
-        assert sorted(tier.tombstones_sync()) == [("ns", b"gone"), ("other", b"gone2")]
+        assert sorted(tier.tombstones_sync()) == recorded
         tier.submit_tombstone(("ns", b"gone"), False, lambda e, x: None)
         await tier.flush()
-        assert tier.tombstones_sync() == [("other", b"gone2")]
+        assert tier.tombstones_sync() == [(("other", b"gone2"), None)]
         await tier.close()
 
     run(go())
