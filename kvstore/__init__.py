@@ -7,6 +7,7 @@ trace simulator) does not pay for importing grpc and protobuf (~0.2-0.4 s).
 
 from typing import TYPE_CHECKING, Any
 
+from kvstore._version import __version__ as __version__
 from kvstore.errors import (
     BlockTooLarge,
     CallCut,
@@ -42,7 +43,6 @@ from kvstore.types import (
 if TYPE_CHECKING:
     from kvstore.client import TLS, AsyncClient, Client, InvalidBuffer, ProtocolError, PutResult
 
-__version__ = "0.1.0"
 
 _CLIENT_NAMES = frozenset({"AsyncClient", "Client", "InvalidBuffer", "ProtocolError", "PutResult",
                            "TLS"})

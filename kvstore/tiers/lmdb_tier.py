@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 
 import lmdb
 
-from kvstore.errors import StorageError
+from kvstore._version import __version__
+from kvstore.errors import InvalidConfig, StorageError
 from kvstore.tiers.base import BlockMeta, Buffer, TierUsage, WriteDone
 from kvstore.types import BlockId
 
@@ -58,6 +59,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SCAN_BATCH = 10_000
+#: The L2 layout this release writes, recorded in the environment (named
+#: database ``kvstore``, key ``format``) with the oldest layout a reader must
+#: know to read it safely (``readable_by``) and who wrote it. 1: before L3
+#: delete records; 2: records (``l3gone``), no marker; 3: records carry the
+#: object's checksum, and the marker. A release refuses an environment whose
+#: ``readable_by`` is above its own FORMAT: one that ignored what a newer
+#: one records could serve or delete what it should not (a release that did
+#: not read delete records served deleted blocks, and later deleted an
+#: acknowledged one).
+FORMAT = 3
+READABLE_BY = 2
 _DATA_FILE = "data.mdb"
 _PROBE_KEY = b"\x00"  # no block's key: a namespace is never empty
 
@@ -176,7 +188,7 @@ class LMDBTier:
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)  # every tenant's blocks
             self._env = lmdb.open(
-                str(self.path), map_size=map_size, max_dbs=4, subdir=True,
+                str(self.path), map_size=map_size, max_dbs=8, subdir=True,
                 sync=sync, metasync=sync, readahead=False, max_readers=512, lock=True,
                 mode=0o600,  # data.mdb holds every namespace's blocks: ours alone
             )
@@ -191,6 +203,7 @@ class LMDBTier:
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
             self._tombs = self._env.open_db(b"l3gone")
+            self._check_format()
             self._blocks, self._bytes = self._count()
         except lmdb.Error as exc:
             self._close_files()
@@ -198,6 +211,30 @@ class LMDBTier:
         except OSError as exc:
             self._close_files()
             raise self._storage_error("open", exc) from exc
+        except InvalidConfig:
+            self._close_files()
+            raise
+
+    def _check_format(self) -> None:
+        """Refuse an environment written in a layout this release cannot
+        read safely (InvalidConfig: not damage, never moved aside by
+        ``l2.recover``); record this release's layout in it otherwise."""
+        marker = self._env.open_db(b"kvstore")
+        with self._env.begin(db=marker, write=True) as txn:
+            fields = {k: bytes(v).decode(errors="replace")
+                      for k, v in txn.cursor().iternext(keys=True, values=True)}
+            written = int(fields.get(b"format", "2") or 2)
+            readable_by = int(fields.get(b"readable_by", "1") or 1)
+            if readable_by > FORMAT:
+                raise InvalidConfig(
+                    f"L2 at {self.path} was written by {fields.get(b'written_by', '?')} in "
+                    f"layout {written}, which needs a release that reads layout "
+                    f"{readable_by}; this one (kvstore {__version__}) reads up to {FORMAT}: "
+                    "run that release or a newer one, or give this one another data_dir")
+            if written <= FORMAT:
+                txn.put(b"format", str(FORMAT).encode(), db=marker)
+                txn.put(b"readable_by", str(READABLE_BY).encode(), db=marker)
+                txn.put(b"written_by", f"kvstore {__version__}".encode(), db=marker)
 
     def _damaged(self, exc: BaseException) -> StorageError:
         return StorageError(

@@ -134,6 +134,26 @@ def test_a_second_server_on_the_same_data_dir_is_refused(
         assert client.get([b"k"]) == [b"v" * 4096]
 
 
+def test_a_data_dir_written_for_a_newer_release_is_refused(
+        tmp_path: Path, server_factory: type[ServerProcess]) -> None:
+    """A rollback past what the data dir's layout allows: refused in one
+    line naming both releases, the data dir left as it was."""
+    import lmdb
+
+    data = tmp_path / "data"
+    first = server_factory(data_dir=data, unix=False).start()
+    assert first.terminate() == 0
+    env = lmdb.open(str(data / "l2"), max_dbs=8)
+    with env.begin(db=env.open_db(b"kvstore"), write=True) as txn:
+        txn.put(b"readable_by", b"99")
+        txn.put(b"written_by", b"kvstore 99.0.0")
+    env.close()
+    line = assert_refused(start(tmp_path, "--l2-recover", "true", data_dir=data),
+                          f"L2 at {data / 'l2'}", "kvstore 99.0.0", "reads up to")
+    assert "Traceback" not in line
+    assert not list(tmp_path.glob("l2.damaged-*")) and not list(data.glob("l2.damaged-*"))
+
+
 def test_a_data_dir_whose_l2_another_process_has_open_is_refused(
         tmp_path: Path, server_factory: type[ServerProcess]) -> None:
     """A release from before kvstore.lock (or any LMDB program) serving the
