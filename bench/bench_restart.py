@@ -65,7 +65,8 @@ def fill_l3(root: Path, n: int) -> None:
     ns_dir = root / "restart" / "bench"
     ns_dir.mkdir(parents=True, exist_ok=True)
     payload = os.urandom(PAYLOAD)
-    header = HEADER.pack(MAGIC, LAYOUT_VERSION, PAYLOAD, checksum(payload), time.time())
+    header = HEADER.pack(MAGIC, LAYOUT_VERSION, b"\0\0\0", PAYLOAD, checksum(payload),
+                         time.time())
     body = header + payload
     for i in range(n):
         (ns_dir / (struct.pack(">Q", i) + b"\1" * 24).hex()).write_bytes(body)

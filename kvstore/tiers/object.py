@@ -64,6 +64,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
 from kvstore.l3url import check_location
 from kvstore.tiers.base import BlockMeta, Buffer
@@ -96,8 +97,13 @@ if TYPE_CHECKING:
     from kvstore.config import L3Config
     from kvstore.tiers.base import ObjectStore
 
-HEADER = struct.Struct("<4sB3xQQd")
+HEADER = struct.Struct("<4sB3sQQd")
 HEADER_SIZE = HEADER.size  # 32
+#: The header's 3 bytes after the version: a tag of the block's key (zero in
+#: objects written before it, which older releases, reading them as padding,
+#: still read). An object another key's bytes ended up under (a store, proxy
+#: or cache that mixed them up) passes its own checksum; the tag catches it.
+_NO_TAG = b"\0\0\0"
 MAGIC = b"KVL3"
 LAYOUT_VERSION = 1
 
@@ -136,19 +142,30 @@ def parse_object_path(path: str) -> BlockId | None:
     return namespace, key
 
 
-def pack_header(size: int, meta: BlockMeta) -> bytes:
-    return HEADER.pack(MAGIC, LAYOUT_VERSION, size, meta.checksum, meta.created)
+def key_tag(block: BlockId) -> bytes:
+    """Three bytes of the CRC-32C of the block's object key, never all zero."""
+    tag = checksum(object_path(block).encode()) & 0xFFFFFF
+    return (tag or 1).to_bytes(3, "little")
 
 
-def unpack_header(raw: Buffer) -> BlockMeta | None:
-    """The BlockMeta in a header, or None when it is not a kvstore header."""
+def pack_header(block: BlockId, size: int, meta: BlockMeta) -> bytes:
+    return HEADER.pack(MAGIC, LAYOUT_VERSION, key_tag(block), size, meta.checksum, meta.created)
+
+
+def unpack_header(raw: Buffer, block: BlockId | None = None) -> BlockMeta | None:
+    """The BlockMeta in a header, or None when it is not a kvstore header.
+    With ``block``: CorruptBlock when the header is another key's."""
     mv = memoryview(raw).cast("B")
     if len(mv) < HEADER_SIZE:
         return None
-    magic, version, size, checksum, created = HEADER.unpack_from(mv, 0)
+    magic, version, tag, size, crc, created = HEADER.unpack_from(mv, 0)
     if magic != MAGIC or version != LAYOUT_VERSION:
         return None
-    return BlockMeta(size, checksum, created)
+    if block is not None and tag != _NO_TAG and tag != key_tag(block):
+        raise CorruptBlock(f"L3 object {object_path(block)!r} holds another block's bytes "
+                           f"(its header's key tag is {tag.hex()}, not {key_tag(block).hex()}): "
+                           "not served")
+    return BlockMeta(size, crc, created)
 
 
 def _describe(exc: BaseException) -> str:
@@ -284,7 +301,8 @@ class ObjectTier:
             mv = mv.cast("B")
         size = mv.nbytes
         body = bytearray(HEADER_SIZE + size)
-        HEADER.pack_into(body, 0, MAGIC, LAYOUT_VERSION, size, meta.checksum, meta.created)
+        HEADER.pack_into(body, 0, MAGIC, LAYOUT_VERSION, key_tag(block), size, meta.checksum,
+                         meta.created)
         body[HEADER_SIZE:] = mv
         path = object_path(block)
         await self._call("put", path, lambda: obstore.put_async(self._store, path, body))
@@ -301,7 +319,7 @@ class ObjectTier:
         if raw is MISSING:
             return None
         mv = memoryview(raw)
-        meta = unpack_header(mv)
+        meta = unpack_header(mv, block)
         if meta is None or meta.size != len(mv) - HEADER_SIZE:
             raise CorruptBlock(
                 f"L3 object {path!r} on {self.location} is not a kvstore block "
@@ -398,7 +416,10 @@ class ObjectTier:
         raw = await self._call("head", path, header, missing_ok=True)
         if raw is MISSING:
             return False
-        meta = unpack_header(memoryview(raw))
+        try:
+            meta = unpack_header(memoryview(raw), block)
+        except CorruptBlock:
+            return False  # another block's bytes: not the object this delete is for
         if meta is not None and meta.checksum != checksum:
             log.info("L3 object %r was written again since its delete was recorded "
                      "(checksum %#x, not %#x): kept", path, meta.checksum, checksum)

@@ -93,6 +93,30 @@ def test_round_trip(open_tier: Callable[..., ObjectTier], size: int) -> None:
     run(go())
 
 
+def test_another_blocks_object_under_a_key_is_not_served(tmp_path: Path) -> None:
+    """An object whose bytes are another key's (a store, proxy or cache that
+    mixed them up) passes its own checksum: the key tag in its header says
+    it is not this block's. Objects written before the tag (zeros) still read."""
+
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3")
+        data = b"the bytes of a" * 100
+        await tier.put(("ns", b"a"), data, meta_for(data))
+        raw = (tmp_path / "l3" / "ns" / b"a".hex()).read_bytes()
+        (tmp_path / "l3" / "ns" / b"b".hex()).write_bytes(raw)  # a's object under b
+        with pytest.raises(CorruptBlock, match="holds another block's bytes"):
+            await tier.get_with_meta(("ns", b"b"))
+        assert not await tier.delete_if(("ns", b"b"), checksum(data))  # not b's: kept
+        assert (tmp_path / "l3" / "ns" / b"b".hex()).exists()
+        legacy = raw[:5] + b"\0\0\0" + raw[8:]  # as releases before the tag wrote it
+        (tmp_path / "l3" / "ns" / b"c".hex()).write_bytes(legacy)
+        found = await tier.get_with_meta(("ns", b"c"))
+        assert found is not None and bytes(found[1]) == data
+        assert (await tier.get_with_meta(("ns", b"a")))[1] == data  # type: ignore[index]
+
+    run(go())
+
+
 def test_miss_head_delete_overwrite(open_tier: Callable[..., ObjectTier]) -> None:
     async def go() -> None:
         tier = open_tier()
