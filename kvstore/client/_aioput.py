@@ -112,26 +112,28 @@ async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
     server's status when the server ends it early (the sync client's loop
     and AsyncClient both put through here). Raises grpc.RpcError. A
     CancelledError that grpc.aio raises for a call it ended itself (the
-    task was not cancelled) becomes the call's status, or CANCELLED."""
+    task was not cancelled: the channel closed) becomes the call's status,
+    or CANCELLED.
+
+    The writes go in a task of their own and the answer is awaited here: a
+    write blocked on flow control (a server that stopped reading) wakes
+    neither at the deadline nor when the channel closes; the answer does."""
     call = rpc(timeout=timeout, metadata=metadata)
     first: list[grpc.aio.AioRpcError | None] = []
     call.add_done_callback(lambda done: first.append(_first_status(done)))
-    try:
-        for message in messages:
-            await call.write(message)
-        await call.done_writing()
-    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-        # The call ended early (an error from the server, possibly before
-        # it read a message: a write then fails with a local "Internal
-        # error from Core"): the call's own status, awaited below, says why.
-        pass
-    except asyncio.CancelledError:
-        if task_cancelled():
-            call.cancel()
-            raise
-    except BaseException:
-        call.cancel()
-        raise
+
+    async def send() -> None:
+        try:
+            for message in messages:
+                await call.write(message)
+            await call.done_writing()
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError, asyncio.CancelledError):
+            # The call ended early (an error from the server, possibly before
+            # it read a message: a write then fails with a local "Internal
+            # error from Core"; its deadline; close()): its status says why.
+            pass
+
+    sender = asyncio.ensure_future(send())
     try:
         result: tuple[int, int] = await call
     except grpc.aio.AioRpcError as err:
@@ -140,11 +142,15 @@ async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
         raise
     except asyncio.CancelledError:
         if task_cancelled():
+            call.cancel()
             raise
         if first and first[0] is not None:
             raise first[0] from None
         raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),
                                    grpc.aio.Metadata(), "the call was cancelled") from None
+    finally:
+        if not sender.done():
+            sender.cancel()  # (it swallows what its writes raise)
     return result
 
 

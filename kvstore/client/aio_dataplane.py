@@ -528,6 +528,9 @@ class AsyncDataPlane:
         for attempt in (0, 1):
             conn = await self._take()
             if conn is None:
+                if self._closed:  # close() came while this call waited for a session
+                    raise ConnectionFailed(f"kvstore client for {self.target} was closed "
+                                           "while the call was in flight")
                 return None
             try:
                 result = await fn(conn)

@@ -271,11 +271,13 @@ class ObjectTier:
     async def check(self) -> bool:
         """Probe the store with one cheap request through the breaker; the
         health loop calls this when the tier is idle. A GET of a key never
-        written, as a Get's: the store's answer counts (a 404 NoSuchKey, or
-        the 403 S3 gives for a missing key without s3:ListBucket), but not
-        NoSuchBucket (nothing can be stored). Not a listing: a store that
-        refuses only listings (a policy without s3:ListBucket, LIST
-        throttled) serves Gets and Puts, and was reported down."""
+        written, as a Get's: a 404 NoSuchKey counts as an answer, and so does
+        the 403 AccessDenied S3 gives for a missing key without
+        s3:ListBucket; not NoSuchBucket, nor a 403 for the credentials
+        (SignatureDoesNotMatch, InvalidAccessKeyId: every request fails).
+        Not a listing: a store that refuses only listings (a policy without
+        s3:ListBucket, LIST throttled) serves Gets and Puts, and was
+        reported down."""
 
         async def probe() -> Any:
             try:
@@ -284,7 +286,9 @@ class ObjectTier:
                 if "NoSuchBucket" in str(exc):
                     raise
                 return None  # the store answered
-            except PermissionDeniedError:
+            except PermissionDeniedError as exc:
+                if "<Code>AccessDenied</Code>" not in str(exc):
+                    raise
                 return None
 
         try:

@@ -87,8 +87,12 @@ def test_close_while_a_data_plane_session_opens_leaves_no_session(shared_server:
             dp = client._data_plane
             assert dp is not None
             dp._open_session = _then_close(client, dp._open_session)  # type: ignore[method-assign]
-            with pytest.raises(ConnectionFailed, match="closed while the call was in flight"):
-                await client.lookup([b"k"])
+            # the first opens the session; the others wait for it (they raised
+            # ValueError, as calls made after close() do)
+            calls = await asyncio.gather(*(client.lookup([b"k"]) for _ in range(4)),
+                                         return_exceptions=True)
+            assert all(isinstance(c, ConnectionFailed) for c in calls), calls
+            assert all("closed while the call was in flight" in str(c) for c in calls)
             assert dp._conns == []
         assert _open_fds() <= before  # (a leaked session would add one per round)
 
@@ -108,3 +112,43 @@ def test_one_client_in_one_event_loop_after_another(shared_server: Any) -> None:
     assert asyncio.run(put_get(b"a" * 5000)) == [b"a" * 5000]
     assert asyncio.run(put_get(b"b" * 5000)) == [b"b" * 5000]
     asyncio.run(client.close())
+
+
+def test_a_grpc_put_to_a_server_that_stopped_reading_ends_at_its_deadline(
+        server_factory: Any) -> None:
+    """A 4 MiB Put blocks in its writes (HTTP/2 flow control) when the server
+    stops reading: it still fails at its timeout (DeadlineExceeded), through
+    AsyncClient and the sync Client, and a close() in flight fails it with
+    ConnectionFailed. (Its writes waited for the server for as long as it
+    was stopped.)"""
+    import signal
+
+    from kvstore import Client
+    from kvstore.errors import DeadlineExceeded
+
+    srv = server_factory().start()
+    block = os.urandom(4 << 20)
+
+    async def main() -> None:
+        client = AsyncClient(srv.tcp, namespace="stop", timeout=2, data_plane=False)
+        sync = Client(srv.tcp, namespace="stop", timeout=2, data_plane=False)
+        await client.stats()  # both connected (and the sync Put's loop running)
+        sync.put({b"warm": b"w" * 100})
+        os.kill(srv.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(client.put({b"a": block}), 30)
+            task = asyncio.create_task(client.put({b"b": block}))
+            await asyncio.wait({task}, timeout=0.5)  # (it is writing, or blocked)
+            await client.close()
+            with pytest.raises(ConnectionFailed):
+                await asyncio.wait_for(task, 30)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.to_thread(sync.put, {b"c": block})
+            assert asyncio.get_running_loop().time() - started < 30
+        finally:
+            os.kill(srv.pid, signal.SIGCONT)
+            sync.close()
+
+    asyncio.run(main())

@@ -473,6 +473,21 @@ def test_wrong_credentials_are_not_retried(s3: S3Server) -> None:
     run(go())
 
 
+def test_wrong_credentials_are_unavailable_to_the_probe(s3: S3Server) -> None:
+    """Every request refused (403 SignatureDoesNotMatch): the probe fails
+    (it counted any 403 as an answer, so L3 read as healthy while every
+    ack=remote Put failed)."""
+    async def go() -> None:
+        tier = ObjectTier(s3.url("p"), endpoint=s3.endpoint, access_key_id=s3.access_key,
+                          secret_access_key="not-the-secret-key-at-all")
+        assert not await tier.check()
+        good = ObjectTier(s3.url("p"), endpoint=s3.endpoint, access_key_id=s3.access_key,
+                          secret_access_key=s3.secret_key)
+        assert await good.check()  # a missing key is an answer
+
+    run(go())
+
+
 def test_missing_bucket_is_unavailable_not_a_silent_success(s3: S3Server) -> None:
     async def go() -> None:
         tier = ObjectTier("s3://no-such-bucket/p", endpoint=s3.endpoint,
