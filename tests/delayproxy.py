@@ -5,7 +5,8 @@ client) for the L3 tests, against a real S3 server behind it."""
 from __future__ import annotations
 
 import asyncio
-import threading
+
+from loopthread import LoopThread
 
 
 class DelayProxy:
@@ -25,16 +26,13 @@ class DelayProxy:
         #: Chunks read from the server, counted before their delay (a test
         #: waits on it to know that an answer is being held back).
         self.down_chunks_read = 0
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
+        self._server = LoopThread(self._handle)
+        self.port = self._server.port
 
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
+    def close(self) -> None:
+        self._server.close()
 
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        upstream: bool) -> None:
             try:
@@ -55,33 +53,12 @@ class DelayProxy:
             finally:
                 writer.close()
 
-        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            try:
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-            except OSError:
-                cw.close()
-                return
-            try:
-                await asyncio.gather(pipe(cr, uw, True), pipe(ur, cw, False))
-            except asyncio.CancelledError:
-                pass
-
-        async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            self._stop = asyncio.Event()
-            ready.set()
-            await self._stop.wait()
-            server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        except OSError:
+            cw.close()
+            return
+        try:
+            await asyncio.gather(pipe(cr, uw, True), pipe(ur, cw, False))
+        except asyncio.CancelledError:
+            pass

@@ -13,8 +13,9 @@ what went where are kept for the test's asserts.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
+
+from loopthread import LoopThread
 
 _ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                b"<Message>Please reduce your request rate.</Message></Error>")
@@ -33,73 +34,49 @@ class FaultProxy:
         self.fail: Callable[[str, str], bool] = lambda method, target: False
         self.forwarded: list[tuple[str, str]] = []
         self.failed: list[tuple[str, str]] = []
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            try:
-                while True:
-                    head = await cr.readuntil(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, target, _ = lines[0].split(" ", 2)
-                    headers = [h for h in lines[1:] if h]
-                    length = 0
-                    for h in headers:
-                        name, _, value = h.partition(":")
-                        if name.strip().lower() == "content-length":
-                            length = int(value)
-                    body = await cr.readexactly(length) if length else b""
-                    if self.fail(method, target):
-                        self.failed.append((method, target))
-                        cw.write(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                                 b"Content-Length: %d\r\n\r\n%s" % (len(_ERROR_BODY),
-                                                                    _ERROR_BODY))
-                        await cw.drain()
-                        continue  # the client's connection lives on
-                    self.forwarded.append((method, target))
-                    kept = [h for h in headers if h.partition(":")[0].strip().lower()
-                            not in ("connection", "keep-alive")]
-                    request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""])
-                    ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-                    try:
-                        uw.write(request.encode("latin-1") + body)
-                        await uw.drain()
-                        answer = await ur.read()  # until the server closes: one request
-                    finally:
-                        uw.close()
-                    cw.write(_keep_alive(answer))
-                    await cw.drain()
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                cw.close()
-
-        async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            self._stop = asyncio.Event()
-            ready.set()
-            await self._stop.wait()
-            server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
-
-        self.loop.run_until_complete(main())
-        self.loop.close()
+        self._server = LoopThread(self._handle)
+        self.port = self._server.port
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
+        self._server.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await cr.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [h for h in lines[1:] if h]
+                length = 0
+                for h in headers:
+                    name, _, value = h.partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = await cr.readexactly(length) if length else b""
+                if self.fail(method, target):
+                    self.failed.append((method, target))
+                    cw.write(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(_ERROR_BODY),
+                                                                _ERROR_BODY))
+                    await cw.drain()
+                    continue  # the client's connection lives on
+                self.forwarded.append((method, target))
+                kept = [h for h in headers if h.partition(":")[0].strip().lower()
+                        not in ("connection", "keep-alive")]
+                request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""])
+                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                try:
+                    uw.write(request.encode("latin-1") + body)
+                    await uw.drain()
+                    answer = await ur.read()  # until the server closes: one request
+                finally:
+                    uw.close()
+                cw.write(_keep_alive(answer))
+                await cw.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            cw.close()
 
 
 def _keep_alive(answer: bytes) -> bytes:

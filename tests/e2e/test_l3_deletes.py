@@ -42,6 +42,17 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
         time.sleep(0.05)  # bounded poll on what a user sees
 
 
+async def wait_until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+    """wait_for inside an event loop (in-process stores)."""
+    import asyncio
+
+    for _ in range(1500):
+        if check():
+            return
+        await asyncio.sleep(0.02)  # bounded poll
+    raise AssertionError(f"{what} not met in 30 s")
+
+
 def kill9(server) -> None:  # type: ignore[no-untyped-def]
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
@@ -234,13 +245,6 @@ def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
     env = _store_env(tmp_path, s3) | {"KVSTORE_L3_BREAKER_RESET_S": "0.2",
                                       "KVSTORE_L3_LIST_ON_START": "false"}
 
-    async def wait_for_it(check, what: str) -> None:  # type: ignore[no-untyped-def]
-        for _ in range(1500):
-            if check():
-                return
-            await asyncio.sleep(0.02)  # bounded poll
-        raise AssertionError(f"{what} not met in 30 s")
-
     async def go() -> None:
         store = TieredStore(load(env=env))
         await store.start()
@@ -250,7 +254,7 @@ def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
         assert await store.delete("ns", [b"k"]) == 1
         assert [b for b, _ in store.l2.tombstones_sync()] == [("ns", b"k")]
         s3.start()
-        await wait_for_it(lambda: not store.l3._deleting, "the delete done")
+        await wait_until(lambda: not store.l3._deleting, "the delete done")
         await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
         assert store.l2.tombstones_sync() == []
         await store.put_bytes("ns", b"k", b"new" * 100, AckLevel.REMOTE)
@@ -258,7 +262,7 @@ def test_a_delete_done_leaves_no_record_to_redo_at_a_restart(s3: S3Server,
         again = TieredStore(load(env=env))
         await again.start()
         assert again.l3 is not None
-        await wait_for_it(lambda: not again.l3._deleting, "nothing left to delete")
+        await wait_until(lambda: not again.l3._deleting, "nothing left to delete")
         assert objects(s3), "the new object was deleted by a record left behind"
         assert await again.get_bytes("ns", b"k") == b"new" * 100
         await again.close()
@@ -284,13 +288,6 @@ def test_a_delete_recorded_before_a_restart_keeps_an_object_written_since(
     other = env | {"KVSTORE_DATA_DIR": str(tmp_path / "other")}
     fresh = env | {"KVSTORE_DATA_DIR": str(tmp_path / "fresh")}
 
-    async def wait_for_it(check, what: str) -> None:  # type: ignore[no-untyped-def]
-        for _ in range(1500):
-            if check():
-                return
-            await asyncio.sleep(0.02)  # bounded poll
-        raise AssertionError(f"{what} not met in 30 s")
-
     async def go() -> None:
         store = TieredStore(load(env=env))
         await store.start()
@@ -307,7 +304,7 @@ def test_a_delete_recorded_before_a_restart_keeps_an_object_written_since(
         again = TieredStore(load(env=env))
         await again.start()
         assert again.l3 is not None and again.l2 is not None
-        await wait_for_it(lambda: not again.l3._deleting, "the recorded delete finished")
+        await wait_until(lambda: not again.l3._deleting, "the recorded delete finished")
         await asyncio.get_running_loop().run_in_executor(None, again.l2.flush_sync)
         assert again.l2.tombstones_sync() == []  # settled: nothing left to redo
         assert await again.get_bytes("ns", b"k") == b"new" * 100
