@@ -107,14 +107,15 @@ def format_listing(listing: BlockListing) -> str:
 def format_stats(stats: StoreStats) -> str:
     if stats.namespace:
         return format_namespace_stats(stats)
-    header = ("tier", "blocks", "bytes", "capacity", "used", "hits", "misses", "evictions",
-              "demotions", "promotions", "corrupt")
+    header = ("tier", "state", "blocks", "bytes", "capacity", "used", "hits", "misses",
+              "evictions", "demotions", "promotions", "corrupt")
     rows = [header]
     for t in stats.tiers:
         used = f"{100.0 * t.bytes / t.capacity:.1f}%" if t.capacity else "-"
-        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _human_bytes(t.capacity),
-                     used, str(t.hits), str(t.misses), str(t.evictions), str(t.demotions),
-                     str(t.promotions), str(t.corrupt)))
+        rows.append((t.tier.name, "up" if t.available else "DOWN", str(t.blocks),
+                     _human_bytes(t.bytes), _human_bytes(t.capacity), used, str(t.hits),
+                     str(t.misses), str(t.evictions), str(t.demotions), str(t.promotions),
+                     str(t.corrupt)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
@@ -125,6 +126,10 @@ def format_stats(stats: StoreStats) -> str:
     lines.append("")
     lines.append(f"policy {stats.policy or '-'}   puts {stats.puts}   gets {stats.gets} "
                  f"(hits {stats.get_hits}, {rate})   session events {stats.session_events}")
+    down = [t.tier.name for t in stats.tiers if not t.available]
+    if down:
+        lines.append(f"unavailable: {', '.join(down)} (reads from it are misses; `kvstore "
+                     "health` exits 1 for it)")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ import grpc
 from kvstore.dataplane.frames import VERSION
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
-from kvstore.errors import DeadlineExceeded, InvalidArgument, MalformedRequest
+from kvstore.errors import Cancelled, DeadlineExceeded, InvalidArgument, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
@@ -45,6 +45,8 @@ _FORMATS = frozenset(int(f) for f in BlockFormat)
 #: The smallest Get chunk the server sends (a smaller max_chunk_bytes is raised
 #: to it; docs/protocol.md).
 MIN_CHUNK_BYTES = 64 * 1024
+#: How long a Put stream that ended inside a block waits for its cancel.
+CANCEL_GRACE_S = 0.1
 # GetSmallResponse fields (tags), and GetChunk.data's.
 _SMALL_CHUNK = b"\x0a"  # 1, length-delimited
 _SMALL_ANSWERED = b"\x10"  # 2, varint
@@ -188,6 +190,16 @@ class KVStoreServicer:
                     stored += 1
                     nbytes += done.size
             if writer is not None:
+                # A client's cancel ends the request stream too, and grpc.aio
+                # cancels this task soon after: give it that moment (the call
+                # then counts as CANCELLED, not as a malformed stream; a stream
+                # that did end inside a block is refused 0.1 s later).
+                await asyncio.sleep(CANCEL_GRACE_S)  # (a cancel interrupts it)
+                if context.cancelled():
+                    raise Cancelled(
+                        f"the client cancelled the Put inside block #{stored} "
+                        f"({writer.received} of {writer.size} bytes sent): nothing of it "
+                        "was stored")
                 raise MalformedRequest(
                     f"stream ended inside block #{stored} ({writer.received} of "
                     f"{writer.size} bytes sent): nothing of it was stored")

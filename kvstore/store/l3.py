@@ -40,9 +40,10 @@ from kvstore.errors import CorruptBlock, TierUnavailable
 from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
 from kvstore.store.l1check import L1Check
 from kvstore.store.parts import Part, Shared, spawn, writer_settled
+from kvstore.store.stats import HintCounters
 from kvstore.tiers.base import KeyValueTier
 from kvstore.tiers.object import ObjectTier
-from kvstore.types import BlockId, TierName
+from kvstore.types import BlockId, TierName, TierStats
 
 log = logging.getLogger("kvstore.l3")
 
@@ -579,24 +580,25 @@ class L3Mover(Part):
             return None  # deleted while it was asked for: never indexed again
         return self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
 
-    async def read(self, block: BlockId, entry: Entry | None) -> tuple[Entry, memoryview] | None:
+    async def read(self, block: BlockId, entry: Entry | None,
+                   hint: bool = False) -> tuple[Entry, memoryview] | None:
         """The block's verified bytes from L3, or None (a miss: absent, L3
-        unavailable or too slow, or a corrupt object, counted)."""
-        counters = self._counters
+        unavailable or too slow, or a corrupt object, counted). ``hint``: a
+        prefetch, whose hits and misses are not counted (reads are)."""
+        counters = HintCounters(self._counters) if hint else self._counters
         if not self.healthy or (entry is None and self.known_absent(block)):
             counters.misses += 1
             return None
         if entry is not None:
-            return await self._read(block, entry)
+            return await self._read(block, entry, counters)
         self._begin_probe(block)
         try:
-            return await self._read(block, None)
+            return await self._read(block, None, counters)
         finally:
             self._end_probe(block)
 
-    async def _read(self, block: BlockId, entry: Entry | None
-                    ) -> tuple[Entry, memoryview] | None:
-        counters = self._counters
+    async def _read(self, block: BlockId, entry: Entry | None,
+                    counters: TierStats | HintCounters) -> tuple[Entry, memoryview] | None:
         try:
             found = await self.tier.get_with_meta(block)
         except TierUnavailable as exc:

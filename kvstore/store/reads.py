@@ -30,8 +30,9 @@ from kvstore.store.l1check import L1Check
 from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import PROMOTE_ROOM_WAIT_SECONDS, Placement
+from kvstore.store.stats import HintCounters
 from kvstore.tiers.base import Buffer
-from kvstore.types import BlockId, TierName
+from kvstore.types import BlockId, TierName, TierStats
 
 log = logging.getLogger("kvstore.store")
 
@@ -249,7 +250,7 @@ class Reads(Part):
         """Read from L2, verify, promote into L1 if admitted. ``hint``: a
         prefetch, not a reference (no hit counted, the policy is not told)."""
         assert self.read_verify_l2 is not None
-        c2 = self._c2
+        c2: TierStats | HintCounters = HintCounters(self._c2) if hint else self._c2
         loading = self._begin_load(block)
         offset = -1
         try:
@@ -301,7 +302,7 @@ class Reads(Part):
         assert self.l3 is not None
         loading = self._begin_load(block)
         try:
-            found = await self.l3.read(block, entry)
+            found = await self.l3.read(block, entry, hint)
             if found is None:
                 return None
             entry, payload = found

@@ -8,6 +8,26 @@ import dataclasses
 from kvstore.types import StoreStats, TierName, TierStats
 
 
+class HintCounters:
+    """A tier's counters as a prefetch sees them: a hint is not a read, so
+    its hits and misses are not counted (``kvstore_tier_hits`` is reads
+    served); a corrupt copy it finds is."""
+
+    __slots__ = ("_real", "hits", "misses")
+
+    def __init__(self, real: TierStats) -> None:
+        self._real = real
+        self.hits = self.misses = 0
+
+    @property
+    def corrupt(self) -> int:
+        return self._real.corrupt
+
+    @corrupt.setter
+    def corrupt(self, value: int) -> None:
+        self._real.corrupt = value
+
+
 class Stats:
     """Counters only; the parts that see an event bump them directly (a
     plain attribute or list update on the hot path, no call)."""

@@ -513,8 +513,12 @@ def test_grafana_dashboard_uses_only_documented_metrics() -> None:
             assert names, target["expr"]
             assert names <= series, (panel["title"], names - series)
             used |= names
+    # the SDK's default transport and L3 throttling have panels too (the
+    # dashboard showed only gRPC: an outage's refused data-plane Puts were invisible)
     for must in ("kvstore_tier_bytes", "kvstore_grpc_request_duration_seconds_bucket",
-                 "kvstore_tier_hits_total", "kvstore_tier_available"):
+                 "kvstore_tier_hits_total", "kvstore_tier_available",
+                 "kvstore_dataplane_errors_total", "kvstore_l3_request_failures_total",
+                 "kvstore_l3_request_retries_total"):
         assert must in used
     provider = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "dashboards" / "kvstore.yaml").read_text())

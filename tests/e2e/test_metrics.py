@@ -169,3 +169,48 @@ def test_docs_list_exactly_the_exported_series(server_factory: type, tmp_path: P
                 for f in parser.text_string_to_metric_families(text)}
     assert exported == documented_series()
     srv.terminate()
+
+
+def test_a_put_the_client_cancels_is_counted_cancelled(server_factory: type) -> None:
+    """A Put stream cut by its client inside a block: CANCELLED in the
+    metrics, as a cancelled Get is (it was INVALID_ARGUMENT, "stream ended
+    inside block", so every engine timeout looked like a client bug)."""
+    import threading
+
+    import grpc
+
+    from kvstore.wire.pb import kvstore_pb2 as pb
+    from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
+
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0").start()
+    address = metrics_address(srv)
+    put = {"service": "kvstore.v1.KVStore", "method": "Put"}
+    with grpc.insecure_channel(srv.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        for i in range(3):
+            sent = threading.Event()
+            hold = threading.Event()
+
+            def chunks(i: int = i, sent: threading.Event = sent,
+                       hold: threading.Event = hold) -> object:
+                yield pb.PutChunk(namespace="cx", key=b"k%d" % i, block_size=1 << 20,
+                                  data=b"x" * 4096)
+                sent.set()
+                hold.wait(30)  # the rest of the block never comes
+
+            call = stub.Put.future(chunks(), timeout=60)
+            assert sent.wait(30)
+            scrape(address)  # (a round trip: the first chunk has reached the server)
+            call.cancel()
+            hold.set()
+            with pytest.raises(grpc.FutureCancelledError):
+                call.result()
+    deadline = time.monotonic() + 10
+    while True:
+        _, after = scrape(address)
+        if value(after, "kvstore_grpc_requests_total", code="CANCELLED", **put) >= 3 \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)  # polling a bounded wait, not synchronisation
+    assert value(after, "kvstore_grpc_requests_total", code="CANCELLED", **put) == 3
+    assert value(after, "kvstore_grpc_requests_total", code="INVALID_ARGUMENT", **put) == 0

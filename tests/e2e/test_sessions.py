@@ -30,9 +30,16 @@ def test_prefetch_by_session_brings_blocks_back_into_l1(server_factory) -> None:
         for i in range(12):  # push the session's blocks out of L1
             c.put({f"x{i}".encode(): os.urandom(MiB)}, ack="local")
         assert c.lookup(chain).tiers == [TierName.L2] * 4
+        before = {t.tier: t for t in c.stats().tiers}
         result = c.prefetch("agent-1")
         assert result.blocks == 4 and result.bytes == 4 * MiB
         wait_for(lambda: c.lookup(chain).tiers == [TierName.L1] * 4)
+        # a prefetch is not a read: no hit or miss counted on any tier (L2
+        # counted its 4 as hits: the hit ratios overstated L2)
+        after = {t.tier: t for t in c.stats().tiers}
+        for tier in (TierName.L1, TierName.L2):
+            assert (after[tier].hits, after[tier].misses) == \
+                (before[tier].hits, before[tier].misses), tier
         hits_before = c.stats().get_hits
         assert c.prefetch(keys=[b"x0", b"missing"]).blocks == 1
         assert c.stats().get_hits == hits_before  # a prefetch is not a hit
