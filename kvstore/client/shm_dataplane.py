@@ -133,6 +133,16 @@ def _always(req: Any) -> bool:
     return True
 
 
+def _frame_bytes(req: Any) -> int:
+    """A bound on the metadata of the request's frame and of its answer (a
+    slot or a lease per block or key): one larger than the session takes
+    closed the connection, whatever had been done ("unknown outcome")."""
+    items = 0
+    for field in ("blocks", "keys", "lease_ids", "abandon"):
+        items += len(getattr(req, field, ()))
+    return req.ByteSize() + _SLOT_META_BYTES * items + 1024
+
+
 class _Done:
     """A finished call in the shape of a grpc future."""
 
@@ -158,8 +168,12 @@ class _Routed:
         self._idempotent = idempotent
         self._fits = fits  # whether a frame can carry this request
 
+    def _routable(self, request: Any) -> bool:
+        return self._dp.available and self._fits(request) and \
+            self._dp.fits(_frame_bytes(request))
+
     def __call__(self, request: Any, **kwargs: Any) -> Any:
-        if self._dp.available and self._fits(request):
+        if self._routable(request):
             fn = self._fn
             out = self._dp.run(lambda conn: fn(conn, request), self._idempotent)
             if out is not None:
@@ -169,7 +183,7 @@ class _Routed:
     def future(self, request: Any, **kwargs: Any) -> Any:
         # The data plane answers at once (a commit group of a large Put; the
         # next group is copied after it). gRPC keeps its real future.
-        if self._dp.available and self._fits(request):
+        if self._routable(request):
             fn = self._fn
             out = self._dp.run(lambda conn: fn(conn, request), self._idempotent)
             if out is not None:
@@ -197,6 +211,12 @@ class _SessionShm:
         #: Anonymous slots reserved on this session (None: the stock is off).
         self.stock = stock
 
+
+#: Metadata per block of a shared-memory Put's frames, beyond its key (slot
+#: id, offset, size, checksum, format, generation, with room to spare).
+_SLOT_META_BYTES = 48
+#: Metadata per key of an acquire's answer (a lease's fields).
+_LEASE_META_BYTES = 48
 
 class ShmFrames:
     """ShmClient's lean data-plane path (see the module's docstring).
@@ -245,6 +265,11 @@ class ShmFrames:
         the CRC-32C of the bytes it left there (the commit vouches for it:
         the server may answer before its own check, FLAG_SHM_VOUCHED; a
         wrong one loses the block, unreported). (stored, bytes)."""
+        # Its reserve and commit frames must fit the session's metadata limit
+        # (a key and ~40 bytes of slot fields per block): a larger one closed
+        # the connection ("whether it took effect is unknown"); gRPC takes it.
+        if not self.dp.fits(sum(map(len, keys)) + _SLOT_META_BYTES * len(keys) + 1024):
+            return None
         return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
                                                   sizes, write, block_format),
                            idempotent=False)
@@ -351,6 +376,9 @@ class ShmFrames:
     def acquire(self, namespace: str, keys: list[bytes], session_id: str, lease_ms: int,
                 release: list[int]) -> frames.ShmAcquireResult | None:
         meta = frames.encode_shm_acquire(namespace, session_id, lease_ms, keys, release)
+        # The request, and an answer of a lease per key, must fit one frame.
+        if not self.dp.fits(max(len(meta), _LEASE_META_BYTES * len(keys) + 1024)):
+            return None
         return self.dp.run(lambda conn: frames.ShmAcquireResult.decode(
             conn.call(Op.SHM_ACQUIRE, meta)), idempotent=True)
 

@@ -77,6 +77,9 @@ class Placement(Part):
         self.queue_l2_write = queue_l2_write
         self.max_block_bytes = max_block_bytes
         self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
+        #: Why blocks cannot leave L1 beyond the usual (set by the store: L2
+        #: writes failing), appended to the "L1 is full" refusal.
+        self.stuck_reason: Callable[[], str] = str
         self._generations = itertools.count(1)
         self._l1_counters = self.stats.counters[TierName.L1]
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
@@ -216,7 +219,7 @@ class Placement(Part):
         # (no node-wide figures: any tenant may read this; Stats has them for admins)
         return CapacityExhausted(
             f"L1 is full: no room for a {size}-byte block (every block that could "
-            "leave is leased, read or being written)"
+            f"leave is leased, read or being written){self.stuck_reason()}"
         )
 
     def release(self, offset: int, size: int) -> None:

@@ -331,6 +331,8 @@ class SharedMemoryBroker:
         # larger one off the event loop, one executor task per block (the
         # native CRC releases the GIL, so blocks are verified in parallel).
         try:
+            for i, (_, r) in enumerate(taken):
+                self.store.check_durable_size(ack, r.size, i)
             if sum(r.size for _, r in taken) <= VERIFY_INLINE_BYTES:
                 self._verify_now(taken)
             else:

@@ -22,6 +22,7 @@ from typing import Any
 from kvstore._malloc import trim_heap
 from kvstore.config import Config
 from kvstore.errors import (
+    BlockTooLarge,
     InvalidArgument,
     ServerShuttingDown,
     TierNotConfigured,
@@ -57,6 +58,8 @@ from kvstore.types import (
 )
 
 log = logging.getLogger("kvstore.store")
+#: How long after an L2 write failed the "L1 is full" refusal names it.
+L2_TROUBLE_S = 60.0
 
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
@@ -122,6 +125,8 @@ class TieredStore:
             shared, self.l2 is not None,
             self.writeback.queue_write if self.writeback is not None else _ignore_queued,
             config.server.max_block_bytes)
+        if self.writeback is not None:
+            self.placement.stuck_reason = self._l2_trouble
         self.reads = Reads(
             shared, self.placement,
             self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
@@ -258,6 +263,15 @@ class TieredStore:
         entry = writer.commit(written_next)
         return await self.make_durable(writer.block, entry, ack)
 
+    def _l2_trouble(self) -> str:
+        """What keeps blocks from leaving L1 for L2, when it is not the usual
+        (no paths or figures: any tenant may read it)."""
+        failed = self.writeback.last_failure if self.writeback is not None else None
+        if failed is None or time.monotonic() - failed[0] > L2_TROUBLE_S:
+            return ""
+        return ("; the L2 disk is full: blocks cannot be written down to make room" if failed[1]
+                else "; L2 writes are failing: blocks cannot be written down to make room")
+
     async def room_for_write(self, ack: AckLevel, size: int) -> bool:
         """Before the commit of a Put: for one acknowledged at local or
         remote, room in the L2 write queue (CapacityExhausted if it stays
@@ -266,8 +280,21 @@ class TieredStore:
         ``written_next`` (Placement.commit)."""
         if ack < AckLevel.LOCAL or self.writeback is None:
             return False
+        self.check_durable_size(ack, size)
         await self.writeback.wait_room(size)
         return True
+
+    def check_durable_size(self, ack: AckLevel, size: int, index: int | None = None) -> None:
+        """A block acknowledged at local or remote must fit L2 (it is kept
+        there): one larger than ``l2.capacity`` was acknowledged, then
+        evicted from L2 at once and lost to the next kill."""
+        capacity = self.config.l2.capacity
+        if ack >= AckLevel.LOCAL and self.l2 is not None and size > capacity:
+            which = "" if index is None else f"block #{index}: "
+            raise BlockTooLarge(
+                f"{which}a block of {size} bytes cannot be acknowledged at "
+                f"{ack.name.lower()}: it is larger than L2 (l2.capacity {capacity} bytes), "
+                "where such a block is kept")
 
     async def make_durable(self, block: BlockId, entry: Entry,
                            ack: AckLevel) -> asyncio.Future[Any] | None:

@@ -63,6 +63,8 @@ class WriteBack(Part):
         self.ahead_limit = max(1, (config.l1.capacity - self.dirty_limit) // 8)
         self.queued = 0  # bytes queued for the L2 writer
         self.failed_writes = 0  # L2 writes of L1 blocks that failed (each logged)
+        #: When the last one failed (monotonic s) and whether the disk was full.
+        self.last_failure: tuple[float, bool] | None = None
         self._handoff: LoopHandoff | None = None  # the writer's completions to the loop
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
@@ -188,6 +190,7 @@ class WriteBack(Part):
                 self.trim()
             elif error is not None:
                 self.failed_writes += 1
+                self.last_failure = (time.monotonic(), "No space left" in str(error))
                 log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
                 if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
                     index.set_dirty(entry, True, block)

@@ -321,3 +321,27 @@ def test_a_get_chunk_is_at_least_64_kib(shared_server) -> None:  # type: ignore[
                                              max_chunk_bytes=1), timeout=30))
     assert len(chunks) == MiB // (64 * 1024)
     assert b"".join(ch.data for ch in chunks) and sum(len(ch.data) for ch in chunks) == MiB
+
+
+@pytest.mark.parametrize("path", ["grpc", "data-plane", "shm"])
+def test_a_block_larger_than_l2_is_refused_at_ack_local(server_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                        path: str) -> None:
+    """ack=local keeps a block in L2: one larger than l2.capacity was
+    acknowledged, evicted from L2 at once, and lost to the next kill."""
+    from kvstore.client.shm import ShmClient
+
+    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}"
+    with server_factory("--l2-capacity", "16KiB", "--l1-shm-path", shm) as server:
+        big, small = os.urandom(64 * 1024), os.urandom(8 * 1024)
+        client = ShmClient(server.unix_target, namespace="l2") if path == "shm" else \
+            Client(server.tcp, namespace="l2", data_plane=path == "data-plane")
+        with client as c:
+            with pytest.raises(BlockTooLarge, match=r"l2\.capacity"):
+                c.put({b"small": small, b"big": big}, ack="local")
+            assert c.put({b"small": small}, ack="local").stored == 1  # one that fits: kept
+            assert c.put({b"big": big}, ack="memory").stored == 1  # L1 holds it for now
+            assert c.get([b"small", b"big"]) == [small, big]
+        server.kill()
+        server.start()
+        with Client(server.tcp, namespace="l2") as c:
+            assert c.get([b"small"]) == [small]

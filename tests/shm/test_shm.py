@@ -481,3 +481,18 @@ def test_a_block_held_only_in_l2_is_read_while_l1_is_full_of_leases(
         finally:
             holder.release(leases)
         assert reader.get([b"cold"]) == [cold]
+
+
+def test_a_put_and_get_of_more_keys_than_one_frame_carries(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """16,384 blocks with 64-byte keys: their reserve frame is over the data
+    plane's 1 MiB of metadata, so the SDK takes gRPC for them (the frame went
+    out anyway: the server closed the connection, and the Put failed with
+    "whether it took effect is unknown"). Within the 65,536-key bound."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}"
+    with server_factory("--l1-shm-path", path, l1_capacity="128MiB") as server, \
+            ShmClient(server.unix_target, namespace="many") as c:
+        keys = [b"%064d" % i for i in range(16_384)]
+        assert c.put({k: k[-2:] for k in keys}).stored == len(keys)
+        got = c.get(keys)
+        assert got == [k[-2:] for k in keys]
+        assert c.put({b"after": b"x" * 5000}).stored == 1  # the session is still good
