@@ -107,15 +107,15 @@ def format_listing(listing: BlockListing) -> str:
 def format_stats(stats: StoreStats) -> str:
     if stats.namespace:
         return format_namespace_stats(stats)
-    header = ("tier", "state", "blocks", "bytes", "capacity", "used", "hits", "misses",
-              "evictions", "demotions", "promotions", "corrupt")
+    # (state last: the columns scripts read keep their places)
+    header = ("tier", "blocks", "bytes", "capacity", "used", "hits", "misses", "evictions",
+              "demotions", "promotions", "corrupt", "state")
     rows = [header]
     for t in stats.tiers:
         used = f"{100.0 * t.bytes / t.capacity:.1f}%" if t.capacity else "-"
-        rows.append((t.tier.name, "up" if t.available else "DOWN", str(t.blocks),
-                     _human_bytes(t.bytes), _human_bytes(t.capacity), used, str(t.hits),
-                     str(t.misses), str(t.evictions), str(t.demotions), str(t.promotions),
-                     str(t.corrupt)))
+        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _human_bytes(t.capacity),
+                     used, str(t.hits), str(t.misses), str(t.evictions), str(t.demotions),
+                     str(t.promotions), str(t.corrupt), "up" if t.available else "DOWN"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths,
@@ -129,7 +129,7 @@ def format_stats(stats: StoreStats) -> str:
     down = [t.tier.name for t in stats.tiers if not t.available]
     if down:
         lines.append(f"unavailable: {', '.join(down)} (reads from it are misses; `kvstore "
-                     "health` exits 1 for it)")
+                     "health --service kvstore.v1.KVStore/L3` exits 1 while L3 is)")
     return "\n".join(lines)
 
 

@@ -120,8 +120,6 @@ def opt(default: Any, help: str, parse: Callable[[Any], Any]) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse})
 
 
-#: The smallest l2.initial_map_size (LMDB grows the map from there).
-MIN_L2_MAP = 1 << 20
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -225,8 +223,8 @@ class L2Config:
     enabled: bool = opt(True, "keep blocks in LMDB under <data-dir>/l2", parse_bool)
     capacity: int = opt(8 * 1024**3, "most payload bytes kept in L2; beyond it the policy "
                         "drops blocks", parse_size)
-    initial_map_size: int = opt(1024**3, "initial LMDB map size (at least 1 MiB); the map "
-                                "doubles when full", parse_size)
+    initial_map_size: int = opt(1024**3, "initial LMDB map size (less than 1 MiB counts as "
+                                "1 MiB); the map doubles when full", parse_size)
     sync: bool = opt(False, "fsync every commit (survives power loss); off still survives a "
                      "crash or kill of the server process", parse_bool)
     batch_bytes: int = opt(64 * 1024**2, "most bytes the writer thread commits in one "
@@ -668,11 +666,9 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
     if config.l2.batch_bytes < 1:
         raise InvalidConfig(f"l2.batch_bytes must be positive, not {config.l2.batch_bytes}")
-    if config.l2.initial_map_size < MIN_L2_MAP:
-        # (below it LMDB cannot even create its databases: MDB_MAP_FULL at the
-        # first open, which read as a damaged file)
-        raise InvalidConfig(f"l2.initial_map_size must be at least {MIN_L2_MAP} bytes (1 MiB), "
-                            f"not {config.l2.initial_map_size}")
+    if config.l2.initial_map_size < 1:
+        raise InvalidConfig(f"l2.initial_map_size must be positive, not "
+                            f"{config.l2.initial_map_size}")
     if config.l3.drain_concurrency < 1:
         raise InvalidConfig(f"l3.drain_concurrency must be at least 1, not "
                             f"{config.l3.drain_concurrency}")

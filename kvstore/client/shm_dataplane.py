@@ -140,7 +140,9 @@ def _frame_bytes(req: Any) -> int:
     items = 0
     for field in ("blocks", "keys", "lease_ids", "abandon"):
         items += len(getattr(req, field, ()))
-    return req.ByteSize() + _SLOT_META_BYTES * items + 1024
+    # the request as a frame (its protobuf size, a few bytes more per item),
+    # or the answer (a slot or a lease per item), whichever is larger
+    return max(req.ByteSize() + 8 * items, _SLOT_META_BYTES * items) + 1024
 
 
 class _Done:
@@ -215,6 +217,9 @@ class _SessionShm:
 #: Metadata per block of a shared-memory Put's frames, beyond its key (slot
 #: id, offset, size, checksum, format, generation, with room to spare).
 _SLOT_META_BYTES = 48
+#: Metadata per block of a commit frame, beyond its key (slot id, offset,
+#: size, checksum, format, the key's length).
+_COMMIT_META_BYTES = 32
 #: Metadata per key of an acquire's answer (a lease's fields).
 _LEASE_META_BYTES = 48
 
@@ -268,7 +273,7 @@ class ShmFrames:
         # Its reserve and commit frames must fit the session's metadata limit
         # (a key and ~40 bytes of slot fields per block): a larger one closed
         # the connection ("whether it took effect is unknown"); gRPC takes it.
-        if not self.dp.fits(sum(map(len, keys)) + _SLOT_META_BYTES * len(keys) + 1024):
+        if not self.dp.fits(sum(map(len, keys)) + _COMMIT_META_BYTES * len(keys) + 1024):
             return None
         return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
                                                   sizes, write, block_format),

@@ -552,6 +552,7 @@ class Session:
                 placement.check_block_size(b.size)
             except (BlockTooLarge, MalformedRequest) as exc:
                 raise exc.about(f"block #{i}") from None
+            self.store.check_durable_size(ack, b.size, i)  # before its bytes come
             total += b.size
         return namespace, ack, total
 

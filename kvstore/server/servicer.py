@@ -154,6 +154,7 @@ class KVStoreServicer:
                             f"block #{stored + 1} starts before block #{stored} is complete "
                             f"({writer.received} of {writer.size} bytes sent)")
                     validate_key(chunk.key, stored)
+                    store.check_durable_size(ack, chunk.block_size, stored)  # before its bytes
                     if chunk.format not in _FORMATS:
                         raise InvalidArgument(f"block #{stored}: unknown block format "
                                               f"{chunk.format}")

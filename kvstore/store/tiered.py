@@ -285,16 +285,18 @@ class TieredStore:
         return True
 
     def check_durable_size(self, ack: AckLevel, size: int, index: int | None = None) -> None:
-        """A block acknowledged at local or remote must fit L2 (it is kept
-        there): one larger than ``l2.capacity`` was acknowledged, then
-        evicted from L2 at once and lost to the next kill."""
+        """A block acknowledged at local with no L3 must fit L2 (its only
+        durable copy is there): one larger than ``l2.capacity`` was
+        acknowledged, then evicted from L2 at once and lost to the next kill.
+        (With L3, such a block moves there when L2 evicts it; at remote its
+        durable copy is L3's.)"""
         capacity = self.config.l2.capacity
-        if ack >= AckLevel.LOCAL and self.l2 is not None and size > capacity:
+        if ack == AckLevel.LOCAL and self.l3 is None and self.l2 is not None and \
+                size > capacity:
             which = "" if index is None else f"block #{index}: "
             raise BlockTooLarge(
-                f"{which}a block of {size} bytes cannot be acknowledged at "
-                f"{ack.name.lower()}: it is larger than L2 (l2.capacity {capacity} bytes), "
-                "where such a block is kept")
+                f"{which}a block of {size} bytes cannot be acknowledged at local: it is "
+                f"larger than L2 (l2.capacity {capacity} bytes), its only durable copy")
 
     async def make_durable(self, block: BlockId, entry: Entry,
                            ack: AckLevel) -> asyncio.Future[Any] | None:

@@ -190,7 +190,7 @@ class WriteBack(Part):
                 self.trim()
             elif error is not None:
                 self.failed_writes += 1
-                self.last_failure = (time.monotonic(), "No space left" in str(error))
+                self.last_failure = (time.monotonic(), self.l2.disk_nearly_full())
                 log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
                 if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
                     index.set_dirty(entry, True, block)

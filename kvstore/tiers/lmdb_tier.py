@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SCAN_BATCH = 10_000
+#: The smallest initial map (l2.initial_map_size below it counts as it).
+MIN_MAP_SIZE = 1 << 20
 #: The L2 layout this release writes, recorded in the environment (named
 #: database ``kvstore``, key ``format``) with the oldest layout a reader must
 #: know to read it safely (``readable_by``) and who wrote it. 1: before L3
@@ -157,6 +159,9 @@ class LMDBTier:
         self.extensions = 0  # times the data file was found short and extended
         self._seen_size = 0  # the largest size of data.mdb seen (LMDB never shrinks it)
         self._fd = -1
+        # Below it LMDB cannot create its databases in a fresh file
+        # (MDB_MAP_FULL at the first open, which read as a damaged file).
+        initial_map_size = max(initial_map_size, MIN_MAP_SIZE)
         try:
             self._open_checked(initial_map_size, sync)
         except StorageError as exc:
@@ -299,6 +304,14 @@ class LMDBTier:
             os.ftruncate(self._fd, need)
             self.extensions += 1
             self._seen_size = need
+
+    def disk_nearly_full(self) -> bool:
+        """Whether L2's disk has less room than one commit batch (after a
+        failed write: LMDB reports a full disk as an I/O error, not ENOSPC)."""
+        try:
+            return shutil.disk_usage(self.path).free < max(self.batch_bytes, 16 << 20)
+        except OSError:
+            return False
 
     def _write_error(self, exc: BaseException) -> StorageError:
         """A failed commit, with the disk's free space: LMDB reports a full

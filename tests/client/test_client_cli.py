@@ -148,9 +148,10 @@ def test_format_stats() -> None:
                        puts=3, gets=12, get_hits=10, policy="session")
     text = cli.format_stats(stats)
     assert "3.0 MiB" in text and "1.0 GiB" in text and "0.3%" in text and "83.3%" in text
-    assert " up " in text and "unavailable" not in text
+    assert text.splitlines()[1].endswith(" up") and "unavailable" not in text
     down = StoreStats(tiers=[TierStats(TierName.L1), TierStats(TierName.L3, available=False)])
     text = cli.format_stats(down)  # a tier that is down says so (the table hid it)
-    assert "DOWN" in text.splitlines()[2] and "unavailable: L3" in text
+    assert text.splitlines()[2].endswith("DOWN") and "unavailable: L3" in text
+    assert "kvstore health --service kvstore.v1.KVStore/L3" in text
     doc: dict[str, Any] = cli.stats_to_json(stats)
     assert json.loads(json.dumps(doc))["tiers"][0]["tier"] == "L1"

@@ -94,3 +94,13 @@ def test_a_newer_layout_a_release_may_read_is_opened_and_kept(tmp_path: Path) ->
                written_by="kvstore 9.0.0")
     open_tier(path).close_sync()
     assert marker(path)[b"format"] == str(lmdb_tier.FORMAT + 1).encode()
+
+
+def test_a_tiny_initial_map_opens_a_fresh_environment(tmp_path: Path) -> None:
+    """l2.initial_map_size 16 KiB on a fresh data dir: LMDB could not create
+    its databases in the map (MDB_MAP_FULL), the server called the new file
+    damaged, and l2.recover moved it aside. It counts as 1 MiB now."""
+    tier = LMDBTier(tmp_path / "l2", capacity=1 << 30, initial_map_size=16 << 10)
+    assert tier.usage().blocks == 0
+    tier.close_sync()
+    assert not list(tmp_path.glob("l2.damaged-*"))

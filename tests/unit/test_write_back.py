@@ -177,35 +177,44 @@ def test_puts_faster_than_the_writer_wait_for_it_and_never_fail(tmp_path: Path) 
 
 def test_l1_full_because_the_l2_disk_is_full_says_so(tmp_path: Path) -> None:
     """L2's disk full before l2.capacity: no block can be written down, L1
-    fills, and the refusal names the disk (it blamed leases and reads)."""
+    fills, and the refusal names the disk (it blamed leases and reads).
+    LMDB reports a full disk as an I/O error (not ENOSPC): the free space
+    decides. The disk's free space is faked (a real full disk needs a
+    tmpfs mount)."""
+    import collections
+
     import lmdb
-    import pytest
 
     from kvstore.errors import CapacityExhausted
+    from kvstore.tiers import lmdb_tier
 
-    async def go() -> None:
-        store = TieredStore(config(tmp_path))
+    async def go(free: int) -> str:
+        store = TieredStore(config(tmp_path / str(free)))
         await store.start()
-        assert store.l2 is not None
-        with pytest.raises(CapacityExhausted) as before:
-            await store.placement.reserve(2 << 20, room_wait=0.1)  # (more than L1)
-        assert "disk" not in str(before.value)
+        assert store.l2 is not None and store.writeback is not None
+        assert "disk" not in str(store.placement._full(BLOCK))
 
-        def full(batch: Any) -> list[bool]:
-            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        def failing(batch: Any) -> list[bool]:
+            raise lmdb.DiskError("mdb_txn_commit: Input/output error")
 
-        store.l2._apply_locked = full  # type: ignore[method-assign]
-        for i in range(64):  # half of L1, in blocks that cannot be written down
-            await store.put_bytes("ns", key(i), bytes(BLOCK), AckLevel.MEMORY)
-        assert store.writeback is not None
-        store.writeback.flush_dirty()  # their writes, as evictions would queue them
-        await drained(store)
+        store.l2._apply_locked = failing  # type: ignore[method-assign]
+        usage = collections.namedtuple("usage", "total used free")
+        real = lmdb_tier.shutil.disk_usage
+        lmdb_tier.shutil.disk_usage = lambda path: usage(1 << 30, (1 << 30) - free, free)  # type: ignore[assignment]
+        try:
+            for i in range(64):  # half of L1, in blocks that cannot be written down
+                await store.put_bytes("ns", key(i), bytes(BLOCK), AckLevel.MEMORY)
+            store.writeback.flush_dirty()  # their writes, as evictions would queue them
+            await drained(store)
+        finally:
+            lmdb_tier.shutil.disk_usage = real  # type: ignore[assignment]
         assert store.writeback.failed_writes > 0
         # (a Put waits 30 s for room before this refusal: its text, as it ends)
         refused = store.placement._full(BLOCK)
         assert isinstance(refused, CapacityExhausted)
-        assert "the L2 disk is full" in str(refused)
         assert str(tmp_path) not in str(refused)  # (any tenant may read it)
         await store.close()
+        return str(refused)
 
-    asyncio.run(go())
+    assert "the L2 disk is full" in asyncio.run(go(0))
+    assert "L2 writes are failing" in asyncio.run(go(10 << 30))
