@@ -120,7 +120,6 @@ def opt(default: Any, help: str, parse: Callable[[Any], Any]) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse})
 
 
-
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = opt("127.0.0.1:50051", "TCP address host:port to listen on; empty disables TCP",

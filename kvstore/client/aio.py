@@ -34,11 +34,11 @@ from kvstore.client._common import (
     small_request_suffix,
 )
 from kvstore.client._errors import error_from_rpc
-from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane
+from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane, closed_in_flight
 from kvstore.client.dataplane import data_plane_mode
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import Op
-from kvstore.errors import ConnectionFailed, InvalidArgument
+from kvstore.errors import InvalidArgument
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -119,8 +119,7 @@ class AsyncClient(ClientBase):
             yield
         except asyncio.CancelledError:
             if self._closed and not task_cancelled():
-                raise ConnectionFailed(f"kvstore client for {self.target} was closed while "
-                                       "the call was in flight") from None
+                raise closed_in_flight(self.target) from None
             raise
 
     @contextlib.contextmanager
@@ -131,7 +130,7 @@ class AsyncClient(ClientBase):
                 yield
             except grpc.RpcError as err:
                 if self._closed and err.code() == grpc.StatusCode.CANCELLED:
-                    raise asyncio.CancelledError from None  # cut by close(): as above
+                    raise closed_in_flight(self.target) from None  # cut by close()
                 raise error_from_rpc(err, self.target) from err
 
     def _rpc(self, name: str) -> Any:

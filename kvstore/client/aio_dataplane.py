@@ -471,6 +471,13 @@ class ProtocolViolation(Exception):
     """A frame the protocol does not allow here."""
 
 
+def closed_in_flight(target: str) -> ConnectionFailed:
+    """What a call gets when :meth:`AsyncClient.close` comes while it is in
+    flight (over gRPC or the data plane, its session open or opening)."""
+    return ConnectionFailed(f"kvstore client for {target} was closed while the call was "
+                            "in flight")
+
+
 def _deadline(message: str) -> DeadlineExceeded:
     exc = DeadlineExceeded(message)
     exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
@@ -529,8 +536,7 @@ class AsyncDataPlane:
             conn = await self._take()
             if conn is None:
                 if self._closed:  # close() came while this call waited for a session
-                    raise ConnectionFailed(f"kvstore client for {self.target} was closed "
-                                           "while the call was in flight")
+                    raise closed_in_flight(self.target)
                 return None
             try:
                 result = await fn(conn)
@@ -632,8 +638,7 @@ class AsyncDataPlane:
             raise
         if self._closed:  # close() came while the session opened: nothing would close it
             conn.close("the client was closed", ConnectionFailed)
-            raise ConnectionFailed(f"kvstore client for {self.target} was closed while the "
-                                   "call was in flight")
+            raise closed_in_flight(self.target)
         self._limits = session_limits(offer, hello)
         self._conns.append(conn)
         self.sessions += 1

@@ -142,7 +142,8 @@ def _frame_bytes(req: Any) -> int:
         items += len(getattr(req, field, ()))
     # the request as a frame (its protobuf size, a few bytes more per item),
     # or the answer (a slot or a lease per item), whichever is larger
-    return max(req.ByteSize() + 8 * items, _SLOT_META_BYTES * items) + 1024
+    return max(req.ByteSize() + 8 * items, max(frames.SLOT_BYTES, frames.LEASE_BYTES) * items) \
+        + 1024
 
 
 class _Done:
@@ -214,15 +215,6 @@ class _SessionShm:
         self.stock = stock
 
 
-#: Metadata per block of a shared-memory Put's frames, beyond its key (slot
-#: id, offset, size, checksum, format, generation, with room to spare).
-_SLOT_META_BYTES = 48
-#: Metadata per block of a commit frame, beyond its key (slot id, offset,
-#: size, checksum, format, the key's length).
-_COMMIT_META_BYTES = 32
-#: Metadata per key of an acquire's answer (a lease's fields).
-_LEASE_META_BYTES = 48
-
 class ShmFrames:
     """ShmClient's lean data-plane path (see the module's docstring).
     Methods return None when the data plane is not available (use gRPC)."""
@@ -273,7 +265,7 @@ class ShmFrames:
         # Its reserve and commit frames must fit the session's metadata limit
         # (a key and ~40 bytes of slot fields per block): a larger one closed
         # the connection ("whether it took effect is unknown"); gRPC takes it.
-        if not self.dp.fits(sum(map(len, keys)) + _COMMIT_META_BYTES * len(keys) + 1024):
+        if not self.dp.fits(sum(map(len, keys)) + frames.COMMIT_BLOCK_BYTES * len(keys) + 1024):
             return None
         return self.dp.run(lambda conn: self._put(conn, namespace, ack, session_id, keys,
                                                   sizes, write, block_format),
@@ -382,7 +374,7 @@ class ShmFrames:
                 release: list[int]) -> frames.ShmAcquireResult | None:
         meta = frames.encode_shm_acquire(namespace, session_id, lease_ms, keys, release)
         # The request, and an answer of a lease per key, must fit one frame.
-        if not self.dp.fits(max(len(meta), _LEASE_META_BYTES * len(keys) + 1024)):
+        if not self.dp.fits(max(len(meta), frames.LEASE_BYTES * len(keys) + 1024)):
             return None
         return self.dp.run(lambda conn: frames.ShmAcquireResult.decode(
             conn.call(Op.SHM_ACQUIRE, meta)), idempotent=True)

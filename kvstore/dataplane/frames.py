@@ -477,6 +477,8 @@ class ShmReserveRequest:
 
 
 _SLOT = struct.Struct("<QQQQ")
+#: Bytes of one slot in a SHM_RESERVE answer (or a commit's next slots).
+SLOT_BYTES = _SLOT.size
 
 
 @dataclass(slots=True)
@@ -501,6 +503,8 @@ class ShmReserveResult:
 
 
 _COMMIT = struct.Struct("<QQQIB")
+#: Bytes of one block in a SHM_COMMIT, and of its key's length when it names one.
+COMMIT_BLOCK_BYTES = _COMMIT.size + 2
 
 
 @dataclass(slots=True)
@@ -706,6 +710,8 @@ def encode_shm_acquire(namespace: str, session_id: str, lease_ms: int, keys: Seq
 
 
 _LEASE = struct.Struct("<BBQQQIQ")  # hit, tier, lease id, offset, size, crc32c, generation
+#: Bytes of one lease in a SHM_ACQUIRE answer.
+LEASE_BYTES = _LEASE.size
 _MISS = _LEASE.pack(0, 0, 0, 0, 0, 0, 0)
 
 

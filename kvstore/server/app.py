@@ -236,10 +236,9 @@ class Server:
                 await self.health.set(L3_HEALTH, status)
                 if serving:
                     log.warning("L3 is back")
+                    self.store.after_demotion()  # move what L2 held during the outage
                 else:
                     log.warning("L3 is unavailable: %s", l3.tier.last_error or "no answer")
-                if serving:
-                    self.store.after_demotion()  # move what L2 held during the outage
             await asyncio.sleep(L3_WATCH_SECONDS)  # a periodic check, not synchronisation
 
     async def wait_stopped(self) -> None:

@@ -79,7 +79,7 @@ class Placement(Part):
         self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
         #: Why blocks cannot leave L1 beyond the usual (set by the store: L2
         #: writes failing), appended to the "L1 is full" refusal.
-        self.stuck_reason: Callable[[], str] = str
+        self.stuck_reason: Callable[[], str] = lambda: ""
         self._generations = itertools.count(1)
         self._l1_counters = self.stats.counters[TierName.L1]
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
