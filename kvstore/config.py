@@ -126,8 +126,10 @@ class ServerConfig:
                       parse_str)
     unix_socket: str = opt("", "unix socket path to listen on (created with mode 0600); "
                            "empty disables it", parse_str)
-    tls_cert: str = opt("", "PEM certificate (chain) for TLS on the TCP listener; with "
-                        "tls_key. The unix socket stays plaintext (mode 0600)", parse_str)
+    tls_cert: str = opt("", "PEM certificate (chain) for TLS on the TCP listeners (gRPC "
+                        "and the data plane); with tls_key. Renewed files are taken into "
+                        "use without a restart. The unix socket stays plaintext (mode 0600)",
+                        parse_str)
     tls_key: str = opt("", "PEM private key for tls_cert", parse_str)
     tls_client_ca: str = opt("", "PEM CA bundle: when set, TCP clients must present a "
                              "certificate it signed (mutual TLS)", parse_str)

@@ -58,6 +58,7 @@ SLOW = (
     "tests/policy/test_session.py::test_fill_fast_path_makes_the_same_decisions",
     "tests/block/test_block_pack.py::test_ml_dtypes_bfloat16_is_recognised",
     "tests/deploy/test_deploy.py",
+    "tests/e2e/test_tls_renewal.py",
     "tests/deploy/test_health_cli.py::test_a_running_kvstore_server_is_serving",
     "tests/deploy/test_health_cli.py::test_not_serving_exits_1",
     "tests/e2e/test_compact_index.py",

@@ -35,7 +35,6 @@ from kvstore.dataplane.conn import (
 )
 from kvstore.dataplane.ops import Answered, Session, error_frame
 from kvstore.dataplane.tickets import Binding, TicketBook
-from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.errors import (
     InvalidConfig,
     KVStoreError,
@@ -91,21 +90,11 @@ def listen_addresses(config: Config) -> tuple[str, str]:
     return tcp, unix
 
 
-def _tls_context(config: Config) -> ssl.SSLContext | None:
-    s = config.server
-    if not s.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    same_checks_as_grpc(ctx)  # (client certificates: as the gRPC listener checks them)
-    ctx.load_cert_chain(s.tls_cert, s.tls_key)
-    if s.tls_client_ca:
-        ctx.load_verify_locations(s.tls_client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 class DataPlaneServer:
-    def __init__(self, config: Config, store: TieredStore, shm: SharedMemoryBroker) -> None:
+    def __init__(self, config: Config, store: TieredStore, shm: SharedMemoryBroker,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: the TCP listener's context when server.tls_cert is set
+        (the server's ServerTLS keeps it current as certificates are renewed)."""
         s = config.server
         self.config = config
         self.store = store
@@ -119,7 +108,9 @@ class DataPlaneServer:
         self._slow_log = RateLimitedWarning(log, "data plane: dropping a slow peer", 10.0)
         self.tcp_address = ""
         self.unix_path = ""
-        self.tls = _tls_context(config)
+        if s.tls_cert and tls is None:  # never plaintext where TLS is configured
+            raise ValueError("server.tls_cert is set: the data plane needs its TLS context")
+        self.tls = tls
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()

@@ -33,6 +33,7 @@ from kvstore.server.loop import loop_factory
 from kvstore.server.metrics_calls import CallRecorder, MetricsInterceptor
 from kvstore.server.runtime import tune_gc
 from kvstore.server.servicer import SERVICE_NAME, KVStoreServicer, add_to_server
+from kvstore.server.tls import ServerTLS
 from kvstore.sockpath import check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 
@@ -70,16 +71,6 @@ def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -
         for name in (reflection.SERVICE_NAME, REFLECTION_V1)))
 
 
-def server_credentials(config: Config) -> grpc.ServerCredentials:
-    """TLS for the TCP listener (mutual when server.tls_client_ca is set)."""
-    cfg = config.server
-    cert = Path(cfg.tls_cert).read_bytes()
-    key = Path(cfg.tls_key).read_bytes()
-    ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                       require_client_auth=ca is not None)
-
-
 class Server:
     """A running kvstore server; ``await stop()`` shuts it down gracefully."""
 
@@ -88,6 +79,9 @@ class Server:
         # Before the store allocates L1: a missing extra or a bad address fails at once.
         #: auth.tokens_file: the grants every call is checked against (None: off).
         self.auth = Authorizer(config.auth.tokens_file) if config.auth.tokens_file else None
+        s = config.server
+        #: server.tls_cert: both TCP listeners' certificate, reread when renewed (None: off).
+        self.tls = ServerTLS(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         self.metrics = metrics.MetricsExporter(config.server.metrics_listen) \
             if config.server.metrics_listen else None
         self.store = TieredStore(config)
@@ -96,7 +90,9 @@ class Server:
         self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                       config.server.shm_lease_ms, config.server.max_lease_ms)
         #: issue 14: the data plane beside gRPC (None: server.data_plane off).
-        self.dataplane = DataPlaneServer(config, self.store, self.shm) \
+        self.dataplane = DataPlaneServer(
+            config, self.store, self.shm,
+            self.tls.listener_context if self.tls is not None else None) \
             if config.server.data_plane else None
         self.calls = CallRecorder()
         timing = [MetricsInterceptor(self.calls)] if self.metrics else []
@@ -114,7 +110,7 @@ class Server:
         if self.metrics is not None:  # first: a taken port fails before the store opens
             self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
                 self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__,
-                self.dataplane.stats if self.dataplane is not None else None))
+                self.dataplane.stats if self.dataplane is not None else None, self.tls))
         await self.store.start()
         try:
             self._listen()
@@ -153,8 +149,8 @@ class Server:
         cfg = self.config.server
         if cfg.listen:
             try:
-                if cfg.tls_cert:
-                    port = self.grpc.add_secure_port(cfg.listen, server_credentials(self.config))
+                if self.tls is not None:
+                    port = self.grpc.add_secure_port(cfg.listen, self.tls.grpc_credentials())
                 else:
                     port = self.grpc.add_insecure_port(cfg.listen)
             except (RuntimeError, OSError) as exc:
@@ -304,14 +300,20 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     started: list[Server] = []
 
     def on_sighup() -> None:
-        """Reread auth.tokens_file; without one, say so and carry on (SIGHUP's
-        default action would kill the server without the SIGTERM flush)."""
-        if not started:  # the tokens file is read as the server is made, after this
-            log.info("SIGHUP during start-up: auth.tokens_file is read as the server starts")
-        elif started[0].auth is None:
-            log.warning("SIGHUP: no auth.tokens_file, nothing to reload")
-        else:  # rotate credentials without a restart
-            started[0].reload_auth()
+        """Reread auth.tokens_file and the TLS files; without either, say so
+        and carry on (SIGHUP's default action would kill the server without
+        the SIGTERM flush)."""
+        if not started:  # the files are read as the server is made, after this
+            log.info("SIGHUP during start-up: auth.tokens_file and the TLS files are read as "
+                     "the server starts")
+            return
+        server = started[0]
+        if server.auth is None and server.tls is None:
+            log.warning("SIGHUP: no auth.tokens_file nor server.tls_cert, nothing to reload")
+        if server.auth is not None:  # rotate credentials without a restart
+            server.reload_auth()
+        if server.tls is not None:  # a renewed certificate, without waiting for a handshake
+            server.tls.check(force=True)
 
     # First, before the (long) start-up: a SIGHUP then must not kill the server
     # either, nor a SIGTERM or SIGINT leave the arena file in /dev/shm (the

@@ -28,6 +28,7 @@ from kvstore.types import StoreStats
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
+    from kvstore.server.tls import ServerTLS
     from kvstore.store import SharedMemoryBroker, TieredStore
 
 #: How long a scrape waits for the event loop to take the snapshot.
@@ -70,6 +71,9 @@ class Snapshot:
     dataplane: DataPlaneStats | None = None
     #: The event loop's busy poll: (spins, spins that found a request); None: off.
     busy_poll: tuple[int, int] | None = None
+    #: TLS on the TCP listeners: (the served certificate's end as Unix time,
+    #: reloads, reloads refused); None: no TLS.
+    tls: tuple[float, int, int] | None = None
 
 
 class KVStoreCollector:
@@ -77,8 +81,10 @@ class KVStoreCollector:
 
     def __init__(self, store: TieredStore, shm: SharedMemoryBroker, calls: CallRecorder,
                  loop: asyncio.AbstractEventLoop, version: str,
-                 dataplane: DataPlaneStats | None = None) -> None:
+                 dataplane: DataPlaneStats | None = None,
+                 tls: ServerTLS | None = None) -> None:
         self.dataplane = dataplane
+        self.tls = tls
         self.store = store
         self.shm = shm
         self.calls = calls
@@ -100,7 +106,15 @@ class KVStoreCollector:
                 l3.tier.breaker.opened),
             dataplane=dataclasses.replace(self.dataplane) if self.dataplane else None,
             busy_poll=busy_poll_counts(self.loop),
+            tls=self._tls_figures(),
         )
+
+    def _tls_figures(self) -> tuple[float, int, int] | None:
+        tls = self.tls
+        if tls is None:
+            return None
+        tls.check()  # a scrape also sees a renewed certificate with no new connection
+        return (tls.material.not_after, tls.reloads, tls.failures)
 
     def _snapshot_from_thread(self) -> Snapshot:
         result: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
@@ -233,6 +247,21 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
             ("kvstore_loop_busy_poll_hits",
              "Event loop busy polls that found a request before they ran out",
              snap.busy_poll[1]),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], float(value))
+            yield counter
+
+    if snap.tls is not None:
+        not_after, reloads, failures = snap.tls
+        yield GaugeMetricFamily("kvstore_tls_certificate_expiry_timestamp_seconds",
+                                "When the certificate new TLS connections get expires "
+                                "(Unix time)", value=not_after)
+        for name, doc, value in (
+            ("kvstore_tls_reloads", "Renewed TLS certificate files taken into use", reloads),
+            ("kvstore_tls_reload_failures",
+             "Changed TLS certificate files refused (the previous ones kept serving)",
+             failures),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(value))

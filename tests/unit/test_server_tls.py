@@ -1,0 +1,131 @@
+"""ServerTLS: renewed certificate files are taken into use, broken ones are
+not, and the files are looked at no more than once a second (fake clocks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from pki import make_ca, make_leaf, needs_openssl
+
+from kvstore.errors import InvalidConfig
+from kvstore.server.tls import CHECK_EVERY_S, ServerTLS
+
+pytestmark = needs_openssl
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("renew-pki")
+    make_ca(d, "ca")
+    make_leaf(d, "ca", "server-1", "IP:127.0.0.1", days=2)
+    make_leaf(d, "ca", "server-2", "IP:127.0.0.1", days=3)
+    return d
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def install(pki: Path, name: str, into: Path) -> None:
+    """Both files replaced at once, as a Kubernetes secret's update does."""
+    for ext in ("pem", "key"):
+        tmp = into / f".new.{ext}"
+        shutil.copyfile(pki / f"{name}.{ext}", tmp)
+        os.replace(tmp, into / f"server.{ext}")
+
+
+@pytest.fixture
+def files(pki: Path, tmp_path: Path) -> Path:
+    install(pki, "server-1", tmp_path)
+    return tmp_path
+
+
+def make(files: Path, clock: Clock, wall: Clock | None = None) -> ServerTLS:
+    return ServerTLS(str(files / "server.pem"), str(files / "server.key"), clock=clock,
+                     wall=wall or time.time)
+
+
+def test_renewed_files_are_taken_at_the_next_check(pki: Path, files: Path) -> None:
+    clock = Clock()
+    tls = make(files, clock)
+    assert tls.material.subject == "server-1"
+    first = tls.material.context
+    install(pki, "server-2", files)
+    assert not tls.check()  # looked at less than a second ago
+    assert tls.material.subject == "server-1"
+    clock.now += CHECK_EVERY_S
+    assert tls.check()
+    assert tls.material.subject == "server-2" and tls.reloads == 1 and tls.generation == 1
+    assert tls.material.context is not first
+    assert tls.material.not_after > 2 * 86400 + time.time()  # server-2 runs 3 days
+    clock.now += CHECK_EVERY_S
+    assert not tls.check()  # nothing changed since
+
+
+def test_files_that_do_not_load_leave_the_certificate_in_force(
+        pki: Path, files: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    tls = make(files, clock)
+    shutil.copyfile(pki / "server-2.key", files / "server.key")  # the key first, then...
+    clock.now += CHECK_EVERY_S
+    with caplog.at_level("WARNING", logger="kvstore.server"):
+        assert not tls.check()
+        clock.now += CHECK_EVERY_S
+        assert not tls.check()  # the same files: warned once
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "not reloaded: the key does not belong to the certificate" in warnings[0]
+    assert "CN=server-1" in warnings[0]
+    assert tls.material.subject == "server-1" and tls.failures == 1 and tls.generation == 0
+    shutil.copyfile(pki / "server-2.pem", files / "server.pem")  # ...the certificate
+    clock.now += CHECK_EVERY_S
+    assert tls.check()
+    assert tls.material.subject == "server-2"
+
+
+def test_a_garbled_or_expired_certificate_is_not_taken(pki: Path, files: Path) -> None:
+    clock, wall = Clock(), Clock()
+    wall.now = time.time()
+    tls = make(files, clock, wall)
+    (files / "server.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n")
+    clock.now += CHECK_EVERY_S
+    assert not tls.check() and tls.failures == 1
+    install(pki, "server-2", files)
+    wall.now += 4 * 86400  # past server-2's end too
+    clock.now += CHECK_EVERY_S
+    assert not tls.check() and tls.failures == 2
+    assert tls.material.subject == "server-1"
+
+
+def test_a_forced_check_rereads_and_says_when_nothing_changed(
+        files: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tls = make(files, Clock())
+    with caplog.at_level("INFO", logger="kvstore.server"):
+        assert not tls.check(force=True)  # no second to wait for: a SIGHUP
+    assert any("files are unchanged (CN=server-1" in r.getMessage() for r in caplog.records)
+
+
+def test_grpc_is_handed_each_new_certificate_once(pki: Path, files: Path) -> None:
+    clock = Clock()
+    tls = make(files, clock)
+    assert tls._grpc_fetch() is None  # gRPC has the start-up one
+    install(pki, "server-2", files)
+    clock.now += CHECK_EVERY_S
+    assert isinstance(tls._grpc_fetch(), grpc.ServerCertificateConfiguration)
+    assert tls._grpc_fetch() is None
+
+
+def test_unreadable_files_at_start_are_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "c.pem").write_text("junk")
+    (tmp_path / "c.key").write_text("junk")
+    with pytest.raises(InvalidConfig, match=r"server\.tls_cert .*not a PEM certificate"):
+        ServerTLS(str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
