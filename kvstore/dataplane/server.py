@@ -224,8 +224,10 @@ class DataPlaneServer:
     def _flooded(self) -> bool:
         """Twice the limit open, counting from accept: the new connection is to be
         closed unread (a flood of connections that send no HELLO would otherwise
-        hold a buffer each until their timeout). Below that, HELLO refuses them."""
-        if self.stats.connections < 2 * self.max_connections:
+        hold a buffer each until their timeout). Below that, HELLO refuses them.
+        Counted as connection tasks, which exist from accept: a burst accepted
+        before any of its tasks ran got past a count the tasks keep."""
+        if len(self._connections) < 2 * self.max_connections:
             return False
         self.stats.refused += 1
         return True

@@ -238,6 +238,10 @@ def test_a_session_may_use_only_its_identitys_namespaces(dp_server: ServerProces
         alice.send(frame)
         code, name, message = alice.frame().error()
         assert (code, name) == (7, "PermissionDenied") and "'other'" in message
+    # The grants answer first: a malformed name is refused the same way, so a
+    # restricted identity learns nothing of the server's namespaces.
+    alice.send(request(GET, 8, get_meta("bad/ns", [b"k"])))
+    assert alice.frame().error()[:2] == (7, "PermissionDenied")
     assert [block_of(f) for f in get(bob, 6, "other", [b"secret"])] == [b"bob's"]
     ops = session(dp_server.tcp, OPS)  # a * grant
     assert [block_of(f) for f in get(ops, 7, "other", [b"secret"])] == [b"bob's"]
@@ -413,9 +417,15 @@ def test_a_failed_block_leaves_the_blocks_before_it_stored(dp_server: ServerProc
                              (b"multi-2", len(two), 0, checksum(two) ^ 0xFF),
                              (b"multi-3", len(three), 0, None)])
     raw.send(request(PUT, 1, meta, one + two + three))
-    assert raw.frame().error()[1] == "CorruptBlock"
+    _, name, message = raw.frame().error()
+    assert name == "CorruptBlock" and "block #1" in message  # names the first not stored
     assert [block_of(f) for f in get(raw, 2, "chat", [b"multi-1", b"multi-2", b"multi-3"])] \
         == [one, None, None]
+    # A key named twice is stored twice, in order: the later block wins.
+    meta = put_meta("chat", [(b"twice", 4, 0, None), (b"twice", 5, 0, None)])
+    raw.send(request(PUT, 3, meta, b"1st." + b"2nd.."))
+    assert struct.unpack_from("<I", raw.frame().meta)[0] == 2
+    assert [block_of(f) for f in get(raw, 4, "chat", [b"twice"])] == [b"2nd.."]
 
 
 def test_a_session_may_act_as_an_attached_shared_memory_owner(dp_server: ServerProcess) -> None:
