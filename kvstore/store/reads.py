@@ -31,6 +31,7 @@ from kvstore.store.l3 import L3Mover
 from kvstore.store.parts import Part, Shared
 from kvstore.store.placement import PROMOTE_ROOM_WAIT_SECONDS, Placement
 from kvstore.store.stats import HintCounters
+from kvstore.store.workers import run_filling
 from kvstore.tiers.base import Buffer
 from kvstore.types import BlockId, TierName, TierStats
 
@@ -257,8 +258,10 @@ class Reads(Part):
             offset = await self._reserve_if_admitted(block, entry.size)
             dest = self.l1.slice(offset, entry.size) if offset >= 0 else None
             try:
-                result = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, self.read_verify_l2, block, entry.checksum, dest)
+                # (into ``dest``: a cancel here waits for the copy before the
+                # extent goes back below)
+                result = await run_filling(self.executor, self.read_verify_l2, block,
+                                           entry.checksum, dest)
             except StorageError as exc:
                 # A miss, the copy kept: a failed read (an I/O error, the
                 # environment closing at shutdown) is not a wrong checksum, and

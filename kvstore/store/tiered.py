@@ -38,6 +38,7 @@ from kvstore.store.parts import Progress, Shared, writer_settled
 from kvstore.store.placement import BlockWriter, Placement
 from kvstore.store.reads import Reads
 from kvstore.store.stats import Stats
+from kvstore.store.workers import start_workers
 from kvstore.store.writeback import WriteBack
 from kvstore.tiers.base import Buffer
 from kvstore.tiers.lmdb_tier import LMDBTier
@@ -82,8 +83,7 @@ class TieredStore:
         self._client_now = 0.0
         self.clock = self._client_time if self.client_clock else clock
         clock = self.clock
-        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
-            config.server.workers, thread_name_prefix="kvstore-io")
+        self.executor = executor or start_workers(config.server.workers)
         self.l1 = MemoryTier(config.l1.capacity, config.l1.page_bytes, config.l1.prefault,
                              config.l1.shm_path)
         self.l2: LMDBTier | None = None

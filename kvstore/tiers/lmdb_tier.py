@@ -593,13 +593,20 @@ class LMDBTier:
             raise barrier.error
 
     async def flush(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.flush_sync)
+        await asyncio.get_running_loop().run_in_executor(self._stop_executor(), self.flush_sync)
 
     async def close(self) -> None:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.close_sync)
+        await loop.run_in_executor(self._stop_executor(), self.close_sync)
+
+    def _stop_executor(self) -> concurrent.futures.Executor | None:
+        """Where a flush or the close waits: the store's workers, all started
+        with the server (a stop must not need a new thread, which a pids limit
+        may refuse); a tier with workers of its own uses asyncio's (its close
+        shuts its own down, which it cannot do from one of them)."""
+        return None if self._own_executor else self._executor
 
     def close_sync(self) -> None:
         with self._gate:
