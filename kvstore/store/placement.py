@@ -80,6 +80,9 @@ class Placement(Part):
         #: Why blocks cannot leave L1 beyond the usual (set by the store: L2
         #: writes failing), appended to the "L1 is full" refusal.
         self.stuck_reason: Callable[[], str] = lambda: ""
+        #: Whether L2 writes are held back after a failure (set by the store):
+        #: a block still to be written cannot leave L1 then.
+        self.writes_paused: Callable[[], bool] = lambda: False
         self._generations = itertools.count(1)
         self._l1_counters = self.stats.counters[TierName.L1]
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
@@ -408,7 +411,10 @@ class Placement(Part):
         if entry is None or entry.l1_offset < 0:
             return True  # stale policy entry: evicting it only cleans up
         now = self.clock()
-        return not entry.pinned and entry.lease_until <= now and entry.pin_until <= now
+        if entry.pinned or entry.lease_until > now or entry.pin_until > now:
+            return False
+        # (a write queued now would fail as the last did: room waits, or is refused)
+        return not (entry.dirty and self.writes_paused())
 
     def _evict(self, block: BlockId, action: Action) -> bool:
         """Evict ``block`` from L1: False when it must first be written to L2

@@ -127,6 +127,7 @@ class TieredStore:
             config.server.max_block_bytes)
         if self.writeback is not None:
             self.placement.stuck_reason = self._l2_trouble
+            self.placement.writes_paused = self.writeback.paused
         self.reads = Reads(
             shared, self.placement,
             self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
@@ -151,6 +152,11 @@ class TieredStore:
         self.progress.start()
         if self.l2 is not None:
             await self._rebuild_from_l2()
+            if self.writeback is not None:
+                # Restarted with a smaller l2.capacity (the way out of a full
+                # disk): trimmed now, not after the first write (which the
+                # full disk fails).
+                self.writeback.trim()
         if self.l3 is not None:
             self.l3.start()  # lists the bucket in the background; serving meanwhile
 

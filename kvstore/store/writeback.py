@@ -21,6 +21,7 @@ from kvstore.checksum import checksum
 from kvstore.config import Config
 from kvstore.errors import CapacityExhausted, CorruptBlock, StorageError
 from kvstore.policy import Action
+from kvstore.ratelimit import RateLimitedWarning
 from kvstore.store.coldindex import ColdBlock
 from kvstore.store.index import Entry
 from kvstore.store.l1check import L1Check
@@ -36,6 +37,11 @@ log = logging.getLogger("kvstore.store")
 # Most L2 evictions in one go on the event loop; more continue in a later
 # iteration (a restart with a smaller l2.capacity may have millions to do).
 _TRIM_BATCH = 1024
+#: After an L2 write fails, no write is started for this long (a Put at
+#: ``local`` still tries its own): with the disk full every write failed at
+#: once, and evictions waiting for room queued the same blocks again in a
+#: spin (100 % CPU, 3,300 log lines a second); reads waited 30 s for room.
+WRITE_PAUSE_S = 1.0
 
 
 class WriteBack(Part):
@@ -65,6 +71,13 @@ class WriteBack(Part):
         self.failed_writes = 0  # L2 writes of L1 blocks that failed (each logged)
         #: When the last one failed (monotonic s) and whether the disk was full.
         self.last_failure: tuple[float, bool] | None = None
+        #: No write is started before this (monotonic s): see WRITE_PAUSE_S.
+        self.paused_until = 0.0
+        #: What L2 may hold while its disk is full (None: l2.capacity): held
+        #: below what it holds, so that the blocks trimmed free pages inside
+        #: LMDB's file for the writes (the file cannot grow).
+        self.disk_capacity: int | None = None
+        self._failure_log = RateLimitedWarning(log, "L2 writes failing", 10.0, logging.ERROR)
         self._handoff: LoopHandoff | None = None  # the writer's completions to the loop
         self.closing = False
         self._trim_pending = False  # a continuation of trim is scheduled
@@ -134,7 +147,7 @@ class WriteBack(Part):
         to be a victim soon. A victim still dirty is written when evicted."""
         index = self.index
         excess = min(index.dirty_bytes - self.dirty_limit, self.ahead_limit - self.queued)
-        if excess <= 0:
+        if excess <= 0 or self.paused():
             return
         picked: list[tuple[BlockId, Entry]] = []
         queued = 0
@@ -187,13 +200,12 @@ class WriteBack(Part):
                     index.set_l2(block, entry, True)
                     self.policy.on_insert(TierName.L2, block, entry.size, self.clock(),
                                           entry.session)
+                if self.disk_capacity is not None and not self.l2.disk_nearly_full():
+                    self.disk_capacity = None
+                    log.warning("L2's disk has room again: L2 may grow to l2.capacity")
                 self.trim()
             elif error is not None:
-                self.failed_writes += 1
-                self.last_failure = (time.monotonic(), self.l2.disk_nearly_full())
-                log.error("L2 write of %s failed: %s", block[1].hex()[:16], error)
-                if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
-                    index.set_dirty(entry, True, block)
+                self._write_failed(block, entry, error)
             index.free_if_dead(entry)
             self.progress.wake()
             if fut is not None and not fut.done():
@@ -212,6 +224,31 @@ class WriteBack(Part):
         self.l2.submit(block, view, entry.meta(), done)
         return fut
 
+    def _write_failed(self, block: BlockId, entry: Entry, error: BaseException) -> None:
+        """A write failed: the block stays dirty in L1, no write starts for
+        WRITE_PAUSE_S, and with the disk full L2 is trimmed below what it
+        holds, so that the next writes reuse the pages freed."""
+        self.failed_writes += 1
+        now = time.monotonic()
+        full = self.l2.disk_nearly_full()
+        self.last_failure = (now, full)
+        self.paused_until = now + WRITE_PAUSE_S
+        self._failure_log.note(f"{block[1].hex()[:16]}: {error}")
+        index = self.index
+        if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
+            index.set_dirty(entry, True, block)
+        if full:
+            room = max(0, index.l2_bytes - 2 * entry.size)
+            if self.disk_capacity is None:
+                log.warning("L2's disk is full: L2 is held below the %d bytes it holds (not "
+                            "l2.capacity) until the disk has room", index.l2_bytes)
+            self.disk_capacity = min(room, self.disk_capacity or room)
+            self.trim()
+
+    def paused(self) -> bool:
+        """Whether writes are held back after a failure (WRITE_PAUSE_S)."""
+        return time.monotonic() < self.paused_until
+
     def flush_dirty(self) -> None:
         """At close: queue every block that is only in L1."""
         for block, entry in list(self.index.blocks.items()):
@@ -229,7 +266,8 @@ class WriteBack(Part):
         """Evict from L2 until it is within its capacity: first from the
         namespaces at or over their L2 quota (quota.l2), then any."""
         index = self.index
-        capacity = self.capacity
+        capacity = self.capacity if self.disk_capacity is None else \
+            min(self.capacity, self.disk_capacity)
         budget = _TRIM_BATCH
         while index.l2_bytes > capacity:
             budget -= 1

@@ -1,0 +1,102 @@
+"""L2's disk full before l2.capacity (a real one: a small tmpfs as the data
+dir): the server holds L2 to what the disk allows instead of failing every
+write, does not spin or flood its log, keeps reads of L2 blocks prompt, and a
+restart with a smaller l2.capacity trims at once. Needs root (mount)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serverproc import ServerProcess
+
+from kvstore import Client
+from kvstore.errors import CapacityExhausted, StorageError
+
+KiB, MiB = 1024, 1024 * 1024
+BLOCK = 256 * KiB
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
+                          capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def block(i: int) -> bytes:
+    return i.to_bytes(4, "little") * (BLOCK // 4)
+
+
+def test_a_full_l2_disk_shrinks_l2_instead_of_failing_every_write(
+        server_factory: type[ServerProcess], small_disk: Path) -> None:
+    """Before: every write failed and was retried at once (100 % CPU,
+    thousands of ERROR lines a second), Puts at memory waited 30 s, each read
+    of an L2 block 30 s, and a smaller l2.capacity freed nothing."""
+    flags = ("--l2-capacity", "1GiB", "--l2-batch-bytes", "4MiB",
+             "--l2-initial-map-size", "1MiB")
+    server = server_factory(*flags, data_dir=small_disk / "data", l1_capacity="16MiB")
+    server.log_path = small_disk.parent / "server.log"  # (not on the disk that fills)
+    server.start()
+    stored: dict[bytes, bytes] = {}
+    refused = 0
+    with Client(server.tcp, namespace="full", timeout=60) as client:
+        for i in range(400):  # 100 MiB at ack=local onto a 40 MiB disk
+            key = f"k{i}".encode()
+            t0 = time.monotonic()
+            try:
+                client.put({key: block(i)}, ack="local")
+                stored[key] = block(i)
+            except (StorageError, CapacityExhausted) as exc:
+                refused += 1
+                assert "disk" in str(exc), exc
+            assert time.monotonic() - t0 < 10, "a Put waited for a disk that stays full"
+        # Past the full disk most Puts were taken: L2 made room by evicting its
+        # coldest blocks (the file cannot grow) instead of refusing every write.
+        assert refused < 40, f"{refused} of 400 Puts refused"
+        assert server.alive()
+        # Nothing spins while the disk stays full.
+        before = cpu_seconds(server.pid)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            assert client.get([b"k399"]) == [block(399)]
+            time.sleep(0.1)  # a client pacing its calls, not synchronisation
+        assert cpu_seconds(server.pid) - before < 1.0
+        # Reads of blocks that live in L2 only are prompt (they waited 30 s
+        # each for L1 room that writes to a full disk never made).
+        kept = [k for k in stored if k != b"k399"][-40:-20]
+        for key in kept:
+            t0 = time.monotonic()
+            got = client.get([key])[0]
+            assert got is None or got == stored[key]
+            assert time.monotonic() - t0 < 3.0, f"{key!r} took {time.monotonic() - t0:.1f} s"
+    log = server.log()
+    assert "L2's disk is full" in log
+    assert log.count("L2 writes failing") <= 10, log.count("L2 writes failing")
+    server.terminate()
+    # The way out the docs give: a smaller l2.capacity, trimmed at start.
+    server.flags = [*flags[:1], "8MiB", *flags[2:]]
+    server.start()
+    with Client(server.tcp, namespace="full", timeout=60) as client:
+        for i in range(400, 440):
+            client.put({f"k{i}".encode(): block(i)}, ack="local")
+        assert client.get([b"k439"]) == [block(439)]
+    assert server.terminate() == 0
