@@ -59,6 +59,7 @@ SLOW = (
     "tests/block/test_block_pack.py::test_ml_dtypes_bfloat16_is_recognised",
     "tests/deploy/test_deploy.py",
     "tests/e2e/test_tls_renewal.py",
+    "tests/e2e/test_l2_disk_full.py",
     "tests/deploy/test_health_cli.py::test_a_running_kvstore_server_is_serving",
     "tests/deploy/test_health_cli.py::test_not_serving_exits_1",
     "tests/e2e/test_compact_index.py",

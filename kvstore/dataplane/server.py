@@ -106,6 +106,7 @@ class DataPlaneServer:
         self.max_connections = s.data_plane_max_connections
         self.stats = DataPlaneStats()
         self._slow_log = RateLimitedWarning(log, "data plane: dropping a slow peer", 10.0)
+        self._accept_log = RateLimitedWarning(log, "data plane: accept failed", 10.0)
         self.tcp_address = ""
         self.unix_path = ""
         if s.tls_cert and tls is None:  # never plaintext where TLS is configured
@@ -210,7 +211,7 @@ class DataPlaneServer:
             try:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as exc:  # e.g. out of file descriptors: keep accepting
-                log.warning("data plane: accept failed: %s", exc)
+                self._accept_log.note(str(exc))  # (every 0.1 s per listener, for as long)
                 await asyncio.sleep(0.1)  # back off, not synchronisation
                 continue
             if self._flooded():

@@ -338,8 +338,9 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
         Path(ready_file).unlink(missing_ok=True)
     lost = server.store.lost_at_close
     if lost:
-        log.error("stopped: %d blocks acknowledged at memory could not be written to L2 "
-                  "(see the errors above) and are lost", lost)
+        log.error("stopped: %d blocks held only in memory (Puts acknowledged at memory, and "
+                  "blocks whose own L2 write failed, their Put refused) could not be written "
+                  "to L2 (see the errors above) and are lost", lost)
         return 1
     log.info("stopped")
     return 0

@@ -17,10 +17,12 @@ is refused instead of sharing (and corrupting) the first one's L2.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+import resource
 import socket
 import ssl
 import struct
@@ -40,8 +42,31 @@ LOCK_FILE = "kvstore.lock"
 _held_locks: list[int] = []
 
 
+#: Fewer open files than this and gRPC, LMDB and the listeners cannot all
+#: start (gRPC aborted the process at 16, with no line of ours).
+MIN_OPEN_FILES = 64
+
+
+def check_open_files() -> int:
+    """Raise the soft limit on open files to the hard one (each connection
+    and data-plane session holds one; containers often start at 1,024 of a
+    far higher hard limit), and refuse a limit below MIN_OPEN_FILES in one
+    line. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise InvalidConfig(f"the limit on open files is {soft} (hard limit {hard}): kvstore "
+                            f"needs at least {MIN_OPEN_FILES}; raise it (ulimit -n, the "
+                            "service's LimitNOFILE, the container's nofile)")
+    return int(soft)
+
+
 def check(config: Config) -> None:
     # The checks that touch nothing first: a refused start creates no data dir.
+    check_open_files()
     check_tls(config)
     check_listen(config.server.listen)
     check_unix_socket(config.server.unix_socket)

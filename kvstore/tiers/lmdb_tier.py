@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -145,6 +146,22 @@ class _Barrier:
 _STOP = object()
 
 
+#: How the OS says a limit was reached (not that the file is damaged).
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC,
+                    errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+_RESOURCE_TEXTS = tuple(os.strerror(n) for n in _RESOURCE_ERRNOS)
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    """py-lmdb raises a system error as lmdb.Error with its strerror text."""
+    if isinstance(exc, (lmdb.MemoryError, lmdb.ReadersFullError, lmdb.TlsFullError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _RESOURCE_ERRNOS
+    text = str(exc)
+    return any(t in text for t in _RESOURCE_TEXTS)
+
+
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
@@ -200,7 +217,7 @@ class LMDBTier:
         except lmdb.Error as exc:
             raise self._damaged(exc) from None
         except OSError as exc:
-            raise self._storage_error("open", exc) from exc
+            raise self._open_failed(exc) from exc
         try:
             self._fd = os.open(self.path / _DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
             self._psize = int(self._env.stat()["psize"])
@@ -215,7 +232,7 @@ class LMDBTier:
             raise self._damaged(exc) from None
         except OSError as exc:
             self._close_files()
-            raise self._storage_error("open", exc) from exc
+            raise self._open_failed(exc) from exc
         except InvalidConfig:
             self._close_files()
             raise
@@ -241,7 +258,23 @@ class LMDBTier:
                 txn.put(b"readable_by", str(READABLE_BY).encode(), db=marker)
                 txn.put(b"written_by", f"kvstore {__version__}".encode(), db=marker)
 
-    def _damaged(self, exc: BaseException) -> StorageError:
+    def _open_failed(self, exc: OSError) -> StorageError | InvalidConfig:
+        if _is_resource_error(exc):
+            return self._limited(exc)
+        return self._storage_error("open", exc)
+
+    def _limited(self, exc: BaseException) -> InvalidConfig:
+        """Not damage: a limit of this process or of the disk. (Called damage,
+        l2.recover moved a sound L2 aside and its blocks were gone at the next
+        start; InvalidConfig is never moved aside.)"""
+        return InvalidConfig(
+            f"L2 at {self.path} cannot be opened: {exc} -- a limit of this process or its "
+            "disk, not damage (raise the open-file or memory limit, or free the disk, and "
+            "start again)")
+
+    def _damaged(self, exc: BaseException) -> StorageError | InvalidConfig:
+        if _is_resource_error(exc):
+            return self._limited(exc)
         return StorageError(
             f"L2 data file {self.path / _DATA_FILE} is damaged ({type(exc).__name__}: {exc}); "
             f"set l2.recover (--l2-recover true) to move {self.path} aside to "
