@@ -242,7 +242,8 @@ class WriteBack(Part):
             if self.disk_capacity is None:
                 log.warning("L2's disk is full: L2 is held below the %d bytes it holds (not "
                             "l2.capacity) until the disk has room", index.l2_bytes)
-            self.disk_capacity = min(room, self.disk_capacity or room)
+            self.disk_capacity = room if self.disk_capacity is None else \
+                min(room, self.disk_capacity)
             self.trim()
 
     def paused(self) -> bool:
