@@ -115,7 +115,6 @@ class DataPlaneServer:
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()  # accept loops and connections
         self._connections: set[asyncio.Task[None]] = set()
-        self._servers: list[asyncio.Server] = []
         #: Each open connection's I/O (a graceful stop tells each to close),
         #: and those whose HELLO was answered (the others it just closes).
         self._open: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
@@ -152,12 +151,7 @@ class DataPlaneServer:
         sock.setblocking(False)
         self._sockets.append(sock)
         bound = sock.getsockname()[1]
-        if self.tls is not None:
-            server = await asyncio.start_server(self._serve_tls, sock=sock, ssl=self.tls,
-                                                ssl_handshake_timeout=self.timeout)
-            self._servers.append(server)
-        else:
-            self._spawn(self._accept(loop, sock, tcp=True))
+        self._spawn(self._accept(loop, sock, tcp=True))
         return f"{host}:{bound}"
 
     def _listen_unix(self, loop: asyncio.AbstractEventLoop, path: str) -> str:
@@ -219,6 +213,12 @@ class DataPlaneServer:
                 continue
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tcp and self.tls is not None:
+                # Counted from accept like the others: connections that never
+                # finish their handshake were not, and a burst of them each held
+                # a descriptor for the handshake's timeout, past any limit.
+                self._spawn(self._serve_tls(loop, sock), connection=True)
+                continue
             self._spawn(self._serve(SocketIO(sock, self.timeout, HELLO_BUFFER_BYTES)),
                         connection=True)
 
@@ -233,24 +233,22 @@ class DataPlaneServer:
         self.stats.refused += 1
         return True
 
-    async def _serve_tls(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
-        if self._flooded():
-            writer.close()
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.current_task()
-        if task is not None:
-            self._track(task, connection=True)
+    async def _serve_tls(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """One TLS connection: its handshake (within the data plane's timeout),
+        then its session, as a plaintext one's."""
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
-            await self._serve(StreamIO(reader, writer, self.timeout))
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.tls, ssl_handshake_timeout=self.timeout)
         except asyncio.CancelledError:
-            # Only this server cancels (a stop past its grace, a SIGHUP's
-            # reload): ended quietly, since asyncio's start_server callback
-            # logs a cancelled connection task as an ERROR with a traceback.
-            pass
+            sock.close()
+            raise
+        except Exception:  # a failed or timed-out handshake: nothing to serve
+            sock.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._serve(StreamIO(reader, writer, self.timeout))
 
     async def drain(self, grace: float) -> None:
         """A graceful stop's first half: accept no more connections, close
@@ -278,8 +276,6 @@ class DataPlaneServer:
         first (they unregister their sockets from the selector), then the
         listening sockets closed."""
         self._draining = True
-        for server in self._servers:
-            server.close()
         for task in tasks:
             task.cancel()
         for task in tasks:

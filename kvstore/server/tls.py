@@ -42,6 +42,14 @@ log = logging.getLogger("kvstore.server")
 
 #: The files are looked at (three ``stat`` calls) at most this often.
 CHECK_EVERY_S = 1.0
+#: Files that fail to load are reported (a WARNING, the failures counter) once
+#: they have stayed so this long: a renewal copying the key, then the
+#: certificate, fails in between.
+SETTLE_S = 2.0
+
+
+class NotYetValid(ValueError):
+    """A certificate whose start is still to come: TLS clients refuse it."""
 
 #: One file's identity and version: (device, inode, size, mtime in ns);
 #: None when it cannot be stat'ed (being replaced, or gone).
@@ -113,11 +121,20 @@ def _certificate_info(path: str) -> tuple[float, float, str]:
 
 
 def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
-                  now: float) -> Material:
+                  now: float, future_ok: bool = False) -> Material:
     """Check ``cert``/``key``/``client_ca`` as a whole and build the data
-    plane's context from them; ValueError says what is wrong."""
+    plane's context from them; ValueError says what is wrong (NotYetValid:
+    a certificate not valid yet, unless ``future_ok``)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     same_checks_as_grpc(context)  # (client certificates: as the gRPC listener checks them)
+    # Every connection a full handshake, checked against the client CA in
+    # force: a session resumed from before a CA was removed skipped that check
+    # (the listener's context keeps its session cache and ticket keys across
+    # the switch below). TLS 1.3 without tickets resumes nothing; TLS 1.2
+    # would still resume by session id.
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     with _pem_path(cert) as path:
         try:
             not_after, not_before, subject = _certificate_info(path)
@@ -140,6 +157,9 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
         context.verify_mode = ssl.CERT_REQUIRED
     if now > not_after:
         raise ValueError(f"the certificate expired on {_date(not_after)}")
+    if now < not_before and not future_ok:
+        raise NotYetValid(f"the certificate is not valid before {_date(not_before)} (taken "
+                          "then, if the files are still these)")
     return Material(cert, key, client_ca, not_after, not_before, subject, context)
 
 
@@ -159,8 +179,8 @@ class ServerTLS:
         self._wall = wall
         self._lock = threading.Lock()  # gRPC's handshakes call in from its own threads
         stamps = self._stamps()
-        try:
-            self.material = self._read(wall())
+        try:  # (one not valid yet is taken at start: preflight warns; nothing else to serve)
+            self.material = self._read(wall(), future_ok=True)
         except (OSError, ValueError) as exc:
             raise InvalidConfig(f"server.tls_cert {cert}: {exc}") from None
         self._stamps_seen = stamps
@@ -168,8 +188,14 @@ class ServerTLS:
         #: Bumped at each swap; gRPC's fetcher hands each generation over once.
         self.generation = 0
         self._grpc_generation = 0
-        #: The stamps of files that failed to load (warned once per change).
+        #: The stamps of files that failed to load, since when, why, whether
+        #: reported (once per change, after SETTLE_S), and whether to read
+        #: them again all the same (a certificate not valid yet becomes valid).
         self._failed: tuple[Stamp, ...] | None = None
+        self._failed_at = 0.0
+        self._failure = ""
+        self._reported = False
+        self._retry_failed = False
         self.reloads = 0
         self.failures = 0
         # The listener's context stays the one asyncio was given; each
@@ -185,12 +211,12 @@ class ServerTLS:
     def _stamps(self) -> tuple[Stamp, ...]:
         return tuple(_stamp(p) if p else None for p in self.paths)
 
-    def _read(self, now: float) -> Material:
+    def _read(self, now: float, future_ok: bool = False) -> Material:
         cert_path, key_path, ca_path = self.paths
         cert = Path(cert_path).read_bytes()
         key = Path(key_path).read_bytes()
         ca = Path(ca_path).read_bytes() if ca_path else None
-        return load_material(cert, key, ca, now)
+        return load_material(cert, key, ca, now, future_ok)
 
     # -- checking ----------------------------------------------------------------------
 
@@ -206,41 +232,50 @@ class ServerTLS:
                 return False
             self._checked_at = now
             before = self._stamps()
-            if not force and (before == self._stamps_seen or before == self._failed):
+            if not force and before == self._stamps_seen:
+                return False
+            if not force and before == self._failed and not self._retry_failed:
+                self._report_failure(now)
                 return False
             try:
                 new = self._read(self._wall())
             except (OSError, ValueError) as exc:
                 if self._stamps() != before:  # written while read: look again next time
                     return False
-                if before != self._failed or force:
-                    if before != self._failed:
-                        self.failures += 1
-                    self._failed = before
-                    log.warning("TLS: server.tls_cert/tls_key/tls_client_ca changed but were "
-                                "not reloaded: %s; new connections still get %s, valid until "
-                                "%s", exc, self._describe(self.material),
-                                _date(self.material.not_after))
+                if before != self._failed:
+                    self._failed, self._failed_at, self._reported = before, now, False
+                self._failure = str(exc)
+                self._retry_failed = isinstance(exc, NotYetValid)
+                self._report_failure(now, force)
                 return False
             if self._stamps() != before:  # written while read: take it next time
                 return False
             self._stamps_seen = before
-            self._failed = None
+            self._failed, self._retry_failed = None, False
             if new.same_files(self.material):
                 if force:
                     log.info("TLS: the certificate files are unchanged (%s, valid until %s)",
                              self._describe(new), _date(new.not_after))
                 return False
-            if new.not_before > self._wall():
-                log.warning("TLS: the new certificate %s is not valid before %s: TLS clients "
-                            "refuse it until then (is the clock right?)",
-                            self._describe(new), _date(new.not_before))
             self.material = new
             self.generation += 1
             self.reloads += 1
         log.info("TLS: reloaded the certificate files: new connections get %s, valid until %s",
                  self._describe(new), _date(new.not_after))
         return True
+
+    def _report_failure(self, now: float, at_once: bool = False) -> None:
+        """One WARNING (and one count) per change of files that do not load,
+        once they have failed for SETTLE_S (at once for a SIGHUP)."""
+        if not at_once and (self._reported or now - self._failed_at < SETTLE_S):
+            return
+        if not self._reported:
+            self.failures += 1
+        self._reported = True
+        log.warning("TLS: server.tls_cert/tls_key/tls_client_ca changed but were not "
+                    "reloaded: %s; new connections still get %s, valid until %s",
+                    self._failure, self._describe(self.material),
+                    _date(self.material.not_after))
 
     @staticmethod
     def _describe(m: Material) -> str:

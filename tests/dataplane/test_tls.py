@@ -4,6 +4,7 @@ certificate, key and client CA; the unix socket stays plaintext."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -133,3 +134,26 @@ def test_a_graceful_stop_finishes_tls_answers_and_logs_no_error(
     assert time.monotonic() - started < 20  # not the grace: nothing was left
     log = srv.log()
     assert " ERROR " not in log and "Traceback" not in log, log
+
+
+def test_connections_that_never_finish_their_handshake_are_held_to_the_limit(
+        server_factory: type[ServerProcess], certs: Path) -> None:
+    """The TLS listener counts from accept too: connections that never send a
+    ClientHello each held a descriptor for the handshake's timeout, past any
+    limit (900 kept open with a limit of 2)."""
+    srv = server_factory("--server-tls-cert", str(certs / "server.pem"),
+                         "--server-tls-key", str(certs / "server.key"),
+                         "--server-data-plane-max-connections", "2").start()
+    creds = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+    host, _, port = _open_data_plane(srv.tcp, creds).tcp_address.rpartition(":")
+    burst = [socket.create_connection((host, int(port)), timeout=20) for _ in range(60)]
+    deadline = time.monotonic() + 3.0
+    pending = set(burst)
+    while pending and time.monotonic() < deadline:
+        readable, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
+        for sock in readable:
+            assert sock.recv(1) == b""  # closed unread
+            pending.discard(sock)
+    assert len(pending) <= 4, f"{len(pending)} of 60 connections left open (limit 2)"
+    for sock in burst:
+        sock.close()

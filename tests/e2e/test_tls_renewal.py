@@ -5,6 +5,7 @@ connections. Real server, real handshakes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,21 +53,45 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 20.0) 
         time.sleep(0.05)  # a bounded poll, not synchronisation by sleep
 
 
+_CONTEXTS: dict[tuple[Path, tuple[Path, Path] | None, bool], ssl.SSLContext] = {}
+
+
+def client_context(ca: Path, client: tuple[Path, Path] | None, alpn: bool) -> ssl.SSLContext:
+    """One context per kind of client (a session is resumed only from its own)."""
+    ctx = _CONTEXTS.get((ca, client, alpn))
+    if ctx is None:
+        ctx = _CONTEXTS[(ca, client, alpn)] = ssl.create_default_context(cafile=str(ca))
+        same_checks_as_grpc(ctx)
+        ctx.check_hostname = False
+        if client is not None:
+            ctx.load_cert_chain(str(client[0]), str(client[1]))
+        if alpn:
+            ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def tls_session(address: str, ca: Path, client: tuple[Path, Path]) -> ssl.SSLSession | None:
+    """A session to resume later (read once, so that tickets, if any, arrive)."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock, \
+            client_context(ca, client, False).wrap_socket(sock) as tls:
+        tls.settimeout(0.3)
+        with contextlib.suppress(TimeoutError, ssl.SSLError, OSError):
+            tls.recv(1)
+        return tls.session
+
+
 def served_cn(address: str, ca: Path, client: tuple[Path, Path] | None = None,
-              alpn: bool = False) -> str:
+              alpn: bool = False, session: ssl.SSLSession | None = None) -> str:
     """The subject CN of the certificate a new TLS connection to ``address``
     gets (checked against ``ca``); "refused" when the server ends the handshake."""
     host, _, port = address.rpartition(":")
-    ctx = ssl.create_default_context(cafile=str(ca))
-    same_checks_as_grpc(ctx)
-    ctx.check_hostname = False
-    if client is not None:
-        ctx.load_cert_chain(str(client[0]), str(client[1]))
-    if alpn:
-        ctx.set_alpn_protocols(["h2"])
+    ctx = client_context(ca, client, alpn)
+    if session is not None:  # resumed from the context that made it
+        ctx = next(c for (a, cl, al), c in _CONTEXTS.items() if a == ca and not al and cl)
     try:
         with socket.create_connection((host, int(port)), timeout=10) as sock, \
-                ctx.wrap_socket(sock) as tls:
+                ctx.wrap_socket(sock, session=session) as tls:
             cert = tls.getpeercert()
             # TLS 1.3 reports a refused client certificate only at the next read.
             tls.settimeout(0.2)
@@ -161,11 +186,15 @@ def test_a_rotated_client_ca_applies_to_new_connections(
     engine_2 = (pki / "engine-2.pem", pki / "engine-2.key")
     assert served_cn(dp_at, ca, engine_1) == "server-1"
     assert served_cn(dp_at, ca, engine_2) == "refused"
+    session = tls_session(dp_at, ca, engine_1)
     install(pki / "ca-2.pem", client_ca)  # engine-1's CA is no longer trusted
     os.kill(server.pid, signal.SIGHUP)
     wait_until(lambda: "reloaded the certificate files" in server.log(), "reload line")
     assert served_cn(dp_at, ca, engine_2) == "server-1"
     assert served_cn(dp_at, ca, engine_1) == "refused"
+    # Nor may engine-1 resume a session from before (resumption skips the
+    # check of its certificate: it was let in with no certificate at all).
+    assert served_cn(dp_at, ca, None, session=session) == "refused"
     assert served_cn(grpc_at, ca, engine_2, alpn=True) == "server-1"
     assert served_cn(grpc_at, ca, engine_1, alpn=True) == "refused"
     tls = TLS(ca=str(ca), cert=str(engine_1[0]), key=str(engine_1[1]))
