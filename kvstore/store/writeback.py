@@ -238,7 +238,10 @@ class WriteBack(Part):
         if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
             index.set_dirty(entry, True, block)
         if full:
-            room = max(0, index.l2_bytes - 2 * entry.size)
+            # Large blocks need runs of free pages in LMDB's file (overflow
+            # pages): free a twentieth of L2 at least, not just the block's
+            # size (freeing twice the size left 118 of 200 Puts refused).
+            room = max(0, index.l2_bytes - max(4 * entry.size, index.l2_bytes // 20))
             if self.disk_capacity is None:
                 log.warning("L2's disk is full: L2 is held below the %d bytes it holds (not "
                             "l2.capacity) until the disk has room", index.l2_bytes)
