@@ -16,6 +16,7 @@ no extra thread or connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,10 @@ import grpc.aio
 from kvstore.client import _convert as conv
 from kvstore.client._base import open_channel
 from kvstore.client._common import MetadataPairs
+from kvstore.errors import ConnectionFailed
+
+#: How often a Put waiting for its answer looks whether close() ended the loop.
+_CLOSE_POLL_S = 0.25
 
 
 class AioPutter:
@@ -65,18 +70,39 @@ class AioPutter:
 
     def put(self, messages: Iterator[bytes], timeout: float | None,
             metadata: MetadataPairs | None = None) -> tuple[int, int]:
-        """Send one Put stream; raises grpc.RpcError as the sync call would."""
+        """Send one Put stream; raises grpc.RpcError as the sync call would,
+        and ConnectionFailed when :meth:`close` ends the loop under it."""
         loop = self._running_loop()
-        fut = asyncio.run_coroutine_threadsafe(self._put(messages, timeout, metadata), loop)
         try:
-            result: tuple[int, int] = fut.result()
+            fut = asyncio.run_coroutine_threadsafe(self._put(messages, timeout, metadata), loop)
+        except RuntimeError:  # the loop closed between the two: close() came
+            raise self._closed_in_flight() from None
+        try:
+            while True:
+                try:
+                    result: tuple[int, int] = fut.result(timeout=_CLOSE_POLL_S)
+                    return result
+                except concurrent.futures.TimeoutError:
+                    # A Put scheduled as close() stopped the loop never runs:
+                    # waiting on it without end hung the caller's thread.
+                    if self._closed and not loop.is_running():
+                        raise self._closed_in_flight() from None
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise self._closed_in_flight() from None
+            raise
         except BaseException:
             fut.cancel()  # e.g. KeyboardInterrupt: cancels the call too
             raise
-        return result
+
+    def _closed_in_flight(self) -> ConnectionFailed:
+        return ConnectionFailed(f"kvstore client for {self._target} was closed while the "
+                                "call was in flight")
 
     async def _put(self, messages: Iterator[bytes], timeout: float | None,
                    metadata: MetadataPairs | None) -> tuple[int, int]:
+        if self._closed:  # (scheduled as close() ran: no new channel on a loop ending)
+            raise self._closed_in_flight()
         if self._rpc is None:
             self._channel = open_channel(grpc.aio, self._target, self._options,
                                          self._credentials)
