@@ -18,9 +18,9 @@ the block waits for that read instead of starting its own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 from kvstore.checksum import checksum
@@ -145,6 +145,8 @@ class Reads(Part):
         self._hot = index.blocks.get
         self._arena = self.l1.arena.view
         self._loading = index.loading
+        #: Until then a promotion does not wait for L1 room (monotonic s).
+        self._no_room_until = 0.0
         self._unpin = index.unpin_reader
         self._c1 = self.stats.counters[TierName.L1]
         self._c2 = self.stats.counters[TierName.L2]
@@ -232,11 +234,19 @@ class Reads(Part):
             loading.set_result(None)
 
     async def _reserve_if_admitted(self, block: BlockId, size: int) -> int:
-        """An L1 extent for a promotion the policy admits, or -1."""
-        if self.policy.admit(TierName.L1, block, size, self.clock()):
-            with contextlib.suppress(CapacityExhausted):
-                return await self.placement.reserve(size, PROMOTE_ROOM_WAIT_SECONDS, block[0])
-        return -1
+        """An L1 extent for a promotion the policy admits, or -1. After a
+        promotion found no room within its wait, those of the next such wait
+        take only what is free at once: each read of a many-block Get whose
+        own earlier blocks (or leases) fill L1 waited a second of its own."""
+        if not self.policy.admit(TierName.L1, block, size, self.clock()):
+            return -1
+        if time.monotonic() < self._no_room_until:
+            return self.placement.reserve_now(size, block[0])
+        try:
+            return await self.placement.reserve(size, PROMOTE_ROOM_WAIT_SECONDS, block[0])
+        except CapacityExhausted:
+            self._no_room_until = time.monotonic() + PROMOTE_ROOM_WAIT_SECONDS
+            return -1
 
     def _promoted(self, block: BlockId, entry: Entry, offset: int, tier: TierName,
                   session: str | None) -> BlockReader:

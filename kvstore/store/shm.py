@@ -653,16 +653,21 @@ class SharedMemoryBroker:
         held = 0  # L1 bytes (whole pages) this call's leases pin
         limit = self.store.l1.capacity
         extent = self.store.l1.extent
+        no_room = False  # a block of this call found no L1 room: the later ones neither
         try:
             for key in keys:
                 entry_now = self.store.index.entry((namespace, key))
                 if entry_now is not None and entry_now.l1_offset < 0 and \
-                        held + extent(entry_now.size) > limit:
-                    # Bringing it into L1 would wait for room that only this call's
-                    # own leases hold: refuse the call now rather than after the waits.
-                    raise CapacityExhausted(
-                        f"ShmAcquire of {len(keys)} blocks would lease more than all of "
-                        f"L1 ({limit} bytes) at once: ask for fewer blocks per call")
+                        (entry_now.l2 or entry_now.l3) and \
+                        (no_room or held + extent(entry_now.size) > limit):
+                    # No L1 room for it: it would wait (a second) for room this
+                    # call's own leases hold, or could never fit beside them.
+                    # Found and not leased: the client reads it the way that
+                    # holds no lease. (One ShmClient.get of 20 x 4 MiB with 64
+                    # MiB of L1 was refused, then waited out its timeout.)
+                    no_room = True
+                    out.append(Unleased(TierName.L2 if entry_now.l2 else TierName.L3))
+                    continue
                 reader = await self.store.open_read((namespace, key), session)
                 if reader is None:
                     out.append(None)
@@ -673,6 +678,7 @@ class SharedMemoryBroker:
                     # shareable, but there (a miss made engines recompute it).
                     out.append(Unleased(reader.tier))
                     reader.close()
+                    no_room = True
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
                 # Not reaped while the call still waits for later keys: the
