@@ -31,6 +31,31 @@ from dataclasses import dataclass
 MiB = 1024 * 1024
 
 
+class StockBudget:
+    """The L1 bytes all of one client's stocks may hold together: a stock per
+    data-plane connection, and a client shared by n threads has n of them
+    (64 threads held 512 MiB of L1 this way, every other client starved)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def room(self) -> int:
+        return self.max_bytes - self.held
+
+    def claim(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > self.max_bytes:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
 @dataclass(slots=True)
 class StockSlot:
     """An anonymous slot in stock (as ShmSlot gave it)."""
@@ -46,9 +71,12 @@ class SlotStock:
     """Anonymous slots for the next Puts, per (namespace, size). See the
     module's docstring."""
 
-    def __init__(self, max_per_size: int = 4, max_bytes: int = 8 * MiB) -> None:
+    def __init__(self, max_per_size: int = 4, max_bytes: int = 8 * MiB,
+                 budget: StockBudget | None = None) -> None:
         self.max_per_size = max_per_size
         self.max_bytes = max_bytes
+        #: Shared with the client's other stocks (None: this one's bounds only).
+        self.budget = budget
         self._lock = threading.Lock()
         self._slots: dict[tuple[str, int], list[StockSlot]] = {}
         # Ids to abandon with the next commit in their namespace (stale or
@@ -63,13 +91,21 @@ class SlotStock:
             for size in sizes:
                 held = self._slots.get((namespace, size))
                 if held and held[0].deadline <= now:
-                    self._abandon.setdefault(namespace, []).extend(
-                        s.slot_id for s in held if s.deadline <= now)
+                    stale = [s for s in held if s.deadline <= now]
+                    self._abandon.setdefault(namespace, []).extend(s.slot_id for s in stale)
+                    self._give(sum(s.size for s in stale))
                     held[:] = [s for s in held if s.deadline > now]
                 # The oldest first: each slot is used as soon after its
                 # reservation as it can be.
-                out.append(held.pop(0) if held else None)
+                slot = held.pop(0) if held else None
+                if slot is not None:
+                    self._give(slot.size)
+                out.append(slot)
         return out
+
+    def _give(self, nbytes: int) -> None:
+        if self.budget is not None and nbytes:
+            self.budget.give(nbytes)
 
     def wanted(self, namespace: str, sizes: Sequence[int]) -> list[int]:
         """Sizes to ask the next commit to reserve (``reserve_next``): none of
@@ -82,6 +118,7 @@ class SlotStock:
         asked: list[int] = []
         with self._lock:
             held_bytes = -1  # counted only when something is asked (most Puts ask nothing)
+            room = 0
             counts = ((sizes[0], 1),) if len(sizes) == 1 else Counter(sizes).items()
             for size, count in counts:
                 have = len(self._slots.get((namespace, size), ()))
@@ -89,9 +126,11 @@ class SlotStock:
                     continue
                 if held_bytes < 0:
                     held_bytes = self._held_bytes()
+                    room = self.budget.room() if self.budget is not None else self.max_bytes
                 for _ in range(self.max_per_size - have):
-                    if held_bytes + size > self.max_bytes:
+                    if held_bytes + size > self.max_bytes or size > room:
                         break
+                    room -= size
                     held_bytes += size
                     asked.append(size)
         return asked
@@ -103,7 +142,8 @@ class SlotStock:
             held_bytes = self._held_bytes()
             for slot_id, offset, size in slots:
                 held = self._slots.setdefault((namespace, size), [])
-                if len(held) >= self.max_per_size or held_bytes + size > self.max_bytes:
+                if len(held) >= self.max_per_size or held_bytes + size > self.max_bytes or \
+                        (self.budget is not None and not self.budget.claim(size)):
                     self._abandon.setdefault(namespace, []).append(slot_id)
                     continue
                 held_bytes += size
@@ -128,8 +168,14 @@ class SlotStock:
             self._abandon = {}
             for (ns, _), held in self._slots.items():
                 out.setdefault(ns, []).extend(s.slot_id for s in held)
+                self._give(sum(s.size for s in held))
             self._slots.clear()
         return {ns: ids for ns, ids in out.items() if ids}
+
+    def __del__(self) -> None:
+        # A session dropped with slots in stock (its connection broke: the
+        # server takes them back): its share of the budget goes back too.
+        self._give(sum(s.size for held in self._slots.values() for s in held))
 
     def _held_bytes(self) -> int:
         return sum(s.size for held in self._slots.values() for s in held)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from kvstore._impl import copy_and_checksum
-from kvstore.client._shmstock import SlotStock, StockSlot
+from kvstore.client._shmstock import SlotStock, StockBudget, StockSlot
 from kvstore.client.dataplane import Connection, DataPlane
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_SHM_NEXT, FLAG_SHM_VOUCHED, Op
@@ -70,6 +70,9 @@ class _Lease(NamedTuple):
 
 
 _MISS = _Lease(False, 0, 0, 0, 0, 0)
+#: L1 bytes the slot stocks of one ShmClient's data-plane sessions hold
+#: together (each session's stock: 8 MiB at most).
+STOCK_BUDGET_BYTES = 16 * 1024 * 1024
 
 
 class _Acquired(NamedTuple):
@@ -228,12 +231,16 @@ class ShmFrames:
         self.margin = margin  # seconds of a reservation kept in hand (as ShmClient's)
         self._sessions: weakref.WeakKeyDictionary[Connection, _SessionShm] = \
             weakref.WeakKeyDictionary()
+        #: What all sessions' stocks hold together (one session's stock alone
+        #: is 8 MiB at most: the first sessions of a client shared by many
+        #: threads keep theirs, the others Put without stock).
+        self._budget = StockBudget(STOCK_BUDGET_BYTES)
 
     def _session(self, conn: Connection) -> _SessionShm:
         state = self._sessions.get(conn)
         if state is None:
             state = self._sessions[conn] = _SessionShm(
-                SlotStock(max_per_size=8) if self.use_stock else None)
+                SlotStock(max_per_size=8, budget=self._budget) if self.use_stock else None)
         return state
 
     def stocked(self) -> int:

@@ -429,6 +429,35 @@ def test_a_get_of_more_blocks_than_l1_holds_does_not_wait_for_each_one(
         assert time.monotonic() - started < 4
 
 
+def test_a_client_shared_by_many_threads_holds_a_bounded_slot_stock(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each data-plane connection kept up to 8 MiB of reserved L1 in stock, and a
+    ShmClient shared by n threads has n connections: 64 threads held 512 MiB of
+    L1, and every client's Puts failed. All its stocks now share 16 MiB."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-stock"
+    server = server_factory("--l1-shm-path", path, l1_capacity="256MiB")
+    with server, ShmClient(server.unix_target, namespace="stock", timeout=20) as c:
+        barrier = threading.Barrier(16)
+        errors: list[BaseException] = []
+
+        def put_some(i: int) -> None:
+            barrier.wait(10)
+            try:
+                for n in range(12):
+                    c.put({f"t{i}-{n}".encode(): block(i, MiB)})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=put_some, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        assert c.stocked_slots() <= 16  # 1 MiB slots: 16 MiB in all
+        assert c.get([b"t3-11"]) == [block(3, MiB)]
+
+
 def test_after_a_graceful_restart_a_client_never_reads_the_old_arena(
         server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A server stopped gracefully removes its arena file and the next one makes a new
