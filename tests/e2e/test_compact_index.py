@@ -96,7 +96,7 @@ def test_restart_with_a_smaller_l2_evicts_in_batches_and_keeps_serving(server_fa
     server.flags += ["--l2-capacity", "1MiB"]
     server.start()
     with Client(server.tcp, namespace="s") as c:
-        c.put({b"trigger": b"t"}, ack="local")  # the first write trims L2
+        c.put({b"trigger": b"t"}, ack="local")  # (trimmed from the start; Puts go on)
         deadline = time.monotonic() + 30
         while _stats(c, TierName.L2).bytes > 1024 * KiB:  # calls answered meanwhile
             assert time.monotonic() < deadline, "L2 not trimmed within 30 s"
