@@ -28,7 +28,7 @@ import grpc.aio
 from kvstore.client import _convert as conv
 from kvstore.client._base import open_channel
 from kvstore.client._common import MetadataPairs
-from kvstore.errors import ConnectionFailed
+from kvstore.client._errors import closed_in_flight
 
 #: How often a Put waiting for its answer looks whether close() ended the loop.
 _CLOSE_POLL_S = 0.25
@@ -76,7 +76,7 @@ class AioPutter:
         try:
             fut = asyncio.run_coroutine_threadsafe(self._put(messages, timeout, metadata), loop)
         except RuntimeError:  # the loop closed between the two: close() came
-            raise self._closed_in_flight() from None
+            raise closed_in_flight(self._target) from None
         try:
             while True:
                 try:
@@ -86,23 +86,19 @@ class AioPutter:
                     # A Put scheduled as close() stopped the loop never runs:
                     # waiting on it without end hung the caller's thread.
                     if self._closed and not loop.is_running():
-                        raise self._closed_in_flight() from None
+                        raise closed_in_flight(self._target) from None
         except concurrent.futures.CancelledError:
             if self._closed:
-                raise self._closed_in_flight() from None
+                raise closed_in_flight(self._target) from None
             raise
         except BaseException:
             fut.cancel()  # e.g. KeyboardInterrupt: cancels the call too
             raise
 
-    def _closed_in_flight(self) -> ConnectionFailed:
-        return ConnectionFailed(f"kvstore client for {self._target} was closed while the "
-                                "call was in flight")
-
     async def _put(self, messages: Iterator[bytes], timeout: float | None,
                    metadata: MetadataPairs | None) -> tuple[int, int]:
         if self._closed:  # (scheduled as close() ran: no new channel on a loop ending)
-            raise self._closed_in_flight()
+            raise closed_in_flight(self._target)
         if self._rpc is None:
             self._channel = open_channel(grpc.aio, self._target, self._options,
                                          self._credentials)

@@ -27,6 +27,14 @@ class ProtocolError(KVStoreError):
     """The server's reply does not follow the kvstore.v1 contract."""
 
 
+def closed_in_flight(target: str) -> ConnectionFailed:
+    """What a call gets when the client's ``close()`` comes while it is in
+    flight (over gRPC or the data plane, its session open or opening; the
+    sync client's gRPC Puts too)."""
+    return ConnectionFailed(f"kvstore client for {target} was closed while the call was "
+                            "in flight")
+
+
 def _metadata_value(metadata: Any, key: str) -> str | None:
     if not metadata:
         return None

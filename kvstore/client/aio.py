@@ -33,8 +33,8 @@ from kvstore.client._common import (
     resolve_namespace,
     small_request_suffix,
 )
-from kvstore.client._errors import error_from_rpc
-from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane, closed_in_flight
+from kvstore.client._errors import closed_in_flight, error_from_rpc
+from kvstore.client.aio_dataplane import AioConnection, AsyncDataPlane
 from kvstore.client.dataplane import data_plane_mode
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import Op

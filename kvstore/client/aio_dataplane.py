@@ -54,7 +54,7 @@ import grpc
 
 from kvstore.client._convert import DataPlaneOffer
 from kvstore.client._dproute import NoRoute, Route, choose_route
-from kvstore.client._errors import error_from_frame, error_from_rpc
+from kvstore.client._errors import closed_in_flight, error_from_frame, error_from_rpc
 from kvstore.client.dataplane import (
     RETRY_S,
     Dropped,
@@ -469,13 +469,6 @@ class AioConnection:
 
 class ProtocolViolation(Exception):
     """A frame the protocol does not allow here."""
-
-
-def closed_in_flight(target: str) -> ConnectionFailed:
-    """What a call gets when :meth:`AsyncClient.close` comes while it is in
-    flight (over gRPC or the data plane, its session open or opening)."""
-    return ConnectionFailed(f"kvstore client for {target} was closed while the call was "
-                            "in flight")
 
 
 def _deadline(message: str) -> DeadlineExceeded:

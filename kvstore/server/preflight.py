@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kvstore.config import Config, split_host_port
 from kvstore.errors import InvalidConfig
+from kvstore.server.tls import certificate_info, utc_text
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 
 log = logging.getLogger("kvstore.server")
@@ -200,22 +201,17 @@ def check_validity(path: str, now: float | None = None) -> None:
     handshake would fail (CERTIFICATE_VERIFY_FAILED, said on the client side
     only) while the server reported itself healthy. One not valid yet is
     logged (a clock set wrong, or a certificate made for later)."""
-    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
-    if decode is None:  # CPython's own; without it the dates are not checked
-        return
     try:
-        info = decode(path)
-        not_before = ssl.cert_time_to_seconds(info["notBefore"])
-        not_after = ssl.cert_time_to_seconds(info["notAfter"])
+        not_after, not_before, _ = certificate_info(path)
     except (ssl.SSLError, OSError, KeyError, ValueError):
         return  # (the loads above have said what is wrong with the file)
     now = time.time() if now is None else now
     if now > not_after:
-        raise InvalidConfig(f"server.tls_cert {path} expired on {info['notAfter']}: TLS "
+        raise InvalidConfig(f"server.tls_cert {path} expired on {utc_text(not_after)}: TLS "
                             "clients would refuse every connection; renew it")
     if now < not_before:
         log.warning("server.tls_cert %s is not valid before %s: TLS clients refuse it until "
-                    "then (is the clock right?)", path, info["notBefore"])
+                    "then (is the clock right?)", path, utc_text(not_before))
 
 
 def _load_certificates(context: ssl.SSLContext, option: str, path: str) -> None:

@@ -108,8 +108,9 @@ def _pem_path(data: bytes) -> Iterator[str]:
         os.unlink(path)
 
 
-def _certificate_info(path: str) -> tuple[float, float, str]:
-    """(not_after, not_before, subject CN) of the first certificate in ``path``."""
+def certificate_info(path: str) -> tuple[float, float, str]:
+    """(not_after, not_before, subject CN) of the first certificate in ``path``
+    (also preflight's, for its start-up checks)."""
     decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
     if decode is None:  # CPython's own; without it the dates are not known
         return float("inf"), 0.0, ""
@@ -137,7 +138,7 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
     context.options |= ssl.OP_NO_TICKET
     with _pem_path(cert) as path:
         try:
-            not_after, not_before, subject = _certificate_info(path)
+            not_after, not_before, subject = certificate_info(path)
         except (ssl.SSLError, OSError, KeyError, ValueError):
             raise ValueError("the certificate is not a PEM certificate") from None
     with _pem_path(cert + b"\n" + key) as path:
@@ -156,14 +157,14 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
             raise ValueError(f"the client CA bundle does not parse ({exc})") from None
         context.verify_mode = ssl.CERT_REQUIRED
     if now > not_after:
-        raise ValueError(f"the certificate expired on {_date(not_after)}")
+        raise ValueError(f"the certificate expired on {utc_text(not_after)}")
     if now < not_before and not future_ok:
-        raise NotYetValid(f"the certificate is not valid before {_date(not_before)} (taken "
+        raise NotYetValid(f"the certificate is not valid before {utc_text(not_before)} (taken "
                           "then, if the files are still these)")
     return Material(cert, key, client_ca, not_after, not_before, subject, context)
 
 
-def _date(t: float) -> str:
+def utc_text(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
@@ -255,13 +256,13 @@ class ServerTLS:
             if new.same_files(self.material):
                 if force:
                     log.info("TLS: the certificate files are unchanged (%s, valid until %s)",
-                             self._describe(new), _date(new.not_after))
+                             self._describe(new), utc_text(new.not_after))
                 return False
             self.material = new
             self.generation += 1
             self.reloads += 1
         log.info("TLS: reloaded the certificate files: new connections get %s, valid until %s",
-                 self._describe(new), _date(new.not_after))
+                 self._describe(new), utc_text(new.not_after))
         return True
 
     def _report_failure(self, now: float, at_once: bool = False) -> None:
@@ -275,7 +276,7 @@ class ServerTLS:
         log.warning("TLS: server.tls_cert/tls_key/tls_client_ca changed but were not "
                     "reloaded: %s; new connections still get %s, valid until %s",
                     self._failure, self._describe(self.material),
-                    _date(self.material.not_after))
+                    utc_text(self.material.not_after))
 
     @staticmethod
     def _describe(m: Material) -> str:
