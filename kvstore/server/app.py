@@ -49,12 +49,24 @@ L3_WATCH_SECONDS = 0.2
 L3_PROBE_SECONDS = 1.0
 
 
+#: Keepalive pings the server accepts from a client (docs/protocol.md, "Client
+#: settings"): one every 0.5 s or slower, with or without calls in flight. gRPC's
+#: server default (one per 5 min while no data is sent, none without a call) ends
+#: the connection with GOAWAY "too_many_pings" after the third early ping, which
+#: cut the idle channels and the open Put and Watch streams of engines that ping
+#: every 10 s (Go, Java, C++ keepalive settings) after 30 s. Half the usual
+#: 1 s floor, so a client pinging every second is not struck for timer jitter.
+MIN_CLIENT_PING_INTERVAL_MS = 500
+
+
 def grpc_options(config: Config) -> list[tuple[str, int]]:
     size = config.server.max_message_bytes
     return [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ]
 
 
