@@ -400,13 +400,16 @@ class TieredStore:
         return deleted
 
     async def _l2_caught_up(self) -> None:
-        """Wait until L2 has committed what was queued so far: a Delete's L2
-        deletes and the records of its L3 deletes. Answered before that, a
-        kill right after the answer brought the blocks back at the restart."""
+        """Wait until L2 has committed what was queued so far, and synced it
+        to disk (even with l2.sync off): a Delete's L2 deletes and the records
+        of its L3 deletes. Answered before the commit, a kill right after the
+        answer brought the blocks back at the restart; before the sync, a
+        power cut did (l2.sync off: from L2, and from L3 where the object's
+        delete had not landed)."""
         if self.l2 is None:
             return
         caught_up, done = writer_settled(asyncio.get_running_loop())
-        self.l2.after_queued(done)
+        self.l2.after_queued(done, durable=True)
         await caught_up
 
     def set_client_time(self, now: float) -> None:

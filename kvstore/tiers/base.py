@@ -153,9 +153,10 @@ class KeyValueTier(Protocol):
         another's since). ``done`` as for :meth:`submit`."""
         ...
 
-    def after_queued(self, done: WriteDone) -> None:
+    def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write submitted before has committed (or
-        failed), without a sync to disk: what a Delete waits for."""
+        failed); with ``durable``, once they are synced to disk too, whatever
+        the tier's own sync setting: what a Delete waits for."""
         ...
 
     def tombstones_sync(self) -> list[tuple[BlockId, int | None]]:

@@ -128,6 +128,7 @@ class _Op:
     size: int
     done: WriteDone
     kind: int = 0  # _BLOCK, _TOMBSTONE or _MARKER
+    durable: bool = False  # a marker: synced to disk before ``done``, whatever l2.sync
 
 
 _BLOCK, _TOMBSTONE, _MARKER = 0, 1, 2
@@ -170,6 +171,7 @@ class LMDBTier:
         self.path = Path(path)
         self.capacity = capacity
         self.batch_bytes = batch_bytes
+        self.sync = sync  # every commit synced (else only flushes, the close, durable markers)
         # Held by the writer around each transaction, and while a short
         # data file is extended (extending never races a commit's writes).
         self._write_lock = threading.Lock()
@@ -397,10 +399,13 @@ class LMDBTier:
             else None
         self._enqueue(_Op(encode_key(block), value, b"", 0, done, _TOMBSTONE))
 
-    def after_queued(self, done: WriteDone) -> None:
+    def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write queued before this call has
-        committed (or failed); no sync to disk, unlike :meth:`flush`."""
-        self._enqueue(_Op(b"", None, b"", 0, done, _MARKER))
+        committed (or failed). ``durable``: and once they are on disk, even
+        without l2.sync (what a Delete waits for: without it, the commit sat
+        in the page cache and a power cut brought the deleted blocks back,
+        from L2 or, its L3 delete records lost with it, from L3)."""
+        self._enqueue(_Op(b"", None, b"", 0, done, _MARKER, durable))
 
     def _enqueue(self, op: _Op) -> None:
         with self._gate:
@@ -475,9 +480,15 @@ class LMDBTier:
             error = self._write_error(exc)
         except Exception as exc:  # a bug: reported as it is
             error = exc
+        synced: BaseException | None = None
+        if error is None and not self.sync and any(op.durable for op in batch):
+            try:
+                self._env.sync(True)
+            except lmdb.Error as exc:
+                synced = self._storage_error("sync", exc)
         for op, was in zip(batch, existed, strict=True):
             try:
-                op.done(error, was)
+                op.done(synced if op.durable and error is None else error, was)
             except Exception:  # a callback must not stop the writer
                 log.exception("L2 write callback failed")
 
