@@ -226,8 +226,10 @@ class L2Config:
                         "drops blocks", parse_size)
     initial_map_size: int = opt(1024**3, "initial LMDB map size (less than 1 MiB counts as "
                                 "1 MiB); the map doubles when full", parse_size)
-    sync: bool = opt(False, "fsync every commit (survives power loss); off still survives a "
-                     "crash or kill of the server process", parse_bool)
+    sync: bool = opt(False, "fsync every commit: local-level Puts survive a power loss; off, "
+                     "they survive a crash or kill of the server process, and a power loss "
+                     "loses what the kernel had not written back and may leave L2 "
+                     "unopenable (Deletes are synced either way)", parse_bool)
     batch_bytes: int = opt(64 * 1024**2, "most bytes the writer thread commits in one "
                            "transaction", parse_size)
     write_queue_bytes: int = opt(256 * 1024**2, "most bytes waiting for the L2 writer; "
