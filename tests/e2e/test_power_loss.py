@@ -101,6 +101,8 @@ class LoopDisk:
             server.kill()
         for cmd in reversed(self.undo):
             subprocess.run(cmd, capture_output=True, timeout=60)
+        for image in self.root.glob("*.img"):  # (sparse, but no use once detached)
+            image.unlink()
 
 
 @pytest.fixture
