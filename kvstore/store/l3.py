@@ -382,7 +382,11 @@ class L3Mover(Part):
             # (an earlier record still on its way to L2 is waited for too)
             recorded = self._recording.get(block)
             if recorded is None and block not in self._tombstoned:
-                recorded = self._record(block, checksum)
+                # A block known only from the listing has no checksum yet: its
+                # record deletes whatever object is under the key, as records
+                # from before checksums did.
+                recorded = self._record(block, None if checksum == UNKNOWN_CHECKSUM
+                                        else checksum)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         spawn(self._delete_tasks, self._delete(block))
         return recorded
@@ -456,6 +460,8 @@ class L3Mover(Part):
         def settled(_: asyncio.Future[BaseException | None]) -> None:
             if self._recording.get(block) is recorded:
                 del self._recording[block]
+            if recorded.cancelled():
+                return  # the server is stopping: the delete is done again after a restart
             error = recorded.result()
             if error is not None:
                 log.error("L3 delete of %s/%s could not be recorded in L2 (%s): a restart "
