@@ -296,19 +296,32 @@ class L3Mover(Part):
             while not self._closing:
                 if not index.is_current(block, entry) or not entry.l2:
                     return
-                data = await self.read_l2(block, entry)
-                if data is None:
-                    return
+                written: bool | None  # None: L3 is unavailable, try again
                 try:
                     async with self._drain:
-                        written = await self._in_order(
-                            block, functools.partial(self.tier.put, block, data, entry.meta()),
-                            functools.partial(index.is_current, block, entry))
+                        # The bytes are read once the upload may start, not when
+                        # it is queued: a backlog waiting for slow L3 (up to
+                        # l3.write_queue_bytes) stays on disk, not in memory.
+                        if not index.is_current(block, entry) or not entry.l2:
+                            return
+                        data = await self.read_l2(block, entry)
+                        if data is None:
+                            return
+                        try:
+                            written = await self._in_order(
+                                block, functools.partial(self.tier.put, block, data,
+                                                         entry.meta()),
+                                functools.partial(index.is_current, block, entry))
+                        finally:
+                            del data
                 except TierUnavailable as exc:
-                    # Keep the L2 copy and try again once the breaker may let us;
-                    # jittered, so that a backlog does not come back as one burst.
                     log.info("demotion of %s waits for L3: %s", block[1].hex()[:16], exc)
-                    del data
+                    written = None
+                if written is None:
+                    # Keep the L2 copy and try again once the breaker may let us;
+                    # jittered, so that a backlog does not come back as one burst
+                    # (slept outside the except: its traceback holds the upload's
+                    # buffers, and a backlog of sleepers would hold them all).
                     await asyncio.sleep(self.retry_s * random.uniform(1.0, 2.0))
                     continue
                 if not written:

