@@ -42,7 +42,7 @@ from kvstore.store.l1check import L1Check
 from kvstore.store.parts import Part, Shared, spawn, writer_settled
 from kvstore.store.stats import HintCounters
 from kvstore.tiers.base import KeyValueTier
-from kvstore.tiers.object import ObjectTier
+from kvstore.tiers.object import ListProgress, ObjectTier
 from kvstore.types import BlockId, TierName, TierStats
 
 log = logging.getLogger("kvstore.l3")
@@ -197,9 +197,10 @@ class L3Mover(Part):
         """List the bucket (no request per object) and index what it holds;
         the server serves meanwhile. Retried while L3 is unavailable."""
         started = time.monotonic()
+        progress = ListProgress()  # a failed page is listed again, not the whole bucket
         while not self._closing:
             try:
-                async for block, size in self.tier.list_blocks(self.namespaces):
+                async for block, size in self.tier.list_blocks(self.namespaces, progress):
                     self.listed += 1
                     if block in self._deleting or block in self._hidden or (
                             self.namespaces and block[0] not in self.namespaces):

@@ -61,6 +61,7 @@ import struct
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +174,15 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:300]}"
+
+
+@dataclass(slots=True)
+class ListProgress:
+    """How far a listing got: the prefixes (namespaces) listed to the end,
+    and the path of the last object listed in the next one."""
+
+    prefixes_done: int = 0
+    after: str | None = None
 
 
 class ObjectTier:
@@ -348,11 +358,13 @@ class ObjectTier:
         size = int(found["size"]) - HEADER_SIZE
         return size if size >= 0 else None
 
-    async def _list_pages(self, prefix: str | None = None) -> AsyncIterator[list[Any]]:
-        """The listing under the tier's prefix (and ``prefix`` within it), a
-        page at a time, each page fetched through the deadline and breaker
-        (not retried: callers list again)."""
-        stream = obstore.list(self._store, prefix, chunk_size=_LIST_PAGE)
+    async def _list_pages(self, prefix: str | None = None,
+                          after: str | None = None) -> AsyncIterator[list[Any]]:
+        """The listing under the tier's prefix (and ``prefix`` within it), from
+        the first path past ``after`` when given, a page at a time, each page
+        fetched through the deadline and breaker (not retried: callers list
+        again, from where they got to)."""
+        stream = obstore.list(self._store, prefix, offset=after, chunk_size=_LIST_PAGE)
 
         async def next_page() -> Any:
             try:
@@ -370,21 +382,32 @@ class ObjectTier:
             yield page
 
     async def list_blocks(
-            self, namespaces: Iterable[str] = ()) -> AsyncIterator[tuple[BlockId, int]]:
+            self, namespaces: Iterable[str] = (),
+            progress: ListProgress | None = None) -> AsyncIterator[tuple[BlockId, int]]:
         """Every block under the prefix with its payload size, from the
         listing alone (no request per object): the fast way to rebuild an
         index, whose checksums then come from each object's header on read.
-        ``namespaces``: only theirs (one listing under each); empty: all."""
+        ``namespaces``: only theirs (one listing under each); empty: all.
+        ``progress``: where an earlier listing that failed got to (it is kept
+        up to date): this one goes on from there rather than from the start
+        (a listing of a large bucket started again at every failed page, and
+        under load might never end)."""
         wanted: list[str | None] = [*sorted(set(namespaces))] or [None]
-        for prefix in wanted:
-            async for page in self._list_pages(prefix):
+        progress = progress if progress is not None else ListProgress()
+        for i, prefix in enumerate(wanted):
+            if i < progress.prefixes_done:
+                continue
+            async for page in self._list_pages(prefix, progress.after):
                 for obj in page:
-                    block = parse_object_path(str(obj["path"]))
+                    path = str(obj["path"])
+                    progress.after = path
+                    block = parse_object_path(path)
                     size = int(obj["size"]) - HEADER_SIZE
                     if block is None or size < 0 or (prefix is not None and block[0] != prefix):
                         self.scan_skipped += 1
                         continue
                     yield block, size
+            progress.prefixes_done, progress.after = i + 1, None
 
     async def delete(self, block: BlockId) -> bool:
         path = object_path(block)
