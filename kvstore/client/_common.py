@@ -93,8 +93,14 @@ def channel_options(chunk_bytes: int, extra: Any) -> list[tuple[str, Any]]:
         # a new Client wait out the old one's backoff.
         "grpc.use_local_subchannel_pool": 1,
         "grpc.initial_reconnect_backoff_ms": 100,
-        "grpc.min_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": 1000,
+        # Despite its name, gRPC core takes this as the time a connection
+        # attempt has to finish its handshake (its minimum connect timeout),
+        # not as a floor under the backoff: set to 100 ms with the backoff, it
+        # abandoned every attempt whose SETTINGS frame came later than the
+        # backoff (a loaded host, a long link), and calls failed for as long.
+        # gRPC's own 20 s; a refused connect still fails at once.
+        "grpc.min_reconnect_backoff_ms": 20_000,
     }
     if extra:
         items = extra.items() if isinstance(extra, Mapping) else extra
