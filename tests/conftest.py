@@ -61,6 +61,8 @@ SLOW = (
     "tests/e2e/test_tls_renewal.py",
     "tests/e2e/test_l2_disk_full.py",
     "tests/e2e/test_power_loss.py",
+    "tests/e2e/test_client_settings.py::test_keepalive_pings_every_second_keep_streams_and_channels",
+    "tests/e2e/test_slow_handshake.py",
     "tests/deploy/test_health_cli.py::test_a_running_kvstore_server_is_serving",
     "tests/deploy/test_health_cli.py::test_not_serving_exits_1",
     "tests/e2e/test_compact_index.py",
