@@ -56,11 +56,6 @@ BEST_EFFORT_MAX = 4096
 CORRUPT_TTL_S = 60.0
 
 
-def _ignore_done(error: BaseException | None, existed: bool) -> None:
-    """A tombstone's removal: if it fails, the delete is done again after a
-    restart (harmless)."""
-
-
 async def _nothing() -> None:
     """The write of a retried delete: _in_order does the delete first."""
 
@@ -119,6 +114,8 @@ class L3Mover(Part):
         self._recorded: dict[BlockId, int] = {}
         # Records on their way to L2 (a second delete of the block waits for them).
         self._recording: dict[BlockId, asyncio.Future[BaseException | None]] = {}
+        # Blocks whose delete record's removal is on its way to L2 (_untombstone)
+        self._unrecording: dict[BlockId, asyncio.Future[BaseException | None]] = {}
         self.delete_wait_s = config.timeout_s * (config.retries + 1)
         self._redo_width = max(1, config.concurrency)
         # Deletes of objects this node never had (a Delete's other keys):
@@ -358,6 +355,15 @@ class L3Mover(Part):
                     await self.tier.delete_if(block, checksum)
                     self._recorded.pop(block, None)
                 self._deleted(block, 0)
+            removing = self._unrecording.get(block) if wanted is not None else None
+            if removing is not None:
+                # An upload right after the block's delete: that delete's
+                # record goes from L2 first. Left there (a kill -9 before the
+                # writer got to its removal), the restart did the delete
+                # again, and deleted this upload's object: a record without
+                # checksum deletes whatever is under the key (187 of 200
+                # objects acknowledged at remote, gone from the bucket).
+                await asyncio.wait([removing])
             if wanted is not None and not wanted():
                 return False
             await write()
@@ -514,7 +520,14 @@ class L3Mover(Part):
         if block in self._tombstoned:
             self._tombstoned.discard(block)
             assert self.tombs is not None
-            self.tombs.submit_tombstone(block, False, _ignore_done)
+            removed, done = writer_settled(asyncio.get_running_loop())
+            self._unrecording[block] = removed
+
+            def settled(_: asyncio.Future[BaseException | None]) -> None:
+                if self._unrecording.get(block) is removed:
+                    del self._unrecording[block]
+            removed.add_done_callback(settled)
+            self.tombs.submit_tombstone(block, False, done)
 
     async def _redo_loop(self) -> None:
         """Retry the deletes that failed, a few at a time, once L3 may take them."""
