@@ -158,6 +158,15 @@ def test_with_l2_sync_acknowledged_puts_and_deletes_survive_a_power_cut(
                                "after the power cut")
 
 
+def assert_even_keys_deleted(server: ServerProcess, when: str) -> None:
+    """Of blocks 0..19, the even ones (deleted) are gone, the odd ones intact."""
+    with Client(server.tcp, namespace="power") as client:
+        got = client.get([key(i) for i in range(20)])
+    back = [i for i in range(0, 20, 2) if got[i] is not None]
+    assert not back, f"deleted blocks {back} came back {when}"
+    assert [got[i] == value(i) for i in range(1, 20, 2)] == [True] * 10
+
+
 def test_without_l2_sync_an_acknowledged_delete_survives_a_power_cut(
         server_factory: type[ServerProcess], disk: LoopDisk) -> None:
     """l2.sync = false: a Delete is synced to disk before its answer. Before,
@@ -172,11 +181,7 @@ def test_without_l2_sync_an_acknowledged_delete_survives_a_power_cut(
         assert client.delete([key(i) for i in range(0, 20, 2)]) == 10
     after = disk.cut(server)
     restarted = disk.start(server_factory, after / "data")
-    with Client(restarted.tcp, namespace="power") as client:
-        got = client.get([key(i) for i in range(20)])
-    back = [i for i in range(0, 20, 2) if got[i] is not None]
-    assert not back, f"deleted blocks {back} came back after the power cut"
-    assert [got[i] == value(i) for i in range(1, 20, 2)] == [True] * 10
+    assert_even_keys_deleted(restarted, "after the power cut")
 
 
 def test_without_l2_sync_a_deleted_block_does_not_come_back_from_l3(
@@ -198,11 +203,7 @@ def test_without_l2_sync_a_deleted_block_does_not_come_back_from_l3(
     after = disk.cut(server)
     s3.start()
     restarted = disk.start(server_factory, after / "data", *flags, env=env)
-    with Client(restarted.tcp, namespace="power") as client:
-        got = client.get([key(i) for i in range(20)])
-    back = [i for i in range(0, 20, 2) if got[i] is not None]
-    assert not back, f"deleted blocks {back} came back from L3 after the power cut"
-    assert [got[i] == value(i) for i in range(1, 20, 2)] == [True] * 10
+    assert_even_keys_deleted(restarted, "from L3 after the power cut")
 
 
 def test_a_deletes_sync_does_not_hold_up_puts_at_local(
