@@ -41,7 +41,7 @@ from kvstore.store.index import UNKNOWN_CHECKSUM, Entry
 from kvstore.store.l1check import L1Check
 from kvstore.store.parts import Part, Shared, spawn, writer_settled
 from kvstore.store.stats import HintCounters
-from kvstore.tiers.base import KeyValueTier
+from kvstore.tiers.base import KeyValueTier, WriteDone
 from kvstore.tiers.object import ListProgress, ObjectTier
 from kvstore.types import BlockId, TierName, TierStats
 
@@ -475,11 +475,9 @@ class L3Mover(Part):
     def _record(self, block: BlockId,
                 checksum: int | None) -> asyncio.Future[BaseException | None]:
         assert self.tombs is not None
-        recorded, done = writer_settled(asyncio.get_running_loop())
+        recorded, done = self._l2_write(self._recording, block)
 
         def settled(_: asyncio.Future[BaseException | None]) -> None:
-            if self._recording.get(block) is recorded:
-                del self._recording[block]
             if recorded.cancelled():
                 return  # the server is stopping: the delete is done again after a restart
             error = recorded.result()
@@ -490,9 +488,23 @@ class L3Mover(Part):
 
         recorded.add_done_callback(settled)
         self._tombstoned.add(block)
-        self._recording[block] = recorded
         self.tombs.submit_tombstone(block, True, done, checksum)
         return recorded
+
+    @staticmethod
+    def _l2_write(pending: dict[BlockId, asyncio.Future[BaseException | None]],
+                  block: BlockId) -> tuple[asyncio.Future[BaseException | None], WriteDone]:
+        """A write about ``block`` on its way to L2 (a delete record, or its
+        removal): its future, kept in ``pending`` until it settles, and the
+        writer's completion callback."""
+        future, done = writer_settled(asyncio.get_running_loop())
+        pending[block] = future
+
+        def settled(_: asyncio.Future[BaseException | None]) -> None:
+            if pending.get(block) is future:
+                del pending[block]
+        future.add_done_callback(settled)
+        return future, done
 
     async def _delete(self, block: BlockId) -> None:
         try:
@@ -520,13 +532,7 @@ class L3Mover(Part):
         if block in self._tombstoned:
             self._tombstoned.discard(block)
             assert self.tombs is not None
-            removed, done = writer_settled(asyncio.get_running_loop())
-            self._unrecording[block] = removed
-
-            def settled(_: asyncio.Future[BaseException | None]) -> None:
-                if self._unrecording.get(block) is removed:
-                    del self._unrecording[block]
-            removed.add_done_callback(settled)
+            _, done = self._l2_write(self._unrecording, block)
             self.tombs.submit_tombstone(block, False, done)
 
     async def _redo_loop(self) -> None:

@@ -445,13 +445,10 @@ class Placement(Part):
             c.demotions += 1
             if index.cold is not None:
                 index.cool(block, entry)
-        elif entry.l3:
-            # Dropped from L1 only: L3 holds its bytes, and forgetting them
-            # would leave an object the index no longer counts (never
-            # deleted, brought back by the next listing). The tiers below
-            # drop it in turn, as L2 does (keeping it in L3).
-            pass
-        else:
+        elif not entry.l3:
+            # (A block L3 holds too stays indexed there: forgotten, its object
+            # was left uncounted, never deleted, and brought back by the next
+            # listing.)
             index.forget(block, entry)
         return True
 

@@ -163,6 +163,13 @@ def _is_resource_error(exc: BaseException) -> bool:
     return any(t in text for t in _RESOURCE_TEXTS)
 
 
+def _call_done(op: _Op, error: BaseException | None, existed: bool) -> None:
+    try:
+        op.done(error, existed)
+    except Exception:  # a callback must not stop the writer or the syncer
+        log.exception("L2 write callback failed")
+
+
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
@@ -497,10 +504,7 @@ class LMDBTier:
                     self._to_sync.append((op, was))
                     self._sync_wanted.notify()
                 continue
-            try:
-                op.done(error, was)
-            except Exception:  # a callback must not stop the writer
-                log.exception("L2 write callback failed")
+            _call_done(op, error, was)
 
     def _sync_loop(self) -> None:
         """Sync what is committed to disk for the durable markers waiting,
@@ -522,10 +526,7 @@ class LMDBTier:
             finally:
                 self._rw.release_read()
             for op, was in waiting:
-                try:
-                    op.done(error, was)
-                except Exception:  # a callback must not stop the syncer
-                    log.exception("L2 write callback failed")
+                _call_done(op, error, was)
 
     def _apply_growing(self, batch: list[_Op]) -> list[bool]:
         while True:
