@@ -26,6 +26,12 @@ class Route(NamedTuple):
     unix_path: str
     host: str
     port: int
+    #: The name the TCP listener's TLS certificate is checked against: the
+    #: gRPC target's host, not ``host``. The data plane serves the gRPC
+    #: listener's certificate, which names the server as clients reach it;
+    #: the address it offers may be one the certificate does not name (an
+    #: IP where clients use a DNS name).
+    server_name: str = ""
 
     @property
     def where(self) -> str:
@@ -57,9 +63,10 @@ def choose_route(mode: str, grpc_target: str, offer: DataPlaneOffer, tls: bool,
         raise NoRoute("the data plane's TCP listener speaks TLS but this client has no TLS "
                       "settings")
     host, port = _split_host_port(offer.tcp_address)
+    grpc_host = _host(grpc_target)
     if host in _WILDCARD_HOSTS:
-        host = _host(grpc_target)
-    return Route("", host.strip("[]"), port)
+        host = grpc_host
+    return Route("", host.strip("[]"), port, grpc_host.strip("[]"))
 
 
 def _host(grpc_target: str) -> str:

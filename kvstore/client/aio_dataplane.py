@@ -659,7 +659,7 @@ class AsyncDataPlane:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await loop.sock_connect(sock, address)
                 if self._tls is not None:
-                    sock = await _handshake(loop, sock, self._tls, route.host)
+                    sock = await _handshake(loop, sock, self._tls, route.server_name)
                 return sock
             except OSError as exc:
                 sock.close()

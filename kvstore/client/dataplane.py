@@ -849,7 +849,8 @@ class DataPlane:
             _set_timeouts(raw, self._timeout)
             if self._tls is not None:
                 ctx = _tls_context(self._tls)
-                raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name or route.host)
+                raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
+                                       or route.server_name)
         except BaseException:
             raw.close()
             raise
