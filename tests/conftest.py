@@ -67,6 +67,7 @@ SLOW = (
     "tests/deploy/test_health_cli.py::test_not_serving_exits_1",
     "tests/e2e/test_compact_index.py",
     "tests/e2e/test_cross_host.py",
+    "tests/e2e/test_dataplane_reach.py::test_a_data_plane_out_of_reach_costs_one_bounded_try",
     "tests/e2e/test_edge_startup.py",
     "tests/e2e/test_l3.py",
     "tests/e2e/test_memory.py",

@@ -1,16 +1,69 @@
 """Where a data-plane session connects (docs/dataplane.md, "Opening a
 session"): the server's unix socket when the client is on its host, else its
-TCP listener, TLS on both sides or on neither. No I/O but one ``exists``
-check; both SDKs (kvstore/client/dataplane.py, aio_dataplane.py) use it.
+TCP listener, TLS on both sides or on neither; and when a client tries again
+after it could not open one. No I/O but one ``exists`` check; both SDKs
+(kvstore/client/dataplane.py, aio_dataplane.py) use it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 from kvstore.client._convert import DataPlaneOffer
+
+log = logging.getLogger("kvstore.client")
+
+#: Opening a session (connect, TLS handshake, HELLO) may take this long at
+#: most (the client's timeout when that is shorter); past it the listener is
+#: unusable for now and the call goes by gRPC. Without this bound a listener
+#: whose packets are dropped (a port no Service, NAT or firewall passes) held
+#: the call for the client's whole timeout (60 s by default), and did so
+#: again at every retry. A session opens in three round trips (two without
+#: TLS), so this leaves room for a distant server and one lost SYN (resent
+#: after 1 s).
+OPEN_TIMEOUT_S = 2.0
+#: A listener that could not be used is tried again after RETRY_S, then after
+#: twice as long each time it still cannot, up to RETRY_MAX_S: an engine whose
+#: data plane is out of reach pays OPEN_TIMEOUT_S a few times an hour, not
+#: every few seconds.
+RETRY_S = 5.0
+RETRY_MAX_S = 300.0
+
+
+def open_timeout(timeout: float | None) -> float:
+    """How long opening a session may take, for a client with ``timeout``."""
+    return OPEN_TIMEOUT_S if timeout is None else min(timeout, OPEN_TIMEOUT_S)
+
+
+class Retry:
+    """When a client that could not open a session tries again (gRPC until
+    then), and the log line that says so."""
+
+    def __init__(self) -> None:
+        #: time.monotonic() before which calls go by gRPC.
+        self.at = 0.0
+        self._wait = RETRY_S
+        self._warned = False
+
+    def failed(self, target: str, where: str, why: object) -> None:
+        wait = self._wait
+        self.at = time.monotonic() + wait
+        self._wait = min(2 * wait, RETRY_MAX_S)
+        # A warning the first time (the engine runs slower than it could and
+        # its operator should know why), then debug lines.
+        (log.debug if self._warned else log.warning)(
+            "kvstore data plane at %s (offered by %s) cannot be used (%s): calls go by "
+            "gRPC; trying again in %.0f s (data_plane=False or KVSTORE_DATA_PLANE=0 keeps "
+            "to gRPC without trying)", where, target, why, wait)
+        self._warned = True
+
+    def succeeded(self) -> None:
+        self._wait = RETRY_S
+        self._warned = False
 
 
 class NoRoute(Exception):

@@ -53,10 +53,9 @@ from typing import Any, TypeVar
 import grpc
 
 from kvstore.client._convert import DataPlaneOffer
-from kvstore.client._dproute import NoRoute, Route, choose_route
+from kvstore.client._dproute import NoRoute, Retry, Route, choose_route, open_timeout
 from kvstore.client._errors import closed_in_flight, error_from_frame, error_from_rpc
 from kvstore.client.dataplane import (
-    RETRY_S,
     Dropped,
     _tls_context,
     dropped_at_hello,
@@ -69,6 +68,7 @@ from kvstore.errors import (
     ConnectionFailed,
     DeadlineExceeded,
     InvalidArgument,
+    KVStoreError,
     TooManyConnections,
 )
 
@@ -495,7 +495,7 @@ class AsyncDataPlane:
         self._conns: list[AioConnection] = []
         self._opening: asyncio.Lock | None = None
         self._refused = False  # the server has no data plane
-        self._retry_at = 0.0  # a listener could not be reached: gRPC until then
+        self._retry = Retry()  # a listener could not be used: gRPC until _retry.at
         self._closed = False
         self._limits = (1 << 20, 1 << 30)
         #: Calls answered by the data plane, and sessions opened (for tests
@@ -505,7 +505,7 @@ class AsyncDataPlane:
 
     @property
     def available(self) -> bool:
-        return not self._refused and not self._closed and time.monotonic() >= self._retry_at
+        return not self._refused and not self._closed and time.monotonic() >= self._retry.at
 
     async def active(self) -> bool:
         """Whether calls go by the data plane (opens a session to find out)."""
@@ -608,27 +608,36 @@ class AsyncDataPlane:
             self._refused = True
             return None
         loop = asyncio.get_running_loop()
+        setup = open_timeout(self._timeout)
         try:
-            sock = await asyncio.wait_for(self._connect(loop, route), self._timeout)
-        except OSError as exc:  # refused, timed out, TLS handshake failed
-            log.debug("kvstore data plane at %s unreachable (%s): gRPC for %.0f s",
-                      self.target, exc, RETRY_S)
-            self._retry_at = time.monotonic() + RETRY_S
+            sock = await asyncio.wait_for(self._connect(loop, route), setup)
+        except OSError as exc:  # refused, timed out, TLS handshake or check failed
+            self._retry.failed(self.target, route.where, exc)
             return None
-        conn = AioConnection(loop, sock, route.where, self._timeout, self._forget)
+        conn = AioConnection(loop, sock, route.where, setup, self._forget)
         try:
             meta = await conn.request(Op.HELLO, frames.Hello(offer.ticket).encode())
             hello = frames.HelloOk.decode(meta)
         except TooManyConnections as exc:
             conn.close()
-            self._retry_at = server_full(route.where, exc)
+            self._retry.at = server_full(route.where, exc)
             return None
         except Dropped as exc:
             conn.close()
             raise dropped_at_hello(route.where, exc) from None
+        except KVStoreError as exc:
+            # No answer within `setup`, a ticket refused (the listener is
+            # another server's: a port-forward or NAT that leads elsewhere),
+            # an answer that is not the data plane's: nothing was asked yet,
+            # so the call goes by gRPC.
+            conn.close()
+            self._retry.failed(self.target, route.where, exc)
+            return None
         except BaseException:
             conn.close()
             raise
+        conn.timeout = self._timeout
+        self._retry.succeeded()
         if self._closed:  # close() came while the session opened: nothing would close it
             conn.close("the client was closed", ConnectionFailed)
             raise closed_in_flight(self.target)

@@ -6,10 +6,12 @@ a session through gRPC (``OpenDataPlane``, authenticated like every call),
 connects to the unix socket when the client is on the server's host (it
 reached gRPC over a unix socket or loopback, and the path exists) or to the
 TCP listener otherwise (TLS when the gRPC channel uses TLS), and presents the
-ticket in HELLO. A server without a data plane (UNIMPLEMENTED), or one whose
-listener cannot be reached, is remembered and the client keeps to gRPC (a
-debug log line says why; a listener that could not be reached is tried again
-after ``RETRY_S``).
+ticket in HELLO. A server without a data plane (UNIMPLEMENTED) is remembered
+and the client keeps to gRPC (a debug log line says why). A listener that
+cannot be used (unreachable, silent past ``OPEN_TIMEOUT_S``, failing the TLS
+check, refusing the ticket: another server's listener) sends the call by gRPC
+and is tried again after ``RETRY_S``, doubling up to ``RETRY_MAX_S`` while it
+stays unusable (a warning says so the first time).
 
 :class:`Connection` is one session's socket: a preallocated receive buffer
 for headers and metadata, block bytes received with ``recv_into`` straight
@@ -50,7 +52,7 @@ from kvstore._impl import wait_readable
 from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.client import _convert as conv
 from kvstore.client._convert import DataPlaneOffer as Offer
-from kvstore.client._dproute import NoRoute, choose_route
+from kvstore.client._dproute import RETRY_S, NoRoute, Retry, Route, choose_route, open_timeout
 from kvstore.client._errors import error_from_frame, error_from_rpc
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
@@ -65,8 +67,6 @@ from kvstore.errors import (
 
 log = logging.getLogger("kvstore.client")
 
-#: A listener that could not be reached is tried again after this (s).
-RETRY_S = 5.0
 #: The receive buffer of a connection: headers, metadata and small payloads.
 _RECV_BUFFER = 256 * 1024
 #: Buffers one sendmsg takes at most (Linux IOV_MAX is 1024).
@@ -673,7 +673,7 @@ class DataPlane:
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._refused = False  # the server has no data plane
-        self._retry_at = 0.0  # a listener could not be reached: gRPC until then
+        self._retry = Retry()  # a listener could not be used: gRPC until _retry.at
         self._closed = False
         self._forks = _forks
         # The largest request metadata and payload (the last HELLO's).
@@ -692,7 +692,7 @@ class DataPlane:
 
     @property
     def available(self) -> bool:
-        return not self._refused and not self._closed and time.monotonic() >= self._retry_at
+        return not self._refused and not self._closed and time.monotonic() >= self._retry.at
 
     def active(self) -> bool:
         """Whether calls go by the data plane (opens a session to find out)."""
@@ -802,51 +802,64 @@ class DataPlane:
                 self._refused = True
                 return None
             raise error_from_rpc(err, self.target) from err
+        setup = open_timeout(self._timeout)
         try:
-            sock, where = self._connect(offer)
+            route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)
         except NoRoute as exc:
             log.debug("kvstore data plane at %s not used: %s", self.target, exc)
             self._refused = True
             return None
-        except OSError as exc:
-            log.debug("kvstore data plane at %s unreachable (%s): gRPC for %.0f s",
-                      self.target, exc, RETRY_S)
-            self._retry_at = time.monotonic() + RETRY_S
+        try:
+            sock = self._connect(route, setup)
+        except OSError as exc:  # refused, timed out, TLS handshake or check failed
+            self._retry.failed(self.target, route.where, exc)
             return None
-        conn = Connection(sock, where, self._timeout, self.busy_poll_us)
+        conn = Connection(sock, route.where, setup, self.busy_poll_us)
         try:
             hello = conn.hello(offer.ticket)
         except TooManyConnections as exc:
             conn.close()
-            self._retry_at = server_full(where, exc)
+            self._retry.at = server_full(route.where, exc)
             return None
         except Dropped as exc:
             conn.close()
-            raise dropped_at_hello(where, exc) from None
+            raise dropped_at_hello(route.where, exc) from None
+        except KVStoreError as exc:
+            # No answer within `setup`, a ticket refused (the listener is
+            # another server's: a port-forward or NAT that leads elsewhere),
+            # an answer that is not the data plane's: nothing was asked yet,
+            # so the call goes by gRPC.
+            conn.close()
+            self._retry.failed(self.target, route.where, exc)
+            return None
         except BaseException:
             conn.close()
             raise
+        conn.timeout = self._timeout
+        _set_timeouts(conn.sock, self._timeout)
+        self._retry.succeeded()
         self._limits = session_limits(offer, hello)
         self.sessions += 1
-        log.debug("kvstore data plane session %d to %s", hello.session_id, where)
+        log.debug("kvstore data plane session %d to %s", hello.session_id, route.where)
         return conn
 
-    def _connect(self, offer: Offer) -> tuple[socket.socket, str]:
-        route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)
+    def _connect(self, route: Route, setup: float) -> socket.socket:
+        """A socket to ``route``, its waits bounded by ``setup`` (the caller
+        sets the client's timeout once the session is open)."""
         if route.unix_path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                _set_timeouts(sock, self._timeout)
+                _set_timeouts(sock, setup)
                 sock.connect(route.unix_path)
             except BaseException:
                 sock.close()
                 raise
-            return sock, route.where
-        raw = socket.create_connection((route.host, route.port), timeout=self._timeout)
+            return sock
+        raw = socket.create_connection((route.host, route.port), timeout=setup)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(None)
-            _set_timeouts(raw, self._timeout)
+            _set_timeouts(raw, setup)
             if self._tls is not None:
                 ctx = _tls_context(self._tls)
                 raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
@@ -854,7 +867,7 @@ class DataPlane:
         except BaseException:
             raw.close()
             raise
-        return raw, route.where
+        return raw
 
 
 def server_full(where: str, exc: TooManyConnections) -> float:
@@ -880,9 +893,8 @@ def session_limits(offer: Offer, hello: frames.HelloOk) -> tuple[int, int]:
 
 def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
     """The socket stays blocking (no poll before each recv); the kernel ends a
-    wait longer than ``timeout`` with EAGAIN."""
-    if timeout is None:
-        return
+    wait longer than ``timeout`` with EAGAIN (None: no limit)."""
+    timeout = timeout or 0.0
     secs = int(timeout)
     tv = struct.pack("ll", secs, int((timeout - secs) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
