@@ -58,7 +58,6 @@ from kvstore.client._errors import closed_in_flight, error_from_frame, error_fro
 from kvstore.client.dataplane import (
     Dropped,
     _tls_context,
-    dropped_at_hello,
     server_full,
     session_limits,
 )
@@ -622,14 +621,13 @@ class AsyncDataPlane:
             conn.close()
             self._retry.at = server_full(route.where, exc)
             return None
-        except Dropped as exc:
-            conn.close()
-            raise dropped_at_hello(route.where, exc) from None
-        except KVStoreError as exc:
+        except (Dropped, KVStoreError) as exc:
             # No answer within `setup`, a ticket refused (the listener is
             # another server's: a port-forward or NAT that leads elsewhere),
-            # an answer that is not the data plane's: nothing was asked yet,
-            # so the call goes by gRPC.
+            # the connection closed at once (a proxy with nowhere to send it,
+            # a sidecar, a server over its limit or stopping), an answer that
+            # is not the data plane's: nothing was asked yet, so the call
+            # goes by gRPC, which answers it or says why not.
             conn.close()
             self._retry.failed(self.target, route.where, exc)
             return None

@@ -9,7 +9,8 @@ TCP listener otherwise (TLS when the gRPC channel uses TLS), and presents the
 ticket in HELLO. A server without a data plane (UNIMPLEMENTED) is remembered
 and the client keeps to gRPC (a debug log line says why). A listener that
 cannot be used (unreachable, silent past ``OPEN_TIMEOUT_S``, failing the TLS
-check, refusing the ticket: another server's listener) sends the call by gRPC
+check, closing the connection at HELLO, refusing the ticket: another
+server's listener) sends the call by gRPC
 and is tried again after ``RETRY_S``, doubling up to ``RETRY_MAX_S`` while it
 stays unusable (a warning says so the first time).
 
@@ -821,14 +822,13 @@ class DataPlane:
             conn.close()
             self._retry.at = server_full(route.where, exc)
             return None
-        except Dropped as exc:
-            conn.close()
-            raise dropped_at_hello(route.where, exc) from None
-        except KVStoreError as exc:
+        except (Dropped, KVStoreError) as exc:
             # No answer within `setup`, a ticket refused (the listener is
             # another server's: a port-forward or NAT that leads elsewhere),
-            # an answer that is not the data plane's: nothing was asked yet,
-            # so the call goes by gRPC.
+            # the connection closed at once (a proxy with nowhere to send it,
+            # a sidecar, a server over its limit or stopping), an answer that
+            # is not the data plane's: nothing was asked yet, so the call
+            # goes by gRPC, which answers it or says why not.
             conn.close()
             self._retry.failed(self.target, route.where, exc)
             return None
@@ -876,12 +876,6 @@ def server_full(where: str, exc: TooManyConnections) -> float:
     log.debug("kvstore data plane at %s is full (%s): gRPC for %.0f s", where, exc.message,
               RETRY_S)
     return time.monotonic() + RETRY_S
-
-
-def dropped_at_hello(where: str, exc: Exception) -> ConnectionFailed:
-    failed = ConnectionFailed(f"data plane at {where} closed the connection at HELLO ({exc})")
-    failed.grpc_code = "UNAVAILABLE"  # type: ignore[attr-defined]
-    return failed
 
 
 def session_limits(offer: Offer, hello: frames.HelloOk) -> tuple[int, int]:

@@ -124,6 +124,13 @@ CLIENT = textwrap.dedent("""
             sys.exit("the blackhole accepted a connection")
         except TimeoutError:
             pass
+    elif there == "closing":  # accepts and closes (a proxy or sidecar with no upstream)
+        lsock = socket.create_server(("127.0.0.1", port))
+        def close_each():
+            while True:
+                conn, _ = lsock.accept()
+                conn.close()
+        threading.Thread(target=close_each, daemon=True).start()
     elif there == "stall":  # accepts and never answers
         lsock = socket.create_server(("127.0.0.1", port))
         threading.Thread(target=lambda: [held.append(lsock.accept()) for _ in iter(int, 1)],
@@ -183,17 +190,20 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("there", ["blackhole", "stall", "other-server", "other-server-unix"])
+@pytest.mark.parametrize("there", ["blackhole", "stall", "closing", "other-server",
+                                   "other-server-unix"])
 def test_a_data_plane_out_of_reach_costs_one_bounded_try(
         server_factory, tmp_path: Path, there: str) -> None:  # type: ignore[no-untyped-def]
     """blackhole: the offered port drops SYNs (a Service or NAT that does not
-    pass it); stall: it accepts and never answers; other-server: it is
+    pass it); stall: it accepts and never answers; closing: it accepts and
+    closes (a proxy or mesh sidecar with nowhere to send it); other-server: it is
     another kvstore server's data plane (a port-forward from a host that runs
     its own), on that port or at the unix socket path the server offers (a
     client that reaches gRPC at loopback looks there first). Before: the
     first call took the client's whole timeout (8 s here, 60 by default) and
     so did one every 5 s after (blackhole), every call raised
-    DeadlineExceeded (stall) or Unauthenticated (other-server)."""
+    DeadlineExceeded (stall), ConnectionFailed (closing) or Unauthenticated
+    (other-server)."""
     why = _unshare_unavailable()
     if why:
         pytest.skip(why)
