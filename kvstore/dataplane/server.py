@@ -138,14 +138,20 @@ class DataPlaneServer:
     async def _listen_tcp(self, loop: asyncio.AbstractEventLoop, address: str) -> str:
         host, _, port = address.rpartition(":")
         bare = host.strip("[]")
-        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock: socket.socket | None = None
         try:
+            # A host name listens at its first address, the family that
+            # address has: a name with only IPv6 addresses (an IPv6-only
+            # cluster) made an IPv4 socket that failed to start the server.
+            family, kind, proto, _, where = socket.getaddrinfo(
+                bare, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((bare, int(port)))
+            sock.bind(where)
             sock.listen(128)
         except (OSError, ValueError) as exc:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise InvalidConfig(f"server.data_plane_listen {address}: cannot listen there "
                                 f"({exc})") from None
         sock.setblocking(False)

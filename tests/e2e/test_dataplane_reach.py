@@ -231,3 +231,58 @@ def test_a_data_plane_out_of_reach_costs_one_bounded_try(
     assert all("calls go by gRPC" in w for w in out["warnings"]), out["warnings"]
     if there == "other-server":
         assert out["on_other"] == 0  # nothing reached the other server
+
+
+# Runs in its own network and mount namespaces: argv = a scratch directory;
+# this "host" has the IPv6 address fd00::1 only, named v6host.test.
+V6_SERVER = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    from kvstore import Client
+
+    d = sys.argv[1]
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", "fd00::1/128", "dev", "lo"], check=True)
+    with open(d + "/hosts", "w") as f:
+        f.write("127.0.0.1 localhost\\nfd00::1 v6host.test\\n")
+    subprocess.run(["mount", "--bind", d + "/hosts", "/etc/hosts"], check=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "serve", "--data-dir", d + "/data",
+         "--server-listen", "v6host.test:0", "--l1-capacity", "32MiB", "--l1-prefault", "false",
+         "--ready-file", d + "/ready.json"], stdout=subprocess.DEVNULL,
+        stderr=open(d + "/server.log", "w"))
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(d + "/ready.json") or not os.path.getsize(d + "/ready.json"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("the server did not start: " + open(d + "/server.log").read()[-500:])
+            time.sleep(0.05)
+        ready = json.load(open(d + "/ready.json"))
+        port = ready["tcp"].rsplit(":", 1)[1]
+        with Client(f"v6host.test:{port}", namespace="v6", timeout=10, data_plane="tcp") as c:
+            c.put({b"k": b"v" * 4096})
+            right = c.get([b"k"]) == [b"v" * 4096]
+            print(json.dumps({"offer": ready["data_plane_tcp"], "right": right,
+                              "dp_calls": c.data_plane_calls}))
+    finally:
+        server.terminate()
+        server.wait(30)
+""")
+
+
+def test_a_server_at_an_ipv6_only_name_serves_its_data_plane(tmp_path: Path) -> None:
+    """server.listen names a host with IPv6 addresses only (an IPv6-only
+    cluster). The data plane's listener took an IPv4 socket for any name
+    without a colon, and the server refused to start ("cannot listen
+    there ... Temporary failure in name resolution")."""
+    why = _unshare_unavailable()
+    if why:
+        pytest.skip(why)
+    script = tmp_path / "v6.py"
+    script.write_text(V6_SERVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["unshare", "-n", "-m", sys.executable, str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out == {"offer": out["offer"], "right": True, "dp_calls": 2}, out
+    assert out["offer"].startswith("v6host.test:"), out
