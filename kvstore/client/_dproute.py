@@ -17,9 +17,11 @@ from kvstore.client._convert import DataPlaneOffer
 
 log = logging.getLogger("kvstore.client")
 
-#: Opening a session (connect, TLS handshake, HELLO) may take this long at
-#: most (the client's timeout when that is shorter); past it the listener is
-#: unusable for now and the call goes by gRPC. Without this bound a listener
+#: Opening a session (connect, TLS handshake, HELLO) may take this long (the
+#: client's timeout when that is shorter): the async client bounds the whole,
+#: the sync one each wait (the connect to each address of a name, each read
+#: of the handshake and HELLO). Past it the listener is unusable for now and
+#: the call goes by gRPC. Without this bound a listener
 #: whose packets are dropped (a port no Service, NAT or firewall passes) held
 #: the call for the client's whole timeout (60 s by default), and did so
 #: again at every retry. A session opens in three round trips (two without
