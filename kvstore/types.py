@@ -21,6 +21,11 @@ MAX_KEYS_PER_REQUEST = 65_536
 #: Session ids, shared-memory owners and tool names: the server keeps them (per
 #: session, lease, tool), so a client may not make them megabytes long.
 MAX_NAME_BYTES = 1024
+#: The shared-memory arena file's page past the blocks starts with this and
+#: the server's instance id (ShmAttachResponse.marker_offset): a client
+#: compares it with what the server it called answered, so it never maps
+#: another server's file that has the same path on its own host.
+ARENA_MARKER_PREFIX = b"kvstore-arena "
 
 
 def check_name(value: str, what: str) -> str:

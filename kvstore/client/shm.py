@@ -100,7 +100,7 @@ from kvstore.errors import (
     ReservationExpired,
     StaleLease,
 )
-from kvstore.types import BlockFormat, TierName
+from kvstore.types import ARENA_MARKER_PREFIX, BlockFormat, TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 if TYPE_CHECKING:
@@ -196,6 +196,23 @@ class _Unleased(NamedTuple):
     tier: TierName | None
 
 
+def _check_arena_marker(fd: int, info: Any, target: str) -> None:
+    """ConnectionFailed unless the file open at ``fd`` holds the instance id the
+    server answered at ``info.marker_offset`` (servers before 0.21.0 write
+    none: nothing to check). A client that reached a server on another host
+    through a forward would otherwise map whatever file has the same path
+    here, another server's arena, and write into its blocks."""
+    if not info.marker_offset:
+        return
+    expected = ARENA_MARKER_PREFIX + info.instance.encode()
+    found = os.pread(fd, len(expected), info.marker_offset)
+    if found != expected:
+        raise ConnectionFailed(
+            f"{info.path} on this host is not the shared-memory arena of the server at "
+            f"{target} (another server's, or a stale file): ShmClient works only on the "
+            "server's own host; use Client from other hosts")
+
+
 class ShmClient(Client):
     """See the module's docstring. ``release_on_acquire`` (default on) lets
     the Gets hand their leases to the next ShmAcquire instead of calling
@@ -254,8 +271,15 @@ class ShmClient(Client):
         #: Puts copying at least this many bytes into shared memory use
         #: streaming stores (None: the ``stream_batch_bytes`` rule).
         self.stream_put_bytes: int | None = _STREAM_PUT_BYTES
-        fd = os.open(info.path, os.O_RDWR)
         try:
+            fd = os.open(info.path, os.O_RDWR)
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot open the shared-memory arena {info.path} of the server at "
+                f"{self.target} ({exc.strerror or exc}): ShmClient works only on the server's "
+                "own host; use Client from other hosts") from None
+        try:
+            _check_arena_marker(fd, info, self.target)
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self._map = mmap.mmap(fd, info.size, flags=flags)
             st = os.fstat(fd)

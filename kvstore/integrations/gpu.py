@@ -16,7 +16,6 @@ and is what ``bench/_engines/gpu_check.py`` measures on a GPU machine.
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +50,7 @@ class GpuArena:
         self.device = torch.device(device or "cuda")
         self.stream = torch.cuda.Stream(self.device)
         self._base = 0
-        self.size = os.path.getsize(client.shm_path)
+        self.size = len(client._arena)  # the mapping (the file has a marker page past it)
         # The whole arena, once, now: a get before any put copied from
         # pageable memory (the pin used to come with the first put's slot).
         self._pin(client._arena, 0)

@@ -369,7 +369,8 @@ class KVStoreServicer:
                                     reserve_ms=self.shm.reserve_ms,
                                     default_lease_ms=self.shm.default_lease_ms,
                                     release_on_acquire=True, owner=self.shm.new_owner(),
-                                    anonymous_slots=True)
+                                    anonymous_slots=True,
+                                    marker_offset=self.shm.marker_offset)
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:

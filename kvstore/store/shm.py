@@ -177,6 +177,9 @@ class SharedMemoryBroker:
         self.clock = clock
         self.path = store.config.l1.shm_path
         self.instance = secrets.token_hex(8)
+        #: Where the arena file holds this instance id, for clients to check
+        #: that the file they opened is this server's (0: no file).
+        self.marker_offset = store.l1.arena.write_marker(self.instance) if self.path else 0
         self._reservations: dict[int, Reservation] = {}
         self._leases: dict[int, Lease] = {}
         # Expired lease ids (with the namespace and owner that took them), to

@@ -19,10 +19,14 @@ import os
 
 from kvstore.config import format_size
 from kvstore.errors import InvalidConfig
+from kvstore.types import ARENA_MARKER_PREFIX
 
 # How many extents of the exact size class to inspect before taking one from a
 # larger class; bounds the cost of an allocation on a fragmented arena.
 _SCAN_LIMIT = 32
+
+#: The arena file's page past the blocks: ``write_marker``.
+MARKER_BYTES = 4096
 
 
 class Arena:
@@ -83,7 +87,7 @@ class Arena:
             # Only now, holding the lock: drop a previous (stopped or killed)
             # server's bytes, so no client reads them in the new arena.
             os.ftruncate(fd, 0)
-            os.posix_fallocate(fd, 0, self.capacity)
+            os.posix_fallocate(fd, 0, self.capacity + MARKER_BYTES)
             mm = mmap.mmap(fd, self.capacity, flags=mmap.MAP_SHARED)
         except OSError as exc:
             os.unlink(path)  # ours (we hold the lock): leave no half-made arena behind
@@ -180,6 +184,15 @@ class Arena:
         if start + length in self._free_start:
             length += self._remove_free(start + length)
         self._add_free(start, length)
+
+    def write_marker(self, instance: str) -> int:
+        """Write ``ARENA_MARKER_PREFIX`` + ``instance`` into the file's page past
+        the blocks and return its offset (0: no file, nothing written)."""
+        if self._fd < 0:
+            return 0
+        marker = ARENA_MARKER_PREFIX + instance.encode()
+        os.pwrite(self._fd, marker.ljust(MARKER_BYTES, b"\0"), self.capacity)
+        return self.capacity
 
     @property
     def used_bytes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -542,3 +543,46 @@ def test_a_put_and_get_of_more_keys_than_one_frame_carries(server_factory, tmp_p
         got = c.get(keys)
         assert got == [k[-2:] for k in keys]
         assert c.put({b"after": b"x" * 5000}).stored == 1  # the session is still good
+
+
+def test_a_client_never_maps_another_servers_arena_at_the_same_path(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A ShmClient that reached a server on another host (through a forward or a
+    tunnel) opens the path that server names on its own host, where another
+    kvstore may keep its arena. Made here by linking server B's arena file at
+    the path server A names: attaching to A must refuse that file, before a
+    single write into B's blocks, and refuse a stale file or none just as
+    clearly."""
+    a_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-a"
+    b_path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-b"
+    a = server_factory("--l1-shm-path", a_path, l1_capacity="16MiB").start()
+    b = server_factory("--l1-shm-path", b_path, l1_capacity="16MiB").start()
+    moved = a_path + ".moved"
+    try:
+        with ShmClient(b.unix_target, namespace="b", timeout=10) as on_b:
+            on_b.put({b"k": block(1, 300_000)})
+        os.rename(a_path, moved)
+        os.link(b_path, a_path)  # "another server's file at the same path"
+        for data_plane in (True, False):
+            with pytest.raises(ConnectionFailed, match="not the shared-memory arena of the server"):
+                ShmClient(a.unix_target, namespace="a", timeout=10, data_plane=data_plane)
+        os.unlink(a_path)
+        Path(a_path).write_bytes(bytes(16 * MiB + 4096))  # a stale file
+        with pytest.raises(ConnectionFailed, match="not the shared-memory arena of the server"):
+            ShmClient(a.unix_target, namespace="a", timeout=10)
+        os.unlink(a_path)
+        with pytest.raises(ConnectionFailed, match="ShmClient works only on the server's own host"):
+            ShmClient(a.unix_target, namespace="a", timeout=10)
+        os.rename(moved, a_path)
+        with ShmClient(a.unix_target, namespace="a", timeout=10) as on_a:
+            on_a.put({b"k": block(2, 300_000)})
+            assert on_a.get([b"k"]) == [block(2, 300_000)]
+        with ShmClient(b.unix_target, namespace="b", timeout=10) as on_b:
+            assert on_b.get([b"k"]) == [block(1, 300_000)]
+    finally:
+        if os.path.exists(moved):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(a_path)
+            os.rename(moved, a_path)
+        a.kill()
+        b.kill()
