@@ -13,12 +13,15 @@ Pure mechanism, not thread-safe: the TieredStore calls it from the event loop.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
+import stat
 
 from kvstore.config import format_size
 from kvstore.errors import InvalidConfig
+from kvstore.ownpath import check_directory
 from kvstore.types import ARENA_MARKER_PREFIX
 
 # How many extents of the exact size class to inspect before taking one from a
@@ -101,13 +104,31 @@ class Arena:
 
     def _open_locked(self, path: str) -> int:
         """Open (creating) the arena file and take its exclusive lock, or refuse:
-        a second server on the same path must not truncate the first's arena."""
+        a second server on the same path must not truncate the first's arena.
+
+        Every tenant's blocks go into this file, so it must be the service
+        user's own: a file another user made there first (or a link to one)
+        would let that user read them all through a mapping it opened
+        before, and a symbolic link would have the server truncate whatever
+        it points at."""
+        check_directory("l1.shm_path", path)
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             except OSError as exc:
+                what = "it is a symbolic link (remove it)" if exc.errno == errno.ELOOP else \
+                    exc.strerror or str(exc)
                 raise InvalidConfig(f"l1.shm_path {path}: cannot create the arena file "
-                                    f"there: {exc.strerror or exc}") from None
+                                    f"there: {what}") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                os.close(fd)
+                raise InvalidConfig(
+                    f"l1.shm_path {path} exists and is not an arena file of this user "
+                    f"(uid {os.geteuid()}): it is owned by uid {st.st_uid}, mode "
+                    f"{stat.filemode(st.st_mode)}, {st.st_nlink} links. Another user may "
+                    "have made it to read the arena: remove it (and use a directory only "
+                    "the service's user may write)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 mine = os.fstat(fd)

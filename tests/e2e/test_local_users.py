@@ -1,0 +1,130 @@
+"""Another unprivileged user on the server's host (docs/security.md, "Other
+users on the host"): what it makes at a path the server will use must not
+give it the arena (every tenant's blocks), the sockets or a file to clobber;
+and (last) bearer tokens sent in the clear off the host are warned about.
+
+The tests that need a file or directory of another user make one with chown,
+so they run as root only (skipped otherwise)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+#: A user id that is not this process's (``nobody`` on most systems).
+OTHER_UID = 65534
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+
+
+def start(tmp_path: Path, *flags: str, umask: int | None = None) -> subprocess.Popen[str]:
+    ready = tmp_path / "ready.json"
+    cmd = [sys.executable, "-m", "kvstore", "serve", "--data-dir", str(tmp_path / "data"),
+           "--server-listen", "127.0.0.1:0", "--server-unix-socket", "",
+           "--l1-capacity", "8MiB", "--l1-prefault", "false", "--ready-file", str(ready),
+           *flags]
+    env = {**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=(lambda: os.umask(umask)) if umask is not None
+                            else None)
+
+
+def refusal(tmp_path: Path, *flags: str) -> str:
+    """The one line a server that must not start prints; fails the test if it
+    starts serving instead (within 30 s)."""
+    proc = start(tmp_path, *flags)
+    deadline = time.monotonic() + 30
+    try:
+        while proc.poll() is None:
+            if (tmp_path / "ready.json").exists():
+                pytest.fail("the server started")
+            if time.monotonic() > deadline:
+                pytest.fail("the server neither started nor refused within 30 s")
+            time.sleep(0.02)  # polling a process and a file with a deadline
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    return err.strip()
+
+
+# -- the arena file (l1.shm_path) --------------------------------------------------------
+
+
+def test_an_arena_path_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path: Path) -> None:
+    # Followed, the server truncated the file the link names (any file the
+    # service's user may write: its own L2, say) and put the arena there.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    arena = tmp_path / "l1.arena"
+    arena.symlink_to(victim)
+    line = refusal(tmp_path, "--l1-shm-path", str(arena))
+    assert "l1.shm_path" in line and "symbolic link" in line, line
+    assert victim.read_bytes() == b"precious"
+
+
+@needs_root
+def test_an_arena_file_another_user_made_is_refused(tmp_path: Path) -> None:
+    # The other user makes the file first, world-readable, and keeps it open:
+    # had the server taken it, that user's descriptor (or mapping) would read
+    # every tenant's blocks.
+    arena = tmp_path / "l1.arena"
+    fd = os.open(arena, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        os.fchown(fd, OTHER_UID, OTHER_UID)
+        os.fchmod(fd, 0o666)
+        line = refusal(tmp_path, "--l1-shm-path", str(arena))
+        assert "l1.shm_path" in line and f"owned by uid {OTHER_UID}" in line, line
+        assert os.fstat(fd).st_size == 0  # not truncated, not filled
+    finally:
+        os.close(fd)
+
+
+@needs_root
+def test_an_arena_in_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    # That user could swap the file for its own once the server made it:
+    # clients attaching later would map the user's file.
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, OTHER_UID, OTHER_UID)
+    line = refusal(tmp_path, "--l1-shm-path", str(directory / "l1.arena"))
+    assert "l1.shm_path" in line and "belongs to another user" in line, line
+    assert not (directory / "l1.arena").exists()
+
+
+def test_an_arena_in_a_world_writable_directory_without_sticky_bit_is_refused(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(0o777)
+    line = refusal(tmp_path, "--l1-shm-path", str(directory / "l1.arena"))
+    assert "l1.shm_path" in line and "no sticky bit" in line, line
+
+
+def test_an_arena_in_a_sticky_world_writable_directory_is_taken(tmp_path: Path) -> None:
+    # /dev/shm itself: others may write there but not remove what is ours.
+    directory = tmp_path / "sticky"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    arena = directory / "l1.arena"
+    proc = start(tmp_path, "--l1-shm-path", str(arena))
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready.json").exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)[1]
+            assert time.monotonic() < deadline, "not ready in 30 s"
+            time.sleep(0.02)  # polling a file with a deadline
+        st = arena.stat()
+        assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o600
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+        arena.unlink(missing_ok=True)
+
