@@ -9,6 +9,7 @@ import socket
 import stat
 
 from kvstore.errors import InvalidConfig
+from kvstore.ownpath import check_directory
 
 #: sockaddr_un holds 108 bytes, the last one the terminating NUL.
 UNIX_PATH_MAX = 107
@@ -18,7 +19,10 @@ def check_socket_path(option: str, path: str) -> bool:
     """Whether a unix socket may be bound at ``path`` after removing what is
     there (True: a stale socket to unlink). Anything but a socket is refused
     (a typo must not cost a file), and so is a socket that a live server
-    accepts on (binding over it would silently take its address)."""
+    accepts on (binding over it would silently take its address). So is a
+    directory another user could swap the socket in (clients would send that
+    user their tokens and blocks: kvstore/ownpath.py)."""
+    check_directory(option, path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

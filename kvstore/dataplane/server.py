@@ -170,7 +170,7 @@ class DataPlaneServer:
             p.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
+            p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             sock.bind(path)
             os.chmod(path, 0o600)  # the service's user only, as the gRPC socket
             sock.listen(128)

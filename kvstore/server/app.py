@@ -173,7 +173,7 @@ class Server:
         if cfg.unix_socket:
             path = Path(cfg.unix_socket)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
                 # Only a stale socket goes: never a file, never a live server's.
                 if check_socket_path("server.unix_socket", str(path)):
                     path.unlink()

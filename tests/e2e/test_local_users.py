@@ -9,6 +9,7 @@ so they run as root only (skipped otherwise)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -127,4 +128,51 @@ def test_an_arena_in_a_sticky_world_writable_directory_is_taken(tmp_path: Path) 
         proc.kill()
         proc.communicate(timeout=30)
         arena.unlink(missing_ok=True)
+
+
+# -- the unix sockets (server.unix_socket, server.data_plane_unix) -----------------------
+
+
+@needs_root
+@pytest.mark.parametrize("option", ["--server-unix-socket", "--server-data-plane-unix"])
+def test_a_socket_in_a_directory_of_another_user_is_refused(tmp_path: Path, option: str) -> None:
+    # That user could move the server's socket aside and listen in its place:
+    # the next client would send it its bearer token and its blocks.
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, OTHER_UID, OTHER_UID)
+    flags = [option, str(directory / "kv.sock")]
+    if option == "--server-data-plane-unix":
+        flags += ["--server-unix-socket", str(tmp_path / "kv.sock")]
+    line = refusal(tmp_path, *flags)
+    name = option.removeprefix("--").replace("server-", "server.", 1).replace("-", "_")
+    assert name in line and "belongs to another user" in line, line
+
+
+def test_a_socket_in_a_world_writable_directory_without_sticky_bit_is_refused(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(0o777)
+    line = refusal(tmp_path, "--server-unix-socket", str(directory / "kv.sock"))
+    assert "server.unix_socket" in line and "no sticky bit" in line, line
+
+
+def test_a_socket_directory_the_server_makes_is_not_world_writable(tmp_path: Path) -> None:
+    # Under umask 0 a plain mkdir made it 0777: anyone could swap the socket.
+    directory = tmp_path / "made" / "here"
+    proc = start(tmp_path, "--server-unix-socket", str(directory / "kv.sock"), umask=0)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready.json").exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)[1]
+            assert time.monotonic() < deadline, "not ready in 30 s"
+            time.sleep(0.02)  # polling a file with a deadline
+        assert directory.stat().st_mode & 0o022 == 0
+        assert (directory / "kv.sock").stat().st_mode & 0o777 == 0o600
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(directory / "kv.sock"))  # still serves its own user
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
 
