@@ -32,6 +32,7 @@ from pathlib import Path
 
 from kvstore.config import Config, split_host_port
 from kvstore.errors import InvalidConfig
+from kvstore.ownpath import check_directory
 from kvstore.server.tls import certificate_info, utc_text
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 
@@ -86,6 +87,9 @@ def check_data_dir(config: Config) -> None:
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Another user who may write here could swap l2/ or kvstore.lock
+        # (a link there had the server truncate the file it names).
+        check_directory("data_dir", str(data_dir / LOCK_FILE))
         path.mkdir(mode=0o700, exist_ok=True)
         with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
             pass
@@ -103,7 +107,7 @@ def lock_data_dir(config: Config) -> None:
         return
     path = Path(config.data_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise InvalidConfig(f"data_dir {config.data_dir}: cannot create {path}: "
                             f"{exc.strerror or exc}") from None

@@ -176,3 +176,43 @@ def test_a_socket_directory_the_server_makes_is_not_world_writable(tmp_path: Pat
         proc.kill()
         proc.communicate(timeout=30)
 
+
+# -- the data directory (data_dir: L2 and kvstore.lock) ----------------------------------
+
+
+@needs_root
+def test_a_data_dir_of_another_user_is_refused_and_a_link_there_not_followed(
+        tmp_path: Path) -> None:
+    # That user links kvstore.lock to a file only the service's user may write:
+    # the server truncated it and wrote its pid there.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    victim.chmod(0o600)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "kvstore.lock").symlink_to(victim)
+    os.lchown(data / "kvstore.lock", OTHER_UID, OTHER_UID)
+    os.chown(data, OTHER_UID, OTHER_UID)
+    line = refusal(tmp_path)
+    assert "data_dir" in line and "belongs to another user" in line, line
+    assert victim.read_bytes() == b"precious"
+
+
+def test_a_world_writable_data_dir_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    line = refusal(tmp_path)
+    assert "data_dir" in line and "no sticky bit" in line, line
+
+
+def test_a_link_at_the_lock_file_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / "kvstore.lock").symlink_to(victim)
+    line = refusal(tmp_path)
+    assert "kvstore.lock" in line, line
+    assert victim.read_bytes() == b"precious"
+
