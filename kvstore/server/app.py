@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -254,10 +255,19 @@ class Server:
 
 
 def _write_ready_file(path: str, addresses: dict[str, str | None]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({**addresses, "pid": os.getpid()}, fh)
-    os.replace(tmp, path)  # readers never see a half-written file
+    # A new file of a name no one could guess (not "<path>.tmp", which another
+    # user may have made a link to any file the server may write, in /tmp),
+    # renamed over the path: readers never see a half-written file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        os.fchmod(fd, 0o644)  # addresses and a pid: as readable as before
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**addresses, "pid": os.getpid()}, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _version() -> str:

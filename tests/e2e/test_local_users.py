@@ -216,3 +216,30 @@ def test_a_link_at_the_lock_file_is_not_followed(tmp_path: Path) -> None:
     assert "kvstore.lock" in line, line
     assert victim.read_bytes() == b"precious"
 
+
+
+def test_a_link_beside_the_ready_file_is_not_followed(tmp_path: Path) -> None:
+    # The ready file was written through "<path>.tmp": in a shared /tmp another
+    # user linked that name to a file only the server's user may write, and the
+    # server replaced its content with the ready file's JSON.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    ready = shared / "ready.json"
+    Path(f"{ready}.tmp").symlink_to(victim)
+    proc = start(tmp_path, "--l2-enabled", "false", "--ready-file", str(ready))
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)[1]
+            assert time.monotonic() < deadline, "not ready in 30 s"
+            time.sleep(0.02)  # polling a file with a deadline
+        assert victim.read_bytes() == b"precious"
+        assert not ready.is_symlink() and '"pid"' in ready.read_text()
+        assert ready.stat().st_mode & 0o777 == 0o644
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
