@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import resource
@@ -71,9 +72,33 @@ def check(config: Config) -> None:
     check_open_files()
     check_tls(config)
     check_listen(config.server.listen)
+    warn_if_tokens_in_the_clear(config)
     check_unix_socket(config.server.unix_socket)
     check_data_dir(config)
     lock_data_dir(config)
+
+
+def warn_if_tokens_in_the_clear(config: Config) -> None:
+    """One WARNING line when bearer tokens would cross a network unencrypted:
+    ``auth.tokens_file`` set, no ``server.tls_cert``, and ``server.listen``
+    not a loopback address. Anyone on the path reads a token from any call
+    and may use it until it is revoked (and reads the blocks, as for any
+    plaintext listener: docs/security.md, "The network path")."""
+    s = config.server
+    if not config.auth.tokens_file or s.tls_cert or not s.listen:
+        return
+    host = split_host_port("server.listen", s.listen)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        loopback = bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0])
+                                       .is_loopback for i in infos)
+    except (socket.gaierror, ValueError):
+        loopback = False
+    if not loopback:
+        log.warning("server.listen %s has no TLS (server.tls_cert): the bearer tokens of "
+                    "auth.tokens_file cross the network in the clear, and anyone on the "
+                    "path can use them; set server.tls_cert or listen on loopback only",
+                    s.listen)
 
 
 def check_data_dir(config: Config) -> None:

@@ -9,6 +9,7 @@ so they run as root only (skipped otherwise)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -243,3 +244,47 @@ def test_a_link_beside_the_ready_file_is_not_followed(tmp_path: Path) -> None:
         proc.kill()
         proc.communicate(timeout=30)
 
+
+# -- the network path: bearer tokens without TLS ------------------------------------------
+
+
+def _unshare_net() -> list[str]:
+    """A command prefix that runs in a network namespace of its own (only a
+    loopback, down): there a wildcard listener is reachable from nowhere."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare is not installed")
+    for prefix in ([unshare, "-n"], [unshare, "-rn"]):
+        if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
+            return prefix
+    pytest.skip("cannot make a network namespace here")
+
+
+@pytest.mark.parametrize("listen, warned", [("0.0.0.0:0", True), ("127.0.0.1:0", False)])
+def test_tokens_over_plaintext_tcp_off_loopback_are_warned_about(
+        tmp_path: Path, listen: str, warned: bool) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{'ab' * 32} alice chat\n")
+    ready = tmp_path / "ready.json"
+    cmd = [*_unshare_net(), sys.executable, "-m", "kvstore", "serve",
+           "--data-dir", str(tmp_path / "data"), "--server-listen", listen,
+           "--server-unix-socket", "", "--l1-capacity", "8MiB", "--l1-prefault", "false",
+           "--l2-enabled", "false", "--auth-tokens-file", str(tokens),
+           "--ready-file", str(ready)]
+    env = {**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)[0]
+            assert time.monotonic() < deadline, "not ready in 30 s"
+            time.sleep(0.02)  # polling a file with a deadline
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    lines = [line for line in out.splitlines() if "in the clear" in line]
+    if warned:
+        assert len(lines) == 1 and "WARNING" in lines[0] and "server.tls_cert" in lines[0], out
+    else:
+        assert not lines, out
