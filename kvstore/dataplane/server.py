@@ -171,8 +171,12 @@ class DataPlaneServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            # The service's user only, as the gRPC socket, from the bind on
+            # (Linux makes the socket file with the mode of the unbound socket).
+            with contextlib.suppress(OSError):
+                os.fchmod(sock.fileno(), 0o600)
             sock.bind(path)
-            os.chmod(path, 0o600)  # the service's user only, as the gRPC socket
+            os.chmod(path, 0o600)  # (elsewhere the bind may not take the mode)
             sock.listen(128)
         except OSError as exc:
             sock.close()

@@ -178,7 +178,14 @@ class Server:
                 # Only a stale socket goes: never a file, never a live server's.
                 if check_socket_path("server.unix_socket", str(path)):
                     path.unlink()
-                self.grpc.add_insecure_port(f"unix:{path}")
+                # grpc binds (and listens) here with mode 0777 less the umask;
+                # under a umask of 0 another user could connect before the
+                # chmod below and keep the connection: no window at all.
+                umask = os.umask(0o177)
+                try:
+                    self.grpc.add_insecure_port(f"unix:{path}")
+                finally:
+                    os.umask(umask)
             except (RuntimeError, OSError) as exc:
                 reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else \
                     "grpc cannot bind it (is its directory writable?)"

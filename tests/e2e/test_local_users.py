@@ -8,6 +8,7 @@ so they run as root only (skipped otherwise)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -17,6 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kvstore.config import load
+from kvstore.server.app import Server
 
 #: A user id that is not this process's (``nobody`` on most systems).
 OTHER_UID = 65534
@@ -176,6 +180,38 @@ def test_a_socket_directory_the_server_makes_is_not_world_writable(tmp_path: Pat
     finally:
         proc.kill()
         proc.communicate(timeout=30)
+
+
+
+def test_the_grpc_socket_is_private_from_its_bind_under_umask_0(tmp_path: Path) -> None:
+    # grpc binds and listens at add_insecure_port; the chmod to 0600 came only
+    # once it served. Under umask 0 the socket was 0777 in between, and another
+    # user connecting then kept a connection (seen: 1 start in 12).
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "8MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "",
+        "KVSTORE_L2_ENABLED": "false", "KVSTORE_SERVER_UNIX_SOCKET": str(tmp_path / "kv.sock"),
+    })
+    modes: list[int] = []
+
+    async def go() -> None:
+        server = Server(config)
+        start_grpc = server.grpc.start
+
+        async def start_and_look() -> None:
+            modes.append(os.lstat(tmp_path / "kv.sock").st_mode & 0o777)
+            await start_grpc()
+
+        server.grpc.start = start_and_look  # type: ignore[method-assign]
+        await server.start()
+        await server.stop(0)
+
+    umask = os.umask(0)
+    try:
+        asyncio.run(go())
+    finally:
+        os.umask(umask)
+    assert modes == [0o600]
 
 
 # -- the data directory (data_dir: L2 and kvstore.lock) ----------------------------------
