@@ -116,6 +116,7 @@ def check_data_dir(config: Config) -> None:
         # (a link there had the server truncate the file it names).
         check_directory("data_dir", str(data_dir / LOCK_FILE))
         path.mkdir(mode=0o700, exist_ok=True)
+        check_directory("data_dir", str(path / "data.mdb"))  # l2/ too (a sticky data_dir)
         with tempfile.TemporaryFile(dir=path, prefix=".write-check-"):
             pass
     except OSError as exc:

@@ -235,6 +235,21 @@ def test_a_data_dir_of_another_user_is_refused_and_a_link_there_not_followed(
     assert victim.read_bytes() == b"precious"
 
 
+@needs_root
+def test_an_l2_directory_of_another_user_in_a_sticky_data_dir_is_refused(
+        tmp_path: Path) -> None:
+    # In a data_dir like /tmp (sticky: kvstore.lock stays the server's) another
+    # user may make l2/ first; LMDB's files there would be that user's to swap.
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o1777)
+    (data / "l2").mkdir(mode=0o777)
+    os.chown(data / "l2", OTHER_UID, OTHER_UID)
+    line = refusal(tmp_path)
+    assert "data_dir" in line and "belongs to another user" in line, line
+    assert not (data / "l2" / "data.mdb").exists()
+
+
 def test_a_world_writable_data_dir_without_sticky_bit_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
