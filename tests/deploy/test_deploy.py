@@ -559,6 +559,9 @@ def test_systemd_unit_runs_kvstore_serve_as_a_user_with_a_health_gate() -> None:
     assert cfg.data_dir == "/var/lib/" + service["StateDirectory"][0]
     assert str(Path(cfg.l1.shm_path).parent) in service["ExecStartPre"][0]
     assert cfg.server.metrics_listen.startswith("127.0.0.1:")
+    # No TCP listener: a loopback port is open to every user of the host,
+    # whom the socket's and the arena's 0600 are meant to keep out.
+    assert cfg.server.listen == "" and not cfg.auth.tokens_file
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
