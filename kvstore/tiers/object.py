@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import struct
 import time
@@ -577,6 +578,10 @@ def _open_store(
     if scheme == "file":
         path = urllib.parse.unquote(parsed.path).rstrip("/") or "/"
         try:
+            # Every namespace's blocks: a directory kvstore makes is 0700, as
+            # L2's (obstore's would be 0777 less the umask, its files
+            # readable by every user); one the operator made is left as it is.
+            os.makedirs(path, mode=0o700, exist_ok=True)
             return LocalStore(prefix=path, mkdir=True), f"file://{path}"
         except Exception as exc:
             raise InvalidConfig(f"l3.url {url!r}: cannot use directory: {exc}") from None

@@ -296,6 +296,26 @@ def test_a_link_beside_the_ready_file_is_not_followed(tmp_path: Path) -> None:
         proc.communicate(timeout=30)
 
 
+
+def test_an_l3_directory_kvstore_makes_is_private(tmp_path: Path) -> None:
+    # obstore made it 0755 and its objects 0644 under the usual umask: every
+    # user of the host read every namespace's blocks there (and their names).
+    pytest.importorskip("obstore")
+    l3 = tmp_path / "open" / "l3"
+    (tmp_path / "open").mkdir(mode=0o755)
+    proc = start(tmp_path, "--l2-enabled", "false", "--l3-url", f"file://{l3}", umask=0o022)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready.json").exists():
+            assert proc.poll() is None, proc.communicate(timeout=30)[1]
+            assert time.monotonic() < deadline, "not ready in 30 s"
+            time.sleep(0.02)  # polling a file with a deadline
+        assert l3.stat().st_mode & 0o777 == 0o700
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
 # -- the network path: bearer tokens without TLS ------------------------------------------
 
 
