@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import pytest
 from serverproc import ServerProcess
 
 from kvstore import Client, _impl, _spin
+from kvstore.client import dataplane
 from kvstore.client.dataplane import Connection
 from kvstore.client.shm import ShmClient
 from kvstore.dataplane.frames import HEADER_SIZE, RESPONSE, Op, decode_header, encode_header
@@ -217,8 +220,16 @@ def _slow_ping_peer(sock: socket.socket, delays: list[float]) -> None:
         sock.sendall(encode_header(Op.PING | RESPONSE, rid, 0))
 
 
+@pytest.fixture
+def cpu_to_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls count by their answers alone, not by the share of the CPU their
+    thread held (a loaded host would otherwise change the exact counts these
+    tests check; that rule has its own test, at the end)."""
+    monkeypatch.setattr(dataplane, "_CONTENDED_SHARE", 0.0)
+
+
 def test_a_connection_stops_polling_a_slow_server_and_tries_again(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], cpu_to_itself: None) -> None:
     """Answers later than the poll: after 8 polls that ran out (and one more
     try) the calls sleep at once; every 64th call polls again, and once an
     answer comes within the poll, every call polls again."""
@@ -243,7 +254,7 @@ def test_a_connection_stops_polling_a_slow_server_and_tries_again(
 
 
 def test_answers_a_little_later_than_the_poll_widen_it_instead_of_stopping_it(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+        pair: tuple[socket.socket, socket.socket], cpu_to_itself: None) -> None:
     """Answers that come after the poll ran out but within 4 times its budget
     (a busy host's slower hops, not a far server) double the connection's
     window, up to 4 times the budget, and are caught from then on: the
@@ -281,7 +292,7 @@ def _mixed_peer(sock: socket.socket, delays: dict[int, float], count: int) -> No
 
 @pytest.mark.parametrize("put_delay", [0.02, 0.006])  # far past the poll; within 4x it
 def test_late_put_answers_do_not_stop_the_quick_polls(
-        pair: tuple[socket.socket, socket.socket], put_delay: float) -> None:
+        pair: tuple[socket.socket, socket.socket], put_delay: float, cpu_to_itself: None) -> None:
     """PUTs whose answers keep coming after their poll (a loaded server) stop
     polling for PUTs after 8, also when they come within 4 times the poll
     (only quick answers widen the window: a Put's poll is long already, and 4
@@ -346,3 +357,44 @@ def test_puts_of_one_chunk_are_polled_for_larger_ones_not(shm_server: ServerProc
             c.put({f"big{i}".encode(): big})
         assert dp.polled == before
         assert c.get([b"big1"]) == [big]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_a_client_sharing_its_cpu_stops_polling_and_comes_back(
+        shm_server: ServerProcess) -> None:
+    """A client whose CPU another runnable process wants (more polling
+    clients than CPUs; here a busy loop pinned to the same CPU) gives each of
+    its poll's yields to that process and holds the CPU for a sliver of the
+    poll: it stops polling after a few such polls instead of spinning on
+    every call (it used to, its polls still catching the answers), and polls
+    again once it has its CPU to itself."""
+    blocks = {f"s{i}".encode(): os.urandom(4096) for i in range(4)}
+    cpu = min(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})  # this thread only
+        with Client(shm_server.tcp, namespace="default", data_plane="unix",
+                    busy_poll_us=10_000) as c:
+            c.put(blocks)
+            dp = c._data_plane
+            assert dp is not None
+            for i in range(200):
+                assert c.get([f"s{i % 4}".encode()]) == [blocks[f"s{i % 4}".encode()]]
+            contended = dp.polls
+            # 8 contended polls give up, then one retry every 64 calls.
+            assert contended <= 8 + 200 // 64 + 4, f"{contended} polls in 200 calls"
+            hog.kill()
+            hog.wait(timeout=10)
+            before = dp.polled
+            for _ in range(64 * 30):  # a retry every 64 calls: one held its CPU
+                c.get([b"s0"])
+                if dp.polled > before:
+                    break
+            assert dp.polled > before, "polling never came back with the CPU free"
+    finally:
+        os.sched_setaffinity(0, mine)
+        if hog.poll() is None:
+            hog.kill()
+            hog.wait(timeout=10)
