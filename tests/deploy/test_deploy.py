@@ -248,6 +248,11 @@ def test_daemonset_probes_use_grpc_health_on_the_served_port(pod: Any) -> None:
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
+    # A loaded server under a CPU quota answered in up to 1.2 s
+    # (docs/deploy.md, "Under a CPU quota"): no probe may give up sooner than
+    # 3 s (Kubernetes' default timeoutSeconds is 1).
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe].get("timeoutSeconds", 1) >= 3, probe
     # Liveness must be more patient than readiness.
     live, ready = container["livenessProbe"], container["readinessProbe"]
     assert (live["periodSeconds"] * live["failureThreshold"]
