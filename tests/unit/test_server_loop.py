@@ -5,6 +5,7 @@ loop's timers, and that a real server with it answers and then goes quiet."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -18,6 +19,7 @@ from serverproc import ServerProcess
 from kvstore import Client
 from kvstore.config import load
 from kvstore.errors import InvalidConfig
+from kvstore.server import loop
 from kvstore.server.loop import (
     GIVE_UP_AFTER,
     MAX_SCALE,
@@ -129,6 +131,54 @@ def test_spinning_stops_after_misses_and_is_retried(
         _activate(sel, a, b)  # spinning again at every burst
         assert sel.select(0.002) == []
         assert sel.spins == 11  # _activate's select spun too (after the catch)
+
+
+def test_no_spinning_while_the_cgroup_is_throttled(
+        pair: tuple[socket.socket, socket.socket], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the cgroup's count of throttled periods rises (a CPU quota spent),
+    the loop stops spinning for THROTTLED_PAUSE_S, then spins again."""
+    monkeypatch.setattr(loop, "THROTTLE_CHECK_S", 0.0)  # read cpu.stat at every spin
+    stat = tmp_path / "cpu.stat"
+    stat.write_text("nr_periods 10\nnr_throttled 0\nthrottled_time 0\n")
+    a, b = pair
+    with BusyPollSelector(200, lambda: stat) as sel:
+        sel.register(a, 1)
+        _activate(sel, a, b)
+        assert sel.select(0.002) == []
+        assert sel.spins == 1
+        stat.write_text("nr_periods 20\nnr_throttled 3\nthrottled_time 9000000\n")
+        for _ in range(5):
+            _activate(sel, a, b)
+            assert sel.select(0.002) == []
+        assert sel.spins == 1
+        sel._paused_until = 0.0  # the pause over, without waiting its 10 s
+        _activate(sel, a, b)
+        assert sel.select(0.002) == []
+        assert sel.spins == 2
+
+
+def test_cpu_stat_path_finds_the_cgroup(tmp_path: Path) -> None:
+    """cgroup v1 (the cpu controller's path under its mount, or the mount's
+    own file inside a container), v2, and none."""
+    root = tmp_path / "fs"
+    (root / "cpu,cpuacct" / "kubepods" / "pod1").mkdir(parents=True)
+    (root / "cpu,cpuacct" / "kubepods" / "pod1" / "cpu.stat").write_text("nr_throttled 2\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/kubepods/pod1\n2:cpu,cpuacct:/kubepods/pod1\n")
+    assert loop.cpu_stat_path(str(proc), str(root)) == \
+        root / "cpu,cpuacct" / "kubepods" / "pod1" / "cpu.stat"
+    proc.write_text("2:cpu,cpuacct:/docker/abc\n")  # path hidden: the mount's own
+    (root / "cpu,cpuacct" / "cpu.stat").write_text("nr_throttled 0\n")
+    assert loop.cpu_stat_path(str(proc), str(root)) == root / "cpu,cpuacct" / "cpu.stat"
+    (root / "user.slice").mkdir()
+    (root / "user.slice" / "cpu.stat").write_text("usage_usec 5\nnr_throttled 0\n")
+    proc.write_text("0::/user.slice\n")
+    assert loop.cpu_stat_path(str(proc), str(root)) == root / "user.slice" / "cpu.stat"
+    proc.write_text("0::/elsewhere\n")
+    (root / "cpu.stat").unlink(missing_ok=True)
+    assert loop.cpu_stat_path(str(proc), str(root)) is None
+    assert loop.cpu_stat_path(str(tmp_path / "missing"), str(root)) is None
 
 
 def _event_after(sel: BusyPollSelector, a: socket.socket, b: socket.socket,
@@ -282,3 +332,64 @@ def test_a_busy_polling_server_answers_and_then_goes_quiet(tmp_path: Path) -> No
             idle_cpu = _cpu_seconds(server.pid) - start
         # A spinning loop would spend the whole second; background timers a few ms.
         assert idle_cpu < 0.3, f"an idle server spent {idle_cpu:.3f} CPU s in 1 s"
+
+
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@pytest.fixture
+def cpu_quota_cgroup() -> Iterator[Path]:
+    """A cgroup v1 ``cpu`` child with a tenth of a CPU (period 100 ms, as
+    Kubernetes sets it); needs root and the v1 controller."""
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").exists() or os.geteuid() != 0:
+        pytest.skip("needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+    group = CGROUP_CPU / f"kvstore-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_period_us").write_text("100000")
+        (group / "cpu.cfs_quota_us").write_text("10000")
+    except OSError as exc:
+        pytest.skip(f"cannot make a cgroup: {exc}")
+    try:
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):  # (gone meanwhile)
+                (CGROUP_CPU / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+def _throttled(group: Path) -> int:
+    stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+    return int(stat["nr_throttled"])
+
+
+def test_a_throttled_server_stops_spinning(tmp_path: Path, cpu_quota_cgroup: Path) -> None:
+    """A server in a CPU quota it spends (a tenth of a CPU, one client asking
+    without pause) stops spinning once its cgroup is throttled: the spin would
+    spend CPU the quota no longer has, and the rest of each period the loop
+    cannot run at all. It used to keep spinning after every request."""
+    pytest.importorskip("prometheus_client", reason="the metrics need kvstore[metrics]")
+    blocks = {f"k{i}".encode(): os.urandom(4096) for i in range(4)}
+    with ServerProcess(tmp_path, "--server-busy-poll-us", "200",
+                       "--server-metrics-listen", "127.0.0.1:0") as server:
+        (cpu_quota_cgroup / "cgroup.procs").write_text(str(server.pid))
+        with Client(server.tcp, namespace="default", data_plane="unix", busy_poll_us=0) as c:
+            c.put(blocks)
+            deadline = time.monotonic() + 30
+            while _throttled(cpu_quota_cgroup) == 0:
+                assert time.monotonic() < deadline, "the quota never throttled the server"
+                c.get([b"k0"])
+            # The server reads its cgroup's count once a second: 1.5 s more of
+            # requests (the quota keeps throttling it), then a measured window.
+            window = time.monotonic() + 1.5
+            while time.monotonic() < window:
+                c.get([b"k1"])
+            polls = server.metric("kvstore_loop_busy_polls_total")
+            for i in range(300):
+                assert c.get([f"k{i % 4}".encode()]) == [blocks[f"k{i % 4}".encode()]]
+            after = server.metric("kvstore_loop_busy_polls_total")
+        assert polls is not None and after is not None
+        assert _throttled(cpu_quota_cgroup) > 0
+        # Metrics scrapes are requests too: a spin or two at most.
+        assert after - polls <= 5, f"{after - polls:.0f} spins in 300 throttled requests"
