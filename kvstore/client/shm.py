@@ -766,14 +766,16 @@ class ShmClient(Client):
         sent = time.monotonic()
         ns = resolve_namespace(namespace, self.namespace)
         leases, lease_s, unleased = self._acquire(keys, ns, session_id, 0)
+        bad: CorruptBlock | None = None
         try:
             if unleased:
                 self._copy_unleased(leases, unleased, ns, session_id)
             yield leases
+        except CorruptBlock as exc:
+            bad = exc  # (raised below, unless a lease had expired: _stale_copy)
         finally:
             expired = self._done_reading(leases, sent, lease_s, ns)
-        if expired:
-            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
+        _check_copies(expired, bad)
 
     def _done_reading(self, leases: list[LeasedBlock | None], sent: float, lease_s: float,
                       ns: str) -> list[int]:
@@ -827,6 +829,7 @@ class ShmClient(Client):
             # read them the way that holds none.
             return super().get_into(key_list, views, namespace=ns)
         sizes: list[int | None] = []
+        bad: CorruptBlock | None = None
         try:
             plain: dict[int, int | None] = {}
             if unleased:
@@ -846,13 +849,13 @@ class ShmClient(Client):
                         f"{lease.size} bytes")
                 crc = copy_and_checksum(dest, 0, lease.view, 0, streaming)
                 if crc != lease.crc32c:
-                    raise CorruptBlock(f"key #{i}: the copy read from shared memory fails "
+                    bad = CorruptBlock(f"key #{i}: the copy read from shared memory fails "
                                        f"its CRC-32C ({crc:#010x} != {lease.crc32c:#010x})")
+                    break
                 sizes.append(lease.size)
         finally:
             expired = self._done_reading(leases, sent, lease_s, ns)
-        if expired:
-            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
+        _check_copies(expired, bad)
         return sizes
 
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
@@ -871,6 +874,7 @@ class ShmClient(Client):
             leases, lease_s, unleased = self._acquire(ks, ns, session_id, 0)
         except CapacityExhausted:  # (as get_into)
             return super().get(ks, namespace=ns, session_id=session_id)
+        bad: CorruptBlock | None = None
         try:
             self._get_hint = max((lease.size for lease in leases if lease is not None),
                                  default=0)
@@ -885,11 +889,25 @@ class ShmClient(Client):
                     continue
                 data = bytes(lease.view)
                 if checksum(data) != lease.crc32c:
-                    raise CorruptBlock(f"key #{i}: the copy read from shared memory fails "
+                    bad = CorruptBlock(f"key #{i}: the copy read from shared memory fails "
                                        "its CRC-32C")
+                    break
                 out.append(data)
         finally:
             expired = self._done_reading(leases, sent, lease_s, ns)
-        if expired:
-            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
+        _check_copies(expired, bad)
         return out
+
+
+def _check_copies(expired: list[int], bad: CorruptBlock | None) -> None:
+    """A read's verdict on its copies: StaleLease when a lease had expired
+    before its release, else ``bad`` (a copy that failed its lease's CRC-32C),
+    if any. A lease that expired explains a bad copy: the reader was paused
+    past it (a debugger, a frozen cgroup, a long GC) and the slot went to
+    another block, which is no damage to report (CorruptBlock is DATA_LOSS)
+    but a read to make again."""
+    if expired:
+        raise StaleLease(f"{len(expired)} lease(s) expired before release; read again") \
+            from bad
+    if bad is not None:
+        raise bad

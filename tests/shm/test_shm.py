@@ -289,6 +289,47 @@ def test_slow_copy_is_released_at_once_and_checked(shm_server) -> None:  # type:
         assert len(c._deferred) == 1
 
 
+@pytest.mark.parametrize("read", ["get", "get_into"])
+def test_a_reader_paused_past_its_lease_while_its_slot_is_reused_gets_stale_lease(
+        server_factory, tmp_path: Path, read: str) -> None:  # type: ignore[no-untyped-def]
+    """An engine paused after its ShmAcquire (SIGSTOP, a frozen cgroup, a long
+    GC) for longer than the lease, while its block is replaced and the slot
+    goes to another block: its copy fails the lease's CRC-32C. That is a
+    stale lease (read again), not damaged data: StaleLease, which the engine
+    link answers as a miss; it was CorruptBlock (DATA_LOSS), on which the
+    link dropped its client."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-paused"
+    server = server_factory("--l1-shm-path", path, "--server-shm-lease-ms", "300",
+                            "--l2-enabled", "false", "--server-metrics-listen", "127.0.0.1:0",
+                            l1_capacity="8MiB")
+    old, new = b"o" * MiB, b"n" * MiB
+    with server, ShmClient(server.unix_target, namespace="p") as c, \
+            Client(server.tcp, namespace="p") as other:
+        c.put({b"a": old})
+        acquire = c._acquire
+
+        def paused_acquire(*args, **kwargs):  # type: ignore[no-untyped-def]
+            got = acquire(*args, **kwargs)
+            # Paused here (the lease granted, nothing copied yet): the lease
+            # runs out, "a" is deleted and every slot of L1 rewritten.
+            deadline = time.monotonic() + 30
+            while server.metric("kvstore_shm_leases") != 0:
+                assert time.monotonic() < deadline, "the lease never expired"
+            assert other.delete([b"a"]) == 1
+            for i in range(12):
+                other.put({f"f{i}".encode(): new})
+            return got
+
+        c._acquire = paused_acquire  # type: ignore[method-assign]
+        with pytest.raises(StaleLease):
+            if read == "get":
+                c.get([b"a"])
+            else:
+                c.get_into([b"a"], [bytearray(MiB)])
+        c._acquire = acquire  # type: ignore[method-assign]
+        assert c.get([b"a"]) == [None]
+
+
 def test_two_rpc_path_still_works(shm_server) -> None:  # type: ignore[no-untyped-def]
     """release_on_acquire=False (and a server without the field) use ShmRelease."""
     with ShmClient(shm_server.unix_target, namespace="old", release_on_acquire=False) as c:
