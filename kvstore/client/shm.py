@@ -571,10 +571,16 @@ class ShmClient(Client):
         """Unpack straight from leased shared memory into the engine's pages
         (each block verified). Returns the number of leading blocks restored."""
         kv.check_lists(keys, page_lists)
-        with self._reading(keys, namespace, session_id) as leases:
-            return kv.unpack_prefix([lease.view if lease is not None else None
-                                     for lease in leases], k_pages, v_pages, page_lists,
-                                    dtype=dtype)
+        try:
+            with self._reading(keys, namespace, session_id) as leases:
+                return kv.unpack_prefix([lease.view if lease is not None else None
+                                         for lease in leases], k_pages, v_pages, page_lists,
+                                        dtype=dtype)
+        except CorruptBlock:
+            # A block that failed its check under valid leases (_reading ended
+            # them at once): read again as get does, a bad L1 copy dropped.
+            return super().get_kv_into(keys, k_pages, v_pages, page_lists, dtype=dtype,
+                                       namespace=namespace, session_id=session_id)
 
     # -- Get -------------------------------------------------------------------------
 
@@ -772,15 +778,19 @@ class ShmClient(Client):
                 self._copy_unleased(leases, unleased, ns, session_id)
             yield leases
         except CorruptBlock as exc:
-            bad = exc  # (raised below, unless a lease had expired: _stale_copy)
+            bad = exc  # (raised below, unless a lease had expired)
         finally:
-            expired = self._done_reading(leases, sent, lease_s, ns)
-        _check_copies(expired, bad)
+            expired = self._done_reading(leases, sent, lease_s, ns, defer=bad is None)
+        if expired:  # (as _check_copies)
+            raise StaleLease(f"{len(expired)} lease(s) expired before release; read again") \
+                from bad
+        if bad is not None:
+            raise bad
 
     def _done_reading(self, leases: list[LeasedBlock | None], sent: float, lease_s: float,
-                      ns: str) -> list[int]:
+                      ns: str, defer: bool = True) -> list[int]:
         """End a read's leases (see :meth:`_reading`): the ids of those that
-        had expired (only when released now)."""
+        had expired (only when released now; ``defer`` False: always now)."""
         ids = []
         for lease in leases:
             if lease is not None:
@@ -792,7 +802,7 @@ class ShmClient(Client):
         # The server started each lease after ``sent``: before ``until``
         # none can have expired, so a copy finished by then is good.
         until = sent + lease_s - _LEASE_MARGIN
-        if self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
+        if defer and self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
             with self._deferred_lock:
                 self._deferred.extend((i, until, ns) for i in ids)
             return []
@@ -829,7 +839,7 @@ class ShmClient(Client):
             # read them the way that holds none.
             return super().get_into(key_list, views, namespace=ns)
         sizes: list[int | None] = []
-        bad: CorruptBlock | None = None
+        bad: list[int] = []  # copies that failed their lease's CRC-32C
         try:
             plain: dict[int, int | None] = {}
             if unleased:
@@ -847,15 +857,18 @@ class ShmClient(Client):
                     raise InvalidArgument(
                         f"buffer #{i} is {len(dest)} bytes but key #{i} holds a block of "
                         f"{lease.size} bytes")
-                crc = copy_and_checksum(dest, 0, lease.view, 0, streaming)
-                if crc != lease.crc32c:
-                    bad = CorruptBlock(f"key #{i}: the copy read from shared memory fails "
-                                       f"its CRC-32C ({crc:#010x} != {lease.crc32c:#010x})")
-                    break
+                if copy_and_checksum(dest, 0, lease.view, 0, streaming) != lease.crc32c:
+                    bad.append(i)
                 sizes.append(lease.size)
         finally:
-            expired = self._done_reading(leases, sent, lease_s, ns)
+            expired = self._done_reading(leases, sent, lease_s, ns, defer=not bad)
         _check_copies(expired, bad)
+        if bad:
+            # (the leases ended above: the server may drop the bad copy)
+            again = super().get_into([key_list[i] for i in bad], [views[i] for i in bad],
+                                     namespace=ns)
+            for i, size in zip(bad, again, strict=True):
+                sizes[i] = size
         return sizes
 
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
@@ -874,7 +887,7 @@ class ShmClient(Client):
             leases, lease_s, unleased = self._acquire(ks, ns, session_id, 0)
         except CapacityExhausted:  # (as get_into)
             return super().get(ks, namespace=ns, session_id=session_id)
-        bad: CorruptBlock | None = None
+        bad: list[int] = []  # copies that failed their lease's CRC-32C
         try:
             self._get_hint = max((lease.size for lease in leases if lease is not None),
                                  default=0)
@@ -889,25 +902,32 @@ class ShmClient(Client):
                     continue
                 data = bytes(lease.view)
                 if checksum(data) != lease.crc32c:
-                    bad = CorruptBlock(f"key #{i}: the copy read from shared memory fails "
-                                       "its CRC-32C")
-                    break
+                    bad.append(i)
                 out.append(data)
         finally:
-            expired = self._done_reading(leases, sent, lease_s, ns)
+            expired = self._done_reading(leases, sent, lease_s, ns, defer=not bad)
         _check_copies(expired, bad)
+        if bad:
+            # (the leases ended above: the server may drop the bad copy)
+            again = super().get([ks[i] for i in bad], namespace=ns, session_id=session_id)
+            for i, block in zip(bad, again, strict=True):
+                out[i] = block
         return out
 
 
-def _check_copies(expired: list[int], bad: CorruptBlock | None) -> None:
-    """A read's verdict on its copies: StaleLease when a lease had expired
-    before its release, else ``bad`` (a copy that failed its lease's CRC-32C),
-    if any. A lease that expired explains a bad copy: the reader was paused
-    past it (a debugger, a frozen cgroup, a long GC) and the slot went to
-    another block, which is no damage to report (CorruptBlock is DATA_LOSS)
-    but a read to make again."""
+def _check_copies(expired: list[int], bad: Sequence[int]) -> None:
+    """A read's verdict on its leases: StaleLease when one had expired before
+    its release (a copy that failed its CRC-32C, ``bad``, included: the reader
+    was paused past its lease, by a debugger, a frozen cgroup or a long GC,
+    and the slot went to another block; no damage, a read to make again).
+    Copies that failed under valid leases are the L1 copy's own fault (a
+    writer paused past its reservation and the quarantine wrote into it):
+    the caller reads them again by a plain Get, on which the server checks
+    its copy, drops it and serves the next tier's, or a miss (CorruptBlock
+    on every read would keep the bad copy, and cost the engine link its
+    client each time)."""
     if expired:
+        cause = CorruptBlock(f"the copies of {len(bad)} block(s) failed their CRC-32C") \
+            if bad else None
         raise StaleLease(f"{len(expired)} lease(s) expired before release; read again") \
-            from bad
-    if bad is not None:
-        raise bad
+            from cause

@@ -25,6 +25,7 @@ from kvstore.errors import (
     StaleLease,
     TierNotConfigured,
 )
+from kvstore.types import TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 MiB = 1024**2
@@ -328,6 +329,36 @@ def test_a_reader_paused_past_its_lease_while_its_slot_is_reused_gets_stale_leas
                 c.get_into([b"a"], [bytearray(MiB)])
         c._acquire = acquire  # type: ignore[method-assign]
         assert c.get([b"a"]) == [None]
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_a_damaged_l1_copy_read_through_shared_memory_is_dropped_not_raised_each_time(
+        server_factory, tmp_path: Path, data_plane: bool) -> None:  # type: ignore[no-untyped-def]
+    """A writer paused past its reservation and the quarantine writes into
+    the slot of a block stored there since (its lease checks fail under valid
+    leases). The reader reads it again by a plain Get, on which the server
+    checks the copy and drops it: a miss here (no other copy), the same on
+    the next read. It was CorruptBlock on every read, the bad copy kept (the
+    server never learnt of it), and the engine link dropped its client each
+    time."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-damaged"
+    server = server_factory("--l1-shm-path", path, "--l2-enabled", "false",
+                            l1_capacity="16MiB")
+    np = pytest.importorskip("numpy")
+    pages = [np.arange(4 * 2 * 16, dtype=np.float16).reshape(4, 2, 1, 16)] * 2
+    with server, ShmClient(server.unix_target, namespace="d", data_plane=data_plane) as c:
+        c.put({b"a": b"a" * MiB, b"b": b"b" * MiB})
+        assert c.put_kv([b"kv"], pages, pages, [[1, 2]]).stored == 1
+        with c.leased([b"a", b"kv"]) as leases:
+            for lease in leases:
+                assert lease is not None
+                lease.view[100:108] = b"late!!!!"  # the paused writer's bytes
+        assert c.get([b"a", b"b"]) == [None, b"b" * MiB]
+        assert c.get_into([b"a", b"b"], [bytearray(MiB), bytearray(MiB)]) == [None, MiB]
+        out = [np.zeros((4, 2, 1, 16), np.float16) for _ in range(2)]
+        assert c.get_kv_into([b"kv"], out, out, [[0, 1]]) == 0
+        assert c.get_kv_into([b"kv"], out, out, [[0, 1]]) == 0
+        assert [t.corrupt for t in c.stats().tiers if t.tier == TierName.L1] == [2]
 
 
 def test_two_rpc_path_still_works(shm_server) -> None:  # type: ignore[no-untyped-def]
