@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 from collections.abc import Callable, Sequence
 
@@ -48,6 +49,22 @@ _TLS_READ = 1024 * 1024
 #: ``fast(opcode, flags, request_id, meta)``: answer a payload-free request
 #: now (True), or leave it, untouched, to the connection's task (False).
 FastAnswer = Callable[[int, int, int, memoryview], bool]
+# poll() events of a peer that closed (FIN) or reset the connection; POLLHUP
+# and POLLERR are reported whatever is asked. Linux only: elsewhere 0, and a
+# connection counts as open until a read finds its end.
+_HUNG_UP = getattr(select, "POLLRDHUP", 0)
+
+
+def hung_up(fd: int) -> bool:
+    """Whether the peer of the socket ``fd`` has closed or reset it, even with
+    bytes it sent still unread here."""
+    if fd < 0:
+        return True  # (closed here already)
+    if not _HUNG_UP:
+        return False
+    poller = select.poll()
+    poller.register(fd, _HUNG_UP)
+    return bool(poller.poll(0))
 
 
 class ConnectionClosed(Exception):
@@ -93,6 +110,12 @@ class SocketIO:
         self._failed: BaseException | None = None  # the fast path's, for the task
         #: A graceful stop: answer what is under way, then close (next_header: None).
         self.closing = False
+
+    def peer_gone(self) -> bool:
+        """Whether the client has closed or reset the connection (a request of
+        a client that died must not take effect after the requests of those
+        that came after it)."""
+        return hung_up(self._fd)
 
     def begin_closing(self) -> None:
         """A graceful stop: nothing more is answered from the readable
@@ -475,6 +498,13 @@ class StreamIO:
         self.bytes_in = self.bytes_out = 0
         self.closing = False
         self._between_frames = False
+
+    def peer_gone(self) -> bool:
+        """As SocketIO's."""
+        if self.writer.transport.is_closing():
+            return True
+        sock = self.writer.get_extra_info("socket")
+        return sock is not None and hung_up(sock.fileno())
 
     def begin_closing(self) -> None:
         """A graceful stop (as SocketIO's): a task waiting for its next frame

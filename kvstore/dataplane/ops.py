@@ -16,6 +16,7 @@ import enum
 import functools
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,6 +56,12 @@ log = logging.getLogger("kvstore.server")
 
 _ACK = {0: AckLevel.MEMORY, 1: AckLevel.MEMORY, 2: AckLevel.LOCAL, 3: AckLevel.REMOTE}
 _FORMATS = frozenset(int(x) for x in BlockFormat)
+# A PUT's block stored more than this long (s) after the previous one (or the
+# request's start) is stored only if its client is still connected (one
+# poll() call): a killed client's PUT may have waited that long, with all its
+# bytes come, while a client after it stored the same key. Within it no
+# client can have started after the death; a small PUT never pays the call.
+_OPEN_CHECK_AFTER = 0.001
 # Blocks up to VERIFY_INLINE_BYTES are verified on the event loop before they
 # are sent, and a GET of them may be answered from the readable callback;
 # larger ones on the store's executor: the same bound as a commit's (2 MiB TCP
@@ -499,6 +506,7 @@ class Session:
             durable: list[asyncio.Future[Any]] = []
             stored = nbytes = 0
             session = session_or_none(req.session_id)
+            since = time.monotonic()
             for i, b in enumerate(req.blocks):
                 offset = await placement.reserve(b.size, namespace=namespace)
                 committed = False
@@ -514,8 +522,11 @@ class Session:
                         await placement.verify_block(offset, b.size, i)
                     block = (namespace, b.key)
                     written_next = await store.room_for_write(ack, b.size)
+                    if time.monotonic() - since > _OPEN_CHECK_AFTER:
+                        self._check_open()
                     entry = placement.commit(block, b.size, crc, offset, session, written_next)
                     committed = True
+                    since = time.monotonic()
                 finally:
                     dest.release()
                     if not committed:
@@ -534,6 +545,15 @@ class Session:
                 await io.discard(remaining)  # keep the stream in step; the connection lives
             raise
         await self.reply(header, f.Counted(stored, nbytes).encode())
+
+    def _check_open(self) -> None:
+        """ConnectionClosed once the client has closed or reset the connection,
+        for a block about to be stored after a wait (for L1 room, for L2
+        write-queue room, for the delete of an older copy, for its bytes):
+        a client killed meanwhile, whose bytes had all come, must not
+        overwrite what its successor put and was told was stored."""
+        if self.io.peer_gone():
+            raise ConnectionClosed("the client went before its block was stored")
 
     def _check_put(self, req: f.PutRequest) -> tuple[str, AckLevel, int]:
         """Everything about a PUT that can be checked before its bytes come."""
@@ -606,11 +626,11 @@ class Session:
                     await asyncio.wait((self._answered_check,))
                 stored, nbytes, left = await self.shm.commit_unchecked(
                     namespace, _ACK[req.ack], specs, req.abandon, self.owner,
-                    session=session_or_none(req.session_id))
+                    session=session_or_none(req.session_id), check_open=self._check_open)
             else:
                 stored, nbytes = await self.shm.commit(
                     namespace, _ACK[req.ack], specs, req.abandon, self.owner,
-                    session=session_or_none(req.session_id))
+                    session=session_or_none(req.session_id), check_open=self._check_open)
         finally:
             self._committed(specs, req.abandon)
         try:

@@ -323,10 +323,15 @@ class SharedMemoryBroker:
 
     async def commit(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
                      abandon: Sequence[int], owner: str = "", *,
-                     session: str | None = None) -> tuple[int, int]:
+                     session: str | None = None,
+                     check_open: Callable[[], None] | None = None) -> tuple[int, int]:
         """Store the blocks written into reserved slots. ``session``: the
         session of the anonymous slots committed (a keyed reservation keeps
-        the one it was reserved with)."""
+        the one it was reserved with). ``check_open``: raises once the
+        client is gone; called before each block is made visible (the commit
+        may wait, and a client that died meanwhile must not overwrite what
+        others put after it: its blocks left are given up, as they are when
+        the L2 write queue stays full)."""
         taken = self._take(namespace, ack, specs, abandon, owner, session)
         # Verify every block's checksum before any is visible. A small commit
         # right here (tens of µs: less than the hop to a thread and back),
@@ -349,21 +354,30 @@ class SharedMemoryBroker:
             raise
         durable = []
         nbytes = 0
-        for spec, r in taken:
-            written_next = await self.store.room_for_write(ack, r.size)
-            entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session,
-                                          written_next)
-            fut = await self.store.make_durable(r.block, entry, ack)
-            if fut is not None:
-                durable.append(fut)
-            nbytes += r.size
+        done = 0
+        try:
+            for spec, r in taken:
+                written_next = await self.store.room_for_write(ack, r.size)
+                if check_open is not None:
+                    check_open()
+                entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset,
+                                              r.session, written_next)
+                done += 1
+                fut = await self.store.make_durable(r.block, entry, ack)
+                if fut is not None:
+                    durable.append(fut)
+                nbytes += r.size
+        except BaseException:
+            self._release_taken(taken[done:])  # (the L2 queue stayed full; the client went)
+            raise
         if durable:
             await asyncio.gather(*durable)
         return len(taken), nbytes
 
     async def commit_unchecked(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],
                                abandon: Sequence[int], owner: str = "", *,
-                               session: str | None = None
+                               session: str | None = None,
+                               check_open: Callable[[], None] | None = None
                                ) -> tuple[int, int, list[tuple[BlockId, Entry, CommitSpec]]]:
         """:meth:`commit` for a vouched commit too large to check on the loop
         (more than VERIFY_INLINE_BYTES): its blocks are stored at once, pinned,
@@ -380,14 +394,16 @@ class SharedMemoryBroker:
         if ack != AckLevel.MEMORY or not self.store.acked_now() or \
                 sum(spec.size for spec in specs) <= VERIFY_INLINE_BYTES or \
                 any(spec.format != BlockFormat.RAW for spec in specs):
-            return (*await self.commit(namespace, ack, specs, abandon, owner, session=session),
-                    [])
+            return (*await self.commit(namespace, ack, specs, abandon, owner, session=session,
+                                       check_open=check_open), [])
         taken = self._take(namespace, ack, specs, abandon, owner, session)
         left: list[tuple[BlockId, Entry, CommitSpec]] = []
         nbytes = 0
         pin = self.store.index.pin_reader
         try:
             for spec, r in taken:
+                if check_open is not None and left:  # (after an await: as commit's)
+                    check_open()
                 entry = self.placement.commit(r.block, r.size, spec.checksum, r.offset, r.session)
                 pin(entry)  # its extent stays this block's until checked
                 left.append((r.block, entry, spec))
