@@ -176,7 +176,6 @@ class BusyPollSelector(selectors.DefaultSelector):
         self._misses = misses + 1  # counts the bursts passed over too
         return (misses - GIVE_UP_AFTER) % RETRY_EVERY == RETRY_EVERY - 1
 
-
     def _quota_left(self) -> bool:
         """False while the cgroup was throttled lately (checked once per
         THROTTLE_CHECK_S): a spin would spend CPU the quota no longer has."""
