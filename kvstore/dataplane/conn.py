@@ -53,18 +53,23 @@ FastAnswer = Callable[[int, int, int, memoryview], bool]
 # and POLLERR are reported whatever is asked. Linux only: elsewhere 0, and a
 # connection counts as open until a read finds its end.
 _HUNG_UP = getattr(select, "POLLRDHUP", 0)
+_CLOSED = select.POLLHUP | select.POLLERR
 
 
-def hung_up(fd: int) -> bool:
+def hung_up(fd: int, half_closed: bool = True) -> bool:
     """Whether the peer of the socket ``fd`` has closed or reset it, even with
-    bytes it sent still unread here."""
+    bytes it sent still unread here. ``half_closed``: whether a peer that
+    only shut down its sending side counts (TCP: a killed process's FIN
+    looks the same); on a unix socket a peer's close, not its
+    ``shutdown(SHUT_WR)``, is POLLHUP, so there it need not."""
     if fd < 0:
         return True  # (closed here already)
     if not _HUNG_UP:
         return False
     poller = select.poll()
     poller.register(fd, _HUNG_UP)
-    return bool(poller.poll(0))
+    events = poller.poll(0)
+    return bool(events) if half_closed else any(ev & _CLOSED for _, ev in events)
 
 
 class ConnectionClosed(Exception):
@@ -114,8 +119,9 @@ class SocketIO:
     def peer_gone(self) -> bool:
         """Whether the client has closed or reset the connection (a request of
         a client that died must not take effect after the requests of those
-        that came after it)."""
-        return hung_up(self._fd)
+        that came after it). On a unix socket a client that only shut down
+        its sending side and waits for the answer is still there."""
+        return hung_up(self._fd, half_closed=self._tcp)
 
     def begin_closing(self) -> None:
         """A graceful stop: nothing more is answered from the readable

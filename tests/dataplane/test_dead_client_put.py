@@ -5,7 +5,11 @@ read back its dead predecessor's bytes under a key it had put since."""
 
 from __future__ import annotations
 
+import fcntl
 import mmap
+import socket
+import struct
+import termios
 import threading
 import uuid
 from collections.abc import Iterator
@@ -135,3 +139,43 @@ def test_a_put_of_a_client_gone_while_it_waited_never_overwrites_a_later_one(
         c.delete([b"K"])
         c.put({f"x{i}".encode(): b"x" * MiB for i in range(32)})
         assert c.lookup([f"x{i}".encode() for i in range(32)]).tiers == [TierName.L1] * 32
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes sent on a unix socket that its peer has not read yet."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]  # type: ignore[no-any-return]
+
+
+def test_a_put_of_a_client_that_only_half_closed_a_unix_socket_is_stored_and_answered(
+        server: ServerProcess) -> None:
+    """A client that shuts down its sending side after its PUT and waits for
+    the answer is still there: on a unix socket the server tells that from a
+    close (a killed client's), and stores the block after its wait."""
+    srv = server
+    env = lmdb.open(str(srv.data_dir / "l2"), subdir=True, max_dbs=8, lock=True)
+    txn = env.begin(write=True)
+    with Client(srv.tcp, namespace="ns", timeout=30, data_plane=False) as c:
+        try:
+            filler = threading.Thread(
+                target=lambda: c.put({b"F": b"f" * (4 * MiB)}, ack="local"), daemon=True)
+            filler.start()
+            assert wait_until(lambda: c.lookup([b"F"]).tiers == [TierName.L1])
+            resp = open_dp(srv.tcp)
+            raw = connect(resp, "unix")
+            raw.send(request(HELLO, 1, s(resp.ticket)))
+            assert raw.frame().op == 0x81
+            value = b"H" * MiB
+            meta = put_meta("ns", [(b"K", len(value), 0, None)], ack=2)
+            raw.send(header(PUT, 2, len(meta), len(value)) + meta + value)
+            raw.sock.shutdown(socket.SHUT_WR)
+            # The server has read all its bytes (none left unread in the socket),
+            # and the PUT waits for room in the L2 write queue (writer stalled).
+            assert wait_until(lambda: _unread(raw.sock) == 0)
+        finally:
+            txn.abort()
+            env.close()
+        assert raw.frame().op == 0x85  # the PUT's answer
+        raw.close()
+        filler.join(30)
+        assert not filler.is_alive()
+        assert c.get([b"K"]) == [value]
