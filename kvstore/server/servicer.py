@@ -370,7 +370,7 @@ class KVStoreServicer:
                                     default_lease_ms=self.shm.default_lease_ms,
                                     release_on_acquire=True, owner=self.shm.new_owner(),
                                     anonymous_slots=True,
-                                    marker_offset=self.shm.marker_offset)
+                                    marker_offset=self.shm.marker())
 
     async def ShmReserve(self, request: pb.ShmReserveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ShmReserveResponse:

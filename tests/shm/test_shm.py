@@ -649,6 +649,15 @@ def test_a_client_never_maps_another_servers_arena_at_the_same_path(
         with ShmClient(a.unix_target, namespace="a", timeout=10) as on_a:
             on_a.put({b"k": block(2, 300_000)})
             assert on_a.get([b"k"]) == [block(2, 300_000)]
+            # Every attached client may write the file: one that wipes the
+            # marker must not lock every later client out.
+            fd = os.open(a_path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes(4096), 16 * MiB)
+            finally:
+                os.close(fd)
+            with ShmClient(a.unix_target, namespace="a", timeout=10) as later:
+                assert later.get([b"k"]) == [block(2, 300_000)]
         with ShmClient(b.unix_target, namespace="b", timeout=10) as on_b:
             assert on_b.get([b"k"]) == [block(1, 300_000)]
     finally:
