@@ -5,6 +5,7 @@ read back its dead predecessor's bytes under a key it had put since."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import socket
@@ -109,27 +110,34 @@ def _send_and_die(srv: ServerProcess, how: str, value: bytes) -> None:
     raw.close()
 
 
+@contextlib.contextmanager
+def l2_writer_stalled(srv: ServerProcess, c: Client) -> Iterator[None]:
+    """While inside, the L2 writer waits for LMDB's write lock (held here) and
+    a 4 MiB Put at local fills its write queue: the next block at local
+    waits for room. On the way out the writer goes on and that Put ends."""
+    env = lmdb.open(str(srv.data_dir / "l2"), subdir=True, max_dbs=8, lock=True)
+    txn = env.begin(write=True)
+    filler = threading.Thread(
+        target=lambda: c.put({b"F": b"f" * (4 * MiB)}, ack="local"), daemon=True)
+    try:
+        filler.start()
+        assert wait_until(lambda: c.lookup([b"F"]).tiers == [TierName.L1])
+        yield
+    finally:
+        txn.abort()
+        env.close()
+        filler.join(30)
+    assert not filler.is_alive()
+
+
 @pytest.mark.parametrize("how", ["put", "shm_commit", "grpc_shm_commit"])
 def test_a_put_of_a_client_gone_while_it_waited_never_overwrites_a_later_one(
         server: ServerProcess, how: str) -> None:
     srv = server
-    # The L2 writer waits for LMDB's write lock, held here: a Put at local
-    # fills the 4 MiB write queue and the next one at local waits for room.
-    env = lmdb.open(str(srv.data_dir / "l2"), subdir=True, max_dbs=8, lock=True)
-    txn = env.begin(write=True)
     with Client(srv.tcp, namespace="ns", timeout=30, data_plane=False) as c:
-        try:
-            filler = threading.Thread(
-                target=lambda: c.put({b"F": b"f" * (4 * MiB)}, ack="local"), daemon=True)
-            filler.start()
-            assert wait_until(lambda: c.lookup([b"F"]).tiers == [TierName.L1])
+        with l2_writer_stalled(srv, c):
             _send_and_die(srv, how, b"O" * MiB)
             c.put({b"K": b"N" * MiB})  # the next client's Put, acknowledged
-        finally:
-            txn.abort()
-            env.close()
-        filler.join(30)
-        assert not filler.is_alive()
         # The dead client's request has been handled once its connection is gone.
         assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_connections") == 0)
         assert c.get([b"K"]) == [b"N" * MiB]
@@ -152,14 +160,8 @@ def test_a_put_of_a_client_that_only_half_closed_a_unix_socket_is_stored_and_ans
     the answer is still there: on a unix socket the server tells that from a
     close (a killed client's), and stores the block after its wait."""
     srv = server
-    env = lmdb.open(str(srv.data_dir / "l2"), subdir=True, max_dbs=8, lock=True)
-    txn = env.begin(write=True)
     with Client(srv.tcp, namespace="ns", timeout=30, data_plane=False) as c:
-        try:
-            filler = threading.Thread(
-                target=lambda: c.put({b"F": b"f" * (4 * MiB)}, ack="local"), daemon=True)
-            filler.start()
-            assert wait_until(lambda: c.lookup([b"F"]).tiers == [TierName.L1])
+        with l2_writer_stalled(srv, c):
             resp = open_dp(srv.tcp)
             raw = connect(resp, "unix")
             raw.send(request(HELLO, 1, s(resp.ticket)))
@@ -171,11 +173,6 @@ def test_a_put_of_a_client_that_only_half_closed_a_unix_socket_is_stored_and_ans
             # The server has read all its bytes (none left unread in the socket),
             # and the PUT waits for room in the L2 write queue (writer stalled).
             assert wait_until(lambda: _unread(raw.sock) == 0)
-        finally:
-            txn.abort()
-            env.close()
         assert raw.frame().op == 0x85  # the PUT's answer
         raw.close()
-        filler.join(30)
-        assert not filler.is_alive()
         assert c.get([b"K"]) == [value]

@@ -40,6 +40,16 @@ def start(tmp_path: Path, *flags: str, umask: int | None = None) -> subprocess.P
                             else None)
 
 
+def wait_ready(proc: subprocess.Popen[str], ready: Path) -> None:
+    """Until the server ``proc`` writes its ready file ``ready`` (30 s at most;
+    fails the test with its output if it exits first)."""
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate(timeout=30)
+        assert time.monotonic() < deadline, "not ready in 30 s"
+        time.sleep(0.02)  # polling a file with a deadline
+
+
 def refusal(tmp_path: Path, *flags: str) -> str:
     """The one line a server that must not start prints; fails the test if it
     starts serving instead (within 30 s)."""
@@ -105,13 +115,18 @@ def test_an_arena_in_a_directory_of_another_user_is_refused(tmp_path: Path) -> N
     assert not (directory / "l1.arena").exists()
 
 
-def test_an_arena_in_a_world_writable_directory_without_sticky_bit_is_refused(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "name", "option"), [
+    ("--l1-shm-path", "l1.arena", "l1.shm_path"),
+    ("--server-unix-socket", "kv.sock", "server.unix_socket"),
+], ids=["arena", "socket"])
+def test_a_path_in_a_world_writable_directory_without_sticky_bit_is_refused(
+        tmp_path: Path, flag: str, name: str, option: str) -> None:
+    # Anyone could swap the arena or the socket there once the server made it.
     directory = tmp_path / "open"
     directory.mkdir()
     directory.chmod(0o777)
-    line = refusal(tmp_path, "--l1-shm-path", str(directory / "l1.arena"))
-    assert "l1.shm_path" in line and "no sticky bit" in line, line
+    line = refusal(tmp_path, flag, str(directory / name))
+    assert option in line and "no sticky bit" in line, line
 
 
 def test_an_arena_in_a_sticky_world_writable_directory_is_taken(tmp_path: Path) -> None:
@@ -122,11 +137,7 @@ def test_an_arena_in_a_sticky_world_writable_directory_is_taken(tmp_path: Path) 
     arena = directory / "l1.arena"
     proc = start(tmp_path, "--l1-shm-path", str(arena))
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready.json").exists():
-            assert proc.poll() is None, proc.communicate(timeout=30)[1]
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.02)  # polling a file with a deadline
+        wait_ready(proc, tmp_path / "ready.json")
         st = arena.stat()
         assert st.st_uid == os.geteuid() and st.st_mode & 0o777 == 0o600
     finally:
@@ -154,25 +165,13 @@ def test_a_socket_in_a_directory_of_another_user_is_refused(tmp_path: Path, opti
     assert name in line and "belongs to another user" in line, line
 
 
-def test_a_socket_in_a_world_writable_directory_without_sticky_bit_is_refused(
-        tmp_path: Path) -> None:
-    directory = tmp_path / "open"
-    directory.mkdir()
-    directory.chmod(0o777)
-    line = refusal(tmp_path, "--server-unix-socket", str(directory / "kv.sock"))
-    assert "server.unix_socket" in line and "no sticky bit" in line, line
-
 
 def test_a_socket_directory_the_server_makes_is_not_world_writable(tmp_path: Path) -> None:
     # Under umask 0 a plain mkdir made it 0777: anyone could swap the socket.
     directory = tmp_path / "made" / "here"
     proc = start(tmp_path, "--server-unix-socket", str(directory / "kv.sock"), umask=0)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready.json").exists():
-            assert proc.poll() is None, proc.communicate(timeout=30)[1]
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.02)  # polling a file with a deadline
+        wait_ready(proc, tmp_path / "ready.json")
         assert directory.stat().st_mode & 0o022 == 0
         assert (directory / "kv.sock").stat().st_mode & 0o777 == 0o600
         with socket.socket(socket.AF_UNIX) as probe:
@@ -283,11 +282,7 @@ def test_a_link_beside_the_ready_file_is_not_followed(tmp_path: Path) -> None:
     Path(f"{ready}.tmp").symlink_to(victim)
     proc = start(tmp_path, "--l2-enabled", "false", "--ready-file", str(ready))
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate(timeout=30)[1]
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.02)  # polling a file with a deadline
+        wait_ready(proc, ready)
         assert victim.read_bytes() == b"precious"
         assert not ready.is_symlink() and '"pid"' in ready.read_text()
         assert ready.stat().st_mode & 0o777 == 0o644
@@ -305,11 +300,7 @@ def test_an_l3_directory_kvstore_makes_is_private(tmp_path: Path) -> None:
     (tmp_path / "open").mkdir(mode=0o755)
     proc = start(tmp_path, "--l2-enabled", "false", "--l3-url", f"file://{l3}", umask=0o022)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "ready.json").exists():
-            assert proc.poll() is None, proc.communicate(timeout=30)[1]
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.02)  # polling a file with a deadline
+        wait_ready(proc, tmp_path / "ready.json")
         assert l3.stat().st_mode & 0o777 == 0o700
     finally:
         proc.kill()
@@ -346,11 +337,7 @@ def test_tokens_over_plaintext_tcp_off_loopback_are_warned_about(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate(timeout=30)[0]
-            assert time.monotonic() < deadline, "not ready in 30 s"
-            time.sleep(0.02)  # polling a file with a deadline
+        wait_ready(proc, ready)
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
