@@ -79,13 +79,16 @@ def _send_and_die(srv: ServerProcess, how: str, value: bytes) -> None:
                                      blocks=[pb.ShmBlockSpec(key=b"K", size=len(value))]),
                 timeout=10).slots[0]
             arena[slot.offset:slot.offset + slot.size] = value
-            rpc("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse).future(
+            # (held: a future dropped at once cancels its call, at times
+            # before the server has taken the slot)
+            pending = rpc("ShmCommit", pb.ShmCommitRequest, pb.ShmCommitResponse).future(
                 pb.ShmCommitRequest(namespace="ns", ack=2, owner=info.owner, blocks=[
                     pb.ShmCommitBlock(slot_id=slot.slot_id, offset=slot.offset,
                                       size=slot.size, crc32c=checksum(value))]), timeout=30)
             # The commit has taken its slot (and waits for L2 room) before
             # the channel closes, which cancels the call.
             assert wait_until(lambda: metric(srv.data_dir, "kvstore_shm_reservations") == 0)
+            assert not pending.done()  # (still waiting for L2 room)
         return
     owner = ""
     if how == "shm_commit":
