@@ -18,24 +18,63 @@ from kvstore.errors import InvalidConfig
 
 
 def check_directory(option: str, path: str) -> None:
-    """InvalidConfig when the directory holding ``path`` belongs to a user
-    other than this process's (or root), or every user may write to it and it
-    lacks the sticky bit (/tmp and /dev/shm have it: there no other user can
-    remove or rename what the server made). A directory that does not exist
-    yet passes: the server creates it."""
+    """InvalidConfig when the directory holding ``path``, or any directory
+    above it, belongs to a user other than this process's (or root), or every
+    user may write to it and it lacks the sticky bit (/tmp and /dev/shm have
+    it: there no other user can remove or rename what the server made). A
+    directory above counts as much as the last one: its owner, or anyone in a
+    world-writable one, may rename the server's directory aside and put one of
+    their own at its name. Directories that do not exist yet are passed over:
+    the server creates them."""
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise InvalidConfig(f"{option} {path}: {directory}: {exc.strerror or exc}") from None
-    if st.st_uid not in (os.geteuid(), 0):
-        raise InvalidConfig(f"{option} {path}: its directory {directory} belongs to another "
-                            f"user (uid {st.st_uid}), who could replace what the server "
-                            "makes there: use a directory of the service's user")
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise InvalidConfig(f"{option} {path}: every user may write to its directory "
-                            f"{directory} (mode {st.st_mode & 0o7777:04o}, no sticky bit) "
-                            "and so replace what the server makes there: use a directory "
-                            "of the service's user, or chmod o-w it")
+    # Every directory the kernel walks to reach the path: those of its
+    # symbolic links' targets too.
+    resolved = os.path.realpath(directory)
+    for current in dict.fromkeys(_ancestors(directory) + _ancestors(resolved)):
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise InvalidConfig(f"{option} {path}: {current}: {exc.strerror or exc}") from None
+        what = "its directory" if current in (directory, resolved) else "the directory above it"
+        if st.st_uid not in (os.geteuid(), 0):
+            raise InvalidConfig(f"{option} {path}: {what} {current} belongs to another "
+                                f"user (uid {st.st_uid}), who could replace what the server "
+                                "makes there: use a directory of the service's user")
+        if stat.S_ISLNK(st.st_mode):
+            continue  # a link's own mode means nothing; its owner was checked
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise InvalidConfig(f"{option} {path}: every user may write to {what} "
+                                f"{current} (mode {st.st_mode & 0o7777:04o}, no sticky bit) "
+                                "and so replace what the server makes there: use a directory "
+                                "of the service's user, or chmod o-w it")
+
+
+def _ancestors(directory: str) -> list[str]:
+    """``directory`` and every directory above it, up to /."""
+    out = [directory]
+    while (parent := os.path.dirname(out[-1])) != out[-1]:
+        out.append(parent)
+    return out
+
+
+def make_directories(directory: str | os.PathLike[str], mode: int) -> None:
+    """Create ``directory`` and every missing directory above it with
+    ``mode`` (less the umask). ``Path.mkdir(parents=True)`` gives the ones
+    above 0777 less the umask: under umask 0 every user could rename the
+    server's directory out of them, and :func:`check_directory` refuses that."""
+    path = os.path.abspath(directory)
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            if not os.path.isdir(path):
+                raise

@@ -42,6 +42,7 @@ from kvstore.errors import (
     TooManyConnections,
     Unauthenticated,
 )
+from kvstore.ownpath import make_directories
 from kvstore.ratelimit import RateLimitedWarning
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
@@ -165,12 +166,18 @@ class DataPlaneServer:
             raise InvalidConfig(f"server.data_plane_unix {path}: longer than {UNIX_PATH_MAX} "
                                 "bytes, the most a unix socket path may have")
         p = Path(path)
+        try:
+            # Made before the check, which then looks at what the socket
+            # will be bound in (another user may have made it first).
+            make_directories(p.parent, 0o755)
+        except OSError as exc:
+            raise InvalidConfig(f"server.data_plane_unix {path}: cannot listen there "
+                                f"({exc.strerror})") from None
         # Only a stale socket is removed: never a file, never a live server's.
         if check_socket_path("server.data_plane_unix", path):
             p.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             # The service's user only, as the gRPC socket, from the bind on
             # (Linux makes the socket file with the mode of the unbound socket).
             with contextlib.suppress(OSError):

@@ -27,6 +27,7 @@ from kvstore._malloc import tune_malloc
 from kvstore.config import Config, format_size
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.errors import InvalidConfig
+from kvstore.ownpath import make_directories
 from kvstore.server import logs, metrics, preflight
 from kvstore.server.auth import Authorizer
 from kvstore.server.interceptor import ErrorInterceptor
@@ -174,7 +175,7 @@ class Server:
         if cfg.unix_socket:
             path = Path(cfg.unix_socket)
             try:
-                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                make_directories(path.parent, 0o755)
                 # Only a stale socket goes: never a file, never a live server's.
                 if check_socket_path("server.unix_socket", str(path)):
                     path.unlink()

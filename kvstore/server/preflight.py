@@ -33,7 +33,7 @@ from pathlib import Path
 
 from kvstore.config import Config, split_host_port
 from kvstore.errors import InvalidConfig
-from kvstore.ownpath import check_directory
+from kvstore.ownpath import check_directory, make_directories
 from kvstore.server.tls import certificate_info, utc_text
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 
@@ -111,7 +111,7 @@ def check_data_dir(config: Config) -> None:
     path = config.l2_path
     data_dir = Path(config.data_dir)
     try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_directories(data_dir, 0o700)
         # Another user who may write here could swap l2/ or kvstore.lock
         # (a link there had the server truncate the file it names).
         check_directory("data_dir", str(data_dir / LOCK_FILE))

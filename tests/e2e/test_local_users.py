@@ -129,6 +129,23 @@ def test_a_path_in_a_world_writable_directory_without_sticky_bit_is_refused(
     assert option in line and "no sticky bit" in line, line
 
 
+@pytest.mark.parametrize(("flags", "option"), [
+    (("--l1-shm-path", "{mine}/l1.arena"), "l1.shm_path"),
+    (("--server-unix-socket", "{mine}/kv.sock"), "server.unix_socket"),
+    (("--server-unix-socket", "", "--data-dir", "{mine}/data"), "data_dir"),
+], ids=["arena", "socket", "data_dir"])
+def test_a_path_below_a_world_writable_directory_without_sticky_bit_is_refused(
+        tmp_path: Path, flags: tuple[str, ...], option: str) -> None:
+    # The server's own directory there is no help: anyone may rename it aside
+    # and put theirs at its name (another user did that to the socket's and
+    # served the next client).
+    mine = tmp_path / "open" / "mine"
+    mine.mkdir(parents=True, mode=0o755)
+    (tmp_path / "open").chmod(0o777)
+    line = refusal(tmp_path, *(f.format(mine=mine) for f in flags))
+    assert option in line and "no sticky bit" in line and "above it" in line, line
+
+
 def test_an_arena_in_a_sticky_world_writable_directory_is_taken(tmp_path: Path) -> None:
     # /dev/shm itself: others may write there but not remove what is ours.
     directory = tmp_path / "sticky"
@@ -168,11 +185,13 @@ def test_a_socket_in_a_directory_of_another_user_is_refused(tmp_path: Path, opti
 
 def test_a_socket_directory_the_server_makes_is_not_world_writable(tmp_path: Path) -> None:
     # Under umask 0 a plain mkdir made it 0777: anyone could swap the socket.
+    # So did mkdir(parents=True) the one above it: anyone could rename it.
     directory = tmp_path / "made" / "here"
     proc = start(tmp_path, "--server-unix-socket", str(directory / "kv.sock"), umask=0)
     try:
         wait_ready(proc, tmp_path / "ready.json")
         assert directory.stat().st_mode & 0o022 == 0
+        assert directory.parent.stat().st_mode & 0o022 == 0
         assert (directory / "kv.sock").stat().st_mode & 0o777 == 0o600
         with socket.socket(socket.AF_UNIX) as probe:
             probe.connect(str(directory / "kv.sock"))  # still serves its own user
