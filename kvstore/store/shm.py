@@ -177,7 +177,6 @@ class SharedMemoryBroker:
         self.clock = clock
         self.path = store.config.l1.shm_path
         self.instance = secrets.token_hex(8)
-        self.marker()  # (in the file from the start, and again at each attach)
         self._reservations: dict[int, Reservation] = {}
         self._leases: dict[int, Lease] = {}
         # Expired lease ids (with the namespace and owner that took them), to
@@ -209,9 +208,9 @@ class SharedMemoryBroker:
     def marker(self) -> int:
         """Write this instance id into the arena file's page past the blocks
         and return where (0: no file), for a client to check that the file it
-        opened is this server's. Written again at every attach: any process
-        that may open the file (every attached client) may write over it,
-        which would refuse every later attach."""
+        opened is this server's. Written at every attach (the only time a
+        client reads it): any process that may open the file (every attached
+        client) may write over it, which would refuse every later attach."""
         return self.store.l1.arena.write_marker(self.instance) if self.path else 0
 
     def new_owner(self) -> str:
