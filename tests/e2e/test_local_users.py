@@ -34,10 +34,15 @@ def start(tmp_path: Path, *flags: str, umask: int | None = None) -> subprocess.P
            "--server-listen", "127.0.0.1:0", "--server-unix-socket", "",
            "--l1-capacity", "8MiB", "--l1-prefault", "false", "--ready-file", str(ready),
            *flags]
+    if umask is not None:
+        # Set by a shell that then execs the server, not by a preexec_fn: that
+        # makes subprocess fork() this process, whose gRPC (started by earlier
+        # tests) restarts its poller in the child, which then aborts on the
+        # descriptors closed before exec ("epoll_wait error: Bad file descriptor").
+        cmd = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *cmd]
     env = {**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=(lambda: os.umask(umask)) if umask is not None
-                            else None)
+                            env=env)
 
 
 def wait_ready(proc: subprocess.Popen[str], ready: Path) -> None:
