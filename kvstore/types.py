@@ -30,9 +30,20 @@ ARENA_MARKER_PREFIX = b"kvstore-arena "
 
 def check_name(value: str, what: str) -> str:
     """``value`` if it is at most MAX_NAME_BYTES bytes of UTF-8, else InvalidArgument."""
-    if len(value) > MAX_NAME_BYTES // 4 and len(value.encode()) > MAX_NAME_BYTES:
-        raise InvalidArgument(f"{what} is {len(value.encode())} bytes; at most "
-                              f"{MAX_NAME_BYTES}")
+    if value.isascii():  # (the common case: its length is its size)
+        size = len(value)
+    else:
+        try:
+            size = len(value.encode())
+        except UnicodeEncodeError:
+            # A lone surrogate (from bytes decoded with errors="surrogateescape"):
+            # no UTF-8 for the wire. Unchecked, the SDK's encoders raised a bare
+            # UnicodeEncodeError, and inside a gRPC Put stream the call waited
+            # for the rest of its messages until its deadline.
+            raise InvalidArgument(f"{what} {value[:40]!r} is not UTF-8 text (it holds a "
+                                  "lone surrogate)") from None
+    if size > MAX_NAME_BYTES:
+        raise InvalidArgument(f"{what} is {size} bytes; at most {MAX_NAME_BYTES}")
     return value
 
 

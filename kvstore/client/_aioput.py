@@ -143,6 +143,7 @@ async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
     call = rpc(timeout=timeout, metadata=metadata)
     first: list[grpc.aio.AioRpcError | None] = []
     call.add_done_callback(lambda done: first.append(_first_status(done)))
+    failed: list[Exception] = []  # what producing the messages raised
 
     async def send() -> None:
         try:
@@ -154,11 +155,21 @@ async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
             # it read a message: a write then fails with a local "Internal
             # error from Core"; its deadline; close()): its status says why.
             pass
+        except Exception as exc:
+            # The messages could not be made (their iterator raised): end the
+            # call, which the caller raises as this. Swallowed here, the call
+            # waited for the rest of the stream until its deadline (without
+            # one, for ever) and the error went to "Task exception was never
+            # retrieved".
+            failed.append(exc)
+            call.cancel()
 
     sender = asyncio.ensure_future(send())
     try:
         result: tuple[int, int] = await call
     except grpc.aio.AioRpcError as err:
+        if failed:
+            raise failed[0] from None
         if status_lost(err) and first and first[0] is not None:
             raise first[0] from None  # the server's, which grpc.aio overwrote
         raise
@@ -166,6 +177,8 @@ async def put_stream(rpc: Any, messages: Iterable[bytes], timeout: float | None,
         if task_cancelled():
             call.cancel()
             raise
+        if failed:
+            raise failed[0] from None
         if first and first[0] is not None:
             raise first[0] from None
         raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),

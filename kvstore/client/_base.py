@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -30,7 +31,7 @@ from kvstore.client._common import (
     resolve_namespace,
 )
 from kvstore.dataplane import frames
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, InvalidNamespace
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -41,6 +42,7 @@ from kvstore.types import (
     TurnEnd,
     TurnEndReason,
     Unpin,
+    check_name,
     validate_namespace,
 )
 
@@ -129,11 +131,11 @@ class ClientBase:
         self.tls = tls
         self._grpc_target = parse_target(target)
         if namespace is not None:
+            if not isinstance(namespace, str):
+                raise InvalidNamespace(f"namespace must be a str, not {type(namespace).__name__}")
             validate_namespace(namespace)
         self.namespace = namespace
-        if timeout is not None and not timeout > 0:
-            raise InvalidArgument(f"timeout must be positive or None, not {timeout!r}")
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._options = channel_options(self.chunk_bytes, options)
         if tls is not None:
@@ -171,7 +173,8 @@ class ClientBase:
         ns = resolve_namespace(namespace, self.namespace)
         level = parse_ack(ack)
         sid = check_session_id(session_id)
-        return PreparedPut(ns, level, normalize_blocks(blocks), sid, BlockFormat(block_format))
+        return PreparedPut(ns, level, normalize_blocks(blocks), sid,
+                           check_block_format(block_format))
 
     def _prepare_get(
         self, keys: Iterable[bytes], namespace: str | None, session_id: str | None
@@ -211,6 +214,11 @@ class ClientBase:
         ns = resolve_namespace(namespace, self.namespace)
         if isinstance(prefix, str):
             prefix = prefix.encode()
+        elif not isinstance(prefix, (bytes, bytearray, memoryview)):
+            # (bytes(5) is five zero bytes: an int listed nothing, silently)
+            raise InvalidArgument(f"prefix must be bytes or str, not {type(prefix).__name__}")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise InvalidArgument(f"limit must be an int, not {type(limit).__name__}")
         if not 0 <= limit <= 2**32 - 1:
             raise InvalidArgument(f"limit {limit} is out of range (0 = the server's default)")
         return conv.encode_list_blocks_request(ns, bytes(prefix), limit)
@@ -223,7 +231,8 @@ class ClientBase:
     ) -> bytes:
         ns = resolve_namespace(namespace, self.namespace)
         if not isinstance(session_id, str):
-            raise InvalidArgument("session_id must be a str")
+            raise InvalidArgument(f"session_id must be a str, not {type(session_id).__name__}")
+        check_name(session_id, "session_id")
         if isinstance(event, (Prefetch, Pin, Unpin)):
             normalize_keys(event.keys)
             if isinstance(event, Prefetch) and not event.keys and not session_id:
@@ -236,6 +245,10 @@ class ClientBase:
         if not session_id:
             raise InvalidArgument("session_id is required (a non-empty str)")
         if isinstance(event, TurnEnd):
+            if not isinstance(event.tool_name, str):
+                raise InvalidArgument(f"tool_name must be a str, not "
+                                      f"{type(event.tool_name).__name__}")
+            check_name(event.tool_name, "tool_name")
             if not isinstance(event.expected_gap_ms, int) or event.expected_gap_ms < 0:
                 raise InvalidArgument(
                     f"expected_gap_ms must be a non-negative int, not {event.expected_gap_ms!r}"
@@ -265,6 +278,35 @@ class ClientBase:
             return frames.SessionEventRequest(ns, session_id, frames.EVENT_SESSION_END,
                                               discard=event.discard).encode()
         return None
+
+
+def check_block_format(block_format: BlockFormat | int) -> BlockFormat:
+    try:
+        return BlockFormat(block_format)
+    except ValueError:
+        names = ", ".join(f"{f.name} ({f.value})" for f in BlockFormat)
+        raise InvalidArgument(f"block_format {block_format!r} is not one of {names}") from None
+
+
+#: The longest deadline a call may have: gRPC's deadline arithmetic
+#: overflows past about 9e9 s, and a finite timeout above it (or inf) failed
+#: every call at once with DeadlineExceeded.
+MAX_TIMEOUT_S = 1e9
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A client's ``timeout``: seconds > 0, or None (or inf) for no deadline."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgument(f"timeout must be a number of seconds or None, not "
+                              f"{type(timeout).__name__}")
+    if timeout == math.inf:
+        return None  # (what inf means: no deadline)
+    if not 0 < timeout <= MAX_TIMEOUT_S:
+        raise InvalidArgument(f"timeout must be positive and at most {MAX_TIMEOUT_S:.0e} s, "
+                              f"or None for no deadline, not {timeout!r}")
+    return float(timeout)
 
 
 def turn_end_event(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -241,7 +243,15 @@ def key_list(keys: Iterable[Any]) -> list[Any]:
     ``list()`` would turn its bytes into ints or its str into characters."""
     if isinstance(keys, (bytes, bytearray, memoryview, str)):
         raise InvalidArgument("keys must be a sequence of keys, not a single key")
-    return keys if isinstance(keys, list) else list(keys)
+    if isinstance(keys, list):
+        return keys
+    try:
+        return list(keys)
+    except TypeError:
+        if hasattr(keys, "__iter__"):
+            raise  # (an iterator of the caller's that failed: its own error)
+        raise InvalidArgument(f"keys must be a sequence of bytes keys, not "
+                              f"{type(keys).__name__}") from None
 
 
 def normalize_keys_with_lengths(keys: Iterable[Any]) -> tuple[list[bytes], set[int] | None]:
@@ -299,10 +309,31 @@ def normalize_blocks(blocks: Blocks) -> list[tuple[bytes, memoryview]]:
 
 
 def normalize_buffers(buffers: Sequence[Any], count: int) -> list[memoryview]:
+    if isinstance(buffers, (bytes, bytearray, memoryview)):
+        # One buffer where a sequence of them goes: iterated, its items were
+        # ints ("buffer #0 is a int"). (A 2-D numpy array is a sequence of rows.)
+        raise InvalidArgument("buffers must be a sequence of buffers, one per key, not a "
+                              f"single {type(buffers).__name__}: pass [buffer]")
     views = [block_view(b, i, writable=True) for i, b in enumerate(buffers)]
     if len(views) != count:
         raise InvalidArgument(f"get_into got {count} keys but {len(views)} buffers")
+    if len(views) > 1:
+        check_disjoint(views)
     return views
+
+
+def check_disjoint(views: Sequence[memoryview]) -> None:
+    """InvalidArgument if two of ``views`` (writable, C-contiguous bytes) share
+    memory: each block is copied into its own buffer, so the later block would
+    overwrite part of the earlier one, whose size get_into still returned."""
+    spans = sorted((ctypes.addressof(ctypes.c_char.from_buffer(v)), len(v), i)
+                   for i, v in enumerate(views) if len(v))
+    for (start, size, i), (nxt, _, j) in itertools.pairwise(spans):
+        if nxt < start + size:
+            first, second = sorted((i, j))
+            raise InvalidArgument(
+                f"buffers #{first} and #{second} overlap (the same memory): each key needs "
+                "a buffer of its own")
 
 
 def check_lease_ms(lease_ms: int) -> int:

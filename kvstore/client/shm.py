@@ -74,14 +74,17 @@ import grpc
 
 from kvstore._impl import checksum, copy_and_checksum, pack
 from kvstore.client import kv
+from kvstore.client._base import check_block_format
 from kvstore.client._common import (
     DEFAULT_TARGET,
     Blocks,
     PutResult,
     block_view,
+    check_lease_ms,
     check_session_id,
     normalize_blocks,
     normalize_buffers,
+    normalize_key,
     normalize_keys,
     parse_ack,
     resolve_namespace,
@@ -351,6 +354,10 @@ class ShmClient(Client):
                 session_id: str | None = None) -> list[ReservedSlot]:
         self._check_arena()
         ns = resolve_namespace(namespace, self.namespace)
+        # Checked here: protobuf raised a bare TypeError or ValueError for a
+        # str key or a negative size, and an empty key reserved an anonymous
+        # slot (the stock's kind) that no commit of this key could fill.
+        sizes = [(normalize_key(k, i), _check_size(n, i)) for i, (k, n) in enumerate(sizes)]
         req = pb.ShmReserveRequest(
             namespace=ns, session_id=check_session_id(session_id), owner=self._owner,
             blocks=[pb.ShmBlockSpec(key=k, size=n) for k, n in sizes])
@@ -377,6 +384,8 @@ class ShmClient(Client):
                         namespace: str | None, ack: str | int, abandon: Sequence[ReservedSlot],
                         block_format: BlockFormat) -> pb.ShmCommitRequest:
         ns = resolve_namespace(namespace, self.namespace)
+        if crcs is not None and len(crcs) != len(slots):
+            raise InvalidArgument(f"commit got {len(slots)} slots but {len(crcs)} crcs")
         for s in slots:
             s.check_writable()
         if crcs is None:
@@ -398,6 +407,9 @@ class ShmClient(Client):
         items = normalize_blocks(blocks)
         if not items:
             return PutResult(0, 0)
+        # (before any slot is taken, as Client.put checks them)
+        block_format = check_block_format(block_format)
+        ack = parse_ack(ack)
         self._check_arena()
         lean = self._frames
         if lean is not None and lean.dp.available:
@@ -454,6 +466,7 @@ class ShmClient(Client):
         """Pack straight into reserved shared-memory slots (no intermediate
         buffer, nothing through the socket), then commit."""
         kv.check_lists(keys, page_lists)
+        keys = normalize_keys(keys)  # (as Client.put's; they go to the arena's frames as given)
         if not keys:
             return PutResult(0, 0)
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
@@ -477,7 +490,7 @@ class ShmClient(Client):
 
             counted = lean.put_with(resolve_namespace(namespace, self.namespace),
                                     int(parse_ack(ack)), check_session_id(session_id),
-                                    [bytes(k) for k in keys], [size] * len(keys), write,
+                                    keys, [size] * len(keys), write,
                                     int(BlockFormat.KV_V1))
             if counted is not None:
                 return PutResult(*counted)
@@ -592,7 +605,7 @@ class ShmClient(Client):
         copy read by a plain Get (``lease_id`` 0). Leases a Get left for later
         are ended by the same call."""
         ns = resolve_namespace(namespace, self.namespace)
-        leases, _, unleased = self._acquire(keys, ns, session_id, lease_ms)
+        leases, _, unleased = self._acquire(keys, ns, session_id, check_lease_ms(lease_ms))
         if unleased:
             self._copy_unleased(leases, unleased, ns, session_id)
         return leases
@@ -913,6 +926,12 @@ class ShmClient(Client):
             for i, block in zip(bad, again, strict=True):
                 out[i] = block
         return out
+
+
+def _check_size(size: int, index: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidArgument(f"block #{index}: size must be a positive int, not {size!r}")
+    return size
 
 
 def _check_copies(expired: list[int], bad: Sequence[int]) -> None:

@@ -6,7 +6,7 @@ import time
 import weakref
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import grpc
 
@@ -207,7 +207,8 @@ class Client(ClientBase):
             self._bulk_channel.close()
         self._channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
+        # (Self: ``with ShmClient(...) as c`` is a ShmClient to type checkers)
         return self
 
     def __exit__(

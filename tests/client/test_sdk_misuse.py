@@ -1,0 +1,237 @@
+"""An engine developer misusing the public SDK, against a real server: every
+client kind (Client, AsyncClient, ShmClient; data plane on and off) answers
+each mistake with a clear error from kvstore.errors (or TypeError/ValueError
+naming the argument) at once, stores nothing wrong, and the server stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from serverproc import ServerProcess
+
+from kvstore import AsyncClient, Client
+from kvstore.client import _convert as conv
+from kvstore.client._aioput import put_stream
+from kvstore.client.shm import ShmClient
+from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
+
+#: A client's deadline in these tests: a mistake must fail well before it.
+TIMEOUT = 20.0
+#: ... within this (a mistake found by the SDK costs no round trip).
+PROMPT = 10.0
+
+KINDS = ["sync", "sync-grpc", "aio", "aio-grpc", "shm", "shm-grpc"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    data = tmp_path_factory.mktemp("misuse")
+    arena = f"/dev/shm/kvstore-test-misuse-{os.getpid()}"
+    with ServerProcess(data, "--l1-shm-path", arena, l1_capacity="64MiB") as srv:
+        yield srv
+    assert not Path(arena).exists()
+
+
+class AioFacade:
+    """An AsyncClient's calls made blocking (its own event loop), so one
+    test body covers the three client kinds."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.client, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.loop.run_until_complete(
+                asyncio.wait_for(method(*args, **kwargs), TIMEOUT + 5))
+        return call
+
+    def close(self) -> None:
+        try:
+            self.loop.run_until_complete(self.client.close())
+        finally:
+            self.loop.close()
+
+
+def open_client(server: ServerProcess, kind: str, namespace: str,
+                timeout: float = TIMEOUT) -> Any:
+    dp = not kind.endswith("-grpc")
+    if kind.startswith("sync"):
+        return Client(server.tcp, namespace=namespace, data_plane=dp, timeout=timeout)
+    if kind.startswith("shm"):
+        return ShmClient(server.unix_target, namespace=namespace, data_plane=dp,
+                         timeout=timeout)
+    return AioFacade(AsyncClient(server.unix_target, namespace=namespace, data_plane=dp,
+                                 timeout=timeout))
+
+
+@pytest.fixture(params=KINDS)
+def kv(request: pytest.FixtureRequest, server: ServerProcess) -> Iterator[Any]:
+    c = open_client(server, request.param, f"misuse-{request.param}")
+    try:
+        yield c
+    finally:
+        c.close()
+    assert server.alive()
+
+
+def prompt(fn: Any, exc: type[BaseException], match: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(exc, match=match):
+        fn()
+    assert time.monotonic() - started < PROMPT
+
+
+# -- session ids and tool names that are not UTF-8 -----------------------------------
+
+LONE_SURROGATE = "s\udc80"  # what bytes.decode(errors="surrogateescape") makes
+
+
+def test_a_session_id_that_is_not_utf8_is_invalid_argument(kv: Any) -> None:
+    # Before: UnicodeEncodeError from the encoders, and over gRPC a Put that
+    # waited out its whole deadline (with none, for ever).
+    prompt(lambda: kv.put({b"k": b"v"}, session_id=LONE_SURROGATE), InvalidArgument,
+           "session_id")
+    prompt(lambda: kv.get([b"k"], session_id=LONE_SURROGATE), InvalidArgument, "session_id")
+    prompt(lambda: kv.lookup([b"k"], session_id=LONE_SURROGATE), InvalidArgument,
+           "session_id")
+    prompt(lambda: kv.turn_end(LONE_SURROGATE, "done"), InvalidArgument, "session_id")
+    prompt(lambda: kv.turn_end("s", "tool_call", 5, LONE_SURROGATE), InvalidArgument,
+           "tool_name")
+    assert kv.get([b"k"]) == [None]  # nothing was stored
+
+
+def test_a_put_stream_whose_messages_fail_ends_at_once(server: ServerProcess) -> None:
+    # The gRPC Put of the sync client's loop and of AsyncClient: an iterator
+    # that raised left the call waiting for more messages (no deadline here:
+    # for ever) and the error in "Task exception was never retrieved".
+    def messages() -> Iterator[bytes]:
+        yield from conv.iter_put_messages("misuse-stream", conv.AckLevel.MEMORY,
+                                          [(b"a", memoryview(b"x"))], "", 1 << 20)
+        raise RuntimeError("the engine's buffer went away")
+
+    async def main() -> None:
+        client = AsyncClient(server.tcp, data_plane=False)
+        try:
+            rpc = client._rpc(conv.PUT)
+            with pytest.raises(RuntimeError, match="went away"):
+                await asyncio.wait_for(put_stream(rpc, messages(), None, None), PROMPT)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+# -- get_into buffers that share memory -----------------------------------------------
+
+
+def test_get_into_refuses_buffers_that_overlap(kv: Any) -> None:
+    kv.put({b"a": b"A" * 10, b"b": b"B" * 5})
+    buf = bytearray(b"." * 12)
+    # Before: sizes [10, 5] and a buffer holding BBBBBAAAAA, "a" half overwritten.
+    prompt(lambda: kv.get_into([b"a", b"b"], [buf, buf]), InvalidArgument,
+           "buffers #0 and #1 overlap")
+    view = memoryview(buf)
+    prompt(lambda: kv.get_into([b"a", b"b"], [view[0:10], view[5:12]]), InvalidArgument,
+           "overlap")
+    arr = np.zeros(20, np.uint8)
+    prompt(lambda: kv.get_into([b"a", b"b", b"a"], [arr[:10], arr[10:], arr[9:19]]),
+           InvalidArgument, "buffers #0 and #2 overlap")
+    assert bytes(buf) == b"." * 12  # nothing written
+    # Slices of one staging buffer side by side are the usual case: fine.
+    assert kv.get_into([b"a", b"b"], [view[0:10], arr[0:5]]) == [10, 5]
+    assert bytes(buf[:10]) == b"A" * 10 and bytes(arr[:5]) == b"B" * 5
+    assert kv.get_into([b"b", b"b"], [arr[0:5], arr[5:10]]) == [5, 5]
+    rows = np.zeros((2, 10), np.uint8)  # a 2-D array: a sequence of rows
+    assert kv.get_into([b"a", b"b"], rows) == [10, 5]
+
+
+def test_get_into_refuses_one_buffer_for_the_list(kv: Any) -> None:
+    prompt(lambda: kv.get_into([b"a", b"b"], bytearray(16)), InvalidArgument,
+           "sequence of buffers")
+
+
+# -- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [Client, ShmClient, AsyncClient])
+def test_timeout_and_namespace_settings(server: ServerProcess, make: Any) -> None:
+    target = server.unix_target
+    bad: Any
+    for bad in ("5", True, b"5", 0, -1, float("nan"), 1e12):
+        with pytest.raises(InvalidArgument, match="timeout"):
+            make(target, namespace="n", timeout=bad)
+    for bad_ns in (5, b"n"):  # before: TypeError from the regular expression
+        with pytest.raises(InvalidNamespace, match="must be a str"):
+            make(target, namespace=bad_ns)
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e9])
+def test_an_infinite_timeout_means_no_deadline(server: ServerProcess, timeout: float) -> None:
+    # Before: inf (or any timeout past gRPC's range) failed every call at
+    # once with DeadlineExceeded.
+    for kind in KINDS:
+        c = open_client(server, kind, "misuse-inf", timeout)
+        try:
+            assert c.put({b"t": b"v"}).stored == 1
+            assert c.get([b"t"]) == [b"v"]
+        finally:
+            c.close()
+
+
+# -- other arguments ---------------------------------------------------------------------
+
+
+def test_list_blocks_prefix_and_limit_types(kv: Any) -> None:
+    # Before: prefix=5 listed the keys starting with five zero bytes (none).
+    prompt(lambda: kv.list_blocks(prefix=5), InvalidArgument, "prefix")
+    prompt(lambda: kv.list_blocks(limit="5"), InvalidArgument, "limit")
+
+
+def test_block_format_unknown(kv: Any) -> None:
+    prompt(lambda: kv.put({b"f": b"x"}, block_format=7), InvalidArgument, "block_format")
+
+
+def test_keys_none(kv: Any) -> None:
+    prompt(lambda: kv.get(None), InvalidArgument, "keys must be")
+
+
+def test_duplicate_keys_in_one_put_the_last_wins(kv: Any) -> None:
+    # Documented (README, "Keys and values"): the blocks are stored in
+    # order, so the last one under a key is the one kept.
+    kv.put([(b"dup", b"first-and-longer"), (b"dup", b"2nd")])
+    assert kv.get([b"dup", b"dup"]) == [b"2nd", b"2nd"]
+
+
+# -- ShmClient's own calls ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_shm_reserve_acquire_commit_arguments(server: ServerProcess, dp: bool) -> None:
+    with ShmClient(server.unix_target, namespace="misuse-shm", data_plane=dp,
+                   timeout=TIMEOUT) as c:
+        # Before: TypeError / ValueError from protobuf, struct.error from the
+        # frames, and an empty key reserved an anonymous slot.
+        prompt(lambda: c.reserve([("k", 10)]), InvalidKey,  # type: ignore[list-item]
+               "key #0 is a str")
+        prompt(lambda: c.reserve([(b"", 10)]), InvalidKey, "empty")
+        prompt(lambda: c.reserve([(b"k", -1)]), InvalidArgument, "size")
+        prompt(lambda: c.acquire([b"k"], lease_ms=-5), InvalidArgument, "lease_ms")
+        k_pages = [np.zeros((4, 16, 2, 8), np.float16)]
+        prompt(lambda: c.put_kv(["k1"], k_pages, None, [[0]]),  # type: ignore[list-item]
+               InvalidKey, "str")
+        prompt(lambda: c.put_kv([b""], k_pages, None, [[0]]), InvalidKey, "empty")
+        slots = c.reserve([(b"k", 4)])
+        slots[0].view[:] = b"abcd"
+        prompt(lambda: c.commit(slots, [1, 2]), InvalidArgument, "1 slots but 2 crcs")
+        assert c.commit(slots).stored == 1
+        assert c.get([b"k"]) == [b"abcd"]
