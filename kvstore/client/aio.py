@@ -468,17 +468,19 @@ class AsyncClient(ClientBase):
     async def prefetch(self, session_id: str = "", keys: Iterable[bytes] = (), *,
                        namespace: str | None = None) -> SessionEventResult:
         """See :meth:`kvstore.Client.prefetch`."""
-        return await self.session_event(session_id, Prefetch(tuple(keys)), namespace=namespace)
+        return await self.session_event(session_id, Prefetch(tuple(key_list(keys))),
+                                        namespace=namespace)
 
     async def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
                   namespace: str | None = None) -> SessionEventResult:
         """See :meth:`kvstore.Client.pin`."""
-        return await self.session_event(session_id, Pin(tuple(keys), ttl_ms),
+        return await self.session_event(session_id, Pin(tuple(key_list(keys)), ttl_ms),
                                         namespace=namespace)
 
     async def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
                     namespace: str | None = None) -> SessionEventResult:
-        return await self.session_event(session_id, Unpin(tuple(keys)), namespace=namespace)
+        return await self.session_event(session_id, Unpin(tuple(key_list(keys))),
+                                        namespace=namespace)
 
     async def turn_end(
         self,

@@ -524,16 +524,17 @@ class Client(ClientBase):
                  namespace: str | None = None) -> SessionEventResult:
         """Bring ``keys`` (or the blocks of the session's latest Lookup) into
         L1 ahead of the next request. Returns the blocks found."""
-        return self.session_event(session_id, Prefetch(tuple(keys)), namespace=namespace)
+        return self.session_event(session_id, Prefetch(tuple(key_list(keys))), namespace=namespace)
 
     def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
             namespace: str | None = None) -> SessionEventResult:
         """Keep blocks in L1 for ``ttl_ms`` (within the namespace's pin quota)."""
-        return self.session_event(session_id, Pin(tuple(keys), ttl_ms), namespace=namespace)
+        return self.session_event(session_id, Pin(tuple(key_list(keys)), ttl_ms),
+                                  namespace=namespace)
 
     def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
               namespace: str | None = None) -> SessionEventResult:
-        return self.session_event(session_id, Unpin(tuple(keys)), namespace=namespace)
+        return self.session_event(session_id, Unpin(tuple(key_list(keys))), namespace=namespace)
 
     def turn_end(
         self,

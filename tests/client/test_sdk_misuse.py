@@ -201,8 +201,12 @@ def test_block_format_unknown(kv: Any) -> None:
     prompt(lambda: kv.put({b"f": b"x"}, block_format=7), InvalidArgument, "block_format")
 
 
-def test_keys_none(kv: Any) -> None:
+def test_keys_none_or_one_key(kv: Any) -> None:
     prompt(lambda: kv.get(None), InvalidArgument, "keys must be")
+    # Before: the key's bytes became ints ("key #0 is an int").
+    prompt(lambda: kv.prefetch("s", b"k"), InvalidArgument, "not a single key")
+    prompt(lambda: kv.pin(b"k", 1000), InvalidArgument, "not a single key")
+    prompt(lambda: kv.unpin(b"k"), InvalidArgument, "not a single key")
 
 
 def test_duplicate_keys_in_one_put_the_last_wins(kv: Any) -> None:
