@@ -266,6 +266,12 @@ def normalize_keys_with_lengths(keys: Iterable[Any]) -> tuple[list[bytes], set[i
 def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:
     """A flat unsigned-byte view of ``buf`` (no copy)."""
     what = "buffer" if writable else "block"
+    if getattr(getattr(buf, "dtype", None), "hasobject", False):
+        # Its bytes are pointers to Python objects: put stored addresses, and
+        # get_into wrote a block over them (the next read of the array
+        # crashed the process).
+        raise InvalidBuffer(f"{what} #{index} is an array of Python objects (dtype "
+                            f"{buf.dtype}): its bytes are pointers, not data")
     try:
         view = memoryview(buf)
     except TypeError:
@@ -273,6 +279,13 @@ def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:
             f"{what} #{index} is a {type(buf).__name__}, which does not support the buffer "
             "protocol (use bytes, bytearray, memoryview or a numpy array)"
         ) from None
+    except ValueError:
+        # A numpy dtype the buffer protocol has no format for (ml_dtypes'
+        # bfloat16 and float8 types, datetime64): "cannot include dtype 'E'
+        # in a buffer". Its bytes, through a uint8 view of the same memory.
+        view = _numpy_bytes(buf, what, index)
+    if view.format.lstrip("@=<>!") == "O":  # (another exporter's object pointers)
+        raise InvalidBuffer(f"{what} #{index} holds Python object pointers, not data")
     if writable and view.readonly:
         raise InvalidBuffer(f"buffer #{index} is read-only")
     if not view.c_contiguous:
@@ -283,6 +296,21 @@ def block_view(buf: Any, index: int, *, writable: bool = False) -> memoryview:
     if view.ndim == 1 and view.format == "B":
         return view
     return view.cast("B")
+
+
+def _numpy_bytes(buf: Any, what: str, index: int) -> memoryview:
+    """A numpy array's bytes when ``memoryview(buf)`` refused its dtype."""
+    flags = getattr(buf, "flags", None)
+    if flags is None or not hasattr(buf, "reshape") or not hasattr(buf, "view"):
+        raise InvalidBuffer(f"{what} #{index} ({type(buf).__name__}) refused to export its "
+                            "buffer") from None
+    if not flags.c_contiguous:
+        raise InvalidBuffer(
+            f"{what} #{index} is not C-contiguous (shape {buf.shape}, strides {buf.strides}); "
+            "copy it first, e.g. numpy.ascontiguousarray")
+    # (reshape of a C-contiguous array is a view, never a copy: get_into's
+    # bytes land in the caller's array)
+    return memoryview(buf.reshape(-1).view("u1"))
 
 
 def normalize_blocks(blocks: Blocks) -> list[tuple[bytes, memoryview]]:

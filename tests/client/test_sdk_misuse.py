@@ -17,6 +17,7 @@ import pytest
 from serverproc import ServerProcess
 
 from kvstore import AsyncClient, Client
+from kvstore.client import InvalidBuffer
 from kvstore.client import _convert as conv
 from kvstore.client._aioput import put_stream
 from kvstore.client.shm import ShmClient
@@ -129,6 +130,40 @@ def test_a_put_stream_whose_messages_fail_ends_at_once(server: ServerProcess) ->
             await client.close()
 
     asyncio.run(main())
+
+
+# -- numpy dtypes -------------------------------------------------------------------------
+
+
+def test_bfloat16_arrays_put_and_get_into_as_their_bytes(kv: Any) -> None:
+    # An LLM's KV cache dtype. Before: memoryview() refused it, and put and
+    # get_into raised a bare ValueError ("cannot include dtype 'E' in a buffer").
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    k = np.arange(2 * 8 * 4, dtype=np.float32).reshape(2, 8, 4).astype(ml_dtypes.bfloat16)
+    assert kv.put({b"bf16": k}).stored == 1
+    assert kv.get([b"bf16"]) == [k.tobytes()]
+    out = np.zeros_like(k)
+    assert kv.get_into([b"bf16"], [out]) == [k.nbytes]
+    assert out.tobytes() == k.tobytes()
+    rows = np.zeros((2, k.nbytes // 2), ml_dtypes.bfloat16)  # two rows, one per key
+    assert kv.get_into([b"bf16", b"missing"], list(rows)) == [k.nbytes, None]
+    prompt(lambda: kv.put({b"bf": k[:, ::2]}), InvalidBuffer, "not C-contiguous")
+    prompt(lambda: kv.get_into([b"bf16"], [np.zeros((8, 8), ml_dtypes.bfloat16)[:, :4]]),
+           InvalidBuffer, "not C-contiguous")
+    frozen = np.zeros_like(k)
+    frozen.setflags(write=False)
+    prompt(lambda: kv.get_into([b"bf16"], [frozen]), InvalidBuffer, "read-only")
+
+
+def test_object_arrays_are_refused(kv: Any) -> None:
+    # Before: put stored the objects' addresses, and get_into wrote a block
+    # over the pointers (reading the array then crashed the process).
+    objects = np.array(["a", None, 3], dtype=object)
+    prompt(lambda: kv.put({b"obj": objects}), InvalidBuffer, "Python objects")
+    prompt(lambda: kv.get_into([b"missing"], [objects]), InvalidBuffer, "Python objects")
+    mixed = np.zeros(2, dtype=[("n", "<u2"), ("o", "O")])
+    prompt(lambda: kv.put({b"obj": mixed}), InvalidBuffer, "Python objects")
+    assert kv.get([b"obj"]) == [None]
 
 
 # -- get_into buffers that share memory -----------------------------------------------
