@@ -268,7 +268,7 @@ class AsyncClient(ClientBase):
                           *, dtype: Any = None, namespace: str | None = None,
                           session_id: str | None = None) -> int:
         """See :meth:`kvstore.Client.get_kv_into`."""
-        kv.check_lists(keys, page_lists)
+        kv.check_lists(keys, page_lists, distinct=True)
         found = await self.get(keys, namespace=namespace, session_id=session_id)
         return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 

@@ -8,6 +8,7 @@ BLAKE2b-256, salted per namespace), one per full block.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,10 +17,30 @@ from kvstore.block import pack, unpack_into
 PageArrays = Sequence[Any]  # numpy arrays, one per layer
 
 
-def check_lists(keys: Sequence[bytes], page_lists: Sequence[Sequence[int]]) -> None:
+def check_lists(keys: Sequence[bytes], page_lists: Sequence[Sequence[int]], *,
+                distinct: bool = False) -> None:
+    """One page list per key; ``distinct`` (a read into the pages): no page
+    twice, since the block unpacked later would overwrite the earlier one's
+    page while the count returned says both were restored."""
     if len(keys) != len(page_lists):
         raise ValueError(f"{len(keys)} keys but {len(page_lists)} page lists: one list of "
                          "page ids per block")
+    if not distinct:
+        return
+    owner: dict[int, int] = {}  # page -> the first block that names it
+    named = 0
+    for block, ids in enumerate(page_lists):
+        for page in ids:
+            try:
+                page = operator.index(page)
+            except TypeError:
+                return  # (the unpack refuses a page id that is not an int, naming it)
+            named += 1
+            first = owner.setdefault(page, block)
+            if len(owner) != named:
+                where = (f"page_lists[{block}] names page {page} twice" if first == block else
+                         f"page {page} is in page_lists[{first}] and page_lists[{block}]")
+                raise ValueError(f"{where}: each block needs pages of its own")
 
 
 def pack_blocks(k_pages: PageArrays, v_pages: PageArrays | None,

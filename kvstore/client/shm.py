@@ -583,7 +583,7 @@ class ShmClient(Client):
                     session_id: str | None = None) -> int:
         """Unpack straight from leased shared memory into the engine's pages
         (each block verified). Returns the number of leading blocks restored."""
-        kv.check_lists(keys, page_lists)
+        kv.check_lists(keys, page_lists, distinct=True)
         try:
             with self._reading(keys, namespace, session_id) as leases:
                 return kv.unpack_prefix([lease.view if lease is not None else None

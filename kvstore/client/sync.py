@@ -307,7 +307,7 @@ class Client(ClientBase):
         """Fetch blocks and scatter each (verified) into the pages of its
         page list. Returns the number of leading blocks restored: the usable
         prefix, stopping at the first miss."""
-        kv.check_lists(keys, page_lists)
+        kv.check_lists(keys, page_lists, distinct=True)
         found = self.get(keys, namespace=namespace, session_id=session_id)
         return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 

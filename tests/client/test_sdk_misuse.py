@@ -166,6 +166,23 @@ def test_object_arrays_are_refused(kv: Any) -> None:
     assert kv.get([b"obj"]) == [None]
 
 
+def test_get_kv_into_refuses_a_page_named_twice(kv: Any) -> None:
+    # Before: 2 blocks "restored", the second over the first one's page.
+    rng = np.random.default_rng(1)
+    k = [rng.standard_normal((4, 16, 2, 8)).astype(np.float16) for _ in range(2)]
+    v = [rng.standard_normal((4, 16, 2, 8)).astype(np.float16) for _ in range(2)]
+    assert kv.put_kv([b"p0", b"p1"], k, v, [[0], [1]]).stored == 2
+    k2 = [np.zeros_like(a) for a in k]
+    v2 = [np.zeros_like(a) for a in v]
+    prompt(lambda: kv.get_kv_into([b"p0", b"p1"], k2, v2, [[2], [2]]), ValueError,
+           r"page 2 is in page_lists\[0\] and page_lists\[1\]")
+    prompt(lambda: kv.get_kv_into([b"p0"], k2, v2, [[3, 3]]), ValueError,
+           r"page_lists\[0\] names page 3 twice")
+    assert not any(a.any() for a in k2 + v2)  # nothing written
+    assert kv.get_kv_into([b"p0", b"p1"], k2, v2, [[3], [2]]) == 2
+    assert (k2[1][3] == k[1][0]).all() and (v2[0][2] == v[0][1]).all()
+
+
 # -- get_into buffers that share memory -----------------------------------------------
 
 
