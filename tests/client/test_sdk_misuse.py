@@ -261,6 +261,17 @@ def test_keys_none_or_one_key(kv: Any) -> None:
     prompt(lambda: kv.unpin(b"k"), InvalidArgument, "not a single key")
 
 
+def test_keys_in_a_numpy_bytes_array_are_refused(kv: Any) -> None:
+    # Before: b"ab\x00" came out of the array as b"ab", another key (a
+    # 32-byte hash ends in a zero byte one time in 256).
+    kv.put({b"ab\x00": b"1", b"cd": b"2"})
+    keys = np.array([b"ab\x00", b"cd"])
+    prompt(lambda: kv.get(keys), InvalidArgument, "trailing zero bytes")
+    prompt(lambda: kv.delete(keys), InvalidArgument, "trailing zero bytes")
+    prompt(lambda: kv.lookup(keys), InvalidArgument, "trailing zero bytes")
+    assert kv.get([b"ab"]) == [None]
+
+
 def test_duplicate_keys_in_one_put_the_last_wins(kv: Any) -> None:
     # Documented (README, "Keys and values"): the blocks are stored in
     # order, so the last one under a key is the one kept.
