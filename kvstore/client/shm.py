@@ -829,7 +829,8 @@ class ShmClient(Client):
 
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
-        if type(keys) is list and len(keys) == 1 and len(buffers) == 1:
+        if type(keys) is list and len(keys) == 1 and isinstance(buffers, (list, tuple)) \
+                and len(buffers) == 1:
             # One small chunk per call (how engines ask): inline, by the
             # sync client's one-key path, which checks the key and buffer.
             view = block_view(buffers[0], 0, writable=True)

@@ -354,7 +354,7 @@ class Client(ClientBase):
         if dp is not None:
             ns = resolve_namespace(namespace, self.namespace)
             if len(ks) == 1 and type(key := ks[0]) is bytes and 0 < len(key) <= MAX_KEY_BYTES \
-                    and len(buffers) == 1:
+                    and isinstance(buffers, (list, tuple)) and len(buffers) == 1:
                 # One chunk per call (how engines ask): the general checks
                 # below, without their per-call lists and generators.
                 kl, dests, meta = ks, [block_view(buffers[0], 0, writable=True)], len(key) + 302

@@ -212,6 +212,16 @@ def test_get_into_refuses_one_buffer_for_the_list(kv: Any) -> None:
            "sequence of buffers")
 
 
+def test_get_into_takes_any_iterable_of_buffers(kv: Any) -> None:
+    # Before: with the data plane on, one key with a generator of buffers
+    # raised a bare TypeError (len() of a generator); over gRPC it worked.
+    kv.put({b"it": b"0123"})
+    buf = bytearray(8)
+    assert kv.get_into([b"it"], (b for b in [buf])) == [4]
+    assert kv.get_into([b"it"], (buf,)) == [4]
+    assert bytes(buf[:4]) == b"0123"
+
+
 # -- settings ----------------------------------------------------------------------------
 
 
