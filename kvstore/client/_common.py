@@ -245,10 +245,11 @@ def key_list(keys: Iterable[Any]) -> list[Any]:
         raise InvalidArgument("keys must be a sequence of keys, not a single key")
     if isinstance(keys, list):
         return keys
-    if getattr(getattr(keys, "dtype", None), "kind", None) == "S":
+    dtype = getattr(keys, "dtype", None)
+    if getattr(dtype, "kind", None) == "S":
         # Its items come out without their trailing zero bytes (numpy's fixed
         # width): a 32-byte hash key ending in 0x00 became another key.
-        raise InvalidArgument(f"keys is a numpy array of dtype {keys.dtype}, whose items "
+        raise InvalidArgument(f"keys is a numpy array of dtype {dtype}, whose items "
                               "lose their trailing zero bytes: pass a list of bytes")
     try:
         return list(keys)
