@@ -13,6 +13,7 @@ what went where are kept for the test's asserts.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 from loopthread import LoopThread
@@ -34,6 +35,16 @@ class FaultProxy:
         self.fail: Callable[[str, str], bool] = lambda method, target: False
         self.forwarded: list[tuple[str, str]] = []
         self.failed: list[tuple[str, str]] = []
+        #: (method, target, body) -> hold this request back until
+        #: :attr:`release` is set (at most ``hold_max_s``), then send it on
+        #: all the same: a request that reached a slow server, which the
+        #: client gave up on, and that the server carries out later.
+        self.hold: Callable[[str, str, bytes], bool] = lambda method, target, body: False
+        self.release = threading.Event()
+        self.hold_max_s = 30.0
+        self.held: list[tuple[str, str]] = []
+        #: The held requests once the server has answered them, with the status line.
+        self.late: list[tuple[str, str, str]] = []
         self._server = LoopThread(self._handle)
         self.port = self._server.port
 
@@ -60,6 +71,11 @@ class FaultProxy:
                                                                 _ERROR_BODY))
                     await cw.drain()
                     continue  # the client's connection lives on
+                held = self.hold(method, target, body)
+                if held:
+                    self.held.append((method, target))
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.release.wait, self.hold_max_s)
                 self.forwarded.append((method, target))
                 kept = [h for h in headers if h.partition(":")[0].strip().lower()
                         not in ("connection", "keep-alive")]
@@ -71,6 +87,9 @@ class FaultProxy:
                     answer = await ur.read()  # until the server closes: one request
                 finally:
                     uw.close()
+                if held:
+                    status = answer.partition(b"\r\n")[0].decode("latin-1")
+                    self.late.append((method, target, status))
                 cw.write(_keep_alive(answer))
                 await cw.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):

@@ -39,6 +39,12 @@ Failure behaviour (the store translates; nothing here retries forever):
 - failed requests are retried up to ``retries`` times with full-jitter
   exponential backoff (50 ms doubling, at most 1 s), within the deadline;
   errors that retrying cannot fix (403, missing bucket) are not retried;
+- a delete given up on after its request went out (a timeout, a connection
+  lost before the answer) is not sent again at once: the store may still
+  carry it out, and a late delete deletes whatever is under the name then
+  (the new object of an overwrite). The next write of that object (an
+  upload, or the delete again) first waits until the object is seen gone,
+  at most ``timeout_s`` x (``retries`` + 1);
 - each call that fails (after its retries) counts towards the circuit
   breaker; after ``breaker_failures`` consecutive failed calls, calls fail at
   once, without a request, for ``breaker_reset_s``; then one call goes out as
@@ -110,6 +116,8 @@ MAGIC = b"KVL3"
 LAYOUT_VERSION = 1
 
 _LIST_PAGE = 1000
+#: Deletes in doubt (see ObjectTier._settle) remembered at most.
+_IN_DOUBT_MAX = 100_000
 log = logging.getLogger("kvstore.l3")
 _PROBE_PREFIX = "_kvstore-probe"  # never a namespace (those start with [A-Za-z0-9])
 
@@ -168,6 +176,18 @@ def unpack_header(raw: Buffer, block: BlockId | None = None) -> BlockMeta | None
                            f"(its header's key tag is {tag.hex()}, not {key_tag(block).hex()}): "
                            "not served")
     return BlockMeta(size, crc, created)
+
+
+def _settled_request(exc: BaseException) -> bool:
+    """Whether a failed request can no longer be carried out by the store:
+    its error is the store's answer (an HTTP status, given once it has dealt
+    with the request), or no connection was made. Not a timeout, nor a
+    connection that failed after the request may have gone out."""
+    if not isinstance(exc, GenericError):
+        return False
+    text = str(exc)
+    return "non-2xx status code" in text or "ConnectError" in text or \
+        "kind: ConnectionRefused" in text
 
 
 def _describe(exc: BaseException) -> str:
@@ -244,12 +264,20 @@ class ObjectTier:
         self._lanes = {lane: asyncio.Semaphore(n) for lane, n in self._concurrency.items()}
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._closed = False
+        # Deletes given up on after their request went out (timed out, or
+        # the connection failed before the answer), by object path, with
+        # when: the store may still carry one out later, and it deletes
+        # whatever is under the name then. The next write of the path waits
+        # until it has landed (see :meth:`_settle`), at most this long.
+        self._in_doubt: dict[str, float] = {}
+        self.in_doubt_s = self.timeout_s * (retries + 1)
         self._last_error = ""
         # counters (for stats and tests)
         self.requests = 0  # requests sent to the store
         self.failed_requests = 0
         self.retried = 0
         self.scan_skipped = 0  # foreign or damaged objects seen by list_blocks
+        self.deletes_in_doubt = 0  # deletes given up on after their request went out
 
     @classmethod
     def from_config(cls, config: L3Config) -> ObjectTier:
@@ -324,6 +352,7 @@ class ObjectTier:
                          meta.created)
         body[HEADER_SIZE:] = mv
         path = object_path(block)
+        await self._settle(path)
         await self._call("put", path, lambda: obstore.put_async(self._store, path, body))
 
     async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
@@ -418,6 +447,7 @@ class ObjectTier:
 
     async def delete(self, block: BlockId) -> bool:
         path = object_path(block)
+        await self._settle(path)
         found = await self._call(
             "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True
         )
@@ -447,6 +477,7 @@ class ObjectTier:
                     break
             return bytes(got)
 
+        await self._settle(path)
         raw = await self._call("head", path, header, missing_ok=True)
         if raw is MISSING:
             return False
@@ -462,6 +493,42 @@ class ObjectTier:
             "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True
         )
         return True
+
+    async def _settle(self, path: str) -> None:
+        """Before a write of ``path`` (an upload or another delete): wait
+        for a delete of it given up on after its request went out to land,
+        seen as the object gone (it was there when that delete was sent: a
+        delete is sent only after a HEAD found the object), or for
+        :attr:`in_doubt_s` to pass (the request, then, never reached the
+        store). Sent again, or followed by an upload, at once, such a delete
+        could land after them: the store deleted the new object of an
+        overwrite acknowledged at remote. Raises TierUnavailable when the
+        store cannot be asked (the write fails; the doubt stays)."""
+        since = self._in_doubt.get(path)
+        if since is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._backoff_base_s
+        while loop.time() - since < self.in_doubt_s:
+            found = await self._call(
+                "head", path, lambda: obstore.head_async(self._store, path), missing_ok=True,
+                lane="read")
+            if found is MISSING:
+                break  # it landed (or never had to): nothing of it is left to come
+            await asyncio.sleep(min(delay, max(0.0, since + self.in_doubt_s - loop.time())))
+            delay = min(delay * 2, self._backoff_max_s)
+        if self._in_doubt.get(path) == since:
+            del self._in_doubt[path]
+
+    def _doubt(self, path: str, when: float) -> None:
+        """A delete of ``path`` given up on after its request went out."""
+        self.deletes_in_doubt += 1
+        if len(self._in_doubt) >= _IN_DOUBT_MAX:
+            # (those past in_doubt_s wait for nothing: dropped first)
+            expired = [p for p, t in self._in_doubt.items() if when - t >= self.in_doubt_s]
+            for old in expired or list(self._in_doubt)[:len(self._in_doubt) // 2]:
+                del self._in_doubt[old]
+        self._in_doubt[path] = when
 
     async def close(self) -> None:
         self._closed = True
@@ -534,6 +601,11 @@ class ObjectTier:
                 attempt += 1
                 retryable = isinstance(exc, (TimeoutError, GenericError, JoinError, OSError))
                 if isinstance(exc, (*_NOT_FOUND, PermissionDeniedError, UnauthenticatedError)):
+                    retryable = False
+                elif op == "delete" and started and not _settled_request(exc):
+                    # The store may carry it out yet: not sent again until
+                    # it has landed (the next write of the path waits, _settle).
+                    self._doubt(path, loop.time())
                     retryable = False
                 delay = random.uniform(
                     0, min(self._backoff_max_s, self._backoff_base_s * 2 ** (attempt - 1))

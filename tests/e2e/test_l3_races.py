@@ -321,3 +321,39 @@ def test_a_delete_during_another_deletes_paced_removals_still_deletes(  # type: 
         proxy.up_delay_s = 0.0
         wait_for(lambda: not objects(s3), what="every object deleted, k's new one too")
         assert second.get([b"k"]) == [None]
+
+
+def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, tmp_path: Path) -> None:
+    """An overwrite deletes the old object, then uploads the new one under the
+    same name. A delete given up on (its 1 s timeout) may still be carried
+    out by the store later: it reached a slow server, and giving up on it
+    does not unsend it. It was sent again at once and the new object
+    uploaded: the late one then deleted the object of a Put acknowledged at
+    ``remote`` (1 and 4 of 200 in the kill test, under load, no error said).
+    The upload now waits until the old object is seen gone."""
+    from faultproxy import FaultProxy
+
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    key = b"k"
+    try:
+        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
+                  "--l3-timeout-s", "1") as a, \
+                Client(a.tcp, namespace="r", data_plane=False) as c:
+            assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
+            # The old object's delete (S3 DeleteObjects: a POST naming the
+            # key) reaches the store 2 s late, past its timeout.
+            gate.hold_max_s = 2.0
+            gate.hold = lambda method, target, body: (
+                method == "POST" and key.hex().encode() in body and not gate.held)
+            new = b"n" * (4 * KiB)
+            assert c.put({key: new}, ack="remote").stored == 1
+            assert gate.held, "the overwrite did not delete the old object"
+            wait_for(lambda: bool(gate.late), what="the late delete carried out")
+            found = [p for p in objects(s3) if p.name == key.hex()]
+            assert found and found[0].read_bytes().endswith(new), \
+                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+            assert "waits for L3" in a.log()  # (the delete did time out)
+    finally:
+        gate.release.set()
+        gate.close()
