@@ -550,6 +550,63 @@ def test_transient_errors_are_retried(tmp_path: Path, monkeypatch: pytest.Monkey
     run(go())
 
 
+def test_a_delete_cut_off_after_it_went_out_is_not_overtaken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete whose connection failed before the answer may still be
+    carried out by the store, later. It was retried at once, the next upload
+    sent, and the late delete then deleted the new object. Now it is in
+    doubt: not sent again, and the next write of the object waits until the
+    object is seen gone (here: the late delete, 0.3 s on); one that never
+    lands is waited for ``timeout_s`` x (``retries`` + 1) at most."""
+
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", timeout_s=1.0, retries=3,
+                          backoff_base_s=0.001)
+        old, new = b"old" * 100, b"new" * 50
+        await tier.put(("ns", b"k"), old, meta_for(old))
+        await tier.put(("ns", b"j"), old, meta_for(old))
+        real_delete, calls = obstore.delete_async, []
+        late: list[asyncio.Task[Any]] = []
+
+        async def cut_off(store: Any, path: Any) -> Any:
+            calls.append(path)
+            if len(calls) > 1:
+                return await real_delete(store, path)
+            # (the store has it, and carries it out after the client gave up)
+            late.append(asyncio.get_running_loop().create_task(
+                asyncio.sleep(0.3)))
+            late[0].add_done_callback(
+                lambda _: late.append(asyncio.ensure_future(real_delete(store, path))))
+            raise ConnectionResetError("connection reset by peer")
+
+        monkeypatch.setattr(obstore, "delete_async", cut_off)
+        with pytest.raises(TierUnavailable):
+            await tier.delete(("ns", b"k"))
+        assert calls == ["ns/" + b"k".hex()] and tier.deletes_in_doubt == 1  # not sent again
+        t0 = time.monotonic()
+        await tier.put(("ns", b"k"), new, meta_for(new))
+        assert time.monotonic() - t0 >= 0.3  # after the late delete
+        await asyncio.gather(*late)
+        assert await payload(tier, ("ns", b"k")) == new
+
+        # One that never lands: waited for timeout_s x (retries + 1), then not.
+        calls.clear()
+        monkeypatch.setattr(obstore, "delete_async", _never_lands)
+        quick = ObjectTier(f"file://{tmp_path}/l3", timeout_s=0.2, retries=1)
+        with pytest.raises(TierUnavailable):
+            await quick.delete(("ns", b"j"))
+        t0 = time.monotonic()
+        await quick.put(("ns", b"j"), new, meta_for(new))
+        assert 0.3 <= time.monotonic() - t0 < 0.4 + 1.0  # (0.4 s after the delete)
+        assert await payload(quick, ("ns", b"j")) == new
+
+    run(go())
+
+
+async def _never_lands(store: Any, path: Any) -> Any:
+    raise ConnectionResetError("connection reset by peer")
+
+
 def test_a_burst_of_transient_errors_does_not_open_the_breaker(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """rclone serve s3 answers 500 now and then to concurrent PUTs into a new
