@@ -42,14 +42,37 @@ class FaultProxy:
         self.hold: Callable[[str, str, bytes], bool] = lambda method, target, body: False
         self.release = threading.Event()
         self.hold_max_s = 30.0
+        #: A status line (``b"504 Gateway Timeout"``) to answer a held request
+        #: with at once, as a gateway that gave up on a slow upstream does;
+        #: the request still goes on to the server once released (None: the
+        #: client waits for the server's own answer).
+        self.held_answer: bytes | None = None
         self.held: list[tuple[str, str]] = []
         #: The held requests once the server has answered them, with the status line.
         self.late: list[tuple[str, str, str]] = []
+        self._late_tasks: set[asyncio.Future[None]] = set()
         self._server = LoopThread(self._handle)
         self.port = self._server.port
 
     def close(self) -> None:
         self._server.close()
+
+    async def _forward(self, method: str, target: str, request: bytes) -> bytes:
+        self.forwarded.append((method, target))
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            uw.write(request)
+            await uw.drain()
+            return await ur.read()  # until the server closes: one request
+        finally:
+            uw.close()
+
+    async def _late(self, method: str, target: str, request: bytes) -> None:
+        """A held request the client was already answered for, sent on."""
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.release.wait, self.hold_max_s)
+        answer = await self._forward(method, target, request)
+        self.late.append((method, target, answer.partition(b"\r\n")[0].decode("latin-1")))
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
@@ -72,21 +95,22 @@ class FaultProxy:
                     await cw.drain()
                     continue  # the client's connection lives on
                 held = self.hold(method, target, body)
-                if held:
-                    self.held.append((method, target))
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, self.release.wait, self.hold_max_s)
-                self.forwarded.append((method, target))
                 kept = [h for h in headers if h.partition(":")[0].strip().lower()
                         not in ("connection", "keep-alive")]
-                request = "\r\n".join([lines[0], *kept, "Connection: close", "", ""])
-                ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-                try:
-                    uw.write(request.encode("latin-1") + body)
-                    await uw.drain()
-                    answer = await ur.read()  # until the server closes: one request
-                finally:
-                    uw.close()
+                request = "\r\n".join([lines[0], *kept, "Connection: close", "",
+                                        ""]).encode("latin-1") + body
+                if held:
+                    self.held.append((method, target))
+                    if self.held_answer is not None:
+                        cw.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % self.held_answer)
+                        await cw.drain()
+                        late = asyncio.ensure_future(self._late(method, target, request))
+                        self._late_tasks.add(late)
+                        late.add_done_callback(self._late_tasks.discard)
+                        continue  # (the client's connection lives on)
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.release.wait, self.hold_max_s)
+                answer = await self._forward(method, target, request)
                 if held:
                     status = answer.partition(b"\r\n")[0].decode("latin-1")
                     self.late.append((method, target, status))

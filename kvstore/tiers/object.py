@@ -40,7 +40,7 @@ Failure behaviour (the store translates; nothing here retries forever):
   exponential backoff (50 ms doubling, at most 1 s), within the deadline;
   errors that retrying cannot fix (403, missing bucket) are not retried;
 - a delete given up on after its request went out (a timeout, a connection
-  lost before the answer) is not sent again at once: the store may still
+  lost before the answer, a gateway's 502 or 504) is not sent again at once: the store may still
   carry it out, and a late delete deletes whatever is under the name then
   (the new object of an overwrite). The next write of that object (an
   upload, or the delete again) first waits until the object is seen gone,
@@ -64,6 +64,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import struct
 import time
 import urllib.parse
@@ -178,16 +179,28 @@ def unpack_header(raw: Buffer, block: BlockId | None = None) -> BlockMeta | None
     return BlockMeta(size, crc, created)
 
 
+#: An error status (obstore's text) and its code.
+_STATUS_RE = re.compile(r"non-2xx status code: (\d{3})")
+#: Statuses a gateway in front of the store (a load balancer, a reverse
+#: proxy) answers when it gave up on the store or lost its connection to it:
+#: the request may have reached the store, which can still carry it out.
+_GATEWAY_STATUSES = frozenset({502, 504})
+
+
 def _settled_request(exc: BaseException) -> bool:
     """Whether a failed request can no longer be carried out by the store:
     its error is the store's answer (an HTTP status, given once it has dealt
     with the request), or no connection was made. Not a timeout, nor a
-    connection that failed after the request may have gone out."""
+    connection that failed after the request may have gone out, nor a
+    gateway's 502 or 504 (it gave up on the store, which may still have the
+    request)."""
     if not isinstance(exc, GenericError):
         return False
     text = str(exc)
-    return "non-2xx status code" in text or "ConnectError" in text or \
-        "kind: ConnectionRefused" in text
+    status = _STATUS_RE.search(text)
+    if status is not None:
+        return int(status.group(1)) not in _GATEWAY_STATUSES
+    return "ConnectError" in text or "kind: ConnectionRefused" in text
 
 
 def _describe(exc: BaseException) -> str:

@@ -357,3 +357,35 @@ def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  #
     finally:
         gate.release.set()
         gate.close()
+
+
+def test_a_delete_a_gateway_gave_up_on_never_lands_after_the_overwrite(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, tmp_path: Path) -> None:
+    """The same late delete behind a gateway (a load balancer or reverse
+    proxy in front of the object store) that gave up on a slow upstream: the
+    client gets a 504 at once, the upstream carries the delete out later. An
+    HTTP status was taken as the store's answer (no doubt left), so the
+    delete was retried at once, the new object uploaded, and the late delete
+    deleted it. A 502 or 504 is a gateway's, not the store's: in doubt."""
+    from faultproxy import FaultProxy
+
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    key = b"k"
+    try:
+        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
+                  "--l3-timeout-s", "3") as a, \
+                Client(a.tcp, namespace="r", data_plane=False) as c:
+            assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
+            gate.hold_max_s, gate.held_answer = 1.0, b"504 Gateway Timeout"
+            gate.hold = lambda method, target, body: (
+                method == "POST" and key.hex().encode() in body and not gate.held)
+            new = b"n" * (4 * KiB)
+            assert c.put({key: new}, ack="remote").stored == 1
+            assert gate.held, "the overwrite did not delete the old object"
+            wait_for(lambda: bool(gate.late), what="the late delete carried out")
+            found = [p for p in objects(s3) if p.name == key.hex()]
+            assert found and found[0].read_bytes().endswith(new), \
+                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+    finally:
+        gate.release.set()
+        gate.close()

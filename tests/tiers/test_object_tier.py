@@ -607,6 +607,49 @@ async def _never_lands(store: Any, path: Any) -> Any:
     raise ConnectionResetError("connection reset by peer")
 
 
+@pytest.mark.parametrize("answer, in_doubt", [
+    (b"503 Slow Down", False),  # the store's own answer: it will not act on it later
+    (b"504 Gateway Timeout", True),  # a gateway gave up on the store: it may yet
+    (b"502 Bad Gateway", True),
+])
+def test_a_delete_a_gateway_gave_up_on_is_in_doubt(s3: S3Server, tmp_path: Path,
+                                                    answer: bytes, in_doubt: bool) -> None:
+    """Through a gateway (a load balancer, a reverse proxy) that answers at
+    once while the delete goes on to the store: a 502 or 504 is the
+    gateway's, not the store's, and the store may carry the delete out
+    later. It was taken as the store's answer (an HTTP status: no doubt),
+    retried at once and the next upload sent, and the late delete deleted
+    the new object. A 503 from the store itself stays retried."""
+    from faultproxy import FaultProxy
+
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    block = ("ns", tmp_path.name.encode())
+
+    async def go() -> None:
+        tier = ObjectTier(s3.url(f"gw/{tmp_path.name}"),
+                          endpoint=f"http://127.0.0.1:{gate.port}",
+                          access_key_id=s3.access_key, secret_access_key=s3.secret_key,
+                          timeout_s=2.0, retries=2, backoff_base_s=0.001)
+        await tier.put(block, b"old", meta_for(b"old"))
+        if in_doubt:
+            # (the gateway answers at once; the store gets the delete 0.3 s on)
+            gate.held_answer, gate.hold_max_s = answer, 0.3
+            gate.hold = lambda method, target, body: method == "POST" and not gate.held
+            with pytest.raises(TierUnavailable):
+                await tier.delete(block)
+            assert tier.deletes_in_doubt == 1 and tier.retried == 0  # not sent again
+        else:
+            gate.fail = lambda method, target: method == "POST" and not gate.failed
+            assert await tier.delete(block) is True  # retried within the call
+            assert tier.deletes_in_doubt == 0 and tier.retried == 1
+
+    try:
+        run(go())
+    finally:
+        gate.release.set()
+        gate.close()
+
+
 def test_a_burst_of_transient_errors_does_not_open_the_breaker(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """rclone serve s3 answers 500 now and then to concurrent PUTs into a new
