@@ -40,7 +40,8 @@ Failure behaviour (the store translates; nothing here retries forever):
   exponential backoff (50 ms doubling, at most 1 s), within the deadline;
   errors that retrying cannot fix (403, missing bucket) are not retried;
 - a delete given up on after its request went out (a timeout, a connection
-  lost before the answer, a gateway's 502 or 504) is not sent again at once: the store may still
+  lost before the answer, a gateway's 502 or 504, its caller cancelled) is
+  not sent again at once: the store may still
   carry it out, and a late delete deletes whatever is under the name then
   (the new object of an overwrite). The next write of that object (an
   upload, or the delete again) first waits until the object is seen gone,
@@ -597,6 +598,11 @@ class ObjectTier:
                             result = MISSING
             except asyncio.CancelledError:
                 self.breaker.abandon()
+                if op == "delete" and started:
+                    # Its caller gave up (a Delete whose client's deadline
+                    # passed): the request may be out all the same, and the
+                    # store carry it out later, as one that timed out.
+                    self._doubt(path, loop.time())
                 raise
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and not started:

@@ -389,3 +389,40 @@ def test_a_delete_a_gateway_gave_up_on_never_lands_after_the_overwrite(  # type:
     finally:
         gate.release.set()
         gate.close()
+
+
+def test_a_delete_whose_client_gave_up_never_lands_after_a_later_put(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, tmp_path: Path) -> None:
+    """A Delete of a key another node put (its object deleted within the
+    call) whose client gives up (its deadline) while the object's delete is
+    at a slow store: the call is cancelled, the delete request is out all
+    the same, and the store carries it out later. The cancelled delete left
+    no doubt (only a failed one did), so a Put of the key at ``remote`` right
+    after uploaded at once, and the late delete deleted the acknowledged
+    object. Now the upload waits until the old object is seen gone."""
+    from faultproxy import FaultProxy
+
+    from kvstore.errors import DeadlineExceeded
+
+    key = b"k"
+    put_from_another_node(server_factory, s3, tmp_path, {key: b"o" * (8 * KiB)})
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+                Client(a.tcp, namespace="r", data_plane=False) as c, \
+                Client(a.tcp, namespace="r", data_plane=False, timeout=1.0) as hasty:
+            gate.hold_max_s = 3.0
+            gate.hold = lambda method, target, body: (
+                method == "POST" and key.hex().encode() in body and not gate.held)
+            with pytest.raises(DeadlineExceeded):
+                hasty.delete([key])
+            assert gate.held, "the Delete did not delete the object"
+            new = b"n" * (4 * KiB)
+            assert c.put({key: new}, ack="remote").stored == 1
+            wait_for(lambda: bool(gate.late), what="the late delete carried out")
+            found = [p for p in objects(s3) if p.name == key.hex()]
+            assert found and found[0].read_bytes().endswith(new), \
+                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+    finally:
+        gate.release.set()
+        gate.close()

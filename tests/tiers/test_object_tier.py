@@ -607,6 +607,38 @@ async def _never_lands(store: Any, path: Any) -> Any:
     raise ConnectionResetError("connection reset by peer")
 
 
+def test_a_delete_cancelled_after_it_went_out_is_in_doubt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete whose caller gives up (a Delete whose client's deadline
+    passed cancels it) after its request went out may land later, as one
+    that timed out: it left no doubt, and the next upload of the object went
+    at once. Now the upload waits for it to land (or for the bound)."""
+
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", timeout_s=0.2, retries=1)
+        old, new = b"old" * 100, b"new" * 50
+        await tier.put(("ns", b"k"), old, meta_for(old))
+        sent = asyncio.Event()
+
+        async def slow(store: Any, path: Any) -> Any:
+            sent.set()
+            await asyncio.sleep(10)
+
+        monkeypatch.setattr(obstore, "delete_async", slow)
+        deleting = asyncio.ensure_future(tier.delete(("ns", b"k")))
+        await sent.wait()
+        deleting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await deleting
+        assert tier.deletes_in_doubt == 1
+        t0 = time.monotonic()
+        await tier.put(("ns", b"k"), new, meta_for(new))  # (it never lands: the bound)
+        assert time.monotonic() - t0 >= 0.3
+        assert await payload(tier, ("ns", b"k")) == new
+
+    run(go())
+
+
 @pytest.mark.parametrize("answer, in_doubt", [
     (b"503 Slow Down", False),  # the store's own answer: it will not act on it later
     (b"504 Gateway Timeout", True),  # a gateway gave up on the store: it may yet
