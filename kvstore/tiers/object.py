@@ -69,6 +69,7 @@ import re
 import struct
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -283,7 +284,8 @@ class ObjectTier:
         # when: the store may still carry one out later, and it deletes
         # whatever is under the name then. The next write of the path waits
         # until it has landed (see :meth:`_settle`), at most this long.
-        self._in_doubt: dict[str, float] = {}
+        # (oldest first: a delete doubted again moves to the end)
+        self._in_doubt: OrderedDict[str, float] = OrderedDict()
         self.in_doubt_s = self.timeout_s * (retries + 1)
         self._last_error = ""
         # counters (for stats and tests)
@@ -537,12 +539,19 @@ class ObjectTier:
     def _doubt(self, path: str, when: float) -> None:
         """A delete of ``path`` given up on after its request went out."""
         self.deletes_in_doubt += 1
-        if len(self._in_doubt) >= _IN_DOUBT_MAX:
-            # (those past in_doubt_s wait for nothing: dropped first)
-            expired = [p for p, t in self._in_doubt.items() if when - t >= self.in_doubt_s]
-            for old in expired or list(self._in_doubt)[:len(self._in_doubt) // 2]:
-                del self._in_doubt[old]
-        self._in_doubt[path] = when
+        doubts = self._in_doubt
+        # Those past in_doubt_s wait for nothing: dropped as new ones come
+        # (kept until the next write of their object, they stayed for good,
+        # up to the bound, and a full table was swept whole at each new one).
+        while doubts:
+            oldest, since = next(iter(doubts.items()))
+            if when - since < self.in_doubt_s:
+                break
+            del doubts[oldest]
+        if len(doubts) >= _IN_DOUBT_MAX:
+            doubts.popitem(last=False)  # (a bound on memory: the oldest goes)
+        doubts[path] = when
+        doubts.move_to_end(path)
 
     async def close(self) -> None:
         self._closed = True

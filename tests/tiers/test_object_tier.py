@@ -607,6 +607,25 @@ async def _never_lands(store: Any, path: Any) -> Any:
     raise ConnectionResetError("connection reset by peer")
 
 
+def test_deletes_in_doubt_past_their_bound_are_forgotten(tmp_path: Path) -> None:
+    """A doubt past ``in_doubt_s`` waits for nothing. Kept until the next
+    write of its object, doubts from a storm of timed-out deletes stayed for
+    good (up to 100 000 paths, some 19 MB), and once that many were held each
+    new one swept them all (130 ms of the event loop). Dropped, oldest first,
+    as new ones come; one doubted again counts from its new time."""
+
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", timeout_s=1.0, retries=1)
+        assert tier.in_doubt_s == 2.0
+        for i, when in enumerate((100.0, 101.0, 102.0)):
+            tier._doubt(f"ns/{i}", when)
+        tier._doubt("ns/0", 102.5)  # (again)
+        tier._doubt("ns/9", 104.0)  # ns/1 and ns/2 are 2 s old or more
+        assert list(tier._in_doubt) == ["ns/0", "ns/9"]
+
+    run(go())
+
+
 def test_a_delete_cancelled_after_it_went_out_is_in_doubt(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A delete whose caller gives up (a Delete whose client's deadline
