@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -217,8 +219,7 @@ class ClientBase:
         elif not isinstance(prefix, (bytes, bytearray, memoryview)):
             # (bytes(5) is five zero bytes: an int listed nothing, silently)
             raise InvalidArgument(f"prefix must be bytes or str, not {type(prefix).__name__}")
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise InvalidArgument(f"limit must be an int, not {type(limit).__name__}")
+        limit = _integer(limit, "limit")
         if not 0 <= limit <= 2**32 - 1:
             raise InvalidArgument(f"limit {limit} is out of range (0 = the server's default)")
         return conv.encode_list_blocks_request(ns, bytes(prefix), limit)
@@ -294,11 +295,24 @@ def check_block_format(block_format: BlockFormat | int) -> BlockFormat:
 MAX_TIMEOUT_S = 1e9
 
 
+def _integer(value: int, what: str) -> int:
+    """``value`` as an int: an int, or a numpy integer (one worked before it
+    was checked); not a bool, float or str."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise InvalidArgument(f"{what} must be an int, not {type(value).__name__}")
+
+
 def check_timeout(timeout: float | None) -> float | None:
     """A client's ``timeout``: seconds > 0, or None (or inf) for no deadline."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    # (numbers.Real: numpy's float32 and int64 too, which worked before the
+    # check; float() below makes them a float)
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise InvalidArgument(f"timeout must be a number of seconds or None, not "
                               f"{type(timeout).__name__}")
     if timeout == math.inf:

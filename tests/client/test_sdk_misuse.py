@@ -237,13 +237,17 @@ def test_timeout_and_namespace_settings(server: ServerProcess, make: Any) -> Non
             make(target, namespace=bad_ns)
 
 
-@pytest.mark.parametrize("timeout", [float("inf"), 1e9])
+@pytest.mark.parametrize("timeout", [float("inf"), 1e9, np.float32(30), np.int64(30)])
 def test_an_infinite_timeout_means_no_deadline(server: ServerProcess, timeout: float) -> None:
     # Before: inf (or any timeout past gRPC's range) failed every call at
     # once with DeadlineExceeded.
     for kind in KINDS:
         c = open_client(server, kind, "misuse-inf", timeout)
         try:
+            # (numpy's scalars, from a config read into arrays: they worked
+            # before timeouts were checked, and the check refused them)
+            timeout_set = getattr(c, "client", c).timeout  # (an AioFacade's client's)
+            assert timeout_set is None or type(timeout_set) is float
             assert c.put({b"t": b"v"}).stored == 1
             assert c.get([b"t"]) == [b"v"]
         finally:
@@ -257,6 +261,8 @@ def test_list_blocks_prefix_and_limit_types(kv: Any) -> None:
     # Before: prefix=5 listed the keys starting with five zero bytes (none).
     prompt(lambda: kv.list_blocks(prefix=5), InvalidArgument, "prefix")
     prompt(lambda: kv.list_blocks(limit="5"), InvalidArgument, "limit")
+    prompt(lambda: kv.list_blocks(limit=5.0), InvalidArgument, "limit")
+    kv.list_blocks(limit=np.int64(5))  # (a numpy integer is an int: it worked before the check)
 
 
 def test_block_format_unknown(kv: Any) -> None:
