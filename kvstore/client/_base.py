@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -21,6 +20,7 @@ from kvstore.client._common import (
     MetadataPairs,
     channel_options,
     check_chunk_bytes,
+    check_integer,
     check_lease_ms,
     check_session_id,
     metadata_source,
@@ -219,7 +219,7 @@ class ClientBase:
         elif not isinstance(prefix, (bytes, bytearray, memoryview)):
             # (bytes(5) is five zero bytes: an int listed nothing, silently)
             raise InvalidArgument(f"prefix must be bytes or str, not {type(prefix).__name__}")
-        limit = _integer(limit, "limit")
+        limit = check_integer(limit, "limit")
         if not 0 <= limit <= 2**32 - 1:
             raise InvalidArgument(f"limit {limit} is out of range (0 = the server's default)")
         return conv.encode_list_blocks_request(ns, bytes(prefix), limit)
@@ -293,17 +293,6 @@ def check_block_format(block_format: BlockFormat | int) -> BlockFormat:
 #: overflows past about 9e9 s, and a finite timeout above it (or inf) failed
 #: every call at once with DeadlineExceeded.
 MAX_TIMEOUT_S = 1e9
-
-
-def _integer(value: int, what: str) -> int:
-    """``value`` as an int: an int, or a numpy integer (one worked before it
-    was checked); not a bool, float or str."""
-    if not isinstance(value, bool):
-        try:
-            return operator.index(value)
-        except TypeError:
-            pass
-    raise InvalidArgument(f"{what} must be an int, not {type(value).__name__}")
 
 
 def check_timeout(timeout: float | None) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -370,9 +371,20 @@ def check_disjoint(views: Sequence[memoryview]) -> None:
                 "a buffer of its own")
 
 
+def check_integer(value: int, what: str) -> int:
+    """``value`` as an int: an int, or a numpy integer (which worked where
+    the protobuf messages took it before the SDK checked); not a bool,
+    float or str."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise InvalidArgument(f"{what} must be an integer, not {type(value).__name__}")
+
+
 def check_lease_ms(lease_ms: int) -> int:
-    if isinstance(lease_ms, bool) or not isinstance(lease_ms, int):
-        raise InvalidArgument(f"lease_ms must be an integer, not {type(lease_ms).__name__}")
+    lease_ms = check_integer(lease_ms, "lease_ms")
     if not 0 <= lease_ms <= _UINT32_MAX:
         raise InvalidArgument(f"lease_ms {lease_ms} is out of range 0..{_UINT32_MAX}")
     return lease_ms

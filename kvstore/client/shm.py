@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import operator
 import os
 import threading
 import time
@@ -930,9 +931,12 @@ class ShmClient(Client):
 
 
 def _check_size(size: int, index: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    # (a numpy integer too: it worked before the check)
+    n = 0 if isinstance(size, bool) else operator.index(size) if hasattr(size, "__index__") \
+        else 0
+    if n <= 0:
         raise InvalidArgument(f"block #{index}: size must be a positive int, not {size!r}")
-    return size
+    return n
 
 
 def _check_copies(expired: list[int], bad: Sequence[int]) -> None:

@@ -308,7 +308,14 @@ def test_shm_reserve_acquire_commit_arguments(server: ServerProcess, dp: bool) -
                "key #0 is a str")
         prompt(lambda: c.reserve([(b"", 10)]), InvalidKey, "empty")
         prompt(lambda: c.reserve([(b"k", -1)]), InvalidArgument, "size")
+        prompt(lambda: c.reserve([(b"k", 4.0)]), InvalidArgument, "size")  # type: ignore[list-item]
         prompt(lambda: c.acquire([b"k"], lease_ms=-5), InvalidArgument, "lease_ms")
+        prompt(lambda: c.acquire([b"k"], lease_ms=5.0), InvalidArgument,  # type: ignore[arg-type]
+               "lease_ms")
+        # A numpy integer (a size from np.prod, say) worked before the checks:
+        # it still does.
+        c.commit(c.reserve([(b"n", np.int64(4))]))
+        c.release(c.acquire([b"n"], lease_ms=np.int64(1000)))  # type: ignore[arg-type]
         k_pages = [np.zeros((4, 16, 2, 8), np.float16)]
         prompt(lambda: c.put_kv(["k1"], k_pages, None, [[0]]),  # type: ignore[list-item]
                InvalidKey, "str")
