@@ -410,8 +410,8 @@ def test_a_delete_whose_client_gave_up_never_lands_after_a_later_put(  # type: i
     try:
         with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
                 Client(a.tcp, namespace="r", data_plane=False) as c, \
-                Client(a.tcp, namespace="r", data_plane=False, timeout=1.0) as hasty:
-            gate.hold_max_s = 3.0
+                Client(a.tcp, namespace="r", data_plane=False, timeout=2.0) as hasty:
+            gate.hold_max_s = 5.0  # (past the client's deadline; the node's is 20 s)
             gate.hold = lambda method, target, body: (
                 method == "POST" and key.hex().encode() in body and not gate.held)
             with pytest.raises(DeadlineExceeded):
