@@ -65,8 +65,9 @@ class Snapshot:
     shm_reservations: int | None  # None: shared memory is off
     shm_leases: int | None
     l3_queued_bytes: int | None  # None: no L3
-    #: L3 requests: (sent, failed, retried, breaker openings); None: no L3.
-    l3_requests: tuple[int, int, int, int] | None = None
+    #: L3 requests: (sent, failed, retried, breaker openings, deletes in
+    #: doubt); None: no L3.
+    l3_requests: tuple[int, int, int, int, int] | None = None
     #: issue 14 data plane (None: off).
     dataplane: DataPlaneStats | None = None
     #: The event loop's busy poll: (spins, spins that found a request); None: off.
@@ -103,7 +104,7 @@ class KVStoreCollector:
             l3_queued_bytes=l3.queued if l3 is not None else None,
             l3_requests=None if l3 is None else (
                 l3.tier.requests, l3.tier.failed_requests, l3.tier.retried,
-                l3.tier.breaker.opened),
+                l3.tier.breaker.opened, l3.tier.deletes_in_doubt),
             dataplane=dataclasses.replace(self.dataplane) if self.dataplane else None,
             busy_poll=busy_poll_counts(self.loop),
             tls=self._tls_figures(),
@@ -192,7 +193,7 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
                                 "Bytes being written to L3 (demotions and ack=remote Puts)",
                                 value=float(snap.l3_queued_bytes))
     if snap.l3_requests is not None:
-        sent, failed, retried, opened = snap.l3_requests
+        sent, failed, retried, opened, in_doubt = snap.l3_requests
         for name, doc, value in (
             ("kvstore_l3_requests", "Requests sent to the object store (L3)", sent),
             ("kvstore_l3_request_failures",
@@ -203,6 +204,9 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
              "here)", retried),
             ("kvstore_l3_breaker_openings",
              "Times the L3 circuit breaker opened (L3 then counted unavailable)", opened),
+            ("kvstore_l3_deletes_in_doubt",
+             "L3 deletes given up on after their request went out (the next write of their "
+             "object waits until they have landed)", in_doubt),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(value))

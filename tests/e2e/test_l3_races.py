@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from delayproxy import DelayProxy
+from test_l3 import scrape_counters
 
 from kvstore import Client
 from kvstore.errors import KVStoreError
@@ -338,7 +339,7 @@ def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  #
     key = b"k"
     try:
         with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
-                  "--l3-timeout-s", "1") as a, \
+                  "--l3-timeout-s", "1", "--server-metrics-listen", "127.0.0.1:0") as a, \
                 Client(a.tcp, namespace="r", data_plane=False) as c:
             assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
             # The old object's delete (S3 DeleteObjects: a POST naming the
@@ -354,6 +355,8 @@ def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  #
             assert found and found[0].read_bytes().endswith(new), \
                 f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
             assert "waits for L3" in a.log()  # (the delete did time out)
+            # Operators see it: the doubt is counted on /metrics.
+            assert scrape_counters(a)["kvstore_l3_deletes_in_doubt_total"] >= 1
     finally:
         gate.release.set()
         gate.close()
