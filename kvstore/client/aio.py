@@ -203,7 +203,8 @@ class AsyncClient(ClientBase):
     async def data_plane_active(self) -> bool:
         """Whether Lookup, Get and Put go by the data plane (opens its session
         if none is open yet): False when it is off or the server offers none."""
-        return self._data_plane is not None and await self._data_plane.active()
+        dp = self._dp()
+        return dp is not None and await dp.active()
 
     @property
     def data_plane_calls(self) -> int:
@@ -211,6 +212,13 @@ class AsyncClient(ClientBase):
         return self._data_plane.calls if self._data_plane is not None else 0
 
     def _dp(self) -> AsyncDataPlane | None:
+        if self._channel is not None and self._channel_loop is not asyncio.get_running_loop():
+            # Before the data plane is touched: its sessions are the channel
+            # loop's. A call from a second running loop closed them from its
+            # thread (futures and readers of a loop not its own; on uvloop,
+            # libuv's handles): the first loop's calls stalled (2 s) and
+            # reopened their sessions before this raised InvalidArgument.
+            self._new_loop()
         dp = self._data_plane
         return dp if dp is not None and dp.available else None
 

@@ -561,6 +561,11 @@ class AsyncDataPlane:
 
     async def _take(self) -> AioConnection | None:
         if self._conns and self._conns[0].loop is not asyncio.get_running_loop():
+            if not self._conns[0].loop.is_closed():
+                # Another loop's, still open: closing its sessions from here
+                # (another thread) breaks the calls it has on them.
+                raise InvalidArgument("this AsyncClient is in use in another running event "
+                                      "loop: use one AsyncClient per event loop")
             # Sessions of an earlier (closed) event loop: its reader callbacks
             # are gone with it.
             for old in list(self._conns):

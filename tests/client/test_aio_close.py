@@ -15,7 +15,7 @@ import pytest
 from kvstore_client_fake import FakeServer
 
 from kvstore import AsyncClient
-from kvstore.errors import ConnectionFailed
+from kvstore.errors import ConnectionFailed, InvalidArgument
 
 
 @pytest.mark.parametrize("call", ["put", "lookup"])
@@ -152,3 +152,70 @@ def test_a_grpc_put_to_a_server_that_stopped_reading_ends_at_its_deadline(
             sync.close()
 
     asyncio.run(main())
+
+
+def _runner(kind: str) -> Callable[[Awaitable[Any]], Any]:
+    """``asyncio.run`` on asyncio's own loop, or on uvloop (what vLLM and
+    SGLang run their asyncio code on)."""
+    if kind == "uvloop":
+        return pytest.importorskip("uvloop").run
+    return asyncio.run  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_a_call_from_a_second_running_loop_leaves_the_first_loops_sessions(
+        shared_server: Any, loop_kind: str, transport: str) -> None:
+    """A call from another running loop raises InvalidArgument and touches
+    nothing of the first loop's: it closed the first loop's data-plane
+    sessions from its own thread (not thread-safe: the first loop's call
+    stalled 2 s, then reopened its session)."""
+    run = _runner(loop_kind)
+    client = AsyncClient(shared_server.unix_target, namespace="two-loops",
+                         data_plane=transport)
+    ready, done = threading.Event(), threading.Event()
+    result: dict[str, Any] = {}
+
+    async def first() -> None:
+        loop = asyncio.get_running_loop()
+        go = asyncio.Event()
+        result["go"] = lambda: loop.call_soon_threadsafe(go.set)
+        await client.put({b"k": b"v" * 100_000})
+        assert client._data_plane is not None
+        [conn] = client._data_plane._conns
+        ready.set()
+        await go.wait()  # the other loop's calls happen meanwhile
+        result["got"] = await client.get([b"k"])
+        result["same"] = client._data_plane._conns == [conn] and not conn.broken
+        result["sessions"] = client._data_plane.sessions
+        await client.close()
+
+    def first_thread() -> None:
+        try:
+            run(first())
+        except BaseException as exc:  # reported by the main thread
+            result["error"] = exc
+        finally:
+            ready.set()
+            done.set()
+
+    thread = threading.Thread(target=first_thread, daemon=True)
+    thread.start()
+    assert ready.wait(30), "the first loop did not start"
+    assert "error" not in result, result
+
+    async def second() -> None:
+        for call in (client.get([b"k"]), client.lookup([b"k"]), client.put({b"x": b"1"}),
+                     client.data_plane_active()):
+            with pytest.raises(InvalidArgument, match="another running event loop"):
+                await call
+
+    try:
+        run(second())
+    finally:
+        result["go"]()
+        assert done.wait(30), "the first loop's call did not end"
+        thread.join(30)
+    assert "error" not in result, result
+    assert result["got"] == [b"v" * 100_000]
+    assert result["same"] and result["sessions"] == 1
