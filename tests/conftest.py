@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,19 @@ TRACES = ROOT.parent / "shared" / "traces"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serverproc import ServerProcess  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``KVSTORE_TEST_LOOP=uvloop``: every event loop the tests start
+    (``asyncio.run``, the sync Client's Put loop, in-process servers without
+    busy poll) is a uvloop loop, as in vLLM and SGLang; needs uvloop."""
+    loop = os.environ.get("KVSTORE_TEST_LOOP", "asyncio")
+    if loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif loop != "asyncio":
+        raise pytest.UsageError(f"KVSTORE_TEST_LOOP={loop!r}: asyncio or uvloop")
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +67,7 @@ SLOW = (
     "tests/bench/test_bench_peers_dataplane.py",
     "tests/e2e/test_dataplane_sdk.py::test_a_call_in_flight_when_the_server_dies_gets_a_clear_error",
     "tests/client/test_aio_dataplane.py::test_a_call_in_flight_when_the_server_dies",
+    "tests/client/test_aio_uvloop.py::test_a_call_in_flight_when_the_server_dies",
     "tests/policy/test_live.py",
     "tests/policy/test_replay.py",
     "tests/policy/test_tiered.py",
