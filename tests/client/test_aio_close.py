@@ -6,6 +6,7 @@ session still opening when close() came is closed, not pooled."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -99,19 +100,27 @@ def test_close_while_a_data_plane_session_opens_leaves_no_session(shared_server:
     asyncio.run(main())
 
 
-def test_one_client_in_one_event_loop_after_another(shared_server: Any) -> None:
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("data_plane", [False, "unix"])
+def test_one_client_in_one_event_loop_after_another(shared_server: Any, loop_kind: str,
+                                                    data_plane: bool | str) -> None:
     """``asyncio.run`` twice with the same client: the second loop gets a new
     channel (it raised "Event loop is closed" and left a coroutine never
-    awaited)."""
-    client = AsyncClient(shared_server.tcp, namespace="loops", data_plane=False)
+    awaited) and new data-plane sessions; the last loop another kind."""
+    run = _runner(loop_kind)
+    has_uvloop = importlib.util.find_spec("uvloop") is not None
+    other = _runner("uvloop" if loop_kind == "asyncio" and has_uvloop else "asyncio")
+    client = AsyncClient(shared_server.unix_target, namespace="loops", data_plane=data_plane)
 
     async def put_get(value: bytes) -> list[bytes | None]:
         await client.put({b"k": value})
         return await client.get([b"k"])
 
-    assert asyncio.run(put_get(b"a" * 5000)) == [b"a" * 5000]
-    assert asyncio.run(put_get(b"b" * 5000)) == [b"b" * 5000]
-    asyncio.run(client.close())
+    assert run(put_get(b"a" * 5000)) == [b"a" * 5000]
+    assert run(put_get(b"b" * 5000)) == [b"b" * 5000]
+    assert other(put_get(b"c" * 5000)) == [b"c" * 5000]
+    assert client.data_plane_calls == (0 if data_plane is False else 6)
+    run(client.close())
 
 
 def test_a_grpc_put_to_a_server_that_stopped_reading_ends_at_its_deadline(
