@@ -880,6 +880,7 @@ class DataPlane:
         if route.unix_path:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, frames.UNIX_SEND_BUFFER)
                 _set_timeouts(sock, setup)
                 sock.connect(route.unix_path)
             except BaseException:

@@ -45,6 +45,15 @@ FLAG_SHM_NEXT = 0x0004
 FLAG_SHM_VOUCHED = 0x0008
 
 RESPONSE = 0x80  # a response's opcode: the request's | RESPONSE
+#: The send buffer both ends give a unix-socket connection (not a frame
+#: field: a transport setting the SDK and the server share). On a unix stream
+#: socket the sender's buffer is all there is between the two: with the
+#: default (208 KiB) a 1 MiB Put or GET answer waits for the reader five
+#: times (the kernel doubles the value, up to net.core.wmem_max; TCP grows
+#: its own buffers). Measured: a 1 MiB Put 0.49 -> 0.37 ms (AsyncClient);
+#: a 1 MiB get_into (sync Client) 472-501 -> 304-334 µs with the server's
+#: buffer set too (docs/performance.md, "The unix data plane's send buffer").
+UNIX_SEND_BUFFER = 2 * 1024 * 1024
 
 
 class Op(enum.IntEnum):

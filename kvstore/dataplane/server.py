@@ -230,6 +230,9 @@ class DataPlaneServer:
                 continue
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:  # (GET answers: see frames.UNIX_SEND_BUFFER)
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, f.UNIX_SEND_BUFFER)
             if tcp and self.tls is not None:
                 # Counted from accept like the others: connections that never
                 # finish their handshake were not, and a burst of them each held
