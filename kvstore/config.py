@@ -458,6 +458,12 @@ class Config:
     def l2_path(self) -> Path:
         return Path(self.data_dir) / "l2"
 
+    @property
+    def l2_state_path(self) -> Path:
+        """Which L2 environment this data dir last ran with (its id and the
+        newest transaction synced): an older copy put back is refused."""
+        return Path(self.data_dir) / "l2.state"
+
 
 SECTIONS: dict[str, type] = {
     "server": ServerConfig,

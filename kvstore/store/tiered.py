@@ -90,7 +90,8 @@ class TieredStore:
         if config.l2.enabled:
             self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
                                config.l2.sync, config.l2.batch_bytes, executor=self.executor,
-                               recover=config.l2.recover)
+                               recover=config.l2.recover,
+                               state_file=config.l2_state_path)
         has_l3 = bool(config.l3.url)
         tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
             ([TierName.L3] if has_l3 else [])

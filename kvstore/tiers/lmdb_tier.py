@@ -174,8 +174,15 @@ class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
                  executor: concurrent.futures.Executor | None = None,
-                 recover: bool = False) -> None:
+                 recover: bool = False, state_file: str | Path | None = None) -> None:
         self.path = Path(path)
+        # Which environment this data dir last ran with and how far it was
+        # synced (see _check_lineage); None: not recorded nor checked.
+        self._state_file = Path(state_file) if state_file is not None else None
+        self._instance = ""  # the environment's id (in ``kvstore``); "" before the open
+        self._new_instance = False  # the open gave it one: it had none
+        self._recorded_txn = -1
+        self._state_lock = threading.Lock()
         self.capacity = capacity
         self.batch_bytes = batch_bytes
         self.sync = sync  # every commit synced (else only flushes, the close, durable markers)
@@ -190,13 +197,17 @@ class LMDBTier:
         initial_map_size = max(initial_map_size, MIN_MAP_SIZE)
         try:
             self._open_checked(initial_map_size, sync)
+            self._check_lineage()
         except StorageError as exc:
             if not recover or not (self.path / _DATA_FILE).exists():
                 raise
+            self._close_env()
+            self._recorded_txn = -1  # (what was recorded is of the one moved aside)
             moved = self._move_aside()
             what = str(exc).split("; set l2.recover", 1)[0]  # (the hint is what was done)
             log.warning("%s: moved it aside to %s and started empty (l2.recover)", what, moved)
             self._open_checked(initial_map_size, sync)
+        self._record_synced(sync_first=True)
         self._rw = _ReadWriteLock()
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
@@ -242,6 +253,8 @@ class LMDBTier:
             self._fd = os.open(self.path / _DATA_FILE, os.O_RDWR | os.O_CLOEXEC)
             self._psize = int(self._env.stat()["psize"])
             self._ensure_pages_exist()
+            # (before this open's own commits: those of the format and the probe)
+            self._opened_txn = int(self._env.info()["last_txnid"])
             self._data = self._env.open_db(b"data")
             self._meta = self._env.open_db(b"meta")
             self._tombs = self._env.open_db(b"l3gone")
@@ -277,6 +290,105 @@ class LMDBTier:
                 txn.put(b"format", str(FORMAT).encode(), db=marker)
                 txn.put(b"readable_by", str(READABLE_BY).encode(), db=marker)
                 txn.put(b"written_by", f"kvstore {__version__}".encode(), db=marker)
+            self._instance = fields.get(b"instance", "")
+            self._new_instance = not self._instance
+            if self._new_instance:
+                self._instance = os.urandom(16).hex()
+                txn.put(b"instance", self._instance.encode(), db=marker)
+
+    # -- which L2 this data dir last ran with -----------------------------------------
+    #
+    # An L2 put back from a backup, or copied from another node, opens as
+    # cleanly as the one it replaced, and served what it held as current: the
+    # old bytes of keys overwritten since, and blocks deleted or flushed since
+    # (their Deletes answered). The state file next to it records the
+    # environment's id and the newest transaction known to be on disk (written
+    # only after a sync, so a crash or a power cut never leaves it ahead of
+    # the environment); an environment with another id, or older than that
+    # transaction, is refused at start like a damaged one.
+
+    def _check_lineage(self) -> None:
+        if self._state_file is None:
+            return
+        recorded = self._read_state()
+        if recorded is None:
+            return  # the first start here (or of a release that records it)
+        instance, synced = recorded
+        self._recorded_txn = synced
+        txn = self._opened_txn
+        if self._new_instance and self._blocks == 0 and not self._has_tombstones():
+            log.warning(
+                "L2 at %s is new and empty, but this data dir last ran with another L2 (%s, "
+                "recorded in %s): it was removed or emptied while the server was stopped; "
+                "starting with an empty L2 (the blocks it held are gone, and so are the L3 "
+                "deletes it had not done yet: such objects can be served again)",
+                self.path, instance, self._state_file)
+            self._recorded_txn = -1
+            return
+        if self._instance != instance:
+            why = f"its id is {self._instance or 'missing'}, not {instance}: copied from elsewhere"
+        elif txn < synced:
+            why = (f"it ends at transaction {txn}, older than {synced}, which was on disk "
+                   "before: an older copy put back (a backup or snapshot restored)")
+        else:
+            return
+        raise StorageError(
+            f"L2 at {self.path} is not the one this data dir last ran with ({why}); it would "
+            f"serve blocks deleted or overwritten since as current; set l2.recover "
+            f"(--l2-recover true) to move {self.path} aside to {self.path}.damaged-<time> and "
+            f"start with an empty L2")
+
+    def _has_tombstones(self) -> bool:
+        with self._env.begin(db=self._tombs) as txn:
+            return txn.stat(self._tombs)["entries"] > 0
+
+    def _read_state(self) -> tuple[str, int] | None:
+        assert self._state_file is not None
+        try:
+            fd = os.open(self._state_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._open_failed(exc) from exc
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read(4096).decode(errors="replace").split()
+        try:
+            return text[0], int(text[1])
+        except (IndexError, ValueError):
+            log.warning("%s is unreadable (%r): L2's lineage not checked", self._state_file,
+                        " ".join(text)[:80])
+            return None
+
+    def _record_synced(self, txn: int | None = None, sync_first: bool = False) -> None:
+        """Record that the environment is on disk up to transaction ``txn``
+        (None: the newest; ``sync_first``: sync it here first). Called only
+        after a sync, so the file never runs ahead of the disk. A failure is
+        logged: it weakens the next start's check, nothing else."""
+        if self._state_file is None:
+            return
+        try:
+            if txn is None:
+                txn = int(self._env.info()["last_txnid"])
+            if sync_first:
+                self._env.sync(True)
+            with self._state_lock:
+                if txn <= self._recorded_txn:
+                    return
+                tmp = self._state_file.with_name(self._state_file.name + ".tmp")
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(f"{self._instance} {txn}\n")
+                os.replace(tmp, self._state_file)
+                self._recorded_txn = txn
+        except (OSError, lmdb.Error) as exc:
+            log.warning("cannot record L2's state in %s: %s", self._state_file, exc)
+
+    def _close_env(self) -> None:
+        if getattr(self, "_env", None) is not None:  # (none when lmdb.open failed)
+            self._close_files()  # (closing it twice is harmless)
 
     def _open_failed(self, exc: OSError) -> StorageError | InvalidConfig:
         if _is_resource_error(exc):
@@ -476,9 +588,12 @@ class LMDBTier:
 
     def _pass_barrier(self, barrier: _Barrier) -> None:
         try:
+            txn = int(self._env.info()["last_txnid"])
             self._env.sync(True)
         except lmdb.Error as exc:
             barrier.error = self._storage_error("sync", exc)
+        else:
+            self._record_synced(txn)
         barrier.reached.set()
 
     def _commit(self, batch: list[_Op]) -> None:
@@ -498,6 +613,8 @@ class LMDBTier:
             error = self._write_error(exc)
         except Exception as exc:  # a bug: reported as it is
             error = exc
+        if self.sync and error is None and any(op.durable for op in batch):
+            self._record_synced()  # (l2.sync: committed is on disk; before the Delete's answer)
         for op, was in zip(batch, existed, strict=True):
             if op.durable and error is None and not self.sync:
                 with self._sync_wanted:  # answered once the syncer has synced this commit
@@ -518,13 +635,17 @@ class LMDBTier:
                 if not waiting:
                     return  # stopping, nothing left
             error: BaseException | None = None
+            txn = -1
             self._rw.acquire_read()  # (not while the map grows)
             try:
+                txn = int(self._env.info()["last_txnid"])  # (synced below, at least)
                 self._env.sync(True)
             except lmdb.Error as exc:
                 error = self._storage_error("sync", exc)
             finally:
                 self._rw.release_read()
+            if error is None:
+                self._record_synced(txn)
             for op, was in waiting:
                 _call_done(op, error, was)
 
@@ -703,6 +824,8 @@ class LMDBTier:
             self._env.sync(True)
         except lmdb.Error as exc:
             raise self._storage_error("sync", exc) from exc
+        else:
+            self._record_synced()  # (nothing commits any more: the newest is synced)
         finally:
             if self._own_executor:
                 self._executor.shutdown(wait=True)

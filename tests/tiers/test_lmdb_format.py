@@ -51,10 +51,15 @@ def test_the_package_and_pyproject_name_one_release() -> None:
 
 def test_an_environment_records_its_layout_and_writer(tmp_path: Path) -> None:
     open_tier(tmp_path / "l2").close_sync()
-    assert marker(tmp_path / "l2") == {
+    fields = marker(tmp_path / "l2")
+    instance = fields.pop(b"instance")  # the environment's id (the data dir's l2.state)
+    assert len(instance) == 32 and int(instance, 16) >= 0
+    assert fields == {
         b"format": str(lmdb_tier.FORMAT).encode(),
         b"readable_by": str(lmdb_tier.READABLE_BY).encode(),
         b"written_by": f"kvstore {kvstore.__version__}".encode()}
+    open_tier(tmp_path / "l2").close_sync()
+    assert marker(tmp_path / "l2")[b"instance"] == instance  # kept across opens
 
 
 def test_an_environment_without_a_marker_opens_and_gets_one(tmp_path: Path) -> None:
