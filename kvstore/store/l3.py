@@ -97,6 +97,10 @@ class L3Mover(Part):
         # Blocks with a delete not yet done: reads, HEADs and the listing
         # treat them as absent (a Delete is final at once for this node).
         self._deleting: dict[BlockId, int] = {}
+        # Deletes and Flushes waiting for their deletes to reach the bucket
+        # (deletes_landed): settled True once the block has no delete left,
+        # False when one fails (L3 down or slow: retried, not waited for).
+        self._landed: dict[BlockId, asyncio.Future[bool]] = {}
         # Deletes that failed (L3 down or too slow), with how many: retried by
         # _redo_loop, and before any later write of the block (an upload must
         # not land first and then be deleted, nor the old object outlive it).
@@ -425,6 +429,34 @@ class L3Mover(Part):
             else:
                 self._deleting.pop(block, None)
                 self._untombstone(block)
+                self._settle_landed(block, True)
+
+    def _settle_landed(self, block: BlockId, landed: bool) -> None:
+        waiter = self._landed.pop(block, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(landed)
+
+    async def deletes_landed(self, blocks: Iterable[BlockId], timeout: float) -> bool:
+        """Wait until this node's deletes of ``blocks`` queued so far have
+        reached the object store, at most ``timeout`` seconds. Without it a
+        Delete was answered once its deletes were recorded, and another node
+        sharing the bucket served the deleted blocks until they landed
+        (seconds for thousands of them). False when one failed or the time
+        ran out, or L3 is down: those are recorded and retried, not waited for."""
+        if not self.healthy:
+            return not any(block in self._deleting for block in blocks)
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[bool]] = []
+        for block in blocks:
+            if block in self._deleting:
+                waiter = self._landed.get(block)
+                if waiter is None:
+                    waiter = self._landed[block] = loop.create_future()
+                waits.append(waiter)
+        if not waits:
+            return True
+        done, pending = await asyncio.wait(waits, timeout=timeout)
+        return not pending and all(w.result() for w in done)
 
     async def delete_unknown(self, blocks: list[BlockId]) -> int:
         """Delete objects of blocks this node does not index (another node's;
@@ -513,6 +545,7 @@ class L3Mover(Part):
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
             self._redo[block] = self._redo.get(block, 0) + 1
             self._redo_wake.set()
+            self._settle_landed(block, False)
             return
         self._deleted(block, 1)
 
@@ -525,6 +558,7 @@ class L3Mover(Part):
             return
         self._deleting.pop(block, None)
         self._untombstone(block)
+        self._settle_landed(block, True)
 
     def _untombstone(self, block: BlockId) -> None:
         """No delete of the block is left: its record goes (a record left

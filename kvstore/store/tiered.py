@@ -26,6 +26,7 @@ from kvstore.errors import (
     InvalidArgument,
     ServerShuttingDown,
     TierNotConfigured,
+    TierUnavailable,
     UnknownNamespace,
 )
 from kvstore.policy import Policy, make_policy
@@ -390,15 +391,29 @@ class TieredStore:
         if l3 is None or not unknown:
             if deleted:
                 await self._l2_caught_up()
+                if l3 is not None:
+                    await self._l3_caught_up(namespace, keys)
             return deleted
         # Blocks another node put in the shared bucket (deleted paced): absent
         # here from now on, so that a Get meanwhile does not index one.
+        known = deleted
         with l3.deleting(unknown):
             if deleted:
                 await self._l2_caught_up()
             if l3.healthy:
                 deleted += await l3.delete_unknown(unknown)
+        if known:
+            await self._l3_caught_up(namespace, keys)
         return deleted
+
+    async def _l3_caught_up(self, namespace: str, keys: Sequence[bytes]) -> bool:
+        """Wait (while L3 takes them, at most l3.timeout_s) until the L3
+        deletes of ``keys`` reached the bucket: answered before, another node
+        served the deleted blocks until they did. Those that cannot land now
+        are recorded and retried (the Delete is still answered)."""
+        assert self.l3 is not None
+        return await self.l3.deletes_landed(((namespace, key) for key in keys),
+                                            self.config.l3.timeout_s)
 
     async def _l2_caught_up(self) -> None:
         """Wait until L2 has committed what was queued so far, and synced it
@@ -491,6 +506,16 @@ class TieredStore:
             await self._l2_caught_up()
         if self.l3 is None:
             return flushed
+        # Before the listing and the answer: the deletes of the blocks known
+        # here reach the bucket (another node would serve them meanwhile),
+        # a slice's worth of deadline for each l3.concurrency of them.
+        waited = self.config.l3.timeout_s * (1 + len(known) // max(1, self.config.l3.concurrency))
+        if known and not await self.l3.deletes_landed(
+                ((namespace, key) for key in known), waited):
+            raise TierUnavailable(
+                f"flush of namespace {namespace!r}: the local tiers are flushed, but deletes "
+                "of its L3 objects are not done yet (they are recorded and retried; another "
+                "node may serve those blocks until then): flush again to wait for them")
         # The mover deletes the L3 copies of the blocks just forgotten; the
         # listing finds the rest.
         gone = set(known)

@@ -191,3 +191,29 @@ def test_an_overwrite_acknowledged_at_remote_stays_in_the_bucket_after_a_kill(  
         assert not redone, f"round {turn}: {redone[-1]}"
         gone = [k for k in keys if not (bucket / k.hex()).exists()]
         assert not gone, f"round {turn}: {len(gone)} of 200 acknowledged objects not in the bucket"
+
+
+@pytest.mark.parametrize("how", ["delete", "flush"])
+def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, how: str) -> None:
+    """Regression (outside review, operator purging a namespace): a Delete or
+    Flush was answered once its L3 deletes were recorded, before they reached
+    the bucket, so another node served the blocks for seconds afterwards (200
+    of the last 200 of 3,000 deleted blocks; a Flush of 12,000 objects left
+    them in the bucket 33 s after its answer)."""
+    n = 600
+    keys = [b"p%05d" % i for i in range(n)]
+    with l3_node(server_factory, s3) as a, l3_node(server_factory, s3) as b, \
+            Client(a.tcp, namespace="purged") as ca, Client(b.tcp, namespace="purged") as cb:
+        for start in range(0, n, 25):
+            ca.put({k: k * 100 for k in keys[start:start + 25]}, ack="remote")
+        if how == "delete":
+            assert ca.delete(keys) == n
+        else:
+            assert ca.flush("purged") == n
+        # The last keys first: the deletes go out in key order.
+        served = [k for k in reversed(keys[-100:]) if cb.get([k])[0] is not None]
+        assert served == [], f"{len(served)} deleted blocks served by another node"
+        listed = [p for p in (s3.data_dir / s3.bucket / "nodes" / "purged").glob("*")] \
+            if (s3.data_dir / s3.bucket / "nodes" / "purged").exists() else []
+        assert listed == [], f"{len(listed)} objects still in the bucket after the answer"
