@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -58,6 +59,15 @@ CORRUPT_TTL_S = 60.0
 
 async def _nothing() -> None:
     """The write of a retried delete: _in_order does the delete first."""
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Landing:
+    """One Delete's or Flush's wait for its L3 deletes (deletes_landed)."""
+
+    left: int = 0
+    failed: bool = False
+    event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 class L3Mover(Part):
@@ -100,7 +110,7 @@ class L3Mover(Part):
         # Deletes and Flushes waiting for their deletes to reach the bucket
         # (deletes_landed): settled True once the block has no delete left,
         # False when one fails (L3 down or slow: retried, not waited for).
-        self._landed: dict[BlockId, asyncio.Future[bool]] = {}
+        self._landed: dict[BlockId, list[_Landing]] = {}
         # Deletes that failed (L3 down or too slow), with how many: retried by
         # _redo_loop, and before any later write of the block (an upload must
         # not land first and then be deleted, nor the old object outlive it).
@@ -432,31 +442,34 @@ class L3Mover(Part):
                 self._settle_landed(block, True)
 
     def _settle_landed(self, block: BlockId, landed: bool) -> None:
-        waiter = self._landed.pop(block, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(landed)
+        for group in self._landed.pop(block, ()):
+            group.left -= 1
+            group.failed = group.failed or not landed
+            group.event.set()
 
-    async def deletes_landed(self, blocks: Iterable[BlockId], timeout: float) -> bool:
+    async def deletes_landed(self, blocks: Iterable[BlockId], idle_s: float) -> bool:
         """Wait until this node's deletes of ``blocks`` queued so far have
-        reached the object store, at most ``timeout`` seconds. Without it a
-        Delete was answered once its deletes were recorded, and another node
-        sharing the bucket served the deleted blocks until they landed
-        (seconds for thousands of them). False when one failed or the time
-        ran out, or L3 is down: those are recorded and retried, not waited for."""
-        if not self.healthy:
-            return not any(block in self._deleting for block in blocks)
-        loop = asyncio.get_running_loop()
-        waits: list[asyncio.Future[bool]] = []
+        reached the object store, for as long as one lands at least every
+        ``idle_s`` seconds. Without it a Delete was answered once its deletes
+        were recorded, and another node sharing the bucket served the deleted
+        blocks until they landed (seconds for thousands of them). False when
+        L3 is down, or none landed for ``idle_s``: those are recorded and
+        retried, not waited for (a delete that failed while L3 is up is
+        retried, and waited for)."""
+        group = _Landing()
         for block in blocks:
             if block in self._deleting:
-                waiter = self._landed.get(block)
-                if waiter is None:
-                    waiter = self._landed[block] = loop.create_future()
-                waits.append(waiter)
-        if not waits:
-            return True
-        done, pending = await asyncio.wait(waits, timeout=timeout)
-        return not pending and all(w.result() for w in done)
+                self._landed.setdefault(block, []).append(group)
+                group.left += 1
+        while group.left and not group.failed:
+            if not self.healthy:
+                return False
+            group.event.clear()
+            try:
+                await asyncio.wait_for(group.event.wait(), idle_s)
+            except TimeoutError:
+                return False
+        return not group.failed
 
     async def delete_unknown(self, blocks: list[BlockId]) -> int:
         """Delete objects of blocks this node does not index (another node's;
@@ -538,14 +551,23 @@ class L3Mover(Part):
         future.add_done_callback(settled)
         return future, done
 
+    async def _paced_delete(self, block: BlockId) -> bool:
+        # A Flush queues a delete for every object it knew: thousands at once
+        # waited for a request slot inside their deadline, were started with
+        # little of it left and timed out, opening the breaker (L3 unavailable
+        # to every tenant) and failing the Flush. Paced as delete_unknown's.
+        async with self._bulk:  # waits here, before its request's deadline starts
+            return await self.tier.delete(block)
+
     async def _delete(self, block: BlockId) -> None:
         try:
-            await self._in_order(block, functools.partial(self.tier.delete, block))
+            await self._in_order(block, functools.partial(self._paced_delete, block))
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
             self._redo[block] = self._redo.get(block, 0) + 1
             self._redo_wake.set()
-            self._settle_landed(block, False)
+            if not self.healthy:
+                self._settle_landed(block, False)  # (retried once L3 is back: not waited for)
             return
         self._deleted(block, 1)
 

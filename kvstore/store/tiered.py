@@ -407,10 +407,11 @@ class TieredStore:
         return deleted
 
     async def _l3_caught_up(self, namespace: str, keys: Sequence[bytes]) -> bool:
-        """Wait (while L3 takes them, at most l3.timeout_s) until the L3
-        deletes of ``keys`` reached the bucket: answered before, another node
-        served the deleted blocks until they did. Those that cannot land now
-        are recorded and retried (the Delete is still answered)."""
+        """Wait (while L3 takes them, one at least every l3.timeout_s) until
+        the L3 deletes of ``keys`` reached the bucket: answered before,
+        another node served the deleted blocks until they did. Those that
+        cannot land now are recorded and retried (the Delete is still
+        answered)."""
         assert self.l3 is not None
         return await self.l3.deletes_landed(((namespace, key) for key in keys),
                                             self.config.l3.timeout_s)
@@ -507,11 +508,9 @@ class TieredStore:
         if self.l3 is None:
             return flushed
         # Before the listing and the answer: the deletes of the blocks known
-        # here reach the bucket (another node would serve them meanwhile),
-        # a slice's worth of deadline for each l3.concurrency of them.
-        waited = self.config.l3.timeout_s * (1 + len(known) // max(1, self.config.l3.concurrency))
+        # here reach the bucket (another node would serve them meanwhile).
         if known and not await self.l3.deletes_landed(
-                ((namespace, key) for key in known), waited):
+                ((namespace, key) for key in known), self.config.l3.timeout_s):
             raise TierUnavailable(
                 f"flush of namespace {namespace!r}: the local tiers are flushed, but deletes "
                 "of its L3 objects are not done yet (they are recorded and retried; another "
