@@ -217,3 +217,38 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
         listed = [p for p in (s3.data_dir / s3.bucket / "nodes" / "purged").glob("*")] \
             if (s3.data_dir / s3.bucket / "nodes" / "purged").exists() else []
         assert listed == [], f"{len(listed)} objects still in the bucket after the answer"
+
+
+def test_a_flush_of_many_l3_objects_on_a_slow_store_never_opens_the_breaker(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """Regression (outside review, purging a namespace): a Flush queued the
+    deletes of all its L3 objects at once; those at the back waited for a
+    request slot inside their deadline, started with little of it left and
+    timed out, and a few in a row opened the breaker (L3 unavailable to every
+    tenant) while objects stayed in the bucket. Paced, each delete gets its
+    whole deadline."""
+    from delayproxy import DelayProxy
+
+    proxy = DelayProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key}
+    try:
+        node = server_factory("--l3-url", s3.url("slow"),
+                              "--l3-endpoint", f"http://127.0.0.1:{proxy.port}",
+                              "--l3-timeout-s", "1", "--l3-retries", "0",
+                              "--l3-concurrency", "4", "--l3-breaker-failures", "2",
+                              "--l3-breaker-reset-s", "30", "--server-metrics-listen",
+                              "127.0.0.1:0", l1_capacity="16MiB", env=env)
+        with node, Client(node.tcp, namespace="gone") as c:
+            n = 60
+            for start in range(0, n, 10):
+                c.put({b"g%03d" % i: b"x" * 1000 for i in range(start, start + 10)},
+                      ack="remote")
+            proxy.down_delay_s = 0.1  # every answer: 60 deletes on 4 slots take 1.5 s
+            assert c.flush("gone") == n
+            assert node.metric("kvstore_l3_breaker_openings_total") == 0
+            left = list((s3.data_dir / s3.bucket / "slow" / "gone").glob("*")) \
+                if (s3.data_dir / s3.bucket / "slow" / "gone").exists() else []
+            assert left == [], f"{len(left)} objects left in the bucket"
+    finally:
+        proxy.close()
