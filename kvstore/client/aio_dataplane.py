@@ -370,7 +370,11 @@ class AioConnection:
         if not self._waiting:
             raise ProtocolViolation(f"an answer to request {rid}, which nothing waits for")
         req = self._waiting[0]
-        if rid != req.rid:
+        # An ERROR with request id 0: the server could not trust our header
+        # (its magic or version: a server of another protocol version), and
+        # its message says so; it is the answer due, and the server closes.
+        untrusted = rid != req.rid
+        if untrusted and (rid != 0 or op != _ERROR):
             raise ProtocolViolation(f"answer to request {rid} where {req.rid} was due")
         if op == _ERROR:
             try:
@@ -378,7 +382,7 @@ class AioConnection:
             except frames.FrameError as exc:
                 raise ProtocolViolation(f"bad ERROR frame: {exc}") from None
             req.error = error_from_frame(info.code, info.name, info.message, self.target)
-            if flags & FLAG_CLOSING:
+            if flags & FLAG_CLOSING or untrusted:
                 self.broken_soon = True
             self._expect_payload(None, payload_len, last=True)
             return

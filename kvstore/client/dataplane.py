@@ -530,8 +530,12 @@ class Connection:
                payload_len: int, meta: bytes) -> None:
         if got_rid != rid:
             self.broken = True
-            raise ConnectionFailed(f"data plane to {self.target}: answer to request {got_rid} "
-                                   f"where {rid} was due")
+            if got_rid != 0 or op != _ERROR:
+                raise ConnectionFailed(f"data plane to {self.target}: answer to request "
+                                       f"{got_rid} where {rid} was due")
+            # Request id 0: the server could not trust our header (its magic
+            # or version: a server of another protocol version), and its
+            # message says so; it closes the connection after it.
         if op == _ERROR:
             if flags & FLAG_CLOSING:
                 self.broken = True
