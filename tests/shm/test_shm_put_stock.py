@@ -23,7 +23,7 @@ import pytest
 import kvstore.client.sync as sync_client
 from kvstore._impl import checksum
 from kvstore.client.shm import ShmClient
-from kvstore.errors import BlockTooLarge, InvalidArgument, PermissionDenied
+from kvstore.errors import BlockTooLarge, ConnectionFailed, InvalidArgument, PermissionDenied
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 pytest.importorskip("prometheus_client", reason="prometheus-client is the kvstore[metrics] extra")
@@ -160,6 +160,31 @@ def test_a_server_without_anonymous_slots_gets_two_calls_per_put(stock_server, c
         assert counter.take() == Counter(ShmReserve=3, ShmCommit=3)
         assert c.get([b"k2"]) == [block(2, 8192)]
     assert reservations(stock_server) == 0
+
+
+def test_a_server_before_the_arena_marker_is_mapped_unchecked(stock_server, counted) -> None:  # type: ignore[no-untyped-def]
+    """A server before 0.21.0 answers ShmAttach without marker_offset (0) and
+    writes no marker: a client of this release checks nothing then and works,
+    data plane on or off (docs/deploy.md, "Upgrades and rollbacks"). The same
+    answer with an offset and another instance id is refused: the check runs
+    whenever the server says where its marker is."""
+    marker = {"offset": False}
+
+    def older(method: str, response: Any) -> None:
+        if method == "ShmAttach":
+            response.instance = "another-" + response.instance
+            if not marker["offset"]:
+                response.marker_offset = 0
+
+    counted(older)
+    for data_plane in (False, True):
+        with ShmClient(stock_server.unix_target, namespace="a", data_plane=data_plane) as c:
+            assert c.put({b"old": block(7, 8192)}).stored == 1
+            assert c.get([b"old"]) == [block(7, 8192)]
+            assert c.data_plane_calls > 0 if data_plane else c.data_plane_calls == 0
+    marker["offset"] = True
+    with pytest.raises(ConnectionFailed, match="is not the shared-memory arena"):
+        ShmClient(stock_server.unix_target, namespace="a")
 
 
 def test_stock_is_abandoned_at_close_and_l1_is_whole_again(stock_server) -> None:  # type: ignore[no-untyped-def]
