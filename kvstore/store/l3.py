@@ -97,6 +97,9 @@ class L3Mover(Part):
         self._drain = asyncio.Semaphore(max(1, min(config.drain_concurrency,
                                                    config.concurrency)))
         self.queued = 0  # bytes being demoted or written for ack=remote
+        #: Bytes of L2 blocks on their way to L3 (demotions started, not ended):
+        #: L2's trim counts them as gone (WriteBack.trim).
+        self.demoting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # The last object-store write (upload or delete) of each block with
         # one in flight: the next one waits for it, so that the writes of a
@@ -298,6 +301,7 @@ class L3Mover(Part):
             return False
         self.index.begin_l3_copy(entry)
         self.queued += entry.size
+        self.demoting += entry.size
         spawn(self._tasks, self._demote(block, entry))
         return True
 
@@ -345,6 +349,7 @@ class L3Mover(Part):
         finally:
             index.end_l3_copy(entry)
             self.queued -= entry.size
+            self.demoting -= entry.size
             self.after_demotion(block, entry)
 
     async def _in_order(self, block: BlockId, write: Callable[[], Awaitable[Any]],

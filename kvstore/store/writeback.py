@@ -273,7 +273,13 @@ class WriteBack(Part):
         capacity = self.capacity if self.disk_capacity is None else \
             min(self.capacity, self.disk_capacity)
         budget = _TRIM_BATCH
-        while index.l2_bytes > capacity:
+        l3 = self.l3
+        # Blocks on their way to L3 leave L2 once there: counted as gone, or
+        # each write that settles would start more demotions (up to
+        # l3.write_queue_bytes: ~130,000 blocks of 4 KiB), and each step's
+        # victim search walks past every one still in flight (the event loop
+        # at 100 % of a CPU, uploads to a local directory timing out).
+        while index.l2_bytes - (l3.demoting if l3 is not None else 0) > capacity:
             budget -= 1
             if budget < 0:
                 # Far over capacity (e.g. restarted with a smaller l2.capacity):
