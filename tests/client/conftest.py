@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -13,3 +14,12 @@ def fake_server() -> Iterator[FakeServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected unix socket pair (a peer for the SDK's connection code), closed after."""
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()

@@ -40,14 +40,6 @@ def wait_readable(request: pytest.FixtureRequest) -> WaitReadable:
     return fn
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
-
-
 def test_ready_at_once_when_bytes_are_waiting(wait_readable: WaitReadable,
                                               pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair

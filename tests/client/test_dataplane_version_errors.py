@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,14 +24,6 @@ from kvstore.dataplane.frames import FLAG_CLOSING, HEADER, HEADER_SIZE, MAGIC, O
 from kvstore.errors import MalformedRequest
 
 _MESSAGE = "malformed frame: protocol version 1 is not supported (this side speaks 2)"
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -60,30 +51,20 @@ def _refusing_peer(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-def test_sync_hello_refused_for_its_version_raises_the_servers_error(
-        pair: tuple[socket.socket, socket.socket]) -> None:
+@pytest.mark.parametrize("when", ["hello", "mid-session"])
+def test_sync_refused_for_its_version_raises_the_servers_error(
+        pair: tuple[socket.socket, socket.socket], when: str) -> None:
     a, b = pair
     peer = threading.Thread(target=_refusing_peer, args=(b,))
     peer.start()
     try:
         conn = Connection(a, "test-peer", 10.0)
         with pytest.raises(MalformedRequest, match="protocol version 1 is not supported"):
-            conn.hello(b"t" * 32)
+            if when == "hello":
+                conn.hello(b"t" * 32)
+            else:
+                conn.response(conn.send(Op.PING, b""), Op.PING)
         assert conn.broken  # CLOSING: never used again
-    finally:
-        peer.join(30)
-
-
-def test_sync_call_refused_mid_session_raises_the_servers_error(
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    peer = threading.Thread(target=_refusing_peer, args=(b,))
-    peer.start()
-    try:
-        conn = Connection(a, "test-peer", 10.0)
-        with pytest.raises(MalformedRequest, match="protocol version"):
-            conn.response(conn.send(Op.PING, b""), Op.PING)
-        assert conn.broken
     finally:
         peer.join(30)
 

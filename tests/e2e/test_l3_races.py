@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from delayproxy import DelayProxy
@@ -324,6 +325,29 @@ def test_a_delete_during_another_deletes_paced_removals_still_deletes(  # type: 
         assert second.get([b"k"]) == [None]
 
 
+def overwrite_past_a_late_delete(c: Client, gate: Any, s3: S3Server, hold_s: float,
+                                 answer: bytes | None = None) -> None:
+    """Put ``k`` at remote, then overwrite it at remote while the gate holds the
+    old object's delete (S3 DeleteObjects: a POST naming the key) for
+    ``hold_s`` and carries it out then (answering ``answer`` at once when
+    given, as a gateway that gave up): the acknowledged new object must still
+    be in the bucket after the late delete."""
+    key = b"k"
+    assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
+    gate.hold_max_s = hold_s
+    if answer is not None:
+        gate.held_answer = answer
+    gate.hold = lambda method, target, body: (
+        method == "POST" and key.hex().encode() in body and not gate.held)
+    new = b"n" * (4 * KiB)
+    assert c.put({key: new}, ack="remote").stored == 1
+    assert gate.held, "the overwrite did not delete the old object"
+    wait_for(lambda: bool(gate.late), what="the late delete carried out")
+    found = [p for p in objects(s3) if p.name == key.hex()]
+    assert found and found[0].read_bytes().endswith(new), \
+        f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+
+
 def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server, tmp_path: Path) -> None:
     """An overwrite deletes the old object, then uploads the new one under the
@@ -336,24 +360,12 @@ def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  #
     from faultproxy import FaultProxy
 
     gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    key = b"k"
     try:
         with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
                   "--l3-timeout-s", "1", "--server-metrics-listen", "127.0.0.1:0") as a, \
                 Client(a.tcp, namespace="r", data_plane=False) as c:
-            assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
-            # The old object's delete (S3 DeleteObjects: a POST naming the
-            # key) reaches the store 2 s late, past its timeout.
-            gate.hold_max_s = 2.0
-            gate.hold = lambda method, target, body: (
-                method == "POST" and key.hex().encode() in body and not gate.held)
-            new = b"n" * (4 * KiB)
-            assert c.put({key: new}, ack="remote").stored == 1
-            assert gate.held, "the overwrite did not delete the old object"
-            wait_for(lambda: bool(gate.late), what="the late delete carried out")
-            found = [p for p in objects(s3) if p.name == key.hex()]
-            assert found and found[0].read_bytes().endswith(new), \
-                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+            # The old object's delete reaches the store 2 s late, past its timeout.
+            overwrite_past_a_late_delete(c, gate, s3, hold_s=2.0)
             assert "waits for L3" in a.log()  # (the delete did time out)
             # Operators see it: the doubt is counted on /metrics.
             assert scrape_counters(a)["kvstore_l3_deletes_in_doubt_total"] >= 1
@@ -373,22 +385,11 @@ def test_a_delete_a_gateway_gave_up_on_never_lands_after_the_overwrite(  # type:
     from faultproxy import FaultProxy
 
     gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    key = b"k"
     try:
         with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
                   "--l3-timeout-s", "3") as a, \
                 Client(a.tcp, namespace="r", data_plane=False) as c:
-            assert c.put({key: b"o" * (8 * KiB)}, ack="remote").stored == 1
-            gate.hold_max_s, gate.held_answer = 1.0, b"504 Gateway Timeout"
-            gate.hold = lambda method, target, body: (
-                method == "POST" and key.hex().encode() in body and not gate.held)
-            new = b"n" * (4 * KiB)
-            assert c.put({key: new}, ack="remote").stored == 1
-            assert gate.held, "the overwrite did not delete the old object"
-            wait_for(lambda: bool(gate.late), what="the late delete carried out")
-            found = [p for p in objects(s3) if p.name == key.hex()]
-            assert found and found[0].read_bytes().endswith(new), \
-                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
+            overwrite_past_a_late_delete(c, gate, s3, hold_s=1.0, answer=b"504 Gateway Timeout")
     finally:
         gate.release.set()
         gate.close()
