@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import operator
 import os
 import threading
 import time
@@ -81,6 +80,7 @@ from kvstore.client._common import (
     Blocks,
     PutResult,
     block_view,
+    check_integer,
     check_lease_ms,
     check_session_id,
     normalize_blocks,
@@ -931,9 +931,7 @@ class ShmClient(Client):
 
 
 def _check_size(size: int, index: int) -> int:
-    # (a numpy integer too: it worked before the check)
-    n = 0 if isinstance(size, bool) else operator.index(size) if hasattr(size, "__index__") \
-        else 0
+    n = check_integer(size, f"block #{index}: size")  # (a numpy integer too)
     if n <= 0:
         raise InvalidArgument(f"block #{index}: size must be a positive int, not {size!r}")
     return n
