@@ -378,6 +378,27 @@ def test_a_cancelled_put_copies_only_its_own_unsent_bytes(
     run(body)
 
 
+class StopOnFirstPayload:
+    """A connection's socket that SIGSTOPs the server once the first bytes of a
+    block were received straight into the caller's buffer (no more than the
+    socket buffers' worth can follow)."""
+
+    def __init__(self, conn: aio_dataplane.AioConnection, pid: int) -> None:
+        self._conn, self._sock, self._pid, self.stopped = conn, conn.sock, pid, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def recv_into(self, target: Any) -> int:
+        c = self._conn
+        into_block = c._dest is not None and c._payload_left > 0 and c._start == c._end
+        got: int = self._sock.recv_into(target)
+        if into_block and got and not self.stopped:
+            os.kill(self._pid, signal.SIGSTOP)
+            self.stopped = True
+        return got
+
+
 def test_a_get_cancelled_while_its_block_arrives(server_factory: type[ServerProcess],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Bytes of the block after the cancellation go nowhere near the caller's buffer."""
@@ -394,10 +415,13 @@ def test_a_get_cancelled_while_its_block_arrives(server_factory: type[ServerProc
             get = asyncio.ensure_future(c.get_into([b"big"], [buf]))
             behind = asyncio.ensure_future(c.get([b"big"]))
             await until(lambda: conn.load == 2, "two Gets on the session")
+            # The server is stopped again from inside the receive path, right
+            # after the first bytes of the block landed in ``buf``: polling from
+            # the test could let all 64 MiB through first on a busy host.
+            conn.sock = StopOnFirstPayload(conn, srv.pid)  # type: ignore[assignment]
             os.kill(srv.pid, signal.SIGCONT)
-            await until(lambda: conn._dest_at > 0, "the block arriving")
-            os.kill(srv.pid, signal.SIGSTOP)  # 64 MiB cannot all be in the socket buffers
             try:
+                await until(lambda: conn._dest_at > 0, "the block arriving")
                 assert conn._payload_left > 0
                 get.cancel()
                 with pytest.raises(asyncio.CancelledError):
