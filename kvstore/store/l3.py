@@ -32,7 +32,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 from kvstore.checksum import checksum
@@ -59,6 +59,11 @@ CORRUPT_TTL_S = 60.0
 
 async def _nothing() -> None:
     """The write of a retried delete: _in_order does the delete first."""
+
+
+#: A write's place in its block's write order: the block's write before it
+#: (None: none in flight), and its own, settled when it has finished.
+_Turn = tuple["asyncio.Future[None] | None", "asyncio.Future[None]"]
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -358,16 +363,33 @@ class L3Mover(Part):
             self.demoting -= entry.size
             self.after_demotion(block, entry)
 
+    def _claim_turn(self, block: BlockId) -> _Turn:
+        """The block's next place in its write order, taken now: a write
+        made later (an ``ack=remote`` Put's upload) lands after this one."""
+        before = self._last_write.get(block)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_write[block] = mine
+        return before, mine
+
+    def _end_turn(self, block: BlockId, turn: _Turn) -> None:
+        mine = turn[1]
+        if not mine.done():
+            mine.set_result(None)
+        if self._last_write.get(block) is mine:
+            del self._last_write[block]
+
     async def _in_order(self, block: BlockId, write: Callable[[], Awaitable[Any]],
-                        wanted: Callable[[], bool] | None = None) -> bool:
+                        wanted: Callable[[], bool] | None = None,
+                        turn: _Turn | None = None) -> bool:
         """Run an object-store write of the block after the block's previous
         one has finished (whether it succeeded or not). ``wanted`` is asked
         once it is this write's turn: an upload of a block deleted or
         replaced meanwhile is skipped (False), or it would land after the
-        delete."""
-        before = self._last_write.get(block)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._last_write[block] = mine
+        delete. ``turn``: its place, taken when the write was decided
+        (:meth:`_claim_turn`; by default, now)."""
+        if turn is None:
+            turn = self._claim_turn(block)
+        before = turn[0]
         try:
             if before is not None:
                 await asyncio.wait([before])
@@ -394,9 +416,7 @@ class L3Mover(Part):
             await write()
             return True
         finally:
-            mine.set_result(None)
-            if self._last_write.get(block) is mine:
-                del self._last_write[block]
+            self._end_turn(block, turn)
 
     def delete_later(self, block: BlockId, in_l3: bool = True,
                      checksum: int | None = None) -> asyncio.Future[Any] | None:
@@ -420,7 +440,7 @@ class L3Mover(Part):
                 return None
             self._best_effort.add(block)
             self._deleting[block] = self._deleting.get(block, 0) + 1
-            spawn(self._delete_tasks, self._delete_once(block))
+            self._spawn_in_turn(block, self._delete_once)
             return None
         recorded: asyncio.Future[Any] | None = None
         if self.tombs is not None:
@@ -433,13 +453,26 @@ class L3Mover(Part):
                 recorded = self._record(block, None if checksum == UNKNOWN_CHECKSUM
                                         else checksum)
         self._deleting[block] = self._deleting.get(block, 0) + 1
-        spawn(self._delete_tasks, self._delete(block))
+        # (the turn is taken now, not when the task starts: a Put's upload
+        # decided in between would land first, and be deleted)
+        self._spawn_in_turn(block, self._delete)
         return recorded
 
-    async def _delete_once(self, block: BlockId) -> None:
+    def _spawn_in_turn(self, block: BlockId,
+                       delete: Callable[[BlockId, _Turn], Coroutine[Any, Any, None]]) -> None:
+        turn = self._claim_turn(block)
+        task = spawn(self._delete_tasks, delete(block, turn))
+        # (a task cancelled before it started never ran its finally: the
+        # writes of the block behind it waited for ever)
+        task.add_done_callback(lambda _: self._end_turn(block, turn))
+
+    async def _bulk_delete(self, block: BlockId) -> bool:
+        async with self._bulk:  # waits here, before its request's deadline starts
+            return await self.tier.delete(block)
+
+    async def _delete_once(self, block: BlockId, turn: _Turn) -> None:
         try:
-            async with self._bulk:  # waits here, before its request's deadline starts
-                await self._in_order(block, functools.partial(self.tier.delete, block))
+            await self._in_order(block, functools.partial(self._bulk_delete, block), turn=turn)
         except TierUnavailable:
             pass  # another node's object, if any: not this node's to keep trying
         finally:
@@ -482,24 +515,21 @@ class L3Mover(Part):
                 return False
         return not group.failed
 
-    async def delete_unknown(self, blocks: list[BlockId]) -> int:
+    async def delete_unknown(self, blocks: list[BlockId],
+                             delete: Callable[[BlockId], Awaitable[bool]]) -> int:
         """Delete objects of blocks this node does not index (another node's;
-        the caller holds :meth:`deleting` for them),
-        a few at a time (``l3.concurrency`` / 4 requests), so that a Delete
-        naming many keys neither floods the object store's request slots
-        (other tenants' ``ack=remote`` Puts and reads need them) nor times
-        out requests that waited for a slot. Stops at the first that L3
-        cannot take. Returns how many existed."""
-        async def one(block: BlockId) -> bool:
-            async with self._bulk:  # waits here, before its request's deadline starts
-                return await self.tier.delete(block)
-
+        ``delete`` is the one :meth:`deleting` yields for them), a few at a
+        time (``l3.concurrency`` / 4 requests), so that a Delete naming many
+        keys neither floods the object store's request slots (other tenants'
+        ``ack=remote`` Puts and reads need them) nor times out requests that
+        waited for a slot. Stops at the first that L3 cannot take. Returns
+        how many existed."""
         deleted = 0
         width = self._bulk_width
         for start in range(0, len(blocks), width):
             if not self.healthy:
                 break
-            results = await asyncio.gather(*(one(b) for b in blocks[start:start + width]),
+            results = await asyncio.gather(*(delete(b) for b in blocks[start:start + width]),
                                            return_exceptions=True)
             deleted += sum(1 for r in results if r is True)
             if any(isinstance(r, BaseException) for r in results):
@@ -507,20 +537,45 @@ class L3Mover(Part):
         return deleted
 
     @contextlib.contextmanager
-    def deleting(self, blocks: Sequence[BlockId]) -> Iterator[None]:
+    def deleting(self, blocks: Sequence[BlockId], wide: bool = False
+                 ) -> Iterator[Callable[[BlockId], Awaitable[bool]]]:
         """While a Delete (or Flush) removes objects this node has no entry
         for: the blocks count as absent (a Get or Lookup that starts now does
-        not find, and index, an object about to go), and the probes of them
-        already in flight find nothing to index."""
+        not find, and index, an object about to go), the probes of them
+        already in flight find nothing to index, and each block's place in
+        its write order is taken now, so that an ``ack=remote`` Put of one
+        of them made meanwhile uploads after its delete (its upload landed
+        first, and the delete then removed the acknowledged object). Yields
+        the delete to run for each block (True: an object was there), paced
+        to ``l3.concurrency`` / 4 requests at once (``wide``: to
+        ``l3.concurrency``), waiting for its turn before it takes a slot."""
         self.void_probes(blocks)
         # (not ``_deleting``: that says a delete of this node's is still to be
         # done, which would make a later Delete skip its own)
         hidden = self._hidden
+        turns: dict[BlockId, _Turn] = {}
         for block in blocks:
             hidden[block] = hidden.get(block, 0) + 1
+            if block not in turns:
+                turns[block] = self._claim_turn(block)
+        slots = self._own_deletes if wide else self._bulk
+
+        async def delete(block: BlockId) -> bool:
+            existed = False
+
+            async def paced() -> None:
+                nonlocal existed
+                async with slots:  # waits here, before its request's deadline starts
+                    existed = await self.tier.delete(block)
+
+            await self._in_order(block, paced, turn=turns.pop(block, None))
+            return existed
+
         try:
-            yield
+            yield delete
         finally:
+            for block, turn in turns.items():  # (those not deleted: L3 failed)
+                self._end_turn(block, turn)
             for block in blocks:
                 left = hidden.get(block, 0) - 1
                 if left > 0:
@@ -570,9 +625,9 @@ class L3Mover(Part):
         async with self._own_deletes:  # waits here, before its request's deadline starts
             return await self.tier.delete(block)
 
-    async def _delete(self, block: BlockId) -> None:
+    async def _delete(self, block: BlockId, turn: _Turn) -> None:
         try:
-            await self._in_order(block, functools.partial(self._paced_delete, block))
+            await self._in_order(block, functools.partial(self._paced_delete, block), turn=turn)
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
             self._redo[block] = self._redo.get(block, 0) + 1

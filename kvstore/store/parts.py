@@ -143,8 +143,10 @@ def writer_settled(loop: asyncio.AbstractEventLoop) \
     return settled, done
 
 
-def spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+def spawn(tasks: set[asyncio.Task[None]],
+          coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     """Run ``coro`` in the background, held in ``tasks`` until it ends."""
     task = asyncio.get_running_loop().create_task(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+    return task

@@ -397,11 +397,11 @@ class TieredStore:
         # Blocks another node put in the shared bucket (deleted paced): absent
         # here from now on, so that a Get meanwhile does not index one.
         known = deleted
-        with l3.deleting(unknown):
+        with l3.deleting(unknown) as delete_other:
             if deleted:
                 await self._l2_caught_up()
             if l3.healthy:
-                deleted += await l3.delete_unknown(unknown)
+                deleted += await l3.delete_unknown(unknown, delete_other)
         if known:
             await self._l3_caught_up(namespace, keys)
         return deleted
@@ -521,10 +521,10 @@ class TieredStore:
         others = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
         step = max(1, self.config.l3.concurrency)
-        with self.l3.deleting(others):
+        with self.l3.deleting(others, wide=True) as delete_other:
             for start in range(0, len(others), step):
                 results = await asyncio.gather(
-                    *(self.l3.tier.delete(b) for b in others[start:start + step]))
+                    *(delete_other(b) for b in others[start:start + step]))
                 flushed += sum(results)
         return flushed
 

@@ -174,7 +174,9 @@ def test_an_overwrite_acknowledged_at_remote_stays_in_the_bucket_after_a_kill(  
                     if i == 20:
                         started.set()
 
-        with Client(a.tcp, namespace="over", timeout=30) as ca:
+        # (120 s: the other client fills L2 faster than it drains to L3, and
+        # the overwrite's L2 copy waits for room: 10 to 40 s seen on 2 CPUs)
+        with Client(a.tcp, namespace="over", timeout=120) as ca:
             ca.lookup(keys)
             writer = threading.Thread(target=busy, daemon=True)
             writer.start()

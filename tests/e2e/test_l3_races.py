@@ -430,3 +430,44 @@ def test_a_delete_whose_client_gave_up_never_lands_after_a_later_put(  # type: i
     finally:
         gate.release.set()
         gate.close()
+
+
+@pytest.mark.parametrize("purge", ["delete", "flush"])
+def test_a_remote_put_made_during_a_delete_of_another_nodes_object_stays(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, tmp_path: Path, purge: str) -> None:
+    """A Delete (or a Flush) removes an object another node put, which this
+    node has no entry for; a Put of the same key at ``remote`` made here
+    while that delete is at a slow store is answered once its object is in
+    the bucket. The delete of the other node's object ran outside the
+    block's write order: the Put's upload landed first, the delete after
+    it, and the acknowledged object was gone. Now the upload waits for it."""
+    from faultproxy import FaultProxy
+
+    key = b"k"
+    put_from_another_node(server_factory, s3, tmp_path, {key: b"o" * (8 * KiB)})
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+                Client(a.tcp, namespace="r", data_plane=False) as purger, \
+                Client(a.tcp, namespace="r", data_plane=False) as c:
+            gate.hold_max_s = 2.0  # (within the node's 20 s: the delete is simply slow)
+            gate.hold = lambda method, target, body: (
+                method in ("POST", "DELETE") and key.hex().encode() in body + target.encode()
+                and not gate.held)
+            answered: list[int] = []
+            slow = threading.Thread(target=lambda: answered.append(
+                purger.delete([key]) if purge == "delete" else purger.flush("r")))
+            slow.start()
+            wait_for(lambda: bool(gate.held), what="the other node's object's delete sent")
+            new = b"n" * (4 * KiB)
+            assert c.put({key: new}, ack="remote").stored == 1
+            slow.join(30)
+            assert answered == [1]
+            assert gate.late, "the delete was not held"
+            found = [p for p in objects(s3) if p.name == key.hex()]
+            assert found and found[0].read_bytes().endswith(new), \
+                "the object of a Put acknowledged at remote is gone from the bucket"
+            assert c.get([key]) == [new]
+    finally:
+        gate.release.set()
+        gate.close()
