@@ -488,7 +488,8 @@ class TieredStore:
         :meth:`delete` does per key: the blocks the index knows, then the
         namespace's other objects in the shared L3 (put by other nodes).
         Returns the number of blocks removed. Blocks put while it runs may
-        stay. Raises TierUnavailable when L3 cannot be listed or cleared
+        stay or go, each whole (entry and object). Raises TierUnavailable
+        when L3 cannot be listed or cleared
         (the local tiers are flushed by then; flushing again finishes)."""
         flushed = 0
         known = self.index.namespace_keys(namespace)
@@ -509,8 +510,7 @@ class TieredStore:
             return flushed
         # Before the listing and the answer: the deletes of the blocks known
         # here reach the bucket (another node would serve them meanwhile).
-        if known and not await self.l3.deletes_landed(
-                ((namespace, key) for key in known), self.config.l3.timeout_s):
+        if known and not await self._l3_caught_up(namespace, known):
             raise TierUnavailable(
                 f"flush of namespace {namespace!r}: the local tiers are flushed, but deletes "
                 "of its L3 objects are not done yet (they are recorded and retried; another "
@@ -518,10 +518,33 @@ class TieredStore:
         # The mover deletes the L3 copies of the blocks just forgotten; the
         # listing finds the rest.
         gone = set(known)
-        others = [block async for block, _ in self.l3.tier.list_blocks([namespace])
+        listed = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
+        # Those indexed here while the listing ran (a Put here whose object
+        # the listing found, or a read of another node's) go as the known
+        # ones did: deleted outright, their entry stayed (an acknowledged
+        # Put's entry counting on an object gone). Nothing is awaited
+        # between this split and deleting(), which orders a later Put's
+        # upload after the delete of its key.
+        others: list[BlockId] = []
+        indexed: list[bytes] = []
+        for block in listed:
+            entry = self.index.entry(block)
+            if entry is None:
+                others.append(block)
+            else:
+                self.index.forget(block, entry, delete_l3=True)
+                indexed.append(block[1])
         step = max(1, self.config.l3.concurrency)
         with self.l3.deleting(others, wide=True) as delete_other:
+            if indexed:
+                flushed += len(indexed)
+                self.progress.wake()
+                await self._l2_caught_up()
+                if not await self._l3_caught_up(namespace, indexed):
+                    raise TierUnavailable(
+                        f"flush of namespace {namespace!r}: deletes of its L3 objects are not "
+                        "done yet (they are recorded and retried): flush again to wait for them")
             for start in range(0, len(others), step):
                 results = await asyncio.gather(
                     *(delete_other(b) for b in others[start:start + step]))

@@ -471,3 +471,37 @@ def test_a_remote_put_made_during_a_delete_of_another_nodes_object_stays(  # typ
     finally:
         gate.release.set()
         gate.close()
+
+
+def test_a_remote_put_a_flush_lists_goes_whole(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, tmp_path: Path) -> None:
+    """A Put here at ``remote`` whose object a running Flush's listing finds:
+    the Flush deleted the object as another node's, and the node went on
+    serving the block from its entry, which counted on the object (a block
+    served here and gone from the bucket). Now it goes as the blocks known
+    at the start do: entry and object (a Put made while a Flush runs may go
+    or stay, never half)."""
+    from faultproxy import FaultProxy, is_listing
+
+    key = b"late"
+    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+                Client(a.tcp, namespace="r", data_plane=False) as purger, \
+                Client(a.tcp, namespace="r", data_plane=False) as c:
+            gate.hold_max_s = 2.0  # the listing reaches the store after the Put's upload
+            gate.hold = lambda method, target, body: is_listing(method, target) \
+                and not gate.held
+            answered: list[int] = []
+            flush = threading.Thread(target=lambda: answered.append(purger.flush("r")))
+            flush.start()
+            wait_for(lambda: bool(gate.held), what="the Flush's listing sent")
+            assert c.put({key: b"n" * (4 * KiB)}, ack="remote").stored == 1
+            flush.join(30)
+            assert answered == [1]
+            in_bucket = any(p.name == key.hex() for p in objects(s3))
+            assert c.get([key]) == [None] and not in_bucket, \
+                f"served here: {c.get([key]) != [None]}, in the bucket: {in_bucket}"
+    finally:
+        gate.release.set()
+        gate.close()
