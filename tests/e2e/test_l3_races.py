@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from delayproxy import DelayProxy
+from faultproxy import FaultProxy
 from test_l3 import scrape_counters
 
 from kvstore import Client
@@ -29,6 +30,18 @@ except ImportError:  # pragma: no cover
     rclone_binary = lambda: None  # noqa: E731
 
 KiB, MiB = 1024, 1024 * 1024
+
+
+@pytest.fixture
+def gate(s3: S3Server) -> Iterator[FaultProxy]:
+    """A proxy in front of the S3 server that holds chosen requests back
+    (they reach the store late, after their client gave up)."""
+    held = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        yield held
+    finally:
+        held.release.set()
+        held.close()
 
 
 @pytest.fixture
@@ -349,7 +362,7 @@ def overwrite_past_a_late_delete(c: Client, gate: Any, s3: S3Server, hold_s: flo
 
 
 def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  # type: ignore[no-untyped-def]
-        server_factory, s3: S3Server, tmp_path: Path) -> None:
+        server_factory, s3: S3Server, tmp_path: Path, gate: FaultProxy) -> None:
     """An overwrite deletes the old object, then uploads the new one under the
     same name. A delete given up on (its 1 s timeout) may still be carried
     out by the store later: it reached a slow server, and giving up on it
@@ -357,46 +370,32 @@ def test_a_delete_that_timed_out_never_lands_after_the_overwrite_it_preceded(  #
     uploaded: the late one then deleted the object of a Put acknowledged at
     ``remote`` (1 and 4 of 200 in the kill test, under load, no error said).
     The upload now waits until the old object is seen gone."""
-    from faultproxy import FaultProxy
-
-    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    try:
-        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
-                  "--l3-timeout-s", "1", "--server-metrics-listen", "127.0.0.1:0") as a, \
-                Client(a.tcp, namespace="r", data_plane=False) as c:
-            # The old object's delete reaches the store 2 s late, past its timeout.
-            overwrite_past_a_late_delete(c, gate, s3, hold_s=2.0)
-            assert "waits for L3" in a.log()  # (the delete did time out)
-            # Operators see it: the doubt is counted on /metrics.
-            assert scrape_counters(a)["kvstore_l3_deletes_in_doubt_total"] >= 1
-    finally:
-        gate.release.set()
-        gate.close()
+    with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
+              "--l3-timeout-s", "1", "--server-metrics-listen", "127.0.0.1:0") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        # The old object's delete reaches the store 2 s late, past its timeout.
+        overwrite_past_a_late_delete(c, gate, s3, hold_s=2.0)
+        assert "waits for L3" in a.log()  # (the delete did time out)
+        # Operators see it: the doubt is counted on /metrics.
+        assert scrape_counters(a)["kvstore_l3_deletes_in_doubt_total"] >= 1
 
 
 def test_a_delete_a_gateway_gave_up_on_never_lands_after_the_overwrite(  # type: ignore[no-untyped-def]
-        server_factory, s3: S3Server, tmp_path: Path) -> None:
+        server_factory, s3: S3Server, tmp_path: Path, gate: FaultProxy) -> None:
     """The same late delete behind a gateway (a load balancer or reverse
     proxy in front of the object store) that gave up on a slow upstream: the
     client gets a 504 at once, the upstream carries the delete out later. An
     HTTP status was taken as the store's answer (no doubt left), so the
     delete was retried at once, the new object uploaded, and the late delete
     deleted it. A 502 or 504 is a gateway's, not the store's: in doubt."""
-    from faultproxy import FaultProxy
-
-    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    try:
-        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
-                  "--l3-timeout-s", "3") as a, \
-                Client(a.tcp, namespace="r", data_plane=False) as c:
-            overwrite_past_a_late_delete(c, gate, s3, hold_s=1.0, answer=b"504 Gateway Timeout")
-    finally:
-        gate.release.set()
-        gate.close()
+    with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a",
+              "--l3-timeout-s", "3") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        overwrite_past_a_late_delete(c, gate, s3, hold_s=1.0, answer=b"504 Gateway Timeout")
 
 
 def test_a_delete_whose_client_gave_up_never_lands_after_a_later_put(  # type: ignore[no-untyped-def]
-        server_factory, s3: S3Server, tmp_path: Path) -> None:
+        server_factory, s3: S3Server, tmp_path: Path, gate: FaultProxy) -> None:
     """A Delete of a key another node put (its object deleted within the
     call) whose client gives up (its deadline) while the object's delete is
     at a slow store: the call is cancelled, the delete request is out all
@@ -404,104 +403,85 @@ def test_a_delete_whose_client_gave_up_never_lands_after_a_later_put(  # type: i
     no doubt (only a failed one did), so a Put of the key at ``remote`` right
     after uploaded at once, and the late delete deleted the acknowledged
     object. Now the upload waits until the old object is seen gone."""
-    from faultproxy import FaultProxy
-
     from kvstore.errors import DeadlineExceeded
 
     key = b"k"
     put_from_another_node(server_factory, s3, tmp_path, {key: b"o" * (8 * KiB)})
-    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    try:
-        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
-                Client(a.tcp, namespace="r", data_plane=False) as c, \
-                Client(a.tcp, namespace="r", data_plane=False, timeout=2.0) as hasty:
-            gate.hold_max_s = 5.0  # (past the client's deadline; the node's is 20 s)
-            gate.hold = lambda method, target, body: (
-                method == "POST" and key.hex().encode() in body and not gate.held)
-            with pytest.raises(DeadlineExceeded):
-                hasty.delete([key])
-            assert gate.held, "the Delete did not delete the object"
-            new = b"n" * (4 * KiB)
-            assert c.put({key: new}, ack="remote").stored == 1
-            wait_for(lambda: bool(gate.late), what="the late delete carried out")
-            found = [p for p in objects(s3) if p.name == key.hex()]
-            assert found and found[0].read_bytes().endswith(new), \
-                f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
-    finally:
-        gate.release.set()
-        gate.close()
+    with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as c, \
+            Client(a.tcp, namespace="r", data_plane=False, timeout=2.0) as hasty:
+        gate.hold_max_s = 5.0  # (past the client's deadline; the node's is 20 s)
+        gate.hold = lambda method, target, body: (
+            method == "POST" and key.hex().encode() in body and not gate.held)
+        with pytest.raises(DeadlineExceeded):
+            hasty.delete([key])
+        assert gate.held, "the Delete did not delete the object"
+        new = b"n" * (4 * KiB)
+        assert c.put({key: new}, ack="remote").stored == 1
+        wait_for(lambda: bool(gate.late), what="the late delete carried out")
+        found = [p for p in objects(s3) if p.name == key.hex()]
+        assert found and found[0].read_bytes().endswith(new), \
+            f"the acknowledged object is gone ({gate.late[0][2]} to the late delete)"
 
 
 @pytest.mark.parametrize("purge", ["delete", "flush"])
 def test_a_remote_put_made_during_a_delete_of_another_nodes_object_stays(  # type: ignore[no-untyped-def]
-        server_factory, s3: S3Server, tmp_path: Path, purge: str) -> None:
+        server_factory, s3: S3Server, tmp_path: Path, gate: FaultProxy, purge: str) -> None:
     """A Delete (or a Flush) removes an object another node put, which this
     node has no entry for; a Put of the same key at ``remote`` made here
     while that delete is at a slow store is answered once its object is in
     the bucket. The delete of the other node's object ran outside the
     block's write order: the Put's upload landed first, the delete after
     it, and the acknowledged object was gone. Now the upload waits for it."""
-    from faultproxy import FaultProxy
-
     key = b"k"
     put_from_another_node(server_factory, s3, tmp_path, {key: b"o" * (8 * KiB)})
-    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    try:
-        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
-                Client(a.tcp, namespace="r", data_plane=False) as purger, \
-                Client(a.tcp, namespace="r", data_plane=False) as c:
-            gate.hold_max_s = 2.0  # (within the node's 20 s: the delete is simply slow)
-            gate.hold = lambda method, target, body: (
-                method in ("POST", "DELETE") and key.hex().encode() in body + target.encode()
-                and not gate.held)
-            answered: list[int] = []
-            slow = threading.Thread(target=lambda: answered.append(
-                purger.delete([key]) if purge == "delete" else purger.flush("r")))
-            slow.start()
-            wait_for(lambda: bool(gate.held), what="the other node's object's delete sent")
-            new = b"n" * (4 * KiB)
-            assert c.put({key: new}, ack="remote").stored == 1
-            slow.join(30)
-            assert answered == [1]
-            assert gate.late, "the delete was not held"
-            found = [p for p in objects(s3) if p.name == key.hex()]
-            assert found and found[0].read_bytes().endswith(new), \
-                "the object of a Put acknowledged at remote is gone from the bucket"
-            assert c.get([key]) == [new]
-    finally:
-        gate.release.set()
-        gate.close()
+    with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as purger, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        gate.hold_max_s = 2.0  # (within the node's 20 s: the delete is simply slow)
+        gate.hold = lambda method, target, body: (
+            method in ("POST", "DELETE") and key.hex().encode() in body + target.encode()
+            and not gate.held)
+        answered: list[int] = []
+        slow = threading.Thread(target=lambda: answered.append(
+            purger.delete([key]) if purge == "delete" else purger.flush("r")))
+        slow.start()
+        wait_for(lambda: bool(gate.held), what="the other node's object's delete sent")
+        new = b"n" * (4 * KiB)
+        assert c.put({key: new}, ack="remote").stored == 1
+        slow.join(30)
+        assert answered == [1]
+        assert gate.late, "the delete was not held"
+        found = [p for p in objects(s3) if p.name == key.hex()]
+        assert found and found[0].read_bytes().endswith(new), \
+            "the object of a Put acknowledged at remote is gone from the bucket"
+        assert c.get([key]) == [new]
 
 
 def test_a_remote_put_a_flush_lists_goes_whole(  # type: ignore[no-untyped-def]
-        server_factory, s3: S3Server, tmp_path: Path) -> None:
+        server_factory, s3: S3Server, tmp_path: Path, gate: FaultProxy) -> None:
     """A Put here at ``remote`` whose object a running Flush's listing finds:
     the Flush deleted the object as another node's, and the node went on
     serving the block from its entry, which counted on the object (a block
     served here and gone from the bucket). Now it goes as the blocks known
     at the start do: entry and object (a Put made while a Flush runs may go
     or stay, never half)."""
-    from faultproxy import FaultProxy, is_listing
+    from faultproxy import is_listing
 
     key = b"late"
-    gate = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    try:
-        with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
-                Client(a.tcp, namespace="r", data_plane=False) as purger, \
-                Client(a.tcp, namespace="r", data_plane=False) as c:
-            gate.hold_max_s = 2.0  # the listing reaches the store after the Put's upload
-            gate.hold = lambda method, target, body: is_listing(method, target) \
-                and not gate.held
-            answered: list[int] = []
-            flush = threading.Thread(target=lambda: answered.append(purger.flush("r")))
-            flush.start()
-            wait_for(lambda: bool(gate.held), what="the Flush's listing sent")
-            assert c.put({key: b"n" * (4 * KiB)}, ack="remote").stored == 1
-            flush.join(30)
-            assert answered == [1]
-            in_bucket = any(p.name == key.hex() for p in objects(s3))
-            assert c.get([key]) == [None] and not in_bucket, \
-                f"served here: {c.get([key]) != [None]}, in the bucket: {in_bucket}"
-    finally:
-        gate.release.set()
-        gate.close()
+    with node(server_factory, s3, f"http://127.0.0.1:{gate.port}", tmp_path / "a") as a, \
+            Client(a.tcp, namespace="r", data_plane=False) as purger, \
+            Client(a.tcp, namespace="r", data_plane=False) as c:
+        gate.hold_max_s = 2.0  # the listing reaches the store after the Put's upload
+        gate.hold = lambda method, target, body: is_listing(method, target) \
+            and not gate.held
+        answered: list[int] = []
+        flush = threading.Thread(target=lambda: answered.append(purger.flush("r")))
+        flush.start()
+        wait_for(lambda: bool(gate.held), what="the Flush's listing sent")
+        assert c.put({key: b"n" * (4 * KiB)}, ack="remote").stored == 1
+        flush.join(30)
+        assert answered == [1]
+        in_bucket = any(p.name == key.hex() for p in objects(s3))
+        assert c.get([key]) == [None] and not in_bucket, \
+            f"served here: {c.get([key]) != [None]}, in the bucket: {in_bucket}"
