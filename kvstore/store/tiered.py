@@ -522,10 +522,11 @@ class TieredStore:
                   if block[0] == namespace and block[1] not in gone]
         # Those indexed here while the listing ran (a Put here whose object
         # the listing found, or a read of another node's) go as the known
-        # ones did: deleted outright, their entry stayed (an acknowledged
-        # Put's entry counting on an object gone). Nothing is awaited
-        # between this split and deleting(), which orders a later Put's
-        # upload after the delete of its key.
+        # ones did, entry and object: deleted as another node's, the object
+        # went and the entry stayed (an acknowledged Put's entry counting on
+        # an object gone). Nothing is awaited between this split and
+        # deleting(), which orders a later Put's upload after the delete of
+        # its key.
         others: list[BlockId] = []
         indexed: list[bytes] = []
         for block in listed:
