@@ -466,13 +466,20 @@ class L3Mover(Part):
         # writes of the block behind it waited for ever)
         task.add_done_callback(lambda _: self._end_turn(block, turn))
 
-    async def _bulk_delete(self, block: BlockId) -> bool:
-        async with self._bulk:  # waits here, before its request's deadline starts
+    async def _slotted_delete(self, slots: asyncio.Semaphore, block: BlockId) -> bool:
+        """Delete the block's object once one of ``slots`` is free: it waits
+        here, before its request's deadline starts. (A Flush queues a delete
+        for every object it knew: thousands at once waited for a request
+        slot inside their deadline, were started with little of it left and
+        timed out, opening the breaker: L3 unavailable to every tenant, and
+        the Flush failed.)"""
+        async with slots:
             return await self.tier.delete(block)
 
     async def _delete_once(self, block: BlockId, turn: _Turn) -> None:
         try:
-            await self._in_order(block, functools.partial(self._bulk_delete, block), turn=turn)
+            await self._in_order(block, functools.partial(self._slotted_delete, self._bulk, block),
+                                 turn=turn)
         except TierUnavailable:
             pass  # another node's object, if any: not this node's to keep trying
         finally:
@@ -565,8 +572,7 @@ class L3Mover(Part):
 
             async def paced() -> None:
                 nonlocal existed
-                async with slots:  # waits here, before its request's deadline starts
-                    existed = await self.tier.delete(block)
+                existed = await self._slotted_delete(slots, block)
 
             await self._in_order(block, paced, turn=turns.pop(block, None))
             return existed
@@ -617,17 +623,11 @@ class L3Mover(Part):
         future.add_done_callback(settled)
         return future, done
 
-    async def _paced_delete(self, block: BlockId) -> bool:
-        # A Flush queues a delete for every object it knew: thousands at once
-        # waited for a request slot inside their deadline, were started with
-        # little of it left and timed out, opening the breaker (L3 unavailable
-        # to every tenant) and failing the Flush.
-        async with self._own_deletes:  # waits here, before its request's deadline starts
-            return await self.tier.delete(block)
-
     async def _delete(self, block: BlockId, turn: _Turn) -> None:
         try:
-            await self._in_order(block, functools.partial(self._paced_delete, block), turn=turn)
+            await self._in_order(
+                block, functools.partial(self._slotted_delete, self._own_deletes, block),
+                turn=turn)
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
             self._redo[block] = self._redo.get(block, 0) + 1
