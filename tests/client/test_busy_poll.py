@@ -375,8 +375,12 @@ def test_a_client_sharing_its_cpu_stops_polling_and_comes_back(
             for i in range(200):
                 assert c.get([f"s{i % 4}".encode()]) == [blocks[f"s{i % 4}".encode()]]
             contended = dp.polls
-            # 8 contended polls give up, then one retry every 64 calls.
-            assert contended <= 8 + 200 // 64 + 4, f"{contended} polls in 200 calls"
+            # 8 contended polls give up, then one retry every 64 calls: 12
+            # polls on a quiet host. A poll that did hold its CPU (a busy host
+            # can leave this thread running through its yields) starts the
+            # count again, 9 polls more each time: 13-28 seen under load, 21
+            # in a CI run. Without the rule every call polls (201).
+            assert contended <= 200 // 3, f"{contended} polls in 200 calls"
             hog.kill()
             hog.wait(timeout=10)
             before = dp.polled
