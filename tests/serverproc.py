@@ -94,13 +94,20 @@ class ServerProcess:
     def metric(self, name: str) -> float | None:
         """One unlabelled sample of the server's Prometheus endpoint (started
         with ``--server-metrics-listen``); None when it does not export it."""
+        return self.metrics(name)[name]
+
+    def metrics(self, *names: str) -> dict[str, float | None]:
+        """Unlabelled samples read from one scrape (two scrapes apart would see
+        the requests made between them, the scrape itself among them)."""
         ready = max(self.data_dir.glob("ready-*.json"), key=lambda p: p.stat().st_mtime)
         address = json.loads(ready.read_text())["metrics"]
+        found: dict[str, float | None] = dict.fromkeys(names)
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
             for line in reply.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return None
+                name, _, rest = line.partition(" ")
+                if name in found and found[name] is None:
+                    found[name] = float(rest.split()[0])
+        return found
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
