@@ -10,10 +10,8 @@ uvloop program. Skipped without uvloop."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import pytest
 import test_aio_dataplane as dpt
 from dataplane.test_tls import certs  # noqa: F401 - the CA, server and client certificates
+from fds import fds_opened_since, open_fds
 from serverproc import ServerProcess
 
 from kvstore import AsyncClient, Client
@@ -50,17 +49,6 @@ def on_uvloop(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
         return await coro_fn()
 
     return uvloop.run(checked())
-
-
-def open_fds() -> dict[str, str]:
-    """This process's open descriptors and what each is."""
-    out = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # (the listing's own descriptor, closed by now)
-            continue
-    return out
 
 
 def test_every_call_answers_as_on_the_asyncio_loop(shared_server: ServerProcess,
@@ -173,20 +161,12 @@ def test_close_with_calls_in_flight(shared_server: ServerProcess, mode: str) -> 
     runs = 3
     for _ in range(runs):
         on_uvloop(body)
-    # A call cut by close() ends in an exception whose traceback holds its
-    # frames, and with them grpc's call objects, which hold the channel's
-    # socket: Python's cycle collector frees them, not the close (collected
-    # here). grpc's threads close the channel's descriptors in their own time
-    # (the data-plane modes open one too, for their tickets): a bounded wait.
-    # grpc may also open one of its own once, late: a client leaking on close
+    # (The data-plane modes open a gRPC channel too, for their tickets.)
+    # grpc may open one of its own once, late: a client leaking on close
     # leaks in each of the runs.
-    deadline = time.monotonic() + 15.0
-    while len(open_fds()) > len(before) and time.monotonic() < deadline:
-        gc.collect()
-        time.sleep(0.05)  # (polling a count, not synchronising with anything we control)
-    extra = len(open_fds()) - len(before)
-    assert extra < runs, f"{extra} descriptors more after {runs} clients closed: " \
-        f"{sorted(set(open_fds().values()) - set(before.values()))}"
+    extra = fds_opened_since(before)
+    assert len(extra) < runs, f"{len(extra)} descriptors more after {runs} clients closed: " \
+        f"{extra}"
 
 
 @pytest.fixture
