@@ -102,9 +102,14 @@ def test_blocks_cross_a_delayed_link_and_batching_amortises_the_round_trip(
     assert got["rtt_ms"] >= delay_ms, got
     # Every Get of one block pays at least one round trip ...
     assert got["singles_ms"] >= 8 * delay_ms, got
-    # ... while 8 blocks in one call pay far fewer (generous: under 60 %; the
-    # bytes take their time too, and at 0.2 ms a loaded run read 50.4 %).
-    assert got["batched_ms"] < got["singles_ms"] * 0.6, got
+    # ... while 8 blocks in one call pay far fewer: at least half of the 7
+    # round trips a batch saves show in the time saved. (Not a ratio of the
+    # two times: the bytes take their time in both, and where they cross
+    # slowly the ratio says little. Measured: 5.5-7.6 of 7 saved here; a
+    # `.ci/run` at 0.2 ms read 9.7 ms against 6.2, a ratio of 0.64 that the 0.6
+    # this test had failed, and 8.0 round trips saved.)
+    saved = (got["singles_ms"] - got["batched_ms"]) / got["rtt_ms"]
+    assert saved >= 3.5, f"{saved:.1f} round trips saved by one call for 8 blocks: {got}"
     if delay_ms >= 1.0:
         assert got["batched_ms"] < 8 * got["rtt_ms"], got
 
