@@ -96,6 +96,13 @@ class ServerProcess:
         with ``--server-metrics-listen``); None when it does not export it."""
         return self.metrics(name)[name]
 
+    def exported(self, name: str) -> float:
+        """:meth:`metric`, for a sample the server must export."""
+        value = self.metric(name)
+        if value is None:
+            raise AssertionError(f"the server exports no {name}")
+        return value
+
     def metrics(self, *names: str) -> dict[str, float | None]:
         """Unlabelled samples read from one scrape (two scrapes apart would see
         the requests made between them, the scrape itself among them)."""

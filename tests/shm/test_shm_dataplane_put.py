@@ -51,14 +51,6 @@ def server(server_factory, tmp_path: Path) -> Iterator[Any]:  # type: ignore[no-
         yield srv
 
 
-def metric(server: Any, name: str) -> float:
-    """One unlabelled sample of the server's Prometheus endpoint."""
-    value = server.metric(name)
-    if value is None:
-        raise AssertionError(f"the server exports no {name}")
-    return value
-
-
 def wait_for(what: Callable[[], bool], timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while not what():
@@ -104,20 +96,20 @@ def test_one_shm_commit_frame_per_put_after_the_first(server, frames_sent) -> No
         assert frames_sent == [(Op.SHM_RESERVE, 0), commit]
         assert c.stocked_slots() == 8
         frames_sent.clear()
-        answered = metric(server, "kvstore_dataplane_requests_total")
+        answered = server.exported("kvstore_dataplane_requests_total")
         for item in items:
             assert c.put([item]).stored == 1
         assert frames_sent == [commit] * 5
-        assert metric(server, "kvstore_dataplane_requests_total") - answered == 5
+        assert server.exported("kvstore_dataplane_requests_total") - answered == 5
         bufs = [bytearray(MiB) for _ in blobs]
         assert c.get_into(list(blobs), bufs) == [MiB] * 6
         assert [bytes(b) for b in bufs] == list(blobs.values())
         # Five Puts took five stocked slots and asked for none (the stock still
         # covered the next Put): three left.
         assert c.stocked_slots() == 3
-        assert metric(server, "kvstore_shm_reservations") == 3  # the stocked slots
+        assert server.exported("kvstore_shm_reservations") == 3  # the stocked slots
     # close abandoned it
-    assert metric(server, "kvstore_shm_reservations") == 0
+    assert server.exported("kvstore_shm_reservations") == 0
 
 
 def test_a_vouched_put_is_readable_at_once_and_a_wrong_checksum_never_served(
@@ -198,7 +190,7 @@ def test_a_server_that_does_not_offer_it_gets_reserve_and_commit(
         assert [op for op, _ in frames_sent].count(Op.SHM_RESERVE) == 3
         assert [op for op, _ in frames_sent].count(Op.SHM_COMMIT) == 3
         assert c.stocked_slots() == 0
-        assert metric(server, "kvstore_shm_reservations") == 0
+        assert server.exported("kvstore_shm_reservations") == 0
         assert c.get(list(blobs)) == list(blobs.values())
 
 
@@ -223,7 +215,7 @@ def test_a_client_that_dies_mid_put_leaves_no_slot_behind(server) -> None:  # ty
     """)
     done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
     assert done.returncode == 3, done.stderr.decode()
-    assert wait_for(lambda: metric(server, "kvstore_shm_reservations") == 0)
+    assert wait_for(lambda: server.exported("kvstore_shm_reservations") == 0)
     with Client(server.tcp, namespace="a", data_plane=False) as g:
         assert g.get([b"torn", b"whole-2"]) == [None, bytes([2]) * 65536]
 
@@ -237,7 +229,7 @@ def test_a_slow_copy_on_the_lean_path_raises_stale_lease(
 
         def slow(*args: Any, **kwargs: Any) -> int:
             # The copy outlasts its lease (1 s): the server has swept it.
-            assert wait_for(lambda: metric(server, "kvstore_shm_leases") == 0)
+            assert wait_for(lambda: server.exported("kvstore_shm_leases") == 0)
             return real(*args, **kwargs)
 
         monkeypatch.setattr(shm_module, "copy_and_checksum", slow)
