@@ -48,6 +48,11 @@ ReadVerifyL2 = Callable[[BlockId, int, memoryview | None], tuple[bool, Buffer] |
 #: a mismatch (the stream ends with DATA_LOSS naming the block).
 WHOLE_CHECK_BYTES = 4 * 1024**2
 
+#: How many times a Get looks again for a block Put again while its L2 copy
+#: was being read (each look reads the newer copy; a key overwritten faster
+#: than it can be read is then a miss).
+REREADS_AFTER_REPLACE = 3
+
 #: A corrupt L1 copy found: drop it (called once the reader's pin is gone).
 OnCorrupt = Callable[[str], None]
 
@@ -165,33 +170,42 @@ class Reads(Part):
     async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
         """The block, pinned for streaming, or None for a miss."""
         self.stats.gets += 1
-        entry = self._entry(block)
         c1 = self._c1
-        if self._loading:
-            pending = self._loading.get(block)
-            if pending is not None:
-                await asyncio.shield(pending)
-                entry = self._entry(block)
-        if entry is None:
-            c1.misses += 1
-            if self.read_verify_l2 is not None:
+        for attempt in range(REREADS_AFTER_REPLACE + 1):
+            entry = self._entry(block)
+            if self._loading:
+                pending = self._loading.get(block)
+                if pending is not None:
+                    await asyncio.shield(pending)
+                    entry = self._entry(block)
+            if entry is None:
+                c1.misses += 1
+                if self.read_verify_l2 is not None:
+                    self._c2.misses += 1
+                if self.l3 is not None:
+                    return await self.read_l3(block, None, session)
+                return None
+            if entry.l1_offset >= 0:
+                self._count_l1_hit(block, session)
+                return self._l1_reader(block, entry, TierName.L1)
+            if attempt == 0:
+                c1.misses += 1
+            if entry.l2 and self.read_verify_l2 is not None:
+                reader = await self.read_l2(block, entry, session)
+                if reader is not None:
+                    return reader
+                if self._entry(block) not in (entry, None):
+                    # Put again while L2 read the copy it replaced: the key is
+                    # stored all along, so look again (it was a miss).
+                    continue
+                if not entry.l3:
+                    return None
+            elif self.read_verify_l2 is not None:
                 self._c2.misses += 1
-            if self.l3 is not None:
-                return await self.read_l3(block, None, session)
+            if entry.l3 and self.l3 is not None:
+                return await self.read_l3(block, entry, session)
             return None
-        if entry.l1_offset >= 0:
-            self._count_l1_hit(block, session)
-            return self._l1_reader(block, entry, TierName.L1)
-        c1.misses += 1
-        if entry.l2 and self.read_verify_l2 is not None:
-            reader = await self.read_l2(block, entry, session)
-            if reader is not None or not entry.l3:
-                return reader
-        elif self.read_verify_l2 is not None:
-            self._c2.misses += 1
-        if entry.l3 and self.l3 is not None:
-            return await self.read_l3(block, entry, session)
-        return None
+        return None  # replaced again at every look: a miss
 
     def _count_l1_hit(self, block: BlockId, session: str | None) -> None:
         self._c1.hits += 1
@@ -281,7 +295,8 @@ class Reads(Part):
             if self.index.blocks.get(block) is not entry or result is None:
                 if offset >= 0:
                     self.placement.release(offset, entry.size)
-                c2.misses += 1
+                if result is None or self.index.blocks.get(block) is None:
+                    c2.misses += 1  # (replaced: open_read looks again)
                 return None
             ok, payload = result
             if not ok:

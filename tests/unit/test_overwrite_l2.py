@@ -174,3 +174,43 @@ async def _until(check: Any, timeout: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.005)  # polling the store's state, bounded
     return True
+
+
+def test_a_get_overlapping_an_overwrite_of_its_l2_copy_is_a_hit(tmp_path: Path) -> None:
+    """A Get that reads a block's L2 copy while a Put replaces the block
+    answers with bytes of the key (the new ones: it looks again), not a miss:
+    the key was stored all along, and a miss makes an engine recompute it
+    (an outside review saw 6 misses in 40 such overlaps)."""
+
+    async def go() -> None:
+        store = _store(tmp_path)
+        await store.start()
+        try:
+            old, new = b"old" * 100_000, b"new" * 100_000
+            await store.put_bytes("ns", b"k", old, ack=AckLevel.LOCAL)
+            for i in range(40):  # 12 MiB through an 8 MiB L1: k is in L2 only
+                await store.put_bytes("ns", f"f{i}".encode(), bytes(300_000),
+                                      ack=AckLevel.LOCAL)
+            entry = store.index.entry(("ns", b"k"))
+            assert entry is not None and entry.l1_offset < 0 and entry.l2
+            reads = store.reads
+            working = reads.read_verify_l2
+            assert working is not None
+            reading, overwritten = threading.Event(), threading.Event()
+
+            def held_back(block: Any, crc: int, dest: Any) -> Any:
+                if block == ("ns", b"k") and not reading.is_set():
+                    reading.set()
+                    assert overwritten.wait(10), "the overwrite never came"
+                return working(block, crc, dest)
+
+            reads.read_verify_l2 = held_back
+            get = asyncio.ensure_future(store.get_bytes("ns", b"k"))
+            assert await asyncio.to_thread(reading.wait, 10), "the Get never read L2"
+            await store.put_bytes("ns", b"k", new)
+            overwritten.set()
+            assert await asyncio.wait_for(get, 10) == new
+        finally:
+            await store.close()
+
+    asyncio.run(go())
