@@ -318,6 +318,12 @@ class SharedMemoryBroker:
         if r is not None:
             self.placement.release(r.offset, r.size)
 
+    def reserved_by(self, slot_ids: Sequence[int], owner: str) -> list[int]:
+        """Those of ``slot_ids`` that are reserved now, by ``owner``."""
+        reservations = self._reservations
+        return [i for i in slot_ids
+                if (r := reservations.get(i)) is not None and r.owner == owner]
+
     def _check_owner(self, slot_ids: Sequence[int], namespace: str, owner: str) -> None:
         foreign = [i for i in slot_ids if (r := self._reservations.get(i)) is not None
                    and (r.block[0] != namespace or r.owner != owner)]
@@ -649,7 +655,11 @@ class SharedMemoryBroker:
         changes: the namespace, the keys, and room for their leases."""
         self.check_namespace(namespace)
         validate_keys(keys)
-        held = len(self._leases) - len(release)
+        # Only the ids held now count as room given back: the release skips
+        # unknown ones (a client could otherwise name never-issued ids to
+        # pass the bound).
+        leases = self._leases
+        held = len(leases) - (len({i for i in release if i in leases}) if release else 0)
         if held + len(keys) > MAX_LEASES:
             raise CapacityExhausted(
                 f"{len(self._leases)} shared-memory leases are held, {len(keys)} more asked "

@@ -201,6 +201,14 @@ def test_leases_held_at_once_are_bounded(tmp_path: Path,
             ids = [lease.lease_id for lease in held if lease is not None]
             more = broker.acquire_now("a", KEYS[:3], None, 0, release=ids[:2])
             assert more is not None and broker.leases == 4
+            # Ids never issued (or named twice) give no room back: the release
+            # skips them, so they must not count against the bound either.
+            bogus = [ids[2], ids[2], *range(1, 9)]
+            with pytest.raises(CapacityExhausted, match="at most 4 at once"):
+                await broker.acquire("a", KEYS[:2], None, 0, release=bogus)
+            with pytest.raises(CapacityExhausted, match="at most 4 at once"):
+                broker.acquire_now("a", KEYS[:2], None, 0, release=bogus)
+            assert broker.leases == 4
 
     asyncio.run(go())
 
