@@ -38,6 +38,7 @@ from kvstore.store.shm import VERIFY_INLINE_BYTES, Lease, Unleased
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
     MAX_KEY_BYTES,
+    MAX_NAME_BYTES,
     AckLevel,
     BlockFormat,
     BlockId,
@@ -401,8 +402,8 @@ class Session:
                     return False
                 keys.append(key)
                 pos = end
-            if pos != len(buf):
-                return False
+            if pos != len(buf) or len(raw_session) > MAX_NAME_BYTES:
+                return False  # (the task's decode says what is wrong)
             session = raw_session.decode() if raw_session else None
         except (struct.error, UnicodeDecodeError):
             return False
@@ -536,6 +537,12 @@ class Session:
                     durable.append(fut)
                 stored += 1
                 nbytes += b.size
+                if i & 255 == 255:
+                    # Blocks whose bytes are buffered and whose room is free
+                    # never wait: a PUT of many small blocks lets the other
+                    # connections in now and then (40,000 of 1 byte held
+                    # the loop ~1 s).
+                    await asyncio.sleep(0)
             if durable:
                 await asyncio.gather(*durable)
         except (f.FrameError, ConnectionClosed, asyncio.CancelledError):
@@ -631,8 +638,10 @@ class Session:
                 stored, nbytes = await self.shm.commit(
                     namespace, _ACK[req.ack], specs, req.abandon, self.owner,
                     session=session_or_none(req.session_id), check_open=self._check_open)
-        finally:
-            self._committed(specs, req.abandon)
+        except BaseException:
+            self._committed(specs, req.abandon, failed=True)
+            raise
+        self._committed(specs, req.abandon)
         try:
             if not extended:
                 await self.reply(header, f.Counted(stored, nbytes).encode())
@@ -682,7 +691,7 @@ class Session:
             else:
                 stored, nbytes = self.shm.store_taken(taken)
         except KVStoreError as exc:
-            self._committed(specs, req.abandon)
+            self._committed(specs, req.abandon, failed=True)
             self._reply_now(error_frame(rid, exc))
             return Answered.ERROR
         self._committed(specs, req.abandon)
@@ -718,11 +727,19 @@ class Session:
             CommitSpec(slot, offset, size, crc, BlockFormat(fmt), key)
             for (slot, offset, size, crc, fmt), key in zip(req.blocks, keys, strict=True)]
 
-    def _committed(self, specs: list[CommitSpec], abandon: list[int]) -> None:
-        # Committed, abandoned or dropped by a failed commit: no longer ours
-        # to give up (a foreign id was refused and never ours).
-        self.slots.difference_update(s.slot_id for s in specs)
-        self.slots.difference_update(abandon)
+    def _committed(self, specs: list[CommitSpec], abandon: list[int],
+                   failed: bool = False) -> None:
+        # Committed, abandoned or given up by a failed commit: no longer ours
+        # to give up (a foreign id was refused and never ours). A commit
+        # refused before it took any slot (another owner's slot named, an ack
+        # it cannot give) leaves its own slots reserved: still ours, given up
+        # when the connection closes (they were forgotten, and held until
+        # they expired).
+        named = [s.slot_id for s in specs]
+        named.extend(abandon)
+        kept = self.shm.reserved_by(named, self.owner) if failed else ()
+        self.slots.difference_update(named)
+        self.slots.update(kept)
 
     def _commit_result(self, stored: int, nbytes: int, started: float, slots: list[Any]) -> bytes:
         """An extended SHM_COMMIT's answer; ``slots``: the restock, the

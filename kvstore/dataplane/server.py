@@ -356,8 +356,11 @@ class DataPlaneServer:
         """What the connection answers from its readable callback."""
         stats = self.stats
         answer = session.answer_now
+        max_meta = self.max_meta
 
         def fast(opcode: int, flags: int, request_id: int, meta: memoryview) -> bool:
+            if len(meta) > max_meta:
+                return False  # the task refuses it (server.data_plane_max_meta)
             answered = answer(opcode, flags, request_id, meta)
             if answered:
                 stats.frames += 1

@@ -1,0 +1,164 @@
+"""Limits a data-plane request must meet on every path, the readable
+callback's included (found by a hostile-client review: a GET answered from
+the callback skipped the session id's and the metadata's limits), what a
+refused shared-memory commit leaves its session, and one PUT of many small
+blocks leaving the other connections their turn."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from serverproc import ServerProcess
+
+from dataplane.raw import (
+    CLOSING,
+    ERROR,
+    GET,
+    PING,
+    PUT,
+    SHM_COMMIT,
+    SHM_RESERVE,
+    block_of,
+    get,
+    get_meta,
+    put,
+    put_meta,
+    request,
+    s,
+    session,
+    u8,
+    u32,
+    u64,
+    wait_until,
+)
+
+MAX_META = 4096
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    shm = f"/dev/shm/kvstore-test-dplim-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path_factory.mktemp("dp-limits"), "--l1-shm-path", shm,
+                        "--server-metrics-listen", "127.0.0.1:0",
+                        "--server-data-plane-max-meta", str(MAX_META),
+                        "--server-shm-reserve-ms", "120000", l1_capacity="64MiB")
+    with srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The default metadata limit, and L1 room (a page each) for a PUT of
+    40,000 blocks."""
+    srv = ServerProcess(tmp_path_factory.mktemp("dp-roomy"), "--l2-enabled", "false",
+                        l1_capacity="256MiB")
+    with srv:
+        yield srv
+
+
+def test_a_get_of_an_l1_hit_checks_its_session_id(server: ServerProcess) -> None:
+    """A session id over 1,024 bytes is refused on a hit as on a miss (the
+    callback took it, and each distinct id grew the server's memory)."""
+    raw = session(server.tcp)
+    assert put(raw, 1, "ns", {b"hot": b"x" * 4096}).op == PUT | 0x80
+    for rid, key in ((2, b"hot"), (3, b"cold")):
+        raw.send(request(GET, rid, get_meta("ns", [key], session_id="s" * 2000)))
+        answer = raw.frame()
+        assert answer.op == ERROR and answer.rid == rid and not answer.flags & CLOSING
+        assert answer.error()[1] == "InvalidArgument" and "session_id" in answer.error()[2]
+    assert [block_of(f) for f in get(raw, 4, "ns", [b"hot"])] == [b"x" * 4096]
+
+
+def test_a_get_of_l1_hits_over_the_metadata_limit_is_refused(server: ServerProcess) -> None:
+    """server.data_plane_max_meta holds for requests the callback could
+    answer: the frame is refused and the connection closed, hits or not."""
+    raw = session(server.tcp)
+    hits = [f"key-{i:059d}".encode() for i in range(100)]  # 100 x 66 bytes of metadata
+    for at in range(0, len(hits), 25):  # each PUT within the limit
+        assert put(raw, 1, "ns", {k: b"v" for k in hits[at:at + 25]}).op == PUT | 0x80
+    meta = get_meta("ns", hits)
+    assert len(meta) > MAX_META
+    raw.send(request(GET, 2, meta))
+    answer = raw.frame()
+    assert answer.op == ERROR and answer.flags & CLOSING
+    assert answer.error()[1] == "MalformedRequest" and "data_plane_max_meta" in answer.error()[2]
+    assert raw.closed()
+
+
+def _reservations(server: ServerProcess) -> float:
+    return server.exported("kvstore_shm_reservations")
+
+
+def _commit_meta(namespace: str, slot: int, offset: int, size: int, ack: int) -> bytes:
+    return (s(namespace) + u8(ack) + u32(1) + struct.pack("<QQQIB", slot, offset, size, 0, 0)
+            + u32(0))
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_refused_commit_leaves_its_slot_to_be_given_up_at_close(server: ServerProcess,
+                                                                  kind: str) -> None:
+    """A commit refused before it took its slot (ack=remote without an L3)
+    leaves the slot reserved: closing the connection gives it up at once, not
+    when the reservation runs out (two minutes here)."""
+    before = _reservations(server)
+    raw = session(server.tcp, kind=kind)
+    raw.send(request(SHM_RESERVE, 2, s("ns") + s("") + u32(1) + s(b"k") + u64(10)))
+    reserved = raw.frame()
+    assert reserved.op == SHM_RESERVE | 0x80, reserved
+    slot, offset, size, _ = struct.unpack_from("<QQQQ", reserved.meta, 8)
+    assert _reservations(server) == before + 1
+    raw.send(request(SHM_COMMIT, 3, _commit_meta("ns", slot, offset, size, ack=3)))
+    refused = raw.frame()
+    assert refused.op == ERROR and refused.error()[1] == "TierNotConfigured"
+    assert _reservations(server) == before + 1  # still reserved, as documented
+    raw.close()
+    assert wait_until(lambda: _reservations(server) == before, timeout=15), (
+        "the refused commit's slot was not given up when its connection closed")
+
+
+def test_a_put_of_many_small_blocks_lets_other_connections_in(roomy: ServerProcess) -> None:
+    """One PUT of 40,000 one-byte blocks (its bytes all buffered, L1 room
+    free: nothing in it waits) answered no other connection until it was
+    done (~2 s here, beside a pinging client). Another connection pinging all
+    the while now waits a small part of it at most (0.05-0.08 of it here:
+    the request's metadata is decoded and checked in one go)."""
+    count = 40_000
+    keys = [struct.pack(">I", i) for i in range(count)]
+    big, other = session(roomy.tcp), session(roomy.tcp)
+    answered: list[float] = []
+    stop = threading.Event()
+
+    def ping() -> None:
+        rid = 10
+        while not stop.is_set():
+            other.send(request(PING, rid))
+            assert other.frame().op == PING | 0x80
+            answered.append(time.monotonic())
+            rid += 1
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
+    try:
+        assert wait_until(lambda: len(answered) >= 3), "no PING answered"
+        data = request(PUT, 2, put_meta("ns", [(k, 1, 0, None) for k in keys]), b"x" * count)
+        sent = time.monotonic()
+        big.send(data)
+        done = big.frame()
+        finished = time.monotonic()
+    finally:
+        stop.set()
+        pinger.join(30)
+    assert done.op == PUT | 0x80 and done.meta == u32(count) + u64(count)
+    during = [sent, *(t for t in answered if sent < t < finished), finished]
+    longest = max(b - a for a, b in itertools.pairwise(during))
+    took = finished - sent
+    print(f"PUT {took:.3f} s, longest wait for a PING {longest:.3f} s")
+    assert longest < 0.4 * took, (
+        f"a PING waited {longest:.2f} s of the PUT's {took:.2f} s: the PUT held the loop")
