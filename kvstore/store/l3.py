@@ -57,6 +57,10 @@ BEST_EFFORT_MAX = 4096
 CORRUPT_TTL_S = 60.0
 
 
+def _settled_quietly(error: BaseException | None, existed: bool) -> None:
+    """A state write to L2 nobody waits for (a failure is the writer's to log)."""
+
+
 async def _nothing() -> None:
     """The write of a retried delete: _in_order does the delete first."""
 
@@ -164,6 +168,13 @@ class L3Mover(Part):
         self._hidden: dict[BlockId, int] = {}
         self.scan_task: asyncio.Task[None] | None = None
         self.listed = 0
+        # Blocks written from then on (Unix time) may have an older object
+        # under their key that this node did not know of when it wrote them:
+        # the listing checks such an object's header before it counts it as
+        # theirs (_settle_listed). Set by start().
+        self.unlisted_since = 0.0
+        self.stale_found = 0  # objects the listing found older than the held block
+        self._unsettled_left = False  # an object's header could not be read
         self.scan_done = asyncio.Event()
         self._closing = False
 
@@ -188,6 +199,17 @@ class L3Mover(Part):
         self._redo_task = asyncio.get_running_loop().create_task(self._redo_loop())
         if self._redo:
             self._redo_wake.set()
+        # Until a listing has ended, an overwrite (or a first Put here) of a
+        # key whose object this node has not listed yet leaves that object
+        # behind, older bytes of the same key. The time that window opened
+        # is kept in L2 until a listing ends, so that a later run's listing
+        # still checks the blocks written in it (it otherwise took an older
+        # object of the same size for theirs, and dropped their L2 copy).
+        now = time.time()
+        earlier = self.tombs.unlisted_since if self.tombs is not None else None
+        self.unlisted_since = now if earlier is None else min(earlier, now)
+        if self.tombs is not None and earlier is None:
+            self.tombs.set_unlisted_since(now, _settled_quietly)
         if self.list_on_start:
             self.scan_task = asyncio.get_running_loop().create_task(self._scan())
         else:
@@ -231,7 +253,11 @@ class L3Mover(Part):
                             self.namespaces and block[0] not in self.namespaces):
                         continue
                     entry = self.index.blocks.get(block)
-                    if entry is None and self.index.listed_cold(block, size):
+                    if self._unsettled(block, entry):
+                        # Written while this node may not have known the object:
+                        # the object's header says whose bytes it holds.
+                        await self._settle_listed(block)
+                    elif entry is None and self.index.listed_cold(block, size):
                         pass  # in the compact index, now marked as in L3 too
                     elif entry is None:
                         self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
@@ -243,8 +269,67 @@ class L3Mover(Part):
             except TierUnavailable as exc:
                 log.warning("L3 listing failed (%s); retrying in %.1f s", exc, self.retry_s)
                 await asyncio.sleep(self.retry_s)
+        if not self._closing and not self._unsettled_left and self.tombs is not None:
+            self.tombs.set_unlisted_since(None, _settled_quietly)
         self.scan_done.set()
         log.info("L3 listing: %d blocks in %.2f s", self.listed, time.monotonic() - started)
+
+    def _unsettled(self, block: BlockId, entry: Entry | None) -> bool:
+        """Whether the block (``entry``, or the compact index's record) was
+        written since :attr:`unlisted_since` and is not known in L3: an
+        object the listing finds under its key may hold older bytes."""
+        if entry is not None:
+            return entry.created >= self.unlisted_since and not entry.l3 and \
+                not entry.l3_pending
+        cold = self.index.cold
+        record = cold.get(block[0], block[1]) if cold is not None and len(cold) else None
+        return record is not None and record.created >= self.unlisted_since and not record.l3
+
+    async def _settle_listed(self, block: BlockId) -> None:
+        """The listing found an object under the key of a block this node
+        wrote while it did not know of the object. Its header decides: this
+        block's bytes (an upload of its own, before a restart) count as its
+        L3 copy; older bytes of the key (written before it, and never
+        deleted: the overwrite did not know of them) are deleted, recorded
+        first; newer ones (another node's, written since) are left, as an
+        object of another size is. Raises TierUnavailable (the listing is
+        retried from that page)."""
+        try:
+            meta = await self.tier.head_meta(block)
+        except TierUnavailable:
+            # The listing goes on after this object: the window stays open
+            # in L2 for the next run's listing to settle it.
+            self._unsettled_left = True
+            raise
+        if meta is None or block in self._deleting:
+            return
+        entry = self.index.blocks.get(block)
+        cold = None if entry is not None or self.index.cold is None else \
+            self.index.cold.get(block[0], block[1])
+        current = entry if entry is not None else cold
+        if current is None or current.l3 or (entry is not None and entry.l3_pending):
+            return  # gone meanwhile, or known in L3 (its own upload): nothing to settle
+        if meta.size == current.size and meta.checksum == current.checksum:
+            if entry is not None:
+                self.index.mark_l3(block, entry)
+            else:
+                self.index.listed_cold(block, meta.size)
+            return
+        if meta.created > current.created:
+            return  # written after this block (another node's): left
+        self.stale_found += 1
+        log.info("L3 object %s/%s holds bytes older than this node's block (checksum %#x, "
+                 "not %#x): deleted", block[0], block[1].hex()[:16], meta.checksum,
+                 current.checksum)
+        # As a delete recorded before a restart is done: the object's own
+        # checksum in the record, deleted only if it is still that object,
+        # before any upload of the block (_in_order).
+        if self.tombs is not None and block not in self._tombstoned:
+            self._record(block, meta.checksum)
+        self._recorded[block] = meta.checksum
+        self._deleting[block] = self._deleting.get(block, 0) + 1
+        self._redo[block] = self._redo.get(block, 0) + 1
+        self._redo_wake.set()
 
     # -- writes --------------------------------------------------------------------------
 

@@ -164,6 +164,21 @@ class KeyValueTier(Protocol):
         checksum recorded (None: a record without one) (blocking)."""
         ...
 
+    @property
+    def unlisted_since(self) -> float | None:
+        """When (Unix time) a run of this L2 first began to serve before L3
+        had been listed to the end, if no listing has ended since: blocks
+        written from then on may have an older object under their key that
+        this node did not know of (see :meth:`set_unlisted_since`). Read at
+        open."""
+        ...
+
+    def set_unlisted_since(self, value: float | None, done: WriteDone) -> None:
+        """Record :attr:`unlisted_since` (None: a listing ended, remove it);
+        ordered with the block writes (a write queued after it commits with
+        it or later). ``done`` as for :meth:`submit`."""
+        ...
+
     def usage(self) -> TierUsage:
         """Blocks and payload bytes committed, and the configured capacity
         (which the store enforces, not the tier)."""
@@ -220,6 +235,11 @@ class ObjectStore(Protocol):
 
     async def head_size(self, block: BlockId) -> int | None:
         """The payload size of a stored block (no payload read), or None."""
+        ...
+
+    async def head_meta(self, block: BlockId) -> BlockMeta | None:
+        """What the block's object's header says (size, checksum, creation
+        time; its first bytes only), or None when there is no such object."""
         ...
 
     async def delete(self, block: BlockId) -> bool:

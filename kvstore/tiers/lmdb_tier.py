@@ -127,11 +127,13 @@ class _Op:
     meta: bytes
     size: int
     done: WriteDone
-    kind: int = 0  # _BLOCK, _TOMBSTONE or _MARKER
+    kind: int = 0  # _BLOCK, _TOMBSTONE, _MARKER or _STATE
     durable: bool = False  # a marker: synced to disk before ``done``, whatever l2.sync
 
 
-_BLOCK, _TOMBSTONE, _MARKER = 0, 1, 2
+_BLOCK, _TOMBSTONE, _MARKER, _STATE = 0, 1, 2, 3
+#: The ``kvstore`` database's field for :attr:`LMDBTier.unlisted_since`.
+_UNLISTED_SINCE = b"unlisted_since"
 #: A tombstone's value: the checksum of the L3 object it is to delete.
 _TOMB_CHECKSUM = struct.Struct("<Q")
 
@@ -180,6 +182,8 @@ class LMDBTier:
         # synced (see _check_lineage); None: not recorded nor checked.
         self._state_file = Path(state_file) if state_file is not None else None
         self._instance = ""  # the environment's id (in ``kvstore``); "" before the open
+        self._state_db: Any = None  # the ``kvstore`` database (set at open)
+        self._unlisted_since: float | None = None
         self._new_instance = False  # the open gave it one: it had none
         self._recorded_txn = -1
         self._state_lock = threading.Lock()
@@ -274,10 +278,14 @@ class LMDBTier:
         """Refuse an environment written in a layout this release cannot
         read safely (InvalidConfig: not damage, never moved aside by
         ``l2.recover``); record this release's layout in it otherwise."""
-        marker = self._env.open_db(b"kvstore")
+        marker = self._state_db = self._env.open_db(b"kvstore")
         with self._env.begin(db=marker, write=True) as txn:
             fields = {k: bytes(v).decode(errors="replace")
                       for k, v in txn.cursor().iternext(keys=True, values=True)}
+            try:
+                self._unlisted_since = float(fields[_UNLISTED_SINCE])
+            except (KeyError, ValueError):
+                self._unlisted_since = None
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -529,6 +537,16 @@ class LMDBTier:
             else None
         self._enqueue(_Op(encode_key(block), value, b"", 0, done, _TOMBSTONE))
 
+    @property
+    def unlisted_since(self) -> float | None:
+        """See :attr:`KeyValueTier.unlisted_since` (as read at open)."""
+        return self._unlisted_since
+
+    def set_unlisted_since(self, value: float | None, done: WriteDone) -> None:
+        """See :meth:`KeyValueTier.set_unlisted_since`."""
+        self._enqueue(_Op(_UNLISTED_SINCE, None if value is None else repr(value).encode(),
+                          b"", 0, done, _STATE))
+
     def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write queued before this call has
         committed (or failed). ``durable``: and once they are on disk, even
@@ -670,6 +688,11 @@ class LMDBTier:
         with self._env.begin(write=True) as txn:
             for op in batch:
                 if op.kind != _BLOCK:
+                    if op.kind == _STATE:
+                        if op.data is None:
+                            txn.delete(op.key, db=self._state_db)
+                        else:
+                            txn.put(op.key, op.data, db=self._state_db)
                     existed.append(op.kind == _TOMBSTONE and self._apply_tombstone(txn, op))
                     continue
                 old = txn.get(op.key, db=self._meta)

@@ -474,13 +474,8 @@ class ObjectTier:
         )
         return True
 
-    async def delete_if(self, block: BlockId, checksum: int) -> bool:
-        """Delete the block's object if it is the one with ``checksum`` (its
-        header says): a delete recorded before a restart
-        removes the object it was for, not one written under the key since
-        (by another node, or a release that did not know the record).
-        Whether it deleted."""
-        path = object_path(block)
+    async def _header(self, path: str) -> Any:
+        """The object's header bytes, or MISSING."""
 
         async def header() -> Any:
             # The object's first bytes only (not a ranged GET: some S3
@@ -494,7 +489,28 @@ class ObjectTier:
             return bytes(got)
 
         await self._settle(path)
-        raw = await self._call("head", path, header, missing_ok=True)
+        return await self._call("head", path, header, missing_ok=True)
+
+    async def head_meta(self, block: BlockId) -> BlockMeta | None:
+        """The size, checksum and creation time its header gives the block's
+        object (its first bytes only), or None when there is none or it is
+        not this block's."""
+        raw = await self._header(object_path(block))
+        if raw is MISSING:
+            return None
+        try:
+            return unpack_header(memoryview(raw), block)
+        except CorruptBlock:
+            return None
+
+    async def delete_if(self, block: BlockId, checksum: int) -> bool:
+        """Delete the block's object if it is the one with ``checksum`` (its
+        header says): a delete recorded before a restart
+        removes the object it was for, not one written under the key since
+        (by another node, or a release that did not know the record).
+        Whether it deleted."""
+        path = object_path(block)
+        raw = await self._header(path)
         if raw is MISSING:
             return False
         try:
