@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Packaging check: what `pip install kvstore` gives a user, from the sdist.
+# Packaging check: what installing kvstore gives a user, from the sdist (the way
+# the README installs it: kvstore is not on PyPI, where the name is another project's).
 #
 #   1. build the sdist and check it holds the build inputs (native/, proto/);
 #   2. in a fresh venv, build the wheel from the sdist (pip's isolated build,
@@ -96,7 +97,7 @@ rc=0
   --server-unix-socket "$WORK/kv-l3.sock" --l1-capacity 16MiB --l1-prefault false \
   --l3-url "file://$WORK/l3" >"$WORK/l3.log" 2>&1 || rc=$?
 [ "$rc" -ne 0 ] || fail "serve with L3 and no obstore started"
-grep -q "but obstore is not installed: pip install 'kvstore\[l3\]'" "$WORK/l3.log" ||
+grep -q "but obstore is not installed: pip install 'obstore>=0.6' (kvstore's l3 extra)" "$WORK/l3.log" ||
   { cat "$WORK/l3.log" >&2; fail "no clear error for the missing [l3] extra"; }
 [ "$(wc -l < "$WORK/l3.log")" -eq 1 ] || { cat "$WORK/l3.log" >&2; fail "more than one line"; }
 sed 's/^/  /' "$WORK/l3.log" >&2

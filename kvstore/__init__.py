@@ -18,15 +18,22 @@ from kvstore.errors import (
     DeadlineExceeded,
     InvalidArgument,
     InvalidBlock,
+    InvalidBuffer,
     InvalidConfig,
     InvalidKey,
     InvalidNamespace,
     KVStoreError,
     MalformedRequest,
+    PermissionDenied,
+    ProtocolError,
+    ReservationExpired,
     ServerShuttingDown,
+    StaleLease,
     StorageError,
     TierNotConfigured,
     TierUnavailable,
+    TooManyConnections,
+    Unauthenticated,
     UnknownNamespace,
 )
 from kvstore.types import (
@@ -41,11 +48,10 @@ from kvstore.types import (
 )
 
 if TYPE_CHECKING:
-    from kvstore.client import TLS, AsyncClient, Client, InvalidBuffer, ProtocolError, PutResult
+    from kvstore.client import TLS, AsyncClient, Client, PutResult
 
 
-_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "InvalidBuffer", "ProtocolError", "PutResult",
-                           "TLS"})
+_CLIENT_NAMES = frozenset({"AsyncClient", "Client", "PutResult", "TLS"})
 
 
 def __getattr__(name: str) -> Any:
@@ -78,17 +84,22 @@ __all__ = [
     "KVStoreError",
     "LookupResult",
     "MalformedRequest",
+    "PermissionDenied",
     "ProtocolError",
     "PutResult",
+    "ReservationExpired",
     "ServerShuttingDown",
     "SessionEnd",
+    "StaleLease",
     "StorageError",
     "StoreStats",
     "TierName",
     "TierNotConfigured",
     "TierStats",
     "TierUnavailable",
+    "TooManyConnections",
     "TurnEnd",
     "TurnEndReason",
+    "Unauthenticated",
     "UnknownNamespace",
 ]

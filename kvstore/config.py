@@ -24,7 +24,7 @@ from typing import Any
 
 from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.errors import InvalidConfig, InvalidNamespace
-from kvstore.l3url import check_location
+from kvstore.l3url import check_location, check_obstore
 from kvstore.types import validate_namespace
 
 _log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ class ServerConfig:
                                           "arena); empty lets every namespace use it: one "
                                           "trust domain", parse_str_list)
     metrics_listen: str = opt("", "serve Prometheus metrics at http://host:port/metrics (e.g. "
-                              "127.0.0.1:9400; needs the kvstore[metrics] extra); empty "
-                              "disables it", parse_str)
+                              "127.0.0.1:9400; needs prometheus-client, kvstore's metrics "
+                              "extra); empty disables it", parse_str)
     # issue 14 data plane (docs/dataplane.md)
     data_plane: bool = opt(True, "serve the data plane (a framed binary protocol beside gRPC "
                            "for Lookup, Get, Put and the Shm calls; sessions open with the "
@@ -203,8 +203,9 @@ class L1Config:
     page_bytes: int = opt(4096, "allocation granularity inside the arena", parse_size)
     prefault: bool = opt(True, "touch every page of the arena at start so no Put pays a "
                          "page fault", parse_bool)
-    shm_path: str = opt("", "put the arena in this shared-memory file (e.g. /dev/shm/kvstore); "
-                        "empty keeps it anonymous", parse_str)
+    shm_path: str = opt("", "put the arena in this shared-memory file (e.g. "
+                        "/dev/shm/kvstore/l1.arena, in a directory made for it beforehand: "
+                        "the server does not make it); empty keeps it anonymous", parse_str)
     verify_reads: str = opt("shared", "check L1 bytes against their checksum each time they "
                             "leave the process (a Get, an L2 write, an L3 upload): 'shared', "
                             "when the arena is a shared-memory file (attached clients can "
@@ -368,8 +369,8 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class NamespaceSizes:
-    """Per-namespace byte limits (``{ns = "1GiB"}`` in TOML, ``ns=1GiB,ns2=2GiB`` in an
-    env variable or flag)."""
+    """Per-namespace byte limits: a table ``{ns = "1GiB", ns2 = "2GiB"}`` or the text
+    ``ns=1GiB,ns2=2GiB``, each taken by the file, an env variable and a flag."""
 
     limits: tuple[tuple[str, int], ...] = ()
 
@@ -383,9 +384,22 @@ class NamespaceSizes:
         return ",".join(f"{n}={s}" for n, s in self.limits)
 
 
+def _inline_table(text: str) -> dict[str, Any]:
+    """``{chat = "1GiB", code = "512MiB"}``, a TOML inline table as the file
+    takes it, given to an env variable or a flag."""
+    try:
+        return dict(tomllib.loads(f"value = {text.strip()}")["value"])
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+        reason = re.sub(r" \(at line \d+, column \d+\)$", "", str(exc))  # (of "value = ...")
+        raise InvalidConfig(f"{text.strip()!r} is not a TOML inline table like "
+                            f"{{chat = \"1GiB\"}} ({reason})") from None
+
+
 def parse_namespace_sizes(value: Any) -> NamespaceSizes:
     if isinstance(value, NamespaceSizes):
         return value
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        value = _inline_table(value)
     if isinstance(value, Mapping):
         pairs = list(value.items())
     else:
@@ -601,6 +615,23 @@ def load(
     return config
 
 
+#: What installs prometheus-client: kvstore's ``metrics`` extra (pyproject.toml; a
+#: test checks the pin). Not ``pip install 'kvstore[metrics]'``: on PyPI ``kvstore``
+#: is another project.
+METRICS_EXTRA_INSTALL = "pip install 'prometheus-client>=0.20' (kvstore's metrics extra)"
+
+
+def check_metrics_extra() -> None:
+    """InvalidConfig in one line unless prometheus-client (server.metrics_listen's
+    extra) imports."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise InvalidConfig(
+            f"server.metrics_listen is set but prometheus-client is not installed: "
+            f"{METRICS_EXTRA_INSTALL}; or leave server.metrics_listen empty") from None
+
+
 def validate(config: Config) -> None:
     s = config.server
     if not s.listen and not s.unix_socket:
@@ -610,6 +641,8 @@ def validate(config: Config) -> None:
                             ("server.data_plane_listen", s.data_plane_listen)):
         if address and not (option == "server.data_plane_listen" and address == "off"):
             split_host_port(option, address)
+    if s.metrics_listen:
+        check_metrics_extra()
     if bool(s.tls_cert) != bool(s.tls_key):
         raise InvalidConfig("server.tls_cert and server.tls_key go together")
     if s.tls_client_ca and not s.tls_cert:
@@ -689,6 +722,11 @@ def validate(config: Config) -> None:
         raise InvalidConfig(f"l3.timeout_s must be positive, not {config.l3.timeout_s}")
     if config.l3.url:
         check_location(config.l3.url, config.l3.endpoint)
+        if bool(config.l3.access_key_id) != bool(config.l3.secret_access_key) \
+                and not config.l3.url.lower().startswith("file:"):  # (the tier's own check)
+            raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or "
+                                "neither")
+        check_obstore(config.l3.url)  # (after the URL's checks: a bad one is named first)
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")
     if config.auth.tokens_file and not Path(config.auth.tokens_file).is_file():

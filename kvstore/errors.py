@@ -57,6 +57,12 @@ class InvalidBlock(InvalidArgument):
     """A block's header (block format v1) is malformed."""
 
 
+class InvalidBuffer(InvalidArgument, TypeError):
+    """A block buffer is not a contiguous buffer-protocol object (or not writable
+    where the SDK must write into it). Also a ``TypeError``. Raised by the SDK
+    before anything is sent (never over the wire)."""
+
+
 # DATA_LOSS ------------------------------------------------------------------
 
 
@@ -171,6 +177,11 @@ class ConnectionFailed(KVStoreError):
     """The SDK could not reach the server."""
 
     code = "UNAVAILABLE"
+
+
+class ProtocolError(KVStoreError):
+    """The server's reply does not follow the kvstore.v1 contract (raised by
+    the SDK, never over the wire)."""
 
 
 class CallCut(Cancelled, ConnectionFailed):

@@ -1,6 +1,7 @@
 """The rules for ``l3.url`` and ``l3.endpoint``: checked by the
 configuration (so that ``kvstore config --effective`` refuses what ``serve``
-would) and by the object tier as it opens the store; no obstore, no I/O."""
+would) and by the object tier as it opens the store; no I/O. Whether obstore
+(the ``l3`` extra) can be imported is checked here too, for the same reason."""
 
 from __future__ import annotations
 
@@ -8,6 +9,26 @@ import ipaddress
 import urllib.parse
 
 from kvstore.errors import InvalidConfig
+
+#: What installs obstore: kvstore's ``l3`` extra (pyproject.toml; a test checks
+#: the pin). Not ``pip install 'kvstore[l3]'``: on PyPI ``kvstore`` is another project.
+L3_EXTRA_INSTALL = "pip install 'obstore>=0.6' (kvstore's l3 extra)"
+
+
+def obstore_missing(url: str) -> InvalidConfig:
+    """The error for an ``l3.url`` set where obstore is not installed."""
+    return InvalidConfig(f"L3 is configured (l3.url={url}) but obstore is not installed: "
+                         f"{L3_EXTRA_INSTALL}")
+
+
+def check_obstore(url: str) -> None:
+    """InvalidConfig (:func:`obstore_missing`) unless obstore imports."""
+    try:
+        import obstore  # noqa: F401  (the optional l3 extra)
+    except ModuleNotFoundError as exc:
+        if exc.name != "obstore":
+            raise
+        raise obstore_missing(url) from None
 
 
 def is_loopback_host(host: str) -> bool:

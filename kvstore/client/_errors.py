@@ -10,21 +10,13 @@ from kvstore.errors import (
     ERROR_FOR_CODE,
     CallCut,
     ConnectionFailed,
-    InvalidArgument,
     KVStoreError,
     error_class_by_name,
 )
+from kvstore.errors import InvalidBuffer as InvalidBuffer  # (re-exported: the SDK's own errors)
+from kvstore.errors import ProtocolError as ProtocolError
 
 ERROR_METADATA_KEY = "kvstore-error"
-
-
-class InvalidBuffer(InvalidArgument, TypeError):
-    """A block buffer is not a contiguous buffer-protocol object (or not writable
-    where the SDK must write into it). Also a ``TypeError``."""
-
-
-class ProtocolError(KVStoreError):
-    """The server's reply does not follow the kvstore.v1 contract."""
 
 
 def closed_in_flight(target: str) -> ConnectionFailed:

@@ -7,10 +7,12 @@
 - :mod:`kvstore.integrations.vllm`: a secondary tier under vLLM's ``TieringOffloadingSpec``.
 
 Each module imports its engine, so each is importable only where that engine is
-installed (``pip install kvstore[lmcache]`` / ``[sglang]`` / ``[vllm]``). The
-shared part, :mod:`kvstore.integrations.link`, uses the public SDK only: the
-same-host shared-memory client when the server is on this host, gRPC otherwise.
-See docs/engines.md.
+installed (kvstore's ``lmcache``, ``sglang`` or ``vllm`` extra: ``pip install '.[vllm]'``
+from a kvstore checkout, or the engine's pinned release, e.g. ``pip install
+'vllm==0.33.0'``; not ``kvstore[...]`` from PyPI, where ``kvstore`` is another
+project). The shared part, :mod:`kvstore.integrations.link`, uses the public SDK
+only: the same-host shared-memory client when the server is on this host, gRPC
+otherwise. See docs/engines.md.
 """
 
 

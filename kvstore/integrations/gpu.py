@@ -26,8 +26,8 @@ from kvstore.integrations import engine_missing
 try:
     import torch  # type: ignore[import-not-found, unused-ignore]
 except ImportError as exc:
-    raise engine_missing("gpu", "PyTorch", "torch (or an engine extra: 'kvstore[vllm]', "
-                         "'kvstore[sglang]', 'kvstore[lmcache]')") from exc
+    raise engine_missing("gpu", "PyTorch", "torch (or an engine that brings it: kvstore's "
+                         "vllm, sglang or lmcache extra)") from exc
 
 _CUDA_HOST_REGISTER_PORTABLE = 1
 

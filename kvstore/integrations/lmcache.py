@@ -44,7 +44,8 @@ try:
     from lmcache.v1.memory_management import MemoryObj  # type: ignore[import-not-found, unused-ignore]
     from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector  # type: ignore[import-not-found, unused-ignore]
 except ImportError as exc:
-    raise engine_missing("lmcache", "LMCache", "'kvstore[lmcache]'") from exc
+    raise engine_missing("lmcache", "LMCache",
+                         "'lmcache==0.5.6' (kvstore's lmcache extra)") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

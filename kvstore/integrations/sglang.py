@@ -42,7 +42,8 @@ try:
         HiCacheStorageExtraInfo,
     )
 except ImportError as exc:
-    raise engine_missing("sglang", "SGLang (and PyTorch)", "'kvstore[sglang]'") from exc
+    raise engine_missing("sglang", "SGLang (and PyTorch)",
+                         "'sglang==0.5.23' (kvstore's sglang extra)") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

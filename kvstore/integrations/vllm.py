@@ -55,7 +55,7 @@ try:
     )
     from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager, TransferJob  # type: ignore[import-not-found, unused-ignore]
 except ImportError as exc:
-    raise engine_missing("vllm", "vLLM", "'kvstore[vllm]'") from exc
+    raise engine_missing("vllm", "vLLM", "'vllm==0.33.0' (kvstore's vllm extra)") from exc
 
 from kvstore.integrations.link import LinkConfig, StoreLink
 

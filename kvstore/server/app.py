@@ -98,20 +98,24 @@ class Server:
         self.tls = ServerTLS(s.tls_cert, s.tls_key, s.tls_client_ca) if s.tls_cert else None
         self.metrics = metrics.MetricsExporter(config.server.metrics_listen) \
             if config.server.metrics_listen else None
-        self.store = TieredStore(config)
-        if config.quota.enabled:
-            self.store.placement.limit_l1(config.quota.l1_limit)
-        self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
-                                      config.server.shm_lease_ms, config.server.max_lease_ms)
-        #: issue 14: the data plane beside gRPC (None: server.data_plane off).
-        self.dataplane = DataPlaneServer(
-            config, self.store, self.shm,
-            self.tls.listener_context if self.tls is not None else None) \
-            if config.server.data_plane else None
-        self.calls = CallRecorder()
-        timing = [MetricsInterceptor(self.calls)] if self.metrics else []
-        self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
-                                    options=grpc_options(config))
+        self.store = TieredStore(config)  # (which releases what it made if it fails)
+        try:
+            if config.quota.enabled:
+                self.store.placement.limit_l1(config.quota.l1_limit)
+            self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
+                                          config.server.shm_lease_ms, config.server.max_lease_ms)
+            #: issue 14: the data plane beside gRPC (None: server.data_plane off).
+            self.dataplane = DataPlaneServer(
+                config, self.store, self.shm,
+                self.tls.listener_context if self.tls is not None else None) \
+                if config.server.data_plane else None
+            self.calls = CallRecorder()
+            timing = [MetricsInterceptor(self.calls)] if self.metrics else []
+            self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
+                                        options=grpc_options(config))
+        except BaseException:
+            self.store.abandon()  # the L1 arena's file goes, L2 closes
+            raise
         logs.quiet_undelivered_answers()
         self.health = health.aio.HealthServicer()
         self.addresses: dict[str, str | None] = {"tcp": None, "unix": None,
@@ -119,23 +123,45 @@ class Server:
                                                  "data_plane_unix": None}
         self._stopped = asyncio.Event()
         self._monitor: asyncio.Task[None] | None = None
+        self._store_started = False
 
     async def start(self) -> None:
-        if self.metrics is not None:  # first: a taken port fails before the store opens
+        """Start serving. If any step fails, what the server made is released
+        before the error goes up: listeners closed, the store closed (the L1
+        arena's file removed), so a refused start leaves nothing behind."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._abort_start()
+            raise
+
+    async def _abort_start(self) -> None:
+        with contextlib.suppress(Exception):  # (started or not)
+            await self.grpc.stop(0)
+        if self.dataplane is not None:
+            await self.dataplane.close()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+        await self.shm.close()
+        if self._store_started:
+            await self.store.close()
+        else:
+            self.store.abandon()
+        if self.addresses["unix"]:
+            Path(self.addresses["unix"]).unlink(missing_ok=True)
+
+    async def _start(self) -> None:
+        if self.metrics is not None:  # first: a taken port fails before the index rebuild
             self.addresses["metrics"] = self.metrics.start(metrics.KVStoreCollector(
                 self.store, self.shm, self.calls, asyncio.get_running_loop(), __version__,
                 self.dataplane.stats if self.dataplane is not None else None, self.tls))
+        self._store_started = True
         await self.store.start()
-        try:
-            self._listen()
-            if self.dataplane is not None:
-                await self.dataplane.start()
-                self.addresses["data_plane_tcp"] = self.dataplane.tcp_address or None
-                self.addresses["data_plane_unix"] = self.dataplane.unix_path or None
-        except BaseException:
-            await self.shm.close()
-            await self.store.close()
-            raise
+        self._listen()
+        if self.dataplane is not None:
+            await self.dataplane.start()
+            self.addresses["data_plane_tcp"] = self.dataplane.tcp_address or None
+            self.addresses["data_plane_unix"] = self.dataplane.unix_path or None
         add_to_server(KVStoreServicer(self.store, self.shm, self.dataplane, self.auth),
                       self.grpc)
         self.shm.start()
@@ -360,7 +386,14 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     await server.start()
     tune_gc()  # after the index rebuild: the collector skips what exists now
     if ready_file and not stop.is_set():
-        _write_ready_file(ready_file, server.addresses)
+        try:
+            _write_ready_file(ready_file, server.addresses)
+        except OSError as exc:
+            # A start-up refusal like the others (one line naming the path,
+            # exit 2), after a clean stop: L2 flushed, the arena file removed.
+            await server.stop(grace=0)
+            raise InvalidConfig(f"--ready-file {ready_file}: cannot write it: "
+                                f"{exc.strerror or exc}") from None
     await stop.wait()
     log.info("shutting down: finishing in-flight calls, flushing L2")
     await server.stop()

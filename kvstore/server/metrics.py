@@ -1,7 +1,7 @@
 """Prometheus metrics: an HTTP endpoint on ``server.metrics_listen``.
 
 The exporter is off unless ``server.metrics_listen`` is set, and
-``prometheus-client`` (the ``kvstore[metrics]`` extra) is imported only then.
+``prometheus-client`` (kvstore's ``metrics`` extra) is imported only then.
 Nothing is counted twice: a collector reads the store's own counters
 (``TieredStore.stats()``), the shared-memory broker and the per-method call
 counters (kvstore/server/metrics_calls.py) when Prometheus scrapes, so the
@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvstore.config import check_metrics_extra
 from kvstore.dataplane.server import DataPlaneStats
 from kvstore.errors import InvalidConfig
 from kvstore.server.loop import busy_poll_counts
@@ -34,17 +35,10 @@ if TYPE_CHECKING:
 #: How long a scrape waits for the event loop to take the snapshot.
 SNAPSHOT_TIMEOUT_S = 5.0
 
-INSTALL_HINT = "pip install 'kvstore[metrics]'"
-
-
 def require_prometheus_client() -> None:
-    """Fail with one clear line when metrics are asked for but the extra is missing."""
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        raise InvalidConfig(
-            f"server.metrics_listen is set but prometheus-client is not installed "
-            f"({INSTALL_HINT}), or leave server.metrics_listen empty") from None
+    """Fail with one clear line when metrics are asked for but the extra is missing
+    (the configuration's validation says so first)."""
+    check_metrics_extra()
 
 
 def parse_listen(address: str) -> tuple[str, int]:

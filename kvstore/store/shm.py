@@ -195,7 +195,7 @@ class SharedMemoryBroker:
         if not self.enabled:
             raise TierNotConfigured(
                 "shared memory is off: start the server with l1.shm_path "
-                "(e.g. --l1-shm-path /dev/shm/kvstore) to use the Shm* calls")
+                "(e.g. --l1-shm-path /dev/shm/kvstore/l1.arena) to use the Shm* calls")
 
     def check_namespace(self, namespace: str) -> None:
         """Shared memory on, and ``namespace`` one that may use it."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from array import array
@@ -84,68 +85,76 @@ class TieredStore:
         self._client_now = 0.0
         self.clock = self._client_time if self.client_clock else clock
         clock = self.clock
+        self._own_executor = executor is None
         self.executor = executor or start_workers(config.server.workers)
-        self.l1 = MemoryTier(config.l1.capacity, config.l1.page_bytes, config.l1.prefault,
-                             config.l1.shm_path)
         self.l2: LMDBTier | None = None
-        if config.l2.enabled:
-            self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
-                               config.l2.sync, config.l2.batch_bytes, executor=self.executor,
-                               recover=config.l2.recover,
-                               state_file=config.l2_state_path)
-        has_l3 = bool(config.l3.url)
-        tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
-            ([TierName.L3] if has_l3 else [])
-        # (session ids qualified by their namespace: tenants' ids never meet)
-        self.policy: Policy = NamespacedSessions(make_policy(config.policy, tiers))
-        self._allowed = frozenset(config.server.namespaces)
-        self._closing = False
-        #: Blocks only in L1 whose L2 write failed at :meth:`close` (lost).
-        self.lost_at_close = 0
+        # Whatever construction fails on (L2 that cannot open, an L3 directory
+        # that cannot be made...), what it made before is released: the L1
+        # arena's file in /dev/shm, L2's environment and threads, the workers.
+        try:
+            self.l1 = MemoryTier(config.l1.capacity, config.l1.page_bytes, config.l1.prefault,
+                                 config.l1.shm_path)
+            if config.l2.enabled:
+                self.l2 = LMDBTier(config.l2_path, config.l2.capacity, config.l2.initial_map_size,
+                                   config.l2.sync, config.l2.batch_bytes, executor=self.executor,
+                                   recover=config.l2.recover,
+                                   state_file=config.l2_state_path)
+            has_l3 = bool(config.l3.url)
+            tiers = [TierName.L1] + ([TierName.L2] if self.l2 else []) + \
+                ([TierName.L3] if has_l3 else [])
+            # (session ids qualified by their namespace: tenants' ids never meet)
+            self.policy: Policy = NamespacedSessions(make_policy(config.policy, tiers))
+            self._allowed = frozenset(config.server.namespaces)
+            self._closing = False
+            #: Blocks only in L1 whose L2 write failed at :meth:`close` (lost).
+            self.lost_at_close = 0
 
-        # The parts, wired once (kvstore/store/__init__.py says who calls what).
-        self.counts = Stats()
-        self.progress = Progress()
-        self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
-                           self.progress.wake, config.l2.compact_index)
-        # (docs/reliability.md, "L1 checks")
-        shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
-                        self.progress, config.l1.reads_checked)
-        self.l3: L3Mover | None = None
-        if has_l3:
-            self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
-            self.index.delete_l3 = self.l3.delete_later
-        self.writeback: WriteBack | None = None
-        if self.l2 is not None:
-            self.writeback = WriteBack(shared, self.l2, config)
-            self.writeback.l3 = self.l3
-            if self.l3 is not None:
-                self.l3.read_l2 = self.writeback.read_verified
-                self.l3.after_demotion = self.writeback.after_demotion
-                self.l3.tombs = self.l2
-        self.placement = Placement(
-            shared, self.l2 is not None,
-            self.writeback.queue_write if self.writeback is not None else _ignore_queued,
-            config.server.max_block_bytes)
-        if self.writeback is not None:
-            self.placement.stuck_reason = self._l2_trouble
-            self.placement.writes_paused = self.writeback.paused
-        self.reads = Reads(
-            shared, self.placement,
-            self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
-        self.leases = Leases(shared, self.reads, config.server)
-        self.lookups = Lookup(self.index, self.leases, self.l3, config.l3.concurrency)
+            # The parts, wired once (kvstore/store/__init__.py says who calls what).
+            self.counts = Stats()
+            self.progress = Progress()
+            self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
+                               self.progress.wake, config.l2.compact_index)
+            # (docs/reliability.md, "L1 checks")
+            shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
+                            self.progress, config.l1.reads_checked)
+            self.l3: L3Mover | None = None
+            if has_l3:
+                self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
+                self.index.delete_l3 = self.l3.delete_later
+            self.writeback: WriteBack | None = None
+            if self.l2 is not None:
+                self.writeback = WriteBack(shared, self.l2, config)
+                self.writeback.l3 = self.l3
+                if self.l3 is not None:
+                    self.l3.read_l2 = self.writeback.read_verified
+                    self.l3.after_demotion = self.writeback.after_demotion
+                    self.l3.tombs = self.l2
+            self.placement = Placement(
+                shared, self.l2 is not None,
+                self.writeback.queue_write if self.writeback is not None else _ignore_queued,
+                config.server.max_block_bytes)
+            if self.writeback is not None:
+                self.placement.stuck_reason = self._l2_trouble
+                self.placement.writes_paused = self.writeback.paused
+            self.reads = Reads(
+                shared, self.placement,
+                self.writeback.read_verify_sync if self.writeback is not None else None, self.l3)
+            self.leases = Leases(shared, self.reads, config.server)
+            self.lookups = Lookup(self.index, self.leases, self.l3, config.l3.concurrency)
 
-        # The parts' calls the server makes, bound once.
-        self.open_read = self.reads.open_read
-        self.lookup = self.lookups.lookup
-        #: Lookup with one TierName value per key (0: not stored) in bytes.
-        self.lookup_codes = self.lookups.lookup_tiers
-        self.prefetch = self.leases.prefetch
-        self.pin = self.leases.pin
-        self.unpin = self.leases.unpin
-        self.check_block_size = self.placement.check_block_size
-        self.index_l2_blocks = self.index.add_l2_blocks
+            # The parts' calls the server makes, bound once.
+            self.open_read = self.reads.open_read
+            self.lookup = self.lookups.lookup
+            #: Lookup with one TierName value per key (0: not stored) in bytes.
+            self.lookup_codes = self.lookups.lookup_tiers
+            self.prefetch = self.leases.prefetch
+            self.pin = self.leases.pin
+            self.unpin = self.leases.unpin
+            self.check_block_size = self.placement.check_block_size
+            self.index_l2_blocks = self.index.add_l2_blocks
+        except BaseException:
+            self.abandon()
+            raise
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -196,6 +205,22 @@ class TieredStore:
         if total:
             log.info("index rebuilt from L2: %d blocks, %d bytes%s", total,
                      self.index.l2_bytes, " (compact index)" if cold is not None else "")
+
+    def abandon(self) -> None:
+        """Release what the constructor made, for a store that is not started
+        (its construction failed, or the server's did): L2's environment and
+        threads, the L1 arena (its file removed, its descriptor closed) and
+        the workers this store started. Nothing is written down: no Put was
+        taken. A started store is stopped with :meth:`close`."""
+        l2, self.l2 = self.l2, None
+        if l2 is not None:
+            with contextlib.suppress(Exception):  # (the failure being reported matters)
+                l2.close_sync()
+        l1 = getattr(self, "l1", None)  # (None: the arena itself failed, and released itself)
+        if l1 is not None:
+            l1.arena.close()
+        if self._own_executor:
+            self.executor.shutdown(wait=False)
 
     async def close(self) -> None:
         """Write every block that is only in L1 to L2, finish queued writes

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
-from kvstore.l3url import check_location
+from kvstore.l3url import check_location, obstore_missing
 from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
 from kvstore.types import BlockId
@@ -683,11 +683,8 @@ def _open_store(
     timeout_s: float,
 ) -> tuple[Any, str]:
     """The obstore store for ``url`` and a printable location (no secrets)."""
-    if obstore is None:
-        raise InvalidConfig(
-            f"L3 is configured (l3.url={url}) but obstore is not installed: "
-            "pip install 'kvstore[l3]'"
-        )
+    if obstore is None:  # (the configuration's validation says so first)
+        raise obstore_missing(url)
     check_location(url, endpoint)
     parsed = urllib.parse.urlsplit(url)
     scheme = parsed.scheme.lower()

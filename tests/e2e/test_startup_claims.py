@@ -255,3 +255,63 @@ def test_an_arena_larger_than_memory_and_swap(tmp_path: Path) -> None:
     gib = 4 * _memory_and_swap() // 1024**3 + 1
     assert_refused(start(tmp_path, "--l1-capacity", f"{gib}GiB", "--l2-enabled", "false"),
                    f"l1.capacity {gib} GiB", "cannot map that much memory")
+
+
+# --------------------------------------------------------- a refused start leaves nothing
+
+
+def test_a_refusal_after_the_arena_is_made_removes_its_file(tmp_path: Path) -> None:
+    """An L3 directory that cannot be made is found as the store opens, after
+    the L1 arena's file was made (and L2 opened): the refusal releases them.
+    Before, the file stayed behind in /dev/shm, holding its memory, after
+    every such failed start."""
+    arena = tmp_path / "arena"
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")  # (a file as the parent fails for root too)
+    url = f"file://{not_a_dir}/l3"
+    assert_refused(start(tmp_path, "--l1-shm-path", str(arena), "--l3-url", url),
+                   f"l3.url {url!r}", "cannot use directory")
+    assert not arena.exists()
+
+
+def test_a_taken_metrics_port_leaves_no_arena_file(tmp_path: Path) -> None:
+    """The metrics listener binds once the store is made, before it starts."""
+    pytest.importorskip("prometheus_client", reason="the metrics need their extra")
+    arena = tmp_path / "arena"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert_refused(start(tmp_path, "--l1-shm-path", str(arena),
+                             "--server-metrics-listen", address),
+                       f"server.metrics_listen {address}")
+    assert not arena.exists()
+
+
+def test_a_ready_file_that_cannot_be_written_stops_the_server_cleanly(
+        tmp_path: Path, server_factory: type[ServerProcess]) -> None:
+    """The ready file is written last, once the server serves: a failure
+    there (its directory a file here; a full disk in the field) is a refusal
+    in one line naming the path, after a clean stop, not an OSError naming
+    a temporary file, exit 1, with the arena file and the sockets left."""
+    arena = tmp_path / "arena"
+    sock = tmp_path / "kv.sock"
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    ready = not_a_dir / "ready.json"
+    data = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstore", "serve", "--data-dir", str(data),
+         "--server-listen", "127.0.0.1:0", "--server-unix-socket", str(sock),
+         "--l1-capacity", "8MiB", "--l1-prefault", "false", "--l1-shm-path", str(arena),
+         "--ready-file", str(ready)],
+        env={**os.environ, "KVSTORE_LOG_LEVEL": "WARNING"}, capture_output=True, text=True,
+        timeout=120)
+    assert_refused(result, f"--ready-file {ready}", "Not a directory")
+    assert not arena.exists()
+    assert not sock.exists() and not Path(f"{sock}.dp").exists()
+    # Stopped, not abandoned: the same data dir and arena path serve at once.
+    again = server_factory("--l1-shm-path", str(arena), data_dir=data, unix=False).start()
+    with Client(again.tcp, namespace="ns") as client:
+        client.put({b"k": b"v"})
+        assert client.get([b"k"]) == [b"v"]

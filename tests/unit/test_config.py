@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,39 @@ def test_the_policy_names_the_configuration_accepts_are_the_policies() -> None:
     from kvstore.policy import POLICIES
 
     assert set(POLICIES) == POLICY_NAMES
+
+
+# The per-namespace quotas as the README and `serve --help` give them: a TOML
+# table or NAME=SIZE pairs, in the file, an env variable or a flag alike (a
+# table in a flag or variable was "size ' \"1GiB\"}' is not understood").
+QUOTA_FORMS = {"table": '{chat = "1GiB", code = "512MiB"}', "text": "chat=1GiB,code=512MiB"}
+
+
+def _effective(*flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvstore", "config", "--effective", *flags],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("form", sorted(QUOTA_FORMS))
+@pytest.mark.parametrize(("option", "source"), [("l1", "flag"), ("l1", "env"), ("l2", "env"),
+                                                ("l2", "flag")])
+def test_quotas_take_a_table_or_pairs_from_a_flag_or_the_environment(
+        tmp_path: Path, option: str, source: str, form: str) -> None:
+    value = QUOTA_FORMS[form]
+    out = _effective(f"--quota-{option}", value) if source == "flag" else \
+        _effective(env={f"KVSTORE_QUOTA_{option.upper()}": value})
+    assert out.returncode == 0, out.stderr
+    # What serve would run with, and TOML that --config reads back the same.
+    effective = tmp_path / "effective.toml"
+    effective.write_text(out.stdout)
+    quotas = cfg.load(file=effective, env={}).quota
+    limit = quotas.l1_limit if option == "l1" else quotas.l2_limit
+    assert (limit("chat"), limit("code"), limit("other")) == (1 << 30, 512 << 20, 0)
+
+
+def test_a_quota_table_that_is_not_toml_names_the_option_and_the_form() -> None:
+    out = _effective("--quota-l1", "{chat = 1GiB}")  # the size unquoted
+    assert out.returncode == 2
+    assert out.stderr == ("kvstore: quota.l1 (from --quota-l1): '{chat = 1GiB}' is not a TOML "
+                          "inline table like {chat = \"1GiB\"} (Unclosed inline table)\n")

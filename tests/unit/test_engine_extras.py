@@ -1,17 +1,24 @@
-"""The engine adapters name the extra to install when their engine is missing."""
+"""The engine adapters name what to install when their engine is missing: the
+engine at the pin of kvstore's extra for it (pyproject.toml), never
+``kvstore[...]`` from PyPI, where ``kvstore`` is another project."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
+EXTRAS = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+                       )["project"]["optional-dependencies"]
+
 ADAPTERS = [  # (adapter, the engine module it imports, what the message must name)
-    ("vllm", "vllm", "pip install 'kvstore[vllm]'"),
-    ("lmcache", "lmcache", "pip install 'kvstore[lmcache]'"),
-    ("sglang", "sglang", "pip install 'kvstore[sglang]'"),
+    ("vllm", "vllm", f"pip install '{EXTRAS['vllm'][0]}' (kvstore's vllm extra)"),
+    ("lmcache", "lmcache", f"pip install '{EXTRAS['lmcache'][0]}' (kvstore's lmcache extra)"),
+    ("sglang", "sglang", f"pip install '{EXTRAS['sglang'][0]}' (kvstore's sglang extra)"),
     ("gpu", "torch", "pip install torch"),
 ]
 
@@ -27,6 +34,7 @@ def test_an_adapter_without_its_engine_names_the_extra(adapter: str, engine: str
         importlib.import_module(name)
     assert str(info.value).startswith(f"{name} needs ")
     assert hint in str(info.value)
+    assert "kvstore[" not in str(info.value)
     assert info.value.name == name
 
 
