@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import select
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from kvstore.checksum import checksum, copy_and_checksum
 from kvstore.dataplane.frames import HEADER, HEADER_SIZE, MAGIC, VERSION
@@ -45,6 +45,11 @@ _LOWAT = 256 * 1024
 #: TLS: the most bytes read from the stream in one go.
 _TLS_READ = 1024 * 1024
 
+
+#: ``rest(parts, sent)``: send what is left of ``parts`` once ``sent`` bytes of
+#: them went out (a GET's answer from a shared arena checks its blocks again
+#: before their last bytes go: ops.Session.send_rechecked).
+SendRest = Callable[[Sequence[Buffer], int], Awaitable[None]]
 
 #: ``fast(opcode, flags, request_id, meta)``: answer a payload-free request
 #: now (True), or leave it, untouched, to the connection's task (False).
@@ -111,7 +116,8 @@ class SocketIO:
         self.fast: FastAnswer | None = None
         self._idle = False  # the task waits for the next frame (fast may answer)
         # A fast answer not sent whole: (parts, bytes sent, called once it is).
-        self._pending: tuple[Sequence[Buffer], int, Callable[[], None]] | None = None
+        self._pending: tuple[Sequence[Buffer], int, Callable[[], None],
+                             SendRest | None] | None = None
         self._failed: BaseException | None = None  # the fast path's, for the task
         #: A graceful stop: answer what is under way, then close (next_header: None).
         self.closing = False
@@ -280,18 +286,23 @@ class SocketIO:
         self.bytes_out += sent
         return sent
 
-    def defer(self, parts: Sequence[Buffer], sent: int, done: Callable[[], None]) -> None:
+    def defer(self, parts: Sequence[Buffer], sent: int, done: Callable[[], None],
+              rest: SendRest | None = None) -> None:
         """The rest of a fast answer (``sent`` bytes of ``parts`` went out):
-        the task sends it, under the timeout, before its next frame, then
-        calls ``done`` (also when the connection fails or closes first)."""
-        self._pending = (parts, sent, done)
+        the task sends it (with ``rest``, as :meth:`send` does), under the
+        timeout, before its next frame, then calls ``done`` (also when the
+        connection fails or closes first)."""
+        self._pending = (parts, sent, done, rest)
 
     async def _finish_pending(self) -> None:
         assert self._pending is not None
-        parts, sent, done = self._pending
+        parts, sent, done, rest = self._pending
         self._pending = None
         try:
-            await self._send_rest(parts, sent, sum(map(len, parts)))
+            if rest is None:
+                await self._send_rest(parts, sent, sum(map(len, parts)))
+            else:
+                await rest(parts, sent)
         finally:
             done()
 
@@ -430,9 +441,11 @@ class SocketIO:
             self._start = self._end = 0
             n -= k
 
-    async def send(self, parts: Sequence[Buffer]) -> None:
+    async def send(self, parts: Sequence[Buffer], rest: SendRest | None = None) -> None:
         """Send ``parts`` in order; block views go out without a copy. The
-        caller keeps them valid (the block pinned) until this returns."""
+        caller keeps them valid (the block pinned) until this returns.
+        ``rest``: what sends the part the socket did not take at once
+        (default: all of it, as the socket takes it)."""
         total = sum(map(len, parts))
         try:
             sent = self.sock.sendmsg(parts)
@@ -442,7 +455,10 @@ class SocketIO:
             raise ConnectionClosed(f"send failed: {exc}") from None
         self.bytes_out += sent
         if sent != total:
-            await self._send_rest(parts, sent, total)
+            if rest is None:
+                await self._send_rest(parts, sent, total)
+            else:
+                await rest(parts, sent)
 
     async def _send_rest(self, parts: Sequence[Buffer], sent: int, total: int) -> None:
         """Send what is left of ``parts`` once ``sent`` bytes went out: one
@@ -584,9 +600,11 @@ class StreamIO:
             await self.read_into(scratch[:k], None)
             n -= k
 
-    async def send(self, parts: Sequence[Buffer]) -> None:
+    async def send(self, parts: Sequence[Buffer], rest: SendRest | None = None) -> None:
         # Copied: the TLS transport may keep a reference to what it is given
         # after drain() returns, and a block's pin ends when this returns.
+        # (``rest`` is not needed: the copy is made here, right after the
+        # blocks were checked.)
         self.writer.write(b"".join(parts))
         try:
             async with asyncio.timeout(self.timeout):

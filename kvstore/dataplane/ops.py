@@ -17,9 +17,10 @@ import functools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from kvstore.checksum import checksum
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import ConnectionClosed, SocketIO, StreamIO
 from kvstore.dataplane.tickets import Binding
@@ -116,6 +117,10 @@ def error_frame(request_id: int, exc: KVStoreError, flags: int = 0) -> bytes:
     return f.frame(f.Op.ERROR, request_id, info.encode(), 0, flags)
 
 
+def _matches(view: Buffer, expected: int) -> bool:
+    return checksum(view) == expected
+
+
 class Session:
     """One authenticated connection's state: what it may use (``binding``)
     and the reservations and leases it took (released when it closes)."""
@@ -127,6 +132,10 @@ class Session:
         self.binding = binding
         self.owner = binding.owner
         self.io = io
+        # A GET's blocks go from a checked (shared) arena without a copy:
+        # what the socket does not take at once is checked again before it
+        # ends (TLS copies them as they are checked).
+        self._recheck = store.reads.check.enabled and isinstance(io, SocketIO)
         self.slots: set[int] = set()
         self.leases: set[int] = set()
         self._checked: set[str] = set()  # namespaces this session may use
@@ -453,7 +462,9 @@ class Session:
             pin = self.store.index.pin_reader
             for e in entries:
                 pin(e)
-            io.defer(parts, sent, functools.partial(self._unpin_all, entries))
+            io.defer(parts, sent, functools.partial(self._unpin_all, entries),
+                     functools.partial(self._send_rechecked, list(entries))
+                     if self._recheck else None)
         return True
 
     def _unpin_all(self, entries: list[Entry]) -> None:
@@ -464,11 +475,65 @@ class Session:
     async def _flush(self, parts: list[Buffer], readers: list[BlockReader]) -> None:
         """Send the answers batched so far, then unpin their blocks."""
         if parts:
-            await self.io.send(parts)
+            if readers and self._recheck:
+                owners = [r.entry if r.entry is not None and r.entry.l1_offset >= 0 else None
+                          for r in readers]
+                await self.io.send(parts, functools.partial(self._send_rechecked, owners))
+            else:
+                await self.io.send(parts)
             parts.clear()
         for reader in readers:
             reader.close()
         readers.clear()
+
+    async def _send_rechecked(self, owners: list[Entry | None], parts: Sequence[Buffer],
+                              sent: int) -> None:
+        """The rest of a GET's answer that the socket did not take at once
+        (the reader is slower than the server), from a shared arena: the
+        blocks were checked before their first byte went, and their bytes
+        are sent from the arena without a copy, so every attached client
+        could change them until they go. Each block's last byte is withheld
+        until its bytes check again; a block that no longer does ends the
+        connection there, its frame unfinished (the client has no whole copy
+        of it; the next Get finds the copy corrupt and drops it).
+        ``owners``: the entry of each block's view in ``parts`` (the views
+        are the memoryviews, in order; None: bytes not in the arena)."""
+        io = self.io
+        left: list[Buffer] = []
+        offset = 0
+        view = 0
+        for part in parts:
+            size = len(part)
+            start = min(max(sent - offset, 0), size)
+            offset += size
+            entry = None
+            if isinstance(part, memoryview):
+                entry = owners[view]
+                view += 1
+            if start == size:
+                continue  # gone with the first send, right after its check
+            if entry is None:
+                left.append(part[start:])
+                continue
+            if start < size - 1:
+                left.append(part[start:size - 1])
+            await io.send(left)
+            left = []
+            if not await self._unchanged(part, entry):
+                log.warning("data plane: a block changed in the shared arena while its GET "
+                            "answer was being sent (a client writing where it holds no slot?): "
+                            "connection closed before the block's last byte")
+                raise ConnectionClosed("a block changed while its answer was sent")
+            left.append(part[size - 1:])
+        if left:
+            await io.send(left)
+
+    async def _unchanged(self, view: Buffer, entry: Entry) -> bool:
+        """Whether the block's arena bytes ``view`` still match its checksum."""
+        if len(view) <= VERIFY_INLINE_BYTES:
+            return checksum(view) == entry.checksum
+        return await asyncio.get_running_loop().run_in_executor(
+            self.store.executor, _matches, view, entry.checksum)
 
     async def _verified(self, reader: BlockReader, block: BlockId, session: str | None,
                         failed: bool) -> BlockReader | None:

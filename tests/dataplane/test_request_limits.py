@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
+import socket
 import struct
 import threading
 import time
@@ -21,13 +23,19 @@ from dataplane.raw import (
     CLOSING,
     ERROR,
     GET,
+    HELLO,
     PING,
     PUT,
+    SHM_ACQUIRE,
     SHM_COMMIT,
+    SHM_RELEASE,
     SHM_RESERVE,
+    Raw,
     block_of,
     get,
     get_meta,
+    keys,
+    open_dp,
     put,
     put_meta,
     request,
@@ -162,3 +170,82 @@ def test_a_put_of_many_small_blocks_lets_other_connections_in(roomy: ServerProce
     print(f"PUT {took:.3f} s, longest wait for a PING {longest:.3f} s")
     assert longest < 0.4 * took, (
         f"a PING waited {longest:.2f} s of the PUT's {took:.2f} s: the PUT held the loop")
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A shared arena with room to keep every block of its tests in L1."""
+    shm = f"/dev/shm/kvstore-test-dparena-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path_factory.mktemp("dp-arena"), "--l1-shm-path", shm,
+                        l1_capacity="128MiB")
+    with srv:
+        yield srv
+
+
+def _slow_reader(server: ServerProcess) -> Raw:
+    """A TCP session whose socket takes little at a time: the server's send
+    of a large answer waits for it."""
+    resp = open_dp(server.tcp)
+    host, _, port = resp.tcp_address.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(20)
+    sock.connect((host, int(port)))
+    raw = Raw(sock)
+    raw.send(request(HELLO, 1, s(resp.ticket)))
+    assert raw.frame().op == HELLO | 0x80
+    return raw
+
+
+def _arena_offset(raw: Raw, namespace: str, key: bytes) -> int:
+    """Where the block lives in the arena (a lease tells, then ends)."""
+    raw.send(request(SHM_ACQUIRE, 90, s(namespace) + s("") + u32(0) + keys([key]) + u32(0)))
+    lease = raw.frame()
+    assert lease.op == SHM_ACQUIRE | 0x80, lease
+    lease_id = int.from_bytes(lease.meta[18:26], "little")
+    offset = int.from_bytes(lease.meta[26:34], "little")
+    raw.send(request(SHM_RELEASE, 91, s(namespace) + u32(1) + u64(lease_id)))
+    assert raw.frame().op == SHM_RELEASE | 0x80
+    return offset
+
+
+@pytest.mark.parametrize("path", ["callback", "task"])
+def test_a_block_changed_in_the_arena_while_a_slow_reader_gets_it_is_not_served(
+        arena: ServerProcess, path: str) -> None:
+    """A GET's blocks are checked before their first byte goes, then sent
+    from the shared arena without a copy; a reader slower than the server
+    used to get, unchecked, what an attached client wrote into a block while
+    the rest of it waited in the arena (a hostile-client review). The last
+    byte of each block is now withheld until the block checks again: the
+    connection ends inside the changed block's frame, the client has no
+    whole copy, and the next GET finds the copy corrupt (a miss). Either
+    path: the readable callback's (two 4 MiB blocks, the victim second) and
+    the task's (one 16 MiB block); both more than the sockets hold."""
+    writer = session(arena.tcp)
+    key = f"victim-{path}".encode()
+    if path == "callback":
+        block = os.urandom(4 * 1024**2)
+        wanted = [b"first", key]
+        stored = {b"first": os.urandom(4 * 1024**2), key: block}
+    else:
+        block = os.urandom(16 * 1024**2)
+        wanted = [key]
+        stored = {key: block}
+    for k, v in stored.items():
+        assert put(writer, 1, "ns", {k: v}).op == PUT | 0x80
+    offset = _arena_offset(writer, "ns", key)
+    reader = _slow_reader(arena)
+    reader.send(request(GET, 3, get_meta("ns", wanted)))
+    # Nothing read yet: once the answer has begun (its blocks were checked),
+    # the server's first send stops at what the sockets hold, far before
+    # the victim's last page.
+    readable, _, _ = select.select([reader.sock], [], [], 20)
+    assert readable, "no answer within 20 s"
+    flags = arena.flags
+    with open(flags[flags.index("--l1-shm-path") + 1], "r+b") as shm_file:
+        shm_file.seek(offset + len(block) - 4096)  # its last page, still in the arena
+        shm_file.write(b"\xee" * 4096)
+    answer = sum(24 + 6 + len(v) for v in stored.values())
+    with pytest.raises(EOFError):
+        reader.recv_exact(answer)  # the connection ends inside the block
+    assert [block_of(f) for f in get(writer, 4, "ns", [key])] == [None]
