@@ -179,7 +179,10 @@ class ServerConfig:
                                      "meanwhile); a slower peer is disconnected", parse_int)
     put_idle_ms: int = opt(30_000, "gRPC Put: longest wait for the next chunk of a block "
                            "half sent (its L1 room is held meanwhile); then the stream fails "
-                           "DEADLINE_EXCEEDED and nothing of that block is stored", parse_int)
+                           "DEADLINE_EXCEEDED and nothing of that block is stored. gRPC Get: "
+                           "longest wait for the client to take a chunk (its block stays "
+                           "pinned meanwhile); then the call ends DEADLINE_EXCEEDED and lets "
+                           "the block go", parse_int)
     data_plane_ticket_ms: int = opt(10_000, "data plane: how long an OpenDataPlane ticket "
                                     "stays valid (each is good for one connection)", parse_int)
     data_plane_max_meta: int = opt(1024**2, "data plane: largest metadata of one request "

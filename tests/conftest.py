@@ -64,6 +64,7 @@ def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
 #: that no longer names a test fails the collection.
 SLOW = (
     "tests/bench/test_bench_smoke.py",
+    "tests/e2e/test_stalled_get.py",
     "tests/bench/test_bench_peers_dataplane.py",
     "tests/e2e/test_dataplane_sdk.py::test_a_call_in_flight_when_the_server_dies_gets_a_clear_error",
     "tests/client/test_aio_dataplane.py::test_a_call_in_flight_when_the_server_dies",

@@ -111,7 +111,8 @@ class Server:
                 if config.server.data_plane else None
             self.calls = CallRecorder()
             timing = [MetricsInterceptor(self.calls)] if self.metrics else []
-            self.grpc = grpc.aio.server(interceptors=[*timing, ErrorInterceptor(self.auth)],
+            errors = ErrorInterceptor(self.auth, stream_idle=s.put_idle_ms / 1000.0)
+            self.grpc = grpc.aio.server(interceptors=[*timing, errors],
                                         options=grpc_options(config))
         except BaseException:
             self.store.abandon()  # the L1 arena's file goes, L2 closes

@@ -21,6 +21,19 @@ Two things happen outside a handler in grpc.aio, so they are wrapped too:
   cancelled or went away ends the call as a cancellation (logged at DEBUG),
   where grpc would log an ERROR traceback whenever the failed write comes
   before it has noticed the cancel.
+
+The wrapper also bounds what a streamed response can make the server hold
+for a client that does not read it (docs/reliability.md section 1):
+
+* A write the client does not take within the idle limit
+  (``server.put_idle_ms``, the limit a Put's half-sent block has) ends the
+  call: the handler's generator is closed at once (a Get's block reader, which
+  pins the block, is released) and the call ends DEADLINE_EXCEEDED, which the
+  client reads after the messages grpc already holds for it.
+* A handler yields :class:`Reserve` to say how many bytes its next messages
+  may hold; they are taken from one server-wide :class:`ResponseBudget`
+  before the messages are made, waiting while other calls hold it all, and
+  given back when the call has ended.
 """
 
 from __future__ import annotations
@@ -28,12 +41,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
 import grpc
 
-from kvstore.errors import KVStoreError, MalformedRequest
+from kvstore.errors import CapacityExhausted, DeadlineExceeded, KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.server.handler_cache import HandlerWrappingInterceptor
 
@@ -44,6 +58,98 @@ ERROR_METADATA_KEY = "kvstore-error"
 #: Undecodable requests are reported at most once per this many seconds (a
 #: misbehaving client can send thousands a second).
 UNDECODABLE_LOG_SECONDS = 60.0
+
+
+#: The bytes that the messages of streamed responses (Get's chunks) may hold
+#: in the server at once, all calls together. The promise is own memory under
+#: l1.capacity + 300 MiB (docs/reliability.md section 1); the interpreter, the
+#: index and gRPC's buffers take 65-80 MiB of that headroom at rest (RssAnon
+#: beside one stored block), so these messages get 128 MiB of it: 64 Gets
+#: streaming at once at the default 1 MiB chunk (21 at the 3 MiB largest),
+#: more than the CPUs feed at full speed, and ~90 MiB left for the rest. A Get
+#: reserves 2 x its chunk for a block: the message grpc is sending (grpc's
+#: copy of it, and its bytes object, which grpc holds until the write is
+#: done); measured, unread Gets held 6 MiB each at 3 MiB chunks, 2 MiB at 1.
+RESPONSE_BUDGET_BYTES = 128 * 1024**2
+
+#: The longest a call waits for room in the budget (then RESOURCE_EXHAUSTED):
+#: as long as a Put waits for room in L1 (kvstore.store.placement).
+BUDGET_WAIT_SECONDS = 30.0
+
+
+class Reserve(int):
+    """Yielded by a streaming handler in place of a message: the messages it
+    yields next may hold this many bytes in the server until the client has
+    taken them (the call's whole reservation, replacing the one before; 0:
+    none). The wrapper takes the bytes from the :class:`ResponseBudget`
+    before the handler goes on (a handler yields it before it pins or reads
+    what those messages carry) and gives them back when the call ends."""
+
+    __slots__ = ()
+
+
+class ResponseBudget:
+    """The bytes streamed responses may hold in the server, all calls
+    together, counted on the event loop (grpc.aio runs every handler there).
+    Taking what is free costs no await; otherwise callers wait in order."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def take_now(self, nbytes: int) -> bool:
+        """Take ``nbytes`` if that needs no wait (no one waits before it)."""
+        if nbytes <= self.free and not self._waiters:
+            self.free -= nbytes
+            return True
+        return False
+
+    async def take(self, nbytes: int, wait: float) -> None:
+        """Take ``nbytes`` (at most :attr:`capacity`: more is never free),
+        waiting up to ``wait`` seconds for others to give back enough (then
+        CapacityExhausted)."""
+        if self.take_now(nbytes):
+            return
+        waiter = (nbytes, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait):
+                await waiter[1]
+        except BaseException as exc:
+            if waiter[1].done() and not waiter[1].cancelled():
+                self.give(nbytes)  # granted as the wait ended: not taken
+            else:
+                waiter[1].cancel()
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass  # a grant in between found it given up and dropped it
+                self._grant()  # it may have stood before others that fit
+            if isinstance(exc, TimeoutError):
+                raise CapacityExhausted(
+                    f"gRPC Get responses hold all {self.capacity // 1024**2} MiB the server "
+                    f"allows them (their clients are slow to read); waited {wait:g} s for "
+                    "room: retry, or read over the data plane") from None
+            raise
+
+    def give(self, nbytes: int) -> None:
+        self.free += nbytes
+        if self._waiters:
+            self._grant()
+
+    def _grant(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            nbytes, future = waiters[0]
+            if future.done():  # given up, not yet removed
+                waiters.popleft()
+                continue
+            if nbytes > self.free:
+                return
+            waiters.popleft()
+            self.free -= nbytes
+            future.set_result(None)
 
 
 class Undecodable(NamedTuple):
@@ -161,17 +267,92 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
     return handler
 
 
+class _WriteWatch:
+    """One call's watch on its writes: ``on_stall`` runs (once) when a write
+    has waited ``idle`` seconds for the client to take it. One timer per
+    call, moved on as writes go (a timer per write cost ~3 us each)."""
+
+    __slots__ = ("_idle", "_loop", "_on_stall", "_timer", "started", "writing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float,
+                 on_stall: Callable[[], None]) -> None:
+        self._loop = loop
+        self._idle = idle
+        self._on_stall: Callable[[], None] | None = on_stall
+        self._timer: asyncio.TimerHandle | None = None
+        self.started = 0.0  # when the write in progress began
+        self.writing = False
+
+    def begin(self) -> None:
+        self.started = self._loop.time()
+        self.writing = True
+        if self._timer is None and self._on_stall is not None:
+            self._timer = self._loop.call_at(self.started + self._idle, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.writing and now + 0.001 >= self.started + self._idle:
+            on_stall, self._on_stall, self._timer = self._on_stall, None, None
+            assert on_stall is not None
+            on_stall()
+            return
+        when = (self.started if self.writing else now) + self._idle
+        self._timer = self._loop.call_at(when, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._on_stall = None
+
+
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
-                 request_streaming: bool,
-                 auth: Authorizer | None = None) -> Callable[..., Awaitable[None]]:
+                 request_streaming: bool, auth: Authorizer | None = None,
+                 idle: float = 30.0,
+                 budget: ResponseBudget | None = None) -> Callable[..., Awaitable[None]]:
+    """``idle``: how long one write may wait for the client to take it
+    (server.put_idle_ms); ``budget``: where :class:`Reserve` takes its bytes
+    (None: reservations are not counted)."""
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> None:
         responses: AsyncIterator[Any] | None = None
+        watch: _WriteWatch | None = None
+        # The close of the handler's generator begun when a write stalled.
+        closing: asyncio.Task[None] | None = None
+        held = 0  # bytes of the budget this call holds
+
+        def stalled() -> None:
+            # The write stays pending in grpc, which holds its bytes until the
+            # client takes them, cancels or goes: it is not cancelled (its end
+            # is how this call learns that; grpc.aio cannot end the stream
+            # itself), but the generator is closed now, so what it holds (a
+            # block's pin) is let go.
+            nonlocal closing
+            assert responses is not None
+            closing = asyncio.get_running_loop().create_task(
+                responses.aclose())  # type: ignore[attr-defined]
+            log.debug("%s: %s took no message for %g s: ended", method, context.peer(), idle)
+
         try:
             if not request_streaming:
                 _check_decoded(request, method, context)
             request = _authorize(auth, method, request, context)
             responses = behavior(request, context)
+            watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
+                if type(item) is Reserve:
+                    if budget is not None:
+                        want = min(item, budget.capacity)
+                        if want <= held:
+                            budget.give(held - want)
+                        elif not budget.take_now(want - held):
+                            # Wait holding nothing: calls that wait to grow
+                            # could otherwise hold all of it between them.
+                            budget.give(held)
+                            held = 0
+                            await budget.take(want, BUDGET_WAIT_SECONDS)
+                        held = want
+                    continue
+                watch.begin()
                 try:
                     await context.write(item)
                 except grpc.aio.InternalError:
@@ -179,6 +360,14 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                     # (grpc may not have seen the cancel yet). Nobody is left
                     # to answer; end as the cancellation it is.
                     raise asyncio.CancelledError from None
+                watch.writing = False
+                if closing is not None:
+                    # The client took the stalled message at last: the call
+                    # has ended all the same (its generator is closed).
+                    await closing
+                    raise DeadlineExceeded(
+                        f"the client read nothing of this response for {idle:g} s "
+                        "(server.put_idle_ms): the call was ended and what it held let go")
         except asyncio.CancelledError:
             log.debug("%s: cancelled by the client mid-stream", method)
             raise
@@ -187,30 +376,47 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 raise
             await _abort(context, exc)
         finally:
-            if responses is not None:
-                # Run the handler's clean-up (e.g. closing a block reader) now,
-                # not whenever the abandoned generator is collected.
-                await responses.aclose()  # type: ignore[attr-defined]
+            if watch is not None:
+                watch.close()
+            try:
+                if closing is not None:
+                    await closing
+                elif responses is not None:
+                    # Run the handler's clean-up (e.g. closing a block reader)
+                    # now, not whenever the abandoned generator is collected.
+                    await responses.aclose()  # type: ignore[attr-defined]
+            finally:
+                # Only now: until the call has ended grpc may still hold the
+                # bytes of a message the client never took.
+                if held and budget is not None:
+                    budget.give(held)
 
     return handler
 
 
 class ErrorInterceptor(HandlerWrappingInterceptor):
     """``auth``: when set (auth.tokens_file), every kvstore.v1 call is checked
-    against it (kvstore/server/auth.py) inside the error mapping."""
+    against it (kvstore/server/auth.py) inside the error mapping.
+    ``stream_idle``: server.put_idle_ms in seconds, how long a streamed
+    response's write may wait for the client; ``budget``: the bytes streamed
+    responses may hold (None: :data:`RESPONSE_BUDGET_BYTES`)."""
 
-    def __init__(self, auth: Authorizer | None = None) -> None:
+    def __init__(self, auth: Authorizer | None = None, stream_idle: float = 30.0,
+                 budget: ResponseBudget | None = None) -> None:
         super().__init__()
         self.auth = auth
+        self.stream_idle = stream_idle
+        self.budget = budget if budget is not None else ResponseBudget(RESPONSE_BUDGET_BYTES)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if not method.startswith("/kvstore.v1."):
             return handler
-        return self._wrap(handler, method, self.auth)
+        return self._wrap(handler, method, self.auth, self.stream_idle, self.budget)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str,
-              auth: Authorizer | None = None) -> grpc.RpcMethodHandler:
+              auth: Authorizer | None = None, idle: float = 30.0,
+              budget: ResponseBudget | None = None) -> grpc.RpcMethodHandler:
         # Put's chunks decode in kvstore.wire, which reports bad bytes itself
         # (wire.BadPutChunk); unary requests are protobuf messages.
         deserializer = handler.request_deserializer
@@ -227,8 +433,10 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
                 _wrap_unary(handler.stream_unary, method, True, auth), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, False, auth), **kwargs)
+                _wrap_stream(handler.unary_stream, method, False, auth, idle, budget),
+                **kwargs)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, True, auth), **kwargs)
+                _wrap_stream(handler.stream_stream, method, True, auth, idle, budget),
+                **kwargs)
         return handler

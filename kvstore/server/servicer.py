@@ -20,6 +20,7 @@ from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
 from kvstore.errors import Cancelled, DeadlineExceeded, InvalidArgument, MalformedRequest
 from kvstore.server.auth import Authorizer
+from kvstore.server.interceptor import Reserve
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
 from kvstore.store.shm import Slot, Unleased
@@ -214,7 +215,12 @@ class KVStoreServicer:
         return pb.PutResponse(stored=stored, bytes=nbytes)
 
     async def Get(self, request: pb.GetRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+                  context: grpc.aio.ServicerContext) -> AsyncIterator[bytes | Reserve]:
+        """The blocks' chunks. Before each block it yields :class:`Reserve`:
+        the bytes its chunks may hold in the server while the client reads
+        them (two chunks: the one grpc is sending, and its bytes object),
+        taken by the interceptor from the server's budget for streamed
+        responses before the block is opened and pinned."""
         self._tick(context)
         store = self.store
         namespace = store.check_namespace(request.namespace)
@@ -225,13 +231,17 @@ class KVStoreServicer:
         chunk_bytes = min(max(request.max_chunk_bytes or self.default_chunk, MIN_CHUNK_BYTES),
                           self.max_chunk)
         session = session_or_none(request.session_id)
+        reserve = Reserve(2 * chunk_bytes)
         for index, key in enumerate(keys):
+            yield reserve  # (nothing to take unless a smaller block shrank it)
             reader = await _open_intact(store, (namespace, key), session,
                                         max(chunk_bytes, WHOLE_CHECK_BYTES))
             if reader is None:
                 yield wire.encode_get_chunk(index, False)
                 continue
             try:
+                if reader.size < chunk_bytes:
+                    yield Reserve(2 * reader.size)  # one chunk, smaller
                 tier = int(reader.tier)
                 for offset, piece in reader.chunks(chunk_bytes):
                     if offset == 0:

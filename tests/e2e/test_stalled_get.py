@@ -1,0 +1,128 @@
+"""A gRPC Get whose client does not read it: what the server holds for it is
+bounded (docs/reliability.md section 1, "What one client can make the server
+hold"). A write the client takes nothing of for server.put_idle_ms ends the
+call DEADLINE_EXCEEDED and lets its block's pin go; the chunks of all such
+calls together stay within the server's budget for streamed responses.
+
+The client that does not read is grpc's own with its bandwidth probe off, so
+each stream's HTTP/2 window stays at 64 KiB (what a client that withholds its
+window updates does): with the probe on, grpc's client takes in megabytes per
+stream whether or not the application reads them, and the server sees a slow
+reader rather than a stalled one."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+
+from kvstore import Client
+from kvstore.wire.pb import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
+
+MiB = 1024**2
+
+#: A client that reads nothing it is not asked for.
+STALLED = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 * MiB)]
+READER = [("grpc.max_receive_message_length", 64 * MiB)]
+
+
+def own_memory(pid: int) -> int:
+    """RssAnon + RssShmem: the memory docs/reliability.md bounds."""
+    total = 0
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            if name in ("RssAnon", "RssShmem"):
+                total += int(rest.split()[0]) * 1024
+    return total
+
+
+def read_all(call: grpc.Call) -> bytes:
+    data = bytearray()
+    for chunk in call:  # type: ignore[attr-defined]
+        assert chunk.hit and chunk.offset == len(data)
+        data += chunk.data
+    return bytes(data)
+
+
+def test_a_get_never_read_ends_deadline_exceeded_and_lets_its_block_go(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The block is pinned while the Get streams it; a Put that needs its L1
+    room succeeds once the idle limit has ended the Get (it waited for room
+    for as long as the Get went on), and the client, reading at last, gets
+    DEADLINE_EXCEEDED naming the limit."""
+    big, other = os.urandom(32 * MiB), os.urandom(32 * MiB)
+    with server_factory("--server-put-idle-ms", "1500", l1_capacity="48MiB") as server, \
+            Client(server.tcp, namespace="stall", timeout=20) as c, \
+            grpc.insecure_channel(server.tcp, options=STALLED) as channel:
+        c.put({b"big": big}, ack="local")  # in L2 as well: L1 may drop it once unpinned
+        call = pb_grpc.KVStoreStub(channel).Get(
+            pb.GetRequest(namespace="stall", keys=[b"big"]), timeout=60)
+        call.initial_metadata()  # the server has opened (pinned) the block and started
+        started = time.monotonic()
+        c.put({b"other": other})  # needs big's room in L1
+        waited = time.monotonic() - started
+        assert 1.0 < waited < 15, waited  # it waited for the Get's pin, then no more
+        received = bytearray()
+        status = None
+        try:
+            for chunk in call:
+                received += chunk.data
+        except grpc.RpcError as exc:
+            status = exc
+        assert status is not None, f"the Get completed ({len(received)} bytes)"
+        assert status.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "read nothing" in (status.details() or "")
+        assert "server.put_idle_ms" in (status.details() or "")
+        assert dict(status.trailing_metadata() or ())["kvstore-error"] == "DeadlineExceeded"
+        assert len(received) < len(big) and big.startswith(received)
+        assert c.get([b"big", b"other"]) == [big, other]  # nothing lost, and still serving
+
+
+def test_unread_gets_hold_at_most_the_response_budget(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """100 Gets of a 32 MiB block in 3 MiB chunks that are never read (each held
+    ~6 MiB before: 600 MiB, past the bound) keep the server's own memory under
+    L1 + 300 MiB; another client's Get waits for room and completes once they
+    have ended (here: their deadline, grpc then lets their chunks go)."""
+    capacity = 64 * MiB
+    block = os.urandom(32 * MiB)
+    server = server_factory("--server-put-idle-ms", "1500", l1_capacity="64MiB").start()
+    with Client(server.tcp, namespace="unread", timeout=30) as c:
+        c.put({b"big": block})
+    before = own_memory(server.pid)
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            try:
+                peak[0] = max(peak[0], own_memory(server.pid))
+            except (OSError, ValueError):
+                return
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    request = pb.GetRequest(namespace="unread", keys=[b"big"], max_chunk_bytes=3 * MiB)
+    try:
+        with grpc.insecure_channel(server.tcp, options=STALLED) as hostile, \
+                grpc.insecure_channel(server.tcp, options=READER) as reader:
+            stub = pb_grpc.KVStoreStub(hostile)
+            calls = [stub.Get(request, timeout=6) for _ in range(100)]  # never read
+            for call in calls[:5]:
+                call.initial_metadata()  # streaming (and not read)
+            started = time.monotonic()
+            got = read_all(pb_grpc.KVStoreStub(reader).Get(request, timeout=30))
+            waited = time.monotonic() - started
+            codes = {call.code() for call in calls}
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert got == block
+    assert waited < 20, waited
+    assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}, codes
+    bound = capacity + 300 * MiB
+    assert peak[0] < bound, (f"own memory peaked at {peak[0] / MiB:.0f} MiB "
+                             f"(from {before / MiB:.0f}), bound {bound / MiB:.0f} MiB")
+    assert server.alive()

@@ -1,0 +1,86 @@
+"""The server's budget for streamed gRPC responses (kvstore.server.interceptor):
+what is free is taken with no await, waiters are served in order, and a wait
+that ends (its deadline, a cancel, its own limit) never keeps or loses bytes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstore.errors import CapacityExhausted
+from kvstore.server.interceptor import ResponseBudget
+
+
+def test_free_bytes_are_taken_without_waiting() -> None:
+    async def main() -> None:
+        budget = ResponseBudget(10)
+        assert budget.take_now(6) and budget.free == 4
+        step = budget.take(4, 1.0).__await__()
+        with pytest.raises(StopIteration):  # done in its first step: it never suspends
+            step.send(None)
+        assert budget.free == 0
+        assert not budget.take_now(1)
+        budget.give(10)
+        assert budget.free == 10
+
+    asyncio.run(main())
+
+
+def test_waiters_are_served_in_order_and_none_is_passed_over() -> None:
+    async def main() -> None:
+        budget = ResponseBudget(10)
+        assert budget.take_now(10)
+        served: list[str] = []
+
+        async def take(name: str, nbytes: int) -> None:
+            await budget.take(nbytes, 5.0)
+            served.append(name)
+
+        big = asyncio.ensure_future(take("big", 8))
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(take("small", 1))
+        await asyncio.sleep(0)
+        assert not budget.take_now(1)  # someone waits: no jumping the queue
+        budget.give(2)  # enough for small, not for big: small still waits its turn
+        await asyncio.sleep(0)
+        assert served == [] and budget.free == 2
+        budget.give(8)
+        await asyncio.gather(big, small)
+        assert served == ["big", "small"] and budget.free == 1
+
+    asyncio.run(main())
+
+
+def test_a_wait_past_its_limit_is_capacity_exhausted_and_the_next_goes_on() -> None:
+    async def main() -> None:
+        budget = ResponseBudget(10)
+        assert budget.take_now(9)
+        with pytest.raises(CapacityExhausted, match="MiB the server allows them"):
+            await budget.take(5, 0.05)
+        later = asyncio.ensure_future(budget.take(1, 5.0))
+        await asyncio.wait_for(later, 5.0)  # the one that gave up no longer stands first
+        assert budget.free == 0
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_wait_takes_nothing_even_when_granted_as_it_ends() -> None:
+    async def main() -> None:
+        budget = ResponseBudget(10)
+        assert budget.take_now(10)
+        waiting = asyncio.ensure_future(budget.take(4, 5.0))
+        await asyncio.sleep(0)
+        budget.give(4)  # granted ...
+        waiting.cancel()  # ... and cancelled before it ran again
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert budget.free == 4
+        plain = asyncio.ensure_future(budget.take(6, 5.0))
+        await asyncio.sleep(0)
+        plain.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await plain
+        assert budget.free == 4 and budget.take_now(4)
+
+    asyncio.run(main())
