@@ -22,8 +22,10 @@ from kvstore.types import BlockId, SessionEvent, TierName
 
 #: Between namespace and session id: a namespace never holds it.
 _SEP = "\x1f"
-#: Qualified ids kept for reuse (the hot calls pass the same few sessions).
-_MEMO_MAX = 65_536
+#: Qualified ids kept for reuse (the hot calls pass the same few sessions;
+#: policy.session.max_streams is 4,096 by default). Each costs up to ~3 KB
+#: with 1 KiB ids: 65,536 of them took 212 MB of a flood of distinct ids.
+_MEMO_MAX = 4_096
 
 
 class NamespacedSessions(Policy):

@@ -44,6 +44,10 @@ class Leases(Part):
         # namespaces are swept once the table doubles since the last sweep.
         self._pins: dict[str, dict[BlockId, float]] = {}
         self._pin_count = 0
+        # L1 bytes of Pins that passed the quota and are still promoting their
+        # blocks, per namespace: counted against the quota meanwhile (Pins of
+        # L2 blocks at once each passed it, pinning 4x the quota).
+        self._pinning: dict[str, int] = {}
         self._pins_swept = _PINS_KEPT
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefetching: set[BlockId] = set()  # blocks queued by Prefetch
@@ -136,14 +140,22 @@ class Leases(Part):
         extent = self.l1.extent
         pins = self._pins.setdefault(namespace, {})
         held = sum(extent(e.size) for b, e in self._held(pins, now).items()
-                   if b not in wanted)
+                   if b not in wanted) + self._pinning.get(namespace, 0)
         # The quota counts the L1 a block takes: whole pages.
         asked = sum(extent(e.size) for _, e in found)
         if held + asked > quota:
             raise CapacityExhausted(
                 f"pinning {asked} bytes would put namespace {namespace!r} over its pin quota "
                 f"of {quota} bytes ({held} already pinned; server.pin_quota)")
-        await self._promote_all([b for b, e in found if e.l1_offset < 0])
+        self._pinning[namespace] = self._pinning.get(namespace, 0) + asked
+        try:
+            await self._promote_all([b for b, e in found if e.l1_offset < 0])
+        finally:
+            left = self._pinning[namespace] - asked
+            if left:
+                self._pinning[namespace] = left
+            else:
+                del self._pinning[namespace]
         pins = self._pins.setdefault(namespace, {})  # (again: others ran meanwhile)
         pinned = 0
         nbytes = 0
@@ -167,26 +179,36 @@ class Leases(Part):
         validate_keys(keys)
         count = nbytes = 0
         pins = self._pins.get(namespace, {})
+        unpinned: list[BlockId] = []
         for key in keys:
             block = (namespace, key)
             if pins.pop(block, None) is not None:
                 self._pin_count -= 1
+                unpinned.append(block)
                 entry = self.index.blocks.get(block)
                 if entry is not None:
                     entry.pin_until = 0.0
                     count += 1
                     nbytes += entry.size
+        if unpinned:
+            # The policy's pin goes too (until 0: already past). It kept the
+            # blocks from eviction until their TTL: a tenant pinning and
+            # unpinning in turn held all of L1, past its pin quota.
+            self.policy.pin(unpinned, 0.0)
         self.progress.wake()
         return count, nbytes
 
     def _held(self, pins: dict[BlockId, float], now: float) -> dict[BlockId, Entry]:
         """The entries of one namespace's pins still held; drops from ``pins`` those
-        expired, deleted or gone from L1."""
+        expired, deleted or gone from L1, and those whose key holds another
+        block now (deleted or replaced, then Put again: the new block is not
+        pinned, and counted against the quota it kept the namespace from
+        pinning anything until it left L1)."""
         hot = self.index.blocks.get
         held: dict[BlockId, Entry] = {}
         for b, until in list(pins.items()):
             e = hot(b)
-            if until <= now or e is None or e.l1_offset < 0:
+            if until <= now or e is None or e.l1_offset < 0 or e.pin_until != until:
                 del pins[b]
                 self._pin_count -= 1
             else:
