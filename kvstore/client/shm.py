@@ -282,10 +282,21 @@ class ShmClient(Client):
                 f"cannot open the shared-memory arena {info.path} of the server at "
                 f"{self.target} ({exc.strerror or exc}): ShmClient works only on the server's "
                 "own host; use Client from other hosts") from None
+        #: The marker page past the blocks, read-only (None: an older server
+        #: writes none), and what it held at attach: a server restarted on
+        #: the same file after a kill -9 writes its own instance id there.
+        self._marker: mmap.mmap | None = None
+        self._marker_at = 0
+        self._marker_seen = ARENA_MARKER_PREFIX + info.instance.encode()
         try:
             _check_arena_marker(fd, info, self.target)
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             self._map = mmap.mmap(fd, info.size, flags=flags)
+            if info.marker_offset:
+                lead = info.marker_offset % mmap.ALLOCATIONGRANULARITY  # (0: page-aligned)
+                self._marker_at = lead
+                self._marker = mmap.mmap(fd, lead + len(self._marker_seen), mmap.MAP_SHARED,
+                                         mmap.PROT_READ, offset=info.marker_offset - lead)
             st = os.fstat(fd)
             #: The arena file mapped (a restarted server makes a new one).
             self._arena_file = (st.st_dev, st.st_ino)
@@ -347,6 +358,8 @@ class ShmClient(Client):
             self._map.close()
         except (BufferError, AttributeError):
             pass
+        if getattr(self, "_marker", None) is not None:
+            self._marker.close()  # type: ignore[union-attr]
         super().close()
 
     # -- Put -------------------------------------------------------------------------
@@ -526,7 +539,24 @@ class ShmClient(Client):
         carries the shm calls (its sessions keep their own, ShmFrames)."""
         if self.slot_stock is None or self.data_plane_active():
             return None
-        return self._own_stock()
+        stock = self._own_stock()
+        return None if stock is None else self._stock_of_this_server(stock)
+
+    def _stock_of_this_server(self, stock: SlotStock) -> SlotStock:
+        """``stock``, emptied when the server was restarted on the same arena
+        file since its slots were reserved (its marker names another
+        instance): they were the old server's, and the new one gives their
+        memory to other blocks (a Put into one, after a kill -9 and a
+        restart, overwrote another client's stored block before its commit
+        was refused). One read of the mapped marker page, no round trip."""
+        marker = self._marker
+        if marker is not None:
+            at = self._marker_at
+            now = marker[at:at + len(self._marker_seen)]
+            if now != self._marker_seen:
+                stock.drain()  # not abandoned: the server they came from is gone
+                self._marker_seen = now
+        return stock
 
     def _own_stock(self) -> SlotStock | None:
         """The gRPC path's stock, emptied in a forked child: its slots are the
