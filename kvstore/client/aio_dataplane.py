@@ -479,6 +479,17 @@ def _deadline(message: str) -> DeadlineExceeded:
     return exc
 
 
+def _shared(failure: KVStoreError) -> KVStoreError:
+    """The failure of a session open that a call waited behind, raised again
+    for that call (a new exception of the same kind, its code kept)."""
+    err = type(failure)(f"{failure} (opening a data-plane session, which this call waited "
+                        "for)")
+    code = getattr(failure, "grpc_code", None)
+    if code is not None:
+        err.grpc_code = code  # type: ignore[attr-defined]
+    return err
+
+
 class AsyncDataPlane:
     """One AsyncClient's data-plane sessions: opened on demand, pooled,
     replaced when they break. :meth:`run` returns None when the data plane
@@ -496,6 +507,12 @@ class AsyncDataPlane:
         self._max = max_connections or MAX_CONNECTIONS
         self._conns: list[AioConnection] = []
         self._opening: asyncio.Lock | None = None
+        # Session opens so far, and how the latest ended (None: it opened, or
+        # gave up without an error of its own): calls waiting behind an open
+        # that failed share its failure instead of each waiting a timeout of
+        # its own in turn (the k-th call of k failed after k x timeout).
+        self._opens = 0
+        self._open_failure: KVStoreError | None = None
         self._refused = False  # the server has no data plane
         self._retry = Retry()  # a listener could not be used: gRPC until _retry.at
         self._closed = False
@@ -586,13 +603,24 @@ class AsyncDataPlane:
                 return None
             if lock is None:
                 lock = self._opening = asyncio.Lock()
+            opens = self._opens
             async with lock:
+                failure = self._open_failure
+                if self._opens != opens and failure is not None:
+                    raise _shared(failure)
                 conn = self._pick()
                 if conn is not None and (conn.load == 0 or len(self._conns) >= self._max):
                     continue
                 if not self.available:
                     return None
-                return await self._open()
+                self._open_failure = None
+                try:
+                    return await self._open()
+                except KVStoreError as exc:
+                    self._open_failure = exc
+                    raise
+                finally:
+                    self._opens += 1  # (after: a call that came meanwhile sees it end)
 
     def _forget(self, conn: AioConnection) -> None:
         if conn in self._conns:

@@ -463,6 +463,34 @@ def test_no_progress_for_the_timeout_is_a_deadline(server_factory: type[ServerPr
     run(body)
 
 
+def test_calls_waiting_for_a_session_share_its_failed_open(
+        server_factory: type[ServerProcess]) -> None:
+    """With the server not answering, concurrent calls of a fresh client all
+    wait for one session open: when it times out they fail with it, each
+    within about its timeout (each used to open its own after the one before
+    had timed out: the 8th of 8 calls failed after 8 s with a 1 s timeout)."""
+    srv = server_factory().start()
+
+    async def body() -> None:
+        async with AsyncClient(srv.tcp, namespace="frozen", timeout=1.0) as c:
+            os.kill(srv.pid, signal.SIGSTOP)
+            try:
+                async def one(i: int) -> float:
+                    started = asyncio.get_running_loop().time()
+                    with pytest.raises(DeadlineExceeded):
+                        await c.get([b"k%d" % i])
+                    return asyncio.get_running_loop().time() - started
+
+                took = await asyncio.gather(*(one(i) for i in range(8)))
+            finally:
+                os.kill(srv.pid, signal.SIGCONT)
+            assert max(took) < 3.0, [round(t, 2) for t in took]
+            await c.put({b"k0": b"v"})
+            assert await c.get([b"k0"]) == [b"v"]  # the next open succeeds
+
+    run(body)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_a_new_session_after_the_server_restarted(
         server_factory: type[ServerProcess], transport: str,
