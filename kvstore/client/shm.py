@@ -140,6 +140,9 @@ _STREAM_PUT_BYTES = 256 * 1024
 # ended this long (s) before the lease's time, counted from before the
 # ShmAcquire was sent, ran out.
 _LEASE_MARGIN = 0.005
+#: The leases a client's Gets leave for its next ShmAcquire pin at most
+#: 1/_DEFERRED_SHARE of L1; past that a Get releases its own at once.
+_DEFERRED_SHARE = 8
 # A slot is written or committed only if this much (s) of its reservation's
 # time, counted from before the ShmReserve was sent, is left.
 _RESERVE_MARGIN = 0.005
@@ -237,7 +240,7 @@ class ShmClient(Client):
         # Lease ids whose release waits for the next ShmAcquire, with the
         # monotonic time after which the server will have expired them anyway
         # and their namespace (an acquire ends only its own namespace's).
-        self._deferred: list[tuple[int, float, str]] = []
+        self._deferred: list[tuple[int, float, str, int]] = []  # (+ the block's size)
         self._deferred_lock = threading.Lock()
         self._deferred_pid = os.getpid()  # the process whose leases those are
         ch = self._channel
@@ -669,7 +672,7 @@ class ShmClient(Client):
             # Those past their time have expired on the server (or are about
             # to): naming them could find them forgotten, so they are dropped.
             now = time.monotonic()
-            release = [i for i, until, _ in taken if until > now]
+            release = [i for i, until, _, _ in taken if until > now]
             if release:
                 self._check_arena()  # (ids from an earlier server mean nothing to a new one)
         try:
@@ -787,7 +790,7 @@ class ShmClient(Client):
                 taken, self._deferred_pid = [], os.getpid()
         now = time.monotonic()
         by_namespace: dict[str, list[int]] = {}
-        for i, until, ns in taken:
+        for i, until, ns, _ in taken:
             if until > now:
                 by_namespace.setdefault(ns, []).append(i)
         for ns, ids in by_namespace.items():
@@ -836,11 +839,13 @@ class ShmClient(Client):
         """End a read's leases (see :meth:`_reading`): the ids of those that
         had expired (only when released now; ``defer`` False: always now)."""
         ids = []
+        sizes = []
         for lease in leases:
             if lease is not None:
                 lease.view.release()
                 if lease.lease_id:  # (0: a private copy)
                     ids.append(lease.lease_id)
+                    sizes.append(lease.size)
         if not ids:
             return []
         # The server started each lease after ``sent``: before ``until``
@@ -848,8 +853,15 @@ class ShmClient(Client):
         until = sent + lease_s - _LEASE_MARGIN
         if defer and self.release_on_acquire and lease_s > 0 and time.monotonic() < until:
             with self._deferred_lock:
-                self._deferred.extend((i, until, ns) for i in ids)
-            return []
+                # At most a share of L1 waits for the next acquire: more kept
+                # this client's own next Put from finding room (a Get of 14
+                # MiB of a 16 MiB L1, then a Put: 30 s, then "every block
+                # that could leave is leased").
+                if sum(d[3] for d in self._deferred) + sum(sizes) <= \
+                        len(self._arena) // _DEFERRED_SHARE:
+                    self._deferred.extend((i, until, ns, n)
+                                          for i, n in zip(ids, sizes, strict=True))
+                    return []
         return self._release_ids(ids, ns)
 
     def _inline(self, namespace: str | None) -> bool:
