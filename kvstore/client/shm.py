@@ -61,14 +61,15 @@ server may have taken the slot back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import mmap
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 import grpc
 
@@ -90,7 +91,7 @@ from kvstore.client._common import (
     parse_ack,
     resolve_namespace,
 )
-from kvstore.client._errors import error_from_rpc
+from kvstore.client._errors import closed_in_flight, error_from_rpc
 from kvstore.client._shmstock import SlotStock
 from kvstore.client.shm_dataplane import ShmFrames, route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
@@ -220,6 +221,30 @@ def _check_arena_marker(fd: int, info: Any, target: str) -> None:
             "server's own host; use Client from other hosts")
 
 
+_Method = TypeVar("_Method", bound="Callable[..., Any]")
+
+
+def _closable(method: _Method) -> _Method:
+    """A ShmClient call that ``close()`` may overtake in another thread: the
+    arena's mapping goes, and what the call was doing with it fails as
+    ConnectionFailed (it raised a bare ValueError, "operation forbidden on
+    released memoryview object"); a call begun after ``close()`` raises
+    ValueError("the client is closed"), as every client's does."""
+
+    @functools.wraps(method)
+    def call(self: ShmClient, *args: Any, **kwargs: Any) -> Any:
+        if self._shm_closed:
+            raise ValueError("the client is closed")
+        try:
+            return method(self, *args, **kwargs)
+        except (ValueError, BufferError) as exc:
+            if self._shm_closed and not isinstance(exc, KVStoreError):
+                raise closed_in_flight(self.target) from None
+            raise
+
+    return cast(_Method, call)
+
+
 class ShmClient(Client):
     """See the module's docstring. ``release_on_acquire`` (default on) lets
     the Gets hand their leases to the next ShmAcquire instead of calling
@@ -234,6 +259,8 @@ class ShmClient(Client):
         self._want_release_on_acquire = release_on_acquire
         self._want_slot_stock = slot_stock
         super().__init__(target, **settings)
+
+    _shm_closed = False  # close() began: the arena's mapping is going or gone
 
     def _connect(self) -> None:
         super()._connect()
@@ -344,6 +371,8 @@ class ShmClient(Client):
             raise error_from_rpc(err, self.target) from err
 
     def close(self) -> None:
+        if self._shm_closed:
+            return
         try:
             self.flush_releases()
         except Exception:  # the leases expire on the server anyway
@@ -356,6 +385,7 @@ class ShmClient(Client):
                 with contextlib.suppress(Exception):  # they expire on the server anyway
                     self._call(self._commit, pb.ShmCommitRequest(
                         namespace=ns, owner=self._owner, abandon=ids))
+        self._shm_closed = True  # (from here on: the calls in flight fail ConnectionFailed)
         try:
             self._arena.release()
             self._map.close()
@@ -367,6 +397,7 @@ class ShmClient(Client):
 
     # -- Put -------------------------------------------------------------------------
 
+    @_closable
     def reserve(self, sizes: Sequence[tuple[bytes, int]], *, namespace: str | None = None,
                 session_id: str | None = None) -> list[ReservedSlot]:
         self._check_arena()
@@ -387,6 +418,7 @@ class ShmClient(Client):
                              self._arena[s.offset : s.offset + s.size], deadline)
                 for (k, _), s in zip(sizes, resp.slots, strict=True)]
 
+    @_closable
     def commit(self, slots: Sequence[ReservedSlot], crcs: Sequence[int] | None = None, *,
                namespace: str | None = None, ack: str | int = "memory",
                abandon: Sequence[ReservedSlot] = (),
@@ -418,6 +450,7 @@ class ShmClient(Client):
             s.view.release()
         return req
 
+    @_closable
     def put(self, blocks: Blocks, *, namespace: str | None = None, ack: str | Any = "memory",
             session_id: str | None = None,
             block_format: BlockFormat = BlockFormat.RAW) -> PutResult:
@@ -476,6 +509,7 @@ class ShmClient(Client):
             raise
         return PutResult(stored, nbytes)
 
+    @_closable
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
                page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
                block_tokens: int | None = None, namespace: str | None = None,
@@ -611,6 +645,7 @@ class ShmClient(Client):
             stock.add(ns, ((s.slot_id, s.offset, s.size) for s in resp.next_slots), deadline)
         return resp
 
+    @_closable
     def get_kv_into(self, keys: Sequence[bytes], k_pages: kv.PageArrays,
                     v_pages: kv.PageArrays | None, page_lists: Sequence[Sequence[int]], *,
                     dtype: Any = None, namespace: str | None = None,
@@ -631,6 +666,7 @@ class ShmClient(Client):
 
     # -- Get -------------------------------------------------------------------------
 
+    @_closable
     def acquire(self, keys: Iterable[bytes], *, namespace: str | None = None,
                 session_id: str | None = None, lease_ms: int = 0) -> list[LeasedBlock | None]:
         """Lease ``keys`` (None for a miss); release the leases with
@@ -742,6 +778,7 @@ class ShmClient(Client):
                 f"the server's shared-memory arena {self.shm_path} is no longer the file "
                 "this ShmClient mapped (the server restarted): create a new ShmClient")
 
+    @_closable
     def release(self, leases: Iterable[LeasedBlock | None]) -> list[int]:
         """End leases; returns the ids of those that had expired."""
         held = [lease for lease in leases if lease is not None]
@@ -870,6 +907,7 @@ class ShmClient(Client):
         return lean is not None and lean.dp.available and \
             resolve_namespace(namespace, self.namespace) in self._shm_namespaces
 
+    @_closable
     def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
                  namespace: str | None = None) -> list[int | None]:
         if type(keys) is list and len(keys) == 1 and isinstance(buffers, (list, tuple)) \
@@ -928,6 +966,7 @@ class ShmClient(Client):
                 sizes[i] = size
         return sizes
 
+    @_closable
     def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
             session_id: str | None = None) -> list[bytes | None]:
         # The sizes are known only once the blocks are found: the last Get's

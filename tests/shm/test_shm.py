@@ -577,6 +577,54 @@ def test_a_get_of_most_of_l1_leaves_room_for_the_next_put(
         assert c.get([b"next"]) == [block(99, MiB)]
 
 
+def test_close_while_other_threads_call_fails_them_as_kvstore_errors(shm_server) -> None:  # type: ignore[no-untyped-def]
+    """close() from one thread while others get and put: each call finishes,
+    fails with a KVStoreError (ConnectionFailed: closed in flight), or, begun
+    after the close, raises ValueError("the client is closed") -- never the
+    bare ValueError of a released memoryview (3-4 per run before)."""
+    from kvstore import KVStoreError
+
+    c = ShmClient(shm_server.unix_target, namespace="cl", timeout=10)
+    c.put({b"k": b"x" * 100_000})
+    stop = threading.Event()
+    running = threading.Barrier(7)
+    unexpected: list[BaseException] = []
+    done = [0]
+    under_way = threading.Event()  # calls have been made on every thread
+
+    def work(t: int) -> None:
+        running.wait(10)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                if i % 2:
+                    c.get([b"k"])
+                else:
+                    c.put({b"k%d" % t: b"y" * 100_000})
+                done[0] += 1
+                if done[0] >= 200:
+                    under_way.set()
+            except KVStoreError:
+                pass
+            except ValueError as exc:
+                if str(exc) != "the client is closed":
+                    unexpected.append(exc)
+            except BaseException as exc:
+                unexpected.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for t in threads:
+        t.start()
+    running.wait(10)
+    assert under_way.wait(30), "the calls made no progress"
+    c.close()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not unexpected, [repr(e) for e in unexpected[:5]]
+
+
 def test_after_a_kill_the_old_servers_stocked_slots_are_not_written(
         server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A server killed -9 leaves its arena file, and the next one maps it. A
