@@ -277,6 +277,7 @@ class AsyncClient(ClientBase):
                           session_id: str | None = None) -> int:
         """See :meth:`kvstore.Client.get_kv_into`."""
         kv.check_lists(keys, page_lists, distinct=True)
+        kv.check_page_ids(k_pages, v_pages, page_lists)
         found = await self.get(keys, namespace=namespace, session_id=session_id)
         return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 

@@ -54,6 +54,32 @@ def check_lists(keys: Sequence[bytes], page_lists: Sequence[Sequence[int]], *,
                 raise ValueError(f"{where}: each block needs pages of its own")
 
 
+def check_page_ids(k_pages: PageArrays, v_pages: PageArrays | None,
+                   page_lists: Sequence[Sequence[int]]) -> None:
+    """Every page id names a page the arrays have, checked before a read is
+    sent: found out as each block was scattered, a bad id for a later block
+    raised after the earlier ones had been written into the engine's pages
+    (and the count of those restored was lost). Arrays without a shape are
+    left to the unpack, which names what is wrong with them."""
+    counts = []
+    for arr in [*k_pages, *(v_pages if v_pages is not None else ())]:
+        shape = getattr(arr, "shape", None)
+        if not shape:
+            return
+        counts.append(shape[0])
+    if not counts:
+        return
+    pages = min(counts)
+    for block, ids in enumerate(page_lists):
+        try:
+            bad = [p for p in ids if not 0 <= operator.index(p) < pages]
+        except TypeError:
+            return  # (a page id that is not an int: the unpack names it)
+        if bad:
+            raise ValueError(f"page_lists[{block}] names page {bad[0]}, but the page arrays "
+                             f"hold {pages} pages (ids 0..{pages - 1}): nothing was read")
+
+
 def pack_blocks(k_pages: PageArrays, v_pages: PageArrays | None,
                 page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
                 block_tokens: int | None = None) -> list[memoryview]:

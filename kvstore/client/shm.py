@@ -653,6 +653,7 @@ class ShmClient(Client):
         """Unpack straight from leased shared memory into the engine's pages
         (each block verified). Returns the number of leading blocks restored."""
         kv.check_lists(keys, page_lists, distinct=True)
+        kv.check_page_ids(k_pages, v_pages, page_lists)
         try:
             with self._reading(keys, namespace, session_id) as leases:
                 return kv.unpack_prefix([lease.view if lease is not None else None

@@ -308,6 +308,7 @@ class Client(ClientBase):
         page list. Returns the number of leading blocks restored: the usable
         prefix, stopping at the first miss."""
         kv.check_lists(keys, page_lists, distinct=True)
+        kv.check_page_ids(k_pages, v_pages, page_lists)
         found = self.get(keys, namespace=namespace, session_id=session_id)
         return kv.unpack_prefix(found, k_pages, v_pages, page_lists, dtype=dtype)
 

@@ -62,6 +62,21 @@ def test_put_kv_and_get_kv_into_over_shared_memory(server_factory, tmp_path: Pat
         round_trip(c, "kv-shm")
 
 
+def test_a_page_id_past_the_arrays_is_refused_before_anything_is_written(shared_server) -> None:  # type: ignore[no-untyped-def]
+    """A bad page id for a later block was found only as that block was
+    scattered: the earlier blocks had been written into the engine's pages
+    (and the count restored lost with the error). Now nothing is sent."""
+    tokens = list(range(3000, 3000 + 3 * 2 * PAGE_TOKENS))
+    with Client(shared_server.tcp) as c:
+        keys = block_keys(tokens, 2 * PAGE_TOKENS, b"kv-range")
+        k, v = engine_cache(2)
+        assert c.put_kv(keys, k, v, [[0, 1], [2, 3], [4, 5]], namespace="kv-range").stored == 3
+        k2, v2 = empty_cache()
+        with pytest.raises(ValueError, match=r"page_lists\[2\] names page 16"):
+            c.get_kv_into(keys, k2, v2, [[0, 1], [2, 3], [16, 5]], namespace="kv-range")
+        assert not any(np.count_nonzero(a) for a in k2 + v2)
+
+
 def test_server_rejects_bad_blocks_naming_the_field(shared_server) -> None:  # type: ignore[no-untyped-def]
     k, v = engine_cache(2)
     good = bytes(pack(k, v, [0, 1]))
