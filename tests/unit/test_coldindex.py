@@ -128,3 +128,19 @@ def test_native_probe_rejects_inconsistent_arrays() -> None:
     with pytest.raises(ValueError, match="2\\*\\*\\(64 - shift\\)"):
         _impl.cold_contains(cold._key, cold._hash, cold._table, cold._shift + 1, cold._mult,
                             cold._ns_salt[0], b"k" * 32)
+
+
+def test_more_namespaces_than_a_uint16_counts() -> None:
+    """A namespace id was a uint16: an L2 holding blocks of more than 65,535
+    namespaces (one tiny block each was enough) served while it ran, then
+    every restart's rebuild failed (OverflowError), l2.recover included."""
+    n = 70_000
+    cold = ColdIndex()
+    names = [f"t{i}" for i in range(n)]
+    keys = [i.to_bytes(32, "little") for i in range(n)]
+    cold.add_many(names, keys, np.full(n, 16, np.uint64), np.zeros(n, np.uint32),
+                  np.zeros(n, np.float64), np.zeros(n, np.float64))
+    assert len(cold) == n
+    last = cold.get("t69999", keys[-1])
+    assert last is not None and last.namespace == "t69999" and last.size == 16
+    assert cold.namespace_keys("t65536") == [keys[65536]]
