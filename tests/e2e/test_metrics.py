@@ -101,6 +101,27 @@ def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
     assert value(after, "kvstore_tier_available", tier="L1") == 1
 
 
+def test_a_get_split_between_getsmall_and_the_stream_counts_each_block_once(
+        server_factory: type) -> None:
+    """A gRPC Get of more than one response holds goes as GetSmall (the
+    leading blocks) then the Get stream (the rest): the first block past
+    GetSmall's budget was read there, counted (a get, a hit) and dropped,
+    then read and counted again by the stream (21 for 20 blocks)."""
+    srv = server_factory("--server-metrics-listen", "127.0.0.1:0").start()
+    address = metrics_address(srv)
+    keys = [b"k%02d" % i for i in range(20)]
+    with Client(srv.tcp, namespace="split", data_plane=False) as c:
+        for k in keys:
+            c.put({k: k * (1024**2 // 3)})
+        _, before = scrape(address)
+        assert c.get(keys) == [k * (1024**2 // 3) for k in keys]
+        _, after = scrape(address)
+    for name, labels in (("kvstore_block_gets_total", {}),
+                         ("kvstore_block_get_hits_total", {}),
+                         ("kvstore_tier_hits_total", {"tier": "L1"})):
+        assert value(after, name, **labels) - value(before, name, **labels) == 20, name
+
+
 def test_metrics_endpoint_binds_only_the_configured_address(server_factory: type) -> None:
     srv = server_factory("--server-metrics-listen", "127.0.0.1:0").start()
     port = metrics_address(srv).rsplit(":", 1)[1]
