@@ -22,6 +22,7 @@ joins them first on the shared-memory path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -32,7 +33,17 @@ from typing import Any, TypeVar
 from kvstore.block import copy_and_checksum
 from kvstore.client import Client
 from kvstore.client.shm import ShmClient
-from kvstore.errors import InvalidArgument, KVStoreError, StaleLease
+from kvstore.errors import (
+    Cancelled,
+    ConnectionFailed,
+    DeadlineExceeded,
+    InvalidArgument,
+    KVStoreError,
+    ProtocolError,
+    ServerShuttingDown,
+    StaleLease,
+)
+from kvstore.types import MAX_NAMESPACE_CHARS
 
 log = logging.getLogger("kvstore.integrations")
 
@@ -40,6 +51,33 @@ Pieces = Sequence[memoryview]
 # (Each client's channel has its own subchannel and reconnects within a second:
 # the SDK's channel options, kvstore.client._common.channel_options.)
 _T = TypeVar("_T")
+
+#: Errors that say the connection (or the server behind it) is gone or not
+#: answering: the link drops the client and tries again after ``retry_s``.
+#: Any other KVStoreError is the server refusing one request (a tier it does
+#: not have, a namespace it does not serve, no room now): that call is a miss
+#: or "not stored", and the connection stays (a refused Put dropped it, and
+#: every read missed for ``retry_s``).
+_CONNECTION_ERRORS = (ConnectionFailed, DeadlineExceeded, Cancelled, ProtocolError,
+                      ServerShuttingDown)
+_SHM_MODES = ("auto", "on", "off")
+_ACKS = ("memory", "local", "remote")
+
+
+def bounded_namespace(head: str, tail: str) -> str:
+    """``head + tail`` when it fits a namespace (128 characters); else the
+    head cut short with a digest of the whole name, and ``tail`` kept: the
+    tail names the worker (rank, world size, dtype), and cutting the name at
+    128 characters dropped it for a long model path, so every worker read
+    the others' blocks."""
+    name = head + tail
+    if len(name) <= MAX_NAMESPACE_CHARS:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+    keep = MAX_NAMESPACE_CHARS - len(tail) - len(digest) - 1
+    if keep < 1:
+        raise ValueError(f"namespace tail {tail!r} leaves no room for the model's name")
+    return f"{head[:keep]}.{digest}{tail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +98,19 @@ class LinkConfig:
     retry_s: float = 1.0
     ack: str = "memory"
 
+    def __post_init__(self) -> None:
+        # Refused when the engine starts: a typo here made every Put fail
+        # quietly (a bad ack), or shared memory silently off (YAML reads an
+        # unquoted ``on`` as true).
+        if self.shm not in _SHM_MODES:
+            raise ValueError(f"kvstore shm must be one of {', '.join(_SHM_MODES)}, not "
+                             f"{self.shm!r}")
+        if self.ack not in _ACKS:
+            raise ValueError(f"kvstore ack must be one of {', '.join(_ACKS)}, not {self.ack!r}")
+        if not self.timeout > 0 or not self.retry_s >= 0:
+            raise ValueError(f"kvstore timeout must be > 0 and retry_s >= 0, not "
+                             f"{self.timeout!r} and {self.retry_s!r}")
+
     @classmethod
     def from_mapping(cls, values: Any, *, prefix: str = "", namespace: str) -> LinkConfig:
         """Read ``target``, ``shm``, ``timeout``, ``retry_s``, ``ack`` (each
@@ -69,8 +120,11 @@ class LinkConfig:
             return default if value is None else value
 
         base = cls()
+        shm = pick("shm", base.shm)
+        if isinstance(shm, bool):  # YAML 1.1: an unquoted on / off is a bool
+            shm = "on" if shm else "off"
         return cls(target=str(pick("target", base.target)), namespace=namespace,
-                   shm=str(pick("shm", base.shm)).lower(),
+                   shm=str(shm).lower(),
                    timeout=float(pick("timeout", base.timeout)),
                    retry_s=float(pick("retry_s", base.retry_s)),
                    ack=str(pick("ack", base.ack)))
@@ -103,7 +157,14 @@ class StoreLink:
         client = self._client
         if client is not None:
             return client
-        with self._lock:
+        if time.monotonic() < self._retry_at:
+            return None
+        # One thread connects; the others answer misses meanwhile instead of
+        # waiting for it (a connect to a server that does not answer takes
+        # the timeout, and held every engine thread that long).
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
             if self._client is not None:
                 return self._client
             if time.monotonic() < self._retry_at:
@@ -117,6 +178,8 @@ class StoreLink:
                 log.warning("kvstore at %s reachable again", self.config.target)
                 self._warned = False
             return self._client
+        finally:
+            self._lock.release()
 
     def _connect(self) -> Client:
         cfg = self.config
@@ -126,8 +189,11 @@ class StoreLink:
                 return ShmClient(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
             except KVStoreError as exc:
                 # A server without an arena says so (FAILED_PRECONDITION / UNIMPLEMENTED);
-                # an unreachable one is a failure either way.
-                if cfg.shm == "on" or exc.code == "UNAVAILABLE":
+                # an unreachable one, or one that does not answer, is a failure
+                # either way (it went on to a gRPC client, and waited the
+                # timeout twice).
+                if cfg.shm == "on" or isinstance(exc, _CONNECTION_ERRORS) or \
+                        exc.code == "UNAVAILABLE":
                     raise
         client = Client(cfg.target, namespace=cfg.namespace, timeout=cfg.timeout)
         client.stats()  # fail now, not in the middle of the first batch
@@ -143,7 +209,7 @@ class StoreLink:
                         self.config.retry_s)
             self._warned = True
 
-    def _refused(self, exc: InvalidArgument) -> None:
+    def _refused(self, exc: KVStoreError) -> None:
         self.failures += 1
         self.last_error = exc
         kind = type(exc).__name__
@@ -182,6 +248,12 @@ class StoreLink:
                 # connection is fine, but nothing is ever stored until the
                 # deployment changes, so it is counted and said, once per kind.
                 self._refused(exc)
+            return fallback
+        except KVStoreError as exc:
+            if isinstance(exc, _CONNECTION_ERRORS):
+                self._drop(client, exc)
+            else:
+                self._refused(exc)  # the server refused this request; the connection is fine
             return fallback
         except Exception as exc:  # the engine must never see a kvstore failure
             self._drop(client, exc)

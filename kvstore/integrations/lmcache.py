@@ -47,7 +47,7 @@ except ImportError as exc:
     raise engine_missing("lmcache", "LMCache",
                          "'lmcache==0.5.6' (kvstore's lmcache extra)") from exc
 
-from kvstore.integrations.link import LinkConfig, StoreLink
+from kvstore.integrations.link import LinkConfig, StoreLink, bounded_namespace
 
 _NS_BAD = re.compile(r"[^A-Za-z0-9._:-]")
 # Where a request's session id may be, first found wins. vLLM's LMCache
@@ -61,8 +61,8 @@ _SESSION_CONFIGS = ("lmcache.kvstore.session_id", "lmcache.tag.session_id",
 
 def namespace_of(key: CacheEngineKey) -> str:
     model = _NS_BAD.sub("-", key.model_name.replace("/", "-"))
-    ns = f"lmcache.{model}.w{key.world_size}.{key.worker_id}.{key._dtype_str}"
-    return ns[:128]
+    tail = _NS_BAD.sub("-", f".w{key.world_size}.{key.worker_id}.{key._dtype_str}")
+    return bounded_namespace(f"lmcache.{model}", tail)
 
 
 def key_bytes(key: CacheEngineKey) -> bytes:

@@ -45,7 +45,7 @@ except ImportError as exc:
     raise engine_missing("sglang", "SGLang (and PyTorch)",
                          "'sglang==0.5.23' (kvstore's sglang extra)") from exc
 
-from kvstore.integrations.link import LinkConfig, StoreLink
+from kvstore.integrations.link import LinkConfig, StoreLink, bounded_namespace
 
 _NS_BAD = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -63,9 +63,14 @@ def page_key(key: str) -> bytes:
     return data if len(data) <= 64 else hashlib.sha256(data).digest()
 
 
-def namespace_for(cfg: HiCacheStorageConfig) -> str:
+def namespace_for(cfg: HiCacheStorageConfig, base: str | None = None) -> str:
+    """``sglang.<model>`` (or ``base``, the ``kvstore_namespace`` setting)
+    followed by the worker's place in the parallel layout: every rank's
+    blocks are its own (a ``kvstore_namespace`` replaced the whole name, and
+    every rank of a TP group read the others' pages)."""
     model = _NS_BAD.sub("-", (cfg.model_name or "model").replace("/", "-"))
-    ns = f"sglang.{model}" if cfg.is_mla_model else f"sglang.{model}.tp{cfg.tp_rank}of{cfg.tp_size}"
+    head = _NS_BAD.sub("-", base) if base else f"sglang.{model}"
+    ns = "" if cfg.is_mla_model else f".tp{cfg.tp_rank}of{cfg.tp_size}"
     if cfg.pp_size > 1:
         ns += f".pp{cfg.pp_rank}of{cfg.pp_size}"
     if cfg.attn_cp_size > 1:
@@ -77,7 +82,7 @@ def namespace_for(cfg: HiCacheStorageConfig) -> str:
         # (HiCacheFile's key suffix names the same four).
         ns += (f".tp{cfg.tp_size}.dcp{getattr(cfg, 'dcp_rank', 0)}of{dcp_size}"
                f".page{getattr(cfg, 'logical_page_size', None)}")
-    return ns[:128]
+    return bounded_namespace(head, _NS_BAD.sub("-", ns))
 
 
 def _session(extra_info: HiCacheStorageExtraInfo | None) -> str | None:
@@ -100,13 +105,15 @@ class KVStoreHiCache(HiCacheStorage):
     """HiCache storage backed by a kvstore server (see the module's docstring).
 
     Extra-config fields (all optional): ``kvstore_target``,
-    ``kvstore_namespace``, ``kvstore_shm`` (auto/on/off), ``kvstore_timeout``,
+    ``kvstore_namespace`` (replaces ``sglang.<model>``; the rank suffix is
+    kept), ``kvstore_shm`` (auto/on/off), ``kvstore_timeout``,
     ``kvstore_retry_s``, ``kvstore_ack``.
     """
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Any = None) -> None:
         extra = storage_config.extra_config or {}
-        namespace = str(extra.get("kvstore_namespace") or namespace_for(storage_config))
+        namespace = namespace_for(storage_config, str(extra.get("kvstore_namespace") or "")
+                                  or None)
         self.storage_config = storage_config
         self.link = StoreLink(LinkConfig.from_mapping(extra, prefix="kvstore_",
                                                       namespace=namespace))

@@ -46,3 +46,57 @@ def test_a_chunk_over_the_servers_limit_is_counted_and_said_once(
             assert link.failures == 2
         finally:
             link.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_refused_put_keeps_the_connection_and_the_reads(server_factory: type,
+                                                          transport: str) -> None:
+    """ack=remote on a server without an L3 is refused (TierNotConfigured):
+    that Put is "not stored", and the blocks already stored still hit (the
+    refusal dropped the connection, and every read missed for retry_s)."""
+    with server_factory(l1_capacity="64MiB") as server:
+        target = server.tcp if transport == "tcp" else server.unix_target
+        plain = StoreLink(LinkConfig(target=target, namespace="link-refuse"))
+        remote = StoreLink(LinkConfig(target=target, namespace="link-refuse", ack="remote",
+                                      retry_s=30.0))
+        try:
+            assert plain.put([b"kept"], [[memoryview(b"k" * 4096)]]) is True
+            assert remote.put([b"refused"], [[memoryview(b"r" * 4096)]]) is False
+            assert remote.failures == 1 and type(remote.last_error).__name__ == \
+                "TierNotConfigured"
+            assert remote.lookup([b"kept"]) == 1  # at once, not after retry_s
+            assert remote.exists([b"kept", b"refused"]) == [True, False]
+        finally:
+            plain.close()
+            remote.close()
+
+
+def test_a_link_config_refuses_what_it_would_get_wrong() -> None:
+    """A typo in an engine's kvstore settings is refused when the engine
+    starts: a bad ack made every Put fail quietly, and YAML's unquoted
+    ``shm: on`` (a boolean) turned shared memory off."""
+    with pytest.raises(ValueError, match="ack must be one of"):
+        LinkConfig(ack="memroy")
+    with pytest.raises(ValueError, match="shm must be one of"):
+        LinkConfig.from_mapping({"x.shm": "yes"}, prefix="x.", namespace="n")
+    assert LinkConfig.from_mapping({"x.shm": True}, prefix="x.", namespace="n").shm == "on"
+    assert LinkConfig.from_mapping({"x.shm": False}, prefix="x.", namespace="n").shm == "off"
+    with pytest.raises(ValueError, match="timeout"):
+        LinkConfig(timeout=0)
+
+
+def test_a_namespace_too_long_keeps_the_workers_part() -> None:
+    """Cut at 128 characters, a long model path lost the rank / world size /
+    dtype that followed it, and every worker read the others' blocks."""
+    from kvstore.integrations.link import bounded_namespace
+    from kvstore.types import validate_namespace
+
+    head = "lmcache." + "-root-.cache-huggingface-hub-models--org--model-snapshots-" * 2
+    names = {bounded_namespace(head, f".w2.{w}.half") for w in (0, 1)}
+    names.add(bounded_namespace(head, ".w2.0.bfloat16"))
+    names.add(bounded_namespace(head + "x", ".w2.0.half"))
+    assert len(names) == 4
+    for name in names:
+        assert len(name) <= 128
+        validate_namespace(name)
+    assert bounded_namespace("lmcache.m", ".w1.0.half") == "lmcache.m.w1.0.half"

@@ -156,6 +156,20 @@ def test_the_session_id_a_request_can_carry() -> None:
     assert key.tags is None  # not part of LMCache's own chunk key: its caches stay shared
 
 
+def test_workers_of_a_long_model_path_keep_their_own_namespaces() -> None:
+    """vLLM passes the model as LMCache's model name, often a local snapshot
+    path: cut at 128 characters, the world size, worker and dtype after it
+    were lost, and worker 1 read worker 0's KV."""
+    adapter: Any = quiet_import("kvstore.integrations.lmcache")
+    utils: Any = quiet_import("lmcache.utils")
+    model = "/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B-Instruct/" \
+            "snapshots/0e9e39f249a16976918f6564b8830bc894c89659"
+    names = {adapter.namespace_of(utils.CacheEngineKey(model, 2, w, 123, dtype))
+             for w in (0, 1) for dtype in (torch.bfloat16, torch.float16)}
+    assert len(names) == 4
+    assert all(len(n) <= 128 for n in names)
+
+
 def test_a_get_lmcache_gave_up_on_hands_its_buffers_back(shm_server: ServerProcess,
                                                           engines: Any) -> None:
     """LMCache cancels a get that outlasts its timeout; the thread doing the

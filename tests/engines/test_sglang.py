@@ -223,6 +223,24 @@ def test_dcp_shards_of_an_mla_page_get_their_own_namespace() -> None:
     assert all(ns not in shards for ns in [adapter.namespace_for(config(0, 0, 1))])
 
 
+def test_every_tp_rank_keeps_its_own_namespace() -> None:
+    """A long model path cut at 128 characters lost the ``.tp<r>of<n>``
+    suffix, and a ``kvstore_namespace`` setting (the same on every rank)
+    replaced it: either way rank 1 read rank 0's pages."""
+    adapter: Any = quiet_import("kvstore.integrations.sglang")
+
+    def config(tp_rank: int, model: str) -> Any:
+        return hicache.HiCacheStorageConfig(
+            tp_rank=tp_rank, tp_size=2, pp_rank=0, pp_size=1, attn_cp_rank=0,
+            attn_cp_size=1, is_mla_model=False, enable_storage_metrics=False,
+            is_page_first_layout=True, model_name=model)
+
+    long = "/models/" + "meta-llama--Llama-3.1-8B-Instruct-" * 4
+    assert len({adapter.namespace_for(config(r, long)) for r in (0, 1)}) == 2
+    custom = {adapter.namespace_for(config(r, "m"), "team-a") for r in (0, 1)}
+    assert custom == {"team-a.tp0of2", "team-a.tp1of2"}
+
+
 def test_a_hybrid_models_sidecar_pool_is_refused_at_attach(shm_server: ServerProcess) -> None:
     store = backend(shm_server.unix_target, v1=True)
     store.register_mem_pool_host(host_pool("page_first"))
