@@ -157,6 +157,22 @@ def session(target: str, token: str | None = None, kind: str = "unix",
     return raw
 
 
+def slow_session(target: str, receive_buffer: int = 16 * 1024) -> Raw:
+    """A TCP session (HELLO said) whose socket buffer takes ``receive_buffer``
+    bytes at most: a large answer waits in the server until the test reads."""
+    resp = open_dp(target)
+    host, _, port = resp.tcp_address.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(20)
+    sock.connect((host, int(port)))
+    raw = Raw(sock)
+    raw.send(request(HELLO, 1, s(resp.ticket)))
+    ok = raw.frame()
+    assert ok.op == 0x81 and ok.rid == 1, ok
+    return raw
+
+
 def put_meta(namespace: str, blocks: list[tuple[bytes, int, int, int | None]], ack: int = 0,
              session_id: str = "") -> bytes:
     """PUT metadata; blocks: (key, size, format, crc32c or None)."""

@@ -29,12 +29,12 @@ from dataplane.raw import (
     get_meta,
     keys,
     metric,
-    open_dp,
     put,
     put_meta,
     request,
     s,
     session,
+    slow_session,
     u32,
     u64,
     wait_until,
@@ -145,15 +145,7 @@ def test_a_reader_too_slow_for_an_l1_answer_is_dropped(server: ServerProcess) ->
     block = os.urandom(MiB)  # served from the callback (small enough to check there)
     assert put(writer, 1, "ns", {b"slowly": block}).op == PUT | 0x80
     connections = metric(server.data_dir, "kvstore_dataplane_connections")
-    resp = open_dp(server.tcp)
-    host, _, port = resp.tcp_address.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    sock.settimeout(20)
-    sock.connect((host, int(port)))
-    slow = Raw(sock)
-    slow.send(request(0x01, 1, s(resp.ticket)))
-    assert slow.frame().op == 0x81
+    slow = slow_session(server.tcp)
     # 32 answers of 1 MiB, none read: far more than the socket buffers hold.
     slow.send(b"".join(request(GET, rid, get_meta("ns", [b"slowly"]))
                        for rid in range(2, 34)))
@@ -165,7 +157,7 @@ def test_a_reader_too_slow_for_an_l1_answer_is_dropped(server: ServerProcess) ->
                       == connections, 15)
     got = 0
     try:
-        while chunk := sock.recv(1 << 20):
+        while chunk := slow.sock.recv(1 << 20):
             got += len(chunk)
     except ConnectionResetError:
         pass

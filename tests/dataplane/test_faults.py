@@ -38,6 +38,7 @@ from dataplane.raw import (
     request,
     s,
     session,
+    slow_session,
     u32,
     u64,
     u64s,
@@ -116,15 +117,7 @@ def test_a_reader_that_stops_reading_stalls_only_itself_and_is_dropped(
     big = os.urandom(1024) * (48 * 1024)  # 48 MiB: far more than the socket buffers hold
     writer = session(srv.tcp, kind="tcp")
     assert put(writer, 1, "ns", {b"big": big, b"small": b"s" * 4096}).op == 0x85
-    resp = open_dp(srv.tcp)
-    host, _, port = resp.tcp_address.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(20)
-    sock.connect((host, int(port)))
-    slow = Raw(sock)
-    slow.send(request(0x01, 1, s(resp.ticket)))
-    assert slow.frame().op == 0x81
+    slow = slow_session(srv.tcp, 64 * 1024)
     slow.send(request(GET, 2, get_meta("ns", [b"big"])))  # ... and read nothing
     # Others are served meanwhile, big blocks included.
     started = time.monotonic()
@@ -136,7 +129,7 @@ def test_a_reader_that_stops_reading_stalls_only_itself_and_is_dropped(
     assert wait_until(lambda: _gauge(srv, "kvstore_dataplane_connections") == 1, 15)
     got = 0
     try:
-        while chunk := sock.recv(1 << 20):
+        while chunk := slow.sock.recv(1 << 20):
             got += len(chunk)
     except ConnectionResetError:
         pass
