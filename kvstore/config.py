@@ -24,7 +24,7 @@ from typing import Any
 
 from kvstore._spin import MAX_BUSY_POLL_US
 from kvstore.errors import InvalidConfig, InvalidNamespace
-from kvstore.l3url import check_location, check_obstore
+from kvstore.l3url import check_credentials, check_location, check_obstore
 from kvstore.types import validate_namespace
 
 _log = logging.getLogger(__name__)
@@ -725,10 +725,7 @@ def validate(config: Config) -> None:
         raise InvalidConfig(f"l3.timeout_s must be positive, not {config.l3.timeout_s}")
     if config.l3.url:
         check_location(config.l3.url, config.l3.endpoint)
-        if bool(config.l3.access_key_id) != bool(config.l3.secret_access_key) \
-                and not config.l3.url.lower().startswith("file:"):  # (the tier's own check)
-            raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or "
-                                "neither")
+        check_credentials(config.l3.url, config.l3.access_key_id, config.l3.secret_access_key)
         check_obstore(config.l3.url)  # (after the URL's checks: a bad one is named first)
     if config.log_format not in ("text", "json"):
         raise InvalidConfig("log_format must be 'text' or 'json'")

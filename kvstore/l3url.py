@@ -21,6 +21,15 @@ def obstore_missing(url: str) -> InvalidConfig:
                          f"{L3_EXTRA_INSTALL}")
 
 
+def check_credentials(url: str, access_key_id: str, secret_access_key: str) -> None:
+    """InvalidConfig unless an S3 ``url`` has both keys or neither (a
+    ``file://`` one uses none)."""
+    if url.lower().startswith("file:"):
+        return
+    if bool(access_key_id) != bool(secret_access_key):
+        raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or neither")
+
+
 def check_obstore(url: str) -> None:
     """InvalidConfig (:func:`obstore_missing`) unless obstore imports."""
     try:

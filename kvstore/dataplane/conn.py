@@ -48,7 +48,7 @@ _TLS_READ = 1024 * 1024
 
 #: ``rest(parts, sent)``: send what is left of ``parts`` once ``sent`` bytes of
 #: them went out (a GET's answer from a shared arena checks its blocks again
-#: before their last bytes go: ops.Session.send_rechecked).
+#: before their last bytes go: ops.Session._send_rechecked).
 SendRest = Callable[[Sequence[Buffer], int], Awaitable[None]]
 
 #: ``fast(opcode, flags, request_id, meta)``: answer a payload-free request
@@ -299,10 +299,7 @@ class SocketIO:
         parts, sent, done, rest = self._pending
         self._pending = None
         try:
-            if rest is None:
-                await self._send_rest(parts, sent, sum(map(len, parts)))
-            else:
-                await rest(parts, sent)
+            await self._send_left(parts, sent, rest)
         finally:
             done()
 
@@ -455,10 +452,16 @@ class SocketIO:
             raise ConnectionClosed(f"send failed: {exc}") from None
         self.bytes_out += sent
         if sent != total:
-            if rest is None:
-                await self._send_rest(parts, sent, total)
-            else:
-                await rest(parts, sent)
+            await self._send_left(parts, sent, rest)
+
+    async def _send_left(self, parts: Sequence[Buffer], sent: int,
+                         rest: SendRest | None) -> None:
+        """What ``sent`` bytes of ``parts`` left, by ``rest`` or as the socket
+        takes it."""
+        if rest is None:
+            await self._send_rest(parts, sent, sum(map(len, parts)))
+        else:
+            await rest(parts, sent)
 
     async def _send_rest(self, parts: Sequence[Buffer], sent: int, total: int) -> None:
         """Send what is left of ``parts`` once ``sent`` bytes went out: one

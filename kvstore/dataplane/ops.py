@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from kvstore.checksum import checksum
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import ConnectionClosed, SocketIO, StreamIO
 from kvstore.dataplane.tickets import Binding
@@ -34,6 +33,7 @@ from kvstore.errors import (
 )
 from kvstore.store import CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.index import Entry
+from kvstore.store.l1check import l1_intact
 from kvstore.store.reads import BlockReader
 from kvstore.store.shm import VERIFY_INLINE_BYTES, Lease, Unleased
 from kvstore.tiers.base import Buffer
@@ -115,10 +115,6 @@ def error_frame(request_id: int, exc: KVStoreError, flags: int = 0) -> bytes:
     """The ERROR frame that answers a request ``exc`` failed."""
     info = f.ErrorInfo(f.STATUS_CODES.get(exc.code, 13), type(exc).__name__, exc.message)
     return f.frame(f.Op.ERROR, request_id, info.encode(), 0, flags)
-
-
-def _matches(view: Buffer, expected: int) -> bool:
-    return checksum(view) == expected
 
 
 class Session:
@@ -531,9 +527,9 @@ class Session:
     async def _unchanged(self, view: Buffer, entry: Entry) -> bool:
         """Whether the block's arena bytes ``view`` still match its checksum."""
         if len(view) <= VERIFY_INLINE_BYTES:
-            return checksum(view) == entry.checksum
+            return l1_intact(view, entry)
         return await asyncio.get_running_loop().run_in_executor(
-            self.store.executor, _matches, view, entry.checksum)
+            self.store.executor, l1_intact, view, entry)
 
     async def _verified(self, reader: BlockReader, block: BlockId, session: str | None,
                         failed: bool) -> BlockReader | None:

@@ -139,12 +139,19 @@ class Server:
     async def _abort_start(self) -> None:
         with contextlib.suppress(Exception):  # (started or not)
             await self.grpc.stop(0)
+        await self._release(self._store_started)
+
+    async def _release(self, store_started: bool) -> None:
+        """What serving held, once no call is under way: the data plane's
+        sessions (before the broker: they give back leases), the metrics
+        endpoint, the broker, the store (closed, or abandoned if it never
+        started) and the unix socket's file."""
         if self.dataplane is not None:
             await self.dataplane.close()
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
         await self.shm.close()
-        if self._store_started:
+        if store_started:
             await self.store.close()
         else:
             self.store.abandon()
@@ -246,14 +253,7 @@ class Server:
         if self.dataplane is not None:
             stopping.append(self.dataplane.drain(grace))
         await asyncio.gather(*stopping)
-        if self.dataplane is not None:  # before the broker: its sessions give back leases
-            await self.dataplane.close()
-        if self.metrics is not None:
-            await asyncio.to_thread(self.metrics.stop)
-        await self.shm.close()
-        await self.store.close()
-        if self.addresses["unix"]:
-            Path(self.addresses["unix"]).unlink(missing_ok=True)
+        await self._release(True)
 
     async def _watch_l3(self) -> None:
         """Report L3's state as the health of ``kvstore.v1.KVStore/L3``: the

@@ -71,17 +71,6 @@ _ACK: dict[int, AckLevel] = {
 _SMALL_MISS_BYTES = 16
 
 
-def _stored_size(store: TieredStore, block: tuple[str, bytes]) -> int | None:
-    """The block's size as the index has it (None: not indexed here), with
-    nothing counted or moved."""
-    entry = store.index.blocks.get(block)
-    if entry is not None:
-        return entry.size
-    cold = store.index.cold
-    record = cold.get(block[0], block[1]) if cold is not None and len(cold) else None
-    return None if record is None else record.size
-
-
 def _tier_pb(tier: TierName | None) -> Any:
     # Tier values equal kvstore.v1.Tier numbers (checked by a unit test).
     return int(tier) if tier is not None else pb.TIER_UNSPECIFIED
@@ -290,8 +279,9 @@ class KVStoreServicer:
             # What does not fit is left to the Get stream before it is read:
             # read here and dropped, it was counted twice (a get, a hit, a
             # promotion), once here and once by the stream.
-            size = _stored_size(store, (namespace, key))
-            if budget < _SMALL_MISS_BYTES or (size is not None and budget < 12 + size + 48):
+            indexed = store.index.peek((namespace, key))  # (counts nothing)
+            if budget < _SMALL_MISS_BYTES or (indexed is not None and
+                                               budget < 12 + indexed.size + 48):
                 break
             reader = await _open_intact(store, (namespace, key), session, budget)
             if reader is None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.policy import Policy
-from kvstore.store.coldindex import ColdIndex
+from kvstore.store.coldindex import ColdBlock, ColdIndex
 from kvstore.store.stats import Stats
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
@@ -286,6 +286,15 @@ class Index:
         return True
 
     # -- the compact index (blocks only in L2) ----------------------------------------
+
+    def peek(self, block: BlockId) -> Entry | ColdBlock | None:
+        """The block's full entry, or its compact record (size, checksum,
+        created, l3), changing nothing: no record is warmed into the full
+        index (:meth:`entry` does that)."""
+        entry = self.blocks.get(block)
+        if entry is not None or self.cold is None or not len(self.cold):
+            return entry
+        return self.cold.get(block[0], block[1])
 
     def entry(self, block: BlockId) -> Entry | None:
         """The block's full entry, from the compact index if need be."""

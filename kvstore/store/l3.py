@@ -281,8 +281,7 @@ class L3Mover(Part):
         if entry is not None:
             return entry.created >= self.unlisted_since and not entry.l3 and \
                 not entry.l3_pending
-        cold = self.index.cold
-        record = cold.get(block[0], block[1]) if cold is not None and len(cold) else None
+        record = self.index.peek(block)
         return record is not None and record.created >= self.unlisted_since and not record.l3
 
     async def _settle_listed(self, block: BlockId) -> None:
@@ -303,10 +302,8 @@ class L3Mover(Part):
             raise
         if meta is None or block in self._deleting:
             return
-        entry = self.index.blocks.get(block)
-        cold = None if entry is not None or self.index.cold is None else \
-            self.index.cold.get(block[0], block[1])
-        current = entry if entry is not None else cold
+        current = self.index.peek(block)
+        entry = current if isinstance(current, Entry) else None
         if current is None or current.l3 or (entry is not None and entry.l3_pending):
             return  # gone meanwhile, or known in L3 (its own upload): nothing to settle
         if meta.size == current.size and meta.checksum == current.checksum:

@@ -77,7 +77,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.checksum import checksum
 from kvstore.errors import CorruptBlock, InvalidConfig, TierUnavailable
-from kvstore.l3url import check_location, obstore_missing
+from kvstore.l3url import check_credentials, check_location, obstore_missing
 from kvstore.tiers.base import BlockMeta, Buffer
 from kvstore.tiers.breaker import BreakerState, CircuitBreaker
 from kvstore.types import BlockId
@@ -700,8 +700,7 @@ def _open_store(
             raise InvalidConfig(f"l3.url {url!r}: cannot use directory: {exc}") from None
     bucket = parsed.netloc
     prefix = parsed.path.strip("/")
-    if bool(access_key_id) != bool(secret_access_key):
-        raise InvalidConfig("set both l3.access_key_id and l3.secret_access_key, or neither")
+    check_credentials(url, access_key_id, secret_access_key)
     config: dict[str, Any] = {"region": region or "us-east-1"}
     client: dict[str, Any] = {
         "timeout": timedelta(seconds=timeout_s),
