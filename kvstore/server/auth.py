@@ -13,8 +13,10 @@ namespaces each may use, one grant a line::
   hashed at rest; ``python -m kvstore.server.auth hash`` prints the hash of a
   token read from stdin). A client sends ``authorization: Bearer <token>``.
 * ``cert:NAME`` is a mutual-TLS client certificate whose subject CN or one of
-  whose subject alternative names is NAME (grpc checked the chain against
-  ``server.tls_client_ca``; this says what the holder may do).
+  whose DNS subject alternative names is NAME, or whose URI SAN is NAME when
+  NAME is a URI (``cert:spiffe://cluster/ns/engine``); email and IP SANs never
+  match (grpc checked the chain against ``server.tls_client_ca``; this says
+  what the holder may do).
 * namespaces: comma-separated, or ``*`` for every namespace.
 * ``admin``: may also call the node-wide methods (Flush, Stats of the whole
   node) and read any namespace's Stats figures.
@@ -179,11 +181,18 @@ def _first(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str 
 
 
 def _cert_names(auth_context: Mapping[str, Iterable[bytes]] | None) -> list[str]:
+    """The names ``cert:NAME`` may match: the subject CN, the DNS SANs, and
+    the URI SANs that are URIs (with a scheme, e.g. a SPIFFE id). Email and
+    IP SANs never match, nor a URI SAN written as a bare host name: a CA that
+    vets DNS names may let a requester put any email or URI in its
+    certificate, which must not earn another identity's grant."""
     if not auth_context:
         return []
-    names: list[str] = []
-    for prop in ("x509_common_name", "x509_subject_alternative_name"):
-        names.extend(v.decode("utf-8", "replace") for v in auth_context.get(prop, ()))
+    names = [v.decode("utf-8", "replace")
+             for prop in ("x509_common_name", "peer_dns")
+             for v in auth_context.get(prop, ())]
+    names.extend(uri for v in auth_context.get("peer_uri", ())
+                 if "://" in (uri := v.decode("utf-8", "replace")))
     return names
 
 
@@ -243,6 +252,11 @@ class Authorizer:
             if not grant.admin:
                 raise PermissionDenied(f"{method} is node-wide: identity {grant.identity!r} "
                                        "is not an admin")
+            # An admin of some namespaces flushes those only (admin adds no
+            # namespaces; ``*`` does).
+            if namespace is not None and not grant.allows(namespace):
+                raise PermissionDenied(f"identity {grant.identity!r} may not use namespace "
+                                       f"{namespace!r}")
         elif scope is Scope.NAMESPACE and namespace is not None \
                 and not grant.allows(namespace):
             raise PermissionDenied(f"identity {grant.identity!r} may not use namespace "

@@ -240,10 +240,20 @@ def _authorize(auth: Authorizer | None, method: str, request: Any,
 
     async def checked(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         first = True
+        namespace: str | None = None
+        grants = auth.grants
         async for chunk in chunks:
             if first:
                 first = False
-                auth.authorize(grant, name, getattr(chunk, "namespace", "") or None)
+                namespace = getattr(chunk, "namespace", "") or None
+                auth.authorize(grant, name, namespace)
+            elif auth.grants is not grants:
+                # SIGHUP reread the grants while this stream was open: a
+                # revoked credential must not go on writing through a stream
+                # it opened before (one identity comparison per chunk else).
+                grants = auth.grants
+                auth.authorize(auth.identify(context.invocation_metadata(),
+                                             context.auth_context()), name, namespace)
             yield chunk
 
     auth.authorize(grant, name, None)

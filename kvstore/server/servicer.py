@@ -18,7 +18,13 @@ import grpc
 from kvstore.dataplane.frames import VERSION
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
-from kvstore.errors import Cancelled, DeadlineExceeded, InvalidArgument, MalformedRequest
+from kvstore.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    MalformedRequest,
+    PermissionDenied,
+)
 from kvstore.server.auth import Authorizer
 from kvstore.server.interceptor import Reserve
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
@@ -386,6 +392,14 @@ class KVStoreServicer:
         if request.namespace:
             self._granted(context, request.namespace)
             self.shm.check_namespace(self.store.check_namespace(request.namespace))
+        elif self.auth is not None and self.shm.namespaces:
+            # The arena holds the shared-memory namespaces' blocks: its path
+            # goes to identities granted one of them only.
+            grant = self.auth.identify(context.invocation_metadata(), context.auth_context())
+            if grant.namespaces is not None and not grant.namespaces & self.shm.namespaces:
+                raise PermissionDenied(
+                    f"identity {grant.identity!r} is granted none of the namespaces that may "
+                    "use shared memory here (server.shm_namespaces)")
         return pb.ShmAttachResponse(path=self.shm.path, size=self.store.l1.capacity,
                                     instance=self.shm.instance,
                                     reserve_ms=self.shm.reserve_ms,

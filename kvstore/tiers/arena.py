@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
@@ -23,6 +24,8 @@ from kvstore.config import format_size
 from kvstore.errors import InvalidConfig
 from kvstore.ownpath import check_directory
 from kvstore.types import ARENA_MARKER_PREFIX
+
+log = logging.getLogger(__name__)
 
 # How many extents of the exact size class to inspect before taking one from a
 # larger class; bounds the cost of an allocation on a fragmented arena.
@@ -146,6 +149,15 @@ class Arena:
                 raise InvalidConfig(f"l1.shm_path {path}: cannot lock the arena file: "
                                     f"{exc.strerror or exc}") from None
             if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                if stat.S_IMODE(mine.st_mode) != 0o600:
+                    # A file left by an earlier start keeps the mode it was
+                    # given then (a chmod for a group of engines, say): the
+                    # arena is the service user's alone until the operator
+                    # opens it again, as the sockets are at every start.
+                    log.warning("l1.shm_path %s had mode %s: set to 0600 (a process that "
+                                "opened it before this start can still map it)", path,
+                                stat.filemode(mine.st_mode))
+                    os.fchmod(fd, 0o600)
                 self._file_id = (mine.st_dev, mine.st_ino)
                 return fd
             # The previous holder unlinked the file between our open and our

@@ -5,12 +5,13 @@ SIGHUP; mutual-TLS certificates map to identities too."""
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,8 @@ def grants_text(alice: str = ALICE) -> str:
     return (f"# test grants\n{hash_token(alice)} alice team-a\n"
             f"{hash_token(BOB)}  bob   team-b,shared   # two namespaces\n"
             f"{hash_token(OPS)} ops * admin\n"
-            "cert:engine-1 engine team-m\n")
+            "cert:engine-1 engine team-m\n"
+            "cert:spiffe://test/engine-2 engine-2 team-m\n")
 
 
 @pytest.fixture
@@ -156,6 +158,58 @@ def test_shared_memory_calls_naming_a_namespace_check_the_grant(server_factory, 
             namespace="team-a").SerializeToString(), ALICE) == grpc.StatusCode.OK
 
 
+def test_shm_attach_refuses_an_identity_granted_no_shared_memory_namespace(  # type: ignore[no-untyped-def]
+        server_factory, tokens_file: Path, tmp_path: Path) -> None:
+    """With server.shm_namespaces, the arena's path goes to identities granted
+    one of those namespaces only (a ShmAttach naming none got it too)."""
+    arena = f"/dev/shm/kvstore-test-auth-{tmp_path.name}"
+    with server_factory("--auth-tokens-file", str(tokens_file), "--l1-shm-path", arena,
+                        "--server-shm-namespaces", "team-a") as server:
+        attach = pb.ShmAttachRequest().SerializeToString()
+        assert _raw(server.tcp, "ShmAttach", attach, BOB) == grpc.StatusCode.PERMISSION_DENIED
+        assert _raw(server.tcp, "ShmAttach", attach, ALICE) == grpc.StatusCode.OK
+        assert _raw(server.tcp, "ShmAttach", attach, OPS) == grpc.StatusCode.OK  # * grant
+
+
+def test_a_put_stream_open_when_its_token_is_revoked_ends_at_its_next_chunk(  # type: ignore[no-untyped-def]
+        server_factory, tokens_file: Path) -> None:
+    """A Put stream opened before a SIGHUP revoked its token went on storing
+    blocks for as long as its holder kept it open."""
+    chunks: queue.Queue[pb.PutChunk | None] = queue.Queue()
+
+    def feed() -> Iterator[pb.PutChunk]:
+        while (chunk := chunks.get(timeout=60)) is not None:
+            yield chunk
+
+    with server_factory("--auth-tokens-file", str(tokens_file)) as server, \
+            grpc.insecure_channel(server.tcp) as channel, \
+            Client(server.tcp, namespace="team-a", token=OPS) as ops:
+        put = channel.stream_unary("/kvstore.v1.KVStore/Put",
+                                   request_serializer=pb.PutChunk.SerializeToString,
+                                   response_deserializer=pb.PutResponse.FromString)
+        call = put.future(feed(), timeout=60, metadata=(("authorization", f"Bearer {ALICE}"),))
+        chunks.put(pb.PutChunk(namespace="team-a", key=b"before", block_size=3, data=b"old"))
+        assert wait_until(lambda: ops.get([b"before"]) == [b"old"])
+        tokens_file.write_text(grants_text(alice="alice-token-2"))
+        os.kill(server.pid, signal.SIGHUP)
+
+        def revoked() -> bool:
+            with Client(server.tcp, namespace="team-a", token=ALICE) as alice:
+                try:
+                    alice.lookup([b"before"])
+                except Unauthenticated:
+                    return True
+                return False
+
+        assert wait_until(revoked)
+        chunks.put(pb.PutChunk(key=b"after", block_size=3, data=b"new"))
+        chunks.put(None)
+        with pytest.raises(grpc.RpcError) as refused:
+            call.result(timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert ops.get([b"before", b"after"]) == [b"old", None]
+
+
 def test_tokens_rotate_on_sighup(server_factory, tokens_file: Path) -> None:  # type: ignore[no-untyped-def]
     with server_factory("--auth-tokens-file", str(tokens_file)) as server:
         with Client(server.tcp, namespace="team-a", token=ALICE) as old:
@@ -205,7 +259,8 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
             "ca.pem", "-days", "2", "-subj", "/CN=kvstore-test-ca")
     for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:engine-1"),
-                      ("stranger", "DNS:stranger")):
+                      ("stranger", "DNS:stranger"), ("spiffe", "URI:spiffe://test/engine-2"),
+                      ("by-email", "email:engine-1"), ("by-bare-uri", "URI:engine-1")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
                 f"{name}.csr", "-subj", f"/CN={name}")
         (tmp_path / f"{name}.ext").write_text(f"subjectAltName={san}\n")
@@ -225,10 +280,15 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
             assert engine.get([b"k"]) == [b"v"]
             with pytest.raises(PermissionDenied):
                 engine.get([b"k"], namespace="team-a")
-        # A valid certificate the file does not map identifies no one.
-        with Client(server.tcp, namespace="team-m", tls=tls("stranger")) as stranger, \
-                pytest.raises(Unauthenticated):
-            stranger.get([b"k"])
+        with Client(server.tcp, namespace="team-m", tls=tls("spiffe")) as workload:
+            assert workload.get([b"k"]) == [b"v"]  # URI SAN → identity engine-2
+        # A valid certificate the file does not map identifies no one; nor
+        # does an email SAN or a URI SAN written as a host name that reads as
+        # a granted name (a CA vetting DNS names may let a requester set those).
+        for name in ("stranger", "by-email", "by-bare-uri"):
+            with Client(server.tcp, namespace="team-m", tls=tls(name)) as stranger, \
+                    pytest.raises(Unauthenticated):
+                stranger.get([b"k"])
         # A token decides over the certificate.
         with Client(server.tcp, namespace="team-m", tls=tls("client"), token=ALICE) as both, \
                 pytest.raises(PermissionDenied):
@@ -247,6 +307,10 @@ def test_node_wide_and_listing_methods() -> None:
         Authorizer.authorize(alice, "ListKeys", "team-b")
     with pytest.raises(PermissionDenied):  # admin is node-wide, not every namespace
         Authorizer.authorize(ops, "Get", "team-a")
+    # Flush names its namespace: an admin of namespace x wiped any other one.
+    Authorizer.authorize(ops, "Flush", "x")
+    with pytest.raises(PermissionDenied, match="may not use namespace 'team-a'"):
+        Authorizer.authorize(ops, "Flush", "team-a")
 
 
 def test_stats_shows_a_non_admin_only_its_namespaces() -> None:

@@ -91,6 +91,24 @@ def test_an_arena_path_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path
     assert victim.read_bytes() == b"precious"
 
 
+def test_an_arena_file_left_with_a_wider_mode_is_made_the_service_users_again(
+        tmp_path: Path) -> None:
+    # A file of an earlier start, opened up for a group of engines (the
+    # ExecStartPost chmod of deploy/systemd) or by hand, kept that mode: every
+    # user it let in could map the new arena, with no word in the log.
+    arena = tmp_path / "l1.arena"
+    arena.write_bytes(b"")
+    arena.chmod(0o644)
+    proc = start(tmp_path, "--l1-shm-path", str(arena))
+    try:
+        wait_ready(proc, tmp_path / "ready.json")
+        assert oct(arena.stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert "had mode -rw-r--r--: set to 0600" in err, err
+
+
 @needs_root
 def test_an_arena_file_another_user_made_is_refused(tmp_path: Path) -> None:
     # The other user makes the file first, world-readable, and keeps it open:
