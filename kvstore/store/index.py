@@ -136,8 +136,12 @@ class Index:
         self.blocks = BlockIndex()
         self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
         self.loading: dict[BlockId, asyncio.Future[None]] = {}
-        self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[None] | None] | None = \
+        self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[Any] | None] | None = \
             None
+        #: When this run began without the L3 an earlier run had (0: it has
+        #: L3, or none was ever recorded): blocks written before then count
+        #: as in L3 for ``delete_l3``.
+        self.l3_off_since = 0.0
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -433,7 +437,9 @@ class Index:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
         if delete_l3 and self.delete_l3 is not None:
-            return self.delete_l3(block, in_l3, entry.checksum)
+            # (a block from before a run with L3 off may have its object there)
+            return self.delete_l3(block, in_l3 or entry.created < self.l3_off_since,
+                                  entry.checksum)
         return None
 
     # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------

@@ -57,7 +57,7 @@ BEST_EFFORT_MAX = 4096
 CORRUPT_TTL_S = 60.0
 
 
-def _settled_quietly(error: BaseException | None, existed: bool) -> None:
+def settled_quietly(error: BaseException | None, existed: bool) -> None:
     """A state write to L2 nobody waits for (a failure is the writer's to log)."""
 
 
@@ -209,7 +209,7 @@ class L3Mover(Part):
         earlier = self.tombs.unlisted_since if self.tombs is not None else None
         self.unlisted_since = now if earlier is None else min(earlier, now)
         if self.tombs is not None and earlier is None:
-            self.tombs.set_unlisted_since(now, _settled_quietly)
+            self.tombs.set_unlisted_since(now, settled_quietly)
         if self.list_on_start:
             self.scan_task = asyncio.get_running_loop().create_task(self._scan())
         else:
@@ -270,7 +270,7 @@ class L3Mover(Part):
                 log.warning("L3 listing failed (%s); retrying in %.1f s", exc, self.retry_s)
                 await asyncio.sleep(self.retry_s)
         if not self._closing and not self._unsettled_left and self.tombs is not None:
-            self.tombs.set_unlisted_since(None, _settled_quietly)
+            self.tombs.set_unlisted_since(None, settled_quietly)
         self.scan_done.set()
         log.info("L3 listing: %d blocks in %.2f s", self.listed, time.monotonic() - started)
 

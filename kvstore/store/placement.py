@@ -272,7 +272,7 @@ class Placement(Part):
         # or another overwrite in between found the old bytes left for a
         # write never queued, and the Put was answered over them).
         has_copy = self._has_l2_copy(old)
-        delete_l3 = old.l3 or old.l3_pending > 0
+        delete_l3 = old.l3 or old.l3_pending > 0 or old.created < self.index.l3_off_since
         earlier_delete = self._deleting_l2.get(block)
         keep = written_next and has_copy
         done = self._old_copy_deleted(block) if has_copy and not keep else None

@@ -32,8 +32,8 @@ from kvstore.errors import (
 )
 from kvstore.policy import Policy, make_policy
 from kvstore.policy.namespaced import NamespacedSessions
-from kvstore.store.index import Entry, Index
-from kvstore.store.l3 import L3Mover
+from kvstore.store.index import UNKNOWN_CHECKSUM, Entry, Index
+from kvstore.store.l3 import L3Mover, settled_quietly
 from kvstore.store.leases import Leases
 from kvstore.store.lookup import Lookup
 from kvstore.store.parts import Progress, Shared, writer_settled
@@ -121,6 +121,11 @@ class TieredStore:
             if has_l3:
                 self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
                 self.index.delete_l3 = self.l3.delete_later
+            elif self.l2 is not None:
+                # L3 off for this run: a block an earlier run put in L3 and
+                # deleted or overwritten now gets its delete record in L2, done
+                # when L3 is back (its listing brought the old object back).
+                self.index.delete_l3 = self._record_l3_delete
             self.writeback: WriteBack | None = None
             if self.l2 is not None:
                 self.writeback = WriteBack(shared, self.l2, config)
@@ -156,12 +161,46 @@ class TieredStore:
             self.abandon()
             raise
 
+    def _mind_the_l3_url(self) -> None:
+        """L2 records the l3.url it last ran with. A run without that L3
+        records the deletes of the blocks from before it (any of them may be
+        there), done when L3 is back; a run with another URL is warned
+        about: what it deletes stays in the first bucket."""
+        assert self.l2 is not None
+        url, recorded = self.config.l3.url, self.l2.l3_url
+        if url:
+            if recorded and recorded != url:
+                log.warning("l3.url is %s, but this L2 last ran with %s: blocks deleted or "
+                            "overwritten while this node uses another bucket are not deleted "
+                            "in that one, and may be served from it again if it comes back",
+                            url, recorded)
+            if recorded != url:
+                self.l2.set_l3_url(url, settled_quietly)
+        elif recorded:
+            self.index.l3_off_since = time.time()
+            log.warning("L3 off (this L2 last ran with l3.url %s): Deletes and overwrites of "
+                        "the blocks from before are recorded in L2 and done in that bucket when "
+                        "a run has it again", recorded)
+
+    def _record_l3_delete(self, block: BlockId, in_l3: bool,
+                          checksum: int) -> asyncio.Future[Any] | None:
+        """Index.delete_l3 while L3 is off: record the delete of the block's
+        L3 object (``in_l3``: one an earlier run put or found there) as
+        L3Mover does when L3 is down; the next run with L3 does it first."""
+        if not in_l3 or self.l2 is None:
+            return None
+        recorded, done = writer_settled(asyncio.get_running_loop())
+        self.l2.submit_tombstone(block, True, done,
+                                 None if checksum == UNKNOWN_CHECKSUM else checksum)
+        return recorded
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         """Rebuild the index from L2 metadata (no payload is read)."""
         self.progress.start()
         if self.l2 is not None:
+            self._mind_the_l3_url()
             await self._rebuild_from_l2()
             if self.writeback is not None:
                 # Restarted with a smaller l2.capacity (the way out of a full

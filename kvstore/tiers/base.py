@@ -179,6 +179,16 @@ class KeyValueTier(Protocol):
         it or later). ``done`` as for :meth:`submit`."""
         ...
 
+    @property
+    def l3_url(self) -> str | None:
+        """The ``l3.url`` of the last run that had L3 (None: none recorded).
+        Read at open."""
+        ...
+
+    def set_l3_url(self, url: str, done: WriteDone) -> None:
+        """Record :attr:`l3_url`, ordered with the block writes."""
+        ...
+
     def usage(self) -> TierUsage:
         """Blocks and payload bytes committed, and the configured capacity
         (which the store enforces, not the tier)."""

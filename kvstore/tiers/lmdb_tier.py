@@ -134,6 +134,8 @@ class _Op:
 _BLOCK, _TOMBSTONE, _MARKER, _STATE = 0, 1, 2, 3
 #: The ``kvstore`` database's field for :attr:`LMDBTier.unlisted_since`.
 _UNLISTED_SINCE = b"unlisted_since"
+#: ... and for :attr:`LMDBTier.l3_url`.
+_L3_URL = b"l3_url"
 #: A tombstone's value: the checksum of the L3 object it is to delete.
 _TOMB_CHECKSUM = struct.Struct("<Q")
 
@@ -184,6 +186,7 @@ class LMDBTier:
         self._instance = ""  # the environment's id (in ``kvstore``); "" before the open
         self._state_db: Any = None  # the ``kvstore`` database (set at open)
         self._unlisted_since: float | None = None
+        self._l3_url: str | None = None
         self._new_instance = False  # the open gave it one: it had none
         self._recorded_txn = -1
         self._state_lock = threading.Lock()
@@ -286,6 +289,7 @@ class LMDBTier:
                 self._unlisted_since = float(fields[_UNLISTED_SINCE])
             except (KeyError, ValueError):
                 self._unlisted_since = None
+            self._l3_url = fields.get(_L3_URL)
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -546,6 +550,16 @@ class LMDBTier:
         """See :meth:`KeyValueTier.set_unlisted_since`."""
         self._enqueue(_Op(_UNLISTED_SINCE, None if value is None else repr(value).encode(),
                           b"", 0, done, _STATE))
+
+    @property
+    def l3_url(self) -> str | None:
+        """See :attr:`KeyValueTier.l3_url` (as read at open)."""
+        return self._l3_url
+
+    def set_l3_url(self, url: str, done: WriteDone) -> None:
+        """See :meth:`KeyValueTier.set_l3_url`."""
+        self._l3_url = url
+        self._enqueue(_Op(_L3_URL, url.encode(), b"", 0, done, _STATE))
 
     def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write queued before this call has
