@@ -122,7 +122,12 @@ def start_server(policy: str, capacity_blocks: int, timeout: float = 30.0) -> Se
            "--ready-file", str(ready), "--data-dir", str(Path(wd.name) / "data"),
            "--l1-capacity", str(capacity_blocks * BLOCK_BYTES), "--l2-enabled", "false",
            "--policy-name", policy, "--policy-clock", "client", "--l1-prefault", "false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    # The simulator it is compared with runs the policy's defaults: a
+    # KVSTORE_* setting in this shell (a config file, a policy knob) would
+    # reach the server only, and show as a difference of its own making.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("KVSTORE_") or k == "KVSTORE_PURE"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while not ready.exists() or not ready.read_text().strip():
         if proc.poll() is not None or time.monotonic() > deadline:

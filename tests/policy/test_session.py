@@ -59,6 +59,23 @@ def test_tool_call_hint_keeps_blocks_lru_would_drop() -> None:
     assert c.request("A", ["a1", "a2", "a3"], 4.0) == 2
 
 
+def test_turn_ends_resent_without_requests_do_not_keep_a_stream_young() -> None:
+    """A hostile tenant's streams Put their blocks once, then sent a TurnEnd
+    every few seconds: each one reset the stream's age, so its unread blocks
+    outranked every honest stream's (another tenant fell 19 points below LRU
+    in the review). A turn end counts once per request."""
+    c = Cache(SessionPolicy([L1], learn=False, duel=False), cap=4)
+    c.request("hostile", ["h1", "h2"], 0.0)
+    c.turn_end("hostile", TOOL, 1.0)
+    c.request("honest", ["o1", "o2"], 2.0)
+    c.turn_end("honest", TOOL, 3.0)
+    for t in range(100, 200):
+        c.turn_end("hostile", TOOL, float(t))  # no request in between
+        c.turn_end("never-asked", TOOL, float(t))  # a stream that never made one
+    c.request("third", ["t1"], 200.0)
+    assert c.evicted == [("h2", Action.DROP)]  # the older turn end's stream gives way
+
+
 def test_compacted_blocks_go_first_and_are_dropped() -> None:
     c = Cache(SessionPolicy([L1, L2], learn=False), cap=4)
     c.request("A", ["p", "x", "y"], 0.0)

@@ -367,6 +367,12 @@ class SessionPolicy(Duel, Policy):
         s = self._stream(event.session_id)
         ev = event.event
         if isinstance(ev, TurnEnd):
+            if s.cls != RUNNING or s.last_req is None:
+                # One turn end a request: one resent with no request since
+                # (or before any) kept its stream's age at 0, and with it
+                # blocks no one read in L1 -- one tenant held another's hit
+                # rate below LRU's so, without a single read. Ignored.
+                return
             s.cls = REASON_CLASS.get(ev.reason, UNSPEC)
             s.t_state = now
             s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0
