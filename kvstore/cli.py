@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -351,11 +352,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _seconds(text: str) -> float:
+    """--timeout: a positive number of seconds (0 or less made every call,
+    health included, report a healthy server unreachable)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def _client_options(p: argparse.ArgumentParser, timeout: float = 60.0) -> None:
     p.add_argument("--target", default=None,
                    help="server address: host:port or unix:/path "
                         f"[default: env KVSTORE_TARGET, else {DEFAULT_TARGET}]")
-    p.add_argument("--timeout", type=float, default=timeout,
+    p.add_argument("--timeout", type=_seconds, default=timeout,
                    help=f"deadline of the call in seconds [default: {timeout:g}]")
     p.add_argument("--tls-ca", metavar="PEM", default=os.environ.get("KVSTORE_TLS_CA"),
                    help="connect over TLS, trusting this CA bundle [env KVSTORE_TLS_CA]")

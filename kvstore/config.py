@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import math
 import os
@@ -602,6 +603,7 @@ def load(
             else:
                 values[(None, key)] = value
     origins = dict.fromkeys(values, f"config file {path}")
+    _refuse_unknown_env(env)
     for section, f in _options():
         name = _env(section, f.name)
         if name in env:
@@ -616,6 +618,21 @@ def load(
     config = _apply(values, str(path) if path else "the environment", origins)
     validate(config)
     return config
+
+
+def _refuse_unknown_env(env: Mapping[str, str]) -> None:
+    """A misspelt option's variable (``KVSTORE_L1_CAPCITY``) was read by no
+    one, and the server ran on the default without a word; a typo in the
+    file is refused naming the key, and so is one here. Only names under a
+    section's prefix: other KVSTORE_* variables are the client's and tools'."""
+    prefixes = tuple(f"KVSTORE_{s.upper().replace('.', '_')}_" for s in SECTIONS)
+    known = {_env(section, f.name) for section, f in _options()}
+    for name in sorted(env):
+        if name.startswith(prefixes) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InvalidConfig(f"environment variable {name} names no option{hint}: "
+                                "`kvstore config --example` lists them; unset it")
 
 
 #: What installs prometheus-client: kvstore's ``metrics`` extra (pyproject.toml; a
@@ -723,6 +740,22 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l3.outage_spill must be >= 0")
     if config.l3.timeout_s <= 0.0:
         raise InvalidConfig(f"l3.timeout_s must be positive, not {config.l3.timeout_s}")
+    # (the object tier checks these too; here, so that `config --effective`
+    # refuses what `serve` would)
+    for name, least in (("concurrency", 1), ("read_concurrency", 1), ("retries", 0),
+                        ("breaker_failures", 1)):
+        if getattr(config.l3, name) < least:
+            raise InvalidConfig(f"l3.{name} must be at least {least}, not "
+                                f"{getattr(config.l3, name)}")
+    if config.l3.breaker_reset_s < 0:
+        raise InvalidConfig(f"l3.breaker_reset_s must not be negative, not "
+                            f"{config.l3.breaker_reset_s}")
+    for tier in ("l1", "l2"):
+        for ns, _ in getattr(config.quota, tier).limits:
+            try:  # a quota for a name no request can use applies to nothing: a typo
+                validate_namespace(ns)
+            except InvalidNamespace as exc:
+                raise InvalidConfig(f"quota.{tier}: {exc}") from None
     if config.l3.url:
         check_location(config.l3.url, config.l3.endpoint)
         check_credentials(config.l3.url, config.l3.access_key_id, config.l3.secret_access_key)

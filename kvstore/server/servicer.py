@@ -129,6 +129,7 @@ class KVStoreServicer:
         store = self.store
         namespace = ""
         ack = AckLevel.MEMORY
+        first_ack = 0
         first = True
         writer: BlockWriter | None = None
         durable: list[asyncio.Future[None]] = []
@@ -160,6 +161,17 @@ class KVStoreServicer:
                         raise InvalidArgument(f"unknown acknowledgement level {chunk.ack}")
                     ack = _ACK[chunk.ack]
                     store.check_ack(ack)
+                    first_ack = chunk.ack
+                elif (chunk.namespace and chunk.namespace != namespace) or \
+                        (chunk.ack and _ACK.get(chunk.ack) != ack):
+                    # The stream's first message decides both; a later one
+                    # naming others was stored as the first said, and answered
+                    # OK (another tenant's namespace, a durability not given).
+                    raise InvalidArgument(
+                        f"block #{stored}: a later message of the Put stream names namespace "
+                        f"{chunk.namespace!r} / ack {chunk.ack}, not the first message's "
+                        f"{namespace!r} / {first_ack}: one Put stream has one namespace and "
+                        "one acknowledgement level (leave them unset after the first)")
                 if chunk.block_size:
                     if writer is not None:
                         raise MalformedRequest(
@@ -185,6 +197,10 @@ class KVStoreServicer:
                         f"block #{stored}: block_size is 0 (or missing); a block holds 1 to "
                         f"{store.config.server.max_block_bytes} bytes "
                         "(server.max_block_bytes), so empty blocks cannot be stored")
+                elif chunk.format and writer is not None and chunk.format != writer.format:
+                    raise InvalidArgument(
+                        f"block #{stored}: format {chunk.format} on a chunk after the block's "
+                        "first: a block's format is set on its first chunk only")
                 elif writer is None:
                     if not chunk.data:
                         continue

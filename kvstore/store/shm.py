@@ -75,7 +75,15 @@ from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
 from kvstore.store.tiered import TieredStore
 from kvstore.tiers.memory import MemoryTier
-from kvstore.types import AckLevel, BlockFormat, BlockId, TierName, validate_key, validate_keys
+from kvstore.types import (
+    MAX_KEYS_PER_REQUEST,
+    AckLevel,
+    BlockFormat,
+    BlockId,
+    TierName,
+    validate_key,
+    validate_keys,
+)
 
 log = logging.getLogger("kvstore.store")
 
@@ -288,6 +296,9 @@ class SharedMemoryBroker:
     def _check_reserve(self, namespace: str, specs: Sequence[tuple[bytes, int]]) -> None:
         """A reservation's checks: namespace, keys, sizes, L1's capacity."""
         self.check_namespace(namespace)
+        if len(specs) > MAX_KEYS_PER_REQUEST:
+            raise InvalidArgument(f"a ShmReserve names {len(specs)} blocks; at most "
+                                  f"{MAX_KEYS_PER_REQUEST} (split it)")
         extent = self.store.l1.extent
         total = 0
         for i, (key, size) in enumerate(specs):
@@ -540,11 +551,16 @@ class SharedMemoryBroker:
         loses what it named."""
         self.check_namespace(namespace)
         self.store.check_ack(ack)
+        for what, ids in (("blocks", specs), ("slots to abandon", abandon)):
+            if len(ids) > MAX_KEYS_PER_REQUEST:
+                raise InvalidArgument(f"a ShmCommit names {len(ids)} {what}; at most "
+                                      f"{MAX_KEYS_PER_REQUEST} (split it)")
         named = [spec.slot_id for spec in specs] + list(abandon)
         # Someone else's slots: refused before anything changes (theirs stay valid).
         self._check_owner(named, namespace, owner)
         if len(set(named)) != len(named):
-            twice = next(i for n, i in enumerate(named) if i in named[:n])
+            seen: set[int] = set()
+            twice = next(i for i in named if i in seen or seen.add(i))  # type: ignore[func-returns-value]
             for slot_id in set(named):
                 self._drop_reservation(slot_id)
             raise InvalidArgument(

@@ -69,6 +69,16 @@ def test_unreachable_server_exits_2(tmp_path: Path) -> None:
     assert "UNAVAILABLE" in out.stderr or "DEADLINE_EXCEEDED" in out.stderr
 
 
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "soon"])
+def test_a_timeout_that_is_no_positive_number_is_refused_as_usage(
+        shared_server: object, timeout: str) -> None:
+    # --timeout 0 was taken, and a healthy server reported unreachable (exit 2).
+    out = kvstore("health", "--target", shared_server.tcp,  # type: ignore[attr-defined]
+                  "--timeout", timeout)
+    assert out.returncode == 2
+    assert "argument --timeout" in out.stderr and "health of the server" not in out.stderr
+
+
 def test_a_bad_target_exits_2() -> None:
     out = kvstore("health", "--target", "unix://relative/path")
     assert out.returncode == 2

@@ -195,6 +195,35 @@ def test_a_key_repeated_inside_a_block_says_so(stub: pb_grpc.KVStoreStub) -> Non
     assert list(res.tiers) == [pb.TIER_L1, pb.TIER_UNSPECIFIED]
 
 
+@pytest.mark.parametrize("later", [
+    pb.PutChunk(namespace="tenant-b", key=b"x", block_size=2, data=b"xx"),
+    pb.PutChunk(ack=pb.ACK_LEVEL_LOCAL, key=b"x", block_size=2, data=b"xx"),
+    pb.PutChunk(key=b"x", block_size=4, data=b"xx", format=pb.BLOCK_FORMAT_RAW),
+], ids=["namespace", "ack", "format"])
+def test_a_later_message_naming_another_namespace_ack_or_format_is_refused(
+        stub: pb_grpc.KVStoreStub, later: pb.PutChunk) -> None:
+    """The stream's first message sets its namespace and ack, a block's first
+    chunk its format. Later messages naming others were ignored and the Put
+    answered OK: a block sent for another tenant's namespace went into the
+    first one's, an ack=local block was acknowledged at memory."""
+    chunks = [pb.PutChunk(namespace="tenant-a", key=b"first", block_size=2, data=b"ok"), later]
+    if later.block_size == 4:  # the format: on the block's next chunk
+        chunks.append(pb.PutChunk(data=b"yy", format=pb.BLOCK_FORMAT_KV_V1))
+    err = put_status(stub, chunks)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "block #1" in err.details()
+    for namespace, want in (("tenant-a", [pb.TIER_L1, pb.TIER_UNSPECIFIED]),
+                            ("tenant-b", [pb.TIER_UNSPECIFIED, pb.TIER_UNSPECIFIED])):
+        res = stub.Lookup(pb.LookupRequest(namespace=namespace, keys=[b"first", b"x"]),
+                          timeout=30)
+        assert list(res.tiers) == want, namespace
+    # Repeating the first message's values is fine.
+    stub.Put(iter([pb.PutChunk(namespace="tenant-c", ack=pb.ACK_LEVEL_MEMORY, key=b"a",
+                               block_size=2, data=b"a"),
+                   pb.PutChunk(namespace="tenant-c", ack=pb.ACK_LEVEL_MEMORY, data=b"b")]),
+             timeout=30)
+
+
 def test_data_before_key_is_rejected(stub: pb_grpc.KVStoreStub) -> None:
     err = put_status(stub, [pb.PutChunk(namespace="order", data=b"orphan")])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT

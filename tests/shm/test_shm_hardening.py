@@ -207,3 +207,35 @@ def test_a_reservation_of_all_of_l1_does_not_stall_another_clients_l2_reads(
         assert reader.get([b"cold"]) == [data]
         assert time.monotonic() - started < 10
         hog.commit([], abandon=slots)
+
+
+def test_a_shm_reserve_or_commit_of_more_blocks_than_a_request_may_name_is_refused(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every request names at most 65,536 keys (docs/protocol.md): ShmReserve
+    granted 70,000 slots (and 185,000 made an answer no stock client can
+    receive, its slots reserved until they expired); a ShmCommit's duplicate
+    check was quadratic in the ids it named."""
+    from kvstore.wire.pb import kvstore_pb2 as pb
+    from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
+    server = server_factory("--l1-shm-path", _shm_path(tmp_path, "many"), l1_capacity="64MiB")
+    with server, grpc.insecure_channel(server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        owner = stub.ShmAttach(pb.ShmAttachRequest(), timeout=30).owner
+        too_many = 65_537
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ShmReserve(pb.ShmReserveRequest(
+                namespace="many", owner=owner,
+                blocks=[pb.ShmBlockSpec(size=1)] * too_many), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "names 65537 blocks; at most 65536" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ShmCommit(pb.ShmCommitRequest(
+                namespace="many", owner=owner,
+                blocks=[pb.ShmCommitBlock(slot_id=i + 1, size=1) for i in range(too_many)]),
+                timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "names 65537 blocks; at most 65536" in refused.value.details()
+        ok = stub.ShmReserve(pb.ShmReserveRequest(namespace="many", owner=owner,
+                                                  blocks=[pb.ShmBlockSpec(size=1)] * 8),
+                             timeout=30)
+        assert len(ok.slots) == 8

@@ -53,6 +53,29 @@ def test_unknown_option_in_file_is_rejected(tmp_path: Path) -> None:
         cfg.load(file=toml, env={})
 
 
+def test_a_misspelt_options_variable_is_refused_naming_it() -> None:
+    # It was read by no one: the server ran on the default, without a word.
+    with pytest.raises(InvalidConfig, match="KVSTORE_L1_CAPCITY names no option "
+                                            r"\(did you mean KVSTORE_L1_CAPACITY\?\)"):
+        cfg.load(env={"KVSTORE_L1_CAPCITY": "1GiB"})
+    # Other KVSTORE_* variables (the client's, the tools') are not options.
+    cfg.load(env={"KVSTORE_TARGET": "x", "KVSTORE_TOKEN": "t", "KVSTORE_LOG_LEVEL": "INFO"})
+
+
+def test_what_serve_refuses_config_refuses_too() -> None:
+    """`kvstore config --effective` is the check before a deploy: it passed
+    values the object tier then refused at start, and quotas for names no
+    request can use."""
+    for env, message in (({"KVSTORE_L3_CONCURRENCY": "0"}, "l3.concurrency must be at least 1"),
+                         ({"KVSTORE_L3_RETRIES": "-1"}, "l3.retries must be at least 0"),
+                         ({"KVSTORE_L3_BREAKER_FAILURES": "0"}, "l3.breaker_failures"),
+                         ({"KVSTORE_L3_READ_CONCURRENCY": "0"}, "l3.read_concurrency"),
+                         ({"KVSTORE_QUOTA_L1": "chat/v1=1GiB"}, "quota.l1: namespace 'chat/v1'"),
+                         ({"KVSTORE_QUOTA_L2": '{"bad name" = "1GiB"}'}, "quota.l2")):
+        with pytest.raises(InvalidConfig, match=re.escape(message)):
+            cfg.load(env=env)
+
+
 def test_invalid_values_are_rejected_with_the_option_name() -> None:
     with pytest.raises(InvalidConfig, match=r"l1\.capacity \(from \$KVSTORE_L1_CAPACITY\)"):
         cfg.load(env={"KVSTORE_L1_CAPACITY": "huge"})
