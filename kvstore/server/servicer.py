@@ -352,7 +352,8 @@ class KVStoreServicer:
 
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        namespace = self.store.check_namespace(request.namespace) if request.namespace else None
+        namespace = self.store.check_held_namespace(request.namespace) \
+            if request.namespace else None
         s = self.store.stats(namespace)
         return pb.StatsResponse(
             tiers=[pb.TierStats(tier=_tier_pb(t.tier), blocks=t.blocks, bytes=t.bytes,
@@ -532,7 +533,7 @@ class KVStoreServicer:
     async def ListBlocks(self, request: pb.ListBlocksRequest,
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.ListBlocksResponse]:
-        namespace = self.store.check_namespace(request.namespace)
+        namespace = self.store.check_held_namespace(request.namespace)
         blocks, truncated = self.store.list_blocks(namespace, request.prefix, request.limit)
         for start in range(0, max(len(blocks), 1), _LIST_BATCH):
             batch = blocks[start:start + _LIST_BATCH]
@@ -544,7 +545,7 @@ class KVStoreServicer:
 
     async def Flush(self, request: pb.FlushRequest,
                     context: grpc.aio.ServicerContext) -> pb.FlushResponse:
-        namespace = self.store.check_namespace(request.namespace)
+        namespace = self.store.check_held_namespace(request.namespace)
         return pb.FlushResponse(flushed=await self.store.flush(namespace))
 
 

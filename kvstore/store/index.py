@@ -444,6 +444,12 @@ class Index:
 
     # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------
 
+    def holds_namespace(self, namespace: str) -> bool:
+        """Whether the index knows a block of ``namespace`` (full or compact)."""
+        if self.blocks.by_namespace.get(namespace):
+            return True
+        return self.cold is not None and self.cold.namespace_usage(namespace)[0] > 0
+
     def namespace_held(self, namespace: str) -> dict[TierName, tuple[int, int]]:
         """Blocks and bytes per tier of one namespace (a scan of its entries,
         vectorised over its compact records)."""

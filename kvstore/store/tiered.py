@@ -295,6 +295,19 @@ class TieredStore:
             raise UnknownNamespace(f"namespace {namespace!r} is not served here")
         return namespace
 
+    def check_held_namespace(self, namespace: str) -> str:
+        """:meth:`check_namespace` for the ops calls (a namespace's Stats,
+        ListBlocks, Flush): a namespace taken out of ``server.namespaces``
+        whose blocks this node still holds may still be counted, listed and
+        flushed (else a retired tenant's blocks could not be purged without
+        serving it again)."""
+        validate_namespace(namespace)
+        if self._allowed and namespace not in self._allowed \
+                and not self.index.holds_namespace(namespace):
+            raise UnknownNamespace(f"namespace {namespace!r} is not served here (and this "
+                                   "node holds no block of it)")
+        return namespace
+
     def check_ack(self, ack: AckLevel) -> None:
         if ack == AckLevel.LOCAL and self.l2 is None:
             raise TierNotConfigured("acknowledgement level local needs L2, which is disabled")

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from kvstore import AsyncClient, Client
+from kvstore.errors import UnknownNamespace
 from kvstore.types import TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
@@ -105,6 +106,28 @@ def test_l2_only_blocks_after_restart_are_listed_and_flushed(server_factory) -> 
         assert c.list_blocks(namespace="ops-flush").blocks == []
         assert c.get(list(gone), namespace="ops-flush") == [None] * 40
         assert len(c.list_blocks(namespace="ops-keep").blocks) == 5
+
+
+def test_a_namespace_taken_out_of_the_list_can_still_be_counted_listed_and_flushed(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path) -> None:
+    """An operator's review: after a tenant was removed from server.namespaces
+    its blocks stayed in L2, and stats/ls/flush all answered UnknownNamespace:
+    they could not be purged without serving the tenant again."""
+    node = tmp_path / "node"
+    with server_factory("--server-namespaces", "kept,retired", data_dir=node) as first, \
+            Client(first.tcp) as c:
+        c.put({b"r%d" % i: b"x" * 100 for i in range(3)}, namespace="retired", ack="local")
+    with server_factory("--server-namespaces", "kept", data_dir=node) as later, \
+            Client(later.tcp, namespace="retired") as c:
+        with pytest.raises(UnknownNamespace):
+            c.get([b"r0"])  # not served
+        assert held(c, "retired")[TierName.L2] == (3, 300)
+        assert len(c.list_blocks().blocks) == 3
+        assert c.flush() == 3
+        with pytest.raises(UnknownNamespace):  # nothing of it held now
+            c.list_blocks()
+        with pytest.raises(UnknownNamespace):
+            c.list_blocks(namespace="never-served")
 
 
 def test_flush_of_one_namespace_leaves_the_others_intact(shared_server) -> None:  # type: ignore[no-untyped-def]
