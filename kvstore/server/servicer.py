@@ -158,7 +158,9 @@ class KVStoreServicer:
                     first = False
                     namespace = store.check_namespace(chunk.namespace)
                     if chunk.ack not in _ACK:
-                        raise InvalidArgument(f"unknown acknowledgement level {chunk.ack}")
+                        # (the chunk decoder reads the enum unsigned: -1 is 2^64 - 1)
+                        level = chunk.ack - 2**64 if chunk.ack >= 2**63 else chunk.ack
+                        raise InvalidArgument(f"unknown acknowledgement level {level}")
                     ack = _ACK[chunk.ack]
                     store.check_ack(ack)
                     first_ack = chunk.ack
@@ -173,6 +175,11 @@ class KVStoreServicer:
                         f"{namespace!r} / {first_ack}: one Put stream has one namespace and "
                         "one acknowledgement level (leave them unset after the first)")
                 if chunk.block_size:
+                    if not chunk.key and writer is not None:
+                        raise MalformedRequest(
+                            f"block #{stored}: a chunk sets block_size without a key before "
+                            f"the block is complete ({writer.received} of {writer.size} bytes "
+                            "sent); only a block's first chunk carries its key and block_size")
                     if writer is not None:
                         raise MalformedRequest(
                             f"block #{stored + 1} starts before block #{stored} is complete "

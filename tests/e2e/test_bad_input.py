@@ -224,6 +224,17 @@ def test_a_later_message_naming_another_namespace_ack_or_format_is_refused(
              timeout=30)
 
 
+def test_a_size_repeated_inside_a_block_or_a_negative_ack_says_so(
+        stub: pb_grpc.KVStoreStub) -> None:
+    # They were told "block #1 starts before block #0 is complete" (no key
+    # was sent) and "unknown acknowledgement level 18446744073709551615".
+    err = put_status(stub, [pb.PutChunk(namespace="rep2", key=b"k", block_size=4, data=b"ab"),
+                            pb.PutChunk(block_size=4, data=b"cd")])
+    assert "block #0: a chunk sets block_size without a key" in err.details()
+    err = put_status(stub, [pb.PutChunk(namespace="rep2", ack=-1, key=b"k", block_size=1)])
+    assert err.details() == "unknown acknowledgement level -1"
+
+
 def test_data_before_key_is_rejected(stub: pb_grpc.KVStoreStub) -> None:
     err = put_status(stub, [pb.PutChunk(namespace="order", data=b"orphan")])
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
