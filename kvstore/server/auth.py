@@ -14,7 +14,7 @@ namespaces each may use, one grant a line::
   token read from stdin). A client sends ``authorization: Bearer <token>``.
 * ``cert:NAME`` is a mutual-TLS client certificate whose subject CN or one of
   whose DNS subject alternative names is NAME, or whose URI SAN is NAME when
-  NAME is a URI (``cert:spiffe://cluster/ns/engine``); email and IP SANs never
+  NAME is a URI (``cert:spiffe://cluster/ns/engine``, ``cert:urn:…``); email and IP SANs never
   match (grpc checked the chain against ``server.tls_client_ca``; this says
   what the holder may do).
 * namespaces: comma-separated, or ``*`` for every namespace.
@@ -182,7 +182,7 @@ def _first(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str 
 
 def _cert_names(auth_context: Mapping[str, Iterable[bytes]] | None) -> list[str]:
     """The names ``cert:NAME`` may match: the subject CN, the DNS SANs, and
-    the URI SANs that are URIs (with a scheme, e.g. a SPIFFE id). Email and
+    the URI SANs that are URIs (with a scheme: a SPIFFE id, a URN). Email and
     IP SANs never match, nor a URI SAN written as a bare host name: a CA that
     vets DNS names may let a requester put any email or URI in its
     certificate, which must not earn another identity's grant."""
@@ -192,7 +192,7 @@ def _cert_names(auth_context: Mapping[str, Iterable[bytes]] | None) -> list[str]
              for prop in ("x509_common_name", "peer_dns")
              for v in auth_context.get(prop, ())]
     names.extend(uri for v in auth_context.get("peer_uri", ())
-                 if "://" in (uri := v.decode("utf-8", "replace")))
+                 if ":" in (uri := v.decode("utf-8", "replace")))  # (no DNS name has one)
     return names
 
 

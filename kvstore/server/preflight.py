@@ -36,6 +36,7 @@ from kvstore.errors import InvalidConfig
 from kvstore.ownpath import check_directory, make_directories
 from kvstore.server.tls import certificate_info, utc_text
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
+from kvstore.tiers.lmdb_tier import RUN_WITHOUT_L2
 
 log = logging.getLogger("kvstore.server")
 
@@ -161,42 +162,26 @@ def lock_data_dir(config: Config) -> None:
     warn_if_open(Path(config.data_dir))
 
 
-#: Left in ``<data_dir>/l2`` by a server started without L2 on a data dir that
-#: holds one (the time it started, one line): the next start with L2 clears it.
-RUN_WITHOUT_L2 = "run-without-l2"
-
-
 def mind_a_run_without_l2(config: Config) -> None:
     """A server without L2 cannot delete or overwrite the blocks of the L2 an
     earlier run left in its data dir: they came back old when L2 was turned
     on again. So such a run marks that L2 (WARNING), and the next start with
-    L2 clears it (WARNING): its blocks are lost, never served stale."""
+    L2 clears its blocks when it opens it (LMDBTier, WARNING): they are lost,
+    never served stale."""
     l2 = config.l2_path
+    if config.l2.enabled or not (l2 / "data.mdb").exists():
+        return
     marker = l2 / RUN_WITHOUT_L2
-    if not config.l2.enabled:
-        if not (l2 / "data.mdb").exists():
-            return
-        if not marker.exists():
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, f"{utc_text(time.time())}\n".encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        log.warning("l2.enabled is false: the L2 left in %s is not used, and is cleared when "
-                    "a server next starts on this data dir with L2 (Deletes and overwrites "
-                    "answered now cannot reach its blocks, which would come back old)", l2)
-        return
     if not marker.exists():
-        return
-    since = marker.read_text(errors="replace").strip()
-    for name in ("data.mdb", "lock.mdb"):
-        (l2 / name).unlink(missing_ok=True)
-    config.l2_state_path.unlink(missing_ok=True)  # (a new, empty L2: its lineage starts over)
-    marker.unlink()
-    log.warning("L2 in %s cleared: a server ran on this data dir without L2 (from %s), and "
-                "the Deletes and overwrites it answered could not reach the blocks there; "
-                "served now, they would have come back old", l2, since or "?")
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{utc_text(time.time())}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    log.warning("l2.enabled is false: the L2 left in %s is not used, and its blocks are "
+                "cleared when a server next starts on this data dir with L2 (Deletes and "
+                "overwrites answered now cannot reach them, which would come back old)", l2)
 
 
 #: ``struct flock`` as Linux lays it out (short, short, off_t, off_t, pid_t).

@@ -534,6 +534,9 @@ class L3Mover(Part):
                 # from before checksums did.
                 recorded = self._record(block, None if checksum == UNKNOWN_CHECKSUM
                                         else checksum)
+        if checksum is not None and checksum != UNKNOWN_CHECKSUM:
+            # (the first: the object in L3 is the oldest of an overwrite chain)
+            self._recorded.setdefault(block, checksum)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         # (the turn is taken now, not when the task starts: a Put's upload
         # decided in between would land first, and be deleted)
@@ -557,6 +560,21 @@ class L3Mover(Part):
         the Flush failed.)"""
         async with slots:
             return await self.tier.delete(block)
+
+    async def _slotted_own_delete(self, block: BlockId) -> bool:
+        """:meth:`_slotted_delete` of an object this node put or found: when
+        its checksum is known, only if the object under the key is still that
+        one (a delete retried after a failure, or slow to start, deleted
+        whatever was there: another node's newer block, acknowledged at
+        remote, gone from the bucket)."""
+        async with self._own_deletes:
+            wanted = self._recorded.get(block)
+            if wanted is None:
+                return await self.tier.delete(block)
+            deleted = await self.tier.delete_if(block, wanted)
+            if self._recorded.get(block) == wanted:
+                del self._recorded[block]
+            return deleted
 
     async def _delete_once(self, block: BlockId, turn: _Turn) -> None:
         try:
@@ -707,9 +725,8 @@ class L3Mover(Part):
 
     async def _delete(self, block: BlockId, turn: _Turn) -> None:
         try:
-            await self._in_order(
-                block, functools.partial(self._slotted_delete, self._own_deletes, block),
-                turn=turn)
+            await self._in_order(block, functools.partial(self._slotted_own_delete, block),
+                                 turn=turn)
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
             self._redo[block] = self._redo.get(block, 0) + 1
@@ -866,12 +883,25 @@ class L3Mover(Part):
             expected = entry.checksum
         loop = asyncio.get_running_loop()
         actual = await loop.run_in_executor(self.executor, checksum, payload)
-        if actual != expected or meta.checksum != expected:
+        if actual != meta.checksum:  # bytes that do not match their own header: damaged
             log.warning("dropped corrupt L3 copy of %s/%s", block[0], block[1].hex()[:16])
             counters.corrupt += 1
             counters.misses += 1
             self.index.lost_l3(block, entry)
             self._note_absent(block, CORRUPT_TTL_S)  # not found again by the next probe
+            return None
+        if meta.checksum != expected:
+            # An intact object of another version of the key, not damage (it
+            # was counted corrupt, and the key held absent for 60 s): this
+            # node's own overwrite landed while the read was on its way, or
+            # another node wrote the key since it was indexed here. A miss
+            # now; the current entry, or the next look, finds the new one.
+            counters.misses += 1
+            if entry is not None and self.index.blocks.get(block) is entry:
+                log.info("L3 object of %s/%s is another version (checksum %#x, not %#x): "
+                         "indexed again", block[0], block[1].hex()[:16], meta.checksum,
+                         expected)
+                self.index.lost_l3(block, entry)
             return None
         if entry is not None and meta.size != entry.size:
             # Another node replaced the object with one of another size since it

@@ -88,6 +88,11 @@ class Placement(Part):
         #: quota.l1 (limit_l1): namespace → L1 bytes allowed (0: none); None: no quotas.
         self._l1_limit: Callable[[str], int] | None = None
         self._l1_owned: dict[str, NamespaceL1] = {}
+        # quota.l1: room reserved and not committed yet, per namespace and per
+        # extent (a tenant's half-sent Puts or open ShmReserves counted for
+        # nothing: within its quota on paper, it evicted another's blocks).
+        self._l1_reserved: dict[str, int] = {}
+        self._reserved_at: dict[int, tuple[str, int]] = {}
         # Until then a reservation does not wait for over-quota blocks (one
         # waited out QUOTA_WAIT_SECONDS: they are held by leases, not writes).
         self._quota_wait_off_until = 0.0
@@ -190,6 +195,10 @@ class Placement(Part):
             offset = self.l1.reserve(size)
             if offset >= 0:
                 self.open_writers += 1
+                if self._l1_limit is not None:
+                    ns, extent = attempt.namespace, self.l1.extent(size)
+                    self._reserved_at[offset] = (ns, extent)
+                    self._l1_reserved[ns] = self._l1_reserved.get(ns, 0) + extent
                 return offset
             victim = None
             evictable: Callable[[BlockId], bool] = self._evictable
@@ -225,8 +234,21 @@ class Placement(Part):
             f"leave is leased, read or being written){self.stuck_reason()}"
         )
 
+    def _unreserve(self, offset: int) -> None:
+        """The reservation at ``offset`` ends (committed, placed or released)."""
+        held = self._reserved_at.pop(offset, None)
+        if held is not None:
+            ns, extent = held
+            left = self._l1_reserved[ns] - extent
+            if left > 0:
+                self._l1_reserved[ns] = left
+            else:
+                del self._l1_reserved[ns]
+
     def release(self, offset: int, size: int) -> None:
         self.open_writers -= 1
+        if self._reserved_at:
+            self._unreserve(offset)
         self.l1.release(offset, size)
         self.progress.wake()
 
@@ -238,6 +260,8 @@ class Placement(Part):
         awaited (store.room_for_write): the L2 copy of the block it
         overwrites may be left for that write to replace (see :meth:`_retire`)."""
         self.open_writers -= 1
+        if self._reserved_at:
+            self._unreserve(offset)
         index = self.index
         old = index.entry(block)
         left_in_l2 = old is not None and self._retire(block, old, written_next)
@@ -272,7 +296,7 @@ class Placement(Part):
         # or another overwrite in between found the old bytes left for a
         # write never queued, and the Put was answered over them).
         has_copy = self._has_l2_copy(old)
-        delete_l3 = old.l3 or old.l3_pending > 0 or old.created < self.index.l3_off_since
+        delete_l3 = self._maybe_in_l3(old)
         earlier_delete = self._deleting_l2.get(block)
         keep = written_next and has_copy
         done = self._old_copy_deleted(block) if has_copy and not keep else None
@@ -316,7 +340,12 @@ class Placement(Part):
             return True
         old = self.index.entry(block)
         return old is not None and (self._has_l2_copy(old) or (
-            self.has_l2 and self.index.delete_l3 is not None and (old.l3 or old.l3_pending > 0)))
+            self.has_l2 and self.index.delete_l3 is not None and self._maybe_in_l3(old)))
+
+    def _maybe_in_l3(self, old: Entry) -> bool:
+        """Whether an overwrite of ``old`` deletes an L3 object of it: one put
+        or found there, or (L3 off) one written before the first run without L3."""
+        return old.l3 or old.l3_pending > 0 or old.created < self.index.l3_off_since
 
     def _old_copy_deleted(self, block: BlockId) -> DropDone | None:
         """The writer's callback for the delete of an overwritten block's L2
@@ -344,6 +373,8 @@ class Placement(Part):
     def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:
         """A promoted block's bytes are in its reserved extent: index them."""
         self.open_writers -= 1
+        if self._reserved_at:
+            self._unreserve(offset)
         self.index.set_l1(entry, offset)
         entry.generation = next(self._generations)
         if self.has_l2 and not entry.l2:
@@ -384,14 +415,21 @@ class Placement(Part):
         limit = self._l1_limit
         over = set()
         empty = []
+        reserved = self._l1_reserved
         for namespace, owned in self._l1_owned.items():
             quota = limit(namespace)
-            if quota and owned.bytes >= quota and owned.due_reconcile():
+            held = owned.bytes + reserved.get(namespace, 0)
+            if quota and held >= quota and owned.due_reconcile():
                 owned.reconcile()  # Deletes free L1 behind placement's back
-            if quota and owned.bytes >= quota:
+                held = owned.bytes + reserved.get(namespace, 0)
+            if quota and held >= quota:
                 over.add(namespace)
             elif not owned.blocks:
                 empty.append(namespace)
+        for namespace, nbytes in reserved.items():  # (reservations, nothing committed)
+            quota = limit(namespace)
+            if quota and nbytes >= quota and namespace not in self._l1_owned:
+                over.add(namespace)
         for namespace in empty:  # (a namespace with nothing in L1 costs nothing)
             del self._l1_owned[namespace]
         if not over:
@@ -401,7 +439,9 @@ class Placement(Part):
                                     lambda b: b[0] in over and evictable(b))
         if victim is None:
             for namespace in over:
-                self._l1_owned[namespace].reconcile()
+                mine = self._l1_owned.get(namespace)
+                if mine is not None:
+                    mine.reconcile()
         return victim, over
 
     # -- eviction -----------------------------------------------------------------------

@@ -189,6 +189,16 @@ class KeyValueTier(Protocol):
         """Record :attr:`l3_url`, ordered with the block writes."""
         ...
 
+    @property
+    def l3_off_since(self) -> float | None:
+        """When (Unix time) the first of the runs without the recorded L3
+        since it was last on began (None: none). Read at open."""
+        ...
+
+    def set_l3_off_since(self, value: float | None, done: WriteDone) -> None:
+        """Record :attr:`l3_off_since` (None: L3 is on again, remove it)."""
+        ...
+
     def usage(self) -> TierUsage:
         """Blocks and payload bytes committed, and the configured capacity
         (which the store enforces, not the tier)."""

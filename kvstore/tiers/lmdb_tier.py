@@ -134,8 +134,13 @@ class _Op:
 _BLOCK, _TOMBSTONE, _MARKER, _STATE = 0, 1, 2, 3
 #: The ``kvstore`` database's field for :attr:`LMDBTier.unlisted_since`.
 _UNLISTED_SINCE = b"unlisted_since"
+#: Left in the L2 directory by a server started without L2 on a data dir that
+#: holds one (the time it started, one line): the next open clears the blocks.
+RUN_WITHOUT_L2 = "run-without-l2"
 #: ... and for :attr:`LMDBTier.l3_url`.
 _L3_URL = b"l3_url"
+#: ... and for :attr:`LMDBTier.l3_off_since`.
+_L3_OFF_SINCE = b"l3_off_since"
 #: A tombstone's value: the checksum of the L3 object it is to delete.
 _TOMB_CHECKSUM = struct.Struct("<Q")
 
@@ -187,6 +192,7 @@ class LMDBTier:
         self._state_db: Any = None  # the ``kvstore`` database (set at open)
         self._unlisted_since: float | None = None
         self._l3_url: str | None = None
+        self._l3_off_since: float | None = None
         self._new_instance = False  # the open gave it one: it had none
         self._recorded_txn = -1
         self._state_lock = threading.Lock()
@@ -214,6 +220,7 @@ class LMDBTier:
             what = str(exc).split("; set l2.recover", 1)[0]  # (the hint is what was done)
             log.warning("%s: moved it aside to %s and started empty (l2.recover)", what, moved)
             self._open_checked(initial_map_size, sync)
+        self._clear_if_marked()
         self._record_synced(sync_first=True)
         self._rw = _ReadWriteLock()
         self._own_executor = executor is None
@@ -239,6 +246,26 @@ class LMDBTier:
         self._syncer = threading.Thread(target=self._sync_loop, name="kvstore-l2-syncer",
                                         daemon=True)
         self._syncer.start()
+
+    def _clear_if_marked(self) -> None:
+        """A server ran on this data dir without L2 (it left
+        :data:`RUN_WITHOUT_L2` here): the Deletes and overwrites it answered
+        could not reach these blocks, which would come back old. They go;
+        the delete records of L3 objects (``l3gone``) and the state stay, so
+        nothing the earlier runs deleted in L3 comes back either."""
+        marker = self.path / RUN_WITHOUT_L2
+        if not marker.exists():
+            return
+        since = marker.read_text(errors="replace").strip()
+        with self._write_lock, self._env.begin(write=True) as txn:
+            txn.drop(self._data, delete=False)
+            txn.drop(self._meta, delete=False)
+        self._blocks = self._bytes = 0
+        marker.unlink()
+        log.warning("L2 in %s: its blocks cleared (its L3 delete records kept): a server ran "
+                    "on this data dir without L2 (from %s), and the Deletes and overwrites "
+                    "it answered could not reach them; served now, they would have come back "
+                    "old", self.path, since or "?")
 
     def _open_checked(self, map_size: int, sync: bool) -> None:
         """Open the environment, make sure no recorded page lies past the end
@@ -290,6 +317,10 @@ class LMDBTier:
             except (KeyError, ValueError):
                 self._unlisted_since = None
             self._l3_url = fields.get(_L3_URL)
+            try:
+                self._l3_off_since = float(fields[_L3_OFF_SINCE])
+            except (KeyError, ValueError):
+                self._l3_off_since = None
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -560,6 +591,17 @@ class LMDBTier:
         """See :meth:`KeyValueTier.set_l3_url`."""
         self._l3_url = url
         self._enqueue(_Op(_L3_URL, url.encode(), b"", 0, done, _STATE))
+
+    @property
+    def l3_off_since(self) -> float | None:
+        """See :attr:`KeyValueTier.l3_off_since`."""
+        return self._l3_off_since
+
+    def set_l3_off_since(self, value: float | None, done: WriteDone) -> None:
+        """See :meth:`KeyValueTier.set_l3_off_since`."""
+        self._l3_off_since = value
+        self._enqueue(_Op(_L3_OFF_SINCE, None if value is None else repr(value).encode(),
+                          b"", 0, done, _STATE))
 
     def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write queued before this call has

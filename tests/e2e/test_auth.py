@@ -31,7 +31,8 @@ def grants_text(alice: str = ALICE) -> str:
             f"{hash_token(BOB)}  bob   team-b,shared   # two namespaces\n"
             f"{hash_token(OPS)} ops * admin\n"
             "cert:engine-1 engine team-m\n"
-            "cert:spiffe://test/engine-2 engine-2 team-m\n")
+            "cert:spiffe://test/engine-2 engine-2 team-m\n"
+            "cert:urn:test:engine-3 engine-3 team-m\n")
 
 
 @pytest.fixture
@@ -260,7 +261,8 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
             "ca.pem", "-days", "2", "-subj", "/CN=kvstore-test-ca")
     for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:engine-1"),
                       ("stranger", "DNS:stranger"), ("spiffe", "URI:spiffe://test/engine-2"),
-                      ("by-email", "email:engine-1"), ("by-bare-uri", "URI:engine-1")):
+                      ("by-email", "email:engine-1"), ("by-bare-uri", "URI:engine-1"),
+                      ("urn", "URI:urn:test:engine-3")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
                 f"{name}.csr", "-subj", f"/CN={name}")
         (tmp_path / f"{name}.ext").write_text(f"subjectAltName={san}\n")
@@ -280,8 +282,9 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
             assert engine.get([b"k"]) == [b"v"]
             with pytest.raises(PermissionDenied):
                 engine.get([b"k"], namespace="team-a")
-        with Client(server.tcp, namespace="team-m", tls=tls("spiffe")) as workload:
-            assert workload.get([b"k"]) == [b"v"]  # URI SAN → identity engine-2
+        for name in ("spiffe", "urn"):  # URI SANs → identities engine-2, engine-3
+            with Client(server.tcp, namespace="team-m", tls=tls(name)) as workload:
+                assert workload.get([b"k"]) == [b"v"]
         # A valid certificate the file does not map identifies no one; nor
         # does an email SAN or a URI SAN written as a host name that reads as
         # a granted name (a CA vetting DNS names may let a requester set those).

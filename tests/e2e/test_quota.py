@@ -3,6 +3,8 @@ blocks, and a quiet tenant's hit rate stays what it is when running alone."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,46 @@ def test_leases_do_not_let_a_tenant_hold_l1_past_its_quota(server_factory) -> No
         noisy_l1 = noisy.stats(namespace="noisy").tiers[0]
         assert noisy_l1.bytes <= 4 * 1024**2 - QUIET_BLOCKS * BLOCK, noisy_l1.bytes
         assert refused > 0
+
+
+def test_room_reserved_for_blocks_still_arriving_counts_against_the_quota(  # type: ignore[no-untyped-def]
+        server_factory) -> None:
+    """A tenant's half-sent Puts (a first chunk, then nothing) hold L1 room
+    for put_idle_ms; the quota counted only committed blocks, so a tenant
+    "within its quota" with a dozen such Puts evicted another tenant's
+    working set (in the review: 100 % -> 0 % L1 hits). Reserved room counts
+    now: the reservations past free room wait, and evict no one within quota."""
+    import threading
+
+    import grpc
+
+    from kvstore.wire.pb import kvstore_pb2 as pb
+
+    extent = 256 * 1024
+    with serve(server_factory, "--quota-l1-per-namespace", "2MiB") as server, \
+            Client(server.tcp, namespace="quiet") as quiet, \
+            grpc.insecure_channel(server.tcp) as channel:
+        keys = [b"q%d" % i for i in range(7)]  # 1.75 MiB: within its quota
+        quiet.put({k: bytes([i]) * extent for i, k in enumerate(keys)})
+        put = channel.stream_unary("/kvstore.v1.KVStore/Put",
+                                   request_serializer=pb.PutChunk.SerializeToString,
+                                   response_deserializer=pb.PutResponse.FromString)
+        release = threading.Event()
+        calls = []
+
+        def half_sent(i: int) -> Iterator[pb.PutChunk]:
+            yield pb.PutChunk(namespace="noisy", key=b"n%d" % i, block_size=extent)
+            release.wait(30)
+
+        try:
+            for i in range(12):  # 3 MiB: the 2.25 MiB free, then more
+                calls.append(put.future(half_sent(i), timeout=30))
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:  # the review's tenant lost blocks within ms
+                tiers = quiet.lookup(keys).tiers
+                assert all(t is not None for t in tiers), f"quiet tenant evicted: {tiers}"
+                time.sleep(0.05)  # polling for an effect that must not come, within a bound
+        finally:
+            release.set()
+            for call in calls:
+                call.cancel()

@@ -38,11 +38,11 @@ def test_a_run_without_l2_leaves_no_stale_block_for_the_next_run_with_it(  # typ
         # L2 of the first run is gone (its blocks lost, as the warning said).
         assert c.get(KEYS) == [None] * len(KEYS)
         assert c.put({b"after": b"a"}, ack="local").stored == 1
-    assert "cleared: a server ran on this data dir without L2" in again.log()
+    assert "its blocks cleared (its L3 delete records kept): a server ran" in again.log()
     with server_factory(data_dir=node) as later, Client(later.tcp, namespace="ns") as c:
         assert c.get([b"after"]) == [b"a"]  # cleared once, not at every start
     # (the runs on one data dir share its log)
-    assert later.log_path.read_text().count("cleared: a server ran") == 1
+    assert later.log_path.read_text().count("its blocks cleared") == 1
 
 
 def test_a_run_without_l3_records_its_deletes_for_when_l3_is_back(  # type: ignore[no-untyped-def]

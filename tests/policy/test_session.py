@@ -76,6 +76,21 @@ def test_turn_ends_resent_without_requests_do_not_keep_a_stream_young() -> None:
     assert c.evicted == [("h2", Action.DROP)]  # the older turn end's stream gives way
 
 
+def test_a_turn_end_after_reads_or_puts_alone_counts() -> None:
+    """Engines whose turns Get (or ShmAcquire) and Put with a session id but
+    send no Lookup (the vLLM tier for keys it knows, the GPU path's leased
+    reads): their turn ends count; one resent with nothing since does not."""
+    p = SessionPolicy([L1], learn=False, duel=False)
+    p.on_insert(L1, "g1", 1, 0.0, "G")
+    p.on_session_event(SessionEvent("ns", "G", TurnEnd(TOOL)), 1.0)
+    assert p._streams["G"].cls == TOOL_CLASS
+    p.on_hit(L1, "g1", 2.0, "G")
+    p.on_session_event(SessionEvent("ns", "G", TurnEnd(USER)), 3.0)
+    assert p._streams["G"].cls == USER_CLASS
+    p.on_session_event(SessionEvent("ns", "G", TurnEnd(TOOL)), 4.0)  # nothing since
+    assert (p._streams["G"].cls, p._streams["G"].t_state) == (USER_CLASS, 3.0)
+
+
 def test_compacted_blocks_go_first_and_are_dropped() -> None:
     c = Cache(SessionPolicy([L1, L2], learn=False), cap=4)
     c.request("A", ["p", "x", "y"], 0.0)

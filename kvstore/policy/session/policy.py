@@ -213,6 +213,7 @@ class SessionPolicy(Duel, Policy):
             self.gaps.observe(RUNNING, now - s.last_req)  # request to request, any class
         s.last_req = s.t_state = now
         s.cls = RUNNING
+        s.active = True
         s.tool = -1
         s.expected = 0.0
         s.ended = False
@@ -268,6 +269,7 @@ class SessionPolicy(Duel, Policy):
             s = self._last_s
             if s is None or self._last_name != session:
                 s = self._stream(session)
+            s.active = True
             o = own.get(block, ABSENT)
             if o is not s:
                 if o is ABSENT:  # not resident before: in no queue, owned by nobody
@@ -293,6 +295,7 @@ class SessionPolicy(Duel, Policy):
             ts.peek = None
         if session is not None:
             s = self._stream(session)
+            s.active = True
             if ts.own[block] is not s:
                 self._adopt(tier, ts, block, s)
         elif ts.own[block] is None and block in ts.free:
@@ -310,6 +313,7 @@ class SessionPolicy(Duel, Policy):
         lru, own = ts.lru, ts.own
         mte = lru.move_to_end
         s = self._stream(session)
+        s.active = True
         if tier is self.tiers[0]:
             self._own_hits += len(blocks)
         pairs = self._pairs
@@ -367,12 +371,13 @@ class SessionPolicy(Duel, Policy):
         s = self._stream(event.session_id)
         ev = event.event
         if isinstance(ev, TurnEnd):
-            if s.cls != RUNNING or s.last_req is None:
-                # One turn end a request: one resent with no request since
-                # (or before any) kept its stream's age at 0, and with it
-                # blocks no one read in L1 -- one tenant held another's hit
-                # rate below LRU's so, without a single read. Ignored.
+            if not s.active:
+                # One turn end per turn: one resent with no use of the stream
+                # since (a request, a hit, a block put) kept its age at 0, and
+                # with it blocks no one read in L1 -- one tenant held another's
+                # hit rate below LRU's so, without a single read. Ignored.
                 return
+            s.active = False
             s.cls = REASON_CLASS.get(ev.reason, UNSPEC)
             s.t_state = now
             s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0

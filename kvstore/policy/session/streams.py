@@ -34,8 +34,8 @@ def pop_res(res: dict[Any, None], block: Any) -> None:
 
 
 class Stream:
-    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "res",
-                 "t_state", "tool")
+    __slots__ = ("active", "cls", "cur", "ended", "expected", "key", "last_req", "name",
+                 "res", "t_state", "tool")
 
     def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
         self.name = name
@@ -48,6 +48,9 @@ class Stream:
         self.last_req: float | None = None
         self.ended = False
         self.expected = 0.0  # hinted gap (s), 0 if none
+        # a request, hit or insert of the stream since its last turn end: what
+        # a TurnEnd needs to count (one resent alone keeps nothing young)
+        self.active = False
         self.key = 0.0
         # per tier: resident blocks this stream owns, prefix first
         self.res: dict[TierName, dict[Any, None]] = {t: {} for t in tiers}
