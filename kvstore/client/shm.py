@@ -105,7 +105,7 @@ from kvstore.errors import (
     ReservationExpired,
     StaleLease,
 )
-from kvstore.types import ARENA_MARKER_PREFIX, BlockFormat, TierName
+from kvstore.types import ARENA_MARKER_PREFIX, MAX_KEYS_PER_REQUEST, BlockFormat, TierName
 from kvstore.wire.pb import kvstore_pb2 as pb
 
 if TYPE_CHECKING:
@@ -243,6 +243,14 @@ def _closable(method: _Method) -> _Method:
             raise
 
     return cast(_Method, call)
+
+
+def _summed(results: Iterable[PutResult]) -> PutResult:
+    stored = nbytes = 0
+    for r in results:
+        stored += r.stored
+        nbytes += r.bytes
+    return PutResult(stored, nbytes)
 
 
 #: The largest arena a ShmClient maps with its page tables made at attach.
@@ -469,6 +477,10 @@ class ShmClient(Client):
         # (before any slot is taken, as Client.put checks them)
         block_format = check_block_format(block_format)
         ack = parse_ack(ack)
+        if len(items) > MAX_KEYS_PER_REQUEST:  # the most one ShmReserve / commit names
+            return _summed(self.put(items[i:i + MAX_KEYS_PER_REQUEST], namespace=namespace,
+                                    ack=ack, session_id=session_id, block_format=block_format)
+                           for i in range(0, len(items), MAX_KEYS_PER_REQUEST))
         self._check_arena()
         lean = self._frames
         if lean is not None and lean.dp.available:
@@ -529,6 +541,13 @@ class ShmClient(Client):
         keys = normalize_keys(keys)  # (as Client.put's; they go to the arena's frames as given)
         if not keys:
             return PutResult(0, 0)
+        if len(keys) > MAX_KEYS_PER_REQUEST:  # the most one ShmReserve / commit names
+            step = MAX_KEYS_PER_REQUEST
+            return _summed(self.put_kv(keys[i:i + step], k_pages, v_pages,
+                                       page_lists[i:i + step], dtype=dtype,
+                                       block_tokens=block_tokens, namespace=namespace, ack=ack,
+                                       session_id=session_id)
+                           for i in range(0, len(keys), step))
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
                                block_tokens=block_tokens)[0]
         size = len(first)  # every block of one engine cache has the same size

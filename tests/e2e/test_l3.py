@@ -420,3 +420,54 @@ def test_an_overwrite_made_before_the_listing_reached_its_key_is_kept(  # type: 
             assert c.get([b"K"]) == [v2]
     finally:
         proxy.close()
+
+
+def test_a_delete_retried_after_an_outage_keeps_another_nodes_newer_block(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, monkeypatch) -> None:
+    """A multi-node review: node A's link to the bucket was down when a
+    Delete of K through it was answered (its L3 delete recorded, retried);
+    then B put K at ack=remote; when A's link came back, its retry deleted
+    whatever was under K -- B's acknowledged block, lost on every node. A
+    retry now deletes only the object it was for (its checksum)."""
+    monkeypatch.setenv("KVSTORE_TEST_LOG_LEVEL", "INFO")
+    proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        a = l3_node(server_factory, s3, endpoint=f"http://127.0.0.1:{proxy.port}",
+                    l1="8MiB", l2="8MiB").start()
+        b = l3_node(server_factory, s3, l1="8MiB", l2="8MiB").start()
+        old, new = os.urandom(64 * 1024), os.urandom(64 * 1024)
+        obj = s3.data_dir / s3.bucket / "fleet" / "ns" / b"K".hex()
+        with Client(a.tcp, namespace="ns") as ca, Client(b.tcp, namespace="ns") as cb:
+            assert ca.put({b"K": old}, ack="remote").stored == 1
+            proxy.fail = lambda method, target: True  # A's link is down
+            assert ca.delete([b"K"]) == 1  # answered: recorded, retried later
+            assert obj.read_bytes().endswith(old)
+            assert cb.put({b"K": new}, ack="remote").stored == 1
+            proxy.fail = lambda method, target: False  # back: A's retry runs
+            wait_for(lambda: "was written again since its delete was recorded" in a.log(),
+                     what="A's retry finding another version")
+            assert obj.exists() and obj.read_bytes().endswith(new)
+            assert cb.get([b"K"]) == [new]
+    finally:
+        proxy.close()
+
+
+def test_another_nodes_overwrite_of_the_same_size_is_not_counted_corrupt(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """A node whose index has K's older version (same size) read another
+    node's newer object as corrupt: a WARNING, the corrupt counter, and the
+    key held absent for 60 s while the bucket had a valid block. Now the
+    first read is a miss (the version changed) and the next finds the new one."""
+    a = l3_node(server_factory, s3, l1="4MiB", l2="4MiB").start()
+    b = l3_node(server_factory, s3, l1="4MiB", l2="4MiB").start()
+    old, new = os.urandom(256 * 1024), os.urandom(256 * 1024)
+    with Client(a.tcp, namespace="ns") as ca, Client(b.tcp, namespace="ns") as cb:
+        assert ca.put({b"K": old}, ack="remote").stored == 1
+        assert cb.put({b"K": new}, ack="remote").stored == 1
+        for i in range(40):  # 10 MiB through A's L1 and L2: K is in A's index as L3 only
+            ca.put({b"f%02d" % i: os.urandom(256 * 1024)}, ack="local")
+        wait_for(lambda: ca.lookup([b"K"]).tiers == [TierName.L3], what="K's demotion on A")
+        got = [ca.get([b"K"])[0] for _ in range(2)]
+        assert got[-1] == new and old not in got
+        assert tier_stats(ca, TierName.L3).corrupt == 0
+    assert "dropped corrupt" not in a.log()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvstore import Client
+from kvstore.types import TierName
 
 KEYS = [b"k%d" % i for i in range(6)]
 
@@ -64,3 +65,59 @@ def test_a_run_without_l3_records_its_deletes_for_when_l3_is_back(  # type: igno
         wait_for(lambda: sum(p.is_file() for p in bucket.rglob("*")) == 0,
                  "the recorded deletes")
         assert c.get(KEYS) == [None] * 3 + [b"new" * 100] * 3
+
+
+def test_a_run_without_l3_deletes_and_overwrites_blocks_only_in_l3(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """A block whose L2 copy left for L3 is in no index after a restart
+    (the listing finds it): a run without L3 answered its Delete 0 and its
+    overwrite as a first Put, and when L3 was back the deleted block came
+    back, and the overwrite was lost once its L2 copy went (the old object
+    "corrupt")."""
+    node = tmp_path / "node"
+    bucket = tmp_path / "bucket"
+    l3 = ("--l3-url", f"file://{bucket}")
+    small = ("--l2-capacity", "4MiB")
+    mib = 1024 * 1024
+    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as first, \
+            Client(first.tcp, namespace="ns") as c:
+        c.put({b"K": b"A" * mib, b"D": b"C" * mib}, ack="remote")
+        for i in range(14):  # 14 MiB through L1 8 MiB and L2 4 MiB: K and D in L3 only
+            c.put({b"f%d" % i: bytes([i]) * mib}, ack="remote")
+        wait_for(lambda: c.lookup([b"K", b"D"]).tiers == [TierName.L3, TierName.L3],
+                 "K and D in L3 only")
+    with server_factory(*small, data_dir=node, l1_capacity="8MiB") as without, \
+            Client(without.tcp, namespace="ns") as c:
+        c.delete([b"D"])
+        assert c.put({b"K": b"B" * mib}, ack="local").stored == 1
+    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as back, \
+            Client(back.tcp, namespace="ns") as c:
+        assert c.get([b"D"]) == [None]
+        for i in range(14):  # K's local copies go: it is read from L3
+            c.put({b"g%d" % i: bytes([i]) * mib}, ack="remote")
+        wait_for(lambda: c.lookup([b"K"]).tiers == [TierName.L3], "K in L3 only")
+        assert c.get([b"K", b"D"]) == [b"B" * mib, None]
+
+
+def test_clearing_the_l2_a_run_without_it_left_keeps_its_l3_delete_records(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """The first version of the clearing removed L2's files, and with them
+    the record of a Delete whose L3 object could not be deleted yet: the
+    deleted block came back from L3."""
+    node = tmp_path / "node"
+    bucket = tmp_path / "bucket"
+    l3 = ("--l3-url", f"file://{bucket}", "--l3-timeout-s", "1", "--l3-retries", "0")
+    with server_factory(*l3, data_dir=node) as first, Client(first.tcp, namespace="ns") as c:
+        assert c.put({b"K": b"old" * 1000}, ack="remote").stored == 1
+        away = tmp_path / "bucket.away"
+        bucket.rename(away)
+        bucket.write_text("not a directory: L3 fails")
+        assert c.delete([b"K"]) == 1  # recorded in L2, to be done when L3 is back
+    bucket.unlink()
+    away.rename(bucket)
+    assert any(p.is_file() for p in bucket.rglob("*"))  # the object is still there
+    with server_factory("--l2-enabled", "false", data_dir=node):
+        pass
+    with server_factory(*l3, data_dir=node) as back, Client(back.tcp, namespace="ns") as c:
+        wait_for(lambda: not any(p.is_file() for p in bucket.rglob("*")), "the recorded delete")
+        assert c.get([b"K"]) == [None]

@@ -239,3 +239,20 @@ def test_a_shm_reserve_or_commit_of_more_blocks_than_a_request_may_name_is_refus
                                                   blocks=[pb.ShmBlockSpec(size=1)] * 8),
                              timeout=30)
         assert len(ok.slots) == 8
+
+
+def test_a_shm_put_of_more_blocks_than_a_request_may_name_is_split(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Client.put stores 65,537 blocks; ShmClient.put sent them in one
+    ShmReserve, which the server now refuses past 65,536 blocks. (The split
+    comes before the path is chosen: the gRPC one, quicker here, stands for
+    both.)"""
+    data_plane = False
+    server = server_factory("--l1-shm-path", _shm_path(tmp_path, "split"),
+                            "--l1-page-bytes", "1024", l1_capacity="128MiB")
+    n = 65_537
+    with server, ShmClient(server.unix_target, namespace="many", data_plane=data_plane) as c:
+        blocks = {b"k%06d" % i: b"%016d" % i for i in range(n)}
+        result = c.put(blocks)
+        assert (result.stored, result.bytes) == (n, 16 * n)
+        assert c.get([b"k000000", b"k065536"]) == [b"%016d" % 0, b"%016d" % 65536]
