@@ -540,7 +540,8 @@ class L3Mover(Part):
         self._deleting[block] = self._deleting.get(block, 0) + 1
         # (the turn is taken now, not when the task starts: a Put's upload
         # decided in between would land first, and be deleted)
-        self._spawn_in_turn(block, self._delete)
+        self._spawn_in_turn(block, functools.partial(
+            self._delete, checksum=None if checksum == UNKNOWN_CHECKSUM else checksum))
         return recorded
 
     def _spawn_in_turn(self, block: BlockId,
@@ -561,14 +562,15 @@ class L3Mover(Part):
         async with slots:
             return await self.tier.delete(block)
 
-    async def _slotted_own_delete(self, block: BlockId) -> bool:
+    async def _slotted_own_delete(self, block: BlockId, checksum: int | None) -> bool:
         """:meth:`_slotted_delete` of an object this node put or found: when
-        its checksum is known, only if the object under the key is still that
-        one (a delete retried after a failure, or slow to start, deleted
-        whatever was there: another node's newer block, acknowledged at
-        remote, gone from the bucket)."""
+        its checksum is known (``checksum``, the version this delete is for,
+        else the one recorded for the key), only if the object under the key
+        is still that one (a delete retried after a failure, or slow to
+        start, deleted whatever was there: another node's newer block,
+        acknowledged at remote, gone from the bucket)."""
         async with self._own_deletes:
-            wanted = self._recorded.get(block)
+            wanted = self._recorded.get(block) if checksum is None else checksum
             if wanted is None:
                 return await self.tier.delete(block)
             deleted = await self.tier.delete_if(block, wanted)
@@ -723,9 +725,10 @@ class L3Mover(Part):
         future.add_done_callback(settled)
         return future, done
 
-    async def _delete(self, block: BlockId, turn: _Turn) -> None:
+    async def _delete(self, block: BlockId, turn: _Turn, checksum: int | None = None) -> None:
         try:
-            await self._in_order(block, functools.partial(self._slotted_own_delete, block),
+            await self._in_order(block, functools.partial(self._slotted_own_delete, block,
+                                                          checksum),
                                  turn=turn)
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
