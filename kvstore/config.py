@@ -276,9 +276,10 @@ class L3Config:
                                 parse_int)
     breaker_reset_s: float = opt(5.0, "how long the breaker stays open before one probe",
                                  parse_float)
-    outage_spill: float = opt(0.5, "while L3 is unavailable, L2 keeps the blocks due for L3 "
-                              "up to this fraction over its capacity (they move once L3 is "
-                              "back); beyond it they are dropped", parse_float)
+    outage_spill: float = opt(0.5, "while L3 is unavailable or slower than the writes, L2 "
+                              "keeps the blocks due for L3 up to this fraction over its "
+                              "capacity (they move as L3 takes them); beyond it they are "
+                              "dropped", parse_float)
     list_on_start: bool = opt(True, "rebuild the L3 part of the index by listing the bucket "
                               "at start (in the background)", parse_bool)
     # Reads beside the drain (hardening item 9): their own request slots, and a paced drain.

@@ -262,8 +262,11 @@ class WriteBack(Part):
     # -- trimming -------------------------------------------------------------------------
 
     def _within_outage_spill(self) -> bool:
-        """L3 is down: its blocks stay in L2 up to l3.outage_spill over
-        capacity (they move once L3 is back)."""
+        """L3 is down, or slower than the writes (its uploads at their
+        bound): the blocks due for it stay in L2 up to l3.outage_spill over
+        capacity (they move as L3 takes them); past it the coldest go
+        without an upload. (Slow but healthy, L2 grew without bound: 9 GB
+        over a 96 MiB capacity in 10 minutes of an outside soak.)"""
         return self.index.l2_bytes <= self.capacity * (1 + self.outage_spill)
 
     def trim(self) -> None:
@@ -320,10 +323,8 @@ class WriteBack(Part):
             if record is not None:
                 if self._evict_cold(record):
                     return True
-                if l3 is not None and l3.healthy:
-                    return False  # demotions in flight are at their bound: wait for them
                 if l3 is not None and self._within_outage_spill():
-                    return False  # L3 is down: hold (see below)
+                    return False  # demotions at their bound, or L3 down: hold (see below)
                 self._evict_cold(record, drop=True)
                 return True
         evictable = self._evictable
@@ -340,10 +341,9 @@ class WriteBack(Part):
         if action is Action.DEMOTE and l3 is not None and not entry.l3:
             if l3.start_demotion(block, entry):
                 return True  # its L2 copy goes once L3 has it (after_demotion)
-            if l3.healthy:
-                return False  # demotions in flight are at their bound: wait for them
-            # L3 is down: keep its blocks in L2 a bounded amount over
-            # capacity (they move once L3 is back), then drop.
+            # Demotions in flight at their bound (L3 slower than the writes)
+            # or L3 down: keep its blocks in L2 a bounded amount over
+            # capacity (they move as L3 takes them), then drop.
             if self._within_outage_spill():
                 return False
         self.policy.on_remove(TierName.L2, block)
@@ -379,12 +379,12 @@ class WriteBack(Part):
     def _evict_cold(self, record: ColdBlock, drop: bool = False) -> bool:
         """Make room in L2 from the compact index: demote ``record``'s block
         (its least recently used, as sampled) to L3 (or drop it when L3 has it
-        or there is no L3; and, with ``drop``, when L3 is down). False when it
-        gave none."""
+        or there is no L3; and, with ``drop``, past the outage spill). False
+        when it gave none."""
         index, l3 = self.index, self.l3
         assert index.cold is not None
         block = (record.namespace, record.key)
-        if l3 is not None and not record.l3 and not (drop and not l3.healthy):
+        if l3 is not None and not record.l3 and not drop:
             if not l3.healthy:
                 return False  # the caller's outage rule applies
             entry = index.warm(block, track=False)

@@ -61,3 +61,45 @@ def test_a_trim_starts_demotions_for_what_l2_is_over_not_for_all_it_holds(
         await store.close()
 
     asyncio.run(go())
+
+
+def test_l2_stays_bounded_while_l3_is_slower_than_the_writes(tmp_path: Path) -> None:
+    """An outside soak: with L3 healthy but slower than the write rate, the
+    demotions reached their bound (l3.write_queue_bytes) and the trim then
+    waited for them while every write from L1 landed in L2 all the same: 9 GB
+    over a 96 MiB capacity in 10 minutes. Past l3.outage_spill the coldest
+    blocks now go without an upload, as during an outage: L2 holds at most
+    its capacity and l3.outage_spill more."""
+    env = {"KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "1MiB",
+           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_CAPACITY": "2MiB",
+           "KVSTORE_L3_WRITE_QUEUE_BYTES": "512KiB", "KVSTORE_L2_WRITE_QUEUE_BYTES": "64MiB",
+           "KVSTORE_L3_URL": f"file://{tmp_path}/l3", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
+
+    async def go() -> None:
+        store = TieredStore(load(env=env))
+        await store.start()
+        assert store.l2 is not None and store.l3 is not None and store.writeback is not None
+        mover = store.l3
+        gate = asyncio.Event()  # the object store takes no upload: L3 is "slow"
+        real_put = mover.tier.put
+
+        async def held_put(*args: Any, **kwargs: Any) -> Any:
+            await gate.wait()
+            return await real_put(*args, **kwargs)
+
+        mover.tier.put = held_put  # type: ignore[method-assign]
+        try:
+            for i in range(2000):  # 8 MiB of 4 KiB blocks through L1 1 MiB, L2 2 MiB
+                await store.put_bytes("ns", b"k%04d" % i, bytes([i % 251]) * (4 * KiB))
+                if i % 100 == 99:
+                    await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
+                    store.writeback.trim()
+            assert mover.healthy
+            bound = 3 * 1024 * KiB + 64 * KiB  # capacity x (1 + outage_spill) + a batch
+            assert store.index.l2_bytes <= bound, (
+                f"L2 holds {store.index.l2_bytes // KiB} KiB, over {bound // KiB} KiB")
+        finally:
+            gate.set()
+        await store.close()
+
+    asyncio.run(go())
