@@ -43,7 +43,7 @@ from kvstore.errors import (
     ServerShuttingDown,
     StaleLease,
 )
-from kvstore.types import MAX_NAMESPACE_CHARS
+from kvstore.types import MAX_KEYS_PER_REQUEST, MAX_NAMESPACE_CHARS
 
 log = logging.getLogger("kvstore.integrations")
 
@@ -282,10 +282,21 @@ class StoreLink:
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[Pieces],
             session_id: str | None = None) -> bool:
-        """Store one block per key, each given as its pieces (one Put)."""
+        """Store one block per key, each given as its pieces (one Put; more past
+        the 65,536 blocks one shared-memory reservation may name)."""
         if not keys:
             return True
-        return self._call(False, lambda c: self._put(c, keys, blocks, session_id))
+        step = MAX_KEYS_PER_REQUEST
+        for i in range(0, len(keys), step):
+            part_keys, part_blocks = keys[i:i + step], blocks[i:i + step]
+
+            def put_part(c: Client, ks: Sequence[bytes] = part_keys,
+                         bs: Sequence[Pieces] = part_blocks) -> bool:
+                return self._put(c, ks, bs, session_id)
+
+            if not self._call(False, put_part):
+                return False
+        return True
 
     def _put(self, client: Client, keys: Sequence[bytes], blocks: Sequence[Pieces],
              session_id: str | None) -> bool:

@@ -138,6 +138,9 @@ class L3Mover(Part):
         # only that object goes (another may have been written under the key
         # since: by another node, or by a release that did not read records).
         self._recorded: dict[BlockId, int] = {}
+        #: The L3 delete records in L2 are for another l3.url (TieredStore):
+        #: dropped at start, not done.
+        self.records_are_foreign = False
         # Records on their way to L2 (a second delete of the block waits for them).
         self._recording: dict[BlockId, asyncio.Future[BaseException | None]] = {}
         # Blocks whose delete record's removal is on its way to L2 (_untombstone)
@@ -183,7 +186,15 @@ class L3Mover(Part):
         return self.tier.healthy
 
     def start(self) -> None:
-        if self.tombs is not None:
+        if self.tombs is not None and self.records_are_foreign:
+            # Recorded for the bucket of an earlier l3.url: done in this one,
+            # one without a checksum deleted whatever this bucket has there.
+            dropped = self.tombs.tombstones_sync()
+            for block, _ in dropped:
+                self.tombs.submit_tombstone(block, False, settled_quietly)
+            if dropped:
+                log.warning("L3: %d deletes recorded for another l3.url dropped", len(dropped))
+        elif self.tombs is not None:
             # Deletes recorded before a restart are done first: the listing
             # below skips their objects, and an upload of such a block waits
             # for its delete (_in_order).
@@ -534,8 +545,12 @@ class L3Mover(Part):
                 # from before checksums did.
                 recorded = self._record(block, None if checksum == UNKNOWN_CHECKSUM
                                         else checksum)
-        if checksum is not None and checksum != UNKNOWN_CHECKSUM:
-            # (the first: the object in L3 is the oldest of an overwrite chain)
+        if checksum is not None and checksum != UNKNOWN_CHECKSUM and \
+                block not in self._deleting and block not in self._redo:
+            # Kept for a retry. Not while another delete of the block is
+            # pending: that one may be of an older object (one known only
+            # from the listing, without a checksum), which a retry made
+            # conditional on this newer version's would leave in the bucket.
             self._recorded.setdefault(block, checksum)
         self._deleting[block] = self._deleting.get(block, 0) + 1
         # (the turn is taken now, not when the task starts: a Put's upload
@@ -901,10 +916,17 @@ class L3Mover(Part):
             # now; the current entry, or the next look, finds the new one.
             counters.misses += 1
             if entry is not None and self.index.blocks.get(block) is entry:
-                log.info("L3 object of %s/%s is another version (checksum %#x, not %#x): "
-                         "indexed again", block[0], block[1].hex()[:16], meta.checksum,
-                         expected)
+                older = meta.created < entry.created
+                log.info("L3 object of %s/%s is another version (checksum %#x, not %#x), %s",
+                         block[0], block[1].hex()[:16], meta.checksum, expected,
+                         "older than this node's block: deleted" if older else "newer: "
+                         "indexed again")
                 self.index.lost_l3(block, entry)
+                if older:
+                    # Bytes this node's block replaced whose delete never
+                    # landed: stale, never to be indexed (conditional on them).
+                    self._note_absent(block)
+                    self.delete_later(block, True, meta.checksum)
             return None
         if entry is not None and meta.size != entry.size:
             # Another node replaced the object with one of another size since it

@@ -73,11 +73,6 @@ LIST_MAX_LIMIT = 100_000
 _FLUSH_SLICE = 4096
 
 
-#: At most this many deletes of keys not indexed here are recorded for L3 a
-#: run while L3 is off (each an L2 record of ~100 bytes).
-UNKNOWN_L3_DELETES = 1 << 18
-
-
 def _ignore_queued(block: BlockId, entry: Entry) -> None:
     """Without L2 an eviction never has an L2 write to queue."""
 
@@ -113,7 +108,6 @@ class TieredStore:
             self._closing = False
             #: Blocks only in L1 whose L2 write failed at :meth:`close` (lost).
             self.lost_at_close = 0
-            self._unknown_l3_deletes = 0
 
             # The parts, wired once (kvstore/store/__init__.py says who calls what).
             self.counts = Stats()
@@ -180,8 +174,11 @@ class TieredStore:
             if recorded and recorded != url:
                 log.warning("l3.url is %s, but this L2 last ran with %s: blocks deleted or "
                             "overwritten while this node uses another bucket are not deleted "
-                            "in that one, and may be served from it again if it comes back",
-                            url, recorded)
+                            "in that one, and may be served from it again if it comes back; "
+                            "the L3 deletes recorded for that bucket are dropped, not done in "
+                            "this one", url, recorded)
+                assert self.l3 is not None
+                self.l3.records_are_foreign = True
             if recorded != url:
                 self.l2.set_l3_url(url, settled_quietly)
         elif recorded:
@@ -198,24 +195,6 @@ class TieredStore:
             log.warning("L3 off (this L2 last ran with l3.url %s): Deletes and overwrites of "
                         "the blocks from before are recorded in L2 and done in that bucket when "
                         "a run has it again", recorded)
-
-    def _record_unknown_l3_deletes(self, blocks: list[BlockId]) -> bool:
-        """L3 off after a run that had it: a Delete of a key this node does not
-        index may be of a block only in L3 (L2 indexes none such after a
-        restart). Its delete is recorded without a checksum (whatever object
-        is under the key, as a Delete with L3 on deletes it), done when L3 is
-        back; at most :data:`UNKNOWN_L3_DELETES` a run."""
-        room = UNKNOWN_L3_DELETES - self._unknown_l3_deletes
-        if room <= 0 or self.l2 is None:
-            return False
-        if len(blocks) > room:
-            log.warning("L3 off: %d deletes of keys not indexed here recorded this run; the "
-                        "rest are not (their L3 objects may be served again when L3 is back)",
-                        UNKNOWN_L3_DELETES)
-        for block in blocks[:room]:
-            self.l2.submit_tombstone(block, True, settled_quietly, None)
-        self._unknown_l3_deletes += min(len(blocks), room)
-        return True
 
     def _record_l3_delete(self, block: BlockId, in_l3: bool,
                           checksum: int) -> asyncio.Future[Any] | None:
@@ -500,10 +479,6 @@ class TieredStore:
                 unknown.append(block)
         self.progress.wake()
         l3 = self.l3
-        if l3 is None and unknown and self.index.l3_off_since:
-            deleted_some = self._record_unknown_l3_deletes(unknown)
-            if deleted_some and not deleted:
-                await self._l2_caught_up()
         if l3 is None or not unknown:
             if deleted:
                 await self._l2_caught_up()

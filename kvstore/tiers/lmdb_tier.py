@@ -261,6 +261,7 @@ class LMDBTier:
             txn.drop(self._data, delete=False)
             txn.drop(self._meta, delete=False)
         self._blocks = self._bytes = 0
+        self._env.sync(True)  # (on disk before the marker goes: a power cut between)
         marker.unlink()
         log.warning("L2 in %s: its blocks cleared (its L3 delete records kept): a server ran "
                     "on this data dir without L2 (from %s), and the Deletes and overwrites "

@@ -91,6 +91,18 @@ def test_a_turn_end_after_reads_or_puts_alone_counts() -> None:
     assert (p._streams["G"].cls, p._streams["G"].t_state) == (USER_CLASS, 3.0)
 
 
+def test_a_write_back_or_demotion_finishing_is_no_use_of_the_stream() -> None:
+    """The store tells the policy of a block's L2 write or L3 upload with the
+    block's session: that re-armed a resent TurnEnd (other tenants' pressure
+    starts those writes). Only first-tier inserts and hits are uses."""
+    p = SessionPolicy([L1, L2], learn=False, duel=False)
+    p.on_insert(L1, "g1", 1, 0.0, "G")
+    p.on_session_event(SessionEvent("ns", "G", TurnEnd(TOOL)), 1.0)
+    p.on_insert(L2, "g1", 1, 50.0, "G")  # its write-back to L2 ends
+    p.on_session_event(SessionEvent("ns", "G", TurnEnd(TOOL)), 100.0)
+    assert p._streams["G"].t_state == 1.0
+
+
 def test_compacted_blocks_go_first_and_are_dropped() -> None:
     c = Cache(SessionPolicy([L1, L2], learn=False), cap=4)
     c.request("A", ["p", "x", "y"], 0.0)

@@ -272,6 +272,8 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
                 nlru += 1
             if s is None:  # nothing in this loop changes the cached stream after this
                 s = self._stream(session)
+                if tier is self.tiers[0]:
+                    s.active = True  # (as on_insert: a use of the stream)
                 res_s = s.res[tier]
                 if self._dirty:  # a new stream made another one forgotten (max_streams)
                     ranked = False

@@ -269,7 +269,10 @@ class SessionPolicy(Duel, Policy):
             s = self._last_s
             if s is None or self._last_name != session:
                 s = self._stream(session)
-            s.active = True
+            if tier is self.tiers[0]:
+                # A block placed in the first tier for the stream: a use of it
+                # (an L2 write-back or an L3 demotion finishing is not).
+                s.active = True
             o = own.get(block, ABSENT)
             if o is not s:
                 if o is ABSENT:  # not resident before: in no queue, owned by nobody
@@ -295,7 +298,8 @@ class SessionPolicy(Duel, Policy):
             ts.peek = None
         if session is not None:
             s = self._stream(session)
-            s.active = True
+            if tier is self.tiers[0]:
+                s.active = True
             if ts.own[block] is not s:
                 self._adopt(tier, ts, block, s)
         elif ts.own[block] is None and block in ts.free:
@@ -313,7 +317,8 @@ class SessionPolicy(Duel, Policy):
         lru, own = ts.lru, ts.own
         mte = lru.move_to_end
         s = self._stream(session)
-        s.active = True
+        if tier is self.tiers[0]:
+            s.active = True
         if tier is self.tiers[0]:
             self._own_hits += len(blocks)
         pairs = self._pairs
