@@ -350,6 +350,8 @@ class DataPlaneServer:
             stats.bytes_out += io.bytes_out
             if session is not None:
                 session.close()
+            if isinstance(io, SocketIO):
+                io.fast = None  # (a closure over the session: the other cycle)
             io.close()
 
     def _fast_answers(self, session: Session) -> FastAnswer:

@@ -84,6 +84,13 @@ class Leases(Part):
                                  or self._session_keys > _SESSION_KEYS_KEPT):
             self._session_keys -= len(kept.popitem(last=False)[1])
 
+    def forget_session(self, namespace: str, session: str) -> None:
+        """A session ended: its latest Lookup's keys (kept for a Prefetch of
+        them) go, rather than wait for 10,000 later sessions to push them out."""
+        before = self._session_blocks.pop((namespace, session), None)
+        if before is not None:
+            self._session_keys -= len(before)
+
     # -- prefetch -------------------------------------------------------------------------
 
     def prefetch(self, namespace: str, session: str, keys: Sequence[bytes]) -> tuple[int, int]:

@@ -51,6 +51,7 @@ from kvstore.types import (
     BlockFormat,
     BlockId,
     ListedBlock,
+    SessionEnd,
     SessionEvent,
     StoreStats,
     TierName,
@@ -531,6 +532,8 @@ class TieredStore:
     def session_event(self, event: SessionEvent) -> None:
         self.counts.session_events += 1
         self.policy.on_session_event(event, self.clock())
+        if isinstance(event.event, SessionEnd):
+            self.leases.forget_session(event.namespace, event.session_id)
 
     def stats(self, namespace: str | None = None) -> StoreStats:
         """Per-tier counters and occupancy; for ``namespace``, its blocks and

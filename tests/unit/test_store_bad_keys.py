@@ -103,3 +103,25 @@ def test_session_key_lists_kept_for_prefetch_are_bounded(
             await store.close()
 
     asyncio.run(go())
+
+
+def test_an_ended_sessions_key_list_goes_at_its_end(tmp_path: Path) -> None:
+    """An outside soak: each session's latest Lookup keys stayed until 10,000
+    later sessions (or 2^20 keys) pushed them out, ended sessions included
+    (~110 B a key, not in the memory budget). A SessionEnd drops them."""
+    from kvstore.types import SessionEnd, SessionEvent
+
+    async def go() -> None:
+        store = TieredStore(_config(tmp_path))
+        await store.start()
+        try:
+            await store.put_bytes("ns", b"a", b"v" * 10)
+            await store.lookup("ns", [b"a", b"a1"], 0, "s1")
+            assert store.leases._session_keys == 2
+            store.session_event(SessionEvent("ns", "s1", SessionEnd()))
+            assert store.leases._session_keys == 0
+            assert store.prefetch("ns", "s1", []) == (0, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
