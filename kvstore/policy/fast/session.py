@@ -13,7 +13,7 @@ from typing import Any
 
 from kvstore.policy.base import Policy
 from kvstore.policy.session.policy import SessionPolicy
-from kvstore.policy.session.streams import ABSENT, Stream, pop_res
+from kvstore.policy.session.streams import ABSENT, TURN_ENDS_PER_USE, Stream, pop_res
 from kvstore.types import BlockId, TierName
 
 
@@ -273,7 +273,7 @@ def session_fill(self: SessionPolicy, tier: TierName, blocks: Sequence[BlockId],
             if s is None:  # nothing in this loop changes the cached stream after this
                 s = self._stream(session)
                 if tier is self.tiers[0]:
-                    s.active = True  # (as on_insert: a use of the stream)
+                    s.turn_ends_left = TURN_ENDS_PER_USE  # (as on_insert: a use)
                 res_s = s.res[tier]
                 if self._dirty:  # a new stream made another one forgotten (max_streams)
                     ranked = False

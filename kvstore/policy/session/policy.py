@@ -52,7 +52,13 @@ from kvstore.policy.session.gaps import (
     GapModel,
 )
 from kvstore.policy.session.ranking import Ranking
-from kvstore.policy.session.streams import ABSENT, Stream, TierState, pop_res
+from kvstore.policy.session.streams import (
+    ABSENT,
+    TURN_ENDS_PER_USE,
+    Stream,
+    TierState,
+    pop_res,
+)
 from kvstore.types import BlockId, SessionEnd, SessionEvent, TierName, TurnEnd
 
 
@@ -213,7 +219,7 @@ class SessionPolicy(Duel, Policy):
             self.gaps.observe(RUNNING, now - s.last_req)  # request to request, any class
         s.last_req = s.t_state = now
         s.cls = RUNNING
-        s.active = True
+        s.turn_ends_left = TURN_ENDS_PER_USE
         s.tool = -1
         s.expected = 0.0
         s.ended = False
@@ -272,7 +278,7 @@ class SessionPolicy(Duel, Policy):
             if tier is self.tiers[0]:
                 # A block placed in the first tier for the stream: a use of it
                 # (an L2 write-back or an L3 demotion finishing is not).
-                s.active = True
+                s.turn_ends_left = TURN_ENDS_PER_USE
             o = own.get(block, ABSENT)
             if o is not s:
                 if o is ABSENT:  # not resident before: in no queue, owned by nobody
@@ -299,7 +305,7 @@ class SessionPolicy(Duel, Policy):
         if session is not None:
             s = self._stream(session)
             if tier is self.tiers[0]:
-                s.active = True
+                s.turn_ends_left = TURN_ENDS_PER_USE
             if ts.own[block] is not s:
                 self._adopt(tier, ts, block, s)
         elif ts.own[block] is None and block in ts.free:
@@ -318,7 +324,7 @@ class SessionPolicy(Duel, Policy):
         mte = lru.move_to_end
         s = self._stream(session)
         if tier is self.tiers[0]:
-            s.active = True
+            s.turn_ends_left = TURN_ENDS_PER_USE
         if tier is self.tiers[0]:
             self._own_hits += len(blocks)
         pairs = self._pairs
@@ -376,13 +382,14 @@ class SessionPolicy(Duel, Policy):
         s = self._stream(event.session_id)
         ev = event.event
         if isinstance(ev, TurnEnd):
-            if not s.active:
-                # One turn end per turn: one resent with no use of the stream
-                # since (a request, a hit, a block put) kept its age at 0, and
-                # with it blocks no one read in L1 -- one tenant held another's
-                # hit rate below LRU's so, without a single read. Ignored.
+            if s.turn_ends_left <= 0:
+                # Resent with no use of the stream since (a request, a hit, a
+                # block put), a turn end kept its age at 0, and with it blocks
+                # no one read in L1 -- one tenant held another's hit rate below
+                # LRU's so, without a single read. Past TURN_ENDS_PER_USE
+                # (the traces have a second turn end now and then), ignored.
                 return
-            s.active = False
+            s.turn_ends_left -= 1
             s.cls = REASON_CLASS.get(ev.reason, UNSPEC)
             s.t_state = now
             s.expected = ev.expected_gap_ms / 1000.0 if ev.expected_gap_ms > 0 else 0.0

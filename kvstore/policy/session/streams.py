@@ -33,9 +33,13 @@ def pop_res(res: dict[Any, None], block: Any) -> None:
         res.pop(block, None)
 
 
+#: Turn ends that count per use of a stream (Stream.turn_ends_left).
+TURN_ENDS_PER_USE = 2
+
+
 class Stream:
-    __slots__ = ("active", "cls", "cur", "ended", "expected", "key", "last_req", "name",
-                 "res", "t_state", "tool")
+    __slots__ = ("cls", "cur", "ended", "expected", "key", "last_req", "name", "res",
+                 "t_state", "tool", "turn_ends_left")
 
     def __init__(self, name: str, tiers: Sequence[TierName]) -> None:
         self.name = name
@@ -48,9 +52,10 @@ class Stream:
         self.last_req: float | None = None
         self.ended = False
         self.expected = 0.0  # hinted gap (s), 0 if none
-        # a request, hit or insert of the stream since its last turn end: what
-        # a TurnEnd needs to count (one resent alone keeps nothing young)
-        self.active = False
+        # TurnEnds that may still count before the stream is used again (a
+        # request, a first-tier hit or insert refills it): one resent alone
+        # keeps nothing young for long
+        self.turn_ends_left = 0
         self.key = 0.0
         # per tier: resident blocks this stream owns, prefix first
         self.res: dict[TierName, dict[Any, None]] = {t: {} for t in tiers}
