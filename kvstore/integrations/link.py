@@ -268,22 +268,34 @@ class StoreLink:
     # -- batched calls -----------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes], session_id: str | None = None) -> int:
-        """How many leading keys are stored (one Lookup)."""
-        if not keys:
-            return 0
-        return self._call(0, lambda c: c.lookup(list(keys), session_id=session_id).found)
+        """How many leading keys are stored (one Lookup a 65,536 keys)."""
+        total = 0
+        for part in _parts(keys):
+            def found(c: Client, ks: list[bytes] = part) -> int:
+                return c.lookup(ks, session_id=session_id).found
+
+            n = self._call(0, found)
+            total += n
+            if n < len(part):
+                break
+        return total
 
     def exists(self, keys: Sequence[bytes], session_id: str | None = None) -> list[bool]:
-        """Which keys are stored (one Lookup)."""
-        if not keys:
-            return []
-        return self._call([False] * len(keys), lambda c: [
-            t is not None for t in c.lookup(list(keys), session_id=session_id).tiers])
+        """Which keys are stored (one Lookup a 65,536 keys)."""
+        stored: list[bool] = []
+        for part in _parts(keys):
+            def which(c: Client, ks: list[bytes] = part) -> list[bool]:
+                return [t is not None for t in c.lookup(ks, session_id=session_id).tiers]
+
+            stored += self._call([False] * len(part), which)
+        return stored
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[Pieces],
             session_id: str | None = None) -> bool:
         """Store one block per key, each given as its pieces (one Put; more past
         the 65,536 blocks one shared-memory reservation may name)."""
+        if len(keys) != len(blocks):
+            raise ValueError(f"{len(keys)} keys but {len(blocks)} blocks")
         if not keys:
             return True
         step = MAX_KEYS_PER_REQUEST
@@ -331,10 +343,17 @@ class StoreLink:
         """Fill each key's pieces with its block (one Get). Returns each
         block's size (None: a miss, or a block larger than its pieces); a
         block smaller than its pieces fills their leading bytes."""
-        if not keys:
-            return []
-        return self._call([None] * len(keys),
-                          lambda c: self._get(c, keys, blocks, session_id))
+        if len(keys) != len(blocks):
+            raise ValueError(f"{len(keys)} keys but {len(blocks)} blocks")
+        sizes: list[int | None] = []
+        step = MAX_KEYS_PER_REQUEST
+        for i in range(0, len(keys), step):
+            def part(c: Client, ks: Sequence[bytes] = keys[i:i + step],
+                     bs: Sequence[Pieces] = blocks[i:i + step]) -> list[int | None]:
+                return self._get(c, ks, bs, session_id)
+
+            sizes += self._call([None] * len(keys[i:i + step]), part)
+        return sizes
 
     def _get(self, client: Client, keys: Sequence[bytes], blocks: Sequence[Pieces],
              session_id: str | None) -> list[int | None]:
@@ -392,3 +411,9 @@ def _scatter(src: memoryview, crc32c: int | None, pieces: Pieces) -> int | None:
 
 
 __all__ = ["LinkConfig", "Pieces", "StoreLink"]
+
+
+def _parts(keys: Sequence[bytes]) -> list[list[bytes]]:
+    """``keys`` in requests of at most 65,536 (what one request may name)."""
+    return [list(keys[i:i + MAX_KEYS_PER_REQUEST])
+            for i in range(0, len(keys), MAX_KEYS_PER_REQUEST)]

@@ -186,19 +186,24 @@ class L3Mover(Part):
         return self.tier.healthy
 
     def start(self) -> None:
-        if self.tombs is not None and self.records_are_foreign:
-            # Recorded for the bucket of an earlier l3.url: done in this one,
-            # one without a checksum deleted whatever this bucket has there.
-            dropped = self.tombs.tombstones_sync()
-            for block, _ in dropped:
-                self.tombs.submit_tombstone(block, False, settled_quietly)
-            if dropped:
-                log.warning("L3: %d deletes recorded for another l3.url dropped", len(dropped))
-        elif self.tombs is not None:
+        if self.tombs is not None:
             # Deletes recorded before a restart are done first: the listing
             # below skips their objects, and an upload of such a block waits
-            # for its delete (_in_order).
-            for block, checksum in self.tombs.tombstones_sync():
+            # for its delete (_in_order). Those recorded for the bucket of an
+            # earlier l3.url without a checksum are dropped: done in this one,
+            # they deleted whatever this bucket has under their keys.
+            records = self.tombs.tombstones_sync()
+            dropped = 0
+            if self.records_are_foreign:
+                for block, checksum in records:
+                    if checksum is None:
+                        self.tombs.submit_tombstone(block, False, settled_quietly)
+                        dropped += 1
+                records = [(b, c) for b, c in records if c is not None]
+            if dropped:
+                log.warning("L3: %d deletes recorded without a checksum for another l3.url "
+                            "dropped", dropped)
+            for block, checksum in records:
                 self._deleting[block] = self._deleting.get(block, 0) + 1
                 self._redo[block] = self._redo.get(block, 0) + 1
                 self._tombstoned.add(block)
@@ -747,6 +752,10 @@ class L3Mover(Part):
                                  turn=turn)
         except TierUnavailable as exc:
             log.info("L3 delete of %s waits for L3: %s", block[1].hex()[:16], exc)
+            if checksum is not None and self._deleting.get(block, 0) <= 1:
+                # The retry deletes only this object (else whatever is there,
+                # another node's newer block put meanwhile included).
+                self._recorded.setdefault(block, checksum)
             self._redo[block] = self._redo.get(block, 0) + 1
             self._redo_wake.set()
             if not self.healthy:
@@ -916,17 +925,13 @@ class L3Mover(Part):
             # now; the current entry, or the next look, finds the new one.
             counters.misses += 1
             if entry is not None and self.index.blocks.get(block) is entry:
-                older = meta.created < entry.created
-                log.info("L3 object of %s/%s is another version (checksum %#x, not %#x), %s",
-                         block[0], block[1].hex()[:16], meta.checksum, expected,
-                         "older than this node's block: deleted" if older else "newer: "
-                         "indexed again")
+                # (Not judged older or newer by its header's time: an upload
+                # lands long after the Put it carries, nodes' clocks differ,
+                # and deleting it here lost another node's current block.)
+                log.info("L3 object of %s/%s is another version (checksum %#x, not %#x): "
+                         "indexed again", block[0], block[1].hex()[:16], meta.checksum,
+                         expected)
                 self.index.lost_l3(block, entry)
-                if older:
-                    # Bytes this node's block replaced whose delete never
-                    # landed: stale, never to be indexed (conditional on them).
-                    self._note_absent(block)
-                    self.delete_later(block, True, meta.checksum)
             return None
         if entry is not None and meta.size != entry.size:
             # Another node replaced the object with one of another size since it

@@ -172,15 +172,15 @@ class TieredStore:
         if url:
             if off is not None:
                 self.l2.set_l3_off_since(None, settled_quietly)  # (its records are done now)
-            if recorded and recorded != url:
+            if recorded and recorded.rstrip("/") != url.rstrip("/"):
                 log.warning("l3.url is %s, but this L2 last ran with %s: blocks deleted or "
                             "overwritten while this node uses another bucket are not deleted "
                             "in that one, and may be served from it again if it comes back; "
-                            "the L3 deletes recorded for that bucket are dropped, not done in "
-                            "this one", url, recorded)
+                            "the L3 deletes recorded for that bucket without a checksum are "
+                            "dropped, not done in this one", url, recorded)
                 assert self.l3 is not None
                 self.l3.records_are_foreign = True
-            if recorded != url:
+            if recorded is None or recorded.rstrip("/") != url.rstrip("/"):
                 self.l2.set_l3_url(url, settled_quietly)
         elif recorded:
             if off is None:  # the first run without it: blocks from before may be there

@@ -69,7 +69,8 @@ def test_l2_stays_bounded_while_l3_is_slower_than_the_writes(tmp_path: Path) -> 
     waited for them while every write from L1 landed in L2 all the same: 9 GB
     over a 96 MiB capacity in 10 minutes. Past l3.outage_spill the coldest
     blocks now go without an upload, as during an outage: L2 holds at most
-    its capacity and l3.outage_spill more."""
+    the larger of capacity x (1 + l3.outage_spill) and capacity + the
+    demotions in flight (here the first: a small upload queue)."""
     env = {"KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "1MiB",
            "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_CAPACITY": "2MiB",
            "KVSTORE_L3_WRITE_QUEUE_BYTES": "512KiB", "KVSTORE_L2_WRITE_QUEUE_BYTES": "64MiB",
@@ -101,5 +102,51 @@ def test_l2_stays_bounded_while_l3_is_slower_than_the_writes(tmp_path: Path) -> 
         finally:
             gate.set()
         await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_read_of_another_version_never_deletes_it(tmp_path: Path) -> None:
+    """A review of this try's first fix, which deleted an intact L3 object of
+    another version when its header's time was older than the reader's
+    entry: B put K at local (t0), A then put K at remote (t1 > t0), B's L2
+    demoted its K to L3 (header t0) over A's object; A's read took it for
+    stale and deleted it -- B's acknowledged block, in L3 only, was gone."""
+    l3 = f"file://{tmp_path}/l3"
+
+    def env(name: str, l2: bool = True) -> dict[str, str]:
+        e = {"KVSTORE_DATA_DIR": str(tmp_path / name), "KVSTORE_L1_CAPACITY": "1MiB",
+             "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_CAPACITY": "2MiB",
+             "KVSTORE_L3_URL": l3, "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+             "KVSTORE_L3_LIST_ON_START": "false"}
+        if not l2:
+            e["KVSTORE_L2_ENABLED"] = "false"
+        return e
+
+    async def go() -> None:
+        key, block = b"K" * 16, ("ns", b"K" * 16)
+        a = TieredStore(load(env=env("a", l2=False)))
+        b = TieredStore(load(env=env("b")))
+        await a.start()
+        await b.start()
+        try:
+            await b.put_bytes("ns", key, b"\x02" * (64 * KiB), ack=AckLevel.LOCAL)
+            await a.put_bytes("ns", key, b"\x01" * (64 * KiB), ack=AckLevel.REMOTE)
+            for i in range(40):  # A's K leaves its L1: L3 only
+                await a.put_bytes("ns", b"f%03d" % i, b"\x07" * (64 * KiB))
+            for i in range(80):  # B's L2 fills: its K is demoted over A's object
+                await b.put_bytes("ns", b"g%03d" % i, b"\x08" * (64 * KiB), ack=AckLevel.LOCAL)
+            for _ in range(200):  # (bounded: the demotion lands)
+                e = b.index.entry(block)
+                if e is not None and e.l3 and not e.l2 and e.l1_offset < 0:
+                    break
+                await asyncio.sleep(0.05)
+            await a.get_bytes("ns", key)  # another version: a miss, nothing deleted
+            assert a.l3 is not None
+            await a.l3.deletes_landed([block], 5.0)  # (what A would have deleted, done)
+            assert await b.get_bytes("ns", key) == b"\x02" * (64 * KiB)
+        finally:
+            await a.close()
+            await b.close()
 
     asyncio.run(go())
