@@ -20,6 +20,19 @@ from kvstore.types import AckLevel
 KiB = 1024
 
 
+def hold_uploads(mover: Any) -> asyncio.Event:
+    """Hold the object store's uploads until the event returned is set."""
+    gate = asyncio.Event()
+    real_put = mover.tier.put
+
+    async def held_put(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await real_put(*args, **kwargs)
+
+    mover.tier.put = held_put
+    return gate
+
+
 def test_a_trim_starts_demotions_for_what_l2_is_over_not_for_all_it_holds(
         tmp_path: Path) -> None:
     env = {"KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "1MiB",
@@ -33,14 +46,7 @@ def test_a_trim_starts_demotions_for_what_l2_is_over_not_for_all_it_holds(
         assert store.l2 is not None and store.l3 is not None
         mover = store.l3
         # The object store takes no upload until told: every demotion stays in flight.
-        gate = asyncio.Event()
-        real_put = mover.tier.put
-
-        async def held_put(*args: Any, **kwargs: Any) -> Any:
-            await gate.wait()
-            return await real_put(*args, **kwargs)
-
-        mover.tier.put = held_put  # type: ignore[method-assign]
+        gate = hold_uploads(mover)
         try:
             for i in range(1000):  # 4 MiB of 4 KiB blocks: L1 1 MiB, L2 2 MiB
                 await store.put_bytes("ns", b"k%04d" % i, bytes([i % 251]) * (4 * KiB),
@@ -81,14 +87,7 @@ def test_l2_stays_bounded_while_l3_is_slower_than_the_writes(tmp_path: Path) -> 
         await store.start()
         assert store.l2 is not None and store.l3 is not None and store.writeback is not None
         mover = store.l3
-        gate = asyncio.Event()  # the object store takes no upload: L3 is "slow"
-        real_put = mover.tier.put
-
-        async def held_put(*args: Any, **kwargs: Any) -> Any:
-            await gate.wait()
-            return await real_put(*args, **kwargs)
-
-        mover.tier.put = held_put  # type: ignore[method-assign]
+        gate = hold_uploads(mover)  # the object store takes no upload: L3 is "slow"
         try:
             for i in range(2000):  # 8 MiB of 4 KiB blocks through L1 1 MiB, L2 2 MiB
                 await store.put_bytes("ns", b"k%04d" % i, bytes([i % 251]) * (4 * KiB))
