@@ -234,9 +234,10 @@ class Placement(Part):
             f"leave is leased, read or being written){self.stuck_reason()}"
         )
 
-    def _unreserve(self, offset: int) -> None:
+    def _end_reservation(self, offset: int) -> None:
         """The reservation at ``offset`` ends (committed, placed or released)."""
-        held = self._reserved_at.pop(offset, None)
+        self.open_writers -= 1
+        held = self._reserved_at.pop(offset, None) if self._reserved_at else None
         if held is not None:
             ns, extent = held
             left = self._l1_reserved[ns] - extent
@@ -246,9 +247,7 @@ class Placement(Part):
                 del self._l1_reserved[ns]
 
     def release(self, offset: int, size: int) -> None:
-        self.open_writers -= 1
-        if self._reserved_at:
-            self._unreserve(offset)
+        self._end_reservation(offset)
         self.l1.release(offset, size)
         self.progress.wake()
 
@@ -259,9 +258,7 @@ class Placement(Part):
         L2 (ack local or remote) and its write is queued before anything is
         awaited (store.room_for_write): the L2 copy of the block it
         overwrites may be left for that write to replace (see :meth:`_retire`)."""
-        self.open_writers -= 1
-        if self._reserved_at:
-            self._unreserve(offset)
+        self._end_reservation(offset)
         index = self.index
         old = index.entry(block)
         left_in_l2 = old is not None and self._retire(block, old, written_next)
@@ -372,9 +369,7 @@ class Placement(Part):
 
     def place(self, block: BlockId, entry: Entry, offset: int, session: str | None) -> None:
         """A promoted block's bytes are in its reserved extent: index them."""
-        self.open_writers -= 1
-        if self._reserved_at:
-            self._unreserve(offset)
+        self._end_reservation(offset)
         self.index.set_l1(entry, offset)
         entry.generation = next(self._generations)
         if self.has_l2 and not entry.l2:

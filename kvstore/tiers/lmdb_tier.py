@@ -179,6 +179,14 @@ def _call_done(op: _Op, error: BaseException | None, existed: bool) -> None:
         log.exception("L2 write callback failed")
 
 
+def _time_field(fields: dict[bytes, str], field: bytes) -> float | None:
+    """A time the ``kvstore`` database holds (None: absent or unreadable)."""
+    try:
+        return float(fields[field])
+    except (KeyError, ValueError):
+        return None
+
+
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
@@ -313,15 +321,9 @@ class LMDBTier:
         with self._env.begin(db=marker, write=True) as txn:
             fields = {k: bytes(v).decode(errors="replace")
                       for k, v in txn.cursor().iternext(keys=True, values=True)}
-            try:
-                self._unlisted_since = float(fields[_UNLISTED_SINCE])
-            except (KeyError, ValueError):
-                self._unlisted_since = None
+            self._unlisted_since = _time_field(fields, _UNLISTED_SINCE)
             self._l3_url = fields.get(_L3_URL)
-            try:
-                self._l3_off_since = float(fields[_L3_OFF_SINCE])
-            except (KeyError, ValueError):
-                self._l3_off_since = None
+            self._l3_off_since = _time_field(fields, _L3_OFF_SINCE)
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -580,8 +582,7 @@ class LMDBTier:
 
     def set_unlisted_since(self, value: float | None, done: WriteDone) -> None:
         """See :meth:`KeyValueTier.set_unlisted_since`."""
-        self._enqueue(_Op(_UNLISTED_SINCE, None if value is None else repr(value).encode(),
-                          b"", 0, done, _STATE))
+        self._set_state(_UNLISTED_SINCE, None if value is None else repr(value), done)
 
     @property
     def l3_url(self) -> str | None:
@@ -591,7 +592,7 @@ class LMDBTier:
     def set_l3_url(self, url: str, done: WriteDone) -> None:
         """See :meth:`KeyValueTier.set_l3_url`."""
         self._l3_url = url
-        self._enqueue(_Op(_L3_URL, url.encode(), b"", 0, done, _STATE))
+        self._set_state(_L3_URL, url, done)
 
     @property
     def l3_off_since(self) -> float | None:
@@ -601,8 +602,12 @@ class LMDBTier:
     def set_l3_off_since(self, value: float | None, done: WriteDone) -> None:
         """See :meth:`KeyValueTier.set_l3_off_since`."""
         self._l3_off_since = value
-        self._enqueue(_Op(_L3_OFF_SINCE, None if value is None else repr(value).encode(),
-                          b"", 0, done, _STATE))
+        self._set_state(_L3_OFF_SINCE, None if value is None else repr(value), done)
+
+    def _set_state(self, field: bytes, text: str | None, done: WriteDone) -> None:
+        """Write (None: remove) a field of the ``kvstore`` database, ordered
+        with the block writes."""
+        self._enqueue(_Op(field, None if text is None else text.encode(), b"", 0, done, _STATE))
 
     def after_queued(self, done: WriteDone, durable: bool = False) -> None:
         """Call ``done`` once every write queued before this call has
