@@ -138,6 +138,14 @@ class L3Mover(Part):
         # only that object goes (another may have been written under the key
         # since: by another node, or by a release that did not read records).
         self._recorded: dict[BlockId, int] = {}
+        # Blocks (and namespaces) of Deletes and Flushes not answered yet: the
+        # deletes of their objects remove whatever is under the key, as the
+        # call asked ("gone from the bucket"), another node's overwrite made
+        # before it included. Only a delete that lands after its call was
+        # answered (a retry, a start left late) is conditional on the version
+        # it is for: by then another node may have written the key anew.
+        self._answering: dict[BlockId, int] = {}
+        self._answering_namespaces: dict[str, int] = {}
         #: The L3 delete records in L2 are for another l3.url (TieredStore):
         #: dropped at start, not done.
         self.records_are_foreign = False
@@ -494,8 +502,9 @@ class L3Mover(Part):
             if block in self._redo:
                 # A delete of this block failed earlier: it goes first.
                 checksum = self._recorded.get(block)
-                if checksum is None:
+                if checksum is None or self._call_waits(block):
                     await self.tier.delete(block)
+                    self._recorded.pop(block, None)
                 else:
                     await self.tier.delete_if(block, checksum)
                     self._recorded.pop(block, None)
@@ -593,6 +602,11 @@ class L3Mover(Part):
             wanted = self._recorded.get(block) if checksum is None else checksum
             if wanted is None:
                 return await self.tier.delete(block)
+            if self._call_waits(block):
+                deleted = await self.tier.delete(block)
+                if self._recorded.get(block) == wanted:
+                    del self._recorded[block]
+                return deleted
             deleted = await self.tier.delete_if(block, wanted)
             if self._recorded.get(block) == wanted:
                 del self._recorded[block]
@@ -619,6 +633,35 @@ class L3Mover(Part):
             group.left -= 1
             group.failed = group.failed or not landed
             group.event.set()
+
+    def _call_waits(self, block: BlockId) -> bool:
+        """A Delete or Flush of the block waits for its answer (:meth:`answering`)."""
+        return block in self._answering or block[0] in self._answering_namespaces
+
+    @contextlib.contextmanager
+    def answering(self, namespace: str, keys: Sequence[bytes] | None = None) -> Iterator[None]:
+        """While a Delete of ``keys`` (a Flush of the namespace: None) waits
+        for its answer: its own deletes remove whatever object is under each
+        key, not only the version this node knew (a Delete answered 1 left
+        another node's overwrite, made before the call, in the bucket, and
+        served it; 0.23.0 deleted it)."""
+        counts: dict[Any, int]
+        names: list[Any]
+        if keys is None:
+            counts, names = self._answering_namespaces, [namespace]
+        else:
+            counts, names = self._answering, [(namespace, key) for key in keys]
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            for name in names:
+                left = counts[name] - 1
+                if left:
+                    counts[name] = left
+                else:
+                    del counts[name]
 
     async def deletes_landed(self, blocks: Iterable[BlockId], idle_s: float) -> bool:
         """Wait until this node's deletes of ``blocks`` queued so far have

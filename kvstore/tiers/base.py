@@ -185,6 +185,13 @@ class KeyValueTier(Protocol):
         Read at open."""
         ...
 
+    @property
+    def l3_unrecorded(self) -> bool:
+        """Whether this L2 was last written by a release that did not record
+        its ``l3.url`` (before 0.24.0): it may have run with an L3. Read at
+        open."""
+        ...
+
     def set_l3_url(self, url: str, done: WriteDone) -> None:
         """Record :attr:`l3_url`, ordered with the block writes."""
         ...

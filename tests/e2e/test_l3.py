@@ -452,6 +452,29 @@ def test_a_delete_retried_after_an_outage_keeps_another_nodes_newer_block(  # ty
         proxy.close()
 
 
+def test_a_delete_or_flush_removes_another_nodes_overwrite_made_before_it(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """An upgrade review: B put K at ack=remote, A overwrote it (ack=remote),
+    then a Delete of K through B answered 1 and B served A's bytes right
+    after, as did every node: B's delete was conditional on the version it
+    knew. A Delete (or Flush) removes whatever is under the key while it
+    waits; only a retry after its answer is conditional."""
+    a = l3_node(server_factory, s3, l1="8MiB", l2="8MiB").start()
+    b = l3_node(server_factory, s3, l1="8MiB", l2="8MiB").start()
+    root = s3.data_dir / s3.bucket / "fleet"
+    with Client(a.tcp, namespace="ns") as ca, Client(b.tcp, namespace="ns") as cb, \
+            Client(a.tcp, namespace="other") as fa, Client(b.tcp, namespace="other") as fb:
+        for theirs, mine, write in ((ca, cb, lambda c: c.delete([b"K"])), (fa, fb, Client.flush)):
+            assert mine.put({b"K": os.urandom(64 * 1024)}, ack="remote").stored == 1
+            assert theirs.put({b"K": os.urandom(64 * 1024)}, ack="remote").stored == 1
+            assert write(mine) == 1
+            assert mine.get([b"K"]) == [None]
+        assert sorted(p.name for p in root.rglob("*") if p.is_file()) == []
+    c = l3_node(server_factory, s3, l1="8MiB", l2="8MiB").start()
+    with Client(c.tcp, namespace="ns") as cc, Client(c.tcp, namespace="other") as fc:
+        assert cc.get([b"K"]) == [None] and fc.get([b"K"]) == [None]
+
+
 def test_another_nodes_overwrite_of_the_same_size_is_not_counted_corrupt(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server) -> None:
     """A node whose index has K's older version (same size) read another
