@@ -147,6 +147,13 @@ case "$cmd" in
     "$VENV/bin/python" -m pytest "$@" ;;
   bench)
     setup dev
+    # The peers' clients the baselines need (the `bench` extra: redis-py,
+    # boto3, matplotlib), once: without them a baseline was left out.
+    if ! "$VENV/bin/python" -c 'import redis, boto3, matplotlib' 2>/dev/null; then
+      # shellcheck disable=SC2046  # one requirement per line, none with spaces
+      "$VENV/bin/python" -m pip install -q $("$VENV/bin/python" -c 'import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))')
+    fi
     name=${1:-throughput}; shift || true
     exec "$VENV/bin/python" -m "bench.$name" "$@" ;;
   lint)

@@ -29,6 +29,8 @@ from typing import Any
 
 from bench.replay import sim
 from bench.replay.workloads import (
+    MOONCAKE_DIR,
+    TRACES,
     Workload,
     agent_files,
     agent_workload,
@@ -144,6 +146,22 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[tuple[Any, ...], str, str, 
     return jobs
 
 
+def missing_traces(args: argparse.Namespace) -> str:
+    """What the runs asked for lack ("" when nothing): a clear refusal, not
+    a traceback from deep inside a worker."""
+    if args.suite in ("mooncake", "all"):
+        for name in ("conversation", "synthetic"):
+            path = MOONCAKE_DIR / f"{name}_trace.jsonl"
+            if not path.is_file():
+                return f"no Mooncake trace {path}"
+    if args.suite in ("agent", "all"):
+        for run in args.runs.split(","):
+            half = run.split(":")[0]
+            if not split_half(agent_files(), half):
+                return f"no agent sessions for half {half!r} in {TRACES / 'agentic-cc' / 'dev'}"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                     help='session policy options (JSON, override --config), e.g. '
                          '\'{"duel": false}\'')
     args = ap.parse_args(argv)
+    missing = missing_traces(args)
+    if missing:
+        ap.error(f"{missing}: the replay reads the shared traces from {TRACES} "
+                 "(KVSTORE_TRACES, else shared/traces beside the checkout)")
     global SESSION_CONFIG
     SESSION_CONFIG = session_config(args.config, args.session_args)
     out = Path(args.out)

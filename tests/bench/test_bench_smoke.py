@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,16 @@ def test_index_scale_tiny(tmp_path: Path) -> None:
         assert r["server"]["start_seconds"] > 0
     assert set(doc["growth"]) == {"in_process", "in_process_full", "server"}
     assert any("unix socket" in t["target"] for t in doc["targets"])
+
+
+@pytest.mark.parametrize("suite", ["agent", "mooncake"])
+def test_replay_without_the_traces_says_where_it_looked(tmp_path: Path, suite: str) -> None:
+    """A docs review: in a checkout without ../shared/traces the replay died
+    with an IndexError (agent) or a FileNotFoundError from a worker."""
+    env = {**os.environ, "KVSTORE_TRACES": str(tmp_path / "none")}
+    proc = subprocess.run([sys.executable, "-m", "bench.replay", "--suite", suite,
+                           "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"the replay reads the shared traces from {tmp_path / 'none'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
