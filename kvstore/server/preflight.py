@@ -150,8 +150,13 @@ def lock_data_dir(config: Config) -> None:
         who = f" (pid {holder})" if holder.isdigit() else ""
         raise InvalidConfig(f"data_dir {config.data_dir} is in use by another kvstore "
                             f"server{who}: give each server its own data_dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:  # (a full disk: a bare "OSError: No space left on device")
+        os.close(fd)
+        raise InvalidConfig(f"data_dir {config.data_dir}: cannot write {path}: "
+                            f"{exc.strerror or exc}") from None
     _held_locks.append(fd)
     other = lmdb_holder(config.l2_path)
     if other is not None:

@@ -77,6 +77,7 @@ class WriteBack(Part):
         #: below what it holds, so that the blocks trimmed free pages inside
         #: LMDB's file for the writes (the file cannot grow).
         self.disk_capacity: int | None = None
+        self._shrunk_at = -WRITE_PAUSE_S  # (monotonic) when disk_capacity last went down
         self._failure_log = RateLimitedWarning(log, "L2 writes failing", 10.0, logging.ERROR)
         self._handoff: LoopHandoff | None = None  # the writer's completions to the loop
         self.closing = False
@@ -237,10 +238,16 @@ class WriteBack(Part):
         index = self.index
         if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
             index.set_dirty(entry, True, block)
-        if full:
+        if full and now - self._shrunk_at >= WRITE_PAUSE_S:
             # Large blocks need runs of free pages in LMDB's file (overflow
             # pages): free a twentieth of L2 at least, not just the block's
             # size (freeing twice the size left 118 of 200 Puts refused).
+            # Once per pause, not per failed write: a failed batch is retried
+            # in halves and each of its blocks failed on its own, so one full
+            # disk took L2 to nothing (an outside review: every block
+            # acknowledged at local gone after a kill -9, and the writer
+            # spinning on the blocks the trim had made dirty again).
+            self._shrunk_at = now
             room = max(0, index.l2_bytes - max(4 * entry.size, index.l2_bytes // 20))
             if self.disk_capacity is None:
                 log.warning("L2's disk is full: L2 is held below the %d bytes it holds (not "
@@ -346,9 +353,16 @@ class WriteBack(Part):
             # capacity (they move as L3 takes them), then drop.
             if self._within_outage_spill():
                 return False
+        self._l2_counters.evictions += 1
+        if self.disk_capacity is not None and entry.l1_offset >= 0 and not entry.l3:
+            # The disk is full: the block goes from L1 too (forget tells the
+            # policy). Its L2 copy dropped alone, it was dirty in L1 again:
+            # written back (and trimmed again, the writer spinning), and a
+            # block acknowledged at local was in RAM only (lost at a kill -9).
+            index.forget(block, entry)
+            return True
         self.policy.on_remove(TierName.L2, block)
         index.drop_l2_copy(block, entry)
-        self._l2_counters.evictions += 1
         if entry.l1_offset < 0 and not entry.l3:
             index.forget(block, entry, delete_l2=False)
         return True

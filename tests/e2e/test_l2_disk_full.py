@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverproc import ServerProcess
+from serverproc import ServerFailed, ServerProcess
 
 from kvstore import Client
 from kvstore.errors import CapacityExhausted, StorageError
@@ -100,3 +100,68 @@ def test_a_full_l2_disk_shrinks_l2_instead_of_failing_every_write(
             client.put({f"k{i}".encode(): block(i)}, ack="local")
         assert client.get([b"k439"]) == [block(439)]
     assert server.terminate() == 0
+
+
+def test_a_disk_filled_by_other_files_keeps_the_blocks_acknowledged_at_local(
+        server_factory: type[ServerProcess], small_disk: Path) -> None:
+    """A disk review: another file filled L2's disk while Puts at local went
+    on. Each failed write of a batch (retried in halves) shrank L2 again, to
+    nothing in seconds; the blocks its trim took stayed in L1 only, dirty,
+    so every block acknowledged at local and still served was lost at a
+    kill -9, and the writer spun on writing them back. Now L2 shrinks once
+    per pause and a block trimmed while the disk is full leaves L1 too:
+    what the server serves at the kill, it serves after it."""
+    flags = ("--l2-capacity", "1GiB", "--l2-batch-bytes", "4MiB",
+             "--l2-initial-map-size", "1MiB")
+    server = server_factory(*flags, "--server-metrics-listen", "127.0.0.1:0",
+                            data_dir=small_disk / "data", l1_capacity="16MiB")
+    server.log_path = small_disk.parent / "server.log"  # (not on the disk that fills)
+    server.start()
+    keys = [f"k{i}".encode() for i in range(200)]
+    filler = small_disk / "other-file"
+    with Client(server.tcp, namespace="full", timeout=30) as client:
+        for i, key in enumerate(keys[:24]):
+            client.put({key: block(i)}, ack="local")
+        with filler.open("wb") as f:  # another program fills the disk
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+            except OSError:
+                pass
+        refused = set()
+        for i, key in enumerate(keys[24:], 24):
+            try:
+                client.put({key: block(i)}, ack="local")
+            except (StorageError, CapacityExhausted) as exc:
+                assert "disk" in str(exc), exc
+                refused.add(key)  # (its bytes may stay in L1, at memory level)
+        l2_bytes = server.metric('kvstore_tier_bytes{tier="L2"}')
+        assert l2_bytes is not None and l2_bytes >= 8 * BLOCK, l2_bytes
+        served = {key: got for key, got in zip(keys, client.get(keys), strict=True)
+                  if got is not None and key not in refused}
+    assert len(served) >= 8
+    server.kill()
+    filler.unlink()
+    server.start()
+    with Client(server.tcp, namespace="full", timeout=30) as client:
+        after = dict(zip(served, client.get(list(served)), strict=True))
+    lost = [key for key, got in after.items() if got != served[key]]
+    assert not lost, f"{len(lost)} of {len(served)} blocks served before the kill -9 lost"
+
+
+def test_a_start_on_a_full_disk_says_which_file_it_could_not_write(
+        server_factory: type[ServerProcess], small_disk: Path) -> None:
+    """Was one line without a path: "kvstore: OSError: No space left on device"."""
+    (small_disk / "data").mkdir()
+    with (small_disk / "other-file").open("wb") as f:
+        try:
+            while True:
+                f.write(b"x" * 65536)
+        except OSError:
+            pass
+    server = server_factory(data_dir=small_disk / "data", l1_capacity="16MiB")
+    server.log_path = small_disk.parent / "server.log"
+    with pytest.raises(ServerFailed, match="exited with"):
+        server.start(timeout=30)
+    lock = small_disk / "data" / "kvstore.lock"
+    assert f"cannot write {lock}: No space left on device" in server.log()
