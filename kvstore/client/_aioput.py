@@ -29,9 +29,50 @@ from kvstore.client import _convert as conv
 from kvstore.client._base import open_channel
 from kvstore.client._common import MetadataPairs
 from kvstore.client._errors import closed_in_flight
+from kvstore.errors import InvalidArgument
 
 #: How often a Put waiting for its answer looks whether close() ended the loop.
 _CLOSE_POLL_S = 0.25
+
+#: A forked child's references to its parent's loops and grpc.aio channels,
+#: never released: grpc.aio's teardown of a channel made before the fork hung
+#: or crashed the child (SIGSEGV at its close(), its exit, or a collection).
+_parents_objects: list[tuple[Any, ...]] = []
+
+#: grpc.aio channels this process has open (AsyncClients', Clients' Put loops').
+_open_aio_channels = 0
+#: How many its parent had open when it forked this process: grpc.aio then
+#: hangs or crashes in this one, new channels included (seen on grpcio 1.7x-1.8x).
+_open_at_fork = 0
+
+
+def aio_channel_opened() -> None:
+    global _open_aio_channels
+    _open_aio_channels += 1
+
+
+def aio_channel_closed() -> None:
+    global _open_aio_channels
+    _open_aio_channels = max(0, _open_aio_channels - 1)
+
+
+def _forked() -> None:
+    global _open_aio_channels, _open_at_fork
+    _open_at_fork, _open_aio_channels = _open_at_fork or _open_aio_channels, 0
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def check_aio_after_fork(target: str) -> None:
+    """Refuse grpc.aio in a process forked while a channel was open (a clear
+    error instead of a call that hangs for ever or a crash)."""
+    if _open_at_fork:
+        raise InvalidArgument(
+            f"AsyncClient to {target}: this process was forked while an AsyncClient (or a "
+            "Client's Put loop) had a gRPC channel open, and grpc.aio does not work in such a "
+            "child: use a kvstore.Client here, or close the AsyncClient before forking (or "
+            "start workers with the 'spawn' method)")
 
 
 class AioPutter:
@@ -102,6 +143,7 @@ class AioPutter:
         if self._rpc is None:
             self._channel = open_channel(grpc.aio, self._target, self._options,
                                          self._credentials)
+            aio_channel_opened()
             self._rpc = self._channel.stream_unary(
                 conv.PUT, request_serializer=conv.identity,
                 response_deserializer=conv.decode_put_response)
@@ -115,9 +157,13 @@ class AioPutter:
             pid = self._pid
         if loop is None or thread is None:
             return
-        if pid != os.getpid() or not thread.is_alive():
+        if pid != os.getpid():
+            _parents_objects.append((loop, thread, channel))  # (see _parents_objects)
             return  # a forked child: the loop's thread is the parent's
+        if not thread.is_alive():
+            return
         if channel is not None:
+            aio_channel_closed()
             try:
                 asyncio.run_coroutine_threadsafe(channel.close(), loop).result(timeout=10)
             except Exception:  # closing is best effort; the loop goes anyway

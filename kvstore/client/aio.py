@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -13,7 +14,14 @@ import grpc.aio
 
 from kvstore.client import _convert as conv
 from kvstore.client import kv
-from kvstore.client._aioput import put_stream, task_cancelled
+from kvstore.client._aioput import (
+    _parents_objects,
+    aio_channel_closed,
+    aio_channel_opened,
+    check_aio_after_fork,
+    put_stream,
+    task_cancelled,
+)
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
 from kvstore.client._common import (
     DEFAULT_TARGET,
@@ -98,8 +106,25 @@ class AsyncClient(ClientBase):
         self._closed = False
         self._small_limit = max_response_bytes(self._options)
         self._block_hint = 0  # largest block of the last Get (see Client)
+        self._pid = os.getpid()
         self._data_plane: AsyncDataPlane | None = None
         if self._data_plane_mode != "off":
+            self._data_plane = AsyncDataPlane(
+                self._data_plane_mode, self._open_data_plane, self._grpc_target, self.target,
+                self.timeout, self.tls)
+
+    def _mind_fork(self) -> None:
+        """In a forked child: a channel and data-plane sessions of its own.
+        The parent's are kept, never closed nor used (dropping its grpc.aio
+        channel hung the child; its sessions are the parent's)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        _parents_objects.append((self._channel, self._data_plane))
+        self._channel = None
+        self._channel_loop = None
+        self._rpcs = {}
+        if self._data_plane is not None:
             self._data_plane = AsyncDataPlane(
                 self._data_plane_mode, self._open_data_plane, self._grpc_target, self.target,
                 self.timeout, self.tls)
@@ -134,6 +159,7 @@ class AsyncClient(ClientBase):
                 raise error_from_rpc(err, self.target) from err
 
     def _rpc(self, name: str) -> Any:
+        self._mind_fork()
         if self._channel_loop is not asyncio.get_running_loop() and self._channel is not None:
             self._new_loop()
         rpc = self._rpcs.get(name)
@@ -143,9 +169,11 @@ class AsyncClient(ClientBase):
                 # close quietly opened a channel nothing would close).
                 raise ValueError("the client is closed")
             if self._channel is None:
+                check_aio_after_fork(self.target)
                 self._channel_loop = asyncio.get_running_loop()
                 self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
                                              self._credentials())
+                aio_channel_opened()
             ch = self._channel
             if name == conv.PUT:
                 rpc = ch.stream_unary(name, request_serializer=conv.identity,
@@ -179,12 +207,14 @@ class AsyncClient(ClientBase):
     # -- lifecycle -------------------------------------------------------------
 
     async def close(self) -> None:
+        self._mind_fork()  # (a child never closes its parent's channel: that hung it)
         self._closed = True
         if self._data_plane is not None:
             self._data_plane.close()
         channel, self._channel = self._channel, None
         self._rpcs.clear()
         if channel is not None:
+            aio_channel_closed()
             await channel.close()
 
     async def __aenter__(self) -> Self:
@@ -212,6 +242,7 @@ class AsyncClient(ClientBase):
         return self._data_plane.calls if self._data_plane is not None else 0
 
     def _dp(self) -> AsyncDataPlane | None:
+        self._mind_fork()
         if self._channel is not None and self._channel_loop is not asyncio.get_running_loop():
             # Before the data plane is touched: its sessions are the channel
             # loop's. A call from a second running loop closed them from its
@@ -221,6 +252,13 @@ class AsyncClient(ClientBase):
             self._new_loop()
         dp = self._data_plane
         return dp if dp is not None and dp.available else None
+
+    async def _writes_settled(self) -> None:
+        """Before a write: the Puts this client cancelled mid-way are answered
+        (see AsyncDataPlane.writes_settled)."""
+        dp = self._data_plane
+        if dp is not None:
+            await dp.writes_settled()
 
     # -- calls -----------------------------------------------------------------
 
@@ -238,6 +276,7 @@ class AsyncClient(ClientBase):
         if not prep.blocks:
             return PutResult(0, 0)
         dp = self._dp()
+        await self._writes_settled()
         payload = sum(len(v) for _, v in prep.blocks)
         if dp is not None and dp.fits(sum(len(k) + 20 for k, _ in prep.blocks) + 600, payload):
             meta = frames.PutRequest(prep.namespace, [
@@ -424,6 +463,7 @@ class AsyncClient(ClientBase):
         count, req = self._prepare_delete(keys, namespace)
         if not count:
             return 0
+        await self._writes_settled()
         deleted: int = await self._unary(conv.DELETE, req)
         return deleted
 
@@ -449,6 +489,7 @@ class AsyncClient(ClientBase):
     async def flush(self, namespace: str | None = None) -> int:
         """See :meth:`kvstore.Client.flush`."""
         ns = resolve_namespace(namespace, self.namespace)
+        await self._writes_settled()
         flushed: int = await self._unary(conv.FLUSH, conv.encode_flush_request(ns))
         return flushed
 

@@ -99,7 +99,8 @@ T = TypeVar("T")
 class _Request:
     """One request waiting for its answer (in its connection's queue)."""
 
-    __slots__ = ("count", "error", "future", "index", "opcode", "out", "rid", "views")
+    __slots__ = ("count", "error", "future", "index", "opcode", "out", "rid", "settled",
+                 "views")
 
     def __init__(self, rid: int, opcode: int, future: asyncio.Future[Any],
                  count: int = 0, views: list[memoryview] | None = None) -> None:
@@ -111,6 +112,8 @@ class _Request:
         self.views = views  # GET: the caller's buffers (None: blocks returned as bytes)
         self.out: Any = [None] * count if opcode == Op.GET else None
         self.error: BaseException | None = None
+        #: A cancelled PUT: set once its answer is read (or the connection goes).
+        self.settled: asyncio.Future[None] | None = None
 
 
 class AioConnection:
@@ -145,6 +148,8 @@ class AioConnection:
         self._watchdog: asyncio.TimerHandle | None = None
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN)
+        #: Cancelled PUTs whose answer is still to come (see AsyncDataPlane.writes_settled).
+        self.settling: set[asyncio.Future[None]] = set()
         loop.add_reader(self._fd, self._on_readable)
 
     @property
@@ -176,9 +181,18 @@ class AioConnection:
         self.sock.close()
         waiting, self._waiting = self._waiting, collections.deque()
         for req in waiting:
-            if not req.future.done() and not self.loop.is_closed():
-                req.future.set_exception(error(reason))
+            if not self.loop.is_closed():
+                if not req.future.done():
+                    req.future.set_exception(error(reason))
+                self._settle(req)
         self._on_close(self)
+
+    def _settle(self, req: _Request) -> None:
+        settled = req.settled
+        if settled is not None:
+            self.settling.discard(settled)
+            if not settled.done():
+                settled.set_result(None)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -203,6 +217,13 @@ class AioConnection:
             return await req.future
         except asyncio.CancelledError:
             self._forget(req, payload)
+            if opcode == Op.PUT and not self.broken:
+                # Its bytes go on, and the server may store them: the client's
+                # later writes wait for its answer (a later acknowledged Delete
+                # or Put, sent on another session or over gRPC, was overtaken
+                # by it: the deleted or older block served again).
+                req.settled = self.loop.create_future()
+                self.settling.add(req.settled)
             raise
 
     def _forget(self, req: _Request, payload: Sequence[memoryview]) -> None:
@@ -446,6 +467,7 @@ class AioConnection:
                 req.future.set_exception(req.error)
             else:
                 req.future.set_result(req.out)
+        self._settle(req)
 
     def _violation(self, what: str) -> None:
         """The server broke the protocol: the call it was answering fails
@@ -455,6 +477,7 @@ class AioConnection:
             req = self._waiting.popleft()
             if not req.future.done():
                 req.future.set_exception(ConnectionFailed(message))
+            self._settle(req)
         self.close(message)
 
     def _check_progress(self) -> None:
@@ -538,6 +561,14 @@ class AsyncDataPlane:
     def fits(self, meta_bytes: int, payload_bytes: int = 0) -> bool:
         """Whether a request this size fits one frame (else: gRPC)."""
         return meta_bytes <= self._limits[0] and payload_bytes <= self._limits[1]
+
+    async def writes_settled(self) -> None:
+        """Wait until every Put cancelled on a session after its bytes began
+        to go is answered (or its connection gone): a later write must not
+        be overtaken by it. (Bounded by the connection's progress watchdog.)"""
+        pending = [f for conn in self._conns for f in conn.settling]
+        if pending:
+            await asyncio.wait(pending)
 
     async def run(self, fn: Callable[[AioConnection], Awaitable[T]],
                   idempotent: bool) -> T | None:

@@ -749,6 +749,7 @@ class DataPlane:
         """The pooled connections no call is using, taken out of the pool
         (a call on another thread may be using the others: their answers are
         theirs to read). Give each back with :meth:`give_back`."""
+        self._mind_fork()
         with self._lock:
             idle, self._idle = self._idle, []
         return idle
@@ -804,11 +805,19 @@ class DataPlane:
 
     # -- the pool ------------------------------------------------------------------------
 
-    def _take(self) -> Connection | None:
+    def _mind_fork(self) -> None:
+        """In a forked child, forget the parent's connections: their sessions
+        are the parent's, never used here. (A child's ShmClient.close()
+        abandoned the parent's stocked slots on them, under the parent's
+        owner: the server gave that room to another client, whose blocks the
+        parent's next Put then overwrote.) Their sockets close in this
+        process only (the objects are dropped: no shutdown, nothing sent)."""
         if self._forks != _forks:
-            # A forked child: the parent's sockets are its sessions, not ours.
             self._forks = _forks
             self._idle = []
+
+    def _take(self) -> Connection | None:
+        self._mind_fork()
         while True:
             try:
                 conn = self._idle.pop()

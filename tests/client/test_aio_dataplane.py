@@ -370,6 +370,45 @@ def test_a_cancelled_put_copies_only_its_own_unsent_bytes(
     run(body)
 
 
+@pytest.mark.parametrize("then", ["delete", "put", "flush"])
+def test_a_cancelled_put_never_lands_after_a_later_write(
+        server_factory: type[ServerProcess], then: str) -> None:
+    """A fork/cancel review: a Put cancelled while its bytes were going still
+    reaches the server, and a Delete (over gRPC) or a Put (on another
+    session) acknowledged after the cancel landed before it: the deleted
+    block was served again, the newer Put's bytes replaced by the older.
+    Later writes of the client now wait for the cancelled Put's answer."""
+    srv = server_factory(l1_capacity="256MiB").start()
+    old, new = os.urandom(32 * MiB), os.urandom(4096)
+
+    async def body() -> None:
+        async with AsyncClient(srv.unix_target, namespace="cw", data_plane="unix") as c:
+            await c.put({b"warm": b"w" * 4096})
+            [conn] = connections(c)
+            os.kill(srv.pid, signal.SIGSTOP)
+            try:
+                put = asyncio.ensure_future(c.put({b"K": old}))
+                await until(lambda: conn.load == 1, "the Put on its session")
+                put.cancel()
+                await asyncio.sleep(0)
+                if then == "delete":
+                    later = asyncio.ensure_future(c.delete([b"K"]))
+                elif then == "flush":
+                    later = asyncio.ensure_future(c.flush())
+                else:
+                    # (another session: the first has the cancelled Put's bytes queued)
+                    later = asyncio.ensure_future(c.put({b"K": new}))
+                await asyncio.sleep(0.05)  # the later call's request is on its way (or waits)
+            finally:
+                os.kill(srv.pid, signal.SIGCONT)
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            await later
+            assert await c.get([b"K"]) == [new if then == "put" else None]
+
+    run(body)
+
+
 class StopOnFirstPayload:
     """A connection's socket that SIGSTOPs the server once the first bytes of a
     block were received straight into the caller's buffer, and stops reading

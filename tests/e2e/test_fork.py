@@ -126,3 +126,76 @@ def test_a_forked_shared_memory_client_never_shares_its_slot_stock(  # type: ign
         done = subprocess.run([sys.executable, "-c", SHM_STOCK_CHILD, server.unix_target, path],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+CLOSE_IN_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from kvstore import Client
+    from kvstore.client.shm import ShmClient
+    signal.alarm(40)
+    target, kind = sys.argv[1], sys.argv[2]
+    if kind == "shm":
+        c = ShmClient(target, namespace="forkclose", timeout=10)
+    else:  # Puts over gRPC: the Put loop's grpc.aio channel
+        c = Client(target, namespace="forkclose", timeout=10, data_plane=False)
+    one = b"a" * 300_000
+    c.put({b"a": one})
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a hang fails the test (the child hung, or died of SIGSEGV)
+        c.close()
+        sys.exit(0)  # (the interpreter's exit and collection too)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, status
+    c.put({b"b": b"b" * 300_000})  # the parent's stocked slots are still its own
+    got = c.get([b"a", b"b"])
+    sys.exit(0 if got == [one, b"b" * 300_000] else 3)
+""")
+
+
+@pytest.mark.parametrize("kind", ["shm", "grpc-put"])
+def test_a_child_closing_a_client_made_before_fork_leaves_the_parents_alone(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path, kind: str) -> None:
+    """A fork review: a child's ShmClient.close() gave the parent's stocked
+    slots back on the parent's data-plane sessions (the parent's next Put:
+    "slot id … is not reserved", after writing into room the server had
+    given another client); a child's close() of a Client whose Puts went over
+    gRPC hung or died of SIGSEGV (the parent's grpc.aio channel torn down)."""
+    import os
+
+    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-close"
+    with server_factory("--l1-shm-path", shm, l1_capacity="16MiB") as server:
+        done = subprocess.run([sys.executable, "-c", CLOSE_IN_CHILD, server.unix_target, kind],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+AIO_CHILD = textwrap.dedent("""
+    import asyncio, os, signal, sys
+    from kvstore import AsyncClient, Client
+    from kvstore.errors import InvalidArgument
+    signal.alarm(40)
+    target = sys.argv[1]
+    a = AsyncClient(target, namespace="forkaio", timeout=5)
+    asyncio.run(a.put({b"k": b"v" * 5000}))  # its grpc.aio channel stays open
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # the child's calls hung past their timeout, or crashed
+        try:
+            asyncio.run(a.get([b"k"]))
+            os._exit(3)
+        except InvalidArgument as exc:
+            if "forked while an AsyncClient" not in str(exc):
+                os._exit(4)
+        with Client(target, namespace="forkaio", timeout=5) as c:  # the way out it names
+            os._exit(0 if c.get([b"k"]) == [b"v" * 5000] else 5)
+    _, status = os.waitpid(pid, 0)
+    assert asyncio.run(a.get([b"k"])) == [b"v" * 5000]  # the parent's goes on
+    sys.exit(os.waitstatus_to_exitcode(status))
+""")
+
+
+def test_an_async_client_in_a_child_forked_with_a_channel_open_says_so(shared_server) -> None:  # type: ignore[no-untyped-def]
+    done = subprocess.run([sys.executable, "-c", AIO_CHILD, shared_server.tcp],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
