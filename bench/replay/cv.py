@@ -105,6 +105,10 @@ def cv_files() -> list[Path]:
     """All shared agent sessions (dev and dev-extra), by name: the order fixes each one's
     block namespace, so a replay of any subset names blocks the same way."""
     files = agent_files(AGENT_DIR) + agent_files(AGENT_EXTRA_DIR)
+    if not files:
+        raise SystemExit(f"no agent sessions in {AGENT_DIR} nor {AGENT_EXTRA_DIR}: the replay "
+                         "reads the shared traces (KVSTORE_TRACES, else shared/traces beside "
+                         "the checkout)")
     return sorted(files, key=lambda p: p.name)
 
 
@@ -119,8 +123,7 @@ def folds_in_play(folds: list[int], final: bool) -> tuple[int, ...]:
 def load_folds(folds: tuple[int, ...]) -> list[Session]:
     """The sessions of ``folds`` (pickled once under CACHE: parsing 274 files takes a while)."""
     files = cv_files()
-    key = hashlib.sha1(json.dumps([(p.name, p.stat().st_size) for p in files]).encode())
-    path = CACHE / f"sessions-{key.hexdigest()[:12]}.pkl"
+    path = CACHE / f"sessions-{trace_set_id()}.pkl"
     if path.exists():
         with path.open("rb") as f:
             everything: list[Session] = pickle.load(f)
@@ -293,11 +296,14 @@ def code_hash() -> str:
 
 @functools.cache
 def trace_set_id() -> str:
-    """Of the trace files replayed (names and sizes): a result is only ever
+    """Of the trace files replayed (names and contents): a result is only ever
     reused for the sessions it was computed on (a replay of other sessions
-    with the same cache printed the earlier sessions' figures)."""
-    files = [(p.name, p.stat().st_size) for p in cv_files()]
-    return hashlib.sha1(json.dumps(files).encode()).hexdigest()[:12]
+    with the same cache printed the earlier sessions' figures; so did one of
+    a file edited in place to the same size)."""
+    h = hashlib.sha1()
+    for p in cv_files():
+        h.update(p.name.encode() + b"\0" + hashlib.sha1(p.read_bytes()).digest())
+    return h.hexdigest()[:12]
 
 
 def key(spec: Spec, policy: str, pct: float) -> str:
@@ -490,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-out", action="store_true",
                     help="with --compare: the held-out fold's summaries (final runs)")
     args = ap.parse_args(argv)
+    unknown = sorted({b for b in args.baselines.split(",") if b} - set(POLICIES))
+    if unknown:
+        ap.error(f"--baselines: unknown policies {', '.join(unknown)}; policies: "
+                 f"{', '.join(sorted(POLICIES))}")
     if args.compare:
         print(compare(args.compare, args.held_out))
         return 0

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,8 +74,9 @@ def session_config(config_file: str = "", session_args: str = "") -> SessionPoli
     """The session policy's options: ``[policy.session]`` of the TOML ``config_file``
     (defaults if none), then ``session_args`` (a JSON object: option -> value, parsed as
     the server parses that option). Unknown options and bad values are InvalidConfig."""
-    cfg = (kvconfig.load(env={}, file=config_file).policy.session if config_file
-           else SessionPolicyConfig())
+    # The server's order (defaults < file < KVSTORE_* environment): the policy replayed is
+    # the one a server started in this environment runs (the environment was ignored).
+    cfg = kvconfig.load(env=os.environ, file=config_file or None).policy.session
     if session_args:
         overrides = json.loads(session_args)
         if not isinstance(overrides, dict):
@@ -185,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                     help='session policy options (JSON, override --config), e.g. '
                          '\'{"duel": false}\'')
     args = ap.parse_args(argv)
+    if args.only:
+        known = {*BASELINES, "belady", "session", *(label for label, _ in SESSION_VARIANTS)}
+        unknown = sorted(set(args.only.split(",")) - known)
+        if unknown:
+            ap.error(f"--only: unknown labels {', '.join(unknown)}; labels: "
+                     f"{', '.join(sorted(known))}")
     missing = missing_traces(args)
     if missing:
         ap.error(f"{missing}: the replay reads the shared traces from {TRACES} "

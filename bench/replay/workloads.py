@@ -144,7 +144,13 @@ def half_of(file_name: str) -> str:
 
 
 def agent_files(directory: Path = AGENT_DIR) -> list[Path]:
-    return sorted(directory.glob("*.json.gz"))
+    """The session files of ``directory``: gzipped (``*.json.gz``, the shared set) or not
+    (``*.json``, as kv-cache-tester ships them)."""
+    return sorted([*directory.glob("*.json.gz"), *directory.glob("*.json")])
+
+
+class TraceError(ValueError):
+    """A session file the replay cannot read, named with what is wrong in it."""
 
 
 def split_half(files: list[Path], half: str) -> list[Path]:
@@ -170,11 +176,37 @@ def _hash_ids(requests: list[dict[str, Any]]) -> set[int]:
 
 
 def load_session(path: Path, index: int, max_requests: int | None = None) -> Session:
-    with gzip.open(path, "rt") as f:
-        d = json.load(f)
+    """One session file (see the traces' README for the schema); TraceError names the file
+    and what is wrong with it (a traceback from deep inside named neither)."""
+    try:
+        with (gzip.open(path, "rt") if path.name.endswith(".gz") else path.open()) as f:
+            d = json.load(f)
+    except (OSError, EOFError, ValueError) as exc:  # (json and gzip errors included)
+        raise TraceError(f"{path}: not a readable session file ({exc})") from None
+    try:
+        return _parse_session(path, index, d, max_requests)
+    except TraceError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        what = f"field {exc.args[0]!r} missing" if isinstance(exc, KeyError) else str(exc)
+        raise TraceError(f"{path}: {what} (see the traces' README for the schema)") from None
+
+
+def _parse_session(path: Path, index: int, d: Any, max_requests: int | None) -> Session:
+    if not isinstance(d, dict) or not isinstance(d.get("requests"), list):
+        raise TraceError(f"{path}: not a session (a JSON object with a list 'requests')")
+    scope = d.get("hash_id_scope", "local")
+    if scope != "local":
+        raise TraceError(f"{path}: hash_id_scope {scope!r}: the replay reads 'local' ids only "
+                         "(unique within one file)")
+    if d.get("block_size", 64) != 64:
+        raise TraceError(f"{path}: block_size {d.get('block_size')!r}: the replay models "
+                         "64-token blocks")
     base = index << _ID_BITS
     reqs: list[_Req] = []
-    sid = f"{d.get('id', path.stem)}"
+    # (a null id is the file's name: "None" merged every such session into one stream)
+    sid = f"{d.get('id') or path.stem}"
+    agents: dict[str, int] = {}
     # A block is (file, hash id): ids are unique within a file only, so each
     # file has its own range of 2^20 block numbers. Ids past it (the schema
     # does not bound them: a raw 64-bit hash, say) are renumbered by rank
@@ -191,8 +223,11 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
     def add(rs: list[dict], stream: str, t0: float, sub: bool) -> None:
         for r in rs:
             if r.get("type") == "subagent":
-                add(r.get("requests", []), f"{sid}/{r.get('agent_id', len(reqs))}", t0 + r["t"],
-                    True)
+                name = f"{sid}/{r.get('agent_id', len(reqs))}"
+                agents[name] = seen_before = agents.get(name, 0) + 1
+                if seen_before > 1:  # (two sub-agents with one agent_id: two streams)
+                    name = f"{name}#{seen_before}"
+                add(r.get("requests") or [], name, t0 + r["t"], True)
                 continue
             ids = r.get("hash_ids") or []
             if not ids:
@@ -203,6 +238,8 @@ def load_session(path: Path, index: int, max_requests: int | None = None) -> Ses
                              float(r.get("api_time") or 0.0), sub))
 
     add(d["requests"], sid, 0.0, False)
+    if not reqs:
+        raise TraceError(f"{path}: no request has hash_ids (nothing to replay)")
     reqs.sort(key=lambda q: q.t)
     if max_requests is not None:
         reqs = reqs[:max_requests]
@@ -218,7 +255,14 @@ def load_sessions(files: list[Path], max_requests: int | None = None,
     """``indices``: each file's block namespace (default its position in ``files``); two
     sessions replayed together need different ones."""
     idx = indices if indices is not None else list(range(len(files)))
-    return [load_session(p, i, max_requests) for i, p in zip(idx, files, strict=True)]
+    sessions = [load_session(p, i, max_requests) for i, p in zip(idx, files, strict=True)]
+    names: dict[str, str] = {}
+    for s in sessions:
+        other = names.setdefault(s.name, s.file)
+        if other != s.file:
+            raise TraceError(f"{s.file} and {other} have the same session id {s.name!r}: "
+                             "their streams would be replayed as one")
+    return sessions
 
 
 #: engine-knowable session ends: a main session that made no request for this long (s of

@@ -181,3 +181,86 @@ def test_speed_script_runs_an_earlier_tree_beside(capsys: pytest.CaptureFixture[
             if "refs/s" in x}
     assert set(rows) == {"lru", "lru@tree"}
     assert rows["lru"].split("hits ")[1] == rows["lru@tree"].split("hits ")[1]
+
+
+def test_lab_reads_the_servers_environment_too(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay review: the lab ignored KVSTORE_CONFIG and KVSTORE_POLICY_SESSION_*,
+    and so replayed another policy than a server started in the same environment."""
+    from bench.replay import lab
+    from kvstore.errors import InvalidConfig
+
+    toml = tmp_path / "kvstore.toml"
+    toml.write_text("[policy.session]\nplacing_scale = 1.0\n")
+    monkeypatch.setenv("KVSTORE_CONFIG", str(toml))
+    assert lab.session_config().placing_scale == 1.0
+    monkeypatch.setenv("KVSTORE_POLICY_SESSION_PLACING_SCALE", "1.3")
+    assert lab.session_config().placing_scale == kvconfig.load().policy.session.placing_scale \
+        == 1.3
+    monkeypatch.setenv("KVSTORE_POLICY_SESSION_PLACING_SCAEL", "1.1")
+    with pytest.raises(InvalidConfig, match="PLACING_SCAEL"):
+        lab.session_config()
+
+
+def _session_file(path: Path, doc: object) -> Path:
+    import gzip
+    import json
+
+    with gzip.open(path, "wt") as f:
+        json.dump(doc, f)
+    return path
+
+
+def _doc(sid: object, agent: str = "a") -> dict[str, object]:
+    sub = {"type": "subagent", "t": 2.0, "agent_id": agent,
+           "requests": [{"t": 0.0, "hash_ids": [7, 8]}]}
+    return {"id": sid, "block_size": 64, "hash_id_scope": "local",
+            "requests": [{"t": 0.0, "hash_ids": [1, 2], "stop": "tool_use"}, sub, dict(sub),
+                         {"t": 5.0, "hash_ids": [1, 2, 3]}]}
+
+
+def test_sessions_with_null_or_repeated_ids_stay_apart(tmp_path: Path) -> None:
+    """A null id read as the stream "None" (every such session one stream, the
+    policy then LRU), and two sub-agents with one agent_id shared a stream."""
+    from bench.replay.workloads import TraceError
+
+    files = [_session_file(tmp_path / f"trace_{i}.json.gz", _doc(None)) for i in range(2)]
+    streams = [{q.stream for q in s.reqs} for s in load_sessions(files)]
+    assert streams[0].isdisjoint(streams[1])
+    assert len(streams[0]) == 3  # the main stream and two sub-agents
+    same = [_session_file(tmp_path / f"dup_{i}.json.gz", _doc("one")) for i in range(2)]
+    with pytest.raises(TraceError, match="same session id 'one'"):
+        load_sessions(same)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "not a readable session file"),
+    (b"not gzip", "not a readable session file"),
+    ({"id": "x", "requests": [{"hash_ids": [1]}]}, "field 't' missing"),
+    ({"id": "x", "requests": "no"}, "a list 'requests'"),
+    ({"id": "x", "hash_id_scope": "global", "requests": []}, "hash_id_scope 'global'"),
+    ({"id": "x", "requests": [{"t": 0}]}, "no request has hash_ids"),
+])
+def test_a_bad_session_file_is_named_with_what_is_wrong(tmp_path: Path, content: object,
+                                                         message: str) -> None:
+    from bench.replay.workloads import TraceError
+
+    path = tmp_path / "trace_bad.json.gz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _session_file(path, content)
+    with pytest.raises(TraceError, match=message) as caught:
+        load_sessions([path])
+    assert str(path) in str(caught.value)
+
+
+def test_plain_json_session_files_are_read(tmp_path: Path) -> None:
+    """kv-cache-tester ships traces/trace_*.json uncompressed: they were skipped."""
+    import json
+
+    (tmp_path / "trace_plain.json").write_text(json.dumps(_doc("p")))
+    _session_file(tmp_path / "trace_gz.json.gz", _doc("g"))
+    files = agent_files(tmp_path)
+    assert [f.name for f in files] == ["trace_gz.json.gz", "trace_plain.json"]
+    assert [s.name for s in load_sessions(files)] == ["g", "p"]
