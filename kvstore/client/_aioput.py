@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -39,26 +40,26 @@ _CLOSE_POLL_S = 0.25
 #: or crashed the child (SIGSEGV at its close(), its exit, or a collection).
 _parents_objects: list[tuple[Any, ...]] = []
 
-#: grpc.aio channels this process has open (AsyncClients', Clients' Put loops').
-_open_aio_channels = 0
+#: grpc.aio channels of this process not closed yet (AsyncClients', Clients'
+#: Put loops'); one dropped or collected unclosed leaves it.
+_open_aio_channels: weakref.WeakSet[Any] = weakref.WeakSet()
 #: How many its parent had open when it forked this process: grpc.aio then
-#: hangs or crashes in this one, new channels included (seen on grpcio 1.7x-1.8x).
+#: hangs or crashes in this one, new channels included (seen on grpcio 1.85).
 _open_at_fork = 0
 
 
-def aio_channel_opened() -> None:
-    global _open_aio_channels
-    _open_aio_channels += 1
+def aio_channel_opened(channel: Any) -> None:
+    _open_aio_channels.add(channel)
 
 
-def aio_channel_closed() -> None:
-    global _open_aio_channels
-    _open_aio_channels = max(0, _open_aio_channels - 1)
+def aio_channel_closed(channel: Any) -> None:
+    _open_aio_channels.discard(channel)
 
 
 def _forked() -> None:
-    global _open_aio_channels, _open_at_fork
-    _open_at_fork, _open_aio_channels = _open_at_fork or _open_aio_channels, 0
+    global _open_at_fork
+    _open_at_fork = _open_at_fork or len(_open_aio_channels)
+    _open_aio_channels.clear()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -143,7 +144,7 @@ class AioPutter:
         if self._rpc is None:
             self._channel = open_channel(grpc.aio, self._target, self._options,
                                          self._credentials)
-            aio_channel_opened()
+            aio_channel_opened(self._channel)
             self._rpc = self._channel.stream_unary(
                 conv.PUT, request_serializer=conv.identity,
                 response_deserializer=conv.decode_put_response)
@@ -163,7 +164,7 @@ class AioPutter:
         if not thread.is_alive():
             return
         if channel is not None:
-            aio_channel_closed()
+            aio_channel_closed(channel)
             try:
                 asyncio.run_coroutine_threadsafe(channel.close(), loop).result(timeout=10)
             except Exception:  # closing is best effort; the loop goes anyway

@@ -173,7 +173,7 @@ class AsyncClient(ClientBase):
                 self._channel_loop = asyncio.get_running_loop()
                 self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
                                              self._credentials())
-                aio_channel_opened()
+                aio_channel_opened(self._channel)
             ch = self._channel
             if name == conv.PUT:
                 rpc = ch.stream_unary(name, request_serializer=conv.identity,
@@ -201,6 +201,8 @@ class AsyncClient(ClientBase):
         if old is not None and not old.is_closed():
             raise InvalidArgument("this AsyncClient is in use in another running event loop: "
                                   "use one AsyncClient per event loop")
+        if self._channel is not None:
+            aio_channel_closed(self._channel)  # (a fork may use grpc.aio again)
         self._channel = None  # (its loop is gone: nothing can close it any more)
         self._rpcs.clear()
 
@@ -214,7 +216,7 @@ class AsyncClient(ClientBase):
         channel, self._channel = self._channel, None
         self._rpcs.clear()
         if channel is not None:
-            aio_channel_closed()
+            aio_channel_closed(channel)
             await channel.close()
 
     async def __aenter__(self) -> Self:

@@ -217,7 +217,9 @@ class AioConnection:
             return await req.future
         except asyncio.CancelledError:
             self._forget(req, payload)
-            if opcode == Op.PUT and not self.broken:
+            # (cancelled with its answer read already, in the same loop step:
+            # nothing is coming, and a wait for it hung every later write)
+            if opcode == Op.PUT and not self.broken and req.future.cancelled():
                 # Its bytes go on, and the server may store them: the client's
                 # later writes wait for its answer (a later acknowledged Delete
                 # or Put, sent on another session or over gRPC, was overtaken
@@ -568,7 +570,7 @@ class AsyncDataPlane:
         be overtaken by it. (Bounded by the connection's progress watchdog.)"""
         pending = [f for conn in self._conns for f in conn.settling]
         if pending:
-            await asyncio.wait(pending)
+            await asyncio.wait(pending, timeout=self._timeout)
 
     async def run(self, fn: Callable[[AioConnection], Awaitable[T]],
                   idempotent: bool) -> T | None:

@@ -502,11 +502,10 @@ class L3Mover(Part):
             if block in self._redo:
                 # A delete of this block failed earlier: it goes first.
                 checksum = self._recorded.get(block)
-                if checksum is None or self._call_waits(block):
+                if checksum is None:
                     await self.tier.delete(block)
-                    self._recorded.pop(block, None)
                 else:
-                    await self.tier.delete_if(block, checksum)
+                    await self._delete_version(block, checksum)
                     self._recorded.pop(block, None)
                 self._deleted(block, 0)
             removing = self._unrecording.get(block) if wanted is not None else None
@@ -589,7 +588,7 @@ class L3Mover(Part):
         timed out, opening the breaker: L3 unavailable to every tenant, and
         the Flush failed.)"""
         async with slots:
-            return await self.tier.delete(block)
+            return bool(await self.tier.delete(block))
 
     async def _slotted_own_delete(self, block: BlockId, checksum: int | None) -> bool:
         """:meth:`_slotted_delete` of an object this node put or found: when
@@ -601,13 +600,8 @@ class L3Mover(Part):
         async with self._own_deletes:
             wanted = self._recorded.get(block) if checksum is None else checksum
             if wanted is None:
-                return await self.tier.delete(block)
-            if self._call_waits(block):
-                deleted = await self.tier.delete(block)
-                if self._recorded.get(block) == wanted:
-                    del self._recorded[block]
-                return deleted
-            deleted = await self.tier.delete_if(block, wanted)
+                return bool(await self.tier.delete(block))
+            deleted = await self._delete_version(block, wanted)
             if self._recorded.get(block) == wanted:
                 del self._recorded[block]
             return deleted
@@ -633,6 +627,18 @@ class L3Mover(Part):
             group.left -= 1
             group.failed = group.failed or not landed
             group.event.set()
+
+    async def _delete_version(self, block: BlockId, checksum: int) -> bool:
+        """Delete the block's object: whatever version is there while a Delete
+        or Flush of it waits for its answer (asked when the store is reached:
+        a delete waiting out an earlier one in doubt may start before the
+        answer and land seconds after it), else only the version ``checksum``
+        (another node may have written the key anew since the answer)."""
+        if self._call_waits(block):
+            deleted = await self.tier.delete(block, still=lambda: self._call_waits(block))
+            if deleted is not None:
+                return deleted
+        return await self.tier.delete_if(block, checksum)
 
     def _call_waits(self, block: BlockId) -> bool:
         """A Delete or Flush of the block waits for its answer (:meth:`answering`)."""

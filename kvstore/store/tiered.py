@@ -182,17 +182,10 @@ class TieredStore:
                 self.l3.records_are_foreign = True
             if recorded is None or recorded.rstrip("/") != url.rstrip("/"):
                 self.l2.set_l3_url(url, settled_quietly)
-        elif recorded or off is not None or (self.l2.l3_unrecorded and self.l2.usage().blocks):
+        elif recorded:
             if off is None:  # the first run without it: blocks from before may be there
                 off = time.time()
                 self.l2.set_l3_off_since(off, settled_quietly)
-            # Without a recorded URL: last written by a release that did not
-            # record it, and may have had one (an upgrade with L3 off for its
-            # first run lost the deletes of blocks from before: served again
-            # once L3 was back, by every node). The records carry the
-            # object's checksum: a bucket without the object loses nothing.
-            had = f"l3.url {recorded}" if recorded else \
-                "perhaps an l3.url (the release before did not record it)"
             self.index.l3_off_since = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
@@ -200,9 +193,9 @@ class TieredStore:
             since = self.l2.unlisted_since
             if since is None or since > off:
                 self.l2.set_unlisted_since(off, settled_quietly)
-            log.warning("L3 off (this L2 last ran with %s): Deletes and overwrites of "
+            log.warning("L3 off (this L2 last ran with l3.url %s): Deletes and overwrites of "
                         "the blocks from before are recorded in L2 and done in that bucket when "
-                        "a run has it again", had)
+                        "a run has it again", recorded)
 
     def _record_l3_delete(self, block: BlockId, in_l3: bool,
                           checksum: int) -> asyncio.Future[Any] | None:

@@ -77,7 +77,9 @@ class WriteBack(Part):
         #: below what it holds, so that the blocks trimmed free pages inside
         #: LMDB's file for the writes (the file cannot grow).
         self.disk_capacity: int | None = None
-        self._shrunk_at = -WRITE_PAUSE_S  # (monotonic) when disk_capacity last went down
+        #: How many times disk_capacity went down: a write queued before the
+        #: last time (before that trim's deletes) failing says nothing new.
+        self._shrinks = 0
         self._failure_log = RateLimitedWarning(log, "L2 writes failing", 10.0, logging.ERROR)
         self._handoff: LoopHandoff | None = None  # the writer's completions to the loop
         self.closing = False
@@ -190,6 +192,7 @@ class WriteBack(Part):
             return fut
         index.begin_l2_write(entry)
         self.queued += entry.size
+        shrinks = self._shrinks
 
         def settle(error: BaseException | None) -> None:
             view.release()
@@ -206,7 +209,7 @@ class WriteBack(Part):
                     log.warning("L2's disk has room again: L2 may grow to l2.capacity")
                 self.trim()
             elif error is not None:
-                self._write_failed(block, entry, error)
+                self._write_failed(block, entry, error, shrinks)
             index.free_if_dead(entry)
             self.progress.wake()
             if fut is not None and not fut.done():
@@ -225,7 +228,8 @@ class WriteBack(Part):
         self.l2.submit(block, view, entry.meta(), done)
         return fut
 
-    def _write_failed(self, block: BlockId, entry: Entry, error: BaseException) -> None:
+    def _write_failed(self, block: BlockId, entry: Entry, error: BaseException,
+                      shrinks: int) -> None:
         """A write failed: the block stays dirty in L1, no write starts for
         WRITE_PAUSE_S, and with the disk full L2 is trimmed below what it
         holds, so that the next writes reuse the pages freed."""
@@ -238,16 +242,18 @@ class WriteBack(Part):
         index = self.index
         if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
             index.set_dirty(entry, True, block)
-        if full and now - self._shrunk_at >= WRITE_PAUSE_S:
+        if full and shrinks == self._shrinks:
             # Large blocks need runs of free pages in LMDB's file (overflow
             # pages): free a twentieth of L2 at least, not just the block's
             # size (freeing twice the size left 118 of 200 Puts refused).
-            # Once per pause, not per failed write: a failed batch is retried
-            # in halves and each of its blocks failed on its own, so one full
-            # disk took L2 to nothing (an outside review: every block
-            # acknowledged at local gone after a kill -9, and the writer
-            # spinning on the blocks the trim had made dirty again).
-            self._shrunk_at = now
+            # Only for a write queued after the last shrink (behind its
+            # trim's deletes), not for each failed write: a failed batch is
+            # retried in halves and each of its blocks failed on its own, so
+            # one full disk took L2 to nothing (an outside review: every
+            # block acknowledged at local gone after a kill -9, and the
+            # writer spinning on the blocks the trim had made dirty again).
+            # (Once a second was too few: Puts refused for seconds.)
+            self._shrinks += 1
             room = max(0, index.l2_bytes - max(4 * entry.size, index.l2_bytes // 20))
             if self.disk_capacity is None:
                 log.warning("L2's disk is full: L2 is held below the %d bytes it holds (not "

@@ -185,13 +185,6 @@ class KeyValueTier(Protocol):
         Read at open."""
         ...
 
-    @property
-    def l3_unrecorded(self) -> bool:
-        """Whether this L2 was last written by a release that did not record
-        its ``l3.url`` (before 0.24.0): it may have run with an L3. Read at
-        open."""
-        ...
-
     def set_l3_url(self, url: str, done: WriteDone) -> None:
         """Record :attr:`l3_url`, ordered with the block writes."""
         ...
@@ -269,8 +262,10 @@ class ObjectStore(Protocol):
         time; its first bytes only), or None when there is no such object."""
         ...
 
-    async def delete(self, block: BlockId) -> bool:
-        """Remove the block; True when it was there."""
+    async def delete(self, block: BlockId, *,
+                     still: Callable[[], bool] | None = None) -> bool | None:
+        """Remove the block; True when it was there. ``still``: asked once the
+        store was reached; False: nothing is deleted, None returned."""
         ...
 
     def list_blocks(self, namespaces: Iterable[str] = ()) -> AsyncIterator[tuple[BlockId, int]]:

@@ -187,20 +187,6 @@ def _time_field(fields: dict[bytes, str], field: bytes) -> float | None:
         return None
 
 
-#: The first release that records l3.url in L2 (an L2 last written by an
-#: earlier one may have run with an L3 that it did not record).
-_RECORDS_L3_URL = (0, 24, 0)
-
-
-def _release(written_by: str | None) -> tuple[int, ...]:
-    """The release in a ``written_by`` field ("kvstore 0.23.0"); () when absent
-    or unreadable (a release before the field)."""
-    try:
-        return tuple(int(part) for part in (written_by or "").split()[-1].split(".")[:3])
-    except (IndexError, ValueError):
-        return ()
-
-
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
@@ -215,7 +201,6 @@ class LMDBTier:
         self._unlisted_since: float | None = None
         self._l3_url: str | None = None
         self._l3_off_since: float | None = None
-        self._l3_unrecorded = False
         self._new_instance = False  # the open gave it one: it had none
         self._recorded_txn = -1
         self._state_lock = threading.Lock()
@@ -339,8 +324,6 @@ class LMDBTier:
             self._unlisted_since = _time_field(fields, _UNLISTED_SINCE)
             self._l3_url = fields.get(_L3_URL)
             self._l3_off_since = _time_field(fields, _L3_OFF_SINCE)
-            self._l3_unrecorded = self._l3_url is None and \
-                _release(fields.get(b"written_by")) < _RECORDS_L3_URL
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -605,11 +588,6 @@ class LMDBTier:
     def l3_url(self) -> str | None:
         """See :attr:`KeyValueTier.l3_url` (as read at open)."""
         return self._l3_url
-
-    @property
-    def l3_unrecorded(self) -> bool:
-        """See :attr:`KeyValueTier.l3_unrecorded` (as read at open)."""
-        return self._l3_unrecorded
 
     def set_l3_url(self, url: str, done: WriteDone) -> None:
         """See :meth:`KeyValueTier.set_l3_url`."""

@@ -461,7 +461,13 @@ class ObjectTier:
                     yield block, size
             progress.prefixes_done, progress.after = i + 1, None
 
-    async def delete(self, block: BlockId) -> bool:
+    async def delete(self, block: BlockId, *,
+                     still: Callable[[], bool] | None = None) -> bool | None:
+        """Delete the block's object, whatever version it is; whether one was
+        there. ``still``: asked once the store was reached (after waiting out
+        an earlier delete in doubt, and the HEAD); False: nothing is deleted
+        and None is returned (the caller decides again: what it asked for
+        may no longer hold by then)."""
         path = object_path(block)
         await self._settle(path)
         found = await self._call(
@@ -469,6 +475,8 @@ class ObjectTier:
         )
         if found is MISSING:
             return False
+        if still is not None and not still():
+            return None
         await self._call(
             "delete", path, lambda: obstore.delete_async(self._store, path), missing_ok=True
         )

@@ -67,38 +67,6 @@ def test_a_run_without_l3_records_its_deletes_for_when_l3_is_back(  # type: igno
         assert c.get(KEYS) == [None] * 3 + [b"new" * 100] * 3
 
 
-def test_an_upgrade_run_without_l3_records_its_deletes_too(  # type: ignore[no-untyped-def]
-        server_factory, tmp_path: Path) -> None:
-    """An upgrade review: an L2 last written by a release that did not record
-    l3.url (before 0.24.0), then a first run of this one without L3: its
-    Deletes were not recorded, and the deleted blocks came back from the
-    bucket once L3 was on again (on every node)."""
-    import lmdb
-
-    node = tmp_path / "node"
-    bucket = tmp_path / "bucket"
-    l3 = ("--l3-url", f"file://{bucket}")
-    with server_factory(*l3, data_dir=node) as first, Client(first.tcp, namespace="ns") as c:
-        assert c.put({k: b"old" * 100 for k in KEYS}, ack="remote").stored == len(KEYS)
-    # What the release before left: no l3_url, its own name as the writer.
-    env = lmdb.open(str(node / "l2"), max_dbs=8, subdir=True)
-    try:
-        state = env.open_db(b"kvstore")
-        with env.begin(db=state, write=True) as txn:
-            assert txn.delete(b"l3_url")
-            txn.put(b"written_by", b"kvstore 0.23.0")
-    finally:
-        env.close()
-    with server_factory(data_dir=node) as without, Client(without.tcp, namespace="ns") as c:
-        assert c.delete(KEYS[:3]) == 3
-        assert c.put({k: b"new" * 100 for k in KEYS[3:]}, ack="local").stored == 3
-    assert "the release before did not record it" in without.log()
-    with server_factory(*l3, data_dir=node) as back, Client(back.tcp, namespace="ns") as c:
-        wait_for(lambda: sum(p.is_file() for p in bucket.rglob("*")) == 0,
-                 "the recorded deletes")
-        assert c.get(KEYS) == [None] * 3 + [b"new" * 100] * 3
-
-
 def test_a_run_without_l3_overwrites_blocks_only_in_l3(  # type: ignore[no-untyped-def]
         server_factory, tmp_path: Path) -> None:
     """A block whose L2 copy left for L3 is in no index after a restart
