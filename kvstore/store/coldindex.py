@@ -38,6 +38,7 @@ deleted, and puts it back once it has left L1 again.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 import struct
 from array import array
@@ -541,6 +542,10 @@ class ColdIndex:
         total = len(rows) + len(long_rows)
         found = self._records(self._in_key_order(rows, limit))
         if long_rows:
+            if limit is not None and limit < len(long_rows):
+                # (a record for each and a sort of them all took seconds for a
+                # million 36-byte keys: only the first `limit` can be listed)
+                long_rows = heapq.nsmallest(limit, long_rows, key=self._long_keys.__getitem__)
             found.extend(self._records(np.array(long_rows, np.int64)))
             found.sort(key=lambda b: b.key)
             if limit is not None:
