@@ -492,29 +492,50 @@ class TieredStore:
                 known.append(block)
             else:
                 unknown.append(block)
+        vanished: list[BlockId] = []
         if l3 is None or not unknown:
-            deleted = await self._forget_blocks(known)
-            if deleted:
-                await self._l2_caught_up()
-                if l3 is not None:
-                    await self._l3_caught_up(namespace, keys)
-            return deleted
-        # Blocks another node put in the shared bucket (deleted paced): absent
-        # here from now on, so that a Get meanwhile does not index one.
-        with l3.deleting(unknown) as delete_other:
-            deleted = found = await self._forget_blocks(known)
-            if found:
-                await self._l2_caught_up()
-            if l3.healthy:
-                deleted += await l3.delete_unknown(unknown, delete_other)
+            deleted = found = await self._forget_blocks(known, vanished)
+        else:
+            # Blocks another node put in the shared bucket (deleted paced):
+            # absent here from now on, so that a Get meanwhile does not index one.
+            with l3.deleting(unknown) as delete_other:
+                deleted = found = await self._forget_blocks(known, vanished)
+                if found:
+                    await self._l2_caught_up()
+                if l3.healthy:
+                    deleted += await l3.delete_unknown(unknown, delete_other)
+        if vanished and l3 is not None:
+            # Known at the start, evicted before their turn (the loop lets
+            # other calls in): what is under their keys in the bucket may be
+            # another node's, deleted as the unknown keys' are (it was left).
+            # One indexed again meanwhile (a Put here) goes as a known one.
+            again = [b for b in vanished if self.index.entry(b) is not None]
+            for block in again:
+                entry = self.index.entry(block)
+                if entry is not None:
+                    self.index.forget(block, entry, delete_l3=True)
+            if again:
+                found += len(again)
+                deleted += len(again)
+                self.progress.wake()
+            indexed = set(again)
+            gone = [b for b in vanished if b not in indexed]
+            with l3.deleting(gone) as delete_other:
+                if l3.healthy:
+                    deleted += await l3.delete_unknown(gone, delete_other)
         if found:
-            await self._l3_caught_up(namespace, keys)
+            if l3 is None or not unknown:
+                await self._l2_caught_up()
+            if l3 is not None:
+                await self._l3_caught_up(namespace, keys)
         return deleted
 
-    async def _forget_blocks(self, blocks: list[BlockId]) -> int:
+    async def _forget_blocks(self, blocks: list[BlockId],
+                             vanished: list[BlockId] | None = None) -> int:
         """Remove the blocks the index knows from every tier (their L3 objects
         through the mover), letting other calls in every _REMOVE_SLICE_S: how
-        many it knew. (In one go, a Delete of 65,536 keys held the event
+        many it knew; those gone from the index before their turn are added
+        to ``vanished``. (In one go, a Delete of 65,536 keys held the event
         loop 1-3 s: each compact record is made a full entry to be removed.)"""
         forgotten = 0
         pause = time.monotonic() + _REMOVE_SLICE_S
@@ -523,6 +544,8 @@ class TieredStore:
             if entry is not None:
                 self.index.forget(block, entry, delete_l3=True)
                 forgotten += 1
+            elif vanished is not None:
+                vanished.append(block)
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)
                 pause = time.monotonic() + _REMOVE_SLICE_S
@@ -627,12 +650,14 @@ class TieredStore:
         if self.l3 is not None:
             self.l3.void_probes((namespace, key) for key in known)
         pause = time.monotonic() + _REMOVE_SLICE_S
+        forgotten: set[bytes] = set()
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)
             if entry is not None:
                 self.index.forget(block, entry, delete_l3=True)
                 flushed += 1
+                forgotten.add(key)
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)  # let requests in between slices
                 pause = time.monotonic() + _REMOVE_SLICE_S
@@ -649,8 +674,9 @@ class TieredStore:
                 "of its L3 objects are not done yet (they are recorded and retried; another "
                 "node may serve those blocks until then): flush again to wait for them")
         # The mover deletes the L3 copies of the blocks just forgotten; the
-        # listing finds the rest.
-        gone = set(known)
+        # listing finds the rest (those evicted before their turn included:
+        # another node's object under such a key was left, and served).
+        gone = forgotten
         listed = [block async for block, _ in self.l3.tier.list_blocks([namespace])
                   if block[0] == namespace and block[1] not in gone]
         # Those indexed here while the listing ran (a Put here whose object
