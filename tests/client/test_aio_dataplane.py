@@ -76,6 +76,13 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> 
         await asyncio.sleep(0.002)
 
 
+async def warm_session(c: AsyncClient) -> aio_dataplane.AioConnection:
+    """The client's one data-plane session, opened by a first small Put."""
+    await c.put({b"warm": b"w" * 4096})
+    [conn] = connections(c)
+    return conn
+
+
 def connections(c: AsyncClient) -> list[aio_dataplane.AioConnection]:
     assert c._data_plane is not None
     return c._data_plane._conns
@@ -342,8 +349,7 @@ def test_a_cancelled_put_copies_only_its_own_unsent_bytes(
 
     async def body() -> None:
         async with AsyncClient(srv.unix_target, namespace="cx", data_plane="unix") as c:
-            await c.put({b"warm": b"w" * 4096})
-            [conn] = connections(c)
+            conn = await warm_session(c)
             os.kill(srv.pid, signal.SIGSTOP)
             try:
                 puts = [asyncio.ensure_future(c.put({b"k%d" % i: b}))
@@ -383,8 +389,7 @@ def test_a_cancelled_put_never_lands_after_a_later_write(
 
     async def body() -> None:
         async with AsyncClient(srv.unix_target, namespace="cw", data_plane="unix") as c:
-            await c.put({b"warm": b"w" * 4096})
-            [conn] = connections(c)
+            conn = await warm_session(c)
             os.kill(srv.pid, signal.SIGSTOP)
             try:
                 put = asyncio.ensure_future(c.put({b"K": old}))

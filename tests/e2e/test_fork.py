@@ -72,17 +72,23 @@ SHM_CHILD = textwrap.dedent("""
 """)
 
 
+def run_with_arena(server_factory, tmp_path, script: str, tag: str, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """``script`` in a fresh interpreter against a server with a /dev/shm
+    arena (its unix target, then ``args``): it must exit 0."""
+    import os
+
+    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-{tag}"
+    with server_factory("--l1-shm-path", shm, l1_capacity="16MiB") as server:
+        done = subprocess.run([sys.executable, "-c", script, server.unix_target, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
 def test_a_shared_memory_client_made_before_fork_keeps_its_leases(  # type: ignore[no-untyped-def]
         server_factory, tmp_path) -> None:
     """The leases a Get leaves for the next acquire to end are the parent's: the child
     does not end them (the parent's next Get failed "never issued")."""
-    import os
-
-    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-fork"
-    with server_factory("--l1-shm-path", path, l1_capacity="16MiB") as server:
-        done = subprocess.run([sys.executable, "-c", SHM_CHILD, server.unix_target],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    run_with_arena(server_factory, tmp_path, SHM_CHILD, "fork")
 
 
 SHM_STOCK_CHILD = textwrap.dedent("""
@@ -119,13 +125,7 @@ def test_a_forked_shared_memory_client_never_shares_its_slot_stock(  # type: ign
     """Slots reserved ahead for the next Puts are the parent's: a child that
     Put into one committed its block there, and the parent's next Put wrote
     over it (the child's acknowledged block then failed its checksum: lost)."""
-    import os
-
-    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-stock"
-    with server_factory("--l1-shm-path", shm, l1_capacity="16MiB") as server:
-        done = subprocess.run([sys.executable, "-c", SHM_STOCK_CHILD, server.unix_target, path],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    run_with_arena(server_factory, tmp_path, SHM_STOCK_CHILD, "stock", path)
 
 
 CLOSE_IN_CHILD = textwrap.dedent("""
@@ -161,13 +161,7 @@ def test_a_child_closing_a_client_made_before_fork_leaves_the_parents_alone(  # 
     "slot id … is not reserved", after writing into room the server had
     given another client); a child's close() of a Client whose Puts went over
     gRPC hung or died of SIGSEGV (the parent's grpc.aio channel torn down)."""
-    import os
-
-    shm = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-close"
-    with server_factory("--l1-shm-path", shm, l1_capacity="16MiB") as server:
-        done = subprocess.run([sys.executable, "-c", CLOSE_IN_CHILD, server.unix_target, kind],
-                              capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    run_with_arena(server_factory, tmp_path, CLOSE_IN_CHILD, "close", kind)
 
 
 AIO_CHILD = textwrap.dedent("""
