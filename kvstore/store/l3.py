@@ -867,6 +867,12 @@ class L3Mover(Part):
             self._absent.clear()
         self._absent[block] = time.monotonic() + ttl
 
+    def has_object(self, block: BlockId, entry: Entry) -> bool:
+        """Whether an object of this node's may be under the block's key: its
+        L3 copy, an upload in flight, a write of it in order (else what is
+        there, if anything, is another node's)."""
+        return entry.l3 or entry.l3_pending > 0 or block in self._last_write
+
     def void_probes(self, blocks: Iterable[BlockId]) -> None:
         """A Delete of ``blocks``: reads and HEADs of them in flight that
         started with no entry must not index what they find."""

@@ -493,36 +493,40 @@ class TieredStore:
             else:
                 unknown.append(block)
         vanished: list[BlockId] = []
+        local: list[BlockId] = []
         if l3 is None or not unknown:
-            deleted = found = await self._forget_blocks(known, vanished)
+            deleted = found = await self._forget_blocks(known, vanished, local)
         else:
             # Blocks another node put in the shared bucket (deleted paced):
             # absent here from now on, so that a Get meanwhile does not index one.
             with l3.deleting(unknown) as delete_other:
-                deleted = found = await self._forget_blocks(known, vanished)
+                deleted = found = await self._forget_blocks(known, vanished, local)
                 if found:
                     await self._l2_caught_up()
                 if l3.healthy:
                     deleted += await l3.delete_unknown(unknown, delete_other)
-        if vanished and l3 is not None:
-            # Known at the start, evicted before their turn (the loop lets
-            # other calls in): what is under their keys in the bucket may be
-            # another node's, deleted as the unknown keys' are (it was left).
+        if (vanished or local) and l3 is not None:
+            # What is under these keys in the bucket, if anything, is another
+            # node's, deleted as the unknown keys' is, while the call waits:
+            # keys known at the start but evicted before their turn (the loop
+            # lets other calls in: the object was left), and keys this node
+            # held without an L3 copy (their deletes were one attempt each,
+            # not waited for, and none past 4,096 waiting: left, and served).
             # One indexed again meanwhile (a Put here) goes as a known one.
-            again = [b for b in vanished if self.index.entry(b) is not None]
-            for block in again:
+            for block in vanished + local:
                 entry = self.index.entry(block)
                 if entry is not None:
                     self.index.forget(block, entry, delete_l3=True)
-            if again:
-                found += len(again)
-                deleted += len(again)
-                self.progress.wake()
-            indexed = set(again)
-            gone = [b for b in vanished if b not in indexed]
-            with l3.deleting(gone) as delete_other:
+                    if block in vanished:
+                        found += 1
+                        deleted += 1
+                    vanished.remove(block) if block in vanished else local.remove(block)
+            self.progress.wake()
+            with l3.deleting(vanished + local) as delete_other:
                 if l3.healthy:
-                    deleted += await l3.delete_unknown(gone, delete_other)
+                    deleted += await l3.delete_unknown(vanished, delete_other)
+                if l3.healthy:
+                    await l3.delete_unknown(local, delete_other)  # (counted already)
         if found:
             if l3 is None or not unknown:
                 await self._l2_caught_up()
@@ -530,22 +534,31 @@ class TieredStore:
                 await self._l3_caught_up(namespace, keys)
         return deleted
 
-    async def _forget_blocks(self, blocks: list[BlockId],
-                             vanished: list[BlockId] | None = None) -> int:
+    async def _forget_blocks(self, blocks: list[BlockId], vanished: list[BlockId],
+                             local: list[BlockId]) -> int:
         """Remove the blocks the index knows from every tier (their L3 objects
         through the mover), letting other calls in every _REMOVE_SLICE_S: how
-        many it knew; those gone from the index before their turn are added
-        to ``vanished``. (In one go, a Delete of 65,536 keys held the event
-        loop 1-3 s: each compact record is made a full entry to be removed.)"""
+        many it knew. Those gone from the index before their turn are added
+        to ``vanished``; those without an object of this node's in L3 (with
+        L3) to ``local``, for the caller to delete what is under their keys.
+        (In one go, a Delete of 65,536 keys held the event loop 1-3 s: each
+        compact record is made a full entry to be removed.)"""
         forgotten = 0
+        l3 = self.l3
+        off_since = self.index.l3_off_since
         pause = time.monotonic() + _REMOVE_SLICE_S
         for block in blocks:
             entry = self.index.entry(block)
-            if entry is not None:
+            if entry is None:
+                vanished.append(block)
+            elif l3 is not None and not l3.has_object(block, entry) and \
+                    entry.created >= off_since:
+                self.index.forget(block, entry)
+                local.append(block)
+                forgotten += 1
+            else:
                 self.index.forget(block, entry, delete_l3=True)
                 forgotten += 1
-            elif vanished is not None:
-                vanished.append(block)
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)
                 pause = time.monotonic() + _REMOVE_SLICE_S
@@ -650,14 +663,25 @@ class TieredStore:
         if self.l3 is not None:
             self.l3.void_probes((namespace, key) for key in known)
         pause = time.monotonic() + _REMOVE_SLICE_S
+        l3 = self.l3
+        off_since = self.index.l3_off_since
         forgotten: set[bytes] = set()
+        local: set[bytes] = set()  # held here without an L3 copy: counted already
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)
             if entry is not None:
-                self.index.forget(block, entry, delete_l3=True)
+                if l3 is not None and not l3.has_object(block, entry) and \
+                        entry.created >= off_since:
+                    # What is under its key in the bucket, if anything, is
+                    # another node's: the listing finds it, deleted while the
+                    # call waits (one attempt not waited for, none past 4,096).
+                    self.index.forget(block, entry)
+                    local.add(key)
+                else:
+                    self.index.forget(block, entry, delete_l3=True)
+                    forgotten.add(key)
                 flushed += 1
-                forgotten.add(key)
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)  # let requests in between slices
                 pause = time.monotonic() + _REMOVE_SLICE_S
@@ -706,9 +730,10 @@ class TieredStore:
                         f"flush of namespace {namespace!r}: deletes of its L3 objects are not "
                         "done yet (they are recorded and retried): flush again to wait for them")
             for start in range(0, len(others), step):
-                results = await asyncio.gather(
-                    *(delete_other(b) for b in others[start:start + step]))
-                flushed += sum(results)
+                chunk = others[start:start + step]
+                results = await asyncio.gather(*(delete_other(b) for b in chunk))
+                flushed += sum(r for b, r in zip(chunk, results, strict=True)
+                               if b[1] not in local)
         return flushed
 
     # Convenience for tests and the CLI: one whole block in, one whole block out.

@@ -475,6 +475,28 @@ def test_a_delete_or_flush_removes_another_nodes_overwrite_made_before_it(  # ty
         assert cc.get([b"K"]) == [None] and fc.get([b"K"]) == [None]
 
 
+def test_a_delete_of_keys_held_only_locally_removes_other_nodes_objects(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """A review: keys node A held without an L3 copy had their objects
+    deleted by one attempt each, not waited for and none past 4,096 waiting:
+    a Delete answered with another node's objects of those keys still in the
+    bucket (served by every node). Now they are deleted while the call waits."""
+    a = l3_node(server_factory, s3, l1="64MiB", l2="64MiB").start()
+    b = l3_node(server_factory, s3, l1="64MiB", l2="64MiB").start()
+    root = s3.data_dir / s3.bucket / "fleet"
+    keys = [b"k%04d" % i for i in range(4200)]  # (past BEST_EFFORT_MAX, 4,096)
+    with Client(a.tcp, namespace="ns") as ca, Client(b.tcp, namespace="ns") as cb, \
+            Client(a.tcp, namespace="fl") as fa, Client(b.tcp, namespace="fl") as fb:
+        for theirs, mine, write, ns in ((cb, ca, lambda c: c.delete(keys), "ns"),
+                                        (fb, fa, Client.flush, "fl")):
+            for i in range(0, len(keys), 200):  # (a few hundred uploads a call: 2 s timeout)
+                part = keys[i:i + 200]
+                assert theirs.put({k: b"B" * 64 for k in part}, ack="remote").stored == len(part)
+            assert mine.put({k: b"A" * 64 for k in keys}).stored == len(keys)  # L1 only
+            assert write(mine) == len(keys)
+            assert not [p for p in (root / ns).rglob("*") if p.is_file()]
+
+
 def test_another_nodes_overwrite_of_the_same_size_is_not_counted_corrupt(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server) -> None:
     """A node whose index has K's older version (same size) read another
