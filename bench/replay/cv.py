@@ -105,11 +105,18 @@ def cv_files() -> list[Path]:
     """All shared agent sessions (dev and dev-extra), by name: the order fixes each one's
     block namespace, so a replay of any subset names blocks the same way."""
     files = agent_files(AGENT_DIR) + agent_files(AGENT_EXTRA_DIR)
+    return sorted(files, key=lambda p: p.name)
+
+
+def replayed_files() -> list[Path]:
+    """:func:`cv_files`, which a replay needs: without them it says where it looked (it
+    died with an IndexError)."""
+    files = cv_files()
     if not files:
         raise SystemExit(f"no agent sessions in {AGENT_DIR} nor {AGENT_EXTRA_DIR}: the replay "
                          "reads the shared traces (KVSTORE_TRACES, else shared/traces beside "
                          "the checkout)")
-    return sorted(files, key=lambda p: p.name)
+    return files
 
 
 def folds_in_play(folds: list[int], final: bool) -> tuple[int, ...]:
@@ -122,7 +129,7 @@ def folds_in_play(folds: list[int], final: bool) -> tuple[int, ...]:
 
 def load_folds(folds: tuple[int, ...]) -> list[Session]:
     """The sessions of ``folds`` (pickled once under CACHE: parsing 274 files takes a while)."""
-    files = cv_files()
+    files = replayed_files()
     path = CACHE / f"sessions-{trace_set_id()}.pkl"
     if path.exists():
         with path.open("rb") as f:

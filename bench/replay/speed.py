@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         w = agent_workload(sessions, args.k, 1, args.hints, name="agent-274")
     else:
         files = split_half(agent_files(), args.half)[:args.sessions]
+        if not files:
+            ap.error(f"no agent sessions for half {args.half!r} (are the shared traces there? "
+                     "KVSTORE_TRACES, else shared/traces beside the checkout)")
         w = agent_workload(load_sessions(files), args.k, 1, args.hints,
                            name=f"agent-{args.half}")
     cap = max(1, int(w.n_unique * args.pct / 100))

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from kvstore import Client
+from kvstore.errors import TierUnavailable
 from kvstore.types import TierName
 
 try:
@@ -221,6 +222,15 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
         assert listed == [], f"{len(listed)} objects still in the bucket after the answer"
 
 
+def put_remote(c: Client, blocks: dict[bytes, bytes]) -> None:
+    """A set-up Put at remote through a node without L3 retries: a second try
+    when rclone answers one of its PUTs 500 (seen once in a CI run)."""
+    try:
+        c.put(blocks, ack="remote")
+    except TierUnavailable:
+        c.put(blocks, ack="remote")
+
+
 def test_a_flush_of_many_l3_objects_on_a_slow_store_never_opens_the_breaker(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server) -> None:
     """Regression (outside review, purging a namespace): a Flush queued the
@@ -244,8 +254,7 @@ def test_a_flush_of_many_l3_objects_on_a_slow_store_never_opens_the_breaker(  # 
         with node, Client(node.tcp, namespace="gone") as c:
             n = 60
             for start in range(0, n, 10):
-                c.put({b"g%03d" % i: b"x" * 1000 for i in range(start, start + 10)},
-                      ack="remote")
+                put_remote(c, {b"g%03d" % i: b"x" * 1000 for i in range(start, start + 10)})
             proxy.down_delay_s = 0.1  # every answer: 60 deletes on 4 slots take 1.5 s
             assert c.flush("gone") == n
             assert node.metric("kvstore_l3_breaker_openings_total") == 0
