@@ -38,7 +38,7 @@ _CLOSE_POLL_S = 0.25
 #: A forked child's references to its parent's loops and grpc.aio channels,
 #: never released: grpc.aio's teardown of a channel made before the fork hung
 #: or crashed the child (SIGSEGV at its close(), its exit, or a collection).
-_parents_objects: list[tuple[Any, ...]] = []
+parents_objects: list[tuple[Any, ...]] = []
 
 #: grpc.aio channels of this process not closed yet (AsyncClients', Clients'
 #: Put loops'); one dropped or collected unclosed leaves it.
@@ -159,7 +159,7 @@ class AioPutter:
         if loop is None or thread is None:
             return
         if pid != os.getpid():
-            _parents_objects.append((loop, thread, channel))  # (see _parents_objects)
+            parents_objects.append((loop, thread, channel))  # (see parents_objects)
             return  # a forked child: the loop's thread is the parent's
         if not thread.is_alive():
             return

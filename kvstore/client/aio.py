@@ -15,10 +15,10 @@ import grpc.aio
 from kvstore.client import _convert as conv
 from kvstore.client import kv
 from kvstore.client._aioput import (
-    _parents_objects,
     aio_channel_closed,
     aio_channel_opened,
     check_aio_after_fork,
+    parents_objects,
     put_stream,
     task_cancelled,
 )
@@ -120,7 +120,7 @@ class AsyncClient(ClientBase):
         if self._pid == os.getpid():
             return
         self._pid = os.getpid()
-        _parents_objects.append((self._channel, self._data_plane))
+        parents_objects.append((self._channel, self._data_plane))
         self._channel = None
         self._channel_loop = None
         self._rpcs = {}

@@ -513,14 +513,10 @@ class TieredStore:
             # held without an L3 copy (their deletes were one attempt each,
             # not waited for, and none past 4,096 waiting: left, and served).
             # One indexed again meanwhile (a Put here) goes as a known one.
-            for block in vanished + local:
-                entry = self.index.entry(block)
-                if entry is not None:
-                    self.index.forget(block, entry, delete_l3=True)
-                    if block in vanished:
-                        found += 1
-                        deleted += 1
-                    vanished.remove(block) if block in vanished else local.remove(block)
+            again = self._forget_reindexed(vanished)
+            found += again
+            deleted += again
+            self._forget_reindexed(local)  # (counted already)
             self.progress.wake()
             with l3.deleting(vanished + local) as delete_other:
                 if l3.healthy:
@@ -534,6 +530,26 @@ class TieredStore:
                 await self._l3_caught_up(namespace, keys)
         return deleted
 
+    def _forget_reindexed(self, blocks: list[BlockId]) -> int:
+        """Forget, with their L3 objects, those of ``blocks`` indexed again,
+        taking them out of the list; how many."""
+        kept = []
+        for block in blocks:
+            entry = self.index.entry(block)
+            if entry is None:
+                kept.append(block)
+            else:
+                self.index.forget(block, entry, delete_l3=True)
+        again = len(blocks) - len(kept)
+        blocks[:] = kept
+        return again
+
+    def _only_local(self, block: BlockId, entry: Entry) -> bool:
+        """With L3: no object of this node's can be under the block's key (what
+        is there, if anything, is another node's). Index.forget's rule."""
+        return self.l3 is not None and not self.l3.has_object(block, entry) and \
+            entry.created >= self.index.l3_off_since
+
     async def _forget_blocks(self, blocks: list[BlockId], vanished: list[BlockId],
                              local: list[BlockId]) -> int:
         """Remove the blocks the index knows from every tier (their L3 objects
@@ -544,15 +560,12 @@ class TieredStore:
         (In one go, a Delete of 65,536 keys held the event loop 1-3 s: each
         compact record is made a full entry to be removed.)"""
         forgotten = 0
-        l3 = self.l3
-        off_since = self.index.l3_off_since
         pause = time.monotonic() + _REMOVE_SLICE_S
         for block in blocks:
             entry = self.index.entry(block)
             if entry is None:
                 vanished.append(block)
-            elif l3 is not None and not l3.has_object(block, entry) and \
-                    entry.created >= off_since:
+            elif self._only_local(block, entry):
                 self.index.forget(block, entry)
                 local.append(block)
                 forgotten += 1
@@ -663,16 +676,13 @@ class TieredStore:
         if self.l3 is not None:
             self.l3.void_probes((namespace, key) for key in known)
         pause = time.monotonic() + _REMOVE_SLICE_S
-        l3 = self.l3
-        off_since = self.index.l3_off_since
         forgotten: set[bytes] = set()
         local: set[bytes] = set()  # held here without an L3 copy: counted already
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)
             if entry is not None:
-                if l3 is not None and not l3.has_object(block, entry) and \
-                        entry.created >= off_since:
+                if self._only_local(block, entry):
                     # What is under its key in the bucket, if anything, is
                     # another node's: the listing finds it, deleted while the
                     # call waits (one attempt not waited for, none past 4,096).
