@@ -513,10 +513,10 @@ class TieredStore:
             # held without an L3 copy (their deletes were one attempt each,
             # not waited for, and none past 4,096 waiting: left, and served).
             # One indexed again meanwhile (a Put here) goes as a known one.
-            again = self._forget_reindexed(vanished)
+            again = len(self._forget_indexed(vanished))
             found += again
             deleted += again
-            self._forget_reindexed(local)  # (counted already)
+            self._forget_indexed(local)  # (counted already)
             self.progress.wake()
             with l3.deleting(vanished + local) as delete_other:
                 if l3.healthy:
@@ -530,19 +530,19 @@ class TieredStore:
                 await self._l3_caught_up(namespace, keys)
         return deleted
 
-    def _forget_reindexed(self, blocks: list[BlockId]) -> int:
-        """Forget, with their L3 objects, those of ``blocks`` indexed again,
-        taking them out of the list; how many."""
-        kept = []
+    def _forget_indexed(self, blocks: list[BlockId]) -> list[BlockId]:
+        """Forget, with their L3 objects, those of ``blocks`` the index holds
+        (now), taking them out of the list; returns them."""
+        kept, indexed = [], []
         for block in blocks:
             entry = self.index.entry(block)
             if entry is None:
                 kept.append(block)
             else:
                 self.index.forget(block, entry, delete_l3=True)
-        again = len(blocks) - len(kept)
+                indexed.append(block)
         blocks[:] = kept
-        return again
+        return indexed
 
     def _only_local(self, block: BlockId, entry: Entry) -> bool:
         """With L3: no object of this node's can be under the block's key (what
@@ -720,15 +720,8 @@ class TieredStore:
         # an object gone). Nothing is awaited between this split and
         # deleting(), which orders a later Put's upload after the delete of
         # its key.
-        others: list[BlockId] = []
-        indexed: list[bytes] = []
-        for block in listed:
-            entry = self.index.entry(block)
-            if entry is None:
-                others.append(block)
-            else:
-                self.index.forget(block, entry, delete_l3=True)
-                indexed.append(block[1])
+        others = listed
+        indexed = [block[1] for block in self._forget_indexed(others)]
         step = max(1, self.config.l3.concurrency)
         with self.l3.deleting(others, wide=True) as delete_other:
             if indexed:
