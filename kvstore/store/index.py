@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import BlockId, ListedBlock, TierName
+
+log = logging.getLogger(__name__)
 
 #: The checksum of a block found in L3 by a listing or HEAD (not known yet).
 UNKNOWN_CHECKSUM = -1
@@ -142,6 +146,8 @@ class Index:
         #: L3, or none was ever recorded): blocks written before then count
         #: as in L3 for ``delete_l3``.
         self.l3_off_since = 0.0
+        # The latest creation time handed out or found in L2: see stamp().
+        self._stamp_floor = 0.0
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -154,6 +160,34 @@ class Index:
         #: the policy's victim order instead passed over every clean block at the
         #: head of L1 on every Put (a quarter of L1 with l2.clean_reserve 0.25).
         self.dirty_order: dict[int, tuple[BlockId, Entry]] = {}
+
+    # -- creation times -------------------------------------------------------------
+
+    def stamp(self) -> float:
+        """A creation time for a block written now: the wall clock, but never
+        at or before one handed out earlier or found in L2 (raise_stamp_floor).
+        Creation times order this node's writes across restarts (a block from
+        before the first run without L3 may have its object there; one written
+        since the L3 listing's window opened may have older bytes there): a
+        clock stepped back (NTP) made blocks written before the step look
+        newer, and a Delete made while L3 was off left their objects to be
+        served again."""
+        now = time.time()
+        if now <= self._stamp_floor:
+            now = math.nextafter(self._stamp_floor, math.inf)
+        self._stamp_floor = now
+        return now
+
+    @property
+    def stamp_floor(self) -> float:
+        """The latest creation time handed out or found in L2."""
+        return self._stamp_floor
+
+    def raise_stamp_floor(self, created: float) -> None:
+        """Hand out no creation time at or before ``created`` (one of an
+        earlier run's, read from L2)."""
+        if created > self._stamp_floor:
+            self._stamp_floor = created
 
     # -- counts kept with the entries -------------------------------------------------
 
@@ -363,6 +397,8 @@ class Index:
         line for eviction, so that recency order survives a restart."""
         size_array = np.asarray(sizes, dtype=np.uint64)
         created_array = np.asarray(created, dtype=np.float64)
+        if len(created_array):
+            self.raise_stamp_floor(float(created_array.max()))
         if self.cold is not None:
             # All of them go to the compact index; its last-use times put
             # older blocks first.

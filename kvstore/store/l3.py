@@ -85,9 +85,10 @@ class L3Mover(Part):
     trimming). Both are set once by the store, before :meth:`start`."""
 
     def __init__(self, shared: Shared, config: L3Config,
-                 namespaces: Iterable[str] = ()) -> None:
+                 namespaces: Iterable[str] = (), max_payload: int | None = None) -> None:
         """``namespaces``: the only ones this node serves (``server.namespaces``;
-        empty: all): the listing indexes no other namespace's objects."""
+        empty: all): the listing indexes no other namespace's objects.
+        ``max_payload``: ``server.max_block_bytes`` (larger objects are not read)."""
         super().__init__(shared)
         self.namespaces = frozenset(namespaces)
         self._l2_counters = self.stats.counters[TierName.L2]
@@ -95,7 +96,7 @@ class L3Mover(Part):
         self.check = L1Check(shared)
         self.read_l2: Callable[[BlockId, Entry], Awaitable[bytes | None]] | None = None
         self.after_demotion: Callable[[BlockId, Entry], None] | None = None
-        self.tier = ObjectTier.from_config(config)
+        self.tier = ObjectTier.from_config(config, max_payload)
         self.queue_limit = config.write_queue_bytes
         self.list_on_start = config.list_on_start
         self.retry_s = max(config.breaker_reset_s, 0.05)
@@ -229,8 +230,10 @@ class L3Mover(Part):
         # is kept in L2 until a listing ends, so that a later run's listing
         # still checks the blocks written in it (it otherwise took an older
         # object of the same size for theirs, and dropped their L2 copy).
-        now = time.time()
         earlier = self.tombs.unlisted_since if self.tombs is not None else None
+        if earlier is not None:
+            self.index.raise_stamp_floor(earlier)
+        now = self.index.stamp()  # (what this run writes from now on is created after it)
         self.unlisted_since = now if earlier is None else min(earlier, now)
         if self.tombs is not None and earlier is None:
             self.tombs.set_unlisted_since(now, settled_quietly)
@@ -284,7 +287,7 @@ class L3Mover(Part):
                     elif entry is None and self.index.listed_cold(block, size):
                         pass  # in the compact index, now marked as in L3 too
                     elif entry is None:
-                        self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+                        self.index.discovered(block, size, UNKNOWN_CHECKSUM, self.index.stamp())
                     elif entry.size == size:
                         self.index.mark_l3(block, entry)
                     if self.listed % 1000 == 0:
@@ -920,7 +923,7 @@ class L3Mover(Part):
             return entry
         if voided:
             return None  # deleted while it was asked for: never indexed again
-        return self.index.discovered(block, size, UNKNOWN_CHECKSUM, time.time())
+        return self.index.discovered(block, size, UNKNOWN_CHECKSUM, self.index.stamp())
 
     async def read(self, block: BlockId, entry: Entry | None,
                    hint: bool = False) -> tuple[Entry, memoryview] | None:

@@ -262,7 +262,7 @@ class Placement(Part):
         index = self.index
         old = index.entry(block)
         left_in_l2 = old is not None and self._retire(block, old, written_next)
-        entry = Entry(size, crc, time.time(), session)
+        entry = Entry(size, crc, index.stamp(), session)
         entry.replaces_l2 = left_in_l2
         index.set_l1(entry, offset)
         entry.generation = next(self._generations)

@@ -122,7 +122,8 @@ class TieredStore:
                             self.progress, config.l1.reads_checked)
             self.l3: L3Mover | None = None
             if has_l3:
-                self.l3 = L3Mover(shared, config.l3, config.server.namespaces)
+                self.l3 = L3Mover(shared, config.l3, config.server.namespaces,
+                                  config.server.max_block_bytes)
                 self.index.delete_l3 = self.l3.delete_later
             elif self.l2 is not None:
                 # L3 off for this run: a block an earlier run put in L3 and
@@ -186,8 +187,10 @@ class TieredStore:
                 self.l2.set_l3_url(url, settled_quietly)
         elif recorded:
             if off is None:  # the first run without it: blocks from before may be there
-                off = time.time()
+                off = self.index.stamp()
                 self.l2.set_l3_off_since(off, settled_quietly)
+            else:
+                self.index.raise_stamp_floor(off)
             self.index.l3_off_since = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
@@ -217,8 +220,10 @@ class TieredStore:
         """Rebuild the index from L2 metadata (no payload is read)."""
         self.progress.start()
         if self.l2 is not None:
-            self._mind_the_l3_url()
+            # (after the rebuild: the creation times found in L2 are the floor
+            # of the time this run records as the start of a run without L3)
             await self._rebuild_from_l2()
+            self._mind_the_l3_url()
             if self.writeback is not None:
                 # Restarted with a smaller l2.capacity (the way out of a full
                 # disk): trimmed now, not after the first write (which the
@@ -261,6 +266,11 @@ class TieredStore:
         if total:
             log.info("index rebuilt from L2: %d blocks, %d bytes%s", total,
                      self.index.l2_bytes, " (compact index)" if cold is not None else "")
+        ahead = self.index.stamp_floor - time.time()
+        if ahead > 1.0:
+            log.warning("the newest block in L2 was created %.0f s after what this host's "
+                        "clock says now (the clock was stepped back): blocks written from "
+                        "now on are stamped as created after it", ahead)
 
     def abandon(self) -> None:
         """Release what the constructor made, for a store that is not started

@@ -132,6 +132,12 @@ class _Op:
 
 
 _BLOCK, _TOMBSTONE, _MARKER, _STATE = 0, 1, 2, 3
+#: The state file's mark of an L2 written over while a server ran on it, and
+#: the transaction it records then (any start of any release refuses it).
+_REPLACED = "replaced"
+_NEVER_AGAIN = 2**62
+#: The ``kvstore`` database's count of the writer's commits.
+_COMMITS = b"commits"
 #: The ``kvstore`` database's field for :attr:`LMDBTier.unlisted_since`.
 _UNLISTED_SINCE = b"unlisted_since"
 #: Left in the L2 directory by a server started without L2 on a data dir that
@@ -187,6 +193,14 @@ def _time_field(fields: dict[bytes, str], field: bytes) -> float | None:
         return None
 
 
+def _commit_count(raw: Any) -> int:
+    """The ``kvstore`` database's commit count (0: absent, or unreadable)."""
+    try:
+        return int(bytes(raw)) if raw is not None else 0
+    except ValueError:
+        return 0
+
+
 class LMDBTier:
     def __init__(self, path: str | Path, capacity: int, initial_map_size: int = 1 << 30,
                  sync: bool = False, batch_bytes: int = 64 << 20,
@@ -198,6 +212,8 @@ class LMDBTier:
         self._state_file = Path(state_file) if state_file is not None else None
         self._instance = ""  # the environment's id (in ``kvstore``); "" before the open
         self._state_db: Any = None  # the ``kvstore`` database (set at open)
+        self._commits = 0  # write commits counted in the environment (see _mark_replaced)
+        self._replaced = False  # written over while open here (see _mark_replaced)
         self._unlisted_since: float | None = None
         self._l3_url: str | None = None
         self._l3_off_since: float | None = None
@@ -324,6 +340,7 @@ class LMDBTier:
             self._unlisted_since = _time_field(fields, _UNLISTED_SINCE)
             self._l3_url = fields.get(_L3_URL)
             self._l3_off_since = _time_field(fields, _L3_OFF_SINCE)
+            self._commits = _commit_count(fields.get(_COMMITS, "").encode())
             written = int(fields.get(b"format", "2") or 2)
             readable_by = int(fields.get(b"readable_by", "1") or 1)
             if readable_by > FORMAT:
@@ -359,7 +376,7 @@ class LMDBTier:
         recorded = self._read_state()
         if recorded is None:
             return  # the first start here (or of a release that records it)
-        instance, synced = recorded
+        instance, synced, replaced = recorded
         self._recorded_txn = synced
         txn = self._opened_txn
         if self._new_instance and self._blocks == 0 and not self._has_tombstones():
@@ -371,7 +388,10 @@ class LMDBTier:
                 self.path, instance, self._state_file)
             self._recorded_txn = -1
             return
-        if self._instance != instance:
+        if replaced:
+            why = ("it was written over while a server ran on it: its commit count went "
+                   "back, an older copy put back")
+        elif self._instance != instance:
             why = f"its id is {self._instance or 'missing'}, not {instance}: copied from elsewhere"
         elif txn < synced:
             why = (f"it ends at transaction {txn}, older than {synced}, which was on disk "
@@ -388,7 +408,7 @@ class LMDBTier:
         with self._env.begin(db=self._tombs) as txn:
             return txn.stat(self._tombs)["entries"] > 0
 
-    def _read_state(self) -> tuple[str, int] | None:
+    def _read_state(self) -> tuple[str, int, bool] | None:
         assert self._state_file is not None
         try:
             fd = os.open(self._state_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -399,7 +419,7 @@ class LMDBTier:
         with os.fdopen(fd, "rb") as fh:
             text = fh.read(4096).decode(errors="replace").split()
         try:
-            return text[0], int(text[1])
+            return text[0], int(text[1]), text[2:3] == [_REPLACED]
         except (IndexError, ValueError):
             log.warning("%s is unreadable (%r): L2's lineage not checked", self._state_file,
                         " ".join(text)[:80])
@@ -420,17 +440,40 @@ class LMDBTier:
             with self._state_lock:
                 if txn <= self._recorded_txn:
                     return
-                tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(f"{self._instance} {txn}\n")
-                os.replace(tmp, self._state_file)
+                self._write_state(f"{self._instance} {txn}")
                 self._recorded_txn = txn
         except (OSError, lmdb.Error) as exc:
             log.warning("cannot record L2's state in %s: %s", self._state_file, exc)
+
+    def _mark_replaced(self, found: int) -> None:
+        """The environment's commit count is not the one this process last
+        wrote: the file was written over while it was open here (an older
+        copy put back). Its transaction ids go on from the lock file's, so
+        the next start's lineage check would not see it: recorded for good
+        in the state file, which every start of any release then refuses."""
+        log.error("L2 at %s was written over while this server ran on it (its commit count "
+                  "is %d, not %d: an older copy put back?): blocks deleted or overwritten "
+                  "since may be in it; the next start refuses it (l2.recover moves it aside)",
+                  self.path, found, self._commits)
+        if self._state_file is None:
+            return
+        try:
+            with self._state_lock:
+                self._write_state(f"{self._instance} {_NEVER_AGAIN} {_REPLACED}")
+                self._recorded_txn = _NEVER_AGAIN
+        except OSError as exc:
+            log.warning("cannot record L2's state in %s: %s", self._state_file, exc)
+
+    def _write_state(self, line: str) -> None:
+        assert self._state_file is not None
+        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(line + "\n")
+        os.replace(tmp, self._state_file)
 
     def _close_env(self) -> None:
         if getattr(self, "_env", None) is not None:  # (none when lmdb.open failed)
@@ -748,6 +791,13 @@ class LMDBTier:
         existed: list[bool] = []
         d_blocks = d_bytes = 0
         with self._env.begin(write=True) as txn:
+            # (each commit counts itself: see _mark_replaced)
+            found = _commit_count(txn.get(_COMMITS, db=self._state_db))
+            if found != self._commits and not self._replaced:
+                self._replaced = True
+                self._mark_replaced(found)
+            commits = found + 1
+            txn.put(_COMMITS, str(commits).encode(), db=self._state_db)
             for op in batch:
                 if op.kind != _BLOCK:
                     if op.kind == _STATE:
@@ -771,6 +821,7 @@ class LMDBTier:
                     txn.put(op.key, op.meta, db=self._meta)
                     d_blocks += 0 if old is not None else 1
                     d_bytes += op.size - old_size
+        self._commits = commits
         with self._count_lock:
             self._blocks += d_blocks
             self._bytes += d_bytes

@@ -181,6 +181,13 @@ def unpack_header(raw: Buffer, block: BlockId | None = None) -> BlockMeta | None
     return BlockMeta(size, crc, created)
 
 
+@dataclass(frozen=True)
+class _TooLarge:
+    """What a GET found: an object larger than any block this node accepts."""
+
+    size: int
+
+
 #: An error status (obstore's text) and its code.
 _STATUS_RE = re.compile(r"non-2xx status code: (\d{3})")
 #: Statuses a gateway in front of the store (a load balancer, a reverse
@@ -242,7 +249,11 @@ class ObjectTier:
         backoff_base_s: float = 0.05,
         backoff_max_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        max_payload: int | None = None,
     ) -> None:
+        """``max_payload``: the largest block this node accepts
+        (``server.max_block_bytes``); an object holding more is neither
+        listed, probed nor read (None: no limit)."""
         if concurrency < 1:
             raise InvalidConfig("l3.concurrency must be at least 1")
         if read_concurrency is None:  # (as many as writes)
@@ -259,6 +270,10 @@ class ObjectTier:
             raise InvalidConfig("l3.breaker_reset_s must not be negative")
         self.timeout_s = float(timeout_s)
         self.retries = retries
+        # An object under a block's name may hold anything (another program's
+        # file, a node's with a larger limit): one of a gigabyte was read
+        # whole into memory before its header was looked at.
+        self.max_payload = max_payload if max_payload is not None else 2**63
         self._backoff_base_s = backoff_base_s
         self._backoff_max_s = backoff_max_s
         self._store, self.location = _open_store(
@@ -296,7 +311,7 @@ class ObjectTier:
         self.deletes_in_doubt = 0  # deletes given up on after their request went out
 
     @classmethod
-    def from_config(cls, config: L3Config) -> ObjectTier:
+    def from_config(cls, config: L3Config, max_payload: int | None = None) -> ObjectTier:
         return cls(
             config.url,
             endpoint=config.endpoint,
@@ -309,6 +324,7 @@ class ObjectTier:
             retries=config.retries,
             breaker_failures=config.breaker_failures,
             breaker_reset_s=config.breaker_reset_s,
+            max_payload=max_payload,
         )
 
     def __repr__(self) -> str:
@@ -377,11 +393,19 @@ class ObjectTier:
 
         async def fetch() -> Any:
             result = await obstore.get_async(self._store, path)
+            size = int(result.meta["size"])
+            if size - HEADER_SIZE > self.max_payload:
+                return _TooLarge(size)  # (its body is not read)
             return await result.bytes_async()
 
         raw = await self._call("get", path, fetch, missing_ok=True, lane="read")
         if raw is MISSING:
             return None
+        if isinstance(raw, _TooLarge):
+            raise CorruptBlock(
+                f"L3 object {path!r} on {self.location} holds {raw.size} bytes, more than a "
+                f"block this node accepts ({self.max_payload} bytes, server.max_block_bytes) "
+                "and its header: not read")
         mv = memoryview(raw)
         meta = unpack_header(mv, block)
         if meta is None or meta.size != len(mv) - HEADER_SIZE:
@@ -406,7 +430,7 @@ class ObjectTier:
         if found is MISSING:
             return None
         size = int(found["size"]) - HEADER_SIZE
-        return size if size >= 0 else None
+        return size if 0 <= size <= self.max_payload else None
 
     async def _list_pages(self, prefix: str | None = None,
                           after: str | None = None) -> AsyncIterator[list[Any]]:
@@ -455,7 +479,8 @@ class ObjectTier:
                     progress.after = path
                     block = parse_object_path(path)
                     size = int(obj["size"]) - HEADER_SIZE
-                    if block is None or size < 0 or (prefix is not None and block[0] != prefix):
+                    if block is None or not 0 <= size <= self.max_payload or (
+                            prefix is not None and block[0] != prefix):
                         self.scan_skipped += 1
                         continue
                     yield block, size

@@ -14,6 +14,8 @@ from kvstore import Client
 from kvstore.types import TierName
 
 KEYS = [b"k%d" % i for i in range(6)]
+#: A directory whose sitecustomize.py moves a server's wall clock (CLOCKSHIFT_S).
+CLOCKSHIFT = Path(__file__).parent.parent / "clockshift"
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -65,6 +67,30 @@ def test_a_run_without_l3_records_its_deletes_for_when_l3_is_back(  # type: igno
         wait_for(lambda: sum(p.is_file() for p in bucket.rglob("*")) == 0,
                  "the recorded deletes")
         assert c.get(KEYS) == [None] * 3 + [b"new" * 100] * 3
+
+
+def test_a_delete_without_l3_holds_after_the_clock_was_stepped_back(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """Found by a review: a block uploaded while the host's clock ran an
+    hour fast, then Deleted in a run without L3 after NTP set the clock
+    right, came back from the bucket when L3 was on again: the block looked
+    created after the run without L3 began, so no L3 delete was recorded.
+    Creation times now never go below the newest one found in L2."""
+    node = tmp_path / "node"
+    bucket = tmp_path / "bucket"
+    l3 = ("--l3-url", f"file://{bucket}")
+    fast = {"PYTHONPATH": str(CLOCKSHIFT), "CLOCKSHIFT_S": "3600"}
+    with server_factory(*l3, data_dir=node, env=fast) as first, \
+            Client(first.tcp, namespace="ns") as c:
+        assert c.put({k: b"old" * 100 for k in KEYS}, ack="remote").stored == len(KEYS)
+    assert sum(p.is_file() for p in bucket.rglob("*")) == len(KEYS)
+    with server_factory(data_dir=node) as without, Client(without.tcp, namespace="ns") as c:
+        assert c.delete(KEYS[:3]) == 3
+    assert "the clock was stepped back" in without.log()
+    with server_factory(*l3, data_dir=node) as back, Client(back.tcp, namespace="ns") as c:
+        wait_for(lambda: sum(p.is_file() for p in bucket.rglob("*")) == 3,
+                 "the recorded deletes")
+        assert c.get(KEYS) == [None] * 3 + [b"old" * 100] * 3
 
 
 def test_a_run_without_l3_overwrites_blocks_only_in_l3(  # type: ignore[no-untyped-def]

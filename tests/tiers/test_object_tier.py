@@ -277,6 +277,30 @@ def test_foreign_objects_are_skipped_and_bad_blocks_are_corrupt(s3: S3Server,
     run(go())
 
 
+def test_objects_larger_than_a_block_are_neither_listed_probed_nor_read(
+        s3: S3Server, tmp_path: Path) -> None:
+    """Found by a review: an object of 1 GiB under a block's name (another
+    program's, or a node's with a larger server.max_block_bytes) was listed,
+    then read whole into memory by a Get before its header was looked at."""
+    async def go() -> None:
+        prefix = f"{tmp_path.name}/big"
+        writer = s3_tier(s3, prefix)  # no limit
+        small, big = os.urandom(4096), os.urandom(1024 * 1024)
+        await writer.put(("ns", b"\x01"), small, meta_for(small))
+        await writer.put(("ns", b"\x02"), big, meta_for(big))
+        tier = s3_tier(s3, prefix, max_payload=64 * 1024)
+        assert [blk async for blk, _ in tier.list_blocks()] == [("ns", b"\x01")]
+        assert tier.scan_skipped == 1
+        assert await tier.head_size(("ns", b"\x02")) is None
+        assert await tier.head_size(("ns", b"\x01")) == 4096
+        with pytest.raises(CorruptBlock, match="more than a block this node accepts"):
+            await tier.get_with_meta(("ns", b"\x02"))
+        assert await payload(tier, ("ns", b"\x01")) == small
+        assert await payload(writer, ("ns", b"\x02")) == big
+
+    run(go())
+
+
 # -- configuration ---------------------------------------------------------------------
 
 
