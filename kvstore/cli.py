@@ -175,7 +175,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = kvconfig.load(args)
         from kvstore.server import app  # the server loads only for this command
 
-        status = app.run(config, ready_file=args.ready_file)
+        status = app.run(config, ready_file=args.ready_file,
+                         reload=lambda: kvconfig.load(args))
     except InvalidConfig as exc:
         _err(f"cannot start: {exc}")
         return EXIT_USAGE
@@ -494,12 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
+    # (the package's own, not the installed metadata's: an editable install
+    # keeps the version it was installed at, and `kvstore --version` said
+    # 0.24.0 on a 0.25.0 tree)
+    from kvstore._version import __version__
 
-        return version("kvstore")
-    except Exception:
-        return "unknown"
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,21 +49,38 @@ def split_host_port(option: str, address: str) -> tuple[str, int]:
         raise InvalidConfig(f"{option} {address!r} is not host:port")
     return host, int(port)
 
+#: The longest time in milliseconds a server option takes (a uint32 in the proto).
+MAX_MS = 2**32 - 1
+#: The largest size any option takes (4 EiB): past it a value overflowed the
+#: C types it ends in (an mmap length, LMDB's map size) with a traceback.
+MAX_SIZE = 2**62
+
+
 def parse_size(value: Any) -> int:
     """``"64MiB"``, ``"1.5G"``, ``"4096"`` or an int → bytes (binary units)."""
-    if isinstance(value, bool):
-        raise InvalidConfig(f"size {value!r} is not a number of bytes")
+    if isinstance(value, (bool, float)):
+        # (TOML's 1.9 was taken as 1 byte: write an integer, or a string with a unit)
+        raise InvalidConfig(f"size {value!r} is not a number of bytes (examples: 4096, "
+                            "\"64MiB\", \"1.5GiB\")")
     if isinstance(value, int):
         if value < 0:
             raise InvalidConfig(f"size {value} is negative")
-        return value
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise InvalidConfig(f"size {value!r} is not understood (examples: 4096, 64MiB, 2GiB)")
-    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B") or ""
-    if m.group(2) and m.group(2).upper() == "B":
-        unit = ""
-    return int(float(m.group(1)) * _UNITS[unit])
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise InvalidConfig(f"size {value!r} is not understood (examples: 4096, 64MiB, "
+                                "2GiB)")
+        unit = (m.group(2) or "").upper().replace("I", "").rstrip("B") or ""
+        if m.group(2) and m.group(2).upper() == "B":
+            unit = ""
+        exact = float(m.group(1)) * _UNITS[unit]
+        if exact != int(exact):
+            raise InvalidConfig(f"size {value!r} is not a whole number of bytes")
+        size = int(exact)
+    if size > MAX_SIZE:
+        raise InvalidConfig(f"size {value!r} is larger than 4 EiB")
+    return size
 
 
 def format_size(n: int) -> str:
@@ -81,8 +98,9 @@ def parse_bool(value: Any) -> bool:
     text = str(value).strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
-    if text in ("0", "false", "no", "off", ""):
+    if text in ("0", "false", "no", "off"):
         return False
+    # ("" too: KVSTORE_L2_ENABLED= turned L2 off without a word)
     raise InvalidConfig(f"{value!r} is not a boolean (use true or false)")
 
 
@@ -97,6 +115,8 @@ def parse_int(value: Any) -> int:
 
 
 def parse_float(value: Any) -> float:
+    if isinstance(value, bool):  # (TOML's true was taken as 1.0)
+        raise InvalidConfig(f"{value!r} is not a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -107,13 +127,33 @@ def parse_float(value: Any) -> float:
 
 
 def parse_str(value: Any) -> str:
-    return str(value)
+    # (str() made TOML's data_dir = ["/var/lib/kvstore"] a directory named
+    # "['/var/lib/kvstore']", and unix_socket = true a socket named "True")
+    if not isinstance(value, str):
+        raise InvalidConfig(f"{value!r} is not a string")
+    return value
+
+
+def parse_path(value: Any) -> str:
+    """A path, absolute (``~`` expanded, a relative one taken from the current
+    directory): the server hands some to clients (the arena, the data plane's
+    socket), who run elsewhere. Empty and ``off`` stay as they are."""
+    text = parse_str(value)
+    if text in ("", "off"):
+        return text
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def parse_own_path(value: Any) -> str:
+    """A path only the server uses (``data_dir``): ``~`` expanded (it made a
+    directory named ``~``), a relative one kept, from the server's directory."""
+    return os.path.expanduser(parse_str(value))
 
 
 def parse_str_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
-    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+        return tuple(parse_str(v) for v in value)
+    return tuple(v.strip() for v in parse_str(value).split(",") if v.strip())
 
 
 def opt(default: Any, help: str, parse: Callable[[Any], Any]) -> Any:
@@ -126,14 +166,14 @@ class ServerConfig:
     listen: str = opt("127.0.0.1:50051", "TCP address host:port to listen on; empty disables TCP",
                       parse_str)
     unix_socket: str = opt("", "unix socket path to listen on (created with mode 0600); "
-                           "empty disables it", parse_str)
+                           "empty disables it", parse_path)
     tls_cert: str = opt("", "PEM certificate (chain) for TLS on the TCP listeners (gRPC "
                         "and the data plane); with tls_key. Renewed files are taken into "
                         "use without a restart. The unix socket stays plaintext (mode 0600)",
-                        parse_str)
-    tls_key: str = opt("", "PEM private key for tls_cert", parse_str)
+                        parse_path)
+    tls_key: str = opt("", "PEM private key for tls_cert", parse_path)
     tls_client_ca: str = opt("", "PEM CA bundle: when set, TCP clients must present a "
-                             "certificate it signed (mutual TLS)", parse_str)
+                             "certificate it signed (mutual TLS)", parse_path)
     max_block_bytes: int = opt(64 * 1024**2, "largest block accepted by Put", parse_size)
     chunk_bytes: int = opt(1024**2, "default size of the data field of each Get chunk",
                            parse_size)
@@ -174,7 +214,7 @@ class ServerConfig:
                                  "empty); 'off' disables it", parse_str)
     data_plane_unix: str = opt("", "data plane unix socket path; empty: server.unix_socket "
                                "with '.dp' appended (none when server.unix_socket is empty); "
-                               "'off' disables it", parse_str)
+                               "'off' disables it", parse_path)
     data_plane_timeout_ms: int = opt(30_000, "data plane: how long one frame's payload may "
                                      "take to arrive or be sent (a Get's block stays pinned "
                                      "meanwhile); a slower peer is disconnected", parse_int)
@@ -209,7 +249,7 @@ class L1Config:
                          "page fault", parse_bool)
     shm_path: str = opt("", "put the arena in this shared-memory file (e.g. "
                         "/dev/shm/kvstore/l1.arena, in a directory made for it beforehand: "
-                        "the server does not make it); empty keeps it anonymous", parse_str)
+                        "the server does not make it); empty keeps it anonymous", parse_path)
     verify_reads: str = opt("shared", "check L1 bytes against their checksum each time they "
                             "leave the process (a Get, an L2 write, an L3 upload): 'shared', "
                             "when the arena is a shared-memory file (attached clients can "
@@ -369,7 +409,7 @@ class AuthConfig:
     tokens_file: str = opt("", "grants file, lines 'CREDENTIAL IDENTITY NAMESPACES [admin]' "
                            "(credential: a token's SHA-256 hex, or cert:NAME); when set every "
                            "call needs a bearer token or a mapped client certificate (reread "
-                           "on SIGHUP; docs/security.md)", parse_str)
+                           "on SIGHUP; docs/security.md)", parse_path)
 
 
 @dataclass(frozen=True)
@@ -462,7 +502,7 @@ class QuotaConfig:
 class Config:
     data_dir: str = opt("./kvstore-data",
                         "directory for L2 and its lock file (one server per data dir)",
-                        parse_str)
+                        parse_own_path)
     log_format: str = opt("text", "server log lines: 'text' (one line per event) or 'json' "
                           "(one JSON object per line, for log collectors)", parse_str)
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -503,6 +543,18 @@ def _options() -> list[tuple[str | None, dataclasses.Field[Any]]]:
     for section, cls in SECTIONS.items():  # (a nested section's field has no help)
         out.extend((section, f) for f in dataclasses.fields(cls) if "help" in f.metadata)
     return out
+
+
+def changed_options(old: Config, new: Config) -> list[str]:
+    """The options (``section.name``) whose values differ between two configurations."""
+    def value(config: Config, section: str | None, name: str) -> Any:
+        holder: Any = config
+        for part in (section.split(".") if section else []):
+            holder = getattr(holder, part)
+        return getattr(holder, name)
+
+    return [f"{section}.{f.name}" if section else f.name for section, f in _options()
+            if value(old, section, f.name) != value(new, section, f.name)]
 
 
 def _flag(section: str | None, name: str) -> str:
@@ -596,6 +648,11 @@ def load(
             raise InvalidConfig(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise InvalidConfig(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError as exc:  # (TOML is UTF-8: a Latin-1 "µs" in a comment)
+            raise InvalidConfig(f"config file {path} is not UTF-8 text: {exc}") from None
+        except OSError as exc:  # a directory, a file it may not read
+            raise InvalidConfig(f"config file {path}: cannot read it: "
+                                f"{exc.strerror or exc}") from None
         for key, value in doc.items():
             if key in SECTIONS and isinstance(value, dict):
                 _table(key, value, values)
@@ -655,6 +712,19 @@ def check_metrics_extra() -> None:
 
 def validate(config: Config) -> None:
     s = config.server
+    if not config.data_dir:  # (the current directory, without a word)
+        raise InvalidConfig("data_dir must not be empty")
+    for f in dataclasses.fields(s):
+        # Each goes to clients in a uint32 field (OpenDataPlane, ShmAttach):
+        # 2^32 ms was accepted, then every data-plane call failed INTERNAL.
+        if f.name.endswith("_ms") and getattr(s, f.name) > MAX_MS:
+            raise InvalidConfig(f"server.{f.name} must be at most {MAX_MS} (49.7 days), not "
+                                f"{getattr(s, f.name)}")
+    if s.max_message_bytes > 2**31 - 1:  # (grpc's option is a C int)
+        raise InvalidConfig(f"server.max_message_bytes must be under 2 GiB, not "
+                            f"{s.max_message_bytes}")
+    if s.data_plane_unix and s.data_plane_unix == s.unix_socket:
+        raise InvalidConfig("server.data_plane_unix must not be server.unix_socket's path")
     if not s.listen and not s.unix_socket:
         raise InvalidConfig("set server.listen or server.unix_socket: the server needs an address")
     for option, address in (("server.listen", s.listen),

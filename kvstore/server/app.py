@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvstore import __version__
 from kvstore._malloc import tune_malloc
-from kvstore.config import Config, format_size
+from kvstore.config import Config, changed_options, format_size
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.errors import InvalidConfig
 from kvstore.ownpath import make_directories
@@ -350,9 +351,12 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     return line, fields
 
 
-async def serve(config: Config, ready_file: str | None = None) -> int:
+async def serve(config: Config, ready_file: str | None = None,
+                reload: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM / SIGINT; the exit status: 0, or 1 when blocks only
-    in memory could not be written to L2 at the stop (a supervisor sees it)."""
+    in memory could not be written to L2 at the stop (a supervisor sees it).
+    ``reload``: loads the configuration again as the start did (from the
+    same file, environment and flags), for SIGHUP to say what changed."""
     loop = asyncio.get_running_loop()
     started: list[Server] = []
 
@@ -365,6 +369,8 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
                      "the server starts")
             return
         server = started[0]
+        if reload is not None:
+            mind_config_changes(config, reload)
         if server.auth is None and server.tls is None:
             log.warning("SIGHUP: no auth.tokens_file nor server.tls_cert, nothing to reload")
         if server.auth is not None:  # rotate credentials without a restart
@@ -410,8 +416,26 @@ async def serve(config: Config, ready_file: str | None = None) -> int:
     return 0
 
 
-def run(config: Config, ready_file: str | None = None) -> int:
+def mind_config_changes(running: Config, reload: Callable[[], Config]) -> None:
+    """SIGHUP rereads the tokens file and the TLS files, nothing else: an
+    edit of the configuration (another tokens_file, server.namespaces, a
+    quota) was ignored without a word. Say which options changed, or why
+    the configuration no longer loads; the running one stays."""
+    try:
+        changed = changed_options(running, reload())
+    except InvalidConfig as exc:
+        log.warning("SIGHUP: the configuration no longer loads (%s); the running one stays "
+                    "(a restart with it would be refused)", exc)
+        return
+    if changed:
+        log.warning("SIGHUP: the configuration changed (%s): not applied, it takes effect at "
+                    "a restart; SIGHUP rereads only the contents of auth.tokens_file and the "
+                    "TLS files", ", ".join(changed))
+
+
+def run(config: Config, ready_file: str | None = None,
+        reload: Callable[[], Config] | None = None) -> int:
     """Serve (see :func:`serve`); returns the exit status."""
     logs.configure(config.log_format, os.environ.get("KVSTORE_LOG_LEVEL", "INFO"))
     with asyncio.Runner(loop_factory=loop_factory(config.server.busy_poll_us)) as runner:
-        return runner.run(serve(config, ready_file))
+        return runner.run(serve(config, ready_file, reload))

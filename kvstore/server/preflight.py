@@ -73,6 +73,11 @@ def check(config: Config) -> None:
     check_open_files()
     check_tls(config)
     check_listen(config.server.listen)
+    # (the data plane's and the metrics' ports were found taken only after
+    # the data dir, L1 and the index rebuild: a crash loop paid for them)
+    if config.server.data_plane and config.server.data_plane_listen not in ("", "off"):
+        check_listen(config.server.data_plane_listen, "server.data_plane_listen")
+    check_listen(config.server.metrics_listen, "server.metrics_listen")
     warn_if_tokens_in_the_clear(config)
     check_unix_socket(config.server.unix_socket)
     check_data_dir(config)
@@ -112,6 +117,8 @@ def check_data_dir(config: Config) -> None:
         return
     path = config.l2_path
     data_dir = Path(config.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise InvalidConfig(f"data_dir {config.data_dir} is not a directory")
     try:
         make_directories(data_dir, 0o700)
         # Another user who may write here could swap l2/ or kvstore.lock
@@ -284,17 +291,17 @@ def _load_certificates(context: ssl.SSLContext, option: str, path: str) -> None:
         raise InvalidConfig(f"{option} {path}: cannot read it: {exc.strerror or exc}") from None
 
 
-def check_listen(listen: str) -> None:
+def check_listen(listen: str, option: str = "server.listen") -> None:
     """The TCP address resolves and its port is free (port 0 always is)."""
     if not listen:
         return
-    host, port = split_host_port("server.listen", listen)
+    host, port = split_host_port(option, listen)
     host = host.strip("[]")
     try:
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise InvalidConfig(f"server.listen {listen}: cannot resolve {host!r}: "
+        raise InvalidConfig(f"{option} {listen}: cannot resolve {host!r}: "
                             f"{exc.strerror}") from None
     if port == 0:
         return
@@ -309,7 +316,7 @@ def check_listen(listen: str) -> None:
                 errors.append(exc.strerror or str(exc))
             else:
                 return  # grpc serves when at least one address binds
-    raise InvalidConfig(f"server.listen {listen}: cannot listen there: "
+    raise InvalidConfig(f"{option} {listen}: cannot listen there: "
                         f"{'; '.join(dict.fromkeys(errors))}")
 
 

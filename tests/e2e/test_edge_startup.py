@@ -51,6 +51,22 @@ def test_port_in_use(tmp_path: Path, busy_port: int) -> None:
     assert_one_clear_line(result, "server.listen", str(busy_port), "in use")
 
 
+@pytest.mark.parametrize("option", ["--server-data-plane-listen", "--server-metrics-listen"])
+def test_a_taken_data_plane_or_metrics_port_is_refused_before_the_data_dir_is_made(
+        tmp_path: Path, busy_port: int, option: str) -> None:
+    """They were found taken only once the data dir, L1 and the index
+    rebuild were done (a crash loop paid for each)."""
+    result = serve(tmp_path, option, f"127.0.0.1:{busy_port}")
+    assert_one_clear_line(result, option[2:].replace("-", "_").replace("server_", "server."),
+                          str(busy_port), "in use")
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "data").write_text("")
+    assert_one_clear_line(serve(tmp_path), f"data_dir {tmp_path / 'data'} is not a directory")
+
+
 def test_unwritable_data_dir(tmp_path: Path) -> None:
     # A path under a regular file cannot be created, by root either.
     (tmp_path / "a-file").write_text("")

@@ -75,3 +75,23 @@ def test_sighup_during_start_up_does_not_kill_the_server(tmp_path: Path) -> None
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sighup_says_which_edits_of_the_config_file_wait_for_a_restart(
+        server_factory: type[ServerProcess], tmp_path: Path) -> None:
+    """Found by a review: an edit of the config file (server.namespaces,
+    another tokens_file) and a SIGHUP were ignored without a word; the
+    operator believed them applied."""
+    conf = tmp_path / "kvstore.toml"
+    conf.write_text("[server]\nnamespaces = [\"a\", \"b\"]\n")
+    server = server_factory("--config", str(conf), env={"KVSTORE_LOG_LEVEL": "INFO"}).start()
+    conf.write_text("[server]\nnamespaces = [\"a\"]\n")
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: the configuration changed" in server.log(), "warning")
+    assert "server.namespaces" in server.log()
+    with Client(server.tcp, namespace="b") as client:  # not applied: b is still served
+        assert client.put({b"k": b"v"}).stored == 1
+    conf.write_text("[server]\nnamespaces = 7\n")
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for(lambda: "the configuration no longer loads" in server.log(), "warning")
+    assert server.alive()

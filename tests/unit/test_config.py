@@ -136,3 +136,68 @@ def test_a_quota_table_that_is_not_toml_names_the_option_and_the_form() -> None:
     assert out.returncode == 2
     assert out.stderr == ("kvstore: quota.l1 (from --quota-l1): '{chat = 1GiB}' is not a TOML "
                           "inline table like {chat = \"1GiB\"} (Unclosed inline table)\n")
+
+
+# -- values an outside review found accepted, then crashing or misread (session 29) ---------
+
+
+@pytest.mark.parametrize("toml,option", [
+    # 2^32 ms reaches clients in a uint32: every data-plane call failed INTERNAL
+    ("[server]\ndata_plane_timeout_ms = 4294967296\n", "server.data_plane_timeout_ms"),
+    ("[server]\ndata_plane_ticket_ms = 4294967296\n", "server.data_plane_ticket_ms"),
+    ("[server]\nshm_lease_ms = 4294967296\n", "server.shm_lease_ms"),
+    # sizes past the C types they end in: a traceback at serve
+    ('[l1]\ncapacity = "99999999999999999999TiB"\n', "l1.capacity"),
+    ('[l2]\ninitial_map_size = "99999999999TiB"\n', "l2.initial_map_size"),
+    ('[server]\nmax_message_bytes = "2GiB"\n', "server.max_message_bytes"),
+    # other types turned into text, or numbers cut short
+    ('data_dir = ["/var/lib/kvstore"]\n', "data_dir"),
+    ("[server]\nunix_socket = true\n", "server.unix_socket"),
+    ("[server]\nmax_block_bytes = 1.9\n", "server.max_block_bytes"),
+    ('[l2]\ncapacity = "0.5"\n', "l2.capacity"),
+    ("[server]\ngrace_seconds = true\n", "server.grace_seconds"),
+    ('[server]\nnamespaces = ["a", 7]\n', "server.namespaces"),
+])
+def test_values_that_once_crashed_or_were_misread_are_refused_naming_the_option(
+        tmp_path: Path, toml: str, option: str) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text(toml)
+    with pytest.raises(InvalidConfig, match=re.escape(option)):
+        cfg.load(file=path, env={})
+
+
+@pytest.mark.parametrize("name", ["KVSTORE_L2_ENABLED", "KVSTORE_SERVER_DATA_PLANE",
+                                  "KVSTORE_DATA_DIR"])
+def test_an_empty_variable_is_not_a_silent_false_or_the_current_directory(name: str) -> None:
+    with pytest.raises(InvalidConfig, match=r"empty|not a boolean"):
+        cfg.load(env={name: ""})
+
+
+def test_a_config_file_that_cannot_be_read_is_one_clear_error(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# timeouts in \xb5s\n[l1]\ncapacity = \"1GiB\"\n")
+    with pytest.raises(InvalidConfig, match="is not UTF-8"):
+        cfg.load(file=latin1, env={})
+    with pytest.raises(InvalidConfig, match="cannot read it"):
+        cfg.load(file=tmp_path, env={})  # a directory
+
+
+def test_paths_handed_to_clients_are_absolute_and_home_is_expanded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative l1.shm_path or unix socket went to clients as it was: a
+    ShmClient in another directory was told it was on another host."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    c = cfg.load(env={"KVSTORE_L1_SHM_PATH": "arena.shm", "KVSTORE_SERVER_UNIX_SOCKET": "kv.sock",
+                      "KVSTORE_DATA_DIR": "~/kvstore-data"})
+    assert c.l1.shm_path == str(tmp_path / "arena.shm")
+    assert c.server.unix_socket == str(tmp_path / "kv.sock")
+    assert c.data_dir == "/home/someone/kvstore-data"
+    assert cfg.load(env={}).data_dir == "./kvstore-data"  # the default stays as documented
+
+
+def test_changed_options_names_what_differs() -> None:
+    before = cfg.load(env={})
+    after = cfg.load(env={"KVSTORE_SERVER_NAMESPACES": "a,b", "KVSTORE_L1_CAPACITY": "1GiB"})
+    assert cfg.changed_options(before, after) == ["server.namespaces", "l1.capacity"]
+    assert cfg.changed_options(before, cfg.load(env={})) == []
