@@ -543,7 +543,7 @@ class Session:
         if not failed and await self._intact(reader):
             return reader
         reader.close()  # drops the corrupt copy
-        again = await self.store.open_read(block, session)
+        again = await self.store.open_read(block, session, reread=True)
         if again is None or await self._intact(again):
             return again
         again.close()

@@ -176,7 +176,8 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
         ("kvstore_block_gets", "Block reads (Get and shared-memory acquires)", stats.gets),
         ("kvstore_block_get_hits", "Block reads that found the block in some tier",
          stats.get_hits),
-        ("kvstore_session_events", "SessionEvent calls handled", stats.session_events),
+        ("kvstore_session_events", "hints recorded (SessionEvent turn ends and session ends)",
+         stats.session_events),
     ):
         counter = CounterMetricFamily(name, doc)
         counter.add_metric([], float(value))

@@ -361,7 +361,7 @@ class KVStoreServicer:
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         namespace = self.store.check_held_namespace(request.namespace) \
             if request.namespace else None
-        s = self.store.stats(namespace)
+        s = await self.store.namespace_stats(namespace) if namespace else self.store.stats()
         return pb.StatsResponse(
             tiers=[pb.TierStats(tier=_tier_pb(t.tier), blocks=t.blocks, bytes=t.bytes,
                                 capacity=t.capacity, hits=t.hits, misses=t.misses,
@@ -541,7 +541,8 @@ class KVStoreServicer:
                          context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[pb.ListBlocksResponse]:
         namespace = self.store.check_held_namespace(request.namespace)
-        blocks, truncated = self.store.list_blocks(namespace, request.prefix, request.limit)
+        blocks, truncated = await self.store.list_blocks(namespace, request.prefix,
+                                                         request.limit)
         for start in range(0, max(len(blocks), 1), _LIST_BATCH):
             batch = blocks[start:start + _LIST_BATCH]
             yield pb.ListBlocksResponse(
@@ -571,8 +572,8 @@ async def _open_intact(store: TieredStore, block: BlockId, session: str | None,
     """The block's reader, its L1 copy checked whole first when it is at
     most ``whole_limit`` bytes: a corrupt copy is dropped and the block read
     again (its L2 or L3 copy, or a miss), so no wrong byte is ever sent."""
-    for _ in range(2):
-        reader = await store.open_read(block, session)
+    for attempt in range(2):
+        reader = await store.open_read(block, session, reread=attempt > 0)
         if reader is None or reader.intact(whole_limit):
             return reader
         reader.close()  # drops the corrupt copy

@@ -164,12 +164,39 @@ class Reads(Part):
         self.index.pin_reader(entry)
         return BlockReader(self.l1.slice(entry.l1_offset, entry.size), tier,
                            functools.partial(self._unpin, entry), entry, block,
-                           functools.partial(self.check.drop_corrupt, block, entry)
+                           functools.partial(self.drop_read_corrupt, block, entry, tier)
                            if self._verify else None)
 
-    async def open_read(self, block: BlockId, session: str | None = None) -> BlockReader | None:
-        """The block, pinned for streaming, or None for a miss."""
-        self.stats.gets += 1
+    def drop_read_corrupt(self, block: BlockId, entry: Entry, tier: TierName,
+                          where: str) -> None:
+        """A reader's L1 copy failed its checksum: dropped, and the hit its
+        read counted (in ``tier``) taken back (a Get of it counted an L1 hit
+        and an L2 hit, the two reads' hits and Gets); the read that follows
+        (``open_read(reread=True)``, or the client's next Get) counts the
+        L1 miss and where it found the block."""
+        self.check.drop_corrupt(block, entry, where)
+        self.stats.counters[tier].hits -= 1
+        self.stats.get_hits -= 1
+
+    def uncount(self, reader: BlockReader) -> None:
+        """Take back what :meth:`open_read` counted for a read that served
+        ``reader`` from outside L1 (an L2 or L3 copy: no room to promote it),
+        for a caller whose client reads the block again (ShmAcquire's
+        Unleased answer: the client's Get counts it)."""
+        self.stats.gets -= 1
+        self.stats.get_hits -= 1
+        self.stats.counters[reader.tier].hits -= 1
+        self._c1.misses -= 1
+        if reader.tier is TierName.L3 and self.read_verify_l2 is not None:
+            self._c2.misses -= 1
+
+    async def open_read(self, block: BlockId, session: str | None = None,
+                        reread: bool = False) -> BlockReader | None:
+        """The block, pinned for streaming, or None for a miss. ``reread``:
+        the caller's first read of it found a corrupt L1 copy (this one is
+        not another Get)."""
+        if not reread:
+            self.stats.gets += 1
         c1 = self._c1
         for attempt in range(REREADS_AFTER_REPLACE + 1):
             entry = self._entry(block)

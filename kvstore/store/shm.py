@@ -728,6 +728,8 @@ class SharedMemoryBroker:
                     # shareable, but there (a miss made engines recompute it).
                     out.append(Unleased(reader.tier))
                     reader.close()
+                    # (the client's Get of it counts the read: it was counted twice)
+                    self.store.reads.uncount(reader)
                     no_room = True
                     continue
                 lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
@@ -783,7 +785,7 @@ class SharedMemoryBroker:
         # placement's, on the loop): the entries found above are still in L1.
         expires = self.clock() + self.lease_ms(lease_ms) / 1000.0
         count_hit = store.reads.count_l1_hit
-        drop_corrupt = store.reads.check.drop_corrupt
+        drop_corrupt = store.reads.drop_read_corrupt
         pin, unpin = index.pin_reader, index.unpin_reader
         arena = store.l1
         leases = self._leases
@@ -795,7 +797,7 @@ class SharedMemoryBroker:
             pin(entry)
             reader = BlockReader(arena.slice(entry.l1_offset, entry.size), TierName.L1,
                                  functools.partial(unpin, entry), entry, block,
-                                 functools.partial(drop_corrupt, block, entry))
+                                 functools.partial(drop_corrupt, block, entry, TierName.L1))
             lease_id = self._new_id(leases)  # type: ignore[arg-type]
             lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
                           entry.generation, TierName.L1, expires, reader, namespace, owner)

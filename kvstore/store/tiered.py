@@ -625,11 +625,9 @@ class TieredStore:
         if isinstance(event.event, SessionEnd):
             self.leases.forget_session(event.namespace, event.session_id)
 
-    def stats(self, namespace: str | None = None) -> StoreStats:
-        """Per-tier counters and occupancy; for ``namespace``, its blocks and
-        bytes per tier only (the event counters are server-wide)."""
-        if namespace:
-            return self._namespace_stats(namespace)
+    def stats(self) -> StoreStats:
+        """Per-tier counters and occupancy (see :meth:`namespace_stats` for one
+        namespace)."""
         counts = self.counts
         tiers = [counts.tier(TierName.L1, self.l1.capacity)]
         if self.l2 is not None:
@@ -640,8 +638,10 @@ class TieredStore:
             tiers.append(l3)
         return counts.snapshot(tiers, self.policy.name)
 
-    def _namespace_stats(self, namespace: str) -> StoreStats:
-        held = self.index.namespace_held(namespace)
+    async def namespace_stats(self, namespace: str) -> StoreStats:
+        """One namespace's blocks and bytes per tier only (the event counters
+        are server-wide)."""
+        held = await self.index.namespace_held(namespace)
         capacity = {TierName.L1: self.l1.capacity, TierName.L2: self.config.l2.capacity,
                     TierName.L3: 0}
         configured = [TierName.L1] + ([TierName.L2] if self.l2 is not None else []) + \
@@ -654,8 +654,8 @@ class TieredStore:
 
     # -- ops commands: listing and flushing a namespace ----------------------------------
 
-    def list_blocks(self, namespace: str, prefix: bytes = b"",
-                    limit: int = 0) -> tuple[list[ListedBlock], bool]:
+    async def list_blocks(self, namespace: str, prefix: bytes = b"",
+                          limit: int = 0) -> tuple[list[ListedBlock], bool]:
         """The namespace's blocks this node's index knows whose key starts
         with ``prefix``, in key order: at most ``limit`` (0: the default;
         capped), and whether more matched."""
@@ -665,7 +665,7 @@ class TieredStore:
         if limit < 0:
             raise InvalidArgument(f"limit {limit} is negative")
         limit = min(limit or LIST_DEFAULT_LIMIT, LIST_MAX_LIMIT)
-        return self.index.listing(namespace, prefix, limit, time.time())
+        return await self.index.listing(namespace, prefix, limit, time.time())
 
     async def flush(self, namespace: str) -> int:
         """Remove every block of the namespace from every tier, as

@@ -73,7 +73,7 @@ def test_serve_bad_config_exits_2(capsys: pytest.CaptureFixture[str],
 def test_serve_runs_the_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls: list[tuple[Config, str | None]] = []
     fake = types.ModuleType("kvstore.server.app")
-    fake.run = lambda config, ready_file=None: calls.append((config, ready_file)) or 0  # type: ignore[attr-defined]
+    fake.run = lambda config, ready_file=None, reload=None: calls.append((config, ready_file)) or 0  # type: ignore[attr-defined]
     import kvstore.server
 
     monkeypatch.setitem(sys.modules, "kvstore.server.app", fake)

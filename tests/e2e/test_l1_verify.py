@@ -106,3 +106,29 @@ def test_corrupt_l1_copy_is_never_written_to_l2(server_factory, tmp_path: Path) 
     with server, Client(server.unix_target, namespace="v", timeout=30) as c:
         assert c.get([b"dirty"]) == [None]
         assert corrupt_count(c, TierName.L2) == 0
+
+
+def counts(client: Client) -> dict[str, int]:
+    stats = client.stats()
+    out = {"gets": stats.gets, "get_hits": stats.get_hits}
+    for t in stats.tiers:
+        out.update({f"{t.tier.name}.hits": t.hits, f"{t.tier.name}.misses": t.misses,
+                    f"{t.tier.name}.corrupt": t.corrupt})
+    return out
+
+
+@pytest.mark.parametrize("data_plane", [True, False])
+def test_a_get_of_a_corrupt_l1_copy_counts_one_read_an_l1_miss(  # type: ignore[no-untyped-def]
+        server, data_plane: bool) -> None:
+    """Found by a review: one Get of a block whose L1 copy was corrupt counted
+    two Gets, two hits, and an L1 hit beside the L1 miss (the first read's
+    counts, then the reread's): the hit rate rose exactly when copies went bad."""
+    blob = os.urandom(64 * KiB)
+    with Client(server.unix_target, namespace="v", timeout=30, data_plane=data_plane) as c:
+        c.put({b"k": blob}, ack="local")
+        flip_byte_in_l1(server, b"k", at=100)
+        before = counts(c)
+        assert c.get([b"k"]) == [blob]
+        after = counts(c)
+    delta = {k: after[k] - before[k] for k in after if after[k] != before[k]}
+    assert delta == {"gets": 1, "get_hits": 1, "L1.misses": 1, "L1.corrupt": 1, "L2.hits": 1}

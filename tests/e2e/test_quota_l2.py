@@ -68,8 +68,9 @@ def test_per_namespace_l2_bytes_match_a_recount(tmp_path: Path, compact: str) ->
            "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
     namespaces = ("a", "b", "c")
 
-    def check(store: TieredStore) -> None:
-        recount = {ns: store.index.namespace_held(ns)[TierName.L2][1] for ns in namespaces}
+    async def check(store: TieredStore) -> None:
+        recount = {ns: (await store.index.namespace_held(ns))[TierName.L2][1]
+                   for ns in namespaces}
         kept = {ns: store.index.l2_namespace_bytes.get(ns, 0) for ns in namespaces}
         assert kept == recount
         assert sum(kept.values()) == store.index.l2_bytes
@@ -87,16 +88,16 @@ def test_per_namespace_l2_bytes_match_a_recount(tmp_path: Path, compact: str) ->
             else:
                 await store.delete(ns, [key])
             if step % 50 == 49:
-                check(store)
+                await check(store)
         assert store.l2 is not None
         await asyncio.get_running_loop().run_in_executor(None, store.l2.flush_sync)
-        check(store)
+        await check(store)
         # The flood's namespace "a" gave up its own blocks first.
         assert store.index.l2_namespace_bytes.get("a", 0) <= 512 * 1024 + 40_000
         await store.close()
         again = TieredStore(load(env=env))
         await again.start()
-        check(again)
+        await check(again)
         await again.close()
 
     asyncio.run(go())

@@ -772,3 +772,31 @@ def test_a_client_never_maps_another_servers_arena_at_the_same_path(
             os.rename(moved, a_path)
         a.kill()
         b.kill()
+
+
+def test_a_read_with_no_l1_room_for_a_lease_counts_one_get(
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: with L1 held by another client's leases, one
+    ShmClient.get of a block in L2 counted two Gets, two hits and two L2
+    hits (the acquire's read, answered Unleased, then the client's Get)."""
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-room"
+    server = server_factory("--l1-shm-path", path, "--server-shm-lease-ms", "30000",
+                            l1_capacity="2MiB")
+    size = 512 * 1024
+    blocks = {b"k%d" % i: block(i, size) for i in range(8)}
+    with server, Client(server.tcp, namespace="room") as kv, \
+            ShmClient(server.unix_target, namespace="room") as holder, \
+            ShmClient(server.unix_target, namespace="room") as reader:
+        kv.put(blocks, ack="local")  # the last four in L1 (2 MiB), all in L2
+        in_l1 = [k for k, t in zip(blocks, kv.lookup(list(blocks)).tiers, strict=True)
+                 if t == TierName.L1]
+        leases = holder.acquire(in_l1, lease_ms=30_000)
+        assert all(lease is not None for lease in leases)
+        before = kv.stats()
+        assert reader.get([b"k0"]) == [blocks[b"k0"]]
+        after = kv.stats()
+        holder.release(leases)
+    assert (after.gets - before.gets, after.get_hits - before.get_hits) == (1, 1)
+    l2 = [(a.hits - b.hits, a.misses - b.misses)
+          for a, b in zip(after.tiers, before.tiers, strict=True) if a.tier == TierName.L2]
+    assert l2 == [(1, 0)]
