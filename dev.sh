@@ -30,8 +30,9 @@ build_inputs_digest() {
     shopt -s nullglob
     local c sources=()
     for c in native/*.c; do [ "$c" = native/_native.c ] || sources+=("$c"); done
-    cat pyproject.toml setup.py proto/kvstore/v1/*.proto native/*.pyx native/*.pxd \
-      native/*.h "${sources[@]}" | sha1sum | cut -c1-40
+    { cat pyproject.toml setup.py proto/kvstore/v1/*.proto native/*.pyx native/*.pxd \
+        native/*.h "${sources[@]}"; echo "KVSTORE_DEBUG_BUILD=${KVSTORE_DEBUG_BUILD:-}"; } |
+      sha1sum | cut -c1-40
   )
 }
 

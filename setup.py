@@ -3,7 +3,9 @@
 * The protobuf/gRPC modules are generated from ``proto/`` at build time into
   ``kvstore/v1/`` (never committed).
 * The Cython extension ``kvstore._native`` is compiled from ``native/``.
-  ``KVSTORE_DEBUG_BUILD=1`` builds it with assertions, bounds checks and -O0.
+  ``KVSTORE_DEBUG_BUILD=1`` builds it with Cython's bounds, wraparound and
+  initialisation checks, C asserts (-UNDEBUG) and -O0 -g; switching between
+  the two rebuilds the extension (a mode stamp in build/).
 """
 
 from __future__ import annotations
@@ -56,11 +58,30 @@ class DevelopWithProtos(develop):
         super().run()
 
 
+def native_mode_stamp(debug: bool) -> tuple[str, bool]:
+    """build/native-mode, rewritten when the build mode changed, and whether
+    it did. Cython regenerates its C only when a source is newer, and
+    build_ext recompiles only when a source or dependency is: the switch
+    did nothing after a release build (or kept the debug checks in the next
+    release build) without it."""
+    stamp = ROOT / "build" / "native-mode"
+    mode = "debug" if debug else "release"
+    try:
+        changed = stamp.read_text().strip() != mode
+    except OSError:
+        changed = True
+    if changed:
+        stamp.parent.mkdir(exist_ok=True)
+        stamp.write_text(mode + "\n")
+    return str(stamp.relative_to(ROOT)), changed
+
+
 def native_extensions() -> list[Extension]:
     import numpy
 
     debug = os.environ.get("KVSTORE_DEBUG_BUILD") == "1"
-    compile_args = ["-O0", "-g"] if debug else ["-O3"]
+    stamp, mode_changed = native_mode_stamp(debug)
+    compile_args = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3"]
     extra_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native").glob("*.c")
                            if not p.name.startswith("_"))
     ext = Extension(
@@ -69,6 +90,7 @@ def native_extensions() -> list[Extension]:
         include_dirs=[str(ROOT / "native"), numpy.get_include()],
         extra_compile_args=compile_args,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=[stamp],
     )
     from Cython.Build import cythonize
 
@@ -80,7 +102,7 @@ def native_extensions() -> list[Extension]:
         "cdivision": not debug,
         "embedsignature": True,
     }
-    return cythonize([ext], compiler_directives=directives, quiet=True)
+    return cythonize([ext], compiler_directives=directives, quiet=True, force=mode_changed)
 
 
 setup(

@@ -54,14 +54,17 @@ if TYPE_CHECKING:
 _CLIENT_NAMES = frozenset({"AsyncClient", "Client", "PutResult", "TLS"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _CLIENT_NAMES:
-        import kvstore.client
+if not TYPE_CHECKING:
+    # (hidden from type checkers: a module __getattr__ makes every name of
+    # the module Any to them, and `from kvstore import Clinet` type-checked)
+    def __getattr__(name: str) -> Any:
+        if name in _CLIENT_NAMES:
+            import kvstore.client
 
-        value = getattr(kvstore.client, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+            value = getattr(kvstore.client, name)
+            globals()[name] = value
+            return value
+        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
 
 __all__ = [
     "TLS",

@@ -20,7 +20,9 @@ reference against them through the two imports below.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
+from pathlib import Path
 from types import ModuleType
 
 #: The names every implementation exports (kvstore.block re-exports them).
@@ -38,6 +40,25 @@ API = (
 NATIVE_EXTRAS = ("cold_contains", "wait_readable")
 
 
+def _how_to_get_native() -> str:
+    """What to do when the extension is missing. A checkout's kvstore/ on the
+    path (Python run in the checkout after `pip install .`) hides the
+    installed package, built extension and all: the advice to build in
+    place then failed (the venv has no build tools)."""
+    here = Path(__file__).resolve().parent
+    try:
+        installed = Path(str(importlib.metadata.distribution("kvstore").locate_file("kvstore")))
+        installed = installed.resolve()
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        installed = None
+    if installed is not None and installed != here and (installed / "__init__.py").is_file():
+        return (f"this kvstore is imported from {here}, which hides the one installed in "
+                f"{installed.parent}: run from another directory, or install the checkout "
+                "with `pip install -e .`")
+    return ("build it: `pip install -e .` in the checkout (or ./dev.sh setup); "
+            "KVSTORE_PURE=1 runs on the pure-Python reference instead (10-100x slower)")
+
+
 def _choose() -> tuple[str, ModuleType | None]:
     """("pure", None) or ("native", the extension module)."""
     flag = os.environ.get("KVSTORE_PURE", "")
@@ -49,9 +70,8 @@ def _choose() -> tuple[str, ModuleType | None]:
         module = importlib.import_module("kvstore._native")
     except ImportError as exc:
         raise ImportError(
-            f"the native extension kvstore._native cannot be imported ({exc}); build it with "
-            "`python setup.py build_ext --inplace` (or ./dev.sh setup), or set KVSTORE_PURE=1 "
-            "to run on the pure-Python reference"
+            f"the native extension kvstore._native cannot be imported ({exc}); "
+            f"{_how_to_get_native()}"
         ) from exc
     missing = [name for name in (*API, *NATIVE_EXTRAS) if not hasattr(module, name)]
     if missing:

@@ -27,13 +27,14 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kvstore import config as kvconfig
-from kvstore.client import Client
-from kvstore.client._common import DEFAULT_TARGET
 from kvstore.errors import InvalidConfig, KVStoreError
-from kvstore.types import BlockListing, StoreStats
+from kvstore.types import DEFAULT_TARGET, BlockListing, StoreStats
+
+if TYPE_CHECKING:
+    from kvstore.client import Client
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -151,6 +152,10 @@ def _err(message: str) -> None:
 
 
 def _client(args: argparse.Namespace, namespace: str | None = None) -> Client:
+    # (imported here: it loads the block packer, which a bad KVSTORE_PURE
+    # refuses, and `kvstore --version` then died of a traceback)
+    from kvstore.client import Client
+
     target = args.target or os.environ.get("KVSTORE_TARGET") or DEFAULT_TARGET
     tls = None
     if args.tls_ca or args.tls_cert:
@@ -504,6 +509,10 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    pure = os.environ.get("KVSTORE_PURE", "")
+    if pure not in ("", "0", "1"):  # (before anything loads the packer: a traceback)
+        _err(f"KVSTORE_PURE must be 0 or 1 (1: the pure-Python block packer), not {pure!r}")
+        return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
 
+#: Where clients and the CLI look for a server when told nothing.
+DEFAULT_TARGET = "127.0.0.1:50051"
+
 MAX_KEY_BYTES = 64
 #: Keys one request may name (Lookup, Get, Delete, Prefetch, shared-memory
 #: acquires): a 1M-token context in 16-token blocks is 62,500. The bound keeps

@@ -64,11 +64,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _FROM_IMPL:
-        from kvstore import _impl
+if not TYPE_CHECKING:
+    # (hidden from type checkers: a module __getattr__ makes every name Any to them)
+    def __getattr__(name: str) -> Any:
+        if name in _FROM_IMPL:
+            from kvstore import _impl
 
-        value = getattr(_impl, name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'kvstore.block' has no attribute {name!r}")
+            value = getattr(_impl, name)
+            globals()[name] = value  # later lookups skip this function
+            return value
+        raise AttributeError(f"module 'kvstore.block' has no attribute {name!r}")

@@ -131,7 +131,7 @@ def _raw_lanes(reg: int, data: np.ndarray) -> int:
 
 def crc32c(data: bytes | bytearray | memoryview | np.ndarray, seed: int = 0) -> int:
     """CRC-32C of ``data`` (any C-contiguous buffer) continuing from ``seed``."""
-    view = memoryview(data)  # type: ignore[arg-type]
+    view = memoryview(data)  # type: ignore[arg-type, unused-ignore]  # (numpy < 2.5's stubs)
     if not view.c_contiguous:
         raise ValueError("checksum needs a C-contiguous buffer")
     arr = np.frombuffer(view.cast("B") if view.ndim != 1 or view.format != "B" else view,

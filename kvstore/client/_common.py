@@ -13,10 +13,18 @@ from typing import Any
 from kvstore.client._convert import GetPiece, decode_get_chunk
 from kvstore.client._errors import InvalidBuffer, ProtocolError
 from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
-from kvstore.types import AckLevel, check_name, validate_key, validate_keys, validate_namespace
+from kvstore.types import (  # DEFAULT_TARGET: kept here for the SDK's modules
+    DEFAULT_TARGET as DEFAULT_TARGET,
+)
+from kvstore.types import (
+    AckLevel,
+    check_name,
+    validate_key,
+    validate_keys,
+    validate_namespace,
+)
 from kvstore.wire.codec import WireError, encode_varint, iter_fields
 
-DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PORT = 50051
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024

@@ -6,6 +6,7 @@ import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +95,32 @@ def test_missing_native_build_fails_loudly() -> None:
     assert "kvstore._native cannot be imported" in res.stderr and "KVSTORE_PURE=1" in res.stderr
     res = _python(code, KVSTORE_PURE="1")  # the reference needs no build
     assert res.returncode == 0, res.stderr
+
+
+def test_a_checkout_hiding_the_installed_package_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a review: Python run in the checkout after `pip install .`
+    imports the checkout's kvstore/ (no extension there), and the advice was
+    to build in place, which the venv's missing build tools refuse."""
+    import importlib.metadata
+
+    installed = tmp_path / "site-packages" / "kvstore"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+
+    class Installed:
+        def locate_file(self, name: str) -> Path:
+            return tmp_path / "site-packages" / name
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    advice = _impl._how_to_get_native()
+    assert f"hides the one installed in {tmp_path / 'site-packages'}" in advice
+    assert "run from another directory" in advice
+
+
+def test_the_cli_refuses_a_bad_switch_value_in_one_line() -> None:
+    res = subprocess.run([sys.executable, "-m", "kvstore", "--version"], capture_output=True,
+                         text=True, env={**os.environ, "KVSTORE_PURE": "true"}, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("kvstore: KVSTORE_PURE must be 0 or 1 (1: the pure-Python "
+                                  "block packer), not 'true'")
