@@ -101,7 +101,8 @@ class Servers:
             _wait("kvstore server", ready.exists, proc)
             info = json.loads(ready.read_text())
             self.cfg["kv_tcp"] = info["tcp"]
-            self.notes.append(f"kvstore {info['tcp']} (gRPC over TCP)")
+            self.notes.append(f"kvstore {info['tcp']} (gRPC over TCP: kvstore-tcp; the data "
+                              "plane's TCP listener: kvstore-dp-tcp)")
         if any(s.startswith("redis") for s in self.systems):
             from bench._peers.redis_proc import ensure_redis_server, redis_version
 
@@ -193,8 +194,11 @@ def _stripe_workers(system: str, stripes: int, cfg: dict[str, Any]) -> list[Any]
         from kvstore import Client
 
         for w in workers:
+            # gRPC, as the name says (without data_plane=False the SDK took the
+            # data plane the server offers: a review found kvstore-tcp's rows
+            # were the data plane's, compared with kvstore-dp-tcp's)
             w.clients[system] = Client(cfg["kv_tcp"], namespace="bench", timeout=300,
-                                       options=_OWN_CONNECTION_OPTIONS)
+                                       options=_OWN_CONNECTION_OPTIONS, data_plane=False)
     return workers
 
 
