@@ -150,8 +150,12 @@ class Index:
         #: L3, or none was ever recorded): blocks written before then count
         #: as in L3 for ``delete_l3``.
         self.l3_off_since = 0.0
-        # The latest creation time handed out or found in L2: see stamp().
-        self._stamp_floor = 0.0
+        #: The earliest creation time this run handed out (stamp()), and who is
+        #: told when one goes below it (the clock stepped back).
+        self.earliest_stamp = math.inf
+        self.on_earlier_stamp: Callable[[float], None] | None = None
+        #: The newest creation time found in L2 at start (0: none).
+        self.newest_l2_created = 0.0
         # Cold blocks being demoted to L3 on their way out of L2.
         self._cold_demoting: set[BlockId] = set()
         self.busy_pins = 0  # readers + L2 writes in flight, over all entries
@@ -168,30 +172,21 @@ class Index:
     # -- creation times -------------------------------------------------------------
 
     def stamp(self) -> float:
-        """A creation time for a block written now: the wall clock, but never
-        at or before one handed out earlier or found in L2 (raise_stamp_floor).
-        Creation times order this node's writes across restarts (a block from
-        before the first run without L3 may have its object there; one written
-        since the L3 listing's window opened may have older bytes there): a
-        clock stepped back (NTP) made blocks written before the step look
-        newer, and a Delete made while L3 was off left their objects to be
-        served again."""
+        """A creation time for a block written now (the wall clock). One
+        earlier than every other of this run (the first, or the clock stepped
+        back) is told to ``on_earlier_stamp``: the L3 listing's window (blocks
+        written since it opened may have older bytes in the bucket) goes back
+        with it. A clock stepped back (NTP) after the window opened made the
+        blocks written then look written before it, and an overwritten
+        block's old object stayed, served by other nodes. (Holding creation
+        times at the latest one handed out instead pinned them, for good
+        once read back from L2, to a clock that had once run years ahead.)"""
         now = time.time()
-        if now <= self._stamp_floor:
-            now = math.nextafter(self._stamp_floor, math.inf)
-        self._stamp_floor = now
+        if now < self.earliest_stamp:
+            self.earliest_stamp = now
+            if self.on_earlier_stamp is not None:
+                self.on_earlier_stamp(now)
         return now
-
-    @property
-    def stamp_floor(self) -> float:
-        """The latest creation time handed out or found in L2."""
-        return self._stamp_floor
-
-    def raise_stamp_floor(self, created: float) -> None:
-        """Hand out no creation time at or before ``created`` (one of an
-        earlier run's, read from L2)."""
-        if created > self._stamp_floor:
-            self._stamp_floor = created
 
     # -- counts kept with the entries -------------------------------------------------
 
@@ -402,7 +397,7 @@ class Index:
         size_array = np.asarray(sizes, dtype=np.uint64)
         created_array = np.asarray(created, dtype=np.float64)
         if len(created_array):
-            self.raise_stamp_floor(float(created_array.max()))
+            self.newest_l2_created = max(self.newest_l2_created, float(created_array.max()))
         if self.cold is not None:
             # All of them go to the compact index; its last-use times put
             # older blocks first.
@@ -495,7 +490,10 @@ class Index:
         letting other calls in between slices; vectorised over its compact
         records)."""
         held = {t: [0, 0] for t in (TierName.L1, TierName.L2, TierName.L3)}
+        # Both indexes at one instant (a block moves between them meanwhile:
+        # read afterwards, it was counted twice or not at all).
         entries = list(self.blocks.by_namespace.get(namespace, {}).values())
+        cold = self.cold.namespace_usage(namespace) if self.cold is not None else None
         for start in range(0, len(entries), _SCAN_SLICE):
             if start:
                 await asyncio.sleep(0)
@@ -505,8 +503,8 @@ class Index:
                     if present:
                         held[tier][0] += 1
                         held[tier][1] += entry.size
-        if self.cold is not None:
-            blocks, nbytes, l3_blocks, l3_bytes = self.cold.namespace_usage(namespace)
+        if cold is not None:
+            blocks, nbytes, l3_blocks, l3_bytes = cold
             held[TierName.L2][0] += blocks
             held[TierName.L2][1] += nbytes
             held[TierName.L3][0] += l3_blocks
@@ -519,9 +517,14 @@ class Index:
         ``prefix``, in key order, and whether more matched. ``now``: wall
         time (blocks' creation times are wall times). Other calls run
         between slices of the scan (a listing of 200,000 blocks held every
-        Get for 0.6 s): blocks that go meanwhile are left out."""
+        Get for 0.6 s): blocks deleted meanwhile are left out."""
         entries = self.blocks.by_namespace.get(namespace, {})
+        # Both indexes at one instant: a block a Get warms from the compact
+        # index into the full one meanwhile was in neither when the compact
+        # one was read after the awaits (left out, the listing said complete).
         keys = list(entries)
+        records, cold_total = self.cold.namespace_blocks(namespace, prefix, limit) \
+            if self.cold is not None else ([], 0)
         if prefix:
             matched: list[bytes] = []
             for start in range(0, len(keys), _SCAN_SLICE):
@@ -541,18 +544,19 @@ class Index:
             if start:
                 await asyncio.sleep(0)
             for key in matched[start:start + _SCAN_SLICE]:
-                entry = entries.get(key)
-                if entry is None:
-                    continue  # gone meanwhile
+                entry = self.peek((namespace, key))  # (as it is now)
+                if not isinstance(entry, Entry):
+                    if entry is not None:  # into the compact index meanwhile
+                        records.append(entry)
+                    continue  # (None: deleted meanwhile)
                 tiers = tuple(t for t, present in ((TierName.L1, entry.l1_offset >= 0),
                                                    (TierName.L2, entry.l2),
                                                    (TierName.L3, entry.l3)) if present)
                 if tiers:  # not a block being removed
                     found.append(ListedBlock(key, entry.size, tiers,
                                              max(now - entry.created, 0.0)))
-        if self.cold is not None:
-            records, cold_total = self.cold.namespace_blocks(namespace, prefix, limit)
-            total += cold_total
+        total += cold_total
+        if records:
             found.extend(ListedBlock(r.key, r.size,
                                      (TierName.L2, TierName.L3) if r.l3 else (TierName.L2,),
                                      max(now - r.created, 0.0)) for r in records)

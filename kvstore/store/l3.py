@@ -188,6 +188,7 @@ class L3Mover(Part):
         self.stale_found = 0  # objects the listing found older than the held block
         self._unsettled_left = False  # an object's header could not be read
         self.scan_done = asyncio.Event()
+        self._window_closed = False  # a listing ended with every block settled
         self._closing = False
 
     @property
@@ -231,12 +232,11 @@ class L3Mover(Part):
         # still checks the blocks written in it (it otherwise took an older
         # object of the same size for theirs, and dropped their L2 copy).
         earlier = self.tombs.unlisted_since if self.tombs is not None else None
-        if earlier is not None:
-            self.index.raise_stamp_floor(earlier)
-        now = self.index.stamp()  # (what this run writes from now on is created after it)
+        now = self.index.stamp()
         self.unlisted_since = now if earlier is None else min(earlier, now)
         if self.tombs is not None and earlier is None:
             self.tombs.set_unlisted_since(now, settled_quietly)
+        self.index.on_earlier_stamp = self._window_goes_back
         if self.list_on_start:
             self.scan_task = asyncio.get_running_loop().create_task(self._scan())
         else:
@@ -296,10 +296,26 @@ class L3Mover(Part):
             except TierUnavailable as exc:
                 log.warning("L3 listing failed (%s); retrying in %.1f s", exc, self.retry_s)
                 await asyncio.sleep(self.retry_s)
-        if not self._closing and not self._unsettled_left and self.tombs is not None:
-            self.tombs.set_unlisted_since(None, settled_quietly)
+        if not self._closing and not self._unsettled_left:
+            self._window_closed = True
+            if self.tombs is not None:
+                self.tombs.set_unlisted_since(None, settled_quietly)
         self.scan_done.set()
         log.info("L3 listing: %d blocks in %.2f s", self.listed, time.monotonic() - started)
+
+    def _window_goes_back(self, created: float) -> None:
+        """A block is created before the listing's window opened (the clock
+        stepped back): the window opens that much earlier, here and in L2 (a
+        block older than that but written before the start is then checked
+        by a HEAD too: its header says whose bytes the object holds)."""
+        if self._window_closed or created >= self.unlisted_since:
+            return
+        log.warning("the clock went back %.1f s while the L3 listing had not ended: blocks "
+                    "created since then are checked against their objects' headers",
+                    self.unlisted_since - created)
+        self.unlisted_since = created
+        if self.tombs is not None:
+            self.tombs.set_unlisted_since(created, settled_quietly)
 
     def _unsettled(self, block: BlockId, entry: Entry | None) -> bool:
         """Whether the block (``entry``, or the compact index's record) was

@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -187,10 +188,14 @@ class TieredStore:
                 self.l2.set_l3_url(url, settled_quietly)
         elif recorded:
             if off is None:  # the first run without it: blocks from before may be there
-                off = self.index.stamp()
+                # After every block found in L2, whatever the clock says now: a
+                # clock stepped back since they were written made them look
+                # written after it, and a Delete in this run left their objects,
+                # served again once L3 was back. (Blocks written in this run
+                # while the clock is behind count as maybe in L3 too: their
+                # Deletes record an L3 delete that finds nothing.)
+                off = max(time.time(), math.nextafter(self.index.newest_l2_created, math.inf))
                 self.l2.set_l3_off_since(off, settled_quietly)
-            else:
-                self.index.raise_stamp_floor(off)
             self.index.l3_off_since = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
@@ -266,11 +271,12 @@ class TieredStore:
         if total:
             log.info("index rebuilt from L2: %d blocks, %d bytes%s", total,
                      self.index.l2_bytes, " (compact index)" if cold is not None else "")
-        ahead = self.index.stamp_floor - time.time()
+        ahead = self.index.newest_l2_created - time.time()
         if ahead > 1.0:
             log.warning("the newest block in L2 was created %.0f s after what this host's "
-                        "clock says now (the clock was stepped back): blocks written from "
-                        "now on are stamped as created after it", ahead)
+                        "clock says now: the clock was stepped back, or another node that "
+                        "wrote one of them runs ahead (nodes sharing a bucket need their "
+                        "clocks in sync)", ahead)
 
     def abandon(self) -> None:
         """Release what the constructor made, for a store that is not started
