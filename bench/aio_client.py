@@ -6,7 +6,9 @@ the data plane (``data_plane="tcp"`` / ``"unix"``) and without
 (``data_plane=False``, the same transport for gRPC). Systems run interleaved,
 round by round, so load changes hit all of them; the figure is the median
 per-call latency over every round (and p99). ``--concurrency N`` runs N
-coroutines at once (asyncio.gather) and reports the aggregate rate.
+coroutines at once (asyncio.gather) and reports the aggregate rate. A Get that
+misses stops the run; after each timed op, each coroutine's last Get is
+compared with the bytes Put.
 
     python -m bench.aio_client --sizes 4KiB,1MiB --rounds 5 --calls 200
 """
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench._server import BenchServer
+from bench.peers import positive_int
 from kvstore import AsyncClient
 from kvstore.config import parse_size
 
@@ -36,20 +39,51 @@ SYSTEMS: dict[str, tuple[str, bool | str]] = {
 OPS = ("put", "get", "get_into")
 
 
-async def _time_calls(n: int, concurrency: int,
-                      call: Callable[[int], Awaitable[Any]]) -> tuple[list[float], float]:
-    """Per-call seconds of ``n`` calls (``concurrency`` at a time), and the wall time."""
+async def _time_calls(n: int, concurrency: int, call: Callable[[int], Awaitable[Any]]
+                      ) -> tuple[list[float], float, list[int], list[tuple[int, Any]]]:
+    """Per-call seconds of ``n`` calls (``concurrency`` at a time), the wall
+    time, the calls whose answer held a None (a miss), and each coroutine's
+    last (call, answer) for ``_check``."""
     times: list[float] = []
+    missed: list[int] = []
+    last: list[tuple[int, Any]] = []
 
     async def worker(first: int) -> None:
+        i, got = -1, None
         for i in range(first, n, concurrency):
             t0 = time.perf_counter()
-            await call(i)
+            got = await call(i)
             times.append(time.perf_counter() - t0)
+            # A miss is no Get (without this, misses were timed as Gets).
+            if type(got) is list and None in got:
+                missed.append(i)
+        if i >= 0:
+            last.append((i, got))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return times, time.perf_counter() - t0
+    return times, time.perf_counter() - t0, missed, last
+
+
+def _check(name: str, op: str, keys: list[bytes], payload: bytes, buffers: list[bytearray],
+           missed: list[int], last: list[tuple[int, Any]]) -> None:
+    """After a timed op: no Get missed, and each coroutine's last Get left the
+    bytes Put (a Get's size or a non-None answer alone lets one that writes
+    nothing pass as a fast one)."""
+    import numpy as np
+
+    if missed:
+        raise RuntimeError(f"{name}: {op} of {keys[missed[0]].decode()} missed ({len(missed)} "
+                           f"of {len(keys)} calls; --calls blocks of every size must fit the "
+                           "server's 2 GiB L1, no L2)")
+    if op == "put":
+        return
+    want = np.frombuffer(payload, dtype=np.uint8)
+    for i, got in last:
+        value = got[0] if op == "get" else buffers[i % len(buffers)]
+        if not np.array_equal(np.frombuffer(value, dtype=np.uint8), want):
+            raise RuntimeError(f"{name}: {op} of {keys[i].decode()} returned bytes other than "
+                               "those Put under it")
 
 
 def _calls(c: AsyncClient, keys: list[bytes], payload: bytes,
@@ -84,7 +118,15 @@ async def bench(args: argparse.Namespace, server: BenchServer) -> dict[str, Any]
             for name in systems:
                 ops = _calls(clients[name], keys, payload, buffers)
                 for op in OPS:
-                    times, wall = await _time_calls(args.calls, args.concurrency, ops[op])
+                    if op == "get_into":
+                        # Before the timing: what an earlier system left in the
+                        # reused buffers (the same bytes) would pass _check for
+                        # a get_into that writes nothing.
+                        for b in buffers:
+                            b[:] = bytes(size)
+                    times, wall, missed, last = await _time_calls(args.calls, args.concurrency,
+                                                                  ops[op])
+                    _check(name, op, keys, payload, buffers, missed, last)
                     samples.setdefault((name, size, op), []).extend(times)
                     walls[(name, size, op)] = walls.get((name, size, op), 0.0) + wall
     for c in clients.values():
@@ -107,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="4KiB,1MiB")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--calls", type=int, default=200, help="calls per op, system and round")
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--calls", type=positive_int, default=200,
+                   help="calls per op, system and round")
+    p.add_argument("--concurrency", type=positive_int, default=1)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     with BenchServer("--server-namespaces", "bench", "--server-max-block-bytes", "64MiB",

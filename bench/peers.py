@@ -722,10 +722,31 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"  {mark} {t['target']}: {t['value']}", file=sys.stderr)
 
 
-def _parse_size(text: str) -> int:
-    from kvstore.config import parse_size
+def positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (0 or less divided by zero, or
+    timed no round, further on); a bad one is argparse's one error line, exit 2."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of at least 1")
+    return n
 
-    return parse_size(text)
+
+def positive_size(text: str) -> int:
+    """An argparse type: a size of at least one byte (``kvstore.config.parse_size``:
+    4096, 64KiB, 1MB, 2GiB)."""
+    from kvstore.config import parse_size
+    from kvstore.errors import InvalidConfig
+
+    try:
+        n = parse_size(text)
+    except InvalidConfig as e:  # not a ValueError: argparse would let it through
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size of at least 1 byte")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -735,27 +756,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="smoke-test size: 1 MiB blocks, 1 client, 1 round, small L1")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--png", help="write a bar chart (PNG) here")
-    p.add_argument("--sizes", nargs="+", type=_parse_size, default=None,
+    p.add_argument("--sizes", nargs="+", type=positive_size, default=None,
                    help="block sizes [default: 1MiB 4MiB]")
-    p.add_argument("--clients", nargs="+", type=int, default=None,
+    p.add_argument("--clients", nargs="+", type=positive_int, default=None,
                    help="client process counts [default: 1 4]")
     p.add_argument("--systems", nargs="+", choices=ALL_SYSTEMS, default=None,
                    help="which systems [default: all but the previous client paths "
                         f"{', '.join(OLD_SYSTEMS)}]")
-    p.add_argument("--batch", type=int, default=8,
+    p.add_argument("--batch", type=positive_int, default=8,
                    help="blocks per call when --per-call is not given [default: 8]")
-    p.add_argument("--per-call", nargs="+", type=int, default=None,
+    p.add_argument("--per-call", nargs="+", type=positive_int, default=None,
                    help="blocks per call, a dimension of the run (e.g. 1 8) "
                         "[default: --batch]")
-    p.add_argument("--max-calls", type=int, default=2000,
+    p.add_argument("--max-calls", type=positive_int, default=2000,
                    help="calls per client per round at most (small blocks) [default: 2000]")
-    p.add_argument("--rounds", type=int, default=None,
+    p.add_argument("--rounds", type=positive_int, default=None,
                    help="timed rounds per cell [default: 5, --quick 3, --tiny 1]")
-    p.add_argument("--bytes-per-round", type=_parse_size, default=None,
+    p.add_argument("--bytes-per-round", type=positive_size, default=None,
                    help="bytes per round, all clients [default: 256MiB, --quick 96MiB]")
     p.add_argument("--l1-capacity", default=None, help="kvstore L1 [default: 2GiB]")
     p.add_argument("--redis-maxmemory", default="4gb")
-    p.add_argument("--redis-read-size", type=_parse_size, default=MiB,
+    p.add_argument("--redis-read-size", type=positive_size, default=MiB,
                    help="redis-py socket_read_size [default: 1MiB; redis-py's own is 32KiB]")
     p.add_argument("--mooncake-venv", default="",
                    help="a venv with mooncake-transfer-engine-non-cuda: adds the "
@@ -774,20 +795,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--server-flag", action="append", metavar="FLAG",
                    help="extra flag for kvstore serve (repeat)")
     args = p.parse_args(argv)
+
+    def default(name: str, value: Any) -> None:
+        # Only what was not given (`x or value` took a given 0 for "not given").
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
     if args.tiny:
-        args.sizes = args.sizes or [MiB]
-        args.clients = args.clients or [1]
-        args.rounds = args.rounds or 1
-        args.bytes_per_round = args.bytes_per_round or 16 * MiB
-        args.l1_capacity = args.l1_capacity or "256MiB"
+        default("sizes", [MiB])
+        default("clients", [1])
+        default("rounds", 1)
+        default("bytes_per_round", 16 * MiB)
+        default("l1_capacity", "256MiB")
         args.redis_maxmemory = "512mb"
-    args.sizes = args.sizes or [MiB, 4 * MiB]
-    args.clients = args.clients or [1, 4]
-    args.rounds = args.rounds or (3 if args.quick else 5)
-    args.bytes_per_round = args.bytes_per_round or (96 * MiB if args.quick else 256 * MiB)
-    args.l1_capacity = args.l1_capacity or "2GiB"
-    args.systems = args.systems or list(DEFAULT_SYSTEMS)
-    args.per_call = args.per_call or [args.batch]
+    default("sizes", [MiB, 4 * MiB])
+    default("clients", [1, 4])
+    default("rounds", 3 if args.quick else 5)
+    default("bytes_per_round", 96 * MiB if args.quick else 256 * MiB)
+    default("l1_capacity", "2GiB")
+    default("systems", list(DEFAULT_SYSTEMS))
+    default("per_call", [args.batch])
     doc = run_bench(args)
     print_table(doc)
     text = json.dumps(doc, indent=2)

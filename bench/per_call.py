@@ -14,7 +14,9 @@ each round's p50 per call, and GB/s.
 built ``kvstore/_native*.so`` and ``kvstore/v1``) starts a second server from DIR beside
 this tree's, the same client talking to both, rounds alternated: a same-run A/B of the
 server's side (a flag the older server does not know is ignored by it). ``--pin apart``
-puts the servers on CPU 0 and the client on CPU 1.
+puts the servers on one CPU and the client on another (``bench.peers.placement``; every
+thread of each process). After each Get round, outside its timing, the buffer is compared
+with the block Put under the round's last key.
 """
 
 from __future__ import annotations
@@ -29,16 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench._server import BenchServer, start_from_tree
+from bench.peers import pin_process, placement, positive_int, positive_size
 
 KiB, MiB = 1024, 1024 * 1024
 DEFAULT_SIZES = ["256KiB", "1MiB", "1028KiB", "2MiB", "4MiB", "8MiB", "32MiB"]
-
-
-def _size(text: str) -> int:
-    for unit, mult in (("KiB", KiB), ("MiB", MiB), ("GiB", 1024 * MiB)):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * mult)
-    return int(text)
 
 
 def _keys_for(size: int) -> int:
@@ -52,6 +48,10 @@ def _round(client: Any, path: str, size: int, sources: list[memoryview],
     out: dict[str, float] = {}
     for op in ("put", "get"):
         lat = []
+        if op == "get":
+            # Before the timing: the last round's bytes (the same key's) left in
+            # the reused buffer would pass _check_get for a Get that writes nothing.
+            dest[0][:] = bytes(size)
         start = time.perf_counter()
         for i, key in enumerate(keys):
             t = time.perf_counter()
@@ -62,48 +62,66 @@ def _round(client: Any, path: str, size: int, sources: list[memoryview],
                     raise RuntimeError(f"{path}: a Get of {size} bytes missed")
             lat.append(time.perf_counter() - t)
         elapsed = time.perf_counter() - start
+        if op == "get":
+            _check_get(path, keys[-1], dest[0], sources[(len(keys) - 1) % len(sources)])
         out[f"{op}_p50_us"] = statistics.median(lat) * 1e6
         out[f"{op}_gbps"] = len(keys) * size / elapsed / 1e9
     return out
 
 
+def _check_get(path: str, key: bytes, got: memoryview, want: memoryview) -> None:
+    """After the timing: the buffer holds the last key's bytes as Put (its
+    size alone lets a Get that writes nothing pass as a fast one)."""
+    import numpy as np
+
+    if not np.array_equal(np.frombuffer(got, dtype=np.uint8),
+                          np.frombuffer(want, dtype=np.uint8)):
+        raise RuntimeError(f"{path}: a Get of {key.decode()} returned bytes other than those "
+                           "Put under it")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES)
+    # (a list default is not passed through type: sizes parsed below when not given)
+    p.add_argument("--sizes", nargs="+", type=positive_size, default=None,
+                   help=f"block sizes [default: {' '.join(DEFAULT_SIZES)}]")
     p.add_argument("--paths", nargs="+", choices=["shm", "tcp"], default=["shm", "tcp"])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--before-tree", default="")
     p.add_argument("--pin", choices=["none", "apart"], default="none")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
+    sizes = args.sizes if args.sizes is not None else [positive_size(s) for s in DEFAULT_SIZES]
+    where = placement(args.pin) if args.pin == "apart" else None
     import numpy as np
 
     from kvstore import Client
     from kvstore.client.shm import ShmClient
 
-    sizes = [_size(s) for s in args.sizes]
     trees = [("this", "")] + ([("before", args.before_tree)] if args.before_tree else [])
     servers: list[tuple[str, BenchServer]] = []
     clients: dict[tuple[str, str], Any] = {}
     tag = f"{os.getpid()}-{os.urandom(3).hex()}"
     try:
+        if where is not None:
+            # Before any client exists, so the threads they start inherit the
+            # client CPU (numpy's may be running already: every thread moved).
+            pin_process(os.getpid(), where[1])
         for name, tree in trees:
             server = start_from_tree(tree, "--l1-shm-path",
                                      f"/dev/shm/kvstore-per-call-{tag}-{name}",
                                      l1_capacity="2GiB", l2=True, unix=True)
             servers.append((name, server))
-            if args.pin == "apart" and server.proc is not None:
-                os.sched_setaffinity(server.proc.pid, {0})
+            if where is not None and server.proc is not None:
+                pin_process(server.proc.pid, where[0])  # every thread, not the main one
             if "shm" in args.paths:
                 clients[(name, "shm")] = ShmClient(server.unix_target, namespace="bench",
                                                    timeout=120)
             if "tcp" in args.paths:
                 clients[(name, "tcp")] = Client(server.tcp, namespace="bench", timeout=120,
                                                 data_plane="tcp")
-        if args.pin == "apart":
-            os.sched_setaffinity(0, {1})
+        if where is not None:
+            pin_process(os.getpid(), where[1])  # any thread started meanwhile
         cells = []
         for size in sizes:
             rng = np.random.default_rng(size)

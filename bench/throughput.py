@@ -11,10 +11,13 @@ count (1, 4; each client its own process, multiprocessing spawn) times:
 * kvstore get_into: one ``Client.get_into`` of one block into a reused buffer;
 * raw put: the same bytes over a plain TCP connection, acked by one byte
   once the server holds all of them; raw get: the server sends the bytes
-  (the client receives into a reused buffer; get_into is compared with it too).
+  (the client receives into a reused buffer; get_into is compared with it too,
+  a raw get measured again in the get_into cell).
 
 Each cell moves the same bytes for kvstore and raw, in several rounds after
-one warm-up; reported: the median GB/s (1e9 bytes/s) over rounds, p50/p99 of
+one warm-up each, kvstore and raw rounds alternated (ABBA); after each kvstore
+Get round, outside its timing, its last call's bytes are compared with those
+Put. Reported: the median GB/s (1e9 bytes/s) over rounds, p50/p99 of
 the per-block call latency over all rounds, and kvstore/raw ratios. JSON goes
 to stdout (and --out); a table goes to stderr.
 
@@ -42,6 +45,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench._peers.raw import recv_exact_into
+from bench.peers import positive_int, positive_size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -180,16 +184,34 @@ def worker_main(conn: Connection, wid: int, target: str, raw_port: int, max_byte
                     s = time.perf_counter()
                     raw.put(data, len(group))
                     lat.append(time.perf_counter() - s)
-            elif kind == "raw" and op == "get":
+            elif kind == "raw" and op in ("get", "get_into"):  # get_into's baseline: a get
                 for group in groups:
                     s = time.perf_counter()
                     raw.get(block * len(group))
                     lat.append(time.perf_counter() - s)
             t1 = time.perf_counter()
+            if kind == "kv" and op == "get":
+                _check_get(groups[-1], got, data)
+            elif kind == "kv" and op == "get_into":
+                _check_get(groups[-1], outs[: len(groups[-1])], data)
             conn.send((t0, t1, lat))
     finally:
         raw.close()
         client.close()
+
+
+def _check_get(keys: list[bytes], got: Sequence[Any], data: bytes) -> None:
+    """After a round's timing: the last call's values (or buffers) hold the
+    bytes Put under its keys (sizes alone let a Get that writes nothing pass
+    as a fast one). Every key of a worker is put from the same block here, so
+    a Get serving another of its keys would pass; another worker's would not."""
+    import numpy as np
+
+    want = np.frombuffer(data, dtype=np.uint8)
+    for key, value in zip(keys, got, strict=True):
+        if value is None or not np.array_equal(np.frombuffer(value, dtype=np.uint8), want):
+            raise RuntimeError(f"kvstore: a Get of {key.decode()} returned bytes other than "
+                               "those Put under it")
 
 
 class Pool:
@@ -213,7 +235,10 @@ class Pool:
         start_at = time.perf_counter() + 0.05
         for c in self.conns[:clients]:
             c.send((kind, op, block, count, start_at))
-        replies = [c.recv() for c in self.conns[:clients]]
+        try:
+            replies = [c.recv() for c in self.conns[:clients]]
+        except EOFError:
+            raise RuntimeError("a client process died (its traceback is above)") from None
         if kind == "cleanup":
             return 0.0, []
         t0 = min(r[0] for r in replies)
@@ -300,16 +325,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                                 "clients": clients,
                                                 "blocks_per_round": count * clients,
                                                 "bytes_per_round": nbytes}
+                        # (get_into's raw baseline is a raw get, measured again
+                        # in this cell's own interleaving)
+                        rounds: dict[str, list[tuple[float, list]]] = {"kv": [], "raw": []}
                         for kind in ("kv", "raw"):
-                            if kind == "raw" and op == "get_into":
-                                cell["raw"] = results[-1]["raw"]  # the same bytes as get
-                                continue
                             # warm-up round (also writes the keys Get reads)
                             pool.run(kind, op, block, clients, count if op == "put" and
                                      kind == "kv" else min(count, 16))
-                            rounds = [pool.run(kind, op, block, clients, count)
-                                      for _ in range(args.rounds)]
-                            cell["kvstore" if kind == "kv" else "raw"] = _summary(rounds, nbytes)
+                        for r in range(args.rounds):
+                            # kv and raw alternated (ABBA), so load changes on this
+                            # shared machine hit both alike
+                            for kind in ("kv", "raw") if r % 2 == 0 else ("raw", "kv"):
+                                rounds[kind].append(pool.run(kind, op, block, clients, count))
+                        cell["kvstore"] = _summary(rounds["kv"], nbytes)
+                        cell["raw"] = _summary(rounds["raw"], nbytes)
                         kv, raw = cell["kvstore"], cell["raw"]
                         cell["ratio_gbps"] = round(kv["gbps"] / raw["gbps"], 4)
                         cell["ratio_p50"] = round(kv["p50_ms"] / raw["p50_ms"], 4)
@@ -493,27 +522,21 @@ def _print_row(c: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _parse_size(text: str) -> int:
-    from kvstore.config import parse_size
-
-    return parse_size(text)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="fewer bytes and rounds (≤ ~40 s)")
     p.add_argument("--out", help="also write the JSON here")
-    p.add_argument("--sizes", nargs="+", type=_parse_size, default=[64 * KiB, MiB, 4 * MiB],
+    p.add_argument("--sizes", nargs="+", type=positive_size, default=[64 * KiB, MiB, 4 * MiB],
                    help="block sizes [default: 64KiB 1MiB 4MiB]")
-    p.add_argument("--clients", nargs="+", type=int, default=[1, 4],
+    p.add_argument("--clients", nargs="+", type=positive_int, default=[1, 4],
                    help="client process counts [default: 1 4]")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds per cell "
+    p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds per cell "
                    "[default: 5, --quick 3]")
-    p.add_argument("--batch", type=int, default=8,
+    p.add_argument("--batch", type=positive_int, default=8,
                    help="blocks per call (one Put stream / one Get stream; the raw baseline "
                         "sends the same bytes per request) [default: 8; 1 = latency of one "
                         "block per call]")
-    p.add_argument("--chunk-bytes", type=_parse_size, default=MiB,
+    p.add_argument("--chunk-bytes", type=positive_size, default=MiB,
                    help="client chunk_bytes (Put chunks, and Get chunks asked for) [default: 1MiB]")
     p.add_argument("--l1-capacity", default="1GiB", help="server L1 size [default: 1GiB]")
     p.add_argument("--l2", action="store_true", help="keep the server's L2 (LMDB) on: Puts "

@@ -3,7 +3,9 @@
 Each worker holds one client per system (created on first use and reused),
 a pool of distinct pre-faulted source blocks (64 MiB in all, more than the
 last-level cache, so Puts read memory as an engine would) and one batch of
-pre-faulted destination buffers reused by every Get.
+pre-faulted destination buffers reused by every Get. After each Get round,
+outside its timing, the blocks of its last call are compared with those Put
+under the keys (``Worker.check_get``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Worker:
         self._src: tuple[int, list[memoryview]] | None = None
         self._dst: tuple[int, int, list[memoryview]] | None = None
         self._store: Any = None  # memcpy baseline: this worker's "server memory"
+        self._last_values: list[Any] = []  # redis: the last MGET's values, for check_get
 
     # -- buffers --------------------------------------------------------------------
 
@@ -185,6 +188,8 @@ class Worker:
                 vals = c.mget(keys)
                 if any(v is None or len(v) != block for v in vals):
                     raise RuntimeError(f"{system} MGET returned a miss or a wrong size")
+                # A reference (no copy) for check_get, after the round's timing.
+                self._last_values = vals
             return redis_get
         if system.startswith("mooncake"):
             if op == "put":
@@ -206,6 +211,8 @@ class Worker:
                     c.put(src)
                 return raw_put
 
+            # Not checked by check_get: the raw server stores nothing (it sends
+            # its own buffer), a baseline of moving the bytes, not of a store.
             def raw_get(keys: list[bytes], src: list[memoryview], dst: list[memoryview],
                         base: int) -> None:
                 c.get_into(block, dst)
@@ -240,6 +247,12 @@ class Worker:
             ks = keys[i : i + batch]
             batches.append((i, ks, [srcs[(i + j) % len(srcs)] for j in range(len(ks))],
                             dst[: len(ks)]))
+        if op == "get":
+            # Before the timing, every system alike: what the last round left in
+            # the reused buffers (the same keys' bytes) would pass check_get for
+            # a Get that writes nothing.
+            for d in dst:
+                self.np.frombuffer(d, dtype=self.np.uint8).fill(0)
         lat: list[float] = []
         delay = start_at - time.perf_counter()
         if delay > 0:
@@ -253,7 +266,31 @@ class Worker:
         t1 = time.perf_counter()
         c1 = resource.getrusage(resource.RUSAGE_SELF)
         cpu = (c1.ru_utime - c0.ru_utime) + (c1.ru_stime - c0.ru_stime)
+        if op == "get" and batches:
+            # Outside the timing: the destinations are reused, so the last call's
+            # blocks are the ones left to check.
+            _, ks, src, dd = batches[-1]
+            self.check_get(system, ks, src, dd)
         return t0, t1, lat, cpu
+
+    def check_get(self, system: str, keys: list[bytes], src: list[memoryview],
+                  dst: list[memoryview]) -> None:
+        """The bytes a Get left (``dst``; Redis: the last MGET's values) are
+        exactly those Put under ``keys`` (``src``, the blocks they were put
+        from): sizes alone let a Get that writes nothing, or serves another
+        key's block, pass as a fast one."""
+        if system.startswith("raw"):
+            return  # no store: see raw_get
+        np = self.np
+        got: list[Any] = self._last_values if system.startswith("redis") else dst
+        if len(got) != len(keys):
+            raise RuntimeError(f"{system}: the last Get returned {len(got)} values for "
+                               f"{len(keys)} keys")
+        for key, want, have in zip(keys, src, got, strict=True):
+            if have is None or not np.array_equal(np.frombuffer(have, dtype=np.uint8),
+                                                  np.frombuffer(want, dtype=np.uint8)):
+                raise RuntimeError(f"{system}: a Get of {key.decode()} returned bytes other "
+                                   "than those Put under it")
 
     def cleanup(self, systems: list[str], block: int, count: int) -> None:
         for system in systems:
