@@ -68,6 +68,16 @@ class Entry:
         return BlockMeta(self.size, self.checksum, self.created)
 
 
+def tiers_holding(record: Entry | ColdBlock) -> tuple[TierName, ...]:
+    """The tiers that hold a copy of the block (a compact record: L2, and L3
+    when it is there too)."""
+    if isinstance(record, ColdBlock):
+        return (TierName.L2, TierName.L3) if record.l3 else (TierName.L2,)
+    return tuple(t for t, present in ((TierName.L1, record.l1_offset >= 0),
+                                      (TierName.L2, record.l2), (TierName.L3, record.l3))
+                 if present)
+
+
 def tier_of(entry: Entry | None) -> TierName | None:
     """The fastest tier holding the block (None: not stored)."""
     if entry is None or entry.dead:
@@ -154,6 +164,9 @@ class Index:
         #: told when one goes below it (the clock stepped back).
         self.earliest_stamp = math.inf
         self.on_earlier_stamp: Callable[[float], None] | None = None
+        #: Creation times handed out are after this one (a run without L3:
+        #: its l3_off_since; 0 otherwise).
+        self.stamp_after = 0.0
         #: The newest creation time found in L2 at start (0: none).
         self.newest_l2_created = 0.0
         # Cold blocks being demoted to L3 on their way out of L2.
@@ -182,6 +195,8 @@ class Index:
         times at the latest one handed out instead pinned them, for good
         once read back from L2, to a clock that had once run years ahead.)"""
         now = time.time()
+        if now <= self.stamp_after:
+            now = math.nextafter(self.stamp_after, math.inf)
         if now < self.earliest_stamp:
             self.earliest_stamp = now
             if self.on_earlier_stamp is not None:
@@ -490,19 +505,22 @@ class Index:
         letting other calls in between slices; vectorised over its compact
         records)."""
         held = {t: [0, 0] for t in (TierName.L1, TierName.L2, TierName.L3)}
-        # Both indexes at one instant (a block moves between them meanwhile:
-        # read afterwards, it was counted twice or not at all).
-        entries = list(self.blocks.by_namespace.get(namespace, {}).values())
+        # Both indexes' keys at one instant (a block moves between them
+        # meanwhile: read afterwards, it was counted twice or not at all), each
+        # full-index key looked up as it is when its slice is counted (an
+        # overwrite meanwhile replaced the entry: the old one counts nothing).
+        keys = list(self.blocks.by_namespace.get(namespace, {}))
         cold = self.cold.namespace_usage(namespace) if self.cold is not None else None
-        for start in range(0, len(entries), _SCAN_SLICE):
+        for start in range(0, len(keys), _SCAN_SLICE):
             if start:
                 await asyncio.sleep(0)
-            for entry in entries[start:start + _SCAN_SLICE]:
-                for tier, present in ((TierName.L1, entry.l1_offset >= 0),
-                                      (TierName.L2, entry.l2), (TierName.L3, entry.l3)):
-                    if present:
-                        held[tier][0] += 1
-                        held[tier][1] += entry.size
+            for key in keys[start:start + _SCAN_SLICE]:
+                record = self.peek((namespace, key))
+                if record is None:
+                    continue  # deleted meanwhile
+                for tier in tiers_holding(record):
+                    held[tier][0] += 1
+                    held[tier][1] += record.size
         if cold is not None:
             blocks, nbytes, l3_blocks, l3_bytes = cold
             held[TierName.L2][0] += blocks
@@ -549,17 +567,22 @@ class Index:
                     if entry is not None:  # into the compact index meanwhile
                         records.append(entry)
                     continue  # (None: deleted meanwhile)
-                tiers = tuple(t for t, present in ((TierName.L1, entry.l1_offset >= 0),
-                                                   (TierName.L2, entry.l2),
-                                                   (TierName.L3, entry.l3)) if present)
+                tiers = tiers_holding(entry)
                 if tiers:  # not a block being removed
                     found.append(ListedBlock(key, entry.size, tiers,
                                              max(now - entry.created, 0.0)))
         total += cold_total
         if records:
-            found.extend(ListedBlock(r.key, r.size,
-                                     (TierName.L2, TierName.L3) if r.l3 else (TierName.L2,),
-                                     max(now - r.created, 0.0)) for r in records)
+            # As they are now (a Delete answered meanwhile removed some; a Get
+            # warmed some into the full index).
+            for r in records:
+                current = self.peek((namespace, r.key))
+                if current is None:
+                    continue  # deleted meanwhile
+                tiers = tiers_holding(current)
+                if tiers:
+                    found.append(ListedBlock(r.key, current.size, tiers,
+                                             max(now - current.created, 0.0)))
             found.sort(key=lambda b: b.key)
         return found[:limit], total > limit
 

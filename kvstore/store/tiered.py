@@ -66,6 +66,9 @@ log = logging.getLogger("kvstore.store")
 #: How long after an L2 write failed the "L1 is full" refusal names it.
 L2_TROUBLE_S = 60.0
 
+#: How far ahead of the clock the newest block in L2 may be for the start of
+#: a run without L3 to be taken after it (TieredStore._start_of_a_run_without_l3).
+MAX_CLOCK_BEHIND_S = 86_400.0
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
 #: A namespace listing's length when the caller gives none, and its cap.
@@ -188,15 +191,12 @@ class TieredStore:
                 self.l2.set_l3_url(url, settled_quietly)
         elif recorded:
             if off is None:  # the first run without it: blocks from before may be there
-                # After every block found in L2, whatever the clock says now: a
-                # clock stepped back since they were written made them look
-                # written after it, and a Delete in this run left their objects,
-                # served again once L3 was back. (Blocks written in this run
-                # while the clock is behind count as maybe in L3 too: their
-                # Deletes record an L3 delete that finds nothing.)
-                off = max(time.time(), math.nextafter(self.index.newest_l2_created, math.inf))
+                off = self._start_of_a_run_without_l3()
                 self.l2.set_l3_off_since(off, settled_quietly)
             self.index.l3_off_since = off
+            # This run's blocks are never in L3: created after that start
+            # whatever the clock says (with L3 off no header carries them).
+            self.index.stamp_after = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
             # run's listing, which reads that object's header.
@@ -206,6 +206,25 @@ class TieredStore:
             log.warning("L3 off (this L2 last ran with l3.url %s): Deletes and overwrites of "
                         "the blocks from before are recorded in L2 and done in that bucket when "
                         "a run has it again", recorded)
+
+    def _start_of_a_run_without_l3(self) -> float:
+        """When the first run without L3 began, as the creation times of the
+        blocks before it count it: after every block found in L2, whatever
+        the clock says now (a clock stepped back since they were written made
+        them look written after it, and a Delete in this run left their
+        objects, served again once L3 was back), unless that block is more
+        than a day ahead of the clock: a clock that far off, or a time from
+        another node's header, would stamp every block of these runs that far
+        ahead (Index.stamp_after)."""
+        now = time.time()
+        newest = self.index.newest_l2_created
+        if newest - now > MAX_CLOCK_BEHIND_S:
+            log.warning("the newest block in L2 was created %.0f s after what this host's clock "
+                        "says now: the start of this run without L3 is taken from the clock; "
+                        "blocks created after it that a Delete of this run removes may come "
+                        "back from the bucket once L3 is on again", newest - now)
+            return now
+        return max(now, math.nextafter(newest, math.inf))
 
     def _record_l3_delete(self, block: BlockId, in_l3: bool,
                           checksum: int) -> asyncio.Future[Any] | None:
