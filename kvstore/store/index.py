@@ -164,9 +164,6 @@ class Index:
         #: told when one goes below it (the clock stepped back).
         self.earliest_stamp = math.inf
         self.on_earlier_stamp: Callable[[float], None] | None = None
-        #: Creation times handed out are after this one (a run without L3:
-        #: its l3_off_since; 0 otherwise).
-        self.stamp_after = 0.0
         #: The newest creation time found in L2 at start (0: none).
         self.newest_l2_created = 0.0
         # Cold blocks being demoted to L3 on their way out of L2.
@@ -195,8 +192,6 @@ class Index:
         times at the latest one handed out instead pinned them, for good
         once read back from L2, to a clock that had once run years ahead.)"""
         now = time.time()
-        if now <= self.stamp_after:
-            now = math.nextafter(self.stamp_after, math.inf)
         if now < self.earliest_stamp:
             self.earliest_stamp = now
             if self.on_earlier_stamp is not None:

@@ -194,9 +194,6 @@ class TieredStore:
                 off = self._start_of_a_run_without_l3()
                 self.l2.set_l3_off_since(off, settled_quietly)
             self.index.l3_off_since = off
-            # This run's blocks are never in L3: created after that start
-            # whatever the clock says (with L3 off no header carries them).
-            self.index.stamp_after = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
             # run's listing, which reads that object's header.
@@ -213,9 +210,13 @@ class TieredStore:
         the clock says now (a clock stepped back since they were written made
         them look written after it, and a Delete in this run left their
         objects, served again once L3 was back), unless that block is more
-        than a day ahead of the clock: a clock that far off, or a time from
-        another node's header, would stamp every block of these runs that far
-        ahead (Index.stamp_after)."""
+        than a day ahead of the clock (a clock that far off, or a time from
+        another node's header). While the clock is behind that start, the
+        blocks this run writes count as maybe in L3 too: their Deletes record
+        an L3 delete (conditional on the block's checksum) that finds nothing.
+        (Stamping them after the start instead put times up to a day ahead
+        into their L3 headers once L3 was back, and a listing then took
+        another node's newer object for an older one and deleted it.)"""
         now = time.time()
         newest = self.index.newest_l2_created
         if newest - now > MAX_CLOCK_BEHIND_S:

@@ -250,13 +250,16 @@ def test_a_listing_misses_no_block_that_moves_between_the_indexes_meanwhile(
     asyncio.run(go())
 
 
-def test_blocks_written_without_l3_record_no_l3_delete_after_a_clock_step(
+def test_blocks_written_without_l3_record_l3_deletes_only_while_the_clock_is_behind(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Found by a review of the fixes: with a block in L2 created an hour
-    ahead of the clock, the run without L3 counted every block it wrote as
-    maybe in L3 (created before the start of the run, taken after that
-    block): each of their Deletes recorded an L3 delete, without bound,
-    carried out on another node's object of the same bytes once L3 was back."""
+    """With a block in L2 created an hour ahead of the clock, the run without
+    L3 starts after that block (so its Delete is recorded for the bucket);
+    the blocks it writes while the clock is behind that start count as
+    maybe in L3 (their Deletes record a delete that finds nothing), those
+    written once the clock has passed it do not. Two earlier fixes each failed
+    a review: without that start the old block's Delete was lost; with every
+    block of the run stamped after it, times up to a day ahead reached L3
+    headers, and a listing deleted another node's newer object."""
     import time as real_time
 
     from kvstore.store import index as index_module
@@ -268,13 +271,15 @@ def test_blocks_written_without_l3_record_no_l3_delete_after_a_clock_step(
             env["KVSTORE_L3_URL"] = f"file://{tmp_path / 'bucket'}"
         return load(env=env)
 
-    class HourAhead:
-        @staticmethod
-        def time() -> float:
-            return real_time.time() + 3600.0
+    def clock(shift: float) -> object:
+        class Shifted:
+            @staticmethod
+            def time() -> float:
+                return real_time.time() + shift
+        return Shifted
 
     async def go() -> None:
-        monkeypatch.setattr(index_module, "time", HourAhead)
+        monkeypatch.setattr(index_module, "time", clock(3600.0))
         store = TieredStore(config(l3=True))  # type: ignore[arg-type]
         await store.start()
         await store.put_bytes("a", b"old", b"o" * 100, ack=3)  # type: ignore[arg-type]
@@ -282,13 +287,20 @@ def test_blocks_written_without_l3_record_no_l3_delete_after_a_clock_step(
         monkeypatch.setattr(index_module, "time", real_time)  # the clock set right
         store = TieredStore(config(l3=False))  # type: ignore[arg-type]
         await store.start()
-        for i in range(20):
-            await store.put_bytes("a", b"new%d" % i, b"n" * 100, ack=2)  # type: ignore[arg-type]
-        assert await store.delete("a", [b"new%d" % i for i in range(20)] + [b"old"]) == 21
+        behind = [b"behind%d" % i for i in range(5)]
+        for key in behind:
+            await store.put_bytes("a", key, b"n" * 100, ack=2)  # type: ignore[arg-type]
+        monkeypatch.setattr(index_module, "time", clock(7200.0))  # past the start now
+        passed = [b"passed%d" % i for i in range(5)]
+        for key in passed:
+            await store.put_bytes("a", key, b"n" * 100, ack=2)  # type: ignore[arg-type]
+        assert all(store.index.blocks[("a", k)].created < store.index.l3_off_since
+                   for k in behind)
+        assert await store.delete("a", [*behind, *passed, b"old"]) == 11
         assert store.l2 is not None
         recorded = await asyncio.get_running_loop().run_in_executor(
             None, store.l2.tombstones_sync)
-        assert [block for block, _ in recorded] == [("a", b"old")]
+        assert sorted(key for (_, key), _ in recorded) == sorted([*behind, b"old"])
         await store.close()
 
     asyncio.run(go())
