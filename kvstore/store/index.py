@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,8 +26,6 @@ from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import BlockId, ListedBlock, TierName
-
-log = logging.getLogger(__name__)
 
 #: Entries a namespace's scan (Stats of a namespace, a listing) visits between
 #: two chances for other calls to run (~1-2 ms of the loop).
