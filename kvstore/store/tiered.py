@@ -125,6 +125,7 @@ class TieredStore:
             shared = Shared(self.index, self.counts, self.policy, clock, self.l1, self.executor,
                             self.progress, config.l1.reads_checked)
             self.l3: L3Mover | None = None
+            self._kept_window = math.inf  # (a run without L3: see _keep_window_from)
             if has_l3:
                 self.l3 = L3Mover(shared, config.l3, config.server.namespaces,
                                   config.server.max_block_bytes)
@@ -196,13 +197,27 @@ class TieredStore:
             self.index.l3_off_since = off
             # What this run writes under a key whose object it does not know
             # (one only in L3, which L2 does not index) is settled by the next
-            # run's listing, which reads that object's header.
+            # run's listing, which reads that object's header: the window opens
+            # at this run's first block at the latest, and earlier with the
+            # clock (at ``off``, after a clock stepped back, the blocks of this
+            # run looked written before it: the listing took an older object of
+            # the key for their copy, and their L2 copies were dropped).
             since = self.l2.unlisted_since
-            if since is None or since > off:
-                self.l2.set_unlisted_since(off, settled_quietly)
+            opened = min(off, time.time())
+            self._kept_window = opened if since is None else min(since, opened)
+            if since is None or since > opened:
+                self.l2.set_unlisted_since(opened, settled_quietly)
+            self.index.on_earlier_stamp = self._keep_window_from
             log.warning("L3 off (this L2 last ran with l3.url %s): Deletes and overwrites of "
                         "the blocks from before are recorded in L2 and done in that bucket when "
                         "a run has it again", recorded)
+
+    def _keep_window_from(self, created: float) -> None:
+        """A run without L3 created a block before the listing window kept in
+        L2 (the clock stepped back): the window opens then."""
+        if created < self._kept_window and self.l2 is not None:
+            self._kept_window = created
+            self.l2.set_unlisted_since(created, settled_quietly)
 
     def _start_of_a_run_without_l3(self) -> float:
         """When the first run without L3 began, as the creation times of the

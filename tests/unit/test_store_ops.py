@@ -304,3 +304,51 @@ def test_blocks_written_without_l3_record_l3_deletes_only_while_the_clock_is_beh
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_run_without_l3_keeps_the_listing_window_open_from_its_first_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by the fourth review of the fixes: a run without L3 kept the
+    listing's window from its recorded start (after the newest L2 block, an
+    hour ahead of the clock here), and never moved it back when the clock
+    did: the next run's listing took another node's older object of a key
+    this run had written for its copy, and the run's own bytes were lost."""
+    import time as real_time
+
+    from kvstore.store import index as index_module
+
+    def config(l3: bool) -> object:
+        env = {"KVSTORE_DATA_DIR": str(tmp_path / "d"), "KVSTORE_L1_CAPACITY": "4MiB",
+               "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
+        if l3:
+            env["KVSTORE_L3_URL"] = f"file://{tmp_path / 'bucket'}"
+        return load(env=env)
+
+    def clock(shift: float) -> object:
+        class Shifted:
+            @staticmethod
+            def time() -> float:
+                return real_time.time() + shift
+        return Shifted
+
+    async def go() -> None:
+        monkeypatch.setattr(index_module, "time", clock(3600.0))
+        store = TieredStore(config(l3=True))  # type: ignore[arg-type]
+        await store.start()
+        await store.put_bytes("a", b"old", b"o" * 100, ack=3)  # type: ignore[arg-type]
+        await store.close()
+        monkeypatch.setattr(index_module, "time", real_time)  # the clock set right
+        store = TieredStore(config(l3=False))  # type: ignore[arg-type]
+        await store.start()
+        await store.put_bytes("a", b"first", b"f" * 100, ack=2)  # type: ignore[arg-type]
+        monkeypatch.setattr(index_module, "time", clock(-5.0))  # back 5 s within the run
+        await store.put_bytes("a", b"later", b"l" * 100, ack=2)  # type: ignore[arg-type]
+        created = [store.index.blocks[("a", k)].created for k in (b"first", b"later")]
+        await store.close()
+        store = TieredStore(config(l3=False))  # type: ignore[arg-type]
+        await store.start()
+        assert store.l2 is not None and store.l2.unlisted_since is not None
+        assert store.l2.unlisted_since <= min(created)
+        await store.close()
+
+    asyncio.run(go())
