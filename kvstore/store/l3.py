@@ -358,7 +358,16 @@ class L3Mover(Part):
                 self.index.listed_cold(block, meta.size)
             return
         if meta.created > current.created:
-            return  # written after this block (another node's): left
+            # Written after this block (another node's): left, and this node's
+            # older copy dropped for it (kept, it stayed outside L3, and its
+            # demotion later uploaded the older bytes over the newer object).
+            log.info("L3 object %s/%s holds bytes newer than this node's block (another "
+                     "node's): this node's copy dropped for it", block[0], block[1].hex()[:16])
+            older = self.index.entry(block)  # (a compact record: warmed to be forgotten)
+            if older is not None:
+                self.index.forget(block, older)
+                self.index.discovered(block, meta.size, meta.checksum, meta.created)
+            return
         self.stale_found += 1
         log.info("L3 object %s/%s holds bytes older than this node's block (checksum %#x, "
                  "not %#x): deleted", block[0], block[1].hex()[:16], meta.checksum,

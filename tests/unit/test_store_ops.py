@@ -352,3 +352,53 @@ def test_a_run_without_l3_keeps_the_listing_window_open_from_its_first_block(
         await store.close()
 
     asyncio.run(go())
+
+
+def test_a_listing_that_finds_another_nodes_newer_object_drops_this_nodes_older_copy(
+        tmp_path: Path) -> None:
+    """Found by the fifth review of the fixes: node A wrote K while L3 was off,
+    node B put a newer K at remote; A's listing left B's object (newer) but
+    kept its own older copy outside L3, and evicting it from L2 uploaded the
+    older bytes over B's: every node then read A's stale K."""
+    from kvstore.types import AckLevel
+
+    bucket = tmp_path / "bucket"
+
+    def config(node: str, l3: bool = True, small: bool = False) -> object:
+        env = {"KVSTORE_DATA_DIR": str(tmp_path / node), "KVSTORE_L1_CAPACITY": "4MiB",
+               "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
+        if l3:
+            env["KVSTORE_L3_URL"] = f"file://{bucket}"
+        if small:
+            env.update(KVSTORE_L1_CAPACITY="1MiB", KVSTORE_L2_CAPACITY="1MiB")
+        return load(env=env)
+
+    key = b"K" * 32
+
+    async def go() -> None:
+        a = TieredStore(config("a"))  # type: ignore[arg-type]
+        await a.start()
+        await a.put_bytes("ns", b"J" * 32, b"j" * 4096, ack=AckLevel.REMOTE)
+        await a.close()
+        a = TieredStore(config("a", l3=False))  # type: ignore[arg-type]
+        await a.start()
+        await a.put_bytes("ns", key, b"2" * 4096, ack=AckLevel.LOCAL)  # A's, older
+        await a.close()
+        b = TieredStore(config("b"))  # type: ignore[arg-type]
+        await b.start()
+        await b.put_bytes("ns", key, b"3" * 4096, ack=AckLevel.REMOTE)  # B's, newer
+        await b.close()
+        a = TieredStore(config("a", small=True))  # type: ignore[arg-type]
+        await a.start()
+        assert a.l3 is not None
+        await asyncio.wait_for(a.l3.scan_done.wait(), 30)
+        assert await a.get_bytes("ns", key) == b"3" * 4096
+        for i in range(400):  # A's L2 turns over: nothing of its K is uploaded
+            await a.put_bytes("ns", b"%032d" % i, b"o" * 4096, ack=AckLevel.LOCAL)
+        await a.close()
+        c = TieredStore(config("c"))  # type: ignore[arg-type]
+        await c.start()
+        assert await c.get_bytes("ns", key) == b"3" * 4096
+        await c.close()
+
+    asyncio.run(go())
