@@ -177,26 +177,31 @@ def test_a_remote_put_overtaken_by_an_overwrite_is_not_corrupt(  # type: ignore[
         assert l1.corrupt == 0
 
 
-def test_the_listing_at_start_never_hides_this_nodes_l2_copy(  # type: ignore[no-untyped-def]
+def test_the_listing_at_start_keeps_this_nodes_copy_unless_the_object_is_newer(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server, tmp_path: Path) -> None:
     """After a restart a block only in L2 is in the compact index. The
-    bucket's object of the key, put meanwhile by another node with other
-    bytes of another size, used to replace it in the index (this node then
-    served the other node's bytes, or an orphan's); a node serves the copy it
-    holds, as it does for a block in its full index."""
+    bucket's object of the key, of another size, used to replace it in the
+    index whatever it was (an orphan's older bytes were served). An older
+    object is deleted and this node serves its copy; another node's newer
+    one (written after this node's block) is served instead of this node's
+    copy, which is dropped: kept, its demotion later uploaded the older
+    bytes over the newer object (found by a review, session 29)."""
     mine, theirs = b"m" * (8 * KiB), b"t" * (12 * KiB)
     data = tmp_path / "a"
+    with node(server_factory, s3, s3.endpoint, tmp_path / "b") as b, \
+            Client(b.tcp, namespace="r") as c:
+        assert c.put({b"old": theirs}, ack="remote").stored == 1  # before A's: older
     with node(server_factory, s3, s3.endpoint, data) as a, Client(a.tcp, namespace="r") as c:
-        assert c.put({b"k": mine}, ack="local").stored == 1
+        assert c.put({b"old": mine, b"new": mine}, ack="local").stored == 2
         assert a.terminate() == 0
     with node(server_factory, s3, s3.endpoint, tmp_path / "b") as b, \
             Client(b.tcp, namespace="r") as c:
-        assert c.put({b"k": theirs}, ack="remote").stored == 1
+        assert c.put({b"new": theirs}, ack="remote").stored == 1  # after A's: newer
     with node(server_factory, s3, s3.endpoint, data, "--l3-list-on-start", "true") as a, \
             Client(a.tcp, namespace="r") as c:
         wait_for(lambda: "L3 listing:" in a.log(), what="the listing at start")
-        assert c.lookup([b"k"]).tiers == [TierName.L2]
-        assert c.get([b"k"]) == [mine]
+        assert c.lookup([b"old", b"new"]).tiers == [TierName.L2, TierName.L3]
+        assert c.get([b"old", b"new"]) == [mine, theirs]
 
 
 def test_a_get_started_during_a_delete_of_unknown_keys_misses_after_it(  # type: ignore[no-untyped-def]
