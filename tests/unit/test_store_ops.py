@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time as real_time
 from pathlib import Path
 
 import pytest
 from test_store_accounting import recount
 
-from kvstore.config import load
+from kvstore.config import Config, load
 from kvstore.store import TieredStore
+from kvstore.store import index as index_module
 from kvstore.store.coldindex import ColdIndex
 from kvstore.types import TierName
 
@@ -30,6 +32,37 @@ def namespace_recount(store: TieredStore, namespace: str) -> dict[TierName, tupl
             held[TierName.L2][0] += 1
             held[TierName.L2][1] += r.size
     return {t: (b, n) for t, (b, n) in held.items()}
+
+
+def node_config(tmp_path: Path, node: str = "d", l3: bool = False, **extra: str) -> Config:
+    """A small store's configuration under ``tmp_path/node``; ``l3``: the
+    bucket ``tmp_path/bucket`` (file://); ``extra``: more KVSTORE_* values."""
+    env = {"KVSTORE_DATA_DIR": str(tmp_path / node), "KVSTORE_L1_CAPACITY": "4MiB",
+           "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0", **extra}
+    if l3:
+        env["KVSTORE_L3_URL"] = f"file://{tmp_path / 'bucket'}"
+    return load(env=env)
+
+
+def shifted_clock(shift: float) -> object:
+    """A stand-in for kvstore.store.index's ``time`` whose wall clock reads
+    ``shift`` seconds off (what creation times are stamped with)."""
+    class Shifted:
+        @staticmethod
+        def time() -> float:
+            return real_time.time() + shift
+    return Shifted
+
+
+async def a_block_put_an_hour_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with L3 whose clock ran an hour fast puts ``a/old`` at remote;
+    the clock is then set right."""
+    monkeypatch.setattr(index_module, "time", shifted_clock(3600.0))
+    store = TieredStore(node_config(tmp_path, l3=True))
+    await store.start()
+    await store.put_bytes("a", b"old", b"o" * 100, ack=3)  # type: ignore[arg-type]
+    await store.close()
+    monkeypatch.setattr(index_module, "time", real_time)
 
 
 def mixed_keys(tag: str, n: int) -> list[bytes]:
@@ -160,19 +193,8 @@ def test_a_clock_stepped_back_opens_the_l3_listings_window_earlier(
     stayed, served by other nodes). The window now goes back with the clock.
     (Creation times are the clock's own: holding them at the latest one
     pinned them years ahead after the clock had once run fast.)"""
-    import time as real_time
-
-    from kvstore.store import index as index_module
-
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path / "d"), "KVSTORE_L1_CAPACITY": "4MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-                       "KVSTORE_L3_URL": f"file://{tmp_path / 'bucket'}",
-                       "KVSTORE_L3_LIST_ON_START": "false"})  # (the window stays open)
-
-    class SteppedBack:
-        @staticmethod
-        def time() -> float:
-            return real_time.time() - 3600.0
+    config = node_config(tmp_path, l3=True,
+                         KVSTORE_L3_LIST_ON_START="false")  # (the window stays open)
 
     async def go() -> None:
         store = TieredStore(config)
@@ -180,7 +202,7 @@ def test_a_clock_stepped_back_opens_the_l3_listings_window_earlier(
         assert store.l3 is not None
         opened = store.l3.unlisted_since
         await store.put_bytes("a", b"before", b"x" * 100)
-        monkeypatch.setattr(index_module, "time", SteppedBack)
+        monkeypatch.setattr(index_module, "time", shifted_clock(-3600.0))
         await store.put_bytes("a", b"after", b"y" * 100)
         entry = store.index.blocks[("a", b"after")]
         assert entry.created < opened  # the clock's own time, not held
@@ -260,37 +282,14 @@ def test_blocks_written_without_l3_record_l3_deletes_only_while_the_clock_is_beh
     a review: without that start the old block's Delete was lost; with every
     block of the run stamped after it, times up to a day ahead reached L3
     headers, and a listing deleted another node's newer object."""
-    import time as real_time
-
-    from kvstore.store import index as index_module
-
-    def config(l3: bool) -> object:
-        env = {"KVSTORE_DATA_DIR": str(tmp_path / "d"), "KVSTORE_L1_CAPACITY": "4MiB",
-               "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
-        if l3:
-            env["KVSTORE_L3_URL"] = f"file://{tmp_path / 'bucket'}"
-        return load(env=env)
-
-    def clock(shift: float) -> object:
-        class Shifted:
-            @staticmethod
-            def time() -> float:
-                return real_time.time() + shift
-        return Shifted
-
     async def go() -> None:
-        monkeypatch.setattr(index_module, "time", clock(3600.0))
-        store = TieredStore(config(l3=True))  # type: ignore[arg-type]
-        await store.start()
-        await store.put_bytes("a", b"old", b"o" * 100, ack=3)  # type: ignore[arg-type]
-        await store.close()
-        monkeypatch.setattr(index_module, "time", real_time)  # the clock set right
-        store = TieredStore(config(l3=False))  # type: ignore[arg-type]
+        await a_block_put_an_hour_ahead(tmp_path, monkeypatch)
+        store = TieredStore(node_config(tmp_path))
         await store.start()
         behind = [b"behind%d" % i for i in range(5)]
         for key in behind:
             await store.put_bytes("a", key, b"n" * 100, ack=2)  # type: ignore[arg-type]
-        monkeypatch.setattr(index_module, "time", clock(7200.0))  # past the start now
+        monkeypatch.setattr(index_module, "time", shifted_clock(7200.0))  # past the start now
         passed = [b"passed%d" % i for i in range(5)]
         for key in passed:
             await store.put_bytes("a", key, b"n" * 100, ack=2)  # type: ignore[arg-type]
@@ -313,39 +312,16 @@ def test_a_run_without_l3_keeps_the_listing_window_open_from_its_first_block(
     hour ahead of the clock here), and never moved it back when the clock
     did: the next run's listing took another node's older object of a key
     this run had written for its copy, and the run's own bytes were lost."""
-    import time as real_time
-
-    from kvstore.store import index as index_module
-
-    def config(l3: bool) -> object:
-        env = {"KVSTORE_DATA_DIR": str(tmp_path / "d"), "KVSTORE_L1_CAPACITY": "4MiB",
-               "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
-        if l3:
-            env["KVSTORE_L3_URL"] = f"file://{tmp_path / 'bucket'}"
-        return load(env=env)
-
-    def clock(shift: float) -> object:
-        class Shifted:
-            @staticmethod
-            def time() -> float:
-                return real_time.time() + shift
-        return Shifted
-
     async def go() -> None:
-        monkeypatch.setattr(index_module, "time", clock(3600.0))
-        store = TieredStore(config(l3=True))  # type: ignore[arg-type]
-        await store.start()
-        await store.put_bytes("a", b"old", b"o" * 100, ack=3)  # type: ignore[arg-type]
-        await store.close()
-        monkeypatch.setattr(index_module, "time", real_time)  # the clock set right
-        store = TieredStore(config(l3=False))  # type: ignore[arg-type]
+        await a_block_put_an_hour_ahead(tmp_path, monkeypatch)
+        store = TieredStore(node_config(tmp_path))
         await store.start()
         await store.put_bytes("a", b"first", b"f" * 100, ack=2)  # type: ignore[arg-type]
-        monkeypatch.setattr(index_module, "time", clock(-5.0))  # back 5 s within the run
+        monkeypatch.setattr(index_module, "time", shifted_clock(-5.0))  # back 5 s in the run
         await store.put_bytes("a", b"later", b"l" * 100, ack=2)  # type: ignore[arg-type]
         created = [store.index.blocks[("a", k)].created for k in (b"first", b"later")]
         await store.close()
-        store = TieredStore(config(l3=False))  # type: ignore[arg-type]
+        store = TieredStore(node_config(tmp_path))
         await store.start()
         assert store.l2 is not None and store.l2.unlisted_since is not None
         assert store.l2.unlisted_since <= min(created)
@@ -362,33 +338,26 @@ def test_a_listing_that_finds_another_nodes_newer_object_drops_this_nodes_older_
     older bytes over B's: every node then read A's stale K."""
     from kvstore.types import AckLevel
 
-    bucket = tmp_path / "bucket"
-
-    def config(node: str, l3: bool = True, small: bool = False) -> object:
-        env = {"KVSTORE_DATA_DIR": str(tmp_path / node), "KVSTORE_L1_CAPACITY": "4MiB",
-               "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"}
-        if l3:
-            env["KVSTORE_L3_URL"] = f"file://{bucket}"
-        if small:
-            env.update(KVSTORE_L1_CAPACITY="1MiB", KVSTORE_L2_CAPACITY="1MiB")
-        return load(env=env)
+    def config(node: str, l3: bool = True, small: bool = False) -> Config:
+        return node_config(tmp_path, node, l3, **(
+            {"KVSTORE_L1_CAPACITY": "1MiB", "KVSTORE_L2_CAPACITY": "1MiB"} if small else {}))
 
     key = b"K" * 32
 
     async def go() -> None:
-        a = TieredStore(config("a"))  # type: ignore[arg-type]
+        a = TieredStore(config("a"))
         await a.start()
         await a.put_bytes("ns", b"J" * 32, b"j" * 4096, ack=AckLevel.REMOTE)
         await a.close()
-        a = TieredStore(config("a", l3=False))  # type: ignore[arg-type]
+        a = TieredStore(config("a", l3=False))
         await a.start()
         await a.put_bytes("ns", key, b"2" * 4096, ack=AckLevel.LOCAL)  # A's, older
         await a.close()
-        b = TieredStore(config("b"))  # type: ignore[arg-type]
+        b = TieredStore(config("b"))
         await b.start()
         await b.put_bytes("ns", key, b"3" * 4096, ack=AckLevel.REMOTE)  # B's, newer
         await b.close()
-        a = TieredStore(config("a", small=True))  # type: ignore[arg-type]
+        a = TieredStore(config("a", small=True))
         await a.start()
         assert a.l3 is not None
         await asyncio.wait_for(a.l3.scan_done.wait(), 30)
@@ -396,7 +365,7 @@ def test_a_listing_that_finds_another_nodes_newer_object_drops_this_nodes_older_
         for i in range(400):  # A's L2 turns over: nothing of its K is uploaded
             await a.put_bytes("ns", b"%032d" % i, b"o" * 4096, ack=AckLevel.LOCAL)
         await a.close()
-        c = TieredStore(config("c"))  # type: ignore[arg-type]
+        c = TieredStore(config("c"))
         await c.start()
         assert await c.get_bytes("ns", key) == b"3" * 4096
         await c.close()
