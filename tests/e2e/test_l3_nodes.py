@@ -206,7 +206,11 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
     them in the bucket 33 s after its answer)."""
     n = 600
     keys = [b"p%05d" % i for i in range(n)]
-    with l3_node(server_factory, s3) as a, l3_node(server_factory, s3) as b, \
+    # What is checked is a healthy store's: a delete given up on (the nodes'
+    # 2 s timeout, once retried, met on a loaded CI host: 1 of 600 objects
+    # left once) is answered before it lands, by design (docs/reliability.md).
+    patient = ("--l3-timeout-s", "10", "--l3-retries", "3")
+    with l3_node(server_factory, s3, *patient) as a, l3_node(server_factory, s3) as b, \
             Client(a.tcp, namespace="purged") as ca, Client(b.tcp, namespace="purged") as cb:
         for start in range(0, n, 25):
             ca.put({k: k * 100 for k in keys[start:start + 25]}, ack="remote")
