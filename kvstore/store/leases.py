@@ -164,7 +164,7 @@ class Leases(Part):
             else:
                 del self._pinning[namespace]
         pins = self._pins.setdefault(namespace, {})  # (again: others ran meanwhile)
-        pinned = 0
+        pinned: list[BlockId] = []
         nbytes = 0
         for block, entry in found:
             if entry.dead or entry.l1_offset < 0:
@@ -173,35 +173,37 @@ class Leases(Part):
             if block not in pins:
                 self._pin_count += 1
             pins[block] = until
-            pinned += 1
+            pinned.append(block)
             nbytes += entry.size
         if not pins:
             self._pins.pop(namespace, None)
-        self.policy.pin([b for b, _ in found], until)
+        # Only what was pinned here: a block deleted or flushed while the
+        # promotion awaited kept a policy pin that the next Put of its key
+        # inherited, outside the quota and past every Unpin (a review held
+        # all of L1 so, every tenant's Puts refused).
+        self.policy.pin(pinned, until)
         if self._pin_count > 2 * self._pins_swept:
             self._sweep_pins(now)
-        return pinned, nbytes
+        return len(pinned), nbytes
 
     def unpin(self, namespace: str, keys: Sequence[bytes]) -> tuple[int, int]:
         validate_keys(keys)
         count = nbytes = 0
         pins = self._pins.get(namespace, {})
-        unpinned: list[BlockId] = []
         for key in keys:
             block = (namespace, key)
             if pins.pop(block, None) is not None:
                 self._pin_count -= 1
-                unpinned.append(block)
                 entry = self.index.blocks.get(block)
                 if entry is not None:
                     entry.pin_until = 0.0
                     count += 1
                     nbytes += entry.size
-        if unpinned:
-            # The policy's pin goes too (until 0: already past). It kept the
-            # blocks from eviction until their TTL: a tenant pinning and
-            # unpinning in turn held all of L1, past its pin quota.
-            self.policy.pin(unpinned, 0.0)
+        # The policy's pin goes too (until 0: already past), for every key
+        # named: it kept the blocks from eviction until their TTL, and a
+        # tenant pinning and unpinning in turn held all of L1, past its
+        # pin quota.
+        self.policy.pin([(namespace, key) for key in keys], 0.0)
         self.progress.wake()
         return count, nbytes
 

@@ -442,8 +442,18 @@ class SessionPolicy(Duel, Policy):
                     self._discard.add(b)
 
     def pin(self, blocks: Sequence[BlockId], until: float) -> None:
+        # A pin is on the first tier and lasts while the block stays there
+        # (on_remove drops it): one recorded for a block not there would
+        # be inherited by the next block inserted under its id.
+        pins = self._pins
+        if until <= 0.0:
+            for b in blocks:
+                pins.pop(b, None)
+            return
+        lru = self._tiers[self._tier0].lru
         for b in blocks:
-            self._pins[b] = until
+            if b in lru:
+                pins[b] = until
 
     # ------------------------------------------------------------------ victims
 
