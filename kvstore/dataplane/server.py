@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,8 @@ class DataPlaneServer:
         #: and those whose HELLO was answered (the others it just closes).
         self._open: dict[asyncio.Task[Any], SocketIO | StreamIO] = {}
         self._greeted: set[asyncio.Task[Any]] = set()
+        #: each connection's binding, from the moment its ticket is redeemed
+        self._bound: dict[asyncio.Task[Any], Binding] = {}
         self._draining = False
 
     # -- listeners ------------------------------------------------------------------------
@@ -205,13 +207,18 @@ class DataPlaneServer:
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-    def drop_sessions(self) -> int:
-        """Close every connection and forget every ticket not yet redeemed (the
-        grants changed: auth.tokens_file was reloaded; a ticket carries the
-        grants it was issued under); clients open new sessions, authenticated
-        afresh."""
-        self.tickets.clear()
-        tasks = list(self._connections)
+    def drop_sessions(self, keep: Callable[[Binding], bool] | None = None) -> int:
+        """The grants changed (auth.tokens_file was reloaded; a ticket and a
+        session carry the grant they were issued under): close the sessions
+        and forget the tickets not yet redeemed, all of them or those whose
+        binding ``keep`` refuses; their clients open new sessions,
+        authenticated afresh. A connection whose HELLO is not in yet stands
+        or falls with its ticket. Returns the sessions closed."""
+        self.tickets.clear(keep)
+        if keep is None:
+            tasks = list(self._connections)
+        else:
+            tasks = [t for t, binding in self._bound.items() if not keep(binding)]
         for task in tasks:
             task.cancel()
         return len(tasks)
@@ -345,6 +352,7 @@ class DataPlaneServer:
         finally:
             del self._open[task]
             self._greeted.discard(task)
+            self._bound.pop(task, None)
             stats.connections -= 1
             stats.bytes_in += io.bytes_in
             stats.bytes_out += io.bytes_out
@@ -432,6 +440,9 @@ class DataPlaneServer:
                 binding = self.tickets.redeem(hello.ticket)
             except Unauthenticated as exc:
                 raise _Fatal(header.request_id, exc.message, Unauthenticated) from None
+            task = asyncio.current_task()
+            assert task is not None
+            self._bound[task] = binding  # (a reload from here on judges it)
         except f.FrameError as exc:
             await self._fatal(io, _Fatal(rid, f"malformed frame: {exc}"))
             return None

@@ -31,6 +31,10 @@ class Binding:
     identity: str
     namespaces: frozenset[str] | None
     owner: str
+    #: what authenticated the OpenDataPlane call (kvstore.server.auth's
+    #: Credential; () when auth is off): a reload of the grants keeps the
+    #: sessions whose credential still has the same grant.
+    credential: tuple[str, ...] = ()
 
     def allows(self, namespace: str) -> bool:
         return self.namespaces is None or namespace in self.namespaces
@@ -42,11 +46,18 @@ class TicketBook:
         self.clock = clock
         self._tickets: OrderedDict[bytes, tuple[float, Binding]] = OrderedDict()
 
-    def clear(self) -> int:
-        """Forget every ticket not yet redeemed (the grants changed); how many."""
-        n = len(self._tickets)
-        self._tickets.clear()
-        return n
+    def clear(self, keep: Callable[[Binding], bool] | None = None) -> int:
+        """Forget the tickets not yet redeemed (the grants changed), all of
+        them or those whose binding ``keep`` refuses; how many."""
+        tickets = self._tickets
+        if keep is None:
+            n = len(tickets)
+            tickets.clear()
+            return n
+        gone = [t for t, (_, binding) in tickets.items() if not keep(binding)]
+        for t in gone:
+            del tickets[t]
+        return len(gone)
 
     def issue(self, binding: Binding) -> bytes:
         now = self.clock()

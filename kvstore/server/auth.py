@@ -109,6 +109,11 @@ def method_scope(name: str) -> Scope:
     return Scope.NAMESPACE if name.startswith("List") else Scope.ADMIN
 
 
+#: A caller's credential: ("token", its SHA-256) or ("cert", the names its
+#: certificate may match, in the order they are tried).
+Credential = tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Grant:
     """One identity and what it may use; ``namespaces`` None: every one."""
@@ -218,22 +223,39 @@ class Authorizer:
     def identify(self, metadata: Iterable[tuple[str, str | bytes]] | None,
                  auth_context: Mapping[str, Iterable[bytes]] | None) -> Grant:
         """The caller's grant, from its bearer token or its client certificate."""
-        grants = self.grants
+        return self.identify_credential(metadata, auth_context)[1]
+
+    def identify_credential(self, metadata: Iterable[tuple[str, str | bytes]] | None,
+                            auth_context: Mapping[str, Iterable[bytes]] | None
+                            ) -> tuple[Credential, Grant]:
+        """The caller's credential (what :meth:`grant_of` takes) and its grant."""
         header = _first(metadata, "authorization")
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("the authorization metadata must be 'Bearer <token>'")
-            grant = grants.tokens.get(hash_token(token.strip()))
-            if grant is None:
-                raise Unauthenticated("the bearer token is not known to this server")
-            return grant
-        for name in _cert_names(auth_context):
+            credential: Credential = ("token", hash_token(token.strip()))
+        else:
+            credential = ("cert", *_cert_names(auth_context))
+        grant = self.grant_of(credential)
+        if grant is not None:
+            return credential, grant
+        if header is not None:
+            raise Unauthenticated("the bearer token is not known to this server")
+        raise Unauthenticated("this server requires a credential: send 'authorization: "
+                              "Bearer <token>' metadata (or a client certificate it maps)")
+
+    def grant_of(self, credential: Credential) -> Grant | None:
+        """The grant ``credential`` has under the grants in force (None: none),
+        e.g. for a data plane session opened before a reload."""
+        grants = self.grants
+        if credential[0] == "token":
+            return grants.tokens.get(credential[1])
+        for name in credential[1:]:
             grant = grants.certs.get(name)
             if grant is not None:
                 return grant
-        raise Unauthenticated("this server requires a credential: send 'authorization: "
-                              "Bearer <token>' metadata (or a client certificate it maps)")
+        return None
 
     @staticmethod
     def authorize(grant: Grant, method: str, namespace: str | None) -> None:

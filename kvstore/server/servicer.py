@@ -519,16 +519,18 @@ class KVStoreServicer:
                                 "or both its listeners off): use the gRPC calls")
             raise AssertionError("unreachable")  # abort raises
         identity, namespaces = "", None
+        credential: tuple[str, ...] = ()
         if self.auth is not None:
             # The interceptor has checked the credential; the ticket carries its grant.
-            grant = self.auth.identify(context.invocation_metadata(), context.auth_context())
+            credential, grant = self.auth.identify_credential(context.invocation_metadata(),
+                                                              context.auth_context())
             identity, namespaces = grant.identity, grant.namespaces
             if request.namespace:
                 self.auth.authorize(grant, "Get", request.namespace)
         if request.namespace:
             self.store.check_namespace(request.namespace)
         owner = check_name(request.shm_owner, "shm_owner") or self.shm.new_owner()
-        ticket = dp.issue_ticket(Binding(identity, namespaces, owner))
+        ticket = dp.issue_ticket(Binding(identity, namespaces, owner, credential))
         return pb.OpenDataPlaneResponse(
             ticket=ticket, tcp_address=dp.tcp_address, unix_path=dp.unix_path,
             ticket_ms=dp.tickets.ticket_ms, max_meta_bytes=dp.max_meta,
