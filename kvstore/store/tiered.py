@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvstore._malloc import trim_heap
-from kvstore.config import Config
+from kvstore.config import Config, format_size
 from kvstore.errors import (
     BlockTooLarge,
     InvalidArgument,
@@ -268,9 +268,32 @@ class TieredStore:
                 # Restarted with a smaller l2.capacity (the way out of a full
                 # disk): trimmed now, not after the first write (which the
                 # full disk fails).
+                self._say_l2_is_over_capacity()
                 self.writeback.trim()
         if self.l3 is not None:
             self.l3.start()  # lists the bucket in the background; serving meanwhile
+
+    def _say_l2_is_over_capacity(self) -> None:
+        """Say so when L2 holds more than l2.capacity at the start: the trim
+        that follows moves or drops blocks, and the log said nothing of it
+        (a review restarted with a quarter of the capacity: 80 % of L2 went
+        unsaid). A WARNING when more than L1 is over: a stop writes what
+        only L1 holds to L2 past its capacity (INFO), no stop writes more."""
+        held, capacity = self.index.l2_bytes, self.config.l2.capacity
+        if held <= capacity:
+            return
+        over = held - capacity
+        what = "moves about %.1f MiB of its blocks to L3 (dropped if L3 cannot take them)" \
+            if self.l3 is not None else \
+            "drops about %.1f MiB of its blocks (no L3: they are no longer served)"
+        if over > self.config.l1.capacity:
+            log.warning("L2 holds %.1f MiB, more than l2.capacity (%s; smaller than the "
+                        "last run's?): the policy now " + what, held / 2**20,
+                        format_size(capacity), over / 2**20)
+        else:
+            log.info("L2 holds %.1f MiB, more than l2.capacity (%s: the last stop wrote "
+                     "L1's blocks to it): the policy now " + what, held / 2**20,
+                     format_size(capacity), over / 2**20)
 
     async def _rebuild_from_l2(self) -> None:
         """Index every block L2 holds from its metadata alone."""

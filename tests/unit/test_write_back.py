@@ -218,3 +218,33 @@ def test_l1_full_because_the_l2_disk_is_full_says_so(tmp_path: Path) -> None:
 
     assert "the L2 disk is full" in asyncio.run(go(0))
     assert "L2 writes are failing" in asyncio.run(go(10 << 30))
+
+
+def test_a_start_with_a_smaller_l2_capacity_says_what_it_trims(
+        tmp_path: Path, caplog: Any) -> None:
+    """L2 holds 1 MiB; the next start has l2.capacity 256 KiB: the blocks
+    over it go (no L3: dropped), and one WARNING says so (the log said
+    only "index rebuilt from L2" while 3/4 of L2 was dropped). (Over by
+    less than L1, what a stop writes past the capacity, it is an INFO.)"""
+
+    async def go() -> None:
+        store = TieredStore(config(tmp_path))
+        await store.start()
+        for i in range(128):
+            await store.put_bytes("ns", b"k%d" % i, b"\x01" * BLOCK, ack=AckLevel.LOCAL)
+        await store.close()
+        store = TieredStore(config(tmp_path, KVSTORE_L2_CAPACITY="256KiB",
+                                   KVSTORE_L1_CAPACITY="512KiB"))
+        with caplog.at_level("WARNING", logger="kvstore.store"):
+            await store.start()
+        try:
+            assert store.index.l2_bytes <= 256 * 1024
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if "l2.capacity" in r.getMessage()
+            and r.levelname == "WARNING"]
+    assert said == ["L2 holds 1.0 MiB, more than l2.capacity (256 KiB; smaller than the "
+                    "last run's?): the policy now drops about 0.8 MiB of its blocks (no "
+                    "L3: they are no longer served)"]
