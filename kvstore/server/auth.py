@@ -193,11 +193,14 @@ def _cert_names(auth_context: Mapping[str, Iterable[bytes]] | None) -> list[str]
     certificate, which must not earn another identity's grant."""
     if not auth_context:
         return []
-    names = [v.decode("utf-8", "replace")
-             for prop in ("x509_common_name", "peer_dns")
-             for v in auth_context.get(prop, ())]
+    # A name with a scheme is a URI grant's: only a URI SAN may earn it. A
+    # subject CN or a DNS SAN holding "spiffe://..." (which no CA vets as a
+    # URI) earned the workload's grant, and read its namespaces.
+    names = [name for prop in ("x509_common_name", "peer_dns")
+             for v in auth_context.get(prop, ())
+             if ":" not in (name := v.decode("utf-8", "replace"))]
     names.extend(uri for v in auth_context.get("peer_uri", ())
-                 if ":" in (uri := v.decode("utf-8", "replace")))  # (no DNS name has one)
+                 if ":" in (uri := v.decode("utf-8", "replace")))
     return names
 
 
@@ -242,6 +245,12 @@ class Authorizer:
             return credential, grant
         if header is not None:
             raise Unauthenticated("the bearer token is not known to this server")
+        if len(credential) > 1:
+            shown = ", ".join(repr(name[:80]) for name in credential[1:4])
+            more = f" and {len(credential) - 4} more" if len(credential) > 4 else ""
+            raise Unauthenticated(f"the client certificate's names ({shown}{more}) have no "
+                                  "cert: grant in this server's auth.tokens_file: map one, "
+                                  "or send 'authorization: Bearer <token>' metadata")
         raise Unauthenticated("this server requires a credential: send 'authorization: "
                               "Bearer <token>' metadata (or a client certificate it maps)")
 

@@ -259,12 +259,16 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
 
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
             "ca.pem", "-days", "2", "-subj", "/CN=kvstore-test-ca")
-    for name, san in (("server", "IP:127.0.0.1"), ("client", "DNS:engine-1"),
-                      ("stranger", "DNS:stranger"), ("spiffe", "URI:spiffe://test/engine-2"),
-                      ("by-email", "email:engine-1"), ("by-bare-uri", "URI:engine-1"),
-                      ("urn", "URI:urn:test:engine-3")):
+    for name, san, cn in (("server", "IP:127.0.0.1", ""), ("client", "DNS:engine-1", ""),
+                          ("stranger", "DNS:stranger", ""),
+                          ("spiffe", "URI:spiffe://test/engine-2", ""),
+                          ("by-email", "email:engine-1", ""), ("by-bare-uri", "URI:engine-1", ""),
+                          ("urn", "URI:urn:test:engine-3", ""),
+                          # a URI grant's name in a CN or a DNS SAN, no URI SAN
+                          ("by-cn-uri", "DNS:dev-box", r"spiffe:\/\/test\/engine-2"),
+                          ("by-dns-uri", "DNS:spiffe://test/engine-2", "")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                f"{name}.csr", "-subj", f"/CN={name}")
+                f"{name}.csr", "-subj", f"/CN={cn or name}")
         (tmp_path / f"{name}.ext").write_text(f"subjectAltName={san}\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
@@ -287,11 +291,15 @@ def test_a_client_certificate_maps_to_an_identity(server_factory, tokens_file: P
                 assert workload.get([b"k"]) == [b"v"]
         # A valid certificate the file does not map identifies no one; nor
         # does an email SAN or a URI SAN written as a host name that reads as
-        # a granted name (a CA vetting DNS names may let a requester set those).
-        for name in ("stranger", "by-email", "by-bare-uri"):
+        # a granted name (a CA vetting DNS names may let a requester set those),
+        # nor a URI grant's name in a subject CN or a DNS SAN (both earned
+        # engine-2's grant, and read its namespace).
+        for name in ("stranger", "by-email", "by-bare-uri", "by-cn-uri", "by-dns-uri"):
             with Client(server.tcp, namespace="team-m", tls=tls(name)) as stranger, \
-                    pytest.raises(Unauthenticated):
+                    pytest.raises(Unauthenticated) as refused:
                 stranger.get([b"k"])
+            if name == "stranger":  # the message names what was read from it
+                assert "certificate's names ('stranger'" in str(refused.value)
         # A token decides over the certificate.
         with Client(server.tcp, namespace="team-m", tls=tls("client"), token=ALICE) as both, \
                 pytest.raises(PermissionDenied):
