@@ -36,3 +36,15 @@ def make_leaf(d: Path, ca: str, name: str, san: str, days: int = 2) -> tuple[Pat
             "-CAcreateserial", "-out", f"{name}.pem", "-days", str(days), "-extfile",
             f"{name}.ext")
     return d / f"{name}.pem", d / f"{name}.key"
+
+
+def make_intermediate(d: Path, ca: str, name: str, days: int = 2) -> Path:
+    """``d/<name>.pem`` (and ``.key``), a CA signed by the CA ``d/<ca>.pem``."""
+    openssl(d, "req", *_EC_KEY, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+    (d / f"{name}.ext").write_text("basicConstraints=critical,CA:TRUE\n"
+                                   "keyUsage=critical,keyCertSign,cRLSign\n")
+    openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", str(days), "-extfile",
+            f"{name}.ext")
+    return d / f"{name}.pem"

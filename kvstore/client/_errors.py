@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -15,6 +15,9 @@ from kvstore.errors import (
 )
 from kvstore.errors import InvalidBuffer as InvalidBuffer  # (re-exported: the SDK's own errors)
 from kvstore.errors import ProtocolError as ProtocolError
+
+if TYPE_CHECKING:
+    from kvstore.client._base import TLS
 
 ERROR_METADATA_KEY = "kvstore-error"
 
@@ -50,14 +53,24 @@ def _call(err: Any, name: str) -> Any:
         return None
 
 
-def error_from_rpc(err: Exception, target: str) -> KVStoreError:
+# A server that requires client certificates closes the handshake of a client
+# that has none, or one it does not trust: the client sees the socket closed,
+# which read as "server down".
+_TLS_HINT_WITH_CERT = (" (over TLS with a client certificate: if the server is up, it may "
+                       "have refused the certificate: not signed by a CA in its "
+                       "server.tls_client_ca, or expired)")
+_TLS_HINT = (" (over TLS: if the server is up, it may require a client certificate "
+             "(server.tls_client_ca): pass TLS(cert=..., key=...))")
+
+
+def error_from_rpc(err: Exception, target: str, tls: TLS | None = None) -> KVStoreError:
     """The kvstore exception for a failed call.
 
     The class named by the ``kvstore-error`` trailing metadata wins; else the
     most general class for the status code; else :class:`KVStoreError`. The
     message is the status details. An ``UNAVAILABLE`` status without a kvstore
     class means the server could not be reached: :class:`ConnectionFailed`
-    naming ``target``.
+    naming ``target`` (and, over ``tls``, what a refused handshake may mean).
     """
     code = _call(err, "code")
     code_name = getattr(code, "name", None) or (str(code) if code is not None else "UNKNOWN")
@@ -68,6 +81,8 @@ def error_from_rpc(err: Exception, target: str) -> KVStoreError:
         cls = ERROR_FOR_CODE.get(code_name, KVStoreError)
     if cls is ConnectionFailed and name is None:
         message = f"cannot reach kvstore server at {target}: {details or code_name}"
+        if tls is not None and "refused" not in details:
+            message += _TLS_HINT_WITH_CERT if tls.cert is not None else _TLS_HINT
     elif cls is CallCut:
         message = (f"the call was cut before its answer ({details or code_name}): the kvstore "
                    f"server at {target} may be stopping")

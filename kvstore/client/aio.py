@@ -156,7 +156,7 @@ class AsyncClient(ClientBase):
             except grpc.RpcError as err:
                 if self._closed and err.code() == grpc.StatusCode.CANCELLED:
                     raise closed_in_flight(self.target) from None  # cut by close()
-                raise error_from_rpc(err, self.target) from err
+                raise error_from_rpc(err, self.target, self.tls) from err
 
     def _rpc(self, name: str) -> Any:
         self._mind_fork()
@@ -402,7 +402,7 @@ class AsyncClient(ClientBase):
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server without GetSmall
                 self._unary_get = False
                 return await self._stream_get(req, GetAssembler(count, views))
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         asm = GetAssembler(count, views)
         answered = feed_small_response(asm, raw)
         if answered == count:

@@ -668,7 +668,7 @@ class AsyncDataPlane:
                           self.target, err.details())
                 self._refused = True
                 return None
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self._tls) from err
         try:
             route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)
         except NoRoute as exc:

@@ -846,7 +846,7 @@ class DataPlane:
                           self.target, err.details())
                 self._refused = True
                 return None
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self._tls) from err
         setup = open_timeout(self._timeout)
         try:
             route = choose_route(self.mode, self._grpc_target, offer, self._tls is not None)

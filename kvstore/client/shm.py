@@ -385,7 +385,7 @@ class ShmClient(Client):
         try:
             return rpc(request, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
 
     def close(self) -> None:
         if self._shm_closed:
@@ -523,7 +523,7 @@ class ShmClient(Client):
                 stored += resp.stored
                 nbytes += resp.bytes
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         except BaseException:
             if done < len(slots):
                 self.commit([], [], namespace=namespace, abandon=slots[done:])
@@ -588,7 +588,7 @@ class ShmClient(Client):
         try:
             resp = self._commit_restocking(req, slots, session_id)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         return PutResult(resp.stored, resp.bytes)
 
     # -- the stock of anonymous slots (one round trip per Put) ----------------------

@@ -284,7 +284,7 @@ class Client(ClientBase):
                 stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
                                                timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         return PutResult(stored, nbytes)
 
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
@@ -393,7 +393,7 @@ class Client(ClientBase):
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server without GetSmall
                 self._unary_get = False
                 return self._stream_get(req, GetAssembler(count, views))
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         asm = GetAssembler(count, views)
         answered = feed_small_response(asm, raw)
         if answered == count:
@@ -421,12 +421,12 @@ class Client(ClientBase):
         try:
             call = (rpc or self._get_rpc)(req, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         try:
             for piece in call:
                 asm.feed(piece)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         except BaseException:
             call.cancel()
             raise
@@ -492,7 +492,7 @@ class Client(ClientBase):
                 blocks.extend(page.blocks)
                 truncated = truncated or page.truncated
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err
         return BlockListing(blocks, truncated)
 
     def flush(self, namespace: str | None = None) -> int:
@@ -562,4 +562,4 @@ class Client(ClientBase):
         try:
             return rpc(req, timeout=self.timeout, metadata=self._metadata())
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.target) from err
+            raise error_from_rpc(err, self.target, self.tls) from err

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import ssl
 import tempfile
 import threading
@@ -71,7 +72,8 @@ class Material:
     cert: bytes
     key: bytes
     client_ca: bytes | None
-    #: The certificate's end and start (Unix time), and its subject's CN.
+    #: The chain's end and start (Unix time: its certificates' earliest end
+    #: and latest start), and the certificate's subject CN.
     not_after: float
     not_before: float
     subject: str
@@ -108,17 +110,75 @@ def _pem_path(data: bytes) -> Iterator[str]:
         os.unlink(path)
 
 
-def certificate_info(path: str) -> tuple[float, float, str]:
-    """(not_after, not_before, subject CN) of the first certificate in ``path``
-    (also preflight's, for its start-up checks)."""
+_BEGIN_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+#: One whole PEM certificate (base64 has no "-": a block cut short does not
+#: run on into the next one's end).
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*"
+                              rb"-----END CERTIFICATE-----")
+
+
+@dataclass(frozen=True)
+class ChainInfo:
+    """What a certificate file's chain allows: every certificate the server
+    sends must be valid, so the chain's validity is from the latest start
+    to the earliest end of its certificates."""
+
+    not_after: float
+    not_before: float
+    #: the first certificate's subject CN
+    subject: str
+    #: which certificate ends first ("the certificate", or one of the chain)
+    ends_first: str
+    #: which certificate starts last
+    starts_last: str
+
+
+def certificate_info(path: str) -> ChainInfo:
+    """The validity of the chain in ``path`` (also preflight's, for its
+    start-up checks); ValueError when a certificate of it does not parse."""
+    return chain_info(Path(path).read_bytes())
+
+
+def chain_info(pem: bytes) -> ChainInfo:
+    """The validity of every certificate in ``pem``: the chain's end is its
+    first certificate to end. (The first alone was checked: an intermediate
+    that ended first failed every handshake while the expiry gauge showed the
+    leaf's later end, and a renewal whose intermediate had already ended was
+    taken in.)"""
+    blocks: list[bytes] = []
+    start = pem.find(_BEGIN_CERTIFICATE)
+    while start >= 0:
+        whole = _PEM_CERTIFICATE.match(pem, start)
+        if whole is None:
+            raise ValueError(f"certificate #{len(blocks) + 1} of the file is cut short (the "
+                             "file half-written?)")
+        blocks.append(whole.group())
+        start = pem.find(_BEGIN_CERTIFICATE, whole.end())
+    if not blocks:
+        raise ValueError("the certificate is not a PEM certificate")
     decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
     if decode is None:  # CPython's own; without it the dates are not known
-        return float("inf"), 0.0, ""
-    info = decode(path)
-    subject = next((value for rdn in info.get("subject", ()) for name, value in rdn
-                    if name == "commonName"), "")
-    return (ssl.cert_time_to_seconds(info["notAfter"]),
-            ssl.cert_time_to_seconds(info["notBefore"]), subject)
+        return ChainInfo(float("inf"), 0.0, "", "the certificate", "the certificate")
+    ends: list[tuple[float, float, str]] = []
+    for number, block in enumerate(blocks, 1):
+        with _pem_path(block + b"\n") as path:
+            try:
+                info = decode(path)
+                subject = next((value for rdn in info.get("subject", ())
+                                for name, value in rdn if name == "commonName"), "")
+                ends.append((ssl.cert_time_to_seconds(info["notAfter"]),
+                             ssl.cert_time_to_seconds(info["notBefore"]), subject))
+            except (ssl.SSLError, OSError, KeyError, ValueError):
+                raise ValueError(f"certificate #{number} of the file does not parse") from None
+
+    def name(i: int) -> str:
+        return "the certificate" if i == 0 else \
+            f"certificate #{i + 1} of its chain (CN={ends[i][2] or '?'})"
+
+    first_end = min(range(len(ends)), key=lambda i: ends[i][0])
+    last_start = max(range(len(ends)), key=lambda i: ends[i][1])
+    return ChainInfo(ends[first_end][0], ends[last_start][1], ends[0][2], name(first_end),
+                     name(last_start))
 
 
 def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
@@ -136,11 +196,7 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
-    with _pem_path(cert) as path:
-        try:
-            not_after, not_before, subject = certificate_info(path)
-        except (ssl.SSLError, OSError, KeyError, ValueError):
-            raise ValueError("the certificate is not a PEM certificate") from None
+    chain = chain_info(cert)  # (first: a half-written chain is the certificate's fault)
     with _pem_path(cert + b"\n" + key) as path:
         try:
             # An empty password: an encrypted key fails instead of prompting.
@@ -156,12 +212,14 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
             raise ValueError(f"the client CA bundle does not parse ({exc})") from None
         context.verify_mode = ssl.CERT_REQUIRED
-    if now > not_after:
-        raise ValueError(f"the certificate expired on {utc_text(not_after)}")
-    if now < not_before and not future_ok:
-        raise NotYetValid(f"the certificate is not valid before {utc_text(not_before)} (taken "
-                          "then, if the files are still these)")
-    return Material(cert, key, client_ca, not_after, not_before, subject, context)
+    if now > chain.not_after:
+        raise ValueError(f"{chain.ends_first} expired on {utc_text(chain.not_after)}")
+    if now < chain.not_before and not future_ok:
+        raise NotYetValid(f"{chain.starts_last} is not valid before "
+                          f"{utc_text(chain.not_before)} (taken then, if the files are still "
+                          "these)")
+    return Material(cert, key, client_ca, chain.not_after, chain.not_before, chain.subject,
+                    context)
 
 
 def utc_text(t: float) -> str:

@@ -31,6 +31,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
                 f"{name}.ext", cwd=d)
+    # a client certificate of a CA the server does not trust
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out",
+            "other-ca.pem", "-days", "2", "-subj", "/CN=another-ca", cwd=d)
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "foreign.key", "-out",
+            "foreign.csr", "-subj", "/CN=foreign", cwd=d)
+    openssl("x509", "-req", "-in", "foreign.csr", "-CA", "other-ca.pem", "-CAkey",
+            "other-ca.key", "-CAcreateserial", "-out", "foreign.pem", "-days", "2", cwd=d)
     return d
 
 
@@ -52,10 +59,19 @@ def test_mutual_tls_requires_a_client_certificate(server_factory, pki: Path) -> 
     with server_factory("--server-tls-cert", str(pki / "server.pem"),
                         "--server-tls-key", str(pki / "server.key"),
                         "--server-tls-client-ca", str(pki / "ca.pem")) as server:
+        # The handshake refused reads as a closed socket: the error says what
+        # it may mean (it said only "cannot reach", as for a server down).
         with Client(server.tcp, namespace="mtls", timeout=5,
                     tls=TLS(ca=str(pki / "ca.pem"))) as anonymous, \
-                pytest.raises(ConnectionFailed):
+                pytest.raises(ConnectionFailed, match=r"may require a client certificate"):
             anonymous.stats()
+        foreign = TLS(ca=str(pki / "ca.pem"), cert=str(pki / "foreign.pem"),
+                      key=str(pki / "foreign.key"))
+        with Client(server.tcp, namespace="mtls", timeout=5, tls=foreign) as stranger, \
+                pytest.raises(ConnectionFailed, match=r"may have refused the certificate: "
+                                                      r"not signed by a CA in its "
+                                                      r"server\.tls_client_ca"):
+            stranger.get([b"k"])
         tls = TLS(ca=str(pki / "ca.pem"), cert=str(pki / "client.pem"),
                   key=str(pki / "client.key"))
         with Client(server.tcp, namespace="mtls", tls=tls) as c:

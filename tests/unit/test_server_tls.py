@@ -10,10 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pki import make_ca, make_leaf, needs_openssl
+from pki import make_ca, make_intermediate, make_leaf, needs_openssl
 
 from kvstore.errors import InvalidConfig
-from kvstore.server.tls import CHECK_EVERY_S, SETTLE_S, ServerTLS
+from kvstore.server.preflight import check_validity
+from kvstore.server.tls import CHECK_EVERY_S, SETTLE_S, ServerTLS, load_material
 
 pytestmark = needs_openssl
 
@@ -159,3 +160,31 @@ def test_unreadable_files_at_start_are_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "c.key").write_text("junk")
     with pytest.raises(InvalidConfig, match=r"server\.tls_cert .*not a PEM certificate"):
         ServerTLS(str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
+
+
+def test_the_chain_ends_with_its_first_certificate_to_end(tmp_path: Path) -> None:
+    """A leaf (3 days) sent with an intermediate that ends first (1 day):
+    the chain's end is the intermediate's, for the expiry gauge and for the
+    refusal of an expired renewal. (Only the leaf was read: the gauge showed
+    its later end while every handshake failed, and a renewal whose
+    intermediate had ended was taken in.) A chain cut short is named as
+    such, not blamed on the key."""
+    make_ca(tmp_path, "root", days=5)
+    make_intermediate(tmp_path, "root", "inter", days=1)
+    make_leaf(tmp_path, "inter", "leaf", "IP:127.0.0.1", days=3)
+    leaf, inter = (tmp_path / "leaf.pem").read_bytes(), (tmp_path / "inter.pem").read_bytes()
+    key = (tmp_path / "leaf.key").read_bytes()
+    now = time.time()
+    material = load_material(leaf + inter, key, None, now)
+    assert material.subject == "leaf"
+    assert now + 0.9 * 86400 < material.not_after < now + 1.1 * 86400  # the intermediate's
+    with pytest.raises(ValueError, match=r"certificate #2 of its chain \(CN=inter\) expired"):
+        load_material(leaf + inter, key, None, now + 2 * 86400)
+    assert load_material(leaf, key, None, now + 2 * 86400).not_after > now + 2 * 86400
+    with pytest.raises(ValueError, match=r"certificate #2 of the file is cut short"):
+        load_material(leaf + inter[:len(inter) // 2], key, None, now)
+    # At start, too: the configuration error names the certificate.
+    (tmp_path / "chain.pem").write_bytes(leaf + inter)
+    with pytest.raises(InvalidConfig, match=r"certificate #2 of its chain \(CN=inter\) "
+                                             r"expired on .*renew it"):
+        check_validity(str(tmp_path / "chain.pem"), now=now + 2 * 86400)
