@@ -962,17 +962,18 @@ class L3Mover(Part):
             counters.misses += 1
             return None
         if entry is not None:
-            return await self._read(block, entry, counters)
+            return await self._read(block, entry, counters, hint)
         self._begin_probe(block)
         try:
-            return await self._read(block, None, counters)
+            return await self._read(block, None, counters, hint)
         finally:
             self._end_probe(block)
 
     async def _read(self, block: BlockId, entry: Entry | None,
-                    counters: TierStats | HintCounters) -> tuple[Entry, memoryview] | None:
+                    counters: TierStats | HintCounters,
+                    hint: bool = False) -> tuple[Entry, memoryview] | None:
         try:
-            found = await self.tier.get_with_meta(block)
+            found = await self.tier.get_with_meta(block, prefetch=hint)
         except TierUnavailable as exc:
             log.info("L3 read of %s failed: %s", block[1].hex()[:16], exc)
             counters.misses += 1

@@ -247,10 +247,12 @@ class ObjectStore(Protocol):
         replacing any stored copy; when it returns, every node can read it."""
         ...
 
-    async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
+    async def get_with_meta(self, block: BlockId, prefetch: bool = False
+                            ) -> tuple[BlockMeta, memoryview] | None:
         """The payload with the metadata stored with it, or None. Raises
         :class:`~kvstore.errors.CorruptBlock` when the object is not a valid
-        block (the payload's checksum is the caller's to verify)."""
+        block (the payload's checksum is the caller's to verify).
+        ``prefetch``: a hint's read, which may wait behind demand reads."""
         ...
 
     async def head_size(self, block: BlockId) -> int | None:

@@ -62,6 +62,7 @@ Failure behaviour (the store translates; nothing here retries forever):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -290,7 +291,11 @@ class ObjectTier:
         self._listing_by_name = not self.location.startswith("file://")
         # Two lanes: reads (GET, HEAD, the health probe) never queue behind
         # writes (a demotion backlog after an outage), nor writes behind reads.
-        self._concurrency = {"read": read_concurrency, "write": concurrency}
+        # Prefetches (hints) read in the read lane, at most a quarter of its
+        # slots: one tenant's flood of them held every slot, other tenants'
+        # Gets of L3 blocks waited up to 1.4 s, and missed past l3.timeout_s.
+        self._concurrency = {"read": read_concurrency, "write": concurrency,
+                             "prefetch": max(1, read_concurrency // 4)}
         self._lanes = {lane: asyncio.Semaphore(n) for lane, n in self._concurrency.items()}
         self.breaker = CircuitBreaker(breaker_failures, breaker_reset_s, clock)
         self._closed = False
@@ -387,8 +392,10 @@ class ObjectTier:
         await self._settle(path)
         await self._call("put", path, lambda: obstore.put_async(self._store, path, body))
 
-    async def get_with_meta(self, block: BlockId) -> tuple[BlockMeta, memoryview] | None:
-        """The payload with the metadata its header records, or None."""
+    async def get_with_meta(self, block: BlockId, prefetch: bool = False
+                            ) -> tuple[BlockMeta, memoryview] | None:
+        """The payload with the metadata its header records, or None.
+        ``prefetch``: a hint's read (fewer slots: it waits behind Gets)."""
         path = object_path(block)
 
         async def fetch() -> Any:
@@ -398,7 +405,8 @@ class ObjectTier:
                 return _TooLarge(size)  # (its body is not read)
             return await result.bytes_async()
 
-        raw = await self._call("get", path, fetch, missing_ok=True, lane="read")
+        raw = await self._call("get", path, fetch, missing_ok=True,
+                               lane="prefetch" if prefetch else "read")
         if raw is MISSING:
             return None
         if isinstance(raw, _TooLarge):
@@ -639,14 +647,18 @@ class ObjectTier:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         attempt = 0
+        # (a prefetch takes a read slot too, within its own few)
+        also = self._lanes["read"] if lane == "prefetch" else contextlib.nullcontext()
         while True:
             started = False
+            started_at = 0.0
             try:
                 if loop.time() >= deadline:
                     raise TimeoutError
                 async with asyncio.timeout_at(deadline):
-                    async with self._lanes[lane]:
+                    async with self._lanes[lane], also:
                         started = True
+                        started_at = loop.time()
                         self.requests += 1
                         try:
                             result = await fn()
@@ -690,8 +702,13 @@ class ObjectTier:
                 if (not retryable or attempt > retries or loop.time() + delay >= deadline
                         or self.breaker.state is BreakerState.OPEN):
                     # Out of retries or time, or other calls have opened the
-                    # breaker meanwhile: this call fails.
-                    if judge:
+                    # breaker meanwhile: this call fails. One that timed out
+                    # with less than l3.timeout_s for its request (its slot
+                    # came late: our own queue) says nothing of the server: a
+                    # flood of local requests opened the breaker for everyone.
+                    late = isinstance(exc, TimeoutError) and \
+                        deadline - started_at < 0.9 * self.timeout_s
+                    if judge and not late:
                         self.breaker.failure()
                     else:
                         self.breaker.abandon()

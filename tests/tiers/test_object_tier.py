@@ -803,3 +803,68 @@ def test_breaker_states() -> None:
     assert b.allow()
     b.success()
     assert b.state is BreakerState.CLOSED and b.allow() and b.opened == 2
+
+
+def test_a_request_whose_slot_came_late_gives_the_breaker_no_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One read slot: a GET holds it 0.8 of the 1 s deadline, the next GET
+    starts with 0.2 s left and times out. That is our own queue, not the
+    server: the breaker (opened by one failure here) stays closed. (A
+    tenant's flood of prefetches opened it so, and every tenant's L3 reads
+    missed.)"""
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", read_concurrency=1, timeout_s=1.0,
+                          breaker_failures=1)
+        for key in (b"a", b"b"):
+            await tier.put(("ns", key), b"x" * 100, meta_for(b"x" * 100))
+        real_get, calls = obstore.get_async, 0
+
+        async def slow_get(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.8 if calls == 1 else 5.0)
+            return await real_get(*args, **kw)
+
+        monkeypatch.setattr(obstore, "get_async", slow_get)
+        first, second = await asyncio.gather(payload(tier, ("ns", b"a")),
+                                             payload(tier, ("ns", b"b")),
+                                             return_exceptions=True)
+        assert first == b"x" * 100
+        assert isinstance(second, TierUnavailable) and "timed out" in str(second)
+        assert tier.breaker.state is BreakerState.CLOSED
+
+    run(go())
+
+
+def test_prefetch_reads_take_a_quarter_of_the_read_slots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight read slots: twenty prefetch reads at once use two of them, and a
+    demand read issued meanwhile starts at once."""
+    async def go() -> None:
+        tier = ObjectTier(f"file://{tmp_path}/l3", read_concurrency=8)
+        for i in range(21):
+            await tier.put(("ns", bytes([i])), b"x" * 100, meta_for(b"x" * 100))
+        real_get, in_flight, peak = obstore.get_async, 0, 0
+
+        async def slow_get(*args: Any, **kw: Any) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await asyncio.sleep(0.05)
+                return await real_get(*args, **kw)
+            finally:
+                in_flight -= 1
+
+        monkeypatch.setattr(obstore, "get_async", slow_get)
+        hints = [asyncio.ensure_future(tier.get_with_meta(("ns", bytes([i])), prefetch=True))
+                 for i in range(20)]
+        await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        assert await payload(tier, ("ns", bytes([20]))) == b"x" * 100
+        waited = time.monotonic() - t0
+        assert all(found is not None for found in await asyncio.gather(*hints))
+        assert peak == 3  # two prefetches and the demand read
+        assert waited < 0.5  # not behind the prefetches' ten rounds
+
+    run(go())
