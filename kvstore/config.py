@@ -181,6 +181,14 @@ class ServerConfig:
                                "(stays under gRPC's 4 MiB default message limit)", parse_size)
     max_message_bytes: int = opt(8 * 1024**2, "largest gRPC message accepted (Put chunks)",
                                  parse_size)
+    max_connections: int = opt(1024, "gRPC connections open at once, every listener "
+                               "together; one beyond it is closed as it is accepted (its "
+                               "client sees 'cannot reach'): a flood of connections cannot "
+                               "run the server out of file descriptors or memory (~32 KB "
+                               "each)", parse_int)
+    max_calls: int = opt(4096, "gRPC calls in progress at once, every client together; one "
+                         "beyond it is refused RESOURCE_EXHAUSTED at once (an open call, a "
+                         "Put stream sending nothing included, holds ~6 KB)", parse_int)
     max_lease_ms: int = opt(60_000, "longest lease a Lookup may take", parse_int)
     namespaces: tuple[str, ...] = opt((), "comma-separated namespaces this server accepts; "
                                       "empty accepts any valid name", parse_str_list)
@@ -220,7 +228,9 @@ class ServerConfig:
                                      "meanwhile); a slower peer is disconnected", parse_int)
     put_idle_ms: int = opt(30_000, "gRPC Put: longest wait for the next chunk of a block "
                            "half sent (its L1 room is held meanwhile); then the stream fails "
-                           "DEADLINE_EXCEEDED and nothing of that block is stored. gRPC Get: "
+                           "DEADLINE_EXCEEDED and nothing of that block is stored; also the "
+                           "longest wait for a stream's first message or the next block "
+                           "(the blocks before are stored). gRPC Get: "
                            "longest wait for the client to take a chunk (its block stays "
                            "pinned meanwhile); then the call ends DEADLINE_EXCEEDED and lets "
                            "the block go", parse_int)
@@ -325,7 +335,8 @@ class L3Config:
     # Reads beside the drain (hardening item 9): their own request slots, and a paced drain.
     read_concurrency: int = opt(8, "most object-store read requests (Get, HEAD, health probe) "
                                 "in flight, on top of concurrency: a demotion backlog never "
-                                "holds a read's slot", parse_int)
+                                "holds a read's slot; Prefetch's reads take at most a quarter "
+                                "of them", parse_int)
     drain_concurrency: int = opt(4, "most background demotions uploading at once (at most "
                                  "concurrency; the rest of the write slots stay free for "
                                  "ack=remote Puts and deletes); the others wait their turn "
@@ -768,8 +779,9 @@ def validate(config: Config) -> None:
                 validate_namespace(ns)
             except InvalidNamespace as exc:
                 raise InvalidConfig(f"server.{name}: {exc}") from None
-    if s.data_plane_max_connections < 1:
-        raise InvalidConfig("server.data_plane_max_connections must be at least 1")
+    for name in ("data_plane_max_connections", "max_connections", "max_calls"):
+        if getattr(s, name) < 1:
+            raise InvalidConfig(f"server.{name} must be at least 1")
     if s.data_plane_max_payload < s.max_block_bytes:
         raise InvalidConfig("server.data_plane_max_payload must hold one block of "
                             "server.max_block_bytes")

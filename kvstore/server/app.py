@@ -70,6 +70,10 @@ def grpc_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Past it a connection is closed as it is accepted: 20,000 idle ones
+        # ran the process out of file descriptors (L3 reads failed "Too many
+        # open files", new clients were refused) and past its memory bound.
+        ("grpc.max_allowed_incoming_connections", config.server.max_connections),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ]
 
@@ -114,8 +118,11 @@ class Server:
             self.calls = CallRecorder()
             timing = [MetricsInterceptor(self.calls)] if self.metrics else []
             errors = ErrorInterceptor(self.auth, stream_idle=s.put_idle_ms / 1000.0)
+            # (60,000 Put streams sending nothing held 420 MB: calls are
+            # bounded as connections are)
             self.grpc = grpc.aio.server(interceptors=[*timing, errors],
-                                        options=grpc_options(config))
+                                        options=grpc_options(config),
+                                        maximum_concurrent_rpcs=s.max_calls)
         except BaseException:
             self.store.abandon()  # the L1 arena's file goes, L2 closes
             raise

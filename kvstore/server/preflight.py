@@ -68,9 +68,30 @@ def check_open_files() -> int:
     return int(soft)
 
 
+#: Descriptors kept for what is not a client's connection: LMDB, the L3
+#: client's sockets, the listeners, the metrics endpoint, logs.
+FILES_RESERVED = 256
+
+
+def open_files_shortfall(config: Config, limit: int) -> str | None:
+    """What to say when ``limit`` open files cannot hold every connection the
+    configuration allows plus FILES_RESERVED (None: they fit)."""
+    s = config.server
+    wanted = s.max_connections + (s.data_plane_max_connections if s.data_plane else 0)
+    if limit == resource.RLIM_INFINITY or limit >= wanted + FILES_RESERVED:
+        return None
+    return (f"the limit on open files ({limit}) is below server.max_connections "
+            f"({s.max_connections}) + server.data_plane_max_connections "
+            f"({s.data_plane_max_connections if s.data_plane else 0}) + {FILES_RESERVED} for "
+            "L2, L3 and the listeners: a flood of connections can run the server out of "
+            "them (L3 requests and new clients then fail); raise the limit or lower those")
+
+
 def check(config: Config) -> None:
     # The checks that touch nothing first: a refused start creates no data dir.
-    check_open_files()
+    shortfall = open_files_shortfall(config, check_open_files())
+    if shortfall is not None:
+        log.warning("%s", shortfall)
     check_tls(config)
     check_listen(config.server.listen)
     # (the data plane's and the metrics' ports were found taken only after

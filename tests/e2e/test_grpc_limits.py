@@ -1,0 +1,139 @@
+"""What one client's open connections and calls can make the gRPC server
+hold (found by a review of what tenants share): connections past
+server.max_connections are closed as they are accepted, calls past
+server.max_calls are refused at once, and a Put stream that sends nothing
+ends after server.put_idle_ms. Each once held the server past its memory
+bound (60,000 silent Put streams: 420 MB; 20,000 idle connections ran it out
+of file descriptors, and L3 reads failed "Too many open files")."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvstore import Client
+from kvstore.wire.pb import kvstore_pb2 as pb
+from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
+
+#: An HTTP/2 client preface and an empty SETTINGS frame: a connection that
+#: asks for nothing.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_peer(socks: list[socket.socket], enough: int, timeout: float) -> int:
+    """How many of ``socks`` the server has closed, waiting up to ``timeout``
+    for ``enough`` of them (it sends its SETTINGS to a connection it keeps,
+    and nothing more)."""
+    open_ = {s.fileno(): s for s in socks}
+    closed = 0
+    deadline = time.monotonic() + timeout
+    while open_ and closed < enough and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(open_), [], [], 0.1)
+        for fd in ready:
+            try:
+                data = open_[fd].recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                closed += 1
+                del open_[fd]
+    return closed
+
+
+def test_connections_past_the_limit_are_closed_and_the_rest_serve(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-max-connections", "8", "--server-data-plane", "false") \
+            as server:
+        host, _, port = server.tcp.rpartition(":")
+        before = open_fds(server.pid)
+        flood = []
+        try:
+            for _ in range(40):
+                sock = socket.create_connection((host, int(port)), timeout=10)
+                sock.sendall(PREFACE)
+                flood.append(sock)
+            assert closed_by_peer(flood, 32, 15.0) == 32  # all but 8
+            assert open_fds(server.pid) < before + 16
+        finally:
+            for sock in flood:
+                sock.close()
+        with Client(server.tcp, namespace="n", timeout=10) as c:  # room again
+            c.put({b"k": b"v"})
+            assert c.get([b"k"]) == [b"v"]
+
+
+def test_calls_past_the_limit_are_refused_at_once(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-max-calls", "16", "--server-data-plane", "false") \
+            as server, grpc.insecure_channel(server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        release = threading.Event()
+
+        def silent() -> Iterator[pb.PutChunk]:
+            release.wait(60)
+            return
+            yield  # (a generator that sends nothing until released)
+
+        held = [stub.Put.future(silent(), timeout=60) for _ in range(16)]
+        try:
+            deadline = time.monotonic() + 15
+            refused = None
+            while refused is None and time.monotonic() < deadline:
+                try:
+                    stub.Put(iter([pb.PutChunk(namespace="n", key=b"k", block_size=1,
+                                               data=b"v")]), timeout=10)
+                except grpc.RpcError as err:
+                    refused = err
+            assert refused is not None, "the 17th call was not refused"
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            release.set()
+            for f in held:  # (they end as an empty Put: namespace required)
+                f.exception(timeout=30)
+        with Client(server.tcp, namespace="n") as c:  # the calls ended: room again
+            c.put({b"k": b"v"})
+            assert c.get([b"k"]) == [b"v"]
+
+
+def test_a_put_stream_that_sends_nothing_ends_after_put_idle(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with server_factory("--server-put-idle-ms", "500", "--server-data-plane", "false") \
+            as server, grpc.insecure_channel(server.tcp) as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        release = threading.Event()
+
+        def one_block_then_silence() -> Iterator[pb.PutChunk]:
+            yield pb.PutChunk(namespace="n", key=b"first", block_size=5, data=b"first")
+            release.wait(60)
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Put(one_block_then_silence(), timeout=60)
+        release.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no message for 0.5 s after 1 blocks (server.put_idle_ms)" in \
+            (info.value.details() or "")
+        assert time.monotonic() - started < 30
+        with Client(server.tcp, namespace="n") as c:
+            assert c.get([b"first"]) == [b"first"]  # the block before was stored
+
+
+def test_a_low_open_files_limit_for_the_connection_limits_is_said(tmp_path: Path) -> None:
+    """(the preflight's warning; a unit check of its arithmetic)"""
+    from kvstore.config import load
+    from kvstore.server import preflight
+
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_SERVER_MAX_CONNECTIONS":
+                       "100000"})
+    said = preflight.open_files_shortfall(config, limit=4096)
+    assert said is not None and "server.max_connections" in said
+    assert preflight.open_files_shortfall(config, limit=1 << 20) is None
