@@ -91,64 +91,104 @@ class Reserve(int):
 class ResponseBudget:
     """The bytes streamed responses may hold in the server, all calls
     together, counted on the event loop (grpc.aio runs every handler there).
-    Taking what is free costs no await; otherwise callers wait in order."""
+    Taking what is free costs no await; otherwise callers wait in order.
 
-    def __init__(self, capacity: int) -> None:
+    Each caller (``who``: the identity under auth.tokens_file, else the
+    namespace) may hold at most :attr:`share` of it (a quarter): past that
+    its calls wait for its own to give back, and stand in no one else's way.
+    (One tenant's unread Gets held it all, and queued: another tenant's Get
+    waited 30 s.) A caller holding nothing may take more than its share in
+    one go (a reservation larger than the share)."""
+
+    def __init__(self, capacity: int, share: int | None = None) -> None:
         self.capacity = capacity
+        self.share = share if share is not None else max(1, capacity // 4)
         self.free = capacity
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._held: dict[str, int] = {}
+        self._waiters: deque[tuple[int, str, asyncio.Future[None]]] = deque()
 
-    def take_now(self, nbytes: int) -> bool:
-        """Take ``nbytes`` if that needs no wait (no one waits before it)."""
-        if nbytes <= self.free and not self._waiters:
-            self.free -= nbytes
+    def _within_share(self, nbytes: int, who: str) -> bool:
+        held = self._held.get(who, 0)
+        return held == 0 or held + nbytes <= self.share
+
+    def _blocked(self) -> bool:
+        """Whether a waiter within its share stands first in line (no one
+        takes free room before it: large reservations are not starved)."""
+        return any(not f.done() and self._within_share(n, w) for n, w, f in self._waiters)
+
+    def take_now(self, nbytes: int, who: str = "") -> bool:
+        """Take ``nbytes`` if that needs no wait (no one within their share
+        waits before it)."""
+        if nbytes <= self.free and self._within_share(nbytes, who) and not self._blocked():
+            self._took(nbytes, who)
             return True
         return False
 
-    async def take(self, nbytes: int, wait: float) -> None:
+    def _took(self, nbytes: int, who: str) -> None:
+        self.free -= nbytes
+        self._held[who] = self._held.get(who, 0) + nbytes
+
+    async def take(self, nbytes: int, wait: float, who: str = "") -> None:
         """Take ``nbytes`` (at most :attr:`capacity`: more is never free),
         waiting up to ``wait`` seconds for others to give back enough (then
         CapacityExhausted)."""
-        if self.take_now(nbytes):
+        if self.take_now(nbytes, who):
             return
-        waiter = (nbytes, asyncio.get_running_loop().create_future())
+        waiter = (nbytes, who, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(wait):
-                await waiter[1]
+                await waiter[2]
         except BaseException as exc:
-            if waiter[1].done() and not waiter[1].cancelled():
-                self.give(nbytes)  # granted as the wait ended: not taken
+            if waiter[2].done() and not waiter[2].cancelled():
+                self.give(nbytes, who)  # granted as the wait ended: not taken
             else:
-                waiter[1].cancel()
+                waiter[2].cancel()
                 try:
                     self._waiters.remove(waiter)
                 except ValueError:
                     pass  # a grant in between found it given up and dropped it
                 self._grant()  # it may have stood before others that fit
             if isinstance(exc, TimeoutError):
+                mine = self._held.get(who, 0)
+                if mine + nbytes > self.share:
+                    raise CapacityExhausted(
+                        f"this caller's gRPC Get responses hold {mine // 1024**2} MiB, its "
+                        f"share of the {self.capacity // 1024**2} MiB the server allows them "
+                        f"(their client is slow to read); waited {wait:g} s for room: read "
+                        "what is streaming first, or read over the data plane") from None
                 raise CapacityExhausted(
                     f"gRPC Get responses hold all {self.capacity // 1024**2} MiB the server "
                     f"allows them (their clients are slow to read); waited {wait:g} s for "
                     "room: retry, or read over the data plane") from None
             raise
 
-    def give(self, nbytes: int) -> None:
+    def give(self, nbytes: int, who: str = "") -> None:
         self.free += nbytes
+        left = self._held.get(who, 0) - nbytes
+        if left > 0:
+            self._held[who] = left
+        else:
+            self._held.pop(who, None)
         if self._waiters:
             self._grant()
 
     def _grant(self) -> None:
+        """Grant the waiters in order; one over its share is passed over (it
+        waits for its own calls), one within it that does not fit stops the
+        line."""
         waiters = self._waiters
-        while waiters:
-            nbytes, future = waiters[0]
+        for waiter in list(waiters):
+            nbytes, who, future = waiter
             if future.done():  # given up, not yet removed
-                waiters.popleft()
+                waiters.remove(waiter)
+                continue
+            if not self._within_share(nbytes, who):
                 continue
             if nbytes > self.free:
                 return
-            waiters.popleft()
-            self.free -= nbytes
+            waiters.remove(waiter)
+            self._took(nbytes, who)
             future.set_result(None)
 
 
@@ -230,13 +270,21 @@ def _authorize(auth: Authorizer | None, method: str, request: Any,
     """auth.tokens_file: check the caller before the handler sees the request.
     A unary request names its namespace; Put's does in its first chunk, so
     its request stream is checked as it is read. Returns the request (stream)."""
+    return _authorized(auth, method, request, context)[0]
+
+
+def _authorized(auth: Authorizer | None, method: str, request: Any,
+                context: grpc.aio.ServicerContext) -> tuple[Any, str]:
+    """:func:`_authorize`, and who the caller is for a share of what calls
+    hold together: its identity under auth.tokens_file, else the namespace
+    its request names."""
     if auth is None:
-        return request
+        return request, getattr(request, "namespace", "") or ""
     grant = auth.identify(context.invocation_metadata(), context.auth_context())
     name = method.rpartition("/")[2]
     if not hasattr(request, "__aiter__"):
         auth.authorize(grant, name, getattr(request, "namespace", "") or None)
-        return request
+        return request, grant.identity
 
     async def checked(chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
         first = True
@@ -257,7 +305,7 @@ def _authorize(auth: Authorizer | None, method: str, request: Any,
             yield chunk
 
     auth.authorize(grant, name, None)
-    return checked(request)
+    return checked(request), grant.identity
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
@@ -329,6 +377,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
         # The close of the handler's generator begun when a write stalled.
         closing: asyncio.Task[None] | None = None
         held = 0  # bytes of the budget this call holds
+        who = ""  # whose share of the budget it holds them in
 
         def stalled() -> None:
             # The write stays pending in grpc, which holds its bytes until the
@@ -345,7 +394,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
         try:
             if not request_streaming:
                 _check_decoded(request, method, context)
-            request = _authorize(auth, method, request, context)
+            request, who = _authorized(auth, method, request, context)
             responses = behavior(request, context)
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
@@ -353,13 +402,13 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                     if budget is not None:
                         want = min(item, budget.capacity)
                         if want <= held:
-                            budget.give(held - want)
-                        elif not budget.take_now(want - held):
+                            budget.give(held - want, who)
+                        elif not budget.take_now(want - held, who):
                             # Wait holding nothing: calls that wait to grow
                             # could otherwise hold all of it between them.
-                            budget.give(held)
+                            budget.give(held, who)
                             held = 0
-                            await budget.take(want, BUDGET_WAIT_SECONDS)
+                            await budget.take(want, BUDGET_WAIT_SECONDS, who)
                         held = want
                     continue
                 watch.begin()
@@ -399,7 +448,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 # Only now: until the call has ended grpc may still hold the
                 # bytes of a message the client never took.
                 if held and budget is not None:
-                    budget.give(held)
+                    budget.give(held, who)
 
     return handler
 

@@ -14,7 +14,7 @@ from kvstore.server.interceptor import ResponseBudget
 
 def test_free_bytes_are_taken_without_waiting() -> None:
     async def main() -> None:
-        budget = ResponseBudget(10)
+        budget = ResponseBudget(10, share=100)
         assert budget.take_now(6) and budget.free == 4
         step = budget.take(4, 1.0).__await__()
         with pytest.raises(StopIteration):  # done in its first step: it never suspends
@@ -29,7 +29,7 @@ def test_free_bytes_are_taken_without_waiting() -> None:
 
 def test_waiters_are_served_in_order_and_none_is_passed_over() -> None:
     async def main() -> None:
-        budget = ResponseBudget(10)
+        budget = ResponseBudget(10, share=100)
         assert budget.take_now(10)
         served: list[str] = []
 
@@ -54,7 +54,7 @@ def test_waiters_are_served_in_order_and_none_is_passed_over() -> None:
 
 def test_a_wait_past_its_limit_is_capacity_exhausted_and_the_next_goes_on() -> None:
     async def main() -> None:
-        budget = ResponseBudget(10)
+        budget = ResponseBudget(10, share=100)
         assert budget.take_now(9)
         with pytest.raises(CapacityExhausted, match="MiB the server allows them"):
             await budget.take(5, 0.05)
@@ -67,7 +67,7 @@ def test_a_wait_past_its_limit_is_capacity_exhausted_and_the_next_goes_on() -> N
 
 def test_a_cancelled_wait_takes_nothing_even_when_granted_as_it_ends() -> None:
     async def main() -> None:
-        budget = ResponseBudget(10)
+        budget = ResponseBudget(10, share=100)
         assert budget.take_now(10)
         waiting = asyncio.ensure_future(budget.take(4, 5.0))
         await asyncio.sleep(0)
@@ -82,5 +82,30 @@ def test_a_cancelled_wait_takes_nothing_even_when_granted_as_it_ends() -> None:
         with pytest.raises(asyncio.CancelledError):
             await plain
         assert budget.free == 4 and budget.take_now(4)
+
+    asyncio.run(main())
+
+
+def test_a_caller_past_its_share_waits_without_standing_in_anyone_s_way() -> None:
+    """Tenant a holds its share (a quarter) and waits for more; b's Get fits
+    and is served at once. (a's queued Gets stood first in one line: b's Get
+    waited 30 s, then was refused.) a is served when its own calls give back."""
+    async def main() -> None:
+        budget = ResponseBudget(100)
+        assert budget.share == 25
+        assert budget.take_now(25, "a") and not budget.take_now(1, "a")
+        a_more = asyncio.ensure_future(budget.take(10, 5.0, "a"))
+        await asyncio.sleep(0)
+        assert budget.take_now(15, "b")  # a waits, past its share: not in b's way
+        b_more = asyncio.ensure_future(budget.take(10, 5.0, "b"))
+        await asyncio.wait_for(b_more, 5.0)
+        assert not a_more.done()
+        budget.give(25, "a")
+        await asyncio.wait_for(a_more, 5.0)
+        assert budget.free == 100 - 10 - 25
+        with pytest.raises(CapacityExhausted, match="this caller's gRPC Get responses hold"):
+            await budget.take(20, 0.05, "b")  # b: 25 held, 20 more is past its share
+        # A caller holding nothing may take more than its share in one go.
+        assert budget.take_now(40, "c")
 
     asyncio.run(main())
