@@ -57,7 +57,7 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -92,6 +92,11 @@ _EXPIRED_MEMORY = 65_536
 #: Leases held at once, all clients together: each costs the server ~1 KB and
 #: pins its block, and a client may keep one for up to server.max_lease_ms.
 MAX_LEASES = 65_536
+#: Of them, one namespace's at most: one tenant leasing the same 16 blocks
+#: over and over held them all, and every other tenant's acquire (the engine
+#: integrations' path) failed. Half: one acquire may still lease a 1M-token
+#: context in 32-token blocks.
+MAX_LEASES_PER_NAMESPACE = MAX_LEASES // 2
 # restock (anonymous slots for a client's next Puts): at most this many slots,
 # and this share of L1, per call; and how long it may wait for L1 room (s)
 # before giving up (a restock must not hold back the commit it rides on).
@@ -187,6 +192,8 @@ class SharedMemoryBroker:
         self.instance = secrets.token_hex(8)
         self._reservations: dict[int, Reservation] = {}
         self._leases: dict[int, Lease] = {}
+        #: leases held per namespace (MAX_LEASES_PER_NAMESPACE)
+        self._leases_of: Counter[str] = Counter()
         # Expired lease ids (with the namespace and owner that took them), to
         # tell "expired" from "never issued" and from "someone else's".
         self._expired: OrderedDict[int, tuple[str, str]] = OrderedDict()
@@ -237,6 +244,7 @@ class SharedMemoryBroker:
         for lease in self._leases.values():
             lease.reader.close()
         self._leases.clear()
+        self._leases_of.clear()
         for r in self._reservations.values():
             self.placement.release(r.offset, r.size)
         self._reservations.clear()
@@ -675,11 +683,18 @@ class SharedMemoryBroker:
         # unknown ones (a client could otherwise name never-issued ids to
         # pass the bound).
         leases = self._leases
-        held = len(leases) - (len({i for i in release if i in leases}) if release else 0)
-        if held + len(keys) > MAX_LEASES:
+        given_back = {i for i in release if i in leases} if release else set()
+        mine = self._leases_of[namespace] - \
+            sum(1 for i in given_back if leases[i].namespace == namespace)
+        if mine + len(keys) > MAX_LEASES_PER_NAMESPACE:
             raise CapacityExhausted(
-                f"{len(self._leases)} shared-memory leases are held, {len(keys)} more asked "
-                f"for: at most {MAX_LEASES} at once, all clients together; release leases "
+                f"namespace {namespace!r} holds {mine} shared-memory leases, {len(keys)} more "
+                f"asked for: at most {MAX_LEASES_PER_NAMESPACE} per namespace; release "
+                "leases (ShmRelease) or read by Get")
+        if len(leases) - len(given_back) + len(keys) > MAX_LEASES:
+            raise CapacityExhausted(
+                f"the server's shared-memory leases are all held ({len(keys)} more asked for; "
+                f"at most {MAX_LEASES} at once, all clients together): release leases "
                 "(ShmRelease) or read by Get")
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
@@ -739,6 +754,7 @@ class SharedMemoryBroker:
                               entry.generation, reader.tier, math.inf,
                               reader, namespace, owner)
                 self._leases[lease_id] = lease
+                self._leases_of[namespace] += 1
                 held += extent(entry.size)
                 out.append(lease)
         except BaseException:
@@ -803,6 +819,7 @@ class SharedMemoryBroker:
                           entry.generation, TierName.L1, expires, reader, namespace, owner)
             leases[lease_id] = lease
             out.append(lease)
+        self._leases_of[namespace] += len(out)
         return out, released, expired
 
     def lease_ms(self, requested: int) -> int:
@@ -813,6 +830,11 @@ class SharedMemoryBroker:
         lease = self._leases.pop(lease_id, None)
         if lease is not None:
             lease.reader.close()
+            left = self._leases_of[lease.namespace] - 1
+            if left:
+                self._leases_of[lease.namespace] = left
+            else:
+                del self._leases_of[lease.namespace]
         return lease
 
     def _holder(self, lease_id: int) -> tuple[str, str] | None:

@@ -241,3 +241,34 @@ def test_an_acquire_larger_than_l1_answers_at_once_and_leases_run_from_the_answe
             assert all(lease is not None and lease.expires == now[0] + 2.0 for lease in few)
 
     asyncio.run(go())
+
+
+def test_one_namespace_holds_at_most_its_share_of_the_leases(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tenant leasing its blocks over and over held every lease of the
+    server, and every other tenant's acquire failed: a namespace holds at
+    most MAX_LEASES_PER_NAMESPACE, and another namespace still leases. The
+    count follows releases and expiries."""
+    from kvstore.errors import CapacityExhausted
+    from kvstore.store import shm
+
+    monkeypatch.setattr(shm, "MAX_LEASES", 8)
+    monkeypatch.setattr(shm, "MAX_LEASES_PER_NAMESPACE", 4)
+
+    async def go() -> None:
+        async with _broker(tmp_path, "share") as (store, broker):
+            for ns in ("a", "b"):
+                await store.put_bytes(ns, KEYS[0], KEYS[0] * 100)
+            held, _, _ = await broker.acquire("a", [KEYS[0]] * 4, None, 0)
+            with pytest.raises(CapacityExhausted, match="at most 4 per namespace"):
+                await broker.acquire("a", [KEYS[0]], None, 0)
+            with pytest.raises(CapacityExhausted, match="at most 4 per namespace"):
+                broker.acquire_now("a", [KEYS[0]], None, 0)
+            theirs = broker.acquire_now("b", [KEYS[0]] * 2, None, 0)  # b is not held back
+            assert theirs is not None and broker.leases == 6
+            ids = [lease.lease_id for lease in held if lease is not None]
+            broker.release(ids[:2], "a")
+            again, _, _ = await broker.acquire("a", [KEYS[0]] * 2, None, 0)
+            assert all(lease is not None for lease in again) and broker.leases == 6
+
+    asyncio.run(go())
