@@ -102,6 +102,7 @@ MAX_LEASES_PER_NAMESPACE = MAX_LEASES // 2
 # before giving up (a restock must not hold back the commit it rides on).
 RESTOCK_MAX_SLOTS = 16
 RESTOCK_MAX_L1_SHARE = 8
+RESTOCK_TOTAL_L1_SHARE = 4  # (every owner's stocked slots together)
 RESTOCK_WAIT_SECONDS = 0.05
 # A commit of at most this many bytes is verified on the event loop, and
 # may be answered from the socket's readable callback; larger ones on the
@@ -191,6 +192,8 @@ class SharedMemoryBroker:
         self.path = store.config.l1.shm_path
         self.instance = secrets.token_hex(8)
         self._reservations: dict[int, Reservation] = {}
+        #: bytes of the anonymous reservations (restocked slots), every owner's
+        self._anonymous_bytes = 0
         self._leases: dict[int, Lease] = {}
         #: leases held per namespace (MAX_LEASES_PER_NAMESPACE)
         self._leases_of: Counter[str] = Counter()
@@ -248,6 +251,7 @@ class SharedMemoryBroker:
         for r in self._reservations.values():
             self.placement.release(r.offset, r.size)
         self._reservations.clear()
+        self._anonymous_bytes = 0
         while self._quarantine:
             _, offset, size = self._quarantine.popleft()
             self.placement.release(offset, size)
@@ -330,10 +334,19 @@ class SharedMemoryBroker:
         slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
         self._reservations[slot_id] = Reservation(block, offset, size, self._generation,
                                                   session, expires, owner)
+        if not block[1]:
+            self._anonymous_bytes += size
         return Slot(slot_id, offset, size, self._generation)
 
-    def _drop_reservation(self, slot_id: int) -> None:
+    def _forget_reservation(self, slot_id: int) -> Reservation | None:
+        """Remove a reservation from the table (its extent is the caller's)."""
         r = self._reservations.pop(slot_id, None)
+        if r is not None and not r.block[1]:
+            self._anonymous_bytes -= r.size
+        return r
+
+    def _drop_reservation(self, slot_id: int) -> None:
+        r = self._forget_reservation(slot_id)
         if r is not None:
             self.placement.release(r.offset, r.size)
 
@@ -597,7 +610,7 @@ class SharedMemoryBroker:
                 self._drop_reservation(spec.slot_id)
             raise
         for spec, _ in taken:
-            del self._reservations[spec.slot_id]
+            self._forget_reservation(spec.slot_id)
         return taken
 
     def _verify_now(self, taken: Sequence[tuple[CommitSpec, Reservation]]) -> None:
@@ -653,8 +666,15 @@ class SharedMemoryBroker:
         return slots
 
     def _restock_sizes(self, sizes: Sequence[int]) -> list[int]:
-        """The leading part of ``sizes`` a restock grants at most."""
-        budget = self.store.l1.capacity // RESTOCK_MAX_L1_SHARE
+        """The leading part of ``sizes`` a restock grants at most: within
+        1/RESTOCK_MAX_L1_SHARE of L1, and the anonymous slots of every owner
+        together within 1/RESTOCK_TOTAL_L1_SHARE (each restock's share alone
+        let one client's stock of ten sizes fill an 8 MiB L1, and twelve
+        clients' a 64 MiB one: every Put of every client then waited 30 s
+        and failed)."""
+        capacity = self.store.l1.capacity
+        budget = min(capacity // RESTOCK_MAX_L1_SHARE,
+                     capacity // RESTOCK_TOTAL_L1_SHARE - self._anonymous_bytes)
         granted: list[int] = []
         for size in sizes[:RESTOCK_MAX_SLOTS]:
             if size > budget:
@@ -904,7 +924,7 @@ class SharedMemoryBroker:
         for slot_id in slot_ids:
             r = self._reservations.get(slot_id)
             if r is not None and r.owner == owner:
-                del self._reservations[slot_id]
+                self._forget_reservation(slot_id)
                 self._quarantine.append((now + self.quarantine_ms / 1000.0, r.offset, r.size))
                 dropped += 1
         for lease_id in lease_ids:
@@ -933,7 +953,8 @@ class SharedMemoryBroker:
         for slot_id in [i for i, r in self._reservations.items() if r.expires < now]:
             # Its writer may still be copying (slow, not gone): the extent
             # waits in quarantine before anything else may use it.
-            r = self._reservations.pop(slot_id)
+            r = self._reservations[slot_id]
+            self._forget_reservation(slot_id)
             self._quarantine.append((now + self.quarantine_ms / 1000.0, r.offset, r.size))
         while self._quarantine and self._quarantine[0][0] <= now:
             _, offset, size = self._quarantine.popleft()

@@ -1,0 +1,37 @@
+"""L1 room and the shared-memory slots stocked ahead for clients' next Puts
+(found by a model-checking review): they hold at most a quarter of L1, every
+client together. (One client's stock of ten sizes filled an 8 MiB L1, and
+every client's Puts failed after 30 s.)"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore import Client
+from kvstore.client.shm import ShmClient
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def small_shm(server_factory, tmp_path: Path) -> Iterator:  # type: ignore[no-untyped-def,type-arg]
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-room"
+    with server_factory("--l1-shm-path", path, "--l2-enabled", "false",
+                        l1_capacity="8MiB") as server:
+        yield server
+
+
+def test_stocked_slots_leave_most_of_l1_to_every_client(small_shm) -> None:  # type: ignore[no-untyped-def]
+    with ShmClient(small_shm.unix_target, namespace="stock", timeout=20) as shm, \
+            Client(small_shm.tcp, namespace="plain", timeout=20) as plain:
+        for i in range(10):  # ten sizes: a stock of each
+            assert shm.put({b"s%d" % i: bytes([i]) * (40_000 + 16_000 * i)}).stored == 1
+        started = time.monotonic()
+        assert plain.put({b"big": b"\x01" * (3 * MiB)}).stored == 1
+        assert shm.put({b"big": b"\x02" * (3 * MiB)}).stored == 1
+        assert time.monotonic() - started < 10
