@@ -255,8 +255,9 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
         not_after, reloads, failures = snap.tls
         yield GaugeMetricFamily("kvstore_tls_certificate_expiry_timestamp_seconds",
                                 "When the certificate chain new TLS connections get "
-                                "expires: its first certificate to end, intermediates "
-                                "included (Unix time)", value=not_after)
+                                "expires: the first to end of the certificate and its "
+                                "chain's certificates valid at load (Unix time)",
+                                value=not_after)
         for name, doc, value in (
             ("kvstore_tls_reloads", "Renewed TLS certificate files taken into use", reloads),
             ("kvstore_tls_reload_failures",

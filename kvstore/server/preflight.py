@@ -288,19 +288,19 @@ def check_validity(path: str, now: float | None = None) -> None:
     handshake would fail (CERTIFICATE_VERIFY_FAILED, said on the client side
     only) while the server reported itself healthy. One not valid yet is
     logged (a clock set wrong, or a certificate made for later)."""
+    now = time.time() if now is None else now
     try:
-        chain = certificate_info(path)
+        chain = certificate_info(path, now)
     except (OSError, ValueError) as exc:
         raise InvalidConfig(f"server.tls_cert {path}: {exc}") from None
-    now = time.time() if now is None else now
     if now > chain.not_after:
-        raise InvalidConfig(f"server.tls_cert {path}: {chain.ends_first} expired on "
-                            f"{utc_text(chain.not_after)}: TLS clients would refuse every "
-                            "connection; renew it")
+        raise InvalidConfig(f"server.tls_cert {path} expired on {utc_text(chain.not_after)}: "
+                            "TLS clients would refuse every connection; renew it")
     if now < chain.not_before:
-        log.warning("server.tls_cert %s: %s is not valid before %s: TLS clients refuse it "
-                    "until then (is the clock right?)", path, chain.starts_last,
-                    utc_text(chain.not_before))
+        log.warning("server.tls_cert %s is not valid before %s: TLS clients refuse it until "
+                    "then (is the clock right?)", path, utc_text(chain.not_before))
+    for warning in chain.warnings:
+        log.warning("server.tls_cert %s: %s", path, warning)
 
 
 def _load_certificates(context: ssl.SSLContext, option: str, path: str) -> None:

@@ -72,13 +72,15 @@ class Material:
     cert: bytes
     key: bytes
     client_ca: bytes | None
-    #: The chain's end and start (Unix time: its certificates' earliest end
-    #: and latest start), and the certificate's subject CN.
+    #: When the chain stops working (ChainInfo.chain_not_after) and the
+    #: certificate's start (Unix time), and its subject CN.
     not_after: float
     not_before: float
     subject: str
     #: The data plane's context, built from these bytes.
     context: ssl.SSLContext
+    #: What to say of the chain's other certificates (ChainInfo.warnings).
+    warnings: tuple[str, ...] = ()
 
     def grpc_config(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
@@ -119,32 +121,38 @@ _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*"
 
 @dataclass(frozen=True)
 class ChainInfo:
-    """What a certificate file's chain allows: every certificate the server
-    sends must be valid, so the chain's validity is from the latest start
-    to the earliest end of its certificates."""
+    """What a certificate file says of its dates, at one instant ``now``."""
 
+    #: the first (the server's own) certificate's end and start, and its CN
     not_after: float
     not_before: float
-    #: the first certificate's subject CN
     subject: str
-    #: which certificate ends first ("the certificate", or one of the chain)
-    ends_first: str
-    #: which certificate starts last
-    starts_last: str
+    #: when the chain stops working, as far as this file tells: the earliest
+    #: end among the certificate and those of its chain still valid at
+    #: ``now`` (one that has ended already is an extra certificate clients do
+    #: not use, e.g. an old cross-signed root, or a broken one: said in
+    #: ``warnings``)
+    chain_not_after: float
+    #: what to log about the other certificates of the file
+    warnings: tuple[str, ...] = ()
 
 
-def certificate_info(path: str) -> ChainInfo:
-    """The validity of the chain in ``path`` (also preflight's, for its
-    start-up checks); ValueError when a certificate of it does not parse."""
-    return chain_info(Path(path).read_bytes())
+def certificate_info(path: str, now: float | None = None) -> ChainInfo:
+    """The dates of the certificates in ``path`` (also preflight's, for its
+    start-up checks); ValueError when one of them does not parse."""
+    return chain_info(Path(path).read_bytes(), time.time() if now is None else now)
 
 
-def chain_info(pem: bytes) -> ChainInfo:
-    """The validity of every certificate in ``pem``: the chain's end is its
-    first certificate to end. (The first alone was checked: an intermediate
-    that ended first failed every handshake while the expiry gauge showed the
-    leaf's later end, and a renewal whose intermediate had already ended was
-    taken in.)"""
+def chain_info(pem: bytes, now: float) -> ChainInfo:
+    """The dates of every certificate in ``pem``. Only the first (the
+    server's own) decides whether the file is taken: a certificate of the
+    chain that has ended or not begun may be one no client needs (an
+    expired cross-signed root, as certbot's long chain had), or one every
+    client needs (an intermediate): which, the file does not say. It is
+    said in a WARNING, and the expiry gauge counts the chain's certificates
+    still valid (the first alone was read: an intermediate that ended before
+    the certificate failed every handshake while the gauge showed the
+    certificate's later end)."""
     blocks: list[bytes] = []
     start = pem.find(_BEGIN_CERTIFICATE)
     while start >= 0:
@@ -158,27 +166,33 @@ def chain_info(pem: bytes) -> ChainInfo:
         raise ValueError("the certificate is not a PEM certificate")
     decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]
     if decode is None:  # CPython's own; without it the dates are not known
-        return ChainInfo(float("inf"), 0.0, "", "the certificate", "the certificate")
-    ends: list[tuple[float, float, str]] = []
+        return ChainInfo(float("inf"), 0.0, "", float("inf"))
+    dates: list[tuple[float, float, str]] = []
     for number, block in enumerate(blocks, 1):
         with _pem_path(block + b"\n") as path:
             try:
                 info = decode(path)
                 subject = next((value for rdn in info.get("subject", ())
                                 for name, value in rdn if name == "commonName"), "")
-                ends.append((ssl.cert_time_to_seconds(info["notAfter"]),
-                             ssl.cert_time_to_seconds(info["notBefore"]), subject))
+                dates.append((ssl.cert_time_to_seconds(info["notAfter"]),
+                              ssl.cert_time_to_seconds(info["notBefore"]), subject))
             except (ssl.SSLError, OSError, KeyError, ValueError):
                 raise ValueError(f"certificate #{number} of the file does not parse") from None
-
-    def name(i: int) -> str:
-        return "the certificate" if i == 0 else \
-            f"certificate #{i + 1} of its chain (CN={ends[i][2] or '?'})"
-
-    first_end = min(range(len(ends)), key=lambda i: ends[i][0])
-    last_start = max(range(len(ends)), key=lambda i: ends[i][1])
-    return ChainInfo(ends[first_end][0], ends[last_start][1], ends[0][2], name(first_end),
-                     name(last_start))
+    not_after, not_before, subject = dates[0]
+    chain_end = not_after
+    warnings: list[str] = []
+    for number, (end, begin, cn) in enumerate(dates[1:], 2):
+        what = f"certificate #{number} of the file (CN={cn or '?'})"
+        if end < now:
+            warnings.append(f"{what} expired on {utc_text(end)}: clients that need it to reach "
+                            "their root refuse the handshake (an extra one, e.g. an old "
+                            "cross-signed root, is harmless)")
+        elif begin > now:
+            warnings.append(f"{what} is not valid before {utc_text(begin)}: clients that need "
+                            "it to reach their root refuse the handshake until then")
+        else:
+            chain_end = min(chain_end, end)
+    return ChainInfo(not_after, not_before, subject, chain_end, tuple(warnings))
 
 
 def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
@@ -196,7 +210,7 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.num_tickets = 0
     context.options |= ssl.OP_NO_TICKET
-    chain = chain_info(cert)  # (first: a half-written chain is the certificate's fault)
+    chain = chain_info(cert, now)  # (first: a half-written chain is the certificate's fault)
     with _pem_path(cert + b"\n" + key) as path:
         try:
             # An empty password: an encrypted key fails instead of prompting.
@@ -213,13 +227,12 @@ def load_material(cert: bytes, key: bytes, client_ca: bytes | None,
             raise ValueError(f"the client CA bundle does not parse ({exc})") from None
         context.verify_mode = ssl.CERT_REQUIRED
     if now > chain.not_after:
-        raise ValueError(f"{chain.ends_first} expired on {utc_text(chain.not_after)}")
+        raise ValueError(f"the certificate expired on {utc_text(chain.not_after)}")
     if now < chain.not_before and not future_ok:
-        raise NotYetValid(f"{chain.starts_last} is not valid before "
-                          f"{utc_text(chain.not_before)} (taken then, if the files are still "
-                          "these)")
-    return Material(cert, key, client_ca, chain.not_after, chain.not_before, chain.subject,
-                    context)
+        raise NotYetValid(f"the certificate is not valid before {utc_text(chain.not_before)} "
+                          "(taken then, if the files are still these)")
+    return Material(cert, key, client_ca, chain.chain_not_after, chain.not_before,
+                    chain.subject, context, chain.warnings)
 
 
 def utc_text(t: float) -> str:
@@ -321,6 +334,8 @@ class ServerTLS:
             self.reloads += 1
         log.info("TLS: reloaded the certificate files: new connections get %s, valid until %s",
                  self._describe(new), utc_text(new.not_after))
+        for warning in new.warnings:
+            log.warning("TLS: server.tls_cert: %s", warning)
         return True
 
     def _report_failure(self, now: float, at_once: bool = False) -> None:

@@ -162,13 +162,16 @@ def test_unreadable_files_at_start_are_a_config_error(tmp_path: Path) -> None:
         ServerTLS(str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
 
 
-def test_the_chain_ends_with_its_first_certificate_to_end(tmp_path: Path) -> None:
+def test_the_chain_ends_with_its_first_certificate_to_end(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
     """A leaf (3 days) sent with an intermediate that ends first (1 day):
-    the chain's end is the intermediate's, for the expiry gauge and for the
-    refusal of an expired renewal. (Only the leaf was read: the gauge showed
-    its later end while every handshake failed, and a renewal whose
-    intermediate had ended was taken in.) A chain cut short is named as
-    such, not blamed on the key."""
+    the expiry gauge shows the intermediate's end (the leaf's alone was read:
+    the gauge showed its later end while every handshake failed). A chain
+    certificate that has ended already does not refuse the file (it may be
+    one no client needs: an old cross-signed root, as certbot's long chain
+    had; refusing it refused a working setup) but is said in a WARNING. A
+    chain cut short is named as such, not blamed on the key."""
     make_ca(tmp_path, "root", days=5)
     make_intermediate(tmp_path, "root", "inter", days=1)
     make_leaf(tmp_path, "inter", "leaf", "IP:127.0.0.1", days=3)
@@ -176,15 +179,18 @@ def test_the_chain_ends_with_its_first_certificate_to_end(tmp_path: Path) -> Non
     key = (tmp_path / "leaf.key").read_bytes()
     now = time.time()
     material = load_material(leaf + inter, key, None, now)
-    assert material.subject == "leaf"
+    assert material.subject == "leaf" and material.warnings == ()
     assert now + 0.9 * 86400 < material.not_after < now + 1.1 * 86400  # the intermediate's
-    with pytest.raises(ValueError, match=r"certificate #2 of its chain \(CN=inter\) expired"):
-        load_material(leaf + inter, key, None, now + 2 * 86400)
-    assert load_material(leaf, key, None, now + 2 * 86400).not_after > now + 2 * 86400
+    later = load_material(leaf + inter, key, None, now + 2 * 86400)  # taken, and said
+    assert later.not_after > now + 2.9 * 86400  # (the leaf's: the ended one is not counted)
+    assert len(later.warnings) == 1 and \
+        "certificate #2 of the file (CN=inter) expired on" in later.warnings[0]
     with pytest.raises(ValueError, match=r"certificate #2 of the file is cut short"):
         load_material(leaf + inter[:len(inter) // 2], key, None, now)
-    # At start, too: the configuration error names the certificate.
+    # At start: the same file starts, with the WARNING; an expired leaf does not.
     (tmp_path / "chain.pem").write_bytes(leaf + inter)
-    with pytest.raises(InvalidConfig, match=r"certificate #2 of its chain \(CN=inter\) "
-                                             r"expired on .*renew it"):
+    with caplog.at_level("WARNING"):
         check_validity(str(tmp_path / "chain.pem"), now=now + 2 * 86400)
+    assert any("(CN=inter) expired on" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InvalidConfig, match=r"server\.tls_cert .* expired on .*renew it"):
+        check_validity(str(tmp_path / "chain.pem"), now=now + 4 * 86400)
