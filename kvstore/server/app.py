@@ -117,12 +117,13 @@ class Server:
                 if config.server.data_plane else None
             self.calls = CallRecorder()
             timing = [MetricsInterceptor(self.calls)] if self.metrics else []
-            errors = ErrorInterceptor(self.auth, stream_idle=s.put_idle_ms / 1000.0)
             # (60,000 Put streams sending nothing held 420 MB: calls are
-            # bounded as connections are)
+            # bounded as connections are, in the interceptor: not the health
+            # checks)
+            errors = ErrorInterceptor(self.auth, stream_idle=s.put_idle_ms / 1000.0,
+                                      max_calls=s.max_calls)
             self.grpc = grpc.aio.server(interceptors=[*timing, errors],
-                                        options=grpc_options(config),
-                                        maximum_concurrent_rpcs=s.max_calls)
+                                        options=grpc_options(config))
         except BaseException:
             self.store.abandon()  # the L1 arena's file goes, L2 closes
             raise

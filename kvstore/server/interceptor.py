@@ -192,6 +192,42 @@ class ResponseBudget:
             future.set_result(None)
 
 
+class CallLimit:
+    """kvstore.v1 calls in progress (server.max_calls), all callers together,
+    and one caller's (its identity under auth.tokens_file, else its
+    connection) at most half of them: past either a call is refused
+    RESOURCE_EXHAUSTED at once. (grpc's own limit counted the health checks
+    too: one tenant holding every call failed the probes, and the
+    orchestrator restarted the server.)"""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.share = max(1, total // 2)
+        self.open = 0
+        self._of: dict[str, int] = {}
+
+    def enter(self, who: str) -> None:
+        mine = self._of.get(who, 0)
+        if self.open >= self.total:
+            raise CapacityExhausted(f"the server has {self.open} calls in progress, its limit "
+                                    "(server.max_calls): retry later")
+        if mine >= self.share:
+            raise CapacityExhausted(f"this caller has {mine} calls in progress, its share of "
+                                    f"the server's {self.total} (server.max_calls): end some "
+                                    "(a Put stream that sends nothing ends after "
+                                    "server.put_idle_ms)")
+        self.open += 1
+        self._of[who] = mine + 1
+
+    def leave(self, who: str) -> None:
+        self.open -= 1
+        left = self._of[who] - 1
+        if left:
+            self._of[who] = left
+        else:
+            del self._of[who]
+
+
 class Undecodable(NamedTuple):
     """What a wrapped deserialiser returns for bytes it cannot parse."""
 
@@ -309,18 +345,27 @@ def _authorized(auth: Authorizer | None, method: str, request: Any,
 
 
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
-                request_streaming: bool,
-                auth: Authorizer | None = None) -> Callable[..., Awaitable[Any]]:
+                request_streaming: bool, auth: Authorizer | None = None,
+                limit: CallLimit | None = None) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        caller: str | None = None
         try:
             if not request_streaming:
                 _check_decoded(request, method, context)
-            request = _authorize(auth, method, request, context)
+            request, who = _authorized(auth, method, request, context)
+            if limit is not None:
+                entering = who if auth is not None else context.peer()
+                limit.enter(entering)
+                caller = entering
             return await behavior(request, context)
         except Exception as exc:
             if _is_grpc_own(exc):
                 raise
             await _abort(context, exc)
+        finally:
+            if caller is not None:
+                assert limit is not None
+                limit.leave(caller)
 
     return handler
 
@@ -366,8 +411,8 @@ class _WriteWatch:
 
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                  request_streaming: bool, auth: Authorizer | None = None,
-                 idle: float = 30.0,
-                 budget: ResponseBudget | None = None) -> Callable[..., Awaitable[None]]:
+                 idle: float = 30.0, budget: ResponseBudget | None = None,
+                 limit: CallLimit | None = None) -> Callable[..., Awaitable[None]]:
     """``idle``: how long one write may wait for the client to take it
     (server.put_idle_ms); ``budget``: where :class:`Reserve` takes its bytes
     (None: reservations are not counted)."""
@@ -378,6 +423,7 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
         closing: asyncio.Task[None] | None = None
         held = 0  # bytes of the budget this call holds
         who = ""  # whose share of the budget it holds them in
+        caller: str | None = None  # whose share of server.max_calls it holds
 
         def stalled() -> None:
             # The write stays pending in grpc, which holds its bytes until the
@@ -395,6 +441,10 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
             if not request_streaming:
                 _check_decoded(request, method, context)
             request, who = _authorized(auth, method, request, context)
+            if limit is not None:
+                entering = who if auth is not None else context.peer()
+                limit.enter(entering)
+                caller = entering
             responses = behavior(request, context)
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
@@ -449,6 +499,9 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 # bytes of a message the client never took.
                 if held and budget is not None:
                     budget.give(held, who)
+                if caller is not None:
+                    assert limit is not None
+                    limit.leave(caller)
 
     return handler
 
@@ -458,24 +511,30 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
     against it (kvstore/server/auth.py) inside the error mapping.
     ``stream_idle``: server.put_idle_ms in seconds, how long a streamed
     response's write may wait for the client; ``budget``: the bytes streamed
-    responses may hold (None: :data:`RESPONSE_BUDGET_BYTES`)."""
+    responses may hold (None: :data:`RESPONSE_BUDGET_BYTES`); ``max_calls``:
+    kvstore.v1 calls in progress at once (:class:`CallLimit`; 0: no limit).
+    The health and reflection services are not counted: they must answer
+    whatever the callers hold."""
 
     def __init__(self, auth: Authorizer | None = None, stream_idle: float = 30.0,
-                 budget: ResponseBudget | None = None) -> None:
+                 budget: ResponseBudget | None = None, max_calls: int = 0) -> None:
         super().__init__()
         self.auth = auth
         self.stream_idle = stream_idle
         self.budget = budget if budget is not None else ResponseBudget(RESPONSE_BUDGET_BYTES)
+        self.limit = CallLimit(max_calls) if max_calls > 0 else None
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if not method.startswith("/kvstore.v1."):
             return handler
-        return self._wrap(handler, method, self.auth, self.stream_idle, self.budget)
+        return self._wrap(handler, method, self.auth, self.stream_idle, self.budget,
+                          self.limit)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str,
               auth: Authorizer | None = None, idle: float = 30.0,
-              budget: ResponseBudget | None = None) -> grpc.RpcMethodHandler:
+              budget: ResponseBudget | None = None,
+              limit: CallLimit | None = None) -> grpc.RpcMethodHandler:
         # Put's chunks decode in kvstore.wire, which reports bad bytes itself
         # (wire.BadPutChunk); unary requests are protobuf messages.
         deserializer = handler.request_deserializer
@@ -486,16 +545,16 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
         }
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, False, auth), **kwargs)
+                _wrap_unary(handler.unary_unary, method, False, auth, limit), **kwargs)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, True, auth), **kwargs)
+                _wrap_unary(handler.stream_unary, method, True, auth, limit), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, False, auth, idle, budget),
+                _wrap_stream(handler.unary_stream, method, False, auth, idle, budget, limit),
                 **kwargs)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, True, auth, idle, budget),
+                _wrap_stream(handler.stream_stream, method, True, auth, idle, budget, limit),
                 **kwargs)
         return handler

@@ -109,3 +109,22 @@ def test_a_caller_past_its_share_waits_without_standing_in_anyone_s_way() -> Non
         assert budget.take_now(40, "c")
 
     asyncio.run(main())
+
+
+def test_calls_in_progress_are_bounded_in_all_and_per_caller() -> None:
+    from kvstore.server.interceptor import CallLimit
+
+    limit = CallLimit(4)
+    limit.enter("a")
+    limit.enter("a")
+    with pytest.raises(CapacityExhausted, match="its share"):
+        limit.enter("a")  # half of 4
+    limit.enter("b")
+    limit.enter("c")
+    with pytest.raises(CapacityExhausted, match=r"server\.max_calls"):
+        limit.enter("d")  # 4 in all
+    limit.leave("a")
+    limit.enter("d")
+    for who in ("a", "b", "c", "d"):
+        limit.leave(who)
+    assert limit.open == 0 and limit._of == {}
