@@ -221,9 +221,18 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
         # The last keys first: the deletes go out in key order.
         served = [k for k in reversed(keys[-100:]) if cb.get([k])[0] is not None]
         assert served == [], f"{len(served)} deleted blocks served by another node"
-        listed = [p for p in (s3.data_dir / s3.bucket / "nodes" / "purged").glob("*")] \
-            if (s3.data_dir / s3.bucket / "nodes" / "purged").exists() else []
-        assert listed == [], f"{len(listed)} objects still in the bucket after the answer"
+        folder = s3.data_dir / s3.bucket / "nodes" / "purged"
+
+        def listed() -> list[str]:
+            return [p.name for p in folder.glob("*")] if folder.exists() else []
+
+        left = listed()
+        # Only a delete the node gave up on (L3 too slow on a loaded host: it
+        # says so, and does it again until it lands) may be answered first.
+        given_up = [name for name in left
+                    if f"L3 delete of {name[:16]} waits for L3" not in a.log()]
+        assert given_up == [], f"{len(given_up)} objects still in the bucket after the answer"
+        wait_for(lambda: not listed(), 60.0, "the deletes given up on redone")
 
 
 def put_remote(c: Client, blocks: dict[bytes, bytes]) -> None:
