@@ -482,6 +482,15 @@ class Index:
             # (a block from before a run with L3 off may have its object there)
             return self.delete_l3(block, in_l3 or entry.created < self.l3_off_since,
                                   entry.checksum)
+        if self.l3_off_since and entry.created >= self.l3_off_since and \
+                self.delete_l3 is not None:
+            # A block of a run without the L3 an earlier run had, gone with no
+            # Delete (evicted, overwritten): the bucket may hold an older
+            # object of its key, which this run never listed. Recorded, it is
+            # deleted before the next run with L3 lists the bucket (that
+            # listing took the older object for the key's block, and served
+            # bytes an acknowledged Put had replaced).
+            self.delete_l3(block, False, entry.checksum)
         return None
 
     # -- one namespace (ops commands: kvstore ls, stats --namespace, flush) -------------

@@ -245,13 +245,20 @@ class TieredStore:
     def _record_l3_delete(self, block: BlockId, in_l3: bool,
                           checksum: int) -> asyncio.Future[Any] | None:
         """Index.delete_l3 while L3 is off: record the delete of the block's
-        L3 object (``in_l3``: one an earlier run put or found there) as
-        L3Mover does when L3 is down; the next run with L3 does it first."""
-        if not in_l3 or self.l2 is None:
+        L3 object as L3Mover does when L3 is down; the next run with L3 does
+        it first. ``in_l3``: the object an earlier run put or found there,
+        deleted if it is still that version (its checksum). Else, for a block
+        this run wrote (``index.l3_off_since`` set: an earlier run had L3),
+        whatever object is under the key: one older than the block, which
+        this run never listed (a Delete, an eviction, a Flush of the block
+        left it; the next run's listing took it for the key's block, and
+        served bytes an acknowledged Put had replaced). That may delete
+        another node's newer object put meanwhile: a miss, never stale bytes."""
+        if self.l2 is None or not (in_l3 or self.index.l3_off_since):
             return None
         recorded, done = writer_settled(asyncio.get_running_loop())
         self.l2.submit_tombstone(block, True, done,
-                                 None if checksum == UNKNOWN_CHECKSUM else checksum)
+                                 None if checksum == UNKNOWN_CHECKSUM or not in_l3 else checksum)
         return recorded
 
     # -- lifecycle --------------------------------------------------------------------

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from kvstore import Client
 from kvstore.types import TierName
 
@@ -145,4 +147,42 @@ def test_clearing_the_l2_a_run_without_it_left_keeps_its_l3_delete_records(  # t
         pass
     with server_factory(*l3, data_dir=node) as back, Client(back.tcp, namespace="ns") as c:
         wait_for(lambda: not any(p.is_file() for p in bucket.rglob("*")), "the recorded delete")
+        assert c.get([b"K"]) == [None]
+
+
+@pytest.mark.parametrize("how", ["evict", "delete", "flush"])
+def test_a_block_a_run_without_l3_wrote_leaves_no_older_object_to_serve(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path, how: str) -> None:
+    """K is A, only in L3; a run without L3 overwrites it with B, and B then
+    goes (evicted from L2 with nowhere to go, deleted, or flushed). The next
+    run with L3 listed A and served it: bytes an acknowledged Put had
+    replaced (a model-checking review). The run records a delete of
+    whatever is under K, done before that listing."""
+    node = tmp_path / "node"
+    bucket = tmp_path / "bucket"
+    l3 = ("--l3-url", f"file://{bucket}")
+    small = ("--l2-capacity", "4MiB")
+    mib = 1024 * 1024
+    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as first, \
+            Client(first.tcp, namespace="ns") as c:
+        c.put({b"K": b"A" * mib}, ack="remote")
+        for i in range(14):  # 14 MiB through L1 8 MiB and L2 4 MiB: K in L3 only
+            c.put({b"f%d" % i: bytes([i]) * mib}, ack="remote")
+        wait_for(lambda: c.lookup([b"K"]).tiers == [TierName.L3], "K in L3 only")
+    with server_factory(*small, data_dir=node, l1_capacity="8MiB") as without, \
+            Client(without.tcp, namespace="ns") as c:
+        assert c.put({b"K": b"B" * mib}, ack="local").stored == 1
+        if how == "evict":
+            for i in range(14):  # B leaves L1 and L2 (no L3: dropped)
+                c.put({b"g%d" % i: bytes([i]) * mib}, ack="local")
+            wait_for(lambda: c.lookup([b"K"]).found == 0, "K evicted")
+        elif how == "delete":
+            assert c.delete([b"K"]) == 1
+        else:
+            assert c.flush("ns") >= 1
+        assert c.get([b"K"]) == [None]
+    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as back, \
+            Client(back.tcp, namespace="ns") as c:
+        wait_for(lambda: not (bucket / "ns" / b"K".hex()).exists(),
+                 "the older object of K deleted")
         assert c.get([b"K"]) == [None]
