@@ -69,6 +69,9 @@ L2_TROUBLE_S = 60.0
 #: How far ahead of the clock the newest block in L2 may be for the start of
 #: a run without L3 to be taken after it (TieredStore._start_of_a_run_without_l3).
 MAX_CLOCK_BEHIND_S = 86_400.0
+#: The deletes of "whatever is under the key" one run without L3 records for
+#: the blocks it writes and loses (:meth:`TieredStore._record_l3_delete`).
+MAX_KEY_RECORDS_PER_RUN = 65_536
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
 #: A namespace listing's length when the caller gives none, and its cap.
@@ -126,6 +129,7 @@ class TieredStore:
                             self.progress, config.l1.reads_checked)
             self.l3: L3Mover | None = None
             self._kept_window = math.inf  # (a run without L3: see _keep_window_from)
+            self._key_records = 0  # (a run without L3: see _record_l3_delete)
             if has_l3:
                 self.l3 = L3Mover(shared, config.l3, config.server.namespaces,
                                   config.server.max_block_bytes)
@@ -256,6 +260,17 @@ class TieredStore:
         another node's newer object put meanwhile: a miss, never stale bytes."""
         if self.l2 is None or not (in_l3 or self.index.l3_off_since):
             return None
+        if not in_l3:
+            # (each record is ~0.5 KB of memory at the next start with L3,
+            # and a request then: bounded per run)
+            self._key_records += 1
+            if self._key_records > MAX_KEY_RECORDS_PER_RUN:
+                if self._key_records == MAX_KEY_RECORDS_PER_RUN + 1:
+                    log.warning("this run without L3 has recorded %d L3 deletes of keys it "
+                                "wrote and lost: no more are recorded; older objects of the "
+                                "keys it loses from now on may be served again once L3 is on "
+                                "(turn L3 back on, or clear the bucket)", MAX_KEY_RECORDS_PER_RUN)
+                return None
         recorded, done = writer_settled(asyncio.get_running_loop())
         self.l2.submit_tombstone(block, True, done,
                                  None if checksum == UNKNOWN_CHECKSUM or not in_l3 else checksum)
