@@ -124,6 +124,9 @@ class Reservation:
     session: str | None
     expires: float  # inf while the ShmReserve call that made it is open
     owner: str
+    #: made anonymous (a stocked slot), whatever key a commit binds it to
+    #: since: its size is in ShmStore._anonymous_bytes until it goes
+    anonymous: bool = False
 
 
 @dataclass(slots=True)
@@ -332,16 +335,19 @@ class SharedMemoryBroker:
         """A reservation of the extent at ``offset`` (reserved in placement)."""
         self._generation += 1
         slot_id = self._new_id(self._reservations)  # type: ignore[arg-type]
+        anonymous = not block[1]
         self._reservations[slot_id] = Reservation(block, offset, size, self._generation,
-                                                  session, expires, owner)
-        if not block[1]:
+                                                  session, expires, owner, anonymous)
+        if anonymous:
             self._anonymous_bytes += size
         return Slot(slot_id, offset, size, self._generation)
 
     def _forget_reservation(self, slot_id: int) -> Reservation | None:
         """Remove a reservation from the table (its extent is the caller's)."""
         r = self._reservations.pop(slot_id, None)
-        if r is not None and not r.block[1]:
+        if r is not None and r.anonymous:
+            # (by the flag: a commit binds the key before the reservation
+            # goes, and the bytes stayed counted, switching the stock off)
             self._anonymous_bytes -= r.size
         return r
 

@@ -35,3 +35,17 @@ def test_stocked_slots_leave_most_of_l1_to_every_client(small_shm) -> None:  # t
         assert plain.put({b"big": b"\x01" * (3 * MiB)}).stored == 1
         assert shm.put({b"big": b"\x02" * (3 * MiB)}).stored == 1
         assert time.monotonic() - started < 10
+
+
+def test_the_stock_goes_on_after_many_puts(small_shm) -> None:  # type: ignore[no-untyped-def]
+    """The stock's count of reserved bytes followed what its slots became: a
+    committed slot stayed counted, and after ~L1/4 of Puts no client got a
+    stocked slot again until a restart (fix review)."""
+    with ShmClient(small_shm.unix_target, namespace="stock", timeout=20) as shm:
+        for i in range(60):  # 6 MB of Puts through an 8 MiB L1
+            assert shm.put({b"p%d" % i: bytes([i]) * 100_000}).stored == 1
+        assert shm.stocked_slots() > 0
+    with ShmClient(small_shm.unix_target, namespace="stock", timeout=20) as fresh:
+        for i in range(3):
+            assert fresh.put({b"q%d" % i: bytes([i]) * 100_000}).stored == 1
+        assert fresh.stocked_slots() > 0
