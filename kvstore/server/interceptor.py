@@ -194,11 +194,12 @@ class ResponseBudget:
 
 class CallLimit:
     """kvstore.v1 calls in progress (server.max_calls), all callers together,
-    and one caller's (its identity under auth.tokens_file, else its
-    connection) at most half of them: past either a call is refused
-    RESOURCE_EXHAUSTED at once. (grpc's own limit counted the health checks
-    too: one tenant holding every call failed the probes, and the
-    orchestrator restarted the server.)"""
+    and under auth.tokens_file one identity's at most half of them: past
+    either a call is refused RESOURCE_EXHAUSTED at once. (grpc's own limit
+    counted the health checks too: one tenant holding every call failed the
+    probes, and the orchestrator restarted the server.) Without auth there
+    is no caller to tell: grpc names every unix-socket peer alike, so a
+    share per peer made every local client one caller."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -206,12 +207,13 @@ class CallLimit:
         self.open = 0
         self._of: dict[str, int] = {}
 
-    def enter(self, who: str) -> None:
+    def enter(self, who: str, shared: bool = True) -> None:
+        """Count a call of ``who``; ``shared``: within its share too."""
         mine = self._of.get(who, 0)
         if self.open >= self.total:
             raise CapacityExhausted(f"the server has {self.open} calls in progress, its limit "
                                     "(server.max_calls): retry later")
-        if mine >= self.share:
+        if shared and mine >= self.share:
             raise CapacityExhausted(f"this caller has {mine} calls in progress, its share of "
                                     f"the server's {self.total} (server.max_calls): end some "
                                     "(a Put stream that sends nothing ends after "
@@ -354,8 +356,8 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
                 _check_decoded(request, method, context)
             request, who = _authorized(auth, method, request, context)
             if limit is not None:
-                entering = who if auth is not None else context.peer()
-                limit.enter(entering)
+                entering = who if auth is not None else ""
+                limit.enter(entering, auth is not None)
                 caller = entering
             return await behavior(request, context)
         except Exception as exc:
@@ -442,8 +444,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 _check_decoded(request, method, context)
             request, who = _authorized(auth, method, request, context)
             if limit is not None:
-                entering = who if auth is not None else context.peer()
-                limit.enter(entering)
+                entering = who if auth is not None else ""
+                limit.enter(entering, auth is not None)
                 caller = entering
             responses = behavior(request, context)
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)

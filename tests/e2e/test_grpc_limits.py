@@ -76,17 +76,23 @@ def test_connections_past_the_limit_are_closed_and_the_rest_serve(server_factory
 
 
 def test_calls_past_a_caller_s_share_are_refused_and_the_probes_still_answer(
-        server_factory) -> None:  # type: ignore[no-untyped-def]
-    """server.max_calls 16: one connection holds its half (8 silent Put
+        server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """server.max_calls 16, auth on: one identity holds its half (8 silent Put
     streams); its next call is refused at once, the health check (what the
-    orchestrator's probes call) answers, and another connection's calls are
+    orchestrator's probes call) answers, and another identity's calls are
     served. (grpc's own limit counted the probes: one tenant holding every
     call failed them, and the server was restarted.)"""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with server_factory("--server-max-calls", "16", "--server-data-plane", "false") \
+    from kvstore.server.auth import hash_token
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{hash_token('tok-a')} a n\n{hash_token('tok-b')} b n\n")
+    with server_factory("--server-max-calls", "16", "--server-data-plane", "false",
+                        "--auth-tokens-file", str(tokens)) \
             as server, grpc.insecure_channel(server.tcp) as channel:
         stub = pb_grpc.KVStoreStub(channel)
+        auth_a = (("authorization", "Bearer tok-a"),)
         release = threading.Event()
 
         def silent() -> Iterator[pb.PutChunk]:
@@ -94,24 +100,24 @@ def test_calls_past_a_caller_s_share_are_refused_and_the_probes_still_answer(
             return
             yield  # (a generator that sends nothing until released)
 
-        held = [stub.Put.future(silent(), timeout=60) for _ in range(8)]
+        held = [stub.Put.future(silent(), timeout=60, metadata=auth_a) for _ in range(8)]
         try:
             deadline = time.monotonic() + 15
             refused = None
             while refused is None and time.monotonic() < deadline:
                 try:
                     stub.Put(iter([pb.PutChunk(namespace="n", key=b"k", block_size=1,
-                                               data=b"v")]), timeout=10)
+                                               data=b"v")]), timeout=10, metadata=auth_a)
                 except grpc.RpcError as err:
                     refused = err
-            assert refused is not None, "the 9th call of the connection was not refused"
+            assert refused is not None, "the 9th call of the identity was not refused"
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "its share" in (refused.details() or "")
             with grpc.insecure_channel(server.tcp) as probe:
                 answer = health_pb2_grpc.HealthStub(probe).Check(
                     health_pb2.HealthCheckRequest(), timeout=10)
                 assert answer.status == health_pb2.HealthCheckResponse.SERVING
-            with Client(server.tcp, namespace="n") as other:  # another connection
+            with Client(server.tcp, namespace="n", token="tok-b") as other:  # another identity
                 other.put({b"k": b"v"})
                 assert other.get([b"k"]) == [b"v"]
         finally:
