@@ -157,6 +157,10 @@ class Index:
         #: L3, or none was ever recorded): blocks written before then count
         #: as in L3 for ``delete_l3``.
         self.l3_off_since = 0.0
+        #: With ``l3_off_since``: blocks created at or after this time were
+        #: written by a run without L3 (this one, or one before it whose
+        #: window no listing has closed yet); it moves back with the clock.
+        self.run_window = math.inf
         #: The earliest creation time this run handed out (stamp()), and who is
         #: told when one goes below it (the clock stepped back).
         self.earliest_stamp = math.inf
@@ -478,12 +482,16 @@ class Index:
         if entry.l3:
             self.set_l3(entry, False)
             self.policy.on_remove(TierName.L3, block)
+        # A block written by a run without L3 (even one whose clock was
+        # behind the recorded start of such runs: that start alone counted it
+        # as one in L3, whose own version's delete left the older object)
+        written_without_l3 = bool(self.l3_off_since) and entry.created >= self.run_window
         if delete_l3 and self.delete_l3 is not None:
             # (a block from before a run with L3 off may have its object there)
-            return self.delete_l3(block, in_l3 or entry.created < self.l3_off_since,
-                                  entry.checksum)
-        if self.l3_off_since and entry.created >= self.l3_off_since and \
-                self.delete_l3 is not None:
+            return self.delete_l3(
+                block, (in_l3 or entry.created < self.l3_off_since) and not written_without_l3,
+                entry.checksum)
+        if written_without_l3 and self.delete_l3 is not None:
             # A block of a run without the L3 an earlier run had, gone with no
             # Delete (evicted, overwritten): the bucket may hold an older
             # object of its key, which this run never listed. Recorded, it is

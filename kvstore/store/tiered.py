@@ -69,9 +69,10 @@ L2_TROUBLE_S = 60.0
 #: How far ahead of the clock the newest block in L2 may be for the start of
 #: a run without L3 to be taken after it (TieredStore._start_of_a_run_without_l3).
 MAX_CLOCK_BEHIND_S = 86_400.0
-#: The deletes of "whatever is under the key" one run without L3 records for
-#: the blocks it writes and loses (:meth:`TieredStore._record_l3_delete`).
-MAX_KEY_RECORDS_PER_RUN = 65_536
+#: The keys whose delete of "whatever is under the key" runs without L3
+#: record, for the blocks they write and lose, until a run with L3 does them
+#: (:meth:`TieredStore._record_l3_delete`).
+MAX_KEY_RECORDS = 65_536
 # The rebuild indexes this many blocks at a time into the compact index.
 _REBUILD_SLICE = 65536
 #: A namespace listing's length when the caller gives none, and its cap.
@@ -129,7 +130,9 @@ class TieredStore:
                             self.progress, config.l1.reads_checked)
             self.l3: L3Mover | None = None
             self._kept_window = math.inf  # (a run without L3: see _keep_window_from)
-            self._key_records = 0  # (a run without L3: see _record_l3_delete)
+            #: (a run without L3: see _record_l3_delete)
+            self._key_records: set[BlockId] = set()
+            self._said_key_records = False
             if has_l3:
                 self.l3 = L3Mover(shared, config.l3, config.server.namespaces,
                                   config.server.max_block_bytes)
@@ -209,6 +212,11 @@ class TieredStore:
             since = self.l2.unlisted_since
             opened = min(off, time.time())
             self._kept_window = opened if since is None else min(since, opened)
+            self.index.run_window = self._kept_window
+            # The keys whose "whatever is under it" delete is recorded already
+            # (by this run or one before it without L3): the bound counts keys.
+            self._key_records = {block for block, checksum in self.l2.tombstones_sync()
+                                 if checksum is None}
             if since is None or since > opened:
                 self.l2.set_unlisted_since(opened, settled_quietly)
             self.index.on_earlier_stamp = self._keep_window_from
@@ -221,6 +229,7 @@ class TieredStore:
         L2 (the clock stepped back): the window opens then."""
         if created < self._kept_window and self.l2 is not None:
             self._kept_window = created
+            self.index.run_window = created
             self.l2.set_unlisted_since(created, settled_quietly)
 
     def _start_of_a_run_without_l3(self) -> float:
@@ -260,17 +269,18 @@ class TieredStore:
         another node's newer object put meanwhile: a miss, never stale bytes."""
         if self.l2 is None or not (in_l3 or self.index.l3_off_since):
             return None
-        if not in_l3:
+        if not in_l3 and block not in self._key_records:
             # (each record is ~0.5 KB of memory at the next start with L3,
-            # and a request then: bounded per run)
-            self._key_records += 1
-            if self._key_records > MAX_KEY_RECORDS_PER_RUN:
-                if self._key_records == MAX_KEY_RECORDS_PER_RUN + 1:
-                    log.warning("this run without L3 has recorded %d L3 deletes of keys it "
+            # and a request then: bounded, in keys, over the runs without L3)
+            if len(self._key_records) >= MAX_KEY_RECORDS:
+                if not self._said_key_records:
+                    self._said_key_records = True
+                    log.warning("runs without L3 have recorded %d L3 deletes of keys they "
                                 "wrote and lost: no more are recorded; older objects of the "
-                                "keys it loses from now on may be served again once L3 is on "
-                                "(turn L3 back on, or clear the bucket)", MAX_KEY_RECORDS_PER_RUN)
+                                "keys lost from now on may be served again once L3 is on "
+                                "(turn L3 back on, or clear the bucket)", MAX_KEY_RECORDS)
                 return None
+            self._key_records.add(block)
         recorded, done = writer_settled(asyncio.get_running_loop())
         self.l2.submit_tombstone(block, True, done,
                                  None if checksum == UNKNOWN_CHECKSUM or not in_l3 else checksum)
