@@ -187,8 +187,8 @@ class ServerConfig:
                                "run the server out of file descriptors or memory (~32 KB "
                                "each)", parse_int)
     max_calls: int = opt(4096, "kvstore gRPC calls in progress at once, every client "
-                         "together, one caller (its identity under auth, else its "
-                         "connection) at most half; one beyond is refused RESOURCE_EXHAUSTED "
+                         "together, under auth one identity at most half; one beyond is "
+                         "refused RESOURCE_EXHAUSTED "
                          "at once (an open call, a Put stream sending nothing included, holds "
                          "~6 KB). Health checks are not counted", parse_int)
     max_lease_ms: int = opt(60_000, "longest lease a Lookup may take", parse_int)
