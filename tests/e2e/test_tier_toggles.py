@@ -16,6 +16,7 @@ from kvstore import Client
 from kvstore.types import TierName
 
 KEYS = [b"k%d" % i for i in range(6)]
+mib = 1024 * 1024
 #: A directory whose sitecustomize.py moves a server's wall clock (CLOCKSHIFT_S).
 CLOCKSHIFT = Path(__file__).parent.parent / "clockshift"
 
@@ -25,6 +26,25 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> Non
     while not check():
         assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
         time.sleep(0.05)  # polling with a deadline
+
+
+def only_in_l3(server_factory, tmp_path: Path, blocks: dict[bytes, bytes]  # type: ignore[no-untyped-def]
+               ) -> tuple[Path, Path, tuple[str, ...], tuple[str, ...]]:
+    """A node (data dir) with a file:// bucket whose run leaves ``blocks`` of
+    namespace "ns" in L3 only; returns the data dir, the bucket, and the
+    flags of L3 and of the small L2 its runs use."""
+    node = tmp_path / "node"
+    bucket = tmp_path / "bucket"
+    l3 = ("--l3-url", f"file://{bucket}")
+    small = ("--l2-capacity", "4MiB")
+    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as first, \
+            Client(first.tcp, namespace="ns") as c:
+        c.put(blocks, ack="remote")
+        for i in range(14):  # 14 MiB through L1 8 MiB and L2 4 MiB: the blocks in L3 only
+            c.put({b"f%d" % i: bytes([i]) * mib}, ack="remote")
+        wait_for(lambda: c.lookup(list(blocks)).tiers == [TierName.L3] * len(blocks),
+                 "the blocks in L3 only")
+    return node, bucket, l3, small
 
 
 def test_a_run_without_l2_leaves_no_stale_block_for_the_next_run_with_it(  # type: ignore[no-untyped-def]
@@ -103,18 +123,8 @@ def test_a_run_without_l3_overwrites_blocks_only_in_l3(  # type: ignore[no-untyp
     block's copy; once its L2 copy went, the overwrite was lost (the old
     object "corrupt"). (Its Delete in such a run reaches nothing: the docs
     say so.)"""
-    node = tmp_path / "node"
-    bucket = tmp_path / "bucket"
-    l3 = ("--l3-url", f"file://{bucket}")
-    small = ("--l2-capacity", "4MiB")
-    mib = 1024 * 1024
-    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as first, \
-            Client(first.tcp, namespace="ns") as c:
-        c.put({b"K": b"A" * mib, b"D": b"C" * mib}, ack="remote")
-        for i in range(14):  # 14 MiB through L1 8 MiB and L2 4 MiB: K and D in L3 only
-            c.put({b"f%d" % i: bytes([i]) * mib}, ack="remote")
-        wait_for(lambda: c.lookup([b"K", b"D"]).tiers == [TierName.L3, TierName.L3],
-                 "K and D in L3 only")
+    node, _, l3, small = only_in_l3(server_factory, tmp_path,
+                                      {b"K": b"A" * mib, b"D": b"C" * mib})
     with server_factory(*small, data_dir=node, l1_capacity="8MiB") as without, \
             Client(without.tcp, namespace="ns") as c:
         assert c.put({b"K": b"B" * mib}, ack="local").stored == 1
@@ -158,17 +168,7 @@ def test_a_block_a_run_without_l3_wrote_leaves_no_older_object_to_serve(  # type
     run with L3 listed A and served it: bytes an acknowledged Put had
     replaced (a model-checking review). The run records a delete of
     whatever is under K, done before that listing."""
-    node = tmp_path / "node"
-    bucket = tmp_path / "bucket"
-    l3 = ("--l3-url", f"file://{bucket}")
-    small = ("--l2-capacity", "4MiB")
-    mib = 1024 * 1024
-    with server_factory(*l3, *small, data_dir=node, l1_capacity="8MiB") as first, \
-            Client(first.tcp, namespace="ns") as c:
-        c.put({b"K": b"A" * mib}, ack="remote")
-        for i in range(14):  # 14 MiB through L1 8 MiB and L2 4 MiB: K in L3 only
-            c.put({b"f%d" % i: bytes([i]) * mib}, ack="remote")
-        wait_for(lambda: c.lookup([b"K"]).tiers == [TierName.L3], "K in L3 only")
+    node, bucket, l3, small = only_in_l3(server_factory, tmp_path, {b"K": b"A" * mib})
     with server_factory(*small, data_dir=node, l1_capacity="8MiB") as without, \
             Client(without.tcp, namespace="ns") as c:
         assert c.put({b"K": b"B" * mib}, ack="local").stored == 1

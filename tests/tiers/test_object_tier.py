@@ -750,27 +750,34 @@ def test_a_burst_of_transient_errors_does_not_open_the_breaker(
     run(go())
 
 
+class SlowGets:
+    """obstore's GET, each taking ``delay`` more seconds, with the most in
+    flight at once counted (``peak``)."""
+
+    def __init__(self, delay: float, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.delay, self.in_flight, self.peak = delay, 0, 0
+        self._real = obstore.get_async
+        monkeypatch.setattr(obstore, "get_async", self.get)
+
+    async def get(self, *args: Any, **kw: Any) -> Any:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            return await self._real(*args, **kw)
+        finally:
+            self.in_flight -= 1
+
+
 def test_concurrency_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def go() -> None:
         tier = ObjectTier(f"file://{tmp_path}/l3", concurrency=3)
         for i in range(12):
             await tier.put(("ns", bytes([i])), b"x" * 100, meta_for(b"x" * 100))
-        real_get, in_flight, peak = obstore.get_async, 0, 0
-
-        async def slow_get(*args: Any, **kw: Any) -> Any:
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            try:
-                await asyncio.sleep(0.01)
-                return await real_get(*args, **kw)
-            finally:
-                in_flight -= 1
-
-        monkeypatch.setattr(obstore, "get_async", slow_get)
+        gets = SlowGets(0.01, monkeypatch)
         got = await asyncio.gather(*(payload(tier, ("ns", bytes([i]))) for i in range(12)))
         assert all(g is not None for g in got)
-        assert peak == 3
+        assert gets.peak == 3
 
     run(go())
 
@@ -844,19 +851,7 @@ def test_prefetch_reads_take_a_quarter_of_the_read_slots(
         tier = ObjectTier(f"file://{tmp_path}/l3", read_concurrency=8)
         for i in range(21):
             await tier.put(("ns", bytes([i])), b"x" * 100, meta_for(b"x" * 100))
-        real_get, in_flight, peak = obstore.get_async, 0, 0
-
-        async def slow_get(*args: Any, **kw: Any) -> Any:
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            try:
-                await asyncio.sleep(0.05)
-                return await real_get(*args, **kw)
-            finally:
-                in_flight -= 1
-
-        monkeypatch.setattr(obstore, "get_async", slow_get)
+        gets = SlowGets(0.05, monkeypatch)
         hints = [asyncio.ensure_future(tier.get_with_meta(("ns", bytes([i])), prefetch=True))
                  for i in range(20)]
         await asyncio.sleep(0.01)
@@ -864,7 +859,7 @@ def test_prefetch_reads_take_a_quarter_of_the_read_slots(
         assert await payload(tier, ("ns", bytes([20]))) == b"x" * 100
         waited = time.monotonic() - t0
         assert all(found is not None for found in await asyncio.gather(*hints))
-        assert peak == 3  # two prefetches and the demand read
+        assert gets.peak == 3  # two prefetches and the demand read
         assert waited < 0.5  # not behind the prefetches' ten rounds
 
     run(go())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from kvstore.config import load
 from kvstore.store import TieredStore
@@ -12,10 +13,15 @@ from kvstore.types import AckLevel
 MiB = 1024**2
 
 
+def memory_only(tmp_path: Path) -> Any:
+    """An 8 MiB L1 and nothing else."""
+    return load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "8MiB",
+                     "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
+                     "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+
+
 def test_pins_of_deleted_blocks_do_not_pile_up(tmp_path: Path) -> None:
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "8MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
-                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    config = memory_only(tmp_path)
 
     async def go() -> None:
         store = TieredStore(config)
@@ -88,9 +94,7 @@ def test_a_pin_racing_a_delete_leaves_no_pin_for_the_next_block_of_the_key(
 
 def test_an_unpin_clears_the_policy_pin_of_every_key_it_names(tmp_path: Path) -> None:
     """However a policy pin came to be, an Unpin of its key ends it."""
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "8MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_ENABLED": "false",
-                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    config = memory_only(tmp_path)
 
     async def go() -> None:
         store = TieredStore(config)
