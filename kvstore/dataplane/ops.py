@@ -354,7 +354,8 @@ class Session:
             req = f.ShmAcquireRequest.decode(meta)
             namespace = self.namespace(req.namespace)
             granted = self.shm.acquire_now(namespace, req.keys, session_or_none(req.session_id),
-                                           req.lease_ms, req.release, self.owner)
+                                           req.lease_ms, req.release, self.owner,
+                                           self.binding.identity)
         except (f.FrameError, KVStoreError):
             return False
         if granted is None:
@@ -819,7 +820,7 @@ class Session:
         namespace = self.namespace(req.namespace)
         leases, released, expired = await self.shm.acquire(
             namespace, req.keys, session_or_none(req.session_id), req.lease_ms, req.release,
-            self.owner)
+            self.owner, self.binding.identity)
         self._took_leases(req.release, leases)
         await self.reply(header, f.encode_shm_acquire_result(
             self.shm.lease_ms(req.lease_ms), released, expired,

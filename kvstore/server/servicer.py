@@ -478,9 +478,13 @@ class KVStoreServicer:
         namespace = self.store.check_namespace(request.namespace)
         # request.release: the previous Get's leases, piggybacked; ended before
         # acquiring, checked as ShmRelease checks them.
+        # Under auth a tenant's share of the leases is its identity's (the
+        # interceptor has checked the credential).
+        identity = "" if self.auth is None else self.auth.identify(
+            context.invocation_metadata(), context.auth_context()).identity
         leases, released, expired = await self.shm.acquire(
             namespace, list(request.keys), session_or_none(request.session_id), request.lease_ms,
-            list(request.release), check_name(request.owner, "owner"))
+            list(request.release), check_name(request.owner, "owner"), identity)
         return pb.ShmAcquireResponse(leases=[
             pb.ShmLease(hit=False) if lease is None else
             pb.ShmLease(hit=False, tier=_tier_pb(lease.tier)) if isinstance(lease, Unleased)

@@ -92,11 +92,12 @@ _EXPIRED_MEMORY = 65_536
 #: Leases held at once, all clients together: each costs the server ~1 KB and
 #: pins its block, and a client may keep one for up to server.max_lease_ms.
 MAX_LEASES = 65_536
-#: Of them, one namespace's at most: one tenant leasing the same 16 blocks
-#: over and over held them all, and every other tenant's acquire (the engine
-#: integrations' path) failed. Half: one acquire may still lease a 1M-token
-#: context in 32-token blocks.
-MAX_LEASES_PER_NAMESPACE = MAX_LEASES // 2
+#: Of them, one tenant's at most (its identity under auth.tokens_file, else
+#: the namespace): one tenant leasing the same 16 blocks over and over held
+#: them all, and every other tenant's acquire (the engine integrations' path)
+#: failed; counted per namespace, a tenant granted two held them all again.
+#: Half: one acquire may still lease a 1M-token context in 32-token blocks.
+MAX_LEASES_PER_TENANT = MAX_LEASES // 2
 # restock (anonymous slots for a client's next Puts): at most this many slots,
 # and this share of L1, per call; and how long it may wait for L1 room (s)
 # before giving up (a restock must not hold back the commit it rides on).
@@ -157,6 +158,8 @@ class Lease:
     reader: BlockReader
     namespace: str = ""
     owner: str = ""
+    #: whose share of the leases it counts in (:meth:`SharedMemoryBroker._tenant`)
+    tenant: str = ""
 
 
 @dataclass(slots=True)
@@ -198,7 +201,7 @@ class SharedMemoryBroker:
         #: bytes of the anonymous reservations (restocked slots), every owner's
         self._anonymous_bytes = 0
         self._leases: dict[int, Lease] = {}
-        #: leases held per namespace (MAX_LEASES_PER_NAMESPACE)
+        #: leases held per tenant (MAX_LEASES_PER_TENANT)
         self._leases_of: Counter[str] = Counter()
         # Expired lease ids (with the namespace and owner that took them), to
         # tell "expired" from "never issued" and from "someone else's".
@@ -699,8 +702,15 @@ class SharedMemoryBroker:
 
     # -- Get ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _tenant(namespace: str, identity: str) -> str:
+        """Whose share a lease counts in: the caller's identity under
+        auth.tokens_file, else the namespace (no name of one is the other's:
+        the prefixes differ)."""
+        return f"identity {identity!r}" if identity else f"namespace {namespace!r}"
+
     def _check_acquire(self, namespace: str, keys: Sequence[bytes],
-                       release: Sequence[int]) -> None:
+                       release: Sequence[int], tenant: str) -> None:
         """What :meth:`acquire` and :meth:`acquire_now` check before anything
         changes: the namespace, the keys, and room for their leases."""
         self.check_namespace(namespace)
@@ -710,13 +720,14 @@ class SharedMemoryBroker:
         # pass the bound).
         leases = self._leases
         given_back = {i for i in release if i in leases} if release else set()
-        mine = self._leases_of[namespace] - \
-            sum(1 for i in given_back if leases[i].namespace == namespace)
-        if mine + len(keys) > MAX_LEASES_PER_NAMESPACE:
+        mine = self._leases_of[tenant] - \
+            sum(1 for i in given_back if leases[i].tenant == tenant)
+        if mine + len(keys) > MAX_LEASES_PER_TENANT:
+            per = "identity" if tenant.startswith("identity") else "namespace"
             raise CapacityExhausted(
-                f"namespace {namespace!r} holds {mine} shared-memory leases, {len(keys)} more "
-                f"asked for: at most {MAX_LEASES_PER_NAMESPACE} per namespace; release "
-                "leases (ShmRelease) or read by Get")
+                f"{tenant} holds {mine} shared-memory leases, {len(keys)} more asked for: "
+                f"at most {MAX_LEASES_PER_TENANT} per {per}; release leases (ShmRelease) "
+                "or read by Get")
         if len(leases) - len(given_back) + len(keys) > MAX_LEASES:
             raise CapacityExhausted(
                 f"the server's shared-memory leases are all held ({len(keys)} more asked for; "
@@ -724,14 +735,17 @@ class SharedMemoryBroker:
                 "(ShmRelease) or read by Get")
 
     async def acquire(self, namespace: str, keys: Sequence[bytes], session: str | None,
-                      lease_ms: int, release: Sequence[int] = (), owner: str = ""
+                      lease_ms: int, release: Sequence[int] = (), owner: str = "",
+                      identity: str = ""
                       ) -> tuple[list[Lease | Unleased | None], int, list[int]]:
         """Lease ``keys``; first end the leases in ``release`` (checked as
         :meth:`release` checks them: a bad id fails the call before anything is
         released or acquired). Returns the leases (None for a miss, Unleased
         for a block found where no lease can reach it now) and what
-        :meth:`release` returns for ``release``."""
-        self._check_acquire(namespace, keys, release)
+        :meth:`release` returns for ``release``. ``identity``: the caller's
+        under auth.tokens_file (its share of the leases; else the namespace's)."""
+        tenant = self._tenant(namespace, identity)
+        self._check_acquire(namespace, keys, release, tenant)
         released = 0
         expired: list[int] = []
         if release:
@@ -778,9 +792,9 @@ class SharedMemoryBroker:
                 # lease runs from when the client gets it (set below).
                 lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
                               entry.generation, reader.tier, math.inf,
-                              reader, namespace, owner)
+                              reader, namespace, owner, tenant)
                 self._leases[lease_id] = lease
-                self._leases_of[namespace] += 1
+                self._leases_of[tenant] += 1
                 held += extent(entry.size)
                 out.append(lease)
         except BaseException:
@@ -795,8 +809,8 @@ class SharedMemoryBroker:
         return out, released, expired
 
     def acquire_now(self, namespace: str, keys: Sequence[bytes], session: str | None,
-                    lease_ms: int, release: Sequence[int] = (), owner: str = ""
-                    ) -> tuple[list[Lease], int, list[int]] | None:
+                    lease_ms: int, release: Sequence[int] = (), owner: str = "",
+                    identity: str = "") -> tuple[list[Lease], int, list[int]] | None:
         """:meth:`acquire` without waiting (the data plane's answer from the
         readable callback): when every key is an L1 hit with no load of it in
         flight, the same leases (ids, expiry, pins), the same counters and
@@ -804,7 +818,8 @@ class SharedMemoryBroker:
         first. None otherwise, having changed nothing (the caller then takes
         :meth:`acquire`). Raises what :meth:`acquire` raises for a bad
         namespace, key or release id, also before anything changes."""
-        self._check_acquire(namespace, keys, release)
+        tenant = self._tenant(namespace, identity)
+        self._check_acquire(namespace, keys, release, tenant)
         store = self.store
         index = store.index
         hot = index.blocks.get  # an L1 copy is always in the full index
@@ -842,10 +857,11 @@ class SharedMemoryBroker:
                                  functools.partial(drop_corrupt, block, entry, TierName.L1))
             lease_id = self._new_id(leases)  # type: ignore[arg-type]
             lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
-                          entry.generation, TierName.L1, expires, reader, namespace, owner)
+                          entry.generation, TierName.L1, expires, reader, namespace, owner,
+                          tenant)
             leases[lease_id] = lease
             out.append(lease)
-        self._leases_of[namespace] += len(out)
+        self._leases_of[tenant] += len(out)
         return out, released, expired
 
     def lease_ms(self, requested: int) -> int:
@@ -856,11 +872,11 @@ class SharedMemoryBroker:
         lease = self._leases.pop(lease_id, None)
         if lease is not None:
             lease.reader.close()
-            left = self._leases_of[lease.namespace] - 1
+            left = self._leases_of[lease.tenant] - 1
             if left:
-                self._leases_of[lease.namespace] = left
+                self._leases_of[lease.tenant] = left
             else:
-                del self._leases_of[lease.namespace]
+                del self._leases_of[lease.tenant]
         return lease
 
     def _holder(self, lease_id: int) -> tuple[str, str] | None:

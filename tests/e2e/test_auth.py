@@ -172,6 +172,36 @@ def test_shm_attach_refuses_an_identity_granted_no_shared_memory_namespace(  # t
         assert _raw(server.tcp, "ShmAttach", attach, OPS) == grpc.StatusCode.OK  # * grant
 
 
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+def test_a_tenant_granted_two_namespaces_holds_at_most_its_share_of_the_leases(  # type: ignore[no-untyped-def]
+        server_factory, tokens_file: Path, tmp_path: Path, data_plane: bool) -> None:
+    """The leases' share was counted per namespace (0.27.0, a fix review):
+    bob, granted team-b and shared, held half the server's leases in each,
+    all of them together, and every other tenant's acquire failed. Under
+    auth the share is the identity's."""
+    from kvstore.client.shm import ShmClient
+    from kvstore.errors import CapacityExhausted
+    from kvstore.store.shm import MAX_LEASES_PER_TENANT
+
+    arena = f"/dev/shm/kvstore-test-auth-{tmp_path.name}"
+    with server_factory("--auth-tokens-file", str(tokens_file), "--l1-shm-path", arena) as server, \
+            ShmClient(server.unix_target, token=BOB, data_plane=data_plane, timeout=60) as bob, \
+            ShmClient(server.unix_target, token=ALICE, data_plane=data_plane) as alice:
+        for client, namespace in ((bob, "team-b"), (bob, "shared"), (alice, "team-a")):
+            assert client.put({b"k": b"v" * 100}, namespace=namespace).stored == 1
+        held = bob.acquire([b"k"] * MAX_LEASES_PER_TENANT, namespace="team-b")
+        assert all(lease is not None and lease.lease_id for lease in held)
+        with pytest.raises(CapacityExhausted, match=r"identity 'bob' holds 32768 .* per identity"):
+            bob.acquire([b"k"], namespace="shared")
+        theirs = alice.acquire([b"k"] * 16, namespace="team-a")  # not held back
+        assert all(lease is not None and lease.lease_id for lease in theirs)
+        alice.release(theirs)
+        bob.release(held)
+        again = bob.acquire([b"k"], namespace="shared")
+        assert again[0] is not None and bytes(again[0].view) == b"v" * 100
+        bob.release(again)
+
+
 def test_a_put_stream_open_when_its_token_is_revoked_ends_at_its_next_chunk(  # type: ignore[no-untyped-def]
         server_factory, tokens_file: Path) -> None:
     """A Put stream opened before a SIGHUP revoked its token went on storing

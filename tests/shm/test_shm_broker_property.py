@@ -247,13 +247,13 @@ def test_one_namespace_holds_at_most_its_share_of_the_leases(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One tenant leasing its blocks over and over held every lease of the
     server, and every other tenant's acquire failed: a namespace holds at
-    most MAX_LEASES_PER_NAMESPACE, and another namespace still leases. The
+    most MAX_LEASES_PER_TENANT, and another namespace still leases. The
     count follows releases and expiries."""
     from kvstore.errors import CapacityExhausted
     from kvstore.store import shm
 
     monkeypatch.setattr(shm, "MAX_LEASES", 8)
-    monkeypatch.setattr(shm, "MAX_LEASES_PER_NAMESPACE", 4)
+    monkeypatch.setattr(shm, "MAX_LEASES_PER_TENANT", 4)
 
     async def go() -> None:
         async with _broker(tmp_path, "share") as (store, broker):
@@ -270,5 +270,41 @@ def test_one_namespace_holds_at_most_its_share_of_the_leases(
             broker.release(ids[:2], "a")
             again, _, _ = await broker.acquire("a", [KEYS[0]] * 2, None, 0)
             assert all(lease is not None for lease in again) and broker.leases == 6
+
+    asyncio.run(go())
+
+
+def test_one_identity_holds_at_most_its_share_over_all_its_namespaces(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fix review: under auth, a tenant granted two namespaces held half
+    the leases in each, all of them together, and every other tenant's
+    acquire failed. The share is the identity's."""
+    from kvstore.errors import CapacityExhausted
+    from kvstore.store import shm
+
+    monkeypatch.setattr(shm, "MAX_LEASES", 8)
+    monkeypatch.setattr(shm, "MAX_LEASES_PER_TENANT", 4)
+
+    async def go() -> None:
+        async with _broker(tmp_path, "ident") as (store, broker):
+            for ns in ("a", "b", "c"):
+                await store.put_bytes(ns, KEYS[0], KEYS[0] * 100)
+            held, _, _ = await broker.acquire("a", [KEYS[0]] * 2, None, 0, identity="greedy")
+            more = broker.acquire_now("b", [KEYS[0]] * 2, None, 0, identity="greedy")
+            assert more is not None
+            for ns in ("a", "b"):
+                with pytest.raises(CapacityExhausted, match=r"identity 'greedy' holds 4 .* "
+                                                            "at most 4 per identity"):
+                    await broker.acquire(ns, [KEYS[0]], None, 0, identity="greedy")
+                with pytest.raises(CapacityExhausted, match="at most 4 per identity"):
+                    broker.acquire_now(ns, [KEYS[0]], None, 0, identity="greedy")
+            # Another identity on the same namespaces is not held back.
+            theirs, _, _ = await broker.acquire("b", [KEYS[0]] * 4, None, 0, identity="other")
+            assert all(lease is not None for lease in theirs) and broker.leases == 8
+            # A release given back in the same call makes room in the share.
+            ids = [lease.lease_id for lease in held if lease is not None]
+            broker.release(ids, "a")
+            again, _, _ = await broker.acquire("c", [KEYS[0]] * 2, None, 0, identity="greedy")
+            assert all(lease is not None for lease in again) and broker.leases == 8
 
     asyncio.run(go())
