@@ -13,6 +13,13 @@ no importable module). ``KVSTORE_TEST_RCLONE`` overrides it, then ``PATH``.
 Readiness is event-driven: a thread reads rclone's log and the start waits
 (bounded) for its "Starting s3 server on [http://127.0.0.1:PORT/]" line, then
 checks the port accepts a connection. No fixed sleeps.
+
+A fault of the server, not of kvstore (rclone 1.75, reproduced with obstore
+alone): concurrent PUTs that create a folder (a namespace's first uploads)
+can leave one object that a later DELETE answers 204 for and does not remove
+(it stays listed and readable); about 1 folder in 50 of 25 uploads. A folder
+that exists before the concurrent PUTs is not affected: a test that checks
+objects are gone after concurrent first uploads puts one object first, alone.
 """
 
 from __future__ import annotations

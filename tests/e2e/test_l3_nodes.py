@@ -212,7 +212,8 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
     patient = ("--l3-timeout-s", "10", "--l3-retries", "3")
     with l3_node(server_factory, s3, *patient) as a, l3_node(server_factory, s3) as b, \
             Client(a.tcp, namespace="purged") as ca, Client(b.tcp, namespace="purged") as cb:
-        for start in range(0, n, 25):
+        ca.put({keys[0]: keys[0] * 100}, ack="remote")  # (alone: tests/s3server.py)
+        for start in range(1, n, 25):
             ca.put({k: k * 100 for k in keys[start:start + 25]}, ack="remote")
         if how == "delete":
             assert ca.delete(keys) == n
@@ -226,11 +227,13 @@ def test_blocks_deleted_through_one_node_are_not_served_by_another_right_after( 
         def listed() -> list[str]:
             return [p.name for p in folder.glob("*")] if folder.exists() else []
 
-        # Every object goes. Right after the answer, 1 of 600 was seen still
-        # there in 3 of ~11 runs over two tries (twice with no delete given up
-        # in the node's log; not explained): the served check above stays
-        # strict, the bucket's is bounded.
-        wait_for(lambda: not listed(), 30.0, "every object of the namespace deleted")
+        # Only a delete the node gave up on (L3 too slow on a loaded host: it
+        # says so, and does it again until it lands) may be answered first.
+        log = a.log_path.read_text(errors="replace")
+        given_up = [name for name in listed()
+                    if f"L3 delete of {name[:16]} waits for L3" not in log]
+        assert given_up == [], f"{len(given_up)} objects still in the bucket after the answer"
+        wait_for(lambda: not listed(), 60.0, "the deletes given up on redone")
 
 
 def put_remote(c: Client, blocks: dict[bytes, bytes]) -> None:
@@ -264,8 +267,9 @@ def test_a_flush_of_many_l3_objects_on_a_slow_store_never_opens_the_breaker(  # 
                               "127.0.0.1:0", l1_capacity="16MiB", env=env)
         with node, Client(node.tcp, namespace="gone") as c:
             n = 60
-            for start in range(0, n, 10):
-                put_remote(c, {b"g%03d" % i: b"x" * 1000 for i in range(start, start + 10)})
+            put_remote(c, {b"g000": b"x" * 1000})  # (alone: tests/s3server.py)
+            for start in range(1, n, 10):
+                put_remote(c, {b"g%03d" % i: b"x" * 1000 for i in range(start, min(n, start + 10))})
             proxy.down_delay_s = 0.1  # every answer: 60 deletes on 4 slots take 1.5 s
             assert c.flush("gone") == n
             assert node.metric("kvstore_l3_breaker_openings_total") == 0
