@@ -151,6 +151,10 @@ class Index:
         self.blocks = BlockIndex()
         self.cold: ColdIndex | None = ColdIndex() if l2 is not None and compact else None
         self.loading: dict[BlockId, asyncio.Future[None]] = {}
+        #: Told when a block leaves L1 other than by placement's eviction (a
+        #: Delete, an overwrite, a Flush, a corrupt copy dropped): placement's
+        #: per-namespace count for quota.l1 (set by Placement.limit_l1).
+        self.left_l1: Callable[[BlockId, Entry], None] | None = None
         self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[Any] | None] | None = \
             None
         #: When this run began without the L3 an earlier run had (0: it has
@@ -464,6 +468,12 @@ class Index:
         self.set_dirty(entry, False)
         if entry.l1_offset >= 0:
             self.policy.on_remove(TierName.L1, block)
+            if self.left_l1 is not None:
+                # (counted out now, even while pinned: a deleted block's
+                # pages counted against its namespace's quota until a
+                # reconcile, ~a quarter of its blocks put later, and the
+                # tenant's live working set was evicted meanwhile)
+                self.left_l1(block, entry)
             if not entry.pinned:  # else freed by free_if_dead when the last pin goes
                 self.l1.release(entry.l1_offset, entry.size)
                 self.set_l1(entry, -1)

@@ -63,6 +63,8 @@ class L1Check(Part):
             self.l1.release(entry.l1_offset, entry.size)
             index.set_l1(entry, -1)
             self.policy.on_remove(TierName.L1, block)
+            if index.left_l1 is not None:
+                index.left_l1(block, entry)
             return
         # No other copy, or other readers still hold this one (its extent
         # cannot be freed under them): forget the block here; the L3 copy,

@@ -387,6 +387,12 @@ class Placement(Part):
         victims first, so a tenant that floods L1 evicts its own blocks, not
         another's working set. Below its quota a namespace may use free room."""
         self._l1_limit = limit
+        self.index.left_l1 = self._disown
+
+    def _disown(self, block: BlockId, entry: Entry) -> None:
+        owned = self._l1_owned.get(block[0])
+        if owned is not None:
+            owned.discard(block[1], entry)
 
     def _own(self, block: BlockId, entry: Entry) -> None:
         owned = self._l1_owned.get(block[0])
@@ -491,9 +497,10 @@ class Placement(Part):
 class NamespaceL1:
     """The L1 blocks of one namespace and the L1 bytes they take (whole pages:
     a 1-byte block takes a page of L1, and a quota counts what L1 gives).
-    Placement sees every block enter L1 and every eviction; a Delete or an
-    overwrite frees L1 in the index, so entries no longer in L1 are dropped by
-    :meth:`reconcile` (amortised: at most once per quarter of the blocks added)."""
+    Placement sees every block enter L1 and every eviction, and the index
+    tells it of every other way out (Index.left_l1: a Delete, an overwrite);
+    :meth:`reconcile` (amortised: at most once per quarter of the blocks
+    added) drops any entry no longer in L1 that was missed."""
 
     __slots__ = ("_added", "_extent", "blocks", "bytes")
 

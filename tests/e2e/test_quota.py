@@ -179,3 +179,32 @@ def test_room_reserved_for_blocks_still_arriving_counts_against_the_quota(  # ty
             release.set()
             for call in calls:
                 call.cancel()
+
+
+def test_a_tenant_that_deleted_its_blocks_keeps_its_new_working_set(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: a Delete freed L1 without telling the quota's count,
+    so the deleted blocks counted against the namespace until a quarter of
+    its blocks had been put again. A tenant that deleted 4 MiB and then put a
+    3 MiB working set (its quota: 4 MiB) looked over its quota, and a
+    neighbour's flood evicted that working set on every round: 0 of 144
+    reads hit (all 144 without the Delete)."""
+    block = 128 * 1024
+    old = {b"old-%03d" % i: bytes([i]) * block for i in range(32)}      # 4 MiB
+    working = {b"ws-%03d" % i: bytes([i]) * block for i in range(24)}   # 3 MiB
+    flags = ("--l2-enabled", "false", "--policy-name", "lru",
+             "--quota-l1", "quiet=4MiB,noisy=2MiB")
+    with server_factory(*flags, l1_capacity="12MiB") as server, \
+            Client(server.tcp, namespace="quiet") as quiet, \
+            Client(server.tcp, namespace="noisy") as noisy:
+        assert quiet.put(old).stored == len(old)
+        for i in range(0, 72, 8):  # the rest of L1: quiet is at its quota
+            noisy.put({b"n0-%03d" % j: b"n" * block for j in range(i, i + 8)})
+        assert quiet.delete(list(old)) >= len(old) - 2  # (those still at its quota)
+        assert quiet.put(working).stored == len(working)
+        hits = 0
+        for r in range(3):
+            for i in range(0, 96, 8):  # noisy floods all of L1
+                noisy.put({b"n%d-%03d" % (r + 1, j): b"n" * block for j in range(i, i + 8)})
+            got = quiet.get(list(working))
+            hits += sum(g == working[k] for k, g in zip(working, got, strict=True))
+        assert hits == 3 * len(working)
