@@ -144,3 +144,56 @@ def test_more_namespaces_than_a_uint16_counts() -> None:
     last = cold.get("t69999", keys[-1])
     assert last is not None and last.namespace == "t69999" and last.size == 16
     assert cold.namespace_keys("t65536") == [keys[65536]]
+
+
+def test_a_32_byte_key_equal_to_another_keys_digest_is_another_block() -> None:
+    """Found by a review: keys of another length were stored as their plain
+    BLAKE2b digest, so a client could name a 32-byte key equal to another
+    key's digest, and the two shared one record: the listing showed one with
+    the other's size, and a Delete of one removed both."""
+    import hashlib
+
+    long_key = b"a long key of this namespace, " * 3
+    crafted = hashlib.blake2b(long_key, digest_size=32).digest()
+    cold = ColdIndex()
+    cold.add("ns", long_key, 2000, 1, 1.0, 1.0)
+    cold.add("ns", crafted, 1000, 2, 2.0, 2.0)
+    assert len(cold) == 2
+    assert contains_both_ways(cold, "ns", [long_key, crafted]) == b"\x01\x01"
+    long_record, crafted_record = cold.get("ns", long_key), cold.get("ns", crafted)
+    assert long_record is not None and long_record.size == 2000
+    assert crafted_record is not None and crafted_record.size == 1000
+    assert cold.take("ns", crafted) == crafted_record
+    assert cold.get("ns", long_key) == long_record
+    assert sorted(cold.namespace_keys("ns")) == [long_key]
+
+
+def test_a_namespace_emptied_is_forgotten_and_its_id_reused() -> None:
+    """Found by a review: every namespace the index ever held kept its name,
+    id and salt (~230 bytes) for good: 50,000 new namespaces a round, each
+    emptied, grew the server ~10 MB a round with nothing held. The blocks of
+    a namespace that stays are found throughout; no other namespace's are,
+    whatever id it reuses."""
+    cold = ColdIndex(seed=4)
+    kept = [bytes([7]) * 31 + bytes([i]) for i in range(50)]
+    for key in kept:
+        cold.add("kept", key, 10, 0, 0.0, 0.0)
+    rng = random.Random(6)
+    for rnd in range(4):
+        names = [f"r{rnd}-{i}" for i in range(3000)]
+        keys = [_key(rng) for _ in names]
+        if rnd % 2:
+            for name, key in zip(names, keys, strict=True):
+                cold.add(name, key, 10, 0, 0.0, 0.0)
+        else:
+            n = len(names)
+            cold.add_many(names, keys, np.full(n, 10, np.uint64), np.zeros(n, np.uint32),
+                          np.zeros(n, np.float64), np.zeros(n, np.float64))
+        assert contains_both_ways(cold, names[5], [keys[5], keys[6]]) == b"\x01\x00"
+        assert contains_both_ways(cold, "kept", kept) == b"\x01" * len(kept)
+        for name, key in zip(names, keys, strict=True):
+            assert cold.take(name, key) is not None
+        assert contains_both_ways(cold, names[5], [keys[5]]) == b"\x00"
+        assert len(cold) == len(kept)
+    assert set(cold._ns_ids) == {"kept"}
+    assert len(cold._ns_names) <= 3001  # reused, not one more per namespace ever seen
