@@ -84,11 +84,13 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
 
 
 def format_namespace_stats(stats: StoreStats) -> str:
-    rows = [("tier", "blocks", "bytes")]
+    rows = [("tier", "blocks", "bytes", "taken")]
     for t in stats.tiers:
-        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes)))
+        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes),
+                     _human_bytes(t.used or t.bytes)))
     return "\n".join([*_table(rows), "", f"namespace {stats.namespace}   (blocks and bytes "
-                      "held; a block in several tiers counts in each)"])
+                      "held, and the capacity they take: L1 counts whole pages; a block in "
+                      "several tiers counts in each)"])
 
 
 def format_age(seconds: float) -> str:
@@ -114,7 +116,10 @@ def format_stats(stats: StoreStats) -> str:
               "demotions", "promotions", "corrupt", "state")
     rows = [header]
     for t in stats.tiers:
-        used = f"{100.0 * t.bytes / t.capacity:.1f}%" if t.capacity else "-"
+        # (what the tier's capacity counts: L1's whole pages; a server
+        # before 0.28.0 reports no `used`: its payload bytes, then)
+        taken = t.used or t.bytes
+        used = f"{100.0 * taken / t.capacity:.1f}%" if t.capacity else "-"
         rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _human_bytes(t.capacity),
                      used, str(t.hits), str(t.misses), str(t.evictions), str(t.demotions),
                      str(t.promotions), str(t.corrupt), "up" if t.available else "DOWN"))

@@ -172,6 +172,10 @@ class TierStats:
     promotions: int = 0
     corrupt: int = 0
     available: bool = True  # False while the tier cannot be reached (L3 breaker open)
+    #: Capacity taken in bytes (``used / capacity``: how full the tier is): L1
+    #: counts whole pages per block and room reserved for blocks arriving;
+    #: L2 and L3 payload bytes. 0 from a server before 0.28.0.
+    used: int = 0
 
 
 @dataclass(slots=True)

@@ -164,6 +164,7 @@ def decode_stats_response(raw: bytes) -> StoreStats:
                 promotions=t.promotions,
                 corrupt=t.corrupt,
                 available=not t.unavailable,
+                used=t.used,
             )
         )
     return StoreStats(

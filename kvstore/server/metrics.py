@@ -152,6 +152,9 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
     yield per_tier(GaugeMetricFamily, "kvstore_tier_blocks", "Blocks held in the tier", "blocks")
     yield per_tier(GaugeMetricFamily, "kvstore_tier_bytes", "Payload bytes held in the tier",
                    "bytes")
+    yield per_tier(GaugeMetricFamily, "kvstore_tier_used_bytes",
+                   "Capacity taken in the tier: L1 counts whole pages per block and room "
+                   "reserved for blocks arriving; L2 and L3 payload bytes", "used")
     yield per_tier(GaugeMetricFamily, "kvstore_tier_capacity_bytes",
                    "Configured capacity of the tier (L3 has none)", "capacity", sized)
     yield per_tier(GaugeMetricFamily, "kvstore_tier_available",

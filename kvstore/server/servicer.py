@@ -371,7 +371,7 @@ class KVStoreServicer:
                                 capacity=t.capacity, hits=t.hits, misses=t.misses,
                                 evictions=t.evictions, demotions=t.demotions,
                                 promotions=t.promotions, corrupt=t.corrupt,
-                                unavailable=not t.available) for t in s.tiers],
+                                unavailable=not t.available, used=t.used) for t in s.tiers],
             puts=s.puts, gets=s.gets, get_hits=s.get_hits, session_events=s.session_events,
             policy=s.policy, namespace=s.namespace,
         )

@@ -519,11 +519,13 @@ class Index:
             return True
         return self.cold is not None and self.cold.namespace_usage(namespace)[0] > 0
 
-    async def namespace_held(self, namespace: str) -> dict[TierName, tuple[int, int]]:
-        """Blocks and bytes per tier of one namespace (a scan of its entries,
-        letting other calls in between slices; vectorised over its compact
-        records)."""
+    async def namespace_held(self, namespace: str) -> dict[TierName, tuple[int, int, int]]:
+        """Blocks, bytes and capacity taken (L1: whole pages; else bytes) per
+        tier of one namespace (a scan of its entries, letting other calls in
+        between slices; vectorised over its compact records)."""
         held = {t: [0, 0] for t in (TierName.L1, TierName.L2, TierName.L3)}
+        l1_pages = 0
+        extent = self.l1.extent
         # Both indexes' keys at one instant (a block moves between them
         # meanwhile: read afterwards, it was counted twice or not at all), each
         # full-index key looked up as it is when its slice is counted (an
@@ -540,13 +542,16 @@ class Index:
                 for tier in tiers_holding(record):
                     held[tier][0] += 1
                     held[tier][1] += record.size
+                    if tier is TierName.L1:
+                        l1_pages += extent(record.size)
         if cold is not None:
             blocks, nbytes, l3_blocks, l3_bytes = cold
             held[TierName.L2][0] += blocks
             held[TierName.L2][1] += nbytes
             held[TierName.L3][0] += l3_blocks
             held[TierName.L3][1] += l3_bytes
-        return {tier: (blocks, nbytes) for tier, (blocks, nbytes) in held.items()}
+        return {tier: (blocks, nbytes, l1_pages if tier is TierName.L1 else nbytes)
+                for tier, (blocks, nbytes) in held.items()}
 
     async def listing(self, namespace: str, prefix: bytes, limit: int,
                       now: float) -> tuple[list[ListedBlock], bool]:

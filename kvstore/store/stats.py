@@ -46,7 +46,7 @@ class Stats:
         """The tier's counters with its occupancy and ``capacity``."""
         blocks, nbytes = self.held[tier]
         return dataclasses.replace(self.counters[tier], blocks=blocks, bytes=nbytes,
-                                   capacity=capacity)
+                                   capacity=capacity, used=nbytes)
 
     def snapshot(self, tiers: list[TierStats], policy: str) -> StoreStats:
         return StoreStats(tiers, self.puts, self.gets, self.get_hits, self.session_events,

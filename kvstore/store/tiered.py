@@ -726,6 +726,9 @@ class TieredStore:
         namespace)."""
         counts = self.counts
         tiers = [counts.tier(TierName.L1, self.l1.capacity)]
+        # (whole pages: 4,096 blocks of 100 bytes fill a 16 MiB L1 that
+        # their payload, 400 KiB, said was 2 % full)
+        tiers[0].used = self.l1.used_bytes
         if self.l2 is not None:
             tiers.append(counts.tier(TierName.L2, self.config.l2.capacity))
         if self.l3 is not None:
@@ -742,8 +745,8 @@ class TieredStore:
                     TierName.L3: 0}
         configured = [TierName.L1] + ([TierName.L2] if self.l2 is not None else []) + \
             ([TierName.L3] if self.l3 is not None else [])
-        tiers = [TierStats(t, blocks=held[t][0], bytes=held[t][1], capacity=capacity[t])
-                 for t in configured]
+        tiers = [TierStats(t, blocks=held[t][0], bytes=held[t][1], capacity=capacity[t],
+                           used=held[t][2]) for t in configured]
         if self.l3 is not None:
             tiers[-1].available = self.l3.healthy
         return StoreStats(tiers, policy=self.policy.name, namespace=namespace)

@@ -89,6 +89,7 @@ def test_series_move_with_puts_gets_and_errors(server_factory: type) -> None:
     assert value(after, "kvstore_block_get_hits_total") == 1
     assert value(after, "kvstore_tier_blocks", tier="L1") == 2
     assert value(after, "kvstore_tier_bytes", tier="L1") == 4000
+    assert value(after, "kvstore_tier_used_bytes", tier="L1") == 2 * 4096  # whole pages
     assert value(after, "kvstore_tier_hits_total", tier="L1") == 1
     assert value(after, "kvstore_tier_misses_total", tier="L1") >= 1
     assert value(after, "kvstore_grpc_requests_total", code="OK", **put) == 1
@@ -257,3 +258,25 @@ def test_a_put_the_client_cancels_is_counted_cancelled(server_factory: type) -> 
         time.sleep(0.02)  # polling a bounded wait, not synchronisation
     assert value(after, "kvstore_grpc_requests_total", code="CANCELLED", **put) == 3
     assert value(after, "kvstore_grpc_requests_total", code="INVALID_ARGUMENT", **put) == 0
+
+
+def test_how_full_l1_is_counts_whole_pages(server_factory: type) -> None:
+    """Found by a review: with 100-byte blocks L1 was full and evicting while
+    Stats, the metrics' documented `bytes / capacity` and `kvstore stats`
+    said 2.4 %: L1 gives each block whole pages. `used` is what L1's
+    capacity counts, server-wide and per namespace."""
+    from kvstore.cli import format_namespace_stats, format_stats
+    from kvstore.types import TierName
+
+    with server_factory("--l2-enabled", "false", l1_capacity="16MiB") as srv, \
+            Client(srv.tcp, namespace="small") as c:
+        for start in range(0, 6000, 500):
+            c.put({b"k%05d" % i: b"v" * 100 for i in range(start, start + 500)})
+        l1 = next(t for t in c.stats().tiers if t.tier == TierName.L1)
+        assert l1.evictions > 0  # full: 4,096 pages of 4 KiB
+        assert l1.bytes == 100 * l1.blocks and l1.used == 4096 * l1.blocks
+        assert l1.used > 0.99 * l1.capacity
+        assert f"{100.0 * l1.used / l1.capacity:.1f}%" in format_stats(c.stats())
+        mine = next(t for t in c.stats("small").tiers if t.tier == TierName.L1)
+        assert (mine.blocks, mine.used) == (l1.blocks, l1.used)
+        assert "16.0 MiB" in format_namespace_stats(c.stats("small"))
