@@ -76,25 +76,33 @@ class CallRecorder:
                 for c in list(self._methods.values())]
 
 
-def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
-    if exc is None:
-        code = context.code()
-        return code.name if isinstance(code, grpc.StatusCode) else _OK
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+def _failure_of(exc: BaseException) -> str:
+    """What a call that raised ``exc`` is counted as, short of its status:
+    kept instead of the error (a local holding the error a call raised is a
+    reference cycle through its traceback: its frames, the request stream's
+    last message included, waited for the cyclic collector, which the server
+    runs rarely)."""
+    return _CANCELLED if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else _UNKNOWN
+
+
+def _code_of(context: grpc.aio.ServicerContext, failure: str | None) -> str:
+    if failure == _CANCELLED:
         return _CANCELLED
     code = context.code()  # set by context.abort (kvstore.server.interceptor)
-    return code.name if isinstance(code, grpc.StatusCode) else _UNKNOWN
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return _OK if failure is None else failure
 
 
 def _time_unary(behavior: Callable[..., Awaitable[Any]],
                 calls: MethodCalls) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
-        failure: BaseException | None = None
+        failure: str | None = None
         try:
             return await behavior(request, context)
         except BaseException as exc:
-            failure = exc
+            failure = _failure_of(exc)
             raise
         finally:
             calls.record(time.perf_counter() - start, _code_of(context, failure))
@@ -106,12 +114,12 @@ def _time_stream(behavior: Callable[..., AsyncIterator[Any]],
                  calls: MethodCalls) -> Callable[..., AsyncIterator[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         start = time.perf_counter()
-        failure: BaseException | None = None
+        failure: str | None = None
         try:
             async for item in behavior(request, context):
                 yield item
         except BaseException as exc:
-            failure = exc
+            failure = _failure_of(exc)
             raise
         finally:
             calls.record(time.perf_counter() - start, _code_of(context, failure))

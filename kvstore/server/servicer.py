@@ -135,6 +135,7 @@ class KVStoreServicer:
         durable: list[asyncio.Future[None]] = []
         stored = nbytes = 0
         chunks = aiter(request_iterator)
+        chunk: wire.PutChunkView | wire.BadPutChunk | None = None
         try:
             while True:
                 # A block half sent holds its L1 room, and an open stream a
@@ -246,6 +247,14 @@ class KVStoreServicer:
             if first:
                 store.check_namespace("")
         finally:
+            # The last message's bytes are let go now (copied into L1, or
+            # refused): a stream not read to its end stays held by grpc's
+            # receiver, which holds itself in a reference cycle with it
+            # until the cyclic collector runs (kvstore.server.runtime).
+            # (4,000 failed 1 MiB Puts took the server 3.9 GB past its bound.)
+            if isinstance(chunk, wire.PutChunkView) and chunk.data.nbytes:
+                chunk.data.release()  # (never the shared empty view)
+            chunk = None
             if writer is not None:
                 writer.abort()
         if durable:
