@@ -468,15 +468,18 @@ class Index:
         self.set_dirty(entry, False)
         if entry.l1_offset >= 0:
             self.policy.on_remove(TierName.L1, block)
-            if self.left_l1 is not None:
-                # (counted out now, even while pinned: a deleted block's
-                # pages counted against its namespace's quota until a
-                # reconcile, ~a quarter of its blocks put later, and the
-                # tenant's live working set was evicted meanwhile)
-                self.left_l1(block, entry)
             if not entry.pinned:  # else freed by free_if_dead when the last pin goes
                 self.l1.release(entry.l1_offset, entry.size)
                 self.set_l1(entry, -1)
+                if self.left_l1 is not None:
+                    # Counted out now: a deleted block's pages counted against
+                    # its namespace's quota until a reconcile, ~a quarter of
+                    # its blocks put later, and the tenant's live working set
+                    # was evicted meanwhile. (A pinned one, a lease's, still
+                    # takes its pages: counted until a reconcile finds them
+                    # freed; counted out at once, a tenant that leased and
+                    # deleted its blocks held L1 past its quota.)
+                    self.left_l1(block, entry)
         if entry.l2:
             self.policy.on_remove(TierName.L2, block)
             if delete_l2:

@@ -208,3 +208,36 @@ def test_a_tenant_that_deleted_its_blocks_keeps_its_new_working_set(server_facto
             got = quiet.get(list(working))
             hits += sum(g == working[k] for k, g in zip(working, got, strict=True))
         assert hits == 3 * len(working)
+
+
+def test_blocks_leased_then_deleted_count_until_their_pages_are_free(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """A fix review: counted out of the quota at the Delete while leases
+    still held their pages, a tenant that leased and deleted 8 MiB of its
+    blocks (quota 4 MiB) put 3 MiB more "within" its quota, and evicted 16
+    of the 24 blocks of a neighbour within its own."""
+    from kvstore.client.shm import ShmClient
+
+    block = 128 * 1024
+    flags = ("--l2-enabled", "false", "--policy-name", "lru",
+             "--quota-l1", "quiet=4MiB,noisy=4MiB",
+             "--l1-shm-path", f"/dev/shm/kvstore-test-quota-{tmp_path.name}",
+             "--server-max-lease-ms", "120000")
+    with server_factory(*flags, l1_capacity="12MiB") as server, \
+            Client(server.tcp, namespace="quiet") as quiet, \
+            Client(server.tcp, namespace="noisy") as noisy, \
+            ShmClient(server.unix_target, namespace="noisy") as shm:
+        held = []
+        for r in range(2):
+            blocks = {b"old%d-%03d" % (r, i): b"o" * block for i in range(32)}
+            assert noisy.put(blocks).stored == 32
+            leases = shm.acquire(list(blocks), lease_ms=60_000)
+            assert all(lease is not None and lease.lease_id for lease in leases)
+            held += leases
+            assert noisy.delete(list(blocks)) == 32
+        working = {b"ws-%03d" % i: bytes([i]) * block for i in range(24)}
+        assert quiet.put(working).stored == 24
+        for i in range(0, 24, 8):
+            noisy.put({b"new-%03d" % j: b"n" * block for j in range(i, i + 8)})
+        assert quiet.get(list(working)) == list(working.values())
+        shm.release(held)
