@@ -203,6 +203,13 @@ class SharedMemoryBroker:
         self._leases: dict[int, Lease] = {}
         #: leases held per tenant (MAX_LEASES_PER_TENANT)
         self._leases_of: Counter[str] = Counter()
+        # Leases an acquire under way may still take, per tenant and in all:
+        # counted from its check on (it waits for blocks between its leases:
+        # concurrent acquires each checked against the count before the
+        # others' leases, and one tenant held 123,072 leases, past its share
+        # and the server's bound).
+        self._pending_of: Counter[str] = Counter()
+        self._pending = 0
         # Expired lease ids (with the namespace and owner that took them), to
         # tell "expired" from "never issued" and from "someone else's".
         self._expired: OrderedDict[int, tuple[str, str]] = OrderedDict()
@@ -254,6 +261,8 @@ class SharedMemoryBroker:
             lease.reader.close()
         self._leases.clear()
         self._leases_of.clear()
+        self._pending_of.clear()
+        self._pending = 0
         for r in self._reservations.values():
             self.placement.release(r.offset, r.size)
         self._reservations.clear()
@@ -720,15 +729,16 @@ class SharedMemoryBroker:
         # pass the bound).
         leases = self._leases
         given_back = {i for i in release if i in leases} if release else set()
-        mine = self._leases_of[tenant] - \
+        mine = self._leases_of[tenant] + self._pending_of[tenant] - \
             sum(1 for i in given_back if leases[i].tenant == tenant)
         if mine + len(keys) > MAX_LEASES_PER_TENANT:
             per = "identity" if tenant.startswith("identity") else "namespace"
             raise CapacityExhausted(
-                f"{tenant} holds {mine} shared-memory leases, {len(keys)} more asked for: "
+                f"{tenant} holds {mine} shared-memory leases (acquires under way included), "
+                f"{len(keys)} more asked for: "
                 f"at most {MAX_LEASES_PER_TENANT} per {per}; release leases (ShmRelease) "
                 "or read by Get")
-        if len(leases) - len(given_back) + len(keys) > MAX_LEASES:
+        if len(leases) + self._pending - len(given_back) + len(keys) > MAX_LEASES:
             raise CapacityExhausted(
                 f"the server's shared-memory leases are all held ({len(keys)} more asked for; "
                 f"at most {MAX_LEASES} at once, all clients together): release leases "
@@ -759,49 +769,65 @@ class SharedMemoryBroker:
         limit = self.store.l1.capacity
         extent = self.store.l1.extent
         no_room = False  # a block of this call found no L1 room: the later ones neither
+        pending = len(keys)  # (counted while the call waits: see _pending)
+        self._pending_of[tenant] += pending
+        self._pending += pending
         try:
             for key in keys:
-                entry_now = self.store.index.entry((namespace, key))
-                if entry_now is not None and entry_now.l1_offset < 0 and \
-                        (entry_now.l2 or entry_now.l3) and \
-                        (no_room or held + extent(entry_now.size) > limit):
-                    # No L1 room for it: it would wait (a second) for room this
-                    # call's own leases hold, or could never fit beside them.
-                    # Found and not leased: the client reads it the way that
-                    # holds no lease. (One ShmClient.get of 20 x 4 MiB with 64
-                    # MiB of L1 was refused, then waited out its timeout.)
-                    no_room = True
-                    out.append(Unleased(TierName.L2 if entry_now.l2 else TierName.L3))
-                    continue
-                reader = await self.store.open_read((namespace, key), session)
-                if reader is None:
-                    out.append(None)
-                    continue
-                entry = reader.entry
-                if entry is None or entry.l1_offset < 0:
-                    # Served from a copy outside the arena (no L1 room): not
-                    # shareable, but there (a miss made engines recompute it).
-                    out.append(Unleased(reader.tier))
-                    reader.close()
-                    # (the client's Get of it counts the read: it was counted twice)
-                    self.store.reads.uncount(reader)
-                    no_room = True
-                    continue
-                lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
-                # Not reaped while the call still waits for later keys: the
-                # lease runs from when the client gets it (set below).
-                lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
-                              entry.generation, reader.tier, math.inf,
-                              reader, namespace, owner, tenant)
-                self._leases[lease_id] = lease
-                self._leases_of[tenant] += 1
-                held += extent(entry.size)
-                out.append(lease)
+                try:
+                    entry_now = self.store.index.entry((namespace, key))
+                    if entry_now is not None and entry_now.l1_offset < 0 and \
+                            (entry_now.l2 or entry_now.l3) and \
+                            (no_room or held + extent(entry_now.size) > limit):
+                        # No L1 room for it: it would wait (a second) for room this
+                        # call's own leases hold, or could never fit beside them.
+                        # Found and not leased: the client reads it the way that
+                        # holds no lease. (One ShmClient.get of 20 x 4 MiB with 64
+                        # MiB of L1 was refused, then waited out its timeout.)
+                        no_room = True
+                        out.append(Unleased(TierName.L2 if entry_now.l2 else TierName.L3))
+                        continue
+                    reader = await self.store.open_read((namespace, key), session)
+                    if reader is None:
+                        out.append(None)
+                        continue
+                    entry = reader.entry
+                    if entry is None or entry.l1_offset < 0:
+                        # Served from a copy outside the arena (no L1 room): not
+                        # shareable, but there (a miss made engines recompute it).
+                        out.append(Unleased(reader.tier))
+                        reader.close()
+                        # (the client's Get of it counts the read: it was counted twice)
+                        self.store.reads.uncount(reader)
+                        no_room = True
+                        continue
+                    lease_id = self._new_id(self._leases)  # type: ignore[arg-type]
+                    # Not reaped while the call still waits for later keys: the
+                    # lease runs from when the client gets it (set below).
+                    lease = Lease(lease_id, entry.l1_offset, entry.size, entry.checksum,
+                                  entry.generation, reader.tier, math.inf,
+                                  reader, namespace, owner, tenant)
+                    self._leases[lease_id] = lease
+                    self._leases_of[tenant] += 1
+                    held += extent(entry.size)
+                    out.append(lease)
+                finally:
+                    # (its lease, if any, counts as held now)
+                    pending -= 1
+                    self._pending_of[tenant] -= 1
+                    self._pending -= 1
         except BaseException:
             for taken in out:
                 if isinstance(taken, Lease):
                     self._end_lease(taken.lease_id)
             raise
+        finally:
+            self._pending -= pending
+            left = self._pending_of[tenant] - pending
+            if left:
+                self._pending_of[tenant] = left
+            else:
+                del self._pending_of[tenant]
         expires = self.clock() + ms / 1000.0
         for taken in out:
             if isinstance(taken, Lease):

@@ -308,3 +308,39 @@ def test_one_identity_holds_at_most_its_share_over_all_its_namespaces(
             assert all(lease is not None for lease in again) and broker.leases == 8
 
     asyncio.run(go())
+
+
+def test_acquires_under_way_together_stay_within_the_share(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fix review: an acquire checked the bound once, then waited for blocks
+    between its leases; acquires sent together each passed the check before
+    the others' leases counted, and one tenant held 123,072 leases (its share
+    32,768, the server's bound 65,536). The leases a call may still take
+    count from its check on."""
+    from kvstore.errors import CapacityExhausted
+    from kvstore.store import shm
+
+    monkeypatch.setattr(shm, "MAX_LEASES", 8)
+    monkeypatch.setattr(shm, "MAX_LEASES_PER_TENANT", 4)
+
+    async def go() -> None:
+        async with _broker(tmp_path, "race") as (store, broker):
+            await store.put_bytes("a", KEYS[0], KEYS[0] * 100)
+            opened = store.open_read
+
+            async def slow_open(*args: Any, **kwargs: Any) -> Any:
+                await asyncio.sleep(0)  # (an L2 or L3 read: the loop runs others)
+                return await opened(*args, **kwargs)
+
+            monkeypatch.setattr(store, "open_read", slow_open)
+            calls = [broker.acquire("a", [KEYS[0]] * 3, None, 0) for _ in range(3)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            granted = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, CapacityExhausted)]
+            assert len(granted) == 1 and len(refused) == 2, results
+            assert broker.leases == 3
+            with pytest.raises(CapacityExhausted, match="at most 4 per namespace"):
+                broker.acquire_now("a", [KEYS[0]] * 2, None, 0)
+            assert broker.acquire_now("a", [KEYS[0]], None, 0) is not None  # 4: the share
+
+    asyncio.run(go())
