@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kvstore import config as kvconfig
 from kvstore.errors import InvalidConfig, KVStoreError
-from kvstore.types import DEFAULT_TARGET, BlockListing, StoreStats
+from kvstore.types import DEFAULT_TARGET, BlockListing, StoreStats, TierStats
 
 if TYPE_CHECKING:
     from kvstore.client import Client
@@ -83,11 +83,16 @@ def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
             for r in rows]
 
 
+def _taken(t: TierStats) -> str:
+    """The capacity a tier's blocks take; "n/a" from a server before 0.28.0
+    (it does not say; its payload bytes would say less)."""
+    return _human_bytes(t.used) if t.used or not t.bytes else "n/a"
+
+
 def format_namespace_stats(stats: StoreStats) -> str:
     rows = [("tier", "blocks", "bytes", "taken")]
     for t in stats.tiers:
-        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes),
-                     _human_bytes(t.used or t.bytes)))
+        rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _taken(t)))
     return "\n".join([*_table(rows), "", f"namespace {stats.namespace}   (blocks and bytes "
                       "held, and the capacity they take: L1 counts whole pages; a block in "
                       "several tiers counts in each)"])
@@ -117,9 +122,9 @@ def format_stats(stats: StoreStats) -> str:
     rows = [header]
     for t in stats.tiers:
         # (what the tier's capacity counts: L1's whole pages; a server
-        # before 0.28.0 reports no `used`: its payload bytes, then)
-        taken = t.used or t.bytes
-        used = f"{100.0 * taken / t.capacity:.1f}%" if t.capacity else "-"
+        # before 0.28.0 reports no `used`, and payload bytes would say less)
+        used = f"{100.0 * t.used / t.capacity:.1f}%" if t.capacity and (t.used or not t.bytes) \
+            else "n/a" if t.capacity else "-"
         rows.append((t.tier.name, str(t.blocks), _human_bytes(t.bytes), _human_bytes(t.capacity),
                      used, str(t.hits), str(t.misses), str(t.evictions), str(t.demotions),
                      str(t.promotions), str(t.corrupt), "up" if t.available else "DOWN"))

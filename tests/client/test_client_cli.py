@@ -144,10 +144,15 @@ def test_namespace_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_format_stats() -> None:
     stats = StoreStats(tiers=[TierStats(TierName.L1, blocks=3, bytes=3 << 20, capacity=1 << 30,
-                                        hits=10, misses=2)],
+                                        hits=10, misses=2, used=4 << 20)],
                        puts=3, gets=12, get_hits=10, policy="session")
     text = cli.format_stats(stats)
-    assert "3.0 MiB" in text and "1.0 GiB" in text and "0.3%" in text and "83.3%" in text
+    assert "3.0 MiB" in text and "1.0 GiB" in text and "0.4%" in text and "83.3%" in text
+    # A server before 0.28.0 says nothing of the capacity taken: not its payload bytes.
+    old = StoreStats(tiers=[TierStats(TierName.L1, blocks=3, bytes=3 << 20, capacity=1 << 30)])
+    assert " n/a " in cli.format_stats(old)
+    assert "n/a" in cli.format_namespace_stats(
+        StoreStats(tiers=old.tiers, namespace="ns")).splitlines()[1]
     assert text.splitlines()[1].endswith(" up") and "unavailable" not in text
     down = StoreStats(tiers=[TierStats(TierName.L1), TierStats(TierName.L3, available=False)])
     text = cli.format_stats(down)  # a tier that is down says so (the table hid it)
