@@ -253,6 +253,7 @@ class Client(ClientBase):
         prep = self._prepare_put(blocks, namespace, ack, session_id, block_format)
         if not prep.blocks:
             return PutResult(0, 0)
+        self._settle_puts()
         dp = self._dp()
         if dp is not None and dp.fits(sum(len(k) + 20 for k, _ in prep.blocks) + 600,
                                       sum(len(v) for _, v in prep.blocks)):
@@ -462,11 +463,18 @@ class Client(ClientBase):
         result: LookupResult = self._unary(self._lookup_rpc, req)
         return result
 
+    def _settle_puts(self) -> None:
+        """Before a write: a Put interrupted under way (Ctrl-C) is answered
+        first (see AioPutter.put), so that it cannot land after this one."""
+        if self._aio_put is not None:
+            self._aio_put.settle(self.timeout)
+
     def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
         """Remove blocks from every tier; returns how many were stored."""
         count, req = self._prepare_delete(keys, namespace)
         if not count:
             return 0
+        self._settle_puts()
         deleted: int = self._unary(self._delete_rpc, req)
         return deleted
 
@@ -499,6 +507,7 @@ class Client(ClientBase):
         """Remove every block of the namespace from every tier (L3 objects
         included); returns how many were removed. An admin operation."""
         ns = resolve_namespace(namespace, self.namespace)
+        self._settle_puts()
         flushed: int = self._unary(self._flush_rpc, conv.encode_flush_request(ns))
         return flushed
 

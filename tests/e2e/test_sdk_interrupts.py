@@ -178,3 +178,42 @@ def test_a_get_goes_on_when_an_older_server_refuses_its_handed_on_leases(  # typ
         monkeypatch.setattr(c, "_acquire_call", older)
         assert c.get([b"k"]) == [value]
         assert len(asked) == 2 and asked[0] and asked[1] == []
+
+
+def test_a_put_interrupted_under_way_is_answered_before_the_next_write(  # type: ignore[no-untyped-def]
+        shared_server) -> None:
+    """Found by a review: a sync Put interrupted (Ctrl-C) while its stream was
+    under way was cancelled, yet its blocks could still be stored after the
+    Delete the caller made next (the Puts go on a connection of their own),
+    and the deleted block was served again (12 of 196 interrupted Puts). The
+    stream now goes on to its answer, and the client's next write waits."""
+    import signal
+
+    value = os.urandom(256 * KiB)
+    with Client(shared_server.tcp, namespace="interrupted-put", timeout=10,
+                data_plane=False) as c:
+        c.put({b"warm": b"w"})  # (the Put loop is running)
+        putter = c._aio_put
+        assert putter is not None
+        real_put = putter._put
+
+        async def late_put(*args: Any) -> Any:
+            await asyncio.sleep(0.3)  # still under way when the interrupt comes
+            return await real_put(*args)
+
+        putter._put = late_put  # type: ignore[method-assign]
+
+        def interrupt(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            with pytest.raises(KeyboardInterrupt):
+                c.put({b"k": value})
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        putter._put = real_put  # type: ignore[method-assign]
+        assert c.delete([b"k"]) == 1  # the Put was answered first: then deleted
+        assert c.get([b"k"]) == [None]
