@@ -58,6 +58,10 @@ from kvstore.types import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+#: Channels a KeyboardInterrupt left wedged (Client._abandon_bulk_channel):
+#: kept, never closed, for the process's life (one per such interrupt).
+_abandoned_channels: list[grpc.Channel] = []
+
 
 class SyncClientSettings(ClientSettings, total=False):
     """The keyword arguments of :class:`Client` (its subclasses pass them on)."""
@@ -203,7 +207,8 @@ class Client(ClientBase):
             self._data_plane.close()
         if self._aio_put is not None:
             self._aio_put.close()
-        if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc:
+        if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc and \
+                self._bulk_channel is not None:
             self._bulk_channel.close()
         self._channel.close()
 
@@ -428,10 +433,25 @@ class Client(ClientBase):
                 asm.feed(piece)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
-        except BaseException:
+        except BaseException as exc:
             call.cancel()
+            if not isinstance(exc, Exception) and rpc is not None and \
+                    rpc is self._bulk_get_rpc and rpc is not self._get_rpc:
+                self._abandon_bulk_channel()
             raise
         return asm.done()
+
+    def _abandon_bulk_channel(self) -> None:
+        """A KeyboardInterrupt (or another exception a signal handler raised)
+        can land inside grpc's own code while it holds one of the channel's
+        locks, which is then never given back: every later Get on the channel
+        hung, its timeout with it (a review: 4 runs of 5). The channel is
+        left as it is (closing it while its thread runs made grpc's thread
+        fail) and the next large Get opens another."""
+        channel, self._bulk_channel = self._bulk_channel, None
+        self._bulk_get_rpc = None
+        if channel is not None:
+            _abandoned_channels.append(channel)
 
     def lookup(
         self,

@@ -217,3 +217,43 @@ def test_a_put_interrupted_under_way_is_answered_before_the_next_write(  # type:
         putter._put = real_put  # type: ignore[method-assign]
         assert c.delete([b"k"]) == 1  # the Put was answered first: then deleted
         assert c.get([b"k"]) == [None]
+
+
+def test_a_client_whose_large_gets_were_interrupted_still_gets(  # type: ignore[no-untyped-def]
+        server_factory) -> None:
+    """Found by a review: a KeyboardInterrupt landing inside grpc's own code
+    during a large Get (the channel of its own that such Gets stream on) left
+    one of the channel's locks held: every later Get on the client hung, past
+    its timeout (4 runs of 5, 50 interrupts each)."""
+    import random
+    import signal
+    import threading
+
+    value = os.urandom(16 << 20)
+    rng = random.Random(5)
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    with server_factory(l1_capacity="128MiB") as server, \
+            Client(server.tcp, namespace="interrupted-get", timeout=20,
+                   data_plane=False) as c:
+        c.put({b"big%d" % i: value for i in range(4)})
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            for i in range(40):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.001, 0.02))
+                    c.get([b"big%d" % (i % 4)])
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(c.get([b"big1"])), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive(), "a Get after the interrupted ones hung"
+        assert got == [[value]]
