@@ -117,19 +117,16 @@ class AioPutter:
         """Send one Put stream; raises grpc.RpcError as the sync call would,
         and ConnectionFailed when :meth:`close` ends the loop under it."""
         loop = self._running_loop()
-        # Recorded before it is scheduled: an interrupt (KeyboardInterrupt)
-        # can land anywhere from here on, the scheduling itself included,
-        # and the stream then goes on in the loop (see below).
+        # Made before the Put is scheduled: an interrupt (KeyboardInterrupt)
+        # can land anywhere from here on, the scheduling itself included.
         ended: concurrent.futures.Future[None] = concurrent.futures.Future()
-        with self._lock:
-            self._settling.append(ended)
         try:
-            fut = asyncio.run_coroutine_threadsafe(
-                self._put_recorded(messages, timeout, metadata, ended), loop)
-        except RuntimeError:  # the loop closed between the two: close() came
-            _resolve(ended)
-            raise closed_in_flight(self._target) from None
-        try:
+            try:
+                fut = asyncio.run_coroutine_threadsafe(
+                    self._put_recorded(messages, timeout, metadata, ended), loop)
+            except RuntimeError:  # the loop closed between the two: close() came
+                _resolve(ended)
+                raise closed_in_flight(self._target) from None
             while True:
                 try:
                     result: tuple[int, int] = fut.result(timeout=_CLOSE_POLL_S)
@@ -143,12 +140,19 @@ class AioPutter:
             if self._closed:
                 raise closed_in_flight(self._target) from None
             raise
-        # Interrupted (KeyboardInterrupt) with the stream under way, it is
-        # not cancelled: it goes on to its answer, and this client's next
-        # write waits for it (settle). Cancelled, its last blocks could still
-        # be stored after a Delete made next (this connection is the Puts'
-        # own: the Delete travels on another), and the deleted block was
-        # served again (a review: 12 of 196 abandoned Puts).
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and not ended.done():
+                # Interrupted (KeyboardInterrupt) with the stream under way:
+                # it is not cancelled but goes on to its answer, and this
+                # client's next write waits for it (settle). Cancelled, its
+                # last blocks could still be stored after a Delete made next
+                # (this connection is the Puts' own: the Delete travels on
+                # another), and the deleted block was served again (a review:
+                # 12 of 196 abandoned Puts). Other Puts under way, another
+                # thread's, are not waited for.
+                with self._lock:
+                    self._settling.append(ended)
+            raise
 
     async def _put_recorded(self, messages: Iterator[bytes], timeout: float | None,
                             metadata: MetadataPairs | None,

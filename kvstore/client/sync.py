@@ -58,9 +58,9 @@ from kvstore.types import (
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-#: Channels a KeyboardInterrupt left wedged (Client._abandon_bulk_channel):
-#: kept, never closed, for the process's life (one per such interrupt).
-_abandoned_channels: list[grpc.Channel] = []
+#: Channels a KeyboardInterrupt may have left wedged that a Client leaves
+#: open, at most (Client._abandon_bulk_channel).
+_MAX_ABANDONED_CHANNELS = 8
 
 
 class SyncClientSettings(ClientSettings, total=False):
@@ -147,6 +147,8 @@ class Client(ClientBase):
         # grpc's own thread, which receives the next chunk while this thread
         # copies the last (a thread per call, worth it at that size).
         self._bulk_credentials = credentials
+        # bulk channels left to a KeyboardInterrupt (see _abandon_bulk_channel)
+        self._abandoned: list[grpc.Channel] = []
         self._bulk_get_rpc: Any = None
         self._small_limit = max_response_bytes(self._options)
         # Largest block the last Get returned (0: none yet): a batch whose
@@ -210,6 +212,7 @@ class Client(ClientBase):
         if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc and \
                 self._bulk_channel is not None:
             self._bulk_channel.close()
+
         self._channel.close()
 
     def __enter__(self) -> Self:
@@ -446,12 +449,17 @@ class Client(ClientBase):
         can land inside grpc's own code while it holds one of the channel's
         locks, which is then never given back: every later Get on the channel
         hung, its timeout with it (a review: 4 runs of 5). The channel is
-        left as it is (closing it while its thread runs made grpc's thread
-        fail) and the next large Get opens another."""
+        left as it is (closing it, even later, could hang or make grpc's
+        thread fail) and the next large Get opens another, for the first
+        _MAX_ABANDONED_CHANNELS interrupts of the client (each left channel
+        keeps a connection: a review's 60 interrupts left 60); past them the
+        channel is kept, as before."""
+        if len(self._abandoned) >= _MAX_ABANDONED_CHANNELS:
+            return
         channel, self._bulk_channel = self._bulk_channel, None
         self._bulk_get_rpc = None
         if channel is not None:
-            _abandoned_channels.append(channel)
+            self._abandoned.append(channel)
 
     def lookup(
         self,
