@@ -64,6 +64,8 @@ _FORMATS = frozenset(int(x) for x in BlockFormat)
 # bytes come, while a client after it stored the same key. Within it no
 # client can have started after the death; a small PUT never pays the call.
 _OPEN_CHECK_AFTER = 0.001
+#: How often a SHM_RESERVE waiting for L1 room looks whether its client is still there.
+_PEER_CHECK_S = 0.5
 # Blocks up to VERIFY_INLINE_BYTES are verified on the event loop before they
 # are sent, and a GET of them may be answered from the readable callback;
 # larger ones on the store's executor: the same bound as a commit's (2 MiB TCP
@@ -654,8 +656,20 @@ class Session:
     async def shm_reserve(self, header: f.Header, meta: Any) -> None:
         req = f.ShmReserveRequest.decode(meta)
         namespace = self.namespace(req.namespace)
-        slots, open_ms = await self.shm.reserve(namespace, req.blocks,
-                                                session_or_none(req.session_id), self.owner)
+        reserving = asyncio.ensure_future(self.shm.reserve(
+            namespace, req.blocks, session_or_none(req.session_id), self.owner))
+        try:
+            # It may wait for L1 room (up to the reserve's wait): a client
+            # that goes meanwhile ends it, and gives back what it holds,
+            # within _PEER_CHECK_S (a review: a client killed while its
+            # reserve waited held its session and 4 slots for 28 s, L1 room
+            # every other client waited for).
+            while not (await asyncio.wait((reserving,), timeout=_PEER_CHECK_S))[0]:
+                self._check_open()
+        except BaseException:
+            reserving.cancel()  # (reserve gives back the slots it took)
+            raise
+        slots, open_ms = reserving.result()
         # FLAG_SHM_NEXT: this server takes the extended SHM_COMMIT (a client's
         # first Put learns it here, before its commit).
         await self.reply(header, self._reserved(slots, open_ms), f.FLAG_SHM_NEXT)

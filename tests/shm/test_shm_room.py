@@ -49,3 +49,49 @@ def test_the_stock_goes_on_after_many_puts(small_shm) -> None:  # type: ignore[n
         for i in range(3):
             assert fresh.put({b"q%d" % i: bytes([i]) * 100_000}).stored == 1
         assert fresh.stocked_slots() > 0
+
+
+_WAITING_CHILD = r'''
+import sys
+from kvstore.client.shm import ShmClient
+c = ShmClient(sys.argv[1], namespace="b", timeout=60, slot_stock=False)
+c.lookup([b"x"])
+c.reserve([(b"bk%d" % i, 1 << 20) for i in range(8)])
+'''
+
+
+def test_a_client_killed_while_its_reserve_waits_gives_back_what_it_held(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """Found by a review: a ShmClient killed while its SHM_RESERVE waited for
+    L1 room kept its data-plane session and the slots it had been granted
+    (L1 room every other client waited for) for 28 s. The wait looks every
+    half second whether its client is still there."""
+    import subprocess
+    import sys
+
+    def metric(name: str) -> float:
+        value = server.metric(name)
+        return -1.0 if value is None else value
+
+    def wait_for(check: object, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"{what} not within {timeout} s"
+            time.sleep(0.05)  # a bounded poll of the server's metrics
+
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-dead"
+    with server_factory("--l1-shm-path", path, "--l2-enabled", "false",
+                        "--server-metrics-listen", "127.0.0.1:0",
+                        l1_capacity="64MiB") as server, \
+            ShmClient(server.unix_target, namespace="a", timeout=60, slot_stock=False) as a:
+        a.reserve([(b"ak%d" % i, MiB) for i in range(60)])
+        child = subprocess.Popen([sys.executable, "-c", _WAITING_CHILD, server.unix_target])
+        try:
+            wait_for(lambda: metric("kvstore_shm_reservations") > 60,
+                     "the child's reserve holding slots and waiting", 30)
+        finally:
+            child.kill()
+            child.wait()
+        wait_for(lambda: metric("kvstore_shm_reservations") == 60 and
+                 metric("kvstore_dataplane_connections") <= 1,
+                 "the killed client's session ended and its slots given back", 5)
