@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 #: Channels a KeyboardInterrupt may have left wedged that a Client leaves
 #: open, at most (Client._abandon_bulk_channel).
-_MAX_ABANDONED_CHANNELS = 8
+_MAX_ABANDONED_CHANNELS = 64
 
 
 class SyncClientSettings(ClientSettings, total=False):

@@ -224,8 +224,11 @@ def test_a_client_whose_large_gets_were_interrupted_still_gets(  # type: ignore[
     """Found by a review: a KeyboardInterrupt landing inside grpc's own code
     during a large Get (the channel of its own that such Gets stream on) left
     one of the channel's locks held: every later Get on the client hung, past
-    its timeout (4 runs of 5, 50 interrupts each; the first 8 interrupts of
-    a client are covered, each leaving a connection open)."""
+    its timeout (4 runs of 5, 50 interrupts each). The channel is left at
+    each interrupt (a client's first 64): the client goes on. (A few
+    interrupts seldom wedge the old code: this checks the client stays
+    usable, not the hang itself, which 40 interrupts showed in 3 of 3 runs
+    on the old code and 1 of 4 on this one.)"""
     import random
     import signal
     import threading
