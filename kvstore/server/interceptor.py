@@ -382,7 +382,6 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str,
         except Exception as exc:
             if _is_grpc_own(exc):
                 raise
-            request = None  # (see _abort: this frame outlives the call)
             _abort(context, exc)
         finally:
             if caller is not None:
@@ -507,7 +506,6 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
         except Exception as exc:
             if _is_grpc_own(exc):
                 raise
-            request = None  # (see _abort: this frame outlives the call)
             _abort(context, exc)
         finally:
             if watch is not None:

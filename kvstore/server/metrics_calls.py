@@ -88,7 +88,7 @@ def _failure_of(exc: BaseException) -> str:
 def _code_of(context: grpc.aio.ServicerContext, failure: str | None) -> str:
     if failure == _CANCELLED:
         return _CANCELLED
-    code = context.code()  # set by context.abort (kvstore.server.interceptor)
+    code = context.code()  # set by the error interceptor (kvstore.server.interceptor)
     if isinstance(code, grpc.StatusCode):
         return code.name
     return _OK if failure is None else failure

@@ -6,7 +6,9 @@ and the cyclic collector's older generations scan all of them: a collection
 in the middle of a call adds milliseconds to it. After start (when the index
 has been rebuilt from L2) everything that exists is moved to the permanent
 generation, which collections skip, and young collections run less often.
-Nothing in the data path relies on reference cycles being collected quickly.
+Nothing in the data path relies on reference cycles being collected quickly,
+except grpc's receivers of request streams left unread (failed or cancelled
+Puts): see :func:`note_abandoned_stream`.
 """
 
 from __future__ import annotations

@@ -274,6 +274,20 @@ class Index:
         entry.l2_pending -= 1
         self.busy_pins -= 1
 
+    def free_l1(self, block: BlockId, entry: Entry) -> None:
+        """Free the block's L1 extent (a copy no one reads, not placement's
+        eviction) and count it out of its namespace's L1 at once (left_l1):
+        counted until a reconcile, ~a quarter of the namespace's blocks put
+        later, a deleted block's pages made the tenant look over its quota
+        and its live working set was evicted. (A pinned dead block, a
+        lease's, keeps its pages: free_if_dead frees it and a reconcile
+        counts it out; counted out at once, a tenant that leased and deleted
+        its blocks held L1 past its quota.)"""
+        self.l1.release(entry.l1_offset, entry.size)
+        self.set_l1(entry, -1)
+        if self.left_l1 is not None:
+            self.left_l1(block, entry)
+
     def free_if_dead(self, entry: Entry) -> None:
         """Free a forgotten entry's L1 extent once its last pin is gone."""
         if entry.dead and not entry.pinned and entry.l1_offset >= 0:
@@ -469,17 +483,7 @@ class Index:
         if entry.l1_offset >= 0:
             self.policy.on_remove(TierName.L1, block)
             if not entry.pinned:  # else freed by free_if_dead when the last pin goes
-                self.l1.release(entry.l1_offset, entry.size)
-                self.set_l1(entry, -1)
-                if self.left_l1 is not None:
-                    # Counted out now: a deleted block's pages counted against
-                    # its namespace's quota until a reconcile, ~a quarter of
-                    # its blocks put later, and the tenant's live working set
-                    # was evicted meanwhile. (A pinned one, a lease's, still
-                    # takes its pages: counted until a reconcile finds them
-                    # freed; counted out at once, a tenant that leased and
-                    # deleted its blocks held L1 past its quota.)
-                    self.left_l1(block, entry)
+                self.free_l1(block, entry)
         if entry.l2:
             self.policy.on_remove(TierName.L2, block)
             if delete_l2:

@@ -60,11 +60,8 @@ class L1Check(Part):
         self._dropped_log.note(f"{block[0]}/{block[1].hex()[:16]}, found by {where}")
         if (entry.l2 or entry.l3) and entry.readers <= own_pins and not entry.l2_pending:
             index.set_dirty(entry, False)
-            self.l1.release(entry.l1_offset, entry.size)
-            index.set_l1(entry, -1)
+            index.free_l1(block, entry)
             self.policy.on_remove(TierName.L1, block)
-            if index.left_l1 is not None:
-                index.left_l1(block, entry)
             return
         # No other copy, or other readers still hold this one (its extent
         # cannot be freed under them): forget the block here; the L3 copy,
