@@ -382,8 +382,12 @@ class ShmClient(Client):
         return True if nbytes >= limit else None
 
     def _call(self, rpc: Any, request: Any) -> Any:
+        metadata = self._metadata()
         try:
-            return rpc(request, timeout=self.timeout, metadata=self._metadata())
+            # (the main thread's calls go through the driver: see _calldriver;
+            # an interrupted commit goes on, and the next write waits for it)
+            return self._driver.call(lambda: rpc(request, timeout=self.timeout,
+                                                 metadata=metadata), rpc is self._commit)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
 
@@ -654,19 +658,24 @@ class ShmClient(Client):
                              self._arena[s.offset : s.offset + s.size], s.deadline, True)
                 for (key, _), s in zip(sizes, stocked, strict=True)]
 
+    def _commit_call(self, req: pb.ShmCommitRequest) -> Any:
+        metadata = self._metadata()
+        return self._driver.call(lambda: self._commit(req, timeout=self.timeout,
+                                                      metadata=metadata), write=True)
+
     def _commit_restocking(self, req: pb.ShmCommitRequest, slots: Sequence[ReservedSlot],
                            session_id: str | None) -> Any:
         """Send a Put's (last) ShmCommit, asking it to restock what the Put
         used and to abandon stale stock; keep the slots it reserved."""
         stock = self._stock()
         if stock is None:
-            return self._commit(req, timeout=self.timeout, metadata=self._metadata())
+            return self._commit_call(req)
         ns = req.namespace
         req.reserve_next.extend(stock.wanted(ns, [s.size for s in slots]))
         req.abandon.extend(stock.to_abandon(ns))
         req.session_id = check_session_id(session_id)
         sent = time.monotonic()
-        resp = self._commit(req, timeout=self.timeout, metadata=self._metadata())
+        resp = self._commit_call(req)
         if resp.next_slots:
             # As ShmReserve's: their clock started next_open_ms after arrival.
             deadline = sent + resp.next_open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN

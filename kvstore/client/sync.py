@@ -14,6 +14,7 @@ from kvstore.client import _convert as conv
 from kvstore.client import kv
 from kvstore.client._aioput import AioPutter, status_lost
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
+from kvstore.client._calldriver import CallDriver, CallJob, on_main_thread
 from kvstore.client._common import (
     DEFAULT_TARGET,
     GET_SMALL,
@@ -57,11 +58,6 @@ from kvstore.types import (
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-#: Channels a KeyboardInterrupt may have left wedged that a Client leaves
-#: open, at most (Client._abandon_bulk_channel).
-_MAX_ABANDONED_CHANNELS = 64
-
 
 class SyncClientSettings(ClientSettings, total=False):
     """The keyword arguments of :class:`Client` (its subclasses pass them on)."""
@@ -147,8 +143,8 @@ class Client(ClientBase):
         # grpc's own thread, which receives the next chunk while this thread
         # copies the last (a thread per call, worth it at that size).
         self._bulk_credentials = credentials
-        # bulk channels left to a KeyboardInterrupt (see _abandon_bulk_channel)
-        self._abandoned: list[grpc.Channel] = []
+        # makes the main thread's calls (see _calldriver)
+        self._driver = CallDriver()
         self._bulk_get_rpc: Any = None
         self._small_limit = max_response_bytes(self._options)
         # Largest block the last Get returned (0: none yet): a batch whose
@@ -209,6 +205,7 @@ class Client(ClientBase):
             self._data_plane.close()
         if self._aio_put is not None:
             self._aio_put.close()
+        self._driver.close()
         if self._bulk_get_rpc is not None and self._bulk_get_rpc is not self._get_rpc and \
                 self._bulk_channel is not None:
             self._bulk_channel.close()
@@ -287,14 +284,20 @@ class Client(ClientBase):
                     # same refusal comes with its class (BlockTooLarge,
                     # PermissionDenied, ...; the blocks before it are stored
                     # again, the same bytes).
-                    stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
-                                                   timeout=left, metadata=self._metadata())
+                    stored, nbytes = self._sync_put(prep, left)
             else:
-                stored, nbytes = self._put_rpc(prep.messages(self.chunk_bytes),
-                                               timeout=self.timeout, metadata=self._metadata())
+                stored, nbytes = self._sync_put(prep, self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
         return PutResult(stored, nbytes)
+
+    def _sync_put(self, prep: Any, timeout: float | None) -> tuple[int, int]:
+        """A Put stream on the sync channel (its messages sent by grpc's
+        thread); one interrupted goes on, and the next write waits for it."""
+        metadata = self._metadata()
+        sent: tuple[int, int] = self._driver.call(lambda: self._put_rpc(
+            prep.messages(self.chunk_bytes), timeout=timeout, metadata=metadata), write=True)
+        return sent
 
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
                page_lists: Sequence[Sequence[int]], *, dtype: Any = None,
@@ -396,8 +399,10 @@ class Client(ClientBase):
         if not self._unary_get:
             return self._stream_get(req, GetAssembler(count, views))
         try:
-            raw = self._get_small_rpc(req + small_request_suffix(self._small_limit),
-                                      timeout=self.timeout, metadata=self._metadata())
+            small = req + small_request_suffix(self._small_limit)
+            metadata = self._metadata()
+            raw = self._driver.call(lambda: self._get_small_rpc(
+                small, timeout=self.timeout, metadata=metadata))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server without GetSmall
                 self._unary_get = False
@@ -427,39 +432,37 @@ class Client(ClientBase):
         return self._bulk_get_rpc
 
     def _stream_get(self, req: bytes, asm: GetAssembler, rpc: Any = None) -> list[Any]:
+        if on_main_thread():
+            # (signals land in the main thread only: see _calldriver)
+            metadata = self._metadata()
+            return self._driver.run(CallJob(
+                lambda job: self._drive_get(req, asm, rpc or self._get_rpc, metadata, job)))
+        return self._drive_get(req, asm, rpc or self._get_rpc, self._metadata(), None)
+
+    def _drive_get(self, req: bytes, asm: GetAssembler, rpc: Any, metadata: Any,
+                   job: CallJob | None) -> list[Any]:
         try:
-            call = (rpc or self._get_rpc)(req, timeout=self.timeout, metadata=self._metadata())
+            call = rpc(req, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
+        if job is not None:
+            job.started(call)
         try:
             for piece in call:
+                if job is not None and job.cancelled:
+                    break  # (the caller was interrupted: no more writes into its buffers)
                 asm.feed(piece)
         except grpc.RpcError as err:
+            if job is not None and job.cancelled:
+                return []
             raise error_from_rpc(err, self.target, self.tls) from err
-        except BaseException as exc:
+        except BaseException:
             call.cancel()
-            if not isinstance(exc, Exception) and rpc is not None and \
-                    rpc is self._bulk_get_rpc and rpc is not self._get_rpc:
-                self._abandon_bulk_channel()
             raise
+        if job is not None and job.cancelled:
+            call.cancel()
+            return []
         return asm.done()
-
-    def _abandon_bulk_channel(self) -> None:
-        """A KeyboardInterrupt (or another exception a signal handler raised)
-        can land inside grpc's own code while it holds one of the channel's
-        locks, which is then never given back: every later Get on the channel
-        hung, its timeout with it (a review: 4 runs of 5). The channel is
-        left as it is (closing it, even later, could hang or make grpc's
-        thread fail) and the next large Get opens another, for the first
-        _MAX_ABANDONED_CHANNELS interrupts of the client (each left channel
-        keeps a connection: a review's 60 interrupts left 60); past them the
-        channel is kept, as before."""
-        if len(self._abandoned) >= _MAX_ABANDONED_CHANNELS:
-            return
-        channel, self._bulk_channel = self._bulk_channel, None
-        self._bulk_get_rpc = None
-        if channel is not None:
-            self._abandoned.append(channel)
 
     def lookup(
         self,
@@ -496,6 +499,7 @@ class Client(ClientBase):
         first (see AioPutter.put), so that it cannot land after this one."""
         if self._aio_put is not None:
             self._aio_put.settle(self.timeout)
+        self._driver.settle(self.timeout)
 
     def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
         """Remove blocks from every tier; returns how many were stored."""
@@ -503,7 +507,7 @@ class Client(ClientBase):
         if not count:
             return 0
         self._settle_puts()
-        deleted: int = self._unary(self._delete_rpc, req)
+        deleted: int = self._unary(self._delete_rpc, req, write=True)
         return deleted
 
     def stats(self, namespace: str | None = None) -> StoreStats:
@@ -520,23 +524,33 @@ class Client(ClientBase):
         server's default, 1000; the server caps it). ``truncated`` tells
         whether more matched."""
         req = self._prepare_list_blocks(namespace, prefix, limit)
-        blocks: list[ListedBlock] = []
-        truncated = False
-        try:
-            call = self._list_blocks_rpc(req, timeout=self.timeout, metadata=self._metadata())
+        metadata = self._metadata()
+
+        def listing(job: CallJob | None) -> BlockListing:
+            blocks: list[ListedBlock] = []
+            truncated = False
+            call = self._list_blocks_rpc(req, timeout=self.timeout, metadata=metadata)
+            if job is not None:
+                job.started(call)
             for page in call:
                 blocks.extend(page.blocks)
                 truncated = truncated or page.truncated
+            return BlockListing(blocks, truncated)
+
+        try:
+            if on_main_thread():
+                listed: BlockListing = self._driver.run(CallJob(listing))
+                return listed
+            return listing(None)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
-        return BlockListing(blocks, truncated)
 
     def flush(self, namespace: str | None = None) -> int:
         """Remove every block of the namespace from every tier (L3 objects
         included); returns how many were removed. An admin operation."""
         ns = resolve_namespace(namespace, self.namespace)
         self._settle_puts()
-        flushed: int = self._unary(self._flush_rpc, conv.encode_flush_request(ns))
+        flushed: int = self._unary(self._flush_rpc, conv.encode_flush_request(ns), write=True)
         return flushed
 
     def session_event(
@@ -595,8 +609,10 @@ class Client(ClientBase):
         not moved, when room is needed (served until then)."""
         self.session_event(session_id, SessionEnd(discard), namespace=namespace)
 
-    def _unary(self, rpc: Any, req: bytes) -> Any:
+    def _unary(self, rpc: Any, req: bytes, write: bool = False) -> Any:
+        metadata = self._metadata()
         try:
-            return rpc(req, timeout=self.timeout, metadata=self._metadata())
+            return self._driver.call(lambda: rpc(req, timeout=self.timeout, metadata=metadata),
+                                     write)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err

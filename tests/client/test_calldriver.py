@@ -1,0 +1,137 @@
+"""CallDriver (kvstore/client/_calldriver.py): the main thread's gRPC calls
+made from a thread of the client's own, so that an interrupt lands in the
+main thread's wait and never inside grpc's code. No server: the jobs are
+functions that wait on events the tests set."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kvstore.client._calldriver import CallDriver, CallJob, on_main_thread
+
+
+@pytest.fixture
+def interrupt_after() -> Iterator[Any]:
+    """``interrupt_after(s)``: a KeyboardInterrupt in the main thread after
+    ``s`` seconds (SIGALRM)."""
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        yield lambda seconds: signal.setitimer(signal.ITIMER_REAL, seconds)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_main_thread_s_calls_run_on_the_driver_and_others_on_their_own() -> None:
+    driver = CallDriver()
+    assert on_main_thread()
+    ran_on = driver.call(threading.get_ident)
+    assert ran_on != threading.get_ident()
+    assert driver.call(threading.get_ident) == ran_on  # one thread, kept
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(
+        driver.call(threading.get_ident) - threading.get_ident()))
+    thread.start()
+    thread.join(10)
+    assert other == [0]  # (signals never reach another thread: no hand-over)
+    with pytest.raises(ZeroDivisionError):
+        driver.call(lambda: 1 // 0)  # what the call raises reaches the caller
+    driver.close()
+
+
+def test_an_interrupted_call_goes_on_and_the_next_one_does_not_wait_for_it(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    driver = CallDriver()
+    release = threading.Event()
+    finished = threading.Event()
+
+    def slow() -> str:
+        release.wait(30)
+        finished.set()
+        return "late"
+
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(slow)
+    assert not finished.is_set()
+    assert driver.call(lambda: "next") == "next"  # another thread took over
+    release.set()
+    assert finished.wait(10)
+    driver.close()
+
+
+def test_the_next_write_waits_for_an_interrupted_write(interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    driver = CallDriver()
+    order: list[str] = []
+    release = threading.Event()
+
+    def put() -> None:
+        release.wait(30)
+        order.append("interrupted put")
+
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(put, write=True)
+    threading.Timer(0.2, release.set).start()  # (answered while the next write waits)
+    driver.settle(timeout=30)
+    order.append("delete")
+    assert order == ["interrupted put", "delete"]
+    driver.settle(timeout=30)  # settled once: nothing to wait for
+    driver.close()
+
+
+def test_an_interrupted_stream_is_cancelled_and_stops_before_the_interrupt_goes_on(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    class Call:
+        def __init__(self) -> None:
+            self.cancelled = threading.Event()
+
+        def cancel(self) -> None:
+            self.cancelled.set()
+
+    call = Call()
+    writes: list[int] = []
+
+    def stream(job: CallJob) -> None:
+        job.started(call)
+        while not call.cancelled.wait(0.001):  # (a message each ms until cancelled)
+            if job.cancelled:
+                break
+            writes.append(1)
+
+    driver = CallDriver()
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(CallJob(stream))
+    assert call.cancelled.is_set()
+    seen = len(writes)
+    assert driver.call(lambda: len(writes)) == seen  # nothing written after
+    driver.close()
+
+
+def test_a_job_given_up_before_it_began_never_runs() -> None:
+    driver = CallDriver()
+    gate = threading.Event()
+    driver.run(CallJob(lambda job: None))  # (the thread is up)
+    blocker = CallJob(lambda job: gate.wait(30))
+    ran: list[str] = []
+    skipped = CallJob(lambda job: ran.append("ran"))
+    # Queue two behind nothing the main thread waits for: the first holds the
+    # driver, the second is claimed by its caller (as an interrupt does).
+    assert driver._jobs is not None
+    driver._jobs.put(blocker)
+    driver._jobs.put(skipped)
+    assert skipped.claim.acquire(blocking=False)
+    gate.set()
+    assert blocker.done.acquire(timeout=10)
+    driver.call(lambda: None)  # (queued after both)
+    assert ran == []
+    driver.close()
