@@ -284,6 +284,24 @@ class Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def finish(self, timeout: float | None) -> None:
+        """End a connection whose last request may still be under way on the
+        server (its caller was interrupted): send nothing more, wait (at most
+        ``timeout``) until the server, which answers a connection's requests
+        one after another, has answered it and closed its end, then close.
+        (A Put's payload cut short is dropped there, whole.)"""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with contextlib.suppress(OSError, ValueError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.sock.settimeout(left)
+                if not self.sock.recv(1 << 16):
+                    break  # the server's end is closed: the request was answered
+        self.close()
+
     # -- sending -----------------------------------------------------------------------
 
     def send(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
@@ -701,6 +719,9 @@ class DataPlane:
         #: The ShmAttach owner the sessions act as (ShmClient sets it).
         self.shm_owner = ""
         self._idle: list[Connection] = []
+        # Connections whose write (Put, commit, session event) was interrupted
+        # after its request went: the next write waits for them (settle()).
+        self._owing: list[Connection] = []
         self._lock = threading.Lock()
         self._refused = False  # the server has no data plane
         self._retry = Retry()  # a listener could not be used: gRPC until _retry.at
@@ -742,7 +763,9 @@ class DataPlane:
 
     def close(self) -> None:
         self._closed = True
-        for conn in self.take_idle():
+        with self._lock:
+            owing, self._owing = self._owing, []
+        for conn in owing + self.take_idle():
             conn.close()
 
     def take_idle(self) -> list[Connection]:
@@ -787,12 +810,22 @@ class DataPlane:
                 else:
                     self._give(conn)
                 raise
-            except BaseException:
+            except BaseException as exc:
                 # Anything else (KeyboardInterrupt, an exception a signal
                 # handler raised, a bug) may have stopped the call between
                 # its request and the end of its answer: the rest of that
                 # answer would be read by the next call. Never pooled again.
-                conn.close()
+                # An interrupted write's request may still be under way on
+                # the server: the next write waits for it (a Delete
+                # acknowledged, then undone by the interrupted commit).
+                parked = False
+                if not idempotent and not isinstance(exc, Exception):
+                    with self._lock:
+                        if not self._closed:  # (close() takes what is parked)
+                            self._owing.append(conn)
+                            parked = True
+                if not parked:
+                    conn.close()
                 raise
             self._give(conn)
             self.calls += 1
@@ -815,6 +848,19 @@ class DataPlane:
         if self._forks != _forks:
             self._forks = _forks
             self._idle = []
+            self._owing = []
+
+    def settle(self, timeout: float | None) -> None:
+        """Before a write: wait (at most ``timeout`` each) until the writes
+        interrupted after their request went are answered, so that none lands
+        after this one."""
+        self._mind_fork()
+        if not self._owing:
+            return
+        with self._lock:
+            owing, self._owing = self._owing, []
+        for conn in owing:
+            conn.finish(timeout)
 
     def _take(self) -> Connection | None:
         self._mind_fork()

@@ -486,6 +486,7 @@ class ShmClient(Client):
                                     ack=ack, session_id=session_id, block_format=block_format)
                            for i in range(0, len(items), MAX_KEYS_PER_REQUEST))
         self._check_arena()
+        self._settle_puts()
         lean = self._frames
         if lean is not None and lean.dp.available:
             ns = resolve_namespace(namespace, self.namespace)
@@ -555,6 +556,7 @@ class ShmClient(Client):
         first = kv.pack_blocks(k_pages, v_pages, page_lists[:1], dtype=dtype,
                                block_tokens=block_tokens)[0]
         size = len(first)  # every block of one engine cache has the same size
+        self._settle_puts()
         lean = self._frames
         if lean is not None and lean.dp.available:
             arena = self._arena

@@ -500,6 +500,8 @@ class Client(ClientBase):
         if self._aio_put is not None:
             self._aio_put.settle(self.timeout)
         self._driver.settle(self.timeout)
+        if self._data_plane is not None:
+            self._data_plane.settle(self.timeout)
 
     def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
         """Remove blocks from every tier; returns how many were stored."""

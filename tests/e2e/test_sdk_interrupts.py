@@ -336,3 +336,38 @@ def test_a_sync_channel_put_interrupted_under_way_is_answered_before_the_next_wr
         c._put_rpc = real_put
         assert c.delete([b"k"]) == 1  # the Put was answered first: then deleted
         assert c.get([b"k"]) == [None]
+
+
+def test_a_shm_commit_interrupted_after_it_went_lands_before_the_next_delete(  # type: ignore[no-untyped-def]
+        shm_server, monkeypatch) -> None:
+    """Found by a review (0.28.0 documented it): a ShmClient Put interrupted
+    just after its commit frame went closed that data-plane connection, and
+    the Delete made next (over gRPC) could reach the server while it still
+    checked the commit's bytes: the Delete found nothing, then the commit
+    stored the block, served after the Delete (1 in ~50 interrupted Puts in
+    the review). The next write now waits until the server has answered the
+    interrupted request and closed that connection's end. (The server
+    usually finishes the commit before the Delete arrives: this test passed
+    on the old code in 5 runs of 5; it checks the order, not the race.)"""
+    from kvstore.client.dataplane import Connection
+
+    value = os.urandom(16 << 20)  # (its checksum keeps the server busy a while)
+    real_send = Connection.send
+    armed = [True]
+
+    def send_then_interrupt(self: Connection, opcode: int, *args: Any, **kwargs: Any) -> int:
+        rid = real_send(self, opcode, *args, **kwargs)
+        if opcode == Op.SHM_COMMIT and armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt  # (the frame went: the answer is not read)
+        return rid
+
+    with ShmClient(shm_server.unix_target, namespace="interrupted-commit", timeout=10) as c:
+        assert c.data_plane_active()
+        c.put({b"warm": b"w"})
+        monkeypatch.setattr(Connection, "send", send_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            c.put({b"k": value})
+        monkeypatch.setattr(Connection, "send", real_send)
+        assert c.delete([b"k"]) == 1  # the commit landed first: then deleted
+        assert c.get([b"k"]) == [None]
