@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import bench.aio_client as aio_client
+import bench.handover as handover
 import bench.peers as peers
 import bench.per_call as per_call
 import bench.throughput as throughput
@@ -181,6 +182,7 @@ def test_throughput_interleaves_kv_and_raw_rounds(monkeypatch: pytest.MonkeyPatc
     (throughput.main, ["--sizes", "64KiB", "--clients", "1", "--batch", "0", "--quick"],
      "--batch"),
     (aio_client.main, ["--calls", "0"], "--calls"),
+    (handover.main, ["--rounds", "0"], "--rounds"),
 ])
 def test_bad_flags_are_one_argparse_error(main: Any, argv: list[str], flag: str,
                                           capsys: pytest.CaptureFixture[str]) -> None:
