@@ -172,6 +172,11 @@ class AioPutter:
             self._settling = pending
         if pending:
             concurrent.futures.wait(pending, timeout=timeout)
+            # Waited for once: a Put that never got scheduled (interrupted
+            # inside run_coroutine_threadsafe) would make every later write
+            # wait out its timeout again.
+            with self._lock:
+                self._settling = [f for f in self._settling if f not in pending]
 
     async def _put(self, messages: Iterator[bytes], timeout: float | None,
                    metadata: MetadataPairs | None) -> tuple[int, int]:

@@ -17,8 +17,10 @@ docs/performance.md).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, TypeVar
@@ -28,6 +30,14 @@ T = TypeVar("T")
 #: How long an interrupted Get waits for the driver to stop writing into the
 #: caller's buffers (it checks between messages: one message's copy).
 STOP_WAIT_S = 10.0
+
+#: How much longer than the client's timeout the caller waits for a call's
+#: thread before it leaves the call there (DeadlineExceeded): grpc ends the
+#: call at its deadline, so only a thread wedged in grpc waits this long.
+OVERDUE_S = 30.0
+
+#: How often a write that waits for an interrupted one looks whether it ended.
+SETTLE_POLL_S = 0.05
 
 
 class CallJob:
@@ -50,19 +60,22 @@ class CallJob:
         self.claim = threading.Lock()
 
     def started(self, call: Any) -> None:
-        """Record a stream's call as soon as it exists: one the waiting
-        thread gave up on before that is cancelled here."""
+        """Record a stream's call as soon as it exists (on the driver): one
+        the waiting thread gave up on before that is cancelled here."""
         self.call = call
         if self.cancelled:
             call.cancel()
 
     def cancel(self) -> None:
-        # Either this sees the call or started() sees the flag (the GIL
-        # orders the two writes and the two reads).
+        """Cancel the job's call from a thread of its own: grpc's cancel takes
+        the call's lock in Python code, where a second interrupt of the
+        caller's thread could land (a review: a double Ctrl-C hung the
+        client). Either this sees the call or started() sees the flag (the
+        GIL orders the two writes and the two reads)."""
         self.cancelled = True
         call = self.call
         if call is not None:
-            call.cancel()
+            _thread.start_new_thread(call.cancel, ())
 
 
 def on_main_thread() -> bool:
@@ -77,18 +90,21 @@ class CallDriver:
     ``_thread.start_new_thread``: ``threading.Thread.start`` waits on a
     ``threading.Event``, whose lock an interrupt can leave in disorder too
     (seen: "release unlocked lock"). Like a daemon thread, it does not hold
-    up the interpreter's exit."""
+    up the interpreter's exit. ``timeout``: the client's, per call."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float | None = None) -> None:
         self._jobs: SimpleQueue[CallJob | None] | None = None  # None: no thread
+        self._overdue = None if timeout is None else timeout + OVERDUE_S
         #: writes interrupted before their answer (see settle())
         self._unsettled: list[CallJob] = []
+        self._lock = threading.Lock()  # (for _unsettled: writes of any thread settle)
         self._pid = os.getpid()  # the process whose thread reads ``_jobs``
+        self.closed = False
 
     def call(self, fn: Callable[[], T], write: bool = False) -> T:
         """``fn()``, on the driver when this is the main thread. ``write``: a
         call that stores or removes blocks (see :meth:`settle`)."""
-        if not on_main_thread():
+        if self.closed or not on_main_thread():
             return fn()
         return self.run(CallJob(lambda job: fn()), write)
 
@@ -97,53 +113,90 @@ class CallDriver:
         what it raised). Interrupted: a stream is cancelled and, before the
         interrupt goes on, has stopped writing into the caller's buffers; a
         unary call goes on to its end on this thread while later calls get
-        another."""
+        another. After :meth:`close`, on the caller's thread (the closed
+        channel says so)."""
+        if self.closed:
+            return job.run(job)
         jobs = self._jobs
         if jobs is None or self._pid != os.getpid():
             if self._pid != os.getpid():
-                self._unsettled, self._pid = [], os.getpid()  # (the parent's threads')
+                with self._lock:
+                    self._unsettled, self._pid = [], os.getpid()  # (the parent's threads')
             jobs = self._jobs = SimpleQueue()
             _thread.start_new_thread(_drive, (jobs,))
         try:
             jobs.put(job)
-            job.done.acquire()
+            if not job.done.acquire(timeout=-1 if self._overdue is None else self._overdue):
+                self._give_up(job, write)
+                from kvstore.errors import DeadlineExceeded
+
+                raise DeadlineExceeded(
+                    f"the call did not end within the client's timeout and {OVERDUE_S:g} s "
+                    "more: it is left running on its thread")
         except BaseException:
             # (the interrupt may come just after the acquire succeeded: then
             # the lock is this thread's and the job over, nothing to wait
             # for; or before the driver started the job: then it never will)
             if not job.finished and not job.claim.acquire(blocking=False):
-                job.cancel()
-                if job.call is None or not job.done.acquire(timeout=STOP_WAIT_S):
-                    self._retire()
-                    if write:
-                        self._unsettled.append(job)
+                self._give_up(job, write)
             raise
         if job.error is not None:
             error, job.error = job.error, None
             raise error
         return job.result
 
+    def _give_up(self, job: CallJob, write: bool) -> None:
+        """The caller leaves a job its driver has begun: a stream is cancelled
+        and waited for (briefly) to stop; a write is recorded for the next
+        write to wait for; a driver still busy is left to it."""
+        if write:  # (recorded first: nothing below may lose it)
+            with self._lock:
+                self._unsettled.append(job)
+        stream = job.call is not None
+        job.cancel()
+        # (a stream not yet begun is cancelled as it begins, before any write)
+        if not job.finished and (not stream or not job.done.acquire(timeout=STOP_WAIT_S)):
+            self._retire()
+
     def settle(self, timeout: float | None) -> None:
         """Before a write: wait (at most ``timeout`` each) for the writes
         interrupted before their answer (a Put, a Delete, a Flush: they go
         on), so that none lands after this one (a Delete acknowledged, then
-        undone by an interrupted Put)."""
-        if self._unsettled and self._pid != os.getpid():
-            self._unsettled = []  # (the parent's threads were answering them)
-        while self._unsettled:
-            job = self._unsettled[0]
-            if not job.finished:
-                job.done.acquire(timeout=-1 if timeout is None else timeout)
-            self._unsettled.pop(0)
+        undone by an interrupted Put). Any thread's write may wait, several
+        at once: each looks at ``finished`` (``done`` is taken once)."""
+        if not self._unsettled:
+            return
+        if self._pid != os.getpid():
+            with self._lock:
+                self._unsettled = []  # (the parent's threads were answering them)
+            return
+        with self._lock:
+            waiting = list(self._unsettled)
+        for job in waiting:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not job.finished:
+                left = SETTLE_POLL_S if deadline is None else \
+                    min(SETTLE_POLL_S, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                if job.done.acquire(timeout=left):
+                    job.done.release()  # (for the other writes waiting on it)
+                    break
+            with self._lock, contextlib.suppress(ValueError):
+                self._unsettled.remove(job)
 
     def _retire(self) -> None:
         """The thread finishes the call it runs, then ends; the next call
-        starts another."""
-        if self._jobs is not None:
-            self._jobs.put(None)
-            self._jobs = None
+        starts another. (The queue is unhooked before the thread is told: an
+        interrupt in between left the next calls on a queue no one read.)"""
+        jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            jobs.put(None)
 
     def close(self) -> None:
+        """Stop the thread (also run when the client is collected unclosed);
+        later calls run on their callers' threads."""
+        self.closed = True
         if self._pid == os.getpid():
             self._retire()
 
@@ -157,6 +210,9 @@ def _drive(jobs: SimpleQueue[CallJob | None]) -> None:
         except BaseException as exc:  # handed to the waiting thread
             job.error = exc
         finally:
+            # grpc's call object is let go here: its clean-up takes grpc's
+            # locks, and on the caller's thread an interrupt could land in it
+            job.call = None
             job.finished = True
             job.done.release()
         del job

@@ -143,8 +143,10 @@ class Client(ClientBase):
         # grpc's own thread, which receives the next chunk while this thread
         # copies the last (a thread per call, worth it at that size).
         self._bulk_credentials = credentials
-        # makes the main thread's calls (see _calldriver)
-        self._driver = CallDriver()
+        # makes the main thread's calls (see _calldriver); an unclosed
+        # client's thread is stopped when the client goes
+        self._driver = CallDriver(self.timeout)
+        weakref.finalize(self, self._driver.close)
         self._bulk_get_rpc: Any = None
         self._small_limit = max_response_bytes(self._options)
         # Largest block the last Get returned (0: none yet): a batch whose
@@ -270,9 +272,14 @@ class Client(ClientBase):
         try:
             if self._aio_put is not None and not self._aio_put.forked():
                 started = time.monotonic()
+                putter, metadata = self._aio_put, self._metadata()
                 try:
-                    stored, nbytes = self._aio_put.put(prep.messages(self.chunk_bytes),
-                                                        self.timeout, self._metadata())
+                    # (from the main thread by way of the driver: an interrupt
+                    # inside run_coroutine_threadsafe left the Put unscheduled
+                    # and its end never marked, and every later write waited
+                    # out its timeout)
+                    stored, nbytes = self._driver.call(lambda: putter.put(
+                        prep.messages(self.chunk_bytes), self.timeout, metadata), write=True)
                 except grpc.RpcError as err:
                     left = None if self.timeout is None else \
                         self.timeout - (time.monotonic() - started)

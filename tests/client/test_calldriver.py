@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -135,3 +136,134 @@ def test_a_job_given_up_before_it_began_never_runs() -> None:
     driver.call(lambda: None)  # (queued after both)
     assert ran == []
     driver.close()
+
+
+def test_writes_of_several_threads_wait_for_the_same_interrupted_write(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: ``done`` is taken once, so a second thread settling
+    at the same time waited its whole timeout, then failed IndexError."""
+    driver = CallDriver()
+    release = threading.Event()
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(lambda: release.wait(30), write=True)
+    outcomes: list[object] = []
+
+    def write() -> None:
+        started = time.monotonic()
+        try:
+            driver.settle(timeout=20)
+            outcomes.append(time.monotonic() - started)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    writers = [threading.Thread(target=write) for _ in range(3)]
+    for w in writers:
+        w.start()
+    threading.Timer(0.2, release.set).start()
+    for w in writers:
+        w.join(30)
+    assert len(outcomes) == 3
+    assert all(isinstance(o, float) and o < 10 for o in outcomes), outcomes
+    driver.close()
+
+
+def test_an_interrupted_stream_is_cancelled_off_the_interrupted_thread(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """grpc's cancel takes the call's lock in Python code: on the interrupted
+    thread a second interrupt could land in it (a review: a double Ctrl-C
+    hung the client)."""
+    cancelled_on: list[int] = []
+
+    class Call:
+        def __init__(self) -> None:
+            self.cancelled = threading.Event()
+
+        def cancel(self) -> None:
+            cancelled_on.append(threading.get_ident())
+            self.cancelled.set()
+
+    call = Call()
+
+    def stream(job: CallJob) -> None:
+        job.started(call)
+        call.cancelled.wait(30)
+
+    driver = CallDriver()
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(CallJob(stream))
+    assert call.cancelled.is_set()
+    assert cancelled_on and threading.get_ident() not in cancelled_on
+    driver.close()
+
+
+def test_a_call_whose_thread_never_ends_is_left_past_the_timeout(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from kvstore.client import _calldriver
+    from kvstore.errors import DeadlineExceeded
+
+    monkeypatch.setattr(_calldriver, "OVERDUE_S", 0.2)
+    driver = CallDriver(timeout=0.1)
+    release = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="left running"):
+        driver.call(lambda: release.wait(30))
+    assert time.monotonic() - started < 10
+    assert driver.call(lambda: "next") == "next"  # on another thread
+    release.set()
+    driver.close()
+
+
+def test_a_closed_driver_runs_calls_on_the_caller_s_thread() -> None:
+    driver = CallDriver()
+    assert driver.call(threading.get_ident) != threading.get_ident()
+    driver.close()
+    assert driver.call(threading.get_ident) == threading.get_ident()
+
+
+def test_clients_left_unclosed_or_used_after_close_leave_no_thread(shared_server) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: each unclosed Client kept its call thread (300
+    clients: 300 threads), and a call after close() started one."""
+    import gc
+
+    from kvstore import Client
+
+    def threads() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+    Client(shared_server.tcp, data_plane=False, aio_put=False).stats()  # (grpc's own threads)
+    gc.collect()
+    before = threads()
+    for _ in range(30):
+        Client(shared_server.tcp, data_plane=False, aio_put=False).stats()
+    for _ in range(30):
+        c = Client(shared_server.tcp, data_plane=False, aio_put=False)
+        c.stats()
+        c.close()
+        with pytest.raises(ValueError):
+            c.stats()
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while threads() > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)  # bounded poll: the stopped threads end as they see it
+    assert threads() <= before + 5, (before, threads())
+
+
+def test_an_aio_put_never_scheduled_is_waited_for_once() -> None:
+    """Found by a review: an interrupt inside run_coroutine_threadsafe left
+    the Put unscheduled and its end unmarked; every later write waited out
+    its timeout (now the main thread's Puts go through the driver, and a
+    settle waits for such a Put once)."""
+    import concurrent.futures
+
+    from kvstore.client._aioput import AioPutter
+
+    putter = AioPutter("127.0.0.1:1", [], None)
+    putter._settling.append(concurrent.futures.Future())
+    started = time.monotonic()
+    putter.settle(0.2)
+    putter.settle(0.2)
+    putter.settle(0.2)
+    assert time.monotonic() - started < 0.5
+    putter.close()
