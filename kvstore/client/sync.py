@@ -87,7 +87,11 @@ class Client(ClientBase):
     grpc.aio event loop thread with its own connection, started at the first
     Put (faster than grpc's sync stream calls); off, Puts use the sync
     channel like every other call. Errors are :mod:`kvstore.errors` classes,
-    as the server raised them.
+    as the server raised them. Calls made on the main thread run their gRPC
+    part on a thread of the client's own, so that Ctrl-C cannot land inside
+    grpc's code (where it left the client hung): an interrupted Get stops
+    writing into your buffers before the KeyboardInterrupt reaches you, and
+    an interrupted write goes on, the next write waiting for it.
 
     ``data_plane`` (default on) sends Lookup, Get, Put and the turn and
     session ends as frames on the
