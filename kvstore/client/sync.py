@@ -415,9 +415,9 @@ class Client(ClientBase):
 
         def get_small() -> Any:
             raw = self._get_small_rpc(small, timeout=self.timeout, metadata=metadata)
-            # The blocks are copied out on the thread that received them (on
-            # another core they were a third slower at 1 MiB); get_into's
-            # buffers only on the caller's (an interrupted call goes on).
+            # The blocks are copied out on the thread that received them;
+            # get_into's buffers only on the caller's (an interrupted unary
+            # call goes on, and must not write into them after the interrupt).
             return raw if views is not None else feed_small_response(asm, raw)
 
         try:
