@@ -154,6 +154,10 @@ _PUT_POLL_MAX_BYTES = 1024 * 1024 + 4096
 #: ends with it, so the longer window costs nothing there.)
 _CHECKED_POLL_BASE = 3
 _PUT = int(Op.PUT)
+#: Requests that store blocks: one interrupted after it went is waited for by
+#: the next write (DataPlane.settle). A SHM_RESERVE stores nothing (and may
+#: wait for room a Delete would free): its connection is closed instead.
+_STORING = frozenset({_PUT, int(Op.SHM_COMMIT)})
 #: How long a call polls for its answer unless told otherwise (µs): more than
 #: a small answer's round trip on loopback (20-40 µs), little CPU per call.
 DEFAULT_BUSY_POLL_US = 50
@@ -251,6 +255,10 @@ class Connection:
         self.timeout = timeout
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.broken = False
+        #: The opcode of the request sent last (0: none yet).
+        self.last_opcode = 0
+        #: Held while a thread waits for this connection's owed answer.
+        self.finishing = threading.Lock()
         self.max_meta_bytes = 1 << 20
         self.max_payload_bytes = 1 << 30
         self._buf = bytearray(_RECV_BUFFER)
@@ -311,6 +319,7 @@ class Connection:
         SHM_COMMIT's blocks; a PUT's payload counts itself), which lengthen
         the poll for the answer."""
         self._next_id = rid = (self._next_id + 1) & 0xFFFFFFFF
+        self.last_opcode = opcode  # (before a byte goes: see DataPlane.run)
         poll = self.busy_poll_ns if opcode in _POLLED else 0
         if opcode == _PUT:
             if payload_len > _PUT_POLL_MAX_BYTES:
@@ -704,8 +713,12 @@ class DataPlane:
 
     def __init__(self, mode: str, channel: grpc.Channel, grpc_target: str, target: str,
                  metadata: Callable[[], Any], timeout: float | None, tls: Any,
-                 busy_poll_us: int = 0) -> None:
+                 busy_poll_us: int = 0,
+                 call: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         self.mode = mode
+        # How the session's gRPC opening is made (the sync Client's
+        # CallDriver.call: on the main thread, not inside grpc's code).
+        self._call_grpc = call if call is not None else (lambda fn: fn())
         self.busy_poll_us = busy_poll_us
         self.target = target
         self._grpc_target = grpc_target
@@ -819,7 +832,8 @@ class DataPlane:
                 # the server: the next write waits for it (a Delete
                 # acknowledged, then undone by the interrupted commit).
                 parked = False
-                if not idempotent and not isinstance(exc, Exception):
+                if not idempotent and not isinstance(exc, Exception) and \
+                        conn.last_opcode in _STORING:
                     with self._lock:
                         if not self._closed:  # (close() takes what is parked)
                             self._owing.append(conn)
@@ -853,14 +867,25 @@ class DataPlane:
     def settle(self, timeout: float | None) -> None:
         """Before a write: wait (at most ``timeout`` each) until the writes
         interrupted after their request went are answered, so that none lands
-        after this one."""
+        after this one. Any thread's write waits, several at once (one
+        finishes a connection, the others wait for it); a connection leaves
+        the list only once finished (an interrupt here keeps it for the next
+        write: it was dropped unclosed, and that write went ahead)."""
         self._mind_fork()
         if not self._owing:
             return
         with self._lock:
-            owing, self._owing = self._owing, []
+            owing = list(self._owing)
         for conn in owing:
-            conn.finish(timeout)
+            if not conn.finishing.acquire(timeout=-1 if timeout is None else timeout):
+                continue  # (another thread finishes it: waited long enough)
+            try:
+                if not conn.broken:
+                    conn.finish(timeout)
+            finally:
+                conn.finishing.release()
+            with self._lock, contextlib.suppress(ValueError):
+                self._owing.remove(conn)
 
     def _take(self) -> Connection | None:
         self._mind_fork()
@@ -884,8 +909,9 @@ class DataPlane:
 
     def _open(self) -> Connection | None:
         try:
-            offer = self._open_rpc(
-                self.shm_owner, timeout=self._timeout, metadata=self._metadata())
+            metadata = self._metadata()
+            offer = self._call_grpc(lambda: self._open_rpc(
+                self.shm_owner, timeout=self._timeout, metadata=metadata))
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.debug("kvstore server at %s offers no data plane (%s): using gRPC",

@@ -166,7 +166,7 @@ class Client(ClientBase):
         if self._data_plane_mode != "off":
             self._data_plane = DataPlane(self._data_plane_mode, ch, self._grpc_target,
                                          self.target, self._metadata, self.timeout, self.tls,
-                                         self.busy_poll_us)
+                                         self.busy_poll_us, self._driver.call)
         self._put_rpc = ch.stream_unary(
             conv.PUT, request_serializer=conv.identity,
             response_deserializer=conv.decode_put_response,

@@ -371,3 +371,89 @@ def test_a_shm_commit_interrupted_after_it_went_lands_before_the_next_delete(  #
         monkeypatch.setattr(Connection, "send", real_send)
         assert c.delete([b"k"]) == 1  # the commit landed first: then deleted
         assert c.get([b"k"]) == [None]
+
+
+def interrupted(fn: Callable[[], Any], after: float) -> bool:
+    """Whether ``fn()`` was cut by a KeyboardInterrupt (SIGALRM) after ``after`` s."""
+    import signal
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, after)
+        try:
+            fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except KeyboardInterrupt:
+        return True
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return False
+
+
+def test_a_shm_put_interrupted_while_it_waits_for_room_holds_up_no_write(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """Found by a fix review: a ShmClient Put interrupted while its reserve
+    waited for L1 room left its connection for the next write to finish, and
+    that write (a Delete that would free room) waited out the whole timeout.
+    A reserve stores nothing: its connection is closed at once."""
+    with ShmClient(shm_server.unix_target, namespace="room-wait", timeout=30) as other, \
+            ShmClient(shm_server.unix_target, namespace="room-wait", timeout=8) as c:
+        held = other.reserve([(b"h%d" % i, 4 << 20) for i in range(7)])  # 28 of 32 MiB
+        assert c.data_plane_active()
+        c.put({b"w": b"1"})
+        assert interrupted(lambda: c.put({b"k": os.urandom(8 << 20)}), 0.5)
+        started = time.monotonic()
+        assert c.delete([b"w"]) == 1
+        assert time.monotonic() - started < 4, "the Delete waited for the interrupted reserve"
+        other.commit([], [], abandon=held)
+
+
+def test_an_owed_data_plane_write_is_kept_when_the_wait_for_it_is_interrupted(  # type: ignore[no-untyped-def]
+        shm_server, monkeypatch) -> None:
+    """Found by a fix review: the next write's wait for an interrupted commit,
+    itself interrupted, dropped the connection unclosed, and the write after
+    went ahead of the commit; another thread's write did not wait at all.
+    The server is stopped (SIGSTOP) while the commit is owed."""
+    import signal
+    import threading
+
+    from kvstore.client.dataplane import Connection
+
+    real_send = Connection.send
+    armed = [True]
+
+    def send_then_stop(self: Connection, opcode: int, *args: Any, **kwargs: Any) -> int:
+        rid = real_send(self, opcode, *args, **kwargs)
+        if opcode == Op.SHM_COMMIT and armed[0]:
+            armed[0] = False
+            os.kill(shm_server.pid, signal.SIGSTOP)  # (the commit waits in its socket)
+            raise KeyboardInterrupt
+        return rid
+
+    with ShmClient(shm_server.unix_target, namespace="owed", timeout=30) as c:
+        assert c.data_plane_active()
+        c.put({b"warm": b"w"})
+        dp = c._data_plane
+        assert dp is not None
+        monkeypatch.setattr(Connection, "send", send_then_stop)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                c.put({b"k": b"v" * 4096})
+            monkeypatch.setattr(Connection, "send", real_send)
+            assert len(dp._owing) == 1
+            assert interrupted(lambda: c.delete([b"k"]), 0.3)  # waiting for the commit
+            assert len(dp._owing) == 1 and not dp._owing[0].broken  # kept, open
+            other_done = threading.Event()
+            other = threading.Thread(target=lambda: (dp.settle(30), other_done.set()))
+            other.start()
+            assert not other_done.wait(0.5), "another thread's write did not wait"
+        finally:
+            os.kill(shm_server.pid, signal.SIGCONT)
+        other.join(30)
+        assert other_done.is_set()
+        assert c.delete([b"k"]) == 1  # the commit landed first: then deleted
+        assert c.get([b"k"]) == [None]
