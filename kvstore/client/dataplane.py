@@ -257,8 +257,6 @@ class Connection:
         self.broken = False
         #: The opcode of the request sent last (0: none yet).
         self.last_opcode = 0
-        #: Held while a thread waits for this connection's owed answer.
-        self.finishing = threading.Lock()
         self.max_meta_bytes = 1 << 20
         self.max_payload_bytes = 1 << 30
         self._buf = bytearray(_RECV_BUFFER)
@@ -298,6 +296,8 @@ class Connection:
         ``timeout``) until the server, which answers a connection's requests
         one after another, has answered it and closed its end, then close.
         (A Put's payload cut short is dropped there, whole.)"""
+        if self.broken:
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         with contextlib.suppress(OSError, ValueError):
             self.sock.shutdown(socket.SHUT_WR)
@@ -867,23 +867,20 @@ class DataPlane:
     def settle(self, timeout: float | None) -> None:
         """Before a write: wait (at most ``timeout`` each) until the writes
         interrupted after their request went are answered, so that none lands
-        after this one. Any thread's write waits, several at once (one
-        finishes a connection, the others wait for it); a connection leaves
-        the list only once finished (an interrupt here keeps it for the next
-        write: it was dropped unclosed, and that write went ahead)."""
+        after this one. Any thread's write waits, several at once; a
+        connection leaves the list only once finished (an interrupt here
+        keeps it for the next write: it was dropped unclosed, and that write
+        went ahead)."""
         self._mind_fork()
         if not self._owing:
             return
         with self._lock:
             owing = list(self._owing)
         for conn in owing:
-            if not conn.finishing.acquire(timeout=-1 if timeout is None else timeout):
-                continue  # (another thread finishes it: waited long enough)
-            try:
-                if not conn.broken:
-                    conn.finish(timeout)
-            finally:
-                conn.finishing.release()
+            # (no lock: one an interrupt left taken made every later write
+            # wait out its timeout; two threads may finish one connection,
+            # both reading to its end, then closing it)
+            conn.finish(timeout)
             with self._lock, contextlib.suppress(ValueError):
                 self._owing.remove(conn)
 
