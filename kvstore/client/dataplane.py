@@ -732,7 +732,7 @@ class DataPlane:
         #: The ShmAttach owner the sessions act as (ShmClient sets it).
         self.shm_owner = ""
         self._idle: list[Connection] = []
-        # Connections whose write (Put, commit, session event) was interrupted
+        # Connections whose write (a Put or a shm commit) was interrupted
         # after its request went: the next write waits for them (settle()).
         self._owing: list[Connection] = []
         self._lock = threading.Lock()
