@@ -32,7 +32,13 @@ def node(factory, s3: S3Server, data_dir: Path, *flags: str):  # type: ignore[no
 
 
 def objects(s3: S3Server) -> list[str]:
-    return sorted(str(p.relative_to(s3.data_dir)) for p in s3.data_dir.rglob("*") if p.is_file())
+    for _ in range(100):
+        try:
+            return sorted(str(p.relative_to(s3.data_dir))
+                          for p in s3.data_dir.rglob("*") if p.is_file())
+        except FileNotFoundError:
+            continue  # (the S3 server removed a folder as it emptied, mid-walk: walk again)
+    raise AssertionError("the bucket's folders kept changing under 100 walks")
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
