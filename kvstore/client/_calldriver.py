@@ -108,6 +108,15 @@ class CallDriver:
             return fn()
         return self.run(CallJob(lambda job: fn()), write)
 
+    def stream(self, run: Callable[[CallJob | None], T]) -> T:
+        """``run(job)`` on the driver when this is the main thread (a stream's
+        call: ``run`` records it with ``job.started`` and stops writing into
+        the caller's buffers once ``job.cancelled``), else ``run(None)`` here."""
+        if self.closed or not on_main_thread():
+            return run(None)
+        result: T = self.run(CallJob(run))
+        return result
+
     def run(self, job: CallJob, write: bool = False) -> Any:
         """Run ``job`` on the driver and return what it returned (or raise
         what it raised). Interrupted: a stream is cancelled and, before the

@@ -496,8 +496,21 @@ class ShmClient(Client):
             if counted is not None:
                 return PutResult(*counted)
         slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
-        # Pipelined: while the server verifies and commits one group, this
-        # thread copies the next (the two run on different cores).
+        # On the main thread the copies and commits run on the call driver: an
+        # interrupt leaves them going to their end, with the next write waiting
+        # for them, and lands in none of grpc's code (the pipelined commits are
+        # grpc futures, waited for through grpc's Python-level locks).
+        put: PutResult = self._driver.call(
+            lambda: self._fill_and_commit(items, slots, namespace, ack, session_id,
+                                          block_format), write=True)
+        return put
+
+    def _fill_and_commit(self, items: Sequence[tuple[bytes, memoryview]],
+                         slots: list[ReservedSlot], namespace: str | None, ack: Any,
+                         session_id: str | None, block_format: BlockFormat) -> PutResult:
+        """Copy ``items`` into their reserved ``slots`` and commit them over
+        gRPC. Pipelined: while the server verifies and commits one group, this
+        thread copies the next (the two run on different cores)."""
         streaming = self._streaming_put(sum(s.size for s in slots))
         pending: list[Any] = []
         last: Any = None

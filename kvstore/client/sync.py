@@ -14,7 +14,7 @@ from kvstore.client import _convert as conv
 from kvstore.client import kv
 from kvstore.client._aioput import AioPutter, status_lost
 from kvstore.client._base import ClientBase, ClientSettings, open_channel, turn_end_event
-from kvstore.client._calldriver import CallDriver, CallJob, on_main_thread
+from kvstore.client._calldriver import CallDriver, CallJob
 from kvstore.client._common import (
     DEFAULT_TARGET,
     GET_SMALL,
@@ -450,12 +450,9 @@ class Client(ClientBase):
         return self._bulk_get_rpc
 
     def _stream_get(self, req: bytes, asm: GetAssembler, rpc: Any = None) -> list[Any]:
-        if on_main_thread():
-            # (signals land in the main thread only: see _calldriver)
-            metadata = self._metadata()
-            return self._driver.run(CallJob(
-                lambda job: self._drive_get(req, asm, rpc or self._get_rpc, metadata, job)))
-        return self._drive_get(req, asm, rpc or self._get_rpc, self._metadata(), None)
+        metadata = self._metadata()
+        return self._driver.stream(
+            lambda job: self._drive_get(req, asm, rpc or self._get_rpc, metadata, job))
 
     def _drive_get(self, req: bytes, asm: GetAssembler, rpc: Any, metadata: Any,
                    job: CallJob | None) -> list[Any]:
@@ -558,10 +555,7 @@ class Client(ClientBase):
             return BlockListing(blocks, truncated)
 
         try:
-            if on_main_thread():
-                listed: BlockListing = self._driver.run(CallJob(listing))
-                return listed
-            return listing(None)
+            return self._driver.stream(listing)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
 

@@ -223,6 +223,26 @@ def test_a_closed_driver_runs_calls_on_the_caller_s_thread() -> None:
     assert driver.call(threading.get_ident) == threading.get_ident()
 
 
+def test_a_stream_gets_a_job_on_the_driver_and_none_elsewhere() -> None:
+    """``stream``: the main thread's stream runs on the driver with the job
+    it records its call in; another thread's, or a closed driver's, runs
+    where it is called, with no job (nothing to cancel it)."""
+    driver = CallDriver()
+
+    def where(job: CallJob | None) -> tuple[int, bool]:
+        return threading.get_ident(), job is not None
+
+    ran_on, with_job = driver.stream(where)
+    assert ran_on != threading.get_ident() and with_job
+    other: list[tuple[int, bool]] = []
+    thread = threading.Thread(target=lambda: other.append(driver.stream(where)))
+    thread.start()
+    thread.join(10)
+    assert other == [(thread.ident, False)]
+    driver.close()
+    assert driver.stream(where) == (threading.get_ident(), False)
+
+
 def test_clients_left_unclosed_or_used_after_close_leave_no_thread(shared_server) -> None:  # type: ignore[no-untyped-def]
     """Found by a review: each unclosed Client kept its call thread (300
     clients: 300 threads), and a call after close() started one."""

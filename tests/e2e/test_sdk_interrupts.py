@@ -457,3 +457,65 @@ def test_an_owed_data_plane_write_is_kept_when_the_wait_for_it_is_interrupted(  
         assert other_done.is_set()
         assert c.delete([b"k"]) == 1  # the commit landed first: then deleted
         assert c.get([b"k"]) == [None]
+
+
+def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_delete(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """A ShmClient Put over gRPC of more than one commit group sends all but
+    its last group as grpc futures and waited for them on the main thread:
+    an interrupt there left the first group's commit going, not recorded as
+    a write under way, and the Delete made next could reach the server
+    first (the commit then stored a block the Delete had been answered for),
+    or land inside grpc's own lock-taking code. The copies and commits now
+    run on the call driver: the Delete waits for the whole Put. The first
+    group's commit is held back 0.5 s here so that the interrupt finds it
+    under way."""
+    import signal
+    import threading
+
+    value = os.urandom(8 << 20)  # 3 blocks: commit groups of 16 MiB, then 8
+    keys = [b"p0", b"p1", b"p2"]
+    with ShmClient(shm_server.unix_target, namespace="pipelined", timeout=20,
+                   data_plane=False) as c:
+        assert not c.data_plane_active()
+        real_commit = c._commit
+
+        class LateFuture:
+            """A commit future whose request goes 0.5 s late."""
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.got: list[Any] = []
+                self.sender = threading.Thread(target=self._send, args=(args, kwargs))
+                self.sender.start()
+
+            def _send(self, args: Any, kwargs: Any) -> None:
+                time.sleep(0.5)  # (the delay under test, not a synchronisation)
+                self.got.append(real_commit(*args, **kwargs))
+
+            def result(self, timeout: float | None = None) -> Any:
+                self.sender.join(timeout)
+                return self.got[0]
+
+        class LateFutures:
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                return real_commit(*args, **kwargs)
+
+            def future(self, *args: Any, **kwargs: Any) -> LateFuture:
+                return LateFuture(*args, **kwargs)
+
+        c._commit = LateFutures()
+
+        def interrupt(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.25)
+            with pytest.raises(KeyboardInterrupt):
+                c.put({k: value for k in keys})
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        c._commit = real_commit
+        assert c.delete(keys) == 3  # the whole Put was answered first: then deleted
+        assert c.get(keys) == [None, None, None]
