@@ -108,6 +108,47 @@ class CallDriver:
             return fn()
         return self.run(CallJob(lambda job: fn()), write)
 
+    def hands_over(self) -> bool:
+        """Whether this thread's calls are made on the driver (the main
+        thread's, while the driver is open)."""
+        return not self.closed and on_main_thread()
+
+    def submit(self, job: CallJob) -> CallJob:
+        """Queue a write ``job`` on the driver and return at once (the main
+        thread's later calls queue behind it); recorded first for the next
+        write to wait for (:meth:`settle`), as an interrupted write is. Its
+        outcome: :meth:`outcome`. For :meth:`hands_over` threads."""
+        with self._lock:
+            self._unsettled.append(job)
+        self._queue().put(job)
+        return job
+
+    def outcome(self, job: CallJob, timeout: float | None) -> Any:
+        """What a :meth:`submit`-ted job returned (or raise what it raised),
+        waiting for it at most ``timeout`` + OVERDUE_S. Interrupted, the job
+        goes on (the next write waits for it) while later calls get another
+        thread, as :meth:`run`'s."""
+        try:
+            finished = self._wait_finished(
+                job, None if timeout is None else timeout + OVERDUE_S)
+        except BaseException:
+            if not job.finished:
+                self._retire()
+            raise
+        if not finished:
+            self._retire()
+            from kvstore.errors import DeadlineExceeded
+
+            raise DeadlineExceeded(
+                f"the call did not end within the client's timeout and {OVERDUE_S:g} s "
+                "more: it is left running on its thread")
+        with self._lock, contextlib.suppress(ValueError):
+            self._unsettled.remove(job)
+        if job.error is not None:
+            error, job.error = job.error, None
+            raise error
+        return job.result
+
     def stream(self, run: Callable[[CallJob | None], T]) -> T:
         """``run(job)`` on the driver when this is the main thread (a stream's
         call: ``run`` records it with ``job.started`` and stops writing into
@@ -126,13 +167,7 @@ class CallDriver:
         channel says so)."""
         if self.closed:
             return job.run(job)
-        jobs = self._jobs
-        if jobs is None or self._pid != os.getpid():
-            if self._pid != os.getpid():
-                with self._lock:
-                    self._unsettled, self._pid = [], os.getpid()  # (the parent's threads')
-            jobs = self._jobs = SimpleQueue()
-            _thread.start_new_thread(_drive, (jobs,))
+        jobs = self._queue()
         try:
             jobs.put(job)
             if not job.done.acquire(timeout=-1 if self._overdue is None else self._overdue):
@@ -153,6 +188,18 @@ class CallDriver:
             error, job.error = job.error, None
             raise error
         return job.result
+
+    def _queue(self) -> SimpleQueue[CallJob | None]:
+        """The driver's queue, its thread started if there is none (or it
+        was the parent's, before a fork)."""
+        jobs = self._jobs
+        if jobs is None or self._pid != os.getpid():
+            if self._pid != os.getpid():
+                with self._lock:
+                    self._unsettled, self._pid = [], os.getpid()  # (the parent's threads')
+            jobs = self._jobs = SimpleQueue()
+            _thread.start_new_thread(_drive, (jobs,))
+        return jobs
 
     def _give_up(self, job: CallJob, write: bool) -> None:
         """The caller leaves a job its driver has begun: a stream is cancelled
@@ -182,17 +229,25 @@ class CallDriver:
         with self._lock:
             waiting = list(self._unsettled)
         for job in waiting:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not job.finished:
-                left = SETTLE_POLL_S if deadline is None else \
-                    min(SETTLE_POLL_S, deadline - time.monotonic())
-                if left <= 0:
-                    break
-                if job.done.acquire(timeout=left):
-                    job.done.release()  # (for the other writes waiting on it)
-                    break
+            self._wait_finished(job, timeout)
             with self._lock, contextlib.suppress(ValueError):
                 self._unsettled.remove(job)
+
+    @staticmethod
+    def _wait_finished(job: CallJob, timeout: float | None) -> bool:
+        """Wait (at most ``timeout``) until ``job`` has finished; whether it
+        has. Several threads may wait: each looks at ``finished`` (``done``
+        is taken once, and given back at once for the others)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.finished:
+            left = SETTLE_POLL_S if deadline is None else \
+                min(SETTLE_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            if job.done.acquire(timeout=left):
+                job.done.release()
+                break
+        return True
 
     def _retire(self) -> None:
         """The thread finishes the call it runs, then ends; the next call

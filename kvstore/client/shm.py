@@ -76,6 +76,7 @@ import grpc
 from kvstore._impl import checksum, copy_and_checksum, pack
 from kvstore.client import kv
 from kvstore.client._base import check_block_format
+from kvstore.client._calldriver import CallJob
 from kvstore.client._common import (
     DEFAULT_TARGET,
     Blocks,
@@ -496,21 +497,21 @@ class ShmClient(Client):
             if counted is not None:
                 return PutResult(*counted)
         slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
-        # On the main thread the copies and commits run on the call driver: an
-        # interrupt leaves them going to their end, with the next write waiting
-        # for them, and lands in none of grpc's code (the pipelined commits are
-        # grpc futures, waited for through grpc's Python-level locks).
-        put: PutResult = self._driver.call(
-            lambda: self._fill_and_commit(items, slots, namespace, ack, session_id,
-                                          block_format), write=True)
-        return put
+        return self._fill_and_commit(items, slots, namespace, ack, session_id, block_format)
 
     def _fill_and_commit(self, items: Sequence[tuple[bytes, memoryview]],
                          slots: list[ReservedSlot], namespace: str | None, ack: Any,
                          session_id: str | None, block_format: BlockFormat) -> PutResult:
         """Copy ``items`` into their reserved ``slots`` and commit them over
         gRPC. Pipelined: while the server verifies and commits one group, this
-        thread copies the next (the two run on different cores)."""
+        thread copies the next (the two run on different cores). The main
+        thread's commits are queued on the call driver (_calldriver): an
+        interrupt lands in this thread's copy or wait, never in grpc's code
+        (grpc futures are waited for through its Python-level locks); it
+        reads no more of the caller's buffers, the commits sent go on and
+        the next write waits for them, the slots not yet sent are abandoned.
+        Other threads' commits are grpc futures."""
+        queued = self._driver.hands_over()
         streaming = self._streaming_put(sum(s.size for s in slots))
         pending: list[Any] = []
         last: Any = None
@@ -527,17 +528,22 @@ class ShmClient(Client):
                     s.check_writable()  # never write a slot the server may have taken back
                     crcs.append(copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming))
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
-                done += len(group)
+                done += len(group)  # (sent: not abandoned below)
                 if done < len(slots):
-                    pending.append(self._commit.future(req, timeout=self.timeout,
-                                                       metadata=self._metadata()))
+                    metadata = self._metadata()
+                    if queued:
+                        pending.append(self._driver.submit(CallJob(
+                            functools.partial(self._send_commit, req, metadata))))
+                    else:
+                        pending.append(self._commit.future(req, timeout=self.timeout,
+                                                           metadata=metadata))
                 else:
-                    # The last (often the only) group: a blocking call, which
-                    # runs on this thread (a future starts a thread to drive it).
+                    # The last (often the only) group: a blocking call (a
+                    # future starts a thread to drive it), behind the others.
                     last = self._commit_restocking(req, slots, session_id)
             stored, nbytes = last.stored, last.bytes
-            for fut in pending:
-                resp = fut.result()
+            for sent in pending:
+                resp = self._driver.outcome(sent, self.timeout) if queued else sent.result()
                 stored += resp.stored
                 nbytes += resp.bytes
         except grpc.RpcError as err:
@@ -547,6 +553,9 @@ class ShmClient(Client):
                 self.commit([], [], namespace=namespace, abandon=slots[done:])
             raise
         return PutResult(stored, nbytes)
+
+    def _send_commit(self, req: pb.ShmCommitRequest, metadata: Any, job: CallJob) -> Any:
+        return self._commit(req, timeout=self.timeout, metadata=metadata)
 
     @_closable
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
@@ -674,9 +683,14 @@ class ShmClient(Client):
                 for (key, _), s in zip(sizes, stocked, strict=True)]
 
     def _commit_call(self, req: pb.ShmCommitRequest) -> Any:
+        """A Put's ShmCommit. The main thread's is queued on the call driver
+        (behind the Put's other groups) and goes on when interrupted, even
+        before it began: the Put's slots are never left uncommitted."""
         metadata = self._metadata()
-        return self._driver.call(lambda: self._commit(req, timeout=self.timeout,
-                                                      metadata=metadata), write=True)
+        if self._driver.hands_over():
+            return self._driver.outcome(self._driver.submit(CallJob(
+                functools.partial(self._send_commit, req, metadata))), self.timeout)
+        return self._commit(req, timeout=self.timeout, metadata=metadata)
 
     def _commit_restocking(self, req: pb.ShmCommitRequest, slots: Sequence[ReservedSlot],
                            session_id: str | None) -> Any:

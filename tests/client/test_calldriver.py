@@ -89,6 +89,41 @@ def test_the_next_write_waits_for_an_interrupted_write(interrupt_after) -> None:
     driver.close()
 
 
+def test_submitted_writes_run_in_order_and_the_next_write_waits_for_them(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """``submit``: queued without waiting (a pipelined Put's commits), run in
+    order, waited for by the next write; ``outcome`` interrupted leaves its
+    job going while the next call gets another thread, and a job queued but
+    not begun when the wait was interrupted still runs."""
+    driver = CallDriver()
+    order: list[str] = []
+    release = threading.Event()
+
+    def commit(name: str) -> Any:
+        def run(job: CallJob) -> str:
+            release.wait(30)
+            order.append(name)
+            return name
+        return CallJob(run)
+
+    first = driver.submit(commit("group 1"))
+    last = driver.submit(commit("group 2"))
+    assert order == []  # (submit returned at once)
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.outcome(last, timeout=30)
+    assert driver.call(lambda: "next") == "next"  # another thread took over
+    threading.Timer(0.2, release.set).start()  # (answered while the next write waits)
+    driver.settle(timeout=30)
+    order.append("delete")
+    assert order == ["group 1", "group 2", "delete"]
+    assert driver.outcome(first, timeout=30) == "group 1"
+    failed = driver.submit(CallJob(lambda job: 1 // 0))
+    with pytest.raises(ZeroDivisionError):  # what the job raised reaches the caller
+        driver.outcome(failed, timeout=30)
+    driver.close()
+
+
 def test_an_interrupted_stream_is_cancelled_and_stops_before_the_interrupt_goes_on(
         interrupt_after) -> None:  # type: ignore[no-untyped-def]
     class Call:

@@ -459,19 +459,44 @@ def test_an_owed_data_plane_write_is_kept_when_the_wait_for_it_is_interrupted(  
         assert c.get([b"k"]) == [None]
 
 
+
+class LateFirstCommit:
+    """Stands in for a ShmClient's ShmCommit callable: the first commit sent
+    (blocking, or as a grpc future) goes ``delay`` s late."""
+
+    def __init__(self, commit: Any, delay: float) -> None:
+        import threading
+
+        self.commit, self.delay = commit, delay
+        self.first = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.first.acquire(blocking=False):
+            time.sleep(self.delay)  # (the delay under test, not a synchronisation)
+        return self.commit(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        import concurrent.futures
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            return pool.submit(self, *args, **kwargs)
+        finally:
+            pool.shutdown(wait=False)
+
+
 def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_delete(  # type: ignore[no-untyped-def]
         shm_server) -> None:
-    """A ShmClient Put over gRPC of more than one commit group sends all but
+    """A ShmClient Put over gRPC of more than one commit group sent all but
     its last group as grpc futures and waited for them on the main thread:
     an interrupt there left the first group's commit going, not recorded as
-    a write under way, and the Delete made next could reach the server
-    first (the commit then stored a block the Delete had been answered for),
-    or land inside grpc's own lock-taking code. The copies and commits now
-    run on the call driver: the Delete waits for the whole Put. The first
-    group's commit is held back 0.5 s here so that the interrupt finds it
-    under way."""
+    a write under way, and the Delete made next was answered before it
+    landed (the commit then stored blocks the Delete had been answered for;
+    3 runs of 3), or it landed inside grpc's own lock-taking code. The main
+    thread's commits are queued on the call driver now, the next write
+    waiting for them. The first group's commit goes 0.5 s late here so that
+    the interrupt finds it under way."""
     import signal
-    import threading
 
     value = os.urandom(8 << 20)  # 3 blocks: commit groups of 16 MiB, then 8
     keys = [b"p0", b"p1", b"p2"]
@@ -479,31 +504,7 @@ def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_d
                    data_plane=False) as c:
         assert not c.data_plane_active()
         real_commit = c._commit
-
-        class LateFuture:
-            """A commit future whose request goes 0.5 s late."""
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                self.got: list[Any] = []
-                self.sender = threading.Thread(target=self._send, args=(args, kwargs))
-                self.sender.start()
-
-            def _send(self, args: Any, kwargs: Any) -> None:
-                time.sleep(0.5)  # (the delay under test, not a synchronisation)
-                self.got.append(real_commit(*args, **kwargs))
-
-            def result(self, timeout: float | None = None) -> Any:
-                self.sender.join(timeout)
-                return self.got[0]
-
-        class LateFutures:
-            def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                return real_commit(*args, **kwargs)
-
-            def future(self, *args: Any, **kwargs: Any) -> LateFuture:
-                return LateFuture(*args, **kwargs)
-
-        c._commit = LateFutures()
+        c._commit = LateFirstCommit(real_commit, 0.5)
 
         def interrupt(*_: Any) -> None:
             raise KeyboardInterrupt
@@ -516,6 +517,40 @@ def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_d
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        c._commit = real_commit
         assert c.delete(keys) == 3  # the whole Put was answered first: then deleted
+        c._commit = real_commit
         assert c.get(keys) == [None, None, None]
+
+
+def test_an_interrupted_shm_put_over_grpc_stores_no_bytes_written_after_it(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    """Found by a fix review: with the copies of a ShmClient Put over gRPC
+    moved to the call driver, an interrupted Put went on copying from the
+    caller's buffers after the KeyboardInterrupt reached the caller, and a
+    caller that reused them stored their new bytes (or a mix) under the
+    Put's keys (8 trials of 20 in the review). Each key holds its Put's
+    bytes or nothing. (An interrupt in the Put's reserve leaves its slots
+    held until they expire: L1 has room for every Put here.)"""
+    import random
+
+    rng = random.Random(11)
+    path = f"/dev/shm/kvstore-test-{os.getpid()}-{tmp_path.name}-reuse"
+    originals = [os.urandom(8 << 20) for _ in range(4)]  # commit groups of 16 MiB
+    keys = [b"r%d" % i for i in range(4)]
+    with server_factory("--l1-shm-path", path, l1_capacity="512MiB") as server, \
+            ShmClient(server.unix_target, namespace="reuse", timeout=20,
+                      data_plane=False) as c:
+        interrupted_puts = 0
+        for _ in range(12):
+            buffers = [bytearray(v) for v in originals]
+            blocks = dict(zip(keys, buffers, strict=True))
+            if interrupted(lambda: c.put(blocks),  # noqa: B023 (called at once)
+                           rng.uniform(0.001, 0.012)):
+                interrupted_puts += 1
+            for b in buffers:
+                b[:] = b"\xab" * len(b)  # the caller reuses its buffers
+            c.delete([b"unrelated"])  # (a write: waits for what the Put sent)
+            for key, got, original in zip(keys, c.get(keys), originals, strict=True):
+                assert got is None or got == original, f"{key!r} stores bytes put after it"
+            c.delete(keys)
+        assert interrupted_puts >= 5
