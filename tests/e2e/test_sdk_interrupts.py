@@ -496,8 +496,6 @@ def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_d
     thread's commits are queued on the call driver now, the next write
     waiting for them. The first group's commit goes 0.5 s late here so that
     the interrupt finds it under way."""
-    import signal
-
     value = os.urandom(8 << 20)  # 3 blocks: commit groups of 16 MiB, then 8
     keys = [b"p0", b"p1", b"p2"]
     with ShmClient(shm_server.unix_target, namespace="pipelined", timeout=20,
@@ -505,18 +503,7 @@ def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_d
         assert not c.data_plane_active()
         real_commit = c._commit
         c._commit = LateFirstCommit(real_commit, 0.5)
-
-        def interrupt(*_: Any) -> None:
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGALRM, interrupt)
-        try:
-            signal.setitimer(signal.ITIMER_REAL, 0.25)
-            with pytest.raises(KeyboardInterrupt):
-                c.put({k: value for k in keys})
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+        assert interrupted(lambda: c.put({k: value for k in keys}), 0.25)
         assert c.delete(keys) == 3  # the whole Put was answered first: then deleted
         c._commit = real_commit
         assert c.get(keys) == [None, None, None]
