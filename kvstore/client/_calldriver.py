@@ -118,9 +118,12 @@ class CallDriver:
         thread's later calls queue behind it); recorded first for the next
         write to wait for (:meth:`settle`), as an interrupted write is. Its
         outcome: :meth:`outcome`. For :meth:`hands_over` threads."""
+        # (the queue first: after a fork it empties the record, and an
+        # interrupt while it starts a thread leaves nothing recorded unqueued)
+        jobs = self._queue()
         with self._lock:
             self._unsettled.append(job)
-        self._queue().put(job)
+        jobs.put(job)
         return job
 
     def outcome(self, job: CallJob, timeout: float | None) -> Any:

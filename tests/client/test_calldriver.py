@@ -124,6 +124,37 @@ def test_submitted_writes_run_in_order_and_the_next_write_waits_for_them(
     driver.close()
 
 
+FORKED_SUBMIT = """
+import os, signal, sys, threading
+from kvstore.client._calldriver import CallDriver, CallJob
+signal.alarm(30)
+driver = CallDriver()
+driver.call(lambda: None)  # used in the parent
+pid = os.fork()
+if pid == 0:
+    release = threading.Event()
+    job = driver.submit(CallJob(lambda job: release.wait(20)))
+    recorded = job in driver._unsettled
+    release.set()
+    driver.settle(10)
+    os._exit(0 if recorded else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_s_first_submitted_write_is_waited_for() -> None:
+    """Found by a fix review: ``submit`` recorded its job, then the queue's
+    start after a fork emptied the record (the parent's): the child's next
+    write did not wait for it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED_SUBMIT], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, f"child's submit not recorded: {done.returncode} {done.stderr}"
+
+
 def test_an_interrupted_stream_is_cancelled_and_stops_before_the_interrupt_goes_on(
         interrupt_after) -> None:  # type: ignore[no-untyped-def]
     class Call:
