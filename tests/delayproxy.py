@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from loopthread import LoopThread
+from loopthread import Conn, LoopThread
 
 
 class DelayProxy:
@@ -32,33 +32,30 @@ class DelayProxy:
     def close(self) -> None:
         self._server.close()
 
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       upstream: bool) -> None:
+    async def _handle(self, client: Conn) -> None:
+        async def pipe(source: Conn, sink: Conn, upstream: bool) -> None:
             try:
-                while data := await reader.read(65536):
+                while data := await source.read(65536):
                     if not upstream:
                         self.down_chunks_read += 1
                     delay = self.up_delay_s if upstream else self.down_delay_s
                     if delay:
                         await asyncio.sleep(delay)
-                    writer.write(data)
+                    await sink.write(data)
                     if upstream:
                         self.up_bytes += len(data)
                     else:
                         self.down_bytes += len(data)
-                    await writer.drain()
-            except (ConnectionError, asyncio.CancelledError):
+            except ConnectionError:
                 pass
             finally:
-                writer.close()
+                sink.end_writing()  # a side that ended is passed on to the other
 
         try:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            server = await self._server.connect(self.upstream_port)
         except OSError:
-            cw.close()
             return
         try:
-            await asyncio.gather(pipe(cr, uw, True), pipe(ur, cw, False))
-        except asyncio.CancelledError:
-            pass
+            await asyncio.gather(pipe(client, server, True), pipe(server, client, False))
+        finally:
+            self._server.close_conn(server)

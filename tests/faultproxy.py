@@ -16,7 +16,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 
-from loopthread import LoopThread
+from loopthread import Conn, LoopThread
 
 _ERROR_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                b"<Message>Please reduce your request rate.</Message></Error>")
@@ -59,13 +59,12 @@ class FaultProxy:
 
     async def _forward(self, method: str, target: str, request: bytes) -> bytes:
         self.forwarded.append((method, target))
-        ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        server = await self._server.connect(self.upstream_port)
         try:
-            uw.write(request)
-            await uw.drain()
-            return await ur.read()  # until the server closes: one request
+            await server.write(request)
+            return await server.read_to_end()  # until the server closes: one request
         finally:
-            uw.close()
+            self._server.close_conn(server)
 
     async def _late(self, method: str, target: str, request: bytes) -> None:
         """A held request the client was already answered for, sent on."""
@@ -74,10 +73,10 @@ class FaultProxy:
         answer = await self._forward(method, target, request)
         self.late.append((method, target, answer.partition(b"\r\n")[0].decode("latin-1")))
 
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+    async def _handle(self, client: Conn) -> None:
         try:
             while True:
-                head = await cr.readuntil(b"\r\n\r\n")
+                head = await client.read_until(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
                 method, target, _ = lines[0].split(" ", 2)
                 headers = [h for h in lines[1:] if h]
@@ -86,13 +85,13 @@ class FaultProxy:
                     name, _, value = h.partition(":")
                     if name.strip().lower() == "content-length":
                         length = int(value)
-                body = await cr.readexactly(length) if length else b""
+                body = await client.read_exactly(length) if length else b""
                 if self.fail(method, target):
                     self.failed.append((method, target))
-                    cw.write(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(_ERROR_BODY),
-                                                                _ERROR_BODY))
-                    await cw.drain()
+                    await client.write(b"HTTP/1.1 503 Slow Down\r\n"
+                                       b"Content-Type: application/xml\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s"
+                                       % (len(_ERROR_BODY), _ERROR_BODY))
                     continue  # the client's connection lives on
                 held = self.hold(method, target, body)
                 kept = [h for h in headers if h.partition(":")[0].strip().lower()
@@ -102,8 +101,8 @@ class FaultProxy:
                 if held:
                     self.held.append((method, target))
                     if self.held_answer is not None:
-                        cw.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % self.held_answer)
-                        await cw.drain()
+                        await client.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n"
+                                           % self.held_answer)
                         late = asyncio.ensure_future(self._late(method, target, request))
                         self._late_tasks.add(late)
                         late.add_done_callback(self._late_tasks.discard)
@@ -114,12 +113,9 @@ class FaultProxy:
                 if held:
                     status = answer.partition(b"\r\n")[0].decode("latin-1")
                     self.late.append((method, target, status))
-                cw.write(_keep_alive(answer))
-                await cw.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            cw.close()
+                await client.write(_keep_alive(answer))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went; LoopThread closes its socket
 
 
 def _keep_alive(answer: bytes) -> bytes:

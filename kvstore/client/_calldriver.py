@@ -140,11 +140,7 @@ class CallDriver:
             raise
         if not finished:
             self._retire()
-            from kvstore.errors import DeadlineExceeded
-
-            raise DeadlineExceeded(
-                f"the call did not end within the client's timeout and {OVERDUE_S:g} s "
-                "more: it is left running on its thread")
+            raise _overdue_error()
         with self._lock, contextlib.suppress(ValueError):
             self._unsettled.remove(job)
         if job.error is not None:
@@ -175,11 +171,7 @@ class CallDriver:
             jobs.put(job)
             if not job.done.acquire(timeout=-1 if self._overdue is None else self._overdue):
                 self._give_up(job, write)
-                from kvstore.errors import DeadlineExceeded
-
-                raise DeadlineExceeded(
-                    f"the call did not end within the client's timeout and {OVERDUE_S:g} s "
-                    "more: it is left running on its thread")
+                raise _overdue_error()
         except BaseException:
             # (the interrupt may come just after the acquire succeeded: then
             # the lock is this thread's and the job over, nothing to wait
@@ -283,3 +275,13 @@ def _drive(jobs: SimpleQueue[CallJob | None]) -> None:
             job.finished = True
             job.done.release()
         del job
+
+
+def _overdue_error() -> Exception:
+    """What a caller gets when its call's thread ran past the client's
+    timeout and OVERDUE_S more (the call is left there)."""
+    from kvstore.errors import DeadlineExceeded
+
+    return DeadlineExceeded(
+        f"the call did not end within the client's timeout and {OVERDUE_S:g} s "
+        "more: it is left running on its thread")

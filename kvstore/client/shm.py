@@ -530,13 +530,11 @@ class ShmClient(Client):
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
                 done += len(group)  # (sent: not abandoned below)
                 if done < len(slots):
-                    metadata = self._metadata()
                     if queued:
-                        pending.append(self._driver.submit(CallJob(
-                            functools.partial(self._send_commit, req, metadata))))
+                        pending.append(self._submit_commit(req))
                     else:
                         pending.append(self._commit.future(req, timeout=self.timeout,
-                                                           metadata=metadata))
+                                                           metadata=self._metadata()))
                 else:
                     # The last (often the only) group: a blocking call (a
                     # future starts a thread to drive it), behind the others.
@@ -554,8 +552,12 @@ class ShmClient(Client):
             raise
         return PutResult(stored, nbytes)
 
-    def _send_commit(self, req: pb.ShmCommitRequest, metadata: Any, job: CallJob) -> Any:
-        return self._commit(req, timeout=self.timeout, metadata=metadata)
+    def _submit_commit(self, req: pb.ShmCommitRequest) -> CallJob:
+        """Queue ``req``'s ShmCommit on the call driver (read it with
+        ``self._driver.outcome``): recorded as a write under way at once."""
+        metadata = self._metadata()
+        return self._driver.submit(CallJob(
+            lambda job: self._commit(req, timeout=self.timeout, metadata=metadata)))
 
     @_closable
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,
@@ -686,11 +688,9 @@ class ShmClient(Client):
         """A Put's ShmCommit. The main thread's is queued on the call driver
         (behind the Put's other groups) and goes on when interrupted, even
         before it began: the Put's slots are never left uncommitted."""
-        metadata = self._metadata()
         if self._driver.hands_over():
-            return self._driver.outcome(self._driver.submit(CallJob(
-                functools.partial(self._send_commit, req, metadata))), self.timeout)
-        return self._commit(req, timeout=self.timeout, metadata=metadata)
+            return self._driver.outcome(self._submit_commit(req), self.timeout)
+        return self._commit(req, timeout=self.timeout, metadata=self._metadata())
 
     def _commit_restocking(self, req: pb.ShmCommitRequest, slots: Sequence[ReservedSlot],
                            session_id: str | None) -> Any:
