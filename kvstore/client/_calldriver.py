@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -44,10 +45,16 @@ class CallJob:
     """One call handed to the driver: what it runs, its outcome, and (for a
     stream) the call to cancel when the waiting thread is interrupted."""
 
-    __slots__ = ("call", "cancelled", "claim", "done", "error", "finished", "result", "run")
+    __slots__ = ("call", "cancelled", "claim", "done", "error", "finished", "orphan", "result",
+                 "run")
 
-    def __init__(self, run: Callable[[CallJob], Any]) -> None:
+    def __init__(self, run: Callable[[CallJob], Any],
+                 orphan: Callable[[Any], None] | None = None) -> None:
         self.run = run
+        #: For a call whose result holds something (a reserve's slots): what
+        #: to do with that result once the caller has given up on the call
+        #: (see CallDriver.orphaned).
+        self.orphan = orphan
         self.call: Any = None  # a stream's, set by ``run`` through started()
         self.cancelled = False
         self.result: Any = None
@@ -97,16 +104,20 @@ class CallDriver:
         self._overdue = None if timeout is None else timeout + OVERDUE_S
         #: writes interrupted before their answer (see settle())
         self._unsettled: list[CallJob] = []
-        self._lock = threading.Lock()  # (for _unsettled: writes of any thread settle)
+        #: jobs with an ``orphan`` their callers gave up on (see orphaned())
+        self._orphans: list[CallJob] = []
+        self._lock = threading.Lock()  # (for both lists: any thread's calls read them)
         self._pid = os.getpid()  # the process whose thread reads ``_jobs``
         self.closed = False
 
-    def call(self, fn: Callable[[], T], write: bool = False) -> T:
+    def call(self, fn: Callable[[], T], write: bool = False,
+             orphan: Callable[[T], None] | None = None) -> T:
         """``fn()``, on the driver when this is the main thread. ``write``: a
-        call that stores or removes blocks (see :meth:`settle`)."""
+        call that stores or removes blocks (see :meth:`settle`); ``orphan``:
+        see :class:`CallJob`."""
         if self.closed or not on_main_thread():
             return fn()
-        return self.run(CallJob(lambda job: fn()), write)
+        return self.run(CallJob(lambda job: fn(), orphan), write)
 
     def hands_over(self) -> bool:
         """Whether this thread's calls are made on the driver (the main
@@ -135,6 +146,7 @@ class CallDriver:
             finished = self._wait_finished(
                 job, None if timeout is None else timeout + OVERDUE_S)
         except BaseException:
+            self._orphaned(job)
             if not job.finished:
                 self._retire()
             raise
@@ -175,9 +187,13 @@ class CallDriver:
         except BaseException:
             # (the interrupt may come just after the acquire succeeded: then
             # the lock is this thread's and the job over, nothing to wait
-            # for; or before the driver started the job: then it never will)
-            if not job.finished and not job.claim.acquire(blocking=False):
-                self._give_up(job, write)
+            # for but its result to hand on; or before the driver started
+            # the job: then it never will)
+            if not job.claim.acquire(blocking=False):
+                if job.finished:
+                    self._orphaned(job)
+                else:
+                    self._give_up(job, write)
             raise
         if job.error is not None:
             error, job.error = job.error, None
@@ -190,10 +206,10 @@ class CallDriver:
         jobs = self._jobs
         if jobs is None or self._pid != os.getpid():
             if self._pid != os.getpid():
-                with self._lock:
-                    self._unsettled, self._pid = [], os.getpid()  # (the parent's threads')
+                with self._lock:  # (the parent's threads' and the parent's results)
+                    self._unsettled, self._orphans, self._pid = [], [], os.getpid()
             jobs = self._jobs = SimpleQueue()
-            _thread.start_new_thread(_drive, (jobs,))
+            _thread.start_new_thread(_drive, (jobs, self._hand_on))
         return jobs
 
     def _give_up(self, job: CallJob, write: bool) -> None:
@@ -203,6 +219,7 @@ class CallDriver:
         if write:  # (recorded first: nothing below may lose it)
             with self._lock:
                 self._unsettled.append(job)
+        self._orphaned(job)
         stream = job.call is not None
         job.cancel()
         # (a stream not yet begun is cancelled as it begins, before any write)
@@ -227,6 +244,46 @@ class CallDriver:
             self._wait_finished(job, timeout)
             with self._lock, contextlib.suppress(ValueError):
                 self._unsettled.remove(job)
+
+    def _orphaned(self, job: CallJob) -> None:
+        """Record a job the caller gave up on whose result holds something
+        (its ``orphan``) for :meth:`orphaned`."""
+        if job.orphan is not None:
+            with self._lock:
+                self._orphans.append(job)
+
+    def _hand_on(self, job: CallJob) -> None:
+        """On the driver, as a job with an ``orphan`` ends: if its caller has
+        given up on it already, apply the ``orphan`` here and now (a reserve
+        waiting for room would not see its room come back until the caller's
+        next write). One the caller gives up on later is left to :meth:`orphaned`;
+        either takes it from the list under the lock: it is handed on once."""
+        if not self._orphans:
+            return  # (the usual case: its caller took the answer)
+        with self._lock:
+            try:
+                self._orphans.remove(job)
+            except ValueError:
+                return
+        if job.error is None and job.orphan is not None:
+            with contextlib.suppress(Exception):  # (what it gives back expires anyway)
+                job.orphan(job.result)
+
+    def orphaned(self) -> list[Callable[[], None]]:
+        """For the jobs their callers gave up on (interrupted) that have
+        ended since, each returned once: their ``orphan`` applied to their
+        result (a reserve's slots, to give back). Never waits: a job still
+        running stays for a later look."""
+        if not self._orphans:
+            return []
+        with self._lock:
+            if self._pid != os.getpid():
+                self._orphans = []  # (the parent's)
+                return []
+            ended = [job for job in self._orphans if job.finished]
+            self._orphans = [job for job in self._orphans if not job.finished]
+        return [functools.partial(job.orphan, job.result) for job in ended
+                if job.error is None and job.orphan is not None]
 
     @staticmethod
     def _wait_finished(job: CallJob, timeout: float | None) -> bool:
@@ -260,7 +317,7 @@ class CallDriver:
             self._retire()
 
 
-def _drive(jobs: SimpleQueue[CallJob | None]) -> None:
+def _drive(jobs: SimpleQueue[CallJob | None], hand_on: Callable[[CallJob], None]) -> None:
     while (job := jobs.get()) is not None:
         if not job.claim.acquire(blocking=False):
             continue  # its caller gave up on it before it began
@@ -274,6 +331,8 @@ def _drive(jobs: SimpleQueue[CallJob | None]) -> None:
             job.call = None
             job.finished = True
             job.done.release()
+        if job.orphan is not None:
+            hand_on(job)
         del job
 
 

@@ -382,15 +382,39 @@ class ShmClient(Client):
             return self._streaming(nbytes)
         return True if nbytes >= limit else None
 
-    def _call(self, rpc: Any, request: Any) -> Any:
+    def _call(self, rpc: Any, request: Any, orphan: Callable[[Any], None] | None = None) -> Any:
         metadata = self._metadata()
         try:
             # (the main thread's calls go through the driver: see _calldriver;
-            # an interrupted commit goes on, and the next write waits for it)
+            # an interrupted commit goes on, and the next write waits for it;
+            # an interrupted call's ``orphan`` gets its answer: see _give_back)
             return self._driver.call(lambda: rpc(request, timeout=self.timeout,
-                                                 metadata=metadata), rpc is self._commit)
+                                                 metadata=metadata), rpc is self._commit, orphan)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
+
+    def _settle_puts(self) -> None:
+        super()._settle_puts()
+        self._give_back_orphans()
+
+    def _give_back_orphans(self) -> None:
+        """Give back the slots of reserves (and of a Put's restocking commit)
+        the main thread was interrupted in, once they have been answered:
+        else they stayed reserved until ``server.shm_reserve_ms`` ran out,
+        and interrupted Puts could fill L1 with them."""
+        for give_back in self._driver.orphaned():
+            with contextlib.suppress(Exception):  # they expire on the server anyway
+                give_back()
+
+    def _orphan_slots(self, namespace: str, field: str) -> Callable[[Any], None]:
+        """An ``orphan`` for a call answered with slots in ``field`` (a
+        reserve's ``slots``, a restocking commit's ``next_slots``): abandon them."""
+        def give_back(resp: Any) -> None:
+            ids = [s.slot_id for s in getattr(resp, field)]
+            if ids:
+                self._call(self._commit, pb.ShmCommitRequest(
+                    namespace=namespace, owner=self._owner, abandon=ids))
+        return give_back
 
     def close(self) -> None:
         if self._shm_closed:
@@ -401,6 +425,7 @@ class ShmClient(Client):
             pass
         if self._frames is not None:
             self._frames.drain()
+        self._give_back_orphans()
         stock = self._own_stock()
         if stock is not None:
             for ns, ids in stock.drain().items():
@@ -433,8 +458,9 @@ class ShmClient(Client):
             blocks=[pb.ShmBlockSpec(key=k, size=n) for k, n in sizes])
         # The server starts the reservations' clock open_ms after the request
         # arrived (when it had them all), so never before this deadline.
+        self._give_back_orphans()
         sent = time.monotonic()
-        resp = self._call(self._reserve, req)
+        resp = self._call(self._reserve, req, self._orphan_slots(ns, "slots"))
         deadline = sent + resp.open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN
         return [ReservedSlot(k, s.slot_id, s.offset, s.size,
                              self._arena[s.offset : s.offset + s.size], deadline)
@@ -554,10 +580,12 @@ class ShmClient(Client):
 
     def _submit_commit(self, req: pb.ShmCommitRequest) -> CallJob:
         """Queue ``req``'s ShmCommit on the call driver (read it with
-        ``self._driver.outcome``): recorded as a write under way at once."""
+        ``self._driver.outcome``): recorded as a write under way at once. A
+        commit that restocks gives its new slots back if interrupted."""
         metadata = self._metadata()
         return self._driver.submit(CallJob(
-            lambda job: self._commit(req, timeout=self.timeout, metadata=metadata)))
+            lambda job: self._commit(req, timeout=self.timeout, metadata=metadata),
+            self._orphan_slots(req.namespace, "next_slots") if req.reserve_next else None))
 
     @_closable
     def put_kv(self, keys: Sequence[bytes], k_pages: kv.PageArrays, v_pages: kv.PageArrays | None,

@@ -355,3 +355,54 @@ def test_an_aio_put_never_scheduled_is_waited_for_once() -> None:
     putter.settle(0.2)
     assert time.monotonic() - started < 0.5
     putter.close()
+
+
+def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """A call whose answer holds something (a reserve's slots), interrupted:
+    its ``orphan`` gets the answer on the driver as soon as it comes (a Put
+    made meanwhile may be waiting for that room), once; an answer its caller
+    got is never orphaned."""
+    driver = CallDriver()
+    release = threading.Event()
+    handed: list[tuple[str, int]] = []
+
+    def orphan(result: str) -> None:
+        handed.append((result, threading.get_ident()))
+
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(lambda: (release.wait(30), "slots")[1], orphan=orphan)
+    assert handed == []
+    assert driver.call(lambda: "kept", orphan=orphan) == "kept"  # (another thread)
+    release.set()
+    deadline = time.monotonic() + 10
+    while not handed:
+        assert time.monotonic() < deadline, "the orphan never got the late answer"
+        time.sleep(0.01)  # bounded poll: the driver hands it on as the call ends
+    assert handed[0][0] == "slots" and handed[0][1] != threading.get_ident()
+    assert driver.orphaned() == []  # handed on once
+    assert len(handed) == 1
+    driver.close()
+
+
+def test_a_call_given_up_after_it_ended_is_orphaned_at_the_next_look() -> None:
+    """The interrupt can land after the answer came (the job ended, its
+    result not yet taken): then the driver's look has passed, and
+    ``orphaned`` hands the result on, once."""
+    driver = CallDriver()
+    handed: list[str] = []
+    job = CallJob(lambda job: "slots", handed.append)
+    assert driver.run(job) == "slots"  # ended; its caller now gives it up:
+    driver._orphaned(job)
+    for give_back in driver.orphaned():
+        give_back()
+    assert handed == ["slots"]
+    assert driver.orphaned() == []
+    failed = driver.submit(CallJob(lambda job: 1 // 0, handed.append))
+    driver.settle(10)  # (ended: its outcome never read)
+    assert failed.finished
+    driver._orphaned(failed)
+    assert driver.orphaned() == []  # a call that failed holds nothing
+    assert handed == ["slots"]
+    driver.close()

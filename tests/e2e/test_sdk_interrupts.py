@@ -460,20 +460,26 @@ def test_an_owed_data_plane_write_is_kept_when_the_wait_for_it_is_interrupted(  
 
 
 
-class LateFirstCommit:
-    """Stands in for a ShmClient's ShmCommit callable: the first commit sent
-    (blocking, or as a grpc future) goes ``delay`` s late."""
+class LateFirstCall:
+    """Stands in for one of a ShmClient's gRPC callables (ShmCommit,
+    ShmReserve): the first call sent (blocking, or as a grpc future) goes
+    ``delay`` s late."""
 
-    def __init__(self, commit: Any, delay: float) -> None:
+    def __init__(self, rpc: Any, delay: float) -> None:
         import threading
 
-        self.commit, self.delay = commit, delay
+        self.rpc, self.delay = rpc, delay
         self.first = threading.Lock()
+        self.first_answered = threading.Event()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.first.acquire(blocking=False):
-            time.sleep(self.delay)  # (the delay under test, not a synchronisation)
-        return self.commit(*args, **kwargs)
+        if not self.first.acquire(blocking=False):
+            return self.rpc(*args, **kwargs)
+        time.sleep(self.delay)  # (the delay under test, not a synchronisation)
+        try:
+            return self.rpc(*args, **kwargs)
+        finally:
+            self.first_answered.set()
 
     def future(self, *args: Any, **kwargs: Any) -> Any:
         import concurrent.futures
@@ -502,7 +508,7 @@ def test_a_pipelined_shm_put_over_grpc_interrupted_is_answered_before_the_next_d
                    data_plane=False) as c:
         assert not c.data_plane_active()
         real_commit = c._commit
-        c._commit = LateFirstCommit(real_commit, 0.5)
+        c._commit = LateFirstCall(real_commit, 0.5)
         assert interrupted(lambda: c.put({k: value for k in keys}), 0.25)
         assert c.delete(keys) == 3  # the whole Put was answered first: then deleted
         c._commit = real_commit
@@ -541,3 +547,81 @@ def test_an_interrupted_shm_put_over_grpc_stores_no_bytes_written_after_it(  # t
                 assert got is None or got == original, f"{key!r} stores bytes put after it"
             c.delete(keys)
         assert interrupted_puts >= 5
+
+
+@pytest.mark.parametrize("then", ["put", "nothing"])
+def test_an_interrupted_reserve_gives_its_slots_back_once_answered(  # type: ignore[no-untyped-def]
+        shm_server, then: str) -> None:
+    """A ShmClient Put over gRPC interrupted while its reserve was on its way
+    left the slots the server then reserved held until
+    ``server.shm_reserve_ms`` (30 s) ran out: interrupted Puts filled L1 with
+    them (a review: after ~100 random interrupts), and a Put made next waited
+    for room the whole time. The reserve goes 0.5 s late here; interrupted
+    at 0.25 s, its slots are given back as soon as it is answered: a Put
+    made then, needing that room, is stored at once ("put"), and with no
+    call after, no reservation is left ("nothing")."""
+    value = os.urandom(8 << 20)
+    # 24 of the 32 MiB L1 each: the two Puts' reservations do not fit together
+    # (other keys: a reserve of the same keys would take the same slots)
+    first, then_keys = [b"q0", b"q1", b"q2"], [b"r0", b"r1", b"r2"]
+    with ShmClient(shm_server.unix_target, namespace="orphans", timeout=10,
+                   data_plane=False) as c:
+        assert not c.data_plane_active()
+        real_reserve = c._reserve
+        late = c._reserve = LateFirstCall(real_reserve, 0.5)
+        assert interrupted(lambda: c.put({k: value for k in first}), 0.25)
+        c._reserve = real_reserve
+        assert late.first_answered.wait(10), "the interrupted reserve was never answered"
+        if then == "put":
+            started = time.monotonic()
+            assert c.put({k: value for k in then_keys}).stored == 3
+            assert time.monotonic() - started < 5, "the Put waited for the reserved room"
+            assert c.get(then_keys) == [value] * 3
+        wait_for(lambda: shm_server.exported("kvstore_shm_reservations") == c.stocked_slots(),
+                 timeout=10, what="the interrupted reserve's slots given back")
+        assert c.get(first) == [None] * 3
+
+
+
+def test_an_interrupted_reserve_over_the_data_plane_gives_its_slots_back(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """As above, for ``ShmClient.reserve`` called on the main thread with the
+    data plane on (its reserve goes through the call driver too): 3 slots
+    stayed reserved after the late answer."""
+    with ShmClient(shm_server.unix_target, namespace="orphans-dp", timeout=10) as c:
+        assert c.data_plane_active()
+        real_reserve = c._reserve
+        late = c._reserve = LateFirstCall(real_reserve, 0.5)
+        assert interrupted(lambda: c.reserve([(b"d%d" % i, 8 << 20) for i in range(3)]), 0.25)
+        c._reserve = real_reserve
+        assert late.first_answered.wait(10), "the interrupted reserve was never answered"
+        wait_for(lambda: shm_server.exported("kvstore_shm_reservations") == c.stocked_slots(),
+                 timeout=10, what="the interrupted reserve's slots given back")
+        slots = c.reserve([(b"d%d" % i, 8 << 20) for i in range(3)])  # the room is there
+        slots[0].view[:] = b"\x5a" * (8 << 20)
+        assert c.commit(slots[:1], abandon=slots[1:]).stored == 1
+        assert c.get([b"d0"]) == [b"\x5a" * (8 << 20)]
+
+
+def test_an_interrupted_restocking_commit_gives_its_new_slots_back(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """A ShmClient Put's last commit over gRPC also asks for slots to stock
+    for the next Puts: interrupted, it goes on (the next write waits for it),
+    and the slots it was answered with, which the Put never got to stock,
+    are given back (they stayed reserved until they expired)."""
+    value = os.urandom(1 << 20)
+    with ShmClient(shm_server.unix_target, namespace="orphans-stock", timeout=10,
+                   data_plane=False) as c:
+        real_commit = c._commit
+        c.put({b"s0": value})  # (a first Put: the stock learns the size)
+        stocked = c.stocked_slots()
+        late = c._commit = LateFirstCall(real_commit, 0.5)
+        assert stocked > 0
+        keys = [b"s%d" % (i + 1) for i in range(stocked)]  # takes the whole stock
+        assert interrupted(lambda: c.put(dict.fromkeys(keys, value)), 0.25)
+        c._commit = real_commit
+        assert late.first_answered.wait(10), "the interrupted commit was never answered"
+        wait_for(lambda: shm_server.exported("kvstore_shm_reservations") == c.stocked_slots(),
+                 timeout=10, what="the interrupted commit's new slots given back")
+        assert c.stocked_slots() <= stocked
+        assert c.get(keys) == [value] * len(keys)  # the commit itself landed
