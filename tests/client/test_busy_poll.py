@@ -325,10 +325,13 @@ def test_shm_client_polls_for_its_commits(shm_server: ServerProcess) -> None:
         c.put({b"c0": blob})  # reserve (or a stocked slot) and commit
         dp = c._data_plane
         assert dp is not None
-        before = dp.polled
+        polls, before = dp.polls, dp.polled
         for i in range(1, 4):
             c.put({f"c{i}".encode(): blob})
-        assert dp.polled - before >= 3
+        assert dp.polls - polls >= 3  # polled for every commit
+        # and caught (all 3 on a quiet host; on a loaded one a poll that lost
+        # its CPU to the other pytest worker misses: 2 of 3 seen in CI)
+        assert dp.polled - before >= 1
         assert c.get([b"c3"]) == [blob]
 
 
