@@ -148,16 +148,20 @@ case "$cmd" in
     fi
     # The suite runs on one pytest-xdist worker per CPU (at most 4): a test
     # spends most of its time waiting on the servers it started, so 2 workers
-    # on 2 cores take ~0.6 of the serial time. KVSTORE_TEST_WORKERS=1 runs it
-    # in one process; -n, --numprocesses or -p no:xdist given here win.
+    # on 2 cores take ~0.6 of the serial time. KVSTORE_TEST_WORKERS=N sets the
+    # count (1: one process; auto: xdist's own choice); -n, --numprocesses or
+    # -p no:xdist given here or in PYTEST_ADDOPTS win, and --pdb, --trace and
+    # -s (which need the tests in this process) run in one process.
     workers=()
-    if ! printf '%s\n' "$@" | grep -qE '^(-n|--numprocesses|--dist)|no:xdist'; then
+    if ! printf '%s\n' "$@" ${PYTEST_ADDOPTS:-} |
+        grep -qE '^(-n|--numprocesses|--dist|--pdb|--trace|-s$|--capture=no)|no:xdist'; then
       n=${KVSTORE_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
-      if ! [[ "$n" =~ ^[0-9]+$ ]]; then
-        echo "dev.sh: KVSTORE_TEST_WORKERS must be a whole number, not '$n'" >&2; exit 2
+      if ! [[ "$n" =~ ^([0-9]{1,3}|auto)$ ]]; then
+        echo "dev.sh: KVSTORE_TEST_WORKERS must be a number of workers or 'auto', not '$n'" >&2
+        exit 2
       fi
       if [ -z "${KVSTORE_TEST_WORKERS:-}" ] && [ "$n" -gt 4 ]; then n=4; fi
-      if [ "$n" -gt 1 ]; then workers=(-n "$n"); fi
+      if [ "$n" = auto ] || [ "$n" -gt 1 ]; then workers=(-n "$n"); fi
     fi
     "$VENV/bin/python" -m pytest ${workers[@]+"${workers[@]}"} "$@" ;;
   bench)

@@ -104,7 +104,7 @@ class CallDriver:
         self._overdue = None if timeout is None else timeout + OVERDUE_S
         #: writes interrupted before their answer (see settle())
         self._unsettled: list[CallJob] = []
-        #: jobs with an ``orphan`` their callers gave up on (see orphaned())
+        #: jobs with an ``orphan`` their callers gave up on (see next_orphan())
         self._orphans: list[CallJob] = []
         self._lock = threading.Lock()  # (for both lists: any thread's calls read them)
         self._pid = os.getpid()  # the process whose thread reads ``_jobs``
@@ -132,9 +132,21 @@ class CallDriver:
         # (the queue first: after a fork it empties the record, and an
         # interrupt while it starts a thread leaves nothing recorded unqueued)
         jobs = self._queue()
-        with self._lock:
-            self._unsettled.append(job)
-        jobs.put(job)
+        try:
+            with self._lock:
+                self._unsettled.append(job)
+            jobs.put(job)
+        except BaseException:
+            # Interrupted just before or after the put: taken back unless the
+            # driver has begun it (then it never runs, queued or not, and the
+            # next write must not wait for it: a review saw a Delete wait out
+            # its whole timeout); begun, it goes on as an interrupted write.
+            if job.claim.acquire(blocking=False):
+                with self._lock, contextlib.suppress(ValueError):
+                    self._unsettled.remove(job)
+            else:
+                self._orphaned(job)
+            raise
         return job
 
     def outcome(self, job: CallJob, timeout: float | None) -> Any:
@@ -145,16 +157,18 @@ class CallDriver:
         try:
             finished = self._wait_finished(
                 job, None if timeout is None else timeout + OVERDUE_S)
+            if finished:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._unsettled.remove(job)
         except BaseException:
-            self._orphaned(job)
+            self._orphaned(job)  # (its answer, come or to come, is nobody's)
             if not job.finished:
                 self._retire()
             raise
         if not finished:
+            self._orphaned(job)
             self._retire()
             raise _overdue_error()
-        with self._lock, contextlib.suppress(ValueError):
-            self._unsettled.remove(job)
         if job.error is not None:
             error, job.error = job.error, None
             raise error
@@ -179,17 +193,20 @@ class CallDriver:
         if self.closed:
             return job.run(job)
         jobs = self._queue()
+        given_up = False  # (overdue: given up once, not again by the except below)
         try:
             jobs.put(job)
             if not job.done.acquire(timeout=-1 if self._overdue is None else self._overdue):
-                self._give_up(job, write)
+                given_up = True
+                if not job.claim.acquire(blocking=False):  # begun: left to its thread
+                    self._give_up(job, write)
                 raise _overdue_error()
         except BaseException:
             # (the interrupt may come just after the acquire succeeded: then
             # the lock is this thread's and the job over, nothing to wait
             # for but its result to hand on; or before the driver started
             # the job: then it never will)
-            if not job.claim.acquire(blocking=False):
+            if not given_up and not job.claim.acquire(blocking=False):
                 if job.finished:
                     self._orphaned(job)
                 else:
@@ -247,16 +264,17 @@ class CallDriver:
 
     def _orphaned(self, job: CallJob) -> None:
         """Record a job the caller gave up on whose result holds something
-        (its ``orphan``) for :meth:`orphaned`."""
+        (its ``orphan``) for :meth:`_hand_on` or :meth:`next_orphan`."""
         if job.orphan is not None:
             with self._lock:
-                self._orphans.append(job)
+                if job not in self._orphans:
+                    self._orphans.append(job)
 
     def _hand_on(self, job: CallJob) -> None:
         """On the driver, as a job with an ``orphan`` ends: if its caller has
         given up on it already, apply the ``orphan`` here and now (a reserve
         waiting for room would not see its room come back until the caller's
-        next write). One the caller gives up on later is left to :meth:`orphaned`;
+        next write). One the caller gives up on later is left to :meth:`next_orphan`;
         either takes it from the list under the lock: it is handed on once."""
         if not self._orphans:
             return  # (the usual case: its caller took the answer)
@@ -269,21 +287,22 @@ class CallDriver:
             with contextlib.suppress(Exception):  # (what it gives back expires anyway)
                 job.orphan(job.result)
 
-    def orphaned(self) -> list[Callable[[], None]]:
-        """For the jobs their callers gave up on (interrupted) that have
-        ended since, each returned once: their ``orphan`` applied to their
-        result (a reserve's slots, to give back). Never waits: a job still
-        running stays for a later look."""
+    def next_orphan(self) -> Callable[[], None] | None:
+        """The next job its caller gave up on (interrupted) that has ended
+        since, taken off the list: its ``orphan`` applied to its result (a
+        reserve's slots, to give back); None when there is none. Never
+        waits: a job still running stays for a later look."""
         if not self._orphans:
-            return []
+            return None
         with self._lock:
             if self._pid != os.getpid():
                 self._orphans = []  # (the parent's)
-                return []
-            ended = [job for job in self._orphans if job.finished]
-            self._orphans = [job for job in self._orphans if not job.finished]
-        return [functools.partial(job.orphan, job.result) for job in ended
-                if job.error is None and job.orphan is not None]
+                return None
+            for job in [job for job in self._orphans if job.finished]:
+                self._orphans.remove(job)
+                if job.error is None and job.orphan is not None:
+                    return functools.partial(job.orphan, job.result)
+        return None  # (the ones that failed hold nothing)
 
     @staticmethod
     def _wait_finished(job: CallJob, timeout: float | None) -> bool:

@@ -402,19 +402,22 @@ class ShmClient(Client):
         the main thread was interrupted in, once they have been answered:
         else they stayed reserved until ``server.shm_reserve_ms`` ran out,
         and interrupted Puts could fill L1 with them."""
-        for give_back in self._driver.orphaned():
+        # (one at a time: a second interrupt while one is given back leaves
+        # the others for the next look)
+        while (give_back := self._driver.next_orphan()) is not None:
             with contextlib.suppress(Exception):  # they expire on the server anyway
                 give_back()
 
     def _orphan_slots(self, namespace: str, field: str) -> Callable[[Any], None]:
         """An ``orphan`` for a call answered with slots in ``field`` (a
         reserve's ``slots``, a restocking commit's ``next_slots``): abandon them."""
-        def give_back(resp: Any) -> None:
-            ids = [s.slot_id for s in getattr(resp, field)]
-            if ids:
-                self._call(self._commit, pb.ShmCommitRequest(
-                    namespace=namespace, owner=self._owner, abandon=ids))
-        return give_back
+        return lambda resp: self._abandon_ids(namespace, [s.slot_id for s in getattr(resp, field)])
+
+    def _abandon_ids(self, namespace: str, ids: list[int]) -> None:
+        """Give slots back (by id) that no Put will fill."""
+        if ids:
+            self._call(self._commit, pb.ShmCommitRequest(
+                namespace=namespace, owner=self._owner, abandon=ids))
 
     def close(self) -> None:
         if self._shm_closed:
@@ -447,6 +450,10 @@ class ShmClient(Client):
     @_closable
     def reserve(self, sizes: Sequence[tuple[bytes, int]], *, namespace: str | None = None,
                 session_id: str | None = None) -> list[ReservedSlot]:
+        return self._reserve_slots(sizes, namespace, session_id)
+
+    def _reserve_slots(self, sizes: Sequence[tuple[bytes, int]], namespace: str | None,
+                       session_id: str | None) -> list[ReservedSlot]:
         self._check_arena()
         ns = resolve_namespace(namespace, self.namespace)
         # Checked here: protobuf raised a bare TypeError or ValueError for a
@@ -461,10 +468,14 @@ class ShmClient(Client):
         self._give_back_orphans()
         sent = time.monotonic()
         resp = self._call(self._reserve, req, self._orphan_slots(ns, "slots"))
-        deadline = sent + resp.open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN
-        return [ReservedSlot(k, s.slot_id, s.offset, s.size,
-                             self._arena[s.offset : s.offset + s.size], deadline)
-                for (k, _), s in zip(sizes, resp.slots, strict=True)]
+        try:
+            deadline = sent + resp.open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN
+            return [ReservedSlot(k, s.slot_id, s.offset, s.size,
+                                 self._arena[s.offset : s.offset + s.size], deadline)
+                    for (k, _), s in zip(sizes, resp.slots, strict=True)]
+        except BaseException:  # (interrupted: the slots would be nobody's)
+            self._abandon_ids(ns, [s.slot_id for s in resp.slots])
+            raise
 
     @_closable
     def commit(self, slots: Sequence[ReservedSlot], crcs: Sequence[int] | None = None, *,
@@ -522,8 +533,9 @@ class ShmClient(Client):
                             self._streaming_put(sum(len(v) for _, v in items)))
             if counted is not None:
                 return PutResult(*counted)
-        slots = self._put_slots([(k, len(v)) for k, v in items], namespace, session_id)
-        return self._fill_and_commit(items, slots, namespace, ack, session_id, block_format)
+        return self._fill_and_commit(
+            items, self._put_slots([(k, len(v)) for k, v in items], namespace, session_id),
+            namespace, ack, session_id, block_format)
 
     def _fill_and_commit(self, items: Sequence[tuple[bytes, memoryview]],
                          slots: list[ReservedSlot], namespace: str | None, ack: Any,
@@ -537,12 +549,17 @@ class ShmClient(Client):
         reads no more of the caller's buffers, the commits sent go on and
         the next write waits for them, the slots not yet sent are abandoned.
         Other threads' commits are grpc futures."""
-        queued = self._driver.hands_over()
-        streaming = self._streaming_put(sum(s.size for s in slots))
         pending: list[Any] = []
         last: Any = None
-        done = 0
+        done = 0  # slots whose commit is on its way (not abandoned below)
+
+        def on_its_way(count: int) -> None:
+            nonlocal done
+            done += count
+
         try:
+            queued = self._driver.hands_over()
+            streaming = self._streaming_put(sum(s.size for s in slots))
             while done < len(slots):
                 group: list[ReservedSlot] = []
                 nbytes = 0
@@ -554,17 +571,21 @@ class ShmClient(Client):
                     s.check_writable()  # never write a slot the server may have taken back
                     crcs.append(copy_and_checksum(s.view, 0, items[done + i][1], 0, streaming))
                 req = self._commit_request(group, crcs, namespace, ack, (), block_format)
-                done += len(group)  # (sent: not abandoned below)
-                if done < len(slots):
+                if done + len(group) < len(slots):
+                    # (an interrupt between the two: the group is also
+                    # abandoned below, behind its commit on the same thread:
+                    # an abandon of committed slots changes nothing)
                     if queued:
                         pending.append(self._submit_commit(req))
                     else:
                         pending.append(self._commit.future(req, timeout=self.timeout,
                                                            metadata=self._metadata()))
+                    done += len(group)
                 else:
                     # The last (often the only) group: a blocking call (a
                     # future starts a thread to drive it), behind the others.
-                    last = self._commit_restocking(req, slots, session_id)
+                    last = self._commit_restocking(req, slots, session_id,
+                                                   functools.partial(on_its_way, len(group)))
             stored, nbytes = last.stored, last.bytes
             for sent in pending:
                 resp = self._driver.outcome(sent, self.timeout) if queued else sent.result()
@@ -642,11 +663,17 @@ class ShmClient(Client):
         except BaseException:
             self.commit([], [], namespace=namespace, abandon=slots)
             raise
-        req = self._commit_request(slots, crcs, namespace, ack, (), BlockFormat.KV_V1)
+        committing: list[bool] = []  # (not empty once the commit is on its way)
         try:
-            resp = self._commit_restocking(req, slots, session_id)
+            req = self._commit_request(slots, crcs, namespace, ack, (), BlockFormat.KV_V1)
+            resp = self._commit_restocking(req, slots, session_id,
+                                           lambda: committing.append(True))
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.target, self.tls) from err
+        except BaseException:
+            if not committing:
+                self.commit([], [], namespace=namespace, abandon=slots)
+            raise
         return PutResult(resp.stored, resp.bytes)
 
     # -- the stock of anonymous slots (one round trip per Put) ----------------------
@@ -696,43 +723,51 @@ class ShmClient(Client):
         one ShmReserve."""
         stock = self._stock()
         if stock is None:
-            return self.reserve(sizes, namespace=namespace, session_id=session_id)
+            return self._reserve_slots(sizes, namespace, session_id)
         ns = resolve_namespace(namespace, self.namespace)
         check_session_id(session_id)  # before any slot is taken: a bad one leaks none
         stocked = stock.take(ns, [n for _, n in sizes], time.monotonic())
         missing = [spec for spec, s in zip(sizes, stocked, strict=True) if s is None]
+        fresh: list[ReservedSlot] = []
         try:
-            reserved = iter(self.reserve(missing, namespace=ns, session_id=session_id)
-                            if missing else ())
+            if missing:
+                fresh = self._reserve_slots(missing, ns, session_id)
+            reserved = iter(fresh)
+            return [next(reserved) if s is None else
+                    ReservedSlot(key, s.slot_id, s.offset, s.size,
+                                 self._arena[s.offset : s.offset + s.size], s.deadline, True)
+                    for (key, _), s in zip(sizes, stocked, strict=True)]
         except BaseException:
             stock.put_back(ns, [s for s in stocked if s is not None])
+            self._abandon_ids(ns, [s.slot_id for s in fresh])
             raise
-        return [next(reserved) if s is None else
-                ReservedSlot(key, s.slot_id, s.offset, s.size,
-                             self._arena[s.offset : s.offset + s.size], s.deadline, True)
-                for (key, _), s in zip(sizes, stocked, strict=True)]
 
-    def _commit_call(self, req: pb.ShmCommitRequest) -> Any:
-        """A Put's ShmCommit. The main thread's is queued on the call driver
-        (behind the Put's other groups) and goes on when interrupted, even
-        before it began: the Put's slots are never left uncommitted."""
+    def _commit_call(self, req: pb.ShmCommitRequest, on_sent: Callable[[], None]) -> Any:
+        """A Put's ShmCommit; ``on_sent()`` once it is on its way (the caller
+        gives the slots up if interrupted before). The main thread's is
+        queued on the call driver (behind the Put's other groups) and goes
+        on when interrupted, even before it began: the Put's slots are never
+        left uncommitted."""
         if self._driver.hands_over():
-            return self._driver.outcome(self._submit_commit(req), self.timeout)
+            job = self._submit_commit(req)
+            on_sent()
+            return self._driver.outcome(job, self.timeout)
+        on_sent()
         return self._commit(req, timeout=self.timeout, metadata=self._metadata())
 
     def _commit_restocking(self, req: pb.ShmCommitRequest, slots: Sequence[ReservedSlot],
-                           session_id: str | None) -> Any:
+                           session_id: str | None, on_sent: Callable[[], None]) -> Any:
         """Send a Put's (last) ShmCommit, asking it to restock what the Put
         used and to abandon stale stock; keep the slots it reserved."""
         stock = self._stock()
         if stock is None:
-            return self._commit_call(req)
+            return self._commit_call(req, on_sent)
         ns = req.namespace
         req.reserve_next.extend(stock.wanted(ns, [s.size for s in slots]))
         req.abandon.extend(stock.to_abandon(ns))
         req.session_id = check_session_id(session_id)
         sent = time.monotonic()
-        resp = self._commit_call(req)
+        resp = self._commit_call(req, on_sent)
         if resp.next_slots:
             # As ShmReserve's: their clock started next_open_ms after arrival.
             deadline = sent + resp.next_open_ms / 1000.0 + self._reserve_s - _RESERVE_MARGIN

@@ -381,7 +381,7 @@ def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
         assert time.monotonic() < deadline, "the orphan never got the late answer"
         time.sleep(0.01)  # bounded poll: the driver hands it on as the call ends
     assert handed[0][0] == "slots" and handed[0][1] != threading.get_ident()
-    assert driver.orphaned() == []  # handed on once
+    assert driver.next_orphan() is None  # handed on once
     assert len(handed) == 1
     driver.close()
 
@@ -389,20 +389,96 @@ def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
 def test_a_call_given_up_after_it_ended_is_orphaned_at_the_next_look() -> None:
     """The interrupt can land after the answer came (the job ended, its
     result not yet taken): then the driver's look has passed, and
-    ``orphaned`` hands the result on, once."""
+    ``next_orphan`` hands the result on, once, one job at a time (a second
+    interrupt while one is given back leaves the others for the next look:
+    a review saw them all lost)."""
     driver = CallDriver()
     handed: list[str] = []
-    job = CallJob(lambda job: "slots", handed.append)
-    assert driver.run(job) == "slots"  # ended; its caller now gives it up:
-    driver._orphaned(job)
-    for give_back in driver.orphaned():
-        give_back()
-    assert handed == ["slots"]
-    assert driver.orphaned() == []
+    first = CallJob(lambda job: "slots 1", handed.append)
+    second = CallJob(lambda job: "slots 2", handed.append)
+    assert driver.run(first) == "slots 1"  # ended; their caller now gives them up:
+    assert driver.run(second) == "slots 2"
+    driver._orphaned(first)
+    driver._orphaned(second)
+    driver._orphaned(first)  # (recorded once)
+    give_back = driver.next_orphan()
+    assert give_back is not None
+    give_back()
+    assert handed == ["slots 1"]
+    give_back = driver.next_orphan()
+    assert give_back is not None
+    give_back()
+    assert handed == ["slots 1", "slots 2"]
+    assert driver.next_orphan() is None
     failed = driver.submit(CallJob(lambda job: 1 // 0, handed.append))
     driver.settle(10)  # (ended: its outcome never read)
     assert failed.finished
     driver._orphaned(failed)
-    assert driver.orphaned() == []  # a call that failed holds nothing
-    assert handed == ["slots"]
+    assert driver.next_orphan() is None  # a call that failed holds nothing
+    assert not driver._orphans
+    driver.close()
+
+
+def test_an_overdue_call_s_orphan_is_recorded_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: a call past its timeout was given up twice (once
+    for being overdue, again by the handler of the error that raised), and
+    its slots were given back twice."""
+    driver = CallDriver(timeout=0.0)
+    monkeypatch.setattr(driver, "_overdue", 0.2)
+    release = threading.Event()
+    handed: list[str] = []
+    job = CallJob(lambda job: (release.wait(30), "slots")[1], handed.append)
+    from kvstore.errors import DeadlineExceeded
+
+    with pytest.raises(DeadlineExceeded):
+        driver.run(job)
+    assert driver._orphans == [job]
+    release.set()
+    deadline = time.monotonic() + 10
+    while not handed:
+        assert time.monotonic() < deadline, "the orphan never got the late answer"
+        time.sleep(0.01)  # bounded poll: the driver hands it on as the call ends
+    assert handed == ["slots"] and driver.next_orphan() is None
+    driver.close()
+
+
+class InterruptingQueue:
+    """Stands in for the driver's queue: a put interrupted just before or
+    just after it queues the job (as a signal can land either side)."""
+
+    def __init__(self, real: Any, after: bool) -> None:
+        self.real, self.after, self.armed = real, after, True
+
+    def put(self, job: Any) -> None:
+        if self.armed and job is not None:
+            self.armed = False
+            if self.after:
+                self.real.put(job)
+            raise KeyboardInterrupt
+        self.real.put(job)
+
+    def get(self) -> Any:
+        return self.real.get()
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before-queued", "after-queued"])
+def test_a_write_interrupted_as_it_is_submitted_never_holds_the_next_write_up(
+        after: bool) -> None:
+    """Found by a review: a submitted write interrupted before the queue
+    took it was recorded but never run, and the next write (a Delete)
+    waited out its whole timeout for it. Now it is taken back, whether the
+    queue took it or not (then the driver skips it), unless the driver has
+    begun it."""
+    driver = CallDriver()
+    ran: list[str] = []
+    driver.call(lambda: None)  # (the thread and its queue exist)
+    real = driver._jobs
+    driver._jobs = InterruptingQueue(real, after)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        driver.submit(CallJob(lambda job: ran.append("interrupted write")))
+    started = time.monotonic()
+    driver.settle(5)
+    assert time.monotonic() - started < 1, "the next write waited for a write never run"
+    assert driver.call(lambda: "next") == "next"  # (behind it on the queue, if queued)
+    assert ran == []
     driver.close()

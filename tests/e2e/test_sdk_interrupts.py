@@ -625,3 +625,34 @@ def test_an_interrupted_restocking_commit_gives_its_new_slots_back(  # type: ign
                  timeout=10, what="the interrupted commit's new slots given back")
         assert c.stocked_slots() <= stocked
         assert c.get(keys) == [value] * len(keys)  # the commit itself landed
+
+
+def test_a_put_interrupted_before_its_last_commit_went_gives_its_slots_back(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """Found by a review: an interrupt after a ShmClient Put over gRPC had
+    copied its last group and before that group's commit was queued (the
+    commit asks to restock first) left the group's slots neither committed
+    nor given back (held until they expired): the Put counted them as sent
+    too early. The interrupt is raised where the commit asks for its
+    stock."""
+    value = os.urandom(1 << 20)
+    with ShmClient(shm_server.unix_target, namespace="orphans-last", timeout=10,
+                   data_plane=False) as c:
+        c.put({b"warm": value})
+        stock_of = c._stock
+        calls: list[int] = []
+
+        def interrupted_second_time() -> Any:
+            calls.append(1)
+            if len(calls) == 2:  # (the first: the Put taking its slots)
+                raise KeyboardInterrupt
+            return stock_of()
+
+        c._stock = interrupted_second_time
+        keys = [b"l%d" % i for i in range(6)]
+        with pytest.raises(KeyboardInterrupt):
+            c.put(dict.fromkeys(keys, value))
+        c._stock = stock_of
+        wait_for(lambda: shm_server.exported("kvstore_shm_reservations") == c.stocked_slots(),
+                 timeout=10, what="the Put's slots given back")
+        assert c.get(keys) == [None] * len(keys)
