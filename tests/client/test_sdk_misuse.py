@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from serverproc import ServerProcess
@@ -126,6 +127,47 @@ def test_a_put_stream_whose_messages_fail_ends_at_once(server: ServerProcess) ->
             rpc = client._rpc(conv.PUT)
             with pytest.raises(RuntimeError, match="went away"):
                 await asyncio.wait_for(put_stream(rpc, messages(), None, None), PROMPT)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+class HalfCloseFails:
+    """A grpc.aio stream call whose half-close fails as grpc's does when the
+    channel closes under it (close() of a sync Client while its threads Put):
+    the call is cancelled and ``done_writing`` raises grpc's internal error."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.call, name)
+
+    def __await__(self) -> Any:
+        return self.call.__await__()
+
+    async def done_writing(self) -> None:
+        self.call.cancel()
+        raise RuntimeError('Failed "execute_batch": (SendCloseFromClientOperation,)')
+
+
+def test_a_put_stream_whose_half_close_fails_ends_with_its_status(server: ServerProcess) -> None:
+    """Found in CI (two pytest workers): a sync Client closed while 16
+    threads Put raised grpc's internal ExecuteBatchError out of a Put, where
+    its caller expects a kvstore error: what a call's own writes raise is
+    the call ending, and its status (CANCELLED here) says why."""
+    messages = conv.iter_put_messages("misuse-stream", conv.AckLevel.MEMORY,
+                                      [(b"a", memoryview(b"x"))], "", 1 << 20)
+
+    async def main() -> None:
+        client = AsyncClient(server.tcp, data_plane=False)
+        try:
+            real = client._rpc(conv.PUT)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await asyncio.wait_for(put_stream(lambda **kw: HalfCloseFails(real(**kw)),
+                                                  messages, None, None), PROMPT)
+            assert raised.value.code() == grpc.StatusCode.CANCELLED
         finally:
             await client.close()
 
