@@ -124,6 +124,24 @@ engines_venv() {
 
 cmd=${1:-help}
 shift || true
+# one_process ARGS...: whether these pytest arguments ask for the tests in
+# this process: workers chosen already (-n, --numprocesses, --dist), xdist
+# off (-p no:xdist), or a debugger or uncaptured output (--pdb, --trace, -s
+# alone or in a cluster such as -vs, --capture=no or --capture no).
+one_process() {
+  local arg prev=""
+  for arg in "$@"; do
+    case "$arg" in
+      -n|-n[0-9]*|-nauto|--numprocesses*|--dist*|*no:xdist|--pdb|--trace|--capture=no) return 0 ;;
+      no) [ "$prev" = --capture ] && return 0 ;;
+      --*|-r*|-[kmcWop]) ;;  # (long options; -r's letters; options whose value follows)
+      -*s*) [ "${prev}" != -k ] && [ "${prev}" != -m ] && return 0 ;;
+    esac
+    prev=$arg
+  done
+  return 1
+}
+
 case "$cmd" in
   setup)
     setup dev ;;
@@ -149,19 +167,22 @@ case "$cmd" in
     # The suite runs on one pytest-xdist worker per CPU (at most 4): a test
     # spends most of its time waiting on the servers it started, so 2 workers
     # on 2 cores take ~0.6 of the serial time. KVSTORE_TEST_WORKERS=N sets the
-    # count (1: one process; auto: xdist's own choice); -n, --numprocesses or
-    # -p no:xdist given here or in PYTEST_ADDOPTS win, and --pdb, --trace and
-    # -s (which need the tests in this process) run in one process.
+    # count (1: one process; auto: xdist's own choice); see one_process below
+    # for the options that win.
     workers=()
-    if ! printf '%s\n' "$@" ${PYTEST_ADDOPTS:-} |
-        grep -qE '^(-n|--numprocesses|--dist|--pdb|--trace|-s$|--capture=no)|no:xdist'; then
-      n=${KVSTORE_TEST_WORKERS:-$(nproc 2>/dev/null || echo 1)}
-      if ! [[ "$n" =~ ^([0-9]{1,3}|auto)$ ]]; then
-        echo "dev.sh: KVSTORE_TEST_WORKERS must be a number of workers or 'auto', not '$n'" >&2
-        exit 2
+    # shellcheck disable=SC2086  # PYTEST_ADDOPTS: words, as pytest splits it
+    if ! one_process "$@" ${PYTEST_ADDOPTS:-}; then
+      if [ -n "${KVSTORE_TEST_WORKERS:-}" ]; then
+        n=$KVSTORE_TEST_WORKERS
+        if ! [[ "$n" =~ ^([0-9]{1,3}|auto)$ ]]; then
+          echo "dev.sh: KVSTORE_TEST_WORKERS must be a number of workers or 'auto', not '$n'" >&2
+          exit 2
+        fi
+      else
+        n=$(nproc 2>/dev/null || echo 1)
+        if ! [[ "$n" =~ ^[0-9]+$ ]] || [ "${#n}" -gt 1 ] || [ "$n" -gt 4 ]; then n=4; fi
       fi
-      if [ -z "${KVSTORE_TEST_WORKERS:-}" ] && [ "$n" -gt 4 ]; then n=4; fi
-      if [ "$n" = auto ] || [ "$n" -gt 1 ]; then workers=(-n "$n"); fi
+      if [ "$n" = auto ] || [ "$((10#$n))" -gt 1 ]; then workers=(-n "$n"); fi
     fi
     "$VENV/bin/python" -m pytest ${workers[@]+"${workers[@]}"} "$@" ;;
   bench)

@@ -198,7 +198,12 @@ class CallDriver:
             jobs.put(job)
             if not job.done.acquire(timeout=-1 if self._overdue is None else self._overdue):
                 given_up = True
-                if not job.claim.acquire(blocking=False):  # begun: left to its thread
+                if job.claim.acquire(blocking=False):
+                    # Never begun: the thread is stuck in an earlier job; the
+                    # next calls get another (a review: each waited out its
+                    # own overdue time behind the stuck one).
+                    self._retire()
+                else:  # begun: left to its thread
                     self._give_up(job, write)
                 raise _overdue_error()
         except BaseException:

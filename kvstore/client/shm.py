@@ -413,11 +413,21 @@ class ShmClient(Client):
         reserve's ``slots``, a restocking commit's ``next_slots``): abandon them."""
         return lambda resp: self._abandon_ids(namespace, [s.slot_id for s in getattr(resp, field)])
 
+    def _abandon_slots(self, namespace: str | None, slots: Sequence[ReservedSlot]) -> None:
+        """:meth:`_abandon_ids` for slots in hand (their views let go)."""
+        for s in slots:
+            s.view.release()
+        self._abandon_ids(resolve_namespace(namespace, self.namespace),
+                          [s.slot_id for s in slots])
+
     def _abandon_ids(self, namespace: str, ids: list[int]) -> None:
-        """Give slots back (by id) that no Put will fill."""
+        """Give slots back (by id) that no Put will fill. Best effort, and
+        quiet: called while an interrupt goes on, whose place an error of
+        this call must not take (the slots expire on the server anyway)."""
         if ids:
-            self._call(self._commit, pb.ShmCommitRequest(
-                namespace=namespace, owner=self._owner, abandon=ids))
+            with contextlib.suppress(Exception):
+                self._call(self._commit, pb.ShmCommitRequest(
+                    namespace=namespace, owner=self._owner, abandon=ids))
 
     def close(self) -> None:
         if self._shm_closed:
@@ -595,7 +605,7 @@ class ShmClient(Client):
             raise error_from_rpc(err, self.target, self.tls) from err
         except BaseException:
             if done < len(slots):
-                self.commit([], [], namespace=namespace, abandon=slots[done:])
+                self._abandon_slots(namespace, slots[done:])
             raise
         return PutResult(stored, nbytes)
 
@@ -661,7 +671,7 @@ class ShmClient(Client):
                 pack(k_pages, v_pages, ids, tokens=block_tokens, dtype=dtype, out=slot.view)
             crcs = [checksum(s.view) for s in slots]
         except BaseException:
-            self.commit([], [], namespace=namespace, abandon=slots)
+            self._abandon_slots(namespace, slots)
             raise
         committing: list[bool] = []  # (not empty once the commit is on its way)
         try:
@@ -672,7 +682,7 @@ class ShmClient(Client):
             raise error_from_rpc(err, self.target, self.tls) from err
         except BaseException:
             if not committing:
-                self.commit([], [], namespace=namespace, abandon=slots)
+                self._abandon_slots(namespace, slots)
             raise
         return PutResult(resp.stored, resp.bytes)
 
@@ -739,7 +749,7 @@ class ShmClient(Client):
                     for (key, _), s in zip(sizes, stocked, strict=True)]
         except BaseException:
             stock.put_back(ns, [s for s in stocked if s is not None])
-            self._abandon_ids(ns, [s.slot_id for s in fresh])
+            self._abandon_slots(ns, fresh)
             raise
 
     def _commit_call(self, req: pb.ShmCommitRequest, on_sent: Callable[[], None]) -> Any:

@@ -482,3 +482,26 @@ def test_a_write_interrupted_as_it_is_submitted_never_holds_the_next_write_up(
     assert driver.call(lambda: "next") == "next"  # (behind it on the queue, if queued)
     assert ran == []
     driver.close()
+
+
+def test_calls_after_one_left_overdue_behind_a_stuck_call_get_a_new_thread(
+        monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: a call past its time that never began (its thread
+    stuck in an earlier call) was taken back but the stuck thread kept, and
+    every later call waited out its own overdue time behind it."""
+    from kvstore.errors import DeadlineExceeded
+
+    driver = CallDriver(timeout=0.0)
+    monkeypatch.setattr(driver, "_overdue", 0.3)
+    release = threading.Event()
+    ran: list[str] = []
+    driver.submit(CallJob(lambda job: release.wait(30)))  # the stuck call
+    with pytest.raises(DeadlineExceeded):
+        driver.run(CallJob(lambda job: ran.append("taken back")))
+    started = time.monotonic()
+    assert driver.run(CallJob(lambda job: "next")) == "next"
+    assert time.monotonic() - started < 0.3, "the next call waited behind the stuck one"
+    release.set()
+    driver.settle(10)
+    assert ran == []  # (taken back: it never runs)
+    driver.close()
