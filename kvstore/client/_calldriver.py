@@ -53,7 +53,7 @@ class CallJob:
         self.run = run
         #: For a call whose result holds something (a reserve's slots): what
         #: to do with that result once the caller has given up on the call
-        #: (see CallDriver.orphaned).
+        #: (see CallDriver.next_orphan).
         self.orphan = orphan
         self.call: Any = None  # a stream's, set by ``run`` through started()
         self.cancelled = False
