@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from kvstore import Client
+from kvstore.errors import ConnectionFailed
 from kvstore.wire.pb import kvstore_pb2 as pb
 from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
 
@@ -70,9 +71,19 @@ def test_connections_past_the_limit_are_closed_and_the_rest_serve(server_factory
         finally:
             for sock in flood:
                 sock.close()
-        with Client(server.tcp, namespace="n", timeout=10) as c:  # room again
-            c.put({b"k": b"v"})
-            assert c.get([b"k"]) == [b"v"]
+        # Room again once the server has seen the 8 it held close (it learns
+        # that on its own time: a client connecting at once can still be one
+        # past the limit, seen in CI with two pytest workers).
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with Client(server.tcp, namespace="n", timeout=10) as c:
+                    c.put({b"k": b"v"})
+                    assert c.get([b"k"]) == [b"v"]
+                break
+            except ConnectionFailed:
+                assert time.monotonic() < deadline, "no room 15 s after the flood closed"
+                time.sleep(0.1)  # a bounded retry, not synchronisation
 
 
 def test_calls_past_a_caller_s_share_are_refused_and_the_probes_still_answer(
