@@ -52,10 +52,7 @@ class DelayProxy:
                 sink.end_writing()  # a side that ended is passed on to the other
 
         try:
-            server = await self._server.connect(self.upstream_port)
+            async with self._server.connected(self.upstream_port) as server:
+                await asyncio.gather(pipe(client, server, True), pipe(server, client, False))
         except OSError:
-            return
-        try:
-            await asyncio.gather(pipe(client, server, True), pipe(server, client, False))
-        finally:
-            self._server.close_conn(server)
+            return  # (the upstream refused: the client's connection ends)

@@ -59,12 +59,9 @@ class FaultProxy:
 
     async def _forward(self, method: str, target: str, request: bytes) -> bytes:
         self.forwarded.append((method, target))
-        server = await self._server.connect(self.upstream_port)
-        try:
+        async with self._server.connected(self.upstream_port) as server:
             await server.write(request)
             return await server.read_to_end()  # until the server closes: one request
-        finally:
-            self._server.close_conn(server)
 
     async def _late(self, method: str, target: str, request: bytes) -> None:
         """A held request the client was already answered for, sent on."""

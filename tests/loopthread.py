@@ -15,9 +15,10 @@ whichever later test the collector ran).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 
 class Conn:
@@ -31,9 +32,7 @@ class Conn:
     async def read(self, limit: int = 65536) -> bytes:
         """Up to ``limit`` bytes; ``b""`` at end of stream."""
         if self._buffer:
-            data = bytes(self._buffer[:limit])
-            del self._buffer[:limit]
-            return data
+            return self._take(limit)
         return await self._loop.sock_recv(self.sock, limit)
 
     async def _fill(self) -> None:
@@ -137,25 +136,24 @@ class LoopThread:
         try:
             await self._handle(Conn(self.loop, sock))
         finally:
-            self._sockets.discard(sock)
-            sock.close()
+            self._close(sock)
 
-    async def connect(self, port: int) -> Conn:
-        """A connection to 127.0.0.1:``port`` (for a handler's upstream);
-        the caller closes it with :meth:`close_conn`, and close does if not."""
+    @contextlib.asynccontextmanager
+    async def connected(self, port: int) -> AsyncIterator[Conn]:
+        """A connection to 127.0.0.1:``port`` (for a handler's upstream),
+        closed on leaving (and by close if it comes first)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sockets.add(sock)
         try:
             sock.setblocking(False)
             await self.loop.sock_connect(sock, ("127.0.0.1", port))
-        except BaseException:
-            self.close_conn(Conn(self.loop, sock))
-            raise
-        return Conn(self.loop, sock)
+            yield Conn(self.loop, sock)
+        finally:
+            self._close(sock)
 
-    def close_conn(self, conn: Conn) -> None:
-        self._sockets.discard(conn.sock)
-        conn.sock.close()
+    def _close(self, sock: socket.socket) -> None:
+        self._sockets.discard(sock)
+        sock.close()
 
     def close(self) -> None:
         assert self._stop is not None
