@@ -15,6 +15,7 @@ from test_store_accounting import recount
 from kvstore.config import Config, load
 from kvstore.store import TieredStore
 from kvstore.store import index as index_module
+from kvstore.store import tiered as tiered_module
 from kvstore.store.coldindex import ColdIndex
 from kvstore.types import TierName
 
@@ -259,14 +260,54 @@ def test_a_listing_misses_no_block_that_moves_between_the_indexes_meanwhile(
                 assert counted[TierName.L1] == namespace_recount(store, "a")[TierName.L1][0]
                 assert counted[TierName.L1] >= 100
                 assert len(keys) - 1 <= counted[TierName.L2] <= len(keys)
-        # A Delete answered while a listing runs: none of its keys is listed
-        # (compact records were listed as they were when the listing began).
-        gone = keys[4000:4100] + full[1000:1100]
-        task = asyncio.ensure_future(store.list_blocks("a", limit=10**5))
-        await asyncio.sleep(0)
+        await store.close()
+
+    asyncio.run(go())
+
+
+def test_a_listing_leaves_out_every_block_deleted_before_its_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on a loaded host: a Delete that let the listing run between its
+    keys (it pauses every few ms) removed a block the listing had already
+    looked at, and was answered, while the listing went on; the listing then
+    answered with the deleted block. Here the Delete pauses after every key,
+    so the listing's slices run between them on any host."""
+    monkeypatch.setattr(tiered_module, "_REMOVE_SLICE_S", 0.0)
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "64MiB",
+                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_COMPACT_INDEX": "true",
+                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(6000)]  # compact-index keys
+
+    async def go() -> None:
+        store = TieredStore(config)
+        await store.start()
+        for key in keys:
+            await store.put_bytes("a", key, b"v" * 64, ack=2)  # type: ignore[arg-type]
+        await store.close()
+        store = TieredStore(config)  # restarted: every block in the compact index
+        await store.start()
+        full = keys[:3000]
+        for key in full:  # half of them warmed into the full index
+            store.index.entry(("a", key))
+        # Full entries the listing looks at in its first slice, then compact ones.
+        gone = sorted(full)[:100] + keys[4000:4100]
+
+        async def listing_and_undeleted() -> tuple[set[bytes], set[bytes]]:
+            listing, more = await store.list_blocks("a", limit=10**5)
+            assert not more
+            # (no await between the answer and this look)
+            return ({b.key for b in listing},
+                    {k for k in gone if store.index.peek(("a", k)) is not None})
+
+        task = asyncio.ensure_future(listing_and_undeleted())
+        await asyncio.sleep(0)  # the listing has begun
         assert await store.delete("a", gone) == len(gone)
-        listing, more = await task
-        assert sorted(b.key for b in listing) == sorted(set(keys) - set(gone)) and not more
+        listed, undeleted = await task
+        assert len(undeleted) < len(gone)  # (the Delete ran while the listing did)
+        # Every block deleted before the answer left out; every other one in.
+        assert listed == set(keys) - set(gone) | undeleted
+        listing, _ = await store.list_blocks("a", limit=10**5)
+        assert {b.key for b in listing} == set(keys) - set(gone)
         await store.close()
 
     asyncio.run(go())
