@@ -40,6 +40,10 @@ OVERDUE_S = 30.0
 #: How often a write that waits for an interrupted one looks whether it ended.
 SETTLE_POLL_S = 0.05
 
+#: How long a closing client waits for the calls its caller gave up on that
+#: hold something (a reserve's slots; see CallDriver.keep_orphans).
+ORPHAN_CLOSE_WAIT_S = 2.0
+
 
 class CallJob:
     """One call handed to the driver: what it runs, its outcome, and (for a
@@ -106,6 +110,10 @@ class CallDriver:
         self._unsettled: list[CallJob] = []
         #: jobs with an ``orphan`` their callers gave up on (see next_orphan())
         self._orphans: list[CallJob] = []
+        #: orphans the driver's thread is handing on now (see _hand_on)
+        self._handing_on = 0
+        #: the client is closing: orphans are left to it (see keep_orphans)
+        self._keep_orphans = False
         self._lock = threading.Lock()  # (for both lists: any thread's calls read them)
         self._pid = os.getpid()  # the process whose thread reads ``_jobs``
         self.closed = False
@@ -284,13 +292,39 @@ class CallDriver:
         if not self._orphans:
             return  # (the usual case: its caller took the answer)
         with self._lock:
+            if self._keep_orphans:
+                return  # (its client gives it back as it closes)
             try:
                 self._orphans.remove(job)
             except ValueError:
                 return
-        if job.error is None and job.orphan is not None:
-            with contextlib.suppress(Exception):  # (what it gives back expires anyway)
-                job.orphan(job.result)
+            self._handing_on += 1
+        try:
+            if job.error is None and job.orphan is not None:
+                with contextlib.suppress(Exception):  # (what it gives back expires anyway)
+                    job.orphan(job.result)
+        finally:
+            with self._lock:
+                self._handing_on -= 1
+
+    def keep_orphans(self, timeout: float = ORPHAN_CLOSE_WAIT_S) -> None:
+        """As the client closes: from now on the jobs given up on are left to
+        :meth:`next_orphan` (the closing caller's), not handed on from the
+        driver's thread; wait, at most ``timeout`` in all, for those still
+        running to end and for any being handed on now. (Ctrl-C in a ``with``
+        block closes the client at once: the interrupted reserve was
+        answered on a closing channel, and its slots stayed reserved until
+        ``server.shm_reserve_ms``.)"""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._keep_orphans = True
+            if self._pid != os.getpid():
+                return  # (the parent's: no thread here runs them)
+            waiting = [job for job in self._orphans if not job.finished]
+        for job in waiting:
+            self._wait_finished(job, max(deadline - time.monotonic(), 0.0))
+        while self._handing_on and time.monotonic() < deadline:
+            time.sleep(SETTLE_POLL_S)
 
     def next_orphan(self) -> Callable[[], None] | None:
         """The next job its caller gave up on (interrupted) that has ended

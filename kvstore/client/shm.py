@@ -438,6 +438,7 @@ class ShmClient(Client):
             pass
         if self._frames is not None:
             self._frames.drain()
+        self._driver.keep_orphans()
         self._give_back_orphans()
         stock = self._own_stock()
         if stock is not None:

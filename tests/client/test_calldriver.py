@@ -419,6 +419,70 @@ def test_a_call_given_up_after_it_ended_is_orphaned_at_the_next_look() -> None:
     driver.close()
 
 
+def test_a_closing_caller_waits_for_an_interrupted_call_and_gives_its_result_back_itself(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C in a ``with`` block closes the client right after the interrupt:
+    ``keep_orphans`` waits (bounded) for the call still running, and leaves
+    its result to the closing caller's ``next_orphan``, not to the driver's
+    thread (which handed it on while the client closed its channel)."""
+    driver = CallDriver()
+    release = threading.Event()
+    handed: list[tuple[str, int]] = []
+
+    def orphan(result: str) -> None:
+        handed.append((result, threading.get_ident()))
+
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(lambda: (release.wait(30), "slots")[1], orphan=orphan)
+    threading.Timer(0.2, release.set).start()
+    started = time.monotonic()
+    driver.keep_orphans(10)
+    assert 0.1 < time.monotonic() - started < 5  # waited for the call to end
+    assert handed == []  # not handed on by the driver's thread
+    give_back = driver.next_orphan()
+    assert give_back is not None
+    give_back()
+    assert handed == [("slots", threading.get_ident())]
+    driver.close()
+
+
+def test_a_closing_caller_waits_for_an_orphan_being_handed_on(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """One the driver's thread is handing on as the client closes is waited
+    for, within the same bound; a call that does not end in the bound is
+    left to expire (close does not hang)."""
+    driver = CallDriver()
+    release, giving_back, given_back = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_orphan(result: str) -> None:
+        giving_back.set()
+        time.sleep(0.3)  # (the give-back's own round trip, under test)
+        given_back.set()
+
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        driver.call(lambda: (release.wait(30), "slots")[1], orphan=slow_orphan)
+    release.set()
+    assert giving_back.wait(10)
+    driver.keep_orphans(10)
+    assert given_back.is_set()
+    assert driver.next_orphan() is None  # (handed on once)
+    driver.close()
+
+    stuck = CallDriver()
+    never = threading.Event()
+    interrupt_after(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        stuck.call(lambda: (never.wait(30), "slots")[1], orphan=slow_orphan)
+    started = time.monotonic()
+    stuck.keep_orphans(0.3)
+    assert time.monotonic() - started < 3
+    assert stuck.next_orphan() is None  # (still running: its slots expire on the server)
+    never.set()
+    stuck.close()
+
+
 def test_an_overdue_call_s_orphan_is_recorded_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Found by a review: a call past its timeout was given up twice (once
     for being overdue, again by the handler of the error that raised), and

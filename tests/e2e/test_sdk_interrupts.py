@@ -583,6 +583,26 @@ def test_an_interrupted_reserve_gives_its_slots_back_once_answered(  # type: ign
 
 
 
+def test_a_client_closed_right_after_an_interrupted_reserve_gives_its_slots_back(  # type: ignore[no-untyped-def]
+        shm_server) -> None:
+    """Ctrl-C in a ``with ShmClient(...)`` block closes the client at once:
+    its interrupted reserve, still on its way, was then answered on a
+    closing channel, and the slots the server reserved stayed held until
+    ``server.shm_reserve_ms`` (30 s). Close now waits a little (at most
+    ORPHAN_CLOSE_WAIT_S) for such a reserve and gives its slots back."""
+    c = ShmClient(shm_server.unix_target, namespace="orphans-close", timeout=10,
+                  data_plane=False)
+    real_reserve = c._reserve
+    late = c._reserve = LateFirstCall(real_reserve, 0.5)
+    assert interrupted(lambda: c.put({b"c%d" % i: b"\x11" * (1 << 20) for i in range(3)}),
+                       0.25)
+    assert not late.first_answered.is_set()  # (still on its way as the client closes)
+    c.close()
+    assert late.first_answered.is_set(), "close did not wait for the interrupted reserve"
+    wait_for(lambda: shm_server.exported("kvstore_shm_reservations") == 0,
+             timeout=10, what="the interrupted reserve's slots given back at close")
+
+
 def test_an_interrupted_reserve_over_the_data_plane_gives_its_slots_back(  # type: ignore[no-untyped-def]
         shm_server) -> None:
     """As above, for ``ShmClient.reserve`` called on the main thread with the
