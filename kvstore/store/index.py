@@ -10,6 +10,7 @@ policy's view stay equal to the entries (tests recount them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import math
 import time
@@ -186,6 +187,13 @@ class Index:
         #: The listings in flight: each one's namespace, and the keys of that
         #: namespace :meth:`forget` removed since it began.
         self._listings: dict[int, tuple[str, set[bytes]]] = {}
+        #: Blocks L2 may still hold that no entry or compact record accounts
+        #: for: the delete of a forgotten block's L2 copy failed (a full
+        #: disk). Without them, a later Delete or overwrite of the key did
+        #: not know L2 had bytes there, and a restart served them again (a
+        #: deleted block, or the block an answered overwrite replaced). A
+        #: Delete or a Put of the key deletes them again.
+        self.l2_left: set[BlockId] = set()
 
     # -- creation times -------------------------------------------------------------
 
@@ -469,7 +477,51 @@ class Index:
         self.set_l2(block, entry, False)
         if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
             self.set_dirty(entry, True, block)
-        self.l2.submit(block, None, None, done)
+        self.submit_l2_delete(block, entry, done)
+
+    def submit_l2_delete(self, block: BlockId, entry: Entry | None,
+                         done: DropDone | None = None) -> None:
+        """Queue the delete of what L2 holds under the block's key (``entry``'s
+        copy; None: bytes no entry accounts for, see ``l2_left``). Should it
+        fail, the index remembers that L2 still holds them
+        (:meth:`_l2_delete_failed`, on the loop before ``done``'s waiter
+        runs)."""
+        assert self.l2 is not None
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # (a unit test's direct call)
+
+        def watched(error: BaseException | None, existed: bool) -> None:  # writer thread
+            if error is not None and loop is not None:
+                with contextlib.suppress(RuntimeError):  # (the loop is closed: stopping)
+                    loop.call_soon_threadsafe(self._l2_delete_failed, block, entry)
+            if done is not None:
+                done(error, existed)
+
+        self.l2.submit(block, None, None, watched)
+
+    def _l2_delete_failed(self, block: BlockId, entry: Entry | None) -> None:
+        """A delete of the block's L2 bytes failed: they are still there. The
+        entry the key has now (``entry`` itself, or a newer one) is marked as
+        replacing them, so that its write replaces them and its delete or
+        overwrite deletes them; with no entry, the block joins ``l2_left``."""
+        current = self.blocks.get(block)
+        if current is not None:
+            if not current.l2:
+                current.replaces_l2 = True
+            return
+        if self.cold is not None and self.cold.get(block[0], block[1]) is not None:
+            return  # (a compact record: a later write of the key replaced them)
+        self.l2_left.add(block)
+
+    def take_l2_left(self, block: BlockId) -> bool:
+        """Whether L2 may hold bytes no entry accounts for under the key (see
+        ``l2_left``); the caller deletes them (taken off the set)."""
+        if block in self.l2_left:
+            self.l2_left.discard(block)
+            return True
+        return False
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
                delete_l3: bool = False,
@@ -501,7 +553,7 @@ class Index:
             # Its L2 write is still queued (or the bytes it overwrote are
             # still there): a delete queued behind it (the writer keeps the
             # order) keeps it from coming back at a restart.
-            self.l2.submit(block, None, None, l2_done)
+            self.submit_l2_delete(block, None, l2_done)
         in_l3 = entry.l3 or entry.l3_pending > 0
         if entry.l3:
             self.set_l3(entry, False)

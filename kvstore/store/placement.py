@@ -261,7 +261,10 @@ class Placement(Part):
         self._end_reservation(offset)
         index = self.index
         old = index.entry(block)
-        left_in_l2 = old is not None and self._retire(block, old, written_next)
+        if old is not None:
+            left_in_l2 = self._retire(block, old, written_next)
+        else:
+            left_in_l2 = index.take_l2_left(block) and self._retire_left(block, written_next)
         entry = Entry(size, crc, index.stamp(), session)
         entry.replaces_l2 = left_in_l2
         index.set_l1(entry, offset)
@@ -315,6 +318,17 @@ class Placement(Part):
                 asyncio.ensure_future(asyncio.gather(earlier, recorded))
         return keep
 
+    def _retire_left(self, block: BlockId, written_next: bool) -> bool:
+        """As :meth:`_retire`, for bytes L2 still holds under the key with no
+        entry (a failed delete left them: index.l2_left): deleted before the
+        Put's answer, or left for its own write to replace. Returns whether
+        they were left."""
+        if written_next:
+            return True
+        done = self._old_copy_deleted(block)
+        self.index.submit_l2_delete(block, None, done)
+        return False
+
     def drop_replaced(self, block: BlockId) -> None:
         """An overwrite already answered as stored whose new bytes failed
         their check: the key's earlier block goes as the overwrite would have
@@ -333,7 +347,7 @@ class Placement(Part):
         write (store.make_durable): it overwrites a block with an L2 copy, or
         one whose delete is still pending, or one with an L3 copy (whose
         delete is recorded in L2 first)."""
-        if block in self.replacing or block in self._deleting_l2:
+        if block in self.replacing or block in self._deleting_l2 or block in self.index.l2_left:
             return True
         old = self.index.entry(block)
         return old is not None and (self._has_l2_copy(old) or (

@@ -27,6 +27,7 @@ from kvstore.errors import (
     BlockTooLarge,
     InvalidArgument,
     ServerShuttingDown,
+    StorageError,
     TierNotConfigured,
     TierUnavailable,
     UnknownNamespace,
@@ -86,6 +87,46 @@ _REMOVE_SLICE_S = 0.005
 
 def _ignore_queued(block: BlockId, entry: Entry) -> None:
     """Without L2 an eviction never has an L2 write to queue."""
+
+
+def _check_replaced(block: BlockId, outcome: Any) -> None:
+    """What an overwrite waited for (the L2 delete of the block it replaces,
+    and the record of its L3 delete: each an error or None, gathered in
+    lists): a failure fails the Put. Answered anyway (a full disk), a
+    restart served the older block."""
+    pending = [outcome]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, BaseException):
+            raise StorageError(
+                f"the Put of {block[1].hex()[:16]} replaced a block whose removal from L2 "
+                f"failed ({item}): not acknowledged, as a restart could serve the older "
+                "block; put it again once the disk has room") from item
+        if isinstance(item, (list, tuple)):
+            pending.extend(item)
+
+
+class _FailedL2Deletes:
+    """The L2 writer's callback for the deletes of one Delete or Flush: counts
+    those that failed (from the writer's thread), for the call to fail."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    def __call__(self, error: BaseException | None, existed: bool) -> None:
+        if error is not None:
+            self.errors.append(error)
+
+    def check(self, what: str) -> None:
+        """Raise StorageError if a delete failed (once everything queued
+        before has settled: after :meth:`TieredStore._l2_caught_up`)."""
+        if self.errors:
+            raise StorageError(
+                f"{what}: L2 could not remove {len(self.errors)} of the blocks "
+                f"({self.errors[0]}): they are no longer served, but a restart could find "
+                "them again; repeat the call once the disk has room")
 
 
 class TieredStore:
@@ -522,7 +563,7 @@ class TieredStore:
                 # then the deletes queued before it are waited for.
                 local = await self._make_local(block, entry, AckLevel.LOCAL)
                 if gone is not None:
-                    await gone
+                    _check_replaced(block, await gone)
             except BaseException:
                 l3.end_upload(entry)
                 raise
@@ -544,10 +585,10 @@ class TieredStore:
         if ack == AckLevel.LOCAL:
             local = await self._make_local(block, entry, ack)  # (queued first: as above)
             if gone is not None:
-                await gone
+                _check_replaced(block, await gone)
             return local
         if gone is not None:
-            await gone
+            _check_replaced(block, await gone)
         return await self._make_local(block, entry, ack)
 
     def acked_now(self) -> bool:
@@ -592,22 +633,27 @@ class TieredStore:
         blocks, cold = self.index.blocks, self.index.cold
         known: list[BlockId] = []
         unknown: list[BlockId] = []
+        failed = _FailedL2Deletes()
+        left = 0  # bytes a failed delete left in L2 (index.l2_left): deleted again
         for key in keys:
             block = (namespace, key)
             if block in blocks or (cold is not None and block in cold):
                 known.append(block)
             else:
                 unknown.append(block)
+            if self.index.take_l2_left(block):
+                self.index.submit_l2_delete(block, None, failed)
+                left += 1
         vanished: list[BlockId] = []
         local: list[BlockId] = []
         if l3 is None or not unknown:
-            deleted = found = await self._forget_blocks(known, vanished, local)
+            deleted = found = await self._forget_blocks(known, vanished, local, failed)
         else:
             # Blocks another node put in the shared bucket (deleted paced):
             # absent here from now on, so that a Get meanwhile does not index one.
             with l3.deleting(unknown) as delete_other:
-                deleted = found = await self._forget_blocks(known, vanished, local)
-                if found:
+                deleted = found = await self._forget_blocks(known, vanished, local, failed)
+                if found or left:
                     await self._l2_caught_up()
                 if l3.healthy:
                     deleted += await l3.delete_unknown(unknown, delete_other)
@@ -629,11 +675,12 @@ class TieredStore:
                     deleted += await l3.delete_unknown(vanished, delete_other)
                 if l3.healthy:
                     await l3.delete_unknown(local, delete_other)  # (counted already)
-        if found:
+        if found or left:
             if l3 is None or not unknown:
                 await self._l2_caught_up()
-            if l3 is not None:
+            if l3 is not None and found:
                 await self._l3_caught_up(namespace, keys)
+        failed.check("delete")
         return deleted
 
     def _forget_indexed(self, blocks: list[BlockId]) -> list[BlockId]:
@@ -657,7 +704,7 @@ class TieredStore:
             entry.created >= self.index.l3_off_since
 
     async def _forget_blocks(self, blocks: list[BlockId], vanished: list[BlockId],
-                             local: list[BlockId]) -> int:
+                             local: list[BlockId], failed: _FailedL2Deletes) -> int:
         """Remove the blocks the index knows from every tier (their L3 objects
         through the mover), letting other calls in every _REMOVE_SLICE_S: how
         many it knew. Those gone from the index before their turn are added
@@ -672,11 +719,11 @@ class TieredStore:
             if entry is None:
                 vanished.append(block)
             elif self._only_local(block, entry):
-                self.index.forget(block, entry)
+                self.index.forget(block, entry, l2_done=failed)
                 local.append(block)
                 forgotten += 1
             else:
-                self.index.forget(block, entry, delete_l3=True)
+                self.index.forget(block, entry, delete_l3=True, l2_done=failed)
                 forgotten += 1
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)
@@ -787,6 +834,12 @@ class TieredStore:
         pause = time.monotonic() + _REMOVE_SLICE_S
         forgotten: set[bytes] = set()
         local: set[bytes] = set()  # held here without an L3 copy: counted already
+        failed = _FailedL2Deletes()
+        # (what failed deletes left in L2: index.l2_left)
+        left = [block for block in self.index.l2_left if block[0] == namespace]
+        for block in left:
+            self.index.take_l2_left(block)
+            self.index.submit_l2_delete(block, None, failed)
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)
@@ -795,18 +848,19 @@ class TieredStore:
                     # What is under its key in the bucket, if anything, is
                     # another node's: the listing finds it, deleted while the
                     # call waits (one attempt not waited for, none past 4,096).
-                    self.index.forget(block, entry)
+                    self.index.forget(block, entry, l2_done=failed)
                     local.add(key)
                 else:
-                    self.index.forget(block, entry, delete_l3=True)
+                    self.index.forget(block, entry, delete_l3=True, l2_done=failed)
                     forgotten.add(key)
                 flushed += 1
             if time.monotonic() >= pause:
                 await asyncio.sleep(0)  # let requests in between slices
                 pause = time.monotonic() + _REMOVE_SLICE_S
         self.progress.wake()
-        if flushed:
+        if flushed or left:
             await self._l2_caught_up()
+        failed.check(f"flush of namespace {namespace!r}")
         if self.l3 is None:
             return flushed
         # Before the listing and the answer: the deletes of the blocks known

@@ -149,6 +149,71 @@ def test_a_disk_filled_by_other_files_keeps_the_blocks_acknowledged_at_local(
     assert not lost, f"{len(lost)} of {len(served)} blocks served before the kill -9 lost"
 
 
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` with another program's file, to its last 512 bytes (a
+    few KiB left let LMDB commit deletes); returns it."""
+    filler = disk / "other-file"
+    with filler.open("wb", buffering=0) as f:
+        for chunk in (65536, 4096, 512):
+            try:
+                while True:
+                    f.write(b"x" * chunk)
+            except OSError:
+                pass
+    return filler
+
+
+def test_deletes_and_overwrites_answered_on_a_full_disk_stay_done_through_a_kill(
+        server_factory: type[ServerProcess], small_disk: Path) -> None:
+    """Found by an outside review: with L2's disk full, the L2 deletes of a
+    Delete failed and the Delete was answered anyway (the index forgot the
+    blocks: missed until a restart), as was an overwrite at memory whose old
+    copy's delete failed; after a kill -9 and a restart the deleted blocks
+    were served again, and the overwritten keys served their old bytes (10
+    of 10 each). Now such a call fails (UNAVAILABLE, StorageError), and once
+    the disk has room the same call succeeds and stays done."""
+    server = server_factory(data_dir=small_disk / "data", l1_capacity="16MiB")
+    server.log_path = small_disk.parent / "server.log"  # (not on the disk that fills)
+    server.start()
+    keys = [b"k%d" % i for i in range(20)]
+    deleted, overwritten = keys[:10], keys[10:]
+    new = b"new" * 1000
+    failed: dict[str, int] = {"delete": 0, "overwrite": 0}
+    with Client(server.tcp, namespace="x", timeout=30) as client:
+        client.put({k: os.urandom(64 * KiB) for k in keys}, ack="local")
+        filler = fill(small_disk)
+        for j in range(300):  # engine Puts go on while the disk is full (most fail)
+            try:
+                client.put({b"s%d" % j: os.urandom(4096)}, ack="local")
+            except (StorageError, CapacityExhausted):
+                pass
+        try:
+            client.delete(deleted)
+        except StorageError as exc:
+            assert "could not remove" in str(exc), exc
+            failed["delete"] += 1
+        assert client.get(deleted) == [None] * 10  # (either way: no longer served)
+        try:
+            client.put({k: new for k in overwritten}, ack="memory")
+        except StorageError as exc:
+            assert "removal from L2 failed" in str(exc), exc
+            failed["overwrite"] += 1
+        filler.unlink()
+        # Repeated once the disk has room (answered the first time: no harm).
+        if failed["delete"]:
+            client.delete(deleted)
+        if failed["overwrite"]:
+            client.put({k: new for k in overwritten}, ack="memory")
+    server.kill()
+    server.start()
+    with Client(server.tcp, namespace="x", timeout=30) as client:
+        got = client.get(keys)
+    back = [k for k, g in zip(deleted, got[:10], strict=True) if g is not None]
+    assert not back, f"deleted blocks served again after a kill: {back} ({failed})"
+    old = [k for k, g in zip(overwritten, got[10:], strict=True) if g is not None and g != new]
+    assert not old, f"overwritten keys served their old bytes after a kill: {old} ({failed})"
+
+
 def test_a_start_on_a_full_disk_says_which_file_it_could_not_write(
         server_factory: type[ServerProcess], small_disk: Path) -> None:
     """Was one line without a path: "kvstore: OSError: No space left on device"."""

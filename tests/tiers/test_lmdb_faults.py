@@ -24,6 +24,7 @@ from kvstore.client.aio import AsyncClient
 from kvstore.config import load
 from kvstore.errors import StorageError
 from kvstore.server.app import Server
+from kvstore.tiers import lmdb_tier
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
 from kvstore.types import AckLevel, BlockId
@@ -221,3 +222,65 @@ def test_a_failed_batch_keeps_the_writes_that_fit(tmp_path: Path) -> None:
     assert [k for k in keys if outcomes[k] is not None] == [b"poison"]
     assert all(tier.read_into_sync(("ns", k), None) is not None for k in keys if k != b"poison")
     tier.close_sync()
+
+
+def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outside review filled L2's disk: the L2 deletes of a Delete failed
+    and it was answered anyway, as was an overwrite at memory whose old
+    copy's delete failed; a restart served the deleted blocks, and the old
+    bytes of the overwritten keys. Blocks evicted meanwhile (their deletes
+    failed too) were unknown to the index, so a later Delete or overwrite
+    of their keys did not delete them either. Now the call fails, the index
+    remembers what L2 still holds, and the next Delete, Flush or Put of the
+    key deletes it."""
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+
+    async def go() -> None:
+        from kvstore.store import TieredStore
+
+        store = TieredStore(config)
+        await store.start()
+        l2 = store.l2
+        assert l2 is not None
+        working = l2._apply_locked
+
+        def deletes_fail(batch: list[Any]) -> list[bool]:
+            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+                raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+            return working(batch)
+
+        def in_l2(key: bytes) -> bool:
+            return l2.read_into_sync(("ns", key), None) is not None
+
+        try:
+            for key in (b"d0", b"d1", b"o0", b"f0", b"f1"):
+                await store.put_bytes("ns", key, b"old" * 100, ack=AckLevel.LOCAL)
+            monkeypatch.setattr(l2, "_apply_locked", deletes_fail)
+            with pytest.raises(StorageError, match="could not remove 2 of the blocks"):
+                await store.delete("ns", [b"d0", b"d1"])
+            assert await store.get_bytes("ns", b"d0") is None  # (no longer served)
+            assert in_l2(b"d0") and ("ns", b"d0") in store.index.l2_left
+            with pytest.raises(StorageError, match="removal from L2 failed"):
+                await store.put_bytes("ns", b"o0", b"new" * 100, ack=AckLevel.MEMORY)
+            with pytest.raises(StorageError, match="could not remove"):
+                await store.flush("ns")
+            # The disk has room again: the same calls succeed, and L2 holds
+            # none of the old bytes.
+            monkeypatch.undo()
+            assert await store.delete("ns", [b"d0", b"d1"]) == 0  # (not served: not counted)
+            assert not in_l2(b"d0") and not in_l2(b"d1")
+            await store.put_bytes("ns", b"o0", b"new" * 100, ack=AckLevel.MEMORY)
+            got = l2.read_into_sync(("ns", b"o0"), None)
+            assert got is None or bytes(got[1]) == b"new" * 100
+            await store.flush("ns")
+            assert not any(in_l2(k) for k in (b"d0", b"d1", b"o0", b"f0", b"f1"))
+            assert not store.index.l2_left
+        finally:
+            monkeypatch.undo()
+            await store.close()
+
+    asyncio.run(go())
