@@ -330,6 +330,7 @@ class Index:
     def discovered(self, block: BlockId, size: int, checksum: int, created: float) -> Entry:
         """An entry for a block found in L3 that this node did not know."""
         entry = Entry(size, checksum, created)
+        entry.replaces_l2 = self.take_l2_left(block)  # (its delete or overwrite removes them)
         self.blocks[block] = entry
         self.mark_l3(block, entry)
         return entry
