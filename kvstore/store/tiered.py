@@ -475,9 +475,17 @@ class TieredStore:
     def check_ack(self, ack: AckLevel) -> None:
         if ack == AckLevel.LOCAL and self.l2 is None:
             raise TierNotConfigured("acknowledgement level local needs L2, which is disabled")
-        if ack == AckLevel.REMOTE and self.l3 is None:
+        if ack != AckLevel.REMOTE:
+            return
+        if self.l3 is None:
             raise TierNotConfigured("acknowledgement level remote needs an L3 tier; "
                                     "none is configured (l3.url)")
+        if not self.l3.healthy:
+            # Refused before any block is stored: refused after its commit, the
+            # Put's blocks were stored all the same (a review: its error said
+            # they were not).
+            raise TierUnavailable("L3 is unavailable (circuit breaker open): acknowledgement "
+                                  "level remote cannot be met now; nothing was stored")
 
     # -- Put ----------------------------------------------------------------------------
 

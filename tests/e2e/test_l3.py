@@ -119,6 +119,13 @@ def test_dead_s3_degrades_but_never_fails_local_traffic(server_factory, s3: S3Se
         wait_for(lambda: l3_health(node.tcp) == health_pb2.HealthCheckResponse.NOT_SERVING,
                  what="health reporting L3 down")
         assert not tier_stats(c, TierName.L3).available
+        # With the breaker open, a Put at remote is refused before anything
+        # is stored (a review: refused after its commit, its block was served).
+        with Client(node.tcp, namespace="f", data_plane=False) as over_grpc:
+            for client in (c, over_grpc):
+                with pytest.raises(TierUnavailable, match="nothing was stored"):
+                    client.put({b"refused": b"x" * 100}, ack="remote")
+                assert c.get([b"refused"]) == [None]
         s3.start()  # same port, same data
         wait_for(lambda: l3_health(node.tcp) == health_pb2.HealthCheckResponse.SERVING,
                  what="health reporting L3 back")
