@@ -36,6 +36,7 @@ from kvstore.dataplane.conn import (
 from kvstore.dataplane.ops import Answered, Session, error_frame
 from kvstore.dataplane.tickets import Binding, TicketBook
 from kvstore.errors import (
+    CapacityExhausted,
     InvalidConfig,
     KVStoreError,
     MalformedRequest,
@@ -44,9 +45,11 @@ from kvstore.errors import (
 )
 from kvstore.ownpath import make_directories
 from kvstore.ratelimit import RateLimitedWarning
+from kvstore.server.budget import ResponseBudget
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 from kvstore.tiers.base import Buffer
+from kvstore.types import MAX_KEYS_PER_REQUEST
 
 log = logging.getLogger("kvstore.server")
 
@@ -54,6 +57,32 @@ _OFF = "off"
 #: The most metadata a frame may carry before HELLO is accepted (a HELLO's is
 #: a ticket: 2 + TICKET_BYTES).
 HELLO_MAX_META = 1024
+
+#: A request with more metadata than this is counted in the server's
+#: :data:`REQUEST_BUDGET_BYTES` while it runs (its answer sent included):
+#: its metadata and what it decodes to stay in memory as long as its client
+#: takes to read the answer. Smaller ones are not (1,024 connections at this
+#: size hold ~45 MiB at most).
+SMALL_META_BYTES = 2048
+
+#: What the data plane's larger requests may hold at once, all connections
+#: together (each caller a quarter); past it a request waits for room before
+#: its metadata is read (at most BUDGET_WAIT_SECONDS). An outside review's
+#: 150 connections, each a GET of 65,536 keys whose answer it did not read,
+#: took the server's own memory 144 -> 698 MB, past l1.capacity + 300 MiB.
+REQUEST_BUDGET_BYTES = 64 * 1024**2
+
+#: The longest a request waits for room in the budget (then the connection
+#: is closed, CapacityExhausted): as long as a Put waits for room in L1.
+BUDGET_WAIT_SECONDS = 30.0
+
+
+def request_hold(meta_len: int) -> int:
+    """What a request with ``meta_len`` bytes of metadata may hold while it
+    runs: the metadata, and its keys as Python objects (at most one per 3
+    bytes of metadata, ~64 B each beyond their bytes: measured 3.7-4.3 MiB
+    for a GET of 65,536 short keys)."""
+    return meta_len + 64 * min(meta_len // 3, MAX_KEYS_PER_REQUEST)
 
 
 @dataclass
@@ -106,6 +135,11 @@ class DataPlaneServer:
         self.max_payload = s.data_plane_max_payload
         self.max_connections = s.data_plane_max_connections
         self.stats = DataPlaneStats()
+        self.requests = ResponseBudget(
+            REQUEST_BUDGET_BYTES, what="data-plane requests with large metadata",
+            why="their answers wait for their clients to read them",
+            advice="read the answers of this caller's other requests first, or split the "
+                   "request", advice_all="retry, or split the request")
         self._slow_log = RateLimitedWarning(log, "data plane: dropping a slow peer", 10.0)
         self._accept_log = RateLimitedWarning(log, "data plane: accept failed", 10.0)
         self.tcp_address = ""
@@ -380,12 +414,15 @@ class DataPlaneServer:
             return False
         return fast
 
-    async def _read_head(self, io: SocketIO | StreamIO, max_meta: int | None = None
-                         ) -> tuple[f.Header, object] | None:
-        """The next request's header and metadata (None: clean EOF); a
-        FrameError (with the request id when the header was read) when the
-        frame breaks the rules that keep the stream in step. ``max_meta``:
-        the metadata limit (default ``server.data_plane_max_meta``)."""
+    async def _read_head(self, io: SocketIO | StreamIO, max_meta: int | None = None,
+                         who: str | None = None) -> tuple[f.Header, object, int] | None:
+        """The next request's header and metadata, and what it holds of
+        :attr:`requests` (None: clean EOF); a FrameError (with the request id
+        when the header was read) when the frame breaks the rules that keep
+        the stream in step. ``max_meta``: the metadata limit (default
+        ``server.data_plane_max_meta``); ``who``: the caller whose share of
+        :attr:`requests` a request with large metadata takes (None: none is
+        taken), before the metadata is read."""
         raw: Buffer | None = io.take(f.HEADER_SIZE)
         if raw is None:
             raw = await io.next_header()
@@ -406,10 +443,23 @@ class DataPlaneServer:
         if header.payload_len and header.opcode != f.Op.PUT:
             raise _Fatal(header.request_id, f"opcode {header.opcode:#04x} takes no payload "
                          f"(got {header.payload_len} bytes)")
-        meta: Buffer | None = io.take(header.meta_len)
-        if meta is None:
-            meta = await io.read_exact(header.meta_len)
-        return header, meta
+        held = 0
+        if who is not None and header.meta_len > SMALL_META_BYTES:
+            held = request_hold(header.meta_len)
+            if not self.requests.take_now(held, who):
+                try:
+                    await self.requests.take(held, BUDGET_WAIT_SECONDS, who)
+                except CapacityExhausted as exc:
+                    raise _Fatal(header.request_id, exc.message, CapacityExhausted) from None
+        try:
+            meta: Buffer | None = io.take(header.meta_len)
+            if meta is None:
+                meta = await io.read_exact(header.meta_len)
+        except BaseException:
+            if held:
+                self.requests.give(held, who or "")
+            raise
+        return header, meta, held
 
     async def _hello(self, io: SocketIO | StreamIO) -> Session | None:
         rid = 0
@@ -423,7 +473,7 @@ class DataPlaneServer:
                 raise PeerTooSlow(f"no HELLO within {self.timeout:g} s") from None
             if head is None:
                 return None
-            header, meta = head
+            header, meta, _ = head
             rid = header.request_id
             if header.opcode != f.Op.HELLO:
                 raise _Fatal(header.request_id, "the first frame must be HELLO with a ticket "
@@ -459,13 +509,16 @@ class DataPlaneServer:
     async def _requests(self, io: SocketIO | StreamIO, session: Session) -> None:
         stats = self.stats
         handlers = session.handlers
+        # (auth off: no identity, each connection's owner its own caller)
+        who = session.binding.identity or session.binding.owner
         while True:
             rid = 0
+            held = 0
             try:
-                head = await self._read_head(io)
+                head = await self._read_head(io, who=who)
                 if head is None:
                     return
-                header, meta = head
+                header, meta, held = head
                 rid = header.request_id
                 handler = handlers.get(header.opcode)
                 if handler is None:  # HELLO again
@@ -498,6 +551,9 @@ class DataPlaneServer:
                 await self._fatal(io, _Fatal(rid, f"internal error: {type(exc).__name__}: "
                                              f"{exc}", KVStoreError))
                 return
+            finally:
+                if held:
+                    self.requests.give(held, who)
 
     async def _fatal(self, io: SocketIO | StreamIO, exc: Exception) -> None:
         self.stats.errors += 1

@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NamedTuple
 
@@ -49,6 +48,7 @@ import grpc
 
 from kvstore.errors import CapacityExhausted, DeadlineExceeded, KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
+from kvstore.server.budget import ResponseBudget
 from kvstore.server.handler_cache import HandlerWrappingInterceptor
 from kvstore.server.runtime import note_abandoned_stream
 
@@ -89,108 +89,13 @@ class Reserve(int):
     __slots__ = ()
 
 
-class ResponseBudget:
-    """The bytes streamed responses may hold in the server, all calls
-    together, counted on the event loop (grpc.aio runs every handler there).
-    Taking what is free costs no await; otherwise callers wait in order.
+class ReserveNow(Reserve):
+    """A :class:`Reserve` that does not wait for room: CapacityExhausted at
+    once when the budget cannot give it now. For a call whose request is
+    large: waiting, it would hold that request (grpc's parsed copy) with
+    nothing counting it, and many such calls together past the memory bound."""
 
-    Each caller (``who``: the identity under auth.tokens_file, else the
-    namespace) may hold at most :attr:`share` of it (a quarter): past that
-    its calls wait for its own to give back, and stand in no one else's way.
-    (One tenant's unread Gets held it all, and queued: another tenant's Get
-    waited 30 s.) A caller holding nothing may take more than its share in
-    one go (a reservation larger than the share)."""
-
-    def __init__(self, capacity: int, share: int | None = None) -> None:
-        self.capacity = capacity
-        self.share = share if share is not None else max(1, capacity // 4)
-        self.free = capacity
-        self._held: dict[str, int] = {}
-        self._waiters: deque[tuple[int, str, asyncio.Future[None]]] = deque()
-
-    def _within_share(self, nbytes: int, who: str) -> bool:
-        held = self._held.get(who, 0)
-        return held == 0 or held + nbytes <= self.share
-
-    def _blocked(self) -> bool:
-        """Whether a waiter within its share stands first in line (no one
-        takes free room before it: large reservations are not starved)."""
-        return any(not f.done() and self._within_share(n, w) for n, w, f in self._waiters)
-
-    def take_now(self, nbytes: int, who: str = "") -> bool:
-        """Take ``nbytes`` if that needs no wait (no one within their share
-        waits before it)."""
-        if nbytes <= self.free and self._within_share(nbytes, who) and not self._blocked():
-            self._took(nbytes, who)
-            return True
-        return False
-
-    def _took(self, nbytes: int, who: str) -> None:
-        self.free -= nbytes
-        self._held[who] = self._held.get(who, 0) + nbytes
-
-    async def take(self, nbytes: int, wait: float, who: str = "") -> None:
-        """Take ``nbytes`` (at most :attr:`capacity`: more is never free),
-        waiting up to ``wait`` seconds for others to give back enough (then
-        CapacityExhausted)."""
-        if self.take_now(nbytes, who):
-            return
-        waiter = (nbytes, who, asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(wait):
-                await waiter[2]
-        except BaseException as exc:
-            if waiter[2].done() and not waiter[2].cancelled():
-                self.give(nbytes, who)  # granted as the wait ended: not taken
-            else:
-                waiter[2].cancel()
-                try:
-                    self._waiters.remove(waiter)
-                except ValueError:
-                    pass  # a grant in between found it given up and dropped it
-                self._grant()  # it may have stood before others that fit
-            if isinstance(exc, TimeoutError):
-                mine = self._held.get(who, 0)
-                if mine + nbytes > self.share:
-                    raise CapacityExhausted(
-                        f"this caller's gRPC Get responses hold {mine // 1024**2} MiB, its "
-                        f"share of the {self.capacity // 1024**2} MiB the server allows them "
-                        f"(their client is slow to read); waited {wait:g} s for room: read "
-                        "what is streaming first, or read over the data plane") from None
-                raise CapacityExhausted(
-                    f"gRPC Get responses hold all {self.capacity // 1024**2} MiB the server "
-                    f"allows them (their clients are slow to read); waited {wait:g} s for "
-                    "room: retry, or read over the data plane") from None
-            raise
-
-    def give(self, nbytes: int, who: str = "") -> None:
-        self.free += nbytes
-        left = self._held.get(who, 0) - nbytes
-        if left > 0:
-            self._held[who] = left
-        else:
-            self._held.pop(who, None)
-        if self._waiters:
-            self._grant()
-
-    def _grant(self) -> None:
-        """Grant the waiters in order; one over its share is passed over (it
-        waits for its own calls), one within it that does not fit stops the
-        line."""
-        waiters = self._waiters
-        for waiter in list(waiters):
-            nbytes, who, future = waiter
-            if future.done():  # given up, not yet removed
-                waiters.remove(waiter)
-                continue
-            if not self._within_share(nbytes, who):
-                continue
-            if nbytes > self.free:
-                return
-            waiters.remove(waiter)
-            self._took(nbytes, who)
-            future.set_result(None)
+    __slots__ = ()
 
 
 class CallLimit:
@@ -471,11 +376,17 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
             responses = behavior(request, context)
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
-                if type(item) is Reserve:
+                if type(item) is Reserve or type(item) is ReserveNow:
                     if budget is not None:
                         want = min(item, budget.capacity)
                         if want <= held:
                             budget.give(held - want, who)
+                        elif type(item) is ReserveNow and not budget.take_now(want - held, who):
+                            raise CapacityExhausted(
+                                f"a Get whose request takes {want // 1024**2} MiB in the server "
+                                f"does not wait for room in the {budget.capacity // 1024**2} MiB "
+                                "that gRPC Get responses may hold (others' are not read yet): "
+                                "retry, split it, or read over the data plane")
                         elif not budget.take_now(want - held, who):
                             # Wait holding nothing: calls that wait to grow
                             # could otherwise hold all of it between them.

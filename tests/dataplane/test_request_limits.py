@@ -223,3 +223,67 @@ def test_a_block_changed_in_the_arena_while_a_slow_reader_gets_it_is_not_served(
     with pytest.raises(EOFError):
         reader.recv_exact(24 + 6 + len(block))  # the connection ends inside the block
     assert [block_of(f) for f in get(writer, 4, "ns", [key])] == [None]
+
+
+def own_memory(pid: int) -> int:
+    """RssAnon + RssShmem: the memory docs/reliability.md bounds."""
+    total = 0
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            if name in ("RssAnon", "RssShmem"):
+                total += int(rest.split()[0]) * 1024
+    return total
+
+
+def test_large_requests_whose_answers_go_unread_hold_at_most_the_request_budget(
+        roomy: ServerProcess) -> None:
+    """A hostile-client review: 150 connections, each a GET of 65,536 keys
+    whose answer it did not read, held their decoded keys (~4 MiB each) as
+    long as they liked: the server's own memory went 144 -> 698 MB. Requests
+    with large metadata now take their size from a server-wide budget
+    (64 MiB, a caller a quarter) before their metadata is read, and wait for
+    room; other callers' small requests are not held up."""
+    mib = 1024**2
+    stored = [b"k%04d" % i for i in range(16)]
+    raw = session(roomy.tcp)
+    assert put(raw, 1, "held", {k: b"v" * 1000 for k in stored}).op == PUT | 0x80
+    raw.close()
+    # 65,536 short keys, each decoded to an object of its own (~460 KB of
+    # metadata), all hits: 65 MB answered, which the socket cannot take
+    many = get_meta("held", [stored[i % 16] for i in range(65_536)])
+    before = own_memory(roomy.pid)
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.02):
+            try:
+                peak[0] = max(peak[0], own_memory(roomy.pid))
+            except (OSError, ValueError):
+                return
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    slow: list[Raw] = []
+    try:
+        for i in range(60):
+            raw = slow_session(roomy.tcp)
+            raw.send(request(GET, 2, many))
+            slow.append(raw)
+        other = session(roomy.tcp)  # another caller's small GET: answered now
+        started = time.monotonic()
+        frames = get(other, 3, "held", [b"k0000"])
+        other.close()
+        assert block_of(frames[0]) == b"v" * 1000
+        assert time.monotonic() - started < 5
+        stop.wait(3)  # (the sampler's window: what the 60 hold meanwhile)
+    finally:
+        stop.set()
+        sampler.join(10)
+        for raw in slow:
+            raw.close()
+    grew = peak[0] - before
+    # Before: ~4 MiB a connection (240 MiB for these 60).
+    assert grew < 120 * mib, f"own memory grew {grew / mib:.0f} MiB"
+    assert roomy.alive()
