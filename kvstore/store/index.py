@@ -10,9 +10,9 @@ policy's view stay equal to the entries (tests recount them).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -194,6 +194,14 @@ class Index:
         #: deleted block, or the block an answered overwrite replaced). A
         #: Delete or a Put of the key deletes them again.
         self.l2_left: set[BlockId] = set()
+        #: L2 deletes queued and not yet settled, per block (one that fails
+        #: stays counted until _l2_delete_failed has recorded it, on the
+        #: loop): a Delete or an overwrite of the key meanwhile queues its own
+        #: delete and waits for it, as for ``l2_left`` (one queued by a trim
+        #: or an eviction was not waited for, and a kill served its bytes).
+        self._l2_deleting: dict[BlockId, int] = {}
+        self._l2_deleting_lock = threading.Lock()  # (the writer thread settles them)
+        self._l2_left_retried = 0.0  # (monotonic: see retry_l2_left)
 
     # -- creation times -------------------------------------------------------------
 
@@ -492,37 +500,79 @@ class Index:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None  # (a unit test's direct call)
+        deleting, lock = self._l2_deleting, self._l2_deleting_lock
+        with lock:
+            deleting[block] = deleting.get(block, 0) + 1
 
         def watched(error: BaseException | None, existed: bool) -> None:  # writer thread
-            if error is not None and loop is not None:
-                with contextlib.suppress(RuntimeError):  # (the loop is closed: stopping)
+            try:
+                if error is not None and loop is not None:
                     loop.call_soon_threadsafe(self._l2_delete_failed, block, entry)
+                else:
+                    self._l2_delete_settled(block)
+            except RuntimeError:  # (the loop is closed: stopping)
+                self._l2_delete_settled(block)
             if done is not None:
                 done(error, existed)
 
         self.l2.submit(block, None, None, watched)
+
+    def _l2_delete_settled(self, block: BlockId) -> None:
+        with self._l2_deleting_lock:
+            left = self._l2_deleting.get(block, 0) - 1
+            if left > 0:
+                self._l2_deleting[block] = left
+            else:
+                self._l2_deleting.pop(block, None)
+
+    def l2_delete_pending(self, block: BlockId) -> bool:
+        """Whether a delete of the block's L2 bytes is queued, not settled."""
+        return block in self._l2_deleting
+
+    def l2_unaccounted(self, namespace: str) -> list[BlockId]:
+        """The namespace's blocks in ``l2_left`` or with a delete pending."""
+        with self._l2_deleting_lock:
+            pending = [b for b in self._l2_deleting if b[0] == namespace]
+        return pending + [b for b in self.l2_left if b[0] == namespace]
+
+    def retry_l2_left(self) -> None:
+        """Delete again what failed deletes left in L2 with no entry (a write
+        just committed: the disk takes commits again), at most once a second.
+        (Else it stayed until a Delete or Put of its key: L2's file held more
+        than the index counted.)"""
+        now = time.monotonic()
+        if not self.l2_left or now - self._l2_left_retried < 1.0:
+            return
+        self._l2_left_retried = now
+        left, self.l2_left = self.l2_left, set()
+        for block in left:
+            self.submit_l2_delete(block, None)
 
     def _l2_delete_failed(self, block: BlockId, entry: Entry | None) -> None:
         """A delete of the block's L2 bytes failed: they are still there. The
         entry the key has now (``entry`` itself, or a newer one) is marked as
         replacing them, so that its write replaces them and its delete or
         overwrite deletes them; with no entry, the block joins ``l2_left``."""
-        current = self.blocks.get(block)
-        if current is not None:
-            if not current.l2:
-                current.replaces_l2 = True
-            return
-        if self.cold is not None and self.cold.get(block[0], block[1]) is not None:
-            return  # (a compact record: a later write of the key replaced them)
-        self.l2_left.add(block)
+        try:
+            current = self.blocks.get(block)
+            if current is not None:
+                if not current.l2:
+                    current.replaces_l2 = True
+                return
+            if self.cold is not None and self.cold.get(block[0], block[1]) is not None:
+                return  # (a compact record: a later write of the key replaced them)
+            self.l2_left.add(block)
+        finally:
+            self._l2_delete_settled(block)  # (recorded first: no moment it is in neither)
 
     def take_l2_left(self, block: BlockId) -> bool:
-        """Whether L2 may hold bytes no entry accounts for under the key (see
-        ``l2_left``); the caller deletes them (taken off the set)."""
+        """Whether L2 may hold bytes no entry accounts for under the key: left
+        by a failed delete (``l2_left``: taken off it), or under a delete not
+        settled yet. The caller queues a delete of its own and waits for it."""
         if block in self.l2_left:
             self.l2_left.discard(block)
             return True
-        return False
+        return block in self._l2_deleting
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
                delete_l3: bool = False,
@@ -550,9 +600,11 @@ class Index:
                 self.drop_l2_copy(block, entry, l2_done)
             else:
                 self.set_l2(block, entry, False)
-        elif (entry.l2_pending or entry.replaces_l2) and delete_l2 and self.l2 is not None:
+        elif (entry.l2_pending or entry.replaces_l2 or block in self._l2_deleting) \
+                and delete_l2 and self.l2 is not None:
             # Its L2 write is still queued (or the bytes it overwrote are
-            # still there): a delete queued behind it (the writer keeps the
+            # still there, or another delete of them is still on its way and
+            # may fail): a delete queued behind it (the writer keeps the
             # order) keeps it from coming back at a restart.
             self.submit_l2_delete(block, None, l2_done)
         in_l3 = entry.l3 or entry.l3_pending > 0

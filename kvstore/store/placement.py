@@ -295,7 +295,7 @@ class Placement(Part):
         # and that write (it is queued before anything is awaited: a Delete
         # or another overwrite in between found the old bytes left for a
         # write never queued, and the Put was answered over them).
-        has_copy = self._has_l2_copy(old)
+        has_copy = self._has_l2_copy(old) or self.index.l2_delete_pending(block)
         delete_l3 = self._maybe_in_l3(old)
         earlier_delete = self._deleting_l2.get(block)
         keep = written_next and has_copy
@@ -347,7 +347,9 @@ class Placement(Part):
         write (store.make_durable): it overwrites a block with an L2 copy, or
         one whose delete is still pending, or one with an L3 copy (whose
         delete is recorded in L2 first)."""
-        if block in self.replacing or block in self._deleting_l2 or block in self.index.l2_left:
+        index = self.index
+        if block in self.replacing or block in self._deleting_l2 or block in index.l2_left \
+                or index.l2_delete_pending(block):
             return True
         old = self.index.entry(block)
         return old is not None and (self._has_l2_copy(old) or (

@@ -646,12 +646,12 @@ class TieredStore:
         for key in keys:
             block = (namespace, key)
             if block in blocks or (cold is not None and block in cold):
-                known.append(block)
+                known.append(block)  # (one whose L2 delete is pending: forget queues another)
             else:
                 unknown.append(block)
-            if self.index.take_l2_left(block):
-                self.index.submit_l2_delete(block, None, failed)
-                left += 1
+                if self.index.take_l2_left(block):
+                    self.index.submit_l2_delete(block, None, failed)
+                    left += 1
         vanished: list[BlockId] = []
         local: list[BlockId] = []
         if l3 is None or not unknown:
@@ -844,10 +844,10 @@ class TieredStore:
         local: set[bytes] = set()  # held here without an L3 copy: counted already
         failed = _FailedL2Deletes()
         # (what failed deletes left in L2: index.l2_left)
-        left = [block for block in self.index.l2_left if block[0] == namespace]
+        left = self.index.l2_unaccounted(namespace)
         for block in left:
-            self.index.take_l2_left(block)
-            self.index.submit_l2_delete(block, None, failed)
+            if self.index.take_l2_left(block) and self.index.blocks.get(block) is None:
+                self.index.submit_l2_delete(block, None, failed)
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)

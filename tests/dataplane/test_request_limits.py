@@ -267,7 +267,7 @@ def test_large_requests_whose_answers_go_unread_hold_at_most_the_request_budget(
     sampler.start()
     slow: list[Raw] = []
     try:
-        for i in range(60):
+        for _ in range(60):
             raw = slow_session(roomy.tcp)
             raw.send(request(GET, 2, many))
             slow.append(raw)

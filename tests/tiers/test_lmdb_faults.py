@@ -284,3 +284,116 @@ def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
             await store.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("kind", ["delete", "overwrite", "evicted-delete", "evicted-slow"])
+def test_a_call_waits_for_an_l2_delete_of_its_key_already_on_its_way(
+        tmp_path: Path, kind: str) -> None:
+    """A fix review: a delete queued by L2's own trim (the block dropped from
+    L2, or evicted while the disk was full) was still on its way when a
+    Delete or an ack=memory overwrite of the key came; the call did not wait
+    for it, was answered OK, and when that delete failed (or had not
+    committed yet, "evicted-slow": a slow disk) a kill served the old bytes.
+    Now the call queues a delete of its own and waits for it: answered, L2
+    no longer holds the old bytes; else StorageError."""
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+    fails = kind != "evicted-slow"
+
+    async def go() -> None:
+        from kvstore.store import TieredStore
+
+        store = TieredStore(config)
+        await store.start()
+        l2, writeback = store.l2, store.writeback
+        assert l2 is not None and writeback is not None
+        working = l2._apply_locked
+        old = b"old" * 1000
+
+        def disk(batch: list[Any]) -> list[bool]:
+            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+                if fails:
+                    raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+                time.sleep(0.5)  # (the slow commit under test)
+            return working(batch)
+
+        try:
+            await store.put_bytes("ns", b"k", old, ack=AckLevel.LOCAL)
+            l2._apply_locked = disk  # type: ignore[method-assign]
+            if kind.startswith("evicted"):
+                writeback.disk_capacity = 0  # the disk-full trim: k leaves the index
+                writeback.trim()
+                writeback.disk_capacity = None
+            else:
+                writeback.capacity = 0  # k's L2 copy dropped, k stays in L1
+                writeback.trim()
+                writeback.capacity = 1 << 30
+            try:
+                if kind == "overwrite":
+                    await store.put_bytes("ns", b"k", b"new" * 1000, ack=AckLevel.MEMORY)
+                else:
+                    await store.delete("ns", [b"k"])
+            except StorageError as exc:
+                assert fails, exc
+                assert "L2" in str(exc)
+            else:
+                assert not fails, "answered, though its key's L2 bytes could not be removed"
+                got = l2.read_into_sync(("ns", b"k"), None)
+                assert got is None or bytes(got[1]) != old, "a kill now would serve them"
+        finally:
+            l2._apply_locked = working  # type: ignore[method-assign]
+            await store.close()
+
+    asyncio.run(go())
+
+
+def test_what_failed_deletes_left_in_l2_goes_once_l2_commits_again(tmp_path: Path) -> None:
+    """A fix review: blocks evicted while their L2 deletes failed stayed in
+    L2's file until a Delete or Put of their keys (105 blocks in the file,
+    5 counted by the index). Once a write commits again, they are deleted."""
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+
+    async def go() -> None:
+        from kvstore.store import TieredStore
+
+        store = TieredStore(config)
+        await store.start()
+        l2, writeback = store.l2, store.writeback
+        assert l2 is not None and writeback is not None
+        working = l2._apply_locked
+
+        def deletes_fail(batch: list[Any]) -> list[bool]:
+            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+                raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+            return working(batch)
+
+        keys = [b"e%d" % i for i in range(20)]
+        try:
+            for key in keys:
+                await store.put_bytes("ns", key, b"x" * 4096, ack=AckLevel.LOCAL)
+            l2._apply_locked = deletes_fail  # type: ignore[method-assign]
+            writeback.disk_capacity = 0  # the disk-full trim evicts them
+            writeback.trim()
+            writeback.disk_capacity = None
+            deadline = time.monotonic() + 10
+            while not store.index.l2_left:
+                assert time.monotonic() < deadline, "the failed deletes were never recorded"
+                await asyncio.sleep(0.01)
+            l2._apply_locked = working  # type: ignore[method-assign]
+            store.index._l2_left_retried = 0.0  # (its once-a-second pace: not under test)
+            await store.put_bytes("ns", b"after", b"y" * 4096, ack=AckLevel.LOCAL)
+            deadline = time.monotonic() + 10
+            while any(l2.read_into_sync(("ns", k), None) is not None for k in keys):
+                assert time.monotonic() < deadline, "what the failed deletes left stayed"
+                await asyncio.sleep(0.01)
+            assert not store.index.l2_left
+        finally:
+            l2._apply_locked = working  # type: ignore[method-assign]
+            await store.close()
+
+    asyncio.run(go())
