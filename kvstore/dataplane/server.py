@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvstore.budget import ResponseBudget
 from kvstore.config import Config
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import (
@@ -45,7 +46,6 @@ from kvstore.errors import (
 )
 from kvstore.ownpath import make_directories
 from kvstore.ratelimit import RateLimitedWarning
-from kvstore.server.budget import ResponseBudget
 from kvstore.sockpath import UNIX_PATH_MAX, check_socket_path
 from kvstore.store import SharedMemoryBroker, TieredStore
 from kvstore.tiers.base import Buffer

@@ -46,9 +46,9 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from kvstore.budget import ResponseBudget
 from kvstore.errors import CapacityExhausted, DeadlineExceeded, KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
-from kvstore.server.budget import ResponseBudget
 from kvstore.server.handler_cache import HandlerWrappingInterceptor
 from kvstore.server.runtime import note_abandoned_stream
 
