@@ -121,6 +121,10 @@ class BlockIndex(dict[BlockId, Entry]):
     pop = popitem = clear = update = setdefault = _refuse
 
 
+#: The most blocks Index.retry_l2_left queues deletes for at a time.
+RETRY_L2_LEFT = 1024
+
+
 def _drop_done(error: BaseException | None, existed: bool) -> None:
     """The L2 writer's callback for a delete nobody waits for."""
 
@@ -201,6 +205,9 @@ class Index:
         #: or an eviction was not waited for, and a kill served its bytes).
         self._l2_deleting: dict[BlockId, int] = {}
         self._l2_deleting_lock = threading.Lock()  # (the writer thread settles them)
+        #: Blocks whose entry has no L1 copy (in L3 only) and whose L2 bytes
+        #: a failed delete left (``replaces_l2``): see retry_l2_left.
+        self._l2_stale: set[BlockId] = set()
         self._l2_left_retried = 0.0  # (monotonic: see retry_l2_left)
 
     # -- creation times -------------------------------------------------------------
@@ -536,17 +543,29 @@ class Index:
         return pending + [b for b in self.l2_left if b[0] == namespace]
 
     def retry_l2_left(self) -> None:
-        """Delete again what failed deletes left in L2 with no entry (a write
-        just committed: the disk takes commits again), at most once a second.
-        (Else it stayed until a Delete or Put of its key: L2's file held more
-        than the index counted.)"""
+        """Delete again what failed deletes left in L2 (a write just committed:
+        the disk takes commits again): with no entry (``l2_left``), or under
+        an entry with no copy in L1 to write over them (``_l2_stale``). At
+        most RETRY_L2_LEFT blocks, at most once a second: a review's 20,000 in
+        one go held the loop 150 ms, and where deletes kept failing the
+        writer tried them every second. (Else they stayed until a Delete or
+        Put of their keys: L2's file held more than the index counted.)"""
         now = time.monotonic()
-        if not self.l2_left or now - self._l2_left_retried < 1.0:
+        if now - self._l2_left_retried < 1.0 or not (self.l2_left or self._l2_stale):
             return
         self._l2_left_retried = now
-        left, self.l2_left = self.l2_left, set()
-        for block in left:
-            self.submit_l2_delete(block, None)
+        budget = RETRY_L2_LEFT
+        while self.l2_left and budget:
+            self.submit_l2_delete(self.l2_left.pop(), None)
+            budget -= 1
+        while self._l2_stale and budget:
+            block = self._l2_stale.pop()
+            entry = self.blocks.get(block)
+            if entry is not None and entry.replaces_l2 and not entry.l2 \
+                    and entry.l1_offset < 0 and not entry.l2_pending:
+                entry.replaces_l2 = False  # (marked again if this one fails too)
+                self.submit_l2_delete(block, entry)
+                budget -= 1
 
     def _l2_delete_failed(self, block: BlockId, entry: Entry | None) -> None:
         """A delete of the block's L2 bytes failed: they are still there. The
@@ -558,6 +577,8 @@ class Index:
             if current is not None:
                 if not current.l2:
                     current.replaces_l2 = True
+                    if current.l1_offset < 0:  # (nothing will write over them)
+                        self._l2_stale.add(block)
                 return
             if self.cold is not None and self.cold.get(block[0], block[1]) is not None:
                 return  # (a compact record: a later write of the key replaced them)
@@ -575,8 +596,8 @@ class Index:
         return block in self._l2_deleting
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
-               delete_l3: bool = False,
-               l2_done: DropDone = _drop_done) -> asyncio.Future[None] | None:
+               delete_l3: bool = False, l2_done: DropDone = _drop_done,
+               l2_pending: bool = False) -> asyncio.Future[None] | None:
         """Remove a block from the index and the local tiers (respecting pins);
         from the shared L3 only when asked (an explicit Delete, whether or not
         this node knows of an L3 copy; an overwrite of a block it has there).
@@ -600,8 +621,8 @@ class Index:
                 self.drop_l2_copy(block, entry, l2_done)
             else:
                 self.set_l2(block, entry, False)
-        elif (entry.l2_pending or entry.replaces_l2 or block in self._l2_deleting) \
-                and delete_l2 and self.l2 is not None:
+        elif (entry.l2_pending or entry.replaces_l2 or l2_pending
+              or block in self._l2_deleting) and delete_l2 and self.l2 is not None:
             # Its L2 write is still queued (or the bytes it overwrote are
             # still there, or another delete of them is still on its way and
             # may fail): a delete queued behind it (the writer keeps the

@@ -295,7 +295,10 @@ class Placement(Part):
         # and that write (it is queued before anything is awaited: a Delete
         # or another overwrite in between found the old bytes left for a
         # write never queued, and the Put was answered over them).
-        has_copy = self._has_l2_copy(old) or self.index.l2_delete_pending(block)
+        # (looked at once: forget is told, so that the delete this Put waits
+        # for is queued even if the pending one settles in between)
+        pending = self.index.l2_delete_pending(block)
+        has_copy = self._has_l2_copy(old) or pending
         delete_l3 = self._maybe_in_l3(old)
         earlier_delete = self._deleting_l2.get(block)
         keep = written_next and has_copy
@@ -307,9 +310,11 @@ class Placement(Part):
             self.replacing[block] = earlier_delete if earlier is None else \
                 asyncio.ensure_future(asyncio.gather(earlier, earlier_delete))
         if done is None:
-            recorded = self.index.forget(block, old, delete_l2=not keep, delete_l3=delete_l3)
+            recorded = self.index.forget(block, old, delete_l2=not keep, delete_l3=delete_l3,
+                                         l2_pending=pending)
         else:
-            recorded = self.index.forget(block, old, delete_l3=delete_l3, l2_done=done)
+            recorded = self.index.forget(block, old, delete_l3=delete_l3, l2_done=done,
+                                         l2_pending=pending)
         if recorded is not None:
             # The Put waits for the L3 delete's record too (it may be an
             # earlier delete's record, queued before this L2 delete).

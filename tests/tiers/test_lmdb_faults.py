@@ -397,3 +397,58 @@ def test_what_failed_deletes_left_in_l2_goes_once_l2_commits_again(tmp_path: Pat
             await store.close()
 
     asyncio.run(go())
+
+
+def test_an_overwrite_whose_pending_l2_delete_settles_meanwhile_is_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second fix review: the overwrite looked twice whether a delete of the
+    key's L2 bytes was pending (to wait for one of its own, then to queue
+    it); when the trim's delete committed between the two looks, nothing was
+    queued and the Put, and every later overwrite of the key, waited for
+    ever (2 of 10,000 in a stress run). The pause stands for a thread switch
+    between the looks."""
+    from kvstore.store.placement import Placement
+
+    config = load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+    real = Placement._old_copy_deleted
+
+    def switch_here(self: Placement, block: BlockId) -> Any:
+        time.sleep(0.1)  # (the trim's delete commits meanwhile)
+        return real(self, block)
+
+    async def go() -> None:
+        from kvstore.store import TieredStore
+
+        store = TieredStore(config)
+        await store.start()
+        l2, writeback = store.l2, store.writeback
+        assert l2 is not None and writeback is not None
+        working = l2._apply_locked
+
+        def slow_deletes(batch: list[Any]) -> list[bool]:
+            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+                time.sleep(0.05)  # (the trim's delete on its way)
+            return working(batch)
+
+        try:
+            await store.put_bytes("ns", b"k", b"old" * 1000, ack=AckLevel.LOCAL)
+            l2._apply_locked = slow_deletes  # type: ignore[method-assign]
+            writeback.capacity = 0  # the trim drops k's L2 copy (k stays in L1)
+            writeback.trim()
+            writeback.capacity = 1 << 30
+            assert store.index.l2_delete_pending(("ns", b"k"))
+            monkeypatch.setattr(Placement, "_old_copy_deleted", switch_here)
+            await asyncio.wait_for(
+                store.put_bytes("ns", b"k", b"new" * 1000, ack=AckLevel.MEMORY), 10)
+            monkeypatch.undo()
+            await asyncio.wait_for(
+                store.put_bytes("ns", b"k", b"newer" * 1000, ack=AckLevel.MEMORY), 10)
+            assert await store.get_bytes("ns", b"k") == b"newer" * 1000
+        finally:
+            l2._apply_locked = working  # type: ignore[method-assign]
+            await store.close()
+
+    asyncio.run(go())
