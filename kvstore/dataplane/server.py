@@ -445,7 +445,7 @@ class DataPlaneServer:
                          f"(got {header.payload_len} bytes)")
         held = 0
         if who is not None and header.meta_len > SMALL_META_BYTES:
-            held = request_hold(header.meta_len)
+            held = min(request_hold(header.meta_len), self.requests.capacity)
             if not self.requests.take_now(held, who):
                 try:
                     await self.requests.take(held, BUDGET_WAIT_SECONDS, who)

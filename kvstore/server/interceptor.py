@@ -89,11 +89,15 @@ class Reserve(int):
     __slots__ = ()
 
 
-class ReserveNow(Reserve):
-    """A :class:`Reserve` that does not wait for room: CapacityExhausted at
-    once when the budget cannot give it now. For a call whose request is
-    large: waiting, it would hold that request (grpc's parsed copy) with
-    nothing counting it, and many such calls together past the memory bound."""
+class HoldRequest(int):
+    """Yielded by a streaming handler before anything else: its request holds
+    this many bytes in the server for the whole call (grpc's parsed copy of a
+    Get's keys). Taken from the :class:`ResponseBudget` at once, or the call
+    fails CapacityExhausted: it never waits, for a call waiting for room
+    would hold its request with nothing counting it (a review: 300 waiting
+    Gets of 9,300 keys each, +590 MiB). Kept apart from the call's
+    :class:`Reserve`, which may wait: counted while it does. Given back when
+    the call ends."""
 
     __slots__ = ()
 
@@ -349,7 +353,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
         watch: _WriteWatch | None = None
         # The close of the handler's generator begun when a write stalled.
         closing: asyncio.Task[None] | None = None
-        held = 0  # bytes of the budget this call holds
+        held = 0  # bytes of the budget this call holds for its responses
+        request_held = 0  # and for its request (HoldRequest)
         who = ""  # whose share of the budget it holds them in
         caller: str | None = None  # whose share of server.max_calls it holds
 
@@ -376,17 +381,23 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
             responses = behavior(request, context)
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
-                if type(item) is Reserve or type(item) is ReserveNow:
+                if type(item) is HoldRequest:
+                    if budget is not None and item:
+                        if request_held or not budget.take_now(item, who):
+                            raise CapacityExhausted(
+                                f"this Get's request holds {item / 1024**2:.1f} MiB in the "
+                                f"server, and the {budget.capacity // 1024**2} MiB that gRPC Get "
+                                "responses and requests may hold (this caller a quarter) has "
+                                "no room now (others' responses are not read yet): a request "
+                                "does not wait for room: retry, split it, or read over the data "
+                                "plane")
+                        request_held = int(item)
+                    continue
+                if type(item) is Reserve:
                     if budget is not None:
                         want = min(item, budget.capacity)
                         if want <= held:
                             budget.give(held - want, who)
-                        elif type(item) is ReserveNow and not budget.take_now(want - held, who):
-                            raise CapacityExhausted(
-                                f"a Get whose request takes {want // 1024**2} MiB in the server "
-                                f"does not wait for room in the {budget.capacity // 1024**2} MiB "
-                                "that gRPC Get responses may hold (others' are not read yet): "
-                                "retry, split it, or read over the data plane")
                         elif not budget.take_now(want - held, who):
                             # Wait holding nothing: calls that wait to grow
                             # could otherwise hold all of it between them.
@@ -433,6 +444,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 # bytes of a message the client never took.
                 if held and budget is not None:
                     budget.give(held, who)
+                if request_held and budget is not None:
+                    budget.give(request_held, who)
                 if caller is not None:
                     assert limit is not None
                     limit.leave(caller)

@@ -26,7 +26,7 @@ from kvstore.errors import (
     PermissionDenied,
 )
 from kvstore.server.auth import Authorizer
-from kvstore.server.interceptor import Reserve, ReserveNow
+from kvstore.server.interceptor import HoldRequest, Reserve
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
 from kvstore.store.shm import Slot, Unleased
@@ -262,7 +262,8 @@ class KVStoreServicer:
         return pb.PutResponse(stored=stored, bytes=nbytes)
 
     async def Get(self, request: pb.GetRequest,
-                  context: grpc.aio.ServicerContext) -> AsyncIterator[bytes | Reserve]:
+                  context: grpc.aio.ServicerContext
+                  ) -> AsyncIterator[bytes | Reserve | HoldRequest]:
         """The blocks' chunks. Before each block it yields :class:`Reserve`:
         the bytes its chunks may hold in the server while the client reads
         them (two chunks: the one grpc is sending, and its bytes object),
@@ -281,9 +282,9 @@ class KVStoreServicer:
                           self.max_chunk)
         session = session_or_none(request.session_id)
         held = _request_hold(keys)
-        reserve = Reserve(2 * chunk_bytes + held)
-        # A large request takes its room now or fails: waiting, it is held uncounted.
-        yield ReserveNow(reserve) if held > _LARGE_REQUEST_BYTES else reserve
+        if held > _SMALL_REQUEST_BYTES:
+            yield HoldRequest(held)  # (taken now, or the call fails: never waits)
+        reserve = Reserve(2 * chunk_bytes)
         for index, key in enumerate(keys):
             yield reserve  # (nothing to take unless a smaller block shrank it)
             reader = await _open_intact(store, (namespace, key), session,
@@ -293,7 +294,7 @@ class KVStoreServicer:
                 continue
             try:
                 if reader.size < chunk_bytes:
-                    yield Reserve(2 * reader.size + held)  # one chunk, smaller
+                    yield Reserve(2 * reader.size)  # one chunk, smaller
                 tier = int(reader.tier)
                 for offset, piece in reader.chunks(chunk_bytes):
                     if offset == 0:
@@ -590,9 +591,10 @@ def _request_hold(keys: Sequence[bytes]) -> int:
     return sum(map(len, keys)) + 48 * len(keys)
 
 
-#: A Get whose request holds more than this does not wait for room in the
-#: response budget (interceptor.ReserveNow).
-_LARGE_REQUEST_BYTES = 1024**2
+#: A Get whose request holds more than this (~80 short keys) counts it in the
+#: response budget (interceptor.HoldRequest); smaller ones are not counted:
+#: server.max_calls of them hold 16 MiB at most beside each call's own ~6 KB.
+_SMALL_REQUEST_BYTES = 4096
 
 
 #: Blocks per ListBlocksResponse (a few hundred bytes each: well under any

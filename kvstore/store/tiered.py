@@ -485,7 +485,8 @@ class TieredStore:
             # Put's blocks were stored all the same (a review: its error said
             # they were not).
             raise TierUnavailable("L3 is unavailable (circuit breaker open): acknowledgement "
-                                  "level remote cannot be met now; nothing was stored")
+                                  "level remote cannot be met now; nothing of this request "
+                                  "was stored")
 
     # -- Put ----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from kvstore import Client
 from kvstore.wire.pb import kvstore_pb2 as pb
@@ -128,14 +129,19 @@ def test_unread_gets_hold_at_most_the_response_budget(server_factory) -> None:  
     assert server.alive()
 
 
-def test_unread_gets_of_many_keys_count_their_requests_in_the_budget(server_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("calls", "nkeys", "key_bytes"), [(40, 65_536, 5), (120, 9_300, 64)])
+def test_unread_gets_of_many_keys_count_their_requests_in_the_budget(  # type: ignore[no-untyped-def]
+        server_factory, calls: int, nkeys: int, key_bytes: int) -> None:
     """A hostile-client review: 40 unread Gets, each naming 65,536 keys, held
     their requests (the keys as Python objects and protobuf's copy: ~11 MiB
     a call) beside their chunks, +440 MiB, past L1 + 300 MiB. A Get's
     reservation now counts its request too, its keys are not listed, and a
     Get whose request is large does not wait for room (waiting, it would hold
-    its request uncounted): past the budget it is refused at once."""
-    stored = [b"k%04d" % i for i in range(16)]
+    its request uncounted): past the budget it is refused at once. A fix
+    review then kept its requests just under 1 MiB (9,300 keys of 64 bytes):
+    300 such Gets waited for room holding them, +590 MiB. A request is now
+    counted at once or the Get is refused: it never waits."""
+    stored = [b"k%04d" % i + b"k" * (key_bytes - 5) for i in range(16)]
     server = server_factory("--server-put-idle-ms", "3000", l1_capacity="64MiB").start()
     with Client(server.tcp, namespace="many", timeout=30) as c:
         c.put({k: b"v" * 1000 for k in stored})
@@ -153,23 +159,23 @@ def test_unread_gets_of_many_keys_count_their_requests_in_the_budget(server_fact
     sampler = threading.Thread(target=sample)
     sampler.start()
     # 65,536 short keys, each its own object once decoded, all hits
-    request = pb.GetRequest(namespace="many", keys=[stored[i % 16] for i in range(65_536)])
+    request = pb.GetRequest(namespace="many", keys=[stored[i % 16] for i in range(nkeys)])
     try:
         with grpc.insecure_channel(server.tcp, options=STALLED) as hostile:
             stub = pb_grpc.KVStoreStub(hostile)
-            calls = [stub.Get(request, timeout=8) for _ in range(40)]  # never read
+            started = [stub.Get(request, timeout=8) for _ in range(calls)]  # never read
             stop.wait(4)  # (the sampler's window while they are held)
-            refused = [call for call in calls if call.done()]
-            for call in calls:
+            refused = [call for call in started if call.done()]
+            for call in started:
                 call.cancel()
     finally:
         stop.set()
         sampler.join(10)
     grew = peak[0] - before
     assert grew < 120 * MiB, f"own memory grew {grew / MiB:.0f} MiB"
-    assert 20 <= len(refused) < 40, len(refused)
+    assert calls // 2 <= len(refused) < calls, len(refused)
     for call in refused:
         assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.code()
-        assert "does not wait for room" in (call.details() or "")
+        assert "a request does not wait for room" in (call.details() or "")
     with Client(server.tcp, namespace="many", timeout=30) as c:
         assert c.get(stored[:2]) == [b"v" * 1000] * 2
