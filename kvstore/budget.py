@@ -36,6 +36,8 @@ class ResponseBudget:
         self.free = capacity
         self._held: dict[str, int] = {}
         self._waiters: deque[tuple[int, str, asyncio.Future[None]]] = deque()
+        #: bytes that callers of :meth:`take_held` hold, uncounted, while they wait
+        self.waiting_held = 0
 
     def _within_share(self, nbytes: int, who: str) -> bool:
         held = self._held.get(who, 0)
@@ -57,6 +59,22 @@ class ResponseBudget:
     def _took(self, nbytes: int, who: str) -> None:
         self.free -= nbytes
         self._held[who] = self._held.get(who, 0) + nbytes
+
+    async def take_held(self, nbytes: int, wait: float, who: str, wait_cap: int) -> bool:
+        """:meth:`take` for bytes the caller holds already (a request it has
+        received): it waits for room only while the bytes so waiting, all
+        callers together, stay within ``wait_cap`` (they are counted nowhere
+        meanwhile); False, at once, past it."""
+        if self.take_now(nbytes, who):
+            return True
+        if self.waiting_held + nbytes > wait_cap:
+            return False
+        self.waiting_held += nbytes
+        try:
+            await self.take(nbytes, wait, who)
+        finally:
+            self.waiting_held -= nbytes
+        return True
 
     async def take(self, nbytes: int, wait: float, who: str = "") -> None:
         """Take ``nbytes`` (at most :attr:`capacity`: more is never free),

@@ -89,15 +89,20 @@ class Reserve(int):
     __slots__ = ()
 
 
+#: The bytes of requests that may wait for room in the budget, all calls
+#: together (HoldRequest): a waiting call holds its request counted nowhere.
+REQUESTS_WAITING_BYTES = 16 * 1024**2
+
+
 class HoldRequest(int):
     """Yielded by a streaming handler before anything else: its request holds
     this many bytes in the server for the whole call (grpc's parsed copy of a
-    Get's keys). Taken from the :class:`ResponseBudget` at once, or the call
-    fails CapacityExhausted: it never waits, for a call waiting for room
-    would hold its request with nothing counting it (a review: 300 waiting
-    Gets of 9,300 keys each, +590 MiB). Kept apart from the call's
-    :class:`Reserve`, which may wait: counted while it does. Given back when
-    the call ends."""
+    Get's keys), taken from the :class:`ResponseBudget`. It waits for room
+    only while the requests so waiting stay within REQUESTS_WAITING_BYTES,
+    else the call fails CapacityExhausted at once: a call waiting for room
+    holds its request with nothing counting it (a review: 300 waiting Gets of
+    9,300 keys each, +590 MiB). Kept apart from the call's :class:`Reserve`,
+    and counted while that one waits. Given back when the call ends."""
 
     __slots__ = ()
 
@@ -383,14 +388,15 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
             async for item in responses:
                 if type(item) is HoldRequest:
                     if budget is not None and item:
-                        if request_held or not budget.take_now(item, who):
+                        if request_held or not await budget.take_held(
+                                item, BUDGET_WAIT_SECONDS, who, REQUESTS_WAITING_BYTES):
                             raise CapacityExhausted(
                                 f"this Get's request holds {item / 1024**2:.1f} MiB in the "
                                 f"server, and the {budget.capacity // 1024**2} MiB that gRPC Get "
                                 "responses and requests may hold (this caller a quarter) has "
-                                "no room now (others' responses are not read yet): a request "
-                                "does not wait for room: retry, split it, or read over the data "
-                                "plane")
+                                "no room now (others' responses are not read yet), and others' "
+                                "requests wait for it already: retry, split it, or read over the "
+                                "data plane")
                         request_held = int(item)
                     continue
                 if type(item) is Reserve:
