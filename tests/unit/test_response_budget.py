@@ -1,4 +1,4 @@
-"""The server's budget for streamed gRPC responses (kvstore.server.interceptor):
+"""The server's budget for streamed gRPC responses (kvstore.budget):
 what is free is taken with no await, waiters are served in order, and a wait
 that ends (its deadline, a cancel, its own limit) never keeps or loses bytes."""
 
@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
+from kvstore.budget import ResponseBudget
 from kvstore.errors import CapacityExhausted
-from kvstore.server.interceptor import ResponseBudget
 
 
 def test_free_bytes_are_taken_without_waiting() -> None:
@@ -128,3 +128,23 @@ def test_calls_in_progress_are_bounded_in_all_and_per_caller() -> None:
     for who in ("a", "b", "c", "d"):
         limit.leave(who)
     assert limit.open == 0 and limit._of == {}
+
+
+def test_bytes_held_already_wait_only_within_their_cap() -> None:
+    """take_held (a gRPC Get's request, received already): it waits for room
+    only while the bytes so waiting, all callers together, stay within the
+    cap (they are counted nowhere meanwhile); past it, False at once."""
+    async def main() -> None:
+        budget = ResponseBudget(10, share=100)
+        assert budget.take_now(10)
+        first = asyncio.ensure_future(budget.take_held(4, 5.0, "a", wait_cap=6))
+        await asyncio.sleep(0)  # (it is waiting now)
+        assert budget.waiting_held == 4
+        assert not await budget.take_held(3, 5.0, "b", wait_cap=6)  # 4 + 3 > 6: at once
+        budget.give(5)
+        assert await first and budget.free == 1 and budget.waiting_held == 0
+        with pytest.raises(CapacityExhausted):
+            await budget.take_held(5, 0.05, "c", wait_cap=6)  # waited its time out
+        assert budget.waiting_held == 0 and budget.free == 1
+
+    asyncio.run(main())
