@@ -550,8 +550,10 @@ class Index:
         one go held the loop 150 ms, and where deletes kept failing the
         writer tried them every second. (Else they stayed until a Delete or
         Put of their keys: L2's file held more than the index counted.)"""
+        if not (self.l2_left or self._l2_stale):
+            return  # (the usual case: every write's settle looks)
         now = time.monotonic()
-        if now - self._l2_left_retried < 1.0 or not (self.l2_left or self._l2_stale):
+        if now - self._l2_left_retried < 1.0:
             return
         self._l2_left_retried = now
         budget = RETRY_L2_LEFT
