@@ -36,8 +36,10 @@ class ResponseBudget:
         self.free = capacity
         self._held: dict[str, int] = {}
         self._waiters: deque[tuple[int, str, asyncio.Future[None]]] = deque()
-        #: bytes that callers of :meth:`take_held` hold, uncounted, while they wait
+        #: bytes that callers of :meth:`take_held` hold, uncounted, while they
+        #: wait: all of them, and each caller's
         self.waiting_held = 0
+        self._waiting_by: dict[str, int] = {}
 
     def _within_share(self, nbytes: int, who: str) -> bool:
         held = self._held.get(who, 0)
@@ -62,18 +64,28 @@ class ResponseBudget:
 
     async def take_held(self, nbytes: int, wait: float, who: str, wait_cap: int) -> bool:
         """:meth:`take` for bytes the caller holds already (a request it has
-        received): it waits for room only while the bytes so waiting, all
-        callers together, stay within ``wait_cap`` (they are counted nowhere
-        meanwhile); False, at once, past it."""
+        received): it waits for room only while the bytes so waiting stay
+        within ``wait_cap`` all callers together, and within a quarter of it
+        for ``who`` (one with nothing waiting may wait with more): they are
+        counted nowhere meanwhile. False, at once, past either. (Without the
+        caller's part, one caller's waiting requests took it all and another
+        caller's were refused at once.)"""
         if self.take_now(nbytes, who):
             return True
-        if self.waiting_held + nbytes > wait_cap:
+        mine = self._waiting_by.get(who, 0)
+        if self.waiting_held + nbytes > wait_cap or (mine and mine + nbytes > wait_cap // 4):
             return False
         self.waiting_held += nbytes
+        self._waiting_by[who] = mine + nbytes
         try:
             await self.take(nbytes, wait, who)
         finally:
             self.waiting_held -= nbytes
+            left = self._waiting_by.get(who, 0) - nbytes
+            if left > 0:
+                self._waiting_by[who] = left
+            else:
+                self._waiting_by.pop(who, None)
         return True
 
     async def take(self, nbytes: int, wait: float, who: str = "") -> None:
@@ -137,3 +149,21 @@ class ResponseBudget:
             waiters.remove(waiter)
             self._took(nbytes, who)
             future.set_result(None)
+
+
+#: What requests naming many keys may hold in the server while their calls
+#: run (their answers' sending included), gRPC Gets and the data plane's
+#: large requests together, each caller a quarter: apart from the budget for
+#: gRPC responses, so that a caller's requests never keep its own responses
+#: from room (a fix review: four Gets of 65,536 keys locked each other out
+#: for 30 s when both were counted together).
+REQUEST_BUDGET_BYTES = 64 * 1024**2
+
+
+def request_budget() -> ResponseBudget:
+    """The server's budget for requests of many keys (REQUEST_BUDGET_BYTES)."""
+    return ResponseBudget(
+        REQUEST_BUDGET_BYTES, what="requests of many keys",
+        why="their answers wait for their clients to read them",
+        advice="read the answers of this caller's other requests first, or split the "
+               "request", advice_all="retry, or split the request")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.budget import ResponseBudget
+from kvstore.budget import ResponseBudget, request_budget
 from kvstore.config import Config
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import (
@@ -58,19 +58,16 @@ _OFF = "off"
 #: a ticket: 2 + TICKET_BYTES).
 HELLO_MAX_META = 1024
 
-#: A request with more metadata than this is counted in the server's
-#: :data:`REQUEST_BUDGET_BYTES` while it runs (its answer sent included):
+#: A request with more metadata than this is counted in the server's budget
+#: for requests of many keys (kvstore.budget.REQUEST_BUDGET_BYTES, shared
+#: with gRPC Gets) while it runs (its answer sent included; without room it
+#: waits, before its metadata is read, at most BUDGET_WAIT_SECONDS: an
+#: outside review's 150 connections, each a GET of 65,536 keys whose answer
+#: it did not read, took the server's own memory 144 -> 698 MB):
 #: its metadata and what it decodes to stay in memory as long as its client
 #: takes to read the answer. Smaller ones are not (1,024 connections at this
 #: size hold ~45 MiB at most).
 SMALL_META_BYTES = 2048
-
-#: What the data plane's larger requests may hold at once, all connections
-#: together (each caller a quarter); past it a request waits for room before
-#: its metadata is read (at most BUDGET_WAIT_SECONDS). An outside review's
-#: 150 connections, each a GET of 65,536 keys whose answer it did not read,
-#: took the server's own memory 144 -> 698 MB, past l1.capacity + 300 MiB.
-REQUEST_BUDGET_BYTES = 64 * 1024**2
 
 #: The longest a request waits for room in the budget (then the connection
 #: is closed, CapacityExhausted): as long as a Put waits for room in L1.
@@ -122,9 +119,12 @@ def listen_addresses(config: Config) -> tuple[str, str]:
 
 class DataPlaneServer:
     def __init__(self, config: Config, store: TieredStore, shm: SharedMemoryBroker,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 requests: ResponseBudget | None = None) -> None:
         """``tls``: the TCP listener's context when server.tls_cert is set
-        (the server's ServerTLS keeps it current as certificates are renewed)."""
+        (the server's ServerTLS keeps it current as certificates are renewed);
+        ``requests``: the server's budget for requests of many keys (one of
+        its own when None)."""
         s = config.server
         self.config = config
         self.store = store
@@ -135,11 +135,7 @@ class DataPlaneServer:
         self.max_payload = s.data_plane_max_payload
         self.max_connections = s.data_plane_max_connections
         self.stats = DataPlaneStats()
-        self.requests = ResponseBudget(
-            REQUEST_BUDGET_BYTES, what="data-plane requests with large metadata",
-            why="their answers wait for their clients to read them",
-            advice="read the answers of this caller's other requests first, or split the "
-                   "request", advice_all="retry, or split the request")
+        self.requests = requests if requests is not None else request_budget()
         self._slow_log = RateLimitedWarning(log, "data plane: dropping a slow peer", 10.0)
         self._accept_log = RateLimitedWarning(log, "data plane: accept failed", 10.0)
         self.tcp_address = ""

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from kvstore import __version__
 from kvstore._malloc import tune_malloc
+from kvstore.budget import request_budget
 from kvstore.config import Config, changed_options, format_size
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
@@ -111,17 +112,19 @@ class Server:
             self.shm = SharedMemoryBroker(self.store, config.server.shm_reserve_ms,
                                           config.server.shm_lease_ms, config.server.max_lease_ms)
             #: issue 14: the data plane beside gRPC (None: server.data_plane off).
+            #: requests of many keys, gRPC Gets' and the data plane's together
+            self.requests = request_budget()
             self.dataplane = DataPlaneServer(
                 config, self.store, self.shm,
-                self.tls.listener_context if self.tls is not None else None) \
-                if config.server.data_plane else None
+                self.tls.listener_context if self.tls is not None else None,
+                self.requests) if config.server.data_plane else None
             self.calls = CallRecorder()
             timing = [MetricsInterceptor(self.calls)] if self.metrics else []
             # (60,000 Put streams sending nothing held 420 MB: calls are
             # bounded as connections are, in the interceptor: not the health
             # checks)
             errors = ErrorInterceptor(self.auth, stream_idle=s.put_idle_ms / 1000.0,
-                                      max_calls=s.max_calls)
+                                      max_calls=s.max_calls, requests=self.requests)
             self.grpc = grpc.aio.server(interceptors=[*timing, errors],
                                         options=grpc_options(config))
         except BaseException:

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from kvstore.budget import ResponseBudget
+from kvstore.budget import ResponseBudget, request_budget
 from kvstore.errors import CapacityExhausted, DeadlineExceeded, KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.server.handler_cache import HandlerWrappingInterceptor
@@ -89,20 +89,23 @@ class Reserve(int):
     __slots__ = ()
 
 
-#: The bytes of requests that may wait for room in the budget, all calls
-#: together (HoldRequest): a waiting call holds its request counted nowhere.
+#: The bytes of requests that may wait for room in the request budget, all
+#: calls together, a caller a quarter (HoldRequest): a waiting call holds
+#: its request counted nowhere.
 REQUESTS_WAITING_BYTES = 16 * 1024**2
 
 
 class HoldRequest(int):
     """Yielded by a streaming handler before anything else: its request holds
     this many bytes in the server for the whole call (grpc's parsed copy of a
-    Get's keys), taken from the :class:`ResponseBudget`. It waits for room
-    only while the requests so waiting stay within REQUESTS_WAITING_BYTES,
-    else the call fails CapacityExhausted at once: a call waiting for room
-    holds its request with nothing counting it (a review: 300 waiting Gets of
-    9,300 keys each, +590 MiB). Kept apart from the call's :class:`Reserve`,
-    and counted while that one waits. Given back when the call ends."""
+    Get's keys), taken from the server's budget for requests of many keys
+    (kvstore.budget.request_budget, shared with the data plane; not the
+    responses' budget, where a caller's held requests kept its own responses
+    from room). It waits for room only while the requests so waiting stay
+    within REQUESTS_WAITING_BYTES, else the call fails CapacityExhausted at
+    once: a call waiting for room holds its request with nothing counting it
+    (a review: 300 waiting Gets of 9,300 keys each, +590 MiB). Given back
+    when the call ends."""
 
     __slots__ = ()
 
@@ -349,10 +352,12 @@ class _WriteWatch:
 def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                  request_streaming: bool, auth: Authorizer | None = None,
                  idle: float = 30.0, budget: ResponseBudget | None = None,
-                 limit: CallLimit | None = None) -> Callable[..., Awaitable[None]]:
+                 limit: CallLimit | None = None, requests: ResponseBudget | None = None
+                 ) -> Callable[..., Awaitable[None]]:
     """``idle``: how long one write may wait for the client to take it
     (server.put_idle_ms); ``budget``: where :class:`Reserve` takes its bytes
-    (None: reservations are not counted)."""
+    (None: reservations are not counted); ``requests``: where
+    :class:`HoldRequest` takes its bytes (None: not counted)."""
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> None:
         responses: AsyncIterator[Any] | None = None
         watch: _WriteWatch | None = None
@@ -387,16 +392,15 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
             watch = _WriteWatch(asyncio.get_running_loop(), idle, stalled)
             async for item in responses:
                 if type(item) is HoldRequest:
-                    if budget is not None and item:
-                        if request_held or not await budget.take_held(
+                    if requests is not None and item:
+                        if request_held or not await requests.take_held(
                                 item, BUDGET_WAIT_SECONDS, who, REQUESTS_WAITING_BYTES):
                             raise CapacityExhausted(
                                 f"this Get's request holds {item / 1024**2:.1f} MiB in the "
-                                f"server, and the {budget.capacity // 1024**2} MiB that gRPC Get "
-                                "responses and requests may hold (this caller a quarter) has "
-                                "no room now (others' responses are not read yet), and others' "
-                                "requests wait for it already: retry, split it, or read over the "
-                                "data plane")
+                                f"server, the {requests.capacity // 1024**2} MiB that requests "
+                                "of many keys may hold (a caller a quarter) has no room now "
+                                "(their answers are not read yet), and other requests wait for "
+                                "it already: retry, split it, or read over the data plane")
                         request_held = int(item)
                     continue
                 if type(item) is Reserve:
@@ -450,8 +454,8 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str,
                 # bytes of a message the client never took.
                 if held and budget is not None:
                     budget.give(held, who)
-                if request_held and budget is not None:
-                    budget.give(request_held, who)
+                if request_held and requests is not None:
+                    requests.give(request_held, who)
                 if caller is not None:
                     assert limit is not None
                     limit.leave(caller)
@@ -470,24 +474,28 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
     whatever the callers hold."""
 
     def __init__(self, auth: Authorizer | None = None, stream_idle: float = 30.0,
-                 budget: ResponseBudget | None = None, max_calls: int = 0) -> None:
+                 budget: ResponseBudget | None = None, max_calls: int = 0,
+                 requests: ResponseBudget | None = None) -> None:
         super().__init__()
         self.auth = auth
         self.stream_idle = stream_idle
         self.budget = budget if budget is not None else ResponseBudget(RESPONSE_BUDGET_BYTES)
+        #: requests of many keys (HoldRequest), shared with the data plane
+        self.requests = requests if requests is not None else request_budget()
         self.limit = CallLimit(max_calls) if max_calls > 0 else None
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if not method.startswith("/kvstore.v1."):
             return handler
         return self._wrap(handler, method, self.auth, self.stream_idle, self.budget,
-                          self.limit)
+                          self.limit, self.requests)
 
     @staticmethod
     def _wrap(handler: grpc.RpcMethodHandler, method: str,
               auth: Authorizer | None = None, idle: float = 30.0,
               budget: ResponseBudget | None = None,
-              limit: CallLimit | None = None) -> grpc.RpcMethodHandler:
+              limit: CallLimit | None = None,
+              requests: ResponseBudget | None = None) -> grpc.RpcMethodHandler:
         # Put's chunks decode in kvstore.wire, which reports bad bytes itself
         # (wire.BadPutChunk); unary requests are protobuf messages.
         deserializer = handler.request_deserializer
@@ -504,10 +512,10 @@ class ErrorInterceptor(HandlerWrappingInterceptor):
                 _wrap_unary(handler.stream_unary, method, True, auth, limit), **kwargs)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, False, auth, idle, budget, limit),
-                **kwargs)
+                _wrap_stream(handler.unary_stream, method, False, auth, idle, budget, limit,
+                             requests), **kwargs)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method, True, auth, idle, budget, limit),
-                **kwargs)
+                _wrap_stream(handler.stream_stream, method, True, auth, idle, budget, limit,
+                             requests), **kwargs)
         return handler

@@ -183,3 +183,37 @@ def test_unread_gets_of_many_keys_count_their_requests_in_the_budget(  # type: i
         assert "requests wait for it already" in (call.details() or "")
     with Client(server.tcp, namespace="many", timeout=30) as c:
         assert c.get(stored[:2]) == [b"v" * 1000] * 2
+
+
+def test_a_caller_s_own_gets_of_many_keys_never_lock_each_other_out(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A fix review: with requests counted in the responses' budget, four
+    Gets of 65,536 keys from one caller, read promptly, held their requests
+    while each waited for response room that the others' requests took: for
+    30 s nothing moved, then all four failed. Requests have a budget of
+    their own now: each Get is answered, or refused at once."""
+    stored = [b"k%04d" % i + b"k" * 59 for i in range(16)]  # 64-byte keys: 7 MiB requests
+    server = server_factory(l1_capacity="64MiB").start()
+    with Client(server.tcp, namespace="own", timeout=30) as c:
+        c.put({k: b"v" * 1000 for k in stored})
+    request = pb.GetRequest(namespace="own", keys=[stored[i % 16] for i in range(65_536)],
+                            max_chunk_bytes=3 * MiB)
+    outcomes: list[str] = []
+
+    def get() -> None:
+        with grpc.insecure_channel(server.tcp, options=READER) as channel:
+            try:
+                n = sum(1 for _ in pb_grpc.KVStoreStub(channel).Get(request, timeout=60))
+                outcomes.append("ok" if n == 65_536 else f"short {n}")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=get) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    took = time.monotonic() - started
+    assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED"} and len(outcomes) == 4, outcomes
+    assert "ok" in outcomes
+    assert took < 25, f"{took:.0f} s: the Gets waited for each other"
