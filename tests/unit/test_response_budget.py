@@ -141,6 +141,8 @@ def test_bytes_held_already_wait_only_within_their_cap() -> None:
         await asyncio.sleep(0)  # (it is waiting now)
         assert budget.waiting_held == 4
         assert not await budget.take_held(3, 5.0, "b", wait_cap=6)  # 4 + 3 > 6: at once
+        # a caller waiting already may add no more than a quarter of the cap
+        assert not await budget.take_held(1, 5.0, "a", wait_cap=6)
         budget.give(5)
         assert await first and budget.free == 1 and budget.waiting_held == 0
         with pytest.raises(CapacityExhausted):
