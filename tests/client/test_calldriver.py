@@ -357,12 +357,11 @@ def test_an_aio_put_never_scheduled_is_waited_for_once() -> None:
     putter.close()
 
 
-def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
-        interrupt_after) -> None:  # type: ignore[no-untyped-def]
-    """A call whose answer holds something (a reserve's slots), interrupted:
-    its ``orphan`` gets the answer on the driver as soon as it comes (a Put
-    made meanwhile may be waiting for that room), once; an answer its caller
-    got is never orphaned."""
+def interrupted_reserve(interrupt_after: Any) -> tuple[
+        CallDriver, threading.Event, list[tuple[str, int]], Any]:
+    """A driver whose call (answered "slots" once ``release`` is set) was
+    interrupted on the main thread: (driver, release, what its ``orphan``
+    was handed, with the thread that handed it, the orphan)."""
     driver = CallDriver()
     release = threading.Event()
     handed: list[tuple[str, int]] = []
@@ -373,6 +372,16 @@ def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
     interrupt_after(0.05)
     with pytest.raises(KeyboardInterrupt):
         driver.call(lambda: (release.wait(30), "slots")[1], orphan=orphan)
+    return driver, release, handed, orphan
+
+
+def test_an_interrupted_call_s_orphan_gets_its_result_once_it_ends(
+        interrupt_after) -> None:  # type: ignore[no-untyped-def]
+    """A call whose answer holds something (a reserve's slots), interrupted:
+    its ``orphan`` gets the answer on the driver as soon as it comes (a Put
+    made meanwhile may be waiting for that room), once; an answer its caller
+    got is never orphaned."""
+    driver, release, handed, orphan = interrupted_reserve(interrupt_after)
     assert handed == []
     assert driver.call(lambda: "kept", orphan=orphan) == "kept"  # (another thread)
     release.set()
@@ -425,16 +434,7 @@ def test_a_closing_caller_waits_for_an_interrupted_call_and_gives_its_result_bac
     ``keep_orphans`` waits (bounded) for the call still running, and leaves
     its result to the closing caller's ``next_orphan``, not to the driver's
     thread (which handed it on while the client closed its channel)."""
-    driver = CallDriver()
-    release = threading.Event()
-    handed: list[tuple[str, int]] = []
-
-    def orphan(result: str) -> None:
-        handed.append((result, threading.get_ident()))
-
-    interrupt_after(0.05)
-    with pytest.raises(KeyboardInterrupt):
-        driver.call(lambda: (release.wait(30), "slots")[1], orphan=orphan)
+    driver, release, handed, _ = interrupted_reserve(interrupt_after)
     threading.Timer(0.2, release.set).start()
     started = time.monotonic()
     driver.keep_orphans(10)

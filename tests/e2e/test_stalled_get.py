@@ -18,6 +18,7 @@ import time
 
 import grpc
 import pytest
+from memsample import PeakMemory
 
 from kvstore import Client
 from kvstore.wire.pb import kvstore_pb2 as pb
@@ -28,17 +29,6 @@ MiB = 1024**2
 #: A client that reads nothing it is not asked for.
 STALLED = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 * MiB)]
 READER = [("grpc.max_receive_message_length", 64 * MiB)]
-
-
-def own_memory(pid: int) -> int:
-    """RssAnon + RssShmem: the memory docs/reliability.md bounds."""
-    total = 0
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            name, _, rest = line.partition(":")
-            if name in ("RssAnon", "RssShmem"):
-                total += int(rest.split()[0]) * 1024
-    return total
 
 
 def read_all(call: grpc.Call) -> bytes:
@@ -92,19 +82,7 @@ def test_unread_gets_hold_at_most_the_response_budget(server_factory) -> None:  
     server = server_factory("--server-put-idle-ms", "1500", l1_capacity="64MiB").start()
     with Client(server.tcp, namespace="unread", timeout=30) as c:
         c.put({b"big": block})
-    before = own_memory(server.pid)
-    peak = [before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            try:
-                peak[0] = max(peak[0], own_memory(server.pid))
-            except (OSError, ValueError):
-                return
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    memory = PeakMemory(server.pid)
     request = pb.GetRequest(namespace="unread", keys=[b"big"], max_chunk_bytes=3 * MiB)
     try:
         with grpc.insecure_channel(server.tcp, options=STALLED) as hostile, \
@@ -118,14 +96,13 @@ def test_unread_gets_hold_at_most_the_response_budget(server_factory) -> None:  
             waited = time.monotonic() - started
             codes = {call.code() for call in calls}
     finally:
-        stop.set()
-        sampler.join(10)
+        memory.stop()
     assert got == block
     assert waited < 20, waited
     assert codes <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}, codes
     bound = capacity + 300 * MiB
-    assert peak[0] < bound, (f"own memory peaked at {peak[0] / MiB:.0f} MiB "
-                             f"(from {before / MiB:.0f}), bound {bound / MiB:.0f} MiB")
+    assert memory.peak < bound, (f"own memory peaked at {memory.peak / MiB:.0f} MiB "
+                                 f"(from {memory.before / MiB:.0f}), bound {bound / MiB:.0f} MiB")
     assert server.alive()
 
 
@@ -149,34 +126,20 @@ def test_unread_gets_of_many_keys_count_their_requests_in_the_budget(  # type: i
     server = server_factory("--server-put-idle-ms", "3000", l1_capacity="64MiB").start()
     with Client(server.tcp, namespace="many", timeout=30) as c:
         c.put({k: b"v" * 1000 for k in stored})
-    before = own_memory(server.pid)
-    peak = [before]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.02):
-            try:
-                peak[0] = max(peak[0], own_memory(server.pid))
-            except (OSError, ValueError):
-                return
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
+    memory = PeakMemory(server.pid)
     # 65,536 short keys, each its own object once decoded, all hits
     request = pb.GetRequest(namespace="many", keys=[stored[i % 16] for i in range(nkeys)])
     try:
         with grpc.insecure_channel(server.tcp, options=STALLED) as hostile:
             stub = pb_grpc.KVStoreStub(hostile)
             started = [stub.Get(request, timeout=8) for _ in range(calls)]  # never read
-            stop.wait(4)  # (the sampler's window while they are held)
+            memory.window(4)  # (what they hold meanwhile)
             refused = [call for call in started if call.done()]
             for call in started:
                 call.cancel()
     finally:
-        stop.set()
-        sampler.join(10)
-    grew = peak[0] - before
-    assert grew < bound * MiB, f"own memory grew {grew / MiB:.0f} MiB"
+        memory.stop()
+    assert memory.grew < bound * MiB, f"own memory grew {memory.grew / MiB:.0f} MiB"
     assert calls // 2 <= len(refused) < calls, len(refused)
     for call in refused:
         assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, call.code()

@@ -21,7 +21,7 @@ import pytest
 
 from kvstore.checksum import checksum
 from kvstore.client.aio import AsyncClient
-from kvstore.config import load
+from kvstore.config import Config, load
 from kvstore.errors import StorageError
 from kvstore.server.app import Server
 from kvstore.tiers import lmdb_tier
@@ -32,6 +32,39 @@ from kvstore.types import AckLevel, BlockId
 
 def meta_for(data: bytes) -> BlockMeta:
     return BlockMeta(len(data), checksum(data), time.time())
+
+
+def store_config(tmp_path: Path, l1_capacity: str = "16MiB") -> Config:
+    """A store under ``tmp_path/data`` with L2 (and no L3)."""
+    return load(env={
+        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": l1_capacity,
+        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
+    })
+
+
+def has_deletes(batch: list[Any]) -> bool:
+    """Whether an L2 write batch deletes a block."""
+    return any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch)
+
+
+def failing_deletes(working: Any) -> Any:
+    """An LMDBTier._apply_locked whose batches that delete a block fail, as
+    commits on a disk full to its last pages do; the others as ``working``."""
+    def apply(batch: list[Any]) -> list[bool]:
+        if has_deletes(batch):
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        return working(batch)  # type: ignore[no-any-return]
+    return apply
+
+
+async def store_with_l2(tmp_path: Path) -> tuple[Any, LMDBTier, Any]:
+    """A started store of :func:`store_config`: (store, its L2, its write-back)."""
+    from kvstore.store import TieredStore
+
+    store = TieredStore(store_config(tmp_path))
+    await store.start()
+    assert store.l2 is not None and store.writeback is not None
+    return store, store.l2, store.writeback
 
 
 class BrokenLMDBTier(LMDBTier):
@@ -114,10 +147,7 @@ def test_opening_an_unusable_directory_is_a_storage_error(tmp_path: Path) -> Non
 
 def test_a_failing_l2_write_reaches_the_client_as_unavailable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = load(env={
-        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
-        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-    })
+    config = store_config(tmp_path)
 
     def disk_fails(batch: Any) -> list[bool]:
         raise lmdb.DiskError("mdb_txn_commit: Input/output error")
@@ -234,10 +264,7 @@ def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
     of their keys did not delete them either. Now the call fails, the index
     remembers what L2 still holds, and the next Delete, Flush or Put of the
     key deletes it."""
-    config = load(env={
-        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
-        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-    })
+    config = store_config(tmp_path)
 
     async def go() -> None:
         from kvstore.store import TieredStore
@@ -248,10 +275,7 @@ def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
         assert l2 is not None
         working = l2._apply_locked
 
-        def deletes_fail(batch: list[Any]) -> list[bool]:
-            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
-                raise lmdb.DiskError("mdb_txn_commit: No space left on device")
-            return working(batch)
+        deletes_fail = failing_deletes(working)
 
         def in_l2(key: bytes) -> bool:
             return l2.read_into_sync(("ns", key), None) is not None
@@ -296,24 +320,15 @@ def test_a_call_waits_for_an_l2_delete_of_its_key_already_on_its_way(
     committed yet, "evicted-slow": a slow disk) a kill served the old bytes.
     Now the call queues a delete of its own and waits for it: answered, L2
     no longer holds the old bytes; else StorageError."""
-    config = load(env={
-        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
-        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-    })
     fails = kind != "evicted-slow"
 
     async def go() -> None:
-        from kvstore.store import TieredStore
-
-        store = TieredStore(config)
-        await store.start()
-        l2, writeback = store.l2, store.writeback
-        assert l2 is not None and writeback is not None
+        store, l2, writeback = await store_with_l2(tmp_path)
         working = l2._apply_locked
         old = b"old" * 1000
 
         def disk(batch: list[Any]) -> list[bool]:
-            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+            if has_deletes(batch):
                 if fails:
                     raise lmdb.DiskError("mdb_txn_commit: No space left on device")
                 time.sleep(0.5)  # (the slow commit under test)
@@ -353,24 +368,12 @@ def test_what_failed_deletes_left_in_l2_goes_once_l2_commits_again(tmp_path: Pat
     """A fix review: blocks evicted while their L2 deletes failed stayed in
     L2's file until a Delete or Put of their keys (105 blocks in the file,
     5 counted by the index). Once a write commits again, they are deleted."""
-    config = load(env={
-        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
-        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-    })
 
     async def go() -> None:
-        from kvstore.store import TieredStore
-
-        store = TieredStore(config)
-        await store.start()
-        l2, writeback = store.l2, store.writeback
-        assert l2 is not None and writeback is not None
+        store, l2, writeback = await store_with_l2(tmp_path)
         working = l2._apply_locked
 
-        def deletes_fail(batch: list[Any]) -> list[bool]:
-            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
-                raise lmdb.DiskError("mdb_txn_commit: No space left on device")
-            return working(batch)
+        deletes_fail = failing_deletes(working)
 
         keys = [b"e%d" % i for i in range(20)]
         try:
@@ -409,10 +412,6 @@ def test_an_overwrite_whose_pending_l2_delete_settles_meanwhile_is_answered(
     between the looks."""
     from kvstore.store.placement import Placement
 
-    config = load(env={
-        "KVSTORE_DATA_DIR": str(tmp_path / "data"), "KVSTORE_L1_CAPACITY": "16MiB",
-        "KVSTORE_L1_PREFAULT": "false", "KVSTORE_SERVER_LISTEN": "127.0.0.1:0",
-    })
     real = Placement._old_copy_deleted
 
     def switch_here(self: Placement, block: BlockId) -> Any:
@@ -420,16 +419,11 @@ def test_an_overwrite_whose_pending_l2_delete_settles_meanwhile_is_answered(
         return real(self, block)
 
     async def go() -> None:
-        from kvstore.store import TieredStore
-
-        store = TieredStore(config)
-        await store.start()
-        l2, writeback = store.l2, store.writeback
-        assert l2 is not None and writeback is not None
+        store, l2, writeback = await store_with_l2(tmp_path)
         working = l2._apply_locked
 
         def slow_deletes(batch: list[Any]) -> list[bool]:
-            if any(op.data is None and op.kind == lmdb_tier._BLOCK for op in batch):
+            if has_deletes(batch):
                 time.sleep(0.05)  # (the trim's delete on its way)
             return working(batch)
 

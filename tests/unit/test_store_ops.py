@@ -214,28 +214,36 @@ def test_a_clock_stepped_back_opens_the_l3_listings_window_earlier(
     asyncio.run(go())
 
 
+async def half_warm_store(tmp_path: Path, keys: list[bytes]) -> TieredStore:
+    """A store (L1 64 MiB, L2 with the compact index) holding ``keys`` in
+    namespace "a", restarted so that all are compact records, then the first
+    half warmed into the full index."""
+    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "64MiB",
+                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_COMPACT_INDEX": "true",
+                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
+    store = TieredStore(config)
+    await store.start()
+    for key in keys:
+        await store.put_bytes("a", key, b"v" * 64, ack=2)  # type: ignore[arg-type]
+    await store.close()
+    store = TieredStore(config)  # restarted: every block in the compact index
+    await store.start()
+    for key in keys[:len(keys) // 2]:  # half of them warmed into the full index
+        store.index.entry(("a", key))
+    return store
+
+
 def test_a_listing_misses_no_block_that_moves_between_the_indexes_meanwhile(
         tmp_path: Path) -> None:
     """Found by a review of the sliced listing: a block a Get warmed from the
     compact index into the full one during the listing's awaits was in
     neither of the indexes as they were read, and left out of an answer
     that said it was complete."""
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "64MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_COMPACT_INDEX": "true",
-                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
     keys = [hashlib.sha256(b"%d" % i).digest() for i in range(6000)]  # compact-index keys
 
     async def go() -> None:
-        store = TieredStore(config)
-        await store.start()
-        for key in keys:
-            await store.put_bytes("a", key, b"v" * 64, ack=2)  # type: ignore[arg-type]
-        await store.close()
-        store = TieredStore(config)  # restarted: every block in the compact index
-        await store.start()
+        store = await half_warm_store(tmp_path, keys)
         full = keys[:3000]
-        for key in full:  # half of them warmed into the full index
-            store.index.entry(("a", key))
         for call in (lambda: store.list_blocks("a", limit=10**5),
                      lambda: store.namespace_stats("a")):
             task = asyncio.ensure_future(call())
@@ -273,22 +281,11 @@ def test_a_listing_leaves_out_every_block_deleted_before_its_answer(
     answered with the deleted block. Here the Delete pauses after every key,
     so the listing's slices run between them on any host."""
     monkeypatch.setattr(tiered_module, "_REMOVE_SLICE_S", 0.0)
-    config = load(env={"KVSTORE_DATA_DIR": str(tmp_path), "KVSTORE_L1_CAPACITY": "64MiB",
-                       "KVSTORE_L1_PREFAULT": "false", "KVSTORE_L2_COMPACT_INDEX": "true",
-                       "KVSTORE_SERVER_LISTEN": "127.0.0.1:0"})
     keys = [hashlib.sha256(b"%d" % i).digest() for i in range(6000)]  # compact-index keys
 
     async def go() -> None:
-        store = TieredStore(config)
-        await store.start()
-        for key in keys:
-            await store.put_bytes("a", key, b"v" * 64, ack=2)  # type: ignore[arg-type]
-        await store.close()
-        store = TieredStore(config)  # restarted: every block in the compact index
-        await store.start()
+        store = await half_warm_store(tmp_path, keys)
         full = keys[:3000]
-        for key in full:  # half of them warmed into the full index
-            store.index.entry(("a", key))
         # Full entries the listing looks at in its first slice, then compact ones.
         gone = sorted(full)[:100] + keys[4000:4100]
 
