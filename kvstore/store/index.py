@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import math
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 
 from kvstore.policy import Policy
 from kvstore.store.coldindex import ColdBlock, ColdIndex
+from kvstore.store.l2deletes import DropDone, L2Deletes
 from kvstore.store.stats import Stats
 from kvstore.tiers.base import BlockMeta
 from kvstore.tiers.lmdb_tier import LMDBTier
@@ -121,16 +121,10 @@ class BlockIndex(dict[BlockId, Entry]):
     pop = popitem = clear = update = setdefault = _refuse
 
 
-#: The most blocks Index.retry_l2_left queues deletes for at a time.
-RETRY_L2_LEFT = 1024
-
-
 def _drop_done(error: BaseException | None, existed: bool) -> None:
     """The L2 writer's callback for a delete nobody waits for."""
 
 
-#: The L2 writer's callback for a delete: (error, whether the block existed).
-DropDone = Callable[[BaseException | None, bool], None]
 
 
 class Index:
@@ -191,24 +185,10 @@ class Index:
         #: The listings in flight: each one's namespace, and the keys of that
         #: namespace :meth:`forget` removed since it began.
         self._listings: dict[int, tuple[str, set[bytes]]] = {}
-        #: Blocks L2 may still hold that no entry or compact record accounts
-        #: for: the delete of a forgotten block's L2 copy failed (a full
-        #: disk). Without them, a later Delete or overwrite of the key did
-        #: not know L2 had bytes there, and a restart served them again (a
-        #: deleted block, or the block an answered overwrite replaced). A
-        #: Delete or a Put of the key deletes them again.
-        self.l2_left: set[BlockId] = set()
-        #: L2 deletes queued and not yet settled, per block (one that fails
-        #: stays counted until _l2_delete_failed has recorded it, on the
-        #: loop): a Delete or an overwrite of the key meanwhile queues its own
-        #: delete and waits for it, as for ``l2_left`` (one queued by a trim
-        #: or an eviction was not waited for, and a kill served its bytes).
-        self._l2_deleting: dict[BlockId, int] = {}
-        self._l2_deleting_lock = threading.Lock()  # (the writer thread settles them)
-        #: Blocks whose entry has no L1 copy (in L3 only) and whose L2 bytes
-        #: a failed delete left (``replaces_l2``): see retry_l2_left.
-        self._l2_stale: set[BlockId] = set()
-        self._l2_left_retried = 0.0  # (monotonic: see retry_l2_left)
+        #: The L2 deletes it queues, and what L2 still holds when one fails
+        #: (None without L2).
+        self.l2_deletes: L2Deletes | None = \
+            L2Deletes(l2, self.blocks, self.cold) if l2 is not None else None
 
     # -- creation times -------------------------------------------------------------
 
@@ -345,7 +325,8 @@ class Index:
     def discovered(self, block: BlockId, size: int, checksum: int, created: float) -> Entry:
         """An entry for a block found in L3 that this node did not know."""
         entry = Entry(size, checksum, created)
-        entry.replaces_l2 = self.take_l2_left(block)  # (its delete or overwrite removes them)
+        # (what a failed delete left under its key: its delete or overwrite removes them)
+        entry.replaces_l2 = self.l2_deletes is not None and self.l2_deletes.take_left(block)
         self.blocks[block] = entry
         self.mark_l3(block, entry)
         return entry
@@ -493,109 +474,8 @@ class Index:
         self.set_l2(block, entry, False)
         if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
             self.set_dirty(entry, True, block)
-        self.submit_l2_delete(block, entry, done)
-
-    def submit_l2_delete(self, block: BlockId, entry: Entry | None,
-                         done: DropDone | None = None) -> None:
-        """Queue the delete of what L2 holds under the block's key (``entry``'s
-        copy; None: bytes no entry accounts for, see ``l2_left``). Should it
-        fail, the index remembers that L2 still holds them
-        (:meth:`_l2_delete_failed`, on the loop before ``done``'s waiter
-        runs)."""
-        assert self.l2 is not None
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None  # (a unit test's direct call)
-        deleting, lock = self._l2_deleting, self._l2_deleting_lock
-        with lock:
-            deleting[block] = deleting.get(block, 0) + 1
-
-        def watched(error: BaseException | None, existed: bool) -> None:  # writer thread
-            try:
-                if error is not None and loop is not None:
-                    loop.call_soon_threadsafe(self._l2_delete_failed, block, entry)
-                else:
-                    self._l2_delete_settled(block)
-            except RuntimeError:  # (the loop is closed: stopping)
-                self._l2_delete_settled(block)
-            if done is not None:
-                done(error, existed)
-
-        self.l2.submit(block, None, None, watched)
-
-    def _l2_delete_settled(self, block: BlockId) -> None:
-        with self._l2_deleting_lock:
-            left = self._l2_deleting.get(block, 0) - 1
-            if left > 0:
-                self._l2_deleting[block] = left
-            else:
-                self._l2_deleting.pop(block, None)
-
-    def l2_delete_pending(self, block: BlockId) -> bool:
-        """Whether a delete of the block's L2 bytes is queued, not settled."""
-        return block in self._l2_deleting
-
-    def l2_unaccounted(self, namespace: str) -> list[BlockId]:
-        """The namespace's blocks in ``l2_left`` or with a delete pending."""
-        with self._l2_deleting_lock:
-            pending = [b for b in self._l2_deleting if b[0] == namespace]
-        return pending + [b for b in self.l2_left if b[0] == namespace]
-
-    def retry_l2_left(self) -> None:
-        """Delete again what failed deletes left in L2 (a write just committed:
-        the disk takes commits again): with no entry (``l2_left``), or under
-        an entry with no copy in L1 to write over them (``_l2_stale``). At
-        most RETRY_L2_LEFT blocks, at most once a second: a review's 20,000 in
-        one go held the loop 150 ms, and where deletes kept failing the
-        writer tried them every second. (Else they stayed until a Delete or
-        Put of their keys: L2's file held more than the index counted.)"""
-        if not (self.l2_left or self._l2_stale):
-            return  # (the usual case: every write's settle looks)
-        now = time.monotonic()
-        if now - self._l2_left_retried < 1.0:
-            return
-        self._l2_left_retried = now
-        budget = RETRY_L2_LEFT
-        while self.l2_left and budget:
-            self.submit_l2_delete(self.l2_left.pop(), None)
-            budget -= 1
-        while self._l2_stale and budget:
-            block = self._l2_stale.pop()
-            entry = self.blocks.get(block)
-            if entry is not None and entry.replaces_l2 and not entry.l2 \
-                    and entry.l1_offset < 0 and not entry.l2_pending:
-                entry.replaces_l2 = False  # (marked again if this one fails too)
-                self.submit_l2_delete(block, entry)
-                budget -= 1
-
-    def _l2_delete_failed(self, block: BlockId, entry: Entry | None) -> None:
-        """A delete of the block's L2 bytes failed: they are still there. The
-        entry the key has now (``entry`` itself, or a newer one) is marked as
-        replacing them, so that its write replaces them and its delete or
-        overwrite deletes them; with no entry, the block joins ``l2_left``."""
-        try:
-            current = self.blocks.get(block)
-            if current is not None:
-                if not current.l2:
-                    current.replaces_l2 = True
-                    if current.l1_offset < 0:  # (nothing will write over them)
-                        self._l2_stale.add(block)
-                return
-            if self.cold is not None and self.cold.get(block[0], block[1]) is not None:
-                return  # (a compact record: a later write of the key replaced them)
-            self.l2_left.add(block)
-        finally:
-            self._l2_delete_settled(block)  # (recorded first: no moment it is in neither)
-
-    def take_l2_left(self, block: BlockId) -> bool:
-        """Whether L2 may hold bytes no entry accounts for under the key: left
-        by a failed delete (``l2_left``: taken off it), or under a delete not
-        settled yet. The caller queues a delete of its own and waits for it."""
-        if block in self.l2_left:
-            self.l2_left.discard(block)
-            return True
-        return block in self._l2_deleting
+        assert self.l2_deletes is not None
+        self.l2_deletes.submit(block, entry, done)
 
     def forget(self, block: BlockId, entry: Entry, delete_l2: bool = True,
                delete_l3: bool = False, l2_done: DropDone = _drop_done,
@@ -623,13 +503,14 @@ class Index:
                 self.drop_l2_copy(block, entry, l2_done)
             else:
                 self.set_l2(block, entry, False)
-        elif (entry.l2_pending or entry.replaces_l2 or l2_pending
-              or block in self._l2_deleting) and delete_l2 and self.l2 is not None:
+        elif self.l2_deletes is not None and delete_l2 and (
+                entry.l2_pending or entry.replaces_l2 or l2_pending
+                or self.l2_deletes.pending(block)):
             # Its L2 write is still queued (or the bytes it overwrote are
             # still there, or another delete of them is still on its way and
             # may fail): a delete queued behind it (the writer keeps the
             # order) keeps it from coming back at a restart.
-            self.submit_l2_delete(block, None, l2_done)
+            self.l2_deletes.submit(block, None, l2_done)
         in_l3 = entry.l3 or entry.l3_pending > 0
         if entry.l3:
             self.set_l3(entry, False)

@@ -264,7 +264,8 @@ class Placement(Part):
         if old is not None:
             left_in_l2 = self._retire(block, old, written_next)
         else:
-            left_in_l2 = index.take_l2_left(block) and self._retire_left(block, written_next)
+            left_in_l2 = index.l2_deletes is not None and index.l2_deletes.take_left(block) \
+                and self._retire_left(block, written_next)
         entry = Entry(size, crc, index.stamp(), session)
         entry.replaces_l2 = left_in_l2
         index.set_l1(entry, offset)
@@ -297,7 +298,8 @@ class Placement(Part):
         # write never queued, and the Put was answered over them).
         # (looked at once: forget is told, so that the delete this Put waits
         # for is queued even if the pending one settles in between)
-        pending = self.index.l2_delete_pending(block)
+        l2_deletes = self.index.l2_deletes
+        pending = l2_deletes is not None and l2_deletes.pending(block)
         has_copy = self._has_l2_copy(old) or pending
         delete_l3 = self._maybe_in_l3(old)
         earlier_delete = self._deleting_l2.get(block)
@@ -325,13 +327,14 @@ class Placement(Part):
 
     def _retire_left(self, block: BlockId, written_next: bool) -> bool:
         """As :meth:`_retire`, for bytes L2 still holds under the key with no
-        entry (a failed delete left them: index.l2_left): deleted before the
+        entry (a failed delete left them: L2Deletes.left): deleted before the
         Put's answer, or left for its own write to replace. Returns whether
         they were left."""
         if written_next:
             return True
         done = self._old_copy_deleted(block)
-        self.index.submit_l2_delete(block, None, done)
+        assert self.index.l2_deletes is not None
+        self.index.l2_deletes.submit(block, None, done)
         return False
 
     def drop_replaced(self, block: BlockId) -> None:
@@ -353,8 +356,10 @@ class Placement(Part):
         one whose delete is still pending, or one with an L3 copy (whose
         delete is recorded in L2 first)."""
         index = self.index
-        if block in self.replacing or block in self._deleting_l2 or block in index.l2_left \
-                or index.l2_delete_pending(block):
+        if block in self.replacing or block in self._deleting_l2:
+            return True
+        l2_deletes = index.l2_deletes
+        if l2_deletes is not None and (block in l2_deletes.left or l2_deletes.pending(block)):
             return True
         old = self.index.entry(block)
         return old is not None and (self._has_l2_copy(old) or (

@@ -643,15 +643,16 @@ class TieredStore:
         known: list[BlockId] = []
         unknown: list[BlockId] = []
         failed = _FailedL2Deletes()
-        left = 0  # bytes a failed delete left in L2 (index.l2_left): deleted again
+        left = 0  # keys whose L2 bytes a failed delete left, or one on its way: deleted again
+        l2_deletes = self.index.l2_deletes
         for key in keys:
             block = (namespace, key)
             if block in blocks or (cold is not None and block in cold):
                 known.append(block)  # (one whose L2 delete is pending: forget queues another)
             else:
                 unknown.append(block)
-                if self.index.take_l2_left(block):
-                    self.index.submit_l2_delete(block, None, failed)
+                if l2_deletes is not None and l2_deletes.take_left(block):
+                    l2_deletes.submit(block, None, failed)
                     left += 1
         vanished: list[BlockId] = []
         local: list[BlockId] = []
@@ -844,11 +845,13 @@ class TieredStore:
         forgotten: set[bytes] = set()
         local: set[bytes] = set()  # held here without an L3 copy: counted already
         failed = _FailedL2Deletes()
-        # (what failed deletes left in L2: index.l2_left)
-        left = self.index.l2_unaccounted(namespace)
+        # (what failed deletes left in L2 with no entry, or one on its way)
+        l2_deletes = self.index.l2_deletes
+        left = l2_deletes.unaccounted(namespace) if l2_deletes is not None else []
         for block in left:
-            if self.index.take_l2_left(block) and self.index.blocks.get(block) is None:
-                self.index.submit_l2_delete(block, None, failed)
+            assert l2_deletes is not None
+            if l2_deletes.take_left(block) and self.index.blocks.get(block) is None:
+                l2_deletes.submit(block, None, failed)
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)

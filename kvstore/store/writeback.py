@@ -207,7 +207,8 @@ class WriteBack(Part):
                 if self.disk_capacity is not None and not self.l2.disk_nearly_full():
                     self.disk_capacity = None
                     log.warning("L2's disk has room again: L2 may grow to l2.capacity")
-                index.retry_l2_left()  # (L2 commits again: what failed deletes left)
+                if index.l2_deletes is not None:
+                    index.l2_deletes.retry()  # (L2 commits again: what failed deletes left)
                 self.trim()
             elif error is not None:
                 self._write_failed(block, entry, error, shrinks)

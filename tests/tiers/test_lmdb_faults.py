@@ -287,7 +287,7 @@ def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
             with pytest.raises(StorageError, match="could not remove 2 of the blocks"):
                 await store.delete("ns", [b"d0", b"d1"])
             assert await store.get_bytes("ns", b"d0") is None  # (no longer served)
-            assert in_l2(b"d0") and ("ns", b"d0") in store.index.l2_left
+            assert in_l2(b"d0") and ("ns", b"d0") in store.index.l2_deletes.left
             with pytest.raises(StorageError, match="removal from L2 failed"):
                 await store.put_bytes("ns", b"o0", b"new" * 100, ack=AckLevel.MEMORY)
             with pytest.raises(StorageError, match="could not remove"):
@@ -302,7 +302,7 @@ def test_l2_deletes_that_fail_fail_the_call_and_are_done_again_by_the_next(
             assert got is None or bytes(got[1]) == b"new" * 100
             await store.flush("ns")
             assert not any(in_l2(k) for k in (b"d0", b"d1", b"o0", b"f0", b"f1"))
-            assert not store.index.l2_left
+            assert not store.index.l2_deletes.left
         finally:
             monkeypatch.undo()
             await store.close()
@@ -384,17 +384,17 @@ def test_what_failed_deletes_left_in_l2_goes_once_l2_commits_again(tmp_path: Pat
             writeback.trim()
             writeback.disk_capacity = None
             deadline = time.monotonic() + 10
-            while not store.index.l2_left:
+            while not store.index.l2_deletes.left:
                 assert time.monotonic() < deadline, "the failed deletes were never recorded"
                 await asyncio.sleep(0.01)
             l2._apply_locked = working  # type: ignore[method-assign]
-            store.index._l2_left_retried = 0.0  # (its once-a-second pace: not under test)
+            store.index.l2_deletes.retried = 0.0  # (its once-a-second pace: not under test)
             await store.put_bytes("ns", b"after", b"y" * 4096, ack=AckLevel.LOCAL)
             deadline = time.monotonic() + 10
             while any(l2.read_into_sync(("ns", k), None) is not None for k in keys):
                 assert time.monotonic() < deadline, "what the failed deletes left stayed"
                 await asyncio.sleep(0.01)
-            assert not store.index.l2_left
+            assert not store.index.l2_deletes.left
         finally:
             l2._apply_locked = working  # type: ignore[method-assign]
             await store.close()
@@ -433,7 +433,7 @@ def test_an_overwrite_whose_pending_l2_delete_settles_meanwhile_is_answered(
             writeback.capacity = 0  # the trim drops k's L2 copy (k stays in L1)
             writeback.trim()
             writeback.capacity = 1 << 30
-            assert store.index.l2_delete_pending(("ns", b"k"))
+            assert store.index.l2_deletes.pending(("ns", b"k"))
             monkeypatch.setattr(Placement, "_old_copy_deleted", switch_here)
             await asyncio.wait_for(
                 store.put_bytes("ns", b"k", b"new" * 1000, ack=AckLevel.MEMORY), 10)
