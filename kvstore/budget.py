@@ -9,6 +9,11 @@ from collections import deque
 
 from kvstore.errors import CapacityExhausted
 
+#: The longest a call waits for room in a budget (then CapacityExhausted,
+#: RESOURCE_EXHAUSTED): as long as a Put waits for room in L1
+#: (kvstore.store.placement).
+BUDGET_WAIT_SECONDS = 30.0
+
 
 class ResponseBudget:
     """The bytes streamed responses may hold in the server, all calls

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvstore.budget import ResponseBudget, request_budget
+from kvstore.budget import BUDGET_WAIT_SECONDS, ResponseBudget, request_budget
 from kvstore.config import Config
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import (
@@ -61,7 +61,8 @@ HELLO_MAX_META = 1024
 #: A request with more metadata than this is counted in the server's budget
 #: for requests of many keys (kvstore.budget.REQUEST_BUDGET_BYTES, shared
 #: with gRPC Gets) while it runs (its answer sent included; without room it
-#: waits, before its metadata is read, at most BUDGET_WAIT_SECONDS: an
+#: waits, before its metadata is read, at most BUDGET_WAIT_SECONDS, then its
+#: connection is closed, CapacityExhausted: an
 #: outside review's 150 connections, each a GET of 65,536 keys whose answer
 #: it did not read, took the server's own memory 144 -> 698 MB):
 #: its metadata and what it decodes to stay in memory as long as its client
@@ -69,9 +70,6 @@ HELLO_MAX_META = 1024
 #: size hold ~45 MiB at most).
 SMALL_META_BYTES = 2048
 
-#: The longest a request waits for room in the budget (then the connection
-#: is closed, CapacityExhausted): as long as a Put waits for room in L1.
-BUDGET_WAIT_SECONDS = 30.0
 
 
 def request_hold(meta_len: int) -> int:

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from kvstore.budget import ResponseBudget, request_budget
+from kvstore.budget import BUDGET_WAIT_SECONDS, ResponseBudget, request_budget
 from kvstore.errors import CapacityExhausted, DeadlineExceeded, KVStoreError, MalformedRequest
 from kvstore.server.auth import Authorizer
 from kvstore.server.handler_cache import HandlerWrappingInterceptor
@@ -73,9 +73,6 @@ UNDECODABLE_LOG_SECONDS = 60.0
 #: done); measured, unread Gets held 6 MiB each at 3 MiB chunks, 2 MiB at 1.
 RESPONSE_BUDGET_BYTES = 128 * 1024**2
 
-#: The longest a call waits for room in the budget (then RESOURCE_EXHAUSTED):
-#: as long as a Put waits for room in L1 (kvstore.store.placement).
-BUDGET_WAIT_SECONDS = 30.0
 
 
 class Reserve(int):

@@ -283,7 +283,7 @@ class KVStoreServicer:
         session = session_or_none(request.session_id)
         held = _request_hold(keys)
         if held > _SMALL_REQUEST_BYTES:
-            yield HoldRequest(held)  # (taken now, or the call fails: never waits)
+            yield HoldRequest(held)  # (counted for the whole call; see HoldRequest)
         reserve = Reserve(2 * chunk_bytes)
         for index, key in enumerate(keys):
             yield reserve  # (nothing to take unless a smaller block shrank it)
@@ -584,7 +584,8 @@ class KVStoreServicer:
 
 def _request_hold(keys: Sequence[bytes]) -> int:
     """What a Get's request holds in the server while its answer streams,
-    counted in its reservation: protobuf's parsed copy of its keys (~38 B a
+    counted in the budget for requests of many keys: protobuf's parsed copy
+    of its keys (~38 B a
     key beyond their bytes, measured: 2.5 MB for 65,536 keys of 5 bytes).
     (40 unread Gets of 65,536 keys each held 440 MiB beside their chunks,
     past the memory bound, when they listed their keys too.)"""
@@ -592,7 +593,8 @@ def _request_hold(keys: Sequence[bytes]) -> int:
 
 
 #: A Get whose request holds more than this (~80 short keys) counts it in the
-#: response budget (interceptor.HoldRequest); smaller ones are not counted:
+#: budget for requests of many keys (interceptor.HoldRequest); smaller ones
+#: are not counted:
 #: server.max_calls of them hold 16 MiB at most beside each call's own ~6 KB.
 _SMALL_REQUEST_BYTES = 4096
 

@@ -121,6 +121,14 @@ class L2Deletes:
             return True
         return block in self._pending
 
+    def delete_left(self, block: BlockId, done: DropDone | None = None) -> bool:
+        """Queue a delete of what L2 may hold under the key with no entry
+        accounting for it (see :meth:`take_left`); whether there was any."""
+        if not self.take_left(block):
+            return False
+        self.submit(block, None, done)
+        return True
+
     def unaccounted(self, namespace: str) -> list[BlockId]:
         """The namespace's blocks in :attr:`left` or with a delete pending."""
         with self._lock:

@@ -651,8 +651,7 @@ class TieredStore:
                 known.append(block)  # (one whose L2 delete is pending: forget queues another)
             else:
                 unknown.append(block)
-                if l2_deletes is not None and l2_deletes.take_left(block):
-                    l2_deletes.submit(block, None, failed)
+                if l2_deletes is not None and l2_deletes.delete_left(block, failed):
                     left += 1
         vanished: list[BlockId] = []
         local: list[BlockId] = []
@@ -850,8 +849,8 @@ class TieredStore:
         left = l2_deletes.unaccounted(namespace) if l2_deletes is not None else []
         for block in left:
             assert l2_deletes is not None
-            if l2_deletes.take_left(block) and self.index.blocks.get(block) is None:
-                l2_deletes.submit(block, None, failed)
+            if self.index.blocks.get(block) is None:  # (an entry's: forget deletes them)
+                l2_deletes.delete_left(block, failed)
         for key in known:
             block = (namespace, key)
             entry = self.index.entry(block)
