@@ -203,6 +203,9 @@ class Server:
             await self.health.set(L3_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
         summary, fields = startup_summary(self.config, self.addresses)
         log.info("%s", summary, extra=fields)
+        warning = shared_arena_warning(self.config)
+        if warning:
+            log.warning("%s", warning)
 
     def _listen(self) -> None:
         """Bind the TCP listener and the unix socket; a failure is an
@@ -330,6 +333,22 @@ def _write_ready_file(path: str, addresses: dict[str, str | None]) -> None:
 
 def _version() -> str:
     return __version__
+
+
+def shared_arena_warning(config: Config) -> str | None:
+    """What to say at start when tenants (auth.tokens_file) share a server
+    whose L1 is a shared-memory arena: the arena holds every namespace's L1
+    blocks, and server.shm_namespaces says only who may attach to it. (A
+    review read, and overwrote, another tenant's blocks from a namespace on
+    that list; the README had read as if the list protected the others.)"""
+    if not (config.auth.tokens_file and config.l1.shm_path):
+        return None
+    who = (f"identities granted {', '.join(config.server.shm_namespaces)}"
+           if config.server.shm_namespaces else "every identity (server.shm_namespaces is empty)")
+    return (f"auth is on and L1 is the shared-memory arena {config.l1.shm_path}: it holds the L1 "
+            f"blocks of every namespace, and {who} may attach to it and read or overwrite any "
+            "of them. Tenants that must not read each other need a server each (or no "
+            "l1.shm_path); see README, \"Trust boundary\"")
 
 
 def startup_summary(config: Config, addresses: dict[str, str | None]) \

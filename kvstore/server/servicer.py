@@ -314,7 +314,7 @@ class KVStoreServicer:
         self._tick(context)
         store = self.store
         namespace = store.check_namespace(request.namespace)
-        keys = list(request.keys)
+        keys = request.keys  # (not listed: only the leading keys are read)
         validate_keys(keys)
         budget = self.default_response
         if request.max_response_bytes:

@@ -208,13 +208,21 @@ class Placement(Part):
                     if (not attempt.quota_waited and self.index.busy_pins > 0
                             and time.monotonic() >= self._quota_wait_off_until):
                         return _WAIT_QUOTA
-                    # The namespaces over their quota hold only blocks that
-                    # cannot leave now (leased, being read): room comes from
-                    # them, from the requester's own blocks, or from namespaces
-                    # without a quota -- never from another namespace within
-                    # its quota (leases would otherwise let a tenant hold L1
-                    # past its quota and evict another's working set).
-                    evictable = self._fallback_evictable(over, attempt.namespace)
+                    if attempt.namespace not in over:
+                        # A lease keeps a namespace's blocks within its quota
+                        # only: past it, another namespace's Put takes room
+                        # from them. (A review: a tenant that filled free L1
+                        # and leased it all, again and again, held twice its
+                        # quota and refused every Put of a tenant holding
+                        # nothing, for as long as it liked.)
+                        victim = self._victim_past_lease(over)
+                    # Else room comes from what of theirs can leave, from the
+                    # requester's own blocks, or from namespaces without a
+                    # quota -- never from another namespace within its quota
+                    # (leases would otherwise let a tenant hold L1 past its
+                    # quota and evict another's working set).
+                    if victim is None:
+                        evictable = self._fallback_evictable(over, attempt.namespace)
             if victim is None:
                 victim = self.policy.victim(TierName.L1, self.clock(), evictable)
             if victim is not None:
@@ -482,6 +490,23 @@ class Placement(Part):
             return False
         # (a write queued now would fail as the last did: room waits, or is refused)
         return not (entry.dirty and self.writes_paused())
+
+    def _victim_past_lease(self, over: set[str]) -> tuple[BlockId, Action] | None:
+        """A victim among the blocks of the namespaces ``over`` their quota,
+        leased ones too (a block being read or written, or pinned by its
+        session, still stays)."""
+        blocks, now = self.index.blocks, self.clock()
+
+        def evictable(block: BlockId) -> bool:
+            if block[0] not in over:
+                return False
+            entry = blocks.get(block)
+            if entry is None or entry.l1_offset < 0:
+                return True
+            if entry.pinned or entry.pin_until > now:
+                return False
+            return not (entry.dirty and self.writes_paused())
+        return self.policy.victim(TierName.L1, now, evictable)
 
     def _evict(self, block: BlockId, action: Action) -> bool:
         """Evict ``block`` from L1: False when it must first be written to L2

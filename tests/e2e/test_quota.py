@@ -138,6 +138,27 @@ def test_leases_do_not_let_a_tenant_hold_l1_past_its_quota(server_factory) -> No
         assert refused > 0
 
 
+def test_a_tenant_leasing_past_its_quota_never_refuses_another_s_puts(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: a tenant that filled free L1 (allowed) and kept
+    leasing all of it held twice its quota, and every Put of a tenant that
+    held nothing was refused "L1 is full" for as long as the leases were
+    renewed. A lease keeps blocks within their namespace's quota only."""
+    with serve(server_factory, "--quota-l1-per-namespace", "2MiB") as server, \
+            Client(server.tcp, namespace="quiet") as quiet, \
+            Client(server.tcp, namespace="noisy") as noisy:
+        held = [b"n%03d" % i for i in range(4 * 1024**2 // BLOCK)]  # all of L1
+        noisy.put({k: b"\xee" * BLOCK for k in held})
+        assert all(t is not None for t in noisy.lookup(held, lease_ms=60_000).tiers)
+        keys = [b"q%03d" % i for i in range(32)]  # 1 MiB: within its quota
+        quiet.put({k: bytes([i]) * BLOCK for i, k in enumerate(keys)})
+        assert quiet.get(keys) == [bytes([i]) * BLOCK for i in range(len(keys))]
+        # The noisy tenant's own Puts still find its leased blocks staying.
+        noisy_l1 = noisy.stats(namespace="noisy").tiers[0]
+        assert noisy_l1.bytes >= 2 * 1024**2, noisy_l1.bytes
+        with pytest.raises(CapacityExhausted):
+            noisy.put({b"more": b"\xee" * BLOCK})
+
+
 def test_room_reserved_for_blocks_still_arriving_counts_against_the_quota(  # type: ignore[no-untyped-def]
         server_factory) -> None:
     """A tenant's half-sent Puts (a first chunk, then nothing) hold L1 room

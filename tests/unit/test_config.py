@@ -201,3 +201,22 @@ def test_changed_options_names_what_differs() -> None:
     after = cfg.load(env={"KVSTORE_SERVER_NAMESPACES": "a,b", "KVSTORE_L1_CAPACITY": "1GiB"})
     assert cfg.changed_options(before, after) == ["server.namespaces", "l1.capacity"]
     assert cfg.changed_options(before, cfg.load(env={})) == []
+
+
+def test_tenants_sharing_an_arena_are_warned_at_start(tmp_path: Path) -> None:
+    """A review read and overwrote another tenant's blocks from a namespace
+    server.shm_namespaces allowed: the arena holds every namespace's L1
+    blocks, and the list says only who may attach. The start says so."""
+    from kvstore.server.app import shared_arena_warning
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    arena = {"KVSTORE_L1_SHM_PATH": "/dev/shm/kvstore-test-warn"}
+    auth = {"KVSTORE_AUTH_TOKENS_FILE": str(tokens)}
+    assert shared_arena_warning(cfg.load(env=arena)) is None  # one trust domain
+    assert shared_arena_warning(cfg.load(env=auth)) is None  # no arena to share
+    warning = shared_arena_warning(cfg.load(env={**arena, **auth}))
+    assert warning is not None and "every identity" in warning and "every namespace" in warning
+    listed = shared_arena_warning(cfg.load(env={**arena, **auth,
+                                                "KVSTORE_SERVER_SHM_NAMESPACES": "a,b"}))
+    assert listed is not None and "granted a, b" in listed and "server each" in listed
