@@ -191,7 +191,8 @@ class ServerConfig:
                          "refused RESOURCE_EXHAUSTED "
                          "at once (an open call, a Put stream sending nothing included, holds "
                          "~6 KB). Health checks are not counted", parse_int)
-    max_lease_ms: int = opt(60_000, "longest lease a Lookup may take", parse_int)
+    max_lease_ms: int = opt(60_000, "longest lease a Lookup or a shared-memory acquire may "
+                            "take", parse_int)
     namespaces: tuple[str, ...] = opt((), "comma-separated namespaces this server accepts; "
                                       "empty accepts any valid name", parse_str_list)
     grace_seconds: float = opt(10.0, "on SIGTERM, how long in-flight calls may take to finish",
@@ -204,7 +205,8 @@ class ServerConfig:
     pin_quota: float = opt(0.25, "most L1 one namespace may pin (whole pages), as a share of "
                            "l1.capacity", parse_float)
     shm_lease_ms: int = opt(30_000, "shared memory: default lease on acquired blocks (a "
-                            "crashed client's leases end after this)", parse_int)
+                            "crashed client's leases end after this; at most max_lease_ms)",
+                            parse_int)
     shm_quarantine_ms: int = opt(60_000, "shared memory: how long the slot of an expired "
                                  "reservation stays unused (its writer may be slow, not gone) "
                                  "before it returns to L1", parse_int)

@@ -189,7 +189,9 @@ class SharedMemoryBroker:
         self._vouched_log = RateLimitedWarning(
             log, "an answered shared-memory commit failed its check", 10.0)
         self.reserve_ms = reserve_ms
-        self.default_lease_ms = lease_ms
+        # (capped as every lease is: ShmAttach answered 30 s while leases
+        # were granted 5 s under a lower server.max_lease_ms)
+        self.default_lease_ms = min(lease_ms, max_lease_ms)
         self.max_lease_ms = max_lease_ms
         server = store.config.server
         self.quarantine_ms = server.shm_quarantine_ms if quarantine_ms is None else quarantine_ms

@@ -163,6 +163,8 @@ class TieredStore:
 
             # The parts, wired once (kvstore/store/__init__.py says who calls what).
             self.counts = Stats()
+            if self.l2 is not None:  # (damaged records L2 dropped as it opened)
+                self.counts.counters[TierName.L2].corrupt += self.l2.dropped_at_open
             self.progress = Progress()
             self.index = Index(self.counts, self.policy, clock, self.l1, self.l2,
                                self.progress.wake, config.l2.compact_index)

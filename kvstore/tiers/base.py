@@ -38,6 +38,8 @@ class BlockMeta:
     created: float  # wall-clock seconds when first stored
 
     _STRUCT = struct.Struct("<QQd")
+    #: bytes of a packed record
+    SIZE = _STRUCT.size
 
     def pack(self) -> bytes:
         return self._STRUCT.pack(self.size, self.checksum, self.created)

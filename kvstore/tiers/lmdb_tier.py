@@ -52,7 +52,7 @@ import lmdb
 from kvstore._version import __version__
 from kvstore.errors import InvalidConfig, StorageError
 from kvstore.tiers.base import BlockMeta, Buffer, TierUsage, WriteDone
-from kvstore.types import BlockId
+from kvstore.types import MAX_KEY_BYTES, BlockId
 
 if TYPE_CHECKING:
     from kvstore.tiers.base import KeyValueTier
@@ -193,6 +193,25 @@ def _time_field(fields: dict[bytes, str], field: bytes) -> float | None:
         return None
 
 
+def _stored_size(raw: Any) -> int:
+    """The payload size a ``meta`` record gives, -2 where it does not parse."""
+    if len(raw) != BlockMeta.SIZE:
+        return -2
+    return BlockMeta.unpack(raw).size
+
+
+def _decodable(key: bytes) -> bool:
+    """Whether ``key`` is a block's (:func:`encode_key`): a namespace's
+    length, a non-empty UTF-8 namespace, and a key of 1..MAX_KEY_BYTES."""
+    if not key or key[0] == 0 or not 0 < len(key) - 1 - key[0] <= MAX_KEY_BYTES:
+        return False
+    try:
+        key[1:1 + key[0]].decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _commit_count(raw: Any) -> int:
     """The ``kvstore`` database's commit count (0: absent, or unreadable)."""
     try:
@@ -229,6 +248,7 @@ class LMDBTier:
         self.extensions = 0  # times the data file was found short and extended
         self._seen_size = 0  # the largest size of data.mdb seen (LMDB never shrinks it)
         self._fd = -1
+        self.dropped_at_open = 0  # damaged records dropped as it opened (_count)
         # Below it LMDB cannot create its databases in a fresh file
         # (MDB_MAP_FULL at the first open, which read as a damaged file).
         initial_map_size = max(initial_map_size, MIN_MAP_SIZE)
@@ -582,14 +602,41 @@ class LMDBTier:
     def _count(self) -> tuple[int, int]:
         """Blocks and bytes (from ``meta``). Walking the keys of ``data`` too
         reads every B-tree page of both (not the payloads), so a damaged
-        tree shows up here, at start, rather than as failing writes later."""
+        tree shows up here, at start, rather than as failing writes later.
+
+        A damaged record (metadata that does not parse, or whose size is not
+        the stored payload's; a payload without metadata or the reverse; a
+        key that does not decode) is dropped here: one such record is one
+        block lost, never the others. (A review: one size field with a bit
+        flipped made L2 "1 TB over capacity", and the trim that followed
+        dropped every intact block; a short metadata value failed every start.)"""
         blocks = total = 0
-        with self._env.begin(db=self._meta, buffers=True) as txn:
-            for _, raw in txn.cursor():
+        damaged: list[bytes] = []
+        with self._env.begin(buffers=True) as txn:
+            data = txn.cursor(db=self._data)
+            # (the two databases in key order side by side: None past the end)
+            at = bytes(data.key()) if data.first() else None
+            for raw_key, raw in txn.cursor(db=self._meta):
+                key = bytes(raw_key)
+                while at is not None and at < key:
+                    damaged.append(at)  # a payload without metadata
+                    at = bytes(data.key()) if data.next() else None
+                stored = -1
+                if at == key:
+                    stored = len(data.value())  # (LMDB's record of it: no payload read)
+                    at = bytes(data.key()) if data.next() else None
+                size = _stored_size(raw)
+                if size != stored or not _decodable(key):
+                    damaged.append(key)
+                    continue
                 blocks += 1
-                total += BlockMeta.unpack(raw).size
-            for _ in txn.cursor(db=self._data).iternext(keys=True, values=False):
-                pass
+                total += size
+            while at is not None:
+                damaged.append(at)
+                at = bytes(data.key()) if data.next() else None
+        damaged = [k for k in damaged if k != _PROBE_KEY]
+        if damaged:
+            self._drop_damaged(damaged)
         # A write reads the free-page list and copies a path of each tree:
         # one probe commit meets damage there now, not at the first Put. (A
         # full map is no damage: the writer grows it when it meets it.)
@@ -598,6 +645,16 @@ class LMDBTier:
                 txn.put(_PROBE_KEY, b"", db=db)
                 txn.delete(_PROBE_KEY, db=db)
         return blocks, total
+
+    def _drop_damaged(self, keys: list[bytes]) -> None:
+        with self._env.begin(write=True) as txn:
+            for key in keys:
+                txn.delete(key, db=self._data)
+                txn.delete(key, db=self._meta)
+        self.dropped_at_open = len(keys)
+        log.warning("L2 at %s held %d damaged records (metadata that does not parse or does "
+                    "not match its payload, or one without the other): dropped, each a miss "
+                    "(first: %s)", self.path, len(keys), ", ".join(repr(k) for k in keys[:3]))
 
     # -- the writer thread ------------------------------------------------------------
 
@@ -808,7 +865,7 @@ class LMDBTier:
                     existed.append(op.kind == _TOMBSTONE and self._apply_tombstone(txn, op))
                     continue
                 old = txn.get(op.key, db=self._meta)
-                old_size = BlockMeta.unpack(old).size if old is not None else 0
+                old_size = max(_stored_size(old), 0) if old is not None else 0
                 existed.append(old is not None)
                 if op.data is None:
                     if old is not None:
@@ -859,8 +916,8 @@ class LMDBTier:
         try:
             with self._env.begin(buffers=True) as txn:
                 raw_meta = txn.get(key, db=self._meta)
-                if raw_meta is None:
-                    return None
+                if raw_meta is None or len(raw_meta) != BlockMeta.SIZE:
+                    return None  # (damaged since the open, which drops such records)
                 meta = BlockMeta.unpack(raw_meta)
                 value = txn.get(key, db=self._data)
                 if value is None:
@@ -906,7 +963,9 @@ class LMDBTier:
         while True:
             batch = await loop.run_in_executor(self._executor, self._scan_batch, after)
             for raw_key, raw_meta in batch:
-                yield decode_key(raw_key), BlockMeta.unpack(raw_meta)
+                # (the open dropped damaged records; one damaged since is left out)
+                if len(raw_meta) == BlockMeta.SIZE and _decodable(raw_key):
+                    yield decode_key(raw_key), BlockMeta.unpack(raw_meta)
             if len(batch) < _SCAN_BATCH:
                 return
             after = batch[-1][0]

@@ -64,3 +64,37 @@ def test_corrupt_l2_copy_is_a_counted_miss_never_served(server_factory) -> None:
         assert c.lookup([b"victim"]).found == 0  # dropped, not served later either
         # Everything else still served.
         assert all(v is not None for v in c.get([f"p{i}".encode() for i in range(8)]))
+
+
+def test_damaged_l2_records_cost_their_own_blocks_only_across_a_restart(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: one size field with bit 40 set made the restart
+    count L2 "1 TB over capacity" and trim every intact block away; a
+    metadata value cut short failed every start with a traceback (l2.recover
+    did not help). Each damaged record is one dropped block now."""
+    server = server_factory(l1_capacity="4MiB").start()
+    values = {f"g{i:03}".encode(): os.urandom(64 * 1024) for i in range(40)}
+    with Client(server.tcp, namespace="d") as c:
+        c.put(values, ack="local")
+    assert server.terminate() == 0
+    env = lmdb.open(str(server.data_dir / "l2"), max_dbs=8, subdir=True, map_size=1 << 30)
+    data_db, meta_db = env.open_db(b"data"), env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        huge = bytearray(txn.get(encode_key(("d", b"g039")), db=meta_db))
+        huge[5] ^= 0x01  # bit 40 of the size field
+        txn.put(encode_key(("d", b"g039")), bytes(huge), db=meta_db)
+        txn.put(encode_key(("d", b"g007")), b"short", db=meta_db)
+        txn.delete(encode_key(("d", b"g020")), db=data_db)  # metadata without a payload
+        txn.put(encode_key(("d", b"orphan")), b"x" * 100, db=data_db)  # and the reverse
+    env.close()
+    damaged = {b"g039", b"g007", b"g020"}
+    with server.start(), Client(server.tcp, namespace="d") as c:
+        keys = sorted(values)
+        got = c.get(keys)
+        assert {k for k, g in zip(keys, got, strict=True) if g is None} == damaged
+        assert all(g == values[k] for k, g in zip(keys, got, strict=True) if k not in damaged)
+        assert c.get([b"orphan"]) == [None]
+        assert tier_stats(c, TierName.L2).corrupt == 4
+        assert "4 damaged records" in server.log()
+        assert server.terminate() == 0
+    with server.start(), Client(server.tcp, namespace="d") as c:  # and they stay dropped
+        assert sum(g is not None for g in c.get(sorted(values))) == len(values) - len(damaged)

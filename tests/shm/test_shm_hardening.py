@@ -256,3 +256,20 @@ def test_a_shm_put_of_more_blocks_than_a_request_may_name_is_split(
         result = c.put(blocks)
         assert (result.stored, result.bytes) == (n, 16 * n)
         assert c.get([b"k000000", b"k065536"]) == [b"%016d" % 0, b"%016d" % 65536]
+
+
+def test_the_attach_answer_gives_the_lease_acquires_are_granted(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Found by a protocol review: under a server.max_lease_ms below
+    server.shm_lease_ms, ShmAttach said leases last 30 s while every acquire
+    was granted 5 s, so a client trusting the answer read past its leases."""
+    from kvstore.wire.pb import kvstore_pb2_grpc as pb_grpc
+    server = server_factory("--l1-shm-path", _shm_path(tmp_path, "lease"),
+                            "--server-max-lease-ms", "5000", l1_capacity="16MiB")
+    with server, Client(server.tcp, namespace="l") as c, \
+            grpc.insecure_channel(server.tcp) as channel:
+        c.put({b"k": b"k" * 4096})
+        stub = pb_grpc.KVStoreStub(channel)
+        attach = stub.ShmAttach(pb.ShmAttachRequest(), timeout=30)
+        got = stub.ShmAcquire(pb.ShmAcquireRequest(namespace="l", keys=[b"k"],
+                                                   owner=attach.owner), timeout=30)
+        assert attach.default_lease_ms == got.lease_ms == 5000
