@@ -492,13 +492,21 @@ class Placement(Part):
         return not (entry.dirty and self.writes_paused())
 
     def _victim_past_lease(self, over: set[str]) -> tuple[BlockId, Action] | None:
-        """A victim among the blocks of the namespaces ``over`` their quota,
-        leased ones too (a block being read or written, or pinned by its
-        session, still stays)."""
+        """A victim among the blocks of the namespaces past their quota (of
+        those ``over``: at or past it), leased ones too (a block being read
+        or written, or pinned by its session, still stays)."""
+        assert self._l1_limit is not None
+        limit, reserved = self._l1_limit, self._l1_reserved
+        # Past the quota, not at it (a fix review: two tenants each at
+        # exactly their quota lost leased blocks to a third's Put).
+        past = {ns for ns in over if (owned := self._l1_owned.get(ns)) is not None
+                and owned.bytes + reserved.get(ns, 0) > limit(ns)}
+        if not past:
+            return None
         blocks, now = self.index.blocks, self.clock()
 
         def evictable(block: BlockId) -> bool:
-            if block[0] not in over:
+            if block[0] not in past:
                 return False
             entry = blocks.get(block)
             if entry is None or entry.l1_offset < 0:

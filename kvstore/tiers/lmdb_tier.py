@@ -647,10 +647,19 @@ class LMDBTier:
         return blocks, total
 
     def _drop_damaged(self, keys: list[bytes]) -> None:
-        with self._env.begin(write=True) as txn:
-            for key in keys:
-                txn.delete(key, db=self._data)
-                txn.delete(key, db=self._meta)
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for key in keys:
+                        txn.delete(key, db=self._data)
+                        txn.delete(key, db=self._meta)
+                break
+            except lmdb.MapFullError:
+                # An L2 grown past l2.initial_map_size opens with its map
+                # full: deletes need pages too (a fix review: 4 damaged
+                # records failed the start, and l2.recover moved all of L2
+                # aside). Nothing is open here: the map may grow now.
+                self._env.set_mapsize(int(self._env.info()["map_size"]) * 2)
         self.dropped_at_open = len(keys)
         log.warning("L2 at %s held %d damaged records (metadata that does not parse or does "
                     "not match its payload, or one without the other): dropped, each a miss "
@@ -731,9 +740,11 @@ class LMDBTier:
         self._rw.acquire_read()
         try:
             with self._env.begin(db=self._tombs) as txn:
+                # (a damaged key names no block: left out; it failed the start)
                 return [(decode_key(k), _TOMB_CHECKSUM.unpack(v)[0]
                          if len(v) == _TOMB_CHECKSUM.size else None)
-                        for k, v in txn.cursor().iternext(keys=True, values=True)]
+                        for k, v in txn.cursor().iternext(keys=True, values=True)
+                        if _decodable(k)]
         except lmdb.Error as exc:
             raise self._storage_error("scan", exc) from exc
         finally:

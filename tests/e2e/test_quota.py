@@ -159,6 +159,22 @@ def test_a_tenant_leasing_past_its_quota_never_refuses_another_s_puts(server_fac
             noisy.put({b"more": b"\xee" * BLOCK})
 
 
+def test_tenants_leasing_exactly_their_quota_keep_every_block(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """A fix review: two tenants each at exactly their quota, all leased,
+    lost leased blocks to a third's Put. At the quota a lease holds."""
+    with serve(server_factory, "--quota-l1-per-namespace", "2MiB") as server, \
+            Client(server.tcp, namespace="a") as a, Client(server.tcp, namespace="b") as b, \
+            Client(server.tcp, namespace="c") as c:
+        held = [b"k%03d" % i for i in range(2 * 1024**2 // BLOCK)]
+        for tenant in (a, b):
+            tenant.put({k: b"\xaa" * BLOCK for k in held})
+            assert all(t is not None for t in tenant.lookup(held, lease_ms=60_000).tiers)
+        with pytest.raises(CapacityExhausted):
+            c.put({b"new": b"\xcc" * BLOCK})
+        for tenant in (a, b):
+            assert tenant.stats(namespace=tenant.namespace).tiers[0].blocks == len(held)
+
+
 def test_room_reserved_for_blocks_still_arriving_counts_against_the_quota(  # type: ignore[no-untyped-def]
         server_factory) -> None:
     """A tenant's half-sent Puts (a first chunk, then nothing) hold L1 room

@@ -258,7 +258,8 @@ def test_a_shm_put_of_more_blocks_than_a_request_may_name_is_split(
         assert c.get([b"k000000", b"k065536"]) == [b"%016d" % 0, b"%016d" % 65536]
 
 
-def test_the_attach_answer_gives_the_lease_acquires_are_granted(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_attach_answer_gives_the_lease_acquires_are_granted(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
     """Found by a protocol review: under a server.max_lease_ms below
     server.shm_lease_ms, ShmAttach said leases last 30 s while every acquire
     was granted 5 s, so a client trusting the answer read past its leases."""
