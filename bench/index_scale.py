@@ -14,8 +14,9 @@ say it fits in memory and time, otherwise the JSON says why it was skipped):
    sites). Then ``await store.lookup(ns, chain)`` of a 1,000-key chain of
    present keys, and ``await store.put_bytes`` of 4 KiB blocks, p50/p99.
 2. Live server over its unix socket: N block records (the 24-byte metadata
-   the L2 tier keeps per block, no payloads) are written into the LMDB
-   ``meta`` database of a fresh data dir, then ``kvstore serve`` is started on
+   the L2 tier keeps per block, and a 1-byte payload: L2's open drops
+   metadata without one) are written into the LMDB ``meta`` and ``data``
+   databases of a fresh data dir, then ``kvstore serve`` is started on
    it: it rebuilds its index from those records at start (the warm-restart
    path), so the live server holds N blocks without N Puts. Measured: time to
    ready (rebuild), server RSS minus an empty server's, ``Client.lookup`` of a
@@ -224,7 +225,8 @@ async def _inproc(n: int, reps: int, trace: bool, compact: bool) -> dict[str, An
 
 
 def fill_lmdb_main(conn: Any, l2_dir: str, n: int) -> None:
-    """Write N block records into the L2 ``meta`` database (no payloads)."""
+    """Write N block records into L2: metadata, and a 1-byte payload each
+    (0.29.4's open drops metadata without its payload as damaged)."""
     try:
         import lmdb
 
@@ -235,17 +237,19 @@ def fill_lmdb_main(conn: Any, l2_dir: str, n: int) -> None:
         Path(l2_dir).mkdir(parents=True, exist_ok=True)
         env = lmdb.open(l2_dir, map_size=max(1 << 30, n * 400), max_dbs=4, subdir=True,
                         sync=False, metasync=False)
-        env.open_db(b"data")
+        data = env.open_db(b"data")
         meta = env.open_db(b"meta")
         created0 = time.time() - n * 1e-3
         batch = 200_000
         for start in range(0, n, batch):
             items = sorted(
-                (encode_key((NS, key_of(i))), BlockMeta(65536, i & 0xFFFFFFFF,
+                (encode_key((NS, key_of(i))), BlockMeta(1, i & 0xFFFFFFFF,
                                                         created0 + i * 1e-3).pack())
                 for i in range(start, min(n, start + batch)))
-            with env.begin(write=True, db=meta) as txn:
-                txn.cursor().putmulti(items, dupdata=False, overwrite=True)
+            with env.begin(write=True) as txn:
+                txn.cursor(db=meta).putmulti(items, dupdata=False, overwrite=True)
+                txn.cursor(db=data).putmulti(((k, b"\0") for k, _ in items),
+                                             dupdata=False, overwrite=True)
         env.sync(True)
         env.close()
         conn.send(("ok", round(time.perf_counter() - t0, 2)))
