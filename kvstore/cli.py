@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kvstore import config as kvconfig
-from kvstore.errors import InvalidConfig, KVStoreError
+from kvstore.errors import InvalidConfig, KVStoreError, StorageError
 from kvstore.types import DEFAULT_TARGET, BlockListing, StoreStats, TierStats
 
 if TYPE_CHECKING:
@@ -195,6 +195,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except InvalidConfig as exc:
         _err(f"cannot start: {exc}")
         return EXIT_USAGE
+    except StorageError as exc:
+        # (damaged L2, or one that is not this data dir's: exit 1, in the same
+        # words as every other refusal; an operator's log rule on "cannot
+        # start" missed these)
+        _err(f"cannot start: {exc}")
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:

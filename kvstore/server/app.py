@@ -370,7 +370,8 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
     policy = f"policy {config.policy.name}" + (" (client clock)"
                                                if config.policy.clock == "client" else "")
-    dp = [f"tcp {addresses['data_plane_tcp']}" if addresses.get("data_plane_tcp") else "",
+    dp = [f"tcp {addresses['data_plane_tcp']}" + (" (TLS)" if s.tls_cert else "")
+          if addresses.get("data_plane_tcp") else "",
           f"unix {addresses['data_plane_unix']}" if addresses.get("data_plane_unix") else ""]
     if any(dp):
         listeners.append(f"data plane {', '.join(x for x in dp if x)}")

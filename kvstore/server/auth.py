@@ -175,7 +175,15 @@ def load_grants(path: str) -> Grants:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidConfig(f"auth.tokens_file {path}: cannot read it ({exc})") from None
-    return parse_grants(text, f"auth.tokens_file {path}")
+    grants = parse_grants(text, f"auth.tokens_file {path}")
+    if not grants.tokens and not grants.certs:
+        # (an operator review: an empty file, or one caught half-rewritten
+        # by a SIGHUP, refused every call, the admin's too, while the health
+        # checks said SERVING)
+        raise InvalidConfig(f"auth.tokens_file {path}: grants nothing (no credential line): "
+                            "every call would be refused; to run without auth, unset "
+                            "auth.tokens_file")
+    return grants
 
 
 def _first(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str | None:

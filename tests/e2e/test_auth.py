@@ -266,6 +266,13 @@ def test_tokens_rotate_on_sighup(server_factory, tokens_file: Path) -> None:  # 
         assert "line 1" in server.log()
         with Client(server.tcp, namespace="team-a", token="alice-token-2") as new:
             assert new.get([b"k"]) == [b"v"]
+        # So does one that grants nothing (emptied, or caught half-rewritten):
+        # taken, it refused every call (an operator review).
+        tokens_file.write_text("")
+        os.kill(server.pid, signal.SIGHUP)
+        assert wait_until(lambda: "grants nothing" in server.log())
+        with Client(server.tcp, namespace="team-a", token="alice-token-2") as new:
+            assert new.get([b"k"]) == [b"v"]
         assert server.alive()
 
 

@@ -92,6 +92,16 @@ def test_unknown_log_format(tmp_path: Path) -> None:
     assert_one_clear_line(serve(tmp_path, "--log-format", "yaml"), "log_format")
 
 
+def test_a_tokens_file_that_grants_nothing(tmp_path: Path) -> None:
+    """An operator review: an empty (or all-comment) tokens file started a
+    server that refused every call, the admin's too, with health SERVING."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# every line commented out\n")
+    result = serve(tmp_path, "--auth-tokens-file", str(tokens))
+    assert result.returncode == 2
+    assert_one_clear_line(result, "auth.tokens_file", "grants nothing")
+
+
 # ---------------------------------------------------------------------------- TLS
 
 

@@ -100,6 +100,7 @@ def test_unreadable_environment_refuses_in_one_line_and_recovers_when_asked(
     lines = server.log().strip().splitlines()
     assert len(lines) == 1, lines
     assert str(data_file(server)) in lines[0] and "--l2-recover true" in lines[0]
+    assert lines[0].startswith("kvstore: cannot start: "), lines[0]  # as every refusal
 
     server.flags += ["--l2-recover", "true"]
     server.start()
