@@ -29,7 +29,7 @@ from kvstore.budget import request_budget
 from kvstore.config import Config, changed_options, format_size
 from kvstore.dataplane.server import DataPlaneServer
 from kvstore.dataplane.tickets import Binding
-from kvstore.errors import InvalidConfig
+from kvstore.errors import InvalidConfig, StorageError
 from kvstore.ownpath import make_directories
 from kvstore.server import logs, metrics, preflight
 from kvstore.server.auth import Authorizer
@@ -370,7 +370,8 @@ def startup_summary(config: Config, addresses: dict[str, str | None]) \
     l3 = f"L3 {config.l3.url}" if config.l3.url else "L3 none"
     policy = f"policy {config.policy.name}" + (" (client clock)"
                                                if config.policy.clock == "client" else "")
-    dp = [f"tcp {addresses['data_plane_tcp']}" + (" (TLS)" if s.tls_cert else "")
+    dp = [f"tcp {addresses['data_plane_tcp']}" + (" (mutual TLS)" if s.tls_client_ca else
+                                                   " (TLS)" if s.tls_cert else "")
           if addresses.get("data_plane_tcp") else "",
           f"unix {addresses['data_plane_unix']}" if addresses.get("data_plane_unix") else ""]
     if any(dp):
@@ -430,9 +431,12 @@ async def serve(config: Config, ready_file: str | None = None,
         loop.add_signal_handler(sig, stop.set)
     tune_malloc()
     preflight.check(config)
-    server = Server(config)
-    started.append(server)
-    await server.start()
+    try:
+        server = Server(config)
+        started.append(server)
+        await server.start()
+    except StorageError as exc:
+        raise StartRefused(str(exc)) from exc
     tune_gc()  # after the index rebuild: the collector skips what exists now
     if ready_file and not stop.is_set():
         try:
@@ -473,6 +477,12 @@ def mind_config_changes(running: Config, reload: Callable[[], Config]) -> None:
         log.warning("SIGHUP: the configuration changed (%s): not applied, it takes effect at "
                     "a restart; SIGHUP rereads only the contents of auth.tokens_file and the "
                     "TLS files", ", ".join(changed))
+
+
+class StartRefused(StorageError):
+    """A StorageError met while the server started (a damaged L2, or one that
+    is not this data dir's): ``kvstore serve`` says "cannot start", exit 1.
+    One met later (a failed flush at the stop) is not reported so."""
 
 
 def run(config: Config, ready_file: str | None = None,

@@ -42,7 +42,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,7 +164,8 @@ _STOP = object()
 
 #: How the OS says a limit was reached (not that the file is damaged).
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC,
-                    errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+                    errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                    errno.EFBIG)  # (a file size limit: not damage, never moved aside)
 _RESOURCE_TEXTS = tuple(os.strerror(n) for n in _RESOURCE_ERRNOS)
 
 
@@ -249,6 +250,7 @@ class LMDBTier:
         self._seen_size = 0  # the largest size of data.mdb seen (LMDB never shrinks it)
         self._fd = -1
         self.dropped_at_open = 0  # damaged records dropped as it opened (_count)
+        self.map_grows = 0  # times the map was found full and doubled
         # Below it LMDB cannot create its databases in a fresh file
         # (MDB_MAP_FULL at the first open, which read as a damaged file).
         initial_map_size = max(initial_map_size, MIN_MAP_SIZE)
@@ -274,7 +276,6 @@ class LMDBTier:
         self._count_lock = threading.Lock()
         # Orders "closed?" against queueing: nothing is queued behind the stop.
         self._gate = threading.Lock()
-        self.map_grows = 0
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="kvstore-l2-writer",
                                         daemon=True)
@@ -301,9 +302,14 @@ class LMDBTier:
         if not marker.exists():
             return
         since = marker.read_text(errors="replace").strip()
-        with self._write_lock, self._env.begin(write=True) as txn:
-            txn.drop(self._data, delete=False)
-            txn.drop(self._meta, delete=False)
+
+        def clear() -> None:
+            with self._write_lock, self._env.begin(write=True) as txn:
+                txn.drop(self._data, delete=False)
+                txn.drop(self._meta, delete=False)
+        # (the pages freed make a free list that needs pages of its own: a
+        # fix review's L2 past its initial map failed every start here)
+        self._growing_at_open(clear)
         self._blocks = self._bytes = 0
         self._env.sync(True)  # (on disk before the marker goes: a power cut between)
         marker.unlink()
@@ -646,20 +652,27 @@ class LMDBTier:
                 txn.delete(_PROBE_KEY, db=db)
         return blocks, total
 
-    def _drop_damaged(self, keys: list[bytes]) -> None:
+    def _growing_at_open(self, write: Callable[[], None]) -> None:
+        """Run ``write`` (one write transaction of the open), growing the map
+        while it is full. An L2 grown past l2.initial_map_size opens with its
+        map full, and deletes need pages too (a fix review: 4 damaged records
+        failed the start, and l2.recover moved all of L2 aside). Only at the
+        open: no other transaction is open, so the map may grow."""
         while True:
             try:
-                with self._env.begin(write=True) as txn:
-                    for key in keys:
-                        txn.delete(key, db=self._data)
-                        txn.delete(key, db=self._meta)
-                break
+                write()
+                return
             except lmdb.MapFullError:
-                # An L2 grown past l2.initial_map_size opens with its map
-                # full: deletes need pages too (a fix review: 4 damaged
-                # records failed the start, and l2.recover moved all of L2
-                # aside). Nothing is open here: the map may grow now.
                 self._env.set_mapsize(int(self._env.info()["map_size"]) * 2)
+                self.map_grows += 1
+
+    def _drop_damaged(self, keys: list[bytes]) -> None:
+        def drop() -> None:
+            with self._env.begin(write=True) as txn:
+                for key in keys:
+                    txn.delete(key, db=self._data)
+                    txn.delete(key, db=self._meta)
+        self._growing_at_open(drop)
         self.dropped_at_open = len(keys)
         log.warning("L2 at %s held %d damaged records (metadata that does not parse or does "
                     "not match its payload, or one without the other): dropped, each a miss "

@@ -6,6 +6,7 @@ earlier run had records its deletes in L2, done when L3 is back."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,25 @@ def test_a_run_without_l2_leaves_no_stale_block_for_the_next_run_with_it(  # typ
         assert c.get([b"after"]) == [b"a"]  # cleared once, not at every start
     # (the runs on one data dir share its log)
     assert later.log_path.read_text().count("its blocks cleared") == 1
+
+
+def test_clearing_an_l2_grown_past_its_initial_map(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A fix review: an L2 grown past l2.initial_map_size opens with its map
+    full, and clearing what a run without L2 left needs pages for the free
+    list: every start failed with a traceback (with the default 1 GiB map,
+    any L2 past 1 GiB)."""
+    node = tmp_path / "node"
+    small = ("--l2-initial-map-size", "1MiB")
+    with server_factory(*small, data_dir=node, l1_capacity="4MiB") as first, \
+            Client(first.tcp, namespace="ns") as c:
+        for i in range(16):
+            c.put({b"b%d-%d" % (i, j): os.urandom(4096) for j in range(128)}, ack="local")
+    with server_factory("--l2-enabled", "false", data_dir=node) as without:
+        assert without.alive()
+    with server_factory(*small, data_dir=node) as again, Client(again.tcp, namespace="ns") as c:
+        assert c.get([b"b0-0", b"b15-127"]) == [None, None]
+        assert c.put({b"after": b"a"}, ack="local").stored == 1
+    assert "its blocks cleared" in again.log()
 
 
 def test_a_run_without_l3_records_its_deletes_for_when_l3_is_back(  # type: ignore[no-untyped-def]
