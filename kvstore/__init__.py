@@ -49,9 +49,13 @@ from kvstore.types import (
 
 if TYPE_CHECKING:
     from kvstore.client import TLS, AsyncClient, Client, PutResult
+    from kvstore.client.shm import ShmClient
 
 
 _CLIENT_NAMES = frozenset({"AsyncClient", "Client", "PutResult", "TLS"})
+#: (README names ShmClient beside Client and AsyncClient: an SDK review's
+#: `from kvstore import ShmClient` raised ImportError)
+_SHM_NAMES = frozenset({"ShmClient"})
 
 
 if not TYPE_CHECKING:
@@ -62,6 +66,12 @@ if not TYPE_CHECKING:
             import kvstore.client
 
             value = getattr(kvstore.client, name)
+            globals()[name] = value
+            return value
+        if name in _SHM_NAMES:
+            import kvstore.client.shm
+
+            value = getattr(kvstore.client.shm, name)
             globals()[name] = value
             return value
         raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
@@ -93,6 +103,7 @@ __all__ = [
     "ReservationExpired",
     "ServerShuttingDown",
     "SessionEnd",
+    "ShmClient",
     "StaleLease",
     "StorageError",
     "StoreStats",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, SupportsFloat, TypedDict
 
 import grpc
 
@@ -15,7 +15,9 @@ from kvstore.client import _convert as conv
 from kvstore.client._common import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TARGET,
+    BlockBuffers,
     Blocks,
+    KeyLike,
     MetadataOption,
     MetadataPairs,
     channel_options,
@@ -105,7 +107,7 @@ class ClientSettings(TypedDict, total=False):
     """The keyword arguments every client takes (see :class:`kvstore.Client`)."""
 
     namespace: str | None
-    timeout: float | None
+    timeout: SupportsFloat | None  # (any real number: numpy's included)
     chunk_bytes: int
     options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None
     tls: TLS | None
@@ -122,7 +124,7 @@ class ClientBase:
         target: str = DEFAULT_TARGET,
         *,
         namespace: str | None = None,
-        timeout: float | None = 60.0,
+        timeout: SupportsFloat | None = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         options: Mapping[str, Any] | Iterable[tuple[str, Any]] | None = None,
         tls: TLS | None = None,
@@ -179,7 +181,7 @@ class ClientBase:
                            check_block_format(block_format))
 
     def _prepare_get(
-        self, keys: Iterable[bytes], namespace: str | None, session_id: str | None
+        self, keys: Iterable[KeyLike], namespace: str | None, session_id: str | None
     ) -> tuple[int, bytes]:
         ns = resolve_namespace(namespace, self.namespace)
         ks = normalize_keys(keys)
@@ -188,14 +190,14 @@ class ClientBase:
         return len(ks), conv.encode_get_request(ns, ks, sid, max_chunk)
 
     def _prepare_get_into(
-        self, keys: Iterable[bytes], buffers: Sequence[Any], namespace: str | None
+        self, keys: Iterable[KeyLike], buffers: BlockBuffers, namespace: str | None
     ) -> tuple[int, bytes, list[memoryview]]:
         count, req = self._prepare_get(keys, namespace, None)
         return count, req, normalize_buffers(buffers, count)
 
     def _prepare_lookup(
         self,
-        keys: Iterable[bytes],
+        keys: Iterable[KeyLike],
         namespace: str | None,
         lease_ms: int,
         session_id: str | None,
@@ -206,7 +208,7 @@ class ClientBase:
             ns, ks, check_lease_ms(lease_ms), check_session_id(session_id), lengths
         )
 
-    def _prepare_delete(self, keys: Iterable[bytes], namespace: str | None) -> tuple[int, bytes]:
+    def _prepare_delete(self, keys: Iterable[KeyLike], namespace: str | None) -> tuple[int, bytes]:
         ns = resolve_namespace(namespace, self.namespace)
         ks = normalize_keys(keys)
         return len(ks), conv.encode_delete_request(ns, ks)
@@ -297,7 +299,7 @@ def check_block_format(block_format: BlockFormat | int) -> BlockFormat:
 MAX_TIMEOUT_S = 1e9
 
 
-def check_timeout(timeout: float | None) -> float | None:
+def check_timeout(timeout: SupportsFloat | None) -> float | None:
     """A client's ``timeout``: seconds > 0, or None (or inf) for no deadline."""
     if timeout is None:
         return None
@@ -306,12 +308,13 @@ def check_timeout(timeout: float | None) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise InvalidArgument(f"timeout must be a number of seconds or None, not "
                               f"{type(timeout).__name__}")
-    if timeout == math.inf:
+    seconds = float(timeout)
+    if seconds == math.inf:
         return None  # (what inf means: no deadline)
-    if not 0 < timeout <= MAX_TIMEOUT_S:
+    if not 0 < seconds <= MAX_TIMEOUT_S:
         raise InvalidArgument(f"timeout must be positive and at most {MAX_TIMEOUT_S:.0e} s, "
                               f"or None for no deadline, not {timeout!r}")
-    return float(timeout)
+    return seconds
 
 
 def turn_end_event(

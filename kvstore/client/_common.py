@@ -32,7 +32,15 @@ _MESSAGE_HEADROOM = 64 * 1024  # key, size, session id and tags around a Put chu
 _UINT32_MAX = 2**32 - 1
 
 BlockBuffer = Any  # bytes or any object exporting the buffer protocol
-Blocks = Mapping[bytes, BlockBuffer] | Iterable[tuple[bytes, BlockBuffer]]
+#: A key as the SDK takes it (README: "A key is bytes (or a bytearray/memoryview)").
+KeyLike = bytes | bytearray | memoryview
+# (a Mapping is invariant in its key: a dict keyed by memoryview is not a
+# Mapping[KeyLike, ...], so each key type is named)
+Blocks = (Mapping[bytes, BlockBuffer] | Mapping[bytearray, BlockBuffer]
+          | Mapping[memoryview, BlockBuffer] | Mapping[KeyLike, BlockBuffer]
+          | Iterable[tuple[KeyLike, BlockBuffer]])
+#: get_into's destinations: a list of writable buffers, or a 2-D array (its rows).
+BlockBuffers = Sequence[Any] | Any
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,10 @@ from kvstore.client._common import (
     DEFAULT_TARGET,
     GET_SMALL,
     SMALL_GET_BYTES,
+    BlockBuffers,
     Blocks,
     GetAssembler,
+    KeyLike,
     PutResult,
     check_lease_ms,
     check_session_id,
@@ -324,7 +326,7 @@ class AsyncClient(ClientBase):
 
     async def get(
         self,
-        keys: Iterable[bytes],
+        keys: Iterable[KeyLike],
         *,
         namespace: str | None = None,
         session_id: str | None = None,
@@ -350,8 +352,8 @@ class AsyncClient(ClientBase):
 
     async def get_into(
         self,
-        keys: Iterable[bytes],
-        buffers: Sequence[Any],
+        keys: Iterable[KeyLike],
+        buffers: BlockBuffers,
         *,
         namespace: str | None = None,
     ) -> list[int | None]:
@@ -428,7 +430,7 @@ class AsyncClient(ClientBase):
 
     async def lookup(
         self,
-        keys: Iterable[bytes],
+        keys: Iterable[KeyLike],
         *,
         namespace: str | None = None,
         lease_ms: int = 0,
@@ -460,7 +462,7 @@ class AsyncClient(ClientBase):
         result: LookupResult = await self._unary(conv.LOOKUP, req)
         return result
 
-    async def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
+    async def delete(self, keys: Iterable[KeyLike], *, namespace: str | None = None) -> int:
         """See :meth:`kvstore.Client.delete`."""
         count, req = self._prepare_delete(keys, namespace)
         if not count:
@@ -517,19 +519,19 @@ class AsyncClient(ClientBase):
         result: SessionEventResult = await self._unary(conv.SESSION_EVENT, req)
         return result
 
-    async def prefetch(self, session_id: str = "", keys: Iterable[bytes] = (), *,
+    async def prefetch(self, session_id: str = "", keys: Iterable[KeyLike] = (), *,
                        namespace: str | None = None) -> SessionEventResult:
         """See :meth:`kvstore.Client.prefetch`."""
         return await self.session_event(session_id, Prefetch(tuple(key_list(keys))),
                                         namespace=namespace)
 
-    async def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
+    async def pin(self, keys: Iterable[KeyLike], ttl_ms: int = 0, *, session_id: str = "",
                   namespace: str | None = None) -> SessionEventResult:
         """See :meth:`kvstore.Client.pin`."""
         return await self.session_event(session_id, Pin(tuple(key_list(keys)), ttl_ms),
                                         namespace=namespace)
 
-    async def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
+    async def unpin(self, keys: Iterable[KeyLike], *, session_id: str = "",
                     namespace: str | None = None) -> SessionEventResult:
         return await self.session_event(session_id, Unpin(tuple(key_list(keys))),
                                         namespace=namespace)

@@ -26,10 +26,13 @@ before use and replaced. A connection that breaks during a call is dropped;
 the next call opens a new session. The call that was in flight is retried
 once on a new session only when it is idempotent (Lookup, Get); a Put raises
 :class:`~kvstore.errors.ConnectionFailed` (whether its blocks were stored is
-unknown: blocks whose bytes all arrived may be). A call whose socket wait
-runs past the client's ``timeout`` raises
-:class:`~kvstore.errors.DeadlineExceeded` (the timeout applies to each wait
-on the socket, not to the call as a whole).
+unknown: blocks whose bytes all arrived may be). A call that runs past the
+client's ``timeout`` raises :class:`~kvstore.errors.DeadlineExceeded`, as
+over gRPC: the timeout is the call's deadline (checked before each socket
+wait; a wait that begins with less than nine tenths of the timeout left is
+cut at the deadline, so a call ends by 1.1 x the timeout at worst; 0.29.3
+applied it to each wait alone, and a Get of three 60 MiB blocks under a
+50 ms timeout took 0.17 s and succeeded).
 """
 
 from __future__ import annotations
@@ -253,6 +256,13 @@ class Connection:
         self.polled = 0
         self.target = target
         self.timeout = timeout
+        #: The call in progress's deadline (time.monotonic(); 0: none), set
+        #: by :meth:`begin_call`.
+        self.deadline = 0.0
+        # The socket's wait limits cut to the call's remainder (restored by
+        # the next call): a setsockopt pair, only once a call has used a
+        # tenth of its timeout (a 4 KiB Get would pay it on every receive).
+        self._short = False
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.broken = False
         #: The opcode of the request sent last (0: none yet).
@@ -310,6 +320,33 @@ class Connection:
                     break  # the server's end is closed: the request was answered
         self.close()
 
+    # -- the call's deadline --------------------------------------------------------
+
+    def begin_call(self, deadline: float) -> None:
+        """A call begins: it must end by ``deadline`` (0: no deadline)."""
+        self.deadline = deadline
+        if self._short:
+            _set_timeouts(self.sock, self.timeout)
+            self._short = False
+
+    def _check_deadline(self, what: str) -> None:
+        """Before a socket wait: past the call's deadline it fails; near it,
+        the wait is cut at the deadline."""
+        deadline = self.deadline
+        if not deadline:
+            return
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.broken = True  # (mid-call: the rest of its answer would follow)
+            exc = DeadlineExceeded(f"data plane to {self.target}: the call ran past its "
+                                   f"timeout of {self.timeout} s {what}")
+            exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+            raise exc
+        assert self.timeout is not None
+        if left < 0.9 * self.timeout:
+            _set_timeouts(self.sock, left)
+            self._short = True
+
     # -- sending -----------------------------------------------------------------------
 
     def send(self, opcode: int, meta: bytes, payload: Sequence[memoryview] = (),
@@ -331,6 +368,7 @@ class Connection:
         self._poll_ns = poll
         self._poll_kind = 1 if checked_bytes else 0
         head = HEADER.pack(MAGIC, _VERSION, opcode, flags, rid, len(meta), payload_len) + meta
+        self._check_deadline("sending")
         try:
             if not payload:
                 self.sock.sendall(head)
@@ -351,6 +389,8 @@ class Connection:
     def _sendmsg_all(self, parts: list[memoryview]) -> None:
         i = 0
         while i < len(parts):
+            if i:
+                self._check_deadline("sending")
             sent = self.sock.sendmsg(parts[i : i + _IOV_MAX])
             while sent and i < len(parts):
                 n = len(parts[i])
@@ -458,6 +498,7 @@ class Connection:
             self._poll_scale[kind] = 1  # given up: the next retry starts small
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
+        self._check_deadline("waiting for the server's answer")
         try:
             got = self.sock.recv_into(view, len(view), 0 if self.tls else flags)
         except OSError as exc:
@@ -468,6 +509,7 @@ class Connection:
 
     def _recv(self, receive: Callable[[], _Received]) -> _Received:
         """One receive call, its failures said in the data plane's words."""
+        self._check_deadline("waiting for the server's answer")
         try:
             got = receive()
         except OSError as exc:
@@ -797,11 +839,14 @@ class DataPlane:
         """``fn`` on a pooled connection; None when the data plane is not
         available (use gRPC). A dropped connection is retried once on a new
         session when ``idempotent``, else raises ConnectionFailed."""
+        timeout = self._timeout
+        deadline = time.monotonic() + timeout if timeout else 0.0
         for attempt in (0, 1):
             conn = self._take()
             if conn is None:
                 return None
             try:
+                conn.begin_call(deadline)
                 result = fn(conn)
             except Dropped as exc:
                 conn.close()

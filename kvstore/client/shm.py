@@ -79,7 +79,9 @@ from kvstore.client._base import check_block_format
 from kvstore.client._calldriver import CallJob
 from kvstore.client._common import (
     DEFAULT_TARGET,
+    BlockBuffers,
     Blocks,
+    KeyLike,
     PutResult,
     block_view,
     check_integer,
@@ -808,7 +810,7 @@ class ShmClient(Client):
     # -- Get -------------------------------------------------------------------------
 
     @_closable
-    def acquire(self, keys: Iterable[bytes], *, namespace: str | None = None,
+    def acquire(self, keys: Iterable[KeyLike], *, namespace: str | None = None,
                 session_id: str | None = None, lease_ms: int = 0) -> list[LeasedBlock | None]:
         """Lease ``keys`` (None for a miss); release the leases with
         :meth:`release`. A block the server holds outside L1 with no L1 room
@@ -821,7 +823,7 @@ class ShmClient(Client):
             self._copy_unleased(leases, unleased, ns, session_id)
         return leases
 
-    def _acquire(self, keys: Iterable[bytes], namespace: str | None, session_id: str | None,
+    def _acquire(self, keys: Iterable[KeyLike], namespace: str | None, session_id: str | None,
                  lease_ms: int, checked: bool = False
                  ) -> tuple[list[LeasedBlock | None], float, list[_Unleased]]:
         """The leases, how long (s) they last on the server (0.0 when the
@@ -978,7 +980,7 @@ class ShmClient(Client):
             self._acquire_call(ns, [], "", 0, ids)
 
     @contextmanager
-    def leased(self, keys: Iterable[bytes], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:
+    def leased(self, keys: Iterable[KeyLike], **kwargs: Any) -> Iterator[list[LeasedBlock | None]]:
         """Zero-copy read: the blocks' views in shared memory, released at exit.
         Raises StaleLease at exit if a lease expired meanwhile."""
         leases = self.acquire(keys, **kwargs)
@@ -990,7 +992,7 @@ class ShmClient(Client):
             raise StaleLease(f"{len(expired)} lease(s) expired before release; read again")
 
     @contextmanager
-    def _reading(self, keys: Iterable[bytes], namespace: str | None,
+    def _reading(self, keys: Iterable[KeyLike], namespace: str | None,
                  session_id: str | None) -> Iterator[list[LeasedBlock | None]]:
         """``leased`` for a copy made inside the block: if the copy ended
         within the lease's time, the release goes with the next ShmAcquire."""
@@ -1049,7 +1051,7 @@ class ShmClient(Client):
             resolve_namespace(namespace, self.namespace) in self._shm_namespaces
 
     @_closable
-    def get_into(self, keys: Iterable[bytes], buffers: Sequence[Any], *,
+    def get_into(self, keys: Iterable[KeyLike], buffers: BlockBuffers, *,
                  namespace: str | None = None) -> list[int | None]:
         if type(keys) is list and len(keys) == 1 and isinstance(buffers, (list, tuple)) \
                 and len(buffers) == 1:
@@ -1108,7 +1110,7 @@ class ShmClient(Client):
         return sizes
 
     @_closable
-    def get(self, keys: Iterable[bytes], *, namespace: str | None = None,
+    def get(self, keys: Iterable[KeyLike], *, namespace: str | None = None,
             session_id: str | None = None) -> list[bytes | None]:
         # The sizes are known only once the blocks are found: the last Get's
         # largest block stands for this one's (as get_into's buffers do).

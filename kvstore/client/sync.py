@@ -20,8 +20,10 @@ from kvstore.client._common import (
     GET_SMALL,
     SINGLE_THREADED_UNARY_STREAM,
     SMALL_GET_BYTES,
+    BlockBuffers,
     Blocks,
     GetAssembler,
+    KeyLike,
     PutResult,
     block_view,
     check_lease_ms,
@@ -337,7 +339,7 @@ class Client(ClientBase):
 
     def get(
         self,
-        keys: Iterable[bytes],
+        keys: Iterable[KeyLike],
         *,
         namespace: str | None = None,
         session_id: str | None = None,
@@ -364,8 +366,8 @@ class Client(ClientBase):
 
     def get_into(
         self,
-        keys: Iterable[bytes],
-        buffers: Sequence[Any],
+        keys: Iterable[KeyLike],
+        buffers: BlockBuffers,
         *,
         namespace: str | None = None,
     ) -> list[int | None]:
@@ -481,7 +483,7 @@ class Client(ClientBase):
 
     def lookup(
         self,
-        keys: Iterable[bytes],
+        keys: Iterable[KeyLike],
         *,
         namespace: str | None = None,
         lease_ms: int = 0,
@@ -518,7 +520,7 @@ class Client(ClientBase):
         if self._data_plane is not None:
             self._data_plane.settle(self.timeout)
 
-    def delete(self, keys: Iterable[bytes], *, namespace: str | None = None) -> int:
+    def delete(self, keys: Iterable[KeyLike], *, namespace: str | None = None) -> int:
         """Remove blocks from every tier; returns how many were stored."""
         count, req = self._prepare_delete(keys, namespace)
         if not count:
@@ -586,19 +588,19 @@ class Client(ClientBase):
         result: SessionEventResult = self._unary(self._session_rpc, req)
         return result
 
-    def prefetch(self, session_id: str = "", keys: Iterable[bytes] = (), *,
+    def prefetch(self, session_id: str = "", keys: Iterable[KeyLike] = (), *,
                  namespace: str | None = None) -> SessionEventResult:
         """Bring ``keys`` (or the blocks of the session's latest Lookup) into
         L1 ahead of the next request. Returns the blocks found."""
         return self.session_event(session_id, Prefetch(tuple(key_list(keys))), namespace=namespace)
 
-    def pin(self, keys: Iterable[bytes], ttl_ms: int = 0, *, session_id: str = "",
+    def pin(self, keys: Iterable[KeyLike], ttl_ms: int = 0, *, session_id: str = "",
             namespace: str | None = None) -> SessionEventResult:
         """Keep blocks in L1 for ``ttl_ms`` (within the namespace's pin quota)."""
         return self.session_event(session_id, Pin(tuple(key_list(keys)), ttl_ms),
                                   namespace=namespace)
 
-    def unpin(self, keys: Iterable[bytes], *, session_id: str = "",
+    def unpin(self, keys: Iterable[KeyLike], *, session_id: str = "",
               namespace: str | None = None) -> SessionEventResult:
         return self.session_event(session_id, Unpin(tuple(key_list(keys))), namespace=namespace)
 

@@ -64,3 +64,15 @@ def test_importing_the_errors_loads_no_client() -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_every_client_the_readme_names_imports_from_kvstore() -> None:
+    """The README names kvstore.Client, kvstore.AsyncClient and ShmClient
+    together; `from kvstore import ShmClient` raised ImportError (an SDK
+    review)."""
+    from kvstore import AsyncClient, Client, ShmClient
+    from kvstore.client.shm import ShmClient as where_it_lives
+
+    assert ShmClient is where_it_lives
+    assert {"Client", "AsyncClient", "ShmClient"} <= set(kvstore.__all__)
+    assert Client is kvstore.client.Client and AsyncClient is kvstore.client.AsyncClient

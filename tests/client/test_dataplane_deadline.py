@@ -1,0 +1,84 @@
+"""The sync client's ``timeout`` is each data-plane call's deadline, as over
+gRPC (docs/dataplane.md, client): an SDK review's Get of three 60 MiB blocks
+under a 50 ms timeout took 0.17 s and succeeded, because the timeout bounded
+each wait on the socket, not the call. A peer that answers steadily but
+slowly (each wait short) is emulated on a socket pair."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from kvstore.client.dataplane import Connection, _set_timeouts
+from kvstore.dataplane import frames
+from kvstore.dataplane.frames import HEADER, HEADER_SIZE
+from kvstore.errors import DeadlineExceeded
+
+BLOCK = 1 << 20
+PIECE = 4096
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("the client closed")
+        out += chunk
+    return out
+
+
+def _dripping_peer(sock: socket.socket, stop: threading.Event) -> None:
+    """Reads one GET, answers with one 1 MiB block, 4 KiB every 10 ms
+    (2.6 s in all: never a wait near the client's timeout)."""
+    head = _recv_exactly(sock, HEADER_SIZE)
+    _recv_exactly(sock, HEADER.unpack(head)[5])
+    rid = HEADER.unpack(head)[4]
+    try:
+        sock.sendall(frames.encode_get_frame(rid, 0, 1, BLOCK, 0))
+        for _ in range(BLOCK // PIECE):
+            if stop.wait(0.01):
+                return
+            sock.sendall(b"x" * PIECE)
+    except OSError:
+        return  # the client gave up and closed
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_a_call_answered_steadily_but_slowly_ends_at_its_timeout(
+        pair: tuple[socket.socket, socket.socket], into: bool) -> None:
+    a, b = pair
+    stop = threading.Event()
+    peer = threading.Thread(target=_dripping_peer, args=(b, stop))
+    peer.start()
+    try:
+        timeout = 0.3
+        _set_timeouts(a, timeout)  # (as the SDK's connections are)
+        conn = Connection(a, "slow-peer", timeout)
+        started = time.monotonic()
+        conn.begin_call(started + timeout)
+        with pytest.raises(DeadlineExceeded, match=r"ran past its timeout of 0\.3 s"):
+            conn.get("ns", [b"k"], "", [memoryview(bytearray(BLOCK))] if into else None)
+        took = time.monotonic() - started
+        assert took < 1.1 * timeout + 0.2, took  # (the peer needs 2.6 s)
+        assert conn.broken  # the rest of the answer would follow: never reused
+    finally:
+        stop.set()
+        peer.join(30)
+
+
+def test_the_next_call_on_a_connection_waits_its_whole_timeout_again(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A call that ended near its deadline cut the socket's wait limit; the
+    next call on the same connection gets its own timeout back."""
+    a, _ = pair
+    _set_timeouts(a, 5.0)
+    conn = Connection(a, "peer", 5.0)
+    conn.begin_call(time.monotonic() + 0.5)  # a call with little left
+    conn._check_deadline("test")  # its wait is cut to what is left
+    conn.begin_call(time.monotonic() + 5.0)
+    limit = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    assert limit[:8] == (5).to_bytes(8, "little"), limit  # five seconds again
