@@ -211,5 +211,5 @@ print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-
     engines_venv
     cd "$ENGINES_RUN" && exec "$ENGINES_PY" -m bench.engines --out "$ROOT/bench/results" "$@" ;;
   *)
-    sed -n '2,19p' "$0"; exit 2 ;;
+    sed -n '2,20p' "$0"; exit 2 ;;
 esac

@@ -34,6 +34,12 @@ from typing import Any
 
 warnings.simplefilter("ignore")
 
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    # (--help in the project's venv, which has no torch: the imports below
+    # failed before argparse could answer)
+    print(__doc__)
+    raise SystemExit(0)
+
 import torch  # noqa: E402
 from lmcache.utils import CacheEngineKey  # noqa: E402
 from lmcache.v1.cache_engine import LMCacheEngineBuilder  # noqa: E402

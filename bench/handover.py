@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-import kvstore.client.sync as sync_client
+import kvstore.client._calldriver as calldriver
 from bench._server import BenchServer
 from bench.peers import positive_int
 from kvstore import Client
@@ -37,8 +37,10 @@ def p50_us(fn: Callable[[], object], calls: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=positive_int, default=10)
+    parser.add_argument("--calls-scale", type=float, default=1.0,
+                        help="multiply each call kind's count (a smoke run: 0.05)")
     args = parser.parse_args(argv)
-    handed_over = sync_client.on_main_thread
+    handed_over = calldriver.on_main_thread
     with BenchServer(l1_capacity="256MiB") as server, \
             Client(server.tcp, namespace="handover", timeout=20, data_plane=False) as c:
         c.put({b"4k": os.urandom(4096), b"1m": os.urandom(1 << 20),
@@ -50,15 +52,16 @@ def main(argv: list[str] | None = None) -> None:
             "Get 1 MiB (GetSmall)": (lambda: c.get([b"1m"]), 100),
             "Get 8 MiB (stream)": (lambda: c.get([b"8m"]), 20),
         }
+        calls = {k: (fn, max(1, int(n * args.calls_scale))) for k, (fn, n) in calls.items()}
         runs: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in calls}
         for _ in range(args.rounds):
             for name, (fn, count) in calls.items():
                 runs[name][0].append(p50_us(fn, count))
-                sync_client.on_main_thread = lambda: False  # the direct call
+                calldriver.on_main_thread = lambda: False  # the direct call
                 try:
                     runs[name][1].append(p50_us(fn, count))
                 finally:
-                    sync_client.on_main_thread = handed_over
+                    calldriver.on_main_thread = handed_over
     print(f"{'call':24s} {'hand-over':>10s} {'direct':>10s}  ratio median (range)")
     for name, (over, direct) in runs.items():
         ratios = [a / b for a, b in zip(over, direct, strict=True)]

@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/replay/results")
     ap.add_argument("--report-only", action="store_true",
                     help="replay nothing: the tables from the cached results (cells missing "
-                         "from the cache are left out and listed)")
+                         "from the cache are left out and listed); with no cached result "
+                         "at all, it stops and writes nothing")
     ap.add_argument("--compare", nargs="+", default=[], metavar="CV.json",
                     help="only print the summaries of earlier runs side by side")
     ap.add_argument("--held-out", action="store_true",
@@ -623,6 +624,13 @@ def main(argv: list[str] | None = None) -> int:
                                      if (k, sd, p, b) not in base]
     if out["not_replayed"]:
         print(f"NOT REPLAYED (--report-only on a partial cache): {out['not_replayed']}")
+    if args.report_only and not any(ps for ps in caps.values()):
+        # (a docs review's --report-only on a fresh clone, with no cache,
+        # wrote empty tables over the committed JSON)
+        raise SystemExit(f"cv: no cached results in {CACHE} for these folds, K and seeds "
+                         "(the cache is not in the repository): nothing written; replay "
+                         "without --report-only, or read the committed "
+                         "bench/replay/results/cv-*.json with --compare")
     path = Path(args.out) / f"cv-{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

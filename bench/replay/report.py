@@ -67,8 +67,10 @@ def tables(rows: list[dict[str, Any]]) -> str:
             if lb in ("lru", "belady"):
                 continue
             worst = min(((by[(lb, p)]["hit_rate"] - by[("lru", p)]["hit_rate"]) for p in pcts
-                         if (lb, p) in by and ("lru", p) in by), default=0.0)
-            lru_ok.append(f"{lb}: {100 * worst:+.2f}")
+                         if (lb, p) in by and ("lru", p) in by), default=None)
+            # (no LRU row to compare with: said so, not "+0.00")
+            lru_ok.append(f"{lb}: n/a (no LRU rows)" if worst is None else
+                          f"{lb}: {100 * worst:+.2f}")
         lines.append(f"\nworst hit-rate difference vs LRU (points): {'; '.join(lru_ok)}")
         for lb in labels:
             if not lb.startswith("session"):

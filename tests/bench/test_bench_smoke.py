@@ -85,3 +85,15 @@ def test_replay_without_the_traces_says_where_it_looked(tmp_path: Path, suite: s
     assert proc.returncode == 2, proc.stderr
     assert f"the replay reads the shared traces from {tmp_path / 'none'}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_handover_runs_a_round() -> None:
+    """docs/performance.md's `python -m bench.handover` failed at its start
+    (it patched a function that had moved modules; a docs review)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.handover", "--rounds", "1",
+                           "--calls-scale", "0.05"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split()[0] for line in proc.stdout.splitlines()[1:]]
+    assert rows == ["Get", "Lookup,", "Delete,", "Get", "Get"], proc.stdout
