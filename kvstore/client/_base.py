@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -305,10 +306,13 @@ def check_timeout(timeout: SupportsFloat | None) -> float | None:
         return None
     # (numbers.Real: numpy's float32 and int64 too, which worked before the
     # check; float() below makes them a float)
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+    if isinstance(timeout, bool) or not isinstance(timeout, (numbers.Real, decimal.Decimal)):
         raise InvalidArgument(f"timeout must be a number of seconds or None, not "
                               f"{type(timeout).__name__}")
-    seconds = float(timeout)
+    try:
+        seconds = float(timeout)
+    except (OverflowError, ValueError):  # (10**400: past any float; a signalling NaN)
+        seconds = math.nan  # refused below, as a number out of range
     if seconds == math.inf:
         return None  # (what inf means: no deadline)
     if not 0 < seconds <= MAX_TIMEOUT_S:

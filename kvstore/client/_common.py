@@ -8,7 +8,7 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from kvstore.client._convert import GetPiece, decode_get_chunk
 from kvstore.client._errors import InvalidBuffer, ProtocolError
@@ -25,6 +25,9 @@ from kvstore.types import (
 )
 from kvstore.wire.codec import WireError, encode_varint, iter_fields
 
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
 DEFAULT_PORT = 50051
 DEFAULT_CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -40,7 +43,8 @@ Blocks = (Mapping[bytes, BlockBuffer] | Mapping[bytearray, BlockBuffer]
           | Mapping[memoryview, BlockBuffer] | Mapping[KeyLike, BlockBuffer]
           | Iterable[tuple[KeyLike, BlockBuffer]])
 #: get_into's destinations: a list of writable buffers, or a 2-D array (its rows).
-BlockBuffers = Sequence[Any] | Any
+#: (A string: numpy's types are named for type checkers only.)
+BlockBuffers: TypeAlias = "Sequence[Any] | NDArray[Any]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +363,7 @@ def normalize_blocks(blocks: Blocks) -> list[tuple[bytes, memoryview]]:
     return out
 
 
-def normalize_buffers(buffers: Sequence[Any], count: int) -> list[memoryview]:
+def normalize_buffers(buffers: BlockBuffers, count: int) -> list[memoryview]:
     if isinstance(buffers, (bytes, bytearray, memoryview)):
         # One buffer where a sequence of them goes: iterated, its items were
         # ints ("buffer #0 is a int"). (A 2-D numpy array is a sequence of rows.)

@@ -28,11 +28,14 @@ once on a new session only when it is idempotent (Lookup, Get); a Put raises
 :class:`~kvstore.errors.ConnectionFailed` (whether its blocks were stored is
 unknown: blocks whose bytes all arrived may be). A call that runs past the
 client's ``timeout`` raises :class:`~kvstore.errors.DeadlineExceeded`, as
-over gRPC: the timeout is the call's deadline (checked before each socket
-wait; a wait that begins with less than nine tenths of the timeout left is
-cut at the deadline, so a call ends by 1.1 x the timeout at worst; 0.29.3
-applied it to each wait alone, and a Get of three 60 MiB blocks under a
-50 ms timeout took 0.17 s and succeeded).
+over gRPC: the timeout is the call's deadline, checked before each socket
+wait and between pieces of at most 4 MiB sent or received (a wait that
+begins with less than nine tenths of the timeout left is cut at the
+deadline), so a call ends by 1.1 x the timeout, plus the copy of one piece,
+at worst; ``get`` of a large block as bytes first allocates it, which the
+deadline does not interrupt. (0.29.3 applied the timeout to each wait alone:
+a Get of three 60 MiB blocks under a 50 ms timeout took 0.17 s and
+succeeded.)
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ log = logging.getLogger("kvstore.client")
 _RECV_BUFFER = 256 * 1024
 #: Buffers one sendmsg takes at most (Linux IOV_MAX is 1024).
 _IOV_MAX = 512
+#: The most bytes one send or receive system call moves once a call has a
+#: deadline to keep: the deadline is checked between them. (One sendmsg of a
+#: 1 GiB Put on a unix socket, whose send limit restarts for every chunk the
+#: kernel moves, ran 21 x its timeout; one 512 MiB receive, 2.4 x: the
+#: kernel counts waiting against the limit, not copying.)
+_PIECE = 4 * 1024 * 1024
+_TLS_PIECE = 1024 * 1024
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
@@ -338,14 +348,20 @@ class Connection:
         left = deadline - time.monotonic()
         if left <= 0:
             self.broken = True  # (mid-call: the rest of its answer would follow)
-            exc = DeadlineExceeded(f"data plane to {self.target}: the call ran past its "
-                                   f"timeout of {self.timeout} s {what}")
-            exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
-            raise exc
+            raise self._past_deadline(what)
         assert self.timeout is not None
         if left < 0.9 * self.timeout:
-            _set_timeouts(self.sock, left)
+            # (at least 1 ms: a limit of 0 is no limit at all, a fix review)
+            _set_timeouts(self.sock, max(left, 0.001))
             self._short = True
+
+    def _past_deadline(self, what: str) -> DeadlineExceeded:
+        unknown = (": whether it took effect is unknown (blocks whose bytes all arrived "
+                   "may be stored)" if self.last_opcode in _STORING else "")
+        exc = DeadlineExceeded(f"data plane to {self.target}: the call ran past its timeout "
+                               f"of {self.timeout} s {what}{unknown}")
+        exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
+        return exc
 
     # -- sending -----------------------------------------------------------------------
 
@@ -375,7 +391,16 @@ class Connection:
             elif self.tls:
                 self.sock.sendall(head)
                 for part in payload:
-                    self.sock.sendall(part)
+                    if self.deadline and len(part) > _TLS_PIECE:
+                        # (TLS over TCP: each send's wait is bounded by the limit
+                        # the deadline cut; the pieces bound how many there are)
+                        for at in range(0, len(part), _TLS_PIECE):
+                            self._check_deadline("sending")
+                            self.sock.sendall(part[at : at + _TLS_PIECE])
+                    else:
+                        self.sock.sendall(part)
+            elif self.deadline and payload_len > _PIECE:
+                self._sendmsg_pieces([memoryview(head), *payload])
             else:
                 self._sendmsg_all([memoryview(head), *payload])
         except (BlockingIOError, TimeoutError) as exc:
@@ -386,11 +411,53 @@ class Connection:
             raise Dropped(f"sending: {exc}") from exc
         return rid
 
-    def _sendmsg_all(self, parts: list[memoryview]) -> None:
+    def _sendmsg_pieces(self, parts: list[memoryview]) -> None:
+        """:meth:`_sendmsg_all` within the call's deadline: at most
+        :data:`_PIECE` bytes a system call, none of them blocking, and the
+        waits for room polled for at most what is left. (A blocking send on a
+        unix socket restarts its limit for every chunk the kernel moves: one
+        to a slow reader outlives any deadline.)"""
         i = 0
+        writable: select.poll | None = None
         while i < len(parts):
-            if i:
+            self._check_deadline("sending")
+            batch: list[memoryview] = []
+            room = _PIECE
+            for part in parts[i : i + _IOV_MAX]:
+                if len(part) >= room:
+                    batch.append(part[:room])
+                    break
+                batch.append(part)
+                room -= len(part)
+            try:
+                sent = self.sock.sendmsg(batch, (), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if not sent:
+                if writable is None:
+                    writable = select.poll()
+                    writable.register(self._fd, select.POLLOUT)
+                writable.poll(max(0.0, self.deadline - time.monotonic()) * 1000 + 1)
+                continue
+            while sent and i < len(parts):
+                n = len(parts[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    parts[i] = parts[i][sent:]
+                    sent = 0
+
+    def _sendmsg_all(self, parts: list[memoryview]) -> None:
+        """Send ``parts`` whole (blocking; a payload of at most :data:`_PIECE`
+        bytes under a deadline: a reader that keeps taking them slowly may
+        hold it past the deadline by that much, one that stops may not)."""
+        i = 0
+        first = True
+        while i < len(parts):
+            if not first:  # (a partial send: the wait was cut, or more to go)
                 self._check_deadline("sending")
+            first = False
             sent = self.sock.sendmsg(parts[i : i + _IOV_MAX])
             while sent and i < len(parts):
                 n = len(parts[i])
@@ -528,6 +595,8 @@ class Connection:
         return Dropped(f"receiving: {exc}")
 
     def _deadline(self, what: str) -> DeadlineExceeded:
+        if self._short:  # the wait was cut at the call's deadline: that, not a stall
+            return self._past_deadline(what)
         exc = DeadlineExceeded(f"data plane to {self.target}: no progress for {self.timeout} s "
                                f"{what}")
         exc.grpc_code = "DEADLINE_EXCEEDED"  # type: ignore[attr-defined]
@@ -556,15 +625,17 @@ class Connection:
         if have:
             dest[:have] = self._view[self._start : self._start + have]
             self._start += have
+        # (in pieces under a deadline: see _PIECE)
+        piece = _PIECE if self.deadline else n
         while have < n:
-            have += self._recv_into(dest[have:], socket.MSG_WAITALL)
+            have += self._recv_into(dest[have : have + piece], socket.MSG_WAITALL)
 
     def payload_bytes(self, n: int) -> bytes:
         if self._end - self._start >= n:
             start = self._start
             self._start += n
             return bytes(self._view[start : self._start])
-        if self._end == self._start and not self.tls:
+        if self._end == self._start and not self.tls and (n <= _PIECE or not self.deadline):
             # Nothing buffered: the kernel copies straight into the bytes
             # returned (a bytearray then bytes() would copy the block twice).
             first = self._recv(lambda: self.sock.recv(n, socket.MSG_WAITALL))
@@ -839,8 +910,7 @@ class DataPlane:
         """``fn`` on a pooled connection; None when the data plane is not
         available (use gRPC). A dropped connection is retried once on a new
         session when ``idempotent``, else raises ConnectionFailed."""
-        timeout = self._timeout
-        deadline = time.monotonic() + timeout if timeout else 0.0
+        deadline = self.deadline()
         for attempt in (0, 1):
             conn = self._take()
             if conn is None:
@@ -890,6 +960,10 @@ class DataPlane:
             self.calls += 1
             return result
         return None  # not reached: the second attempt returns or raises
+
+    def deadline(self) -> float:
+        """The deadline of a call beginning now (0: none)."""
+        return time.monotonic() + self._timeout if self._timeout else 0.0
 
     def fits(self, meta_bytes: int, payload_bytes: int = 0) -> bool:
         """Whether a request this size fits one frame (else: gRPC)."""

@@ -362,6 +362,7 @@ class ShmFrames:
         idle = self.dp.take_idle()
         try:
             for conn in idle:
+                conn.begin_call(self.dp.deadline())  # (its own: not the last call's)
                 state = self._sessions.get(conn)
                 if state is None or state.stock is None:
                     continue

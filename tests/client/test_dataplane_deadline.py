@@ -82,3 +82,57 @@ def test_the_next_call_on_a_connection_waits_its_whole_timeout_again(
     conn.begin_call(time.monotonic() + 5.0)
     limit = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
     assert limit[:8] == (5).to_bytes(8, "little"), limit  # five seconds again
+
+
+def _slow_reader(sock: socket.socket, stop: threading.Event) -> None:
+    """Reads a PUT's header and metadata, then its payload 16 KiB every
+    10 ms (1.6 MB/s), never answering: each wait of the sender is short."""
+    head = _recv_exactly(sock, HEADER_SIZE)
+    _recv_exactly(sock, HEADER.unpack(head)[5])
+    try:
+        while not stop.wait(0.01):
+            if not sock.recv(16384):
+                return
+    except OSError:
+        return
+
+
+def test_a_put_to_a_reader_that_takes_its_bytes_slowly_ends_at_its_timeout(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A fix review: a blocking send on a unix socket restarts its limit for
+    every chunk the kernel moves, and a 1 GiB Put to a server read in bursts
+    ran 21 x its timeout. A large payload goes in non-blocking pieces."""
+    a, b = pair
+    stop = threading.Event()
+    peer = threading.Thread(target=_slow_reader, args=(b, stop))
+    peer.start()
+    try:
+        timeout = 0.3
+        _set_timeouts(a, timeout)
+        conn = Connection(a, "slow-reader", timeout)
+        started = time.monotonic()
+        conn.begin_call(started + timeout)
+        payload = memoryview(bytearray(12 << 20))  # 7.5 s at the reader's pace
+        with pytest.raises(DeadlineExceeded, match="whether it took effect is unknown"):
+            conn.put("ns", 1, "", [(b"k", payload)], 0)
+        took = time.monotonic() - started
+        assert took < 1.1 * timeout + 0.2, took
+        assert conn.broken
+    finally:
+        stop.set()
+        peer.join(30)
+
+
+def test_a_deadline_a_microsecond_away_never_lifts_the_wait_limit(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """A fix review: under 1 µs left made the limit 0, which is no limit."""
+    a, _ = pair
+    _set_timeouts(a, 5.0)
+    conn = Connection(a, "peer", 5.0)
+    conn.begin_call(time.monotonic() + 0.0004)
+    try:
+        conn._check_deadline("test")
+    except DeadlineExceeded:
+        return  # (already past: as good)
+    limit = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    assert limit != bytes(16), "the wait limit was lifted"
