@@ -29,7 +29,7 @@ once on a new session only when it is idempotent (Lookup, Get); a Put raises
 unknown: blocks whose bytes all arrived may be). A call that runs past the
 client's ``timeout`` raises :class:`~kvstore.errors.DeadlineExceeded`, as
 over gRPC: the timeout is the call's deadline, checked before each socket
-wait and between pieces of at most 4 MiB sent or received (a wait that
+wait and between pieces of at most 4 MiB sent or 16 MiB received (a wait that
 begins with less than nine tenths of the timeout left is cut at the
 deadline), so a call ends by 1.1 x the timeout, plus the copy of one piece,
 at worst; ``get`` of a large block as bytes first allocates it, which the
@@ -85,6 +85,9 @@ _IOV_MAX = 512
 #: kernel counts waiting against the limit, not copying.)
 _PIECE = 4 * 1024 * 1024
 _TLS_PIECE = 1024 * 1024
+#: ... and one receive: larger (a 64 MiB Get in 4 MiB pieces ran ~4 % slower;
+#: a 16 MiB piece is ~3 ms of copying at this host's speed).
+_RECV_PIECE = 16 * 1024 * 1024
 _RESPONSE = frames.RESPONSE
 _ERROR = int(Op.ERROR)
 _GET_META = struct.Struct("<IBB")
@@ -626,7 +629,7 @@ class Connection:
             dest[:have] = self._view[self._start : self._start + have]
             self._start += have
         # (in pieces under a deadline: see _PIECE)
-        piece = _PIECE if self.deadline else n
+        piece = _RECV_PIECE if self.deadline else n
         while have < n:
             have += self._recv_into(dest[have : have + piece], socket.MSG_WAITALL)
 
@@ -635,7 +638,8 @@ class Connection:
             start = self._start
             self._start += n
             return bytes(self._view[start : self._start])
-        if self._end == self._start and not self.tls and (n <= _PIECE or not self.deadline):
+        if self._end == self._start and not self.tls and (n <= _RECV_PIECE or
+                                                          not self.deadline):
             # Nothing buffered: the kernel copies straight into the bytes
             # returned (a bytearray then bytes() would copy the block twice).
             first = self._recv(lambda: self.sock.recv(n, socket.MSG_WAITALL))
