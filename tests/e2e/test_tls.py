@@ -55,6 +55,38 @@ def test_tls_round_trip_and_plaintext_refused(server_factory, pki: Path) -> None
             assert local.get([b"k"]) == [b"secret bytes"]
 
 
+def test_a_stalled_tls_server_fails_a_call_at_its_timeout(server_factory, pki: Path) -> None:  # type: ignore[no-untyped-def]
+    """A fix review: over the TLS data plane a call waiting for the answer of a
+    stopped server waited for as long as it was stopped (10 x the timeout):
+    Python's TLS reads retried the kernel's EAGAIN on a blocking socket."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from kvstore.errors import DeadlineExceeded
+
+    with server_factory("--server-tls-cert", str(pki / "server.pem"),
+                        "--server-tls-key", str(pki / "server.key")) as server, \
+            Client(server.tcp, namespace="tls", tls=TLS(ca=str(pki / "ca.pem")),
+                   data_plane="tcp", timeout=0.5) as c:
+        c.put({b"k": b"v" * 4096})
+        assert c.get([b"k"]) == [b"v" * 4096]
+        assert c.data_plane_calls > 0  # (the TLS data plane, not gRPC)
+        os.kill(server.pid, signal.SIGSTOP)
+        resume = threading.Timer(5.0, os.kill, (server.pid, signal.SIGCONT))
+        resume.start()  # (the bound on the wait, should the call not end first)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded):
+                c.lookup([b"k"])
+            assert time.monotonic() - started < 3.0  # (before the server resumes)
+        finally:
+            resume.cancel()
+            os.kill(server.pid, signal.SIGCONT)
+        assert c.get([b"k"]) == [b"v" * 4096]
+
+
 def test_mutual_tls_requires_a_client_certificate(server_factory, pki: Path) -> None:  # type: ignore[no-untyped-def]
     with server_factory("--server-tls-cert", str(pki / "server.pem"),
                         "--server-tls-key", str(pki / "server.key"),
