@@ -32,8 +32,9 @@ over gRPC: the timeout is the call's deadline, checked before each socket
 wait and between pieces of at most 4 MiB sent or 16 MiB received (a wait that
 begins with less than nine tenths of the timeout left is cut at the
 deadline), so a call ends by 1.1 x the timeout, plus the copy of one piece,
-at worst; ``get`` of a large block as bytes first allocates it, which the
-deadline does not interrupt. (0.29.3 applied the timeout to each wait alone:
+at worst; ``get`` returning a large block as bytes receives it in one piece
+(in pieces it cost a zeroed buffer and a copy more), whose copy the deadline
+does not cut. (0.29.3 applied the timeout to each wait alone:
 a Get of three 60 MiB blocks under a 50 ms timeout took 0.17 s and
 succeeded.)
 """
