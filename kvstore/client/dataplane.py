@@ -391,9 +391,14 @@ class Connection:
         self._check_deadline("sending")
         try:
             if self.tls:
-                self._tls_send(head)
-                for part in payload:
-                    self._tls_send(part)
+                if payload_len <= _DIRECT_BYTES:
+                    # (one TLS record for a small request: one write, not one
+                    # per part)
+                    self._tls_send(b"".join((head, *payload)))
+                else:
+                    self._tls_send(head)
+                    for part in payload:
+                        self._tls_send(part)
             elif not payload:
                 self.sock.sendall(head)
             elif self.deadline and payload_len > _PIECE:
@@ -1153,6 +1158,10 @@ class DataPlane:
             _set_timeouts(raw, setup)
             if self._tls is not None:
                 ctx = _tls_context(self._tls)
+                # The handshake in Python's timeout mode: on a blocking socket
+                # its loop retried the kernel's EAGAIN, and a peer that never
+                # answered held the call for ever (a fix review).
+                raw.settimeout(setup)
                 raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
                                        or route.server_name)
                 raw.settimeout(0.0)  # (non-blocking from here: see Connection._tls_ready)

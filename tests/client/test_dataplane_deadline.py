@@ -9,8 +9,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import types
+from pathlib import Path
 
 import pytest
+from pki import make_ca, needs_openssl
 
 from kvstore.client.dataplane import Connection, _set_timeouts
 from kvstore.dataplane import frames
@@ -136,3 +139,25 @@ def test_a_deadline_a_microsecond_away_never_lifts_the_wait_limit(
         return  # (already past: as good)
     limit = a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
     assert limit != bytes(16), "the wait limit was lifted"
+
+
+@needs_openssl
+def test_a_tls_handshake_with_a_silent_peer_ends_at_the_setup_timeout(tmp_path: Path) -> None:
+    """A fix review: the TLS handshake ran on a blocking socket, whose loop
+    retried the kernel's EAGAIN: a peer that accepted the connection and said
+    nothing (a dead backend behind a port-forward) held the call for ever."""
+    from kvstore import TLS
+    from kvstore.client._dproute import Route
+    from kvstore.client.dataplane import DataPlane
+
+    ca = make_ca(tmp_path, "ca")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        owner = types.SimpleNamespace(_tls=TLS(ca=str(ca)))
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            DataPlane._connect(owner, Route("", "127.0.0.1", port, "127.0.0.1"),  # type: ignore[arg-type]
+                               0.5)
+        assert time.monotonic() - started < 3.0
