@@ -420,7 +420,6 @@ class Connection:
         unix socket restarts its limit for every chunk the kernel moves: one
         to a slow reader outlives any deadline.)"""
         i = 0
-        writable: select.poll | None = None
         while i < len(parts):
             self._check_deadline("sending")
             batch: list[memoryview] = []
@@ -436,19 +435,9 @@ class Connection:
             except BlockingIOError:
                 sent = 0
             if not sent:
-                if writable is None:
-                    writable = select.poll()
-                    writable.register(self._fd, select.POLLOUT)
-                writable.poll(max(0.0, self.deadline - time.monotonic()) * 1000 + 1)
+                self._ready(select.POLLOUT, "sending")
                 continue
-            while sent and i < len(parts):
-                n = len(parts[i])
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    parts[i] = parts[i][sent:]
-                    sent = 0
+            i = _consume(parts, i, sent)
 
     def _sendmsg_all(self, parts: list[memoryview]) -> None:
         """Send ``parts`` whole (blocking; a payload of at most :data:`_PIECE`
@@ -460,15 +449,7 @@ class Connection:
             if not first:  # (a partial send: the wait was cut, or more to go)
                 self._check_deadline("sending")
             first = False
-            sent = self.sock.sendmsg(parts[i : i + _IOV_MAX])
-            while sent and i < len(parts):
-                n = len(parts[i])
-                if sent >= n:
-                    sent -= n
-                    i += 1
-                else:
-                    parts[i] = parts[i][sent:]
-                    sent = 0
+            i = _consume(parts, i, self.sock.sendmsg(parts[i : i + _IOV_MAX]))
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -575,8 +556,9 @@ class Connection:
     # timeout would do it too, but polls before every TLS write: +10 µs a
     # 4 KiB Get; this polls only when a read or write would block.)
 
-    def _tls_ready(self, event: int, what: str) -> None:
-        """Wait until the TLS socket is ready for ``event`` (POLLIN, POLLOUT)."""
+    def _ready(self, event: int, what: str) -> None:
+        """Wait until the socket is ready for ``event`` (POLLIN, POLLOUT), at
+        most the call's remaining time (else its timeout; None: no limit)."""
         ms: float | None = None  # (no timeout: wait for as long as it takes)
         if self.timeout is not None:
             left = self.deadline - time.monotonic() if self.deadline else self.timeout
@@ -598,12 +580,12 @@ class Connection:
             except ssl.SSLWantWriteError:
                 sent = 0
             except ssl.SSLWantReadError:  # (a TLS handshake message first)
-                self._tls_ready(select.POLLIN, "sending")
+                self._ready(select.POLLIN, "sending")
                 continue
             if sent:
                 view = view[sent:]
             else:
-                self._tls_ready(select.POLLOUT, "sending")
+                self._ready(select.POLLOUT, "sending")
 
     def _tls_recv_into(self, view: memoryview) -> int:
         while True:
@@ -611,9 +593,9 @@ class Connection:
             try:
                 return self.sock.recv_into(view, len(view))
             except ssl.SSLWantReadError:
-                self._tls_ready(select.POLLIN, "waiting for the server's answer")
+                self._ready(select.POLLIN, "waiting for the server's answer")
             except ssl.SSLWantWriteError:
-                self._tls_ready(select.POLLOUT, "waiting for the server's answer")
+                self._ready(select.POLLOUT, "waiting for the server's answer")
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
         if self.tls:
@@ -1164,7 +1146,7 @@ class DataPlane:
                 raw.settimeout(setup)
                 raw = ctx.wrap_socket(raw, server_hostname=self._tls.server_name
                                        or route.server_name)
-                raw.settimeout(0.0)  # (non-blocking from here: see Connection._tls_ready)
+                raw.settimeout(0.0)  # (non-blocking from here: see Connection._ready)
         except BaseException:
             raw.close()
             raise
@@ -1184,6 +1166,20 @@ def session_limits(offer: Offer, hello: frames.HelloOk) -> tuple[int, int]:
     offer and the HELLO answer say (the offer's 0: not said)."""
     return (min(offer.max_meta_bytes or hello.max_meta_bytes, hello.max_meta_bytes),
             min(offer.max_payload_bytes or hello.max_payload_bytes, hello.max_payload_bytes))
+
+
+def _consume(parts: list[memoryview], i: int, sent: int) -> int:
+    """``sent`` bytes of ``parts[i:]`` went: the index of the first part not
+    sent whole (a part sent in part is cut to what is left)."""
+    while sent and i < len(parts):
+        n = len(parts[i])
+        if sent >= n:
+            sent -= n
+            i += 1
+        else:
+            parts[i] = parts[i][sent:]
+            sent = 0
+    return i
 
 
 def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:

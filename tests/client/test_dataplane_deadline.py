@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+from peers import recv_exactly
 from pki import make_ca, needs_openssl
 
 from kvstore.client.dataplane import Connection, _set_timeouts
@@ -24,21 +25,11 @@ BLOCK = 1 << 20
 PIECE = 4096
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("the client closed")
-        out += chunk
-    return out
-
-
 def _dripping_peer(sock: socket.socket, stop: threading.Event) -> None:
     """Reads one GET, answers with one 1 MiB block, 4 KiB every 10 ms
     (2.6 s in all: never a wait near the client's timeout)."""
-    head = _recv_exactly(sock, HEADER_SIZE)
-    _recv_exactly(sock, HEADER.unpack(head)[5])
+    head = recv_exactly(sock, HEADER_SIZE)
+    recv_exactly(sock, HEADER.unpack(head)[5])
     rid = HEADER.unpack(head)[4]
     try:
         sock.sendall(frames.encode_get_frame(rid, 0, 1, BLOCK, 0))
@@ -90,8 +81,8 @@ def test_the_next_call_on_a_connection_waits_its_whole_timeout_again(
 def _slow_reader(sock: socket.socket, stop: threading.Event) -> None:
     """Reads a PUT's header and metadata, then its payload 16 KiB every
     10 ms (1.6 MB/s), never answering: each wait of the sender is short."""
-    head = _recv_exactly(sock, HEADER_SIZE)
-    _recv_exactly(sock, HEADER.unpack(head)[5])
+    head = recv_exactly(sock, HEADER_SIZE)
+    recv_exactly(sock, HEADER.unpack(head)[5])
     try:
         while not stop.wait(0.01):
             if not sock.recv(16384):

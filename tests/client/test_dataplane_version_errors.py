@@ -16,6 +16,7 @@ import socket
 import threading
 
 import pytest
+from peers import recv_exactly
 
 from kvstore.client.aio_dataplane import AioConnection
 from kvstore.client.dataplane import Connection
@@ -26,24 +27,14 @@ from kvstore.errors import MalformedRequest
 _MESSAGE = "malformed frame: protocol version 1 is not supported (this side speaks 2)"
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("the client closed")
-        out += chunk
-    return out
-
-
 def _refusing_peer(sock: socket.socket) -> None:
     """Reads one request, answers as a server of another version does (request
     id 0, CLOSING; the error frame in that server's own version, 2, would fail
     the header check first, so the frame says 1 as a server that still speaks
     it for its errors does), then closes."""
-    head = _recv_exactly(sock, HEADER_SIZE)
+    head = recv_exactly(sock, HEADER_SIZE)
     meta_len = HEADER.unpack(head)[5]
-    _recv_exactly(sock, meta_len)
+    recv_exactly(sock, meta_len)
     meta = frames.ErrorInfo(frames.STATUS_CODES["INVALID_ARGUMENT"], "MalformedRequest",
                             _MESSAGE).encode()
     sock.sendall(HEADER.pack(MAGIC, frames.VERSION, Op.ERROR, FLAG_CLOSING, 0, len(meta), 0)
