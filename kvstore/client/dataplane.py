@@ -85,6 +85,7 @@ _IOV_MAX = 512
 #: kernel moves, ran 21 x its timeout; one 512 MiB receive, 2.4 x: the
 #: kernel counts waiting against the limit, not copying.)
 _PIECE = 4 * 1024 * 1024
+#: ... one TLS write (each such write's wait is polled for: see Connection._ready)
 _TLS_PIECE = 1024 * 1024
 #: ... and one receive: larger (a 64 MiB Get in 4 MiB pieces ran ~4 % slower;
 #: a 16 MiB piece is ~3 ms of copying at this host's speed).
@@ -354,7 +355,7 @@ class Connection:
             self.broken = True  # (mid-call: the rest of its answer would follow)
             raise self._past_deadline(what)
         assert self.timeout is not None
-        if left < 0.9 * self.timeout:
+        if left < 0.9 * self.timeout and not self.tls:  # (TLS: _ready polls for what is left)
             # (at least 1 ms: a limit of 0 is no limit at all, a fix review)
             _set_timeouts(self.sock, max(left, 0.001))
             self._short = True
@@ -598,17 +599,12 @@ class Connection:
                 self._ready(select.POLLOUT, "waiting for the server's answer")
 
     def _recv_into(self, view: memoryview, flags: int = 0) -> int:
-        if self.tls:
-            try:
-                got = self._tls_recv_into(view)
-            except OSError as exc:
-                raise self._receive_failed(exc) from exc
-            if not got:
-                raise self._receive_failed(None)
-            return got
-        self._check_deadline("waiting for the server's answer")
         try:
-            got = self.sock.recv_into(view, len(view), flags)
+            if self.tls:
+                got = self._tls_recv_into(view)
+            else:
+                self._check_deadline("waiting for the server's answer")
+                got = self.sock.recv_into(view, len(view), flags)
         except OSError as exc:
             raise self._receive_failed(exc) from exc
         if not got:
@@ -1185,7 +1181,7 @@ def _consume(parts: list[memoryview], i: int, sent: int) -> int:
 def _set_timeouts(sock: socket.socket, timeout: float | None) -> None:
     """The socket stays blocking (no poll before each recv); the kernel ends a
     wait longer than ``timeout`` with EAGAIN (None: no limit). Not for a TLS
-    socket's reads: Python retries the EAGAIN (see Connection._tls_wait)."""
+    socket: Python retries the EAGAIN (see Connection._ready)."""
     timeout = timeout or 0.0
     secs = int(timeout)
     tv = struct.pack("ll", secs, int((timeout - secs) * 1e6))

@@ -71,7 +71,6 @@ HELLO_MAX_META = 1024
 SMALL_META_BYTES = 2048
 
 
-
 def request_hold(meta_len: int) -> int:
     """What a request with ``meta_len`` bytes of metadata may hold while it
     runs: the metadata, and its keys as Python objects (at most one per 3

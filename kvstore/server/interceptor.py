@@ -74,7 +74,6 @@ UNDECODABLE_LOG_SECONDS = 60.0
 RESPONSE_BUDGET_BYTES = 128 * 1024**2
 
 
-
 class Reserve(int):
     """Yielded by a streaming handler in place of a message: the messages it
     yields next may hold this many bytes in the server until the client has

@@ -125,8 +125,6 @@ def _drop_done(error: BaseException | None, existed: bool) -> None:
     """The L2 writer's callback for a delete nobody waits for."""
 
 
-
-
 class Index:
     """The full index, the compact index and the counts kept with them.
 

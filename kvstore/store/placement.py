@@ -486,7 +486,12 @@ class Placement(Part):
         if entry is None or entry.l1_offset < 0:
             return True  # stale policy entry: evicting it only cleans up
         now = self.clock()
-        if entry.pinned or entry.lease_until > now or entry.pin_until > now:
+        return entry.lease_until <= now and self._may_leave(entry, now)
+
+    def _may_leave(self, entry: Entry, now: float) -> bool:
+        """Whether an L1 block may leave now, leases aside: not being read or
+        written, nor pinned by its session."""
+        if entry.pinned or entry.pin_until > now:
             return False
         # (a write queued now would fail as the last did: room waits, or is refused)
         return not (entry.dirty and self.writes_paused())
@@ -503,17 +508,13 @@ class Placement(Part):
                 and owned.bytes + reserved.get(ns, 0) > limit(ns)}
         if not past:
             return None
-        blocks, now = self.index.blocks, self.clock()
+        blocks, now, may_leave = self.index.blocks, self.clock(), self._may_leave
 
         def evictable(block: BlockId) -> bool:
             if block[0] not in past:
                 return False
             entry = blocks.get(block)
-            if entry is None or entry.l1_offset < 0:
-                return True
-            if entry.pinned or entry.pin_until > now:
-                return False
-            return not (entry.dirty and self.writes_paused())
+            return entry is None or entry.l1_offset < 0 or may_leave(entry, now)
         return self.policy.victim(TierName.L1, now, evictable)
 
     def _evict(self, block: BlockId, action: Action) -> bool:

@@ -194,11 +194,9 @@ def _time_field(fields: dict[bytes, str], field: bytes) -> float | None:
         return None
 
 
-def _stored_size(raw: Any) -> int:
-    """The payload size a ``meta`` record gives, -2 where it does not parse."""
-    if len(raw) != BlockMeta.SIZE:
-        return -2
-    return BlockMeta.unpack(raw).size
+def _meta_of(raw: Any) -> BlockMeta | None:
+    """A ``meta`` record's metadata; None where it does not parse (damaged)."""
+    return BlockMeta.unpack(raw) if len(raw) == BlockMeta.SIZE else None
 
 
 def _decodable(key: bytes) -> bool:
@@ -631,12 +629,12 @@ class LMDBTier:
                 if at == key:
                     stored = len(data.value())  # (LMDB's record of it: no payload read)
                     at = bytes(data.key()) if data.next() else None
-                size = _stored_size(raw)
-                if size != stored or not _decodable(key):
+                meta = _meta_of(raw)
+                if meta is None or meta.size != stored or not _decodable(key):
                     damaged.append(key)
                     continue
                 blocks += 1
-                total += size
+                total += meta.size
             while at is not None:
                 damaged.append(at)
                 at = bytes(data.key()) if data.next() else None
@@ -889,7 +887,8 @@ class LMDBTier:
                     existed.append(op.kind == _TOMBSTONE and self._apply_tombstone(txn, op))
                     continue
                 old = txn.get(op.key, db=self._meta)
-                old_size = max(_stored_size(old), 0) if old is not None else 0
+                old_meta = _meta_of(old) if old is not None else None
+                old_size = old_meta.size if old_meta is not None else 0
                 existed.append(old is not None)
                 if op.data is None:
                     if old is not None:
@@ -940,9 +939,9 @@ class LMDBTier:
         try:
             with self._env.begin(buffers=True) as txn:
                 raw_meta = txn.get(key, db=self._meta)
-                if raw_meta is None or len(raw_meta) != BlockMeta.SIZE:
-                    return None  # (damaged since the open, which drops such records)
-                meta = BlockMeta.unpack(raw_meta)
+                meta = _meta_of(raw_meta) if raw_meta is not None else None
+                if meta is None:
+                    return None  # (absent, or damaged since the open, which drops those)
                 value = txn.get(key, db=self._data)
                 if value is None:
                     return None
@@ -988,8 +987,9 @@ class LMDBTier:
             batch = await loop.run_in_executor(self._executor, self._scan_batch, after)
             for raw_key, raw_meta in batch:
                 # (the open dropped damaged records; one damaged since is left out)
-                if len(raw_meta) == BlockMeta.SIZE and _decodable(raw_key):
-                    yield decode_key(raw_key), BlockMeta.unpack(raw_meta)
+                meta = _meta_of(raw_meta)
+                if meta is not None and _decodable(raw_key):
+                    yield decode_key(raw_key), meta
             if len(batch) < _SCAN_BATCH:
                 return
             after = batch[-1][0]
