@@ -48,6 +48,13 @@ class FaultProxy:
         #: client waits for the server's own answer).
         self.held_answer: bytes | None = None
         self.held: list[tuple[str, str]] = []
+        #: (method, target) -> send this request on at once but hold its
+        #: answer back until :attr:`answers_release` is set (at most
+        #: ``hold_max_s``): a listing whose snapshot is taken before
+        #: requests that land while its answer is on the way.
+        self.hold_answer: Callable[[str, str], bool] = lambda method, target: False
+        self.answers_release = threading.Event()
+        self.answers_held: list[tuple[str, str]] = []
         #: The held requests once the server has answered them, with the status line.
         self.late: list[tuple[str, str, str]] = []
         self._late_tasks: set[asyncio.Future[None]] = set()
@@ -107,6 +114,10 @@ class FaultProxy:
                     await asyncio.get_running_loop().run_in_executor(
                         None, self.release.wait, self.hold_max_s)
                 answer = await self._forward(method, target, request)
+                if self.hold_answer(method, target):
+                    self.answers_held.append((method, target))
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, self.answers_release.wait, self.hold_max_s)
                 if held:
                     status = answer.partition(b"\r\n")[0].decode("latin-1")
                     self.late.append((method, target, status))

@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -114,8 +115,15 @@ def test_dead_s3_degrades_but_never_fails_local_traffic(server_factory, s3: S3Se
         started = time.monotonic()
         assert c.get([only_l3[0]]) == [None]
         assert time.monotonic() - started < 2 * 2 + 2
-        with pytest.raises(TierUnavailable):
+        with pytest.raises(TierUnavailable) as failed:
             c.put({b"remote": b"r" * 100}, ack="remote")
+        # Its message says what became of the block (a review: a failed upload
+        # and a refusal read alike, and only the refusal stored nothing).
+        if "only its L3 copy is missing" in str(failed.value):
+            assert c.get([b"remote"]) == [b"r" * 100]
+        else:
+            assert "nothing of this request was stored" in str(failed.value)
+            assert c.get([b"remote"]) == [None]
         wait_for(lambda: l3_health(node.tcp) == health_pb2.HealthCheckResponse.NOT_SERVING,
                  what="health reporting L3 down")
         assert not tier_stats(c, TierName.L3).available
@@ -426,6 +434,92 @@ def test_an_overwrite_made_before_the_listing_reached_its_key_is_kept(  # type: 
         with Client(node.tcp, namespace="ow") as c:
             assert c.get([b"K"]) == [v2]
     finally:
+        proxy.close()
+
+
+def delete_records(l2: Path) -> int:
+    """The L3 deletes recorded in a running server's L2 (read as LMDB's
+    readers may, beside the server)."""
+    import lmdb
+    env = lmdb.open(str(l2), max_dbs=8, subdir=True, readonly=True)
+    try:
+        with env.begin() as txn:
+            return int(txn.stat(env.open_db(b"l3gone", txn=txn, create=False))["entries"])
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(("change", "compact_index"),
+                         [("overwrite", "true"), ("overwrite", "false"), ("delete", "true")])
+def test_a_recorded_delete_landing_under_the_listing_is_not_undone(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server, change: str, compact_index: str) -> None:
+    """Found by a crash-consistency review: K's old object in L3, K
+    overwritten at local while L3 was down (the old object's delete
+    recorded), kill -9. At the restart, the recorded delete landed after the
+    listing had taken its page and before the listing reached K: the
+    listing took the old object, of the same size, for the new block's L3
+    copy, L2 dropped its only copy when it needed room, and every later Get
+    missed. A key deleted instead was indexed again from that page (a
+    Lookup found it in L3). The listing now reads the header of an object
+    whose block's delete ended after its page was listed."""
+    proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
+    node = server_factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
+                          f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB",
+                          "--l2-compact-index", compact_index,
+                          "--l3-timeout-s", "2", "--l3-retries", "0",
+                          "--l3-breaker-failures", "2", "--l3-breaker-reset-s", "0.2",
+                          l1_capacity="4MiB", env=env)
+    obj = s3.data_dir / s3.bucket / "fleet" / "ow" / b"K".hex()
+    v1, v2 = os.urandom(256 * 1024), os.urandom(256 * 1024)
+
+    def listings() -> int:
+        return node.log_path.read_text(errors="replace").count("L3 listing:")
+
+    try:
+        node.start()
+        with Client(node.tcp, namespace="ow") as c:
+            assert c.put({b"K": v1}, ack="remote").stored == 1
+            proxy.fail = lambda method, target: True  # L3 down: the delete is recorded
+            if change == "overwrite":
+                assert c.put({b"K": v2}, ack="local").stored == 1
+            else:
+                assert c.delete([b"K"]) == 1
+        node.kill()
+        assert obj.read_bytes().endswith(v1)
+        proxy.fail = lambda method, target: False
+        # The listing is taken before the recorded delete lands, and its
+        # answer reaches the server after the delete is done.
+        proxy.hold = lambda method, target, body: method == "DELETE"
+        proxy.hold_answer = is_listing
+        done = listings()
+        node.start()
+        wait_for(lambda: proxy.answers_held, what="the listing sent")
+        proxy.release.set()
+        wait_for(lambda: not obj.exists(), what="the recorded delete")
+        wait_for(lambda: delete_records(node.data_dir / "l2") == 0,
+                 what="the delete done (its record removed)")
+        proxy.answers_release.set()
+        wait_for(lambda: listings() > done, what="the listing")
+        if change == "delete":
+            with Client(node.tcp, namespace="ow") as c:
+                assert c.lookup([b"K"]).tiers == [None]
+                assert c.get([b"K"]) == [None]
+            return
+        with Client(node.tcp, namespace="ow") as c:
+            assert c.get([b"K"]) == [v2]
+            for i in range(40):  # 10 MiB through L1 4 MiB and L2 4 MiB: K leaves both
+                assert c.put({b"f%02d" % i: os.urandom(256 * 1024)}, ack="local").stored == 1
+            wait_for(lambda: c.lookup([b"K"]).tiers == [TierName.L3], what="K's demotion")
+            assert c.get([b"K"]) == [v2]
+        node.kill()
+        node.start()
+        with Client(node.tcp, namespace="ow") as c:
+            assert c.get([b"K"]) == [v2]
+    finally:
+        proxy.release.set()
+        proxy.answers_release.set()
         proxy.close()
 
 
