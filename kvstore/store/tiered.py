@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kvstore._malloc import trim_heap
@@ -127,6 +127,26 @@ class _FailedL2Deletes:
                 f"{what}: L2 could not remove {len(self.errors)} of the blocks "
                 f"({self.errors[0]}): they are no longer served, but a restart could find "
                 "them again; repeat the call once the disk has room")
+
+
+async def _uploaded_and_local(upload: Awaitable[None], local: Awaitable[None] | None) -> None:
+    """ack=remote: the block's upload and its L2 write. A failed upload is
+    reported once the L2 write has settled, and says the block is kept (an
+    outside review: reported at once, "stored" was not yet true, and a kill
+    -9 right after it lost the block behind a busy L2 writer); a failed L2
+    write is reported as such."""
+    results = await asyncio.gather(upload, *([local] if local is not None else []),
+                                   return_exceptions=True)
+    for result in results[1:]:
+        if isinstance(result, BaseException):
+            raise result
+    error = results[0]
+    if isinstance(error, TierUnavailable):
+        kept = "as at level local" if local is not None else "in L1 (no L2 write)"
+        raise TierUnavailable(f"{error}; the block is stored on this node {kept} and "
+                              "served: only its L3 copy is missing") from error
+    if isinstance(error, BaseException):
+        raise error
 
 
 class TieredStore:
@@ -591,8 +611,7 @@ class TieredStore:
             # Shielded: a Put cancelled by its client (a deadline, a
             # disconnect) does not cut its upload short, which could land
             # after the hold ended and be counted on by nothing.
-            return asyncio.ensure_future(asyncio.gather(
-                asyncio.shield(remote), *([local] if local is not None else [])))
+            return asyncio.ensure_future(_uploaded_and_local(asyncio.shield(remote), local))
         if ack == AckLevel.LOCAL:
             local = await self._make_local(block, entry, ack)  # (queued first: as above)
             if gone is not None:
