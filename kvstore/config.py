@@ -813,6 +813,8 @@ def validate(config: Config) -> None:
         raise InvalidConfig("l2.clean_reserve must be in [0, 1)")
     if config.l2.write_queue_bytes < s.max_block_bytes:
         raise InvalidConfig("l2.write_queue_bytes must hold at least one max-size block")
+    if config.l2.enabled and config.l2.capacity < 1:
+        raise InvalidConfig("l2.capacity must be positive (for no L2: l2.enabled = false)")
     if config.l2.batch_bytes < 1:
         raise InvalidConfig(f"l2.batch_bytes must be positive, not {config.l2.batch_bytes}")
     if config.l2.initial_map_size < 1:

@@ -216,7 +216,8 @@ class TieredStore:
             self.placement = Placement(
                 shared, self.l2 is not None,
                 self.writeback.queue_write if self.writeback is not None else _ignore_queued,
-                config.server.max_block_bytes)
+                config.server.max_block_bytes,
+                config.l2.capacity if self.l2 is not None else None)
             if self.writeback is not None:
                 self.placement.stuck_reason = self._l2_trouble
                 self.placement.writes_paused = self.writeback.paused

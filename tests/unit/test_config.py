@@ -18,6 +18,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 @pytest.mark.parametrize("text,expected", [
     ("4096", 4096), ("64MiB", 64 << 20), ("2GiB", 2 << 30), ("1.5G", int(1.5 * (1 << 30))),
     ("512k", 512 << 10), (12, 12), ("7B", 7),
+    # (decimal-looking units are binary, as the README says)
+    ("500GB", 500 << 30), ("12 MB", 12 << 20), ("12mb", 12 << 20),
 ])
 def test_sizes_parse(text: object, expected: int) -> None:
     assert cfg.parse_size(text) == expected
@@ -83,6 +85,11 @@ def test_invalid_values_are_rejected_with_the_option_name() -> None:
         cfg.load(env={"KVSTORE_SERVER_LISTEN": ""})
     with pytest.raises(InvalidConfig, match=r"l1\.verify_reads must be 'shared' or 'always'"):
         cfg.load(env={"KVSTORE_L1_VERIFY_READS": "never"})
+    # (an operator's "no disk tier"; taken, no block could ever leave L1)
+    with pytest.raises(InvalidConfig, match=r"l2\.capacity must be positive \(for no L2: "
+                                            r"l2\.enabled = false\)"):
+        cfg.load(env={"KVSTORE_L2_CAPACITY": "0"})
+    assert cfg.load(env={"KVSTORE_L2_CAPACITY": "0", "KVSTORE_L2_ENABLED": "false"})
 
 
 def test_readme_config_reference_is_current() -> None:
