@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -104,6 +105,10 @@ class AsyncClient(ClientBase):
     def _connect(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._channel_loop: asyncio.AbstractEventLoop | None = None
+        # Taken to claim the client for a loop: two loops' first calls at once
+        # both passed the loop check (an outside review: one then waited for
+        # ever on the other loop's session lock).
+        self._loop_lock = threading.Lock()
         self._rpcs: dict[str, Any] = {}
         self._closed = False
         self._small_limit = max_response_bytes(self._options)
@@ -125,6 +130,7 @@ class AsyncClient(ClientBase):
         parents_objects.append((self._channel, self._data_plane))
         self._channel = None
         self._channel_loop = None
+        self._loop_lock = threading.Lock()
         self._rpcs = {}
         if self._data_plane is not None:
             self._data_plane = AsyncDataPlane(
@@ -160,10 +166,22 @@ class AsyncClient(ClientBase):
                     raise closed_in_flight(self.target) from None  # cut by close()
                 raise error_from_rpc(err, self.target, self.tls) from err
 
+    def _claim_loop(self) -> None:
+        """The running loop is the client's (the first call claims it), or
+        :meth:`_new_loop` says what of it."""
+        loop = asyncio.get_running_loop()
+        if self._channel_loop is loop:
+            return
+        with self._loop_lock:
+            if self._channel_loop is loop:
+                return
+            if self._channel_loop is not None:
+                self._new_loop()
+            self._channel_loop = loop
+
     def _rpc(self, name: str) -> Any:
         self._mind_fork()
-        if self._channel_loop is not asyncio.get_running_loop() and self._channel is not None:
-            self._new_loop()
+        self._claim_loop()
         rpc = self._rpcs.get(name)
         if rpc is None:
             if self._closed:
@@ -172,7 +190,6 @@ class AsyncClient(ClientBase):
                 raise ValueError("the client is closed")
             if self._channel is None:
                 check_aio_after_fork(self.target)
-                self._channel_loop = asyncio.get_running_loop()
                 self._channel = open_channel(grpc.aio, self._grpc_target, self._options,
                                              self._credentials())
                 aio_channel_opened(self._channel)
@@ -247,13 +264,12 @@ class AsyncClient(ClientBase):
 
     def _dp(self) -> AsyncDataPlane | None:
         self._mind_fork()
-        if self._channel is not None and self._channel_loop is not asyncio.get_running_loop():
-            # Before the data plane is touched: its sessions are the channel
-            # loop's. A call from a second running loop closed them from its
-            # thread (futures and readers of a loop not its own; on uvloop,
-            # libuv's handles): the first loop's calls stalled (2 s) and
-            # reopened their sessions before this raised InvalidArgument.
-            self._new_loop()
+        # Before the data plane is touched: its sessions are the channel
+        # loop's. A call from a second running loop closed them from its
+        # thread (futures and readers of a loop not its own; on uvloop,
+        # libuv's handles): the first loop's calls stalled (2 s) and
+        # reopened their sessions before this raised InvalidArgument.
+        self._claim_loop()
         dp = self._data_plane
         return dp if dp is not None and dp.available else None
 

@@ -99,8 +99,8 @@ T = TypeVar("T")
 class _Request:
     """One request waiting for its answer (in its connection's queue)."""
 
-    __slots__ = ("count", "error", "future", "index", "opcode", "out", "rid", "settled",
-                 "views")
+    __slots__ = ("answered", "count", "error", "future", "index", "opcode", "out", "rid",
+                 "settled", "views")
 
     def __init__(self, rid: int, opcode: int, future: asyncio.Future[Any],
                  count: int = 0, views: list[memoryview] | None = None) -> None:
@@ -114,6 +114,7 @@ class _Request:
         self.error: BaseException | None = None
         #: A cancelled PUT: set once its answer is read (or the connection goes).
         self.settled: asyncio.Future[None] | None = None
+        self.answered = False  # its answer was read (or the connection went)
 
 
 class AioConnection:
@@ -188,6 +189,7 @@ class AioConnection:
         self._on_close(self)
 
     def _settle(self, req: _Request) -> None:
+        req.answered = True
         settled = req.settled
         if settled is not None:
             self.settling.discard(settled)
@@ -217,9 +219,12 @@ class AioConnection:
             return await req.future
         except asyncio.CancelledError:
             self._forget(req, payload)
-            # (cancelled with its answer read already, in the same loop step:
-            # nothing is coming, and a wait for it hung every later write)
-            if opcode == Op.PUT and not self.broken and req.future.cancelled():
+            # (cancelled with its answer read already, in the same loop step,
+            # before or after the cancel: nothing is coming, and a wait for it
+            # held every later write for the client's timeout, or for ever;
+            # an outside review's wait_for-bounded Puts)
+            if opcode == Op.PUT and not self.broken and req.future.cancelled() \
+                    and not req.answered:
                 # Its bytes go on, and the server may store them: the client's
                 # later writes wait for its answer (a later acknowledged Delete
                 # or Put, sent on another session or over gRPC, was overtaken

@@ -229,3 +229,43 @@ def test_a_call_from_a_second_running_loop_leaves_the_first_loops_sessions(
     assert "error" not in result, result
     assert result["got"] == [b"v" * 100_000]
     assert result["same"] and result["sessions"] == 1
+
+
+@pytest.mark.parametrize("data_plane", ["unix", False])
+def test_two_loops_first_calls_at_once_one_refused_none_hangs(
+        shared_server: Any, data_plane: str | bool) -> None:
+    """An outside review: two threads' loops making a new client's first call
+    at the same moment both passed the loop check (no channel yet). With the
+    data plane one of them then waited for ever on the other loop's session
+    lock; over gRPC the second loop's first call went through. Now the first
+    call claims the client for its loop, and the other gets InvalidArgument."""
+    for trial in range(10):
+        client = AsyncClient(shared_server.unix_target, namespace="race-loops",
+                             data_plane=data_plane, timeout=5)
+        start, winner_done = threading.Barrier(2), threading.Event()
+        outcomes: list[str] = []
+
+        def thread_body(i: int, client: AsyncClient = client,
+                        start: threading.Barrier = start,
+                        winner_done: threading.Event = winner_done,
+                        outcomes: list[str] = outcomes) -> None:
+            async def body() -> None:
+                start.wait(30)
+                try:
+                    await client.put({b"k%d" % i: b"v"})
+                    outcomes.append("ok")
+                    await asyncio.to_thread(winner_done.wait, 30)  # (its loop runs on)
+                    await client.close()
+                except InvalidArgument:
+                    outcomes.append("refused")
+                    winner_done.set()
+            asyncio.run(body())
+
+        threads = [threading.Thread(target=thread_body, args=(i,), daemon=True)
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads), f"trial {trial}: a loop hangs"
+        assert sorted(outcomes) == ["ok", "refused"], (trial, outcomes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -410,6 +411,37 @@ def test_a_cancelled_put_never_lands_after_a_later_write(
                 await put
             await later
             assert await c.get([b"K"]) == [new if then == "put" else None]
+
+    run(body)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_put_cancelled_as_its_answer_is_read_holds_no_later_write(
+        dp_server: ServerProcess, transport: str) -> None:
+    """An outside review: a Put cancelled (``asyncio.wait_for``) in the loop
+    step that read its answer, the cancel first, left a wait for that answer
+    that nothing would end: every later Put, Delete and Flush of the client
+    waited its whole timeout, and for ever with ``timeout=None``."""
+
+    async def body() -> None:
+        target = dp_server.tcp if transport == "tcp" else dp_server.unix_target
+        async with AsyncClient(target, namespace="dp", data_plane=transport,
+                               timeout=None) as c:
+            conn = await warm_session(c)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(conn._fd)  # (the answer waits in the socket, unread)
+            put = asyncio.ensure_future(c.put({b"cancelled": b"v" * 4096}))
+            while conn.load == 0:
+                await asyncio.sleep(0)
+            assert select.select([conn.sock], [], [], 30)[0], "the Put's answer not in 30 s"
+            # Next loop step: the cancel, then the read of the answer.
+            loop.call_soon(put.cancel)
+            loop.add_reader(conn._fd, conn._on_readable)
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            assert not conn.settling
+            await asyncio.wait_for(c.put({b"later": b"x"}), 10)
+            await asyncio.wait_for(c.delete([b"later"]), 10)
 
     run(body)
 

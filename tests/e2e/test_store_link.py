@@ -71,6 +71,31 @@ def test_a_refused_put_keeps_the_connection_and_the_reads(server_factory: type,
             remote.close()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_block_larger_than_its_buffer_misses_alone(server_factory: type, tmp_path,  # type: ignore[no-untyped-def]
+                                                     transport: str) -> None:
+    """An outside review: in a batch of single-piece buffers (LMCache's), one
+    stored block larger than its buffer made every block of the batch a
+    miss; the others are answered now."""
+    flags = ("--l1-shm-path", f"/dev/shm/kvstore-test-{tmp_path.name}") \
+        if transport == "shm" else ()
+    with server_factory(*flags, l1_capacity="64MiB") as server:
+        target = server.tcp if transport == "tcp" else server.unix_target
+        link = StoreLink(LinkConfig(target=target, namespace="link-big",
+                                    shm="on" if transport == "shm" else "off"))
+        try:
+            stored = {b"good": bytes(range(256)) * 16, b"short": b"s" * 100, b"big": b"b" * 9000}
+            for key, value in stored.items():
+                assert link.put([key], [[memoryview(value)]]) is True
+            outs = [np.zeros(4096, dtype=np.uint8) for _ in stored]
+            assert link.get(list(stored), [[memoryview(o)] for o in outs]) == [4096, 100, None]
+            assert outs[0].tobytes() == stored[b"good"]
+            assert outs[1][:100].tobytes() == stored[b"short"]
+            assert link.failures == 0
+        finally:
+            link.close()
+
+
 def test_a_link_config_refuses_what_it_would_get_wrong() -> None:
     """A typo in an engine's kvstore settings is refused when the engine
     starts: a bad ack made every Put fail quietly, and YAML's unquoted
