@@ -36,6 +36,7 @@ from kvstore.store.index import Entry
 from kvstore.store.l1check import l1_intact
 from kvstore.store.reads import BlockReader
 from kvstore.store.shm import VERIFY_INLINE_BYTES, Lease, Unleased
+from kvstore.store.tiered import all_durable
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -612,7 +613,7 @@ class Session:
                     # the loop ~1 s).
                     await asyncio.sleep(0)
             if durable:
-                await asyncio.gather(*durable)
+                await all_durable(durable)
         except (f.FrameError, ConnectionClosed, asyncio.CancelledError):
             raise  # the connection ends: nothing to keep in step
         except Exception:

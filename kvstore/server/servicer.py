@@ -30,6 +30,7 @@ from kvstore.server.interceptor import HoldRequest, Reserve
 from kvstore.store import BlockReader, BlockWriter, CommitSpec, SharedMemoryBroker, TieredStore
 from kvstore.store.reads import WHOLE_CHECK_BYTES
 from kvstore.store.shm import Slot, Unleased
+from kvstore.store.tiered import all_durable
 from kvstore.types import (
     AckLevel,
     BlockFormat,
@@ -258,7 +259,7 @@ class KVStoreServicer:
             if writer is not None:
                 writer.abort()
         if durable:
-            await asyncio.gather(*durable)
+            await all_durable(durable)
         return pb.PutResponse(stored=stored, bytes=nbytes)
 
     async def Get(self, request: pb.GetRequest,

@@ -152,6 +152,11 @@ class Index:
         #: Delete, an overwrite, a Flush, a corrupt copy dropped): placement's
         #: per-namespace count for quota.l1 (set by Placement.limit_l1).
         self.left_l1: Callable[[BlockId, Entry], None] | None = None
+        #: Whether a block of that size fits L2 (l2.capacity; set by the store).
+        #: One that does not (promoted from a shared L3, or L2 shrunk since) is
+        #: never written to L2: written, L2's trim dropped it at once, and L1's
+        #: eviction wrote it again, for ever (an outside review).
+        self.fits_l2: Callable[[int], bool] = lambda size: True
         self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[Any] | None] | None = \
             None
         #: When this run began without the L3 an earlier run had (0: it has
@@ -470,7 +475,8 @@ class Index:
     def drop_l2_copy(self, block: BlockId, entry: Entry, done: DropDone = _drop_done) -> None:
         assert self.l2 is not None
         self.set_l2(block, entry, False)
-        if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending:
+        if entry.l1_offset >= 0 and not entry.dead and not entry.l2_pending and \
+                self.fits_l2(entry.size):
             self.set_dirty(entry, True, block)
         assert self.l2_deletes is not None
         self.l2_deletes.submit(block, entry, done)

@@ -417,7 +417,7 @@ class Placement(Part):
         self._end_reservation(offset)
         self.index.set_l1(entry, offset)
         entry.generation = next(self._generations)
-        if self.has_l2 and not entry.l2:
+        if self.has_l2 and not entry.l2 and self.index.fits_l2(entry.size):
             self.index.set_dirty(entry, True, block)
         self._l1_counters.promotions += 1
         if self._l1_limit is not None:
@@ -536,8 +536,10 @@ class Placement(Part):
         if entry is None or entry.l1_offset < 0:
             self.policy.on_remove(TierName.L1, block)
             return True
-        if action is Action.DEMOTE and self.has_l2 and not entry.l2:
+        if action is Action.DEMOTE and self.has_l2 and not entry.l2 and \
+                index.fits_l2(entry.size):
             # Not in L2 yet: write it first; it stays pinned until written.
+            # (One larger than L2 leaves as it is: its copy is L3's.)
             if entry.dirty:
                 self.queue_l2_write(block, entry)
             return False

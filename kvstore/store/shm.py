@@ -73,7 +73,7 @@ from kvstore.errors import (
 from kvstore.ratelimit import RateLimitedWarning
 from kvstore.store.index import Entry
 from kvstore.store.reads import BlockReader
-from kvstore.store.tiered import TieredStore
+from kvstore.store.tiered import TieredStore, all_durable
 from kvstore.tiers.memory import MemoryTier
 from kvstore.types import (
     MAX_KEYS_PER_REQUEST,
@@ -434,7 +434,7 @@ class SharedMemoryBroker:
             self._release_taken(taken[done:])  # (the L2 queue stayed full; the client went)
             raise
         if durable:
-            await asyncio.gather(*durable)
+            await all_durable(durable)
         return len(taken), nbytes
 
     async def commit_unchecked(self, namespace: str, ack: AckLevel, specs: Sequence[CommitSpec],

@@ -129,6 +129,16 @@ class _FailedL2Deletes:
                 "them again; repeat the call once the disk has room")
 
 
+async def all_durable(durable: Sequence[Awaitable[Any]]) -> None:
+    """Wait for the durable writes of a request's blocks, all of them, then
+    raise the first failure. (Raised as soon as one failed, the answer came
+    while later blocks' L2 writes were still queued: a kill -9 right after
+    lost blocks the error said were kept; a fix review.)"""
+    for result in await asyncio.gather(*durable, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
+
+
 async def _uploaded_and_local(upload: Awaitable[None], local: Awaitable[None] | None) -> None:
     """ack=remote: the block's upload and its L2 write. A failed upload is
     reported once the L2 write has settled, and says the block is kept (an
@@ -219,6 +229,8 @@ class TieredStore:
                 config.server.max_block_bytes,
                 config.l2.capacity if self.l2 is not None else None)
             if self.writeback is not None:
+                capacity = config.l2.capacity
+                self.index.fits_l2 = lambda size: size <= capacity
                 self.placement.stuck_reason = self._l2_trouble
                 self.placement.writes_paused = self.writeback.paused
             self.reads = Reads(
@@ -379,16 +391,19 @@ class TieredStore:
         if held <= capacity:
             return
         over = held - capacity
-        what = "moves about %.1f MiB of its blocks to L3 (dropped if L3 cannot take them)" \
+        # (whole blocks: at least that much; one block larger than the new
+        # capacity goes whole)
+        what = "moves at least %.1f MiB of its blocks to L3 (dropped if L3 cannot take them)" \
             if self.l3 is not None else \
-            "drops about %.1f MiB of its blocks (no L3: they are no longer served)"
+            "drops at least %.1f MiB of its blocks (no L3: they are no longer served)"
         if over > self.config.l1.capacity:
             log.warning("L2 holds %.1f MiB, more than l2.capacity (%s; smaller than the "
                         "last run's?): the policy now " + what, held / 2**20,
                         format_size(capacity), over / 2**20)
         else:
             log.info("L2 holds %.1f MiB, more than l2.capacity (%s: the last stop wrote "
-                     "L1's blocks to it): the policy now " + what, held / 2**20,
+                     "L1's blocks to it, or the capacity is smaller than the last run's): "
+                     "the policy now " + what, held / 2**20,
                      format_size(capacity), over / 2**20)
 
     async def _rebuild_from_l2(self) -> None:

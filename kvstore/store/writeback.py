@@ -242,7 +242,8 @@ class WriteBack(Part):
         self.paused_until = now + WRITE_PAUSE_S
         self._failure_log.note(f"{block[1].hex()[:16]}: {error}")
         index = self.index
-        if not entry.dead and entry.l1_offset >= 0 and not entry.l2:
+        if not entry.dead and entry.l1_offset >= 0 and not entry.l2 and \
+                index.fits_l2(entry.size):
             index.set_dirty(entry, True, block)
         if full and shrinks == self._shrinks:
             # Large blocks need runs of free pages in LMDB's file (overflow

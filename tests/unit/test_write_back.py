@@ -246,5 +246,5 @@ def test_a_start_with_a_smaller_l2_capacity_says_what_it_trims(
     said = [r.getMessage() for r in caplog.records if "l2.capacity" in r.getMessage()
             and r.levelname == "WARNING"]
     assert said == ["L2 holds 1.0 MiB, more than l2.capacity (256 KiB; smaller than the "
-                    "last run's?): the policy now drops about 0.8 MiB of its blocks (no "
+                    "last run's?): the policy now drops at least 0.8 MiB of its blocks (no "
                     "L3: they are no longer served)"]
