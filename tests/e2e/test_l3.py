@@ -523,6 +523,64 @@ def test_a_recorded_delete_landing_under_the_listing_is_not_undone(  # type: ign
         proxy.close()
 
 
+def test_a_block_whose_upload_is_on_its_way_is_not_taken_from_the_listing(  # type: ignore[no-untyped-def]
+        server_factory, s3: S3Server) -> None:
+    """A fix review: the listing at start reached keys whose ack=remote
+    uploads were on their way, found another node's older objects of the
+    same size there and counted the new blocks as in L3; the uploads then
+    failed (the Put said the blocks were kept here), and L2 dropped them
+    as held in L3: the older bytes were served. The listing now leaves such
+    a block to its upload."""
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
+    keys = [b"K%d" % i for i in range(4)]
+    v1 = {k: os.urandom(64 * 1024) for k in keys}
+    v2 = {k: os.urandom(64 * 1024) for k in keys}
+    with l3_node(server_factory, s3, l1="8MiB", l2="8MiB") as other, \
+            Client(other.tcp, namespace="up") as c:
+        assert c.put(v1, ack="remote").stored == len(v1)
+    proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    held_puts = itertools.count()
+    proxy.hold_answer = is_listing
+    proxy.hold = lambda method, target, body: method == "PUT" and next(held_puts) < len(keys)
+    node = server_factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
+                          f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB",
+                          "--l3-timeout-s", "3", "--l3-retries", "0", l1_capacity="2MiB", env=env)
+
+    def listings() -> int:
+        return node.log_path.read_text(errors="replace").count("L3 listing:")
+
+    try:
+        node.start()
+        wait_for(lambda: proxy.answers_held, what="the listing sent")
+        with Client(node.tcp, namespace="up", data_plane=False, timeout=60) as c:
+            failed: list[BaseException] = []
+
+            def put() -> None:
+                try:
+                    c.put(v2, ack="remote")
+                except TierUnavailable as exc:
+                    failed.append(exc)
+
+            putter = threading.Thread(target=put)
+            putter.start()
+            wait_for(lambda: len(proxy.held) == len(keys), what="the uploads on their way")
+            proxy.answers_release.set()  # the listing reaches the keys meanwhile
+            wait_for(lambda: listings() == 1, what="the listing")
+            putter.join(60)  # the uploads time out (held for good)
+            assert failed and "only its L3 copy is missing" in str(failed[0])
+            assert c.get(keys) == [v2[k] for k in keys]
+            for i in range(0, 160, 16):  # 10 MiB through L1 2 MiB and L2 4 MiB
+                assert c.put({b"f%d" % j: os.urandom(64 * 1024)
+                              for j in range(i, i + 16)}).stored == 16
+            assert c.get(keys) == [v2[k] for k in keys]
+    finally:
+        proxy.release.set()
+        proxy.answers_release.set()
+        proxy.close()
+        node.kill()
+
+
 def test_a_delete_retried_after_an_outage_keeps_another_nodes_newer_block(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server, monkeypatch) -> None:
     """A multi-node review: node A's link to the bucket was down when a
