@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from kvstore._version import __version__ as __version__
 from kvstore.errors import (
     BlockTooLarge,
+    BufferTooSmall,
     CallCut,
     Cancelled,
     CapacityExhausted,
@@ -81,6 +82,7 @@ __all__ = [
     "AckLevel",
     "AsyncClient",
     "BlockTooLarge",
+    "BufferTooSmall",
     "CallCut",
     "Cancelled",
     "CapacityExhausted",

@@ -57,6 +57,12 @@ class InvalidBlock(InvalidArgument):
     """A block's header (block format v1) is malformed."""
 
 
+class BufferTooSmall(InvalidArgument):
+    """``get_into``: a stored block is larger than the buffer given for it
+    (nothing of the call is to be trusted; a caller may get the other blocks
+    again). Raised by the SDK (never over the wire)."""
+
+
 class InvalidBuffer(InvalidArgument, TypeError):
     """A block buffer is not a contiguous buffer-protocol object (or not writable
     where the SDK must write into it). Also a ``TypeError``. Raised by the SDK

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from kvstore.client._convert import GetPiece, decode_get_chunk
 from kvstore.client._errors import InvalidBuffer, ProtocolError
-from kvstore.errors import InvalidArgument, InvalidKey, InvalidNamespace
+from kvstore.errors import BufferTooSmall, InvalidArgument, InvalidKey, InvalidNamespace
 from kvstore.types import (  # DEFAULT_TARGET: kept here for the SDK's modules
     DEFAULT_TARGET as DEFAULT_TARGET,
 )
@@ -470,7 +470,7 @@ class GetAssembler:
         if self._buffers is not None:
             have = len(self._buffers[i])
             if size > have:
-                raise InvalidArgument(
+                raise BufferTooSmall(
                     f"buffer #{i} is {have} bytes but key #{i} holds a block of {size} bytes"
                 )
         self._cur = i

@@ -275,7 +275,11 @@ class AsyncClient(ClientBase):
 
     async def _writes_settled(self) -> None:
         """Before a write: the Puts this client cancelled mid-way are answered
-        (see AsyncDataPlane.writes_settled)."""
+        (see AsyncDataPlane.writes_settled). A call from another running loop
+        is refused first (a Delete's or Flush's waited, from the wrong
+        thread, on the other loop's Puts: for the timeout, or for ever)."""
+        self._mind_fork()
+        self._claim_loop()
         dp = self._data_plane
         if dp is not None:
             await dp.writes_settled()

@@ -64,6 +64,7 @@ from kvstore.client.dataplane import (
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
 from kvstore.errors import (
+    BufferTooSmall,
     ConnectionFailed,
     DeadlineExceeded,
     InvalidArgument,
@@ -448,7 +449,7 @@ class AioConnection:
                     req.out[i] = block
                     dest = memoryview(block)
             elif req.error is not None or payload_len > len(views[i]):
-                req.error = req.error or InvalidArgument(
+                req.error = req.error or BufferTooSmall(
                     f"buffer #{i} is {len(views[i])} bytes but key #{i} holds a block of "
                     f"{payload_len} bytes")
             else:
@@ -573,6 +574,7 @@ class AsyncDataPlane:
         """Wait until every Put cancelled on a session after its bytes began
         to go is answered (or its connection gone): a later write must not
         be overtaken by it. (Bounded by the connection's progress watchdog.)"""
+        self._mind_loop()  # (an earlier loop's Puts: nothing will answer them now)
         pending = [f for conn in self._conns for f in conn.settling]
         if pending:
             await asyncio.wait(pending, timeout=self._timeout)
@@ -617,18 +619,21 @@ class AsyncDataPlane:
                 best = conn
         return best
 
-    async def _take(self) -> AioConnection | None:
+    def _mind_loop(self) -> None:
+        """Sessions of an earlier, closed event loop are closed (its reader
+        callbacks are gone with it); another running loop's raise."""
         if self._conns and self._conns[0].loop is not asyncio.get_running_loop():
             if not self._conns[0].loop.is_closed():
                 # Another loop's, still open: closing its sessions from here
                 # (another thread) breaks the calls it has on them.
                 raise InvalidArgument("this AsyncClient is in use in another running event "
                                       "loop: use one AsyncClient per event loop")
-            # Sessions of an earlier (closed) event loop: its reader callbacks
-            # are gone with it.
             for old in list(self._conns):
                 old.close("the client moved to another event loop")
             self._opening = None
+
+    async def _take(self) -> AioConnection | None:
+        self._mind_loop()
         while True:
             conn = self._pick()
             if conn is not None and conn.load == 0 and not conn.idle_and_open():

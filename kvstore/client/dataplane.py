@@ -66,6 +66,7 @@ from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
 from kvstore.dataplane.tls import same_checks_as_grpc
 from kvstore.errors import (
+    BufferTooSmall,
     ConnectionFailed,
     DeadlineExceeded,
     InvalidArgument,
@@ -814,7 +815,7 @@ class Connection:
                     out[i] = self.payload_bytes(payload_len)
                 elif too_small is not None or payload_len > len(views[i]):
                     self.skip_payload(payload_len)
-                    too_small = too_small or InvalidArgument(
+                    too_small = too_small or BufferTooSmall(
                         f"buffer #{i} is {len(views[i])} bytes but key #{i} holds a block "
                         f"of {payload_len} bytes")
                 else:

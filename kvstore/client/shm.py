@@ -100,6 +100,7 @@ from kvstore.client.shm_dataplane import ShmFrames, route_shm_calls
 from kvstore.client.sync import Client, SyncClientSettings
 from kvstore.dataplane import frames
 from kvstore.errors import (
+    BufferTooSmall,
     CapacityExhausted,
     ConnectionFailed,
     CorruptBlock,
@@ -1092,7 +1093,7 @@ class ShmClient(Client):
                     sizes.append(plain.get(i))
                     continue
                 if lease.size > len(dest):
-                    raise InvalidArgument(
+                    raise BufferTooSmall(
                         f"buffer #{i} is {len(dest)} bytes but key #{i} holds a block of "
                         f"{lease.size} bytes")
                 if copy_and_checksum(dest, 0, lease.view, 0, streaming) != lease.crc32c:

@@ -34,6 +34,7 @@ from kvstore.block import copy_and_checksum
 from kvstore.client import Client
 from kvstore.client.shm import ShmClient
 from kvstore.errors import (
+    BufferTooSmall,
     Cancelled,
     ConnectionFailed,
     DeadlineExceeded,
@@ -239,8 +240,9 @@ class StoreLink:
             log.debug("kvstore call answered as a miss: %s", exc)
             return fallback
         except InvalidArgument as exc:
-            if type(exc) is InvalidArgument:
-                # A block larger than the engine's buffer: a miss, the connection is fine.
+            if type(exc) in (InvalidArgument, BufferTooSmall):
+                # A block larger than the engine's buffer (or buffers that
+                # overlap): a miss, the connection is fine.
                 log.debug("kvstore call answered as a miss: %s", exc)
             else:
                 # The server refused the request itself (a chunk over its
@@ -360,7 +362,7 @@ class StoreLink:
         if all(len(p) == 1 for p in blocks) and session_id is None:
             try:
                 return client.get_into(list(keys), [p[0] for p in blocks])
-            except InvalidArgument:
+            except BufferTooSmall:
                 # A block larger than its buffer fails the whole get_into: block
                 # by block below, the others still count (an outside review:
                 # one oversized chunk made a batch of LMCache's all misses).

@@ -269,3 +269,89 @@ def test_two_loops_first_calls_at_once_one_refused_none_hangs(
             t.join(30)
         assert not any(t.is_alive() for t in threads), f"trial {trial}: a loop hangs"
         assert sorted(outcomes) == ["ok", "refused"], (trial, outcomes)
+
+
+@pytest.mark.parametrize("write", ["put", "delete"])
+def test_a_put_cancelled_in_an_earlier_loop_holds_no_write_in_the_next(
+        shared_server: Any, write: str) -> None:
+    """A fix review: a Put cancelled while its bytes went, in a loop that
+    then ended, left a wait nothing could end any more (its loop was
+    closed); the next loop's first write waited for it: the client's whole
+    timeout, for ever with ``timeout=None``."""
+    client = AsyncClient(shared_server.unix_target, namespace="loop-switch",
+                         data_plane="unix", timeout=None)
+
+    async def first() -> None:
+        await client.put({b"warm": b"w"})
+        put = asyncio.ensure_future(client.put({b"big": bytes(64 * 1024 * 1024)}))
+        await asyncio.sleep(0.001)  # (its bytes on their way)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+
+    async def second() -> None:
+        if write == "put":
+            await asyncio.wait_for(client.put({b"x": b"y"}), 20)
+        else:
+            await asyncio.wait_for(client.delete([b"x"]), 20)
+        await client.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_a_write_from_a_second_running_loop_is_refused_at_once(
+        server_factory: Any) -> None:
+    """A fix review: a Delete (or Flush) from a second running loop first
+    waited, from the wrong thread, for the first loop's cancelled Puts (for
+    ever with ``timeout=None``) before it raised InvalidArgument."""
+    import signal
+
+    server = server_factory(l1_capacity="64MiB").start()
+    client = AsyncClient(server.unix_target, namespace="wrong-loop", data_plane="unix",
+                         timeout=None)
+    ready, done = threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    async def first() -> None:
+        await client.put({b"w": b"w"})
+        assert client._data_plane is not None
+        [conn] = client._data_plane._conns
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            put = asyncio.ensure_future(client.put({b"K": bytes(16 * 1024 * 1024)}))
+            while conn.load != 1:
+                await asyncio.sleep(0.002)
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+            assert conn.settling  # (its answer is to come)
+            ready.set()
+            await asyncio.to_thread(done.wait, 30)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await client.close()
+
+    def first_thread() -> None:
+        try:
+            asyncio.run(first())
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=first_thread, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30) and not failure, failure
+
+        async def second() -> None:
+            for call in (client.delete([b"K"]), client.flush(), client.put({b"x": b"y"})):
+                with pytest.raises(InvalidArgument, match="another running event loop"):
+                    await asyncio.wait_for(call, 5)
+
+        asyncio.run(second())
+    finally:
+        done.set()
+        thread.join(30)
+    assert not failure, failure

@@ -91,6 +91,10 @@ def test_a_block_larger_than_its_buffer_misses_alone(server_factory: type, tmp_p
             assert link.get(list(stored), [[memoryview(o)] for o in outs]) == [4096, 100, None]
             assert outs[0].tobytes() == stored[b"good"]
             assert outs[1][:100].tobytes() == stored[b"short"]
+            # Two keys into one buffer: refused as before (misses), never one
+            # block's bytes answered as the other's.
+            shared = np.zeros(4096, dtype=np.uint8)
+            assert link.get([b"good", b"short"], [[memoryview(shared)]] * 2) == [None, None]
             assert link.failures == 0
         finally:
             link.close()
