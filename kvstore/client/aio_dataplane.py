@@ -189,6 +189,31 @@ class AioConnection:
                 self._settle(req)
         self._on_close(self)
 
+    def drain_after_loop(self, timeout: float | None) -> None:
+        """This session's event loop has closed with cancelled Puts still to
+        be answered (:attr:`settling`): send what of them was left to send and
+        read their answers now, blocking, for
+        at most ``timeout`` seconds (None: until they come or the connection
+        goes). A write from the next loop, on a session of its own, must not
+        be overtaken by them (a fix review: dropped unread, a Delete made in
+        the next loop landed first, and the cancelled Put's block was
+        served after the Delete was answered)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.settling and not self.broken:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            try:
+                # (their bytes not sent yet go first, as the loop would have sent them)
+                readable, writable, _ = select.select(
+                    [self.sock], [self.sock] if self._outq else [], [], left)
+            except (OSError, ValueError):
+                return
+            if writable:
+                self._flush()
+            if readable:
+                self._on_readable()  # (the socket stays non-blocking: reads what came)
+
     def _settle(self, req: _Request) -> None:
         req.answered = True
         settled = req.settled
@@ -629,6 +654,8 @@ class AsyncDataPlane:
                 raise InvalidArgument("this AsyncClient is in use in another running event "
                                       "loop: use one AsyncClient per event loop")
             for old in list(self._conns):
+                if old.settling:
+                    old.drain_after_loop(self._timeout)
                 old.close("the client moved to another event loop")
             self._opening = None
 
