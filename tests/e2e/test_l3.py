@@ -376,6 +376,24 @@ def test_throttling_that_retries_absorb_shows_in_the_metrics(server_factory, s3:
         proxy.close()
 
 
+def behind_proxy(factory, s3: S3Server, proxy: FaultProxy, *flags: str,  # type: ignore[no-untyped-def]
+                 l1: str = "4MiB", timeout_s: str = "2"):
+    """A node whose L3 requests go through ``proxy`` (faults, held answers),
+    with a short timeout and no retries."""
+    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
+           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
+    return factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
+                   f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB", *flags,
+                   "--l3-timeout-s", timeout_s, "--l3-retries", "0",
+                   "--l3-breaker-failures", "2", "--l3-breaker-reset-s", "0.2",
+                   l1_capacity=l1, env=env)
+
+
+def listings(node) -> int:  # type: ignore[no-untyped-def]
+    """How many listings at start the node has ended (its log says)."""
+    return node.log_path.read_text(errors="replace").count("L3 listing:")
+
+
 @pytest.mark.parametrize("kill_before_listing", [False, True])
 def test_an_overwrite_made_before_the_listing_reached_its_key_is_kept(  # type: ignore[no-untyped-def]
         server_factory, s3: S3Server, kill_before_listing: bool) -> None:
@@ -390,18 +408,9 @@ def test_an_overwrite_made_before_the_listing_reached_its_key_is_kept(  # type: 
     from kvstore.tiers.object import unpack_header
     proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
     proxy.fail = lambda method, target: False
-    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
-           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
-    node = server_factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
-                          f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB",
-                          "--l3-timeout-s", "2", "--l3-retries", "0",
-                          "--l3-breaker-failures", "2", "--l3-breaker-reset-s", "0.2",
-                          l1_capacity="4MiB", env=env)
+    node = behind_proxy(server_factory, s3, proxy)
     obj = s3.data_dir / s3.bucket / "fleet" / "ow" / b"K".hex()
     v1, v2 = os.urandom(256 * 1024), os.urandom(256 * 1024)
-
-    def listings() -> int:
-        return node.log_path.read_text(errors="replace").count("L3 listing:")
 
     try:
         node.start()
@@ -416,9 +425,9 @@ def test_an_overwrite_made_before_the_listing_reached_its_key_is_kept(  # type: 
         if kill_before_listing:
             node.kill()
             node.start()
-        done = listings()
+        done = listings(node)
         proxy.fail = lambda method, target: False
-        wait_for(lambda: listings() > done, what="the listing")
+        wait_for(lambda: listings(node) > done, what="the listing")
         # The old object is deleted (its header was read: older bytes).
         wait_for(lambda: not obj.exists(), what="the old object's delete")
         with Client(node.tcp, namespace="ow") as c:
@@ -463,19 +472,9 @@ def test_a_recorded_delete_landing_under_the_listing_is_not_undone(  # type: ign
     Lookup found it in L3). The listing now reads the header of an object
     whose block's delete ended after its page was listed."""
     proxy = FaultProxy(int(s3.endpoint.rsplit(":", 1)[1]))
-    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
-           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
-    node = server_factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
-                          f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB",
-                          "--l2-compact-index", compact_index,
-                          "--l3-timeout-s", "2", "--l3-retries", "0",
-                          "--l3-breaker-failures", "2", "--l3-breaker-reset-s", "0.2",
-                          l1_capacity="4MiB", env=env)
+    node = behind_proxy(server_factory, s3, proxy, "--l2-compact-index", compact_index)
     obj = s3.data_dir / s3.bucket / "fleet" / "ow" / b"K".hex()
     v1, v2 = os.urandom(256 * 1024), os.urandom(256 * 1024)
-
-    def listings() -> int:
-        return node.log_path.read_text(errors="replace").count("L3 listing:")
 
     try:
         node.start()
@@ -493,7 +492,7 @@ def test_a_recorded_delete_landing_under_the_listing_is_not_undone(  # type: ign
         # answer reaches the server after the delete is done.
         proxy.hold = lambda method, target, body: method == "DELETE"
         proxy.hold_answer = is_listing
-        done = listings()
+        done = listings(node)
         node.start()
         wait_for(lambda: proxy.answers_held, what="the listing sent")
         proxy.release.set()
@@ -501,7 +500,7 @@ def test_a_recorded_delete_landing_under_the_listing_is_not_undone(  # type: ign
         wait_for(lambda: delete_records(node.data_dir / "l2") == 0,
                  what="the delete done (its record removed)")
         proxy.answers_release.set()
-        wait_for(lambda: listings() > done, what="the listing")
+        wait_for(lambda: listings(node) > done, what="the listing")
         if change == "delete":
             with Client(node.tcp, namespace="ow") as c:
                 assert c.lookup([b"K"]).tiers == [None]
@@ -531,8 +530,6 @@ def test_a_block_whose_upload_is_on_its_way_is_not_taken_from_the_listing(  # ty
     failed (the Put said the blocks were kept here), and L2 dropped them
     as held in L3: the older bytes were served. The listing now leaves such
     a block to its upload."""
-    env = {"KVSTORE_L3_ACCESS_KEY_ID": s3.access_key,
-           "KVSTORE_L3_SECRET_ACCESS_KEY": s3.secret_key, "KVSTORE_LOG_LEVEL": "INFO"}
     keys = [b"K%d" % i for i in range(4)]
     v1 = {k: os.urandom(64 * 1024) for k in keys}
     v2 = {k: os.urandom(64 * 1024) for k in keys}
@@ -543,12 +540,7 @@ def test_a_block_whose_upload_is_on_its_way_is_not_taken_from_the_listing(  # ty
     held_puts = itertools.count()
     proxy.hold_answer = is_listing
     proxy.hold = lambda method, target, body: method == "PUT" and next(held_puts) < len(keys)
-    node = server_factory("--l3-url", s3.url("fleet"), "--l3-endpoint",
-                          f"http://127.0.0.1:{proxy.port}", "--l2-capacity", "4MiB",
-                          "--l3-timeout-s", "3", "--l3-retries", "0", l1_capacity="2MiB", env=env)
-
-    def listings() -> int:
-        return node.log_path.read_text(errors="replace").count("L3 listing:")
+    node = behind_proxy(server_factory, s3, proxy, l1="2MiB", timeout_s="3")
 
     try:
         node.start()
@@ -566,7 +558,7 @@ def test_a_block_whose_upload_is_on_its_way_is_not_taken_from_the_listing(  # ty
             putter.start()
             wait_for(lambda: len(proxy.held) == len(keys), what="the uploads on their way")
             proxy.answers_release.set()  # the listing reaches the keys meanwhile
-            wait_for(lambda: listings() == 1, what="the listing")
+            wait_for(lambda: listings(node) == 1, what="the listing")
             putter.join(60)  # the uploads time out (held for good)
             assert failed and "only its L3 copy is missing" in str(failed[0])
             assert c.get(keys) == [v2[k] for k in keys]
