@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import select
 import socket
 import ssl
@@ -118,6 +119,44 @@ class _Request:
         self.answered = False  # its answer was read (or the connection went)
 
 
+def drain_closed_sessions(conns: Sequence[AioConnection], timeout: float | None) -> None:
+    """Sessions whose event loop has closed with cancelled Puts unanswered
+    (``settling``): send what of them was left to send and read their
+    answers, blocking, until no byte has moved on any of them for
+    ``timeout`` seconds (None: until answered or the connections go). A
+    write from the next loop, on a session of its own, must not be
+    overtaken by them (a fix review: dropped unread, a Delete made in the
+    next loop landed first, and the cancelled Put's block was served after
+    the Delete was answered). poll(), not select(): a process with more
+    than 1,024 files open has descriptors select() cannot take."""
+    for conn in conns:
+        if conn.settling:
+            for req in conn._waiting:  # (no caller's buffer is written from here on)
+                conn._forget(req, ())
+    last_progress = time.monotonic()
+    while True:
+        waiting = {c._fd: c for c in conns if c.settling and not c.broken}
+        if not waiting:
+            return
+        left = None if timeout is None else timeout - (time.monotonic() - last_progress)
+        if left is not None and left <= 0:
+            return
+        poller = select.poll()
+        for fd, conn in waiting.items():
+            poller.register(fd, select.POLLIN | (select.POLLOUT if conn._outq else 0))
+        try:
+            events = poller.poll(None if left is None else max(1, math.ceil(left * 1000)))
+        except OSError:
+            return
+        for fd, event in events:
+            conn = waiting[fd]
+            if event & select.POLLOUT:
+                conn._flush()
+            if event & ~select.POLLOUT:
+                conn._on_readable()  # (non-blocking: what came; EOF or an error closes it)
+            last_progress = time.monotonic()
+
+
 class AioConnection:
     """One data-plane session's socket, driven by the event loop."""
 
@@ -189,37 +228,12 @@ class AioConnection:
                 self._settle(req)
         self._on_close(self)
 
-    def drain_after_loop(self, timeout: float | None) -> None:
-        """This session's event loop has closed with cancelled Puts still to
-        be answered (:attr:`settling`): send what of them was left to send and
-        read their answers now, blocking, for
-        at most ``timeout`` seconds (None: until they come or the connection
-        goes). A write from the next loop, on a session of its own, must not
-        be overtaken by them (a fix review: dropped unread, a Delete made in
-        the next loop landed first, and the cancelled Put's block was
-        served after the Delete was answered)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.settling and not self.broken:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return
-            try:
-                # (their bytes not sent yet go first, as the loop would have sent them)
-                readable, writable, _ = select.select(
-                    [self.sock], [self.sock] if self._outq else [], [], left)
-            except (OSError, ValueError):
-                return
-            if writable:
-                self._flush()
-            if readable:
-                self._on_readable()  # (the socket stays non-blocking: reads what came)
-
     def _settle(self, req: _Request) -> None:
         req.answered = True
         settled = req.settled
         if settled is not None:
             self.settling.discard(settled)
-            if not settled.done():
+            if not settled.done() and not self.loop.is_closed():
                 settled.set_result(None)
 
     # -- requests ----------------------------------------------------------------------
@@ -495,7 +509,8 @@ class AioConnection:
 
     def _finish(self) -> None:
         req = self._waiting.popleft()
-        if not req.future.done():
+        if not req.future.done() and not self.loop.is_closed():
+            # (a loop closed with calls pending: drain_closed_sessions reads on)
             if req.error is not None:
                 req.future.set_exception(req.error)
             else:
@@ -508,7 +523,7 @@ class AioConnection:
         message = f"data plane to {self.target}: {what}"
         if self._waiting:
             req = self._waiting.popleft()
-            if not req.future.done():
+            if not req.future.done() and not self.loop.is_closed():
                 req.future.set_exception(ConnectionFailed(message))
             self._settle(req)
         self.close(message)
@@ -653,9 +668,8 @@ class AsyncDataPlane:
                 # (another thread) breaks the calls it has on them.
                 raise InvalidArgument("this AsyncClient is in use in another running event "
                                       "loop: use one AsyncClient per event loop")
+            drain_closed_sessions(self._conns, self._timeout)
             for old in list(self._conns):
-                if old.settling:
-                    old.drain_after_loop(self._timeout)
                 old.close("the client moved to another event loop")
             self._opening = None
 

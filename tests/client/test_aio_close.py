@@ -423,3 +423,52 @@ def dataplane_connections(server: Any) -> float:
             if line.startswith("kvstore_dataplane_connections "):
                 return float(line.split()[1])
     raise AssertionError("no kvstore_dataplane_connections in the metrics")
+
+
+def test_a_closed_loops_sessions_are_drained_on_descriptors_past_1024(
+        server_factory: Any) -> None:
+    """A fix review: the drain of a closed loop's sessions used select(),
+    which refuses descriptors past 1,023: in a process with many files open
+    it returned at once, and the next loop's Delete could land before the
+    cancelled Put. It waits for the answer now (poll())."""
+    import resource
+    import signal
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1200:
+        pytest.skip("needs 1,200 open files")
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    server = server_factory(l1_capacity="64MiB").start()
+    client = AsyncClient(server.unix_target, namespace="drain-fds", data_plane="unix",
+                         timeout=30)
+    conns: list[Any] = []
+    try:
+        async def first() -> None:
+            await client.put({b"warm": b"w"})
+            assert client._data_plane is not None
+            conns.extend(client._data_plane._conns)
+            assert conns[0]._fd >= 1024
+            os.kill(server.pid, signal.SIGSTOP)
+            put = asyncio.ensure_future(client.put({b"K": b"1" * 65536}))
+            while conns[0].load != 1 or conns[0]._outq:
+                await asyncio.sleep(0.002)
+            put.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await put
+
+        asyncio.run(first())
+        from kvstore.client import aio_dataplane
+        started = time.monotonic()
+        aio_dataplane.drain_closed_sessions(conns, 0.5)  # the server is stopped: no answer
+        assert time.monotonic() - started >= 0.45 and conns[0].settling
+        os.kill(server.pid, signal.SIGCONT)
+        aio_dataplane.drain_closed_sessions(conns, 30)
+        assert not conns[0].settling  # its answer read
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        for fd in filler:
+            os.close(fd)
+        for conn in conns:
+            conn.close()
