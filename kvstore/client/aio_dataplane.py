@@ -614,7 +614,7 @@ class AsyncDataPlane:
         """Wait until every Put cancelled on a session after its bytes began
         to go is answered (or its connection gone): a later write must not
         be overtaken by it. (Bounded by the connection's progress watchdog.)"""
-        self._mind_loop()  # (an earlier loop's Puts: nothing will answer them now)
+        self._mind_loop()  # (an earlier, closed loop's sessions: drained, then dropped)
         pending = [f for conn in self._conns for f in conn.settling]
         if pending:
             await asyncio.wait(pending, timeout=self._timeout)
