@@ -152,11 +152,10 @@ class Index:
         #: Delete, an overwrite, a Flush, a corrupt copy dropped): placement's
         #: per-namespace count for quota.l1 (set by Placement.limit_l1).
         self.left_l1: Callable[[BlockId, Entry], None] | None = None
-        #: Whether a block of that size fits L2 (l2.capacity; set by the store).
-        #: One that does not (promoted from a shared L3, or L2 shrunk since) is
-        #: never written to L2: written, L2's trim dropped it at once, and L1's
-        #: eviction wrote it again, for ever (an outside review).
-        self.fits_l2: Callable[[int], bool] = lambda size: True
+        #: l2.capacity with L2 (None without; set by the store): a larger block
+        #: (promoted from a shared L3, or L2 shrunk since) is never written to
+        #: L2 (:meth:`fits_l2`), and Puts of one are refused (Placement).
+        self.l2_capacity: int | None = None
         self.delete_l3: Callable[[BlockId, bool, int], asyncio.Future[Any] | None] | None = \
             None
         #: When this run began without the L3 an earlier run had (0: it has
@@ -471,6 +470,12 @@ class Index:
             self._count_l2_namespace(name, int(total))
 
     # -- removal ----------------------------------------------------------------------
+
+    def fits_l2(self, size: int) -> bool:
+        """Whether a block of ``size`` bytes may be written to L2. (Written,
+        one larger than L2 was trimmed at once, and L1's eviction wrote it
+        again, for ever: an outside review.)"""
+        return self.l2_capacity is None or size <= self.l2_capacity
 
     def drop_l2_copy(self, block: BlockId, entry: Entry, done: DropDone = _drop_done) -> None:
         assert self.l2 is not None

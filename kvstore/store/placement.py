@@ -71,13 +71,11 @@ class Placement(Part):
 
     def __init__(self, shared: Shared, has_l2: bool,
                  queue_l2_write: Callable[[BlockId, Entry], object],
-                 max_block_bytes: int, l2_capacity: int | None = None) -> None:
+                 max_block_bytes: int) -> None:
         super().__init__(shared)
         self.has_l2 = has_l2
         self.queue_l2_write = queue_l2_write
         self.max_block_bytes = max_block_bytes
-        #: l2.capacity with L2 (None without): a larger block is refused (below).
-        self.l2_capacity = l2_capacity
         self.open_writers = 0  # reserved, uncommitted extents (BlockWriters, shm slots)
         #: Why blocks cannot leave L1 beyond the usual (set by the store: L2
         #: writes failing), appended to the "L1 is full" refusal.
@@ -118,13 +116,13 @@ class Placement(Part):
                 f"block of {size} bytes exceeds the L1 capacity of {self.l1.capacity} bytes "
                 "(l1.capacity): every block passes through L1"
             )
-        if self.l2_capacity is not None and size > self.l2_capacity:
+        if not self.index.fits_l2(size):
             # (An outside review: taken, such a block was written to L2 and
             # trimmed from it at once whenever it was to leave L1, for ever:
             # L1 evicted nothing more, every later Put waited out its
             # deadline, and with L3 the loop spun a CPU.)
             raise BlockTooLarge(
-                f"block of {size} bytes exceeds the L2 capacity of {self.l2_capacity} bytes "
+                f"block of {size} bytes exceeds the L2 capacity of {self.index.l2_capacity} bytes "
                 "(l2.capacity): every block that leaves L1 is written to L2"
             )
 

@@ -226,11 +226,9 @@ class TieredStore:
             self.placement = Placement(
                 shared, self.l2 is not None,
                 self.writeback.queue_write if self.writeback is not None else _ignore_queued,
-                config.server.max_block_bytes,
-                config.l2.capacity if self.l2 is not None else None)
+                config.server.max_block_bytes)
             if self.writeback is not None:
-                capacity = config.l2.capacity
-                self.index.fits_l2 = lambda size: size <= capacity
+                self.index.l2_capacity = config.l2.capacity
                 self.placement.stuck_reason = self._l2_trouble
                 self.placement.writes_paused = self.writeback.paused
             self.reads = Reads(

@@ -6,10 +6,12 @@ slowly (each wait short) is emulated on a socket pair."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,27 +43,36 @@ def _dripping_peer(sock: socket.socket, stop: threading.Event) -> None:
         return  # the client gave up and closed
 
 
+@contextlib.contextmanager
+def slow_peer(peer: Callable[[socket.socket, threading.Event], None], sock: socket.socket,
+              ours: socket.socket, name: str, timeout: float) -> Iterator[tuple[Connection, float]]:
+    """``peer`` on its end of the pair, and our end as a connection with
+    ``timeout`` whose call has just begun (with when it began)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=peer, args=(sock, stop))
+    thread.start()
+    try:
+        _set_timeouts(ours, timeout)  # (as the SDK's connections are)
+        conn = Connection(ours, name, timeout)
+        started = time.monotonic()
+        conn.begin_call(started + timeout)
+        yield conn, started
+    finally:
+        stop.set()
+        thread.join(30)
+
+
 @pytest.mark.parametrize("into", [False, True])
 def test_a_call_answered_steadily_but_slowly_ends_at_its_timeout(
         pair: tuple[socket.socket, socket.socket], into: bool) -> None:
     a, b = pair
-    stop = threading.Event()
-    peer = threading.Thread(target=_dripping_peer, args=(b, stop))
-    peer.start()
-    try:
-        timeout = 0.3
-        _set_timeouts(a, timeout)  # (as the SDK's connections are)
-        conn = Connection(a, "slow-peer", timeout)
-        started = time.monotonic()
-        conn.begin_call(started + timeout)
+    timeout = 0.3
+    with slow_peer(_dripping_peer, b, a, "slow-peer", timeout) as (conn, started):
         with pytest.raises(DeadlineExceeded, match=r"ran past its timeout of 0\.3 s"):
             conn.get("ns", [b"k"], "", [memoryview(bytearray(BLOCK))] if into else None)
         took = time.monotonic() - started
         assert took < 1.1 * timeout + 0.2, took  # (the peer needs 2.6 s)
         assert conn.broken  # the rest of the answer would follow: never reused
-    finally:
-        stop.set()
-        peer.join(30)
 
 
 def test_the_next_call_on_a_connection_waits_its_whole_timeout_again(
@@ -97,24 +108,14 @@ def test_a_put_to_a_reader_that_takes_its_bytes_slowly_ends_at_its_timeout(
     every chunk the kernel moves, and a 1 GiB Put to a server read in bursts
     ran 21 x its timeout. A large payload goes in non-blocking pieces."""
     a, b = pair
-    stop = threading.Event()
-    peer = threading.Thread(target=_slow_reader, args=(b, stop))
-    peer.start()
-    try:
-        timeout = 0.3
-        _set_timeouts(a, timeout)
-        conn = Connection(a, "slow-reader", timeout)
-        started = time.monotonic()
-        conn.begin_call(started + timeout)
-        payload = memoryview(bytearray(12 << 20))  # 7.5 s at the reader's pace
+    timeout = 0.3
+    payload = memoryview(bytearray(12 << 20))  # 7.5 s at the reader's pace
+    with slow_peer(_slow_reader, b, a, "slow-reader", timeout) as (conn, started):
         with pytest.raises(DeadlineExceeded, match="whether it took effect is unknown"):
             conn.put("ns", 1, "", [(b"k", payload)], 0)
         took = time.monotonic() - started
         assert took < 1.1 * timeout + 0.2, took
         assert conn.broken
-    finally:
-        stop.set()
-        peer.join(30)
 
 
 def test_a_deadline_a_microsecond_away_never_lifts_the_wait_limit(
