@@ -533,12 +533,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     # A shared-memory file (the shm systems need it; L1 bytes are checked on
     # every Get, l1.verify_reads) or, with --arena private, anonymous memory
     # (a TCP/unix-only server, as one serving engines on other hosts runs).
+    # --arena split runs both: the shm systems on the shared one, the rest on
+    # the anonymous one (each kind of client against the server it would use).
     shm_path = (f"/dev/shm/kvstore-peers-{os.getpid()}-{secrets.token_hex(4)}"
-                if args.arena == "shared" else "")
-    flags = [*(["--l1-shm-path", shm_path] if shm_path else []), *(args.server_flag or [])]
-    server = BenchServer(*flags, l1_capacity=args.l1_capacity, l2=True, unix=True,
+                if args.arena != "private" else "")
+    extra = list(args.server_flag or [])
+    shm_flags = ["--l1-shm-path", shm_path, *extra] if shm_path else extra
+    server = BenchServer(*(extra if args.arena == "split" else shm_flags),
+                         l1_capacity=args.l1_capacity, l2=True, unix=True,
                          data_dir=str(work / "kvstore"))
     (work / "kvstore").mkdir()
+    shm_server: BenchServer | None = None
+    if args.arena == "split" and any("shm" in s for s in systems):
+        shm_server = BenchServer(*shm_flags, l1_capacity=args.l1_capacity, l2=True, unix=True,
+                                 data_dir=str(work / "kvstore-shm"))
+        (work / "kvstore-shm").mkdir()
     ctx = mp.get_context("spawn")
     raw_parent, raw_child = ctx.Pipe()
     raw_proc = ctx.Process(target=raw_server_main,
@@ -546,17 +555,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     pool: Pool | None = None
     l2_stats: dict[str, Any] = {}
-    server_rss = 0
+    server_rss = shm_server_rss = 0
     try:
         raw_proc.start()
         raw_child.close()
         raw_port, raw_unix = raw_parent.recv()
         progress.status(f"peers: starting kvstore (L1 {args.l1_capacity} in "
-                        f"{shm_path or 'anonymous memory'}, "
+                        f"{shm_path if args.arena == 'shared' else 'anonymous memory'}, "
                         "pre-faulted; L2 on) ...")
         server.start()
         assert server.proc is not None
+        if shm_server is not None:
+            progress.status(f"peers: starting the shm systems' kvstore (L1 {args.l1_capacity} "
+                            f"in {shm_path}) ...")
+            shm_server.start()
         cfg = {"kv_tcp": server.tcp, "kv_unix": server.unix_target,
+               "kv_shm_unix": (shm_server or server).unix_target,
                "redis_port": redis_srv.port if redis_srv else 0,
                "redis_unix": redis_srv.unix if redis_srv else "",
                "redis_read_size": args.redis_read_size,
@@ -569,7 +583,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         where = placement(args.pin)
         if where is not None:
             server_cpus, client_cpus = where
-            for pid in (server.proc.pid, redis_srv.pid if redis_srv else None, raw_proc.pid,
+            for pid in (server.proc.pid, shm_server.proc.pid if shm_server and shm_server.proc
+                        else None, redis_srv.pid if redis_srv else None, raw_proc.pid,
                         mooncake.pid if mooncake else None):
                 if pid:
                     pin_process(pid, server_cpus)
@@ -577,7 +592,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 pin_process(proc.pid, client_cpus)
             progress.line(f"peers: pinned servers to CPU {sorted(server_cpus)}, clients to "
                           f"CPU {sorted(client_cpus)}")
-        pids = {s: (server.proc.pid if s.startswith("kvstore") else
+        kv_pid = {s: (shm_server.proc.pid if shm_server and shm_server.proc and "shm" in s
+                      else server.proc.pid) for s in systems}
+        pids = {s: (kv_pid[s] if s.startswith("kvstore") else
                     redis_srv.pid if s.startswith("redis") and redis_srv else
                     raw_proc.pid if s.startswith("raw") else
                     mooncake.pid if s.startswith("mooncake") and mooncake else None)
@@ -623,11 +640,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 l2_stats[t.tier.name] = {"blocks": t.blocks, "bytes": t.bytes,
                                          "evictions": t.evictions}
         server_rss = server.rss_bytes()
+        if shm_server is not None:
+            shm_server_rss = shm_server.rss_bytes()
     finally:
         progress.status("peers: stopping ...")
         if pool is not None:
             pool.close()
         server.stop()
+        if shm_server is not None:
+            shm_server.stop()
         if mooncake is not None:
             mooncake.stop()
         raw_parent.close()
@@ -665,9 +686,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 "arena": args.arena,
                 "l1": (f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
                        "(pre-faulted at start; removed at exit; L1 bytes checked on every Get)"
-                       if shm_path else f"{args.l1_capacity} anonymous arena (pre-faulted at "
-                       "start; only the server writes it: L1 bytes not checked again on Gets, "
-                       "l1.verify_reads)"),
+                       if args.arena == "shared" else f"{args.l1_capacity} anonymous arena "
+                       "(pre-faulted at start; only the server writes it: L1 bytes not checked "
+                       "again on Gets, l1.verify_reads)" + (
+                           "; the shm systems on a second server (shm_systems_server)"
+                           if shm_server is not None else "")),
+                "shm_systems_server": None if shm_server is None else {
+                    "command": " ".join(shm_server.command),
+                    "l1": f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
+                          "(pre-faulted at start; removed at exit; L1 bytes checked on every "
+                          "Get)",
+                    "rss_bytes_at_end": shm_server_rss},
                 "l2": "enabled (LMDB in a temp dir), default write-back (write_mode evict): "
                       "Puts that fit in L1 do not touch disk",
                 "tiers_at_end": l2_stats,
@@ -787,11 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="CPU placement: every server and client process on one CPU (same), "
                         "servers on one and clients on another (apart), or the scheduler's "
                         "choice (none) [default: none]; see placement()")
-    p.add_argument("--arena", choices=("shared", "private"), default="shared",
+    p.add_argument("--arena", choices=("shared", "private", "split"), default="shared",
                    help="kvstore's L1 arena: a shared-memory file (the shm systems run; L1 "
-                        "bytes are checked on every Get) or anonymous memory (a TCP/unix-only "
-                        "server, as for engines on other hosts; the shm systems are skipped) "
-                        "[default: shared]")
+                        "bytes are checked on every Get), anonymous memory (a TCP/unix-only "
+                        "server, `kvstore serve`'s default, as for engines on other hosts; the "
+                        "shm systems are skipped), or split: two servers, the shm systems on a "
+                        "shared arena and the others on an anonymous one [default: shared]")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
                    help="extra flag for kvstore serve (repeat)")
     args = p.parse_args(argv)

@@ -67,6 +67,8 @@ class Worker:
         # The -nopoll variants: the same clients without the busy poll (the
         # path before it), for same-run comparisons.
         busy = {"busy_poll_us": 0} if system.endswith("-nopoll") else {}
+        # The shm systems' server (its own with bench.peers --arena split).
+        shm_target = cfg.get("kv_shm_unix") or cfg.get("kv_unix", "")
         if system.removesuffix("-nopoll") in ("kvstore-dp-tcp", "kvstore-dp-unix"):
             from kvstore import Client
 
@@ -79,7 +81,7 @@ class Worker:
         elif system.removesuffix("-nopoll") == "kvstore-dp-shm":
             from kvstore.client.shm import ShmClient
 
-            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300, **busy)
+            c = ShmClient(shm_target, namespace="bench", timeout=300, **busy)
             _require_data_plane(c, system)
         elif system == "kvstore-tcp":
             from kvstore import Client
@@ -92,7 +94,7 @@ class Worker:
         elif system == "kvstore-shm":
             from kvstore.client.shm import ShmClient
 
-            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300, data_plane=False)
+            c = ShmClient(shm_target, namespace="bench", timeout=300, data_plane=False)
         elif system in ("kvstore-tcp-stream", "kvstore-unix-stream"):
             from kvstore import Client
 
@@ -115,7 +117,7 @@ class Worker:
         elif system == "kvstore-shm-2rpc":
             from kvstore.client.shm import ShmClient
 
-            c = ShmClient(cfg["kv_unix"], namespace="bench", timeout=300,
+            c = ShmClient(shm_target, namespace="bench", timeout=300,
                           release_on_acquire=False, data_plane=False)
             c.stream_batch_bytes = None  # cached stores, as before
             c.stream_get_bytes = c.stream_put_bytes = None

@@ -582,7 +582,8 @@ class Session:
                 committed = False
                 dest = store.l1.slice(offset, b.size)
                 try:
-                    crc = await io.read_into(dest, 0)
+                    # Streaming stores unless the block is verified next.
+                    crc = await io.read_into(dest, 0, b.format != BlockFormat.KV_V1)
                     remaining -= b.size
                     if b.crc32c is not None and crc != b.crc32c:
                         raise CorruptBlock(

@@ -64,3 +64,28 @@ def test_peers_private_arena_runs_without_shared_memory(tmp_path: Path) -> None:
     assert server["arena"] == "private" and server["shm_path"] == ""
     assert "--l1-shm-path" not in server["command"]
     assert any("kvstore-dp-shm skipped" in n for n in doc["notes"])
+
+
+@pytest.mark.timeout(120)
+def test_peers_split_arena_runs_each_client_on_its_own_server(tmp_path: Path) -> None:
+    """``--arena split``: the socket systems against a server with an anonymous
+    arena (``kvstore serve``'s default), the shm systems against a second one
+    whose arena is a shared-memory file (a ShmClient cannot run on the first)."""
+    out = tmp_path / "peers.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
+                           "--bytes-per-round", "4MiB", "--sizes", "1MiB", "--per-call", "1",
+                           "--systems", "kvstore-dp-tcp", "kvstore-dp-shm", "raw-tcp",
+                           "--arena", "split", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {r["system"] for r in doc["results"]} == {"kvstore-dp-tcp", "kvstore-dp-shm",
+                                                     "raw-tcp"}
+    assert all(r["gbps"] > 0 for r in doc["results"])
+    server = doc["meta"]["kvstore_server"]
+    assert server["arena"] == "split"
+    assert "--l1-shm-path" not in server["command"]
+    shm_server = server["shm_systems_server"]
+    assert f"--l1-shm-path {server['shm_path']}" in shm_server["command"]
+    assert shm_server["rss_bytes_at_end"] > 0
+    assert not os.path.exists(server["shm_path"])
