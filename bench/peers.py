@@ -473,6 +473,15 @@ def write_png(doc: dict[str, Any], path: str) -> None:
 # --------------------------------------------------------------------------- main run
 
 
+def _tiers_at_end(server: Any) -> dict[str, Any]:
+    """Blocks, bytes and evictions per tier of a bench server, from its Stats."""
+    from kvstore import Client
+
+    with Client(server.tcp) as c:
+        return {t.tier.name: {"blocks": t.blocks, "bytes": t.bytes, "evictions": t.evictions}
+                for t in c.stats().tiers}
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from bench._peers.raw import raw_server_main
     from bench._peers.redis_proc import (
@@ -535,8 +544,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     # (a TCP/unix-only server, as one serving engines on other hosts runs).
     # --arena split runs both: the shm systems on the shared one, the rest on
     # the anonymous one (each kind of client against the server it would use).
+    wants_shm = args.arena == "shared" or (args.arena == "split"
+                                           and any("shm" in s for s in systems))
     shm_path = (f"/dev/shm/kvstore-peers-{os.getpid()}-{secrets.token_hex(4)}"
-                if args.arena != "private" else "")
+                if wants_shm else "")
     extra = list(args.server_flag or [])
     shm_flags = ["--l1-shm-path", shm_path, *extra] if shm_path else extra
     server = BenchServer(*(extra if args.arena == "split" else shm_flags),
@@ -544,7 +555,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                          data_dir=str(work / "kvstore"))
     (work / "kvstore").mkdir()
     shm_server: BenchServer | None = None
-    if args.arena == "split" and any("shm" in s for s in systems):
+    if args.arena == "split" and shm_path:
         shm_server = BenchServer(*shm_flags, l1_capacity=args.l1_capacity, l2=True, unix=True,
                                  data_dir=str(work / "kvstore-shm"))
         (work / "kvstore-shm").mkdir()
@@ -555,6 +566,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     pool: Pool | None = None
     l2_stats: dict[str, Any] = {}
+    shm_l2_stats: dict[str, Any] = {}
     server_rss = shm_server_rss = 0
     try:
         raw_proc.start()
@@ -622,6 +634,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                             rounds[system].append(r)
                 for system in systems:
                     cell = {"system": system, "op": op, "block_bytes": block,
+                            **({"server": "shm_systems_server"
+                                if shm_server is not None and "shm" in system
+                                else "kvstore_server"} if system.startswith("kvstore") else {}),
                             "clients": clients, "batch_blocks": batch,
                             "blocks_per_round": count * clients, "bytes_per_round": nbytes,
                             "api": API[system][op],
@@ -632,15 +647,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                                      r["batch_blocks"])
                                                  == (op, block, clients, batch)]))
             pool.ask(clients, ("cleanup", systems, block, count))
-        from kvstore import Client
-
-        with Client(server.tcp) as c:
-            st = c.stats()
-            for t in st.tiers:
-                l2_stats[t.tier.name] = {"blocks": t.blocks, "bytes": t.bytes,
-                                         "evictions": t.evictions}
+        l2_stats = _tiers_at_end(server)
         server_rss = server.rss_bytes()
         if shm_server is not None:
+            shm_l2_stats = _tiers_at_end(shm_server)
             shm_server_rss = shm_server.rss_bytes()
     finally:
         progress.status("peers: stopping ...")
@@ -682,7 +692,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t_start, 1),
             "kvstore_server": {
                 "command": " ".join(server.command),
-                "shm_path": shm_path,
+                "shm_path": shm_path if shm_server is None else "",
                 "arena": args.arena,
                 "l1": (f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
                        "(pre-faulted at start; removed at exit; L1 bytes checked on every Get)"
@@ -693,9 +703,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                            if shm_server is not None else "")),
                 "shm_systems_server": None if shm_server is None else {
                     "command": " ".join(shm_server.command),
+                    "shm_path": shm_path,
                     "l1": f"{args.l1_capacity} arena in the shared-memory file {shm_path} "
                           "(pre-faulted at start; removed at exit; L1 bytes checked on every "
                           "Get)",
+                    "tiers_at_end": shm_l2_stats,
                     "rss_bytes_at_end": shm_server_rss},
                 "l2": "enabled (LMDB in a temp dir), default write-back (write_mode evict): "
                       "Puts that fit in L1 do not touch disk",
@@ -821,7 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "bytes are checked on every Get), anonymous memory (a TCP/unix-only "
                         "server, `kvstore serve`'s default, as for engines on other hosts; the "
                         "shm systems are skipped), or split: two servers, the shm systems on a "
-                        "shared arena and the others on an anonymous one [default: shared]")
+                        "shared arena and the others on an anonymous one (each pre-faults "
+                        "--l1-capacity: twice the memory) [default: shared]")
     p.add_argument("--server-flag", action="append", metavar="FLAG",
                    help="extra flag for kvstore serve (repeat)")
     args = p.parse_args(argv)

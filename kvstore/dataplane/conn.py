@@ -4,7 +4,8 @@ Two kinds with one interface. :class:`SocketIO` (plain TCP, unix socket)
 works on the non-blocking socket with the event loop's ``sock_*`` calls: a
 request's header and metadata come through one 64 KiB buffer (one ``recv``
 usually brings a small request whole), a PUT's block bytes are received
-straight into their L1 extent (``recv_into``), and a response's payload is
+into a buffer in cache and copied into their L1 extent with their CRC-32C
+(:func:`bounce_buffer`), and a response's payload is
 sent straight from the arena (``sendmsg`` of header and block view). A call
 that completes at once never waits on the loop. :class:`StreamIO` (TLS) goes
 through asyncio streams: one more copy each way (the TLS layer's buffers).
@@ -102,7 +103,9 @@ class ConnectionClosed(Exception):
 
 
 class PeerTooSlow(ConnectionClosed):
-    """A payload did not move within the connection's timeout."""
+    """A payload was not received, or a response not taken by its reader,
+    whole within the connection's timeout (a deadline for all of it, not
+    for each piece)."""
 
 
 class SocketIO:

@@ -560,7 +560,7 @@ class Session:
         return await asyncio.get_running_loop().run_in_executor(
             self.store.executor, reader.intact, size)
 
-    # -- PUT: blocks received straight into their L1 extents ------------------------------
+    # -- PUT: blocks received into their L1 extents (conn.SocketIO.read_into) -----------
 
     async def put(self, header: f.Header, meta: Any) -> None:
         io = self.io

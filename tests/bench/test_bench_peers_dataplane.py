@@ -84,8 +84,11 @@ def test_peers_split_arena_runs_each_client_on_its_own_server(tmp_path: Path) ->
     assert all(r["gbps"] > 0 for r in doc["results"])
     server = doc["meta"]["kvstore_server"]
     assert server["arena"] == "split"
-    assert "--l1-shm-path" not in server["command"]
+    assert "--l1-shm-path" not in server["command"] and server["shm_path"] == ""
     shm_server = server["shm_systems_server"]
-    assert f"--l1-shm-path {server['shm_path']}" in shm_server["command"]
-    assert shm_server["rss_bytes_at_end"] > 0
-    assert not os.path.exists(server["shm_path"])
+    assert f"--l1-shm-path {shm_server['shm_path']}" in shm_server["command"]
+    assert shm_server["rss_bytes_at_end"] > 0 and "L1" in shm_server["tiers_at_end"]
+    assert not os.path.exists(shm_server["shm_path"])
+    servers = {r["system"]: r.get("server") for r in doc["results"]}
+    assert servers == {"kvstore-dp-tcp": "kvstore_server",
+                       "kvstore-dp-shm": "shm_systems_server", "raw-tcp": None}
