@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,18 +48,24 @@ def test_peers_tiny_with_the_data_plane(tmp_path: Path) -> None:
                for t in targets)
 
 
-@pytest.mark.timeout(120)
-def test_peers_private_arena_runs_without_shared_memory(tmp_path: Path) -> None:
-    """``--arena private``: a server without a shared-memory file (its L1
-    reads are not checked again); the shm systems are skipped, with a note."""
+def _tiny_run_on_arena(tmp_path: Path, arena: str) -> dict[str, Any]:
+    """A tiny run of kvstore-dp-tcp, kvstore-dp-shm and raw-tcp with ``--arena``; its JSON."""
     out = tmp_path / "peers.json"
     proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
                            "--bytes-per-round", "4MiB", "--sizes", "1MiB", "--per-call", "1",
                            "--systems", "kvstore-dp-tcp", "kvstore-dp-shm", "raw-tcp",
-                           "--arena", "private", "--out", str(out)],
+                           "--arena", arena, "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc: dict[str, Any] = json.loads(out.read_text())
+    return doc
+
+
+@pytest.mark.timeout(120)
+def test_peers_private_arena_runs_without_shared_memory(tmp_path: Path) -> None:
+    """``--arena private``: a server without a shared-memory file (its L1
+    reads are not checked again); the shm systems are skipped, with a note."""
+    doc = _tiny_run_on_arena(tmp_path, "private")
     assert {r["system"] for r in doc["results"]} == {"kvstore-dp-tcp", "raw-tcp"}
     server = doc["meta"]["kvstore_server"]
     assert server["arena"] == "private" and server["shm_path"] == ""
@@ -71,14 +78,7 @@ def test_peers_split_arena_runs_each_client_on_its_own_server(tmp_path: Path) ->
     """``--arena split``: the socket systems against a server with an anonymous
     arena (``kvstore serve``'s default), the shm systems against a second one
     whose arena is a shared-memory file (a ShmClient cannot run on the first)."""
-    out = tmp_path / "peers.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.peers", "--tiny", "--no-install",
-                           "--bytes-per-round", "4MiB", "--sizes", "1MiB", "--per-call", "1",
-                           "--systems", "kvstore-dp-tcp", "kvstore-dp-shm", "raw-tcp",
-                           "--arena", "split", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc = _tiny_run_on_arena(tmp_path, "split")
     assert {r["system"] for r in doc["results"]} == {"kvstore-dp-tcp", "kvstore-dp-shm",
                                                      "raw-tcp"}
     assert all(r["gbps"] > 0 for r in doc["results"])
