@@ -401,6 +401,8 @@ def encode_get_frame(request_id: int, index: int, tier: int, size: int, flags: i
 
 
 PUT_HAS_CRC = 0x01  # PutBlock.flags: crc32c is set; the server checks the bytes against it
+#: A PUT block's fields after its key: size, format, flags, crc32c.
+_PUT_FIELDS = struct.Struct("<QBBI")
 
 
 @dataclass(slots=True)
@@ -438,7 +440,21 @@ class PutRequest:
         r = MetaReader(meta)
         namespace, ack, session = r.str_("namespace"), r.u8(), r.str_("session_id")
         blocks = []
+        # A block whose bytes are all there is read in two unpacks (a Put of
+        # many small blocks decoded at ~1.3 µs a block field by field); one
+        # that is cut short is read field by field, for the error naming it.
+        buf, limit = r.buf, len(r.buf)
         for i in range(r.count("blocks", 16)):
+            pos = r.pos
+            if pos + 2 <= limit:
+                (n,) = _U16.unpack_from(buf, pos)
+                fields = pos + 2 + n
+                if fields + _PUT_FIELDS.size <= limit:
+                    size, fmt, flags, crc = _PUT_FIELDS.unpack_from(buf, fields)
+                    r.pos = fields + _PUT_FIELDS.size
+                    blocks.append(PutBlock(buf[pos + 2:fields], size, fmt,
+                                           crc if flags & PUT_HAS_CRC else None))
+                    continue
             key = r.bytes_(f"blocks[{i}].key")
             size, fmt, flags, crc = r.u64(), r.u8(), r.u8(), r.u32()
             blocks.append(PutBlock(key, size, fmt, crc if flags & PUT_HAS_CRC else None))

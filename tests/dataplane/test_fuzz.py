@@ -262,3 +262,16 @@ def test_the_unrolled_get_decoder_agrees_with_the_general_one(data: bytes) -> No
     except f.FrameError:
         got = None
     assert got == expected
+
+
+def test_a_put_request_cut_short_names_the_block_it_cut() -> None:
+    """Whole blocks are read in one go (PutRequest.decode); one cut short is
+    read field by field, so the error names it."""
+    blocks = [f.PutBlock(b"first" * 8, 10), f.PutBlock(b"second-key", 20, 0, 5)]
+    meta = f.PutRequest("ns", blocks, 0, "").encode()
+    second = meta.index(b"second-key")
+    with pytest.raises(f.FrameError, match=r"blocks\[1\]\.key is 10 bytes"):
+        f.PutRequest.decode(meta[:second + 4])
+    with pytest.raises(f.FrameError, match="metadata truncated"):
+        f.PutRequest.decode(meta[:-1])
+    assert f.PutRequest.decode(meta).blocks == blocks
