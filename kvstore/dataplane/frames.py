@@ -446,17 +446,14 @@ class PutRequest:
         buf, limit = r.buf, len(r.buf)
         for i in range(r.count("blocks", 16)):
             pos = r.pos
-            if pos + 2 <= limit:
-                (n,) = _U16.unpack_from(buf, pos)
-                fields = pos + 2 + n
-                if fields + _PUT_FIELDS.size <= limit:
-                    size, fmt, flags, crc = _PUT_FIELDS.unpack_from(buf, fields)
-                    r.pos = fields + _PUT_FIELDS.size
-                    blocks.append(PutBlock(buf[pos + 2:fields], size, fmt,
-                                           crc if flags & PUT_HAS_CRC else None))
-                    continue
-            key = r.bytes_(f"blocks[{i}].key")
-            size, fmt, flags, crc = r.u64(), r.u8(), r.u8(), r.u32()
+            fields = pos + 2 + _U16.unpack_from(buf, pos)[0] if pos + 2 <= limit else limit
+            if fields + _PUT_FIELDS.size <= limit:
+                key = buf[pos + 2:fields]
+                size, fmt, flags, crc = _PUT_FIELDS.unpack_from(buf, fields)
+                r.pos = fields + _PUT_FIELDS.size
+            else:
+                key = r.bytes_(f"blocks[{i}].key")
+                size, fmt, flags, crc = r.u64(), r.u8(), r.u8(), r.u32()
             blocks.append(PutBlock(key, size, fmt, crc if flags & PUT_HAS_CRC else None))
         r.end()
         return cls(namespace, blocks, ack, session)
