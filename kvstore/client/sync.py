@@ -85,9 +85,11 @@ class Client(ClientBase):
     unary GetSmall call instead of a Get stream (what does not fit one
     message goes by the stream); larger Gets stream on a second channel whose
     streams grpc drives from its own thread (receiving while this thread
-    copies). ``aio_put`` (default on) sends Put streams from a private
-    grpc.aio event loop thread with its own connection, started at the first
-    Put (faster than grpc's sync stream calls); off, Puts use the sync
+    copies). ``aio_put`` (default on) sends Put streams of more than one
+    message (more than one block, or a block larger than ``chunk_bytes``)
+    from a private grpc.aio event loop thread with its own connection,
+    started at the first such Put (faster than grpc's sync stream calls for
+    them); a Put of one message, and every Put with it off, uses the sync
     channel like every other call. Errors are :mod:`kvstore.errors` classes,
     as the server raised them. Calls made on the main thread run their gRPC
     part on a thread of the client's own, so that Ctrl-C cannot land inside
@@ -276,7 +278,12 @@ class Client(ClientBase):
             if counted is not None:
                 return PutResult(counted.stored, counted.nbytes)
         try:
-            if self._aio_put is not None and not self._aio_put.forked():
+            # A Put of one message goes on the sync stream: through the
+            # driver and the private loop it crosses two threads each way,
+            # one more than the sync call (since 0.29.0), which cost a 4 KiB
+            # Put 12 % (docs/performance.md, "gRPC Puts of one message").
+            one_message = len(prep.blocks) == 1 and len(prep.blocks[0][1]) <= self.chunk_bytes
+            if self._aio_put is not None and not one_message and not self._aio_put.forked():
                 started = time.monotonic()
                 putter, metadata = self._aio_put, self._metadata()
                 try:

@@ -14,7 +14,10 @@ A request that can be answered without waiting (a PING, a GET whose blocks
 are all small L1 hits) is answered by :class:`SocketIO` from the socket's
 readable callback, when the connection's task is idle between frames: no
 task is woken and no coroutine runs (``fast``; the event loop's per-task
-cost is most of a small GET's). Everything else, and everything after it,
+cost is most of a small GET's). A PUT that needs no waiting to begin is
+begun there too (``fast_payload``) and fed its payload as it comes (a
+:class:`PayloadSink`); the moment it would wait, the task takes it over
+(:meth:`SocketIO.next_request`). Everything else, and everything after it,
 is the task's: the callback stops at the first frame it does not answer and
 wakes the task, so answers leave in request order. A fast answer the socket
 did not take whole is finished by the task (under the same timeout) before
@@ -33,6 +36,7 @@ import select
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from kvstore.checksum import copy_and_checksum
 from kvstore.dataplane.frames import HEADER, HEADER_SIZE, MAGIC, VERSION
@@ -75,6 +79,46 @@ SendRest = Callable[[Sequence[Buffer], int], Awaitable[None]]
 #: ``fast(opcode, flags, request_id, meta)``: answer a payload-free request
 #: now (True), or leave it, untouched, to the connection's task (False).
 FastAnswer = Callable[[int, int, int, memoryview], bool]
+
+
+class PayloadSink(Protocol):
+    """A request with a payload that the readable callback began
+    (``fast_payload``): it is fed the payload's bytes as they come, and
+    answers the request itself once it has them all (dataplane.put.PutProgress)."""
+
+    #: payload bytes still to come
+    left: int
+    #: the sink stopped (it has to wait, or refused what came): the
+    #: connection's task takes it over (``SocketIO.next_request``)
+    needs_task: bool
+    #: the loop's time by which the bytes it waits for must be in
+    deadline: float
+    request_id: int
+
+    def wanted(self) -> int:
+        """The most bytes the next receive may bring (at most BOUNCE_BYTES,
+        all of which it takes); 0 when it stopped."""
+        ...
+
+    def feed(self, data: memoryview) -> int:
+        """Take ``data`` (at most ``left`` bytes): the bytes taken (fewer
+        only when it stopped)."""
+        ...
+
+    def drop(self) -> None:
+        """The connection ends with the request unfinished (never handed to
+        the task): give back what it holds."""
+        ...
+
+    async def run(self) -> None:
+        """The task's part: finish the request from where it stands, and answer it."""
+        ...
+
+
+#: ``fast_payload(opcode, request_id, meta, payload_len)``: begin a request
+#: with a payload (its header and metadata consumed) or leave it, untouched,
+#: to the task (None).
+FastPayload = Callable[[int, int, memoryview, int], PayloadSink | None]
 # poll() events of a peer that closed (FIN) or reset the connection; POLLHUP
 # and POLLERR are reported whatever is asked. Linux only: elsewhere 0, and a
 # connection counts as open until a read finds its end.
@@ -116,9 +160,10 @@ class SocketIO:
     not read; if the selector reports it readable then, twice in a row, it is
     unregistered until the next wait, so a busy connection never spins."""
 
-    __slots__ = ("_end", "_failed", "_fd", "_idle", "_idle_fires", "_pending", "_start", "_tcp",
-                 "_waiter", "_watching", "buf", "bytes_in", "bytes_out", "closing", "fast", "loop",
-                 "mv", "sock", "timeout")
+    __slots__ = ("_end", "_failed", "_fd", "_handover", "_idle", "_idle_fires", "_lowat",
+                 "_pending", "_sink", "_sink_timer", "_start", "_tcp", "_waiter", "_watching",
+                 "buf", "bytes_in", "bytes_out", "closing", "fast", "fast_payload", "loop", "mv",
+                 "sock", "timeout")
 
     def __init__(self, sock: socket.socket, timeout: float,
                  buffer_bytes: int = BUFFER_BYTES) -> None:
@@ -137,6 +182,12 @@ class SocketIO:
         self._idle_fires = 0
         #: Answers requests from the readable callback (set after HELLO).
         self.fast: FastAnswer | None = None
+        #: Begins requests with a payload (PUTs) from the readable callback.
+        self.fast_payload: FastPayload | None = None
+        self._sink: PayloadSink | None = None  # the payload the callback is taking in
+        self._sink_timer: asyncio.TimerHandle | None = None  # its deadline
+        self._lowat = False  # SO_RCVLOWAT raised for it
+        self._handover: PayloadSink | None = None  # stopped: the task's next request
         self._idle = False  # the task waits for the next frame (fast may answer)
         # A fast answer not sent whole: (parts, bytes sent, called once it is).
         self._pending: tuple[Sequence[Buffer], int, Callable[[], None],
@@ -252,25 +303,49 @@ class SocketIO:
         peer closed or the receive failed (the task's own receive finds out
         which); False when all that came is answered (or half a frame waits
         for the rest)."""
+        if self._handover is not None:
+            return True
         fast = self.fast
         assert fast is not None
         buf = self.buf
         received = False
         while True:
+            if self._sink is not None:
+                if self._take_payload():
+                    return True
+                if self._sink is not None:
+                    return False  # more of its payload is to come
+                if self._pending is not None or self._failed is not None:
+                    return True
+                received = True  # (the payload's receives were this call's)
             start = self._start
             while self._end - start >= HEADER_SIZE:
                 magic, version, opcode, flags, rid, meta_len, payload_len = HEADER.unpack_from(
                     buf, start)
-                if payload_len or magic != MAGIC or version != VERSION:
-                    return True  # a PUT, or a bad frame: the task's
+                if magic != MAGIC or version != VERSION:
+                    return True  # a bad frame: the task's
                 end = start + HEADER_SIZE + meta_len
                 if end > self._end:
                     if end - start > BUFFER_BYTES:
                         return True  # more metadata than the buffer holds
                     break  # the rest of the frame is still to come
-                if not fast(opcode, flags, rid, self.mv[start + HEADER_SIZE:end]):
+                meta = self.mv[start + HEADER_SIZE:end]
+                if payload_len:
+                    begin = self.fast_payload
+                    sink = None if begin is None else begin(opcode, rid, meta, payload_len)
+                    if sink is None:
+                        return True  # the task's (it may refuse it)
+                    self._start = end
+                    self._sink = sink
+                    if self._take_payload():
+                        return True
+                    if self._sink is not None:
+                        return False
+                    start = self._start
+                elif not fast(opcode, flags, rid, meta):
                     return True
-                self._start = start = end
+                else:
+                    self._start = start = end
                 if self._pending is not None or self._failed is not None:
                     return True
             if received:
@@ -294,6 +369,114 @@ class SocketIO:
             self._end += n
             self.bytes_in += n
             received = True
+
+    # -- a payload taken in from the readable callback -----------------------------------
+
+    def _take_payload(self) -> bool:
+        """Feed the sink what is buffered, then what the socket holds: True
+        when the task has to act (the sink stopped, the peer closed, a
+        receive failed: its own receive finds out which); False when the
+        payload is all in (the sink answered it; :attr:`_sink` is None) or
+        more is to come (the selector calls again)."""
+        sink = self._sink
+        assert sink is not None
+        avail = self._end - self._start
+        if avail:
+            start = self._start
+            self._start += sink.feed(self.mv[start:start + min(avail, sink.left)])
+            if sink.needs_task:
+                return self._hand_over()
+        if not sink.left:
+            self._payload_done()
+            return False
+        self._start = self._end = 0  # (all it held was fed)
+        sock = self.sock
+        bounce = bounce_buffer()
+        got = 0
+        while True:
+            want = sink.wanted()
+            if not want:
+                return self._hand_over()
+            try:
+                n = sock.recv_into(bounce[:want])
+            except (BlockingIOError, InterruptedError):
+                self._await_payload(sink)
+                return False
+            except OSError:
+                return self._hand_over()
+            if n == 0:
+                return self._hand_over()
+            self.bytes_in += n
+            # (fed at once: the buffer is this thread's, and others use it)
+            sink.feed(bounce[:n])
+            if sink.needs_task:
+                return self._hand_over()
+            if not sink.left:
+                self._payload_done()
+                return False
+            got += n
+            if got >= _TURN_BYTES:
+                # As read_into: a sender faster than this loop must not keep
+                # it from the other connections (the selector calls again).
+                self._await_payload(sink)
+                return False
+
+    def _await_payload(self, sink: PayloadSink) -> None:
+        """More of the sink's payload is to come: on TCP, wake once _LOWAT
+        bytes wait (as read_into), never asking for more than will come; a
+        timer for its deadline."""
+        if self._tcp:
+            lowat = sink.left > _LOWAT
+            if lowat != self._lowat:
+                self._lowat = lowat
+                with contextlib.suppress(OSError):
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                                         _LOWAT if lowat else 1)
+        if self._sink_timer is None:
+            self._sink_timer = self.loop.call_at(sink.deadline, self._payload_late)
+
+    def _payload_late(self) -> None:
+        """The sink's deadline: the task takes it over (its receive raises
+        PeerTooSlow there once the deadline has passed)."""
+        self._sink_timer = None
+        sink = self._sink
+        if sink is None:
+            return
+        if self.loop.time() < sink.deadline:  # (a later block's deadline)
+            self._sink_timer = self.loop.call_at(sink.deadline, self._payload_late)
+            return
+        self._hand_over()
+        waiter = self._waiter
+        if self._idle and waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _payload_done(self) -> None:
+        self._sink = None
+        if self._sink_timer is not None:
+            self._sink_timer.cancel()
+            self._sink_timer = None
+        if self._lowat:
+            self._lowat = False
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def _hand_over(self) -> bool:
+        """The sink goes to the task (:meth:`next_request`). True."""
+        sink = self._sink
+        self._payload_done()
+        self._handover = sink
+        return True
+
+    async def next_request(self) -> PayloadSink | None:
+        """Wait, answering what ``fast`` can, until a frame is buffered that
+        it left (None: the task reads it, :meth:`next_header`) or a payload
+        the callback began is the task's to finish (the sink)."""
+        if self.fast is not None:
+            await self._next_unanswered()
+        if self._sink is not None:  # (a stop began, or the connection failed, mid-payload)
+            self._hand_over()
+        sink, self._handover = self._handover, None
+        return sink
 
     def send_now(self, parts: Sequence[Buffer]) -> int:
         """One ``sendmsg`` of ``parts`` from the fast path; the bytes it took
@@ -380,9 +563,8 @@ class SocketIO:
 
     async def next_header(self) -> memoryview | None:
         """The next frame's header bytes (valid until the next read), or None
-        when the peer closed cleanly between frames."""
-        if self.fast is not None:
-            await self._next_unanswered()
+        when the peer closed cleanly between frames (after :meth:`next_request`,
+        once the connection answers from its readable callback)."""
         if self.closing and self._start == self._end and not self._received_now():
             return None  # stopping, and nothing of another request came: close
         if not await self._fill(HEADER_SIZE):
@@ -404,9 +586,11 @@ class SocketIO:
         return self.mv[start:start + n]
 
     async def read_into(self, dest: memoryview, crc: int | None,
-                        streaming: bool = False) -> int:
+                        streaming: bool = False, deadline: float = 0.0) -> int:
         """Fill ``dest``; returns the CRC-32C continued from ``crc`` over its
-        bytes (0 when ``crc`` is None). A checksummed payload comes through
+        bytes (0 when ``crc`` is None), within the connection's timeout (or
+        by ``deadline``, the loop's time, when given: a payload the readable
+        callback began). A checksummed payload comes through
         this thread's :func:`bounce_buffer`, copied out with its checksum in
         one pass, with streaming stores when ``streaming`` (nothing reads the
         bytes again soon: they need not stay in cache) and the payload is at
@@ -433,7 +617,7 @@ class SocketIO:
         turn = pos + _TURN_BYTES
         bounce = bounce_buffer() if crc is not None else None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout_at(deadline or self.loop.time() + self.timeout):
                 while pos < size:
                     if pos >= turn:
                         # A sender faster than this loop never leaves recv_into
@@ -557,6 +741,11 @@ class SocketIO:
         if self._watching:
             self.loop.remove_reader(self._fd)
             self._watching = False
+        for sink in (self._sink, self._handover):  # (a payload never finished)
+            if sink is not None:
+                sink.drop()
+        self._payload_done()
+        self._handover = None
         pending, self._pending = self._pending, None
         if pending is not None:
             pending[2]()
@@ -602,6 +791,10 @@ class StreamIO:
     def take(self, n: int) -> None:
         return None  # nothing is read ahead: always through the stream
 
+    async def next_request(self) -> PayloadSink | None:
+        """(SocketIO's: a stream has no readable callback.)"""
+        return None
+
     async def next_header(self) -> Buffer | None:
         if self.closing:
             self._end_if_nothing_came()  # (at a frame's boundary)
@@ -628,7 +821,7 @@ class StreamIO:
         return data
 
     async def read_into(self, dest: memoryview, crc: int | None,
-                        streaming: bool = False) -> int:
+                        streaming: bool = False, deadline: float = 0.0) -> int:
         size = len(dest)
         streaming = streaming and size >= BOUNCE_BYTES
         pos = 0

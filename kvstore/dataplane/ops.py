@@ -16,16 +16,15 @@ import enum
 import functools
 import logging
 import struct
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from kvstore.dataplane import frames as f
 from kvstore.dataplane.conn import ConnectionClosed, SocketIO, StreamIO
+from kvstore.dataplane.put import PutProgress
 from kvstore.dataplane.tickets import Binding
 from kvstore.errors import (
     BlockTooLarge,
-    CorruptBlock,
     InvalidArgument,
     KVStoreError,
     MalformedRequest,
@@ -36,7 +35,6 @@ from kvstore.store.index import Entry
 from kvstore.store.l1check import l1_intact
 from kvstore.store.reads import BlockReader
 from kvstore.store.shm import VERIFY_INLINE_BYTES, Lease, Unleased
-from kvstore.store.tiered import all_durable
 from kvstore.tiers.base import Buffer
 from kvstore.types import (
     MAX_KEY_BYTES,
@@ -59,12 +57,6 @@ log = logging.getLogger("kvstore.server")
 
 _ACK = {0: AckLevel.MEMORY, 1: AckLevel.MEMORY, 2: AckLevel.LOCAL, 3: AckLevel.REMOTE}
 _FORMATS = frozenset(int(x) for x in BlockFormat)
-# A PUT's block stored more than this long (s) after the previous one (or the
-# request's start) is stored only if its client is still connected (one
-# poll() call): a killed client's PUT may have waited that long, with all its
-# bytes come, while a client after it stored the same key. Within it no
-# client can have started after the death; a small PUT never pays the call.
-_OPEN_CHECK_AFTER = 0.001
 #: How often a SHM_RESERVE waiting for L1 room looks whether its client is still there.
 _PEER_CHECK_S = 0.5
 # Blocks up to VERIFY_INLINE_BYTES are verified on the event loop before they
@@ -207,7 +199,7 @@ class Session:
         except (f.FrameError, KVStoreError):
             return False
         self.store.session_event(event)
-        self._reply_now(f.encode_header(_SESSION_EVENT_RESPONSE, rid, 0))
+        self.reply_now(f.encode_header(_SESSION_EVENT_RESPONSE, rid, 0))
         return True
 
     def _session_event(self, meta: Any) -> SessionEvent:
@@ -321,14 +313,14 @@ class Session:
         elif opcode == _SESSION_EVENT:
             done = self._session_event_now(request_id, meta)
         elif opcode == _PING and not len(meta):
-            self._reply_now(_PING_ANSWER if not request_id else f.encode_header(
+            self.reply_now(_PING_ANSWER if not request_id else f.encode_header(
                 f.Op.PING | f.RESPONSE, request_id, 0))
             done = True
         else:
             done = False
         return Answered.YES if done else Answered.NO
 
-    def _reply_now(self, answer: bytes) -> None:
+    def reply_now(self, answer: bytes) -> None:
         io = self.io
         assert isinstance(io, SocketIO)
         sent = io.send_now((answer,))
@@ -346,7 +338,7 @@ class Session:
         if found is None:
             return False
         result = f.encode_lookup_result(*found)
-        self._reply_now(f.encode_header(_LOOKUP_RESPONSE, rid, len(result)) + result)
+        self.reply_now(f.encode_header(_LOOKUP_RESPONSE, rid, len(result)) + result)
         return True
 
     def _shm_acquire_now(self, rid: int, meta: memoryview) -> bool:
@@ -369,7 +361,7 @@ class Session:
             self.shm.lease_ms(req.lease_ms), released, expired,
             [f.ShmLease(lease.lease_id, lease.offset, lease.size, lease.checksum,
                         lease.generation, _L1) for lease in leases])
-        self._reply_now(f.encode_header(_SHM_ACQUIRE_RESPONSE, rid, len(result)) + result)
+        self.reply_now(f.encode_header(_SHM_ACQUIRE_RESPONSE, rid, len(result)) + result)
         return True
 
     def _shm_release_now(self, rid: int, meta: memoryview) -> bool:
@@ -381,7 +373,7 @@ class Session:
             return False
         self.leases.difference_update(req.lease_ids)
         result = f.ShmReleaseResult(released, expired).encode()
-        self._reply_now(f.encode_header(_SHM_RELEASE_RESPONSE, rid, len(result)) + result)
+        self.reply_now(f.encode_header(_SHM_RELEASE_RESPONSE, rid, len(result)) + result)
         return True
 
     def _took_leases(self, release: list[int], leases: list[Any]) -> None:
@@ -560,70 +552,50 @@ class Session:
         return await asyncio.get_running_loop().run_in_executor(
             self.store.executor, reader.intact, size)
 
-    # -- PUT: blocks received into their L1 extents (conn.SocketIO.read_into) -----------
+    # -- PUT: blocks received into their L1 extents (put.PutProgress) -------------------
 
     async def put(self, header: f.Header, meta: Any) -> None:
-        io = self.io
-        remaining = header.payload_len
         try:
             req = f.PutRequest.decode(meta)
             namespace, ack, total = self._check_put(req)
-            if total != remaining:
-                raise MalformedRequest(f"PUT payload is {remaining} bytes but its blocks' sizes "
-                                       f"add up to {total}")
-            store = self.store
-            placement = store.placement
-            durable: list[asyncio.Future[Any]] = []
-            stored = nbytes = 0
-            session = session_or_none(req.session_id)
-            since = time.monotonic()
-            for i, b in enumerate(req.blocks):
-                offset = await placement.reserve(b.size, namespace=namespace)
-                committed = False
-                dest = store.l1.slice(offset, b.size)
-                try:
-                    # Streaming stores unless the block is verified next.
-                    crc = await io.read_into(dest, 0, b.format != BlockFormat.KV_V1)
-                    remaining -= b.size
-                    if b.crc32c is not None and crc != b.crc32c:
-                        raise CorruptBlock(
-                            f"block #{i} failed its CRC-32C check (client said "
-                            f"{b.crc32c:#010x}, bytes received {crc:#010x}): it was not stored")
-                    if b.format == BlockFormat.KV_V1:
-                        await placement.verify_block(offset, b.size, i)
-                    block = (namespace, b.key)
-                    written_next = await store.room_for_write(ack, b.size)
-                    if time.monotonic() - since > _OPEN_CHECK_AFTER:
-                        self._check_open()
-                    entry = placement.commit(block, b.size, crc, offset, session, written_next)
-                    committed = True
-                    since = time.monotonic()
-                finally:
-                    dest.release()
-                    if not committed:
-                        placement.release(offset, b.size)
-                fut = await store.make_durable(block, entry, ack)
-                if fut is not None and ack >= AckLevel.LOCAL:
-                    durable.append(fut)
-                stored += 1
-                nbytes += b.size
-                if i & 255 == 255:
-                    # Blocks whose bytes are buffered and whose room is free
-                    # never wait: a PUT of many small blocks lets the other
-                    # connections in now and then (40,000 of 1 byte held
-                    # the loop ~1 s).
-                    await asyncio.sleep(0)
-            if durable:
-                await all_durable(durable)
+            if total != header.payload_len:
+                raise MalformedRequest(f"PUT payload is {header.payload_len} bytes but its "
+                                       f"blocks' sizes add up to {total}")
         except (f.FrameError, ConnectionClosed, asyncio.CancelledError):
             raise  # the connection ends: nothing to keep in step
         except Exception:
-            if remaining > 0:
-                await io.discard(remaining)  # keep the stream in step; the connection lives
+            if header.payload_len:
+                await self.io.discard(header.payload_len)  # keep the stream in step
             raise
-        await self.reply(header, f.Counted(stored, nbytes).encode())
+        await PutProgress(self, header.request_id, req, namespace, ack,
+                          header.payload_len).run()
 
-    def _check_open(self) -> None:
+    def put_now(self, request_id: int, meta: memoryview, payload_len: int) -> PutProgress | None:
+        """Begin a PUT from the readable callback (the connection then feeds
+        it its payload: PutProgress.feed), or None, having changed nothing:
+        the task reads it (a request it refuses included, for its error).
+        Only what needs no wait to begin: acknowledged at ``memory`` without
+        a write-back that writes every block first, blocks in the block
+        format small enough to verify on the loop, and room in L1 for the
+        first block now."""
+        try:
+            req = f.PutRequest.decode(meta)
+            namespace, ack, total = self._check_put(req)
+        except (f.FrameError, KVStoreError):
+            return None
+        if total != payload_len or ack != AckLevel.MEMORY or not req.blocks or \
+                not self.store.acked_now():
+            return None
+        placement = self.store.placement
+        for b in req.blocks:
+            if b.format == BlockFormat.KV_V1 and not placement.verifies_on_loop(b.size):
+                return None
+        progress = PutProgress(self, request_id, req, namespace, ack, payload_len)
+        if not progress.reserve_now():
+            return None
+        return progress
+
+    def check_open(self) -> None:
         """ConnectionClosed once the client has closed or reset the connection,
         for a block about to be stored after a wait (for L1 room, for L2
         write-queue room, for the delete of an older copy, for its bytes):
@@ -667,7 +639,7 @@ class Session:
             # reserve waited held its session and 4 slots for 28 s, L1 room
             # every other client waited for).
             while not (await asyncio.wait((reserving,), timeout=_PEER_CHECK_S))[0]:
-                self._check_open()
+                self.check_open()
         except BaseException:
             reserving.cancel()  # (reserve gives back the slots it took)
             raise
@@ -690,7 +662,7 @@ class Session:
         if slots is None:
             return False
         result = self._reserved(slots, 0)
-        self._reply_now(f.encode_header(_SHM_RESERVE_RESPONSE, rid, len(result), 0,
+        self.reply_now(f.encode_header(_SHM_RESERVE_RESPONSE, rid, len(result), 0,
                                         f.FLAG_SHM_NEXT) + result)
         return True
 
@@ -715,11 +687,11 @@ class Session:
                     await asyncio.wait((self._answered_check,))
                 stored, nbytes, left = await self.shm.commit_unchecked(
                     namespace, _ACK[req.ack], specs, req.abandon, self.owner,
-                    session=session_or_none(req.session_id), check_open=self._check_open)
+                    session=session_or_none(req.session_id), check_open=self.check_open)
             else:
                 stored, nbytes = await self.shm.commit(
                     namespace, _ACK[req.ack], specs, req.abandon, self.owner,
-                    session=session_or_none(req.session_id), check_open=self._check_open)
+                    session=session_or_none(req.session_id), check_open=self.check_open)
         except BaseException:
             self._committed(specs, req.abandon, failed=True)
             raise
@@ -774,18 +746,18 @@ class Session:
                 stored, nbytes = self.shm.store_taken(taken)
         except KVStoreError as exc:
             self._committed(specs, req.abandon, failed=True)
-            self._reply_now(error_frame(rid, exc))
+            self.reply_now(error_frame(rid, exc))
             return Answered.ERROR
         self._committed(specs, req.abandon)
         try:
             if not extended:
                 result = f.Counted(stored, nbytes).encode()
-                self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result)) + result)
+                self.reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result)) + result)
                 return Answered.YES
             slots = self.shm.restock_now(namespace, req.reserve_next, self.owner) \
                 if req.reserve_next else []
             result = self._commit_result(stored, nbytes, started, slots)
-            self._reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result), 0,
+            self.reply_now(f.encode_header(_SHM_COMMIT_RESPONSE, rid, len(result), 0,
                                             f.FLAG_SHM_NEXT) + result)
             return Answered.YES
         finally:

@@ -30,6 +30,8 @@ from kvstore.dataplane.conn import (
     HELLO_BUFFER_BYTES,
     ConnectionClosed,
     FastAnswer,
+    FastPayload,
+    PayloadSink,
     PeerTooSlow,
     SocketIO,
     StreamIO,
@@ -54,6 +56,7 @@ from kvstore.types import MAX_KEYS_PER_REQUEST
 log = logging.getLogger("kvstore.server")
 
 _OFF = "off"
+_PUT = int(f.Op.PUT)
 #: The most metadata a frame may carry before HELLO is accepted (a HELLO's is
 #: a ticket: 2 + TICKET_BYTES).
 HELLO_MAX_META = 1024
@@ -361,6 +364,7 @@ class DataPlaneServer:
                     io.begin_closing()
                 if isinstance(io, SocketIO):
                     io.fast = self._fast_answers(session)
+                    io.fast_payload = self._fast_payloads(session)
                 await self._requests(io, session)
             if isinstance(io, StreamIO):  # the TLS transport may still hold an answer
                 await io.flush(self.timeout)
@@ -386,7 +390,8 @@ class DataPlaneServer:
             if session is not None:
                 session.close()
             if isinstance(io, SocketIO):
-                io.fast = None  # (a closure over the session: the other cycle)
+                io.fast = None  # (closures over the session: the other cycle)
+                io.fast_payload = None
             io.close()
 
     def _fast_answers(self, session: Session) -> FastAnswer:
@@ -406,6 +411,28 @@ class DataPlaneServer:
                 return True
             return False
         return fast
+
+    def _fast_payloads(self, session: Session) -> FastPayload:
+        """What begins a PUT from the readable callback (put.PutProgress)."""
+        stats = self.stats
+        begin = session.put_now
+        max_meta = min(self.max_meta, SMALL_META_BYTES)  # (larger: the budget's, the task's)
+        max_payload = self.max_payload
+
+        def received() -> None:
+            stats.receiving -= 1
+
+        def fast_payload(opcode: int, request_id: int, meta: memoryview,
+                         payload_len: int) -> PayloadSink | None:
+            if opcode != _PUT or len(meta) > max_meta or payload_len > max_payload:
+                return None  # (the task refuses what breaks a limit)
+            sink = begin(request_id, meta, payload_len)
+            if sink is not None:
+                stats.frames += 1
+                stats.receiving += 1
+                sink.on_end = received
+            return sink
+        return fast_payload
 
     async def _read_head(self, io: SocketIO | StreamIO, max_meta: int | None = None,
                          who: str | None = None) -> tuple[f.Header, object, int] | None:
@@ -508,6 +535,11 @@ class DataPlaneServer:
             rid = 0
             held = 0
             try:
+                begun = await io.next_request()
+                if begun is not None:  # a PUT its readable callback began
+                    rid = begun.request_id
+                    await begun.run()  # (counted in stats.receiving from its start)
+                    continue
                 head = await self._read_head(io, who=who)
                 if head is None:
                     return

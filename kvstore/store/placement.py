@@ -142,6 +142,11 @@ class Placement(Part):
         finally:
             view.release()
 
+    def verifies_on_loop(self, size: int) -> bool:
+        """Whether :meth:`verify_block` checks a block of ``size`` bytes on
+        the calling thread (without waiting)."""
+        return size <= _VERIFY_INLINE_BYTES
+
     def verify_block_now(self, offset: int, size: int, index: int) -> None:
         """:meth:`verify_block` on this thread (a small block, or one whose
         bytes were just read and are in cache)."""

@@ -235,6 +235,20 @@ def _put_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name == "kvstore-put-loop"]
 
 
+def test_a_put_of_one_message_goes_on_the_sync_channel(fake_server: FakeServer) -> None:
+    """One block of at most chunk_bytes is one message: the sync stream is
+    quicker for it than the private loop (one thread hop fewer); a Put of
+    more than one message starts the loop."""
+    before = len(_put_threads())
+    with Client(fake_server.target, namespace="ns", chunk_bytes=64 * 1024) as kv:
+        assert kv.put({b"one": b"1" * 64 * 1024}) == PutResult(1, 64 * 1024)
+        assert len(_put_threads()) == before
+        assert kv.put({b"big": b"2" * (64 * 1024 + 1)}) == PutResult(1, 64 * 1024 + 1)
+        assert len(_put_threads()) == before + 1
+        assert kv.put({b"a": b"3", b"b": b"4"}) == PutResult(2, 2)
+        assert kv.get([b"one", b"b"]) == [b"1" * 64 * 1024, b"4"]
+
+
 @pytest.mark.parametrize("aio_put", [True, False])
 def test_sync_put_paths_send_the_same_stream(fake_server: FakeServer, aio_put: bool) -> None:
     """Client.put through the private grpc.aio loop (default) or grpc's sync

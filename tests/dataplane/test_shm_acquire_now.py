@@ -537,7 +537,7 @@ def test_vouched_commits_are_answered_before_their_check(
     bytes, its slot back in L1, counted as a corrupt L1 copy. Without the
     flag the check comes first and answers DATA_LOSS (the test above)."""
     events: list[str] = []
-    real_reply, real_verify = Session._reply_now, SharedMemoryBroker._verify_now
+    real_reply, real_verify = Session.reply_now, SharedMemoryBroker._verify_now
 
     def reply(self: Session, answer: bytes) -> None:
         events.append("answer")
@@ -547,7 +547,7 @@ def test_vouched_commits_are_answered_before_their_check(
         events.append("check")
         real_verify(self, taken)
 
-    monkeypatch.setattr(Session, "_reply_now", reply)
+    monkeypatch.setattr(Session, "reply_now", reply)
     monkeypatch.setattr(SharedMemoryBroker, "_verify_now", verify)
 
     async def body(w: World) -> None:

@@ -46,6 +46,13 @@ def _pings(io: SocketIO, answered: list[int], answer_bytes: int = 0) -> None:
     io.fast = fast
 
 
+async def _next_frame(io: SocketIO) -> memoryview | None:
+    """What the connection's task does: wait while the callback answers,
+    then read the first frame it left."""
+    assert await io.next_request() is None  # (no payload sink here)
+    return await io.next_header()
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     out = bytearray()
     while len(out) < n:
@@ -72,13 +79,13 @@ def test_the_task_sees_only_what_fast_leaves_in_order() -> None:
         put = request(PUT, 3, b"m", b"payload")
         peer.sendall(request(PING, 1) + request(PING, 2) + put + request(PING, 4)
                      + request(GET, 5, b"g"))
-        raw = await io.next_header()
+        raw = await _next_frame(io)
         assert raw is not None and bytes(raw) == put[:24]
         assert answered == [1, 2]  # PING 4 waits behind the PUT
         assert _answer_ids(peer, 2) == [1, 2]
         assert bytes(await io.read_exact(1)) == b"m"
         await io.discard(7)
-        raw = await io.next_header()  # PING 4 answered first, then GET 5 is the task's
+        raw = await _next_frame(io)  # PING 4 answered first, then GET 5 is the task's
         assert raw is not None and raw[5] == GET and answered == [1, 2, 4]
         assert _answer_ids(peer, 1) == [4]
     _run(body)
@@ -88,7 +95,7 @@ def test_the_callback_answers_while_the_task_waits() -> None:
     async def body(io: SocketIO, peer: socket.socket) -> None:
         answered: list[int] = []
         _pings(io, answered)
-        task = asyncio.ensure_future(io.next_header())
+        task = asyncio.ensure_future(_next_frame(io))
         loop = asyncio.get_running_loop()
         for rid in (7, 8, 9):
             whole = request(PING, rid)
@@ -104,7 +111,7 @@ def test_the_callback_answers_while_the_task_waits() -> None:
         assert raw is not None and raw[5] == GET and answered == [7, 8, 9]
         peer.shutdown(socket.SHUT_WR)
         assert bytes(await io.read_exact(1)) == b"g"
-        assert await io.next_header() is None  # a clean close between frames
+        assert await _next_frame(io) is None  # a clean close between frames
     _run(body)
 
 
@@ -116,7 +123,7 @@ def test_an_answer_not_sent_whole_is_finished_by_the_task() -> None:
         peer.sendall(request(PING, 1) + request(PING, 2) + request(GET, 3, b"g"))
         loop = asyncio.get_running_loop()
         reader = loop.run_in_executor(None, _answer_ids, peer, 2)
-        raw = await asyncio.wait_for(io.next_header(), 10)
+        raw = await asyncio.wait_for(_next_frame(io), 10)
         assert raw is not None and raw[5] == GET
         assert await asyncio.wait_for(reader, 10) == [1, 2]
         # PING 2 was answered only once PING 1's answer was out, each done once.
@@ -130,7 +137,7 @@ def test_a_peer_too_slow_for_a_fast_answer_is_dropped_and_done_runs() -> None:
         _pings(io, answered, 8 * 1024 * 1024)
         peer.sendall(request(PING, 1) + request(PING, 2))  # ... and read nothing
         with pytest.raises(PeerTooSlow):
-            await asyncio.wait_for(io.next_header(), 10)
+            await asyncio.wait_for(_next_frame(io), 10)
         assert answered == [1, -1]
     _run(body)
 

@@ -192,7 +192,8 @@ def test_a_put_interrupted_under_way_is_answered_before_the_next_write(  # type:
     value = os.urandom(256 * KiB)
     with Client(shared_server.tcp, namespace="interrupted-put", timeout=10,
                 data_plane=False) as c:
-        c.put({b"warm": b"w"})  # (the Put loop is running)
+        # (Puts of more than one message go through the Put loop: now running)
+        c.put({b"warm": b"w", b"warm2": b"w"})
         putter = c._aio_put
         assert putter is not None
         real_put = putter._put
@@ -210,13 +211,13 @@ def test_a_put_interrupted_under_way_is_answered_before_the_next_write(  # type:
         try:
             signal.setitimer(signal.ITIMER_REAL, 0.05)
             with pytest.raises(KeyboardInterrupt):
-                c.put({b"k": value})
+                c.put({b"k": value, b"k2": value})
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         putter._put = real_put  # type: ignore[method-assign]
-        assert c.delete([b"k"]) == 1  # the Put was answered first: then deleted
-        assert c.get([b"k"]) == [None]
+        assert c.delete([b"k", b"k2"]) == 2  # the Put was answered first: then deleted
+        assert c.get([b"k", b"k2"]) == [None, None]
 
 
 def interrupted_calls(call: Callable[[int], Any], count: int, longest: float,
