@@ -169,8 +169,10 @@ _PUT_POLL_MAX_BYTES = 1024 * 1024 + 4096
 #: Put's poll ran out every time (55 polls, 0 caught, then given up). 4 KiB
 #: Puts, same machine, alternated runs: p50 250 -> 175 µs (shm), 215 -> 137
 #: (unix data plane), 85-98 % of the answers caught. (An SHM_COMMIT that needs
-#: no waiting is now answered from the readable callback, sooner: the poll
-#: ends with it, so the longer window costs nothing there.)
+#: no waiting is now answered from the readable callback, sooner, and so is
+#: a PUT that needs none (dataplane/put.py): the poll ends with the answer,
+#: so the longer window costs nothing there; it is kept for the PUTs the
+#: server's task finishes.)
 _CHECKED_POLL_BASE = 3
 _PUT = int(Op.PUT)
 #: Requests that store blocks: one interrupted after it went is waited for by
