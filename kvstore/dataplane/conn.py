@@ -100,6 +100,11 @@ class PayloadSink(Protocol):
         all of which it takes); 0 when it stopped."""
         ...
 
+    def block_left(self) -> int:
+        """The bytes still to come of the part it has a deadline for (a
+        PUT's block): what the socket may be asked to wait for at once."""
+        ...
+
     def feed(self, data: memoryview) -> int:
         """Take ``data`` (at most ``left`` bytes): the bytes taken (fewer
         only when it stopped)."""
@@ -423,10 +428,12 @@ class SocketIO:
 
     def _await_payload(self, sink: PayloadSink) -> None:
         """More of the sink's payload is to come: on TCP, wake once _LOWAT
-        bytes wait (as read_into), never asking for more than will come; a
-        timer for its deadline."""
+        bytes wait while more than that of the block is to come (as
+        read_into: never asking for bytes the block's deadline does not
+        cover, which a slow sender would send only after it); a timer for
+        its deadline."""
         if self._tcp:
-            lowat = sink.left > _LOWAT
+            lowat = sink.block_left() > _LOWAT
             if lowat != self._lowat:
                 self._lowat = lowat
                 with contextlib.suppress(OSError):

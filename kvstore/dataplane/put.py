@@ -96,6 +96,10 @@ class PutProgress:
             return 0
         return min(self.req.blocks[self.index].size - self.pos, BOUNCE_BYTES)
 
+    def block_left(self) -> int:
+        """The bytes of block :attr:`index` still to come."""
+        return self.req.blocks[self.index].size - self.pos
+
     def feed(self, data: memoryview) -> int:
         """Copy ``data`` (at most :attr:`left` bytes) into the blocks'
         extents with their checksum, committing each block as its last byte

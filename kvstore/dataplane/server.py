@@ -94,6 +94,8 @@ class DataPlaneStats:
     bytes_out: int = 0
     receiving: int = 0  # PUT extents being filled now
     refused: int = 0  # sessions refused: data_plane_max_connections were open
+    puts_begun: int = 0  # PUTs begun from the readable callback (put.PutProgress)
+    puts_handed_over: int = 0  # of those, finished by the connection's task
 
 
 #: A stopping server's wait, after a connection's last answer, for its peer
@@ -429,6 +431,7 @@ class DataPlaneServer:
             sink = begin(request_id, meta, payload_len)
             if sink is not None:
                 stats.frames += 1
+                stats.puts_begun += 1
                 stats.receiving += 1
                 sink.on_end = received
             return sink
@@ -538,6 +541,7 @@ class DataPlaneServer:
                 begun = await io.next_request()
                 if begun is not None:  # a PUT its readable callback began
                     rid = begun.request_id
+                    stats.puts_handed_over += 1
                     await begun.run()  # (counted in stats.receiving from its start)
                     continue
                 head = await self._read_head(io, who=who)

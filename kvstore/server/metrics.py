@@ -232,6 +232,11 @@ def families(snap: Snapshot, version: str) -> Iterator[Metric]:
              dp.refused),
             ("kvstore_dataplane_requests", "Data plane requests answered", dp.frames),
             ("kvstore_dataplane_errors", "Data plane ERROR frames sent", dp.errors),
+            ("kvstore_dataplane_puts_begun",
+             "Data plane PUTs begun from the socket's readable callback", dp.puts_begun),
+            ("kvstore_dataplane_puts_handed_over",
+             "Data plane PUTs begun from the readable callback and finished by the "
+             "connection's task (a step had to wait)", dp.puts_handed_over),
             ("kvstore_dataplane_received_bytes",
              "Bytes received on data plane connections (counted as each closes)", dp.bytes_in),
             ("kvstore_dataplane_sent_bytes",
