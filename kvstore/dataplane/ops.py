@@ -572,8 +572,9 @@ class Session:
 
     def put_now(self, request_id: int, meta: memoryview, payload_len: int) -> PutProgress | None:
         """Begin a PUT from the readable callback (the connection then feeds
-        it its payload: PutProgress.feed), or None, having changed nothing:
-        the task reads it (a request it refuses included, for its error).
+        it its payload: PutProgress.feed), or None: the task reads it (a
+        request it refuses included, for its error; what a failed
+        reservation evicted at once stays evicted, as for any reservation).
         Only what needs no wait to begin: acknowledged at ``memory`` without
         a write-back that writes every block first, blocks in the block
         format small enough to verify on the loop, and room in L1 for the
