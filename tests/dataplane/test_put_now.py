@@ -10,8 +10,10 @@ it means to exercise is the one taken."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from serverproc import ServerProcess
@@ -36,6 +38,7 @@ from dataplane.raw import (
     wait_until,
 )
 from kvstore.checksum import checksum
+from kvstore.server.auth import hash_token
 
 KiB, MiB = 1024, 1024**2
 BEGUN, HANDED = "kvstore_dataplane_puts_begun_total", "kvstore_dataplane_puts_handed_over_total"
@@ -267,3 +270,27 @@ def test_a_put_is_counted_while_it_receives(srv: ServerProcess) -> None:
     assert raw.frame().meta == u32(1) + u64(size)
     assert metric(srv.data_dir, "kvstore_dataplane_put_receiving") == 0
     assert paths.since() == (1, 0)
+
+
+def test_a_session_closed_mid_payload_by_a_reload_gives_back_its_extent(
+        server_factory: type[ServerProcess], tmp_path: Path) -> None:
+    """A reload that revokes a credential cancels its sessions' tasks while
+    the callback is taking in a PUT: the connection closes, and the PUT's
+    reserved extent is given back with it."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{hash_token('alice-put')} alice ns\n{hash_token('bob-put')} bob ns\n")
+    srv = server_factory("--auth-tokens-file", str(tokens), "--server-metrics-listen",
+                         "127.0.0.1:0", l1_capacity="16MiB").start()
+    raw = session(srv.tcp, "alice-put", kind="tcp")
+    paths = Paths(srv)
+    size = 12 * MiB
+    raw.send(header(PUT, 1, len(meta := put_meta("ns", [(b"cut", size, 0, None)])), size)
+             + meta + b"c" * MiB)
+    assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_put_receiving") == 1)
+    assert metric(srv.data_dir, 'kvstore_tier_used_bytes{tier="L1"}') >= size
+    assert paths.since() == (1, 0)  # the callback has it
+    tokens.write_text(f"{hash_token('bob-put')} bob ns\n")  # alice's token revoked
+    os.kill(srv.pid, signal.SIGHUP)
+    assert raw.closed()
+    assert wait_until(lambda: metric(srv.data_dir, "kvstore_dataplane_put_receiving") == 0
+                      and metric(srv.data_dir, 'kvstore_tier_used_bytes{tier="L1"}') == 0)
