@@ -342,17 +342,14 @@ class SocketIO:
                         return True  # the task's (it may refuse it)
                     self._start = end
                     self._sink = sink
-                    if self._take_payload():
-                        return True
-                    if self._sink is not None:
-                        return False
-                    start = self._start
-                elif not fast(opcode, flags, rid, meta):
+                    break  # (taken in at the loop's top)
+                if not fast(opcode, flags, rid, meta):
                     return True
-                else:
-                    self._start = start = end
+                self._start = start = end
                 if self._pending is not None or self._failed is not None:
                     return True
+            if self._sink is not None:
+                continue
             if received:
                 # One receive per call: a peer that keeps sending cannot keep
                 # the loop from the others (the selector says when more came).

@@ -556,11 +556,7 @@ class Session:
 
     async def put(self, header: f.Header, meta: Any) -> None:
         try:
-            req = f.PutRequest.decode(meta)
-            namespace, ack, total = self._check_put(req)
-            if total != header.payload_len:
-                raise MalformedRequest(f"PUT payload is {header.payload_len} bytes but its "
-                                       f"blocks' sizes add up to {total}")
+            req, namespace, ack = self._put_request(meta, header.payload_len)
         except (f.FrameError, ConnectionClosed, asyncio.CancelledError):
             raise  # the connection ends: nothing to keep in step
         except Exception:
@@ -580,12 +576,10 @@ class Session:
         format small enough to verify on the loop, and room in L1 for the
         first block now."""
         try:
-            req = f.PutRequest.decode(meta)
-            namespace, ack, total = self._check_put(req)
+            req, namespace, ack = self._put_request(meta, payload_len)
         except (f.FrameError, KVStoreError):
             return None
-        if total != payload_len or ack != AckLevel.MEMORY or not req.blocks or \
-                not self.store.acked_now():
+        if ack != AckLevel.MEMORY or not req.blocks or not self.store.acked_now():
             return None
         placement = self.store.placement
         for b in req.blocks:
@@ -605,8 +599,10 @@ class Session:
         if self.io.peer_gone():
             raise ConnectionClosed("the client went before its block was stored")
 
-    def _check_put(self, req: f.PutRequest) -> tuple[str, AckLevel, int]:
-        """Everything about a PUT that can be checked before its bytes come."""
+    def _put_request(self, meta: Any, payload_len: int) -> tuple[f.PutRequest, str, AckLevel]:
+        """A PUT's request, decoded, with everything about it that can be
+        checked before its bytes come (its payload's length included)."""
+        req = f.PutRequest.decode(meta)
         namespace = self.namespace(req.namespace)
         if req.ack not in _ACK:
             raise InvalidArgument(f"unknown acknowledgement level {req.ack}")
@@ -624,7 +620,10 @@ class Session:
                 raise exc.about(f"block #{i}") from None
             self.store.check_durable_size(ack, b.size, i)  # before its bytes come
             total += b.size
-        return namespace, ack, total
+        if total != payload_len:
+            raise MalformedRequest(f"PUT payload is {payload_len} bytes but its blocks' sizes "
+                                   f"add up to {total}")
+        return req, namespace, ack
 
     # -- shared memory: the broker, as the session's owner --------------------------------
 
