@@ -1061,12 +1061,15 @@ class ShmClient(Client):
             view = block_view(buffers[0], 0, writable=True)
             if len(view) <= self.inline_get_bytes and self._inline(namespace):
                 return super().get_into(keys, [view], namespace=namespace)
-        key_list = normalize_keys(keys)
-        views = normalize_buffers(buffers, len(key_list))
-        if views and max(len(v) for v in views) <= self.inline_get_bytes and \
-                self._inline(namespace):
-            # Small blocks: inline GET frames cost less than lease + copy.
-            return super().get_into(key_list, views, namespace=namespace)
+            key_list = normalize_keys(keys)
+            views = [view]
+        else:
+            key_list = normalize_keys(keys)
+            views = normalize_buffers(buffers, len(key_list))
+            if views and max(len(v) for v in views) <= self.inline_get_bytes and \
+                    self._inline(namespace):
+                # Small blocks: inline GET frames cost less than lease + copy.
+                return super().get_into(key_list, views, namespace=namespace)
         # _reading, unrolled (no generator per call): the keys are checked
         # and the namespace resolved once.
         sent = time.monotonic()

@@ -794,6 +794,20 @@ class ShmAcquireResult:
 _ACQUIRED = struct.Struct("<III")  # lease_ms, released, expired count
 
 
+def encode_shm_acquire_granted(lease_ms: int, released: int, expired: Sequence[int],
+                               granted: Sequence[tuple[int, int, int, int, int]],
+                               tier: int) -> bytes:
+    """A SHM_ACQUIRE answer whose every key got a lease in ``tier``, each
+    given as (lease id, offset, size, crc32c, generation): the bytes
+    :func:`encode_shm_acquire_result` makes of the same, without an
+    ShmLease per key (the answer to every shared-memory Get of L1 hits)."""
+    pack = _LEASE.pack
+    return b"".join([_ACQUIRED.pack(lease_ms, released, len(expired)),
+                     struct.pack(f"<{len(expired)}Q", *expired) if expired else b"",
+                     _U32.pack(len(granted)),
+                     *[pack(1, tier, *lease) for lease in granted]])
+
+
 def encode_shm_acquire_result(lease_ms: int, released: int, expired: Sequence[int],
                               leases: Sequence[ShmLease | ShmUnleased | None]) -> bytes:
     parts = [_ACQUIRED.pack(lease_ms, released, len(expired)),

@@ -357,10 +357,10 @@ class Session:
             return False
         leases, released, expired = granted
         self._took_leases(req.release, leases)
-        result = f.encode_shm_acquire_result(
+        result = f.encode_shm_acquire_granted(
             self.shm.lease_ms(req.lease_ms), released, expired,
-            [f.ShmLease(lease.lease_id, lease.offset, lease.size, lease.checksum,
-                        lease.generation, _L1) for lease in leases])
+            [(lease.lease_id, lease.offset, lease.size, lease.checksum, lease.generation)
+             for lease in leases], _L1)
         self.reply_now(f.encode_header(_SHM_ACQUIRE_RESPONSE, rid, len(result)) + result)
         return True
 

@@ -139,6 +139,23 @@ def test_acquire_answer_round_trips(lease_ms: int, released: int, expired: list[
 
 
 @settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+       st.lists(st.integers(0, 2**64 - 1), max_size=4),
+       st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
+                          st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
+                          st.integers(0, 2**64 - 1)), max_size=6),
+       st.integers(0, 255))
+def test_an_answer_of_leases_only_is_the_general_encoders_bytes(
+        lease_ms: int, released: int, expired: list[int],
+        granted: list[tuple[int, int, int, int, int]], tier: int) -> None:
+    """The server's answer to an acquire of L1 hits (encode_shm_acquire_granted)
+    is byte for byte what the general encoder makes of the same leases."""
+    leases: list[Any] = [f.ShmLease(*g, tier) for g in granted]
+    assert f.encode_shm_acquire_granted(lease_ms, released, expired, granted, tier) == \
+        f.encode_shm_acquire_result(lease_ms, released, expired, leases)
+
+
+@settings(max_examples=200, deadline=None)
 @given(names, st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1),
                                  st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
                                  st.integers(0, 1)), max_size=5),

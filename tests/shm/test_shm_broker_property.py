@@ -344,3 +344,18 @@ def test_acquires_under_way_together_stay_within_the_share(
             assert broker.acquire_now("a", [KEYS[0]], None, 0) is not None  # 4: the share
 
     asyncio.run(go())
+
+
+def test_lease_and_slot_ids_are_unguessable_and_never_zero() -> None:
+    """Ids (leases, slots) are drawn a batch at a time from os.urandom: every
+    one in 1..2**63-1, none repeated across batches, in no order another
+    client could follow, and another broker's differ."""
+    from kvstore.store.shm import RandomIds
+
+    ids = RandomIds()
+    drawn = [ids.take() for _ in range(3 * RandomIds.BATCH + 7)]
+    assert all(1 <= i < 2**63 for i in drawn)
+    assert len(set(drawn)) == len(drawn)
+    assert drawn != sorted(drawn) and drawn != sorted(drawn, reverse=True)
+    other = RandomIds()
+    assert not set(drawn) & {other.take() for _ in range(RandomIds.BATCH)}
