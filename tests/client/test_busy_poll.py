@@ -20,7 +20,7 @@ from serverproc import ServerProcess
 
 from kvstore import Client, _impl, _spin
 from kvstore.client import dataplane
-from kvstore.client.dataplane import Connection
+from kvstore.client.dataplane import Connection, DataPlane
 from kvstore.client.shm import ShmClient
 from kvstore.dataplane.frames import HEADER_SIZE, RESPONSE, Op, decode_header, encode_header
 from kvstore.errors import InvalidArgument
@@ -360,6 +360,19 @@ def test_puts_of_one_chunk_are_polled_for_larger_ones_not(shm_server: ServerProc
         assert c.get([b"big1"]) == [big]
 
 
+def _put_and_get_each(c: Client, blocks: dict[bytes, bytes], calls: int) -> DataPlane:
+    """Put ``blocks``, then Get them one per call, ``calls`` times in turn;
+    the client's data plane (its poll counts)."""
+    c.put(blocks)
+    keys = list(blocks)
+    for i in range(calls):
+        key = keys[i % len(keys)]
+        assert c.get([key]) == [blocks[key]]
+    dp = c._data_plane
+    assert dp is not None
+    return dp
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_a_client_sharing_its_cpu_stops_polling_and_comes_back(
         shm_server: ServerProcess) -> None:
@@ -377,11 +390,7 @@ def test_a_client_sharing_its_cpu_stops_polling_and_comes_back(
         os.sched_setaffinity(0, {cpu})  # this thread only
         with Client(shm_server.tcp, namespace="default", data_plane="unix",
                     busy_poll_us=200) as c:
-            c.put(blocks)
-            dp = c._data_plane
-            assert dp is not None
-            for i in range(200):
-                assert c.get([f"s{i % 4}".encode()]) == [blocks[f"s{i % 4}".encode()]]
+            dp = _put_and_get_each(c, blocks, 200)
             contended = dp.polls
             # 8 contended polls give up, then one retry every 64 calls: 12
             # polls on a quiet host. A poll that did hold its CPU (a busy host
@@ -425,12 +434,9 @@ def test_a_client_sharing_its_cpu_with_the_server_keeps_polling(
         # the CPU for 10 ms, which a loaded CI host does not do to one Get)
         with Client(shm_server.tcp, namespace="default", data_plane="unix",
                     busy_poll_us=10_000) as c:
-            c.put(blocks)
-            dp = c._data_plane
-            assert dp is not None
+            dp = _put_and_get_each(c, blocks, 0)
             before = dp.polls
-            for i in range(200):
-                assert c.get([f"c{i % 4}".encode()]) == [blocks[f"c{i % 4}".encode()]]
+            _put_and_get_each(c, blocks, 200)
             # Every call polls (the former rule: 8, then one every 64 calls).
             assert dp.polls - before >= 150, f"{dp.polls - before} polls in 200 calls"
     finally:
