@@ -62,6 +62,7 @@ from kvstore.client import _convert as conv
 from kvstore.client._convert import DataPlaneOffer as Offer
 from kvstore.client._dproute import RETRY_S, NoRoute, Retry, Route, choose_route, open_timeout
 from kvstore.client._errors import error_from_frame, error_from_rpc
+from kvstore.cpuquota import ThrottleWatch
 from kvstore.dataplane import frames
 from kvstore.dataplane.frames import FLAG_CLOSING, FLAG_MORE, HEADER, HEADER_SIZE, MAGIC, Op
 from kvstore.dataplane.tls import same_checks_as_grpc
@@ -130,25 +131,25 @@ _POLL_RETRY_EVERY = 64
 #: calls). A longer window costs nothing when answers are quick (the poll
 #: ends with the answer); it is spent only on answers that come late.
 _POLL_MAX_SCALE = 4
-#: A poll that outlasted its window while its thread held the CPU for less
-#: than this share of the time counts as a miss, even when it caught its
-#: answer: each yield between two polls handed the CPU to other work for
-#: longer than the whole poll was meant to last (a busy loop or an engine's
-#: threads on the same CPU, a CPU quota spent), and a sleep in the kernel
-#: would have been woken sooner. A poll that caught its answer within its
-#: window is never one, however little of it the thread ran: that is how a
-#: poll goes when the client shares its CPU with the server itself, the
-#: yields running the server, which answers. That case first counted as a
-#: miss too (any poll holding less than half its time): the client then
-#: stopped polling and slept for each answer, and the kernel, waking it
-#: where the server ran, kept both on one CPU for good (seen: the client's
-#: every call a sleep, the server's a preemption, on the same CPU).
-#: Measured on this 2-vCPU VM (bench.peers, 4 KiB
-#: Gets one per call, unpinned, 8 runs each): the p50 was 31-39 µs in 4 of
-#: 8 runs against 22-25 in the others with the former rule, 22-25 in 8 of 8
-#: with this one; 2-16 clients moved as many or more Gets a second (x4
-#: 108-195 against 89-120 MB/s).
+#: A poll during which this thread held its CPU for less than this share of
+#: the time counts as a miss, even when it caught its answer: the CPU was
+#: wanted by other runnable threads (more polling clients than CPUs, the
+#: server among them) or this process's CPU quota ran out, and each yield
+#: between two polls handed the CPU to another spinner rather than to the
+#: server. Measured on this 2-vCPU VM, 4 KiB Gets over the unix data plane:
+#: one client held its CPU for 99.6 % of its polls (p50 43 µs); four clients
+#: for 3 % of them (p50 331 µs), and 4, 8 and 16 clients polling moved 2-3
+#: times fewer Gets a second than the same clients not polling (8 clients
+#: over TCP: 7-44 against 53-62 MB/s). Such a connection gives up polling as
+#: after answers that come late, and tries again now and then: with this
+#: rule, same run, those 8 clients 56-67 MB/s (p99 1.4-4.2 ms, was up to
+#: 106), 4 clients over unix 39-54 (was 20-43), one client unchanged.
 _CONTENDED_SHARE = 0.5
+#: Whether this process's CPU quota ran out lately (its cgroup's count of
+#: throttled periods, read at most once a second): no poll for a while after
+#: it did, as the server's loop (under a quota each poll spent the quota and
+#: a caught one reset the count of misses, so polling never stopped).
+_QUOTA = ThrottleWatch()
 _POLLED = frozenset({int(Op.PING), int(Op.LOOKUP), int(Op.GET), int(Op.SHM_RESERVE),
                      int(Op.SHM_ACQUIRE), int(Op.SHM_RELEASE), int(Op.SHM_COMMIT),
                      int(Op.PUT), int(Op.SESSION_EVENT)})
@@ -509,6 +510,8 @@ class Connection:
         ran out, for :meth:`_poll_late`; 0 otherwise."""
         if self.tls and self.sock.pending():  # type: ignore[attr-defined]
             return 0  # bytes already decrypted: the receive returns at once
+        if not _QUOTA.quota_left():
+            return 0  # this process's CPU quota ran out lately: see kvstore/cpuquota.py
         kind = self._poll_kind
         misses = self._poll_misses[kind]
         if misses >= _POLL_GIVE_UP:
@@ -520,13 +523,13 @@ class Connection:
         self.polls += 1
         began = time.perf_counter_ns()
         held = time.thread_time_ns()
-        budget = min(poll_ns * self._poll_scale[kind], MAX_BUSY_POLL_US * 1000)
-        caught = wait_readable(self._fd, budget)
+        caught = wait_readable(self._fd, min(poll_ns * self._poll_scale[kind],
+                                             MAX_BUSY_POLL_US * 1000))
         if caught:
             self.polled += 1
-        took = time.perf_counter_ns() - began
-        if took > budget and time.thread_time_ns() - held < _CONTENDED_SHARE * took:
-            self._poll_missed(kind)  # off its CPU past its window: see _CONTENDED_SHARE
+        if (time.thread_time_ns() - held) < \
+                _CONTENDED_SHARE * (time.perf_counter_ns() - began):
+            self._poll_missed(kind)  # off its CPU most of the poll: see _CONTENDED_SHARE
             return 0
         if caught:
             self._poll_misses[kind] = 0

@@ -30,13 +30,13 @@ of half a CPU was then throttled for a third of the time, its requests
 stalled for the rest of each period (docs/deploy.md, "Under a CPU quota").
 So the loop reads its cgroup's count of throttled periods once a second
 (``cpu.stat``; nothing when there is no cgroup ``cpu`` controller) and does
-not spin for ``THROTTLED_PAUSE_S`` after the count rose.
+not spin for ``THROTTLED_PAUSE_S`` after the count rose (kvstore/cpuquota.py,
+which the SDK's poll reads too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import selectors
 import time
 from collections.abc import Callable
@@ -44,6 +44,7 @@ from pathlib import Path
 
 from kvstore._impl import wait_readable
 from kvstore._spin import MAX_BUSY_POLL_US
+from kvstore.cpuquota import ThrottleWatch, cpu_stat_path
 
 #: Spins in a row that ran out with nothing after which the loop stops
 #: spinning (its clients' requests come later than the spin lasts: large
@@ -61,52 +62,6 @@ RETRY_EVERY = 64
 #: 388 -> 341 µs, shm Get 180 -> 151 and 146 -> 142 µs, 1 MiB TCP Get 525 ->
 #: 489 and 478 -> 479 µs with no more server CPU per Get (docs/performance.md).
 MAX_SCALE = 2
-#: How often (s) the loop reads its cgroup's count of throttled periods, and
-#: how long (s) it does not spin after that count rose. Measured, quota of
-#: half a CPU, one client's 4 KiB Gets one after another, 4 rounds each,
-#: same run: 32-34 MB/s, p99 0.51-0.56 ms, throttled 0.14-0.69 s of 3 s
-#: before; 37-39 MB/s, p99 0.19-0.46 ms, throttled 0.00-0.13 s with the
-#: pause, as with busy_poll_us 0 (docs/deploy.md, "Under a CPU quota").
-THROTTLE_CHECK_S = 1.0
-THROTTLED_PAUSE_S = 10.0
-
-
-def cpu_stat_path(proc_cgroup: str = "/proc/self/cgroup",
-                  root: str = "/sys/fs/cgroup") -> Path | None:
-    """The ``cpu.stat`` of this process's cgroup (v1 ``cpu`` controller or
-    v2), None when there is none. Inside a container whose cgroup namespace
-    hides the path, the mount's own ``cpu.stat`` is the container's."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    candidates: list[Path] = []
-    for line in lines:
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        _, controllers, path = fields
-        rel = path.lstrip("/")
-        if "cpu" in controllers.split(","):  # v1
-            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-                candidates += [Path(root, mount, rel, "cpu.stat"), Path(root, mount, "cpu.stat")]
-        elif controllers == "":  # v2 (unified)
-            candidates += [Path(root, rel, "cpu.stat"), Path(root, "cpu.stat")]
-    for candidate in candidates:
-        if _throttled_periods(candidate) is not None:
-            return candidate
-    return None
-
-
-def _throttled_periods(path: Path) -> int | None:
-    """``nr_throttled`` of a ``cpu.stat`` file (None: unreadable, or none)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in path.read_text().splitlines():
-            if line.startswith("nr_throttled "):
-                return int(line.split()[1])
-    return None
-
-
 class BusyPollSelector(selectors.DefaultSelector):
     """The platform's selector (epoll on Linux) whose blocking ``select``
     first polls the selector's own descriptor (readable when any registered
@@ -128,14 +83,8 @@ class BusyPollSelector(selectors.DefaultSelector):
         #: Spins started, and those that found an event before their time ran out.
         self.spins = 0
         self.caught = 0
-        #: Finds the cgroup's cpu.stat (None: not watched; found anew at each
-        #: read, a process moved to another cgroup reads that one's), its last
-        #: count of throttled periods, when to read it next and until when
-        #: not to spin.
-        self._cpu_stat = cpu_stat if self.busy_poll_ns else None
-        self._throttled: int | None = None
-        self._check_at = 0.0
-        self._paused_until = 0.0
+        #: Whether the cgroup's CPU quota ran out lately (None: not watched).
+        self._quota = ThrottleWatch(cpu_stat) if self.busy_poll_ns and cpu_stat else None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         if self._active and self.busy_poll_ns and (timeout is None or timeout > 0) and \
@@ -168,27 +117,13 @@ class BusyPollSelector(selectors.DefaultSelector):
         return ready
 
     def _spin_now(self) -> bool:
-        if self._cpu_stat is not None and not self._quota_left():
+        if self._quota is not None and not self._quota.quota_left():
             return False
         misses = self._misses
         if misses < GIVE_UP_AFTER:
             return True
         self._misses = misses + 1  # counts the bursts passed over too
         return (misses - GIVE_UP_AFTER) % RETRY_EVERY == RETRY_EVERY - 1
-
-    def _quota_left(self) -> bool:
-        """False while the cgroup was throttled lately (checked once per
-        THROTTLE_CHECK_S): a spin would spend CPU the quota no longer has."""
-        now = time.monotonic()
-        if now >= self._check_at:
-            self._check_at = now + THROTTLE_CHECK_S
-            assert self._cpu_stat is not None
-            path = self._cpu_stat()
-            count = _throttled_periods(path) if path is not None else None
-            if count is not None and self._throttled is not None and count > self._throttled:
-                self._paused_until = now + THROTTLED_PAUSE_S
-            self._throttled = count
-        return now >= self._paused_until
 
 
 def busy_poll_counts(loop: asyncio.AbstractEventLoop) -> tuple[int, int] | None:

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from serverproc import ServerProcess
 
-from kvstore import Client
+from kvstore import Client, cpuquota
 from kvstore.config import load
 from kvstore.errors import InvalidConfig
-from kvstore.server import loop
 from kvstore.server.loop import (
     GIVE_UP_AFTER,
     MAX_SCALE,
@@ -138,7 +137,7 @@ def test_no_spinning_while_the_cgroup_is_throttled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Once the cgroup's count of throttled periods rises (a CPU quota spent),
     the loop stops spinning for THROTTLED_PAUSE_S, then spins again."""
-    monkeypatch.setattr(loop, "THROTTLE_CHECK_S", 0.0)  # read cpu.stat at every spin
+    monkeypatch.setattr(cpuquota, "THROTTLE_CHECK_S", 0.0)  # read cpu.stat at every spin
     stat = tmp_path / "cpu.stat"
     stat.write_text("nr_periods 10\nnr_throttled 0\nthrottled_time 0\n")
     a, b = pair
@@ -152,33 +151,11 @@ def test_no_spinning_while_the_cgroup_is_throttled(
             _activate(sel, a, b)
             assert sel.select(0.002) == []
         assert sel.spins == 1
-        sel._paused_until = 0.0  # the pause over, without waiting its 10 s
+        assert sel._quota is not None
+        sel._quota.paused_until = 0.0  # the pause over, without waiting its 10 s
         _activate(sel, a, b)
         assert sel.select(0.002) == []
         assert sel.spins == 2
-
-
-def test_cpu_stat_path_finds_the_cgroup(tmp_path: Path) -> None:
-    """cgroup v1 (the cpu controller's path under its mount, or the mount's
-    own file inside a container), v2, and none."""
-    root = tmp_path / "fs"
-    (root / "cpu,cpuacct" / "kubepods" / "pod1").mkdir(parents=True)
-    (root / "cpu,cpuacct" / "kubepods" / "pod1" / "cpu.stat").write_text("nr_throttled 2\n")
-    proc = tmp_path / "cgroup"
-    proc.write_text("4:memory:/kubepods/pod1\n2:cpu,cpuacct:/kubepods/pod1\n")
-    assert loop.cpu_stat_path(str(proc), str(root)) == \
-        root / "cpu,cpuacct" / "kubepods" / "pod1" / "cpu.stat"
-    proc.write_text("2:cpu,cpuacct:/docker/abc\n")  # path hidden: the mount's own
-    (root / "cpu,cpuacct" / "cpu.stat").write_text("nr_throttled 0\n")
-    assert loop.cpu_stat_path(str(proc), str(root)) == root / "cpu,cpuacct" / "cpu.stat"
-    (root / "user.slice").mkdir()
-    (root / "user.slice" / "cpu.stat").write_text("usage_usec 5\nnr_throttled 0\n")
-    proc.write_text("0::/user.slice\n")
-    assert loop.cpu_stat_path(str(proc), str(root)) == root / "user.slice" / "cpu.stat"
-    proc.write_text("0::/elsewhere\n")
-    (root / "cpu.stat").unlink(missing_ok=True)
-    assert loop.cpu_stat_path(str(proc), str(root)) is None
-    assert loop.cpu_stat_path(str(tmp_path / "missing"), str(root)) is None
 
 
 def _event_after(sel: BusyPollSelector, a: socket.socket, b: socket.socket,
