@@ -182,20 +182,17 @@ class RandomIds:
     system call per id was a tenth of the server's work for a shared-memory
     Get (``secrets.randbits``, 1.3 µs)."""
 
-    __slots__ = ("_left", "_pool")
+    __slots__ = ("_pool",)
     BATCH = 512  # ids per os.urandom call
 
     def __init__(self) -> None:
         self._pool: list[int] = []
-        self._left = 0
 
     def take(self) -> int:
-        if not self._left:
+        if not self._pool:
             raw = os.urandom(8 * self.BATCH)
             self._pool = [(v >> 1) or 1 for v in struct.unpack(f"<{self.BATCH}Q", raw)]
-            self._left = self.BATCH
-        self._left -= 1
-        return self._pool[self._left]
+        return self._pool.pop()
 
 
 class SharedMemoryBroker:
