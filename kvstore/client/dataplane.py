@@ -132,19 +132,49 @@ _POLL_RETRY_EVERY = 64
 #: ends with the answer); it is spent only on answers that come late.
 _POLL_MAX_SCALE = 4
 #: A poll during which this thread held its CPU for less than this share of
-#: the time counts as a miss, even when it caught its answer: the CPU was
-#: wanted by other runnable threads (more polling clients than CPUs, the
-#: server among them) or this process's CPU quota ran out, and each yield
-#: between two polls handed the CPU to another spinner rather than to the
-#: server. Measured on this 2-vCPU VM, 4 KiB Gets over the unix data plane:
-#: one client held its CPU for 99.6 % of its polls (p50 43 µs); four clients
-#: for 3 % of them (p50 331 µs), and 4, 8 and 16 clients polling moved 2-3
-#: times fewer Gets a second than the same clients not polling (8 clients
-#: over TCP: 7-44 against 53-62 MB/s). Such a connection gives up polling as
-#: after answers that come late, and tries again now and then: with this
-#: rule, same run, those 8 clients 56-67 MB/s (p99 1.4-4.2 ms, was up to
-#: 106), 4 clients over unix 39-54 (was 20-43), one client unchanged.
+#: the time, and which lasted longer than _CONTENDED_AFTER_NS, counts as a
+#: miss, even when it caught its answer: the CPU was wanted by other work
+#: (more polling clients than CPUs, a busy loop, an engine's threads) or this
+#: process's CPU quota ran out, and each yield between two polls handed the
+#: CPU to it rather than to the server. Measured on this 2-vCPU VM, 4 KiB
+#: Gets over the unix data plane: one client held its CPU for 99.6 % of its
+#: polls (p50 43 µs); four clients for 3 % of them (p50 331 µs), and 4, 8 and
+#: 16 clients polling moved 2-3 times fewer Gets a second than the same
+#: clients not polling (8 clients over TCP: 7-44 against 53-62 MB/s). Such a
+#: connection gives up polling as after answers that come late, and tries
+#: again now and then: with this rule, same run, those 8 clients 56-67 MB/s
+#: (p99 1.4-4.2 ms, was up to 106), 4 clients over unix 39-54 (was 20-43),
+#: one client unchanged.
 _CONTENDED_SHARE = 0.5
+#: ... but a poll that held its CPU for a sliver of a short time is how a
+#: poll goes when the client shares its CPU with the server itself: its
+#: yields run the server, which answers. Counted as a miss (the rule before
+#: 0.29.9), the client stopped polling and slept for each answer, and the
+#: kernel, waking it where the server ran, could keep both on one CPU (4 KiB
+#: Gets 31-39 µs in half the unpinned runs of bench.peers on one host, 21-25
+#: in the others); a client that polls stays runnable, and the kernel moves
+#: one of the two away. The cases differ in how long the CPU was gone.
+#: Measured here, 4 KiB Gets: polls of a client pinned with its server
+#: lasted 28-147 µs, beside a busy loop 0.9-4.7 ms (the loop keeps the CPU
+#: until a tick ends its slice); four clients on two CPUs p50 61-70 µs, p90
+#: 150 (they keep polling now: 1.08-1.34x the Gets a second of the former
+#: rule), eight p50 ~190, p90 ~430, p99 2 ms (they stop, as before, a little
+#: later: 0.84-1.06x, median 0.96; sixteen 0.96). The
+#: bound does not grow with busy_poll_us (one bound by the poll's window,
+#: tried in 0.29.8's review, never stopped a 10 ms poll beside a busy loop
+#: whose slices are 4 ms). A poll that waits on the server's checksum of its
+#: bytes (a Put, a shm commit) may last their checking time more
+#: (_POLL_NS_PER_CHECKED_BYTE).
+_CONTENDED_AFTER_NS = 250_000
+#: Such a poll that lost the CPU for this long gives up polling at once,
+#: without the one more try that 8 misses get (the next poll comes 64 calls
+#: later): one such poll costs what ~50 polls that pay save (10-20 µs each).
+#: A shorter one (more polling clients than CPUs) counts one miss, as a
+#: poll that ran out. Why: beside a busy loop, with a server that ran on the
+#: client's CPU now and then (a loaded host), its quick polls reset the count
+#: between two of the loop's slices, and a client counting one miss a poll
+#: kept polling through 25 of them in 200 calls (p90 4 ms).
+_CONTENDED_GIVE_UP_NS = 1_000_000
 #: Whether this process's CPU quota ran out lately (its cgroup's count of
 #: throttled periods, read at most once a second): no poll for a while after
 #: it did, as the server's loop (under a quota each poll spent the quota and
@@ -271,6 +301,10 @@ class Connection:
         # come late (a loaded or remote server) do not stop the quick polls.
         self._poll_misses = [0, 0]
         self._poll_kind = 0
+        # How long the request just sent may be polled for, held by others
+        # for most of it, before the poll counts as contended (see
+        # _CONTENDED_AFTER_NS).
+        self._contended_after_ns = _CONTENDED_AFTER_NS
         # Per kind: the poll window in multiples of its budget (quick
         # answers: 1, 2 or 4, see _POLL_MAX_SCALE; Puts and commits: 1).
         self._poll_scale = [1, 1]
@@ -278,6 +312,9 @@ class Connection:
         #: poll ran, for tests and benchmarks; see DataPlane.polled).
         self.polls = 0
         self.polled = 0
+        #: Polls during which other work held this thread's CPU for long
+        #: (see _CONTENDED_AFTER_NS; for tests).
+        self.contended = 0
         self.target = target
         self.timeout = timeout
         #: The call in progress's deadline (time.monotonic(); 0: none), set
@@ -397,6 +434,8 @@ class Connection:
                        MAX_BUSY_POLL_US * 1000)
         self._poll_ns = poll
         self._poll_kind = 1 if checked_bytes else 0
+        self._contended_after_ns = _CONTENDED_AFTER_NS + \
+            int(checked_bytes * _POLL_NS_PER_CHECKED_BYTE)
         head = HEADER.pack(MAGIC, _VERSION, opcode, flags, rid, len(meta), payload_len) + meta
         self._check_deadline("sending")
         try:
@@ -527,10 +566,17 @@ class Connection:
                                              MAX_BUSY_POLL_US * 1000))
         if caught:
             self.polled += 1
-        if (time.thread_time_ns() - held) < \
-                _CONTENDED_SHARE * (time.perf_counter_ns() - began):
-            self._poll_missed(kind)  # off its CPU most of the poll: see _CONTENDED_SHARE
-            return 0
+        took = time.perf_counter_ns() - began
+        if took > self._contended_after_ns:
+            ran = time.thread_time_ns() - held
+            if ran < _CONTENDED_SHARE * took:  # other work had its CPU: see _CONTENDED_AFTER_NS
+                self.contended += 1
+                if took - ran < _CONTENDED_GIVE_UP_NS:
+                    self._poll_missed(kind)
+                elif misses < _POLL_GIVE_UP:
+                    self._poll_misses[kind] = _POLL_GIVE_UP + 1  # no one more try
+                    self._poll_scale[kind] = 1
+                return 0
         if caught:
             self._poll_misses[kind] = 0
             return 0
@@ -924,6 +970,13 @@ class DataPlane:
         idle pooled connections (busy_poll_us; for tests and benchmarks)."""
         with self._lock:
             return sum(conn.polled for conn in self._idle)
+
+    @property
+    def contended(self) -> int:
+        """Polls during which other work held the CPU for long, over the
+        idle pooled connections (for tests)."""
+        with self._lock:
+            return sum(conn.contended for conn in self._idle)
 
     @property
     def available(self) -> bool:
