@@ -312,9 +312,6 @@ class Connection:
         #: poll ran, for tests and benchmarks; see DataPlane.polled).
         self.polls = 0
         self.polled = 0
-        #: Polls during which other work held this thread's CPU for long
-        #: (see _CONTENDED_AFTER_NS; for tests).
-        self.contended = 0
         self.target = target
         self.timeout = timeout
         #: The call in progress's deadline (time.monotonic(); 0: none), set
@@ -570,7 +567,6 @@ class Connection:
         if took > self._contended_after_ns:
             ran = time.thread_time_ns() - held
             if ran < _CONTENDED_SHARE * took:  # other work had its CPU: see _CONTENDED_AFTER_NS
-                self.contended += 1
                 if took - ran < _CONTENDED_GIVE_UP_NS:
                     self._poll_missed(kind)
                 elif misses < _POLL_GIVE_UP:
@@ -970,13 +966,6 @@ class DataPlane:
         idle pooled connections (busy_poll_us; for tests and benchmarks)."""
         with self._lock:
             return sum(conn.polled for conn in self._idle)
-
-    @property
-    def contended(self) -> int:
-        """Polls during which other work held the CPU for long, over the
-        idle pooled connections (for tests)."""
-        with self._lock:
-            return sum(conn.contended for conn in self._idle)
 
     @property
     def available(self) -> bool:
